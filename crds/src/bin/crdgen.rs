@@ -1,0 +1,53 @@
+//! Writes the CustomResourceDefinitions generated from the types into `crds/manifests/`
+//! (and into the Helm chart's `crds/` folder when it exists).
+//!
+//! Usage: `cargo run -p agentgate-crds --features crdgen --bin crdgen [-- --check]`.
+//! With `--check` nothing is written; the exit code is 1 when a committed file is stale.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let check = std::env::args().any(|a| a == "--check");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut dirs: Vec<PathBuf> = vec![root.join("manifests")];
+    let chart = root.join("../charts/agentgate/crds");
+    if chart.is_dir() {
+        dirs.push(chart);
+    }
+    let files = match agentgate_crds::generate::render_all() {
+        Ok(files) => files,
+        Err(e) => {
+            eprintln!("crdgen: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut stale = false;
+    for dir in &dirs {
+        if let Err(e) = std::fs::create_dir_all(dir) {
+            eprintln!("crdgen: cannot create {}: {e}", dir.display());
+            return ExitCode::FAILURE;
+        }
+        for (name, yaml) in &files {
+            let path = dir.join(name);
+            let current = std::fs::read_to_string(&path).unwrap_or_default();
+            if current == *yaml {
+                continue;
+            }
+            if check {
+                eprintln!("crdgen: {} is stale", path.display());
+                stale = true;
+            } else if let Err(e) = std::fs::write(&path, yaml) {
+                eprintln!("crdgen: cannot write {}: {e}", path.display());
+                return ExitCode::FAILURE;
+            } else {
+                println!("wrote {}", path.display());
+            }
+        }
+    }
+    if stale {
+        eprintln!("crdgen: run `cargo run -p agentgate-crds --features crdgen --bin crdgen`");
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}

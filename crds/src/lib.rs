@@ -1,0 +1,23 @@
+//! The `agentgate.dev/v1alpha1` API.
+//!
+//! Custom resource types for [`AgentIdentity`], [`AccessGrant`], [`MaskPolicy`], [`Target`]
+//! and [`AgentSession`], the generation of their CustomResourceDefinitions, and pure functions
+//! over them. Nothing in this crate does I/O.
+
+pub mod common;
+pub mod generate;
+pub mod grant;
+pub mod identity;
+pub mod mask;
+pub mod session;
+pub mod target;
+
+pub use common::{AccessScope, KubernetesRule, OperationClass, SshScope, UserRef};
+pub use grant::{
+    AccessGrant, AccessGrantSpec, AccessGrantStatus, BoundCommand, GrantDecision, GrantPhase,
+    GrantRevocation, Verdict,
+};
+pub use identity::{AgentIdentity, AgentIdentitySpec, AgentIdentityStatus};
+pub use mask::{Detector, MaskAction, MaskPolicy, MaskPolicySpec, MaskPolicyStatus, MaskRule};
+pub use session::{AgentSession, AgentSessionSpec, AgentSessionStatus, SessionPhase};
+pub use target::{GuardrailAction, Protocol, Target, TargetSpec, TargetStatus};

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Installs everything the agentgate test environment needs on a fresh Debian machine:
+# Debian packages (PostgreSQL, OpenSSH, libclang for pg_query) and the binaries built from
+# the Go module proxy (etcd, kube-apiserver, kube-controller-manager, kubectl, helm).
+#
+# Built binaries are cached outside the repository, keyed by version:
+#   ${AGENTGATE_CACHE:-$HOME/.cache/agentgate}/<component>-<version>/<binary>
+# A second run finds them and returns in seconds.
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+CACHE="${AGENTGATE_CACHE:-$HOME/.cache/agentgate}"
+K8S_VERSION="$(sed -n 's/^require k8s.io\/kubernetes v\(.*\)$/\1/p' "$HERE/k8s/go.mod")"
+ETCD_VERSION="$(sed -n 's/^require go.etcd.io\/etcd\/server\/v3 v\(.*\)$/\1/p' "$HERE/etcd/go.mod")"
+HELM_VERSION="$(sed -n 's/^require helm.sh\/helm\/v3 v\(.*\)$/\1/p' "$HERE/helm/go.mod")"
+
+log() { printf '\033[1m[install]\033[0m %s\n' "$*" >&2; }
+
+DEBS=(postgresql postgresql-client openssh-server openssh-client libclang-dev clang pkg-config openssl pgbouncer)
+
+install_debs() {
+  local missing=()
+  for p in "${DEBS[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if ((${#missing[@]})); then
+    log "apt-get install ${missing[*]}"
+    local sudo=""
+    [[ $(id -u) -ne 0 ]] && sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  else
+    log "Debian packages present"
+  fi
+}
+
+# go_build <module dir> <package> <output> [ldflags]
+go_build() {
+  local dir="$1" pkg="$2" out="$3" ldflags="${4:-}"
+  if [[ -x "$out" ]]; then
+    log "cached: $out"
+    return
+  fi
+  log "building $pkg -> $out (cold: several minutes)"
+  mkdir -p "$(dirname "$out")"
+  (cd "$dir" && CGO_ENABLED=0 GOTOOLCHAIN=local GOFLAGS=-mod=mod \
+    go build -trimpath -ldflags "-s -w $ldflags" -o "$out.tmp" "$pkg")
+  mv "$out.tmp" "$out"
+}
+
+build_go() {
+  go_build "$HERE/etcd" go.etcd.io/etcd/server/v3 "$CACHE/etcd-$ETCD_VERSION/etcd"
+  local minor="${K8S_VERSION#*.}"; minor="${minor%%.*}"
+  local kflags="-X k8s.io/component-base/version.gitVersion=v$K8S_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor -X k8s.io/component-base/version.gitTreeState=clean -X k8s.io/client-go/pkg/version.gitVersion=v$K8S_VERSION -X k8s.io/client-go/pkg/version.gitMajor=1 -X k8s.io/client-go/pkg/version.gitMinor=$minor"
+  go_build "$HERE/k8s" k8s.io/kubernetes/cmd/kube-apiserver "$CACHE/kubernetes-$K8S_VERSION/kube-apiserver" "$kflags"
+  go_build "$HERE/k8s" k8s.io/kubernetes/cmd/kubectl "$CACHE/kubernetes-$K8S_VERSION/kubectl" "$kflags"
+  go_build "$HERE/k8s" k8s.io/kubernetes/cmd/kube-controller-manager "$CACHE/kubernetes-$K8S_VERSION/kube-controller-manager" "$kflags"
+  if [[ -n "$HELM_VERSION" ]]; then
+    go_build "$HERE/helm" helm.sh/helm/v3/cmd/helm "$CACHE/helm-$HELM_VERSION/helm" \
+      "-X helm.sh/helm/v3/internal/version.version=v$HELM_VERSION"
+  fi
+}
+
+# Prints the environment variables the harness reads to find the binaries.
+print_env() {
+  cat <<ENV
+export AGENTGATE_ETCD=$CACHE/etcd-$ETCD_VERSION/etcd
+export AGENTGATE_KUBE_APISERVER=$CACHE/kubernetes-$K8S_VERSION/kube-apiserver
+export AGENTGATE_KUBE_CONTROLLER_MANAGER=$CACHE/kubernetes-$K8S_VERSION/kube-controller-manager
+export AGENTGATE_KUBECTL=$CACHE/kubernetes-$K8S_VERSION/kubectl
+export AGENTGATE_HELM=$CACHE/helm-$HELM_VERSION/helm
+export AGENTGATE_PG_BIN=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
+ENV
+}
+
+case "${1:-all}" in
+  debs) install_debs ;;
+  go) build_go ;;
+  env) print_env ;;
+  all) install_debs; build_go ;;
+  *) echo "usage: $0 [all|debs|go|env]" >&2; exit 2 ;;
+esac
