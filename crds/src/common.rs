@@ -34,7 +34,9 @@ pub const NAME_PATTERN: &str = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$";
 /// | `Privilege` | GRANT, REVOKE, roles, SET ROLE | RBAC objects, impersonation | sudo, su |
 /// | `Admin` | ALTER SYSTEM, server-side files and programs, killing backends | nodes, agentgate's own objects | shutdown, mkfs, firewall |
 /// | `Exec` | DO blocks, procedural code | exec, attach, port-forward | interactive shells, port forwarding |
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, JsonSchema)]
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, JsonSchema,
+)]
 pub enum OperationClass {
     /// Reads data without changing it.
     Read,
@@ -76,7 +78,10 @@ impl std::fmt::Display for OperationClass {
 #[serde(rename_all = "camelCase")]
 pub struct SecretKeyRef {
     /// Name of the Secret, in the namespace of the object that refers to it.
-    #[schemars(length(min = 1, max = 253), pattern(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 253),
+        pattern(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
     pub name: String,
     /// Key inside the Secret's `data`.
     #[schemars(length(min = 1, max = 253))]
@@ -88,7 +93,10 @@ pub struct SecretKeyRef {
 #[serde(rename_all = "camelCase")]
 pub struct SecretRef {
     /// Name of the Secret, in the namespace of the object that refers to it.
-    #[schemars(length(min = 1, max = 253), pattern(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 253),
+        pattern(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
     pub name: String,
 }
 
@@ -187,7 +195,9 @@ pub struct SshScope {
 
 /// Why a duration string could not be read.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("invalid duration {input:?}: {reason} (use Go syntax such as \"90s\", \"15m\" or \"1h30m\")")]
+#[error(
+    "invalid duration {input:?}: {reason} (use Go syntax such as \"90s\", \"15m\" or \"1h30m\")"
+)]
 pub struct DurationError {
     /// The text that was given.
     pub input: String,
@@ -214,9 +224,7 @@ pub fn parse_duration(input: &str) -> Result<Duration, DurationError> {
         if num_len == 0 {
             return Err(err("expected a number"));
         }
-        let value: f64 = rest[..num_len]
-            .parse()
-            .map_err(|_| err("not a number"))?;
+        let value: f64 = rest[..num_len].parse().map_err(|_| err("not a number"))?;
         rest = &rest[num_len..];
         let unit_len = rest
             .find(|c: char| c.is_ascii_digit() || c == '.')

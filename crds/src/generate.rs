@@ -1,6 +1,8 @@
 //! Generation of the CustomResourceDefinitions from the types.
 
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
+    CustomResourceDefinition, JSONSchemaProps, JSONSchemaPropsOrArray, JSONSchemaPropsOrBool,
+};
 use kube::CustomResourceExt;
 
 use crate::{AccessGrant, AgentIdentity, AgentSession, MaskPolicy, Target};
@@ -18,15 +20,69 @@ pub enum GenerateError {
     },
 }
 
-/// Every CustomResourceDefinition of the API, in a stable order.
+/// Every CustomResourceDefinition of the API, in a stable order, with descriptions reflowed
+/// for `kubectl explain`.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![
+    let mut crds = vec![
         AgentIdentity::crd(),
         AccessGrant::crd(),
         MaskPolicy::crd(),
         Target::crd(),
         AgentSession::crd(),
-    ]
+    ];
+    for crd in &mut crds {
+        for version in &mut crd.spec.versions {
+            if let Some(schema) = version
+                .schema
+                .as_mut()
+                .and_then(|s| s.open_api_v3_schema.as_mut())
+            {
+                reflow_schema(schema);
+            }
+        }
+    }
+    crds
+}
+
+fn reflow_schema(schema: &mut JSONSchemaProps) {
+    if let Some(d) = schema.description.as_mut() {
+        *d = reflow(d);
+    }
+    for child in schema.properties.iter_mut().flat_map(|p| p.values_mut()) {
+        reflow_schema(child);
+    }
+    if let Some(JSONSchemaPropsOrArray::Schema(items)) = schema.items.as_mut() {
+        reflow_schema(items);
+    }
+    if let Some(JSONSchemaPropsOrBool::Schema(extra)) = schema.additional_properties.as_mut() {
+        reflow_schema(extra);
+    }
+}
+
+/// Joins the hard-wrapped lines of doc comments into paragraphs, so `kubectl explain` wraps
+/// them itself. Blank lines, list items and table rows keep their line breaks.
+pub fn reflow(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut prev_blank = true;
+    for line in text.lines() {
+        let t = line.trim();
+        let structural = t.is_empty()
+            || t.starts_with('|')
+            || t.starts_with("- ")
+            || t.starts_with("* ")
+            || t.starts_with("```");
+        if out.is_empty() {
+            out.push_str(t);
+        } else if structural || prev_blank {
+            out.push('\n');
+            out.push_str(t);
+        } else {
+            out.push(' ');
+            out.push_str(t);
+        }
+        prev_blank = t.is_empty() || t.starts_with('|') || t.starts_with("```");
+    }
+    out
 }
 
 /// The file name a CRD is written to, e.g. `agentgate.dev_accessgrants.yaml`.
@@ -51,4 +107,19 @@ pub fn render_all() -> Result<Vec<(String, String)>, GenerateError> {
         .iter()
         .map(|crd| Ok((file_name(crd), render(crd)?)))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reflow;
+
+    #[test]
+    fn reflow_joins_wrapped_lines_and_keeps_structure() {
+        assert_eq!(reflow("one\ntwo\n\nthree"), "one two\n\nthree");
+        assert_eq!(
+            reflow("intro:\n\n| a | b |\n|---|---|\n| 1 | 2 |"),
+            "intro:\n\n| a | b |\n|---|---|\n| 1 | 2 |"
+        );
+        assert_eq!(reflow("list:\n- a\n- b"), "list:\n- a\n- b");
+    }
 }

@@ -22,13 +22,49 @@ use crate::common::{AccessScope, Condition, OperationClass, Time, UserRef};
     category = "agentgate",
     derive = "PartialEq",
     doc = "Just-in-time access for one AgentIdentity to one Target, with a scope, a duration and a reason. Approvers decide by patching spec.decision; the clock starts at approval.",
-    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase", description = "Pending, Approved, Active, Expired, Denied or Revoked"),
-    printcolumn(name = "Identity", type_ = "string", json_path = ".spec.identity", description = "The AgentIdentity that receives the access"),
-    printcolumn(name = "Target", type_ = "string", json_path = ".spec.target", description = "The Target the access is to"),
-    printcolumn(name = "Duration", type_ = "string", json_path = ".spec.duration", priority = 1, description = "How long the access lasts once approved"),
-    printcolumn(name = "Approver", type_ = "string", json_path = ".status.approvedBy.username", priority = 1, description = "Who approved it"),
-    printcolumn(name = "Expires", type_ = "date", json_path = ".status.expiresAt", description = "When the access ends"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Phase",
+        type_ = "string",
+        json_path = ".status.phase",
+        description = "Pending, Approved, Active, Expired, Denied or Revoked"
+    ),
+    printcolumn(
+        name = "Identity",
+        type_ = "string",
+        json_path = ".spec.identity",
+        description = "The AgentIdentity that receives the access"
+    ),
+    printcolumn(
+        name = "Target",
+        type_ = "string",
+        json_path = ".spec.target",
+        description = "The Target the access is to"
+    ),
+    printcolumn(
+        name = "Duration",
+        type_ = "string",
+        json_path = ".spec.duration",
+        priority = 1,
+        description = "How long the access lasts once approved"
+    ),
+    printcolumn(
+        name = "Approver",
+        type_ = "string",
+        json_path = ".status.approvedBy.username",
+        priority = 1,
+        description = "Who approved it"
+    ),
+    printcolumn(
+        name = "Expires",
+        type_ = "date",
+        json_path = ".status.expiresAt",
+        description = "When the access ends"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!has(oldSelf.decision) || (has(self.decision) && self.decision == oldSelf.decision)").message("spec.decision is immutable once made: to end an approved grant set spec.revocation; to ask again create a new AccessGrant"))]
@@ -37,11 +73,17 @@ use crate::common::{AccessScope, Condition, OperationClass, Time, UserRef};
 #[x_kube(validation = Rule::new("!has(self.revocation) || !has(self.decision) || self.decision.verdict == 'Approve'").message("spec.revocation applies to approved or pending grants; a denied grant cannot be revoked"))]
 pub struct AccessGrantSpec {
     /// The AgentIdentity (same namespace) that receives the access. Immutable.
-    #[schemars(length(min = 1, max = 253), pattern(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 253),
+        pattern(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
     #[x_kube(validation = Rule::new("self == oldSelf").message("spec.identity is immutable"))]
     pub identity: String,
     /// The Target (same namespace) the access is to. Immutable.
-    #[schemars(length(min = 1, max = 253), pattern(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 253),
+        pattern(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
     #[x_kube(validation = Rule::new("self == oldSelf").message("spec.target is immutable"))]
     pub target: String,
     /// What the grant allows on the target, on top of the identity's baseline. Immutable.
@@ -50,7 +92,10 @@ pub struct AccessGrantSpec {
     /// How long the access lasts once approved, as a Go duration ("15m", "2h"): between 1m and
     /// 168h, and no longer than the identity's `maxGrantDuration`. Immutable.
     #[serde(default = "default_duration")]
-    #[schemars(length(max = 32), pattern(r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
+    #[schemars(
+        length(max = 32),
+        pattern(r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$")
+    )]
     #[x_kube(validation = Rule::new("duration(self) >= duration('1m') && duration(self) <= duration('168h')").message("spec.duration must be between 1m and 168h"))]
     #[x_kube(validation = Rule::new("self == oldSelf").message("spec.duration is immutable"))]
     pub duration: String,
@@ -66,7 +111,10 @@ pub struct AccessGrantSpec {
     /// How long the request waits for a decision before it expires, as a Go duration
     /// (default "1h", at most 168h).
     #[serde(default = "default_pending_ttl")]
-    #[schemars(length(max = 32), pattern(r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
+    #[schemars(
+        length(max = 32),
+        pattern(r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$")
+    )]
     #[x_kube(validation = Rule::new("duration(self) >= duration('10s') && duration(self) <= duration('168h')").message("spec.pendingTTL must be between 10s and 168h"))]
     #[serde(rename = "pendingTTL")]
     pub pending_ttl: String,

@@ -23,11 +23,35 @@ use crate::common::{AccessScope, Condition, Time};
     category = "agentgate",
     derive = "PartialEq",
     doc = "A non-human principal (an AI coding agent): how it authenticates, who owns it, its standing access per target, who may approve its grants and the longest grant it may get.",
-    printcolumn(name = "Owner", type_ = "string", json_path = ".spec.owner", description = "Who answers for this agent"),
-    printcolumn(name = "Disabled", type_ = "boolean", json_path = ".spec.disabled", description = "A disabled identity can do nothing"),
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status", description = "Whether its references resolved"),
-    printcolumn(name = "Last Seen", type_ = "date", json_path = ".status.lastSeen", description = "When the identity last made a request"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Owner",
+        type_ = "string",
+        json_path = ".spec.owner",
+        description = "Who answers for this agent"
+    ),
+    printcolumn(
+        name = "Disabled",
+        type_ = "boolean",
+        json_path = ".spec.disabled",
+        description = "A disabled identity can do nothing"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status",
+        description = "Whether its references resolved"
+    ),
+    printcolumn(
+        name = "Last Seen",
+        type_ = "date",
+        json_path = ".status.lastSeen",
+        description = "When the identity last made a request"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct AgentIdentitySpec {
@@ -53,7 +77,10 @@ pub struct AgentIdentitySpec {
     /// The longest duration a grant for this identity may have, as a Go duration ("1h").
     /// Requests for longer are refused at admission.
     #[serde(default = "default_max_grant_duration")]
-    #[schemars(length(max = 32), pattern(r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
+    #[schemars(
+        length(max = 32),
+        pattern(r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$")
+    )]
     #[x_kube(validation = Rule::new("duration(self) >= duration('1m') && duration(self) <= duration('168h')").message("maxGrantDuration must be between 1m and 168h"))]
     pub max_grant_duration: String,
     /// When true the identity can do nothing: new sessions are refused, open sessions are
@@ -87,7 +114,10 @@ pub struct IdentityAuthentication {
 #[serde(rename_all = "camelCase")]
 pub struct ServiceAccountRef {
     /// Name of the service account.
-    #[schemars(length(min = 1, max = 253), pattern(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 253),
+        pattern(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
     pub name: String,
     /// Namespace of the service account; defaults to the AgentIdentity's namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -122,7 +152,10 @@ pub struct OidcSubject {
 #[serde(rename_all = "camelCase")]
 pub struct TargetAccess {
     /// Name of a Target in the same namespace.
-    #[schemars(length(min = 1, max = 253), pattern(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 253),
+        pattern(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
     pub target: String,
     /// What is allowed on it.
     pub scope: AccessScope,

@@ -23,9 +23,23 @@ use crate::common::{Condition, SecretKeyRef};
     category = "agentgate",
     derive = "PartialEq",
     doc = "Which values are masked in responses (by source column, by value detector, by regex, by JSON path in Kubernetes objects), for which targets and identities, and how (redact, partial, keyed hash, null).",
-    printcolumn(name = "Rules", type_ = "integer", json_path = ".status.rules", description = "Number of rules"),
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status", description = "Whether every rule is valid"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Rules",
+        type_ = "integer",
+        json_path = ".status.rules",
+        description = "Number of rules"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status",
+        description = "Whether every rule is valid"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!self.rules.exists(r, r.action == 'Hash') || has(self.hashKey)").message("spec.hashKey is required when a rule uses the Hash action"))]

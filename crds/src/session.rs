@@ -21,13 +21,47 @@ use crate::target::Protocol;
     category = "agentgate",
     derive = "PartialEq",
     doc = "One session of an agent through the sidecar to one target: identity, pod, target, grants used, start and end, counters, decisions and the head of its audit chain.",
-    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase", description = "Active or Ended"),
-    printcolumn(name = "Identity", type_ = "string", json_path = ".spec.identity", description = "The authenticated AgentIdentity"),
-    printcolumn(name = "Target", type_ = "string", json_path = ".spec.target", description = "The Target reached"),
-    printcolumn(name = "Protocol", type_ = "string", json_path = ".spec.protocol", priority = 1),
-    printcolumn(name = "Requests", type_ = "integer", json_path = ".status.counters.requests", description = "Requests seen"),
-    printcolumn(name = "Refused", type_ = "integer", json_path = ".status.counters.refused", description = "Requests refused"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Phase",
+        type_ = "string",
+        json_path = ".status.phase",
+        description = "Active or Ended"
+    ),
+    printcolumn(
+        name = "Identity",
+        type_ = "string",
+        json_path = ".spec.identity",
+        description = "The authenticated AgentIdentity"
+    ),
+    printcolumn(
+        name = "Target",
+        type_ = "string",
+        json_path = ".spec.target",
+        description = "The Target reached"
+    ),
+    printcolumn(
+        name = "Protocol",
+        type_ = "string",
+        json_path = ".spec.protocol",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Requests",
+        type_ = "integer",
+        json_path = ".status.counters.requests",
+        description = "Requests seen"
+    ),
+    printcolumn(
+        name = "Refused",
+        type_ = "integer",
+        json_path = ".status.counters.refused",
+        description = "Requests refused"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct AgentSessionSpec {

@@ -20,9 +20,23 @@ use crate::common::{Condition, OperationClass, SecretKeyRef, SecretRef};
     category = "agentgate",
     derive = "PartialEq",
     doc = "A PostgreSQL database, Kubernetes cluster or SSH host that agents reach only through agentgate: address, upstream TLS, the credentials Secret (mounted into the sidecar only) and guardrails per operation class.",
-    printcolumn(name = "Protocol", type_ = "string", json_path = ".spec.protocol", description = "Postgres, Kubernetes or SSH"),
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status", description = "Whether its references resolved"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Protocol",
+        type_ = "string",
+        json_path = ".spec.protocol",
+        description = "Postgres, Kubernetes or SSH"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status",
+        description = "Whether its references resolved"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("(self.protocol == 'Postgres') == has(self.postgres)").message("spec.postgres is required exactly when protocol is Postgres"))]
@@ -51,7 +65,10 @@ pub struct TargetSpec {
     /// How long a held command waits for an approver before the agent gets an error
     /// (Go duration; `0s` answers at once with the grant to wait for).
     #[serde(default = "default_hold_timeout")]
-    #[schemars(length(max = 32), pattern(r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
+    #[schemars(
+        length(max = 32),
+        pattern(r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$")
+    )]
     #[x_kube(validation = Rule::new("duration(self) <= duration('1h')").message("spec.holdTimeout must be at most 1h"))]
     pub hold_timeout: String,
 }

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything the agentgate test environment needs on a fresh Debian machine:
 # Debian packages (PostgreSQL, OpenSSH, libclang for pg_query) and the binaries built from
-# the Go module proxy (etcd, kube-apiserver, kube-controller-manager, kubectl, helm).
+# the Go module proxy (etcd, kube-apiserver, kubectl, helm).
 #
 # Built binaries are cached outside the repository, keyed by version:
 #   ${AGENTGATE_CACHE:-$HOME/.cache/agentgate}/<component>-<version>/<binary>
@@ -34,6 +34,17 @@ install_debs() {
   fi
 }
 
+install_rust_components() {
+  local have
+  have="$(rustup component list --installed 2>/dev/null || true)"
+  for c in rustfmt clippy; do
+    if ! grep -q "^$c" <<<"$have"; then
+      log "rustup component add $c"
+      rustup component add "$c"
+    fi
+  done
+}
+
 # go_build <module dir> <package> <output> [ldflags]
 go_build() {
   local dir="$1" pkg="$2" out="$3" ldflags="${4:-}"
@@ -54,7 +65,6 @@ build_go() {
   local kflags="-X k8s.io/component-base/version.gitVersion=v$K8S_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor -X k8s.io/component-base/version.gitTreeState=clean -X k8s.io/client-go/pkg/version.gitVersion=v$K8S_VERSION -X k8s.io/client-go/pkg/version.gitMajor=1 -X k8s.io/client-go/pkg/version.gitMinor=$minor"
   go_build "$HERE/k8s" k8s.io/kubernetes/cmd/kube-apiserver "$CACHE/kubernetes-$K8S_VERSION/kube-apiserver" "$kflags"
   go_build "$HERE/k8s" k8s.io/kubernetes/cmd/kubectl "$CACHE/kubernetes-$K8S_VERSION/kubectl" "$kflags"
-  go_build "$HERE/k8s" k8s.io/kubernetes/cmd/kube-controller-manager "$CACHE/kubernetes-$K8S_VERSION/kube-controller-manager" "$kflags"
   if [[ -n "$HELM_VERSION" ]]; then
     go_build "$HERE/helm" helm.sh/helm/v3/cmd/helm "$CACHE/helm-$HELM_VERSION/helm" \
       "-X helm.sh/helm/v3/internal/version.version=v$HELM_VERSION"
@@ -66,7 +76,6 @@ print_env() {
   cat <<ENV
 export AGENTGATE_ETCD=$CACHE/etcd-$ETCD_VERSION/etcd
 export AGENTGATE_KUBE_APISERVER=$CACHE/kubernetes-$K8S_VERSION/kube-apiserver
-export AGENTGATE_KUBE_CONTROLLER_MANAGER=$CACHE/kubernetes-$K8S_VERSION/kube-controller-manager
 export AGENTGATE_KUBECTL=$CACHE/kubernetes-$K8S_VERSION/kubectl
 export AGENTGATE_HELM=$CACHE/helm-$HELM_VERSION/helm
 export AGENTGATE_PG_BIN=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
@@ -77,6 +86,6 @@ case "${1:-all}" in
   debs) install_debs ;;
   go) build_go ;;
   env) print_env ;;
-  all) install_debs; build_go ;;
+  all) install_debs; install_rust_components; build_go ;;
   *) echo "usage: $0 [all|debs|go|env]" >&2; exit 2 ;;
 esac

@@ -204,7 +204,10 @@ impl KubeEnv {
 
     /// Runs kubectl (admin) and returns its standard output, or an error with its output.
     pub fn kubectl_run(&self, args: &[&str]) -> Result<String, Error> {
-        process::run(self.kubectl().args(args), &format!("kubectl {}", args.join(" ")))
+        process::run(
+            self.kubectl().args(args),
+            &format!("kubectl {}", args.join(" ")),
+        )
     }
 
     fn write_kubeconfigs(&self) -> Result<(), Error> {
@@ -252,7 +255,10 @@ impl KubeEnv {
 
     /// Process ids of etcd and the API server.
     pub fn pids(&self) -> Vec<u32> {
-        [self.etcd.pid(), self.apiserver.pid()].into_iter().flatten().collect()
+        [self.etcd.pid(), self.apiserver.pid()]
+            .into_iter()
+            .flatten()
+            .collect()
     }
 
     /// Stops the API server (etcd keeps running), e.g. to test what happens when it is down.
@@ -280,9 +286,12 @@ fn start_etcd(dir: &Path, bins: &Binaries) -> Result<(Proc, u16), Error> {
             "--log-level=warn".into(),
         ]);
         let mut proc = Proc::start(spec, &logs)?;
-        let ready = process::wait_until(&mut proc, Duration::from_secs(30), "etcd /health", || {
-            matches!(http::get(client, "/health"), Ok(r) if r.status == 200 && r.body.contains("true"))
-        });
+        let ready = process::wait_until(
+            &mut proc,
+            Duration::from_secs(30),
+            "etcd /health",
+            || matches!(http::get(client, "/health"), Ok(r) if r.status == 200 && r.body.contains("true")),
+        );
         match ready {
             Ok(()) => return Ok((proc, client)),
             Err(e) if proc.log_contains("address already in use") => {

@@ -31,7 +31,9 @@ pub use ssh_env::SshEnv;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A binary the environment needs is missing.
-    #[error("{what} not found at {path}: run `tests/env/install.sh` (it builds and caches it), or set {var}")]
+    #[error(
+        "{what} not found at {path}: run `tests/env/install.sh` (it builds and caches it), or set {var}"
+    )]
     MissingBinary {
         /// What is missing.
         what: &'static str,
@@ -136,7 +138,10 @@ impl Binaries {
             "etcd-{}",
             required_version(ETCD_GOMOD, "go.etcd.io/etcd/server/v3")
         ));
-        let helm = cache.join(format!("helm-{}", required_version(HELM_GOMOD, "helm.sh/helm/v3")));
+        let helm = cache.join(format!(
+            "helm-{}",
+            required_version(HELM_GOMOD, "helm.sh/helm/v3")
+        ));
         let pick = |var: &'static str, what: &'static str, default: PathBuf| {
             let path = std::env::var_os(var).map(PathBuf::from).unwrap_or(default);
             if path.exists() {
@@ -237,11 +242,8 @@ impl TestEnv {
             .map_err(|e| Error::io("create the environment directory", e))?;
         let path = dir.path().to_owned();
         // Daemons running as other users (postgres) must reach their sub-directories.
-        std::fs::set_permissions(
-            &path,
-            std::os::unix::fs::PermissionsExt::from_mode(0o755),
-        )
-        .map_err(|e| Error::io("chmod the environment directory", e))?;
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .map_err(|e| Error::io("chmod the environment directory", e))?;
         kube_env::mkdir(&path.join("logs"))?;
         let dir = if std::env::var_os("AGENTGATE_KEEP_ENV").is_some() {
             let _ = std::fs::write(path.join("KEEP"), "AGENTGATE_KEEP_ENV was set\n");
@@ -372,9 +374,11 @@ pub(crate) fn is_root() -> bool {
 }
 
 pub(crate) fn current_user() -> Result<String, Error> {
-    Ok(process::run(std::process::Command::new("id").arg("-un"), "id -un")?
-        .trim()
-        .to_owned())
+    Ok(
+        process::run(std::process::Command::new("id").arg("-un"), "id -un")?
+            .trim()
+            .to_owned(),
+    )
 }
 
 /// `(uid, gid)` of the `postgres` user when running as root (PostgreSQL refuses root).

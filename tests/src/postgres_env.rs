@@ -58,7 +58,14 @@ impl PostgresEnv {
         };
         cmd.arg("-D")
             .arg(&data)
-            .args(["-U", SUPERUSER, "-E", "UTF8", "--locale=C", "--auth-local=trust"])
+            .args([
+                "-U",
+                SUPERUSER,
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--auth-local=trust",
+            ])
             .args(["--auth-host=scram-sha-256"])
             .arg(format!("--pwfile={}", pg.join("pwfile").display()));
         process::run(&mut cmd, "initdb")?;
@@ -92,18 +99,22 @@ impl PostgresEnv {
             spec.stop_signal = "INT";
             let mut proc = Proc::start(spec, &logs)?;
             let isready = bins.pg_bin.join("pg_isready");
-            let ready = process::wait_until(
-                &mut proc,
-                Duration::from_secs(60),
-                "pg_isready",
-                || {
+            let ready =
+                process::wait_until(&mut proc, Duration::from_secs(60), "pg_isready", || {
                     Command::new(&isready)
-                        .args(["-q", "-h", "127.0.0.1", "-p", &port.to_string(), "-U", SUPERUSER])
+                        .args([
+                            "-q",
+                            "-h",
+                            "127.0.0.1",
+                            "-p",
+                            &port.to_string(),
+                            "-U",
+                            SUPERUSER,
+                        ])
                         .status()
                         .map(|s| s.success())
                         .unwrap_or(false)
-                },
-            );
+                });
             match ready {
                 Ok(()) => {
                     let env = Self {

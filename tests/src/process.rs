@@ -88,7 +88,8 @@ impl Proc {
     /// Starts the process described by `spec`, logging to `log_dir/<name>.log`.
     pub fn start(spec: Spec, log_dir: &Path) -> Result<Self, Error> {
         let log = log_dir.join(format!("{}.log", spec.name));
-        let out = File::create(&log).map_err(|e| Error::io(format!("create {}", log.display()), e))?;
+        let out =
+            File::create(&log).map_err(|e| Error::io(format!("create {}", log.display()), e))?;
         let err = out
             .try_clone()
             .map_err(|e| Error::io(format!("clone {}", log.display()), e))?;
@@ -248,7 +249,8 @@ pub fn run(cmd: &mut Command, what: &str) -> Result<String, Error> {
 
 /// A free TCP port on 127.0.0.1 (bound and released; the caller binds it next).
 pub fn free_port() -> Result<u16, Error> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| Error::io("bind a free port", e))?;
+    let l =
+        std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| Error::io("bind a free port", e))?;
     let port = l
         .local_addr()
         .map_err(|e| Error::io("read a free port", e))?

@@ -4,9 +4,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use crate::Error;
 use crate::kube_env::{mkdir, write};
 use crate::process::{self, Proc, Spec};
-use crate::Error;
 
 /// sshd with its own host key and config, accepting one client key for the current user.
 pub struct SshEnv {
@@ -22,7 +22,10 @@ impl SshEnv {
         let ssh = dir.join("ssh");
         mkdir(&ssh)?;
         let user = crate::current_user()?;
-        for (file, comment) in [("ssh_host_ed25519_key", "host"), ("client_key", "agentgate-test")] {
+        for (file, comment) in [
+            ("ssh_host_ed25519_key", "host"),
+            ("client_key", "agentgate-test"),
+        ] {
             process::run(
                 Command::new("ssh-keygen")
                     .args(["-q", "-t", "ed25519", "-N", "", "-C", comment, "-f"])
@@ -72,9 +75,10 @@ impl SshEnv {
                 ssh.join("sshd_config").display().to_string(),
             ]);
             let mut proc = Proc::start(spec, &logs)?;
-            let ready = process::wait_until(&mut proc, Duration::from_secs(20), "sshd listening", || {
-                std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-            });
+            let ready =
+                process::wait_until(&mut proc, Duration::from_secs(20), "sshd listening", || {
+                    std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+                });
             match ready {
                 Ok(()) => {
                     let env = Self {

@@ -10,7 +10,9 @@ use testenv::{KubeEnv, Parts, TestEnv};
 
 const NS: &str = "default";
 
-fn api_for<K: Resource<DynamicType = ()>>(client: &kube::Client) -> (Api<DynamicObject>, ApiResource) {
+fn api_for<K: Resource<DynamicType = ()>>(
+    client: &kube::Client,
+) -> (Api<DynamicObject>, ApiResource) {
     let ar = ApiResource::erase::<K>(&());
     (Api::namespaced_with(client.clone(), NS, &ar), ar)
 }
@@ -113,7 +115,8 @@ async fn crds_install_and_every_kind_round_trips() -> anyhow::Result<()> {
     let kube = env.kube()?;
 
     // Served, with short names and the `agentgate` category.
-    let resources = kube.kubectl_run(&["api-resources", "--api-group=agentgate.dev", "-o", "wide"])?;
+    let resources =
+        kube.kubectl_run(&["api-resources", "--api-group=agentgate.dev", "-o", "wide"])?;
     for (plural, short) in [
         ("agentidentities", "agid"),
         ("accessgrants", "agrant"),
@@ -125,14 +128,18 @@ async fn crds_install_and_every_kind_round_trips() -> anyhow::Result<()> {
             .lines()
             .find(|l| l.starts_with(plural))
             .unwrap_or_else(|| panic!("{plural} not served:\n{resources}"));
-        assert!(line.contains(short) && line.contains("agentgate") && line.contains("true"), "{line}");
+        assert!(
+            line.contains(short) && line.contains("agentgate") && line.contains("true"),
+            "{line}"
+        );
     }
 
     for (kind, spec) in valid_specs() {
         let (api, ar) = api(&client, kind);
         let name = format!("{}-1", kind.to_lowercase());
         // Create and read back: defaults are applied by the API server.
-        api.create(&PostParams::default(), &object(&ar, &name, spec.clone())?).await?;
+        api.create(&PostParams::default(), &object(&ar, &name, spec.clone())?)
+            .await?;
         let got = api.get(&name).await?;
         assert!(
             is_subset(&spec, &got.data["spec"]),
@@ -141,20 +148,30 @@ async fn crds_install_and_every_kind_round_trips() -> anyhow::Result<()> {
         );
         // Update the spec.
         let labels = json!({ "metadata": { "labels": { "team": "payments" } } });
-        api.patch(&name, &PatchParams::default(), &Patch::Merge(&labels)).await?;
+        api.patch(&name, &PatchParams::default(), &Patch::Merge(&labels))
+            .await?;
         // Status goes through the status subresource only.
         let status = json!({ "status": { "conditions": [ {
             "type": "Ready", "status": "True", "reason": "Tested", "message": "set by the test",
             "lastTransitionTime": "2026-11-22T10:00:00Z" } ] } });
-        api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status)).await?;
+        api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
+            .await?;
         let got = api.get(&name).await?;
-        assert_eq!(got.data["status"]["conditions"][0]["reason"], "Tested", "{kind}");
+        assert_eq!(
+            got.data["status"]["conditions"][0]["reason"], "Tested",
+            "{kind}"
+        );
         assert_eq!(got.metadata.labels.unwrap_or_default()["team"], "payments");
         // A status sent to the main resource is ignored.
-        let sneaky = json!({ "status": { "conditions": [] }, "metadata": { "annotations": { "x": "y" } } });
-        api.patch(&name, &PatchParams::default(), &Patch::Merge(&sneaky)).await?;
+        let sneaky =
+            json!({ "status": { "conditions": [] }, "metadata": { "annotations": { "x": "y" } } });
+        api.patch(&name, &PatchParams::default(), &Patch::Merge(&sneaky))
+            .await?;
         let got = api.get(&name).await?;
-        assert_eq!(got.data["status"]["conditions"][0]["reason"], "Tested", "{kind} status via main resource");
+        assert_eq!(
+            got.data["status"]["conditions"][0]["reason"], "Tested",
+            "{kind} status via main resource"
+        );
     }
 
     // Defaults from the types.
@@ -170,18 +187,42 @@ async fn crds_install_and_every_kind_round_trips() -> anyhow::Result<()> {
     let typed: Api<AccessGrant> = Api::namespaced(client.clone(), NS);
     let g = typed.get("accessgrant-1").await?;
     assert_eq!(g.spec.reason, "fix the stuck order 4711");
-    assert_eq!(g.spec.scope.operations, vec![agentgate_crds::OperationClass::Write]);
+    assert_eq!(
+        g.spec.scope.operations,
+        vec![agentgate_crds::OperationClass::Write]
+    );
 
     // `kubectl get agentgate` lists every kind; printer columns are there.
     let all = kube.kubectl_run(&["get", "agentgate"])?;
-    for name in ["accessgrant-1", "agentidentity-1", "maskpolicy-1", "target-1", "agentsession-1"] {
-        assert!(all.contains(name), "{name} missing from `kubectl get agentgate`:\n{all}");
+    for name in [
+        "accessgrant-1",
+        "agentidentity-1",
+        "maskpolicy-1",
+        "target-1",
+        "agentsession-1",
+    ] {
+        assert!(
+            all.contains(name),
+            "{name} missing from `kubectl get agentgate`:\n{all}"
+        );
     }
     let table = kube.kubectl_run(&["get", "accessgrants"])?;
-    let header: Vec<&str> = table.lines().next().unwrap_or_default().split_whitespace().collect();
-    assert_eq!(header, ["NAME", "PHASE", "IDENTITY", "TARGET", "EXPIRES", "AGE"], "{table}");
+    let header: Vec<&str> = table
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        header,
+        ["NAME", "PHASE", "IDENTITY", "TARGET", "EXPIRES", "AGE"],
+        "{table}"
+    );
     let table = kube.kubectl_run(&["get", "agentsessions"])?;
-    assert!(table.starts_with("NAME") && table.contains("IDENTITY") && table.contains("REQUESTS"), "{table}");
+    assert!(
+        table.starts_with("NAME") && table.contains("IDENTITY") && table.contains("REQUESTS"),
+        "{table}"
+    );
 
     // Delete every kind.
     for (kind, _) in valid_specs() {
@@ -220,62 +261,179 @@ async fn invalid_objects_are_refused_naming_the_field() -> anyhow::Result<()> {
     let identity = |auth: Value| json!({ "owner": "team", "authentication": auth });
     let mask = |rule: Value| json!({ "rules": [rule] });
     let cases: Vec<(&str, Value, &[&str])> = vec![
-        ("AccessGrant", json!({ "identity": "claude", "target": "db", "scope": { "operations": ["Read"] } }),
-            &["spec.reason", "Required value"]),
-        ("AccessGrant", grant(json!({ "duration": "forever" })), &["spec.duration", "should match"]),
-        ("AccessGrant", grant(json!({ "duration": "200h" })), &["spec.duration", "between 1m and 168h"]),
-        ("AccessGrant", grant(json!({ "duration": "30s" })), &["spec.duration", "between 1m and 168h"]),
-        ("AccessGrant", grant(json!({ "scope": { "operations": [] } })), &["spec.scope.operations", "at least 1"]),
-        ("AccessGrant", grant(json!({ "scope": { "operations": ["Everything"] } })),
-            &["spec.scope.operations[0]", "Unsupported value"]),
-        ("AccessGrant", grant(json!({ "scope": { "operations": ["Read", "Read"] } })),
-            &["spec.scope.operations", "must not repeat"]),
-        ("AccessGrant", grant(json!({ "identity": "Claude_The_Agent" })), &["spec.identity", "should match"]),
-        ("AccessGrant", grant(json!({ "reason": "" })), &["spec.reason", "at least 1"]),
-        ("AccessGrant", grant(json!({ "pendingTTL": "1s" })), &["spec.pendingTTL", "between 10s and 168h"]),
-        ("AccessGrant", grant(json!({ "decision": { "verdict": "Maybe" } })),
-            &["spec.decision.verdict", "Unsupported value"]),
-        ("AgentIdentity", identity(json!({})), &["spec.authentication", "needs serviceAccount or oidc"]),
-        ("AgentIdentity", identity(json!({ "oidc": { "issuer": "http://idp", "audience": "a", "subject": "s" } })),
-            &["spec.authentication.oidc.issuer", "should match"]),
-        ("AgentIdentity", identity(json!({ "oidc": { "issuer": "https://idp.example.com", "audience": "a" } })),
-            &["spec.authentication.oidc", "needs a subject or at least one claim"]),
-        ("AgentIdentity", json!({ "authentication": { "serviceAccount": { "name": "a" } } }),
-            &["spec.owner", "Required value"]),
-        ("AgentIdentity", json!({ "owner": "t", "authentication": { "serviceAccount": { "name": "a" } }, "maxGrantDuration": "720h" }),
-            &["spec.maxGrantDuration", "between 1m and 168h"]),
-        ("MaskPolicy", mask(json!({ "name": "nothing", "action": "Redact" })),
-            &["spec.rules[0]", "must match something"]),
-        ("MaskPolicy", mask(json!({ "name": "r", "detectors": ["Email"], "action": "Redact", "keepLast": 4 })),
-            &["spec.rules[0]", "keepLast applies only to the Partial action"]),
-        ("MaskPolicy", mask(json!({ "name": "r", "detectors": ["Horoscope"], "action": "Redact" })),
-            &["spec.rules[0].detectors[0]", "Unsupported value"]),
-        ("MaskPolicy", mask(json!({ "name": "r", "columns": ["*.ssn"], "action": "Hash" })),
-            &["spec", "spec.hashKey is required"]),
-        ("MaskPolicy", json!({ "rules": [] }), &["spec.rules", "at least 1"]),
-        ("MaskPolicy", mask(json!({ "name": "r", "detectors": ["Email"], "action": "Partial", "keepLast": 0 })),
-            &["spec.rules[0].keepLast", "greater than or equal to 1"]),
-        ("Target", json!({ "protocol": "Postgres" }), &["spec", "spec.postgres is required exactly when protocol is Postgres"]),
-        ("Target", json!({ "protocol": "Postgres", "postgres": { "host": "h", "database": "d", "port": 70000,
-            "credentials": { "name": "c" } } }), &["spec.postgres.port", "less than or equal to 65535"]),
-        ("Target", json!({ "protocol": "Telnet" }), &["spec.protocol", "Unsupported value"]),
-        ("Target", json!({ "protocol": "SSH", "ssh": { "host": "h", "user": "u", "credentials": { "name": "c" } } }),
-            &["spec.ssh.knownHosts", "Required value"]),
-        ("Target", json!({ "protocol": "Postgres", "postgres": { "host": "h", "database": "d", "credentials": { "name": "c" } },
+        (
+            "AccessGrant",
+            json!({ "identity": "claude", "target": "db", "scope": { "operations": ["Read"] } }),
+            &["spec.reason", "Required value"],
+        ),
+        (
+            "AccessGrant",
+            grant(json!({ "duration": "forever" })),
+            &["spec.duration", "should match"],
+        ),
+        (
+            "AccessGrant",
+            grant(json!({ "duration": "200h" })),
+            &["spec.duration", "between 1m and 168h"],
+        ),
+        (
+            "AccessGrant",
+            grant(json!({ "duration": "30s" })),
+            &["spec.duration", "between 1m and 168h"],
+        ),
+        (
+            "AccessGrant",
+            grant(json!({ "scope": { "operations": [] } })),
+            &["spec.scope.operations", "at least 1"],
+        ),
+        (
+            "AccessGrant",
+            grant(json!({ "scope": { "operations": ["Everything"] } })),
+            &["spec.scope.operations[0]", "Unsupported value"],
+        ),
+        (
+            "AccessGrant",
+            grant(json!({ "scope": { "operations": ["Read", "Read"] } })),
+            &["spec.scope.operations", "must not repeat"],
+        ),
+        (
+            "AccessGrant",
+            grant(json!({ "identity": "Claude_The_Agent" })),
+            &["spec.identity", "should match"],
+        ),
+        (
+            "AccessGrant",
+            grant(json!({ "reason": "" })),
+            &["spec.reason", "at least 1"],
+        ),
+        (
+            "AccessGrant",
+            grant(json!({ "pendingTTL": "1s" })),
+            &["spec.pendingTTL", "between 10s and 168h"],
+        ),
+        (
+            "AccessGrant",
+            grant(json!({ "decision": { "verdict": "Maybe" } })),
+            &["spec.decision.verdict", "Unsupported value"],
+        ),
+        (
+            "AgentIdentity",
+            identity(json!({})),
+            &["spec.authentication", "needs serviceAccount or oidc"],
+        ),
+        (
+            "AgentIdentity",
+            identity(
+                json!({ "oidc": { "issuer": "http://idp", "audience": "a", "subject": "s" } }),
+            ),
+            &["spec.authentication.oidc.issuer", "should match"],
+        ),
+        (
+            "AgentIdentity",
+            identity(json!({ "oidc": { "issuer": "https://idp.example.com", "audience": "a" } })),
+            &[
+                "spec.authentication.oidc",
+                "needs a subject or at least one claim",
+            ],
+        ),
+        (
+            "AgentIdentity",
+            json!({ "authentication": { "serviceAccount": { "name": "a" } } }),
+            &["spec.owner", "Required value"],
+        ),
+        (
+            "AgentIdentity",
+            json!({ "owner": "t", "authentication": { "serviceAccount": { "name": "a" } }, "maxGrantDuration": "720h" }),
+            &["spec.maxGrantDuration", "between 1m and 168h"],
+        ),
+        (
+            "MaskPolicy",
+            mask(json!({ "name": "nothing", "action": "Redact" })),
+            &["spec.rules[0]", "must match something"],
+        ),
+        (
+            "MaskPolicy",
+            mask(json!({ "name": "r", "detectors": ["Email"], "action": "Redact", "keepLast": 4 })),
+            &[
+                "spec.rules[0]",
+                "keepLast applies only to the Partial action",
+            ],
+        ),
+        (
+            "MaskPolicy",
+            mask(json!({ "name": "r", "detectors": ["Horoscope"], "action": "Redact" })),
+            &["spec.rules[0].detectors[0]", "Unsupported value"],
+        ),
+        (
+            "MaskPolicy",
+            mask(json!({ "name": "r", "columns": ["*.ssn"], "action": "Hash" })),
+            &["spec", "spec.hashKey is required"],
+        ),
+        (
+            "MaskPolicy",
+            json!({ "rules": [] }),
+            &["spec.rules", "at least 1"],
+        ),
+        (
+            "MaskPolicy",
+            mask(
+                json!({ "name": "r", "detectors": ["Email"], "action": "Partial", "keepLast": 0 }),
+            ),
+            &["spec.rules[0].keepLast", "greater than or equal to 1"],
+        ),
+        (
+            "Target",
+            json!({ "protocol": "Postgres" }),
+            &[
+                "spec",
+                "spec.postgres is required exactly when protocol is Postgres",
+            ],
+        ),
+        (
+            "Target",
+            json!({ "protocol": "Postgres", "postgres": { "host": "h", "database": "d", "port": 70000,
+            "credentials": { "name": "c" } } }),
+            &["spec.postgres.port", "less than or equal to 65535"],
+        ),
+        (
+            "Target",
+            json!({ "protocol": "Telnet" }),
+            &["spec.protocol", "Unsupported value"],
+        ),
+        (
+            "Target",
+            json!({ "protocol": "SSH", "ssh": { "host": "h", "user": "u", "credentials": { "name": "c" } } }),
+            &["spec.ssh.knownHosts", "Required value"],
+        ),
+        (
+            "Target",
+            json!({ "protocol": "Postgres", "postgres": { "host": "h", "database": "d", "credentials": { "name": "c" } },
             "guardrails": [ { "name": "g", "action": "Block" } ] }),
-            &["spec.guardrails[0]", "must match something"]),
-        ("AgentSession", json!({ "identity": "a", "target": "t", "protocol": "Postgres", "startedAt": "2026-11-22T10:00:00Z" }),
-            &["spec.sessionId", "Required value"]),
+            &["spec.guardrails[0]", "must match something"],
+        ),
+        (
+            "AgentSession",
+            json!({ "identity": "a", "target": "t", "protocol": "Postgres", "startedAt": "2026-11-22T10:00:00Z" }),
+            &["spec.sessionId", "Required value"],
+        ),
     ];
     assert!(cases.len() >= 10);
     let mut failures = Vec::new();
     for (kind, spec, wanted) in &cases {
         let msg = refused(&client, kind, spec.clone()).await;
         if !wanted.iter().all(|w| msg.contains(w)) {
-            failures.push(format!("{kind} {spec}\n  wanted {wanted:?}\n  got    {msg}"));
+            failures.push(format!(
+                "{kind} {spec}\n  wanted {wanted:?}\n  got    {msg}"
+            ));
         }
     }
-    assert!(failures.is_empty(), "{} of {} cases wrong:\n{}", failures.len(), cases.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases wrong:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
     Ok(())
 }
 
@@ -285,27 +443,64 @@ async fn decisions_and_requests_are_immutable() -> anyhow::Result<()> {
     let (grants, ar) = api(&client, "AccessGrant");
     let spec = json!({ "identity": "claude", "target": "orders-db",
         "scope": { "operations": ["Write"] }, "reason": "fix order 4711" });
-    grants.create(&PostParams::default(), &object(&ar, "g1", spec)?).await?;
+    grants
+        .create(&PostParams::default(), &object(&ar, "g1", spec)?)
+        .await?;
     let pp = PatchParams::default();
     let patch = |v: Value| Patch::Merge(v);
 
     // A decision can be made once ...
     grants
-        .patch("g1", &pp, &patch(json!({ "spec": { "decision": { "verdict": "Approve", "reason": "ok" } } })))
+        .patch(
+            "g1",
+            &pp,
+            &patch(json!({ "spec": { "decision": { "verdict": "Approve", "reason": "ok" } } })),
+        )
         .await?;
     // ... and never flipped, edited or removed.
     for (change, wanted) in [
-        (json!({ "spec": { "decision": { "verdict": "Deny" } } }), "spec.decision is immutable once made"),
-        (json!({ "spec": { "decision": { "reason": "changed my mind" } } }), "spec.decision is immutable once made"),
-        (json!({ "spec": { "decision": null } }), "spec.decision is immutable once made"),
-        (json!({ "spec": { "identity": "someone-else" } }), "spec.identity is immutable"),
-        (json!({ "spec": { "target": "prod-db" } }), "spec.target is immutable"),
-        (json!({ "spec": { "scope": { "operations": ["Admin"] } } }), "spec.scope is immutable"),
-        (json!({ "spec": { "duration": "2h" } }), "spec.duration is immutable"),
-        (json!({ "spec": { "reason": "another reason" } }), "spec.reason is immutable"),
-        (json!({ "spec": { "command": { "text": "DROP TABLE x", "fingerprint": "ab" } } }), "spec.command is immutable"),
+        (
+            json!({ "spec": { "decision": { "verdict": "Deny" } } }),
+            "spec.decision is immutable once made",
+        ),
+        (
+            json!({ "spec": { "decision": { "reason": "changed my mind" } } }),
+            "spec.decision is immutable once made",
+        ),
+        (
+            json!({ "spec": { "decision": null } }),
+            "spec.decision is immutable once made",
+        ),
+        (
+            json!({ "spec": { "identity": "someone-else" } }),
+            "spec.identity is immutable",
+        ),
+        (
+            json!({ "spec": { "target": "prod-db" } }),
+            "spec.target is immutable",
+        ),
+        (
+            json!({ "spec": { "scope": { "operations": ["Admin"] } } }),
+            "spec.scope is immutable",
+        ),
+        (
+            json!({ "spec": { "duration": "2h" } }),
+            "spec.duration is immutable",
+        ),
+        (
+            json!({ "spec": { "reason": "another reason" } }),
+            "spec.reason is immutable",
+        ),
+        (
+            json!({ "spec": { "command": { "text": "DROP TABLE x", "fingerprint": "ab" } } }),
+            "spec.command is immutable",
+        ),
     ] {
-        let err = grants.patch("g1", &pp, &patch(change.clone())).await.err().map(|e| e.to_string());
+        let err = grants
+            .patch("g1", &pp, &patch(change.clone()))
+            .await
+            .err()
+            .map(|e| e.to_string());
         assert!(
             err.as_deref().is_some_and(|e| e.contains(wanted)),
             "{change} should be refused with {wanted:?}, got {err:?}"
@@ -313,38 +508,70 @@ async fn decisions_and_requests_are_immutable() -> anyhow::Result<()> {
     }
     // Revocation is a separate, one-time field.
     grants
-        .patch("g1", &pp, &patch(json!({ "spec": { "revocation": { "reason": "done early" } } })))
+        .patch(
+            "g1",
+            &pp,
+            &patch(json!({ "spec": { "revocation": { "reason": "done early" } } })),
+        )
         .await?;
     let err = grants
-        .patch("g1", &pp, &patch(json!({ "spec": { "revocation": { "reason": "edited" } } })))
+        .patch(
+            "g1",
+            &pp,
+            &patch(json!({ "spec": { "revocation": { "reason": "edited" } } })),
+        )
         .await
         .err()
         .map(|e| e.to_string());
-    assert!(err.as_deref().is_some_and(|e| e.contains("spec.revocation is immutable once set")), "{err:?}");
+    assert!(
+        err.as_deref()
+            .is_some_and(|e| e.contains("spec.revocation is immutable once set")),
+        "{err:?}"
+    );
 
     // A denied grant cannot be revoked.
     let spec = json!({ "identity": "claude", "target": "orders-db",
         "scope": { "operations": ["Write"] }, "reason": "r", "decision": { "verdict": "Deny" } });
-    grants.create(&PostParams::default(), &object(&ar, "g2", spec)?).await?;
+    grants
+        .create(&PostParams::default(), &object(&ar, "g2", spec)?)
+        .await?;
     let err = grants
-        .patch("g2", &pp, &patch(json!({ "spec": { "revocation": { "reason": "x" } } })))
+        .patch(
+            "g2",
+            &pp,
+            &patch(json!({ "spec": { "revocation": { "reason": "x" } } })),
+        )
         .await
         .err()
         .map(|e| e.to_string());
-    assert!(err.as_deref().is_some_and(|e| e.contains("a denied grant cannot be revoked")), "{err:?}");
+    assert!(
+        err.as_deref()
+            .is_some_and(|e| e.contains("a denied grant cannot be revoked")),
+        "{err:?}"
+    );
 
     // A Target's protocol is fixed.
     let (targets, ar) = api(&client, "Target");
     let t = json!({ "protocol": "SSH", "ssh": { "host": "h", "user": "u", "knownHosts": "h ssh-ed25519 AAAA",
         "credentials": { "name": "c" } } });
-    targets.create(&PostParams::default(), &object(&ar, "t1", t)?).await?;
+    targets
+        .create(&PostParams::default(), &object(&ar, "t1", t)?)
+        .await?;
     let err = targets
-        .patch("t1", &pp, &patch(json!({ "spec": { "protocol": "Postgres", "ssh": null,
-            "postgres": { "host": "h", "database": "d", "credentials": { "name": "c" } } } })))
+        .patch(
+            "t1",
+            &pp,
+            &patch(json!({ "spec": { "protocol": "Postgres", "ssh": null,
+            "postgres": { "host": "h", "database": "d", "credentials": { "name": "c" } } } })),
+        )
         .await
         .err()
         .map(|e| e.to_string());
-    assert!(err.as_deref().is_some_and(|e| e.contains("spec.protocol is immutable")), "{err:?}");
+    assert!(
+        err.as_deref()
+            .is_some_and(|e| e.contains("spec.protocol is immutable")),
+        "{err:?}"
+    );
     Ok(())
 }
 
@@ -355,7 +582,10 @@ fn explain(kube: &KubeEnv, what: &str) -> anyhow::Result<String> {
     loop {
         match kube.kubectl_run(&["explain", what]) {
             Ok(out) => return Ok(out),
-            Err(e) if std::time::Instant::now() < deadline && e.to_string().contains("couldn't find resource") => {
+            Err(e)
+                if std::time::Instant::now() < deadline
+                    && e.to_string().contains("couldn't find resource") =>
+            {
                 std::thread::sleep(std::time::Duration::from_millis(500));
             }
             Err(e) => return Err(e.into()),
@@ -367,9 +597,9 @@ fn explain(kube: &KubeEnv, what: &str) -> anyhow::Result<String> {
 /// defaults).
 fn is_subset(sent: &Value, stored: &Value) -> bool {
     match (sent, stored) {
-        (Value::Object(a), Value::Object(b)) => {
-            a.iter().all(|(k, v)| b.get(k).is_some_and(|w| is_subset(v, w)))
-        }
+        (Value::Object(a), Value::Object(b)) => a
+            .iter()
+            .all(|(k, v)| b.get(k).is_some_and(|w| is_subset(v, w))),
         (Value::Array(a), Value::Array(b)) => {
             a.len() == b.len() && a.iter().zip(b).all(|(v, w)| is_subset(v, w))
         }
@@ -382,7 +612,10 @@ async fn kubectl_explain_reads_the_doc_comments() -> anyhow::Result<()> {
     let (env, _client) = setup().await?;
     let kube = env.kube()?;
     let out = explain(kube, "accessgrant")?;
-    assert!(out.contains("Just-in-time access for one AgentIdentity to one Target"), "{out}");
+    assert!(
+        out.contains("Just-in-time access for one AgentIdentity to one Target"),
+        "{out}"
+    );
     let out = explain(kube, "accessgrant.spec")?;
     for text in [
         "Why the access is needed: shown to approvers and kept in the audit trail",
@@ -391,12 +624,21 @@ async fn kubectl_explain_reads_the_doc_comments() -> anyhow::Result<()> {
         "kubectl patch accessgrant NAME --type merge",
         "Ends an approved (or still pending) grant early",
     ] {
-        assert!(out.contains(text), "explain accessgrant.spec lacks {text:?}:\n{out}");
+        assert!(
+            out.contains(text),
+            "explain accessgrant.spec lacks {text:?}:\n{out}"
+        );
     }
     let out = explain(kube, "accessgrant.spec.decision.verdict")?;
-    assert!(out.contains("`Approve` or `Deny`") && out.contains("Approve") && out.contains("Deny"), "{out}");
+    assert!(
+        out.contains("`Approve` or `Deny`") && out.contains("Approve") && out.contains("Deny"),
+        "{out}"
+    );
     let out = explain(kube, "agentidentity.spec.authentication.oidc.issuer")?;
-    assert!(out.contains("exactly as in the token's `iss` claim"), "{out}");
+    assert!(
+        out.contains("exactly as in the token's `iss` claim"),
+        "{out}"
+    );
     let out = explain(kube, "maskpolicy.spec.rules.action")?;
     assert!(out.contains("What to do with a match"), "{out}");
     let out = explain(kube, "target.spec.ssh.knownHosts")?;

@@ -24,10 +24,16 @@ async fn every_part_starts_answers_and_stops_cleanly() -> anyhow::Result<()> {
     assert_eq!(version["major"], "1");
 
     // RBAC is on: a token user without bindings is forbidden; the admin is not.
-    let out = kube.kubectl_as("mallory").args(["get", "pods", "-A"]).output()?;
+    let out = kube
+        .kubectl_as("mallory")
+        .args(["get", "pods", "-A"])
+        .output()?;
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("forbidden") && err.contains("\"mallory\""), "{err}");
+    assert!(
+        err.contains("forbidden") && err.contains("\"mallory\""),
+        "{err}"
+    );
     kube.kubectl_run(&["get", "namespaces"])?;
 
     // TokenRequest and OIDC discovery work: the API server is a real issuer.
@@ -63,13 +69,27 @@ async fn every_part_starts_answers_and_stops_cleanly() -> anyhow::Result<()> {
     let pg = env.postgres()?;
     let out = pg.psql_run("app", "SHOW ssl")?;
     assert_eq!(out.trim(), "on");
-    for user in [testenv::postgres_env::GATEWAY_USER, testenv::postgres_env::MD5_USER] {
+    for user in [
+        testenv::postgres_env::GATEWAY_USER,
+        testenv::postgres_env::MD5_USER,
+    ] {
         let out = Command::new(env.bins.pg_bin.join("psql"))
             .arg(pg.url(user, "app"))
-            .args(["-XAt", "-c", "SELECT current_user, ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"])
+            .args([
+                "-XAt",
+                "-c",
+                "SELECT current_user, ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            ])
             .output()?;
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("{user}|t"));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            format!("{user}|t")
+        );
     }
     let methods = pg.psql_run(
         "app",
@@ -81,7 +101,11 @@ async fn every_part_starts_answers_and_stops_cleanly() -> anyhow::Result<()> {
     // sshd: a real login with strict host key checking.
     let ssh = env.ssh()?;
     let out = ssh.ssh().arg("echo hello-from-$(whoami)").output()?;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
         format!("hello-from-{}", ssh.user())
@@ -93,7 +117,10 @@ async fn every_part_starts_answers_and_stops_cleanly() -> anyhow::Result<()> {
     assert!(pids.len() >= 4, "{pids:?}");
     drop(env);
     for pid in pids {
-        assert!(!Path::new(&format!("/proc/{pid}")).exists(), "process {pid} survived");
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "process {pid} survived"
+        );
     }
     assert!(!dir.exists(), "{} survived", dir.display());
     Ok(())
