@@ -1,0 +1,137 @@
+//! Operator configuration: flags, each also settable from the environment.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use agentgate_crds::common::parse_duration;
+use clap::Parser;
+
+/// agentgate's control plane: reconciles AgentIdentity, AccessGrant, MaskPolicy, Target and
+/// AgentSession, serves the approval and injection webhooks, and expires grants on time.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "agentgate-operator", version, about, long_about = None)]
+pub struct Config {
+    /// The operator's own namespace: it holds the webhook certificate Secret and the leader
+    /// Lease, and is never injected.
+    #[arg(long, env = "AGENTGATE_NAMESPACE", default_value = "agentgate-system")]
+    pub namespace: String,
+
+    /// Address the admission webhooks listen on (HTTPS).
+    #[arg(long, env = "AGENTGATE_WEBHOOK_ADDR", default_value = "0.0.0.0:9443")]
+    pub webhook_addr: SocketAddr,
+
+    /// The Service in front of the webhooks; its DNS names go into the serving certificate.
+    #[arg(long, env = "AGENTGATE_WEBHOOK_SERVICE", default_value = "agentgate-webhook")]
+    pub webhook_service: String,
+
+    /// Extra names (DNS or IP) for the serving certificate, comma-separated (e.g. 127.0.0.1
+    /// when the API server calls the webhook by URL).
+    #[arg(long, env = "AGENTGATE_WEBHOOK_HOSTS", value_delimiter = ',')]
+    pub webhook_hosts: Vec<String>,
+
+    /// Who provides the webhook's serving certificate: `self` (the operator creates a CA and a
+    /// certificate, stores them in a Secret, keeps caBundle current and rotates them) or
+    /// `files` (e.g. cert-manager mounts tls.crt and tls.key into --webhook-cert-dir and its
+    /// CA injector keeps caBundle current).
+    #[arg(long, env = "AGENTGATE_WEBHOOK_CERT_MODE", default_value = "self")]
+    pub webhook_cert_mode: CertMode,
+
+    /// With `--webhook-cert-mode files`: the folder with tls.crt and tls.key.
+    #[arg(long, env = "AGENTGATE_WEBHOOK_CERT_DIR", default_value = "/var/run/agentgate/webhook-certs")]
+    pub webhook_cert_dir: PathBuf,
+
+    /// The Secret (in --namespace) that holds the self-managed CA and serving certificate.
+    #[arg(long, env = "AGENTGATE_WEBHOOK_CERT_SECRET", default_value = "agentgate-webhook-tls")]
+    pub webhook_cert_secret: String,
+
+    /// Lifetime of a self-managed serving certificate; it is renewed when a third remains.
+    #[arg(long, env = "AGENTGATE_WEBHOOK_CERT_VALIDITY", default_value = "720h", value_parser = duration)]
+    pub webhook_cert_validity: Duration,
+
+    /// The MutatingWebhookConfiguration whose caBundle the operator keeps current.
+    #[arg(long, env = "AGENTGATE_MUTATING_WEBHOOK", default_value = "agentgate")]
+    pub mutating_webhook: String,
+
+    /// The ValidatingWebhookConfiguration whose caBundle the operator keeps current.
+    #[arg(long, env = "AGENTGATE_VALIDATING_WEBHOOK", default_value = "agentgate")]
+    pub validating_webhook: String,
+
+    /// Address of /metrics, /healthz and /readyz (plain HTTP).
+    #[arg(long, env = "AGENTGATE_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    pub metrics_addr: SocketAddr,
+
+    /// Run controllers only while holding the leader Lease (webhooks run on every replica).
+    #[arg(long, env = "AGENTGATE_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    pub leader_election: bool,
+
+    /// Name of the leader Lease in --namespace.
+    #[arg(long, env = "AGENTGATE_LEASE_NAME", default_value = "agentgate-operator")]
+    pub lease_name: String,
+
+    /// How long a leader's Lease lasts without renewal.
+    #[arg(long, env = "AGENTGATE_LEASE_DURATION", default_value = "15s", value_parser = duration)]
+    pub lease_duration: Duration,
+
+    /// This replica's identity in the Lease (defaults to the host name).
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: Option<String>,
+
+    /// AgentSessions are deleted this long after they end (records stay in external sinks).
+    #[arg(long, env = "AGENTGATE_SESSION_RETENTION", default_value = "720h", value_parser = duration)]
+    pub session_retention: Duration,
+
+    /// The sidecar image injected into agent pods.
+    #[arg(long, env = "AGENTGATE_SIDECAR_IMAGE", default_value = "ghcr.io/agentgate-dev/agentgate-sidecar:0.1.0")]
+    pub sidecar_image: String,
+
+    /// CPU request of the injected sidecar.
+    #[arg(long, env = "AGENTGATE_SIDECAR_CPU", default_value = "50m")]
+    pub sidecar_cpu: String,
+
+    /// Memory request and limit of the injected sidecar.
+    #[arg(long, env = "AGENTGATE_SIDECAR_MEMORY", default_value = "128Mi")]
+    pub sidecar_memory: String,
+
+    /// Extra CA certificates (PEM) trusted when checking OIDC issuers.
+    #[arg(long, env = "AGENTGATE_OIDC_CA_FILE")]
+    pub oidc_ca_file: Option<PathBuf>,
+
+    /// Log format: `text` for people, `json` for log pipelines.
+    #[arg(long, env = "AGENTGATE_LOG_FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+/// Who provides the webhook serving certificate.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CertMode {
+    /// The operator manages a CA and certificate itself.
+    #[value(name = "self")]
+    SelfManaged,
+    /// Read from files (cert-manager).
+    Files,
+}
+
+/// Log output format.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    parse_duration(s).map_err(|e| e.to_string())
+}
+
+impl Config {
+    /// This replica's name, for the Lease and Events.
+    pub fn identity(&self) -> String {
+        self.pod_name.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_else(|_| format!("agentgate-operator-{}", std::process::id()))
+        })
+    }
+}

@@ -1,0 +1,160 @@
+//! The AgentIdentity controller: checks its references, reports its active grants.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentgate_crds::{AccessGrant, AgentIdentity, AgentIdentityStatus, GrantPhase};
+use futures::StreamExt;
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::ServiceAccount;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::ResourceExt;
+
+use super::{Context, error_policy};
+use crate::conditions::condition;
+use crate::error::Result;
+
+/// Checks the identity's references; `Ok(())` or the reason it is not ready.
+async fn check_references(id: &AgentIdentity, ctx: &Context) -> Result<Result<(), (String, String)>> {
+    let ns = id.namespace().unwrap_or_default();
+    if let Some(sa) = &id.spec.authentication.service_account {
+        let sa_ns = sa.namespace.clone().unwrap_or_else(|| ns.clone());
+        let api: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), &sa_ns);
+        if api.get_opt(&sa.name).await?.is_none() {
+            return Ok(Err((
+                "ServiceAccountNotFound".into(),
+                format!(
+                    "service account {sa_ns}/{} does not exist: create it, or fix spec.authentication.serviceAccount",
+                    sa.name
+                ),
+            )));
+        }
+    }
+    if let Some(oidc) = &id.spec.authentication.oidc {
+        let url = format!(
+            "{}/.well-known/openid-configuration",
+            oidc.issuer.trim_end_matches('/')
+        );
+        match ctx.http.get_json(&url, Duration::from_secs(5)).await {
+            Ok(doc) if doc["issuer"].as_str() == Some(oidc.issuer.as_str()) => {}
+            Ok(doc) => {
+                return Ok(Err((
+                    "OIDCIssuerMismatch".into(),
+                    format!(
+                        "the discovery document at {url} names issuer {} instead of {}",
+                        doc["issuer"], oidc.issuer
+                    ),
+                )));
+            }
+            Err(e) => {
+                return Ok(Err((
+                    "OIDCIssuerUnreachable".into(),
+                    format!("cannot read the OIDC discovery document: {e}"),
+                )));
+            }
+        }
+    }
+    Ok(Ok(()))
+}
+
+async fn reconcile(id: Arc<AgentIdentity>, ctx: Arc<Context>) -> Result<Action> {
+    let _timer = ctx.metrics.reconcile_started("AgentIdentity");
+    let ns = id.namespace().unwrap_or_default();
+    let name = id.name_any();
+    let now = Timestamp::now();
+    let old = id.status.clone().unwrap_or_default();
+    let generation = id.metadata.generation;
+
+    let grants: Api<AccessGrant> = Api::namespaced(ctx.client.clone(), &ns);
+    let mut active: Vec<String> = grants
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|g| {
+            g.spec.identity == name
+                && g.status.as_ref().and_then(|s| s.phase) == Some(GrantPhase::Active)
+        })
+        .map(|g| g.name_any())
+        .collect();
+    active.sort();
+
+    let mut conditions = Vec::new();
+    match check_references(&id, &ctx).await? {
+        Ok(()) => conditions.push(condition(
+            &old.conditions,
+            "Ready",
+            !id.spec.disabled,
+            if id.spec.disabled { "Disabled" } else { "ReferencesResolved" },
+            if id.spec.disabled {
+                "the identity is disabled: its sessions are refused and its grants revoked".to_owned()
+            } else {
+                "service account and OIDC issuer resolve".to_owned()
+            },
+            generation,
+            now,
+        )),
+        Err((reason, msg)) => conditions.push(condition(&old.conditions, "Ready", false, &reason, msg, generation, now)),
+    }
+    conditions.push(condition(
+        &old.conditions,
+        "Disabled",
+        id.spec.disabled,
+        if id.spec.disabled { "DisabledBySpec" } else { "Enabled" },
+        if id.spec.disabled { "spec.disabled is true" } else { "spec.disabled is false" },
+        generation,
+        now,
+    ));
+    let status = AgentIdentityStatus {
+        conditions,
+        observed_generation: generation,
+        active_grants: active,
+        last_seen: old.last_seen.clone(),
+    };
+    if status != old {
+        let api: Api<AgentIdentity> = Api::namespaced(ctx.client.clone(), &ns);
+        let patch = serde_json::json!({ "status": status });
+        api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+        let ready_changed = status.conditions.first().map(|c| (&c.status, &c.reason))
+            != old.conditions.first().map(|c| (&c.status, &c.reason));
+        if ready_changed && let Some(c) = status.conditions.first() {
+            ctx.event(&*id, c.status != "True", &c.reason, "Validate", c.message.clone()).await;
+        }
+    }
+    // Issuers can come and go: look again every few minutes.
+    Ok(Action::requeue(Duration::from_secs(300)))
+}
+
+/// Runs the AgentIdentity controller until `shutdown` resolves.
+pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
+    let ids: Api<AgentIdentity> = Api::all(ctx.client.clone());
+    let grants: Api<AccessGrant> = Api::all(ctx.client.clone());
+    let sas: Api<ServiceAccount> = Api::all(ctx.client.clone());
+    let controller = Controller::new(ids, watcher::Config::default());
+    let store = controller.store();
+    controller
+        .watches(grants, watcher::Config::default(), |g: AccessGrant| {
+            Some(ObjectRef::new(&g.spec.identity).within(&g.namespace().unwrap_or_default()))
+        })
+        .watches(sas, watcher::Config::default(), move |sa: ServiceAccount| {
+            let ns = sa.namespace().unwrap_or_default();
+            let name = sa.name_any();
+            store
+                .state()
+                .into_iter()
+                .filter(|id| {
+                    id.spec.authentication.service_account.as_ref().is_some_and(|r| {
+                        r.name == name && r.namespace.clone().or_else(|| id.namespace()) == Some(ns.clone())
+                    })
+                })
+                .map(|id| ObjectRef::from_obj(&*id))
+                .collect::<Vec<_>>()
+        })
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, |o, e, ctx| error_policy("AgentIdentity", &*o, e, &ctx), ctx.clone())
+        .for_each(|_| futures::future::ready(()))
+        .await;
+}

@@ -1,0 +1,324 @@
+//! Approvals an auditor can trust.
+//!
+//! The mutating webhook stamps *who* asked, decided or revoked from the authenticated admission
+//! request (never a name typed into the object). The validating webhook then enforces, each
+//! refusal naming its rule:
+//!
+//! - `no-decision-at-creation`: a request cannot carry its own decision or revocation;
+//! - `own-identity`: a service account bound to an AgentIdentity may request grants only for
+//!   that identity;
+//! - `identity-exists` / `identity-enabled`: the identity exists and is not disabled;
+//! - `max-duration`: the duration is within the identity's `maxGrantDuration`;
+//! - `no-self-approval`: the identity, its service account, any agent, and the requester
+//!   cannot decide;
+//! - `approver-authorization`: the decider has the RBAC verb `approve` on the grant
+//!   (SubjectAccessReview) or is listed in the identity's `spec.approvers`;
+//! - `immutable-decision`: a decision, once made, never changes;
+//! - `stamped-by-agentgate`: the recorded decider is the authenticated user.
+
+use agentgate_crds::common::{Time, UserRef};
+use agentgate_crds::common::parse_duration;
+use agentgate_crds::{AccessGrant, AgentIdentity};
+use jiff::Timestamp;
+use k8s_openapi::api::authorization::v1::{
+    ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
+};
+use kube::api::{Api, ListParams, PostParams};
+use kube::core::DynamicObject;
+use kube::core::admission::{AdmissionRequest, AdmissionResponse, Operation};
+
+use super::WebhookContext;
+
+fn user_of(req: &AdmissionRequest<DynamicObject>) -> UserRef {
+    UserRef {
+        username: req.user_info.username.clone().unwrap_or_default(),
+        uid: req.user_info.uid.clone(),
+        groups: req.user_info.groups.clone().unwrap_or_default(),
+    }
+}
+
+fn as_grant(obj: &Option<DynamicObject>) -> Result<Option<(serde_json::Value, AccessGrant)>, String> {
+    let Some(obj) = obj else { return Ok(None) };
+    let value = serde_json::to_value(obj).map_err(|e| format!("cannot read the AccessGrant: {e}"))?;
+    let grant = serde_json::from_value(value.clone()).map_err(|e| format!("not a valid AccessGrant: {e}"))?;
+    Ok(Some((value, grant)))
+}
+
+fn deny(req: &AdmissionRequest<DynamicObject>, rule: &str, msg: impl std::fmt::Display) -> AdmissionResponse {
+    AdmissionResponse::from(req).deny(format!("agentgate rule {rule}: {msg}"))
+}
+
+/// Stamps `requestedBy`, `decision.decidedBy/At` and `revocation.revokedBy/At` from the
+/// authenticated request.
+pub async fn mutate(_ctx: &WebhookContext, req: &AdmissionRequest<DynamicObject>) -> AdmissionResponse {
+    let (value, mut grant) = match as_grant(&req.object) {
+        Ok(Some(g)) => g,
+        Ok(None) => return AdmissionResponse::from(req),
+        Err(e) => return deny(req, "well-formed", e),
+    };
+    let old = match as_grant(&req.old_object) {
+        Ok(o) => o.map(|(_, g)| g),
+        Err(e) => return deny(req, "well-formed", e),
+    };
+    let user = user_of(req);
+    let now = Time(Timestamp::now());
+    match (&req.operation, old) {
+        (Operation::Create, _) => {
+            if grant.spec.decision.is_some() || grant.spec.revocation.is_some() {
+                return deny(
+                    req,
+                    "no-decision-at-creation",
+                    "a grant request cannot carry its own decision or revocation: create it without spec.decision, then an approver patches it",
+                );
+            }
+            grant.spec.requested_by = Some(user);
+        }
+        (Operation::Update, Some(old)) => {
+            // Keep what was stamped before; stamp what is new.
+            grant.spec.requested_by = old.spec.requested_by.clone();
+            match (&old.spec.decision, grant.spec.decision.as_mut()) {
+                (None, Some(d)) => {
+                    d.decided_by = Some(user.clone());
+                    d.decided_at = Some(now.clone());
+                }
+                (Some(o), Some(d)) if o.verdict == d.verdict && o.reason == d.reason => {
+                    d.decided_by = o.decided_by.clone();
+                    d.decided_at = o.decided_at.clone();
+                }
+                _ => {}
+            }
+            match (&old.spec.revocation, grant.spec.revocation.as_mut()) {
+                (None, Some(r)) => {
+                    r.revoked_by = Some(user);
+                    r.revoked_at = Some(now);
+                }
+                (Some(o), Some(r)) if o.reason == r.reason => {
+                    r.revoked_by = o.revoked_by.clone();
+                    r.revoked_at = o.revoked_at.clone();
+                }
+                _ => {}
+            }
+        }
+        _ => return AdmissionResponse::from(req),
+    }
+    let mut new_value = value.clone();
+    match serde_json::to_value(&grant.spec) {
+        Ok(spec) => new_value["spec"] = spec,
+        Err(e) => return deny(req, "well-formed", format!("cannot encode the AccessGrant: {e}")),
+    }
+    let patch = json_patch::diff(&value, &new_value);
+    match AdmissionResponse::from(req).with_patch(patch) {
+        Ok(r) => r,
+        Err(e) => deny(req, "well-formed", format!("cannot encode the patch: {e}")),
+    }
+}
+
+fn sa_name(ns: &str, id: &AgentIdentity) -> Option<String> {
+    id.spec.authentication.service_account.as_ref().map(|sa| {
+        format!(
+            "system:serviceaccount:{}:{}",
+            sa.namespace.clone().unwrap_or_else(|| ns.to_owned()),
+            sa.name
+        )
+    })
+}
+
+/// The identities (in `ns`) whose service account is `username`.
+fn identities_of<'a>(ns: &str, ids: &'a [AgentIdentity], username: &str) -> Vec<&'a AgentIdentity> {
+    ids.iter()
+        .filter(|id| sa_name(ns, id).as_deref() == Some(username))
+        .collect()
+}
+
+fn name_of(id: &AgentIdentity) -> String {
+    id.metadata.name.clone().unwrap_or_default()
+}
+
+async fn may_approve(ctx: &WebhookContext, user: &UserRef, id: &AgentIdentity, ns: &str, grant: &str) -> Result<bool, String> {
+    let listed = id.spec.approvers.users.iter().any(|u| u == &user.username)
+        || id.spec.approvers.groups.iter().any(|g| user.groups.contains(g));
+    if listed {
+        return Ok(true);
+    }
+    let sar = SubjectAccessReview {
+        spec: SubjectAccessReviewSpec {
+            user: Some(user.username.clone()),
+            uid: user.uid.clone(),
+            groups: Some(user.groups.clone()),
+            resource_attributes: Some(ResourceAttributes {
+                group: Some("agentgate.dev".into()),
+                resource: Some("accessgrants".into()),
+                verb: Some("approve".into()),
+                namespace: Some(ns.to_owned()),
+                name: Some(grant.to_owned()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let api: Api<SubjectAccessReview> = Api::all(ctx.client.clone());
+    let res = api
+        .create(&PostParams::default(), &sar)
+        .await
+        .map_err(|e| format!("cannot check RBAC with a SubjectAccessReview: {e}"))?;
+    Ok(res.status.is_some_and(|s| s.allowed))
+}
+
+/// Enforces the approval rules.
+pub async fn validate(ctx: &WebhookContext, req: &AdmissionRequest<DynamicObject>) -> AdmissionResponse {
+    let grant = match as_grant(&req.object) {
+        Ok(Some((_, g))) => g,
+        Ok(None) => return AdmissionResponse::from(req),
+        Err(e) => return deny(req, "well-formed", e),
+    };
+    let old = match as_grant(&req.old_object) {
+        Ok(o) => o.map(|(_, g)| g),
+        Err(e) => return deny(req, "well-formed", e),
+    };
+    let ns = req.namespace.clone().unwrap_or_default();
+    let user = user_of(req);
+    let ids_api: Api<AgentIdentity> = Api::namespaced(ctx.client.clone(), &ns);
+    let ids = match ids_api.list(&ListParams::default()).await {
+        Ok(l) => l.items,
+        Err(e) => return deny(req, "identity-exists", format!("cannot read AgentIdentities (failing closed): {e}")),
+    };
+    let identity = ids.iter().find(|i| name_of(i) == grant.spec.identity);
+    let callers_identities = identities_of(&ns, &ids, &user.username);
+    let max_ok = |id: &AgentIdentity| {
+        // Unreadable values fail closed: no maximum, an infinite request.
+        let max = parse_duration(&id.spec.max_grant_duration).unwrap_or_default();
+        let want = parse_duration(&grant.spec.duration).unwrap_or(std::time::Duration::MAX);
+        if want > max {
+            Err(format!(
+                "spec.duration {} is longer than AgentIdentity {}'s maxGrantDuration {}",
+                grant.spec.duration,
+                name_of(id),
+                id.spec.max_grant_duration
+            ))
+        } else {
+            Ok(())
+        }
+    };
+
+    match (&req.operation, old) {
+        (Operation::Create, _) => {
+            if grant.spec.decision.is_some() || grant.spec.revocation.is_some() {
+                return deny(req, "no-decision-at-creation", "a grant request cannot carry its own decision or revocation");
+            }
+            if grant.spec.requested_by.as_ref().map(|u| &u.username) != Some(&user.username) {
+                return deny(req, "stamped-by-agentgate", "spec.requestedBy must be the authenticated requester (is agentgate's mutating webhook installed?)");
+            }
+            if !callers_identities.is_empty() && !callers_identities.iter().any(|i| name_of(i) == grant.spec.identity) {
+                let own: Vec<String> = callers_identities.iter().map(|i| name_of(i)).collect();
+                return deny(
+                    req,
+                    "own-identity",
+                    format!(
+                        "{} acts for AgentIdentity {} and may request grants only for it, not for {}",
+                        user.username,
+                        own.join(", "),
+                        grant.spec.identity
+                    ),
+                );
+            }
+            let Some(id) = identity else {
+                return deny(req, "identity-exists", format!("AgentIdentity {ns}/{} does not exist", grant.spec.identity));
+            };
+            if id.spec.disabled {
+                return deny(req, "identity-enabled", format!("AgentIdentity {} is disabled", grant.spec.identity));
+            }
+            if let Err(e) = max_ok(id) {
+                return deny(req, "max-duration", e);
+            }
+            AdmissionResponse::from(req)
+        }
+        (Operation::Update, Some(old)) => {
+            // A decision, once made, never changes (the CRD's CEL rule says so too).
+            if let Some(o) = &old.spec.decision
+                && grant.spec.decision.as_ref() != Some(o)
+            {
+                return deny(req, "immutable-decision", format!(
+                    "this grant was already {} by {}: a decision cannot be changed; to end an approved grant set spec.revocation",
+                    if o.verdict == agentgate_crds::Verdict::Approve { "approved" } else { "denied" },
+                    o.decided_by.as_ref().map(|u| u.username.as_str()).unwrap_or("someone")
+                ));
+            }
+            if let Some(o) = &old.spec.revocation
+                && grant.spec.revocation.as_ref() != Some(o)
+            {
+                return deny(req, "immutable-decision", "a revocation cannot be changed once set");
+            }
+            let deciding = old.spec.decision.is_none() && grant.spec.decision.is_some();
+            let revoking = old.spec.revocation.is_none() && grant.spec.revocation.is_some();
+            if !deciding && !revoking {
+                return AdmissionResponse::from(req);
+            }
+            let Some(id) = identity else {
+                return deny(req, "identity-exists", format!("AgentIdentity {ns}/{} does not exist", grant.spec.identity));
+            };
+            if deciding {
+                let d = grant.spec.decision.as_ref();
+                if d.and_then(|d| d.decided_by.as_ref()).map(|u| &u.username) != Some(&user.username) {
+                    return deny(req, "stamped-by-agentgate", "spec.decision.decidedBy must be the authenticated user (is agentgate's mutating webhook installed?)");
+                }
+                // Self-approval, in every form.
+                let own_sa = sa_name(&ns, id);
+                let oidc_sub = id.spec.authentication.oidc.as_ref().and_then(|o| o.subject.clone());
+                let requester = grant.spec.requested_by.as_ref().map(|u| u.username.clone());
+                let why_self = if own_sa.as_deref() == Some(user.username.as_str()) {
+                    Some(format!("{} is the service account of AgentIdentity {}", user.username, grant.spec.identity))
+                } else if oidc_sub.as_deref() == Some(user.username.as_str()) {
+                    Some(format!("{} is the OIDC subject of AgentIdentity {}", user.username, grant.spec.identity))
+                } else if !callers_identities.is_empty() {
+                    Some(format!("{} acts for an AgentIdentity: agents never decide grants", user.username))
+                } else if requester.as_deref() == Some(user.username.as_str()) {
+                    Some(format!("{} requested this grant: a second person must decide (four-eyes)", user.username))
+                } else {
+                    None
+                };
+                if let Some(why) = why_self {
+                    return deny(req, "no-self-approval", why);
+                }
+                match may_approve(ctx, &user, id, &ns, &req.name).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        return deny(req, "approver-authorization", format!(
+                            "{} may not decide grants of AgentIdentity {}: it needs the RBAC verb `approve` on accessgrants.agentgate.dev, or to be listed in the identity's spec.approvers",
+                            user.username, grant.spec.identity
+                        ));
+                    }
+                    Err(e) => return deny(req, "approver-authorization", format!("{e} (failing closed)")),
+                }
+                if d.is_some_and(|d| d.verdict == agentgate_crds::Verdict::Approve)
+                    && let Err(e) = max_ok(id)
+                {
+                    return deny(req, "max-duration", e);
+                }
+            }
+            if revoking {
+                let r = grant.spec.revocation.as_ref();
+                if r.and_then(|r| r.revoked_by.as_ref()).map(|u| &u.username) != Some(&user.username) {
+                    return deny(req, "stamped-by-agentgate", "spec.revocation.revokedBy must be the authenticated user");
+                }
+                // Anyone who may approve may revoke; an agent may give up its own access.
+                let own = sa_name(&ns, id).as_deref() == Some(user.username.as_str());
+                let requester = grant.spec.requested_by.as_ref().is_some_and(|u| u.username == user.username);
+                if !own && !requester {
+                    match may_approve(ctx, &user, id, &ns, &req.name).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            return deny(req, "approver-authorization", format!(
+                                "{} may not revoke grants of AgentIdentity {}: only approvers, the requester and the identity itself may",
+                                user.username, grant.spec.identity
+                            ));
+                        }
+                        Err(e) => return deny(req, "approver-authorization", format!("{e} (failing closed)")),
+                    }
+                }
+            }
+            AdmissionResponse::from(req)
+        }
+        _ => AdmissionResponse::from(req),
+    }
+}

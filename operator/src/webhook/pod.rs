@@ -1,0 +1,606 @@
+//! Sidecar injection, and the pod boundary it depends on.
+//!
+//! A pod labelled `agentgate.dev/inject: "true"` and annotated `agentgate.dev/identity: NAME`
+//! gets the sidecar as a native sidecar (an init container that keeps running), and its agent
+//! containers are pointed at it. Injection is refused, with the reason, when the pod could
+//! reach around the gateway: a shared process namespace, host namespaces or paths, privileged
+//! agent containers, an API token or a Target's credentials in an agent container.
+//!
+//! Injection is idempotent: a second admission of an injected pod changes nothing, and a pod
+//! that brings its own `agentgate-sidecar` with another image is refused.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use agentgate_crds::{AgentIdentity, Protocol, Target};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMapProjection, Container, ContainerPort, DownwardAPIProjection,
+    DownwardAPIVolumeFile, EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction,
+    KeyToPath, ObjectFieldSelector, Pod, Probe, ProjectedVolumeSource, ResourceRequirements,
+    SecretVolumeSource, SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount,
+    VolumeProjection,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::api::{Api, ListParams};
+use kube::core::DynamicObject;
+use kube::core::admission::{AdmissionRequest, AdmissionResponse, Operation};
+
+use super::{IDENTITY_ANNOTATION, INJECT_LABEL, WebhookContext};
+use crate::config::Config;
+
+/// The injected container's name.
+pub const SIDECAR: &str = "agentgate-sidecar";
+/// Loopback port of the PostgreSQL gateway.
+pub const PG_PORT: i32 = 15432;
+/// Loopback port of the Kubernetes API gateway (HTTPS).
+pub const KUBE_PORT: i32 = 16443;
+/// Loopback port of the SSH gateway.
+pub const SSH_PORT: i32 = 12222;
+/// Port of the sidecar's health endpoint.
+pub const HEALTH_PORT: i32 = 15021;
+/// The token audience the sidecar verifies the pod with.
+pub const AUDIENCE: &str = "agentgate";
+/// Where agent containers find the client files the sidecar writes (kubeconfig, ssh config).
+pub const CLIENT_DIR: &str = "/var/run/agentgate/client";
+/// The label that marks a Secret agent containers may never mount (e.g. the signing key).
+pub const SENSITIVE_LABEL: &str = "agentgate.dev/sensitive";
+
+const V_TOKEN: &str = "agentgate-token";
+const V_API: &str = "agentgate-api-token";
+const V_SPILL: &str = "agentgate-spill";
+const V_CLIENT: &str = "agentgate-client";
+const ANN_INJECTED: &str = "agentgate.dev/injected";
+const DANGEROUS_CAPS: &[&str] = &["SYS_ADMIN", "SYS_PTRACE", "NET_ADMIN", "NET_RAW", "ALL"];
+
+/// Why a pod cannot be injected.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Refusal(pub String);
+
+fn refuse<T>(msg: impl Into<String>) -> Result<T, Refusal> {
+    Err(Refusal(msg.into()))
+}
+
+/// What injection needs to know besides the pod.
+pub struct InjectionInput<'a> {
+    /// Operator configuration (image, resources).
+    pub config: &'a Config,
+    /// The pod's AgentIdentity.
+    pub identity: &'a AgentIdentity,
+    /// Every Target of the pod's namespace.
+    pub targets: &'a [Target],
+    /// Names of Secrets labelled sensitive that agent containers reference.
+    pub sensitive_secrets: &'a BTreeSet<String>,
+}
+
+/// The Secrets a container references (volumes it mounts, env and envFrom).
+pub fn secrets_referenced(pod: &Pod, c: &Container) -> BTreeSet<String> {
+    let spec = pod.spec.as_ref();
+    let volumes: BTreeMap<&str, &Volume> = spec
+        .and_then(|s| s.volumes.as_ref())
+        .into_iter()
+        .flatten()
+        .map(|v| (v.name.as_str(), v))
+        .collect();
+    let mut out = BTreeSet::new();
+    for m in c.volume_mounts.iter().flatten() {
+        if let Some(v) = volumes.get(m.name.as_str()) {
+            if let Some(s) = v.secret.as_ref().and_then(|s| s.secret_name.clone()) {
+                out.insert(s);
+            }
+            for p in v.projected.iter().flat_map(|p| p.sources.iter().flatten()) {
+                if let Some(s) = p.secret.as_ref() {
+                    out.insert(s.name.clone());
+                }
+            }
+        }
+    }
+    for e in c.env.iter().flatten() {
+        if let Some(s) = e.value_from.as_ref().and_then(|v| v.secret_key_ref.as_ref()) {
+            out.insert(s.name.clone());
+        }
+    }
+    for e in c.env_from.iter().flatten() {
+        if let Some(s) = e.secret_ref.as_ref() {
+            out.insert(s.name.clone());
+        }
+    }
+    out
+}
+
+fn credentials_secret(t: &Target) -> Option<String> {
+    match t.spec.protocol {
+        Protocol::Postgres => t.spec.postgres.as_ref().map(|p| p.credentials.name.clone()),
+        Protocol::Kubernetes => t
+            .spec
+            .kubernetes
+            .as_ref()
+            .and_then(|k| k.credentials.as_ref())
+            .map(|c| c.name.clone()),
+        Protocol::Ssh => t.spec.ssh.as_ref().map(|s| s.credentials.name.clone()),
+    }
+}
+
+fn is_token_volume(v: &Volume) -> bool {
+    v.projected
+        .as_ref()
+        .is_some_and(|p| p.sources.iter().flatten().any(|s| s.service_account_token.is_some()))
+}
+
+fn env(name: &str, value: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        ..Default::default()
+    }
+}
+
+fn field_env(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
+    VolumeMount {
+        name: name.into(),
+        mount_path: path.into(),
+        read_only: Some(read_only),
+        ..Default::default()
+    }
+}
+
+fn upsert<T, F: Fn(&T) -> bool>(list: &mut Vec<T>, item: T, same: F) {
+    match list.iter_mut().find(|x| same(x)) {
+        Some(slot) => *slot = item,
+        None => list.push(item),
+    }
+}
+
+/// The sidecar container agentgate injects.
+pub fn sidecar_container(config: &Config, identity: &str, targets: &[(String, String)]) -> Container {
+    let mut mounts = vec![
+        mount(V_TOKEN, "/var/run/secrets/agentgate", true),
+        mount(V_API, "/var/run/secrets/kubernetes.io/serviceaccount", true),
+        mount(V_SPILL, "/var/lib/agentgate/spill", false),
+        mount(V_CLIENT, CLIENT_DIR, false),
+    ];
+    for (target, volume) in targets {
+        mounts.push(mount(volume, &format!("/var/run/agentgate/targets/{target}"), true));
+    }
+    let resources = BTreeMap::from([
+        ("cpu".to_owned(), Quantity(config.sidecar_cpu.clone())),
+        ("memory".to_owned(), Quantity(config.sidecar_memory.clone())),
+    ]);
+    Container {
+        name: SIDECAR.into(),
+        image: Some(config.sidecar_image.clone()),
+        args: Some(vec!["--in-cluster".into()]),
+        env: Some(vec![
+            env("AGENTGATE_IDENTITY", identity),
+            env("AGENTGATE_TOKEN_FILE", "/var/run/secrets/agentgate/token"),
+            env("AGENTGATE_SPILL_DIR", "/var/lib/agentgate/spill"),
+            env("AGENTGATE_CLIENT_DIR", CLIENT_DIR),
+            env("AGENTGATE_TARGETS_DIR", "/var/run/agentgate/targets"),
+            env("AGENTGATE_PG_ADDR", &format!("127.0.0.1:{PG_PORT}")),
+            env("AGENTGATE_KUBE_ADDR", &format!("127.0.0.1:{KUBE_PORT}")),
+            env("AGENTGATE_SSH_ADDR", &format!("127.0.0.1:{SSH_PORT}")),
+            env("AGENTGATE_HEALTH_ADDR", &format!("0.0.0.0:{HEALTH_PORT}")),
+            field_env("POD_NAME", "metadata.name"),
+            field_env("POD_NAMESPACE", "metadata.namespace"),
+        ]),
+        ports: Some(vec![ContainerPort {
+            name: Some("ag-health".into()),
+            container_port: HEALTH_PORT,
+            ..Default::default()
+        }]),
+        startup_probe: Some(Probe {
+            http_get: Some(HTTPGetAction {
+                path: Some("/healthz".into()),
+                port: IntOrString::Int(HEALTH_PORT),
+                ..Default::default()
+            }),
+            period_seconds: Some(1),
+            failure_threshold: Some(60),
+            ..Default::default()
+        }),
+        resources: Some(ResourceRequirements {
+            requests: Some(resources.clone()),
+            limits: Some(BTreeMap::from([("memory".to_owned(), Quantity(config.sidecar_memory.clone()))])),
+            ..Default::default()
+        }),
+        security_context: Some(SecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(65532),
+            run_as_group: Some(65532),
+            read_only_root_filesystem: Some(true),
+            allow_privilege_escalation: Some(false),
+            privileged: Some(false),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        // A native sidecar: started before the agent containers, running alongside them.
+        restart_policy: Some("Always".into()),
+        volume_mounts: Some(mounts),
+        ..Default::default()
+    }
+}
+
+/// Checks the pod boundary and returns the injected pod (unchanged if already injected).
+pub fn inject(pod: &Pod, input: &InjectionInput<'_>) -> Result<Pod, Refusal> {
+    let mut pod = pod.clone();
+    let identity = input.identity.metadata.name.clone().unwrap_or_default();
+    if input.identity.spec.disabled {
+        return refuse(format!("AgentIdentity {identity} is disabled: no pod may run as it"));
+    }
+    let Some(spec) = pod.spec.as_mut() else {
+        return refuse("the pod has no spec");
+    };
+    // Bound to its identity: the pod runs as the identity's service account.
+    let pod_sa = spec.service_account_name.clone().unwrap_or_else(|| "default".into());
+    if let Some(sa) = &input.identity.spec.authentication.service_account
+        && sa.name != pod_sa
+    {
+        return refuse(format!(
+            "the pod runs as service account {pod_sa}, but AgentIdentity {identity} authenticates service account {}: set spec.serviceAccountName: {}",
+            sa.name, sa.name
+        ));
+    }
+    if spec.share_process_namespace == Some(true) {
+        return refuse("shareProcessNamespace would let the agent read the sidecar's memory and files: remove it");
+    }
+    for (flag, set) in [
+        ("hostNetwork", spec.host_network),
+        ("hostPID", spec.host_pid),
+        ("hostIPC", spec.host_ipc),
+    ] {
+        if set == Some(true) {
+            return refuse(format!("{flag} would let the agent reach around the gateway: remove it"));
+        }
+    }
+    if let Some(v) = spec.volumes.iter().flatten().find(|v| v.host_path.is_some()) {
+        return refuse(format!("volume {} is a hostPath: agent pods may not mount host paths", v.name));
+    }
+    // The sidecar, if already there, must be exactly ours.
+    let injected_sidecar = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(spec.containers.iter())
+        .find(|c| c.name == SIDECAR)
+        .cloned();
+    if let Some(existing) = &injected_sidecar
+        && existing.image.as_deref() != Some(input.config.sidecar_image.as_str())
+    {
+        return refuse(format!(
+            "container {SIDECAR} is managed by agentgate: the pod may not bring its own (image {} instead of {})",
+            existing.image.as_deref().unwrap_or("none"),
+            input.config.sidecar_image
+        ));
+    }
+    if spec.containers.iter().any(|c| c.name == SIDECAR) {
+        return refuse(format!("container {SIDECAR} is managed by agentgate and must not be in spec.containers"));
+    }
+    // Agent containers: no privilege, no API token, no credentials.
+    let token_volumes: BTreeSet<String> = spec
+        .volumes
+        .iter()
+        .flatten()
+        .filter(|v| is_token_volume(v) && v.name != V_TOKEN && v.name != V_API)
+        .map(|v| v.name.clone())
+        .collect();
+    let credentials: BTreeMap<String, String> = input
+        .targets
+        .iter()
+        .filter_map(|t| Some((credentials_secret(t)?, t.metadata.name.clone().unwrap_or_default())))
+        .collect();
+    let pod_view = Pod {
+        metadata: Default::default(),
+        spec: Some(spec.clone()),
+        status: None,
+    };
+    let agents = spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten().filter(|c| c.name != SIDECAR));
+    for c in agents {
+        let sc = c.security_context.clone().unwrap_or_default();
+        if sc.privileged == Some(true) {
+            return refuse(format!("container {} is privileged: agent containers may not be", c.name));
+        }
+        let added = sc.capabilities.and_then(|caps| caps.add).unwrap_or_default();
+        if let Some(cap) = added.iter().find(|a| DANGEROUS_CAPS.contains(&a.to_uppercase().trim_start_matches("CAP_"))) {
+            return refuse(format!("container {} adds capability {cap}: agent containers may not", c.name));
+        }
+        for m in c.volume_mounts.iter().flatten() {
+            if token_volumes.contains(&m.name) && !m.name.starts_with("kube-api-access-") {
+                return refuse(format!(
+                    "container {} mounts a service-account token (volume {}): agent containers get no API token; the sidecar is their way to the API",
+                    c.name, m.name
+                ));
+            }
+            if m.name == V_TOKEN || m.name == V_API || m.name == V_SPILL {
+                return refuse(format!("container {} mounts agentgate's volume {}: only the sidecar may", c.name, m.name));
+            }
+        }
+        for s in secrets_referenced(&pod_view, c) {
+            if let Some(target) = credentials.get(&s) {
+                return refuse(format!(
+                    "container {} uses Secret {s}, the credentials of Target {target}: upstream credentials live only in the sidecar",
+                    c.name
+                ));
+            }
+            if input.sensitive_secrets.contains(&s) {
+                return refuse(format!(
+                    "container {} uses Secret {s}, which is labelled {SENSITIVE_LABEL}: only the sidecar may read it",
+                    c.name
+                ));
+            }
+        }
+    }
+
+    // The API token the API server's ServiceAccount admission added goes: agents get none.
+    spec.automount_service_account_token = Some(false);
+    let auto: BTreeSet<String> = spec
+        .volumes
+        .iter()
+        .flatten()
+        .filter(|v| v.name.starts_with("kube-api-access-") && is_token_volume(v))
+        .map(|v| v.name.clone())
+        .collect();
+    if let Some(vols) = spec.volumes.as_mut() {
+        vols.retain(|v| !auto.contains(&v.name));
+    }
+    for c in spec.containers.iter_mut().chain(spec.init_containers.iter_mut().flatten()) {
+        if let Some(ms) = c.volume_mounts.as_mut() {
+            ms.retain(|m| !auto.contains(&m.name));
+        }
+    }
+
+    // Volumes of the sidecar.
+    let mut target_mounts = Vec::new();
+    let vols = spec.volumes.get_or_insert_with(Vec::new);
+    let token_source = |audience: Option<&str>, expiry: i64| VolumeProjection {
+        service_account_token: Some(ServiceAccountTokenProjection {
+            audience: audience.map(str::to_owned),
+            expiration_seconds: Some(expiry),
+            path: "token".into(),
+        }),
+        ..Default::default()
+    };
+    let sidecar_volumes = vec![
+        Volume {
+            name: V_TOKEN.into(),
+            projected: Some(ProjectedVolumeSource {
+                sources: Some(vec![token_source(Some(AUDIENCE), 3600)]),
+                default_mode: Some(0o440),
+            }),
+            ..Default::default()
+        },
+        Volume {
+            name: V_API.into(),
+            projected: Some(ProjectedVolumeSource {
+                sources: Some(vec![
+                    token_source(None, 3607),
+                    VolumeProjection {
+                        config_map: Some(ConfigMapProjection {
+                            name: "kube-root-ca.crt".into(),
+                            items: Some(vec![KeyToPath {
+                                key: "ca.crt".into(),
+                                path: "ca.crt".into(),
+                                mode: None,
+                            }]),
+                            optional: Some(true),
+                        }),
+                        ..Default::default()
+                    },
+                    VolumeProjection {
+                        downward_api: Some(DownwardAPIProjection {
+                            items: Some(vec![DownwardAPIVolumeFile {
+                                path: "namespace".into(),
+                                field_ref: Some(ObjectFieldSelector {
+                                    field_path: "metadata.namespace".into(),
+                                    ..Default::default()
+                                }),
+                                ..Default::default()
+                            }]),
+                        }),
+                        ..Default::default()
+                    },
+                ]),
+                default_mode: Some(0o440),
+            }),
+            ..Default::default()
+        },
+        Volume {
+            name: V_SPILL.into(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Default::default()
+        },
+        Volume {
+            name: V_CLIENT.into(),
+            empty_dir: Some(EmptyDirVolumeSource {
+                medium: Some("Memory".into()),
+                size_limit: Some(Quantity("1Mi".into())),
+            }),
+            ..Default::default()
+        },
+    ];
+    for v in sidecar_volumes {
+        let name = v.name.clone();
+        upsert(vols, v, |x| x.name == name);
+    }
+    let mut targets: Vec<&Target> = input.targets.iter().collect();
+    targets.sort_by_key(|t| t.metadata.name.clone());
+    for t in targets {
+        let (Some(tname), Some(secret)) = (t.metadata.name.clone(), credentials_secret(t)) else {
+            continue;
+        };
+        let vname = format!("agentgate-target-{tname}");
+        let vname = if vname.len() > 63 { vname[..63].trim_end_matches('-').to_owned() } else { vname };
+        let v = Volume {
+            name: vname.clone(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(secret),
+                optional: Some(true),
+                default_mode: Some(0o440),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        upsert(vols, v, |x| x.name == vname);
+        target_mounts.push((tname, vname));
+    }
+
+    // The sidecar, first among the init containers so it starts before anything else.
+    let sidecar = sidecar_container(input.config, &identity, &target_mounts);
+    let inits = spec.init_containers.get_or_insert_with(Vec::new);
+    inits.retain(|c| c.name != SIDECAR);
+    inits.insert(0, sidecar);
+
+    // Agent containers talk to the sidecar only.
+    let agent_env = [
+        ("PGHOST", "127.0.0.1".to_owned()),
+        ("PGPORT", PG_PORT.to_string()),
+        ("PGSSLMODE", "disable".to_owned()),
+        ("KUBECONFIG", format!("{CLIENT_DIR}/kubeconfig")),
+        ("GIT_SSH_COMMAND", format!("ssh -F {CLIENT_DIR}/ssh_config")),
+        ("AGENTGATE_SSH_CONFIG", format!("{CLIENT_DIR}/ssh_config")),
+    ];
+    for c in spec.containers.iter_mut() {
+        let envs = c.env.get_or_insert_with(Vec::new);
+        for (k, v) in &agent_env {
+            upsert(envs, env(k, v), |e| e.name == *k);
+        }
+        let ms = c.volume_mounts.get_or_insert_with(Vec::new);
+        upsert(ms, mount(V_CLIENT, CLIENT_DIR, true), |m| m.name == V_CLIENT);
+    }
+
+    let ann = pod.metadata.annotations.get_or_insert_with(BTreeMap::new);
+    ann.insert(ANN_INJECTED.into(), input.config.sidecar_image.clone());
+    Ok(pod)
+}
+
+fn deny(req: &AdmissionRequest<DynamicObject>, msg: impl std::fmt::Display) -> AdmissionResponse {
+    AdmissionResponse::from(req).deny(format!("agentgate injection refused: {msg}"))
+}
+
+/// The mutating webhook for pods.
+pub async fn mutate(ctx: &WebhookContext, req: &AdmissionRequest<DynamicObject>) -> AdmissionResponse {
+    let ns = req.namespace.clone().unwrap_or_default();
+    if ns == ctx.config.namespace {
+        return AdmissionResponse::from(req);
+    }
+    let Some(obj) = &req.object else {
+        return AdmissionResponse::from(req);
+    };
+    let value = match serde_json::to_value(obj) {
+        Ok(v) => v,
+        Err(e) => return deny(req, format!("cannot read the pod: {e}")),
+    };
+    let pod: Pod = match serde_json::from_value(value.clone()) {
+        Ok(p) => p,
+        Err(e) => return deny(req, format!("not a valid Pod: {e}")),
+    };
+    let labels = pod.metadata.labels.clone().unwrap_or_default();
+    let opted_in = labels.get(INJECT_LABEL).map(String::as_str) == Some("true");
+    if req.operation == Operation::Update {
+        // An injected pod keeps its sidecar exactly as injected.
+        let old: Option<Pod> = req
+            .old_object
+            .as_ref()
+            .and_then(|o| serde_json::to_value(o).ok())
+            .and_then(|v| serde_json::from_value(v).ok());
+        let find = |p: &Pod| {
+            p.spec.as_ref().and_then(|s| {
+                s.init_containers
+                    .iter()
+                    .flatten()
+                    .chain(s.containers.iter())
+                    .find(|c| c.name == SIDECAR)
+                    .cloned()
+            })
+        };
+        if let Some(old) = old
+            && let Some(before) = find(&old)
+            && find(&pod).map(|c| c.image) != Some(before.image.clone())
+        {
+            return deny(req, format!("container {SIDECAR} is managed by agentgate: its image cannot be changed or removed"));
+        }
+        return AdmissionResponse::from(req);
+    }
+    if !opted_in {
+        return AdmissionResponse::from(req);
+    }
+    let annotations = pod.metadata.annotations.clone().unwrap_or_default();
+    let Some(identity) = annotations.get(IDENTITY_ANNOTATION).or(labels.get(IDENTITY_ANNOTATION)) else {
+        return deny(req, format!("the pod opts in with {INJECT_LABEL}=true but names no AgentIdentity: add the annotation {IDENTITY_ANNOTATION}: <name>"));
+    };
+    let ids: Api<AgentIdentity> = Api::namespaced(ctx.client.clone(), &ns);
+    let id = match ids.get_opt(identity).await {
+        Ok(Some(id)) => id,
+        Ok(None) => return deny(req, format!("AgentIdentity {ns}/{identity} does not exist: create it first")),
+        Err(e) => return deny(req, format!("cannot read AgentIdentity {ns}/{identity} (failing closed): {e}")),
+    };
+    let targets: Api<Target> = Api::namespaced(ctx.client.clone(), &ns);
+    let targets = match targets.list(&ListParams::default()).await {
+        Ok(l) => l.items,
+        Err(e) => return deny(req, format!("cannot list Targets (failing closed): {e}")),
+    };
+    // Secrets labelled sensitive among those the agent containers reference.
+    let mut sensitive = BTreeSet::new();
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let referenced: BTreeSet<String> = pod
+        .spec
+        .iter()
+        .flat_map(|s| s.containers.iter().chain(s.init_containers.iter().flatten()))
+        .filter(|c| c.name != SIDECAR)
+        .flat_map(|c| secrets_referenced(&pod, c))
+        .collect();
+    for name in referenced {
+        match secrets.get_metadata_opt(&name).await {
+            Ok(Some(m)) => {
+                if m.metadata.labels.unwrap_or_default().get(SENSITIVE_LABEL).map(String::as_str) == Some("true") {
+                    sensitive.insert(name);
+                }
+            }
+            Ok(None) => {}
+            Err(e) => return deny(req, format!("cannot read Secret {name} (failing closed): {e}")),
+        }
+    }
+    let input = InjectionInput {
+        config: &ctx.config,
+        identity: &id,
+        targets: &targets,
+        sensitive_secrets: &sensitive,
+    };
+    let injected = match inject(&pod, &input) {
+        Ok(p) => p,
+        Err(Refusal(why)) => return deny(req, why),
+    };
+    let new_value = match serde_json::to_value(&injected) {
+        Ok(v) => v,
+        Err(e) => return deny(req, format!("cannot encode the pod: {e}")),
+    };
+    // Compare like with like: the typed round trip of the original.
+    let original = match serde_json::to_value(&pod) {
+        Ok(v) => v,
+        Err(e) => return deny(req, format!("cannot encode the pod: {e}")),
+    };
+    let _ = value;
+    let patch = json_patch::diff(&original, &new_value);
+    match AdmissionResponse::from(req).with_patch(patch) {
+        Ok(r) => r,
+        Err(e) => deny(req, format!("cannot encode the patch: {e}")),
+    }
+}
