@@ -89,14 +89,14 @@ pub struct AccessGrantSpec {
     /// What the grant allows on the target, on top of the identity's baseline. Immutable.
     #[x_kube(validation = Rule::new("self == oldSelf").message("spec.scope is immutable: create a new AccessGrant for a different scope"))]
     pub scope: AccessScope,
-    /// How long the access lasts once approved, as a Go duration ("15m", "2h"): between 1m and
+    /// How long the access lasts once approved, as a Go duration ("15m", "2h"): between 10s and
     /// 168h, and no longer than the identity's `maxGrantDuration`. Immutable.
     #[serde(default = "default_duration")]
     #[schemars(
         length(max = 32),
         pattern(r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$")
     )]
-    #[x_kube(validation = Rule::new("duration(self) >= duration('1m') && duration(self) <= duration('168h')").message("spec.duration must be between 1m and 168h"))]
+    #[x_kube(validation = Rule::new("duration(self) >= duration('10s') && duration(self) <= duration('168h')").message("spec.duration must be between 10s and 168h"))]
     #[x_kube(validation = Rule::new("self == oldSelf").message("spec.duration is immutable"))]
     pub duration: String,
     /// Why the access is needed: shown to approvers and kept in the audit trail. Immutable.

@@ -22,7 +22,11 @@ pub struct Config {
     pub webhook_addr: SocketAddr,
 
     /// The Service in front of the webhooks; its DNS names go into the serving certificate.
-    #[arg(long, env = "AGENTGATE_WEBHOOK_SERVICE", default_value = "agentgate-webhook")]
+    #[arg(
+        long,
+        env = "AGENTGATE_WEBHOOK_SERVICE",
+        default_value = "agentgate-webhook"
+    )]
     pub webhook_service: String,
 
     /// Extra names (DNS or IP) for the serving certificate, comma-separated (e.g. 127.0.0.1
@@ -38,11 +42,19 @@ pub struct Config {
     pub webhook_cert_mode: CertMode,
 
     /// With `--webhook-cert-mode files`: the folder with tls.crt and tls.key.
-    #[arg(long, env = "AGENTGATE_WEBHOOK_CERT_DIR", default_value = "/var/run/agentgate/webhook-certs")]
+    #[arg(
+        long,
+        env = "AGENTGATE_WEBHOOK_CERT_DIR",
+        default_value = "/var/run/agentgate/webhook-certs"
+    )]
     pub webhook_cert_dir: PathBuf,
 
     /// The Secret (in --namespace) that holds the self-managed CA and serving certificate.
-    #[arg(long, env = "AGENTGATE_WEBHOOK_CERT_SECRET", default_value = "agentgate-webhook-tls")]
+    #[arg(
+        long,
+        env = "AGENTGATE_WEBHOOK_CERT_SECRET",
+        default_value = "agentgate-webhook-tls"
+    )]
     pub webhook_cert_secret: String,
 
     /// Lifetime of a self-managed serving certificate; it is renewed when a third remains.
@@ -54,7 +66,11 @@ pub struct Config {
     pub mutating_webhook: String,
 
     /// The ValidatingWebhookConfiguration whose caBundle the operator keeps current.
-    #[arg(long, env = "AGENTGATE_VALIDATING_WEBHOOK", default_value = "agentgate")]
+    #[arg(
+        long,
+        env = "AGENTGATE_VALIDATING_WEBHOOK",
+        default_value = "agentgate"
+    )]
     pub validating_webhook: String,
 
     /// Address of /metrics, /healthz and /readyz (plain HTTP).
@@ -66,7 +82,11 @@ pub struct Config {
     pub leader_election: bool,
 
     /// Name of the leader Lease in --namespace.
-    #[arg(long, env = "AGENTGATE_LEASE_NAME", default_value = "agentgate-operator")]
+    #[arg(
+        long,
+        env = "AGENTGATE_LEASE_NAME",
+        default_value = "agentgate-operator"
+    )]
     pub lease_name: String,
 
     /// How long a leader's Lease lasts without renewal.
@@ -82,7 +102,11 @@ pub struct Config {
     pub session_retention: Duration,
 
     /// The sidecar image injected into agent pods.
-    #[arg(long, env = "AGENTGATE_SIDECAR_IMAGE", default_value = "ghcr.io/agentgate-dev/agentgate-sidecar:0.1.0")]
+    #[arg(
+        long,
+        env = "AGENTGATE_SIDECAR_IMAGE",
+        default_value = "ghcr.io/agentgate-dev/agentgate-sidecar:0.1.0"
+    )]
     pub sidecar_image: String,
 
     /// CPU request of the injected sidecar.

@@ -29,7 +29,8 @@ impl HttpClient {
             let _ = roots.add(cert);
         }
         if let Some(path) = extra_ca {
-            let pem = std::fs::read(path).map_err(|e| Error::io(format!("read {}", path.display()), e))?;
+            let pem = std::fs::read(path)
+                .map_err(|e| Error::io(format!("read {}", path.display()), e))?;
             for cert in CertificateDer::pem_slice_iter(&pem) {
                 let cert = cert.map_err(|e| Error::Cert(format!("{}: {e}", path.display())))?;
                 roots
@@ -51,7 +52,11 @@ impl HttpClient {
     }
 
     /// GETs `url` and parses at most 1 MiB of JSON, within `timeout`.
-    pub async fn get_json(&self, url: &str, timeout: Duration) -> Result<serde_json::Value, String> {
+    pub async fn get_json(
+        &self,
+        url: &str,
+        timeout: Duration,
+    ) -> Result<serde_json::Value, String> {
         let uri: hyper::Uri = url.parse().map_err(|e| format!("invalid URL {url}: {e}"))?;
         let fut = async {
             let resp = self

@@ -13,7 +13,13 @@ use kube::core::ObjectMeta;
 use tokio::sync::watch;
 
 /// Campaigns for the Lease forever; `tx` carries whether this replica leads now.
-pub async fn campaign(api: Api<Lease>, name: String, identity: String, duration: Duration, tx: watch::Sender<bool>) {
+pub async fn campaign(
+    api: Api<Lease>,
+    name: String,
+    identity: String,
+    duration: Duration,
+    tx: watch::Sender<bool>,
+) {
     let renew = duration / 3;
     loop {
         let leading = match try_acquire_or_renew(&api, &name, &identity, duration).await {
@@ -27,11 +33,21 @@ pub async fn campaign(api: Api<Lease>, name: String, identity: String, duration:
             tracing::info!(leading, identity = %identity, lease = %name, "leadership changed");
             let _ = tx.send(leading);
         }
-        tokio::time::sleep(if leading { renew } else { renew.min(Duration::from_secs(2)) }).await;
+        tokio::time::sleep(if leading {
+            renew
+        } else {
+            renew.min(Duration::from_secs(2))
+        })
+        .await;
     }
 }
 
-async fn try_acquire_or_renew(api: &Api<Lease>, name: &str, identity: &str, duration: Duration) -> Result<bool, kube::Error> {
+async fn try_acquire_or_renew(
+    api: &Api<Lease>,
+    name: &str,
+    identity: &str,
+    duration: Duration,
+) -> Result<bool, kube::Error> {
     let now = Timestamp::now();
     let secs = i32::try_from(duration.as_secs()).unwrap_or(15);
     let Some(mut lease) = api.get_opt(name).await? else {

@@ -21,8 +21,8 @@ use std::time::Duration;
 
 use agentgate_crds::AccessGrant;
 use k8s_openapi::api::coordination::v1::Lease;
-use kube::api::{Api, ListParams};
 use kube::Client;
+use kube::api::{Api, ListParams};
 use tokio::sync::watch;
 
 pub use config::Config;
@@ -83,7 +83,11 @@ pub async fn run_with_client(client: Client, config: Config) -> Result<()> {
     }
     metrics.set_leader(true);
     tracing::info!("running controllers");
-    let ctx = Arc::new(controller::Context::new(client.clone(), config.clone(), metrics.clone())?);
+    let ctx = Arc::new(controller::Context::new(
+        client.clone(),
+        config.clone(),
+        metrics.clone(),
+    )?);
 
     // Controllers stop when leadership is lost.
     let lost = {

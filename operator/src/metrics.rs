@@ -40,7 +40,9 @@ struct WebhookLabel {
 }
 
 fn latency_histogram() -> Histogram {
-    Histogram::new([0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5])
+    Histogram::new([
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    ])
 }
 
 /// The operator's metrics.
@@ -69,13 +71,27 @@ impl Metrics {
         let reconciles = Family::<KindLabel, Counter>::default();
         registry.register("reconciles", "Reconciles run, by kind", reconciles.clone());
         let errors = Family::<ErrorLabel, Counter>::default();
-        registry.register("reconcile_errors", "Reconciles that failed, by kind and error", errors.clone());
-        let reconcile_seconds = Family::<KindLabel, Histogram>::new_with_constructor(latency_histogram);
-        registry.register("reconcile_duration_seconds", "Time spent in one reconcile", reconcile_seconds.clone());
+        registry.register(
+            "reconcile_errors",
+            "Reconciles that failed, by kind and error",
+            errors.clone(),
+        );
+        let reconcile_seconds =
+            Family::<KindLabel, Histogram>::new_with_constructor(latency_histogram);
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time spent in one reconcile",
+            reconcile_seconds.clone(),
+        );
         let grants = Family::<PhaseLabel, Gauge>::default();
         registry.register("access_grants", "AccessGrants by phase", grants.clone());
-        let webhook_seconds = Family::<WebhookLabel, Histogram>::new_with_constructor(latency_histogram);
-        registry.register("webhook_duration_seconds", "Admission webhook latency", webhook_seconds.clone());
+        let webhook_seconds =
+            Family::<WebhookLabel, Histogram>::new_with_constructor(latency_histogram);
+        registry.register(
+            "webhook_duration_seconds",
+            "Admission webhook latency",
+            webhook_seconds.clone(),
+        );
         let expiry_lag_seconds = Histogram::new([0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0]);
         registry.register(
             "grant_expiry_lag_seconds",
@@ -83,7 +99,11 @@ impl Metrics {
             expiry_lag_seconds.clone(),
         );
         let leader = Gauge::default();
-        registry.register("leader", "1 while this replica holds the leader Lease", leader.clone());
+        registry.register(
+            "leader",
+            "1 while this replica holds the leader Lease",
+            leader.clone(),
+        );
         Self {
             registry,
             reconciles,
@@ -99,7 +119,9 @@ impl Metrics {
 
     /// Counts a reconcile and times it until the returned guard drops.
     pub fn reconcile_started(&self, kind: &str) -> ReconcileTimer {
-        let label = KindLabel { kind: kind.to_owned() };
+        let label = KindLabel {
+            kind: kind.to_owned(),
+        };
         self.reconciles.get_or_create(&label).inc();
         ReconcileTimer {
             hist: self.reconcile_seconds.get_or_create(&label).clone(),
@@ -136,7 +158,11 @@ impl Metrics {
     pub fn set_grants(&self, counts: &[(String, i64)]) {
         self.grants.clear();
         for (phase, n) in counts {
-            self.grants.get_or_create(&PhaseLabel { phase: phase.clone() }).set(*n);
+            self.grants
+                .get_or_create(&PhaseLabel {
+                    phase: phase.clone(),
+                })
+                .set(*n);
         }
     }
 
@@ -193,10 +219,13 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<()> {
                     let (status, body) = match req.uri().path() {
                         "/metrics" => (StatusCode::OK, metrics.encode()),
                         "/healthz" => (StatusCode::OK, "ok\n".to_owned()),
-                        "/readyz" if metrics.ready.load(Ordering::SeqCst) => (StatusCode::OK, "ok\n".to_owned()),
+                        "/readyz" if metrics.ready.load(Ordering::SeqCst) => {
+                            (StatusCode::OK, "ok\n".to_owned())
+                        }
                         "/readyz" => (
                             StatusCode::SERVICE_UNAVAILABLE,
-                            "not ready: the webhook serving certificate is not loaded yet\n".to_owned(),
+                            "not ready: the webhook serving certificate is not loaded yet\n"
+                                .to_owned(),
                         ),
                         _ => (StatusCode::NOT_FOUND, "not found\n".to_owned()),
                     };
@@ -206,7 +235,9 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<()> {
                 }
             });
             let io = hyper_util::rt::TokioIo::new(sock);
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, svc)
+                .await;
         });
     }
 }

@@ -178,7 +178,21 @@ impl KubeEnv {
         self.client_from(&self.kubeconfig_for(user)).await
     }
 
-    async fn client_from(&self, path: &Path) -> Result<kube::Client, Error> {
+    /// Writes a kubeconfig that authenticates with `token` (e.g. a service account's) and
+    /// returns its path.
+    pub fn kubeconfig_with_token(&self, name: &str, token: &str) -> Result<PathBuf, Error> {
+        let path = self.dir.join(format!("kubeconfig-{name}"));
+        let kc = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: agentgate-test\n  cluster:\n    server: {}\n    certificate-authority: {}\nusers:\n- name: {name}\n  user:\n    token: {token}\ncontexts:\n- name: {name}\n  context:\n    cluster: agentgate-test\n    user: {name}\n    namespace: default\ncurrent-context: {name}\n",
+            self.url(),
+            self.dir.join("pki").join("ca.crt").display()
+        );
+        write(&path, &kc)?;
+        Ok(path)
+    }
+
+    /// A `kube::Client` from a kubeconfig file.
+    pub async fn client_from(&self, path: &Path) -> Result<kube::Client, Error> {
         crate::install_crypto_provider();
         let kc = kube::config::Kubeconfig::read_from(path)
             .map_err(|e| Error::Kube(format!("read {}: {e}", path.display())))?;

@@ -19,10 +19,13 @@ fn the_demo_shows_the_api_served_and_validated() {
         "agentidentities   agid         agentgate.dev/v1alpha1   true         AgentIdentity",
         "accessgrant.agentgate.dev/fix-order-4711 created",
         "agentidentity.agentgate.dev/claude-orders",
-        "spec.duration must be between 1m and 168h",
+        "spec.duration must be between 10s and 168h",
         "The approver's decision.",
         "Done.",
     ] {
-        assert!(stdout.contains(expected), "demo output lacks {expected:?}:\n{stdout}");
+        assert!(
+            stdout.contains(expected),
+            "demo output lacks {expected:?}:\n{stdout}"
+        );
     }
 }

@@ -53,7 +53,11 @@ fn who(u: &Option<UserRef>) -> String {
 }
 
 /// The grant's lifecycle at `now`. `identity` is `None` when the AgentIdentity does not exist.
-pub fn evaluate(grant: &AccessGrant, identity: Option<&AgentIdentity>, now: Timestamp) -> Evaluation {
+pub fn evaluate(
+    grant: &AccessGrant,
+    identity: Option<&AgentIdentity>,
+    now: Timestamp,
+) -> Evaluation {
     let spec = &grant.spec;
     let old = grant.status.clone().unwrap_or_default();
     let generation = grant.metadata.generation;
@@ -109,14 +113,18 @@ pub fn evaluate(grant: &AccessGrant, identity: Option<&AgentIdentity>, now: Time
                 .map(|r| format!(": {r}"))
                 .unwrap_or_default()
         );
-        return finish(st, GrantPhase::Revoked, "Revoked", msg, at, rev.revoked_by.clone());
+        return finish(
+            st,
+            GrantPhase::Revoked,
+            "Revoked",
+            msg,
+            at,
+            rev.revoked_by.clone(),
+        );
     }
     match identity {
         None => {
-            let msg = format!(
-                "revoked: AgentIdentity {} does not exist",
-                spec.identity
-            );
+            let msg = format!("revoked: AgentIdentity {} does not exist", spec.identity);
             return finish(st, GrantPhase::Revoked, "IdentityNotFound", msg, now, None);
         }
         Some(id) if id.spec.disabled => {
@@ -141,7 +149,14 @@ pub fn evaluate(grant: &AccessGrant, identity: Option<&AgentIdentity>, now: Time
                     "expired: nobody decided within the pending TTL of {}",
                     spec.pending_ttl
                 );
-                return finish(st, GrantPhase::Expired, "PendingTimeout", msg, deadline, None);
+                return finish(
+                    st,
+                    GrantPhase::Expired,
+                    "PendingTimeout",
+                    msg,
+                    deadline,
+                    None,
+                );
             }
             st.phase = Some(GrantPhase::Pending);
             let msg = format!(
@@ -169,9 +184,19 @@ pub fn evaluate(grant: &AccessGrant, identity: Option<&AgentIdentity>, now: Time
             let msg = format!(
                 "denied by {}{}",
                 who(&d.decided_by),
-                d.reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default()
+                d.reason
+                    .as_deref()
+                    .map(|r| format!(": {r}"))
+                    .unwrap_or_default()
             );
-            finish(st, GrantPhase::Denied, "Denied", msg, at, d.decided_by.clone())
+            finish(
+                st,
+                GrantPhase::Denied,
+                "Denied",
+                msg,
+                at,
+                d.decided_by.clone(),
+            )
         }
         Some(d) => {
             // The clock starts at approval.
@@ -192,10 +217,7 @@ pub fn evaluate(grant: &AccessGrant, identity: Option<&AgentIdentity>, now: Time
                 return finish(st, GrantPhase::Expired, "Expired", msg, expires, None);
             }
             st.phase = Some(GrantPhase::Active);
-            let msg = format!(
-                "active until {expires}: approved by {}",
-                who(&d.decided_by)
-            );
+            let msg = format!("active until {expires}: approved by {}", who(&d.decided_by));
             st.conditions = vec![condition(
                 &old.conditions,
                 "Ready",
@@ -274,25 +296,36 @@ async fn apply(grant: &AccessGrant, ctx: &Context) -> Result<Action> {
 }
 
 /// Runs the AccessGrant controller until `shutdown` resolves.
-pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
+pub async fn run(
+    ctx: Arc<Context>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
     let grants: Api<AccessGrant> = Api::all(ctx.client.clone());
     let identities: Api<AgentIdentity> = Api::all(ctx.client.clone());
     let controller = Controller::new(grants, watcher::Config::default());
     let store = controller.store();
     controller
         // A change to an identity (disabled, deleted) re-evaluates its grants.
-        .watches(identities, watcher::Config::default(), move |id: AgentIdentity| {
-            let ns = id.namespace();
-            let name = id.name_any();
-            store
-                .state()
-                .into_iter()
-                .filter(|g| g.namespace() == ns && g.spec.identity == name)
-                .map(|g| ObjectRef::from_obj(&*g))
-                .collect::<Vec<_>>()
-        })
+        .watches(
+            identities,
+            watcher::Config::default(),
+            move |id: AgentIdentity| {
+                let ns = id.namespace();
+                let name = id.name_any();
+                store
+                    .state()
+                    .into_iter()
+                    .filter(|g| g.namespace() == ns && g.spec.identity == name)
+                    .map(|g| ObjectRef::from_obj(&*g))
+                    .collect::<Vec<_>>()
+            },
+        )
         .graceful_shutdown_on(shutdown)
-        .run(reconcile, |g, e, ctx| error_policy("AccessGrant", &*g, e, &ctx), ctx.clone())
+        .run(
+            reconcile,
+            |g, e, ctx| error_policy("AccessGrant", &*g, e, &ctx),
+            ctx.clone(),
+        )
         .for_each(|_| futures::future::ready(()))
         .await;
 }
@@ -300,7 +333,10 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use agentgate_crds::{AccessGrantSpec, AccessScope, AgentIdentitySpec, GrantDecision, GrantRevocation, OperationClass};
+    use agentgate_crds::{
+        AccessGrantSpec, AccessScope, AgentIdentitySpec, GrantDecision, GrantRevocation,
+        OperationClass,
+    };
 
     fn t(s: &str) -> Timestamp {
         s.parse().unwrap()
@@ -399,7 +435,10 @@ mod tests {
         });
         let e = evaluate(&g, Some(&id), t("2026-11-22T10:01:00Z"));
         assert_eq!(e.status.phase, Some(GrantPhase::Denied));
-        assert_eq!(e.status.message.as_deref(), Some("denied by alice: not now"));
+        assert_eq!(
+            e.status.message.as_deref(),
+            Some("denied by alice: not now")
+        );
 
         let mut g = grant();
         g.spec.decision = Some(GrantDecision {

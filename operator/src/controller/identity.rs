@@ -7,18 +7,21 @@ use agentgate_crds::{AccessGrant, AgentIdentity, AgentIdentityStatus, GrantPhase
 use futures::StreamExt;
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::ServiceAccount;
+use kube::ResourceExt;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
-use kube::ResourceExt;
 
 use super::{Context, error_policy};
 use crate::conditions::condition;
 use crate::error::Result;
 
 /// Checks the identity's references; `Ok(())` or the reason it is not ready.
-async fn check_references(id: &AgentIdentity, ctx: &Context) -> Result<Result<(), (String, String)>> {
+async fn check_references(
+    id: &AgentIdentity,
+    ctx: &Context,
+) -> Result<Result<(), (String, String)>> {
     let ns = id.namespace().unwrap_or_default();
     if let Some(sa) = &id.spec.authentication.service_account {
         let sa_ns = sa.namespace.clone().unwrap_or_else(|| ns.clone());
@@ -88,23 +91,44 @@ async fn reconcile(id: Arc<AgentIdentity>, ctx: Arc<Context>) -> Result<Action> 
             &old.conditions,
             "Ready",
             !id.spec.disabled,
-            if id.spec.disabled { "Disabled" } else { "ReferencesResolved" },
             if id.spec.disabled {
-                "the identity is disabled: its sessions are refused and its grants revoked".to_owned()
+                "Disabled"
+            } else {
+                "ReferencesResolved"
+            },
+            if id.spec.disabled {
+                "the identity is disabled: its sessions are refused and its grants revoked"
+                    .to_owned()
             } else {
                 "service account and OIDC issuer resolve".to_owned()
             },
             generation,
             now,
         )),
-        Err((reason, msg)) => conditions.push(condition(&old.conditions, "Ready", false, &reason, msg, generation, now)),
+        Err((reason, msg)) => conditions.push(condition(
+            &old.conditions,
+            "Ready",
+            false,
+            &reason,
+            msg,
+            generation,
+            now,
+        )),
     }
     conditions.push(condition(
         &old.conditions,
         "Disabled",
         id.spec.disabled,
-        if id.spec.disabled { "DisabledBySpec" } else { "Enabled" },
-        if id.spec.disabled { "spec.disabled is true" } else { "spec.disabled is false" },
+        if id.spec.disabled {
+            "DisabledBySpec"
+        } else {
+            "Enabled"
+        },
+        if id.spec.disabled {
+            "spec.disabled is true"
+        } else {
+            "spec.disabled is false"
+        },
         generation,
         now,
     ));
@@ -117,11 +141,19 @@ async fn reconcile(id: Arc<AgentIdentity>, ctx: Arc<Context>) -> Result<Action> 
     if status != old {
         let api: Api<AgentIdentity> = Api::namespaced(ctx.client.clone(), &ns);
         let patch = serde_json::json!({ "status": status });
-        api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+        api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
         let ready_changed = status.conditions.first().map(|c| (&c.status, &c.reason))
             != old.conditions.first().map(|c| (&c.status, &c.reason));
         if ready_changed && let Some(c) = status.conditions.first() {
-            ctx.event(&*id, c.status != "True", &c.reason, "Validate", c.message.clone()).await;
+            ctx.event(
+                &*id,
+                c.status != "True",
+                &c.reason,
+                "Validate",
+                c.message.clone(),
+            )
+            .await;
         }
     }
     // Issuers can come and go: look again every few minutes.
@@ -129,7 +161,10 @@ async fn reconcile(id: Arc<AgentIdentity>, ctx: Arc<Context>) -> Result<Action> 
 }
 
 /// Runs the AgentIdentity controller until `shutdown` resolves.
-pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
+pub async fn run(
+    ctx: Arc<Context>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
     let ids: Api<AgentIdentity> = Api::all(ctx.client.clone());
     let grants: Api<AccessGrant> = Api::all(ctx.client.clone());
     let sas: Api<ServiceAccount> = Api::all(ctx.client.clone());
@@ -139,22 +174,36 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
         .watches(grants, watcher::Config::default(), |g: AccessGrant| {
             Some(ObjectRef::new(&g.spec.identity).within(&g.namespace().unwrap_or_default()))
         })
-        .watches(sas, watcher::Config::default(), move |sa: ServiceAccount| {
-            let ns = sa.namespace().unwrap_or_default();
-            let name = sa.name_any();
-            store
-                .state()
-                .into_iter()
-                .filter(|id| {
-                    id.spec.authentication.service_account.as_ref().is_some_and(|r| {
-                        r.name == name && r.namespace.clone().or_else(|| id.namespace()) == Some(ns.clone())
+        .watches(
+            sas,
+            watcher::Config::default(),
+            move |sa: ServiceAccount| {
+                let ns = sa.namespace().unwrap_or_default();
+                let name = sa.name_any();
+                store
+                    .state()
+                    .into_iter()
+                    .filter(|id| {
+                        id.spec
+                            .authentication
+                            .service_account
+                            .as_ref()
+                            .is_some_and(|r| {
+                                r.name == name
+                                    && r.namespace.clone().or_else(|| id.namespace())
+                                        == Some(ns.clone())
+                            })
                     })
-                })
-                .map(|id| ObjectRef::from_obj(&*id))
-                .collect::<Vec<_>>()
-        })
+                    .map(|id| ObjectRef::from_obj(&*id))
+                    .collect::<Vec<_>>()
+            },
+        )
         .graceful_shutdown_on(shutdown)
-        .run(reconcile, |o, e, ctx| error_policy("AgentIdentity", &*o, e, &ctx), ctx.clone())
+        .run(
+            reconcile,
+            |o, e, ctx| error_policy("AgentIdentity", &*o, e, &ctx),
+            ctx.clone(),
+        )
         .for_each(|_| futures::future::ready(()))
         .await;
 }

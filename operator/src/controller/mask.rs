@@ -7,10 +7,10 @@ use agentgate_crds::{MaskAction, MaskPolicy, MaskPolicyStatus};
 use futures::StreamExt;
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
+use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
-use kube::ResourceExt;
 
 use super::{Context, error_policy};
 use crate::conditions::condition;
@@ -27,7 +27,10 @@ pub fn check_patterns(policy: &MaskPolicy) -> Vec<String> {
     let mut problems = Vec::new();
     for rule in &policy.spec.rules {
         for (i, p) in rule.patterns.iter().enumerate() {
-            if let Err(e) = regex::RegexBuilder::new(p).size_limit(PATTERN_SIZE_LIMIT).build() {
+            if let Err(e) = regex::RegexBuilder::new(p)
+                .size_limit(PATTERN_SIZE_LIMIT)
+                .build()
+            {
                 problems.push(format!(
                     "rule {} patterns[{i}] does not compile: {}",
                     rule.name,
@@ -45,13 +48,20 @@ async fn reconcile(policy: Arc<MaskPolicy>, ctx: Arc<Context>) -> Result<Action>
     let name = policy.name_any();
     let old = policy.status.clone().unwrap_or_default();
     let mut problems = check_patterns(&policy);
-    let uses_hash = policy.spec.rules.iter().any(|r| r.action == MaskAction::Hash);
+    let uses_hash = policy
+        .spec
+        .rules
+        .iter()
+        .any(|r| r.action == MaskAction::Hash);
     if uses_hash && let Some(key) = &policy.spec.hash_key {
         let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
         match secrets.get_opt(&key.name).await? {
             None => problems.push(format!("hash key Secret {} does not exist", key.name)),
             Some(s) => match s.data.as_ref().and_then(|d| d.get(&key.key)) {
-                None => problems.push(format!("hash key Secret {} has no key {}", key.name, key.key)),
+                None => problems.push(format!(
+                    "hash key Secret {} has no key {}",
+                    key.name, key.key
+                )),
                 Some(v) if v.0.len() < MIN_HASH_KEY_BYTES => problems.push(format!(
                     "hash key {}/{} is {} bytes; at least {MIN_HASH_KEY_BYTES} are needed",
                     key.name,
@@ -72,7 +82,10 @@ async fn reconcile(policy: Arc<MaskPolicy>, ctx: Arc<Context>) -> Result<Action>
         if ready {
             format!("{} rules valid", policy.spec.rules.len())
         } else {
-            format!("{}; sidecars refuse traffic this policy covers until it is fixed", problems.join("; "))
+            format!(
+                "{}; sidecars refuse traffic this policy covers until it is fixed",
+                problems.join("; ")
+            )
         },
         generation,
         Timestamp::now(),
@@ -84,21 +97,39 @@ async fn reconcile(policy: Arc<MaskPolicy>, ctx: Arc<Context>) -> Result<Action>
     };
     if status != old {
         let api: Api<MaskPolicy> = Api::namespaced(ctx.client.clone(), &ns);
-        api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&serde_json::json!({ "status": status })))
-            .await?;
+        api.patch_status(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(&serde_json::json!({ "status": status })),
+        )
+        .await?;
         if old.conditions.first().map(|c| &c.reason) != Some(&cond.reason) {
-            ctx.event(&*policy, !ready, &cond.reason, "Validate", cond.message.clone()).await;
+            ctx.event(
+                &*policy,
+                !ready,
+                &cond.reason,
+                "Validate",
+                cond.message.clone(),
+            )
+            .await;
         }
     }
     Ok(Action::requeue(Duration::from_secs(300)))
 }
 
 /// Runs the MaskPolicy controller until `shutdown` resolves.
-pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
+pub async fn run(
+    ctx: Arc<Context>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
     let api: Api<MaskPolicy> = Api::all(ctx.client.clone());
     Controller::new(api, watcher::Config::default())
         .graceful_shutdown_on(shutdown)
-        .run(reconcile, |o, e, ctx| error_policy("MaskPolicy", &*o, e, &ctx), ctx.clone())
+        .run(
+            reconcile,
+            |o, e, ctx| error_policy("MaskPolicy", &*o, e, &ctx),
+            ctx.clone(),
+        )
         .for_each(|_| futures::future::ready(()))
         .await;
 }

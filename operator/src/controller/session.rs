@@ -7,10 +7,10 @@ use std::time::Duration;
 use agentgate_crds::{AgentSession, SessionPhase};
 use futures::StreamExt;
 use jiff::{SignedDuration, Timestamp};
+use kube::ResourceExt;
 use kube::api::{Api, DeleteParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
-use kube::ResourceExt;
 
 use super::{Context, error_policy};
 use crate::error::Result;
@@ -32,9 +32,11 @@ async fn reconcile(session: Arc<AgentSession>, ctx: Arc<Context>) -> Result<Acti
     let due = delete_at(&session, ctx.config.session_retention);
     let now = Timestamp::now();
     if now >= due {
-        let api: Api<AgentSession> = Api::namespaced(ctx.client.clone(), &session.namespace().unwrap_or_default());
+        let api: Api<AgentSession> =
+            Api::namespaced(ctx.client.clone(), &session.namespace().unwrap_or_default());
         tracing::info!(session = %session.name_any(), "retention period over: deleting the AgentSession");
-        api.delete(&session.name_any(), &DeleteParams::default()).await?;
+        api.delete(&session.name_any(), &DeleteParams::default())
+            .await?;
         return Ok(Action::await_change());
     }
     let wait = Duration::try_from(due.duration_since(now)).unwrap_or_default();
@@ -42,11 +44,18 @@ async fn reconcile(session: Arc<AgentSession>, ctx: Arc<Context>) -> Result<Acti
 }
 
 /// Runs the AgentSession controller until `shutdown` resolves.
-pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
+pub async fn run(
+    ctx: Arc<Context>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
     let api: Api<AgentSession> = Api::all(ctx.client.clone());
     Controller::new(api, watcher::Config::default())
         .graceful_shutdown_on(shutdown)
-        .run(reconcile, |o, e, ctx| error_policy("AgentSession", &*o, e, &ctx), ctx.clone())
+        .run(
+            reconcile,
+            |o, e, ctx| error_policy("AgentSession", &*o, e, &ctx),
+            ctx.clone(),
+        )
         .for_each(|_| futures::future::ready(()))
         .await;
 }

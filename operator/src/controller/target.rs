@@ -8,10 +8,10 @@ use agentgate_crds::{Protocol, Target};
 use futures::StreamExt;
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
+use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
-use kube::ResourceExt;
 
 use super::{Context, error_policy};
 use crate::conditions::condition;
@@ -32,11 +32,18 @@ pub fn required_secrets(t: &Target) -> Vec<(String, Vec<Vec<&'static str>>)> {
     match spec.protocol {
         Protocol::Postgres => {
             if let Some(p) = &spec.postgres {
-                out.push((p.credentials.name.clone(), vec![vec!["username"], vec!["password"]]));
+                out.push((
+                    p.credentials.name.clone(),
+                    vec![vec!["username"], vec!["password"]],
+                ));
             }
         }
         Protocol::Kubernetes => {
-            if let Some(c) = spec.kubernetes.as_ref().and_then(|k| k.credentials.as_ref()) {
+            if let Some(c) = spec
+                .kubernetes
+                .as_ref()
+                .and_then(|k| k.credentials.as_ref())
+            {
                 out.push((c.name.clone(), vec![vec!["token", "tls.crt"]]));
             }
         }
@@ -59,7 +66,11 @@ async fn reconcile(target: Arc<Target>, ctx: Arc<Context>) -> Result<Action> {
     // The CA reference names its key explicitly.
     let ca_key = match target.spec.protocol {
         Protocol::Postgres => target.spec.postgres.as_ref().and_then(|p| p.tls.ca.clone()),
-        Protocol::Kubernetes => target.spec.kubernetes.as_ref().and_then(|k| k.tls.ca.clone()),
+        Protocol::Kubernetes => target
+            .spec
+            .kubernetes
+            .as_ref()
+            .and_then(|k| k.tls.ca.clone()),
         Protocol::Ssh => None,
     };
     for (secret, groups) in required_secrets(&target) {
@@ -69,7 +80,11 @@ async fn reconcile(target: Arc<Target>, ctx: Arc<Context>) -> Result<Action> {
                 let data = s.data.unwrap_or_default();
                 for group in groups {
                     let group: Vec<String> = if group.is_empty() {
-                        ca_key.iter().filter(|c| c.name == secret).map(|c| c.key.clone()).collect()
+                        ca_key
+                            .iter()
+                            .filter(|c| c.name == secret)
+                            .map(|c| c.key.clone())
+                            .collect()
                     } else {
                         group.iter().map(|k| (*k).to_owned()).collect()
                     };
@@ -86,11 +101,18 @@ async fn reconcile(target: Arc<Target>, ctx: Arc<Context>) -> Result<Action> {
         &old.conditions,
         "Ready",
         ready,
-        if ready { "SecretsFound" } else { "SecretsMissing" },
+        if ready {
+            "SecretsFound"
+        } else {
+            "SecretsMissing"
+        },
         if ready {
             "every referenced Secret exists with the expected keys".to_owned()
         } else {
-            format!("{}: sidecars cannot connect upstream until this is fixed", problems.join("; "))
+            format!(
+                "{}: sidecars cannot connect upstream until this is fixed",
+                problems.join("; ")
+            )
         },
         generation,
         Timestamp::now(),
@@ -101,21 +123,43 @@ async fn reconcile(target: Arc<Target>, ctx: Arc<Context>) -> Result<Action> {
     };
     if status != old {
         let api: Api<Target> = Api::namespaced(ctx.client.clone(), &ns);
-        api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&serde_json::json!({ "status": status })))
-            .await?;
+        api.patch_status(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(&serde_json::json!({ "status": status })),
+        )
+        .await?;
         if old.conditions.first().map(|c| &c.reason) != Some(&cond.reason) {
-            ctx.event(&*target, !ready, &cond.reason, "Validate", cond.message.clone()).await;
+            ctx.event(
+                &*target,
+                !ready,
+                &cond.reason,
+                "Validate",
+                cond.message.clone(),
+            )
+            .await;
         }
     }
-    Ok(Action::requeue(Duration::from_secs(if ready { 300 } else { 30 })))
+    Ok(Action::requeue(Duration::from_secs(if ready {
+        300
+    } else {
+        30
+    })))
 }
 
 /// Runs the Target controller until `shutdown` resolves.
-pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
+pub async fn run(
+    ctx: Arc<Context>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
     let api: Api<Target> = Api::all(ctx.client.clone());
     Controller::new(api, watcher::Config::default())
         .graceful_shutdown_on(shutdown)
-        .run(reconcile, |o, e, ctx| error_policy("Target", &*o, e, &ctx), ctx.clone())
+        .run(
+            reconcile,
+            |o, e, ctx| error_policy("Target", &*o, e, &ctx),
+            ctx.clone(),
+        )
         .for_each(|_| futures::future::ready(()))
         .await;
 }

@@ -18,12 +18,12 @@ use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
 };
 use k8s_openapi::api::core::v1::Secret;
+use kube::Client;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::core::ObjectMeta;
-use kube::Client;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, Issuer,
-    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use rustls::crypto::aws_lc_rs::sign::any_supported_type;
 use rustls::pki_types::pem::PemObject;
@@ -105,7 +105,11 @@ fn rc(e: rcgen::Error) -> Error {
 }
 
 /// A new serving certificate for `hosts`, signed by the given CA or by a new one.
-fn generate(hosts: &[String], validity: Duration, ca: Option<(&str, &str, Timestamp)>) -> Result<Generated> {
+fn generate(
+    hosts: &[String],
+    validity: Duration,
+    ca: Option<(&str, &str, Timestamp)>,
+) -> Result<Generated> {
     let now = Timestamp::now();
     let validity = SignedDuration::try_from(validity).map_err(|e| Error::Cert(e.to_string()))?;
     let (issuer, ca_key_pem, ca_cert, ca_not_after) = match ca {
@@ -133,7 +137,10 @@ fn generate(hosts: &[String], validity: Duration, ca: Option<(&str, &str, Timest
     let key = KeyPair::generate().map_err(rc)?;
     let mut params = CertificateParams::new(Vec::<String>::new()).map_err(rc)?;
     let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, hosts.first().cloned().unwrap_or_default());
+    dn.push(
+        DnType::CommonName,
+        hosts.first().cloned().unwrap_or_default(),
+    );
     params.distinguished_name = dn;
     params.subject_alt_names = hosts
         .iter()
@@ -142,7 +149,10 @@ fn generate(hosts: &[String], validity: Duration, ca: Option<(&str, &str, Timest
             Err(_) => Ok(SanType::DnsName(h.as_str().try_into().map_err(rc)?)),
         })
         .collect::<Result<Vec<_>>>()?;
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     let not_after = (now + validity).min(ca_not_after);
     params.not_before = odt(now - SignedDuration::from_mins(5))?;
@@ -159,7 +169,8 @@ fn generate(hosts: &[String], validity: Duration, ca: Option<(&str, &str, Timest
 }
 
 fn get(data: &BTreeMap<String, ByteString>, k: &str) -> Option<String> {
-    data.get(k).and_then(|v| String::from_utf8(v.0.clone()).ok())
+    data.get(k)
+        .and_then(|v| String::from_utf8(v.0.clone()).ok())
 }
 
 /// Reads or creates the certificate Secret, renewing it when due; returns (ca, cert, key).
@@ -168,7 +179,8 @@ async fn ensure_secret(client: &Client, config: &Config) -> Result<(String, Stri
     let hosts = hosts(config);
     let hosts_joined = hosts.join(",");
     let now = Timestamp::now();
-    let validity = SignedDuration::try_from(config.webhook_cert_validity).unwrap_or(SignedDuration::from_hours(720));
+    let validity = SignedDuration::try_from(config.webhook_cert_validity)
+        .unwrap_or(SignedDuration::from_hours(720));
     let existing = api.get_opt(&config.webhook_cert_secret).await?;
     if let Some(s) = &existing {
         let ann = s.metadata.annotations.clone().unwrap_or_default();
@@ -177,7 +189,11 @@ async fn ensure_secret(client: &Client, config: &Config) -> Result<(String, Stri
         let fresh = not_after.is_some_and(|na| na - validity / 3 > now);
         if fresh
             && ann.get(HOSTS) == Some(&hosts_joined)
-            && let (Some(ca), Some(cert), Some(key)) = (get(&data, "ca.crt"), get(&data, "tls.crt"), get(&data, "tls.key"))
+            && let (Some(ca), Some(cert), Some(key)) = (
+                get(&data, "ca.crt"),
+                get(&data, "tls.crt"),
+                get(&data, "tls.key"),
+            )
         {
             return Ok((ca, cert, key));
         }
@@ -188,12 +204,18 @@ async fn ensure_secret(client: &Client, config: &Config) -> Result<(String, Stri
         let ann = s.metadata.annotations.clone().unwrap_or_default();
         let data = s.data.clone().unwrap_or_default();
         let ca_not_after: Timestamp = ann.get(CA_NOT_AFTER)?.parse().ok()?;
-        (ca_not_after - validity > now).then_some((get(&data, "ca.crt")?, get(&data, "ca.key")?, ca_not_after))
+        (ca_not_after - validity > now).then_some((
+            get(&data, "ca.crt")?,
+            get(&data, "ca.key")?,
+            ca_not_after,
+        ))
     });
     let g = generate(
         &hosts,
         config.webhook_cert_validity,
-        old_ca.as_ref().map(|(c, k, t)| (c.as_str(), k.as_str(), *t)),
+        old_ca
+            .as_ref()
+            .map(|(c, k, t)| (c.as_str(), k.as_str(), *t)),
     )?;
     let secret = Secret {
         metadata: ObjectMeta {
@@ -204,21 +226,32 @@ async fn ensure_secret(client: &Client, config: &Config) -> Result<(String, Stri
                 (CA_NOT_AFTER.to_owned(), g.ca_not_after.to_string()),
                 (HOSTS.to_owned(), hosts_joined),
             ])),
-            resource_version: existing.as_ref().and_then(|s| s.metadata.resource_version.clone()),
+            resource_version: existing
+                .as_ref()
+                .and_then(|s| s.metadata.resource_version.clone()),
             ..Default::default()
         },
         type_: Some("kubernetes.io/tls".into()),
         data: Some(BTreeMap::from([
-            ("ca.crt".to_owned(), ByteString(g.ca_cert.clone().into_bytes())),
+            (
+                "ca.crt".to_owned(),
+                ByteString(g.ca_cert.clone().into_bytes()),
+            ),
             ("ca.key".to_owned(), ByteString(g.ca_key.into_bytes())),
-            ("tls.crt".to_owned(), ByteString(g.cert.clone().into_bytes())),
+            (
+                "tls.crt".to_owned(),
+                ByteString(g.cert.clone().into_bytes()),
+            ),
             ("tls.key".to_owned(), ByteString(g.key.clone().into_bytes())),
         ])),
         ..Default::default()
     };
     let written = match &existing {
         None => api.create(&PostParams::default(), &secret).await,
-        Some(_) => api.replace(&config.webhook_cert_secret, &PostParams::default(), &secret).await,
+        Some(_) => {
+            api.replace(&config.webhook_cert_secret, &PostParams::default(), &secret)
+                .await
+        }
     };
     match written {
         Ok(_) => {
@@ -246,7 +279,11 @@ pub async fn patch_ca_bundles(client: &Client, config: &Config, ca: &str) -> Res
         if changed {
             let patch = serde_json::json!({ "webhooks": m.webhooks });
             mutating
-                .patch(&config.mutating_webhook, &PatchParams::default(), &Patch::Strategic(&patch))
+                .patch(
+                    &config.mutating_webhook,
+                    &PatchParams::default(),
+                    &Patch::Strategic(&patch),
+                )
                 .await?;
             tracing::info!(name = %config.mutating_webhook, "updated the caBundle of the mutating webhooks");
         }
@@ -265,7 +302,11 @@ pub async fn patch_ca_bundles(client: &Client, config: &Config, ca: &str) -> Res
         if changed {
             let patch = serde_json::json!({ "webhooks": v.webhooks });
             validating
-                .patch(&config.validating_webhook, &PatchParams::default(), &Patch::Strategic(&patch))
+                .patch(
+                    &config.validating_webhook,
+                    &PatchParams::default(),
+                    &Patch::Strategic(&patch),
+                )
                 .await?;
             tracing::info!(name = %config.validating_webhook, "updated the caBundle of the validating webhooks");
         }
@@ -276,7 +317,12 @@ pub async fn patch_ca_bundles(client: &Client, config: &Config, ca: &str) -> Res
 }
 
 /// Keeps the self-managed certificate loaded, current in the Secret and in caBundle.
-pub async fn run_self_managed(client: Client, config: Config, store: Arc<CertStore>, metrics: Arc<Metrics>) {
+pub async fn run_self_managed(
+    client: Client,
+    config: Config,
+    store: Arc<CertStore>,
+    metrics: Arc<Metrics>,
+) {
     loop {
         match ensure_secret(&client, &config).await {
             Ok((ca, cert, key)) => {
@@ -289,7 +335,9 @@ pub async fn run_self_managed(client: Client, config: Config, store: Arc<CertSto
                     tracing::warn!(error = %e, "cannot update caBundle; retrying");
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "cannot read or issue the webhook certificate; retrying"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read or issue the webhook certificate; retrying")
+            }
         }
         tokio::time::sleep(Duration::from_secs(if store.ready() { 30 } else { 2 })).await;
     }
@@ -302,14 +350,16 @@ pub async fn run_files(dir: &Path, store: Arc<CertStore>, metrics: Arc<Metrics>)
         let cert = std::fs::read(dir.join("tls.crt"));
         let key = std::fs::read(dir.join("tls.key"));
         match (cert, key) {
-            (Ok(c), Ok(k)) if last.as_ref() != Some(&(c.clone(), k.clone())) => match store.load(&c, &k) {
-                Ok(()) => {
-                    tracing::info!(dir = %dir.display(), "loaded the webhook certificate");
-                    metrics.set_ready(true);
-                    last = Some((c, k));
+            (Ok(c), Ok(k)) if last.as_ref() != Some(&(c.clone(), k.clone())) => {
+                match store.load(&c, &k) {
+                    Ok(()) => {
+                        tracing::info!(dir = %dir.display(), "loaded the webhook certificate");
+                        metrics.set_ready(true);
+                        last = Some((c, k));
+                    }
+                    Err(e) => tracing::error!(error = %e, "cannot load the webhook certificate"),
                 }
-                Err(e) => tracing::error!(error = %e, "cannot load the webhook certificate"),
-            },
+            }
             (Ok(_), Ok(_)) => {}
             (c, k) => {
                 if let Some(e) = c.err().or(k.err()) {
@@ -328,12 +378,20 @@ mod tests {
     #[test]
     fn generated_certificates_load_and_reuse_the_ca() {
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-        let hosts = vec!["agentgate-webhook.agentgate-system.svc".to_owned(), "127.0.0.1".to_owned()];
+        let hosts = vec![
+            "agentgate-webhook.agentgate-system.svc".to_owned(),
+            "127.0.0.1".to_owned(),
+        ];
         let g = generate(&hosts, Duration::from_secs(3600), None).unwrap();
         let store = CertStore::default();
         store.load(g.cert.as_bytes(), g.key.as_bytes()).unwrap();
         assert!(store.ready());
-        let renewed = generate(&hosts, Duration::from_secs(3600), Some((&g.ca_cert, &g.ca_key, g.ca_not_after))).unwrap();
+        let renewed = generate(
+            &hosts,
+            Duration::from_secs(3600),
+            Some((&g.ca_cert, &g.ca_key, g.ca_not_after)),
+        )
+        .unwrap();
         assert_eq!(renewed.ca_cert, g.ca_cert);
         assert_ne!(renewed.cert, g.cert);
     }

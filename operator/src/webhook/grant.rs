@@ -16,8 +16,8 @@
 //! - `immutable-decision`: a decision, once made, never changes;
 //! - `stamped-by-agentgate`: the recorded decider is the authenticated user.
 
-use agentgate_crds::common::{Time, UserRef};
 use agentgate_crds::common::parse_duration;
+use agentgate_crds::common::{Time, UserRef};
 use agentgate_crds::{AccessGrant, AgentIdentity};
 use jiff::Timestamp;
 use k8s_openapi::api::authorization::v1::{
@@ -37,20 +37,31 @@ fn user_of(req: &AdmissionRequest<DynamicObject>) -> UserRef {
     }
 }
 
-fn as_grant(obj: &Option<DynamicObject>) -> Result<Option<(serde_json::Value, AccessGrant)>, String> {
+fn as_grant(
+    obj: &Option<DynamicObject>,
+) -> Result<Option<(serde_json::Value, AccessGrant)>, String> {
     let Some(obj) = obj else { return Ok(None) };
-    let value = serde_json::to_value(obj).map_err(|e| format!("cannot read the AccessGrant: {e}"))?;
-    let grant = serde_json::from_value(value.clone()).map_err(|e| format!("not a valid AccessGrant: {e}"))?;
+    let value =
+        serde_json::to_value(obj).map_err(|e| format!("cannot read the AccessGrant: {e}"))?;
+    let grant = serde_json::from_value(value.clone())
+        .map_err(|e| format!("not a valid AccessGrant: {e}"))?;
     Ok(Some((value, grant)))
 }
 
-fn deny(req: &AdmissionRequest<DynamicObject>, rule: &str, msg: impl std::fmt::Display) -> AdmissionResponse {
+fn deny(
+    req: &AdmissionRequest<DynamicObject>,
+    rule: &str,
+    msg: impl std::fmt::Display,
+) -> AdmissionResponse {
     AdmissionResponse::from(req).deny(format!("agentgate rule {rule}: {msg}"))
 }
 
 /// Stamps `requestedBy`, `decision.decidedBy/At` and `revocation.revokedBy/At` from the
 /// authenticated request.
-pub async fn mutate(_ctx: &WebhookContext, req: &AdmissionRequest<DynamicObject>) -> AdmissionResponse {
+pub async fn mutate(
+    _ctx: &WebhookContext,
+    req: &AdmissionRequest<DynamicObject>,
+) -> AdmissionResponse {
     let (value, mut grant) = match as_grant(&req.object) {
         Ok(Some(g)) => g,
         Ok(None) => return AdmissionResponse::from(req),
@@ -104,7 +115,13 @@ pub async fn mutate(_ctx: &WebhookContext, req: &AdmissionRequest<DynamicObject>
     let mut new_value = value.clone();
     match serde_json::to_value(&grant.spec) {
         Ok(spec) => new_value["spec"] = spec,
-        Err(e) => return deny(req, "well-formed", format!("cannot encode the AccessGrant: {e}")),
+        Err(e) => {
+            return deny(
+                req,
+                "well-formed",
+                format!("cannot encode the AccessGrant: {e}"),
+            );
+        }
     }
     let patch = json_patch::diff(&value, &new_value);
     match AdmissionResponse::from(req).with_patch(patch) {
@@ -134,9 +151,20 @@ fn name_of(id: &AgentIdentity) -> String {
     id.metadata.name.clone().unwrap_or_default()
 }
 
-async fn may_approve(ctx: &WebhookContext, user: &UserRef, id: &AgentIdentity, ns: &str, grant: &str) -> Result<bool, String> {
+async fn may_approve(
+    ctx: &WebhookContext,
+    user: &UserRef,
+    id: &AgentIdentity,
+    ns: &str,
+    grant: &str,
+) -> Result<bool, String> {
     let listed = id.spec.approvers.users.iter().any(|u| u == &user.username)
-        || id.spec.approvers.groups.iter().any(|g| user.groups.contains(g));
+        || id
+            .spec
+            .approvers
+            .groups
+            .iter()
+            .any(|g| user.groups.contains(g));
     if listed {
         return Ok(true);
     }
@@ -166,7 +194,10 @@ async fn may_approve(ctx: &WebhookContext, user: &UserRef, id: &AgentIdentity, n
 }
 
 /// Enforces the approval rules.
-pub async fn validate(ctx: &WebhookContext, req: &AdmissionRequest<DynamicObject>) -> AdmissionResponse {
+pub async fn validate(
+    ctx: &WebhookContext,
+    req: &AdmissionRequest<DynamicObject>,
+) -> AdmissionResponse {
     let grant = match as_grant(&req.object) {
         Ok(Some((_, g))) => g,
         Ok(None) => return AdmissionResponse::from(req),
@@ -181,7 +212,13 @@ pub async fn validate(ctx: &WebhookContext, req: &AdmissionRequest<DynamicObject
     let ids_api: Api<AgentIdentity> = Api::namespaced(ctx.client.clone(), &ns);
     let ids = match ids_api.list(&ListParams::default()).await {
         Ok(l) => l.items,
-        Err(e) => return deny(req, "identity-exists", format!("cannot read AgentIdentities (failing closed): {e}")),
+        Err(e) => {
+            return deny(
+                req,
+                "identity-exists",
+                format!("cannot read AgentIdentities (failing closed): {e}"),
+            );
+        }
     };
     let identity = ids.iter().find(|i| name_of(i) == grant.spec.identity);
     let callers_identities = identities_of(&ns, &ids, &user.username);
@@ -204,12 +241,24 @@ pub async fn validate(ctx: &WebhookContext, req: &AdmissionRequest<DynamicObject
     match (&req.operation, old) {
         (Operation::Create, _) => {
             if grant.spec.decision.is_some() || grant.spec.revocation.is_some() {
-                return deny(req, "no-decision-at-creation", "a grant request cannot carry its own decision or revocation");
+                return deny(
+                    req,
+                    "no-decision-at-creation",
+                    "a grant request cannot carry its own decision or revocation",
+                );
             }
             if grant.spec.requested_by.as_ref().map(|u| &u.username) != Some(&user.username) {
-                return deny(req, "stamped-by-agentgate", "spec.requestedBy must be the authenticated requester (is agentgate's mutating webhook installed?)");
+                return deny(
+                    req,
+                    "stamped-by-agentgate",
+                    "spec.requestedBy must be the authenticated requester (is agentgate's mutating webhook installed?)",
+                );
             }
-            if !callers_identities.is_empty() && !callers_identities.iter().any(|i| name_of(i) == grant.spec.identity) {
+            if !callers_identities.is_empty()
+                && !callers_identities
+                    .iter()
+                    .any(|i| name_of(i) == grant.spec.identity)
+            {
                 let own: Vec<String> = callers_identities.iter().map(|i| name_of(i)).collect();
                 return deny(
                     req,
@@ -223,10 +272,18 @@ pub async fn validate(ctx: &WebhookContext, req: &AdmissionRequest<DynamicObject
                 );
             }
             let Some(id) = identity else {
-                return deny(req, "identity-exists", format!("AgentIdentity {ns}/{} does not exist", grant.spec.identity));
+                return deny(
+                    req,
+                    "identity-exists",
+                    format!("AgentIdentity {ns}/{} does not exist", grant.spec.identity),
+                );
             };
             if id.spec.disabled {
-                return deny(req, "identity-enabled", format!("AgentIdentity {} is disabled", grant.spec.identity));
+                return deny(
+                    req,
+                    "identity-enabled",
+                    format!("AgentIdentity {} is disabled", grant.spec.identity),
+                );
             }
             if let Err(e) = max_ok(id) {
                 return deny(req, "max-duration", e);
@@ -238,16 +295,31 @@ pub async fn validate(ctx: &WebhookContext, req: &AdmissionRequest<DynamicObject
             if let Some(o) = &old.spec.decision
                 && grant.spec.decision.as_ref() != Some(o)
             {
-                return deny(req, "immutable-decision", format!(
-                    "this grant was already {} by {}: a decision cannot be changed; to end an approved grant set spec.revocation",
-                    if o.verdict == agentgate_crds::Verdict::Approve { "approved" } else { "denied" },
-                    o.decided_by.as_ref().map(|u| u.username.as_str()).unwrap_or("someone")
-                ));
+                return deny(
+                    req,
+                    "immutable-decision",
+                    format!(
+                        "this grant was already {} by {}: a decision cannot be changed; to end an approved grant set spec.revocation",
+                        if o.verdict == agentgate_crds::Verdict::Approve {
+                            "approved"
+                        } else {
+                            "denied"
+                        },
+                        o.decided_by
+                            .as_ref()
+                            .map(|u| u.username.as_str())
+                            .unwrap_or("someone")
+                    ),
+                );
             }
             if let Some(o) = &old.spec.revocation
                 && grant.spec.revocation.as_ref() != Some(o)
             {
-                return deny(req, "immutable-decision", "a revocation cannot be changed once set");
+                return deny(
+                    req,
+                    "immutable-decision",
+                    "a revocation cannot be changed once set",
+                );
             }
             let deciding = old.spec.decision.is_none() && grant.spec.decision.is_some();
             let revoking = old.spec.revocation.is_none() && grant.spec.revocation.is_some();
@@ -255,25 +327,52 @@ pub async fn validate(ctx: &WebhookContext, req: &AdmissionRequest<DynamicObject
                 return AdmissionResponse::from(req);
             }
             let Some(id) = identity else {
-                return deny(req, "identity-exists", format!("AgentIdentity {ns}/{} does not exist", grant.spec.identity));
+                return deny(
+                    req,
+                    "identity-exists",
+                    format!("AgentIdentity {ns}/{} does not exist", grant.spec.identity),
+                );
             };
             if deciding {
                 let d = grant.spec.decision.as_ref();
-                if d.and_then(|d| d.decided_by.as_ref()).map(|u| &u.username) != Some(&user.username) {
-                    return deny(req, "stamped-by-agentgate", "spec.decision.decidedBy must be the authenticated user (is agentgate's mutating webhook installed?)");
+                if d.and_then(|d| d.decided_by.as_ref()).map(|u| &u.username)
+                    != Some(&user.username)
+                {
+                    return deny(
+                        req,
+                        "stamped-by-agentgate",
+                        "spec.decision.decidedBy must be the authenticated user (is agentgate's mutating webhook installed?)",
+                    );
                 }
                 // Self-approval, in every form.
                 let own_sa = sa_name(&ns, id);
-                let oidc_sub = id.spec.authentication.oidc.as_ref().and_then(|o| o.subject.clone());
+                let oidc_sub = id
+                    .spec
+                    .authentication
+                    .oidc
+                    .as_ref()
+                    .and_then(|o| o.subject.clone());
                 let requester = grant.spec.requested_by.as_ref().map(|u| u.username.clone());
                 let why_self = if own_sa.as_deref() == Some(user.username.as_str()) {
-                    Some(format!("{} is the service account of AgentIdentity {}", user.username, grant.spec.identity))
+                    Some(format!(
+                        "{} is the service account of AgentIdentity {}",
+                        user.username, grant.spec.identity
+                    ))
                 } else if oidc_sub.as_deref() == Some(user.username.as_str()) {
-                    Some(format!("{} is the OIDC subject of AgentIdentity {}", user.username, grant.spec.identity))
+                    Some(format!(
+                        "{} is the OIDC subject of AgentIdentity {}",
+                        user.username, grant.spec.identity
+                    ))
                 } else if !callers_identities.is_empty() {
-                    Some(format!("{} acts for an AgentIdentity: agents never decide grants", user.username))
+                    Some(format!(
+                        "{} acts for an AgentIdentity: agents never decide grants",
+                        user.username
+                    ))
                 } else if requester.as_deref() == Some(user.username.as_str()) {
-                    Some(format!("{} requested this grant: a second person must decide (four-eyes)", user.username))
+                    Some(format!(
+                        "{} requested this grant: a second person must decide (four-eyes)",
+                        user.username
+                    ))
                 } else {
                     None
                 };
@@ -283,12 +382,22 @@ pub async fn validate(ctx: &WebhookContext, req: &AdmissionRequest<DynamicObject
                 match may_approve(ctx, &user, id, &ns, &req.name).await {
                     Ok(true) => {}
                     Ok(false) => {
-                        return deny(req, "approver-authorization", format!(
-                            "{} may not decide grants of AgentIdentity {}: it needs the RBAC verb `approve` on accessgrants.agentgate.dev, or to be listed in the identity's spec.approvers",
-                            user.username, grant.spec.identity
-                        ));
+                        return deny(
+                            req,
+                            "approver-authorization",
+                            format!(
+                                "{} may not decide grants of AgentIdentity {}: it needs the RBAC verb `approve` on accessgrants.agentgate.dev, or to be listed in the identity's spec.approvers",
+                                user.username, grant.spec.identity
+                            ),
+                        );
                     }
-                    Err(e) => return deny(req, "approver-authorization", format!("{e} (failing closed)")),
+                    Err(e) => {
+                        return deny(
+                            req,
+                            "approver-authorization",
+                            format!("{e} (failing closed)"),
+                        );
+                    }
                 }
                 if d.is_some_and(|d| d.verdict == agentgate_crds::Verdict::Approve)
                     && let Err(e) = max_ok(id)
@@ -298,22 +407,42 @@ pub async fn validate(ctx: &WebhookContext, req: &AdmissionRequest<DynamicObject
             }
             if revoking {
                 let r = grant.spec.revocation.as_ref();
-                if r.and_then(|r| r.revoked_by.as_ref()).map(|u| &u.username) != Some(&user.username) {
-                    return deny(req, "stamped-by-agentgate", "spec.revocation.revokedBy must be the authenticated user");
+                if r.and_then(|r| r.revoked_by.as_ref()).map(|u| &u.username)
+                    != Some(&user.username)
+                {
+                    return deny(
+                        req,
+                        "stamped-by-agentgate",
+                        "spec.revocation.revokedBy must be the authenticated user",
+                    );
                 }
                 // Anyone who may approve may revoke; an agent may give up its own access.
                 let own = sa_name(&ns, id).as_deref() == Some(user.username.as_str());
-                let requester = grant.spec.requested_by.as_ref().is_some_and(|u| u.username == user.username);
+                let requester = grant
+                    .spec
+                    .requested_by
+                    .as_ref()
+                    .is_some_and(|u| u.username == user.username);
                 if !own && !requester {
                     match may_approve(ctx, &user, id, &ns, &req.name).await {
                         Ok(true) => {}
                         Ok(false) => {
-                            return deny(req, "approver-authorization", format!(
-                                "{} may not revoke grants of AgentIdentity {}: only approvers, the requester and the identity itself may",
-                                user.username, grant.spec.identity
-                            ));
+                            return deny(
+                                req,
+                                "approver-authorization",
+                                format!(
+                                    "{} may not revoke grants of AgentIdentity {}: only approvers, the requester and the identity itself may",
+                                    user.username, grant.spec.identity
+                                ),
+                            );
                         }
-                        Err(e) => return deny(req, "approver-authorization", format!("{e} (failing closed)")),
+                        Err(e) => {
+                            return deny(
+                                req,
+                                "approver-authorization",
+                                format!("{e} (failing closed)"),
+                            );
+                        }
                     }
                 }
             }

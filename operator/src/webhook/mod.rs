@@ -48,7 +48,11 @@ pub enum Endpoint {
 
 fn client_config(endpoint: &Endpoint, path: &str) -> WebhookClientConfig {
     match endpoint {
-        Endpoint::Service { namespace, name, port } => WebhookClientConfig {
+        Endpoint::Service {
+            namespace,
+            name,
+            port,
+        } => WebhookClientConfig {
             service: Some(ServiceReference {
                 namespace: namespace.clone(),
                 name: name.clone(),
@@ -110,7 +114,12 @@ pub fn configurations(
             MutatingWebhook {
                 name: "grants.mutate.agentgate.dev".into(),
                 client_config: client_config(endpoint, "/mutate/accessgrants"),
-                rules: Some(vec![rule("agentgate.dev", "v1alpha1", "accessgrants", &["CREATE", "UPDATE"])]),
+                rules: Some(vec![rule(
+                    "agentgate.dev",
+                    "v1alpha1",
+                    "accessgrants",
+                    &["CREATE", "UPDATE"],
+                )]),
                 failure_policy: Some("Fail".into()),
                 side_effects: "None".into(),
                 admission_review_versions: vec!["v1".into()],
@@ -141,7 +150,12 @@ pub fn configurations(
         webhooks: Some(vec![ValidatingWebhook {
             name: "grants.validate.agentgate.dev".into(),
             client_config: client_config(endpoint, "/validate/accessgrants"),
-            rules: Some(vec![rule("agentgate.dev", "v1alpha1", "accessgrants", &["CREATE", "UPDATE"])]),
+            rules: Some(vec![rule(
+                "agentgate.dev",
+                "v1alpha1",
+                "accessgrants",
+                &["CREATE", "UPDATE"],
+            )]),
             failure_policy: Some("Fail".into()),
             side_effects: "None".into(),
             admission_review_versions: vec!["v1".into()],

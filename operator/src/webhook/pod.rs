@@ -14,8 +14,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use agentgate_crds::{AgentIdentity, Protocol, Target};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapProjection, Container, ContainerPort, DownwardAPIProjection,
-    DownwardAPIVolumeFile, EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction,
-    KeyToPath, ObjectFieldSelector, Pod, Probe, ProjectedVolumeSource, ResourceRequirements,
+    DownwardAPIVolumeFile, EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath,
+    ObjectFieldSelector, Pod, Probe, ProjectedVolumeSource, ResourceRequirements,
     SecretVolumeSource, SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount,
     VolumeProjection,
 };
@@ -95,7 +95,11 @@ pub fn secrets_referenced(pod: &Pod, c: &Container) -> BTreeSet<String> {
         }
     }
     for e in c.env.iter().flatten() {
-        if let Some(s) = e.value_from.as_ref().and_then(|v| v.secret_key_ref.as_ref()) {
+        if let Some(s) = e
+            .value_from
+            .as_ref()
+            .and_then(|v| v.secret_key_ref.as_ref())
+        {
             out.insert(s.name.clone());
         }
     }
@@ -121,9 +125,12 @@ fn credentials_secret(t: &Target) -> Option<String> {
 }
 
 fn is_token_volume(v: &Volume) -> bool {
-    v.projected
-        .as_ref()
-        .is_some_and(|p| p.sources.iter().flatten().any(|s| s.service_account_token.is_some()))
+    v.projected.as_ref().is_some_and(|p| {
+        p.sources
+            .iter()
+            .flatten()
+            .any(|s| s.service_account_token.is_some())
+    })
 }
 
 fn env(name: &str, value: &str) -> EnvVar {
@@ -165,7 +172,11 @@ fn upsert<T, F: Fn(&T) -> bool>(list: &mut Vec<T>, item: T, same: F) {
 }
 
 /// The sidecar container agentgate injects.
-pub fn sidecar_container(config: &Config, identity: &str, targets: &[(String, String)]) -> Container {
+pub fn sidecar_container(
+    config: &Config,
+    identity: &str,
+    targets: &[(String, String)],
+) -> Container {
     let mut mounts = vec![
         mount(V_TOKEN, "/var/run/secrets/agentgate", true),
         mount(V_API, "/var/run/secrets/kubernetes.io/serviceaccount", true),
@@ -173,7 +184,11 @@ pub fn sidecar_container(config: &Config, identity: &str, targets: &[(String, St
         mount(V_CLIENT, CLIENT_DIR, false),
     ];
     for (target, volume) in targets {
-        mounts.push(mount(volume, &format!("/var/run/agentgate/targets/{target}"), true));
+        mounts.push(mount(
+            volume,
+            &format!("/var/run/agentgate/targets/{target}"),
+            true,
+        ));
     }
     let resources = BTreeMap::from([
         ("cpu".to_owned(), Quantity(config.sidecar_cpu.clone())),
@@ -213,7 +228,10 @@ pub fn sidecar_container(config: &Config, identity: &str, targets: &[(String, St
         }),
         resources: Some(ResourceRequirements {
             requests: Some(resources.clone()),
-            limits: Some(BTreeMap::from([("memory".to_owned(), Quantity(config.sidecar_memory.clone()))])),
+            limits: Some(BTreeMap::from([(
+                "memory".to_owned(),
+                Quantity(config.sidecar_memory.clone()),
+            )])),
             ..Default::default()
         }),
         security_context: Some(SecurityContext {
@@ -241,13 +259,18 @@ pub fn inject(pod: &Pod, input: &InjectionInput<'_>) -> Result<Pod, Refusal> {
     let mut pod = pod.clone();
     let identity = input.identity.metadata.name.clone().unwrap_or_default();
     if input.identity.spec.disabled {
-        return refuse(format!("AgentIdentity {identity} is disabled: no pod may run as it"));
+        return refuse(format!(
+            "AgentIdentity {identity} is disabled: no pod may run as it"
+        ));
     }
     let Some(spec) = pod.spec.as_mut() else {
         return refuse("the pod has no spec");
     };
     // Bound to its identity: the pod runs as the identity's service account.
-    let pod_sa = spec.service_account_name.clone().unwrap_or_else(|| "default".into());
+    let pod_sa = spec
+        .service_account_name
+        .clone()
+        .unwrap_or_else(|| "default".into());
     if let Some(sa) = &input.identity.spec.authentication.service_account
         && sa.name != pod_sa
     {
@@ -257,7 +280,9 @@ pub fn inject(pod: &Pod, input: &InjectionInput<'_>) -> Result<Pod, Refusal> {
         ));
     }
     if spec.share_process_namespace == Some(true) {
-        return refuse("shareProcessNamespace would let the agent read the sidecar's memory and files: remove it");
+        return refuse(
+            "shareProcessNamespace would let the agent read the sidecar's memory and files: remove it",
+        );
     }
     for (flag, set) in [
         ("hostNetwork", spec.host_network),
@@ -265,11 +290,21 @@ pub fn inject(pod: &Pod, input: &InjectionInput<'_>) -> Result<Pod, Refusal> {
         ("hostIPC", spec.host_ipc),
     ] {
         if set == Some(true) {
-            return refuse(format!("{flag} would let the agent reach around the gateway: remove it"));
+            return refuse(format!(
+                "{flag} would let the agent reach around the gateway: remove it"
+            ));
         }
     }
-    if let Some(v) = spec.volumes.iter().flatten().find(|v| v.host_path.is_some()) {
-        return refuse(format!("volume {} is a hostPath: agent pods may not mount host paths", v.name));
+    if let Some(v) = spec
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.host_path.is_some())
+    {
+        return refuse(format!(
+            "volume {} is a hostPath: agent pods may not mount host paths",
+            v.name
+        ));
     }
     // The sidecar, if already there, must be exactly ours.
     let injected_sidecar = spec
@@ -289,7 +324,9 @@ pub fn inject(pod: &Pod, input: &InjectionInput<'_>) -> Result<Pod, Refusal> {
         ));
     }
     if spec.containers.iter().any(|c| c.name == SIDECAR) {
-        return refuse(format!("container {SIDECAR} is managed by agentgate and must not be in spec.containers"));
+        return refuse(format!(
+            "container {SIDECAR} is managed by agentgate and must not be in spec.containers"
+        ));
     }
     // Agent containers: no privilege, no API token, no credentials.
     let token_volumes: BTreeSet<String> = spec
@@ -302,25 +339,44 @@ pub fn inject(pod: &Pod, input: &InjectionInput<'_>) -> Result<Pod, Refusal> {
     let credentials: BTreeMap<String, String> = input
         .targets
         .iter()
-        .filter_map(|t| Some((credentials_secret(t)?, t.metadata.name.clone().unwrap_or_default())))
+        .filter_map(|t| {
+            Some((
+                credentials_secret(t)?,
+                t.metadata.name.clone().unwrap_or_default(),
+            ))
+        })
         .collect();
     let pod_view = Pod {
         metadata: Default::default(),
         spec: Some(spec.clone()),
         status: None,
     };
-    let agents = spec
-        .containers
-        .iter()
-        .chain(spec.init_containers.iter().flatten().filter(|c| c.name != SIDECAR));
+    let agents = spec.containers.iter().chain(
+        spec.init_containers
+            .iter()
+            .flatten()
+            .filter(|c| c.name != SIDECAR),
+    );
     for c in agents {
         let sc = c.security_context.clone().unwrap_or_default();
         if sc.privileged == Some(true) {
-            return refuse(format!("container {} is privileged: agent containers may not be", c.name));
+            return refuse(format!(
+                "container {} is privileged: agent containers may not be",
+                c.name
+            ));
         }
-        let added = sc.capabilities.and_then(|caps| caps.add).unwrap_or_default();
-        if let Some(cap) = added.iter().find(|a| DANGEROUS_CAPS.contains(&a.to_uppercase().trim_start_matches("CAP_"))) {
-            return refuse(format!("container {} adds capability {cap}: agent containers may not", c.name));
+        let added = sc
+            .capabilities
+            .and_then(|caps| caps.add)
+            .unwrap_or_default();
+        if let Some(cap) = added
+            .iter()
+            .find(|a| DANGEROUS_CAPS.contains(&a.to_uppercase().trim_start_matches("CAP_")))
+        {
+            return refuse(format!(
+                "container {} adds capability {cap}: agent containers may not",
+                c.name
+            ));
         }
         for m in c.volume_mounts.iter().flatten() {
             if token_volumes.contains(&m.name) && !m.name.starts_with("kube-api-access-") {
@@ -330,7 +386,10 @@ pub fn inject(pod: &Pod, input: &InjectionInput<'_>) -> Result<Pod, Refusal> {
                 ));
             }
             if m.name == V_TOKEN || m.name == V_API || m.name == V_SPILL {
-                return refuse(format!("container {} mounts agentgate's volume {}: only the sidecar may", c.name, m.name));
+                return refuse(format!(
+                    "container {} mounts agentgate's volume {}: only the sidecar may",
+                    c.name, m.name
+                ));
             }
         }
         for s in secrets_referenced(&pod_view, c) {
@@ -361,7 +420,11 @@ pub fn inject(pod: &Pod, input: &InjectionInput<'_>) -> Result<Pod, Refusal> {
     if let Some(vols) = spec.volumes.as_mut() {
         vols.retain(|v| !auto.contains(&v.name));
     }
-    for c in spec.containers.iter_mut().chain(spec.init_containers.iter_mut().flatten()) {
+    for c in spec
+        .containers
+        .iter_mut()
+        .chain(spec.init_containers.iter_mut().flatten())
+    {
         if let Some(ms) = c.volume_mounts.as_mut() {
             ms.retain(|m| !auto.contains(&m.name));
         }
@@ -447,7 +510,11 @@ pub fn inject(pod: &Pod, input: &InjectionInput<'_>) -> Result<Pod, Refusal> {
             continue;
         };
         let vname = format!("agentgate-target-{tname}");
-        let vname = if vname.len() > 63 { vname[..63].trim_end_matches('-').to_owned() } else { vname };
+        let vname = if vname.len() > 63 {
+            vname[..63].trim_end_matches('-').to_owned()
+        } else {
+            vname
+        };
         let v = Volume {
             name: vname.clone(),
             secret: Some(SecretVolumeSource {
@@ -483,7 +550,9 @@ pub fn inject(pod: &Pod, input: &InjectionInput<'_>) -> Result<Pod, Refusal> {
             upsert(envs, env(k, v), |e| e.name == *k);
         }
         let ms = c.volume_mounts.get_or_insert_with(Vec::new);
-        upsert(ms, mount(V_CLIENT, CLIENT_DIR, true), |m| m.name == V_CLIENT);
+        upsert(ms, mount(V_CLIENT, CLIENT_DIR, true), |m| {
+            m.name == V_CLIENT
+        });
     }
 
     let ann = pod.metadata.annotations.get_or_insert_with(BTreeMap::new);
@@ -496,7 +565,10 @@ fn deny(req: &AdmissionRequest<DynamicObject>, msg: impl std::fmt::Display) -> A
 }
 
 /// The mutating webhook for pods.
-pub async fn mutate(ctx: &WebhookContext, req: &AdmissionRequest<DynamicObject>) -> AdmissionResponse {
+pub async fn mutate(
+    ctx: &WebhookContext,
+    req: &AdmissionRequest<DynamicObject>,
+) -> AdmissionResponse {
     let ns = req.namespace.clone().unwrap_or_default();
     if ns == ctx.config.namespace {
         return AdmissionResponse::from(req);
@@ -535,7 +607,12 @@ pub async fn mutate(ctx: &WebhookContext, req: &AdmissionRequest<DynamicObject>)
             && let Some(before) = find(&old)
             && find(&pod).map(|c| c.image) != Some(before.image.clone())
         {
-            return deny(req, format!("container {SIDECAR} is managed by agentgate: its image cannot be changed or removed"));
+            return deny(
+                req,
+                format!(
+                    "container {SIDECAR} is managed by agentgate: its image cannot be changed or removed"
+                ),
+            );
         }
         return AdmissionResponse::from(req);
     }
@@ -543,14 +620,32 @@ pub async fn mutate(ctx: &WebhookContext, req: &AdmissionRequest<DynamicObject>)
         return AdmissionResponse::from(req);
     }
     let annotations = pod.metadata.annotations.clone().unwrap_or_default();
-    let Some(identity) = annotations.get(IDENTITY_ANNOTATION).or(labels.get(IDENTITY_ANNOTATION)) else {
-        return deny(req, format!("the pod opts in with {INJECT_LABEL}=true but names no AgentIdentity: add the annotation {IDENTITY_ANNOTATION}: <name>"));
+    let Some(identity) = annotations
+        .get(IDENTITY_ANNOTATION)
+        .or(labels.get(IDENTITY_ANNOTATION))
+    else {
+        return deny(
+            req,
+            format!(
+                "the pod opts in with {INJECT_LABEL}=true but names no AgentIdentity: add the annotation {IDENTITY_ANNOTATION}: <name>"
+            ),
+        );
     };
     let ids: Api<AgentIdentity> = Api::namespaced(ctx.client.clone(), &ns);
     let id = match ids.get_opt(identity).await {
         Ok(Some(id)) => id,
-        Ok(None) => return deny(req, format!("AgentIdentity {ns}/{identity} does not exist: create it first")),
-        Err(e) => return deny(req, format!("cannot read AgentIdentity {ns}/{identity} (failing closed): {e}")),
+        Ok(None) => {
+            return deny(
+                req,
+                format!("AgentIdentity {ns}/{identity} does not exist: create it first"),
+            );
+        }
+        Err(e) => {
+            return deny(
+                req,
+                format!("cannot read AgentIdentity {ns}/{identity} (failing closed): {e}"),
+            );
+        }
     };
     let targets: Api<Target> = Api::namespaced(ctx.client.clone(), &ns);
     let targets = match targets.list(&ListParams::default()).await {
@@ -563,19 +658,34 @@ pub async fn mutate(ctx: &WebhookContext, req: &AdmissionRequest<DynamicObject>)
     let referenced: BTreeSet<String> = pod
         .spec
         .iter()
-        .flat_map(|s| s.containers.iter().chain(s.init_containers.iter().flatten()))
+        .flat_map(|s| {
+            s.containers
+                .iter()
+                .chain(s.init_containers.iter().flatten())
+        })
         .filter(|c| c.name != SIDECAR)
         .flat_map(|c| secrets_referenced(&pod, c))
         .collect();
     for name in referenced {
         match secrets.get_metadata_opt(&name).await {
             Ok(Some(m)) => {
-                if m.metadata.labels.unwrap_or_default().get(SENSITIVE_LABEL).map(String::as_str) == Some("true") {
+                if m.metadata
+                    .labels
+                    .unwrap_or_default()
+                    .get(SENSITIVE_LABEL)
+                    .map(String::as_str)
+                    == Some("true")
+                {
                     sensitive.insert(name);
                 }
             }
             Ok(None) => {}
-            Err(e) => return deny(req, format!("cannot read Secret {name} (failing closed): {e}")),
+            Err(e) => {
+                return deny(
+                    req,
+                    format!("cannot read Secret {name} (failing closed): {e}"),
+                );
+            }
         }
     }
     let input = InjectionInput {

@@ -27,7 +27,10 @@ fn respond(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
     r
 }
 
-async fn handle(req: Request<hyper::body::Incoming>, ctx: Arc<WebhookContext>) -> Response<Full<Bytes>> {
+async fn handle(
+    req: Request<hyper::body::Incoming>,
+    ctx: Arc<WebhookContext>,
+) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_owned();
     if req.method() == Method::GET && path == "/healthz" {
         return respond(StatusCode::OK, b"{\"status\":\"ok\"}".to_vec());
@@ -52,7 +55,8 @@ async fn handle(req: Request<hyper::body::Incoming>, ctx: Arc<WebhookContext>) -
     let request: AdmissionRequest<DynamicObject> = match review.try_into() {
         Ok(r) => r,
         Err(e) => {
-            let msg = serde_json::json!({ "error": format!("AdmissionReview without a request: {e}") });
+            let msg =
+                serde_json::json!({ "error": format!("AdmissionReview without a request: {e}") });
             return respond(StatusCode::BAD_REQUEST, msg.to_string().into_bytes());
         }
     };
@@ -61,10 +65,16 @@ async fn handle(req: Request<hyper::body::Incoming>, ctx: Arc<WebhookContext>) -
         "/mutate/accessgrants" => grant::mutate(&ctx, &request).await,
         "/validate/accessgrants" => grant::validate(&ctx, &request).await,
         "/mutate/pods" => pod::mutate(&ctx, &request).await,
-        other => AdmissionResponse::from(&request).deny(format!("agentgate: no webhook at {other}")),
+        other => {
+            AdmissionResponse::from(&request).deny(format!("agentgate: no webhook at {other}"))
+        }
     };
     let allowed = response.allowed;
-    ctx.metrics.webhook(path.trim_start_matches('/'), allowed, start.elapsed().as_secs_f64());
+    ctx.metrics.webhook(
+        path.trim_start_matches('/'),
+        allowed,
+        start.elapsed().as_secs_f64(),
+    );
     if !allowed {
         tracing::info!(
             webhook = %path,
@@ -79,7 +89,10 @@ async fn handle(req: Request<hyper::body::Incoming>, ctx: Arc<WebhookContext>) -
         Ok(body) => respond(StatusCode::OK, body),
         Err(e) => {
             let msg = serde_json::json!({ "error": format!("cannot encode the response: {e}") });
-            respond(StatusCode::INTERNAL_SERVER_ERROR, msg.to_string().into_bytes())
+            respond(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                msg.to_string().into_bytes(),
+            )
         }
     }
 }
@@ -117,7 +130,8 @@ pub async fn serve(addr: SocketAddr, ctx: Arc<WebhookContext>) -> Result<()> {
                 async move { Ok::<_, std::convert::Infallible>(handle(req, ctx).await) }
             });
             let io = hyper_util::rt::TokioIo::new(tls);
-            let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            let builder =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
             if let Err(e) = builder.serve_connection(io, svc).await {
                 tracing::debug!(%peer, error = %e, "webhook connection ended with an error");
             }

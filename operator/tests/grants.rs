@@ -1,0 +1,462 @@
+//! The grant lifecycle and approvals, against a real API server and the real operator binary.
+
+mod common;
+
+use std::time::Duration;
+
+use agentgate_crds::GrantPhase;
+use common::*;
+use kube::api::{Api, DeleteParams};
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grant_lifecycle_in_real_time() -> anyhow::Result<()> {
+    let cluster = Cluster::start(&[]).await?;
+    let admin = cluster.client.clone();
+    let alice = cluster.client_as("alice").await?;
+    let bob = cluster.client_as("bob").await?;
+
+    // bob asks; the request is Pending and says how to approve it.
+    let g = request(&bob, "write-1", "claude", "10s", json!({})).await?;
+    assert_eq!(
+        g.spec.requested_by.as_ref().map(|u| u.username.as_str()),
+        Some("bob")
+    );
+    let (g, _) = wait_phase(
+        &admin,
+        "write-1",
+        GrantPhase::Pending,
+        Duration::from_secs(10),
+    )
+    .await?;
+    let msg = g.status.and_then(|s| s.message).unwrap_or_default();
+    assert!(msg.contains("kubectl patch accessgrant write-1"), "{msg}");
+
+    // alice approves, typing someone else's name: the webhook records alice.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let g = patch_spec(
+        &alice,
+        "write-1",
+        json!({ "decision": { "verdict": "Approve", "reason": "go",
+        "decidedBy": { "username": "the-ceo" } } }),
+    )
+    .await?;
+    let d = g.spec.decision.clone().expect("decision");
+    assert_eq!(
+        d.decided_by.as_ref().map(|u| u.username.as_str()),
+        Some("alice")
+    );
+    assert!(
+        d.decided_by
+            .as_ref()
+            .is_some_and(|u| u.groups.contains(&"agentgate-approvers".to_owned()))
+    );
+    let (g, _) = wait_phase(
+        &admin,
+        "write-1",
+        GrantPhase::Active,
+        Duration::from_secs(5),
+    )
+    .await?;
+    let st = g.status.clone().expect("status");
+    // The clock starts at approval, not creation.
+    let created = g.metadata.creation_timestamp.clone().expect("created").0;
+    let approved = st.approved_at.clone().expect("approvedAt").0;
+    let expires = st.expires_at.clone().expect("expiresAt").0;
+    assert!(approved > created, "approved {approved} created {created}");
+    assert_eq!(expires.duration_since(approved).as_secs(), 10);
+    assert_eq!(
+        st.approved_by.as_ref().map(|u| u.username.as_str()),
+        Some("alice")
+    );
+
+    // Expiry takes effect within 1 s of expiresAt.
+    let (g, seen) = wait_phase(
+        &admin,
+        "write-1",
+        GrantPhase::Expired,
+        Duration::from_secs(20),
+    )
+    .await?;
+    let lag = seen.duration_since(expires).as_secs_f64();
+    assert!(
+        (0.0..1.0).contains(&lag),
+        "expired {lag:.3}s after expiresAt"
+    );
+    assert_eq!(
+        g.status.and_then(|s| s.ended_at).map(|t| t.0),
+        Some(expires)
+    );
+
+    // Nobody decides: it expires after its pending TTL.
+    request(
+        &bob,
+        "ignored",
+        "claude",
+        "10m",
+        json!({ "pendingTTL": "10s" }),
+    )
+    .await?;
+    let (g, _) = wait_phase(
+        &admin,
+        "ignored",
+        GrantPhase::Expired,
+        Duration::from_secs(20),
+    )
+    .await?;
+    let c = &g.status.expect("status").conditions[0];
+    assert_eq!(c.reason, "PendingTimeout");
+
+    // Denied, with who and why.
+    request(&bob, "denied", "claude", "10m", json!({})).await?;
+    patch_spec(
+        &alice,
+        "denied",
+        json!({ "decision": { "verdict": "Deny", "reason": "use the replica" } }),
+    )
+    .await?;
+    let (g, _) = wait_phase(&admin, "denied", GrantPhase::Denied, Duration::from_secs(5)).await?;
+    let st = g.status.expect("status");
+    assert_eq!(st.ended_by.map(|u| u.username), Some("alice".into()));
+    assert_eq!(
+        st.message.as_deref(),
+        Some("denied by alice: use the replica")
+    );
+
+    // Revoked by an approver at once, and status says who and when.
+    request(&bob, "revoked", "claude", "30m", json!({})).await?;
+    patch_spec(
+        &alice,
+        "revoked",
+        json!({ "decision": { "verdict": "Approve" } }),
+    )
+    .await?;
+    wait_phase(
+        &admin,
+        "revoked",
+        GrantPhase::Active,
+        Duration::from_secs(5),
+    )
+    .await?;
+    patch_spec(
+        &alice,
+        "revoked",
+        json!({ "revocation": { "reason": "incident over" } }),
+    )
+    .await?;
+    let (g, _) = wait_phase(
+        &admin,
+        "revoked",
+        GrantPhase::Revoked,
+        Duration::from_secs(2),
+    )
+    .await?;
+    let st = g.status.expect("status");
+    assert_eq!(st.ended_by.map(|u| u.username), Some("alice".into()));
+    assert!(st.ended_at.is_some());
+    assert_eq!(
+        st.message.as_deref(),
+        Some("revoked by alice: incident over")
+    );
+
+    // Deleting an active grant revokes it (the finalizer records it) and then it is gone.
+    request(&bob, "deleted", "claude", "30m", json!({})).await?;
+    patch_spec(
+        &alice,
+        "deleted",
+        json!({ "decision": { "verdict": "Approve" } }),
+    )
+    .await?;
+    wait_phase(
+        &admin,
+        "deleted",
+        GrantPhase::Active,
+        Duration::from_secs(5),
+    )
+    .await?;
+    let api: Api<agentgate_crds::AccessGrant> = Api::namespaced(admin.clone(), NS);
+    api.delete("deleted", &DeleteParams::default()).await?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while api.get_opt("deleted").await?.is_some() {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the deleted grant is still there"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        cluster
+            .operator_log(0)
+            .contains("the AccessGrant was deleted"),
+        "{}",
+        cluster.operator_log(0)
+    );
+
+    // Disabling the identity revokes its grants.
+    request(&bob, "before-disable", "claude", "30m", json!({})).await?;
+    patch_spec(
+        &alice,
+        "before-disable",
+        json!({ "decision": { "verdict": "Approve" } }),
+    )
+    .await?;
+    wait_phase(
+        &admin,
+        "before-disable",
+        GrantPhase::Active,
+        Duration::from_secs(5),
+    )
+    .await?;
+    // The identity reports its active grants.
+    let ids: Api<agentgate_crds::AgentIdentity> = Api::namespaced(admin.clone(), NS);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let id = ids.get("claude").await?;
+        let st = id.status.unwrap_or_default();
+        if st.active_grants == vec!["before-disable".to_owned()] {
+            assert_eq!(st.conditions[0].type_, "Ready");
+            assert_eq!(st.conditions[0].status, "True", "{:?}", st.conditions);
+            break;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "activeGrants never listed the grant: {st:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    apply(&admin, json!({ "apiVersion": "agentgate.dev/v1alpha1", "kind": "AgentIdentity",
+        "metadata": { "name": "claude" },
+        "spec": { "owner": "team-orders", "authentication": { "serviceAccount": { "name": "claude" } },
+            "approvers": { "groups": ["agentgate-approvers"] }, "maxGrantDuration": "1h", "disabled": true } }))
+    .await?;
+    let (g, _) = wait_phase(
+        &admin,
+        "before-disable",
+        GrantPhase::Revoked,
+        Duration::from_secs(3),
+    )
+    .await?;
+    assert_eq!(
+        g.status.expect("status").conditions[0].reason,
+        "IdentityDisabled"
+    );
+    // A disabled identity gets no new grants.
+    let err = request(&bob, "after-disable", "claude", "30m", json!({}))
+        .await
+        .err()
+        .map(err_text);
+    assert!(
+        err.as_deref()
+            .is_some_and(|e| e.contains("rule identity-enabled")),
+        "{err:?}"
+    );
+
+    // Events tell the story.
+    let events = cluster.kube().kubectl_run(&[
+        "get",
+        "events",
+        "--field-selector",
+        "involvedObject.name=revoked",
+        "-o",
+        "json",
+    ])?;
+    assert!(
+        events.contains("Revoked") && events.contains("revoked by alice"),
+        "{events}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approvals_are_authenticated_and_authorized() -> anyhow::Result<()> {
+    let cluster = Cluster::start(&[]).await?;
+    let admin = cluster.client.clone();
+    let alice = cluster.client_as("alice").await?;
+    let bob = cluster.client_as("bob").await?;
+    let mallory = cluster.client_as("mallory").await?;
+    let agent = cluster.agent_client().await?;
+
+    let refused = |r: Result<agentgate_crds::AccessGrant, kube::Error>| {
+        r.err().map(err_text).unwrap_or_else(|| "ACCEPTED".into())
+    };
+
+    // The agent asks for itself: fine, stamped as its service account.
+    let g = request(&agent, "agent-ask", "claude", "10m", json!({})).await?;
+    assert_eq!(
+        g.spec.requested_by.map(|u| u.username),
+        Some("system:serviceaccount:default:claude".into())
+    );
+    // ... but not for another identity.
+    let e = refused(request(&agent, "agent-other", "gpt", "10m", json!({})).await);
+    assert!(
+        e.contains("rule own-identity") && e.contains("not for gpt"),
+        "{e}"
+    );
+    // A request cannot carry its own decision.
+    let e = refused(
+        request(
+            &agent,
+            "self-decided",
+            "claude",
+            "10m",
+            json!({ "decision": { "verdict": "Approve" } }),
+        )
+        .await,
+    );
+    assert!(e.contains("rule no-decision-at-creation"), "{e}");
+    // Longer than the identity's maxGrantDuration (1h).
+    let e = refused(request(&bob, "too-long", "claude", "2h", json!({})).await);
+    assert!(
+        e.contains("rule max-duration") && e.contains("maxGrantDuration 1h"),
+        "{e}"
+    );
+    // An identity that does not exist.
+    let e = refused(request(&bob, "ghost", "nobody", "10m", json!({})).await);
+    assert!(e.contains("rule identity-exists"), "{e}");
+
+    // The agent approves its own request: refused, naming the rule.
+    let e = refused(
+        patch_spec(
+            &agent,
+            "agent-ask",
+            json!({ "decision": { "verdict": "Approve" } }),
+        )
+        .await,
+    );
+    assert!(
+        e.contains("rule no-self-approval")
+            && e.contains("service account of AgentIdentity claude"),
+        "{e}"
+    );
+    // bob has RBAC to patch grants but neither the approve verb nor a place in spec.approvers.
+    let e = refused(
+        patch_spec(
+            &bob,
+            "agent-ask",
+            json!({ "decision": { "verdict": "Approve" } }),
+        )
+        .await,
+    );
+    assert!(
+        e.contains("rule approver-authorization") && e.contains("bob may not decide"),
+        "{e}"
+    );
+    // mallory cannot even patch (the API server's RBAC).
+    let e = refused(
+        patch_spec(
+            &mallory,
+            "agent-ask",
+            json!({ "decision": { "verdict": "Approve" } }),
+        )
+        .await,
+    );
+    assert!(e.contains("forbidden") || e.contains("Forbidden"), "{e}");
+    // Nothing was decided by any of that.
+    let (g, _) = wait_phase(
+        &admin,
+        "agent-ask",
+        GrantPhase::Pending,
+        Duration::from_secs(5),
+    )
+    .await?;
+    assert!(g.spec.decision.is_none());
+
+    // alice is an approver (group listed in the identity).
+    patch_spec(
+        &alice,
+        "agent-ask",
+        json!({ "decision": { "verdict": "Approve" } }),
+    )
+    .await?;
+    wait_phase(
+        &admin,
+        "agent-ask",
+        GrantPhase::Active,
+        Duration::from_secs(5),
+    )
+    .await?;
+    // A decided grant cannot be flipped, by anyone, admin included.
+    for client in [&alice, &admin] {
+        let e = refused(
+            patch_spec(
+                client,
+                "agent-ask",
+                json!({ "decision": { "verdict": "Deny" } }),
+            )
+            .await,
+        );
+        assert!(e.contains("immutable"), "{e}");
+    }
+    let e = refused(patch_spec(&alice, "agent-ask", json!({ "decision": null })).await);
+    assert!(e.contains("immutable"), "{e}");
+    // Nor can its recorded approver be rewritten: the typed name is replaced by the record.
+    let _ = patch_spec(
+        &admin,
+        "agent-ask",
+        json!({ "decision": { "decidedBy": { "username": "mallory" } } }),
+    )
+    .await;
+    let g = get(&admin, "agent-ask").await?;
+    assert_eq!(
+        g.spec
+            .decision
+            .and_then(|d| d.decided_by)
+            .map(|u| u.username),
+        Some("alice".into())
+    );
+
+    // RBAC's `approve` verb makes bob an approver (checked with a SubjectAccessReview) ...
+    grant_approve_verb(&admin, "bob").await?;
+    request(&alice, "alice-ask", "claude", "10m", json!({})).await?;
+    patch_spec(
+        &bob,
+        "alice-ask",
+        json!({ "decision": { "verdict": "Approve" } }),
+    )
+    .await?;
+    wait_phase(
+        &admin,
+        "alice-ask",
+        GrantPhase::Active,
+        Duration::from_secs(5),
+    )
+    .await?;
+    // ... but never of his own request (four-eyes).
+    request(&bob, "bob-ask", "claude", "10m", json!({})).await?;
+    let e = refused(
+        patch_spec(
+            &bob,
+            "bob-ask",
+            json!({ "decision": { "verdict": "Approve" } }),
+        )
+        .await,
+    );
+    assert!(
+        e.contains("rule no-self-approval") && e.contains("four-eyes"),
+        "{e}"
+    );
+
+    // The agent may give up its own grant; bob (now an approver) may revoke too.
+    patch_spec(
+        &agent,
+        "agent-ask",
+        json!({ "revocation": { "reason": "done" } }),
+    )
+    .await?;
+    let (g, _) = wait_phase(
+        &admin,
+        "agent-ask",
+        GrantPhase::Revoked,
+        Duration::from_secs(3),
+    )
+    .await?;
+    assert_eq!(
+        g.status.and_then(|s| s.ended_by).map(|u| u.username),
+        Some("system:serviceaccount:default:claude".into())
+    );
+    // mallory cannot revoke (RBAC), gpt's service account is another agent.
+    request(&alice, "to-revoke", "claude", "10m", json!({})).await?;
+    let e = refused(patch_spec(&mallory, "to-revoke", json!({ "revocation": {} })).await);
+    assert!(e.contains("forbidden") || e.contains("Forbidden"), "{e}");
+    Ok(())
+}
