@@ -1,0 +1,305 @@
+//! Sidecar injection into real Pod objects on a real API server (no kubelet runs them: the
+//! stored spec is what is checked), and the pod boundary it enforces.
+
+mod common;
+
+use common::*;
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use serde_json::{Value, json};
+
+fn pod(name: &str, extra_spec: Value) -> Pod {
+    let mut spec = json!({
+        "serviceAccountName": "claude",
+        "containers": [ { "name": "agent", "image": "registry.example/agent:1",
+            "env": [ { "name": "PGHOST", "value": "db.internal" } ] } ]
+    });
+    if let (Some(s), Some(e)) = (spec.as_object_mut(), extra_spec.as_object()) {
+        for (k, v) in e {
+            s.insert(k.clone(), v.clone());
+        }
+    }
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": { "name": name, "labels": { "agentgate.dev/inject": "true" },
+            "annotations": { "agentgate.dev/identity": "claude" } },
+        "spec": spec
+    }))
+    .expect("a pod")
+}
+
+async fn create(client: &kube::Client, ns: &str, p: &Pod) -> Result<Pod, String> {
+    Api::<Pod>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), p)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn injection_into_real_pods() -> anyhow::Result<()> {
+    let cluster = Cluster::start(&[]).await?;
+    let admin = cluster.client.clone();
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), NS);
+
+    // Injected: the sidecar first, as a native sidecar.
+    let stored = create(&admin, NS, &pod("agent-0", json!({})))
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let spec = stored.spec.clone().expect("spec");
+    let inits = spec.init_containers.clone().unwrap_or_default();
+    assert_eq!(inits[0].name, "agentgate-sidecar");
+    assert_eq!(
+        inits[0].image.as_deref(),
+        Some("registry.example/agentgate-sidecar:test")
+    );
+    assert_eq!(inits[0].restart_policy.as_deref(), Some("Always"));
+    let sc = inits[0].security_context.clone().expect("securityContext");
+    assert_eq!(sc.run_as_non_root, Some(true));
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    // The sidecar has the agentgate-audience token, the API token and the credentials.
+    let sidecar_mounts: Vec<String> = inits[0]
+        .volume_mounts
+        .iter()
+        .flatten()
+        .map(|m| m.name.clone())
+        .collect();
+    for v in [
+        "agentgate-token",
+        "agentgate-api-token",
+        "agentgate-spill",
+        "agentgate-client",
+        "agentgate-target-orders-db",
+    ] {
+        assert!(
+            sidecar_mounts.contains(&v.to_owned()),
+            "sidecar lacks {v}: {sidecar_mounts:?}"
+        );
+    }
+    let volumes = spec.volumes.clone().unwrap_or_default();
+    let token = volumes
+        .iter()
+        .find(|v| v.name == "agentgate-token")
+        .expect("token volume");
+    let proj = token
+        .projected
+        .clone()
+        .expect("projected")
+        .sources
+        .unwrap_or_default();
+    assert_eq!(
+        proj[0]
+            .service_account_token
+            .as_ref()
+            .and_then(|t| t.audience.as_deref()),
+        Some("agentgate")
+    );
+    let creds = volumes
+        .iter()
+        .find(|v| v.name == "agentgate-target-orders-db")
+        .expect("creds volume");
+    assert_eq!(
+        creds.secret.as_ref().and_then(|s| s.secret_name.as_deref()),
+        Some("orders-db-credentials")
+    );
+    // No API token in the pod's automatic mount, and none in the agent container.
+    assert_eq!(spec.automount_service_account_token, Some(false));
+    assert!(
+        !volumes
+            .iter()
+            .any(|v| v.name.starts_with("kube-api-access-")),
+        "{volumes:?}"
+    );
+    let agent = &spec.containers[0];
+    let agent_mounts: Vec<(String, String)> = agent
+        .volume_mounts
+        .iter()
+        .flatten()
+        .map(|m| (m.name.clone(), m.mount_path.clone()))
+        .collect();
+    assert_eq!(
+        agent_mounts,
+        vec![(
+            "agentgate-client".to_owned(),
+            "/var/run/agentgate/client".to_owned()
+        )]
+    );
+    assert!(
+        agent
+            .volume_mounts
+            .iter()
+            .flatten()
+            .all(|m| m.read_only == Some(true))
+    );
+    // The agent is pointed at the sidecar (its own PGHOST is overridden).
+    let env: std::collections::BTreeMap<String, String> = agent
+        .env
+        .iter()
+        .flatten()
+        .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
+        .collect();
+    assert_eq!(env["PGHOST"], "127.0.0.1");
+    assert_eq!(env["PGPORT"], "15432");
+    assert_eq!(env["KUBECONFIG"], "/var/run/agentgate/client/kubeconfig");
+    assert!(env["GIT_SSH_COMMAND"].contains("/var/run/agentgate/client/ssh_config"));
+
+    // A second admission changes nothing: the injected spec, submitted again, is stored as is.
+    let mut again = stored.clone();
+    again.metadata = kube::core::ObjectMeta {
+        name: Some("agent-0-again".into()),
+        labels: stored.metadata.labels.clone(),
+        annotations: stored.metadata.annotations.clone(),
+        ..Default::default()
+    };
+    let stored_again = create(&admin, NS, &again)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let (a, b) = (
+        serde_json::to_value(&stored.spec)?,
+        serde_json::to_value(&stored_again.spec)?,
+    );
+    assert_eq!(a, b, "a second admission changed the spec");
+    // An update of an injected pod keeps it as it is.
+    let patched = pods
+        .patch(
+            "agent-0",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({ "metadata": { "labels": { "x": "y" } } })),
+        )
+        .await?;
+    assert_eq!(serde_json::to_value(&patched.spec)?, a);
+    // Nobody swaps the sidecar's image afterwards.
+    let e = pods
+        .patch("agent-0", &PatchParams::default(), &Patch::Json::<()>(serde_json::from_value(json!([
+            { "op": "replace", "path": "/spec/initContainers/0/image", "value": "evil.example/sidecar:1" }
+        ]))?))
+        .await
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        e.contains("agentgate-sidecar is managed by agentgate"),
+        "{e}"
+    );
+
+    // Opt-out: no label, no injection.
+    let mut plain = pod("plain", json!({}));
+    plain.metadata.labels = None;
+    let stored = create(&admin, NS, &plain)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    assert!(stored.spec.expect("spec").init_containers.is_none());
+    let mut off = pod("opted-out", json!({}));
+    off.metadata.labels = Some([("agentgate.dev/inject".to_owned(), "false".to_owned())].into());
+    let stored = create(&admin, NS, &off).await.map_err(anyhow::Error::msg)?;
+    assert!(stored.spec.expect("spec").init_containers.is_none());
+
+    // The operator's own namespace is never injected.
+    let stored = create(&admin, OPERATOR_NS, &{
+        let mut p = pod("in-operator-ns", json!({ "serviceAccountName": "default" }));
+        p.metadata.namespace = Some(OPERATOR_NS.into());
+        p
+    })
+    .await;
+    // (the ServiceAccount does not exist there without a controller manager; either way, no sidecar)
+    if let Ok(p) = stored {
+        assert!(p.spec.expect("spec").init_containers.is_none());
+    }
+
+    // The pod boundary: each of these is refused, with the reason.
+    let secrets: Api<Secret> = Api::namespaced(admin.clone(), NS);
+    secrets
+        .create(&PostParams::default(), &serde_json::from_value(json!({
+            "metadata": { "name": "audit-signing-key", "labels": { "agentgate.dev/sensitive": "true" } },
+            "stringData": { "key": "k" } }))?)
+        .await?;
+    let creds_volume = json!({ "volumes": [ { "name": "creds", "secret": { "secretName": "orders-db-credentials" } } ],
+        "containers": [ { "name": "agent", "image": "a", "volumeMounts": [ { "name": "creds", "mountPath": "/creds" } ] } ] });
+    let cases: Vec<(&str, Value, &str)> = vec![
+        (
+            "creds-mount",
+            creds_volume,
+            "uses Secret orders-db-credentials, the credentials of Target orders-db",
+        ),
+        (
+            "creds-env",
+            json!({ "containers": [ { "name": "agent", "image": "a",
+            "env": [ { "name": "PGPASSWORD", "valueFrom": { "secretKeyRef": { "name": "orders-db-credentials", "key": "password" } } } ] } ] }),
+            "the credentials of Target orders-db",
+        ),
+        (
+            "creds-envfrom",
+            json!({ "containers": [ { "name": "agent", "image": "a",
+            "envFrom": [ { "secretRef": { "name": "orders-db-credentials" } } ] } ] }),
+            "the credentials of Target orders-db",
+        ),
+        (
+            "signing-key",
+            json!({ "volumes": [ { "name": "k", "secret": { "secretName": "audit-signing-key" } } ],
+            "containers": [ { "name": "agent", "image": "a", "volumeMounts": [ { "name": "k", "mountPath": "/k" } ] } ] }),
+            "labelled agentgate.dev/sensitive",
+        ),
+        (
+            "shared-pid",
+            json!({ "shareProcessNamespace": true }),
+            "shareProcessNamespace",
+        ),
+        ("host-net", json!({ "hostNetwork": true }), "hostNetwork"),
+        ("host-pid", json!({ "hostPID": true }), "hostPID"),
+        (
+            "host-path",
+            json!({ "volumes": [ { "name": "h", "hostPath": { "path": "/" } } ] }),
+            "hostPath",
+        ),
+        (
+            "privileged",
+            json!({ "containers": [ { "name": "agent", "image": "a", "securityContext": { "privileged": true } } ] }),
+            "container agent is privileged",
+        ),
+        (
+            "ptrace",
+            json!({ "containers": [ { "name": "agent", "image": "a",
+            "securityContext": { "capabilities": { "add": ["SYS_PTRACE"] } } } ] }),
+            "adds capability SYS_PTRACE",
+        ),
+        (
+            "own-token",
+            json!({ "volumes": [ { "name": "tok", "projected": { "sources": [ { "serviceAccountToken": { "path": "t" } } ] } } ],
+            "containers": [ { "name": "agent", "image": "a", "volumeMounts": [ { "name": "tok", "mountPath": "/t" } ] } ] }),
+            "mounts a service-account token",
+        ),
+        (
+            "own-sidecar",
+            json!({ "initContainers": [ { "name": "agentgate-sidecar", "image": "evil.example/sidecar:1", "restartPolicy": "Always" } ] }),
+            "container agentgate-sidecar is managed by agentgate",
+        ),
+        (
+            "wrong-sa",
+            json!({ "serviceAccountName": "other" }),
+            "authenticates service account claude",
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (name, extra, wanted) in &cases {
+        match create(&admin, NS, &pod(name, extra.clone())).await {
+            Ok(_) => failures.push(format!("{name}: ACCEPTED")),
+            Err(e) if e.contains("agentgate injection refused") && e.contains(wanted) => {}
+            Err(e) => failures.push(format!("{name}: wanted {wanted:?}, got {e}")),
+        }
+    }
+    // A pod that names no identity, or an unknown one.
+    let mut anonymous = pod("anonymous", json!({}));
+    anonymous.metadata.annotations = None;
+    match create(&admin, NS, &anonymous).await {
+        Err(e) if e.contains("names no AgentIdentity") => {}
+        other => failures.push(format!("anonymous: {other:?}")),
+    }
+    let mut unknown = pod("unknown", json!({}));
+    unknown.metadata.annotations =
+        Some([("agentgate.dev/identity".to_owned(), "nobody".to_owned())].into());
+    match create(&admin, NS, &unknown).await {
+        Err(e) if e.contains("AgentIdentity default/nobody does not exist") => {}
+        other => failures.push(format!("unknown: {other:?}")),
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    Ok(())
+}
