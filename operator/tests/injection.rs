@@ -1,6 +1,8 @@
 //! Sidecar injection into real Pod objects on a real API server (no kubelet runs them: the
 //! stored spec is what is checked), and the pod boundary it enforces.
 
+#![allow(clippy::expect_used)]
+
 mod common;
 
 use common::*;

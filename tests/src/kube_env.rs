@@ -138,6 +138,11 @@ impl KubeEnv {
         self.ca.cert_pem()
     }
 
+    /// Path of the cluster CA certificate (PEM).
+    pub fn ca_path(&self) -> PathBuf {
+        self.dir.join("pki").join("ca.crt")
+    }
+
     /// The CA that signs this cluster's certificates, for webhook serving certificates in tests.
     pub fn ca(&self) -> &Ca {
         &self.ca

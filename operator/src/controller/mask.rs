@@ -114,7 +114,11 @@ async fn reconcile(policy: Arc<MaskPolicy>, ctx: Arc<Context>) -> Result<Action>
             .await;
         }
     }
-    Ok(Action::requeue(Duration::from_secs(300)))
+    Ok(Action::requeue(Duration::from_secs(if ready {
+        300
+    } else {
+        10
+    })))
 }
 
 /// Runs the MaskPolicy controller until `shutdown` resolves.

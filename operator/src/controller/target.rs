@@ -140,10 +140,11 @@ async fn reconcile(target: Arc<Target>, ctx: Arc<Context>) -> Result<Action> {
             .await;
         }
     }
+    // Secrets are not watched (the operator never lists them): look again soon while not ready.
     Ok(Action::requeue(Duration::from_secs(if ready {
         300
     } else {
-        30
+        10
     })))
 }
 

@@ -1,7 +1,7 @@
 //! A real API server with agentgate's CRDs, webhook configurations and RBAC, and the real
 //! operator binary running against it.
 
-#![allow(dead_code)]
+#![allow(dead_code, clippy::expect_used, clippy::unwrap_used)]
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -72,7 +72,12 @@ impl Cluster {
         )
         .await?;
         let webhook_port = free_port()?;
-        let extra_args: Vec<String> = extra_args.iter().map(|s| (*s).to_owned()).collect();
+        let mut extra_args: Vec<String> = extra_args.iter().map(|s| (*s).to_owned()).collect();
+        // OIDC issuer checks trust the test cluster's CA (the API server is an issuer).
+        extra_args.push(format!(
+            "--oidc-ca-file={}",
+            env.kube()?.ca_path().display()
+        ));
         let config = operator_config(webhook_port, 0, &extra_args);
         let (m, v) = configurations(
             &config,
@@ -98,8 +103,14 @@ impl Cluster {
         Ok(cluster)
     }
 
-    /// Starts one more operator replica and waits until it serves webhooks.
+    /// Starts one more operator replica on the webhook port the API server calls.
     pub async fn start_operator(&mut self) -> anyhow::Result<usize> {
+        self.start_operator_on(self.webhook_port).await
+    }
+
+    /// Starts one more operator replica serving webhooks on `webhook_port` (replicas on one
+    /// host cannot share a port; in a cluster each pod has its own address).
+    pub async fn start_operator_on(&mut self, webhook_port: u16) -> anyhow::Result<usize> {
         let i = self.operators.len();
         let metrics = free_port()?;
         let kube = self.env.kube()?;
@@ -109,7 +120,7 @@ impl Cluster {
         )
         .args([
             format!("--namespace={OPERATOR_NS}"),
-            format!("--webhook-addr=127.0.0.1:{}", self.webhook_port),
+            format!("--webhook-addr=127.0.0.1:{webhook_port}"),
             "--webhook-hosts=127.0.0.1".into(),
             format!("--metrics-addr=127.0.0.1:{metrics}"),
             "--lease-duration=3s".into(),
