@@ -377,3 +377,70 @@ async fn certificates_validation_retention_and_metrics() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_from_files_for_cert_manager() -> anyhow::Result<()> {
+    // cert-manager writes tls.crt/tls.key into a folder and injects its CA into caBundle.
+    let dir = tempfile::tempdir()?;
+    let ca = testenv::certs::Ca::new("cert-manager CA")?;
+    let cert = ca.server("agentgate-webhook", &[])?;
+    std::fs::write(dir.path().join("tls.crt"), &cert.cert)?;
+    std::fs::write(dir.path().join("tls.key"), &cert.key)?;
+    let cluster = Cluster::start_with_ca_bundle(
+        &[
+            "--webhook-cert-mode=files",
+            &format!("--webhook-cert-dir={}", dir.path().display()),
+        ],
+        Some(ca.cert_pem()),
+    )
+    .await?;
+    let bob = cluster.client_as("bob").await?;
+    request(&bob, "served-by-files", "claude", "10m", json!({})).await?;
+    // No self-managed Secret in this mode.
+    let secrets: Api<Secret> = Api::namespaced(cluster.client.clone(), OPERATOR_NS);
+    assert!(secrets.get_opt("agentgate-webhook-tls").await?.is_none());
+
+    // cert-manager renews with a new CA: new files, new caBundle; the operator reloads.
+    let ca2 = testenv::certs::Ca::new("cert-manager CA 2")?;
+    let cert2 = ca2.server("agentgate-webhook", &[])?;
+    std::fs::write(dir.path().join("tls.key"), &cert2.key)?;
+    std::fs::write(dir.path().join("tls.crt"), &cert2.cert)?;
+    let bundle = k8s_openapi::ByteString(ca2.cert_pem().into_bytes());
+    let m: Api<MutatingWebhookConfiguration> = Api::all(cluster.client.clone());
+    let mut mw = m.get("agentgate").await?;
+    for w in mw.webhooks.iter_mut().flatten() {
+        w.client_config.ca_bundle = Some(bundle.clone());
+    }
+    m.replace("agentgate", &PostParams::default(), &mw).await?;
+    let v: Api<ValidatingWebhookConfiguration> = Api::all(cluster.client.clone());
+    let mut vw = v.get("agentgate").await?;
+    for w in vw.webhooks.iter_mut().flatten() {
+        w.client_config.ca_bundle = Some(bundle.clone());
+    }
+    v.replace("agentgate", &PostParams::default(), &vw).await?;
+    // Admission works again once the operator serves the new certificate (reload <= 10 s).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut n = 0;
+    loop {
+        match request(
+            &bob,
+            &format!("after-renewal-{n}"),
+            "claude",
+            "10m",
+            json!({}),
+        )
+        .await
+        {
+            Ok(_) => break,
+            Err(e) => anyhow::ensure!(Instant::now() < deadline, "never reloaded: {e}"),
+        }
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(
+        cluster
+            .operator_log(0)
+            .contains("loaded the webhook certificate")
+    );
+    Ok(())
+}

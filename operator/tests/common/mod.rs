@@ -55,6 +55,15 @@ pub fn operator_config(webhook_port: u16, metrics_port: u16, extra: &[String]) -
 impl Cluster {
     /// Starts the API server, installs everything the chart would, and one operator replica.
     pub async fn start(extra_args: &[&str]) -> anyhow::Result<Self> {
+        Self::start_with_ca_bundle(extra_args, None).await
+    }
+
+    /// [`Cluster::start`] with a caBundle already in the webhook configurations (as
+    /// cert-manager's CA injector would put it).
+    pub async fn start_with_ca_bundle(
+        extra_args: &[&str],
+        ca_bundle: Option<String>,
+    ) -> anyhow::Result<Self> {
         let env = TestEnv::start_async(Parts {
             kube: true,
             ..Default::default()
@@ -79,10 +88,19 @@ impl Cluster {
             env.kube()?.ca_path().display()
         ));
         let config = operator_config(webhook_port, 0, &extra_args);
-        let (m, v) = configurations(
+        let (mut m, mut v) = configurations(
             &config,
             &Endpoint::Url(format!("https://127.0.0.1:{webhook_port}")),
         );
+        if let Some(ca) = &ca_bundle {
+            let bundle = k8s_openapi::ByteString(ca.as_bytes().to_vec());
+            for w in m.webhooks.iter_mut().flatten() {
+                w.client_config.ca_bundle = Some(bundle.clone());
+            }
+            for w in v.webhooks.iter_mut().flatten() {
+                w.client_config.ca_bundle = Some(bundle.clone());
+            }
+        }
         Api::all(client.clone())
             .create(&PostParams::default(), &m)
             .await?;
