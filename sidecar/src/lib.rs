@@ -1,0 +1,6 @@
+//! agentgate's sidecar: the gateway next to each agent.
+//!
+//! A request's way through it, for every protocol: listener → identity (who) → policy
+//! decision (may they; hold?) → upstream → response → masking → audit record → agent.
+
+pub mod sql;

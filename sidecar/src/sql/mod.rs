@@ -1,0 +1,5 @@
+//! SQL understanding: classification by the real PostgreSQL grammar.
+
+pub mod classify;
+
+pub use classify::{Classified, ClassifyError, Flag, Statement, classify};
