@@ -12,6 +12,7 @@ pub mod common;
 pub mod generate;
 pub mod grant;
 pub mod identity;
+pub mod lifecycle;
 pub mod mask;
 pub mod session;
 pub mod target;
