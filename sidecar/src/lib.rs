@@ -3,4 +3,5 @@
 //! A request's way through it, for every protocol: listener → identity (who) → policy
 //! decision (may they; hold?) → upstream → response → masking → audit record → agent.
 
+pub mod policy;
 pub mod sql;

@@ -432,64 +432,59 @@ fn walk(v: &Value, w: &mut Walk) {
                         _ => {}
                     }
                 }
-                match k.as_str() {
-                    "AlterTableCmd" => {
-                        use pg_query::protobuf::AlterTableType as T;
-                        let sub = body
-                            .get("subtype")
-                            .and_then(Value::as_i64)
-                            .and_then(|n| i32::try_from(n).ok())
-                            .and_then(|n| T::try_from(n).ok());
-                        // Ownership, row-level security and triggers decide who sees and
-                        // records what: changing them is a privilege change.
-                        if matches!(
-                            sub,
-                            Some(
-                                T::AtChangeOwner
-                                    | T::AtEnableRowSecurity
-                                    | T::AtDisableRowSecurity
-                                    | T::AtForceRowSecurity
-                                    | T::AtNoForceRowSecurity
-                                    | T::AtDisableTrig
-                                    | T::AtDisableTrigAll
-                                    | T::AtDisableTrigUser
-                                    | T::AtDisableRule
-                            )
-                        ) {
-                            w.raise(OperationClass::Privilege);
-                        }
+                if k == "AlterTableCmd" {
+                    use pg_query::protobuf::AlterTableType as T;
+                    let sub = body
+                        .get("subtype")
+                        .and_then(Value::as_i64)
+                        .and_then(|n| i32::try_from(n).ok())
+                        .and_then(|n| T::try_from(n).ok());
+                    // Ownership, row-level security and triggers decide who sees and
+                    // records what: changing them is a privilege change.
+                    if matches!(
+                        sub,
+                        Some(
+                            T::AtChangeOwner
+                                | T::AtEnableRowSecurity
+                                | T::AtDisableRowSecurity
+                                | T::AtForceRowSecurity
+                                | T::AtNoForceRowSecurity
+                                | T::AtDisableTrig
+                                | T::AtDisableTrigAll
+                                | T::AtDisableTrigUser
+                                | T::AtDisableRule
+                        )
+                    ) {
+                        w.raise(OperationClass::Privilege);
                     }
-                    "FuncCall" => {
-                        let parts = string_parts(body.get("funcname").unwrap_or(&Value::Null));
-                        if let Some(name) = parts.last() {
-                            let name = name.to_lowercase();
-                            if let Some(c) = function_class(&name) {
-                                w.raise(c);
-                                w.flags.push(Flag::Function(name.clone()));
-                            }
-                            w.functions.insert(name);
-                        }
-                    }
-                    "RangeVar" => {
-                        let rel = body
-                            .get("relname")
-                            .and_then(Value::as_str)
-                            .unwrap_or_default();
-                        let schema = body
-                            .get("schemaname")
-                            .and_then(Value::as_str)
-                            .unwrap_or_default();
-                        if !rel.is_empty() {
-                            w.relations.insert(if schema.is_empty() {
-                                rel.to_owned()
-                            } else {
-                                format!("{schema}.{rel}")
-                            });
-                        }
-                    }
-                    _ => {}
                 }
                 walk(body, w);
+            }
+            // Some fields hold a RangeVar or a FuncCall directly rather than inside a Node, so
+            // they are recognised by their fields, not by a key.
+            if let (Some(rel), Some(schema)) = (
+                m.get("relname").and_then(Value::as_str),
+                m.get("schemaname").and_then(Value::as_str),
+            ) && !rel.is_empty()
+            {
+                w.relations.insert(if schema.is_empty() {
+                    rel.to_owned()
+                } else {
+                    format!("{schema}.{rel}")
+                });
+            }
+            if let Some(funcname) = m.get("funcname")
+                && m.contains_key("funcformat")
+            {
+                let parts = string_parts(funcname);
+                if let Some(name) = parts.last() {
+                    let name = name.to_lowercase();
+                    if let Some(c) = function_class(&name) {
+                        w.raise(c);
+                        w.flags.push(Flag::Function(name.clone()));
+                    }
+                    w.functions.insert(name);
+                }
             }
         }
         Value::Array(a) => a.iter().for_each(|x| walk(x, w)),
@@ -670,6 +665,8 @@ mod tests {
             "SELECT PG_READ_FILE('/etc/passwd')",
             "SELECT lo_import('/etc/passwd')",
             "SELECT 1 FROM orders WHERE id = (SELECT length(pg_read_file('x')))",
+            "SELECT 1 UNION SELECT length(pg_read_file('x'))",
+            "SELECT * FROM orders o, LATERAL (SELECT pg_ls_dir('.')) x",
             "CREATE EXTENSION dblink",
             "LOAD 'evil.so'",
             "VACUUM FULL orders",
@@ -771,5 +768,11 @@ mod tests {
         let s = &c.statements[0];
         assert!(s.relations.contains("public.customers") && s.relations.contains("orders"));
         assert!(s.functions.contains("lower"));
+        let c = classify("UPDATE billing.invoices SET paid = true WHERE id = 1").unwrap();
+        assert!(
+            c.statements[0].relations.contains("billing.invoices"),
+            "{:?}",
+            c.statements[0]
+        );
     }
 }

@@ -1,0 +1,397 @@
+//! The policy engine: a snapshot of the identity's policy objects, and [`decide`], a pure
+//! function of a snapshot, a request and the clock. No I/O happens on the hot path; sources
+//! ([`folder`], and the Kubernetes watch) replace the snapshot in a [`PolicyStore`].
+
+pub mod folder;
+pub mod glob;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, RwLock};
+
+use agentgate_crds::lifecycle::in_force;
+use agentgate_crds::target::Guardrail;
+use agentgate_crds::{
+    AccessGrant, AccessScope, AgentIdentity, GuardrailAction, MaskPolicy, OperationClass, Target,
+};
+use jiff::Timestamp;
+
+use crate::sql::{Classified, Flag};
+
+/// Everything the sidecar knows about policy at one moment.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// AgentIdentities by name.
+    pub identities: BTreeMap<String, AgentIdentity>,
+    /// Targets by name.
+    pub targets: BTreeMap<String, Target>,
+    /// AccessGrants by name.
+    pub grants: BTreeMap<String, AccessGrant>,
+    /// MaskPolicies by name.
+    pub masks: BTreeMap<String, MaskPolicy>,
+    /// Where it came from (a folder, or the API server).
+    pub source: String,
+    /// Objects that were skipped, and why.
+    pub warnings: Vec<String>,
+}
+
+/// Holds the current snapshot; sources replace it, gateways read it.
+#[derive(Debug, Default)]
+pub struct PolicyStore {
+    current: RwLock<Option<Arc<Snapshot>>>,
+    error: RwLock<Option<String>>,
+}
+
+impl PolicyStore {
+    /// The current snapshot, if one was ever loaded.
+    pub fn get(&self) -> Option<Arc<Snapshot>> {
+        self.current.read().ok().and_then(|c| c.clone())
+    }
+
+    /// Replaces the snapshot and clears the last error.
+    pub fn set(&self, snapshot: Snapshot) {
+        if let Ok(mut c) = self.current.write() {
+            *c = Some(Arc::new(snapshot));
+        }
+        if let Ok(mut e) = self.error.write() {
+            *e = None;
+        }
+    }
+
+    /// Drops the snapshot: every request is refused until a new one is loaded.
+    pub fn clear(&self, why: String) {
+        if let Ok(mut c) = self.current.write() {
+            *c = None;
+        }
+        self.set_error(why);
+    }
+
+    /// Records why the last load failed (the last good snapshot stays in force).
+    pub fn set_error(&self, why: String) {
+        if let Ok(mut e) = self.error.write() {
+            *e = Some(why);
+        }
+    }
+
+    /// Why the last load failed, if it did.
+    pub fn error(&self) -> Option<String> {
+        self.error.read().ok().and_then(|e| e.clone())
+    }
+}
+
+/// A request as the policy sees it, whatever the protocol.
+#[derive(Debug, Clone)]
+pub struct Command {
+    /// Its operation class.
+    pub class: OperationClass,
+    /// The exact-command fingerprint (grants bound to one command match it).
+    pub fingerprint: String,
+    /// What guardrail `matches` patterns are compared with: statement tags (`DROP TABLE`),
+    /// function names, `UPDATE without WHERE`, Kubernetes `verb resource`, shell commands.
+    pub keys: BTreeSet<String>,
+    /// Tables (or other objects) the command touches, for scopes limited to some.
+    pub tables: BTreeSet<String>,
+}
+
+impl From<&Classified> for Command {
+    fn from(c: &Classified) -> Self {
+        let mut keys = BTreeSet::new();
+        let mut tables = BTreeSet::new();
+        for s in &c.statements {
+            keys.insert(s.tag.clone());
+            keys.extend(s.functions.iter().cloned());
+            for f in &s.flags {
+                match f {
+                    Flag::NoWhere(verb) => {
+                        keys.insert(format!("{verb} without WHERE"));
+                    }
+                    Flag::Truncate => {
+                        keys.insert("TRUNCATE".into());
+                    }
+                    Flag::CopyServerSide => {
+                        keys.insert("COPY PROGRAM".into());
+                    }
+                    Flag::ExecutePrepared(_) | Flag::Function(_) | Flag::Unknown(_) => {}
+                }
+            }
+            tables.extend(s.relations.iter().cloned());
+        }
+        Self {
+            class: c.class,
+            fingerprint: c.fingerprint.clone(),
+            keys,
+            tables,
+        }
+    }
+}
+
+/// What happens to a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// It runs.
+    Allow,
+    /// It is refused.
+    Refuse,
+    /// It waits for an approver (an AccessGrant bound to it must be approved).
+    Hold,
+}
+
+/// A decision and what it rests on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// Allow, refuse or hold.
+    pub verdict: Verdict,
+    /// The rule behind it: a guardrail's name, `baseline`, `grant`, or why nothing applied.
+    pub rule: String,
+    /// The AccessGrant used, when one was.
+    pub grant: Option<String>,
+    /// What to tell the agent (without the request's values).
+    pub message: String,
+}
+
+impl Decision {
+    fn refuse(rule: &str, message: impl Into<String>) -> Self {
+        Self {
+            verdict: Verdict::Refuse,
+            rule: rule.to_owned(),
+            grant: None,
+            message: message.into(),
+        }
+    }
+
+    fn hold(rule: &str, message: impl Into<String>) -> Self {
+        Self {
+            verdict: Verdict::Hold,
+            rule: rule.to_owned(),
+            grant: None,
+            message: message.into(),
+        }
+    }
+
+    fn allow(rule: &str, grant: Option<String>) -> Self {
+        Self {
+            verdict: Verdict::Allow,
+            rule: rule.to_owned(),
+            grant,
+            message: String::new(),
+        }
+    }
+}
+
+/// The guardrails every target has after its own.
+pub fn default_guardrails() -> Vec<Guardrail> {
+    let g =
+        |name: &str, ops: &[OperationClass], matches: &[&str], action, message: &str| Guardrail {
+            name: name.to_owned(),
+            operations: ops.to_vec(),
+            matches: matches.iter().map(|m| (*m).to_owned()).collect(),
+            action,
+            message: Some(message.to_owned()),
+        };
+    vec![
+        g(
+            "agentgate-block-admin",
+            &[OperationClass::Admin],
+            &[],
+            GuardrailAction::Block,
+            "server administration, server-side files and programs, and other sessions are off limits to agents",
+        ),
+        g(
+            "agentgate-block-privilege",
+            &[OperationClass::Privilege],
+            &[],
+            GuardrailAction::Block,
+            "changing roles, ownership or privileges is off limits to agents",
+        ),
+        g(
+            "agentgate-hold-unbounded",
+            &[],
+            &["UPDATE without WHERE", "DELETE without WHERE", "TRUNCATE"],
+            GuardrailAction::RequireApproval,
+            "a change to every row needs a person's approval",
+        ),
+        g(
+            "agentgate-hold-drop",
+            &[],
+            &["DROP *"],
+            GuardrailAction::RequireApproval,
+            "dropping objects needs a person's approval",
+        ),
+        g(
+            "agentgate-hold-exec",
+            &[OperationClass::Exec],
+            &[],
+            GuardrailAction::RequireApproval,
+            "running code on the server needs a person's approval",
+        ),
+    ]
+}
+
+fn guardrail_matches(g: &Guardrail, cmd: &Command) -> bool {
+    let class_ok = g.operations.is_empty() || g.operations.contains(&cmd.class);
+    let match_ok = g.matches.is_empty()
+        || g.matches
+            .iter()
+            .any(|m| cmd.keys.iter().any(|k| glob::matches_ci(m, k)));
+    class_ok && match_ok
+}
+
+/// Whether `scope` covers `cmd` (class, and tables when the scope names some).
+pub fn covers(scope: &AccessScope, cmd: &Command) -> bool {
+    if !scope.operations.contains(&cmd.class) {
+        return false;
+    }
+    if scope.tables.is_empty() {
+        return true;
+    }
+    cmd.tables.iter().all(|t| {
+        let qualified = if t.contains('.') {
+            t.clone()
+        } else {
+            format!("public.{t}")
+        };
+        scope.tables.iter().any(|p| {
+            let p_qualified = if p.contains('.') {
+                p.clone()
+            } else {
+                format!("public.{p}")
+            };
+            glob::matches(&p_qualified, &qualified)
+        })
+    })
+}
+
+/// The MaskPolicies that apply to `identity` on `target`.
+pub fn masks_for<'a>(s: &'a Snapshot, identity: &str, target: &str) -> Vec<&'a MaskPolicy> {
+    s.masks
+        .values()
+        .filter(|m| {
+            (m.spec.targets.is_empty() || m.spec.targets.iter().any(|p| glob::matches(p, target)))
+                && (m.spec.identities.is_empty()
+                    || m.spec.identities.iter().any(|p| glob::matches(p, identity)))
+        })
+        .collect()
+}
+
+/// Decides a request: pure, no I/O. `None` for the snapshot means policy is not loaded.
+pub fn decide(
+    snapshot: Option<&Snapshot>,
+    identity: &str,
+    target: &str,
+    cmd: &Command,
+    now: Timestamp,
+) -> Decision {
+    let Some(s) = snapshot else {
+        return Decision::refuse(
+            "policy-not-loaded",
+            "agentgate has no policy loaded yet, so it refuses everything; retry shortly, or check the sidecar's log",
+        );
+    };
+    let Some(id) = s.identities.get(identity) else {
+        return Decision::refuse(
+            "unknown-identity",
+            format!("no AgentIdentity {identity} is known to this gateway"),
+        );
+    };
+    if id.spec.disabled {
+        return Decision::refuse(
+            "identity-disabled",
+            format!("AgentIdentity {identity} is disabled"),
+        );
+    }
+    let Some(t) = s.targets.get(target) else {
+        return Decision::refuse(
+            "unknown-target",
+            format!("no Target {target} is known to this gateway"),
+        );
+    };
+    let grants: Vec<&AccessGrant> = s
+        .grants
+        .values()
+        .filter(|g| {
+            g.spec.identity == identity && g.spec.target == target && in_force(g, Some(id), now)
+        })
+        .collect();
+    let bound = grants
+        .iter()
+        .find(|g| {
+            g.spec
+                .command
+                .as_ref()
+                .is_some_and(|c| c.fingerprint == cmd.fingerprint)
+        })
+        .map(|g| g.metadata.name.clone().unwrap_or_default());
+    let scoped = grants
+        .iter()
+        .find(|g| g.spec.command.is_none() && covers(&g.spec.scope, cmd))
+        .map(|g| g.metadata.name.clone().unwrap_or_default());
+    let baseline = id
+        .spec
+        .baseline
+        .iter()
+        .any(|b| b.target == target && covers(&b.scope, cmd));
+
+    for g in t.spec.guardrails.iter().chain(default_guardrails().iter()) {
+        if !guardrail_matches(g, cmd) {
+            continue;
+        }
+        let note = g
+            .message
+            .clone()
+            .map(|m| format!(": {m}"))
+            .unwrap_or_default();
+        return match g.action {
+            GuardrailAction::Block => {
+                Decision::refuse(&g.name, format!("refused by guardrail {}{note}", g.name))
+            }
+            GuardrailAction::RequireApproval => match bound {
+                Some(grant) => Decision::allow(&g.name, Some(grant)),
+                None => Decision::hold(&g.name, format!("held by guardrail {}{note}", g.name)),
+            },
+            GuardrailAction::RequireGrant => match bound.or(scoped) {
+                Some(grant) => Decision::allow(&g.name, Some(grant)),
+                None => Decision::hold(
+                    &g.name,
+                    format!("guardrail {} needs an AccessGrant{note}", g.name),
+                ),
+            },
+            GuardrailAction::Allow => allow_by_scope(bound, baseline, scoped, cmd, target),
+        };
+    }
+    allow_by_scope(bound, baseline, scoped, cmd, target)
+}
+
+fn allow_by_scope(
+    bound: Option<String>,
+    baseline: bool,
+    scoped: Option<String>,
+    cmd: &Command,
+    target: &str,
+) -> Decision {
+    if let Some(g) = bound {
+        return Decision::allow("grant", Some(g));
+    }
+    if baseline {
+        return Decision::allow("baseline", None);
+    }
+    if let Some(g) = scoped {
+        return Decision::allow("grant", Some(g));
+    }
+    let tables = if cmd.tables.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " ({})",
+            cmd.tables.iter().cloned().collect::<Vec<_>>().join(", ")
+        )
+    };
+    Decision::hold(
+        "not-in-scope",
+        format!(
+            "no baseline or active grant allows {} on {target}{tables}",
+            cmd.class
+        ),
+    )
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,455 @@
+use std::path::Path;
+
+use jiff::Timestamp;
+
+use super::*;
+use crate::sql::classify;
+
+const POLICY: &str = r#"
+apiVersion: agentgate.dev/v1alpha1
+kind: Target
+metadata: { name: orders-db }
+spec:
+  protocol: Postgres
+  postgres: { host: 127.0.0.1, database: app, credentials: { name: c } }
+  guardrails:
+    - { name: no-drop-table, matches: ["DROP TABLE"], action: Block, message: ask the owning team }
+    - { name: inserts-go-by-scope, operations: [Write], matches: ["INSERT"], action: Allow }
+---
+apiVersion: agentgate.dev/v1alpha1
+kind: Target
+metadata: { name: ledger-db }
+spec:
+  protocol: Postgres
+  postgres: { host: 127.0.0.1, database: ledger, credentials: { name: c } }
+  guardrails:
+    - { name: ledger-writes-need-grant, operations: [Write], action: RequireGrant }
+---
+apiVersion: agentgate.dev/v1alpha1
+kind: AgentIdentity
+metadata: { name: claude }
+spec:
+  owner: team
+  authentication: { serviceAccount: { name: claude } }
+  baseline:
+    - { target: orders-db, scope: { operations: [Read] } }
+    - { target: ledger-db, scope: { operations: [Read, Write] } }
+---
+apiVersion: agentgate.dev/v1alpha1
+kind: AgentIdentity
+metadata: { name: off }
+spec:
+  owner: team
+  disabled: true
+  authentication: { serviceAccount: { name: off } }
+"#;
+
+const GRANTS: &str = r#"
+apiVersion: agentgate.dev/v1alpha1
+kind: AccessGrant
+metadata: { name: write-orders, creationTimestamp: "2026-11-22T09:00:00Z" }
+spec:
+  identity: claude
+  target: orders-db
+  scope: { operations: [Write], tables: [public.orders] }
+  duration: 1h
+  reason: fix
+  decision: { verdict: Approve, decidedAt: "2026-11-22T10:00:00Z", decidedBy: { username: alice } }
+status: { phase: Active, expiresAt: "2026-11-22T11:00:00Z" }
+---
+apiVersion: agentgate.dev/v1alpha1
+kind: AccessGrant
+metadata: { name: old-write, creationTimestamp: "2026-11-21T09:00:00Z" }
+spec:
+  identity: claude
+  target: orders-db
+  scope: { operations: [Write] }
+  duration: 1h
+  reason: old
+  decision: { verdict: Approve, decidedAt: "2026-11-21T10:00:00Z" }
+status: { phase: Active }
+---
+apiVersion: agentgate.dev/v1alpha1
+kind: AccessGrant
+metadata: { name: wipe-sessions, creationTimestamp: "2026-11-22T09:00:00Z" }
+spec:
+  identity: claude
+  target: orders-db
+  scope: { operations: [Write] }
+  duration: 1h
+  reason: cleanup
+  command: { text: "DELETE FROM sessions", fingerprint: FP }
+  decision: { verdict: Approve, decidedAt: "2026-11-22T10:00:00Z" }
+---
+apiVersion: agentgate.dev/v1alpha1
+kind: AccessGrant
+metadata: { name: revoked, creationTimestamp: "2026-11-22T09:00:00Z" }
+spec:
+  identity: claude
+  target: orders-db
+  scope: { operations: [Write, DDL] }
+  duration: 1h
+  reason: r
+  decision: { verdict: Approve, decidedAt: "2026-11-22T10:00:00Z" }
+  revocation: { reason: done }
+---
+apiVersion: agentgate.dev/v1alpha1
+kind: AccessGrant
+metadata: { name: undated, creationTimestamp: "2026-11-22T09:00:00Z" }
+spec:
+  identity: claude
+  target: orders-db
+  scope: { operations: [Admin] }
+  reason: r
+  decision: { verdict: Approve }
+---
+kind: Kustomization
+apiVersion: kustomize.config.k8s.io/v1beta1
+resources: [policy.yaml]
+"#;
+
+fn now() -> Timestamp {
+    "2026-11-22T10:30:00Z".parse().unwrap()
+}
+
+fn snapshot() -> Snapshot {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("policy.yaml"), POLICY).unwrap();
+    std::fs::create_dir(dir.path().join("grants")).unwrap();
+    let fp = classify("DELETE FROM sessions").unwrap().fingerprint;
+    std::fs::write(
+        dir.path().join("grants/grants.yml"),
+        GRANTS.replace("FP", &fp),
+    )
+    .unwrap();
+    folder::load(dir.path()).unwrap()
+}
+
+fn decide_sql(s: Option<&Snapshot>, identity: &str, target: &str, sql: &str) -> Decision {
+    let c = classify(sql).unwrap();
+    decide(s, identity, target, &Command::from(&c), now())
+}
+
+fn check(sql: &str, target: &str, verdict: Verdict, rule: &str) {
+    let s = snapshot();
+    let d = decide_sql(Some(&s), "claude", target, sql);
+    assert_eq!(
+        (d.verdict, d.rule.as_str()),
+        (verdict, rule),
+        "{sql} on {target}: {d:?}"
+    );
+}
+
+#[test]
+fn fail_closed_on_missing_policy_identity_or_target() {
+    let d = decide_sql(None, "claude", "orders-db", "SELECT 1");
+    assert_eq!(
+        (d.verdict, d.rule.as_str()),
+        (Verdict::Refuse, "policy-not-loaded")
+    );
+    let s = snapshot();
+    let d = decide_sql(Some(&s), "mallory", "orders-db", "SELECT 1");
+    assert_eq!(
+        (d.verdict, d.rule.as_str()),
+        (Verdict::Refuse, "unknown-identity")
+    );
+    let d = decide_sql(Some(&s), "off", "orders-db", "SELECT 1");
+    assert_eq!(
+        (d.verdict, d.rule.as_str()),
+        (Verdict::Refuse, "identity-disabled")
+    );
+    let d = decide_sql(Some(&s), "claude", "prod-db", "SELECT 1");
+    assert_eq!(
+        (d.verdict, d.rule.as_str()),
+        (Verdict::Refuse, "unknown-target")
+    );
+}
+
+#[test]
+fn baseline_grants_and_scope() {
+    check(
+        "SELECT * FROM orders",
+        "orders-db",
+        Verdict::Allow,
+        "baseline",
+    );
+    // An active grant for public.orders covers orders, not customers.
+    let s = snapshot();
+    let d = decide_sql(
+        Some(&s),
+        "claude",
+        "orders-db",
+        "UPDATE orders SET state = 'x' WHERE id = 1",
+    );
+    assert_eq!(
+        (d.verdict, d.grant.as_deref()),
+        (Verdict::Allow, Some("write-orders")),
+        "{d:?}"
+    );
+    check(
+        "UPDATE customers SET name = 'x' WHERE id = 1",
+        "orders-db",
+        Verdict::Hold,
+        "not-in-scope",
+    );
+    check(
+        "INSERT INTO public.orders (id) VALUES (1)",
+        "orders-db",
+        Verdict::Allow,
+        "grant",
+    );
+    // A write CTE inside a read is a write.
+    check(
+        "WITH d AS (DELETE FROM customers WHERE id = 1 RETURNING *) SELECT * FROM d",
+        "orders-db",
+        Verdict::Hold,
+        "not-in-scope",
+    );
+}
+
+#[test]
+fn expired_revoked_and_undated_grants_do_not_count() {
+    // old-write says Active in its status, but its clock ran out a day ago: the sidecar
+    // judges expiry itself.
+    let s = snapshot();
+    let d = decide_sql(
+        Some(&s),
+        "claude",
+        "orders-db",
+        "UPDATE customers SET name = 'x' WHERE id = 1",
+    );
+    assert_eq!(d.verdict, Verdict::Hold, "{d:?}");
+    assert!(!s.grants.contains_key("undated"));
+    assert!(
+        s.warnings
+            .iter()
+            .any(|w| w.contains("AccessGrant undated is ignored")),
+        "{:?}",
+        s.warnings
+    );
+    // After write-orders expires at 11:00, the same update is held.
+    let c = classify("UPDATE orders SET state = 'x' WHERE id = 1").unwrap();
+    let later: Timestamp = "2026-11-22T11:00:01Z".parse().unwrap();
+    let d = decide(Some(&s), "claude", "orders-db", &Command::from(&c), later);
+    assert_eq!(d.verdict, Verdict::Hold, "{d:?}");
+}
+
+#[test]
+fn guardrails_block_hold_and_require_grants() {
+    check(
+        "DROP TABLE orders",
+        "orders-db",
+        Verdict::Refuse,
+        "no-drop-table",
+    );
+    check(
+        "SELECT 1; DROP TABLE orders",
+        "orders-db",
+        Verdict::Refuse,
+        "no-drop-table",
+    );
+    check(
+        "DROP INDEX orders_idx",
+        "orders-db",
+        Verdict::Hold,
+        "agentgate-hold-drop",
+    );
+    check(
+        "SELECT pg_read_file('/etc/passwd')",
+        "orders-db",
+        Verdict::Refuse,
+        "agentgate-block-admin",
+    );
+    check(
+        "COPY orders TO PROGRAM 'curl x'",
+        "orders-db",
+        Verdict::Refuse,
+        "agentgate-block-admin",
+    );
+    check(
+        "SET ROLE postgres",
+        "orders-db",
+        Verdict::Refuse,
+        "agentgate-block-privilege",
+    );
+    check(
+        "DO $$ BEGIN PERFORM 1; END $$",
+        "orders-db",
+        Verdict::Hold,
+        "agentgate-hold-exec",
+    );
+    // Every row: held even with a Write grant, unless the exact command was approved.
+    check(
+        "DELETE FROM orders",
+        "orders-db",
+        Verdict::Hold,
+        "agentgate-hold-unbounded",
+    );
+    check(
+        "UPDATE orders SET state = 'x' WHERE 1 = 1",
+        "orders-db",
+        Verdict::Hold,
+        "agentgate-hold-unbounded",
+    );
+    check(
+        "TRUNCATE orders",
+        "orders-db",
+        Verdict::Hold,
+        "agentgate-hold-unbounded",
+    );
+    let s = snapshot();
+    let d = decide_sql(
+        Some(&s),
+        "claude",
+        "orders-db",
+        "delete   from sessions -- approved",
+    );
+    assert_eq!(
+        (d.verdict, d.grant.as_deref()),
+        (Verdict::Allow, Some("wipe-sessions")),
+        "{d:?}"
+    );
+    // ... and only that exact command.
+    check(
+        "DELETE FROM sessions WHERE true",
+        "orders-db",
+        Verdict::Hold,
+        "agentgate-hold-unbounded",
+    );
+    // RequireGrant: the baseline allows writes on the ledger, the guardrail still wants a grant.
+    check(
+        "SELECT * FROM entries",
+        "ledger-db",
+        Verdict::Allow,
+        "baseline",
+    );
+    check(
+        "INSERT INTO entries VALUES (1)",
+        "ledger-db",
+        Verdict::Hold,
+        "ledger-writes-need-grant",
+    );
+    // A guardrail with action Allow falls through to the scope check.
+    check(
+        "UPDATE orders SET state = 'x' WHERE id = 2",
+        "orders-db",
+        Verdict::Allow,
+        "grant",
+    );
+}
+
+#[test]
+fn messages_say_what_happened() {
+    let s = snapshot();
+    let d = decide_sql(Some(&s), "claude", "orders-db", "DROP TABLE orders");
+    assert_eq!(
+        d.message,
+        "refused by guardrail no-drop-table: ask the owning team"
+    );
+    let d = decide_sql(
+        Some(&s),
+        "claude",
+        "orders-db",
+        "UPDATE customers SET a = 1 WHERE id = 1",
+    );
+    assert_eq!(
+        d.message,
+        "no baseline or active grant allows Write on orders-db (customers)"
+    );
+}
+
+#[test]
+fn folder_errors_name_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+    write(
+        "a.yaml",
+        "apiVersion: agentgate.dev/v1alpha1\nkind: Target\nmetadata: {name: t}\nspec: {protocol: Telnet}\n",
+    );
+    let e = folder::load(dir.path()).unwrap_err().to_string();
+    assert!(
+        e.contains("a.yaml") && e.contains("document 1") && e.contains("Telnet"),
+        "{e}"
+    );
+    write("a.yaml", "key: [unclosed\n");
+    let e = folder::load(dir.path()).unwrap_err().to_string();
+    assert!(e.contains("a.yaml"), "{e}");
+    write(
+        "a.yaml",
+        "apiVersion: agentgate.dev/v1alpha1\nkind: Widget\nmetadata: {name: w}\n",
+    );
+    let e = folder::load(dir.path()).unwrap_err().to_string();
+    assert!(e.contains("unknown kind Widget"), "{e}");
+    write("a.yaml", POLICY);
+    write("b.yaml", POLICY);
+    let e = folder::load(dir.path()).unwrap_err().to_string();
+    assert!(e.contains("defined twice"), "{e}");
+    assert!(folder::load(Path::new("/nonexistent/agentgate")).is_err());
+}
+
+#[test]
+fn masks_apply_by_target_and_identity() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("p.yaml"), POLICY).unwrap();
+    std::fs::write(
+        dir.path().join("m.yaml"),
+        r#"
+apiVersion: agentgate.dev/v1alpha1
+kind: MaskPolicy
+metadata: { name: everywhere }
+spec: { rules: [ { name: e, detectors: [Email], action: Redact } ] }
+---
+apiVersion: agentgate.dev/v1alpha1
+kind: MaskPolicy
+metadata: { name: orders-only }
+spec: { targets: ["orders-*"], identities: [claude], rules: [ { name: c, columns: ["*.card"], action: Partial, keepLast: 4 } ] }
+"#,
+    )
+    .unwrap();
+    let s = folder::load(dir.path()).unwrap();
+    let names = |t: &str, i: &str| {
+        masks_for(&s, i, t)
+            .iter()
+            .map(|m| m.metadata.name.clone().unwrap())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(names("orders-db", "claude"), ["everywhere", "orders-only"]);
+    assert_eq!(names("ledger-db", "claude"), ["everywhere"]);
+    assert_eq!(names("orders-db", "gpt"), ["everywhere"]);
+}
+
+#[tokio::test]
+async fn the_folder_reloads_on_change_and_keeps_the_last_good_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("p.yaml"), POLICY).unwrap();
+    let store = Arc::new(PolicyStore::default());
+    let task = tokio::spawn(folder::watch(
+        dir.path().to_owned(),
+        store.clone(),
+        std::time::Duration::from_millis(20),
+    ));
+    let wait = |f: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !f() {
+            assert!(std::time::Instant::now() < deadline, "timed out");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    tokio::task::spawn_blocking({
+        let store = store.clone();
+        let dir = dir.path().to_owned();
+        move || {
+            wait(&|| store.get().is_some_and(|s| s.identities.len() == 2));
+            // A disabled identity takes effect on reload.
+            std::fs::write(dir.join("p.yaml"), POLICY.replace("owner: team\n  authentication: { serviceAccount: { name: claude } }", "owner: team\n  disabled: true\n  authentication: { serviceAccount: { name: claude } }")).unwrap();
+            wait(&|| store.get().is_some_and(|s| s.identities["claude"].spec.disabled));
+            // A broken edit keeps the last good policy and reports the error.
+            std::fs::write(dir.join("p.yaml"), "kind: [").unwrap();
+            wait(&|| store.error().is_some());
+            assert!(store.get().is_some_and(|s| s.identities["claude"].spec.disabled));
+        }
+    })
+    .await
+    .unwrap();
+    task.abort();
+}
