@@ -305,3 +305,64 @@ async fn injection_into_real_pods() -> anyhow::Result<()> {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn debug_containers_cannot_reach_into_the_sidecar() -> anyhow::Result<()> {
+    let cluster = Cluster::start(&[]).await?;
+    let admin = cluster.client.clone();
+    create(&admin, NS, &pod("debugged", json!({})))
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), NS);
+    let add = |name: &str, extra: Value| {
+        let mut c = json!({ "name": name, "image": "busybox" });
+        if let (Some(o), Some(e)) = (c.as_object_mut(), extra.as_object()) {
+            for (k, v) in e {
+                o.insert(k.clone(), v.clone());
+            }
+        }
+        json!({ "spec": { "ephemeralContainers": [c] } })
+    };
+    let pp = PatchParams::default();
+    let attempt = |patch: Value| {
+        let pods = pods.clone();
+        let pp = pp.clone();
+        async move {
+            pods.patch_subresource(
+                "ephemeralcontainers",
+                "debugged",
+                &pp,
+                &Patch::Strategic(patch),
+            )
+            .await
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_else(|| "ACCEPTED".into())
+        }
+    };
+    let e = attempt(add(
+        "peek",
+        json!({ "targetContainerName": "agentgate-sidecar" }),
+    ))
+    .await;
+    assert!(e.contains("targets agentgate-sidecar"), "{e}");
+    let e = attempt(add(
+        "root",
+        json!({ "securityContext": { "privileged": true } }),
+    ))
+    .await;
+    assert!(e.contains("is privileged"), "{e}");
+    let e = attempt(add(
+        "steal",
+        json!({ "volumeMounts": [ { "name": "agentgate-token", "mountPath": "/t" } ] }),
+    ))
+    .await;
+    assert!(
+        e.contains("mounts agentgate's volume agentgate-token"),
+        "{e}"
+    );
+    // An ordinary debug container next to the agent is fine.
+    let e = attempt(add("look", json!({ "targetContainerName": "agent" }))).await;
+    assert_eq!(e, "ACCEPTED");
+    Ok(())
+}

@@ -130,7 +130,11 @@ pub fn configurations(
             MutatingWebhook {
                 name: "pods.inject.agentgate.dev".into(),
                 client_config: client_config(endpoint, "/mutate/pods"),
-                rules: Some(vec![rule("", "v1", "pods", &["CREATE", "UPDATE"])]),
+                rules: Some(vec![
+                    rule("", "v1", "pods", &["CREATE", "UPDATE"]),
+                    // `kubectl debug` adds containers through this subresource.
+                    rule("", "v1", "pods/ephemeralcontainers", &["UPDATE"]),
+                ]),
                 failure_policy: Some("Fail".into()),
                 side_effects: "None".into(),
                 admission_review_versions: vec!["v1".into()],

@@ -586,6 +586,56 @@ pub async fn mutate(
     };
     let labels = pod.metadata.labels.clone().unwrap_or_default();
     let opted_in = labels.get(INJECT_LABEL).map(String::as_str) == Some("true");
+    if req.sub_resource.as_deref() == Some("ephemeralcontainers") {
+        // A debug container may not reach into the sidecar or around the pod boundary.
+        for c in pod
+            .spec
+            .iter()
+            .flat_map(|s| s.ephemeral_containers.iter().flatten())
+        {
+            if c.target_container_name.as_deref() == Some(SIDECAR) {
+                return deny(
+                    req,
+                    format!(
+                        "ephemeral container {} targets {SIDECAR}: nobody may share the sidecar's process namespace",
+                        c.name
+                    ),
+                );
+            }
+            let sc = c.security_context.clone().unwrap_or_default();
+            if sc.privileged == Some(true) {
+                return deny(req, format!("ephemeral container {} is privileged", c.name));
+            }
+            let added = sc
+                .capabilities
+                .and_then(|caps| caps.add)
+                .unwrap_or_default();
+            if let Some(cap) = added
+                .iter()
+                .find(|a| DANGEROUS_CAPS.contains(&a.to_uppercase().trim_start_matches("CAP_")))
+            {
+                return deny(
+                    req,
+                    format!("ephemeral container {} adds capability {cap}", c.name),
+                );
+            }
+            if let Some(m) = c
+                .volume_mounts
+                .iter()
+                .flatten()
+                .find(|m| m.name.starts_with("agentgate-") && m.name != V_CLIENT)
+            {
+                return deny(
+                    req,
+                    format!(
+                        "ephemeral container {} mounts agentgate's volume {}: only the sidecar may",
+                        c.name, m.name
+                    ),
+                );
+            }
+        }
+        return AdmissionResponse::from(req);
+    }
     if req.operation == Operation::Update {
         // An injected pod keeps its sidecar exactly as injected.
         let old: Option<Pod> = req
