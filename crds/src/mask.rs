@@ -154,8 +154,9 @@ pub enum MaskAction {
     /// Replace the value with a keyed hash (HMAC-SHA-256 with `hashKey`, hex): equal values
     /// give equal hashes, so joins and GROUP BY still work, but the value cannot be recovered.
     Hash,
-    /// Replace the value with SQL NULL (JSON `null`).
-    Null,
+    /// Replace the value with SQL NULL (JSON `null`). Named `SetNull` because YAML reads a
+    /// bare `Null` as no value at all.
+    SetNull,
 }
 
 /// What the operator observed about a MaskPolicy.

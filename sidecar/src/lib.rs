@@ -3,5 +3,6 @@
 //! A request's way through it, for every protocol: listener → identity (who) → policy
 //! decision (may they; hold?) → upstream → response → masking → audit record → agent.
 
+pub mod mask;
 pub mod policy;
 pub mod sql;

@@ -73,7 +73,7 @@ fn valid_specs() -> Vec<(&'static str, Value)> {
                     { "name": "emails", "columns": ["*.email"], "detectors": ["Email"], "action": "Redact" },
                     { "name": "cards", "detectors": ["CardNumber"], "action": "Partial", "keepLast": 4 },
                     { "name": "customer-ids", "columns": ["public.customers.id"], "action": "Hash" },
-                    { "name": "secrets", "kubernetes": [ { "kind": "Secret", "paths": ["data.*"] } ], "action": "Null" }
+                    { "name": "secrets", "kubernetes": [ { "kind": "Secret", "paths": ["data.*"] } ], "action": "SetNull" }
                 ],
                 "hashKey": { "name": "mask-key", "key": "key" }
             }),

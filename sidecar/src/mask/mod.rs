@@ -1,0 +1,294 @@
+//! Masking: MaskPolicies compiled into a [`MaskSet`] that decides, for every value, whether it
+//! reaches the agent in clear.
+//!
+//! Rules are tried in order. A rule that matches the value's *source column* (resolved by the
+//! gateway through aliases, expressions and views) masks the whole value and decides. Detector
+//! and pattern rules then look inside the value and mask the parts they find, wherever the
+//! value came from. Masking never fails open: a policy that cannot be compiled (a pattern that
+//! does not compile, a missing hash key) makes the gateway refuse the traffic it covers.
+
+pub mod detect;
+
+use agentgate_crds::common::SecretKeyRef;
+use agentgate_crds::{Detector, MaskAction, MaskPolicy};
+use hmac::{Hmac, Mac};
+use regex::Regex;
+use sha2::Sha256;
+
+use crate::policy::glob;
+
+/// Why policies could not be compiled.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MaskError {
+    /// A custom pattern does not compile.
+    #[error("MaskPolicy {policy} rule {rule}: pattern {index} does not compile: {message}")]
+    Pattern {
+        /// The policy.
+        policy: String,
+        /// The rule.
+        rule: String,
+        /// The pattern's index.
+        index: usize,
+        /// The compiler's message.
+        message: String,
+    },
+    /// A `Hash` rule has no usable key.
+    #[error(
+        "MaskPolicy {policy} rule {rule}: the hash key {secret}/{key} is missing or shorter than 32 bytes"
+    )]
+    HashKey {
+        /// The policy.
+        policy: String,
+        /// The rule.
+        rule: String,
+        /// The Secret.
+        secret: String,
+        /// The key inside it.
+        key: String,
+    },
+}
+
+/// One compiled rule.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    /// `policy/rule`, as records name it.
+    pub name: String,
+    columns: Vec<String>,
+    detectors: Vec<Detector>,
+    patterns: Vec<Regex>,
+    action: MaskAction,
+    keep_last: usize,
+    replacement: String,
+    hash_key: Option<Vec<u8>>,
+}
+
+/// What masking did to a value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Masked {
+    /// Nothing matched: the value passes unchanged.
+    Clear,
+    /// Replaced by this text.
+    Text(String),
+    /// Replaced by NULL.
+    Null,
+}
+
+/// The compiled MaskPolicies for one identity and target.
+#[derive(Debug, Clone, Default)]
+pub struct MaskSet {
+    rules: Vec<Rule>,
+}
+
+/// A source column, as the gateway resolved it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Column {
+    /// Schema.
+    pub schema: String,
+    /// Table (or view).
+    pub table: String,
+    /// Column.
+    pub column: String,
+}
+
+impl Column {
+    fn matches(&self, pattern: &str) -> bool {
+        let parts = pattern.split('.').count();
+        let full = format!("{}.{}.{}", self.schema, self.table, self.column);
+        let short = format!("{}.{}", self.table, self.column);
+        match parts {
+            1 => glob::matches(pattern, &self.column),
+            2 => glob::matches(pattern, &short),
+            _ => glob::matches(pattern, &full),
+        }
+    }
+}
+
+impl MaskSet {
+    /// Compiles `policies` in order; `key` reads a hash key from its Secret.
+    pub fn compile(
+        policies: &[&MaskPolicy],
+        key: &dyn Fn(&SecretKeyRef) -> Option<Vec<u8>>,
+    ) -> Result<Self, MaskError> {
+        let mut rules = Vec::new();
+        for p in policies {
+            let policy = p.metadata.name.clone().unwrap_or_default();
+            for r in &p.spec.rules {
+                let patterns = r
+                    .patterns
+                    .iter()
+                    .enumerate()
+                    .map(|(index, pat)| {
+                        regex::RegexBuilder::new(pat)
+                            .size_limit(1 << 20)
+                            .build()
+                            .map_err(|e| MaskError::Pattern {
+                                policy: policy.clone(),
+                                rule: r.name.clone(),
+                                index,
+                                message: e
+                                    .to_string()
+                                    .lines()
+                                    .last()
+                                    .unwrap_or_default()
+                                    .to_owned(),
+                            })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                let hash_key = if r.action == MaskAction::Hash {
+                    let missing = || MaskError::HashKey {
+                        policy: policy.clone(),
+                        rule: r.name.clone(),
+                        secret: p
+                            .spec
+                            .hash_key
+                            .as_ref()
+                            .map(|k| k.name.clone())
+                            .unwrap_or_default(),
+                        key: p
+                            .spec
+                            .hash_key
+                            .as_ref()
+                            .map(|k| k.key.clone())
+                            .unwrap_or_default(),
+                    };
+                    let k = p.spec.hash_key.as_ref().and_then(key).ok_or_else(missing)?;
+                    if k.len() < 32 {
+                        return Err(missing());
+                    }
+                    Some(k)
+                } else {
+                    None
+                };
+                rules.push(Rule {
+                    name: format!("{policy}/{}", r.name),
+                    columns: r.columns.clone(),
+                    detectors: r.detectors.clone(),
+                    patterns,
+                    action: r.action,
+                    keep_last: r.keep_last.unwrap_or(4) as usize,
+                    replacement: r.replacement.clone().unwrap_or_else(|| "****".into()),
+                    hash_key,
+                });
+            }
+        }
+        Ok(Self { rules })
+    }
+
+    /// Whether no rule exists (nothing is ever masked).
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// The first rule that masks `column` as a whole, if any.
+    pub fn column_rule(&self, column: &Column) -> Option<&Rule> {
+        self.rules
+            .iter()
+            .find(|r| r.columns.iter().any(|p| column.matches(p)))
+    }
+
+    /// Whether any rule looks inside values (detectors or patterns).
+    pub fn has_value_rules(&self) -> bool {
+        self.rules
+            .iter()
+            .any(|r| !r.detectors.is_empty() || !r.patterns.is_empty())
+    }
+
+    /// Masks one text value from `column` (when known). Returns what to send and the rules
+    /// that applied.
+    pub fn mask(&self, column: Option<&Column>, value: &str) -> (Masked, Vec<String>) {
+        if let Some(col) = column
+            && let Some(rule) = self.column_rule(col)
+        {
+            return (rule.apply_whole(value), vec![rule.name.clone()]);
+        }
+        let mut text = value.to_owned();
+        let mut applied = Vec::new();
+        for rule in &self.rules {
+            let mut spans: Vec<std::ops::Range<usize>> = rule
+                .detectors
+                .iter()
+                .flat_map(|d| detect::find(*d, &text))
+                .chain(
+                    rule.patterns
+                        .iter()
+                        .flat_map(|p| p.find_iter(&text).map(|m| m.range())),
+                )
+                .filter(|r| !r.is_empty())
+                .collect();
+            if spans.is_empty() {
+                continue;
+            }
+            applied.push(rule.name.clone());
+            if rule.action == MaskAction::SetNull {
+                return (Masked::Null, applied);
+            }
+            spans.sort_by_key(|r| (r.start, std::cmp::Reverse(r.end)));
+            // Merge overlaps, then replace from the end so earlier offsets stay valid.
+            let mut merged: Vec<std::ops::Range<usize>> = Vec::new();
+            for s in spans {
+                match merged.last_mut() {
+                    Some(last) if s.start <= last.end => last.end = last.end.max(s.end),
+                    _ => merged.push(s),
+                }
+            }
+            for s in merged.into_iter().rev() {
+                let replaced = match rule.apply_whole(&text[s.clone()]) {
+                    Masked::Text(t) => t,
+                    Masked::Clear | Masked::Null => String::new(),
+                };
+                text.replace_range(s, &replaced);
+            }
+        }
+        if applied.is_empty() {
+            (Masked::Clear, applied)
+        } else {
+            (Masked::Text(text), applied)
+        }
+    }
+}
+
+impl Rule {
+    /// The rule's action on a whole value.
+    pub fn apply_whole(&self, value: &str) -> Masked {
+        match self.action {
+            MaskAction::SetNull => Masked::Null,
+            MaskAction::Redact => Masked::Text(self.replacement.clone()),
+            MaskAction::Partial => Masked::Text(partial(value, self.keep_last)),
+            MaskAction::Hash => {
+                let key = self.hash_key.as_deref().unwrap_or_default();
+                match Hmac::<Sha256>::new_from_slice(key) {
+                    Ok(mut mac) => {
+                        mac.update(value.as_bytes());
+                        let out = mac.finalize().into_bytes();
+                        Masked::Text(out.iter().map(|b| format!("{b:02x}")).collect())
+                    }
+                    // Unreachable with a compiled rule (the key was checked); never clear.
+                    Err(_) => Masked::Text(self.replacement.clone()),
+                }
+            }
+        }
+    }
+}
+
+/// Keeps the last `keep` letters and digits; masks the other letters and digits with `*` and
+/// keeps separators, so `4111-1111-1111-1111` becomes `****-****-****-1111`.
+pub fn partial(value: &str, keep: usize) -> String {
+    let total = value.chars().filter(|c| c.is_alphanumeric()).count();
+    // Never reveal more than half of a short value.
+    let keep = keep.min(total / 2);
+    let mut seen = 0;
+    value
+        .chars()
+        .map(|c| {
+            if c.is_alphanumeric() {
+                seen += 1;
+                if seen > total - keep { c } else { '*' }
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;
