@@ -3,6 +3,7 @@
 //! A request's way through it, for every protocol: listener → identity (who) → policy
 //! decision (may they; hold?) → upstream → response → masking → audit record → agent.
 
+pub mod gateway;
 pub mod mask;
 pub mod policy;
 pub mod sql;

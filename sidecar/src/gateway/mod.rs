@@ -1,0 +1,4 @@
+//! The protocol gateways. Each knows only its protocol; identity, policy, masking and audit
+//! are shared.
+
+pub mod postgres;

@@ -1,0 +1,7 @@
+//! The PostgreSQL gateway: its own wire codec (frontend and backend messages, one module
+//! each), so every byte is under the gateway's control — nothing is decoded lossily and
+//! nothing unparsed reaches the database.
+
+pub mod backend;
+pub mod frame;
+pub mod frontend;
