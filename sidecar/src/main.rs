@@ -1,7 +1,13 @@
 //! `agentgate-sidecar`: the gateway next to each agent.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
+use agentgate_sidecar::gateway::postgres::session::{Gateway, serve};
+use agentgate_sidecar::policy::{PolicyStore, folder};
+use anyhow::Context;
 use clap::Parser;
 
 /// agentgate's gateway: runs next to an agent, authenticates it, enforces its grants and
@@ -11,9 +17,22 @@ use clap::Parser;
 #[command(name = "agentgate-sidecar", version, about, long_about = None)]
 struct Args {
     /// Standalone mode: read policy (AgentIdentity, AccessGrant, MaskPolicy, Target) from this
-    /// folder of YAML manifests instead of the Kubernetes API.
+    /// folder of YAML manifests instead of the Kubernetes API; it is reloaded when it changes.
     #[arg(long, env = "AGENTGATE_POLICY_DIR")]
     policy_dir: Option<PathBuf>,
+    /// The AgentIdentity the agent next to this sidecar acts as.
+    #[arg(long, env = "AGENTGATE_IDENTITY")]
+    identity: Option<String>,
+    /// Where the Targets' credentials are: `<dir>/<target>/username`, `password`, CA files.
+    #[arg(
+        long,
+        env = "AGENTGATE_TARGETS_DIR",
+        default_value = "/var/run/agentgate/targets"
+    )]
+    targets_dir: PathBuf,
+    /// Loopback address of the PostgreSQL gateway.
+    #[arg(long, env = "AGENTGATE_PG_ADDR", default_value = "127.0.0.1:15432")]
+    pg_addr: SocketAddr,
     /// Log format: `text` for people, `json` for log pipelines.
     #[arg(long, env = "AGENTGATE_LOG_FORMAT", default_value = "text")]
     log_format: LogFormat,
@@ -25,7 +44,8 @@ enum LogFormat {
     Json,
 }
 
-fn main() -> anyhow::Result<()> {
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
     // kube (ring by default), pgwire and russh (aws-lc-rs) must agree on one provider.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let args = Args::parse();
@@ -38,7 +58,26 @@ fn main() -> anyhow::Result<()> {
             .with_env_filter(filter)
             .init(),
     }
-    anyhow::bail!(
-        "the gateways are not built yet (issue 4); this binary only prints --help and --version"
-    )
+    let Some(dir) = args.policy_dir else {
+        anyhow::bail!(
+            "in-cluster policy (a watch on the API server) is not built yet: run standalone with --policy-dir"
+        );
+    };
+    let identity = args.identity.context(
+        "--identity (or AGENTGATE_IDENTITY) is required: the AgentIdentity this sidecar serves",
+    )?;
+    let store = Arc::new(PolicyStore::default());
+    tokio::spawn(folder::watch(dir, store.clone(), Duration::from_secs(1)));
+    let listener = tokio::net::TcpListener::bind(args.pg_addr)
+        .await
+        .with_context(|| format!("bind the PostgreSQL gateway on {}", args.pg_addr))?;
+    tracing::info!(addr = %args.pg_addr, identity = %identity, "PostgreSQL gateway listening");
+    let gw = Arc::new(Gateway::new(store, identity, args.targets_dir));
+    tokio::select! {
+        _ = serve(listener, gw) => Ok(()),
+        _ = tokio::signal::ctrl_c() => {
+            tracing::info!("interrupted: stopping");
+            Ok(())
+        }
+    }
 }

@@ -201,11 +201,18 @@ fn stamp(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
 /// Loads `dir` now, then reloads it whenever it changes. A folder that fails to load at
 /// start leaves no policy (everything is refused); a later bad edit keeps the last good
 /// policy in force and is reported until fixed.
+///
+/// A change is loaded once the folder has looked the same for one more interval, so a file
+/// caught half-written (which might parse, but without its last guardrails) is never loaded.
 pub async fn watch(dir: PathBuf, store: Arc<PolicyStore>, every: Duration) {
     let mut last = None;
+    let mut seen = None;
     loop {
         let now = stamp(&dir);
-        if last.as_ref() != Some(&now) {
+        if seen.as_ref() != Some(&now) && last.is_some() {
+            seen = Some(now);
+        } else if last.as_ref() != Some(&now) {
+            seen = Some(now.clone());
             match load(&dir) {
                 Ok(s) => {
                     for w in &s.warnings {

@@ -442,11 +442,11 @@ async fn the_folder_reloads_on_change_and_keeps_the_last_good_policy() {
             wait(&|| store.get().is_some_and(|s| s.identities.len() == 2));
             // A disabled identity takes effect on reload.
             std::fs::write(dir.join("p.yaml"), POLICY.replace("owner: team\n  authentication: { serviceAccount: { name: claude } }", "owner: team\n  disabled: true\n  authentication: { serviceAccount: { name: claude } }")).unwrap();
-            wait(&|| store.get().is_some_and(|s| s.identities["claude"].spec.disabled));
+            wait(&|| store.get().is_some_and(|s| s.identities.get("claude").is_some_and(|i| i.spec.disabled)));
             // A broken edit keeps the last good policy and reports the error.
             std::fs::write(dir.join("p.yaml"), "kind: [").unwrap();
             wait(&|| store.error().is_some());
-            assert!(store.get().is_some_and(|s| s.identities["claude"].spec.disabled));
+            assert!(store.get().is_some_and(|s| s.identities.get("claude").is_some_and(|i| i.spec.disabled)));
         }
     })
     .await

@@ -5,3 +5,5 @@
 pub mod backend;
 pub mod frame;
 pub mod frontend;
+pub mod session;
+pub mod upstream;

@@ -1,0 +1,678 @@
+//! One agent connection through the PostgreSQL gateway.
+//!
+//! Two tasks per connection: the *reader* takes the agent's messages, classifies every SQL
+//! text with PostgreSQL's grammar, asks the policy, and forwards only what is allowed; the
+//! *writer* relays the server's answers (masking values) and slots the gateway's own answers
+//! (refusals) in exactly where the server's would have been, so pipelining clients see a
+//! well-ordered stream.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI32, Ordering};
+
+use agentgate_crds::Protocol;
+use bytes::Bytes;
+use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Mutex, mpsc};
+
+use super::backend::{self, ErrorFields, sqlstate};
+use super::frame::{
+    Frame, FrameError, MAX_MESSAGE, Startup, read_frame, read_startup, write_frames,
+};
+use super::frontend::{self, Frontend};
+use super::upstream::{self, Credentials, Upstream};
+use crate::mask::{MaskSet, Masked};
+use crate::policy::{self, Command, Decision, PolicyStore, Verdict};
+use crate::sql::{Classified, classify};
+
+/// A backend's process id and secret key, as in BackendKeyData.
+type CancelKey = (i32, Vec<u8>);
+
+/// What the gateway needs to serve connections.
+pub struct Gateway {
+    /// The policy.
+    pub policy: Arc<PolicyStore>,
+    /// The identity every connection on this listener acts as (the pod's identity).
+    pub identity: String,
+    /// Where each Target's credentials are mounted: `<dir>/<target>/{username,password,…}`.
+    pub targets_dir: PathBuf,
+    cancels: Mutex<HashMap<CancelKey, (String, CancelKey)>>,
+    next_pid: AtomicI32,
+}
+
+impl Gateway {
+    /// A gateway for `identity`.
+    pub fn new(policy: Arc<PolicyStore>, identity: String, targets_dir: PathBuf) -> Self {
+        Self {
+            policy,
+            identity,
+            targets_dir,
+            cancels: Mutex::new(HashMap::new()),
+            next_pid: AtomicI32::new(1),
+        }
+    }
+}
+
+/// Accepts connections forever.
+pub async fn serve(listener: TcpListener, gw: Arc<Gateway>) {
+    loop {
+        let (sock, peer) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                continue;
+            }
+        };
+        let gw = gw.clone();
+        tokio::spawn(async move {
+            if let Err(e) = handle(sock, gw).await {
+                tracing::debug!(%peer, error = %e, "connection ended");
+            }
+        });
+    }
+}
+
+type AgentWriter = BufWriter<tokio::io::WriteHalf<TcpStream>>;
+
+async fn fatal(
+    w: &mut AgentWriter,
+    code: &str,
+    msg: String,
+    hint: Option<&str>,
+) -> Result<(), FrameError> {
+    let mut e = ErrorFields::fatal(code, msg);
+    if let Some(h) = hint {
+        e = e.hint(h);
+    }
+    write_frames(w, &[e.to_error()]).await
+}
+
+/// Serves one connection to the end.
+pub async fn handle(sock: TcpStream, gw: Arc<Gateway>) -> Result<(), FrameError> {
+    let _ = sock.set_nodelay(true);
+    let (r, w) = tokio::io::split(sock);
+    let mut r = BufReader::new(r);
+    let mut w = BufWriter::new(w);
+    // Startup: TLS is not offered on loopback; the agent connects with sslmode=disable.
+    let startup = loop {
+        match read_startup(&mut r).await {
+            Ok(Startup::SslRequest | Startup::GssEncRequest) => {
+                w.write_all(b"N").await?;
+                w.flush().await?;
+            }
+            Ok(Startup::Cancel { pid, key }) => {
+                let found = gw.cancels.lock().await.get(&(pid, key)).cloned();
+                if let Some((target, ukey)) = found
+                    && let Some(s) = gw.policy.get()
+                    && let Some(pg) = s.targets.get(&target).and_then(|t| t.spec.postgres.clone())
+                {
+                    let _ = upstream::cancel(&pg, &ukey).await;
+                }
+                return Ok(());
+            }
+            Ok(s @ Startup::Startup { .. }) => break s,
+            Err(e) => {
+                let _ = fatal(
+                    &mut w,
+                    sqlstate::PROTOCOL_VIOLATION,
+                    format!("agentgate: {e}"),
+                    None,
+                )
+                .await;
+                return Err(e);
+            }
+        }
+    };
+    let database = startup
+        .param("database")
+        .or(startup.param("user"))
+        .unwrap_or_default()
+        .to_owned();
+    let Some(snapshot) = gw.policy.get() else {
+        let why = gw
+            .policy
+            .error()
+            .unwrap_or_else(|| "no policy loaded yet".into());
+        fatal(
+            &mut w,
+            sqlstate::CANNOT_CONNECT_NOW,
+            format!("agentgate refuses connections until its policy is loaded: {why}"),
+            Some("retry in a moment; if it persists, check the sidecar's log"),
+        )
+        .await?;
+        return Ok(());
+    };
+    let identity = gw.identity.clone();
+    match snapshot.identities.get(&identity) {
+        None => {
+            fatal(
+                &mut w,
+                sqlstate::INVALID_AUTHORIZATION,
+                format!("agentgate: no AgentIdentity {identity} is known to this gateway"),
+                None,
+            )
+            .await?;
+            return Ok(());
+        }
+        Some(id) if id.spec.disabled => {
+            fatal(
+                &mut w,
+                sqlstate::INVALID_AUTHORIZATION,
+                format!("agentgate: AgentIdentity {identity} is disabled"),
+                None,
+            )
+            .await?;
+            return Ok(());
+        }
+        Some(_) => {}
+    }
+    let target = snapshot
+        .targets
+        .get(&database)
+        .filter(|t| t.spec.protocol == Protocol::Postgres)
+        .and_then(|t| t.spec.postgres.clone());
+    let Some(pg) = target else {
+        let known: Vec<&str> = snapshot
+            .targets
+            .iter()
+            .filter(|(_, t)| t.spec.protocol == Protocol::Postgres)
+            .map(|(n, _)| n.as_str())
+            .collect();
+        fatal(
+            &mut w,
+            sqlstate::INVALID_AUTHORIZATION,
+            format!("agentgate: no PostgreSQL Target named {database:?}"),
+            Some(&format!(
+                "connect with the Target's name as the database; known: {}",
+                known.join(", ")
+            )),
+        )
+        .await?;
+        return Ok(());
+    };
+    let creds = match Credentials::from_dir(
+        &gw.targets_dir.join(&database),
+        pg.tls.ca.as_ref().map(|c| c.key.as_str()),
+    ) {
+        Ok(c) => c,
+        Err(e) => {
+            fatal(
+                &mut w,
+                sqlstate::CONNECTION_FAILURE,
+                format!("agentgate cannot connect to {database}: {e}"),
+                None,
+            )
+            .await?;
+            return Ok(());
+        }
+    };
+    let passthrough: Vec<(String, String)> = match &startup {
+        Startup::Startup { params, .. } => params
+            .iter()
+            .filter(|(k, _)| {
+                matches!(
+                    k.as_str(),
+                    "application_name"
+                        | "client_encoding"
+                        | "DateStyle"
+                        | "TimeZone"
+                        | "extra_float_digits"
+                        | "IntervalStyle"
+                )
+            })
+            .cloned()
+            .collect(),
+        _ => Vec::new(),
+    };
+    let up = match upstream::connect(&pg, &creds, &passthrough).await {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::warn!(target = %database, error = %e, "upstream connection failed");
+            fatal(
+                &mut w,
+                sqlstate::CONNECTION_FAILURE,
+                format!("agentgate cannot connect to {database}: {e}"),
+                None,
+            )
+            .await?;
+            return Ok(());
+        }
+    };
+    let Upstream {
+        stream,
+        params,
+        key,
+    } = up;
+    let pid = gw.next_pid.fetch_add(1, Ordering::Relaxed);
+    let our_key: Vec<u8> = {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        (t ^ (pid as u32).rotate_left(13)).to_be_bytes().to_vec()
+    };
+    if let Some(k) = key {
+        gw.cancels
+            .lock()
+            .await
+            .insert((pid, our_key.clone()), (database.clone(), k));
+    }
+    let mut hello = vec![backend::authentication_ok()];
+    hello.extend(params);
+    hello.push(backend::backend_key_data(pid, &our_key));
+    hello.push(backend::ready_for_query(b'I'));
+    write_frames(&mut w, &hello).await?;
+
+    let masks = policy::masks_for(&snapshot, &identity, &database);
+    let mask_set = match MaskSet::compile(&masks, &|k| {
+        std::fs::read(gw.targets_dir.join("mask-keys").join(&k.name).join(&k.key)).ok()
+    }) {
+        Ok(m) => Arc::new(m),
+        Err(e) => {
+            fatal(
+                &mut w,
+                sqlstate::CANNOT_CONNECT_NOW,
+                format!("agentgate refuses {database} while a MaskPolicy is broken: {e}"),
+                None,
+            )
+            .await?;
+            return Ok(());
+        }
+    };
+    tracing::info!(identity = %identity, target = %database, "session started");
+
+    let (ur, uw) = tokio::io::split(stream);
+    let (tx, rx) = mpsc::channel::<Event>(256);
+    let writer = tokio::spawn(writer(rx, BufReader::new(ur), w, mask_set));
+    let result = reader(&gw, &identity, &database, r, BufWriter::new(uw), tx).await;
+    let _ = writer.await;
+    gw.cancels.lock().await.remove(&(pid, our_key));
+    tracing::info!(identity = %identity, target = %database, "session ended");
+    result
+}
+
+/// What the writer is told by the reader.
+enum Event {
+    /// A forwarded Query or Sync: the server will answer up to a ReadyForQuery.
+    ExpectUpstream,
+    /// A forwarded part of a batch that the gateway ended early with a Sync of its own: relay
+    /// the server's answers but not its ReadyForQuery.
+    ExpectUpstreamSwallowReady,
+    /// The gateway's own answer, to send once everything before it was answered.
+    Own(Vec<Frame>),
+    /// The gateway's ReadyForQuery (after a refused batch), with the last known status.
+    OwnReady,
+    /// The agent left.
+    Done,
+}
+
+enum Pending {
+    Upstream { swallow_ready: bool },
+    Own(Vec<Frame>),
+    OwnReady,
+}
+
+async fn writer(
+    mut rx: mpsc::Receiver<Event>,
+    mut up: BufReader<tokio::io::ReadHalf<Box<dyn upstream::Stream>>>,
+    mut agent: AgentWriter,
+    masks: Arc<MaskSet>,
+) {
+    let mut queue: VecDeque<Pending> = VecDeque::new();
+    let mut status = b'I';
+    let mut formats: Vec<i16> = Vec::new();
+    let mut done = false;
+    loop {
+        // Emit the gateway's own answers that are now at the head.
+        loop {
+            match queue.front() {
+                Some(Pending::Own(_)) => {
+                    if let Some(Pending::Own(frames)) = queue.pop_front()
+                        && write_frames(&mut agent, &frames).await.is_err()
+                    {
+                        return;
+                    }
+                }
+                Some(Pending::OwnReady) => {
+                    queue.pop_front();
+                    if write_frames(&mut agent, &[backend::ready_for_query(status)])
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                _ => break,
+            }
+        }
+        if done && queue.is_empty() {
+            let _ = agent.shutdown().await;
+            return;
+        }
+        tokio::select! {
+            ev = rx.recv(), if !done => match ev {
+                Some(Event::ExpectUpstream) => queue.push_back(Pending::Upstream { swallow_ready: false }),
+                Some(Event::ExpectUpstreamSwallowReady) => queue.push_back(Pending::Upstream { swallow_ready: true }),
+                Some(Event::Own(f)) => queue.push_back(Pending::Own(f)),
+                Some(Event::OwnReady) => queue.push_back(Pending::OwnReady),
+                Some(Event::Done) | None => done = true,
+            },
+            frame = read_frame(&mut up, MAX_MESSAGE) => {
+                let frame = match frame {
+                    Ok(Some(f)) => f,
+                    Ok(None) | Err(_) => {
+                        if !done {
+                            let e = ErrorFields::fatal(sqlstate::CONNECTION_FAILURE, "agentgate: the database closed the connection");
+                            let _ = write_frames(&mut agent, &[e.to_error()]).await;
+                        }
+                        let _ = agent.shutdown().await;
+                        return;
+                    }
+                };
+                let out = match frame.tag {
+                    b'T' => {
+                        formats = backend::decode_row_description(&frame).map(|f| f.iter().map(|x| x.format).collect()).unwrap_or_default();
+                        frame
+                    }
+                    b'D' if !masks.is_empty() => match mask_row(&masks, &frame, &formats) {
+                        Some(f) => f,
+                        None => {
+                            let e = ErrorFields::fatal(sqlstate::PROTOCOL_VIOLATION, "agentgate: the database sent a malformed row");
+                            let _ = write_frames(&mut agent, &[e.to_error()]).await;
+                            return;
+                        }
+                    },
+                    b'Z' => {
+                        status = frame.body.first().copied().unwrap_or(b'I');
+                        match queue.pop_front() {
+                            Some(Pending::Upstream { swallow_ready: true }) => continue,
+                            _ => frame,
+                        }
+                    }
+                    _ => frame,
+                };
+                if write_frames(&mut agent, &[out]).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Masks the text values of a DataRow; `None` if the row is malformed.
+fn mask_row(masks: &MaskSet, frame: &Frame, formats: &[i16]) -> Option<Frame> {
+    let mut values = backend::decode_data_row(frame).ok()?;
+    let mut changed = false;
+    for (i, v) in values.iter_mut().enumerate() {
+        let binary = formats.get(i).copied().unwrap_or(0) == 1;
+        let Some(bytes) = v.as_ref() else { continue };
+        if binary {
+            // Binary values cannot be searched for patterns: masked sets refuse to show them.
+            if masks.has_value_rules() {
+                *v = None;
+                changed = true;
+            }
+            continue;
+        }
+        let text = String::from_utf8_lossy(bytes);
+        match masks.mask(None, &text).0 {
+            Masked::Clear => {}
+            Masked::Text(t) => {
+                *v = Some(Bytes::from(t));
+                changed = true;
+            }
+            Masked::Null => {
+                *v = None;
+                changed = true;
+            }
+        }
+    }
+    Some(if changed {
+        backend::encode_data_row(&values)
+    } else {
+        frame.clone()
+    })
+}
+
+fn refusal(d: &Decision, c: Option<&Classified>) -> ErrorFields {
+    let what = c
+        .map(|c| {
+            c.statements
+                .iter()
+                .map(|s| s.tag.clone())
+                .collect::<Vec<_>>()
+                .join("; ")
+        })
+        .unwrap_or_default();
+    match d.verdict {
+        Verdict::Hold => ErrorFields::error(
+            sqlstate::OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("held for approval: {}", d.message),
+        )
+        .detail(format!(
+            "{what} was not run. It runs once an AccessGrant bound to this exact command (fingerprint {}) is approved.",
+            c.map(|c| c.fingerprint.as_str()).unwrap_or("")
+        ))
+        .hint("ask an approver to approve the grant request, then run the command again"),
+        _ => ErrorFields::error(sqlstate::INSUFFICIENT_PRIVILEGE, format!("agentgate: {}", d.message))
+            .detail(format!("{what} was refused by rule {}", d.rule)),
+    }
+}
+
+/// Reads the agent's messages, decides, forwards.
+async fn reader(
+    gw: &Gateway,
+    identity: &str,
+    target: &str,
+    mut agent: BufReader<tokio::io::ReadHalf<TcpStream>>,
+    mut up: BufWriter<tokio::io::WriteHalf<Box<dyn upstream::Stream>>>,
+    tx: mpsc::Sender<Event>,
+) -> Result<(), FrameError> {
+    // Prepared statements' classifications, for Execute-time checks.
+    let mut statements: HashMap<String, Classified> = HashMap::new();
+    let mut portals: HashMap<String, String> = HashMap::new();
+    let mut skip_until_sync = false;
+    let mut in_batch = false;
+    let mut copy_in = false;
+    let decide = |c: &Classified| {
+        let snapshot = gw.policy.get();
+        policy::decide(
+            snapshot.as_deref(),
+            identity,
+            target,
+            &Command::from(c),
+            jiff::Timestamp::now(),
+        )
+    };
+    let result = loop {
+        let frame = match read_frame(&mut agent, MAX_MESSAGE).await {
+            Ok(Some(f)) => f,
+            Ok(None) => break Ok(()),
+            Err(e) => {
+                let err =
+                    ErrorFields::fatal(sqlstate::PROTOCOL_VIOLATION, format!("agentgate: {e}"));
+                let _ = tx.send(Event::Own(vec![err.to_error()])).await;
+                break Err(e);
+            }
+        };
+        let msg = match frontend::decode(&frame) {
+            Ok(m) => m,
+            Err(e) => {
+                let err =
+                    ErrorFields::fatal(sqlstate::PROTOCOL_VIOLATION, format!("agentgate: {e}"));
+                let _ = tx.send(Event::Own(vec![err.to_error()])).await;
+                break Err(e);
+            }
+        };
+        if copy_in {
+            match &msg {
+                Frontend::CopyData(_) => {
+                    write_frames(&mut up, &[frame]).await?;
+                    continue;
+                }
+                Frontend::CopyDone | Frontend::CopyFail(_) => {
+                    copy_in = false;
+                    write_frames(&mut up, &[frame]).await?;
+                    continue;
+                }
+                _ => {}
+            }
+        }
+        if skip_until_sync && !matches!(msg, Frontend::Sync | Frontend::Terminate) {
+            continue;
+        }
+        match msg {
+            Frontend::Query(sql) => {
+                let classified = match classify(&sql) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let err = ErrorFields::error(
+                            sqlstate::SYNTAX_ERROR,
+                            format!("agentgate refuses what it cannot parse: {e}"),
+                        );
+                        tx.send(Event::Own(vec![err.to_error()])).await.ok();
+                        tx.send(Event::OwnReady).await.ok();
+                        continue;
+                    }
+                };
+                let d = decide(&classified);
+                tracing::info!(identity, target, class = %classified.class, verdict = ?d.verdict, rule = %d.rule, fingerprint = %classified.fingerprint, "query");
+                if d.verdict == Verdict::Allow {
+                    copy_in = classified.statements.iter().any(|s| s.tag == "COPY FROM");
+                    tx.send(Event::ExpectUpstream).await.ok();
+                    write_frames(&mut up, &[frontend::encode(&Frontend::Query(sql))]).await?;
+                } else {
+                    tx.send(Event::Own(vec![refusal(&d, Some(&classified)).to_error()]))
+                        .await
+                        .ok();
+                    tx.send(Event::OwnReady).await.ok();
+                }
+            }
+            Frontend::Parse {
+                name,
+                sql,
+                param_types,
+            } => {
+                let refused = match classify(&sql) {
+                    Err(e) => Some(ErrorFields::error(
+                        sqlstate::SYNTAX_ERROR,
+                        format!("agentgate refuses what it cannot parse: {e}"),
+                    )),
+                    Ok(c) => {
+                        let d = decide(&c);
+                        tracing::info!(identity, target, class = %c.class, verdict = ?d.verdict, rule = %d.rule, fingerprint = %c.fingerprint, "parse");
+                        if d.verdict == Verdict::Allow {
+                            statements.insert(name.clone(), c);
+                            None
+                        } else {
+                            Some(refusal(&d, Some(&c)))
+                        }
+                    }
+                };
+                match refused {
+                    None => {
+                        in_batch = true;
+                        write_frames(
+                            &mut up,
+                            &[frontend::encode(&Frontend::Parse {
+                                name,
+                                sql,
+                                param_types,
+                            })],
+                        )
+                        .await?;
+                    }
+                    Some(err) => {
+                        if in_batch {
+                            // End the forwarded part of the batch; the server's ReadyForQuery is
+                            // swallowed and ours follows the agent's Sync.
+                            tx.send(Event::ExpectUpstreamSwallowReady).await.ok();
+                            write_frames(&mut up, &[frontend::encode(&Frontend::Sync)]).await?;
+                        }
+                        tx.send(Event::Own(vec![err.to_error()])).await.ok();
+                        skip_until_sync = true;
+                        in_batch = false;
+                    }
+                }
+            }
+            Frontend::Bind {
+                ref portal,
+                ref statement,
+                ..
+            } => {
+                portals.insert(portal.clone(), statement.clone());
+                in_batch = true;
+                write_frames(&mut up, &[frame]).await?;
+            }
+            Frontend::Execute { ref portal, .. } => {
+                // Re-check at execution: a grant may have expired since Parse.
+                let statement = portals.get(portal).cloned().unwrap_or_default();
+                let verdict = statements.get(&statement).map(|c| (decide(c), c.clone()));
+                match verdict {
+                    Some((d, _)) if d.verdict == Verdict::Allow => {
+                        in_batch = true;
+                        write_frames(&mut up, &[frame]).await?;
+                    }
+                    other => {
+                        let err = match &other {
+                            Some((d, c)) => refusal(d, Some(c)),
+                            None => ErrorFields::error(
+                                sqlstate::INSUFFICIENT_PRIVILEGE,
+                                "agentgate: executing a statement it has not seen prepared",
+                            ),
+                        };
+                        if in_batch {
+                            tx.send(Event::ExpectUpstreamSwallowReady).await.ok();
+                            write_frames(&mut up, &[frontend::encode(&Frontend::Sync)]).await?;
+                        }
+                        tx.send(Event::Own(vec![err.to_error()])).await.ok();
+                        skip_until_sync = true;
+                        in_batch = false;
+                    }
+                }
+            }
+            Frontend::Describe { .. } | Frontend::Close { .. } | Frontend::Flush => {
+                in_batch = true;
+                write_frames(&mut up, &[frame]).await?;
+            }
+            Frontend::Sync => {
+                if skip_until_sync {
+                    skip_until_sync = false;
+                    tx.send(Event::OwnReady).await.ok();
+                } else {
+                    tx.send(Event::ExpectUpstream).await.ok();
+                    write_frames(&mut up, &[frame]).await?;
+                }
+                in_batch = false;
+            }
+            Frontend::Terminate => {
+                let _ = write_frames(&mut up, &[frame]).await;
+                break Ok(());
+            }
+            Frontend::FunctionCall => {
+                let err = ErrorFields::error(
+                    sqlstate::FEATURE_NOT_SUPPORTED,
+                    "agentgate refuses the fast-path function call protocol: call functions with SELECT",
+                );
+                tx.send(Event::Own(vec![err.to_error()])).await.ok();
+                tx.send(Event::OwnReady).await.ok();
+            }
+            Frontend::CopyData(_) | Frontend::CopyDone | Frontend::CopyFail(_) => {
+                // Outside COPY FROM STDIN the server ignores these; so does the gateway.
+            }
+            Frontend::Password(_) => {
+                let err = ErrorFields::fatal(
+                    sqlstate::PROTOCOL_VIOLATION,
+                    "agentgate: unexpected authentication message",
+                );
+                tx.send(Event::Own(vec![err.to_error()])).await.ok();
+                break Ok(());
+            }
+        }
+    };
+    let _ = up.shutdown().await;
+    let _ = tx.send(Event::Done).await;
+    result
+}

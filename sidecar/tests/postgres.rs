@@ -1,0 +1,331 @@
+//! The PostgreSQL gateway, standalone (a folder of manifests), between real psql/pgbench and a
+//! real PostgreSQL server with TLS and SCRAM.
+
+#![allow(clippy::expect_used)]
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use testenv::process::{Proc, Spec, free_port};
+use testenv::{Parts, TestEnv};
+
+struct Gateway {
+    env: TestEnv,
+    _proc: Proc,
+    port: u16,
+    policy: tempfile::TempDir,
+    _targets: tempfile::TempDir,
+}
+
+fn policy(pg_port: u16) -> String {
+    format!(
+        r#"
+apiVersion: agentgate.dev/v1alpha1
+kind: Target
+metadata: {{ name: orders-db }}
+spec:
+  protocol: Postgres
+  postgres:
+    host: 127.0.0.1
+    port: {pg_port}
+    database: app
+    tls: {{ mode: VerifyFull, ca: {{ name: pg, key: ca.crt }} }}
+    credentials: {{ name: orders-db-credentials }}
+  guardrails:
+    - {{ name: no-drop-table, matches: ["DROP TABLE"], action: Block, message: dropping tables is never allowed for agents }}
+---
+apiVersion: agentgate.dev/v1alpha1
+kind: Target
+metadata: {{ name: md5-db }}
+spec:
+  protocol: Postgres
+  postgres: {{ host: 127.0.0.1, port: {pg_port}, database: app, tls: {{ mode: Disable }}, credentials: {{ name: md5 }} }}
+---
+apiVersion: agentgate.dev/v1alpha1
+kind: AgentIdentity
+metadata: {{ name: claude }}
+spec:
+  owner: team-orders
+  authentication: {{ serviceAccount: {{ name: claude }} }}
+  baseline:
+    - {{ target: orders-db, scope: {{ operations: [Read] }} }}
+    - {{ target: md5-db, scope: {{ operations: [Read] }} }}
+---
+apiVersion: agentgate.dev/v1alpha1
+kind: MaskPolicy
+metadata: {{ name: pii }}
+spec:
+  rules:
+    - {{ name: emails, detectors: [Email], action: Redact }}
+    - {{ name: cards, detectors: [CardNumber], action: Partial, keepLast: 4 }}
+"#
+    )
+}
+
+async fn start() -> anyhow::Result<Gateway> {
+    let env = TestEnv::start_async(Parts {
+        postgres: true,
+        ..Default::default()
+    })
+    .await?;
+    let pg = env.postgres()?;
+    pg.psql_run(
+        "app",
+        "CREATE TABLE customers (id int PRIMARY KEY, email text, card text, name text);
+         INSERT INTO customers VALUES (1, 'ada@example.com', '4111 1111 1111 1111', 'Ada'), (2, NULL, NULL, 'Bob');
+         CREATE TABLE orders (id int PRIMARY KEY, state text, customer_id int);
+         INSERT INTO orders VALUES (4711, 'paid', 1), (4712, 'paid', 2);
+         GRANT ALL ON ALL TABLES IN SCHEMA public TO agentgate, agentgate_md5;",
+    )?;
+    let policy_dir = tempfile::tempdir()?;
+    std::fs::write(policy_dir.path().join("policy.yaml"), policy(pg.port()))?;
+    let targets = tempfile::tempdir()?;
+    for (target, user) in [("orders-db", "agentgate"), ("md5-db", "agentgate_md5")] {
+        let d = targets.path().join(target);
+        std::fs::create_dir_all(&d)?;
+        std::fs::write(d.join("username"), user)?;
+        std::fs::write(d.join("password"), pg.password())?;
+        std::fs::write(d.join("ca.crt"), pg.ca_pem())?;
+    }
+    let port = free_port()?;
+    let spec = Spec::new("sidecar", env!("CARGO_BIN_EXE_agentgate-sidecar")).args([
+        format!("--policy-dir={}", policy_dir.path().display()),
+        "--identity=claude".into(),
+        format!("--targets-dir={}", targets.path().display()),
+        format!("--pg-addr=127.0.0.1:{port}"),
+    ]);
+    let mut proc = Proc::start(spec, &env.dir().join("logs"))?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        proc.check_running()?;
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the sidecar never listened:\n{}",
+            proc.log_tail(30)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(Gateway {
+        env,
+        _proc: proc,
+        port,
+        policy: policy_dir,
+        _targets: targets,
+    })
+}
+
+impl Gateway {
+    fn psql(&self, db: &str, sql: &str) -> Output {
+        Command::new(self.env.bins.pg_bin.join("psql"))
+            .arg(format!(
+                "host=127.0.0.1 port={} dbname={db} user=claude sslmode=disable",
+                self.port
+            ))
+            .args(["-X", "-At", "-v", "ON_ERROR_STOP=1", "-c", sql])
+            .output()
+            .expect("run psql")
+    }
+
+    fn ok(&self, sql: &str) -> String {
+        let out = self.psql("orders-db", sql);
+        assert!(
+            out.status.success(),
+            "{sql}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    fn err(&self, sql: &str) -> String {
+        let out = self.psql("orders-db", sql);
+        assert!(
+            !out.status.success(),
+            "{sql} should fail: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+}
+
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_through_the_gateway() -> anyhow::Result<()> {
+    let gw = start().await?;
+    wait_for("policy loaded", || {
+        gw.psql("orders-db", "SELECT 1").status.success()
+    });
+
+    // Reads pass, masked in the protocol; NULL stays NULL.
+    assert_eq!(
+        gw.ok("SELECT id, email, card, name FROM customers ORDER BY id"),
+        "1|****|**** **** **** 1111|Ada\n2|||Bob"
+    );
+    // Evasions of the value detectors: aliases, casts, functions, JSON.
+    assert_eq!(
+        gw.ok("SELECT upper(email)::varchar AS x FROM customers WHERE id = 1"),
+        "****"
+    );
+    assert_eq!(
+        gw.ok("SELECT row_to_json(c) FROM customers c WHERE id = 1"),
+        r#"{"id":1,"email":"****","card":"**** **** **** 1111","name":"Ada"}"#
+    );
+    assert_eq!(
+        gw.ok("SELECT string_agg(email, ',') FROM customers"),
+        "****"
+    );
+
+    // The upstream login used SCRAM over verified TLS, as the gateway's role.
+    assert_eq!(
+        gw.ok("SELECT current_user, ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"),
+        "agentgate|t"
+    );
+
+    // Refused, with the rule and its message.
+    let e = gw.err("DROP TABLE orders");
+    assert!(
+        e.contains(
+            "refused by guardrail no-drop-table: dropping tables is never allowed for agents"
+        ),
+        "{e}"
+    );
+    assert!(
+        e.contains("DROP TABLE was refused by rule no-drop-table"),
+        "{e}"
+    );
+    let e = gw.err("SELECT pg_read_file('/etc/passwd')");
+    assert!(e.contains("agentgate-block-admin"), "{e}");
+    let e = gw.err("SET ROLE postgres");
+    assert!(e.contains("agentgate-block-privilege"), "{e}");
+    let e = gw.err("SELEC 1");
+    assert!(
+        e.contains("agentgate refuses what it cannot parse: syntax error"),
+        "{e}"
+    );
+    // Held: no grant for writes.
+    let e = gw.err("UPDATE orders SET state = 'shipped' WHERE id = 4711");
+    assert!(
+        e.contains(
+            "held for approval: no baseline or active grant allows Write on orders-db (orders)"
+        ),
+        "{e}"
+    );
+    assert!(e.contains("HINT:  ask an approver"), "{e}");
+    // A write hidden in a CTE or after a read is the same write.
+    let e = gw.err(
+        "WITH x AS (UPDATE orders SET state = 'x' WHERE id = 4711 RETURNING 1) SELECT * FROM x",
+    );
+    assert!(e.contains("held for approval"), "{e}");
+    let e = gw.err("SELECT 1; DELETE FROM orders WHERE id = 4712");
+    assert!(e.contains("held for approval"), "{e}");
+    // Nothing refused reached the database.
+    let pg = gw.env.postgres()?;
+    assert_eq!(
+        pg.psql_run(
+            "app",
+            "SELECT string_agg(state, ',' ORDER BY id) FROM orders"
+        )?
+        .trim(),
+        "paid,paid"
+    );
+
+    // An approved grant (a manifest in the folder) lets the write through.
+    let now = jiff::Timestamp::now();
+    std::fs::write(
+        gw.policy.path().join("grant.yaml"),
+        format!(
+            "apiVersion: agentgate.dev/v1alpha1\nkind: AccessGrant\nmetadata: {{ name: ship-4711, creationTimestamp: \"{now}\" }}\nspec:\n  identity: claude\n  target: orders-db\n  scope: {{ operations: [Write], tables: [public.orders] }}\n  duration: 10m\n  reason: ship it\n  decision: {{ verdict: Approve, decidedAt: \"{now}\", decidedBy: {{ username: alice }} }}\n"
+        ),
+    )?;
+    wait_for("the grant is loaded", || {
+        gw.psql(
+            "orders-db",
+            "UPDATE orders SET state = 'shipped' WHERE id = 4711",
+        )
+        .status
+        .success()
+    });
+    assert_eq!(
+        pg.psql_run("app", "SELECT state FROM orders WHERE id = 4711")?
+            .trim(),
+        "shipped"
+    );
+    // ... within its scope only.
+    let e = gw.err("UPDATE customers SET name = 'x' WHERE id = 1");
+    assert!(e.contains("held for approval"), "{e}");
+    // ... and never for every row.
+    let e = gw.err("UPDATE orders SET state = 'lost'");
+    assert!(e.contains("agentgate-hold-unbounded"), "{e}");
+
+    // md5 upstream authentication works too.
+    let out = gw.psql("md5-db", "SELECT current_user");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "agentgate_md5",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Unknown target: refused at connection, naming the known ones.
+    let out = gw.psql("prod-db", "SELECT 1");
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        e.contains("no PostgreSQL Target named \"prod-db\"") && e.contains("md5-db, orders-db"),
+        "{e}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_extended_protocol_through_the_gateway() -> anyhow::Result<()> {
+    let gw = start().await?;
+    wait_for("policy loaded", || {
+        gw.psql("orders-db", "SELECT 1").status.success()
+    });
+    let script = gw.env.dir().join("read.sql");
+    std::fs::write(
+        &script,
+        "\\set id random(4711, 4712)\nSELECT state FROM orders WHERE id = :id;\n",
+    )?;
+    let pgbench = |mode: &str, script: &Path| {
+        Command::new(gw.env.bins.pg_bin.join("pgbench"))
+            .arg(format!(
+                "host=127.0.0.1 port={} dbname=orders-db user=claude sslmode=disable",
+                gw.port
+            ))
+            .args(["-n", "-M", mode, "-t", "50", "-c", "4", "-f"])
+            .arg(script)
+            .output()
+            .expect("run pgbench")
+    };
+    for mode in ["simple", "extended", "prepared"] {
+        let out = pgbench(mode, &script);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{mode}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            stdout.contains("number of transactions actually processed: 200/200"),
+            "{mode}: {stdout}"
+        );
+    }
+    // A refused statement in the extended protocol is an error for pgbench, with the reason.
+    let bad = gw.env.dir().join("write.sql");
+    std::fs::write(&bad, "UPDATE orders SET state = 'x' WHERE id = 4711;\n")?;
+    let out = pgbench("extended", &bad);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("held for approval"),
+        "{stderr}"
+    );
+    Ok(())
+}
