@@ -57,6 +57,7 @@ kind: MaskPolicy
 metadata: {{ name: pii }}
 spec:
   rules:
+    - {{ name: names, columns: ["public.customers.name"], action: Redact, replacement: "[name]" }}
     - {{ name: emails, detectors: [Email], action: Redact }}
     - {{ name: cards, detectors: [CardNumber], action: Partial, keepLast: 4 }}
 "#
@@ -166,7 +167,7 @@ async fn psql_through_the_gateway() -> anyhow::Result<()> {
     // Reads pass, masked in the protocol; NULL stays NULL.
     assert_eq!(
         gw.ok("SELECT id, email, card, name FROM customers ORDER BY id"),
-        "1|****|**** **** **** 1111|Ada\n2|||Bob"
+        "1|****|**** **** **** 1111|[name]\n2|||[name]"
     );
     // Evasions of the value detectors: aliases, casts, functions, JSON.
     assert_eq!(
@@ -174,8 +175,42 @@ async fn psql_through_the_gateway() -> anyhow::Result<()> {
         "****"
     );
     assert_eq!(
-        gw.ok("SELECT row_to_json(c) FROM customers c WHERE id = 1"),
-        r#"{"id":1,"email":"****","card":"**** **** **** 1111","name":"Ada"}"#
+        gw.ok("SELECT row_to_json(o) FROM orders o WHERE id = 4711"),
+        r#"{"id":4711,"state":"paid","customer_id":1}"#
+    );
+    assert_eq!(
+        gw.ok("SELECT json_build_object('e', email) FROM orders o JOIN customers c ON c.id = o.customer_id WHERE o.id = 4711"),
+        r#"{"e" : "****"}"#
+    );
+    // A column rule follows the source column through aliases, casts, functions, whole rows.
+    for (sql, want) in [
+        ("SELECT name AS n FROM customers c WHERE id = 1", "[name]"),
+        (
+            "SELECT c.name::varchar(3) FROM customers c WHERE id = 1",
+            "[name]",
+        ),
+        (
+            "SELECT upper(name) || '!' FROM customers WHERE id = 1",
+            "[name]",
+        ),
+        (
+            "SELECT x.nm FROM (SELECT name AS nm FROM customers WHERE id = 1) x",
+            "[name]",
+        ),
+        ("SELECT string_agg(name, ',') FROM customers", "[name]"),
+        (
+            "SELECT row_to_json(c) FROM customers c WHERE id = 2",
+            "[name]",
+        ),
+        ("SELECT json_agg(c.*) FROM customers c", "[name]"),
+        ("SELECT (SELECT name FROM customers WHERE id = 1)", "[name]"),
+    ] {
+        assert_eq!(gw.ok(sql), want, "{sql}");
+    }
+    // Columns without a rule pass.
+    assert_eq!(
+        gw.ok("SELECT id, state FROM orders ORDER BY id"),
+        "4711|paid\n4712|paid"
     );
     assert_eq!(
         gw.ok("SELECT string_agg(email, ',') FROM customers"),

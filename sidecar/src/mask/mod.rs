@@ -186,6 +186,94 @@ impl MaskSet {
             .find(|r| r.columns.iter().any(|p| column.matches(p)))
     }
 
+    /// The first rule that could mask some column of `schema.table` (for whole-row references
+    /// such as `row_to_json(c)` or `c.*`).
+    pub fn table_rule(&self, schema: &str, table: &str) -> Option<&Rule> {
+        self.rules.iter().find(|r| {
+            r.columns.iter().any(|p| {
+                let parts: Vec<&str> = p.split('.').collect();
+                match parts.as_slice() {
+                    [_] => true,
+                    [t, _] => glob::matches(t, table),
+                    [s, t, ..] => glob::matches(s, schema) && glob::matches(t, table),
+                    [] => false,
+                }
+            })
+        })
+    }
+
+    /// The first rule that masks a value computed from what `statements` reference: a column
+    /// under a column rule, or a whole row of a table that has one. Conservative: a reference
+    /// that could be such a column counts.
+    pub fn computed_rule(&self, statements: &[crate::sql::Statement]) -> Option<&Rule> {
+        let split = |rel: &str| -> (String, String) {
+            match rel.split_once('.') {
+                Some((s, t)) => (s.to_owned(), t.to_owned()),
+                None => ("public".to_owned(), rel.to_owned()),
+            }
+        };
+        for st in statements {
+            let resolve = |q: &str| st.aliases.get(q).cloned().unwrap_or_else(|| q.to_owned());
+            let rels: Vec<(String, String)> = st.relations.iter().map(|r| split(r)).collect();
+            for fields in &st.columns {
+                let found = match fields.as_slice() {
+                    [one] if one == "*" => rels.iter().find_map(|(s, t)| self.table_rule(s, t)),
+                    [one] => {
+                        // A column of any relation, or a relation used as a whole row.
+                        let as_row = st
+                            .aliases
+                            .get(one)
+                            .map(|r| split(r))
+                            .or_else(|| rels.iter().find(|(_, t)| t == one).cloned())
+                            .and_then(|(s, t)| self.table_rule(&s, &t));
+                        as_row.or_else(|| {
+                            rels.iter().find_map(|(s, t)| {
+                                self.column_rule(&Column {
+                                    schema: s.clone(),
+                                    table: t.clone(),
+                                    column: one.clone(),
+                                })
+                            })
+                        })
+                    }
+                    [q, c] => {
+                        let (s, t) = split(&resolve(q));
+                        if c == "*" {
+                            self.table_rule(&s, &t)
+                        } else {
+                            self.column_rule(&Column {
+                                schema: s,
+                                table: t,
+                                column: c.clone(),
+                            })
+                        }
+                    }
+                    [s, t, c, ..] => {
+                        if c == "*" {
+                            self.table_rule(s, t)
+                        } else {
+                            self.column_rule(&Column {
+                                schema: s.clone(),
+                                table: t.clone(),
+                                column: c.clone(),
+                            })
+                        }
+                    }
+                    [] => None,
+                };
+                if found.is_some() {
+                    return found;
+                }
+            }
+        }
+        None
+    }
+
+    /// Whether any rule masks by column.
+    pub fn has_column_rules(&self) -> bool {
+        self.rules.iter().any(|r| !r.columns.is_empty())
+    }
+
     /// Whether any rule looks inside values (detectors or patterns).
     pub fn has_value_rules(&self) -> bool {
         self.rules

@@ -60,6 +60,10 @@ pub struct Statement {
     pub relations: BTreeSet<String>,
     /// Functions it calls (lower-case names, without schema).
     pub functions: BTreeSet<String>,
+    /// Column references as written (`["c", "email"]`, `["email"]`, `["c", "*"]`).
+    pub columns: Vec<Vec<String>>,
+    /// Aliases of relations: alias → relation as named (`c` → `public.customers`).
+    pub aliases: std::collections::BTreeMap<String, String>,
 }
 
 /// A classified query string.
@@ -356,6 +360,8 @@ struct Walk {
     flags: Vec<Flag>,
     relations: BTreeSet<String>,
     functions: BTreeSet<String>,
+    columns: Vec<Vec<String>>,
+    aliases: std::collections::BTreeMap<String, String>,
 }
 
 impl Walk {
@@ -432,6 +438,27 @@ fn walk(v: &Value, w: &mut Walk) {
                         _ => {}
                     }
                 }
+                if k == "ColumnRef" {
+                    let fields: Vec<String> = body
+                        .get("fields")
+                        .and_then(Value::as_array)
+                        .into_iter()
+                        .flatten()
+                        .map(|f| {
+                            let n = f.get("node").unwrap_or(f);
+                            if n.get("AStar").is_some() || n.get("A_Star").is_some() {
+                                "*".to_owned()
+                            } else {
+                                n.get("String")
+                                    .and_then(|s| s.get("sval"))
+                                    .and_then(Value::as_str)
+                                    .unwrap_or_default()
+                                    .to_owned()
+                            }
+                        })
+                        .collect();
+                    w.columns.push(fields);
+                }
                 if k == "AlterTableCmd" {
                     use pg_query::protobuf::AlterTableType as T;
                     let sub = body
@@ -467,11 +494,20 @@ fn walk(v: &Value, w: &mut Walk) {
                 m.get("schemaname").and_then(Value::as_str),
             ) && !rel.is_empty()
             {
-                w.relations.insert(if schema.is_empty() {
+                let name = if schema.is_empty() {
                     rel.to_owned()
                 } else {
                     format!("{schema}.{rel}")
-                });
+                };
+                if let Some(alias) = m
+                    .get("alias")
+                    .and_then(|a| a.get("aliasname"))
+                    .and_then(Value::as_str)
+                    .filter(|a| !a.is_empty())
+                {
+                    w.aliases.insert(alias.to_owned(), name.clone());
+                }
+                w.relations.insert(name);
             }
             if let Some(funcname) = m.get("funcname")
                 && m.contains_key("funcformat")
@@ -521,6 +557,8 @@ pub fn classify(sql: &str) -> Result<Classified, ClassifyError> {
             flags: w.flags,
             relations: w.relations,
             functions: w.functions,
+            columns: w.columns,
+            aliases: w.aliases,
         });
     }
     if statements.is_empty() {
@@ -768,6 +806,20 @@ mod tests {
         let s = &c.statements[0];
         assert!(s.relations.contains("public.customers") && s.relations.contains("orders"));
         assert!(s.functions.contains("lower"));
+        assert_eq!(
+            s.aliases.get("c").map(String::as_str),
+            Some("public.customers")
+        );
+        assert!(
+            s.columns
+                .contains(&vec!["c".to_owned(), "email".to_owned()])
+        );
+        let star = classify("SELECT c.* FROM customers c").unwrap();
+        assert!(
+            star.statements[0]
+                .columns
+                .contains(&vec!["c".to_owned(), "*".to_owned()])
+        );
         let c = classify("UPDATE billing.invoices SET paid = true WHERE id = 1").unwrap();
         assert!(
             c.statements[0].relations.contains("billing.invoices"),

@@ -285,8 +285,18 @@ pub async fn handle(sock: TcpStream, gw: Arc<Gateway>) -> Result<(), FrameError>
 
     let (ur, uw) = tokio::io::split(stream);
     let (tx, rx) = mpsc::channel::<Event>(256);
-    let writer = tokio::spawn(writer(rx, BufReader::new(ur), w, mask_set));
-    let result = reader(&gw, &identity, &database, r, BufWriter::new(uw), tx).await;
+    let catalog = Catalog::new(pg.clone(), creds.clone());
+    let writer = tokio::spawn(writer(rx, BufReader::new(ur), w, mask_set.clone(), catalog));
+    let result = reader(
+        &gw,
+        &identity,
+        &database,
+        r,
+        BufWriter::new(uw),
+        tx,
+        mask_set,
+    )
+    .await;
     let _ = writer.await;
     gw.cancels.lock().await.remove(&(pid, our_key));
     tracing::info!(identity = %identity, target = %database, "session ended");
@@ -304,6 +314,8 @@ enum Event {
     Own(Vec<Frame>),
     /// The gateway's ReadyForQuery (after a refused batch), with the last known status.
     OwnReady,
+    /// The rule that masks computed output columns of what is sent next.
+    Computed(Option<crate::mask::Rule>),
     /// The agent left.
     Done,
 }
@@ -314,15 +326,99 @@ enum Pending {
     OwnReady,
 }
 
+/// Resolves `(table OID, column number)` to `schema.table.column` over a second connection,
+/// opened when first needed and cached per session.
+struct Catalog {
+    pg: agentgate_crds::target::PostgresTarget,
+    creds: Credentials,
+    conn: Option<Box<dyn upstream::Stream>>,
+    cache: HashMap<(u32, i16), Option<crate::mask::Column>>,
+}
+
+impl Catalog {
+    fn new(pg: agentgate_crds::target::PostgresTarget, creds: Credentials) -> Self {
+        Self {
+            pg,
+            creds,
+            conn: None,
+            cache: HashMap::new(),
+        }
+    }
+
+    /// `Err` when the catalog cannot be asked (the caller fails closed).
+    async fn column(
+        &mut self,
+        oid: u32,
+        attnum: i16,
+    ) -> Result<Option<crate::mask::Column>, String> {
+        if let Some(c) = self.cache.get(&(oid, attnum)) {
+            return Ok(c.clone());
+        }
+        if self.conn.is_none() {
+            let up = upstream::connect(
+                &self.pg,
+                &self.creds,
+                &[("application_name".into(), "agentgate-catalog".into())],
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            self.conn = Some(up.stream);
+        }
+        let conn = self.conn.as_mut().ok_or("no catalog connection")?;
+        // Integers only: nothing from the agent is interpolated.
+        let sql = format!(
+            "SELECT n.nspname, c.relname, a.attname FROM pg_catalog.pg_attribute a \
+             JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
+             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+             WHERE a.attrelid = {oid} AND a.attnum = {attnum}"
+        );
+        write_frames(conn, &[frontend::encode(&Frontend::Query(sql))])
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut found = None;
+        loop {
+            let f = read_frame(conn, MAX_MESSAGE)
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or("catalog connection closed")?;
+            match f.tag {
+                b'D' => {
+                    let v = backend::decode_data_row(&f).map_err(|e| e.to_string())?;
+                    let text = |i: usize| {
+                        v.get(i)
+                            .and_then(|x| x.as_ref())
+                            .map(|b| String::from_utf8_lossy(b).into_owned())
+                    };
+                    if let (Some(schema), Some(table), Some(column)) = (text(0), text(1), text(2)) {
+                        found = Some(crate::mask::Column {
+                            schema,
+                            table,
+                            column,
+                        });
+                    }
+                }
+                b'E' => return Err("the catalog query failed".into()),
+                b'Z' => break,
+                _ => {}
+            }
+        }
+        self.cache.insert((oid, attnum), found.clone());
+        Ok(found)
+    }
+}
+
 async fn writer(
     mut rx: mpsc::Receiver<Event>,
     mut up: BufReader<tokio::io::ReadHalf<Box<dyn upstream::Stream>>>,
     mut agent: AgentWriter,
     masks: Arc<MaskSet>,
+    mut catalog: Catalog,
 ) {
     let mut queue: VecDeque<Pending> = VecDeque::new();
     let mut status = b'I';
     let mut formats: Vec<i16> = Vec::new();
+    let mut field_rules: Vec<Option<crate::mask::Rule>> = Vec::new();
+    let mut computed: Option<crate::mask::Rule> = None;
     let mut done = false;
     loop {
         // Emit the gateway's own answers that are now at the head.
@@ -351,12 +447,16 @@ async fn writer(
             let _ = agent.shutdown().await;
             return;
         }
+        // Biased: the reader's events for a request are queued before the request is sent
+        // upstream, so they must be seen before any answer to it.
         tokio::select! {
+            biased;
             ev = rx.recv(), if !done => match ev {
                 Some(Event::ExpectUpstream) => queue.push_back(Pending::Upstream { swallow_ready: false }),
                 Some(Event::ExpectUpstreamSwallowReady) => queue.push_back(Pending::Upstream { swallow_ready: true }),
                 Some(Event::Own(f)) => queue.push_back(Pending::Own(f)),
                 Some(Event::OwnReady) => queue.push_back(Pending::OwnReady),
+                Some(Event::Computed(r)) => computed = r,
                 Some(Event::Done) | None => done = true,
             },
             frame = read_frame(&mut up, MAX_MESSAGE) => {
@@ -373,10 +473,37 @@ async fn writer(
                 };
                 let out = match frame.tag {
                     b'T' => {
-                        formats = backend::decode_row_description(&frame).map(|f| f.iter().map(|x| x.format).collect()).unwrap_or_default();
+                        let fields = match backend::decode_row_description(&frame) {
+                            Ok(f) => f,
+                            Err(_) => {
+                                let e = ErrorFields::fatal(sqlstate::PROTOCOL_VIOLATION, "agentgate: the database sent a malformed row description");
+                                let _ = write_frames(&mut agent, &[e.to_error()]).await;
+                                return;
+                            }
+                        };
+                        formats = fields.iter().map(|x| x.format).collect();
+                        field_rules.clear();
+                        for f in &fields {
+                            let rule = if !masks.has_column_rules() {
+                                None
+                            } else if f.table_oid != 0 {
+                                match catalog.column(f.table_oid, f.column).await {
+                                    Ok(Some(col)) => masks.column_rule(&col).cloned(),
+                                    Ok(None) => None,
+                                    Err(e) => {
+                                        let e = ErrorFields::fatal(sqlstate::CANNOT_CONNECT_NOW, format!("agentgate cannot tell which columns to mask ({e}); nothing is sent in clear"));
+                                        let _ = write_frames(&mut agent, &[e.to_error()]).await;
+                                        return;
+                                    }
+                                }
+                            } else {
+                                computed.clone()
+                            };
+                            field_rules.push(rule);
+                        }
                         frame
                     }
-                    b'D' if !masks.is_empty() => match mask_row(&masks, &frame, &formats) {
+                    b'D' if !masks.is_empty() => match mask_row(&masks, &frame, &formats, &field_rules) {
                         Some(f) => f,
                         None => {
                             let e = ErrorFields::fatal(sqlstate::PROTOCOL_VIOLATION, "agentgate: the database sent a malformed row");
@@ -401,13 +528,28 @@ async fn writer(
     }
 }
 
-/// Masks the text values of a DataRow; `None` if the row is malformed.
-fn mask_row(masks: &MaskSet, frame: &Frame, formats: &[i16]) -> Option<Frame> {
+/// Masks the values of a DataRow; `None` if the row is malformed.
+fn mask_row(
+    masks: &MaskSet,
+    frame: &Frame,
+    formats: &[i16],
+    rules: &[Option<crate::mask::Rule>],
+) -> Option<Frame> {
     let mut values = backend::decode_data_row(frame).ok()?;
     let mut changed = false;
     for (i, v) in values.iter_mut().enumerate() {
         let binary = formats.get(i).copied().unwrap_or(0) == 1;
         let Some(bytes) = v.as_ref() else { continue };
+        if let Some(Some(rule)) = rules.get(i) {
+            // A masked column: the whole value, whatever it looks like.
+            changed = true;
+            *v = match (binary, rule.apply_whole(&String::from_utf8_lossy(bytes))) {
+                // A binary value cannot carry masking text: it goes as NULL.
+                (true, _) | (_, Masked::Null | Masked::Clear) => None,
+                (false, Masked::Text(t)) => Some(Bytes::from(t)),
+            };
+            continue;
+        }
         if binary {
             // Binary values cannot be searched for patterns: masked sets refuse to show them.
             if masks.has_value_rules() {
@@ -469,6 +611,7 @@ async fn reader(
     mut agent: BufReader<tokio::io::ReadHalf<TcpStream>>,
     mut up: BufWriter<tokio::io::WriteHalf<Box<dyn upstream::Stream>>>,
     tx: mpsc::Sender<Event>,
+    masks: Arc<MaskSet>,
 ) -> Result<(), FrameError> {
     // Prepared statements' classifications, for Execute-time checks.
     let mut statements: HashMap<String, Classified> = HashMap::new();
@@ -541,6 +684,11 @@ async fn reader(
                 tracing::info!(identity, target, class = %classified.class, verdict = ?d.verdict, rule = %d.rule, fingerprint = %classified.fingerprint, "query");
                 if d.verdict == Verdict::Allow {
                     copy_in = classified.statements.iter().any(|s| s.tag == "COPY FROM");
+                    tx.send(Event::Computed(
+                        masks.computed_rule(&classified.statements).cloned(),
+                    ))
+                    .await
+                    .ok();
                     tx.send(Event::ExpectUpstream).await.ok();
                     write_frames(&mut up, &[frontend::encode(&Frontend::Query(sql))]).await?;
                 } else {
@@ -611,8 +759,11 @@ async fn reader(
                 let statement = portals.get(portal).cloned().unwrap_or_default();
                 let verdict = statements.get(&statement).map(|c| (decide(c), c.clone()));
                 match verdict {
-                    Some((d, _)) if d.verdict == Verdict::Allow => {
+                    Some((d, c)) if d.verdict == Verdict::Allow => {
                         in_batch = true;
+                        tx.send(Event::Computed(masks.computed_rule(&c.statements).cloned()))
+                            .await
+                            .ok();
                         write_frames(&mut up, &[frame]).await?;
                     }
                     other => {
@@ -633,7 +784,21 @@ async fn reader(
                     }
                 }
             }
-            Frontend::Describe { .. } | Frontend::Close { .. } | Frontend::Flush => {
+            Frontend::Describe { kind, ref name } => {
+                // The row description it returns is masked by what the statement reads.
+                let statement = if kind == b'S' {
+                    name.clone()
+                } else {
+                    portals.get(name).cloned().unwrap_or_default()
+                };
+                let rule = statements
+                    .get(&statement)
+                    .and_then(|c| masks.computed_rule(&c.statements).cloned());
+                tx.send(Event::Computed(rule)).await.ok();
+                in_batch = true;
+                write_frames(&mut up, &[frame]).await?;
+            }
+            Frontend::Close { .. } | Frontend::Flush => {
                 in_batch = true;
                 write_frames(&mut up, &[frame]).await?;
             }
