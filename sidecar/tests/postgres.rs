@@ -207,6 +207,31 @@ async fn psql_through_the_gateway() -> anyhow::Result<()> {
     ] {
         assert_eq!(gw.ok(sql), want, "{sql}");
     }
+    // COPY TO STDOUT: value rules apply to each row; masked columns are refused, not guessed.
+    assert_eq!(
+        gw.ok("COPY (SELECT id, email FROM customers ORDER BY id) TO STDOUT"),
+        "1\t****\n2\t\\N"
+    );
+    assert_eq!(
+        gw.ok("COPY orders TO STDOUT"),
+        "4711\tpaid\t1\n4712\tpaid\t2"
+    );
+    for sql in [
+        "COPY customers TO STDOUT",
+        "COPY (SELECT upper(name) FROM customers) TO STDOUT",
+        "COPY public.customers (id, name) TO STDOUT",
+    ] {
+        let e = gw.err(sql);
+        assert!(
+            e.contains("agentgate refuses COPY of columns masked by pii/names"),
+            "{sql}: {e}"
+        );
+    }
+    let e = gw.err("COPY orders TO STDOUT (FORMAT binary)");
+    assert!(
+        e.contains("refuses binary COPY while masking applies"),
+        "{e}"
+    );
     // Columns without a rule pass.
     assert_eq!(
         gw.ok("SELECT id, state FROM orders ORDER BY id"),
@@ -291,6 +316,39 @@ async fn psql_through_the_gateway() -> anyhow::Result<()> {
         pg.psql_run("app", "SELECT state FROM orders WHERE id = 4711")?
             .trim(),
         "shipped"
+    );
+    // COPY FROM STDIN is a write under the same grant.
+    let mut child = Command::new(gw.env.bins.pg_bin.join("psql"))
+        .arg(format!(
+            "host=127.0.0.1 port={} dbname=orders-db user=claude sslmode=disable",
+            gw.port
+        ))
+        .args([
+            "-X",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            "COPY orders FROM STDIN",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(b"4713\tnew\t1\n4714\tnew\t2\n\\.\n")?;
+    }
+    let out = child.wait_with_output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        pg.psql_run("app", "SELECT count(*) FROM orders WHERE state = 'new'")?
+            .trim(),
+        "2"
     );
     // ... within its scope only.
     let e = gw.err("UPDATE customers SET name = 'x' WHERE id = 1");

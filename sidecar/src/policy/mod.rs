@@ -110,7 +110,10 @@ impl From<&Classified> for Command {
                     Flag::CopyServerSide => {
                         keys.insert("COPY PROGRAM".into());
                     }
-                    Flag::ExecutePrepared(_) | Flag::Function(_) | Flag::Unknown(_) => {}
+                    Flag::ExecutePrepared(_)
+                    | Flag::Function(_)
+                    | Flag::Unknown(_)
+                    | Flag::CopyBinary => {}
                 }
             }
             tables.extend(s.relations.iter().cloned());

@@ -45,6 +45,8 @@ pub enum Flag {
     ExecutePrepared(String),
     /// A statement type this classifier does not know.
     Unknown(String),
+    /// `COPY … (FORMAT binary)`: values the gateway cannot inspect.
+    CopyBinary,
 }
 
 /// One statement of a query string.
@@ -425,8 +427,56 @@ fn walk(v: &Value, w: &mut Walk) {
                             }
                         }
                         "TruncateStmt" => w.flags.push(Flag::Truncate),
-                        "CopyStmt" if class == OperationClass::Admin => {
-                            w.flags.push(Flag::CopyServerSide)
+                        "CopyStmt" => {
+                            if class == OperationClass::Admin {
+                                w.flags.push(Flag::CopyServerSide);
+                            }
+                            let binary = body
+                                .get("options")
+                                .and_then(Value::as_array)
+                                .into_iter()
+                                .flatten()
+                                .any(|o| {
+                                    let d = o.get("node").unwrap_or(o).get("DefElem");
+                                    let name =
+                                        d.and_then(|d| d.get("defname")).and_then(Value::as_str);
+                                    let arg = d
+                                        .and_then(|d| d.get("arg"))
+                                        .map(|a| a.get("node").unwrap_or(a))
+                                        .and_then(|a| a.get("String"))
+                                        .and_then(|s| s.get("sval"))
+                                        .and_then(Value::as_str);
+                                    name == Some("format")
+                                        && arg.is_some_and(|a| a.eq_ignore_ascii_case("binary"))
+                                });
+                            if binary {
+                                w.flags.push(Flag::CopyBinary);
+                            }
+                            // `COPY table TO …` reads whole rows (or the listed columns).
+                            if let Some(rel) = body.get("relation").filter(|r| !r.is_null()) {
+                                let name = rel
+                                    .get("relname")
+                                    .and_then(Value::as_str)
+                                    .unwrap_or_default();
+                                let schema = rel
+                                    .get("schemaname")
+                                    .and_then(Value::as_str)
+                                    .unwrap_or_default();
+                                let qualified = if schema.is_empty() {
+                                    name.to_owned()
+                                } else {
+                                    format!("{schema}.{name}")
+                                };
+                                let cols =
+                                    string_parts(body.get("attlist").unwrap_or(&Value::Null));
+                                if cols.is_empty() {
+                                    w.columns.push(vec![qualified, "*".into()]);
+                                } else {
+                                    for c in cols {
+                                        w.columns.push(vec![qualified.clone(), c]);
+                                    }
+                                }
+                            }
                         }
                         "ExecuteStmt" => {
                             let name = body.get("name").and_then(Value::as_str).unwrap_or_default();
@@ -722,6 +772,14 @@ mod tests {
             assert_eq!(class(sql), Exec, "{sql}");
         }
         assert!(flags("COPY orders TO PROGRAM 'x'").contains(&Flag::CopyServerSide));
+        assert!(flags("COPY orders TO STDOUT (FORMAT binary)").contains(&Flag::CopyBinary));
+        assert!(flags("COPY orders TO STDOUT WITH BINARY").contains(&Flag::CopyBinary));
+        let c = classify("COPY public.customers (id, name) TO STDOUT").unwrap();
+        assert!(
+            c.statements[0]
+                .columns
+                .contains(&vec!["public.customers".to_owned(), "name".to_owned()])
+        );
         assert!(flags("SELECT pg_read_file('x')").contains(&Flag::Function("pg_read_file".into())));
         assert_eq!(
             flags("EXECUTE plan1"),

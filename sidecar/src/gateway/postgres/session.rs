@@ -419,6 +419,7 @@ async fn writer(
     let mut formats: Vec<i16> = Vec::new();
     let mut field_rules: Vec<Option<crate::mask::Rule>> = Vec::new();
     let mut computed: Option<crate::mask::Rule> = None;
+    let mut copy_out = false;
     let mut done = false;
     loop {
         // Emit the gateway's own answers that are now at the head.
@@ -503,6 +504,23 @@ async fn writer(
                         }
                         frame
                     }
+                    b'H' => {
+                        copy_out = true;
+                        frame
+                    }
+                    b'c' => {
+                        copy_out = false;
+                        frame
+                    }
+                    // COPY TO STDOUT rows: value rules on each line (column rules were checked
+                    // before the COPY was allowed).
+                    b'd' if copy_out && masks.has_value_rules() => {
+                        match masks.mask(None, &String::from_utf8_lossy(&frame.body)).0 {
+                            Masked::Clear => frame,
+                            Masked::Text(t) => Frame::new(b'd', Bytes::from(t)),
+                            Masked::Null => Frame::new(b'd', Bytes::from_static(b"\\N\n")),
+                        }
+                    }
                     b'D' if !masks.is_empty() => match mask_row(&masks, &frame, &formats, &field_rules) {
                         Some(f) => f,
                         None => {
@@ -576,6 +594,35 @@ fn mask_row(
     } else {
         frame.clone()
     })
+}
+
+/// Why a `COPY … TO STDOUT` cannot be masked, if it cannot: it copies masked columns (COPY
+/// carries no column origins, so the gateway refuses rather than guess), or it is binary while
+/// value rules apply.
+fn copy_out_refusal(masks: &MaskSet, c: &Classified) -> Option<String> {
+    let copies: Vec<&crate::sql::Statement> =
+        c.statements.iter().filter(|s| s.tag == "COPY TO").collect();
+    if copies.is_empty() || masks.is_empty() {
+        return None;
+    }
+    let owned: Vec<crate::sql::Statement> = copies.iter().map(|s| (*s).clone()).collect();
+    if let Some(rule) = masks.computed_rule(&owned) {
+        return Some(format!(
+            "agentgate refuses COPY of columns masked by {}: SELECT them instead, where they are masked",
+            rule.name
+        ));
+    }
+    if masks.has_value_rules()
+        && copies
+            .iter()
+            .any(|s| s.flags.contains(&crate::sql::Flag::CopyBinary))
+    {
+        return Some(
+            "agentgate refuses binary COPY while masking applies: use the text or CSV format"
+                .into(),
+        );
+    }
+    None
 }
 
 fn refusal(d: &Decision, c: Option<&Classified>) -> ErrorFields {
@@ -682,6 +729,17 @@ async fn reader(
                 };
                 let d = decide(&classified);
                 tracing::info!(identity, target, class = %classified.class, verdict = ?d.verdict, rule = %d.rule, fingerprint = %classified.fingerprint, "query");
+                if d.verdict == Verdict::Allow
+                    && let Some(why) = copy_out_refusal(&masks, &classified)
+                {
+                    tx.send(Event::Own(vec![
+                        ErrorFields::error(sqlstate::INSUFFICIENT_PRIVILEGE, why).to_error(),
+                    ]))
+                    .await
+                    .ok();
+                    tx.send(Event::OwnReady).await.ok();
+                    continue;
+                }
                 if d.verdict == Verdict::Allow {
                     copy_in = classified.statements.iter().any(|s| s.tag == "COPY FROM");
                     tx.send(Event::Computed(
