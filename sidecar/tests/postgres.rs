@@ -422,3 +422,113 @@ async fn pgbench_extended_protocol_through_the_gateway() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// A raw connection: bytes in, whatever the gateway answers out (until it closes).
+fn raw(port: u16, send: &[u8]) -> Vec<u8> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let _ = s.write_all(send);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    out
+}
+
+fn startup(user: &str, db: &str) -> Vec<u8> {
+    let mut body = vec![0, 3, 0, 0];
+    for (k, v) in [("user", user), ("database", db)] {
+        body.extend_from_slice(k.as_bytes());
+        body.push(0);
+        body.extend_from_slice(v.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut out = ((body.len() + 4) as i32).to_be_bytes().to_vec();
+    out.extend(body);
+    out
+}
+
+fn message(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![tag];
+    out.extend(((body.len() + 4) as i32).to_be_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_a_protocol_error_never_a_panic_or_a_hang() -> anyhow::Result<()> {
+    let gw = start().await?;
+    wait_for("policy loaded", || {
+        gw.psql("orders-db", "SELECT 1").status.success()
+    });
+    let text = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
+    let hello = startup("claude", "orders-db");
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "garbage startup",
+            b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+            "invalid message length",
+        ),
+        (
+            "protocol 2",
+            vec![0, 0, 0, 8, 0, 2, 0, 0],
+            "unsupported protocol version 2.0",
+        ),
+        (
+            "unknown message",
+            [hello.clone(), message(b'!', b"")].concat(),
+            "unknown message type",
+        ),
+        (
+            "oversized",
+            [hello.clone(), vec![b'Q', 0x7f, 0xff, 0xff, 0xff]].concat(),
+            "invalid message length",
+        ),
+        (
+            "invalid UTF-8",
+            [hello.clone(), message(b'Q', b"SELECT '\xff\xfe'\0")].concat(),
+            "Query is not valid UTF-8",
+        ),
+        (
+            "unterminated query",
+            [hello.clone(), message(b'Q', b"SELECT 1")].concat(),
+            "not NUL-terminated",
+        ),
+        (
+            "NUL inside",
+            [
+                hello.clone(),
+                message(b'Q', b"SELECT 1\0; DROP TABLE orders\0"),
+            ]
+            .concat(),
+            "bytes after the end of the message",
+        ),
+        (
+            "fast path",
+            [hello.clone(), message(b'F', b"\0\0\0\x01")].concat(),
+            "refuses the fast-path function call protocol",
+        ),
+    ];
+    for (name, bytes, want) in cases {
+        let out = text(raw(gw.port, &bytes));
+        assert!(out.contains(want), "{name}: {out:?}");
+    }
+    // A client that disconnects mid-query leaves the gateway serving.
+    let _ = raw(
+        gw.port,
+        &[
+            hello.clone(),
+            message(b'Q', b"SELECT pg_sleep(0.2)\0")[..7].to_vec(),
+        ]
+        .concat(),
+    );
+    assert_eq!(gw.ok("SELECT 42"), "42");
+    // Nothing malformed reached the database.
+    let pg = gw.env.postgres()?;
+    assert_eq!(
+        pg.psql_run("app", "SELECT count(*) FROM orders")?.trim(),
+        "2"
+    );
+    Ok(())
+}
