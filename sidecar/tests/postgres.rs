@@ -77,6 +77,9 @@ async fn start() -> anyhow::Result<Gateway> {
          INSERT INTO customers VALUES (1, 'ada@example.com', '4111 1111 1111 1111', 'Ada'), (2, NULL, NULL, 'Bob');
          CREATE TABLE orders (id int PRIMARY KEY, state text, customer_id int);
          INSERT INTO orders VALUES (4711, 'paid', 1), (4712, 'paid', 2);
+         CREATE VIEW customer_names AS SELECT id, name, upper(name) AS shout FROM customers;
+         CREATE VIEW customer_ids AS SELECT id FROM customers;
+         CREATE VIEW nested_names AS SELECT n.id, n.shout AS loud FROM customer_names n;
          GRANT ALL ON ALL TABLES IN SCHEMA public TO agentgate, agentgate_md5;",
     )?;
     let policy_dir = tempfile::tempdir()?;
@@ -232,6 +235,17 @@ async fn psql_through_the_gateway() -> anyhow::Result<()> {
         e.contains("refuses binary COPY while masking applies"),
         "{e}"
     );
+    // Views: the rule follows the view's column to the table's, through views of views.
+    assert_eq!(
+        gw.ok("SELECT id, name, shout FROM customer_names WHERE id = 1"),
+        "1|[name]|[name]"
+    );
+    assert_eq!(gw.ok("SELECT id FROM customer_ids ORDER BY id"), "1\n2");
+    assert_eq!(
+        gw.ok("SELECT id, loud FROM nested_names WHERE id = 1"),
+        "1|[name]"
+    );
+    assert_eq!(gw.ok("SELECT * FROM nested_names WHERE id = 2"), "2|[name]");
     // Columns without a rule pass.
     assert_eq!(
         gw.ok("SELECT id, state FROM orders ORDER BY id"),

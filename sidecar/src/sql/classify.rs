@@ -625,6 +625,24 @@ pub fn classify(sql: &str) -> Result<Classified, ClassifyError> {
     })
 }
 
+/// The column references of output column `index` of a single `SELECT` (as a view's
+/// definition is), or `None` when the statement is not a plain `SELECT` with that many
+/// outputs (set operations, `*`), so callers fall back to the whole statement.
+pub fn target_column_refs(sql: &str, index: usize) -> Option<Vec<Vec<String>>> {
+    let parsed = pg_query::parse(sql, pg_query::ParserOptions::DEFAULT).ok()?;
+    let raw = parsed.protobuf.stmts.first()?;
+    let tree = serde_json::to_value(raw).ok()?;
+    let select = tree.pointer("/stmt/node/SelectStmt")?;
+    let targets = select.get("target_list")?.as_array()?;
+    let target = targets.get(index)?;
+    let mut w = Walk::default();
+    walk(target, &mut w);
+    if w.columns.iter().any(|c| c.last().is_some_and(|l| l == "*")) {
+        return None;
+    }
+    Some(w.columns)
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -326,13 +326,14 @@ enum Pending {
     OwnReady,
 }
 
-/// Resolves `(table OID, column number)` to `schema.table.column` over a second connection,
-/// opened when first needed and cached per session.
+/// Resolves `(table OID, column number)` to the masking rule of that column over a second
+/// connection, opened when first needed; answers are cached per session. A view's column is
+/// followed to what its definition reads.
 struct Catalog {
     pg: agentgate_crds::target::PostgresTarget,
     creds: Credentials,
     conn: Option<Box<dyn upstream::Stream>>,
-    cache: HashMap<(u32, i16), Option<crate::mask::Column>>,
+    cache: HashMap<(u32, i16), Option<crate::mask::Rule>>,
 }
 
 impl Catalog {
@@ -345,15 +346,8 @@ impl Catalog {
         }
     }
 
-    /// `Err` when the catalog cannot be asked (the caller fails closed).
-    async fn column(
-        &mut self,
-        oid: u32,
-        attnum: i16,
-    ) -> Result<Option<crate::mask::Column>, String> {
-        if let Some(c) = self.cache.get(&(oid, attnum)) {
-            return Ok(c.clone());
-        }
+    /// Runs a catalog query and returns its rows as text.
+    async fn query(&mut self, sql: String) -> Result<Vec<Vec<Option<String>>>, String> {
         if self.conn.is_none() {
             let up = upstream::connect(
                 &self.pg,
@@ -365,17 +359,11 @@ impl Catalog {
             self.conn = Some(up.stream);
         }
         let conn = self.conn.as_mut().ok_or("no catalog connection")?;
-        // Integers only: nothing from the agent is interpolated.
-        let sql = format!(
-            "SELECT n.nspname, c.relname, a.attname FROM pg_catalog.pg_attribute a \
-             JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
-             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
-             WHERE a.attrelid = {oid} AND a.attnum = {attnum}"
-        );
         write_frames(conn, &[frontend::encode(&Frontend::Query(sql))])
             .await
             .map_err(|e| e.to_string())?;
-        let mut found = None;
+        let mut rows = Vec::new();
+        let mut failed = false;
         loop {
             let f = read_frame(conn, MAX_MESSAGE)
                 .await
@@ -384,26 +372,143 @@ impl Catalog {
             match f.tag {
                 b'D' => {
                     let v = backend::decode_data_row(&f).map_err(|e| e.to_string())?;
-                    let text = |i: usize| {
-                        v.get(i)
-                            .and_then(|x| x.as_ref())
-                            .map(|b| String::from_utf8_lossy(b).into_owned())
-                    };
-                    if let (Some(schema), Some(table), Some(column)) = (text(0), text(1), text(2)) {
-                        found = Some(crate::mask::Column {
-                            schema,
-                            table,
-                            column,
-                        });
-                    }
+                    rows.push(
+                        v.iter()
+                            .map(|x| x.as_ref().map(|b| String::from_utf8_lossy(b).into_owned()))
+                            .collect(),
+                    );
                 }
-                b'E' => return Err("the catalog query failed".into()),
+                b'E' => failed = true,
                 b'Z' => break,
                 _ => {}
             }
         }
-        self.cache.insert((oid, attnum), found.clone());
-        Ok(found)
+        if failed {
+            return Err("a catalog query failed".into());
+        }
+        Ok(rows)
+    }
+
+    /// The rule masking column `attnum` of relation `oid`. `Err` when the catalog cannot be
+    /// asked (the caller fails closed).
+    async fn rule(
+        &mut self,
+        oid: u32,
+        attnum: i16,
+        masks: &MaskSet,
+    ) -> Result<Option<crate::mask::Rule>, String> {
+        if let Some(c) = self.cache.get(&(oid, attnum)) {
+            return Ok(c.clone());
+        }
+        // Integers only: nothing from the agent is interpolated.
+        let rows = self
+            .query(format!(
+                "SELECT n.nspname, c.relname, a.attname, c.relkind::text, \
+                 CASE WHEN c.relkind IN ('v', 'm') THEN pg_catalog.pg_get_viewdef(c.oid) END \
+                 FROM pg_catalog.pg_attribute a \
+                 JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
+                 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE a.attrelid = {oid} AND a.attnum = {attnum}"
+            ))
+            .await?;
+        let rule = match rows.first() {
+            None => None,
+            Some(r) => {
+                let get = |i: usize| r.get(i).cloned().flatten().unwrap_or_default();
+                let column = crate::mask::Column {
+                    schema: get(0),
+                    table: get(1),
+                    column: get(2),
+                };
+                match (masks.column_rule(&column), r.get(4).cloned().flatten()) {
+                    (Some(rule), _) => Some(rule.clone()),
+                    // A view: mask what its definition's column reads, through any depth of
+                    // views.
+                    (None, Some(def)) => Box::pin(self.view_rule(&def, attnum, masks)).await?,
+                    (None, None) => None,
+                }
+            }
+        };
+        self.cache.insert((oid, attnum), rule.clone());
+        Ok(rule)
+    }
+}
+
+impl Catalog {
+    /// The rule for column `attnum` of a view defined as `def`: what that output column reads
+    /// (or, when the definition cannot be split by column, what any of it reads), followed into
+    /// the relations it names, which may be views themselves.
+    async fn view_rule(
+        &mut self,
+        def: &str,
+        attnum: i16,
+        masks: &MaskSet,
+    ) -> Result<Option<crate::mask::Rule>, String> {
+        let classified =
+            classify(def).map_err(|e| format!("a view definition does not parse: {e}"))?;
+        let st = classified
+            .statements
+            .first()
+            .cloned()
+            .ok_or("an empty view definition")?;
+        let refs =
+            crate::sql::classify::target_column_refs(def, usize::try_from(attnum - 1).unwrap_or(0))
+                .unwrap_or_else(|| st.columns.clone());
+        let mut named = st.clone();
+        named.columns = refs.clone();
+        if let Some(rule) = masks.computed_rule(&[named]) {
+            return Ok(Some(rule.clone()));
+        }
+        // Follow each referenced column to its relation (a table, or another view).
+        let quote = |s: &str| s.replace('\'', "''");
+        let mut pairs: Vec<(String, String)> = Vec::new();
+        for fields in &refs {
+            match fields.as_slice() {
+                [rel @ .., col] if !rel.is_empty() => {
+                    let q = rel.join(".");
+                    let rel = st.aliases.get(&q).cloned().unwrap_or(q);
+                    pairs.push((rel, col.clone()));
+                }
+                [col] => pairs.extend(st.relations.iter().map(|r| (r.clone(), col.clone()))),
+                _ => {}
+            }
+        }
+        for (rel, col) in pairs {
+            let rows = if col == "*" {
+                self.query(format!(
+                    "SELECT attrelid::int8, attnum FROM pg_catalog.pg_attribute \
+                     WHERE attrelid = pg_catalog.to_regclass('{}') AND attnum > 0 AND NOT attisdropped",
+                    quote(&rel)
+                ))
+                .await?
+            } else {
+                self.query(format!(
+                    "SELECT attrelid::int8, attnum FROM pg_catalog.pg_attribute \
+                     WHERE attrelid = pg_catalog.to_regclass('{}') AND attname = '{}'",
+                    quote(&rel),
+                    quote(&col)
+                ))
+                .await?
+            };
+            for r in rows {
+                let oid = r
+                    .first()
+                    .cloned()
+                    .flatten()
+                    .and_then(|v| v.parse::<u32>().ok());
+                let num = r
+                    .get(1)
+                    .cloned()
+                    .flatten()
+                    .and_then(|v| v.parse::<i16>().ok());
+                if let (Some(oid), Some(num)) = (oid, num)
+                    && let Some(rule) = Box::pin(self.rule(oid, num, masks)).await?
+                {
+                    return Ok(Some(rule));
+                }
+            }
+        }
+        Ok(None)
     }
 }
 
@@ -488,9 +593,8 @@ async fn writer(
                             let rule = if !masks.has_column_rules() {
                                 None
                             } else if f.table_oid != 0 {
-                                match catalog.column(f.table_oid, f.column).await {
-                                    Ok(Some(col)) => masks.column_rule(&col).cloned(),
-                                    Ok(None) => None,
+                                match catalog.rule(f.table_oid, f.column, &masks).await {
+                                    Ok(rule) => rule,
                                     Err(e) => {
                                         let e = ErrorFields::fatal(sqlstate::CANNOT_CONNECT_NOW, format!("agentgate cannot tell which columns to mask ({e}); nothing is sent in clear"));
                                         let _ = write_frames(&mut agent, &[e.to_error()]).await;
