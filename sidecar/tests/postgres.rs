@@ -546,3 +546,70 @@ async fn bad_input_gets_a_protocol_error_never_a_panic_or_a_hang() -> anyhow::Re
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rust_driver_works_through_the_gateway() -> anyhow::Result<()> {
+    let gw = start().await?;
+    wait_for("policy loaded", || {
+        gw.psql("orders-db", "SELECT 1").status.success()
+    });
+    let (client, conn) = tokio_postgres::connect(
+        &format!(
+            "host=127.0.0.1 port={} dbname=orders-db user=claude sslmode=disable",
+            gw.port
+        ),
+        tokio_postgres::NoTls,
+    )
+    .await?;
+    tokio::spawn(conn);
+    // Extended protocol with parameters, typed results, masking.
+    let rows = client
+        .query(
+            "SELECT id, email, name FROM customers WHERE id = $1",
+            &[&1i32],
+        )
+        .await?;
+    assert_eq!(rows.len(), 1);
+    let id: i32 = rows[0].get(0);
+    let email: Option<String> = rows[0].get(1);
+    let name: String = rows[0].get(2);
+    assert_eq!(
+        (id, email.as_deref(), name.as_str()),
+        (1, Some("****"), "[name]")
+    );
+    // A prepared statement reused.
+    let st = client
+        .prepare("SELECT state FROM orders WHERE id = $1")
+        .await?;
+    for id in [4711i32, 4712] {
+        let r = client.query_one(&st, &[&id]).await?;
+        assert_eq!(r.get::<_, String>(0), "paid");
+    }
+    // A refusal is a database error with SQLSTATE and message; the connection stays usable.
+    let err = client
+        .execute("DELETE FROM orders WHERE id = $1", &[&4711i32])
+        .await
+        .expect_err("held");
+    let db = err.as_db_error().expect("a database error");
+    assert_eq!(db.code().code(), "55000");
+    assert!(
+        db.message().starts_with("held for approval"),
+        "{}",
+        db.message()
+    );
+    let err = client
+        .batch_execute("DROP TABLE orders")
+        .await
+        .expect_err("refused");
+    assert_eq!(err.as_db_error().map(|d| d.code().code()), Some("42501"));
+    assert_eq!(
+        client
+            .query_one("SELECT 1::int", &[])
+            .await?
+            .get::<_, i32>(0),
+        1
+    );
+    // Transactions pass through.
+    client.batch_execute("BEGIN; SELECT 1; COMMIT").await?;
+    Ok(())
+}
