@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agentgate_sidecar::gateway::postgres::session::{Gateway, serve};
+use agentgate_sidecar::identity::Verifier;
 use agentgate_sidecar::policy::{PolicyStore, folder};
 use anyhow::Context;
 use clap::Parser;
@@ -20,9 +21,19 @@ struct Args {
     /// folder of YAML manifests instead of the Kubernetes API; it is reloaded when it changes.
     #[arg(long, env = "AGENTGATE_POLICY_DIR")]
     policy_dir: Option<PathBuf>,
-    /// The AgentIdentity the agent next to this sidecar acts as.
+    /// The AgentIdentity the agent next to this sidecar acts as (with `--pg-auth pod`).
     #[arg(long, env = "AGENTGATE_IDENTITY")]
     identity: Option<String>,
+    /// How PostgreSQL clients authenticate: `pod` (every connection is the pod's identity) or
+    /// `token` (the password is an OIDC token, verified and mapped to an AgentIdentity).
+    #[arg(long, env = "AGENTGATE_PG_AUTH", default_value = "pod")]
+    pg_auth: PgAuth,
+    /// The cluster's service-account token issuer, trusted for projected tokens.
+    #[arg(long, env = "AGENTGATE_SA_ISSUER")]
+    sa_issuer: Option<String>,
+    /// Extra CA certificates (PEM) trusted when fetching issuers' keys.
+    #[arg(long, env = "AGENTGATE_OIDC_CA_FILE")]
+    oidc_ca_file: Option<PathBuf>,
     /// Where the Targets' credentials are: `<dir>/<target>/username`, `password`, CA files.
     #[arg(
         long,
@@ -36,6 +47,12 @@ struct Args {
     /// Log format: `text` for people, `json` for log pipelines.
     #[arg(long, env = "AGENTGATE_LOG_FORMAT", default_value = "text")]
     log_format: LogFormat,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum PgAuth {
+    Pod,
+    Token,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -52,7 +69,10 @@ async fn main() -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     match args.log_format {
-        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
+        LogFormat::Text => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+            .init(),
         LogFormat::Json => tracing_subscriber::fmt()
             .json()
             .with_env_filter(filter)
@@ -63,16 +83,26 @@ async fn main() -> anyhow::Result<()> {
             "in-cluster policy (a watch on the API server) is not built yet: run standalone with --policy-dir"
         );
     };
-    let identity = args.identity.context(
-        "--identity (or AGENTGATE_IDENTITY) is required: the AgentIdentity this sidecar serves",
-    )?;
+    let verifier = match args.pg_auth {
+        PgAuth::Token => Some(Arc::new(
+            Verifier::new(args.sa_issuer.clone(), args.oidc_ca_file.as_deref())
+                .map_err(anyhow::Error::msg)?,
+        )),
+        PgAuth::Pod => None,
+    };
+    if verifier.is_none() && args.identity.is_none() {
+        anyhow::bail!(
+            "--identity (or AGENTGATE_IDENTITY) is required with --pg-auth pod: the AgentIdentity this sidecar serves"
+        );
+    }
+    let identity = args.identity.clone();
     let store = Arc::new(PolicyStore::default());
     tokio::spawn(folder::watch(dir, store.clone(), Duration::from_secs(1)));
     let listener = tokio::net::TcpListener::bind(args.pg_addr)
         .await
         .with_context(|| format!("bind the PostgreSQL gateway on {}", args.pg_addr))?;
-    tracing::info!(addr = %args.pg_addr, identity = %identity, "PostgreSQL gateway listening");
-    let gw = Arc::new(Gateway::new(store, identity, args.targets_dir));
+    tracing::info!(addr = %args.pg_addr, auth = ?args.pg_auth, "PostgreSQL gateway listening");
+    let gw = Arc::new(Gateway::new(store, identity, verifier, args.targets_dir));
     tokio::select! {
         _ = serve(listener, gw) => Ok(()),
         _ = tokio::signal::ctrl_c() => {

@@ -34,8 +34,11 @@ type CancelKey = (i32, Vec<u8>);
 pub struct Gateway {
     /// The policy.
     pub policy: Arc<PolicyStore>,
-    /// The identity every connection on this listener acts as (the pod's identity).
-    pub identity: String,
+    /// The identity every connection on this listener acts as (the pod's identity), when
+    /// agents do not present tokens.
+    pub identity: Option<String>,
+    /// Verifies the token an agent presents as its password, when tokens are required.
+    pub verifier: Option<Arc<crate::identity::Verifier>>,
     /// Where each Target's credentials are mounted: `<dir>/<target>/{username,password,…}`.
     pub targets_dir: PathBuf,
     cancels: Mutex<HashMap<CancelKey, (String, CancelKey)>>,
@@ -44,10 +47,16 @@ pub struct Gateway {
 
 impl Gateway {
     /// A gateway for `identity`.
-    pub fn new(policy: Arc<PolicyStore>, identity: String, targets_dir: PathBuf) -> Self {
+    pub fn new(
+        policy: Arc<PolicyStore>,
+        identity: Option<String>,
+        verifier: Option<Arc<crate::identity::Verifier>>,
+        targets_dir: PathBuf,
+    ) -> Self {
         Self {
             policy,
             identity,
+            verifier,
             targets_dir,
             cancels: Mutex::new(HashMap::new()),
             next_pid: AtomicI32::new(1),
@@ -144,7 +153,56 @@ pub async fn handle(sock: TcpStream, gw: Arc<Gateway>) -> Result<(), FrameError>
         .await?;
         return Ok(());
     };
-    let identity = gw.identity.clone();
+    let identity = match (&gw.verifier, &gw.identity) {
+        (Some(verifier), _) => {
+            // The agent's password is its token.
+            write_frames(&mut w, &[backend::authentication_cleartext()]).await?;
+            let token = match read_frame(&mut r, 64 << 10).await {
+                Ok(Some(f)) if f.tag == b'p' => {
+                    let mut b = f.body.clone();
+                    super::frame::cstring(&mut b, "PasswordMessage").unwrap_or_default()
+                }
+                _ => {
+                    fatal(
+                        &mut w,
+                        sqlstate::PROTOCOL_VIOLATION,
+                        "agentgate: expected a password message carrying a token".into(),
+                        None,
+                    )
+                    .await?;
+                    return Ok(());
+                }
+            };
+            match verifier.verify(&token, &snapshot).await {
+                Ok(v) => {
+                    tracing::info!(identity = %v.identity, issuer = %v.issuer, subject = %v.subject, "token verified");
+                    v.identity
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "token refused");
+                    fatal(
+                        &mut w,
+                        sqlstate::INVALID_PASSWORD,
+                        format!("agentgate: {e}"),
+                        Some("connect with a current token from your identity provider as the password"),
+                    )
+                    .await?;
+                    return Ok(());
+                }
+            }
+        }
+        (None, Some(id)) => id.clone(),
+        (None, None) => {
+            fatal(
+                &mut w,
+                sqlstate::INVALID_AUTHORIZATION,
+                "agentgate: this gateway has no identity configured".into(),
+                None,
+            )
+            .await?;
+            return Ok(());
+        }
+    };
     match snapshot.identities.get(&identity) {
         None => {
             fatal(

@@ -1,0 +1,205 @@
+//! Agents authenticate with tokens: the API server's own issuer (projected service-account
+//! tokens, and the same issuer standing in for an external IdP), verified against its
+//! published keys, mapped to exactly one AgentIdentity. Bad tokens are refused with a reason.
+
+#![allow(clippy::expect_used)]
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::ServiceAccount;
+use kube::api::{Api, PostParams};
+use testenv::process::{Proc, Spec, free_port};
+use testenv::{Parts, TestEnv};
+
+async fn token(client: &kube::Client, sa: &str, audience: &str) -> anyhow::Result<String> {
+    let api: Api<ServiceAccount> = Api::namespaced(client.clone(), "default");
+    let req = TokenRequest {
+        spec: Some(TokenRequestSpec {
+            audiences: Some(vec![audience.to_owned()]),
+            expiration_seconds: Some(600),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let t = api
+        .create_token_request(sa, &PostParams::default(), &req)
+        .await?;
+    Ok(t.status.and_then(|s| s.token).unwrap_or_default())
+}
+
+fn b64(v: &serde_json::Value) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_from_a_real_issuer() -> anyhow::Result<()> {
+    let env = TestEnv::start_async(Parts {
+        kube: true,
+        postgres: true,
+        ..Default::default()
+    })
+    .await?;
+    let kube = env.kube()?;
+    let client = kube.client().await?;
+    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), "default");
+    for name in ["claude", "robot", "other"] {
+        let sa: ServiceAccount =
+            serde_json::from_value(serde_json::json!({ "metadata": { "name": name } }))?;
+        sas.create(&PostParams::default(), &sa).await?;
+    }
+    let pg = env.postgres()?;
+    let issuer = kube.issuer();
+    let policy = tempfile::tempdir()?;
+    std::fs::write(
+        policy.path().join("p.yaml"),
+        format!(
+            r#"
+apiVersion: agentgate.dev/v1alpha1
+kind: Target
+metadata: {{ name: db }}
+spec:
+  protocol: Postgres
+  postgres: {{ host: 127.0.0.1, port: {port}, database: app, tls: {{ mode: VerifyFull, ca: {{ name: c, key: ca.crt }} }}, credentials: {{ name: c }} }}
+---
+apiVersion: agentgate.dev/v1alpha1
+kind: AgentIdentity
+metadata: {{ name: claude, namespace: default }}
+spec:
+  owner: t
+  authentication: {{ serviceAccount: {{ name: claude }} }}
+  baseline: [ {{ target: db, scope: {{ operations: [Read] }} }} ]
+---
+apiVersion: agentgate.dev/v1alpha1
+kind: AgentIdentity
+metadata: {{ name: external-robot }}
+spec:
+  owner: t
+  authentication: {{ oidc: {{ issuer: "{issuer}", audience: ext-aud, subject: "system:serviceaccount:default:robot" }} }}
+  baseline: [ {{ target: db, scope: {{ operations: [Read] }} }} ]
+"#,
+            port = pg.port()
+        ),
+    )?;
+    let targets = tempfile::tempdir()?;
+    let d = targets.path().join("db");
+    std::fs::create_dir_all(&d)?;
+    std::fs::write(d.join("username"), "agentgate")?;
+    std::fs::write(d.join("password"), pg.password())?;
+    std::fs::write(d.join("ca.crt"), pg.ca_pem())?;
+    let port = free_port()?;
+    let spec = Spec::new("sidecar", env!("CARGO_BIN_EXE_agentgate-sidecar")).args([
+        format!("--policy-dir={}", policy.path().display()),
+        "--pg-auth=token".into(),
+        format!("--sa-issuer={issuer}"),
+        format!("--oidc-ca-file={}", kube.ca_path().display()),
+        format!("--targets-dir={}", targets.path().display()),
+        format!("--pg-addr=127.0.0.1:{port}"),
+    ]);
+    let mut proc = Proc::start(spec, &env.dir().join("logs"))?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        proc.check_running()?;
+        anyhow::ensure!(Instant::now() < deadline, "sidecar not listening");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let psql = |password: &str, sql: &str| {
+        let out = Command::new(env.bins.pg_bin.join("psql"))
+            .arg(format!(
+                "host=127.0.0.1 port={port} dbname=db user=agent sslmode=disable"
+            ))
+            .args(["-X", "-At", "-c", sql])
+            .env("PGPASSWORD", password)
+            .output()
+            .expect("psql");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+
+    // A projected token with audience agentgate: the pod's service account → claude.
+    let good = token(&client, "claude", "agentgate").await?;
+    let (ok, out, err) = psql(&good, "SELECT 1");
+    assert!(ok && out == "1", "{err}");
+    assert!(
+        proc.log_contains("token verified") && proc.log_contains("identity=claude"),
+        "{}",
+        proc.log_tail(20)
+    );
+    // The same issuer as an external IdP: subject and audience map to external-robot.
+    let ext = token(&client, "robot", "ext-aud").await?;
+    let (ok, _, err) = psql(&ext, "SELECT 1");
+    assert!(ok, "{err}");
+    assert!(
+        proc.log_contains("identity=external-robot"),
+        "{}",
+        proc.log_tail(20)
+    );
+
+    // Refusals, each with its reason.
+    let wrong_aud = token(&client, "claude", "something-else").await?;
+    let stranger = token(&client, "other", "agentgate").await?;
+    let parts: Vec<&str> = good.split('.').collect();
+    let header: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(parts[0])?,
+    )?;
+    let mut claims: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(parts[1])?,
+    )?;
+    claims["sub"] = "system:serviceaccount:default:admin".into();
+    let tampered = format!("{}.{}.{}", parts[0], b64(&claims), parts[2]);
+    let none = format!(
+        "{}.{}.",
+        b64(&serde_json::json!({ "alg": "none", "typ": "JWT" })),
+        parts[1]
+    );
+    let mut hs = header.clone();
+    hs["alg"] = "HS256".into();
+    let hs256 = format!("{}.{}.{}", b64(&hs), parts[1], parts[2]);
+    let mut evil_claims = claims.clone();
+    evil_claims["iss"] = "https://evil.example".into();
+    let evil = format!("{}.{}.{}", parts[0], b64(&evil_claims), parts[2]);
+    let cases = [
+        (
+            "no token",
+            "hunter2".to_owned(),
+            "the password is not a token",
+        ),
+        (
+            "wrong audience",
+            wrong_aud,
+            "no AgentIdentity matches subject system:serviceaccount:default:claude",
+        ),
+        (
+            "unmapped",
+            stranger,
+            "no AgentIdentity matches subject system:serviceaccount:default:other",
+        ),
+        ("tampered", tampered, "invalid token"),
+        ("alg none", none, "the password is not a token"),
+        (
+            "HMAC confusion",
+            hs256,
+            "token algorithm HS256 is not accepted",
+        ),
+        (
+            "unknown issuer",
+            evil,
+            "no AgentIdentity trusts issuer https://evil.example",
+        ),
+    ];
+    for (name, tok, want) in cases {
+        let (ok, _, err) = psql(&tok, "SELECT 1");
+        assert!(!ok && err.contains(want), "{name}: {err}");
+        assert!(
+            !err.contains(&tok[..tok.len().min(40)]) || tok.len() < 20,
+            "{name}: the token leaked into the message"
+        );
+    }
+    Ok(())
+}
