@@ -41,6 +41,10 @@ struct Args {
         default_value = "/var/run/agentgate/targets"
     )]
     targets_dir: PathBuf,
+    /// Standalone: where approval requests for held commands are written (default: the
+    /// `requests` folder inside --policy-dir).
+    #[arg(long, env = "AGENTGATE_REQUESTS_DIR")]
+    requests_dir: Option<PathBuf>,
     /// Loopback address of the PostgreSQL gateway.
     #[arg(long, env = "AGENTGATE_PG_ADDR", default_value = "127.0.0.1:15432")]
     pg_addr: SocketAddr,
@@ -97,12 +101,18 @@ async fn main() -> anyhow::Result<()> {
     }
     let identity = args.identity.clone();
     let store = Arc::new(PolicyStore::default());
-    tokio::spawn(folder::watch(dir, store.clone(), Duration::from_secs(1)));
+    tokio::spawn(folder::watch(
+        dir.clone(),
+        store.clone(),
+        Duration::from_secs(1),
+    ));
     let listener = tokio::net::TcpListener::bind(args.pg_addr)
         .await
         .with_context(|| format!("bind the PostgreSQL gateway on {}", args.pg_addr))?;
     tracing::info!(addr = %args.pg_addr, auth = ?args.pg_auth, "PostgreSQL gateway listening");
-    let gw = Arc::new(Gateway::new(store, identity, verifier, args.targets_dir));
+    let mut gw = Gateway::new(store, identity, verifier, args.targets_dir);
+    gw.requests_dir = Some(args.requests_dir.unwrap_or_else(|| dir.join("requests")));
+    let gw = Arc::new(gw);
     tokio::select! {
         _ = serve(listener, gw) => Ok(()),
         _ = tokio::signal::ctrl_c() => {

@@ -613,3 +613,105 @@ async fn a_rust_driver_works_through_the_gateway() -> anyhow::Result<()> {
     client.batch_execute("BEGIN; SELECT 1; COMMIT").await?;
     Ok(())
 }
+
+fn approve(path: &Path) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(path)?;
+    let now = jiff::Timestamp::now();
+    let approved = text.replace(
+        "spec:\n",
+        &format!("spec:\n  decision: {{ verdict: Approve, decidedAt: \"{now}\", decidedBy: {{ username: alice }} }}\n"),
+    );
+    // Atomic, as an editor or a GitOps tool writes.
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, approved)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holds_file_a_request_and_the_command_runs_once_approved() -> anyhow::Result<()> {
+    let gw = start().await?;
+    wait_for("policy loaded", || {
+        gw.psql("orders-db", "SELECT 1").status.success()
+    });
+    let pg = gw.env.postgres()?;
+    let requests = gw.policy.path().join("requests");
+
+    // Held: a request bound to this exact command is filed, and the agent is told its name.
+    let sql = "UPDATE orders SET state = 'shipped' WHERE id = 4712";
+    let e = gw.err(sql);
+    assert!(e.contains("held for approval: AccessGrant claude-"), "{e}");
+    let name = e
+        .split("AccessGrant ")
+        .nth(1)
+        .and_then(|r| r.split(';').next())
+        .unwrap_or_default()
+        .to_owned();
+    let path = requests.join(format!("{name}.yaml"));
+    let filed = std::fs::read_to_string(&path)?;
+    assert!(
+        filed.contains("fingerprint:")
+            && filed.contains("UPDATE orders SET state = 'shipped' WHERE id = 4712"),
+        "{filed}"
+    );
+    assert!(!filed.contains("decision"), "{filed}");
+    // Asking again files nothing new.
+    gw.err(sql);
+    assert_eq!(std::fs::read_dir(&requests)?.count(), 1);
+
+    // Approved: that command (and only it) now runs.
+    approve(&path)?;
+    wait_for("the approval is loaded", || {
+        gw.psql("orders-db", sql).status.success()
+    });
+    assert_eq!(
+        pg.psql_run("app", "SELECT state FROM orders WHERE id = 4712")?
+            .trim(),
+        "shipped"
+    );
+    let e = gw.err("UPDATE orders SET state = 'shipped' WHERE id = 4711");
+    assert!(e.contains("held for approval"), "{e}");
+
+    // With a hold timeout the agent's command waits for the decision, then runs.
+    let policy = std::fs::read_to_string(gw.policy.path().join("policy.yaml"))?;
+    std::fs::write(
+        gw.policy.path().join("policy.yaml"),
+        policy.replacen("  guardrails:\n", "  holdTimeout: 30s\n  guardrails:\n", 1),
+    )?;
+    std::thread::sleep(Duration::from_secs(3));
+    let waiting = "UPDATE orders SET state = 'waited' WHERE id = 4711";
+    let port = gw.port;
+    let psql = gw.env.bins.pg_bin.join("psql");
+    let agent = std::thread::spawn(move || {
+        Command::new(psql)
+            .arg(format!(
+                "host=127.0.0.1 port={port} dbname=orders-db user=claude sslmode=disable"
+            ))
+            .args(["-X", "-At", "-c", waiting])
+            .output()
+            .expect("psql")
+    });
+    let mut filed = None;
+    wait_for("the waiting command files a request", || {
+        filed = std::fs::read_dir(&requests)
+            .ok()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| std::fs::read_to_string(p).is_ok_and(|t| t.contains("'waited'")));
+        filed.is_some()
+    });
+    approve(&filed.expect("filed"))?;
+    let out = agent.join().expect("agent thread");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        pg.psql_run("app", "SELECT state FROM orders WHERE id = 4711")?
+            .trim(),
+        "waited"
+    );
+    Ok(())
+}

@@ -41,6 +41,9 @@ pub struct Gateway {
     pub verifier: Option<Arc<crate::identity::Verifier>>,
     /// Where each Target's credentials are mounted: `<dir>/<target>/{username,password,…}`.
     pub targets_dir: PathBuf,
+    /// Standalone: where approval requests for held commands are written (inside the policy
+    /// folder, so approving one is editing it).
+    pub requests_dir: Option<PathBuf>,
     cancels: Mutex<HashMap<CancelKey, (String, CancelKey)>>,
     next_pid: AtomicI32,
 }
@@ -58,9 +61,75 @@ impl Gateway {
             identity,
             verifier,
             targets_dir,
+            requests_dir: None,
             cancels: Mutex::new(HashMap::new()),
             next_pid: AtomicI32::new(1),
         }
+    }
+}
+
+/// An approval request the gateway filed for a held command.
+pub struct HeldRequest {
+    /// The AccessGrant's name.
+    pub name: String,
+    /// What an approver does.
+    pub how_to_approve: String,
+}
+
+impl Gateway {
+    /// Files an AccessGrant request bound to this exact command (idempotent: the same command
+    /// maps to the same request). Standalone, it is a manifest in the requests folder that an
+    /// approver edits; in a cluster, an AccessGrant object.
+    pub fn request_approval(
+        &self,
+        identity: &str,
+        target: &str,
+        c: &Classified,
+        d: &Decision,
+        masks: &MaskSet,
+        sql: &str,
+    ) -> Result<HeldRequest, String> {
+        let name = format!("{identity}-{}", &c.fingerprint[..12]);
+        let Some(dir) = &self.requests_dir else {
+            return Err("no requests folder is configured".into());
+        };
+        // The approver reads the command with sensitive values masked.
+        let text = match masks.mask(None, sql).0 {
+            Masked::Text(t) => t,
+            _ => sql.to_owned(),
+        };
+        let path = dir.join(format!("{name}.yaml"));
+        if !path.exists() {
+            let now = jiff::Timestamp::now();
+            let grant = serde_json::json!({
+                "apiVersion": "agentgate.dev/v1alpha1",
+                "kind": "AccessGrant",
+                "metadata": { "name": name, "creationTimestamp": now.to_string() },
+                "spec": {
+                    "identity": identity,
+                    "target": target,
+                    "scope": { "operations": [c.class] },
+                    "duration": "15m",
+                    "pendingTTL": "1h",
+                    "reason": format!("held by {}: {}", d.rule, d.message),
+                    "command": { "text": text, "fingerprint": c.fingerprint, "operation": c.class, "rule": d.rule },
+                    "requestedBy": { "username": format!("agentgate-sidecar:{identity}") },
+                }
+            });
+            let yaml = serde_norway::to_string(&grant).map_err(|e| e.to_string())?;
+            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            let tmp = dir.join(format!(".{name}.yaml.tmp"));
+            std::fs::write(&tmp, yaml).map_err(|e| format!("{}: {e}", tmp.display()))?;
+            std::fs::rename(&tmp, &path).map_err(|e| format!("{}: {e}", path.display()))?;
+            tracing::info!(grant = %name, path = %path.display(), "filed an approval request");
+        }
+        Ok(HeldRequest {
+            how_to_approve: format!(
+                "an approver adds to {}: spec.decision: {{verdict: Approve, decidedAt: <now>, decidedBy: {{username: <name>}}}}, then run the command again",
+                path.display()
+            ),
+            name,
+        })
     }
 }
 
@@ -889,8 +958,30 @@ async fn reader(
                         continue;
                     }
                 };
-                let d = decide(&classified);
+                let mut d = decide(&classified);
                 tracing::info!(identity, target, class = %classified.class, verdict = ?d.verdict, rule = %d.rule, fingerprint = %classified.fingerprint, "query");
+                let mut held_as = None;
+                if d.verdict == Verdict::Hold {
+                    // Ask for approval of this exact command, then wait as long as the Target
+                    // says (0s: answer at once with the grant to wait for).
+                    let request =
+                        gw.request_approval(identity, target, &classified, &d, &masks, &sql);
+                    let wait = gw
+                        .policy
+                        .get()
+                        .and_then(|s| s.targets.get(target).map(|t| t.spec.hold_timeout.clone()))
+                        .and_then(|t| agentgate_crds::common::parse_duration(&t).ok())
+                        .unwrap_or_default();
+                    let deadline = std::time::Instant::now() + wait;
+                    while std::time::Instant::now() < deadline && d.verdict == Verdict::Hold {
+                        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                        d = decide(&classified);
+                    }
+                    if d.verdict == Verdict::Allow {
+                        tracing::info!(identity, target, grant = ?d.grant, "held command approved: running it");
+                    }
+                    held_as = Some(request);
+                }
                 if d.verdict == Verdict::Allow
                     && let Some(why) = copy_out_refusal(&masks, &classified)
                 {
@@ -912,9 +1003,17 @@ async fn reader(
                     tx.send(Event::ExpectUpstream).await.ok();
                     write_frames(&mut up, &[frontend::encode(&Frontend::Query(sql))]).await?;
                 } else {
-                    tx.send(Event::Own(vec![refusal(&d, Some(&classified)).to_error()]))
-                        .await
-                        .ok();
+                    let mut err = refusal(&d, Some(&classified));
+                    if let Some(Ok(req)) = &held_as {
+                        err.message =
+                            format!("held for approval: AccessGrant {}; {}", req.name, d.message);
+                        err.hint = Some(req.how_to_approve.clone());
+                    } else if let Some(Err(e)) = &held_as {
+                        err.hint = Some(format!(
+                            "agentgate could not file the approval request ({e}); ask an approver to create an AccessGrant for this command"
+                        ));
+                    }
+                    tx.send(Event::Own(vec![err.to_error()])).await.ok();
                     tx.send(Event::OwnReady).await.ok();
                 }
             }
