@@ -1,18 +1,17 @@
 //! The MaskPolicy controller: patterns compile, the hash key exists.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use agentgate_crds::{MaskAction, MaskPolicy, MaskPolicyStatus};
 use futures::StreamExt;
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
 
-use super::{Context, error_policy};
+use super::{Context, error_policy, write_validation};
 use crate::conditions::condition;
 use crate::error::Result;
 
@@ -45,7 +44,6 @@ pub fn check_patterns(policy: &MaskPolicy) -> Vec<String> {
 async fn reconcile(policy: Arc<MaskPolicy>, ctx: Arc<Context>) -> Result<Action> {
     let _timer = ctx.metrics.reconcile_started("MaskPolicy");
     let ns = policy.namespace().unwrap_or_default();
-    let name = policy.name_any();
     let old = policy.status.clone().unwrap_or_default();
     let mut problems = check_patterns(&policy);
     let uses_hash = policy
@@ -95,30 +93,16 @@ async fn reconcile(policy: Arc<MaskPolicy>, ctx: Arc<Context>) -> Result<Action>
         observed_generation: generation,
         rules: u32::try_from(policy.spec.rules.len()).ok(),
     };
-    if status != old {
-        let api: Api<MaskPolicy> = Api::namespaced(ctx.client.clone(), &ns);
-        api.patch_status(
-            &name,
-            &PatchParams::default(),
-            &Patch::Merge(&serde_json::json!({ "status": status })),
-        )
-        .await?;
-        if old.conditions.first().map(|c| &c.reason) != Some(&cond.reason) {
-            ctx.event(
-                &*policy,
-                !ready,
-                &cond.reason,
-                "Validate",
-                cond.message.clone(),
-            )
-            .await;
-        }
-    }
-    Ok(Action::requeue(Duration::from_secs(if ready {
-        300
-    } else {
-        10
-    })))
+    let old_reason = old.conditions.first().map(|c| c.reason.clone());
+    write_validation(
+        &ctx,
+        &*policy,
+        serde_json::to_value(&status)?,
+        status != old,
+        old_reason.as_deref(),
+        &cond,
+    )
+    .await
 }
 
 /// Runs the MaskPolicy controller until `shutdown` resolves.

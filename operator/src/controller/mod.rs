@@ -74,6 +74,48 @@ impl Context {
     }
 }
 
+/// Writes a validated object's status when it changed, with an Event when its Ready reason
+/// changes; then asks to be called again soon while not ready (referenced Secrets are not
+/// watched: the operator never lists them).
+pub async fn write_validation<K>(
+    ctx: &Context,
+    obj: &K,
+    status: serde_json::Value,
+    changed: bool,
+    old_reason: Option<&str>,
+    ready: &agentgate_crds::common::Condition,
+) -> Result<Action, Error>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let ok = ready.status == "True";
+    if changed {
+        let api: kube::Api<K> = kube::Api::namespaced(
+            ctx.client.clone(),
+            obj.meta().namespace.as_deref().unwrap_or_default(),
+        );
+        let name = obj.meta().name.clone().unwrap_or_default();
+        api.patch_status(
+            &name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&serde_json::json!({ "status": status })),
+        )
+        .await?;
+        if old_reason != Some(ready.reason.as_str()) {
+            ctx.event(obj, !ok, &ready.reason, "Validate", ready.message.clone())
+                .await;
+        }
+    }
+    Ok(Action::requeue(Duration::from_secs(if ok {
+        300
+    } else {
+        10
+    })))
+}
+
 /// The shared error policy: count, log, back off.
 pub fn error_policy<K: Resource<DynamicType = ()>>(
     kind: &'static str,

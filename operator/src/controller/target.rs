@@ -1,7 +1,6 @@
 //! The Target controller: referenced Secrets exist and hold the keys agentgate needs.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use agentgate_crds::target::TargetStatus;
 use agentgate_crds::{Protocol, Target};
@@ -9,11 +8,11 @@ use futures::StreamExt;
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
 
-use super::{Context, error_policy};
+use super::{Context, error_policy, write_validation};
 use crate::conditions::condition;
 use crate::error::Result;
 
@@ -59,7 +58,6 @@ pub fn required_secrets(t: &Target) -> Vec<(String, Vec<Vec<&'static str>>)> {
 async fn reconcile(target: Arc<Target>, ctx: Arc<Context>) -> Result<Action> {
     let _timer = ctx.metrics.reconcile_started("Target");
     let ns = target.namespace().unwrap_or_default();
-    let name = target.name_any();
     let old = target.status.clone().unwrap_or_default();
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     let mut problems = Vec::new();
@@ -121,31 +119,16 @@ async fn reconcile(target: Arc<Target>, ctx: Arc<Context>) -> Result<Action> {
         conditions: vec![cond.clone()],
         observed_generation: generation,
     };
-    if status != old {
-        let api: Api<Target> = Api::namespaced(ctx.client.clone(), &ns);
-        api.patch_status(
-            &name,
-            &PatchParams::default(),
-            &Patch::Merge(&serde_json::json!({ "status": status })),
-        )
-        .await?;
-        if old.conditions.first().map(|c| &c.reason) != Some(&cond.reason) {
-            ctx.event(
-                &*target,
-                !ready,
-                &cond.reason,
-                "Validate",
-                cond.message.clone(),
-            )
-            .await;
-        }
-    }
-    // Secrets are not watched (the operator never lists them): look again soon while not ready.
-    Ok(Action::requeue(Duration::from_secs(if ready {
-        300
-    } else {
-        10
-    })))
+    let old_reason = old.conditions.first().map(|c| c.reason.clone());
+    write_validation(
+        &ctx,
+        &*target,
+        serde_json::to_value(&status)?,
+        status != old,
+        old_reason.as_deref(),
+        &cond,
+    )
+    .await
 }
 
 /// Runs the Target controller until `shutdown` resolves.

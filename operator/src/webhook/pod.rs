@@ -111,6 +111,23 @@ pub fn secrets_referenced(pod: &Pod, c: &Container) -> BTreeSet<String> {
     out
 }
 
+/// Why a container's security context would let it reach into the sidecar, if it would:
+/// privileged, or a capability that reads other processes or rewires the pod's network.
+fn privilege_problem(sc: Option<&SecurityContext>) -> Option<String> {
+    let sc = sc.cloned().unwrap_or_default();
+    if sc.privileged == Some(true) {
+        return Some("is privileged".into());
+    }
+    let added = sc
+        .capabilities
+        .and_then(|caps| caps.add)
+        .unwrap_or_default();
+    added
+        .iter()
+        .find(|a| DANGEROUS_CAPS.contains(&a.to_uppercase().trim_start_matches("CAP_")))
+        .map(|cap| format!("adds capability {cap}"))
+}
+
 fn credentials_secret(t: &Target) -> Option<String> {
     match t.spec.protocol {
         Protocol::Postgres => t.spec.postgres.as_ref().map(|p| p.credentials.name.clone()),
@@ -358,23 +375,9 @@ pub fn inject(pod: &Pod, input: &InjectionInput<'_>) -> Result<Pod, Refusal> {
             .filter(|c| c.name != SIDECAR),
     );
     for c in agents {
-        let sc = c.security_context.clone().unwrap_or_default();
-        if sc.privileged == Some(true) {
+        if let Some(why) = privilege_problem(c.security_context.as_ref()) {
             return refuse(format!(
-                "container {} is privileged: agent containers may not be",
-                c.name
-            ));
-        }
-        let added = sc
-            .capabilities
-            .and_then(|caps| caps.add)
-            .unwrap_or_default();
-        if let Some(cap) = added
-            .iter()
-            .find(|a| DANGEROUS_CAPS.contains(&a.to_uppercase().trim_start_matches("CAP_")))
-        {
-            return refuse(format!(
-                "container {} adds capability {cap}: agent containers may not",
+                "container {} {why}: agent containers may not",
                 c.name
             ));
         }
@@ -602,22 +605,8 @@ pub async fn mutate(
                     ),
                 );
             }
-            let sc = c.security_context.clone().unwrap_or_default();
-            if sc.privileged == Some(true) {
-                return deny(req, format!("ephemeral container {} is privileged", c.name));
-            }
-            let added = sc
-                .capabilities
-                .and_then(|caps| caps.add)
-                .unwrap_or_default();
-            if let Some(cap) = added
-                .iter()
-                .find(|a| DANGEROUS_CAPS.contains(&a.to_uppercase().trim_start_matches("CAP_")))
-            {
-                return deny(
-                    req,
-                    format!("ephemeral container {} adds capability {cap}", c.name),
-                );
+            if let Some(why) = privilege_problem(c.security_context.as_ref()) {
+                return deny(req, format!("ephemeral container {} {why}", c.name));
             }
             if let Some(m) = c
                 .volume_mounts

@@ -881,6 +881,23 @@ fn refusal(d: &Decision, c: Option<&Classified>) -> ErrorFields {
     }
 }
 
+/// Refuses a message of an extended-protocol batch. The part of the batch already forwarded is
+/// ended with a Sync of the gateway's own (the server's ReadyForQuery to it is swallowed),
+/// then the refusal follows; the agent's own Sync later gets the gateway's ReadyForQuery.
+async fn refuse_in_batch(
+    up: &mut BufWriter<tokio::io::WriteHalf<Box<dyn upstream::Stream>>>,
+    tx: &mpsc::Sender<Event>,
+    in_batch: bool,
+    err: ErrorFields,
+) -> Result<(), FrameError> {
+    if in_batch {
+        tx.send(Event::ExpectUpstreamSwallowReady).await.ok();
+        write_frames(up, &[frontend::encode(&Frontend::Sync)]).await?;
+    }
+    tx.send(Event::Own(vec![err.to_error()])).await.ok();
+    Ok(())
+}
+
 /// Reads the agent's messages, decides, forwards.
 async fn reader(
     gw: &Gateway,
@@ -1052,13 +1069,7 @@ async fn reader(
                         .await?;
                     }
                     Some(err) => {
-                        if in_batch {
-                            // End the forwarded part of the batch; the server's ReadyForQuery is
-                            // swallowed and ours follows the agent's Sync.
-                            tx.send(Event::ExpectUpstreamSwallowReady).await.ok();
-                            write_frames(&mut up, &[frontend::encode(&Frontend::Sync)]).await?;
-                        }
-                        tx.send(Event::Own(vec![err.to_error()])).await.ok();
+                        refuse_in_batch(&mut up, &tx, in_batch, err).await?;
                         skip_until_sync = true;
                         in_batch = false;
                     }
@@ -1093,11 +1104,7 @@ async fn reader(
                                 "agentgate: executing a statement it has not seen prepared",
                             ),
                         };
-                        if in_batch {
-                            tx.send(Event::ExpectUpstreamSwallowReady).await.ok();
-                            write_frames(&mut up, &[frontend::encode(&Frontend::Sync)]).await?;
-                        }
-                        tx.send(Event::Own(vec![err.to_error()])).await.ok();
+                        refuse_in_batch(&mut up, &tx, in_batch, err).await?;
                         skip_until_sync = true;
                         in_batch = false;
                     }
