@@ -298,6 +298,26 @@ async fn certificates_validation_retention_and_metrics() -> anyhow::Result<()> {
     )
     .await?;
 
+    // An identity's last seen is its sessions' latest activity.
+    // (now, so that the 5 s retention of this test does not delete it first)
+    let seen_at = jiff::Timestamp::from_second(jiff::Timestamp::now().as_second())?.to_string();
+    let seen_at = seen_at.as_str();
+    apply(&admin, json!({ "apiVersion": "agentgate.dev/v1alpha1", "kind": "AgentSession", "metadata": { "name": "seen" },
+        "spec": { "identity": "claude", "target": "orders-db", "protocol": "Postgres", "sessionId": "seen", "startedAt": seen_at } })).await?;
+    wait_until("lastSeen reported", Duration::from_secs(10), || {
+        cluster
+            .kube()
+            .kubectl_run(&[
+                "get",
+                "agentidentity",
+                "claude",
+                "-o",
+                "jsonpath={.status.lastSeen}",
+            ])
+            .is_ok_and(|s| s == seen_at)
+    })
+    .await?;
+
     // Retention: a session that ended long ago is deleted; a fresh one only after 5 s.
     let old_start = (jiff::Timestamp::now() - jiff::SignedDuration::from_hours(2)).to_string();
     let old_end = (jiff::Timestamp::now() - jiff::SignedDuration::from_hours(1)).to_string();

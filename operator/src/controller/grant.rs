@@ -26,6 +26,14 @@ use crate::error::{Error, Result};
 pub const FINALIZER: &str = "agentgate.dev/grant";
 
 async fn reconcile(grant: Arc<AccessGrant>, ctx: Arc<Context>) -> Result<Action> {
+    let res = reconcile_inner(grant.clone(), ctx.clone()).await;
+    if res.is_ok() {
+        ctx.succeeded("AccessGrant", &*grant);
+    }
+    res
+}
+
+async fn reconcile_inner(grant: Arc<AccessGrant>, ctx: Arc<Context>) -> Result<Action> {
     let ns = grant.namespace().unwrap_or_default();
     let api: Api<AccessGrant> = Api::namespaced(ctx.client.clone(), &ns);
     let timer = ctx.metrics.reconcile_started("AccessGrant");

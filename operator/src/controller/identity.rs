@@ -3,7 +3,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use agentgate_crds::{AccessGrant, AgentIdentity, AgentIdentityStatus, GrantPhase};
+use agentgate_crds::common::Time;
+use agentgate_crds::{AccessGrant, AgentIdentity, AgentIdentityStatus, AgentSession, GrantPhase};
 use futures::StreamExt;
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::ServiceAccount;
@@ -64,6 +65,14 @@ async fn check_references(
 }
 
 async fn reconcile(id: Arc<AgentIdentity>, ctx: Arc<Context>) -> Result<Action> {
+    let res = reconcile_inner(id.clone(), ctx.clone()).await;
+    if res.is_ok() {
+        ctx.succeeded("AgentIdentity", &*id);
+    }
+    res
+}
+
+async fn reconcile_inner(id: Arc<AgentIdentity>, ctx: Arc<Context>) -> Result<Action> {
     let _timer = ctx.metrics.reconcile_started("AgentIdentity");
     let ns = id.namespace().unwrap_or_default();
     let name = id.name_any();
@@ -84,6 +93,28 @@ async fn reconcile(id: Arc<AgentIdentity>, ctx: Arc<Context>) -> Result<Action> 
         .map(|g| g.name_any())
         .collect();
     active.sort();
+
+    // Last seen: the latest activity of the identity's sessions (written by its sidecars).
+    let sessions: Api<AgentSession> = Api::namespaced(ctx.client.clone(), &ns);
+    let seen = sessions
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|s| s.spec.identity == name)
+        .filter_map(|s| {
+            let st = s.status.unwrap_or_default();
+            [Some(s.spec.started_at), st.last_activity, st.ended_at]
+                .into_iter()
+                .flatten()
+                .map(|t| t.0)
+                .max()
+        })
+        .max();
+    let last_seen = match (old.last_seen.clone(), seen) {
+        (Some(a), Some(b)) => Some(Time(a.0.max(b))),
+        (a, b) => a.or(b.map(Time)),
+    };
 
     let mut conditions = Vec::new();
     match check_references(&id, &ctx).await? {
@@ -136,7 +167,7 @@ async fn reconcile(id: Arc<AgentIdentity>, ctx: Arc<Context>) -> Result<Action> 
         conditions,
         observed_generation: generation,
         active_grants: active,
-        last_seen: old.last_seen.clone(),
+        last_seen,
     };
     if status != old {
         let api: Api<AgentIdentity> = Api::namespaced(ctx.client.clone(), &ns);
@@ -168,11 +199,15 @@ pub async fn run(
     let ids: Api<AgentIdentity> = Api::all(ctx.client.clone());
     let grants: Api<AccessGrant> = Api::all(ctx.client.clone());
     let sas: Api<ServiceAccount> = Api::all(ctx.client.clone());
+    let sessions: Api<AgentSession> = Api::all(ctx.client.clone());
     let controller = Controller::new(ids, watcher::Config::default());
     let store = controller.store();
     controller
         .watches(grants, watcher::Config::default(), |g: AccessGrant| {
             Some(ObjectRef::new(&g.spec.identity).within(&g.namespace().unwrap_or_default()))
+        })
+        .watches(sessions, watcher::Config::default(), |s: AgentSession| {
+            Some(ObjectRef::new(&s.spec.identity).within(&s.namespace().unwrap_or_default()))
         })
         .watches(
             sas,

@@ -42,6 +42,14 @@ pub fn check_patterns(policy: &MaskPolicy) -> Vec<String> {
 }
 
 async fn reconcile(policy: Arc<MaskPolicy>, ctx: Arc<Context>) -> Result<Action> {
+    let res = reconcile_inner(policy.clone(), ctx.clone()).await;
+    if res.is_ok() {
+        ctx.succeeded("MaskPolicy", &*policy);
+    }
+    res
+}
+
+async fn reconcile_inner(policy: Arc<MaskPolicy>, ctx: Arc<Context>) -> Result<Action> {
     let _timer = ctx.metrics.reconcile_started("MaskPolicy");
     let ns = policy.namespace().unwrap_or_default();
     let old = policy.status.clone().unwrap_or_default();

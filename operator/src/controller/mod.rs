@@ -29,6 +29,8 @@ pub struct Context {
     pub recorder: Recorder,
     /// Extra trust roots for OIDC issuer checks.
     pub http: crate::http::HttpClient,
+    /// Consecutive failures per object, for back-off.
+    pub failures: std::sync::Mutex<std::collections::HashMap<String, u32>>,
 }
 
 impl Context {
@@ -45,6 +47,7 @@ impl Context {
             config,
             metrics,
             http,
+            failures: Default::default(),
         })
     }
 
@@ -124,12 +127,44 @@ pub fn error_policy<K: Resource<DynamicType = ()>>(
     ctx: &Context,
 ) -> Action {
     ctx.metrics.reconcile_error(kind, err.metric_label());
+    let key = format!(
+        "{kind}/{}/{}",
+        obj.meta().namespace.as_deref().unwrap_or(""),
+        obj.meta().name.as_deref().unwrap_or("")
+    );
+    // Exponential back-off per object: 1 s, 2 s, 4 s … up to 5 min; a success resets it.
+    let failures = ctx
+        .failures
+        .lock()
+        .map(|mut m| {
+            let n = m.entry(key).or_insert(0);
+            *n = n.saturating_add(1);
+            *n
+        })
+        .unwrap_or(1);
+    let delay = Duration::from_secs(1u64 << failures.min(9).saturating_sub(1))
+        .min(Duration::from_secs(300));
     tracing::warn!(
         kind,
         name = obj.meta().name.as_deref().unwrap_or(""),
         namespace = obj.meta().namespace.as_deref().unwrap_or(""),
         error = %err,
+        retry_in = ?delay,
         "reconcile failed; retrying"
     );
-    Action::requeue(Duration::from_secs(5))
+    Action::requeue(delay)
+}
+
+impl Context {
+    /// Forgets an object's failures after a successful reconcile.
+    pub fn succeeded<K: Resource<DynamicType = ()>>(&self, kind: &str, obj: &K) {
+        let key = format!(
+            "{kind}/{}/{}",
+            obj.meta().namespace.as_deref().unwrap_or(""),
+            obj.meta().name.as_deref().unwrap_or("")
+        );
+        if let Ok(mut m) = self.failures.lock() {
+            m.remove(&key);
+        }
+    }
 }

@@ -28,6 +28,14 @@ pub fn delete_at(session: &AgentSession, retention: Duration) -> Timestamp {
 }
 
 async fn reconcile(session: Arc<AgentSession>, ctx: Arc<Context>) -> Result<Action> {
+    let res = reconcile_inner(session.clone(), ctx.clone()).await;
+    if res.is_ok() {
+        ctx.succeeded("AgentSession", &*session);
+    }
+    res
+}
+
+async fn reconcile_inner(session: Arc<AgentSession>, ctx: Arc<Context>) -> Result<Action> {
     let _timer = ctx.metrics.reconcile_started("AgentSession");
     let due = delete_at(&session, ctx.config.session_retention);
     let now = Timestamp::now();

@@ -56,6 +56,14 @@ pub fn required_secrets(t: &Target) -> Vec<(String, Vec<Vec<&'static str>>)> {
 }
 
 async fn reconcile(target: Arc<Target>, ctx: Arc<Context>) -> Result<Action> {
+    let res = reconcile_inner(target.clone(), ctx.clone()).await;
+    if res.is_ok() {
+        ctx.succeeded("Target", &*target);
+    }
+    res
+}
+
+async fn reconcile_inner(target: Arc<Target>, ctx: Arc<Context>) -> Result<Action> {
     let _timer = ctx.metrics.reconcile_started("Target");
     let ns = target.namespace().unwrap_or_default();
     let old = target.status.clone().unwrap_or_default();
