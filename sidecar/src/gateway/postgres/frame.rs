@@ -257,6 +257,19 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     }))
 }
 
+/// Writes messages without flushing (the caller flushes when no more input is waiting).
+pub async fn write_frames_unflushed<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    frames: &[Frame],
+) -> Result<(), FrameError> {
+    for f in frames {
+        let mut out = BytesMut::with_capacity(f.body.len() + 5);
+        f.encode(&mut out);
+        w.write_all(&out).await?;
+    }
+    Ok(())
+}
+
 /// Writes messages and flushes.
 pub async fn write_frames<W: AsyncWrite + Unpin>(
     w: &mut W,

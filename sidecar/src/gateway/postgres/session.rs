@@ -769,7 +769,12 @@ async fn writer(
                     }
                     _ => frame,
                 };
-                if write_frames(&mut agent, &[out]).await.is_err() {
+                // Flush when the server has nothing more buffered (or the request is answered):
+                // rows go out in batches, not one write each.
+                let flush = out.tag == b'Z' || up.buffer().is_empty();
+                if super::frame::write_frames_unflushed(&mut agent, &[out]).await.is_err()
+                    || (flush && agent.flush().await.is_err())
+                {
                     return;
                 }
             }
@@ -898,6 +903,20 @@ async fn refuse_in_batch(
     Ok(())
 }
 
+/// Sends a message upstream, flushing only when the agent has nothing more waiting (a
+/// pipelined batch goes out in one write).
+async fn forward(
+    up: &mut BufWriter<tokio::io::WriteHalf<Box<dyn upstream::Stream>>>,
+    flush: bool,
+    frame: Frame,
+) -> Result<(), FrameError> {
+    super::frame::write_frames_unflushed(up, &[frame]).await?;
+    if flush {
+        up.flush().await?;
+    }
+    Ok(())
+}
+
 /// Reads the agent's messages, decides, forwards.
 async fn reader(
     gw: &Gateway,
@@ -947,12 +966,12 @@ async fn reader(
         if copy_in {
             match &msg {
                 Frontend::CopyData(_) => {
-                    write_frames(&mut up, &[frame]).await?;
+                    forward(&mut up, agent.buffer().is_empty(), frame).await?;
                     continue;
                 }
                 Frontend::CopyDone | Frontend::CopyFail(_) => {
                     copy_in = false;
-                    write_frames(&mut up, &[frame]).await?;
+                    forward(&mut up, agent.buffer().is_empty(), frame).await?;
                     continue;
                 }
                 _ => {}
@@ -1058,15 +1077,12 @@ async fn reader(
                 match refused {
                     None => {
                         in_batch = true;
-                        write_frames(
-                            &mut up,
-                            &[frontend::encode(&Frontend::Parse {
-                                name,
-                                sql,
-                                param_types,
-                            })],
-                        )
-                        .await?;
+                        let parse = frontend::encode(&Frontend::Parse {
+                            name,
+                            sql,
+                            param_types,
+                        });
+                        forward(&mut up, agent.buffer().is_empty(), parse).await?;
                     }
                     Some(err) => {
                         refuse_in_batch(&mut up, &tx, in_batch, err).await?;
@@ -1082,7 +1098,7 @@ async fn reader(
             } => {
                 portals.insert(portal.clone(), statement.clone());
                 in_batch = true;
-                write_frames(&mut up, &[frame]).await?;
+                forward(&mut up, agent.buffer().is_empty(), frame).await?;
             }
             Frontend::Execute { ref portal, .. } => {
                 // Re-check at execution: a grant may have expired since Parse.
@@ -1094,7 +1110,7 @@ async fn reader(
                         tx.send(Event::Computed(masks.computed_rule(&c.statements).cloned()))
                             .await
                             .ok();
-                        write_frames(&mut up, &[frame]).await?;
+                        forward(&mut up, agent.buffer().is_empty(), frame).await?;
                     }
                     other => {
                         let err = match &other {
@@ -1122,11 +1138,11 @@ async fn reader(
                     .and_then(|c| masks.computed_rule(&c.statements).cloned());
                 tx.send(Event::Computed(rule)).await.ok();
                 in_batch = true;
-                write_frames(&mut up, &[frame]).await?;
+                forward(&mut up, agent.buffer().is_empty(), frame).await?;
             }
             Frontend::Close { .. } | Frontend::Flush => {
                 in_batch = true;
-                write_frames(&mut up, &[frame]).await?;
+                forward(&mut up, agent.buffer().is_empty(), frame).await?;
             }
             Frontend::Sync => {
                 if skip_until_sync {
@@ -1134,7 +1150,7 @@ async fn reader(
                     tx.send(Event::OwnReady).await.ok();
                 } else {
                     tx.send(Event::ExpectUpstream).await.ok();
-                    write_frames(&mut up, &[frame]).await?;
+                    forward(&mut up, agent.buffer().is_empty(), frame).await?;
                 }
                 in_batch = false;
             }
