@@ -193,6 +193,27 @@ async fn may_approve(
     Ok(res.status.is_some_and(|s| s.allowed))
 }
 
+/// `None` when `user` may decide `id`'s grants; otherwise the refusal (`why` says what they
+/// may not do). A failed check refuses: it fails closed.
+async fn require_approver(
+    ctx: &WebhookContext,
+    req: &AdmissionRequest<DynamicObject>,
+    user: &UserRef,
+    id: &AgentIdentity,
+    ns: &str,
+    why: impl FnOnce() -> String,
+) -> Option<AdmissionResponse> {
+    match may_approve(ctx, user, id, ns, &req.name).await {
+        Ok(true) => None,
+        Ok(false) => Some(deny(req, "approver-authorization", why())),
+        Err(e) => Some(deny(
+            req,
+            "approver-authorization",
+            format!("{e} (failing closed)"),
+        )),
+    }
+}
+
 /// Enforces the approval rules.
 pub async fn validate(
     ctx: &WebhookContext,
@@ -379,25 +400,15 @@ pub async fn validate(
                 if let Some(why) = why_self {
                     return deny(req, "no-self-approval", why);
                 }
-                match may_approve(ctx, &user, id, &ns, &req.name).await {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        return deny(
-                            req,
-                            "approver-authorization",
-                            format!(
-                                "{} may not decide grants of AgentIdentity {}: it needs the RBAC verb `approve` on accessgrants.agentgate.dev, or to be listed in the identity's spec.approvers",
-                                user.username, grant.spec.identity
-                            ),
-                        );
-                    }
-                    Err(e) => {
-                        return deny(
-                            req,
-                            "approver-authorization",
-                            format!("{e} (failing closed)"),
-                        );
-                    }
+                if let Some(refused) = require_approver(ctx, req, &user, id, &ns, || {
+                    format!(
+                        "{} may not decide grants of AgentIdentity {}: it needs the RBAC verb `approve` on accessgrants.agentgate.dev, or to be listed in the identity's spec.approvers",
+                        user.username, grant.spec.identity
+                    )
+                })
+                .await
+                {
+                    return refused;
                 }
                 if d.is_some_and(|d| d.verdict == agentgate_crds::Verdict::Approve)
                     && let Err(e) = max_ok(id)
@@ -423,28 +434,18 @@ pub async fn validate(
                     .requested_by
                     .as_ref()
                     .is_some_and(|u| u.username == user.username);
-                if !own && !requester {
-                    match may_approve(ctx, &user, id, &ns, &req.name).await {
-                        Ok(true) => {}
-                        Ok(false) => {
-                            return deny(
-                                req,
-                                "approver-authorization",
-                                format!(
-                                    "{} may not revoke grants of AgentIdentity {}: only approvers, the requester and the identity itself may",
-                                    user.username, grant.spec.identity
-                                ),
-                            );
-                        }
-                        Err(e) => {
-                            return deny(
-                                req,
-                                "approver-authorization",
-                                format!("{e} (failing closed)"),
-                            );
-                        }
+                if !own
+                    && !requester
+                    && let Some(refused) = require_approver(ctx, req, &user, id, &ns, || {
+                        format!(
+                            "{} may not revoke grants of AgentIdentity {}: only approvers, the requester and the identity itself may",
+                            user.username, grant.spec.identity
+                        )
+                    })
+                    .await
+                    {
+                        return refused;
                     }
-                }
             }
             AdmissionResponse::from(req)
         }
