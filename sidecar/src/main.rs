@@ -6,8 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agentgate_sidecar::gateway::postgres::session::{Gateway, serve};
-use agentgate_sidecar::identity::Verifier;
-use agentgate_sidecar::policy::{PolicyStore, folder};
+use agentgate_sidecar::identity::{Verifier, pod};
+use agentgate_sidecar::policy::approval::Approvals;
+use agentgate_sidecar::policy::{PolicyStore, cluster, folder};
 use anyhow::Context;
 use clap::Parser;
 
@@ -17,6 +18,28 @@ use clap::Parser;
 #[derive(Parser, Debug)]
 #[command(name = "agentgate-sidecar", version, about, long_about = None)]
 struct Args {
+    /// In-cluster mode (what the injected sidecar runs): watch AgentIdentity, AccessGrant,
+    /// MaskPolicy and Target in the pod's namespace, file held commands as AccessGrants, and
+    /// verify the pod's own token. Credentials come from the pod's service account, or
+    /// KUBECONFIG when set.
+    #[arg(long, env = "AGENTGATE_IN_CLUSTER", conflicts_with = "policy_dir")]
+    in_cluster: bool,
+    /// In-cluster: the namespace to watch (default: the pod's, from POD_NAMESPACE or the
+    /// client's configuration).
+    #[arg(long, env = "POD_NAMESPACE")]
+    namespace: Option<String>,
+    /// In-cluster: the pod's projected service-account token for audience `agentgate`; it is
+    /// verified with a TokenReview and must belong to the AgentIdentity's service account.
+    #[arg(
+        long,
+        env = "AGENTGATE_TOKEN_FILE",
+        default_value = "/var/run/secrets/agentgate/token"
+    )]
+    token_file: PathBuf,
+    /// In-cluster: how long a broken policy watch is tolerated before everything is refused
+    /// (a revocation could otherwise be missed).
+    #[arg(long, env = "AGENTGATE_POLICY_STALE_AFTER", default_value = "30s", value_parser = duration)]
+    policy_stale_after: Duration,
     /// Standalone mode: read policy (AgentIdentity, AccessGrant, MaskPolicy, Target) from this
     /// folder of YAML manifests instead of the Kubernetes API; it is reloaded when it changes.
     #[arg(long, env = "AGENTGATE_POLICY_DIR")]
@@ -53,6 +76,10 @@ struct Args {
     log_format: LogFormat,
 }
 
+fn duration(s: &str) -> Result<Duration, String> {
+    agentgate_crds::common::parse_duration(s).map_err(|e| e.to_string())
+}
+
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 enum PgAuth {
     Pod,
@@ -82,11 +109,6 @@ async fn main() -> anyhow::Result<()> {
             .with_env_filter(filter)
             .init(),
     }
-    let Some(dir) = args.policy_dir else {
-        anyhow::bail!(
-            "in-cluster policy (a watch on the API server) is not built yet: run standalone with --policy-dir"
-        );
-    };
     let verifier = match args.pg_auth {
         PgAuth::Token => Some(Arc::new(
             Verifier::new(args.sa_issuer.clone(), args.oidc_ca_file.as_deref())
@@ -101,17 +123,57 @@ async fn main() -> anyhow::Result<()> {
     }
     let identity = args.identity.clone();
     let store = Arc::new(PolicyStore::default());
-    tokio::spawn(folder::watch(
-        dir.clone(),
-        store.clone(),
-        Duration::from_secs(1),
-    ));
+    let approvals;
+    let mut pod_user = None;
+    if args.in_cluster {
+        let client = kube::Client::try_default()
+            .await
+            .context("connect to the Kubernetes API (in-cluster, or KUBECONFIG)")?;
+        let namespace = args
+            .namespace
+            .clone()
+            .unwrap_or_else(|| client.default_namespace().to_owned());
+        tokio::spawn(cluster::watch(
+            client.clone(),
+            namespace.clone(),
+            store.clone(),
+            args.policy_stale_after,
+        ));
+        if args.pg_auth == PgAuth::Pod {
+            let slot = Arc::new(std::sync::RwLock::new(Err("not verified yet".to_owned())));
+            tokio::spawn(pod::keep_verified(
+                client.clone(),
+                args.token_file.clone(),
+                slot.clone(),
+                Duration::from_secs(60),
+            ));
+            pod_user = Some(slot);
+        }
+        tracing::info!(%namespace, "policy from the API server");
+        approvals = Approvals::Cluster { client, namespace };
+    } else if let Some(dir) = &args.policy_dir {
+        tokio::spawn(folder::watch(
+            dir.clone(),
+            store.clone(),
+            Duration::from_secs(1),
+        ));
+        approvals = Approvals::Folder(
+            args.requests_dir
+                .clone()
+                .unwrap_or_else(|| dir.join("requests")),
+        );
+    } else {
+        anyhow::bail!(
+            "no policy source: run in a cluster with --in-cluster, or standalone with --policy-dir"
+        );
+    }
     let listener = tokio::net::TcpListener::bind(args.pg_addr)
         .await
         .with_context(|| format!("bind the PostgreSQL gateway on {}", args.pg_addr))?;
     tracing::info!(addr = %args.pg_addr, auth = ?args.pg_auth, "PostgreSQL gateway listening");
     let mut gw = Gateway::new(store, identity, verifier, args.targets_dir);
-    gw.requests_dir = Some(args.requests_dir.unwrap_or_else(|| dir.join("requests")));
+    gw.approvals = approvals;
+    gw.pod_user = pod_user;
     let gw = Arc::new(gw);
     tokio::select! {
         _ = serve(listener, gw) => Ok(()),

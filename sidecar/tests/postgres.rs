@@ -100,16 +100,7 @@ async fn start() -> anyhow::Result<Gateway> {
         format!("--pg-addr=127.0.0.1:{port}"),
     ]);
     let mut proc = Proc::start(spec, &env.dir().join("logs"))?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        proc.check_running()?;
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the sidecar never listened:\n{}",
-            proc.log_tail(30)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    testenv::process::wait_listening(&mut proc, port, Duration::from_secs(20))?;
     Ok(Gateway {
         env,
         _proc: proc,
@@ -537,6 +528,24 @@ async fn bad_input_gets_a_protocol_error_never_a_panic_or_a_hang() -> anyhow::Re
         .concat(),
     );
     assert_eq!(gw.ok("SELECT 42"), "42");
+    // A refusal pipelined behind forwarded messages (a driver closing a statement, then
+    // preparing one that is held, in one write) is answered: what was forwarded is flushed to
+    // the server first, or the refusal, queued behind its answers, would wait forever.
+    let out = text(raw(
+        gw.port,
+        &[
+            hello.clone(),
+            message(b'P', b"s1\0SELECT 1\0\0\0"),
+            message(b'S', b""),
+            message(b'C', b"Ss1\0"),
+            message(b'S', b""),
+            message(b'P', b"s2\0DELETE FROM orders\0\0\0"),
+            message(b'S', b""),
+        ]
+        .concat(),
+    ));
+    assert!(out.contains("held for approval"), "{out:?}");
+    assert_eq!(out.matches("Z\0\0\0\x05I").count(), 4, "{out:?}");
     // Nothing malformed reached the database.
     let pg = gw.env.postgres()?;
     assert_eq!(

@@ -8,26 +8,13 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::ServiceAccount;
 use kube::api::{Api, PostParams};
 use testenv::process::{Proc, Spec, free_port};
 use testenv::{Parts, TestEnv};
 
 async fn token(client: &kube::Client, sa: &str, audience: &str) -> anyhow::Result<String> {
-    let api: Api<ServiceAccount> = Api::namespaced(client.clone(), "default");
-    let req = TokenRequest {
-        spec: Some(TokenRequestSpec {
-            audiences: Some(vec![audience.to_owned()]),
-            expiration_seconds: Some(600),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let t = api
-        .create_token_request(sa, &PostParams::default(), &req)
-        .await?;
-    Ok(t.status.and_then(|s| s.token).unwrap_or_default())
+    Ok(testenv::kube_env::sa_token(client, "default", sa, Some(audience)).await?)
 }
 
 fn b64(v: &serde_json::Value) -> String {

@@ -330,3 +330,59 @@ pub(crate) fn mkdir(p: &Path) -> Result<(), Error> {
 pub(crate) fn write(p: &Path, text: &str) -> Result<(), Error> {
     std::fs::write(p, text).map_err(|e| Error::io(format!("write {}", p.display()), e))
 }
+
+/// A token for service account `namespace/sa` (TokenRequest), for `audience` or the API
+/// server's own.
+pub async fn sa_token(
+    client: &kube::Client,
+    namespace: &str,
+    sa: &str,
+    audience: Option<&str>,
+) -> Result<String, Error> {
+    use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+    let api: kube::Api<k8s_openapi::api::core::v1::ServiceAccount> =
+        kube::Api::namespaced(client.clone(), namespace);
+    let req = TokenRequest {
+        spec: Some(TokenRequestSpec {
+            audiences: audience.map(|a| vec![a.to_owned()]),
+            expiration_seconds: Some(3600),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let t = api
+        .create_token_request(sa, &Default::default(), &req)
+        .await
+        .map_err(|e| Error::Kube(format!("token for {namespace}/{sa}: {e}")))?;
+    Ok(t.status.and_then(|s| s.token).unwrap_or_default())
+}
+
+/// Server-side applies `obj` (any kind the API server serves) in `namespace`.
+pub async fn apply(
+    client: &kube::Client,
+    namespace: &str,
+    obj: serde_json::Value,
+) -> Result<(), Error> {
+    let obj: kube::core::DynamicObject =
+        serde_json::from_value(obj).map_err(|e| Error::Kube(format!("not an object: {e}")))?;
+    let types = obj
+        .types
+        .as_ref()
+        .ok_or_else(|| Error::Kube("apiVersion and kind are required".into()))?;
+    let gvk =
+        kube::core::GroupVersionKind::try_from(types).map_err(|e| Error::Kube(format!("{e}")))?;
+    let (ar, _) = kube::discovery::pinned_kind(client, &gvk)
+        .await
+        .map_err(|e| Error::Kube(format!("discover {}: {e}", gvk.kind)))?;
+    let api: kube::Api<kube::core::DynamicObject> =
+        kube::Api::namespaced_with(client.clone(), namespace, &ar);
+    let name = obj.metadata.name.clone().unwrap_or_default();
+    api.patch(
+        &name,
+        &kube::api::PatchParams::apply("agentgate-tests").force(),
+        &kube::api::Patch::Apply(&obj),
+    )
+    .await
+    .map_err(|e| Error::Kube(format!("apply {} {name}: {e}", gvk.kind)))?;
+    Ok(())
+}

@@ -299,6 +299,13 @@ impl TestEnv {
             .ok_or_else(|| Error::Kube("the environment was started without Kubernetes".into()))
     }
 
+    /// The Kubernetes part, mutable (to stop its API server in a fault test).
+    pub fn kube_mut(&mut self) -> Result<&mut KubeEnv, Error> {
+        self.kube
+            .as_mut()
+            .ok_or_else(|| Error::Kube("the environment was started without Kubernetes".into()))
+    }
+
     /// The PostgreSQL part, or an error saying it was not started.
     pub fn postgres(&self) -> Result<&PostgresEnv, Error> {
         self.postgres

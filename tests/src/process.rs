@@ -283,3 +283,10 @@ pub fn wait_until(
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Waits until something accepts connections on `127.0.0.1:port` (or the process dies).
+pub fn wait_listening(proc: &mut Proc, port: u16, timeout: Duration) -> Result<(), Error> {
+    wait_until(proc, timeout, &format!("listening on port {port}"), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    })
+}

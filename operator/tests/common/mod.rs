@@ -364,18 +364,7 @@ async fn fixtures(client: &kube::Client) -> anyhow::Result<()> {
 
 /// Server-side applies a manifest (any agentgate kind) as the admin.
 pub async fn apply(client: &kube::Client, obj: serde_json::Value) -> anyhow::Result<()> {
-    let obj: kube::core::DynamicObject = serde_json::from_value(obj)?;
-    let gvk = kube::core::GroupVersionKind::try_from(obj.types.as_ref().expect("types"))?;
-    let (ar, _) = kube::discovery::pinned_kind(client, &gvk).await?;
-    let api: Api<kube::core::DynamicObject> = Api::namespaced_with(client.clone(), NS, &ar);
-    let name = obj.metadata.name.clone().unwrap_or_default();
-    api.patch(
-        &name,
-        &PatchParams::apply("agentgate-tests").force(),
-        &Patch::Apply(&obj),
-    )
-    .await?;
-    Ok(())
+    Ok(testenv::kube_env::apply(client, NS, obj).await?)
 }
 
 /// Creates a grant request as `client`'s user.

@@ -7,6 +7,8 @@
 //! used as an HMAC secret; `exp`, `nbf`, `iss` and `aud` are checked; an unknown key id makes
 //! the verifier fetch the issuer's keys again (rotation), at most every ten seconds.
 
+pub mod pod;
+
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};

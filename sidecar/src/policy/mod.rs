@@ -2,6 +2,8 @@
 //! function of a snapshot, a request and the clock. No I/O happens on the hot path; sources
 //! ([`folder`], and the Kubernetes watch) replace the snapshot in a [`PolicyStore`].
 
+pub mod approval;
+pub mod cluster;
 pub mod folder;
 pub mod glob;
 

@@ -24,6 +24,7 @@ use super::frame::{
 use super::frontend::{self, Frontend};
 use super::upstream::{self, Credentials, Upstream};
 use crate::mask::{MaskSet, Masked};
+use crate::policy::approval::{Approvals, Filed, Request};
 use crate::policy::{self, Command, Decision, PolicyStore, Verdict};
 use crate::sql::{Classified, classify};
 
@@ -41,9 +42,11 @@ pub struct Gateway {
     pub verifier: Option<Arc<crate::identity::Verifier>>,
     /// Where each Target's credentials are mounted: `<dir>/<target>/{username,password,…}`.
     pub targets_dir: PathBuf,
-    /// Standalone: where approval requests for held commands are written (inside the policy
-    /// folder, so approving one is editing it).
-    pub requests_dir: Option<PathBuf>,
+    /// Where approval requests for held commands are filed.
+    pub approvals: Approvals,
+    /// In a pod: the service account the pod's own token was verified as (TokenReview), or
+    /// why it could not be. Connections are served only when it is the identity's.
+    pub pod_user: Option<Arc<std::sync::RwLock<Result<String, String>>>>,
     cancels: Mutex<HashMap<CancelKey, (String, CancelKey)>>,
     next_pid: AtomicI32,
 }
@@ -61,75 +64,11 @@ impl Gateway {
             identity,
             verifier,
             targets_dir,
-            requests_dir: None,
+            approvals: Approvals::Disabled,
+            pod_user: None,
             cancels: Mutex::new(HashMap::new()),
             next_pid: AtomicI32::new(1),
         }
-    }
-}
-
-/// An approval request the gateway filed for a held command.
-pub struct HeldRequest {
-    /// The AccessGrant's name.
-    pub name: String,
-    /// What an approver does.
-    pub how_to_approve: String,
-}
-
-impl Gateway {
-    /// Files an AccessGrant request bound to this exact command (idempotent: the same command
-    /// maps to the same request). Standalone, it is a manifest in the requests folder that an
-    /// approver edits; in a cluster, an AccessGrant object.
-    pub fn request_approval(
-        &self,
-        identity: &str,
-        target: &str,
-        c: &Classified,
-        d: &Decision,
-        masks: &MaskSet,
-        sql: &str,
-    ) -> Result<HeldRequest, String> {
-        let name = format!("{identity}-{}", &c.fingerprint[..12]);
-        let Some(dir) = &self.requests_dir else {
-            return Err("no requests folder is configured".into());
-        };
-        // The approver reads the command with sensitive values masked.
-        let text = match masks.mask(None, sql).0 {
-            Masked::Text(t) => t,
-            _ => sql.to_owned(),
-        };
-        let path = dir.join(format!("{name}.yaml"));
-        if !path.exists() {
-            let now = jiff::Timestamp::now();
-            let grant = serde_json::json!({
-                "apiVersion": "agentgate.dev/v1alpha1",
-                "kind": "AccessGrant",
-                "metadata": { "name": name, "creationTimestamp": now.to_string() },
-                "spec": {
-                    "identity": identity,
-                    "target": target,
-                    "scope": { "operations": [c.class] },
-                    "duration": "15m",
-                    "pendingTTL": "1h",
-                    "reason": format!("held by {}: {}", d.rule, d.message),
-                    "command": { "text": text, "fingerprint": c.fingerprint, "operation": c.class, "rule": d.rule },
-                    "requestedBy": { "username": format!("agentgate-sidecar:{identity}") },
-                }
-            });
-            let yaml = serde_norway::to_string(&grant).map_err(|e| e.to_string())?;
-            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-            let tmp = dir.join(format!(".{name}.yaml.tmp"));
-            std::fs::write(&tmp, yaml).map_err(|e| format!("{}: {e}", tmp.display()))?;
-            std::fs::rename(&tmp, &path).map_err(|e| format!("{}: {e}", path.display()))?;
-            tracing::info!(grant = %name, path = %path.display(), "filed an approval request");
-        }
-        Ok(HeldRequest {
-            how_to_approve: format!(
-                "an approver adds to {}: spec.decision: {{verdict: Approve, decidedAt: <now>, decidedBy: {{username: <name>}}}}, then run the command again",
-                path.display()
-            ),
-            name,
-        })
     }
 }
 
@@ -165,6 +104,41 @@ async fn fatal(
         e = e.hint(h);
     }
     write_frames(w, &[e.to_error()]).await
+}
+
+/// In a pod, the pod must *be* the identity it serves: its verified service account is the
+/// one the AgentIdentity names.
+fn pod_identity(gw: &Gateway, snapshot: &policy::Snapshot, identity: &str) -> Result<(), String> {
+    let Some(pod_user) = &gw.pod_user else {
+        return Ok(());
+    };
+    let verified = pod_user
+        .read()
+        .map_err(|_| "the pod identity check failed".to_owned())?
+        .clone()
+        .map_err(|e| format!("the pod's service-account token is not verified: {e}"))?;
+    let Some(id) = snapshot.identities.get(identity) else {
+        return Err(format!(
+            "no AgentIdentity {identity} is known to this gateway"
+        ));
+    };
+    let expected = id.spec.authentication.service_account.as_ref().map(|sa| {
+        let ns = sa
+            .namespace
+            .clone()
+            .or_else(|| id.metadata.namespace.clone())
+            .unwrap_or_else(|| "default".into());
+        format!("system:serviceaccount:{ns}:{}", sa.name)
+    });
+    match expected {
+        Some(e) if e == verified => Ok(()),
+        Some(e) => Err(format!(
+            "this pod runs as {verified}, but AgentIdentity {identity} is bound to {e}: refusing to act as it"
+        )),
+        None => Err(format!(
+            "AgentIdentity {identity} names no service account, so this pod ({verified}) cannot act as it"
+        )),
+    }
 }
 
 /// Serves one connection to the end.
@@ -260,7 +234,20 @@ pub async fn handle(sock: TcpStream, gw: Arc<Gateway>) -> Result<(), FrameError>
                 }
             }
         }
-        (None, Some(id)) => id.clone(),
+        (None, Some(id)) => {
+            if let Err(why) = pod_identity(&gw, &snapshot, id) {
+                tracing::warn!(identity = %id, "{why}");
+                fatal(
+                    &mut w,
+                    sqlstate::INVALID_AUTHORIZATION,
+                    format!("agentgate: {why}"),
+                    Some("check the AgentIdentity's spec.authentication.serviceAccount and the pod's serviceAccountName"),
+                )
+                .await?;
+                return Ok(());
+            }
+            id.clone()
+        }
         (None, None) => {
             fatal(
                 &mut w,
@@ -886,6 +873,118 @@ fn refusal(d: &Decision, c: Option<&Classified>) -> ErrorFields {
     }
 }
 
+/// Files an approval request for a held command, then waits as long as the Target's
+/// `holdTimeout` says (0s: answer at once) for an approver. Returns the decision after the wait
+/// and the request filed.
+#[allow(clippy::too_many_arguments)]
+async fn hold(
+    gw: &Gateway,
+    identity: &str,
+    target: &str,
+    c: &Classified,
+    sql: &str,
+    masks: &MaskSet,
+    mut d: Decision,
+    decide: &impl Fn(&Classified) -> Decision,
+) -> (Decision, Result<Filed, String>) {
+    // The approver reads the command with sensitive values masked.
+    let text = match masks.mask(None, sql).0 {
+        Masked::Text(t) => t,
+        _ => sql.to_owned(),
+    };
+    let snapshot = gw.policy.get();
+    let filed = gw
+        .approvals
+        .file(
+            snapshot.as_deref(),
+            &Request {
+                identity,
+                target,
+                class: c.class,
+                fingerprint: &c.fingerprint,
+                text: &text,
+                rule: &d.rule,
+                message: &d.message,
+            },
+        )
+        .await;
+    if let Err(e) = &filed {
+        tracing::warn!(identity, target, error = %e, "could not file an approval request");
+        return (d, filed);
+    }
+    let wait = snapshot
+        .and_then(|s| s.targets.get(target).map(|t| t.spec.hold_timeout.clone()))
+        .and_then(|t| agentgate_crds::common::parse_duration(&t).ok())
+        .unwrap_or_default();
+    let deadline = std::time::Instant::now() + wait;
+    let name = filed.as_ref().map(|f| f.name.clone()).unwrap_or_default();
+    while std::time::Instant::now() < deadline && d.verdict == Verdict::Hold {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        d = decide(c);
+        if d.verdict == Verdict::Hold
+            && let Some(denied) = gw.policy.get().and_then(|s| denial(&s, identity, &name))
+        {
+            d = Decision {
+                verdict: Verdict::Refuse,
+                rule: "denied".into(),
+                grant: Some(name.clone()),
+                message: denied,
+            };
+        }
+    }
+    if d.verdict == Verdict::Allow {
+        tracing::info!(identity, target, grant = ?d.grant, "held command approved: running it");
+    }
+    (d, filed)
+}
+
+/// Why grant `name` was denied, if it was.
+fn denial(s: &policy::Snapshot, identity: &str, name: &str) -> Option<String> {
+    let g = s.grants.get(name)?;
+    let status =
+        agentgate_crds::lifecycle::evaluate(g, s.identities.get(identity), jiff::Timestamp::now())
+            .status;
+    if status.phase != Some(agentgate_crds::GrantPhase::Denied) {
+        return None;
+    }
+    let decision = g.spec.decision.as_ref()?;
+    let by = decision
+        .decided_by
+        .as_ref()
+        .map_or("an approver".to_owned(), |u| u.username.clone());
+    let reason = decision
+        .reason
+        .as_deref()
+        .map(|r| format!(": {r}"))
+        .unwrap_or_default();
+    Some(format!("AccessGrant {name} was denied by {by}{reason}"))
+}
+
+/// The error for a refused or still-held command, naming the request filed for it.
+fn held_refusal(
+    d: &Decision,
+    c: &Classified,
+    filed: Option<&Result<Filed, String>>,
+) -> ErrorFields {
+    let mut err = refusal(d, Some(c));
+    if d.verdict != Verdict::Hold {
+        return err;
+    }
+    match filed {
+        Some(Ok(req)) => {
+            err.message = format!("held for approval: AccessGrant {}; {}", req.name, d.message);
+            err.hint = Some(req.how_to_approve.clone());
+        }
+        Some(Err(e)) => {
+            err.hint = Some(format!(
+                "agentgate could not file the approval request ({e}); ask an approver to create an AccessGrant bound to this command"
+            ));
+        }
+        None => {}
+    }
+    err
+}
+
 /// Refuses a message of an extended-protocol batch. The part of the batch already forwarded is
 /// ended with a Sync of the gateway's own (the server's ReadyForQuery to it is swallowed),
 /// then the refusal follows; the agent's own Sync later gets the gateway's ReadyForQuery.
@@ -899,6 +998,9 @@ async fn refuse_in_batch(
         tx.send(Event::ExpectUpstreamSwallowReady).await.ok();
         write_frames(up, &[frontend::encode(&Frontend::Sync)]).await?;
     }
+    // What was forwarded but not yet flushed must reach the server, or its answers (which
+    // this refusal is queued behind) never come.
+    up.flush().await?;
     tx.send(Event::Own(vec![err.to_error()])).await.ok();
     Ok(())
 }
@@ -989,6 +1091,7 @@ async fn reader(
                             sqlstate::SYNTAX_ERROR,
                             format!("agentgate refuses what it cannot parse: {e}"),
                         );
+                        up.flush().await?;
                         tx.send(Event::Own(vec![err.to_error()])).await.ok();
                         tx.send(Event::OwnReady).await.ok();
                         continue;
@@ -998,29 +1101,16 @@ async fn reader(
                 tracing::info!(identity, target, class = %classified.class, verdict = ?d.verdict, rule = %d.rule, fingerprint = %classified.fingerprint, "query");
                 let mut held_as = None;
                 if d.verdict == Verdict::Hold {
-                    // Ask for approval of this exact command, then wait as long as the Target
-                    // says (0s: answer at once with the grant to wait for).
-                    let request =
-                        gw.request_approval(identity, target, &classified, &d, &masks, &sql);
-                    let wait = gw
-                        .policy
-                        .get()
-                        .and_then(|s| s.targets.get(target).map(|t| t.spec.hold_timeout.clone()))
-                        .and_then(|t| agentgate_crds::common::parse_duration(&t).ok())
-                        .unwrap_or_default();
-                    let deadline = std::time::Instant::now() + wait;
-                    while std::time::Instant::now() < deadline && d.verdict == Verdict::Hold {
-                        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                        d = decide(&classified);
-                    }
-                    if d.verdict == Verdict::Allow {
-                        tracing::info!(identity, target, grant = ?d.grant, "held command approved: running it");
-                    }
-                    held_as = Some(request);
+                    up.flush().await?;
+                    let (after, filed) =
+                        hold(gw, identity, target, &classified, &sql, &masks, d, &decide).await;
+                    d = after;
+                    held_as = Some(filed);
                 }
                 if d.verdict == Verdict::Allow
                     && let Some(why) = copy_out_refusal(&masks, &classified)
                 {
+                    up.flush().await?;
                     tx.send(Event::Own(vec![
                         ErrorFields::error(sqlstate::INSUFFICIENT_PRIVILEGE, why).to_error(),
                     ]))
@@ -1039,16 +1129,8 @@ async fn reader(
                     tx.send(Event::ExpectUpstream).await.ok();
                     write_frames(&mut up, &[frontend::encode(&Frontend::Query(sql))]).await?;
                 } else {
-                    let mut err = refusal(&d, Some(&classified));
-                    if let Some(Ok(req)) = &held_as {
-                        err.message =
-                            format!("held for approval: AccessGrant {}; {}", req.name, d.message);
-                        err.hint = Some(req.how_to_approve.clone());
-                    } else if let Some(Err(e)) = &held_as {
-                        err.hint = Some(format!(
-                            "agentgate could not file the approval request ({e}); ask an approver to create an AccessGrant for this command"
-                        ));
-                    }
+                    let err = held_refusal(&d, &classified, held_as.as_ref());
+                    up.flush().await?;
                     tx.send(Event::Own(vec![err.to_error()])).await.ok();
                     tx.send(Event::OwnReady).await.ok();
                 }
@@ -1064,13 +1146,21 @@ async fn reader(
                         format!("agentgate refuses what it cannot parse: {e}"),
                     )),
                     Ok(c) => {
-                        let d = decide(&c);
+                        let mut d = decide(&c);
                         tracing::info!(identity, target, class = %c.class, verdict = ?d.verdict, rule = %d.rule, fingerprint = %c.fingerprint, "parse");
+                        let mut held_as = None;
+                        if d.verdict == Verdict::Hold {
+                            up.flush().await?;
+                            let (after, filed) =
+                                hold(gw, identity, target, &c, &sql, &masks, d, &decide).await;
+                            d = after;
+                            held_as = Some(filed);
+                        }
                         if d.verdict == Verdict::Allow {
                             statements.insert(name.clone(), c);
                             None
                         } else {
-                            Some(refusal(&d, Some(&c)))
+                            Some(held_refusal(&d, &c, held_as.as_ref()))
                         }
                     }
                 };
@@ -1163,6 +1253,7 @@ async fn reader(
                     sqlstate::FEATURE_NOT_SUPPORTED,
                     "agentgate refuses the fast-path function call protocol: call functions with SELECT",
                 );
+                up.flush().await?;
                 tx.send(Event::Own(vec![err.to_error()])).await.ok();
                 tx.send(Event::OwnReady).await.ok();
             }
@@ -1174,6 +1265,7 @@ async fn reader(
                     sqlstate::PROTOCOL_VIOLATION,
                     "agentgate: unexpected authentication message",
                 );
+                up.flush().await?;
                 tx.send(Event::Own(vec![err.to_error()])).await.ok();
                 break Ok(());
             }

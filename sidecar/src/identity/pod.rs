@@ -1,0 +1,76 @@
+//! The pod's own identity: its projected service-account token (audience `agentgate`),
+//! verified by the API server (TokenReview), re-checked as the kubelet rotates it.
+
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use kube::api::{Api, PostParams};
+
+use super::AUDIENCE;
+
+/// Asks the API server who `token` belongs to (for audience `agentgate`).
+pub async fn review(client: &kube::Client, token: &str) -> Result<String, String> {
+    let api: Api<TokenReview> = Api::all(client.clone());
+    let tr = TokenReview {
+        spec: TokenReviewSpec {
+            token: token.trim().to_owned(),
+            audiences: Some(vec![AUDIENCE.to_owned()]),
+        },
+        ..Default::default()
+    };
+    let out = api
+        .create(&PostParams::default(), &tr)
+        .await
+        .map_err(|e| format!("TokenReview failed: {e}"))?;
+    let status = out.status.unwrap_or_default();
+    if status.authenticated != Some(true) {
+        return Err(format!(
+            "the API server did not accept the pod's token: {}",
+            status
+                .error
+                .unwrap_or_else(|| "not authenticated".to_owned())
+        ));
+    }
+    if !status
+        .audiences
+        .as_ref()
+        .is_some_and(|a| a.iter().any(|x| x == AUDIENCE))
+    {
+        return Err(format!("the pod's token is not for audience {AUDIENCE}"));
+    }
+    status
+        .user
+        .and_then(|u| u.username)
+        .filter(|u| u.starts_with("system:serviceaccount:"))
+        .ok_or_else(|| "the pod's token does not belong to a service account".to_owned())
+}
+
+/// Verifies the token in `file` now and then every `every`, keeping the result in `slot`.
+pub async fn keep_verified(
+    client: kube::Client,
+    file: PathBuf,
+    slot: Arc<RwLock<Result<String, String>>>,
+    every: Duration,
+) {
+    loop {
+        let result = match tokio::fs::read_to_string(&file).await {
+            Ok(token) => review(&client, &token).await,
+            Err(e) => Err(format!("cannot read {}: {e}", file.display())),
+        };
+        match &result {
+            Ok(user) => tracing::debug!(%user, "pod token verified"),
+            Err(e) => tracing::warn!(error = %e, "pod token not verified"),
+        }
+        let wait = if result.is_ok() {
+            every
+        } else {
+            Duration::from_secs(2)
+        };
+        if let Ok(mut s) = slot.write() {
+            *s = result;
+        }
+        tokio::time::sleep(wait).await;
+    }
+}

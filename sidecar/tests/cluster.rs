@@ -1,0 +1,577 @@
+//! The sidecar in a cluster: policy watched from a real API server (with agentgate's operator
+//! and approval webhooks running), the pod's own token verified with a TokenReview, held
+//! commands filed as AccessGrant objects that a person approves or denies with kubectl, a
+//! revocation that stops an open connection, and fail-closed when the policy cannot be read.
+
+#![allow(clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use agentgate_crds::AccessGrant;
+use agentgate_operator::webhook::{Endpoint, configurations};
+use clap::Parser;
+use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use kube::api::{Api, ListParams, PostParams};
+use serde_json::json;
+use testenv::process::{Proc, Spec, free_port};
+use testenv::{KubeEnv, Parts, TestEnv};
+
+const NS: &str = "default";
+
+async fn token(client: &kube::Client, sa: &str, audience: Option<&str>) -> anyhow::Result<String> {
+    Ok(testenv::kube_env::sa_token(client, NS, sa, audience).await?)
+}
+
+async fn apply(client: &kube::Client, obj: serde_json::Value) -> anyhow::Result<()> {
+    Ok(testenv::kube_env::apply(client, NS, obj).await?)
+}
+
+fn repo(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
+}
+
+/// Starts a sidecar in in-cluster mode acting for `claude`, authenticated as service account
+/// `sa`.
+async fn sidecar(
+    env: &TestEnv,
+    admin: &kube::Client,
+    sa: &str,
+    targets: &Path,
+) -> anyhow::Result<(Proc, u16)> {
+    let kube = env.kube()?;
+    let api_token = token(admin, sa, None).await?;
+    let kubeconfig = kube.kubeconfig_with_token(&format!("{sa}-sidecar"), &api_token)?;
+    let pod_token = token(admin, sa, Some("agentgate")).await?;
+    let token_file = env.dir().join(format!("{sa}-agentgate-token"));
+    std::fs::write(&token_file, pod_token)?;
+    let port = free_port()?;
+    let spec = Spec::new(
+        &format!("sidecar-{sa}"),
+        env!("CARGO_BIN_EXE_agentgate-sidecar"),
+    )
+    .args([
+        "--in-cluster".to_owned(),
+        "--identity=claude".into(),
+        format!("--token-file={}", token_file.display()),
+        format!("--targets-dir={}", targets.display()),
+        format!("--pg-addr=127.0.0.1:{port}"),
+        "--policy-stale-after=3s".into(),
+    ])
+    .env("KUBECONFIG", kubeconfig.display().to_string())
+    .env("POD_NAMESPACE", NS)
+    .env("RUST_LOG", "info,agentgate_sidecar=debug");
+    let mut proc = Proc::start(spec, &env.dir().join("logs"))?;
+    testenv::process::wait_listening(&mut proc, port, Duration::from_secs(20))?;
+    Ok((proc, port))
+}
+
+fn psql(env: &TestEnv, port: u16, sql: &str) -> Output {
+    Command::new(env.bins.pg_bin.join("psql"))
+        .arg(format!(
+            "host=127.0.0.1 port={port} dbname=db user=claude sslmode=disable"
+        ))
+        .args(["-X", "-At", "-v", "ON_ERROR_STOP=1", "-c", sql])
+        .output()
+        .expect("run psql")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).trim().to_owned()
+}
+
+/// Polls `f` until it returns `Some`, for at most `secs` seconds.
+async fn eventually<T>(
+    what: &str,
+    secs: u64,
+    mut f: impl AsyncFnMut() -> Option<T>,
+) -> anyhow::Result<T> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f().await {
+            return Ok(v);
+        }
+        anyhow::ensure!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The grant the sidecar filed for a command whose text contains `needle`.
+async fn filed(admin: &kube::Client, needle: &str) -> anyhow::Result<AccessGrant> {
+    let api: Api<AccessGrant> = Api::namespaced(admin.clone(), NS);
+    eventually(&format!("an AccessGrant for {needle:?}"), 30, async || {
+        api.list(&ListParams::default().labels("agentgate.dev/held-by=sidecar"))
+            .await
+            .ok()?
+            .items
+            .into_iter()
+            .find(|g| {
+                g.spec
+                    .command
+                    .as_ref()
+                    .is_some_and(|c| c.text.contains(needle))
+            })
+    })
+    .await
+}
+
+fn kubectl_as(kube: &KubeEnv, user: &str, args: &[&str]) -> Output {
+    kube.kubectl_as(user)
+        .args(args)
+        .output()
+        .expect("run kubectl")
+}
+
+fn decide(kube: &KubeEnv, user: &str, grant: &str, decision: serde_json::Value) -> Output {
+    let patch = json!({ "spec": { "decision": decision } }).to_string();
+    kubectl_as(
+        kube,
+        user,
+        &[
+            "patch",
+            "accessgrant",
+            grant,
+            "-n",
+            NS,
+            "--type=merge",
+            "-p",
+            &patch,
+        ],
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn in_cluster_policy_holds_and_revocation() -> anyhow::Result<()> {
+    testenv::install_crypto_provider();
+    let mut env = TestEnv::start_async(Parts {
+        kube: true,
+        postgres: true,
+        ..Default::default()
+    })
+    .await?;
+    let kube = env.kube()?;
+    let admin = kube.client().await?;
+    testenv::install_crds(&admin).await?;
+    Api::<Namespace>::all(admin.clone())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({ "metadata": { "name": "agentgate-system" } }))?,
+        )
+        .await?;
+    for name in ["claude", "other", "nobody"] {
+        Api::<ServiceAccount>::namespaced(admin.clone(), NS)
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({ "metadata": { "name": name } }))?,
+            )
+            .await?;
+    }
+    // The sidecar's permissions, exactly as documented in the example; `other` gets the same
+    // (it is a working sidecar of another pod); `nobody` gets none.
+    kube.kubectl_run(&[
+        "apply",
+        "-f",
+        &repo("examples/in-cluster/sidecar-rbac.yaml")
+            .display()
+            .to_string(),
+    ])?;
+    kube.kubectl_run(&[
+        "create",
+        "rolebinding",
+        "sidecar-other",
+        "--clusterrole=agentgate-sidecar",
+        "--serviceaccount=default:other",
+    ])?;
+    kube.kubectl_run(&[
+        "create",
+        "clusterrolebinding",
+        "token-reviewer-other",
+        "--clusterrole=agentgate-token-reviewer",
+        "--serviceaccount=default:other",
+    ])?;
+    // People: approvers may read and patch grants; developers may request them.
+    kube.kubectl_run(&[
+        "create",
+        "clusterrole",
+        "grant-editor",
+        "--verb=get,list,watch,create,patch,update",
+        "--resource=accessgrants.agentgate.dev",
+    ])?;
+    kube.kubectl_run(&[
+        "create",
+        "clusterrolebinding",
+        "grant-editors",
+        "--clusterrole=grant-editor",
+        "--group=agentgate-approvers",
+        "--group=developers",
+    ])?;
+
+    let pg = env.postgres()?;
+    pg.psql_run(
+        "app",
+        "CREATE TABLE customers (id int PRIMARY KEY, email text);
+         INSERT INTO customers VALUES (1, 'ada@example.com'), (2, 'bob@example.com');
+         CREATE TABLE orders (id int PRIMARY KEY, state text);
+         INSERT INTO orders VALUES (4711, 'paid'), (4712, 'paid');
+         GRANT ALL ON ALL TABLES IN SCHEMA public TO agentgate;",
+    )?;
+    let targets = tempfile::tempdir()?;
+    let d = targets.path().join("db");
+    std::fs::create_dir_all(&d)?;
+    std::fs::write(d.join("username"), "agentgate")?;
+    std::fs::write(d.join("password"), pg.password())?;
+    std::fs::write(d.join("ca.crt"), pg.ca_pem())?;
+
+    apply(&admin, json!({
+        "apiVersion": "agentgate.dev/v1alpha1", "kind": "Target", "metadata": { "name": "db" },
+        "spec": { "protocol": "Postgres", "holdTimeout": "60s",
+            "postgres": { "host": "127.0.0.1", "port": pg.port(), "database": "app",
+                "tls": { "mode": "VerifyFull", "ca": { "name": "db-credentials", "key": "ca.crt" } },
+                "credentials": { "name": "db-credentials" } } }
+    }))
+    .await?;
+    apply(&admin, json!({
+        "apiVersion": "agentgate.dev/v1alpha1", "kind": "AgentIdentity", "metadata": { "name": "claude" },
+        "spec": { "owner": "team-orders", "authentication": { "serviceAccount": { "name": "claude" } },
+            "approvers": { "groups": ["agentgate-approvers"] }, "maxGrantDuration": "1h",
+            "baseline": [ { "target": "db", "scope": { "operations": ["Read"] } } ] }
+    }))
+    .await?;
+    apply(&admin, json!({
+        "apiVersion": "agentgate.dev/v1alpha1", "kind": "MaskPolicy", "metadata": { "name": "pii" },
+        "spec": { "rules": [ { "name": "emails", "detectors": ["Email"], "action": "Redact", "replacement": "[email]" } ] }
+    }))
+    .await?;
+
+    // agentgate's operator and its approval webhooks, for real.
+    let webhook_port = free_port()?;
+    let config = agentgate_operator::Config::parse_from([
+        "agentgate-operator".to_owned(),
+        "--namespace=agentgate-system".into(),
+        format!("--webhook-addr=127.0.0.1:{webhook_port}"),
+        "--webhook-hosts=127.0.0.1".into(),
+        format!("--metrics-addr=127.0.0.1:{}", free_port()?),
+        "--sidecar-image=registry.example/agentgate-sidecar:test".into(),
+        format!("--oidc-ca-file={}", kube.ca_path().display()),
+    ]);
+    let (m, v) = configurations(
+        &config,
+        &Endpoint::Url(format!("https://127.0.0.1:{webhook_port}")),
+    );
+    Api::all(admin.clone())
+        .create(&PostParams::default(), &m)
+        .await?;
+    Api::all(admin.clone())
+        .create(&PostParams::default(), &v)
+        .await?;
+    tokio::spawn(agentgate_operator::run_with_client(admin.clone(), config));
+    let grants: Api<AccessGrant> = Api::namespaced(admin.clone(), NS);
+    let probe: AccessGrant = serde_json::from_value(json!({
+        "apiVersion": "agentgate.dev/v1alpha1", "kind": "AccessGrant", "metadata": { "name": "probe" },
+        "spec": { "identity": "claude", "target": "db", "scope": { "operations": ["Read"] }, "reason": "probe", "duration": "1m" }
+    }))?;
+    eventually("the approval webhooks", 60, async || {
+        let pp = PostParams {
+            dry_run: true,
+            ..Default::default()
+        };
+        grants.create(&pp, &probe).await.ok()
+    })
+    .await?;
+
+    let (main, port) = sidecar(&env, &admin, "claude", targets.path()).await?;
+    let log = main.log_path().to_owned();
+    let ready = eventually("the sidecar serving reads", 30, async || {
+        let o = psql(&env, port, "SELECT email FROM customers ORDER BY id");
+        o.status.success().then(|| stdout(&o))
+    })
+    .await;
+    let ready = ready.map_err(|e| {
+        anyhow::anyhow!(
+            "{e}:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        )
+    })?;
+    // Policy from the cluster: the baseline allows reads; the MaskPolicy masks.
+    assert_eq!(ready, "[email]\n[email]");
+
+    // 1. A change to every row is held; the sidecar files an AccessGrant bound to it (the
+    //    approver reads it masked), the query waits, a person approves, it runs.
+    let env_ref = &env;
+    let held = tokio::task::spawn_blocking({
+        let pg_bin = env_ref.bins.pg_bin.clone();
+        move || {
+            Command::new(pg_bin.join("psql"))
+                .arg(format!(
+                    "host=127.0.0.1 port={port} dbname=db user=claude sslmode=disable"
+                ))
+                .args([
+                    "-X",
+                    "-At",
+                    "-v",
+                    "ON_ERROR_STOP=1",
+                    "-c",
+                    "UPDATE customers SET email = 'eve@example.com'",
+                ])
+                .output()
+                .expect("run psql")
+        }
+    });
+    let g = filed(&admin, "UPDATE customers").await?;
+    let name = g.metadata.name.clone().expect("name");
+    let cmd = g.spec.command.clone().expect("a bound command");
+    assert!(
+        !cmd.text.contains("eve@example.com"),
+        "the approver sees the command masked: {}",
+        cmd.text
+    );
+    assert_eq!(cmd.rule.as_deref(), Some("agentgate-hold-unbounded"));
+    assert_eq!(
+        g.spec.requested_by.as_ref().map(|u| u.username.as_str()),
+        Some("system:serviceaccount:default:claude"),
+        "the webhook stamps the sidecar's service account as the requester"
+    );
+    assert!(
+        g.spec.reason.contains("a change to every row"),
+        "{}",
+        g.spec.reason
+    );
+    // The agent cannot approve its own request.
+    let agent_kubeconfig =
+        kube.kubeconfig_with_token("claude-self", &token(&admin, "claude", None).await?)?;
+    let selfish = Command::new(env.bins.kubectl.clone())
+        .env("KUBECONFIG", &agent_kubeconfig)
+        .args([
+            "patch",
+            "accessgrant",
+            &name,
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"decision":{"verdict":"Approve"}}}"#,
+        ])
+        .output()?;
+    assert!(!selfish.status.success(), "an agent approved itself");
+    assert!(
+        stderr(&selfish).contains("forbidden"),
+        "{}",
+        stderr(&selfish)
+    );
+    assert!(
+        !held.is_finished(),
+        "the held query must wait for the approver"
+    );
+    let ok = decide(
+        kube,
+        "alice",
+        &name,
+        json!({ "verdict": "Approve", "reason": "cleanup ticket 12" }),
+    );
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    let out = held.await?;
+    assert!(out.status.success(), "approved, it runs: {}", stderr(&out));
+    assert_eq!(stdout(&out), "UPDATE 2");
+    assert_eq!(
+        pg.psql_run("app", "SELECT DISTINCT email FROM customers")?
+            .trim(),
+        "eve@example.com"
+    );
+
+    // 2. Denied: the waiting query ends at once with who denied it and why.
+    let held = tokio::task::spawn_blocking({
+        let pg_bin = env.bins.pg_bin.clone();
+        move || {
+            Command::new(pg_bin.join("psql"))
+                .arg(format!(
+                    "host=127.0.0.1 port={port} dbname=db user=claude sslmode=disable"
+                ))
+                .args(["-X", "-At", "-c", "DELETE FROM orders"])
+                .output()
+                .expect("run psql")
+        }
+    });
+    let g = filed(&admin, "DELETE FROM orders").await?;
+    let name = g.metadata.name.clone().expect("name");
+    let no = decide(
+        kube,
+        "alice",
+        &name,
+        json!({ "verdict": "Deny", "reason": "orders are kept for 7 years" }),
+    );
+    assert!(no.status.success(), "{}", stderr(&no));
+    let out = held.await?;
+    assert!(
+        stderr(&out).contains(&format!(
+            "AccessGrant {name} was denied by alice: orders are kept for 7 years"
+        )),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        pg.psql_run("app", "SELECT count(*) FROM orders")?.trim(),
+        "2"
+    );
+
+    // 3. holdTimeout 0s: answered at once with the grant to wait for and how to approve it;
+    //    asking again reuses the same request; once approved, running it again works.
+    apply(&admin, json!({
+        "apiVersion": "agentgate.dev/v1alpha1", "kind": "Target", "metadata": { "name": "db" },
+        "spec": { "protocol": "Postgres", "holdTimeout": "0s",
+            "postgres": { "host": "127.0.0.1", "port": pg.port(), "database": "app",
+                "tls": { "mode": "VerifyFull", "ca": { "name": "db-credentials", "key": "ca.crt" } },
+                "credentials": { "name": "db-credentials" } } }
+    }))
+    .await?;
+    let first = eventually("holdTimeout 0s in force", 20, async || {
+        let started = Instant::now();
+        let o = psql(&env, port, "TRUNCATE orders");
+        (started.elapsed() < Duration::from_secs(5)).then_some(o)
+    })
+    .await?;
+    let err = stderr(&first);
+    assert!(
+        err.contains("held for approval: AccessGrant claude-"),
+        "{err}"
+    );
+    assert!(
+        err.contains("an approver runs: kubectl patch accessgrant claude-"),
+        "{err}"
+    );
+    let g = filed(&admin, "TRUNCATE").await?;
+    let name = g.metadata.name.clone().expect("name");
+    assert!(err.contains(&name), "{err}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let again = psql(&env, port, "truncate   ORDERS");
+    assert!(
+        stderr(&again).contains(&name),
+        "the same command (normalized) reuses request {name}: {}",
+        stderr(&again)
+    );
+    let ok = decide(kube, "alice", &name, json!({ "verdict": "Approve" }));
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    let ran = eventually("the approval seen by the sidecar", 20, async || {
+        let o = psql(&env, port, "TRUNCATE orders");
+        o.status.success().then(|| stdout(&o))
+    })
+    .await?;
+    assert_eq!(ran, "TRUNCATE TABLE");
+
+    // 4. A scoped grant works in an open connection, and its revocation stops it there at once.
+    let bob = kube.client_as("bob").await?;
+    let req: AccessGrant = serde_json::from_value(json!({
+        "apiVersion": "agentgate.dev/v1alpha1", "kind": "AccessGrant", "metadata": { "name": "claude-writes-orders" },
+        "spec": { "identity": "claude", "target": "db", "scope": { "operations": ["Write"], "tables": ["orders"] },
+            "reason": "backfill", "duration": "30m" }
+    }))?;
+    Api::<AccessGrant>::namespaced(bob, NS)
+        .create(&PostParams::default(), &req)
+        .await?;
+    let ok = decide(
+        kube,
+        "alice",
+        "claude-writes-orders",
+        json!({ "verdict": "Approve" }),
+    );
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    let (client, conn) = tokio_postgres::connect(
+        &format!("host=127.0.0.1 port={port} dbname=db user=claude sslmode=disable"),
+        tokio_postgres::NoTls,
+    )
+    .await?;
+    tokio::spawn(conn);
+    let mut next: i32 = 1;
+    eventually("the grant in force", 20, async || {
+        next += 1;
+        client
+            .execute("INSERT INTO orders VALUES ($1, 'new')", &[&next])
+            .await
+            .ok()
+    })
+    .await?;
+    // Outside the grant's tables: still not allowed.
+    let other = tokio::time::timeout(
+        Duration::from_secs(20),
+        client.execute(
+            "UPDATE customers SET email = 'x@example.com' WHERE id = 1",
+            &[],
+        ),
+    )
+    .await?
+    .expect_err("customers is outside the grant");
+    let other = other
+        .as_db_error()
+        .map(|e| e.message().to_owned())
+        .unwrap_or_default();
+    assert!(other.contains("held for approval"), "{other}");
+    let revoke = kubectl_as(
+        kube,
+        "alice",
+        &[
+            "patch",
+            "accessgrant",
+            "claude-writes-orders",
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"revocation":{"reason":"backfill done"}}}"#,
+        ],
+    );
+    assert!(revoke.status.success(), "{}", stderr(&revoke));
+    let refused = eventually("the revocation in force", 10, async || {
+        next += 1;
+        client
+            .execute("INSERT INTO orders VALUES ($1, 'late')", &[&next])
+            .await
+            .err()
+    })
+    .await?;
+    let text = refused
+        .as_db_error()
+        .map(|e| e.message().to_owned())
+        .unwrap_or_default();
+    assert!(
+        text.contains("no baseline or active grant allows Write on db"),
+        "{text}"
+    );
+    drop(client);
+
+    // 5. A pod whose service account is not the identity's cannot act as it.
+    let (_other, other_port) = sidecar(&env, &admin, "other", targets.path()).await?;
+    let refused = eventually("the mismatch reported", 30, async || {
+        let e = stderr(&psql(&env, other_port, "SELECT 1"));
+        e.contains("this pod runs as").then_some(e)
+    })
+    .await?;
+    assert!(
+        refused.contains("this pod runs as system:serviceaccount:default:other, but AgentIdentity claude is bound to system:serviceaccount:default:claude"),
+        "{refused}"
+    );
+
+    // 6. A sidecar that cannot read the policy refuses everything and says why.
+    let (_nobody, nobody_port) = sidecar(&env, &admin, "nobody", targets.path()).await?;
+    let refused = eventually("the refusal", 30, async || {
+        let e = stderr(&psql(&env, nobody_port, "SELECT 1"));
+        e.contains("forbidden").then_some(e)
+    })
+    .await?;
+    assert!(
+        refused.contains("agentgate refuses connections until its policy is loaded: the watch on"),
+        "{refused}"
+    );
+
+    // 7. The API server goes away: after --policy-stale-after the policy is dropped (a
+    //    revocation could be missed) and everything is refused, with the reason.
+    assert!(psql(&env, port, "SELECT 1").status.success());
+    env.kube_mut()?.stop_apiserver();
+    let refused = eventually("stale policy refused", 60, async || {
+        let o = psql(&env, port, "SELECT 1");
+        (!o.status.success()).then(|| stderr(&o))
+    })
+    .await?;
+    assert!(refused.contains("policy may be stale"), "{refused}");
+    drop(main);
+    Ok(())
+}
