@@ -192,11 +192,12 @@ async fn psql_through_the_gateway() -> anyhow::Result<()> {
             "[name]",
         ),
         ("SELECT string_agg(name, ',') FROM customers", "[name]"),
+        // A JSON result stays valid JSON: the whole value becomes a JSON string.
         (
             "SELECT row_to_json(c) FROM customers c WHERE id = 2",
-            "[name]",
+            "\"[name]\"",
         ),
-        ("SELECT json_agg(c.*) FROM customers c", "[name]"),
+        ("SELECT json_agg(c.*) FROM customers c", "\"[name]\""),
         ("SELECT (SELECT name FROM customers WHERE id = 1)", "[name]"),
     ] {
         assert_eq!(gw.ok(sql), want, "{sql}");
@@ -585,6 +586,15 @@ async fn a_rust_driver_works_through_the_gateway() -> anyhow::Result<()> {
         (id, email.as_deref(), name.as_str()),
         (1, Some("****"), "[name]")
     );
+    // Binary results after a statement Describe and a Bind asking for binary: the gateway
+    // reads the Bind's formats, so a card number hidden in a bigint is still caught.
+    let row = client
+        .query_one("SELECT 4111111111111111::bigint, 42::bigint", &[])
+        .await?;
+    assert_eq!(
+        (row.get::<_, Option<i64>>(0), row.get::<_, Option<i64>>(1)),
+        (None, Some(42))
+    );
     // A prepared statement reused.
     let st = client
         .prepare("SELECT state FROM orders WHERE id = $1")
@@ -721,5 +731,78 @@ async fn holds_file_a_request_and_the_command_runs_once_approved() -> anyhow::Re
             .trim(),
         "waited"
     );
+    Ok(())
+}
+
+/// psycopg 3 (Debian's python3-psycopg): server-side parameters (extended protocol), prepared
+/// statements, binary results, COPY, transactions, and a refusal as a Python exception.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psycopg_works_through_the_gateway() -> anyhow::Result<()> {
+    let gw = start().await?;
+    wait_for("policy loaded", || {
+        gw.psql("orders-db", "SELECT 1").status.success()
+    });
+    let script = r#"
+import sys, psycopg
+conn = psycopg.connect(sys.argv[1])
+with conn.cursor() as cur:
+    cur.execute("SELECT id, email, card, name FROM customers WHERE id = %s", (1,))
+    print(cur.fetchone())
+    for _ in range(3):
+        cur.execute("SELECT id, email FROM customers WHERE id = %s", (2,), prepare=True)
+    print(cur.fetchall())
+    cur.execute("SELECT name, length(name), to_jsonb(name) FROM customers WHERE id = %s", (1,), binary=True)
+    print(cur.fetchone())
+    cur.execute("SELECT email, id, 4111111111111111::bigint, 42::bigint, '{\"mail\": \"x@example.com\"}'::jsonb, now() > '2000-01-01' FROM customers WHERE id = %s", (1,), binary=True)
+    print(cur.fetchone())
+    cur.execute("SELECT 4111111111111111::bigint, 42::bigint, now() > '2000-01-01'", binary=False)
+    print(cur.fetchone())
+    try:
+        cur.execute("DELETE FROM orders WHERE id = %s", (4711,))
+    except psycopg.Error as e:
+        print(e.sqlstate, e.diag.message_primary.split(";")[0])
+    conn.rollback()
+    with cur.copy("COPY (SELECT email FROM customers ORDER BY id) TO STDOUT") as copy:
+        print([bytes(r).decode() for r in copy])
+    cur.execute("SELECT state FROM orders ORDER BY id")
+    print(cur.fetchall())
+conn.commit()
+conn.close()
+print("done")
+"#;
+    let out = Command::new("/usr/bin/python3")
+        .args(["-c", script])
+        .arg(format!(
+            "host=127.0.0.1 port={} dbname=orders-db user=claude sslmode=disable",
+            gw.port
+        ))
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let want = [
+        // Server-side parameters: column rule, detectors, partial.
+        "(1, '****', '**** **** **** 1111', '[name]')",
+        // A prepared statement (named, reused): NULL stays NULL.
+        "[(2, None)]",
+        // Binary results: the masked text column carries the mask; an integer computed from
+        // it cannot, so it is NULL; JSON stays JSON.
+        "('[name]', None, '[name]')",
+        // Binary: a card number hidden in a bigint is caught (and cannot carry the mask);
+        // other integers, JSON (masked inside) and booleans pass.
+        "('****', 1, None, 42, {'mail': '****'}, True)",
+        // Text: the same for a text-format bigint.
+        "(None, 42, True)",
+        // A refusal is a psycopg exception with SQLSTATE and message.
+        "55000 held for approval: AccessGrant claude-361122ad2bd3",
+        // COPY TO STDOUT, masked line by line.
+        r"['****\n', '\\N\n']",
+        "[('paid',), ('paid',)]",
+        "done",
+    ];
+    assert_eq!(stdout.lines().collect::<Vec<_>>(), want);
     Ok(())
 }

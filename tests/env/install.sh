@@ -16,7 +16,7 @@ HELM_VERSION="$(sed -n 's/^require helm.sh\/helm\/v3 v\(.*\)$/\1/p' "$HERE/helm/
 
 log() { printf '\033[1m[install]\033[0m %s\n' "$*" >&2; }
 
-DEBS=(postgresql postgresql-client openssh-server openssh-client libclang-dev clang pkg-config openssl pgbouncer)
+DEBS=(postgresql postgresql-client openssh-server openssh-client libclang-dev clang pkg-config openssl pgbouncer python3-psycopg)
 
 install_debs() {
   local missing=()

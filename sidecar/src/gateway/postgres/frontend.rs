@@ -25,6 +25,8 @@ pub enum Frontend {
         portal: String,
         /// Statement name.
         statement: String,
+        /// Result format codes: none (all text), one (for all columns) or one per column.
+        result_formats: Vec<i16>,
         /// The whole body, forwarded as is.
         raw: Bytes,
     },
@@ -146,11 +148,22 @@ pub fn decode(frame: &Frame) -> Result<Frontend, FrameError> {
                     why: "negative result format count",
                 });
             }
-            get_bytes(&mut b, nres as usize * 2, "Bind")?;
+            let mut result_formats = Vec::with_capacity(nres as usize);
+            for _ in 0..nres {
+                let f = get_i16(&mut b, "Bind")?;
+                if !matches!(f, 0 | 1) {
+                    return Err(FrameError::Malformed {
+                        what: "Bind",
+                        why: "result format code other than 0 (text) or 1 (binary)",
+                    });
+                }
+                result_formats.push(f);
+            }
             done(&b, "Bind")?;
             Frontend::Bind {
                 portal,
                 statement,
+                result_formats,
                 raw,
             }
         }

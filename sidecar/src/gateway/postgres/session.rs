@@ -430,12 +430,18 @@ enum Event {
     OwnReady,
     /// The rule that masks computed output columns of what is sent next.
     Computed(Option<crate::mask::Rule>),
+    /// An Execute was forwarded; its rows come in these result formats (the Bind's codes).
+    Execute(Vec<i16>),
     /// The agent left.
     Done,
 }
 
 enum Pending {
-    Upstream { swallow_ready: bool },
+    Upstream {
+        swallow_ready: bool,
+        /// Result formats of the Executes this answer covers, in order.
+        executes: VecDeque<Vec<i16>>,
+    },
     Own(Vec<Frame>),
     OwnReady,
 }
@@ -636,6 +642,9 @@ async fn writer(
     let mut queue: VecDeque<Pending> = VecDeque::new();
     let mut status = b'I';
     let mut formats: Vec<i16> = Vec::new();
+    let mut types: Vec<u32> = Vec::new();
+    // Result formats of Executes forwarded since the last Sync (their answer is not queued yet).
+    let mut executes: VecDeque<Vec<i16>> = VecDeque::new();
     let mut field_rules: Vec<Option<crate::mask::Rule>> = Vec::new();
     let mut computed: Option<crate::mask::Rule> = None;
     let mut copy_out = false;
@@ -672,8 +681,9 @@ async fn writer(
         tokio::select! {
             biased;
             ev = rx.recv(), if !done => match ev {
-                Some(Event::ExpectUpstream) => queue.push_back(Pending::Upstream { swallow_ready: false }),
-                Some(Event::ExpectUpstreamSwallowReady) => queue.push_back(Pending::Upstream { swallow_ready: true }),
+                Some(Event::ExpectUpstream) => queue.push_back(Pending::Upstream { swallow_ready: false, executes: std::mem::take(&mut executes) }),
+                Some(Event::ExpectUpstreamSwallowReady) => queue.push_back(Pending::Upstream { swallow_ready: true, executes: std::mem::take(&mut executes) }),
+                Some(Event::Execute(f)) => executes.push_back(f),
                 Some(Event::Own(f)) => queue.push_back(Pending::Own(f)),
                 Some(Event::OwnReady) => queue.push_back(Pending::OwnReady),
                 Some(Event::Computed(r)) => computed = r,
@@ -702,6 +712,7 @@ async fn writer(
                             }
                         };
                         formats = fields.iter().map(|x| x.format).collect();
+                        types = fields.iter().map(|x| x.type_oid).collect();
                         field_rules.clear();
                         for f in &fields {
                             let rule = if !masks.has_column_rules() {
@@ -739,7 +750,21 @@ async fn writer(
                             Masked::Null => Frame::new(b'd', Bytes::from_static(b"\\N\n")),
                         }
                     }
-                    b'D' if !masks.is_empty() => match mask_row(&masks, &frame, &formats, &field_rules) {
+                    // The end of an Execute's rows: the next rows are the next Execute's.
+                    b'C' | b's' | b'I' => {
+                        if let Some(Pending::Upstream { executes, .. }) = queue.front_mut() {
+                            executes.pop_front();
+                        }
+                        frame
+                    }
+                    // After an error the server skips to the Sync: no more rows in this answer.
+                    b'E' => {
+                        if let Some(Pending::Upstream { executes, .. }) = queue.front_mut() {
+                            executes.clear();
+                        }
+                        frame
+                    }
+                    b'D' if !masks.is_empty() => match mask_row(&masks, &frame, row_formats(&queue, &formats), &types, &field_rules) {
                         Some(f) => f,
                         None => {
                             let e = ErrorFields::fatal(sqlstate::PROTOCOL_VIOLATION, "agentgate: the database sent a malformed row");
@@ -750,7 +775,7 @@ async fn writer(
                     b'Z' => {
                         status = frame.body.first().copied().unwrap_or(b'I');
                         match queue.pop_front() {
-                            Some(Pending::Upstream { swallow_ready: true }) => continue,
+                            Some(Pending::Upstream { swallow_ready: true, .. }) => continue,
                             _ => frame,
                         }
                     }
@@ -769,45 +794,157 @@ async fn writer(
     }
 }
 
+/// The result formats of the rows now arriving: the Bind's codes when they answer an Execute,
+/// else the RowDescription's (a simple query, or a cursor FETCH).
+fn row_formats<'a>(queue: &'a VecDeque<Pending>, described: &'a [i16]) -> Formats<'a> {
+    match queue.front() {
+        Some(Pending::Upstream { executes, .. }) => match executes.front() {
+            Some(codes) => Formats::Bind(codes),
+            None => Formats::Described(described),
+        },
+        _ => Formats::Described(described),
+    }
+}
+
+/// Where a row's result formats come from.
+#[derive(Clone, Copy)]
+enum Formats<'a> {
+    /// A Bind's codes: none (all text), one (all columns) or one per column.
+    Bind(&'a [i16]),
+    /// A RowDescription's, one per column.
+    Described(&'a [i16]),
+}
+
+impl Formats<'_> {
+    fn binary(self, column: usize) -> bool {
+        match self {
+            Formats::Bind([]) => false,
+            Formats::Bind([one]) => *one == 1,
+            Formats::Bind(codes) | Formats::Described(codes) => {
+                codes.get(column).copied().unwrap_or(0) == 1
+            }
+        }
+    }
+}
+
+/// PostgreSQL type OIDs whose binary form is their text (UTF-8): text, varchar, bpchar, name,
+/// json, unknown, citext-like domains are reported as their base type.
+const TEXT_TYPES: [u32; 6] = [25, 1043, 1042, 19, 114, 705];
+/// jsonb: a version byte, then the text.
+const JSONB: u32 = 3802;
+
+/// The text of a binary value, when its type has one agentgate can read; `None` otherwise.
+fn binary_text(type_oid: u32, bytes: &[u8]) -> Option<String> {
+    match type_oid {
+        t if TEXT_TYPES.contains(&t) => std::str::from_utf8(bytes).ok().map(str::to_owned),
+        JSONB => match bytes.split_first() {
+            Some((1, rest)) => std::str::from_utf8(rest).ok().map(str::to_owned),
+            _ => None,
+        },
+        // int2, int4, int8, oid: a card number or an ID can hide in an integer.
+        21 => <[u8; 2]>::try_from(bytes)
+            .ok()
+            .map(|b| i16::from_be_bytes(b).to_string()),
+        23 => <[u8; 4]>::try_from(bytes)
+            .ok()
+            .map(|b| i32::from_be_bytes(b).to_string()),
+        26 => <[u8; 4]>::try_from(bytes)
+            .ok()
+            .map(|b| u32::from_be_bytes(b).to_string()),
+        20 => <[u8; 8]>::try_from(bytes)
+            .ok()
+            .map(|b| i64::from_be_bytes(b).to_string()),
+        700 => <[u8; 4]>::try_from(bytes)
+            .ok()
+            .map(|b| f32::from_be_bytes(b).to_string()),
+        701 => <[u8; 8]>::try_from(bytes)
+            .ok()
+            .map(|b| f64::from_be_bytes(b).to_string()),
+        16 => match bytes {
+            [0] => Some("f".into()),
+            [1] => Some("t".into()),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// Types whose values cannot carry masking text (a client would fail to parse it): a masked
+/// value of one of them goes as NULL, in text and in binary.
+const NOT_TEXT: [u32; 17] = [
+    16, 17, 20, 21, 23, 26, 700, 701, 1700, 1082, 1083, 1114, 1184, 1186, 1266, 2950, 790,
+];
+
+/// A masked text-format value: the masking text, or NULL for types that cannot carry it.
+fn text_masked(type_oid: u32, text: String) -> Option<Bytes> {
+    (!NOT_TEXT.contains(&type_oid)).then(|| Bytes::from(text))
+}
+
+/// A masked binary value: text types carry the masking text; other types cannot, so they go
+/// as NULL.
+fn binary_masked(type_oid: u32, text: String) -> Option<Bytes> {
+    if TEXT_TYPES.contains(&type_oid) {
+        Some(Bytes::from(text))
+    } else if type_oid == JSONB {
+        let mut b = Vec::with_capacity(text.len() + 1);
+        b.push(1);
+        b.extend_from_slice(text.as_bytes());
+        Some(Bytes::from(b))
+    } else {
+        None
+    }
+}
+
 /// Masks the values of a DataRow; `None` if the row is malformed.
+///
+/// Binary values are read through their type: text-like types and integers are masked like
+/// text; a binary value of any other type cannot be searched for patterns, so when value
+/// detectors apply it goes as NULL (fail closed), and a masked column of such a type is NULL.
 fn mask_row(
     masks: &MaskSet,
     frame: &Frame,
-    formats: &[i16],
+    formats: Formats<'_>,
+    types: &[u32],
     rules: &[Option<crate::mask::Rule>],
 ) -> Option<Frame> {
     let mut values = backend::decode_data_row(frame).ok()?;
     let mut changed = false;
     for (i, v) in values.iter_mut().enumerate() {
-        let binary = formats.get(i).copied().unwrap_or(0) == 1;
         let Some(bytes) = v.as_ref() else { continue };
-        if let Some(Some(rule)) = rules.get(i) {
+        let binary = formats.binary(i);
+        let type_oid = types.get(i).copied().unwrap_or(0);
+        let text = if binary {
+            binary_text(type_oid, bytes)
+        } else {
+            Some(String::from_utf8_lossy(bytes).into_owned())
+        };
+        let masked = match (rules.get(i), text) {
             // A masked column: the whole value, whatever it looks like.
-            changed = true;
-            *v = match (binary, rule.apply_whole(&String::from_utf8_lossy(bytes))) {
-                // A binary value cannot carry masking text: it goes as NULL.
-                (true, _) | (_, Masked::Null | Masked::Clear) => None,
-                (false, Masked::Text(t)) => Some(Bytes::from(t)),
-            };
-            continue;
-        }
-        if binary {
-            // Binary values cannot be searched for patterns: masked sets refuse to show them.
-            if masks.has_value_rules() {
-                *v = None;
-                changed = true;
-            }
-            continue;
-        }
-        let text = String::from_utf8_lossy(bytes);
-        match masks.mask(None, &text).0 {
+            (Some(Some(rule)), Some(t)) => match rule.apply_whole(&t) {
+                Masked::Clear => Masked::Null,
+                // A JSON value stays JSON: the masking text becomes a JSON string.
+                Masked::Text(m) if matches!(type_oid, 114 | JSONB) => {
+                    Masked::Text(serde_json::Value::String(m).to_string())
+                }
+                m => m,
+            },
+            (Some(Some(_)), None) => Masked::Null,
+            (_, Some(t)) => masks.mask(None, &t).0,
+            (_, None) if masks.has_value_rules() => Masked::Null,
+            (_, None) => Masked::Clear,
+        };
+        match masked {
             Masked::Clear => {}
-            Masked::Text(t) => {
-                *v = Some(Bytes::from(t));
-                changed = true;
-            }
             Masked::Null => {
                 *v = None;
+                changed = true;
+            }
+            Masked::Text(t) => {
+                *v = if binary {
+                    binary_masked(type_oid, t)
+                } else {
+                    text_masked(type_oid, t)
+                };
                 changed = true;
             }
         }
@@ -1031,7 +1168,7 @@ async fn reader(
 ) -> Result<(), FrameError> {
     // Prepared statements' classifications, for Execute-time checks.
     let mut statements: HashMap<String, Classified> = HashMap::new();
-    let mut portals: HashMap<String, String> = HashMap::new();
+    let mut portals: HashMap<String, (String, Vec<i16>)> = HashMap::new();
     let mut skip_until_sync = false;
     let mut in_batch = false;
     let mut copy_in = false;
@@ -1184,15 +1321,16 @@ async fn reader(
             Frontend::Bind {
                 ref portal,
                 ref statement,
+                ref result_formats,
                 ..
             } => {
-                portals.insert(portal.clone(), statement.clone());
+                portals.insert(portal.clone(), (statement.clone(), result_formats.clone()));
                 in_batch = true;
                 forward(&mut up, agent.buffer().is_empty(), frame).await?;
             }
             Frontend::Execute { ref portal, .. } => {
                 // Re-check at execution: a grant may have expired since Parse.
-                let statement = portals.get(portal).cloned().unwrap_or_default();
+                let (statement, result_formats) = portals.get(portal).cloned().unwrap_or_default();
                 let verdict = statements.get(&statement).map(|c| (decide(c), c.clone()));
                 match verdict {
                     Some((d, c)) if d.verdict == Verdict::Allow => {
@@ -1200,6 +1338,7 @@ async fn reader(
                         tx.send(Event::Computed(masks.computed_rule(&c.statements).cloned()))
                             .await
                             .ok();
+                        tx.send(Event::Execute(result_formats)).await.ok();
                         forward(&mut up, agent.buffer().is_empty(), frame).await?;
                     }
                     other => {
@@ -1221,7 +1360,7 @@ async fn reader(
                 let statement = if kind == b'S' {
                     name.clone()
                 } else {
-                    portals.get(name).cloned().unwrap_or_default()
+                    portals.get(name).map(|p| p.0.clone()).unwrap_or_default()
                 };
                 let rule = statements
                     .get(&statement)
