@@ -139,7 +139,7 @@ spec: {{ rules: [ {{ name: emails, detectors: [Email, CardNumber], action: Redac
             format!("--pg-addr=127.0.0.1:{port}"),
         ])
         .env("RUST_LOG", "warn");
-    let _sidecar = Proc::start(spec, &env.dir().join("logs"))?;
+    let sidecar = Proc::start(spec, &env.dir().join("logs"))?;
     let deadline = Instant::now() + Duration::from_secs(20);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         anyhow::ensure!(Instant::now() < deadline, "sidecar not listening");
@@ -180,5 +180,63 @@ spec: {{ rules: [ {{ name: emails, detectors: [Email, CardNumber], action: Redac
             );
         }
     }
+
+    // Streaming: a result of any size passes in constant memory. Peak RSS of the sidecar
+    // before and after a million masked rows (every row has an email the detectors find).
+    let pid = sidecar.pid().expect("the sidecar runs");
+    let rows: u64 = std::env::var("AGENTGATE_BENCH_ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let before = memory(pid);
+    for (what, sql) in [
+        (
+            "SELECT",
+            format!(
+                "SELECT g, 'user' || g || '@example.com', repeat('x', 100) FROM generate_series(1, {rows}) g"
+            ),
+        ),
+        (
+            "COPY TO STDOUT",
+            format!(
+                "COPY (SELECT g, 'user' || g || '@example.com', repeat('x', 100) FROM generate_series(1, {rows}) g) TO STDOUT"
+            ),
+        ),
+    ] {
+        let started = Instant::now();
+        let out = Command::new(env.bins.pg_bin.join("psql"))
+            .arg(&gateway)
+            .args(["-X", "-At", "-o", "/dev/null", "-c", &sql])
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "{what}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let after = memory(pid);
+        println!(
+            "{what} of {rows} masked rows (~{} MB) in {:.1}s; sidecar RSS {} -> {} kB, peak {} -> {} kB",
+            rows * 130 / 1_000_000,
+            started.elapsed().as_secs_f64(),
+            before.0,
+            after.0,
+            before.1,
+            after.1
+        );
+    }
     Ok(())
+}
+
+/// (VmRSS, VmHWM) of a process, in kB.
+fn memory(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
 }
