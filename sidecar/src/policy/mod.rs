@@ -335,7 +335,9 @@ pub fn decide(
         .iter()
         .any(|b| b.target == target && covers(&b.scope, cmd));
 
-    for g in t.spec.guardrails.iter().chain(default_guardrails().iter()) {
+    static DEFAULTS: std::sync::LazyLock<Vec<Guardrail>> =
+        std::sync::LazyLock::new(default_guardrails);
+    for g in t.spec.guardrails.iter().chain(DEFAULTS.iter()) {
         if !guardrail_matches(g, cmd) {
             continue;
         }

@@ -7,7 +7,7 @@
 //! class of anything in it. What PostgreSQL's parser rejects is refused; a statement type this
 //! module does not know is classed `Admin` (fail closed).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 use agentgate_crds::OperationClass;
 use serde_json::Value;
@@ -580,6 +580,30 @@ fn walk(v: &Value, w: &mut Walk) {
 
 /// Classifies a query string (one or more statements).
 pub fn classify(sql: &str) -> Result<Classified, ClassifyError> {
+    // The same text classifies the same way: drivers and ORMs send a few statement texts
+    // over and over (prepared or not), so the last few thousand are kept.
+    type Cached = std::sync::Arc<Result<Classified, ClassifyError>>;
+    static CACHE: std::sync::LazyLock<std::sync::Mutex<HashMap<String, Cached>>> =
+        std::sync::LazyLock::new(Default::default);
+    const CACHE_ENTRIES: usize = 4096;
+    const CACHE_TEXT: usize = 16 << 10;
+    let hit = CACHE.lock().ok().and_then(|c| c.get(sql).cloned());
+    if let Some(hit) = hit {
+        return (*hit).clone();
+    }
+    let result = classify_uncached(sql);
+    if sql.len() <= CACHE_TEXT
+        && let Ok(mut cache) = CACHE.lock()
+    {
+        if cache.len() >= CACHE_ENTRIES {
+            cache.clear();
+        }
+        cache.insert(sql.to_owned(), std::sync::Arc::new(result.clone()));
+    }
+    result
+}
+
+fn classify_uncached(sql: &str) -> Result<Classified, ClassifyError> {
     if sql.contains('\0') {
         return Err(ClassifyError::Nul);
     }
