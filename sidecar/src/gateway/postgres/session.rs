@@ -1174,13 +1174,20 @@ async fn reader(
     let mut copy_in = false;
     let decide = |c: &Classified| {
         let snapshot = gw.policy.get();
-        policy::decide(
+        let mut d = policy::decide(
             snapshot.as_deref(),
             identity,
             target,
             &Command::from(c),
             jiff::Timestamp::now(),
-        )
+        );
+        // Say why the policy is gone (a broken watch, a bad folder), not only that it is.
+        if snapshot.is_none()
+            && let Some(why) = gw.policy.error()
+        {
+            d.message = format!("agentgate refuses everything until its policy is loaded: {why}");
+        }
+        d
     };
     let result = loop {
         let frame = match read_frame(&mut agent, MAX_MESSAGE).await {
