@@ -13,6 +13,8 @@ CACHE="${AGENTGATE_CACHE:-$HOME/.cache/agentgate}"
 K8S_VERSION="$(sed -n 's/^require k8s.io\/kubernetes v\(.*\)$/\1/p' "$HERE/k8s/go.mod")"
 ETCD_VERSION="$(sed -n 's/^require go.etcd.io\/etcd\/server\/v3 v\(.*\)$/\1/p' "$HERE/etcd/go.mod")"
 HELM_VERSION="$(sed -n 's/^require helm.sh\/helm\/v3 v\(.*\)$/\1/p' "$HERE/helm/go.mod")"
+# Keycloak, the OIDC provider users run, from Maven Central (the Quarkus distribution).
+KEYCLOAK_VERSION=26.4.7
 
 log() { printf '\033[1m[install]\033[0m %s\n' "$*" >&2; }
 
@@ -71,6 +73,29 @@ build_go() {
   fi
 }
 
+# Keycloak from Maven Central, checked against the published SHA-512, unpacked into the cache.
+install_keycloak() {
+  local dir="$CACHE/keycloak-$KEYCLOAK_VERSION"
+  if [[ -x "$dir/bin/kc.sh" ]]; then
+    log "cached: $dir"
+    return
+  fi
+  local base="https://repo1.maven.org/maven2/org/keycloak/keycloak-quarkus-dist/$KEYCLOAK_VERSION"
+  local file="keycloak-quarkus-dist-$KEYCLOAK_VERSION.tar.gz"
+  log "downloading Keycloak $KEYCLOAK_VERSION from Maven Central (about 160 MB)"
+  mkdir -p "$CACHE"
+  local tmp
+  tmp="$(mktemp -d "$CACHE/.keycloak.XXXXXX")"
+  curl -fsSL --retry 3 -o "$tmp/$file" "$base/$file"
+  local want
+  want="$(curl -fsSL --retry 3 "$base/$file.sha512" | cut -d' ' -f1)"
+  echo "$want  $tmp/$file" | sha512sum -c --quiet - || { log "checksum mismatch for $file"; exit 1; }
+  tar -xzf "$tmp/$file" -C "$tmp"
+  rm -rf "$dir"
+  mv "$tmp/keycloak-$KEYCLOAK_VERSION" "$dir"
+  rm -rf "$tmp"
+}
+
 # Prints the environment variables the harness reads to find the binaries.
 print_env() {
   cat <<ENV
@@ -78,6 +103,7 @@ export AGENTGATE_ETCD=$CACHE/etcd-$ETCD_VERSION/etcd
 export AGENTGATE_KUBE_APISERVER=$CACHE/kubernetes-$K8S_VERSION/kube-apiserver
 export AGENTGATE_KUBECTL=$CACHE/kubernetes-$K8S_VERSION/kubectl
 export AGENTGATE_HELM=$CACHE/helm-$HELM_VERSION/helm
+export AGENTGATE_KEYCLOAK=$CACHE/keycloak-$KEYCLOAK_VERSION
 export AGENTGATE_PG_BIN=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
 ENV
 }
@@ -85,7 +111,8 @@ ENV
 case "${1:-all}" in
   debs) install_debs ;;
   go) build_go ;;
+  keycloak) install_keycloak ;;
   env) print_env ;;
-  all) install_debs; install_rust_components; build_go ;;
-  *) echo "usage: $0 [all|debs|go|env]" >&2; exit 2 ;;
+  all) install_debs; install_rust_components; build_go; install_keycloak ;;
+  *) echo "usage: $0 [all|debs|go|keycloak|env]" >&2; exit 2 ;;
 esac

@@ -105,82 +105,104 @@ pub fn load(dir: &Path) -> Result<Snapshot, LoadError> {
             path: path.clone(),
             source,
         })?;
-        for (i, doc) in serde_norway::Deserializer::from_str(&text).enumerate() {
-            let invalid = |message: String| LoadError::Invalid {
-                path: path.clone(),
-                doc: i + 1,
-                message,
-            };
-            let value = serde_json::Value::deserialize(doc).map_err(|e| invalid(e.to_string()))?;
-            if value.is_null() {
-                continue;
-            }
-            let api = value
-                .get("apiVersion")
-                .and_then(|v| v.as_str())
-                .unwrap_or_default();
-            let kind = value
-                .get("kind")
-                .and_then(|v| v.as_str())
-                .unwrap_or_default()
-                .to_owned();
-            if api.split('/').next() != Some(agentgate_crds::common::GROUP) {
-                continue;
-            }
-            if api
-                != format!(
-                    "{}/{}",
-                    agentgate_crds::common::GROUP,
-                    agentgate_crds::common::VERSION
-                )
-            {
-                return Err(invalid(format!("unsupported apiVersion {api}")));
-            }
-            let name = value
-                .pointer("/metadata/name")
-                .and_then(|v| v.as_str())
-                .unwrap_or_default()
-                .to_owned();
-            if name.is_empty() {
-                return Err(invalid(format!("{kind} without metadata.name")));
-            }
-            let bad = |e: serde_json::Error| invalid(format!("{kind} {name}: {e}"));
-            match kind.as_str() {
-                "AgentIdentity" => {
-                    let o: AgentIdentity = serde_json::from_value(value).map_err(bad)?;
-                    insert(&mut s.identities, &mut seen, &kind, name, o, path)?;
-                }
-                "Target" => {
-                    let o: Target = serde_json::from_value(value).map_err(bad)?;
-                    insert(&mut s.targets, &mut seen, &kind, name, o, path)?;
-                }
-                "MaskPolicy" => {
-                    let o: MaskPolicy = serde_json::from_value(value).map_err(bad)?;
-                    insert(&mut s.masks, &mut seen, &kind, name, o, path)?;
-                }
-                "AccessGrant" => {
-                    let o: AccessGrant = serde_json::from_value(value).map_err(bad)?;
-                    // Without an API server nobody stamps the approval time: a standalone
-                    // approval must carry it, or its clock could never run out.
-                    let undated =
-                        o.spec.decision.as_ref().is_some_and(|d| {
-                            d.verdict == Verdict::Approve && d.decided_at.is_none()
-                        });
-                    if undated {
-                        s.warnings.push(format!(
-                            "{}: AccessGrant {name} is ignored: a standalone approval needs spec.decision.decidedAt",
-                            path.display()
-                        ));
-                        continue;
-                    }
-                    insert(&mut s.grants, &mut seen, &kind, name, o, path)?;
-                }
-                "AgentSession" => {}
-                other => return Err(invalid(format!("unknown kind {other}"))),
-            }
-        }
+        load_text(path, &text, &mut s, &mut seen)?;
     }
     Ok(s)
+}
+
+/// Loads the agentgate objects of one YAML text (several documents), as if it were a file of
+/// a policy folder. For tools and benchmarks.
+pub fn load_str(text: &str) -> Result<Snapshot, LoadError> {
+    let mut s = Snapshot {
+        source: "text".into(),
+        ..Default::default()
+    };
+    load_text(Path::new("<text>"), text, &mut s, &mut BTreeMap::new())?;
+    Ok(s)
+}
+
+fn load_text(
+    path: &Path,
+    text: &str,
+    s: &mut Snapshot,
+    seen: &mut BTreeMap<(String, String), PathBuf>,
+) -> Result<(), LoadError> {
+    for (i, doc) in serde_norway::Deserializer::from_str(text).enumerate() {
+        let invalid = |message: String| LoadError::Invalid {
+            path: path.to_path_buf(),
+            doc: i + 1,
+            message,
+        };
+        let value = serde_json::Value::deserialize(doc).map_err(|e| invalid(e.to_string()))?;
+        if value.is_null() {
+            continue;
+        }
+        let api = value
+            .get("apiVersion")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default();
+        let kind = value
+            .get("kind")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_owned();
+        if api.split('/').next() != Some(agentgate_crds::common::GROUP) {
+            continue;
+        }
+        if api
+            != format!(
+                "{}/{}",
+                agentgate_crds::common::GROUP,
+                agentgate_crds::common::VERSION
+            )
+        {
+            return Err(invalid(format!("unsupported apiVersion {api}")));
+        }
+        let name = value
+            .pointer("/metadata/name")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_owned();
+        if name.is_empty() {
+            return Err(invalid(format!("{kind} without metadata.name")));
+        }
+        let bad = |e: serde_json::Error| invalid(format!("{kind} {name}: {e}"));
+        match kind.as_str() {
+            "AgentIdentity" => {
+                let o: AgentIdentity = serde_json::from_value(value).map_err(bad)?;
+                insert(&mut s.identities, seen, &kind, name, o, path)?;
+            }
+            "Target" => {
+                let o: Target = serde_json::from_value(value).map_err(bad)?;
+                insert(&mut s.targets, seen, &kind, name, o, path)?;
+            }
+            "MaskPolicy" => {
+                let o: MaskPolicy = serde_json::from_value(value).map_err(bad)?;
+                insert(&mut s.masks, seen, &kind, name, o, path)?;
+            }
+            "AccessGrant" => {
+                let o: AccessGrant = serde_json::from_value(value).map_err(bad)?;
+                // Without an API server nobody stamps the approval time: a standalone
+                // approval must carry it, or its clock could never run out.
+                let undated = o
+                    .spec
+                    .decision
+                    .as_ref()
+                    .is_some_and(|d| d.verdict == Verdict::Approve && d.decided_at.is_none());
+                if undated {
+                    s.warnings.push(format!(
+                        "{}: AccessGrant {name} is ignored: a standalone approval needs spec.decision.decidedAt",
+                        path.display()
+                    ));
+                    continue;
+                }
+                insert(&mut s.grants, seen, &kind, name, o, path)?;
+            }
+            "AgentSession" => {}
+            other => return Err(invalid(format!("unknown kind {other}"))),
+        }
+    }
+    Ok(())
 }
 
 /// What a folder looks like, cheaply: paths, sizes and modification times.

@@ -1,0 +1,112 @@
+//! What the gateway spends per statement and per value, without any network: classifying a
+//! statement (PostgreSQL's grammar, the whole tree), deciding, and masking a row's values,
+//! printed against a baseline measured in the same process (parsing alone with libpg_query;
+//! copying the value). `cargo bench -p agentgate-sidecar --bench statement`.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::hint::black_box;
+use std::time::Instant;
+
+use agentgate_crds::MaskPolicy;
+use agentgate_sidecar::mask::MaskSet;
+use agentgate_sidecar::policy::{Command, Snapshot, decide};
+use agentgate_sidecar::sql::classify;
+
+/// Runs `f` `n` times; nanoseconds per call.
+fn per_call(n: u32, mut f: impl FnMut(u32)) -> f64 {
+    for i in 0..n / 10 {
+        f(i);
+    }
+    let started = Instant::now();
+    for i in 0..n {
+        f(i);
+    }
+    started.elapsed().as_nanos() as f64 / f64::from(n)
+}
+
+fn main() {
+    let n = 20_000;
+    println!(
+        "{:<58} {:>10} {:>10} {:>7}",
+        "", "ns/op", "baseline", "ratio"
+    );
+    let row = |what: &str, ns: f64, base: f64| {
+        println!(
+            "{what:<58} {ns:>10.0} {base:>10.0} {:>7.1}",
+            ns / base.max(1.0)
+        );
+    };
+
+    // Statements: the same text again (a driver's prepared text) and a new text each time
+    // (simple protocol with literals, as pgbench -M simple sends).
+    let parse_base = per_call(n, |i| {
+        let sql = format!("SELECT abalance FROM pgbench_accounts WHERE aid = {i}");
+        black_box(pg_query::parse(&sql, pg_query::ParserOptions::DEFAULT).unwrap());
+    });
+    let fresh = per_call(n, |i| {
+        let sql = format!("SELECT abalance FROM pgbench_accounts WHERE aid = {i}");
+        black_box(classify(&sql).unwrap());
+    });
+    row(
+        "classify, new text each time (vs parse only)",
+        fresh,
+        parse_base,
+    );
+    let same = per_call(n, |_| {
+        black_box(classify("SELECT abalance FROM pgbench_accounts WHERE aid = $1").unwrap());
+    });
+    row("classify, repeated text (vs parse only)", same, parse_base);
+
+    // Deciding, with an identity, a target with guardrails, and grants.
+    let snapshot: Snapshot = agentgate_sidecar::policy::folder::load_str(
+        r#"
+apiVersion: agentgate.dev/v1alpha1
+kind: Target
+metadata: { name: db }
+spec:
+  protocol: Postgres
+  postgres: { host: h, database: d, credentials: { name: c } }
+  guardrails: [ { name: no-drop, matches: ["DROP TABLE"], action: Block } ]
+---
+apiVersion: agentgate.dev/v1alpha1
+kind: AgentIdentity
+metadata: { name: claude }
+spec: { owner: o, authentication: { serviceAccount: { name: claude } }, baseline: [ { target: db, scope: { operations: [Read] } } ] }
+"#,
+    )
+    .unwrap();
+    let c = classify("SELECT abalance FROM pgbench_accounts WHERE aid = $1").unwrap();
+    let now = jiff::Timestamp::now();
+    let decide_ns = per_call(n, |_| {
+        black_box(decide(
+            Some(&snapshot),
+            "claude",
+            "db",
+            &Command::from(&c),
+            now,
+        ));
+    });
+    row("decide (vs parse only)", decide_ns, parse_base);
+
+    // Masking a value with detectors (e-mail, card number) against copying it.
+    let policy: MaskPolicy = serde_json::from_value(serde_json::json!({
+        "apiVersion": "agentgate.dev/v1alpha1", "kind": "MaskPolicy", "metadata": { "name": "p" },
+        "spec": { "rules": [ { "name": "pii", "detectors": ["Email", "CardNumber"], "action": "Redact" } ] }
+    }))
+    .unwrap();
+    let masks = MaskSet::compile(&[&policy], &|_| None).unwrap();
+    let values = [
+        "4711",
+        "paid",
+        "a plain sentence without anything sensitive in it at all",
+        "ada@example.com",
+    ];
+    let copy = per_call(n * 10, |i| {
+        black_box(values[i as usize % values.len()].to_owned());
+    });
+    let masked = per_call(n * 10, |i| {
+        black_box(masks.mask(None, values[i as usize % values.len()]));
+    });
+    row("mask a value with detectors (vs copy)", masked, copy);
+}
