@@ -125,11 +125,7 @@ spec: {{ rules: [ {{ name: emails, detectors: [Email, CardNumber], action: Redac
         ),
     )?;
     let targets = tempfile::tempdir()?;
-    let d = targets.path().join("bench");
-    std::fs::create_dir_all(&d)?;
-    std::fs::write(d.join("username"), "agentgate")?;
-    std::fs::write(d.join("password"), pg.password())?;
-    std::fs::write(d.join("ca.crt"), pg.ca_pem())?;
+    pg.write_credentials(targets.path(), "bench", "agentgate")?;
     let port = free_port()?;
     let spec = Spec::new("sidecar", env!("CARGO_BIN_EXE_agentgate-sidecar"))
         .args([

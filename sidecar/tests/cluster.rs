@@ -221,11 +221,7 @@ async fn in_cluster_policy_holds_and_revocation() -> anyhow::Result<()> {
          GRANT ALL ON ALL TABLES IN SCHEMA public TO agentgate;",
     )?;
     let targets = tempfile::tempdir()?;
-    let d = targets.path().join("db");
-    std::fs::create_dir_all(&d)?;
-    std::fs::write(d.join("username"), "agentgate")?;
-    std::fs::write(d.join("password"), pg.password())?;
-    std::fs::write(d.join("ca.crt"), pg.ca_pem())?;
+    pg.write_credentials(targets.path(), "db", "agentgate")?;
 
     apply(&admin, json!({
         "apiVersion": "agentgate.dev/v1alpha1", "kind": "Target", "metadata": { "name": "db" },

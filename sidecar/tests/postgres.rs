@@ -86,11 +86,7 @@ async fn start() -> anyhow::Result<Gateway> {
     std::fs::write(policy_dir.path().join("policy.yaml"), policy(pg.port()))?;
     let targets = tempfile::tempdir()?;
     for (target, user) in [("orders-db", "agentgate"), ("md5-db", "agentgate_md5")] {
-        let d = targets.path().join(target);
-        std::fs::create_dir_all(&d)?;
-        std::fs::write(d.join("username"), user)?;
-        std::fs::write(d.join("password"), pg.password())?;
-        std::fs::write(d.join("ca.crt"), pg.ca_pem())?;
+        pg.write_credentials(targets.path(), target, user)?;
     }
     let port = free_port()?;
     let spec = Spec::new("sidecar", env!("CARGO_BIN_EXE_agentgate-sidecar")).args([

@@ -71,11 +71,7 @@ spec:
         ),
     )?;
     let targets = tempfile::tempdir()?;
-    let d = targets.path().join("db");
-    std::fs::create_dir_all(&d)?;
-    std::fs::write(d.join("username"), "agentgate")?;
-    std::fs::write(d.join("password"), pg.password())?;
-    std::fs::write(d.join("ca.crt"), pg.ca_pem())?;
+    pg.write_credentials(targets.path(), "db", "agentgate")?;
     let port = free_port()?;
     let spec = Spec::new("sidecar", env!("CARGO_BIN_EXE_agentgate-sidecar")).args([
         format!("--policy-dir={}", policy.path().display()),
@@ -168,7 +164,7 @@ spec:
             "no AgentIdentity matches subject system:serviceaccount:default:other",
         ),
         ("tampered", tampered, "invalid token"),
-        ("alg none", none, "the password is not a token"),
+        ("alg none", none, "token algorithm none is not accepted"),
         (
             "HMAC confusion",
             hs256,

@@ -18,7 +18,7 @@ KEYCLOAK_VERSION=26.4.7
 
 log() { printf '\033[1m[install]\033[0m %s\n' "$*" >&2; }
 
-DEBS=(postgresql postgresql-client openssh-server openssh-client libclang-dev clang pkg-config openssl pgbouncer python3-psycopg)
+DEBS=(postgresql postgresql-client openssh-server openssh-client libclang-dev clang pkg-config openssl pgbouncer python3-psycopg curl)
 
 install_debs() {
   local missing=()
@@ -76,8 +76,12 @@ build_go() {
 # Keycloak from Maven Central, checked against the published SHA-512, unpacked into the cache.
 install_keycloak() {
   local dir="$CACHE/keycloak-$KEYCLOAK_VERSION"
-  if [[ -x "$dir/bin/kc.sh" ]]; then
+  if [[ -f "$dir/.agentgate-built" ]]; then
     log "cached: $dir"
+    return
+  fi
+  if [[ -x "$dir/bin/kc.sh" ]]; then
+    keycloak_build "$dir"
     return
   fi
   local base="https://repo1.maven.org/maven2/org/keycloak/keycloak-quarkus-dist/$KEYCLOAK_VERSION"
@@ -94,6 +98,21 @@ install_keycloak() {
   rm -rf "$dir"
   mv "$tmp/keycloak-$KEYCLOAK_VERSION" "$dir"
   rm -rf "$tmp"
+  keycloak_build "$dir"
+}
+
+# Keycloak's one-time build for what the tests run: an in-memory database, HTTPS only.
+keycloak_build() {
+  local dir="$1" jdk
+  # The newest JDK installed (Keycloak 26 runs on 17, faster on 21+).
+  jdk="$(ls -d /usr/lib/jvm/*/ 2>/dev/null | while read -r d; do
+      [[ -x "$d/bin/java" ]] && printf '%s %s\n' "$(basename "$d" | grep -o '[0-9]\+' | head -1)" "${d%/}"
+    done | sort -n | tail -1 | cut -d' ' -f2)"
+  log "building Keycloak for the tests (JDK: ${jdk:-java on PATH})"
+  mkdir -p "$dir/tmp"
+  JAVA_HOME="${jdk:-${JAVA_HOME:-}}" JAVA_OPTS_APPEND="-Djava.io.tmpdir=$dir/tmp -XX:-UsePerfData --add-opens=java.base/java.lang=ALL-UNNAMED -XX:TieredStopAtLevel=1" \
+    "$dir/bin/kc.sh" build --db=dev-mem >"$dir/agentgate-build.log" 2>&1 || { cat "$dir/agentgate-build.log" >&2; exit 1; }
+  touch "$dir/.agentgate-built"
 }
 
 # Prints the environment variables the harness reads to find the binaries.

@@ -11,6 +11,7 @@
 
 pub mod certs;
 pub mod http;
+pub mod keycloak_env;
 pub mod kube_env;
 pub mod postgres_env;
 pub mod process;

@@ -193,6 +193,22 @@ impl PostgresEnv {
         self.url(SUPERUSER, DATABASE)
     }
 
+    /// Writes a Target's credentials as the sidecar reads them (the layout of the Secret
+    /// mounted in a pod): `<dir>/<target>/{username,password,ca.crt}`, for role `user`.
+    pub fn write_credentials(&self, dir: &Path, target: &str, user: &str) -> Result<(), Error> {
+        let d = dir.join(target);
+        std::fs::create_dir_all(&d).map_err(|e| Error::io(format!("create {}", d.display()), e))?;
+        for (file, value) in [
+            ("username", user),
+            ("password", self.password()),
+            ("ca.crt", self.ca_pem()),
+        ] {
+            std::fs::write(d.join(file), value)
+                .map_err(|e| Error::io(format!("write {file}"), e))?;
+        }
+        Ok(())
+    }
+
     /// Where the CA certificate is written.
     pub fn ca_path(&self) -> PathBuf {
         let p = self.dir.join("ca.crt");

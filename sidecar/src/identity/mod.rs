@@ -215,7 +215,21 @@ impl Verifier {
         snapshot: &Snapshot,
     ) -> Result<Verified, IdentityError> {
         let token = token.trim();
-        let header = jsonwebtoken::decode_header(token).map_err(|_| IdentityError::NotAToken)?;
+        let header = jsonwebtoken::decode_header(token).map_err(|_| {
+            // Say which algorithm was refused (`none`, or one the library does not know)
+            // when the header is readable at all.
+            token
+                .split('.')
+                .next()
+                .and_then(|h| {
+                    base64::engine::general_purpose::URL_SAFE_NO_PAD
+                        .decode(h)
+                        .ok()
+                })
+                .and_then(|h| serde_json::from_slice::<serde_json::Value>(&h).ok())
+                .and_then(|h| h["alg"].as_str().map(str::to_owned))
+                .map_or(IdentityError::NotAToken, IdentityError::Algorithm)
+        })?;
         if !ALLOWED.contains(&header.alg) {
             return Err(IdentityError::Algorithm(format!("{:?}", header.alg)));
         }
