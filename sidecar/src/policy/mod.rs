@@ -85,8 +85,9 @@ impl PolicyStore {
 pub struct Command {
     /// Its operation class.
     pub class: OperationClass,
-    /// The exact-command fingerprint (grants bound to one command match it).
-    pub fingerprint: String,
+    /// The exact-command fingerprint (grants bound to one command match it), computed only
+    /// when some grant is bound to a command.
+    pub fingerprint: crate::sql::Fingerprint,
     /// What guardrail `matches` patterns are compared with: statement tags (`DROP TABLE`),
     /// function names, `UPDATE without WHERE`, Kubernetes `verb resource`, shell commands.
     pub keys: BTreeSet<String>,
@@ -322,7 +323,7 @@ pub fn decide(
             g.spec
                 .command
                 .as_ref()
-                .is_some_and(|c| c.fingerprint == cmd.fingerprint)
+                .is_some_and(|c| c.fingerprint == cmd.fingerprint.get())
         })
         .map(|g| g.metadata.name.clone().unwrap_or_default());
     let scoped = grants

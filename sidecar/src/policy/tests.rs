@@ -119,7 +119,7 @@ fn snapshot() -> Snapshot {
     let fp = classify("DELETE FROM sessions").unwrap().fingerprint;
     std::fs::write(
         dir.path().join("grants/grants.yml"),
-        GRANTS.replace("FP", &fp),
+        GRANTS.replace("FP", fp.get()),
     )
     .unwrap();
     folder::load(dir.path()).unwrap()

@@ -8,6 +8,7 @@
 //! module does not know is classed `Admin` (fail closed).
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, OnceLock};
 
 use agentgate_crds::OperationClass;
 use serde_json::Value;
@@ -77,8 +78,56 @@ pub struct Classified {
     pub class: OperationClass,
     /// A fingerprint of the exact command: the SHA-256 of PostgreSQL's canonical rendering of
     /// the parse tree, so whitespace, comments and letter case of keywords do not matter but
-    /// every constant does.
-    pub fingerprint: String,
+    /// every constant does. Computed when first asked for (most statements never need it).
+    pub fingerprint: Fingerprint,
+}
+
+/// The exact-command fingerprint of a query string, computed once, when first needed.
+#[derive(Debug, Clone)]
+pub struct Fingerprint {
+    text: Arc<str>,
+    value: Arc<OnceLock<String>>,
+}
+
+impl Fingerprint {
+    /// The fingerprint of `sql` (not computed yet).
+    pub fn of(sql: &str) -> Self {
+        Self {
+            text: Arc::from(sql),
+            value: Arc::default(),
+        }
+    }
+
+    /// A fingerprint already known (a command of another protocol, or a test).
+    pub fn known(hex: String) -> Self {
+        Self {
+            text: Arc::from(""),
+            value: Arc::new(OnceLock::from(hex)),
+        }
+    }
+
+    /// The fingerprint, hex.
+    pub fn get(&self) -> &str {
+        self.value.get_or_init(|| {
+            let canonical = pg_query::parse(&self.text, pg_query::ParserOptions::DEFAULT)
+                .ok()
+                .and_then(|p| p.deparse(pg_query::DeparseOptions::default()).ok())
+                .unwrap_or_else(|| self.text.split_whitespace().collect::<Vec<_>>().join(" "));
+            hex(&Sha256::digest(canonical.as_bytes()))
+        })
+    }
+}
+
+impl PartialEq for Fingerprint {
+    fn eq(&self, other: &Self) -> bool {
+        self.get() == other.get()
+    }
+}
+
+impl std::fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.get())
+    }
 }
 
 /// Why a query string cannot be classified (and so is refused).
@@ -578,27 +627,99 @@ fn walk(v: &Value, w: &mut Walk) {
     }
 }
 
+/// The first keywords of statements whose classification never depends on the value of a
+/// constant (only on node kinds and identifiers), so statements of the same shape share it.
+/// `COPY` is not among them: `FORMAT 'binary'` is a constant that matters.
+const SHAPE_CACHED: [&str; 6] = ["select", "insert", "update", "delete", "with", "values"];
+
+/// A statement's shape: its tokens, with each constant replaced by its kind and comments
+/// dropped (`None` when it does not scan, or is not a statement whose class is
+/// constant-free).
+fn shape(sql: &str) -> Option<String> {
+    use pg_query::protobuf::Token;
+    // Only texts that start with one of the keywords (so the scanner has at least one token
+    // to return: pg_query's token slice is not valid when there are none).
+    let head = sql.trim_start();
+    let starts = SHAPE_CACHED.iter().any(|k| {
+        head.get(..k.len()).is_some_and(|w| w.eq_ignore_ascii_case(k))
+            && !head[k.len()..]
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_alphanumeric() || c == '_' || c == '$')
+    });
+    if !starts {
+        return None;
+    }
+    let tokens = pg_query::scan_tokens(sql).ok()?;
+    let first = tokens.first()?;
+    let word = sql.get(usize::try_from(first.start).ok()?..usize::try_from(first.end).ok()?)?;
+    if !SHAPE_CACHED.iter().any(|k| word.eq_ignore_ascii_case(k)) {
+        return None;
+    }
+    let mut key = String::with_capacity(sql.len() + 16);
+    for t in &tokens {
+        let text = sql.get(usize::try_from(t.start).ok()?..usize::try_from(t.end).ok()?)?;
+        match Token::try_from(t.token).ok()? {
+            Token::Fconst
+            | Token::Sconst
+            | Token::Usconst
+            | Token::Bconst
+            | Token::Xconst
+            | Token::Iconst => {
+                key.push('\u{1}');
+                key.push_str(&t.token.to_string());
+            }
+            Token::SqlComment | Token::CComment => {}
+            _ => {
+                // Length-prefixed, so no two token sequences make the same key.
+                key.push_str(&text.len().to_string());
+                key.push(':');
+                key.push_str(text);
+            }
+        }
+        key.push(' ');
+    }
+    Some(key)
+}
+
 /// Classifies a query string (one or more statements).
 pub fn classify(sql: &str) -> Result<Classified, ClassifyError> {
-    // The same text classifies the same way: drivers and ORMs send a few statement texts
-    // over and over (prepared or not), so the last few thousand are kept.
-    type Cached = std::sync::Arc<Result<Classified, ClassifyError>>;
+    // The same shape classifies the same way: drivers and ORMs send a few statement shapes
+    // over and over, with other constants each time; the last few thousand are kept. The
+    // fingerprint is always of this exact text.
+    type Cached = Arc<Result<Classified, ClassifyError>>;
     static CACHE: std::sync::LazyLock<std::sync::Mutex<HashMap<String, Cached>>> =
         std::sync::LazyLock::new(Default::default);
     const CACHE_ENTRIES: usize = 4096;
     const CACHE_TEXT: usize = 16 << 10;
-    let hit = CACHE.lock().ok().and_then(|c| c.get(sql).cloned());
+    if sql.contains('\0') {
+        return Err(ClassifyError::Nul);
+    }
+    let key = if sql.len() <= CACHE_TEXT {
+        shape(sql)
+    } else {
+        None
+    };
+    let hit = key
+        .as_ref()
+        .and_then(|k| CACHE.lock().ok().and_then(|c| c.get(k).cloned()));
     if let Some(hit) = hit {
-        return (*hit).clone();
+        return match &*hit {
+            Ok(c) => Ok(Classified {
+                fingerprint: Fingerprint::of(sql),
+                ..c.clone()
+            }),
+            Err(e) => Err(e.clone()),
+        };
     }
     let result = classify_uncached(sql);
-    if sql.len() <= CACHE_TEXT
+    if let Some(key) = key
         && let Ok(mut cache) = CACHE.lock()
     {
         if cache.len() >= CACHE_ENTRIES {
             cache.clear();
         }
-        cache.insert(sql.to_owned(), std::sync::Arc::new(result.clone()));
+        cache.insert(key, Arc::new(result.clone()));
     }
     result
 }
@@ -638,14 +759,10 @@ fn classify_uncached(sql: &str) -> Result<Classified, ClassifyError> {
     if statements.is_empty() {
         return Err(ClassifyError::Empty);
     }
-    let canonical = parsed
-        .deparse(pg_query::DeparseOptions::default())
-        .unwrap_or_else(|_| sql.split_whitespace().collect::<Vec<_>>().join(" "));
-    let fingerprint = hex(&Sha256::digest(canonical.as_bytes()));
     Ok(Classified {
         statements,
         class,
-        fingerprint,
+        fingerprint: Fingerprint::of(sql),
     })
 }
 
@@ -895,7 +1012,69 @@ mod tests {
             "whitespace, case of keywords and comments do not matter"
         );
         assert_ne!(a, c, "constants do");
-        assert_eq!(a.len(), 64);
+        assert_eq!(a.get().len(), 64);
+    }
+
+    #[test]
+    fn statements_of_one_shape_share_a_classification_but_not_a_fingerprint() {
+        // Pairs that differ only in constants: the cached classification (of the first) is
+        // exactly what the second classifies as on its own; fingerprints stay per text.
+        let pairs = [
+            (
+                "SELECT abalance FROM a WHERE aid = 1",
+                "SELECT abalance FROM a WHERE aid = 99",
+            ),
+            (
+                "UPDATE orders SET state = 'x' WHERE id = 1",
+                "UPDATE orders SET state = 'y' WHERE id = 2",
+            ),
+            ("DELETE FROM t WHERE 1 = 1", "DELETE FROM t WHERE 1 = 2"),
+            (
+                "SELECT set_config('a', 'b', false)",
+                "SELECT set_config('role', 'postgres', false)",
+            ),
+            (
+                "SELECT dblink_exec('x', 'SELECT 1')",
+                "SELECT dblink_exec('x', 'DROP TABLE t')",
+            ),
+            (
+                "WITH d AS (DELETE FROM t WHERE id = 1 RETURNING *) SELECT * FROM d",
+                "WITH d AS (DELETE FROM t WHERE id = 2 RETURNING *) SELECT * FROM d",
+            ),
+            (
+                "INSERT INTO t VALUES (1, 'a')",
+                "INSERT INTO t VALUES (2, E'\\x41')",
+            ),
+            ("SELECT $$a$$", "SELECT $x$b$x$"),
+        ];
+        for (a, b) in pairs {
+            let first = classify(a).unwrap();
+            let cached = classify(b).unwrap();
+            let fresh = classify_uncached(b).unwrap();
+            assert_eq!(cached.statements, fresh.statements, "{b}");
+            assert_eq!(cached.class, fresh.class, "{b}");
+            assert_eq!(cached.fingerprint.get(), fresh.fingerprint.get(), "{b}");
+            assert_ne!(
+                first.fingerprint.get(),
+                cached.fingerprint.get(),
+                "{a} / {b}"
+            );
+        }
+        // COPY's options are constants that matter: never shared by shape.
+        assert_eq!(shape("COPY t TO STDOUT (FORMAT 'text')"), None);
+        classify("COPY t TO STDOUT (FORMAT 'text')").unwrap();
+        assert!(
+            classify("COPY t TO STDOUT (FORMAT 'binary')")
+                .unwrap()
+                .statements[0]
+                .flags
+                .contains(&Flag::CopyBinary)
+        );
+        // Identifiers are part of the shape; constants of another kind too.
+        assert_ne!(shape("SELECT a FROM t"), shape("SELECT b FROM t"));
+        assert_ne!(shape("SELECT 1"), shape("SELECT '1'"));
+        assert_ne!(shape("SELECT \"a b\""), shape("SELECT a b"));
+        assert_eq!(shape("SELECT 1 -- x"), shape("SELECT   2 /* y */"));
     }
 
     #[test]

@@ -2,4 +2,4 @@
 
 pub mod classify;
 
-pub use classify::{Classified, ClassifyError, Flag, Statement, classify};
+pub use classify::{Classified, ClassifyError, Fingerprint, Flag, Statement, classify};

@@ -1002,7 +1002,7 @@ fn refusal(d: &Decision, c: Option<&Classified>) -> ErrorFields {
         )
         .detail(format!(
             "{what} was not run. It runs once an AccessGrant bound to this exact command (fingerprint {}) is approved.",
-            c.map(|c| c.fingerprint.as_str()).unwrap_or("")
+            c.map(|c| c.fingerprint.get()).unwrap_or("")
         ))
         .hint("ask an approver to approve the grant request, then run the command again"),
         _ => ErrorFields::error(sqlstate::INSUFFICIENT_PRIVILEGE, format!("agentgate: {}", d.message))
@@ -1038,7 +1038,7 @@ async fn hold(
                 identity,
                 target,
                 class: c.class,
-                fingerprint: &c.fingerprint,
+                fingerprint: c.fingerprint.get(),
                 text: &text,
                 rule: &d.rule,
                 message: &d.message,
@@ -1242,7 +1242,7 @@ async fn reader(
                     }
                 };
                 let mut d = decide(&classified);
-                tracing::info!(identity, target, class = %classified.class, verdict = ?d.verdict, rule = %d.rule, fingerprint = %classified.fingerprint, "query");
+                tracing::info!(identity, target, class = %classified.class, verdict = ?d.verdict, rule = %d.rule, "query");
                 let mut held_as = None;
                 if d.verdict == Verdict::Hold {
                     up.flush().await?;
@@ -1291,7 +1291,7 @@ async fn reader(
                     )),
                     Ok(c) => {
                         let mut d = decide(&c);
-                        tracing::info!(identity, target, class = %c.class, verdict = ?d.verdict, rule = %d.rule, fingerprint = %c.fingerprint, "parse");
+                        tracing::info!(identity, target, class = %c.class, verdict = ?d.verdict, rule = %d.rule, "parse");
                         let mut held_as = None;
                         if d.verdict == Verdict::Hold {
                             up.flush().await?;
