@@ -727,6 +727,42 @@ async fn holds_file_a_request_and_the_command_runs_once_approved() -> anyhow::Re
             .trim(),
         "waited"
     );
+
+    // A client that cancels a held command (psql's Ctrl-C, a driver's cancel) gets it back at
+    // once as canceled; it never runs.
+    let (client, conn) = tokio_postgres::connect(
+        &format!("host=127.0.0.1 port={port} dbname=orders-db user=claude sslmode=disable"),
+        tokio_postgres::NoTls,
+    )
+    .await?;
+    tokio::spawn(conn);
+    let cancel = client.cancel_token();
+    let started = Instant::now();
+    let held = tokio::spawn(async move {
+        client
+            .batch_execute("UPDATE orders SET state = 'canceled' WHERE id = 4712")
+            .await
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    cancel.cancel_query(tokio_postgres::NoTls).await?;
+    let err = held.await?.expect_err("canceled");
+    let db = err.as_db_error().expect("a database error");
+    assert_eq!(db.code().code(), "57014");
+    assert!(
+        db.message()
+            .starts_with("canceling statement due to user request: it was held for approval"),
+        "{}",
+        db.message()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "not the 30s hold"
+    );
+    assert_eq!(
+        pg.psql_run("app", "SELECT count(*) FROM orders WHERE state = 'canceled'")?
+            .trim(),
+        "0"
+    );
     Ok(())
 }
 

@@ -641,7 +641,8 @@ fn shape(sql: &str) -> Option<String> {
     // to return: pg_query's token slice is not valid when there are none).
     let head = sql.trim_start();
     let starts = SHAPE_CACHED.iter().any(|k| {
-        head.get(..k.len()).is_some_and(|w| w.eq_ignore_ascii_case(k))
+        head.get(..k.len())
+            .is_some_and(|w| w.eq_ignore_ascii_case(k))
             && !head[k.len()..]
                 .chars()
                 .next()

@@ -41,6 +41,8 @@ pub mod sqlstate {
     pub const OBJECT_NOT_IN_PREREQUISITE_STATE: &str = "55000";
     /// A feature the gateway refuses.
     pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
+    /// query_canceled
+    pub const QUERY_CANCELED: &str = "57014";
 }
 
 impl ErrorFields {

@@ -31,6 +31,17 @@ use crate::sql::{Classified, classify};
 /// A backend's process id and secret key, as in BackendKeyData.
 type CancelKey = (i32, Vec<u8>);
 
+/// What a CancelRequest for one agent session reaches.
+#[derive(Clone)]
+struct Session {
+    /// The Target.
+    target: String,
+    /// The server's key for the session, when it sent one.
+    upstream: Option<CancelKey>,
+    /// Wakes a command held for approval, which then ends as canceled.
+    hold: Arc<tokio::sync::Notify>,
+}
+
 /// What the gateway needs to serve connections.
 pub struct Gateway {
     /// The policy.
@@ -47,7 +58,7 @@ pub struct Gateway {
     /// In a pod: the service account the pod's own token was verified as (TokenReview), or
     /// why it could not be. Connections are served only when it is the identity's.
     pub pod_user: Option<Arc<std::sync::RwLock<Result<String, String>>>>,
-    cancels: Mutex<HashMap<CancelKey, (String, CancelKey)>>,
+    cancels: Mutex<HashMap<CancelKey, Session>>,
     next_pid: AtomicI32,
 }
 
@@ -156,11 +167,19 @@ pub async fn handle(sock: TcpStream, gw: Arc<Gateway>) -> Result<(), FrameError>
             }
             Ok(Startup::Cancel { pid, key }) => {
                 let found = gw.cancels.lock().await.get(&(pid, key)).cloned();
-                if let Some((target, ukey)) = found
-                    && let Some(s) = gw.policy.get()
-                    && let Some(pg) = s.targets.get(&target).and_then(|t| t.spec.postgres.clone())
-                {
-                    let _ = upstream::cancel(&pg, &ukey).await;
+                if let Some(session) = found {
+                    // A held command is the gateway's own to cancel; a running one is the
+                    // server's.
+                    session.hold.notify_waiters();
+                    if let Some(ukey) = &session.upstream
+                        && let Some(s) = gw.policy.get()
+                        && let Some(pg) = s
+                            .targets
+                            .get(&session.target)
+                            .and_then(|t| t.spec.postgres.clone())
+                    {
+                        let _ = upstream::cancel(&pg, ukey).await;
+                    }
                 }
                 return Ok(());
             }
@@ -367,12 +386,15 @@ pub async fn handle(sock: TcpStream, gw: Arc<Gateway>) -> Result<(), FrameError>
             .unwrap_or(0);
         (t ^ (pid as u32).rotate_left(13)).to_be_bytes().to_vec()
     };
-    if let Some(k) = key {
-        gw.cancels
-            .lock()
-            .await
-            .insert((pid, our_key.clone()), (database.clone(), k));
-    }
+    let hold_cancel = Arc::new(tokio::sync::Notify::new());
+    gw.cancels.lock().await.insert(
+        (pid, our_key.clone()),
+        Session {
+            target: database.clone(),
+            upstream: key,
+            hold: hold_cancel.clone(),
+        },
+    );
     let mut hello = vec![backend::authentication_ok()];
     hello.extend(params);
     hello.push(backend::backend_key_data(pid, &our_key));
@@ -409,6 +431,7 @@ pub async fn handle(sock: TcpStream, gw: Arc<Gateway>) -> Result<(), FrameError>
         BufWriter::new(uw),
         tx,
         mask_set,
+        hold_cancel,
     )
     .await;
     let _ = writer.await;
@@ -1023,6 +1046,7 @@ async fn hold(
     masks: &MaskSet,
     mut d: Decision,
     decide: &impl Fn(&Classified) -> Decision,
+    cancel: &tokio::sync::Notify,
 ) -> (Decision, Result<Filed, String>) {
     // The approver reads the command with sensitive values masked.
     let text = match masks.mask(None, sql).0 {
@@ -1056,7 +1080,23 @@ async fn hold(
     let deadline = std::time::Instant::now() + wait;
     let name = filed.as_ref().map(|f| f.name.clone()).unwrap_or_default();
     while std::time::Instant::now() < deadline && d.verdict == Verdict::Hold {
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+            _ = cancel.notified() => {
+                tracing::info!(identity, target, grant = %name, "held command canceled by the client");
+                return (
+                    Decision {
+                        verdict: Verdict::Refuse,
+                        rule: "canceled".into(),
+                        grant: Some(name.clone()),
+                        message: format!(
+                            "canceling statement due to user request: it was held for approval and was not run; AccessGrant {name} stays pending"
+                        ),
+                    },
+                    filed,
+                );
+            }
+        }
         d = decide(c);
         if d.verdict == Verdict::Hold
             && let Some(denied) = gw.policy.get().and_then(|s| denial(&s, identity, &name))
@@ -1103,6 +1143,9 @@ fn held_refusal(
     c: &Classified,
     filed: Option<&Result<Filed, String>>,
 ) -> ErrorFields {
+    if d.rule == "canceled" {
+        return ErrorFields::error(sqlstate::QUERY_CANCELED, d.message.clone());
+    }
     let mut err = refusal(d, Some(c));
     if d.verdict != Verdict::Hold {
         return err;
@@ -1157,6 +1200,7 @@ async fn forward(
 }
 
 /// Reads the agent's messages, decides, forwards.
+#[allow(clippy::too_many_arguments)]
 async fn reader(
     gw: &Gateway,
     identity: &str,
@@ -1165,6 +1209,7 @@ async fn reader(
     mut up: BufWriter<tokio::io::WriteHalf<Box<dyn upstream::Stream>>>,
     tx: mpsc::Sender<Event>,
     masks: Arc<MaskSet>,
+    cancel: Arc<tokio::sync::Notify>,
 ) -> Result<(), FrameError> {
     // Prepared statements' classifications, for Execute-time checks.
     let mut statements: HashMap<String, Classified> = HashMap::new();
@@ -1246,8 +1291,18 @@ async fn reader(
                 let mut held_as = None;
                 if d.verdict == Verdict::Hold {
                     up.flush().await?;
-                    let (after, filed) =
-                        hold(gw, identity, target, &classified, &sql, &masks, d, &decide).await;
+                    let (after, filed) = hold(
+                        gw,
+                        identity,
+                        target,
+                        &classified,
+                        &sql,
+                        &masks,
+                        d,
+                        &decide,
+                        &cancel,
+                    )
+                    .await;
                     d = after;
                     held_as = Some(filed);
                 }
@@ -1296,7 +1351,8 @@ async fn reader(
                         if d.verdict == Verdict::Hold {
                             up.flush().await?;
                             let (after, filed) =
-                                hold(gw, identity, target, &c, &sql, &masks, d, &decide).await;
+                                hold(gw, identity, target, &c, &sql, &masks, d, &decide, &cancel)
+                                    .await;
                             d = after;
                             held_as = Some(filed);
                         }
