@@ -71,6 +71,10 @@ struct Args {
     /// Loopback address of the PostgreSQL gateway.
     #[arg(long, env = "AGENTGATE_PG_ADDR", default_value = "127.0.0.1:15432")]
     pg_addr: SocketAddr,
+    /// Where the health endpoints (`/livez`, `/healthz`, `/readyz`) are served; none when
+    /// unset.
+    #[arg(long, env = "AGENTGATE_HEALTH_ADDR")]
+    health_addr: Option<SocketAddr>,
     /// Log format: `text` for people, `json` for log pipelines.
     #[arg(long, env = "AGENTGATE_LOG_FORMAT", default_value = "text")]
     log_format: LogFormat,
@@ -171,6 +175,17 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("bind the PostgreSQL gateway on {}", args.pg_addr))?;
     tracing::info!(addr = %args.pg_addr, auth = ?args.pg_auth, "PostgreSQL gateway listening");
+    if let Some(addr) = args.health_addr {
+        let health = agentgate_sidecar::health::Health {
+            policy: store.clone(),
+            pod_user: pod_user.clone(),
+            identity: args.identity.clone(),
+        };
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("bind the health endpoints on {addr}"))?;
+        tokio::spawn(agentgate_sidecar::health::serve(listener, health));
+    }
     let mut gw = Gateway::new(store, identity, verifier, args.targets_dir);
     gw.approvals = approvals;
     gw.pod_user = pod_user;

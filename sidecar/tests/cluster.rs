@@ -32,6 +32,22 @@ fn repo(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
 }
 
+/// A started sidecar: the process, its PostgreSQL port and its health port.
+struct Sidecar {
+    proc: Proc,
+    port: u16,
+    health: u16,
+}
+
+impl Sidecar {
+    /// `/healthz`: status and body.
+    fn health(&self) -> (u16, String) {
+        testenv::http::get(self.health, "/healthz")
+            .map(|r| (r.status, r.body))
+            .unwrap_or_default()
+    }
+}
+
 /// Starts a sidecar in in-cluster mode acting for `claude`, authenticated as service account
 /// `sa`.
 async fn sidecar(
@@ -39,7 +55,7 @@ async fn sidecar(
     admin: &kube::Client,
     sa: &str,
     targets: &Path,
-) -> anyhow::Result<(Proc, u16)> {
+) -> anyhow::Result<Sidecar> {
     let kube = env.kube()?;
     let api_token = token(admin, sa, None).await?;
     let kubeconfig = kube.kubeconfig_with_token(&format!("{sa}-sidecar"), &api_token)?;
@@ -47,6 +63,7 @@ async fn sidecar(
     let token_file = env.dir().join(format!("{sa}-agentgate-token"));
     std::fs::write(&token_file, pod_token)?;
     let port = free_port()?;
+    let health = free_port()?;
     let spec = Spec::new(
         &format!("sidecar-{sa}"),
         env!("CARGO_BIN_EXE_agentgate-sidecar"),
@@ -58,13 +75,14 @@ async fn sidecar(
         format!("--targets-dir={}", targets.display()),
         format!("--pg-addr=127.0.0.1:{port}"),
         "--policy-stale-after=3s".into(),
+        format!("--health-addr=127.0.0.1:{health}"),
     ])
     .env("KUBECONFIG", kubeconfig.display().to_string())
     .env("POD_NAMESPACE", NS)
     .env("RUST_LOG", "info,agentgate_sidecar=debug");
     let mut proc = Proc::start(spec, &env.dir().join("logs"))?;
     testenv::process::wait_listening(&mut proc, port, Duration::from_secs(20))?;
-    Ok((proc, port))
+    Ok(Sidecar { proc, port, health })
 }
 
 fn psql(env: &TestEnv, port: u16, sql: &str) -> Output {
@@ -280,8 +298,9 @@ async fn in_cluster_policy_holds_and_revocation() -> anyhow::Result<()> {
     })
     .await?;
 
-    let (main, port) = sidecar(&env, &admin, "claude", targets.path()).await?;
-    let log = main.log_path().to_owned();
+    let main = sidecar(&env, &admin, "claude", targets.path()).await?;
+    let port = main.port;
+    let log = main.proc.log_path().to_owned();
     let ready = eventually("the sidecar serving reads", 30, async || {
         let o = psql(&env, port, "SELECT email FROM customers ORDER BY id");
         o.status.success().then(|| stdout(&o))
@@ -295,6 +314,8 @@ async fn in_cluster_policy_holds_and_revocation() -> anyhow::Result<()> {
     })?;
     // Policy from the cluster: the baseline allows reads; the MaskPolicy masks.
     assert_eq!(ready, "[email]\n[email]");
+    // The startup probe the operator injects passes once policy and pod token are in.
+    assert_eq!(main.health(), (200, "ok\n".to_owned()));
 
     // 1. A change to every row is held; the sidecar files an AccessGrant bound to it (the
     //    approver reads it masked), the query waits, a person approves, it runs.
@@ -535,7 +556,8 @@ async fn in_cluster_policy_holds_and_revocation() -> anyhow::Result<()> {
     drop(client);
 
     // 5. A pod whose service account is not the identity's cannot act as it.
-    let (_other, other_port) = sidecar(&env, &admin, "other", targets.path()).await?;
+    let other = sidecar(&env, &admin, "other", targets.path()).await?;
+    let other_port = other.port;
     let refused = eventually("the mismatch reported", 30, async || {
         let e = stderr(&psql(&env, other_port, "SELECT 1"));
         e.contains("this pod runs as").then_some(e)
@@ -545,9 +567,16 @@ async fn in_cluster_policy_holds_and_revocation() -> anyhow::Result<()> {
         refused.contains("this pod runs as system:serviceaccount:default:other, but AgentIdentity claude is bound to system:serviceaccount:default:claude"),
         "{refused}"
     );
+    let (status, body) = other.health();
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("this pod runs as system:serviceaccount:default:other"),
+        "{body}"
+    );
 
     // 6. A sidecar that cannot read the policy refuses everything and says why.
-    let (_nobody, nobody_port) = sidecar(&env, &admin, "nobody", targets.path()).await?;
+    let nobody = sidecar(&env, &admin, "nobody", targets.path()).await?;
+    let nobody_port = nobody.port;
     let refused = eventually("the refusal", 30, async || {
         let e = stderr(&psql(&env, nobody_port, "SELECT 1"));
         e.contains("forbidden").then_some(e)
@@ -556,6 +585,12 @@ async fn in_cluster_policy_holds_and_revocation() -> anyhow::Result<()> {
     assert!(
         refused.contains("agentgate refuses connections until its policy is loaded: the watch on"),
         "{refused}"
+    );
+    let (status, body) = nobody.health();
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.starts_with("policy not loaded: the watch on"),
+        "{body}"
     );
 
     // 7. The API server goes away: after --policy-stale-after the policy is dropped (a

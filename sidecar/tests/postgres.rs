@@ -759,8 +759,11 @@ async fn holds_file_a_request_and_the_command_runs_once_approved() -> anyhow::Re
         "not the 30s hold"
     );
     assert_eq!(
-        pg.psql_run("app", "SELECT count(*) FROM orders WHERE state = 'canceled'")?
-            .trim(),
+        pg.psql_run(
+            "app",
+            "SELECT count(*) FROM orders WHERE state = 'canceled'"
+        )?
+        .trim(),
         "0"
     );
     Ok(())

@@ -74,3 +74,39 @@ pub async fn keep_verified(
         tokio::time::sleep(wait).await;
     }
 }
+
+/// Whether the pod, verified as `pod_user`, may act as AgentIdentity `identity`: its service
+/// account must be the one the identity names.
+pub fn check(
+    pod_user: &RwLock<Result<String, String>>,
+    snapshot: &crate::policy::Snapshot,
+    identity: &str,
+) -> Result<(), String> {
+    let verified = pod_user
+        .read()
+        .map_err(|_| "the pod identity check failed".to_owned())?
+        .clone()
+        .map_err(|e| format!("the pod's service-account token is not verified: {e}"))?;
+    let Some(id) = snapshot.identities.get(identity) else {
+        return Err(format!(
+            "no AgentIdentity {identity} is known to this gateway"
+        ));
+    };
+    let expected = id.spec.authentication.service_account.as_ref().map(|sa| {
+        let ns = sa
+            .namespace
+            .clone()
+            .or_else(|| id.metadata.namespace.clone())
+            .unwrap_or_else(|| "default".into());
+        format!("system:serviceaccount:{ns}:{}", sa.name)
+    });
+    match expected {
+        Some(e) if e == verified => Ok(()),
+        Some(e) => Err(format!(
+            "this pod runs as {verified}, but AgentIdentity {identity} is bound to {e}: refusing to act as it"
+        )),
+        None => Err(format!(
+            "AgentIdentity {identity} names no service account, so this pod ({verified}) cannot act as it"
+        )),
+    }
+}

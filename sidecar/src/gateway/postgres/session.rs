@@ -120,35 +120,9 @@ async fn fatal(
 /// In a pod, the pod must *be* the identity it serves: its verified service account is the
 /// one the AgentIdentity names.
 fn pod_identity(gw: &Gateway, snapshot: &policy::Snapshot, identity: &str) -> Result<(), String> {
-    let Some(pod_user) = &gw.pod_user else {
-        return Ok(());
-    };
-    let verified = pod_user
-        .read()
-        .map_err(|_| "the pod identity check failed".to_owned())?
-        .clone()
-        .map_err(|e| format!("the pod's service-account token is not verified: {e}"))?;
-    let Some(id) = snapshot.identities.get(identity) else {
-        return Err(format!(
-            "no AgentIdentity {identity} is known to this gateway"
-        ));
-    };
-    let expected = id.spec.authentication.service_account.as_ref().map(|sa| {
-        let ns = sa
-            .namespace
-            .clone()
-            .or_else(|| id.metadata.namespace.clone())
-            .unwrap_or_else(|| "default".into());
-        format!("system:serviceaccount:{ns}:{}", sa.name)
-    });
-    match expected {
-        Some(e) if e == verified => Ok(()),
-        Some(e) => Err(format!(
-            "this pod runs as {verified}, but AgentIdentity {identity} is bound to {e}: refusing to act as it"
-        )),
-        None => Err(format!(
-            "AgentIdentity {identity} names no service account, so this pod ({verified}) cannot act as it"
-        )),
+    match &gw.pod_user {
+        None => Ok(()),
+        Some(pod_user) => crate::identity::pod::check(pod_user, snapshot, identity),
     }
 }
 
