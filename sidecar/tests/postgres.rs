@@ -543,6 +543,23 @@ async fn bad_input_gets_a_protocol_error_never_a_panic_or_a_hang() -> anyhow::Re
     ));
     assert!(out.contains("held for approval"), "{out:?}");
     assert_eq!(out.matches("Z\0\0\0\x05I").count(), 4, "{out:?}");
+    // COPY through Parse/Execute would skip COPY's own checks: refused.
+    let out = text(raw(
+        gw.port,
+        &[
+            hello.clone(),
+            message(b'P', b"\0COPY customers TO STDOUT\0\0\0"),
+            message(b'B', b"\0\0\0\0\0\0\0\0"),
+            message(b'E', b"\0\0\0\0\0"),
+            message(b'S', b""),
+        ]
+        .concat(),
+    ));
+    assert!(
+        out.contains("agentgate runs COPY only as a simple query"),
+        "{out:?}"
+    );
+    assert!(!out.contains("ada@example.com"), "{out:?}");
     // Nothing malformed reached the database.
     let pg = gw.env.postgres()?;
     assert_eq!(

@@ -286,11 +286,21 @@ fn statement_class(kind: &str, body: &Value) -> Option<(OperationClass, String)>
         "DoStmt" => s(Exec, "DO"),
         "CallStmt" => s(Exec, "CALL"),
         "VariableSetStmt" => {
-            let name = body.get("name").and_then(Value::as_str).unwrap_or_default();
-            match name {
+            // Setting names are case-insensitive (`SET "ROLE"` is `SET role`).
+            let name = body
+                .get("name")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_ascii_lowercase();
+            match name.as_str() {
                 "role" | "session_authorization" => s(Privilege, "SET ROLE"),
                 // Changing what names resolve to, or how the session is checked.
                 "search_path" | "session_replication_role" | "row_security" => s(Privilege, "SET"),
+                // Changing how the server reads strings would make it read statements
+                // differently from the grammar agentgate checks them with.
+                "standard_conforming_strings" | "backslash_quote" | "client_encoding" => {
+                    s(Privilege, "SET")
+                }
                 "" => {
                     // RESET ALL also resets the role.
                     let kind = body.get("kind").and_then(Value::as_i64).unwrap_or_default();
@@ -661,12 +671,10 @@ fn shape(sql: &str) -> Option<String> {
     for t in &tokens {
         let text = sql.get(usize::try_from(t.start).ok()?..usize::try_from(t.end).ok()?)?;
         match Token::try_from(t.token).ok()? {
-            Token::Fconst
-            | Token::Sconst
-            | Token::Usconst
-            | Token::Bconst
-            | Token::Xconst
-            | Token::Iconst => {
+            // One statement only (a second one could be anything, e.g. a COPY), and no
+            // Unicode escapes: UESCAPE's constant decides what a U&"…" identifier names.
+            Token::Ascii59 | Token::Uident | Token::Usconst | Token::Uescape => return None,
+            Token::Fconst | Token::Sconst | Token::Bconst | Token::Xconst | Token::Iconst => {
                 key.push('\u{1}');
                 key.push_str(&t.token.to_string());
             }
@@ -714,7 +722,9 @@ pub fn classify(sql: &str) -> Result<Classified, ClassifyError> {
         };
     }
     let result = classify_uncached(sql);
+    // Only successes are shared: a failure may come from a constant's value.
     if let Some(key) = key
+        && result.is_ok()
         && let Ok(mut cache) = CACHE.lock()
     {
         if cache.len() >= CACHE_ENTRIES {
@@ -1071,6 +1081,35 @@ mod tests {
                 .flags
                 .contains(&Flag::CopyBinary)
         );
+        // Settings that change how the server reads strings are privileged (blocked).
+        for sql in [
+            "SET standard_conforming_strings = off",
+            "SET \"Standard_Conforming_Strings\" TO off",
+            "SET LOCAL backslash_quote = on",
+            "SET NAMES 'SJIS'",
+            "SET client_encoding = 'BIG5'",
+            "SET \"ROLE\" TO postgres",
+        ] {
+            assert_eq!(
+                classify(sql).unwrap().class,
+                OperationClass::Privilege,
+                "{sql}"
+            );
+        }
+        // Unicode escapes and multi-statement strings are never shared: UESCAPE's constant
+        // decides what the identifier names, and a second statement could be a COPY.
+        assert_eq!(
+            shape("SELECT U&\"pg_read_fil!0065\" UESCAPE '#'('/x')"),
+            None
+        );
+        assert!(
+            classify("SELECT U&\"pg_read_fil!0065\" UESCAPE '!'('/etc/passwd')")
+                .unwrap()
+                .statements[0]
+                .functions
+                .contains("pg_read_file")
+        );
+        assert_eq!(shape("SELECT 1; COPY t TO STDOUT (FORMAT 'text')"), None);
         // Identifiers are part of the shape; constants of another kind too.
         assert_ne!(shape("SELECT a FROM t"), shape("SELECT b FROM t"));
         assert_ne!(shape("SELECT 1"), shape("SELECT '1'"));

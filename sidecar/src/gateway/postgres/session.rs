@@ -38,8 +38,27 @@ struct Session {
     target: String,
     /// The server's key for the session, when it sent one.
     upstream: Option<CancelKey>,
-    /// Wakes a command held for approval, which then ends as canceled.
-    hold: Arc<tokio::sync::Notify>,
+    /// Ends a command held for approval as canceled.
+    hold: Arc<HoldCancel>,
+}
+
+/// Cancels of a session's held commands: a counter (so a cancel between checks is never
+/// lost) and a wake-up.
+#[derive(Default)]
+struct HoldCancel {
+    requests: std::sync::atomic::AtomicU64,
+    wake: tokio::sync::Notify,
+}
+
+impl HoldCancel {
+    fn cancel(&self) {
+        self.requests.fetch_add(1, Ordering::SeqCst);
+        self.wake.notify_waiters();
+    }
+
+    fn count(&self) -> u64 {
+        self.requests.load(Ordering::SeqCst)
+    }
 }
 
 /// What the gateway needs to serve connections.
@@ -144,7 +163,7 @@ pub async fn handle(sock: TcpStream, gw: Arc<Gateway>) -> Result<(), FrameError>
                 if let Some(session) = found {
                     // A held command is the gateway's own to cancel; a running one is the
                     // server's.
-                    session.hold.notify_waiters();
+                    session.hold.cancel();
                     if let Some(ukey) = &session.upstream
                         && let Some(s) = gw.policy.get()
                         && let Some(pg) = s
@@ -322,7 +341,6 @@ pub async fn handle(sock: TcpStream, gw: Arc<Gateway>) -> Result<(), FrameError>
                 matches!(
                     k.as_str(),
                     "application_name"
-                        | "client_encoding"
                         | "DateStyle"
                         | "TimeZone"
                         | "extra_float_digits"
@@ -330,6 +348,13 @@ pub async fn handle(sock: TcpStream, gw: Arc<Gateway>) -> Result<(), FrameError>
                 )
             })
             .cloned()
+            .chain([
+                // The server must read statements exactly as the grammar agentgate checks
+                // them with: UTF-8 (a multi-byte client encoding such as SJIS can hide a
+                // quote inside a character) and standard-conforming strings.
+                ("client_encoding".to_owned(), "UTF8".to_owned()),
+                ("standard_conforming_strings".to_owned(), "on".to_owned()),
+            ])
             .collect(),
         _ => Vec::new(),
     };
@@ -353,14 +378,24 @@ pub async fn handle(sock: TcpStream, gw: Arc<Gateway>) -> Result<(), FrameError>
         key,
     } = up;
     let pid = gw.next_pid.fetch_add(1, Ordering::Relaxed);
-    let our_key: Vec<u8> = {
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        (t ^ (pid as u32).rotate_left(13)).to_be_bytes().to_vec()
-    };
-    let hold_cancel = Arc::new(tokio::sync::Notify::new());
+    // The secret an agent must present to cancel this session: random, so one agent cannot
+    // cancel another's work by guessing.
+    let mut our_key = vec![0u8; 4];
+    if rustls::crypto::aws_lc_rs::default_provider()
+        .secure_random
+        .fill(&mut our_key)
+        .is_err()
+    {
+        fatal(
+            &mut w,
+            sqlstate::CANNOT_CONNECT_NOW,
+            "agentgate: no secure random numbers for the session's cancel key".into(),
+            None,
+        )
+        .await?;
+        return Ok(());
+    }
+    let hold_cancel = Arc::new(HoldCancel::default());
     gw.cancels.lock().await.insert(
         (pid, our_key.clone()),
         Session {
@@ -381,6 +416,7 @@ pub async fn handle(sock: TcpStream, gw: Arc<Gateway>) -> Result<(), FrameError>
     }) {
         Ok(m) => Arc::new(m),
         Err(e) => {
+            gw.cancels.lock().await.remove(&(pid, our_key.clone()));
             fatal(
                 &mut w,
                 sqlstate::CANNOT_CONNECT_NOW,
@@ -1020,8 +1056,10 @@ async fn hold(
     masks: &MaskSet,
     mut d: Decision,
     decide: &impl Fn(&Classified) -> Decision,
-    cancel: &tokio::sync::Notify,
+    cancel: &HoldCancel,
 ) -> (Decision, Result<Filed, String>) {
+    // A cancel from now on (also while the request is being filed) ends the hold.
+    let cancels_before = cancel.count();
     // The approver reads the command with sensitive values masked.
     let text = match masks.mask(None, sql).0 {
         Masked::Text(t) => t,
@@ -1054,22 +1092,23 @@ async fn hold(
     let deadline = std::time::Instant::now() + wait;
     let name = filed.as_ref().map(|f| f.name.clone()).unwrap_or_default();
     while std::time::Instant::now() < deadline && d.verdict == Verdict::Hold {
-        tokio::select! {
-            _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
-            _ = cancel.notified() => {
-                tracing::info!(identity, target, grant = %name, "held command canceled by the client");
-                return (
-                    Decision {
-                        verdict: Verdict::Refuse,
-                        rule: "canceled".into(),
-                        grant: Some(name.clone()),
-                        message: format!(
-                            "canceling statement due to user request: it was held for approval and was not run; AccessGrant {name} stays pending"
-                        ),
-                    },
-                    filed,
-                );
-            }
+        let woken = tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => false,
+            _ = cancel.wake.notified() => true,
+        };
+        if woken || cancel.count() != cancels_before {
+            tracing::info!(identity, target, grant = %name, "held command canceled by the client");
+            return (
+                Decision {
+                    verdict: Verdict::Refuse,
+                    rule: "canceled".into(),
+                    grant: Some(name.clone()),
+                    message: format!(
+                        "canceling statement due to user request: it was held for approval and was not run; AccessGrant {name} stays pending"
+                    ),
+                },
+                filed,
+            );
         }
         d = decide(c);
         if d.verdict == Verdict::Hold
@@ -1183,7 +1222,7 @@ async fn reader(
     mut up: BufWriter<tokio::io::WriteHalf<Box<dyn upstream::Stream>>>,
     tx: mpsc::Sender<Event>,
     masks: Arc<MaskSet>,
-    cancel: Arc<tokio::sync::Notify>,
+    cancel: Arc<HoldCancel>,
 ) -> Result<(), FrameError> {
     // Prepared statements' classifications, for Execute-time checks.
     let mut statements: HashMap<String, Classified> = HashMap::new();
@@ -1330,7 +1369,16 @@ async fn reader(
                             d = after;
                             held_as = Some(filed);
                         }
-                        if d.verdict == Verdict::Allow {
+                        if d.verdict == Verdict::Allow
+                            && c.statements.iter().any(|s| s.tag.starts_with("COPY"))
+                        {
+                            // COPY's checks (masked columns, binary format) and its data
+                            // flow are handled for simple queries; fail closed here.
+                            Some(ErrorFields::error(
+                                sqlstate::FEATURE_NOT_SUPPORTED,
+                                "agentgate runs COPY only as a simple query: send it without parameters (psql's \\copy and drivers' copy APIs do)",
+                            ))
+                        } else if d.verdict == Verdict::Allow {
                             statements.insert(name.clone(), c);
                             None
                         } else {
