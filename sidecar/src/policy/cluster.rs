@@ -1,23 +1,21 @@
 //! In-cluster policy: watches of AgentIdentity, AccessGrant, MaskPolicy and Target in the
-//! pod's namespace, kept in local caches (reflectors). The gateways never call the API server
-//! on the hot path: every change rebuilds the snapshot they read.
+//! pod's namespace, kept in local caches. The gateways never call the API server on the hot
+//! path: every change rebuilds the snapshot they read.
 //!
-//! Fail closed: nothing is served until all four kinds are listed, and when a watch has been
-//! broken for longer than the staleness limit the policy is dropped (a revocation could be
-//! missed), so everything is refused, with the reason, until the watch is back.
+//! Fail closed: nothing is served until all four kinds are listed. When a watch fails it is
+//! restarted, which lists its kind again; if it has not listed successfully for longer than
+//! the staleness limit the policy is dropped (a revocation could be missed) and everything is
+//! refused, with the reason, until every kind has been listed again.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
-use std::hash::Hash;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use agentgate_crds::{AccessGrant, AgentIdentity, MaskPolicy, Target};
 use futures::StreamExt;
 use kube::api::Api;
-use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher::{self, Event};
-use kube::runtime::{WatchStreamExt, reflector::store::Writer};
 use kube::{Client, Resource};
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
@@ -28,54 +26,90 @@ use super::{PolicyStore, Snapshot};
 enum Signal {
     /// A kind's cache changed; `listed` when a full list has completed.
     Changed { kind: &'static str, listed: bool },
-    /// A kind's watch failed (it retries with back-off).
+    /// A kind's watch failed; it is restarted (and lists again).
     Failed { kind: &'static str, error: String },
 }
 
-fn spawn_watch<K>(api: Api<K>, writer: Writer<K>, kind: &'static str, tx: mpsc::Sender<Signal>)
+/// One kind's cache: objects by name.
+type Cache<K> = Arc<RwLock<BTreeMap<String, K>>>;
+
+fn name_of<K: Resource>(o: &K) -> Option<String> {
+    o.meta().name.clone()
+}
+
+/// Watches one kind into `cache`. After any error the watch is started again from a fresh
+/// list (after a pause that grows to 5 s), so a successful list always means current data.
+fn spawn_watch<K>(api: Api<K>, cache: Cache<K>, kind: &'static str, tx: mpsc::Sender<Signal>)
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
-    K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
+    K::DynamicType: Default,
 {
     tokio::spawn(async move {
-        let stream = reflector::reflector(
-            writer,
-            watcher::watcher(api, watcher::Config::default()).default_backoff(),
-        );
-        futures::pin_mut!(stream);
-        while let Some(event) = stream.next().await {
-            let signal = match event {
-                Ok(Event::InitDone) => Signal::Changed { kind, listed: true },
-                Ok(Event::Apply(_) | Event::Delete(_)) => Signal::Changed {
-                    kind,
-                    listed: false,
-                },
-                Ok(Event::Init | Event::InitApply(_)) => continue,
-                Err(e) => Signal::Failed {
-                    kind,
-                    error: e.to_string(),
-                },
+        let mut pause = Duration::from_millis(200);
+        loop {
+            let stream = watcher::watcher(api.clone(), watcher::Config::default());
+            futures::pin_mut!(stream);
+            let mut listing: BTreeMap<String, K> = BTreeMap::new();
+            let error = loop {
+                let signal = match stream.next().await {
+                    None => break "the watch ended".to_owned(),
+                    Some(Err(e)) => break e.to_string(),
+                    Some(Ok(Event::Init)) => {
+                        listing.clear();
+                        continue;
+                    }
+                    Some(Ok(Event::InitApply(o))) => {
+                        if let Some(n) = name_of(&o) {
+                            listing.insert(n, o);
+                        }
+                        continue;
+                    }
+                    Some(Ok(Event::InitDone)) => {
+                        if let Ok(mut c) = cache.write() {
+                            *c = std::mem::take(&mut listing);
+                        }
+                        pause = Duration::from_millis(200);
+                        Signal::Changed { kind, listed: true }
+                    }
+                    Some(Ok(Event::Apply(o))) => {
+                        if let (Some(n), Ok(mut c)) = (name_of(&o), cache.write()) {
+                            c.insert(n, o);
+                        }
+                        Signal::Changed {
+                            kind,
+                            listed: false,
+                        }
+                    }
+                    Some(Ok(Event::Delete(o))) => {
+                        if let (Some(n), Ok(mut c)) = (name_of(&o), cache.write()) {
+                            c.remove(&n);
+                        }
+                        Signal::Changed {
+                            kind,
+                            listed: false,
+                        }
+                    }
+                };
+                if tx.send(signal).await.is_err() {
+                    return;
+                }
             };
-            if tx.send(signal).await.is_err() {
-                break;
+            if tx.send(Signal::Failed { kind, error }).await.is_err() {
+                return;
             }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(5));
         }
     });
 }
 
-fn by_name<K: Resource + Clone>(store: &Store<K>) -> BTreeMap<String, K>
-where
-    K::DynamicType: Eq + Hash + Clone,
-{
-    store
-        .state()
-        .into_iter()
-        .filter_map(|o| o.meta().name.clone().map(|n| (n, (*o).clone())))
-        .collect()
+fn copy<K: Clone>(cache: &Cache<K>) -> BTreeMap<String, K> {
+    cache.read().map(|c| c.clone()).unwrap_or_default()
 }
 
 /// Watches the policy kinds in `namespace` and keeps `store` current. Runs until the process
-/// ends. `stale_after` is how long a broken watch is tolerated before the policy is dropped.
+/// ends. `stale_after` is how long a kind may go without a successful list after its watch
+/// failed before the policy is dropped.
 pub async fn watch(
     client: Client,
     namespace: String,
@@ -84,34 +118,36 @@ pub async fn watch(
 ) {
     const KINDS: [&str; 4] = ["AgentIdentity", "AccessGrant", "MaskPolicy", "Target"];
     let (tx, mut rx) = mpsc::channel(256);
-    let (identities, w) = reflector::store::<AgentIdentity>();
+    let identities: Cache<AgentIdentity> = Cache::default();
+    let grants: Cache<AccessGrant> = Cache::default();
+    let masks: Cache<MaskPolicy> = Cache::default();
+    let targets: Cache<Target> = Cache::default();
+    let ns = namespace.as_str();
     spawn_watch(
-        Api::namespaced(client.clone(), &namespace),
-        w,
+        Api::namespaced(client.clone(), ns),
+        identities.clone(),
         KINDS[0],
         tx.clone(),
     );
-    let (grants, w) = reflector::store::<AccessGrant>();
     spawn_watch(
-        Api::namespaced(client.clone(), &namespace),
-        w,
+        Api::namespaced(client.clone(), ns),
+        grants.clone(),
         KINDS[1],
         tx.clone(),
     );
-    let (masks, w) = reflector::store::<MaskPolicy>();
     spawn_watch(
-        Api::namespaced(client.clone(), &namespace),
-        w,
+        Api::namespaced(client.clone(), ns),
+        masks.clone(),
         KINDS[2],
         tx.clone(),
     );
-    let (targets, w) = reflector::store::<Target>();
-    spawn_watch(Api::namespaced(client, &namespace), w, KINDS[3], tx);
+    spawn_watch(Api::namespaced(client, ns), targets.clone(), KINDS[3], tx);
     store.set_error(format!(
         "listing AgentIdentities, AccessGrants, MaskPolicies and Targets in namespace {namespace}"
     ));
 
     let mut listed: BTreeMap<&'static str, bool> = BTreeMap::new();
+    // Kinds whose watch failed and that have not listed since: when it started, and why.
     let mut failing: BTreeMap<&'static str, (Instant, String)> = BTreeMap::new();
     let mut dropped = false;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -127,13 +163,16 @@ pub async fn watch(
                         Signal::Changed { kind, listed: l } => {
                             if l {
                                 listed.insert(kind, true);
+                                // A fresh list: this kind is current again.
+                                failing.remove(kind);
                             }
-                            failing.remove(kind);
                             changed = true;
                         }
                         Signal::Failed { kind, error } => {
-                            tracing::warn!(kind, %error, "policy watch failed; retrying");
-                            store.set_error(format!("the watch on {kind} failed: {error}"));
+                            tracing::warn!(kind, %error, "policy watch failed; listing again");
+                            if !dropped {
+                                store.set_error(format!("the watch on {kind} failed: {error}"));
+                            }
                             failing.entry(kind).or_insert((Instant::now(), error));
                         }
                     }
@@ -160,10 +199,10 @@ pub async fn watch(
         let all_listed = KINDS.iter().all(|k| listed.contains_key(k));
         if all_listed && (changed || dropped) {
             let s = Snapshot {
-                identities: by_name(&identities),
-                grants: by_name(&grants),
-                masks: by_name(&masks),
-                targets: by_name(&targets),
+                identities: copy(&identities),
+                grants: copy(&grants),
+                masks: copy(&masks),
+                targets: copy(&targets),
                 source: format!("namespace {namespace} on the API server"),
                 warnings: Vec::new(),
             };
