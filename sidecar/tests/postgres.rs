@@ -543,6 +543,30 @@ async fn bad_input_gets_a_protocol_error_never_a_panic_or_a_hang() -> anyhow::Re
     ));
     assert!(out.contains("held for approval"), "{out:?}");
     assert_eq!(out.matches("Z\0\0\0\x05I").count(), 4, "{out:?}");
+    // Rows of an Execute the agent never described are masked all the same (the gateway
+    // describes the portal itself), and a computed column's rule belongs to its own query
+    // even when the next one is already sent (pipelined).
+    let out = text(raw(
+        gw.port,
+        &[
+            hello.clone(),
+            message(
+                b'P',
+                b"\0SELECT name, upper(name) FROM customers WHERE id = 1\0\0\0",
+            ),
+            message(b'B', b"\0\0\0\0\0\0\0\0"),
+            message(b'E', b"\0\0\0\0\0"),
+            message(b'S', b""),
+            message(
+                b'Q',
+                b"SELECT upper(name) || '!' FROM customers WHERE id = 1\0",
+            ),
+            message(b'Q', b"SELECT 1\0"),
+        ]
+        .concat(),
+    ));
+    assert!(!out.contains("Ada") && !out.contains("ADA"), "{out:?}");
+    assert_eq!(out.matches("[name]").count(), 3, "{out:?}");
     // COPY through Parse/Execute would skip COPY's own checks: refused.
     let out = text(raw(
         gw.port,

@@ -461,10 +461,17 @@ enum Event {
     Own(Vec<Frame>),
     /// The gateway's ReadyForQuery (after a refused batch), with the last known status.
     OwnReady,
-    /// The rule that masks computed output columns of what is sent next.
-    Computed(Option<crate::mask::Rule>),
-    /// An Execute was forwarded; its rows come in these result formats (the Bind's codes).
-    Execute(Vec<i16>),
+    /// A forwarded simple Query: the server answers up to a ReadyForQuery; the rule masks
+    /// its computed output columns.
+    ExpectQuery(Option<crate::mask::Rule>),
+    /// An Execute was forwarded; the rule masks its computed output columns.
+    Execute(Option<crate::mask::Rule>),
+    /// A Describe was forwarded: the agent's (its answer is relayed) or the gateway's own
+    /// before an Execute (its answer sets the masking of the rows and is swallowed).
+    Describe {
+        /// The gateway's own.
+        injected: bool,
+    },
     /// The agent left.
     Done,
 }
@@ -472,11 +479,33 @@ enum Event {
 enum Pending {
     Upstream {
         swallow_ready: bool,
-        /// Result formats of the Executes this answer covers, in order.
-        executes: VecDeque<Vec<i16>>,
+        /// What the answer covers.
+        batch: Box<Batch>,
     },
     Own(Vec<Frame>),
     OwnReady,
+}
+
+/// What the server owes for the messages forwarded up to one Sync (or one simple Query), so
+/// each answer is matched with its request.
+#[derive(Default)]
+struct Batch {
+    /// Executes, in order: the rule for their computed columns, and whether the gateway's
+    /// describe of the portal has been answered.
+    executes: VecDeque<(Option<crate::mask::Rule>, bool)>,
+    /// Describes, in order: `true` for the gateway's own.
+    describes: VecDeque<bool>,
+    /// A simple query's rule for computed columns.
+    query: Option<crate::mask::Rule>,
+}
+
+/// The batch the server is answering now: the oldest one waiting for its ReadyForQuery, or
+/// the one still open (answers to a Flush arrive before any Sync).
+fn answering<'a>(queue: &'a mut VecDeque<Pending>, open: &'a mut Batch) -> &'a mut Batch {
+    match queue.front_mut() {
+        Some(Pending::Upstream { batch, .. }) => batch,
+        _ => open,
+    }
 }
 
 /// Resolves `(table OID, column number)` to the masking rule of that column over a second
@@ -676,10 +705,9 @@ async fn writer(
     let mut status = b'I';
     let mut formats: Vec<i16> = Vec::new();
     let mut types: Vec<u32> = Vec::new();
-    // Result formats of Executes forwarded since the last Sync (their answer is not queued yet).
-    let mut executes: VecDeque<Vec<i16>> = VecDeque::new();
+    // What was forwarded since the last Sync (its answer is not queued yet).
+    let mut open = Batch::default();
     let mut field_rules: Vec<Option<crate::mask::Rule>> = Vec::new();
-    let mut computed: Option<crate::mask::Rule> = None;
     let mut copy_out = false;
     let mut done = false;
     loop {
@@ -714,12 +742,17 @@ async fn writer(
         tokio::select! {
             biased;
             ev = rx.recv(), if !done => match ev {
-                Some(Event::ExpectUpstream) => queue.push_back(Pending::Upstream { swallow_ready: false, executes: std::mem::take(&mut executes) }),
-                Some(Event::ExpectUpstreamSwallowReady) => queue.push_back(Pending::Upstream { swallow_ready: true, executes: std::mem::take(&mut executes) }),
-                Some(Event::Execute(f)) => executes.push_back(f),
+                Some(Event::ExpectUpstream) => queue.push_back(Pending::Upstream { swallow_ready: false, batch: Box::new(std::mem::take(&mut open)) }),
+                Some(Event::ExpectUpstreamSwallowReady) => queue.push_back(Pending::Upstream { swallow_ready: true, batch: Box::new(std::mem::take(&mut open)) }),
+                Some(Event::ExpectQuery(rule)) => {
+                    let mut batch = Box::new(std::mem::take(&mut open));
+                    batch.query = rule;
+                    queue.push_back(Pending::Upstream { swallow_ready: false, batch });
+                }
+                Some(Event::Execute(rule)) => open.executes.push_back((rule, false)),
+                Some(Event::Describe { injected }) => open.describes.push_back(injected),
                 Some(Event::Own(f)) => queue.push_back(Pending::Own(f)),
                 Some(Event::OwnReady) => queue.push_back(Pending::OwnReady),
-                Some(Event::Computed(r)) => computed = r,
                 Some(Event::Done) | None => done = true,
             },
             frame = read_frame(&mut up, MAX_MESSAGE) => {
@@ -744,6 +777,18 @@ async fn writer(
                                 return;
                             }
                         };
+                        let batch = answering(&mut queue, &mut open);
+                        let injected = batch.describes.pop_front().unwrap_or(false);
+                        // Computed columns: the Execute's rule (after the gateway's own
+                        // describe), else the simple query's.
+                        let computed = if injected {
+                            batch.executes.front_mut().and_then(|e| {
+                                e.1 = true;
+                                e.0.clone()
+                            })
+                        } else {
+                            batch.query.clone()
+                        };
                         formats = fields.iter().map(|x| x.format).collect();
                         types = fields.iter().map(|x| x.type_oid).collect();
                         field_rules.clear();
@@ -763,6 +808,20 @@ async fn writer(
                                 computed.clone()
                             };
                             field_rules.push(rule);
+                        }
+                        if injected {
+                            continue;
+                        }
+                        frame
+                    }
+                    // NoData: the gateway's own describe of a portal that returns no rows.
+                    b'n' => {
+                        let batch = answering(&mut queue, &mut open);
+                        if batch.describes.pop_front().unwrap_or(false) {
+                            if let Some(e) = batch.executes.front_mut() {
+                                e.1 = true;
+                            }
+                            continue;
                         }
                         frame
                     }
@@ -785,19 +844,29 @@ async fn writer(
                     }
                     // The end of an Execute's rows: the next rows are the next Execute's.
                     b'C' | b's' | b'I' => {
-                        if let Some(Pending::Upstream { executes, .. }) = queue.front_mut() {
-                            executes.pop_front();
-                        }
+                        answering(&mut queue, &mut open).executes.pop_front();
                         frame
                     }
-                    // After an error the server skips to the Sync: no more rows in this answer.
+                    // After an error the server skips to the Sync: nothing more is answered.
                     b'E' => {
-                        if let Some(Pending::Upstream { executes, .. }) = queue.front_mut() {
-                            executes.clear();
-                        }
+                        let batch = answering(&mut queue, &mut open);
+                        batch.executes.clear();
+                        batch.describes.clear();
                         frame
                     }
-                    b'D' if !masks.is_empty() => match mask_row(&masks, &frame, row_formats(&queue, &formats), &types, &field_rules) {
+                    // Rows of an Execute whose description the gateway has not seen: never
+                    // sent (fail closed).
+                    b'D' if !masks.is_empty()
+                        && answering(&mut queue, &mut open)
+                            .executes
+                            .front()
+                            .is_some_and(|e| !e.1) =>
+                    {
+                        let e = ErrorFields::fatal(sqlstate::PROTOCOL_VIOLATION, "agentgate: rows arrived before their description; nothing is sent in clear");
+                        let _ = write_frames(&mut agent, &[e.to_error()]).await;
+                        return;
+                    }
+                    b'D' if !masks.is_empty() => match mask_row(&masks, &frame, Formats::Described(&formats), &types, &field_rules) {
                         Some(f) => f,
                         None => {
                             let e = ErrorFields::fatal(sqlstate::PROTOCOL_VIOLATION, "agentgate: the database sent a malformed row");
@@ -827,23 +896,9 @@ async fn writer(
     }
 }
 
-/// The result formats of the rows now arriving: the Bind's codes when they answer an Execute,
-/// else the RowDescription's (a simple query, or a cursor FETCH).
-fn row_formats<'a>(queue: &'a VecDeque<Pending>, described: &'a [i16]) -> Formats<'a> {
-    match queue.front() {
-        Some(Pending::Upstream { executes, .. }) => match executes.front() {
-            Some(codes) => Formats::Bind(codes),
-            None => Formats::Described(described),
-        },
-        _ => Formats::Described(described),
-    }
-}
-
 /// Where a row's result formats come from.
 #[derive(Clone, Copy)]
 enum Formats<'a> {
-    /// A Bind's codes: none (all text), one (all columns) or one per column.
-    Bind(&'a [i16]),
     /// A RowDescription's, one per column.
     Described(&'a [i16]),
 }
@@ -851,11 +906,7 @@ enum Formats<'a> {
 impl Formats<'_> {
     fn binary(self, column: usize) -> bool {
         match self {
-            Formats::Bind([]) => false,
-            Formats::Bind([one]) => *one == 1,
-            Formats::Bind(codes) | Formats::Described(codes) => {
-                codes.get(column).copied().unwrap_or(0) == 1
-            }
+            Formats::Described(codes) => codes.get(column).copied().unwrap_or(0) == 1,
         }
     }
 }
@@ -1226,7 +1277,7 @@ async fn reader(
 ) -> Result<(), FrameError> {
     // Prepared statements' classifications, for Execute-time checks.
     let mut statements: HashMap<String, Classified> = HashMap::new();
-    let mut portals: HashMap<String, (String, Vec<i16>)> = HashMap::new();
+    let mut portals: HashMap<String, String> = HashMap::new();
     let mut skip_until_sync = false;
     let mut in_batch = false;
     let mut copy_in = false;
@@ -1333,12 +1384,11 @@ async fn reader(
                 }
                 if d.verdict == Verdict::Allow {
                     copy_in = classified.statements.iter().any(|s| s.tag == "COPY FROM");
-                    tx.send(Event::Computed(
+                    tx.send(Event::ExpectQuery(
                         masks.computed_rule(&classified.statements).cloned(),
                     ))
                     .await
                     .ok();
-                    tx.send(Event::ExpectUpstream).await.ok();
                     write_frames(&mut up, &[frontend::encode(&Frontend::Query(sql))]).await?;
                 } else {
                     let err = held_refusal(&d, &classified, held_as.as_ref());
@@ -1406,24 +1456,37 @@ async fn reader(
             Frontend::Bind {
                 ref portal,
                 ref statement,
-                ref result_formats,
                 ..
             } => {
-                portals.insert(portal.clone(), (statement.clone(), result_formats.clone()));
+                portals.insert(portal.clone(), statement.clone());
                 in_batch = true;
                 forward(&mut up, agent.buffer().is_empty(), frame).await?;
             }
             Frontend::Execute { ref portal, .. } => {
                 // Re-check at execution: a grant may have expired since Parse.
-                let (statement, result_formats) = portals.get(portal).cloned().unwrap_or_default();
+                let statement = portals.get(portal).cloned().unwrap_or_default();
                 let verdict = statements.get(&statement).map(|c| (decide(c), c.clone()));
                 match verdict {
                     Some((d, c)) if d.verdict == Verdict::Allow => {
                         in_batch = true;
-                        tx.send(Event::Computed(masks.computed_rule(&c.statements).cloned()))
+                        tx.send(Event::Execute(masks.computed_rule(&c.statements).cloned()))
                             .await
                             .ok();
-                        tx.send(Event::Execute(result_formats)).await.ok();
+                        if !masks.is_empty() {
+                            // The rows' columns, types and formats, from the server, right
+                            // before them: whatever the agent described (or did not), the
+                            // masking rules are those of this portal. Its answer is the
+                            // gateway's own.
+                            tx.send(Event::Describe { injected: true }).await.ok();
+                            super::frame::write_frames_unflushed(
+                                &mut up,
+                                &[frontend::encode(&Frontend::Describe {
+                                    kind: b'P',
+                                    name: portal.clone(),
+                                })],
+                            )
+                            .await?;
+                        }
                         forward(&mut up, agent.buffer().is_empty(), frame).await?;
                     }
                     other => {
@@ -1440,17 +1503,10 @@ async fn reader(
                     }
                 }
             }
-            Frontend::Describe { kind, ref name } => {
-                // The row description it returns is masked by what the statement reads.
-                let statement = if kind == b'S' {
-                    name.clone()
-                } else {
-                    portals.get(name).map(|p| p.0.clone()).unwrap_or_default()
-                };
-                let rule = statements
-                    .get(&statement)
-                    .and_then(|c| masks.computed_rule(&c.statements).cloned());
-                tx.send(Event::Computed(rule)).await.ok();
+            Frontend::Describe { .. } => {
+                // Its answer is the agent's; rows are masked by the gateway's own describe
+                // of the portal at Execute.
+                tx.send(Event::Describe { injected: false }).await.ok();
                 in_batch = true;
                 forward(&mut up, agent.buffer().is_empty(), frame).await?;
             }
