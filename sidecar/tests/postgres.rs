@@ -198,6 +198,15 @@ async fn psql_through_the_gateway() -> anyhow::Result<()> {
     ] {
         assert_eq!(gw.ok(sql), want, "{sql}");
     }
+    // Errors that quote a value do not show a masked one.
+    let e = gw.err("SELECT name::int FROM customers WHERE id = 1");
+    assert!(
+        e.contains("invalid input syntax for type integer: (the value is not shown"),
+        "{e}"
+    );
+    assert!(!e.contains("Ada"), "{e}");
+    let e = gw.err("SELECT email::int FROM customers WHERE id = 1");
+    assert!(!e.contains("ada@example.com"), "{e}");
     // COPY TO STDOUT: value rules apply to each row; masked columns are refused, not guessed.
     assert_eq!(
         gw.ok("COPY (SELECT id, email FROM customers ORDER BY id) TO STDOUT"),

@@ -852,8 +852,11 @@ async fn writer(
                         let batch = answering(&mut queue, &mut open);
                         batch.executes.clear();
                         batch.describes.clear();
-                        frame
+                        if masks.is_empty() { frame } else { mask_error(&masks, &frame) }
                     }
+                    // Errors, notices and notifications can quote values too.
+                    b'N' if !masks.is_empty() => mask_error(&masks, &frame),
+                    b'A' if !masks.is_empty() => mask_notification(&masks, &frame),
                     // Rows of an Execute whose description the gateway has not seen: never
                     // sent (fail closed).
                     b'D' if !masks.is_empty()
@@ -1038,6 +1041,82 @@ fn mask_row(
     } else {
         frame.clone()
     })
+}
+
+/// An ErrorResponse or NoticeResponse with values masked: detectors on its texts; and when
+/// columns are masked, the text of data and constraint errors (classes 22 and 23, which
+/// quote the offending value: `invalid input syntax for type integer: "ada@…"`, `Key
+/// (email)=(…) already exists`) is replaced, keeping what kind of error it was.
+fn mask_error(masks: &MaskSet, frame: &Frame) -> Frame {
+    let Ok(mut e) = ErrorFields::decode(frame) else {
+        return ErrorFields::error(
+            sqlstate::PROTOCOL_VIOLATION,
+            "agentgate: the database sent a malformed error",
+        )
+        .to_error();
+    };
+    let text = |t: &str| match masks.mask(None, t).0 {
+        Masked::Clear => t.to_owned(),
+        Masked::Text(m) => m,
+        Masked::Null => "(masked by agentgate)".to_owned(),
+    };
+    if masks.has_column_rules() && (e.code.starts_with("22") || e.code.starts_with("23")) {
+        let kind = e.message.split(':').next().unwrap_or_default().to_owned();
+        e.message = format!("{kind}: (the value is not shown: agentgate masks columns here)");
+        e.detail = e
+            .detail
+            .map(|_| "(not shown: it may quote a masked value)".to_owned());
+    } else {
+        e.message = text(&e.message);
+        e.detail = e.detail.as_deref().map(text);
+    }
+    e.hint = e.hint.as_deref().map(text);
+    if frame.tag == b'N' {
+        e.to_notice()
+    } else {
+        e.to_error()
+    }
+}
+
+/// A NotificationResponse with its payload masked (detectors; the whole payload when columns
+/// are masked, since it can carry anything a query read).
+fn mask_notification(masks: &MaskSet, frame: &Frame) -> Frame {
+    let malformed = || {
+        ErrorFields {
+            severity: "WARNING".into(),
+            code: sqlstate::PROTOCOL_VIOLATION.into(),
+            message: "agentgate dropped a malformed notification from the database".into(),
+            ..Default::default()
+        }
+        .to_notice()
+    };
+    let mut b = frame.body.clone();
+    if b.len() < 4 {
+        return malformed();
+    }
+    let pid = b.split_to(4);
+    let (Ok(channel), Ok(payload)) = (
+        super::frame::cstring(&mut b, "NotificationResponse"),
+        super::frame::cstring(&mut b, "NotificationResponse"),
+    ) else {
+        return malformed();
+    };
+    let payload = if masks.has_column_rules() {
+        "(masked by agentgate)".to_owned()
+    } else {
+        match masks.mask(None, &payload).0 {
+            Masked::Clear => payload,
+            Masked::Text(m) => m,
+            Masked::Null => String::new(),
+        }
+    };
+    let mut out = bytes::BytesMut::new();
+    out.extend_from_slice(&pid);
+    for s in [channel, payload] {
+        out.extend_from_slice(s.as_bytes());
+        out.extend_from_slice(&[0]);
+    }
+    Frame::new(b'A', out.freeze())
 }
 
 /// Why a `COPY … TO STDOUT` cannot be masked, if it cannot: it copies masked columns (COPY
