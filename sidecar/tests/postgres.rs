@@ -576,6 +576,42 @@ async fn bad_input_gets_a_protocol_error_never_a_panic_or_a_hang() -> anyhow::Re
     ));
     assert!(!out.contains("Ada") && !out.contains("ADA"), "{out:?}");
     assert_eq!(out.matches("[name]").count(), 3, "{out:?}");
+    // The gateway's prepared-statement map always names what the server has: a name is
+    // never reused, and an unnamed statement whose Parse the server may have skipped (after
+    // an error earlier in its batch) cannot be executed later.
+    let out = text(raw(
+        gw.port,
+        &[
+            hello.clone(),
+            message(b'P', b"s1\0SELECT 'old'\0\0\0"),
+            message(b'S', b""),
+            message(b'P', b"s1\0SELECT 'new'\0\0\0"),
+            message(b'S', b""),
+            message(b'P', b"\0SELECT 'old'\0\0\0"),
+            message(b'S', b""),
+            message(b'B', b"\0nosuch\0\0\0\0\0\0\0"),
+            message(b'P', b"\0SELECT 'new'\0\0\0"),
+            message(b'S', b""),
+            message(b'B', b"\0\0\0\0\0\0\0\0"),
+            message(b'E', b"\0\0\0\0\0"),
+            message(b'S', b""),
+        ]
+        .concat(),
+    ));
+    assert!(
+        out.contains("prepared statement \"s1\" was already used in this session"),
+        "{out:?}"
+    );
+    assert!(
+        out.contains("executing a statement it has not seen prepared"),
+        "{out:?}"
+    );
+    assert!(!out.contains("old"), "{out:?}");
+    assert!(
+        gw.err("PREPARE p AS SELECT 1")
+            .contains("SQL PREPARE is not supported"),
+        "SQL PREPARE"
+    );
     // COPY through Parse/Execute would skip COPY's own checks: refused.
     let out = text(raw(
         gw.port,

@@ -1173,6 +1173,17 @@ fn refusal(d: &Decision, c: Option<&Classified>) -> ErrorFields {
     }
 }
 
+/// SQL `PREPARE` makes statements the gateway's maps do not name (a protocol Parse of the
+/// same name would then be rejected by the server while the gateway recorded it): refused.
+fn sql_prepare(c: &Classified) -> Option<ErrorFields> {
+    c.statements.iter().any(|s| s.tag == "PREPARE").then(|| {
+        ErrorFields::error(
+            sqlstate::FEATURE_NOT_SUPPORTED,
+            "agentgate: SQL PREPARE is not supported; drivers prepare statements with the protocol (Parse), which works",
+        )
+    })
+}
+
 /// Files an approval request for a held command, then waits as long as the Target's
 /// `holdTimeout` says (0s: answer at once) for an approver. Returns the decision after the wait
 /// and the request filed.
@@ -1358,6 +1369,14 @@ async fn reader(
     let mut statements: HashMap<String, Classified> = HashMap::new();
     let mut portals: HashMap<String, String> = HashMap::new();
     let mut skip_until_sync = false;
+    // Names are never reused: the gateway's maps must name what the server has, and a Parse
+    // or Bind the server rejects (a duplicate name) or skips (after an error earlier in the
+    // batch) would otherwise leave them naming something else.
+    let mut used_statements: std::collections::HashSet<String> = Default::default();
+    let mut used_portals: std::collections::HashSet<String> = Default::default();
+    // The unnamed statement was parsed after other messages of its batch: the server may
+    // have skipped that Parse and kept the previous one.
+    let mut unnamed_uncertain = false;
     let mut in_batch = false;
     let mut copy_in = false;
     let decide = |c: &Classified| {
@@ -1429,6 +1448,11 @@ async fn reader(
                         continue;
                     }
                 };
+                if let Some(err) = sql_prepare(&classified) {
+                    tx.send(Event::Own(vec![err.to_error()])).await.ok();
+                    tx.send(Event::OwnReady).await.ok();
+                    continue;
+                }
                 let mut d = decide(&classified);
                 tracing::info!(identity, target, class = %classified.class, verdict = ?d.verdict, rule = %d.rule, "query");
                 let mut held_as = None;
@@ -1481,37 +1505,60 @@ async fn reader(
                 sql,
                 param_types,
             } => {
-                let refused = match classify(&sql) {
-                    Err(e) => Some(ErrorFields::error(
-                        sqlstate::SYNTAX_ERROR,
-                        format!("agentgate refuses what it cannot parse: {e}"),
-                    )),
-                    Ok(c) => {
-                        let mut d = decide(&c);
-                        tracing::info!(identity, target, class = %c.class, verdict = ?d.verdict, rule = %d.rule, "parse");
-                        let mut held_as = None;
-                        if d.verdict == Verdict::Hold {
-                            up.flush().await?;
-                            let (after, filed) =
-                                hold(gw, identity, target, &c, &sql, &masks, d, &decide, &cancel)
-                                    .await;
-                            d = after;
-                            held_as = Some(filed);
-                        }
-                        if d.verdict == Verdict::Allow
-                            && c.statements.iter().any(|s| s.tag.starts_with("COPY"))
-                        {
-                            // COPY's checks (masked columns, binary format) and its data
-                            // flow are handled for simple queries; fail closed here.
-                            Some(ErrorFields::error(
-                                sqlstate::FEATURE_NOT_SUPPORTED,
-                                "agentgate runs COPY only as a simple query: send it without parameters (psql's \\copy and drivers' copy APIs do)",
-                            ))
-                        } else if d.verdict == Verdict::Allow {
-                            statements.insert(name.clone(), c);
-                            None
-                        } else {
-                            Some(held_refusal(&d, &c, held_as.as_ref()))
+                let reused = !name.is_empty() && used_statements.contains(&name);
+                let refused = if reused {
+                    Some(ErrorFields::error(
+                        "42P05",
+                        format!(
+                            "agentgate: prepared statement \"{name}\" was already used in this session; prepare under a new name"
+                        ),
+                    ))
+                } else {
+                    None
+                };
+                let refused = if refused.is_some() {
+                    refused
+                } else {
+                    match classify(&sql) {
+                        Err(e) => Some(ErrorFields::error(
+                            sqlstate::SYNTAX_ERROR,
+                            format!("agentgate refuses what it cannot parse: {e}"),
+                        )),
+                        Ok(c) => {
+                            let mut d = decide(&c);
+                            tracing::info!(identity, target, class = %c.class, verdict = ?d.verdict, rule = %d.rule, "parse");
+                            let mut held_as = None;
+                            if d.verdict == Verdict::Hold {
+                                up.flush().await?;
+                                let (after, filed) = hold(
+                                    gw, identity, target, &c, &sql, &masks, d, &decide, &cancel,
+                                )
+                                .await;
+                                d = after;
+                                held_as = Some(filed);
+                            }
+                            if let Some(err) = sql_prepare(&c) {
+                                Some(err)
+                            } else if d.verdict == Verdict::Allow
+                                && c.statements.iter().any(|s| s.tag.starts_with("COPY"))
+                            {
+                                // COPY's checks (masked columns, binary format) and its data
+                                // flow are handled for simple queries; fail closed here.
+                                Some(ErrorFields::error(
+                                    sqlstate::FEATURE_NOT_SUPPORTED,
+                                    "agentgate runs COPY only as a simple query: send it without parameters (psql's \\copy and drivers' copy APIs do)",
+                                ))
+                            } else if d.verdict == Verdict::Allow {
+                                if name.is_empty() {
+                                    unnamed_uncertain = in_batch;
+                                } else {
+                                    used_statements.insert(name.clone());
+                                }
+                                statements.insert(name.clone(), c);
+                                None
+                            } else {
+                                Some(held_refusal(&d, &c, held_as.as_ref()))
+                            }
                         }
                     }
                 };
@@ -1537,6 +1584,18 @@ async fn reader(
                 ref statement,
                 ..
             } => {
+                if !portal.is_empty() && !used_portals.insert(portal.clone()) {
+                    let err = ErrorFields::error(
+                        "42P03",
+                        format!(
+                            "agentgate: portal \"{portal}\" was already used in this session; bind under a new name"
+                        ),
+                    );
+                    refuse_in_batch(&mut up, &tx, in_batch, err).await?;
+                    skip_until_sync = true;
+                    in_batch = false;
+                    continue;
+                }
                 portals.insert(portal.clone(), statement.clone());
                 in_batch = true;
                 forward(&mut up, agent.buffer().is_empty(), frame).await?;
@@ -1589,11 +1648,26 @@ async fn reader(
                 in_batch = true;
                 forward(&mut up, agent.buffer().is_empty(), frame).await?;
             }
-            Frontend::Close { .. } | Frontend::Flush => {
+            Frontend::Close { kind, ref name } => {
+                if kind == b'S' {
+                    statements.remove(name);
+                } else {
+                    portals.remove(name);
+                }
+                in_batch = true;
+                forward(&mut up, agent.buffer().is_empty(), frame).await?;
+            }
+            Frontend::Flush => {
                 in_batch = true;
                 forward(&mut up, agent.buffer().is_empty(), frame).await?;
             }
             Frontend::Sync => {
+                // The unnamed portal lives in its batch only; the unnamed statement too when
+                // the server may have skipped its Parse.
+                portals.remove("");
+                if std::mem::take(&mut unnamed_uncertain) {
+                    statements.remove("");
+                }
                 if skip_until_sync {
                     skip_until_sync = false;
                     tx.send(Event::OwnReady).await.ok();
