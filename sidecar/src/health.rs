@@ -47,6 +47,7 @@ pub async fn serve(listener: tokio::net::TcpListener, health: Health) {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "health accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 continue;
             }
         };
@@ -70,6 +71,8 @@ pub async fn serve(listener: tokio::net::TcpListener, health: Health) {
             });
             let io = hyper_util::rt::TokioIo::new(sock);
             let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(5))
                 .serve_connection(io, svc)
                 .await;
         });

@@ -109,6 +109,8 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>) {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");
+                // Out of file descriptors: wait instead of spinning.
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 continue;
             }
         };
