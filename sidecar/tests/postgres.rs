@@ -927,3 +927,80 @@ print("done")
     assert_eq!(stdout.lines().collect::<Vec<_>>(), want);
     Ok(())
 }
+
+/// JDBC (the PostgreSQL driver from Maven Central, on the newest JDK): prepared statements
+/// that switch to named server-side statements after five runs, binary transfer, a refusal
+/// as an SQLException, a cursor fetched one row at a time (a named portal across Syncs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jdbc_works_through_the_gateway() -> anyhow::Result<()> {
+    let gw = start().await?;
+    wait_for("policy loaded", || {
+        gw.psql("orders-db", "SELECT 1").status.success()
+    });
+    let src = gw.env.dir().join("Agent.java");
+    std::fs::write(
+        &src,
+        r#"
+import java.sql.*;
+public class Agent {
+  public static void main(String[] a) throws Exception {
+    try (Connection c = DriverManager.getConnection(a[0])) {
+      try (PreparedStatement p = c.prepareStatement("SELECT id, email, name, card FROM customers WHERE id = ?")) {
+        for (int i = 0; i < 7; i++) {
+          p.setInt(1, 1);
+          try (ResultSet r = p.executeQuery()) {
+            r.next();
+            if (i == 0 || i == 6) System.out.println(r.getInt(1) + " " + r.getString(2) + " " + r.getString(3) + " " + r.getString(4));
+          }
+        }
+      }
+      try (Statement s = c.createStatement()) {
+        try { s.executeUpdate("DELETE FROM orders WHERE id = 4711"); }
+        catch (SQLException e) { System.out.println(e.getSQLState() + " " + e.getMessage().split(";")[0]); }
+      }
+      c.setAutoCommit(false);
+      try (PreparedStatement p = c.prepareStatement("SELECT id, state FROM orders ORDER BY id")) {
+        p.setFetchSize(1);
+        try (ResultSet r = p.executeQuery()) {
+          int n = 0;
+          while (r.next()) n++;
+          System.out.println("rows " + n);
+        }
+      }
+      c.commit();
+    }
+    System.out.println("done");
+  }
+}
+"#,
+    )?;
+    let java = testenv::keycloak_env::java_home()
+        .map(|h| h.join("bin/java"))
+        .unwrap_or_else(|| "java".into());
+    let out = Command::new(java)
+        .arg("-cp")
+        .arg(testenv::postgres_env::jdbc_jar()?)
+        .arg(&src)
+        .arg(format!(
+            "jdbc:postgresql://127.0.0.1:{}/orders-db?user=claude&sslmode=disable",
+            gw.port
+        ))
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        [
+            "1 **** [name] **** **** **** 1111",
+            "1 **** [name] **** **** **** 1111",
+            "55000 ERROR: held for approval: AccessGrant claude-abd75f7ee066",
+            "rows 2",
+            "done",
+        ]
+    );
+    Ok(())
+}

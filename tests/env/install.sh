@@ -15,6 +15,8 @@ ETCD_VERSION="$(sed -n 's/^require go.etcd.io\/etcd\/server\/v3 v\(.*\)$/\1/p' "
 HELM_VERSION="$(sed -n 's/^require helm.sh\/helm\/v3 v\(.*\)$/\1/p' "$HERE/helm/go.mod")"
 # Keycloak, the OIDC provider users run, from Maven Central (the Quarkus distribution).
 KEYCLOAK_VERSION=26.4.7
+# The PostgreSQL JDBC driver, for the gateway's client tests (Maven Central).
+PGJDBC_VERSION=42.7.14
 
 log() { printf '\033[1m[install]\033[0m %s\n' "$*" >&2; }
 
@@ -101,6 +103,22 @@ install_keycloak() {
   keycloak_build "$dir"
 }
 
+# The PostgreSQL JDBC driver jar, checked against Maven Central's published SHA-1.
+install_pgjdbc() {
+  local dir="$CACHE/pgjdbc-$PGJDBC_VERSION" base
+  if [[ -f "$dir/postgresql.jar" ]]; then
+    log "cached: $dir/postgresql.jar"
+    return
+  fi
+  base="https://repo1.maven.org/maven2/org/postgresql/postgresql/$PGJDBC_VERSION/postgresql-$PGJDBC_VERSION.jar"
+  log "downloading the PostgreSQL JDBC driver $PGJDBC_VERSION from Maven Central"
+  mkdir -p "$dir"
+  curl -fsSL --retry 3 -o "$dir/postgresql.jar.tmp" "$base"
+  echo "$(curl -fsSL --retry 3 "$base.sha1" | cut -d' ' -f1)  $dir/postgresql.jar.tmp" | sha1sum -c --quiet - \
+    || { log "checksum mismatch for the JDBC driver"; exit 1; }
+  mv "$dir/postgresql.jar.tmp" "$dir/postgresql.jar"
+}
+
 # Keycloak's one-time build for what the tests run: an in-memory database, HTTPS only.
 keycloak_build() {
   local dir="$1" jdk
@@ -131,7 +149,8 @@ case "${1:-all}" in
   debs) install_debs ;;
   go) build_go ;;
   keycloak) install_keycloak ;;
+  jdbc) install_pgjdbc ;;
   env) print_env ;;
-  all) install_debs; install_rust_components; build_go; install_keycloak ;;
-  *) echo "usage: $0 [all|debs|go|keycloak|env]" >&2; exit 2 ;;
+  all) install_debs; install_rust_components; build_go; install_keycloak; install_pgjdbc ;;
+  *) echo "usage: $0 [all|debs|go|keycloak|jdbc|env]" >&2; exit 2 ;;
 esac
