@@ -10,32 +10,18 @@ use std::time::Duration;
 use crate::process::{self, Proc, Spec};
 use crate::{Error, TestEnv};
 
-const INSTALL_SH: &str = include_str!("../env/install.sh");
 const ADMIN_PASSWORD: &str = "agentgate-test-admin";
 
 /// The Keycloak version `install.sh` installs.
 pub fn version() -> String {
-    INSTALL_SH
-        .lines()
-        .find_map(|l| l.strip_prefix("KEYCLOAK_VERSION="))
-        .unwrap_or_default()
-        .trim()
-        .to_owned()
+    crate::install_setting("KEYCLOAK_VERSION")
 }
 
 /// Where Keycloak is: `$AGENTGATE_KEYCLOAK`, else the version-keyed cache.
 pub fn home() -> Result<PathBuf, Error> {
     let path = std::env::var_os("AGENTGATE_KEYCLOAK")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            std::env::var_os("AGENTGATE_CACHE")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| {
-                    PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
-                        .join(".cache/agentgate")
-                })
-                .join(format!("keycloak-{}", version()))
-        });
+        .unwrap_or_else(|| crate::cache_dir().join(format!("keycloak-{}", version())));
     if path.join("bin/kc.sh").exists() {
         Ok(path)
     } else {

@@ -128,12 +128,7 @@ impl Binaries {
     /// Finds the binaries: `$AGENTGATE_<NAME>` if set, else the version-keyed cache that
     /// `tests/env/install.sh` fills (`$AGENTGATE_CACHE`, default `~/.cache/agentgate`).
     pub fn locate() -> Result<Self, Error> {
-        let cache = std::env::var_os("AGENTGATE_CACHE")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
-                    .join(".cache/agentgate")
-            });
+        let cache = cache_dir();
         let k8s = cache.join(format!("kubernetes-{}", kubernetes_version()));
         let etcd = cache.join(format!(
             "etcd-{}",
@@ -189,6 +184,27 @@ impl Binaries {
             })
         }
     }
+}
+
+/// The cache `tests/env/install.sh` fills: `$AGENTGATE_CACHE`, default `~/.cache/agentgate`.
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("AGENTGATE_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
+                .join(".cache/agentgate")
+        })
+}
+
+/// A `NAME=value` setting of `tests/env/install.sh` (the versions it installs).
+pub fn install_setting(name: &str) -> String {
+    const INSTALL_SH: &str = include_str!("../env/install.sh");
+    INSTALL_SH
+        .lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix('=')))
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
 }
 
 /// Which parts to start.

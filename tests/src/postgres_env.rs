@@ -264,23 +264,13 @@ fn chown_tree(p: &Path, uid: u32, gid: u32) -> Result<(), Error> {
 /// The PostgreSQL JDBC driver jar `tests/env/install.sh` puts in the cache
 /// (`$AGENTGATE_PGJDBC` overrides).
 pub fn jdbc_jar() -> Result<PathBuf, Error> {
-    const INSTALL_SH: &str = include_str!("../env/install.sh");
-    let version = INSTALL_SH
-        .lines()
-        .find_map(|l| l.strip_prefix("PGJDBC_VERSION="))
-        .unwrap_or_default()
-        .trim()
-        .to_owned();
     let path = std::env::var_os("AGENTGATE_PGJDBC")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            std::env::var_os("AGENTGATE_CACHE")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| {
-                    PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
-                        .join(".cache/agentgate")
-                })
-                .join(format!("pgjdbc-{version}/postgresql.jar"))
+            crate::cache_dir().join(format!(
+                "pgjdbc-{}/postgresql.jar",
+                crate::install_setting("PGJDBC_VERSION")
+            ))
         });
     if path.exists() {
         Ok(path)
