@@ -38,8 +38,8 @@ fn main() {
         );
     };
 
-    // Statements: the same text again (a driver's prepared text) and a new text each time
-    // (simple protocol with literals, as pgbench -M simple sends).
+    // Statements: other constants each time (simple protocol with literals, as pgbench -M
+    // simple sends), a new shape each time, and the same text again (a prepared text).
     let parse_base = per_call(n, |i| {
         let sql = format!("SELECT abalance FROM pgbench_accounts WHERE aid = {i}");
         black_box(pg_query::parse(&sql, pg_query::ParserOptions::DEFAULT).unwrap());
@@ -49,8 +49,18 @@ fn main() {
         black_box(classify(&sql).unwrap());
     });
     row(
-        "classify, new text each time (vs parse only)",
+        "classify, other constants each time (vs parse only)",
         fresh,
+        parse_base,
+    );
+    // A new shape each time (another table name): nothing cached, the whole tree walked.
+    let new_shape = per_call(n, |i| {
+        let sql = format!("SELECT abalance FROM accounts_{i} WHERE aid = 1");
+        black_box(classify(&sql).unwrap());
+    });
+    row(
+        "classify, a new shape each time (vs parse only)",
+        new_shape,
         parse_base,
     );
     let same = per_call(n, |_| {
