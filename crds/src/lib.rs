@@ -8,6 +8,7 @@
 // columns, not duplicates; clippy's lint reads them as repeated attributes.
 #![allow(clippy::duplicated_attributes)]
 
+pub mod audit;
 pub mod common;
 pub mod generate;
 pub mod grant;

@@ -1,0 +1,630 @@
+//! The hash chain: sealing records as they are written, and verifying a trail.
+//!
+//! A record's hash is the SHA-256 of its canonical form: the record serialized by this crate
+//! (fields in schema order, no whitespace) with `hash` and `sig` left out. Because `hash` and
+//! `sig` are the last two fields, the line a sink stores is the canonical form with them
+//! appended, and a verifier recomputes the hash from the parsed record.
+
+use std::collections::{BTreeMap, HashMap};
+
+use aws_lc_rs::digest;
+use aws_lc_rs::rand::SystemRandom;
+use aws_lc_rs::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use serde::Serialize;
+
+use super::record::{Record, RecordKind, SCHEMA_VERSION, SigningKey};
+
+/// Errors of sealing and key handling.
+#[derive(Debug, thiserror::Error)]
+pub enum ChainError {
+    /// The record could not be serialized (should not happen for records built by this crate).
+    #[error("serialize the audit record: {0}")]
+    Serialize(#[from] serde_json::Error),
+    /// The signing key is not a valid Ed25519 PKCS#8 document.
+    #[error("the audit signing key is not an Ed25519 PKCS#8 key: {0}")]
+    BadKey(String),
+    /// Generating a key failed.
+    #[error("generate an Ed25519 key: {0}")]
+    KeyGen(String),
+}
+
+/// Lower-case hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)] as char);
+        out.push(DIGITS[usize::from(b & 0x0f)] as char);
+    }
+    out
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// The canonical form of `record` (its `hash` and `sig` ignored).
+pub fn canonical(record: &Record) -> Result<Vec<u8>, ChainError> {
+    #[derive(Serialize)]
+    struct Unsealed<'a>(#[serde(with = "unsealed")] &'a Record);
+    mod unsealed {
+        use super::Record;
+        use serde::Serialize;
+        pub fn serialize<S: serde::Serializer>(r: &&Record, s: S) -> Result<S::Ok, S::Error> {
+            if r.hash.is_empty() && r.sig.is_none() {
+                r.serialize(s)
+            } else {
+                let mut copy = (*r).clone();
+                copy.hash.clear();
+                copy.sig = None;
+                copy.serialize(s)
+            }
+        }
+    }
+    Ok(serde_json::to_vec(&Unsealed(record))?)
+}
+
+/// SHA-256 (hex) of the canonical form.
+pub fn hash_of(record: &Record) -> Result<String, ChainError> {
+    Ok(hex(
+        digest::digest(&digest::SHA256, &canonical(record)?).as_ref()
+    ))
+}
+
+/// The sidecar's signing key (Ed25519). It lives only in the sidecar container.
+pub struct Signer {
+    pair: Ed25519KeyPair,
+    public: SigningKey,
+}
+
+impl std::fmt::Debug for Signer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Signer")
+            .field("key_id", &self.public.key_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The id of a raw Ed25519 public key: the first 16 hex digits of its SHA-256.
+pub fn key_id(public_key: &[u8]) -> String {
+    let mut id = hex(digest::digest(&digest::SHA256, public_key).as_ref());
+    id.truncate(16);
+    id
+}
+
+impl Signer {
+    /// A key from its PKCS#8 document (DER, as written by [`Signer::generate`]).
+    pub fn from_pkcs8(der: &[u8]) -> Result<Self, ChainError> {
+        let pair =
+            Ed25519KeyPair::from_pkcs8(der).map_err(|e| ChainError::BadKey(e.to_string()))?;
+        let raw = pair.public_key().as_ref().to_vec();
+        let public = SigningKey {
+            algorithm: "ed25519".to_owned(),
+            key_id: key_id(&raw),
+            public_key: B64.encode(&raw),
+        };
+        Ok(Self { pair, public })
+    }
+
+    /// A new random key and its PKCS#8 document (to store).
+    pub fn generate() -> Result<(Self, Vec<u8>), ChainError> {
+        let doc = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())
+            .map_err(|e| ChainError::KeyGen(e.to_string()))?;
+        let der = doc.as_ref().to_vec();
+        Ok((Self::from_pkcs8(&der)?, der))
+    }
+
+    /// The public half, as recorded in `StreamStart`.
+    pub fn public(&self) -> &SigningKey {
+        &self.public
+    }
+
+    /// The signature (base64) of a record hash (hex).
+    pub fn sign(&self, hash_hex: &str) -> String {
+        let bytes = unhex(hash_hex).unwrap_or_default();
+        B64.encode(self.pair.sign(&bytes).as_ref())
+    }
+}
+
+/// Seals records into one stream: assigns `stream`, `n`, `prev`, the session fields and the
+/// hash, signs when asked, and renders the line a sink stores.
+#[derive(Debug)]
+pub struct Chain {
+    stream: String,
+    next: u64,
+    head: String,
+    sessions: HashMap<String, (u64, String)>,
+    unsigned: u64,
+}
+
+impl Chain {
+    /// A new stream named `stream` (its first record is `n = 0`).
+    pub fn new(stream: impl Into<String>) -> Self {
+        Self {
+            stream: stream.into(),
+            next: 0,
+            head: String::new(),
+            sessions: HashMap::new(),
+            unsigned: 0,
+        }
+    }
+
+    /// The stream's name.
+    pub fn stream(&self) -> &str {
+        &self.stream
+    }
+
+    /// The next record's position and the head hash.
+    pub fn head(&self) -> (u64, &str) {
+        (self.next, &self.head)
+    }
+
+    /// Records sealed since the last signature.
+    pub fn unsigned(&self) -> u64 {
+        self.unsigned
+    }
+
+    /// The head of a session (last `seq` and hash), while it is open.
+    pub fn session_head(&self, session: &str) -> Option<(u64, &str)> {
+        self.sessions.get(session).map(|(s, h)| (*s, h.as_str()))
+    }
+
+    /// Seals `record` as the stream's next record, signing it with `signer` when given, and
+    /// returns the line to store (JSON, no newline). The record's chain fields are
+    /// overwritten; a `SessionEnd` closes its session.
+    pub fn seal(
+        &mut self,
+        record: &mut Record,
+        signer: Option<&Signer>,
+    ) -> Result<Vec<u8>, ChainError> {
+        record.v = SCHEMA_VERSION;
+        record.stream.clone_from(&self.stream);
+        record.n = self.next;
+        record.prev.clone_from(&self.head);
+        record.hash.clear();
+        record.sig = None;
+        if let Some(session) = &record.session {
+            let (seq, prev) = match self.sessions.get(session) {
+                Some((seq, h)) => (seq + 1, h.clone()),
+                None => (0, self.head.clone()),
+            };
+            record.seq = Some(seq);
+            record.session_prev = Some(prev);
+        } else {
+            record.seq = None;
+            record.session_prev = None;
+        }
+        let mut line = canonical(record)?;
+        let hash = hex(digest::digest(&digest::SHA256, &line).as_ref());
+        // The stored line is the canonical form with `hash` (and `sig`) appended: they are
+        // the last fields of the schema.
+        line.pop();
+        line.extend_from_slice(b",\"hash\":\"");
+        line.extend_from_slice(hash.as_bytes());
+        line.push(b'"');
+        if let Some(signer) = signer {
+            let sig = signer.sign(&hash);
+            line.extend_from_slice(b",\"sig\":\"");
+            line.extend_from_slice(sig.as_bytes());
+            line.push(b'"');
+            record.sig = Some(sig);
+            self.unsigned = 0;
+        } else {
+            self.unsigned += 1;
+        }
+        line.push(b'}');
+        if let Some(session) = &record.session {
+            if record.kind == RecordKind::SessionEnd {
+                self.sessions.remove(session);
+            } else {
+                self.sessions
+                    .insert(session.clone(), (record.seq.unwrap_or(0), hash.clone()));
+            }
+        }
+        self.next += 1;
+        self.head.clone_from(&hash);
+        record.hash = hash;
+        Ok(line)
+    }
+}
+
+/// What is wrong with a trail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub enum ProblemKind {
+    /// A line is not a record of this schema version.
+    Malformed,
+    /// A record's content does not match its hash.
+    Edited,
+    /// A record does not link to the one before it (edited and re-hashed, or replaced).
+    Broken,
+    /// Records are missing.
+    Missing,
+    /// A record is out of order.
+    Reordered,
+    /// A signature does not verify, or the key is not the trusted one.
+    BadSignature,
+    /// The trail ends before a point it is known to have reached.
+    Truncated,
+}
+
+/// One finding of a verification.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Problem {
+    /// What is wrong.
+    pub kind: ProblemKind,
+    /// The stream concerned.
+    pub stream: String,
+    /// The record concerned (its `n`), when known.
+    pub n: Option<u64>,
+    /// Where it was read (`file:line`, `table row`).
+    pub location: String,
+    /// What was found, in a sentence.
+    pub message: String,
+}
+
+/// A stream as the verifier saw it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct StreamSummary {
+    /// The stream.
+    pub stream: String,
+    /// Records read.
+    pub records: u64,
+    /// First and last `n` seen.
+    pub first: u64,
+    /// Last `n` seen.
+    pub last: u64,
+    /// The last `n` covered by a valid signature.
+    pub signed_through: Option<u64>,
+    /// The key the stream was signed with.
+    pub key_id: Option<String>,
+    /// Whether a `StreamEnd` closes it.
+    pub ended: bool,
+    /// Sessions seen.
+    pub sessions: u64,
+}
+
+/// The result of verifying a trail.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Report {
+    /// Records read.
+    pub records: u64,
+    /// Exact duplicates skipped (a sink may deliver a record twice after a crash).
+    pub duplicates: u64,
+    /// The streams found.
+    pub streams: Vec<StreamSummary>,
+    /// What is wrong; empty when the trail verifies.
+    pub problems: Vec<Problem>,
+    /// What a reader should know but is not proof of tampering (an open stream, an unsigned
+    /// tail, an unpinned key).
+    pub warnings: Vec<String>,
+}
+
+impl Report {
+    /// Whether the trail verifies.
+    pub fn ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// What a verifier trusts and expects.
+#[derive(Debug, Clone, Default)]
+pub struct Expectations {
+    /// Trusted signing keys (raw Ed25519 public keys, base64). When empty, each stream's own
+    /// `StreamStart` key is used and a warning says the key is not pinned.
+    pub keys: Vec<String>,
+    /// Accept streams whose beginning is not in the input (rotated files deleted by retention).
+    pub allow_partial: bool,
+    /// Session heads known from elsewhere (an AgentSession's status): session → (seq, hash).
+    pub session_heads: BTreeMap<String, (u64, String)>,
+}
+
+#[derive(Default)]
+struct StreamState {
+    summary: StreamSummary,
+    started: bool,
+    next: u64,
+    last_hash: String,
+    key: Option<Vec<u8>>,
+    sessions: HashMap<String, (u64, String, bool)>,
+    /// The hashes of the last records, to recognise a re-delivered range.
+    recent: std::collections::VecDeque<(u64, String)>,
+}
+
+/// How many recent hashes per stream the verifier keeps to recognise re-delivered records.
+const RECENT: usize = 65_536;
+
+/// Verifies a trail: `lines` yields each stored line with where it was read. Streams are
+/// checked independently; within a stream, records must appear in order.
+pub fn verify<'a, I>(lines: I, expect: &Expectations) -> Report
+where
+    I: IntoIterator<Item = (String, &'a [u8])>,
+{
+    let trusted: Vec<Vec<u8>> = expect
+        .keys
+        .iter()
+        .filter_map(|k| B64.decode(k.trim()).ok())
+        .collect();
+    let mut report = Report::default();
+    let mut streams: BTreeMap<String, StreamState> = BTreeMap::new();
+    for (location, line) in lines {
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let mut record: Record = match serde_json::from_slice(line) {
+            Ok(r) => r,
+            Err(e) => {
+                report.problems.push(Problem {
+                    kind: ProblemKind::Malformed,
+                    stream: String::new(),
+                    n: None,
+                    location,
+                    message: format!("not an agentgate audit record: {e}"),
+                });
+                continue;
+            }
+        };
+        if record.v != SCHEMA_VERSION {
+            report.problems.push(Problem {
+                kind: ProblemKind::Malformed,
+                stream: record.stream.clone(),
+                n: Some(record.n),
+                location,
+                message: format!(
+                    "schema version {} is not {SCHEMA_VERSION}, the version this verifier knows",
+                    record.v
+                ),
+            });
+            continue;
+        }
+        report.records += 1;
+        let state = streams.entry(record.stream.clone()).or_default();
+        check(&mut report, state, &mut record, &location, &trusted, expect);
+    }
+    for (name, mut state) in streams {
+        state.summary.stream = name.clone();
+        state.summary.sessions = state.sessions.len() as u64;
+        if !state.summary.ended {
+            report.warnings.push(format!(
+                "stream {name} has no StreamEnd after n={}: the sidecar is still running, was killed, or the end of the trail was cut",
+                state.summary.last
+            ));
+        }
+        match state.summary.signed_through {
+            Some(s) if s < state.summary.last => report.warnings.push(format!(
+                "stream {name}: records n={}..={} are not yet covered by a signature",
+                s + 1,
+                state.summary.last
+            )),
+            None => report.warnings.push(format!(
+                "stream {name}: no record is covered by a valid signature"
+            )),
+            _ => {}
+        }
+        if state.summary.ended {
+            for (session, (_, _, ended)) in &state.sessions {
+                if !ended {
+                    report.problems.push(Problem {
+                        kind: ProblemKind::Missing,
+                        stream: name.clone(),
+                        n: None,
+                        location: String::new(),
+                        message: format!(
+                            "session {session} has no SessionEnd in a stream that ended: its last records were deleted"
+                        ),
+                    });
+                }
+            }
+        }
+        for (session, (seq, hash)) in &expect.session_heads {
+            let Some((last_seq, last_hash, _)) = state.sessions.get(session) else {
+                continue;
+            };
+            if last_seq < seq {
+                report.problems.push(Problem {
+                    kind: ProblemKind::Truncated,
+                    stream: name.clone(),
+                    n: None,
+                    location: String::new(),
+                    message: format!(
+                        "session {session} ends at seq {last_seq} here, but its AgentSession recorded seq {seq}: records were cut"
+                    ),
+                });
+            } else if last_seq == seq && last_hash != hash {
+                report.problems.push(Problem {
+                    kind: ProblemKind::Broken,
+                    stream: name.clone(),
+                    n: None,
+                    location: String::new(),
+                    message: format!(
+                        "session {session}'s record seq {seq} does not have the hash its AgentSession recorded"
+                    ),
+                });
+            }
+        }
+        report.streams.push(state.summary);
+    }
+    if expect.keys.is_empty() && !report.streams.is_empty() {
+        report.warnings.push(
+            "signatures were checked against each stream's own key: pass the sidecar's public key (--key) to pin it".to_owned(),
+        );
+    }
+    report
+}
+
+fn check(
+    report: &mut Report,
+    state: &mut StreamState,
+    record: &mut Record,
+    location: &str,
+    trusted: &[Vec<u8>],
+    expect: &Expectations,
+) {
+    let stream = record.stream.clone();
+    let n = record.n;
+    let problem = |kind, message: String| Problem {
+        kind,
+        stream: stream.clone(),
+        n: Some(n),
+        location: location.to_owned(),
+        message,
+    };
+    let stored_hash = std::mem::take(&mut record.hash);
+    let sig = record.sig.take();
+    let actual = hash_of(record).unwrap_or_default();
+    if state.summary.records > 0 && n < state.next {
+        if state
+            .recent
+            .iter()
+            .rev()
+            .any(|(m, h)| *m == n && *h == stored_hash)
+        {
+            report.duplicates += 1;
+            report.records -= 1;
+            return;
+        }
+        report.problems.push(problem(
+            ProblemKind::Reordered,
+            format!(
+                "record n={n} appears after n={}: the trail was reordered or a record replayed",
+                state.next - 1
+            ),
+        ));
+        return;
+    }
+    if actual != stored_hash {
+        report.problems.push(problem(
+            ProblemKind::Edited,
+            format!("record n={n} was edited: its content does not match its hash"),
+        ));
+    }
+    if state.summary.records == 0 {
+        state.summary.first = n;
+        if n != 0 && !expect.allow_partial {
+            report.problems.push(problem(
+                ProblemKind::Missing,
+                format!("stream begins at n={n}: records n=0..{n} are missing"),
+            ));
+        }
+    } else if n > state.next {
+        report.problems.push(problem(
+            ProblemKind::Missing,
+            format!(
+                "records n={}..{} are missing before this record (deleted)",
+                state.next,
+                n - 1
+            ),
+        ));
+    } else if record.prev != state.last_hash {
+        report.problems.push(problem(
+            ProblemKind::Broken,
+            format!(
+                "record n={n} does not follow record n={}: one of them was edited and re-hashed, or replaced",
+                n - 1
+            ),
+        ));
+    }
+    if record.kind == RecordKind::StreamStart {
+        state.started = true;
+        if let Some(key) = &record.key {
+            state.summary.key_id = Some(key.key_id.clone());
+            match B64.decode(&key.public_key) {
+                Ok(raw) if trusted.is_empty() || trusted.contains(&raw) => state.key = Some(raw),
+                Ok(_) => report.problems.push(problem(
+                    ProblemKind::BadSignature,
+                    format!(
+                        "stream is signed with key {} which is not a trusted key",
+                        key.key_id
+                    ),
+                )),
+                Err(_) => report.problems.push(problem(
+                    ProblemKind::Malformed,
+                    "the stream's public key is not base64".to_owned(),
+                )),
+            }
+        }
+    }
+    if let Some(sig) = &sig {
+        let sig_ok = B64.decode(sig).ok().is_some_and(|s| {
+            let msg = unhex(&stored_hash).unwrap_or_default();
+            let keys: Vec<&Vec<u8>> = match &state.key {
+                Some(k) => vec![k],
+                None if !state.started => trusted.iter().collect(),
+                None => vec![],
+            };
+            keys.iter()
+                .any(|k| UnparsedPublicKey::new(&ED25519, k).verify(&msg, &s).is_ok())
+        });
+        if sig_ok && actual == stored_hash {
+            state.summary.signed_through = Some(n);
+        } else if !sig_ok {
+            report.problems.push(problem(
+                ProblemKind::BadSignature,
+                format!("record n={n}'s signature does not verify with the stream's key"),
+            ));
+        }
+    }
+    if let Some(session) = &record.session {
+        let seq = record.seq.unwrap_or(0);
+        let sprev = record.session_prev.clone().unwrap_or_default();
+        match state.sessions.get(session) {
+            None if seq == 0 => {
+                if sprev != record.prev {
+                    report.problems.push(problem(
+                        ProblemKind::Broken,
+                        format!("session {session} does not start where the stream was"),
+                    ));
+                }
+            }
+            None => {
+                if !expect.allow_partial || state.summary.records > 0 && state.started {
+                    report.problems.push(problem(
+                        ProblemKind::Missing,
+                        format!(
+                            "session {session} begins at seq {seq}: its earlier records are missing"
+                        ),
+                    ));
+                }
+            }
+            Some((last, h, _)) => {
+                if seq != last + 1 {
+                    report.problems.push(problem(
+                        ProblemKind::Missing,
+                        format!(
+                            "session {session}: seq {seq} follows seq {last}: records are missing"
+                        ),
+                    ));
+                } else if &sprev != h {
+                    report.problems.push(problem(
+                        ProblemKind::Broken,
+                        format!(
+                            "session {session}: seq {seq} does not follow seq {last} (edited and re-hashed, or replaced)"
+                        ),
+                    ));
+                }
+            }
+        }
+        let ended = record.kind == RecordKind::SessionEnd;
+        state
+            .sessions
+            .insert(session.clone(), (seq, stored_hash.clone(), ended));
+    }
+    if record.kind == RecordKind::StreamEnd {
+        state.summary.ended = true;
+    }
+    state.summary.records += 1;
+    state.summary.last = n;
+    state.next = n + 1;
+    if state.recent.len() == RECENT {
+        state.recent.pop_front();
+    }
+    state.recent.push_back((n, stored_hash.clone()));
+    state.last_hash = stored_hash;
+}
