@@ -175,8 +175,7 @@ fn a_truncated_trail_is_found_against_the_session_head() {
         .collect();
     let last_a = full
         .iter()
-        .filter(|r| r.session.as_deref() == Some("a"))
-        .next_back()
+        .rfind(|r| r.session.as_deref() == Some("a"))
         .unwrap();
     let mut expect = pinned(&signer);
     expect.session_heads =
