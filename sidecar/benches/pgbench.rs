@@ -133,6 +133,10 @@ spec: {{ rules: [ {{ name: emails, detectors: [Email, CardNumber], action: Redac
             "--identity=bench".into(),
             format!("--targets-dir={}", targets.path().display()),
             format!("--pg-addr=127.0.0.1:{port}"),
+            format!(
+                "--audit-dir={}",
+                env.dir().join(format!("audit-{port}")).display()
+            ),
         ])
         .env("RUST_LOG", "warn");
     let sidecar = Proc::start(spec, &env.dir().join("logs"))?;

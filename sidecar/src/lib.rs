@@ -3,6 +3,7 @@
 //! A request's way through it, for every protocol: listener → identity (who) → policy
 //! decision (may they; hold?) → upstream → response → masking → audit record → agent.
 
+pub mod audit;
 pub mod gateway;
 pub mod health;
 pub mod identity;

@@ -5,6 +5,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use agentgate_sidecar::audit::sinks::file::FileSink;
+use agentgate_sidecar::audit::sinks::http::{HttpSink, Kind};
+use agentgate_sidecar::audit::sinks::postgres::PostgresSink;
+use agentgate_sidecar::audit::sinks::sessions::SessionSink;
+use agentgate_sidecar::audit::{self, Auditor, sinks::Sink};
 use agentgate_sidecar::gateway::postgres::session::{Gateway, serve};
 use agentgate_sidecar::identity::{Verifier, pod};
 use agentgate_sidecar::policy::approval::Approvals;
@@ -75,6 +80,66 @@ struct Args {
     /// unset.
     #[arg(long, env = "AGENTGATE_HEALTH_ADDR")]
     health_addr: Option<SocketAddr>,
+    /// The audit directory (a sidecar-only volume): the spill journal (`spill/`), the signing
+    /// key when `--audit-key-file` is not set, and the default JSON-lines file.
+    #[arg(
+        long,
+        env = "AGENTGATE_AUDIT_DIR",
+        default_value = "/var/run/agentgate/audit"
+    )]
+    audit_dir: PathBuf,
+    /// The Ed25519 signing key of the audit chain (PKCS#8 DER), readable by the sidecar only.
+    /// Created when missing (its public key beside it as `<file>.pub`). Default:
+    /// `<audit-dir>/signing-key.pk8`.
+    #[arg(long, env = "AGENTGATE_AUDIT_KEY_FILE")]
+    audit_key_file: Option<PathBuf>,
+    /// The JSON-lines file sink (`off` to disable). Default: `<audit-dir>/audit.jsonl`.
+    #[arg(long, env = "AGENTGATE_AUDIT_FILE")]
+    audit_file: Option<String>,
+    /// Rotate the JSON-lines file past this many bytes.
+    #[arg(long, env = "AGENTGATE_AUDIT_FILE_MAX_BYTES", default_value_t = 100 << 20)]
+    audit_file_max_bytes: u64,
+    /// Keep at most this many rotated files (0: all).
+    #[arg(long, env = "AGENTGATE_AUDIT_FILE_KEEP", default_value_t = 0)]
+    audit_file_keep: usize,
+    /// The PostgreSQL sink: a connection string (libpq `key=value` or URL) for a role that may
+    /// only INSERT into the audit table.
+    #[arg(long, env = "AGENTGATE_AUDIT_POSTGRES", hide_env_values = true)]
+    audit_postgres: Option<String>,
+    /// The PostgreSQL sink's table.
+    #[arg(
+        long,
+        env = "AGENTGATE_AUDIT_POSTGRES_TABLE",
+        default_value = "agentgate_audit"
+    )]
+    audit_postgres_table: String,
+    /// The OTLP/HTTP sink: the collector's logs endpoint (e.g. `http://collector:4318/v1/logs`).
+    #[arg(long, env = "AGENTGATE_AUDIT_OTLP")]
+    audit_otlp: Option<String>,
+    /// Headers for the OTLP sink, `name=value` (repeatable).
+    #[arg(
+        long,
+        env = "AGENTGATE_AUDIT_OTLP_HEADERS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    audit_otlp_header: Vec<String>,
+    /// The webhook sink: batches of records are POSTed to this URL.
+    #[arg(long, env = "AGENTGATE_AUDIT_WEBHOOK")]
+    audit_webhook: Option<String>,
+    /// A bearer token for the webhook, read from this file.
+    #[arg(long, env = "AGENTGATE_AUDIT_WEBHOOK_TOKEN_FILE")]
+    audit_webhook_token_file: Option<PathBuf>,
+    /// Extra CA certificates (PEM) trusted by the HTTP sinks.
+    #[arg(long, env = "AGENTGATE_AUDIT_CA_FILE")]
+    audit_ca_file: Option<PathBuf>,
+    /// In-cluster: how often an active AgentSession's status is updated at most.
+    #[arg(long, env = "AGENTGATE_AUDIT_SESSION_INTERVAL", default_value = "5s", value_parser = duration)]
+    audit_session_interval: Duration,
+    /// The most undelivered records (MiB) the spill journal holds before new commands are
+    /// refused.
+    #[arg(long, env = "AGENTGATE_AUDIT_MAX_SPILL_MIB", default_value_t = 256)]
+    audit_max_spill_mib: u64,
     /// Log format: `text` for people, `json` for log pipelines.
     #[arg(long, env = "AGENTGATE_LOG_FORMAT", default_value = "text")]
     log_format: LogFormat,
@@ -127,6 +192,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let identity = args.identity.clone();
     let store = Arc::new(PolicyStore::default());
+    let mut sinks = audit_sinks(&args)?;
     let approvals;
     let mut pod_user = None;
     if args.in_cluster {
@@ -154,6 +220,11 @@ async fn main() -> anyhow::Result<()> {
             pod_user = Some(slot);
         }
         tracing::info!(%namespace, "policy from the API server");
+        sinks.push(Sink::Sessions(Box::new(SessionSink::new(
+            client.clone(),
+            &namespace,
+            args.audit_session_interval,
+        ))));
         approvals = Approvals::Cluster { client, namespace };
     } else if let Some(dir) = &args.policy_dir {
         tokio::spawn(folder::watch(
@@ -171,6 +242,19 @@ async fn main() -> anyhow::Result<()> {
             "no policy source: run in a cluster with --in-cluster, or standalone with --policy-dir"
         );
     }
+    let mut config = audit::Config::new(
+        args.audit_dir.join("spill"),
+        args.audit_key_file
+            .clone()
+            .unwrap_or_else(|| args.audit_dir.join("signing-key.pk8")),
+    );
+    config.max_spill_bytes = args.audit_max_spill_mib << 20;
+    if let (Ok(ns), Ok(pod)) = (std::env::var("POD_NAMESPACE"), std::env::var("POD_NAME")) {
+        config.pod = Some(format!("{ns}/{pod}"));
+        config.stream_prefix = pod;
+    }
+    let auditor = Auditor::start(config, sinks).context("start the audit pipeline")?;
+    tracing::info!(stream = auditor.stream(), key_id = %auditor.public_key().key_id, "audit chain started");
     let listener = tokio::net::TcpListener::bind(args.pg_addr)
         .await
         .with_context(|| format!("bind the PostgreSQL gateway on {}", args.pg_addr))?;
@@ -186,15 +270,78 @@ async fn main() -> anyhow::Result<()> {
             .with_context(|| format!("bind the health endpoints on {addr}"))?;
         tokio::spawn(agentgate_sidecar::health::serve(listener, health));
     }
-    let mut gw = Gateway::new(store, identity, verifier, args.targets_dir);
+    let mut gw = Gateway::new(store, identity, verifier, args.targets_dir, auditor.clone());
     gw.approvals = approvals;
     gw.pod_user = pod_user;
     let gw = Arc::new(gw);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("handle SIGTERM")?;
     tokio::select! {
-        _ = serve(listener, gw) => Ok(()),
-        _ = tokio::signal::ctrl_c() => {
-            tracing::info!("interrupted: stopping");
-            Ok(())
-        }
+        _ = serve(listener, gw) => {}
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: stopping"),
+        _ = term.recv() => tracing::info!("terminated: stopping"),
     }
+    // A signed StreamEnd closes the chain; undelivered records stay spilled for the next run.
+    auditor.shutdown(Duration::from_secs(5));
+    Ok(())
+}
+
+/// The sinks the flags configure (the AgentSession sink is added in a cluster).
+fn audit_sinks(args: &Args) -> anyhow::Result<Vec<Sink>> {
+    let mut sinks = Vec::new();
+    match args.audit_file.as_deref() {
+        Some("off") => {}
+        file => sinks.push(Sink::File(FileSink::new(
+            file.map(PathBuf::from)
+                .unwrap_or_else(|| args.audit_dir.join("audit.jsonl")),
+            args.audit_file_max_bytes,
+            args.audit_file_keep,
+        ))),
+    }
+    if let Some(conninfo) = &args.audit_postgres {
+        sinks.push(Sink::Postgres(Box::new(PostgresSink::new(
+            conninfo.clone(),
+            args.audit_postgres_table.clone(),
+        ))));
+    }
+    if let Some(url) = &args.audit_otlp {
+        let headers = args
+            .audit_otlp_header
+            .iter()
+            .map(|h| {
+                h.split_once('=')
+                    .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+                    .ok_or_else(|| {
+                        anyhow::anyhow!("--audit-otlp-header {h:?}: expected name=value")
+                    })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        sinks.push(Sink::Http(Box::new(
+            HttpSink::new(Kind::Otlp, url, headers, args.audit_ca_file.as_deref())
+                .map_err(anyhow::Error::msg)
+                .context("the OTLP sink")?,
+        )));
+    }
+    if let Some(url) = &args.audit_webhook {
+        let mut headers = Vec::new();
+        if let Some(f) = &args.audit_webhook_token_file {
+            let token = std::fs::read_to_string(f)
+                .with_context(|| format!("read the webhook token {}", f.display()))?;
+            headers.push((
+                "authorization".to_owned(),
+                format!("Bearer {}", token.trim()),
+            ));
+        }
+        sinks.push(Sink::Http(Box::new(
+            HttpSink::new(Kind::Webhook, url, headers, args.audit_ca_file.as_deref())
+                .map_err(anyhow::Error::msg)
+                .context("the webhook sink")?,
+        )));
+    }
+    if sinks.is_empty() {
+        anyhow::bail!(
+            "no audit sink: every request must be recorded somewhere (enable the file sink or configure another)"
+        );
+    }
+    Ok(sinks)
 }

@@ -74,6 +74,10 @@ async fn sidecar(
         format!("--token-file={}", token_file.display()),
         format!("--targets-dir={}", targets.display()),
         format!("--pg-addr=127.0.0.1:{port}"),
+        format!(
+            "--audit-dir={}",
+            env.dir().join(format!("audit-{port}")).display()
+        ),
         "--policy-stale-after=3s".into(),
         format!("--health-addr=127.0.0.1:{health}"),
     ])

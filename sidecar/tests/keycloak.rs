@@ -132,6 +132,10 @@ fn start_sidecar(
             format!("--oidc-ca-file={}", ca.display()),
             format!("--targets-dir={}", targets.display()),
             format!("--pg-addr=127.0.0.1:{port}"),
+            format!(
+                "--audit-dir={}",
+                env.dir().join(format!("audit-{port}")).display()
+            ),
         ])
         .env("RUST_LOG", "info,agentgate_sidecar=debug");
     let mut proc = Proc::start(spec, &env.dir().join("logs"))?;

@@ -94,6 +94,10 @@ async fn start() -> anyhow::Result<Gateway> {
         "--identity=claude".into(),
         format!("--targets-dir={}", targets.path().display()),
         format!("--pg-addr=127.0.0.1:{port}"),
+        format!(
+            "--audit-dir={}",
+            env.dir().join(format!("audit-{port}")).display()
+        ),
     ]);
     let mut proc = Proc::start(spec, &env.dir().join("logs"))?;
     testenv::process::wait_listening(&mut proc, port, Duration::from_secs(20))?;

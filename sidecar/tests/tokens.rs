@@ -80,6 +80,10 @@ spec:
         format!("--oidc-ca-file={}", kube.ca_path().display()),
         format!("--targets-dir={}", targets.path().display()),
         format!("--pg-addr=127.0.0.1:{port}"),
+        format!(
+            "--audit-dir={}",
+            env.dir().join(format!("audit-{port}")).display()
+        ),
     ]);
     let mut proc = Proc::start(spec, &env.dir().join("logs"))?;
     let deadline = Instant::now() + Duration::from_secs(20);

@@ -98,6 +98,11 @@ impl Fingerprint {
         }
     }
 
+    /// The query string it is the fingerprint of (empty for one already known).
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
     /// A fingerprint already known (a command of another protocol, or a test).
     pub fn known(hex: String) -> Self {
         Self {

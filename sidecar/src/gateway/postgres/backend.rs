@@ -43,6 +43,8 @@ pub mod sqlstate {
     pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
     /// query_canceled
     pub const QUERY_CANCELED: &str = "57014";
+    /// insufficient_resources (the audit trail cannot take more records).
+    pub const INSUFFICIENT_RESOURCES: &str = "53000";
 }
 
 impl ErrorFields {

@@ -2,6 +2,7 @@
 //! each), so every byte is under the gateway's control — nothing is decoded lossily and
 //! nothing unparsed reaches the database.
 
+pub mod audit;
 pub mod backend;
 pub mod frame;
 pub mod frontend;

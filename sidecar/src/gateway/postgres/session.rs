@@ -17,12 +17,14 @@ use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Mutex, mpsc};
 
+use super::audit::{self as records, Tally};
 use super::backend::{self, ErrorFields, sqlstate};
 use super::frame::{
     Frame, FrameError, MAX_MESSAGE, Startup, read_frame, read_startup, write_frames,
 };
 use super::frontend::{self, Frontend};
 use super::upstream::{self, Credentials, Upstream};
+use crate::audit::{Auditor, SessionRecorder};
 use crate::mask::{MaskSet, Masked};
 use crate::policy::approval::{Approvals, Filed, Request};
 use crate::policy::{self, Command, Decision, PolicyStore, Verdict};
@@ -77,6 +79,8 @@ pub struct Gateway {
     /// In a pod: the service account the pod's own token was verified as (TokenReview), or
     /// why it could not be. Connections are served only when it is the identity's.
     pub pod_user: Option<Arc<std::sync::RwLock<Result<String, String>>>>,
+    /// Where every connection's and statement's record goes (before the statement runs).
+    pub audit: Auditor,
     cancels: Mutex<HashMap<CancelKey, Session>>,
     next_pid: AtomicI32,
 }
@@ -88,12 +92,14 @@ impl Gateway {
         identity: Option<String>,
         verifier: Option<Arc<crate::identity::Verifier>>,
         targets_dir: PathBuf,
+        audit: Auditor,
     ) -> Self {
         Self {
             policy,
             identity,
             verifier,
             targets_dir,
+            audit,
             approvals: Approvals::Disabled,
             pod_user: None,
             cancels: Mutex::new(HashMap::new()),
@@ -136,6 +142,21 @@ async fn fatal(
         e = e.hint(h);
     }
     write_frames(w, &[e.to_error()]).await
+}
+
+/// Records a connection refused before its session began.
+fn refused_connection(gw: &Gateway, identity: Option<&str>, target: &str, why: &str) {
+    let mut r = agentgate_crds::audit::Record::new(
+        agentgate_crds::audit::RecordKind::Refusal,
+        jiff::Timestamp::now(),
+    );
+    r.identity = identity.map(str::to_owned);
+    r.target = Some(target.to_owned());
+    r.protocol = Some(Protocol::Postgres);
+    r.note = Some(crate::audit::truncated(why.to_owned()));
+    if let Err(e) = gw.audit.record(r) {
+        tracing::warn!(error = %e, "a refused connection could not be recorded");
+    }
 }
 
 /// In a pod, the pod must *be* the identity it serves: its verified service account is the
@@ -201,6 +222,7 @@ pub async fn handle(sock: TcpStream, gw: Arc<Gateway>) -> Result<(), FrameError>
             .policy
             .error()
             .unwrap_or_else(|| "no policy loaded yet".into());
+        refused_connection(&gw, None, &database, &format!("policy not loaded: {why}"));
         fatal(
             &mut w,
             sqlstate::CANNOT_CONNECT_NOW,
@@ -237,6 +259,7 @@ pub async fn handle(sock: TcpStream, gw: Arc<Gateway>) -> Result<(), FrameError>
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "token refused");
+                    refused_connection(&gw, None, &database, &e.to_string());
                     fatal(
                         &mut w,
                         sqlstate::INVALID_PASSWORD,
@@ -251,6 +274,7 @@ pub async fn handle(sock: TcpStream, gw: Arc<Gateway>) -> Result<(), FrameError>
         (None, Some(id)) => {
             if let Err(why) = pod_identity(&gw, &snapshot, id) {
                 tracing::warn!(identity = %id, "{why}");
+                refused_connection(&gw, Some(id), &database, &why);
                 fatal(
                     &mut w,
                     sqlstate::INVALID_AUTHORIZATION,
@@ -275,6 +299,7 @@ pub async fn handle(sock: TcpStream, gw: Arc<Gateway>) -> Result<(), FrameError>
     };
     match snapshot.identities.get(&identity) {
         None => {
+            refused_connection(&gw, Some(&identity), &database, "unknown AgentIdentity");
             fatal(
                 &mut w,
                 sqlstate::INVALID_AUTHORIZATION,
@@ -285,6 +310,7 @@ pub async fn handle(sock: TcpStream, gw: Arc<Gateway>) -> Result<(), FrameError>
             return Ok(());
         }
         Some(id) if id.spec.disabled => {
+            refused_connection(&gw, Some(&identity), &database, "AgentIdentity disabled");
             fatal(
                 &mut w,
                 sqlstate::INVALID_AUTHORIZATION,
@@ -302,6 +328,7 @@ pub async fn handle(sock: TcpStream, gw: Arc<Gateway>) -> Result<(), FrameError>
         .filter(|t| t.spec.protocol == Protocol::Postgres)
         .and_then(|t| t.spec.postgres.clone());
     let Some(pg) = target else {
+        refused_connection(&gw, Some(&identity), &database, "no such PostgreSQL Target");
         let known: Vec<&str> = snapshot
             .targets
             .iter()
@@ -360,10 +387,28 @@ pub async fn handle(sock: TcpStream, gw: Arc<Gateway>) -> Result<(), FrameError>
             .collect(),
         _ => Vec::new(),
     };
+    let client = startup.param("application_name").map(str::to_owned);
+    let rec = match gw
+        .audit
+        .session(&identity, &database, Protocol::Postgres, client)
+    {
+        Ok(r) => Arc::new(r),
+        Err(why) => {
+            fatal(
+                &mut w,
+                sqlstate::INSUFFICIENT_RESOURCES,
+                why,
+                Some("retry when the audit sinks have recovered; the sidecar's log says which one failed"),
+            )
+            .await?;
+            return Ok(());
+        }
+    };
     let up = match upstream::connect(&pg, &creds, &passthrough).await {
         Ok(u) => u,
         Err(e) => {
             tracing::warn!(target = %database, error = %e, "upstream connection failed");
+            rec.end(&format!("the database could not be reached: {e}"));
             fatal(
                 &mut w,
                 sqlstate::CONNECTION_FAILURE,
@@ -434,7 +479,14 @@ pub async fn handle(sock: TcpStream, gw: Arc<Gateway>) -> Result<(), FrameError>
     let (ur, uw) = tokio::io::split(stream);
     let (tx, rx) = mpsc::channel::<Event>(256);
     let catalog = Catalog::new(pg.clone(), creds.clone());
-    let writer = tokio::spawn(writer(rx, BufReader::new(ur), w, mask_set.clone(), catalog));
+    let writer = tokio::spawn(writer(
+        rx,
+        BufReader::new(ur),
+        w,
+        mask_set.clone(),
+        catalog,
+        rec.clone(),
+    ));
     let result = reader(
         &gw,
         &identity,
@@ -444,9 +496,14 @@ pub async fn handle(sock: TcpStream, gw: Arc<Gateway>) -> Result<(), FrameError>
         tx,
         mask_set,
         hold_cancel,
+        &rec,
     )
     .await;
     let _ = writer.await;
+    rec.end(match &result {
+        Ok(()) => "the agent closed the connection",
+        Err(_) => "the connection broke (protocol error or network)",
+    });
     gw.cancels.lock().await.remove(&(pid, our_key));
     tracing::info!(identity = %identity, target = %database, "session ended");
     result
@@ -465,9 +522,9 @@ enum Event {
     OwnReady,
     /// A forwarded simple Query: the server answers up to a ReadyForQuery; the rule masks
     /// its computed output columns.
-    ExpectQuery(Option<crate::mask::Rule>),
+    ExpectQuery(Option<crate::mask::Rule>, Box<Tally>),
     /// An Execute was forwarded; the rule masks its computed output columns.
-    Execute(Option<crate::mask::Rule>),
+    Execute(Option<crate::mask::Rule>, Box<Tally>),
     /// A Describe was forwarded: the agent's (its answer is relayed) or the gateway's own
     /// before an Execute (its answer sets the masking of the rows and is swallowed).
     Describe {
@@ -499,6 +556,20 @@ struct Batch {
     describes: VecDeque<bool>,
     /// A simple query's rule for computed columns.
     query: Option<crate::mask::Rule>,
+    /// The Executes' outcomes so far, in the order of `executes`.
+    tallies: VecDeque<Box<Tally>>,
+    /// A simple query's outcome so far.
+    query_tally: Option<Box<Tally>>,
+}
+
+impl Batch {
+    /// The outcome being counted: the current Execute's, else the simple query's.
+    fn tally(&mut self) -> Option<&mut Tally> {
+        match self.tallies.front_mut() {
+            Some(t) => Some(t),
+            None => self.query_tally.as_deref_mut(),
+        }
+    }
 }
 
 /// The batch the server is answering now: the oldest one waiting for its ReadyForQuery, or
@@ -702,6 +773,7 @@ async fn writer(
     mut agent: AgentWriter,
     masks: Arc<MaskSet>,
     mut catalog: Catalog,
+    rec: Arc<SessionRecorder>,
 ) {
     let mut queue: VecDeque<Pending> = VecDeque::new();
     let mut status = b'I';
@@ -711,6 +783,8 @@ async fn writer(
     let mut open = Batch::default();
     let mut field_rules: Vec<Option<crate::mask::Rule>> = Vec::new();
     let mut copy_out = false;
+    // Values masked in the row being relayed, by rule.
+    let mut masked_now: std::collections::BTreeMap<String, u64> = Default::default();
     let mut done = false;
     loop {
         // Emit the gateway's own answers that are now at the head.
@@ -746,12 +820,16 @@ async fn writer(
             ev = rx.recv(), if !done => match ev {
                 Some(Event::ExpectUpstream) => queue.push_back(Pending::Upstream { swallow_ready: false, batch: Box::new(std::mem::take(&mut open)) }),
                 Some(Event::ExpectUpstreamSwallowReady) => queue.push_back(Pending::Upstream { swallow_ready: true, batch: Box::new(std::mem::take(&mut open)) }),
-                Some(Event::ExpectQuery(rule)) => {
+                Some(Event::ExpectQuery(rule, tally)) => {
                     let mut batch = Box::new(std::mem::take(&mut open));
                     batch.query = rule;
+                    batch.query_tally = Some(tally);
                     queue.push_back(Pending::Upstream { swallow_ready: false, batch });
                 }
-                Some(Event::Execute(rule)) => open.executes.push_back((rule, false)),
+                Some(Event::Execute(rule, tally)) => {
+                    open.executes.push_back((rule, false));
+                    open.tallies.push_back(tally);
+                }
                 Some(Event::Describe { injected }) => open.describes.push_back(injected),
                 Some(Event::Own(f)) => queue.push_back(Pending::Own(f)),
                 Some(Event::OwnReady) => queue.push_back(Pending::OwnReady),
@@ -846,12 +924,33 @@ async fn writer(
                     }
                     // The end of an Execute's rows: the next rows are the next Execute's.
                     b'C' | b's' | b'I' => {
-                        answering(&mut queue, &mut open).executes.pop_front();
+                        let batch = answering(&mut queue, &mut open);
+                        if frame.tag == b'C'
+                            && let Some(t) = batch.tally()
+                        {
+                            t.rows += command_rows(&frame);
+                        }
+                        if batch.executes.pop_front().is_some()
+                            && let Some(t) = batch.tallies.pop_front()
+                        {
+                            t.finish(&rec);
+                        }
                         frame
                     }
                     // After an error the server skips to the Sync: nothing more is answered.
                     b'E' => {
                         let batch = answering(&mut queue, &mut open);
+                        let error = error_summary(&masks, &frame);
+                        if let Some(t) = batch.tally() {
+                            t.error = Some(error);
+                        }
+                        if let Some(t) = batch.tallies.pop_front() {
+                            t.finish(&rec);
+                        }
+                        for mut t in batch.tallies.drain(..) {
+                            t.error = Some("not run: an earlier message of its batch failed".into());
+                            t.finish(&rec);
+                        }
                         batch.executes.clear();
                         batch.describes.clear();
                         if masks.is_empty() { frame } else { mask_error(&masks, &frame) }
@@ -871,8 +970,17 @@ async fn writer(
                         let _ = write_frames(&mut agent, &[e.to_error()]).await;
                         return;
                     }
-                    b'D' if !masks.is_empty() => match mask_row(&masks, &frame, Formats::Described(&formats), &types, &field_rules) {
-                        Some(f) => f,
+                    b'D' if !masks.is_empty() => match mask_row(&masks, &frame, Formats::Described(&formats), &types, &field_rules, &mut masked_now) {
+                        Some(f) => {
+                            if !masked_now.is_empty()
+                                && let Some(t) = answering(&mut queue, &mut open).tally()
+                            {
+                                for (rule, n) in std::mem::take(&mut masked_now) {
+                                    *t.masked.entry(rule).or_default() += n;
+                                }
+                            }
+                            f
+                        }
                         None => {
                             let e = ErrorFields::fatal(sqlstate::PROTOCOL_VIOLATION, "agentgate: the database sent a malformed row");
                             let _ = write_frames(&mut agent, &[e.to_error()]).await;
@@ -882,7 +990,19 @@ async fn writer(
                     b'Z' => {
                         status = frame.body.first().copied().unwrap_or(b'I');
                         match queue.pop_front() {
-                            Some(Pending::Upstream { swallow_ready: true, .. }) => continue,
+                            Some(Pending::Upstream { swallow_ready, mut batch }) => {
+                                if let Some(t) = batch.query_tally.take() {
+                                    t.finish(&rec);
+                                }
+                                for mut t in batch.tallies.drain(..) {
+                                    t.error.get_or_insert_with(|| "no answer before the end of its batch".into());
+                                    t.finish(&rec);
+                                }
+                                if swallow_ready {
+                                    continue;
+                                }
+                                frame
+                            }
                             _ => frame,
                         }
                     }
@@ -891,6 +1011,9 @@ async fn writer(
                 // Flush when the server has nothing more buffered (or the request is answered):
                 // rows go out in batches, not one write each.
                 let flush = out.tag == b'Z' || up.buffer().is_empty();
+                if let Some(t) = answering(&mut queue, &mut open).tally() {
+                    t.bytes_out += out.body.len() as u64 + 5;
+                }
                 if super::frame::write_frames_unflushed(&mut agent, &[out]).await.is_err()
                     || (flush && agent.flush().await.is_err())
                 {
@@ -995,6 +1118,7 @@ fn mask_row(
     formats: Formats<'_>,
     types: &[u32],
     rules: &[Option<crate::mask::Rule>],
+    counts: &mut std::collections::BTreeMap<String, u64>,
 ) -> Option<Frame> {
     let mut values = backend::decode_data_row(frame).ok()?;
     let mut changed = false;
@@ -1009,7 +1133,7 @@ fn mask_row(
         };
         let masked = match (rules.get(i), text) {
             // A masked column: the whole value, whatever it looks like.
-            (Some(Some(rule)), Some(t)) => match rule.apply_whole(&t) {
+            (Some(Some(rule)), Some(t)) => match count(counts, rule).apply_whole(&t) {
                 Masked::Clear => Masked::Null,
                 // A JSON value stays JSON: the masking text becomes a JSON string.
                 Masked::Text(m) if matches!(type_oid, 114 | JSONB) => {
@@ -1017,8 +1141,17 @@ fn mask_row(
                 }
                 m => m,
             },
-            (Some(Some(_)), None) => Masked::Null,
-            (_, Some(t)) => masks.mask(None, &t).0,
+            (Some(Some(rule)), None) => {
+                *counts.entry(rule.name.clone()).or_default() += 1;
+                Masked::Null
+            }
+            (_, Some(t)) => {
+                let (m, applied) = masks.mask(None, &t);
+                for rule in applied {
+                    *counts.entry(rule).or_default() += 1;
+                }
+                m
+            }
             (_, None) if masks.has_value_rules() => Masked::Null,
             (_, None) => Masked::Clear,
         };
@@ -1049,6 +1182,44 @@ fn mask_row(
 /// columns are masked, the text of data and constraint errors (classes 22 and 23, which
 /// quote the offending value: `invalid input syntax for type integer: "ada@…"`, `Key
 /// (email)=(…) already exists`) is replaced, keeping what kind of error it was.
+/// Counts one value masked by `rule`.
+fn count<'a>(
+    counts: &mut std::collections::BTreeMap<String, u64>,
+    rule: &'a crate::mask::Rule,
+) -> &'a crate::mask::Rule {
+    *counts.entry(rule.name.clone()).or_default() += 1;
+    rule
+}
+
+/// The rows a CommandComplete reports (`SELECT 5`, `INSERT 0 3`, `UPDATE 2`; 0 for others).
+fn command_rows(frame: &Frame) -> u64 {
+    let tag = frame.body.strip_suffix(b"\0").unwrap_or(&frame.body);
+    std::str::from_utf8(tag)
+        .ok()
+        .and_then(|t| t.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// An error as records keep it: its SQLSTATE and message, values masked; data and
+/// constraint errors (classes 22 and 23, which quote the offending value) keep only what kind
+/// of error it was.
+fn error_summary(masks: &MaskSet, frame: &Frame) -> String {
+    let Ok(e) = ErrorFields::decode(frame) else {
+        return "a malformed error".to_owned();
+    };
+    let message = if e.code.starts_with("22") || e.code.starts_with("23") {
+        e.message.split(':').next().unwrap_or_default().to_owned()
+    } else {
+        match masks.mask(None, &e.message).0 {
+            Masked::Clear => e.message,
+            Masked::Text(m) => m,
+            Masked::Null => "(masked)".to_owned(),
+        }
+    };
+    crate::audit::truncated(format!("{}: {message}", e.code))
+}
+
 fn mask_error(masks: &MaskSet, frame: &Frame) -> Frame {
     let Ok(mut e) = ErrorFields::decode(frame) else {
         return ErrorFields::error(
@@ -1161,6 +1332,11 @@ fn refusal(d: &Decision, c: Option<&Classified>) -> ErrorFields {
         })
         .unwrap_or_default();
     match d.verdict {
+        // The audit trail cannot take the record: nothing runs unrecorded.
+        _ if d.rule == "audit" => ErrorFields::error(sqlstate::INSUFFICIENT_RESOURCES, d.message.clone())
+            .hint("commands resume when the audit sinks catch up; the sidecar's log says which one fails"),
+        // A COPY out of masked columns.
+        _ if d.rule == "mask" => ErrorFields::error(sqlstate::INSUFFICIENT_PRIVILEGE, d.message.clone()),
         Verdict::Hold => ErrorFields::error(
             sqlstate::OBJECT_NOT_IN_PREREQUISITE_STATE,
             format!("held for approval: {}", d.message),
@@ -1366,6 +1542,7 @@ async fn reader(
     tx: mpsc::Sender<Event>,
     masks: Arc<MaskSet>,
     cancel: Arc<HoldCancel>,
+    rec: &SessionRecorder,
 ) -> Result<(), FrameError> {
     // Prepared statements' classifications, for Execute-time checks.
     let mut statements: HashMap<String, Classified> = HashMap::new();
@@ -1381,6 +1558,34 @@ async fn reader(
     let mut unnamed_uncertain = false;
     let mut in_batch = false;
     let mut copy_in = false;
+    // A command runs only when its record can be taken (fail closed).
+    let admitted = |d: Decision| -> Decision {
+        if d.verdict == Verdict::Refuse {
+            return d;
+        }
+        match rec.auditor().admit() {
+            Ok(()) => d,
+            Err(why) => Decision {
+                verdict: Verdict::Refuse,
+                rule: "audit".into(),
+                grant: None,
+                message: why,
+            },
+        }
+    };
+    // Records the request; a record that cannot be taken refuses it.
+    let recorded = |id: u64, sql: &str, c: Option<&Classified>, via: &str, d: Decision| {
+        match records::request(rec, id, sql, c, via, &d) {
+            Ok(()) => d,
+            Err(why) if d.verdict != Verdict::Refuse => Decision {
+                verdict: Verdict::Refuse,
+                rule: "audit".into(),
+                grant: None,
+                message: why,
+            },
+            Err(_) => d,
+        }
+    };
     let decide = |c: &Classified| {
         let snapshot = gw.policy.get();
         let mut d = policy::decide(
@@ -1437,13 +1642,25 @@ async fn reader(
         }
         match msg {
             Frontend::Query(sql) => {
+                let id = rec.next_request();
+                let bytes_in = frame.body.len() + 5;
                 let classified = match classify(&sql) {
                     Ok(c) => c,
                     Err(e) => {
-                        let err = ErrorFields::error(
-                            sqlstate::SYNTAX_ERROR,
-                            format!("agentgate refuses what it cannot parse: {e}"),
+                        let message = format!("agentgate refuses what it cannot parse: {e}");
+                        recorded(
+                            id,
+                            &sql,
+                            None,
+                            "simple",
+                            Decision {
+                                verdict: Verdict::Refuse,
+                                rule: "unparsable".into(),
+                                grant: None,
+                                message: message.clone(),
+                            },
                         );
+                        let err = ErrorFields::error(sqlstate::SYNTAX_ERROR, message);
                         up.flush().await?;
                         tx.send(Event::Own(vec![err.to_error()])).await.ok();
                         tx.send(Event::OwnReady).await.ok();
@@ -1451,11 +1668,34 @@ async fn reader(
                     }
                 };
                 if let Some(err) = sql_prepare(&classified) {
+                    recorded(
+                        id,
+                        &sql,
+                        Some(&classified),
+                        "simple",
+                        Decision {
+                            verdict: Verdict::Refuse,
+                            rule: "prepare".into(),
+                            grant: None,
+                            message: err.message.clone(),
+                        },
+                    );
                     tx.send(Event::Own(vec![err.to_error()])).await.ok();
                     tx.send(Event::OwnReady).await.ok();
                     continue;
                 }
                 let mut d = decide(&classified);
+                if d.verdict == Verdict::Allow
+                    && let Some(why) = copy_out_refusal(&masks, &classified)
+                {
+                    d = Decision {
+                        verdict: Verdict::Refuse,
+                        rule: "mask".into(),
+                        grant: None,
+                        message: why,
+                    };
+                }
+                let mut d = recorded(id, &sql, Some(&classified), "simple", admitted(d));
                 tracing::info!(identity, target, class = %classified.class, verdict = ?d.verdict, rule = %d.rule, "query");
                 let mut held_as = None;
                 if d.verdict == Verdict::Hold {
@@ -1472,25 +1712,29 @@ async fn reader(
                         &cancel,
                     )
                     .await;
-                    d = after;
+                    d = admitted(after);
+                    if d.verdict == Verdict::Allow
+                        && let Some(why) = copy_out_refusal(&masks, &classified)
+                    {
+                        d = Decision {
+                            verdict: Verdict::Refuse,
+                            rule: "mask".into(),
+                            grant: d.grant,
+                            message: why,
+                        };
+                    }
+                    let grant = filed.as_ref().ok().map(|f| f.name.clone());
+                    let by = grant
+                        .as_deref()
+                        .and_then(|g| records::approver(gw.policy.get().as_deref(), g));
+                    records::approval(rec, id, &d, grant.as_deref(), by);
                     held_as = Some(filed);
-                }
-                if d.verdict == Verdict::Allow
-                    && let Some(why) = copy_out_refusal(&masks, &classified)
-                {
-                    up.flush().await?;
-                    tx.send(Event::Own(vec![
-                        ErrorFields::error(sqlstate::INSUFFICIENT_PRIVILEGE, why).to_error(),
-                    ]))
-                    .await
-                    .ok();
-                    tx.send(Event::OwnReady).await.ok();
-                    continue;
                 }
                 if d.verdict == Verdict::Allow {
                     copy_in = classified.statements.iter().any(|s| s.tag == "COPY FROM");
                     tx.send(Event::ExpectQuery(
                         masks.computed_rule(&classified.statements).cloned(),
+                        Box::new(Tally::new(id, bytes_in)),
                     ))
                     .await
                     .ok();
@@ -1507,27 +1751,63 @@ async fn reader(
                 sql,
                 param_types,
             } => {
-                let reused = !name.is_empty() && used_statements.contains(&name);
-                let refused = if reused {
-                    Some(ErrorFields::error(
-                        "42P05",
-                        format!(
-                            "agentgate: prepared statement \"{name}\" was already used in this session; prepare under a new name"
-                        ),
-                    ))
-                } else {
-                    None
+                let id = rec.next_request();
+                let refuse = |rule: &str, err: ErrorFields| {
+                    recorded(
+                        id,
+                        &sql,
+                        None,
+                        "parse",
+                        Decision {
+                            verdict: Verdict::Refuse,
+                            rule: rule.into(),
+                            grant: None,
+                            message: err.message.clone(),
+                        },
+                    );
+                    Some(err)
                 };
-                let refused = if refused.is_some() {
-                    refused
+                let refused = if !name.is_empty() && used_statements.contains(&name) {
+                    refuse(
+                        "protocol",
+                        ErrorFields::error(
+                            "42P05",
+                            format!(
+                                "agentgate: prepared statement \"{name}\" was already used in this session; prepare under a new name"
+                            ),
+                        ),
+                    )
                 } else {
                     match classify(&sql) {
-                        Err(e) => Some(ErrorFields::error(
-                            sqlstate::SYNTAX_ERROR,
-                            format!("agentgate refuses what it cannot parse: {e}"),
-                        )),
+                        Err(e) => refuse(
+                            "unparsable",
+                            ErrorFields::error(
+                                sqlstate::SYNTAX_ERROR,
+                                format!("agentgate refuses what it cannot parse: {e}"),
+                            ),
+                        ),
                         Ok(c) => {
                             let mut d = decide(&c);
+                            if let Some(err) = sql_prepare(&c) {
+                                d = Decision {
+                                    verdict: Verdict::Refuse,
+                                    rule: "prepare".into(),
+                                    grant: None,
+                                    message: err.message.clone(),
+                                };
+                            } else if d.verdict == Verdict::Allow
+                                && c.statements.iter().any(|s| s.tag.starts_with("COPY"))
+                            {
+                                // COPY's checks (masked columns, binary format) and its data
+                                // flow are handled for simple queries; fail closed here.
+                                d = Decision {
+                                    verdict: Verdict::Refuse,
+                                    rule: "copy".into(),
+                                    grant: None,
+                                    message: "agentgate runs COPY only as a simple query: send it without parameters (psql's \\copy and drivers' copy APIs do)".into(),
+                                };
+                            }
+                            let mut d = recorded(id, &sql, Some(&c), "parse", admitted(d));
                             tracing::info!(identity, target, class = %c.class, verdict = ?d.verdict, rule = %d.rule, "parse");
                             let mut held_as = None;
                             if d.verdict == Verdict::Hold {
@@ -1536,21 +1816,15 @@ async fn reader(
                                     gw, identity, target, &c, &sql, &masks, d, &decide, &cancel,
                                 )
                                 .await;
-                                d = after;
+                                d = admitted(after);
+                                let grant = filed.as_ref().ok().map(|f| f.name.clone());
+                                let by = grant
+                                    .as_deref()
+                                    .and_then(|g| records::approver(gw.policy.get().as_deref(), g));
+                                records::approval(rec, id, &d, grant.as_deref(), by);
                                 held_as = Some(filed);
                             }
-                            if let Some(err) = sql_prepare(&c) {
-                                Some(err)
-                            } else if d.verdict == Verdict::Allow
-                                && c.statements.iter().any(|s| s.tag.starts_with("COPY"))
-                            {
-                                // COPY's checks (masked columns, binary format) and its data
-                                // flow are handled for simple queries; fail closed here.
-                                Some(ErrorFields::error(
-                                    sqlstate::FEATURE_NOT_SUPPORTED,
-                                    "agentgate runs COPY only as a simple query: send it without parameters (psql's \\copy and drivers' copy APIs do)",
-                                ))
-                            } else if d.verdict == Verdict::Allow {
+                            if d.verdict == Verdict::Allow {
                                 if name.is_empty() {
                                     unnamed_uncertain = in_batch;
                                 } else {
@@ -1558,6 +1832,11 @@ async fn reader(
                                 }
                                 statements.insert(name.clone(), c);
                                 None
+                            } else if matches!(d.rule.as_str(), "prepare" | "copy") {
+                                Some(ErrorFields::error(
+                                    sqlstate::FEATURE_NOT_SUPPORTED,
+                                    d.message.clone(),
+                                ))
                             } else {
                                 Some(held_refusal(&d, &c, held_as.as_ref()))
                             }
@@ -1605,13 +1884,26 @@ async fn reader(
             Frontend::Execute { ref portal, .. } => {
                 // Re-check at execution: a grant may have expired since Parse.
                 let statement = portals.get(portal).cloned().unwrap_or_default();
-                let verdict = statements.get(&statement).map(|c| (decide(c), c.clone()));
+                let id = rec.next_request();
+                let verdict = statements.get(&statement).map(|c| {
+                    let d = recorded(
+                        id,
+                        c.fingerprint.text(),
+                        Some(c),
+                        "execute",
+                        admitted(decide(c)),
+                    );
+                    (d, c.clone())
+                });
                 match verdict {
                     Some((d, c)) if d.verdict == Verdict::Allow => {
                         in_batch = true;
-                        tx.send(Event::Execute(masks.computed_rule(&c.statements).cloned()))
-                            .await
-                            .ok();
+                        tx.send(Event::Execute(
+                            masks.computed_rule(&c.statements).cloned(),
+                            Box::new(Tally::new(id, frame.body.len() + 5)),
+                        ))
+                        .await
+                        .ok();
                         if !masks.is_empty() {
                             // The rows' columns, types and formats, from the server, right
                             // before them: whatever the agent described (or did not), the

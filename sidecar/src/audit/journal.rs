@@ -1,0 +1,267 @@
+//! The spill journal: every sealed record is appended here first, then each sink reads it at
+//! its own pace from its own cursor. A slow or failed sink only makes the journal grow; the
+//! journal is bounded, and when it is full the gateway refuses new commands. Segments survive
+//! a crash: after a restart each sink resumes from its cursor.
+//!
+//! Layout: `<dir>/segments/<id>.jsonl` (one record per line, ids increasing across restarts)
+//! and `<dir>/cursors/<sink>` (`<segment id> <byte offset>` of the first undelivered byte).
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+
+/// A position in the journal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct Position {
+    /// The segment.
+    pub segment: u64,
+    /// The byte offset in it.
+    pub offset: u64,
+}
+
+/// A segment larger than this is closed and a new one started.
+pub const SEGMENT_BYTES: u64 = 16 << 20;
+
+/// The journal, shared by its writer and its readers.
+#[derive(Debug)]
+pub struct Journal {
+    dir: PathBuf,
+    /// The segment being written.
+    active: AtomicU64,
+    /// Bytes in all segments on disk.
+    bytes: AtomicU64,
+    /// Each sink's acknowledged position, for deleting delivered segments.
+    acked: Mutex<BTreeMap<String, Position>>,
+    /// Tells readers that records were appended.
+    appended: tokio::sync::watch::Sender<u64>,
+}
+
+fn segment_name(id: u64) -> String {
+    format!("{id:020}.jsonl")
+}
+
+impl Journal {
+    /// Opens (creating) the journal in `dir`. Returns it and the writer of a new segment.
+    pub fn open(dir: &Path) -> io::Result<(Arc<Self>, Appender)> {
+        fs::create_dir_all(dir.join("segments"))?;
+        fs::create_dir_all(dir.join("cursors"))?;
+        let mut last = 0;
+        let mut bytes = 0;
+        for id in segments(dir)? {
+            last = last.max(id);
+            bytes += fs::metadata(dir.join("segments").join(segment_name(id)))?.len();
+        }
+        let active = last + 1;
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("segments").join(segment_name(active)))?;
+        let (appended, _) = tokio::sync::watch::channel(0);
+        let journal = Arc::new(Self {
+            dir: dir.to_owned(),
+            active: AtomicU64::new(active),
+            bytes: AtomicU64::new(bytes),
+            acked: Mutex::new(BTreeMap::new()),
+            appended,
+        });
+        let appender = Appender {
+            journal: journal.clone(),
+            file: io::BufWriter::with_capacity(256 << 10, file),
+            segment: active,
+            size: 0,
+        };
+        Ok((journal, appender))
+    }
+
+    /// Bytes in the journal (delivered segments are deleted).
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Where sink `name` resumes: its saved cursor, or the oldest segment.
+    pub fn cursor(&self, name: &str) -> io::Result<Position> {
+        let pos = match fs::read_to_string(self.dir.join("cursors").join(name)) {
+            Ok(s) => {
+                let mut it = s.split_whitespace().map(str::parse::<u64>);
+                match (it.next(), it.next()) {
+                    (Some(Ok(segment)), Some(Ok(offset))) => Position { segment, offset },
+                    _ => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            format!("the cursor of audit sink {name} is damaged"),
+                        ));
+                    }
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Position {
+                segment: segments(&self.dir)?.first().copied().unwrap_or(0),
+                offset: 0,
+            },
+            Err(e) => return Err(e),
+        };
+        self.ack_in_memory(name, pos);
+        Ok(pos)
+    }
+
+    fn ack_in_memory(&self, name: &str, pos: Position) {
+        if let Ok(mut acked) = self.acked.lock() {
+            acked.insert(name.to_owned(), pos);
+        }
+    }
+
+    /// Records that sink `name` has delivered everything before `pos`, and deletes segments
+    /// every sink is done with.
+    pub fn ack(&self, name: &str, pos: Position) -> io::Result<()> {
+        let cursors = self.dir.join("cursors");
+        let tmp = cursors.join(format!(".{name}.tmp"));
+        fs::write(&tmp, format!("{} {}\n", pos.segment, pos.offset))?;
+        fs::rename(&tmp, cursors.join(name))?;
+        self.ack_in_memory(name, pos);
+        let oldest = self
+            .acked
+            .lock()
+            .ok()
+            .and_then(|a| a.values().map(|p| p.segment).min())
+            .unwrap_or(0);
+        let active = self.active.load(Ordering::Acquire);
+        for id in segments(&self.dir)? {
+            if id < oldest && id < active {
+                let path = self.dir.join("segments").join(segment_name(id));
+                if let Ok(meta) = fs::metadata(&path) {
+                    fs::remove_file(&path)?;
+                    self.bytes.fetch_sub(meta.len(), Ordering::Relaxed);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A receiver told of every append.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.appended.subscribe()
+    }
+
+    /// Reads up to `max` bytes of whole lines from `pos`. Returns the lines and the position
+    /// after them; an empty batch means nothing new yet. A closed segment's torn last line (a
+    /// crash mid-write) is skipped.
+    pub fn read(&self, pos: Position, max: usize) -> io::Result<(Vec<Bytes>, Position)> {
+        let mut pos = pos;
+        loop {
+            let path = self.dir.join("segments").join(segment_name(pos.segment));
+            let active = self.active.load(Ordering::Acquire);
+            let mut file = match File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    // Deleted (all delivered) or never written: the next one that exists.
+                    match segments(&self.dir)?
+                        .into_iter()
+                        .find(|id| *id > pos.segment)
+                    {
+                        Some(next) if next <= active => {
+                            pos = Position {
+                                segment: next,
+                                offset: 0,
+                            };
+                            continue;
+                        }
+                        _ => return Ok((Vec::new(), pos)),
+                    }
+                }
+                Err(e) => return Err(e),
+            };
+            file.seek(SeekFrom::Start(pos.offset))?;
+            let mut buf = Vec::with_capacity(max.min(1 << 20));
+            Read::by_ref(&mut file)
+                .take(max as u64)
+                .read_to_end(&mut buf)?;
+            let whole = buf.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+            if whole == 0 {
+                // Nothing whole here. A closed segment is finished: move on.
+                if pos.segment < active {
+                    if !buf.is_empty() && buf.len() < max {
+                        tracing::warn!(
+                            segment = pos.segment,
+                            bytes = buf.len(),
+                            "skipping a torn record at the end of an audit journal segment (written when the sidecar was killed)"
+                        );
+                    }
+                    if buf.len() < max {
+                        pos = Position {
+                            segment: pos.segment + 1,
+                            offset: 0,
+                        };
+                        continue;
+                    }
+                }
+                return Ok((Vec::new(), pos));
+            }
+            let buf = Bytes::from(buf).slice(..whole);
+            let lines = buf
+                .split(|b| *b == b'\n')
+                .filter(|l| !l.is_empty())
+                .map(|l| buf.slice_ref(l))
+                .collect();
+            pos.offset += whole as u64;
+            return Ok((lines, pos));
+        }
+    }
+}
+
+fn segments(dir: &Path) -> io::Result<Vec<u64>> {
+    let mut ids: Vec<u64> = fs::read_dir(dir.join("segments"))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str()?.strip_suffix(".jsonl")?.parse().ok())
+        .collect();
+    ids.sort_unstable();
+    Ok(ids)
+}
+
+/// Appends records to the active segment (one writer).
+#[derive(Debug)]
+pub struct Appender {
+    journal: Arc<Journal>,
+    file: io::BufWriter<File>,
+    segment: u64,
+    size: u64,
+}
+
+impl Appender {
+    /// Appends one line (a newline is added). Not visible to readers until [`Self::flush`].
+    pub fn append(&mut self, line: &[u8]) -> io::Result<()> {
+        if self.size >= SEGMENT_BYTES {
+            self.roll()?;
+        }
+        self.file.write_all(line)?;
+        self.file.write_all(b"\n")?;
+        let n = line.len() as u64 + 1;
+        self.size += n;
+        self.journal.bytes.fetch_add(n, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Writes buffered lines to the file and wakes the readers.
+    pub fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()?;
+        self.journal.appended.send_modify(|n| *n += 1);
+        Ok(())
+    }
+
+    fn roll(&mut self) -> io::Result<()> {
+        self.file.flush()?;
+        let next = self.segment + 1;
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.journal.dir.join("segments").join(segment_name(next)))?;
+        self.file = io::BufWriter::with_capacity(256 << 10, file);
+        self.segment = next;
+        self.size = 0;
+        self.journal.active.store(next, Ordering::Release);
+        Ok(())
+    }
+}

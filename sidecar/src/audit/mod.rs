@@ -1,0 +1,571 @@
+//! The audit pipeline: gateways hand records to an [`Auditor`]; one writer seals them into
+//! the sidecar's hash chain (signing checkpoints with a key only the sidecar reads) and
+//! appends them to the spill [`journal`]; each sink reads the journal from its own cursor and
+//! delivers with retries and backoff.
+//!
+//! Fail closed: a command is forwarded only after its record was accepted. When the queue is
+//! full, the writer cannot write, or the journal holds more undelivered records than its bound
+//! (a sink is down), [`Auditor::admit`] refuses and says why; gateways refuse new commands
+//! until the sinks catch up.
+
+pub mod journal;
+pub mod sinks;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use agentgate_crds::audit::{Chain, Record, RecordKind, Signer};
+use agentgate_crds::target::Protocol;
+use jiff::Timestamp;
+
+use journal::{Appender, Journal};
+use sinks::Sink;
+
+/// Errors starting the audit pipeline.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    /// The spill directory or the key could not be used.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+    /// The signing key is unusable.
+    #[error(transparent)]
+    Key(#[from] agentgate_crds::audit::ChainError),
+}
+
+/// How the pipeline is set up.
+#[derive(Debug)]
+pub struct Config {
+    /// The spill journal's directory (sidecar-only volume).
+    pub spill_dir: PathBuf,
+    /// The Ed25519 signing key (PKCS#8 DER); created (mode 0600) when missing, with its
+    /// public key beside it as `<file>.pub` (base64).
+    pub key_file: PathBuf,
+    /// The most undelivered bytes the journal may hold before commands are refused.
+    pub max_spill_bytes: u64,
+    /// The most records waiting for the writer.
+    pub queue: usize,
+    /// Sign a checkpoint after this many unsigned records…
+    pub checkpoint_records: u64,
+    /// …or when a record has been unsigned this long.
+    pub checkpoint_every: Duration,
+    /// The name of this sidecar's stream prefix (pod name or host name).
+    pub stream_prefix: String,
+    /// The pod, `namespace/name`, when in one.
+    pub pod: Option<String>,
+}
+
+impl Config {
+    /// Defaults for `spill_dir` and `key_file`.
+    pub fn new(spill_dir: PathBuf, key_file: PathBuf) -> Self {
+        Self {
+            spill_dir,
+            key_file,
+            max_spill_bytes: 256 << 20,
+            queue: 65_536,
+            checkpoint_records: 1000,
+            checkpoint_every: Duration::from_secs(1),
+            stream_prefix: hostname(),
+            pod: None,
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|s| s.trim().to_owned())
+        })
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "agentgate".to_owned())
+}
+
+/// Why the pipeline refuses, if it does.
+#[derive(Debug, Default)]
+struct Health {
+    /// The writer failed (disk full, I/O error) or stopped.
+    broken: Mutex<Option<String>>,
+    /// Each sink's last failure, for the refusal message.
+    failing: Mutex<std::collections::BTreeMap<String, (Timestamp, String)>>,
+    stopped: AtomicBool,
+    accepted: AtomicU64,
+}
+
+enum Msg {
+    Record(Box<Record>),
+    /// A record whose `request.text` is raw SQL: the writer replaces it with its normalized
+    /// form (every constant a `$n` placeholder) before it is sealed, off the request path.
+    Statement(Box<Record>),
+    Stop(std::sync::mpsc::Sender<()>),
+}
+
+/// The most of a request's text a record keeps.
+pub const MAX_TEXT: usize = 16 << 10;
+
+/// `text` cut to at most [`MAX_TEXT`] bytes (at a character boundary), saying so.
+pub fn truncated(mut text: String) -> String {
+    if text.len() > MAX_TEXT {
+        let total = text.len();
+        let mut cut = MAX_TEXT;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push_str(&format!("… ({total} bytes in all)"));
+    }
+    text
+}
+
+/// A statement as records keep it: PostgreSQL's normalized form, every constant replaced by a
+/// `$n` placeholder, so no value (a password, a card number) reaches a record.
+pub fn normalized_sql(sql: &str) -> String {
+    match pg_query::normalize(sql) {
+        Ok(n) => truncated(n),
+        Err(_) => format!(
+            "(a statement that does not parse, {} bytes: not recorded)",
+            sql.len()
+        ),
+    }
+}
+
+/// The gateways' handle on the pipeline. Cheap to clone.
+#[derive(Clone)]
+pub struct Auditor {
+    tx: SyncSender<Msg>,
+    journal: Arc<Journal>,
+    health: Arc<Health>,
+    max_spill_bytes: u64,
+    pod: Option<String>,
+    next_session: Arc<AtomicU64>,
+    stream: Arc<str>,
+    public_key: Arc<agentgate_crds::audit::SigningKey>,
+}
+
+impl std::fmt::Debug for Auditor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Auditor")
+            .field("stream", &self.stream)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Loads the signing key, creating it when missing.
+pub fn load_or_create_key(path: &Path) -> Result<Signer, AuditError> {
+    let io = |what: String| move |source| AuditError::Io { what, source };
+    match std::fs::read(path) {
+        Ok(der) => Ok(Signer::from_pkcs8(&der)?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let (signer, der) = Signer::generate()?;
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
+            }
+            let tmp = path.with_extension("tmp");
+            {
+                use std::io::Write;
+                #[cfg(unix)]
+                use std::os::unix::fs::OpenOptionsExt;
+                let mut opts = std::fs::OpenOptions::new();
+                opts.write(true).create(true).truncate(true);
+                #[cfg(unix)]
+                opts.mode(0o600);
+                let mut f = opts
+                    .open(&tmp)
+                    .map_err(io(format!("write {}", tmp.display())))?;
+                f.write_all(&der)
+                    .map_err(io(format!("write {}", tmp.display())))?;
+            }
+            std::fs::rename(&tmp, path).map_err(io(format!("write {}", path.display())))?;
+            let mut public = path.as_os_str().to_owned();
+            public.push(".pub");
+            std::fs::write(&public, format!("{}\n", signer.public().public_key))
+                .map_err(io(format!("write {}", PathBuf::from(&public).display())))?;
+            tracing::info!(key_id = %signer.public().key_id, path = %path.display(), "created the audit signing key");
+            Ok(signer)
+        }
+        Err(e) => Err(io(format!("read the audit signing key {}", path.display()))(e)),
+    }
+}
+
+impl Auditor {
+    /// Starts the pipeline: the writer thread and one delivery task per sink. Records spilled
+    /// by an earlier run are delivered too.
+    pub fn start(config: Config, sinks: Vec<Sink>) -> Result<Self, AuditError> {
+        let signer = load_or_create_key(&config.key_file)?;
+        let (journal, appender) =
+            Journal::open(&config.spill_dir).map_err(|source| AuditError::Io {
+                what: format!(
+                    "open the audit spill directory {}",
+                    config.spill_dir.display()
+                ),
+                source,
+            })?;
+        let (tx, rx) = std::sync::mpsc::sync_channel(config.queue);
+        let health = Arc::new(Health::default());
+        let stream: Arc<str> = format!(
+            "{}-{}",
+            config.stream_prefix,
+            Timestamp::now().strftime("%Y%m%dT%H%M%S%.6fZ")
+        )
+        .into();
+        let public_key = Arc::new(signer.public().clone());
+        let mut start = Record::new(RecordKind::StreamStart, Timestamp::now());
+        start.key = Some(signer.public().clone());
+        start.pod.clone_from(&config.pod);
+        start.note = Some(format!("agentgate-sidecar {}", env!("CARGO_PKG_VERSION")));
+        let writer = Writer {
+            chain: Chain::new(stream.to_string()),
+            signer,
+            appender,
+            health: health.clone(),
+            checkpoint_records: config.checkpoint_records,
+            checkpoint_every: config.checkpoint_every,
+        };
+        std::thread::Builder::new()
+            .name("agentgate-audit".into())
+            .spawn(move || writer.run(rx, start))
+            .map_err(|source| AuditError::Io {
+                what: "start the audit writer".into(),
+                source,
+            })?;
+        for sink in sinks {
+            tokio::spawn(sinks::deliver(sink, journal.clone(), health.clone()));
+        }
+        Ok(Self {
+            tx,
+            journal,
+            health,
+            max_spill_bytes: config.max_spill_bytes,
+            pod: config.pod,
+            next_session: Arc::new(AtomicU64::new(0)),
+            stream,
+            public_key,
+        })
+    }
+
+    /// This sidecar's stream.
+    pub fn stream(&self) -> &str {
+        &self.stream
+    }
+
+    /// The public half of the signing key.
+    pub fn public_key(&self) -> &agentgate_crds::audit::SigningKey {
+        &self.public_key
+    }
+
+    /// `Ok` when new commands may run: their records can be taken. Otherwise why not, in a
+    /// sentence for the agent.
+    pub fn admit(&self) -> Result<(), String> {
+        if let Ok(b) = self.health.broken.lock()
+            && let Some(why) = b.as_ref()
+        {
+            return Err(format!(
+                "agentgate refuses new commands: its audit trail cannot be written ({why})"
+            ));
+        }
+        let spilled = self.journal.bytes();
+        if spilled > self.max_spill_bytes {
+            return Err(format!(
+                "agentgate refuses new commands: its audit buffer is full ({} MiB undelivered{}); commands resume when the sinks catch up",
+                spilled >> 20,
+                self.failing()
+            ));
+        }
+        Ok(())
+    }
+
+    fn failing(&self) -> String {
+        let Ok(f) = self.health.failing.lock() else {
+            return String::new();
+        };
+        f.iter()
+            .map(|(sink, (since, why))| format!("; sink {sink} failing since {since}: {why}"))
+            .collect()
+    }
+
+    /// Hands `record` to the writer. `Err` (with why) when it cannot be taken: the caller
+    /// refuses the command it is about.
+    pub fn record(&self, record: Record) -> Result<(), String> {
+        self.send(Msg::Record(Box::new(record)))
+    }
+
+    /// Like [`Self::record`] for a record whose `request.text` is raw SQL: it is normalized
+    /// (constants replaced) before it is sealed.
+    pub fn record_statement(&self, record: Record) -> Result<(), String> {
+        self.send(Msg::Statement(Box::new(record)))
+    }
+
+    fn send(&self, msg: Msg) -> Result<(), String> {
+        if self.health.stopped.load(Ordering::Relaxed) {
+            return Err("agentgate refuses new commands: it is shutting down".into());
+        }
+        match self.tx.try_send(msg) {
+            Ok(()) => {
+                self.health.accepted.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(TrySendError::Full(_)) => Err(
+                "agentgate refuses new commands: its audit queue is full (records arrive faster than they can be written)".into(),
+            ),
+            Err(TrySendError::Disconnected(_)) => Err(
+                "agentgate refuses new commands: its audit writer has stopped".into(),
+            ),
+        }
+    }
+
+    /// A new session's recorder; records its `SessionStart`.
+    pub fn session(
+        &self,
+        identity: &str,
+        target: &str,
+        protocol: Protocol,
+        client: Option<String>,
+    ) -> Result<SessionRecorder, String> {
+        let n = self.next_session.fetch_add(1, Ordering::Relaxed);
+        let id = session_id(identity, &self.stream, n);
+        let rec = SessionRecorder {
+            auditor: self.clone(),
+            id,
+            identity: identity.to_owned(),
+            target: target.to_owned(),
+            protocol,
+            next_request: AtomicU64::new(1),
+            ended: AtomicBool::new(false),
+        };
+        let mut start = rec.base(RecordKind::SessionStart);
+        start.client = client;
+        self.record(start)?;
+        Ok(rec)
+    }
+
+    /// Ends the stream cleanly (a signed `StreamEnd`) and waits up to `wait` for the writer.
+    pub fn shutdown(&self, wait: Duration) {
+        let mut end = Record::new(RecordKind::StreamEnd, Timestamp::now());
+        end.note = Some("the sidecar stopped".into());
+        let _ = self.tx.try_send(Msg::Record(Box::new(end)));
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        self.health.stopped.store(true, Ordering::Relaxed);
+        if self.tx.send(Msg::Stop(done_tx)).is_ok() {
+            let _ = done_rx.recv_timeout(wait);
+        }
+    }
+
+    /// Bytes spilled and not yet delivered to every sink.
+    pub fn spilled_bytes(&self) -> u64 {
+        self.journal.bytes()
+    }
+}
+
+/// A session id: the identity, then a hash of the stream and the session's number (a valid
+/// Kubernetes object name, unique across sidecars).
+fn session_id(identity: &str, stream: &str, n: u64) -> String {
+    let digest = aws_lc_rs::digest::digest(
+        &aws_lc_rs::digest::SHA256,
+        format!("{stream}/{n}").as_bytes(),
+    );
+    let mut id: String = identity
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .take(40)
+        .collect();
+    id = id.trim_matches('-').to_owned();
+    if id.is_empty() {
+        id.push_str("agent");
+    }
+    id.push('-');
+    id.push_str(&agentgate_crds::audit::chain::hex(&digest.as_ref()[..6]));
+    id
+}
+
+/// Records one session's events.
+#[derive(Debug)]
+pub struct SessionRecorder {
+    auditor: Auditor,
+    id: String,
+    identity: String,
+    target: String,
+    protocol: Protocol,
+    next_request: AtomicU64,
+    ended: AtomicBool,
+}
+
+impl SessionRecorder {
+    /// The session id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The pipeline.
+    pub fn auditor(&self) -> &Auditor {
+        &self.auditor
+    }
+
+    /// A record of this session, to fill and [`Self::emit`].
+    pub fn base(&self, kind: RecordKind) -> Record {
+        let mut r = Record::new(kind, Timestamp::now());
+        r.session = Some(self.id.clone());
+        r.identity = Some(self.identity.clone());
+        r.target = Some(self.target.clone());
+        r.protocol = Some(self.protocol);
+        r.pod.clone_from(&self.auditor.pod);
+        r
+    }
+
+    /// The next request number.
+    pub fn next_request(&self) -> u64 {
+        self.next_request.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Records `record`; `Err` (why) when it cannot be taken.
+    pub fn emit(&self, record: Record) -> Result<(), String> {
+        self.auditor.record(record)
+    }
+
+    /// Records a request whose text is raw SQL (normalized before it is sealed).
+    pub fn emit_statement(&self, record: Record) -> Result<(), String> {
+        self.auditor.record_statement(record)
+    }
+
+    /// Records the session's end (once).
+    pub fn end(&self, reason: &str) {
+        if self.ended.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let mut end = self.base(RecordKind::SessionEnd);
+        end.note = Some(reason.to_owned());
+        if let Err(e) = self.auditor.record(end) {
+            tracing::error!(session = %self.id, error = %e, "the session's end could not be recorded");
+        }
+    }
+}
+
+impl Drop for SessionRecorder {
+    fn drop(&mut self) {
+        self.end("the connection closed");
+    }
+}
+
+/// Seals and appends records, signing checkpoints.
+struct Writer {
+    chain: Chain,
+    signer: Signer,
+    appender: Appender,
+    health: Arc<Health>,
+    checkpoint_records: u64,
+    checkpoint_every: Duration,
+}
+
+impl Writer {
+    fn run(mut self, rx: Receiver<Msg>, start: Record) {
+        let mut unsigned_since: Option<Instant> = None;
+        let mut pending = vec![Msg::Record(Box::new(start))];
+        loop {
+            let mut stop = None;
+            for msg in pending.drain(..) {
+                match msg {
+                    Msg::Record(mut r) => {
+                        if let Err(e) = self.write(&mut r, &mut unsigned_since) {
+                            self.fail(e);
+                        }
+                    }
+                    Msg::Statement(mut r) => {
+                        if let Some(req) = r.request.as_mut() {
+                            req.text = normalized_sql(&req.text);
+                        }
+                        if let Err(e) = self.write(&mut r, &mut unsigned_since) {
+                            self.fail(e);
+                        }
+                    }
+                    Msg::Stop(done) => stop = Some(done),
+                }
+            }
+            // Drain what is queued before flushing: one write for a burst.
+            while pending.len() < 4096
+                && stop.is_none()
+                && let Ok(msg) = rx.try_recv()
+            {
+                pending.push(msg);
+            }
+            if !pending.is_empty() {
+                continue;
+            }
+            if let Some(since) = unsigned_since
+                && (since.elapsed() >= self.checkpoint_every
+                    || self.chain.unsigned() >= self.checkpoint_records)
+            {
+                let mut cp = Record::new(RecordKind::Checkpoint, Timestamp::now());
+                cp.note = Some(format!(
+                    "signs the stream through n={}",
+                    self.chain.head().0
+                ));
+                if let Err(e) = self.write(&mut cp, &mut unsigned_since) {
+                    self.fail(e);
+                }
+            }
+            if let Err(e) = self.appender.flush() {
+                self.fail(format!("write the spill journal: {e}"));
+            }
+            if let Some(done) = stop {
+                let _ = done.send(());
+                return;
+            }
+            let wait = unsigned_since.map_or(Duration::from_secs(3600), |s| {
+                self.checkpoint_every.saturating_sub(s.elapsed())
+            });
+            match rx.recv_timeout(wait) {
+                Ok(msg) => pending.push(msg),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+        }
+    }
+
+    fn write(
+        &mut self,
+        r: &mut Record,
+        unsigned_since: &mut Option<Instant>,
+    ) -> Result<(), String> {
+        let sign = matches!(
+            r.kind,
+            RecordKind::StreamStart
+                | RecordKind::StreamEnd
+                | RecordKind::SessionEnd
+                | RecordKind::Checkpoint
+        ) || self.chain.unsigned() + 1 >= self.checkpoint_records;
+        let line = self
+            .chain
+            .seal(r, sign.then_some(&self.signer))
+            .map_err(|e| e.to_string())?;
+        self.appender
+            .append(&line)
+            .map_err(|e| format!("write the spill journal: {e}"))?;
+        if sign {
+            *unsigned_since = None;
+        } else if unsigned_since.is_none() {
+            *unsigned_since = Some(Instant::now());
+        }
+        Ok(())
+    }
+
+    fn fail(&self, why: String) {
+        tracing::error!(error = %why, "audit records cannot be written: refusing new commands");
+        if let Ok(mut b) = self.health.broken.lock() {
+            *b = Some(why);
+        }
+    }
+}

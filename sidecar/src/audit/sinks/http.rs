@@ -1,0 +1,203 @@
+//! HTTP sinks: OTLP/HTTP logs to an OpenTelemetry collector, and a webhook.
+//!
+//! OTLP: each record is a log record (JSON encoding of `ExportLogsServiceRequest`, POST
+//! `…/v1/logs`) whose body is the record's exact line and whose attributes are the fields to
+//! search by (`agentgate.kind`, `agentgate.identity`, `agentgate.session`, …).
+//!
+//! Webhook: a POST of `{"records":[<line>,…]}` (the lines verbatim, so the receiver can verify
+//! the chain) with an optional bearer token. Any 2xx accepts the batch.
+
+use std::path::Path;
+use std::time::Duration;
+
+use agentgate_crds::audit::Record;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+
+/// Which protocol an HTTP sink speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// OTLP/HTTP logs (JSON).
+    Otlp,
+    /// A webhook receiving record batches.
+    Webhook,
+}
+
+/// An HTTP sink.
+pub struct HttpSink {
+    kind: Kind,
+    url: hyper::Uri,
+    headers: Vec<(String, String)>,
+    client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
+}
+
+impl std::fmt::Debug for HttpSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Headers may carry tokens.
+        f.debug_struct("HttpSink")
+            .field("kind", &self.kind)
+            .field("url", &self.url)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HttpSink {
+    /// A sink posting to `url` with `headers`, trusting the system roots plus `ca_file`.
+    pub fn new(
+        kind: Kind,
+        url: &str,
+        headers: Vec<(String, String)>,
+        ca_file: Option<&Path>,
+    ) -> Result<Self, String> {
+        let url: hyper::Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls_native_certs::load_native_certs().certs {
+            let _ = roots.add(c);
+        }
+        if let Some(p) = ca_file {
+            let pem = std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?;
+            for c in CertificateDer::pem_slice_iter(&pem) {
+                roots
+                    .add(c.map_err(|e| format!("{}: {e}", p.display()))?)
+                    .map_err(|e| format!("{}: {e}", p.display()))?;
+            }
+        }
+        let tls = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .build();
+        Ok(Self {
+            kind,
+            url,
+            headers,
+            client: Client::builder(TokioExecutor::new()).build(https),
+        })
+    }
+
+    /// The sink's name.
+    pub fn name(&self) -> &'static str {
+        match self.kind {
+            Kind::Otlp => "otlp",
+            Kind::Webhook => "webhook",
+        }
+    }
+
+    /// Posts `lines`.
+    pub async fn deliver(&mut self, lines: &[Bytes]) -> Result<(), String> {
+        let body = match self.kind {
+            Kind::Otlp => otlp_body(lines)?,
+            Kind::Webhook => webhook_body(lines),
+        };
+        let mut req = hyper::Request::post(self.url.clone())
+            .header(hyper::header::CONTENT_TYPE, "application/json");
+        for (k, v) in &self.headers {
+            req = req.header(k.as_str(), v.as_str());
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| e.to_string())?;
+        let resp = tokio::time::timeout(Duration::from_secs(30), self.client.request(req))
+            .await
+            .map_err(|_| format!("{}: no answer in 30 s", self.url))?
+            .map_err(|e| format!("{}: {e}", self.url))?;
+        let status = resp.status();
+        if status.is_success() {
+            // Read the answer so the connection is reused.
+            let _ = resp.into_body().collect().await;
+            return Ok(());
+        }
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        Err(format!(
+            "{} answered {status}: {}",
+            self.url,
+            String::from_utf8_lossy(&body[..body.len().min(300)])
+        ))
+    }
+}
+
+fn webhook_body(lines: &[Bytes]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(lines.iter().map(|l| l.len() + 1).sum::<usize>() + 16);
+    out.extend_from_slice(b"{\"records\":[");
+    for (i, l) in lines.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(l);
+    }
+    out.extend_from_slice(b"]}");
+    out
+}
+
+fn attr(key: &str, value: &str) -> serde_json::Value {
+    serde_json::json!({"key": key, "value": {"stringValue": value}})
+}
+
+fn otlp_body(lines: &[Bytes]) -> Result<Vec<u8>, String> {
+    let mut records = Vec::with_capacity(lines.len());
+    let mut stream = String::new();
+    for line in lines {
+        let r: Record = serde_json::from_slice(line)
+            .map_err(|e| format!("a spilled record does not parse: {e}"))?;
+        let nanos = r.time.as_nanosecond().to_string();
+        let refused = matches!(
+            r.decision.as_ref().map(|d| d.verdict),
+            Some(agentgate_crds::audit::Verdict::Refused | agentgate_crds::audit::Verdict::Denied)
+        ) || r.kind == agentgate_crds::audit::RecordKind::Refusal;
+        let mut attributes = vec![
+            attr("agentgate.kind", r.kind.as_str()),
+            attr("agentgate.stream", &r.stream),
+            attr("agentgate.n", &r.n.to_string()),
+            attr("agentgate.hash", &r.hash),
+        ];
+        for (k, v) in [
+            ("agentgate.session", &r.session),
+            ("agentgate.identity", &r.identity),
+            ("agentgate.target", &r.target),
+            ("agentgate.pod", &r.pod),
+        ] {
+            if let Some(v) = v {
+                attributes.push(attr(k, v));
+            }
+        }
+        if let Some(d) = &r.decision {
+            attributes.push(attr("agentgate.verdict", d.verdict.as_str()));
+        }
+        stream.clone_from(&r.stream);
+        records.push(serde_json::json!({
+            "timeUnixNano": nanos,
+            "observedTimeUnixNano": nanos,
+            "severityNumber": if refused { 13 } else { 9 },
+            "severityText": if refused { "WARN" } else { "INFO" },
+            "body": {"stringValue": String::from_utf8_lossy(line)},
+            "attributes": attributes,
+        }));
+    }
+    let body = serde_json::json!({
+        "resourceLogs": [{
+            "resource": {"attributes": [
+                attr("service.name", "agentgate-sidecar"),
+                attr("service.version", env!("CARGO_PKG_VERSION")),
+                attr("agentgate.stream", &stream),
+            ]},
+            "scopeLogs": [{
+                "scope": {"name": "agentgate.audit", "version": "1"},
+                "logRecords": records,
+            }]
+        }]
+    });
+    serde_json::to_vec(&body).map_err(|e| e.to_string())
+}

@@ -1,0 +1,126 @@
+//! Where records go: each sink reads the spill journal from its own cursor and delivers in
+//! batches; a failed delivery is retried with exponential backoff (100 ms to 30 s) and the
+//! cursor moves only after the sink accepted the batch. Delivery is at least once: after a
+//! crash a sink may see the last batch again (the verifier skips exact duplicates; the
+//! PostgreSQL sink ignores rows it already has).
+
+pub mod file;
+pub mod http;
+pub mod postgres;
+pub mod sessions;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use jiff::Timestamp;
+
+use super::Health;
+use super::journal::Journal;
+
+/// The largest batch read from the journal for one delivery.
+const BATCH_BYTES: usize = 4 << 20;
+
+/// A configured sink.
+pub enum Sink {
+    /// A JSON-lines file with rotation.
+    File(file::FileSink),
+    /// An append-only PostgreSQL table.
+    Postgres(Box<postgres::PostgresSink>),
+    /// OTLP/HTTP logs, or an HTTPS webhook.
+    Http(Box<http::HttpSink>),
+    /// AgentSession objects' status (a summary per session).
+    Sessions(Box<sessions::SessionSink>),
+}
+
+impl Sink {
+    /// The sink's name (its cursor's file name).
+    pub fn name(&self) -> String {
+        match self {
+            Sink::File(_) => "file".into(),
+            Sink::Postgres(_) => "postgres".into(),
+            Sink::Http(h) => h.name().into(),
+            Sink::Sessions(_) => "agentsessions".into(),
+        }
+    }
+
+    async fn deliver(&mut self, lines: &[Bytes]) -> Result<(), String> {
+        match self {
+            Sink::File(s) => s.deliver(lines),
+            Sink::Postgres(s) => s.deliver(lines).await,
+            Sink::Http(s) => s.deliver(lines).await,
+            Sink::Sessions(s) => s.deliver(lines).await,
+        }
+    }
+
+    async fn idle(&mut self) -> Result<(), String> {
+        match self {
+            Sink::Sessions(s) => s.flush(false).await,
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Delivers the journal to `sink` forever.
+pub(super) async fn deliver(mut sink: Sink, journal: Arc<Journal>, health: Arc<Health>) {
+    let name = sink.name();
+    let mut appended = journal.subscribe();
+    let mut pos = loop {
+        match journal.cursor(&name) {
+            Ok(p) => break p,
+            Err(e) => {
+                fail(&health, &name, &e.to_string());
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        }
+    };
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        appended.borrow_and_update();
+        let (lines, next) = match journal.read(pos, BATCH_BYTES) {
+            Ok(r) => r,
+            Err(e) => {
+                fail(&health, &name, &format!("read the spill journal: {e}"));
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+                continue;
+            }
+        };
+        if lines.is_empty() {
+            pos = next;
+            if let Err(e) = sink.idle().await {
+                fail(&health, &name, &e);
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(1), appended.changed()).await;
+            continue;
+        }
+        match sink.deliver(&lines).await {
+            Ok(()) => {
+                backoff = Duration::from_millis(100);
+                if let Ok(mut f) = health.failing.lock()
+                    && f.remove(&name).is_some()
+                {
+                    tracing::info!(sink = %name, "audit sink recovered");
+                }
+                pos = next;
+                if let Err(e) = journal.ack(&name, pos) {
+                    fail(&health, &name, &format!("save its cursor: {e}"));
+                }
+            }
+            Err(e) => {
+                fail(&health, &name, &e);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+fn fail(health: &Health, sink: &str, why: &str) {
+    tracing::warn!(sink, error = %why, "audit sink failed: records stay spilled and are retried");
+    if let Ok(mut f) = health.failing.lock() {
+        f.entry(sink.to_owned())
+            .and_modify(|e| e.1 = why.to_owned())
+            .or_insert_with(|| (Timestamp::now(), why.to_owned()));
+    }
+}
