@@ -6,6 +6,9 @@
 //! is faked. Dropping the environment stops every process and removes the directory; processes
 //! also die with the test process (see [`process`]).
 //!
+//! For the audit tests, [`OtelCollector`] runs a real OpenTelemetry Collector that receives
+//! OTLP/HTTP logs, and [`oscal_validate`] checks a document against NIST's OSCAL JSON schema.
+//!
 //! The binaries come from `tests/env/install.sh`, which builds them into a cache keyed by
 //! version. A missing binary is an error that says how to get it: tests never skip.
 
@@ -13,6 +16,8 @@ pub mod certs;
 pub mod http;
 pub mod keycloak_env;
 pub mod kube_env;
+pub mod oscal;
+pub mod otel_env;
 pub mod postgres_env;
 pub mod process;
 pub mod ssh_env;
@@ -25,6 +30,8 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{Api, Patch, PatchParams};
 
 pub use kube_env::KubeEnv;
+pub use oscal::oscal_validate;
+pub use otel_env::OtelCollector;
 pub use postgres_env::PostgresEnv;
 pub use ssh_env::SshEnv;
 

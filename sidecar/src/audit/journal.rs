@@ -25,7 +25,7 @@ pub struct Position {
 }
 
 /// A segment larger than this is closed and a new one started.
-pub const SEGMENT_BYTES: u64 = 16 << 20;
+pub const SEGMENT_BYTES: u64 = 1 << 20;
 
 /// The journal, shared by its writer and its readers.
 #[derive(Debug)]
@@ -81,6 +81,19 @@ impl Journal {
     /// Bytes in the journal (delivered segments are deleted).
     pub fn bytes(&self) -> u64 {
         self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Bytes not yet delivered to every sink (what the bound on the journal counts): the
+    /// journal's bytes less what the slowest sink has read of its oldest segment (older ones
+    /// are deleted as soon as every sink is past them).
+    pub fn undelivered(&self) -> u64 {
+        let behind = self
+            .acked
+            .lock()
+            .ok()
+            .and_then(|a| a.values().min().copied())
+            .map_or(0, |p| p.offset);
+        self.bytes().saturating_sub(behind)
     }
 
     /// Where sink `name` resumes: its saved cursor, or the oldest segment.

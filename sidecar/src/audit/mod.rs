@@ -272,11 +272,11 @@ impl Auditor {
                 "agentgate refuses new commands: its audit trail cannot be written ({why})"
             ));
         }
-        let spilled = self.journal.bytes();
+        let spilled = self.journal.undelivered();
         if spilled > self.max_spill_bytes {
             return Err(format!(
-                "agentgate refuses new commands: its audit buffer is full ({} MiB undelivered{}); commands resume when the sinks catch up",
-                spilled >> 20,
+                "agentgate refuses new commands: its audit buffer is full ({} KiB undelivered{}); commands resume when the sinks catch up",
+                spilled >> 10,
                 self.failing()
             ));
         }
@@ -361,7 +361,7 @@ impl Auditor {
 
     /// Bytes spilled and not yet delivered to every sink.
     pub fn spilled_bytes(&self) -> u64 {
-        self.journal.bytes()
+        self.journal.undelivered()
     }
 }
 

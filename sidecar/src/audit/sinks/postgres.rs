@@ -53,7 +53,12 @@ impl PostgresSink {
         self.client = None;
         let (client, conn) = tokio_postgres::connect(&self.conninfo, NoTls)
             .await
-            .map_err(|e| format!("connect: {e}"))?;
+            .map_err(|e| {
+                let why = e
+                    .as_db_error()
+                    .map_or(e.to_string(), |d| d.message().to_owned());
+                format!("connect: {why}")
+            })?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "audit sink connection ended");
@@ -68,7 +73,10 @@ impl PostgresSink {
                 &[&self.table],
             )
             .await
-            .map_err(|e| format!("check the audit table {}: {e}", self.table))?;
+            .map_err(|e| {
+                let why = e.as_db_error().map_or(e.to_string(), |d| d.message().to_owned());
+                format!("check the audit table {}: {why}", self.table)
+            })?;
         let (may_change, owns): (bool, bool) = (row.get(0), row.get(1));
         if may_change || owns {
             return Err(format!(
@@ -139,7 +147,10 @@ impl PostgresSink {
             .await;
         if let Err(e) = res {
             self.client = None;
-            return Err(format!("insert into {}: {e}", self.table));
+            let why = e
+                .as_db_error()
+                .map_or(e.to_string(), |d| d.message().to_owned());
+            return Err(format!("insert into {}: {why}", self.table));
         }
         Ok(())
     }

@@ -1,0 +1,836 @@
+//! `kubectl agentgate`: the approvers' and auditors' CLI.
+//!
+//! Installed on the PATH as `kubectl-agentgate`, kubectl runs it as `kubectl agentgate …`.
+//! Grants and the session list come from the cluster (the current kubeconfig context);
+//! records come from a sink: `--from` a JSON-lines file or directory, or `--postgres` the
+//! PostgreSQL sink's table.
+
+mod export;
+mod source;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use agentgate_crds::audit::{Expectations, Record, RecordKind, verify};
+use agentgate_crds::{AccessGrant, AgentSession};
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use jiff::Timestamp;
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use source::Source;
+
+/// agentgate's CLI for approvers and auditors: grants, sessions, timelines, replay, chain
+/// verification and evidence export.
+#[derive(Parser, Debug)]
+#[command(
+    name = "kubectl-agentgate",
+    bin_name = "kubectl agentgate",
+    version,
+    about
+)]
+struct Cli {
+    /// The namespace (default: the kubeconfig context's).
+    #[arg(short, long, global = true)]
+    namespace: Option<String>,
+    /// Output: a table for people, or json / yaml for scripts.
+    #[arg(short, long, global = true, default_value = "table")]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Output {
+    Table,
+    Json,
+    Yaml,
+    Csv,
+    Oscal,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// List, request, approve, deny or revoke AccessGrants.
+    #[command(subcommand)]
+    Grants(GrantCmd),
+    /// List sessions (AgentSessions in the cluster, or from records with --from/--postgres).
+    Sessions(SessionsArgs),
+    /// One session's timeline, from records.
+    Show {
+        /// The session id.
+        session: String,
+        #[command(flatten)]
+        from: From,
+    },
+    /// Replay a session: SSH sessions as an asciicast v2 file (play it with `asciinema
+    /// play`), SQL and Kubernetes sessions as a timeline of requests and results.
+    Replay {
+        /// The session id.
+        session: String,
+        #[command(flatten)]
+        from: From,
+    },
+    /// Verify the hash chain and signatures of records; exits 1 when anything was tampered
+    /// with.
+    Verify(VerifyArgs),
+    /// Export evidence for a period and identity mapped to NIST SP 800-53 controls (-o json,
+    /// csv or oscal).
+    Export(ExportArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+struct From {
+    /// Records from these JSON-lines files or directories (the file sink's).
+    #[arg(long = "from")]
+    files: Vec<PathBuf>,
+    /// Records from the PostgreSQL sink: a connection string.
+    #[arg(long, env = "AGENTGATE_AUDIT_POSTGRES", hide_env_values = true)]
+    postgres: Option<String>,
+    /// The PostgreSQL sink's table.
+    #[arg(long, default_value = "agentgate_audit")]
+    table: String,
+}
+
+impl From {
+    fn source(&self) -> anyhow::Result<Option<Source>> {
+        Ok(match (&self.postgres, self.files.is_empty()) {
+            (Some(c), true) => Some(Source::Postgres {
+                conninfo: c.clone(),
+                table: self.table.clone(),
+            }),
+            (None, false) => Some(Source::Files(self.files.clone())),
+            (None, true) => None,
+            (Some(_), false) => bail!("read records either --from files or --postgres, not both"),
+        })
+    }
+
+    fn required(&self) -> anyhow::Result<Source> {
+        self.source()?.context(
+            "say where the records are: --from <file or directory> (the file sink) or --postgres <connection string>",
+        )
+    }
+}
+
+#[derive(Args, Debug)]
+struct Filter {
+    /// Only this AgentIdentity.
+    #[arg(long)]
+    identity: Option<String>,
+    /// Only this Target.
+    #[arg(long)]
+    target: Option<String>,
+    /// From this time (RFC 3339, or a duration ago: `24h`).
+    #[arg(long)]
+    since: Option<String>,
+    /// Until this time (RFC 3339, or a duration ago).
+    #[arg(long)]
+    until: Option<String>,
+}
+
+fn when(s: &str) -> anyhow::Result<Timestamp> {
+    if let Ok(t) = s.parse::<Timestamp>() {
+        return Ok(t);
+    }
+    let ago = agentgate_crds::common::parse_duration(s)
+        .map_err(|e| anyhow::anyhow!("{s:?} is neither a time (RFC 3339) nor a duration: {e}"))?;
+    Ok(Timestamp::now() - jiff::SignedDuration::try_from(ago)?)
+}
+
+impl Filter {
+    fn range(&self) -> anyhow::Result<(Option<Timestamp>, Option<Timestamp>)> {
+        Ok((
+            self.since.as_deref().map(when).transpose()?,
+            self.until.as_deref().map(when).transpose()?,
+        ))
+    }
+
+    fn keeps(&self, r: &Record, range: (Option<Timestamp>, Option<Timestamp>)) -> bool {
+        self.identity
+            .as_ref()
+            .is_none_or(|i| r.identity.as_ref() == Some(i))
+            && self
+                .target
+                .as_ref()
+                .is_none_or(|t| r.target.as_ref() == Some(t))
+            && range.0.is_none_or(|s| r.time >= s)
+            && range.1.is_none_or(|u| r.time <= u)
+    }
+}
+
+#[derive(Args, Debug)]
+struct SessionsArgs {
+    #[command(flatten)]
+    filter: Filter,
+    /// Only sessions with a request of this decision (Allowed, Refused, Held, Approved,
+    /// Denied).
+    #[arg(long)]
+    decision: Option<String>,
+    #[command(flatten)]
+    from: From,
+}
+
+#[derive(Args, Debug)]
+struct VerifyArgs {
+    /// Trusted public keys: base64 raw Ed25519 keys, or files holding one (the sidecar's
+    /// `signing-key.pk8.pub`). Without one, each stream's own key is used (and said so).
+    #[arg(long)]
+    key: Vec<String>,
+    /// Accept streams whose beginning is not in the input (rotated files deleted by
+    /// retention).
+    #[arg(long)]
+    allow_partial: bool,
+    /// Also compare with the AgentSessions' chain heads in the cluster (finds a cut tail).
+    #[arg(long)]
+    sessions: bool,
+    #[command(flatten)]
+    from: From,
+    /// Files or directories (same as --from).
+    paths: Vec<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct ExportArgs {
+    #[command(flatten)]
+    filter: Filter,
+    /// Trusted public keys for the chain verification behind AU-9/AU-10.
+    #[arg(long)]
+    key: Vec<String>,
+    #[command(flatten)]
+    from: From,
+}
+
+#[derive(Subcommand, Debug)]
+enum GrantCmd {
+    /// List grants (pending first).
+    List,
+    /// Request access for an identity.
+    Request {
+        /// The grant's name.
+        name: String,
+        /// The AgentIdentity.
+        #[arg(long)]
+        identity: String,
+        /// The Target.
+        #[arg(long)]
+        target: String,
+        /// Operations (Read, Write, DDL, Privilege, Admin, Exec).
+        #[arg(long, value_delimiter = ',', required = true)]
+        operations: Vec<String>,
+        /// How long the access lasts once approved.
+        #[arg(long, default_value = "1h")]
+        duration: String,
+        /// Why it is needed.
+        #[arg(long)]
+        reason: String,
+    },
+    /// Approve a pending grant (you are recorded as the approver).
+    Approve {
+        /// The grant.
+        name: String,
+        /// Why.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Deny a pending grant.
+    Deny {
+        /// The grant.
+        name: String,
+        /// Why (the agent is told).
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Revoke a grant: its access ends now, also in open sessions.
+    Revoke {
+        /// The grant.
+        name: String,
+        /// Why.
+        #[arg(long)]
+        reason: String,
+    },
+}
+
+#[tokio::main]
+async fn main() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(2);
+        }
+    }
+}
+
+async fn client(ns: &Option<String>) -> anyhow::Result<(kube::Client, String)> {
+    let client = kube::Client::try_default()
+        .await
+        .context("connect to the cluster (kubeconfig)")?;
+    let ns = ns
+        .clone()
+        .unwrap_or_else(|| client.default_namespace().to_owned());
+    Ok((client, ns))
+}
+
+fn print<T: serde::Serialize>(output: Output, value: &T) -> anyhow::Result<()> {
+    match output {
+        Output::Yaml => print!("{}", serde_norway::to_string(value)?),
+        _ => println!("{}", serde_json::to_string_pretty(value)?),
+    }
+    Ok(())
+}
+
+fn table(rows: Vec<Vec<String>>) {
+    let widths: Vec<usize> = (0..rows.first().map_or(0, Vec::len))
+        .map(|i| {
+            rows.iter()
+                .map(|r| r.get(i).map_or(0, |c| c.chars().count()))
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths.get(i).copied().unwrap_or(0)))
+            .collect();
+        println!("{}", line.join("  ").trim_end());
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<i32> {
+    match cli.command {
+        Command::Grants(cmd) => grants(cmd, &cli.namespace, cli.output).await,
+        Command::Sessions(args) => sessions(args, &cli.namespace, cli.output).await,
+        Command::Show { session, from } => show(&session, &from, cli.output, false).await,
+        Command::Replay { session, from } => show(&session, &from, cli.output, true).await,
+        Command::Verify(args) => verify_cmd(args, &cli.namespace, cli.output).await,
+        Command::Export(args) => export_cmd(args, cli.output).await,
+    }
+}
+
+async fn grants(cmd: GrantCmd, ns: &Option<String>, output: Output) -> anyhow::Result<i32> {
+    let (client, ns) = client(ns).await?;
+    let api: Api<AccessGrant> = Api::namespaced(client, &ns);
+    let decide = |verdict: &str, reason: &Option<String>| {
+        let mut d = serde_json::json!({ "verdict": verdict });
+        if let Some(r) = reason {
+            d["reason"] = r.clone().into();
+        }
+        Patch::Merge(serde_json::json!({ "spec": { "decision": d } }))
+    };
+    let patched = match cmd {
+        GrantCmd::List => {
+            let mut list = api.list(&ListParams::default()).await?.items;
+            list.sort_by_key(|g| {
+                let phase = g
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.phase)
+                    .map(|p| format!("{p:?}"))
+                    .unwrap_or_default();
+                (phase != "Pending", g.metadata.name.clone())
+            });
+            if output != Output::Table {
+                print(output, &list)?;
+                return Ok(0);
+            }
+            let mut rows = vec![
+                [
+                    "NAME", "PHASE", "IDENTITY", "TARGET", "SCOPE", "DURATION", "REASON",
+                ]
+                .map(String::from)
+                .to_vec(),
+            ];
+            for g in list {
+                let scope = match &g.spec.command {
+                    Some(c) => format!("command {}", c.text),
+                    None => g
+                        .spec
+                        .scope
+                        .operations
+                        .iter()
+                        .map(|o| o.as_str())
+                        .collect::<Vec<_>>()
+                        .join(","),
+                };
+                rows.push(vec![
+                    g.metadata.name.clone().unwrap_or_default(),
+                    g.status
+                        .as_ref()
+                        .and_then(|s| s.phase)
+                        .map(|p| format!("{p:?}"))
+                        .unwrap_or_else(|| "Pending".into()),
+                    g.spec.identity.clone(),
+                    g.spec.target.clone(),
+                    scope.chars().take(60).collect(),
+                    g.spec.duration.clone(),
+                    g.spec.reason.chars().take(60).collect(),
+                ]);
+            }
+            table(rows);
+            return Ok(0);
+        }
+        GrantCmd::Request {
+            name,
+            identity,
+            target,
+            operations,
+            duration,
+            reason,
+        } => {
+            let g: AccessGrant = serde_json::from_value(serde_json::json!({
+                "apiVersion": "agentgate.dev/v1alpha1",
+                "kind": "AccessGrant",
+                "metadata": { "name": name, "namespace": ns },
+                "spec": {
+                    "identity": identity, "target": target, "duration": duration,
+                    "reason": reason, "scope": { "operations": operations },
+                }
+            }))?;
+            let g = api.create(&PostParams::default(), &g).await?;
+            println!(
+                "accessgrant/{} requested: an approver runs: kubectl agentgate grants approve {} -n {ns}",
+                g.metadata.name.clone().unwrap_or_default(),
+                g.metadata.name.unwrap_or_default()
+            );
+            return Ok(0);
+        }
+        GrantCmd::Approve { name, reason } => (
+            name.clone(),
+            api.patch(&name, &PatchParams::default(), &decide("Approve", &reason))
+                .await,
+            "approved",
+        ),
+        GrantCmd::Deny { name, reason } => (
+            name.clone(),
+            api.patch(&name, &PatchParams::default(), &decide("Deny", &reason))
+                .await,
+            "denied",
+        ),
+        GrantCmd::Revoke { name, reason } => (
+            name.clone(),
+            api.patch(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(
+                    serde_json::json!({ "spec": { "revocation": { "reason": reason } } }),
+                ),
+            )
+            .await,
+            "revoked",
+        ),
+    };
+    let (name, res, what) = patched;
+    match res {
+        Ok(_) => {
+            println!("accessgrant/{name} {what}");
+            Ok(0)
+        }
+        Err(kube::Error::Api(e)) => {
+            eprintln!("error: accessgrant/{name} was not {what}: {}", e.message);
+            Ok(1)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A session summarised from its records.
+#[derive(Debug, Default, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct SessionRow {
+    session: String,
+    identity: String,
+    target: String,
+    started: String,
+    ended: String,
+    requests: u64,
+    allowed: u64,
+    refused: u64,
+    held: u64,
+    masked: u64,
+    rows: u64,
+}
+
+async fn sessions(args: SessionsArgs, ns: &Option<String>, output: Output) -> anyhow::Result<i32> {
+    let range = args.filter.range()?;
+    let mut out: Vec<SessionRow> = Vec::new();
+    if let Some(src) = args.from.source()? {
+        let records = src.records().await?;
+        let mut by: BTreeMap<String, SessionRow> = BTreeMap::new();
+        let mut decisions: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for r in records.iter().filter(|r| args.filter.keeps(r, range)) {
+            let Some(s) = &r.session else { continue };
+            let row = by.entry(s.clone()).or_insert_with(|| SessionRow {
+                session: s.clone(),
+                identity: r.identity.clone().unwrap_or_default(),
+                target: r.target.clone().unwrap_or_default(),
+                started: r.time.to_string(),
+                ..Default::default()
+            });
+            match r.kind {
+                RecordKind::SessionEnd => row.ended = r.time.to_string(),
+                RecordKind::Request => row.requests += 1,
+                _ => {}
+            }
+            if let Some(v) = r.verdict() {
+                decisions
+                    .entry(s.clone())
+                    .or_default()
+                    .push(v.as_str().to_owned());
+                match v {
+                    agentgate_crds::audit::Verdict::Allowed
+                    | agentgate_crds::audit::Verdict::Approved => row.allowed += 1,
+                    agentgate_crds::audit::Verdict::Refused
+                    | agentgate_crds::audit::Verdict::Denied => row.refused += 1,
+                    agentgate_crds::audit::Verdict::Held => row.held += 1,
+                }
+            }
+            if let Some(o) = &r.outcome {
+                row.masked += o.masked_total();
+                row.rows += o.rows;
+            }
+        }
+        out = by
+            .into_values()
+            .filter(|row| {
+                args.decision.as_ref().is_none_or(|d| {
+                    decisions
+                        .get(&row.session)
+                        .is_some_and(|v| v.iter().any(|x| x.eq_ignore_ascii_case(d)))
+                })
+            })
+            .collect();
+    } else {
+        let (client, ns) = client(ns).await?;
+        let api: Api<AgentSession> = Api::namespaced(client, &ns);
+        for s in api.list(&ListParams::default()).await?.items {
+            let st = s.status.clone().unwrap_or_default();
+            let c = &st.counters;
+            let keep = args
+                .filter
+                .identity
+                .as_ref()
+                .is_none_or(|i| &s.spec.identity == i)
+                && args
+                    .filter
+                    .target
+                    .as_ref()
+                    .is_none_or(|t| &s.spec.target == t)
+                && range.0.is_none_or(|t| s.spec.started_at.0 >= t)
+                && range.1.is_none_or(|t| s.spec.started_at.0 <= t)
+                && args.decision.as_deref().is_none_or(|d| match d {
+                    "Refused" | "Denied" => c.refused > 0,
+                    "Held" | "Approved" => c.held > 0,
+                    _ => c.allowed > 0,
+                });
+            if keep {
+                out.push(SessionRow {
+                    session: s.spec.session_id.clone(),
+                    identity: s.spec.identity.clone(),
+                    target: s.spec.target.clone(),
+                    started: s.spec.started_at.0.to_string(),
+                    ended: st.ended_at.map(|t| t.0.to_string()).unwrap_or_default(),
+                    requests: c.requests,
+                    allowed: c.allowed,
+                    refused: c.refused,
+                    held: c.held,
+                    masked: c.masked_values,
+                    rows: c.rows,
+                });
+            }
+        }
+    }
+    if output != Output::Table {
+        print(output, &out)?;
+        return Ok(0);
+    }
+    let mut rows = vec![
+        [
+            "SESSION", "IDENTITY", "TARGET", "STARTED", "ENDED", "REQUESTS", "REFUSED", "HELD",
+            "MASKED",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    for s in out {
+        rows.push(vec![
+            s.session,
+            s.identity,
+            s.target,
+            s.started,
+            if s.ended.is_empty() {
+                "-".into()
+            } else {
+                s.ended
+            },
+            s.requests.to_string(),
+            s.refused.to_string(),
+            s.held.to_string(),
+            s.masked.to_string(),
+        ]);
+    }
+    table(rows);
+    Ok(0)
+}
+
+async fn show(session: &str, from: &From, output: Output, replay: bool) -> anyhow::Result<i32> {
+    let records: Vec<Record> = from
+        .required()?
+        .records()
+        .await?
+        .into_iter()
+        .filter(|r| r.session.as_deref() == Some(session))
+        .collect();
+    if records.is_empty() {
+        bail!("no records of session {session} in the given records");
+    }
+    let ssh = records.iter().any(|r| r.io.is_some());
+    if replay && ssh {
+        // asciicast v2: a header line, then [seconds, "o"|"i"|"r", data] events.
+        let start = records[0].time;
+        println!(
+            "{}",
+            serde_json::json!({"version": 2, "width": 120, "height": 40,
+                "timestamp": start.as_second(), "title": format!("agentgate session {session}")})
+        );
+        for r in &records {
+            if let Some(io) = &r.io {
+                let secs = r.time.duration_since(start).as_secs_f64();
+                println!("{}", serde_json::json!([secs, io.stream, io.data]));
+            }
+        }
+        return Ok(0);
+    }
+    if output != Output::Table {
+        print(output, &records)?;
+        return Ok(0);
+    }
+    let start = records[0].time;
+    let mut rows = vec![
+        ["+TIME", "SEQ", "EVENT", "REQUEST", "DECISION", "DETAIL"]
+            .map(String::from)
+            .to_vec(),
+    ];
+    for r in &records {
+        let (request, decision, detail) = describe(r);
+        rows.push(vec![
+            format!("{:.3}s", r.time.duration_since(start).as_secs_f64()),
+            r.seq.map(|s| s.to_string()).unwrap_or_default(),
+            r.kind.as_str().to_owned(),
+            request,
+            decision,
+            detail,
+        ]);
+    }
+    table(rows);
+    Ok(0)
+}
+
+fn describe(r: &Record) -> (String, String, String) {
+    let request = r
+        .request
+        .as_ref()
+        .map(|q| {
+            if q.text.is_empty() {
+                format!("#{}", q.id)
+            } else {
+                format!("#{} {}", q.id, q.text)
+            }
+        })
+        .unwrap_or_default();
+    let decision = r
+        .decision
+        .as_ref()
+        .map(|d| {
+            let mut s = d.verdict.as_str().to_owned();
+            if let Some(rule) = &d.rule {
+                s.push_str(&format!(" ({rule})"));
+            }
+            if let Some(g) = &d.grant {
+                s.push_str(&format!(" grant {g}"));
+            }
+            if let Some(a) = &d.approver {
+                s.push_str(&format!(" by {a}"));
+            }
+            s
+        })
+        .unwrap_or_default();
+    let detail = if let Some(o) = &r.outcome {
+        let mut s = format!("#{} {} rows, {} µs", o.id, o.rows, o.latency_us);
+        if o.masked_total() > 0 {
+            s.push_str(&format!(", {} masked", o.masked_total()));
+        }
+        if let Some(e) = &o.error {
+            s.push_str(&format!(", error {e}"));
+        }
+        s
+    } else if let Some(d) = r.decision.as_ref().and_then(|d| d.reason.clone()) {
+        d
+    } else {
+        r.note.clone().or(r.client.clone()).unwrap_or_default()
+    };
+    (request, decision, detail)
+}
+
+fn keys(args: &[String]) -> anyhow::Result<Vec<String>> {
+    args.iter()
+        .map(|k| {
+            let p = PathBuf::from(k);
+            if p.exists() {
+                Ok(std::fs::read_to_string(&p)
+                    .with_context(|| format!("read {}", p.display()))?
+                    .trim()
+                    .to_owned())
+            } else {
+                Ok(k.clone())
+            }
+        })
+        .collect()
+}
+
+async fn verify_cmd(args: VerifyArgs, ns: &Option<String>, output: Output) -> anyhow::Result<i32> {
+    let mut from = args.from.clone();
+    from.files.extend(args.paths.iter().cloned());
+    let lines = from.required()?.lines().await?;
+    let mut expect = Expectations {
+        keys: keys(&args.key)?,
+        allow_partial: args.allow_partial,
+        ..Default::default()
+    };
+    if args.sessions {
+        let (client, ns) = client(ns).await?;
+        let api: Api<AgentSession> = Api::namespaced(client, &ns);
+        for s in api.list(&ListParams::default()).await?.items {
+            if let Some(h) = s.status.and_then(|s| s.chain_head) {
+                expect
+                    .session_heads
+                    .insert(s.spec.session_id.clone(), (h.seq, h.hash));
+            }
+        }
+    }
+    let report = verify(
+        lines
+            .iter()
+            .map(|l| (l.location.clone(), l.bytes.as_slice())),
+        &expect,
+    );
+    if output != Output::Table {
+        print(output, &report)?;
+    } else {
+        for s in &report.streams {
+            println!(
+                "stream {}: records n={}..={} ({}), {} sessions, signed through {}, key {}{}",
+                s.stream,
+                s.first,
+                s.last,
+                s.records,
+                s.sessions,
+                s.signed_through
+                    .map_or("nothing".to_owned(), |n| format!("n={n}")),
+                s.key_id.clone().unwrap_or_else(|| "unknown".into()),
+                if s.ended { ", ended" } else { ", open" }
+            );
+        }
+        for w in &report.warnings {
+            println!("warning: {w}");
+        }
+        for p in &report.problems {
+            println!(
+                "TAMPERED {:?} at {}: {}",
+                p.kind,
+                if p.location.is_empty() {
+                    "-"
+                } else {
+                    &p.location
+                },
+                p.message
+            );
+        }
+        if report.ok() {
+            println!(
+                "OK: {} records verified ({} duplicates skipped)",
+                report.records, report.duplicates
+            );
+        } else {
+            println!("FAILED: {} problems", report.problems.len());
+        }
+    }
+    Ok(if report.ok() { 0 } else { 1 })
+}
+
+async fn export_cmd(args: ExportArgs, output: Output) -> anyhow::Result<i32> {
+    let src = args.from.required()?;
+    let lines = src.lines().await?;
+    let report = verify(
+        lines
+            .iter()
+            .map(|l| (l.location.clone(), l.bytes.as_slice())),
+        &Expectations {
+            keys: keys(&args.key)?,
+            allow_partial: true,
+            ..Default::default()
+        },
+    );
+    let range = args.filter.range()?;
+    let records: Vec<Record> = src
+        .records()
+        .await?
+        .into_iter()
+        .filter(|r| args.filter.keeps(r, range))
+        .collect();
+    let findings = export::findings(&records, &report);
+    let start = range
+        .0
+        .or(records.first().map(|r| r.time))
+        .unwrap_or_else(Timestamp::now)
+        .to_string();
+    let end = range
+        .1
+        .or(records.last().map(|r| r.time))
+        .unwrap_or_else(Timestamp::now)
+        .to_string();
+    let scope = args
+        .filter
+        .identity
+        .clone()
+        .unwrap_or_else(|| "all identities".into());
+    match output {
+        Output::Oscal => println!(
+            "{}",
+            serde_json::to_string_pretty(&export::oscal(
+                &findings,
+                &start,
+                &end,
+                &scope,
+                &Timestamp::now().to_string()
+            ))?
+        ),
+        Output::Csv => print!("{}", export::csv(&findings)),
+        Output::Json | Output::Yaml => print(
+            output,
+            &serde_json::json!({
+                "scope": scope, "start": start, "end": end,
+                "records": records.len(), "chain": report, "findings": findings,
+            }),
+        )?,
+        Output::Table => {
+            let mut rows = vec![
+                ["CONTROL", "STATE", "EVIDENCE", "SUMMARY"]
+                    .map(String::from)
+                    .to_vec(),
+            ];
+            for f in &findings {
+                rows.push(vec![
+                    f.control.to_uppercase(),
+                    f.state.to_owned(),
+                    f.evidence.len().to_string(),
+                    f.summary.clone(),
+                ]);
+            }
+            table(rows);
+        }
+    }
+    Ok(0)
+}

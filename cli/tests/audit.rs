@@ -1,0 +1,455 @@
+//! The audit trail end to end: a real sidecar in front of a real PostgreSQL records a psql
+//! session to the JSON-lines file and to an append-only PostgreSQL table; `kubectl agentgate`
+//! lists, shows, verifies and exports it; tampering is found; a sink outage and a kill -9
+//! lose nothing.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use testenv::process::{Proc, Spec, free_port, wait_listening, wait_until};
+use testenv::{Parts, TestEnv};
+
+fn cli(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kubectl-agentgate"))
+        .args(args)
+        .output()
+        .expect("run kubectl-agentgate")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// The sidecar binary, built by the same `cargo test --workspace` (next to this crate's).
+fn sidecar_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test exe");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("agentgate-sidecar");
+    assert!(
+        bin.exists(),
+        "{} is missing: run the tests with `cargo test --workspace` (or build agentgate-sidecar first)",
+        bin.display()
+    );
+    bin
+}
+
+struct Setup {
+    env: TestEnv,
+    policy: tempfile::TempDir,
+    targets: tempfile::TempDir,
+    audit_dir: PathBuf,
+    sink: String,
+}
+
+fn setup() -> Setup {
+    let env = TestEnv::start(Parts {
+        postgres: true,
+        ..Default::default()
+    })
+    .expect("environment");
+    let pg = env.postgres().unwrap();
+    pg.psql_run(
+        "app",
+        "CREATE TABLE customers (id int PRIMARY KEY, email text);
+         INSERT INTO customers SELECT g, 'user' || g || '@example.com' FROM generate_series(1, 50) g;
+         GRANT SELECT ON customers TO agentgate;",
+    )
+    .unwrap();
+    pg.psql_run(
+        "app",
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../examples/audit/postgres.sql"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    pg.psql_run(
+        "app",
+        &format!(
+            "ALTER ROLE agentgate_audit_writer PASSWORD '{}'",
+            pg.password()
+        ),
+    )
+    .unwrap();
+    let policy = tempfile::tempdir().unwrap();
+    std::fs::write(
+        policy.path().join("policy.yaml"),
+        format!(
+            r#"apiVersion: agentgate.dev/v1alpha1
+kind: Target
+metadata: {{ name: db }}
+spec:
+  protocol: Postgres
+  postgres: {{ host: 127.0.0.1, port: {port}, database: app, tls: {{ mode: Disable }}, credentials: {{ name: db }} }}
+---
+apiVersion: agentgate.dev/v1alpha1
+kind: AgentIdentity
+metadata: {{ name: claude }}
+spec:
+  owner: team
+  authentication: {{ serviceAccount: {{ name: claude }} }}
+  baseline: [ {{ target: db, scope: {{ operations: [Read] }} }} ]
+---
+apiVersion: agentgate.dev/v1alpha1
+kind: MaskPolicy
+metadata: {{ name: pii }}
+spec: {{ rules: [ {{ name: emails, detectors: [Email], action: Redact }} ] }}
+"#,
+            port = pg.port()
+        ),
+    )
+    .unwrap();
+    let targets = tempfile::tempdir().unwrap();
+    pg.write_credentials(targets.path(), "db", "agentgate")
+        .unwrap();
+    let sink = format!(
+        "host=127.0.0.1 port={} dbname=app user=agentgate_audit_writer password={} sslmode=disable",
+        pg.port(),
+        pg.password()
+    );
+    let audit_dir = env.dir().join("audit");
+    Setup {
+        env,
+        policy,
+        targets,
+        audit_dir,
+        sink,
+    }
+}
+
+impl Setup {
+    fn start(&self, name: &str, extra: &[String]) -> (Proc, u16) {
+        let port = free_port().unwrap();
+        let mut args = vec![
+            format!("--policy-dir={}", self.policy.path().display()),
+            "--identity=claude".into(),
+            format!("--targets-dir={}", self.targets.path().display()),
+            format!("--pg-addr=127.0.0.1:{port}"),
+            format!("--audit-dir={}", self.audit_dir.display()),
+            format!("--audit-postgres={}", self.sink),
+        ];
+        args.extend_from_slice(extra);
+        let spec = Spec::new(name, sidecar_bin()).args(args);
+        let mut proc = Proc::start(spec, &self.env.dir().join("logs")).unwrap();
+        wait_listening(&mut proc, port, Duration::from_secs(20)).unwrap();
+        (proc, port)
+    }
+
+    fn psql(&self, port: u16, sql: &str) -> Output {
+        Command::new(self.env.bins.pg_bin.join("psql"))
+            .arg(format!(
+                "host=127.0.0.1 port={port} dbname=db user=claude sslmode=disable application_name=audit-test"
+            ))
+            .args(["-X", "-At", "-c", sql])
+            .output()
+            .expect("run psql")
+    }
+
+    fn file(&self) -> String {
+        std::fs::read_to_string(self.audit_dir.join("audit.jsonl")).unwrap_or_default()
+    }
+
+    /// Distinct records in the file sink (a re-delivery after a kill may repeat a few).
+    fn file_records(&self) -> usize {
+        self.file()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .map(|v| format!("{}/{}", v["stream"], v["n"]))
+            .collect::<std::collections::HashSet<_>>()
+            .len()
+    }
+
+    fn table(&self, sql: &str) -> String {
+        self.env
+            .postgres()
+            .unwrap()
+            .psql_run("app", sql)
+            .unwrap()
+            .trim()
+            .to_owned()
+    }
+
+    /// The table sink goes down: its role cannot log in, its connection is cut.
+    fn sink_down(&self) {
+        self.table("ALTER ROLE agentgate_audit_writer NOLOGIN");
+        self.table(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = 'agentgate_audit_writer'",
+        );
+    }
+
+    /// How an auditor reads the table (the writer cannot read it).
+    fn reader(&self) -> String {
+        let pg = self.env.postgres().unwrap();
+        format!(
+            "host=127.0.0.1 port={} dbname=app user=postgres password={} sslmode=disable",
+            pg.port(),
+            pg.password()
+        )
+    }
+
+    fn key(&self) -> String {
+        self.audit_dir
+            .join("signing-key.pk8.pub")
+            .display()
+            .to_string()
+    }
+}
+
+#[test]
+fn a_session_is_recorded_verified_shown_and_exported() {
+    let s = setup();
+    let (mut sidecar, port) = s.start("sidecar", &[]);
+    let out = s.psql(
+        port,
+        "SELECT email FROM customers WHERE email = 'user7@example.com'",
+    );
+    assert_eq!(stdout(&out).trim(), "****", "{out:?}");
+    let out = s.psql(port, "DELETE FROM customers WHERE id = 1");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("held for approval"),
+        "{out:?}"
+    );
+    let out = s.psql(port, "SELEC nonsense");
+    assert!(!out.status.success());
+
+    // Every record reaches both sinks; the session ends with a signed record.
+    wait_until(
+        &mut sidecar,
+        Duration::from_secs(20),
+        "records in the file sink",
+        || s.file().matches("\"kind\":\"SessionEnd\"").count() >= 3,
+    )
+    .unwrap();
+    let caught_up = wait_until(
+        &mut sidecar,
+        Duration::from_secs(20),
+        "records in the table",
+        || s.table("SELECT count(*) FROM agentgate_audit") == s.file_records().to_string(),
+    );
+    assert!(
+        caught_up.is_ok(),
+        "table {} vs file {}: {}",
+        s.table("SELECT count(*) FROM agentgate_audit"),
+        s.file_records(),
+        s.file()
+    );
+    let file = s.file();
+    // No value the agent sent or received is in a record.
+    assert!(!file.contains("user7@example.com"), "{file}");
+    assert!(!file.contains("@example.com"));
+    assert!(
+        file.contains("SELECT email FROM customers WHERE email = $1"),
+        "{file}"
+    );
+    assert!(file.contains("\"verdict\":\"Refused\""));
+    assert!(file.contains("\"masked\":{\"pii/emails\":1}"), "{file}");
+
+    // verify: the file and the table.
+    let dir = s.audit_dir.display().to_string();
+    let out = cli(&["verify", "--key", &s.key(), &dir]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    assert!(stdout(&out).contains("OK: "), "{}", stdout(&out));
+    let out = cli(&["verify", "--key", &s.key(), "--postgres", &s.reader()]);
+    assert!(out.status.success(), "{}", stdout(&out));
+
+    // sessions and show.
+    let out = cli(&["sessions", "--from", &dir, "--identity", "claude"]);
+    let text = stdout(&out);
+    assert_eq!(text.lines().count(), 4, "{text}");
+    let out = cli(&[
+        "sessions",
+        "--from",
+        &dir,
+        "--decision",
+        "Refused",
+        "-o",
+        "json",
+    ]);
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rows.len(), 1, "{}", stdout(&out));
+    let out = cli(&[
+        "sessions",
+        "--from",
+        &dir,
+        "--decision",
+        "Held",
+        "-o",
+        "json",
+    ]);
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rows.len(), 1, "{}", stdout(&out));
+    assert_eq!(rows[0]["held"], 1);
+    let session = rows[0]["session"].as_str().unwrap().to_owned();
+    let out = cli(&["show", &session, "--from", &dir]);
+    let text = stdout(&out);
+    assert!(
+        text.contains("Held (guardrail") || text.contains("Held ("),
+        "{text}"
+    );
+    assert!(
+        text.contains("DELETE FROM customers WHERE id = $1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("SessionStart") && text.contains("SessionEnd"),
+        "{text}"
+    );
+    let out = cli(&["replay", &session, "--from", &dir]);
+    assert!(out.status.success());
+
+    // The writer role cannot change what it wrote.
+    let changed = Command::new(s.env.bins.pg_bin.join("psql"))
+        .arg(&s.sink)
+        .args(["-X", "-c", "UPDATE agentgate_audit SET kind = 'x'"])
+        .output()
+        .unwrap();
+    assert!(!changed.status.success());
+    assert!(
+        String::from_utf8_lossy(&changed.stderr).contains("permission denied"),
+        "{changed:?}"
+    );
+
+    // Tampering: an edited copy fails and names the record.
+    let tampered = s.env.dir().join("tampered.jsonl");
+    let edited = file.replacen("\"verdict\":\"Refused\"", "\"verdict\":\"Allowed\"", 1);
+    std::fs::write(&tampered, edited).unwrap();
+    let out = cli(&["verify", "--key", &s.key(), &tampered.display().to_string()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stdout(&out).contains("TAMPERED Edited"), "{}", stdout(&out));
+    // A deleted line.
+    let lines: Vec<&str> = file.lines().collect();
+    let without: Vec<&str> = lines
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 4)
+        .map(|(_, l)| *l)
+        .collect();
+    std::fs::write(&tampered, without.join("\n")).unwrap();
+    let out = cli(&["verify", "--key", &s.key(), &tampered.display().to_string()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stdout(&out).contains("TAMPERED Missing"),
+        "{}",
+        stdout(&out)
+    );
+
+    // Export: JSON, CSV and OSCAL.
+    let out = cli(&[
+        "export",
+        "--from",
+        &dir,
+        "--identity",
+        "claude",
+        "-o",
+        "json",
+    ]);
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let findings = doc["findings"].as_array().unwrap();
+    let au9 = findings.iter().find(|f| f["control"] == "au-9").unwrap();
+    assert_eq!(au9["state"], "satisfied");
+    let ac3 = findings.iter().find(|f| f["control"] == "ac-3").unwrap();
+    assert!(!ac3["evidence"].as_array().unwrap().is_empty());
+    let out = cli(&["export", "--from", &dir, "-o", "csv"]);
+    assert!(stdout(&out).starts_with("control,title,state"));
+    let out = cli(&["export", "--from", &dir, "-o", "oscal"]);
+    let oscal = s.env.dir().join("oscal.json");
+    std::fs::write(&oscal, &out.stdout).unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        doc["assessment-results"]["metadata"]["oscal-version"],
+        "1.1.2"
+    );
+    // Valid against NIST's published OSCAL JSON schema.
+    testenv::oscal_validate(&oscal).unwrap();
+    sidecar.stop(Duration::from_secs(5));
+}
+
+#[test]
+fn a_sink_outage_and_a_kill_lose_nothing() {
+    let s = setup();
+    let (mut sidecar, port) = s.start("sidecar-1", &[]);
+    assert!(s.psql(port, "SELECT 1").status.success());
+    // The table sink goes down: its role cannot log in.
+    s.sink_down();
+    for i in 0..40 {
+        let out = s.psql(port, &format!("SELECT {i}"));
+        assert!(out.status.success(), "{out:?}");
+    }
+    wait_until(
+        &mut sidecar,
+        Duration::from_secs(10),
+        "the file sink",
+        || s.file().matches("\"kind\":\"SessionEnd\"").count() >= 41,
+    )
+    .unwrap();
+    // Killed while records wait for the table: they stay spilled.
+    let pid = sidecar.pid().unwrap();
+    Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    s.table("ALTER ROLE agentgate_audit_writer LOGIN");
+    let (mut sidecar, port) = s.start("sidecar-2", &[]);
+    assert!(s.psql(port, "SELECT 'after'").status.success());
+    // Everything the file has, the table has: nothing was lost in the outage or the kill.
+    wait_until(
+        &mut sidecar,
+        Duration::from_secs(30),
+        "the table catches up",
+        || s.table("SELECT count(*) FROM agentgate_audit") == s.file_records().to_string(),
+    )
+    .unwrap();
+    let out = cli(&["verify", "--key", &s.key(), "--postgres", &s.reader()]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    // The killed stream has no end; the new one is open: warnings, not tampering.
+    assert!(stdout(&out).contains("no StreamEnd"), "{}", stdout(&out));
+    sidecar.stop(Duration::from_secs(5));
+}
+
+#[test]
+fn commands_are_refused_while_the_audit_buffer_is_full() {
+    let s = setup();
+    let (mut sidecar, port) = s.start("sidecar", &["--audit-max-spill-mib=1".into()]);
+    s.sink_down();
+    // Fill the buffer: over 1 MiB of records that cannot reach the table (one session,
+    // thousands of statements; psql goes on after an error).
+    let script = s.env.dir().join("many.sql");
+    let sql: String = (0..6000).map(|i| format!("SELECT {i} AS n;\n")).collect();
+    std::fs::write(&script, sql).unwrap();
+    let out = Command::new(s.env.bins.pg_bin.join("psql"))
+        .arg(format!(
+            "host=127.0.0.1 port={port} dbname=db user=claude sslmode=disable"
+        ))
+        .args(["-X", "-At", "-f", &script.display().to_string()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let refused = stderr
+        .lines()
+        .find(|l| l.contains("audit"))
+        .map(str::to_owned);
+    let refused = refused.expect("the gateway kept running commands with a full audit buffer");
+    assert!(
+        refused.contains("agentgate refuses new commands: its audit buffer is full"),
+        "{refused}"
+    );
+    assert!(refused.contains("sink postgres failing since"), "{refused}");
+    // The sink recovers: commands run again.
+    s.table("ALTER ROLE agentgate_audit_writer LOGIN");
+    wait_until(
+        &mut sidecar,
+        Duration::from_secs(60),
+        "commands run again",
+        || s.psql(port, "SELECT 1").status.success(),
+    )
+    .unwrap();
+    sidecar.stop(Duration::from_secs(5));
+}
