@@ -10,3 +10,4 @@ pub mod identity;
 pub mod mask;
 pub mod policy;
 pub mod sql;
+pub mod tls;

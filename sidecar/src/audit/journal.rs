@@ -37,6 +37,8 @@ pub struct Journal {
     bytes: AtomicU64,
     /// Each sink's acknowledged position, for deleting delivered segments.
     acked: Mutex<BTreeMap<String, Position>>,
+    /// The slowest sink's offset in its segment (delivered bytes still on disk).
+    behind: AtomicU64,
     /// Tells readers that records were appended.
     appended: tokio::sync::watch::Sender<u64>,
 }
@@ -67,6 +69,7 @@ impl Journal {
             active: AtomicU64::new(active),
             bytes: AtomicU64::new(bytes),
             acked: Mutex::new(BTreeMap::new()),
+            behind: AtomicU64::new(0),
             appended,
         });
         let appender = Appender {
@@ -87,13 +90,8 @@ impl Journal {
     /// journal's bytes less what the slowest sink has read of its oldest segment (older ones
     /// are deleted as soon as every sink is past them).
     pub fn undelivered(&self) -> u64 {
-        let behind = self
-            .acked
-            .lock()
-            .ok()
-            .and_then(|a| a.values().min().copied())
-            .map_or(0, |p| p.offset);
-        self.bytes().saturating_sub(behind)
+        self.bytes()
+            .saturating_sub(self.behind.load(Ordering::Relaxed))
     }
 
     /// Where sink `name` resumes: its saved cursor, or the oldest segment.
@@ -124,6 +122,8 @@ impl Journal {
     fn ack_in_memory(&self, name: &str, pos: Position) {
         if let Ok(mut acked) = self.acked.lock() {
             acked.insert(name.to_owned(), pos);
+            let slowest = acked.values().min().map_or(0, |p| p.offset);
+            self.behind.store(slowest, Ordering::Relaxed);
         }
     }
 

@@ -93,7 +93,9 @@ fn hostname() -> String {
 /// Why the pipeline refuses, if it does.
 #[derive(Debug, Default)]
 struct Health {
-    /// The writer failed (disk full, I/O error) or stopped.
+    /// The writer failed (disk full, I/O error) or stopped: the flag (read per command) and
+    /// why.
+    is_broken: AtomicBool,
     broken: Mutex<Option<String>>,
     /// Each sink's last failure, for the refusal message.
     failing: Mutex<std::collections::BTreeMap<String, (Timestamp, String)>>,
@@ -103,9 +105,10 @@ struct Health {
 
 enum Msg {
     Record(Box<Record>),
-    /// A record whose `request.text` is raw SQL: the writer replaces it with its normalized
-    /// form (every constant a `$n` placeholder) before it is sealed, off the request path.
-    Statement(Box<Record>),
+    /// A request record for a SQL statement: the writer fills `request.text` with its
+    /// normalized form (every constant a `$n` placeholder) and `request.fingerprint`, off the
+    /// request path.
+    Statement(Box<Record>, crate::sql::Fingerprint),
     Stop(std::sync::mpsc::Sender<()>),
 }
 
@@ -265,7 +268,8 @@ impl Auditor {
     /// `Ok` when new commands may run: their records can be taken. Otherwise why not, in a
     /// sentence for the agent.
     pub fn admit(&self) -> Result<(), String> {
-        if let Ok(b) = self.health.broken.lock()
+        if self.health.is_broken.load(Ordering::Acquire)
+            && let Ok(b) = self.health.broken.lock()
             && let Some(why) = b.as_ref()
         {
             return Err(format!(
@@ -298,10 +302,14 @@ impl Auditor {
         self.send(Msg::Record(Box::new(record)))
     }
 
-    /// Like [`Self::record`] for a record whose `request.text` is raw SQL: it is normalized
-    /// (constants replaced) before it is sealed.
-    pub fn record_statement(&self, record: Record) -> Result<(), String> {
-        self.send(Msg::Statement(Box::new(record)))
+    /// Like [`Self::record`] for the request record of SQL statement `sql`: its text is
+    /// normalized (constants replaced) and fingerprinted by the writer, before it is sealed.
+    pub fn record_statement(
+        &self,
+        record: Record,
+        sql: crate::sql::Fingerprint,
+    ) -> Result<(), String> {
+        self.send(Msg::Statement(Box::new(record), sql))
     }
 
     fn send(&self, msg: Msg) -> Result<(), String> {
@@ -436,9 +444,14 @@ impl SessionRecorder {
         self.auditor.record(record)
     }
 
-    /// Records a request whose text is raw SQL (normalized before it is sealed).
-    pub fn emit_statement(&self, record: Record) -> Result<(), String> {
-        self.auditor.record_statement(record)
+    /// Records the request record of SQL statement `sql` (normalized and fingerprinted by
+    /// the writer).
+    pub fn emit_statement(
+        &self,
+        record: Record,
+        sql: crate::sql::Fingerprint,
+    ) -> Result<(), String> {
+        self.auditor.record_statement(record, sql)
     }
 
     /// Records the session's end (once).
@@ -483,9 +496,10 @@ impl Writer {
                             self.fail(e);
                         }
                     }
-                    Msg::Statement(mut r) => {
+                    Msg::Statement(mut r, sql) => {
                         if let Some(req) = r.request.as_mut() {
-                            req.text = normalized_sql(&req.text);
+                            req.text = normalized_sql(sql.text());
+                            req.fingerprint = Some(sql.get().to_owned());
                         }
                         if let Err(e) = self.write(&mut r, &mut unsigned_since) {
                             self.fail(e);
@@ -567,5 +581,6 @@ impl Writer {
         if let Ok(mut b) = self.health.broken.lock() {
             *b = Some(why);
         }
+        self.health.is_broken.store(true, Ordering::Release);
     }
 }

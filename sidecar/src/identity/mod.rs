@@ -22,8 +22,6 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
-use rustls::pki_types::CertificateDer;
-use rustls::pki_types::pem::PemObject;
 use tokio::sync::Mutex;
 
 use crate::policy::Snapshot;
@@ -117,21 +115,7 @@ pub struct Verifier {
 impl Verifier {
     /// A verifier trusting the system roots plus `extra_ca` for issuer connections.
     pub fn new(sa_issuer: Option<String>, extra_ca: Option<&Path>) -> Result<Self, String> {
-        let mut roots = rustls::RootCertStore::empty();
-        for c in rustls_native_certs::load_native_certs().certs {
-            let _ = roots.add(c);
-        }
-        if let Some(p) = extra_ca {
-            let pem = std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?;
-            for c in CertificateDer::pem_slice_iter(&pem) {
-                roots
-                    .add(c.map_err(|e| format!("{}: {e}", p.display()))?)
-                    .map_err(|e| format!("{}: {e}", p.display()))?;
-            }
-        }
-        let tls = rustls::ClientConfig::builder()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let tls = crate::tls::client_config(extra_ca)?;
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_only()

@@ -16,8 +16,6 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use rustls::pki_types::CertificateDer;
-use rustls::pki_types::pem::PemObject;
 
 /// Which protocol an HTTP sink speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,21 +53,7 @@ impl HttpSink {
         ca_file: Option<&Path>,
     ) -> Result<Self, String> {
         let url: hyper::Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
-        let mut roots = rustls::RootCertStore::empty();
-        for c in rustls_native_certs::load_native_certs().certs {
-            let _ = roots.add(c);
-        }
-        if let Some(p) = ca_file {
-            let pem = std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?;
-            for c in CertificateDer::pem_slice_iter(&pem) {
-                roots
-                    .add(c.map_err(|e| format!("{}: {e}", p.display()))?)
-                    .map_err(|e| format!("{}: {e}", p.display()))?;
-            }
-        }
-        let tls = rustls::ClientConfig::builder()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let tls = crate::tls::client_config(ca_file)?;
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()

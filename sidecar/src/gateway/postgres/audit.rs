@@ -9,7 +9,7 @@ use agentgate_crds::audit::{self, Outcome, RecordKind};
 
 use crate::audit::SessionRecorder;
 use crate::policy::{Decision, Verdict};
-use crate::sql::Classified;
+use crate::sql::{Classified, Fingerprint};
 
 /// What an allowed request produced so far; recorded as its `Outcome` when it completes.
 #[derive(Debug)]
@@ -89,13 +89,15 @@ pub fn request(
     let mut r = rec.base(RecordKind::Request);
     r.request = Some(audit::Request {
         id,
-        text: sql.to_owned(),
+        // Text and fingerprint are filled by the audit writer, off the request path.
+        text: String::new(),
         operation: c.map(|c| c.class),
-        fingerprint: c.map(|c| c.fingerprint.get().to_owned()),
+        fingerprint: None,
         via: Some(via.to_owned()),
     });
     r.decision = Some(decision(d));
-    rec.emit_statement(r)
+    let sql = c.map_or_else(|| Fingerprint::of(sql), |c| c.fingerprint.clone());
+    rec.emit_statement(r, sql)
 }
 
 /// Records the end of a hold: approved (and by whom) or not.
