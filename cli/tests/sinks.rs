@@ -107,12 +107,15 @@ fn otlp_a_60s_collector_outage_under_load_loses_nothing() {
     sidecar.stop(Duration::from_secs(5));
 }
 
+/// The webhook's accepted requests: (authorization header, body).
+type Received = Arc<Mutex<Vec<(String, String)>>>;
+
 /// A minimal HTTP/1.1 endpoint: answers 503 to the first `fail` requests, then 200, and keeps
 /// the bodies it accepted.
-fn webhook(fail: usize) -> (u16, Arc<Mutex<Vec<(String, String)>>>) {
+fn webhook(fail: usize) -> (u16, Received) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
-    let got: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+    let got: Received = Arc::default();
     let seen = got.clone();
     std::thread::spawn(move || {
         let mut count = 0;
@@ -181,7 +184,7 @@ fn the_webhook_gets_every_record_verbatim_after_failures() {
     for i in 0..5 {
         assert!(s.psql(port, &format!("SELECT {i}")).status.success());
     }
-    let delivered = |got: &Arc<Mutex<Vec<(String, String)>>>| {
+    let delivered = |got: &Received| {
         let mut lines = HashSet::new();
         for (auth, body) in got.lock().unwrap().iter() {
             assert_eq!(auth, "Bearer s3cret-token");
