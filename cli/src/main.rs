@@ -703,10 +703,18 @@ async fn verify_cmd(args: VerifyArgs, ns: &Option<String>, output: Output) -> an
         let (client, ns) = client(ns).await?;
         let api: Api<AgentSession> = Api::namespaced(client, &ns);
         for s in api.list(&ListParams::default()).await?.items {
-            if let Some(h) = s.status.and_then(|s| s.chain_head) {
+            let status = s.status.unwrap_or_default();
+            if let Some(h) = status.chain_head {
                 expect
                     .session_heads
                     .insert(s.spec.session_id.clone(), (h.seq, h.hash));
+            }
+            // The keys the sidecars published where agents cannot write, unless given.
+            if args.key.is_empty()
+                && let Some(k) = status.signing_key
+                && !expect.keys.contains(&k)
+            {
+                expect.keys.push(k);
             }
         }
     }

@@ -164,6 +164,12 @@ pub struct AgentSessionStatus {
     /// The head of the session's audit chain at the last update.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chain_head: Option<ChainHead>,
+    /// The public Ed25519 key (raw, base64) of the sidecar stream that signed this session's
+    /// records: `kubectl agentgate verify --sessions` trusts it, as the agent cannot write
+    /// here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 128))]
+    pub signing_key: Option<String>,
     /// When the last request was seen.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_activity: Option<Time>,

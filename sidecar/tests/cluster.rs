@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use agentgate_crds::AccessGrant;
+use agentgate_crds::{AccessGrant, AgentSession};
 use agentgate_operator::webhook::{Endpoint, configurations};
 use clap::Parser;
 use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
@@ -559,7 +559,211 @@ async fn in_cluster_policy_holds_and_revocation() -> anyhow::Result<()> {
     );
     drop(client);
 
-    // 5. A pod whose service account is not the identity's cannot act as it.
+    // 5. The audit trail: each session is an AgentSession (counters, grants, chain head, the
+    //    sidecar's key) and `kubectl agentgate` lists them and verifies the records against
+    //    them; approvers use its grant commands.
+    let sessions: Api<AgentSession> = Api::namespaced(admin.clone(), NS);
+    let summary = eventually(
+        "AgentSessions with held and refused requests",
+        30,
+        async || {
+            let list = sessions.list(&Default::default()).await.ok()?.items;
+            let active = list.iter().any(|s| {
+                s.status.as_ref().and_then(|st| st.phase)
+                    != Some(agentgate_crds::SessionPhase::Ended)
+            });
+            if active {
+                return None;
+            }
+            let ended: Vec<AgentSession> = list
+                .into_iter()
+                .filter(|s| {
+                    s.status.as_ref().is_some_and(|st| {
+                        st.phase == Some(agentgate_crds::SessionPhase::Ended)
+                            && st.counters.held > 0
+                    })
+                })
+                .collect();
+            (ended.len() >= 3).then_some(ended)
+        },
+    )
+    .await?;
+    let approved = summary
+        .iter()
+        .find(|s| {
+            s.status
+                .as_ref()
+                .is_some_and(|st| st.counters.rows == 2 && st.counters.held == 1)
+        })
+        .expect("the approved UPDATE's session");
+    let st = approved.status.clone().unwrap_or_default();
+    assert_eq!(approved.spec.identity, "claude");
+    assert_eq!(approved.spec.target, "db");
+    assert!(st.grants.iter().any(|g| g.starts_with("claude-")), "{st:?}");
+    assert!(
+        st.chain_head.is_some() && st.signing_key.is_some(),
+        "{st:?}"
+    );
+    let plugin_path = format!(
+        "{}:{}",
+        Path::new(env!("CARGO_BIN_EXE_agentgate-sidecar"))
+            .parent()
+            .expect("bin dir")
+            .display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let plugin = |user: &str, args: &[&str]| {
+        let mut cmd = Command::new(env.bins.kubectl.clone());
+        cmd.env("KUBECONFIG", kube.kubeconfig_for(user))
+            .env("PATH", &plugin_path)
+            .arg("agentgate")
+            .args(args)
+            .output()
+            .expect("run kubectl agentgate")
+    };
+    // Auditors read sessions.
+    kube.kubectl_run(&[
+        "create",
+        "clusterrole",
+        "session-reader",
+        "--verb=get,list,watch",
+        "--resource=agentsessions.agentgate.dev",
+    ])?;
+    kube.kubectl_run(&[
+        "create",
+        "clusterrolebinding",
+        "session-readers",
+        "--clusterrole=session-reader",
+        "--group=agentgate-approvers",
+    ])?;
+    let listed = plugin("alice", &["sessions", "-n", NS, "--identity", "claude"]);
+    assert!(listed.status.success(), "{}", stderr(&listed));
+    assert!(
+        stdout(&listed).contains(&approved.spec.session_id),
+        "{}",
+        stdout(&listed)
+    );
+    let audit_dir = env.dir().join(format!("audit-{port}"));
+    let verified = plugin(
+        "alice",
+        &[
+            "verify",
+            "-n",
+            NS,
+            "--sessions",
+            &audit_dir.display().to_string(),
+        ],
+    );
+    assert!(verified.status.success(), "{}", stdout(&verified));
+    assert!(
+        !stdout(&verified).contains("not pinned") && !stdout(&verified).contains("--key"),
+        "the sessions' published key pins the chain: {}",
+        stdout(&verified)
+    );
+    // A record cut from the end of the file is found against the AgentSessions' heads.
+    let cut_dir = env.dir().join("cut");
+    std::fs::create_dir_all(&cut_dir)?;
+    let text = std::fs::read_to_string(audit_dir.join("audit.jsonl"))?;
+    let last_end = text
+        .lines()
+        .collect::<Vec<_>>()
+        .iter()
+        .rposition(|l| l.contains("\"kind\":\"SessionEnd\""))
+        .expect("a session end");
+    let kept: Vec<&str> = text.lines().take(last_end).collect();
+    std::fs::write(cut_dir.join("audit.jsonl"), kept.join("\n"))?;
+    let cut = plugin(
+        "alice",
+        &[
+            "verify",
+            "-n",
+            NS,
+            "--sessions",
+            &cut_dir.display().to_string(),
+        ],
+    );
+    assert_eq!(cut.status.code(), Some(1), "{}", stdout(&cut));
+    assert!(
+        stdout(&cut).contains("TAMPERED Truncated"),
+        "{}",
+        stdout(&cut)
+    );
+    // Grants through the plugin: bob requests, bob cannot approve, alice approves.
+    let asked = plugin(
+        "bob",
+        &[
+            "grants",
+            "request",
+            "claude-reads-more",
+            "-n",
+            NS,
+            "--identity",
+            "claude",
+            "--target",
+            "db",
+            "--operations",
+            "Read",
+            "--duration",
+            "10m",
+            "--reason",
+            "report",
+        ],
+    );
+    assert!(asked.status.success(), "{}", stderr(&asked));
+    assert!(
+        stdout(&asked).contains("kubectl agentgate grants approve claude-reads-more"),
+        "{}",
+        stdout(&asked)
+    );
+    let refused = plugin("bob", &["grants", "approve", "claude-reads-more", "-n", NS]);
+    assert_eq!(refused.status.code(), Some(1), "{}", stderr(&refused));
+    assert!(
+        stderr(&refused).contains("accessgrant/claude-reads-more was not approved"),
+        "{}",
+        stderr(&refused)
+    );
+    let ok = plugin(
+        "alice",
+        &[
+            "grants",
+            "approve",
+            "claude-reads-more",
+            "-n",
+            NS,
+            "--reason",
+            "ok",
+        ],
+    );
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    let g = grants.get("claude-reads-more").await?;
+    assert_eq!(
+        g.spec
+            .decision
+            .and_then(|d| d.decided_by)
+            .map(|u| u.username),
+        Some("alice".to_owned())
+    );
+    let listed = plugin("alice", &["grants", "list", "-n", NS]);
+    assert!(
+        stdout(&listed).contains("claude-reads-more"),
+        "{}",
+        stdout(&listed)
+    );
+    let revoked = plugin(
+        "alice",
+        &[
+            "grants",
+            "revoke",
+            "claude-reads-more",
+            "-n",
+            NS,
+            "--reason",
+            "done",
+        ],
+    );
+    assert!(revoked.status.success(), "{}", stderr(&revoked));
+
+    // 6. A pod whose service account is not the identity's cannot act as it.
     let other = sidecar(&env, &admin, "other", targets.path()).await?;
     let other_port = other.port;
     let refused = eventually("the mismatch reported", 30, async || {
@@ -578,7 +782,7 @@ async fn in_cluster_policy_holds_and_revocation() -> anyhow::Result<()> {
         "{body}"
     );
 
-    // 6. A sidecar that cannot read the policy refuses everything and says why.
+    // 7. A sidecar that cannot read the policy refuses everything and says why.
     let nobody = sidecar(&env, &admin, "nobody", targets.path()).await?;
     let nobody_port = nobody.port;
     let refused = eventually("the refusal", 30, async || {
@@ -597,7 +801,7 @@ async fn in_cluster_policy_holds_and_revocation() -> anyhow::Result<()> {
         "{body}"
     );
 
-    // 7. The API server goes away: after --policy-stale-after the policy is dropped (a
+    // 8. The API server goes away: after --policy-stale-after the policy is dropped (a
     //    revocation could be missed) and everything is refused, with the reason.
     assert!(psql(&env, port, "SELECT 1").status.success());
     env.kube_mut()?.stop_apiserver();

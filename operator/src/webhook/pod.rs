@@ -197,7 +197,7 @@ pub fn sidecar_container(
     let mut mounts = vec![
         mount(V_TOKEN, "/var/run/secrets/agentgate", true),
         mount(V_API, "/var/run/secrets/kubernetes.io/serviceaccount", true),
-        mount(V_SPILL, "/var/lib/agentgate/spill", false),
+        mount(V_SPILL, "/var/lib/agentgate/audit", false),
         mount(V_CLIENT, CLIENT_DIR, false),
     ];
     for (target, volume) in targets {
@@ -218,7 +218,7 @@ pub fn sidecar_container(
         env: Some(vec![
             env("AGENTGATE_IDENTITY", identity),
             env("AGENTGATE_TOKEN_FILE", "/var/run/secrets/agentgate/token"),
-            env("AGENTGATE_SPILL_DIR", "/var/lib/agentgate/spill"),
+            env("AGENTGATE_AUDIT_DIR", "/var/lib/agentgate/audit"),
             env("AGENTGATE_CLIENT_DIR", CLIENT_DIR),
             env("AGENTGATE_TARGETS_DIR", "/var/run/agentgate/targets"),
             env("AGENTGATE_PG_ADDR", &format!("127.0.0.1:{PG_PORT}")),

@@ -28,6 +28,8 @@ pub struct SessionSink {
     api: Api<AgentSession>,
     interval: Duration,
     open: HashMap<String, Open>,
+    /// The signing key of the stream being read (from its StreamStart).
+    key: Option<String>,
 }
 
 impl SessionSink {
@@ -37,6 +39,7 @@ impl SessionSink {
             api: Api::namespaced(client, namespace),
             interval,
             open: HashMap::new(),
+            key: None,
         }
     }
 
@@ -45,6 +48,9 @@ impl SessionSink {
         for line in lines {
             let r: Record = serde_json::from_slice(line)
                 .map_err(|e| format!("a spilled record does not parse: {e}"))?;
+            if let Some(k) = &r.key {
+                self.key = Some(k.public_key.clone());
+            }
             let Some(session) = r.session.clone() else {
                 continue;
             };
@@ -65,6 +71,9 @@ impl SessionSink {
                 continue;
             }
             fold(&mut open.status, &r);
+            if open.status.signing_key.is_none() {
+                open.status.signing_key.clone_from(&self.key);
+            }
             open.dirty = true;
         }
         self.flush(false).await
