@@ -272,15 +272,20 @@ fn the_file_sink_rotates_and_verify_reads_the_rotated_files_in_order() {
     for i in 0..30 {
         assert!(s.psql(port, &format!("SELECT {i}")).status.success());
     }
-    wait_until(&mut sidecar, Duration::from_secs(20), "30 sessions recorded", || {
-        let all: String = std::fs::read_dir(&s.audit_dir)
-            .unwrap()
-            .filter_map(|e| e.ok())
-            .filter(|e| e.path().extension().is_some_and(|x| x == "jsonl"))
-            .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
-            .collect();
-        all.matches("\"kind\":\"SessionEnd\"").count() >= 30
-    })
+    wait_until(
+        &mut sidecar,
+        Duration::from_secs(20),
+        "30 sessions recorded",
+        || {
+            let all: String = std::fs::read_dir(&s.audit_dir)
+                .unwrap()
+                .filter_map(|e| e.ok())
+                .filter(|e| e.path().extension().is_some_and(|x| x == "jsonl"))
+                .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+                .collect();
+            all.matches("\"kind\":\"SessionEnd\"").count() >= 30
+        },
+    )
     .unwrap();
     let mut rotated: Vec<_> = std::fs::read_dir(&s.audit_dir)
         .unwrap()
@@ -303,7 +308,11 @@ fn the_file_sink_rotates_and_verify_reads_the_rotated_files_in_order() {
     std::fs::remove_file(&rotated[0]).unwrap();
     let out = cli(&["verify", "--key", &s.key(), &dir]);
     assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
-    assert!(stdout(&out).contains("stream begins at n="), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("stream begins at n="),
+        "{}",
+        stdout(&out)
+    );
     let out = cli(&["verify", "--key", &s.key(), "--allow-partial", &dir]);
     assert!(out.status.success(), "{}", stdout(&out));
     sidecar.stop(Duration::from_secs(5));

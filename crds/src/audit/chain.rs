@@ -185,6 +185,19 @@ impl Chain {
         record: &mut Record,
         signer: Option<&Signer>,
     ) -> Result<Vec<u8>, ChainError> {
+        let mut line = Vec::with_capacity(512);
+        self.seal_into(record, signer, &mut line)?;
+        Ok(line)
+    }
+
+    /// [`Self::seal`] writing the line into `line` (cleared first), so a writer can reuse
+    /// one buffer.
+    pub fn seal_into(
+        &mut self,
+        record: &mut Record,
+        signer: Option<&Signer>,
+        line: &mut Vec<u8>,
+    ) -> Result<(), ChainError> {
         record.v = SCHEMA_VERSION;
         record.stream.clone_from(&self.stream);
         record.n = self.next;
@@ -202,8 +215,9 @@ impl Chain {
             record.seq = None;
             record.session_prev = None;
         }
-        let mut line = canonical(record)?;
-        let hash = hex(digest::digest(&digest::SHA256, &line).as_ref());
+        line.clear();
+        serde_json::to_writer(&mut *line, record)?;
+        let hash = hex(digest::digest(&digest::SHA256, line).as_ref());
         // The stored line is the canonical form with `hash` (and `sig`) appended: they are
         // the last fields of the schema.
         line.pop();
@@ -224,6 +238,9 @@ impl Chain {
         if let Some(session) = &record.session {
             if record.kind == RecordKind::SessionEnd {
                 self.sessions.remove(session);
+            } else if let Some(head) = self.sessions.get_mut(session) {
+                head.0 = record.seq.unwrap_or(0);
+                head.1.clone_from(&hash);
             } else {
                 self.sessions
                     .insert(session.clone(), (record.seq.unwrap_or(0), hash.clone()));
@@ -232,7 +249,7 @@ impl Chain {
         self.next += 1;
         self.head.clone_from(&hash);
         record.hash = hash;
-        Ok(line)
+        Ok(())
     }
 }
 

@@ -24,6 +24,16 @@ pub struct Position {
     pub offset: u64,
 }
 
+/// Whole lines read from the journal: the bytes as stored (each line ends in a newline) and
+/// each line without its newline.
+#[derive(Debug, Default)]
+pub struct Chunk {
+    /// The lines as stored.
+    pub data: Bytes,
+    /// Each line, without its newline (slices of `data`).
+    pub lines: Vec<Bytes>,
+}
+
 /// A segment larger than this is closed and a new one started.
 pub const SEGMENT_BYTES: u64 = 1 << 20;
 
@@ -162,7 +172,7 @@ impl Journal {
     /// Reads up to `max` bytes of whole lines from `pos`. Returns the lines and the position
     /// after them; an empty batch means nothing new yet. A closed segment's torn last line (a
     /// crash mid-write) is skipped.
-    pub fn read(&self, pos: Position, max: usize) -> io::Result<(Vec<Bytes>, Position)> {
+    pub fn read(&self, pos: Position, max: usize) -> io::Result<(Chunk, Position)> {
         let mut pos = pos;
         loop {
             let path = self.dir.join("segments").join(segment_name(pos.segment));
@@ -182,7 +192,7 @@ impl Journal {
                             };
                             continue;
                         }
-                        _ => return Ok((Vec::new(), pos)),
+                        _ => return Ok((Chunk::default(), pos)),
                     }
                 }
                 Err(e) => return Err(e),
@@ -211,7 +221,7 @@ impl Journal {
                         continue;
                     }
                 }
-                return Ok((Vec::new(), pos));
+                return Ok((Chunk::default(), pos));
             }
             let buf = Bytes::from(buf).slice(..whole);
             let lines = buf
@@ -220,7 +230,7 @@ impl Journal {
                 .map(|l| buf.slice_ref(l))
                 .collect();
             pos.offset += whole as u64;
-            return Ok((lines, pos));
+            return Ok((Chunk { data: buf, lines }, pos));
         }
     }
 }

@@ -232,6 +232,7 @@ impl Auditor {
             health: health.clone(),
             checkpoint_records: config.checkpoint_records,
             checkpoint_every: config.checkpoint_every,
+            line: Vec::with_capacity(4096),
         };
         std::thread::Builder::new()
             .name("agentgate-audit".into())
@@ -481,6 +482,8 @@ struct Writer {
     health: Arc<Health>,
     checkpoint_records: u64,
     checkpoint_every: Duration,
+    /// The line being written (one buffer, reused).
+    line: Vec<u8>,
 }
 
 impl Writer {
@@ -561,12 +564,11 @@ impl Writer {
                 | RecordKind::SessionEnd
                 | RecordKind::Checkpoint
         ) || self.chain.unsigned() + 1 >= self.checkpoint_records;
-        let line = self
-            .chain
-            .seal(r, sign.then_some(&self.signer))
+        self.chain
+            .seal_into(r, sign.then_some(&self.signer), &mut self.line)
             .map_err(|e| e.to_string())?;
         self.appender
-            .append(&line)
+            .append(&self.line)
             .map_err(|e| format!("write the spill journal: {e}"))?;
         if sign {
             *unsigned_since = None;

@@ -9,7 +9,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use bytes::Bytes;
+use crate::audit::journal::Chunk;
 
 /// The file sink.
 #[derive(Debug)]
@@ -49,20 +49,16 @@ impl FileSink {
             .ok_or_else(|| "the audit file is not open".to_owned())
     }
 
-    /// Appends `lines`, rotating first when the file is full.
-    pub fn deliver(&mut self, lines: &[Bytes]) -> Result<(), String> {
-        let size: u64 = lines.iter().map(|l| l.len() as u64 + 1).sum();
+    /// Appends the chunk's lines (as stored in the journal: one write), rotating first when
+    /// the file is full.
+    pub fn deliver(&mut self, chunk: &Chunk) -> Result<(), String> {
+        let size = chunk.data.len() as u64;
         if self.open()?.1 > 0 && self.open()?.1 + size > self.max_bytes {
             self.rotate()?;
         }
-        let mut buf = Vec::with_capacity(size as usize);
-        for l in lines {
-            buf.extend_from_slice(l);
-            buf.push(b'\n');
-        }
         let path = self.path.display().to_string();
         let (f, len) = self.open()?;
-        if let Err(e) = f.write_all(&buf) {
+        if let Err(e) = f.write_all(&chunk.data) {
             // A partial write leaves a torn line; the next delivery starts a fresh file.
             self.file = None;
             return Err(format!("{path}: {e}"));

@@ -12,11 +12,10 @@ pub mod sessions;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use jiff::Timestamp;
 
 use super::Health;
-use super::journal::Journal;
+use super::journal::{Chunk, Journal};
 
 /// The largest batch read from the journal for one delivery.
 const BATCH_BYTES: usize = 4 << 20;
@@ -44,9 +43,10 @@ impl Sink {
         }
     }
 
-    async fn deliver(&mut self, lines: &[Bytes]) -> Result<(), String> {
+    async fn deliver(&mut self, chunk: &Chunk) -> Result<(), String> {
+        let lines = &chunk.lines;
         match self {
-            Sink::File(s) => s.deliver(lines),
+            Sink::File(s) => s.deliver(chunk),
             Sink::Postgres(s) => s.deliver(lines).await,
             Sink::Http(s) => s.deliver(lines).await,
             Sink::Sessions(s) => s.deliver(lines).await,
@@ -77,7 +77,7 @@ pub(super) async fn deliver(mut sink: Sink, journal: Arc<Journal>, health: Arc<H
     let mut backoff = Duration::from_millis(100);
     loop {
         appended.borrow_and_update();
-        let (lines, next) = match journal.read(pos, BATCH_BYTES) {
+        let (chunk, next) = match journal.read(pos, BATCH_BYTES) {
             Ok(r) => r,
             Err(e) => {
                 fail(&health, &name, &format!("read the spill journal: {e}"));
@@ -86,7 +86,7 @@ pub(super) async fn deliver(mut sink: Sink, journal: Arc<Journal>, health: Arc<H
                 continue;
             }
         };
-        if lines.is_empty() {
+        if chunk.lines.is_empty() {
             pos = next;
             if let Err(e) = sink.idle().await {
                 fail(&health, &name, &e);
@@ -94,7 +94,7 @@ pub(super) async fn deliver(mut sink: Sink, journal: Arc<Journal>, health: Arc<H
             let _ = tokio::time::timeout(Duration::from_secs(1), appended.changed()).await;
             continue;
         }
-        match sink.deliver(&lines).await {
+        match sink.deliver(&chunk).await {
             Ok(()) => {
                 backoff = Duration::from_millis(100);
                 if let Ok(mut f) = health.failing.lock()
