@@ -348,10 +348,16 @@ pub fn oscal(
 /// The findings as CSV: one row per cited record (a finding without evidence gets one row).
 pub fn csv(findings: &[Finding]) -> String {
     fn field(s: &str) -> String {
+        // A cell a spreadsheet would run as a formula is kept as text.
+        let s = if s.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+            format!("'{s}")
+        } else {
+            s.to_owned()
+        };
         if s.contains([',', '"', '\n']) {
             format!("\"{}\"", s.replace('"', "\"\""))
         } else {
-            s.to_owned()
+            s
         }
     }
     let mut out = String::from(

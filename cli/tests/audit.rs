@@ -29,13 +29,24 @@ fn a_session_is_recorded_verified_shown_and_exported() {
     );
     let out = s.psql(port, "SELEC nonsense");
     assert!(!out.status.success());
+    // Values in comments, in DDL, in an error the agent provokes: none reaches a record.
+    let out = s.psql(
+        port,
+        "CREATE TABLE leak AS SELECT '4111111111111111' AS card /* pw hunter2 */",
+    );
+    assert!(!out.status.success());
+    let out = s.psql(
+        port,
+        "SELECT (SELECT email FROM customers WHERE id = 9)::int",
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid input syntax"));
 
     // Every record reaches both sinks; the session ends with a signed record.
     wait_until(
         &mut sidecar,
         Duration::from_secs(20),
         "records in the file sink",
-        || s.file().matches("\"kind\":\"SessionEnd\"").count() >= 3,
+        || s.file().matches("\"kind\":\"SessionEnd\"").count() >= 5,
     )
     .unwrap();
     let caught_up = wait_until(
@@ -51,10 +62,29 @@ fn a_session_is_recorded_verified_shown_and_exported() {
         s.file_records(),
         s.file()
     );
+    // A clean stop ends the stream (signed) and delivers it to every sink before exiting.
+    sidecar.stop(Duration::from_secs(15));
     let file = s.file();
+    assert!(file.contains("\"kind\":\"StreamEnd\""), "{file}");
+    assert_eq!(
+        s.table("SELECT count(*) FROM agentgate_audit"),
+        s.file_records().to_string()
+    );
     // No value the agent sent or received is in a record.
     assert!(!file.contains("user7@example.com"), "{file}");
     assert!(!file.contains("@example.com"));
+    assert!(
+        !file.contains("4111111111111111") && !file.contains("hunter2"),
+        "{file}"
+    );
+    assert!(
+        file.contains("CREATE TABLE leak AS SELECT $1 AS card\""),
+        "{file}"
+    );
+    assert!(
+        file.contains("\"error\":\"22P02 invalid_text_representation\""),
+        "{file}"
+    );
     assert!(
         file.contains("SELECT email FROM customers WHERE email = $1"),
         "{file}"
@@ -67,13 +97,15 @@ fn a_session_is_recorded_verified_shown_and_exported() {
     let out = cli(&["verify", "--key", &s.key(), &dir]);
     assert!(out.status.success(), "{}", stdout(&out));
     assert!(stdout(&out).contains("OK: "), "{}", stdout(&out));
+    assert!(stdout(&out).contains(", ended"), "{}", stdout(&out));
+    assert!(!stdout(&out).contains("warning"), "{}", stdout(&out));
     let out = cli(&["verify", "--key", &s.key(), "--postgres", &s.reader()]);
     assert!(out.status.success(), "{}", stdout(&out));
 
     // sessions and show.
     let out = cli(&["sessions", "--from", &dir, "--identity", "claude"]);
     let text = stdout(&out);
-    assert_eq!(text.lines().count(), 4, "{text}");
+    assert_eq!(text.lines().count(), 6, "{text}");
     let out = cli(&[
         "sessions",
         "--from",
@@ -95,11 +127,17 @@ fn a_session_is_recorded_verified_shown_and_exported() {
         "json",
     ]);
     let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(rows.len(), 1, "{}", stdout(&out));
-    assert_eq!(rows[0]["held"], 1);
-    let session = rows[0]["session"].as_str().unwrap().to_owned();
-    let out = cli(&["show", &session, "--from", &dir]);
-    let text = stdout(&out);
+    assert_eq!(rows.len(), 2, "{}", stdout(&out));
+    assert!(rows.iter().all(|r| r["held"] == 1));
+    let (session, text) = rows
+        .iter()
+        .map(|r| {
+            let session = r["session"].as_str().unwrap().to_owned();
+            let text = stdout(&cli(&["show", &session, "--from", &dir]));
+            (session, text)
+        })
+        .find(|(_, text)| text.contains("DELETE"))
+        .expect("the DELETE's session");
     assert!(
         text.contains("Held (guardrail") || text.contains("Held ("),
         "{text}"
@@ -218,10 +256,27 @@ fn a_sink_outage_and_a_kill_lose_nothing() {
         || s.table("SELECT count(*) FROM agentgate_audit") == s.file_records().to_string(),
     )
     .unwrap();
+    // The killed stream's end is covered by the next start's signature; the running one is
+    // verified as open.
+    let out = cli(&[
+        "verify",
+        "--key",
+        &s.key(),
+        "--open",
+        "--postgres",
+        &s.reader(),
+    ]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    assert_eq!(
+        stdout(&out).matches("no StreamEnd").count(),
+        1,
+        "{}",
+        stdout(&out)
+    );
+    sidecar.stop(Duration::from_secs(15));
     let out = cli(&["verify", "--key", &s.key(), "--postgres", &s.reader()]);
     assert!(out.status.success(), "{}", stdout(&out));
-    // The killed stream has no end; the new one is open: warnings, not tampering.
-    assert!(stdout(&out).contains("no StreamEnd"), "{}", stdout(&out));
+    assert!(!stdout(&out).contains("warning"), "{}", stdout(&out));
     sidecar.stop(Duration::from_secs(5));
 }
 
@@ -300,6 +355,7 @@ fn the_file_sink_rotates_and_verify_reads_the_rotated_files_in_order() {
     for f in &rotated {
         assert!(std::fs::metadata(f).unwrap().len() <= 8192 + 2048, "{f:?}");
     }
+    sidecar.stop(Duration::from_secs(15));
     let dir = s.audit_dir.display().to_string();
     let out = cli(&["verify", "--key", &s.key(), &dir]);
     assert!(out.status.success(), "{}", stdout(&out));

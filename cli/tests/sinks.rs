@@ -223,7 +223,13 @@ fn the_webhook_gets_every_record_verbatim_after_failures() {
     all.sort_by_key(|v| v["n"].as_u64());
     let lines: Vec<String> = all.iter().map(|v| v.to_string()).collect();
     std::fs::write(dir.join("audit.jsonl"), lines.join("\n")).unwrap();
-    let out = common::cli(&["verify", "--key", &s.key(), &dir.display().to_string()]);
+    let out = common::cli(&[
+        "verify",
+        "--key",
+        &s.key(),
+        "--open",
+        &dir.display().to_string(),
+    ]);
     assert!(out.status.success(), "{}", common::stdout(&out));
     sidecar.stop(Duration::from_secs(5));
 }

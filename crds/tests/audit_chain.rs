@@ -182,19 +182,15 @@ fn a_truncated_trail_is_found_against_the_session_head() {
         BTreeMap::from([("a".to_owned(), (last_a.seq.unwrap(), last_a.hash.clone()))]);
     // Cut the end: the last five records.
     let cut = &lines[..lines.len() - 5];
+    expect.allow_open = true;
     let report = run(cut, &expect);
     assert_eq!(report.problems.len(), 1, "{:#?}", report.problems);
     assert_eq!(report.problems[0].kind, ProblemKind::Truncated);
     assert!(report.problems[0].message.contains("session a ends at seq"));
-    // Without the head, the cut still shows: no StreamEnd and an unsigned tail.
+    // Without the head, the cut still shows: no StreamEnd and records no signature covers.
     let report = run(cut, &pinned(&signer));
     assert!(report.warnings.iter().any(|w| w.contains("no StreamEnd")));
-    assert!(
-        report
-            .warnings
-            .iter()
-            .any(|w| w.contains("not yet covered"))
-    );
+    assert_eq!(kinds(&report), vec![(ProblemKind::Unsigned, Some(1))]);
 }
 
 #[test]
@@ -270,4 +266,147 @@ fn garbage_and_other_versions_are_malformed() {
         .filter(|p| p.kind == ProblemKind::Malformed)
         .count();
     assert_eq!(malformed, 3, "{:#?}", report.problems);
+}
+
+/// Seals a new stream `name`: its start signed (carrying `previous`), `requests` unsigned
+/// requests of session `s`, and (when `end`) a signed session and stream end.
+fn stream(
+    name: &str,
+    signer: &Signer,
+    previous: Option<agentgate_crds::audit::StreamLink>,
+    requests: usize,
+    end: bool,
+) -> Vec<String> {
+    let mut chain = Chain::new(name);
+    let mut lines = Vec::new();
+    let mut start = record(RecordKind::StreamStart, None, "");
+    start.key = Some(signer.public().clone());
+    start.previous = previous;
+    lines.push(String::from_utf8(chain.seal(&mut start, Some(signer)).unwrap()).unwrap());
+    for i in 0..requests {
+        let mut r = record(RecordKind::Request, Some("s"), &format!("SELECT {i}"));
+        lines.push(String::from_utf8(chain.seal(&mut r, None).unwrap()).unwrap());
+    }
+    if end {
+        let mut r = record(RecordKind::SessionEnd, Some("s"), "");
+        lines.push(String::from_utf8(chain.seal(&mut r, Some(signer)).unwrap()).unwrap());
+        let mut r = record(RecordKind::StreamEnd, None, "");
+        lines.push(String::from_utf8(chain.seal(&mut r, Some(signer)).unwrap()).unwrap());
+    }
+    lines
+}
+
+fn link(lines: &[String]) -> agentgate_crds::audit::StreamLink {
+    let last: Record = serde_json::from_str(lines.last().unwrap()).unwrap();
+    agentgate_crds::audit::StreamLink {
+        stream: last.stream,
+        n: last.n,
+        hash: last.hash,
+    }
+}
+
+#[test]
+fn a_forged_stream_without_key_or_signatures_fails() {
+    let (signer, _) = Signer::generate().unwrap();
+    let mut chain = Chain::new("forged");
+    let mut lines = Vec::new();
+    for (kind, session) in [
+        (RecordKind::StreamStart, None),
+        (RecordKind::SessionStart, Some("s")),
+        (RecordKind::Request, Some("s")),
+        (RecordKind::SessionEnd, Some("s")),
+        (RecordKind::StreamEnd, None),
+    ] {
+        let mut r = record(kind, session, "SELECT 1");
+        lines.push(String::from_utf8(chain.seal(&mut r, None).unwrap()).unwrap());
+    }
+    let report = run(&lines, &pinned(&signer));
+    let found = kinds(&report);
+    assert!(
+        found.contains(&(ProblemKind::BadSignature, Some(0))),
+        "{found:?}"
+    );
+    assert!(
+        found.contains(&(ProblemKind::BadSignature, Some(3))),
+        "{found:?}"
+    );
+    assert!(
+        found.contains(&(ProblemKind::Unsigned, Some(0))),
+        "{found:?}"
+    );
+    assert!(!run(&lines, &Expectations::default()).ok());
+}
+
+#[test]
+fn a_tail_replaced_after_the_last_signature_fails() {
+    let (signer, _) = Signer::generate().unwrap();
+    let lines = trail(&signer);
+    // Keep the signed start, drop the rest, append re-hashed innocent records.
+    let mut chain = Chain::new("sidecar-1");
+    let mut start: Record = serde_json::from_str(&lines[0]).unwrap();
+    let mut forged =
+        vec![String::from_utf8(chain.seal(&mut start, Some(&signer)).unwrap()).unwrap()];
+    for i in 0..3 {
+        let mut r = record(RecordKind::Request, Some("a"), &format!("SELECT {i}"));
+        forged.push(String::from_utf8(chain.seal(&mut r, None).unwrap()).unwrap());
+    }
+    let report = run(&forged, &pinned(&signer));
+    assert_eq!(kinds(&report), vec![(ProblemKind::Unsigned, Some(1))]);
+    // A running sidecar's trail: accepted with --open, with a warning.
+    let report = run(
+        &forged,
+        &Expectations {
+            allow_open: true,
+            ..pinned(&signer)
+        },
+    );
+    assert!(report.ok(), "{:#?}", report.problems);
+    assert!(report.warnings.iter().any(|w| w.contains("not covered")));
+}
+
+#[test]
+fn a_restarted_sidecar_covers_the_stream_before_and_a_deleted_stream_is_found() {
+    let (signer, _) = Signer::generate().unwrap();
+    // The first run is killed: its last requests are unsigned, until the next run links them.
+    let first = stream("run-1", &signer, None, 5, false);
+    let second = stream("run-2", &signer, Some(link(&first)), 2, true);
+    let report = run(&[first.clone(), second.clone()].concat(), &pinned(&signer));
+    assert!(report.ok(), "{:#?}", report.problems);
+    // The whole first stream deleted.
+    let report = run(&second, &pinned(&signer));
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| p.kind == ProblemKind::Missing
+                && p.message.contains("stream run-1 is not in the input")),
+        "{:#?}",
+        report.problems
+    );
+    // Its end cut.
+    let cut = [first[..4].to_vec(), second.clone()].concat();
+    let report = run(&cut, &pinned(&signer));
+    assert!(
+        kinds(&report).contains(&(ProblemKind::Truncated, Some(4))),
+        "{:#?}",
+        report.problems
+    );
+    // A record appended to it after the restart.
+    let mut again = Chain::new("run-1");
+    let mut appended = Vec::new();
+    for l in &first {
+        let mut r: Record = serde_json::from_str(l).unwrap();
+        let signed = r.sig.is_some();
+        appended.push(
+            String::from_utf8(again.seal(&mut r, signed.then_some(&signer)).unwrap()).unwrap(),
+        );
+    }
+    let mut r = record(RecordKind::Request, Some("s"), "SELECT 99");
+    appended.push(String::from_utf8(again.seal(&mut r, None).unwrap()).unwrap());
+    let report = run(&[appended, second].concat(), &pinned(&signer));
+    assert!(
+        kinds(&report).contains(&(ProblemKind::Unsigned, Some(6))),
+        "{:#?}",
+        report.problems
+    );
 }

@@ -189,5 +189,5 @@ async fn main() {
         pct(&base, 50),
         pct(&base, 99)
     );
-    auditor.shutdown(Duration::from_secs(5));
+    auditor.shutdown(Duration::from_secs(5)).await;
 }

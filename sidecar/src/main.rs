@@ -282,7 +282,7 @@ async fn main() -> anyhow::Result<()> {
         _ = term.recv() => tracing::info!("terminated: stopping"),
     }
     // A signed StreamEnd closes the chain; undelivered records stay spilled for the next run.
-    auditor.shutdown(Duration::from_secs(5));
+    auditor.shutdown(Duration::from_secs(5)).await;
     Ok(())
 }
 

@@ -651,6 +651,7 @@ async fn in_cluster_policy_holds_and_revocation() -> anyhow::Result<()> {
             "-n",
             NS,
             "--sessions",
+            "--open",
             &audit_dir.display().to_string(),
         ],
     );
@@ -679,6 +680,7 @@ async fn in_cluster_policy_holds_and_revocation() -> anyhow::Result<()> {
             "-n",
             NS,
             "--sessions",
+            "--open",
             &cut_dir.display().to_string(),
         ],
     );

@@ -172,6 +172,13 @@ impl Chain {
         self.unsigned
     }
 
+    /// The sessions open in the stream (sealed a record, no `SessionEnd` yet).
+    pub fn open_sessions(&self) -> Vec<String> {
+        let mut open: Vec<String> = self.sessions.keys().cloned().collect();
+        open.sort();
+        open
+    }
+
     /// The head of a session (last `seq` and hash), while it is open.
     pub fn session_head(&self, session: &str) -> Option<(u64, &str)> {
         self.sessions.get(session).map(|(s, h)| (*s, h.as_str()))
@@ -270,6 +277,8 @@ pub enum ProblemKind {
     BadSignature,
     /// The trail ends before a point it is known to have reached.
     Truncated,
+    /// Records no valid signature covers: they could have been written by anyone.
+    Unsigned,
 }
 
 /// One finding of a verification.
@@ -339,6 +348,9 @@ pub struct Expectations {
     pub keys: Vec<String>,
     /// Accept streams whose beginning is not in the input (rotated files deleted by retention).
     pub allow_partial: bool,
+    /// Accept records not yet covered by a signature at the end of a stream (the trail of a
+    /// sidecar still running: it signs at least every second).
+    pub allow_open: bool,
     /// Session heads known from elsewhere (an AgentSession's status): session → (seq, hash).
     pub session_heads: BTreeMap<String, (u64, String)>,
 }
@@ -353,6 +365,10 @@ struct StreamState {
     sessions: HashMap<String, (u64, String, bool)>,
     /// The hashes of the last records, to recognise a re-delivered range.
     recent: std::collections::VecDeque<(u64, String)>,
+    /// The stream this one continues (from its StreamStart, when validly signed).
+    previous: Option<super::record::StreamLink>,
+    /// A later stream continues this one.
+    continued: bool,
 }
 
 /// How many recent hashes per stream the verifier keeps to recognise re-delivered records.
@@ -405,25 +421,97 @@ where
         let state = streams.entry(record.stream.clone()).or_default();
         check(&mut report, state, &mut record, &location, &trusted, expect);
     }
+    // Streams continued by a later one (a restart): the link, signed by the later stream,
+    // covers the earlier one's end.
+    let links: Vec<(String, super::record::StreamLink)> = streams
+        .iter()
+        .filter_map(|(name, s)| s.previous.clone().map(|l| (name.clone(), l)))
+        .collect();
+    for (from, link) in links {
+        match streams.get_mut(&link.stream) {
+            None if !expect.allow_partial => report.problems.push(Problem {
+                kind: ProblemKind::Missing,
+                stream: link.stream.clone(),
+                n: None,
+                location: String::new(),
+                message: format!(
+                    "stream {} is not in the input, but stream {from} continues it from n={}: it was deleted",
+                    link.stream, link.n
+                ),
+            }),
+            None => {}
+            Some(prev) if prev.summary.last < link.n => report.problems.push(Problem {
+                kind: ProblemKind::Truncated,
+                stream: link.stream.clone(),
+                n: Some(prev.summary.last + 1),
+                location: String::new(),
+                message: format!(
+                    "stream {} ends at n={} here, but stream {from} continues it from n={}: its last records were cut",
+                    link.stream, prev.summary.last, link.n
+                ),
+            }),
+            Some(prev) => {
+                if prev.summary.last == link.n && prev.last_hash != link.hash {
+                    report.problems.push(Problem {
+                        kind: ProblemKind::Broken,
+                        stream: link.stream.clone(),
+                        n: Some(link.n),
+                        location: String::new(),
+                        message: format!(
+                            "record n={} of stream {} is not the one stream {from} continues from: it was edited or replaced",
+                            link.n, link.stream
+                        ),
+                    });
+                } else if prev.summary.last > link.n {
+                    report.problems.push(Problem {
+                        kind: ProblemKind::Unsigned,
+                        stream: link.stream.clone(),
+                        n: Some(link.n + 1),
+                        location: String::new(),
+                        message: format!(
+                            "records n={}..={} of stream {} come after the point stream {from} continued it from: they were added later",
+                            link.n + 1,
+                            prev.summary.last,
+                            link.stream
+                        ),
+                    });
+                } else {
+                    prev.summary.signed_through = Some(link.n);
+                    prev.continued = true;
+                }
+            }
+        }
+    }
     for (name, mut state) in streams {
         state.summary.stream = name.clone();
         state.summary.sessions = state.sessions.len() as u64;
-        if !state.summary.ended {
+        if !state.summary.ended && !state.continued {
             report.warnings.push(format!(
                 "stream {name} has no StreamEnd after n={}: the sidecar is still running, was killed, or the end of the trail was cut",
                 state.summary.last
             ));
         }
-        match state.summary.signed_through {
-            Some(s) if s < state.summary.last => report.warnings.push(format!(
-                "stream {name}: records n={}..={} are not yet covered by a signature",
-                s + 1,
+        let unsigned_from = match state.summary.signed_through {
+            Some(s) if s < state.summary.last => Some(s + 1),
+            None => Some(state.summary.first),
+            _ => None,
+        };
+        if let Some(from) = unsigned_from {
+            let message = format!(
+                "stream {name}: records n={from}..={} are not covered by a signature, so anyone could have written them (a running sidecar signs at least every second: verify again, or pass --open)",
                 state.summary.last
-            )),
-            None => report.warnings.push(format!(
-                "stream {name}: no record is covered by a valid signature"
-            )),
-            _ => {}
+            );
+            if expect.allow_open {
+                report.warnings.push(message);
+            } else {
+                report.problems.push(Problem {
+                    kind: ProblemKind::Unsigned,
+                    stream: name.clone(),
+                    n: Some(from),
+                    location: String::new(),
+                    message,
+                });
+            }
         }
         if state.summary.ended {
             for (session, (_, _, ended)) in &state.sessions {
@@ -549,7 +637,19 @@ fn check(
         ));
     }
     if record.kind == RecordKind::StreamStart {
+        if n != 0 || state.started {
+            report.problems.push(problem(
+                ProblemKind::Broken,
+                format!("record n={n} starts the stream again: a stream starts once, at n=0"),
+            ));
+        }
         state.started = true;
+        if record.key.is_none() {
+            report.problems.push(problem(
+                ProblemKind::BadSignature,
+                "the stream's start carries no signing key".to_owned(),
+            ));
+        }
         if let Some(key) = &record.key {
             state.summary.key_id = Some(key.key_id.clone());
             match B64.decode(&key.public_key) {
@@ -581,12 +681,32 @@ fn check(
         });
         if sig_ok && actual == stored_hash {
             state.summary.signed_through = Some(n);
+            if record.kind == RecordKind::StreamStart {
+                state.previous.clone_from(&record.previous);
+            }
         } else if !sig_ok {
             report.problems.push(problem(
                 ProblemKind::BadSignature,
                 format!("record n={n}'s signature does not verify with the stream's key"),
             ));
         }
+    }
+    if sig.is_none()
+        && matches!(
+            record.kind,
+            RecordKind::StreamStart
+                | RecordKind::StreamEnd
+                | RecordKind::SessionEnd
+                | RecordKind::Checkpoint
+        )
+    {
+        report.problems.push(problem(
+            ProblemKind::BadSignature,
+            format!(
+                "record n={n} ({}) is always signed, and this one is not",
+                record.kind.as_str()
+            ),
+        ));
     }
     if let Some(session) = &record.session {
         let seq = record.seq.unwrap_or(0);

@@ -12,5 +12,6 @@ pub use chain::{
     canonical, hash_of, key_id, verify,
 };
 pub use record::{
-    Decision, IoChunk, Outcome, Record, RecordKind, Request, SCHEMA_VERSION, SigningKey, Verdict,
+    Decision, IoChunk, Outcome, Record, RecordKind, Request, SCHEMA_VERSION, SigningKey,
+    StreamLink, Verdict,
 };

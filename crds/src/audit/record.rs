@@ -79,6 +79,11 @@ pub struct Record {
     /// The stream's signing key (on `StreamStart`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<SigningKey>,
+    /// On `StreamStart`: the last record of the stream this sidecar wrote before it restarted
+    /// (from its spill journal), so the new stream's signature covers the old stream's end
+    /// and a deleted stream is missed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<StreamLink>,
     /// Free-form detail: why a session ended, what a checkpoint covers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
@@ -245,6 +250,18 @@ pub struct IoChunk {
     pub data: String,
 }
 
+/// A point in another stream.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StreamLink {
+    /// The stream.
+    pub stream: String,
+    /// Its last record's position.
+    pub n: u64,
+    /// That record's hash.
+    pub hash: String,
+}
+
 /// The public half of a stream's signing key.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -281,6 +298,7 @@ impl Record {
             outcome: None,
             io: None,
             key: None,
+            previous: None,
             note: None,
             hash: String::new(),
             sig: None,

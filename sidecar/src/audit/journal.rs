@@ -49,6 +49,8 @@ pub struct Journal {
     acked: Mutex<BTreeMap<String, Position>>,
     /// The slowest sink's offset in its segment (delivered bytes still on disk).
     behind: AtomicU64,
+    /// The end of what was written and flushed.
+    end: Mutex<Position>,
     /// Tells readers that records were appended.
     appended: tokio::sync::watch::Sender<u64>,
 }
@@ -80,6 +82,10 @@ impl Journal {
             bytes: AtomicU64::new(bytes),
             acked: Mutex::new(BTreeMap::new()),
             behind: AtomicU64::new(0),
+            end: Mutex::new(Position {
+                segment: active,
+                offset: 0,
+            }),
             appended,
         });
         let appender = Appender {
@@ -91,9 +97,41 @@ impl Journal {
         Ok((journal, appender))
     }
 
+    /// The last whole line an earlier run wrote (the end of its stream), if its segments are
+    /// still here.
+    pub fn last_line(&self) -> Option<Vec<u8>> {
+        let active = self.active.load(Ordering::Acquire);
+        for id in segments(&self.dir).ok()?.into_iter().rev() {
+            if id >= active {
+                continue;
+            }
+            let data = fs::read(self.dir.join("segments").join(segment_name(id))).ok()?;
+            let whole = data.iter().rposition(|b| *b == b'\n')?;
+            let start = data[..whole]
+                .iter()
+                .rposition(|b| *b == b'\n')
+                .map_or(0, |i| i + 1);
+            if whole > start {
+                return Some(data[start..whole].to_vec());
+            }
+        }
+        None
+    }
+
     /// Bytes in the journal (delivered segments are deleted).
     pub fn bytes(&self) -> u64 {
         self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Whether every sink has delivered everything written so far.
+    pub fn all_delivered(&self) -> bool {
+        let Ok(end) = self.end.lock().map(|e| *e) else {
+            return false;
+        };
+        self.acked
+            .lock()
+            .map(|a| a.values().all(|p| *p >= end))
+            .unwrap_or(false)
     }
 
     /// Bytes not yet delivered to every sink (what the bound on the journal counts): the
@@ -270,6 +308,12 @@ impl Appender {
     /// Writes buffered lines to the file and wakes the readers.
     pub fn flush(&mut self) -> io::Result<()> {
         self.file.flush()?;
+        if let Ok(mut end) = self.journal.end.lock() {
+            *end = Position {
+                segment: self.segment,
+                offset: self.size,
+            };
+        }
         self.journal.appended.send_modify(|n| *n += 1);
         Ok(())
     }

@@ -100,6 +100,9 @@ struct Health {
     /// Each sink's last failure, for the refusal message.
     failing: Mutex<std::collections::BTreeMap<String, (Timestamp, String)>>,
     stopped: AtomicBool,
+    /// Held (shared) while a record is handed over, taken (exclusive) to stop: no record is
+    /// accepted after the stream's end.
+    handover: std::sync::RwLock<()>,
     accepted: AtomicU64,
 }
 
@@ -129,13 +132,27 @@ pub fn truncated(mut text: String) -> String {
     text
 }
 
-/// A statement as records keep it: PostgreSQL's normalized form, every constant replaced by a
-/// `$n` placeholder, so no value (a password, a card number) reaches a record.
+/// Text the agent chose (a client name, a database name, an error it provoked), as records
+/// keep it: control characters (terminal escapes) replaced, at most `max` characters.
+pub fn agent_text(text: &str, max: usize) -> String {
+    let mut out: String = text
+        .chars()
+        .take(max)
+        .map(|c| if c.is_control() { '\u{fffd}' } else { c })
+        .collect();
+    if text.chars().nth(max).is_some() {
+        out.push('…');
+    }
+    out
+}
+
+/// A statement as records keep it: every constant a `$n` placeholder and every comment
+/// dropped ([`crate::sql::redact`]), so no value (a password, a card number) reaches a record.
 pub fn normalized_sql(sql: &str) -> String {
-    match pg_query::normalize(sql) {
-        Ok(n) => truncated(n),
-        Err(_) => format!(
-            "(a statement that does not parse, {} bytes: not recorded)",
+    match crate::sql::redact(sql) {
+        Some(n) => truncated(n),
+        None => format!(
+            "(a statement that does not scan, {} bytes: not recorded)",
             sql.len()
         ),
     }
@@ -225,6 +242,16 @@ impl Auditor {
         start.key = Some(signer.public().clone());
         start.pod.clone_from(&config.pod);
         start.note = Some(format!("agentgate-sidecar {}", env!("CARGO_PKG_VERSION")));
+        // Continue the stream of the run before (killed or stopped): this start's signature
+        // then covers its end.
+        start.previous = journal
+            .last_line()
+            .and_then(|l| serde_json::from_slice::<Record>(&l).ok())
+            .map(|r| agentgate_crds::audit::StreamLink {
+                stream: r.stream,
+                n: r.n,
+                hash: r.hash,
+            });
         let writer = Writer {
             chain: Chain::new(stream.to_string()),
             signer,
@@ -242,7 +269,15 @@ impl Auditor {
                 source,
             })?;
         for sink in sinks {
-            tokio::spawn(sinks::deliver(sink, journal.clone(), health.clone()));
+            // Every sink's cursor is known before anything is recorded: the journal keeps
+            // what each still needs and counts it against the bound.
+            let pos = journal
+                .cursor(&sink.name())
+                .map_err(|source| AuditError::Io {
+                    what: format!("read the cursor of audit sink {}", sink.name()),
+                    source,
+                })?;
+            tokio::spawn(sinks::deliver(sink, pos, journal.clone(), health.clone()));
         }
         Ok(Self {
             tx,
@@ -293,7 +328,9 @@ impl Auditor {
             return String::new();
         };
         f.iter()
-            .map(|(sink, (since, why))| format!("; sink {sink} failing since {since}: {why}"))
+            // Only names and times: the agent reads this, and a sink's error can carry its
+            // address or its answer (the sidecar's log has them).
+            .map(|(sink, (since, _))| format!("; sink {sink} failing since {since}"))
             .collect()
     }
 
@@ -314,6 +351,7 @@ impl Auditor {
     }
 
     fn send(&self, msg: Msg) -> Result<(), String> {
+        let _handover = self.health.handover.read();
         if self.health.stopped.load(Ordering::Relaxed) {
             return Err("agentgate refuses new commands: it is shutting down".into());
         }
@@ -339,6 +377,7 @@ impl Auditor {
         protocol: Protocol,
         client: Option<String>,
     ) -> Result<SessionRecorder, String> {
+        self.admit()?;
         let n = self.next_session.fetch_add(1, Ordering::Relaxed);
         let id = session_id(identity, &self.stream, n);
         let rec = SessionRecorder {
@@ -356,15 +395,22 @@ impl Auditor {
         Ok(rec)
     }
 
-    /// Ends the stream cleanly (a signed `StreamEnd`) and waits up to `wait` for the writer.
-    pub fn shutdown(&self, wait: Duration) {
-        let mut end = Record::new(RecordKind::StreamEnd, Timestamp::now());
-        end.note = Some("the sidecar stopped".into());
-        let _ = self.tx.try_send(Msg::Record(Box::new(end)));
+    /// Ends the stream cleanly, after every record already accepted: the sessions still open
+    /// end ("the sidecar stopped"), then a signed `StreamEnd`. Waits up to `wait` for the
+    /// writer and the sinks (what they have not delivered then stays spilled for the next
+    /// start).
+    pub async fn shutdown(&self, wait: Duration) {
+        let deadline = Instant::now() + wait;
+        {
+            let _exclusive = self.health.handover.write();
+            self.health.stopped.store(true, Ordering::Relaxed);
+        }
         let (done_tx, done_rx) = std::sync::mpsc::channel();
-        self.health.stopped.store(true, Ordering::Relaxed);
         if self.tx.send(Msg::Stop(done_tx)).is_ok() {
-            let _ = done_rx.recv_timeout(wait);
+            let _ = tokio::task::spawn_blocking(move || done_rx.recv_timeout(wait)).await;
+        }
+        while !self.journal.all_delivered() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
@@ -502,6 +548,12 @@ impl Writer {
                     Msg::Statement(mut r, sql) => {
                         if let Some(req) = r.request.as_mut() {
                             req.text = normalized_sql(sql.text());
+                        }
+                        // The exact-command fingerprint only where a grant binds to it: a
+                        // hash of the whole text would let a short secret in it be guessed.
+                        if r.verdict() == Some(agentgate_crds::audit::Verdict::Held)
+                            && let Some(req) = r.request.as_mut()
+                        {
                             req.fingerprint = Some(sql.get().to_owned());
                         }
                         if let Err(e) = self.write(&mut r, &mut unsigned_since) {
@@ -538,6 +590,8 @@ impl Writer {
                 self.fail(format!("write the spill journal: {e}"));
             }
             if let Some(done) = stop {
+                self.end_stream(&mut unsigned_since);
+                let _ = self.appender.flush();
                 let _ = done.send(());
                 return;
             }
@@ -576,6 +630,23 @@ impl Writer {
             *unsigned_since = Some(Instant::now());
         }
         Ok(())
+    }
+
+    /// The sessions still open end, then the stream.
+    fn end_stream(&mut self, unsigned_since: &mut Option<Instant>) {
+        for session in self.chain.open_sessions() {
+            let mut end = Record::new(RecordKind::SessionEnd, Timestamp::now());
+            end.session = Some(session);
+            end.note = Some("the sidecar stopped".into());
+            if let Err(e) = self.write(&mut end, unsigned_since) {
+                self.fail(e);
+            }
+        }
+        let mut end = Record::new(RecordKind::StreamEnd, Timestamp::now());
+        end.note = Some("the sidecar stopped".into());
+        if let Err(e) = self.write(&mut end, unsigned_since) {
+            self.fail(e);
+        }
     }
 
     fn fail(&self, why: String) {

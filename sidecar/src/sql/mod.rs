@@ -1,5 +1,7 @@
 //! SQL understanding: classification by the real PostgreSQL grammar.
 
 pub mod classify;
+pub mod redact;
 
 pub use classify::{Classified, ClassifyError, Fingerprint, Flag, Statement, classify};
+pub use redact::redact;

@@ -59,7 +59,9 @@ impl FileSink {
         let path = self.path.display().to_string();
         let (f, len) = self.open()?;
         if let Err(e) = f.write_all(&chunk.data) {
-            // A partial write leaves a torn line; the next delivery starts a fresh file.
+            // A partial write would leave a torn line: cut the file back to where it was,
+            // and reopen it for the retry.
+            let _ = f.set_len(*len);
             self.file = None;
             return Err(format!("{path}: {e}"));
         }

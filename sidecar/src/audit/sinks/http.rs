@@ -89,22 +89,28 @@ impl HttpSink {
         let req = req
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| e.to_string())?;
-        let resp = tokio::time::timeout(Duration::from_secs(30), self.client.request(req))
+        // One deadline for the answer and its body: a receiver that stalls is a failure.
+        let exchange = async {
+            let resp = self
+                .client
+                .request(req)
+                .await
+                .map_err(|e| format!("{}: {e}", self.url))?;
+            let status = resp.status();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            Ok::<_, String>((status, body))
+        };
+        let (status, body) = tokio::time::timeout(Duration::from_secs(30), exchange)
             .await
-            .map_err(|_| format!("{}: no answer in 30 s", self.url))?
-            .map_err(|e| format!("{}: {e}", self.url))?;
-        let status = resp.status();
+            .map_err(|_| format!("{}: no complete answer in 30 s", self.url))??;
         if status.is_success() {
-            // Read the answer so the connection is reused.
-            let _ = resp.into_body().collect().await;
             return Ok(());
         }
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map(|b| b.to_bytes())
-            .unwrap_or_default();
         Err(format!(
             "{} answered {status}: {}",
             self.url,

@@ -53,6 +53,15 @@ impl Sink {
         }
     }
 
+    /// The largest batch delivered at once.
+    fn max_batch(&self) -> usize {
+        match self {
+            // Receivers commonly cap request bodies (a few MiB).
+            Sink::Http(_) => BATCH_BYTES / 4,
+            _ => BATCH_BYTES,
+        }
+    }
+
     async fn idle(&mut self) -> Result<(), String> {
         match self {
             Sink::Sessions(s) => s.flush(false).await,
@@ -62,22 +71,19 @@ impl Sink {
 }
 
 /// Delivers the journal to `sink` forever.
-pub(super) async fn deliver(mut sink: Sink, journal: Arc<Journal>, health: Arc<Health>) {
+pub(super) async fn deliver(
+    mut sink: Sink,
+    mut pos: super::journal::Position,
+    journal: Arc<Journal>,
+    health: Arc<Health>,
+) {
     let name = sink.name();
     let mut appended = journal.subscribe();
-    let mut pos = loop {
-        match journal.cursor(&name) {
-            Ok(p) => break p,
-            Err(e) => {
-                fail(&health, &name, &e.to_string());
-                tokio::time::sleep(Duration::from_secs(5)).await;
-            }
-        }
-    };
+    let max = sink.max_batch();
     let mut backoff = Duration::from_millis(100);
     loop {
         appended.borrow_and_update();
-        let (chunk, next) = match journal.read(pos, BATCH_BYTES) {
+        let (chunk, next) = match journal.read(pos, max) {
             Ok(r) => r,
             Err(e) => {
                 fail(&health, &name, &format!("read the spill journal: {e}"));

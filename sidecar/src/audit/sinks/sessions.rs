@@ -125,8 +125,17 @@ impl SessionSink {
                 continue;
             }
             if !open.exists {
-                create(&self.api, name, &open.spec).await?;
-                open.exists = true;
+                match create(&self.api, name, &open.spec).await {
+                    Ok(()) => open.exists = true,
+                    // The API server will never take it (invalid): not worth blocking every
+                    // later record for; the full records are in the other sinks.
+                    Err(kube::Error::Api(e)) if e.code == 422 => {
+                        tracing::error!(session = %name, error = %e.message, "AgentSession refused as invalid: its summary is skipped");
+                        open.dirty = false;
+                        continue;
+                    }
+                    Err(e) => return Err(format!("create AgentSession {name}: {e}")),
+                }
             }
             let patch = serde_json::json!({ "status": open.status });
             self.api
@@ -158,7 +167,7 @@ async fn create(
     api: &Api<AgentSession>,
     name: &str,
     spec: &AgentSessionSpec,
-) -> Result<(), String> {
+) -> Result<(), kube::Error> {
     let mut obj = AgentSession::new(name, spec.clone());
     obj.metadata.labels = Some(agentgate_crds::common::selector_labels(
         &spec.identity,
@@ -167,7 +176,7 @@ async fn create(
     match api.create(&PostParams::default(), &obj).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
-        Err(e) => Err(format!("create AgentSession {name}: {e}")),
+        Err(e) => Err(e),
     }
 }
 

@@ -100,14 +100,15 @@ pub fn request(
     rec.emit_statement(r, sql)
 }
 
-/// Records the end of a hold: approved (and by whom) or not.
+/// Records the end of a hold: approved (and by whom) or not. `Err` (why) when the record
+/// cannot be taken: an approved command must then be refused.
 pub fn approval(
     rec: &SessionRecorder,
     id: u64,
     d: &Decision,
     grant: Option<&str>,
     approver: Option<String>,
-) {
+) -> Result<(), String> {
     let mut r = rec.base(RecordKind::Approval);
     let mut dec = decision(d);
     dec.verdict = if d.verdict == Verdict::Allow {
@@ -122,9 +123,10 @@ pub fn approval(
         id,
         ..Default::default()
     });
-    if let Err(e) = rec.emit(r) {
-        tracing::error!(session = rec.id(), error = %e, "a hold's decision could not be recorded");
+    if d.verdict == Verdict::Allow {
+        rec.auditor().admit()?;
     }
+    rec.emit(r)
 }
 
 /// Who decided grant `name`, from the policy snapshot.

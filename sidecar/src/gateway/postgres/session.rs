@@ -151,10 +151,11 @@ fn refused_connection(gw: &Gateway, identity: Option<&str>, target: &str, why: &
         jiff::Timestamp::now(),
     );
     r.identity = identity.map(str::to_owned);
-    r.target = Some(target.to_owned());
+    r.target = Some(crate::audit::agent_text(target, 253));
     r.protocol = Some(Protocol::Postgres);
-    r.note = Some(crate::audit::truncated(why.to_owned()));
-    if let Err(e) = gw.audit.record(r) {
+    r.note = Some(crate::audit::agent_text(why, 512));
+    // Refusals do not count against a full buffer (connections keep being refused anyway).
+    if let Err(e) = gw.audit.admit().and_then(|()| gw.audit.record(r)) {
         tracing::warn!(error = %e, "a refused connection could not be recorded");
     }
 }
@@ -387,7 +388,9 @@ pub async fn handle(sock: TcpStream, gw: Arc<Gateway>) -> Result<(), FrameError>
             .collect(),
         _ => Vec::new(),
     };
-    let client = startup.param("application_name").map(str::to_owned);
+    let client = startup
+        .param("application_name")
+        .map(|c| crate::audit::agent_text(c, 200));
     let rec = match gw
         .audit
         .session(&identity, &database, Protocol::Postgres, client)
@@ -940,7 +943,7 @@ async fn writer(
                     // After an error the server skips to the Sync: nothing more is answered.
                     b'E' => {
                         let batch = answering(&mut queue, &mut open);
-                        let error = error_summary(&masks, &frame);
+                        let error = error_summary(&frame);
                         if let Some(t) = batch.tally() {
                             t.error = Some(error);
                         }
@@ -1201,23 +1204,47 @@ fn command_rows(frame: &Frame) -> u64 {
         .unwrap_or(0)
 }
 
-/// An error as records keep it: its SQLSTATE and message, values masked; data and
-/// constraint errors (classes 22 and 23, which quote the offending value) keep only what kind
-/// of error it was.
-fn error_summary(masks: &MaskSet, frame: &Frame) -> String {
+/// An error as records keep it: its SQLSTATE and the condition's name, never the server's
+/// message (messages quote values: `value "4111…" is out of range`, `syntax error at or near
+/// "'secret'"`, whatever a `RAISE` says).
+fn error_summary(frame: &Frame) -> String {
     let Ok(e) = ErrorFields::decode(frame) else {
         return "a malformed error".to_owned();
     };
-    let message = if e.code.starts_with("22") || e.code.starts_with("23") {
-        e.message.split(':').next().unwrap_or_default().to_owned()
-    } else {
-        match masks.mask(None, &e.message).0 {
-            Masked::Clear => e.message,
-            Masked::Text(m) => m,
-            Masked::Null => "(masked)".to_owned(),
-        }
+    let name = match e.code.as_str() {
+        "22001" => "string_data_right_truncation",
+        "22003" => "numeric_value_out_of_range",
+        "22007" => "invalid_datetime_format",
+        "22012" => "division_by_zero",
+        "22P02" => "invalid_text_representation",
+        "23502" => "not_null_violation",
+        "23503" => "foreign_key_violation",
+        "23505" => "unique_violation",
+        "23514" => "check_violation",
+        "25P02" => "in_failed_sql_transaction",
+        "40001" => "serialization_failure",
+        "40P01" => "deadlock_detected",
+        "42501" => "insufficient_privilege",
+        "42601" => "syntax_error",
+        "42703" => "undefined_column",
+        "42883" => "undefined_function",
+        "42P01" => "undefined_table",
+        "57014" => "query_canceled",
+        "P0001" => "raise_exception",
+        c if c.starts_with("08") => "connection_exception",
+        c if c.starts_with("22") => "data_exception",
+        c if c.starts_with("23") => "integrity_constraint_violation",
+        c if c.starts_with("42") => "syntax_error_or_access_rule_violation",
+        c if c.starts_with("53") => "insufficient_resources",
+        _ => "error",
     };
-    crate::audit::truncated(format!("{}: {message}", e.code))
+    let code: String = e
+        .code
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(5)
+        .collect();
+    format!("{code} {name}")
 }
 
 fn mask_error(masks: &MaskSet, frame: &Frame) -> Frame {
@@ -1727,7 +1754,16 @@ async fn reader(
                     let by = grant
                         .as_deref()
                         .and_then(|g| records::approver(gw.policy.get().as_deref(), g));
-                    records::approval(rec, id, &d, grant.as_deref(), by);
+                    if let Err(why) = records::approval(rec, id, &d, grant.as_deref(), by)
+                        && d.verdict == Verdict::Allow
+                    {
+                        d = Decision {
+                            verdict: Verdict::Refuse,
+                            rule: "audit".into(),
+                            grant: d.grant,
+                            message: why,
+                        };
+                    }
                     held_as = Some(filed);
                 }
                 if d.verdict == Verdict::Allow {
@@ -1821,7 +1857,17 @@ async fn reader(
                                 let by = grant
                                     .as_deref()
                                     .and_then(|g| records::approver(gw.policy.get().as_deref(), g));
-                                records::approval(rec, id, &d, grant.as_deref(), by);
+                                if let Err(why) =
+                                    records::approval(rec, id, &d, grant.as_deref(), by)
+                                    && d.verdict == Verdict::Allow
+                                {
+                                    d = Decision {
+                                        verdict: Verdict::Refuse,
+                                        rule: "audit".into(),
+                                        grant: d.grant,
+                                        message: why,
+                                    };
+                                }
                                 held_as = Some(filed);
                             }
                             if d.verdict == Verdict::Allow {
@@ -1883,9 +1929,11 @@ async fn reader(
             }
             Frontend::Execute { ref portal, .. } => {
                 // Re-check at execution: a grant may have expired since Parse.
-                let statement = portals.get(portal).cloned().unwrap_or_default();
+                // A portal the gateway did not see bound (a SQL cursor's name) is unknown:
+                // refused below, never taken for the unnamed statement.
+                let statement = portals.get(portal).cloned();
                 let id = rec.next_request();
-                let verdict = statements.get(&statement).map(|c| {
+                let verdict = statement.and_then(|st| statements.get(&st)).map(|c| {
                     let d = recorded(
                         id,
                         c.fingerprint.text(),
@@ -1924,10 +1972,22 @@ async fn reader(
                     other => {
                         let err = match &other {
                             Some((d, c)) => refusal(d, Some(c)),
-                            None => ErrorFields::error(
-                                sqlstate::INSUFFICIENT_PRIVILEGE,
-                                "agentgate: executing a statement it has not seen prepared",
-                            ),
+                            None => {
+                                let message = "agentgate: executing a statement it has not seen prepared (or a portal it has not seen bound)";
+                                recorded(
+                                    id,
+                                    "",
+                                    None,
+                                    "execute",
+                                    Decision {
+                                        verdict: Verdict::Refuse,
+                                        rule: "protocol".into(),
+                                        grant: None,
+                                        message: message.into(),
+                                    },
+                                );
+                                ErrorFields::error(sqlstate::INSUFFICIENT_PRIVILEGE, message)
+                            }
                         };
                         refuse_in_batch(&mut up, &tx, in_batch, err).await?;
                         skip_until_sync = true;
