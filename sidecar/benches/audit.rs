@@ -151,7 +151,8 @@ async fn main() {
             reason: None,
         });
         auditor.admit().unwrap();
-        rec.emit_statement(r, c.fingerprint.clone()).unwrap();
+        rec.emit_statement(r, c.fingerprint.clone(), c.redacted.clone())
+            .unwrap();
         let mut o = rec.base(RecordKind::Outcome);
         o.outcome = Some(Outcome {
             id: i,

@@ -111,7 +111,7 @@ enum Msg {
     /// A request record for a SQL statement: the writer fills `request.text` with its
     /// normalized form (every constant a `$n` placeholder) and `request.fingerprint`, off the
     /// request path.
-    Statement(Box<Record>, crate::sql::Fingerprint),
+    Statement(Box<Record>, crate::sql::Fingerprint, Option<Arc<str>>),
     Stop(std::sync::mpsc::Sender<()>),
 }
 
@@ -346,8 +346,9 @@ impl Auditor {
         &self,
         record: Record,
         sql: crate::sql::Fingerprint,
+        redacted: Option<Arc<str>>,
     ) -> Result<(), String> {
-        self.send(Msg::Statement(Box::new(record), sql))
+        self.send(Msg::Statement(Box::new(record), sql, redacted))
     }
 
     fn send(&self, msg: Msg) -> Result<(), String> {
@@ -497,8 +498,9 @@ impl SessionRecorder {
         &self,
         record: Record,
         sql: crate::sql::Fingerprint,
+        redacted: Option<Arc<str>>,
     ) -> Result<(), String> {
-        self.auditor.record_statement(record, sql)
+        self.auditor.record_statement(record, sql, redacted)
     }
 
     /// Records the session's end (once).
@@ -545,9 +547,12 @@ impl Writer {
                             self.fail(e);
                         }
                     }
-                    Msg::Statement(mut r, sql) => {
+                    Msg::Statement(mut r, sql, redacted) => {
                         if let Some(req) = r.request.as_mut() {
-                            req.text = normalized_sql(sql.text());
+                            req.text = match redacted {
+                                Some(t) => truncated(t.to_string()),
+                                None => normalized_sql(sql.text()),
+                            };
                         }
                         // The exact-command fingerprint only where a grant binds to it: a
                         // hash of the whole text would let a short secret in it be guessed.

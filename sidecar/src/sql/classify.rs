@@ -80,6 +80,10 @@ pub struct Classified {
     /// the parse tree, so whitespace, comments and letter case of keywords do not matter but
     /// every constant does. Computed when first asked for (most statements never need it).
     pub fingerprint: Fingerprint,
+    /// The statement as audit records keep it ([`super::redact`]), when it is known already:
+    /// shared by every statement of the same shape (drivers send a few shapes over and over),
+    /// so it is computed once per shape, not per statement.
+    pub redacted: Option<Arc<str>>,
 }
 
 /// The exact-command fingerprint of a query string, computed once, when first needed.
@@ -726,12 +730,13 @@ pub fn classify(sql: &str) -> Result<Classified, ClassifyError> {
             Err(e) => Err(e.clone()),
         };
     }
-    let result = classify_uncached(sql);
+    let mut result = classify_uncached(sql);
     // Only successes are shared: a failure may come from a constant's value.
     if let Some(key) = key
-        && result.is_ok()
+        && let Ok(c) = result.as_mut()
         && let Ok(mut cache) = CACHE.lock()
     {
+        c.redacted = super::redact(sql).map(Arc::from);
         if cache.len() >= CACHE_ENTRIES {
             cache.clear();
         }
@@ -779,6 +784,7 @@ fn classify_uncached(sql: &str) -> Result<Classified, ClassifyError> {
         statements,
         class,
         fingerprint: Fingerprint::of(sql),
+        redacted: None,
     })
 }
 

@@ -96,8 +96,8 @@ pub fn request(
         via: Some(via.to_owned()),
     });
     r.decision = Some(decision(d));
-    let sql = c.map_or_else(|| Fingerprint::of(sql), |c| c.fingerprint.clone());
-    rec.emit_statement(r, sql)
+    let sql_fp = c.map_or_else(|| Fingerprint::of(sql), |c| c.fingerprint.clone());
+    rec.emit_statement(r, sql_fp, c.and_then(|c| c.redacted.clone()))
 }
 
 /// Records the end of a hold: approved (and by whom) or not. `Err` (why) when the record
