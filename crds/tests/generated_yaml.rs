@@ -59,3 +59,25 @@ fn every_schema_field_has_a_description() {
         "fields without a description: {missing:#?}"
     );
 }
+
+#[test]
+fn committed_record_schema_matches_the_type() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(agentgate_crds::generate::RECORD_SCHEMA_FILE);
+    let committed = std::fs::read_to_string(&path).unwrap_or_default();
+    let schema = agentgate_crds::generate::record_schema().expect("the schema renders");
+    assert!(
+        committed == schema,
+        "{} is stale: run `cargo run -p agentgate-crds --features crdgen --bin crdgen`",
+        path.display()
+    );
+    // Every field is documented: the schema is the record's reference.
+    let value: serde_json::Value = serde_json::from_str(&schema).expect("JSON");
+    let props = value["properties"].as_object().expect("properties");
+    for (name, p) in props {
+        assert!(
+            p.get("description").is_some() || p.get("$ref").is_some() || p.get("anyOf").is_some(),
+            "field {name} has no description"
+        );
+    }
+}

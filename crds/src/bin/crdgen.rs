@@ -45,6 +45,31 @@ fn main() -> ExitCode {
             }
         }
     }
+    match agentgate_crds::generate::record_schema() {
+        Ok(schema) => {
+            let path = root.join(agentgate_crds::generate::RECORD_SCHEMA_FILE);
+            let current = std::fs::read_to_string(&path).unwrap_or_default();
+            if current != schema {
+                if check {
+                    eprintln!("crdgen: {} is stale", path.display());
+                    stale = true;
+                } else if let Err(e) = path
+                    .parent()
+                    .map_or(Ok(()), std::fs::create_dir_all)
+                    .and_then(|()| std::fs::write(&path, &schema))
+                {
+                    eprintln!("crdgen: cannot write {}: {e}", path.display());
+                    return ExitCode::FAILURE;
+                } else {
+                    println!("wrote {}", path.display());
+                }
+            }
+        }
+        Err(e) => {
+            eprintln!("crdgen: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     if stale {
         eprintln!("crdgen: run `cargo run -p agentgate-crds --features crdgen --bin crdgen`");
         return ExitCode::FAILURE;
