@@ -373,3 +373,75 @@ fn the_file_sink_rotates_and_verify_reads_the_rotated_files_in_order() {
     assert!(out.status.success(), "{}", stdout(&out));
     sidecar.stop(Duration::from_secs(5));
 }
+
+/// Terminal sessions replay as asciicast v2, which asciinema itself plays.
+#[test]
+fn a_terminal_session_replays_as_an_asciicast_asciinema_plays() {
+    use agentgate_crds::audit::{Chain, IoChunk, Record, RecordKind, Signer};
+    let dir = tempfile::tempdir().unwrap();
+    let (signer, _) = Signer::generate().unwrap();
+    let mut chain = Chain::new("ssh-sidecar");
+    let t0: jiff::Timestamp = "2026-11-23T04:00:00Z".parse().unwrap();
+    let mut lines = Vec::new();
+    let mut push = |mut r: Record, sign: bool| {
+        lines
+            .push(String::from_utf8(chain.seal(&mut r, sign.then_some(&signer)).unwrap()).unwrap());
+    };
+    let mut start = Record::new(RecordKind::StreamStart, t0);
+    start.key = Some(signer.public().clone());
+    push(start, true);
+    let session = |kind, ms: i64| {
+        let mut r = Record::new(kind, t0 + jiff::SignedDuration::from_millis(ms));
+        r.session = Some("claude-ssh-1".into());
+        r.identity = Some("claude".into());
+        r
+    };
+    push(session(RecordKind::SessionStart, 0), false);
+    for (ms, stream, data) in [
+        (100, "o", "$ "),
+        (900, "i", "ls\r"),
+        (950, "o", "ls\r\nREADME.md  src\r\n$ "),
+        (2000, "o", "exit\r\n"),
+    ] {
+        let mut r = session(RecordKind::Io, ms);
+        r.io = Some(IoChunk {
+            stream: stream.into(),
+            data: data.into(),
+        });
+        push(r, false);
+    }
+    push(session(RecordKind::SessionEnd, 2100), true);
+    let file = dir.path().join("audit.jsonl");
+    std::fs::write(&file, lines.join("\n")).unwrap();
+    let out = cli(&[
+        "replay",
+        "claude-ssh-1",
+        "--from",
+        &file.display().to_string(),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let cast = stdout(&out);
+    let mut cast_lines = cast.lines();
+    let header: serde_json::Value = serde_json::from_str(cast_lines.next().unwrap()).unwrap();
+    assert_eq!(header["version"], 2);
+    let first: serde_json::Value = serde_json::from_str(cast_lines.next().unwrap()).unwrap();
+    assert_eq!(first, serde_json::json!([0.1, "o", "$ "]));
+    let cast_file = dir.path().join("session.cast");
+    std::fs::write(&cast_file, &cast).unwrap();
+    // asciinema reads it back: the output stream, as the agent's terminal showed it.
+    // (asciinema wants a terminal: `script` gives it one.)
+    let played = Command::new("script")
+        .args([
+            "-qec",
+            &format!("asciinema cat {}", cast_file.display()),
+            "/dev/null",
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("script and asciinema (installed by tests/env/install.sh)");
+    assert!(played.status.success(), "{played:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&played.stdout),
+        "$ ls\r\nREADME.md  src\r\n$ exit\r\n"
+    );
+}

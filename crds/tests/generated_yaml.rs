@@ -62,8 +62,8 @@ fn every_schema_field_has_a_description() {
 
 #[test]
 fn committed_record_schema_matches_the_type() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join(agentgate_crds::generate::RECORD_SCHEMA_FILE);
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(agentgate_crds::generate::RECORD_SCHEMA_FILE);
     let committed = std::fs::read_to_string(&path).unwrap_or_default();
     let schema = agentgate_crds::generate::record_schema().expect("the schema renders");
     assert!(
