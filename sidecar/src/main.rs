@@ -136,6 +136,11 @@ struct Args {
     /// In-cluster: how often an active AgentSession's status is updated at most.
     #[arg(long, env = "AGENTGATE_AUDIT_SESSION_INTERVAL", default_value = "5s", value_parser = duration)]
     audit_session_interval: Duration,
+    /// Sync the spill journal to disk at each write burst, so records survive a node crash
+    /// (group commit; off the request path). `false` keeps them safe from a process crash
+    /// only.
+    #[arg(long, env = "AGENTGATE_AUDIT_SYNC", default_value_t = true, action = clap::ArgAction::Set)]
+    audit_sync: bool,
     /// The most undelivered records (MiB) the spill journal holds before new commands are
     /// refused.
     #[arg(long, env = "AGENTGATE_AUDIT_MAX_SPILL_MIB", default_value_t = 256)]
@@ -249,6 +254,7 @@ async fn main() -> anyhow::Result<()> {
             .unwrap_or_else(|| args.audit_dir.join("signing-key.pk8")),
     );
     config.max_spill_bytes = args.audit_max_spill_mib << 20;
+    config.sync = args.audit_sync;
     if let (Ok(ns), Ok(pod)) = (std::env::var("POD_NAMESPACE"), std::env::var("POD_NAME")) {
         config.pod = Some(format!("{ns}/{pod}"));
         config.stream_prefix = pod;

@@ -61,7 +61,7 @@ fn segment_name(id: u64) -> String {
 
 impl Journal {
     /// Opens (creating) the journal in `dir`. Returns it and the writer of a new segment.
-    pub fn open(dir: &Path) -> io::Result<(Arc<Self>, Appender)> {
+    pub fn open(dir: &Path, sync: bool) -> io::Result<(Arc<Self>, Appender)> {
         fs::create_dir_all(dir.join("segments"))?;
         fs::create_dir_all(dir.join("cursors"))?;
         let mut last = 0;
@@ -93,6 +93,7 @@ impl Journal {
             file: io::BufWriter::with_capacity(256 << 10, file),
             segment: active,
             size: 0,
+            sync,
         };
         Ok((journal, appender))
     }
@@ -289,6 +290,8 @@ pub struct Appender {
     file: io::BufWriter<File>,
     segment: u64,
     size: u64,
+    /// Sync to disk at each flush (group commit): records survive a node crash.
+    sync: bool,
 }
 
 impl Appender {
@@ -308,6 +311,9 @@ impl Appender {
     /// Writes buffered lines to the file and wakes the readers.
     pub fn flush(&mut self) -> io::Result<()> {
         self.file.flush()?;
+        if self.sync {
+            self.file.get_ref().sync_data()?;
+        }
         if let Ok(mut end) = self.journal.end.lock() {
             *end = Position {
                 segment: self.segment,

@@ -60,6 +60,9 @@ pub struct Config {
     pub stream_prefix: String,
     /// The pod, `namespace/name`, when in one.
     pub pod: Option<String>,
+    /// Sync the journal to disk at each write burst (records survive a node crash, not only
+    /// a process crash).
+    pub sync: bool,
 }
 
 impl Config {
@@ -74,6 +77,7 @@ impl Config {
             checkpoint_every: Duration::from_secs(1),
             stream_prefix: hostname(),
             pod: None,
+            sync: true,
         }
     }
 }
@@ -222,7 +226,7 @@ impl Auditor {
     pub fn start(config: Config, sinks: Vec<Sink>) -> Result<Self, AuditError> {
         let signer = load_or_create_key(&config.key_file)?;
         let (journal, appender) =
-            Journal::open(&config.spill_dir).map_err(|source| AuditError::Io {
+            Journal::open(&config.spill_dir, config.sync).map_err(|source| AuditError::Io {
                 what: format!(
                     "open the audit spill directory {}",
                     config.spill_dir.display()
