@@ -112,6 +112,19 @@ pub fn render_all() -> Result<Vec<(String, String)>, GenerateError> {
         .collect()
 }
 
+/// Where the audit record's JSON Schema is written, relative to the crate.
+pub const RECORD_SCHEMA_FILE: &str = "schema/audit-record-v1.json";
+
+/// The JSON Schema of one audit record ([`crate::audit::Record`], schema version 1): what a
+/// webhook receiver, a log pipeline or an auditor's tool can validate records against.
+pub fn record_schema() -> Result<String, GenerateError> {
+    let schema = schemars::schema_for!(crate::audit::Record);
+    let mut text = serde_json::to_string_pretty(&schema)
+        .map_err(|e| GenerateError::Serialize(e.to_string()))?;
+    text.push('\n');
+    Ok(text)
+}
+
 #[cfg(test)]
 mod tests {
     use super::reflow;
@@ -125,17 +138,4 @@ mod tests {
         );
         assert_eq!(reflow("list:\n- a\n- b"), "list:\n- a\n- b");
     }
-}
-
-/// Where the audit record's JSON Schema is written, relative to the crate.
-pub const RECORD_SCHEMA_FILE: &str = "schema/audit-record-v1.json";
-
-/// The JSON Schema of one audit record ([`crate::audit::Record`], schema version 1): what a
-/// webhook receiver, a log pipeline or an auditor's tool can validate records against.
-pub fn record_schema() -> Result<String, GenerateError> {
-    let schema = schemars::schema_for!(crate::audit::Record);
-    let mut text = serde_json::to_string_pretty(&schema)
-        .map_err(|e| GenerateError::Serialize(e.to_string()))?;
-    text.push('\n');
-    Ok(text)
 }
