@@ -117,6 +117,21 @@ pub struct Config {
     #[arg(long, env = "AGENTGATE_SIDECAR_MEMORY", default_value = "128Mi")]
     pub sidecar_memory: String,
 
+    /// Injected sidecars send their audit records to this OTLP/HTTP logs endpoint too
+    /// (e.g. `http://otel-collector.observability:4318/v1/logs`).
+    #[arg(long, env = "AGENTGATE_SIDECAR_AUDIT_OTLP")]
+    pub sidecar_audit_otlp: Option<String>,
+
+    /// Injected sidecars POST their audit records to this webhook too.
+    #[arg(long, env = "AGENTGATE_SIDECAR_AUDIT_WEBHOOK")]
+    pub sidecar_audit_webhook: Option<String>,
+
+    /// A Secret (in each agent's namespace) whose key `postgres` is the connection string of
+    /// the PostgreSQL audit sink, given to the sidecar only. The pod does not start while it
+    /// is missing: records are never silently not sent.
+    #[arg(long, env = "AGENTGATE_SIDECAR_AUDIT_SECRET")]
+    pub sidecar_audit_secret: Option<String>,
+
     /// Extra CA certificates (PEM) trusted when checking OIDC issuers.
     #[arg(long, env = "AGENTGATE_OIDC_CA_FILE")]
     pub oidc_ca_file: Option<PathBuf>,

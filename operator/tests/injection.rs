@@ -39,7 +39,11 @@ async fn create(client: &kube::Client, ns: &str, p: &Pod) -> Result<Pod, String>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn injection_into_real_pods() -> anyhow::Result<()> {
-    let cluster = Cluster::start(&[]).await?;
+    let cluster = Cluster::start(&[
+        "--sidecar-audit-otlp=http://collector.observability:4318/v1/logs",
+        "--sidecar-audit-secret=agentgate-audit",
+    ])
+    .await?;
     let admin = cluster.client.clone();
     let pods: Api<Pod> = Api::namespaced(admin.clone(), NS);
 
@@ -55,6 +59,33 @@ async fn injection_into_real_pods() -> anyhow::Result<()> {
         Some("registry.example/agentgate-sidecar:test")
     );
     assert_eq!(inits[0].restart_policy.as_deref(), Some("Always"));
+    // The installation's audit sinks, for the sidecar only.
+    let sidecar_env = inits[0].env.clone().unwrap_or_default();
+    let value = |name: &str| sidecar_env.iter().find(|e| e.name == name).cloned();
+    assert_eq!(
+        value("AGENTGATE_AUDIT_OTLP").and_then(|e| e.value),
+        Some("http://collector.observability:4318/v1/logs".to_owned())
+    );
+    assert_eq!(
+        value("AGENTGATE_AUDIT_DIR").and_then(|e| e.value),
+        Some("/var/lib/agentgate/audit".to_owned())
+    );
+    let pg = value("AGENTGATE_AUDIT_POSTGRES")
+        .and_then(|e| e.value_from)
+        .and_then(|v| v.secret_key_ref)
+        .expect("the PostgreSQL sink from a Secret");
+    assert_eq!(
+        (pg.name.as_str(), pg.key.as_str()),
+        ("agentgate-audit", "postgres")
+    );
+    assert!(
+        stored.spec.as_ref().expect("spec").containers[0]
+            .env
+            .iter()
+            .flatten()
+            .all(|e| !e.name.starts_with("AGENTGATE_AUDIT")),
+        "the agent container gets no audit settings"
+    );
     let sc = inits[0].security_context.clone().expect("securityContext");
     assert_eq!(sc.run_as_non_root, Some(true));
     assert_eq!(sc.read_only_root_filesystem, Some(true));

@@ -158,6 +158,32 @@ fn env(name: &str, value: &str) -> EnvVar {
     }
 }
 
+/// `env` plus the installation's audit sinks (the sidecar's own file and AgentSession sinks
+/// are always on).
+fn audit_env(config: &Config, mut env_vars: Vec<EnvVar>) -> Vec<EnvVar> {
+    if let Some(url) = &config.sidecar_audit_otlp {
+        env_vars.push(env("AGENTGATE_AUDIT_OTLP", url));
+    }
+    if let Some(url) = &config.sidecar_audit_webhook {
+        env_vars.push(env("AGENTGATE_AUDIT_WEBHOOK", url));
+    }
+    if let Some(secret) = &config.sidecar_audit_secret {
+        env_vars.push(EnvVar {
+            name: "AGENTGATE_AUDIT_POSTGRES".into(),
+            value_from: Some(EnvVarSource {
+                secret_key_ref: Some(k8s_openapi::api::core::v1::SecretKeySelector {
+                    name: secret.clone(),
+                    key: "postgres".into(),
+                    optional: Some(false),
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    }
+    env_vars
+}
+
 fn field_env(name: &str, path: &str) -> EnvVar {
     EnvVar {
         name: name.into(),
@@ -215,19 +241,22 @@ pub fn sidecar_container(
         name: SIDECAR.into(),
         image: Some(config.sidecar_image.clone()),
         args: Some(vec!["--in-cluster".into()]),
-        env: Some(vec![
-            env("AGENTGATE_IDENTITY", identity),
-            env("AGENTGATE_TOKEN_FILE", "/var/run/secrets/agentgate/token"),
-            env("AGENTGATE_AUDIT_DIR", "/var/lib/agentgate/audit"),
-            env("AGENTGATE_CLIENT_DIR", CLIENT_DIR),
-            env("AGENTGATE_TARGETS_DIR", "/var/run/agentgate/targets"),
-            env("AGENTGATE_PG_ADDR", &format!("127.0.0.1:{PG_PORT}")),
-            env("AGENTGATE_KUBE_ADDR", &format!("127.0.0.1:{KUBE_PORT}")),
-            env("AGENTGATE_SSH_ADDR", &format!("127.0.0.1:{SSH_PORT}")),
-            env("AGENTGATE_HEALTH_ADDR", &format!("0.0.0.0:{HEALTH_PORT}")),
-            field_env("POD_NAME", "metadata.name"),
-            field_env("POD_NAMESPACE", "metadata.namespace"),
-        ]),
+        env: Some(audit_env(
+            config,
+            vec![
+                env("AGENTGATE_IDENTITY", identity),
+                env("AGENTGATE_TOKEN_FILE", "/var/run/secrets/agentgate/token"),
+                env("AGENTGATE_AUDIT_DIR", "/var/lib/agentgate/audit"),
+                env("AGENTGATE_CLIENT_DIR", CLIENT_DIR),
+                env("AGENTGATE_TARGETS_DIR", "/var/run/agentgate/targets"),
+                env("AGENTGATE_PG_ADDR", &format!("127.0.0.1:{PG_PORT}")),
+                env("AGENTGATE_KUBE_ADDR", &format!("127.0.0.1:{KUBE_PORT}")),
+                env("AGENTGATE_SSH_ADDR", &format!("127.0.0.1:{SSH_PORT}")),
+                env("AGENTGATE_HEALTH_ADDR", &format!("0.0.0.0:{HEALTH_PORT}")),
+                field_env("POD_NAME", "metadata.name"),
+                field_env("POD_NAMESPACE", "metadata.namespace"),
+            ],
+        )),
         ports: Some(vec![ContainerPort {
             name: Some("ag-health".into()),
             container_port: HEALTH_PORT,
