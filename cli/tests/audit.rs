@@ -106,6 +106,17 @@ fn a_session_is_recorded_verified_shown_and_exported() {
     let out = cli(&["sessions", "--from", &dir, "--identity", "claude"]);
     let text = stdout(&out);
     assert_eq!(text.lines().count(), 6, "{text}");
+    // By time: all of them in the last hour, none before it; by target.
+    let out = cli(&["sessions", "--from", &dir, "--since", "1h", "-o", "json"]);
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rows.len(), 5, "{}", stdout(&out));
+    let out = cli(&["sessions", "--from", &dir, "--until", "1h", "-o", "json"]);
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(rows.is_empty(), "{}", stdout(&out));
+    let out = cli(&[
+        "sessions", "--from", &dir, "--target", "other", "-o", "yaml",
+    ]);
+    assert_eq!(stdout(&out).trim(), "[]", "{}", stdout(&out));
     let out = cli(&[
         "sessions",
         "--from",

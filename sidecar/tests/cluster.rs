@@ -764,6 +764,56 @@ async fn in_cluster_policy_holds_and_revocation() -> anyhow::Result<()> {
         ],
     );
     assert!(revoked.status.success(), "{}", stderr(&revoked));
+    let g = grants.get("claude-reads-more").await?;
+    assert_eq!(
+        g.spec
+            .revocation
+            .and_then(|r| r.revoked_by)
+            .map(|u| u.username),
+        Some("alice".to_owned())
+    );
+    // A denial, with its reason, as YAML for scripts.
+    let asked = plugin(
+        "bob",
+        &[
+            "grants",
+            "request",
+            "claude-ddl",
+            "-n",
+            NS,
+            "--identity",
+            "claude",
+            "--target",
+            "db",
+            "--operations",
+            "DDL",
+            "--duration",
+            "10m",
+            "--reason",
+            "migration",
+        ],
+    );
+    assert!(asked.status.success(), "{}", stderr(&asked));
+    let denied = plugin(
+        "alice",
+        &[
+            "grants",
+            "deny",
+            "claude-ddl",
+            "-n",
+            NS,
+            "--reason",
+            "use the migration job",
+        ],
+    );
+    assert!(denied.status.success(), "{}", stderr(&denied));
+    assert_eq!(stdout(&denied).trim(), "accessgrant/claude-ddl denied");
+    let listed = plugin("alice", &["grants", "list", "-n", NS, "-o", "yaml"]);
+    assert!(
+        stdout(&listed).contains("reason: use the migration job"),
+        "{}",
+        stdout(&listed)
+    );
 
     // 6. A pod whose service account is not the identity's cannot act as it.
     let other = sidecar(&env, &admin, "other", targets.path()).await?;
