@@ -677,7 +677,15 @@ fn shape(sql: &str) -> Option<String> {
         return None;
     }
     let mut key = String::with_capacity(sql.len() + 16);
-    for t in &tokens {
+    for (i, t) in tokens.iter().enumerate() {
+        // Trailing semicolons (`SELECT 1;`, as psql and pgbench send) end the one statement;
+        // anything after a semicolon is a second statement, which is never cached.
+        if t.token == Token::Ascii59 as i32 {
+            if tokens[i..].iter().all(|u| u.token == Token::Ascii59 as i32) {
+                break;
+            }
+            return None;
+        }
         let text = sql.get(usize::try_from(t.start).ok()?..usize::try_from(t.end).ok()?)?;
         match Token::try_from(t.token).ok()? {
             // One statement only (a second one could be anything, e.g. a COPY), and no
@@ -826,6 +834,21 @@ mod tests {
             .into_iter()
             .flat_map(|s| s.flags)
             .collect()
+    }
+
+    #[test]
+    fn trailing_semicolons_share_a_shape_and_second_statements_never_do() {
+        assert_eq!(
+            shape("SELECT a FROM t WHERE id = 1;"),
+            shape("SELECT a FROM t WHERE id = 2 ;;")
+        );
+        assert!(shape("SELECT a FROM t WHERE id = 1;").is_some());
+        assert_eq!(shape("SELECT 1; DELETE FROM t"), None);
+        assert_eq!(shape("SELECT 1; -- trailing comment"), None);
+        // A cached read never answers for a text with a second statement.
+        assert_eq!(class("SELECT a FROM t WHERE id = 1;"), Read);
+        assert_eq!(class("SELECT a FROM t WHERE id = 1; DELETE FROM t"), Write);
+        assert_eq!(class("SELECT a FROM t WHERE id = 1;;"), Read);
     }
 
     #[test]
