@@ -14,6 +14,21 @@ use testenv::{Parts, TestEnv};
 struct Run {
     tps: f64,
     latency_ms: f64,
+    transactions: f64,
+}
+
+/// CPU time (user + system) a process has used, in microseconds.
+fn cpu_us(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(0.0))
+        .collect();
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the name.
+    let ticks = f.get(11).copied().unwrap_or(0.0) + f.get(12).copied().unwrap_or(0.0);
+    ticks * 1_000_000.0 / 100.0
 }
 
 fn pgbench(
@@ -57,6 +72,7 @@ fn pgbench(
     Run {
         tps: find("tps = "),
         latency_ms: find("latency average = "),
+        transactions: find("number of transactions actually processed: "),
     }
 }
 
@@ -99,9 +115,9 @@ async fn main() -> anyhow::Result<()> {
         "GRANT ALL ON ALL TABLES IN SCHEMA public TO agentgate",
     )?;
 
-    let policy = tempfile::tempdir()?;
-    std::fs::write(
-        policy.path().join("p.yaml"),
+    let targets = tempfile::tempdir()?;
+    pg.write_credentials(targets.path(), "bench", "agentgate")?;
+    let target = |guardrails: &str| {
         format!(
             r#"apiVersion: agentgate.dev/v1alpha1
 kind: Target
@@ -109,81 +125,152 @@ metadata: {{ name: bench }}
 spec:
   protocol: Postgres
   postgres: {{ host: 127.0.0.1, port: {port}, database: app, tls: {{ mode: VerifyFull, ca: {{ name: c, key: ca.crt }} }}, credentials: {{ name: c }} }}
-  guardrails: [ {{ name: no-drop, matches: ["DROP TABLE"], action: Block }} ]
+  {guardrails}
 ---
 apiVersion: agentgate.dev/v1alpha1
 kind: AgentIdentity
 metadata: {{ name: bench }}
 spec: {{ owner: bench, authentication: {{ serviceAccount: {{ name: bench }} }}, baseline: [ {{ target: bench, scope: {{ operations: [Read, Write] }} }} ] }}
----
+"#,
+            port = pg.port()
+        )
+    };
+    // No policy: the Target and the identity's baseline only (the audit trail is always on).
+    let bare = Gateway::start(&env, targets.path(), &target(""))?;
+    // Everything on: guardrails, a MaskPolicy with value detectors, the audit trail.
+    let full = Gateway::start(
+        &env,
+        targets.path(),
+        &format!(
+            r#"{}---
 apiVersion: agentgate.dev/v1alpha1
 kind: MaskPolicy
 metadata: {{ name: pii }}
 spec: {{ rules: [ {{ name: emails, detectors: [Email, CardNumber], action: Redact }} ] }}
 "#,
-            port = pg.port()
+            target(r#"guardrails: [ { name: no-drop, matches: ["DROP TABLE"], action: Block } ]"#)
         ),
     )?;
-    let targets = tempfile::tempdir()?;
-    pg.write_credentials(targets.path(), "bench", "agentgate")?;
-    let port = free_port()?;
-    let spec = Spec::new("sidecar", env!("CARGO_BIN_EXE_agentgate-sidecar"))
-        .args([
-            format!("--policy-dir={}", policy.path().display()),
-            "--identity=bench".into(),
-            format!("--targets-dir={}", targets.path().display()),
-            format!("--pg-addr=127.0.0.1:{port}"),
-            format!(
-                "--audit-dir={}",
-                env.dir().join(format!("audit-{port}")).display()
-            ),
-        ])
-        .env("RUST_LOG", "warn");
-    let sidecar = Proc::start(spec, &env.dir().join("logs"))?;
+    // PgBouncer (Debian's), the proxy users would otherwise put here: session pooling (one
+    // server connection per client, as the gateway relays), verified TLS upstream.
+    let bouncer_port = free_port()?;
+    let bouncer_dir = env.dir().join("pgbouncer");
+    std::fs::create_dir_all(&bouncer_dir)?;
+    std::fs::write(
+        bouncer_dir.join("pgbouncer.ini"),
+        format!(
+            "[databases]\nbench = host=127.0.0.1 port={} dbname=app user=agentgate password={}\n\n\
+             [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {bouncer_port}\nunix_socket_dir =\n\
+             auth_type = any\npool_mode = session\nmax_client_conn = 200\ndefault_pool_size = 64\n\
+             server_tls_sslmode = verify-full\nserver_tls_ca_file = {}\n",
+            pg.port(),
+            pg.password(),
+            pg.ca_path().display(),
+        ),
+    )?;
+    let mut spec = Spec::new("pgbouncer", "pgbouncer")
+        .args([bouncer_dir.join("pgbouncer.ini").display().to_string()]);
+    // PgBouncer refuses to run as root: as the postgres user then.
+    if Command::new("id")
+        .arg("-u")
+        .output()?
+        .stdout
+        .starts_with(b"0\n")
+    {
+        spec.run_as = Some(("postgres".into(), "postgres".into()));
+    }
+    let bouncer_proc = Proc::start(spec, &env.dir().join("logs"))?;
     let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        anyhow::ensure!(Instant::now() < deadline, "sidecar not listening");
+    while std::net::TcpStream::connect(("127.0.0.1", bouncer_port)).is_err() {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "pgbouncer not listening: {}",
+            bouncer_proc.log_tail(20)
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
-    std::thread::sleep(Duration::from_secs(1));
+    let bouncer_pid = bouncer_proc
+        .pid()
+        .ok_or_else(|| anyhow::anyhow!("pgbouncer exited"))?;
+    let bouncer =
+        format!("host=127.0.0.1 port={bouncer_port} dbname=bench user=agentgate sslmode=disable");
     // Direct: the same role, over verified TLS, as the gateway connects.
     let direct = format!(
         "host=127.0.0.1 port={} dbname=app user=agentgate sslmode=verify-full sslrootcert={}",
         pg.port(),
         pg.ca_path().display()
     );
-    let gateway = format!("host=127.0.0.1 port={port} dbname=bench user=agent sslmode=disable");
 
     println!(
-        "pgbench -S, {secs}s per run, median of {rounds} alternating rounds; gateway: guardrails + masking on"
+        "pgbench -S, {secs}s per run, median of {rounds} alternating rounds (direct, PgBouncer, agentgate with no policy, with everything on)"
     );
+    println!("each: tps as a ratio of direct, added mean latency, the proxy's CPU per transaction");
     println!(
-        "{:<10} {:>7} {:>12} {:>12} {:>8} {:>14}",
-        "mode", "clients", "direct tps", "gateway tps", "ratio", "added latency"
+        "{:<9} {:>7} {:>10} | {:>24} | {:>24} | {:>24}",
+        "mode",
+        "clients",
+        "direct tps",
+        "PgBouncer",
+        "agentgate, no policy",
+        "agentgate, everything on"
     );
     for mode in ["simple", "extended"] {
         for &c in &clients {
-            let (mut dt, mut gt, mut dl, mut gl) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let mut direct_runs = Vec::new();
+            let mut bouncer_runs = Vec::new();
+            let mut bouncer_cpu = Vec::new();
+            let mut gateway_runs = [Vec::new(), Vec::new()];
             for _ in 0..rounds {
-                let d = pgbench(&env, &direct, pg.password(), mode, c, secs);
-                let g = pgbench(&env, &gateway, "", mode, c, secs);
-                dt.push(d.tps);
-                gt.push(g.tps);
-                dl.push(d.latency_ms);
-                gl.push(g.latency_ms);
+                direct_runs.push(pgbench(&env, &direct, pg.password(), mode, c, secs));
+                let before = cpu_us(bouncer_pid);
+                let run = pgbench(&env, &bouncer, "", mode, c, secs);
+                bouncer_cpu.push((cpu_us(bouncer_pid) - before) / run.transactions.max(1.0));
+                bouncer_runs.push(run);
+                for (i, gw) in [&bare, &full].into_iter().enumerate() {
+                    let before = cpu_us(gw.pid);
+                    let run = pgbench(&env, &gw.conninfo, "", mode, c, secs);
+                    let cpu = (cpu_us(gw.pid) - before) / run.transactions.max(1.0);
+                    gateway_runs[i].push((run, cpu));
+                }
             }
-            let (d, g) = (median(dt), median(gt));
-            let added_us = (median(gl) - median(dl)) * 1000.0;
+            let d_tps = median(direct_runs.iter().map(|r| r.tps).collect());
+            let d_lat = median(direct_runs.iter().map(|r| r.latency_ms).collect());
+            let versus = |runs: &[&Run]| {
+                let tps = median(runs.iter().map(|r| r.tps).collect());
+                let lat = median(runs.iter().map(|r| r.latency_ms).collect());
+                format!(
+                    "{:>5.2} {:>6.0} µs",
+                    tps / d_tps.max(1.0),
+                    (lat - d_lat) * 1000.0
+                )
+            };
+            let cols: Vec<String> = gateway_runs
+                .iter()
+                .map(|runs| {
+                    let cpu = median(runs.iter().map(|r| r.1).collect());
+                    format!(
+                        "{} {:>4.0} µs",
+                        versus(&runs.iter().map(|r| &r.0).collect::<Vec<_>>()),
+                        cpu
+                    )
+                })
+                .collect();
             println!(
-                "{mode:<10} {c:>7} {d:>12.0} {g:>12.0} {:>8.2} {added_us:>11.0} µs",
-                g / d.max(1.0)
+                "{mode:<9} {c:>7} {d_tps:>10.0} | {:>24} | {:>24} | {:>24}",
+                format!(
+                    "{} {:>4.0} µs",
+                    versus(&bouncer_runs.iter().collect::<Vec<_>>()),
+                    median(bouncer_cpu)
+                ),
+                cols[0],
+                cols[1]
             );
         }
     }
 
     // Streaming: a result of any size passes in constant memory. Peak RSS of the sidecar
     // before and after a million masked rows (every row has an email the detectors find).
-    let pid = sidecar.pid().expect("the sidecar runs");
+    let (pid, gateway) = (full.pid, full.conninfo.clone());
     let rows: u64 = std::env::var("AGENTGATE_BENCH_ROWS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -225,6 +312,50 @@ spec: {{ rules: [ {{ name: emails, detectors: [Email, CardNumber], action: Redac
         );
     }
     Ok(())
+}
+
+/// A sidecar serving one policy folder.
+struct Gateway {
+    _proc: Proc,
+    _policy: tempfile::TempDir,
+    pid: u32,
+    conninfo: String,
+}
+
+impl Gateway {
+    fn start(env: &TestEnv, targets: &std::path::Path, manifests: &str) -> anyhow::Result<Self> {
+        let policy = tempfile::tempdir()?;
+        std::fs::write(policy.path().join("p.yaml"), manifests)?;
+        let port = free_port()?;
+        let spec = Spec::new("sidecar", env!("CARGO_BIN_EXE_agentgate-sidecar"))
+            .args([
+                format!("--policy-dir={}", policy.path().display()),
+                "--identity=bench".into(),
+                format!("--targets-dir={}", targets.display()),
+                format!("--pg-addr=127.0.0.1:{port}"),
+                format!(
+                    "--audit-dir={}",
+                    env.dir().join(format!("audit-{port}")).display()
+                ),
+            ])
+            .env("RUST_LOG", "warn");
+        let proc = Proc::start(spec, &env.dir().join("logs"))?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            anyhow::ensure!(Instant::now() < deadline, "sidecar not listening");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        let pid = proc
+            .pid()
+            .ok_or_else(|| anyhow::anyhow!("the sidecar exited"))?;
+        Ok(Self {
+            _proc: proc,
+            _policy: policy,
+            pid,
+            conninfo: format!("host=127.0.0.1 port={port} dbname=bench user=agent sslmode=disable"),
+        })
+    }
 }
 
 /// (VmRSS, VmHWM) of a process, in kB.

@@ -12,6 +12,7 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
@@ -37,6 +38,11 @@ pub struct Chunk {
 /// A segment larger than this is closed and a new one started.
 pub const SEGMENT_BYTES: u64 = 1 << 20;
 
+/// Written records are synced to disk within this long (bursts closer together share one
+/// sync, as PostgreSQL's WAL writer does): one sync per statement would cost more CPU than
+/// relaying the statement.
+pub const SYNC_EVERY: Duration = Duration::from_millis(10);
+
 /// The journal, shared by its writer and its readers.
 #[derive(Debug)]
 pub struct Journal {
@@ -53,6 +59,8 @@ pub struct Journal {
     end: Mutex<Position>,
     /// Tells readers that records were appended.
     appended: tokio::sync::watch::Sender<u64>,
+    /// Serializes cursor saves (they share a temporary file per sink).
+    saving: Mutex<()>,
 }
 
 fn segment_name(id: u64) -> String {
@@ -87,6 +95,7 @@ impl Journal {
                 offset: 0,
             }),
             appended,
+            saving: Mutex::new(()),
         });
         let appender = Appender {
             journal: journal.clone(),
@@ -94,6 +103,8 @@ impl Journal {
             segment: active,
             size: 0,
             sync,
+            synced: 0,
+            unsynced_since: None,
         };
         Ok((journal, appender))
     }
@@ -176,14 +187,27 @@ impl Journal {
         }
     }
 
-    /// Records that sink `name` has delivered everything before `pos`, and deletes segments
-    /// every sink is done with.
-    pub fn ack(&self, name: &str, pos: Position) -> io::Result<()> {
+    /// Records in memory that sink `name` has delivered everything before `pos` (what
+    /// `all_delivered` and `undelivered` see); [`Journal::save`] makes it durable.
+    pub fn ack(&self, name: &str, pos: Position) {
+        self.ack_in_memory(name, pos);
+    }
+
+    /// Saves sink `name`'s acknowledged cursor to disk and deletes the segments every sink is
+    /// done with. Cursors are saved at most a few times a second, not per record: after a
+    /// crash a sink sees the last moments again (delivery is at least once).
+    pub fn save(&self, name: &str) -> io::Result<()> {
+        let _one_at_a_time = self
+            .saving
+            .lock()
+            .map_err(|_| io::Error::other("poisoned"))?;
+        let Some(pos) = self.acked.lock().ok().and_then(|a| a.get(name).copied()) else {
+            return Ok(());
+        };
         let cursors = self.dir.join("cursors");
         let tmp = cursors.join(format!(".{name}.tmp"));
         fs::write(&tmp, format!("{} {}\n", pos.segment, pos.offset))?;
         fs::rename(&tmp, cursors.join(name))?;
-        self.ack_in_memory(name, pos);
         let oldest = self
             .acked
             .lock()
@@ -199,6 +223,19 @@ impl Journal {
                     self.bytes.fetch_sub(meta.len(), Ordering::Relaxed);
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Saves every sink's cursor (at a clean stop, so a restart does not deliver again).
+    pub fn save_all(&self) -> io::Result<()> {
+        let names: Vec<String> = self
+            .acked
+            .lock()
+            .map(|a| a.keys().cloned().collect())
+            .unwrap_or_default();
+        for name in names {
+            self.save(&name)?;
         }
         Ok(())
     }
@@ -290,8 +327,13 @@ pub struct Appender {
     file: io::BufWriter<File>,
     segment: u64,
     size: u64,
-    /// Sync to disk at each flush (group commit): records survive a node crash.
+    /// Sync to disk (group commit, within [`SYNC_EVERY`] of a write): records survive a
+    /// node crash.
     sync: bool,
+    /// The size of the active segment at the last sync.
+    synced: u64,
+    /// Since when written lines wait for a sync.
+    unsynced_since: Option<Instant>,
 }
 
 impl Appender {
@@ -308,11 +350,12 @@ impl Appender {
         Ok(())
     }
 
-    /// Writes buffered lines to the file and wakes the readers.
+    /// Writes buffered lines to the file and wakes the readers. Syncing to disk is separate
+    /// ([`Appender::sync`]) so that bursts close together share one sync.
     pub fn flush(&mut self) -> io::Result<()> {
         self.file.flush()?;
-        if self.sync {
-            self.file.get_ref().sync_data()?;
+        if self.sync && self.size != self.synced {
+            self.unsynced_since.get_or_insert_with(Instant::now);
         }
         if let Ok(mut end) = self.journal.end.lock() {
             *end = Position {
@@ -324,8 +367,26 @@ impl Appender {
         Ok(())
     }
 
+    /// When the written lines must be synced to disk (`None`: nothing waits for a sync).
+    pub fn sync_due(&self) -> Option<Instant> {
+        self.unsynced_since.map(|t| t + SYNC_EVERY)
+    }
+
+    /// Syncs the written lines to disk.
+    pub fn sync(&mut self) -> io::Result<()> {
+        if self.unsynced_since.take().is_some() {
+            self.file.get_ref().sync_data()?;
+            self.synced = self.size;
+        }
+        Ok(())
+    }
+
     fn roll(&mut self) -> io::Result<()> {
         self.file.flush()?;
+        if self.sync {
+            self.file.get_ref().sync_data()?;
+            self.unsynced_since = None;
+        }
         let next = self.segment + 1;
         let file = OpenOptions::new()
             .create(true)
@@ -334,6 +395,7 @@ impl Appender {
         self.file = io::BufWriter::with_capacity(256 << 10, file);
         self.segment = next;
         self.size = 0;
+        self.synced = 0;
         self.journal.active.store(next, Ordering::Release);
         Ok(())
     }

@@ -417,6 +417,9 @@ impl Auditor {
         while !self.journal.all_delivered() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        if let Err(e) = self.journal.save_all() {
+            tracing::warn!(error = %e, "could not save the audit sinks' cursors: a restart delivers the last records again");
+        }
     }
 
     /// Bytes spilled and not yet delivered to every sink.
@@ -538,12 +541,17 @@ struct Writer {
     line: Vec<u8>,
 }
 
+/// How long the writer lets records gather after a burst before it looks again.
+const GATHER: Duration = Duration::from_micros(500);
+
 impl Writer {
     fn run(mut self, rx: Receiver<Msg>, start: Record) {
         let mut unsigned_since: Option<Instant> = None;
         let mut pending = vec![Msg::Record(Box::new(start))];
+        let mut wrote_burst = false;
         loop {
             let mut stop = None;
+            wrote_burst |= !pending.is_empty();
             for msg in pending.drain(..) {
                 match msg {
                     Msg::Record(mut r) => {
@@ -601,12 +609,34 @@ impl Writer {
             if let Some(done) = stop {
                 self.end_stream(&mut unsigned_since);
                 let _ = self.appender.flush();
+                let _ = self.appender.sync();
                 let _ = done.send(());
                 return;
             }
-            let wait = unsigned_since.map_or(Duration::from_secs(3600), |s| {
+            if self
+                .appender
+                .sync_due()
+                .is_some_and(|due| due <= Instant::now())
+                && let Err(e) = self.appender.sync()
+            {
+                self.fail(format!("sync the spill journal: {e}"));
+            }
+            let mut wait = unsigned_since.map_or(Duration::from_secs(3600), |s| {
                 self.checkpoint_every.saturating_sub(s.elapsed())
             });
+            if let Some(due) = self.appender.sync_due() {
+                wait = wait.min(due.saturating_duration_since(Instant::now()));
+            }
+            // After a burst, let the next one gather for a moment instead of waking for each
+            // record (two per statement): the records are already accepted and ordered.
+            if wrote_burst {
+                std::thread::sleep(GATHER);
+                wrote_burst = false;
+                if let Ok(msg) = rx.try_recv() {
+                    pending.push(msg);
+                    continue;
+                }
+            }
             match rx.recv_timeout(wait) {
                 Ok(msg) => pending.push(msg),
                 Err(RecvTimeoutError::Timeout) => {}

@@ -17,6 +17,13 @@ use jiff::Timestamp;
 use super::Health;
 use super::journal::{Chunk, Journal};
 
+/// How often a sink's cursor is saved to disk while it delivers (and after it goes idle).
+const SAVE_CURSOR_EVERY: Duration = Duration::from_millis(200);
+
+/// After records arrive, a sink waits this long for more before it reads them: one delivery
+/// (one open, read, write and cursor update) for a burst of statements, not one per record.
+const LINGER: Duration = Duration::from_millis(5);
+
 /// The largest batch read from the journal for one delivery.
 const BATCH_BYTES: usize = 4 << 20;
 
@@ -81,6 +88,16 @@ pub(super) async fn deliver(
     let mut appended = journal.subscribe();
     let max = sink.max_batch();
     let mut backoff = Duration::from_millis(100);
+    // The cursor on disk, and when it was saved.
+    let mut saved = pos;
+    let mut saved_at = std::time::Instant::now();
+    let save = |journal: &Journal, saved: &mut super::journal::Position, pos| {
+        if let Err(e) = journal.save(&name) {
+            fail(&health, &name, &format!("save its cursor: {e}"));
+        } else {
+            *saved = pos;
+        }
+    };
     loop {
         appended.borrow_and_update();
         let (chunk, next) = match journal.read(pos, max) {
@@ -97,7 +114,17 @@ pub(super) async fn deliver(
             if let Err(e) = sink.idle().await {
                 fail(&health, &name, &e);
             }
-            let _ = tokio::time::timeout(Duration::from_secs(1), appended.changed()).await;
+            if saved != pos {
+                // Save once nothing more arrives for a moment.
+                let quiet = tokio::time::timeout(SAVE_CURSOR_EVERY, appended.changed()).await;
+                if quiet.is_err() || saved_at.elapsed() >= SAVE_CURSOR_EVERY {
+                    save(&journal, &mut saved, pos);
+                    saved_at = std::time::Instant::now();
+                }
+            } else {
+                let _ = tokio::time::timeout(Duration::from_secs(1), appended.changed()).await;
+            }
+            tokio::time::sleep(LINGER).await;
             continue;
         }
         match sink.deliver(&chunk).await {
@@ -109,8 +136,11 @@ pub(super) async fn deliver(
                     tracing::info!(sink = %name, "audit sink recovered");
                 }
                 pos = next;
-                if let Err(e) = journal.ack(&name, pos) {
-                    fail(&health, &name, &format!("save its cursor: {e}"));
+                journal.ack(&name, pos);
+                // A finished segment is deleted as soon as every sink is past it.
+                if pos.segment != saved.segment || saved_at.elapsed() >= SAVE_CURSOR_EVERY {
+                    save(&journal, &mut saved, pos);
+                    saved_at = std::time::Instant::now();
                 }
             }
             Err(e) => {
