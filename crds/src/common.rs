@@ -167,6 +167,10 @@ pub struct KubernetesRule {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64), inner(length(min = 1, max = 253)))]
     pub resource_names: Vec<String>,
+    /// Secrets read under this rule are sent with their `data` in clear. By default agentgate
+    /// masks every Secret's values, whatever the rule allows.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reveal_secret_data: bool,
 }
 
 /// SSH access on a host.

@@ -10,6 +10,7 @@ use agentgate_sidecar::audit::sinks::http::{HttpSink, Kind};
 use agentgate_sidecar::audit::sinks::postgres::PostgresSink;
 use agentgate_sidecar::audit::sinks::sessions::SessionSink;
 use agentgate_sidecar::audit::{self, Auditor, sinks::Sink};
+use agentgate_sidecar::gateway::kube as kube_gw;
 use agentgate_sidecar::gateway::postgres::session::{Gateway, serve};
 use agentgate_sidecar::identity::{Verifier, pod};
 use agentgate_sidecar::policy::approval::Approvals;
@@ -73,6 +74,18 @@ struct Args {
     /// `requests` folder inside --policy-dir).
     #[arg(long, env = "AGENTGATE_REQUESTS_DIR")]
     requests_dir: Option<PathBuf>,
+    /// Loopback address of the Kubernetes API gateway (HTTPS; the kubeconfig in
+    /// --client-dir points at it). `off` disables it.
+    #[arg(long, env = "AGENTGATE_KUBE_ADDR", default_value = "127.0.0.1:16443")]
+    kube_addr: String,
+    /// Where the sidecar writes the agent's client files: `kubeconfig` (and the certificate
+    /// it trusts, `kube-ca.crt`).
+    #[arg(
+        long,
+        env = "AGENTGATE_CLIENT_DIR",
+        default_value = "/var/run/agentgate/client"
+    )]
+    client_dir: PathBuf,
     /// Loopback address of the PostgreSQL gateway.
     #[arg(long, env = "AGENTGATE_PG_ADDR", default_value = "127.0.0.1:15432")]
     pg_addr: SocketAddr,
@@ -80,6 +93,10 @@ struct Args {
     /// unset.
     #[arg(long, env = "AGENTGATE_HEALTH_ADDR")]
     health_addr: Option<SocketAddr>,
+    /// Threads relaying connections: 1 (the default) runs everything on one thread, which
+    /// suits a sidecar serving one agent; more spread busy connections over cores.
+    #[arg(long, env = "AGENTGATE_WORKER_THREADS", default_value_t = 1)]
+    worker_threads: usize,
     /// The audit directory (a sidecar-only volume): the spill journal (`spill/`), the signing
     /// key when `--audit-key-file` is not set, and the default JSON-lines file.
     #[arg(
@@ -166,11 +183,26 @@ enum LogFormat {
     Json,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     // kube (ring by default), pgwire and russh (aws-lc-rs) must agree on one provider.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let args = Args::parse();
+    // One thread by default, as linkerd2-proxy does: a sidecar serves one agent's few
+    // connections, and a single-threaded runtime relays without cross-thread wake-ups (the
+    // audit writer has its own thread).
+    let runtime = match args.worker_threads {
+        0 | 1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?,
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build()?,
+    };
+    runtime.block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     match args.log_format {
@@ -200,6 +232,7 @@ async fn main() -> anyhow::Result<()> {
     let mut sinks = audit_sinks(&args)?;
     let approvals;
     let mut pod_user = None;
+    let mut namespace_for_users = None;
     if args.in_cluster {
         let client = kube::Client::try_default()
             .await
@@ -225,6 +258,7 @@ async fn main() -> anyhow::Result<()> {
             pod_user = Some(slot);
         }
         tracing::info!(%namespace, "policy from the API server");
+        namespace_for_users = Some(namespace.clone());
         sinks.push(Sink::Sessions(Box::new(SessionSink::new(
             client.clone(),
             &namespace,
@@ -280,6 +314,26 @@ async fn main() -> anyhow::Result<()> {
     gw.approvals = approvals;
     gw.pod_user = pod_user;
     let gw = Arc::new(gw);
+    if args.kube_addr != "off" {
+        let addr: SocketAddr = args
+            .kube_addr
+            .parse()
+            .with_context(|| format!("--kube-addr {:?} is not an address", args.kube_addr))?;
+        let cert = kube_gw::serving_cert().map_err(anyhow::Error::msg)?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("bind the Kubernetes gateway on {addr}"))?;
+        let addr = listener.local_addr()?;
+        tracing::info!(%addr, "Kubernetes gateway listening");
+        tokio::spawn(kube_gw::write_kubeconfig(
+            args.client_dir.clone(),
+            addr,
+            cert.cert_pem.clone(),
+            gw.policy.clone(),
+        ));
+        let kube = Arc::new(kube_gw::KubeGateway::new(gw.clone(), namespace_for_users));
+        tokio::spawn(kube_gw::serve(listener, cert.config, kube));
+    }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("handle SIGTERM")?;
     tokio::select! {

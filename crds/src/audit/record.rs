@@ -230,6 +230,9 @@ pub struct Outcome {
     /// The error the upstream answered, masked (`SQLSTATE: message`, HTTP status).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The HTTP status code of the answer (Kubernetes API requests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
 }
 
 impl Outcome {

@@ -1,4 +1,5 @@
 //! The protocol gateways. Each knows only its protocol; identity, policy, masking and audit
 //! are shared.
 
+pub mod kube;
 pub mod postgres;

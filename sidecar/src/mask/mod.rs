@@ -56,6 +56,7 @@ pub struct Rule {
     columns: Vec<String>,
     detectors: Vec<Detector>,
     patterns: Vec<Regex>,
+    kubernetes: Vec<agentgate_crds::mask::KubernetesFieldMatch>,
     action: MaskAction,
     keep_last: usize,
     replacement: String,
@@ -164,6 +165,7 @@ impl MaskSet {
                     columns: r.columns.clone(),
                     detectors: r.detectors.clone(),
                     patterns,
+                    kubernetes: r.kubernetes.clone(),
                     action: r.action,
                     keep_last: r.keep_last.unwrap_or(4) as usize,
                     replacement: r.replacement.clone().unwrap_or_else(|| "****".into()),
@@ -272,6 +274,27 @@ impl MaskSet {
     /// Whether any rule masks by column.
     pub fn has_column_rules(&self) -> bool {
         self.rules.iter().any(|r| !r.columns.is_empty())
+    }
+
+    /// The rules with Kubernetes field paths for objects of `group`/`kind`, each with its
+    /// paths.
+    pub fn kube_paths(&self, group: &str, kind: &str) -> Vec<(&Rule, &str)> {
+        let mut out = Vec::new();
+        for r in &self.rules {
+            for m in &r.kubernetes {
+                if (m.api_group == "*" || m.api_group == group)
+                    && (m.kind == "*" || m.kind.eq_ignore_ascii_case(kind))
+                {
+                    out.extend(m.paths.iter().map(|p| (r, p.as_str())));
+                }
+            }
+        }
+        out
+    }
+
+    /// Whether any rule names Kubernetes field paths.
+    pub fn has_kube_paths(&self) -> bool {
+        self.rules.iter().any(|r| !r.kubernetes.is_empty())
     }
 
     /// Whether any rule looks inside values (detectors or patterns).

@@ -93,6 +93,55 @@ pub struct Command {
     pub keys: BTreeSet<String>,
     /// Tables (or other objects) the command touches, for scopes limited to some.
     pub tables: BTreeSet<String>,
+    /// A Kubernetes API request: what scopes' `kubernetes` rules are matched with.
+    pub kube: Option<KubeAccess>,
+}
+
+/// A Kubernetes API request, as scopes' `kubernetes` rules see it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KubeAccess {
+    /// The verb (`get`, `list`, `create`, …).
+    pub verb: String,
+    /// The API group (`""` for core).
+    pub group: String,
+    /// The resource, with its subresource when there is one (`pods/exec`).
+    pub resource: String,
+    /// The namespace (`""` when cluster-scoped or across namespaces).
+    pub namespace: String,
+    /// The object's name (`""` for lists and creates).
+    pub name: String,
+}
+
+impl KubeAccess {
+    /// Whether one rule of a scope allows this request.
+    pub fn allowed_by(&self, rule: &agentgate_crds::common::KubernetesRule) -> bool {
+        let any = |list: &[String], value: &str| list.iter().any(|x| x == "*" || x == value);
+        let resource_ok = rule.resources.iter().any(|r| {
+            r == "*"
+                || r == &self.resource
+                // `pods/*` covers every subresource of pods; `*/scale` every resource's scale.
+                || self.resource.split_once('/').is_some_and(|(res, sub)| {
+                    r == &format!("{res}/*") || r == &format!("*/{sub}")
+                })
+        });
+        // A rule naming namespaces never covers a request across namespaces (or of a
+        // cluster-scoped resource): that would reach namespaces it does not name.
+        let namespace_ok = rule.namespaces.is_empty()
+            || (!self.namespace.is_empty()
+                && rule
+                    .namespaces
+                    .iter()
+                    .any(|n| glob::matches(n, &self.namespace)));
+        // A rule naming objects covers only requests for one of them (not lists or creates).
+        let name_ok = rule.resource_names.is_empty()
+            || (!self.name.is_empty() && rule.resource_names.iter().any(|n| n == &self.name));
+        any(&rule.verbs, &self.verb)
+            && (rule.api_groups.is_empty() && self.group.is_empty()
+                || any(&rule.api_groups, &self.group))
+            && resource_ok
+            && namespace_ok
+            && name_ok
+    }
 }
 
 impl From<&Classified> for Command {
@@ -126,6 +175,7 @@ impl From<&Classified> for Command {
             fingerprint: c.fingerprint.clone(),
             keys,
             tables,
+            kube: None,
         }
     }
 }
@@ -223,6 +273,27 @@ pub fn default_guardrails() -> Vec<Guardrail> {
             "dropping objects needs a person's approval",
         ),
         g(
+            "agentgate-hold-kube-delete",
+            &[],
+            &[
+                "delete namespaces",
+                "deletecollection namespaces",
+                "delete nodes",
+                "deletecollection nodes",
+                "delete customresourcedefinitions.*",
+                "deletecollection customresourcedefinitions.*",
+            ],
+            GuardrailAction::RequireApproval,
+            "deleting namespaces, nodes or custom resource definitions needs a person's approval",
+        ),
+        g(
+            "agentgate-grant-secrets",
+            &[],
+            &["get secrets", "list secrets", "watch secrets"],
+            GuardrailAction::RequireGrant,
+            "reading Secrets needs an AccessGrant, and their values stay masked unless it reveals them",
+        ),
+        g(
             "agentgate-hold-exec",
             &[OperationClass::Exec],
             &[],
@@ -246,6 +317,9 @@ pub fn covers(scope: &AccessScope, cmd: &Command) -> bool {
     if !scope.operations.contains(&cmd.class) {
         return false;
     }
+    if let Some(k) = &cmd.kube {
+        return scope.kubernetes.is_empty() || scope.kubernetes.iter().any(|r| k.allowed_by(r));
+    }
     if scope.tables.is_empty() {
         return true;
     }
@@ -264,6 +338,41 @@ pub fn covers(scope: &AccessScope, cmd: &Command) -> bool {
             glob::matches(&p_qualified, &qualified)
         })
     })
+}
+
+/// Whether a Kubernetes request may see Secrets' data in clear: a baseline entry or an
+/// AccessGrant in force that covers it has a `kubernetes` rule with `revealSecretData`.
+pub fn reveals_secret_data(
+    s: &Snapshot,
+    identity: &str,
+    target: &str,
+    cmd: &Command,
+    now: Timestamp,
+) -> bool {
+    let Some(k) = &cmd.kube else {
+        return false;
+    };
+    let Some(id) = s.identities.get(identity) else {
+        return false;
+    };
+    let reveals = |scope: &AccessScope| {
+        scope.operations.contains(&cmd.class)
+            && scope
+                .kubernetes
+                .iter()
+                .any(|r| r.reveal_secret_data && k.allowed_by(r))
+    };
+    id.spec
+        .baseline
+        .iter()
+        .any(|b| b.target == target && reveals(&b.scope))
+        || s.grants.values().any(|g| {
+            g.spec.identity == identity
+                && g.spec.target == target
+                && g.spec.command.is_none()
+                && in_force(g, Some(id), now)
+                && reveals(&g.spec.scope)
+        })
 }
 
 /// The MaskPolicies that apply to `identity` on `target`.

@@ -53,6 +53,7 @@ impl Tally {
             masked: self.masked,
             latency_us: u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX),
             error: self.error,
+            status: None,
         });
         if let Err(e) = rec.emit(r) {
             tracing::error!(session = rec.id(), error = %e, "a request's outcome could not be recorded");

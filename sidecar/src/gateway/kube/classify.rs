@@ -1,0 +1,274 @@
+//! A Kubernetes API request as the policy sees it: its operation class, the keys guardrails
+//! match (`delete namespaces`, `get secrets`, `create pods/exec`), and the exact-command
+//! fingerprint that a grant bound to it carries.
+
+use std::collections::BTreeSet;
+
+use agentgate_crds::OperationClass;
+use serde_json::Value;
+
+use super::request::RequestInfo;
+use crate::policy::{Command, KubeAccess};
+use crate::sql::Fingerprint;
+
+/// The API group of agentgate's own resources: an agent never changes them.
+pub const OWN_GROUP: &str = "agentgate.dev";
+
+/// Subresources that run code or open a channel into a container or node.
+const CONNECT: [&str; 4] = ["exec", "attach", "portforward", "proxy"];
+
+/// The keys of a request: `verb resource` and `verb resource.group`.
+fn keys(info: &RequestInfo) -> BTreeSet<String> {
+    let mut keys = BTreeSet::new();
+    if !info.resource_request {
+        keys.insert(format!("{} {}", info.verb, info.path));
+        return keys;
+    }
+    let resource = info.rbac_resource();
+    keys.insert(format!("{} {resource}", info.verb));
+    if !info.group.is_empty() {
+        keys.insert(format!("{} {resource}.{}", info.verb, info.group));
+    }
+    keys
+}
+
+/// Whether an RBAC object (or patch) grants everything or binds a cluster-wide admin role:
+/// any `*` among rules' verbs, resources or groups, the `escalate`, `bind` or `impersonate`
+/// verbs, or a binding to `cluster-admin`/`admin`. Anything unreadable counts as escalation.
+fn rbac_escalation(body: Option<&[u8]>) -> Option<&'static str> {
+    let body = body.filter(|b| !b.is_empty())?;
+    let Ok(v) = serde_json::from_slice::<Value>(body) else {
+        return Some("an RBAC change agentgate cannot read");
+    };
+    fn walk(v: &Value) -> Option<&'static str> {
+        match v {
+            Value::String(s) if s == "*" => Some("an RBAC rule with *"),
+            Value::String(s) if matches!(s.as_str(), "escalate" | "bind" | "impersonate") => {
+                Some("an RBAC rule with the escalate, bind or impersonate verb")
+            }
+            Value::String(s) if matches!(s.as_str(), "cluster-admin" | "admin") => {
+                Some("a binding to an admin role")
+            }
+            Value::Array(a) => a.iter().find_map(walk),
+            Value::Object(o) => o.values().find_map(walk),
+            _ => None,
+        }
+    }
+    walk(&v)
+}
+
+/// Classifies a request. `body` is the request body of a create, update or patch (JSON).
+pub fn classify(info: &RequestInfo, query: &str, body: Option<&[u8]>) -> Command {
+    let mut keys = keys(info);
+    let class = if !info.resource_request {
+        match info.verb.as_str() {
+            "get" | "head" | "options" => OperationClass::Read,
+            _ => OperationClass::Write,
+        }
+    } else if CONNECT.contains(&info.subresource.as_str()) {
+        OperationClass::Exec
+    } else if matches!(info.verb.as_str(), "get" | "list" | "watch") {
+        OperationClass::Read
+    } else if info.group == "rbac.authorization.k8s.io" {
+        match rbac_escalation(body) {
+            Some(what) => {
+                keys.insert(format!("escalate: {what}"));
+                OperationClass::Admin
+            }
+            // Deleting RBAC objects is a change of privileges too.
+            None => OperationClass::Privilege,
+        }
+    } else if (info.resource == "serviceaccounts" && info.subresource == "token")
+        || (info.resource == "certificatesigningrequests" && info.subresource == "approval")
+        || info.group == "admissionregistration.k8s.io"
+    {
+        // Minting tokens, approving certificates and changing admission webhooks reach
+        // around every other control.
+        OperationClass::Admin
+    } else if info.group == "apiextensions.k8s.io" {
+        OperationClass::Ddl
+    } else {
+        OperationClass::Write
+    };
+    Command {
+        class,
+        fingerprint: Fingerprint::known(fingerprint(info, query, body)),
+        keys,
+        tables: BTreeSet::new(),
+        kube: info.resource_request.then(|| KubeAccess {
+            verb: info.verb.clone(),
+            group: info.group.clone(),
+            resource: info.rbac_resource(),
+            namespace: info.namespace.clone(),
+            name: info.name.clone(),
+        }),
+    }
+}
+
+/// The exact request a grant can be bound to: the request, the parameters that choose what
+/// runs (an exec's command and container), and the body.
+fn fingerprint(info: &RequestInfo, query: &str, body: Option<&[u8]>) -> String {
+    let mut h = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    h.update(info.describe().as_bytes());
+    h.update(b"\n");
+    for (k, v) in connect_params(query) {
+        h.update(k.as_bytes());
+        h.update(b"=");
+        h.update(v.as_bytes());
+        h.update(b"\n");
+    }
+    if let Some(b) = body {
+        h.update(b);
+    }
+    agentgate_crds::audit::chain::hex(h.finish().as_ref())
+}
+
+/// The query parameters of a connect request that choose what runs, decoded, in order:
+/// `command`, `container`, `stdin`, `tty`, `ports`.
+pub fn connect_params(query: &str) -> Vec<(String, String)> {
+    query
+        .split('&')
+        .filter_map(|kv| {
+            let (k, v) = kv.split_once('=')?;
+            matches!(k, "command" | "container" | "stdin" | "tty" | "ports")
+                .then(|| (k.to_owned(), percent_decode(v)))
+        })
+        .collect()
+}
+
+/// Decodes `%XX` and `+` in a query value (invalid escapes stay as they are).
+pub fn percent_decode(v: &str) -> String {
+    let bytes = v.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = bytes
+                    .get(i + 1..i + 3)
+                    .and_then(|h| std::str::from_utf8(h).ok())
+                    .and_then(|h| u8::from_str_radix(h, 16).ok());
+                match hex {
+                    Some(b) => {
+                        out.push(b);
+                        i += 2;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The text a record and an approver see: the request, and for an exec the command.
+pub fn text(info: &RequestInfo, query: &str) -> String {
+    let mut s = info.describe();
+    if CONNECT.contains(&info.subresource.as_str()) {
+        let params = connect_params(query);
+        let command: Vec<&str> = params
+            .iter()
+            .filter(|(k, _)| k == "command")
+            .map(|(_, v)| v.as_str())
+            .collect();
+        if !command.is_empty() {
+            s.push_str(": ");
+            s.push_str(&command.join(" "));
+        }
+        if let Some((_, c)) = params.iter().find(|(k, _)| k == "container") {
+            s.push_str(&format!(" (container {c})"));
+        }
+        if let Some((_, p)) = params.iter().find(|(k, _)| k == "ports") {
+            s.push_str(&format!(" (ports {p})"));
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::super::request::parse;
+    use super::*;
+
+    fn class(method: &str, path: &str, body: &str) -> (OperationClass, BTreeSet<String>) {
+        let info = parse(method, path, "").unwrap();
+        let c = classify(&info, "", (!body.is_empty()).then_some(body.as_bytes()));
+        (c.class, c.keys)
+    }
+
+    #[test]
+    fn classes() {
+        assert_eq!(class("GET", "/api/v1/pods", "").0, OperationClass::Read);
+        assert_eq!(
+            class("GET", "/api/v1/namespaces/a/pods/x/exec", "").0,
+            OperationClass::Exec
+        );
+        assert_eq!(
+            class("POST", "/api/v1/namespaces/a/pods/x/portforward", "").0,
+            OperationClass::Exec
+        );
+        assert_eq!(
+            class("POST", "/api/v1/namespaces/a/configmaps", "{}").0,
+            OperationClass::Write
+        );
+        let (c, keys) = class("DELETE", "/api/v1/namespaces/prod", "");
+        assert_eq!(c, OperationClass::Write);
+        assert!(keys.contains("delete namespaces"));
+        let (c, keys) = class(
+            "DELETE",
+            "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/x.example.com",
+            "",
+        );
+        assert_eq!(c, OperationClass::Ddl);
+        assert!(keys.contains("delete customresourcedefinitions.apiextensions.k8s.io"));
+        assert_eq!(
+            class(
+                "POST",
+                "/apis/rbac.authorization.k8s.io/v1/namespaces/a/rolebindings",
+                r#"{"roleRef":{"kind":"Role","name":"reader"},"subjects":[]}"#
+            )
+            .0,
+            OperationClass::Privilege
+        );
+        for body in [
+            r#"{"roleRef":{"kind":"ClusterRole","name":"cluster-admin"}}"#,
+            r#"{"rules":[{"apiGroups":[""],"resources":["*"],"verbs":["get"]}]}"#,
+            r#"{"rules":[{"apiGroups":[""],"resources":["users"],"verbs":["impersonate"]}]}"#,
+            "not json",
+        ] {
+            assert_eq!(
+                class(
+                    "POST",
+                    "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings",
+                    body
+                )
+                .0,
+                OperationClass::Admin,
+                "{body}"
+            );
+        }
+        assert_eq!(
+            class("POST", "/api/v1/namespaces/a/serviceaccounts/x/token", "{}").0,
+            OperationClass::Admin
+        );
+    }
+
+    #[test]
+    fn exec_text_and_fingerprint_follow_the_command() {
+        let info = parse("POST", "/api/v1/namespaces/a/pods/web/exec", "").unwrap();
+        let q1 = "command=rm&command=-rf&command=%2Fdata&container=app&stdin=true";
+        let q2 = "command=ls&container=app&stdin=true";
+        assert_eq!(
+            text(&info, q1),
+            "create pods/exec web -n a: rm -rf /data (container app)"
+        );
+        let f1 = classify(&info, q1, None).fingerprint;
+        let f2 = classify(&info, q2, None).fingerprint;
+        assert_ne!(f1.get(), f2.get());
+        assert_eq!(f1.get(), classify(&info, q1, None).fingerprint.get());
+    }
+}

@@ -1,0 +1,420 @@
+//! Masking inside Kubernetes API responses: objects, lists, `Table`s (what `kubectl get`
+//! asks for), watch events, and plain-text logs.
+//!
+//! - Secrets: every value of `data` and `stringData` is replaced (valid base64 of the
+//!   replacement in `data`, so clients still decode it), and the
+//!   `kubectl.kubernetes.io/last-applied-configuration` annotation, which repeats them, is
+//!   replaced whole; unless a grant reveals Secret data.
+//! - ConfigMaps' `data`/`binaryData`, every container `env[].value` (Pods, and templates in
+//!   Deployments, Jobs, …) and every last-applied annotation: MaskPolicy detectors and
+//!   patterns.
+//! - MaskPolicy `kubernetes` rules: the listed paths of the listed kinds, whole.
+
+use std::collections::BTreeMap;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use serde_json::{Map, Value};
+
+use crate::mask::{MaskSet, Masked};
+
+/// The annotation `kubectl apply` keeps, a copy of the applied object.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+/// What agentgate adds to an object it masked, naming the masked fields.
+pub const MASKED_ANNOTATION: &str = "agentgate.dev/masked";
+/// What Secret values become (before base64 in `data`).
+pub const SECRET_REPLACEMENT: &str = "****";
+/// The rule name records give Secret masking.
+pub const SECRET_RULE: &str = "agentgate/secret-data";
+
+/// Masks the responses of one request.
+pub struct Masker<'a> {
+    /// The MaskPolicies for the identity and target.
+    pub masks: &'a MaskSet,
+    /// Whether Secrets' data passes in clear (a grant reveals it).
+    pub reveal_secrets: bool,
+    /// The group and kind of the objects the request is about (from its resource), for
+    /// objects that do not say (`PartialObjectMetadata` rows of a `Table`).
+    pub hint: Option<(String, String)>,
+    /// Values masked, by rule.
+    pub counts: BTreeMap<String, u64>,
+}
+
+/// The group and kind for a few well-known resources (enough to mask `Table` rows, whose
+/// objects do not carry their kind).
+pub fn kind_of(group: &str, resource: &str) -> Option<(String, String)> {
+    let kind = match (group, resource) {
+        ("", "secrets") => "Secret",
+        ("", "configmaps") => "ConfigMap",
+        ("", "pods") => "Pod",
+        _ => return None,
+    };
+    Some((group.to_owned(), kind.to_owned()))
+}
+
+fn group_of(api_version: &str) -> &str {
+    api_version.rsplit_once('/').map_or("", |(g, _)| g)
+}
+
+impl Masker<'_> {
+    /// Masks one response document (an object, a list, a `Table` or a watch event).
+    pub fn document(&mut self, v: &mut Value) {
+        let kind = v
+            .get("kind")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_owned();
+        let group = group_of(v.get("apiVersion").and_then(Value::as_str).unwrap_or("")).to_owned();
+        // A watch event: {"type": …, "object": …}.
+        if kind.is_empty()
+            && v.get("type").is_some()
+            && let Some(obj) = v.get_mut("object")
+        {
+            self.document(obj);
+            return;
+        }
+        if kind == "Table" && group == "meta.k8s.io" {
+            if let Some(rows) = v.get_mut("rows").and_then(Value::as_array_mut) {
+                for row in rows {
+                    if let Some(obj) = row.get_mut("object") {
+                        self.document(obj);
+                    }
+                    if let Some(cells) = row.get_mut("cells").and_then(Value::as_array_mut) {
+                        for c in cells {
+                            self.detect(c);
+                        }
+                    }
+                }
+            }
+            return;
+        }
+        if let Some(items) = v.get_mut("items").and_then(Value::as_array_mut) {
+            let item_kind = kind.strip_suffix("List").unwrap_or("").to_owned();
+            // (`PartialObjectMetadataList` items take the request's kind.)
+            for item in items {
+                self.object(item, &group, &item_kind);
+            }
+            return;
+        }
+        self.object(v, &group, &kind);
+    }
+
+    /// Masks one object of `group`/`kind` (either may be empty: the object's own or the
+    /// request's are used).
+    fn object(&mut self, obj: &mut Value, group: &str, kind: &str) {
+        let own_kind = obj.get("kind").and_then(Value::as_str).map(str::to_owned);
+        let own_group = obj
+            .get("apiVersion")
+            .and_then(Value::as_str)
+            .map(|v| group_of(v).to_owned());
+        // Metadata-only objects (`Table` rows, `as=PartialObjectMetadata`) are of the kind the
+        // request is about.
+        let partial = |k: &str| k.starts_with("PartialObjectMetadata");
+        let (group, kind) = match (own_kind, own_group) {
+            (Some(k), Some(g)) if !partial(&k) => (g, k),
+            _ if !kind.is_empty() && !partial(kind) => (group.to_owned(), kind.to_owned()),
+            _ => self.hint.clone().unwrap_or_default(),
+        };
+        let mut masked_fields: Vec<&str> = Vec::new();
+        if group.is_empty() && kind == "Secret" && !self.reveal_secrets {
+            let replaced = B64.encode(SECRET_REPLACEMENT);
+            for (field, value) in [
+                ("data", replaced.as_str()),
+                ("stringData", SECRET_REPLACEMENT),
+            ] {
+                if let Some(map) = obj.get_mut(field).and_then(Value::as_object_mut)
+                    && !map.is_empty()
+                {
+                    for v in map.values_mut() {
+                        *v = Value::String(value.to_owned());
+                        *self.counts.entry(SECRET_RULE.into()).or_default() += 1;
+                    }
+                    masked_fields.push(field);
+                }
+            }
+            if let Some(a) = annotations(obj)
+                && let Some(v) = a.get_mut(LAST_APPLIED)
+            {
+                *v = Value::String(SECRET_REPLACEMENT.into());
+                *self.counts.entry(SECRET_RULE.into()).or_default() += 1;
+                masked_fields.push("last-applied-configuration");
+            }
+        } else {
+            if group.is_empty() && kind == "ConfigMap" {
+                if let Some(map) = obj.get_mut("data").and_then(Value::as_object_mut) {
+                    for v in map.values_mut() {
+                        self.detect(v);
+                    }
+                }
+                if let Some(map) = obj.get_mut("binaryData").and_then(Value::as_object_mut) {
+                    for v in map.values_mut() {
+                        self.detect_base64(v);
+                    }
+                }
+            }
+            if let Some(a) = annotations(obj)
+                && let Some(v) = a.get_mut(LAST_APPLIED)
+            {
+                self.detect(v);
+            }
+            self.env_values(obj);
+        }
+        for (rule, path) in self.masks.kube_paths(&group, &kind) {
+            let parts: Vec<&str> = path.split('.').collect();
+            let secret_data =
+                group.is_empty() && kind == "Secret" && parts.first().is_some_and(|p| *p == "data");
+            let mut n = 0u64;
+            at_path(obj, &parts, &mut |v| {
+                let text = match &*v {
+                    Value::String(s) if secret_data => B64
+                        .decode(s.as_bytes())
+                        .map(|b| String::from_utf8_lossy(&b).into_owned())
+                        .unwrap_or_else(|_| s.clone()),
+                    Value::String(s) => s.clone(),
+                    Value::Null => return,
+                    other => other.to_string(),
+                };
+                *v = match rule.apply_whole(&text) {
+                    Masked::Text(t) if secret_data => Value::String(B64.encode(t)),
+                    Masked::Text(t) => Value::String(t),
+                    Masked::Null if secret_data => Value::String(String::new()),
+                    Masked::Null | Masked::Clear => Value::Null,
+                };
+                n += 1;
+            });
+            if n > 0 {
+                *self.counts.entry(rule.name.clone()).or_default() += n;
+                masked_fields.push("policy");
+            }
+        }
+        if !masked_fields.is_empty()
+            && let Some(a) = annotations_or_new(obj)
+        {
+            masked_fields.dedup();
+            a.insert(
+                MASKED_ANNOTATION.into(),
+                Value::String(masked_fields.join(",")),
+            );
+        }
+    }
+
+    /// Applies value detectors to every `env[].value` in the object (containers of Pods and
+    /// of workload templates).
+    fn env_values(&mut self, v: &mut Value) {
+        match v {
+            Value::Object(map) => {
+                for (k, child) in map.iter_mut() {
+                    if k == "env"
+                        && let Value::Array(vars) = child
+                    {
+                        for var in vars {
+                            if let Some(value) = var.get_mut("value") {
+                                self.detect(value);
+                            }
+                        }
+                    } else if k != "metadata" {
+                        self.env_values(child);
+                    }
+                }
+            }
+            Value::Array(a) => a.iter_mut().for_each(|x| self.env_values(x)),
+            _ => {}
+        }
+    }
+
+    /// Detectors and patterns on one string value.
+    fn detect(&mut self, v: &mut Value) {
+        if !self.masks.has_value_rules() {
+            return;
+        }
+        if let Value::String(s) = v {
+            let (masked, rules) = self.masks.mask(None, s);
+            for r in rules {
+                *self.counts.entry(r).or_default() += 1;
+            }
+            match masked {
+                Masked::Clear => {}
+                Masked::Text(t) => *s = t,
+                Masked::Null => *v = Value::Null,
+            }
+        }
+    }
+
+    /// Detectors on a base64 value (ConfigMap `binaryData`), re-encoded when masked.
+    fn detect_base64(&mut self, v: &mut Value) {
+        if !self.masks.has_value_rules() {
+            return;
+        }
+        if let Value::String(s) = v
+            && let Ok(bytes) = B64.decode(s.as_bytes())
+        {
+            let text = String::from_utf8_lossy(&bytes).into_owned();
+            let (masked, rules) = self.masks.mask(None, &text);
+            for r in rules {
+                *self.counts.entry(r).or_default() += 1;
+            }
+            match masked {
+                Masked::Clear => {}
+                Masked::Text(t) => *s = B64.encode(t),
+                Masked::Null => *s = String::new(),
+            }
+        }
+    }
+
+    /// Masks one line of plain text (logs).
+    pub fn text_line(&mut self, line: &str) -> Option<String> {
+        if !self.masks.has_value_rules() {
+            return None;
+        }
+        let (masked, rules) = self.masks.mask(None, line);
+        for r in rules {
+            *self.counts.entry(r).or_default() += 1;
+        }
+        match masked {
+            Masked::Clear => None,
+            Masked::Text(t) => Some(t),
+            Masked::Null => Some(String::new()),
+        }
+    }
+}
+
+fn annotations(obj: &mut Value) -> Option<&mut Map<String, Value>> {
+    obj.get_mut("metadata")?
+        .get_mut("annotations")?
+        .as_object_mut()
+}
+
+fn annotations_or_new(obj: &mut Value) -> Option<&mut Map<String, Value>> {
+    let meta = obj
+        .as_object_mut()?
+        .entry("metadata")
+        .or_insert_with(|| Value::Object(Map::new()));
+    let a = meta
+        .as_object_mut()?
+        .entry("annotations")
+        .or_insert_with(|| Value::Object(Map::new()));
+    if !a.is_object() {
+        *a = Value::Object(Map::new());
+    }
+    a.as_object_mut()
+}
+
+/// Calls `f` on every value at a dotted path, `*` matching any key or index.
+fn at_path(v: &mut Value, parts: &[&str], f: &mut dyn FnMut(&mut Value)) {
+    let Some((head, rest)) = parts.split_first() else {
+        f(v);
+        return;
+    };
+    match v {
+        Value::Object(map) if *head == "*" => {
+            for child in map.values_mut() {
+                at_path(child, rest, f);
+            }
+        }
+        Value::Object(map) => {
+            if let Some(child) = map.get_mut(*head) {
+                at_path(child, rest, f);
+            }
+        }
+        Value::Array(items) if *head == "*" => {
+            for child in items {
+                at_path(child, rest, f);
+            }
+        }
+        Value::Array(items) => {
+            if let Some(child) = head.parse::<usize>().ok().and_then(|i| items.get_mut(i)) {
+                at_path(child, rest, f);
+            }
+        }
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use agentgate_crds::MaskPolicy;
+    use serde_json::json;
+
+    fn masks(yaml: &str) -> MaskSet {
+        let p: MaskPolicy = serde_norway::from_str(yaml).unwrap();
+        MaskSet::compile(&[&p], &|_| None).unwrap()
+    }
+
+    fn emails() -> MaskSet {
+        masks(
+            "apiVersion: agentgate.dev/v1alpha1\nkind: MaskPolicy\nmetadata: {name: pii}\nspec:\n  rules:\n  - {name: emails, detectors: [Email], action: Redact}\n  - name: tokens\n    kubernetes: [{kind: Widget, apiGroup: example.com, paths: [spec.token, spec.items.*.key]}]\n    action: Partial\n    keepLast: 2\n",
+        )
+    }
+
+    fn run(m: &MaskSet, v: &mut Value, reveal: bool) -> BTreeMap<String, u64> {
+        let mut masker = Masker {
+            masks: m,
+            reveal_secrets: reveal,
+            hint: Some(("".into(), "Secret".into())),
+            counts: BTreeMap::new(),
+        };
+        masker.document(v);
+        masker.counts
+    }
+
+    #[test]
+    fn secrets_in_objects_lists_tables_and_events() {
+        let m = emails();
+        let secret = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "db", "annotations": {LAST_APPLIED: "{\"data\":{\"password\":\"aHVudGVyMg==\"}}"}}, "data": {"password": "aHVudGVyMg=="}, "type": "Opaque"});
+        let mut one = secret.clone();
+        let counts = run(&m, &mut one, false);
+        assert_eq!(one["data"]["password"], "KioqKg==");
+        assert_eq!(one["metadata"]["annotations"][LAST_APPLIED], "****");
+        assert_eq!(
+            one["metadata"]["annotations"][MASKED_ANNOTATION],
+            "data,last-applied-configuration"
+        );
+        assert_eq!(counts[SECRET_RULE], 2);
+        let mut list = json!({"apiVersion": "v1", "kind": "SecretList", "items": [{"metadata": {"name": "a"}, "data": {"k": "c2VjcmV0"}}]});
+        run(&m, &mut list, false);
+        assert_eq!(list["items"][0]["data"]["k"], "KioqKg==");
+        let mut event = json!({"type": "ADDED", "object": secret.clone()});
+        run(&m, &mut event, false);
+        assert_eq!(event["object"]["data"]["password"], "KioqKg==");
+        let mut table = json!({"apiVersion": "meta.k8s.io/v1", "kind": "Table", "rows": [{"cells": ["db", "Opaque", 1, "1m"], "object": {"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata", "metadata": {"name": "db", "annotations": {LAST_APPLIED: "{\"data\":{\"password\":\"aHVudGVyMg==\"}}"}}}}]});
+        run(&m, &mut table, false);
+        assert_eq!(
+            table["rows"][0]["object"]["metadata"]["annotations"][LAST_APPLIED],
+            "****"
+        );
+        let mut revealed = secret.clone();
+        run(&m, &mut revealed, true);
+        assert_eq!(revealed["data"]["password"], "aHVudGVyMg==");
+    }
+
+    #[test]
+    fn detectors_on_configmaps_env_and_policy_paths() {
+        let m = emails();
+        let mut cm = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}, "data": {"owner": "ops: alice@example.com", "size": "3"}, "binaryData": {"b": B64.encode("bob@example.com")}});
+        let counts = run(&m, &mut cm, false);
+        assert_eq!(cm["data"]["owner"], "ops: ****");
+        assert_eq!(cm["data"]["size"], "3");
+        assert_eq!(cm["binaryData"]["b"], B64.encode("****"));
+        assert_eq!(counts["pii/emails"], 2);
+        let mut deploy = json!({"apiVersion": "apps/v1", "kind": "Deployment", "spec": {"template": {"spec": {"containers": [{"name": "x", "env": [{"name": "ADMIN", "value": "root@example.com"}, {"name": "N", "value": "1"}]}]}}}});
+        run(&m, &mut deploy, false);
+        assert_eq!(
+            deploy["spec"]["template"]["spec"]["containers"][0]["env"][0]["value"],
+            "****"
+        );
+        assert_eq!(
+            deploy["spec"]["template"]["spec"]["containers"][0]["env"][1]["value"],
+            "1"
+        );
+        let mut widget = json!({"apiVersion": "example.com/v1", "kind": "Widget", "spec": {"token": "abcdef", "items": [{"key": "123456"}]}});
+        run(&m, &mut widget, false);
+        assert_eq!(widget["spec"]["token"], "****ef");
+        assert_eq!(widget["spec"]["items"][0]["key"], "****56");
+        assert_eq!(
+            widget["metadata"]["annotations"][MASKED_ANNOTATION],
+            "policy"
+        );
+    }
+}

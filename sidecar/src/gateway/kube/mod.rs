@@ -1,0 +1,958 @@
+//! The Kubernetes API gateway: an HTTPS listener on loopback that kubectl and client
+//! libraries reach through the kubeconfig the sidecar writes. Every request is authenticated
+//! (the pod's identity, or a bearer token), authorized by the identity's baseline, its grants
+//! and the guardrails, recorded, and forwarded to the Target's API server *as the agent*
+//! (impersonation), so the API server's RBAC and audit log apply too. Responses are masked
+//! (Secret data always, MaskPolicy detectors and paths) in JSON objects, lists, `Table`s,
+//! watch streams and logs.
+//!
+//! The path `/targets/<name>/…` chooses the Target; without it, the only Kubernetes Target.
+
+pub mod classify;
+pub mod mask;
+pub mod request;
+mod stream;
+pub mod upstream;
+
+use std::collections::{BTreeMap, HashMap};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use agentgate_crds::Protocol;
+use agentgate_crds::audit::{self as records, Outcome, RecordKind};
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+
+use crate::audit::{SessionRecorder, agent_text};
+use crate::gateway::postgres::session::Gateway;
+use crate::mask::MaskSet;
+use crate::policy::approval::Request as ApprovalRequest;
+use crate::policy::{self, Decision, Snapshot, Verdict};
+
+use self::request::RequestInfo;
+use self::upstream::Upstream;
+
+/// The largest request body forwarded (the API server's own limit is 3 MiB).
+const MAX_REQUEST_BODY: usize = 3 << 20;
+/// The largest response the gateway reads whole to mask it (lists of many objects).
+const MAX_MASKED_RESPONSE: usize = 512 << 20;
+
+/// The user name the API server sees for an identity (what RBAC binds).
+pub fn impersonated_user(namespace: Option<&str>, identity: &str) -> String {
+    match namespace {
+        Some(ns) => format!("agentgate:agent:{ns}:{identity}"),
+        None => format!("agentgate:agent:{identity}"),
+    }
+}
+
+/// The group every agent is put in upstream.
+pub const AGENTS_GROUP: &str = "agentgate:agents";
+
+/// A response body.
+pub type Body = BoxBody<Bytes, std::io::Error>;
+
+fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).map_err(|never| match never {}).boxed()
+}
+
+/// MaskPolicies compiled from one snapshot (kept, so its address is never reused while
+/// cached).
+type CompiledMasks = (Arc<Snapshot>, Arc<MaskSet>);
+
+/// The Kubernetes gateway's state.
+pub struct KubeGateway {
+    /// Identity, policy, approvals and audit, shared with the other gateways.
+    pub core: Arc<Gateway>,
+    /// The namespace of the sidecar's policy objects (in a cluster), for user names.
+    pub namespace: Option<String>,
+    /// One client per Target, rebuilt when the Target changes.
+    upstreams: Mutex<HashMap<String, (agentgate_crds::target::KubernetesTarget, Arc<Upstream>)>>,
+    /// Compiled MaskPolicies per (identity, target), for the snapshot they came from.
+    masks: Mutex<HashMap<(String, String), CompiledMasks>>,
+}
+
+impl KubeGateway {
+    /// A gateway sharing `core`'s identity, policy and audit.
+    pub fn new(core: Arc<Gateway>, namespace: Option<String>) -> Self {
+        Self {
+            core,
+            namespace,
+            upstreams: Mutex::new(HashMap::new()),
+            masks: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn upstream(&self, name: &str, snapshot: &Snapshot) -> Result<Arc<Upstream>, String> {
+        let target = snapshot
+            .targets
+            .get(name)
+            .and_then(|t| t.spec.kubernetes.clone())
+            .ok_or_else(|| format!("Target {name} is not a Kubernetes cluster"))?;
+        if let Ok(map) = self.upstreams.lock()
+            && let Some((spec, up)) = map.get(name)
+            && spec == &target
+        {
+            return Ok(up.clone());
+        }
+        let up = Arc::new(
+            Upstream::new(&target, &self.core.targets_dir.join(name))
+                .map_err(|e| format!("Target {name}: {e}"))?,
+        );
+        if let Ok(mut map) = self.upstreams.lock() {
+            map.insert(name.to_owned(), (target, up.clone()));
+        }
+        Ok(up)
+    }
+
+    fn mask_set(
+        &self,
+        snapshot: &Arc<Snapshot>,
+        identity: &str,
+        target: &str,
+    ) -> Result<Arc<MaskSet>, String> {
+        let key = (identity.to_owned(), target.to_owned());
+        if let Ok(m) = self.masks.lock()
+            && let Some((from, set)) = m.get(&key)
+            && Arc::ptr_eq(from, snapshot)
+        {
+            return Ok(set.clone());
+        }
+        let policies = policy::masks_for(snapshot, identity, target);
+        let set = Arc::new(
+            MaskSet::compile(&policies, &|k| {
+                std::fs::read(
+                    self.core
+                        .targets_dir
+                        .join("mask-keys")
+                        .join(&k.name)
+                        .join(&k.key),
+                )
+                .ok()
+            })
+            .map_err(|e| format!("a MaskPolicy is broken: {e}"))?,
+        );
+        if let Ok(mut m) = self.masks.lock() {
+            m.insert(key, (snapshot.clone(), set.clone()));
+        }
+        Ok(set)
+    }
+}
+
+/// The listener's certificate, made at start (loopback only; the kubeconfig trusts it).
+pub struct ServingCert {
+    /// The certificate, PEM.
+    pub cert_pem: String,
+    /// The TLS configuration.
+    pub config: Arc<rustls::ServerConfig>,
+}
+
+/// Makes a self-signed certificate for `127.0.0.1` and `localhost`.
+pub fn serving_cert() -> Result<ServingCert, String> {
+    let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()])
+        .map_err(|e| format!("make the gateway's certificate: {e}"))?;
+    let cert_pem = ck.cert.pem();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into());
+    let mut config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(vec![ck.cert.der().clone()], key)
+        .map_err(|e| format!("the gateway's certificate: {e}"))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(ServingCert {
+        cert_pem,
+        config: Arc::new(config),
+    })
+}
+
+/// A kubeconfig for the agent: one cluster and context per Kubernetes Target, reaching the
+/// gateway at `addr`, trusting `cert_pem`.
+pub fn kubeconfig(addr: SocketAddr, cert_pem: &str, targets: &[String]) -> String {
+    use base64::Engine;
+    let ca = base64::engine::general_purpose::STANDARD.encode(cert_pem);
+    let mut clusters = String::new();
+    let mut contexts = String::new();
+    for t in targets {
+        clusters.push_str(&format!(
+            "- name: {t}\n  cluster:\n    server: https://{addr}/targets/{t}\n    certificate-authority-data: {ca}\n"
+        ));
+        contexts.push_str(&format!(
+            "- name: {t}\n  context:\n    cluster: {t}\n    user: agent\n"
+        ));
+    }
+    format!(
+        "# Written by agentgate: every request goes through its gateway.\napiVersion: v1\nkind: Config\nclusters:\n{clusters}contexts:\n{contexts}users:\n- name: agent\n  user: {{}}\ncurrent-context: {}\n",
+        targets.first().map(String::as_str).unwrap_or("none")
+    )
+}
+
+/// Keeps `<dir>/kubeconfig` (and `<dir>/kube-ca.crt`) listing the Kubernetes Targets of the
+/// current policy.
+pub async fn write_kubeconfig(
+    dir: PathBuf,
+    addr: SocketAddr,
+    cert_pem: String,
+    store: Arc<policy::PolicyStore>,
+) {
+    let mut last: Option<Vec<String>> = None;
+    loop {
+        let targets: Vec<String> = store
+            .get()
+            .map(|s| {
+                s.targets
+                    .iter()
+                    .filter(|(_, t)| t.spec.protocol == Protocol::Kubernetes)
+                    .map(|(n, _)| n.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if last.as_ref() != Some(&targets) {
+            let write = || -> std::io::Result<()> {
+                std::fs::create_dir_all(&dir)?;
+                std::fs::write(dir.join("kube-ca.crt"), &cert_pem)?;
+                let tmp = dir.join(".kubeconfig.tmp");
+                std::fs::write(&tmp, kubeconfig(addr, &cert_pem, &targets))?;
+                std::fs::rename(&tmp, dir.join("kubeconfig"))
+            };
+            match write() {
+                Ok(()) => {
+                    tracing::info!(dir = %dir.display(), targets = ?targets, "kubeconfig written");
+                    last = Some(targets);
+                }
+                Err(e) => {
+                    tracing::warn!(dir = %dir.display(), error = %e, "cannot write the kubeconfig")
+                }
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    }
+}
+
+/// Accepts connections forever.
+pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, gw: Arc<KubeGateway>) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    loop {
+        let (sock, peer) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = sock.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let gw = gw.clone();
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                acceptor.accept(sock),
+            )
+            .await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let conn = Arc::new(Connection {
+                gw,
+                peer,
+                sessions: Mutex::new(HashMap::new()),
+            });
+            let service = hyper::service::service_fn({
+                let conn = conn.clone();
+                move |req| {
+                    let conn = conn.clone();
+                    async move { Ok::<_, Infallible>(conn.handle(req).await) }
+                }
+            });
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            if let Err(e) = builder
+                .serve_connection_with_upgrades(TokioIo::new(tls), service)
+                .await
+            {
+                tracing::debug!(%peer, error = %e, "connection ended");
+            }
+            conn.end();
+        });
+    }
+}
+
+/// One agent connection: its sessions (one per identity and target).
+struct Connection {
+    gw: Arc<KubeGateway>,
+    peer: SocketAddr,
+    sessions: Mutex<HashMap<(String, String), Arc<SessionRecorder>>>,
+}
+
+/// A refusal as the Kubernetes API answers one: a `Status` object.
+pub fn status(code: StatusCode, reason: &str, message: &str) -> Response<Body> {
+    let body = serde_json::json!({
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code.as_u16(),
+    });
+    let mut r = Response::new(full(body.to_string()));
+    *r.status_mut() = code;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// Headers never forwarded upstream: the agent's credentials and identity claims (the
+/// gateway sets its own), and hop-by-hop headers.
+fn dropped_header(name: &HeaderName) -> bool {
+    let n = name.as_str();
+    n.starts_with("impersonate-")
+        || matches!(
+            n,
+            "authorization"
+                | "host"
+                | "connection"
+                | "keep-alive"
+                | "proxy-authorization"
+                | "proxy-connection"
+                | "te"
+                | "trailer"
+                | "transfer-encoding"
+                | "accept-encoding"
+                | "content-length"
+                | "x-remote-user"
+                | "x-remote-group"
+                | "x-forwarded-for"
+        )
+        || n.starts_with("x-remote-extra-")
+}
+
+/// The Accept header without protobuf (answers are masked as JSON; clients fall back).
+fn json_accept(h: &HeaderMap) -> HeaderValue {
+    let kept: Vec<&str> = h
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|v| !v.is_empty() && !v.contains("protobuf"))
+        .collect();
+    if kept.is_empty() {
+        HeaderValue::from_static("application/json")
+    } else {
+        HeaderValue::from_str(&kept.join(", "))
+            .unwrap_or_else(|_| HeaderValue::from_static("application/json"))
+    }
+}
+
+impl Connection {
+    fn end(&self) {
+        if let Ok(s) = self.sessions.lock() {
+            for rec in s.values() {
+                rec.end("the agent closed the connection");
+            }
+        }
+    }
+
+    fn session(&self, identity: &str, target: &str) -> Result<Arc<SessionRecorder>, String> {
+        let key = (identity.to_owned(), target.to_owned());
+        if let Ok(s) = self.sessions.lock()
+            && let Some(rec) = s.get(&key)
+        {
+            return Ok(rec.clone());
+        }
+        let rec = Arc::new(self.gw.core.audit.session(
+            identity,
+            target,
+            Protocol::Kubernetes,
+            Some(self.peer.to_string()),
+        )?);
+        if let Ok(mut s) = self.sessions.lock() {
+            s.insert(key, rec.clone());
+        }
+        Ok(rec)
+    }
+
+    fn refusal_record(&self, identity: Option<&str>, target: &str, why: &str) {
+        let mut r = records::Record::new(RecordKind::Refusal, jiff::Timestamp::now());
+        r.identity = identity.map(str::to_owned);
+        r.target = Some(agent_text(target, 253));
+        r.protocol = Some(Protocol::Kubernetes);
+        r.client = Some(self.peer.to_string());
+        r.note = Some(agent_text(why, 512));
+        if let Err(e) = self
+            .gw
+            .core
+            .audit
+            .admit()
+            .and_then(|()| self.gw.core.audit.record(r))
+        {
+            tracing::warn!(error = %e, "a refused request could not be recorded");
+        }
+    }
+
+    /// Serves one request; every answer is a response (refusals are `Status` objects).
+    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        let gw = &self.gw;
+        let core = &gw.core;
+        let Some(snapshot) = core.policy.get() else {
+            let why = core
+                .policy
+                .error()
+                .unwrap_or_else(|| "no policy loaded yet".into());
+            self.refusal_record(None, "", &format!("policy not loaded: {why}"));
+            return status(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailable",
+                &format!(
+                    "agentgate refuses requests until its policy is loaded: {why}; retry in a moment, and if it persists check the sidecar's log"
+                ),
+            );
+        };
+        // Which Target.
+        let full_path = req.uri().path().to_owned();
+        let (target, path) = match full_path.strip_prefix("/targets/") {
+            Some(rest) => {
+                let (t, p) = rest.split_once('/').unwrap_or((rest, ""));
+                (t.to_owned(), format!("/{p}"))
+            }
+            None => {
+                let clusters: Vec<&String> = snapshot
+                    .targets
+                    .iter()
+                    .filter(|(_, t)| t.spec.protocol == Protocol::Kubernetes)
+                    .map(|(n, _)| n)
+                    .collect();
+                match clusters.as_slice() {
+                    [one] => ((*one).clone(), full_path.clone()),
+                    _ => {
+                        return status(
+                            StatusCode::NOT_FOUND,
+                            "NotFound",
+                            "agentgate serves several clusters (or none): use a context of the kubeconfig it wrote, whose server ends in /targets/<Target>",
+                        );
+                    }
+                }
+            }
+        };
+        let query = req.uri().query().unwrap_or("").to_owned();
+        // Who.
+        let identity = match self.authenticate(&req, &snapshot).await {
+            Ok(i) => i,
+            Err((code, why)) => {
+                self.refusal_record(None, &target, &why);
+                return status(code, "Unauthorized", &why);
+            }
+        };
+        if req
+            .headers()
+            .keys()
+            .any(|h| h.as_str().starts_with("impersonate-"))
+        {
+            let why = "impersonation is not allowed through agentgate: requests always act as the agent's own identity";
+            self.refusal_record(Some(&identity), &target, why);
+            return status(StatusCode::FORBIDDEN, "Forbidden", why);
+        }
+        let info = match request::parse(req.method().as_str(), &path, &query) {
+            Ok(i) => i,
+            Err(e) => {
+                let why = format!("agentgate refuses the request: {e}");
+                self.refusal_record(Some(&identity), &target, &why);
+                return status(StatusCode::BAD_REQUEST, "BadRequest", &why);
+            }
+        };
+        let rec = match self.session(&identity, &target) {
+            Ok(r) => r,
+            Err(why) => return status(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", &why),
+        };
+        let id = rec.next_request();
+        let started = Instant::now();
+        let upgrade = req.headers().contains_key(header::UPGRADE);
+        // The body of a write, read whole (for the decision, the fingerprint and the record).
+        let (parts, body) = req.into_parts();
+        let writes_body = matches!(info.verb.as_str(), "create" | "update" | "patch")
+            && !upgrade
+            && info.subresource != "exec"
+            && info.subresource != "attach"
+            && info.subresource != "portforward";
+        if writes_body
+            && parts
+                .headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.contains("protobuf"))
+        {
+            let why = "agentgate reads request bodies as JSON or YAML: send this request as JSON (kubectl does)";
+            self.refusal_record(Some(&identity), &target, why);
+            return status(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "UnsupportedMediaType",
+                why,
+            );
+        }
+        let body: Option<Bytes> = if writes_body {
+            match Limited::new(body, MAX_REQUEST_BODY).collect().await {
+                Ok(b) => Some(b.to_bytes()),
+                Err(_) => {
+                    let why = format!(
+                        "the request body is larger than {} MiB, or broke off",
+                        MAX_REQUEST_BODY >> 20
+                    );
+                    return status(StatusCode::PAYLOAD_TOO_LARGE, "RequestEntityTooLarge", &why);
+                }
+            }
+        } else {
+            None
+        };
+        let cmd = classify::classify(&info, &query, body.as_deref());
+        let now = jiff::Timestamp::now();
+        let mut decision = if info.group == classify::OWN_GROUP
+            && !matches!(info.verb.as_str(), "get" | "list" | "watch")
+        {
+            // Never through the gateway, whatever a policy says: an agent could approve or
+            // widen its own grants.
+            Decision {
+                verdict: Verdict::Refuse,
+                rule: "agentgate-own-resources".into(),
+                grant: None,
+                message: "agentgate's own resources (grants, identities, policies, sessions) cannot be changed by an agent; ask a person to make the change".into(),
+            }
+        } else if !info.resource_request {
+            // Discovery, version and OpenAPI documents: what every client reads first.
+            match info.verb.as_str() {
+                "get" | "head" => Decision {
+                    verdict: Verdict::Allow,
+                    rule: "discovery".into(),
+                    grant: None,
+                    message: String::new(),
+                },
+                _ => Decision {
+                    verdict: Verdict::Refuse,
+                    rule: "non-resource".into(),
+                    grant: None,
+                    message: format!("agentgate allows only reads of {}", info.path),
+                },
+            }
+        } else {
+            policy::decide(Some(&snapshot), &identity, &target, &cmd, now)
+        };
+        // The pod must be the identity it serves.
+        if decision.verdict == Verdict::Allow
+            && let Some(pod_user) = &core.pod_user
+            && let Err(why) = crate::identity::pod::check(pod_user, &snapshot, &identity)
+        {
+            decision = Decision {
+                verdict: Verdict::Refuse,
+                rule: "pod-identity".into(),
+                grant: None,
+                message: why,
+            };
+        }
+        let text = agent_text(&classify::text(&info, &query), 4096);
+        // The record comes first: nothing is forwarded unrecorded.
+        let mut r = rec.base(RecordKind::Request);
+        r.request = Some(records::Request {
+            id,
+            text: text.clone(),
+            operation: Some(cmd.class),
+            fingerprint: (decision.verdict == Verdict::Hold)
+                .then(|| cmd.fingerprint.get().to_owned()),
+            via: Some(if upgrade {
+                "upgrade".into()
+            } else {
+                parts.method.as_str().to_owned()
+            }),
+        });
+        r.decision = Some(crate::gateway::postgres::audit::decision(&decision));
+        if let Err(why) = core.audit.admit().and_then(|()| rec.emit(r)) {
+            return status(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", &why);
+        }
+        match decision.verdict {
+            Verdict::Allow => {}
+            Verdict::Refuse => {
+                let how = if decision.rule == "not-in-scope" {
+                    format!(
+                        "; to ask for it: kubectl agentgate grants request --identity {identity} --target {target} --operations {} --reason <why>",
+                        cmd.class
+                    )
+                } else {
+                    String::new()
+                };
+                let msg = format!(
+                    "agentgate: {} is refused: {}{how}",
+                    info.describe(),
+                    decision.message
+                );
+                self.outcome(&rec, id, started, 403, 0, BTreeMap::new());
+                return status(StatusCode::FORBIDDEN, "Forbidden", &msg);
+            }
+            Verdict::Hold => {
+                let msg = self
+                    .hold(&snapshot, &identity, &target, &cmd, &text, &decision)
+                    .await;
+                self.outcome(&rec, id, started, 403, 0, BTreeMap::new());
+                return status(StatusCode::FORBIDDEN, "Forbidden", &msg);
+            }
+        }
+        // Forward, as the agent.
+        let up = match gw.upstream(&target, &snapshot) {
+            Ok(u) => u,
+            Err(why) => {
+                self.outcome(&rec, id, started, 503, 0, BTreeMap::new());
+                return status(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", &why);
+            }
+        };
+        let masks = match gw.mask_set(&snapshot, &identity, &target) {
+            Ok(m) => m,
+            Err(why) => {
+                self.outcome(&rec, id, started, 503, 0, BTreeMap::new());
+                return status(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "ServiceUnavailable",
+                    &format!("agentgate refuses requests while {why}"),
+                );
+            }
+        };
+        let reveal = policy::reveals_secret_data(&snapshot, &identity, &target, &cmd, now);
+        let user = impersonated_user(self.gw.namespace.as_deref(), &identity);
+        let mut headers = HeaderMap::new();
+        for (k, v) in &parts.headers {
+            if !dropped_header(k) && k != header::ACCEPT && (upgrade || k != header::UPGRADE) {
+                headers.append(k.clone(), v.clone());
+            }
+        }
+        headers.insert(header::ACCEPT, json_accept(&parts.headers));
+        match up.authorization() {
+            Ok(Some(a)) => {
+                if let Ok(v) = HeaderValue::from_str(&a) {
+                    headers.insert(header::AUTHORIZATION, v);
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                self.outcome(&rec, id, started, 503, 0, BTreeMap::new());
+                return status(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "ServiceUnavailable",
+                    &format!("agentgate cannot read its upstream credential: {e}"),
+                );
+            }
+        }
+        let (Ok(user_v), Ok(group_v)) = (
+            HeaderValue::from_str(&user),
+            HeaderValue::from_str(AGENTS_GROUP),
+        ) else {
+            return status(
+                StatusCode::BAD_REQUEST,
+                "BadRequest",
+                "the identity's name cannot be sent as a header",
+            );
+        };
+        headers.insert("impersonate-user", user_v);
+        headers.insert("impersonate-group", group_v);
+        if upgrade {
+            return stream::upgrade(self, up, parts, headers, &path, &query, rec, id, started)
+                .await;
+        }
+        let uri = if query.is_empty() {
+            format!("{}{path}", up.base)
+        } else {
+            format!("{}{path}?{query}", up.base)
+        };
+        let mut out = Request::new(Full::new(body.clone().unwrap_or_default()));
+        *out.method_mut() = parts.method.clone();
+        *out.headers_mut() = headers;
+        *out.uri_mut() = match uri.parse() {
+            Ok(u) => u,
+            Err(_) => return status(StatusCode::BAD_REQUEST, "BadRequest", "a malformed path"),
+        };
+        let resp = match up.client.request(out).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.outcome(&rec, id, started, 502, 0, BTreeMap::new());
+                return status(
+                    StatusCode::BAD_GATEWAY,
+                    "ServiceUnavailable",
+                    &format!("agentgate cannot reach the API server of {target}: {e}"),
+                );
+            }
+        };
+        let masker = mask::Masker {
+            masks: &masks,
+            reveal_secrets: reveal,
+            hint: mask::kind_of(&info.group, &info.resource),
+            counts: BTreeMap::new(),
+        };
+        self.answer(resp, &info, &query, masker, masks.clone(), rec, id, started)
+            .await
+    }
+
+    /// Verifies who is asking: the pod's identity, or a bearer token mapped to one.
+    async fn authenticate(
+        &self,
+        req: &Request<Incoming>,
+        snapshot: &Snapshot,
+    ) -> Result<String, (StatusCode, String)> {
+        let core = &self.gw.core;
+        match (&core.verifier, &core.identity) {
+            (Some(verifier), _) => {
+                let token = req
+                    .headers()
+                    .get(header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("Bearer "))
+                    .map(str::trim)
+                    .filter(|t| !t.is_empty())
+                    .ok_or((
+                        StatusCode::UNAUTHORIZED,
+                        "agentgate needs the agent's token: send it as a bearer token (kubectl --token, or the kubeconfig's user)".to_owned(),
+                    ))?;
+                verifier
+                    .verify(token, snapshot)
+                    .await
+                    .map(|v| v.identity)
+                    .map_err(|e| {
+                        (
+                            StatusCode::UNAUTHORIZED,
+                            format!("agentgate refuses the token: {e}"),
+                        )
+                    })
+            }
+            (None, Some(identity)) => Ok(identity.clone()),
+            (None, None) => Err((
+                StatusCode::UNAUTHORIZED,
+                "agentgate has no identity configured for this listener".to_owned(),
+            )),
+        }
+    }
+
+    /// Files (or finds) the AccessGrant request for a held request; the message says which.
+    async fn hold(
+        &self,
+        snapshot: &Snapshot,
+        identity: &str,
+        target: &str,
+        cmd: &policy::Command,
+        text: &str,
+        decision: &Decision,
+    ) -> String {
+        let req = ApprovalRequest {
+            identity,
+            target,
+            class: cmd.class,
+            fingerprint: cmd.fingerprint.get(),
+            text,
+            rule: &decision.rule,
+            message: &decision.message,
+        };
+        match self.gw.core.approvals.file(Some(snapshot), &req).await {
+            Ok(filed) => format!(
+                "agentgate: held for approval ({}): AccessGrant {}; {}; then retry the same request",
+                decision.message, filed.name, filed.how_to_approve
+            ),
+            Err(e) => format!(
+                "agentgate: {} and the request for approval could not be filed ({e}); ask an approver for an AccessGrant bound to fingerprint {}",
+                decision.message,
+                cmd.fingerprint.get()
+            ),
+        }
+    }
+
+    fn outcome(
+        &self,
+        rec: &SessionRecorder,
+        id: u64,
+        started: Instant,
+        code: u16,
+        bytes: u64,
+        masked: BTreeMap<String, u64>,
+    ) {
+        outcome(rec, id, started, code, bytes, 0, masked);
+    }
+
+    /// Relays (and masks) the API server's answer.
+    #[allow(clippy::too_many_arguments)]
+    async fn answer(
+        &self,
+        resp: Response<Incoming>,
+        info: &RequestInfo,
+        query: &str,
+        mut masker: mask::Masker<'_>,
+        masks: Arc<MaskSet>,
+        rec: Arc<SessionRecorder>,
+        id: u64,
+        started: Instant,
+    ) -> Response<Body> {
+        let (mut parts, body) = resp.into_parts();
+        let code = parts.status.as_u16();
+        let content_type = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        let encoded = parts
+            .headers
+            .get(header::CONTENT_ENCODING)
+            .is_some_and(|v| v.as_bytes() != b"identity");
+        parts.headers.remove(header::CONTENT_LENGTH);
+        let json = content_type.starts_with("application/json");
+        let streaming = info.verb == "watch"
+            || query
+                .split('&')
+                .any(|kv| kv == "follow=true" || kv == "follow=1")
+            || content_type.contains("stream");
+        // What needs looking at: every resource answer when any rule could apply (Secrets are
+        // always masked); discovery documents pass as they are.
+        let needs_mask = info.resource_request
+            && (info.resource == "secrets" || masks.has_value_rules() || masks.has_kube_paths());
+        if !needs_mask {
+            let rec2 = rec.clone();
+            let counted = stream::counted(body, move |bytes| {
+                outcome(&rec2, id, started, code, bytes, 0, BTreeMap::new());
+            });
+            return Response::from_parts(parts, counted);
+        }
+        if encoded {
+            self.outcome(&rec, id, started, 502, 0, BTreeMap::new());
+            return status(
+                StatusCode::BAD_GATEWAY,
+                "InternalError",
+                "the API server answered compressed, which agentgate cannot mask; nothing was sent",
+            );
+        }
+        if streaming {
+            let mode = if json {
+                stream::Mode::Json
+            } else {
+                stream::Mode::Text
+            };
+            let owned = stream::OwnedMasker {
+                masks,
+                reveal_secrets: masker.reveal_secrets,
+                hint: masker.hint.clone(),
+            };
+            let body = stream::masked_lines(body, mode, owned, rec, id, started, code);
+            return Response::from_parts(parts, body);
+        }
+        let bytes = match Limited::new(body, MAX_MASKED_RESPONSE).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) => {
+                self.outcome(&rec, id, started, 502, 0, BTreeMap::new());
+                return status(
+                    StatusCode::BAD_GATEWAY,
+                    "InternalError",
+                    &format!("agentgate could not read the API server's answer: {e}"),
+                );
+            }
+        };
+        let out: Bytes = if json {
+            match serde_json::from_slice::<serde_json::Value>(&bytes) {
+                Ok(mut v) => {
+                    masker.document(&mut v);
+                    match serde_json::to_vec(&v) {
+                        Ok(b) => Bytes::from(b),
+                        Err(_) => Bytes::new(),
+                    }
+                }
+                Err(_) => {
+                    self.outcome(&rec, id, started, 502, 0, BTreeMap::new());
+                    return status(
+                        StatusCode::BAD_GATEWAY,
+                        "InternalError",
+                        "the API server's answer is not valid JSON, so agentgate cannot mask it; nothing was sent",
+                    );
+                }
+            }
+        } else if content_type.starts_with("text/") {
+            let text = String::from_utf8_lossy(&bytes);
+            let mut out = String::with_capacity(text.len());
+            for line in text.split_inclusive('\n') {
+                let (body, nl) = match line.strip_suffix('\n') {
+                    Some(b) => (b, "\n"),
+                    None => (line, ""),
+                };
+                match masker.text_line(body) {
+                    Some(m) => out.push_str(&m),
+                    None => out.push_str(body),
+                }
+                out.push_str(nl);
+            }
+            Bytes::from(out)
+        } else {
+            self.outcome(&rec, id, started, 502, 0, BTreeMap::new());
+            return status(
+                StatusCode::BAD_GATEWAY,
+                "InternalError",
+                &format!(
+                    "the API server answered {content_type:?}, which agentgate cannot mask; nothing was sent"
+                ),
+            );
+        };
+        let rows = serde_json::from_slice::<serde_json::Value>(&out)
+            .ok()
+            .and_then(|v| {
+                v.get("items")
+                    .or_else(|| v.get("rows"))
+                    .and_then(|i| i.as_array().map(|a| a.len() as u64))
+            })
+            .unwrap_or(0);
+        outcome(
+            &rec,
+            id,
+            started,
+            code,
+            out.len() as u64,
+            rows,
+            std::mem::take(&mut masker.counts),
+        );
+        Response::from_parts(parts, full(out))
+    }
+}
+
+/// Records a request's outcome.
+fn outcome(
+    rec: &SessionRecorder,
+    id: u64,
+    started: Instant,
+    code: u16,
+    bytes: u64,
+    rows: u64,
+    masked: BTreeMap<String, u64>,
+) {
+    let mut r = rec.base(RecordKind::Outcome);
+    r.outcome = Some(Outcome {
+        id,
+        rows,
+        bytes_in: 0,
+        bytes_out: bytes,
+        masked,
+        latency_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+        error: (code >= 400).then(|| {
+            format!(
+                "HTTP {code} {}",
+                StatusCode::from_u16(code)
+                    .ok()
+                    .and_then(|s| s.canonical_reason())
+                    .unwrap_or("")
+            )
+        }),
+        status: Some(code),
+    });
+    if let Err(e) = rec.emit(r) {
+        tracing::error!(session = rec.id(), error = %e, "a request's outcome could not be recorded");
+    }
+}

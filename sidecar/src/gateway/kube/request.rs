@@ -1,0 +1,250 @@
+//! What a Kubernetes API request asks for, read from its method, path and query the way the
+//! API server's own request-info resolver reads them: verb, API group, version, resource,
+//! subresource, namespace and name.
+
+/// One request, as authorization sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RequestInfo {
+    /// `true` for a resource request; `false` for discovery, `/version`, `/openapi`, … .
+    pub resource_request: bool,
+    /// The path (without the query) of a non-resource request.
+    pub path: String,
+    /// `get`, `list`, `watch`, `create`, `update`, `patch`, `delete`, `deletecollection`;
+    /// or the HTTP method in lower case for a non-resource request.
+    pub verb: String,
+    /// The API group, `""` for the core group.
+    pub group: String,
+    /// The API version.
+    pub version: String,
+    /// The resource, e.g. `pods`.
+    pub resource: String,
+    /// The subresource, e.g. `exec`, `log`, `status`.
+    pub subresource: String,
+    /// The namespace, `""` for cluster-scoped requests and lists across namespaces.
+    pub namespace: String,
+    /// The object's name, `""` for lists and creates.
+    pub name: String,
+}
+
+/// Why a request could not be read.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RequestError {
+    /// The path is not one the API server serves in this shape.
+    #[error("the path {0:?} is not a Kubernetes API path")]
+    BadPath(String),
+    /// The path has an encoded character that could change its meaning.
+    #[error("the path {0:?} has encoded separators or dot segments, which are refused")]
+    Encoded(String),
+}
+
+impl RequestInfo {
+    /// `resource` or `resource/subresource`, as RBAC names it.
+    pub fn rbac_resource(&self) -> String {
+        if self.subresource.is_empty() {
+            self.resource.clone()
+        } else {
+            format!("{}/{}", self.resource, self.subresource)
+        }
+    }
+
+    /// A short text for records and messages: `get pods/log -n default web-1`.
+    pub fn describe(&self) -> String {
+        if !self.resource_request {
+            return format!("{} {}", self.verb, self.path);
+        }
+        let mut s = self.verb.clone();
+        s.push(' ');
+        s.push_str(&self.rbac_resource());
+        if !self.group.is_empty() {
+            s.push('.');
+            s.push_str(&self.group);
+        }
+        if !self.name.is_empty() {
+            s.push(' ');
+            s.push_str(&self.name);
+        }
+        if !self.namespace.is_empty() {
+            s.push_str(" -n ");
+            s.push_str(&self.namespace);
+        }
+        s
+    }
+}
+
+/// Whether the query string has `name=true` (or `name=1`).
+fn query_flag(query: &str, name: &str) -> bool {
+    query.split('&').any(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        k == name && (v == "true" || v == "1")
+    })
+}
+
+/// Reads a request. `query` is the raw query string (without `?`).
+pub fn parse(method: &str, path: &str, query: &str) -> Result<RequestInfo, RequestError> {
+    // The API server decodes the path before routing; an encoded `/` or `.` segment could be
+    // read one way here and another way there, so both are refused.
+    let lower = path.to_ascii_lowercase();
+    if lower.contains("%2f") || lower.contains("%2e") || lower.contains("%5c") {
+        return Err(RequestError::Encoded(path.to_owned()));
+    }
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    if parts.iter().any(|p| *p == "." || *p == "..") || path.contains("//") {
+        return Err(RequestError::Encoded(path.to_owned()));
+    }
+    let method_verb = method.to_ascii_lowercase();
+    let non_resource = || RequestInfo {
+        resource_request: false,
+        path: path.to_owned(),
+        verb: method_verb.clone(),
+        ..Default::default()
+    };
+    // `/api/v1/...` (core) or `/apis/<group>/<version>/...`.
+    let (group, version, rest) = match parts.as_slice() {
+        ["api", version, rest @ ..] => ("", *version, rest),
+        ["apis", group, version, rest @ ..] => (*group, *version, rest),
+        _ => return Ok(non_resource()),
+    };
+    if rest.is_empty() {
+        // Discovery of one group version.
+        return Ok(non_resource());
+    }
+    let mut rest: &[&str] = rest;
+    let mut watch_path = false;
+    if rest.first() == Some(&"watch") {
+        // The deprecated `/watch/` prefix.
+        watch_path = true;
+        rest = &rest[1..];
+    }
+    let mut info = RequestInfo {
+        resource_request: true,
+        group: group.to_owned(),
+        version: version.to_owned(),
+        ..Default::default()
+    };
+    // `namespaces/<ns>/<resource>…`, except `namespaces/<name>` and its subresources (the
+    // namespace object itself).
+    // (`status` and `finalize` are the namespace's own subresources.)
+    if rest.first() == Some(&"namespaces")
+        && rest.len() >= 3
+        && !matches!(rest[2], "status" | "finalize")
+    {
+        info.namespace = rest[1].to_owned();
+        rest = &rest[2..];
+    }
+    match rest {
+        [resource] => info.resource = (*resource).to_owned(),
+        [resource, name] => {
+            info.resource = (*resource).to_owned();
+            info.name = (*name).to_owned();
+        }
+        [resource, name, sub, ..] => {
+            info.resource = (*resource).to_owned();
+            info.name = (*name).to_owned();
+            info.subresource = (*sub).to_owned();
+        }
+        [] => return Err(RequestError::BadPath(path.to_owned())),
+    }
+    if info.resource.is_empty() {
+        return Err(RequestError::BadPath(path.to_owned()));
+    }
+    // `namespaces/<name>` names the namespace, which is cluster-scoped.
+    if info.resource == "namespaces" {
+        info.namespace = if rest.len() >= 2 {
+            info.name.clone()
+        } else {
+            String::new()
+        };
+    }
+    let has_name = !info.name.is_empty();
+    info.verb = match method_verb.as_str() {
+        "get" | "head" if watch_path || query_flag(query, "watch") => "watch".into(),
+        "get" | "head" if has_name => "get".into(),
+        "get" | "head" => "list".into(),
+        "post" => "create".into(),
+        "put" => "update".into(),
+        "patch" => "patch".into(),
+        "delete" if has_name => "delete".into(),
+        "delete" => "deletecollection".into(),
+        // `connect` subresources (exec, attach, portforward, proxy) over other methods.
+        "options" | "connect" => "connect".into(),
+        other => other.to_owned(),
+    };
+    Ok(info)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn p(method: &str, path: &str, query: &str) -> RequestInfo {
+        parse(method, path, query).unwrap()
+    }
+
+    #[test]
+    fn core_and_group_resources() {
+        let r = p("GET", "/api/v1/namespaces/default/pods", "");
+        assert_eq!(
+            (r.verb.as_str(), r.group.as_str(), r.resource.as_str()),
+            ("list", "", "pods")
+        );
+        assert_eq!(r.namespace, "default");
+        let r = p("GET", "/apis/apps/v1/namespaces/web/deployments/api", "");
+        assert_eq!(
+            (r.verb.as_str(), r.group.as_str(), r.name.as_str()),
+            ("get", "apps", "api")
+        );
+        let r = p("GET", "/api/v1/secrets", "watch=true");
+        assert_eq!((r.verb.as_str(), r.namespace.as_str()), ("watch", ""));
+        let r = p("GET", "/api/v1/watch/namespaces/a/configmaps", "");
+        assert_eq!((r.verb.as_str(), r.namespace.as_str()), ("watch", "a"));
+        let r = p("DELETE", "/api/v1/namespaces/prod", "");
+        assert_eq!(
+            (r.verb.as_str(), r.resource.as_str(), r.name.as_str()),
+            ("delete", "namespaces", "prod")
+        );
+        assert_eq!(r.namespace, "prod");
+        let r = p("DELETE", "/api/v1/namespaces/a/pods", "");
+        assert_eq!(r.verb, "deletecollection");
+        let r = p("POST", "/api/v1/namespaces/a/pods/web/exec", "command=ls");
+        assert_eq!(r.rbac_resource(), "pods/exec");
+        assert_eq!(r.describe(), "create pods/exec web -n a");
+        let r = p("GET", "/api/v1/namespaces/a/pods/web/log", "follow=true");
+        assert_eq!((r.verb.as_str(), r.subresource.as_str()), ("get", "log"));
+        let r = p("PATCH", "/api/v1/namespaces/a/status", "");
+        assert_eq!(
+            (r.resource.as_str(), r.name.as_str(), r.namespace.as_str()),
+            ("namespaces", "a", "a")
+        );
+        let r = p("GET", "/api/v1/namespaces/a/finalize", "");
+        assert_eq!(r.resource, "namespaces");
+    }
+
+    #[test]
+    fn non_resource_requests() {
+        for path in [
+            "/version",
+            "/api",
+            "/apis",
+            "/apis/apps/v1",
+            "/openapi/v3",
+            "/api/v1",
+        ] {
+            let r = p("GET", path, "");
+            assert!(!r.resource_request, "{path}");
+            assert_eq!(r.verb, "get");
+        }
+    }
+
+    #[test]
+    fn encoded_tricks_are_refused() {
+        for path in [
+            "/api/v1/namespaces/a/secrets%2Fx",
+            "/api/v1/namespaces/a/pods/../secrets/x",
+            "/api/v1/namespaces/a/%2e%2e/secrets",
+            "/api/v1//secrets",
+        ] {
+            assert!(parse("GET", path, "").is_err(), "{path}");
+        }
+    }
+}

@@ -1,0 +1,410 @@
+//! Answers that are not read whole: relayed bodies (counted for the record), watch streams
+//! and followed logs (masked line by line, as they arrive), and upgraded connections (exec,
+//! attach, port-forward).
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http_body_util::{BodyExt, Empty, StreamBody};
+use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+
+use super::mask::Masker;
+use super::upstream::Upstream;
+use super::{Body, Connection, outcome, status};
+use crate::audit::SessionRecorder;
+use crate::mask::MaskSet;
+
+/// The longest line of a watch stream or log (one event, one object).
+const MAX_LINE: usize = 64 << 20;
+
+/// Records a request's outcome once, when its answer ends or is dropped.
+struct OutcomeGuard {
+    rec: Arc<SessionRecorder>,
+    id: u64,
+    started: Instant,
+    code: u16,
+    bytes: u64,
+    rows: u64,
+    counts: BTreeMap<String, u64>,
+    error: bool,
+}
+
+impl Drop for OutcomeGuard {
+    fn drop(&mut self) {
+        let code = if self.error { 502 } else { self.code };
+        outcome(
+            &self.rec,
+            self.id,
+            self.started,
+            code,
+            self.bytes,
+            self.rows,
+            std::mem::take(&mut self.counts),
+        );
+    }
+}
+
+/// A relayed body that counts its bytes and records the outcome at its end.
+struct Counted<F: FnOnce(u64) + Send> {
+    inner: Incoming,
+    bytes: u64,
+    on_end: Option<F>,
+}
+
+impl<F: FnOnce(u64) + Send + Unpin> HttpBody for Counted<F> {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    this.bytes += d.len() as u64;
+                }
+                Poll::Ready(Some(Ok(f)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(std::io::Error::other(e)))),
+            Poll::Ready(None) => {
+                if let Some(f) = this.on_end.take() {
+                    f(this.bytes);
+                }
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<F: FnOnce(u64) + Send> Drop for Counted<F> {
+    fn drop(&mut self) {
+        if let Some(f) = self.on_end.take() {
+            f(self.bytes);
+        }
+    }
+}
+
+/// Relays `body` as it is, calling `on_end` with its length when it ends (or is dropped).
+pub fn counted(body: Incoming, on_end: impl FnOnce(u64) + Send + Sync + Unpin + 'static) -> Body {
+    Counted {
+        inner: body,
+        bytes: 0,
+        on_end: Some(on_end),
+    }
+    .boxed()
+}
+
+/// How a stream's lines are masked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// One JSON document per line (watch events).
+    Json,
+    /// Plain text (logs).
+    Text,
+}
+
+/// What a stream needs to mask, owned.
+pub struct OwnedMasker {
+    /// The MaskPolicies.
+    pub masks: Arc<MaskSet>,
+    /// Whether Secret data passes in clear.
+    pub reveal_secrets: bool,
+    /// The request's group and kind.
+    pub hint: Option<(String, String)>,
+}
+
+struct LineState {
+    body: Incoming,
+    buf: BytesMut,
+    mode: Mode,
+    masker: OwnedMasker,
+    guard: OutcomeGuard,
+    done: bool,
+}
+
+impl LineState {
+    /// Masks one whole line (without its newline) into `out`.
+    fn line(&mut self, line: &[u8], out: &mut Vec<u8>) -> Result<(), std::io::Error> {
+        let mut m = Masker {
+            masks: &self.masker.masks,
+            reveal_secrets: self.masker.reveal_secrets,
+            hint: self.masker.hint.clone(),
+            counts: std::mem::take(&mut self.guard.counts),
+        };
+        let result = match self.mode {
+            Mode::Json => {
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    out.extend_from_slice(line);
+                    Ok(())
+                } else {
+                    match serde_json::from_slice::<serde_json::Value>(line) {
+                        Ok(mut v) => {
+                            m.document(&mut v);
+                            self.guard.rows += 1;
+                            serde_json::to_writer(&mut *out, &v).map_err(std::io::Error::other)
+                        }
+                        Err(_) => Err(std::io::Error::other(
+                            "agentgate: a watch event is not valid JSON, so it cannot be masked; the stream ends",
+                        )),
+                    }
+                }
+            }
+            Mode::Text => {
+                let text = String::from_utf8_lossy(line);
+                match m.text_line(&text) {
+                    Some(t) => out.extend_from_slice(t.as_bytes()),
+                    None => out.extend_from_slice(line),
+                }
+                Ok(())
+            }
+        };
+        self.guard.counts = m.counts;
+        result
+    }
+}
+
+/// Relays a stream line by line, each line masked before it is sent; a partial line waits
+/// for its end. A line that cannot be masked ends the stream (nothing is sent in clear).
+pub fn masked_lines(
+    body: Incoming,
+    mode: Mode,
+    masker: OwnedMasker,
+    rec: Arc<SessionRecorder>,
+    id: u64,
+    started: Instant,
+    code: u16,
+) -> Body {
+    let state = LineState {
+        body,
+        buf: BytesMut::new(),
+        mode,
+        masker,
+        guard: OutcomeGuard {
+            rec,
+            id,
+            started,
+            code,
+            bytes: 0,
+            rows: 0,
+            counts: BTreeMap::new(),
+            error: false,
+        },
+        done: false,
+    };
+    let stream = futures::stream::unfold(state, |mut st| async move {
+        loop {
+            if st.done {
+                return None;
+            }
+            // Whole lines in the buffer go out together.
+            if let Some(last_nl) = st.buf.iter().rposition(|b| *b == b'\n') {
+                let chunk = st.buf.split_to(last_nl + 1);
+                let mut out = Vec::with_capacity(chunk.len());
+                for line in chunk.split_inclusive(|b| *b == b'\n') {
+                    let body = line.strip_suffix(b"\n").unwrap_or(line);
+                    if let Err(e) = st.line(body, &mut out) {
+                        st.done = true;
+                        st.guard.error = true;
+                        return Some((Err(e), st));
+                    }
+                    out.push(b'\n');
+                }
+                st.guard.bytes += out.len() as u64;
+                return Some((Ok(Frame::data(Bytes::from(out))), st));
+            }
+            if st.buf.len() > MAX_LINE {
+                st.done = true;
+                st.guard.error = true;
+                return Some((
+                    Err(std::io::Error::other(
+                        "agentgate: a line of the stream is too long to mask; the stream ends",
+                    )),
+                    st,
+                ));
+            }
+            match st.body.frame().await {
+                Some(Ok(f)) => {
+                    if let Ok(mut d) = f.into_data() {
+                        while d.has_remaining() {
+                            let c = d.chunk();
+                            st.buf.extend_from_slice(c);
+                            let n = c.len();
+                            d.advance(n);
+                        }
+                    }
+                }
+                Some(Err(e)) => {
+                    st.done = true;
+                    st.guard.error = true;
+                    return Some((Err(std::io::Error::other(e)), st));
+                }
+                None => {
+                    st.done = true;
+                    // The last line without a newline.
+                    if st.buf.is_empty() {
+                        return None;
+                    }
+                    let rest = st.buf.split();
+                    let mut out = Vec::with_capacity(rest.len());
+                    if let Err(e) = st.line(&rest, &mut out) {
+                        st.guard.error = true;
+                        return Some((Err(e), st));
+                    }
+                    st.guard.bytes += out.len() as u64;
+                    return Some((Ok(Frame::data(Bytes::from(out))), st));
+                }
+            }
+        }
+    });
+    StreamBody::new(stream).boxed()
+}
+
+/// Relays an upgraded request (exec, attach, port-forward; SPDY or WebSocket): the request
+/// goes to the API server over its own HTTP/1.1 connection; on `101 Switching Protocols` both
+/// sides are joined and the bytes counted for the record.
+#[allow(clippy::too_many_arguments)]
+pub async fn upgrade(
+    conn: &Connection,
+    up: Arc<Upstream>,
+    mut parts: hyper::http::request::Parts,
+    headers: HeaderMap,
+    path: &str,
+    query: &str,
+    rec: Arc<SessionRecorder>,
+    id: u64,
+    started: Instant,
+) -> Response<Body> {
+    let _ = conn;
+    let fail = |why: String| {
+        outcome(&rec, id, started, 502, 0, 0, BTreeMap::new());
+        status(StatusCode::BAD_GATEWAY, "ServiceUnavailable", &why)
+    };
+    let Some(agent_upgrade) = parts.extensions.remove::<hyper::upgrade::OnUpgrade>() else {
+        return fail("agentgate: this connection cannot be upgraded (use HTTP/1.1)".into());
+    };
+    let Ok(base) = up.base.parse::<hyper::Uri>() else {
+        return fail("agentgate: the Target's server URL is malformed".into());
+    };
+    let host = base
+        .host()
+        .unwrap_or("")
+        .trim_matches(['[', ']'])
+        .to_owned();
+    let port = base.port_u16().unwrap_or(443);
+    let tcp = match tokio::net::TcpStream::connect((host.as_str(), port)).await {
+        Ok(s) => s,
+        Err(e) => return fail(format!("agentgate cannot reach the API server: {e}")),
+    };
+    let mut tls = (*up.tls).clone();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let Ok(name) = rustls::pki_types::ServerName::try_from(host.clone()) else {
+        return fail("agentgate: the Target's server name is invalid".into());
+    };
+    let tls = match tokio_rustls::TlsConnector::from(Arc::new(tls))
+        .connect(name, tcp)
+        .await
+    {
+        Ok(s) => s,
+        Err(e) => return fail(format!("agentgate: TLS to the API server failed: {e}")),
+    };
+    let (mut sender, connection) =
+        match hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(tls)).await {
+            Ok(x) => x,
+            Err(e) => return fail(format!("agentgate: HTTP to the API server failed: {e}")),
+        };
+    tokio::spawn(async move {
+        let _ = connection.with_upgrades().await;
+    });
+    let uri = if query.is_empty() {
+        path.to_owned()
+    } else {
+        format!("{path}?{query}")
+    };
+    let mut out = Request::new(Empty::<Bytes>::new());
+    *out.method_mut() = parts.method.clone();
+    *out.headers_mut() = headers;
+    out.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    if let Some(u) = parts.headers.get(header::UPGRADE) {
+        out.headers_mut().insert(header::UPGRADE, u.clone());
+    }
+    if let Ok(h) = HeaderValue::from_str(&format!("{host}:{port}")) {
+        out.headers_mut().insert(header::HOST, h);
+    }
+    *out.uri_mut() = match uri.parse() {
+        Ok(u) => u,
+        Err(_) => return fail("agentgate: a malformed path".into()),
+    };
+    let mut resp = match sender.send_request(out).await {
+        Ok(r) => r,
+        Err(e) => return fail(format!("agentgate: the API server did not answer: {e}")),
+    };
+    let code = resp.status();
+    if code != StatusCode::SWITCHING_PROTOCOLS {
+        // A refusal or an error from the API server: relayed as it is.
+        let (parts, body) = resp.into_parts();
+        let rec2 = rec.clone();
+        let body = counted(body, move |bytes| {
+            outcome(&rec2, id, started, code.as_u16(), bytes, 0, BTreeMap::new());
+        });
+        return Response::from_parts(parts, body);
+    }
+    let upstream_upgrade = hyper::upgrade::on(&mut resp);
+    let mut answer = Response::new(
+        Empty::<Bytes>::new()
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *answer.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    for (k, v) in resp.headers() {
+        answer.headers_mut().append(k.clone(), v.clone());
+    }
+    tokio::spawn(async move {
+        let joined = async {
+            let agent = agent_upgrade.await?;
+            let server = upstream_upgrade.await?;
+            Ok::<_, hyper::Error>((agent, server))
+        };
+        let (bytes_in, bytes_out) = match joined.await {
+            Ok((agent, server)) => {
+                let mut agent = TokioIo::new(agent);
+                let mut server = TokioIo::new(server);
+                tokio::io::copy_bidirectional(&mut agent, &mut server)
+                    .await
+                    .unwrap_or((0, 0))
+            }
+            Err(_) => (0, 0),
+        };
+        let mut r = rec.base(agentgate_crds::audit::RecordKind::Outcome);
+        r.outcome = Some(agentgate_crds::audit::Outcome {
+            id,
+            rows: 0,
+            bytes_in,
+            bytes_out,
+            masked: BTreeMap::new(),
+            latency_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            error: None,
+            status: Some(101),
+        });
+        let _ = rec.emit(r);
+    });
+    answer
+}
