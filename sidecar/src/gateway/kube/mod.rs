@@ -188,7 +188,7 @@ pub fn kubeconfig(addr: SocketAddr, cert_pem: &str, targets: &[String]) -> Strin
         ));
     }
     format!(
-        "# Written by agentgate: every request goes through its gateway.\napiVersion: v1\nkind: Config\nclusters:\n{clusters}contexts:\n{contexts}users:\n- name: agent\n  user: {{}}\ncurrent-context: {}\n",
+        "# Written by agentgate: every request goes through its gateway.\napiVersion: v1\nkind: Config\nclusters:\n{clusters}contexts:\n{contexts}users:\n- name: agent\n  user:\n    # Not a credential: the gateway knows who the pod is (or, with --pg-auth token, needs\n    # the agent's own token here). It keeps kubectl from asking for a password.\n    token: agentgate-pod-identity\ncurrent-context: {}\n",
         targets.first().map(String::as_str).unwrap_or("none")
     )
 }
@@ -488,21 +488,6 @@ impl Connection {
             && info.subresource != "exec"
             && info.subresource != "attach"
             && info.subresource != "portforward";
-        if writes_body
-            && parts
-                .headers
-                .get(header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .is_some_and(|v| v.contains("protobuf"))
-        {
-            let why = "agentgate reads request bodies as JSON or YAML: send this request as JSON (kubectl does)";
-            self.refusal_record(Some(&identity), &target, why);
-            return status(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "UnsupportedMediaType",
-                why,
-            );
-        }
         let body: Option<Bytes> = if writes_body {
             match Limited::new(body, MAX_REQUEST_BODY).collect().await {
                 Ok(b) => Some(b.to_bytes()),

@@ -138,11 +138,8 @@ impl Upstream {
                 Credential::Certificate,
             )
         };
-        if let Some(name) = &target.tls.server_name {
-            // The name to verify is set per connection by the connector below.
-            let _ = name;
-        }
-        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        // (The connector sets ALPN itself: h2, then HTTP/1.1.)
+        tls.alpn_protocols.clear();
         let tls = Arc::new(tls);
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config((*tls).clone())

@@ -1,0 +1,427 @@
+//! The Kubernetes API gateway against the real API server, with real kubectl and a kube-rs
+//! client: reads, a watch, apply, a held delete, refused escalation and impersonation,
+//! Secret masking in `-o yaml`, `-o json`, the default table and a watch, detectors on
+//! ConfigMaps, impersonation upstream (the API server's RBAC applies), and the records.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use testenv::process::{Proc, Spec, free_port};
+use testenv::{Parts, TestEnv};
+
+/// The Secret's value, and how it looks in base64 (neither may reach the agent).
+const PASSWORD: &str = "hunter2-s3cret";
+const PASSWORD_B64: &str = "aHVudGVyMi1zM2NyZXQ=";
+/// What a masked Secret value is: base64 of `****`.
+const MASKED_B64: &str = "KioqKg==";
+
+struct Setup {
+    env: TestEnv,
+    dir: tempfile::TempDir,
+    kubeconfig: PathBuf,
+    audit: PathBuf,
+    _sidecar: Proc,
+}
+
+impl Setup {
+    /// kubectl as the agent (through the gateway).
+    fn agent(&self, args: &[&str]) -> Output {
+        Command::new(&self.env.bins.kubectl)
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .output()
+            .expect("kubectl")
+    }
+
+    fn agent_ok(&self, args: &[&str]) -> String {
+        let out = self.agent(args);
+        assert!(
+            out.status.success(),
+            "kubectl {args:?} failed: {}\nkubeconfig: {}\nsidecar: {}",
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(&self.kubeconfig).unwrap_or_default(),
+            self._sidecar.log_tail(20)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn agent_err(&self, args: &[&str]) -> String {
+        let out = self.agent(args);
+        assert!(
+            !out.status.success(),
+            "kubectl {args:?} should have failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    fn admin(&self, args: &[&str]) -> String {
+        self.env
+            .kube()
+            .unwrap()
+            .kubectl_run(args)
+            .expect("admin kubectl")
+    }
+
+    fn records(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.audit)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+}
+
+fn apply(env: &TestEnv, dir: &Path, name: &str, yaml: &str) {
+    let f = dir.join(format!("{name}.yaml"));
+    std::fs::write(&f, yaml).unwrap();
+    env.kube()
+        .unwrap()
+        .kubectl_run(&["apply", "-f", f.to_str().unwrap()])
+        .expect("apply");
+}
+
+async fn setup() -> anyhow::Result<Setup> {
+    let env = TestEnv::start_async(Parts {
+        kube: true,
+        ..Default::default()
+    })
+    .await?;
+    let dir = tempfile::tempdir()?;
+    let kube = env.kube()?;
+    // The gateway's own account may only impersonate the agent; the agent's user may read
+    // ConfigMaps, Secrets and Pods and write ConfigMaps (what the API server enforces).
+    apply(
+        &env,
+        dir.path(),
+        "rbac",
+        r#"apiVersion: v1
+kind: ServiceAccount
+metadata: { name: agentgate-gw, namespace: default }
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: { name: agentgate-impersonate-bench }
+rules:
+- { apiGroups: [""], resources: [users], verbs: [impersonate], resourceNames: ["agentgate:agent:bench"] }
+- { apiGroups: [""], resources: [groups], verbs: [impersonate], resourceNames: ["agentgate:agents"] }
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: { name: agentgate-impersonate-bench }
+roleRef: { apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: agentgate-impersonate-bench }
+subjects: [ { kind: ServiceAccount, name: agentgate-gw, namespace: default } ]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: { name: agent-bench }
+rules:
+- { apiGroups: [""], resources: [configmaps, secrets, pods, namespaces], verbs: [get, list, watch] }
+- { apiGroups: [""], resources: [configmaps], verbs: [create, update, patch, delete] }
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: { name: agent-bench }
+roleRef: { apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: agent-bench }
+subjects: [ { apiGroup: rbac.authorization.k8s.io, kind: User, name: "agentgate:agent:bench" } ]
+"#,
+    );
+    // Applied with kubectl: the last-applied annotation repeats the Secret's data.
+    apply(
+        &env,
+        dir.path(),
+        "objects",
+        &format!(
+            r#"apiVersion: v1
+kind: Secret
+metadata: {{ name: db, namespace: default }}
+stringData: {{ password: "{PASSWORD}" }}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {{ name: settings, namespace: default }}
+data: {{ owner: "ops lead: carol@example.com", level: "3" }}
+"#
+        ),
+    );
+    let client = kube.client().await?;
+    let token = testenv::kube_env::sa_token(&client, "default", "agentgate-gw", None).await?;
+    let targets = dir.path().join("targets");
+    std::fs::create_dir_all(targets.join("cluster"))?;
+    std::fs::write(targets.join("cluster/token"), token)?;
+    std::fs::copy(kube.ca_path(), targets.join("cluster/ca.crt"))?;
+    let policy = dir.path().join("policy");
+    std::fs::create_dir_all(&policy)?;
+    let now = jiff::Timestamp::now();
+    std::fs::write(
+        policy.join("policy.yaml"),
+        format!(
+            r#"apiVersion: agentgate.dev/v1alpha1
+kind: Target
+metadata: {{ name: cluster }}
+spec:
+  protocol: Kubernetes
+  kubernetes: {{ server: "{server}", tls: {{ mode: VerifyFull, ca: {{ name: c, key: ca.crt }} }}, credentials: {{ name: c }} }}
+---
+apiVersion: agentgate.dev/v1alpha1
+kind: AgentIdentity
+metadata: {{ name: bench }}
+spec:
+  owner: platform-team
+  authentication: {{ serviceAccount: {{ name: bench }} }}
+  baseline:
+  - target: cluster
+    scope:
+      operations: [Read, Write, DDL]
+      kubernetes:
+      - {{ verbs: [get, list, watch], apiGroups: ["*"], resources: ["*"] }}
+      - {{ verbs: [create, update, patch], resources: [configmaps], namespaces: [default] }}
+      - {{ verbs: [delete], resources: [namespaces] }}
+      - {{ verbs: ["*"], apiGroups: [agentgate.dev], resources: ["*"] }}
+---
+apiVersion: agentgate.dev/v1alpha1
+kind: AccessGrant
+metadata: {{ name: read-secrets }}
+spec:
+  identity: bench
+  target: cluster
+  scope:
+    operations: [Read]
+    kubernetes: [ {{ verbs: [get, list, watch], resources: [secrets], namespaces: [default] }} ]
+  duration: 1h
+  reason: debugging the db connection
+  decision: {{ verdict: Approve, decidedAt: "{now}", decidedBy: {{ username: alice }} }}
+---
+apiVersion: agentgate.dev/v1alpha1
+kind: MaskPolicy
+metadata: {{ name: pii }}
+spec:
+  rules: [ {{ name: emails, detectors: [Email], action: Redact }} ]
+"#,
+            server = kube.url()
+        ),
+    )?;
+    let client_dir = dir.path().join("client");
+    let audit_dir = dir.path().join("audit");
+    let spec = Spec::new("sidecar-kube", env!("CARGO_BIN_EXE_agentgate-sidecar"))
+        .args([
+            format!("--policy-dir={}", policy.display()),
+            "--identity=bench".into(),
+            format!("--targets-dir={}", targets.display()),
+            format!("--pg-addr=127.0.0.1:{}", free_port()?),
+            format!("--kube-addr=127.0.0.1:{}", free_port()?),
+            format!("--client-dir={}", client_dir.display()),
+            format!("--audit-dir={}", audit_dir.display()),
+        ])
+        .env("RUST_LOG", "info");
+    let sidecar = Proc::start(spec, &env.dir().join("logs"))?;
+    let kubeconfig = client_dir.join("kubeconfig");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&kubeconfig).is_ok_and(|k| k.contains("/targets/cluster")) {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "no kubeconfig: {}",
+            sidecar.log_tail(30)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(Setup {
+        env,
+        kubeconfig,
+        audit: audit_dir.join("audit.jsonl"),
+        dir,
+        _sidecar: sidecar,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_and_kube_rs_through_the_gateway() -> anyhow::Result<()> {
+    let s = setup().await?;
+
+    // Reads pass, masked: a ConfigMap's email, a Secret in every output kubectl has.
+    let cm: serde_json::Value =
+        serde_json::from_str(&s.agent_ok(&["get", "configmap", "settings", "-o", "json"]))?;
+    assert_eq!(cm["data"]["owner"], "ops lead: ****");
+    assert_eq!(cm["data"]["level"], "3");
+    let yaml = s.agent_ok(&["get", "secret", "db", "-o", "yaml"]);
+    assert!(yaml.contains(&format!("password: {MASKED_B64}")), "{yaml}");
+    assert!(
+        yaml.contains("agentgate.dev/masked: data,last-applied-configuration"),
+        "{yaml}"
+    );
+    let json = s.agent_ok(&["get", "secret", "db", "-o", "json"]);
+    let secret: serde_json::Value = serde_json::from_str(&json)?;
+    assert_eq!(secret["data"]["password"], MASKED_B64);
+    assert_eq!(
+        secret["metadata"]["annotations"]["kubectl.kubernetes.io/last-applied-configuration"],
+        "****"
+    );
+    let table = s.agent_ok(&["get", "secrets"]);
+    assert!(table.contains("db") && table.contains("Opaque"), "{table}");
+    let wide = s.agent_ok(&["get", "secrets", "-o", "wide", "--show-labels"]);
+    let list = s.agent_ok(&["get", "secrets", "-o", "json"]);
+    for out in [&yaml, &json, &table, &wide, &list] {
+        assert!(
+            !out.contains(PASSWORD) && !out.contains(PASSWORD_B64),
+            "{out}"
+        );
+    }
+
+    // A watch: an update the admin makes arrives masked.
+    let mut watch = Command::new(&s.env.bins.kubectl)
+        .arg("--kubeconfig")
+        .arg(&s.kubeconfig)
+        .args([
+            "get",
+            "secret",
+            "db",
+            "--watch",
+            "-o",
+            "json",
+            "--request-timeout=20s",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    std::thread::sleep(Duration::from_secs(2));
+    s.admin(&[
+        "patch",
+        "secret",
+        "db",
+        "-p",
+        r#"{"stringData":{"token":"second-value-xyz"}}"#,
+    ]);
+    std::thread::sleep(Duration::from_secs(2));
+    watch.kill()?;
+    let out = watch.wait_with_output()?;
+    let watched = String::from_utf8_lossy(&out.stdout);
+    assert!(watched.matches(MASKED_B64).count() >= 3, "{watched}");
+    for clear in [
+        PASSWORD,
+        PASSWORD_B64,
+        "second-value-xyz",
+        "c2Vjb25kLXZhbHVlLXh5eg==",
+    ] {
+        assert!(!watched.contains(clear), "{watched}");
+    }
+
+    // A kube-rs client: typed objects decode (the masked data is valid base64).
+    let client = s.env.kube()?.client_from(&s.kubeconfig).await?;
+    let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> =
+        kube::Api::namespaced(client.clone(), "default");
+    let db = secrets.get("db").await?;
+    let data = db.data.unwrap_or_default();
+    assert_eq!(data["password"].0, b"****");
+    let cms: kube::Api<k8s_openapi::api::core::v1::ConfigMap> =
+        kube::Api::namespaced(client.clone(), "default");
+    let listed = cms.list(&Default::default()).await?;
+    let settings = listed
+        .items
+        .iter()
+        .find(|c| c.metadata.name.as_deref() == Some("settings"))
+        .expect("settings listed");
+    assert_eq!(settings.data.as_ref().unwrap()["owner"], "ops lead: ****");
+
+    // Apply: a write in scope runs, as the agent.
+    let f = s.dir.path().join("made.yaml");
+    std::fs::write(
+        &f,
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: { name: made-by-agent, namespace: default }\ndata: { a: b }\n",
+    )?;
+    s.agent_ok(&["apply", "-f", f.to_str().unwrap()]);
+    assert!(
+        s.admin(&["get", "configmap", "made-by-agent", "-o", "name"])
+            .contains("made-by-agent")
+    );
+
+    // A delete out of scope is held for approval: an AccessGrant request is filed.
+    let err = s.agent_err(&["delete", "configmap", "settings"]);
+    assert!(
+        err.contains("held for approval") && err.contains("AccessGrant"),
+        "{err}"
+    );
+    assert!(
+        s.admin(&["get", "configmap", "settings", "-o", "name"])
+            .contains("settings")
+    );
+    // Deleting a namespace is held by default, even where the baseline allows it.
+    let err = s.agent_err(&["delete", "namespace", "kube-public"]);
+    assert!(err.contains("agentgate-hold-kube-delete"), "{err}");
+    let requests = std::fs::read_dir(s.dir.path().join("policy/requests"))?.count();
+    assert!(requests >= 2, "{requests} requests filed");
+
+    // Escalation and agentgate's own resources are refused whatever the scope says.
+    let err = s.agent_err(&[
+        "create",
+        "clusterrolebinding",
+        "mine",
+        "--clusterrole=cluster-admin",
+        "--user=agentgate:agent:bench",
+    ]);
+    assert!(
+        err.contains("refused") && err.contains("agentgate-block-admin"),
+        "{err}"
+    );
+    let grant = s.dir.path().join("grant.json");
+    std::fs::write(
+        &grant,
+        r#"{"apiVersion":"agentgate.dev/v1alpha1","kind":"AccessGrant","metadata":{"name":"self"},"spec":{"identity":"bench","target":"cluster","scope":{"operations":["Admin"]},"duration":"1h","reason":"x"}}"#,
+    )?;
+    let err = s.agent_err(&[
+        "create",
+        "--raw",
+        "/apis/agentgate.dev/v1alpha1/namespaces/default/accessgrants",
+        "-f",
+        grant.to_str().unwrap(),
+    ]);
+    assert!(err.contains("agentgate's own resources"), "{err}");
+    // Impersonation by the agent is refused; upstream, the agent is its own user, so the
+    // API server's RBAC applies (nodes are not granted to it there).
+    let err = s.agent_err(&["get", "pods", "--as=system:admin"]);
+    assert!(err.contains("impersonation is not allowed"), "{err}");
+    let err = s.agent_err(&["get", "nodes"]);
+    assert!(err.contains("agentgate:agent:bench"), "{err}");
+
+    // Records: every request, with its decision, status, bytes and what was masked; no
+    // Secret value anywhere.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let recs = s.records();
+        let get_secret = recs.iter().find(|r| {
+            r["protocol"] == "Kubernetes"
+                && r["request"]["text"] == "get secrets db -n default"
+                && r["decision"]["verdict"] == "Allowed"
+        });
+        let refused = recs.iter().any(|r| {
+            r["request"]["text"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("create clusterrolebindings"))
+                && r["decision"]["verdict"] == "Refused"
+        });
+        let masked_outcome = get_secret.and_then(|g| {
+            recs.iter().find(|o| {
+                o["session"] == g["session"]
+                    && o["outcome"]["id"] == g["request"]["id"]
+                    && o["outcome"]["status"] == 200
+                    && o["outcome"]["masked"]["agentgate/secret-data"].as_u64() >= Some(1)
+            })
+        });
+        if get_secret.is_some() && refused && masked_outcome.is_some() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "records missing: get {} refused {refused} outcome {}",
+            get_secret.is_some(),
+            masked_outcome.is_some()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let text = std::fs::read_to_string(&s.audit)?;
+    assert!(!text.contains(PASSWORD) && !text.contains(PASSWORD_B64));
+    Ok(())
+}
