@@ -94,41 +94,26 @@ async fn setup() -> anyhow::Result<Setup> {
     let dir = tempfile::tempdir()?;
     let kube = env.kube()?;
     // The gateway's own account may only impersonate the agent; the agent's user may read
-    // ConfigMaps, Secrets and Pods and write ConfigMaps (what the API server enforces).
+    // ConfigMaps, Secrets and Pods, write ConfigMaps and exec (what the API server enforces).
+    let targets = dir.path().join("targets");
+    let cluster = kube
+        .gateway_target(
+            "bench",
+            &[
+                r#"{ apiGroups: [""], resources: [configmaps, secrets, pods, namespaces], verbs: [get, list, watch] }"#,
+                r#"{ apiGroups: [""], resources: [configmaps], verbs: [create, update, patch, delete] }"#,
+                r#"{ apiGroups: [""], resources: [pods/exec], verbs: [create, get] }"#,
+            ],
+            &targets,
+            "cluster",
+        )
+        .await?;
+    // (No controller manager here makes the default account.)
     apply(
         &env,
         dir.path(),
-        "rbac",
-        r#"apiVersion: v1
-kind: ServiceAccount
-metadata: { name: agentgate-gw, namespace: default }
----
-apiVersion: rbac.authorization.k8s.io/v1
-kind: ClusterRole
-metadata: { name: agentgate-impersonate-bench }
-rules:
-- { apiGroups: [""], resources: [users], verbs: [impersonate], resourceNames: ["agentgate:agent:bench"] }
-- { apiGroups: [""], resources: [groups], verbs: [impersonate], resourceNames: ["agentgate:agents"] }
----
-apiVersion: rbac.authorization.k8s.io/v1
-kind: ClusterRoleBinding
-metadata: { name: agentgate-impersonate-bench }
-roleRef: { apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: agentgate-impersonate-bench }
-subjects: [ { kind: ServiceAccount, name: agentgate-gw, namespace: default } ]
----
-apiVersion: rbac.authorization.k8s.io/v1
-kind: ClusterRole
-metadata: { name: agent-bench }
-rules:
-- { apiGroups: [""], resources: [configmaps, secrets, pods, namespaces], verbs: [get, list, watch] }
-- { apiGroups: [""], resources: [configmaps], verbs: [create, update, patch, delete] }
----
-apiVersion: rbac.authorization.k8s.io/v1
-kind: ClusterRoleBinding
-metadata: { name: agent-bench }
-roleRef: { apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: agent-bench }
-subjects: [ { apiGroup: rbac.authorization.k8s.io, kind: User, name: "agentgate:agent:bench" } ]
-"#,
+        "default-sa",
+        "apiVersion: v1\nkind: ServiceAccount\nmetadata: { name: default, namespace: default }\n",
     );
     // Applied with kubectl: the last-applied annotation repeats the Secret's data.
     apply(
@@ -142,18 +127,17 @@ metadata: {{ name: db, namespace: default }}
 stringData: {{ password: "{PASSWORD}" }}
 ---
 apiVersion: v1
+kind: Pod
+metadata: {{ name: web, namespace: default }}
+spec: {{ nodeName: kwok-node-0, automountServiceAccountToken: false, containers: [ {{ name: app, image: registry.example.com/app:1 }} ] }}
+---
+apiVersion: v1
 kind: ConfigMap
 metadata: {{ name: settings, namespace: default }}
 data: {{ owner: "ops lead: carol@example.com", level: "3" }}
 "#
         ),
     );
-    let client = kube.client().await?;
-    let token = testenv::kube_env::sa_token(&client, "default", "agentgate-gw", None).await?;
-    let targets = dir.path().join("targets");
-    std::fs::create_dir_all(targets.join("cluster"))?;
-    std::fs::write(targets.join("cluster/token"), token)?;
-    std::fs::copy(kube.ca_path(), targets.join("cluster/ca.crt"))?;
     let policy = dir.path().join("policy");
     std::fs::create_dir_all(&policy)?;
     let now = jiff::Timestamp::now();
@@ -165,7 +149,7 @@ kind: Target
 metadata: {{ name: cluster }}
 spec:
   protocol: Kubernetes
-  kubernetes: {{ server: "{server}", tls: {{ mode: VerifyFull, ca: {{ name: c, key: ca.crt }} }}, credentials: {{ name: c }} }}
+  kubernetes: {cluster}
 ---
 apiVersion: agentgate.dev/v1alpha1
 kind: AgentIdentity
@@ -201,8 +185,7 @@ kind: MaskPolicy
 metadata: {{ name: pii }}
 spec:
   rules: [ {{ name: emails, detectors: [Email], action: Redact }} ]
-"#,
-            server = kube.url()
+"#
         ),
     )?;
     let client_dir = dir.path().join("client");
@@ -417,11 +400,142 @@ async fn kubectl_and_kube_rs_through_the_gateway() -> anyhow::Result<()> {
             Instant::now() < deadline,
             "records missing: get {} refused {refused} outcome {}",
             get_secret.is_some(),
-            masked_outcome.is_some()
+            masked_outcome.is_some(),
         );
         std::thread::sleep(Duration::from_millis(200));
     }
     let text = std::fs::read_to_string(&s.audit)?;
     assert!(!text.contains(PASSWORD) && !text.contains(PASSWORD_B64));
+    Ok(())
+}
+
+/// Approves the AccessGrant request `name` filed in the policy folder (as an approver editing
+/// it would), and waits until `retry` is no longer held.
+fn approve(s: &Setup, name: &str, retry: &[&str]) -> Output {
+    let filed = s
+        .dir
+        .path()
+        .join("policy/requests")
+        .join(format!("{name}.yaml"));
+    let text = std::fs::read_to_string(&filed).expect("the request is filed");
+    let approved = text.replace(
+        "spec:\n",
+        &format!(
+            "spec:\n  decision: {{ verdict: Approve, decidedAt: \"{}\", decidedBy: {{ username: alice }} }}\n",
+            jiff::Timestamp::now()
+        ),
+    );
+    std::fs::write(filed.with_extension("tmp"), approved).unwrap();
+    std::fs::rename(filed.with_extension("tmp"), &filed).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let out = s.agent(retry);
+        if !String::from_utf8_lossy(&out.stderr).contains("held for approval") {
+            return out;
+        }
+        assert!(Instant::now() < deadline, "still held after approval");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_is_held_then_approved_then_recorded_as_a_terminal_session() -> anyhow::Result<()> {
+    let s = setup().await?;
+    // A real exec upstream: kwok serves the kubelet API of a fake node and runs the command
+    // on this machine; the API server proxies exec to it.
+    let kwok = testenv::kwok_env::Kwok::start(s.env.kube()?, &s.dir.path().join("kwok"))?;
+    let node = s.dir.path().join("node.yaml");
+    std::fs::write(&node, kwok.node_yaml("kwok-node-0"))?;
+    s.admin(&["apply", "-f", node.to_str().unwrap()]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while s.admin(&["get", "pod", "web", "-o", "jsonpath={.status.phase}"]) != "Running" {
+        assert!(
+            Instant::now() < deadline,
+            "the pod never ran on the kwok node"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let cmd = [
+        "exec",
+        "web",
+        "--",
+        "sh",
+        "-c",
+        "echo hello from the pod; echo owner: dana@example.com",
+    ];
+    // Held for approval of this exact command.
+    let err = s.agent_err(&cmd);
+    assert!(
+        err.contains("held for approval") && err.contains("agentgate-hold-exec"),
+        "{err}"
+    );
+    let name = err
+        .split("AccessGrant ")
+        .nth(1)
+        .and_then(|r| r.split(';').next())
+        .expect("the grant is named")
+        .trim()
+        .to_owned();
+    let filed = std::fs::read_to_string(
+        s.dir
+            .path()
+            .join("policy/requests")
+            .join(format!("{name}.yaml")),
+    )?;
+    assert!(
+        filed.contains("create pods/exec web -n default: sh -c echo hello from the pod; echo owner: dana@example.com (container app)"),
+        "{filed}"
+    );
+    // Approved: it runs, over WebSocket, through the API server to kwok.
+    let out = approve(&s, &name, &cmd);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("hello from the pod"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Another command is not covered by that approval.
+    let err = s.agent_err(&["exec", "web", "--", "sh", "-c", "rm -rf /tmp/x"]);
+    assert!(err.contains("held for approval"), "{err}");
+
+    // The session is recorded: the request with the grant, the output (masked), the outcome.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let recs = s.records();
+        let allowed = recs.iter().find(|r| {
+            r["request"]["text"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("create pods/exec web -n default: sh -c echo hello"))
+                && r["decision"]["verdict"] == "Allowed"
+                && r["decision"]["grant"] == name.as_str()
+        });
+        let output: String = allowed
+            .map(|a| {
+                recs.iter()
+                    .filter(|r| r["session"] == a["session"] && r["kind"] == "Io")
+                    .filter_map(|r| r["io"]["data"].as_str())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let upgraded = allowed.is_some_and(|a| {
+            recs.iter().any(|o| {
+                o["session"] == a["session"]
+                    && o["outcome"]["id"] == a["request"]["id"]
+                    && o["outcome"]["status"] == 101
+            })
+        });
+        if output.contains("hello from the pod") && upgraded {
+            assert!(output.contains("owner: ****"), "{output}");
+            assert!(!output.contains("dana@example.com"), "{output}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "exec not recorded: allowed {} upgraded {upgraded} output {output:?}",
+            allowed.is_some()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(kwok);
     Ok(())
 }

@@ -94,6 +94,7 @@ async fn start() -> anyhow::Result<Gateway> {
         "--identity=claude".into(),
         format!("--targets-dir={}", targets.path().display()),
         format!("--pg-addr=127.0.0.1:{port}"),
+        "--kube-addr=127.0.0.1:0".into(),
         format!(
             "--audit-dir={}",
             env.dir().join(format!("audit-{port}")).display()

@@ -80,6 +80,7 @@ spec:
         format!("--oidc-ca-file={}", kube.ca_path().display()),
         format!("--targets-dir={}", targets.path().display()),
         format!("--pg-addr=127.0.0.1:{port}"),
+        "--kube-addr=127.0.0.1:0".into(),
         format!(
             "--audit-dir={}",
             env.dir().join(format!("audit-{port}")).display()

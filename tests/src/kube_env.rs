@@ -80,6 +80,8 @@ impl KubeEnv {
                 format!("--service-account-key-file={}", p("sa.pub")),
                 format!("--service-account-signing-key-file={}", p("sa.key")),
                 "--enable-priority-and-fairness=false".into(),
+                // kwok's fake nodes (tests/src/kwok_env.rs) serve exec on their InternalIP.
+                "--kubelet-preferred-address-types=InternalIP".into(),
                 "--profiling=false".into(),
                 "--v=1".into(),
             ]);
@@ -385,4 +387,74 @@ pub async fn apply(
     .await
     .map_err(|e| Error::Kube(format!("apply {} {name}: {e}", gvk.kind)))?;
     Ok(())
+}
+
+impl KubeEnv {
+    /// Sets this API server up as a Target of agentgate's Kubernetes gateway, for the agent
+    /// user `agentgate:agent:<identity>` (a standalone sidecar's):
+    /// - the service account `default/agentgate-gw`, allowed only to impersonate that user
+    ///   and the group `agentgate:agents`;
+    /// - a ClusterRole `agent-<identity>` with `agent_rules` (YAML flow list items, e.g.
+    ///   `{ apiGroups: [""], resources: [pods], verbs: [get] }`) bound to that user;
+    /// - `<targets>/<target>/token` (the service account's token) and `ca.crt`.
+    ///
+    /// Returns the Target's `kubernetes:` spec (flow YAML) that names these files.
+    pub async fn gateway_target(
+        &self,
+        identity: &str,
+        agent_rules: &[&str],
+        targets: &Path,
+        target: &str,
+    ) -> Result<String, Error> {
+        let user = format!("agentgate:agent:{identity}");
+        let rbac = format!(
+            r#"apiVersion: v1
+kind: ServiceAccount
+metadata: {{ name: agentgate-gw, namespace: default }}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {{ name: agentgate-impersonate-{identity} }}
+rules:
+- {{ apiGroups: [""], resources: [users], verbs: [impersonate], resourceNames: ["{user}"] }}
+- {{ apiGroups: [""], resources: [groups], verbs: [impersonate], resourceNames: ["agentgate:agents"] }}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {{ name: agentgate-impersonate-{identity} }}
+roleRef: {{ apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: agentgate-impersonate-{identity} }}
+subjects: [ {{ kind: ServiceAccount, name: agentgate-gw, namespace: default }} ]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {{ name: agent-{identity} }}
+rules:
+{}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {{ name: agent-{identity} }}
+roleRef: {{ apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: agent-{identity} }}
+subjects: [ {{ apiGroup: rbac.authorization.k8s.io, kind: User, name: "{user}" }} ]
+"#,
+            agent_rules
+                .iter()
+                .map(|r| format!("- {r}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        let file = self.dir.join(format!("gateway-rbac-{identity}.yaml"));
+        write(&file, &rbac)?;
+        self.kubectl_run(&["apply", "-f", &file.display().to_string()])?;
+        let client = self.client().await?;
+        let token = sa_token(&client, "default", "agentgate-gw", None).await?;
+        let dir = targets.join(target);
+        mkdir(&dir)?;
+        write(&dir.join("token"), &token)?;
+        write(&dir.join("ca.crt"), &self.ca_pem())?;
+        Ok(format!(
+            r#"{{ server: "{}", tls: {{ mode: VerifyFull, ca: {{ name: c, key: ca.crt }} }}, credentials: {{ name: c }} }}"#,
+            self.url()
+        ))
+    }
 }

@@ -16,6 +16,7 @@ pub mod certs;
 pub mod http;
 pub mod keycloak_env;
 pub mod kube_env;
+pub mod kwok_env;
 pub mod oscal;
 pub mod otel_env;
 pub mod postgres_env;

@@ -129,6 +129,7 @@ impl Setup {
             "--identity=claude".into(),
             format!("--targets-dir={}", self.targets.path().display()),
             format!("--pg-addr=127.0.0.1:{port}"),
+            "--kube-addr=127.0.0.1:0".into(),
             format!("--audit-dir={}", self.audit_dir.display()),
             format!("--audit-postgres={}", self.sink),
         ];

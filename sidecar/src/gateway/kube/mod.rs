@@ -13,6 +13,7 @@ pub mod mask;
 pub mod request;
 mod stream;
 pub mod upstream;
+pub mod ws;
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
@@ -213,7 +214,10 @@ pub async fn write_kubeconfig(
                     .collect()
             })
             .unwrap_or_default();
-        if last.as_ref() != Some(&targets) {
+        if targets.is_empty() && last.is_none() {
+            // Nothing to reach yet: no file (a kubeconfig without clusters helps nobody).
+            last = Some(targets);
+        } else if last.as_ref() != Some(&targets) {
             let write = || -> std::io::Result<()> {
                 std::fs::create_dir_all(&dir)?;
                 std::fs::write(dir.join("kube-ca.crt"), &cert_pem)?;
@@ -227,7 +231,9 @@ pub async fn write_kubeconfig(
                     last = Some(targets);
                 }
                 Err(e) => {
-                    tracing::warn!(dir = %dir.display(), error = %e, "cannot write the kubeconfig")
+                    // Said once per change of Targets, not every round.
+                    tracing::warn!(dir = %dir.display(), error = %e, "cannot write the kubeconfig");
+                    last = Some(targets);
                 }
             }
         }
@@ -649,8 +655,17 @@ impl Connection {
         headers.insert("impersonate-user", user_v);
         headers.insert("impersonate-group", group_v);
         if upgrade {
-            return stream::upgrade(self, up, parts, headers, &path, &query, rec, id, started)
-                .await;
+            return stream::upgrade(
+                up,
+                parts,
+                headers,
+                (&path, &query, &info.subresource),
+                masks.clone(),
+                rec,
+                id,
+                started,
+            )
+            .await;
         }
         let uri = if query.is_empty() {
             format!("{}{path}", up.base)

@@ -169,6 +169,11 @@ pub fn parse(method: &str, path: &str, query: &str) -> Result<RequestInfo, Reque
         "options" | "connect" => "connect".into(),
         other => other.to_owned(),
     };
+    // Exec, attach and port-forward are `create` whatever the method (a WebSocket upgrade
+    // is a GET): as the API server authorizes them, and so one approval covers both.
+    if matches!(info.subresource.as_str(), "exec" | "attach" | "portforward") {
+        info.verb = "create".into();
+    }
     Ok(info)
 }
 
@@ -209,6 +214,8 @@ mod tests {
         let r = p("POST", "/api/v1/namespaces/a/pods/web/exec", "command=ls");
         assert_eq!(r.rbac_resource(), "pods/exec");
         assert_eq!(r.describe(), "create pods/exec web -n a");
+        let r = p("GET", "/api/v1/namespaces/a/pods/web/exec", "command=ls");
+        assert_eq!(r.verb, "create");
         let r = p("GET", "/api/v1/namespaces/a/pods/web/log", "follow=true");
         assert_eq!((r.verb.as_str(), r.subresource.as_str()), ("get", "log"));
         let r = p("PATCH", "/api/v1/namespaces/a/status", "");

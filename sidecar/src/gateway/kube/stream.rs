@@ -17,7 +17,7 @@ use hyper_util::rt::TokioIo;
 
 use super::mask::Masker;
 use super::upstream::Upstream;
-use super::{Body, Connection, outcome, status};
+use super::{Body, outcome, status};
 use crate::audit::SessionRecorder;
 use crate::mask::MaskSet;
 
@@ -282,21 +282,34 @@ pub fn masked_lines(
 /// sides are joined and the bytes counted for the record.
 #[allow(clippy::too_many_arguments)]
 pub async fn upgrade(
-    conn: &Connection,
     up: Arc<Upstream>,
     mut parts: hyper::http::request::Parts,
     headers: HeaderMap,
-    path: &str,
-    query: &str,
+    (path, query, subresource): (&str, &str, &str),
+    masks: Arc<MaskSet>,
     rec: Arc<SessionRecorder>,
     id: u64,
     started: Instant,
 ) -> Response<Body> {
-    let _ = conn;
     let fail = |why: String| {
         outcome(&rec, id, started, 502, 0, 0, BTreeMap::new());
         status(StatusCode::BAD_GATEWAY, "ServiceUnavailable", &why)
     };
+    let websocket = parts
+        .headers
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    let terminal = matches!(subresource, "exec" | "attach");
+    if terminal && !websocket {
+        // SPDY cannot be read as it passes: a session that cannot be recorded is not run.
+        outcome(&rec, id, started, 403, 0, 0, BTreeMap::new());
+        return status(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            "agentgate records exec and attach sessions, which it can do over WebSocket only: use kubectl 1.30 or later (or client-go's WebSocket executor); SPDY is refused",
+        );
+    }
     let Some(agent_upgrade) = parts.extensions.remove::<hyper::upgrade::OnUpgrade>() else {
         return fail("agentgate: this connection cannot be upgraded (use HTTP/1.1)".into());
     };
@@ -377,21 +390,33 @@ pub async fn upgrade(
     for (k, v) in resp.headers() {
         answer.headers_mut().append(k.clone(), v.clone());
     }
+    let protocol = resp
+        .headers()
+        .get(header::SEC_WEBSOCKET_PROTOCOL)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
     tokio::spawn(async move {
         let joined = async {
             let agent = agent_upgrade.await?;
             let server = upstream_upgrade.await?;
             Ok::<_, hyper::Error>((agent, server))
         };
-        let (bytes_in, bytes_out) = match joined.await {
+        let (bytes_in, bytes_out, error) = match joined.await {
             Ok((agent, server)) => {
-                let mut agent = TokioIo::new(agent);
-                let mut server = TokioIo::new(server);
-                tokio::io::copy_bidirectional(&mut agent, &mut server)
-                    .await
-                    .unwrap_or((0, 0))
+                let recorder = terminal.then(|| Terminal {
+                    rec: rec.clone(),
+                    masks,
+                });
+                relay(
+                    TokioIo::new(agent),
+                    TokioIo::new(server),
+                    websocket.then_some(protocol.as_str()),
+                    recorder.as_ref(),
+                )
+                .await
             }
-            Err(_) => (0, 0),
+            Err(e) => (0, 0, Some(format!("the upgrade failed: {e}"))),
         };
         let mut r = rec.base(agentgate_crds::audit::RecordKind::Outcome);
         r.outcome = Some(agentgate_crds::audit::Outcome {
@@ -401,10 +426,127 @@ pub async fn upgrade(
             bytes_out,
             masked: BTreeMap::new(),
             latency_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
-            error: None,
+            error,
             status: Some(101),
         });
-        let _ = rec.emit(r);
+        if let Err(e) = rec.emit(r) {
+            tracing::error!(session = rec.id(), error = %e, "an upgraded request's outcome could not be recorded");
+        }
     });
     answer
+}
+
+/// Records a terminal session's input and output (masked) as `Io` records.
+struct Terminal {
+    rec: Arc<SessionRecorder>,
+    masks: Arc<MaskSet>,
+}
+
+impl Terminal {
+    fn io(&self, stream: &str, data: &[u8]) {
+        let text = String::from_utf8_lossy(data);
+        let data = match self.masks.mask(None, &text).0 {
+            crate::mask::Masked::Clear => text.into_owned(),
+            crate::mask::Masked::Text(t) => t,
+            crate::mask::Masked::Null => String::new(),
+        };
+        let mut r = self.rec.base(agentgate_crds::audit::RecordKind::Io);
+        r.io = Some(agentgate_crds::audit::IoChunk {
+            stream: stream.to_owned(),
+            data,
+        });
+        if let Err(e) = self.rec.emit(r) {
+            tracing::error!(session = self.rec.id(), error = %e, "terminal I/O could not be recorded");
+        }
+    }
+
+    fn messages(&self, from_agent: bool, messages: Vec<super::ws::Message>) {
+        for m in messages {
+            match (from_agent, m.channel) {
+                (true, 0) => self.io("i", &m.data),
+                (true, 4) => {
+                    // {"Width": w, "Height": h} → asciicast's `COLSxROWS`.
+                    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&m.data) {
+                        let w = v
+                            .get("Width")
+                            .and_then(serde_json::Value::as_u64)
+                            .unwrap_or(0);
+                        let h = v
+                            .get("Height")
+                            .and_then(serde_json::Value::as_u64)
+                            .unwrap_or(0);
+                        self.io("r", format!("{w}x{h}").as_bytes());
+                    }
+                }
+                (false, 1 | 2) => self.io("o", &m.data),
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Joins the two sides of an upgraded connection until both are done. Returns the bytes
+/// each way and why it broke, if it did. With a terminal recorder, WebSocket messages are
+/// read as they pass and recorded.
+async fn relay<A, S>(
+    agent: A,
+    server: S,
+    websocket: Option<&str>,
+    terminal: Option<&Terminal>,
+) -> (u64, u64, Option<String>)
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let (ar, aw) = tokio::io::split(agent);
+    let (sr, sw) = tokio::io::split(server);
+    let up = pump(
+        ar,
+        sw,
+        websocket.map(super::ws::Parser::new),
+        terminal.map(|t| (t, true)),
+        "the API server closed the stream",
+    );
+    let down = pump(
+        sr,
+        aw,
+        websocket.map(super::ws::Parser::new),
+        terminal.map(|t| (t, false)),
+        "the agent closed the stream",
+    );
+    let ((bytes_in, e1), (bytes_out, e2)) = tokio::join!(up, down);
+    (bytes_in, bytes_out, e1.or(e2))
+}
+
+/// Copies one direction of an upgraded connection until it ends, feeding the recorder.
+/// Returns the bytes copied and why it broke, if it did.
+async fn pump<R, W>(
+    mut from: R,
+    mut to: W,
+    mut parser: Option<super::ws::Parser>,
+    terminal: Option<(&Terminal, bool)>,
+    broke: &str,
+) -> (u64, Option<String>)
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 << 10];
+    let mut total = 0u64;
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if let (Some((t, from_agent)), Some(p)) = (terminal, parser.as_mut()) {
+            t.messages(from_agent, p.feed(&buf[..n]));
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return (total, Some(broke.to_owned()));
+        }
+        total += n as u64;
+    }
+    let _ = to.shutdown().await;
+    (total, None)
 }
