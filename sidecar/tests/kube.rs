@@ -103,6 +103,7 @@ async fn setup() -> anyhow::Result<Setup> {
                 r#"{ apiGroups: [""], resources: [configmaps, secrets, pods, namespaces], verbs: [get, list, watch] }"#,
                 r#"{ apiGroups: [""], resources: [configmaps], verbs: [create, update, patch, delete] }"#,
                 r#"{ apiGroups: [""], resources: [pods/exec], verbs: [create, get] }"#,
+                r#"{ apiGroups: [""], resources: [pods/log], verbs: [get] }"#,
             ],
             &targets,
             "cluster",
@@ -535,6 +536,27 @@ async fn exec_is_held_then_approved_then_recorded_as_a_terminal_session() -> any
             allowed.is_some()
         );
         std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // Logs, whole and followed: each line masked as it passes.
+    kwok.log_line("starting; the admin is erin@example.com")?;
+    let logs = s.agent_ok(&["logs", "web"]);
+    assert!(logs.contains("the admin is ****"), "{logs}");
+    let mut follow = Command::new(&s.env.bins.kubectl)
+        .arg("--kubeconfig")
+        .arg(&s.kubeconfig)
+        .args(["logs", "-f", "web"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    std::thread::sleep(Duration::from_secs(2));
+    kwok.log_line("later: frank@example.com logged in")?;
+    std::thread::sleep(Duration::from_secs(2));
+    follow.kill()?;
+    let followed = String::from_utf8_lossy(&follow.wait_with_output()?.stdout).into_owned();
+    assert!(followed.contains("later: **** logged in"), "{followed}");
+    for out in [&logs, &followed] {
+        assert!(!out.contains("erin@") && !out.contains("frank@"), "{out}");
     }
     drop(kwok);
     Ok(())

@@ -48,8 +48,9 @@ pub fn binary() -> Result<PathBuf, Error> {
 
 /// kwok's configuration: two stages of our own (a fake Node becomes Ready; a Pending Pod on
 /// one becomes Running with its containers running) and a `ClusterExec` that runs every
-/// exec locally in `workdir`.
-fn config(workdir: &Path) -> String {
+/// exec locally in `workdir`, and a `ClusterLogs` serving every container's log from `logs`
+/// (CRI log format: see [`Kwok::log_line`]).
+fn config(workdir: &Path, logs: &Path) -> String {
     format!(
         r#"apiVersion: kwok.x-k8s.io/v1alpha1
 kind: Stage
@@ -107,8 +108,17 @@ metadata: {{ name: agentgate-local }}
 spec:
   execs:
   - local: {{ workDir: "{}" }}
+---
+apiVersion: kwok.x-k8s.io/v1alpha1
+kind: ClusterLogs
+metadata: {{ name: agentgate-logs }}
+spec:
+  logs:
+  - logsFile: "{}"
+    follow: true
 "#,
-        workdir.display()
+        workdir.display(),
+        logs.display()
     )
 }
 
@@ -118,6 +128,8 @@ pub struct Kwok {
     port: u16,
     /// Where exec'd commands run.
     pub workdir: PathBuf,
+    /// The log every container serves (append with [`Kwok::log_line`]).
+    pub logs: PathBuf,
 }
 
 impl Kwok {
@@ -127,7 +139,9 @@ impl Kwok {
         let workdir = dir.join("exec");
         std::fs::create_dir_all(&workdir)
             .map_err(|e| Error::io(format!("create {}", workdir.display()), e))?;
-        write(&dir.join("kwok.yaml"), &config(&workdir))?;
+        let logs = dir.join("container.log");
+        write(&logs, "")?;
+        write(&dir.join("kwok.yaml"), &config(&workdir, &logs))?;
         let port = process::free_port()?;
         let mut spec = Spec::new("kwok", &bin).args([
             format!("--kubeconfig={}", kube.kubeconfig().display()),
@@ -147,7 +161,33 @@ impl Kwok {
             _proc: proc,
             port,
             workdir,
+            logs,
         })
+    }
+
+    /// Appends a line to the containers' log, as a container runtime writes it.
+    pub fn log_line(&self, text: &str) -> Result<(), Error> {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.logs)
+            .map_err(|e| Error::io(format!("open {}", self.logs.display()), e))?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        // RFC 3339 in UTC from the clock, without a date library.
+        let secs = now.as_secs();
+        let (days, rem) = (secs / 86_400, secs % 86_400);
+        let (y, m, d) = civil(days);
+        writeln!(
+            f,
+            "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:09}Z stdout F {text}",
+            rem / 3600,
+            rem % 3600 / 60,
+            rem % 60,
+            now.subsec_nanos()
+        )
+        .map_err(|e| Error::io(format!("write {}", self.logs.display()), e))
     }
 
     /// The port its kubelet API listens on (what a fake Node's status names).
@@ -171,4 +211,18 @@ status:
             self.port
         )
     }
+}
+
+/// Days since 1970-01-01 as (year, month, day) in the proleptic Gregorian calendar.
+fn civil(days: u64) -> (i64, u32, u32) {
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
 }
