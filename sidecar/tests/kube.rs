@@ -151,6 +151,8 @@ metadata: {{ name: cluster }}
 spec:
   protocol: Kubernetes
   kubernetes: {cluster}
+  guardrails:
+  - {{ name: gitops-owns-config, matches: ["delete configmaps"], action: Block, message: "ConfigMaps are managed in Git; change them there" }}
 ---
 apiVersion: agentgate.dev/v1alpha1
 kind: AgentIdentity
@@ -322,8 +324,14 @@ async fn kubectl_and_kube_rs_through_the_gateway() -> anyhow::Result<()> {
             .contains("made-by-agent")
     );
 
-    // A delete out of scope is held for approval: an AccessGrant request is filed.
+    // A delete a guardrail blocks is refused, with the guardrail's reason.
     let err = s.agent_err(&["delete", "configmap", "settings"]);
+    assert!(
+        err.contains("refused by guardrail gitops-owns-config: ConfigMaps are managed in Git"),
+        "{err}"
+    );
+    // A change out of scope is held for approval: an AccessGrant request is filed.
+    let err = s.agent_err(&["label", "pod", "web", "touched=yes"]);
     assert!(
         err.contains("held for approval") && err.contains("AccessGrant"),
         "{err}"

@@ -39,6 +39,15 @@ async fn tokens_from_a_real_issuer() -> anyhow::Result<()> {
     }
     let pg = env.postgres()?;
     let issuer = kube.issuer();
+    let targets = tempfile::tempdir()?;
+    let cluster = kube
+        .gateway_target(
+            "claude",
+            &[r#"{ apiGroups: [""], resources: [configmaps], verbs: [get, list] }"#],
+            targets.path(),
+            "cluster",
+        )
+        .await?;
     let policy = tempfile::tempdir()?;
     std::fs::write(
         policy.path().join("p.yaml"),
@@ -52,12 +61,17 @@ spec:
   postgres: {{ host: 127.0.0.1, port: {port}, database: app, tls: {{ mode: VerifyFull, ca: {{ name: c, key: ca.crt }} }}, credentials: {{ name: c }} }}
 ---
 apiVersion: agentgate.dev/v1alpha1
+kind: Target
+metadata: {{ name: cluster }}
+spec: {{ protocol: Kubernetes, kubernetes: {cluster} }}
+---
+apiVersion: agentgate.dev/v1alpha1
 kind: AgentIdentity
 metadata: {{ name: claude, namespace: default }}
 spec:
   owner: t
   authentication: {{ serviceAccount: {{ name: claude }} }}
-  baseline: [ {{ target: db, scope: {{ operations: [Read] }} }} ]
+  baseline: [ {{ target: db, scope: {{ operations: [Read] }} }}, {{ target: cluster, scope: {{ operations: [Read] }} }} ]
 ---
 apiVersion: agentgate.dev/v1alpha1
 kind: AgentIdentity
@@ -70,8 +84,8 @@ spec:
             port = pg.port()
         ),
     )?;
-    let targets = tempfile::tempdir()?;
     pg.write_credentials(targets.path(), "db", "agentgate")?;
+    let client_dir = env.dir().join("client");
     let port = free_port()?;
     let spec = Spec::new("sidecar", env!("CARGO_BIN_EXE_agentgate-sidecar")).args([
         format!("--policy-dir={}", policy.path().display()),
@@ -81,6 +95,7 @@ spec:
         format!("--targets-dir={}", targets.path().display()),
         format!("--pg-addr=127.0.0.1:{port}"),
         "--kube-addr=127.0.0.1:0".into(),
+        format!("--client-dir={}", client_dir.display()),
         format!(
             "--audit-dir={}",
             env.dir().join(format!("audit-{port}")).display()
@@ -128,6 +143,33 @@ spec:
         "{}",
         proc.log_tail(20)
     );
+
+    // The Kubernetes gateway takes the same tokens as bearer tokens.
+    let kubeconfig = client_dir.join("kubeconfig");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !kubeconfig.exists() {
+        anyhow::ensure!(Instant::now() < deadline, "no kubeconfig");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let kubectl = |token: Option<&str>| {
+        let mut cmd = Command::new(&env.bins.kubectl);
+        cmd.arg("--kubeconfig").arg(&kubeconfig);
+        if let Some(t) = token {
+            cmd.arg(format!("--token={t}"));
+        }
+        let out = cmd
+            .args(["get", "configmaps", "-n", "default", "-o", "name"])
+            .output()
+            .expect("kubectl");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, err) = kubectl(Some(&good));
+    assert!(ok, "{err}");
+    let (ok, err) = kubectl(None);
+    assert!(!ok && err.contains("agentgate refuses the token"), "{err}");
 
     // Refusals, each with its reason.
     let wrong_aud = token(&client, "claude", "something-else").await?;
@@ -184,6 +226,10 @@ spec:
     for (name, tok, want) in cases {
         let (ok, _, err) = psql(&tok, "SELECT 1");
         assert!(!ok && err.contains(want), "{name}: {err}");
+        if name != "no token" {
+            let (ok, err) = kubectl(Some(&tok));
+            assert!(!ok && err.contains(want), "kube, {name}: {err}");
+        }
         assert!(
             !err.contains(&tok[..tok.len().min(40)]) || tok.len() < 20,
             "{name}: the token leaked into the message"
