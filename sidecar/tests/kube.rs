@@ -503,6 +503,19 @@ async fn exec_is_held_then_approved_then_recorded_as_a_terminal_session() -> any
         "{stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // The same approved command over SPDY (older clients): relayed and recorded too.
+    let spdy = Command::new(&s.env.bins.kubectl)
+        .arg("--kubeconfig")
+        .arg(&s.kubeconfig)
+        .args(cmd)
+        .env("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", "false")
+        .output()?;
+    assert!(
+        spdy.status.success()
+            && String::from_utf8_lossy(&spdy.stdout).contains("hello from the pod"),
+        "{}",
+        String::from_utf8_lossy(&spdy.stderr)
+    );
     // Another command is not covered by that approval.
     let err = s.agent_err(&["exec", "web", "--", "sh", "-c", "rm -rf /tmp/x"]);
     assert!(err.contains("held for approval"), "{err}");
@@ -533,14 +546,25 @@ async fn exec_is_held_then_approved_then_recorded_as_a_terminal_session() -> any
                     && o["outcome"]["status"] == 101
             })
         });
-        if output.contains("hello from the pod") && upgraded {
+        let sessions_with_output = recs
+            .iter()
+            .filter(|r| {
+                r["kind"] == "Io"
+                    && r["io"]["data"]
+                        .as_str()
+                        .is_some_and(|d| d.contains("hello from the pod"))
+            })
+            .map(|r| r["session"].to_string())
+            .collect::<std::collections::BTreeSet<_>>()
+            .len();
+        if output.contains("hello from the pod") && upgraded && sessions_with_output >= 2 {
             assert!(output.contains("owner: ****"), "{output}");
             assert!(!output.contains("dana@example.com"), "{output}");
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "exec not recorded: allowed {} upgraded {upgraded} output {output:?}",
+            "exec not recorded: allowed {} upgraded {upgraded} output {output:?} sessions {sessions_with_output}",
             allowed.is_some()
         );
         std::thread::sleep(Duration::from_millis(200));

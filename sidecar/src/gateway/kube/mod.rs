@@ -11,6 +11,7 @@
 pub mod classify;
 pub mod mask;
 pub mod request;
+pub mod spdy;
 mod stream;
 pub mod upstream;
 pub mod ws;
@@ -625,7 +626,20 @@ impl Connection {
                 headers.append(k.clone(), v.clone());
             }
         }
-        headers.insert(header::ACCEPT, json_accept(&parts.headers));
+        // Protobuf is never asked for (answers are masked as JSON); other Accept headers,
+        // or none, pass as they are (kubelets' streaming endpoints negotiate on them).
+        if parts
+            .headers
+            .get_all(header::ACCEPT)
+            .iter()
+            .any(|v| v.to_str().map_or(true, |v| v.contains("protobuf")))
+        {
+            headers.insert(header::ACCEPT, json_accept(&parts.headers));
+        } else {
+            for v in parts.headers.get_all(header::ACCEPT) {
+                headers.append(header::ACCEPT, v.clone());
+            }
+        }
         match up.authorization() {
             Ok(Some(a)) => {
                 if let Ok(v) = HeaderValue::from_str(&a) {

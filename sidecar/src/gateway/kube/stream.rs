@@ -300,14 +300,19 @@ pub async fn upgrade(
         .get(header::UPGRADE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    let spdy = parts
+        .headers
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.to_ascii_uppercase().starts_with("SPDY/3"));
     let terminal = matches!(subresource, "exec" | "attach");
-    if terminal && !websocket {
-        // SPDY cannot be read as it passes: a session that cannot be recorded is not run.
+    if terminal && !websocket && !spdy {
+        // A session agentgate cannot read as it passes cannot be recorded, so it is not run.
         outcome(&rec, id, started, 403, 0, 0, BTreeMap::new());
         return status(
             StatusCode::FORBIDDEN,
             "Forbidden",
-            "agentgate records exec and attach sessions, which it can do over WebSocket only: use kubectl 1.30 or later (or client-go's WebSocket executor); SPDY is refused",
+            "agentgate records exec and attach sessions over WebSocket or SPDY/3.1 only; this client asked for another protocol",
         );
     }
     let Some(agent_upgrade) = parts.extensions.remove::<hyper::upgrade::OnUpgrade>() else {
@@ -408,10 +413,17 @@ pub async fn upgrade(
                     rec: rec.clone(),
                     masks,
                 });
+                let framing = if websocket {
+                    Some(Framing::WebSocket(protocol))
+                } else if spdy {
+                    Some(Framing::Spdy)
+                } else {
+                    None
+                };
                 relay(
                     TokioIo::new(agent),
                     TokioIo::new(server),
-                    websocket.then_some(protocol.as_str()),
+                    framing,
                     recorder.as_ref(),
                 )
                 .await
@@ -491,7 +503,7 @@ impl Terminal {
 async fn relay<A, S>(
     agent: A,
     server: S,
-    websocket: Option<&str>,
+    framing: Option<Framing>,
     terminal: Option<&Terminal>,
 ) -> (u64, u64, Option<String>)
 where
@@ -503,14 +515,14 @@ where
     let up = pump(
         ar,
         sw,
-        websocket.map(super::ws::Parser::new),
+        framing.as_ref().map(Reader::new),
         terminal.map(|t| (t, true)),
         "the API server closed the stream",
     );
     let down = pump(
         sr,
         aw,
-        websocket.map(super::ws::Parser::new),
+        framing.as_ref().map(Reader::new),
         terminal.map(|t| (t, false)),
         "the agent closed the stream",
     );
@@ -523,7 +535,7 @@ where
 async fn pump<R, W>(
     mut from: R,
     mut to: W,
-    mut parser: Option<super::ws::Parser>,
+    mut parser: Option<Reader>,
     terminal: Option<(&Terminal, bool)>,
     broke: &str,
 ) -> (u64, Option<String>)
@@ -540,7 +552,7 @@ where
             Ok(n) => n,
         };
         if let (Some((t, from_agent)), Some(p)) = (terminal, parser.as_mut()) {
-            t.messages(from_agent, p.feed(&buf[..n]));
+            t.messages(from_agent, p.feed(&buf[..n], from_agent));
         }
         if to.write_all(&buf[..n]).await.is_err() {
             return (total, Some(broke.to_owned()));
@@ -549,4 +561,51 @@ where
     }
     let _ = to.shutdown().await;
     (total, None)
+}
+
+/// The framing of an upgraded connection.
+enum Framing {
+    /// WebSocket, with the subprotocol the server chose.
+    WebSocket(String),
+    /// SPDY/3.1.
+    Spdy,
+}
+
+/// Reads one direction's messages in a framing.
+enum Reader {
+    WebSocket(super::ws::Parser),
+    Spdy(super::spdy::Parser),
+}
+
+impl Reader {
+    fn new(f: &Framing) -> Self {
+        match f {
+            Framing::WebSocket(p) => Self::WebSocket(super::ws::Parser::new(p)),
+            Framing::Spdy => Self::Spdy(super::spdy::Parser::default()),
+        }
+    }
+
+    /// The messages `bytes` complete. SPDY's streams are not named without decompressing
+    /// their headers, and need not be: what the agent sends is input (or a resize, which is
+    /// JSON with a width and a height), what the server sends is output.
+    fn feed(&mut self, bytes: &[u8], from_agent: bool) -> Vec<super::ws::Message> {
+        match self {
+            Self::WebSocket(p) => p.feed(bytes),
+            Self::Spdy(p) => p
+                .feed(bytes)
+                .into_iter()
+                .map(|(_, data)| {
+                    let resize = from_agent
+                        && serde_json::from_slice::<serde_json::Value>(&data)
+                            .is_ok_and(|v| v.get("Width").is_some() && v.get("Height").is_some());
+                    let channel = match (from_agent, resize) {
+                        (true, true) => 4,
+                        (true, false) => 0,
+                        (false, _) => 1,
+                    };
+                    super::ws::Message { channel, data }
+                })
+                .collect(),
+        }
+    }
 }
