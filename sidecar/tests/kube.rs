@@ -102,7 +102,7 @@ async fn setup() -> anyhow::Result<Setup> {
             &[
                 r#"{ apiGroups: [""], resources: [configmaps, secrets, pods, namespaces], verbs: [get, list, watch] }"#,
                 r#"{ apiGroups: [""], resources: [configmaps], verbs: [create, update, patch, delete] }"#,
-                r#"{ apiGroups: [""], resources: [pods/exec], verbs: [create, get] }"#,
+                r#"{ apiGroups: [""], resources: [pods/exec, pods/portforward], verbs: [create, get] }"#,
                 r#"{ apiGroups: [""], resources: [pods/log], verbs: [get] }"#,
             ],
             &targets,
@@ -569,6 +569,30 @@ async fn exec_is_held_then_approved_then_recorded_as_a_terminal_session() -> any
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+
+    // Port-forward opens a channel into the pod: held for approval like exec, naming the
+    // ports. (Its data path is not exercised here: kwok's port-forward does not answer even
+    // without the gateway in this environment.)
+    let local = free_port()?;
+    let err = s.agent_err(&["port-forward", "pod/web", &format!("{local}:80")]);
+    assert!(err.contains("held for approval"), "{err}");
+    let pf_name = err
+        .split("AccessGrant ")
+        .nth(1)
+        .and_then(|r| r.split(';').next())
+        .expect("the grant is named")
+        .trim()
+        .to_owned();
+    let filed = std::fs::read_to_string(
+        s.dir
+            .path()
+            .join("policy/requests")
+            .join(format!("{pf_name}.yaml")),
+    )?;
+    assert!(
+        filed.contains("create pods/portforward web -n default"),
+        "{filed}"
+    );
 
     // Logs, whole and followed: each line masked as it passes.
     kwok.log_line("starting; the admin is erin@example.com")?;

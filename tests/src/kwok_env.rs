@@ -118,7 +118,7 @@ spec:
     follow: true
 "#,
         workdir.display(),
-        logs.display()
+        logs.display(),
     )
 }
 
