@@ -355,7 +355,15 @@ fn json_accept(h: &HeaderMap) -> HeaderValue {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(str::trim)
-        .filter(|v| !v.is_empty() && !v.contains("protobuf"))
+        .filter(|v| {
+            let media = v
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase();
+            media == "application/json" || media == "*/*" || media == "application/*"
+        })
         .collect();
     if kept.is_empty() {
         HeaderValue::from_static("application/json")
@@ -626,14 +634,10 @@ impl Connection {
                 headers.append(k.clone(), v.clone());
             }
         }
-        // Protobuf is never asked for (answers are masked as JSON); other Accept headers,
-        // or none, pass as they are (kubelets' streaming endpoints negotiate on them).
-        if parts
-            .headers
-            .get_all(header::ACCEPT)
-            .iter()
-            .any(|v| v.to_str().map_or(true, |v| v.contains("protobuf")))
-        {
+        // Answers are masked as JSON: protobuf, CBOR and YAML are never asked for (clients
+        // fall back to JSON). An upgrade's Accept passes as it is (kubelets' streaming
+        // endpoints negotiate on it; nothing there is masked as an object).
+        if !upgrade {
             headers.insert(header::ACCEPT, json_accept(&parts.headers));
         } else {
             for v in parts.headers.get_all(header::ACCEPT) {
@@ -825,9 +829,7 @@ impl Connection {
         parts.headers.remove(header::CONTENT_LENGTH);
         let json = content_type.starts_with("application/json");
         let streaming = info.verb == "watch"
-            || query
-                .split('&')
-                .any(|kv| kv == "follow=true" || kv == "follow=1")
+            || request::query_flag(query, "follow")
             || content_type.contains("stream");
         // What needs looking at: every resource answer when any rule could apply (Secrets are
         // always masked); discovery documents pass as they are.

@@ -71,11 +71,12 @@ impl RequestInfo {
     }
 }
 
-/// Whether the query string has `name=true` (or `name=1`).
-fn query_flag(query: &str, name: &str) -> bool {
+/// Whether the query string sets `name` to a value the API server reads as true (Go's
+/// `strconv.ParseBool`: `1`, `t`, `T`, `TRUE`, `true`, `True`).
+pub fn query_flag(query: &str, name: &str) -> bool {
     query.split('&').any(|kv| {
         let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-        k == name && (v == "true" || v == "1")
+        k == name && matches!(v, "1" | "t" | "T" | "TRUE" | "true" | "True")
     })
 }
 
