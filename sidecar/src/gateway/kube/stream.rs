@@ -306,6 +306,16 @@ pub async fn upgrade(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.to_ascii_uppercase().starts_with("SPDY/3"));
     let terminal = matches!(subresource, "exec" | "attach");
+    if terminal && spdy && masks.has_value_rules() {
+        // SPDY's flow control counts the server's bytes: output cannot be rewritten (masked)
+        // in it, and a session whose output cannot be masked is not run.
+        outcome(&rec, id, started, 403, 0, 0, BTreeMap::new());
+        return status(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            "agentgate masks exec and attach output, which it can do over WebSocket only: use kubectl 1.30 or later (WebSocket is its default) instead of SPDY",
+        );
+    }
     if terminal && !websocket && !spdy {
         // A session agentgate cannot read as it passes cannot be recorded, so it is not run.
         outcome(&rec, id, started, 403, 0, 0, BTreeMap::new());
@@ -519,13 +529,23 @@ where
         terminal.map(|t| (t, true)),
         "the API server closed the stream",
     );
-    let down = pump(
-        sr,
-        aw,
-        framing.as_ref().map(Reader::new),
-        terminal.map(|t| (t, false)),
-        "the agent closed the stream",
-    );
+    let down = async {
+        match (&framing, terminal) {
+            (Some(Framing::WebSocket(protocol)), Some(t)) if t.masks.has_value_rules() => {
+                masked_output(sr, aw, protocol, t).await
+            }
+            _ => {
+                pump(
+                    sr,
+                    aw,
+                    framing.as_ref().map(Reader::new),
+                    terminal.map(|t| (t, false)),
+                    "the agent closed the stream",
+                )
+                .await
+            }
+        }
+    };
     let ((bytes_in, e1), (bytes_out, e2)) = tokio::join!(up, down);
     (bytes_in, bytes_out, e1.or(e2))
 }
@@ -608,4 +628,62 @@ impl Reader {
                 .collect(),
         }
     }
+}
+
+/// Relays a terminal session's output with MaskPolicy detectors applied (WebSocket), and
+/// records what the agent got. A partial line is sent once the output pauses.
+async fn masked_output<R, W>(
+    mut from: R,
+    mut to: W,
+    protocol: &str,
+    terminal: &Terminal,
+) -> (u64, Option<String>)
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    /// How long output may pause before a partial line (a prompt) is sent.
+    const PAUSE: std::time::Duration = std::time::Duration::from_millis(30);
+    let mask = |t: &str| match terminal.masks.mask(None, t).0 {
+        crate::mask::Masked::Clear => t.to_owned(),
+        crate::mask::Masked::Text(m) => m,
+        crate::mask::Masked::Null => String::new(),
+    };
+    let mut reframer = super::ws::Reframer::new(protocol, &mask);
+    let mut buf = vec![0u8; 16 << 10];
+    let mut total = 0u64;
+    loop {
+        let read = if reframer.has_pending() {
+            tokio::time::timeout(PAUSE, from.read(&mut buf)).await.ok()
+        } else {
+            Some(from.read(&mut buf).await)
+        };
+        let (out, sent) = match read {
+            None => reframer.flush(),
+            Some(Ok(0)) | Some(Err(_)) => {
+                let (out, sent) = reframer.flush();
+                terminal.messages(false, sent);
+                let _ = to.write_all(&out).await;
+                break;
+            }
+            Some(Ok(n)) => {
+                total += n as u64;
+                reframer.feed(&buf[..n])
+            }
+        };
+        terminal.messages(false, sent);
+        if reframer.broken() {
+            let _ = to.shutdown().await;
+            return (
+                total,
+                Some("the server's frames could not be read, so the session ended".to_owned()),
+            );
+        }
+        if !out.is_empty() && to.write_all(&out).await.is_err() {
+            return (total, Some("the agent closed the stream".to_owned()));
+        }
+    }
+    let _ = to.shutdown().await;
+    (total, None)
 }

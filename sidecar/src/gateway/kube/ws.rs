@@ -174,6 +174,176 @@ impl Parser {
     }
 }
 
+/// The length of the whole frame at the start of `b`, once it is all there.
+fn frame_len(b: &[u8]) -> Option<usize> {
+    let second = *b.get(1)?;
+    let (len, mut at): (usize, usize) = match second & 0x7f {
+        126 => (usize::from(u16::from_be_bytes([*b.get(2)?, *b.get(3)?])), 4),
+        127 => {
+            let mut eight = [0u8; 8];
+            eight.copy_from_slice(b.get(2..10)?);
+            (usize::try_from(u64::from_be_bytes(eight)).ok()?, 10)
+        }
+        n => (usize::from(n), 2),
+    };
+    if second & 0x80 != 0 {
+        at += 4;
+    }
+    let total = at.checked_add(len)?;
+    (b.len() >= total).then_some(total)
+}
+
+/// Encodes one unmasked (server-to-client) WebSocket frame.
+fn encode_frame(opcode: u8, payload: &[u8], out: &mut Vec<u8>) {
+    out.push(0x80 | opcode);
+    match payload.len() {
+        n if n < 126 => out.push(n as u8),
+        n if n < 65_536 => {
+            out.push(126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(payload);
+}
+
+/// Rewrites the server's side of a terminal session so the agent gets its output masked:
+/// frames are parsed as they pass, stdout and stderr are masked a line at a time (a value is
+/// never split between two maskings: a partial line waits for its end, or for
+/// [`Reframer::flush`] when the stream pauses), and everything else is relayed as it came.
+pub struct Reframer<'a> {
+    parser: Parser,
+    mask: &'a (dyn Fn(&str) -> String + Sync),
+    /// Per channel (1 stdout, 2 stderr): output not yet sent, up to its last newline.
+    pending: [Vec<u8>; 2],
+}
+
+/// Bytes a partial line may hold before it is masked and sent anyway.
+const MAX_PENDING: usize = 64 << 10;
+
+impl<'a> Reframer<'a> {
+    /// A reframer for a connection that agreed on `protocol`; `mask` masks a text.
+    pub fn new(protocol: &str, mask: &'a (dyn Fn(&str) -> String + Sync)) -> Self {
+        Self {
+            parser: Parser::new(protocol),
+            mask,
+            pending: [Vec::new(), Vec::new()],
+        }
+    }
+
+    /// Whether the server's frames could not be read (the session cannot go on masked).
+    pub fn broken(&self) -> bool {
+        self.parser.broken
+    }
+
+    /// Whether output waits for the end of its line.
+    pub fn has_pending(&self) -> bool {
+        self.pending.iter().any(|p| !p.is_empty())
+    }
+
+    fn emit(&self, channel: u8, data: &[u8], out: &mut Vec<u8>, sent: &mut Vec<Message>) {
+        let masked = (self.mask)(&String::from_utf8_lossy(data));
+        let mut payload = Vec::with_capacity(masked.len() + 4);
+        if self.parser.base64 {
+            payload.push(b'0' + channel);
+            payload.extend_from_slice(
+                base64::engine::general_purpose::STANDARD
+                    .encode(masked.as_bytes())
+                    .as_bytes(),
+            );
+            encode_frame(0x1, &payload, out);
+        } else {
+            payload.push(channel);
+            payload.extend_from_slice(masked.as_bytes());
+            encode_frame(0x2, &payload, out);
+        }
+        sent.push(Message {
+            channel,
+            data: masked.into_bytes(),
+        });
+    }
+
+    /// Feeds the server's bytes; returns what to send the agent and the output messages sent
+    /// (masked, for the record).
+    pub fn feed(&mut self, bytes: &[u8]) -> (Vec<u8>, Vec<Message>) {
+        let mut out = Vec::new();
+        let mut sent = Vec::new();
+        if self.parser.broken {
+            // Unreadable: nothing more is relayed (it could not be masked).
+            return (out, sent);
+        }
+        self.parser.buf.extend_from_slice(bytes);
+        loop {
+            // The frame's own bytes, for relaying it as it came.
+            let raw: Vec<u8> = match frame_len(&self.parser.buf) {
+                Some(n) => self.parser.buf[..n].to_vec(),
+                None => Vec::new(),
+            };
+            match self.parser.frame() {
+                Ok(None) => break,
+                Err(()) => {
+                    self.parser.broken = true;
+                    self.parser.buf.clear();
+                    break;
+                }
+                Ok(Some(message)) => {
+                    let raw = raw.as_slice();
+                    let opcode = raw.first().map_or(0, |b| b & 0x0f);
+                    match message {
+                        Some(m) if m.channel == 1 || m.channel == 2 => {
+                            let i = usize::from(m.channel - 1);
+                            self.pending[i].extend_from_slice(&m.data);
+                            let cut = self.pending[i]
+                                .iter()
+                                .rposition(|b| *b == b'\n')
+                                .map(|p| p + 1)
+                                .or((self.pending[i].len() > MAX_PENDING)
+                                    .then_some(self.pending[i].len()));
+                            if let Some(cut) = cut {
+                                let lines: Vec<u8> = self.pending[i].drain(..cut).collect();
+                                self.emit(m.channel, &lines, &mut out, &mut sent);
+                            }
+                        }
+                        // Other channels (error, resize, port data), control frames, and
+                        // fragments of a message not yet whole: the error channel's status
+                        // follows the output it ends, so what waits is sent first.
+                        Some(_) => {
+                            self.flush_into(&mut out, &mut sent);
+                            out.extend_from_slice(raw);
+                        }
+                        None if matches!(opcode, 0x0..=0x2) => {
+                            // A fragment: its message is relayed (masked) when whole.
+                        }
+                        None => out.extend_from_slice(raw),
+                    }
+                }
+            }
+        }
+        (out, sent)
+    }
+
+    fn flush_into(&mut self, out: &mut Vec<u8>, sent: &mut Vec<Message>) {
+        for i in 0..2 {
+            if !self.pending[i].is_empty() {
+                let data = std::mem::take(&mut self.pending[i]);
+                self.emit(i as u8 + 1, &data, out, sent);
+            }
+        }
+    }
+
+    /// Sends the output that waits for the end of its line (the stream paused, e.g. at a
+    /// prompt).
+    pub fn flush(&mut self) -> (Vec<u8>, Vec<Message>) {
+        let mut out = Vec::new();
+        let mut sent = Vec::new();
+        self.flush_into(&mut out, &mut sent);
+        (out, sent)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,6 +368,50 @@ mod tests {
             None => f.extend_from_slice(payload),
         }
         f
+    }
+
+    #[test]
+    fn output_is_masked_a_line_at_a_time_even_when_a_value_is_split() {
+        let mask = |t: &str| t.replace("alice@example.com", "****");
+        let mut r = Reframer::new("v5.channel.k8s.io", &mask);
+        let mut bytes = frame(2, true, b"\x01owner: alice@exa", None);
+        bytes.extend(frame(9, true, b"", None));
+        bytes.extend(frame(2, true, b"\x01mple.com\nnext", None));
+        bytes.extend(frame(2, true, b"\x03{\"status\":\"Success\"}", None));
+        let mut out = Vec::new();
+        for b in &bytes {
+            out.extend(r.feed(std::slice::from_ref(b)).0);
+        }
+        let mut agent = Parser::new("v5.channel.k8s.io");
+        let got = agent.feed(&out);
+        assert_eq!(
+            got,
+            vec![
+                Message {
+                    channel: 1,
+                    data: b"owner: ****\n".to_vec()
+                },
+                Message {
+                    channel: 1,
+                    data: b"next".to_vec()
+                },
+                Message {
+                    channel: 3,
+                    data: b"{\"status\":\"Success\"}".to_vec()
+                },
+            ]
+        );
+        // A pause sends a partial line (a prompt).
+        let (o, sent) = r.feed(&frame(2, true, b"\x01$ ", None));
+        assert!(o.is_empty() && sent.is_empty() && r.has_pending());
+        let (o, _) = r.flush();
+        assert_eq!(
+            Parser::new("v5.channel.k8s.io").feed(&o),
+            vec![Message {
+                channel: 1,
+                data: b"$ ".to_vec()
+            }]
+        );
     }
 
     #[test]
