@@ -378,6 +378,49 @@ async fn kubectl_and_kube_rs_through_the_gateway() -> anyhow::Result<()> {
     let err = s.agent_err(&["get", "nodes"]);
     assert!(err.contains("agentgate:agent:bench"), "{err}");
 
+    // Evasions, sent as they are (kubectl would normalize them): encoded paths and query
+    // keys, an Upgrade header and protobuf/YAML on a plain read, paths that are not the API.
+    let server = std::fs::read_to_string(&s.kubeconfig)?
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("server: ").map(str::to_owned))
+        .expect("a server in the kubeconfig");
+    let curl = |path: &str, headers: &[&str]| {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sS", "--http1.1", "--path-as-is", "--cacert"])
+            .arg(s.kubeconfig.with_file_name("kube-ca.crt"));
+        for h in headers {
+            cmd.args(["-H", h]);
+        }
+        let out = cmd.arg(format!("{server}{path}")).output().expect("curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let encoded = curl("/api/v1/namespaces/default/%73ecrets/db", &[]);
+    assert!(
+        encoded.contains("encoded characters") && !encoded.contains(PASSWORD_B64),
+        "{encoded}"
+    );
+    let watch = curl("/api/v1/%77atch/secrets", &[]);
+    assert!(watch.contains("encoded characters"), "{watch}");
+    let key = curl(
+        "/api/v1/namespaces/default/pods/web/exec?%63ommand=sh&command=ls",
+        &[],
+    );
+    assert!(key.contains("parameter names must be plain"), "{key}");
+    let metrics = curl("/metrics", &[]);
+    assert!(metrics.contains("discovery documents only"), "{metrics}");
+    let upgraded = curl(
+        "/api/v1/namespaces/default/secrets/db",
+        &[
+            "Connection: Upgrade",
+            "Upgrade: websocket",
+            "Accept: application/vnd.kubernetes.protobuf, application/yaml",
+        ],
+    );
+    assert!(
+        upgraded.contains(MASKED_B64) && !upgraded.contains(PASSWORD_B64),
+        "{upgraded}"
+    );
+
     // Records: every request, with its decision, status, bytes and what was masked; no
     // Secret value anywhere.
     let deadline = Instant::now() + Duration::from_secs(10);

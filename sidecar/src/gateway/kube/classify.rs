@@ -42,7 +42,13 @@ fn rbac_escalation(body: Option<&[u8]>) -> Option<&'static str> {
     };
     fn walk(v: &Value) -> Option<&'static str> {
         match v {
-            Value::String(s) if s == "*" => Some("an RBAC rule with *"),
+            Value::String(s) if s == "*" || s.ends_with("/*") => {
+                Some("an RBAC rule with a wildcard")
+            }
+            Value::String(s) if s.starts_with("system:") => {
+                Some("a binding to or rule about a system role or user")
+            }
+            Value::String(s) if s == "edit" => Some("a binding to the edit role"),
             Value::String(s) if matches!(s.as_str(), "escalate" | "bind" | "impersonate") => {
                 Some("an RBAC rule with the escalate, bind or impersonate verb")
             }
@@ -65,7 +71,13 @@ pub fn classify(info: &RequestInfo, query: &str, body: Option<&[u8]>) -> Command
             "get" | "head" | "options" => OperationClass::Read,
             _ => OperationClass::Write,
         }
-    } else if CONNECT.contains(&info.subresource.as_str()) {
+    } else if info.resource == "nodes" && info.subresource == "proxy" {
+        // The kubelet's API: running commands in any container of the node.
+        OperationClass::Admin
+    } else if CONNECT.contains(&info.subresource.as_str())
+        || (info.subresource == "ephemeralcontainers" && info.verb != "get")
+    {
+        // (An ephemeral container runs a command of the agent's inside the pod.)
         OperationClass::Exec
     } else if matches!(info.verb.as_str(), "get" | "list" | "watch") {
         OperationClass::Read
@@ -79,11 +91,16 @@ pub fn classify(info: &RequestInfo, query: &str, body: Option<&[u8]>) -> Command
             None => OperationClass::Privilege,
         }
     } else if (info.resource == "serviceaccounts" && info.subresource == "token")
+        || (info.resource == "secrets"
+            && body.is_some_and(|b| {
+                b.windows(b"service-account-token".len())
+                    .any(|w| w == b"service-account-token")
+            }))
         || (info.resource == "certificatesigningrequests" && info.subresource == "approval")
         || info.group == "admissionregistration.k8s.io"
     {
-        // Minting tokens, approving certificates and changing admission webhooks reach
-        // around every other control.
+        // Minting tokens (also as a Secret of type service-account-token), approving
+        // certificates and changing admission webhooks reach around every other control.
         OperationClass::Admin
     } else if info.group == "apiextensions.k8s.io" {
         OperationClass::Ddl
@@ -111,7 +128,7 @@ fn fingerprint(info: &RequestInfo, query: &str, body: Option<&[u8]>) -> String {
     let mut h = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
     h.update(info.describe().as_bytes());
     h.update(b"\n");
-    for (k, v) in connect_params(query) {
+    for (k, v) in all_params(query) {
         h.update(k.as_bytes());
         h.update(b"=");
         h.update(v.as_bytes());
@@ -121,6 +138,34 @@ fn fingerprint(info: &RequestInfo, query: &str, body: Option<&[u8]>) -> String {
         h.update(b);
     }
     agentgate_crds::audit::chain::hex(h.finish().as_ref())
+}
+
+/// Every query parameter, decoded, sorted by name (values of one name in order), except
+/// those that only page or time a request.
+pub fn all_params(query: &str) -> Vec<(String, String)> {
+    let mut params: Vec<(String, String)> = query
+        .split('&')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (k.to_owned(), percent_decode(v))
+        })
+        .filter(|(k, _)| {
+            !matches!(
+                k.as_str(),
+                "timeout"
+                    | "timeoutSeconds"
+                    | "resourceVersion"
+                    | "resourceVersionMatch"
+                    | "allowWatchBookmarks"
+                    | "limit"
+                    | "continue"
+                    | "sendInitialEvents"
+            )
+        })
+        .collect();
+    params.sort_by(|a, b| a.0.cmp(&b.0));
+    params
 }
 
 /// The query parameters of a connect request that choose what runs, decoded, in order:
@@ -164,9 +209,21 @@ pub fn percent_decode(v: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// The text a record and an approver see: the request, and for an exec the command.
+/// The text a record and an approver see: the request, for an exec the command, and for
+/// other requests the parameters that choose what they reach (selectors, dry runs, …).
 pub fn text(info: &RequestInfo, query: &str) -> String {
     let mut s = info.describe();
+    if !CONNECT.contains(&info.subresource.as_str()) {
+        let params: Vec<String> = all_params(query)
+            .into_iter()
+            .filter(|(k, _)| k != "watch" && k != "follow" && k != "fieldManager")
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        if !params.is_empty() {
+            s.push_str(" ?");
+            s.push_str(&params.join("&"));
+        }
+    }
     if CONNECT.contains(&info.subresource.as_str()) {
         let params = connect_params(query);
         let command: Vec<&str> = params
@@ -253,6 +310,28 @@ mod tests {
         }
         assert_eq!(
             class("POST", "/api/v1/namespaces/a/serviceaccounts/x/token", "{}").0,
+            OperationClass::Admin
+        );
+        assert_eq!(
+            class(
+                "POST",
+                "/api/v1/namespaces/a/secrets",
+                r#"{"type":"kubernetes.io/service-account-token","metadata":{"name":"t"}}"#
+            )
+            .0,
+            OperationClass::Admin
+        );
+        assert_eq!(
+            class(
+                "PATCH",
+                "/api/v1/namespaces/a/pods/web/ephemeralcontainers",
+                "{}"
+            )
+            .0,
+            OperationClass::Exec
+        );
+        assert_eq!(
+            class("GET", "/api/v1/nodes/n1/proxy/run/a/b/c", "").0,
             OperationClass::Admin
         );
     }

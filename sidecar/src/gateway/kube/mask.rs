@@ -88,7 +88,11 @@ impl Masker<'_> {
             }
             return;
         }
-        if let Some(items) = v.get_mut("items").and_then(Value::as_array_mut) {
+        // A list only when it says so: an object of a kind with its own `items` field is
+        // still that object.
+        if kind.ends_with("List")
+            && let Some(items) = v.get_mut("items").and_then(Value::as_array_mut)
+        {
             let item_kind = kind.strip_suffix("List").unwrap_or("").to_owned();
             // (`PartialObjectMetadataList` items take the request's kind.)
             for item in items {

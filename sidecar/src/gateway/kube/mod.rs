@@ -45,8 +45,11 @@ use self::upstream::Upstream;
 
 /// The largest request body forwarded (the API server's own limit is 3 MiB).
 const MAX_REQUEST_BODY: usize = 3 << 20;
-/// The largest response the gateway reads whole to mask it (lists of many objects).
-const MAX_MASKED_RESPONSE: usize = 512 << 20;
+/// The largest response the gateway reads whole to mask it (a page of a list: clients page
+/// large lists with `limit`/`continue`, as kubectl does by default).
+const MAX_MASKED_RESPONSE: usize = 64 << 20;
+/// How many responses are read whole at once (the rest wait), bounding the memory they take.
+const MASKING_AT_ONCE: usize = 2;
 
 /// The user name the API server sees for an identity (what RBAC binds).
 pub fn impersonated_user(namespace: Option<&str>, identity: &str) -> String {
@@ -80,6 +83,8 @@ pub struct KubeGateway {
     upstreams: Mutex<HashMap<String, (agentgate_crds::target::KubernetesTarget, Arc<Upstream>)>>,
     /// Compiled MaskPolicies per (identity, target), for the snapshot they came from.
     masks: Mutex<HashMap<(String, String), CompiledMasks>>,
+    /// Permits to read a response whole.
+    buffering: tokio::sync::Semaphore,
 }
 
 impl KubeGateway {
@@ -90,6 +95,7 @@ impl KubeGateway {
             namespace,
             upstreams: Mutex::new(HashMap::new()),
             masks: Mutex::new(HashMap::new()),
+            buffering: tokio::sync::Semaphore::new(MASKING_AT_ONCE),
         }
     }
 
@@ -347,8 +353,20 @@ fn dropped_header(name: &HeaderName) -> bool {
         || n.starts_with("x-remote-extra-")
 }
 
+/// Whether a non-resource path is a discovery document: `/api`, `/apis`, a group or group
+/// version under them, `/version`, or the OpenAPI documents.
+fn is_discovery(path: &str) -> bool {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    matches!(
+        parts.as_slice(),
+        ["api"] | ["api", _] | ["apis"] | ["apis", _] | ["apis", _, _] | ["version"]
+    ) || matches!(parts.first(), Some(&"openapi"))
+}
+
 /// The Accept header without protobuf (answers are masked as JSON; clients fall back).
-fn json_accept(h: &HeaderMap) -> HeaderValue {
+/// With `plain`, also without `as=Table` or metadata-only forms (whose cells and rows cannot
+/// carry a MaskPolicy's paths).
+fn json_accept(h: &HeaderMap, plain: bool) -> HeaderValue {
     let kept: Vec<&str> = h
         .get_all(header::ACCEPT)
         .iter()
@@ -362,7 +380,8 @@ fn json_accept(h: &HeaderMap) -> HeaderValue {
                 .unwrap_or("")
                 .trim()
                 .to_ascii_lowercase();
-            media == "application/json" || media == "*/*" || media == "application/*"
+            (media == "application/json" || media == "*/*" || media == "application/*")
+                && !(plain && v.contains("as="))
         })
         .collect();
     if kept.is_empty() {
@@ -481,7 +500,9 @@ impl Connection {
             self.refusal_record(Some(&identity), &target, why);
             return status(StatusCode::FORBIDDEN, "Forbidden", why);
         }
-        let info = match request::parse(req.method().as_str(), &path, &query) {
+        let info = match request::check_query(&query)
+            .and_then(|()| request::parse(req.method().as_str(), &path, &query))
+        {
             Ok(i) => i,
             Err(e) => {
                 let why = format!("agentgate refuses the request: {e}");
@@ -489,13 +510,31 @@ impl Connection {
                 return status(StatusCode::BAD_REQUEST, "BadRequest", &why);
             }
         };
+        // Only a known Kubernetes Target gets a session (and records).
+        if !snapshot
+            .targets
+            .get(&target)
+            .is_some_and(|t| t.spec.protocol == Protocol::Kubernetes)
+        {
+            let why = format!(
+                "agentgate knows no Kubernetes Target {target}; use a context of the kubeconfig it wrote"
+            );
+            self.refusal_record(Some(&identity), &target, &why);
+            return status(StatusCode::NOT_FOUND, "NotFound", &why);
+        }
         let rec = match self.session(&identity, &target) {
             Ok(r) => r,
             Err(why) => return status(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", &why),
         };
         let id = rec.next_request();
         let started = Instant::now();
-        let upgrade = req.headers().contains_key(header::UPGRADE);
+        // Only the connect subresources are upgraded; elsewhere an Upgrade header is dropped
+        // (an upgraded answer would pass unmasked).
+        let upgrade = req.headers().contains_key(header::UPGRADE)
+            && matches!(
+                info.subresource.as_str(),
+                "exec" | "attach" | "portforward" | "proxy"
+            );
         // The body of a write, read whole (for the decision, the fingerprint and the record).
         let (parts, body) = req.into_parts();
         let writes_body = matches!(info.verb.as_str(), "create" | "update" | "patch")
@@ -531,20 +570,37 @@ impl Connection {
                 message: "agentgate's own resources (grants, identities, policies, sessions) cannot be changed by an agent; ask a person to make the change".into(),
             }
         } else if !info.resource_request {
-            // Discovery, version and OpenAPI documents: what every client reads first.
-            match info.verb.as_str() {
-                "get" | "head" => Decision {
+            // Discovery, version and OpenAPI documents (what every client reads first), for an
+            // identity that may use this Target at all; nothing else (logs, metrics, debug).
+            let discovery =
+                matches!(info.verb.as_str(), "get" | "head") && is_discovery(&info.path);
+            let probe = policy::Command {
+                class: agentgate_crds::OperationClass::Read,
+                fingerprint: cmd.fingerprint.clone(),
+                keys: Default::default(),
+                tables: Default::default(),
+                kube: None,
+            };
+            let d = policy::decide(Some(&snapshot), &identity, &target, &probe, now);
+            if d.verdict == Verdict::Refuse {
+                d
+            } else if discovery {
+                Decision {
                     verdict: Verdict::Allow,
                     rule: "discovery".into(),
                     grant: None,
                     message: String::new(),
-                },
-                _ => Decision {
+                }
+            } else {
+                Decision {
                     verdict: Verdict::Refuse,
                     rule: "non-resource".into(),
                     grant: None,
-                    message: format!("agentgate allows only reads of {}", info.path),
-                },
+                    message: format!(
+                        "agentgate serves the Kubernetes API and its discovery documents only, not {}",
+                        info.path
+                    ),
+                }
             }
         } else {
             policy::decide(Some(&snapshot), &identity, &target, &cmd, now)
@@ -638,7 +694,10 @@ impl Connection {
         // fall back to JSON). An upgrade's Accept passes as it is (kubelets' streaming
         // endpoints negotiate on it; nothing there is masked as an object).
         if !upgrade {
-            headers.insert(header::ACCEPT, json_accept(&parts.headers));
+            headers.insert(
+                header::ACCEPT,
+                json_accept(&parts.headers, masks.has_kube_paths()),
+            );
         } else {
             for v in parts.headers.get_all(header::ACCEPT) {
                 headers.append(header::ACCEPT, v.clone());
@@ -864,6 +923,7 @@ impl Connection {
             let body = stream::masked_lines(body, mode, owned, rec, id, started, code);
             return Response::from_parts(parts, body);
         }
+        let _permit = self.gw.buffering.acquire().await;
         let bytes = match Limited::new(body, MAX_MASKED_RESPONSE).collect().await {
             Ok(b) => b.to_bytes(),
             Err(e) => {
@@ -871,7 +931,10 @@ impl Connection {
                 return status(
                     StatusCode::BAD_GATEWAY,
                     "InternalError",
-                    &format!("agentgate could not read the API server's answer: {e}"),
+                    &format!(
+                        "agentgate could not read the API server's answer whole to mask it ({e}); answers over {} MiB are refused: page the list (limit and continue; kubectl pages by default)",
+                        MAX_MASKED_RESPONSE >> 20
+                    ),
                 );
             }
         };

@@ -24,6 +24,8 @@ pub struct RequestInfo {
     pub namespace: String,
     /// The object's name, `""` for lists and creates.
     pub name: String,
+    /// What follows a `proxy` subresource (the path proxied to the pod, service or node).
+    pub subpath: String,
 }
 
 /// Why a request could not be read.
@@ -33,8 +35,15 @@ pub enum RequestError {
     #[error("the path {0:?} is not a Kubernetes API path")]
     BadPath(String),
     /// The path has an encoded character that could change its meaning.
-    #[error("the path {0:?} has encoded separators or dot segments, which are refused")]
+    #[error(
+        "the path {0:?} has encoded characters, dot segments or empty segments, which are refused (send the path as the API server names it)"
+    )]
     Encoded(String),
+    /// A query parameter agentgate cannot read as the API server does.
+    #[error(
+        "the query parameter {0:?} is refused: parameter names must be plain (no encoding, no `;`)"
+    )]
+    Query(String),
 }
 
 impl RequestInfo {
@@ -67,29 +76,59 @@ impl RequestInfo {
             s.push_str(" -n ");
             s.push_str(&self.namespace);
         }
+        if !self.subpath.is_empty() {
+            s.push_str(" path ");
+            s.push_str(&self.subpath);
+        }
         s
     }
 }
 
-/// Whether the query string sets `name` to a value the API server reads as true (Go's
-/// `strconv.ParseBool`: `1`, `t`, `T`, `TRUE`, `true`, `True`).
+/// Whether the query string sets `name` to true as the API server reads it: its first value
+/// counts, and anything but `0`, `f`, `false`, `n` or `no` (any case) is true, including an
+/// empty value.
 pub fn query_flag(query: &str, name: &str) -> bool {
-    query.split('&').any(|kv| {
-        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-        k == name && matches!(v, "1" | "t" | "T" | "TRUE" | "true" | "True")
-    })
+    query
+        .split('&')
+        .find_map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (k == name).then(|| v.to_ascii_lowercase())
+        })
+        .is_some_and(|v| !matches!(v.as_str(), "0" | "f" | "false" | "n" | "no"))
+}
+
+/// Checks a query string the API server will decode: keys must be plain words (an encoded
+/// key such as `%63ommand` would be `command` upstream but not here), and `;` is refused.
+pub fn check_query(query: &str) -> Result<(), RequestError> {
+    for kv in query.split('&').filter(|kv| !kv.is_empty()) {
+        let key = kv.split_once('=').map_or(kv, |(k, _)| k);
+        if kv.contains(';')
+            || key.is_empty()
+            || !key
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+        {
+            return Err(RequestError::Query(key.to_owned()));
+        }
+    }
+    Ok(())
 }
 
 /// Reads a request. `query` is the raw query string (without `?`).
 pub fn parse(method: &str, path: &str, query: &str) -> Result<RequestInfo, RequestError> {
-    // The API server decodes the path before routing; an encoded `/` or `.` segment could be
-    // read one way here and another way there, so both are refused.
-    let lower = path.to_ascii_lowercase();
-    if lower.contains("%2f") || lower.contains("%2e") || lower.contains("%5c") {
+    // The API server decodes the path before routing, so an encoded character would be read
+    // one way here and another way there (`%73ecrets` is `secrets` upstream). No group,
+    // version, resource, namespace or name contains one: any `%` is refused, except in what
+    // follows a `proxy` subresource (the proxied path, kept whole in the request's text).
+    let (checked, proxied) = match path.find("/proxy/") {
+        Some(i) => path.split_at(i + "/proxy".len()),
+        None => (path, ""),
+    };
+    if checked.contains('%') || checked.contains('\\') {
         return Err(RequestError::Encoded(path.to_owned()));
     }
-    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
-    if parts.iter().any(|p| *p == "." || *p == "..") || path.contains("//") {
+    let parts: Vec<&str> = checked.trim_matches('/').split('/').collect();
+    if path.split('/').any(|p| p == "." || p == "..") || path.contains("//") {
         return Err(RequestError::Encoded(path.to_owned()));
     }
     let method_verb = method.to_ascii_lowercase();
@@ -138,10 +177,17 @@ pub fn parse(method: &str, path: &str, query: &str) -> Result<RequestInfo, Reque
             info.resource = (*resource).to_owned();
             info.name = (*name).to_owned();
         }
-        [resource, name, sub, ..] => {
+        [resource, name, sub, rest @ ..] => {
             info.resource = (*resource).to_owned();
             info.name = (*name).to_owned();
             info.subresource = (*sub).to_owned();
+            if !rest.is_empty() {
+                // Only a proxy subresource has a path of its own.
+                if *sub != "proxy" {
+                    return Err(RequestError::BadPath(path.to_owned()));
+                }
+            }
+            info.subpath = proxied.to_owned();
         }
         [] => return Err(RequestError::BadPath(path.to_owned())),
     }
@@ -229,6 +275,31 @@ mod tests {
     }
 
     #[test]
+    fn proxied_paths_and_queries() {
+        let r = p("GET", "/api/v1/nodes/n1/proxy/run/ns/pod/c%20x", "cmd=cat");
+        assert_eq!(
+            (r.resource.as_str(), r.subresource.as_str()),
+            ("nodes", "proxy")
+        );
+        assert_eq!(r.subpath, "/run/ns/pod/c%20x");
+        assert!(r.describe().ends_with("path /run/ns/pod/c%20x"));
+        assert!(check_query("command=ls&container=app&stdin=true").is_ok());
+        for q in ["%63ommand=sh", "command=ls;x=1", "=x", "a+b=1"] {
+            assert!(check_query(q).is_err(), "{q}");
+        }
+        for (q, want) in [
+            ("watch=yes", true),
+            ("watch", true),
+            ("watch=0", false),
+            ("watch=False", false),
+            ("watch=no&watch=1", false),
+            ("follow=1", false),
+        ] {
+            assert_eq!(query_flag(q, "watch"), want, "{q}");
+        }
+    }
+
+    #[test]
     fn non_resource_requests() {
         for path in [
             "/version",
@@ -251,6 +322,12 @@ mod tests {
             "/api/v1/namespaces/a/pods/../secrets/x",
             "/api/v1/namespaces/a/%2e%2e/secrets",
             "/api/v1//secrets",
+            "/api/v1/namespaces/a/%73ecrets/db",
+            "/api/v1/%77atch/secrets",
+            "/api/v1/namespaces/a/pods/web/%65xec",
+            "/apis/%72bac.authorization.k8s.io/v1/clusterrolebindings",
+            "/api/v1/namespaces/a/pods/web/exec/more",
+            "/api/v1/nodes/n/proxy/../../secrets",
         ] {
             assert!(parse("GET", path, "").is_err(), "{path}");
         }

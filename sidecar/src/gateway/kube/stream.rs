@@ -134,6 +134,8 @@ pub struct OwnedMasker {
 struct LineState {
     body: Incoming,
     buf: BytesMut,
+    /// How much of `buf` was searched for a newline already.
+    scanned: usize,
     mode: Mode,
     masker: OwnedMasker,
     guard: OutcomeGuard,
@@ -195,6 +197,7 @@ pub fn masked_lines(
     let state = LineState {
         body,
         buf: BytesMut::new(),
+        scanned: 0,
         mode,
         masker,
         guard: OutcomeGuard {
@@ -214,8 +217,16 @@ pub fn masked_lines(
             if st.done {
                 return None;
             }
-            // Whole lines in the buffer go out together.
-            if let Some(last_nl) = st.buf.iter().rposition(|b| *b == b'\n') {
+            // Whole lines in the buffer go out together (only the bytes not yet looked at
+            // are searched for a newline).
+            let fresh = st.buf.get(st.scanned..).unwrap_or_default();
+            let found = fresh
+                .iter()
+                .rposition(|b| *b == b'\n')
+                .map(|p| p + st.scanned);
+            st.scanned = st.buf.len();
+            if let Some(last_nl) = found {
+                st.scanned = st.buf.len() - (last_nl + 1);
                 let chunk = st.buf.split_to(last_nl + 1);
                 let mut out = Vec::with_capacity(chunk.len());
                 for line in chunk.split_inclusive(|b| *b == b'\n') {
@@ -573,6 +584,14 @@ where
         };
         if let (Some((t, from_agent)), Some(p)) = (terminal, parser.as_mut()) {
             t.messages(from_agent, p.feed(&buf[..n], from_agent));
+            if p.broken() {
+                // What cannot be read cannot be recorded: the session ends.
+                let _ = to.shutdown().await;
+                return (
+                    total,
+                    Some("the session's frames could not be read, so it ended".to_owned()),
+                );
+            }
         }
         if to.write_all(&buf[..n]).await.is_err() {
             return (total, Some(broke.to_owned()));
@@ -598,6 +617,13 @@ enum Reader {
 }
 
 impl Reader {
+    fn broken(&self) -> bool {
+        match self {
+            Self::WebSocket(p) => p.broken(),
+            Self::Spdy(p) => p.broken(),
+        }
+    }
+
     fn new(f: &Framing) -> Self {
         match f {
             Framing::WebSocket(p) => Self::WebSocket(super::ws::Parser::new(p)),

@@ -9,7 +9,7 @@
 
 use base64::Engine;
 
-/// The largest WebSocket message payload kept for recording (longer ones are cut).
+/// A message longer than this is recorded in parts as it arrives.
 const MAX_MESSAGE: usize = 1 << 20;
 
 /// One message read from a stream.
@@ -126,10 +126,12 @@ impl Parser {
                 let Some((mut data, text)) = self.message.take() else {
                     return Err(());
                 };
-                if data.len() < MAX_MESSAGE {
-                    data.extend_from_slice(&payload);
-                }
+                data.extend_from_slice(&payload);
                 if fin {
+                    Some((data, text))
+                } else if data.len() > MAX_MESSAGE {
+                    // A long message is recorded in parts, never cut.
+                    self.message = Some((data[..1].to_vec(), text));
                     Some((data, text))
                 } else {
                     self.message = Some((data, text));
@@ -155,8 +157,12 @@ impl Parser {
     }
 
     fn decode(&self, data: Vec<u8>, text: bool) -> Option<Message> {
+        // The channel is read as the server reads it: by the agreed protocol, whatever the
+        // frame's type (a text frame on a binary protocol still names its channel in its
+        // first byte).
+        let _ = text;
         let (&first, rest) = data.split_first()?;
-        if self.base64 || text {
+        if self.base64 {
             let channel = first.checked_sub(b'0')?;
             let decoded = base64::engine::general_purpose::STANDARD
                 .decode(rest)
@@ -454,6 +460,16 @@ mod tests {
             vec![Message {
                 channel: 0,
                 data: b"ls -la\r".to_vec()
+            }]
+        );
+        // On a binary protocol a text frame still names its channel in its first byte.
+        let mut text_frame = Parser::new("v5.channel.k8s.io");
+        let got = text_frame.feed(&frame(1, true, b"\x00id\n", Some([9, 8, 7, 6])));
+        assert_eq!(
+            got,
+            vec![Message {
+                channel: 0,
+                data: b"id\n".to_vec()
             }]
         );
         // base64 protocols.
