@@ -103,6 +103,11 @@ impl Masker<'_> {
         self.object(v, &group, &kind);
     }
 
+    /// Masks one item of a list of `group`/`kind` objects.
+    pub fn item(&mut self, obj: &mut Value, group: &str, kind: &str) {
+        self.object(obj, group, kind);
+    }
+
     /// Masks one object of `group`/`kind` (either may be empty: the object's own or the
     /// request's are used).
     fn object(&mut self, obj: &mut Value, group: &str, kind: &str) {

@@ -9,6 +9,7 @@
 //! The path `/targets/<name>/…` chooses the Target; without it, the only Kubernetes Target.
 
 pub mod classify;
+pub mod list;
 pub mod mask;
 pub mod request;
 pub mod spdy;
@@ -923,6 +924,16 @@ impl Connection {
             let body = stream::masked_lines(body, mode, owned, rec, id, started, code);
             return Response::from_parts(parts, body);
         }
+        if json && info.verb == "list" {
+            // A list streams, item by item.
+            let owned = stream::OwnedMasker {
+                masks,
+                reveal_secrets: masker.reveal_secrets,
+                hint: masker.hint.clone(),
+            };
+            let body = stream::masked_list(body, owned, rec, id, started, code);
+            return Response::from_parts(parts, body);
+        }
         let _permit = self.gw.buffering.acquire().await;
         let bytes = match Limited::new(body, MAX_MASKED_RESPONSE).collect().await {
             Ok(b) => b.to_bytes(),
@@ -938,9 +949,14 @@ impl Connection {
                 );
             }
         };
+        let mut rows = None;
         let out: Bytes = if json {
             match serde_json::from_slice::<serde_json::Value>(&bytes) {
                 Ok(mut v) => {
+                    rows = v
+                        .get("items")
+                        .or_else(|| v.get("rows"))
+                        .and_then(|i| i.as_array().map(|a| a.len() as u64));
                     masker.document(&mut v);
                     match serde_json::to_vec(&v) {
                         Ok(b) => Bytes::from(b),
@@ -981,14 +997,7 @@ impl Connection {
                 ),
             );
         };
-        let rows = serde_json::from_slice::<serde_json::Value>(&out)
-            .ok()
-            .and_then(|v| {
-                v.get("items")
-                    .or_else(|| v.get("rows"))
-                    .and_then(|i| i.as_array().map(|a| a.len() as u64))
-            })
-            .unwrap_or(0);
+        let rows = rows.unwrap_or(0);
         outcome(
             &rec,
             id,

@@ -713,3 +713,143 @@ where
     let _ = to.shutdown().await;
     (total, None)
 }
+
+/// Relays a list as it arrives, each item masked on its own ([`super::list::Splitter`]); a
+/// document of another shape is masked whole. A list that cannot be read ends with an error
+/// (nothing unmasked is sent).
+pub fn masked_list(
+    body: Incoming,
+    masker: OwnedMasker,
+    rec: Arc<SessionRecorder>,
+    id: u64,
+    started: Instant,
+    code: u16,
+) -> Body {
+    struct ListState {
+        body: Incoming,
+        splitter: super::list::Splitter,
+        masker: OwnedMasker,
+        guard: OutcomeGuard,
+        /// Not a list: the whole document, gathered.
+        whole: Option<Vec<u8>>,
+        done: bool,
+    }
+    let state = ListState {
+        body,
+        splitter: super::list::Splitter::new(),
+        masker,
+        guard: OutcomeGuard {
+            rec,
+            id,
+            started,
+            code,
+            bytes: 0,
+            rows: 0,
+            counts: BTreeMap::new(),
+            error: false,
+        },
+        whole: None,
+        done: false,
+    };
+    let stream = futures::stream::unfold(state, |mut st| async move {
+        loop {
+            if st.done {
+                return None;
+            }
+            let frame = st.body.frame().await;
+            let data = match frame {
+                Some(Ok(f)) => match f.into_data() {
+                    Ok(d) => d,
+                    Err(_) => continue,
+                },
+                Some(Err(e)) => {
+                    st.done = true;
+                    st.guard.error = true;
+                    return Some((Err(std::io::Error::other(e)), st));
+                }
+                None => {
+                    st.done = true;
+                    let Some(whole) = st.whole.take() else {
+                        if st.splitter.finished() {
+                            return None;
+                        }
+                        st.guard.error = true;
+                        return Some((
+                            Err(std::io::Error::other("agentgate: the list ended early")),
+                            st,
+                        ));
+                    };
+                    // Another shape: masked whole.
+                    let mut m = Masker {
+                        masks: &st.masker.masks,
+                        reveal_secrets: st.masker.reveal_secrets,
+                        hint: st.masker.hint.clone(),
+                        counts: std::mem::take(&mut st.guard.counts),
+                    };
+                    let out = serde_json::from_slice::<serde_json::Value>(&whole)
+                        .ok()
+                        .and_then(|mut v| {
+                            m.document(&mut v);
+                            serde_json::to_vec(&v).ok()
+                        });
+                    st.guard.counts = m.counts;
+                    return match out {
+                        Some(out) => {
+                            st.guard.bytes += out.len() as u64;
+                            Some((Ok(Frame::data(Bytes::from(out))), st))
+                        }
+                        None => {
+                            st.guard.error = true;
+                            Some((
+                                Err(std::io::Error::other(
+                                    "agentgate: the answer is not JSON it can mask",
+                                )),
+                                st,
+                            ))
+                        }
+                    };
+                }
+            };
+            if let Some(whole) = st.whole.as_mut() {
+                whole.extend_from_slice(&data);
+                if whole.len() > 64 << 20 {
+                    st.done = true;
+                    st.guard.error = true;
+                    return Some((
+                        Err(std::io::Error::other(
+                            "agentgate: the answer is too long to mask",
+                        )),
+                        st,
+                    ));
+                }
+                continue;
+            }
+            let masks = st.masker.masks.clone();
+            let mut m = Masker {
+                masks: &masks,
+                reveal_secrets: st.masker.reveal_secrets,
+                hint: st.masker.hint.clone(),
+                counts: std::mem::take(&mut st.guard.counts),
+            };
+            let step = st.splitter.feed(&data, &mut |v, (group, kind)| {
+                m.item(v, group, kind);
+            });
+            st.guard.counts = m.counts;
+            st.guard.rows = st.splitter.items();
+            match step {
+                Ok(super::list::Step::Send(out)) if out.is_empty() => continue,
+                Ok(super::list::Step::Send(out)) => {
+                    st.guard.bytes += out.len() as u64;
+                    return Some((Ok(Frame::data(Bytes::from(out))), st));
+                }
+                Ok(super::list::Step::NotAList(so_far)) => st.whole = Some(so_far),
+                Err(e) => {
+                    st.done = true;
+                    st.guard.error = true;
+                    return Some((Err(std::io::Error::other(format!("agentgate: {e}"))), st));
+                }
+            }
+        }
+    });
+    StreamBody::new(stream).boxed()
+}
