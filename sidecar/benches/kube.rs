@@ -98,6 +98,16 @@ spec: {{ rules: [ {{ name: emails, detectors: [Email, CardNumber], action: Redac
 "#
         ),
     )?;
+    // Direct, as the agent would be without the gateway: the same credential, user and RBAC
+    // (the gateway's token, impersonating the agent's user), straight to the API server.
+    let token = std::fs::read_to_string(targets.join("cluster/token"))?;
+    let as_agent = kube.kubeconfig_with_token("direct-agent", token.trim())?;
+    let text = std::fs::read_to_string(&as_agent)?.replace(
+        "    token: ",
+        "    as: agentgate:agent:bench\n    as-groups: [agentgate:agents]\n    token: ",
+    );
+    std::fs::write(&as_agent, text)?;
+    let direct: Api<ConfigMap> = Api::namespaced(kube.client_from(&as_agent).await?, "bench");
     let client_dir = dir.path().join("client");
     let spec = Spec::new("sidecar", env!("CARGO_BIN_EXE_agentgate-sidecar"))
         .args([
@@ -124,7 +134,7 @@ spec: {{ rules: [ {{ name: emails, detectors: [Email, CardNumber], action: Redac
     direct.get("cm-00000").await?;
 
     println!(
-        "Kubernetes API, median of {rounds} alternating rounds; gateway: authorization, impersonation, masking (email detector on every ConfigMap), audit"
+        "Kubernetes API, median of {rounds} alternating rounds; direct: the agent's user (impersonated) straight to the API server; gateway: authorization, impersonation, masking (email detector on every ConfigMap), audit"
     );
     let (mut d_list, mut g_list) = (Vec::new(), Vec::new());
     for _ in 0..rounds {

@@ -141,12 +141,16 @@ impl Upstream {
         // (The connector sets ALPN itself: h2, then HTTP/1.1.)
         tls.alpn_protocols.clear();
         let tls = Arc::new(tls);
+        // Small requests and answers: no Nagle delay on the upstream connection.
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.enforce_http(false);
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config((*tls).clone())
             .https_only()
             .enable_http1()
             .enable_http2()
-            .build();
+            .wrap_connector(http);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .build(connector);
