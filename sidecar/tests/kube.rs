@@ -67,6 +67,24 @@ impl Setup {
             .expect("admin kubectl")
     }
 
+    /// The AccessGrant request a held answer names, and its manifest in the policy folder.
+    fn filed(&self, held: &str) -> (String, String) {
+        let name = held
+            .split("AccessGrant ")
+            .nth(1)
+            .and_then(|r| r.split(';').next())
+            .expect("the grant is named")
+            .trim()
+            .to_owned();
+        let path = self
+            .dir
+            .path()
+            .join("policy/requests")
+            .join(format!("{name}.yaml"));
+        let text = std::fs::read_to_string(path).expect("the request is filed");
+        (name, text)
+    }
+
     fn records(&self) -> Vec<serde_json::Value> {
         std::fs::read_to_string(&self.audit)
             .unwrap_or_default()
@@ -521,19 +539,7 @@ async fn exec_is_held_then_approved_then_recorded_as_a_terminal_session() -> any
         err.contains("held for approval") && err.contains("agentgate-hold-exec"),
         "{err}"
     );
-    let name = err
-        .split("AccessGrant ")
-        .nth(1)
-        .and_then(|r| r.split(';').next())
-        .expect("the grant is named")
-        .trim()
-        .to_owned();
-    let filed = std::fs::read_to_string(
-        s.dir
-            .path()
-            .join("policy/requests")
-            .join(format!("{name}.yaml")),
-    )?;
+    let (name, filed) = s.filed(&err);
     assert!(
         filed.contains("create pods/exec web -n default: sh -c echo hello from the pod; echo owner: dana@example.com (container app)"),
         "{filed}"
@@ -623,19 +629,7 @@ async fn exec_is_held_then_approved_then_recorded_as_a_terminal_session() -> any
     let local = free_port()?;
     let err = s.agent_err(&["port-forward", "pod/web", &format!("{local}:80")]);
     assert!(err.contains("held for approval"), "{err}");
-    let pf_name = err
-        .split("AccessGrant ")
-        .nth(1)
-        .and_then(|r| r.split(';').next())
-        .expect("the grant is named")
-        .trim()
-        .to_owned();
-    let filed = std::fs::read_to_string(
-        s.dir
-            .path()
-            .join("policy/requests")
-            .join(format!("{pf_name}.yaml")),
-    )?;
+    let (_, filed) = s.filed(&err);
     assert!(
         filed.contains("create pods/portforward web -n default"),
         "{filed}"

@@ -36,6 +36,21 @@ struct OutcomeGuard {
     error: bool,
 }
 
+impl OutcomeGuard {
+    fn new(rec: Arc<SessionRecorder>, id: u64, started: Instant, code: u16) -> Self {
+        Self {
+            rec,
+            id,
+            started,
+            code,
+            bytes: 0,
+            rows: 0,
+            counts: BTreeMap::new(),
+            error: false,
+        }
+    }
+}
+
 impl Drop for OutcomeGuard {
     fn drop(&mut self) {
         let code = if self.error { 502 } else { self.code };
@@ -200,16 +215,7 @@ pub fn masked_lines(
         scanned: 0,
         mode,
         masker,
-        guard: OutcomeGuard {
-            rec,
-            id,
-            started,
-            code,
-            bytes: 0,
-            rows: 0,
-            counts: BTreeMap::new(),
-            error: false,
-        },
+        guard: OutcomeGuard::new(rec, id, started, code),
         done: false,
     };
     let stream = futures::stream::unfold(state, |mut st| async move {
@@ -738,16 +744,7 @@ pub fn masked_list(
         body,
         splitter: super::list::Splitter::new(),
         masker,
-        guard: OutcomeGuard {
-            rec,
-            id,
-            started,
-            code,
-            bytes: 0,
-            rows: 0,
-            counts: BTreeMap::new(),
-            error: false,
-        },
+        guard: OutcomeGuard::new(rec, id, started, code),
         whole: None,
         done: false,
     };
