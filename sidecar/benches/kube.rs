@@ -116,6 +116,7 @@ spec: {{ rules: [ {{ name: emails, detectors: [Email, CardNumber], action: Redac
             format!("--targets-dir={}", targets.display()),
             format!("--pg-addr=127.0.0.1:{}", free_port()?),
             format!("--kube-addr=127.0.0.1:{}", free_port()?),
+            "--ssh-addr=127.0.0.1:0".into(),
             format!("--client-dir={}", client_dir.display()),
             format!("--audit-dir={}", dir.path().join("audit").display()),
         ])

@@ -334,6 +334,7 @@ impl Gateway {
                 format!("--targets-dir={}", targets.display()),
                 format!("--pg-addr=127.0.0.1:{port}"),
                 "--kube-addr=127.0.0.1:0".into(),
+                "--ssh-addr=127.0.0.1:0".into(),
                 format!(
                     "--audit-dir={}",
                     env.dir().join(format!("audit-{port}")).display()

@@ -12,6 +12,7 @@ use agentgate_sidecar::audit::sinks::sessions::SessionSink;
 use agentgate_sidecar::audit::{self, Auditor, sinks::Sink};
 use agentgate_sidecar::gateway::kube as kube_gw;
 use agentgate_sidecar::gateway::postgres::session::{Gateway, serve};
+use agentgate_sidecar::gateway::ssh as ssh_gw;
 use agentgate_sidecar::identity::{Verifier, pod};
 use agentgate_sidecar::policy::approval::Approvals;
 use agentgate_sidecar::policy::{PolicyStore, cluster, folder};
@@ -78,8 +79,13 @@ struct Args {
     /// --client-dir points at it). `off` disables it.
     #[arg(long, env = "AGENTGATE_KUBE_ADDR", default_value = "127.0.0.1:16443")]
     kube_addr: String,
+    /// Loopback address of the SSH gateway (the ssh_config in --client-dir points at it).
+    /// `off` disables it.
+    #[arg(long, env = "AGENTGATE_SSH_ADDR", default_value = "127.0.0.1:12222")]
+    ssh_addr: String,
     /// Where the sidecar writes the agent's client files: `kubeconfig` (and the certificate
-    /// it trusts, `kube-ca.crt`).
+    /// it trusts, `kube-ca.crt`), `ssh_config` (with `ssh/known_hosts` and, for the pod's
+    /// identity, the key `ssh/id_ed25519`).
     #[arg(
         long,
         env = "AGENTGATE_CLIENT_DIR",
@@ -337,6 +343,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ));
         let kube = Arc::new(kube_gw::KubeGateway::new(gw.clone(), namespace_for_users));
         tokio::spawn(kube_gw::serve(listener, cert.config, kube));
+    }
+    if args.ssh_addr != "off" {
+        let addr: SocketAddr = args
+            .ssh_addr
+            .parse()
+            .with_context(|| format!("--ssh-addr {:?} is not an address", args.ssh_addr))?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("bind the SSH gateway on {addr}"))?;
+        let addr = listener.local_addr()?;
+        tracing::info!(%addr, "SSH gateway listening");
+        let ssh = Arc::new(ssh_gw::SshGateway::new(gw.clone()).map_err(anyhow::Error::msg)?);
+        tokio::spawn(ssh_gw::write_client_files(
+            args.client_dir.clone(),
+            addr,
+            ssh.clone(),
+            args.in_cluster,
+        ));
+        tokio::spawn(ssh_gw::serve(listener, ssh));
     }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("handle SIGTERM")?;

@@ -133,6 +133,7 @@ fn start_sidecar(
             format!("--targets-dir={}", targets.display()),
             format!("--pg-addr=127.0.0.1:{port}"),
             "--kube-addr=127.0.0.1:0".into(),
+            "--ssh-addr=127.0.0.1:0".into(),
             format!(
                 "--audit-dir={}",
                 env.dir().join(format!("audit-{port}")).display()

@@ -218,6 +218,7 @@ spec:
             format!("--targets-dir={}", targets.display()),
             format!("--pg-addr=127.0.0.1:{}", free_port()?),
             format!("--kube-addr=127.0.0.1:{}", free_port()?),
+            "--ssh-addr=127.0.0.1:0".into(),
             format!("--client-dir={}", client_dir.display()),
             format!("--audit-dir={}", audit_dir.display()),
         ])

@@ -95,6 +95,7 @@ async fn start() -> anyhow::Result<Gateway> {
         format!("--targets-dir={}", targets.path().display()),
         format!("--pg-addr=127.0.0.1:{port}"),
         "--kube-addr=127.0.0.1:0".into(),
+        "--ssh-addr=127.0.0.1:0".into(),
         format!(
             "--audit-dir={}",
             env.dir().join(format!("audit-{port}")).display()

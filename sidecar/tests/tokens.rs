@@ -95,6 +95,7 @@ spec:
         format!("--targets-dir={}", targets.path().display()),
         format!("--pg-addr=127.0.0.1:{port}"),
         "--kube-addr=127.0.0.1:0".into(),
+        "--ssh-addr=127.0.0.1:0".into(),
         format!("--client-dir={}", client_dir.display()),
         format!(
             "--audit-dir={}",

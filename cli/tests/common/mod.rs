@@ -130,6 +130,7 @@ impl Setup {
             format!("--targets-dir={}", self.targets.path().display()),
             format!("--pg-addr=127.0.0.1:{port}"),
             "--kube-addr=127.0.0.1:0".into(),
+            "--ssh-addr=127.0.0.1:0".into(),
             format!("--audit-dir={}", self.audit_dir.display()),
             format!("--audit-postgres={}", self.sink),
         ];

@@ -401,5 +401,52 @@ pub fn partial(value: &str, keep: usize) -> String {
         .collect()
 }
 
+/// MaskPolicies compiled per identity and Target, kept while the policy snapshot they were
+/// compiled from is current (a new snapshot compiles them again).
+#[derive(Debug, Default)]
+pub struct MaskCache {
+    #[allow(clippy::type_complexity)]
+    compiled: std::sync::Mutex<
+        std::collections::HashMap<
+            (String, String),
+            (
+                std::sync::Arc<crate::policy::Snapshot>,
+                std::sync::Arc<MaskSet>,
+            ),
+        >,
+    >,
+}
+
+impl MaskCache {
+    /// The MaskPolicies of `snapshot` that apply to `identity` on `target`, compiled; hash
+    /// keys are read from `<targets_dir>/mask-keys/<Secret>/<key>`.
+    pub fn get(
+        &self,
+        snapshot: &std::sync::Arc<crate::policy::Snapshot>,
+        identity: &str,
+        target: &str,
+        targets_dir: &std::path::Path,
+    ) -> Result<std::sync::Arc<MaskSet>, String> {
+        let key = (identity.to_owned(), target.to_owned());
+        if let Ok(m) = self.compiled.lock()
+            && let Some((from, set)) = m.get(&key)
+            && std::sync::Arc::ptr_eq(from, snapshot)
+        {
+            return Ok(set.clone());
+        }
+        let policies = crate::policy::masks_for(snapshot, identity, target);
+        let set = std::sync::Arc::new(
+            MaskSet::compile(&policies, &|k| {
+                std::fs::read(targets_dir.join("mask-keys").join(&k.name).join(&k.key)).ok()
+            })
+            .map_err(|e| format!("a MaskPolicy is broken: {e}"))?,
+        );
+        if let Ok(mut m) = self.compiled.lock() {
+            m.insert(key, (snapshot.clone(), set.clone()));
+        }
+        Ok(set)
+    }
+}
+
 #[cfg(test)]
 mod tests;

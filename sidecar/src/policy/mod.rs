@@ -95,6 +95,59 @@ pub struct Command {
     pub tables: BTreeSet<String>,
     /// A Kubernetes API request: what scopes' `kubernetes` rules are matched with.
     pub kube: Option<KubeAccess>,
+    /// An SSH request: what scopes' `ssh` settings are matched with.
+    pub ssh: Option<SshAccess>,
+}
+
+/// An SSH request, as scopes' `ssh` settings see it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SshAccess {
+    /// The remote login asked for.
+    pub login: String,
+    /// The Target's default login (allowed when a scope names no logins).
+    pub default_login: String,
+    /// The simple commands of the request, normalized (`systemctl status nginx`); empty for
+    /// a login, a file transfer or a forwarding.
+    pub commands: Vec<String>,
+    /// A forwarding asked for, which a scope must allow by name.
+    pub forwarding: Option<SshForwarding>,
+}
+
+/// A kind of SSH forwarding, refused unless a scope allows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SshForwarding {
+    /// Local (`-L`) or remote (`-R`) port forwarding.
+    Port,
+    /// SSH agent forwarding (`-A`).
+    Agent,
+    /// X11 forwarding (`-X`).
+    X11,
+}
+
+impl SshAccess {
+    /// Whether a scope's `ssh` settings allow this request (no settings: the default login,
+    /// any command, no forwarding).
+    pub fn allowed_by(&self, scope: Option<&agentgate_crds::common::SshScope>) -> bool {
+        let default = agentgate_crds::common::SshScope::default();
+        let scope = scope.unwrap_or(&default);
+        let login_ok = if scope.logins.is_empty() {
+            self.login == self.default_login
+        } else {
+            scope.logins.iter().any(|l| l == "*" || l == &self.login)
+        };
+        let commands_ok = scope.commands.is_empty()
+            || self
+                .commands
+                .iter()
+                .all(|c| scope.commands.iter().any(|p| glob::matches(p, c)));
+        let forwarding_ok = match self.forwarding {
+            None => true,
+            Some(SshForwarding::Port) => scope.port_forwarding,
+            Some(SshForwarding::Agent) => scope.agent_forwarding,
+            Some(SshForwarding::X11) => scope.x11_forwarding,
+        };
+        login_ok && commands_ok && forwarding_ok
+    }
 }
 
 /// A Kubernetes API request, as scopes' `kubernetes` rules see it.
@@ -176,6 +229,7 @@ impl From<&Classified> for Command {
             keys,
             tables,
             kube: None,
+            ssh: None,
         }
     }
 }
@@ -319,6 +373,9 @@ pub fn covers(scope: &AccessScope, cmd: &Command) -> bool {
     }
     if let Some(k) = &cmd.kube {
         return scope.kubernetes.is_empty() || scope.kubernetes.iter().any(|r| k.allowed_by(r));
+    }
+    if let Some(a) = &cmd.ssh {
+        return a.allowed_by(scope.ssh.as_ref());
     }
     if scope.tables.is_empty() {
         return true;

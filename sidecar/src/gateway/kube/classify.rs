@@ -119,6 +119,7 @@ pub fn classify(info: &RequestInfo, query: &str, body: Option<&[u8]>) -> Command
             namespace: info.namespace.clone(),
             name: info.name.clone(),
         }),
+        ssh: None,
     }
 }
 

@@ -70,10 +70,6 @@ fn full(b: impl Into<Bytes>) -> Body {
     Full::new(b.into()).map_err(|never| match never {}).boxed()
 }
 
-/// MaskPolicies compiled from one snapshot (kept, so its address is never reused while
-/// cached).
-type CompiledMasks = (Arc<Snapshot>, Arc<MaskSet>);
-
 /// The Kubernetes gateway's state.
 pub struct KubeGateway {
     /// Identity, policy, approvals and audit, shared with the other gateways.
@@ -83,7 +79,7 @@ pub struct KubeGateway {
     /// One client per Target, rebuilt when the Target changes.
     upstreams: Mutex<HashMap<String, (agentgate_crds::target::KubernetesTarget, Arc<Upstream>)>>,
     /// Compiled MaskPolicies per (identity, target), for the snapshot they came from.
-    masks: Mutex<HashMap<(String, String), CompiledMasks>>,
+    masks: crate::mask::MaskCache,
     /// Permits to read a response whole.
     buffering: tokio::sync::Semaphore,
 }
@@ -95,7 +91,7 @@ impl KubeGateway {
             core,
             namespace,
             upstreams: Mutex::new(HashMap::new()),
-            masks: Mutex::new(HashMap::new()),
+            masks: crate::mask::MaskCache::default(),
             buffering: tokio::sync::Semaphore::new(MASKING_AT_ONCE),
         }
     }
@@ -128,31 +124,8 @@ impl KubeGateway {
         identity: &str,
         target: &str,
     ) -> Result<Arc<MaskSet>, String> {
-        let key = (identity.to_owned(), target.to_owned());
-        if let Ok(m) = self.masks.lock()
-            && let Some((from, set)) = m.get(&key)
-            && Arc::ptr_eq(from, snapshot)
-        {
-            return Ok(set.clone());
-        }
-        let policies = policy::masks_for(snapshot, identity, target);
-        let set = Arc::new(
-            MaskSet::compile(&policies, &|k| {
-                std::fs::read(
-                    self.core
-                        .targets_dir
-                        .join("mask-keys")
-                        .join(&k.name)
-                        .join(&k.key),
-                )
-                .ok()
-            })
-            .map_err(|e| format!("a MaskPolicy is broken: {e}"))?,
-        );
-        if let Ok(mut m) = self.masks.lock() {
-            m.insert(key, (snapshot.clone(), set.clone()));
-        }
-        Ok(set)
+        self.masks
+            .get(snapshot, identity, target, &self.core.targets_dir)
     }
 }
 
@@ -581,6 +554,7 @@ impl Connection {
                 keys: Default::default(),
                 tables: Default::default(),
                 kube: None,
+                ssh: None,
             };
             let d = policy::decide(Some(&snapshot), &identity, &target, &probe, now);
             if d.verdict == Verdict::Refuse {

@@ -1,0 +1,1103 @@
+//! One SSH session channel: its requests (pty, env, exec, shell, sftp) read, the command
+//! decided, then the two directions relayed: the agent's input line by line through the
+//! guardrails (shells), or packet by packet (sftp); the host's output masked and recorded.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use agentgate_crds::audit::{self as records, IoChunk, Outcome, RecordKind};
+use agentgate_crds::{OperationClass, Protocol};
+use bytes::Bytes;
+use russh::{ChannelMsg, ChannelWriteHalf, Sig, client, server};
+use sha2::Digest;
+use tokio::sync::mpsc;
+
+use super::sftp;
+use super::terminal::{Input, LineDiscipline, OutputMasker};
+use super::upstream::{self, Connection};
+use super::{Agent, SshGateway, command, parse_user, refusal_record};
+use crate::audit::{SessionRecorder, agent_text};
+use crate::mask::MaskSet;
+use crate::policy::approval::Request as ApprovalRequest;
+use crate::policy::{self, Decision, Snapshot, SshAccess, SshForwarding, Verdict};
+use crate::sql::Fingerprint;
+
+/// Exit status of a command agentgate did not run (as a shell's "cannot execute").
+pub const REFUSED_EXIT: u32 = 126;
+/// How long a partial line of output waits for its end before it is masked and sent.
+const FLUSH_AFTER: Duration = Duration::from_millis(25);
+/// Environment variables passed to the host (locale only: `BASH_ENV`, `LD_PRELOAD` and the
+/// like would run code no guardrail saw).
+fn passed_env(name: &str) -> bool {
+    name == "LANG" || name == "TZ" || name == "COLORTERM" || name.starts_with("LC_")
+}
+
+/// What the agent's side of a channel is, once it asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Mode {
+    /// An interactive shell (or a bare shell reading commands from stdin): lines checked.
+    Shell,
+    /// One command; its stdin and output are data.
+    Exec(String),
+    /// A file transfer by command (`scp -t/-f`, `rsync --server`): bytes pass unmasked and
+    /// are not recorded as terminal output.
+    Transfer {
+        /// The command.
+        command: String,
+        /// Whether files flow from the host to the agent.
+        download: bool,
+    },
+    /// The sftp subsystem: each file operation checked and recorded.
+    Sftp,
+}
+
+/// Everything a channel needs to decide and record.
+pub struct Ctx {
+    gw: Arc<SshGateway>,
+    agent: Agent,
+    snapshot: Arc<Snapshot>,
+    target: String,
+    login: String,
+    default_login: String,
+    spec: agentgate_crds::target::SshTarget,
+    masks: Arc<MaskSet>,
+    rec: Arc<SessionRecorder>,
+}
+
+/// The fingerprint of an SSH command (what a grant bound to it carries).
+fn fingerprint(kind: &str, target: &str, login: &str, text: &str) -> Fingerprint {
+    let mut h = sha2::Sha256::new();
+    for part in ["ssh", kind, target, login, text.trim()] {
+        h.update(part.as_bytes());
+        h.update([0]);
+    }
+    Fingerprint::known(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+impl Ctx {
+    /// Resolves the Target, the login, the MaskPolicies and the session for `agent`.
+    fn resolve(gw: &Arc<SshGateway>, agent: &Agent) -> Result<Self, String> {
+        let snapshot = gw.core.policy.get().ok_or_else(|| {
+            let why = gw
+                .core
+                .policy
+                .error()
+                .unwrap_or_else(|| "no policy loaded yet".into());
+            format!("agentgate refuses every command until its policy is loaded: {why}; retry in a moment")
+        })?;
+        let (login, target) = parse_user(&agent.user, &snapshot)?;
+        let spec = snapshot
+            .targets
+            .get(&target)
+            .filter(|t| t.spec.protocol == Protocol::Ssh)
+            .and_then(|t| t.spec.ssh.clone())
+            .ok_or_else(|| {
+                format!(
+                    "agentgate knows no SSH Target {target}; use a Host of the ssh_config it wrote"
+                )
+            })?;
+        let default_login = spec.user.clone();
+        let login = login.unwrap_or_else(|| default_login.clone());
+        let masks = gw
+            .mask_set(&snapshot, &agent.identity, &target)
+            .map_err(|why| format!("agentgate refuses commands while {why}"))?;
+        let rec = Arc::new(gw.core.audit.session(
+            &agent.identity,
+            &target,
+            Protocol::Ssh,
+            Some(agent.client.clone()),
+        )?);
+        Ok(Self {
+            gw: gw.clone(),
+            agent: agent.clone(),
+            snapshot,
+            target,
+            login,
+            default_login,
+            spec,
+            masks,
+            rec,
+        })
+    }
+
+    fn access(&self, commands: Vec<String>, forwarding: Option<SshForwarding>) -> SshAccess {
+        SshAccess {
+            login: self.login.clone(),
+            default_login: self.default_login.clone(),
+            commands,
+            forwarding,
+        }
+    }
+
+    /// Decides a command with the policy in force now (a grant revoked mid-session stops
+    /// the next command).
+    fn decide(&self, cmd: &policy::Command) -> Decision {
+        let snapshot = self.gw.core.policy.get();
+        let mut d = policy::decide(
+            snapshot.as_deref(),
+            &self.agent.identity,
+            &self.target,
+            cmd,
+            jiff::Timestamp::now(),
+        );
+        if d.verdict == Verdict::Allow
+            && let Some(pod_user) = &self.gw.core.pod_user
+            && let Some(s) = &snapshot
+            && let Err(why) = crate::identity::pod::check(pod_user, s, &self.agent.identity)
+        {
+            d = Decision {
+                verdict: Verdict::Refuse,
+                rule: "pod-identity".into(),
+                grant: None,
+                message: why,
+            };
+        }
+        d
+    }
+
+    /// Records a request and its decision; returns the request's number, or why it could not
+    /// be recorded (then nothing runs).
+    fn record(
+        &self,
+        via: &str,
+        text: &str,
+        cmd: &policy::Command,
+        decision: &Decision,
+    ) -> Result<u64, String> {
+        let id = self.rec.next_request();
+        let mut r = self.rec.base(RecordKind::Request);
+        r.request = Some(records::Request {
+            id,
+            text: self.masked_text(text),
+            operation: Some(cmd.class),
+            fingerprint: (decision.verdict == Verdict::Hold)
+                .then(|| cmd.fingerprint.get().to_owned()),
+            via: Some(via.to_owned()),
+        });
+        r.decision = Some(crate::gateway::postgres::audit::decision(decision));
+        self.gw.core.audit.admit().and_then(|()| self.rec.emit(r))?;
+        Ok(id)
+    }
+
+    fn masked_text(&self, text: &str) -> String {
+        let text = agent_text(text, 4096);
+        match self.masks.mask(None, &text).0 {
+            crate::mask::Masked::Clear => text,
+            crate::mask::Masked::Text(t) => t,
+            crate::mask::Masked::Null => String::new(),
+        }
+    }
+
+    fn outcome(&self, id: u64, started: Instant, bytes: (u64, u64), error: Option<String>) {
+        let mut r = self.rec.base(RecordKind::Outcome);
+        r.outcome = Some(Outcome {
+            id,
+            rows: 0,
+            bytes_in: bytes.0,
+            bytes_out: bytes.1,
+            masked: BTreeMap::new(),
+            latency_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            error,
+            status: None,
+        });
+        if let Err(e) = self.rec.emit(r) {
+            tracing::error!(session = self.rec.id(), error = %e, "an SSH outcome could not be recorded");
+        }
+    }
+
+    fn io(&self, stream: &str, data: &[u8]) {
+        if data.is_empty() {
+            return;
+        }
+        let mut r = self.rec.base(RecordKind::Io);
+        r.io = Some(IoChunk {
+            stream: stream.to_owned(),
+            data: self.masked_text(&String::from_utf8_lossy(data)),
+        });
+        if let Err(e) = self.rec.emit(r) {
+            tracing::error!(session = self.rec.id(), error = %e, "terminal I/O could not be recorded");
+        }
+    }
+
+    /// Classifies a command line. Unparsable lines are refused (never sent).
+    fn command(&self, kind: &str, text: &str) -> Result<policy::Command, String> {
+        let parsed = command::classify(text).map_err(|e| {
+            format!("agentgate cannot read this command as a shell would ({e}), so it is not run")
+        })?;
+        let mut keys = parsed.keys.clone();
+        if kind == "shell" {
+            keys.insert("shell".into());
+        }
+        Ok(policy::Command {
+            class: parsed.class,
+            fingerprint: fingerprint(kind, &self.target, &self.login, text),
+            keys,
+            tables: Default::default(),
+            kube: None,
+            ssh: Some(self.access(parsed.commands, None)),
+        })
+    }
+
+    /// The message for a refused or held command (holds file an AccessGrant request).
+    async fn refusal(&self, cmd: &policy::Command, text: &str, decision: &Decision) -> String {
+        match decision.verdict {
+            Verdict::Hold => {
+                let masked = self.masked_text(text);
+                let req = ApprovalRequest {
+                    identity: &self.agent.identity,
+                    target: &self.target,
+                    class: cmd.class,
+                    fingerprint: cmd.fingerprint.get(),
+                    text: &masked,
+                    rule: &decision.rule,
+                    message: &decision.message,
+                };
+                match self
+                    .gw
+                    .core
+                    .approvals
+                    .file(Some(&self.snapshot), &req)
+                    .await
+                {
+                    Ok(filed) => format!(
+                        "agentgate: held for approval ({}): AccessGrant {}; {}",
+                        decision.message, filed.name, filed.how_to_approve
+                    ),
+                    Err(e) => format!(
+                        "agentgate: {} and the request for approval could not be filed ({e}); ask an approver for an AccessGrant bound to fingerprint {}",
+                        decision.message,
+                        cmd.fingerprint.get()
+                    ),
+                }
+            }
+            _ => {
+                let how = if decision.rule == "not-in-scope" {
+                    format!(
+                        "; to ask for it: kubectl agentgate grants request --identity {} --target {} --operations {} --reason <why>",
+                        self.agent.identity, self.target, cmd.class
+                    )
+                } else {
+                    String::new()
+                };
+                format!("agentgate: refused: {}{how}", decision.message)
+            }
+        }
+    }
+}
+
+/// Ends a channel the agent opened with a message on stderr and an exit status.
+async fn fail(out: &ChannelWriteHalf<server::Msg>, message: &str, status: u32) {
+    let _ = out
+        .extended_data_bytes(1, Bytes::from(format!("{message}\r\n")))
+        .await;
+    let _ = out.exit_status(status).await;
+    let _ = out.eof().await;
+    let _ = out.close().await;
+}
+
+/// Whether `command` is a bare shell reading its commands from stdin (`bash`, `sh -s`).
+fn bare_shell(command: &str) -> bool {
+    let mut words = command.split_whitespace();
+    let Some(first) = words.next() else {
+        return false;
+    };
+    let name = first.rsplit('/').next().unwrap_or(first);
+    matches!(name, "sh" | "bash" | "zsh" | "dash" | "ksh" | "ash")
+        && words.all(|w| {
+            matches!(
+                w,
+                "-s" | "-l" | "-i" | "--login" | "-" | "--noprofile" | "--norc"
+            )
+        })
+}
+
+/// A file transfer by command: (`scp -t|-f …`, `rsync --server [--sender] …`).
+fn transfer(command: &str) -> Option<bool> {
+    let words: Vec<&str> = command.split_whitespace().collect();
+    let name = words.first()?.rsplit('/').next()?;
+    match name {
+        "scp" => {
+            let flags: Vec<&str> = words[1..]
+                .iter()
+                .copied()
+                .take_while(|w| w.starts_with('-'))
+                .collect();
+            let has = |c: char| flags.iter().any(|f| !f.starts_with("--") && f.contains(c));
+            if has('f') {
+                Some(true)
+            } else if has('t') {
+                Some(false)
+            } else {
+                None
+            }
+        }
+        "rsync" if words.contains(&"--server") => Some(words.contains(&"--sender")),
+        _ => None,
+    }
+}
+
+/// Serves one session channel to its end.
+pub async fn run(gw: Arc<SshGateway>, agent: Agent, channel: russh::Channel<server::Msg>) {
+    let (mut from_agent, to_agent) = channel.split();
+    let to_agent = Arc::new(to_agent);
+    let ctx = match Ctx::resolve(&gw, &agent) {
+        Ok(c) => Arc::new(c),
+        Err(why) => {
+            refusal_record(&gw.core, Some(&agent.identity), "", &agent.client, &why);
+            fail(&to_agent, &why, REFUSED_EXIT).await;
+            return;
+        }
+    };
+    // The requests before the session starts.
+    let mut pty = None;
+    let mut env = Vec::new();
+    let mode = loop {
+        match from_agent.wait().await {
+            Some(ChannelMsg::RequestPty {
+                term,
+                col_width,
+                row_height,
+                pix_width,
+                pix_height,
+                terminal_modes,
+                ..
+            }) => {
+                pty = Some((
+                    term,
+                    col_width,
+                    row_height,
+                    pix_width,
+                    pix_height,
+                    terminal_modes,
+                ));
+            }
+            Some(ChannelMsg::SetEnv {
+                variable_name,
+                variable_value,
+                ..
+            }) => {
+                if passed_env(&variable_name) {
+                    env.push((variable_name, variable_value));
+                }
+            }
+            Some(ChannelMsg::WindowChange {
+                col_width,
+                row_height,
+                pix_width,
+                pix_height,
+            }) => {
+                if let Some(p) = &mut pty {
+                    p.1 = col_width;
+                    p.2 = row_height;
+                    p.3 = pix_width;
+                    p.4 = pix_height;
+                }
+            }
+            Some(ChannelMsg::RequestShell { .. }) => break Mode::Shell,
+            Some(ChannelMsg::Exec { command, .. }) => match String::from_utf8(command) {
+                Ok(c) if bare_shell(&c) => break Mode::Shell,
+                Ok(c) => match transfer(&c) {
+                    Some(download) => {
+                        break Mode::Transfer {
+                            command: c,
+                            download,
+                        };
+                    }
+                    None => break Mode::Exec(c),
+                },
+                Err(_) => {
+                    fail(&to_agent, "agentgate: the command is not valid UTF-8, so it cannot be checked; it is not run", REFUSED_EXIT).await;
+                    return;
+                }
+            },
+            Some(ChannelMsg::RequestSubsystem { name, .. }) if name == "sftp" => break Mode::Sftp,
+            Some(ChannelMsg::RequestSubsystem { .. }) | Some(ChannelMsg::Eof) => {}
+            Some(ChannelMsg::Close) | None => return,
+            Some(_) => {}
+        }
+    };
+    let started = Instant::now();
+    // The channel's own request: the command, or the login for a shell or sftp.
+    let (via, text, cmd) = match &mode {
+        Mode::Shell => {
+            let mut keys = std::collections::BTreeSet::new();
+            keys.insert("shell".to_owned());
+            (
+                "shell",
+                "(interactive shell)".to_owned(),
+                policy::Command {
+                    class: OperationClass::Read,
+                    fingerprint: fingerprint("shell", &ctx.target, &ctx.login, ""),
+                    keys,
+                    tables: Default::default(),
+                    kube: None,
+                    ssh: Some(ctx.access(Vec::new(), None)),
+                },
+            )
+        }
+        Mode::Exec(c) | Mode::Transfer { command: c, .. } => match ctx.command("exec", c) {
+            Ok(cmd) => ("exec", c.clone(), cmd),
+            Err(why) => {
+                let d = Decision {
+                    verdict: Verdict::Refuse,
+                    rule: "unparsable".into(),
+                    grant: None,
+                    message: why.clone(),
+                };
+                let probe = policy::Command {
+                    class: OperationClass::Exec,
+                    fingerprint: fingerprint("exec", &ctx.target, &ctx.login, c),
+                    keys: Default::default(),
+                    tables: Default::default(),
+                    kube: None,
+                    ssh: None,
+                };
+                let _ = ctx.record("exec", c, &probe, &d);
+                fail(&to_agent, &why, REFUSED_EXIT).await;
+                return;
+            }
+        },
+        Mode::Sftp => {
+            let mut keys = std::collections::BTreeSet::new();
+            keys.insert("sftp".to_owned());
+            (
+                "sftp",
+                "sftp".to_owned(),
+                policy::Command {
+                    class: OperationClass::Read,
+                    fingerprint: fingerprint("sftp", &ctx.target, &ctx.login, ""),
+                    keys,
+                    tables: Default::default(),
+                    kube: None,
+                    ssh: Some(ctx.access(vec!["sftp".into()], None)),
+                },
+            )
+        }
+    };
+    let mut decision = ctx.decide(&cmd);
+    let downloads = matches!(mode, Mode::Transfer { download: true, .. });
+    if decision.verdict == Verdict::Allow && downloads && ctx.masks.has_value_rules() {
+        decision = Decision {
+            verdict: Verdict::Refuse,
+            rule: "mask-downloads".into(),
+            grant: None,
+            message: "files copied from the host would reach the agent unmasked, and a MaskPolicy applies to this Target".into(),
+        };
+    }
+    let id = match ctx.record(via, &text, &cmd, &decision) {
+        Ok(id) => id,
+        Err(why) => {
+            fail(&to_agent, &format!("agentgate: {why}"), REFUSED_EXIT).await;
+            return;
+        }
+    };
+    if decision.verdict != Verdict::Allow {
+        let msg = ctx.refusal(&cmd, &text, &decision).await;
+        ctx.outcome(id, started, (0, 0), Some(msg.clone()));
+        fail(&to_agent, &msg, REFUSED_EXIT).await;
+        return;
+    }
+    // The host.
+    let up = match upstream::connect(
+        &ctx.spec,
+        &ctx.gw.core.targets_dir.join(&ctx.target),
+        &ctx.login,
+    )
+    .await
+    {
+        Ok(c) => c,
+        Err(why) => {
+            let msg = format!("agentgate cannot reach the host of {}: {why}", ctx.target);
+            ctx.outcome(id, started, (0, 0), Some(msg.clone()));
+            fail(&to_agent, &msg, 255).await;
+            return;
+        }
+    };
+    let up_channel = match open_session(&up, pty.as_ref(), &env, &mode).await {
+        Ok(c) => c,
+        Err(why) => {
+            let msg = format!("agentgate: the host of {} refused: {why}", ctx.target);
+            ctx.outcome(id, started, (0, 0), Some(msg.clone()));
+            fail(&to_agent, &msg, 255).await;
+            return;
+        }
+    };
+    if let Some(p) = &pty {
+        ctx.io("r", format!("{}x{}", p.1, p.2).as_bytes());
+    }
+    let (from_host, to_host) = up_channel.split();
+    let (inject_tx, inject_rx) = mpsc::channel::<Vec<u8>>(16);
+    let output = tokio::spawn(host_to_agent(
+        ctx.clone(),
+        mode.clone(),
+        pty.is_some(),
+        from_host,
+        to_agent.clone(),
+        inject_rx,
+    ));
+    let bytes_in = agent_to_host(
+        &ctx,
+        &mode,
+        pty.is_some(),
+        &mut from_agent,
+        &to_host,
+        &to_agent,
+        inject_tx,
+    )
+    .await;
+    let (bytes_out, exit) = output.await.unwrap_or((0, None));
+    let error = exit.filter(|s| *s != 0).map(|s| format!("exit status {s}"));
+    ctx.outcome(id, started, (bytes_in, bytes_out), error);
+    let _ = up
+        .disconnect(russh::Disconnect::ByApplication, "", "en")
+        .await;
+    ctx.rec.end("the channel closed");
+}
+
+type Pty = (String, u32, u32, u32, u32, Vec<(russh::Pty, u32)>);
+
+/// Opens the host's side of the channel and makes the same requests.
+async fn open_session(
+    up: &Connection,
+    pty: Option<&Pty>,
+    env: &[(String, String)],
+    mode: &Mode,
+) -> Result<russh::Channel<client::Msg>, String> {
+    let ch = up
+        .channel_open_session()
+        .await
+        .map_err(|e| format!("no session channel: {e}"))?;
+    if let Some((term, w, h, pw, ph, modes)) = pty {
+        ch.request_pty(false, term, *w, *h, *pw, *ph, modes)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    for (k, v) in env {
+        let _ = ch.set_env(false, k.clone(), v.clone()).await;
+    }
+    match mode {
+        Mode::Shell => ch.request_shell(true).await,
+        Mode::Exec(c) | Mode::Transfer { command: c, .. } => ch.exec(true, c.as_bytes()).await,
+        Mode::Sftp => ch.request_subsystem(true, "sftp").await,
+    }
+    .map_err(|e| e.to_string())?;
+    Ok(ch)
+}
+
+/// The agent's input, to the host: returns the bytes sent.
+async fn agent_to_host(
+    ctx: &Arc<Ctx>,
+    mode: &Mode,
+    pty: bool,
+    from_agent: &mut russh::ChannelReadHalf,
+    to_host: &ChannelWriteHalf<client::Msg>,
+    to_agent: &ChannelWriteHalf<server::Msg>,
+    inject: mpsc::Sender<Vec<u8>>,
+) -> u64 {
+    let mut sent = 0u64;
+    let mut lines = LineDiscipline::default();
+    let mut packets = sftp::Framer::default();
+    while let Some(msg) = from_agent.wait().await {
+        match msg {
+            ChannelMsg::Data { data } => match mode {
+                Mode::Shell => {
+                    for input in lines.feed(&data, command::is_incomplete) {
+                        match input {
+                            Input::Control(bytes) => {
+                                if !bytes.is_empty()
+                                    && to_host
+                                        .data_bytes(Bytes::from(bytes.clone()))
+                                        .await
+                                        .is_err()
+                                {
+                                    return sent;
+                                }
+                                sent += bytes.len() as u64;
+                            }
+                            Input::Line { text, raw } => {
+                                let verdict = shell_line(ctx, &text).await;
+                                match verdict {
+                                    Ok(()) => {
+                                        ctx.io("i", &raw);
+                                        sent += raw.len() as u64;
+                                        if to_host.data_bytes(Bytes::from(raw)).await.is_err() {
+                                            return sent;
+                                        }
+                                    }
+                                    Err(msg) => {
+                                        tell(to_agent, pty, &msg).await;
+                                    }
+                                }
+                            }
+                            Input::Refused { text, why } => {
+                                let cmd = policy::Command {
+                                    class: OperationClass::Exec,
+                                    fingerprint: fingerprint(
+                                        "line",
+                                        &ctx.target,
+                                        &ctx.login,
+                                        &text,
+                                    ),
+                                    keys: Default::default(),
+                                    tables: Default::default(),
+                                    kube: None,
+                                    ssh: None,
+                                };
+                                let d = Decision {
+                                    verdict: Verdict::Refuse,
+                                    rule: "line-editing".into(),
+                                    grant: None,
+                                    message: why.clone(),
+                                };
+                                let _ = ctx.record("line", &text, &cmd, &d);
+                                tell(to_agent, pty, &format!("agentgate: refused: {why}")).await;
+                            }
+                        }
+                    }
+                }
+                Mode::Sftp => {
+                    packets.feed(&data);
+                    loop {
+                        match packets.packet() {
+                            Ok(Some(packet)) => match sftp_request(ctx, &packet).await {
+                                Ok(()) => {
+                                    sent += packet.len() as u64;
+                                    if to_host.data_bytes(Bytes::from(packet)).await.is_err() {
+                                        return sent;
+                                    }
+                                }
+                                Err(status) => {
+                                    if inject.send(status).await.is_err() {
+                                        return sent;
+                                    }
+                                }
+                            },
+                            Ok(None) => break,
+                            Err(why) => {
+                                tracing::info!(session = ctx.rec.id(), %why, "sftp stream refused");
+                                let _ = to_host.close().await;
+                                return sent;
+                            }
+                        }
+                    }
+                }
+                Mode::Exec(_) | Mode::Transfer { .. } => {
+                    sent += data.len() as u64;
+                    if to_host.data_bytes(data).await.is_err() {
+                        return sent;
+                    }
+                }
+            },
+            ChannelMsg::Eof => {
+                let _ = to_host.eof().await;
+            }
+            ChannelMsg::WindowChange {
+                col_width,
+                row_height,
+                pix_width,
+                pix_height,
+            } => {
+                ctx.io("r", format!("{col_width}x{row_height}").as_bytes());
+                let _ = to_host
+                    .window_change(col_width, row_height, pix_width, pix_height)
+                    .await;
+            }
+            ChannelMsg::Signal { signal } => {
+                let _ = to_host.signal(signal).await;
+            }
+            ChannelMsg::Close => break,
+            _ => {}
+        }
+    }
+    let _ = to_host.close().await;
+    sent
+}
+
+/// Decides one interactive line; `Err` is what to tell the agent.
+async fn shell_line(ctx: &Arc<Ctx>, text: &str) -> Result<(), String> {
+    if text.trim().is_empty() {
+        return Ok(());
+    }
+    let cmd = match ctx.command("line", text) {
+        Ok(c) => c,
+        Err(why) => {
+            let probe = policy::Command {
+                class: OperationClass::Exec,
+                fingerprint: fingerprint("line", &ctx.target, &ctx.login, text),
+                keys: Default::default(),
+                tables: Default::default(),
+                kube: None,
+                ssh: None,
+            };
+            let d = Decision {
+                verdict: Verdict::Refuse,
+                rule: "unparsable".into(),
+                grant: None,
+                message: why.clone(),
+            };
+            let _ = ctx.record("line", text, &probe, &d);
+            return Err(why);
+        }
+    };
+    let decision = ctx.decide(&cmd);
+    ctx.record("line", text, &cmd, &decision)
+        .map_err(|why| format!("agentgate: {why}"))?;
+    if decision.verdict == Verdict::Allow {
+        Ok(())
+    } else {
+        Err(ctx.refusal(&cmd, text, &decision).await)
+    }
+}
+
+/// Decides one sftp request; `Err` is the STATUS packet to answer it with.
+async fn sftp_request(ctx: &Arc<Ctx>, packet: &[u8]) -> Result<(), Vec<u8>> {
+    let Some(op) = sftp::Op::parse(packet) else {
+        // Reads and writes of open handles, stat, readdir: decided when the file was opened.
+        return Ok(());
+    };
+    if op.name == sftp::MALFORMED {
+        return Err(sftp::status(
+            op.id,
+            sftp::PERMISSION_DENIED,
+            "agentgate: a malformed SFTP request is refused",
+        ));
+    }
+    let text = op.describe();
+    let class = if op.writes {
+        OperationClass::Write
+    } else {
+        OperationClass::Read
+    };
+    let mut keys = std::collections::BTreeSet::new();
+    keys.insert(format!("sftp {}", op.name));
+    keys.insert(text.clone());
+    let cmd = policy::Command {
+        class,
+        fingerprint: fingerprint("sftp", &ctx.target, &ctx.login, &text),
+        keys,
+        tables: Default::default(),
+        kube: None,
+        ssh: Some(ctx.access(vec![text.clone()], None)),
+    };
+    let mut decision = ctx.decide(&cmd);
+    if decision.verdict == Verdict::Allow && op.reads && ctx.masks.has_value_rules() {
+        decision = Decision {
+            verdict: Verdict::Refuse,
+            rule: "mask-downloads".into(),
+            grant: None,
+            message: "files read from the host would reach the agent unmasked, and a MaskPolicy applies to this Target".into(),
+        };
+    }
+    if let Err(why) = ctx.record("sftp", &text, &cmd, &decision) {
+        return Err(sftp::status(
+            op.id,
+            sftp::PERMISSION_DENIED,
+            &format!("agentgate: {why}"),
+        ));
+    }
+    if decision.verdict == Verdict::Allow {
+        return Ok(());
+    }
+    let msg = ctx.refusal(&cmd, &text, &decision).await;
+    Err(sftp::status(op.id, sftp::PERMISSION_DENIED, &msg))
+}
+
+/// Writes a message to the agent's terminal (stdout with a pty, stderr without).
+async fn tell(to_agent: &ChannelWriteHalf<server::Msg>, pty: bool, msg: &str) {
+    if pty {
+        let _ = to_agent
+            .data_bytes(Bytes::from(format!(
+                "\r\n{}\r\n",
+                msg.replace('\n', "\r\n")
+            )))
+            .await;
+    } else {
+        let _ = to_agent
+            .extended_data_bytes(1, Bytes::from(format!("{msg}\n")))
+            .await;
+    }
+}
+
+/// The host's output, to the agent (masked, recorded): returns the bytes sent and the exit
+/// status.
+async fn host_to_agent(
+    ctx: Arc<Ctx>,
+    mode: Mode,
+    _pty: bool,
+    mut from_host: russh::ChannelReadHalf,
+    to_agent: Arc<ChannelWriteHalf<server::Msg>>,
+    mut inject: mpsc::Receiver<Vec<u8>>,
+) -> (u64, Option<u32>) {
+    let terminal = matches!(mode, Mode::Shell | Mode::Exec(_));
+    let mut out = OutputMasker::default();
+    let mut err = OutputMasker::default();
+    let mut packets = sftp::Framer::default();
+    let mut sent = 0u64;
+    let mut exit = None;
+    let mut inject_open = true;
+    loop {
+        let pending = out.has_pending() || err.has_pending();
+        let msg = tokio::select! {
+            m = from_host.wait() => m,
+            Some(status) = inject.recv(), if inject_open => {
+                // A refused sftp request's answer, between two whole packets.
+                sent += status.len() as u64;
+                if to_agent.data_bytes(Bytes::from(status)).await.is_err() {
+                    break;
+                }
+                continue;
+            }
+            () = tokio::time::sleep(FLUSH_AFTER), if pending => {
+                let o = out.flush(&ctx.masks);
+                let e = err.flush(&ctx.masks);
+                sent += send_output(&ctx, &to_agent, o, e).await;
+                continue;
+            }
+        };
+        if inject.is_closed() {
+            inject_open = false;
+        }
+        match msg {
+            Some(ChannelMsg::Data { data }) => {
+                if terminal {
+                    let o = out.feed(&ctx.masks, &data);
+                    sent += send_output(&ctx, &to_agent, o, Vec::new()).await;
+                } else if mode == Mode::Sftp {
+                    packets.feed(&data);
+                    loop {
+                        match packets.packet() {
+                            Ok(Some(p)) => {
+                                sent += p.len() as u64;
+                                if to_agent.data_bytes(Bytes::from(p)).await.is_err() {
+                                    return (sent, exit);
+                                }
+                            }
+                            Ok(None) => break,
+                            Err(_) => return (sent, exit),
+                        }
+                    }
+                } else {
+                    sent += data.len() as u64;
+                    if to_agent.data_bytes(data).await.is_err() {
+                        break;
+                    }
+                }
+            }
+            Some(ChannelMsg::ExtendedData { data, ext }) => {
+                if terminal {
+                    let e = err.feed(&ctx.masks, &data);
+                    sent += send_output(&ctx, &to_agent, Vec::new(), e).await;
+                } else {
+                    let e = err.feed(&ctx.masks, &data);
+                    if !e.is_empty() {
+                        let _ = to_agent.extended_data_bytes(ext, Bytes::from(e)).await;
+                    }
+                }
+            }
+            Some(ChannelMsg::ExitStatus { exit_status }) => {
+                let o = out.flush(&ctx.masks);
+                let e = err.flush(&ctx.masks);
+                sent += send_output(&ctx, &to_agent, o, e).await;
+                exit = Some(exit_status);
+                let _ = to_agent.exit_status(exit_status).await;
+            }
+            Some(ChannelMsg::ExitSignal { signal_name, .. }) => {
+                let code = 128 + signal_number(&signal_name);
+                exit = Some(code);
+                let _ = to_agent.exit_status(code).await;
+            }
+            Some(ChannelMsg::Eof) => {
+                let o = out.flush(&ctx.masks);
+                let e = err.flush(&ctx.masks);
+                sent += send_output(&ctx, &to_agent, o, e).await;
+                let _ = to_agent.eof().await;
+            }
+            Some(ChannelMsg::Close) | None => break,
+            Some(_) => {}
+        }
+    }
+    let o = out.flush(&ctx.masks);
+    let e = err.flush(&ctx.masks);
+    sent += send_output(&ctx, &to_agent, o, e).await;
+    let _ = to_agent.eof().await;
+    let _ = to_agent.close().await;
+    let _ = &mode;
+    (sent, exit)
+}
+
+fn signal_number(s: &Sig) -> u32 {
+    match s {
+        Sig::HUP => 1,
+        Sig::INT => 2,
+        Sig::QUIT => 3,
+        Sig::ILL => 4,
+        Sig::ABRT => 6,
+        Sig::FPE => 8,
+        Sig::KILL => 9,
+        Sig::SEGV => 11,
+        Sig::PIPE => 13,
+        Sig::ALRM => 14,
+        Sig::TERM => 15,
+        _ => 0,
+    }
+}
+
+async fn send_output(
+    ctx: &Ctx,
+    to_agent: &ChannelWriteHalf<server::Msg>,
+    out: Vec<u8>,
+    err: Vec<u8>,
+) -> u64 {
+    let n = (out.len() + err.len()) as u64;
+    if !out.is_empty() {
+        ctx.io("o", &out);
+        let _ = to_agent.data_bytes(Bytes::from(out)).await;
+    }
+    if !err.is_empty() {
+        ctx.io("o", &err);
+        let _ = to_agent.extended_data_bytes(1, Bytes::from(err)).await;
+    }
+    n
+}
+
+/// A local port forwarding the agent asked for (`ssh -L`).
+#[derive(Debug, Clone)]
+pub struct Forward {
+    /// Where the host should connect.
+    pub host: String,
+    /// Its port.
+    pub port: u32,
+    /// The agent's side.
+    pub from: String,
+}
+
+/// Decides and opens a forwarding: the host connects to `host:port` for the agent. Refused
+/// unless a baseline or grant allows port forwarding.
+pub async fn open_forward(
+    gw: &Arc<SshGateway>,
+    agent: &Agent,
+    forward: &Forward,
+) -> Result<(russh::Channel<client::Msg>, Arc<Ctx>, Connection), String> {
+    let ctx = Arc::new(Ctx::resolve(gw, agent)?);
+    let text = format!("forward {}:{}", forward.host, forward.port);
+    let mut keys = std::collections::BTreeSet::new();
+    keys.insert("port forwarding".to_owned());
+    keys.insert(text.clone());
+    let cmd = policy::Command {
+        class: OperationClass::Exec,
+        fingerprint: fingerprint("forward", &ctx.target, &ctx.login, &text),
+        keys,
+        tables: Default::default(),
+        kube: None,
+        ssh: Some(ctx.access(vec![text.clone()], Some(SshForwarding::Port))),
+    };
+    let mut decision = ctx.decide(&cmd);
+    if decision.verdict == Verdict::Allow && !forwarding_granted(&ctx, &cmd) {
+        decision = Decision {
+            verdict: Verdict::Refuse,
+            rule: "agentgate-port-forwarding".into(),
+            grant: None,
+            message: "port forwarding is refused unless a baseline entry or an AccessGrant sets ssh.portForwarding".into(),
+        };
+    }
+    let id = ctx.record("forward", &text, &cmd, &decision)?;
+    if decision.verdict != Verdict::Allow {
+        let msg = ctx.refusal(&cmd, &text, &decision).await;
+        ctx.outcome(id, Instant::now(), (0, 0), Some(msg.clone()));
+        ctx.rec.end("the forwarding was refused");
+        return Err(msg);
+    }
+    let up = upstream::connect(
+        &ctx.spec,
+        &gw.core.targets_dir.join(&ctx.target),
+        &ctx.login,
+    )
+    .await
+    .map_err(|e| format!("agentgate cannot reach the host: {e}"))?;
+    let ch = up
+        .channel_open_direct_tcpip(forward.host.clone(), forward.port, "127.0.0.1", 0)
+        .await
+        .map_err(|e| format!("the host refused the forwarding: {e}"))?;
+    Ok((ch, ctx, up))
+}
+
+/// Whether some scope in force explicitly allows port forwarding (a Target guardrail that
+/// allows everything does not).
+fn forwarding_granted(ctx: &Ctx, cmd: &policy::Command) -> bool {
+    let Some(id) = ctx.snapshot.identities.get(&ctx.agent.identity) else {
+        return false;
+    };
+    let now = jiff::Timestamp::now();
+    let ok = |scope: &agentgate_crds::AccessScope| {
+        scope.ssh.as_ref().is_some_and(|s| s.port_forwarding) && policy::covers(scope, cmd)
+    };
+    id.spec
+        .baseline
+        .iter()
+        .any(|b| b.target == ctx.target && ok(&b.scope))
+        || ctx.snapshot.grants.values().any(|g| {
+            g.spec.identity == ctx.agent.identity
+                && g.spec.target == ctx.target
+                && agentgate_crds::lifecycle::in_force(g, Some(id), now)
+                && (ok(&g.spec.scope)
+                    || g.spec
+                        .command
+                        .as_ref()
+                        .is_some_and(|c| c.fingerprint == cmd.fingerprint.get()))
+        })
+}
+
+/// Relays a granted forwarding's bytes both ways.
+pub async fn relay_forward(
+    agent: russh::Channel<server::Msg>,
+    (up, ctx, conn): (russh::Channel<client::Msg>, Arc<Ctx>, Connection),
+) {
+    let started = Instant::now();
+    let mut a = agent.into_stream();
+    let mut u = up.into_stream();
+    let result = tokio::io::copy_bidirectional(&mut a, &mut u).await;
+    let (bytes, error) = match result {
+        Ok((x, y)) => ((x, y), None),
+        Err(e) => ((0, 0), Some(e.to_string())),
+    };
+    ctx.outcome(0, started, bytes, error);
+    let _ = conn
+        .disconnect(russh::Disconnect::ByApplication, "", "en")
+        .await;
+    ctx.rec.end("the forwarding closed");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bare_shells_and_transfers_are_recognised() {
+        assert!(bare_shell("bash"));
+        assert!(bare_shell("/bin/sh -s"));
+        assert!(!bare_shell("bash -c 'rm -rf /'"));
+        assert!(!bare_shell("bash script.sh"));
+        assert_eq!(transfer("scp -t /tmp"), Some(false));
+        assert_eq!(transfer("scp -v -f /etc/passwd"), Some(true));
+        assert_eq!(transfer("scp -r -t -- /tmp"), Some(false));
+        assert_eq!(
+            transfer("rsync --server --sender -vlogDtpre.iLsfxCIvu . /x"),
+            Some(true)
+        );
+        assert_eq!(
+            transfer("rsync --server -vlogDtpre.iLsfxCIvu . /x"),
+            Some(false)
+        );
+        assert_eq!(transfer("ls -t"), None);
+    }
+
+    #[test]
+    fn only_locale_variables_pass() {
+        assert!(passed_env("LANG"));
+        assert!(passed_env("LC_ALL"));
+        assert!(!passed_env("BASH_ENV"));
+        assert!(!passed_env("LD_PRELOAD"));
+        assert!(!passed_env("PATH"));
+    }
+}

@@ -1,0 +1,270 @@
+//! SFTP (version 3, as OpenSSH speaks it) read as it passes: packets framed, and the
+//! requests that name a file (open, remove, rename, mkdir, setstat…) described, so each is
+//! decided and recorded; a refused one is answered with a `STATUS` the agent's client shows.
+
+/// The largest packet accepted (OpenSSH's own limit is 256 KiB).
+pub const MAX_PACKET: usize = 1 << 20;
+/// `SSH_FX_PERMISSION_DENIED`.
+pub const PERMISSION_DENIED: u32 = 3;
+
+/// Cuts a byte stream into whole SFTP packets (length prefix included).
+#[derive(Debug, Default)]
+pub struct Framer {
+    buf: Vec<u8>,
+}
+
+impl Framer {
+    /// Adds bytes.
+    pub fn feed(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next whole packet, if one is in; `Err` when the stream is not SFTP.
+    pub fn packet(&mut self) -> Result<Option<Vec<u8>>, String> {
+        if self.buf.len() < 4 {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
+        if len == 0 || len > MAX_PACKET {
+            return Err(format!("an SFTP packet of {len} bytes"));
+        }
+        if self.buf.len() < 4 + len {
+            return Ok(None);
+        }
+        Ok(Some(self.buf.drain(..4 + len).collect()))
+    }
+}
+
+/// The name of an [`Op`] that could not be read.
+pub const MALFORMED: &str = "malformed request";
+
+/// A request that names a file or changes one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Op {
+    /// The request id (a refusal answers it).
+    pub id: u32,
+    /// `open`, `remove`, `rename`, `mkdir`, `rmdir`, `setstat`, `symlink`, `opendir`, or an
+    /// extension's name.
+    pub name: String,
+    /// The paths it names.
+    pub paths: Vec<String>,
+    /// Whether it reads file contents.
+    pub reads: bool,
+    /// Whether it changes anything.
+    pub writes: bool,
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl Reader<'_> {
+    fn u8(&mut self) -> Option<u8> {
+        let (b, rest) = self.0.split_first()?;
+        self.0 = rest;
+        Some(*b)
+    }
+    fn u32(&mut self) -> Option<u32> {
+        if self.0.len() < 4 {
+            return None;
+        }
+        let (n, rest) = self.0.split_at(4);
+        self.0 = rest;
+        Some(u32::from_be_bytes([n[0], n[1], n[2], n[3]]))
+    }
+    fn string(&mut self) -> Option<String> {
+        let len = self.u32()? as usize;
+        if self.0.len() < len {
+            return None;
+        }
+        let (s, rest) = self.0.split_at(len);
+        self.0 = rest;
+        Some(String::from_utf8_lossy(s).into_owned())
+    }
+}
+
+impl Op {
+    /// Reads a whole packet (as [`Framer::next`] returns it); `None` for requests on open
+    /// handles, stats, directory reads and anything else that names no new file.
+    pub fn parse(packet: &[u8]) -> Option<Self> {
+        let mut r = Reader(packet.get(4..)?);
+        let kind = r.u8()?;
+        if kind == 1 {
+            return None; // INIT
+        }
+        let id = r.u32()?;
+        match Self::fields(kind, id, &mut r) {
+            Some(op) => op,
+            // A request that should name a file but cannot be read is refused, never
+            // passed: the host might read it differently.
+            None if matches!(kind, 3 | 9 | 11 | 13 | 14 | 15 | 18 | 20 | 200) => Some(Self {
+                id,
+                name: MALFORMED.to_owned(),
+                paths: Vec::new(),
+                reads: true,
+                writes: true,
+            }),
+            None => None,
+        }
+    }
+
+    /// `Some(None)`: a request naming no file; `None`: a malformed one.
+    fn fields(kind: u8, id: u32, r: &mut Reader<'_>) -> Option<Option<Self>> {
+        let op = |name: &str, paths: Vec<String>, reads: bool, writes: bool| Self {
+            id,
+            name: name.to_owned(),
+            paths,
+            reads,
+            writes,
+        };
+        Some(Some(match kind {
+            3 => {
+                let path = r.string()?;
+                let flags = r.u32()?;
+                // READ 1, WRITE 2, APPEND 4, CREAT 8, TRUNC 0x10.
+                op("open", vec![path], flags & 1 != 0, flags & 0x1e != 0)
+            }
+            9 => op("setstat", vec![r.string()?], false, true),
+            10 => op("fsetstat", vec![], false, true),
+            11 => op("opendir", vec![r.string()?], false, false),
+            13 => op("remove", vec![r.string()?], false, true),
+            14 => op("mkdir", vec![r.string()?], false, true),
+            15 => op("rmdir", vec![r.string()?], false, true),
+            18 => op("rename", vec![r.string()?, r.string()?], false, true),
+            20 => op("symlink", vec![r.string()?, r.string()?], false, true),
+            200 => {
+                let name = r.string()?;
+                match name.as_str() {
+                    "statvfs@openssh.com"
+                    | "fstatvfs@openssh.com"
+                    | "limits@openssh.com"
+                    | "expand-path@openssh.com"
+                    | "home-directory"
+                    | "users-groups-by-id@openssh.com"
+                    | "fsync@openssh.com" => return Some(None),
+                    "posix-rename@openssh.com" => {
+                        op("rename", vec![r.string()?, r.string()?], false, true)
+                    }
+                    "hardlink@openssh.com" => {
+                        op("link", vec![r.string()?, r.string()?], false, true)
+                    }
+                    "lsetstat@openssh.com" => op("setstat", vec![r.string()?], false, true),
+                    // An extension agentgate does not know may change anything.
+                    _ => op(&name, vec![], false, true),
+                }
+            }
+            _ => return Some(None),
+        }))
+    }
+
+    /// The request as records and guardrails show it: `sftp put /tmp/x`, `sftp get /etc/hosts`,
+    /// `sftp remove /tmp/x`.
+    pub fn describe(&self) -> String {
+        let verb = match (self.name.as_str(), self.reads, self.writes) {
+            ("open", true, true) => "open",
+            ("open", true, false) => "get",
+            ("open", false, _) => "put",
+            (n, _, _) => n,
+        };
+        let mut s = format!("sftp {verb}");
+        for p in &self.paths {
+            s.push(' ');
+            s.push_str(p);
+        }
+        s
+    }
+}
+
+/// A `STATUS` answer to request `id`.
+pub fn status(id: u32, code: u32, message: &str) -> Vec<u8> {
+    let msg = message.as_bytes();
+    let mut body = Vec::with_capacity(msg.len() + 24);
+    body.push(101);
+    body.extend_from_slice(&id.to_be_bytes());
+    body.extend_from_slice(&code.to_be_bytes());
+    body.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    body.extend_from_slice(msg);
+    body.extend_from_slice(&2u32.to_be_bytes());
+    body.extend_from_slice(b"en");
+    let mut out = (body.len() as u32).to_be_bytes().to_vec();
+    out.extend_from_slice(&body);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn packet(kind: u8, id: u32, fields: &[&[u8]]) -> Vec<u8> {
+        let mut body = vec![kind];
+        body.extend_from_slice(&id.to_be_bytes());
+        for f in fields {
+            body.extend_from_slice(f);
+        }
+        let mut out = (body.len() as u32).to_be_bytes().to_vec();
+        out.extend_from_slice(&body);
+        out
+    }
+
+    fn s(x: &str) -> Vec<u8> {
+        let mut v = (x.len() as u32).to_be_bytes().to_vec();
+        v.extend_from_slice(x.as_bytes());
+        v
+    }
+
+    #[test]
+    fn packets_are_framed_across_chunks() {
+        let p = packet(13, 7, &[&s("/tmp/x")]);
+        let mut f = Framer::default();
+        f.feed(&p[..5]);
+        assert_eq!(f.packet(), Ok(None));
+        f.feed(&p[5..]);
+        assert_eq!(f.packet(), Ok(Some(p.clone())));
+        f.feed(&[0xff, 0xff, 0xff, 0xff]);
+        assert!(f.packet().is_err());
+    }
+
+    #[test]
+    fn requests_are_described() {
+        let open_read = packet(
+            3,
+            1,
+            &[&s("/etc/hosts"), &1u32.to_be_bytes(), &0u32.to_be_bytes()],
+        );
+        let op = Op::parse(&open_read).unwrap_or_else(|| panic!("parsed"));
+        assert_eq!(op.describe(), "sftp get /etc/hosts");
+        assert!(op.reads && !op.writes);
+        let open_write = packet(
+            3,
+            2,
+            &[&s("/tmp/up"), &0x1au32.to_be_bytes(), &0u32.to_be_bytes()],
+        );
+        assert_eq!(
+            Op::parse(&open_write).map(|o| o.describe()),
+            Some("sftp put /tmp/up".into())
+        );
+        let rename = packet(18, 3, &[&s("/a"), &s("/b")]);
+        assert_eq!(
+            Op::parse(&rename).map(|o| o.describe()),
+            Some("sftp rename /a /b".into())
+        );
+        let read = packet(
+            5,
+            4,
+            &[&s("handle"), &0u64.to_be_bytes(), &1024u32.to_be_bytes()],
+        );
+        assert_eq!(Op::parse(&read), None);
+        let truncated = packet(13, 5, &[&[0, 0, 0, 9]]);
+        assert_eq!(
+            Op::parse(&truncated).map(|o| o.name),
+            Some(MALFORMED.into())
+        );
+    }
+
+    #[test]
+    fn a_status_is_one_packet() {
+        let st = status(9, PERMISSION_DENIED, "no");
+        let mut f = Framer::default();
+        f.feed(&st);
+        assert_eq!(f.packet(), Ok(Some(st.clone())));
+        assert_eq!(&st[4..9], &[101, 0, 0, 0, 9]);
+    }
+}

@@ -1,0 +1,496 @@
+//! The SSH gateway against a real sshd (Debian's OpenSSH) with OpenSSH's own `ssh`, `scp`
+//! and `sftp`: exec allowed, refused and held then approved; an interactive shell with a pty
+//! whose lines are checked at Enter; masked output; file transfers; forwarding refused; the
+//! host key checked against the Target; and the records.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use testenv::process::{Proc, Spec, free_port};
+use testenv::{Parts, TestEnv};
+
+/// A value the MaskPolicy masks (an email) and what it becomes.
+const EMAIL: &str = "alice@example.com";
+
+struct Setup {
+    env: TestEnv,
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    audit: PathBuf,
+    sidecar: Proc,
+}
+
+impl Setup {
+    /// OpenSSH's `ssh` as the agent, through the gateway's ssh_config.
+    fn ssh(&self, args: &[&str], stdin: Option<&[u8]>) -> Output {
+        let mut cmd = Command::new("ssh");
+        cmd.arg("-F")
+            .arg(&self.config)
+            .args(["-o", "BatchMode=yes", "-o", "ConnectTimeout=20"])
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("ssh");
+        {
+            let mut input = child.stdin.take().expect("stdin");
+            if let Some(bytes) = stdin {
+                // Line by line, as an agent types: each line checked before the next.
+                for line in bytes.split_inclusive(|b| *b == b'\n') {
+                    let _ = input.write_all(line);
+                    let _ = input.flush();
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+            }
+        }
+        child.wait_with_output().expect("ssh output")
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.ssh(args, None);
+        assert!(
+            out.status.success(),
+            "ssh {args:?} failed ({:?}): {}\nsidecar: {}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr),
+            self.sidecar.log_tail(30)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs `ssh`, expects the gateway's refusal (exit 126); returns stderr.
+    fn refused(&self, args: &[&str]) -> String {
+        let out = self.ssh(args, None);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(
+            out.status.code(),
+            Some(126),
+            "ssh {args:?} should have been refused: out {} err {err}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        err
+    }
+
+    fn records(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.audit)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Waits until the records hold a request with `text` and returns it.
+    fn request(&self, text: &str) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(r) = self
+                .records()
+                .into_iter()
+                .find(|r| r["kind"] == "Request" && r["request"]["text"] == text)
+            {
+                return r;
+            }
+            assert!(Instant::now() < deadline, "no record of {text:?}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+fn target(name: &str, port: u16, user: &str, known_hosts: &str) -> String {
+    let kh = known_hosts.replace('\n', "\n      ");
+    format!(
+        r#"apiVersion: agentgate.dev/v1alpha1
+kind: Target
+metadata: {{ name: {name} }}
+spec:
+  protocol: SSH
+  ssh:
+    host: 127.0.0.1
+    port: {port}
+    user: {user}
+    credentials: {{ name: {name}-key }}
+    knownHosts: |
+      {kh}
+"#
+    )
+}
+
+fn setup() -> anyhow::Result<Setup> {
+    let env = TestEnv::start(Parts {
+        ssh: true,
+        ..Default::default()
+    })?;
+    let sshd = env.ssh()?;
+    let dir = tempfile::tempdir()?;
+    let policy = dir.path().join("policy");
+    let targets = dir.path().join("targets");
+    std::fs::create_dir_all(&policy)?;
+    let known_hosts = std::fs::read_to_string(sshd.known_hosts())?;
+    let key = std::fs::read_to_string(sshd.client_key())?;
+    // Another host key: a Target whose knownHosts does not list the real one.
+    let other = dir.path().join("other_key");
+    let st = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&other)
+        .status()?;
+    anyhow::ensure!(st.success(), "ssh-keygen");
+    let other_pub = std::fs::read_to_string(other.with_extension("pub"))?;
+    let mut parts = other_pub.split_whitespace();
+    let wrong_known = format!(
+        "[127.0.0.1]:{} {} {}",
+        sshd.port(),
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default()
+    );
+    for t in ["web", "files", "spoofed"] {
+        let d = targets.join(t);
+        std::fs::create_dir_all(&d)?;
+        std::fs::write(d.join("ssh-privatekey"), &key)?;
+    }
+    let user = sshd.user();
+    let port = sshd.port();
+    std::fs::write(
+        policy.join("policy.yaml"),
+        format!(
+            r#"apiVersion: agentgate.dev/v1alpha1
+kind: AgentIdentity
+metadata: {{ name: agent }}
+spec:
+  owner: platform-team
+  authentication: {{ serviceAccount: {{ name: agent }} }}
+  baseline:
+    - target: web
+      scope: {{ operations: [Read, Write] }}
+    - target: files
+      scope: {{ operations: [Read, Write] }}
+    - target: spoofed
+      scope: {{ operations: [Read] }}
+---
+{web}---
+{files}---
+{spoofed}---
+apiVersion: agentgate.dev/v1alpha1
+kind: MaskPolicy
+metadata: {{ name: pii }}
+spec:
+  targets: [web]
+  rules: [ {{ name: emails, detectors: [Email], action: Redact }} ]
+"#,
+            web = target("web", port, user, &known_hosts),
+            files = target("files", port, user, &known_hosts),
+            spoofed = target("spoofed", port, user, &wrong_known),
+        ),
+    )?;
+    let client_dir = dir.path().join("client");
+    let audit_dir = dir.path().join("audit");
+    let spec = Spec::new("sidecar-ssh", env!("CARGO_BIN_EXE_agentgate-sidecar"))
+        .args([
+            format!("--policy-dir={}", policy.display()),
+            "--identity=agent".into(),
+            format!("--targets-dir={}", targets.display()),
+            format!("--pg-addr=127.0.0.1:{}", free_port()?),
+            "--kube-addr=off".into(),
+            format!("--ssh-addr=127.0.0.1:{}", free_port()?),
+            format!("--client-dir={}", client_dir.display()),
+            format!("--audit-dir={}", audit_dir.display()),
+        ])
+        .env("RUST_LOG", "info");
+    let sidecar = Proc::start(spec, &env.dir().join("logs"))?;
+    let config = client_dir.join("ssh_config");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&config).is_ok_and(|k| k.contains("Host web")) {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "no ssh_config: {}",
+            sidecar.log_tail(30)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(Setup {
+        env,
+        dir,
+        config,
+        audit: audit_dir.join("audit.jsonl"),
+        sidecar,
+    })
+}
+
+/// Approves the AccessGrant request a held message names (as an approver editing it in the
+/// policy folder would).
+fn approve(s: &Setup, held: &str) {
+    let name = held
+        .split("AccessGrant ")
+        .nth(1)
+        .and_then(|r| r.split(';').next())
+        .expect("the grant is named")
+        .trim()
+        .to_owned();
+    let filed = s
+        .dir
+        .path()
+        .join("policy/requests")
+        .join(format!("{name}.yaml"));
+    let text = std::fs::read_to_string(&filed).expect("the request is filed");
+    let approved = text.replace(
+        "spec:\n",
+        &format!(
+            "spec:\n  decision: {{ verdict: Approve, decidedAt: \"{}\", decidedBy: {{ username: alice }} }}\n",
+            jiff::Timestamp::now()
+        ),
+    );
+    std::fs::write(filed.with_extension("tmp"), approved).unwrap();
+    std::fs::rename(filed.with_extension("tmp"), &filed).unwrap();
+}
+
+#[test]
+fn exec_through_the_gateway_checked_masked_and_recorded() -> anyhow::Result<()> {
+    let s = setup()?;
+    // Allowed: runs on the host as the Target's login.
+    let out = s.ok(&["web", "echo hello from $(whoami)"]);
+    assert_eq!(out.trim(), format!("hello from {}", s.env.ssh()?.user()));
+    // Output is masked with the MaskPolicy (the value never reaches the agent).
+    let out = s.ok(&[
+        "web",
+        &format!("echo contact {EMAIL} now; echo {EMAIL} >&2"),
+    ]);
+    assert!(!out.contains(EMAIL), "{out}");
+    assert!(out.contains("contact ") && out.contains(" now"), "{out}");
+    // Refused by the default guardrails, with the reason; nothing runs.
+    let marker = s.dir.path().join("ran");
+    let err = s.refused(&["web", &format!("touch {} && sudo id", marker.display())]);
+    assert!(err.contains("agentgate: refused"), "{err}");
+    assert!(err.contains("agentgate-block-privilege"), "{err}");
+    assert!(!marker.exists(), "a refused command line ran in part");
+    let err = s.refused(&["web", "r''m -r -f /"]);
+    assert!(err.contains("refused"), "{err}");
+    // What does not parse is refused.
+    let err = s.refused(&["web", "echo 'unterminated"]);
+    assert!(err.contains("cannot read this command"), "{err}");
+    // Held: a person approves the exact command, then it runs; another command is held again.
+    let cmd = "bash -c 'echo approved-run'";
+    let held = s.refused(&["web", cmd]);
+    assert!(held.contains("held for approval"), "{held}");
+    approve(&s, &held);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let out = loop {
+        let out = s.ssh(&["web", cmd], None);
+        if out.status.success() {
+            break String::from_utf8_lossy(&out.stdout).into_owned();
+        }
+        assert!(Instant::now() < deadline, "still held after approval");
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert_eq!(out.trim(), "approved-run");
+    let held = s.refused(&["web", "bash -c 'echo another'"]);
+    assert!(held.contains("held for approval"), "{held}");
+    // Records: the refusal with its rule, the masked output, never the value.
+    let r = s.request(&format!("touch {} && sudo id", marker.display()));
+    assert_eq!(r["decision"]["verdict"], "Refuse");
+    let all = std::fs::read_to_string(&s.audit)?;
+    assert!(!all.contains(EMAIL), "an unmasked value was recorded");
+    assert!(
+        s.records().iter().any(|r| r["kind"] == "Io"
+            && r["io"]["data"]
+                .as_str()
+                .is_some_and(|d| d.contains("contact"))),
+        "the output was recorded"
+    );
+    Ok(())
+}
+
+#[test]
+fn an_interactive_shell_is_checked_line_by_line() -> anyhow::Result<()> {
+    let s = setup()?;
+    let marker = s.dir.path().join("shell-ran");
+    let script = format!(
+        "echo one-$((40+2))\nsudo touch {m}\necho {EMAIL}\necho \"two\nlines\"\necho three\nexit\n",
+        m = marker.display()
+    );
+    let out = s.ssh(&["-tt", "web"], Some(script.as_bytes()));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("one-42"), "{text}");
+    assert!(text.contains("agentgate: refused"), "{text}");
+    assert!(!marker.exists(), "a refused line reached the host");
+    assert!(!text.contains(EMAIL), "{text}");
+    assert!(text.contains("lines"), "{text}");
+    assert!(text.contains("three"), "{text}");
+    // Recorded as a terminal session: input, output, size; replayable.
+    let session = s.request(&format!("sudo touch {}", marker.display()))["session"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let io: Vec<serde_json::Value> = s
+        .records()
+        .into_iter()
+        .filter(|r| r["session"] == session.as_str() && r["kind"] == "Io")
+        .collect();
+    assert!(
+        io.iter().any(|r| r["io"]["stream"] == "i"),
+        "input recorded"
+    );
+    assert!(
+        io.iter().any(|r| r["io"]["stream"] == "o"),
+        "output recorded"
+    );
+    assert!(
+        io.iter().any(|r| r["io"]["stream"] == "r"),
+        "terminal size recorded"
+    );
+    Ok(())
+}
+
+#[test]
+fn files_move_with_scp_and_sftp_and_forwarding_is_refused() -> anyhow::Result<()> {
+    let s = setup()?;
+    let sshd = s.env.ssh()?;
+    let _ = sshd;
+    let local = s.dir.path().join("payload.bin");
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(&local, &data)?;
+    let remote = s.dir.path().join("remote");
+    std::fs::create_dir_all(&remote)?;
+    let scp = |args: &[String]| -> Output {
+        Command::new("scp")
+            .arg("-F")
+            .arg(&s.config)
+            .args(["-o", "BatchMode=yes", "-q"])
+            .args(args)
+            .output()
+            .expect("scp")
+    };
+    // scp (SFTP, OpenSSH's default) up and down, byte for byte.
+    let up = scp(&[
+        local.display().to_string(),
+        format!("files:{}/up.bin", remote.display()),
+    ]);
+    assert!(
+        up.status.success(),
+        "scp up: {}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    assert_eq!(std::fs::read(remote.join("up.bin"))?, data);
+    let back = s.dir.path().join("back.bin");
+    let down = scp(&[
+        format!("files:{}/up.bin", remote.display()),
+        back.display().to_string(),
+    ]);
+    assert!(
+        down.status.success(),
+        "scp down: {}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+    assert_eq!(std::fs::read(&back)?, data);
+    // The legacy scp protocol (-O) too.
+    let legacy = scp(&[
+        "-O".into(),
+        local.display().to_string(),
+        format!("files:{}/legacy.bin", remote.display()),
+    ]);
+    assert!(
+        legacy.status.success(),
+        "scp -O: {}",
+        String::from_utf8_lossy(&legacy.stderr)
+    );
+    assert_eq!(std::fs::read(remote.join("legacy.bin"))?, data);
+    // Where a MaskPolicy applies, downloads would carry unmasked values: refused.
+    let masked = scp(&[
+        format!("web:{}/up.bin", remote.display()),
+        s.dir.path().join("nope.bin").display().to_string(),
+    ]);
+    assert!(!masked.status.success());
+    assert!(
+        !s.dir.path().join("nope.bin").exists()
+            || std::fs::read(s.dir.path().join("nope.bin"))?.is_empty()
+    );
+    // sftp in batch mode: each file operation decided and recorded.
+    let batch = s.dir.path().join("batch");
+    std::fs::write(
+        &batch,
+        format!(
+            "put {l} {r}/s.bin\nls {r}\nrename {r}/s.bin {r}/t.bin\nget {r}/t.bin {b}\nrm {r}/t.bin\n",
+            l = local.display(),
+            r = remote.display(),
+            b = s.dir.path().join("sftp-back.bin").display()
+        ),
+    )?;
+    let out = Command::new("sftp")
+        .arg("-F")
+        .arg(&s.config)
+        .args(["-o", "BatchMode=yes", "-b"])
+        .arg(&batch)
+        .arg("files")
+        .output()?;
+    assert!(
+        out.status.success(),
+        "sftp: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(s.dir.path().join("sftp-back.bin"))?, data);
+    assert!(!remote.join("t.bin").exists());
+    s.request(&format!(
+        "sftp rename {r}/s.bin {r}/t.bin",
+        r = remote.display()
+    ));
+    s.request(&format!("sftp remove {r}/t.bin", r = remote.display()));
+    // Port forwarding is refused unless granted.
+    let out = s.ssh(
+        &["-W", &format!("127.0.0.1:{}", s.env.ssh()?.port()), "files"],
+        None,
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("administratively prohibited"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn the_host_key_is_checked_and_only_the_pod_key_logs_in() -> anyhow::Result<()> {
+    let s = setup()?;
+    // The Target's knownHosts does not list the host's key: never trusted on first use.
+    let out = s.ssh(&["spoofed", "true"], None);
+    assert_eq!(out.status.code(), Some(255));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not in the Target's knownHosts"), "{err}");
+    // A key that is not the pod's agent key is refused.
+    let other = s.dir.path().join("other_key");
+    let config = std::fs::read_to_string(&s.config)?;
+    let port = config
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Port "))
+        .expect("a port")
+        .to_owned();
+    let known = s.config.with_file_name("ssh").join("known_hosts");
+    let out = Command::new("ssh")
+        .args([
+            "-F",
+            "/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+        ])
+        .args([
+            "-o",
+            "HostKeyAlias=agentgate-sidecar",
+            "-o",
+            "StrictHostKeyChecking=yes",
+        ])
+        .arg("-o")
+        .arg(format!("UserKnownHostsFile={}", known.display()))
+        .arg("-i")
+        .arg(&other)
+        .args(["-p", &port, "web@127.0.0.1", "true"])
+        .output()?;
+    assert_eq!(out.status.code(), Some(255));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Permission denied"), "{err}");
+    // An unknown Target is refused with the list of known ones.
+    let out = s.ssh(&["-l", "nobody@nowhere", "web", "true"], None);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("knows no SSH Target nowhere"), "{err}");
+    Ok(())
+}
