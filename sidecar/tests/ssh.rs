@@ -166,7 +166,7 @@ spec:
     - target: web
       scope: {{ operations: [Read, Write] }}
     - target: files
-      scope: {{ operations: [Read, Write] }}
+      scope: {{ operations: [Read, Write], ssh: {{ portForwarding: true }} }}
     - target: spoofed
       scope: {{ operations: [Read] }}
 ---
@@ -436,14 +436,21 @@ fn files_move_with_scp_and_sftp_and_forwarding_is_refused() -> anyhow::Result<()
         r = remote.display()
     ));
     s.request(&format!("sftp remove {r}/t.bin", r = remote.display()));
-    // Port forwarding is refused unless granted.
-    let out = s.ssh(
-        &["-W", &format!("127.0.0.1:{}", s.env.ssh()?.port()), "files"],
-        None,
-    );
+    // Port forwarding is refused unless granted (web), and works where it is (files): the
+    // agent's stdin/stdout reach the host's sshd, which greets it.
+    let sshd_addr = format!("127.0.0.1:{}", s.env.ssh()?.port());
+    let out = s.ssh(&["-W", &sshd_addr, "web"], None);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("administratively prohibited"), "{err}");
+    let out = s.ssh(&["-W", &sshd_addr, "files"], None);
+    let greeting = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        greeting.starts_with("SSH-2.0-OpenSSH"),
+        "{greeting} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    s.request(&format!("forward {sshd_addr}"));
     Ok(())
 }
 

@@ -992,15 +992,31 @@ pub async fn open_forward(
         kube: None,
         ssh: Some(ctx.access(vec![text.clone()], Some(SshForwarding::Port))),
     };
-    let mut decision = ctx.decide(&cmd);
-    if decision.verdict == Verdict::Allow && !forwarding_granted(&ctx, &cmd) {
-        decision = Decision {
-            verdict: Verdict::Refuse,
-            rule: "agentgate-port-forwarding".into(),
+    let decided = ctx.decide(&cmd);
+    let decision = if decided.verdict == Verdict::Allow {
+        decided
+    } else if decided.verdict == Verdict::Hold && forwarding_granted(&ctx, &cmd) {
+        // Forwarding is an Exec-class request (held by default); a baseline entry or grant
+        // that sets ssh.portForwarding allows it without a per-forward approval.
+        Decision {
+            verdict: Verdict::Allow,
+            rule: "ssh-port-forwarding".into(),
             grant: None,
-            message: "port forwarding is refused unless a baseline entry or an AccessGrant sets ssh.portForwarding".into(),
-        };
-    }
+            message: String::new(),
+        }
+    } else if decided.verdict == Verdict::Hold {
+        Decision {
+            verdict: Verdict::Hold,
+            rule: decided.rule,
+            grant: None,
+            message: format!(
+                "{}; port forwarding is refused unless a baseline entry or an AccessGrant sets ssh.portForwarding",
+                decided.message
+            ),
+        }
+    } else {
+        decided
+    };
     let id = ctx.record("forward", &text, &cmd, &decision)?;
     if decision.verdict != Verdict::Allow {
         let msg = ctx.refusal(&cmd, &text, &decision).await;
@@ -1030,7 +1046,13 @@ fn forwarding_granted(ctx: &Ctx, cmd: &policy::Command) -> bool {
     };
     let now = jiff::Timestamp::now();
     let ok = |scope: &agentgate_crds::AccessScope| {
-        scope.ssh.as_ref().is_some_and(|s| s.port_forwarding) && policy::covers(scope, cmd)
+        // The flag is the grant of forwarding (whatever classes the scope lists); the login
+        // must still be one the scope allows.
+        scope.ssh.as_ref().is_some_and(|s| s.port_forwarding)
+            && cmd
+                .ssh
+                .as_ref()
+                .is_some_and(|a| a.allowed_by(scope.ssh.as_ref()))
     };
     id.spec
         .baseline
