@@ -612,9 +612,20 @@ async fn show(session: &str, from: &From, output: Output, replay: bool) -> anyho
     if replay && ssh {
         // asciicast v2: a header line, then [seconds, "o"|"i"|"r", data] events.
         let start = records[0].time;
+        // The terminal's size as the agent's client first gave it (`r` events), if it did.
+        let (width, height) = records
+            .iter()
+            .filter_map(|r| r.io.as_ref())
+            .filter(|io| io.stream == "r")
+            .find_map(|io| {
+                let (w, h) = io.data.split_once('x')?;
+                Some((w.parse::<u32>().ok()?, h.parse::<u32>().ok()?))
+            })
+            .filter(|(w, h)| *w > 0 && *h > 0)
+            .unwrap_or((120, 40));
         println!(
             "{}",
-            serde_json::json!({"version": 2, "width": 120, "height": 40,
+            serde_json::json!({"version": 2, "width": width, "height": height,
                 "timestamp": start.as_second(), "title": format!("agentgate session {session}")})
         );
         for r in &records {

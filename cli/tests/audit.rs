@@ -9,8 +9,9 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{cli, setup, stdout};
-use testenv::process::wait_until;
+use common::{cli, setup, sidecar_bin, stdout};
+use testenv::process::{Proc, Spec, free_port, wait_until};
+use testenv::{Parts, TestEnv};
 
 #[test]
 fn a_session_is_recorded_verified_shown_and_exported() {
@@ -455,4 +456,116 @@ fn a_terminal_session_replays_as_an_asciicast_asciinema_plays() {
         String::from_utf8_lossy(&played.stdout),
         "$ ls\r\nREADME.md  src\r\n$ exit\r\n"
     );
+}
+
+/// A real SSH session through the gateway (OpenSSH's ssh with a pty, to a real sshd),
+/// replayed by the CLI as asciicast v2 and played back by asciinema.
+#[test]
+fn an_ssh_session_through_the_gateway_replays_as_it_ran() {
+    let env = TestEnv::start(Parts {
+        ssh: true,
+        ..Default::default()
+    })
+    .expect("environment");
+    let sshd = env.ssh().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy");
+    let targets = dir.path().join("targets");
+    std::fs::create_dir_all(&policy).unwrap();
+    sshd.write_credentials(&targets, "host").unwrap();
+    std::fs::write(
+        policy.join("policy.yaml"),
+        format!(
+            "apiVersion: agentgate.dev/v1alpha1\nkind: AgentIdentity\nmetadata: {{ name: claude }}\nspec:\n  owner: team\n  authentication: {{ serviceAccount: {{ name: claude }} }}\n  baseline: [ {{ target: host, scope: {{ operations: [Read] }} }} ]\n---\n{}",
+            sshd.target_yaml("host").unwrap()
+        ),
+    )
+    .unwrap();
+    let client = dir.path().join("client");
+    let audit = dir.path().join("audit");
+    let spec = Spec::new("sidecar-ssh-replay", sidecar_bin()).args([
+        format!("--policy-dir={}", policy.display()),
+        "--identity=claude".into(),
+        format!("--targets-dir={}", targets.display()),
+        format!("--pg-addr=127.0.0.1:{}", free_port().unwrap()),
+        "--kube-addr=off".into(),
+        format!("--ssh-addr=127.0.0.1:{}", free_port().unwrap()),
+        format!("--client-dir={}", client.display()),
+        format!("--audit-dir={}", audit.display()),
+    ]);
+    let mut sidecar = Proc::start(spec, &env.dir().join("logs")).unwrap();
+    let config = client.join("ssh_config");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&config).is_ok_and(|c| c.contains("Host host")) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no ssh_config: {}",
+            sidecar.log_tail(20)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut child = Command::new("ssh")
+        .arg("-F")
+        .arg(&config)
+        .args(["-tt", "-o", "BatchMode=yes", "host"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut input = child.stdin.take().unwrap();
+        for line in ["echo replay-$((6*7))\n", "exit\n"] {
+            std::thread::sleep(Duration::from_millis(500));
+            input.write_all(line.as_bytes()).unwrap();
+            input.flush().unwrap();
+        }
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("replay-42"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    sidecar.stop(Duration::from_secs(5));
+    let file = audit.join("audit.jsonl");
+    let records: Vec<serde_json::Value> = std::fs::read_to_string(&file)
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let session = records
+        .iter()
+        .find(|r| r["kind"] == "Io")
+        .and_then(|r| r["session"].as_str())
+        .expect("an SSH session with terminal I/O")
+        .to_owned();
+    let out = cli(&["replay", &session, "--from", &file.display().to_string()]);
+    assert!(out.status.success(), "{out:?}");
+    let cast = stdout(&out);
+    let header: serde_json::Value = serde_json::from_str(cast.lines().next().unwrap()).unwrap();
+    assert_eq!(header["version"], 2);
+    assert!(cast.contains("\"i\""), "input events: {cast}");
+    let cast_file = dir.path().join("ssh.cast");
+    std::fs::write(&cast_file, &cast).unwrap();
+    let played = Command::new("script")
+        .args([
+            "-qec",
+            &format!("asciinema cat {}", cast_file.display()),
+            "/dev/null",
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("script and asciinema");
+    assert!(played.status.success(), "{played:?}");
+    assert!(
+        String::from_utf8_lossy(&played.stdout).contains("replay-42"),
+        "{}",
+        String::from_utf8_lossy(&played.stdout)
+    );
+    // The verification of the whole stream holds (the session's records are chained).
+    let key = audit.join("signing-key.pk8.pub").display().to_string();
+    let out = cli(&["verify", "--key", &key, &file.display().to_string()]);
+    assert!(out.status.success(), "{}", stdout(&out));
 }

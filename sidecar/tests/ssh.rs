@@ -100,25 +100,6 @@ impl Setup {
     }
 }
 
-fn target(name: &str, port: u16, user: &str, known_hosts: &str) -> String {
-    let kh = known_hosts.replace('\n', "\n      ");
-    format!(
-        r#"apiVersion: agentgate.dev/v1alpha1
-kind: Target
-metadata: {{ name: {name} }}
-spec:
-  protocol: SSH
-  ssh:
-    host: 127.0.0.1
-    port: {port}
-    user: {user}
-    credentials: {{ name: {name}-key }}
-    knownHosts: |
-      {kh}
-"#
-    )
-}
-
 fn setup() -> anyhow::Result<Setup> {
     let env = TestEnv::start(Parts {
         ssh: true,
@@ -129,8 +110,6 @@ fn setup() -> anyhow::Result<Setup> {
     let policy = dir.path().join("policy");
     let targets = dir.path().join("targets");
     std::fs::create_dir_all(&policy)?;
-    let known_hosts = std::fs::read_to_string(sshd.known_hosts())?;
-    let key = std::fs::read_to_string(sshd.client_key())?;
     // Another host key: a Target whose knownHosts does not list the real one.
     let other = dir.path().join("other_key");
     let st = Command::new("ssh-keygen")
@@ -139,20 +118,13 @@ fn setup() -> anyhow::Result<Setup> {
         .status()?;
     anyhow::ensure!(st.success(), "ssh-keygen");
     let other_pub = std::fs::read_to_string(other.with_extension("pub"))?;
-    let mut parts = other_pub.split_whitespace();
-    let wrong_known = format!(
-        "[127.0.0.1]:{} {} {}",
-        sshd.port(),
-        parts.next().unwrap_or_default(),
-        parts.next().unwrap_or_default()
-    );
+    let real_pub = std::fs::read_to_string(sshd.known_hosts())?;
+    let real_key = real_pub.split_whitespace().nth(2).unwrap_or_default();
+    let other_key = other_pub.split_whitespace().nth(1).unwrap_or_default();
+    let spoofed = sshd.target_yaml("spoofed")?.replace(real_key, other_key);
     for t in ["web", "files", "spoofed"] {
-        let d = targets.join(t);
-        std::fs::create_dir_all(&d)?;
-        std::fs::write(d.join("ssh-privatekey"), &key)?;
+        sshd.write_credentials(&targets, t)?;
     }
-    let user = sshd.user();
-    let port = sshd.port();
     std::fs::write(
         policy.join("policy.yaml"),
         format!(
@@ -180,9 +152,8 @@ spec:
   targets: [web]
   rules: [ {{ name: emails, detectors: [Email], action: Redact }} ]
 "#,
-            web = target("web", port, user, &known_hosts),
-            files = target("files", port, user, &known_hosts),
-            spoofed = target("spoofed", port, user, &wrong_known),
+            web = sshd.target_yaml("web")?,
+            files = sshd.target_yaml("files")?,
         ),
     )?;
     let client_dir = dir.path().join("client");

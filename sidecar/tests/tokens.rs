@@ -26,7 +26,7 @@ async fn tokens_from_a_real_issuer() -> anyhow::Result<()> {
     let env = TestEnv::start_async(Parts {
         kube: true,
         postgres: true,
-        ..Default::default()
+        ssh: true,
     })
     .await?;
     let kube = env.kube()?;
@@ -65,13 +65,14 @@ kind: Target
 metadata: {{ name: cluster }}
 spec: {{ protocol: Kubernetes, kubernetes: {cluster} }}
 ---
+{host}---
 apiVersion: agentgate.dev/v1alpha1
 kind: AgentIdentity
 metadata: {{ name: claude, namespace: default }}
 spec:
   owner: t
   authentication: {{ serviceAccount: {{ name: claude }} }}
-  baseline: [ {{ target: db, scope: {{ operations: [Read] }} }}, {{ target: cluster, scope: {{ operations: [Read] }} }} ]
+  baseline: [ {{ target: db, scope: {{ operations: [Read] }} }}, {{ target: cluster, scope: {{ operations: [Read] }} }}, {{ target: host, scope: {{ operations: [Read] }} }} ]
 ---
 apiVersion: agentgate.dev/v1alpha1
 kind: AgentIdentity
@@ -81,10 +82,12 @@ spec:
   authentication: {{ oidc: {{ issuer: "{issuer}", audience: ext-aud, subject: "system:serviceaccount:default:robot" }} }}
   baseline: [ {{ target: db, scope: {{ operations: [Read] }} }} ]
 "#,
-            port = pg.port()
+            port = pg.port(),
+            host = env.ssh()?.target_yaml("host")?,
         ),
     )?;
     pg.write_credentials(targets.path(), "db", "agentgate")?;
+    env.ssh()?.write_credentials(targets.path(), "host")?;
     let client_dir = env.dir().join("client");
     let port = free_port()?;
     let spec = Spec::new("sidecar", env!("CARGO_BIN_EXE_agentgate-sidecar")).args([
@@ -169,6 +172,42 @@ spec:
     };
     let (ok, err) = kubectl(Some(&good));
     assert!(ok, "{err}");
+
+    // The SSH gateway takes them as the password (OpenSSH's ssh, through SSH_ASKPASS).
+    let ssh_config = client_dir.join("ssh_config");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(&ssh_config).is_ok_and(|c| c.contains("Host host")) {
+        anyhow::ensure!(Instant::now() < deadline, "no ssh_config");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let askpass = env.dir().join("askpass.sh");
+    std::fs::write(
+        &askpass,
+        "#!/bin/sh\nprintf '%s\\n' \"$AGENTGATE_TEST_TOKEN\"\n",
+    )?;
+    std::fs::set_permissions(
+        &askpass,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )?;
+    let ssh = |token: &str| {
+        let out = Command::new("ssh")
+            .arg("-F")
+            .arg(&ssh_config)
+            .args(["-o", "NumberOfPasswordPrompts=1", "host", "echo via-ssh"])
+            .env("SSH_ASKPASS", &askpass)
+            .env("SSH_ASKPASS_REQUIRE", "force")
+            .env("AGENTGATE_TEST_TOKEN", token)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("ssh");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, out, err) = ssh(&good);
+    assert!(ok && out == "via-ssh", "{err}\n{}", proc.log_tail(20));
     let (ok, err) = kubectl(None);
     assert!(!ok && err.contains("agentgate refuses the token"), "{err}");
 
@@ -231,6 +270,13 @@ spec:
             let (ok, err) = kubectl(Some(&tok));
             assert!(!ok && err.contains(want), "kube, {name}: {err}");
         }
+        // SSH says only "Permission denied" (the protocol has no reason field); the reason
+        // is in the refusal record.
+        let (ok, _, ssh_err) = ssh(&tok);
+        assert!(
+            !ok && ssh_err.contains("Permission denied"),
+            "ssh, {name}: {ssh_err}"
+        );
         assert!(
             !err.contains(&tok[..tok.len().min(40)]) || tok.len() < 20,
             "{name}: the token leaked into the message"

@@ -154,6 +154,30 @@ impl SshEnv {
         ]
     }
 
+    /// A `Target` manifest (agentgate.dev/v1alpha1) for this server: its address, the login
+    /// the client key opens, its host key as `knownHosts`, and the credentials Secret
+    /// `<name>-key` (see [`Self::write_credentials`]).
+    pub fn target_yaml(&self, name: &str) -> Result<String, Error> {
+        let known = std::fs::read_to_string(self.known_hosts())
+            .map_err(|e| Error::io("read known_hosts", e))?;
+        Ok(format!(
+            "apiVersion: agentgate.dev/v1alpha1\nkind: Target\nmetadata: {{ name: {name} }}\nspec:\n  protocol: SSH\n  ssh:\n    host: 127.0.0.1\n    port: {port}\n    user: {user}\n    credentials: {{ name: {name}-key }}\n    knownHosts: |\n      {kh}\n",
+            port = self.port,
+            user = self.user,
+            kh = known.trim().replace('\n', "\n      "),
+        ))
+    }
+
+    /// Writes the Target's credentials as the sidecar finds them mounted:
+    /// `<targets_dir>/<name>/ssh-privatekey` (the client key).
+    pub fn write_credentials(&self, targets_dir: &Path, name: &str) -> Result<(), Error> {
+        let dir = targets_dir.join(name);
+        mkdir(&dir)?;
+        let key = std::fs::read_to_string(self.client_key())
+            .map_err(|e| Error::io("read the client key", e))?;
+        write(&dir.join("ssh-privatekey"), &key)
+    }
+
     /// The process id of the listener.
     pub fn pid(&self) -> Option<u32> {
         self.proc.pid()
