@@ -260,7 +260,7 @@ fn exec_through_the_gateway_checked_masked_and_recorded() -> anyhow::Result<()> 
     assert!(held.contains("held for approval"), "{held}");
     // Records: the refusal with its rule, the masked output, never the value.
     let r = s.request(&format!("touch {} && sudo id", marker.display()));
-    assert_eq!(r["decision"]["verdict"], "Refuse");
+    assert_eq!(r["decision"]["verdict"], "Refused");
     let all = std::fs::read_to_string(&s.audit)?;
     assert!(!all.contains(EMAIL), "an unmasked value was recorded");
     assert!(

@@ -62,6 +62,8 @@ impl SshEnv {
                  AllowTcpForwarding yes\n\
                  X11Forwarding no\n\
                  PrintMotd no\n\
+                 MaxStartups 300\n\
+                 MaxSessions 300\n\
                  LogLevel VERBOSE\n",
                 hk = ssh.join("ssh_host_ed25519_key").display(),
                 pid = ssh.join("sshd.pid").display(),

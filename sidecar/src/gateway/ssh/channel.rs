@@ -338,7 +338,12 @@ fn transfer(command: &str) -> Option<bool> {
 }
 
 /// Serves one session channel to its end.
-pub async fn run(gw: Arc<SshGateway>, agent: Agent, channel: russh::Channel<server::Msg>) {
+pub async fn run(
+    gw: Arc<SshGateway>,
+    agent: Agent,
+    channel: russh::Channel<server::Msg>,
+    handle: server::Handle,
+) {
     let (mut from_agent, to_agent) = channel.split();
     let to_agent = Arc::new(to_agent);
     let ctx = match Ctx::resolve(&gw, &agent) {
@@ -352,6 +357,8 @@ pub async fn run(gw: Arc<SshGateway>, agent: Agent, channel: russh::Channel<serv
     // The requests before the session starts.
     let mut pty = None;
     let mut env = Vec::new();
+    let mut agent_forwarding = false;
+    let mut x11 = None;
     let mode = loop {
         match from_agent.wait().await {
             Some(ChannelMsg::RequestPty {
@@ -392,6 +399,25 @@ pub async fn run(gw: Arc<SshGateway>, agent: Agent, channel: russh::Channel<serv
                     p.2 = row_height;
                     p.3 = pix_width;
                     p.4 = pix_height;
+                }
+            }
+            Some(ChannelMsg::AgentForward { .. }) => {
+                agent_forwarding = ctx.forwarding(SshForwarding::Agent, "agent forwarding");
+            }
+            Some(ChannelMsg::RequestX11 {
+                single_connection,
+                x11_authentication_protocol,
+                x11_authentication_cookie,
+                x11_screen_number,
+                ..
+            }) => {
+                if ctx.forwarding(SshForwarding::X11, "X11 forwarding") {
+                    x11 = Some(X11 {
+                        single_connection,
+                        protocol: x11_authentication_protocol,
+                        cookie: x11_authentication_cookie,
+                        screen: x11_screen_number,
+                    });
                 }
             }
             Some(ChannelMsg::RequestShell { .. }) => break Mode::Shell,
@@ -499,10 +525,17 @@ pub async fn run(gw: Arc<SshGateway>, agent: Agent, channel: russh::Channel<serv
         return;
     }
     // The host.
+    let back = upstream::Back {
+        agent: Some(handle),
+        agent_forwarding,
+        x11: x11.is_some(),
+        remote: false,
+    };
     let up = match upstream::connect(
         &ctx.spec,
         &ctx.gw.core.targets_dir.join(&ctx.target),
         &ctx.login,
+        back,
     )
     .await
     {
@@ -514,7 +547,13 @@ pub async fn run(gw: Arc<SshGateway>, agent: Agent, channel: russh::Channel<serv
             return;
         }
     };
-    let up_channel = match open_session(&up, pty.as_ref(), &env, &mode).await {
+    let asks = Asks {
+        pty: pty.as_ref(),
+        env: &env,
+        agent_forwarding,
+        x11: x11.as_ref(),
+    };
+    let up_channel = match open_session(&up, &asks, &mode).await {
         Ok(c) => c,
         Err(why) => {
             let msg = format!("agentgate: the host of {} refused: {why}", ctx.target);
@@ -557,18 +596,48 @@ pub async fn run(gw: Arc<SshGateway>, agent: Agent, channel: russh::Channel<serv
 
 type Pty = (String, u32, u32, u32, u32, Vec<(russh::Pty, u32)>);
 
+/// An X11 forwarding request, passed on as the agent's client made it.
+struct X11 {
+    single_connection: bool,
+    protocol: String,
+    cookie: String,
+    screen: u32,
+}
+
+/// The requests the agent made before its command, to make again on the host's side.
+struct Asks<'a> {
+    pty: Option<&'a Pty>,
+    env: &'a [(String, String)],
+    agent_forwarding: bool,
+    x11: Option<&'a X11>,
+}
+
 /// Opens the host's side of the channel and makes the same requests.
 async fn open_session(
     up: &Connection,
-    pty: Option<&Pty>,
-    env: &[(String, String)],
+    asks: &Asks<'_>,
     mode: &Mode,
 ) -> Result<russh::Channel<client::Msg>, String> {
     let ch = up
         .channel_open_session()
         .await
         .map_err(|e| format!("no session channel: {e}"))?;
-    if let Some((term, w, h, pw, ph, modes)) = pty {
+    if asks.agent_forwarding {
+        ch.agent_forward(false).await.map_err(|e| e.to_string())?;
+    }
+    if let Some(x) = asks.x11 {
+        ch.request_x11(
+            false,
+            x.single_connection,
+            x.protocol.clone(),
+            x.cookie.clone(),
+            x.screen,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    }
+    let env = asks.env;
+    if let Some((term, w, h, pw, ph, modes)) = asks.pty {
         ch.request_pty(false, term, *w, *h, *pw, *ph, modes)
             .await
             .map_err(|e| e.to_string())?;
@@ -995,7 +1064,12 @@ pub async fn open_forward(
     let decided = ctx.decide(&cmd);
     let decision = if decided.verdict == Verdict::Allow {
         decided
-    } else if decided.verdict == Verdict::Hold && forwarding_granted(&ctx, &cmd) {
+    } else if decided.verdict == Verdict::Hold
+        && cmd
+            .ssh
+            .as_ref()
+            .is_some_and(|a| forwarding_granted(&ctx.snapshot, &ctx.agent.identity, &ctx.target, a))
+    {
         // Forwarding is an Exec-class request (held by default); a baseline entry or grant
         // that sets ssh.portForwarding allows it without a per-forward approval.
         Decision {
@@ -1028,6 +1102,7 @@ pub async fn open_forward(
         &ctx.spec,
         &gw.core.targets_dir.join(&ctx.target),
         &ctx.login,
+        upstream::Back::default(),
     )
     .await
     .map_err(|e| format!("agentgate cannot reach the host: {e}"))?;
@@ -1038,36 +1113,139 @@ pub async fn open_forward(
     Ok((ch, ctx, up))
 }
 
-/// Whether some scope in force explicitly allows port forwarding (a Target guardrail that
-/// allows everything does not).
-fn forwarding_granted(ctx: &Ctx, cmd: &policy::Command) -> bool {
-    let Some(id) = ctx.snapshot.identities.get(&ctx.agent.identity) else {
+/// Whether a baseline entry or an AccessGrant in force explicitly allows `access` (its
+/// forwarding flag, and its login): a Target guardrail that allows everything does not.
+pub fn forwarding_granted(
+    snapshot: &Snapshot,
+    identity: &str,
+    target: &str,
+    access: &SshAccess,
+) -> bool {
+    let Some(id) = snapshot.identities.get(identity) else {
         return false;
     };
+    if id.spec.disabled {
+        return false;
+    }
     let now = jiff::Timestamp::now();
-    let ok = |scope: &agentgate_crds::AccessScope| {
-        // The flag is the grant of forwarding (whatever classes the scope lists); the login
-        // must still be one the scope allows.
-        scope.ssh.as_ref().is_some_and(|s| s.port_forwarding)
-            && cmd
-                .ssh
-                .as_ref()
-                .is_some_and(|a| a.allowed_by(scope.ssh.as_ref()))
+    let flag = |scope: &agentgate_crds::AccessScope| {
+        let s = scope.ssh.as_ref();
+        let set = match access.forwarding {
+            Some(SshForwarding::Port) => s.is_some_and(|s| s.port_forwarding),
+            Some(SshForwarding::Agent) => s.is_some_and(|s| s.agent_forwarding),
+            Some(SshForwarding::X11) => s.is_some_and(|s| s.x11_forwarding),
+            None => false,
+        };
+        set && access.allowed_by(s)
     };
     id.spec
         .baseline
         .iter()
-        .any(|b| b.target == ctx.target && ok(&b.scope))
-        || ctx.snapshot.grants.values().any(|g| {
-            g.spec.identity == ctx.agent.identity
-                && g.spec.target == ctx.target
+        .any(|b| b.target == target && flag(&b.scope))
+        || snapshot.grants.values().any(|g| {
+            g.spec.identity == identity
+                && g.spec.target == target
+                && g.spec.command.is_none()
                 && agentgate_crds::lifecycle::in_force(g, Some(id), now)
-                && (ok(&g.spec.scope)
-                    || g.spec
-                        .command
-                        .as_ref()
-                        .is_some_and(|c| c.fingerprint == cmd.fingerprint.get()))
+                && flag(&g.spec.scope)
         })
+}
+
+/// Whether `agent` may use forwarding `kind` on the Target its user name chose (no record).
+pub fn may_forward(gw: &SshGateway, agent: &Agent, kind: SshForwarding) -> bool {
+    let Some(snapshot) = gw.core.policy.get() else {
+        return false;
+    };
+    let Ok((login, target)) = parse_user(&agent.user, &snapshot) else {
+        return false;
+    };
+    let Some(spec) = snapshot
+        .targets
+        .get(&target)
+        .and_then(|t| t.spec.ssh.clone())
+    else {
+        return false;
+    };
+    let access = SshAccess {
+        login: login.unwrap_or_else(|| spec.user.clone()),
+        default_login: spec.user.clone(),
+        commands: Vec::new(),
+        forwarding: Some(kind),
+    };
+    forwarding_granted(&snapshot, &agent.identity, &target, &access)
+}
+
+impl Ctx {
+    /// Records a forwarding asked for on this channel and whether it is granted.
+    fn forwarding(&self, kind: SshForwarding, text: &str) -> bool {
+        let access = self.access(Vec::new(), Some(kind));
+        let granted =
+            forwarding_granted(&self.snapshot, &self.agent.identity, &self.target, &access);
+        let cmd = policy::Command {
+            class: OperationClass::Exec,
+            fingerprint: fingerprint("forward", &self.target, &self.login, text),
+            keys: std::iter::once(text.to_owned()).collect(),
+            tables: Default::default(),
+            kube: None,
+            ssh: Some(access),
+        };
+        let decision = if granted {
+            Decision {
+                verdict: Verdict::Allow,
+                rule: "ssh-forwarding".into(),
+                grant: None,
+                message: String::new(),
+            }
+        } else {
+            Decision {
+                verdict: Verdict::Refuse,
+                rule: "ssh-forwarding".into(),
+                grant: None,
+                message: format!(
+                    "{text} is refused unless a baseline entry or an AccessGrant allows it (ssh.agentForwarding, ssh.x11Forwarding)"
+                ),
+            }
+        };
+        granted && self.record("forward", text, &cmd, &decision).is_ok()
+    }
+}
+
+/// Decides, records and sets up a remote forwarding (`ssh -R`): the host listens on
+/// `address:port` and passes each connection back to the agent. Returns the port bound and
+/// the connection carrying it (kept open as long as the agent's connection).
+pub async fn remote_forward(
+    gw: &Arc<SshGateway>,
+    agent: &Agent,
+    address: &str,
+    port: u32,
+    handle: server::Handle,
+) -> Result<(u32, Connection), String> {
+    let ctx = Ctx::resolve(gw, agent)?;
+    let text = format!("remote forward {address}:{port}");
+    let granted = ctx.forwarding(SshForwarding::Port, &text);
+    if !granted {
+        ctx.rec.end("the forwarding was refused");
+        return Err(format!(
+            "{text} is refused unless a baseline entry or an AccessGrant sets ssh.portForwarding"
+        ));
+    }
+    let back = upstream::Back {
+        agent: Some(handle),
+        remote: true,
+        ..Default::default()
+    };
+    let up = upstream::connect(
+        &ctx.spec,
+        &gw.core.targets_dir.join(&ctx.target),
+        &ctx.login,
+        back,
+    )
+    .await?;
+    let bound = up
+        .tcpip_forward(address, port)
+        .await
+        .map_err(|e| format!("the host refused the forwarding: {e}"))?;
+    Ok((if port == 0 { bound } else { port }, up))
 }
 
 /// Relays a granted forwarding's bytes both ways.

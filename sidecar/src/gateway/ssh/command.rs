@@ -1,37 +1,1395 @@
-//! placeholder until the classifier lands
-use agentgate_crds::OperationClass;
+//! A shell command line as guardrails see it. The line is parsed with brush-parser (the
+//! POSIX/bash grammar: pipelines, lists, compound commands, functions, here-documents,
+//! quoting, expansions), every simple command is found — also inside `$( )`, backticks,
+//! process substitutions, `bash -c '…'`, `eval`, and behind wrappers such as `sudo`, `env`,
+//! `xargs`, `timeout` or `find -exec` — its program name is resolved as the shell would
+//! (quotes and escapes removed, path stripped), and each gets an operation class. The line's
+//! class is the most severe. What cannot be parsed is refused; a program name that comes from
+//! an expansion cannot be known, so it is `Exec` (held by default).
+
 use std::collections::BTreeSet;
+
+use agentgate_crds::OperationClass;
+use brush_parser::ast;
+use brush_parser::word::WordPiece;
+
+/// The longest line classified.
+pub const MAX_LEN: usize = 64 << 10;
+/// How deep substitutions and `sh -c` strings may nest.
+pub const MAX_DEPTH: usize = 32;
+
 /// A command line as guardrails see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Parsed {
-    /// class
+    /// The most severe class of any command in it.
     pub class: OperationClass,
-    /// keys
+    /// What guardrails' `matches` globs are compared with: each command's program name
+    /// (`rm`), `name first-argument` (`systemctl restart`), its whole normalized line
+    /// (`rm -rf /tmp/x`), and special keys: `rm -rf /`, `curl | sh`, `dynamic command`,
+    /// `fork bomb`.
     pub keys: BTreeSet<String>,
-    /// commands
+    /// Every simple command, normalized (words unquoted, joined by one space), in order,
+    /// including those inside substitutions, compound commands and behind wrappers: what a
+    /// scope's `ssh.commands` globs must all match.
     pub commands: Vec<String>,
 }
+
 /// Why a line cannot be checked.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Unparsable {
-    /// syntax
-    #[error("syntax: {0}")]
+    /// The shell grammar does not accept it.
+    #[error("not valid shell syntax: {0}")]
     Syntax(String),
+    /// Longer than [`MAX_LEN`].
+    #[error("the command is longer than 64 KiB")]
+    TooLong,
+    /// Nested deeper than [`MAX_DEPTH`].
+    #[error("substitutions nest deeper than {MAX_DEPTH} levels")]
+    TooDeep,
+    /// NUL or other control bytes.
+    #[error("the command holds control bytes")]
+    Binary,
 }
-/// classify
+
+fn severity(c: OperationClass) -> u8 {
+    match c {
+        OperationClass::Read => 0,
+        OperationClass::Write => 1,
+        OperationClass::Ddl => 2,
+        OperationClass::Exec => 3,
+        OperationClass::Privilege => 4,
+        OperationClass::Admin => 5,
+    }
+}
+
+fn options() -> brush_parser::ParserOptions {
+    brush_parser::ParserOptions::default()
+}
+
+fn parse_program(text: &str) -> Result<ast::Program, brush_parser::ParseError> {
+    let text = text.to_owned();
+    std::panic::catch_unwind(move || {
+        let mut p = brush_parser::Parser::new(std::io::Cursor::new(text.as_bytes()), &options());
+        p.parse_program()
+    })
+    .unwrap_or(Err(brush_parser::ParseError::ParsingAtEndOfInput))
+}
+
+fn parse_word(text: &str) -> Option<Vec<brush_parser::word::WordPieceWithSource>> {
+    let text = text.to_owned();
+    std::panic::catch_unwind(move || brush_parser::word::parse(&text, &options()).ok())
+        .ok()
+        .flatten()
+}
+
+fn check_bytes(line: &str) -> Result<(), Unparsable> {
+    if line.len() > MAX_LEN {
+        return Err(Unparsable::TooLong);
+    }
+    if line
+        .bytes()
+        .any(|b| (b < 0x20 && !matches!(b, b'\t' | b'\n' | b'\r')) || b == 0x7f)
+    {
+        return Err(Unparsable::Binary);
+    }
+    Ok(())
+}
+
+/// Parses and classifies one command line (an exec request, or a complete interactive line).
 pub fn classify(line: &str) -> Result<Parsed, Unparsable> {
-    let class = if line.contains("rm -rf /") {
-        OperationClass::Admin
-    } else {
-        OperationClass::Read
-    };
-    Ok(Parsed {
-        class,
+    check_bytes(line)?;
+    let mut w = Walker {
+        class: OperationClass::Read,
         keys: BTreeSet::new(),
-        commands: vec![line.trim().to_owned()],
+        commands: Vec::new(),
+    };
+    w.line(line, 0)?;
+    Ok(Parsed {
+        class: w.class,
+        keys: w.keys,
+        commands: w.commands,
     })
 }
-/// incomplete
+
+/// Whether `text` is an incomplete command the shell would ask more lines for: an
+/// unterminated quote, a trailing backslash, an open `$(` or backtick, an unclosed
+/// `if`/`for`/`while`/`case`/`{`/`(`, a here-document whose terminator has not come, a
+/// trailing `|`, `&&` or `||`.
 pub fn is_incomplete(text: &str) -> bool {
-    text.matches('"').count() % 2 == 1
+    if check_bytes(text).is_err() {
+        return false;
+    }
+    if text.ends_with('\\') && !text.ends_with("\\\\") {
+        return true;
+    }
+    match parse_program(text) {
+        Ok(_) => false,
+        Err(brush_parser::ParseError::ParsingAtEndOfInput) => true,
+        Err(brush_parser::ParseError::Tokenizing { inner, .. }) => inner.is_incomplete(),
+        Err(brush_parser::ParseError::ParsingNear(_)) => false,
+    }
 }
+
+/// A word as the shell would see it after quote removal, and whether it can be known.
+#[derive(Debug, Clone, Default)]
+struct WordText {
+    text: String,
+    /// Comes (partly) from an expansion: parameter, command substitution, arithmetic.
+    dynamic: bool,
+    /// Holds unquoted glob characters or brace expansion: the shell may turn it into other
+    /// words.
+    pattern: bool,
+}
+
+struct Walker {
+    class: OperationClass,
+    keys: BTreeSet<String>,
+    commands: Vec<String>,
+}
+
+const DOWNLOADERS: [&str; 4] = ["curl", "wget", "fetch", "aria2c"];
+const SHELLS: [&str; 8] = ["sh", "bash", "zsh", "dash", "ksh", "ash", "fish", "mksh"];
+
+fn is_interpreter(name: &str) -> bool {
+    SHELLS.contains(&name)
+        || name.starts_with("python")
+        || matches!(
+            name,
+            "perl"
+                | "ruby"
+                | "node"
+                | "nodejs"
+                | "php"
+                | "lua"
+                | "Rscript"
+                | "tclsh"
+                | "pwsh"
+                | "deno"
+                | "bun"
+                | "irb"
+                | "jshell"
+                | "osascript"
+        )
+}
+
+fn basename(s: &str) -> &str {
+    let t = s.trim_end_matches('/');
+    t.rsplit('/').next().unwrap_or(t)
+}
+
+impl Walker {
+    fn raise(&mut self, c: OperationClass) {
+        if severity(c) > severity(self.class) {
+            self.class = c;
+        }
+    }
+
+    fn key(&mut self, k: impl Into<String>) {
+        self.keys.insert(k.into());
+    }
+
+    /// Parses a whole line (or the text of a substitution / `sh -c`) and walks it.
+    fn line(&mut self, text: &str, depth: usize) -> Result<(), Unparsable> {
+        if depth > MAX_DEPTH {
+            return Err(Unparsable::TooDeep);
+        }
+        check_bytes(text)?;
+        let program = parse_program(text).map_err(|e| Unparsable::Syntax(e.to_string()))?;
+        for cc in &program.complete_commands {
+            self.list(cc, depth)?;
+        }
+        Ok(())
+    }
+
+    fn list(&mut self, list: &ast::CompoundList, depth: usize) -> Result<(), Unparsable> {
+        for ast::CompoundListItem(and_or, _) in &list.0 {
+            self.pipeline(&and_or.first, depth)?;
+            for next in &and_or.additional {
+                match next {
+                    ast::AndOr::And(p) | ast::AndOr::Or(p) => self.pipeline(p, depth)?,
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn pipeline(&mut self, p: &ast::Pipeline, depth: usize) -> Result<(), Unparsable> {
+        let mut downloader_before = false;
+        for (i, cmd) in p.seq.iter().enumerate() {
+            let names = self.command(cmd, depth)?;
+            if i > 0 {
+                // An interpreter fed by a pipe runs whatever the pipe carries.
+                for (name, reads_stdin) in &names {
+                    if is_interpreter(name) && *reads_stdin {
+                        self.raise(OperationClass::Exec);
+                        self.key("interpreter reading a pipe");
+                        if downloader_before {
+                            self.raise(OperationClass::Admin);
+                            self.key("curl | sh");
+                        }
+                    }
+                }
+            }
+            if names.iter().any(|(n, _)| DOWNLOADERS.contains(&n.as_str())) {
+                downloader_before = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// Walks one command; returns the programs it runs at its top (name, whether it reads its
+    /// code from stdin), for pipeline checks.
+    fn command(
+        &mut self,
+        cmd: &ast::Command,
+        depth: usize,
+    ) -> Result<Vec<(String, bool)>, Unparsable> {
+        match cmd {
+            ast::Command::Simple(s) => self.simple(s, depth),
+            ast::Command::Compound(c, redirects) => {
+                self.compound(c, depth)?;
+                if let Some(r) = redirects {
+                    for io in &r.0 {
+                        self.redirect(io, depth)?;
+                    }
+                }
+                Ok(Vec::new())
+            }
+            ast::Command::Function(f) => {
+                self.raise(OperationClass::Exec);
+                self.key("function definition");
+                let before = self.commands.len();
+                let ast::FunctionBody(body, redirects) = &f.body;
+                self.compound(body, depth)?;
+                if let Some(r) = redirects {
+                    for io in &r.0 {
+                        self.redirect(io, depth)?;
+                    }
+                }
+                // A function that calls itself (`:(){ :|:& };:`).
+                let name = f.fname.value.clone();
+                if self.commands[before..]
+                    .iter()
+                    .any(|c| c.split(' ').next() == Some(name.as_str()))
+                {
+                    self.raise(OperationClass::Admin);
+                    self.key("fork bomb");
+                }
+                Ok(Vec::new())
+            }
+            ast::Command::ExtendedTest(t, redirects) => {
+                self.opaque(&format!("{:?}", t.expr), depth)?;
+                if let Some(r) = redirects {
+                    for io in &r.0 {
+                        self.redirect(io, depth)?;
+                    }
+                }
+                Ok(Vec::new())
+            }
+        }
+    }
+
+    /// Text the walker cannot take apart further (a test expression, an arithmetic one): a
+    /// substitution inside it runs a command nobody sees, so it is `Exec`.
+    fn opaque(&mut self, text: &str, _depth: usize) -> Result<(), Unparsable> {
+        if text.contains("$(") || text.contains('`') || text.contains("<(") || text.contains(">(") {
+            self.raise(OperationClass::Exec);
+            self.key("dynamic command");
+        }
+        Ok(())
+    }
+
+    fn compound(&mut self, c: &ast::CompoundCommand, depth: usize) -> Result<(), Unparsable> {
+        match c {
+            ast::CompoundCommand::Arithmetic(a) => self.opaque(&a.expr.value, depth),
+            ast::CompoundCommand::ArithmeticForClause(f) => {
+                for e in [&f.initializer, &f.condition, &f.updater]
+                    .into_iter()
+                    .flatten()
+                {
+                    self.opaque(&e.value, depth)?;
+                }
+                self.list(&f.body.list, depth)
+            }
+            ast::CompoundCommand::BraceGroup(b) => self.list(&b.list, depth),
+            ast::CompoundCommand::Subshell(s) => self.list(&s.list, depth),
+            ast::CompoundCommand::ForClause(f) => {
+                for w in f.values.iter().flatten() {
+                    self.word(&w.value, depth)?;
+                }
+                self.list(&f.body.list, depth)
+            }
+            ast::CompoundCommand::CaseClause(c) => {
+                self.word(&c.value.value, depth)?;
+                for item in &c.cases {
+                    for p in &item.patterns {
+                        self.word(&p.value, depth)?;
+                    }
+                    if let Some(l) = &item.cmd {
+                        self.list(l, depth)?;
+                    }
+                }
+                Ok(())
+            }
+            ast::CompoundCommand::IfClause(i) => {
+                self.list(&i.condition, depth)?;
+                self.list(&i.then, depth)?;
+                for e in i.elses.iter().flatten() {
+                    if let Some(c) = &e.condition {
+                        self.list(c, depth)?;
+                    }
+                    self.list(&e.body, depth)?;
+                }
+                Ok(())
+            }
+            ast::CompoundCommand::WhileClause(w) | ast::CompoundCommand::UntilClause(w) => {
+                self.list(&w.0, depth)?;
+                self.list(&w.1.list, depth)
+            }
+            ast::CompoundCommand::Coprocess(c) => {
+                self.command(&c.body, depth)?;
+                Ok(())
+            }
+        }
+    }
+
+    /// A word: its text after quote removal; substitutions inside are walked as commands.
+    fn word(&mut self, raw: &str, depth: usize) -> Result<WordText, Unparsable> {
+        if depth > MAX_DEPTH {
+            return Err(Unparsable::TooDeep);
+        }
+        let pieces =
+            parse_word(raw).ok_or_else(|| Unparsable::Syntax(format!("the word {raw:?}")))?;
+        let mut out = WordText::default();
+        self.pieces(raw, &pieces, false, depth, &mut out)?;
+        Ok(out)
+    }
+
+    fn pieces(
+        &mut self,
+        raw: &str,
+        pieces: &[brush_parser::word::WordPieceWithSource],
+        quoted: bool,
+        depth: usize,
+        out: &mut WordText,
+    ) -> Result<(), Unparsable> {
+        for p in pieces {
+            let source = raw.get(p.start_index..p.end_index).unwrap_or("");
+            match &p.piece {
+                WordPiece::Text(s) => {
+                    if !quoted
+                        && (s.contains(['*', '?', '['])
+                            || (s.contains('{') && (s.contains(',') || s.contains(".."))))
+                    {
+                        out.pattern = true;
+                    }
+                    out.text.push_str(s);
+                }
+                WordPiece::SingleQuotedText(s) => out.text.push_str(s),
+                WordPiece::AnsiCQuotedText(s) => out.text.push_str(&ansi_c(s)),
+                WordPiece::DoubleQuotedSequence(inner)
+                | WordPiece::GettextDoubleQuotedSequence(inner) => {
+                    self.pieces(raw, inner, true, depth, out)?;
+                }
+                WordPiece::TildeExpansion(_) => out.text.push_str(source),
+                WordPiece::ParameterExpansion(_) => {
+                    out.dynamic = true;
+                    out.text.push_str(source);
+                    // `${x:-$(cmd)}`: a command hidden in an expansion's operand.
+                    self.opaque(source, depth)?;
+                }
+                WordPiece::CommandSubstitution(s) | WordPiece::BackquotedCommandSubstitution(s) => {
+                    out.dynamic = true;
+                    out.text.push_str(source);
+                    self.line(s, depth + 1)?;
+                }
+                WordPiece::EscapeSequence(s) => {
+                    out.text.push_str(s.strip_prefix('\\').unwrap_or(s));
+                }
+                WordPiece::ArithmeticExpression(e) => {
+                    out.dynamic = true;
+                    out.text.push_str(source);
+                    self.opaque(&e.value, depth)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn redirect(
+        &mut self,
+        io: &ast::IoRedirect,
+        depth: usize,
+    ) -> Result<Option<String>, Unparsable> {
+        match io {
+            ast::IoRedirect::File(_, kind, target) => match target {
+                ast::IoFileRedirectTarget::Filename(w) => {
+                    let t = self.word(&w.value, depth)?;
+                    let writes = !matches!(
+                        kind,
+                        ast::IoFileRedirectKind::Read
+                            | ast::IoFileRedirectKind::DuplicateInput
+                            | ast::IoFileRedirectKind::DuplicateOutput
+                    );
+                    if writes {
+                        self.written(&t);
+                    }
+                    let op = match kind {
+                        ast::IoFileRedirectKind::Read => "<",
+                        ast::IoFileRedirectKind::Write => ">",
+                        ast::IoFileRedirectKind::Append => ">>",
+                        ast::IoFileRedirectKind::ReadAndWrite => "<>",
+                        ast::IoFileRedirectKind::Clobber => ">|",
+                        ast::IoFileRedirectKind::DuplicateInput => "<&",
+                        ast::IoFileRedirectKind::DuplicateOutput => ">&",
+                    };
+                    Ok(Some(format!("{op} {}", t.text)))
+                }
+                ast::IoFileRedirectTarget::Fd(_) => Ok(None),
+                ast::IoFileRedirectTarget::Duplicate(w) => {
+                    self.word(&w.value, depth)?;
+                    Ok(None)
+                }
+                ast::IoFileRedirectTarget::ProcessSubstitution(_, sub) => {
+                    self.list(&sub.list, depth + 1)?;
+                    Ok(None)
+                }
+            },
+            ast::IoRedirect::HereDocument(_, doc) => {
+                if doc.requires_expansion {
+                    let body = doc.doc.value.clone();
+                    let pieces = std::panic::catch_unwind(move || {
+                        brush_parser::word::parse_heredoc(&body, &options()).ok()
+                    })
+                    .ok()
+                    .flatten()
+                    .ok_or_else(|| Unparsable::Syntax("a here-document".into()))?;
+                    let mut t = WordText::default();
+                    self.pieces(&doc.doc.value, &pieces, true, depth, &mut t)?;
+                }
+                Ok(None)
+            }
+            ast::IoRedirect::HereString(_, w) => {
+                self.word(&w.value, depth)?;
+                Ok(None)
+            }
+            ast::IoRedirect::OutputAndError(w, _) => {
+                let t = self.word(&w.value, depth)?;
+                self.written(&t);
+                Ok(Some(format!("&> {}", t.text)))
+            }
+        }
+    }
+
+    /// A file the command writes (a redirection, tee, dd of=).
+    fn written(&mut self, t: &WordText) {
+        let p = t.text.as_str();
+        if matches!(p, "/dev/null" | "/dev/stdout" | "/dev/stderr" | "/dev/tty")
+            || p.starts_with("/dev/fd/")
+        {
+            return;
+        }
+        if is_device(p) {
+            self.raise(OperationClass::Admin);
+            self.key("write to a device");
+        } else if is_privileged_file(p) {
+            self.raise(OperationClass::Privilege);
+            self.key("write to an account file");
+        } else {
+            self.raise(OperationClass::Write);
+        }
+    }
+
+    fn simple(
+        &mut self,
+        s: &ast::SimpleCommand,
+        depth: usize,
+    ) -> Result<Vec<(String, bool)>, Unparsable> {
+        let mut words: Vec<WordText> = Vec::new();
+        let mut assignments: Vec<String> = Vec::new();
+        let mut redirects: Vec<String> = Vec::new();
+        let mut stdin_redirected = false;
+        for item in s.prefix.iter().flat_map(|p| p.0.iter()) {
+            match item {
+                ast::CommandPrefixOrSuffixItem::AssignmentWord(_, w) => {
+                    let t = self.word(&w.value, depth)?;
+                    assignments.push(t.text);
+                }
+                ast::CommandPrefixOrSuffixItem::Word(w) => words.push(self.word(&w.value, depth)?),
+                ast::CommandPrefixOrSuffixItem::IoRedirect(io) => {
+                    stdin_redirected |= matches!(
+                        io,
+                        ast::IoRedirect::HereDocument(..) | ast::IoRedirect::HereString(..)
+                    );
+                    if let Some(r) = self.redirect(io, depth)? {
+                        redirects.push(r);
+                    }
+                }
+                ast::CommandPrefixOrSuffixItem::ProcessSubstitution(_, sub) => {
+                    self.list(&sub.list, depth + 1)?;
+                }
+            }
+        }
+        if let Some(w) = &s.word_or_name {
+            words.push(self.word(&w.value, depth)?);
+        }
+        let mut process_subs = Vec::new();
+        for item in s.suffix.iter().flat_map(|p| p.0.iter()) {
+            match item {
+                ast::CommandPrefixOrSuffixItem::Word(w) => words.push(self.word(&w.value, depth)?),
+                ast::CommandPrefixOrSuffixItem::AssignmentWord(_, w) => {
+                    words.push(self.word(&w.value, depth)?);
+                }
+                ast::CommandPrefixOrSuffixItem::IoRedirect(io) => {
+                    stdin_redirected |= matches!(
+                        io,
+                        ast::IoRedirect::HereDocument(..) | ast::IoRedirect::HereString(..)
+                    );
+                    if let Some(r) = self.redirect(io, depth)? {
+                        redirects.push(r);
+                    }
+                }
+                ast::CommandPrefixOrSuffixItem::ProcessSubstitution(_, sub) => {
+                    let before = self.commands.len();
+                    self.list(&sub.list, depth + 1)?;
+                    process_subs.push(self.commands[before..].to_vec());
+                    words.push(WordText {
+                        text: "<(…)".into(),
+                        dynamic: true,
+                        pattern: false,
+                    });
+                }
+            }
+        }
+        if words.is_empty() {
+            // Only assignments and redirections.
+            let mut line = assignments.join(" ");
+            for r in &redirects {
+                line.push(' ');
+                line.push_str(r);
+            }
+            let line = line.trim().to_owned();
+            if !line.is_empty() {
+                self.commands.push(line);
+            }
+            return Ok(Vec::new());
+        }
+        // An interpreter given a downloaded script: `bash <(curl …)`.
+        let name = basename(&words[0].text).to_owned();
+        if is_interpreter(&name)
+            && process_subs
+                .iter()
+                .flatten()
+                .any(|c| DOWNLOADERS.contains(&c.split(' ').next().unwrap_or("")))
+        {
+            self.raise(OperationClass::Admin);
+            self.key("curl | sh");
+        }
+        let ran = self.argv(&words, &assignments.join(" "), &redirects, depth)?;
+        Ok(ran
+            .into_iter()
+            .map(|(n, stdin)| (n, stdin && !stdin_redirected))
+            .collect())
+    }
+
+    /// Classifies one program with its arguments (after unwrapping wrappers); returns the
+    /// programs run (name, reads its code from stdin).
+    fn argv(
+        &mut self,
+        words: &[WordText],
+        assignments: &str,
+        redirects: &[String],
+        depth: usize,
+    ) -> Result<Vec<(String, bool)>, Unparsable> {
+        if depth > MAX_DEPTH {
+            return Err(Unparsable::TooDeep);
+        }
+        let Some(first) = words.first() else {
+            return Ok(Vec::new());
+        };
+        let args: Vec<&str> = words[1..].iter().map(|w| w.text.as_str()).collect();
+        let mut line = String::new();
+        if !assignments.is_empty() {
+            line.push_str(assignments);
+            line.push(' ');
+        }
+        line.push_str(
+            &words
+                .iter()
+                .map(|w| w.text.as_str())
+                .collect::<Vec<_>>()
+                .join(" "),
+        );
+        for r in redirects {
+            line.push(' ');
+            line.push_str(r);
+        }
+        self.commands.push(line.clone());
+        if first.dynamic || first.pattern || first.text.is_empty() {
+            self.raise(OperationClass::Exec);
+            self.key("dynamic command");
+            self.key(line);
+            return Ok(vec![("?".into(), false)]);
+        }
+        let name = basename(&first.text).to_owned();
+        self.key(name.clone());
+        self.key(line.clone());
+        if let Some(sub) = args.iter().find(|a| !a.starts_with('-')) {
+            self.key(format!("{name} {sub}"));
+        }
+        // Arguments of the form `rm -rf {/,x}` are expanded here for the checks below.
+        let expanded: Vec<String> = words[1..]
+            .iter()
+            .flat_map(|w| {
+                if w.pattern {
+                    brace_alternatives(&w.text)
+                } else {
+                    vec![w.text.clone()]
+                }
+            })
+            .collect();
+        let args_x: Vec<&str> = expanded.iter().map(String::as_str).collect();
+        let inner = |skip: usize| -> Vec<WordText> {
+            words
+                .get(1 + skip..)
+                .map(<[WordText]>::to_vec)
+                .unwrap_or_default()
+        };
+        use OperationClass::*;
+        match name.as_str() {
+            // Wrappers: the inner command is what runs.
+            "sudo" | "doas" | "pkexec" | "run0" => {
+                self.raise(Privilege);
+                let skip = skip_options(
+                    &args,
+                    &[
+                        "-u",
+                        "-g",
+                        "-C",
+                        "-D",
+                        "-p",
+                        "-r",
+                        "-t",
+                        "-T",
+                        "-U",
+                        "-h",
+                        "--user",
+                        "--group",
+                        "--chdir",
+                        "--prompt",
+                        "--role",
+                        "--type",
+                        "--close-from",
+                        "--other-user",
+                        "--host",
+                    ],
+                );
+                let rest: Vec<WordText> = inner(skip)
+                    .into_iter()
+                    .skip_while(|w| is_assignment(&w.text))
+                    .collect();
+                if rest.is_empty() {
+                    self.key("root shell");
+                    return Ok(vec![(name, false)]);
+                }
+                return self.argv(&rest, "", &[], depth + 1);
+            }
+            "su" => {
+                self.raise(Privilege);
+                if let Some(i) = args.iter().position(|a| *a == "-c" || *a == "--command") {
+                    if let Some(c) = args.get(i + 1) {
+                        self.line(c, depth + 1)?;
+                    }
+                } else if let Some(c) = args.iter().find_map(|a| a.strip_prefix("--command=")) {
+                    self.line(c, depth + 1)?;
+                }
+                return Ok(vec![(name, false)]);
+            }
+            "env" => {
+                let mut i = 0;
+                while i < args.len() {
+                    let a = args[i];
+                    if a == "--" {
+                        i += 1;
+                        break;
+                    } else if a == "-S" || a == "--split-string" {
+                        if let Some(s) = args.get(i + 1) {
+                            self.line(s, depth + 1)?;
+                        }
+                        return Ok(Vec::new());
+                    } else if let Some(s) = a
+                        .strip_prefix("--split-string=")
+                        .or_else(|| a.strip_prefix("-S").filter(|s| !s.is_empty()))
+                    {
+                        self.line(s, depth + 1)?;
+                        return Ok(Vec::new());
+                    } else if matches!(a, "-u" | "--unset" | "-C" | "--chdir") {
+                        i += 2;
+                    } else if a.starts_with('-') || is_assignment(a) {
+                        i += 1;
+                    } else {
+                        break;
+                    }
+                }
+                let rest = inner(i);
+                if rest.is_empty() {
+                    return Ok(Vec::new());
+                }
+                return self.argv(&rest, "", &[], depth + 1);
+            }
+            "nice" | "nohup" | "time" | "exec" | "command" | "builtin" | "stdbuf" | "ionice"
+            | "setsid" | "busybox" | "chrt" | "taskset" | "unbuffer" | "caffeinate"
+            | "doas-nice" => {
+                if name == "command" && args.iter().any(|a| *a == "-v" || *a == "-V") {
+                    return Ok(Vec::new());
+                }
+                let with_values: &[&str] = match name.as_str() {
+                    "nice" => &["-n", "--adjustment"],
+                    "exec" => &["-a"],
+                    "stdbuf" => &["-i", "-o", "-e"],
+                    "ionice" => &["-c", "-n", "-p", "-P", "-u"],
+                    "chrt" => &["-T", "-P", "-D"],
+                    _ => &[],
+                };
+                let mut skip = skip_options(&args, with_values);
+                if matches!(name.as_str(), "chrt" | "taskset") && skip < args.len() {
+                    skip += 1; // the priority or the CPU mask
+                }
+                let rest = inner(skip);
+                if rest.is_empty() {
+                    if name == "exec" {
+                        self.raise(Exec);
+                    }
+                    return Ok(Vec::new());
+                }
+                return self.argv(&rest, "", &[], depth + 1);
+            }
+            "timeout" => {
+                let skip = skip_options(&args, &["-s", "--signal", "-k", "--kill-after"]) + 1;
+                return self.argv(&inner(skip), "", &[], depth + 1);
+            }
+            "flock" => {
+                if let Some(i) = args.iter().position(|a| *a == "-c" || *a == "--command") {
+                    if let Some(c) = args.get(i + 1) {
+                        self.line(c, depth + 1)?;
+                    }
+                    return Ok(Vec::new());
+                }
+                let skip =
+                    skip_options(&args, &["-w", "--timeout", "-E", "--conflict-exit-code"]) + 1;
+                return self.argv(&inner(skip), "", &[], depth + 1);
+            }
+            "chroot" => {
+                self.raise(Admin);
+                let skip = skip_options(&args, &["--userspec", "--groups"]) + 1;
+                let rest = inner(skip);
+                if !rest.is_empty() {
+                    self.argv(&rest, "", &[], depth + 1)?;
+                }
+                return Ok(Vec::new());
+            }
+            "xargs" => {
+                let skip = skip_options(
+                    &args,
+                    &[
+                        "-I",
+                        "-L",
+                        "-n",
+                        "-P",
+                        "-s",
+                        "-d",
+                        "-E",
+                        "-a",
+                        "--max-args",
+                        "--max-procs",
+                        "--delimiter",
+                        "--arg-file",
+                        "--max-lines",
+                        "--max-chars",
+                        "--replace",
+                        "--eof",
+                    ],
+                );
+                let rest = inner(skip);
+                self.raise(Write);
+                if rest.is_empty() {
+                    return Ok(Vec::new());
+                }
+                // The arguments come from stdin: unknown; the program is what matters.
+                return self.argv(&rest, "", &[], depth + 1);
+            }
+            "watch" => {
+                let skip = skip_options(
+                    &args,
+                    &["-n", "--interval", "-d", "--differences", "-q", "--equexit"],
+                );
+                let rest = args.get(skip..).unwrap_or(&[]).join(" ");
+                if !rest.is_empty() {
+                    self.line(&rest, depth + 1)?;
+                }
+                return Ok(Vec::new());
+            }
+            "find" => {
+                // Where it starts: `{}` in an -exec stands for these (and everything below).
+                let starts: Vec<&str> = args
+                    .iter()
+                    .copied()
+                    .take_while(|a| !a.starts_with('-') && *a != "(" && *a != "!")
+                    .collect();
+                let start = starts
+                    .iter()
+                    .copied()
+                    .find(|s| is_root_path(s))
+                    .or(starts.first().copied())
+                    .unwrap_or(".")
+                    .to_owned();
+                let start_path = start;
+                let mut i = 0;
+                while i < args.len() {
+                    match args[i] {
+                        "-exec" | "-execdir" | "-ok" | "-okdir" => {
+                            let start = i + 1;
+                            let mut end = start;
+                            while end < args.len() && args[end] != ";" && args[end] != "+" {
+                                end += 1;
+                            }
+                            let sub: Vec<WordText> = words
+                                .get(1 + start..1 + end)
+                                .map(<[WordText]>::to_vec)
+                                .unwrap_or_default()
+                                .into_iter()
+                                .map(|mut w| {
+                                    w.text = w.text.replace("{}", &start_path);
+                                    w
+                                })
+                                .collect();
+                            if !sub.is_empty() {
+                                self.argv(&sub, "", &[], depth + 1)?;
+                            }
+                            i = end + 1;
+                        }
+                        "-delete" => {
+                            self.raise(Write);
+                            i += 1;
+                        }
+                        "-fprint" | "-fprint0" | "-fprintf" | "-fls" => {
+                            self.raise(Write);
+                            i += 2;
+                        }
+                        _ => i += 1,
+                    }
+                }
+                return Ok(vec![(name, false)]);
+            }
+            "eval" => {
+                self.raise(Exec);
+                let text = args.join(" ");
+                if !text.trim().is_empty() {
+                    self.line(&text, depth + 1)?;
+                }
+                if words[1..].iter().any(|w| w.dynamic) {
+                    self.key("dynamic command");
+                }
+                return Ok(Vec::new());
+            }
+            "source" | "." => {
+                self.raise(Exec);
+                return Ok(vec![(name, false)]);
+            }
+            _ => {}
+        }
+        if SHELLS.contains(&name.as_str()) {
+            self.raise(Exec);
+            let skip = skip_options(&args, &["-o", "+o", "-O", "+O", "--rcfile", "--init-file"]);
+            if let Some(i) = args
+                .iter()
+                .position(|a| a.starts_with('-') && !a.starts_with("--") && a.contains('c'))
+            {
+                if let Some(c) = args.get(i + 1) {
+                    self.line(c, depth + 1)?;
+                }
+                return Ok(vec![(name, false)]);
+            }
+            // A script (runs unseen) or stdin (a pipe, a here-document).
+            let reads_stdin = skip >= args.len() || args.contains(&"-s");
+            return Ok(vec![(name, reads_stdin)]);
+        }
+        if is_interpreter(&name) {
+            self.raise(Exec);
+            let reads_stdin = args.is_empty() || args == ["-"];
+            return Ok(vec![(name, reads_stdin)]);
+        }
+        let sub = args
+            .iter()
+            .copied()
+            .find(|a| !a.starts_with('-'))
+            .unwrap_or("");
+        let has = |flag: &str| args.contains(&flag);
+        let class = match name.as_str() {
+            "rm" => {
+                let recursive = args.iter().any(|a| {
+                    *a == "--recursive"
+                        || (a.starts_with('-')
+                            && !a.starts_with("--")
+                            && (a.contains('r') || a.contains('R')))
+                });
+                if recursive && args_x.iter().any(|a| is_root_path(a)) || has("--no-preserve-root")
+                {
+                    self.key("rm -rf /");
+                    Admin
+                } else {
+                    Write
+                }
+            }
+            "shred" | "wipefs" if args_x.iter().any(|a| is_device(a)) => Admin,
+            "dd" => {
+                if args_x
+                    .iter()
+                    .any(|a| a.strip_prefix("of=").is_some_and(is_device))
+                {
+                    self.key("write to a device");
+                    Admin
+                } else if args_x.iter().any(|a| a.starts_with("of=")) {
+                    Write
+                } else {
+                    Read
+                }
+            }
+            "tee" => {
+                for a in args_x.iter().filter(|a| !a.starts_with('-')) {
+                    self.written(&WordText {
+                        text: (*a).to_owned(),
+                        ..Default::default()
+                    });
+                }
+                Write
+            }
+            "chmod" => {
+                if args.iter().any(|a| is_setid_mode(a)) {
+                    self.key("setuid");
+                    Privilege
+                } else {
+                    Write
+                }
+            }
+            "chown" | "chgrp" | "passwd" | "chpasswd" | "useradd" | "usermod" | "userdel"
+            | "adduser" | "deluser" | "groupadd" | "groupmod" | "groupdel" | "gpasswd"
+            | "visudo" | "setcap" | "newgrp" | "sg" | "vipw" | "vigr" | "chage" => Privilege,
+            "shutdown" | "reboot" | "halt" | "poweroff" | "mkswap" | "fdisk" | "sfdisk"
+            | "gdisk" | "parted" | "wipefs" | "iptables" | "ip6tables" | "nft" | "ufw"
+            | "firewall-cmd" | "modprobe" | "insmod" | "rmmod" | "swapoff" | "swapon" | "kexec"
+            | "mke2fs" | "pivot_root" | "losetup" | "cryptsetup" | "lvremove" | "vgremove"
+            | "pvremove" | "mdadm" => Admin,
+            n if n.starts_with("mkfs") => Admin,
+            "init" | "telinit" => {
+                if args
+                    .iter()
+                    .any(|a| matches!(*a, "0" | "6" | "1" | "s" | "S"))
+                {
+                    Admin
+                } else {
+                    Read
+                }
+            }
+            "systemctl" => match sub {
+                "" | "status" | "show" | "cat" | "help" | "is-active" | "is-enabled"
+                | "is-failed" | "is-system-running" | "list-units" | "list-unit-files"
+                | "list-timers" | "list-sockets" | "list-dependencies" | "list-jobs"
+                | "get-default" => Read,
+                "poweroff" | "reboot" | "halt" | "kexec" | "isolate" | "emergency" | "rescue"
+                | "suspend" | "hibernate" | "hybrid-sleep" | "soft-reboot" | "set-default"
+                | "switch-root" => Admin,
+                _ => Ddl,
+            },
+            "service" => {
+                if args.get(1).is_some_and(|a| *a == "status") || has("--status-all") {
+                    Read
+                } else {
+                    Ddl
+                }
+            }
+            "mount" | "umount" => {
+                if args.is_empty() {
+                    Read
+                } else {
+                    Admin
+                }
+            }
+            "sysctl" => {
+                if has("-w") || has("--write") || has("-p") || args.iter().any(|a| a.contains('='))
+                {
+                    Admin
+                } else {
+                    Read
+                }
+            }
+            "ip" => {
+                if args.iter().any(|a| {
+                    matches!(
+                        *a,
+                        "add"
+                            | "del"
+                            | "delete"
+                            | "set"
+                            | "flush"
+                            | "change"
+                            | "replace"
+                            | "append"
+                            | "prepend"
+                            | "exec"
+                    )
+                }) {
+                    Admin
+                } else {
+                    Read
+                }
+            }
+            "kill" | "pkill" | "killall" => {
+                let targets_init = args
+                    .iter()
+                    .any(|a| matches!(*a, "1" | "-1" | "init" | "systemd" | "sshd"));
+                if targets_init { Admin } else { Write }
+            }
+            "apt" | "apt-get" | "aptitude" => {
+                if matches!(
+                    sub,
+                    "list" | "show" | "search" | "policy" | "depends" | "rdepends" | "changelog"
+                ) {
+                    Read
+                } else {
+                    Ddl
+                }
+            }
+            "apt-cache" => Read,
+            "dpkg" => {
+                if args.iter().any(|a| {
+                    matches!(
+                        *a,
+                        "-l" | "-L"
+                            | "-s"
+                            | "-S"
+                            | "--list"
+                            | "--listfiles"
+                            | "--status"
+                            | "--search"
+                            | "--get-selections"
+                            | "--print-architecture"
+                    )
+                }) {
+                    Read
+                } else {
+                    Ddl
+                }
+            }
+            "rpm" => {
+                if args
+                    .first()
+                    .is_some_and(|a| a.starts_with("-q") || *a == "--query")
+                {
+                    Read
+                } else {
+                    Ddl
+                }
+            }
+            "yum" | "dnf" | "zypper" | "pacman" | "apk" | "snap" | "flatpak" | "brew" | "port"
+            | "emerge" => {
+                if matches!(sub, "list" | "info" | "search" | "show" | "query") || has("-Q") {
+                    Read
+                } else {
+                    Ddl
+                }
+            }
+            "pip" | "pip3" | "pipx" | "gem" | "cargo" | "go" | "conda" => {
+                if matches!(
+                    sub,
+                    "install" | "uninstall" | "remove" | "update" | "upgrade"
+                ) {
+                    Ddl
+                } else if matches!(
+                    sub,
+                    "list" | "show" | "freeze" | "search" | "version" | "env" | "doctor"
+                ) {
+                    Read
+                } else {
+                    Write
+                }
+            }
+            "npm" | "yarn" | "pnpm" => {
+                if has("-g") || has("--global") {
+                    Ddl
+                } else {
+                    Write
+                }
+            }
+            "crontab" => {
+                if has("-l") {
+                    Read
+                } else {
+                    Ddl
+                }
+            }
+            "docker" | "podman" | "nerdctl" | "crictl" | "ctr" => match sub {
+                "ps" | "images" | "logs" | "inspect" | "version" | "info" | "stats" | "top"
+                | "history" | "events" => Read,
+                "exec" | "attach" => Exec,
+                _ => Ddl,
+            },
+            "kubectl" | "oc" | "helm" => match sub {
+                "get" | "describe" | "logs" | "explain" | "version" | "api-resources"
+                | "api-versions" | "top" | "auth" | "cluster-info" | "list" | "status"
+                | "history" | "show" | "search" => Read,
+                "exec" | "attach" | "port-forward" | "proxy" | "debug" | "cp" => Exec,
+                _ => Ddl,
+            },
+            "git" => match sub {
+                "status" | "log" | "diff" | "show" | "rev-parse" | "ls-files" | "ls-tree"
+                | "blame" | "grep" | "describe" | "shortlog" | "reflog" | "cat-file"
+                | "rev-list" | "whatchanged" => Read,
+                "branch" | "tag" | "remote" | "stash"
+                    if args.len() == 1
+                        || args.iter().skip(1).all(|a| {
+                            matches!(*a, "-v" | "-vv" | "-a" | "-r" | "--list" | "-l")
+                        }) =>
+                {
+                    Read
+                }
+                "config"
+                    if args
+                        .iter()
+                        .any(|a| matches!(*a, "--get" | "--list" | "-l" | "--get-all")) =>
+                {
+                    Read
+                }
+                _ => Write,
+            },
+            "curl" | "wget" | "fetch" | "aria2c" => {
+                if args.iter().any(|a| {
+                    matches!(
+                        *a,
+                        "-o" | "-O" | "--output" | "--remote-name" | "-P" | "--output-document"
+                    ) || a.starts_with("--output=")
+                        || a.starts_with("-o") && a.len() > 2
+                }) || name == "wget"
+                    && !args.iter().any(|a| a.starts_with("-O") || *a == "--spider")
+                {
+                    Write
+                } else {
+                    Read
+                }
+            }
+            "sed" => {
+                if args
+                    .iter()
+                    .any(|a| a.starts_with("-i") || a.starts_with("--in-place"))
+                {
+                    Write
+                } else if args.iter().any(|a| {
+                    a.contains("/e") || a.starts_with('e') || a.contains(";e") || a.contains("w ")
+                }) {
+                    Exec
+                } else {
+                    Read
+                }
+            }
+            "awk" | "gawk" | "mawk" | "nawk" => {
+                if args.iter().any(|a| {
+                    a.contains("system") || a.contains('|') || a.contains("> ") || a.contains(">\"")
+                }) || has("-f")
+                {
+                    Exec
+                } else {
+                    Read
+                }
+            }
+            "ssh" | "nc" | "ncat" | "netcat" | "socat" | "telnet" | "ftp" => Exec,
+            "ls" | "cat" | "head" | "tail" | "less" | "more" | "grep" | "egrep" | "fgrep"
+            | "rg" | "ag" | "stat" | "file" | "wc" | "du" | "df" | "free" | "uptime" | "whoami"
+            | "id" | "hostname" | "uname" | "date" | "echo" | "printf" | "pwd" | "ps" | "top"
+            | "htop" | "pgrep" | "lsof" | "ss" | "netstat" | "printenv" | "which" | "type"
+            | "true" | "false" | "test" | "[" | "sort" | "uniq" | "cut" | "tr" | "jq" | "yq"
+            | "diff" | "cmp" | "md5sum" | "sha1sum" | "sha256sum" | "sha512sum" | "base64"
+            | "journalctl" | "dmesg" | "lsblk" | "blkid" | "cd" | "tree" | "basename"
+            | "dirname" | "realpath" | "readlink" | "sleep" | "history" | "man" | "column"
+            | "nl" | "tac" | "rev" | "fold" | "fmt" | "paste" | "join" | "comm" | "expand"
+            | "unexpand" | "od" | "xxd" | "hexdump" | "strings" | "zcat" | "zgrep" | "bzcat"
+            | "xzcat" | "lscpu" | "lsmod" | "lspci" | "lsusb" | "nproc" | "getent" | "groups"
+            | "who" | "w" | "last" | "finger" | "locale" | "tty" | "stty" | "seq" | "yes"
+            | "expr" | "bc" | "dc" | "cal" | "env" | "nslookup" | "dig" | "host" | "ping"
+            | "traceroute" | "tracepath" | "mtr" | "vmstat" | "iostat" | "mpstat" | "sar"
+            | "pidof" | "timedatectl" | "hostnamectl" | "localectl" | "loginctl" | "whereis"
+            | "apropos" | "info" | "exit" | "logout" | "clear" | "reset" | "alias" | "set"
+            | "unset" | "export" | "read" | "shift" | "return" | "break" | "continue" | "wait"
+            | "jobs" | "fg" | "bg" | "hash" | "ulimit" | "umask" | "shopt" | "local"
+            | "declare" | "typeset" | "readonly" | "let" | ":" | "getconf" | "tput" | "sum"
+            | "cksum" | "look" | "tsort" | "numfmt" | "factor" | "pr" | "iconv" => Read,
+            _ => Write,
+        };
+        self.raise(class);
+        Ok(vec![(name, false)])
+    }
+}
+
+fn is_assignment(s: &str) -> bool {
+    s.split_once('=').is_some_and(|(k, _)| {
+        !k.is_empty()
+            && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            && !k.starts_with(|c: char| c.is_ascii_digit())
+    })
+}
+
+/// How many leading arguments are options (with the values of those in `with_value`).
+fn skip_options(args: &[&str], with_value: &[&str]) -> usize {
+    let mut i = 0;
+    while i < args.len() {
+        let a = args[i];
+        if a == "--" {
+            return i + 1;
+        }
+        if !a.starts_with('-') || a == "-" {
+            return i;
+        }
+        if with_value.contains(&a) {
+            i += 2;
+        } else {
+            i += 1;
+        }
+    }
+    i
+}
+
+/// `/`, `/*`, `~`, `$HOME`, or one top-level directory (`/etc`, `/usr/*`), however spelled.
+fn is_root_path(p: &str) -> bool {
+    let p = p.trim();
+    if matches!(
+        p,
+        "~" | "~/"
+            | "~/*"
+            | "$HOME"
+            | "${HOME}"
+            | "$HOME/"
+            | "$HOME/*"
+            | "${HOME}/"
+            | "${HOME}/*"
+            | "*"
+            | ".*"
+            | "/*/*"
+    ) {
+        return true;
+    }
+    if !p.starts_with('/') {
+        return false;
+    }
+    // Normalize: collapse `//`, drop `.` segments, resolve `..`, a trailing `*`.
+    let mut parts: Vec<&str> = Vec::new();
+    for seg in p.split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            s => parts.push(s),
+        }
+    }
+    if parts.last().is_some_and(|s| *s == "*") {
+        parts.pop();
+    }
+    parts.len() <= 1
+}
+
+fn is_device(p: &str) -> bool {
+    let Some(dev) = p.strip_prefix("/dev/") else {
+        return false;
+    };
+    [
+        "sd", "nvme", "vd", "xvd", "hd", "mmcblk", "dm-", "md", "loop", "mem", "kmem", "port",
+        "disk/", "mapper/", "sr",
+    ]
+    .iter()
+    .any(|d| dev.starts_with(d))
+}
+
+fn is_privileged_file(p: &str) -> bool {
+    p.starts_with("/etc/sudoers")
+        || matches!(
+            p,
+            "/etc/passwd" | "/etc/shadow" | "/etc/group" | "/etc/gshadow"
+        )
+        || p.ends_with("/authorized_keys")
+        || p.ends_with("/authorized_keys2")
+        || p.starts_with("/etc/pam.d")
+        || p.starts_with("/etc/ssh/")
+}
+
+fn is_setid_mode(m: &str) -> bool {
+    if m.chars().all(|c| c.is_ascii_digit()) {
+        return m.len() == 4 && m.starts_with(['2', '3', '4', '5', '6', '7']);
+    }
+    m.split(',').any(|clause| {
+        clause
+            .split_once(['+', '='])
+            .is_some_and(|(_, perms)| perms.contains('s'))
+    })
+}
+
+/// The words one brace expression stands for (`{/,x}` → `/`, `x`; `a{b,c}d` → `abd`, `acd`);
+/// the text itself when it has none.
+fn brace_alternatives(text: &str) -> Vec<String> {
+    let (Some(open), Some(close)) = (text.find('{'), text.rfind('}')) else {
+        return vec![text.to_owned()];
+    };
+    if close < open {
+        return vec![text.to_owned()];
+    }
+    let (pre, inner, post) = (&text[..open], &text[open + 1..close], &text[close + 1..]);
+    if !inner.contains(',') {
+        return vec![text.to_owned()];
+    }
+    let mut out: Vec<String> = inner
+        .split(',')
+        .map(|alt| format!("{pre}{alt}{post}"))
+        .collect();
+    out.push(text.to_owned());
+    out
+}
+
+/// Decodes the escapes of `$'…'`.
+fn ansi_c(s: &str) -> String {
+    let mut out = String::new();
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('n') => out.push('\n'),
+            Some('t') => out.push('\t'),
+            Some('r') => out.push('\r'),
+            Some('e' | 'E') => out.push('\u{1b}'),
+            Some('x') => {
+                let mut hex = String::new();
+                while hex.len() < 2 && chars.peek().is_some_and(char::is_ascii_hexdigit) {
+                    hex.extend(chars.next());
+                }
+                if let Some(c) = u8::from_str_radix(&hex, 16).ok().map(char::from) {
+                    out.push(c);
+                }
+            }
+            Some(d @ '0'..='7') => {
+                let mut oct = String::from(d);
+                while oct.len() < 3 && chars.peek().is_some_and(|c| ('0'..='7').contains(c)) {
+                    oct.extend(chars.next());
+                }
+                if let Some(c) = u8::from_str_radix(&oct, 8).ok().map(char::from) {
+                    out.push(c);
+                }
+            }
+            Some(other) => out.push(other),
+            None => out.push('\\'),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;

@@ -29,7 +29,7 @@ use tokio::net::TcpListener;
 use crate::audit::agent_text;
 use crate::gateway::postgres::session::Gateway;
 use crate::mask::MaskSet;
-use crate::policy::Snapshot;
+use crate::policy::{self, Snapshot};
 
 /// The name the agent's `known_hosts` gives the gateway's host key (every Target is reached
 /// at the same loopback address, so one alias serves them all).
@@ -269,6 +269,7 @@ pub async fn serve(listener: TcpListener, gw: Arc<SshGateway>) {
             gw: gw.clone(),
             peer,
             agent: None,
+            remote: Vec::new(),
         };
         let config = config.clone();
         tokio::spawn(async move {
@@ -300,6 +301,8 @@ struct Conn {
     gw: Arc<SshGateway>,
     peer: SocketAddr,
     agent: Option<Agent>,
+    /// Connections to the host that carry the agent's granted remote forwardings.
+    remote: Vec<upstream::Connection>,
 }
 
 impl Conn {
@@ -410,7 +413,7 @@ impl server::Handler for Conn {
         &mut self,
         channel: Channel<Msg>,
         reply: server::ChannelOpenHandle,
-        _session: &mut Session,
+        session: &mut Session,
     ) -> Result<(), Self::Error> {
         let Some(agent) = self.agent.clone() else {
             reply
@@ -419,7 +422,12 @@ impl server::Handler for Conn {
             return Ok(());
         };
         reply.accept().await;
-        tokio::spawn(channel::run(self.gw.clone(), agent, channel));
+        tokio::spawn(channel::run(
+            self.gw.clone(),
+            agent,
+            channel,
+            session.handle(),
+        ));
         Ok(())
     }
 
@@ -548,16 +556,13 @@ impl server::Handler for Conn {
         _x11_screen_number: u32,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        if let Some(a) = &self.agent {
-            refusal_record(
-                &self.gw.core,
-                Some(&a.identity),
-                "",
-                &a.client,
-                "X11 forwarding is refused",
-            );
+        // Recorded by the channel's task, which passes it on when granted.
+        match &self.agent {
+            Some(a) if channel::may_forward(&self.gw, a, policy::SshForwarding::X11) => {
+                session.channel_success(channel)
+            }
+            _ => session.channel_failure(channel),
         }
-        session.channel_failure(channel)
     }
 
     async fn agent_request(
@@ -565,37 +570,46 @@ impl server::Handler for Conn {
         _channel: ChannelId,
         _session: &mut Session,
     ) -> Result<bool, Self::Error> {
-        if let Some(a) = &self.agent {
-            refusal_record(
-                &self.gw.core,
-                Some(&a.identity),
-                "",
-                &a.client,
-                "SSH agent forwarding is refused: agentgate logs in to the host with the Target's own key",
-            );
-        }
-        Ok(false)
+        // Recorded by the channel's task, which passes it on when granted.
+        Ok(self
+            .agent
+            .as_ref()
+            .is_some_and(|a| channel::may_forward(&self.gw, a, policy::SshForwarding::Agent)))
     }
 
     async fn tcpip_forward(
         &mut self,
         address: &str,
         port: &mut u32,
+        session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        let Some(agent) = self.agent.clone() else {
+            return Ok(false);
+        };
+        match channel::remote_forward(&self.gw, &agent, address, *port, session.handle()).await {
+            Ok((bound, conn)) => {
+                *port = bound;
+                self.remote.push(conn);
+                Ok(true)
+            }
+            Err(why) => {
+                tracing::info!(identity = %agent.identity, %why, "remote forwarding refused");
+                Ok(false)
+            }
+        }
+    }
+
+    async fn cancel_tcpip_forward(
+        &mut self,
+        address: &str,
+        port: u32,
         _session: &mut Session,
     ) -> Result<bool, Self::Error> {
-        if let Some(a) = &self.agent {
-            let why = format!(
-                "remote port forwarding ({address}:{port}) is refused: the host would open connections into the agent's pod"
-            );
-            refusal_record(
-                &self.gw.core,
-                Some(&a.identity),
-                "",
-                &a.client,
-                &agent_text(&why, 300),
-            );
+        let mut done = false;
+        for c in &self.remote {
+            done |= c.cancel_tcpip_forward(address, port).await.is_ok();
         }
-        Ok(false)
+        Ok(done)
     }
 
     async fn window_change_request(

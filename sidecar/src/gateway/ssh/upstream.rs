@@ -176,14 +176,147 @@ fn host_glob(pattern: &str, name: &str) -> bool {
     p[pi..].iter().all(|c| *c == '*')
 }
 
+/// What the host may open back towards the agent, each only when granted (by default it may
+/// open nothing: a channel the host opens is refused).
+#[derive(Clone, Debug, Default)]
+pub struct Back {
+    /// The agent's connection, to open the channels on.
+    pub agent: Option<russh::server::Handle>,
+    /// The host may use the agent's SSH agent (`ssh -A`).
+    pub agent_forwarding: bool,
+    /// The host may open X11 channels (`ssh -X`).
+    pub x11: bool,
+    /// The host may pass connections to a remote forwarding (`ssh -R`).
+    pub remote: bool,
+}
+
 /// The client side of the connection to the host.
 pub struct HostCheck {
     known: KnownHostKeys,
     refused: Arc<Mutex<Option<String>>>,
+    back: Back,
+}
+
+/// Joins a channel the host opened with one opened towards the agent.
+async fn join(host: russh::Channel<client::Msg>, agent: russh::Channel<russh::server::Msg>) {
+    let mut h = host.into_stream();
+    let mut a = agent.into_stream();
+    let _ = tokio::io::copy_bidirectional(&mut h, &mut a).await;
 }
 
 impl client::Handler for HostCheck {
     type Error = russh::Error;
+
+    async fn server_channel_open_agent_forward(
+        &mut self,
+        channel: russh::Channel<client::Msg>,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        match (&self.back.agent, self.back.agent_forwarding) {
+            (Some(agent), true) => match agent.channel_open_agent().await {
+                Ok(to_agent) => {
+                    reply.accept().await;
+                    tokio::spawn(join(channel, to_agent));
+                }
+                Err(_) => reply.reject(russh::ChannelOpenFailure::ConnectFailed).await,
+            },
+            _ => {
+                reply
+                    .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+                    .await
+            }
+        }
+        Ok(())
+    }
+
+    async fn server_channel_open_x11(
+        &mut self,
+        channel: russh::Channel<client::Msg>,
+        originator_address: &str,
+        originator_port: u32,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        match (&self.back.agent, self.back.x11) {
+            (Some(agent), true) => match agent
+                .channel_open_x11(originator_address, originator_port)
+                .await
+            {
+                Ok(to_agent) => {
+                    reply.accept().await;
+                    tokio::spawn(join(channel, to_agent));
+                }
+                Err(_) => reply.reject(russh::ChannelOpenFailure::ConnectFailed).await,
+            },
+            _ => {
+                reply
+                    .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+                    .await
+            }
+        }
+        Ok(())
+    }
+
+    async fn server_channel_open_forwarded_tcpip(
+        &mut self,
+        channel: russh::Channel<client::Msg>,
+        connected_address: &str,
+        connected_port: u32,
+        originator_address: &str,
+        originator_port: u32,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        match (&self.back.agent, self.back.remote) {
+            (Some(agent), true) => match agent
+                .channel_open_forwarded_tcpip(
+                    connected_address,
+                    connected_port,
+                    originator_address,
+                    originator_port,
+                )
+                .await
+            {
+                Ok(to_agent) => {
+                    reply.accept().await;
+                    tokio::spawn(join(channel, to_agent));
+                }
+                Err(_) => reply.reject(russh::ChannelOpenFailure::ConnectFailed).await,
+            },
+            _ => {
+                reply
+                    .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+                    .await
+            }
+        }
+        Ok(())
+    }
+
+    async fn server_channel_open_forwarded_streamlocal(
+        &mut self,
+        _channel: russh::Channel<client::Msg>,
+        _socket_path: &str,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        reply
+            .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+            .await;
+        Ok(())
+    }
+
+    async fn server_channel_open_session(
+        &mut self,
+        _channel: russh::Channel<client::Msg>,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        reply
+            .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+            .await;
+        Ok(())
+    }
 
     async fn check_server_key(
         &mut self,
@@ -206,8 +339,13 @@ pub type Connection = client::Handle<HostCheck>;
 
 /// Connects to the Target's host as `login`, with the credentials mounted under `dir`
 /// (`ssh-privatekey`, optionally `ssh-certificate`).
-pub async fn connect(target: &SshTarget, dir: &Path, login: &str) -> Result<Connection, String> {
-    tokio::time::timeout(CONNECT_TIMEOUT, connect_inner(target, dir, login))
+pub async fn connect(
+    target: &SshTarget,
+    dir: &Path,
+    login: &str,
+    back: Back,
+) -> Result<Connection, String> {
+    tokio::time::timeout(CONNECT_TIMEOUT, connect_inner(target, dir, login, back))
         .await
         .map_err(|_| {
             format!(
@@ -219,7 +357,12 @@ pub async fn connect(target: &SshTarget, dir: &Path, login: &str) -> Result<Conn
         })?
 }
 
-async fn connect_inner(target: &SshTarget, dir: &Path, login: &str) -> Result<Connection, String> {
+async fn connect_inner(
+    target: &SshTarget,
+    dir: &Path,
+    login: &str,
+    back: Back,
+) -> Result<Connection, String> {
     let known = KnownHostKeys::parse(&target.known_hosts, &target.host, target.port);
     if known.is_empty() {
         return Err(format!(
@@ -247,6 +390,7 @@ async fn connect_inner(target: &SshTarget, dir: &Path, login: &str) -> Result<Co
     let handler = HostCheck {
         known,
         refused: refused.clone(),
+        back,
     };
     let config = Arc::new(client::Config {
         inactivity_timeout: None,
