@@ -138,7 +138,7 @@ spec:
     - target: web
       scope: {{ operations: [Read, Write] }}
     - target: files
-      scope: {{ operations: [Read, Write], ssh: {{ portForwarding: true }} }}
+      scope: {{ operations: [Read, Write], ssh: {{ portForwarding: true, agentForwarding: true }} }}
     - target: spoofed
       scope: {{ operations: [Read] }}
 ---
@@ -470,5 +470,84 @@ fn the_host_key_is_checked_and_only_the_pod_key_logs_in() -> anyhow::Result<()> 
     let out = s.ssh(&["-l", "nobody@nowhere", "web", "true"], None);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("knows no SSH Target nowhere"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn agent_forwarding_only_where_granted_and_evasions_refused() -> anyhow::Result<()> {
+    let s = setup()?;
+    // A local ssh-agent holding a key.
+    let sock = s.dir.path().join("agent.sock");
+    let agent = Command::new("ssh-agent")
+        .arg("-D")
+        .arg("-a")
+        .arg(&sock)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+        }
+    }
+    let _agent = Kill(agent);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sock.exists() {
+        anyhow::ensure!(Instant::now() < deadline, "ssh-agent did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let added = Command::new("ssh-add")
+        .arg(s.dir.path().join("other_key"))
+        .env("SSH_AUTH_SOCK", &sock)
+        .output()?;
+    assert!(
+        added.status.success(),
+        "{}",
+        String::from_utf8_lossy(&added.stderr)
+    );
+    let with_agent = |target: &str| -> String {
+        let out = Command::new("ssh")
+            .arg("-F")
+            .arg(&s.config)
+            .args(["-o", "BatchMode=yes", "-A", target, "ssh-add -l; true"])
+            .env("SSH_AUTH_SOCK", &sock)
+            .output()
+            .expect("ssh");
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    };
+    // Granted on files: the host sees the agent's key.
+    let listed = with_agent("files");
+    assert!(listed.contains("ED25519"), "{listed}");
+    // Not on web: the host has no agent.
+    let listed = with_agent("web");
+    assert!(!listed.contains("ED25519"), "{listed}");
+    assert!(
+        s.records().iter().any(|r| r["kind"] == "Refusal"
+            && r["note"]
+                .as_str()
+                .is_some_and(|n| n.starts_with("agent forwarding is refused"))),
+        "the refused forwarding is recorded"
+    );
+    // Evasions through exec: hidden in a substitution, behind env, encoded through a pipe.
+    for cmd in [
+        "echo $(sudo id)",
+        "env sudo id",
+        "echo c3VkbyBpZAo= | base64 -d | sh",
+        "x=sudo; $x id",
+        "cat /etc/hostname; s''udo id",
+    ] {
+        let err = s.refused(&["web", cmd]);
+        assert!(
+            err.contains("refused") || err.contains("held for approval"),
+            "{cmd}: {err}"
+        );
+    }
+    // In a shell: a line with a tab (completion would change it on the host) is not sent.
+    let out = s.ssh(&["-tt", "web"], Some(b"ech\to tab-ran\necho after\nexit\n"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("tab completion is not passed"), "{text}");
+    assert!(!text.contains("tab-ran\r\n"), "{text}");
+    assert!(text.contains("after"), "{text}");
     Ok(())
 }

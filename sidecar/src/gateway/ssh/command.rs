@@ -416,6 +416,22 @@ impl Walker {
         Ok(())
     }
 
+    /// Walks a redirection of a simple command into `redirects`; whether it feeds stdin.
+    fn redirect_into(
+        &mut self,
+        io: &ast::IoRedirect,
+        depth: usize,
+        redirects: &mut Vec<String>,
+    ) -> Result<bool, Unparsable> {
+        if let Some(r) = self.redirect(io, depth)? {
+            redirects.push(r);
+        }
+        Ok(matches!(
+            io,
+            ast::IoRedirect::HereDocument(..) | ast::IoRedirect::HereString(..)
+        ))
+    }
+
     fn redirect(
         &mut self,
         io: &ast::IoRedirect,
@@ -517,13 +533,7 @@ impl Walker {
                 }
                 ast::CommandPrefixOrSuffixItem::Word(w) => words.push(self.word(&w.value, depth)?),
                 ast::CommandPrefixOrSuffixItem::IoRedirect(io) => {
-                    stdin_redirected |= matches!(
-                        io,
-                        ast::IoRedirect::HereDocument(..) | ast::IoRedirect::HereString(..)
-                    );
-                    if let Some(r) = self.redirect(io, depth)? {
-                        redirects.push(r);
-                    }
+                    stdin_redirected |= self.redirect_into(io, depth, &mut redirects)?;
                 }
                 ast::CommandPrefixOrSuffixItem::ProcessSubstitution(_, sub) => {
                     self.list(&sub.list, depth + 1)?;
@@ -541,13 +551,7 @@ impl Walker {
                     words.push(self.word(&w.value, depth)?);
                 }
                 ast::CommandPrefixOrSuffixItem::IoRedirect(io) => {
-                    stdin_redirected |= matches!(
-                        io,
-                        ast::IoRedirect::HereDocument(..) | ast::IoRedirect::HereString(..)
-                    );
-                    if let Some(r) = self.redirect(io, depth)? {
-                        redirects.push(r);
-                    }
+                    stdin_redirected |= self.redirect_into(io, depth, &mut redirects)?;
                 }
                 ast::CommandPrefixOrSuffixItem::ProcessSubstitution(_, sub) => {
                     let before = self.commands.len();

@@ -556,12 +556,22 @@ impl server::Handler for Conn {
         _x11_screen_number: u32,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        // Recorded by the channel's task, which passes it on when granted.
+        // Recorded by the channel's task when granted (it passes it on); here when not.
         match &self.agent {
             Some(a) if channel::may_forward(&self.gw, a, policy::SshForwarding::X11) => {
                 session.channel_success(channel)
             }
-            _ => session.channel_failure(channel),
+            Some(a) => {
+                refusal_record(
+                    &self.gw.core,
+                    Some(&a.identity),
+                    "",
+                    &a.client,
+                    "X11 forwarding is refused unless a baseline entry or an AccessGrant sets ssh.x11Forwarding",
+                );
+                session.channel_failure(channel)
+            }
+            None => session.channel_failure(channel),
         }
     }
 
@@ -570,11 +580,21 @@ impl server::Handler for Conn {
         _channel: ChannelId,
         _session: &mut Session,
     ) -> Result<bool, Self::Error> {
-        // Recorded by the channel's task, which passes it on when granted.
-        Ok(self
-            .agent
-            .as_ref()
-            .is_some_and(|a| channel::may_forward(&self.gw, a, policy::SshForwarding::Agent)))
+        // Recorded by the channel's task when granted (it passes it on); here when not.
+        let Some(a) = &self.agent else {
+            return Ok(false);
+        };
+        if channel::may_forward(&self.gw, a, policy::SshForwarding::Agent) {
+            return Ok(true);
+        }
+        refusal_record(
+            &self.gw.core,
+            Some(&a.identity),
+            "",
+            &a.client,
+            "agent forwarding is refused unless a baseline entry or an AccessGrant sets ssh.agentForwarding",
+        );
+        Ok(false)
     }
 
     async fn tcpip_forward(

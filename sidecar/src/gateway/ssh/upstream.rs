@@ -204,6 +204,31 @@ async fn join(host: russh::Channel<client::Msg>, agent: russh::Channel<russh::se
     let _ = tokio::io::copy_bidirectional(&mut h, &mut a).await;
 }
 
+/// Answers a channel the host opened: joined with `towards_agent` when the forwarding is
+/// granted and the agent's side opened, refused otherwise.
+async fn open_back(
+    granted: bool,
+    towards_agent: impl std::future::Future<
+        Output = Result<russh::Channel<russh::server::Msg>, russh::Error>,
+    >,
+    channel: russh::Channel<client::Msg>,
+    reply: client::ChannelOpenHandle,
+) {
+    if !granted {
+        reply
+            .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+            .await;
+        return;
+    }
+    match towards_agent.await {
+        Ok(to_agent) => {
+            reply.accept().await;
+            tokio::spawn(join(channel, to_agent));
+        }
+        Err(_) => reply.reject(russh::ChannelOpenFailure::ConnectFailed).await,
+    }
+}
+
 impl client::Handler for HostCheck {
     type Error = russh::Error;
 
@@ -213,19 +238,17 @@ impl client::Handler for HostCheck {
         reply: client::ChannelOpenHandle,
         _session: &mut client::Session,
     ) -> Result<(), Self::Error> {
-        match (&self.back.agent, self.back.agent_forwarding) {
-            (Some(agent), true) => match agent.channel_open_agent().await {
-                Ok(to_agent) => {
-                    reply.accept().await;
-                    tokio::spawn(join(channel, to_agent));
-                }
-                Err(_) => reply.reject(russh::ChannelOpenFailure::ConnectFailed).await,
-            },
-            _ => {
-                reply
-                    .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
-                    .await
+        match &self.back.agent {
+            Some(agent) => {
+                open_back(
+                    self.back.agent_forwarding,
+                    agent.channel_open_agent(),
+                    channel,
+                    reply,
+                )
+                .await
             }
+            None => open_back(false, std::future::pending(), channel, reply).await,
         }
         Ok(())
     }
@@ -238,22 +261,17 @@ impl client::Handler for HostCheck {
         reply: client::ChannelOpenHandle,
         _session: &mut client::Session,
     ) -> Result<(), Self::Error> {
-        match (&self.back.agent, self.back.x11) {
-            (Some(agent), true) => match agent
-                .channel_open_x11(originator_address, originator_port)
+        match &self.back.agent {
+            Some(agent) => {
+                open_back(
+                    self.back.x11,
+                    agent.channel_open_x11(originator_address, originator_port),
+                    channel,
+                    reply,
+                )
                 .await
-            {
-                Ok(to_agent) => {
-                    reply.accept().await;
-                    tokio::spawn(join(channel, to_agent));
-                }
-                Err(_) => reply.reject(russh::ChannelOpenFailure::ConnectFailed).await,
-            },
-            _ => {
-                reply
-                    .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
-                    .await
             }
+            None => open_back(false, std::future::pending(), channel, reply).await,
         }
         Ok(())
     }
@@ -268,27 +286,22 @@ impl client::Handler for HostCheck {
         reply: client::ChannelOpenHandle,
         _session: &mut client::Session,
     ) -> Result<(), Self::Error> {
-        match (&self.back.agent, self.back.remote) {
-            (Some(agent), true) => match agent
-                .channel_open_forwarded_tcpip(
-                    connected_address,
-                    connected_port,
-                    originator_address,
-                    originator_port,
+        match &self.back.agent {
+            Some(agent) => {
+                open_back(
+                    self.back.remote,
+                    agent.channel_open_forwarded_tcpip(
+                        connected_address,
+                        connected_port,
+                        originator_address,
+                        originator_port,
+                    ),
+                    channel,
+                    reply,
                 )
                 .await
-            {
-                Ok(to_agent) => {
-                    reply.accept().await;
-                    tokio::spawn(join(channel, to_agent));
-                }
-                Err(_) => reply.reject(russh::ChannelOpenFailure::ConnectFailed).await,
-            },
-            _ => {
-                reply
-                    .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
-                    .await
             }
+            None => open_back(false, std::future::pending(), channel, reply).await,
         }
         Ok(())
     }
