@@ -186,7 +186,8 @@ pub struct SshScope {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64), inner(length(min = 1, max = 1024)))]
     pub commands: Vec<String>,
-    /// Allow local and remote port forwarding (refused by default).
+    /// Allow port forwarding: local (`ssh -L`, `ssh -W`) and remote (`ssh -R`); refused by
+    /// default.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub port_forwarding: bool,
     /// Allow SSH agent forwarding (refused by default).
