@@ -732,7 +732,7 @@ async fn agent_to_host(
                             Ok(Some(packet)) => match sftp_request(ctx, &packet).await {
                                 Ok(()) => {
                                     sent += packet.len() as u64;
-                                    if to_host.data_bytes(Bytes::from(packet)).await.is_err() {
+                                    if to_host.data_bytes(packet).await.is_err() {
                                         return sent;
                                     }
                                 }
@@ -938,7 +938,7 @@ async fn host_to_agent(
                         match packets.packet() {
                             Ok(Some(p)) => {
                                 sent += p.len() as u64;
-                                if to_agent.data_bytes(Bytes::from(p)).await.is_err() {
+                                if to_agent.data_bytes(p).await.is_err() {
                                     return (sent, exit);
                                 }
                             }

@@ -10,7 +10,7 @@ pub const PERMISSION_DENIED: u32 = 3;
 /// Cuts a byte stream into whole SFTP packets (length prefix included).
 #[derive(Debug, Default)]
 pub struct Framer {
-    buf: Vec<u8>,
+    buf: bytes::BytesMut,
 }
 
 impl Framer {
@@ -20,7 +20,7 @@ impl Framer {
     }
 
     /// The next whole packet, if one is in; `Err` when the stream is not SFTP.
-    pub fn packet(&mut self) -> Result<Option<Vec<u8>>, String> {
+    pub fn packet(&mut self) -> Result<Option<bytes::Bytes>, String> {
         if self.buf.len() < 4 {
             return Ok(None);
         }
@@ -31,7 +31,7 @@ impl Framer {
         if self.buf.len() < 4 + len {
             return Ok(None);
         }
-        Ok(Some(self.buf.drain(..4 + len).collect()))
+        Ok(Some(self.buf.split_to(4 + len).freeze()))
     }
 }
 
@@ -217,7 +217,7 @@ mod tests {
         f.feed(&p[..5]);
         assert_eq!(f.packet(), Ok(None));
         f.feed(&p[5..]);
-        assert_eq!(f.packet(), Ok(Some(p.clone())));
+        assert_eq!(f.packet(), Ok(Some(bytes::Bytes::from(p.clone()))));
         f.feed(&[0xff, 0xff, 0xff, 0xff]);
         assert!(f.packet().is_err());
     }
@@ -264,7 +264,7 @@ mod tests {
         let st = status(9, PERMISSION_DENIED, "no");
         let mut f = Framer::default();
         f.feed(&st);
-        assert_eq!(f.packet(), Ok(Some(st.clone())));
+        assert_eq!(f.packet(), Ok(Some(bytes::Bytes::from(st.clone()))));
         assert_eq!(&st[4..9], &[101, 0, 0, 0, 9]);
     }
 }
