@@ -1,5 +1,5 @@
 //! The SSH gateway against a real sshd (Debian's OpenSSH) with OpenSSH's own `ssh`, `scp`
-//! and `sftp`: exec allowed, refused and held then approved; an interactive shell with a pty
+//! and `sftp`, and rsync: exec allowed, refused and held then approved; an interactive shell with a pty
 //! whose lines are checked at Enter; masked output; file transfers; forwarding refused; the
 //! host key checked against the Target; and the records.
 
@@ -367,6 +367,36 @@ fn files_move_with_scp_and_sftp_and_forwarding_is_refused() -> anyhow::Result<()
         String::from_utf8_lossy(&legacy.stderr)
     );
     assert_eq!(std::fs::read(remote.join("legacy.bin"))?, data);
+    // rsync over the gateway (its server side runs as an exec, a transfer): up and back.
+    let rsync = |from: String, to: String| -> Output {
+        Command::new("rsync")
+            .arg("-a")
+            .arg("-e")
+            .arg(format!("ssh -F {} -o BatchMode=yes", s.config.display()))
+            .args([from, to])
+            .output()
+            .expect("rsync")
+    };
+    let r = rsync(
+        local.display().to_string(),
+        format!("files:{}/rsynced.bin", remote.display()),
+    );
+    assert!(
+        r.status.success(),
+        "rsync up: {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    assert_eq!(std::fs::read(remote.join("rsynced.bin"))?, data);
+    let r = rsync(
+        format!("files:{}/rsynced.bin", remote.display()),
+        s.dir.path().join("rsync-back.bin").display().to_string(),
+    );
+    assert!(
+        r.status.success(),
+        "rsync down: {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    assert_eq!(std::fs::read(s.dir.path().join("rsync-back.bin"))?, data);
     // Where a MaskPolicy applies, downloads would carry unmasked values: refused.
     let masked = scp(&[
         format!("web:{}/up.bin", remote.display()),

@@ -33,7 +33,7 @@ PGJDBC_VERSION=42.7.14
 
 log() { printf '\033[1m[install]\033[0m %s\n' "$*" >&2; }
 
-DEBS=(postgresql postgresql-client openssh-server openssh-client libclang-dev clang pkg-config openssl pgbouncer python3-psycopg python3-pip curl asciinema)
+DEBS=(postgresql postgresql-client openssh-server openssh-client rsync libclang-dev clang pkg-config openssl pgbouncer python3-psycopg python3-pip curl asciinema)
 
 install_debs() {
   local missing=()
