@@ -581,3 +581,90 @@ fn agent_forwarding_only_where_granted_and_evasions_refused() -> anyhow::Result<
     assert!(text.contains("after"), "{text}");
     Ok(())
 }
+
+#[test]
+fn remote_forwarding_only_where_granted() -> anyhow::Result<()> {
+    let s = setup()?;
+    // What the forwarded connections reach on the agent's side.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let local = listener.local_addr()?.port();
+    std::thread::spawn(move || {
+        for mut c in listener.incoming().flatten() {
+            let _ = c.write_all(b"hello-remote\n");
+        }
+    });
+    // Refused where no scope sets ssh.portForwarding.
+    let out = s.ssh(
+        &[
+            "-o",
+            "ExitOnForwardFailure=yes",
+            "-R",
+            &format!("0:127.0.0.1:{local}"),
+            "web",
+            "true",
+        ],
+        None,
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("remote port forwarding failed"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Granted on files: the host listens, and a connection to it reaches the agent's side.
+    let mut child = Command::new("ssh")
+        .arg("-F")
+        .arg(&s.config)
+        .args([
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "ExitOnForwardFailure=yes",
+            "-R",
+        ])
+        .arg(format!("0:127.0.0.1:{local}"))
+        .args(["files", "sleep 6"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut stderr = child.stderr.take().expect("stderr");
+    let port = {
+        use std::io::Read;
+        let mut seen = String::new();
+        let mut buf = [0u8; 256];
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let n = stderr.read(&mut buf)?;
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+            if let Some(p) = seen
+                .split("Allocated port ")
+                .nth(1)
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|p| p.parse::<u16>().ok())
+            {
+                break p;
+            }
+            assert!(
+                n > 0 && Instant::now() < deadline,
+                "no port allocated: {seen}"
+            );
+        }
+    };
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    c.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut got = String::new();
+    std::io::Read::read_to_string(&mut c, &mut got).ok();
+    assert_eq!(got, "hello-remote\n");
+    let _ = child.kill();
+    let _ = child.wait();
+    let forwards: Vec<String> = s
+        .records()
+        .iter()
+        .filter(|r| r["kind"] == "Request")
+        .filter_map(|r| r["request"]["text"].as_str().map(str::to_owned))
+        .filter(|t| t.starts_with("remote forward "))
+        .collect();
+    assert_eq!(forwards.len(), 2, "both asks recorded: {forwards:?}");
+    Ok(())
+}

@@ -1206,7 +1206,9 @@ impl Ctx {
                 ),
             }
         };
-        granted && self.record("forward", text, &cmd, &decision).is_ok()
+        // Recorded either way; granted only when the record was taken.
+        let recorded = self.record("forward", text, &cmd, &decision).is_ok();
+        granted && recorded
     }
 }
 
