@@ -138,7 +138,7 @@ spec:
     - target: web
       scope: {{ operations: [Read, Write] }}
     - target: files
-      scope: {{ operations: [Read, Write], ssh: {{ portForwarding: true, agentForwarding: true }} }}
+      scope: {{ operations: [Read, Write], ssh: {{ portForwarding: true, agentForwarding: true, x11Forwarding: true }} }}
     - target: spoofed
       scope: {{ operations: [Read] }}
 ---
@@ -559,6 +559,30 @@ fn agent_forwarding_only_where_granted_and_evasions_refused() -> anyhow::Result<
                 .is_some_and(|n| n.starts_with("agent forwarding is refused"))),
         "the refused forwarding is recorded"
     );
+    // X11 likewise (a display that does not exist: only the asking is checked here).
+    for target in ["web", "files"] {
+        let out = Command::new("ssh")
+            .arg("-F")
+            .arg(&s.config)
+            .args(["-o", "BatchMode=yes", "-X", target, "true"])
+            .env("DISPLAY", "127.0.0.1:55")
+            .output()?;
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let recs = s.records();
+    assert!(recs.iter().any(|r| {
+        r["kind"] == "Refusal"
+            && r["note"]
+                .as_str()
+                .is_some_and(|n| n.starts_with("X11 forwarding is refused"))
+    }));
+    assert!(recs.iter().any(|r| r["kind"] == "Request"
+        && r["request"]["text"] == "X11 forwarding"
+        && r["decision"]["verdict"] == "Allowed"));
     // Evasions through exec: hidden in a substitution, behind env, encoded through a pipe.
     for cmd in [
         "echo $(sudo id)",
