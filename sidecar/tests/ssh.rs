@@ -289,6 +289,12 @@ fn an_interactive_shell_is_checked_line_by_line() -> anyhow::Result<()> {
     assert!(!text.contains(EMAIL), "{text}");
     assert!(text.contains("lines"), "{text}");
     assert!(text.contains("three"), "{text}");
+    // A program run with a terminal gets its input checked the same way (a pager's `!cmd`
+    // would otherwise reach a shell unseen).
+    let out = s.ssh(&["-tt", "web", "cat"], Some(b"plain-text\n!sudo id\n\x04"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("plain-text"), "{text}");
+    assert!(text.contains("agentgate: refused"), "{text}");
     // Recorded as a terminal session: input, output, size; replayable.
     let session = s.request(&format!("sudo touch {}", marker.display()))["session"]
         .as_str()

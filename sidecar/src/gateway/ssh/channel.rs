@@ -665,12 +665,15 @@ async fn agent_to_host(
     inject: mpsc::Sender<Vec<u8>>,
 ) -> u64 {
     let mut sent = 0u64;
+    let lines_checked = *mode == Mode::Shell || (matches!(mode, Mode::Exec(_)) && pty);
     let mut lines = LineDiscipline::default();
     let mut packets = sftp::Framer::default();
     while let Some(msg) = from_agent.wait().await {
         match msg {
             ChannelMsg::Data { data } => match mode {
-                Mode::Shell => {
+                // A shell; or a program run with a terminal, whose input may reach a shell
+                // escape (a pager's `!cmd`): each line is checked as a command.
+                Mode::Shell | Mode::Exec(_) if lines_checked => {
                     for input in lines.feed(&data, command::is_incomplete) {
                         match input {
                             Input::Control(bytes) => {
@@ -685,7 +688,7 @@ async fn agent_to_host(
                                 sent += bytes.len() as u64;
                             }
                             Input::Line { text, raw } => {
-                                let verdict = shell_line(ctx, &text).await;
+                                let verdict = shell_line(ctx, &text, *mode != Mode::Shell).await;
                                 match verdict {
                                     Ok(()) => {
                                         ctx.io("i", &raw);
@@ -751,7 +754,7 @@ async fn agent_to_host(
                         }
                     }
                 }
-                Mode::Exec(_) | Mode::Transfer { .. } => {
+                Mode::Shell | Mode::Exec(_) | Mode::Transfer { .. } => {
                     sent += data.len() as u64;
                     if to_host.data_bytes(data).await.is_err() {
                         return sent;
@@ -783,8 +786,10 @@ async fn agent_to_host(
     sent
 }
 
-/// Decides one interactive line; `Err` is what to tell the agent.
-async fn shell_line(ctx: &Arc<Ctx>, text: &str) -> Result<(), String> {
+/// Decides one interactive line; `Err` is what to tell the agent. With `escapes` (the input
+/// of a program that is not a shell), what follows a `!` or `|` is also checked as a command,
+/// as a pager or console would run it (`!sudo id` in `less`).
+async fn shell_line(ctx: &Arc<Ctx>, text: &str, escapes: bool) -> Result<(), String> {
     if text.trim().is_empty() {
         return Ok(());
     }
@@ -809,7 +814,29 @@ async fn shell_line(ctx: &Arc<Ctx>, text: &str) -> Result<(), String> {
             return Err(why);
         }
     };
-    let decision = ctx.decide(&cmd);
+    let mut cmd = cmd;
+    let mut decision = ctx.decide(&cmd);
+    if escapes && decision.verdict == Verdict::Allow {
+        let tails = text
+            .char_indices()
+            .filter(|(_, c)| matches!(c, '!' | '|'))
+            .flat_map(|(i, c)| {
+                let after = &text[i + c.len_utf8()..];
+                let skip_mark = after.chars().next().map_or(0, char::len_utf8);
+                [after, &after[skip_mark..]]
+            });
+        for tail in tails {
+            if let Ok(c) = ctx.command("line", tail) {
+                let d = ctx.decide(&c);
+                if d.verdict != Verdict::Allow {
+                    cmd.class = c.class;
+                    cmd.keys.extend(c.keys);
+                    decision = d;
+                    break;
+                }
+            }
+        }
+    }
     ctx.record("line", text, &cmd, &decision)
         .map_err(|why| format!("agentgate: {why}"))?;
     if decision.verdict == Verdict::Allow {

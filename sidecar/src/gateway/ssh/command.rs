@@ -147,6 +147,38 @@ struct Walker {
     commands: Vec<String>,
 }
 
+/// Interactive programs with a way to run shell commands from inside them.
+const SHELL_ESCAPES: [&str; 28] = [
+    "vi",
+    "vim",
+    "nvim",
+    "view",
+    "vimdiff",
+    "ex",
+    "ed",
+    "emacs",
+    "nano",
+    "pico",
+    "less",
+    "more",
+    "most",
+    "man",
+    "pg",
+    "ftp",
+    "gdb",
+    "lldb",
+    "mysql",
+    "psql",
+    "sqlite3",
+    "mongo",
+    "mongosh",
+    "redis-cli",
+    "screen",
+    "tmux",
+    "script",
+    "expect",
+];
+
 const DOWNLOADERS: [&str; 4] = ["curl", "wget", "fetch", "aria2c"];
 const SHELLS: [&str; 8] = ["sh", "bash", "zsh", "dash", "ksh", "ash", "fish", "mksh"];
 
@@ -918,6 +950,12 @@ impl Walker {
             let reads_stdin = skip >= args.len() || args.contains(&"-s");
             return Ok(vec![(name, reads_stdin)]);
         }
+        if SHELL_ESCAPES.contains(&name.as_str()) {
+            // Editors, pagers and consoles that run commands typed into them.
+            self.raise(Exec);
+            self.key("shell escape");
+            return Ok(vec![(name, false)]);
+        }
         if is_interpreter(&name) {
             self.raise(Exec);
             let reads_stdin = args.is_empty() || args == ["-"];
@@ -1206,26 +1244,26 @@ impl Walker {
                 }
             }
             "ssh" | "nc" | "ncat" | "netcat" | "socat" | "telnet" | "ftp" => Exec,
-            "ls" | "cat" | "head" | "tail" | "less" | "more" | "grep" | "egrep" | "fgrep"
-            | "rg" | "ag" | "stat" | "file" | "wc" | "du" | "df" | "free" | "uptime" | "whoami"
-            | "id" | "hostname" | "uname" | "date" | "echo" | "printf" | "pwd" | "ps" | "top"
-            | "htop" | "pgrep" | "lsof" | "ss" | "netstat" | "printenv" | "which" | "type"
-            | "true" | "false" | "test" | "[" | "sort" | "uniq" | "cut" | "tr" | "jq" | "yq"
-            | "diff" | "cmp" | "md5sum" | "sha1sum" | "sha256sum" | "sha512sum" | "base64"
-            | "journalctl" | "dmesg" | "lsblk" | "blkid" | "cd" | "tree" | "basename"
-            | "dirname" | "realpath" | "readlink" | "sleep" | "history" | "man" | "column"
-            | "nl" | "tac" | "rev" | "fold" | "fmt" | "paste" | "join" | "comm" | "expand"
-            | "unexpand" | "od" | "xxd" | "hexdump" | "strings" | "zcat" | "zgrep" | "bzcat"
-            | "xzcat" | "lscpu" | "lsmod" | "lspci" | "lsusb" | "nproc" | "getent" | "groups"
-            | "who" | "w" | "last" | "finger" | "locale" | "tty" | "stty" | "seq" | "yes"
-            | "expr" | "bc" | "dc" | "cal" | "env" | "nslookup" | "dig" | "host" | "ping"
-            | "traceroute" | "tracepath" | "mtr" | "vmstat" | "iostat" | "mpstat" | "sar"
-            | "pidof" | "timedatectl" | "hostnamectl" | "localectl" | "loginctl" | "whereis"
-            | "apropos" | "info" | "exit" | "logout" | "clear" | "reset" | "alias" | "set"
-            | "unset" | "export" | "read" | "shift" | "return" | "break" | "continue" | "wait"
-            | "jobs" | "fg" | "bg" | "hash" | "ulimit" | "umask" | "shopt" | "local"
-            | "declare" | "typeset" | "readonly" | "let" | ":" | "getconf" | "tput" | "sum"
-            | "cksum" | "look" | "tsort" | "numfmt" | "factor" | "pr" | "iconv" => Read,
+            "ls" | "cat" | "head" | "tail" | "grep" | "egrep" | "fgrep" | "rg" | "ag" | "stat"
+            | "file" | "wc" | "du" | "df" | "free" | "uptime" | "whoami" | "id" | "hostname"
+            | "uname" | "date" | "echo" | "printf" | "pwd" | "ps" | "top" | "htop" | "pgrep"
+            | "lsof" | "ss" | "netstat" | "printenv" | "which" | "type" | "true" | "false"
+            | "test" | "[" | "sort" | "uniq" | "cut" | "tr" | "jq" | "yq" | "diff" | "cmp"
+            | "md5sum" | "sha1sum" | "sha256sum" | "sha512sum" | "base64" | "journalctl"
+            | "dmesg" | "lsblk" | "blkid" | "cd" | "tree" | "basename" | "dirname" | "realpath"
+            | "readlink" | "sleep" | "history" | "column" | "nl" | "tac" | "rev" | "fold"
+            | "fmt" | "paste" | "join" | "comm" | "expand" | "unexpand" | "od" | "xxd"
+            | "hexdump" | "strings" | "zcat" | "zgrep" | "bzcat" | "xzcat" | "lscpu" | "lsmod"
+            | "lspci" | "lsusb" | "nproc" | "getent" | "groups" | "who" | "w" | "last"
+            | "finger" | "locale" | "tty" | "stty" | "seq" | "yes" | "expr" | "bc" | "dc"
+            | "cal" | "env" | "nslookup" | "dig" | "host" | "ping" | "traceroute" | "tracepath"
+            | "mtr" | "vmstat" | "iostat" | "mpstat" | "sar" | "pidof" | "timedatectl"
+            | "hostnamectl" | "localectl" | "loginctl" | "whereis" | "apropos" | "info"
+            | "exit" | "logout" | "clear" | "reset" | "alias" | "set" | "unset" | "export"
+            | "read" | "shift" | "return" | "break" | "continue" | "wait" | "jobs" | "fg"
+            | "bg" | "hash" | "ulimit" | "umask" | "shopt" | "local" | "declare" | "typeset"
+            | "readonly" | "let" | ":" | "getconf" | "tput" | "sum" | "cksum" | "look"
+            | "tsort" | "numfmt" | "factor" | "pr" | "iconv" => Read,
             _ => Write,
         };
         self.raise(class);

@@ -53,6 +53,9 @@ fn classes_of_plain_commands() {
         ("nc -l 4444", Exec),
         ("source ./env.sh", Exec),
         ("f() { ls; }", Exec),
+        ("vim /etc/hosts", Exec),
+        ("git log | less", Exec),
+        ("man bash", Exec),
     ] {
         assert_eq!(class(line), want, "{line}");
     }
