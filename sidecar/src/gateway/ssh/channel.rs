@@ -314,6 +314,13 @@ fn bare_shell(command: &str) -> bool {
 
 /// A file transfer by command: (`scp -t|-f …`, `rsync --server [--sender] …`).
 fn transfer(command: &str) -> Option<bool> {
+    // Only a plain command: `scp -t x; cat secrets` is a shell line, checked and masked.
+    if command.contains([
+        ';', '&', '|', '$', '`', '<', '>', '(', ')', '{', '}', '\n', '\r', '\\', '\'', '"', '#',
+        '*', '?', '~',
+    ]) {
+        return None;
+    }
     let words: Vec<&str> = command.split_whitespace().collect();
     let name = words.first()?.rsplit('/').next()?;
     match name {
@@ -637,8 +644,11 @@ async fn open_session(
         .map_err(|e| e.to_string())?;
     }
     let env = asks.env;
-    if let Some((term, w, h, pw, ph, modes)) = asks.pty {
-        ch.request_pty(false, term, *w, *h, *pw, *ph, modes)
+    if let Some((term, w, h, pw, ph, _modes)) = asks.pty {
+        // The client's terminal modes are not passed: erase, kill, werase or lnext set to
+        // printable characters would let the host's line editing rewrite a line after it was
+        // checked. The host's defaults apply.
+        ch.request_pty(false, term, *w, *h, *pw, *ph, &[])
             .await
             .map_err(|e| e.to_string())?;
     }
@@ -861,7 +871,16 @@ async fn sftp_request(ctx: &Arc<Ctx>, packet: &[u8]) -> Result<(), Vec<u8>> {
     }
     let text = op.describe();
     let class = if op.writes {
-        OperationClass::Write
+        // Uploading over an account, sudo or startup file is what the shell path calls it.
+        op.paths
+            .iter()
+            .map(|p| command::write_class(&command::normalize_path(p)))
+            .max_by_key(|c| match c {
+                OperationClass::Admin => 2,
+                OperationClass::Privilege => 1,
+                _ => 0,
+            })
+            .unwrap_or(OperationClass::Write)
     } else {
         OperationClass::Read
     };
@@ -1206,8 +1225,9 @@ impl Ctx {
     /// Records a forwarding asked for on this channel and whether it is granted.
     fn forwarding(&self, kind: SshForwarding, text: &str) -> bool {
         let access = self.access(Vec::new(), Some(kind));
-        let granted =
-            forwarding_granted(&self.snapshot, &self.agent.identity, &self.target, &access);
+        let granted = self.gw.core.policy.get().is_some_and(|now| {
+            forwarding_granted(&now, &self.agent.identity, &self.target, &access)
+        });
         let cmd = policy::Command {
             class: OperationClass::Exec,
             fingerprint: fingerprint("forward", &self.target, &self.login, text),
@@ -1319,6 +1339,8 @@ mod tests {
             Some(false)
         );
         assert_eq!(transfer("ls -t"), None);
+        assert_eq!(transfer("scp -t /tmp; cat /etc/app.env"), None);
+        assert_eq!(transfer("rsync --server x && journalctl"), None);
     }
 
     #[test]

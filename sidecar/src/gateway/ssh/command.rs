@@ -82,9 +82,48 @@ fn parse_word(text: &str) -> Option<Vec<brush_parser::word::WordPieceWithSource>
         .flatten()
 }
 
+/// How deeply brackets and compound keywords may nest in one line (checked before parsing:
+/// the parser recurses per level, and a stack overflow would end the process).
+const MAX_NESTING: usize = 48;
+
+/// An upper bound of the line's nesting: brackets and compound-command keywords, quotes
+/// ignored (a line that needs more is refused, never parsed).
+fn nesting(line: &str) -> usize {
+    let (mut depth, mut max) = (0usize, 0usize);
+    let mut in_backquote = false;
+    for word in line.split(|c: char| c.is_whitespace() || c == ';') {
+        match word {
+            "if" | "while" | "until" | "for" | "case" | "select" | "function" => depth += 1,
+            "fi" | "done" | "esac" => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        max = max.max(depth);
+        for c in word.chars() {
+            match c {
+                '(' | '{' | '[' => depth += 1,
+                '`' if in_backquote => {
+                    in_backquote = false;
+                    depth = depth.saturating_sub(1);
+                }
+                '`' => {
+                    in_backquote = true;
+                    depth += 1;
+                }
+                ')' | '}' | ']' => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+            max = max.max(depth);
+        }
+    }
+    max
+}
+
 fn check_bytes(line: &str) -> Result<(), Unparsable> {
     if line.len() > MAX_LEN {
         return Err(Unparsable::TooLong);
+    }
+    if nesting(line) > MAX_NESTING {
+        return Err(Unparsable::TooDeep);
     }
     if line
         .bytes()
@@ -177,6 +216,56 @@ const SHELL_ESCAPES: [&str; 28] = [
     "tmux",
     "script",
     "expect",
+];
+
+/// Variables that make the shell or a program run code they name.
+const RUNS_CODE_ENV: [&str; 16] = [
+    "PROMPT_COMMAND",
+    "PATH",
+    "BASH_ENV",
+    "ENV",
+    "EDITOR",
+    "VISUAL",
+    "SHELLOPTS",
+    "BASHOPTS",
+    "IFS",
+    "PERL5OPT",
+    "PERL5LIB",
+    "PYTHONSTARTUP",
+    "PYTHONPATH",
+    "NODE_OPTIONS",
+    "RUBYOPT",
+    "LESSOPEN",
+];
+
+/// Programs that run other programs, escalate, or change how later commands run.
+const RUNS_CODE: [&str; 26] = [
+    "alias",
+    "hash",
+    "enable",
+    "trap",
+    "bind",
+    "complete",
+    "stty",
+    "let",
+    "dc",
+    "strace",
+    "ltrace",
+    "nsenter",
+    "unshare",
+    "systemd-run",
+    "toybox",
+    "at",
+    "batch",
+    "capsh",
+    "setpriv",
+    "firejail",
+    "bwrap",
+    "xdg-open",
+    "declare",
+    "typeset",
+    "export",
+    "readonly",
 ];
 
 const DOWNLOADERS: [&str; 4] = ["curl", "wget", "fetch", "aria2c"];
@@ -529,23 +618,41 @@ impl Walker {
         }
     }
 
+    /// An assignment (`NAME=value`): some variables make later commands run code.
+    fn assignment(&mut self, a: &str) {
+        let name = a.split(['=', '+', '[']).next().unwrap_or("");
+        if RUNS_CODE_ENV.contains(&name)
+            || name.starts_with("LD_")
+            || name.starts_with("GIT_")
+            || name.starts_with("PS")
+            || name.ends_with("PAGER")
+            || name.starts_with("BASH_FUNC")
+        {
+            self.raise(OperationClass::Exec);
+            self.key("environment that runs code");
+        }
+        if a.contains("$(") || a.contains('`') || a.contains('[') {
+            self.raise(OperationClass::Exec);
+            self.key("deferred substitution");
+        }
+    }
+
     /// A file the command writes (a redirection, tee, dd of=).
     fn written(&mut self, t: &WordText) {
-        let p = t.text.as_str();
+        let normalized = normalize_path(&t.text);
+        let p = normalized.as_str();
         if matches!(p, "/dev/null" | "/dev/stdout" | "/dev/stderr" | "/dev/tty")
             || p.starts_with("/dev/fd/")
         {
             return;
         }
-        if is_device(p) {
-            self.raise(OperationClass::Admin);
-            self.key("write to a device");
-        } else if is_privileged_file(p) {
-            self.raise(OperationClass::Privilege);
-            self.key("write to an account file");
-        } else {
-            self.raise(OperationClass::Write);
+        let class = write_class(p);
+        match class {
+            OperationClass::Admin => self.key("write to a device"),
+            OperationClass::Privilege => self.key("write to an account or startup file"),
+            _ => {}
         }
+        self.raise(class);
     }
 
     fn simple(
@@ -596,6 +703,9 @@ impl Walker {
                     });
                 }
             }
+        }
+        for a in &assignments {
+            self.assignment(a);
         }
         if words.is_empty() {
             // Only assignments and redirections.
@@ -670,6 +780,19 @@ impl Walker {
         let name = basename(&first.text).to_owned();
         self.key(name.clone());
         self.key(line.clone());
+        if first.text.contains('/') && !is_system_path(&first.text) {
+            // A program of its own (`./x`, `/tmp/ls`): whatever it is named, it runs code.
+            self.raise(OperationClass::Exec);
+            self.key("program from a path");
+        }
+        if words[1..]
+            .iter()
+            .any(|w| !w.dynamic && (w.text.contains("$(") || w.text.contains('`')))
+        {
+            // A substitution in quotes, which `eval`, arithmetic or a subscript may run later.
+            self.raise(OperationClass::Exec);
+            self.key("deferred substitution");
+        }
         if let Some(sub) = args.iter().find(|a| !a.starts_with('-')) {
             self.key(format!("{name} {sub}"));
         }
@@ -761,6 +884,20 @@ impl Walker {
                         return Ok(Vec::new());
                     } else if matches!(a, "-u" | "--unset" | "-C" | "--chdir") {
                         i += 2;
+                    } else if a.starts_with('-') && !a.starts_with("--") && a.len() > 2 {
+                        // A cluster of short flags: `-iS'cmd'`, `-iu NAME`.
+                        let flags = &a[1..];
+                        if let Some(pos) = flags.find('S') {
+                            let rest = &flags[pos + 1..];
+                            let split = if rest.is_empty() {
+                                args.get(i + 1).copied().unwrap_or("")
+                            } else {
+                                rest
+                            };
+                            self.line(split, depth + 1)?;
+                            return Ok(Vec::new());
+                        }
+                        i += if flags.ends_with(['u', 'C']) { 2 } else { 1 };
                     } else if a.starts_with('-') || is_assignment(a) {
                         i += 1;
                     } else {
@@ -905,6 +1042,10 @@ impl Walker {
                             i = end + 1;
                         }
                         "-delete" => {
+                            if is_root_path(&start_path) {
+                                self.raise(Admin);
+                                self.key("rm -rf /");
+                            }
                             self.raise(Write);
                             i += 1;
                         }
@@ -942,13 +1083,51 @@ impl Walker {
                 .position(|a| a.starts_with('-') && !a.starts_with("--") && a.contains('c'))
             {
                 if let Some(c) = args.get(i + 1) {
+                    if words.get(i + 2).is_some_and(|w| w.dynamic)
+                        && DOWNLOADERS.iter().any(|d| c.contains(d))
+                    {
+                        self.raise(Admin);
+                        self.key("curl | sh");
+                    }
                     self.line(c, depth + 1)?;
                 }
                 return Ok(vec![(name, false)]);
             }
             // A script (runs unseen) or stdin (a pipe, a here-document).
-            let reads_stdin = skip >= args.len() || args.contains(&"-s");
+            let reads_stdin =
+                skip >= args.len() || args.contains(&"-s") || args.get(skip) == Some(&"-");
             return Ok(vec![(name, reads_stdin)]);
+        }
+        if RUNS_CODE.contains(&name.as_str()) {
+            // `export`/`declare` only when they set something that runs code.
+            if matches!(name.as_str(), "declare" | "typeset" | "export" | "readonly") {
+                for a in args.iter().filter(|a| a.contains('=')) {
+                    self.assignment(a);
+                }
+                if !args
+                    .iter()
+                    .any(|a| a.starts_with('-') && (a.contains('f') || a.contains('n')))
+                {
+                    return Ok(vec![(name, false)]);
+                }
+            }
+            self.raise(Exec);
+            self.key("runs code");
+            return Ok(vec![(name, false)]);
+        }
+        if matches!(name.as_str(), "sudoedit" | "runuser") {
+            self.raise(Privilege);
+            return Ok(vec![(name, false)]);
+        }
+        if matches!(
+            name.as_str(),
+            "printf" | "read" | "test" | "[" | "mapfile" | "readarray"
+        ) && args.iter().any(|a| a.contains('['))
+            && (name != "printf" || args.contains(&"-v"))
+        {
+            // A subscript evaluated as arithmetic (`read 'a[$(cmd)]'`).
+            self.raise(Exec);
+            self.key("deferred substitution");
         }
         if SHELL_ESCAPES.contains(&name.as_str()) {
             // Editors, pagers and consoles that run commands typed into them.
@@ -979,16 +1158,20 @@ impl Walker {
                 {
                     self.key("rm -rf /");
                     Admin
+                } else if recursive && words[1..].iter().any(|w| w.dynamic) {
+                    // `rm -rf $d`: what it removes is known only on the host.
+                    self.key("dynamic command");
+                    Exec
                 } else {
                     Write
                 }
             }
             "shred" | "wipefs" if args_x.iter().any(|a| is_device(a)) => Admin,
             "dd" => {
-                if args_x
-                    .iter()
-                    .any(|a| a.strip_prefix("of=").is_some_and(is_device))
-                {
+                if args_x.iter().any(|a| {
+                    a.strip_prefix("of=")
+                        .is_some_and(|p| is_device(&normalize_path(p)))
+                }) {
                     self.key("write to a device");
                     Admin
                 } else if args_x.iter().any(|a| a.starts_with("of=")) {
@@ -996,6 +1179,57 @@ impl Walker {
                 } else {
                     Read
                 }
+            }
+            "cp" | "mv" | "install" | "ln" | "truncate" | "rsync" | "touch" | "mkdir" | "sed"
+            | "patch"
+                if args_x
+                    .iter()
+                    .any(|a| !a.starts_with('-') && write_class(&normalize_path(a)) != Write) =>
+            {
+                let mut worst = Write;
+                for a in args_x.iter().filter(|a| !a.starts_with('-')) {
+                    let c = write_class(&normalize_path(a));
+                    if severity(c) > severity(worst) {
+                        worst = c;
+                    }
+                }
+                self.key("write to an account or startup file");
+                worst
+            }
+            "install" if args.iter().any(|a| is_setid_mode(a)) => Privilege,
+            "tar"
+                if args.iter().any(|a| {
+                    a.starts_with("--checkpoint-action")
+                        || a.starts_with("--to-command")
+                        || a.starts_with("--use-compress-program")
+                        || a.starts_with("--info-script")
+                        || a.starts_with("--new-volume-script")
+                        || *a == "-I"
+                        || *a == "-F"
+                }) =>
+            {
+                Exec
+            }
+            "rsync"
+                if args.iter().any(|a| {
+                    *a == "-e" || a.starts_with("--rsh") || a.starts_with("--rsync-path")
+                }) =>
+            {
+                Exec
+            }
+            "zip"
+                if args
+                    .iter()
+                    .any(|a| *a == "-T" || *a == "-TT" || a.starts_with("--unzip-command")) =>
+            {
+                Exec
+            }
+            "git"
+                if args.first().is_some_and(|a| {
+                    *a == "-c" || a.starts_with("--exec-path") || a.starts_with("--config-env")
+                }) =>
+            {
+                Exec
             }
             "tee" => {
                 for a in args_x.iter().filter(|a| !a.starts_with('-')) {
@@ -1236,8 +1470,12 @@ impl Walker {
             "awk" | "gawk" | "mawk" | "nawk" => {
                 if args.iter().any(|a| {
                     a.contains("system") || a.contains('|') || a.contains("> ") || a.contains(">\"")
-                }) || has("-f")
-                {
+                }) || args.iter().any(|a| {
+                    a.starts_with("-f")
+                        || a.starts_with("--file")
+                        || a.starts_with("-E")
+                        || a.starts_with("--exec")
+                }) {
                     Exec
                 } else {
                     Read
@@ -1255,15 +1493,14 @@ impl Walker {
             | "fmt" | "paste" | "join" | "comm" | "expand" | "unexpand" | "od" | "xxd"
             | "hexdump" | "strings" | "zcat" | "zgrep" | "bzcat" | "xzcat" | "lscpu" | "lsmod"
             | "lspci" | "lsusb" | "nproc" | "getent" | "groups" | "who" | "w" | "last"
-            | "finger" | "locale" | "tty" | "stty" | "seq" | "yes" | "expr" | "bc" | "dc"
-            | "cal" | "env" | "nslookup" | "dig" | "host" | "ping" | "traceroute" | "tracepath"
-            | "mtr" | "vmstat" | "iostat" | "mpstat" | "sar" | "pidof" | "timedatectl"
-            | "hostnamectl" | "localectl" | "loginctl" | "whereis" | "apropos" | "info"
-            | "exit" | "logout" | "clear" | "reset" | "alias" | "set" | "unset" | "export"
-            | "read" | "shift" | "return" | "break" | "continue" | "wait" | "jobs" | "fg"
-            | "bg" | "hash" | "ulimit" | "umask" | "shopt" | "local" | "declare" | "typeset"
-            | "readonly" | "let" | ":" | "getconf" | "tput" | "sum" | "cksum" | "look"
-            | "tsort" | "numfmt" | "factor" | "pr" | "iconv" => Read,
+            | "finger" | "locale" | "tty" | "seq" | "yes" | "expr" | "bc" | "cal" | "env"
+            | "nslookup" | "dig" | "host" | "ping" | "traceroute" | "tracepath" | "mtr"
+            | "vmstat" | "iostat" | "mpstat" | "sar" | "pidof" | "timedatectl" | "hostnamectl"
+            | "localectl" | "loginctl" | "whereis" | "apropos" | "info" | "exit" | "logout"
+            | "clear" | "reset" | "set" | "unset" | "read" | "shift" | "return" | "break"
+            | "continue" | "wait" | "jobs" | "fg" | "bg" | "ulimit" | "umask" | "shopt"
+            | "local" | ":" | "getconf" | "tput" | "sum" | "cksum" | "look" | "tsort"
+            | "numfmt" | "factor" | "pr" | "iconv" => Read,
             _ => Write,
         };
         self.raise(class);
@@ -1344,13 +1581,90 @@ fn is_device(p: &str) -> bool {
     };
     [
         "sd", "nvme", "vd", "xvd", "hd", "mmcblk", "dm-", "md", "loop", "mem", "kmem", "port",
-        "disk/", "mapper/", "sr",
+        "disk/", "mapper/", "sr", "nbd", "root", "ram", "rbd", "zd", "mtd",
     ]
     .iter()
     .any(|d| dev.starts_with(d))
 }
 
+/// The class of writing the file at `p` (normalized): `Admin` for devices and kernel
+/// triggers, `Privilege` for account, sudo, cron and login-startup files, `Write` otherwise.
+pub fn write_class(p: &str) -> OperationClass {
+    if is_device(p) || p.starts_with("/proc/sys") || p == "/proc/sysrq-trigger" {
+        OperationClass::Admin
+    } else if is_privileged_file(p) {
+        OperationClass::Privilege
+    } else {
+        OperationClass::Write
+    }
+}
+
+/// A path with `//`, `/./` and `..` resolved (relative paths keep their start).
+pub fn normalize_path(p: &str) -> String {
+    if !p.starts_with('/') {
+        return p.to_owned();
+    }
+    let mut parts: Vec<&str> = Vec::new();
+    for seg in p.split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            s => parts.push(s),
+        }
+    }
+    format!("/{}", parts.join("/"))
+}
+
+fn is_system_path(p: &str) -> bool {
+    let n = normalize_path(p);
+    [
+        "/bin/",
+        "/usr/bin/",
+        "/sbin/",
+        "/usr/sbin/",
+        "/usr/local/bin/",
+        "/usr/local/sbin/",
+    ]
+    .iter()
+    .any(|d| n.starts_with(d) && !n[d.len()..].contains('/'))
+}
+
 fn is_privileged_file(p: &str) -> bool {
+    let home_startup = [
+        "/.bashrc",
+        "/.bash_profile",
+        "/.bash_login",
+        "/.bash_logout",
+        "/.profile",
+        "/.zshrc",
+        "/.zprofile",
+        "/.zshenv",
+        "/.ssh/rc",
+        "/.ssh/environment",
+        "/.ssh/config",
+        "/.inputrc",
+    ];
+    if home_startup.iter().any(|f| p.ends_with(f))
+        || p.starts_with("~/.") && home_startup.iter().any(|f| p[1..] == **f)
+    {
+        return true;
+    }
+    if p.starts_with("/etc/cron")
+        || p.starts_with("/var/spool/cron")
+        || p.starts_with("/etc/profile")
+        || p.starts_with("/etc/bash")
+        || p.starts_with("/etc/systemd")
+        || p.starts_with("/etc/init.d")
+        || p.starts_with("/etc/security")
+        || matches!(
+            p,
+            "/etc/environment" | "/etc/ld.so.preload" | "/etc/ld.so.conf" | "/etc/rc.local"
+        )
+    {
+        return true;
+    }
     p.starts_with("/etc/sudoers")
         || matches!(
             p,
@@ -1363,8 +1677,8 @@ fn is_privileged_file(p: &str) -> bool {
 }
 
 fn is_setid_mode(m: &str) -> bool {
-    if m.chars().all(|c| c.is_ascii_digit()) {
-        return m.len() == 4 && m.starts_with(['2', '3', '4', '5', '6', '7']);
+    if !m.is_empty() && m.chars().all(|c| c.is_ascii_digit()) {
+        return u32::from_str_radix(m, 8).is_ok_and(|v| v & 0o6000 != 0);
     }
     m.split(',').any(|clause| {
         clause

@@ -119,8 +119,14 @@ impl Op {
             3 => {
                 let path = r.string()?;
                 let flags = r.u32()?;
-                // READ 1, WRITE 2, APPEND 4, CREAT 8, TRUNC 0x10.
-                op("open", vec![path], flags & 1 != 0, flags & 0x1e != 0)
+                // READ 1, WRITE 2, APPEND 4, CREAT 8, TRUNC 0x10. sftp-server opens a file
+                // for reading unless WRITE is set, whatever else is: that is a read.
+                op(
+                    "open",
+                    vec![path],
+                    flags & 1 != 0 || flags & 2 == 0,
+                    flags & 0x1e != 0,
+                )
             }
             9 => op("setstat", vec![r.string()?], false, true),
             10 => op("fsetstat", vec![], false, true),

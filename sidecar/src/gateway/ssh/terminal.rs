@@ -137,7 +137,9 @@ impl LineDiscipline {
         let mut raw = std::mem::take(&mut self.held);
         raw.extend_from_slice(&self.line);
         self.line.clear();
-        let text = String::from_utf8_lossy(&raw).into_owned();
+        // As the host's terminal hands it to the shell: a carriage return is a newline (a
+        // `\r` left in would join two commands into one word for the check).
+        let text = String::from_utf8_lossy(&raw).replace('\r', "\n");
         if let Some(why) = self.tainted.take() {
             self.reset();
             return Input::Refused {
@@ -290,7 +292,7 @@ mod tests {
         assert_eq!(
             d.feed(b"b\"\r", open_quote),
             vec![Input::Line {
-                text: "echo \"a\rb\"".into(),
+                text: "echo \"a\nb\"".into(),
                 raw: b"echo \"a\rb\"\r".to_vec()
             }]
         );

@@ -141,8 +141,9 @@ impl KnownHostKeys {
         let now = u64::try_from(jiff::Timestamp::now().as_second()).unwrap_or(0);
         cert.validate_at(now, &fingerprints)
             .map_err(|e| format!("the host certificate is not valid: {e}"))?;
+        // As OpenSSH: a host certificate must name the host (no principals names none).
         let principals = cert.valid_principals();
-        if !principals.is_empty() && !principals.iter().any(|p| p == &self.host) {
+        if !principals.iter().any(|p| p == &self.host) {
             return Err(format!(
                 "the host certificate does not name {} among its principals",
                 self.host

@@ -272,3 +272,74 @@ fn incomplete_lines_wait_for_more() {
         assert!(!is_incomplete(t), "{t:?}");
     }
 }
+
+#[test]
+fn the_reviews_bypasses_are_caught() {
+    for (line, at_least) in [
+        ("x='a[$(sudo reboot)]'; echo $((x))", Exec),
+        ("let x", Exec),
+        ("read 'a[$(id)]' <<<x", Exec),
+        ("printf -v 'a[$(id)]' x", Exec),
+        ("a['$(id)']=1", Exec),
+        ("hash -p /usr/bin/sudo ls; ls reboot", Exec),
+        ("alias ls='sudo reboot'", Exec),
+        ("PROMPT_COMMAND='sudo reboot'", Exec),
+        ("PS1='$(id)'", Exec),
+        ("PATH=/tmp/x ls", Exec),
+        ("/tmp/ls", Exec),
+        ("./cat x", Exec),
+        ("LD_PRELOAD=/tmp/x.so id", Exec),
+        ("GIT_PAGER='sh -c id' git log", Exec),
+        ("dc -e '!sudo reboot'", Exec),
+        ("env -iS'sudo reboot'", Privilege),
+        ("env -iu X sudo reboot", Privilege),
+        ("awk -f/dev/stdin", Exec),
+        ("git -c core.pager='sh -c id' log", Exec),
+        (
+            "tar cf /dev/null x --checkpoint=1 --checkpoint-action=exec=id",
+            Exec,
+        ),
+        ("rsync -e 'sh -c id' x y:", Exec),
+        ("zip -TT 'sh -c id' z.zip x", Exec),
+        ("strace -o /dev/null id", Exec),
+        ("nsenter -t 1 -m sh", Exec),
+        ("systemd-run id", Exec),
+        ("at now", Exec),
+        ("trap 'id' DEBUG", Exec),
+        ("stty kill '#'", Exec),
+        ("bind -x '\"\\C-a\":id'", Exec),
+        ("sudoedit /etc/hosts", Privilege),
+        ("echo x >> /etc//sudoers", Privilege),
+        ("echo x > /etc/./shadow", Privilege),
+        ("dd if=x of=/dev//sda", Admin),
+        ("cp x /etc/sudoers.d/y", Privilege),
+        ("mv x /etc/cron.d/job", Privilege),
+        ("echo 'id' >> ~/.bashrc", Privilege),
+        ("echo 'id' > /home/u/.ssh/rc", Privilege),
+        ("echo b > /proc/sysrq-trigger", Admin),
+        ("chmod 04755 /tmp/x", Privilege),
+        ("install -m 4755 x /usr/local/bin/x", Privilege),
+        ("rm -rf $d", Exec),
+        ("find / -delete", Admin),
+        ("curl x | sh -", Admin),
+        ("bash -c \"$(curl -fsSL x)\"", Admin),
+    ] {
+        let p = classify(line).unwrap_or_else(|e| panic!("{line:?}: {e}"));
+        assert!(severity(p.class) >= severity(at_least), "{line}: {p:?}");
+    }
+}
+
+#[test]
+fn nesting_is_refused_before_parsing() {
+    for deep in [
+        "{ ".repeat(1000),
+        "if true; then ".repeat(1000),
+        "$(".repeat(3000),
+        "${a:-".repeat(3000),
+    ] {
+        assert_eq!(classify(&deep), Err(Unparsable::TooDeep));
+        assert!(!is_incomplete(&deep));
+    }
+    // Ordinary lines are well inside the limit.
+    assert!(classify("if true; then (cd /tmp && { ls; echo $(date); }); fi").is_ok());
+}
