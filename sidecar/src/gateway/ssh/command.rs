@@ -1558,21 +1558,10 @@ fn is_root_path(p: &str) -> bool {
     if !p.starts_with('/') {
         return false;
     }
-    // Normalize: collapse `//`, drop `.` segments, resolve `..`, a trailing `*`.
-    let mut parts: Vec<&str> = Vec::new();
-    for seg in p.split('/') {
-        match seg {
-            "" | "." => {}
-            ".." => {
-                parts.pop();
-            }
-            s => parts.push(s),
-        }
-    }
-    if parts.last().is_some_and(|s| *s == "*") {
-        parts.pop();
-    }
-    parts.len() <= 1
+    // Normalized (`//`, `.`, `..` resolved), a trailing `*` dropped: at most one component.
+    let n = normalize_path(p);
+    let n = n.strip_suffix("/*").unwrap_or(&n);
+    n.split('/').filter(|s| !s.is_empty()).count() <= 1
 }
 
 fn is_device(p: &str) -> bool {
