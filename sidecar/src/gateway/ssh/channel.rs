@@ -286,6 +286,27 @@ impl Ctx {
     }
 }
 
+/// The longest command an approver is shown whole (records keep 4096 characters).
+const MAX_APPROVABLE: usize = 4000;
+
+/// A hold of a command too long to be shown whole to an approver becomes a refusal: a grant
+/// bound to its fingerprint would approve what nobody read.
+fn approvable(d: Decision, text: &str) -> Decision {
+    if d.verdict == Verdict::Hold && text.chars().count() > MAX_APPROVABLE {
+        Decision {
+            verdict: Verdict::Refuse,
+            rule: d.rule,
+            grant: None,
+            message: format!(
+                "{}; and the command is longer than {MAX_APPROVABLE} characters, more than an approver is shown, so it cannot be approved: split it, or put it in a script reviewed another way",
+                d.message
+            ),
+        }
+    } else {
+        d
+    }
+}
+
 /// Ends a channel the agent opened with a message on stderr and an exit status.
 async fn fail(out: &ChannelWriteHalf<server::Msg>, message: &str, status: u32) {
     let _ = out
@@ -508,7 +529,7 @@ pub async fn run(
             )
         }
     };
-    let mut decision = ctx.decide(&cmd);
+    let mut decision = approvable(ctx.decide(&cmd), &text);
     let downloads = matches!(mode, Mode::Transfer { download: true, .. });
     if decision.verdict == Verdict::Allow && downloads && ctx.masks.has_value_rules() {
         decision = Decision {
@@ -825,7 +846,7 @@ async fn shell_line(ctx: &Arc<Ctx>, text: &str, escapes: bool) -> Result<(), Str
         }
     };
     let mut cmd = cmd;
-    let mut decision = ctx.decide(&cmd);
+    let mut decision = approvable(ctx.decide(&cmd), text);
     if escapes && decision.verdict == Verdict::Allow {
         let tails = text
             .char_indices()
@@ -837,7 +858,7 @@ async fn shell_line(ctx: &Arc<Ctx>, text: &str, escapes: bool) -> Result<(), Str
             });
         for tail in tails {
             if let Ok(c) = ctx.command("line", tail) {
-                let d = ctx.decide(&c);
+                let d = approvable(ctx.decide(&c), text);
                 if d.verdict != Verdict::Allow {
                     cmd.class = c.class;
                     cmd.keys.extend(c.keys);
@@ -895,7 +916,7 @@ async fn sftp_request(ctx: &Arc<Ctx>, packet: &[u8]) -> Result<(), Vec<u8>> {
         kube: None,
         ssh: Some(ctx.access(vec![text.clone()], None)),
     };
-    let mut decision = ctx.decide(&cmd);
+    let mut decision = approvable(ctx.decide(&cmd), &text);
     if decision.verdict == Verdict::Allow && op.reads && ctx.masks.has_value_rules() {
         decision = Decision {
             verdict: Verdict::Refuse,
@@ -1350,5 +1371,23 @@ mod tests {
         assert!(!passed_env("BASH_ENV"));
         assert!(!passed_env("LD_PRELOAD"));
         assert!(!passed_env("PATH"));
+    }
+
+    #[test]
+    fn a_command_too_long_to_show_is_not_held_but_refused() {
+        let hold = Decision {
+            verdict: Verdict::Hold,
+            rule: "agentgate-hold-exec".into(),
+            grant: None,
+            message: "held".into(),
+        };
+        assert_eq!(
+            approvable(hold.clone(), "bash -c 'x'").verdict,
+            Verdict::Hold
+        );
+        let long = format!("bash -c 'echo {}'", "a".repeat(5000));
+        let d = approvable(hold, &long);
+        assert_eq!(d.verdict, Verdict::Refuse);
+        assert!(d.message.contains("cannot be approved"));
     }
 }
