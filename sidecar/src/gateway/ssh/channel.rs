@@ -905,6 +905,12 @@ async fn sftp_request(ctx: &Arc<Ctx>, packet: &[u8]) -> Result<(), Vec<u8>> {
     } else {
         OperationClass::Read
     };
+    // A setuid or setgid bit is what `chmod u+s` is on the shell path.
+    let class = if op.setid && class != OperationClass::Admin {
+        OperationClass::Privilege
+    } else {
+        class
+    };
     let mut keys = std::collections::BTreeSet::new();
     keys.insert(format!("sftp {}", op.name));
     keys.insert(text.clone());

@@ -52,6 +52,8 @@ pub struct Op {
     pub reads: bool,
     /// Whether it changes anything.
     pub writes: bool,
+    /// Whether it sets a setuid or setgid permission bit.
+    pub setid: bool,
 }
 
 struct Reader<'a>(&'a [u8]);
@@ -70,6 +72,28 @@ impl Reader<'_> {
         self.0 = rest;
         Some(u32::from_be_bytes([n[0], n[1], n[2], n[3]]))
     }
+    fn u64(&mut self) -> Option<u64> {
+        let hi = u64::from(self.u32()?);
+        let lo = u64::from(self.u32()?);
+        Some(hi << 32 | lo)
+    }
+
+    /// Reads an ATTRS structure; whether its permissions carry setuid or setgid.
+    fn attrs_setid(&mut self) -> Option<bool> {
+        let flags = self.u32()?;
+        if flags & 0x1 != 0 {
+            self.u64()?;
+        }
+        if flags & 0x2 != 0 {
+            self.u32()?;
+            self.u32()?;
+        }
+        if flags & 0x4 != 0 {
+            return Some(self.u32()? & 0o6000 != 0);
+        }
+        Some(false)
+    }
+
     fn string(&mut self) -> Option<String> {
         let len = self.u32()? as usize;
         if self.0.len() < len {
@@ -101,6 +125,7 @@ impl Op {
                 paths: Vec::new(),
                 reads: true,
                 writes: true,
+                setid: true,
             }),
             None => None,
         }
@@ -114,22 +139,40 @@ impl Op {
             paths,
             reads,
             writes,
+            setid: false,
         };
         Some(Some(match kind {
             3 => {
                 let path = r.string()?;
                 let flags = r.u32()?;
+                // Unreadable attributes count as setting the bit (fail closed).
+                let setid = r.attrs_setid().unwrap_or(true);
                 // READ 1, WRITE 2, APPEND 4, CREAT 8, TRUNC 0x10. sftp-server opens a file
                 // for reading unless WRITE is set, whatever else is: that is a read.
-                op(
-                    "open",
-                    vec![path],
-                    flags & 1 != 0 || flags & 2 == 0,
-                    flags & 0x1e != 0,
-                )
+                Self {
+                    setid,
+                    ..op(
+                        "open",
+                        vec![path],
+                        flags & 1 != 0 || flags & 2 == 0,
+                        flags & 0x1e != 0,
+                    )
+                }
             }
-            9 => op("setstat", vec![r.string()?], false, true),
-            10 => op("fsetstat", vec![], false, true),
+            9 => {
+                let path = r.string()?;
+                Self {
+                    setid: r.attrs_setid()?,
+                    ..op("setstat", vec![path], false, true)
+                }
+            }
+            10 => {
+                r.string()?;
+                Self {
+                    setid: r.attrs_setid()?,
+                    ..op("fsetstat", vec![], false, true)
+                }
+            }
             11 => op("opendir", vec![r.string()?], false, false),
             13 => op("remove", vec![r.string()?], false, true),
             14 => op("mkdir", vec![r.string()?], false, true),
@@ -258,6 +301,18 @@ mod tests {
             &[&s("handle"), &0u64.to_be_bytes(), &1024u32.to_be_bytes()],
         );
         assert_eq!(Op::parse(&read), None);
+        let chmod_setuid = packet(
+            9,
+            6,
+            &[&s("/tmp/x"), &4u32.to_be_bytes(), &0o4755u32.to_be_bytes()],
+        );
+        assert!(Op::parse(&chmod_setuid).is_some_and(|o| o.setid));
+        let chmod_plain = packet(
+            9,
+            7,
+            &[&s("/tmp/x"), &4u32.to_be_bytes(), &0o755u32.to_be_bytes()],
+        );
+        assert!(Op::parse(&chmod_plain).is_some_and(|o| !o.setid));
         let truncated = packet(13, 5, &[&[0, 0, 0, 9]]);
         assert_eq!(
             Op::parse(&truncated).map(|o| o.name),
