@@ -220,6 +220,26 @@ impl Ctx {
         }
     }
 
+    /// A request of this channel as the policy sees it; `kind` and `text` make its
+    /// fingerprint (what a grant bound to it carries).
+    fn ssh_command(
+        &self,
+        class: OperationClass,
+        kind: &str,
+        text: &str,
+        keys: std::collections::BTreeSet<String>,
+        ssh: Option<SshAccess>,
+    ) -> policy::Command {
+        policy::Command {
+            class,
+            fingerprint: fingerprint(kind, &self.target, &self.login, text),
+            keys,
+            tables: Default::default(),
+            kube: None,
+            ssh,
+        }
+    }
+
     /// Classifies a command line. Unparsable lines are refused (never sent).
     fn command(&self, kind: &str, text: &str) -> Result<policy::Command, String> {
         let parsed = command::classify(text).map_err(|e| {
@@ -229,14 +249,8 @@ impl Ctx {
         if kind == "shell" {
             keys.insert("shell".into());
         }
-        Ok(policy::Command {
-            class: parsed.class,
-            fingerprint: fingerprint(kind, &self.target, &self.login, text),
-            keys,
-            tables: Default::default(),
-            kube: None,
-            ssh: Some(self.access(parsed.commands, None)),
-        })
+        let access = self.access(parsed.commands, None);
+        Ok(self.ssh_command(parsed.class, kind, text, keys, Some(access)))
     }
 
     /// The message for a refused or held command (holds file an AccessGrant request).
@@ -480,14 +494,13 @@ pub async fn run(
             (
                 "shell",
                 "(interactive shell)".to_owned(),
-                policy::Command {
-                    class: OperationClass::Read,
-                    fingerprint: fingerprint("shell", &ctx.target, &ctx.login, ""),
+                ctx.ssh_command(
+                    OperationClass::Read,
+                    "shell",
+                    "",
                     keys,
-                    tables: Default::default(),
-                    kube: None,
-                    ssh: Some(ctx.access(Vec::new(), None)),
-                },
+                    Some(ctx.access(Vec::new(), None)),
+                ),
             )
         }
         Mode::Exec(c) | Mode::Transfer { command: c, .. } => match ctx.command("exec", c) {
@@ -499,14 +512,8 @@ pub async fn run(
                     grant: None,
                     message: why.clone(),
                 };
-                let probe = policy::Command {
-                    class: OperationClass::Exec,
-                    fingerprint: fingerprint("exec", &ctx.target, &ctx.login, c),
-                    keys: Default::default(),
-                    tables: Default::default(),
-                    kube: None,
-                    ssh: None,
-                };
+                let probe =
+                    ctx.ssh_command(OperationClass::Exec, "exec", c, Default::default(), None);
                 let _ = ctx.record("exec", c, &probe, &d);
                 fail(&to_agent, &why, REFUSED_EXIT).await;
                 return;
@@ -518,14 +525,13 @@ pub async fn run(
             (
                 "sftp",
                 "sftp".to_owned(),
-                policy::Command {
-                    class: OperationClass::Read,
-                    fingerprint: fingerprint("sftp", &ctx.target, &ctx.login, ""),
+                ctx.ssh_command(
+                    OperationClass::Read,
+                    "sftp",
+                    "",
                     keys,
-                    tables: Default::default(),
-                    kube: None,
-                    ssh: Some(ctx.access(vec!["sftp".into()], None)),
-                },
+                    Some(ctx.access(vec!["sftp".into()], None)),
+                ),
             )
         }
     };
@@ -734,19 +740,13 @@ async fn agent_to_host(
                                 }
                             }
                             Input::Refused { text, why } => {
-                                let cmd = policy::Command {
-                                    class: OperationClass::Exec,
-                                    fingerprint: fingerprint(
-                                        "line",
-                                        &ctx.target,
-                                        &ctx.login,
-                                        &text,
-                                    ),
-                                    keys: Default::default(),
-                                    tables: Default::default(),
-                                    kube: None,
-                                    ssh: None,
-                                };
+                                let cmd = ctx.ssh_command(
+                                    OperationClass::Exec,
+                                    "line",
+                                    &text,
+                                    Default::default(),
+                                    None,
+                                );
                                 let d = Decision {
                                     verdict: Verdict::Refuse,
                                     rule: "line-editing".into(),
@@ -827,14 +827,8 @@ async fn shell_line(ctx: &Arc<Ctx>, text: &str, escapes: bool) -> Result<(), Str
     let cmd = match ctx.command("line", text) {
         Ok(c) => c,
         Err(why) => {
-            let probe = policy::Command {
-                class: OperationClass::Exec,
-                fingerprint: fingerprint("line", &ctx.target, &ctx.login, text),
-                keys: Default::default(),
-                tables: Default::default(),
-                kube: None,
-                ssh: None,
-            };
+            let probe =
+                ctx.ssh_command(OperationClass::Exec, "line", text, Default::default(), None);
             let d = Decision {
                 verdict: Verdict::Refuse,
                 rule: "unparsable".into(),
@@ -914,14 +908,13 @@ async fn sftp_request(ctx: &Arc<Ctx>, packet: &[u8]) -> Result<(), Vec<u8>> {
     let mut keys = std::collections::BTreeSet::new();
     keys.insert(format!("sftp {}", op.name));
     keys.insert(text.clone());
-    let cmd = policy::Command {
+    let cmd = ctx.ssh_command(
         class,
-        fingerprint: fingerprint("sftp", &ctx.target, &ctx.login, &text),
+        "sftp",
+        &text,
         keys,
-        tables: Default::default(),
-        kube: None,
-        ssh: Some(ctx.access(vec![text.clone()], None)),
-    };
+        Some(ctx.access(vec![text.clone()], None)),
+    );
     let mut decision = approvable(ctx.decide(&cmd), &text);
     if decision.verdict == Verdict::Allow && op.reads && ctx.masks.has_value_rules() {
         decision = Decision {
@@ -1126,14 +1119,13 @@ pub async fn open_forward(
     let mut keys = std::collections::BTreeSet::new();
     keys.insert("port forwarding".to_owned());
     keys.insert(text.clone());
-    let cmd = policy::Command {
-        class: OperationClass::Exec,
-        fingerprint: fingerprint("forward", &ctx.target, &ctx.login, &text),
+    let cmd = ctx.ssh_command(
+        OperationClass::Exec,
+        "forward",
+        &text,
         keys,
-        tables: Default::default(),
-        kube: None,
-        ssh: Some(ctx.access(vec![text.clone()], Some(SshForwarding::Port))),
-    };
+        Some(ctx.access(vec![text.clone()], Some(SshForwarding::Port))),
+    );
     let decided = ctx.decide(&cmd);
     let decision = if decided.verdict == Verdict::Allow {
         decided
@@ -1255,14 +1247,13 @@ impl Ctx {
         let granted = self.gw.core.policy.get().is_some_and(|now| {
             forwarding_granted(&now, &self.agent.identity, &self.target, &access)
         });
-        let cmd = policy::Command {
-            class: OperationClass::Exec,
-            fingerprint: fingerprint("forward", &self.target, &self.login, text),
-            keys: std::iter::once(text.to_owned()).collect(),
-            tables: Default::default(),
-            kube: None,
-            ssh: Some(access),
-        };
+        let cmd = self.ssh_command(
+            OperationClass::Exec,
+            "forward",
+            text,
+            std::iter::once(text.to_owned()).collect(),
+            Some(access),
+        );
         let decision = if granted {
             Decision {
                 verdict: Verdict::Allow,
