@@ -495,15 +495,13 @@ fn an_ssh_session_through_the_gateway_replays_as_it_ran() {
     ]);
     let mut sidecar = Proc::start(spec, &env.dir().join("logs")).unwrap();
     let config = client.join("ssh_config");
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !std::fs::read_to_string(&config).is_ok_and(|c| c.contains("Host host")) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no ssh_config: {}",
-            sidecar.log_tail(20)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    testenv::process::wait_until(
+        &mut sidecar,
+        Duration::from_secs(30),
+        "the ssh_config",
+        || std::fs::read_to_string(&config).is_ok_and(|c| c.contains("Host host")),
+    )
+    .unwrap();
     let mut child = Command::new("ssh")
         .arg("-F")
         .arg(&config)

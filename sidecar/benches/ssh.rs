@@ -114,17 +114,14 @@ fn main() -> anyhow::Result<()> {
             format!("--audit-dir={}", dir.path().join("audit").display()),
         ])
         .env("RUST_LOG", "warn");
-    let sidecar = Proc::start(spec, &env.dir().join("logs"))?;
+    let mut sidecar = Proc::start(spec, &env.dir().join("logs"))?;
     let config = client_dir.join("ssh_config");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !std::fs::read_to_string(&config).is_ok_and(|k| k.contains("Host host")) {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "no ssh_config: {}",
-            sidecar.log_tail(30)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    testenv::process::wait_until(
+        &mut sidecar,
+        Duration::from_secs(30),
+        "the ssh_config",
+        || std::fs::read_to_string(&config).is_ok_and(|c| c.contains("Host host")),
+    )?;
     let mut direct_options = sshd.client_options();
     direct_options.extend(["-P".into(), sshd.port().to_string()]);
     let direct = Route {

@@ -170,17 +170,14 @@ spec:
             format!("--audit-dir={}", audit_dir.display()),
         ])
         .env("RUST_LOG", "info");
-    let sidecar = Proc::start(spec, &env.dir().join("logs"))?;
+    let mut sidecar = Proc::start(spec, &env.dir().join("logs"))?;
     let config = client_dir.join("ssh_config");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !std::fs::read_to_string(&config).is_ok_and(|k| k.contains("Host web")) {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "no ssh_config: {}",
-            sidecar.log_tail(30)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    testenv::process::wait_until(
+        &mut sidecar,
+        Duration::from_secs(30),
+        "the ssh_config",
+        || std::fs::read_to_string(&config).is_ok_and(|c| c.contains("Host web")),
+    )?;
     Ok(Setup {
         env,
         dir,
