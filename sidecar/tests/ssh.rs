@@ -1,7 +1,8 @@
 //! The SSH gateway against a real sshd (Debian's OpenSSH) with OpenSSH's own `ssh`, `scp`
 //! and `sftp`, and rsync: exec allowed, refused and held then approved; an interactive shell with a pty
 //! whose lines are checked at Enter; masked output; file transfers; forwarding refused; the
-//! host key checked against the Target; and the records.
+//! host key checked against the Target; X11, agent and port forwarding only where granted;
+//! and the records.
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
@@ -693,5 +694,135 @@ fn remote_forwarding_only_where_granted() -> anyhow::Result<()> {
         .filter(|t| t.starts_with("remote forward "))
         .collect();
     assert_eq!(forwards.len(), 2, "both asks recorded: {forwards:?}");
+    Ok(())
+}
+
+/// The X11 display the agent's `ssh -Y` forwards to: a listener on 127.0.0.1:6000+N that
+/// reads an X11 connection setup and answers it with a refusal whose reason the X client on
+/// the host prints. It records the cookie the setup carried.
+struct FakeDisplay {
+    number: u16,
+    cookies: std::sync::mpsc::Receiver<Vec<u8>>,
+}
+
+impl FakeDisplay {
+    const REASON: &'static str = "agentgate-fake-display-reached";
+
+    fn start() -> anyhow::Result<Self> {
+        let (listener, number) = (40..90)
+            .find_map(|n| {
+                std::net::TcpListener::bind(("127.0.0.1", 6000 + n))
+                    .ok()
+                    .map(|l| (l, n))
+            })
+            .ok_or_else(|| anyhow::anyhow!("no free X display number between 40 and 90"))?;
+        let (tx, cookies) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::Read;
+            for mut c in listener.incoming().flatten() {
+                // xConnClientPrefix: byte order, pad, major, minor, name len, data len, pad.
+                let mut head = [0u8; 12];
+                if c.read_exact(&mut head).is_err() {
+                    continue;
+                }
+                let big = head[0] == b'B';
+                let u16_at = |i: usize| {
+                    let b = [head[i], head[i + 1]];
+                    if big {
+                        u16::from_be_bytes(b)
+                    } else {
+                        u16::from_le_bytes(b)
+                    }
+                };
+                let pad = |n: usize| n.div_ceil(4) * 4;
+                let (name_len, data_len) = (usize::from(u16_at(6)), usize::from(u16_at(8)));
+                let mut rest = vec![0u8; pad(name_len) + pad(data_len)];
+                if c.read_exact(&mut rest).is_err() {
+                    continue;
+                }
+                let cookie = rest[pad(name_len)..pad(name_len) + data_len].to_vec();
+                let _ = tx.send(cookie);
+                // xConnSetupPrefix: Failed, reason length, major 11, minor 0, length in words.
+                let reason = Self::REASON.as_bytes();
+                let words = pad(reason.len()) / 4;
+                let enc = |v: u16| {
+                    if big {
+                        v.to_be_bytes()
+                    } else {
+                        v.to_le_bytes()
+                    }
+                };
+                let mut reply = vec![0u8, reason.len() as u8];
+                reply.extend_from_slice(&enc(11));
+                reply.extend_from_slice(&enc(0));
+                reply.extend_from_slice(&enc(words as u16));
+                reply.extend_from_slice(reason);
+                reply.resize(8 + words * 4, 0);
+                let _ = c.write_all(&reply);
+            }
+        });
+        Ok(Self { number, cookies })
+    }
+}
+
+#[test]
+fn an_x11_channel_reaches_the_agent_display_only_where_granted() -> anyhow::Result<()> {
+    let s = setup()?;
+    let display = FakeDisplay::start()?;
+    // The agent's X authority: the real cookie, which only its own ssh ever sees.
+    let xauthority = s.dir.path().join("agent-Xauthority");
+    let cookie = "0123456789abcdef0123456789abcdef";
+    let st = Command::new("xauth")
+        .arg("-f")
+        .arg(&xauthority)
+        .args(["add", &format!("127.0.0.1:{}", display.number)])
+        .args(["MIT-MAGIC-COOKIE-1", cookie])
+        .stderr(Stdio::null())
+        .status()?;
+    anyhow::ensure!(st.success(), "xauth add");
+    let with_x = |target: &str| -> String {
+        let out = Command::new("ssh")
+            .arg("-F")
+            .arg(&s.config)
+            .args(["-o", "BatchMode=yes", "-Y", target])
+            .arg("echo display=$DISPLAY; xdpyinfo")
+            .env("DISPLAY", format!("127.0.0.1:{}", display.number))
+            .env("XAUTHORITY", &xauthority)
+            .output()
+            .expect("ssh");
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    };
+    // Granted on files: the host's X client reaches the agent's display through the
+    // gateway, and the agent's ssh put the real cookie in place of the one the host saw.
+    let out = with_x("files");
+    assert!(out.contains("display=localhost:"), "{out}");
+    assert!(out.contains(FakeDisplay::REASON), "{out}");
+    let seen = display
+        .cookies
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the display was reached");
+    assert_eq!(
+        seen,
+        (0..16)
+            .map(|i| u8::from_str_radix(&cookie[2 * i..2 * i + 2], 16).unwrap())
+            .collect::<Vec<u8>>()
+    );
+    let recs = s.records();
+    assert!(
+        recs.iter().any(|r| r["kind"] == "Request"
+            && r["request"]["text"] == "X11 forwarding"
+            && r["decision"]["verdict"] == "Allowed"),
+        "the granted forwarding is recorded"
+    );
+    // Not on web: no display on the host, and nothing reaches the agent's.
+    let out = with_x("web");
+    assert!(!out.contains("display=localhost:"), "{out}");
+    assert!(!out.contains(FakeDisplay::REASON), "{out}");
+    assert!(
+        display
+            .cookies
+            .recv_timeout(Duration::from_millis(500))
+            .is_err()
+    );
     Ok(())
 }

@@ -60,7 +60,10 @@ impl SshEnv {
                  AllowUsers {user}\n\
                  Subsystem sftp internal-sftp\n\
                  AllowTcpForwarding yes\n\
-                 X11Forwarding no\n\
+                 X11Forwarding yes\n\
+                 X11UseLocalhost yes\n\
+                 XAuthLocation /usr/bin/xauth\n\
+                 SetEnv XAUTHORITY={xauth}\n\
                  PrintMotd no\n\
                  MaxStartups 300\n\
                  MaxSessions 300\n\
@@ -68,6 +71,7 @@ impl SshEnv {
                 hk = ssh.join("ssh_host_ed25519_key").display(),
                 pid = ssh.join("sshd.pid").display(),
                 ak = ssh.join("authorized_keys").display(),
+                xauth = ssh.join("Xauthority").display(),
             );
             write(&ssh.join("sshd_config"), &config)?;
             let spec = Spec::new("sshd", &sshd).args([
