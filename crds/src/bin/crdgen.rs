@@ -1,5 +1,5 @@
 //! Writes the CustomResourceDefinitions generated from the types into `crds/manifests/`
-//! (and into the Helm chart's `crds/` folder when it exists).
+//! (and into the Helm chart's `files/crds/`, which its `crds.yaml` template includes).
 //!
 //! Usage: `cargo run -p agentgate-crds --features crdgen --bin crdgen [-- --check]`.
 //! With `--check` nothing is written; the exit code is 1 when a committed file is stale.
@@ -11,8 +11,8 @@ fn main() -> ExitCode {
     let check = std::env::args().any(|a| a == "--check");
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut dirs: Vec<PathBuf> = vec![root.join("manifests")];
-    let chart = root.join("../charts/agentgate/crds");
-    if chart.is_dir() {
+    let chart = root.join("../charts/agentgate/files/crds");
+    if root.join("../charts/agentgate/Chart.yaml").is_file() {
         dirs.push(chart);
     }
     let files = match agentgate_crds::generate::render_all() {

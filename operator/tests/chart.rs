@@ -1,0 +1,375 @@
+//! The Helm chart (`charts/agentgate`) against the real API server: `helm lint`, the
+//! values schema, the rendered webhooks equal to what the operator expects, a server-side
+//! dry run of everything it renders, `helm install`, the operator running with exactly the
+//! chart's RBAC (its ServiceAccount's token) through a grant's whole life — requested by an
+//! agent bound to the chart's sidecar role, approved by a person bound to its approver role —
+//! then `helm upgrade` (caBundle and grants survive) and `helm uninstall` (the CRDs and
+//! the records stay).
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+mod common;
+
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use agentgate_crds::GrantPhase;
+use agentgate_operator::webhook::{Endpoint, configurations};
+use common::{NS, OPERATOR_NS, operator_config, patch_spec, repo_path, request, wait_phase};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::ServiceAccount;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, PostParams};
+use serde_json::{Value, json};
+use testenv::process::{Proc, Spec, free_port};
+use testenv::{Parts, TestEnv};
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.output().expect("run")
+}
+
+fn ok(what: &str, out: Output) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{what} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// Every document of a rendered chart, as JSON.
+fn documents(yaml: &str) -> Vec<Value> {
+    serde_norway::Deserializer::from_str(yaml)
+        .filter_map(|d| serde::Deserialize::deserialize(d).ok())
+        .filter(|v: &Value| !v.is_null())
+        .collect()
+}
+
+fn kind<'a>(docs: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    docs.iter().filter(|d| d["kind"] == kind).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_chart_installs_upgrades_and_its_rbac_is_all_the_operator_needs() -> anyhow::Result<()>
+{
+    let env = TestEnv::start_async(Parts {
+        kube: true,
+        ..Default::default()
+    })
+    .await?;
+    let kube = env.kube()?;
+    let client = kube.client().await?;
+    let helm_bin = env.bins.helm()?.to_path_buf();
+    let kubeconfig = kube.kubeconfig();
+    let helm = |args: &[&str]| {
+        let mut cmd = Command::new(&helm_bin);
+        cmd.env("KUBECONFIG", &kubeconfig)
+            .env("HELM_CACHE_HOME", env.dir().join("helm/cache"))
+            .env("HELM_CONFIG_HOME", env.dir().join("helm/config"))
+            .env("HELM_DATA_HOME", env.dir().join("helm/data"))
+            .args(args);
+        run(&mut cmd)
+    };
+    let chart = repo_path("charts/agentgate");
+    let chart = chart.to_str().expect("utf-8 path");
+    let webhook_port = free_port()?;
+    let url = format!("https://127.0.0.1:{webhook_port}");
+    let kube_version = testenv::kubernetes_version();
+    let values = [
+        "--set".to_owned(),
+        format!("webhook.url={url}"),
+        "--set".into(),
+        format!("defaults.namespaces={{{NS}}}"),
+        "--set".into(),
+        "targets[0].name=orders-db,targets[0].protocol=Postgres,targets[0].postgres.host=db,targets[0].postgres.database=orders,targets[0].postgres.credentials.name=orders-db-credentials".into(),
+    ];
+    let values: Vec<&str> = values.iter().map(String::as_str).collect();
+
+    // Lint, strictly; the schema refuses a mistyped value and names it.
+    ok("helm lint", helm(&["lint", "--strict", chart]));
+    let bad = helm(&["lint", chart, "--set", "operator.replicas=two"]);
+    assert!(!bad.status.success());
+    let text =
+        String::from_utf8_lossy(&bad.stdout).into_owned() + &String::from_utf8_lossy(&bad.stderr);
+    assert!(text.contains("/operator/replicas"), "{text}");
+    let bad = helm(&["lint", chart, "--set", "webhook.certMode=magic"]);
+    assert!(!bad.status.success());
+
+    // What it renders: the webhooks are exactly those the operator's code describes.
+    let rendered = ok(
+        "helm template",
+        helm(
+            &[
+                &["template", "agentgate", chart, "-n", OPERATOR_NS],
+                &["--kube-version", &kube_version][..],
+                &values[..],
+            ]
+            .concat(),
+        ),
+    );
+    let docs = documents(&rendered);
+    let config = operator_config(webhook_port, 0, &[]);
+    let (mutating, validating) = configurations(&config, &Endpoint::Url(url.clone()));
+    let m = kind(&docs, "MutatingWebhookConfiguration");
+    let v = kind(&docs, "ValidatingWebhookConfiguration");
+    assert_eq!(m.len(), 1);
+    assert_eq!(v.len(), 1);
+    assert_eq!(m[0]["webhooks"], serde_json::to_value(&mutating.webhooks)?);
+    assert_eq!(
+        v[0]["webhooks"],
+        serde_json::to_value(&validating.webhooks)?
+    );
+    assert_eq!(kind(&docs, "CustomResourceDefinition").len(), 5);
+    let deploy = kind(&docs, "Deployment");
+    assert_eq!(deploy[0]["spec"]["replicas"], 2);
+    let container = &deploy[0]["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(container["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(
+        deploy[0]["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"],
+        true
+    );
+    for k in ["PodDisruptionBudget", "NetworkPolicy", "ServiceAccount"] {
+        assert_eq!(kind(&docs, k).len(), 1, "{k}");
+    }
+
+    // A server-side dry run of everything but the hooks (which need the CRDs to exist).
+    kube.kubectl_run(&["create", "namespace", OPERATOR_NS])?;
+    let plain = ok(
+        "helm template (no hooks)",
+        helm(&[
+            "template",
+            "agentgate",
+            chart,
+            "-n",
+            OPERATOR_NS,
+            "--kube-version",
+            &kube_version,
+        ]),
+    );
+    let path = env.dir().join("rendered.yaml");
+    std::fs::write(&path, &plain)?;
+    let out = kube
+        .kubectl()
+        .args(["apply", "--dry-run=server", "-f"])
+        .arg(&path)
+        .output()?;
+    let dry = ok("kubectl apply --dry-run=server", out);
+    assert!(
+        dry.contains("deployment.apps/agentgate-operator created (server dry run)"),
+        "{dry}"
+    );
+
+    // helm install: the CRDs, RBAC, webhooks, and (post-install) the defaults.
+    let installed = ok(
+        "helm install",
+        helm(
+            &[
+                &["install", "agentgate", chart, "-n", OPERATOR_NS][..],
+                &values[..],
+            ]
+            .concat(),
+        ),
+    );
+    assert!(installed.contains("STATUS: deployed"), "{installed}");
+    let out = kube.kubectl_run(&["get", "maskpolicy,target", "-n", NS, "-o", "name"])?;
+    assert!(
+        out.contains("maskpolicy.agentgate.dev/agentgate-default"),
+        "{out}"
+    );
+    assert!(out.contains("target.agentgate.dev/orders-db"), "{out}");
+    let guardrails = kube.kubectl_run(&[
+        "get",
+        "target",
+        "orders-db",
+        "-n",
+        NS,
+        "-o",
+        "jsonpath={.spec.guardrails[0].name}",
+    ])?;
+    assert_eq!(guardrails.trim(), "no-drops");
+
+    // The operator runs as the chart's ServiceAccount, with nothing but the chart's RBAC.
+    let token =
+        testenv::kube_env::sa_token(&client, OPERATOR_NS, "agentgate-operator", None).await?;
+    let operator_kubeconfig = kube.kubeconfig_with_token("agentgate-operator", &token)?;
+    let metrics = free_port()?;
+    let mut spec = Spec::new("operator-chart", env!("CARGO_BIN_EXE_agentgate-operator"))
+        .args([
+            format!("--namespace={OPERATOR_NS}"),
+            format!("--webhook-addr=127.0.0.1:{webhook_port}"),
+            "--webhook-hosts=127.0.0.1".into(),
+            format!("--metrics-addr=127.0.0.1:{metrics}"),
+            "--pod-name=operator-chart".into(),
+        ])
+        .env("KUBECONFIG", operator_kubeconfig.display().to_string())
+        .env("RUST_LOG", "info,kube_runtime=warn");
+    spec.stop_signal = "INT";
+    let mut operator = Proc::start(spec, &env.dir().join("logs"))?;
+    testenv::process::wait_until(&mut operator, Duration::from_secs(60), "/readyz", || {
+        testenv::http::get(metrics, "/readyz").is_ok_and(|r| r.status == 200)
+    })?;
+
+    // An agent (its ServiceAccount bound to the chart's sidecar role) and an approver (bound
+    // to the chart's approver role).
+    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), NS);
+    sas.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({ "metadata": { "name": "claude" } }))?,
+    )
+    .await?;
+    common::apply(&client, json!({
+        "apiVersion": "agentgate.dev/v1alpha1", "kind": "AgentIdentity", "metadata": { "name": "claude" },
+        "spec": { "owner": "team-orders", "authentication": { "serviceAccount": { "name": "claude" } },
+            "maxGrantDuration": "1h" }
+    }))
+    .await?;
+    kube.kubectl_run(&[
+        "create",
+        "rolebinding",
+        "claude-sidecar",
+        "-n",
+        NS,
+        "--clusterrole=agentgate-sidecar",
+        &format!("--serviceaccount={NS}:claude"),
+    ])?;
+    kube.kubectl_run(&[
+        "create",
+        "clusterrolebinding",
+        "bob-approver",
+        "--clusterrole=agentgate-approver",
+        "--user=bob",
+    ])?;
+    let agent_token = testenv::kube_env::sa_token(&client, NS, "claude", None).await?;
+    let agent = kube
+        .client_from(&kube.kubeconfig_with_token("claude", &agent_token)?)
+        .await?;
+    let bob = kube.client_as("bob").await?;
+
+    // The webhooks answer once the operator has written caBundle.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let grant = loop {
+        match request(&agent, "fix-order-4711", "claude", "10m", json!({})).await {
+            Ok(g) => break g,
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "the agent's grant request was never admitted: {e}\n{}",
+                    operator.log_tail(30)
+                );
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+    };
+    assert_eq!(grant.spec.identity, "claude");
+    // The agent cannot approve itself; bob can.
+    let refused = patch_spec(
+        &agent,
+        "fix-order-4711",
+        json!({ "decision": { "verdict": "Approve" } }),
+    )
+    .await
+    .expect_err("an agent approving its own grant");
+    assert!(
+        refused.to_string().contains("forbidden")
+            || refused.to_string().contains("no-self-approval"),
+        "{refused}"
+    );
+    patch_spec(
+        &bob,
+        "fix-order-4711",
+        json!({ "decision": { "verdict": "Approve" } }),
+    )
+    .await?;
+    wait_phase(
+        &client,
+        "fix-order-4711",
+        GrantPhase::Active,
+        Duration::from_secs(20),
+    )
+    .await?;
+    // Status is written on the other kinds too, and nothing was forbidden.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ready = kube.kubectl_run(&[
+            "get",
+            "agentidentity",
+            "claude",
+            "-n",
+            NS,
+            "-o",
+            "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
+        ])?;
+        if ready.trim() == "True" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "identity never Ready: {ready}\n{}",
+            operator.log_tail(30)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let log = std::fs::read_to_string(operator.log_path())?;
+    assert!(
+        !log.to_lowercase().contains("forbidden"),
+        "the chart's RBAC fell short:\n{log}"
+    );
+
+    // helm upgrade: a changed value lands; caBundle and the grant survive.
+    let upgraded = ok(
+        "helm upgrade",
+        helm(
+            &[
+                &["upgrade", "agentgate", chart, "-n", OPERATOR_NS][..],
+                &values[..],
+                &[
+                    "--set",
+                    "operator.replicas=3",
+                    "--set",
+                    "retention.sessions=24h",
+                ][..],
+            ]
+            .concat(),
+        ),
+    );
+    assert!(upgraded.contains("REVISION: 2"), "{upgraded}");
+    let d: Deployment = Api::namespaced(client.clone(), OPERATOR_NS)
+        .get("agentgate-operator")
+        .await?;
+    let spec = d.spec.expect("spec");
+    assert_eq!(spec.replicas, Some(3));
+    let env_vars = serde_json::to_value(&spec.template.spec.expect("pod").containers[0].env)?;
+    assert!(
+        env_vars
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|e| e["name"] == "AGENTGATE_SESSION_RETENTION" && e["value"] == "24h"),
+        "{env_vars}"
+    );
+    request(&agent, "after-upgrade", "claude", "10m", json!({}))
+        .await
+        .map_err(|e| anyhow::anyhow!("the webhooks stopped answering after the upgrade: {e}"))?;
+    wait_phase(
+        &client,
+        "fix-order-4711",
+        GrantPhase::Active,
+        Duration::from_secs(5),
+    )
+    .await?;
+
+    // helm uninstall: the operator's objects go, the CRDs and the grants stay.
+    ok(
+        "helm uninstall",
+        helm(&["uninstall", "agentgate", "-n", OPERATOR_NS]),
+    );
+    operator.stop(Duration::from_secs(5));
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    assert!(crds.get_opt("accessgrants.agentgate.dev").await?.is_some());
+    let grants = kube.kubectl_run(&["get", "accessgrants", "-n", NS, "-o", "name"])?;
+    assert!(grants.contains("fix-order-4711"), "{grants}");
+    let webhooks = kube.kubectl_run(&["get", "mutatingwebhookconfigurations", "-o", "name"])?;
+    assert!(!webhooks.contains("agentgate"), "{webhooks}");
+    Ok(())
+}
