@@ -1,8 +1,18 @@
 #!/usr/bin/env bash
-# The main job: installs what it needs, starts the real local environment (etcd +
-# kube-apiserver, PostgreSQL, sshd on loopback), installs agentgate's CRDs, applies the
-# quickstart examples, shows them served and validated, and stops everything.
+# The main job: installs what it needs, builds agentgate, starts the real local environment
+# (etcd + kube-apiserver, PostgreSQL, sshd on loopback), installs agentgate with its Helm
+# chart, runs a scripted agent through the sidecar against all three, shows what an auditor
+# sees, and stops everything.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+
+step "install the environment's dependencies (cached in ~/.cache/agentgate)"
 tests/env/install.sh all
-cargo run -q --locked -p agentgate-testenv --bin agentgate-env -- demo
+
+step "build agentgate (operator, sidecar, CLI) and the environment"
+cargo build --locked -p agentgate-operator -p agentgate-sidecar -p agentgate-cli -p agentgate-testenv
+
+target_dir=$(cargo metadata --format-version 1 --no-deps --locked | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+export AGENTGATE_BIN_DIR="$target_dir/debug"
+exec "$AGENTGATE_BIN_DIR/agentgate-env" demo

@@ -178,6 +178,15 @@ pub fn ssh_config(
     out
 }
 
+/// The uid the operator runs an injected sidecar as.
+const INJECTED_UID: u32 = 65532;
+
+/// This process's uid (the owner of `/proc/self`).
+fn own_uid() -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").ok().map(|m| m.uid())
+}
+
 /// Keeps `<dir>/ssh_config`, `<dir>/ssh/known_hosts` and (pod identity) `<dir>/ssh/id_ed25519`
 /// up to date with the SSH Targets of the current policy.
 pub async fn write_client_files(
@@ -220,9 +229,14 @@ pub async fn write_client_files(
                     let key_file = ssh.join("id_ed25519");
                     let _ = std::fs::remove_file(&key_file);
                     // OpenSSH accepts a key file readable by others only when another user
-                    // owns it: in a pod the sidecar (uid 65532) is not the agent, on a
-                    // workstation they are the same user.
-                    let mode = if in_cluster { 0o644 } else { 0o600 };
+                    // owns it: the injected sidecar runs as uid 65532 and the agent as
+                    // another user; anywhere else (a workstation, the demo) they may be the
+                    // same user, and the key stays private.
+                    let mode = if in_cluster && own_uid() == Some(INJECTED_UID) {
+                        0o644
+                    } else {
+                        0o600
+                    };
                     use std::os::unix::fs::OpenOptionsExt;
                     let mut f = std::fs::OpenOptions::new()
                         .write(true)
