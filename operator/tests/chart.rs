@@ -316,6 +316,65 @@ async fn the_chart_installs_upgrades_and_its_rbac_is_all_the_operator_needs() ->
         "the chart's RBAC fell short:\n{log}"
     );
 
+    // The walkthrough applies, in order, on top of the chart (with its webhooks answering),
+    // and its agent's pod is admitted with the sidecar injected under Pod Security
+    // `restricted`; the GitOps overlay builds and passes a server-side dry run.
+    let walkthrough = repo_path("examples/walkthrough");
+    let mut files: Vec<_> = std::fs::read_dir(&walkthrough)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .collect();
+    files.sort();
+    assert_eq!(files.len(), 8, "{files:?}");
+    for file in &files {
+        let out = kube.kubectl().arg("apply").arg("-f").arg(file).output()?;
+        ok(&format!("kubectl apply -f {}", file.display()), out);
+    }
+    let deployment = std::fs::read_to_string(walkthrough.join("06-agent-pod.yaml"))?;
+    let deployment = documents(&deployment)
+        .into_iter()
+        .find(|d| d["kind"] == "Deployment")
+        .expect("06 has the agent's Deployment");
+    let template = &deployment["spec"]["template"];
+    let mut meta = template["metadata"].clone();
+    meta["name"] = json!("coding-agent-0");
+    let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": template["spec"].clone()
+    }))?;
+    let admitted = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), "agents")
+        .create(&PostParams::default(), &pod)
+        .await
+        .map_err(|e| anyhow::anyhow!("the walkthrough's agent pod was refused: {e}"))?;
+    let spec = admitted.spec.expect("a pod spec");
+    let names: Vec<String> = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(spec.containers.iter())
+        .map(|c| c.name.clone())
+        .collect();
+    assert!(
+        names.iter().any(|n| n == "agentgate-sidecar"),
+        "not injected: {names:?}"
+    );
+    let built = kube
+        .kubectl()
+        .args(["kustomize"])
+        .arg(repo_path("examples/gitops/overlays/production"))
+        .output()?;
+    let built = ok(
+        "kubectl kustomize examples/gitops/overlays/production",
+        built,
+    );
+    let path = env.dir().join("gitops.yaml");
+    std::fs::write(&path, built)?;
+    let out = kube
+        .kubectl()
+        .args(["apply", "--dry-run=server", "-f"])
+        .arg(&path)
+        .output()?;
+    ok("the GitOps overlay, server dry run", out);
+
     // helm upgrade: a changed value lands; caBundle and the grant survive.
     let upgraded = ok(
         "helm upgrade",

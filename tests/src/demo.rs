@@ -509,25 +509,19 @@ spec:
         "kubectl agentgate grants list -n agents        # alice, an approver",
         &out,
     );
-    let out = cli(
-        "alice",
-        &[
-            "grants",
-            "approve",
-            &grant,
-            "-n",
-            NS,
-            "--reason",
-            "refund requested in ticket 4711",
-        ],
-    )?;
-    ensure_ok("approve", &out)?;
-    show(
-        &format!(
-            "kubectl agentgate grants approve {grant} -n agents --reason 'refund requested in ticket 4711'"
-        ),
-        &out,
-    );
+    let approve = |grant: &str, reason: &str| -> anyhow::Result<()> {
+        let out = cli(
+            "alice",
+            &["grants", "approve", grant, "-n", NS, "--reason", reason],
+        )?;
+        ensure_ok("approve", &out)?;
+        show(
+            &format!("kubectl agentgate grants approve {grant} -n agents --reason '{reason}'"),
+            &out,
+        );
+        Ok(())
+    };
+    approve(&grant, "refund requested in ticket 4711")?;
     let out = held.await??;
     ensure_ok("the held UPDATE", &out)?;
     say("the agent's psql, once approved:");
@@ -558,27 +552,10 @@ spec:
         "kubectl get secret orders-db-credentials -n agents -o yaml   # through the sidecar",
         &out,
     );
-    if !out.status.success() {
+    anyhow::ensure!(!out.status.success(), "a Secret was read without a grant");
+    {
         let grant = pending_grant(kube, "secrets").await?;
-        let out = cli(
-            "alice",
-            &[
-                "grants",
-                "approve",
-                &grant,
-                "-n",
-                NS,
-                "--reason",
-                "debugging the db connection",
-            ],
-        )?;
-        ensure_ok("approve", &out)?;
-        show(
-            &format!(
-                "kubectl agentgate grants approve {grant} -n agents --reason 'debugging the db connection'"
-            ),
-            &out,
-        );
+        approve(&grant, "debugging the db connection")?;
         let deadline = Instant::now() + Duration::from_secs(20);
         let out = loop {
             let out = agent_kubectl(&[

@@ -1,5 +1,6 @@
 //! Writes the CustomResourceDefinitions generated from the types into `crds/manifests/`
-//! (and into the Helm chart's `files/crds/`, which its `crds.yaml` template includes).
+//! (and into the Helm chart's `files/crds/`, which its `crds.yaml` template includes), the
+//! audit record's JSON Schema, and the API reference `docs/crd-reference.md`.
 //!
 //! Usage: `cargo run -p agentgate-crds --features crdgen --bin crdgen [-- --check]`.
 //! With `--check` nothing is written; the exit code is 1 when a committed file is stale.
@@ -68,6 +69,25 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("crdgen: {e}");
             return ExitCode::FAILURE;
+        }
+    }
+    let path = root
+        .join("..")
+        .join(agentgate_crds::generate::REFERENCE_FILE);
+    let reference = agentgate_crds::generate::reference();
+    if std::fs::read_to_string(&path).unwrap_or_default() != reference {
+        if check {
+            eprintln!("crdgen: {} is stale", path.display());
+            stale = true;
+        } else if let Err(e) = path
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| std::fs::write(&path, &reference))
+        {
+            eprintln!("crdgen: cannot write {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        } else {
+            println!("wrote {}", path.display());
         }
     }
     if stale {
