@@ -8,6 +8,24 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+/// Writes `content` to `path` (or, with `check`, only compares): `Ok(true)` when the file
+/// is stale.
+fn sync(path: &Path, content: &str, check: bool) -> Result<bool, String> {
+    if std::fs::read_to_string(path).unwrap_or_default() == content {
+        return Ok(false);
+    }
+    if check {
+        eprintln!("crdgen: {} is stale", path.display());
+        return Ok(true);
+    }
+    path.parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|()| std::fs::write(path, content))
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    println!("wrote {}", path.display());
+    Ok(false)
+}
+
 fn main() -> ExitCode {
     let check = std::env::args().any(|a| a == "--check");
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -16,78 +34,43 @@ fn main() -> ExitCode {
     if root.join("../charts/agentgate/Chart.yaml").is_file() {
         dirs.push(chart);
     }
-    let files = match agentgate_crds::generate::render_all() {
-        Ok(files) => files,
+    let generated = agentgate_crds::generate::render_all().and_then(|files| {
+        let schema = agentgate_crds::generate::record_schema()?;
+        Ok((files, schema))
+    });
+    let (files, schema) = match generated {
+        Ok(g) => g,
         Err(e) => {
             eprintln!("crdgen: {e}");
             return ExitCode::FAILURE;
         }
     };
-    let mut stale = false;
-    for dir in &dirs {
-        if let Err(e) = std::fs::create_dir_all(dir) {
-            eprintln!("crdgen: cannot create {}: {e}", dir.display());
-            return ExitCode::FAILURE;
-        }
-        for (name, yaml) in &files {
-            let path = dir.join(name);
-            let current = std::fs::read_to_string(&path).unwrap_or_default();
-            if current == *yaml {
-                continue;
-            }
-            if check {
-                eprintln!("crdgen: {} is stale", path.display());
-                stale = true;
-            } else if let Err(e) = std::fs::write(&path, yaml) {
-                eprintln!("crdgen: cannot write {}: {e}", path.display());
-                return ExitCode::FAILURE;
-            } else {
-                println!("wrote {}", path.display());
-            }
-        }
-    }
-    match agentgate_crds::generate::record_schema() {
-        Ok(schema) => {
-            let path = root.join(agentgate_crds::generate::RECORD_SCHEMA_FILE);
-            let current = std::fs::read_to_string(&path).unwrap_or_default();
-            if current != schema {
-                if check {
-                    eprintln!("crdgen: {} is stale", path.display());
-                    stale = true;
-                } else if let Err(e) = path
-                    .parent()
-                    .map_or(Ok(()), std::fs::create_dir_all)
-                    .and_then(|()| std::fs::write(&path, &schema))
-                {
-                    eprintln!("crdgen: cannot write {}: {e}", path.display());
-                    return ExitCode::FAILURE;
-                } else {
-                    println!("wrote {}", path.display());
-                }
-            }
-        }
-        Err(e) => {
-            eprintln!("crdgen: {e}");
-            return ExitCode::FAILURE;
-        }
-    }
-    let path = root
-        .join("..")
-        .join(agentgate_crds::generate::REFERENCE_FILE);
+    let mut outputs: Vec<(PathBuf, &str)> = dirs
+        .iter()
+        .flat_map(|dir| {
+            files
+                .iter()
+                .map(move |(name, yaml)| (dir.join(name), yaml.as_str()))
+        })
+        .collect();
+    outputs.push((
+        root.join(agentgate_crds::generate::RECORD_SCHEMA_FILE),
+        &schema,
+    ));
     let reference = agentgate_crds::generate::reference();
-    if std::fs::read_to_string(&path).unwrap_or_default() != reference {
-        if check {
-            eprintln!("crdgen: {} is stale", path.display());
-            stale = true;
-        } else if let Err(e) = path
-            .parent()
-            .map_or(Ok(()), std::fs::create_dir_all)
-            .and_then(|()| std::fs::write(&path, &reference))
-        {
-            eprintln!("crdgen: cannot write {}: {e}", path.display());
-            return ExitCode::FAILURE;
-        } else {
-            println!("wrote {}", path.display());
+    outputs.push((
+        root.join("..")
+            .join(agentgate_crds::generate::REFERENCE_FILE),
+        &reference,
+    ));
+    let mut stale = false;
+    for (path, content) in outputs {
+        match sync(&path, content, check) {
+            Ok(s) => stale |= s,
+            Err(e) => {
+                eprintln!("crdgen: {e}");
+                return ExitCode::FAILURE;
+            }
         }
     }
     if stale {
