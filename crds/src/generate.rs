@@ -207,7 +207,7 @@ fn type_of(s: &JSONSchemaProps) -> String {
                     )
                 })
                 .collect::<Vec<_>>()
-                .join(" \\| "),
+                .join(" | "),
             _ => base,
         },
     }

@@ -123,7 +123,7 @@ pub struct AccessGrantSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self == oldSelf").message("spec.requestedBy is immutable"))]
     pub requested_by: Option<UserRef>,
-    /// The approver's decision. Set it with a patch (`kubectl agentgate approve`, or
+    /// The approver's decision. Set it with a patch (`kubectl agentgate grants approve`, or
     /// `kubectl patch accessgrant NAME --type merge -p '{"spec":{"decision":{"verdict":"Approve"}}}'`).
     /// The webhook records who decided and when; a decision cannot be changed once made.
     #[serde(default, skip_serializing_if = "Option::is_none")]

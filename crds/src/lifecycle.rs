@@ -173,9 +173,14 @@ pub fn evaluate(
             }
             st.phase = Some(GrantPhase::Pending);
             let msg = format!(
-                "waiting for an approver until {deadline}: kubectl agentgate approve {} (or kubectl patch accessgrant {} --type merge -p '{{\"spec\":{{\"decision\":{{\"verdict\":\"Approve\"}}}}}}')",
-                grant.name_any(),
-                grant.name_any()
+                "waiting for an approver until {deadline}: kubectl agentgate grants approve {name}{ns} (or kubectl patch accessgrant {name}{ns} --type merge -p '{{\"spec\":{{\"decision\":{{\"verdict\":\"Approve\"}}}}}}')",
+                name = grant.name_any(),
+                ns = grant
+                    .metadata
+                    .namespace
+                    .as_deref()
+                    .map(|n| format!(" -n {n}"))
+                    .unwrap_or_default()
             );
             st.conditions = vec![condition(
                 &old.conditions,

@@ -357,6 +357,14 @@ async fn the_chart_installs_upgrades_and_its_rbac_is_all_the_operator_needs() ->
         names.iter().any(|n| n == "agentgate-sidecar"),
         "not injected: {names:?}"
     );
+    // The MaskPolicy's hash key reaches the sidecar (its Hash rule works in the pod).
+    assert!(
+        spec.volumes
+            .iter()
+            .flatten()
+            .any(|v| v.name == "agentgate-maskkey-mask-hash-key"),
+        "the hash key is not mounted"
+    );
     let built = kube
         .kubectl()
         .args(["kustomize"])

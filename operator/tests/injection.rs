@@ -397,3 +397,87 @@ async fn debug_containers_cannot_reach_into_the_sidecar() -> anyhow::Result<()> 
     assert_eq!(e, "ACCEPTED");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hash_keys_and_a_separate_ca_reach_the_sidecar_only() -> anyhow::Result<()> {
+    let cluster = Cluster::start(&[]).await?;
+    let admin = cluster.client.clone();
+    common::apply(&admin, json!({
+        "apiVersion": "agentgate.dev/v1alpha1", "kind": "Target", "metadata": { "name": "reports-db" },
+        "spec": { "protocol": "Postgres", "postgres": { "host": "reports", "database": "reports",
+            "tls": { "mode": "VerifyFull", "ca": { "name": "reports-ca", "key": "ca.crt" } },
+            "credentials": { "name": "reports-credentials" } } }
+    }))
+    .await?;
+    common::apply(&admin, json!({
+        "apiVersion": "agentgate.dev/v1alpha1", "kind": "MaskPolicy", "metadata": { "name": "ids" },
+        "spec": { "rules": [ { "name": "customer-ids", "columns": ["public.customers.id"], "action": "Hash" } ],
+            "hashKey": { "name": "mask-hash-key", "key": "key" } }
+    }))
+    .await?;
+    let stored = create(&admin, NS, &pod("agent-keys", json!({})))
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let spec = stored.spec.expect("spec");
+    let volumes = spec.volumes.unwrap_or_default();
+    // The hash key: its own volume, under the sidecar's targets folder.
+    let key = volumes
+        .iter()
+        .find(|v| v.name == "agentgate-maskkey-mask-hash-key")
+        .expect("the hash key's volume");
+    assert_eq!(
+        key.secret.as_ref().and_then(|s| s.secret_name.as_deref()),
+        Some("mask-hash-key")
+    );
+    // The CA from another Secret, projected into the Target's folder with its credentials.
+    let reports = volumes
+        .iter()
+        .find(|v| v.name == "agentgate-target-reports-db")
+        .expect("the Target's volume");
+    let sources = reports
+        .projected
+        .as_ref()
+        .and_then(|p| p.sources.clone())
+        .expect("a projected volume");
+    let names: Vec<&str> = sources
+        .iter()
+        .filter_map(|s| s.secret.as_ref().map(|s| s.name.as_str()))
+        .collect();
+    assert_eq!(names, ["reports-credentials", "reports-ca"]);
+    let inits = spec.init_containers.unwrap_or_default();
+    let mounts: Vec<(String, String)> = inits[0]
+        .volume_mounts
+        .iter()
+        .flatten()
+        .map(|m| (m.name.clone(), m.mount_path.clone()))
+        .collect();
+    assert!(
+        mounts.contains(&(
+            "agentgate-maskkey-mask-hash-key".into(),
+            "/var/run/agentgate/targets/mask-keys/mask-hash-key".into()
+        )),
+        "{mounts:?}"
+    );
+    // Neither reaches an agent container, and an agent that asks for the key is refused.
+    assert!(
+        spec.containers[0]
+            .volume_mounts
+            .iter()
+            .flatten()
+            .all(|m| !m.name.starts_with("agentgate-maskkey-")
+                && !m.name.starts_with("agentgate-target-"))
+    );
+    let err = create(
+        &admin,
+        NS,
+        &pod(
+            "agent-steals-key",
+            json!({ "containers": [ { "name": "agent", "image": "registry.example/agent:1",
+                "env": [ { "name": "K", "valueFrom": { "secretKeyRef": { "name": "mask-hash-key", "key": "key" } } } ] } ] }),
+        ),
+    )
+    .await
+    .expect_err("an agent reading the hash key");
+    assert!(err.contains("a MaskPolicy's hash key"), "{err}");
+    Ok(())
+}

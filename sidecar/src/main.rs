@@ -340,6 +340,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             addr,
             cert.cert_pem.clone(),
             gw.policy.clone(),
+            namespace_for_users.clone(),
         ));
         let kube = Arc::new(kube_gw::KubeGateway::new(gw.clone(), namespace_for_users));
         tokio::spawn(kube_gw::serve(listener, cert.config, kube));

@@ -11,11 +11,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use agentgate_crds::{AgentIdentity, Protocol, Target};
+use agentgate_crds::{AgentIdentity, MaskPolicy, Protocol, Target};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapProjection, Container, ContainerPort, DownwardAPIProjection,
     DownwardAPIVolumeFile, EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath,
-    ObjectFieldSelector, Pod, Probe, ProjectedVolumeSource, ResourceRequirements,
+    ObjectFieldSelector, Pod, Probe, ProjectedVolumeSource, ResourceRequirements, SecretProjection,
     SecretVolumeSource, SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount,
     VolumeProjection,
 };
@@ -70,6 +70,9 @@ pub struct InjectionInput<'a> {
     pub targets: &'a [Target],
     /// Names of Secrets labelled sensitive that agent containers reference.
     pub sensitive_secrets: &'a BTreeSet<String>,
+    /// The Secrets the namespace's MaskPolicies name as `hashKey`: mounted into the sidecar
+    /// only (at `<targets>/mask-keys/<Secret>`), never into an agent container.
+    pub mask_key_secrets: &'a BTreeSet<String>,
 }
 
 /// The Secrets a container references (volumes it mounts, env and envFrom).
@@ -126,6 +129,25 @@ fn privilege_problem(sc: Option<&SecurityContext>) -> Option<String> {
         .iter()
         .find(|a| DANGEROUS_CAPS.contains(&a.to_uppercase().trim_start_matches("CAP_")))
         .map(|cap| format!("adds capability {cap}"))
+}
+
+/// A volume name: `prefix` + `name`, cut to 63 characters.
+fn volume_name(prefix: &str, name: &str) -> String {
+    let v = format!("{prefix}{name}");
+    if v.len() > 63 {
+        v[..63].trim_end_matches(['-', '.']).to_owned()
+    } else {
+        v
+    }
+}
+
+/// The Secret and key of a Target's upstream CA, when it names one.
+fn ca_secret(t: &Target) -> Option<agentgate_crds::common::SecretKeyRef> {
+    match t.spec.protocol {
+        Protocol::Postgres => t.spec.postgres.as_ref().and_then(|p| p.tls.ca.clone()),
+        Protocol::Kubernetes => t.spec.kubernetes.as_ref().and_then(|k| k.tls.ca.clone()),
+        Protocol::Ssh => None,
+    }
 }
 
 fn credentials_secret(t: &Target) -> Option<String> {
@@ -214,7 +236,8 @@ fn upsert<T, F: Fn(&T) -> bool>(list: &mut Vec<T>, item: T, same: F) {
     }
 }
 
-/// The sidecar container agentgate injects.
+/// The sidecar container agentgate injects; `targets` are `(folder under the targets
+/// directory, volume)`: a Target's credentials, or `mask-keys/<Secret>`.
 pub fn sidecar_container(
     config: &Config,
     identity: &str,
@@ -226,10 +249,10 @@ pub fn sidecar_container(
         mount(V_SPILL, "/var/lib/agentgate/audit", false),
         mount(V_CLIENT, CLIENT_DIR, false),
     ];
-    for (target, volume) in targets {
+    for (dir, volume) in targets {
         mounts.push(mount(
             volume,
-            &format!("/var/run/agentgate/targets/{target}"),
+            &format!("/var/run/agentgate/targets/{dir}"),
             true,
         ));
     }
@@ -431,6 +454,12 @@ pub fn inject(pod: &Pod, input: &InjectionInput<'_>) -> Result<Pod, Refusal> {
                     c.name
                 ));
             }
+            if input.mask_key_secrets.contains(&s) {
+                return refuse(format!(
+                    "container {} uses Secret {s}, a MaskPolicy's hash key: with it, masked values could be matched back; only the sidecar may read it",
+                    c.name
+                ));
+            }
             if input.sensitive_secrets.contains(&s) {
                 return refuse(format!(
                     "container {} uses Secret {s}, which is labelled {SENSITIVE_LABEL}: only the sidecar may read it",
@@ -541,16 +570,61 @@ pub fn inject(pod: &Pod, input: &InjectionInput<'_>) -> Result<Pod, Refusal> {
         let (Some(tname), Some(secret)) = (t.metadata.name.clone(), credentials_secret(t)) else {
             continue;
         };
-        let vname = format!("agentgate-target-{tname}");
-        let vname = if vname.len() > 63 {
-            vname[..63].trim_end_matches('-').to_owned()
-        } else {
-            vname
+        let vname = volume_name("agentgate-target-", &tname);
+        let v = match ca_secret(t).filter(|ca| ca.name != secret) {
+            // The CA in another Secret: both projected into the Target's one folder, where
+            // the sidecar reads the credentials and the CA file the Target names.
+            Some(ca) => Volume {
+                name: vname.clone(),
+                projected: Some(ProjectedVolumeSource {
+                    sources: Some(vec![
+                        VolumeProjection {
+                            secret: Some(SecretProjection {
+                                name: secret,
+                                optional: Some(true),
+                                items: None,
+                            }),
+                            ..Default::default()
+                        },
+                        VolumeProjection {
+                            secret: Some(SecretProjection {
+                                name: ca.name.clone(),
+                                optional: Some(true),
+                                items: Some(vec![KeyToPath {
+                                    key: ca.key.clone(),
+                                    path: ca.key.clone(),
+                                    mode: None,
+                                }]),
+                            }),
+                            ..Default::default()
+                        },
+                    ]),
+                    default_mode: Some(0o440),
+                }),
+                ..Default::default()
+            },
+            None => Volume {
+                name: vname.clone(),
+                secret: Some(SecretVolumeSource {
+                    secret_name: Some(secret),
+                    optional: Some(true),
+                    default_mode: Some(0o440),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
         };
+        upsert(vols, v, |x| x.name == vname);
+        target_mounts.push((tname, vname));
+    }
+    // MaskPolicies' hash keys, for the Hash action (the sidecar refuses a Target whose
+    // policy's key it cannot read).
+    for s in input.mask_key_secrets {
+        let vname = volume_name("agentgate-maskkey-", s);
         let v = Volume {
             name: vname.clone(),
             secret: Some(SecretVolumeSource {
-                secret_name: Some(secret),
+                secret_name: Some(s.clone()),
                 optional: Some(true),
                 default_mode: Some(0o440),
                 ..Default::default()
@@ -558,7 +632,7 @@ pub fn inject(pod: &Pod, input: &InjectionInput<'_>) -> Result<Pod, Refusal> {
             ..Default::default()
         };
         upsert(vols, v, |x| x.name == vname);
-        target_mounts.push((tname, vname));
+        target_mounts.push((format!("mask-keys/{s}"), vname));
     }
 
     // The sidecar, first among the init containers so it starts before anything else.
@@ -756,11 +830,26 @@ pub async fn mutate(
             }
         }
     }
+    let policies: Api<MaskPolicy> = Api::namespaced(ctx.client.clone(), &ns);
+    let mask_keys: BTreeSet<String> = match policies.list(&ListParams::default()).await {
+        Ok(l) => l
+            .items
+            .iter()
+            .filter_map(|p| p.spec.hash_key.as_ref().map(|k| k.name.clone()))
+            .collect(),
+        Err(e) => {
+            return deny(
+                req,
+                format!("cannot list MaskPolicies (failing closed): {e}"),
+            );
+        }
+    };
     let input = InjectionInput {
         config: &ctx.config,
         identity: &id,
         targets: &targets,
         sensitive_secrets: &sensitive,
+        mask_key_secrets: &mask_keys,
     };
     let injected = match inject(&pod, &input) {
         Ok(p) => p,

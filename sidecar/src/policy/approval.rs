@@ -81,7 +81,7 @@ fn pending<'a>(snapshot: Option<&'a Snapshot>, req: &Request<'_>) -> Option<&'a 
 
 fn approve_hint(name: &str, namespace: &str) -> String {
     format!(
-        "an approver runs: kubectl patch accessgrant {name} -n {namespace} --type merge -p '{{\"spec\":{{\"decision\":{{\"verdict\":\"Approve\"}}}}}}' (or denies it with \"verdict\":\"Deny\"); then run the command again"
+        "an approver runs: kubectl patch accessgrant {name} -n {namespace} --type merge -p '{{\"spec\":{{\"decision\":{{\"verdict\":\"Approve\"}}}}}}' (or kubectl agentgate grants approve {name} -n {namespace}; to deny: \"verdict\":\"Deny\" or grants deny); then run the command again"
     )
 }
 

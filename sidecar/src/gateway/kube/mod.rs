@@ -155,23 +155,32 @@ pub fn serving_cert() -> Result<ServingCert, String> {
 }
 
 /// A kubeconfig for the agent: one cluster and context per Kubernetes Target, reaching the
-/// gateway at `addr`, trusting `cert_pem`.
-pub fn kubeconfig(addr: SocketAddr, cert_pem: &str, targets: &[String]) -> String {
+/// gateway at `addr`, trusting `cert_pem`. A context for the cluster the pod runs in
+/// (`(name, Some(namespace))`) defaults to the pod's namespace, as kubectl in a pod does.
+pub fn kubeconfig(
+    addr: SocketAddr,
+    cert_pem: &str,
+    targets: &[(String, Option<String>)],
+) -> String {
     use base64::Engine;
     let ca = base64::engine::general_purpose::STANDARD.encode(cert_pem);
     let mut clusters = String::new();
     let mut contexts = String::new();
-    for t in targets {
+    for (t, namespace) in targets {
         clusters.push_str(&format!(
             "- name: {t}\n  cluster:\n    server: https://{addr}/targets/{t}\n    certificate-authority-data: {ca}\n"
         ));
+        let ns = namespace
+            .as_deref()
+            .map(|n| format!("    namespace: {n}\n"))
+            .unwrap_or_default();
         contexts.push_str(&format!(
-            "- name: {t}\n  context:\n    cluster: {t}\n    user: agent\n"
+            "- name: {t}\n  context:\n    cluster: {t}\n    user: agent\n{ns}"
         ));
     }
     format!(
         "# Written by agentgate: every request goes through its gateway.\napiVersion: v1\nkind: Config\nclusters:\n{clusters}contexts:\n{contexts}users:\n- name: agent\n  user:\n    # Not a credential: the gateway knows who the pod is (or, with --pg-auth token, needs\n    # the agent's own token here). It keeps kubectl from asking for a password.\n    token: agentgate-pod-identity\ncurrent-context: {}\n",
-        targets.first().map(String::as_str).unwrap_or("none")
+        targets.first().map(|(t, _)| t.as_str()).unwrap_or("none")
     )
 }
 
@@ -182,16 +191,24 @@ pub async fn write_kubeconfig(
     addr: SocketAddr,
     cert_pem: String,
     store: Arc<policy::PolicyStore>,
+    pod_namespace: Option<String>,
 ) {
-    let mut last: Option<Vec<String>> = None;
+    let mut last: Option<Vec<(String, Option<String>)>> = None;
     loop {
-        let targets: Vec<String> = store
+        let targets: Vec<(String, Option<String>)> = store
             .get()
             .map(|s| {
                 s.targets
                     .iter()
                     .filter(|(_, t)| t.spec.protocol == Protocol::Kubernetes)
-                    .map(|(n, _)| n.clone())
+                    .map(|(n, t)| {
+                        let local = t
+                            .spec
+                            .kubernetes
+                            .as_ref()
+                            .is_none_or(|k| k.server.is_none());
+                        (n.clone(), pod_namespace.clone().filter(|_| local))
+                    })
                     .collect()
             })
             .unwrap_or_default();
@@ -616,7 +633,7 @@ impl Connection {
             Verdict::Refuse => {
                 let how = if decision.rule == "not-in-scope" {
                     format!(
-                        "; to ask for it: kubectl agentgate grants request --identity {identity} --target {target} --operations {} --reason <why>",
+                        "; to ask for it: kubectl agentgate grants request <name> --identity {identity} --target {target} --operations {} --reason <why>",
                         cmd.class
                     )
                 } else {
@@ -812,7 +829,7 @@ impl Connection {
         };
         match self.gw.core.approvals.file(Some(snapshot), &req).await {
             Ok(filed) => format!(
-                "agentgate: held for approval ({}): AccessGrant {}; {}; then retry the same request",
+                "agentgate: held for approval ({}): AccessGrant {}; {}",
                 decision.message, filed.name, filed.how_to_approve
             ),
             Err(e) => format!(
@@ -1016,5 +1033,31 @@ fn outcome(
     });
     if let Err(e) = rec.emit(r) {
         tracing::error!(session = rec.id(), error = %e, "a request's outcome could not be recorded");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::kubeconfig;
+
+    #[test]
+    fn the_pods_own_cluster_defaults_to_the_pods_namespace() {
+        let addr = "127.0.0.1:16443".parse().expect("an address");
+        let text = kubeconfig(
+            addr,
+            "CERT",
+            &[
+                ("this-cluster".into(), Some("agents".into())),
+                ("prod".into(), None),
+            ],
+        );
+        let doc: serde_json::Value = serde_norway::from_str(&text).expect("YAML");
+        assert_eq!(doc["current-context"], "this-cluster");
+        assert_eq!(doc["contexts"][0]["context"]["namespace"], "agents");
+        assert!(doc["contexts"][1]["context"].get("namespace").is_none());
+        assert_eq!(
+            doc["clusters"][1]["cluster"]["server"],
+            "https://127.0.0.1:16443/targets/prod"
+        );
     }
 }

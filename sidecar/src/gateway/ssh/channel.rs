@@ -288,7 +288,7 @@ impl Ctx {
             _ => {
                 let how = if decision.rule == "not-in-scope" {
                     format!(
-                        "; to ask for it: kubectl agentgate grants request --identity {} --target {} --operations {} --reason <why>",
+                        "; to ask for it: kubectl agentgate grants request <name> --identity {} --target {} --operations {} --reason <why>",
                         self.agent.identity, self.target, cmd.class
                     )
                 } else {
