@@ -101,17 +101,55 @@ fn repo_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
-/// Runs the whole demo; the environment stops when it returns.
-pub async fn run_demo() -> anyhow::Result<()> {
-    let bins = Binaries::locate()?;
+/// Where the demo runs.
+#[derive(Debug, Default, Clone)]
+pub struct Options {
+    /// A cluster to use instead of starting a local API server: its admin kubeconfig (the
+    /// current context; cluster-admin, since the demo installs CRDs and RBAC and
+    /// impersonates an approver).
+    pub kubeconfig: Option<PathBuf>,
+    /// With `kubeconfig`: the address that cluster's API server reaches this machine at, to
+    /// call the operator's webhooks (e.g. the Docker bridge's gateway for kind).
+    pub webhook_host: Option<String>,
+}
 
-    step(
-        1,
-        "Starting the environment: etcd + kube-apiserver, PostgreSQL, sshd",
-    );
+/// Runs the whole demo; the environment stops when it returns. Against a cluster of the
+/// user's, everything it created there is removed at the end, except the CRDs.
+pub async fn run_demo(options: Options) -> anyhow::Result<()> {
+    let bins = Binaries::locate()?;
+    let users_cluster = options.kubeconfig.is_some();
     let t = Instant::now();
-    let env = TestEnv::start_async(Parts::all()).await?;
-    let kube = env.kube()?;
+    let env = if users_cluster {
+        step(1, "Starting PostgreSQL and sshd; using your cluster");
+        TestEnv::start_async(Parts {
+            postgres: true,
+            ssh: true,
+            ..Default::default()
+        })
+        .await?
+    } else {
+        step(
+            1,
+            "Starting the environment: etcd + kube-apiserver, PostgreSQL, sshd",
+        );
+        TestEnv::start_async(Parts::all()).await?
+    };
+    let dir = env.dir().to_path_buf();
+    let kube = match &options.kubeconfig {
+        Some(kc) => {
+            crate::cluster::Cluster::from_kubeconfig(kc, &env.bins.kubectl, &dir.join("cluster"))?
+        }
+        None => env.kube()?.cluster()?,
+    };
+    let webhook_host = match (&options.kubeconfig, &options.webhook_host) {
+        (None, _) => "127.0.0.1".to_owned(),
+        (Some(_), Some(h)) => h.clone(),
+        (Some(_), None) => anyhow::bail!(
+            "with --kubeconfig, say where the cluster's API server reaches this machine for the \
+             operator's webhooks: --webhook-host <address> (for kind: the Docker bridge \
+             gateway, e.g. 172.18.0.1)"
+        ),
+    };
     let pg = env.postgres()?;
     let sshd = env.ssh()?;
     let admin = kube.client().await?;
@@ -122,6 +160,99 @@ pub async fn run_demo() -> anyhow::Result<()> {
         sshd.port(),
         t.elapsed().as_secs_f64()
     ));
+    let result = demo_steps(&bins, &env, &kube, &admin, &webhook_host).await;
+    if users_cluster {
+        println!("\nRemoving what the demo created in your cluster (the CRDs stay).");
+        cleanup(&kube, &env);
+    }
+    if result.is_ok() {
+        println!("\n\x1b[1mDone.\x1b[0m Stopping the environment (nothing is left running).");
+    }
+    result
+}
+
+/// Best effort: the demo's namespace (its grants' finalizers need the operator, which is
+/// stopped by now, so they are cleared), cluster-scoped bindings and the Helm release.
+fn cleanup(kube: &crate::cluster::Cluster, env: &TestEnv) {
+    let _ = kube
+        .kubectl()
+        .args([
+            "patch",
+            "accessgrants",
+            "--all",
+            "-n",
+            NS,
+            "--type=merge",
+            "-p",
+        ])
+        .arg(r#"{"metadata":{"finalizers":null}}"#)
+        .output();
+    let _ = kube
+        .kubectl()
+        .args([
+            "delete",
+            "namespace",
+            NS,
+            "--wait=false",
+            "--ignore-not-found",
+        ])
+        .output();
+    let _ = kube
+        .kubectl()
+        .args(["delete", "clusterrolebinding", "--ignore-not-found"])
+        .args(CLUSTER_BINDINGS)
+        .args([
+            &format!("agentgate-impersonate-{LABEL}"),
+            &format!("agent-{LABEL}"),
+        ])
+        .output();
+    let _ = kube
+        .kubectl()
+        .args(["delete", "clusterrole", "--ignore-not-found"])
+        .args([
+            &format!("agentgate-impersonate-{LABEL}"),
+            &format!("agent-{LABEL}"),
+        ])
+        .output();
+    if let Ok(helm) = env.bins.helm() {
+        let _ = Command::new(helm)
+            .env("KUBECONFIG", kube.kubeconfig())
+            .env("HELM_CACHE_HOME", env.dir().join("helm/cache"))
+            .env("HELM_CONFIG_HOME", env.dir().join("helm/config"))
+            .env("HELM_DATA_HOME", env.dir().join("helm/data"))
+            .args(["uninstall", "agentgate", "-n", SYSTEM])
+            .output();
+    }
+    let _ = kube
+        .kubectl()
+        .args([
+            "delete",
+            "namespace",
+            SYSTEM,
+            "--wait=false",
+            "--ignore-not-found",
+        ])
+        .output();
+}
+
+/// Cluster-scoped bindings the demo creates.
+const CLUSTER_BINDINGS: [&str; 3] = [
+    "claude-orders-token-reviewer",
+    "agentgate-approvers",
+    "agentgate-auditors",
+];
+/// The label of the Kubernetes gateway's RBAC objects.
+const LABEL: &str = "demo-claude-orders";
+
+async fn demo_steps(
+    bins: &Binaries,
+    env: &TestEnv,
+    kube: &crate::cluster::Cluster,
+    admin: &kube::Client,
+    webhook_host: &str,
+) -> anyhow::Result<()> {
+    let pg = env.postgres()?;
+    let sshd = env.ssh()?;
     let dir = env.dir().to_path_buf();
     let kubectl = |args: &[&str]| -> anyhow::Result<Output> { run(kube.kubectl().args(args)) };
 
@@ -129,22 +260,29 @@ pub async fn run_demo() -> anyhow::Result<()> {
     let webhook_port = free_port()?;
     let helm = env.bins.helm()?.to_path_buf();
     let chart = repo_root().join("charts/agentgate");
-    kubectl(&["create", "namespace", NS])?;
+    let out = kubectl(&["create", "namespace", NS])?;
+    ensure_ok(
+        "kubectl create namespace agents (the demo needs it new: in your own cluster, \
+         `kubectl delete namespace agents` first)",
+        &out,
+    )?;
     let out = run(Command::new(&helm)
         .env("KUBECONFIG", kube.kubeconfig())
         .env("HELM_CACHE_HOME", dir.join("helm/cache"))
         .env("HELM_CONFIG_HOME", dir.join("helm/config"))
         .env("HELM_DATA_HOME", dir.join("helm/data"))
-        .args(["install", "agentgate"])
+        // --take-ownership: CRDs kept from an earlier install (or applied by hand) join
+        // the release instead of failing it.
+        .args(["install", "agentgate", "--take-ownership"])
         .arg(&chart)
         .args(["-n", SYSTEM, "--create-namespace"])
         .arg("--set")
-        .arg(format!("webhook.url=https://127.0.0.1:{webhook_port}"))
+        .arg(format!("webhook.url=https://{webhook_host}:{webhook_port}"))
         .arg("--set")
         .arg(format!("defaults.namespaces={{{NS}}}")))?;
     ensure_ok("helm install", &out)?;
     println!(
-        "\x1b[2m$ helm install agentgate charts/agentgate -n {SYSTEM} --create-namespace --set defaults.namespaces={{{NS}}}\x1b[0m"
+        "\x1b[2m$ helm install agentgate charts/agentgate --take-ownership -n {SYSTEM} --create-namespace --set defaults.namespaces={{{NS}}}\x1b[0m"
     );
     for line in String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -166,14 +304,18 @@ pub async fn run_demo() -> anyhow::Result<()> {
     );
 
     // The operator, as the chart's ServiceAccount (no kubelet here to run its Deployment).
-    let token = crate::kube_env::sa_token(&admin, SYSTEM, "agentgate-operator", None).await?;
+    let token = crate::kube_env::sa_token(admin, SYSTEM, "agentgate-operator", None).await?;
     let operator_kubeconfig = kube.kubeconfig_with_token("agentgate-operator", &token)?;
     let metrics = free_port()?;
     let mut spec = Spec::new("operator", &bins.operator)
         .args([
             format!("--namespace={SYSTEM}"),
-            format!("--webhook-addr=127.0.0.1:{webhook_port}"),
-            "--webhook-hosts=127.0.0.1".into(),
+            if webhook_host == "127.0.0.1" {
+                format!("--webhook-addr=127.0.0.1:{webhook_port}")
+            } else {
+                format!("--webhook-addr=0.0.0.0:{webhook_port}")
+            },
+            format!("--webhook-hosts={webhook_host}"),
             format!("--metrics-addr=127.0.0.1:{metrics}"),
             "--pod-name=agentgate-operator-0".into(),
         ])
@@ -209,7 +351,9 @@ pub async fn run_demo() -> anyhow::Result<()> {
     sshd.write_credentials(&targets, "build-host")?;
     let cluster = kube
         .gateway_target(
-            &format!("{NS}:{AGENT}"),
+            LABEL,
+            &format!("agentgate:agent:{NS}:{AGENT}"),
+            NS,
             &[
                 r#"{ apiGroups: [""], resources: [pods, configmaps, secrets, services], verbs: [get, list, watch] }"#,
             ],
@@ -361,23 +505,19 @@ spec:
     );
     let pod_file = dir.join("pod.yaml");
     std::fs::write(&pod_file, &pod)?;
+    // A server-side dry run: admitted and mutated exactly as a real create, and nothing
+    // tries to run it (there is no kubelet here; in your cluster there is no image).
     let out = run(kube
         .kubectl()
-        .args(["apply", "-n", NS, "-f"])
-        .arg(&pod_file))?;
-    ensure_ok("create the agent pod", &out)?;
-    show("kubectl apply -n agents -f coding-agent.yaml", &out);
-    let out = kubectl(&[
-        "get",
-        "pod",
-        "coding-agent",
-        "-n",
-        NS,
-        "-o",
-        r#"jsonpath={range .spec.initContainers[*]}{.name}{" (init, restartPolicy "}{.restartPolicy}{")\n"}{end}{range .spec.containers[*]}{.name}{": "}{range .env[*]}{.name}{" "}{end}{"\n"}{end}"#,
-    ])?;
+        .args(["apply", "--dry-run=server", "-n", NS, "-f"])
+        .arg(&pod_file)
+        .args([
+            "-o",
+            r#"jsonpath={range .spec.initContainers[*]}{.name}{" (init, restartPolicy "}{.restartPolicy}{")\n"}{end}{range .spec.containers[*]}{.name}{": "}{range .env[*]}{.name}{" "}{end}{"\n"}{end}"#,
+        ]))?;
+    ensure_ok("admit the agent pod", &out)?;
     show(
-        "kubectl get pod coding-agent -n agents -o jsonpath=… (containers and the agent's env)",
+        "kubectl apply --dry-run=server -n agents -f coding-agent.yaml -o jsonpath=… (its containers, the agent's env)",
         &out,
     );
     let escape = r#"apiVersion: v1
@@ -395,18 +535,18 @@ spec:
     std::fs::write(&escape_file, escape)?;
     let out = run(kube
         .kubectl()
-        .args(["apply", "-n", NS, "-f"])
+        .args(["apply", "--dry-run=server", "-n", NS, "-f"])
         .arg(&escape_file))?;
     anyhow::ensure!(!out.status.success(), "a pod with hostNetwork was admitted");
     show(
-        "kubectl apply -n agents -f sneaky-agent.yaml   # hostNetwork: true",
+        "kubectl apply --dry-run=server -n agents -f sneaky-agent.yaml   # hostNetwork: true",
         &out,
     );
 
     // The injected sidecar, run here as a process with the pod's identity.
-    let api_token = crate::kube_env::sa_token(&admin, NS, AGENT, None).await?;
+    let api_token = crate::kube_env::sa_token(admin, NS, AGENT, None).await?;
     let sidecar_kubeconfig = kube.kubeconfig_with_token("claude-orders-sidecar", &api_token)?;
-    let pod_token = crate::kube_env::sa_token(&admin, NS, AGENT, Some("agentgate")).await?;
+    let pod_token = crate::kube_env::sa_token(admin, NS, AGENT, Some("agentgate")).await?;
     let token_file = dir.join("pod-token");
     std::fs::write(&token_file, pod_token)?;
     let pg_port = free_port()?;
@@ -501,7 +641,11 @@ spec:
     let grant = pending_grant(kube, "UPDATE orders").await?;
     let cli = |user: &str, args: &[&str]| -> anyhow::Result<Output> {
         let mut cmd = Command::new(&bins.cli);
-        cmd.env("KUBECONFIG", kube.kubeconfig_for(user)).args(args);
+        cmd.env(
+            "KUBECONFIG",
+            kube.kubeconfig_as(user, &["agentgate-approvers"])?,
+        )
+        .args(args);
         run(&mut cmd)
     };
     let out = cli("alice", &["grants", "list", "-n", NS])?;
@@ -669,13 +813,12 @@ spec:
         let title = f["title"].as_str().unwrap_or("");
         say(&format!("  {control:<14} {state:<14} {title}"));
     }
-    println!("\n\x1b[1mDone.\x1b[0m Stopping the environment (nothing is left running).");
     Ok(())
 }
 
 /// Waits for the AccessGrant the sidecar filed for a held request whose text contains
 /// `needle`, and returns its name.
-async fn pending_grant(kube: &crate::KubeEnv, needle: &str) -> anyhow::Result<String> {
+async fn pending_grant(kube: &crate::cluster::Cluster, needle: &str) -> anyhow::Result<String> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let out = kube

@@ -200,13 +200,7 @@ impl KubeEnv {
 
     /// A `kube::Client` from a kubeconfig file.
     pub async fn client_from(&self, path: &Path) -> Result<kube::Client, Error> {
-        crate::install_crypto_provider();
-        let kc = kube::config::Kubeconfig::read_from(path)
-            .map_err(|e| Error::Kube(format!("read {}: {e}", path.display())))?;
-        let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
-            .await
-            .map_err(|e| Error::Kube(format!("kubeconfig {}: {e}", path.display())))?;
-        kube::Client::try_from(config).map_err(|e| Error::Kube(format!("client: {e}")))
+        crate::cluster::client_from(path).await
     }
 
     /// `kubectl` with the admin kubeconfig.
@@ -390,15 +384,19 @@ pub async fn apply(
 }
 
 impl KubeEnv {
-    /// Sets this API server up as a Target of agentgate's Kubernetes gateway, for the agent
-    /// user `agentgate:agent:<identity>` (a standalone sidecar's):
-    /// - the service account `default/agentgate-gw`, allowed only to impersonate that user
-    ///   and the group `agentgate:agents`;
-    /// - a ClusterRole `agent-<identity>` with `agent_rules` (YAML flow list items, e.g.
-    ///   `{ apiGroups: [""], resources: [pods], verbs: [get] }`) bound to that user;
-    /// - `<targets>/<target>/token` (the service account's token) and `ca.crt`.
-    ///
-    /// Returns the Target's `kubernetes:` spec (flow YAML) that names these files.
+    /// This API server as a [`Cluster`](crate::cluster::Cluster), through the admin
+    /// kubeconfig.
+    pub fn cluster(&self) -> Result<crate::cluster::Cluster, Error> {
+        crate::cluster::Cluster::from_kubeconfig(
+            &self.kubeconfig(),
+            &self.kubectl,
+            &self.dir.join("cluster"),
+        )
+    }
+
+    /// Sets this API server up as a Target of agentgate's Kubernetes gateway for the
+    /// standalone agent user `agentgate:agent:<identity>`, with a service account in
+    /// `default`: see [`Cluster::gateway_target`](crate::cluster::Cluster::gateway_target).
     pub async fn gateway_target(
         &self,
         identity: &str,
@@ -406,55 +404,15 @@ impl KubeEnv {
         targets: &Path,
         target: &str,
     ) -> Result<String, Error> {
-        let user = format!("agentgate:agent:{identity}");
-        let rbac = format!(
-            r#"apiVersion: v1
-kind: ServiceAccount
-metadata: {{ name: agentgate-gw, namespace: default }}
----
-apiVersion: rbac.authorization.k8s.io/v1
-kind: ClusterRole
-metadata: {{ name: agentgate-impersonate-{identity} }}
-rules:
-- {{ apiGroups: [""], resources: [users], verbs: [impersonate], resourceNames: ["{user}"] }}
-- {{ apiGroups: [""], resources: [groups], verbs: [impersonate], resourceNames: ["agentgate:agents"] }}
----
-apiVersion: rbac.authorization.k8s.io/v1
-kind: ClusterRoleBinding
-metadata: {{ name: agentgate-impersonate-{identity} }}
-roleRef: {{ apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: agentgate-impersonate-{identity} }}
-subjects: [ {{ kind: ServiceAccount, name: agentgate-gw, namespace: default }} ]
----
-apiVersion: rbac.authorization.k8s.io/v1
-kind: ClusterRole
-metadata: {{ name: agent-{identity} }}
-rules:
-{}
----
-apiVersion: rbac.authorization.k8s.io/v1
-kind: ClusterRoleBinding
-metadata: {{ name: agent-{identity} }}
-roleRef: {{ apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: agent-{identity} }}
-subjects: [ {{ apiGroup: rbac.authorization.k8s.io, kind: User, name: "{user}" }} ]
-"#,
-            agent_rules
-                .iter()
-                .map(|r| format!("- {r}"))
-                .collect::<Vec<_>>()
-                .join("\n")
-        );
-        let file = self.dir.join(format!("gateway-rbac-{identity}.yaml"));
-        write(&file, &rbac)?;
-        self.kubectl_run(&["apply", "-f", &file.display().to_string()])?;
-        let client = self.client().await?;
-        let token = sa_token(&client, "default", "agentgate-gw", None).await?;
-        let dir = targets.join(target);
-        mkdir(&dir)?;
-        write(&dir.join("token"), &token)?;
-        write(&dir.join("ca.crt"), &self.ca_pem())?;
-        Ok(format!(
-            r#"{{ server: "{}", tls: {{ mode: VerifyFull, ca: {{ name: c, key: ca.crt }} }}, credentials: {{ name: c }} }}"#,
-            self.url()
-        ))
+        self.cluster()?
+            .gateway_target(
+                identity,
+                &format!("agentgate:agent:{identity}"),
+                "default",
+                agent_rules,
+                targets,
+                target,
+            )
+            .await
     }
 }

@@ -13,6 +13,7 @@
 //! version. A missing binary is an error that says how to get it: tests never skip.
 
 pub mod certs;
+pub mod cluster;
 pub mod demo;
 pub mod http;
 pub mod keycloak_env;

@@ -1,7 +1,7 @@
 //! The README, followed as a newcomer would from a clean clone: its main command
 //! (`scripts/demo.sh`: the real environment, agentgate installed with its Helm chart, a
-//! scripted agent through the sidecar, the auditor's view) and its three-line standalone
-//! quickstart against a real PostgreSQL.
+//! scripted agent through the sidecar, the auditor's view), the same against a cluster given
+//! by kubeconfig, and its three-line standalone quickstart against a real PostgreSQL.
 //!
 //! The clone builds into `~/.cache/agentgate/newcomer-target` (outside the repository, so a
 //! second run is incremental).
@@ -126,6 +126,50 @@ fn the_readme_from_a_clean_clone() {
     }
     assert!(!stdout.contains("ada@example.com"), "{stdout}");
     assert!(!stdout.contains("4111 1111 1111 1111"), "{stdout}");
+
+    // The same against "your cluster": an API server started apart, given by kubeconfig (a
+    // real cluster's would be reached the same way). Afterwards only the CRDs are left.
+    let yours = TestEnv::start(Parts {
+        kube: true,
+        ..Default::default()
+    })
+    .unwrap();
+    let theirs = yours.kube().unwrap();
+    let line = format!(
+        "{} --kubeconfig {} --webhook-host 127.0.0.1",
+        quickstart[0],
+        theirs.kubeconfig().display()
+    );
+    let out = bash(&dir, &line)
+        .output()
+        .expect("run the main job on a cluster");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{line} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for expected in [
+        "using your cluster",
+        &format!("kube-apiserver at {}", theirs.url()),
+        "STATUS: deployed",
+        "UPDATE 1",
+        "password: KioqKg==",
+        "Removing what the demo created in your cluster (the CRDs stay).",
+        "Done.",
+    ] {
+        assert!(stdout.contains(expected), "lacks {expected:?}:\n{stdout}");
+    }
+    let left = theirs
+        .kubectl_run(&["get", "clusterrolebindings,clusterroles", "-o", "name"])
+        .unwrap();
+    assert!(
+        !left.contains("agentgate-approvers") && !left.contains("agentgate-operator"),
+        "{left}"
+    );
+    let crds = theirs.kubectl_run(&["get", "crd", "-o", "name"]).unwrap();
+    assert!(crds.contains("accessgrants.agentgate.dev"), "{crds}");
+    drop(yours);
 
     // The standalone quickstart: a user points the example at their database, then runs the
     // three lines.

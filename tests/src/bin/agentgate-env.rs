@@ -25,7 +25,17 @@ enum Cmd {
     /// The main job: start everything, install agentgate with its Helm chart, run a scripted
     /// agent against PostgreSQL, the API server and sshd through the sidecar, show what an
     /// auditor sees, stop.
-    Demo,
+    Demo {
+        /// Use this cluster instead of starting a local API server (its current context,
+        /// as cluster-admin). What the demo creates there is removed at the end, except the
+        /// CRDs. The operator and the sidecar still run on this machine.
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
+        /// With --kubeconfig: the address that cluster's API server reaches this machine at,
+        /// for the operator's webhooks (for kind: the Docker bridge gateway).
+        #[arg(long, requires = "kubeconfig")]
+        webhook_host: Option<String>,
+    },
     /// Start everything, install the CRDs, print how to reach each part, run until Ctrl-C.
     Up {
         /// Write shell exports (KUBECONFIG, PG URL, ssh command) to this file.
@@ -97,7 +107,16 @@ async fn up(env_file: Option<PathBuf>) -> anyhow::Result<()> {
 async fn main() -> anyhow::Result<()> {
     testenv::install_crypto_provider();
     match Args::parse().command {
-        Cmd::Demo => testenv::demo::run_demo().await,
+        Cmd::Demo {
+            kubeconfig,
+            webhook_host,
+        } => {
+            testenv::demo::run_demo(testenv::demo::Options {
+                kubeconfig,
+                webhook_host,
+            })
+            .await
+        }
         Cmd::Up { env_file } => up(env_file).await,
     }
 }
