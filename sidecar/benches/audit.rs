@@ -109,6 +109,15 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let piped = n as f64 / started.elapsed().as_secs_f64();
+    testenv::bench::Figure::new(
+        "audit",
+        "records sealed, journaled, file sink (vs plain JSON lines)",
+        "records/s",
+        piped,
+    )
+    .against(plain)
+    .target("≥ 100000/s", piped >= 100_000.0)
+    .report();
     println!(
         "{:<62} {:>12} {:>12} {:>7}",
         "", "records/s", "baseline", "ratio"
@@ -168,6 +177,22 @@ async fn main() {
     added.sort();
     base.sort();
     let pct = |v: &[Duration], p: usize| v[v.len() * p / 100].as_nanos() as f64 / 1000.0;
+    testenv::bench::Figure::new(
+        "audit",
+        "recording one statement (vs classifying it)",
+        "µs p50",
+        pct(&added, 50),
+    )
+    .against(pct(&base, 50).max(0.001))
+    .target("≤ 10 µs", pct(&added, 50) <= 10.0)
+    .report();
+    testenv::bench::Figure::new(
+        "audit",
+        "recording one statement",
+        "µs p99",
+        pct(&added, 99),
+    )
+    .report();
     println!(
         "{:<62} {:>12} {:>12} {:>7}",
         "", "µs p50", "µs p99", "ratio"

@@ -234,6 +234,34 @@ spec: {{ rules: [ {{ name: emails, detectors: [Email, CardNumber], action: Redac
                 }
             }
             let d_tps = median(direct_runs.iter().map(|r| r.tps).collect());
+            let report = |who: &str, runs: &[&Run]| {
+                let tps = median(runs.iter().map(|r| r.tps).collect());
+                let per_round: Vec<f64> = runs
+                    .iter()
+                    .zip(&direct_runs)
+                    .map(|(r, d)| r.tps / d.tps.max(1.0))
+                    .collect();
+                let (_, lo, hi) = testenv::bench::median_spread(&per_round);
+                let mut f = testenv::bench::Figure::new(
+                    "postgres",
+                    &format!("pgbench -S, {mode}, {c} clients: {who}"),
+                    "tps",
+                    tps,
+                )
+                .against(d_tps.max(1.0))
+                .spread(lo, hi);
+                if c == 8 && who == "agentgate, everything on" {
+                    f = f.target("≥ 0.90", tps / d_tps.max(1.0) >= 0.9);
+                }
+                f.report();
+            };
+            report("PgBouncer", &bouncer_runs.iter().collect::<Vec<_>>());
+            for (who, runs) in ["agentgate, no policy", "agentgate, everything on"]
+                .into_iter()
+                .zip(&gateway_runs)
+            {
+                report(who, &runs.iter().map(|r| &r.0).collect::<Vec<_>>());
+            }
             let d_lat = median(direct_runs.iter().map(|r| r.latency_ms).collect());
             let versus = |runs: &[&Run]| {
                 let tps = median(runs.iter().map(|r| r.tps).collect());
@@ -301,6 +329,25 @@ spec: {{ rules: [ {{ name: emails, detectors: [Email, CardNumber], action: Redac
             String::from_utf8_lossy(&out.stderr)
         );
         let after = memory(pid);
+        let secs = started.elapsed().as_secs_f64();
+        testenv::bench::Figure::new(
+            "postgres",
+            &format!("{what} of {rows} masked rows"),
+            "MB/s",
+            (rows * 130) as f64 / 1e6 / secs,
+        )
+        .report();
+        testenv::bench::Figure::new(
+            "postgres",
+            &format!("sidecar peak RSS growth over {what} of {rows} rows"),
+            "kB",
+            after.1.saturating_sub(before.1) as f64,
+        )
+        .target(
+            "flat (< 16 MB)",
+            after.1.saturating_sub(before.1) < 16 * 1024,
+        )
+        .report();
         println!(
             "{what} of {rows} masked rows (~{} MB) in {:.1}s; sidecar RSS {} -> {} kB, peak {} -> {} kB",
             rows * 130 / 1_000_000,

@@ -161,8 +161,29 @@ fn main() -> anyhow::Result<()> {
         std::fs::metadata(&dest)?.len() == (mib as u64) << 20,
         "the copy is incomplete"
     );
+    let ratios = |g: &[f64], d: &[f64]| -> (f64, f64) {
+        let r: Vec<f64> = g.iter().zip(d).map(|(g, d)| g / d).collect();
+        let (_, lo, hi) = testenv::bench::median_spread(&r);
+        (lo, hi)
+    };
+    let (scp_lo, scp_hi) = ratios(&g_scp, &d_scp);
+    let (ses_lo, ses_hi) = ratios(&g_ses, &d_ses);
     let (ds, gs) = (median(d_scp), median(g_scp));
     let (dn, gn) = (median(d_ses), median(g_ses));
+    testenv::bench::Figure::new("ssh", &format!("scp {mib} MiB"), "MiB/s", gs)
+        .against(ds)
+        .spread(scp_lo, scp_hi)
+        .target("≥ 0.8", gs / ds >= 0.8)
+        .report();
+    testenv::bench::Figure::new(
+        "ssh",
+        &format!("{sessions} concurrent sessions"),
+        "sessions/s",
+        gn,
+    )
+    .against(dn)
+    .spread(ses_lo, ses_hi)
+    .report();
     println!(
         "SSH, median of {rounds} alternating rounds; direct: OpenSSH client to sshd; gateway: the same client through agentgate (authentication, guardrails, recording; no MaskPolicy)"
     );

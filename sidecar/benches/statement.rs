@@ -36,6 +36,9 @@ fn main() {
             "{what:<58} {ns:>10.0} {base:>10.0} {:>7.1}",
             ns / base.max(1.0)
         );
+        testenv::bench::Figure::new("statement", what, "ns/op", ns)
+            .against(base.max(1.0))
+            .report();
     };
 
     // Statements: other constants each time (simple protocol with literals, as pgbench -M

@@ -36,6 +36,12 @@ enum Cmd {
         #[arg(long, requires = "kubeconfig")]
         webhook_host: Option<String>,
     },
+    /// Print the figures every benchmark appended to a report file (`scripts/bench.sh`
+    /// sets `AGENTGATE_BENCH_REPORT`) as one table.
+    BenchReport {
+        /// The JSON-lines report.
+        report: PathBuf,
+    },
     /// Start everything, install the CRDs, print how to reach each part, run until Ctrl-C.
     Up {
         /// Write shell exports (KUBECONFIG, PG URL, ssh command) to this file.
@@ -118,5 +124,12 @@ async fn main() -> anyhow::Result<()> {
             .await
         }
         Cmd::Up { env_file } => up(env_file).await,
+        Cmd::BenchReport { report } => {
+            print!(
+                "{}",
+                testenv::bench::render(&report).map_err(anyhow::Error::msg)?
+            );
+            Ok(())
+        }
     }
 }
