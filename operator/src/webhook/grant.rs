@@ -23,11 +23,11 @@ use jiff::Timestamp;
 use k8s_openapi::api::authorization::v1::{
     ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
 };
-use kube::api::{Api, ListParams, PostParams};
+use kube::api::{Api, PostParams};
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, Operation};
 
-use super::WebhookContext;
+use super::{WebhookContext, from_cache};
 
 fn user_of(req: &AdmissionRequest<DynamicObject>) -> UserRef {
     UserRef {
@@ -231,7 +231,7 @@ pub async fn validate(
     let ns = req.namespace.clone().unwrap_or_default();
     let user = user_of(req);
     let ids_api: Api<AgentIdentity> = Api::namespaced(ctx.client.clone(), &ns);
-    let ids = match ids_api.list(&ListParams::default()).await {
+    let ids = match ids_api.list(&from_cache()).await {
         Ok(l) => l.items,
         Err(e) => {
             return deny(

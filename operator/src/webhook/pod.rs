@@ -21,11 +21,11 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use kube::api::{Api, ListParams};
+use kube::api::Api;
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, Operation};
 
-use super::{IDENTITY_ANNOTATION, INJECT_LABEL, WebhookContext};
+use super::{IDENTITY_ANNOTATION, INJECT_LABEL, WebhookContext, from_cache};
 use crate::config::Config;
 
 /// The injected container's name.
@@ -790,7 +790,7 @@ pub async fn mutate(
         }
     };
     let targets: Api<Target> = Api::namespaced(ctx.client.clone(), &ns);
-    let targets = match targets.list(&ListParams::default()).await {
+    let targets = match targets.list(&from_cache()).await {
         Ok(l) => l.items,
         Err(e) => return deny(req, format!("cannot list Targets (failing closed): {e}")),
     };
@@ -831,7 +831,7 @@ pub async fn mutate(
         }
     }
     let policies: Api<MaskPolicy> = Api::namespaced(ctx.client.clone(), &ns);
-    let mask_keys: BTreeSet<String> = match policies.list(&ListParams::default()).await {
+    let mask_keys: BTreeSet<String> = match policies.list(&from_cache()).await {
         Ok(l) => l
             .items
             .iter()

@@ -115,6 +115,9 @@ pub async fn serve(addr: SocketAddr, ctx: Arc<WebhookContext>) -> Result<()> {
                 continue;
             }
         };
+        // Answers are small and written in parts (TLS records, headers, body): without
+        // TCP_NODELAY each waits for the API server's delayed ACK (~40 ms per admission).
+        let _ = sock.set_nodelay(true);
         let acceptor = acceptor.clone();
         let ctx = ctx.clone();
         tokio::spawn(async move {
