@@ -10,6 +10,8 @@ step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 tests/env/install.sh all
 report=$(mktemp --suffix=.jsonl)
 export AGENTGATE_BENCH_REPORT="$report"
+# The streaming figure: 10 million masked rows (memory must stay flat as rows grow).
+export AGENTGATE_BENCH_ROWS="${AGENTGATE_BENCH_ROWS:-10000000}"
 
 for bench in statement audit pgbench kube ssh; do
   step "agentgate-sidecar: $bench"

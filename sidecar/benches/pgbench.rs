@@ -1,4 +1,5 @@
-//! pgbench through the gateway against pgbench straight to PostgreSQL, in one run, printed as
+//! pgbench (select-only and TPC-B-like, simple and extended, 1/8/32 clients, and a connection
+//! per transaction) through the gateway against pgbench straight to PostgreSQL, in one run, printed as
 //! ratios. Runs alternate (direct, gateway, direct, …) and the median of the rounds is kept,
 //! because machines are noisy. `cargo bench -p agentgate-sidecar --bench pgbench`
 //! (`AGENTGATE_BENCH_SECONDS`, `AGENTGATE_BENCH_ROUNDS` and `AGENTGATE_BENCH_CLIENTS` tune it).
@@ -15,6 +16,8 @@ struct Run {
     tps: f64,
     latency_ms: f64,
     transactions: f64,
+    p50_ms: f64,
+    p99_ms: f64,
 }
 
 /// CPU time (user + system) a process has used, in microseconds.
@@ -31,31 +34,26 @@ fn cpu_us(pid: u32) -> f64 {
     ticks * 1_000_000.0 / 100.0
 }
 
-fn pgbench(
-    env: &TestEnv,
-    conninfo: &str,
-    password: &str,
-    mode: &str,
-    clients: u32,
-    secs: u32,
-) -> Run {
-    let out = Command::new(env.bins.pg_bin.join("pgbench"))
-        .arg(conninfo)
-        .args([
-            "-n",
-            "-S",
-            "-M",
-            mode,
-            "-T",
-            &secs.to_string(),
-            "-c",
-            &clients.to_string(),
-            "-j",
-            &clients.min(2).to_string(),
-        ])
-        .env("PGPASSWORD", password)
-        .output()
-        .expect("pgbench");
+/// One pgbench run: `script` is `select-only` (`-S`) or `tpcb-like` (the default TPC-B-like
+/// transaction); `connect` opens a connection per transaction (`-C`). Latency percentiles
+/// come from pgbench's per-transaction log.
+fn pgbench(env: &TestEnv, conninfo: &str, password: &str, run: &RunSpec) -> Run {
+    let logs = tempfile::tempdir().expect("a temp dir");
+    let mut cmd = Command::new(env.bins.pg_bin.join("pgbench"));
+    cmd.arg(conninfo)
+        .args(["-n", "-b", run.script, "-M", run.mode, "-T"])
+        .arg(run.secs.to_string())
+        .arg("-c")
+        .arg(run.clients.to_string())
+        .arg("-j")
+        .arg(run.clients.min(2).to_string())
+        .arg("-l")
+        .arg(format!("--log-prefix={}", logs.path().join("tx").display()))
+        .env("PGPASSWORD", password);
+    if run.connect {
+        cmd.arg("-C");
+    }
+    let out = cmd.output().expect("pgbench");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
@@ -69,11 +67,42 @@ fn pgbench(
             .and_then(|v| v.parse::<f64>().ok())
             .unwrap_or(0.0)
     };
+    // Per-transaction log lines: client, transaction, latency (µs), script, epoch, µs.
+    let mut latencies: Vec<f64> = std::fs::read_dir(logs.path())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .flat_map(|t| {
+            t.lines()
+                .filter_map(|l| l.split_whitespace().nth(2)?.parse::<f64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    latencies.sort_by(|a, b| a.total_cmp(b));
+    let pct = |p: f64| {
+        latencies
+            .get(((latencies.len().max(1) - 1) as f64 * p) as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+            / 1000.0
+    };
     Run {
         tps: find("tps = "),
         latency_ms: find("latency average = "),
         transactions: find("number of transactions actually processed: "),
+        p50_ms: pct(0.5),
+        p99_ms: pct(0.99),
     }
+}
+
+/// What one pgbench run does.
+struct RunSpec {
+    script: &'static str,
+    mode: &'static str,
+    clients: u32,
+    secs: u32,
+    connect: bool,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -202,7 +231,7 @@ spec: {{ rules: [ {{ name: emails, detectors: [Email, CardNumber], action: Redac
     );
 
     println!(
-        "pgbench -S, {secs}s per run, median of {rounds} alternating rounds (direct, PgBouncer, agentgate with no policy, with everything on)"
+        "pgbench, {secs}s per run, median of {rounds} alternating rounds (direct, PgBouncer, agentgate with no policy, with everything on)"
     );
     println!("each: tps as a ratio of direct, added mean latency, the proxy's CPU per transaction");
     println!(
@@ -214,86 +243,156 @@ spec: {{ rules: [ {{ name: emails, detectors: [Email, CardNumber], action: Redac
         "agentgate, no policy",
         "agentgate, everything on"
     );
-    for mode in ["simple", "extended"] {
-        for &c in &clients {
-            let mut direct_runs = Vec::new();
-            let mut bouncer_runs = Vec::new();
-            let mut bouncer_cpu = Vec::new();
-            let mut gateway_runs = [Vec::new(), Vec::new()];
-            for _ in 0..rounds {
-                direct_runs.push(pgbench(&env, &direct, pg.password(), mode, c, secs));
-                let before = cpu_us(bouncer_pid);
-                let run = pgbench(&env, &bouncer, "", mode, c, secs);
-                bouncer_cpu.push((cpu_us(bouncer_pid) - before) / run.transactions.max(1.0));
-                bouncer_runs.push(run);
-                for (i, gw) in [&bare, &full].into_iter().enumerate() {
-                    let before = cpu_us(gw.pid);
-                    let run = pgbench(&env, &gw.conninfo, "", mode, c, secs);
-                    let cpu = (cpu_us(gw.pid) - before) / run.transactions.max(1.0);
-                    gateway_runs[i].push((run, cpu));
+    let scripts: Vec<&'static str> = match std::env::var("AGENTGATE_BENCH_SCRIPTS").ok().as_deref()
+    {
+        Some("select-only") => vec!["select-only"],
+        Some("tpcb-like") => vec!["tpcb-like"],
+        _ => vec!["select-only", "tpcb-like"],
+    };
+    for script in scripts {
+        println!("script: {script}");
+        for mode in ["simple", "extended"] {
+            for &c in &clients {
+                let spec = RunSpec {
+                    script,
+                    mode,
+                    clients: c,
+                    secs,
+                    connect: false,
+                };
+                let mut direct_runs = Vec::new();
+                let mut bouncer_runs = Vec::new();
+                let mut bouncer_cpu = Vec::new();
+                let mut gateway_runs = [Vec::new(), Vec::new()];
+                for _ in 0..rounds {
+                    direct_runs.push(pgbench(&env, &direct, pg.password(), &spec));
+                    let before = cpu_us(bouncer_pid);
+                    let run = pgbench(&env, &bouncer, "", &spec);
+                    bouncer_cpu.push((cpu_us(bouncer_pid) - before) / run.transactions.max(1.0));
+                    bouncer_runs.push(run);
+                    for (i, gw) in [&bare, &full].into_iter().enumerate() {
+                        let before = cpu_us(gw.pid);
+                        let run = pgbench(&env, &gw.conninfo, "", &spec);
+                        let cpu = (cpu_us(gw.pid) - before) / run.transactions.max(1.0);
+                        gateway_runs[i].push((run, cpu));
+                    }
                 }
-            }
-            let d_tps = median(direct_runs.iter().map(|r| r.tps).collect());
-            let report = |who: &str, runs: &[&Run]| {
-                let tps = median(runs.iter().map(|r| r.tps).collect());
-                let per_round: Vec<f64> = runs
+                let d_tps = median(direct_runs.iter().map(|r| r.tps).collect());
+                let report = |who: &str, runs: &[&Run]| {
+                    let tps = median(runs.iter().map(|r| r.tps).collect());
+                    let per_round: Vec<f64> = runs
+                        .iter()
+                        .zip(&direct_runs)
+                        .map(|(r, d)| r.tps / d.tps.max(1.0))
+                        .collect();
+                    let (_, lo, hi) = testenv::bench::median_spread(&per_round);
+                    let p50 = median(runs.iter().map(|r| r.p50_ms).collect());
+                    let p99 = median(runs.iter().map(|r| r.p99_ms).collect());
+                    let d50 = median(direct_runs.iter().map(|r| r.p50_ms).collect());
+                    let d99 = median(direct_runs.iter().map(|r| r.p99_ms).collect());
+                    let mut f = testenv::bench::Figure::new(
+                        "postgres",
+                        &format!("pgbench {script}, {mode}, {c} clients: {who}"),
+                        "tps",
+                        tps,
+                    )
+                    .against(d_tps.max(1.0))
+                    .spread(lo, hi)
+                    .detail(format!(
+                        "latency p50 {p50:.2} ms, p99 {p99:.2} ms (direct {d50:.2} / {d99:.2})"
+                    ));
+                    if c == 8 && script == "select-only" && who == "agentgate, everything on" {
+                        f = f.target("≥ 0.90", tps / d_tps.max(1.0) >= 0.9);
+                    }
+                    f.report();
+                };
+                report("PgBouncer", &bouncer_runs.iter().collect::<Vec<_>>());
+                for (who, runs) in ["agentgate, no policy", "agentgate, everything on"]
+                    .into_iter()
+                    .zip(&gateway_runs)
+                {
+                    report(who, &runs.iter().map(|r| &r.0).collect::<Vec<_>>());
+                }
+                let d_lat = median(direct_runs.iter().map(|r| r.latency_ms).collect());
+                let versus = |runs: &[&Run]| {
+                    let tps = median(runs.iter().map(|r| r.tps).collect());
+                    let lat = median(runs.iter().map(|r| r.latency_ms).collect());
+                    format!(
+                        "{:>5.2} {:>6.0} µs",
+                        tps / d_tps.max(1.0),
+                        (lat - d_lat) * 1000.0
+                    )
+                };
+                let cols: Vec<String> = gateway_runs
                     .iter()
-                    .zip(&direct_runs)
-                    .map(|(r, d)| r.tps / d.tps.max(1.0))
+                    .map(|runs| {
+                        let cpu = median(runs.iter().map(|r| r.1).collect());
+                        format!(
+                            "{} {:>4.0} µs",
+                            versus(&runs.iter().map(|r| &r.0).collect::<Vec<_>>()),
+                            cpu
+                        )
+                    })
                     .collect();
-                let (_, lo, hi) = testenv::bench::median_spread(&per_round);
-                let mut f = testenv::bench::Figure::new(
-                    "postgres",
-                    &format!("pgbench -S, {mode}, {c} clients: {who}"),
-                    "tps",
-                    tps,
-                )
-                .against(d_tps.max(1.0))
-                .spread(lo, hi);
-                if c == 8 && who == "agentgate, everything on" {
-                    f = f.target("≥ 0.90", tps / d_tps.max(1.0) >= 0.9);
-                }
-                f.report();
-            };
-            report("PgBouncer", &bouncer_runs.iter().collect::<Vec<_>>());
-            for (who, runs) in ["agentgate, no policy", "agentgate, everything on"]
-                .into_iter()
-                .zip(&gateway_runs)
-            {
-                report(who, &runs.iter().map(|r| &r.0).collect::<Vec<_>>());
-            }
-            let d_lat = median(direct_runs.iter().map(|r| r.latency_ms).collect());
-            let versus = |runs: &[&Run]| {
-                let tps = median(runs.iter().map(|r| r.tps).collect());
-                let lat = median(runs.iter().map(|r| r.latency_ms).collect());
-                format!(
-                    "{:>5.2} {:>6.0} µs",
-                    tps / d_tps.max(1.0),
-                    (lat - d_lat) * 1000.0
-                )
-            };
-            let cols: Vec<String> = gateway_runs
-                .iter()
-                .map(|runs| {
-                    let cpu = median(runs.iter().map(|r| r.1).collect());
+                println!(
+                    "{mode:<9} {c:>7} {d_tps:>10.0} | {:>24} | {:>24} | {:>24}",
                     format!(
                         "{} {:>4.0} µs",
-                        versus(&runs.iter().map(|r| &r.0).collect::<Vec<_>>()),
-                        cpu
-                    )
-                })
-                .collect();
-            println!(
-                "{mode:<9} {c:>7} {d_tps:>10.0} | {:>24} | {:>24} | {:>24}",
-                format!(
-                    "{} {:>4.0} µs",
-                    versus(&bouncer_runs.iter().collect::<Vec<_>>()),
-                    median(bouncer_cpu)
-                ),
-                cols[0],
-                cols[1]
-            );
+                        versus(&bouncer_runs.iter().collect::<Vec<_>>()),
+                        median(bouncer_cpu)
+                    ),
+                    cols[0],
+                    cols[1]
+                );
+            }
         }
+    }
+
+    // Connection set-up: a new connection per transaction (pgbench -C), select-only, simple,
+    // 8 clients. The gateway's cost per connection: its TLS to PostgreSQL and SCRAM, the
+    // identity check, a session record.
+    let spec = RunSpec {
+        script: "select-only",
+        mode: "simple",
+        clients: 8,
+        secs,
+        connect: true,
+    };
+    let mut d_runs = Vec::new();
+    let mut routes: Vec<(&str, &str, Vec<Run>)> = vec![
+        ("PgBouncer", bouncer.as_str(), Vec::new()),
+        ("agentgate, no policy", bare.conninfo.as_str(), Vec::new()),
+        (
+            "agentgate, everything on",
+            full.conninfo.as_str(),
+            Vec::new(),
+        ),
+    ];
+    for _ in 0..rounds {
+        d_runs.push(pgbench(&env, &direct, pg.password(), &spec));
+        for (_, conninfo, runs) in routes.iter_mut() {
+            runs.push(pgbench(&env, conninfo, "", &spec));
+        }
+    }
+    let d_tps = median(d_runs.iter().map(|r| r.tps).collect());
+    for (who, _, runs) in &routes {
+        let tps = median(runs.iter().map(|r| r.tps).collect());
+        // Each transaction is one connection: the added time per connection, per client.
+        let added_us = (1.0 / tps.max(1.0) - 1.0 / d_tps.max(1.0)) * 8.0 * 1e6;
+        println!(
+            "pgbench -S -C, simple, 8 clients: {who}: {tps:.0} tps (direct {d_tps:.0}), {added_us:.0} µs added per connection"
+        );
+        testenv::bench::Figure::new(
+            "postgres",
+            &format!(
+                "pgbench select-only -C (a connection per transaction), simple, 8 clients: {who}"
+            ),
+            "tps",
+            tps,
+        )
+        .against(d_tps.max(1.0))
+        .detail(format!("{added_us:.0} µs added per connection"))
+        .report();
     }
 
     // Streaming: a result of any size passes in constant memory. Peak RSS of the sidecar

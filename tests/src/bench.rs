@@ -33,6 +33,9 @@ pub struct Figure {
     /// Whether the target is met, when there is one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub met: Option<bool>,
+    /// More about the figure (e.g. latency percentiles next to a throughput).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 impl Figure {
@@ -48,7 +51,14 @@ impl Figure {
             spread: None,
             target: None,
             met: None,
+            detail: None,
         }
+    }
+
+    /// With a note shown next to the figure.
+    pub fn detail(mut self, text: impl Into<String>) -> Self {
+        self.detail = Some(text.into());
+        self
     }
 
     /// With a baseline; the ratio is `value / baseline`.
@@ -133,7 +143,7 @@ pub fn render(path: &Path) -> Result<String, String> {
         .map(|l| serde_json::from_str(l).map_err(|e| format!("{}: {e}: {l}", path.display())))
         .collect::<Result<_, _>>()?;
     let mut out = String::from(
-        "| suite | benchmark | baseline | agentgate | ratio (spread) | target |\n|---|---|---|---|---|---|\n",
+        "| suite | benchmark | baseline | agentgate | ratio (spread) | target | detail |\n|---|---|---|---|---|---|---|\n",
     );
     for f in &figures {
         let ratio = match (f.ratio, f.spread) {
@@ -148,12 +158,13 @@ pub fn render(path: &Path) -> Result<String, String> {
             (None, _) => String::new(),
         };
         out.push_str(&format!(
-            "| {} | {} | {} | {} {} | {ratio} | {target} |\n",
+            "| {} | {} | {} | {} {} | {ratio} | {target} | {} |\n",
             f.suite,
             f.name,
             f.baseline.map(num).unwrap_or_else(|| "—".into()),
             num(f.value),
             f.unit,
+            f.detail.as_deref().unwrap_or(""),
         ));
     }
     Ok(out)
@@ -181,11 +192,15 @@ mod tests {
         std::fs::write(&path, lines).expect("write");
         let table = render(&path).expect("render");
         assert!(
-            table.contains("| ssh | scp 1 GiB | 153 | 123 MiB/s | 0.80 (0.78–0.82) | ≥ 0.8: met |"),
+            table.contains(
+                "| ssh | scp 1 GiB | 153 | 123 MiB/s | 0.80 (0.78–0.82) | ≥ 0.8: met |  |"
+            ),
             "{table}"
         );
         assert!(
-            table.contains("| operator | grant expiry lag | — | 310 ms p99 | — | ≤ 1000 ms: met |"),
+            table.contains(
+                "| operator | grant expiry lag | — | 310 ms p99 | — | ≤ 1000 ms: met |  |"
+            ),
             "{table}"
         );
         assert_eq!(median_spread(&[3.0, 1.0, 2.0]), (2.0, 1.0, 3.0));
