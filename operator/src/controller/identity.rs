@@ -9,10 +9,10 @@ use futures::StreamExt;
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::ServiceAccount;
 use kube::ResourceExt;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::reflector::{self, ObjectRef, Store, reflector};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
 
 use super::{Context, error_policy};
 use crate::conditions::condition;
@@ -64,29 +64,15 @@ async fn check_references(
     Ok(Ok(()))
 }
 
-/// The identity controller's context: the shared one, and caches of the grants and sessions
-/// it summarizes (every grant change brings an identity here; listing them from the API
-/// server each time would cost a list of every grant per change).
-struct IdentityContext {
-    ctx: Arc<Context>,
-    grants: Store<AccessGrant>,
-    sessions: Store<AgentSession>,
-}
-
-async fn reconcile(id: Arc<AgentIdentity>, ictx: Arc<IdentityContext>) -> Result<Action> {
-    let ctx = ictx.ctx.clone();
-    let res = reconcile_inner(id.clone(), ctx.clone(), &ictx).await;
+async fn reconcile(id: Arc<AgentIdentity>, ctx: Arc<Context>) -> Result<Action> {
+    let res = reconcile_inner(id.clone(), ctx.clone()).await;
     if res.is_ok() {
         ctx.succeeded("AgentIdentity", &*id);
     }
     res
 }
 
-async fn reconcile_inner(
-    id: Arc<AgentIdentity>,
-    ctx: Arc<Context>,
-    caches: &IdentityContext,
-) -> Result<Action> {
+async fn reconcile_inner(id: Arc<AgentIdentity>, ctx: Arc<Context>) -> Result<Action> {
     let _timer = ctx.metrics.reconcile_started("AgentIdentity");
     let ns = id.namespace().unwrap_or_default();
     let name = id.name_any();
@@ -94,13 +80,18 @@ async fn reconcile_inner(
     let old = id.status.clone().unwrap_or_default();
     let generation = id.metadata.generation;
 
-    let mut active: Vec<String> = caches
-        .grants
-        .state()
+    // From the API server's watch cache (resourceVersion=0): a consistent list would wait
+    // for that cache to catch up with etcd after every write, and every grant change brings
+    // the identity here. The change that did is already in that cache: watch events are sent
+    // from it. (A reflector of our own could lag behind the event that triggered this.)
+    let grants: Api<AccessGrant> = Api::namespaced(ctx.client.clone(), &ns);
+    let mut active: Vec<String> = grants
+        .list(&ListParams::default().match_any())
+        .await?
+        .items
         .into_iter()
         .filter(|g| {
-            g.namespace().as_deref() == Some(ns.as_str())
-                && g.spec.identity == name
+            g.spec.identity == name
                 && g.status.as_ref().and_then(|s| s.phase) == Some(GrantPhase::Active)
         })
         .map(|g| g.name_any())
@@ -108,22 +99,20 @@ async fn reconcile_inner(
     active.sort();
 
     // Last seen: the latest activity of the identity's sessions (written by its sidecars).
-    let seen = caches
-        .sessions
-        .state()
+    let sessions: Api<AgentSession> = Api::namespaced(ctx.client.clone(), &ns);
+    let seen = sessions
+        .list(&ListParams::default().match_any())
+        .await?
+        .items
         .into_iter()
-        .filter(|s| s.namespace().as_deref() == Some(ns.as_str()) && s.spec.identity == name)
+        .filter(|s| s.spec.identity == name)
         .filter_map(|s| {
-            let st = s.status.clone().unwrap_or_default();
-            [
-                Some(s.spec.started_at.clone()),
-                st.last_activity,
-                st.ended_at,
-            ]
-            .into_iter()
-            .flatten()
-            .map(|t| t.0)
-            .max()
+            let st = s.status.unwrap_or_default();
+            [Some(s.spec.started_at), st.last_activity, st.ended_at]
+                .into_iter()
+                .flatten()
+                .map(|t| t.0)
+                .max()
         })
         .max();
     let last_seen = match (old.last_seen.clone(), seen) {
@@ -215,36 +204,6 @@ pub async fn run(
     let grants: Api<AccessGrant> = Api::all(ctx.client.clone());
     let sas: Api<ServiceAccount> = Api::all(ctx.client.clone());
     let sessions: Api<AgentSession> = Api::all(ctx.client.clone());
-    // The caches, filled before the first reconcile.
-    let (grant_cache, grant_writer) = reflector::store::<AccessGrant>();
-    let (session_cache, session_writer) = reflector::store::<AgentSession>();
-    let grant_task = tokio::spawn(
-        reflector(
-            grant_writer,
-            watcher(grants.clone(), watcher::Config::default()).default_backoff(),
-        )
-        .for_each(|_| futures::future::ready(())),
-    );
-    let session_task = tokio::spawn(
-        reflector(
-            session_writer,
-            watcher(sessions.clone(), watcher::Config::default()).default_backoff(),
-        )
-        .for_each(|_| futures::future::ready(())),
-    );
-    if grant_cache.wait_until_ready().await.is_err()
-        || session_cache.wait_until_ready().await.is_err()
-    {
-        tracing::error!("the identity controller's caches never filled");
-        grant_task.abort();
-        session_task.abort();
-        return;
-    }
-    let ictx = Arc::new(IdentityContext {
-        ctx: ctx.clone(),
-        grants: grant_cache,
-        sessions: session_cache,
-    });
     let controller = Controller::new(ids, watcher::Config::default());
     let store = controller.store();
     controller
@@ -281,11 +240,9 @@ pub async fn run(
         .graceful_shutdown_on(shutdown)
         .run(
             reconcile,
-            |o, e, ictx| error_policy("AgentIdentity", &*o, e, &ictx.ctx),
-            ictx,
+            |o, e, ctx| error_policy("AgentIdentity", &*o, e, &ctx),
+            ctx.clone(),
         )
         .for_each(|_| futures::future::ready(()))
         .await;
-    grant_task.abort();
-    session_task.abort();
 }
