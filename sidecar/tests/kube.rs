@@ -390,6 +390,97 @@ async fn kubectl_and_kube_rs_through_the_gateway() -> anyhow::Result<()> {
         grant.to_str().unwrap(),
     ]);
     assert!(err.contains("agentgate's own resources"), "{err}");
+    // Nor can the agent approve, widen or delete a grant that exists: every write to
+    // agentgate's group (the object or its status) is refused before it leaves the pod.
+    let server_url = std::fs::read_to_string(&s.kubeconfig)?
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("server: ").map(str::to_owned))
+        .expect("a server in the kubeconfig");
+    for (method, path, body) in [
+        (
+            "PATCH",
+            "/apis/agentgate.dev/v1alpha1/namespaces/default/accessgrants/bench-write",
+            r#"{"spec":{"decision":{"verdict":"Approve","decidedBy":{"username":"alice"}}}}"#,
+        ),
+        (
+            "PATCH",
+            "/apis/agentgate.dev/v1alpha1/namespaces/default/accessgrants/bench-write/status",
+            r#"{"status":{"phase":"Active"}}"#,
+        ),
+        (
+            "PUT",
+            "/apis/agentgate.dev/v1alpha1/namespaces/default/agentidentities/bench",
+            r#"{"apiVersion":"agentgate.dev/v1alpha1","kind":"AgentIdentity","metadata":{"name":"bench"},"spec":{"owner":"x","authentication":{},"baseline":[]}}"#,
+        ),
+        (
+            "DELETE",
+            "/apis/agentgate.dev/v1alpha1/namespaces/default/maskpolicies/pii",
+            "",
+        ),
+    ] {
+        let out = Command::new("curl")
+            .args(["-sS", "--http1.1", "-X", method, "--cacert"])
+            .arg(s.kubeconfig.with_file_name("kube-ca.crt"))
+            .args([
+                "-H",
+                "Content-Type: application/merge-patch+json",
+                "-d",
+                body,
+            ])
+            .arg(format!("{server_url}{path}"))
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("agentgate's own resources") && text.contains("\"code\":403"),
+            "{method} {path}: {text}"
+        );
+    }
+    // The gateway's own account may impersonate the agent and nobody else (the API server
+    // says so, whatever the gateway would do).
+    let kube = s.env.kube()?;
+    let gw_token = std::fs::read_to_string(s.dir.path().join("targets/cluster/token"))?;
+    let gw = kube.kubeconfig_with_token("gateway-sa", gw_token.trim())?;
+    let as_gateway = |args: &[&str]| {
+        Command::new(&s.env.bins.kubectl)
+            .arg("--kubeconfig")
+            .arg(&gw)
+            .args(args)
+            .output()
+            .expect("kubectl")
+    };
+    for who in [
+        vec!["--as=alice"],
+        vec!["--as=system:admin", "--as-group=system:masters"],
+        vec!["--as=system:serviceaccount:kube-system:default"],
+        vec!["--as=agentgate:agent:bench", "--as-group=system:masters"],
+    ] {
+        let out = as_gateway(&[who.as_slice(), &["get", "configmaps", "-n", "default"]].concat());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("cannot impersonate"),
+            "the gateway's account impersonated {who:?}: {err}"
+        );
+    }
+    let out = as_gateway(&[
+        "--as=agentgate:agent:bench",
+        "--as-group=agentgate:agents",
+        "get",
+        "configmaps",
+        "-n",
+        "default",
+    ]);
+    assert!(
+        out.status.success(),
+        "the gateway's account cannot act as its agent: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Without impersonation it can do nothing at all.
+    let out = as_gateway(&["get", "configmaps", "-n", "default"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("forbidden"),
+        "the gateway's own account reads ConfigMaps"
+    );
+
     // Impersonation by the agent is refused; upstream, the agent is its own user, so the
     // API server's RBAC applies (nodes are not granted to it there).
     let err = s.agent_err(&["get", "pods", "--as=system:admin"]);

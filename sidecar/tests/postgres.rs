@@ -113,6 +113,25 @@ async fn start() -> anyhow::Result<Gateway> {
 }
 
 impl Gateway {
+    /// A tokio-postgres client through the gateway (as agent `claude` on `orders-db`); its
+    /// connection runs on a task of its own.
+    async fn client(
+        &self,
+    ) -> anyhow::Result<(
+        tokio_postgres::Client,
+        tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+    )> {
+        let (client, conn) = tokio_postgres::connect(
+            &format!(
+                "host=127.0.0.1 port={} dbname=orders-db user=claude sslmode=disable",
+                self.port
+            ),
+            tokio_postgres::NoTls,
+        )
+        .await?;
+        Ok((client, tokio::spawn(conn)))
+    }
+
     fn psql(&self, db: &str, sql: &str) -> Output {
         Command::new(self.env.bins.pg_bin.join("psql"))
             .arg(format!(
@@ -650,15 +669,7 @@ async fn a_rust_driver_works_through_the_gateway() -> anyhow::Result<()> {
     wait_for("policy loaded", || {
         gw.psql("orders-db", "SELECT 1").status.success()
     });
-    let (client, conn) = tokio_postgres::connect(
-        &format!(
-            "host=127.0.0.1 port={} dbname=orders-db user=claude sslmode=disable",
-            gw.port
-        ),
-        tokio_postgres::NoTls,
-    )
-    .await?;
-    tokio::spawn(conn);
+    let (client, _conn) = gw.client().await?;
     // Extended protocol with parameters, typed results, masking.
     let rows = client
         .query(
@@ -1008,5 +1019,154 @@ public class Agent {
             "done",
         ]
     );
+    Ok(())
+}
+
+/// The upstream PostgreSQL restarts while an agent's transaction has a statement running:
+/// the agent gets a clear error (not a hang), the record shows the statement failed and why
+/// the session ended, and the next connection works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_restarting_mid_transaction_is_a_clear_error_and_recorded()
+-> anyhow::Result<()> {
+    let mut gw = start().await?;
+    wait_for("policy loaded", || {
+        gw.psql("orders-db", "SELECT 1").status.success()
+    });
+    let (client, conn) = gw.client().await?;
+    client.batch_execute("BEGIN").await?;
+    let row = client
+        .query_one("SELECT state FROM orders WHERE id = 4711", &[])
+        .await?;
+    assert_eq!(row.get::<_, String>(0), "paid");
+    let sleeping = tokio::spawn(async move {
+        let r = client.query_one("SELECT pg_sleep(30)", &[]).await;
+        (r.map(|_| ()), client)
+    });
+    // The statement is running upstream; then the server restarts under it.
+    let admin = gw.env.postgres()?.admin_url();
+    wait_for("the statement is running", || {
+        Command::new(gw.env.bins.pg_bin.join("psql"))
+            .args([
+                &admin,
+                "-XAtc",
+                "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)'",
+            ])
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "1")
+    });
+    let restarted = Instant::now();
+    gw.env.postgres_mut()?.restart()?;
+    let (result, client) = tokio::time::timeout(Duration::from_secs(20), sleeping).await??;
+    let err = result.expect_err("the statement cannot have completed");
+    let text = format!("{err} {:?}", err.as_db_error().map(|e| e.message()));
+    assert!(
+        text.contains("terminating connection")
+            || text.contains("agentgate: the database closed the connection"),
+        "{text}"
+    );
+    assert!(restarted.elapsed() < Duration::from_secs(20));
+    // The connection is over, and says so.
+    assert!(client.query_one("SELECT 1", &[]).await.is_err());
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+    // The next connection works, and the rolled-back transaction left nothing behind.
+    wait_for("a new connection works", || {
+        gw.psql("orders-db", "SELECT 1").status.success()
+    });
+    assert_eq!(gw.ok("SELECT state FROM orders WHERE id = 4711"), "paid");
+    // The record: the statement's outcome is an error, and the session's end says why.
+    let file = gw.env.dir().join(format!("audit-{}/audit.jsonl", gw.port));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let ended = loop {
+        let records: Vec<serde_json::Value> = std::fs::read_to_string(&file)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        let sleep_req = records.iter().find(|r| {
+            r["kind"] == "Request"
+                && r["request"]["text"] == "SELECT pg_sleep($1)"
+                && r["request"]["via"] == "execute"
+        });
+        let outcome = sleep_req.and_then(|q| {
+            records.iter().find(|o| {
+                o["kind"] == "Outcome"
+                    && o["session"] == q["session"]
+                    && o["outcome"]["id"] == q["request"]["id"]
+            })
+        });
+        let end = sleep_req.and_then(|q| {
+            records
+                .iter()
+                .find(|e| e["kind"] == "SessionEnd" && e["session"] == q["session"])
+        });
+        if let (Some(o), Some(e)) = (outcome, end) {
+            // PostgreSQL's own error for it (57P01: terminated by an administrator).
+            assert_eq!(o["outcome"]["error"], "57P01 error", "{o}");
+            break e.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no outcome and end for the interrupted statement in:\n{}",
+            records
+                .iter()
+                .map(|r| r.to_string())
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(
+        ended["note"], "the database closed the connection",
+        "{ended}"
+    );
+    Ok(())
+}
+
+/// No operator runs here (a folder of manifests is the policy), yet an approved grant stops
+/// working at its expiry, in a connection that stays open: the sidecar judges expiry itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_ends_at_its_expiry_in_an_open_connection_without_the_operator()
+-> anyhow::Result<()> {
+    let gw = start().await?;
+    wait_for("policy loaded", || {
+        gw.psql("orders-db", "SELECT 1").status.success()
+    });
+    let (client, _conn) = gw.client().await?;
+    let update = "UPDATE orders SET state = 'granted' WHERE id = 4711";
+    assert!(client.execute(update, &[]).await.is_err(), "no grant yet");
+    let now = jiff::Timestamp::now();
+    std::fs::write(
+        gw.policy.path().join("brief-grant.yaml"),
+        format!(
+            "apiVersion: agentgate.dev/v1alpha1\nkind: AccessGrant\nmetadata: {{ name: brief-write, creationTimestamp: \"{now}\" }}\nspec:\n  identity: claude\n  target: orders-db\n  scope: {{ operations: [Write], tables: [orders] }}\n  duration: 12s\n  reason: a short fix\n  decision: {{ verdict: Approve, decidedAt: \"{now}\", decidedBy: {{ username: alice }} }}\n"
+        ),
+    )?;
+    // In force once loaded...
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while client.execute(update, &[]).await.is_err() {
+        assert!(Instant::now() < deadline, "the grant never took effect");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // ...and over at its expiry, on the same connection, with nobody marking it Expired.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let err = loop {
+        match client.execute(update, &[]).await {
+            Ok(_) => {
+                assert!(Instant::now() < deadline, "the grant outlived its expiry");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => break e,
+        }
+    };
+    let expired_after = jiff::Timestamp::now().duration_since(now);
+    assert!(
+        expired_after >= jiff::SignedDuration::from_secs(12),
+        "refused before the expiry: {expired_after:?}"
+    );
+    let text = err
+        .as_db_error()
+        .map(|e| e.message().to_owned())
+        .unwrap_or_default();
+    assert!(text.contains("held for approval"), "{text}");
     Ok(())
 }

@@ -341,6 +341,13 @@ impl TestEnv {
             .ok_or_else(|| Error::Http("the environment was started without PostgreSQL".into()))
     }
 
+    /// The PostgreSQL part, to restart it.
+    pub fn postgres_mut(&mut self) -> Result<&mut PostgresEnv, Error> {
+        self.postgres
+            .as_mut()
+            .ok_or_else(|| Error::Http("the environment was started without PostgreSQL".into()))
+    }
+
     /// The SSH part, or an error saying it was not started.
     pub fn ssh(&self) -> Result<&SshEnv, Error> {
         self.ssh

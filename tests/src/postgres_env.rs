@@ -27,6 +27,10 @@ pub struct PostgresEnv {
     password: String,
     ca_pem: String,
     bin: PathBuf,
+    /// How the server was started, to start it again.
+    spec: Spec,
+    logs: PathBuf,
+    restarts: u32,
 }
 
 impl PostgresEnv {
@@ -97,24 +101,9 @@ impl PostgresEnv {
             ]);
             spec.run_as = run_as.clone();
             spec.stop_signal = "INT";
+            let again = spec.clone();
             let mut proc = Proc::start(spec, &logs)?;
-            let isready = bins.pg_bin.join("pg_isready");
-            let ready =
-                process::wait_until(&mut proc, Duration::from_secs(60), "pg_isready", || {
-                    Command::new(&isready)
-                        .args([
-                            "-q",
-                            "-h",
-                            "127.0.0.1",
-                            "-p",
-                            &port.to_string(),
-                            "-U",
-                            SUPERUSER,
-                        ])
-                        .status()
-                        .map(|s| s.success())
-                        .unwrap_or(false)
-                });
+            let ready = wait_ready(&mut proc, &bins.pg_bin, port);
             match ready {
                 Ok(()) => {
                     let env = Self {
@@ -124,6 +113,9 @@ impl PostgresEnv {
                         password: password.clone(),
                         ca_pem: ca.cert_pem(),
                         bin: bins.pg_bin.clone(),
+                        spec: again,
+                        logs: logs.clone(),
+                        restarts: 0,
                     };
                     env.bootstrap()?;
                     return Ok(env);
@@ -236,10 +228,41 @@ impl PostgresEnv {
         self.proc.pid()
     }
 
+    /// Restarts the server in place, on the same port and data: a fast shutdown (open
+    /// connections are cut, their transactions roll back), then a start.
+    pub fn restart(&mut self) -> Result<(), Error> {
+        self.proc.stop(Duration::from_secs(30));
+        self.restarts += 1;
+        let mut spec = self.spec.clone();
+        spec.name = format!("postgres-restart-{}", self.restarts);
+        self.proc = Proc::start(spec, &self.logs)?;
+        wait_ready(&mut self.proc, &self.bin, self.port)
+    }
+
     /// Checks the server is still running.
     pub fn check_running(&mut self) -> Result<(), Error> {
         self.proc.check_running()
     }
+}
+
+/// Waits until the server at `port` accepts connections.
+fn wait_ready(proc: &mut Proc, pg_bin: &Path, port: u16) -> Result<(), Error> {
+    let isready = pg_bin.join("pg_isready");
+    process::wait_until(proc, Duration::from_secs(60), "pg_isready", || {
+        Command::new(&isready)
+            .args([
+                "-q",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-U",
+                SUPERUSER,
+            ])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    })
 }
 
 fn set_mode(p: &Path, mode: u32) -> Result<(), Error> {

@@ -34,6 +34,7 @@ fn spawner() -> &'static Mutex<mpsc::Sender<SpawnRequest>> {
 }
 
 /// How a process should be run.
+#[derive(Debug, Clone)]
 pub struct Spec {
     /// A short name, used for the log file and in errors.
     pub name: String,

@@ -128,6 +128,18 @@ impl Verifier {
         })
     }
 
+    /// Pins `key` (id `kid`, for `alg` when given) as a key of `issuer`, as if its JWKS had just
+    /// been read: for an issuer whose keys are known ahead. An unknown key id still makes the
+    /// verifier read the issuer's JWKS (at most every ten seconds).
+    pub async fn pin_key(&self, issuer: &str, kid: &str, key: DecodingKey, alg: Option<Algorithm>) {
+        let mut cache = self.cache.lock().await;
+        let keys = cache.entry(issuer.to_owned()).or_insert_with(|| Keys {
+            keys: HashMap::new(),
+            fetched: Instant::now(),
+        });
+        keys.keys.insert(kid.to_owned(), (key, alg));
+    }
+
     async fn get_json(&self, url: &str) -> Result<serde_json::Value, String> {
         let uri: hyper::Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
         let fut = async {

@@ -249,8 +249,14 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     if len < 4 || len as usize - 4 > max {
         return Err(FrameError::Length(i64::from(len)));
     }
-    let mut body = vec![0u8; len as usize - 4];
-    r.read_exact(&mut body).await?;
+    // Memory grows with the bytes that arrive, not with what the length claims: a peer that
+    // announces a large message and sends nothing costs nothing.
+    let n = len as usize - 4;
+    let mut body = Vec::with_capacity(n.min(64 << 10));
+    (&mut *r).take(n as u64).read_to_end(&mut body).await?;
+    if body.len() != n {
+        return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+    }
     Ok(Some(Frame {
         tag,
         body: Bytes::from(body),

@@ -19,6 +19,7 @@ use tokio::sync::{Mutex, mpsc};
 
 use super::audit::{self as records, Tally};
 use super::backend::{self, ErrorFields, sqlstate};
+use super::data_row;
 use super::frame::{
     Frame, FrameError, MAX_MESSAGE, Startup, read_frame, read_startup, write_frames,
 };
@@ -575,6 +576,35 @@ impl Batch {
     }
 }
 
+/// Records every request the server still owed an answer as failed with `why`; returns how
+/// many there were.
+fn fail_unanswered(
+    queue: &mut VecDeque<Pending>,
+    open: &mut Batch,
+    why: &str,
+    rec: &SessionRecorder,
+) -> usize {
+    let mut batches: Vec<Batch> = queue
+        .drain(..)
+        .filter_map(|p| match p {
+            Pending::Upstream { batch, .. } => Some(*batch),
+            Pending::Own(_) | Pending::OwnReady => None,
+        })
+        .collect();
+    batches.push(std::mem::take(open));
+    let mut n = 0;
+    for b in batches {
+        for mut t in b.tallies.into_iter().chain(b.query_tally) {
+            if t.error.is_none() {
+                t.error = Some(format!("agentgate: {why} before answering"));
+            }
+            t.finish(rec);
+            n += 1;
+        }
+    }
+    n
+}
+
 /// The batch the server is answering now: the oldest one waiting for its ReadyForQuery, or
 /// the one still open (answers to a Flush arrive before any Sync).
 fn answering<'a>(queue: &'a mut VecDeque<Pending>, open: &'a mut Batch) -> &'a mut Batch {
@@ -842,10 +872,17 @@ async fn writer(
                 let frame = match frame {
                     Ok(Some(f)) => f,
                     Ok(None) | Err(_) => {
-                        if !done {
-                            let e = ErrorFields::fatal(sqlstate::CONNECTION_FAILURE, "agentgate: the database closed the connection");
+                        // The database went away (restart, crash, network): what it still
+                        // owed is recorded as failed, the agent is told, and the session's
+                        // end says why.
+                        let why = "the database closed the connection";
+                        let unanswered = fail_unanswered(&mut queue, &mut open, why, &rec);
+                        if !done || unanswered > 0 {
+                            let e = ErrorFields::fatal(sqlstate::CONNECTION_FAILURE, format!("agentgate: {why}"))
+                                .hint("the transaction, if one was open, did not commit; connect again");
                             let _ = write_frames(&mut agent, &[e.to_error()]).await;
                         }
+                        rec.end(why);
                         let _ = agent.shutdown().await;
                         return;
                     }
@@ -973,7 +1010,7 @@ async fn writer(
                         let _ = write_frames(&mut agent, &[e.to_error()]).await;
                         return;
                     }
-                    b'D' if !masks.is_empty() => match mask_row(&masks, &frame, Formats::Described(&formats), &types, &field_rules, &mut masked_now) {
+                    b'D' if !masks.is_empty() => match data_row::mask(&masks, &frame, data_row::Formats::Described(&formats), &types, &field_rules, &mut masked_now) {
                         Some(f) => {
                             if !masked_now.is_empty()
                                 && let Some(t) = answering(&mut queue, &mut open).tally()
@@ -1025,173 +1062,6 @@ async fn writer(
             }
         }
     }
-}
-
-/// Where a row's result formats come from.
-#[derive(Clone, Copy)]
-enum Formats<'a> {
-    /// A RowDescription's, one per column.
-    Described(&'a [i16]),
-}
-
-impl Formats<'_> {
-    fn binary(self, column: usize) -> bool {
-        match self {
-            Formats::Described(codes) => codes.get(column).copied().unwrap_or(0) == 1,
-        }
-    }
-}
-
-/// PostgreSQL type OIDs whose binary form is their text (UTF-8): text, varchar, bpchar, name,
-/// json, unknown, citext-like domains are reported as their base type.
-const TEXT_TYPES: [u32; 6] = [25, 1043, 1042, 19, 114, 705];
-/// jsonb: a version byte, then the text.
-const JSONB: u32 = 3802;
-
-/// The text of a binary value, when its type has one agentgate can read; `None` otherwise.
-fn binary_text(type_oid: u32, bytes: &[u8]) -> Option<String> {
-    match type_oid {
-        t if TEXT_TYPES.contains(&t) => std::str::from_utf8(bytes).ok().map(str::to_owned),
-        JSONB => match bytes.split_first() {
-            Some((1, rest)) => std::str::from_utf8(rest).ok().map(str::to_owned),
-            _ => None,
-        },
-        // int2, int4, int8, oid: a card number or an ID can hide in an integer.
-        21 => <[u8; 2]>::try_from(bytes)
-            .ok()
-            .map(|b| i16::from_be_bytes(b).to_string()),
-        23 => <[u8; 4]>::try_from(bytes)
-            .ok()
-            .map(|b| i32::from_be_bytes(b).to_string()),
-        26 => <[u8; 4]>::try_from(bytes)
-            .ok()
-            .map(|b| u32::from_be_bytes(b).to_string()),
-        20 => <[u8; 8]>::try_from(bytes)
-            .ok()
-            .map(|b| i64::from_be_bytes(b).to_string()),
-        700 => <[u8; 4]>::try_from(bytes)
-            .ok()
-            .map(|b| f32::from_be_bytes(b).to_string()),
-        701 => <[u8; 8]>::try_from(bytes)
-            .ok()
-            .map(|b| f64::from_be_bytes(b).to_string()),
-        16 => match bytes {
-            [0] => Some("f".into()),
-            [1] => Some("t".into()),
-            _ => None,
-        },
-        _ => None,
-    }
-}
-
-/// Types whose values cannot carry masking text (a client would fail to parse it): a masked
-/// value of one of them goes as NULL, in text and in binary.
-const NOT_TEXT: [u32; 17] = [
-    16, 17, 20, 21, 23, 26, 700, 701, 1700, 1082, 1083, 1114, 1184, 1186, 1266, 2950, 790,
-];
-
-/// A masked text-format value: the masking text, or NULL for types that cannot carry it.
-fn text_masked(type_oid: u32, text: String) -> Option<Bytes> {
-    (!NOT_TEXT.contains(&type_oid)).then(|| Bytes::from(text))
-}
-
-/// A masked binary value: text types carry the masking text; other types cannot, so they go
-/// as NULL.
-fn binary_masked(type_oid: u32, text: String) -> Option<Bytes> {
-    if TEXT_TYPES.contains(&type_oid) {
-        Some(Bytes::from(text))
-    } else if type_oid == JSONB {
-        let mut b = Vec::with_capacity(text.len() + 1);
-        b.push(1);
-        b.extend_from_slice(text.as_bytes());
-        Some(Bytes::from(b))
-    } else {
-        None
-    }
-}
-
-/// Masks the values of a DataRow; `None` if the row is malformed.
-///
-/// Binary values are read through their type: text-like types and integers are masked like
-/// text; a binary value of any other type cannot be searched for patterns, so when value
-/// detectors apply it goes as NULL (fail closed), and a masked column of such a type is NULL.
-fn mask_row(
-    masks: &MaskSet,
-    frame: &Frame,
-    formats: Formats<'_>,
-    types: &[u32],
-    rules: &[Option<crate::mask::Rule>],
-    counts: &mut std::collections::BTreeMap<String, u64>,
-) -> Option<Frame> {
-    let mut values = backend::decode_data_row(frame).ok()?;
-    let mut changed = false;
-    for (i, v) in values.iter_mut().enumerate() {
-        let Some(bytes) = v.as_ref() else { continue };
-        let binary = formats.binary(i);
-        let type_oid = types.get(i).copied().unwrap_or(0);
-        let text = if binary {
-            binary_text(type_oid, bytes)
-        } else {
-            Some(String::from_utf8_lossy(bytes).into_owned())
-        };
-        let masked = match (rules.get(i), text) {
-            // A masked column: the whole value, whatever it looks like.
-            (Some(Some(rule)), Some(t)) => match count(counts, rule).apply_whole(&t) {
-                Masked::Clear => Masked::Null,
-                // A JSON value stays JSON: the masking text becomes a JSON string.
-                Masked::Text(m) if matches!(type_oid, 114 | JSONB) => {
-                    Masked::Text(serde_json::Value::String(m).to_string())
-                }
-                m => m,
-            },
-            (Some(Some(rule)), None) => {
-                *counts.entry(rule.name.clone()).or_default() += 1;
-                Masked::Null
-            }
-            (_, Some(t)) => {
-                let (m, applied) = masks.mask(None, &t);
-                for rule in applied {
-                    *counts.entry(rule).or_default() += 1;
-                }
-                m
-            }
-            (_, None) if masks.has_value_rules() => Masked::Null,
-            (_, None) => Masked::Clear,
-        };
-        match masked {
-            Masked::Clear => {}
-            Masked::Null => {
-                *v = None;
-                changed = true;
-            }
-            Masked::Text(t) => {
-                *v = if binary {
-                    binary_masked(type_oid, t)
-                } else {
-                    text_masked(type_oid, t)
-                };
-                changed = true;
-            }
-        }
-    }
-    Some(if changed {
-        backend::encode_data_row(&values)
-    } else {
-        frame.clone()
-    })
-}
-
-/// An ErrorResponse or NoticeResponse with values masked: detectors on its texts; and when
-/// columns are masked, the text of data and constraint errors (classes 22 and 23, which
-/// quote the offending value: `invalid input syntax for type integer: "ada@…"`, `Key
-/// (email)=(…) already exists`) is replaced, keeping what kind of error it was.
-/// Counts one value masked by `rule`.
-fn count<'a>(
-    counts: &mut std::collections::BTreeMap<String, u64>,
-    rule: &'a crate::mask::Rule,
-) -> &'a crate::mask::Rule {
-    *counts.entry(rule.name.clone()).or_default() += 1;
-    rule
 }
 
 /// The rows a CommandComplete reports (`SELECT 5`, `INSERT 0 3`, `UPDATE 2`; 0 for others).
@@ -1247,6 +1117,10 @@ fn error_summary(frame: &Frame) -> String {
     format!("{code} {name}")
 }
 
+/// An ErrorResponse or NoticeResponse with values masked: detectors on its texts; and when
+/// columns are masked, the text of data and constraint errors (classes 22 and 23, which
+/// quote the offending value: `invalid input syntax for type integer: "ada@…"`, `Key
+/// (email)=(…) already exists`) is replaced, keeping what kind of error it was.
 fn mask_error(masks: &MaskSet, frame: &Frame) -> Frame {
     let Ok(mut e) = ErrorFields::decode(frame) else {
         return ErrorFields::error(
