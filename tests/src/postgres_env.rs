@@ -95,7 +95,7 @@ impl PostgresEnv {
                 "-c".into(),
                 "fsync=off".into(),
                 "-c".into(),
-                "max_connections=300".into(),
+                "max_connections=600".into(),
                 "-c".into(),
                 "log_min_messages=warning".into(),
             ]);
