@@ -4,6 +4,7 @@
 //! decision (may they; hold?) → upstream → response → masking → audit record → agent.
 
 pub mod audit;
+pub mod clock;
 pub mod gateway;
 pub mod health;
 pub mod identity;

@@ -12,7 +12,7 @@ use testenv::{Parts, TestEnv};
 
 struct Gateway {
     env: TestEnv,
-    _proc: Proc,
+    proc: Proc,
     port: u16,
     policy: tempfile::TempDir,
     _targets: tempfile::TempDir,
@@ -65,6 +65,11 @@ spec:
 }
 
 async fn start() -> anyhow::Result<Gateway> {
+    start_with(&[]).await
+}
+
+/// Starts the environment and a sidecar with `sidecar_env` added to its environment.
+async fn start_with(sidecar_env: &[(&str, String)]) -> anyhow::Result<Gateway> {
     let env = TestEnv::start_async(Parts {
         postgres: true,
         ..Default::default()
@@ -101,11 +106,14 @@ async fn start() -> anyhow::Result<Gateway> {
             env.dir().join(format!("audit-{port}")).display()
         ),
     ]);
+    let spec = sidecar_env
+        .iter()
+        .fold(spec, |spec, (k, v)| spec.env(k, v.clone()));
     let mut proc = Proc::start(spec, &env.dir().join("logs"))?;
     testenv::process::wait_listening(&mut proc, port, Duration::from_secs(20))?;
     Ok(Gateway {
         env,
-        _proc: proc,
+        proc,
         port,
         policy: policy_dir,
         _targets: targets,
@@ -1168,5 +1176,91 @@ async fn a_grant_ends_at_its_expiry_in_an_open_connection_without_the_operator()
         .map(|e| e.message().to_owned())
         .unwrap_or_default();
     assert!(text.contains("held for approval"), "{text}");
+    Ok(())
+}
+
+/// The libfaketime library (Debian's `libfaketime`): preloaded, it moves the sidecar's clock
+/// and nobody else's.
+const FAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
+
+/// The sidecar's clock steps forward past a grant's end, then back to the real time: the
+/// grant ended when the clock said so and stays ended (it is not revived when the clock goes
+/// back), the records' times never go back, and the sidecar says what happened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_clock_stepping_forward_then_back_never_revives_a_grant() -> anyhow::Result<()> {
+    assert!(
+        Path::new(FAKETIME).exists(),
+        "{FAKETIME} is missing: tests/env/install.sh installs Debian's libfaketime"
+    );
+    let offset_dir = tempfile::tempdir()?;
+    let offset = offset_dir.path().join("offset");
+    std::fs::write(&offset, "+0\n")?;
+    let gw = start_with(&[
+        ("LD_PRELOAD", FAKETIME.into()),
+        ("FAKETIME_TIMESTAMP_FILE", offset.display().to_string()),
+        ("FAKETIME_CACHE_DURATION", "1".into()),
+        // Timers and timeouts keep real time; only the wall clock moves.
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1".into()),
+    ])
+    .await?;
+    wait_for("policy loaded", || {
+        gw.psql("orders-db", "SELECT 1").status.success()
+    });
+    let (client, _conn) = gw.client().await?;
+    let update = "UPDATE orders SET state = 'clock' WHERE id = 4711";
+    let now = jiff::Timestamp::now();
+    std::fs::write(
+        gw.policy.path().join("hour-grant.yaml"),
+        format!(
+            "apiVersion: agentgate.dev/v1alpha1\nkind: AccessGrant\nmetadata: {{ name: hour-write, creationTimestamp: \"{now}\" }}\nspec:\n  identity: claude\n  target: orders-db\n  scope: {{ operations: [Write], tables: [orders] }}\n  duration: 1h\n  reason: clock test\n  decision: {{ verdict: Approve, decidedAt: \"{now}\", decidedBy: {{ username: alice }} }}\n"
+        ),
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while client.execute(update, &[]).await.is_err() {
+        assert!(Instant::now() < deadline, "the grant never took effect");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Two hours forward: the grant's hour is over.
+    std::fs::write(&offset, "+2h\n")?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while client.execute(update, &[]).await.is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "the grant outlived a clock two hours ahead"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Back to the real time, when the grant's hour has not passed: it stays ended.
+    std::fs::write(&offset, "+0\n")?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for _ in 0..5 {
+        let err = client
+            .execute(update, &[])
+            .await
+            .expect_err("a grant revived by the clock going back");
+        let text = err
+            .as_db_error()
+            .map(|e| e.message().to_owned())
+            .unwrap_or_default();
+        assert!(text.contains("held for approval"), "{text}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // The trail's times never go back, and the sidecar said why time stands still.
+    let file = gw.env.dir().join(format!("audit-{}/audit.jsonl", gw.port));
+    let times: Vec<jiff::Timestamp> = std::fs::read_to_string(&file)?
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|r| r["time"].as_str()?.parse().ok())
+        .collect();
+    assert!(times.len() > 10, "{} records", times.len());
+    assert!(
+        times.windows(2).all(|w| w[0] <= w[1]),
+        "record times go back: {times:?}"
+    );
+    assert!(
+        gw.proc.log_contains("the system clock went back"),
+        "{}",
+        gw.proc.log_tail(20)
+    );
     Ok(())
 }

@@ -33,8 +33,9 @@ PGJDBC_VERSION=42.7.14
 
 log() { printf '\033[1m[install]\033[0m %s\n' "$*" >&2; }
 
+# libfaketime: the clock-step test runs the sidecar under it (its clock moved, the system's not).
 # xauth and x11-utils (xdpyinfo): the SSH gateway's X11 forwarding test (sshd adds the cookie with xauth; xdpyinfo is the X client on the host).
-DEBS=(postgresql postgresql-client openssh-server openssh-client rsync libclang-dev clang pkg-config openssl pgbouncer python3-psycopg python3-pip curl asciinema xauth x11-utils)
+DEBS=(postgresql postgresql-client openssh-server openssh-client rsync libclang-dev clang pkg-config openssl pgbouncer python3-psycopg python3-pip curl asciinema xauth x11-utils libfaketime)
 
 install_debs() {
   local missing=()

@@ -238,11 +238,11 @@ impl Auditor {
         let stream: Arc<str> = format!(
             "{}-{}",
             config.stream_prefix,
-            Timestamp::now().strftime("%Y%m%dT%H%M%S%.6fZ")
+            crate::clock::now().strftime("%Y%m%dT%H%M%S%.6fZ")
         )
         .into();
         let public_key = Arc::new(signer.public().clone());
-        let mut start = Record::new(RecordKind::StreamStart, Timestamp::now());
+        let mut start = Record::new(RecordKind::StreamStart, crate::clock::now());
         start.key = Some(signer.public().clone());
         start.pod.clone_from(&config.pod);
         start.note = Some(format!("agentgate-sidecar {}", env!("CARGO_PKG_VERSION")));
@@ -480,7 +480,7 @@ impl SessionRecorder {
 
     /// A record of this session, to fill and [`Self::emit`].
     pub fn base(&self, kind: RecordKind) -> Record {
-        let mut r = Record::new(kind, Timestamp::now());
+        let mut r = Record::new(kind, crate::clock::now());
         r.session = Some(self.id.clone());
         r.identity = Some(self.identity.clone());
         r.target = Some(self.target.clone());
@@ -594,7 +594,7 @@ impl Writer {
                 && (since.elapsed() >= self.checkpoint_every
                     || self.chain.unsigned() >= self.checkpoint_records)
             {
-                let mut cp = Record::new(RecordKind::Checkpoint, Timestamp::now());
+                let mut cp = Record::new(RecordKind::Checkpoint, crate::clock::now());
                 cp.note = Some(format!(
                     "signs the stream through n={}",
                     self.chain.head().0
@@ -674,14 +674,14 @@ impl Writer {
     /// The sessions still open end, then the stream.
     fn end_stream(&mut self, unsigned_since: &mut Option<Instant>) {
         for session in self.chain.open_sessions() {
-            let mut end = Record::new(RecordKind::SessionEnd, Timestamp::now());
+            let mut end = Record::new(RecordKind::SessionEnd, crate::clock::now());
             end.session = Some(session);
             end.note = Some("the sidecar stopped".into());
             if let Err(e) = self.write(&mut end, unsigned_since) {
                 self.fail(e);
             }
         }
-        let mut end = Record::new(RecordKind::StreamEnd, Timestamp::now());
+        let mut end = Record::new(RecordKind::StreamEnd, crate::clock::now());
         end.note = Some("the sidecar stopped".into());
         if let Err(e) = self.write(&mut end, unsigned_since) {
             self.fail(e);

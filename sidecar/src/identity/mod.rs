@@ -29,6 +29,9 @@ use crate::policy::Snapshot;
 /// The audience a pod's projected token carries for agentgate.
 pub const AUDIENCE: &str = "agentgate";
 
+/// Clock skew tolerated between the issuer and this sidecar, for `exp` and `nbf`.
+const LEEWAY_SECONDS: f64 = 30.0;
+
 /// Algorithms accepted: asymmetric only.
 const ALLOWED: &[Algorithm] = &[
     Algorithm::RS256,
@@ -286,12 +289,30 @@ impl Verifier {
         let mut v = Validation::new(header.alg);
         v.set_issuer(&[&issuer]);
         v.validate_aud = false; // checked per identity below
-        v.leeway = 30;
-        v.validate_nbf = true;
+        // Expiry and not-before are checked below against agentgate's clock, which never
+        // goes back (a step back of the system clock must not revive an expired token).
+        v.validate_exp = false;
+        v.validate_nbf = false;
         v.set_required_spec_claims(&["exp", "iss", "sub", "aud"]);
         let data = jsonwebtoken::decode::<serde_json::Value>(token, &key, &v)
             .map_err(|e| IdentityError::Invalid(e.to_string()))?;
         let claims = data.claims;
+        let now = crate::clock::now().as_millisecond() as f64 / 1000.0;
+        let time = |name: &str| match &claims[name] {
+            serde_json::Value::Null => Ok(None),
+            t => t
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| IdentityError::Invalid(format!("{name} is not a number"))),
+        };
+        match time("exp")? {
+            Some(exp) if exp + LEEWAY_SECONDS >= now => {}
+            Some(_) => return Err(IdentityError::Invalid("the token has expired".into())),
+            None => return Err(IdentityError::Invalid("the token has no expiry".into())),
+        }
+        if time("nbf")?.is_some_and(|nbf| nbf - LEEWAY_SECONDS > now) {
+            return Err(IdentityError::Invalid("the token is not valid yet".into()));
+        }
         let subject = claims["sub"].as_str().unwrap_or_default().to_owned();
         let audiences: Vec<String> = match &claims["aud"] {
             serde_json::Value::String(s) => vec![s.clone()],

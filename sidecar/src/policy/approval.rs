@@ -67,7 +67,7 @@ pub struct Filed {
 fn pending<'a>(snapshot: Option<&'a Snapshot>, req: &Request<'_>) -> Option<&'a AccessGrant> {
     let s = snapshot?;
     let id = s.identities.get(req.identity);
-    let now = jiff::Timestamp::now();
+    let now = crate::clock::now();
     s.grants.values().find(|g| {
         g.spec.identity == req.identity
             && g.spec.target == req.target
@@ -122,7 +122,7 @@ impl Approvals {
                     let grant = serde_json::json!({
                         "apiVersion": "agentgate.dev/v1alpha1",
                         "kind": "AccessGrant",
-                        "metadata": { "name": name, "creationTimestamp": jiff::Timestamp::now().to_string() },
+                        "metadata": { "name": name, "creationTimestamp": crate::clock::now().to_string() },
                         "spec": spec,
                     });
                     let yaml = serde_norway::to_string(&grant).map_err(|e| e.to_string())?;

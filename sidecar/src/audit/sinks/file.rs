@@ -78,7 +78,7 @@ impl FileSink {
             .unwrap_or("audit")
             .to_owned();
         let dir = self.path.parent().unwrap_or(Path::new(".")).to_owned();
-        let now = jiff::Timestamp::now().strftime("%Y%m%dT%H%M%S%.6fZ");
+        let now = crate::clock::now().strftime("%Y%m%dT%H%M%S%.6fZ");
         let rotated = dir.join(format!("{stem}.{now}.jsonl"));
         std::fs::rename(&self.path, &rotated)
             .map_err(|e| format!("rotate {}: {e}", self.path.display()))?;

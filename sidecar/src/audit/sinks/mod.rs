@@ -12,8 +12,6 @@ pub mod sessions;
 use std::sync::Arc;
 use std::time::Duration;
 
-use jiff::Timestamp;
-
 use super::Health;
 use super::journal::{Chunk, Journal};
 
@@ -157,6 +155,6 @@ fn fail(health: &Health, sink: &str, why: &str) {
     if let Ok(mut f) = health.failing.lock() {
         f.entry(sink.to_owned())
             .and_modify(|e| e.1 = why.to_owned())
-            .or_insert_with(|| (Timestamp::now(), why.to_owned()));
+            .or_insert_with(|| (crate::clock::now(), why.to_owned()));
     }
 }

@@ -412,7 +412,7 @@ impl Connection {
     }
 
     fn refusal_record(&self, identity: Option<&str>, target: &str, why: &str) {
-        let mut r = records::Record::new(RecordKind::Refusal, jiff::Timestamp::now());
+        let mut r = records::Record::new(RecordKind::Refusal, crate::clock::now());
         r.identity = identity.map(str::to_owned);
         r.target = Some(agent_text(target, 253));
         r.protocol = Some(Protocol::Kubernetes);
@@ -548,7 +548,7 @@ impl Connection {
             None
         };
         let cmd = classify::classify(&info, &query, body.as_deref());
-        let now = jiff::Timestamp::now();
+        let now = crate::clock::now();
         let mut decision = if info.group == classify::OWN_GROUP
             && !matches!(info.verb.as_str(), "get" | "list" | "watch")
         {

@@ -149,7 +149,7 @@ async fn fatal(
 fn refused_connection(gw: &Gateway, identity: Option<&str>, target: &str, why: &str) {
     let mut r = agentgate_crds::audit::Record::new(
         agentgate_crds::audit::RecordKind::Refusal,
-        jiff::Timestamp::now(),
+        crate::clock::now(),
     );
     r.identity = identity.map(str::to_owned);
     r.target = Some(crate::audit::agent_text(target, 253));
@@ -1352,7 +1352,7 @@ async fn hold(
 fn denial(s: &policy::Snapshot, identity: &str, name: &str) -> Option<String> {
     let g = s.grants.get(name)?;
     let status =
-        agentgate_crds::lifecycle::evaluate(g, s.identities.get(identity), jiff::Timestamp::now())
+        agentgate_crds::lifecycle::evaluate(g, s.identities.get(identity), crate::clock::now())
             .status;
     if status.phase != Some(agentgate_crds::GrantPhase::Denied) {
         return None;
@@ -1494,7 +1494,7 @@ async fn reader(
             identity,
             target,
             &Command::from(c),
-            jiff::Timestamp::now(),
+            crate::clock::now(),
         );
         // Say why the policy is gone (a broken watch, a bad folder), not only that it is.
         if snapshot.is_none()

@@ -139,7 +139,7 @@ impl Ctx {
             &self.agent.identity,
             &self.target,
             cmd,
-            jiff::Timestamp::now(),
+            crate::clock::now(),
         );
         if d.verdict == Verdict::Allow
             && let Some(pod_user) = &self.gw.core.pod_user
@@ -1192,7 +1192,7 @@ pub fn forwarding_granted(
     if id.spec.disabled {
         return false;
     }
-    let now = jiff::Timestamp::now();
+    let now = crate::clock::now();
     let flag = |scope: &agentgate_crds::AccessScope| {
         let s = scope.ssh.as_ref();
         let set = match access.forwarding {

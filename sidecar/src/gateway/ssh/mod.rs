@@ -349,7 +349,7 @@ pub fn refusal_record(
     client: &str,
     why: &str,
 ) {
-    let mut r = records::Record::new(RecordKind::Refusal, jiff::Timestamp::now());
+    let mut r = records::Record::new(RecordKind::Refusal, crate::clock::now());
     r.identity = identity.map(str::to_owned);
     if !target.is_empty() {
         r.target = Some(agent_text(target, 253));

@@ -138,7 +138,7 @@ impl KnownHostKeys {
             .iter()
             .map(|a| a.fingerprint(Default::default()))
             .collect();
-        let now = u64::try_from(jiff::Timestamp::now().as_second()).unwrap_or(0);
+        let now = u64::try_from(crate::clock::now().as_second()).unwrap_or(0);
         cert.validate_at(now, &fingerprints)
             .map_err(|e| format!("the host certificate is not valid: {e}"))?;
         // As OpenSSH: a host certificate must name the host (no principals names none).
