@@ -110,9 +110,9 @@ fn otlp_a_60s_collector_outage_under_load_loses_nothing() {
 /// The webhook's accepted requests: (authorization header, body).
 type Received = Arc<Mutex<Vec<(String, String)>>>;
 
-/// A minimal HTTP/1.1 endpoint: answers 503 to the first `fail` requests, then 200, and keeps
-/// the bodies it accepted.
-fn webhook(fail: usize) -> (u16, Received) {
+/// A minimal HTTP/1.1 endpoint: answers 503 to the first `fail` requests, then 200 (each
+/// answer `delay` late), and keeps the bodies it accepted.
+fn webhook(fail: usize, delay: Duration) -> (u16, Received) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let got: Received = Arc::default();
@@ -151,6 +151,7 @@ fn webhook(fail: usize) -> (u16, Received) {
                     break;
                 }
                 count += 1;
+                std::thread::sleep(delay);
                 let mut w = conn.try_clone().unwrap();
                 if count <= fail {
                     let _ = w.write_all(
@@ -168,10 +169,72 @@ fn webhook(fail: usize) -> (u16, Received) {
     (port, got)
 }
 
+/// The records the webhook accepted (each checked for the bearer token), as JSON text.
+fn delivered(got: &Received) -> HashSet<String> {
+    let mut lines = HashSet::new();
+    for (auth, body) in got.lock().unwrap().iter() {
+        assert_eq!(auth, "Bearer s3cret-token");
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        for r in v["records"].as_array().unwrap() {
+            lines.insert(r.to_string());
+        }
+    }
+    lines
+}
+
+/// The file sink's records, as JSON text (normalized as `delivered` has them).
+fn file_records(s: &common::Setup) -> HashSet<String> {
+    s.file()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .unwrap()
+                .to_string()
+        })
+        .collect()
+}
+
+/// A webhook that takes seconds to answer each delivery: the agent's statements do not wait
+/// for it (records are delivered off the request path), and every record still arrives.
+#[test]
+fn a_slow_webhook_neither_slows_the_agent_nor_loses_records() {
+    let s = setup();
+    let (hook, got) = webhook(0, Duration::from_secs(3));
+    let token = s.env.dir().join("webhook-token");
+    std::fs::write(&token, "s3cret-token\n").unwrap();
+    let (mut sidecar, port) = s.start(
+        "sidecar-slow-sink",
+        &[
+            format!("--audit-webhook=http://127.0.0.1:{hook}/records"),
+            format!("--audit-webhook-token-file={}", token.display()),
+        ],
+    );
+    for i in 0..20 {
+        assert!(s.psql(port, &format!("SELECT {i}")).status.success());
+    }
+    // Every statement was answered while the webhook still lagged behind.
+    let file = file_records(&s);
+    assert!(
+        !file.is_subset(&delivered(&got)),
+        "the statements waited for the slow webhook"
+    );
+    wait_until(
+        &mut sidecar,
+        Duration::from_secs(90),
+        "the slow webhook catches up",
+        || {
+            let file = file_records(&s);
+            !file.is_empty() && file.is_subset(&delivered(&got))
+        },
+    )
+    .unwrap();
+    sidecar.stop(Duration::from_secs(5));
+}
+
 #[test]
 fn the_webhook_gets_every_record_verbatim_after_failures() {
     let s = setup();
-    let (hook, got) = webhook(3);
+    let (hook, got) = webhook(3, Duration::ZERO);
     let token = s.env.dir().join("webhook-token");
     std::fs::write(&token, "s3cret-token\n").unwrap();
     let (mut sidecar, port) = s.start(
@@ -184,31 +247,12 @@ fn the_webhook_gets_every_record_verbatim_after_failures() {
     for i in 0..5 {
         assert!(s.psql(port, &format!("SELECT {i}")).status.success());
     }
-    let delivered = |got: &Received| {
-        let mut lines = HashSet::new();
-        for (auth, body) in got.lock().unwrap().iter() {
-            assert_eq!(auth, "Bearer s3cret-token");
-            let v: serde_json::Value = serde_json::from_str(body).unwrap();
-            for r in v["records"].as_array().unwrap() {
-                lines.insert(r.to_string());
-            }
-        }
-        lines
-    };
     wait_until(
         &mut sidecar,
         Duration::from_secs(30),
         "the webhook catches up",
         || {
-            let file: HashSet<String> = s
-                .file()
-                .lines()
-                .map(|l| {
-                    serde_json::from_str::<serde_json::Value>(l)
-                        .unwrap()
-                        .to_string()
-                })
-                .collect();
+            let file = file_records(&s);
             !file.is_empty() && file.is_subset(&delivered(&got))
         },
     )
