@@ -567,7 +567,10 @@ mod tests {
                 };
                 for e in entries {
                     let path = e.expect("a corpus entry").path();
-                    let data = std::fs::read(&path).expect("a corpus file");
+                    // (A fuzzer running meanwhile may have replaced it by a smaller one.)
+                    let Ok(data) = std::fs::read(&path) else {
+                        continue;
+                    };
                     let r = std::panic::catch_unwind(|| target(&data));
                     assert!(r.is_ok(), "{name}: {} fails", path.display());
                     replayed += 1;

@@ -1597,7 +1597,7 @@ async fn reader(
                     };
                 }
                 let mut d = recorded(id, &sql, Some(&classified), "simple", admitted(d));
-                tracing::info!(identity, target, class = %classified.class, verdict = ?d.verdict, rule = %d.rule, "query");
+                tracing::debug!(identity, target, class = %classified.class, verdict = ?d.verdict, rule = %d.rule, "query");
                 let mut held_as = None;
                 if d.verdict == Verdict::Hold {
                     up.flush().await?;
@@ -1718,7 +1718,7 @@ async fn reader(
                                 };
                             }
                             let mut d = recorded(id, &sql, Some(&c), "parse", admitted(d));
-                            tracing::info!(identity, target, class = %c.class, verdict = ?d.verdict, rule = %d.rule, "parse");
+                            tracing::debug!(identity, target, class = %c.class, verdict = ?d.verdict, rule = %d.rule, "parse");
                             let mut held_as = None;
                             if d.verdict == Verdict::Hold {
                                 up.flush().await?;

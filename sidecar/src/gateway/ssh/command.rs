@@ -131,7 +131,39 @@ fn check_bytes(line: &str) -> Result<(), Unparsable> {
     {
         return Err(Unparsable::Binary);
     }
+    if let Some(n) = huge_fd(line) {
+        return Err(Unparsable::Syntax(format!(
+            "file descriptor {n}… in a redirection is too large"
+        )));
+    }
     Ok(())
+}
+
+/// The first digits of a redirection's file descriptor (`12>`, `3<&0`) too large to be one:
+/// bash refuses it, and the shell parser agentgate uses would fail on it.
+fn huge_fd(line: &str) -> Option<&str> {
+    let b = line.as_bytes();
+    let mut start = None;
+    for (i, &c) in b.iter().enumerate() {
+        if c.is_ascii_digit() {
+            let boundary = i == 0
+                || matches!(
+                    b[i - 1],
+                    b' ' | b'\t' | b'\n' | b';' | b'|' | b'&' | b'(' | b')' | b'<' | b'>'
+                );
+            if start.is_none() && boundary {
+                start = Some(i);
+            }
+            continue;
+        }
+        if let Some(s) = start.take()
+            && matches!(c, b'<' | b'>')
+            && i - s > 9
+        {
+            return line.get(s..s + 9);
+        }
+    }
+    None
 }
 
 /// Parses and classifies one command line (an exec request, or a complete interactive line).

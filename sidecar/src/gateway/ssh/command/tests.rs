@@ -228,6 +228,12 @@ fn what_cannot_be_read_is_refused() {
         Err(Unparsable::Syntax(_))
     ));
     assert!(matches!(classify("ls \0 x"), Err(Unparsable::Binary)));
+    // A file descriptor too large to be one (found by fuzzing: the shell parser failed on it).
+    let e = classify("echo x 2222222222222222222222>&2").unwrap_err();
+    assert!(e.to_string().contains("too large"), "{e}");
+    assert!(!is_incomplete("$(ec 22222222222222222222222222>&2"));
+    assert!(classify("echo x 2>&1 >/dev/null").is_ok());
+    assert!(classify("echo a12345678901234>/dev/null").is_ok());
     assert!(matches!(classify("ls \x1b[A"), Err(Unparsable::Binary)));
     assert!(matches!(
         classify(&"a".repeat(MAX_LEN + 1)),
