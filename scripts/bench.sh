@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every benchmark, one table: installs what they need, runs each bench (each measures its
 # baseline in the same run, alternating rounds, and reports medians and spread), then prints
-# the figures together. Takes about half an hour on 2 cores; the per-bench knobs
+# the figures together. Takes about fifty minutes on 2 cores; the per-bench knobs
 # (AGENTGATE_BENCH_*) are in each bench's header and in docs/benchmarks.md.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -13,7 +13,8 @@ export AGENTGATE_BENCH_REPORT="$report"
 # The streaming figure: 10 million masked rows (memory must stay flat as rows grow).
 export AGENTGATE_BENCH_ROWS="${AGENTGATE_BENCH_ROWS:-10000000}"
 
-for bench in statement audit pgbench kube ssh; do
+# The load run: 200 connections for AGENTGATE_LOAD_SECONDS (ten minutes by default).
+for bench in statement audit pgbench kube ssh load; do
   step "agentgate-sidecar: $bench"
   cargo bench --locked -p agentgate-sidecar --bench "$bench"
 done
