@@ -235,8 +235,10 @@ pub fn sql_classify(data: &[u8]) {
             "the classifier accepted what PostgreSQL rejects"
         );
     }
+    // What records keep of it: never a constant.
+    let _ = agentgate_sidecar::sql::redact(sql);
     if let Ok(c) = classified {
-        let _ = c.fingerprint.get();
+        assert_eq!(c.fingerprint.get().len(), 64);
         for i in 0..3 {
             let _ = agentgate_sidecar::sql::classify::target_column_refs(sql, i);
         }

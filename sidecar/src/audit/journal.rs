@@ -274,7 +274,10 @@ impl Journal {
                 Err(e) => return Err(e),
             };
             file.seek(SeekFrom::Start(pos.offset))?;
-            let mut buf = Vec::with_capacity(max.min(1 << 20));
+            // Sized by what is there to read (a large buffer per read would be mapped and
+            // unmapped each time).
+            let available = file.metadata()?.len().saturating_sub(pos.offset);
+            let mut buf = Vec::with_capacity(max.min(usize::try_from(available).unwrap_or(max)));
             Read::by_ref(&mut file)
                 .take(max as u64)
                 .read_to_end(&mut buf)?;
@@ -300,11 +303,14 @@ impl Journal {
                 return Ok((Chunk::default(), pos));
             }
             let buf = Bytes::from(buf).slice(..whole);
-            let lines = buf
-                .split(|b| *b == b'\n')
-                .filter(|l| !l.is_empty())
-                .map(|l| buf.slice_ref(l))
-                .collect();
+            let mut lines = Vec::new();
+            let mut start = 0;
+            for end in memchr::memchr_iter(b'\n', &buf) {
+                if end > start {
+                    lines.push(buf.slice(start..end));
+                }
+                start = end + 1;
+            }
             pos.offset += whole as u64;
             return Ok((Chunk { data: buf, lines }, pos));
         }

@@ -118,13 +118,48 @@ impl Fingerprint {
     /// The fingerprint, hex.
     pub fn get(&self) -> &str {
         self.value.get_or_init(|| {
-            let canonical = pg_query::parse(&self.text, pg_query::ParserOptions::DEFAULT)
-                .ok()
-                .and_then(|p| p.deparse(pg_query::DeparseOptions::default()).ok())
+            let canonical = canonical(&self.text)
                 .unwrap_or_else(|| self.text.split_whitespace().collect::<Vec<_>>().join(" "));
             hex(&Sha256::digest(canonical.as_bytes()))
         })
     }
+}
+
+/// `sql` as PostgreSQL's scanner reads it: its tokens, one space apart, comments and trailing
+/// semicolons dropped, keywords and unquoted identifiers in lower case (as the server folds
+/// them), constants and quoted identifiers exactly as written. `None` when it does not scan.
+///
+/// (From the scanner rather than a deparse of the parse tree: libpg_query's deparser crashes
+/// on some trees, e.g. `LOAD ''`, found by fuzzing.)
+fn canonical(sql: &str) -> Option<String> {
+    use pg_query::protobuf::{KeywordKind, Token};
+    let scanned = pg_query::scan(sql).ok()?;
+    let mut tokens = Vec::with_capacity(scanned.tokens.len());
+    for t in &scanned.tokens {
+        let kind = Token::try_from(t.token).ok()?;
+        if matches!(kind, Token::SqlComment | Token::CComment) {
+            continue;
+        }
+        let text = sql.get(usize::try_from(t.start).ok()?..usize::try_from(t.end).ok()?)?;
+        let fold = t.keyword_kind != KeywordKind::NoKeyword as i32
+            || (kind == Token::Ident && !text.starts_with('"'));
+        tokens.push((kind, text, fold));
+    }
+    while tokens.last().is_some_and(|(_, text, _)| *text == ";") {
+        tokens.pop();
+    }
+    let mut out = String::with_capacity(sql.len());
+    for (_, text, fold) in tokens {
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        if fold {
+            out.extend(text.chars().map(|c| c.to_ascii_lowercase()));
+        } else {
+            out.push_str(text);
+        }
+    }
+    Some(out)
 }
 
 impl PartialEq for Fingerprint {
@@ -1058,6 +1093,25 @@ mod tests {
         );
         assert_ne!(a, c, "constants do");
         assert_eq!(a.get().len(), 64);
+        // Identifiers fold as the server folds them; quoted ones and constants do not.
+        let fp = |sql: &str| classify(sql).unwrap().fingerprint;
+        assert_eq!(
+            fp("DELETE FROM Orders WHERE ID = 1;"),
+            fp("delete from orders where id = 1")
+        );
+        assert_ne!(
+            fp("DELETE FROM \"Orders\" WHERE id = 1"),
+            fp("DELETE FROM orders WHERE id = 1")
+        );
+        assert_ne!(fp("SELECT 'A'"), fp("SELECT 'a'"));
+        // Trees libpg_query's deparser could not render (it crashed on `LOAD ''`).
+        for sql in [
+            "LOAD ''",
+            "COPY t FROM ''",
+            "ALTER SYSTEM SET work_mem = ''",
+        ] {
+            assert_eq!(fp(sql).get().len(), 64, "{sql}");
+        }
     }
 
     #[test]
