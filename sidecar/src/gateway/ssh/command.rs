@@ -131,12 +131,39 @@ fn check_bytes(line: &str) -> Result<(), Unparsable> {
     {
         return Err(Unparsable::Binary);
     }
+    let open = open_parentheses(line);
+    if open > MAX_OPEN_PARENTHESES {
+        return Err(Unparsable::Syntax(format!(
+            "{open} parentheses are left open (at most {MAX_OPEN_PARENTHESES})"
+        )));
+    }
     if let Some(n) = huge_fd(line) {
         return Err(Unparsable::Syntax(format!(
             "file descriptor {n}… in a redirection is too large"
         )));
     }
     Ok(())
+}
+
+/// How many parentheses a line may leave open (a command continued on the next line): the
+/// shell parser's time doubles with each one left open, so more are refused before parsing.
+const MAX_OPEN_PARENTHESES: usize = 8;
+
+/// The parentheses outside quotes left open at the end of `line`.
+fn open_parentheses(line: &str) -> usize {
+    let (mut depth, mut single, mut double, mut escaped) = (0usize, false, false, false);
+    for c in line.chars() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if !single => escaped = true,
+            '\'' if !double => single = !single,
+            '"' if !single => double = !double,
+            '(' if !single && !double => depth += 1,
+            ')' if !single && !double => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    depth
 }
 
 /// The first digits of a redirection's file descriptor (`12>`, `3<&0`) too large to be one:

@@ -234,6 +234,14 @@ fn what_cannot_be_read_is_refused() {
     assert!(!is_incomplete("$(ec 22222222222222222222222222>&2"));
     assert!(classify("echo x 2>&1 >/dev/null").is_ok());
     assert!(classify("echo a12345678901234>/dev/null").is_ok());
+    // Parentheses left open: the shell parser's time doubles with each (found by fuzzing: 45
+    // of them would parse for hours); more than a few are refused before parsing.
+    let e = classify(&format!("{}x", "(".repeat(45))).unwrap_err();
+    assert!(e.to_string().contains("left open"), "{e}");
+    assert!(!is_incomplete(&format!("{} x", "( ".repeat(45))));
+    assert!(classify("echo '((((((((((((((((('").is_ok());
+    assert!(classify(&format!("{}x{}", "(".repeat(20), ")".repeat(20))).is_ok());
+    assert!(is_incomplete("( cd /tmp && ls"));
     assert!(matches!(classify("ls \x1b[A"), Err(Unparsable::Binary)));
     assert!(matches!(
         classify(&"a".repeat(MAX_LEN + 1)),
