@@ -943,7 +943,7 @@ print("done")
         // Text: the same for a text-format bigint.
         "(None, 42, True)",
         // A refusal is a psycopg exception with SQLSTATE and message.
-        "55000 held for approval: AccessGrant claude-361122ad2bd3",
+        "55000 held for approval: AccessGrant claude-8d422cf948e4",
         // COPY TO STDOUT, masked line by line.
         r"['****\n', '\\N\n']",
         "[('paid',), ('paid',)]",
@@ -1022,7 +1022,7 @@ public class Agent {
         [
             "1 **** [name] **** **** **** 1111",
             "1 **** [name] **** **** **** 1111",
-            "55000 ERROR: held for approval: AccessGrant claude-abd75f7ee066",
+            "55000 ERROR: held for approval: AccessGrant claude-16670b815f07",
             "rows 2",
             "done",
         ]
