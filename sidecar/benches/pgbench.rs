@@ -124,8 +124,10 @@ async fn main() -> anyhow::Result<()> {
         .ok()
         .map(|v| v.split(',').filter_map(|c| c.parse().ok()).collect())
         .unwrap_or_else(|| vec![1, 8, 32]);
+    // The API server is the token issuer for the connection set-up figure.
     let env = TestEnv::start_async(Parts {
         postgres: true,
+        kube: true,
         ..Default::default()
     })
     .await?;
@@ -167,18 +169,42 @@ spec: {{ owner: bench, authentication: {{ serviceAccount: {{ name: bench }} }}, 
     // No policy: the Target and the identity's baseline only (the audit trail is always on).
     let bare = Gateway::start(&env, targets.path(), &target(""))?;
     // Everything on: guardrails, a MaskPolicy with value detectors, the audit trail.
-    let full = Gateway::start(
-        &env,
-        targets.path(),
-        &format!(
-            r#"{}---
+    let everything = format!(
+        r#"{}---
 apiVersion: agentgate.dev/v1alpha1
 kind: MaskPolicy
 metadata: {{ name: pii }}
 spec: {{ rules: [ {{ name: emails, detectors: [Email, CardNumber], action: Redact }} ] }}
 "#,
-            target(r#"guardrails: [ { name: no-drop, matches: ["DROP TABLE"], action: Block } ]"#)
+        target(r#"guardrails: [ { name: no-drop, matches: ["DROP TABLE"], action: Block } ]"#)
+    );
+    let full = Gateway::start(&env, targets.path(), &everything)?;
+    // Everything on, and every connection presents a token as its password (a projected
+    // service-account token, verified against the API server's issuer keys).
+    let kube = env.kube()?;
+    let admin = kube.client().await?;
+    let sas: kube::Api<k8s_openapi::api::core::v1::ServiceAccount> =
+        kube::Api::namespaced(admin.clone(), "default");
+    sas.create(
+        &Default::default(),
+        &serde_json::from_value(serde_json::json!({ "metadata": { "name": "bench" } }))?,
+    )
+    .await?;
+    let token = testenv::kube_env::sa_token(&admin, "default", "bench", Some("agentgate")).await?;
+    anyhow::ensure!(everything.contains("metadata: { name: bench }\nspec: { owner"));
+    let tokened = Gateway::start_with(
+        &env,
+        targets.path(),
+        // The identity in the service account's namespace.
+        &everything.replace(
+            "metadata: { name: bench }\nspec: { owner",
+            "metadata: { name: bench, namespace: default }\nspec: { owner",
         ),
+        &[
+            "--pg-auth=token".into(),
+            format!("--sa-issuer={}", kube.issuer()),
+            format!("--oidc-ca-file={}", kube.ca_path().display()),
+        ],
     )?;
     // PgBouncer (Debian's), the proxy users would otherwise put here: session pooling (one
     // server connection per client, as the gateway relays), verified TLS upstream.
@@ -350,7 +376,8 @@ spec: {{ rules: [ {{ name: emails, detectors: [Email, CardNumber], action: Redac
 
     // Connection set-up: a new connection per transaction (pgbench -C), select-only, simple,
     // 8 clients. The gateway's cost per connection: its TLS to PostgreSQL and SCRAM, the
-    // identity check, a session record.
+    // identity check (with a token: its signature, issuer, audience and times), a session
+    // record.
     let spec = RunSpec {
         script: "select-only",
         mode: "simple",
@@ -367,11 +394,21 @@ spec: {{ rules: [ {{ name: emails, detectors: [Email, CardNumber], action: Redac
             full.conninfo.as_str(),
             Vec::new(),
         ),
+        (
+            "agentgate, everything on, a token per connection",
+            tokened.conninfo.as_str(),
+            Vec::new(),
+        ),
     ];
     for _ in 0..rounds {
         d_runs.push(pgbench(&env, &direct, pg.password(), &spec));
-        for (_, conninfo, runs) in routes.iter_mut() {
-            runs.push(pgbench(&env, conninfo, "", &spec));
+        for (who, conninfo, runs) in routes.iter_mut() {
+            let password = if who.contains("token") {
+                token.as_str()
+            } else {
+                ""
+            };
+            runs.push(pgbench(&env, conninfo, password, &spec));
         }
     }
     let d_tps = median(d_runs.iter().map(|r| r.tps).collect());
@@ -470,13 +507,23 @@ struct Gateway {
 
 impl Gateway {
     fn start(env: &TestEnv, targets: &std::path::Path, manifests: &str) -> anyhow::Result<Self> {
+        Self::start_with(env, targets, manifests, &["--identity=bench".into()])
+    }
+
+    /// Like [`Gateway::start`], with how agents authenticate given by `auth`.
+    fn start_with(
+        env: &TestEnv,
+        targets: &std::path::Path,
+        manifests: &str,
+        auth: &[String],
+    ) -> anyhow::Result<Self> {
         let policy = tempfile::tempdir()?;
         std::fs::write(policy.path().join("p.yaml"), manifests)?;
         let port = free_port()?;
         let spec = Spec::new("sidecar", env!("CARGO_BIN_EXE_agentgate-sidecar"))
+            .args(auth.iter().cloned())
             .args([
                 format!("--policy-dir={}", policy.path().display()),
-                "--identity=bench".into(),
                 format!("--targets-dir={}", targets.display()),
                 format!("--pg-addr=127.0.0.1:{port}"),
                 "--kube-addr=127.0.0.1:0".into(),

@@ -185,6 +185,25 @@ impl PostgresEnv {
         self.url(SUPERUSER, DATABASE)
     }
 
+    /// Creates the PostgreSQL audit sink's table in database `app` as an administrator would
+    /// (`examples/audit/postgres.sql`: INSERT only for `agentgate_audit_writer`) and returns
+    /// the connection string the sidecar's `--audit-postgres` takes.
+    pub fn audit_table(&self) -> Result<String, Error> {
+        self.psql_run("app", include_str!("../../examples/audit/postgres.sql"))?;
+        self.psql_run(
+            "app",
+            &format!(
+                "ALTER ROLE agentgate_audit_writer PASSWORD '{}'",
+                self.password()
+            ),
+        )?;
+        Ok(format!(
+            "host=127.0.0.1 port={} dbname=app user=agentgate_audit_writer password={} sslmode=disable",
+            self.port(),
+            self.password()
+        ))
+    }
+
     /// Writes a Target's credentials as the sidecar reads them (the layout of the Secret
     /// mounted in a pod): `<dir>/<target>/{username,password,ca.crt}`, for role `user`.
     pub fn write_credentials(&self, dir: &Path, target: &str, user: &str) -> Result<(), Error> {

@@ -58,23 +58,6 @@ pub fn setup() -> Setup {
          GRANT SELECT ON customers TO agentgate;",
     )
     .unwrap();
-    pg.psql_run(
-        "app",
-        &std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../examples/audit/postgres.sql"
-        ))
-        .unwrap(),
-    )
-    .unwrap();
-    pg.psql_run(
-        "app",
-        &format!(
-            "ALTER ROLE agentgate_audit_writer PASSWORD '{}'",
-            pg.password()
-        ),
-    )
-    .unwrap();
     let policy = tempfile::tempdir().unwrap();
     std::fs::write(
         policy.path().join("policy.yaml"),
@@ -106,11 +89,7 @@ spec: {{ rules: [ {{ name: emails, detectors: [Email], action: Redact }} ] }}
     let targets = tempfile::tempdir().unwrap();
     pg.write_credentials(targets.path(), "db", "agentgate")
         .unwrap();
-    let sink = format!(
-        "host=127.0.0.1 port={} dbname=app user=agentgate_audit_writer password={} sslmode=disable",
-        pg.port(),
-        pg.password()
-    );
+    let sink = pg.audit_table().unwrap();
     let audit_dir = env.dir().join("audit");
     Setup {
         env,

@@ -773,8 +773,35 @@ pub async fn mutate(
             ),
         );
     };
+    // The reads are independent: made at once, the admission waits for the slowest, not
+    // for their sum. Each is the same read as on its own (the identity consistent, the lists
+    // from the API server's watch cache, the Secrets' labels consistent).
+    let referenced: BTreeSet<String> = pod
+        .spec
+        .iter()
+        .flat_map(|s| {
+            s.containers
+                .iter()
+                .chain(s.init_containers.iter().flatten())
+        })
+        .filter(|c| c.name != SIDECAR)
+        .flat_map(|c| secrets_referenced(&pod, c))
+        .collect();
     let ids: Api<AgentIdentity> = Api::namespaced(ctx.client.clone(), &ns);
-    let id = match ids.get_opt(identity).await {
+    let targets: Api<Target> = Api::namespaced(ctx.client.clone(), &ns);
+    let policies: Api<MaskPolicy> = Api::namespaced(ctx.client.clone(), &ns);
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let cached = from_cache();
+    let (id, targets, policies, labelled) = futures::join!(
+        ids.get_opt(identity),
+        targets.list(&cached),
+        policies.list(&cached),
+        futures::future::join_all(referenced.iter().map(|name| {
+            let secrets = &secrets;
+            async move { (name, secrets.get_metadata_opt(name).await) }
+        })),
+    );
+    let id = match id {
         Ok(Some(id)) => id,
         Ok(None) => {
             return deny(
@@ -789,27 +816,14 @@ pub async fn mutate(
             );
         }
     };
-    let targets: Api<Target> = Api::namespaced(ctx.client.clone(), &ns);
-    let targets = match targets.list(&from_cache()).await {
+    let targets = match targets {
         Ok(l) => l.items,
         Err(e) => return deny(req, format!("cannot list Targets (failing closed): {e}")),
     };
     // Secrets labelled sensitive among those the agent containers reference.
     let mut sensitive = BTreeSet::new();
-    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(ctx.client.clone(), &ns);
-    let referenced: BTreeSet<String> = pod
-        .spec
-        .iter()
-        .flat_map(|s| {
-            s.containers
-                .iter()
-                .chain(s.init_containers.iter().flatten())
-        })
-        .filter(|c| c.name != SIDECAR)
-        .flat_map(|c| secrets_referenced(&pod, c))
-        .collect();
-    for name in referenced {
-        match secrets.get_metadata_opt(&name).await {
+    for (name, meta) in labelled {
+        match meta {
             Ok(Some(m)) => {
                 if m.metadata
                     .labels
@@ -818,7 +832,7 @@ pub async fn mutate(
                     .map(String::as_str)
                     == Some("true")
                 {
-                    sensitive.insert(name);
+                    sensitive.insert(name.clone());
                 }
             }
             Ok(None) => {}
@@ -830,8 +844,7 @@ pub async fn mutate(
             }
         }
     }
-    let policies: Api<MaskPolicy> = Api::namespaced(ctx.client.clone(), &ns);
-    let mask_keys: BTreeSet<String> = match policies.list(&from_cache()).await {
+    let mask_keys: BTreeSet<String> = match policies {
         Ok(l) => l
             .items
             .iter()
