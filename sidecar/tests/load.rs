@@ -7,6 +7,8 @@
 #![allow(clippy::expect_used)]
 
 // (The bench reads the memory samples; this test does not.)
+#[path = "support/fixtures.rs"]
+mod fixtures;
 #[allow(dead_code)]
 #[path = "support/load.rs"]
 mod load;

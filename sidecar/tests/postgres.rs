@@ -3,6 +3,9 @@
 
 #![allow(clippy::expect_used)]
 
+#[path = "support/fixtures.rs"]
+mod fixtures;
+
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -20,21 +23,7 @@ struct Gateway {
 
 fn policy(pg_port: u16) -> String {
     format!(
-        r#"
-apiVersion: agentgate.dev/v1alpha1
-kind: Target
-metadata: {{ name: orders-db }}
-spec:
-  protocol: Postgres
-  postgres:
-    host: 127.0.0.1
-    port: {pg_port}
-    database: app
-    tls: {{ mode: VerifyFull, ca: {{ name: pg, key: ca.crt }} }}
-    credentials: {{ name: orders-db-credentials }}
-  guardrails:
-    - {{ name: no-drop-table, matches: ["DROP TABLE"], action: Block, message: dropping tables is never allowed for agents }}
----
+        r#"{}---
 apiVersion: agentgate.dev/v1alpha1
 kind: Target
 metadata: {{ name: md5-db }}
@@ -60,7 +49,8 @@ spec:
     - {{ name: names, columns: ["public.customers.name"], action: Redact, replacement: "[name]" }}
     - {{ name: emails, detectors: [Email], action: Redact }}
     - {{ name: cards, detectors: [CardNumber], action: Partial, keepLast: 4 }}
-"#
+"#,
+        fixtures::orders_db(pg_port)
     )
 }
 

@@ -78,20 +78,7 @@ impl Report {
 
 fn policy(pg_port: u16) -> String {
     format!(
-        r#"apiVersion: agentgate.dev/v1alpha1
-kind: Target
-metadata: {{ name: orders-db }}
-spec:
-  protocol: Postgres
-  postgres:
-    host: 127.0.0.1
-    port: {pg_port}
-    database: app
-    tls: {{ mode: VerifyFull, ca: {{ name: pg, key: ca.crt }} }}
-    credentials: {{ name: orders-db-credentials }}
-  guardrails:
-    - {{ name: no-drop-table, matches: ["DROP TABLE"], action: Block, message: dropping tables is never allowed for agents }}
----
+        r#"{}---
 apiVersion: agentgate.dev/v1alpha1
 kind: AgentIdentity
 metadata: {{ name: claude }}
@@ -107,7 +94,8 @@ metadata: {{ name: pii }}
 spec:
   rules:
     - {{ name: emails, detectors: [Email], action: Redact }}
-"#
+"#,
+        crate::fixtures::orders_db(pg_port)
     )
 }
 
