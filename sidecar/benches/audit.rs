@@ -321,7 +321,7 @@ async fn per_sink() {
     testenv::install_crds(&admin).await.unwrap();
     kube.kubectl_run(&["create", "namespace", "agents"])
         .unwrap();
-    let collector = testenv::OtelCollector::start(&env.dir().join("otel")).unwrap();
+    let collector = testenv::OtelCollector::start_counting(&env.dir().join("otel")).unwrap();
     let (webhook, webhook_count) = webhook_receiver().await;
 
     let names = ["file", "postgres", "otlp", "webhook", "agentsessions"];

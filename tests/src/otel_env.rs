@@ -90,10 +90,22 @@ impl OtelCollector {
     /// a free loopback port; returns once it accepts OTLP/HTTP requests. Its logs go to
     /// `dir/otelcol-<run>.log`.
     pub fn start(dir: &Path) -> Result<Self, Error> {
+        Self::start_with(dir, "detailed")
+    }
+
+    /// Like [`OtelCollector::start`], but the collector logs only how many records each
+    /// batch had (the debug exporter's `basic` verbosity): for benchmarks, where printing
+    /// every record would measure the collector's logging. [`OtelCollector::received_log_records`]
+    /// works; [`OtelCollector::received_logs_text`] has no records to show.
+    pub fn start_counting(dir: &Path) -> Result<Self, Error> {
+        Self::start_with(dir, "basic")
+    }
+
+    fn start_with(dir: &Path, verbosity: &str) -> Result<Self, Error> {
         let bin = binary()?;
         mkdir(dir)?;
         let port = process::free_port()?;
-        write(&dir.join("otelcol.yaml"), &config(port))?;
+        write(&dir.join("otelcol.yaml"), &config(port, verbosity))?;
         let mut collector = Self {
             proc: None,
             bin,
@@ -250,7 +262,9 @@ fn proc_log_ready(dir: &Path, run: usize) -> bool {
 
 /// The collector's configuration: OTLP/HTTP in, logs to the debug exporter, no other port
 /// (its own metrics endpoint, on 8888 by default, is off so that collectors run in parallel).
-fn config(port: u16) -> String {
+/// The collector's configuration. Its own log is not sampled (the default drops most lines
+/// after ten a second), so the debug exporter's lines count every record received.
+fn config(port: u16, verbosity: &str) -> String {
     format!(
         "receivers:
   otlp:
@@ -259,13 +273,17 @@ fn config(port: u16) -> String {
         endpoint: 127.0.0.1:{port}
 exporters:
   debug:
-    verbosity: detailed
+    verbosity: {verbosity}
+    sampling_initial: 1000000000
+    sampling_thereafter: 1
 service:
   telemetry:
     metrics:
       level: none
     logs:
       encoding: json
+      sampling:
+        enabled: false
   pipelines:
     logs:
       receivers: [otlp]
