@@ -34,7 +34,8 @@ fn main() {
     let report = rt
         .block_on(load::run(connections, Duration::from_secs(secs)))
         .expect("the load run");
-    let warm = (secs as f64 / 10.0).min(60.0);
+    // After the first minute (half a shorter run): caches and the allocator have settled.
+    let warm = (secs as f64 / 2.0).min(60.0);
     let after_warmup = report.rss_at(warm).unwrap_or(0);
     let end = report.rss.last().map_or(0, |(_, kb)| *kb);
     let ratio = end as f64 / after_warmup.max(1) as f64;
