@@ -192,6 +192,43 @@ async fn grant_lifecycle_in_real_time() -> anyhow::Result<()> {
         cluster.operator_log(0)
     );
 
+    // Deleting an identity revokes its grants (the grant controller re-evaluates them on the
+    // deletion, though it ignores the identity's status updates).
+    apply(&admin, json!({ "apiVersion": "agentgate.dev/v1alpha1", "kind": "AgentIdentity",
+        "metadata": { "name": "gemini" },
+        "spec": { "owner": "team-orders", "authentication": { "serviceAccount": { "name": "gemini" } },
+            "approvers": { "groups": ["agentgate-approvers"] }, "maxGrantDuration": "1h" } }))
+    .await?;
+    request(&bob, "before-delete", "gemini", "30m", json!({})).await?;
+    patch_spec(
+        &alice,
+        "before-delete",
+        json!({ "decision": { "verdict": "Approve" } }),
+    )
+    .await?;
+    wait_phase(
+        &admin,
+        "before-delete",
+        GrantPhase::Active,
+        Duration::from_secs(5),
+    )
+    .await?;
+    Api::<agentgate_crds::AgentIdentity>::namespaced(admin.clone(), NS)
+        .delete("gemini", &DeleteParams::default())
+        .await?;
+    let (g, _) = wait_phase(
+        &admin,
+        "before-delete",
+        GrantPhase::Revoked,
+        Duration::from_secs(5),
+    )
+    .await?;
+    let message = g.status.and_then(|s| s.message).unwrap_or_default();
+    assert!(
+        message.contains("AgentIdentity gemini does not exist"),
+        "{message}"
+    );
+
     // Disabling the identity revokes its grants.
     request(&bob, "before-disable", "claude", "30m", json!({})).await?;
     patch_spec(

@@ -6,18 +6,19 @@
 //! the next transition is due (the end of the pending TTL, or `expiresAt`). Because the state
 //! is derived from the spec and the clock, a restarted operator catches up at once.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use agentgate_crds::lifecycle::evaluate;
 use agentgate_crds::{AccessGrant, AgentIdentity, GrantPhase};
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use jiff::Timestamp;
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 
 use super::{Context, error_policy};
 use crate::error::{Error, Result};
@@ -92,6 +93,35 @@ async fn apply(grant: &AccessGrant, ctx: &Context) -> Result<Action> {
     })
 }
 
+/// The identities from `events` that were added, deleted, or whose spec changed (a new
+/// `metadata.generation` or uid). A status update (the identity controller's list of active
+/// grants changes with every grant) would otherwise re-evaluate every grant of the identity
+/// each time one of them changes phase: 1,000 grants expiring over a minute made a million
+/// reconciles, and expiries waited behind them.
+fn spec_changes(
+    events: impl futures::Stream<Item = Result<watcher::Event<AgentIdentity>, watcher::Error>>
+    + Send
+    + 'static,
+) -> impl futures::Stream<Item = Result<AgentIdentity, watcher::Error>> + Send + 'static {
+    // uid and generation last seen, by identity.
+    let mut seen: HashMap<ObjectRef<AgentIdentity>, (Option<String>, Option<i64>)> = HashMap::new();
+    events.default_backoff().try_filter_map(move |event| {
+        let changed = match event {
+            watcher::Event::Apply(id) | watcher::Event::InitApply(id) => {
+                let key = ObjectRef::from_obj(&id);
+                let version = (id.metadata.uid.clone(), id.metadata.generation);
+                (seen.insert(key, version.clone()) != Some(version)).then_some(id)
+            }
+            watcher::Event::Delete(id) => {
+                seen.remove(&ObjectRef::from_obj(&id));
+                Some(id)
+            }
+            watcher::Event::Init | watcher::Event::InitDone => None,
+        };
+        futures::future::ready(Ok(changed))
+    })
+}
+
 /// Runs the AccessGrant controller until `shutdown` resolves.
 pub async fn run(
     ctx: Arc<Context>,
@@ -102,10 +132,11 @@ pub async fn run(
     let controller = Controller::new(grants, watcher::Config::default());
     let store = controller.store();
     controller
-        // A change to an identity (disabled, deleted) re-evaluates its grants.
-        .watches(
-            identities,
-            watcher::Config::default(),
+        // A change to an identity's spec (disabled, max duration) or its deletion re-evaluates
+        // its grants; its status (which lists its active grants, so changes with each of them)
+        // does not.
+        .watches_stream(
+            spec_changes(watcher(identities, watcher::Config::default())),
             move |id: AgentIdentity| {
                 let ns = id.namespace();
                 let name = id.name_any();
