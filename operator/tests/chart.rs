@@ -102,7 +102,7 @@ async fn the_chart_installs_upgrades_and_its_rbac_is_all_the_operator_needs() ->
         helm(
             &[
                 &["template", "agentgate", chart, "-n", OPERATOR_NS],
-                &["--kube-version", &kube_version][..],
+                &["--kube-version", &kube_version, "--include-crds"][..],
                 &values[..],
             ]
             .concat(),

@@ -271,9 +271,9 @@ async fn demo_steps(
         .env("HELM_CACHE_HOME", dir.join("helm/cache"))
         .env("HELM_CONFIG_HOME", dir.join("helm/config"))
         .env("HELM_DATA_HOME", dir.join("helm/data"))
-        // --take-ownership: CRDs kept from an earlier install (or applied by hand) join
-        // the release instead of failing it.
-        .args(["install", "agentgate", "--take-ownership"])
+        // The CRDs come from the chart's crds/: Helm waits for them before the rest, and
+        // leaves CRDs kept from an earlier install (or applied by hand) as they are.
+        .args(["install", "agentgate"])
         .arg(&chart)
         .args(["-n", SYSTEM, "--create-namespace"])
         .arg("--set")
@@ -282,7 +282,7 @@ async fn demo_steps(
         .arg(format!("defaults.namespaces={{{NS}}}")))?;
     ensure_ok("helm install", &out)?;
     println!(
-        "\x1b[2m$ helm install agentgate charts/agentgate --take-ownership -n {SYSTEM} --create-namespace --set defaults.namespaces={{{NS}}}\x1b[0m"
+        "\x1b[2m$ helm install agentgate charts/agentgate -n {SYSTEM} --create-namespace --set defaults.namespaces={{{NS}}}\x1b[0m"
     );
     for line in String::from_utf8_lossy(&out.stdout)
         .lines()

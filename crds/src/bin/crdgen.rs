@@ -1,5 +1,5 @@
 //! Writes the CustomResourceDefinitions generated from the types into `crds/manifests/`
-//! (and into the Helm chart's `files/crds/`, which its `crds.yaml` template includes), the
+//! (and into the Helm chart's `crds/`, which Helm installs and waits for before the rest), the
 //! audit record's JSON Schema, and the API reference `docs/crd-reference.md`.
 //!
 //! Usage: `cargo run -p agentgate-crds --features crdgen --bin crdgen [-- --check]`.
@@ -30,7 +30,7 @@ fn main() -> ExitCode {
     let check = std::env::args().any(|a| a == "--check");
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut dirs: Vec<PathBuf> = vec![root.join("manifests")];
-    let chart = root.join("../charts/agentgate/files/crds");
+    let chart = root.join("../charts/agentgate/crds");
     if root.join("../charts/agentgate/Chart.yaml").is_file() {
         dirs.push(chart);
     }
