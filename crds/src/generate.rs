@@ -23,6 +23,13 @@ pub enum GenerateError {
     Serialize(String),
 }
 
+/// The labels every CRD carries, so `kubectl get crd -l app.kubernetes.io/name=agentgate`
+/// finds them however they were installed (Helm's `crds/`, `kubectl apply`).
+pub const CRD_LABELS: [(&str, &str); 2] = [
+    ("app.kubernetes.io/name", "agentgate"),
+    ("app.kubernetes.io/part-of", "agentgate"),
+];
+
 /// Every CustomResourceDefinition of the API, in a stable order, with descriptions reflowed
 /// for `kubectl explain`.
 pub fn crds() -> Vec<CustomResourceDefinition> {
@@ -34,6 +41,10 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
         AgentSession::crd(),
     ];
     for crd in &mut crds {
+        let labels = crd.metadata.labels.get_or_insert_with(Default::default);
+        for (k, v) in CRD_LABELS {
+            labels.insert(k.to_owned(), v.to_owned());
+        }
         for version in &mut crd.spec.versions {
             if let Some(schema) = version
                 .schema
