@@ -11,7 +11,7 @@
 
 use std::sync::OnceLock;
 
-use agentgate_sidecar::gateway::kube::list::{Splitter, Step};
+use agentgate_sidecar::gateway::kube::list::{ListError, Splitter, Step};
 use agentgate_sidecar::gateway::kube::mask::{Masker, SECRET_REPLACEMENT};
 use agentgate_sidecar::gateway::postgres::backend::{self, ErrorFields};
 use agentgate_sidecar::gateway::postgres::data_row::{self, Formats};
@@ -500,7 +500,8 @@ fn check_fields(item: &Value) {
 
 /// A list response streamed through the list splitter in chunks (the first byte sets their
 /// size), each item masked. When the splitter takes the document as a list, what it sends
-/// is valid JSON again and no Secret item's value passes in clear.
+/// is valid JSON again and no Secret item's value passes in clear; and each item, masked
+/// from its text (only the fields masking reads parsed), is exactly the item masked whole.
 pub fn kube_list(data: &[u8]) {
     let Some((&chunk, rest)) = data.split_first() else {
         return;
@@ -508,14 +509,37 @@ pub fn kube_list(data: &[u8]) {
     let chunk = usize::from(chunk).max(1);
     let mut s = Splitter::new();
     let mut out = Vec::new();
-    let mut mask = |item: &mut Value, kind: &(String, String)| {
-        let mut m = Masker {
-            masks: mask_set(),
-            reveal_secrets: false,
-            hint: None,
-            counts: Default::default(),
+    let masker = || Masker {
+        masks: mask_set(),
+        reveal_secrets: false,
+        hint: None,
+        counts: Default::default(),
+    };
+    let mut mask = |raw: &[u8], kind: &(String, String), out: &mut Vec<u8>| {
+        let start = out.len();
+        let mut lazily = masker();
+        lazily
+            .item_json(raw, &kind.0, &kind.1, out)
+            .map_err(|_| ListError::Invalid("an item does not parse"))?;
+        let item: Value = serde_json::from_slice(raw).expect("a masked item parsed");
+        let api = if kind.0.is_empty() {
+            "v1".to_owned()
+        } else {
+            format!("{}/v1", kind.0)
         };
-        m.item(item, &kind.0, &kind.1);
+        let mut whole = serde_json::json!({"kind": format!("{}List", kind.1), "apiVersion": api, "items": [item]});
+        let mut m = masker();
+        m.document(&mut whole);
+        let lazy: Value = serde_json::from_slice(&out[start..]).expect("a masked item is JSON");
+        assert_eq!(
+            lazy, whole["items"][0],
+            "an item masked from its text differs"
+        );
+        assert_eq!(
+            lazily.counts, m.counts,
+            "an item masked from its text counts otherwise"
+        );
+        Ok(())
     };
     for piece in rest.chunks(chunk) {
         match s.feed(piece, &mut mask) {

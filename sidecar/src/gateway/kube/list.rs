@@ -12,6 +12,11 @@ use serde_json::Value;
 /// The longest head (type and list metadata) or single item accepted.
 const MAX_PART: usize = 64 << 20;
 
+/// Writes one item (its JSON text) masked to the output, given the list's item kind (group,
+/// kind).
+pub type MaskItem<'a> =
+    dyn FnMut(&[u8], &(String, String), &mut Vec<u8>) -> Result<(), ListError> + 'a;
+
 /// What the splitter made of the bytes so far.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Step {
@@ -82,27 +87,35 @@ impl Splitter {
         self.items
     }
 
-    /// Feeds bytes; `mask` masks one item in place.
-    pub fn feed(
-        &mut self,
-        bytes: &[u8],
-        mask: &mut dyn FnMut(&mut Value, &(String, String)),
-    ) -> Result<Step, ListError> {
+    /// Feeds bytes; `mask` writes one item (its JSON text), masked, to the output.
+    pub fn feed(&mut self, bytes: &[u8], mask: &mut MaskItem<'_>) -> Result<Step, ListError> {
         self.buf.extend_from_slice(bytes);
         let mut out = Vec::new();
+        // What was passed (dropped from `buf` once, at the end).
+        let mut consumed = 0;
         while self.pos < self.buf.len() {
-            let b = self.buf[self.pos];
             if self.in_string {
                 if self.escaped {
                     self.escaped = false;
-                } else if b == b'\\' {
-                    self.escaped = true;
-                } else if b == b'"' {
-                    self.in_string = false;
+                    self.pos += 1;
+                    continue;
                 }
-                self.pos += 1;
+                // Straight to the string's next quote or backslash.
+                match memchr::memchr2(b'"', b'\\', &self.buf[self.pos..]) {
+                    Some(i) => {
+                        self.pos += i;
+                        if self.buf[self.pos] == b'"' {
+                            self.in_string = false;
+                        } else {
+                            self.escaped = true;
+                        }
+                        self.pos += 1;
+                    }
+                    None => self.pos = self.buf.len(),
+                }
                 continue;
             }
+            let b = self.buf[self.pos];
             match (&self.state, b) {
                 (State::Between | State::Tail, b'"') => {
                     return Err(ListError::Invalid("an item is not an object"));
@@ -132,20 +145,14 @@ impl Splitter {
                     self.depth = self.depth.saturating_sub(1);
                     if self.depth == 0 {
                         let start = *start;
-                        let mut item: Value =
-                            serde_json::from_slice(&self.buf[start..=self.pos])
-                                .map_err(|_| ListError::Invalid("an item does not parse"))?;
-                        mask(&mut item, &self.item_kind);
                         if self.items > 0 {
                             out.push(b',');
                         }
-                        serde_json::to_writer(&mut out, &item)
-                            .map_err(|_| ListError::Invalid("an item does not serialize"))?;
+                        mask(&self.buf[start..=self.pos], &self.item_kind, &mut out)?;
                         self.items += 1;
                         self.state = State::Between;
-                        // What was passed is dropped.
-                        self.buf.drain(..=self.pos);
-                        self.pos = 0;
+                        self.pos += 1;
+                        consumed = self.pos;
                         continue;
                     }
                 }
@@ -198,11 +205,15 @@ impl Splitter {
                     .map_or("", |(g, _)| g);
                 self.item_kind = (group.to_owned(), item.to_owned());
                 out.extend_from_slice(head);
-                self.buf.drain(..self.pos);
-                self.pos = 0;
+                consumed = self.pos;
                 self.state = State::Between;
                 self.depth = 1;
             }
+        }
+        self.buf.drain(..consumed);
+        self.pos -= consumed;
+        if let State::Item { start } = &mut self.state {
+            *start -= consumed;
         }
         if self.buf.len() > MAX_PART {
             return Err(ListError::Invalid("one part is too long"));
@@ -224,12 +235,15 @@ mod tests {
     fn run(doc: &str, chunk: usize) -> Result<(String, u64), String> {
         let mut s = Splitter::new();
         let mut out = Vec::new();
-        let mut mask = |v: &mut Value, kind: &(String, String)| {
+        let mut mask = |raw: &[u8], kind: &(String, String), out: &mut Vec<u8>| {
+            let mut v: Value = serde_json::from_slice(raw)
+                .map_err(|_| ListError::Invalid("an item does not parse"))?;
             if let Some(d) = v.get_mut("data").and_then(Value::as_object_mut) {
                 for x in d.values_mut() {
                     *x = Value::String(format!("masked-{}", kind.1));
                 }
             }
+            serde_json::to_writer(out, &v).map_err(|_| ListError::Invalid("no output"))
         };
         for c in doc.as_bytes().chunks(chunk) {
             match s.feed(c, &mut mask) {

@@ -10,10 +10,12 @@
 //!   patterns.
 //! - MaskPolicy `kubernetes` rules: the listed paths of the listed kinds, whole.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::mask::{MaskSet, Masked};
@@ -103,27 +105,109 @@ impl Masker<'_> {
         self.object(v, &group, &kind);
     }
 
-    /// Masks one item of a list of `group`/`kind` objects.
-    pub fn item(&mut self, obj: &mut Value, group: &str, kind: &str) {
-        self.object(obj, group, kind);
+    /// Masks one item of a list of `group`/`kind` objects, given as its JSON text, into
+    /// `out`. Only what masking reads is parsed (the kind, `data`, `stringData`,
+    /// `binaryData`, the annotations, fields that may hold an `env`, and the heads of policy
+    /// paths); everything else (`managedFields`, `status`, …) is copied as it came. An item
+    /// of another shape is masked whole.
+    pub fn item_json(
+        &mut self,
+        raw: &[u8],
+        group: &str,
+        kind: &str,
+        out: &mut Vec<u8>,
+    ) -> Result<(), serde_json::Error> {
+        let Some(mut lazy) = self.lazy_item(raw, group, kind)? else {
+            let mut v: Value = serde_json::from_slice(raw)?;
+            self.object(&mut v, group, kind);
+            return serde_json::to_writer(out, &v);
+        };
+        self.object(&mut lazy.parsed, group, kind);
+        lazy.write(out)
+    }
+
+    /// The fields of an item that masking reads, parsed; `None` when the item must be
+    /// parsed whole (not an object, a `metadata` that is not one, a policy path from `*`).
+    fn lazy_item<'r>(
+        &self,
+        raw: &'r [u8],
+        group: &str,
+        kind: &str,
+    ) -> Result<Option<LazyObject<'r>>, serde_json::Error> {
+        let Ok(fields) = serde_json::from_slice::<RawFields<'r>>(raw) else {
+            return Ok(None);
+        };
+        let mut parsed = Map::new();
+        for k in ["kind", "apiVersion"] {
+            if let Some(r) = fields.get(k) {
+                parsed.insert(k.to_owned(), serde_json::from_str(r.get())?);
+            }
+        }
+        let mut parsed = Value::Object(parsed);
+        let (g, k) = self.resolve(&parsed, group, kind);
+        let paths = self.masks.kube_paths(&g, &k);
+        let heads: Vec<&str> = paths
+            .iter()
+            .map(|(_, p)| p.split('.').next().unwrap_or(""))
+            .collect();
+        if heads.contains(&"*") {
+            return Ok(None);
+        }
+        let mut metadata = None;
+        let Some(map) = parsed.as_object_mut() else {
+            return Ok(None);
+        };
+        for (name, r) in fields.unique() {
+            let text = r.get();
+            let parse = match name {
+                "kind" | "apiVersion" => false,
+                // The annotations only (the last-applied copy; where the masked-fields note
+                // goes), unless a policy path reads metadata.
+                "metadata" if !heads.contains(&"metadata") => {
+                    let Ok(meta) = serde_json::from_str::<RawFields<'r>>(text) else {
+                        return Ok(None);
+                    };
+                    let mut m = Map::new();
+                    if let Some(a) = meta.get("annotations") {
+                        m.insert("annotations".to_owned(), serde_json::from_str(a.get())?);
+                    }
+                    map.insert(name.to_owned(), Value::Object(m));
+                    metadata = Some(meta);
+                    false
+                }
+                "data" | "stringData" | "binaryData" => true,
+                // `env` can only be under a field whose text names it (a key with an escape
+                // in it is parsed too).
+                other => heads.contains(&other) || text.contains("\"env\"") || text.contains("\\u"),
+            };
+            if parse {
+                map.insert(name.to_owned(), serde_json::from_str(text)?);
+            }
+        }
+        Ok(Some(LazyObject {
+            fields,
+            metadata,
+            parsed,
+        }))
+    }
+
+    /// The group and kind an object is masked as: its own, else the request's (for
+    /// metadata-only objects: `Table` rows, `as=PartialObjectMetadata`), else the hint.
+    fn resolve(&self, obj: &Value, group: &str, kind: &str) -> (String, String) {
+        let own_kind = obj.get("kind").and_then(Value::as_str);
+        let own_group = obj.get("apiVersion").and_then(Value::as_str).map(group_of);
+        let partial = |k: &str| k.starts_with("PartialObjectMetadata");
+        match (own_kind, own_group) {
+            (Some(k), Some(g)) if !partial(k) => (g.to_owned(), k.to_owned()),
+            _ if !kind.is_empty() && !partial(kind) => (group.to_owned(), kind.to_owned()),
+            _ => self.hint.clone().unwrap_or_default(),
+        }
     }
 
     /// Masks one object of `group`/`kind` (either may be empty: the object's own or the
     /// request's are used).
     fn object(&mut self, obj: &mut Value, group: &str, kind: &str) {
-        let own_kind = obj.get("kind").and_then(Value::as_str).map(str::to_owned);
-        let own_group = obj
-            .get("apiVersion")
-            .and_then(Value::as_str)
-            .map(|v| group_of(v).to_owned());
-        // Metadata-only objects (`Table` rows, `as=PartialObjectMetadata`) are of the kind the
-        // request is about.
-        let partial = |k: &str| k.starts_with("PartialObjectMetadata");
-        let (group, kind) = match (own_kind, own_group) {
-            (Some(k), Some(g)) if !partial(&k) => (g, k),
-            _ if !kind.is_empty() && !partial(kind) => (group.to_owned(), kind.to_owned()),
-            _ => self.hint.clone().unwrap_or_default(),
-        };
+        let (group, kind) = self.resolve(obj, group, kind);
         let mut masked_fields: Vec<&str> = Vec::new();
         if group.is_empty() && kind == "Secret" && !self.reveal_secrets {
             let replaced = B64.encode(SECRET_REPLACEMENT);
@@ -339,6 +423,137 @@ fn at_path(v: &mut Value, parts: &[&str], f: &mut dyn FnMut(&mut Value)) {
     }
 }
 
+/// An object's fields as they arrived, in order, names borrowed where they have no escapes.
+struct RawFields<'r>(Vec<(Cow<'r, str>, &'r RawValue)>);
+
+impl<'r> RawFields<'r> {
+    /// A field's raw value (of a repeated name, the last: as when parsed whole).
+    fn get(&self, name: &str) -> Option<&'r RawValue> {
+        self.0
+            .iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| *v)
+    }
+
+    /// The fields, each name once (its last value).
+    fn unique(&self) -> impl Iterator<Item = (&str, &'r RawValue)> {
+        self.0.iter().enumerate().filter_map(|(i, (k, v))| {
+            (!self.0[i + 1..].iter().any(|(later, _)| later == k)).then_some((k.as_ref(), *v))
+        })
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for RawFields<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Name<'a>(Cow<'a, str>);
+        impl<'de> serde::Deserialize<'de> for Name<'de> {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct V;
+                impl<'de> serde::de::Visitor<'de> for V {
+                    type Value = Name<'de>;
+                    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                        f.write_str("a field name")
+                    }
+                    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Name<'de>, E> {
+                        Ok(Name(Cow::Borrowed(v)))
+                    }
+                    fn visit_str<E>(self, v: &str) -> Result<Name<'de>, E> {
+                        Ok(Name(Cow::Owned(v.to_owned())))
+                    }
+                }
+                d.deserialize_str(V)
+            }
+        }
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RawFields<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<RawFields<'de>, A::Error> {
+                let mut fields = Vec::with_capacity(map.size_hint().unwrap_or(8));
+                while let Some((Name(k), v)) = map.next_entry::<Name<'de>, &'de RawValue>()? {
+                    fields.push((k, v));
+                }
+                Ok(RawFields(fields))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// An item parsed only where masking reads it.
+struct LazyObject<'r> {
+    /// Every field, as it arrived.
+    fields: RawFields<'r>,
+    /// `metadata`'s fields as they arrived, when only its annotations were parsed.
+    metadata: Option<RawFields<'r>>,
+    /// The fields masking reads, parsed (and then masked); they replace the raw ones.
+    parsed: Value,
+}
+
+impl LazyObject<'_> {
+    /// Writes the item: parsed fields as masked, the rest as it came, in the order it came.
+    fn write(&self, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
+        let Value::Object(parsed) = &self.parsed else {
+            return serde_json::to_writer(out, &self.parsed);
+        };
+        merge(
+            &self.fields,
+            parsed,
+            out,
+            &mut |key, value, out| match (key, value, &self.metadata) {
+                ("metadata", Value::Object(m), Some(raw)) => {
+                    merge(raw, m, out, &mut |_, v, out| serde_json::to_writer(out, v))
+                }
+                (_, v, _) => serde_json::to_writer(out, v),
+            },
+        )
+    }
+}
+
+/// Writes one parsed field's value (given its name).
+type WriteField<'a> = dyn FnMut(&str, &Value, &mut Vec<u8>) -> Result<(), serde_json::Error> + 'a;
+
+/// Writes an object of `raw`'s fields, those in `parsed` written by `write` instead, then
+/// those `parsed` adds.
+fn merge(
+    raw: &RawFields<'_>,
+    parsed: &Map<String, Value>,
+    out: &mut Vec<u8>,
+    write: &mut WriteField<'_>,
+) -> Result<(), serde_json::Error> {
+    out.push(b'{');
+    let mut first = true;
+    let mut field = |key: &str, out: &mut Vec<u8>| -> Result<(), serde_json::Error> {
+        if !std::mem::take(&mut first) {
+            out.push(b',');
+        }
+        serde_json::to_writer(&mut *out, key)?;
+        out.push(b':');
+        Ok(())
+    };
+    for (key, r) in raw.unique() {
+        field(key, out)?;
+        match parsed.get(key) {
+            Some(v) => write(key, v, out)?,
+            None => out.extend_from_slice(r.get().as_bytes()),
+        }
+    }
+    for (key, v) in parsed {
+        if raw.get(key).is_none() {
+            field(key, out)?;
+            write(key, v, out)?;
+        }
+    }
+    out.push(b'}');
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -425,5 +640,74 @@ mod tests {
             widget["metadata"]["annotations"][MASKED_ANNOTATION],
             "policy"
         );
+    }
+
+    #[test]
+    fn list_items_parsed_lazily_mask_exactly_as_parsed_whole() {
+        let policy = masks(
+            "apiVersion: agentgate.dev/v1alpha1\nkind: MaskPolicy\nmetadata: {name: pii}\nspec:\n  rules:\n  - {name: emails, detectors: [Email], action: Redact}\n  - name: tokens\n    kubernetes: [{kind: Widget, apiGroup: example.com, paths: [spec.token, metadata.labels.owner]}, {kind: Gadget, apiGroup: '*', paths: ['*.key']}]\n    action: Partial\n    keepLast: 2\n",
+        );
+        let applied =
+            r#"{\"apiVersion\":\"v1\",\"data\":{\"pw\":\"aHVudGVyMg==\"},\"kind\":\"Secret\"}"#;
+        let items = [
+            // Secrets: data, stringData, the last-applied copy; with and without metadata.
+            format!(
+                r#"{{"kind":"Secret","apiVersion":"v1","metadata":{{"name":"s","managedFields":[{{"manager":"m","fieldsV1":{{"f:data":{{}}}}}}],"annotations":{{"kubectl.kubernetes.io/last-applied-configuration":"{applied}","a":"b"}}}},"data":{{"pw":"aHVudGVyMg=="}},"stringData":{{"x":"y"}},"type":"Opaque"}}"#
+            ),
+            r#"{"kind":"Secret","apiVersion":"v1","data":{"pw":"aHVudGVyMg=="}}"#.to_owned(),
+            r#"{"kind":"Secret","apiVersion":"v1","metadata":{"name":"empty"},"data":{}}"#
+                .to_owned(),
+            // ConfigMaps: detectors on data and binaryData, numbers kept as they came.
+            r#"{"kind":"ConfigMap","apiVersion":"v1","metadata":{"name":"c","resourceVersion":"1e3","labels":{"n":"1"}},"data":{"owner":"ops: alice@example.com","n":"3"},"binaryData":{"b":"Ym9iQGV4YW1wbGUuY29t"}}"#.to_owned(),
+            r#"{"kind":"ConfigMap","apiVersion":"v1","metadata":{"name":"clean"},"data":{"n":"3"}}"#.to_owned(),
+            // env values under any field; a key spelled with an escape.
+            r#"{"kind":"Deployment","apiVersion":"apps/v1","metadata":{"name":"d"},"spec":{"template":{"spec":{"containers":[{"name":"x","env":[{"name":"A","value":"root@example.com"}]}]}}},"status":{"replicas":1}}"#.to_owned(),
+            r#"{"kind":"Pod","apiVersion":"v1","metadata":{"name":"p"},"spec":{"containers":[{"\u0065nv":[{"name":"A","value":"eve@example.com"}]}]}}"#.to_owned(),
+            r#"{"kind":"Pod","apiVersion":"v1","metadata":{"name":"p"},"spec":{"containers":[{"name":"x","env":[{"name":"A","value":"1"}]}]}}"#.to_owned(),
+            // Policy paths: one from metadata, one from any field.
+            r#"{"kind":"Widget","apiVersion":"example.com/v1","metadata":{"name":"w","labels":{"owner":"abcdef"}},"spec":{"token":"123456"}}"#.to_owned(),
+            r#"{"kind":"Gadget","apiVersion":"other.io/v1","spec":{"key":"123456"},"status":{"key":"654321"}}"#.to_owned(),
+            // Odd shapes: metadata not an object, a repeated key, no kind (the request's).
+            r#"{"kind":"ConfigMap","apiVersion":"v1","metadata":null,"data":{"o":"x@example.com"}}"#.to_owned(),
+            r#"{"kind":"Secret","apiVersion":"v1","data":{"a":"YQ=="},"data":{"b":"Yg=="}}"#.to_owned(),
+            r#"{"metadata":{"name":"partial","annotations":{"note":"mail bob@example.com"}}}"#.to_owned(),
+        ];
+        for reveal in [false, true] {
+            for raw in &items {
+                for (group, kind) in [("", "Secret"), ("", "ConfigMap"), ("", "")] {
+                    let mut whole: Value = serde_json::from_str(raw).unwrap();
+                    let mut a = Masker {
+                        masks: &policy,
+                        reveal_secrets: reveal,
+                        hint: None,
+                        counts: BTreeMap::new(),
+                    };
+                    a.object(&mut whole, group, kind);
+                    let mut b = Masker {
+                        masks: &policy,
+                        reveal_secrets: reveal,
+                        hint: None,
+                        counts: BTreeMap::new(),
+                    };
+                    let mut out = Vec::new();
+                    b.item_json(raw.as_bytes(), group, kind, &mut out).unwrap();
+                    let lazy: Value = serde_json::from_slice(&out).unwrap();
+                    assert_eq!(lazy, whole, "{raw} as {kind:?}, reveal {reveal}");
+                    assert_eq!(a.counts, b.counts, "{raw}");
+                }
+            }
+        }
+        // What is not read is copied as it came.
+        let mut m = Masker {
+            masks: &policy,
+            reveal_secrets: false,
+            hint: None,
+            counts: BTreeMap::new(),
+        };
+        let mut out = Vec::new();
+        m.item_json(items[3].as_bytes(), "", "", &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains(r#""resourceVersion":"1e3""#), "{text}");
+        assert!(text.contains(r#""owner":"ops: ****""#), "{text}");
     }
 }

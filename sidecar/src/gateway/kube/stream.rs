@@ -828,8 +828,9 @@ pub fn masked_list(
                 hint: st.masker.hint.clone(),
                 counts: std::mem::take(&mut st.guard.counts),
             };
-            let step = st.splitter.feed(&data, &mut |v, (group, kind)| {
-                m.item(v, group, kind);
+            let step = st.splitter.feed(&data, &mut |raw, (group, kind), out| {
+                m.item_json(raw, group, kind, out)
+                    .map_err(|_| super::list::ListError::Invalid("an item does not parse"))
             });
             st.guard.counts = m.counts;
             st.guard.rows = st.splitter.items();
