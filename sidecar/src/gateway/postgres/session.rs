@@ -483,15 +483,17 @@ pub async fn handle(sock: TcpStream, gw: Arc<Gateway>) -> Result<(), FrameError>
     let (ur, uw) = tokio::io::split(stream);
     let (tx, rx) = mpsc::channel::<Event>(256);
     let catalog = Catalog::new(pg.clone(), creds.clone());
-    let writer = tokio::spawn(writer(
+    // The reader and the writer are two futures of this one task, not two tasks: a request
+    // and its answer then cost one task wake-up each, never a hand-off to another thread.
+    let writer = writer(
         rx,
         BufReader::new(ur),
         w,
         mask_set.clone(),
         catalog,
         rec.clone(),
-    ));
-    let result = reader(
+    );
+    let reader = reader(
         &gw,
         &identity,
         &database,
@@ -501,9 +503,8 @@ pub async fn handle(sock: TcpStream, gw: Arc<Gateway>) -> Result<(), FrameError>
         mask_set,
         hold_cancel,
         &rec,
-    )
-    .await;
-    let _ = writer.await;
+    );
+    let ((), result) = tokio::join!(writer, reader);
     rec.end(match &result {
         Ok(()) => "the agent closed the connection",
         Err(_) => "the connection broke (protocol error or network)",
