@@ -271,6 +271,12 @@ impl MaskSet {
         None
     }
 
+    /// The first rule that masks by column: what masks a computed value whose origin the
+    /// gateway cannot tell (a cursor's rows, a renamed column over a masked relation).
+    pub fn first_column_rule(&self) -> Option<&Rule> {
+        self.rules.iter().find(|r| !r.columns.is_empty())
+    }
+
     /// Whether any rule masks by column.
     pub fn has_column_rules(&self) -> bool {
         self.rules.iter().any(|r| !r.columns.is_empty())
@@ -359,6 +365,17 @@ impl MaskSet {
 }
 
 impl Rule {
+    /// The rule as it applies to a value computed from a masked column: Partial and Hash
+    /// become Redact, since `substr(card, 1, 4)` keeping its last four, or the keyed hash of
+    /// one character of a value, would give the value away piece by piece.
+    pub fn for_computed(&self) -> Rule {
+        let mut r = self.clone();
+        if matches!(r.action, MaskAction::Partial | MaskAction::Hash) {
+            r.action = MaskAction::Redact;
+        }
+        r
+    }
+
     /// The rule's action on a whole value.
     pub fn apply_whole(&self, value: &str) -> Masked {
         match self.action {

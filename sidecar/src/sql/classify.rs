@@ -241,7 +241,26 @@ fn function_class(name: &str) -> Option<OperationClass> {
         | "pg_stat_reset_single_table_counters"
         | "pg_stat_reset_single_function_counters"
         | "pg_stat_statements_reset"
-        | "binary_upgrade_set_next_pg_type_oid" => Admin,
+        | "binary_upgrade_set_next_pg_type_oid"
+        | "pg_show_all_file_settings"
+        | "pg_hba_file_rules"
+        | "pg_ident_file_mappings"
+        | "pg_current_logfile"
+        | "pg_stat_reset_slru"
+        | "pg_stat_reset_replication_slot"
+        | "pg_stat_reset_subscription_stats"
+        | "pg_replication_slot_advance"
+        | "pg_logical_slot_get_changes"
+        | "pg_logical_slot_peek_changes"
+        | "pg_logical_slot_get_binary_changes"
+        | "pg_logical_slot_peek_binary_changes"
+        | "pg_logical_emit_message"
+        | "pg_replication_origin_session_setup"
+        | "pg_replication_origin_xact_setup"
+        | "heap_force_kill"
+        | "heap_force_freeze"
+        | "pg_truncate_visibility_map"
+        | "pg_prewarm" => Admin,
         // Run arbitrary SQL given as a string, or reach other databases.
         "dblink"
         | "dblink_exec"
@@ -264,7 +283,22 @@ fn function_class(name: &str) -> Option<OperationClass> {
         | "schema_to_xml_and_xmlschema"
         | "database_to_xml"
         | "database_to_xmlschema"
-        | "database_to_xml_and_xmlschema" => Exec,
+        | "database_to_xml_and_xmlschema"
+        // Text search statistics and rewriting run the SQL text they are given (through the
+        // server's internal query interface), out of the gateway's sight.
+        | "ts_stat"
+        | "ts_rewrite"
+        // tablefunc and xml2 do the same.
+        | "crosstab"
+        | "crosstab2"
+        | "crosstab3"
+        | "crosstab4"
+        | "connectby"
+        | "xpath_table"
+        // pg_cron runs what it is given later, as whoever scheduled it.
+        | "schedule"
+        | "schedule_in_database"
+        | "alter_job" => Exec,
         // Change who the session is, or any setting.
         "set_config" => Privilege,
         // Change data.
@@ -313,7 +347,23 @@ fn statement_class(kind: &str, body: &Value) -> Option<(OperationClass, String)>
                 s(Read, "COPY TO")
             }
         }
-        "TransactionStmt" => s(Read, "TRANSACTION"),
+        "TransactionStmt" => {
+            use pg_query::protobuf::TransactionStmtKind as K;
+            let kind = body.get("kind").and_then(Value::as_i64).unwrap_or_default();
+            let is = |k: K| kind == k as i64;
+            if is(K::TransStmtPrepare) {
+                // Parks the transaction for a later COMMIT PREPARED: what it did is a write.
+                s(Write, "PREPARE TRANSACTION")
+            } else if is(K::TransStmtCommitPrepared) || is(K::TransStmtRollbackPrepared) {
+                // Decides another session's prepared transaction.
+                s(Write, "COMMIT PREPARED")
+            } else if options_set_read_write(body) {
+                // Lifts the database's own read-only safety net: what a write needs.
+                s(Write, "TRANSACTION READ WRITE")
+            } else {
+                s(Read, "TRANSACTION")
+            }
+        }
         "VariableShowStmt" => s(Read, "SHOW"),
         "ExplainStmt" => s(Read, "EXPLAIN"),
         "DeclareCursorStmt" => s(Read, "DECLARE CURSOR"),
@@ -321,7 +371,18 @@ fn statement_class(kind: &str, body: &Value) -> Option<(OperationClass, String)>
         "ClosePortalStmt" => s(Read, "CLOSE"),
         "PrepareStmt" => s(Read, "PREPARE"),
         "DeallocateStmt" => s(Read, "DEALLOCATE"),
-        "DiscardStmt" => s(Read, "DISCARD"),
+        "DiscardStmt" => {
+            // DISCARD ALL includes SET SESSION AUTHORIZATION DEFAULT and RESET ALL.
+            let target = body
+                .get("target")
+                .and_then(Value::as_i64)
+                .unwrap_or_default();
+            if target == pg_query::protobuf::DiscardMode::DiscardAll as i64 {
+                s(Privilege, "DISCARD ALL")
+            } else {
+                s(Read, "DISCARD")
+            }
+        }
         "ListenStmt" => s(Read, "LISTEN"),
         "UnlistenStmt" => s(Read, "UNLISTEN"),
         "NotifyStmt" => s(Write, "NOTIFY"),
@@ -344,6 +405,18 @@ fn statement_class(kind: &str, body: &Value) -> Option<(OperationClass, String)>
                 // differently from the grammar agentgate checks them with.
                 "standard_conforming_strings" | "backslash_quote" | "client_encoding" => {
                     s(Privilege, "SET")
+                }
+                // The database's own read-only safety net, and its own audit logging.
+                // Lifting it is what a write needs: classed as a write.
+                "default_transaction_read_only" | "transaction_read_only"
+                    if setting_lifts_read_only(body) =>
+                {
+                    s(Write, "SET READ WRITE")
+                }
+                n if n.starts_with("log_") || n.starts_with("pgaudit.") => s(Privilege, "SET"),
+                // SET TRANSACTION / SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE.
+                "transaction" | "session characteristics" if options_set_read_write(body) => {
+                    s(Write, "SET READ WRITE")
                 }
                 "" => {
                     // RESET ALL also resets the role.
@@ -610,7 +683,43 @@ fn walk(v: &Value, w: &mut Walk) {
                             }
                         })
                         .collect();
+                    // `alias.name` with two or more fields may be a function call in
+                    // attribute notation: PostgreSQL reads `f.pg_read_file` as
+                    // `pg_read_file(f)` when `f` has no such column.
+                    if fields.len() >= 2
+                        && let Some(last) = fields.last()
+                    {
+                        attribute_function(w, last);
+                    }
                     w.columns.push(fields);
+                }
+                // `(expr).name` is `name(expr)` in attribute notation too.
+                if k == "A_Indirection" || k == "AIndirection" {
+                    for item in body
+                        .get("indirection")
+                        .and_then(Value::as_array)
+                        .into_iter()
+                        .flatten()
+                    {
+                        let n = item.get("node").unwrap_or(item);
+                        if let Some(name) = n
+                            .get("String")
+                            .and_then(|s| s.get("sval"))
+                            .and_then(Value::as_str)
+                        {
+                            attribute_function(w, name);
+                        }
+                    }
+                }
+                if k == "SelectStmt"
+                    && body
+                        .get("locking_clause")
+                        .and_then(Value::as_array)
+                        .is_some_and(|a| !a.is_empty())
+                {
+                    // FOR UPDATE / FOR SHARE lock rows and write lock marks into them: the
+                    // database itself refuses them in a read-only transaction.
+                    w.raise(OperationClass::Write);
                 }
                 if k == "AlterTableCmd" {
                     use pg_query::protobuf::AlterTableType as T;
@@ -678,6 +787,88 @@ fn walk(v: &Value, w: &mut Walk) {
         }
         Value::Array(a) => a.iter().for_each(|x| walk(x, w)),
         _ => {}
+    }
+}
+
+/// Whether a transaction statement or `SET TRANSACTION` turns `transaction_read_only` off
+/// (`READ WRITE`), lifting the database's own read-only safety net.
+fn options_set_read_write(body: &Value) -> bool {
+    let list = body
+        .get("options")
+        .or_else(|| body.get("args"))
+        .and_then(Value::as_array);
+    list.into_iter().flatten().any(|o| {
+        let d = o.get("node").unwrap_or(o).get("DefElem");
+        let name = d.and_then(|d| d.get("defname")).and_then(Value::as_str);
+        let ival = d
+            .and_then(|d| d.pointer("/arg/node/AConst/val/Ival/ival"))
+            .and_then(Value::as_i64)
+            // A missing `ival` is protobuf's zero: READ WRITE.
+            .unwrap_or(0);
+        name == Some("transaction_read_only") && ival == 0
+    })
+}
+
+/// Whether `SET default_transaction_read_only` / `transaction_read_only` (or `RESET`, or
+/// `TO DEFAULT`) may turn read-only off: anything but a plain `on`, `true`, `yes` or `1`.
+fn setting_lifts_read_only(body: &Value) -> bool {
+    let args: Vec<&Value> = body
+        .get("args")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .collect();
+    let on = args.len() == 1
+        && args[0]
+            .pointer("/node/AConst/val")
+            .is_some_and(|v| match v {
+                Value::Object(m) => {
+                    m.get("Sval")
+                        .and_then(|s| s.get("sval"))
+                        .and_then(Value::as_str)
+                        .is_some_and(|s| {
+                            matches!(s.to_ascii_lowercase().as_str(), "on" | "true" | "yes" | "1")
+                        })
+                        || m.get("Ival")
+                            .and_then(|s| s.get("ival"))
+                            .and_then(Value::as_i64)
+                            == Some(1)
+                        || m.get("Boolval")
+                            .and_then(|s| s.get("boolval"))
+                            .and_then(Value::as_bool)
+                            == Some(true)
+                }
+                _ => false,
+            });
+    !on
+}
+
+/// Whether the classifier gives `function` (lower-case, without schema) a class of its own.
+pub fn known_function(function: &str) -> bool {
+    function_class(function).is_some()
+}
+
+/// Raises the statements that call `function` (and the whole text) to at least `class`,
+/// flagging the call: for what the catalog says about a function the classifier does not
+/// know (a volatile one may change anything).
+pub fn raise_function(c: &mut Classified, function: &str, class: OperationClass) {
+    for st in &mut c.statements {
+        if st.functions.contains(function) {
+            st.class = max(st.class, class);
+            st.flags.push(Flag::Function(function.to_owned()));
+        }
+    }
+    c.class = c.statements.iter().fold(c.class, |a, s| max(a, s.class));
+}
+
+/// A name that PostgreSQL may read as a function call in attribute notation (`x.f` or
+/// `(expr).f` for `f(x)`): classed like the call.
+fn attribute_function(w: &mut Walk, name: &str) {
+    let name = name.to_lowercase();
+    if let Some(c) = function_class(&name) {
+        w.raise(c);
+        w.flags.push(Flag::Function(name.clone()));
+        w.functions.insert(name);
     }
 }
 
@@ -884,6 +1075,89 @@ mod tests {
         assert_eq!(class("SELECT a FROM t WHERE id = 1;"), Read);
         assert_eq!(class("SELECT a FROM t WHERE id = 1; DELETE FROM t"), Write);
         assert_eq!(class("SELECT a FROM t WHERE id = 1;;"), Read);
+    }
+
+    #[test]
+    fn attribute_notation_calls_are_classed_like_calls() {
+        for sql in [
+            "SELECT ('/etc/passwd'::text).pg_read_file",
+            "SELECT f.pg_read_file FROM lower('/etc/passwd') AS f",
+            "SELECT ('/etc/passwd'::text).lo_import",
+            "SELECT ('/'::text).pg_ls_dir",
+            "SELECT (12345).pg_terminate_backend",
+            "SELECT x.y.PG_READ_FILE FROM t x",
+        ] {
+            assert_eq!(class(sql), Admin, "{sql}");
+        }
+        assert_eq!(class("SELECT ('orders_id_seq'::regclass).nextval"), Write);
+        assert_eq!(
+            class("SELECT ('UPDATE orders SET a = 1'::text).dblink_exec"),
+            Exec
+        );
+        // Plain columns stay reads.
+        assert_eq!(
+            class("SELECT c.email, (c.addr).city FROM customers c"),
+            Read
+        );
+    }
+
+    #[test]
+    fn functions_that_run_sql_text_are_exec() {
+        for sql in [
+            "SELECT * FROM ts_stat($$SELECT to_tsvector(set_config('standard_conforming_strings','off',false))$$)",
+            "SELECT word FROM ts_stat('SELECT vector FROM apod')",
+            "SELECT ts_rewrite('a'::tsquery, 'SELECT t, s FROM aliases')",
+            "SELECT * FROM crosstab('SELECT 1, 2, 3') AS ct(a int, b int)",
+            "SELECT * FROM connectby('t', 'id', 'parent', '1', 0) AS c(id text, p text, l int)",
+            "SELECT cron.schedule('0 * * * *', 'DELETE FROM t')",
+        ] {
+            assert_eq!(class(sql), Exec, "{sql}");
+        }
+        for sql in [
+            "SELECT heap_force_kill('orders'::regclass, ARRAY['(0,4)']::tid[])",
+            "SELECT count(*) FROM pg_show_all_file_settings()",
+            "SELECT * FROM pg_hba_file_rules()",
+            "SELECT pg_logical_emit_message(true, 'x', 'y')",
+            "SELECT * FROM pg_logical_slot_get_changes('s', NULL, NULL)",
+        ] {
+            assert_eq!(class(sql), Admin, "{sql}");
+        }
+    }
+
+    #[test]
+    fn lifting_read_only_and_deciding_prepared_transactions_are_writes() {
+        for sql in [
+            "COMMIT PREPARED 'app1'",
+            "ROLLBACK PREPARED 'app2'",
+            "PREPARE TRANSACTION 'x'",
+            "SET default_transaction_read_only = off",
+            "SET default_transaction_read_only TO DEFAULT",
+            "RESET transaction_read_only",
+            "SET transaction_read_only = false",
+            "SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE",
+            "SET TRANSACTION READ WRITE",
+            "BEGIN READ WRITE",
+            "START TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ WRITE",
+            "SELECT * FROM orders FOR UPDATE",
+            "SELECT * FROM orders o JOIN (SELECT id FROM t FOR SHARE) x USING (id)",
+            "DECLARE c CURSOR FOR SELECT * FROM orders FOR UPDATE",
+        ] {
+            assert_eq!(class(sql), Write, "{sql}");
+        }
+        for sql in [
+            "BEGIN",
+            "BEGIN READ ONLY",
+            "START TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ ONLY",
+            "SET default_transaction_read_only = on",
+            "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ",
+            "COMMIT",
+            "DISCARD PLANS",
+        ] {
+            assert_eq!(class(sql), Read, "{sql}");
+        }
+        assert_eq!(class("DISCARD ALL"), Privilege);
+        assert_eq!(class("SET log_statement = 'none'"), Privilege);
+        assert_eq!(class("SET pgaudit.log = 'none'"), Privilege);
     }
 
     #[test]

@@ -63,9 +63,78 @@ fn rbac_escalation(body: Option<&[u8]>) -> Option<&'static str> {
     walk(&v)
 }
 
+/// Whether `key` is a key of any object in `v` (a patch may set it at any depth).
+fn has_key(v: &Value, key: &str) -> bool {
+    match v {
+        Value::Object(o) => o.iter().any(|(k, v)| k == key || has_key(v, key)),
+        Value::Array(a) => a.iter().any(|v| has_key(v, key)),
+        // A JSON patch names it in a path.
+        Value::String(s) => s.split('/').any(|p| p == key),
+        _ => false,
+    }
+}
+
+/// A request body as the API server reads it: JSON, or YAML (server-side apply).
+fn body_value(body: &[u8]) -> Option<Value> {
+    serde_json::from_slice(body)
+        .ok()
+        .or_else(|| serde_norway::from_slice(body).ok())
+}
+
+/// Why a write to a Secret reaches around the gateway, if it does:
+/// - it makes a service-account token Secret (the token controller fills in a long-lived
+///   token), by any spelling: every string of the body is compared once decoded;
+/// - it is a JSON patch that copies, moves or tests values (`copy` from `/data/password` to
+///   an annotation, or a 422 quoting the value, reads a Secret without a grant);
+/// - its body cannot be read.
+fn secret_write_risk(info: &RequestInfo, body: Option<&[u8]>) -> Option<&'static str> {
+    if info.resource != "secrets" || matches!(info.verb.as_str(), "get" | "list" | "watch") {
+        return None;
+    }
+    let body = body.filter(|b| !b.is_empty())?;
+    let Some(v) = body_value(body) else {
+        return Some("a Secret body agentgate cannot read");
+    };
+    fn token_type(v: &Value) -> bool {
+        match v {
+            Value::String(s) => s.trim() == "kubernetes.io/service-account-token",
+            Value::Array(a) => a.iter().any(token_type),
+            Value::Object(o) => o.values().any(token_type),
+            _ => false,
+        }
+    }
+    if token_type(&v) {
+        return Some("a service-account token Secret");
+    }
+    if let Value::Array(ops) = &v
+        && ops.iter().any(|op| {
+            op.get("op")
+                .and_then(Value::as_str)
+                .is_some_and(|o| matches!(o, "copy" | "move" | "test"))
+        })
+    {
+        return Some("a JSON patch that copies, moves or tests a Secret's values");
+    }
+    None
+}
+
 /// Classifies a request. `body` is the request body of a create, update or patch (JSON).
 pub fn classify(info: &RequestInfo, query: &str, body: Option<&[u8]>) -> Command {
     let mut keys = keys(info);
+    // Setting owners on a namespace, node or CRD hands it to the garbage collector, which
+    // deletes it when the owner is gone (or never existed): it counts as the delete, so
+    // the guardrails on deleting them hold it too.
+    if matches!(
+        info.resource.as_str(),
+        "namespaces" | "nodes" | "customresourcedefinitions"
+    ) && matches!(info.verb.as_str(), "update" | "patch" | "create")
+        && info.subresource.is_empty()
+        && body.is_some_and(|b| body_value(b).is_none_or(|v| has_key(&v, "ownerReferences")))
+    {
+        let mut as_delete = info.clone();
+        as_delete.verb = "delete".into();
+        keys.extend(super::classify::keys(&as_delete));
+    }
     let class = if !info.resource_request {
         match info.verb.as_str() {
             "get" | "head" | "options" => OperationClass::Read,
@@ -90,12 +159,15 @@ pub fn classify(info: &RequestInfo, query: &str, body: Option<&[u8]>) -> Command
             // Deleting RBAC objects is a change of privileges too.
             None => OperationClass::Privilege,
         }
+    } else if let Some(what) = secret_write_risk(info, body) {
+        keys.insert(format!("secret: {what}"));
+        OperationClass::Admin
+    } else if info.group == "apiextensions.k8s.io" && info.name.ends_with(".agentgate.dev") {
+        // agentgate's own CRDs: a new version or a conversion webhook would change what the
+        // sidecar reads as grants.
+        keys.insert("change agentgate's own resource definitions".into());
+        OperationClass::Admin
     } else if (info.resource == "serviceaccounts" && info.subresource == "token")
-        || (info.resource == "secrets"
-            && body.is_some_and(|b| {
-                b.windows(b"service-account-token".len())
-                    .any(|w| w == b"service-account-token")
-            }))
         || (info.resource == "certificatesigningrequests" && info.subresource == "approval")
         || info.group == "admissionregistration.k8s.io"
     {
@@ -335,6 +407,79 @@ mod tests {
             class("GET", "/api/v1/nodes/n1/proxy/run/a/b/c", "").0,
             OperationClass::Admin
         );
+    }
+
+    #[test]
+    fn secret_writes_that_read_or_mint_tokens_are_admin() {
+        for (method, body) in [
+            // The type spelled with an escape, or in YAML.
+            (
+                "POST",
+                r#"{"kind":"Secret","metadata":{"name":"t"},"type":"kubernetes.io/service-account-\u0074oken"}"#,
+            ),
+            (
+                "POST",
+                "kind: Secret\nmetadata: {name: t}\ntype: \"kubernetes.io/service-account-\\x74oken\"\n",
+            ),
+            // A JSON patch that copies a value where it is not masked, or tests a guess.
+            (
+                "PATCH",
+                r#"[{"op":"add","path":"/metadata/annotations","value":{}},{"op":"copy","from":"/data/password","path":"/metadata/annotations/x"}]"#,
+            ),
+            (
+                "PATCH",
+                r#"[{"op":"move","from":"/data/password","path":"/type"}]"#,
+            ),
+            (
+                "PATCH",
+                r#"[{"op":"test","path":"/data/password","value":"aHVudGVy"}]"#,
+            ),
+            (
+                "PATCH",
+                r#"[{"op":"replace","path":"/type","value":"kubernetes.io/service-account-token"}]"#,
+            ),
+            // Unreadable.
+            ("PUT", "\u{0}\u{1}binary"),
+        ] {
+            let (c, keys) = class(method, "/api/v1/namespaces/a/secrets/db", body);
+            assert_eq!(c, OperationClass::Admin, "{body}");
+            assert!(keys.iter().any(|k| k.starts_with("secret: ")), "{keys:?}");
+        }
+        // Owners on a namespace: the garbage collector would delete it.
+        let (_, keys) = class(
+            "PATCH",
+            "/api/v1/namespaces/prod",
+            r#"{"metadata":{"ownerReferences":[{"apiVersion":"v1","kind":"Node","name":"ghost","uid":"3f1c1f9e-0000-4000-8000-000000000000"}]}}"#,
+        );
+        assert!(keys.contains("delete namespaces"), "{keys:?}");
+        let (_, keys) = class(
+            "PATCH",
+            "/api/v1/namespaces/prod",
+            r#"{"metadata":{"labels":{"a":"b"}}}"#,
+        );
+        assert!(!keys.contains("delete namespaces"), "{keys:?}");
+        // Ordinary Secret writes stay writes.
+        for (method, body) in [
+            ("PATCH", r#"{"stringData":{"password":"new"}}"#),
+            (
+                "PATCH",
+                r#"[{"op":"replace","path":"/data/password","value":"bmV3"}]"#,
+            ),
+            (
+                "PUT",
+                r#"{"kind":"Secret","type":"Opaque","data":{"a":"Yg=="}}"#,
+            ),
+        ] {
+            let (c, _) = class(method, "/api/v1/namespaces/a/secrets/db", body);
+            assert_eq!(c, OperationClass::Write, "{body}");
+        }
+        // agentgate's own CRDs.
+        let (c, _) = class(
+            "PATCH",
+            "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/accessgrants.agentgate.dev",
+            "{}",
+        );
+        assert_eq!(c, OperationClass::Admin);
     }
 
     #[test]

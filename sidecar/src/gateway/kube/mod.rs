@@ -371,8 +371,17 @@ fn json_accept(h: &HeaderMap, plain: bool) -> HeaderValue {
                 .unwrap_or("")
                 .trim()
                 .to_ascii_lowercase();
+            // Parameter names as the API server reads them (trimmed, any case): `as =Table`
+            // is `as=Table` there.
+            let as_param = v.split(';').skip(1).any(|p| {
+                p.split('=')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .eq_ignore_ascii_case("as")
+            });
             (media == "application/json" || media == "*/*" || media == "application/*")
-                && !(plain && v.contains("as="))
+                && !(plain && as_param)
         })
         .collect();
     if kept.is_empty() {

@@ -85,16 +85,63 @@ impl RequestInfo {
 }
 
 /// Whether the query string sets `name` to true as the API server reads it: its first value
-/// counts, and anything but `0`, `f`, `false`, `n` or `no` (any case) is true, including an
-/// empty value.
+/// counts, percent-decoded, and anything but `0` or `false` (any case) is true, including an
+/// empty value (apimachinery's `Convert_Slice_string_To_bool`).
 pub fn query_flag(query: &str, name: &str) -> bool {
     query
         .split('&')
         .find_map(|kv| {
             let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-            (k == name).then(|| v.to_ascii_lowercase())
+            (k == name).then(|| decode_query_value(v))
         })
-        .is_some_and(|v| !matches!(v.as_str(), "0" | "f" | "false" | "n" | "no"))
+        .is_some_and(|v| match v {
+            Some(v) => v != "0" && !v.eq_ignore_ascii_case("false"),
+            // Not decodable: taken as set (the stricter reading for watch and follow).
+            None => true,
+        })
+}
+
+/// A query value as the API server decodes it (`+` is a space, `%XX` a byte); `None` when it
+/// is not valid.
+fn decode_query_value(v: &str) -> Option<String> {
+    let b = v.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = b.get(i + 1..i + 3)?;
+                let s = std::str::from_utf8(hex).ok()?;
+                out.push(u8::from_str_radix(s, 16).ok()?);
+                i += 2;
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Where a `proxy` subresource starts in a path's segments (`…/<resource>/<name>/proxy`), if
+/// the path has one: only there, not wherever a segment happens to be called `proxy` (an
+/// object or a namespace may be).
+fn proxy_segment(segs: &[&str]) -> Option<usize> {
+    let mut i = match segs {
+        ["api", _, ..] => 2,
+        ["apis", _, _, ..] => 3,
+        _ => return None,
+    };
+    if segs.get(i) == Some(&"watch") {
+        i += 1;
+    }
+    if segs.get(i) == Some(&"namespaces")
+        && segs.len() >= i + 3
+        && !matches!(segs[i + 2], "status" | "finalize")
+    {
+        i += 2;
+    }
+    (segs.get(i + 2) == Some(&"proxy")).then_some(i + 2)
 }
 
 /// Checks a query string the API server will decode: keys must be plain words (an encoded
@@ -120,10 +167,15 @@ pub fn parse(method: &str, path: &str, query: &str) -> Result<RequestInfo, Reque
     // one way here and another way there (`%73ecrets` is `secrets` upstream). No group,
     // version, resource, namespace or name contains one: any `%` is refused, except in what
     // follows a `proxy` subresource (the proxied path, kept whole in the request's text).
-    let (checked, proxied) = match path.find("/proxy/") {
-        Some(i) => path.split_at(i + "/proxy".len()),
-        None => (path, ""),
+    let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let (checked, proxied) = match proxy_segment(&segs) {
+        Some(i) if segs.len() > i + 1 => (
+            format!("/{}", segs[..=i].join("/")),
+            format!("/{}", segs[i + 1..].join("/")),
+        ),
+        _ => (path.to_owned(), String::new()),
     };
+    let checked = checked.as_str();
     if checked.contains('%') || checked.contains('\\') {
         return Err(RequestError::Encoded(path.to_owned()));
     }
@@ -187,7 +239,7 @@ pub fn parse(method: &str, path: &str, query: &str) -> Result<RequestInfo, Reque
                     return Err(RequestError::BadPath(path.to_owned()));
                 }
             }
-            info.subpath = proxied.to_owned();
+            info.subpath = proxied.clone();
         }
         [] => return Err(RequestError::BadPath(path.to_owned())),
     }
@@ -292,11 +344,59 @@ mod tests {
             ("watch", true),
             ("watch=0", false),
             ("watch=False", false),
-            ("watch=no&watch=1", false),
+            // As the API server reads it: only `0` and `false`, decoded, are false.
+            ("watch=no", true),
+            ("watch=f", true),
+            ("watch=%66alse", false),
+            ("watch=FALSE&watch=1", false),
+            ("watch=%zz", true),
             ("follow=1", false),
         ] {
             assert_eq!(query_flag(q, "watch"), want, "{q}");
         }
+    }
+
+    #[test]
+    fn objects_and_namespaces_named_proxy_are_not_the_proxy_subresource() {
+        let r = p(
+            "PUT",
+            "/apis/certificates.k8s.io/v1/certificatesigningrequests/proxy/approval",
+            "",
+        );
+        assert_eq!(
+            (r.resource.as_str(), r.name.as_str(), r.subresource.as_str()),
+            ("certificatesigningrequests", "proxy", "approval")
+        );
+        let r = p(
+            "POST",
+            "/api/v1/namespaces/agents/serviceaccounts/proxy/token",
+            "",
+        );
+        assert_eq!(
+            (r.name.as_str(), r.subresource.as_str()),
+            ("proxy", "token")
+        );
+        let r = p("GET", "/api/v1/namespaces/agents/pods/proxy/proxy/x/y", "");
+        assert_eq!(
+            (r.name.as_str(), r.subresource.as_str(), r.subpath.as_str()),
+            ("proxy", "proxy", "/x/y")
+        );
+        let r = p(
+            "PATCH",
+            "/api/v1/namespaces/agents/pods/proxy/ephemeralcontainers",
+            "",
+        );
+        assert_eq!(r.subresource, "ephemeralcontainers");
+        let r = p("GET", "/api/v1/namespaces/proxy/secrets", "");
+        assert_eq!(
+            (r.namespace.as_str(), r.resource.as_str(), r.verb.as_str()),
+            ("proxy", "secrets", "list")
+        );
+        let r = p("GET", "/api/v1/namespaces/proxy/secrets/proxy", "");
+        assert_eq!((r.resource.as_str(), r.name.as_str()), ("secrets", "proxy"));
+        // A `%` before the proxied path is still refused.
+        assert!(parse("GET", "/api/v1/namespaces/a/pods/p%72oxy/proxy/x", "").is_err());
+        assert!(parse("GET", "/api/v1/namespaces/a/%70ods/proxy/proxy/x", "").is_err());
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 pub mod audit;
 pub mod backend;
+pub mod catalog;
 pub mod data_row;
 pub mod frame;
 pub mod frontend;

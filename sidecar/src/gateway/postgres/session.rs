@@ -1,8 +1,8 @@
 //! One agent connection through the PostgreSQL gateway.
 //!
-//! Two tasks per connection: the *reader* takes the agent's messages, classifies every SQL
-//! text with PostgreSQL's grammar, asks the policy, and forwards only what is allowed; the
-//! *writer* relays the server's answers (masking values) and slots the gateway's own answers
+//! Two halves per connection, run in its one task: the *reader* takes the agent's messages,
+//! classifies every SQL text with PostgreSQL's grammar, asks the policy, and forwards only
+//! what is allowed; the *writer* relays the server's answers (masking values) and slots the gateway's own answers
 //! (refusals) in exactly where the server's would have been, so pipelining clients see a
 //! well-ordered stream.
 
@@ -19,6 +19,7 @@ use tokio::sync::{Mutex, mpsc};
 
 use super::audit::{self as records, Tally};
 use super::backend::{self, ErrorFields, sqlstate};
+use super::catalog::Catalog;
 use super::data_row;
 use super::frame::{
     Frame, FrameError, MAX_MESSAGE, Startup, read_frame, read_startup, write_frames,
@@ -482,7 +483,7 @@ pub async fn handle(sock: TcpStream, gw: Arc<Gateway>) -> Result<(), FrameError>
 
     let (ur, uw) = tokio::io::split(stream);
     let (tx, rx) = mpsc::channel::<Event>(256);
-    let catalog = Catalog::new(pg.clone(), creds.clone());
+    let catalog = Arc::new(Mutex::new(Catalog::new(pg.clone(), creds.clone())));
     // The reader and the writer are two futures of this one task, not two tasks: a request
     // and its answer then cost one task wake-up each, never a hand-off to another thread.
     let writer = writer(
@@ -490,7 +491,7 @@ pub async fn handle(sock: TcpStream, gw: Arc<Gateway>) -> Result<(), FrameError>
         BufReader::new(ur),
         w,
         mask_set.clone(),
-        catalog,
+        catalog.clone(),
         rec.clone(),
     );
     let reader = reader(
@@ -501,10 +502,20 @@ pub async fn handle(sock: TcpStream, gw: Arc<Gateway>) -> Result<(), FrameError>
         BufWriter::new(uw),
         tx,
         mask_set,
+        catalog,
         hold_cancel,
         &rec,
     );
-    let ((), result) = tokio::join!(writer, reader);
+    tokio::pin!(writer, reader);
+    // When the writer ends first, the session is over (the database went away, or the
+    // gateway ended it): nothing more the agent sends is forwarded.
+    let result = tokio::select! {
+        r = &mut reader => {
+            (&mut writer).await;
+            r
+        }
+        () = &mut writer => Ok(()),
+    };
     rec.end(match &result {
         Ok(()) => "the agent closed the connection",
         Err(_) => "the connection broke (protocol error or network)",
@@ -615,198 +626,12 @@ fn answering<'a>(queue: &'a mut VecDeque<Pending>, open: &'a mut Batch) -> &'a m
     }
 }
 
-/// Resolves `(table OID, column number)` to the masking rule of that column over a second
-/// connection, opened when first needed; answers are cached per session. A view's column is
-/// followed to what its definition reads.
-struct Catalog {
-    pg: agentgate_crds::target::PostgresTarget,
-    creds: Credentials,
-    conn: Option<Box<dyn upstream::Stream>>,
-    cache: HashMap<(u32, i16), Option<crate::mask::Rule>>,
-}
-
-impl Catalog {
-    fn new(pg: agentgate_crds::target::PostgresTarget, creds: Credentials) -> Self {
-        Self {
-            pg,
-            creds,
-            conn: None,
-            cache: HashMap::new(),
-        }
-    }
-
-    /// Runs a catalog query and returns its rows as text.
-    async fn query(&mut self, sql: String) -> Result<Vec<Vec<Option<String>>>, String> {
-        if self.conn.is_none() {
-            let up = upstream::connect(
-                &self.pg,
-                &self.creds,
-                &[("application_name".into(), "agentgate-catalog".into())],
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-            self.conn = Some(up.stream);
-        }
-        let conn = self.conn.as_mut().ok_or("no catalog connection")?;
-        write_frames(conn, &[frontend::encode(&Frontend::Query(sql))])
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut rows = Vec::new();
-        let mut failed = false;
-        loop {
-            let f = read_frame(conn, MAX_MESSAGE)
-                .await
-                .map_err(|e| e.to_string())?
-                .ok_or("catalog connection closed")?;
-            match f.tag {
-                b'D' => {
-                    let v = backend::decode_data_row(&f).map_err(|e| e.to_string())?;
-                    rows.push(
-                        v.iter()
-                            .map(|x| x.as_ref().map(|b| String::from_utf8_lossy(b).into_owned()))
-                            .collect(),
-                    );
-                }
-                b'E' => failed = true,
-                b'Z' => break,
-                _ => {}
-            }
-        }
-        if failed {
-            return Err("a catalog query failed".into());
-        }
-        Ok(rows)
-    }
-
-    /// The rule masking column `attnum` of relation `oid`. `Err` when the catalog cannot be
-    /// asked (the caller fails closed).
-    async fn rule(
-        &mut self,
-        oid: u32,
-        attnum: i16,
-        masks: &MaskSet,
-    ) -> Result<Option<crate::mask::Rule>, String> {
-        if let Some(c) = self.cache.get(&(oid, attnum)) {
-            return Ok(c.clone());
-        }
-        // Integers only: nothing from the agent is interpolated.
-        let rows = self
-            .query(format!(
-                "SELECT n.nspname, c.relname, a.attname, c.relkind::text, \
-                 CASE WHEN c.relkind IN ('v', 'm') THEN pg_catalog.pg_get_viewdef(c.oid) END \
-                 FROM pg_catalog.pg_attribute a \
-                 JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
-                 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
-                 WHERE a.attrelid = {oid} AND a.attnum = {attnum}"
-            ))
-            .await?;
-        let rule = match rows.first() {
-            None => None,
-            Some(r) => {
-                let get = |i: usize| r.get(i).cloned().flatten().unwrap_or_default();
-                let column = crate::mask::Column {
-                    schema: get(0),
-                    table: get(1),
-                    column: get(2),
-                };
-                match (masks.column_rule(&column), r.get(4).cloned().flatten()) {
-                    (Some(rule), _) => Some(rule.clone()),
-                    // A view: mask what its definition's column reads, through any depth of
-                    // views.
-                    (None, Some(def)) => Box::pin(self.view_rule(&def, attnum, masks)).await?,
-                    (None, None) => None,
-                }
-            }
-        };
-        self.cache.insert((oid, attnum), rule.clone());
-        Ok(rule)
-    }
-}
-
-impl Catalog {
-    /// The rule for column `attnum` of a view defined as `def`: what that output column reads
-    /// (or, when the definition cannot be split by column, what any of it reads), followed into
-    /// the relations it names, which may be views themselves.
-    async fn view_rule(
-        &mut self,
-        def: &str,
-        attnum: i16,
-        masks: &MaskSet,
-    ) -> Result<Option<crate::mask::Rule>, String> {
-        let classified =
-            classify(def).map_err(|e| format!("a view definition does not parse: {e}"))?;
-        let st = classified
-            .statements
-            .first()
-            .cloned()
-            .ok_or("an empty view definition")?;
-        let refs =
-            crate::sql::classify::target_column_refs(def, usize::try_from(attnum - 1).unwrap_or(0))
-                .unwrap_or_else(|| st.columns.clone());
-        let mut named = st.clone();
-        named.columns = refs.clone();
-        if let Some(rule) = masks.computed_rule(&[named]) {
-            return Ok(Some(rule.clone()));
-        }
-        // Follow each referenced column to its relation (a table, or another view).
-        let quote = |s: &str| s.replace('\'', "''");
-        let mut pairs: Vec<(String, String)> = Vec::new();
-        for fields in &refs {
-            match fields.as_slice() {
-                [rel @ .., col] if !rel.is_empty() => {
-                    let q = rel.join(".");
-                    let rel = st.aliases.get(&q).cloned().unwrap_or(q);
-                    pairs.push((rel, col.clone()));
-                }
-                [col] => pairs.extend(st.relations.iter().map(|r| (r.clone(), col.clone()))),
-                _ => {}
-            }
-        }
-        for (rel, col) in pairs {
-            let rows = if col == "*" {
-                self.query(format!(
-                    "SELECT attrelid::int8, attnum FROM pg_catalog.pg_attribute \
-                     WHERE attrelid = pg_catalog.to_regclass('{}') AND attnum > 0 AND NOT attisdropped",
-                    quote(&rel)
-                ))
-                .await?
-            } else {
-                self.query(format!(
-                    "SELECT attrelid::int8, attnum FROM pg_catalog.pg_attribute \
-                     WHERE attrelid = pg_catalog.to_regclass('{}') AND attname = '{}'",
-                    quote(&rel),
-                    quote(&col)
-                ))
-                .await?
-            };
-            for r in rows {
-                let oid = r
-                    .first()
-                    .cloned()
-                    .flatten()
-                    .and_then(|v| v.parse::<u32>().ok());
-                let num = r
-                    .get(1)
-                    .cloned()
-                    .flatten()
-                    .and_then(|v| v.parse::<i16>().ok());
-                if let (Some(oid), Some(num)) = (oid, num)
-                    && let Some(rule) = Box::pin(self.rule(oid, num, masks)).await?
-                {
-                    return Ok(Some(rule));
-                }
-            }
-        }
-        Ok(None)
-    }
-}
-
 async fn writer(
     mut rx: mpsc::Receiver<Event>,
     mut up: BufReader<tokio::io::ReadHalf<Box<dyn upstream::Stream>>>,
     mut agent: AgentWriter,
     masks: Arc<MaskSet>,
-    mut catalog: Catalog,
+    catalog: Arc<Mutex<Catalog>>,
     rec: Arc<SessionRecorder>,
 ) {
     let mut queue: VecDeque<Pending> = VecDeque::new();
@@ -917,7 +742,7 @@ async fn writer(
                             let rule = if !masks.has_column_rules() {
                                 None
                             } else if f.table_oid != 0 {
-                                match catalog.rule(f.table_oid, f.column, &masks).await {
+                                match catalog.lock().await.rule(f.table_oid, f.column, &masks).await {
                                     Ok(rule) => rule,
                                     Err(e) => {
                                         let e = ErrorFields::fatal(sqlstate::CANNOT_CONNECT_NOW, format!("agentgate cannot tell which columns to mask ({e}); nothing is sent in clear"));
@@ -946,6 +771,22 @@ async fn writer(
                         }
                         frame
                     }
+                    // The settings that decide how the server reads the agent's text: the
+                    // gateway classifies statements as a UTF-8 session with standard strings
+                    // reads them. If something changed them anyway (a function that sets
+                    // them), the server would from now on read the agent's next statements
+                    // differently from how the gateway checks them: the session ends.
+                    b'S' => match session_setting_breaks_parsing(&frame) {
+                        Some(why) => {
+                            let e = ErrorFields::fatal(sqlstate::PROTOCOL_VIOLATION, format!("agentgate ends this session: {why}, so the server would read the next statements differently from how agentgate checks them"))
+                                .hint("connect again; statements that change how strings are read are refused");
+                            let _ = write_frames(&mut agent, &[e.to_error()]).await;
+                            rec.end(&why);
+                            let _ = agent.shutdown().await;
+                            return;
+                        }
+                        None => frame,
+                    },
                     b'H' => {
                         copy_out = true;
                         frame
@@ -1065,6 +906,27 @@ async fn writer(
     }
 }
 
+/// Why a ParameterStatus from the server means the session no longer reads statements the
+/// way the gateway parses them (UTF-8, standard-conforming strings), if it does.
+fn session_setting_breaks_parsing(frame: &Frame) -> Option<String> {
+    let mut b = frame.body.clone();
+    let (Ok(name), Ok(value)) = (
+        super::frame::cstring(&mut b, "ParameterStatus"),
+        super::frame::cstring(&mut b, "ParameterStatus"),
+    ) else {
+        return Some("the database sent a malformed ParameterStatus".into());
+    };
+    let changed = match name.as_str() {
+        "standard_conforming_strings" => !value.eq_ignore_ascii_case("on"),
+        "client_encoding" => {
+            let v = value.to_ascii_uppercase().replace(['-', '_'], "");
+            v != "UTF8" && v != "UNICODE"
+        }
+        _ => false,
+    };
+    changed.then(|| format!("the database reports {name} = {value}"))
+}
+
 /// The rows a CommandComplete reports (`SELECT 5`, `INSERT 0 3`, `UPDATE 2`; 0 for others).
 fn command_rows(frame: &Frame) -> u64 {
     let tag = frame.body.strip_suffix(b"\0").unwrap_or(&frame.body);
@@ -1135,8 +997,17 @@ fn mask_error(masks: &MaskSet, frame: &Frame) -> Frame {
         Masked::Text(m) => m,
         Masked::Null => "(masked by agentgate)".to_owned(),
     };
+    // While columns are masked, what an error quotes may be a value read from one
+    // (`time zone "ada@example.com" not recognized`, `relation "Ada" does not exist` from
+    // `name::regclass`): quoted text is hidden, except in syntax errors, which quote only
+    // the statement's own text.
+    let hide = masks.has_column_rules() && e.code != sqlstate::SYNTAX_ERROR;
+    let text = |t: &str| {
+        let t = if hide { hide_quoted(t) } else { t.to_owned() };
+        text(&t)
+    };
     if masks.has_column_rules() && (e.code.starts_with("22") || e.code.starts_with("23")) {
-        let kind = e.message.split(':').next().unwrap_or_default().to_owned();
+        let kind = text(e.message.split(':').next().unwrap_or_default());
         e.message = format!("{kind}: (the value is not shown: agentgate masks columns here)");
         e.detail = e
             .detail
@@ -1151,6 +1022,27 @@ fn mask_error(masks: &MaskSet, frame: &Frame) -> Frame {
     } else {
         e.to_error()
     }
+}
+
+/// `text` with what it quotes (`"…"`) hidden.
+fn hide_quoted(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut inside = false;
+    for c in text.chars() {
+        if c == '"' {
+            if inside {
+                out.push_str("(hidden: agentgate masks columns here)");
+            }
+            inside = !inside;
+            out.push(c);
+        } else if !inside {
+            out.push(c);
+        }
+    }
+    if inside {
+        out.push_str("(hidden)");
+    }
+    out
 }
 
 /// A NotificationResponse with its payload masked (detectors; the whole payload when columns
@@ -1197,14 +1089,17 @@ fn mask_notification(masks: &MaskSet, frame: &Frame) -> Frame {
 /// Why a `COPY … TO STDOUT` cannot be masked, if it cannot: it copies masked columns (COPY
 /// carries no column origins, so the gateway refuses rather than guess), or it is binary while
 /// value rules apply.
-fn copy_out_refusal(masks: &MaskSet, c: &Classified) -> Option<String> {
+fn copy_out_refusal(
+    masks: &MaskSet,
+    c: &Classified,
+    computed: Option<&crate::mask::Rule>,
+) -> Option<String> {
     let copies: Vec<&crate::sql::Statement> =
         c.statements.iter().filter(|s| s.tag == "COPY TO").collect();
     if copies.is_empty() || masks.is_empty() {
         return None;
     }
-    let owned: Vec<crate::sql::Statement> = copies.iter().map(|s| (*s).clone()).collect();
-    if let Some(rule) = masks.computed_rule(&owned) {
+    if let Some(rule) = computed {
         return Some(format!(
             "agentgate refuses COPY of columns masked by {}: SELECT them instead, where they are masked",
             rule.name
@@ -1419,6 +1314,38 @@ async fn refuse_in_batch(
     Ok(())
 }
 
+/// Classes the functions `c` calls that the classifier does not know by the catalog (see
+/// [`Catalog::check_functions`]); `Some` says why that cannot be done, and the statement is
+/// refused.
+async fn check_functions(catalog: &Mutex<Catalog>, c: &mut Classified) -> Option<String> {
+    if c.statements.iter().all(|s| s.functions.is_empty()) {
+        return None;
+    }
+    catalog.lock().await.check_functions(c).await.err().map(|e| {
+        format!("agentgate cannot tell what the functions this statement calls do ({e}); it is not run")
+    })
+}
+
+/// The rule for the computed output columns of `c` (see [`Catalog::computed_rule`]); `Err`
+/// says why it cannot be told, and the statement is refused.
+async fn computed_for(
+    catalog: &Mutex<Catalog>,
+    masks: &MaskSet,
+    c: &Classified,
+) -> Result<Option<crate::mask::Rule>, String> {
+    if !masks.has_column_rules() {
+        return Ok(None);
+    }
+    catalog
+        .lock()
+        .await
+        .computed_rule(masks, &c.statements)
+        .await
+        .map_err(|e| {
+            format!("agentgate cannot tell which columns to mask ({e}); nothing is sent in clear")
+        })
+}
+
 /// Sends a message upstream, flushing only when the agent has nothing more waiting (a
 /// pipelined batch goes out in one write).
 async fn forward(
@@ -1443,6 +1370,7 @@ async fn reader(
     mut up: BufWriter<tokio::io::WriteHalf<Box<dyn upstream::Stream>>>,
     tx: mpsc::Sender<Event>,
     masks: Arc<MaskSet>,
+    catalog: Arc<Mutex<Catalog>>,
     cancel: Arc<HoldCancel>,
     rec: &SessionRecorder,
 ) -> Result<(), FrameError> {
@@ -1586,9 +1514,26 @@ async fn reader(
                     tx.send(Event::OwnReady).await.ok();
                     continue;
                 }
+                let mut classified = classified;
+                let functions_unknown = check_functions(&catalog, &mut classified).await;
+                let (computed, unknown) = match computed_for(&catalog, &masks, &classified).await {
+                    Ok(r) => (r, None),
+                    Err(e) => (None, Some(e)),
+                };
+                let unknown = functions_unknown.or(unknown);
                 let mut d = decide(&classified);
+                if d.verdict != Verdict::Refuse
+                    && let Some(why) = unknown
+                {
+                    d = Decision {
+                        verdict: Verdict::Refuse,
+                        rule: "mask".into(),
+                        grant: None,
+                        message: why,
+                    };
+                }
                 if d.verdict == Verdict::Allow
-                    && let Some(why) = copy_out_refusal(&masks, &classified)
+                    && let Some(why) = copy_out_refusal(&masks, &classified, computed.as_ref())
                 {
                     d = Decision {
                         verdict: Verdict::Refuse,
@@ -1616,7 +1561,7 @@ async fn reader(
                     .await;
                     d = admitted(after);
                     if d.verdict == Verdict::Allow
-                        && let Some(why) = copy_out_refusal(&masks, &classified)
+                        && let Some(why) = copy_out_refusal(&masks, &classified, computed.as_ref())
                     {
                         d = Decision {
                             verdict: Verdict::Refuse,
@@ -1644,7 +1589,7 @@ async fn reader(
                 if d.verdict == Verdict::Allow {
                     copy_in = classified.statements.iter().any(|s| s.tag == "COPY FROM");
                     tx.send(Event::ExpectQuery(
-                        masks.computed_rule(&classified.statements).cloned(),
+                        computed,
                         Box::new(Tally::new(id, bytes_in)),
                     ))
                     .await
@@ -1697,9 +1642,17 @@ async fn reader(
                                 format!("agentgate refuses what it cannot parse: {e}"),
                             ),
                         ),
-                        Ok(c) => {
+                        Ok(mut c) => {
+                            let functions_unknown = check_functions(&catalog, &mut c).await;
                             let mut d = decide(&c);
-                            if let Some(err) = sql_prepare(&c) {
+                            if let Some(why) = functions_unknown {
+                                d = Decision {
+                                    verdict: Verdict::Refuse,
+                                    rule: "catalog".into(),
+                                    grant: None,
+                                    message: why,
+                                };
+                            } else if let Some(err) = sql_prepare(&c) {
                                 d = Decision {
                                     verdict: Verdict::Refuse,
                                     rule: "prepare".into(),
@@ -1808,21 +1761,31 @@ async fn reader(
                 // refused below, never taken for the unnamed statement.
                 let statement = portals.get(portal).cloned();
                 let id = rec.next_request();
-                let verdict = statement.and_then(|st| statements.get(&st)).map(|c| {
-                    let d = recorded(
-                        id,
-                        c.fingerprint.text(),
-                        Some(c),
-                        "execute",
-                        admitted(decide(c)),
-                    );
-                    (d, c.clone())
+                let found = statement.and_then(|st| statements.get(&st)).cloned();
+                let computed = match &found {
+                    Some(c) => computed_for(&catalog, &masks, c).await,
+                    None => Ok(None),
+                };
+                let verdict = found.map(|c| {
+                    let mut d = admitted(decide(&c));
+                    if d.verdict != Verdict::Refuse
+                        && let Err(why) = &computed
+                    {
+                        d = Decision {
+                            verdict: Verdict::Refuse,
+                            rule: "mask".into(),
+                            grant: None,
+                            message: why.clone(),
+                        };
+                    }
+                    let d = recorded(id, c.fingerprint.text(), Some(&c), "execute", d);
+                    (d, c)
                 });
                 match verdict {
-                    Some((d, c)) if d.verdict == Verdict::Allow => {
+                    Some((d, _)) if d.verdict == Verdict::Allow => {
                         in_batch = true;
                         tx.send(Event::Execute(
-                            masks.computed_rule(&c.statements).cloned(),
+                            computed.ok().flatten(),
                             Box::new(Tally::new(id, frame.body.len() + 5)),
                         ))
                         .await

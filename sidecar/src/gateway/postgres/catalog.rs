@@ -1,0 +1,470 @@
+//! What the database's catalog says about the columns a statement reads, for masking: over a
+//! second connection (the Target's credentials, opened when first needed), cached per
+//! session. Nothing the agent sends is interpolated into a catalog query except relation
+//! names, and those only as quoted identifiers inside a quoted literal.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use super::backend;
+use super::frame::{MAX_MESSAGE, read_frame, write_frames};
+use super::frontend::{self, Frontend};
+use super::upstream::{self, Credentials};
+use crate::mask::{MaskSet, Rule};
+use crate::sql::{Statement, classify};
+
+/// Catalog relations whose values are other relations' values (planner statistics keep real
+/// column values; other sessions' query texts quote what they wrote): every column of them is
+/// masked while any column is.
+const SENSITIVE_CATALOG: [&str; 7] = [
+    "pg_stats",
+    "pg_stats_ext",
+    "pg_stats_ext_exprs",
+    "pg_statistic",
+    "pg_statistic_ext_data",
+    "pg_stat_activity",
+    "pg_stat_statements",
+];
+
+/// Built-in (and common extensions') volatile functions that change nothing and reach
+/// nothing beyond what the query reads: random values, clocks, sizes, locks the session
+/// holds, transaction ids. Any other volatile function is classed Exec.
+const HARMLESS_VOLATILE: &[&str] = &[
+    "random",
+    "random_normal",
+    "setseed",
+    "clock_timestamp",
+    "timeofday",
+    "gen_random_uuid",
+    "uuidv4",
+    "uuidv7",
+    "uuid_generate_v1",
+    "uuid_generate_v4",
+    "gen_random_bytes",
+    "gen_salt",
+    "pg_sleep",
+    "pg_sleep_for",
+    "pg_sleep_until",
+    "txid_current",
+    "txid_current_if_assigned",
+    "txid_current_snapshot",
+    "pg_current_xact_id",
+    "pg_current_xact_id_if_assigned",
+    "pg_current_snapshot",
+    "currval",
+    "lastval",
+    "pg_current_wal_lsn",
+    "pg_current_wal_insert_lsn",
+    "pg_current_wal_flush_lsn",
+    "pg_is_in_recovery",
+    "pg_last_wal_receive_lsn",
+    "pg_last_wal_replay_lsn",
+    "pg_last_xact_replay_timestamp",
+    "pg_is_wal_replay_paused",
+    "pg_get_wal_replay_pause_state",
+    "pg_table_size",
+    "pg_relation_size",
+    "pg_total_relation_size",
+    "pg_indexes_size",
+    "pg_database_size",
+    "pg_tablespace_size",
+    "pg_blocking_pids",
+    "pg_safe_snapshot_blocking_pids",
+    "pg_stat_clear_snapshot",
+    "pg_lock_status",
+    "pg_export_snapshot",
+    "pg_advisory_lock",
+    "pg_advisory_lock_shared",
+    "pg_advisory_unlock",
+    "pg_advisory_unlock_shared",
+    "pg_advisory_unlock_all",
+    "pg_advisory_xact_lock",
+    "pg_advisory_xact_lock_shared",
+    "pg_try_advisory_lock",
+    "pg_try_advisory_lock_shared",
+    "pg_try_advisory_xact_lock",
+    "pg_try_advisory_xact_lock_shared",
+    "pg_notification_queue_usage",
+    "pg_listening_channels",
+    "pg_prepared_statement",
+    "pg_cursor",
+    "pg_prepared_xact",
+    "pg_jit_available",
+    "lo_get",
+    "loread",
+    "lo_open",
+    "lo_close",
+    "lo_lseek",
+    "lo_lseek64",
+    "lo_tell",
+    "lo_tell64",
+];
+
+/// A relation's columns, each with the rule that masks it.
+type Columns = Arc<Vec<(String, Option<Rule>)>>;
+
+/// Resolves `(table OID, column number)` to the masking rule of that column over a second
+/// connection, opened when first needed; answers are cached per session. A view's column is
+/// followed to what its definition reads.
+pub struct Catalog {
+    pg: agentgate_crds::target::PostgresTarget,
+    creds: Credentials,
+    conn: Option<Box<dyn upstream::Stream>>,
+    cache: HashMap<(u32, i16), Option<crate::mask::Rule>>,
+    /// Relations as statements name them → their columns and rules.
+    relations: HashMap<String, Columns>,
+    /// Function names → whether some function of that name is volatile (and not known
+    /// harmless).
+    volatile: HashMap<String, bool>,
+}
+
+impl Catalog {
+    /// A catalog for one session; it connects when first asked.
+    pub fn new(pg: agentgate_crds::target::PostgresTarget, creds: Credentials) -> Self {
+        Self {
+            pg,
+            creds,
+            conn: None,
+            cache: HashMap::new(),
+            relations: HashMap::new(),
+            volatile: HashMap::new(),
+        }
+    }
+
+    /// Runs a catalog query and returns its rows as text.
+    async fn query(&mut self, sql: String) -> Result<Vec<Vec<Option<String>>>, String> {
+        if self.conn.is_none() {
+            let up = upstream::connect(
+                &self.pg,
+                &self.creds,
+                &[("application_name".into(), "agentgate-catalog".into())],
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            self.conn = Some(up.stream);
+        }
+        let conn = self.conn.as_mut().ok_or("no catalog connection")?;
+        write_frames(conn, &[frontend::encode(&Frontend::Query(sql))])
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut rows = Vec::new();
+        let mut failed = false;
+        loop {
+            let f = read_frame(conn, MAX_MESSAGE)
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or("catalog connection closed")?;
+            match f.tag {
+                b'D' => {
+                    let v = backend::decode_data_row(&f).map_err(|e| e.to_string())?;
+                    rows.push(
+                        v.iter()
+                            .map(|x| x.as_ref().map(|b| String::from_utf8_lossy(b).into_owned()))
+                            .collect(),
+                    );
+                }
+                b'E' => failed = true,
+                b'Z' => break,
+                _ => {}
+            }
+        }
+        if failed {
+            return Err("a catalog query failed".into());
+        }
+        Ok(rows)
+    }
+
+    /// The rule masking column `attnum` of relation `oid`. `Err` when the catalog cannot be
+    /// asked (the caller fails closed).
+    pub async fn rule(
+        &mut self,
+        oid: u32,
+        attnum: i16,
+        masks: &MaskSet,
+    ) -> Result<Option<crate::mask::Rule>, String> {
+        if let Some(c) = self.cache.get(&(oid, attnum)) {
+            return Ok(c.clone());
+        }
+        // Integers only: nothing from the agent is interpolated.
+        let rows = self
+            .query(format!(
+                "SELECT n.nspname, c.relname, a.attname, c.relkind::text, \
+                 CASE WHEN c.relkind IN ('v', 'm') THEN pg_catalog.pg_get_viewdef(c.oid) END \
+                 FROM pg_catalog.pg_attribute a \
+                 JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
+                 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE a.attrelid = {oid} AND a.attnum = {attnum}"
+            ))
+            .await?;
+        let rule = match rows.first() {
+            None => None,
+            Some(r) => {
+                let get = |i: usize| r.get(i).cloned().flatten().unwrap_or_default();
+                let column = crate::mask::Column {
+                    schema: get(0),
+                    table: get(1),
+                    column: get(2),
+                };
+                let sensitive = (column.schema == "pg_catalog"
+                    || column.table == "pg_stat_statements")
+                    && SENSITIVE_CATALOG.contains(&column.table.as_str());
+                let inherited = if masks.column_rule(&column).is_none() && !sensitive {
+                    self.inherited_rule(oid, &column.column, masks).await?
+                } else {
+                    None
+                };
+                match (masks.column_rule(&column), r.get(4).cloned().flatten()) {
+                    _ if sensitive => masks.first_column_rule().cloned(),
+                    (Some(rule), _) => Some(rule.clone()),
+                    _ if inherited.is_some() => inherited,
+                    // A view: mask what its definition's column reads, through any depth of
+                    // views.
+                    (None, Some(def)) => Box::pin(self.view_rule(&def, attnum, masks)).await?,
+                    (None, None) => None,
+                }
+            }
+        };
+        self.cache.insert((oid, attnum), rule.clone());
+        Ok(rule)
+    }
+}
+
+impl Catalog {
+    /// The rule for column `attnum` of a view defined as `def`: what that output column reads
+    /// (or, when the definition cannot be split by column, what any of it reads), followed into
+    /// the relations it names, which may be views themselves.
+    async fn view_rule(
+        &mut self,
+        def: &str,
+        attnum: i16,
+        masks: &MaskSet,
+    ) -> Result<Option<crate::mask::Rule>, String> {
+        let classified =
+            classify(def).map_err(|e| format!("a view definition does not parse: {e}"))?;
+        let st = classified
+            .statements
+            .first()
+            .cloned()
+            .ok_or("an empty view definition")?;
+        let refs =
+            crate::sql::classify::target_column_refs(def, usize::try_from(attnum - 1).unwrap_or(0))
+                .unwrap_or_else(|| st.columns.clone());
+        let mut named = st.clone();
+        named.columns = refs.clone();
+        if let Some(rule) = masks.computed_rule(&[named]) {
+            return Ok(Some(rule.clone()));
+        }
+        // Follow each referenced column to its relation (a table, or another view).
+        let quote = |s: &str| s.replace('\'', "''");
+        let mut pairs: Vec<(String, String)> = Vec::new();
+        for fields in &refs {
+            match fields.as_slice() {
+                [rel @ .., col] if !rel.is_empty() => {
+                    let q = rel.join(".");
+                    let rel = st.aliases.get(&q).cloned().unwrap_or(q);
+                    pairs.push((rel, col.clone()));
+                }
+                [col] => pairs.extend(st.relations.iter().map(|r| (r.clone(), col.clone()))),
+                _ => {}
+            }
+        }
+        for (rel, col) in pairs {
+            let rows = if col == "*" {
+                self.query(format!(
+                    "SELECT attrelid::int8, attnum FROM pg_catalog.pg_attribute \
+                     WHERE attrelid = pg_catalog.to_regclass('{}') AND attnum > 0 AND NOT attisdropped",
+                    quote(&rel)
+                ))
+                .await?
+            } else {
+                self.query(format!(
+                    "SELECT attrelid::int8, attnum FROM pg_catalog.pg_attribute \
+                     WHERE attrelid = pg_catalog.to_regclass('{}') AND attname = '{}'",
+                    quote(&rel),
+                    quote(&col)
+                ))
+                .await?
+            };
+            for r in rows {
+                let oid = r
+                    .first()
+                    .cloned()
+                    .flatten()
+                    .and_then(|v| v.parse::<u32>().ok());
+                let num = r
+                    .get(1)
+                    .cloned()
+                    .flatten()
+                    .and_then(|v| v.parse::<i16>().ok());
+                if let (Some(oid), Some(num)) = (oid, num)
+                    && let Some(rule) = Box::pin(self.rule(oid, num, masks)).await?
+                {
+                    return Ok(Some(rule));
+                }
+            }
+        }
+        Ok(None)
+    }
+}
+
+impl Catalog {
+    /// The rule of column `name` in a table that relation `oid` inherits from or is a
+    /// partition of (a child's rows are the parent's rows).
+    async fn inherited_rule(
+        &mut self,
+        oid: u32,
+        name: &str,
+        masks: &MaskSet,
+    ) -> Result<Option<Rule>, String> {
+        let rows = self
+            .query(format!(
+                "WITH RECURSIVE anc(oid) AS (\
+                 SELECT inhparent FROM pg_catalog.pg_inherits WHERE inhrelid = {oid} \
+                 UNION SELECT i.inhparent FROM pg_catalog.pg_inherits i JOIN anc ON i.inhrelid = anc.oid) \
+                 SELECT n.nspname, c.relname FROM anc \
+                 JOIN pg_catalog.pg_class c ON c.oid = anc.oid \
+                 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
+            ))
+            .await?;
+        Ok(rows.iter().find_map(|r| {
+            let get = |i: usize| r.get(i).cloned().flatten().unwrap_or_default();
+            masks
+                .column_rule(&crate::mask::Column {
+                    schema: get(0),
+                    table: get(1),
+                    column: name.to_owned(),
+                })
+                .cloned()
+        }))
+    }
+
+    /// The columns of a relation as a statement names it (`table` or `schema.table`, resolved
+    /// with the role's search path), each with the rule that masks it; empty when no such
+    /// relation exists (a CTE's name, say).
+    async fn relation_columns(&mut self, name: &str, masks: &MaskSet) -> Result<Columns, String> {
+        if let Some(c) = self.relations.get(name) {
+            return Ok(c.clone());
+        }
+        let ident = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
+        let qualified = match name.split_once('.') {
+            Some((schema, rel)) => format!("{}.{}", ident(schema), ident(rel)),
+            None => ident(name),
+        };
+        let rows = self
+            .query(format!(
+                "SELECT attrelid::int8, attnum, attname FROM pg_catalog.pg_attribute \
+                 WHERE attrelid = pg_catalog.to_regclass('{}') AND attnum > 0 AND NOT attisdropped \
+                 ORDER BY attnum",
+                qualified.replace('\'', "''")
+            ))
+            .await?;
+        let mut columns = Vec::new();
+        for r in rows {
+            let get = |i: usize| r.get(i).cloned().flatten().unwrap_or_default();
+            let (Ok(oid), Ok(num)) = (get(0).parse::<u32>(), get(1).parse::<i16>()) else {
+                return Err("the catalog answered with a malformed attribute".into());
+            };
+            let rule = Box::pin(self.rule(oid, num, masks)).await?;
+            columns.push((get(2), rule));
+        }
+        let columns = Arc::new(columns);
+        self.relations.insert(name.to_owned(), columns.clone());
+        Ok(columns)
+    }
+
+    /// The rule masking the computed output columns (those with no table of origin) of
+    /// `statements`, and every `COPY … TO` of them. Conservative: a computed value is masked
+    /// when the statement reads a relation with a masked column and refers to that column by
+    /// name (under any qualifier or alias), to a whole row or `*`, or to a name that is no
+    /// column of what it reads (a renamed column, a subquery's output); a cursor's rows, whose
+    /// query the gateway may not have seen, are masked whenever any column is. Partial and
+    /// Hash act as Redact on computed values. `Err` when the catalog cannot be asked (the
+    /// caller fails closed).
+    pub async fn computed_rule(
+        &mut self,
+        masks: &MaskSet,
+        statements: &[Statement],
+    ) -> Result<Option<Rule>, String> {
+        if !masks.has_column_rules() {
+            return Ok(None);
+        }
+        if let Some(r) = masks.computed_rule(statements) {
+            return Ok(Some(r.for_computed()));
+        }
+        for st in statements {
+            if st.tag == "FETCH" {
+                return Ok(masks.first_column_rule().map(Rule::for_computed));
+            }
+            let mut masked: Vec<(String, Rule)> = Vec::new();
+            let mut known: HashSet<String> = HashSet::new();
+            for rel in &st.relations {
+                for (name, rule) in self.relation_columns(rel, masks).await?.iter() {
+                    known.insert(name.clone());
+                    if let Some(rule) = rule {
+                        masked.push((name.clone(), rule.clone()));
+                    }
+                }
+            }
+            let Some((_, first)) = masked.first() else {
+                continue;
+            };
+            for refs in &st.columns {
+                let Some(last) = refs.last() else { continue };
+                if let Some((_, rule)) = masked.iter().find(|(n, _)| n == last) {
+                    return Ok(Some(rule.for_computed()));
+                }
+                if last == "*" || !known.contains(last) {
+                    return Ok(Some(first.for_computed()));
+                }
+            }
+        }
+        Ok(None)
+    }
+}
+
+impl Catalog {
+    /// Classes the functions of `c` that the classifier does not know by what the catalog
+    /// says: a volatile one (of any schema, any overload, any letter case) may change
+    /// anything, so its statement is at least Exec; stable and immutable functions cannot
+    /// change data. `Err` when the catalog cannot be asked (the caller fails closed).
+    pub async fn check_functions(&mut self, c: &mut crate::sql::Classified) -> Result<(), String> {
+        let names: Vec<String> = c
+            .statements
+            .iter()
+            .flat_map(|s| s.functions.iter())
+            .filter(|f| !crate::sql::classify::known_function(f))
+            .filter(|f| !HARMLESS_VOLATILE.contains(&f.as_str()) && !f.starts_with("pg_stat_get_"))
+            .cloned()
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        for name in names {
+            let risky = match self.volatile.get(&name) {
+                Some(v) => *v,
+                None => {
+                    let rows = self
+                        .query(format!(
+                            "SELECT coalesce(bool_or(provolatile = 'v'), false) \
+                             FROM pg_catalog.pg_proc WHERE lower(proname) = '{}'",
+                            name.replace('\'', "''")
+                        ))
+                        .await?;
+                    let v = rows
+                        .first()
+                        .and_then(|r| r.first().cloned().flatten())
+                        .is_some_and(|v| v == "t");
+                    self.volatile.insert(name.clone(), v);
+                    v
+                }
+            };
+            if risky {
+                crate::sql::classify::raise_function(
+                    c,
+                    &name,
+                    agentgate_crds::OperationClass::Exec,
+                );
+            }
+        }
+        Ok(())
+    }
+}
