@@ -66,12 +66,95 @@ fn rbac_escalation(body: Option<&[u8]>) -> Option<&'static str> {
 /// Whether `key` is a key of any object in `v` (a patch may set it at any depth).
 fn has_key(v: &Value, key: &str) -> bool {
     match v {
-        Value::Object(o) => o.iter().any(|(k, v)| k == key || has_key(v, key)),
+        Value::Object(o) => o.iter().any(|(k, v)| {
+            k == key
+                // A JSON patch names it in an operation's path.
+                || (matches!(k.as_str(), "path" | "from")
+                    && v.as_str()
+                        .is_some_and(|p| p.split('/').any(|seg| seg == key)))
+                || has_key(v, key)
+        }),
         Value::Array(a) => a.iter().any(|v| has_key(v, key)),
-        // A JSON patch names it in a path.
-        Value::String(s) => s.split('/').any(|p| p == key),
         _ => false,
     }
+}
+
+/// Resources whose objects are or make pods.
+const POD_MAKERS: [&str; 9] = [
+    "pods",
+    "deployments",
+    "replicasets",
+    "statefulsets",
+    "daemonsets",
+    "jobs",
+    "cronjobs",
+    "replicationcontrollers",
+    "podtemplates",
+];
+
+/// Why a write of a pod, or of what makes pods, reaches around the gateway, if it does, and
+/// its class. A pod runs as whatever identity and with whatever it mounts, and its logs are
+/// only a read away:
+/// - Admin: the node itself (privileged, host namespaces, hostPath, added capabilities);
+/// - Exec (held for approval): a service account (its token is the pod's credential, and an
+///   agent's own is the sidecar's) or Secrets (as env or volumes), which would reach the
+///   agent unmasked.
+///
+/// Keys are looked for at any depth, and in JSON patch paths; a body that cannot be read is
+/// Admin.
+fn pod_spec_risk(
+    info: &RequestInfo,
+    body: Option<&[u8]>,
+) -> Option<(OperationClass, &'static str)> {
+    if !POD_MAKERS.contains(&info.resource.as_str())
+        || !info.subresource.is_empty()
+        || !matches!(info.verb.as_str(), "create" | "update" | "patch")
+    {
+        return None;
+    }
+    let body = body.filter(|b| !b.is_empty())?;
+    let Some(v) = body_value(body) else {
+        return Some((OperationClass::Admin, "a pod body agentgate cannot read"));
+    };
+    let node = [
+        "privileged",
+        "hostPID",
+        "hostNetwork",
+        "hostIPC",
+        "hostUsers",
+        "hostPath",
+        "hostPort",
+        "capabilities",
+        "procMount",
+    ];
+    if let Some(k) = node.iter().find(|k| has_key(&v, k)) {
+        return Some((
+            OperationClass::Admin,
+            match *k {
+                "privileged" => "a privileged container",
+                "hostPath" => "a hostPath volume",
+                "capabilities" => "container capabilities",
+                _ => "the node's namespaces or ports",
+            },
+        ));
+    }
+    let credentials = [
+        "serviceAccountName",
+        "serviceAccount",
+        "automountServiceAccountToken",
+        "serviceAccountToken",
+        "secretKeyRef",
+        "secretRef",
+        "secret",
+        "secretName",
+    ];
+    if credentials.iter().any(|k| has_key(&v, k)) {
+        return Some((
+            OperationClass::Exec,
+            "a service account or Secrets mounted into a pod",
+        ));
+    }
+    None
 }
 
 /// A request body as the API server reads it: JSON, or YAML (server-side apply).
@@ -159,6 +242,9 @@ pub fn classify(info: &RequestInfo, query: &str, body: Option<&[u8]>) -> Command
             // Deleting RBAC objects is a change of privileges too.
             None => OperationClass::Privilege,
         }
+    } else if let Some((class, what)) = pod_spec_risk(info, body) {
+        keys.insert(format!("pod spec: {what}"));
+        class
     } else if let Some(what) = secret_write_risk(info, body) {
         keys.insert(format!("secret: {what}"));
         OperationClass::Admin
@@ -444,6 +530,51 @@ mod tests {
             let (c, keys) = class(method, "/api/v1/namespaces/a/secrets/db", body);
             assert_eq!(c, OperationClass::Admin, "{body}");
             assert!(keys.iter().any(|k| k.starts_with("secret: ")), "{keys:?}");
+        }
+        // Pods, and what makes them, that mount credentials or reach the node.
+        for (path, body, want) in [
+            (
+                "/apis/apps/v1/namespaces/a/deployments/orders",
+                r#"{"spec":{"template":{"spec":{"serviceAccountName":"claude","containers":[{"name":"c","image":"x"}]}}}}"#,
+                OperationClass::Exec,
+            ),
+            (
+                "/api/v1/namespaces/a/pods/p",
+                r#"{"spec":{"containers":[{"name":"c","env":[{"name":"P","valueFrom":{"secretKeyRef":{"name":"db","key":"password"}}}]}]}}"#,
+                OperationClass::Exec,
+            ),
+            (
+                "/apis/batch/v1/namespaces/a/cronjobs/c",
+                "spec:\n  jobTemplate:\n    spec:\n      template:\n        spec:\n          volumes: [{name: s, secret: {secretName: db}}]\n",
+                OperationClass::Exec,
+            ),
+            (
+                "/apis/apps/v1/namespaces/a/daemonsets/d",
+                r#"[{"op":"add","path":"/spec/template/spec/automountServiceAccountToken","value":true}]"#,
+                OperationClass::Exec,
+            ),
+            (
+                "/api/v1/namespaces/a/pods/p",
+                r#"{"spec":{"containers":[{"name":"c","securityContext":{"privileged":true}}]}}"#,
+                OperationClass::Admin,
+            ),
+            (
+                "/apis/apps/v1/namespaces/a/deployments/orders",
+                r#"{"spec":{"template":{"spec":{"volumes":[{"name":"r","hostPath":{"path":"/"}}]}}}}"#,
+                OperationClass::Admin,
+            ),
+            (
+                "/apis/apps/v1/namespaces/a/deployments/orders",
+                r#"{"spec":{"replicas":3}}"#,
+                OperationClass::Write,
+            ),
+            (
+                "/apis/apps/v1/namespaces/a/deployments/orders",
+                r#"{"spec":{"template":{"spec":{"containers":[{"name":"c","image":"orders:2","env":[{"name":"LOG","value":"secret"}]}]}}}}"#,
+                OperationClass::Write,
+            ),
+        ] {
+            assert_eq!(class("PATCH", path, body).0, want, "{path} {body}");
         }
         // Owners on a namespace: the garbage collector would delete it.
         let (_, keys) = class(

@@ -319,29 +319,26 @@ pub fn status(code: StatusCode, reason: &str, message: &str) -> Response<Body> {
     r
 }
 
-/// Headers never forwarded upstream: the agent's credentials and identity claims (the
-/// gateway sets its own), and hop-by-hop headers.
+/// Headers never forwarded upstream: everything but what Kubernetes clients send to say what
+/// they want (an allowlist). The agent's credentials and identity claims (`Authorization`,
+/// `Impersonate-*`, `X-Remote-*`), its own audit ids, compressed bodies the gateway could not
+/// read, and hop-by-hop headers never pass; the gateway sets its own.
 fn dropped_header(name: &HeaderName) -> bool {
-    let n = name.as_str();
-    n.starts_with("impersonate-")
-        || matches!(
-            n,
-            "authorization"
-                | "host"
-                | "connection"
-                | "keep-alive"
-                | "proxy-authorization"
-                | "proxy-connection"
-                | "te"
-                | "trailer"
-                | "transfer-encoding"
-                | "accept-encoding"
-                | "content-length"
-                | "x-remote-user"
-                | "x-remote-group"
-                | "x-forwarded-for"
-        )
-        || n.starts_with("x-remote-extra-")
+    !matches!(
+        name.as_str(),
+        "accept"
+            | "content-type"
+            | "user-agent"
+            | "kubectl-command"
+            | "kubectl-session"
+            | "x-stream-protocol-version"
+            | "sec-websocket-protocol"
+            | "sec-websocket-key"
+            | "sec-websocket-version"
+            | "upgrade"
+            | "cache-control"
+            | "pragma"
+    )
 }
 
 /// Whether a non-resource path is a discovery document: `/api`, `/apis`, a group or group

@@ -378,10 +378,13 @@ pub async fn upgrade(
     tokio::spawn(async move {
         let _ = connection.with_upgrades().await;
     });
+    // The Target's server URL may have a path of its own (a proxy in front of the API
+    // server): upgrades go under it, as every other request does.
+    let prefix = base.path().trim_end_matches('/');
     let uri = if query.is_empty() {
-        path.to_owned()
+        format!("{prefix}{path}")
     } else {
-        format!("{path}?{query}")
+        format!("{prefix}{path}?{query}")
     };
     let mut out = Request::new(Empty::<Bytes>::new());
     *out.method_mut() = parts.method.clone();
