@@ -14,10 +14,16 @@ fn re(pattern: &str) -> Regex {
     Regex::new(pattern).unwrap_or_else(|e| panic!("built-in detector pattern {pattern}: {e}"))
 }
 
+// Any letters (internationalized addresses), `_` in the local part, IP-literal domains; no
+// word boundaries, which `_` next to an address would defeat (`id_ada@example.com_x`).
 static EMAIL: LazyLock<Regex> = LazyLock::new(|| {
-    re(r"(?i)\b[a-z0-9._%+\-]+@(?:[a-z0-9](?:[a-z0-9\-]*[a-z0-9])?\.)+[a-z]{2,}\b")
+    re(
+        r"(?i)[\p{L}\p{N}._%+\-]+@(?:(?:[\p{L}\p{N}](?:[\p{L}\p{N}\-]*[\p{L}\p{N}])?\.)+\p{L}{2,}|\[[0-9a-f.:]+\])",
+    )
 });
-static CARD: LazyLock<Regex> = LazyLock::new(|| re(r"\b\d(?:[ \-]?\d){12,18}\b"));
+// A run of digits with single or double spaces or dashes between them; when it holds a card
+// number (see `card_in_run`), the whole run is masked.
+static CARD: LazyLock<Regex> = LazyLock::new(|| re(r"\d(?:[ \-]{0,2}\d){12,}"));
 static US_SSN: LazyLock<Regex> = LazyLock::new(|| re(r"\b(\d{3})-(\d{2})-(\d{4})\b"));
 static UK_NINO: LazyLock<Regex> = LazyLock::new(|| {
     re(r"(?i)\b[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z] ?\d{2} ?\d{2} ?\d{2} ?[A-D]\b")
@@ -27,11 +33,19 @@ static JWT: LazyLock<Regex> =
     LazyLock::new(|| re(r"\beyJ[A-Za-z0-9_\-]{5,}\.[A-Za-z0-9_\-]{2,}\.[A-Za-z0-9_\-]*"));
 static AWS: LazyLock<Regex> =
     LazyLock::new(|| re(r"\b(?:AKIA|ASIA|ABIA|ACCA|A3T[A-Z0-9])[A-Z0-9]{16}\b"));
+// A secret access key has no prefix of its own: found by the name it is given.
+static AWS_SECRET: LazyLock<Regex> = LazyLock::new(|| {
+    re(
+        r#"(?i)(?:aws_?secret_?access_?key|aws_?secret_?key|secret_?access_?key)["']?\s*[:=]\s*["']?[A-Za-z0-9/+]{40}"#,
+    )
+});
 static GCP: LazyLock<Regex> = LazyLock::new(|| re(r"\bAIza[0-9A-Za-z_\-]{35}"));
 static GITHUB: LazyLock<Regex> =
     LazyLock::new(|| re(r"\b(?:gh[pousr]_[A-Za-z0-9]{36,255}|github_pat_[A-Za-z0-9_]{22,255})\b"));
 static PRIVATE_KEY: LazyLock<Regex> = LazyLock::new(|| {
-    re(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----(?s:.*?)(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|\z)")
+    re(
+        r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----(?s:.*?)(?:-----END [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----|\z)",
+    )
 });
 
 /// Whether the digits of `s` pass the Luhn check.
@@ -79,6 +93,22 @@ pub fn iban_valid(s: &str) -> bool {
     rem == 1
 }
 
+/// Whether a run of digits (with separators) holds a card number: its groups (as the
+/// separators split them) from the first one, or up to the last one, hold 13 to 19 digits
+/// that pass the Luhn check (a card followed by its CVV or expiry, or after a prefix).
+fn card_in_run(run: &str) -> bool {
+    let groups: Vec<&str> = run
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|g| !g.is_empty())
+        .collect();
+    let n = groups.len();
+    (1..=n).any(|k| {
+        [groups[..k].concat(), groups[n - k..].concat()]
+            .iter()
+            .any(|d| (13..=19).contains(&d.len()) && luhn(d))
+    })
+}
+
 fn valid_ssn(c: &regex::Captures<'_>) -> bool {
     let area = &c[1];
     area != "000" && area != "666" && !area.starts_with('9') && &c[2] != "00" && &c[3] != "0000"
@@ -90,7 +120,7 @@ pub fn find(detector: Detector, text: &str) -> Vec<Span> {
         Detector::Email => EMAIL.find_iter(text).map(|m| m.range()).collect(),
         Detector::CardNumber => CARD
             .find_iter(text)
-            .filter(|m| luhn(m.as_str()))
+            .filter(|m| card_in_run(m.as_str()))
             .map(|m| m.range())
             .collect(),
         Detector::UsSsn => US_SSN
@@ -105,7 +135,11 @@ pub fn find(detector: Detector, text: &str) -> Vec<Span> {
             .map(|m| m.range())
             .collect(),
         Detector::Jwt => JWT.find_iter(text).map(|m| m.range()).collect(),
-        Detector::AwsAccessKey => AWS.find_iter(text).map(|m| m.range()).collect(),
+        Detector::AwsAccessKey => AWS
+            .find_iter(text)
+            .chain(AWS_SECRET.find_iter(text))
+            .map(|m| m.range())
+            .collect(),
         Detector::GcpApiKey => GCP.find_iter(text).map(|m| m.range()).collect(),
         Detector::GithubToken => GITHUB.find_iter(text).map(|m| m.range()).collect(),
         Detector::PrivateKey => PRIVATE_KEY.find_iter(text).map(|m| m.range()).collect(),
@@ -175,6 +209,38 @@ mod tests {
         assert_eq!(found(Detector::GithubToken, &gh), [gh.as_str()]);
         let pem = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXk\n-----END OPENSSH PRIVATE KEY-----";
         assert_eq!(found(Detector::PrivateKey, &format!("x\n{pem}\ny")), [pem]);
+        // What the review found passing.
+        assert_eq!(
+            found(Detector::CardNumber, "4111 1111 1111 1111 123"),
+            ["4111 1111 1111 1111 123"]
+        );
+        assert_eq!(
+            found(Detector::CardNumber, "4111-1111-1111-1111-12/25"),
+            ["4111-1111-1111-1111-12"]
+        );
+        assert_eq!(
+            found(Detector::CardNumber, "card_4111111111111111"),
+            ["4111111111111111"]
+        );
+        assert_eq!(
+            found(Detector::CardNumber, "4111  1111  1111  1111"),
+            ["4111  1111  1111  1111"]
+        );
+        assert!(found(Detector::CardNumber, &"1234567890".repeat(4)).is_empty());
+        for (text, want) in [
+            ("first_last@example.com", "first_last@example.com"),
+            ("ada@bücher.de", "ada@bücher.de"),
+            ("josé@example.com", "josé@example.com"),
+            ("to ada@[10.0.0.1].", "ada@[10.0.0.1]"),
+            ("ada@example.com_x", "ada@example.com"),
+        ] {
+            assert_eq!(found(Detector::Email, text), [want], "{text}");
+        }
+        let secret = "aws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY";
+        assert_eq!(found(Detector::AwsAccessKey, secret), [secret]);
+        let pgp =
+            "-----BEGIN PGP PRIVATE KEY BLOCK-----\nlQOYBF\n-----END PGP PRIVATE KEY BLOCK-----";
+        assert_eq!(found(Detector::PrivateKey, pgp), [pgp]);
         // A key cut off mid-value is still masked to the end.
         let cut = "-----BEGIN RSA PRIVATE KEY-----\nMIIEpA";
         assert_eq!(found(Detector::PrivateKey, cut), [cut]);
