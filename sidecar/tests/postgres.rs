@@ -280,6 +280,9 @@ async fn masking_holds_against_renamed_columns_views_cursors_partitions_and_erro
         "SELECT histogram_bounds::text, histogram_bounds FROM pg_stats WHERE tablename = 'customers' AND attname = 'name'",
     );
     assert!(!out.contains("Ada") && out.contains("[name]"), "{out}");
+    // Other sessions' query texts are masked; the rest of the activity view is not.
+    let out = gw.ok("SELECT query, state FROM pg_stat_activity WHERE pid = pg_backend_pid()");
+    assert_eq!(out, "[name]|active");
     // Errors that quote a value read from a masked column.
     for sql in [
         "SELECT now() AT TIME ZONE name FROM customers WHERE id = 1",

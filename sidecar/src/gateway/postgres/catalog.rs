@@ -14,8 +14,8 @@ use crate::mask::{MaskSet, Rule};
 use crate::sql::{Statement, classify};
 
 /// Catalog relations whose values are other relations' values (planner statistics keep real
-/// column values; other sessions' query texts quote what they wrote): every column of them is
-/// masked while any column is.
+/// column values; other sessions' query texts quote what they wrote): every column of the
+/// statistics, and the `query` column of the activity views, is masked while any column is.
 const SENSITIVE_CATALOG: [&str; 7] = [
     "pg_stats",
     "pg_stats_ext",
@@ -207,7 +207,10 @@ impl Catalog {
                 };
                 let sensitive = (column.schema == "pg_catalog"
                     || column.table == "pg_stat_statements")
-                    && SENSITIVE_CATALOG.contains(&column.table.as_str());
+                    && SENSITIVE_CATALOG.contains(&column.table.as_str())
+                    // Of the activity views, only the query texts.
+                    && (!column.table.starts_with("pg_stat_")
+                        || matches!(column.column.as_str(), "query"));
                 let inherited = if masks.column_rule(&column).is_none() && !sensitive {
                     self.inherited_rule(oid, &column.column, masks).await?
                 } else {
