@@ -207,6 +207,8 @@ async fn masking_holds_against_renamed_columns_views_cursors_partitions_and_erro
            AS $$ SELECT set_config('standard_conforming_strings', 'off', false) $$;
          CREATE FUNCTION touch_orders() RETURNS int LANGUAGE sql
            AS $$ UPDATE orders SET state = state WHERE id = 0 RETURNING 1 $$;
+         CREATE FUNCTION touch_one(o orders) RETURNS int LANGUAGE sql
+           AS $$ UPDATE orders SET state = state WHERE id = 0 RETURNING 1 $$;
          ANALYZE customers;",
     )?;
     wait_for("policy loaded", || {
@@ -304,6 +306,9 @@ async fn masking_holds_against_renamed_columns_views_cursors_partitions_and_erro
         "SELECT touch_orders()",
         "SELECT public.TOUCH_ORDERS()",
         "SELECT * FROM orders WHERE id = touch_orders()",
+        // In attribute notation.
+        "SELECT o.touch_one FROM orders o",
+        "SELECT (o).touch_one FROM orders o",
     ] {
         let e = gw.err(sql);
         assert!(

@@ -67,6 +67,9 @@ pub struct Statement {
     pub columns: Vec<Vec<String>>,
     /// Aliases of relations: alias → relation as named (`c` → `public.customers`).
     pub aliases: std::collections::BTreeMap<String, String>,
+    /// Names that PostgreSQL may read as a one-argument function call in attribute notation
+    /// (`x.f`, `(expr).f`), lower-case: looked up in the catalog like calls.
+    pub attribute_calls: BTreeSet<String>,
 }
 
 /// A classified query string.
@@ -540,6 +543,7 @@ struct Walk {
     functions: BTreeSet<String>,
     columns: Vec<Vec<String>>,
     aliases: std::collections::BTreeMap<String, String>,
+    attribute_calls: BTreeSet<String>,
 }
 
 impl Walk {
@@ -853,7 +857,7 @@ pub fn known_function(function: &str) -> bool {
 /// know (a volatile one may change anything).
 pub fn raise_function(c: &mut Classified, function: &str, class: OperationClass) {
     for st in &mut c.statements {
-        if st.functions.contains(function) {
+        if st.functions.contains(function) || st.attribute_calls.contains(function) {
             st.class = max(st.class, class);
             st.flags.push(Flag::Function(function.to_owned()));
         }
@@ -865,6 +869,9 @@ pub fn raise_function(c: &mut Classified, function: &str, class: OperationClass)
 /// `(expr).f` for `f(x)`): classed like the call.
 fn attribute_function(w: &mut Walk, name: &str) {
     let name = name.to_lowercase();
+    if name != "*" {
+        w.attribute_calls.insert(name.clone());
+    }
     if let Some(c) = function_class(&name) {
         w.raise(c);
         w.flags.push(Flag::Function(name.clone()));
@@ -1009,6 +1016,7 @@ fn classify_uncached(sql: &str) -> Result<Classified, ClassifyError> {
             functions: w.functions,
             columns: w.columns,
             aliases: w.aliases,
+            attribute_calls: w.attribute_calls,
         });
     }
     if statements.is_empty() {

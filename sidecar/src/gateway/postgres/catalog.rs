@@ -431,32 +431,52 @@ impl Catalog {
     /// anything, so its statement is at least Exec; stable and immutable functions cannot
     /// change data. `Err` when the catalog cannot be asked (the caller fails closed).
     pub async fn check_functions(&mut self, c: &mut crate::sql::Classified) -> Result<(), String> {
-        let names: Vec<String> = c
+        let wanted = |f: &&String| {
+            !crate::sql::classify::known_function(f)
+                && !HARMLESS_VOLATILE.contains(&f.as_str())
+                && !f.starts_with("pg_stat_get_")
+        };
+        // (name, whether only one-argument functions count: attribute notation)
+        let mut names: Vec<(String, bool)> = c
             .statements
             .iter()
             .flat_map(|s| s.functions.iter())
-            .filter(|f| !crate::sql::classify::known_function(f))
-            .filter(|f| !HARMLESS_VOLATILE.contains(&f.as_str()) && !f.starts_with("pg_stat_get_"))
-            .cloned()
+            .filter(wanted)
+            .map(|f| (f.clone(), false))
             .collect::<HashSet<_>>()
             .into_iter()
             .collect();
-        for name in names {
-            let risky = match self.volatile.get(&name) {
+        let calls: HashSet<String> = c
+            .statements
+            .iter()
+            .flat_map(|s| s.attribute_calls.iter())
+            .filter(wanted)
+            .filter(|f| !names.iter().any(|(n, _)| n == *f))
+            .cloned()
+            .collect();
+        names.extend(calls.into_iter().map(|f| (f, true)));
+        for (name, one_arg) in names {
+            let key = if one_arg {
+                format!("{name}/1")
+            } else {
+                name.clone()
+            };
+            let risky = match self.volatile.get(&key) {
                 Some(v) => *v,
                 None => {
                     let rows = self
                         .query(format!(
                             "SELECT coalesce(bool_or(provolatile = 'v'), false) \
-                             FROM pg_catalog.pg_proc WHERE lower(proname) = '{}'",
-                            name.replace('\'', "''")
+                             FROM pg_catalog.pg_proc WHERE lower(proname) = '{}'{}",
+                            name.replace('\'', "''"),
+                            if one_arg { " AND pronargs = 1" } else { "" }
                         ))
                         .await?;
                     let v = rows
                         .first()
                         .and_then(|r| r.first().cloned().flatten())
                         .is_some_and(|v| v == "t");
-                    self.volatile.insert(name.clone(), v);
+                    self.volatile.insert(key, v);
                     v
                 }
             };

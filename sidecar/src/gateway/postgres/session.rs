@@ -1318,7 +1318,10 @@ async fn refuse_in_batch(
 /// [`Catalog::check_functions`]); `Some` says why that cannot be done, and the statement is
 /// refused.
 async fn check_functions(catalog: &Mutex<Catalog>, c: &mut Classified) -> Option<String> {
-    if c.statements.iter().all(|s| s.functions.is_empty()) {
+    if c.statements
+        .iter()
+        .all(|s| s.functions.is_empty() && s.attribute_calls.is_empty())
+    {
         return None;
     }
     catalog.lock().await.check_functions(c).await.err().map(|e| {
