@@ -100,6 +100,14 @@ const HARMLESS_VOLATILE: &[&str] = &[
     "lo_tell64",
 ];
 
+/// Function volatility by (database, function name), shared by sessions: whether some
+/// function of that name is volatile, and when that was read.
+type Volatility = HashMap<(String, String), (bool, std::time::Instant)>;
+static VOLATILITY: std::sync::LazyLock<std::sync::Mutex<Volatility>> =
+    std::sync::LazyLock::new(Default::default);
+/// How long a function's volatility is taken from another session's lookup.
+const VOLATILITY_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// A relation's columns, each with the rule that masks it.
 type Columns = Arc<Vec<(String, Option<Rule>)>>;
 
@@ -461,8 +469,19 @@ impl Catalog {
             } else {
                 name.clone()
             };
-            let risky = match self.volatile.get(&key) {
-                Some(v) => *v,
+            // Shared by the sessions of one database for a minute, so most sessions never
+            // open a catalog connection for this (function volatility rarely changes).
+            let shared_key = (
+                format!("{}:{}/{}", self.pg.host, self.pg.port, self.pg.database),
+                key.clone(),
+            );
+            let shared = VOLATILITY.lock().ok().and_then(|m| {
+                m.get(&shared_key)
+                    .filter(|(_, at)| at.elapsed() < VOLATILITY_TTL)
+                    .map(|(v, _)| *v)
+            });
+            let risky = match self.volatile.get(&key).copied().or(shared) {
+                Some(v) => v,
                 None => {
                     let rows = self
                         .query(format!(
@@ -477,6 +496,12 @@ impl Catalog {
                         .and_then(|r| r.first().cloned().flatten())
                         .is_some_and(|v| v == "t");
                     self.volatile.insert(key, v);
+                    if let Ok(mut m) = VOLATILITY.lock() {
+                        if m.len() >= 16_384 {
+                            m.clear();
+                        }
+                        m.insert(shared_key, (v, std::time::Instant::now()));
+                    }
                     v
                 }
             };
