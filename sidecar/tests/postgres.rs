@@ -294,6 +294,14 @@ async fn masking_holds_against_renamed_columns_views_cursors_partitions_and_erro
         let e = gw.err(sql);
         assert!(!e.contains("Ada") && e.contains("hidden"), "{sql}: {e}");
     }
+    // What the agent's own statement named is still shown.
+    let e = gw.err("SELECT * FROM no_such_table");
+    assert!(
+        e.contains(r#"relation "no_such_table" does not exist"#),
+        "{e}"
+    );
+    let e = gw.err("SELECT name, nosuchcolumn FROM customers");
+    assert!(e.contains(r#"column "nosuchcolumn" does not exist"#), "{e}");
     // SQL run from a string, and calls in attribute notation, are refused.
     let e = gw
         .err("SELECT word FROM ts_stat($$SELECT array_to_tsvector(ARRAY[name]) FROM customers$$)");

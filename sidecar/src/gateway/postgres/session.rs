@@ -547,6 +547,9 @@ enum Event {
         /// The gateway's own.
         injected: bool,
     },
+    /// The text of a statement forwarded in the open batch (only while columns are masked):
+    /// what its errors may quote back.
+    Text(Arc<str>),
     /// The agent left.
     Done,
 }
@@ -576,6 +579,8 @@ struct Batch {
     tallies: VecDeque<Box<Tally>>,
     /// A simple query's outcome so far.
     query_tally: Option<Box<Tally>>,
+    /// The statements' texts (while columns are masked).
+    texts: Vec<Arc<str>>,
 }
 
 impl Batch {
@@ -690,6 +695,7 @@ async fn writer(
                     open.tallies.push_back(tally);
                 }
                 Some(Event::Describe { injected }) => open.describes.push_back(injected),
+                Some(Event::Text(t)) => open.texts.push(t),
                 Some(Event::Own(f)) => queue.push_back(Pending::Own(f)),
                 Some(Event::OwnReady) => queue.push_back(Pending::OwnReady),
                 Some(Event::Done) | None => done = true,
@@ -835,10 +841,10 @@ async fn writer(
                         }
                         batch.executes.clear();
                         batch.describes.clear();
-                        if masks.is_empty() { frame } else { mask_error(&masks, &frame) }
+                        if masks.is_empty() { frame } else { mask_error(&masks, &frame, &batch.texts) }
                     }
                     // Errors, notices and notifications can quote values too.
-                    b'N' if !masks.is_empty() => mask_error(&masks, &frame),
+                    b'N' if !masks.is_empty() => mask_error(&masks, &frame, &answering(&mut queue, &mut open).texts),
                     b'A' if !masks.is_empty() => mask_notification(&masks, &frame),
                     // Rows of an Execute whose description the gateway has not seen: never
                     // sent (fail closed).
@@ -984,7 +990,7 @@ fn error_summary(frame: &Frame) -> String {
 /// columns are masked, the text of data and constraint errors (classes 22 and 23, which
 /// quote the offending value: `invalid input syntax for type integer: "ada@…"`, `Key
 /// (email)=(…) already exists`) is replaced, keeping what kind of error it was.
-fn mask_error(masks: &MaskSet, frame: &Frame) -> Frame {
+fn mask_error(masks: &MaskSet, frame: &Frame, texts: &[Arc<str>]) -> Frame {
     let Ok(mut e) = ErrorFields::decode(frame) else {
         return ErrorFields::error(
             sqlstate::PROTOCOL_VIOLATION,
@@ -999,11 +1005,15 @@ fn mask_error(masks: &MaskSet, frame: &Frame) -> Frame {
     };
     // While columns are masked, what an error quotes may be a value read from one
     // (`time zone "ada@example.com" not recognized`, `relation "Ada" does not exist` from
-    // `name::regclass`): quoted text is hidden, except in syntax errors, which quote only
-    // the statement's own text.
+    // `name::regclass`): quoted text is hidden unless the agent's own statement has it (a
+    // table or column it named), and in syntax errors, which quote only the statement.
     let hide = masks.has_column_rules() && e.code != sqlstate::SYNTAX_ERROR;
     let text = |t: &str| {
-        let t = if hide { hide_quoted(t) } else { t.to_owned() };
+        let t = if hide {
+            hide_quoted(t, texts)
+        } else {
+            t.to_owned()
+        };
         text(&t)
     };
     if masks.has_column_rules() && (e.code.starts_with("22") || e.code.starts_with("23")) {
@@ -1024,18 +1034,30 @@ fn mask_error(masks: &MaskSet, frame: &Frame) -> Frame {
     }
 }
 
-/// `text` with what it quotes (`"…"`) hidden.
-fn hide_quoted(text: &str) -> String {
+/// `text` with what it quotes (`"…"`) hidden, unless one of the agent's statements `known`
+/// has it (in any letter case: names are folded).
+fn hide_quoted(text: &str, known: &[Arc<str>]) -> String {
     let mut out = String::with_capacity(text.len());
+    let mut quoted = String::new();
     let mut inside = false;
     for c in text.chars() {
         if c == '"' {
             if inside {
-                out.push_str("(hidden: agentgate masks columns here)");
+                let lower = quoted.to_lowercase();
+                let own =
+                    !quoted.is_empty() && known.iter().any(|k| k.to_lowercase().contains(&lower));
+                if own {
+                    out.push_str(&quoted);
+                } else {
+                    out.push_str("(hidden: agentgate masks columns here)");
+                }
+                quoted.clear();
             }
             inside = !inside;
             out.push(c);
-        } else if !inside {
+        } else if inside {
+            quoted.push(c);
+        } else {
             out.push(c);
         }
     }
@@ -1591,6 +1613,9 @@ async fn reader(
                 }
                 if d.verdict == Verdict::Allow {
                     copy_in = classified.statements.iter().any(|s| s.tag == "COPY FROM");
+                    if masks.has_column_rules() {
+                        tx.send(Event::Text(Arc::from(sql.as_str()))).await.ok();
+                    }
                     tx.send(Event::ExpectQuery(
                         computed,
                         Box::new(Tally::new(id, bytes_in)),
@@ -1723,6 +1748,9 @@ async fn reader(
                 match refused {
                     None => {
                         in_batch = true;
+                        if masks.has_column_rules() {
+                            tx.send(Event::Text(Arc::from(sql.as_str()))).await.ok();
+                        }
                         let parse = frontend::encode(&Frontend::Parse {
                             name,
                             sql,
@@ -1785,8 +1813,13 @@ async fn reader(
                     (d, c)
                 });
                 match verdict {
-                    Some((d, _)) if d.verdict == Verdict::Allow => {
+                    Some((d, c)) if d.verdict == Verdict::Allow => {
                         in_batch = true;
+                        if masks.has_column_rules() {
+                            tx.send(Event::Text(Arc::from(c.fingerprint.text())))
+                                .await
+                                .ok();
+                        }
                         tx.send(Event::Execute(
                             computed.ok().flatten(),
                             Box::new(Tally::new(id, frame.body.len() + 5)),
