@@ -294,6 +294,10 @@ async fn masking_holds_against_renamed_columns_views_cursors_partitions_and_erro
         let e = gw.err(sql);
         assert!(!e.contains("Ada") && e.contains("hidden"), "{sql}: {e}");
     }
+    // Guesses in the statement do not bring a value back: the error about the value has no
+    // position in the statement.
+    let e = gw.err("SELECT substr(name, 1, 1)::regclass FROM customers WHERE id = 1 /* A a */");
+    assert!(!e.contains(r#""A""#) && e.contains("hidden"), "{e}");
     // What the agent's own statement named is still shown.
     let e = gw.err("SELECT * FROM no_such_table");
     assert!(

@@ -1005,12 +1005,28 @@ fn mask_error(masks: &MaskSet, frame: &Frame, texts: &[Arc<str>]) -> Frame {
     };
     // While columns are masked, what an error quotes may be a value read from one
     // (`time zone "ada@example.com" not recognized`, `relation "Ada" does not exist` from
-    // `name::regclass`): quoted text is hidden unless the agent's own statement has it (a
-    // table or column it named), and in syntax errors, which quote only the statement.
+    // `name::regclass`): quoted text is hidden, except in syntax errors, which quote only
+    // the statement, and where the error points into the agent's statement (a table or
+    // column it named that does not exist) and the statement has the quoted text there.
+    // Errors about values read while running carry no such position.
     let hide = masks.has_column_rules() && e.code != sqlstate::SYNTAX_ERROR;
+    let at = error_position(frame).and_then(|p| {
+        texts
+            .iter()
+            .map(|t| {
+                // The name the error points at: up to the next space, comma or parenthesis.
+                t.chars()
+                    .skip(p.saturating_sub(1))
+                    .take_while(|c| !c.is_whitespace() && !matches!(c, ',' | ';' | '(' | ')'))
+                    .take(256)
+                    .collect::<String>()
+                    .to_lowercase()
+            })
+            .reduce(|a, b| a + "\n" + &b)
+    });
     let text = |t: &str| {
         let t = if hide {
-            hide_quoted(t, texts)
+            hide_quoted(t, at.as_deref())
         } else {
             t.to_owned()
         };
@@ -1034,9 +1050,21 @@ fn mask_error(masks: &MaskSet, frame: &Frame, texts: &[Arc<str>]) -> Frame {
     }
 }
 
-/// `text` with what it quotes (`"…"`) hidden, unless one of the agent's statements `known`
-/// has it (in any letter case: names are folded).
-fn hide_quoted(text: &str, known: &[Arc<str>]) -> String {
+/// The position (1-based, in characters) an error points to in the statement, if it has
+/// one (field `P`).
+fn error_position(frame: &Frame) -> Option<usize> {
+    let mut fields = frame.body.split(|b| *b == 0);
+    fields.find_map(|f| {
+        let (kind, value) = f.split_first()?;
+        (*kind == b'P')
+            .then(|| std::str::from_utf8(value).ok()?.parse().ok())
+            .flatten()
+    })
+}
+
+/// `text` with what it quotes (`"…"`) hidden, unless `known` (the agent's statement where
+/// the error points, lower-case) has it (in any letter case: names are folded).
+fn hide_quoted(text: &str, known: Option<&str>) -> String {
     let mut out = String::with_capacity(text.len());
     let mut quoted = String::new();
     let mut inside = false;
@@ -1044,8 +1072,7 @@ fn hide_quoted(text: &str, known: &[Arc<str>]) -> String {
         if c == '"' {
             if inside {
                 let lower = quoted.to_lowercase();
-                let own =
-                    !quoted.is_empty() && known.iter().any(|k| k.to_lowercase().contains(&lower));
+                let own = !quoted.is_empty() && known.is_some_and(|k| k.contains(&lower));
                 if own {
                     out.push_str(&quoted);
                 } else {
