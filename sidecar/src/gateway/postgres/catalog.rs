@@ -1,7 +1,8 @@
 //! What the database's catalog says about the columns a statement reads, for masking: over a
 //! second connection (the Target's credentials, opened when first needed), cached per
-//! session. Nothing the agent sends is interpolated into a catalog query except relation
-//! names, and those only as quoted identifiers inside a quoted literal.
+//! session. Nothing the agent sends is interpolated into a catalog query except relation and
+//! function names, and those only inside quoted literals (quotes doubled) on a session that
+//! reads strings as standard-conforming.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -145,7 +146,13 @@ impl Catalog {
             let up = upstream::connect(
                 &self.pg,
                 &self.creds,
-                &[("application_name".into(), "agentgate-catalog".into())],
+                // Names are quoted into literals: the session must read strings as
+                // standard-conforming, whatever the database's defaults say.
+                &[
+                    ("application_name".into(), "agentgate-catalog".into()),
+                    ("client_encoding".into(), "UTF8".into()),
+                    ("standard_conforming_strings".into(), "on".into()),
+                ],
             )
             .await
             .map_err(|e| e.to_string())?;
