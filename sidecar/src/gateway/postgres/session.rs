@@ -2,9 +2,9 @@
 //!
 //! Two halves per connection, run in its one task: the *reader* takes the agent's messages,
 //! classifies every SQL text with PostgreSQL's grammar, asks the policy, and forwards only
-//! what is allowed; the *writer* relays the server's answers (masking values) and slots the gateway's own answers
-//! (refusals) in exactly where the server's would have been, so pipelining clients see a
-//! well-ordered stream.
+//! what is allowed; the *writer* relays the server's answers (masking values) and slots the
+//! gateway's own answers (refusals) in exactly where the server's would have been, so
+//! pipelining clients see a well-ordered stream.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
