@@ -1325,6 +1325,12 @@ async fn a_grant_ends_at_its_expiry_in_an_open_connection_without_the_operator()
         assert!(Instant::now() < deadline, "the grant never took effect");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // A cursor whose query needs the grant (it locks rows: a write), opened while it holds.
+    client
+        .batch_execute("BEGIN; DECLARE wc CURSOR FOR SELECT id FROM orders ORDER BY id FOR UPDATE")
+        .await?;
+    let first = client.query("FETCH 1 FROM wc", &[]).await?;
+    assert_eq!(first.first().map(|r| r.get::<_, i32>(0)), Some(4711));
     // ...and over at its expiry, on the same connection, with nobody marking it Expired.
     let deadline = Instant::now() + Duration::from_secs(30);
     let err = loop {
@@ -1346,6 +1352,17 @@ async fn a_grant_ends_at_its_expiry_in_an_open_connection_without_the_operator()
         .map(|e| e.message().to_owned())
         .unwrap_or_default();
     assert!(text.contains("held for approval"), "{text}");
+    // The cursor's query runs as its rows are fetched: it ends with the grant too.
+    let err = client
+        .query("FETCH 1 FROM wc", &[])
+        .await
+        .err()
+        .and_then(|e| e.as_db_error().map(|e| e.message().to_owned()))
+        .unwrap_or_default();
+    assert!(
+        err.contains("the query of cursor wc is no longer allowed"),
+        "{err}"
+    );
     Ok(())
 }
 

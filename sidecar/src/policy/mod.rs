@@ -216,6 +216,8 @@ impl From<&Classified> for Command {
                         keys.insert("COPY PROGRAM".into());
                     }
                     Flag::ExecutePrepared(_)
+                    | Flag::DeclareCursor(_)
+                    | Flag::UseCursor(_)
                     | Flag::Function(_)
                     | Flag::Unknown(_)
                     | Flag::CopyBinary => {}

@@ -48,6 +48,10 @@ pub enum Flag {
     Unknown(String),
     /// `COPY … (FORMAT binary)`: values the gateway cannot inspect.
     CopyBinary,
+    /// `DECLARE name CURSOR FOR …`: opens a cursor whose rows are read later.
+    DeclareCursor(String),
+    /// `FETCH`/`MOVE … name`: reads a cursor's rows (its query runs now).
+    UseCursor(String),
 }
 
 /// One statement of a query string.
@@ -657,6 +661,18 @@ fn walk(v: &Value, w: &mut Walk) {
                                     }
                                 }
                             }
+                        }
+                        "DeclareCursorStmt" | "FetchStmt" => {
+                            let name = body
+                                .get("portalname")
+                                .and_then(Value::as_str)
+                                .unwrap_or_default()
+                                .to_owned();
+                            w.flags.push(if k == "FetchStmt" {
+                                Flag::UseCursor(name)
+                            } else {
+                                Flag::DeclareCursor(name)
+                            });
                         }
                         "ExecuteStmt" => {
                             let name = body.get("name").and_then(Value::as_str).unwrap_or_default();

@@ -1485,6 +1485,39 @@ async fn reader(
         }
         d
     };
+    // Cursors the agent declared: their queries run as their rows are fetched, so each
+    // FETCH or MOVE is decided again as the DECLARE was (a grant that ended stops it).
+    let mut cursors: HashMap<String, Classified> = HashMap::new();
+    let cursor_refusal = |c: &Classified, cursors: &HashMap<String, Classified>| {
+        c.statements
+            .iter()
+            .flat_map(|st| st.flags.iter())
+            .find_map(|f| match f {
+                crate::sql::Flag::UseCursor(name) => {
+                    let declared = cursors.get(name)?;
+                    let d = decide(declared);
+                    (d.verdict != Verdict::Allow).then(|| Decision {
+                        verdict: Verdict::Refuse,
+                        rule: d.rule.clone(),
+                        grant: None,
+                        message: format!(
+                            "the query of cursor {name} is no longer allowed: {}",
+                            d.message
+                        ),
+                    })
+                }
+                _ => None,
+            })
+    };
+    let remember_cursors = |c: &Classified, cursors: &mut HashMap<String, Classified>| {
+        for st in &c.statements {
+            for f in &st.flags {
+                if let crate::sql::Flag::DeclareCursor(name) = f {
+                    cursors.insert(name.clone(), c.clone());
+                }
+            }
+        }
+    };
     let result = loop {
         let frame = match read_frame(&mut agent, MAX_MESSAGE).await {
             Ok(Some(f)) => f,
@@ -1574,6 +1607,11 @@ async fn reader(
                 };
                 let unknown = functions_unknown.or(unknown);
                 let mut d = decide(&classified);
+                if d.verdict == Verdict::Allow
+                    && let Some(r) = cursor_refusal(&classified, &cursors)
+                {
+                    d = r;
+                }
                 if d.verdict != Verdict::Refuse
                     && let Some(why) = unknown
                 {
@@ -1640,6 +1678,7 @@ async fn reader(
                 }
                 if d.verdict == Verdict::Allow {
                     copy_in = classified.statements.iter().any(|s| s.tag == "COPY FROM");
+                    remember_cursors(&classified, &mut cursors);
                     if masks.has_column_rules() {
                         tx.send(Event::Text(Arc::from(sql.as_str()))).await.ok();
                     }
@@ -1700,6 +1739,11 @@ async fn reader(
                         Ok(mut c) => {
                             let functions_unknown = check_functions(&catalog, &mut c).await;
                             let mut d = decide(&c);
+                            if d.verdict == Verdict::Allow
+                                && let Some(r) = cursor_refusal(&c, &cursors)
+                            {
+                                d = r;
+                            }
                             if let Some(why) = functions_unknown {
                                 d = Decision {
                                     verdict: Verdict::Refuse,
@@ -1759,6 +1803,7 @@ async fn reader(
                                 } else {
                                     used_statements.insert(name.clone());
                                 }
+                                remember_cursors(&c, &mut cursors);
                                 statements.insert(name.clone(), c);
                                 None
                             } else if matches!(d.rule.as_str(), "prepare" | "copy") {
@@ -1826,6 +1871,11 @@ async fn reader(
                 };
                 let verdict = found.map(|c| {
                     let mut d = admitted(decide(&c));
+                    if d.verdict == Verdict::Allow
+                        && let Some(r) = cursor_refusal(&c, &cursors)
+                    {
+                        d = r;
+                    }
                     if d.verdict != Verdict::Refuse
                         && let Err(why) = &computed
                     {
