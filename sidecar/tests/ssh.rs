@@ -276,7 +276,7 @@ fn an_interactive_shell_is_checked_line_by_line() -> anyhow::Result<()> {
     let s = setup()?;
     let marker = s.dir.path().join("shell-ran");
     let script = format!(
-        "echo one-$((40+2))\nsudo touch {m}\necho {EMAIL}\necho \"two\nlines\"\necho three\nexit\n",
+        "echo one-$((40+2))\nsudo touch {m}\necho {EMAIL}\necho \"two\nlines\"\necho three\necho again!!\nexit\n",
         m = marker.display()
     );
     let out = s.ssh(&["-tt", "web"], Some(script.as_bytes()));
@@ -287,6 +287,12 @@ fn an_interactive_shell_is_checked_line_by_line() -> anyhow::Result<()> {
     assert!(!text.contains(EMAIL), "{text}");
     assert!(text.contains("lines"), "{text}");
     assert!(text.contains("three"), "{text}");
+    // History expansion would run what was not checked.
+    assert!(
+        text.contains("agentgate: refused: history expansion (!) is refused"),
+        "{text}"
+    );
+    assert!(!text.contains("againecho"), "{text}");
     // A program run with a terminal gets its input checked the same way (a pager's `!cmd`
     // would otherwise reach a shell unseen).
     let out = s.ssh(&["-tt", "web", "cat"], Some(b"plain-text\n!sudo id\n\x04"));

@@ -704,6 +704,7 @@ async fn agent_to_host(
     let mut sent = 0u64;
     let lines_checked = *mode == Mode::Shell || (matches!(mode, Mode::Exec(_)) && pty);
     let mut lines = LineDiscipline::default();
+    lines.no_terminal = !pty;
     let mut packets = sftp::Framer::default();
     while let Some(msg) = from_agent.wait().await {
         match msg {
@@ -823,6 +824,19 @@ async fn agent_to_host(
 async fn shell_line(ctx: &Arc<Ctx>, text: &str, escapes: bool) -> Result<(), String> {
     if text.trim().is_empty() {
         return Ok(());
+    }
+    // An interactive bash expands history (`!!`, `!$`, `^a^b`) before it parses the line:
+    // what would run is not what was checked.
+    if !escapes && let Some(why) = command::history_expansion(text) {
+        let probe = ctx.ssh_command(OperationClass::Exec, "line", text, Default::default(), None);
+        let d = Decision {
+            verdict: Verdict::Refuse,
+            rule: "history-expansion".into(),
+            grant: None,
+            message: why.clone(),
+        };
+        let _ = ctx.record("line", text, &probe, &d);
+        return Err(format!("agentgate: refused: {why}"));
     }
     let cmd = match ctx.command("line", text) {
         Ok(c) => c,

@@ -202,11 +202,152 @@ pub fn classify(line: &str) -> Result<Parsed, Unparsable> {
         commands: Vec::new(),
     };
     w.line(line, 0)?;
+    if let Some(what) = evaluated_later(line) {
+        w.raise(OperationClass::Exec);
+        w.keys.insert(format!("runs code: {what}"));
+    }
     Ok(Parsed {
         class: w.class,
         keys: w.keys,
         commands: w.commands,
     })
+}
+
+/// The parts of `line` outside single quotes (where bash expands anything).
+fn unquoted(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut single = false;
+    let mut escaped = false;
+    for c in line.chars() {
+        if single {
+            if c == '\'' {
+                single = false;
+                out.push(' ');
+            }
+            continue;
+        }
+        if escaped {
+            escaped = false;
+            out.push(' ');
+            continue;
+        }
+        match c {
+            '\\' => escaped = true,
+            '\'' => single = true,
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+/// Why bash would evaluate text of `line` as code that the parse does not show, if it
+/// would: data turned into code later (prompt expansion `${x@P}`, indirection `${!x}`,
+/// arithmetic, which evaluates array subscripts such as `a[$(cmd)]` held in variables),
+/// variables that run code set without an assignment word (`for PROMPT_COMMAND in …`,
+/// `read PS1`), extended globs (`!(…)`, which bash without extglob runs as a subshell),
+/// and ANSI-C escapes the parser does not decode (`$'\u0073udo'`).
+fn evaluated_later(line: &str) -> Option<&'static str> {
+    let open = unquoted(line);
+    if open.contains("@P}") {
+        return Some("prompt expansion of a value");
+    }
+    if open.contains("${!") {
+        return Some("indirect expansion");
+    }
+    // Arithmetic on literals is harmless; a name in it is evaluated as arithmetic in turn.
+    for start in ["((", "$["] {
+        let mut rest = open.as_str();
+        while let Some(i) = rest.find(start) {
+            let body = &rest[i + start.len()..];
+            let end = body
+                .find(if start == "((" { "))" } else { "]" })
+                .unwrap_or(body.len());
+            if body[..end]
+                .chars()
+                .any(|c| c.is_ascii_alphabetic() || c == '_')
+            {
+                return Some("arithmetic on a variable (bash evaluates what it holds)");
+            }
+            rest = &body[end..];
+        }
+    }
+    if open.contains("[[")
+        && ["-eq", "-ne", "-lt", "-le", "-gt", "-ge", "-v", "-R"]
+            .iter()
+            .any(|op| open.split_whitespace().any(|w| w == *op))
+    {
+        return Some("arithmetic or variable tests in [[ ]]");
+    }
+    if ["!(", "@(", "+(", "?(", "*("]
+        .iter()
+        .any(|p| open.contains(p))
+    {
+        return Some("an extended glob");
+    }
+    let code_vars = RUNS_CODE_ENV.iter().chain(
+        [
+            "PS0",
+            "PS1",
+            "PS2",
+            "PS3",
+            "PS4",
+            "BASH_ALIASES",
+            "BASH_CMDS",
+        ]
+        .iter(),
+    );
+    let words: Vec<&str> = open
+        .split(|c: char| c.is_whitespace() || matches!(c, ';' | '&' | '|' | '(' | ')' | '"'))
+        .collect();
+    if code_vars.clone().any(|v| words.contains(v)) {
+        return Some("a variable that runs code, named as a word");
+    }
+    // `$'…'` with escapes beyond the ones decoded for the check.
+    let mut rest = line;
+    while let Some(i) = rest.find("$'") {
+        let body = &rest[i + 2..];
+        let end = body.find('\'').unwrap_or(body.len());
+        if ["\\u", "\\U", "\\c"]
+            .iter()
+            .any(|e| body[..end].contains(e))
+        {
+            return Some("an ANSI-C escape");
+        }
+        rest = &body[end.min(body.len())..];
+        if rest.is_empty() {
+            break;
+        }
+        rest = &rest[1..];
+    }
+    None
+}
+
+/// Why an interactive bash would expand history in `line` before running it, if it would:
+/// a `!` outside single quotes followed by anything but a blank, `=` or `(`, or a line
+/// starting with `^` (quick substitution).
+pub fn history_expansion(line: &str) -> Option<String> {
+    if line.trim_start().starts_with('^') {
+        return Some(
+            "history substitution (^old^new) is refused: bash would run a command agentgate did not see"
+                .into(),
+        );
+    }
+    let open = unquoted(line);
+    let chars: Vec<char> = open.chars().collect();
+    for (i, c) in chars.iter().enumerate() {
+        if *c == '!' {
+            match chars.get(i + 1) {
+                None => {}
+                Some(n) if n.is_whitespace() || matches!(n, '=' | '(') => {}
+                Some(_) => {
+                    return Some(
+                        "history expansion (!) is refused in an interactive shell: bash would run a command agentgate did not see; quote the ! ('!') or put a space after it".into(),
+                    );
+                }
+            }
+        }
+    }
+    None
 }
 
 /// Whether `text` is an incomplete command the shell would ask more lines for: an
@@ -298,7 +439,42 @@ const RUNS_CODE_ENV: [&str; 16] = [
 ];
 
 /// Programs that run other programs, escalate, or change how later commands run.
-const RUNS_CODE: [&str; 26] = [
+const RUNS_CODE: [&str; 58] = [
+    // History and editing: run an earlier or edited command.
+    "fc",
+    "history",
+    // Builtins that call back into code they are given.
+    "mapfile",
+    "readarray",
+    "compgen",
+    // Wrappers that run the program they are given (unknown to the unwrapping below).
+    "setarch",
+    "linux32",
+    "linux64",
+    "i386",
+    "x86_64",
+    "prlimit",
+    "choom",
+    "numactl",
+    "rlwrap",
+    "parallel",
+    "sshpass",
+    "gosu",
+    "su-exec",
+    "fakeroot",
+    "systemd-inhibit",
+    "dbus-run-session",
+    "chronic",
+    "ifne",
+    "pee",
+    "stdbuf",
+    "ionice",
+    "taskset",
+    "chrt",
+    "flock",
+    "setsid",
+    "runuser",
+    "busybox",
     "alias",
     "hash",
     "enable",

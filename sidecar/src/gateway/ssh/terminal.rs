@@ -46,6 +46,9 @@ pub struct LineDiscipline {
     escape: u8,
     /// The last byte was `\r` (a following `\n` belongs to the same Enter).
     after_cr: bool,
+    /// No terminal: the shell reads a pipe, where only `\n` ends a line and `\r` is part of
+    /// a word, so a `\r` makes the line refused rather than read two ways.
+    pub no_terminal: bool,
 }
 
 /// Whether `text` is a command the shell would wait for more lines of.
@@ -69,6 +72,10 @@ impl LineDiscipline {
             }
             match b {
                 b'\n' if after_cr => {}
+                b'\r' if self.no_terminal => {
+                    self.taint("a carriage return without a terminal: the shell would read it as part of a word, not as the end of a line");
+                    self.line.push(b'\r');
+                }
                 b'\r' | b'\n' => {
                     self.after_cr = b == b'\r';
                     out.push(self.enter(b, incomplete));

@@ -357,3 +357,64 @@ fn nesting_is_refused_before_parsing() {
     // Ordinary lines are well inside the limit.
     assert!(classify("if true; then (cd /tmp && { ls; echo $(date); }); fi").is_ok());
 }
+
+#[test]
+fn the_second_reviews_bypasses_are_caught() {
+    for line in [
+        // Data that bash evaluates later.
+        r#"for x in '\044(sudo reboot)'; do journalctl "${x@P}"; done"#,
+        "for x in 'a[$(sudo reboot)]'; do journalctl -n \"$((x))\"; done",
+        "read x <<< 'a[$(sudo reboot)]'; echo $((x))",
+        "[[ $x -eq 1 ]]",
+        "echo ${!x}",
+        // Variables that run code, set without an assignment word.
+        "for PROMPT_COMMAND in 'sudo reboot'; do journalctl -n 1; done",
+        "read PS1 <<< '$(sudo reboot)'",
+        "printf -v PROMPT_COMMAND %s 'sudo reboot'",
+        "mapfile -C 'sudo reboot;:' -c 1 a < /proc/uptime",
+        "compgen -C 'sudo reboot' x",
+        // Escapes and globs the parse reads differently from bash.
+        "$'\\u0073udo' reboot",
+        "echo x > $'/etc/sudoer\\u0073'",
+        "!(sudo reboot)",
+        "!(rm -rf /)",
+        // Wrappers, history and editing.
+        "setarch x86_64 sudo reboot",
+        "linux64 rm -rf /",
+        "prlimit --nofile=1024 sudo reboot",
+        "choom -n 0 -- sudo reboot",
+        "history -s 'sudo reboot'",
+        "fc -s",
+        "fc",
+    ] {
+        assert!(
+            severity(class(line)) >= severity(Exec),
+            "{line}: {:?}",
+            class(line)
+        );
+    }
+    // Ordinary lines stay as they were.
+    for (line, want) in [
+        ("echo hello", Read),
+        ("ls -la /var/log", Read),
+        ("grep -v error app.log", Read),
+        ("echo \"it's (fine)\"", Read),
+        ("echo one-$((40+2))", Read),
+    ] {
+        assert_eq!(class(line), want, "{line}");
+    }
+    // History expansion, in an interactive shell.
+    for line in [
+        "echo !!:s/\"//:s/\"//",
+        "!!",
+        "echo !$",
+        "!-2",
+        "^echo^sudo",
+        "echo \"a!b\"",
+    ] {
+        assert!(history_expansion(line).is_some(), "{line}");
+    }
+    for line in ["echo 'a!b'", "echo hi !", "[ ! -f x ]", "x!=y", "echo \\!x"] {
+        assert!(history_expansion(line).is_none(), "{line}");
+    }
+}
