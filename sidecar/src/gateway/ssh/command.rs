@@ -439,7 +439,7 @@ const RUNS_CODE_ENV: [&str; 16] = [
 ];
 
 /// Programs that run other programs, escalate, or change how later commands run.
-const RUNS_CODE: [&str; 58] = [
+const RUNS_CODE: [&str; 52] = [
     // History and editing: run an earlier or edited command.
     "fc",
     "history",
@@ -467,14 +467,8 @@ const RUNS_CODE: [&str; 58] = [
     "chronic",
     "ifne",
     "pee",
-    "stdbuf",
-    "ionice",
-    "taskset",
-    "chrt",
     "flock",
-    "setsid",
     "runuser",
-    "busybox",
     "alias",
     "hash",
     "enable",
@@ -1133,7 +1127,11 @@ impl Walker {
                             return Ok(Vec::new());
                         }
                         i += if flags.ends_with(['u', 'C']) { 2 } else { 1 };
-                    } else if a.starts_with('-') || is_assignment(a) {
+                    } else if is_assignment(a) {
+                        // `env LD_PRELOAD=… id` sets what an assignment word would.
+                        self.assignment(a);
+                        i += 1;
+                    } else if a.starts_with('-') {
                         i += 1;
                     } else {
                         break;
@@ -1447,8 +1445,42 @@ impl Walker {
             }
             "rsync"
                 if args.iter().any(|a| {
-                    *a == "-e" || a.starts_with("--rsh") || a.starts_with("--rsync-path")
+                    a.starts_with("--rsh")
+                        || a.starts_with("--rsync-path")
+                        || a.starts_with("--daemon")
+                        || a.starts_with("--config")
+                        // `-e cmd`, `-e'cmd'`, or `e` in a cluster (`-ave cmd`); not the
+                        // receiving side's `--server -vlogDtpre.iLsfxCIvu`, whose `e.` is
+                        // protocol capabilities.
+                        || (!args.contains(&"--server")
+                            && a.starts_with('-')
+                            && !a.starts_with("--")
+                            && a[1..].contains('e'))
                 }) =>
+            {
+                Exec
+            }
+            // A remote shell command, a config file or a program of the agent's choosing.
+            "scp" | "sftp"
+                if args.iter().any(|a| {
+                    ["-o", "-S", "-F"].iter().any(|o| a.starts_with(o))
+                        || (a.starts_with('-')
+                            && !a.starts_with("--")
+                            && a[1..].contains(['o', 'S', 'F']))
+                }) =>
+            {
+                Exec
+            }
+            // A makefile from stdin, or text evaluated as one.
+            "make" | "gmake"
+                if args
+                    .windows(2)
+                    .any(|w| matches!(w[0], "-f" | "--file" | "--makefile") && w[1] == "-")
+                    || args.iter().any(|a| {
+                        a.starts_with("--eval")
+                            || a.starts_with("-E")
+                            || matches!(*a, "-f-" | "--file=-" | "--makefile=-")
+                    }) =>
             {
                 Exec
             }
@@ -1460,12 +1492,18 @@ impl Walker {
                 Exec
             }
             "git"
-                if args.first().is_some_and(|a| {
-                    *a == "-c" || a.starts_with("--exec-path") || a.starts_with("--config-env")
-                }) =>
+                if args.iter().any(|a| {
+                    *a == "-c"
+                        || a.starts_with("--exec-path")
+                        || a.starts_with("--config-env")
+                        || *a == "-O"
+                        || a.starts_with("--open-files-in-pager")
+                }) || (args.contains(&"config") && args.iter().any(|a| git_code_key(a))) =>
             {
                 Exec
             }
+            // Read subcommands that write a file anyway.
+            "git" if args.iter().any(|a| a.starts_with("--output")) => Write,
             "tee" => {
                 for a in args_x.iter().filter(|a| !a.starts_with('-')) {
                     self.written(&WordText {
@@ -1741,6 +1779,34 @@ impl Walker {
         self.raise(class);
         Ok(vec![(name, false)])
     }
+}
+
+/// Whether a `git config` argument names a setting whose value git runs (an alias with `!`,
+/// a pager, editor, hook path, external diff, filter, credential helper, ssh command…).
+fn git_code_key(a: &str) -> bool {
+    let a = a.to_ascii_lowercase();
+    a.starts_with("alias.")
+        || a.starts_with("filter.")
+        || a.starts_with("credential")
+        || a.starts_with("core.pager")
+        || a.starts_with("core.editor")
+        || a.starts_with("core.fsmonitor")
+        || a.starts_with("core.sshcommand")
+        || a.starts_with("core.hookspath")
+        || a.starts_with("core.askpass")
+        || a.starts_with("core.gitproxy")
+        || a.starts_with("diff.external")
+        || a.starts_with("sequence.editor")
+        || a.starts_with("gpg.")
+        || a.starts_with("pager.")
+        || a.starts_with("include")
+        || a.contains(".textconv")
+        || a.contains(".command")
+        || a.contains(".cmd")
+        || a.contains(".tool")
+        || a == "--edit"
+        || a == "-e"
+        || a.starts_with("--file")
 }
 
 fn is_assignment(s: &str) -> bool {

@@ -178,6 +178,9 @@ pub struct OutputMasker {
     pending: Vec<u8>,
     /// Values masked so far, by rule.
     pub masked: std::collections::BTreeMap<String, u64>,
+    /// Inside a private key block (a `BEGIN … PRIVATE KEY` line was masked, its `END` has
+    /// not come): the rule that masked it. Its body lines are masked whole.
+    in_key: Option<String>,
 }
 
 /// Bytes a partial line may hold before it is masked and sent anyway.
@@ -216,7 +219,26 @@ impl OutputMasker {
             // Invalid UTF-8 (binary output) is masked as text with replacement characters:
             // what passes is never a value the detectors did not see.
             let text = String::from_utf8_lossy(line);
+            // A private key's body: line by line, each alone looks like nothing.
+            if let Some(rule) = &self.in_key {
+                *self.masked.entry(rule.clone()).or_default() += 1;
+                if text.contains("-----END ") {
+                    self.in_key = None;
+                }
+                out.extend_from_slice(b"****");
+                if line.ends_with(b"\n") {
+                    out.push(b'\n');
+                }
+                continue;
+            }
             let (masked, applied) = masks.mask(None, &text);
+            if let Some(begin) = text.find("-----BEGIN ")
+                && text[begin..].contains("PRIVATE KEY")
+                && !text[begin..].contains("-----END ")
+                && let Some(rule) = applied.first()
+            {
+                self.in_key = Some(rule.clone());
+            }
             for rule in applied {
                 *self.masked.entry(rule).or_default() += 1;
             }
@@ -337,5 +359,32 @@ mod tests {
         assert!(!text.contains("alice@example.com"), "{text}");
         assert!(text.ends_with("logged in\nnext"), "{text}");
         assert_eq!(m.masked.values().sum::<u64>(), 1);
+    }
+
+    #[test]
+    fn a_private_keys_body_is_masked_line_by_line() {
+        let v: serde_json::Value = serde_norway::from_str(
+            "apiVersion: agentgate.dev/v1alpha1\nkind: MaskPolicy\nmetadata: { name: keys }\nspec:\n  rules:\n    - { name: keys, detectors: [PrivateKey], action: Redact }\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let p: agentgate_crds::MaskPolicy =
+            serde_json::from_value(v).unwrap_or_else(|e| panic!("{e}"));
+        let set = MaskSet::compile(&[&p], &|_| None).unwrap_or_else(|e| panic!("{e}"));
+        let mut m = OutputMasker::default();
+        let mut out = m.feed(
+            &set,
+            b"$ cat id_ed25519\n-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1r",
+        );
+        out.extend(m.feed(
+            &set,
+            b"ZXktdjEAAAAA\nQyNTUxOQAAACD\n-----END OPENSSH PRIVATE KEY-----\n$ ls\nfile\n",
+        ));
+        out.extend(m.flush(&set));
+        let text = String::from_utf8_lossy(&out);
+        for secret in ["b3BlbnNzaC1r", "ZXktdjEAAAAA", "QyNTUxOQAAACD"] {
+            assert!(!text.contains(secret), "{text}");
+        }
+        assert!(text.starts_with("$ cat id_ed25519\n"), "{text}");
+        assert!(text.ends_with("$ ls\nfile\n"), "{text}");
     }
 }

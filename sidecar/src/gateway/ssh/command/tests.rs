@@ -386,6 +386,22 @@ fn the_second_reviews_bypasses_are_caught() {
         "history -s 'sudo reboot'",
         "fc -s",
         "fc",
+        // Programs that run code through options or their own config.
+        "env LD_PRELOAD=/tmp/x.so id",
+        "env PATH=/tmp/x ls",
+        "env GIT_PAGER='sh -c id' git log",
+        "rsync -e'sh -c id' a x:",
+        "rsync -ave 'sh -c id' a x:",
+        "rsync --config=/tmp/r.conf --server --daemon .",
+        "scp -o ProxyCommand='sudo reboot' a b:c",
+        "scp -S prog a b:c",
+        "make -f - x",
+        "make --eval='x:;id' x",
+        "git config alias.x '!sudo reboot'",
+        "git config core.fsmonitor 'sudo reboot;false'",
+        "git -C . -c core.pager='sh -c id' log",
+        "git grep --open-files-in-pager='sh -c id' -e x",
+        "git grep -O -e x",
     ] {
         assert!(
             severity(class(line)) >= severity(Exec),
@@ -400,9 +416,18 @@ fn the_second_reviews_bypasses_are_caught() {
         ("grep -v error app.log", Read),
         ("echo \"it's (fine)\"", Read),
         ("echo one-$((40+2))", Read),
+        ("git log --oneline -5", Read),
+        ("git config --get user.name", Read),
+        ("rsync -avz a x:", Write),
+        ("rsync --server -vlogDtpre.iLsfxCIvu . /tmp/up", Write),
+        ("stdbuf -oL grep x y", Read),
     ] {
         assert_eq!(class(line), want, "{line}");
     }
+    assert_eq!(
+        class("git log -1 --format=%B --output=/home/deploy/.bashrc"),
+        Write
+    );
     // History expansion, in an interactive shell.
     for line in [
         "echo !!:s/\"//:s/\"//",
