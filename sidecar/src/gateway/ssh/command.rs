@@ -1941,6 +1941,35 @@ fn is_privileged_file(p: &str) -> bool {
     {
         return true;
     }
+    // A relative path is wherever the shell is (`echo x >> .bashrc` in the home directory,
+    // `../../etc/sudoers.d/x`): startup files are known by their name alone, and a path
+    // that climbs with `..` could be anything.
+    let base = basename(p);
+    if matches!(
+        base,
+        ".bashrc"
+            | ".bash_profile"
+            | ".bash_login"
+            | ".bash_logout"
+            | ".bash_aliases"
+            | ".profile"
+            | ".zshrc"
+            | ".zprofile"
+            | ".zshenv"
+            | ".zlogin"
+            | ".inputrc"
+            | ".gitconfig"
+            | ".pam_environment"
+            | ".curlrc"
+            | ".wgetrc"
+            | ".npmrc"
+            | ".pythonrc"
+            | "authorized_keys"
+            | "authorized_keys2"
+    ) || (!p.starts_with('/') && p.split('/').any(|s| s == ".."))
+    {
+        return true;
+    }
     if p.starts_with("/etc/cron")
         || p.starts_with("/var/spool/cron")
         || p.starts_with("/etc/profile")

@@ -231,7 +231,11 @@ impl OutputMasker {
                 }
                 continue;
             }
-            let (masked, applied) = masks.mask(None, &text);
+            // Colours and other terminal sequences can sit inside a value (`grep --color`
+            // marks what matched): detectors look at the text without them, and a line
+            // with something masked is sent without them.
+            let plain = strip_terminal_sequences(&text);
+            let (masked, applied) = masks.mask(None, &plain);
             if let Some(begin) = text.find("-----BEGIN ")
                 && text[begin..].contains("PRIVATE KEY")
                 && !text[begin..].contains("-----END ")
@@ -250,6 +254,44 @@ impl OutputMasker {
         }
         out
     }
+}
+
+/// `text` without terminal control sequences (CSI `ESC [ … final`, OSC `ESC ] … BEL` or
+/// `ESC \`, and two-byte `ESC x`).
+fn strip_terminal_sequences(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.contains('\u{1b}') {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '\u{1b}' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('[') => {
+                for c in chars.by_ref() {
+                    if ('\u{40}'..='\u{7e}').contains(&c) {
+                        break;
+                    }
+                }
+            }
+            Some(']') => {
+                while let Some(c) = chars.next() {
+                    if c == '\u{7}' {
+                        break;
+                    }
+                    if c == '\u{1b}' && chars.peek() == Some(&'\\') {
+                        chars.next();
+                        break;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 #[cfg(test)]
@@ -359,6 +401,12 @@ mod tests {
         assert!(!text.contains("alice@example.com"), "{text}");
         assert!(text.ends_with("logged in\nnext"), "{text}");
         assert_eq!(m.masked.values().sum::<u64>(), 1);
+        // Colours inside the value (grep --color).
+        let out = m.feed(&set, b"creds: \x1b[01;31malice\x1b[m@example.com\n");
+        let text = String::from_utf8_lossy(&out);
+        assert!(!text.contains("alice"), "{text}");
+        let out = m.feed(&set, b"\x1b[32mok\x1b[0m\n");
+        assert_eq!(out, b"\x1b[32mok\x1b[0m\n");
     }
 
     #[test]

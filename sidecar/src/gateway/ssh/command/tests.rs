@@ -428,6 +428,17 @@ fn the_second_reviews_bypasses_are_caught() {
         class("git log -1 --format=%B --output=/home/deploy/.bashrc"),
         Write
     );
+    // Startup files by their name, wherever the shell is; paths that climb.
+    for line in [
+        "echo 'sudo reboot' >> .bashrc",
+        "echo key >> authorized_keys",
+        "echo x > ../../etc/sudoers.d/x",
+        "cp x .bash_aliases",
+        "echo '[alias] x = !id' >> .gitconfig",
+    ] {
+        assert_eq!(class(line), Privilege, "{line}");
+    }
+    assert_eq!(class("echo x > notes.txt"), Write);
     // History expansion, in an interactive shell.
     for line in [
         "echo !!:s/\"//:s/\"//",
