@@ -33,6 +33,22 @@ fn passed_env(name: &str) -> bool {
     name == "LANG" || name == "TZ" || name == "COLORTERM" || name.starts_with("LC_")
 }
 
+/// Whether a locale value keeps the host's shell reading bytes as the gateway does: UTF-8,
+/// or the C/POSIX locale. In a multi-byte locale such as GBK, a `\` byte can be the second
+/// half of a character, so the shell would read quotes where the check reads escapes.
+fn safe_locale(name: &str, value: &str) -> bool {
+    if name == "TZ" || name == "COLORTERM" {
+        return true;
+    }
+    let v = value.to_ascii_lowercase();
+    v.is_empty()
+        || matches!(v.as_str(), "c" | "posix")
+        || v.ends_with(".utf-8")
+        || v.ends_with(".utf8")
+        || v.contains(".utf-8@")
+        || v.contains(".utf8@")
+}
+
 /// What the agent's side of a channel is, once it asked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Mode {
@@ -426,7 +442,7 @@ pub async fn run(
                 variable_value,
                 ..
             }) => {
-                if passed_env(&variable_name) {
+                if passed_env(&variable_name) && safe_locale(&variable_name, &variable_value) {
                     env.push((variable_name, variable_value));
                 }
             }
@@ -1377,6 +1393,11 @@ mod tests {
 
     #[test]
     fn only_locale_variables_pass() {
+        assert!(safe_locale("LC_ALL", "en_US.UTF-8"));
+        assert!(safe_locale("LANG", "C.utf8"));
+        assert!(safe_locale("LC_ALL", "C"));
+        assert!(!safe_locale("LC_ALL", "zh_CN.GBK"));
+        assert!(!safe_locale("LANG", "ja_JP.SJIS"));
         assert!(passed_env("LANG"));
         assert!(passed_env("LC_ALL"));
         assert!(!passed_env("BASH_ENV"));

@@ -1548,6 +1548,8 @@ impl Walker {
                 "poweroff" | "reboot" | "halt" | "kexec" | "isolate" | "emergency" | "rescue"
                 | "suspend" | "hibernate" | "hybrid-sleep" | "soft-reboot" | "set-default"
                 | "switch-root" => Admin,
+                // Opens an editor, whose own commands run programs.
+                "edit" => Exec,
                 _ => Ddl,
             },
             "service" => {
@@ -1673,9 +1675,41 @@ impl Walker {
             "crontab" => {
                 if has("-l") {
                     Read
+                } else if has("-e") {
+                    // Opens an editor, whose own commands run programs.
+                    Exec
                 } else {
                     Ddl
                 }
+            }
+            // Opening an editor: its own commands (`:!cmd`, `:term`) run programs, and the
+            // lines typed into it are not shell commands.
+            "git"
+                if matches!(sub, "commit" | "merge" | "tag" | "rebase")
+                    && (has("-i")
+                        || has("--interactive")
+                        || has("-e")
+                        || has("--edit")
+                        || (sub == "commit"
+                            && !args.iter().any(|a| {
+                                a.starts_with("-m")
+                                    || a.starts_with("--message")
+                                    || a.starts_with("-F")
+                                    || a.starts_with("--file")
+                                    || a.starts_with("-C")
+                                    || a.starts_with("--reuse-message")
+                                    || *a == "--no-edit"
+                                    || a.starts_with("--fixup")
+                            }))) =>
+            {
+                Exec
+            }
+            "journalctl"
+                if args.iter().any(|a| {
+                    a.starts_with("--vacuum") || *a == "--rotate" || a.starts_with("--flush")
+                }) =>
+            {
+                Write
             }
             "docker" | "podman" | "nerdctl" | "crictl" | "ctr" => match sub {
                 "ps" | "images" | "logs" | "inspect" | "version" | "info" | "stats" | "top"

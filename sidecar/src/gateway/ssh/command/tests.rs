@@ -402,6 +402,11 @@ fn the_second_reviews_bypasses_are_caught() {
         "git -C . -c core.pager='sh -c id' log",
         "git grep --open-files-in-pager='sh -c id' -e x",
         "git grep -O -e x",
+        // Editors: their own commands run programs.
+        "git commit --allow-empty",
+        "git rebase -i HEAD~3",
+        "crontab -e",
+        "systemctl edit nginx",
     ] {
         assert!(
             severity(class(line)) >= severity(Exec),
@@ -421,6 +426,9 @@ fn the_second_reviews_bypasses_are_caught() {
         ("rsync -avz a x:", Write),
         ("rsync --server -vlogDtpre.iLsfxCIvu . /tmp/up", Write),
         ("stdbuf -oL grep x y", Read),
+        ("git commit -m 'fix: typo'", Write),
+        ("journalctl --vacuum-time=1s", Write),
+        ("journalctl -u nginx -n 50", Read),
     ] {
         assert_eq!(class(line), want, "{line}");
     }
