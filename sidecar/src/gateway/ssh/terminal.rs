@@ -147,6 +147,11 @@ impl LineDiscipline {
         // As the host's terminal hands it to the shell: a carriage return is a newline (a
         // `\r` left in would join two commands into one word for the check).
         let text = String::from_utf8_lossy(&raw).replace('\r', "\n");
+        // Bytes that are not UTF-8 would be checked as replacement characters while the host
+        // reads them in its own way (a multi-byte locale can take a `\` into a character).
+        if std::str::from_utf8(&raw).is_err() {
+            self.taint("bytes that are not UTF-8");
+        }
         if let Some(why) = self.tainted.take() {
             self.reset();
             return Input::Refused {
@@ -407,6 +412,19 @@ mod tests {
         assert!(!text.contains("alice"), "{text}");
         let out = m.feed(&set, b"\x1b[32mok\x1b[0m\n");
         assert_eq!(out, b"\x1b[32mok\x1b[0m\n");
+    }
+
+    #[test]
+    fn lines_that_are_not_utf8_are_refused() {
+        let mut d = LineDiscipline::default();
+        let out = d.feed(b"echo \"\x95\x5c\" ; id\r", never);
+        assert!(
+            matches!(&out[..], [Input::Refused { why, .. }] if why.starts_with("bytes that are not UTF-8")),
+            "{out:?}"
+        );
+        // The next line is checked as usual.
+        let out = d.feed("echo caf\u{e9}\r".as_bytes(), never);
+        assert!(matches!(&out[..], [Input::Line { .. }]), "{out:?}");
     }
 
     #[test]
