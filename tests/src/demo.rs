@@ -485,6 +485,17 @@ spec:
     say(
         "bound: agentgate-sidecar + agentgate-token-reviewer → agents/claude-orders; agentgate-approver → group agentgate-approvers (alice)",
     );
+    // The operator checks each object as it arrives; wait for its verdict before listing.
+    let out = kubectl(&[
+        "wait",
+        "--for=condition=Ready",
+        "--all",
+        "--timeout=60s",
+        "-n",
+        NS,
+        "agentidentities,targets,maskpolicies",
+    ])?;
+    ensure_ok("wait for the operator to accept the policy", &out)?;
     let out = kubectl(&["get", "agentgate", "-n", NS])?;
     show("kubectl get agentgate -n agents", &out);
 

@@ -272,15 +272,21 @@ impl Auditor {
                 what: "start the audit writer".into(),
                 source,
             })?;
+        // Every sink's cursor is known before any sink delivers: a sink that finishes an old
+        // segment deletes it once every *known* cursor is past it, so a sink registered
+        // later would find its undelivered records gone. The journal also counts what each
+        // still needs against the bound.
+        let mut resumed = Vec::with_capacity(sinks.len());
         for sink in sinks {
-            // Every sink's cursor is known before anything is recorded: the journal keeps
-            // what each still needs and counts it against the bound.
             let pos = journal
                 .cursor(&sink.name())
                 .map_err(|source| AuditError::Io {
                     what: format!("read the cursor of audit sink {}", sink.name()),
                     source,
                 })?;
+            resumed.push((sink, pos));
+        }
+        for (sink, pos) in resumed {
             tokio::spawn(sinks::deliver(sink, pos, journal.clone(), health.clone()));
         }
         Ok(Self {
