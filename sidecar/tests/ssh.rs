@@ -295,10 +295,18 @@ fn an_interactive_shell_is_checked_line_by_line() -> anyhow::Result<()> {
     assert!(!text.contains("againecho"), "{text}");
     // A program run with a terminal gets its input checked the same way (a pager's `!cmd`
     // would otherwise reach a shell unseen).
-    let out = s.ssh(&["-tt", "web", "cat"], Some(b"plain-text\n!sudo id\n\x04"));
+    let out = s.ssh(
+        &["-tt", "web", "cat"],
+        Some(b"plain-text\n!sudo id\nkeep '|(sudo id'\n\x04"),
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("plain-text"), "{text}");
     assert!(text.contains("agentgate: refused"), "{text}");
+    // What follows an escape mark and cannot be checked is not passed on either.
+    assert!(
+        text.contains("what follows `|` in this line cannot be checked as a shell command"),
+        "{text}"
+    );
     // Recorded as a terminal session: input, output, size; replayable.
     let session = s.request(&format!("sudo touch {}", marker.display()))["session"]
         .as_str()
@@ -377,6 +385,23 @@ fn files_move_with_scp_and_sftp_and_forwarding_is_refused() -> anyhow::Result<()
         String::from_utf8_lossy(&legacy.stderr)
     );
     assert_eq!(std::fs::read(remote.join("legacy.bin"))?, data);
+    // Each file of a legacy upload is checked where it lands: into a directory, under a
+    // startup file's name, it is a privileged write (refused here), not a plain one.
+    let startup = s.dir.path().join("startup");
+    std::fs::create_dir_all(&startup)?;
+    std::fs::write(startup.join(".bashrc"), b"sudo reboot\n")?;
+    let legacy = scp(&[
+        "-O".into(),
+        startup.join(".bashrc").display().to_string(),
+        format!("files:{}/", remote.display()),
+    ]);
+    let err = String::from_utf8_lossy(&legacy.stderr);
+    assert!(!legacy.status.success(), "scp -O .bashrc: {err}");
+    assert!(err.contains("agentgate"), "{err}");
+    assert!(
+        !remote.join(".bashrc").exists(),
+        "the startup file was written"
+    );
     // rsync over the gateway (its server side runs as an exec, a transfer): up and back.
     let rsync = |from: String, to: String| -> Output {
         Command::new("rsync")

@@ -13,6 +13,7 @@ use russh::{ChannelMsg, ChannelWriteHalf, Sig, client, server};
 use sha2::Digest;
 use tokio::sync::mpsc;
 
+use super::scp;
 use super::sftp;
 use super::terminal::{Input, LineDiscipline, OutputMasker};
 use super::upstream::{self, Connection};
@@ -79,6 +80,9 @@ pub struct Ctx {
     spec: agentgate_crds::target::SshTarget,
     masks: Arc<MaskSet>,
     rec: Arc<SessionRecorder>,
+    /// Where this channel's shell may be (`cd` on an earlier line): relative paths written
+    /// are checked there.
+    cwds: std::sync::Mutex<command::Cwds>,
 }
 
 /// The fingerprint of an SSH command (what a grant bound to it carries).
@@ -134,6 +138,7 @@ impl Ctx {
             spec,
             masks,
             rec,
+            cwds: std::sync::Mutex::new(command::home()),
         })
     }
 
@@ -258,9 +263,19 @@ impl Ctx {
 
     /// Classifies a command line. Unparsable lines are refused (never sent).
     fn command(&self, kind: &str, text: &str) -> Result<policy::Command, String> {
-        let parsed = command::classify(text).map_err(|e| {
+        let cwds = self
+            .cwds
+            .lock()
+            .map(|c| c.clone())
+            .unwrap_or_else(|_| vec![None]);
+        let parsed = command::classify_in(text, &cwds).map_err(|e| {
             format!("agentgate cannot read this command as a shell would ({e}), so it is not run")
         })?;
+        // Whether or not this line runs, the places only grow: checking later lines under one
+        // more place is only stricter.
+        if let Ok(mut c) = self.cwds.lock() {
+            c.clone_from(&parsed.cwds);
+        }
         let mut keys = parsed.keys.clone();
         if kind == "shell" {
             keys.insert("shell".into());
@@ -722,9 +737,52 @@ async fn agent_to_host(
     let mut lines = LineDiscipline::default();
     lines.no_terminal = !pty;
     let mut packets = sftp::Framer::default();
+    // A legacy scp upload: each file is checked where it lands.
+    let mut upload = match mode {
+        Mode::Transfer {
+            command,
+            download: false,
+        } => scp::Upload::new(command),
+        _ => None,
+    };
+    // After a refused upload: the host's input is closed, the agent's is dropped.
+    let mut dropping = false;
     while let Some(msg) = from_agent.wait().await {
         match msg {
             ChannelMsg::Data { data } => match mode {
+                Mode::Transfer { .. } if upload.is_some() => {
+                    let items = upload.as_mut().map(|u| u.feed(&data)).unwrap_or_default();
+                    for item in items {
+                        let refused = match item {
+                            scp::Item::Pass(bytes) => {
+                                sent += bytes.len() as u64;
+                                if to_host.data_bytes(Bytes::from(bytes)).await.is_err() {
+                                    return sent;
+                                }
+                                continue;
+                            }
+                            scp::Item::Entry { paths, setid } => {
+                                match scp_entry(ctx, &paths, setid).await {
+                                    Ok(()) => continue,
+                                    Err(why) => why,
+                                }
+                            }
+                            scp::Item::Refuse(why) => format!("agentgate: refused: {why}"),
+                        };
+                        // The sink's answer to the header: a fatal error for the agent's scp.
+                        let _ = inject
+                            .send(format!("\x02{}\n", refused.replace('\n', " ")).into_bytes())
+                            .await;
+                        tracing::info!(session = ctx.rec.id(), why = %refused, "scp upload refused");
+                        // The host's sink reads to the end of its input and exits; its exit
+                        // ends the channel as usual. Whatever else the agent sends is dropped.
+                        let _ = to_host.eof().await;
+                        upload = None;
+                        dropping = true;
+                        break;
+                    }
+                }
+                _ if dropping => {}
                 // A shell; or a program run with a terminal, whose input may reach a shell
                 // escape (a pager's `!cmd`): each line is checked as a command.
                 Mode::Shell | Mode::Exec(_) if lines_checked => {
@@ -757,20 +815,7 @@ async fn agent_to_host(
                                 }
                             }
                             Input::Refused { text, why } => {
-                                let cmd = ctx.ssh_command(
-                                    OperationClass::Exec,
-                                    "line",
-                                    &text,
-                                    Default::default(),
-                                    None,
-                                );
-                                let d = Decision {
-                                    verdict: Verdict::Refuse,
-                                    rule: "line-editing".into(),
-                                    grant: None,
-                                    message: why.clone(),
-                                };
-                                let _ = ctx.record("line", &text, &cmd, &d);
+                                let why = refuse_line(ctx, &text, "line-editing", why);
                                 tell(to_agent, pty, &format!("agentgate: refused: {why}")).await;
                             }
                         }
@@ -796,8 +841,11 @@ async fn agent_to_host(
                             Ok(None) => break,
                             Err(why) => {
                                 tracing::info!(session = ctx.rec.id(), %why, "sftp stream refused");
-                                let _ = to_host.close().await;
-                                return sent;
+                                // The server exits at the end of its input; that ends the
+                                // channel as usual.
+                                let _ = to_host.eof().await;
+                                dropping = true;
+                                break;
                             }
                         }
                     }
@@ -844,50 +892,43 @@ async fn shell_line(ctx: &Arc<Ctx>, text: &str, escapes: bool) -> Result<(), Str
     // An interactive bash expands history (`!!`, `!$`, `^a^b`) before it parses the line:
     // what would run is not what was checked.
     if !escapes && let Some(why) = command::history_expansion(text) {
-        let probe = ctx.ssh_command(OperationClass::Exec, "line", text, Default::default(), None);
-        let d = Decision {
-            verdict: Verdict::Refuse,
-            rule: "history-expansion".into(),
-            grant: None,
-            message: why.clone(),
-        };
-        let _ = ctx.record("line", text, &probe, &d);
+        let why = refuse_line(ctx, text, "history-expansion", why);
         return Err(format!("agentgate: refused: {why}"));
     }
-    let cmd = match ctx.command("line", text) {
+    let mut cmd = match ctx.command("line", text) {
         Ok(c) => c,
-        Err(why) => {
-            let probe =
-                ctx.ssh_command(OperationClass::Exec, "line", text, Default::default(), None);
-            let d = Decision {
-                verdict: Verdict::Refuse,
-                rule: "unparsable".into(),
-                grant: None,
-                message: why.clone(),
-            };
-            let _ = ctx.record("line", text, &probe, &d);
-            return Err(why);
-        }
+        Err(why) => return Err(refuse_line(ctx, text, "unparsable", why)),
     };
-    let mut cmd = cmd;
     let mut decision = approvable(ctx.decide(&cmd), text);
     if escapes && decision.verdict == Verdict::Allow {
+        // Each place a console could take the rest of the line as a command: after the
+        // `!` or `|`, and after the mark that follows it (`!!`, `|!`).
         let tails = text
             .char_indices()
             .filter(|(_, c)| matches!(c, '!' | '|'))
             .flat_map(|(i, c)| {
                 let after = &text[i + c.len_utf8()..];
                 let skip_mark = after.chars().next().map_or(0, char::len_utf8);
-                [after, &after[skip_mark..]]
+                [(c, after), (c, &after[skip_mark..])]
             });
-        for tail in tails {
-            if let Ok(c) = ctx.command("line", tail) {
-                let d = approvable(ctx.decide(&c), text);
-                if d.verdict != Verdict::Allow {
-                    cmd.class = c.class;
-                    cmd.keys.extend(c.keys);
-                    decision = d;
-                    break;
+        for (mark, tail) in tails {
+            match ctx.command("line", tail) {
+                Ok(c) => {
+                    let d = approvable(ctx.decide(&c), text);
+                    if d.verdict != Verdict::Allow {
+                        cmd.class = c.class;
+                        cmd.keys.extend(c.keys);
+                        decision = d;
+                        break;
+                    }
+                }
+                // What cannot be checked is not passed to a program that may run it.
+                Err(_) => {
+                    let why = format!(
+                        "what follows `{mark}` in this line cannot be checked as a shell command, and this program may run it as one (a pager's `!`, an editor's `:!`); type the command in a shell instead"
+                    );
+                    let why = refuse_line(ctx, text, "unparsable", why);
+                    return Err(format!("agentgate: refused: {why}"));
                 }
             }
         }
@@ -899,6 +940,21 @@ async fn shell_line(ctx: &Arc<Ctx>, text: &str, escapes: bool) -> Result<(), Str
     } else {
         Err(ctx.refusal(&cmd, text, &decision).await)
     }
+}
+
+/// Records a line refused before it could be decided as a command (rule `rule`) and returns
+/// `why`, what the agent is told.
+fn refuse_line(ctx: &Ctx, text: &str, rule: &str, why: String) -> String {
+    let probe = ctx.ssh_command(OperationClass::Exec, "line", text, Default::default(), None);
+    let d = Decision {
+        verdict: Verdict::Refuse,
+        rule: rule.into(),
+        grant: None,
+        message: why.clone(),
+    };
+    // Nothing runs either way; a failed record is reported by the audit health check.
+    let _ = ctx.record("line", text, &probe, &d);
+    why
 }
 
 /// Decides one sftp request; `Err` is the STATUS packet to answer it with.
@@ -966,6 +1022,33 @@ async fn sftp_request(ctx: &Arc<Ctx>, packet: &[u8]) -> Result<(), Vec<u8>> {
     }
     let msg = ctx.refusal(&cmd, &text, &decision).await;
     Err(sftp::status(op.id, sftp::PERMISSION_DENIED, &msg))
+}
+
+/// Decides one file or directory of a legacy scp upload, by where it may land (the command
+/// itself was decided as a write); `Err` is what to tell the agent.
+async fn scp_entry(ctx: &Arc<Ctx>, paths: &[String], setid: bool) -> Result<(), String> {
+    let class = command::landing_class(paths, setid);
+    if class == OperationClass::Write {
+        return Ok(());
+    }
+    let text = format!("scp upload {}", paths.last().map_or("", String::as_str));
+    let mut keys = std::collections::BTreeSet::new();
+    keys.insert("scp upload".to_owned());
+    keys.insert(text.clone());
+    let cmd = ctx.ssh_command(
+        class,
+        "scp",
+        &text,
+        keys,
+        Some(ctx.access(vec![text.clone()], None)),
+    );
+    let decision = approvable(ctx.decide(&cmd), &text);
+    ctx.record("scp", &text, &cmd, &decision)
+        .map_err(|why| format!("agentgate: {why}"))?;
+    if decision.verdict == Verdict::Allow {
+        return Ok(());
+    }
+    Err(ctx.refusal(&cmd, &text, &decision).await)
 }
 
 /// Writes a message to the agent's terminal (stdout with a pty, stderr without).

@@ -32,6 +32,22 @@ pub struct Parsed {
     /// including those inside substitutions, compound commands and behind wrappers: what a
     /// scope's `ssh.commands` globs must all match.
     pub commands: Vec<String>,
+    /// Where the shell may be after the line: where it was, and wherever a `cd` in the line
+    /// may have taken it (a `cd` that fails leaves it where it was).
+    pub cwds: Cwds,
+}
+
+/// Where the shell may be: each directory it may be in (`~` and `~/…` in the login's home,
+/// or absolute), and `None` for a place that cannot be known (`cd "$d"`, `cd -`, `popd`, a
+/// name that `CDPATH` may find elsewhere). Relative paths written are checked under each.
+pub type Cwds = Vec<Option<String>>;
+
+/// The most places tracked; past it, only "unknown" is added.
+const MAX_CWDS: usize = 8;
+
+/// Where a session starts: the login's home directory.
+pub fn home() -> Cwds {
+    vec![Some("~".into())]
 }
 
 /// Why a line cannot be checked.
@@ -193,23 +209,75 @@ fn huge_fd(line: &str) -> Option<&str> {
     None
 }
 
-/// Parses and classifies one command line (an exec request, or a complete interactive line).
+/// Parses and classifies one command line (an exec request, or a complete interactive line)
+/// run in the login's home directory.
 pub fn classify(line: &str) -> Result<Parsed, Unparsable> {
+    classify_in(line, &home())
+}
+
+/// Parses and classifies one command line run where the shell may be (`cwds`, what the
+/// session's earlier lines left: [`Parsed::cwds`]).
+pub fn classify_in(line: &str, cwds: &[Option<String>]) -> Result<Parsed, Unparsable> {
     check_bytes(line)?;
-    let mut w = Walker {
-        class: OperationClass::Read,
-        keys: BTreeSet::new(),
-        commands: Vec::new(),
+    // Every write in the line is checked under every place a `cd` in it may lead (a loop or
+    // a function runs its writes after a later `cd`); walked again until no new place
+    // appears.
+    let mut start: Cwds = if cwds.is_empty() {
+        vec![None]
+    } else {
+        cwds.to_vec()
     };
-    w.line(line, 0)?;
-    if let Some(what) = evaluated_later(line) {
-        w.raise(OperationClass::Exec);
-        w.keys.insert(format!("runs code: {what}"));
+    let mut pass = 0;
+    loop {
+        let mut w = Walker {
+            class: OperationClass::Read,
+            keys: BTreeSet::new(),
+            commands: Vec::new(),
+            cwds: start.clone(),
+            next_cwds: start.clone(),
+        };
+        w.line(line, 0)?;
+        if w.next_cwds.len() > start.len() && pass < 3 {
+            pass += 1;
+            start = w.next_cwds;
+            if pass == 3 && !start.contains(&None) {
+                start.push(None);
+            }
+            continue;
+        }
+        if let Some(what) = evaluated_later(line) {
+            w.raise(OperationClass::Exec);
+            w.keys.insert(format!("runs code: {what}"));
+        }
+        return Ok(Parsed {
+            class: w.class,
+            keys: w.keys,
+            commands: w.commands,
+            cwds: w.next_cwds,
+        });
     }
-    Ok(Parsed {
-        class: w.class,
-        keys: w.keys,
-        commands: w.commands,
+}
+
+/// `p` (relative) under the directory `dir` (absolute, or `~…`), normalized; `None` when it
+/// climbs out of the home directory, to somewhere not known.
+fn join_dir(dir: &str, p: &str) -> Option<String> {
+    let Some(rest) = dir.strip_prefix('~') else {
+        return Some(normalize_path(&format!("{dir}/{p}")));
+    };
+    let mut parts: Vec<&str> = Vec::new();
+    for seg in rest.split('/').chain(p.split('/')) {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                parts.pop()?;
+            }
+            s => parts.push(s),
+        }
+    }
+    Some(if parts.is_empty() {
+        "~".into()
+    } else {
+        format!("~/{}", parts.join("/"))
     })
 }
 
@@ -384,6 +452,10 @@ struct Walker {
     class: OperationClass,
     keys: BTreeSet<String>,
     commands: Vec<String>,
+    /// Where the shell may be while the line runs.
+    cwds: Cwds,
+    /// Where it may be after (`cwds` and every `cd` target found).
+    next_cwds: Cwds,
 }
 
 /// Interactive programs with a way to run shell commands from inside them.
@@ -536,6 +608,96 @@ impl Walker {
 
     fn key(&mut self, k: impl Into<String>) {
         self.keys.insert(k.into());
+    }
+
+    /// Each path `p` may name: itself, and a relative `p` under each place the shell may be.
+    fn resolve(&self, p: &str) -> Vec<String> {
+        let mut out = vec![normalize_path(p)];
+        if p.is_empty() || p.starts_with(['/', '~', '$']) {
+            return out;
+        }
+        for dir in self.cwds.iter().flatten() {
+            if let Some(j) = join_dir(dir, p)
+                && !out.contains(&j)
+            {
+                out.push(j);
+            }
+        }
+        out
+    }
+
+    /// Whether `p` is the root, a top-level directory or the home directory (`rm -rf`'s
+    /// disasters) wherever the shell may be. The current directory itself (`find .`) counts
+    /// only where a `cd` led, not as the home directory a session starts in.
+    fn root_path(&self, p: &str) -> bool {
+        is_root_path(p)
+            || self
+                .resolve(p)
+                .iter()
+                .filter(|r| r.as_str() != "~")
+                .any(|r| is_root_path(r))
+    }
+
+    /// The most severe class of writing `p`, wherever the shell may be.
+    fn write_class_of(&self, p: &str) -> OperationClass {
+        self.resolve(p)
+            .iter()
+            .map(|r| write_class(r))
+            .max_by_key(|c| severity(*c))
+            .unwrap_or(OperationClass::Write)
+    }
+
+    fn add_cwd(&mut self, dir: Option<String>) {
+        if self.next_cwds.contains(&dir) {
+            return;
+        }
+        if self.next_cwds.len() >= MAX_CWDS {
+            if !self.next_cwds.contains(&None) {
+                self.next_cwds.push(None);
+            }
+            return;
+        }
+        self.next_cwds.push(dir);
+    }
+
+    /// `cd`, `pushd`, `popd`: where the shell may go.
+    fn change_dir(&mut self, name: &str, args: &[WordText]) {
+        let mut target = None;
+        let mut options = true;
+        for w in args {
+            if options && w.text == "--" && !w.dynamic {
+                options = false;
+            } else if options && w.text.starts_with('-') && w.text != "-" && !w.dynamic {
+                continue;
+            } else {
+                target = Some(w);
+                break;
+            }
+        }
+        let t = target.map(|w| (w.text.as_str(), w.dynamic || w.pattern));
+        match (name, t) {
+            ("cd", None) => self.add_cwd(Some("~".into())),
+            ("cd" | "chdir" | "pushd", Some((t, false)))
+                if !(t.is_empty() || name == "pushd" && t.starts_with('+')) =>
+            {
+                if t == "~" || t.starts_with("~/") {
+                    self.add_cwd(join_dir("~", &t[1..]));
+                } else if t.starts_with('/') {
+                    self.add_cwd(Some(normalize_path(t)));
+                } else if t.starts_with(['~', '-', '$']) {
+                    self.add_cwd(None);
+                } else {
+                    for dir in self.cwds.clone() {
+                        self.add_cwd(dir.and_then(|d| join_dir(&d, t)));
+                    }
+                    // A name that does not start with `.` may be found through `CDPATH`.
+                    if !t.starts_with('.') {
+                        self.add_cwd(None);
+                    }
+                }
+            }
+            _ => self.add_cwd(None),
+        }
     }
 
     /// Parses a whole line (or the text of a substitution / `sh -c`) and walks it.
@@ -875,7 +1037,7 @@ impl Walker {
         {
             return;
         }
-        let class = write_class(p);
+        let class = self.write_class_of(p);
         match class {
             OperationClass::Admin => self.key("write to a device"),
             OperationClass::Privilege => self.key("write to an account or startup file"),
@@ -1037,6 +1199,9 @@ impl Walker {
             })
             .collect();
         let args_x: Vec<&str> = expanded.iter().map(String::as_str).collect();
+        if matches!(name.as_str(), "cd" | "chdir" | "pushd" | "popd") {
+            self.change_dir(&name, &words[1..]);
+        }
         let inner = |skip: usize| -> Vec<WordText> {
             words
                 .get(1 + skip..)
@@ -1245,7 +1410,7 @@ impl Walker {
                 let start = starts
                     .iter()
                     .copied()
-                    .find(|s| is_root_path(s))
+                    .find(|s| self.root_path(s))
                     .or(starts.first().copied())
                     .unwrap_or(".")
                     .to_owned();
@@ -1275,7 +1440,7 @@ impl Walker {
                             i = end + 1;
                         }
                         "-delete" => {
-                            if is_root_path(&start_path) {
+                            if self.root_path(&start_path) {
                                 self.raise(Admin);
                                 self.key("rm -rf /");
                             }
@@ -1284,6 +1449,10 @@ impl Walker {
                         }
                         "-fprint" | "-fprint0" | "-fprintf" | "-fls" => {
                             self.raise(Write);
+                            if let Some(f) = words.get(i + 2) {
+                                let f = f.clone();
+                                self.written(&f);
+                            }
                             i += 2;
                         }
                         _ => i += 1,
@@ -1330,6 +1499,10 @@ impl Walker {
             let reads_stdin =
                 skip >= args.len() || args.contains(&"-s") || args.get(skip) == Some(&"-");
             return Ok(vec![(name, reads_stdin)]);
+        }
+        if let Some(class) = self.side_effects(&name, &words[1..]) {
+            self.raise(class);
+            return Ok(vec![(name, false)]);
         }
         if RUNS_CODE.contains(&name.as_str()) {
             // `export`/`declare` only when they set something that runs code.
@@ -1387,7 +1560,8 @@ impl Walker {
                             && !a.starts_with("--")
                             && (a.contains('r') || a.contains('R')))
                 });
-                if recursive && args_x.iter().any(|a| is_root_path(a)) || has("--no-preserve-root")
+                if recursive && args_x.iter().any(|a| self.root_path(a))
+                    || has("--no-preserve-root")
                 {
                     self.key("rm -rf /");
                     Admin
@@ -1413,15 +1587,14 @@ impl Walker {
                     Read
                 }
             }
-            "cp" | "mv" | "install" | "ln" | "truncate" | "rsync" | "touch" | "mkdir" | "sed"
-            | "patch"
+            "cp" | "mv" | "install" | "ln" | "truncate" | "rsync" | "touch" | "mkdir" | "patch"
                 if args_x
                     .iter()
-                    .any(|a| !a.starts_with('-') && write_class(&normalize_path(a)) != Write) =>
+                    .any(|a| !a.starts_with('-') && self.write_class_of(a) != Write) =>
             {
                 let mut worst = Write;
                 for a in args_x.iter().filter(|a| !a.starts_with('-')) {
-                    let c = write_class(&normalize_path(a));
+                    let c = self.write_class_of(a);
                     if severity(c) > severity(worst) {
                         worst = c;
                     }
@@ -1430,17 +1603,20 @@ impl Walker {
                 worst
             }
             "install" if args.iter().any(|a| is_setid_mode(a)) => Privilege,
+            // Options that run a program, however written: `-Izstd`, `-xI prog`, `--use-comp=`,
+            // and in the old style without a dash (`tar xIf prog a.tar`).
             "tar"
-                if args.iter().any(|a| {
-                    a.starts_with("--checkpoint-action")
-                        || a.starts_with("--to-command")
-                        || a.starts_with("--use-compress-program")
-                        || a.starts_with("--info-script")
-                        || a.starts_with("--new-volume-script")
-                        || *a == "-I"
-                        || *a == "-F"
-                }) =>
+                if effects::flag(&args, Some('I'), Some("use-compress-program"), 5)
+                    || effects::flag(&args, Some('F'), Some("info-script"), 3)
+                    || effects::flag(&args, None, Some("new-volume-script"), 3)
+                    || effects::flag(&args, None, Some("to-command"), 4)
+                    || effects::flag(&args, None, Some("checkpoint-action"), 12)
+                    || effects::flag(&args, None, Some("rsh-command"), 3)
+                    || args
+                        .first()
+                        .is_some_and(|a| !a.starts_with('-') && a.contains(['I', 'F'])) =>
             {
+                self.key("runs a program");
                 Exec
             }
             "rsync"
@@ -1745,35 +1921,6 @@ impl Walker {
                 }
                 _ => Write,
             },
-            "curl" | "wget" | "fetch" | "aria2c" => {
-                if args.iter().any(|a| {
-                    matches!(
-                        *a,
-                        "-o" | "-O" | "--output" | "--remote-name" | "-P" | "--output-document"
-                    ) || a.starts_with("--output=")
-                        || a.starts_with("-o") && a.len() > 2
-                }) || name == "wget"
-                    && !args.iter().any(|a| a.starts_with("-O") || *a == "--spider")
-                {
-                    Write
-                } else {
-                    Read
-                }
-            }
-            "sed" => {
-                if args
-                    .iter()
-                    .any(|a| a.starts_with("-i") || a.starts_with("--in-place"))
-                {
-                    Write
-                } else if args.iter().any(|a| {
-                    a.contains("/e") || a.starts_with('e') || a.contains(";e") || a.contains("w ")
-                }) {
-                    Exec
-                } else {
-                    Read
-                }
-            }
             "awk" | "gawk" | "mawk" | "nawk" => {
                 if args.iter().any(|a| {
                     a.contains("system") || a.contains('|') || a.contains("> ") || a.contains(">\"")
@@ -1921,6 +2068,30 @@ pub fn write_class(p: &str) -> OperationClass {
     } else {
         OperationClass::Write
     }
+}
+
+/// The class of writing a file that may land at any of `paths` (relative ones in the login's
+/// home directory, where an upload starts), with a setuid or setgid mode (`setid`): the
+/// most severe of them.
+pub fn landing_class(paths: &[String], setid: bool) -> OperationClass {
+    let mut worst = if setid {
+        OperationClass::Privilege
+    } else {
+        OperationClass::Write
+    };
+    for p in paths {
+        let mut classes = vec![write_class(&normalize_path(p))];
+        if !p.starts_with(['/', '~']) {
+            // Climbing out of the home directory leads somewhere not known.
+            classes.push(join_dir("~", p).map_or(OperationClass::Privilege, |j| write_class(&j)));
+        }
+        for c in classes {
+            if severity(c) > severity(worst) {
+                worst = c;
+            }
+        }
+    }
+    worst
 }
 
 /// A path with `//`, `/./` and `..` resolved (relative paths keep their start).
@@ -2102,3 +2273,6 @@ fn ansi_c(s: &str) -> String {
 
 #[cfg(test)]
 mod tests;
+
+mod effects;
+mod sed;

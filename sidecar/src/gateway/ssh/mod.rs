@@ -10,6 +10,7 @@
 
 pub mod channel;
 pub mod command;
+pub mod scp;
 pub mod sftp;
 pub mod terminal;
 pub mod upstream;

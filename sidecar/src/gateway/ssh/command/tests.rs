@@ -462,3 +462,136 @@ fn the_second_reviews_bypasses_are_caught() {
         assert!(history_expansion(line).is_none(), "{line}");
     }
 }
+
+#[test]
+fn writes_are_checked_where_the_shell_is_after_cd() {
+    for (line, want) in [
+        ("cd .ssh; echo x >> rc", Privilege),
+        ("cd ~/.ssh && tee -a rc < key", Privilege),
+        ("cd /etc && echo x > sudoers", Privilege),
+        ("cd /etc; cp x passwd", Privilege),
+        ("cd / && rm -rf ./*", Admin),
+        ("cd /; find . -delete", Admin),
+        ("pushd /etc; echo x > environment", Privilege),
+        // Later in a loop, or in a function called after the `cd`.
+        (
+            "for i in 1 2; do echo x > sudoers; cd /etc; done",
+            Privilege,
+        ),
+        ("f() { echo x > shadow; }; cd /etc; f", Privilege),
+        ("cd / && cd etc && echo x > passwd", Privilege),
+        // Ordinary work after a `cd`.
+        ("cd /srv/app && echo x > notes.txt", Write),
+        ("cd repo && find . -name '*.pyc' -delete", Write),
+        ("cd /tmp; ls", Read),
+        ("find . -name '*.log' -delete", Write),
+    ] {
+        assert_eq!(class(line), want, "{line}");
+    }
+    // Across lines: the next line is checked where the last one may have left the shell.
+    let first = classify("cd /etc").unwrap();
+    let next = classify_in("echo x > sudoers", &first.cwds).unwrap();
+    assert_eq!(next.class, Privilege);
+    let next = classify_in("rm -rf ./*", &classify("cd /").unwrap().cwds).unwrap();
+    assert_eq!(next.class, Admin);
+    // A place that cannot be known adds no new path, and the tracked places stay bounded.
+    let mut cwds = home();
+    for i in 0..50 {
+        cwds = classify_in(&format!("cd /d{i}"), &cwds).unwrap().cwds;
+    }
+    assert!(
+        cwds.len() <= MAX_CWDS + 1 && cwds.contains(&None),
+        "{cwds:?}"
+    );
+}
+
+#[test]
+fn options_that_write_run_or_change_the_host_are_found() {
+    for (line, want) in [
+        // Files written through options, into startup and account files.
+        ("sort -o ~/.bashrc x", Privilege),
+        ("sort -uo/etc/passwd x", Privilege),
+        ("sort --out=.profile x", Privilege),
+        ("sort -o out.txt x", Write),
+        ("sort -u x", Read),
+        ("sort --compress-program=sh x", Exec),
+        ("uniq x ~/.bashrc", Privilege),
+        ("uniq -c x", Read),
+        ("xxd -r dump ~/.ssh/authorized_keys", Privilege),
+        ("iconv -f l1 -t utf8 -o .bashrc x", Privilege),
+        ("tree -o ~/.profile", Privilege),
+        ("history -w ~/.bashrc", Privilege),
+        ("wget -O ~/.bashrc https://h/x", Privilege),
+        ("wget --output-doc=.profile https://h/x", Privilege),
+        ("wget https://h/.bashrc", Privilege),
+        ("wget -P /etc/cron.d https://h/job", Privilege),
+        ("wget -r https://h/", Privilege),
+        ("wget -O - https://h/x", Read),
+        ("wget -q https://h/file.tgz", Write),
+        ("wget --use-askpass=/tmp/x https://h/", Exec),
+        ("wget -e use_askpass=/tmp/x https://h/", Exec),
+        ("curl -o ~/.ssh/authorized_keys https://h/k", Privilege),
+        ("curl -sO https://h/.profile", Privilege),
+        ("curl -c ~/.bashrc https://h/", Privilege),
+        ("curl -OJ https://h/x", Privilege),
+        ("curl -s https://h/x", Read),
+        ("curl -so out.json https://h/x", Write),
+        ("aria2c --on-download-complete=/tmp/x https://h/", Exec),
+        ("aria2c -d /etc/cron.d https://h/job", Privilege),
+        // sed: commands after addresses, writes, in place.
+        ("sed -n '1e id' x", Exec),
+        ("sed '$!e id' x", Exec),
+        ("sed -i '1e id' x", Exec),
+        ("sed -e p -e '/a/,+2e id' x", Exec),
+        ("sed 's/a/b/w /etc/passwd' x", Privilege),
+        ("sed -i s/a/b/ ~/.bashrc", Privilege),
+        ("sed -i.bak s/a/b/ x", Write),
+        ("sed -n p x", Read),
+        ("sed -f script.sed x", Exec),
+        // tar options that run programs, attached, abbreviated or in the old style.
+        ("tar -Izstd -xf a.tar", Exec),
+        ("tar -xI zstd -f a.tar", Exec),
+        ("tar --use-comp=sh -xf a.tar", Exec),
+        ("tar --to-com=sh -xf a.tar", Exec),
+        ("tar xIf sh a.tar", Exec),
+        ("tar -xzf a.tgz", Write),
+        ("tar --checkpoint=10 -xf a.tar", Write),
+        // Read-listed programs that change the host.
+        ("date -s '2020-01-01'", Admin),
+        ("date 010100002020", Admin),
+        ("date +%s", Read),
+        ("date -d yesterday +%F", Read),
+        ("hostname evil", Admin),
+        ("hostname -f", Read),
+        ("timedatectl set-time '2020-01-01'", Admin),
+        ("timedatectl status", Read),
+        ("hostnamectl hostname evil", Admin),
+        ("loginctl terminate-user bob", Admin),
+        ("loginctl list-sessions", Read),
+        ("dmesg -C", Admin),
+        ("dmesg", Read),
+        ("ss -K dst 10.0.0.1", Admin),
+        ("rg --pre ./x foo", Exec),
+    ] {
+        assert_eq!(class(line), want, "{line}");
+    }
+}
+
+#[test]
+fn uploads_land_where_their_class_says() {
+    assert_eq!(landing_class(&[".bashrc".into()], false), Privilege);
+    assert_eq!(
+        landing_class(&["./.ssh/authorized_keys".into()], false),
+        Privilege
+    );
+    assert_eq!(
+        landing_class(&[".".into(), "./notes.txt".into()], false),
+        Write
+    );
+    assert_eq!(
+        landing_class(&["../../etc/passwd".into()], false),
+        Privilege
+    );
+    assert_eq!(landing_class(&["/tmp/tool".into()], true), Privilege);
+    assert_eq!(landing_class(&["/dev/sda".into()], false), Admin);
+}

@@ -1,0 +1,467 @@
+//! What programs do through their options: the files they write (`sort -o`, `wget -O`,
+//! `curl -o`, `uniq in out`, `history -w`), the programs they run (`sort
+//! --compress-program`, `rg --pre`, `wget --use-askpass`, aria2c hooks, `tar -I`, sed's `e`),
+//! and the host settings they change (`date -s`, `hostname NAME`, `timedatectl set-…`).
+//! Options are read as GNU getopt reads them: values attached or separate, short options in
+//! clusters, long options abbreviated.
+
+use agentgate_crds::OperationClass::{self, *};
+
+use super::{Walker, WordText, basename, sed};
+
+/// The values of option `-c` (`short`) or `--long` (`long`, or an abbreviation of it of at
+/// least `min` letters): `-c V`, `-cV`, in a cluster (`-xc V`, `-xcV`), `--long=V`,
+/// `--long V`. Options end at `--`.
+pub fn values<'a>(
+    args: &[&'a str],
+    short: Option<char>,
+    long: Option<&str>,
+    min: usize,
+) -> Vec<&'a str> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < args.len() {
+        let a = args[i];
+        i += 1;
+        if a == "--" {
+            break;
+        }
+        if let Some(name) = a.strip_prefix("--") {
+            let (name, value) = match name.split_once('=') {
+                Some((n, v)) => (n, Some(v)),
+                None => (name, None),
+            };
+            if long.is_some_and(|l| name.len() >= min.min(l.len()) && l.starts_with(name)) {
+                match value {
+                    Some(v) => out.push(v),
+                    None => {
+                        if let Some(v) = args.get(i) {
+                            out.push(*v);
+                            i += 1;
+                        }
+                    }
+                }
+            }
+        } else if let (Some(c), Some(flags)) = (short, a.strip_prefix('-'))
+            && let Some(at) = flags.find(c)
+        {
+            let rest = &flags[at + c.len_utf8()..];
+            if rest.is_empty() {
+                if let Some(v) = args.get(i) {
+                    out.push(*v);
+                    i += 1;
+                }
+            } else {
+                out.push(rest);
+            }
+        }
+    }
+    out
+}
+
+/// Whether option `-c` or `--long` (abbreviated to at least `min` letters) is given.
+pub fn flag(args: &[&str], short: Option<char>, long: Option<&str>, min: usize) -> bool {
+    args.iter().take_while(|a| **a != "--").any(|a| {
+        if let Some(name) = a.strip_prefix("--") {
+            let name = name.split_once('=').map_or(name, |(n, _)| n);
+            long.is_some_and(|l| name.len() >= min.min(l.len()) && l.starts_with(name))
+        } else {
+            short.is_some_and(|c| a.starts_with('-') && a.len() > 1 && a[1..].contains(c))
+        }
+    })
+}
+
+/// The operands (non-options) of `args`, skipping the values of short options in
+/// `short_values` and of long options in `long_values` (given without `=`).
+pub fn operands<'a>(args: &[&'a str], short_values: &str, long_values: &[&str]) -> Vec<&'a str> {
+    let mut out = Vec::new();
+    let mut options = true;
+    let mut i = 0;
+    while i < args.len() {
+        let a = args[i];
+        i += 1;
+        if !options || !a.starts_with('-') || a == "-" {
+            out.push(a);
+        } else if a == "--" {
+            options = false;
+        } else if let Some(name) = a.strip_prefix("--") {
+            if !name.contains('=') && long_values.iter().any(|l| l.starts_with(name)) {
+                i += 1;
+            }
+        } else if let Some(last) = a[1..].chars().position(|c| short_values.contains(c)) {
+            // A value-taking option in a cluster takes the rest, or the next word.
+            if last + 2 == a.chars().count() {
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+/// `name` in `dir` (the current directory when `None`).
+fn in_dir(dir: Option<&str>, name: &str) -> String {
+    match dir {
+        Some(d) => format!("{}/{name}", d.trim_end_matches('/')),
+        None => name.to_owned(),
+    }
+}
+
+/// The last path segment of a URL (what a downloader names the file it saves).
+fn url_file(url: &str) -> Option<&str> {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let path = rest.split(['?', '#']).next().unwrap_or(rest);
+    let (_, path) = path.split_once('/')?;
+    let name = basename(path);
+    (!name.is_empty()).then_some(name)
+}
+
+impl Walker {
+    fn written_text(&mut self, path: &str) {
+        self.written(&WordText {
+            text: path.to_owned(),
+            ..Default::default()
+        });
+    }
+
+    /// The class of a program whose options write files, run programs or change the host;
+    /// `None` for programs this does not cover (the caller's table decides).
+    pub(super) fn side_effects(
+        &mut self,
+        name: &str,
+        words: &[WordText],
+    ) -> Option<OperationClass> {
+        let args: Vec<&str> = words.iter().map(|w| w.text.as_str()).collect();
+        let args = args.as_slice();
+        let class = match name {
+            "sed" => {
+                let e = sed::invocation(words);
+                for f in e.writes.iter().chain(&e.in_place) {
+                    self.written_text(f);
+                }
+                if e.runs {
+                    self.key("sed runs commands");
+                    Exec
+                } else if e.writes.is_empty() && e.in_place.is_empty() {
+                    Read
+                } else {
+                    Write
+                }
+            }
+            "sort" => {
+                if flag(args, None, Some("compress-program"), 3) {
+                    self.key("runs a program");
+                    return Some(Exec);
+                }
+                self.writes_to(&values(args, Some('o'), Some("output"), 3))
+            }
+            "uniq" => {
+                let ops = operands(args, "fsw", &["skip-fields", "skip-chars", "check-chars"]);
+                self.writes_to(ops.get(1..).unwrap_or(&[]))
+            }
+            "xxd" => {
+                let ops = operands(
+                    args,
+                    "cglosnC",
+                    &["cols", "groupsize", "len", "offset", "seek", "name"],
+                );
+                self.writes_to(ops.get(1..).unwrap_or(&[]))
+            }
+            "iconv" => self.writes_to(&values(args, Some('o'), Some("output"), 3)),
+            "tree" => self.writes_to(&values(args, Some('o'), None, 0)),
+            "info" => {
+                let mut out = values(args, Some('o'), Some("output"), 3);
+                out.extend(values(args, None, Some("dribble"), 3));
+                self.writes_to(&out)
+            }
+            "sar" => self.writes_to(&values(args, Some('o'), None, 0)),
+            "yq" if flag(args, Some('i'), Some("inplace"), 3) => {
+                let ops = operands(args, "o", &["output-format", "expression"]);
+                self.writes_to(ops.get(1..).unwrap_or(&[]))
+            }
+            "history" => {
+                // `history -w FILE` writes the history there (`~/.bashrc` is a startup file).
+                if args
+                    .iter()
+                    .any(|a| a.starts_with('-') && a.contains(['w', 'a']))
+                {
+                    let ops = operands(args, "", &[]);
+                    let file = ops.first().copied().unwrap_or("~/.bash_history");
+                    self.written_text(file);
+                }
+                // Otherwise `RUNS_CODE` decides (history can run what it holds).
+                return None;
+            }
+            "rg" if flag(args, None, Some("pre"), 3) => {
+                self.key("runs a program");
+                Exec
+            }
+            "date" => {
+                let ops = operands(args, "dfrI", &["date", "file", "reference"]);
+                if flag(args, Some('s'), Some("set"), 2) || ops.iter().any(|o| !o.starts_with('+'))
+                {
+                    self.key("changes the clock");
+                    Admin
+                } else {
+                    Read
+                }
+            }
+            "hostname" => {
+                let ops = operands(args, "F", &["file"]);
+                if !ops.is_empty()
+                    || flag(args, Some('F'), Some("file"), 2)
+                    || flag(args, Some('b'), Some("boot"), 2)
+                {
+                    self.key("changes the host name");
+                    Admin
+                } else {
+                    Read
+                }
+            }
+            "timedatectl" | "hostnamectl" | "localectl" => {
+                let ops = operands(args, "HM", &["host", "machine"]);
+                let sub = ops.first().copied().unwrap_or("");
+                if sub.starts_with("set-")
+                    || (name == "hostnamectl"
+                        && matches!(
+                            sub,
+                            "hostname" | "icon-name" | "chassis" | "deployment" | "location"
+                        )
+                        && ops.len() > 1)
+                {
+                    self.key("changes the host's settings");
+                    Admin
+                } else {
+                    Read
+                }
+            }
+            "loginctl" => {
+                let ops = operands(
+                    args,
+                    "HMpnos",
+                    &[
+                        "host",
+                        "machine",
+                        "property",
+                        "lines",
+                        "output",
+                        "signal",
+                        "kill-whom",
+                    ],
+                );
+                let sub = ops.first().copied().unwrap_or("");
+                if sub.is_empty()
+                    || sub.starts_with("list-")
+                    || sub.starts_with("show-")
+                    || sub.ends_with("-status")
+                {
+                    Read
+                } else {
+                    self.key("ends or changes sessions");
+                    Admin
+                }
+            }
+            "dmesg"
+                if flag(args, Some('c'), Some("read-clear"), 6)
+                    || flag(args, Some('C'), Some("clear"), 3)
+                    || flag(args, Some('n'), Some("console-level"), 9)
+                    || flag(args, Some('D'), Some("console-off"), 9)
+                    || flag(args, Some('E'), Some("console-on"), 9) =>
+            {
+                self.key("changes the kernel log");
+                Admin
+            }
+            "ss" if flag(args, Some('K'), Some("kill"), 3) => {
+                self.key("kills connections");
+                Admin
+            }
+            "top" | "htop" | "atop" | "btop" if !flag(args, Some('b'), Some("batch"), 3) => {
+                // Interactive: a key kills or renices a process.
+                Write
+            }
+            "curl" => self.curl(words, args),
+            "wget" => self.wget(args),
+            "aria2c" => {
+                if args.iter().any(|a| a.starts_with("--on-")) {
+                    self.key("runs a program");
+                    return Some(Exec);
+                }
+                let dir = values(args, Some('d'), Some("dir"), 3).last().copied();
+                let names = values(args, Some('o'), Some("out"), 3);
+                if names.is_empty() {
+                    self.downloaded_names(args, false, dir);
+                } else {
+                    for n in names {
+                        self.written_text(&in_dir(dir, n));
+                    }
+                }
+                Write
+            }
+            "fetch" => {
+                let out = values(args, Some('o'), Some("output"), 3);
+                self.writes_to(&out);
+                if out.is_empty() {
+                    self.downloaded_names(args, false, None);
+                }
+                Write
+            }
+            _ => return None,
+        };
+        Some(class)
+    }
+
+    /// Each of `files` is written: `Write` at least, more for a startup or account file.
+    fn writes_to(&mut self, files: &[&str]) -> OperationClass {
+        for f in files {
+            if *f != "-" {
+                self.written_text(f);
+            }
+        }
+        if files.iter().any(|f| *f != "-") {
+            Write
+        } else {
+            Read
+        }
+    }
+
+    /// A downloader saving under the names of the URLs it is given: each name is written in
+    /// the current directory; names the server chooses (`named_by_server`) could be any.
+    fn downloaded_names(&mut self, args: &[&str], named_by_server: bool, dir: Option<&str>) {
+        if named_by_server {
+            self.key("files named by the server");
+            self.raise(Privilege);
+            return;
+        }
+        for url in args.iter().filter(|a| a.contains("://")) {
+            let name = url_file(url).unwrap_or("index.html");
+            self.written_text(&in_dir(dir, name));
+        }
+    }
+
+    fn curl(&mut self, words: &[WordText], args: &[&str]) -> OperationClass {
+        // A config file may set any option (`output`, `upload-file`…).
+        if flag(args, Some('K'), Some("config"), 6)
+            || words.iter().any(|w| w.dynamic && w.text.starts_with('-'))
+        {
+            self.key("curl config");
+            self.raise(Privilege);
+        }
+        let mut out: Vec<&str> = Vec::new();
+        for (short, long) in [
+            (Some('o'), "output"),
+            (None, "output-dir"),
+            (Some('D'), "dump-header"),
+            (Some('c'), "cookie-jar"),
+            (None, "trace"),
+            (None, "trace-ascii"),
+            (None, "stderr"),
+            (None, "libcurl"),
+            (None, "etag-save"),
+            (None, "hsts"),
+            (None, "alt-svc"),
+        ] {
+            out.extend(values(args, short, Some(long), long.len()));
+        }
+        // `-w '%output{file}'` writes where it says.
+        for w in values(args, Some('w'), Some("write-out"), 9) {
+            if w.contains("%output{") {
+                self.key("curl --write-out to a file");
+                self.raise(Privilege);
+            }
+        }
+        let wrote = self.writes_to(&out);
+        let remote_name = flag(args, Some('O'), Some("remote-name"), 11)
+            || flag(args, None, Some("remote-name-all"), 15);
+        if remote_name {
+            let by_server = flag(args, Some('J'), Some("remote-header-name"), 18);
+            let dir = values(args, None, Some("output-dir"), 10).last().copied();
+            self.downloaded_names(args, by_server, dir);
+            return Write;
+        }
+        if flag(args, Some('T'), Some("upload-file"), 11)
+            || flag(args, Some('d'), Some("data"), 4)
+            || flag(args, Some('F'), Some("form"), 4)
+        {
+            // Sends a local file or data: a write on the far side.
+            return Write;
+        }
+        wrote
+    }
+
+    fn wget(&mut self, args: &[&str]) -> OperationClass {
+        if flag(args, None, Some("use-askpass"), 5)
+            || values(args, Some('e'), Some("execute"), 3).iter().any(|c| {
+                c.to_ascii_lowercase()
+                    .replace(['_', '-'], "")
+                    .starts_with("useaskpass")
+            })
+        {
+            self.key("runs a program");
+            return Exec;
+        }
+        if flag(args, None, Some("spider"), 3) {
+            return Read;
+        }
+        let mut logs = values(args, Some('o'), Some("output-file"), 8);
+        logs.extend(values(args, Some('a'), Some("append-output"), 3));
+        self.writes_to(&logs);
+        // wgetrc commands may set where files go.
+        if !values(args, Some('e'), Some("execute"), 3).is_empty()
+            || flag(args, None, Some("config"), 3)
+        {
+            self.key("wgetrc commands");
+            self.raise(Privilege);
+        }
+        let docs = values(args, Some('O'), Some("output-document"), 8);
+        if !docs.is_empty() {
+            // `-O -`: the document goes to standard output.
+            return self.writes_to(&docs);
+        }
+        let by_server = flag(args, Some('r'), Some("recursive"), 3)
+            || flag(args, Some('m'), Some("mirror"), 3)
+            || flag(args, Some('i'), Some("input-file"), 3)
+            || flag(args, None, Some("content-disposition"), 3)
+            || flag(args, None, Some("trust-server-names"), 3);
+        let dir = values(args, Some('P'), Some("directory-prefix"), 3)
+            .last()
+            .copied();
+        self.downloaded_names(args, by_server, dir);
+        Write
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn option_values_as_getopt_reads_them() {
+        let a = [
+            "-u",
+            "-o",
+            "x",
+            "-ruoy",
+            "--output=z",
+            "--out",
+            "w",
+            "--",
+            "-o",
+            "v",
+        ];
+        assert_eq!(
+            values(&a, Some('o'), Some("output"), 3),
+            ["x", "y", "z", "w"]
+        );
+        assert!(flag(&["-xIzstd"], Some('I'), None, 0));
+        assert!(flag(
+            &["--use-comp=x"],
+            None,
+            Some("use-compress-program"),
+            3
+        ));
+        assert!(!flag(&["--", "-I"], Some('I'), None, 0));
+        assert_eq!(operands(&["-f", "2", "in", "out"], "f", &[]), ["in", "out"]);
+        assert_eq!(operands(&["-f2", "in", "out"], "f", &[]), ["in", "out"]);
+        assert_eq!(url_file("https://h/a/.bashrc?x=1"), Some(".bashrc"));
+        assert_eq!(url_file("https://h"), None);
+    }
+}

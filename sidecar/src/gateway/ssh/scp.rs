@@ -1,0 +1,216 @@
+//! The legacy scp protocol's upload direction (`scp -t`, what `scp -O` runs on the host): the
+//! name and mode of each file and directory the agent sends, so that each is checked where
+//! it lands, as SFTP opens are. File contents pass through untouched.
+//!
+//! The source sends `C<mode> <size> <name>\n` then the bytes and a `\0`;
+//! `D<mode> 0 <name>\n` to enter a directory, `E\n` to leave it, `T<mtime> 0 <atime> 0\n`
+//! before either with `-p`, and `\x01`/`\x02` messages.
+
+/// The longest header line read (OpenSSH's sink reads at most a few KiB).
+const MAX_HEADER: usize = 8192;
+
+/// What the stream carries, in order.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Item {
+    /// Bytes to pass to the host as they are.
+    Pass(Vec<u8>),
+    /// A file or directory about to be written: every path it may land at (the target
+    /// itself when it names a file, or the name inside the target directory), and whether
+    /// its mode sets the setuid or setgid bit. Its header follows as `Pass`.
+    Entry {
+        /// The paths it may land at.
+        paths: Vec<String>,
+        /// Whether the mode has setuid or setgid.
+        setid: bool,
+    },
+    /// The stream cannot be read as scp: refuse it, with the reason.
+    Refuse(String),
+}
+
+/// One upload's state.
+#[derive(Debug)]
+pub struct Upload {
+    target: String,
+    dirs: Vec<String>,
+    /// File bytes (and the `\0` after them) still to pass before the next header.
+    remaining: u64,
+    line: Vec<u8>,
+    failed: bool,
+}
+
+impl Upload {
+    /// The upload run by `command` (`scp [-r] [-p] [-d] -t TARGET`), if it is one.
+    pub fn new(command: &str) -> Option<Self> {
+        let words: Vec<&str> = command.split_whitespace().collect();
+        let name = words.first()?.rsplit('/').next()?;
+        if name != "scp" {
+            return None;
+        }
+        let mut options = true;
+        let mut sink = false;
+        let mut target = None;
+        for w in &words[1..] {
+            if options && *w == "--" {
+                options = false;
+            } else if options && w.starts_with('-') {
+                sink |= !w.starts_with("--") && w.contains('t');
+            } else {
+                target = Some((*w).to_owned());
+            }
+        }
+        sink.then(|| Self {
+            target: target.unwrap_or_else(|| ".".into()),
+            dirs: Vec::new(),
+            remaining: 0,
+            line: Vec::new(),
+            failed: false,
+        })
+    }
+
+    /// Reads the next bytes from the agent.
+    pub fn feed(&mut self, mut data: &[u8]) -> Vec<Item> {
+        let mut out = Vec::new();
+        while !data.is_empty() && !self.failed {
+            if self.remaining > 0 {
+                let n = usize::try_from(self.remaining)
+                    .unwrap_or(usize::MAX)
+                    .min(data.len());
+                out.push(Item::Pass(data[..n].to_vec()));
+                self.remaining -= n as u64;
+                data = &data[n..];
+                continue;
+            }
+            let Some(nl) = data.iter().position(|b| *b == b'\n') else {
+                self.line.extend_from_slice(data);
+                if self.line.len() > MAX_HEADER {
+                    self.fail(&mut out, "an scp header line is too long");
+                }
+                break;
+            };
+            self.line.extend_from_slice(&data[..=nl]);
+            data = &data[nl + 1..];
+            let line = std::mem::take(&mut self.line);
+            self.header(line, &mut out);
+        }
+        out
+    }
+
+    fn fail(&mut self, out: &mut Vec<Item>, why: &str) {
+        self.failed = true;
+        out.push(Item::Refuse(why.to_owned()));
+    }
+
+    fn header(&mut self, line: Vec<u8>, out: &mut Vec<Item>) {
+        let Ok(text) = std::str::from_utf8(&line[..line.len() - 1]) else {
+            return self.fail(
+                out,
+                "an scp file name is not valid UTF-8, so it cannot be checked",
+            );
+        };
+        match line.first() {
+            Some(b'C' | b'D') => {
+                let mut parts = text[1..].splitn(3, ' ');
+                let (Some(mode), Some(size), Some(name)) =
+                    (parts.next(), parts.next(), parts.next())
+                else {
+                    return self.fail(out, "an scp header cannot be read");
+                };
+                let (Ok(mode), Ok(size)) = (u32::from_str_radix(mode, 8), size.parse::<u64>())
+                else {
+                    return self.fail(out, "an scp header cannot be read");
+                };
+                if name.is_empty() || name == "." || name == ".." || name.contains('/') {
+                    return self.fail(out, "an scp file name that is a path is refused");
+                }
+                let mut paths = Vec::new();
+                if self.dirs.is_empty() {
+                    // The target names the file itself, or a directory it goes in.
+                    paths.push(self.target.clone());
+                }
+                let mut inside = self.target.trim_end_matches('/').to_owned();
+                for d in &self.dirs {
+                    inside.push('/');
+                    inside.push_str(d);
+                }
+                inside.push('/');
+                inside.push_str(name);
+                paths.push(inside);
+                out.push(Item::Entry {
+                    paths,
+                    setid: mode & 0o6000 != 0,
+                });
+                if line[0] == b'C' {
+                    self.remaining = size.saturating_add(1);
+                } else {
+                    self.dirs.push(name.to_owned());
+                }
+            }
+            Some(b'E') => {
+                self.dirs.pop();
+            }
+            Some(b'T' | 1 | 2) => {}
+            _ => return self.fail(out, "the scp stream cannot be read"),
+        }
+        out.push(Item::Pass(line));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entries(items: &[Item]) -> Vec<(Vec<String>, bool)> {
+        items
+            .iter()
+            .filter_map(|i| match i {
+                Item::Entry { paths, setid } => Some((paths.clone(), *setid)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn names_and_modes_are_found_across_packets() {
+        let mut u = Upload::new("scp -r -t .").unwrap();
+        let stream =
+            b"D0755 0 .ssh\nC0600 5 authorized_keys\nhello\0E\nT1 0 1 0\nC4755 2 tool\nhi\0";
+        let mut items = Vec::new();
+        // Byte by byte: headers split anywhere.
+        for b in stream {
+            items.extend(u.feed(&[*b]));
+        }
+        assert_eq!(
+            entries(&items),
+            [
+                (vec![".".to_owned(), "./.ssh".to_owned()], false),
+                (vec!["./.ssh/authorized_keys".to_owned()], false),
+                (vec![".".to_owned(), "./tool".to_owned()], true),
+            ]
+        );
+        let passed: Vec<u8> = items
+            .iter()
+            .flat_map(|i| match i {
+                Item::Pass(b) => b.clone(),
+                _ => Vec::new(),
+            })
+            .collect();
+        assert_eq!(passed, stream);
+    }
+
+    #[test]
+    fn unreadable_streams_are_refused() {
+        let mut u = Upload::new("scp -t /tmp/x").unwrap();
+        assert!(matches!(
+            u.feed(b"C0644 1 ../x\n").last(),
+            Some(Item::Refuse(_))
+        ));
+        let mut u = Upload::new("scp -t /tmp/x").unwrap();
+        assert!(matches!(u.feed(b"Q\n").last(), Some(Item::Refuse(_))));
+        let mut u = Upload::new("scp -t /tmp/x").unwrap();
+        assert!(matches!(
+            u.feed(&vec![b'C'; MAX_HEADER + 10]).last(),
+            Some(Item::Refuse(_))
+        ));
+        assert!(Upload::new("scp -f /etc/hosts").is_none());
+    }
+}
