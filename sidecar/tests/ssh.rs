@@ -453,13 +453,16 @@ fn files_move_with_scp_and_sftp_and_forwarding_is_refused() -> anyhow::Result<()
             b = s.dir.path().join("sftp-back.bin").display()
         ),
     )?;
-    let out = Command::new("sftp")
-        .arg("-F")
-        .arg(&s.config)
-        .args(["-o", "BatchMode=yes", "-b"])
-        .arg(&batch)
-        .arg("files")
-        .output()?;
+    let sftp_batch = || {
+        Command::new("sftp")
+            .arg("-F")
+            .arg(&s.config)
+            .args(["-o", "BatchMode=yes", "-b"])
+            .arg(&batch)
+            .arg("files")
+            .output()
+    };
+    let out = sftp_batch()?;
     assert!(
         out.status.success(),
         "sftp: {}",
@@ -472,6 +475,23 @@ fn files_move_with_scp_and_sftp_and_forwarding_is_refused() -> anyhow::Result<()
         r = remote.display()
     ));
     s.request(&format!("sftp remove {r}/t.bin", r = remote.display()));
+    // Attributes: `put -p` sets them through the upload's handle (decided by the file it
+    // was opened with: allowed); a new owner is a change of privileges (refused).
+    std::fs::write(
+        &batch,
+        format!(
+            "put -p {l} {r}/p.bin\nchown 0 {r}/p.bin\n",
+            l = local.display(),
+            r = remote.display(),
+        ),
+    )?;
+    let out = sftp_batch()?;
+    assert!(!out.status.success(), "sftp chown was not refused");
+    assert_eq!(std::fs::read(remote.join("p.bin"))?, data);
+    let fsetstat = s.request(&format!("sftp fsetstat {r}/p.bin", r = remote.display()));
+    assert_eq!(fsetstat["decision"]["verdict"], "Allowed", "{fsetstat}");
+    let chown = s.request(&format!("sftp setstat {r}/p.bin", r = remote.display()));
+    assert_eq!(chown["decision"]["verdict"], "Refused", "{chown}");
     // Port forwarding is refused unless granted (web), and works where it is (files): the
     // agent's stdin/stdout reach the host's sshd, which greets it.
     let sshd_addr = format!("127.0.0.1:{}", s.env.ssh()?.port());

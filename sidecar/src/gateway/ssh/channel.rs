@@ -80,6 +80,8 @@ pub struct Ctx {
     spec: agentgate_crds::target::SshTarget,
     masks: Arc<MaskSet>,
     rec: Arc<SessionRecorder>,
+    /// The paths of this channel's open SFTP handles.
+    sftp_handles: std::sync::Mutex<sftp::Handles>,
     /// Where this channel's shell may be (`cd` on an earlier line): relative paths written
     /// are checked there.
     cwds: std::sync::Mutex<command::Cwds>,
@@ -139,6 +141,7 @@ impl Ctx {
             masks,
             rec,
             cwds: std::sync::Mutex::new(command::home()),
+            sftp_handles: std::sync::Mutex::default(),
         })
     }
 
@@ -827,6 +830,9 @@ async fn agent_to_host(
                         match packets.packet() {
                             Ok(Some(packet)) => match sftp_request(ctx, &packet).await {
                                 Ok(()) => {
+                                    if let Ok(mut h) = ctx.sftp_handles.lock() {
+                                        h.request(&packet);
+                                    }
                                     sent += packet.len() as u64;
                                     if to_host.data_bytes(packet).await.is_err() {
                                         return sent;
@@ -959,10 +965,24 @@ fn refuse_line(ctx: &Ctx, text: &str, rule: &str, why: String) -> String {
 
 /// Decides one sftp request; `Err` is the STATUS packet to answer it with.
 async fn sftp_request(ctx: &Arc<Ctx>, packet: &[u8]) -> Result<(), Vec<u8>> {
-    let Some(op) = sftp::Op::parse(packet) else {
+    let Some(mut op) = sftp::Op::parse(packet) else {
         // Reads and writes of open handles, stat, readdir: decided when the file was opened.
         return Ok(());
     };
+    // A change through a handle is a change of the file it was opened with; a handle this
+    // channel did not see opened could be any file.
+    let mut unknown_handle = false;
+    if let Some(h) = &op.handle {
+        match ctx
+            .sftp_handles
+            .lock()
+            .ok()
+            .and_then(|t| t.path(h).map(str::to_owned))
+        {
+            Some(path) => op.paths = vec![path],
+            None => unknown_handle = true,
+        }
+    }
     if op.name == sftp::MALFORMED {
         return Err(sftp::status(
             op.id,
@@ -971,25 +991,15 @@ async fn sftp_request(ctx: &Arc<Ctx>, packet: &[u8]) -> Result<(), Vec<u8>> {
         ));
     }
     let text = op.describe();
-    let class = if op.writes {
-        // Uploading over an account, sudo or startup file is what the shell path calls it.
-        op.paths
-            .iter()
-            .map(|p| command::write_class(&command::normalize_path(p)))
-            .max_by_key(|c| match c {
-                OperationClass::Admin => 2,
-                OperationClass::Privilege => 1,
-                _ => 0,
-            })
-            .unwrap_or(OperationClass::Write)
+    let class = if unknown_handle {
+        OperationClass::Privilege
+    } else if op.writes {
+        // Uploading over an account, sudo or startup file is what the shell path calls it
+        // (relative paths are in the login's home); a setuid or setgid bit is `chmod u+s`,
+        // an owner `chown`.
+        command::landing_class(&op.paths, op.setid || op.chown)
     } else {
         OperationClass::Read
-    };
-    // A setuid or setgid bit is what `chmod u+s` is on the shell path.
-    let class = if op.setid && class != OperationClass::Admin {
-        OperationClass::Privilege
-    } else {
-        class
     };
     let mut keys = std::collections::BTreeSet::new();
     keys.insert(format!("sftp {}", op.name));
@@ -1116,6 +1126,9 @@ async fn host_to_agent(
                     loop {
                         match packets.packet() {
                             Ok(Some(p)) => {
+                                if let Ok(mut h) = ctx.sftp_handles.lock() {
+                                    h.answer(&p);
+                                }
                                 sent += p.len() as u64;
                                 if to_agent.data_bytes(p).await.is_err() {
                                     return (sent, exit);

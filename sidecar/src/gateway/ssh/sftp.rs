@@ -54,6 +54,10 @@ pub struct Op {
     pub writes: bool,
     /// Whether it sets a setuid or setgid permission bit.
     pub setid: bool,
+    /// Whether it sets the owner or group (chown).
+    pub chown: bool,
+    /// The handle it acts on (`fsetstat`): its path is what the handle was opened with.
+    pub handle: Option<Vec<u8>>,
 }
 
 struct Reader<'a>(&'a [u8]);
@@ -78,20 +82,32 @@ impl Reader<'_> {
         Some(hi << 32 | lo)
     }
 
-    /// Reads an ATTRS structure; whether its permissions carry setuid or setgid.
-    fn attrs_setid(&mut self) -> Option<bool> {
+    /// Reads an ATTRS structure: whether its permissions carry setuid or setgid, and
+    /// whether it sets an owner or group.
+    fn attrs(&mut self) -> Option<(bool, bool)> {
         let flags = self.u32()?;
         if flags & 0x1 != 0 {
             self.u64()?;
         }
-        if flags & 0x2 != 0 {
+        let chown = flags & 0x2 != 0;
+        if chown {
             self.u32()?;
             self.u32()?;
         }
         if flags & 0x4 != 0 {
-            return Some(self.u32()? & 0o6000 != 0);
+            return Some((self.u32()? & 0o6000 != 0, chown));
         }
-        Some(false)
+        Some((false, chown))
+    }
+
+    fn bytes(&mut self) -> Option<Vec<u8>> {
+        let len = self.u32()? as usize;
+        if self.0.len() < len {
+            return None;
+        }
+        let (s, rest) = self.0.split_at(len);
+        self.0 = rest;
+        Some(s.to_vec())
     }
 
     fn string(&mut self) -> Option<String> {
@@ -119,13 +135,15 @@ impl Op {
             Some(op) => op,
             // A request that should name a file but cannot be read is refused, never
             // passed: the host might read it differently.
-            None if matches!(kind, 3 | 9 | 11 | 13 | 14 | 15 | 18 | 20 | 200) => Some(Self {
+            None if matches!(kind, 3 | 9 | 10 | 11 | 13 | 14 | 15 | 18 | 20 | 200) => Some(Self {
                 id,
                 name: MALFORMED.to_owned(),
                 paths: Vec::new(),
                 reads: true,
                 writes: true,
                 setid: true,
+                chown: true,
+                handle: None,
             }),
             None => None,
         }
@@ -140,17 +158,20 @@ impl Op {
             reads,
             writes,
             setid: false,
+            chown: false,
+            handle: None,
         };
         Some(Some(match kind {
             3 => {
                 let path = r.string()?;
                 let flags = r.u32()?;
                 // Unreadable attributes count as setting the bit (fail closed).
-                let setid = r.attrs_setid().unwrap_or(true);
+                let (setid, chown) = r.attrs().unwrap_or((true, true));
                 // READ 1, WRITE 2, APPEND 4, CREAT 8, TRUNC 0x10. sftp-server opens a file
                 // for reading unless WRITE is set, whatever else is: that is a read.
                 Self {
                     setid,
+                    chown,
                     ..op(
                         "open",
                         vec![path],
@@ -161,15 +182,20 @@ impl Op {
             }
             9 => {
                 let path = r.string()?;
+                let (setid, chown) = r.attrs()?;
                 Self {
-                    setid: r.attrs_setid()?,
+                    setid,
+                    chown,
                     ..op("setstat", vec![path], false, true)
                 }
             }
             10 => {
-                r.string()?;
+                let handle = r.bytes()?;
+                let (setid, chown) = r.attrs()?;
                 Self {
-                    setid: r.attrs_setid()?,
+                    setid,
+                    chown,
+                    handle: Some(handle),
                     ..op("fsetstat", vec![], false, true)
                 }
             }
@@ -195,7 +221,15 @@ impl Op {
                     "hardlink@openssh.com" => {
                         op("link", vec![r.string()?, r.string()?], false, true)
                     }
-                    "lsetstat@openssh.com" => op("setstat", vec![r.string()?], false, true),
+                    "lsetstat@openssh.com" => {
+                        let path = r.string()?;
+                        let (setid, chown) = r.attrs()?;
+                        Self {
+                            setid,
+                            chown,
+                            ..op("lsetstat", vec![path], false, true)
+                        }
+                    }
                     // An extension agentgate does not know may change anything.
                     _ => op(&name, vec![], false, true),
                 }
@@ -220,6 +254,74 @@ impl Op {
         }
         s
     }
+}
+
+/// The most handles remembered per channel (OpenSSH's sftp-server allows 512 open at once).
+const MAX_HANDLES: usize = 4096;
+
+/// Which path each open handle names, so that requests on a handle (`fsetstat`) are decided
+/// by the file they change. Learnt from the agent's `OPEN`/`OPENDIR` and the host's
+/// `HANDLE` answers; forgotten at `CLOSE`.
+#[derive(Debug, Default)]
+pub struct Handles {
+    pending: std::collections::HashMap<u32, String>,
+    open: std::collections::HashMap<Vec<u8>, String>,
+}
+
+impl Handles {
+    /// Notes a request the agent sent on (allowed): an open's path until its answer, a
+    /// close's handle forgotten.
+    pub fn request(&mut self, packet: &[u8]) {
+        let Some((kind, id, mut r)) = head(packet) else {
+            return;
+        };
+        match kind {
+            3 | 11 => {
+                if let Some(path) = r.string()
+                    && self.pending.len() < MAX_HANDLES
+                {
+                    self.pending.insert(id, path);
+                }
+            }
+            4 => {
+                if let Some(h) = r.bytes() {
+                    self.open.remove(&h);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Notes an answer from the host: a `HANDLE` binds the open's path to it.
+    pub fn answer(&mut self, packet: &[u8]) {
+        let Some((kind, id, mut r)) = head(packet) else {
+            return;
+        };
+        match kind {
+            102 => {
+                if let (Some(path), Some(h)) = (self.pending.remove(&id), r.bytes())
+                    && self.open.len() < MAX_HANDLES
+                {
+                    self.open.insert(h, path);
+                }
+            }
+            101 => {
+                self.pending.remove(&id);
+            }
+            _ => {}
+        }
+    }
+
+    /// The path `handle` was opened with, if it is known.
+    pub fn path(&self, handle: &[u8]) -> Option<&str> {
+        self.open.get(handle).map(String::as_str)
+    }
+}
+
+/// A packet's type and request id, and a reader of the rest.
+fn head(packet: &[u8]) -> Option<(u8, u32, Reader<'_>)> {
+    let mut r = Reader(packet.get(4..)?);
+    Some((r.u8()?, r.u32()?, r))
 }
 
 /// A `STATUS` answer to request `id`.
@@ -318,6 +420,52 @@ mod tests {
             Op::parse(&truncated).map(|o| o.name),
             Some(MALFORMED.into())
         );
+    }
+
+    #[test]
+    fn handles_name_the_files_they_were_opened_with() {
+        let mut h = Handles::default();
+        h.request(&packet(
+            3,
+            1,
+            &[&s("/etc/shadow"), &1u32.to_be_bytes(), &0u32.to_be_bytes()],
+        ));
+        h.answer(&packet(102, 1, &[&s("h1")]));
+        assert_eq!(h.path(b"h1"), Some("/etc/shadow"));
+        let chown = packet(
+            10,
+            2,
+            &[
+                &s("h1"),
+                &2u32.to_be_bytes(),
+                &0u32.to_be_bytes(),
+                &0u32.to_be_bytes(),
+            ],
+        );
+        let op = Op::parse(&chown).unwrap_or_else(|| panic!("parsed"));
+        assert!(op.chown && op.handle.as_deref() == Some(&b"h1"[..]));
+        h.request(&packet(4, 3, &[&s("h1")]));
+        assert_eq!(h.path(b"h1"), None);
+        // A failed open binds nothing.
+        h.request(&packet(
+            3,
+            4,
+            &[&s("/nope"), &1u32.to_be_bytes(), &0u32.to_be_bytes()],
+        ));
+        h.answer(&packet(101, 4, &[&2u32.to_be_bytes()]));
+        h.answer(&packet(102, 4, &[&s("h2")]));
+        assert_eq!(h.path(b"h2"), None);
+        let lsetstat = packet(
+            200,
+            5,
+            &[
+                &s("lsetstat@openssh.com"),
+                &s("/tmp/x"),
+                &4u32.to_be_bytes(),
+                &0o4755u32.to_be_bytes(),
+            ],
+        );
+        assert!(Op::parse(&lsetstat).is_some_and(|o| o.setid));
     }
 
     #[test]
