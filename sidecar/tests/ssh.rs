@@ -268,6 +268,28 @@ fn exec_through_the_gateway_checked_masked_and_recorded() -> anyhow::Result<()> 
                 .is_some_and(|d| d.contains("contact"))),
         "the output was recorded"
     );
+    // A command's input without a terminal is recorded too (masked).
+    let out = s.ssh(
+        &["web", "wc -l"],
+        Some(format!("piped-input-line {EMAIL}\n").as_bytes()),
+    );
+    assert!(out.status.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !s.records().iter().any(|r| {
+        r["kind"] == "Io"
+            && r["io"]["stream"] == "i"
+            && r["io"]["data"]
+                .as_str()
+                .is_some_and(|d| d.contains("piped-input-line"))
+    }) {
+        assert!(
+            Instant::now() < deadline,
+            "the exec's input was not recorded"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let all = std::fs::read_to_string(&s.audit)?;
+    assert!(!all.contains(EMAIL), "an unmasked value was recorded");
     Ok(())
 }
 

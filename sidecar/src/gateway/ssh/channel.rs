@@ -725,6 +725,9 @@ async fn open_session(
     Ok(ch)
 }
 
+/// How much of an exec's input (without a terminal) is recorded.
+const MAX_EXEC_INPUT_RECORDED: u64 = 1 << 20;
+
 /// The agent's input, to the host: returns the bytes sent.
 async fn agent_to_host(
     ctx: &Arc<Ctx>,
@@ -857,6 +860,19 @@ async fn agent_to_host(
                     }
                 }
                 Mode::Shell | Mode::Exec(_) | Mode::Transfer { .. } => {
+                    // A command's input (a script piped to it) is part of its record, up to
+                    // a bound; a transfer's bytes are files, counted only.
+                    if matches!(mode, Mode::Exec(_)) {
+                        let room = MAX_EXEC_INPUT_RECORDED.saturating_sub(sent);
+                        let n = usize::try_from(room).unwrap_or(usize::MAX).min(data.len());
+                        ctx.io("i", &data[..n]);
+                        if n < data.len() && room > 0 {
+                            ctx.io(
+                                "i",
+                                format!("\n[agentgate: input past {MAX_EXEC_INPUT_RECORDED} bytes is counted, not recorded]\n").as_bytes(),
+                            );
+                        }
+                    }
                     sent += data.len() as u64;
                     if to_host.data_bytes(data).await.is_err() {
                         return sent;

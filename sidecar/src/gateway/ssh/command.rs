@@ -322,6 +322,11 @@ fn evaluated_later(line: &str) -> Option<&'static str> {
     if open.contains("${!") {
         return Some("indirect expansion");
     }
+    // zsh: parameter flags (`${(e)x}` runs the substitutions in a value) and glob
+    // substitution (`$~x`, where a value's glob qualifiers run code).
+    if open.contains("${(") || open.contains("${~") || open.contains("$~") {
+        return Some("a zsh expansion that evaluates a value");
+    }
     // Arithmetic on literals is harmless; a name in it is evaluated as arithmetic in turn.
     for start in ["((", "$["] {
         let mut rest = open.as_str();
@@ -511,7 +516,7 @@ const RUNS_CODE_ENV: [&str; 16] = [
 ];
 
 /// Programs that run other programs, escalate, or change how later commands run.
-const RUNS_CODE: [&str; 52] = [
+const RUNS_CODE: [&str; 65] = [
     // History and editing: run an earlier or edited command.
     "fc",
     "history",
@@ -567,6 +572,22 @@ const RUNS_CODE: [&str; 52] = [
     "typeset",
     "export",
     "readonly",
+    // zsh: re-run history, edit buffers and key bindings that type commands, modules and
+    // functions loaded from files, code given as text or run later, options that turn data
+    // into code (`setopt globsubst`).
+    "r",
+    "vared",
+    "zle",
+    "bindkey",
+    "zmodload",
+    "autoload",
+    "zpty",
+    "sched",
+    "emulate",
+    "zstyle",
+    "setopt",
+    "unsetopt",
+    "functions",
 ];
 
 const DOWNLOADERS: [&str; 4] = ["curl", "wget", "fetch", "aria2c"];
@@ -1168,7 +1189,13 @@ impl Walker {
             self.key(line);
             return Ok(vec![("?".into(), false)]);
         }
-        let name = basename(&first.text).to_owned();
+        // zsh expands a word `=cmd` to the program's path (`=sudo reboot` runs sudo).
+        let program = first
+            .text
+            .strip_prefix('=')
+            .filter(|p| !p.is_empty())
+            .unwrap_or(&first.text);
+        let name = basename(program).to_owned();
         self.key(name.clone());
         self.key(line.clone());
         if first.text.contains('/') && !is_system_path(&first.text) {
@@ -1310,7 +1337,9 @@ impl Walker {
             }
             "nice" | "nohup" | "time" | "exec" | "command" | "builtin" | "stdbuf" | "ionice"
             | "setsid" | "busybox" | "chrt" | "taskset" | "unbuffer" | "caffeinate"
-            | "doas-nice" => {
+            | "doas-nice"
+            // zsh's precommand modifiers and `repeat N cmd`.
+            | "noglob" | "nocorrect" | "-" | "repeat" => {
                 if name == "command" && args.iter().any(|a| *a == "-v" || *a == "-V") {
                     return Ok(Vec::new());
                 }
@@ -1323,8 +1352,11 @@ impl Walker {
                     _ => &[],
                 };
                 let mut skip = skip_options(&args, with_values);
-                if matches!(name.as_str(), "chrt" | "taskset") && skip < args.len() {
-                    skip += 1; // the priority or the CPU mask
+                if name == "-" {
+                    skip = 0;
+                } else if matches!(name.as_str(), "chrt" | "taskset" | "repeat") && skip < args.len()
+                {
+                    skip += 1; // the priority, the CPU mask or the count
                 }
                 let rest = inner(skip);
                 if rest.is_empty() {

@@ -191,6 +191,11 @@ impl Walker {
                 // Otherwise `RUNS_CODE` decides (history can run what it holds).
                 return None;
             }
+            // zsh's `print -z` types into the next command line, `-s` into the history.
+            "print" if flag(args, Some('z'), None, 0) || flag(args, Some('s'), None, 0) => {
+                self.key("runs code");
+                Exec
+            }
             "rg" if flag(args, None, Some("pre"), 3) => {
                 self.key("runs a program");
                 Exec

@@ -595,3 +595,30 @@ fn uploads_land_where_their_class_says() {
     assert_eq!(landing_class(&["/tmp/tool".into()], true), Privilege);
     assert_eq!(landing_class(&["/dev/sda".into()], false), Admin);
 }
+
+#[test]
+fn zsh_forms_that_run_code_are_found() {
+    for (line, want) in [
+        ("noglob sudo id", Privilege),
+        ("nocorrect sudo id", Privilege),
+        ("- sudo id", Privilege),
+        ("repeat 2 sudo id", Privilege),
+        ("=sudo id", Privilege),
+        ("echo ${(e)x}", Exec),
+        ("echo $~x", Exec),
+        ("echo ${~x}", Exec),
+        ("ls *(e:'sudo reboot':)", Exec),
+        ("print -z sudo reboot", Exec),
+        ("print -s sudo reboot", Exec),
+        ("r", Exec),
+        ("bindkey -s '^M' 'sudo reboot'", Exec),
+        ("zmodload zsh/system", Exec),
+        ("setopt globsubst", Exec),
+        ("emulate sh -c 'sudo reboot'", Exec),
+        ("zstyle -e ':x' y 'sudo reboot'", Exec),
+        ("print hello", Read.max(class("print hello"))),
+        ("repeat 2 echo hi", Read),
+    ] {
+        assert_eq!(class(line), want, "{line}");
+    }
+}
