@@ -260,7 +260,7 @@ pub fn classify_in(line: &str, cwds: &[Option<String>]) -> Result<Parsed, Unpars
 
 /// `p` (relative) under the directory `dir` (absolute, or `~…`), normalized; `None` when it
 /// climbs out of the home directory, to somewhere not known.
-fn join_dir(dir: &str, p: &str) -> Option<String> {
+pub(super) fn join_dir(dir: &str, p: &str) -> Option<String> {
     let Some(rest) = dir.strip_prefix('~') else {
         return Some(normalize_path(&format!("{dir}/{p}")));
     };

@@ -98,6 +98,38 @@ pub fn operands<'a>(args: &[&'a str], short_values: &str, long_values: &[&str]) 
     out
 }
 
+/// Whether files of any name written into `dest` (relative: in the login's home) may be
+/// startup, account or system files: the home directory itself, a hidden directory in it
+/// (`.ssh`, `.config`), `/`, `/root`, `/etc`, a user's home under `/home`, and the program
+/// directories.
+fn receives_startup_files(dest: &str) -> bool {
+    let resolved = if dest.starts_with('/') {
+        Some(super::normalize_path(dest))
+    } else {
+        let rel = dest
+            .strip_prefix('~')
+            .map_or(dest, |r| r.trim_start_matches('/'));
+        super::join_dir("~", rel)
+    };
+    let Some(d) = resolved else {
+        return true;
+    };
+    let d = d.trim_end_matches('/');
+    let parts: Vec<&str> = d.split('/').filter(|p| !p.is_empty()).collect();
+    d.is_empty()
+        || d == "~"
+        || d.starts_with("~/.")
+        || (parts.first() == Some(&"home") && parts.get(2).is_some_and(|p| p.starts_with('.')))
+        || matches!(
+            parts.first(),
+            Some(&("etc" | "root" | "bin" | "sbin" | "boot" | "lib" | "lib64"))
+        )
+        || (parts.first() == Some(&"home") && parts.len() <= 2)
+        || (parts.first() == Some(&"usr") && parts.len() <= 3)
+        || (parts.first() == Some(&"var") && parts.get(1) == Some(&"spool"))
+        || super::write_class(d) != Write
+}
+
 /// `name` in `dir` (the current directory when `None`).
 fn in_dir(dir: Option<&str>, name: &str) -> String {
     match dir {
@@ -195,6 +227,16 @@ impl Walker {
             "print" if flag(args, Some('z'), None, 0) || flag(args, Some('s'), None, 0) => {
                 self.key("runs code");
                 Exec
+            }
+            // The receiving side of an rsync upload: the sender names the files, so a
+            // directory where startup or account files live takes any of them.
+            "rsync" if args.contains(&"--server") && !args.contains(&"--sender") => {
+                let dest = operands(args, "", &[]).last().copied().unwrap_or(".");
+                if !receives_startup_files(dest) {
+                    return None;
+                }
+                self.key("files named by the sender");
+                Privilege
             }
             "rg" if flag(args, None, Some("pre"), 3) => {
                 self.key("runs a program");
@@ -468,5 +510,30 @@ mod tests {
         assert_eq!(operands(&["-f2", "in", "out"], "f", &[]), ["in", "out"]);
         assert_eq!(url_file("https://h/a/.bashrc?x=1"), Some(".bashrc"));
         assert_eq!(url_file("https://h"), None);
+        for d in [
+            ".",
+            "~",
+            "~/",
+            ".ssh/",
+            "/",
+            "/root",
+            "/etc/cron.d",
+            "/home/u",
+            "/home/u/.ssh",
+            "../x",
+            "/usr/local/bin",
+            ".bashrc",
+        ] {
+            assert!(receives_startup_files(d), "{d}");
+        }
+        for d in [
+            "app",
+            "/srv/app/",
+            "/tmp/x",
+            "/home/u/project",
+            "~/project/src",
+        ] {
+            assert!(!receives_startup_files(d), "{d}");
+        }
     }
 }

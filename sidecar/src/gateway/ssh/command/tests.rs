@@ -572,6 +572,10 @@ fn options_that_write_run_or_change_the_host_are_found() {
         ("dmesg", Read),
         ("ss -K dst 10.0.0.1", Admin),
         ("rg --pre ./x foo", Exec),
+        // The receiving side of an rsync upload into a home directory or ~/.ssh.
+        ("rsync --server -logDtpre.iLsfxCIvu . .", Privilege),
+        ("rsync --server -logDtpre.iLsfxCIvu . .ssh/", Privilege),
+        ("rsync --server -logDtpre.iLsfxCIvu . /srv/app/", Write),
     ] {
         assert_eq!(class(line), want, "{line}");
     }
