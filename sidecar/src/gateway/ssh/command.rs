@@ -235,6 +235,7 @@ pub fn classify_in(line: &str, cwds: &[Option<String>]) -> Result<Parsed, Unpars
             commands: Vec::new(),
             cwds: start.clone(),
             next_cwds: start.clone(),
+            cd_to: None,
         };
         w.line(line, 0)?;
         if w.next_cwds.len() > start.len() && pass < 3 {
@@ -461,6 +462,8 @@ struct Walker {
     cwds: Cwds,
     /// Where it may be after (`cwds` and every `cd` target found).
     next_cwds: Cwds,
+    /// Where the last `cd` walked may have led.
+    cd_to: Option<Cwds>,
 }
 
 /// Interactive programs with a way to run shell commands from inside them.
@@ -696,29 +699,35 @@ impl Walker {
             }
         }
         let t = target.map(|w| (w.text.as_str(), w.dynamic || w.pattern));
+        let mut to: Cwds = Vec::new();
         match (name, t) {
-            ("cd", None) => self.add_cwd(Some("~".into())),
+            ("cd", None) => to.push(Some("~".into())),
             ("cd" | "chdir" | "pushd", Some((t, false)))
                 if !(t.is_empty() || name == "pushd" && t.starts_with('+')) =>
             {
                 if t == "~" || t.starts_with("~/") {
-                    self.add_cwd(join_dir("~", &t[1..]));
+                    to.push(join_dir("~", &t[1..]));
                 } else if t.starts_with('/') {
-                    self.add_cwd(Some(normalize_path(t)));
+                    to.push(Some(normalize_path(t)));
                 } else if t.starts_with(['~', '-', '$']) {
-                    self.add_cwd(None);
+                    to.push(None);
                 } else {
-                    for dir in self.cwds.clone() {
-                        self.add_cwd(dir.and_then(|d| join_dir(&d, t)));
+                    for dir in &self.cwds {
+                        to.push(dir.as_ref().and_then(|d| join_dir(d, t)));
                     }
                     // A name that does not start with `.` may be found through `CDPATH`.
                     if !t.starts_with('.') {
-                        self.add_cwd(None);
+                        to.push(None);
                     }
                 }
             }
-            _ => self.add_cwd(None),
+            _ => to.push(None),
         }
+        to.dedup();
+        for dir in &to {
+            self.add_cwd(dir.clone());
+        }
+        self.cd_to = Some(to);
     }
 
     /// Parses a whole line (or the text of a substitution / `sh -c`) and walks it.
@@ -736,11 +745,30 @@ impl Walker {
 
     fn list(&mut self, list: &ast::CompoundList, depth: usize) -> Result<(), Unparsable> {
         for ast::CompoundListItem(and_or, _) in &list.0 {
-            self.pipeline(&and_or.first, depth)?;
-            for next in &and_or.additional {
-                match next {
-                    ast::AndOr::And(p) | ast::AndOr::Or(p) => self.pipeline(p, depth)?,
+            // `cd DIR && …`: what follows runs only where the `cd` led (a failed `cd` runs
+            // nothing more), so in a chain of `&&` it is checked there alone.
+            let all_and = and_or
+                .additional
+                .iter()
+                .all(|n| matches!(n, ast::AndOr::And(_)));
+            let mut saved = None;
+            let rest = and_or.additional.iter().map(|n| match n {
+                ast::AndOr::And(p) | ast::AndOr::Or(p) => p,
+            });
+            for p in std::iter::once(&and_or.first).chain(rest) {
+                self.cd_to = None;
+                self.pipeline(p, depth)?;
+                let lone = p.seq.len() == 1 && matches!(p.seq[0], ast::Command::Simple(_));
+                if let Some(to) = self.cd_to.take()
+                    && all_and
+                    && lone
+                {
+                    let before = std::mem::replace(&mut self.cwds, to);
+                    saved.get_or_insert(before);
                 }
+            }
+            if let Some(cwds) = saved {
+                self.cwds = cwds;
             }
         }
         Ok(())
@@ -1119,6 +1147,8 @@ impl Walker {
         for a in &assignments {
             self.assignment(a);
         }
+        // A `cd` inside a substitution moves a subshell, not this shell.
+        self.cd_to = None;
         if words.is_empty() {
             // Only assignments and redirections.
             let mut line = assignments.join(" ");
@@ -2065,6 +2095,8 @@ fn is_root_path(p: &str) -> bool {
             | "${HOME}/*"
             | "*"
             | ".*"
+            | "./*"
+            | "./.*"
             | "/*/*"
     ) {
         return true;

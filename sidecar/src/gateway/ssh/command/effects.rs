@@ -238,6 +238,60 @@ impl Walker {
                 self.key("files named by the sender");
                 Privilege
             }
+            // Extracting an archive writes the names it holds: into the home directory (or
+            // another place startup files live), any of them may be one.
+            "tar" | "gtar" | "bsdtar"
+                if flag(args, Some('x'), Some("extract"), 3)
+                    || flag(args, None, Some("get"), 3)
+                    || args
+                        .first()
+                        .is_some_and(|a| !a.starts_with('-') && a.contains('x')) =>
+            {
+                let dirs = values(args, Some('C'), Some("directory"), 3);
+                if !flag(args, Some('P'), Some("absolute-names"), 3)
+                    && !self.extracts_into_startup_dirs(dirs.last().copied())
+                {
+                    return None;
+                }
+                self.key("files named by the archive");
+                Privilege
+            }
+            "unzip"
+                if !args.iter().any(|a| {
+                    a.starts_with('-') && a[1..].contains(['l', 't', 'v', 'p', 'c', 'Z', 'z'])
+                }) =>
+            {
+                let dirs = values(args, Some('d'), None, 0);
+                if !self.extracts_into_startup_dirs(dirs.last().copied()) {
+                    return None;
+                }
+                self.key("files named by the archive");
+                Privilege
+            }
+            "cpio" if flag(args, Some('i'), Some("extract"), 3) => {
+                let dirs = values(args, Some('D'), Some("directory"), 3);
+                if flag(args, None, Some("no-absolute-filenames"), 4)
+                    && !self.extracts_into_startup_dirs(dirs.last().copied())
+                {
+                    return None;
+                }
+                self.key("files named by the archive");
+                Privilege
+            }
+            "7z" | "7za" | "7zr"
+                if matches!(operands(args, "", &[]).first(), Some(&("x" | "e"))) =>
+            {
+                let dir = args
+                    .iter()
+                    .rev()
+                    .find_map(|a| a.strip_prefix("-o"))
+                    .filter(|d| !d.is_empty());
+                if !self.extracts_into_startup_dirs(dir) {
+                    return None;
+                }
+                self.key("files named by the archive");
+                Privilege
+            }
             "rg" if flag(args, None, Some("pre"), 3) => {
                 self.key("runs a program");
                 Exec
@@ -354,6 +408,25 @@ impl Walker {
             _ => return None,
         };
         Some(class)
+    }
+
+    /// Whether an archive extracted into `dir` (the shell's directory when `None`) may write
+    /// startup or account files: `dir`, or any place the shell may be, is such a place.
+    fn extracts_into_startup_dirs(&self, dir: Option<&str>) -> bool {
+        match dir {
+            Some(d) if d.starts_with(['/', '~']) => receives_startup_files(d),
+            Some(d) => self
+                .cwds
+                .iter()
+                .flatten()
+                .filter_map(|c| super::join_dir(c, d))
+                .any(|p| receives_startup_files(&p)),
+            // A place not known may be the home directory.
+            None => self
+                .cwds
+                .iter()
+                .any(|c| c.as_ref().is_none_or(|c| receives_startup_files(c))),
+        }
     }
 
     /// Each of `files` is written: `Write` at least, more for a startup or account file.

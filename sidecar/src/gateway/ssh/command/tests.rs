@@ -482,6 +482,14 @@ fn writes_are_checked_where_the_shell_is_after_cd() {
         ("cd / && cd etc && echo x > passwd", Privilege),
         // Ordinary work after a `cd`.
         ("cd /srv/app && echo x > notes.txt", Write),
+        ("cd /etc && echo x > sudoers", Privilege),
+        ("cd /srv/app && echo x > sudoers", Write),
+        ("cd /srv/app || echo x > sudoers", Write),
+        ("cd /etc || echo x > passwd", Privilege),
+        // A `cd` in a substitution does not move the shell.
+        ("x=$(cd /srv) && rm -rf ~/*", Admin),
+        ("x=$(cd /srv) && echo x >> .ssh/rc", Privilege),
+        ("echo $(cd /srv) && cd / && rm -rf ./*", Admin),
         ("cd repo && find . -name '*.pyc' -delete", Write),
         ("cd /tmp; ls", Read),
         ("find . -name '*.log' -delete", Write),
@@ -549,13 +557,13 @@ fn options_that_write_run_or_change_the_host_are_found() {
         ("sed -n p x", Read),
         ("sed -f script.sed x", Exec),
         // tar options that run programs, attached, abbreviated or in the old style.
-        ("tar -Izstd -xf a.tar", Exec),
-        ("tar -xI zstd -f a.tar", Exec),
-        ("tar --use-comp=sh -xf a.tar", Exec),
-        ("tar --to-com=sh -xf a.tar", Exec),
-        ("tar xIf sh a.tar", Exec),
-        ("tar -xzf a.tgz", Write),
-        ("tar --checkpoint=10 -xf a.tar", Write),
+        ("tar -Izstd -xf a.tar -C /srv", Exec),
+        ("tar -xI zstd -f a.tar -C /srv", Exec),
+        ("tar --use-comp=sh -xf a.tar -C /srv", Exec),
+        ("tar --to-com=sh -xf a.tar -C /srv", Exec),
+        ("tar cIf sh a.tar d", Exec),
+        ("tar -xzf a.tgz -C /srv", Write),
+        ("tar --checkpoint=10 -xf a.tar -C /srv", Write),
         // Read-listed programs that change the host.
         ("date -s '2020-01-01'", Admin),
         ("date 010100002020", Admin),
@@ -576,6 +584,20 @@ fn options_that_write_run_or_change_the_host_are_found() {
         ("rsync --server -logDtpre.iLsfxCIvu . .", Privilege),
         ("rsync --server -logDtpre.iLsfxCIvu . .ssh/", Privilege),
         ("rsync --server -logDtpre.iLsfxCIvu . /srv/app/", Write),
+        // Archives extracted where startup files live write whatever names they hold.
+        ("tar xzf a.tgz", Privilege),
+        ("tar -xzf a.tgz -C ~/.ssh", Privilege),
+        ("tar -xPf a.tar -C /tmp/x", Privilege),
+        ("cd /srv/app; tar -xzf a.tgz", Privilege),
+        ("cd /srv/app && tar -xzf a.tgz", Write),
+        ("cd \"$d\" && tar -xzf a.tgz", Privilege),
+        ("tar -xzf a.tgz -C /srv/app", Write),
+        ("tar -tzf a.tgz", Read.max(class("tar -tzf a.tgz"))),
+        ("unzip a.zip", Privilege),
+        ("unzip a.zip -d /srv/app", Write),
+        ("unzip -l a.zip", Read.max(class("unzip -l a.zip"))),
+        ("7z x a.7z", Privilege),
+        ("7z x a.7z -o/srv/app", Write),
     ] {
         assert_eq!(class(line), want, "{line}");
     }
