@@ -188,6 +188,8 @@ impl Proc {
                     && b.get(1).is_some_and(u8::is_ascii_digit)
                     || l.contains("FATAL")
                     || l.contains("ERROR")
+                    || l.starts_with("Error:")
+                    || l.contains("panicked at")
                     || l.contains("\"level\":\"fatal\"")
             })
             .collect();

@@ -126,10 +126,7 @@ impl Cluster {
         self.start_operator_on(self.webhook_port).await
     }
 
-    /// Starts one more operator replica serving webhooks on `webhook_port` (replicas on one
-    /// host cannot share a port; in a cluster each pod has its own address).
-    pub async fn start_operator_on(&mut self, webhook_port: u16) -> anyhow::Result<usize> {
-        let i = self.operators.len();
+    async fn try_start_operator(&self, i: usize, webhook_port: u16) -> anyhow::Result<(Proc, u16)> {
         let metrics = free_port()?;
         let kube = self.env.kube()?;
         let mut spec = Spec::new(
@@ -169,6 +166,35 @@ impl Cluster {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        Ok((proc, metrics))
+    }
+
+    /// Starts one more operator replica serving webhooks on `webhook_port` (replicas on one
+    /// host cannot share a port; in a cluster each pod has its own address).
+    pub async fn start_operator_on(&mut self, webhook_port: u16) -> anyhow::Result<usize> {
+        let i = self.operators.len();
+        // A port picked free can be taken by another test's process before the operator
+        // binds it: start again on a new one.
+        let mut attempt = 0;
+        let (proc, metrics) = loop {
+            attempt += 1;
+            match self.try_start_operator(i, webhook_port).await {
+                Ok(started) => break started,
+                Err(_)
+                    if attempt < 3
+                        && std::fs::read_to_string(
+                            self.env
+                                .dir()
+                                .join("logs")
+                                .join(format!("operator-{i}.log")),
+                        )
+                        .is_ok_and(|log| log.contains("in use")) =>
+                {
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+        };
         self.operators.push(proc);
         self.metrics_ports.push(metrics);
         // The webhooks answer through the API server once caBundle is in place.
