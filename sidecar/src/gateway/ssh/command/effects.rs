@@ -138,6 +138,34 @@ fn in_dir(dir: Option<&str>, name: &str) -> String {
     }
 }
 
+/// xxd's operands: it reads one option per word by its first two characters (`-ps` is
+/// `-p`); `-c`, `-g`, `-l`, `-o`, `-s`, `-n`, `-R` take a value attached (`-c8`) or, when
+/// bare or spelled long (`-cols`), the next word.
+fn xxd_operands<'a>(args: &[&'a str]) -> Vec<&'a str> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < args.len() {
+        let a = args[i];
+        i += 1;
+        if a == "--" {
+            out.extend_from_slice(&args[i..]);
+            break;
+        }
+        let mut chars = a.chars();
+        match (chars.next(), chars.next()) {
+            (Some('-'), Some(o)) if "cglosnR".contains(o) => {
+                let rest = chars.as_str();
+                if rest.is_empty() || rest.starts_with(|c: char| c.is_ascii_alphabetic()) {
+                    i += 1;
+                }
+            }
+            (Some('-'), Some(_)) => {}
+            _ => out.push(a),
+        }
+    }
+    out
+}
+
 /// The last path segment of a URL (what a downloader names the file it saves).
 fn url_file(url: &str) -> Option<&str> {
     let rest = url.split_once("://").map_or(url, |(_, r)| r);
@@ -180,29 +208,25 @@ impl Walker {
                 }
             }
             "sort" => {
-                if flag(args, None, Some("compress-program"), 3) {
+                if flag(args, None, Some("compress-program"), 2) {
                     self.key("runs a program");
                     return Some(Exec);
                 }
-                self.writes_to(&values(args, Some('o'), Some("output"), 3))
+                self.writes_to(&values(args, Some('o'), Some("output"), 1))
             }
             "uniq" => {
                 let ops = operands(args, "fsw", &["skip-fields", "skip-chars", "check-chars"]);
                 self.writes_to(ops.get(1..).unwrap_or(&[]))
             }
             "xxd" => {
-                let ops = operands(
-                    args,
-                    "cglosnC",
-                    &["cols", "groupsize", "len", "offset", "seek", "name"],
-                );
+                let ops = xxd_operands(args);
                 self.writes_to(ops.get(1..).unwrap_or(&[]))
             }
-            "iconv" => self.writes_to(&values(args, Some('o'), Some("output"), 3)),
+            "iconv" => self.writes_to(&values(args, Some('o'), Some("output"), 1)),
             "tree" => self.writes_to(&values(args, Some('o'), None, 0)),
             "info" => {
-                let mut out = values(args, Some('o'), Some("output"), 3);
-                out.extend(values(args, None, Some("dribble"), 3));
+                let mut out = values(args, Some('o'), Some("output"), 1);
+                out.extend(values(args, None, Some("dribble"), 1));
                 self.writes_to(&out)
             }
             "sar" => self.writes_to(&values(args, Some('o'), None, 0)),
@@ -223,6 +247,48 @@ impl Walker {
                 // Otherwise `RUNS_CODE` decides (history can run what it holds).
                 return None;
             }
+            // A link to a directory where startup or account files live lets a later plain
+            // write land there (`ln -s /etc e; echo … > e/sudoers.d/x`).
+            "ln" => {
+                let ops = operands(args, "tS", &["target-directory", "suffix"]);
+                let targets = if ops.len() > 1 {
+                    &ops[..ops.len() - 1]
+                } else {
+                    &ops[..]
+                };
+                if !targets.iter().any(|t| {
+                    t.starts_with(['/', '~']) && receives_startup_files(t)
+                        || self.write_class_of(t) != Write
+                }) {
+                    return None;
+                }
+                self.key("a link to startup or account files");
+                Privilege
+            }
+            // The receiving side of a legacy scp upload.
+            "scp"
+                if args
+                    .iter()
+                    .take_while(|a| **a != "--")
+                    .any(|a| a.starts_with('-') && !a.starts_with("--") && a.contains('t')) =>
+            {
+                if flag(args, Some('o'), None, 0)
+                    || flag(args, Some('S'), None, 0)
+                    || flag(args, Some('F'), None, 0)
+                {
+                    return None;
+                }
+                self.key(super::SCP_UNCHECKED);
+                Privilege
+            }
+            // bash's autocd and cdable_vars move the shell without a `cd` the check sees.
+            "shopt"
+                if args.contains(&"-s")
+                    && args.iter().any(|a| matches!(*a, "autocd" | "cdable_vars")) =>
+            {
+                self.key("runs code");
+                Exec
+            }
             // zsh's `print -z` types into the next command line, `-s` into the history.
             "print" if flag(args, Some('z'), None, 0) || flag(args, Some('s'), None, 0) => {
                 self.key("runs code");
@@ -232,7 +298,7 @@ impl Walker {
             // directory where startup or account files live takes any of them.
             "rsync" if args.contains(&"--server") && !args.contains(&"--sender") => {
                 let dest = operands(args, "", &[]).last().copied().unwrap_or(".");
-                if !receives_startup_files(dest) {
+                if !self.extracts_into_startup_dirs(Some(dest)) {
                     return None;
                 }
                 self.key("files named by the sender");
@@ -297,8 +363,8 @@ impl Walker {
                 Exec
             }
             "date" => {
-                let ops = operands(args, "dfrI", &["date", "file", "reference"]);
-                if flag(args, Some('s'), Some("set"), 2) || ops.iter().any(|o| !o.starts_with('+'))
+                let ops = operands(args, "dfr", &["date", "file", "reference"]);
+                if flag(args, Some('s'), Some("set"), 1) || ops.iter().any(|o| !o.starts_with('+'))
                 {
                     self.key("changes the clock");
                     Admin
@@ -382,9 +448,19 @@ impl Walker {
             "curl" => self.curl(words, args),
             "wget" => self.wget(args),
             "aria2c" => {
-                if args.iter().any(|a| a.starts_with("--on-")) {
+                if args
+                    .iter()
+                    .any(|a| a.starts_with("--on-") || a.starts_with("--conf-path"))
+                {
                     self.key("runs a program");
                     return Some(Exec);
+                }
+                // It follows .torrent and .metalink downloads and Content-Disposition: the
+                // server names what it writes.
+                let dir = values(args, Some('d'), Some("dir"), 3).last().copied();
+                if self.extracts_into_startup_dirs(dir) {
+                    self.key("files named by the server");
+                    return Some(Privilege);
                 }
                 let dir = values(args, Some('d'), Some("dir"), 3).last().copied();
                 let names = values(args, Some('o'), Some("out"), 3);
@@ -415,12 +491,11 @@ impl Walker {
     fn extracts_into_startup_dirs(&self, dir: Option<&str>) -> bool {
         match dir {
             Some(d) if d.starts_with(['/', '~']) => receives_startup_files(d),
-            Some(d) => self
-                .cwds
-                .iter()
-                .flatten()
-                .filter_map(|c| super::join_dir(c, d))
-                .any(|p| receives_startup_files(&p)),
+            Some(d) => self.cwds.iter().any(|c| {
+                c.as_ref()
+                    .and_then(|c| super::join_dir(c, d))
+                    .is_none_or(|p| receives_startup_files(&p))
+            }),
             // A place not known may be the home directory.
             None => self
                 .cwds
@@ -459,7 +534,7 @@ impl Walker {
 
     fn curl(&mut self, words: &[WordText], args: &[&str]) -> OperationClass {
         // A config file may set any option (`output`, `upload-file`…).
-        if flag(args, Some('K'), Some("config"), 6)
+        if flag(args, Some('K'), Some("config"), 2)
             || words.iter().any(|w| w.dynamic && w.text.starts_with('-'))
         {
             self.key("curl config");
@@ -479,10 +554,12 @@ impl Walker {
             (None, "hsts"),
             (None, "alt-svc"),
         ] {
-            out.extend(values(args, short, Some(long), long.len()));
+            // curl 7 takes unambiguous abbreviations; `--cookie` is not `--cookie-jar`.
+            let min = if long == "cookie-jar" { 7 } else { 1 };
+            out.extend(values(args, short, Some(long), min));
         }
         // `-w '%output{file}'` writes where it says.
-        for w in values(args, Some('w'), Some("write-out"), 9) {
+        for w in values(args, Some('w'), Some("write-out"), 1) {
             if w.contains("%output{") {
                 self.key("curl --write-out to a file");
                 self.raise(Privilege);
@@ -497,6 +574,13 @@ impl Walker {
             self.downloaded_names(args, by_server, dir);
             return Write;
         }
+        for url in args.iter().filter_map(|a| a.strip_prefix("file://")) {
+            // An upload to a file URL writes that file on the host.
+            if flag(args, Some('T'), Some("upload-file"), 1) {
+                let path = url.find('/').map_or(url, |i| &url[i..]);
+                self.written_text(path);
+            }
+        }
         if flag(args, Some('T'), Some("upload-file"), 11)
             || flag(args, Some('d'), Some("data"), 4)
             || flag(args, Some('F'), Some("form"), 4)
@@ -508,7 +592,7 @@ impl Walker {
     }
 
     fn wget(&mut self, args: &[&str]) -> OperationClass {
-        if flag(args, None, Some("use-askpass"), 5)
+        if flag(args, None, Some("use-askpass"), 1)
             || values(args, Some('e'), Some("execute"), 3).iter().any(|c| {
                 c.to_ascii_lowercase()
                     .replace(['_', '-'], "")
@@ -518,12 +602,12 @@ impl Walker {
             self.key("runs a program");
             return Exec;
         }
-        if flag(args, None, Some("spider"), 3) {
-            return Read;
+        let mut logs = values(args, Some('o'), Some("output-file"), 1);
+        logs.extend(values(args, Some('a'), Some("append-output"), 1));
+        let logged = self.writes_to(&logs);
+        if flag(args, None, Some("spider"), 2) {
+            return logged;
         }
-        let mut logs = values(args, Some('o'), Some("output-file"), 8);
-        logs.extend(values(args, Some('a'), Some("append-output"), 3));
-        self.writes_to(&logs);
         // wgetrc commands may set where files go.
         if !values(args, Some('e'), Some("execute"), 3).is_empty()
             || flag(args, None, Some("config"), 3)
@@ -531,17 +615,17 @@ impl Walker {
             self.key("wgetrc commands");
             self.raise(Privilege);
         }
-        let docs = values(args, Some('O'), Some("output-document"), 8);
+        let docs = values(args, Some('O'), Some("output-document"), 1);
         if !docs.is_empty() {
             // `-O -`: the document goes to standard output.
             return self.writes_to(&docs);
         }
-        let by_server = flag(args, Some('r'), Some("recursive"), 3)
-            || flag(args, Some('m'), Some("mirror"), 3)
-            || flag(args, Some('i'), Some("input-file"), 3)
-            || flag(args, None, Some("content-disposition"), 3)
-            || flag(args, None, Some("trust-server-names"), 3);
-        let dir = values(args, Some('P'), Some("directory-prefix"), 3)
+        let by_server = flag(args, Some('r'), Some("recursive"), 1)
+            || flag(args, Some('m'), Some("mirror"), 1)
+            || flag(args, Some('i'), Some("input-file"), 1)
+            || flag(args, None, Some("content-disposition"), 1)
+            || flag(args, None, Some("trust-server-names"), 1);
+        let dir = values(args, Some('P'), Some("directory-prefix"), 1)
             .last()
             .copied();
         self.downloaded_names(args, by_server, dir);

@@ -131,6 +131,15 @@ pub fn invocation(args: &[WordText]) -> Effects {
             }
         }
     }
+    // With POSIXLY_CORRECT, options end at the first operand: words before a later `-e`
+    // are then a script and files, so each is also read as a script.
+    if given
+        && positional
+            .iter()
+            .any(|w| matches!(script_effects(&w.text), Some((true, _))))
+    {
+        effects.runs = true;
+    }
     let mut files = positional.into_iter();
     if !given {
         // No `-e`/`-f`: the first operand is the script.
@@ -201,8 +210,11 @@ pub fn script_effects(script: &str) -> Option<(bool, Vec<String>)> {
                     i += 1;
                 }
             }
+            // A label (or `v`'s version) ends at a blank, `;` or a newline, and the script
+            // goes on after it (`:x e id` runs `id`); ending it later would hide commands.
             ':' | 'b' | 't' | 'T' | 'v' => {
-                while i < c.len() && c[i] != '\n' && c[i] != ';' {
+                i = spaces(&c, i);
+                while i < c.len() && !c[i].is_whitespace() && c[i] != ';' && c[i] != '}' {
                     i += 1;
                 }
             }
@@ -376,6 +388,10 @@ mod tests {
             "s|a|b|ge",
             "s/a/b/;s/x/y/e",
             "y/a/b/;e",
+            ":x e id",
+            "v 4.2 e id",
+            "b end e id",
+            "/x/bx;e id",
         ] {
             let (runs, _) = script_effects(script).unwrap_or((true, Vec::new()));
             assert!(runs, "{script:?}");
@@ -400,6 +416,10 @@ mod tests {
             Some((false, vec!["/home/u/.bashrc".to_owned()]))
         );
         assert_eq!(
+            script_effects(":x w .ssh/rc"),
+            Some((false, vec![".ssh/rc".to_owned()]))
+        );
+        assert_eq!(
             script_effects("s/a/b/w out.txt"),
             Some((false, vec!["out.txt".to_owned()]))
         );
@@ -422,6 +442,9 @@ mod tests {
         let e = invocation(&words(&["--exp", "$e id"]));
         assert!(e.runs);
         let e = invocation(&words(&["-f", "script.sed"]));
+        assert!(e.runs);
+        // POSIXLY_CORRECT=1 sed '1e id' -e p f: the first operand is the script.
+        let e = invocation(&words(&["1e id", "-e", "p", "f"]));
         assert!(e.runs);
         // `-ie` is in place with the suffix `e`; the script is the next word.
         let e = invocation(&words(&["-ie", "s/a/b/", ".bashrc"]));
