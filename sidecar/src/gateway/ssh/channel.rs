@@ -744,6 +744,9 @@ async fn open_session(
     Ok(ch)
 }
 
+/// How long a legacy scp upload waits for the host's answer to a header.
+const SCP_ANSWER_WITHIN: Duration = Duration::from_secs(60);
+
 /// How much of an exec's input (without a terminal) is recorded.
 const MAX_EXEC_INPUT_RECORDED: u64 = 1 << 20;
 
@@ -794,7 +797,13 @@ async fn agent_to_host(
                             }
                             scp::Item::Refuse(why) => format!("agentgate: refused: {why}"),
                             scp::Item::Await(n) => {
-                                if ctx.scp_answers.wait(n).await {
+                                // The host answers a header at once; one that does not
+                                // within a minute ends the upload rather than the channel
+                                // waiting forever.
+                                if tokio::time::timeout(SCP_ANSWER_WITHIN, ctx.scp_answers.wait(n))
+                                    .await
+                                    .unwrap_or(false)
+                                {
                                     continue;
                                 }
                                 // The host refused something (and told the agent why): what

@@ -47,7 +47,7 @@ pub type Cwds = Vec<Option<String>>;
 pub const SCP_UNCHECKED: &str = "scp upload, files named by the sender";
 
 /// The most places tracked; past it, only "unknown" is added.
-const MAX_CWDS: usize = 8;
+const MAX_CWDS: usize = 32;
 
 /// Where a session starts: the login's home directory.
 pub fn home() -> Cwds {
@@ -257,6 +257,14 @@ pub fn classify_in(line: &str, cwds: &[Option<String>]) -> Result<Parsed, Unpars
             w.raise(OperationClass::Exec);
             w.keys.insert(format!("runs code: {what}"));
         }
+        // A `cd` to a place the check cannot follow (`cd "$d"`, `cd -`, `popd`): every
+        // relative path written after it, on this line or later ones, could be any file.
+        // The line is held, so a person sees where it goes.
+        if w.next_cwds.contains(&None) && !initial.contains(&None) {
+            w.raise(OperationClass::Exec);
+            w.keys
+                .insert("the shell's directory cannot be followed".to_owned());
+        }
         return Ok(Parsed {
             class: w.class,
             keys: w.keys,
@@ -266,23 +274,29 @@ pub fn classify_in(line: &str, cwds: &[Option<String>]) -> Result<Parsed, Unpars
     }
 }
 
-/// `p` (relative) under the directory `dir` (absolute, or `~…`), normalized; `None` when it
-/// climbs out of the home directory, to somewhere not known.
+/// `p` (relative) under the directory `dir` (absolute, or `~…`), normalized. Climbing out
+/// of the home directory leads to one of its ancestors (`/home`, or `/` for `/root`): taken
+/// as `/`, where relative paths name the most (`etc/sudoers`).
 pub(super) fn join_dir(dir: &str, p: &str) -> Option<String> {
     let Some(rest) = dir.strip_prefix('~') else {
         return Some(normalize_path(&format!("{dir}/{p}")));
     };
     let mut parts: Vec<&str> = Vec::new();
+    let mut above_home = false;
     for seg in rest.split('/').chain(p.split('/')) {
         match seg {
             "" | "." => {}
             ".." => {
-                parts.pop()?;
+                if parts.pop().is_none() {
+                    above_home = true;
+                }
             }
             s => parts.push(s),
         }
     }
-    Some(if parts.is_empty() {
+    Some(if above_home {
+        format!("/{}", parts.join("/"))
+    } else if parts.is_empty() {
         "~".into()
     } else {
         format!("~/{}", parts.join("/"))
@@ -382,6 +396,13 @@ fn evaluated_later(line: &str) -> Option<&'static str> {
         .collect();
     if code_vars.clone().any(|v| words.contains(v)) {
         return Some("a variable that runs code, named as a word");
+    }
+    // Assigned by an expansion: `: ${PROMPT_COMMAND:=cmd}`.
+    if code_vars
+        .clone()
+        .any(|v| open.contains(&format!("${{{v}:=")) || open.contains(&format!("${{{v}=")))
+    {
+        return Some("a variable that runs code, assigned by an expansion");
     }
     // `$'…'` with escapes beyond the ones decoded for the check.
     let mut rest = line;
@@ -512,7 +533,7 @@ const SHELL_ESCAPES: [&str; 28] = [
 ];
 
 /// Variables that make the shell or a program run code they name.
-const RUNS_CODE_ENV: [&str; 17] = [
+const RUNS_CODE_ENV: [&str; 18] = [
     "PROMPT_COMMAND",
     "PATH",
     "BASH_ENV",
@@ -529,8 +550,10 @@ const RUNS_CODE_ENV: [&str; 17] = [
     "NODE_OPTIONS",
     "RUBYOPT",
     "LESSOPEN",
-    // Not code, but where `cd NAME` goes: the check could not follow it.
+    // Not code, but where `cd NAME` goes, and how GNU programs read their options: the
+    // check could not follow them.
     "CDPATH",
+    "POSIXLY_CORRECT",
 ];
 
 /// Programs that run other programs, escalate, or change how later commands run.
@@ -677,22 +700,14 @@ impl Walker {
                 .any(|r| is_root_path(r))
     }
 
-    /// The most severe class of writing `p`, wherever the shell may be; a relative path
-    /// where the shell's directory is not known (`cd "$d"`) could be any file there.
+    /// The most severe class of writing `p`, wherever the shell may be. (A line that takes
+    /// the shell somewhere not known is held itself: see [`classify_in`].)
     fn write_class_of(&self, p: &str) -> OperationClass {
-        let class = self
-            .resolve(p)
+        self.resolve(p)
             .iter()
             .map(|r| write_class(r))
             .max_by_key(|c| severity(*c))
-            .unwrap_or(OperationClass::Write);
-        if !p.starts_with(['/', '~', '$']) && self.cwds.contains(&None) {
-            return [class, OperationClass::Privilege]
-                .into_iter()
-                .max_by_key(|c| severity(*c))
-                .unwrap_or(OperationClass::Privilege);
-        }
-        class
+            .unwrap_or(OperationClass::Write)
     }
 
     fn add_cwd(&mut self, dir: Option<String>) {

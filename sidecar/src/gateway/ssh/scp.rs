@@ -133,7 +133,14 @@ impl Upload {
             if options && *w == "--" {
                 options = false;
             } else if options && w.starts_with('-') {
-                sink |= !w.starts_with("--") && w.contains('t');
+                // Only the flags OpenSSH's client gives the remote side: an option with a
+                // value would make the target ambiguous.
+                if w.starts_with("--") || !w[1..].chars().all(|c| "dprtvqT".contains(c)) {
+                    return None;
+                }
+                sink |= w.contains('t');
+            } else if target.is_some() {
+                return None;
             } else {
                 target = Some((*w).to_owned());
             }
@@ -156,6 +163,12 @@ impl Upload {
                 let n = usize::try_from(self.remaining)
                     .unwrap_or(usize::MAX)
                     .min(data.len());
+                // The byte after a file's contents is `\0` (anything else is an error
+                // message the host's sink reads in its place).
+                if n as u64 == self.remaining && data[n - 1] != 0 {
+                    self.fail(&mut out, "an scp file does not end as the protocol says");
+                    break;
+                }
                 out.push(Item::Pass(data[..n].to_vec()));
                 self.remaining -= n as u64;
                 data = &data[n..];
@@ -215,7 +228,14 @@ impl Upload {
                 ) else {
                     return self.fail(out, "an scp header cannot be read");
                 };
-                if name.is_empty() || name == "." || name == ".." || name.contains('/') {
+                // The host reads the name as a C string: a NUL (or any control byte) would
+                // end it elsewhere than here.
+                if name.is_empty()
+                    || name == "."
+                    || name == ".."
+                    || name.contains('/')
+                    || name.bytes().any(|b| b < 0x20)
+                {
                     return self.fail(out, "an scp file name that is a path is refused");
                 }
                 let mut paths = Vec::new();
@@ -336,6 +356,18 @@ mod tests {
             Some(Item::Refuse(_))
         ));
         assert!(Upload::new("scp -f /etc/hosts").is_none());
+        assert!(Upload::new("scp -t .ssh -P 22").is_none());
+        let mut u = Upload::new("scp -r -t .").unwrap();
+        assert!(matches!(
+            u.feed(b"D0755 0 .ssh\0x\n").last(),
+            Some(Item::Refuse(_))
+        ));
+        // A file's contents not followed by `\0`.
+        let mut u = Upload::new("scp -t .").unwrap();
+        assert!(matches!(
+            u.feed(b"C0644 1 a\nx\x01T1 0 1 0\n").last(),
+            Some(Item::Refuse(_))
+        ));
         // A header longer than OpenSSH's sink reads: refused, not read differently.
         let mut u = Upload::new("scp -t .").unwrap();
         let mut long = vec![1u8];

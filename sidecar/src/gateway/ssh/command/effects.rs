@@ -103,13 +103,23 @@ pub fn operands<'a>(args: &[&'a str], short_values: &str, long_values: &[&str]) 
 /// (`.ssh`, `.config`), `/`, `/root`, `/etc`, a user's home under `/home`, and the program
 /// directories.
 fn receives_startup_files(dest: &str) -> bool {
+    startup_place(dest, true)
+}
+
+/// [`receives_startup_files`]; `programs`: also the program directories (`/usr/bin`), where
+/// a file written is a program in everyone's `PATH` (a link to one is harmless).
+fn startup_place(dest: &str, programs: bool) -> bool {
     let resolved = if dest.starts_with('/') {
         Some(super::normalize_path(dest))
     } else {
         let rel = dest
             .strip_prefix('~')
             .map_or(dest, |r| r.trim_start_matches('/'));
-        super::join_dir("~", rel)
+        // Above the home directory: another user's home, or `/`.
+        match super::join_dir("~", rel) {
+            Some(j) if j.starts_with('/') => return true,
+            j => j,
+        }
     };
     let Some(d) = resolved else {
         return true;
@@ -120,12 +130,13 @@ fn receives_startup_files(dest: &str) -> bool {
         || d == "~"
         || d.starts_with("~/.")
         || (parts.first() == Some(&"home") && parts.get(2).is_some_and(|p| p.starts_with('.')))
-        || matches!(
-            parts.first(),
-            Some(&("etc" | "root" | "bin" | "sbin" | "boot" | "lib" | "lib64"))
-        )
+        || matches!(parts.first(), Some(&("etc" | "root")))
+        || (programs
+            && (matches!(
+                parts.first(),
+                Some(&("bin" | "sbin" | "boot" | "lib" | "lib64"))
+            ) || (parts.first() == Some(&"usr") && parts.len() <= 3)))
         || (parts.first() == Some(&"home") && parts.len() <= 2)
-        || (parts.first() == Some(&"usr") && parts.len() <= 3)
         || (parts.first() == Some(&"var") && parts.get(1) == Some(&"spool"))
         || super::write_class(d) != Write
 }
@@ -154,8 +165,19 @@ fn xxd_operands<'a>(args: &[&'a str]) -> Vec<&'a str> {
         let mut chars = a.chars();
         match (chars.next(), chars.next()) {
             (Some('-'), Some(o)) if "cglosnR".contains(o) => {
+                // `-c8` carries its value; `-c` and `-cols` take the next word; any other
+                // spelling (`-capitalize`) is a flag of its own.
+                let long = match o {
+                    'c' => "ols",
+                    'g' => "roupsize",
+                    'l' => "en",
+                    'o' => "ffset",
+                    's' => "eek",
+                    'n' => "ame",
+                    _ => "olor",
+                };
                 let rest = chars.as_str();
-                if rest.is_empty() || rest.starts_with(|c: char| c.is_ascii_alphabetic()) {
+                if rest.is_empty() || long.starts_with(rest) {
                     i += 1;
                 }
             }
@@ -256,11 +278,30 @@ impl Walker {
                 } else {
                     &ops[..]
                 };
-                if !targets.iter().any(|t| {
-                    t.starts_with(['/', '~']) && receives_startup_files(t)
-                        || self.write_class_of(t) != Write
-                }) {
-                    return None;
+                let links_to_startup = targets.iter().any(|t| {
+                    let places: Vec<String> = if t.starts_with(['/', '~']) {
+                        vec![(*t).to_owned()]
+                    } else {
+                        self.cwds
+                            .iter()
+                            .flatten()
+                            .filter_map(|c| super::join_dir(c, t))
+                            .collect()
+                    };
+                    places.iter().any(|p| {
+                        startup_place(p, false)
+                            || (p.starts_with(['/', '~'])
+                                && super::write_class(&super::normalize_path(p)) != Write)
+                    })
+                });
+                if !links_to_startup {
+                    // Only the link itself is written.
+                    let link = match ops.len() {
+                        0 => return None,
+                        1 => basename(ops[0]),
+                        n => ops[n - 1],
+                    };
+                    return Some(self.write_class_of(link));
                 }
                 self.key("a link to startup or account files");
                 Privilege
@@ -282,10 +323,7 @@ impl Walker {
                 Privilege
             }
             // bash's autocd and cdable_vars move the shell without a `cd` the check sees.
-            "shopt"
-                if args.contains(&"-s")
-                    && args.iter().any(|a| matches!(*a, "autocd" | "cdable_vars")) =>
-            {
+            "shopt" if args.iter().any(|a| matches!(*a, "autocd" | "cdable_vars")) => {
                 self.key("runs code");
                 Exec
             }
@@ -574,11 +612,31 @@ impl Walker {
             self.downloaded_names(args, by_server, dir);
             return Write;
         }
-        for url in args.iter().filter_map(|a| a.strip_prefix("file://")) {
-            // An upload to a file URL writes that file on the host.
-            if flag(args, Some('T'), Some("upload-file"), 1) {
-                let path = url.find('/').map_or(url, |i| &url[i..]);
-                self.written_text(path);
+        // An upload to a file URL writes that file on the host (a URL ending in `/` gets
+        // the uploaded file's name; a glob could be any file).
+        let uploads = values(args, Some('T'), Some("upload-file"), 1);
+        if !uploads.is_empty() {
+            let mut urls: Vec<&str> = args.to_vec();
+            urls.extend(values(args, None, Some("url"), 1));
+            for url in urls {
+                let Some(rest) = url
+                    .get(..7)
+                    .filter(|s| s.eq_ignore_ascii_case("file://"))
+                    .and_then(|_| url.get(7..))
+                else {
+                    continue;
+                };
+                let path = rest.find('/').map_or(rest, |i| &rest[i..]);
+                if path.contains(['{', '[']) {
+                    self.key("curl upload to file URLs");
+                    self.raise(Privilege);
+                } else if path.ends_with('/') {
+                    for u in &uploads {
+                        self.written_text(&format!("{path}{}", basename(u)));
+                    }
+                } else {
+                    self.written_text(path);
+                }
             }
         }
         if flag(args, Some('T'), Some("upload-file"), 11)

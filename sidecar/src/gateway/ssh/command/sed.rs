@@ -133,12 +133,17 @@ pub fn invocation(args: &[WordText]) -> Effects {
     }
     // With POSIXLY_CORRECT, options end at the first operand: words before a later `-e`
     // are then a script and files, so each is also read as a script.
-    if given
-        && positional
-            .iter()
-            .any(|w| matches!(script_effects(&w.text), Some((true, _))))
-    {
-        effects.runs = true;
+    if given {
+        for w in &positional {
+            match script_effects(&w.text) {
+                _ if w.dynamic => effects.runs = true,
+                Some((runs, writes)) => {
+                    effects.runs |= runs;
+                    effects.writes.extend(writes);
+                }
+                None => {}
+            }
+        }
     }
     let mut files = positional.into_iter();
     if !given {

@@ -486,17 +486,17 @@ fn writes_are_checked_where_the_shell_is_after_cd() {
         ("cd /srv/app && echo x > sudoers", Write),
         ("cd /srv/app || echo x > sudoers", Write),
         ("cd /etc || echo x > passwd", Privilege),
-        // A place that cannot be known: relative writes there could be any file.
+        // A place that cannot be known: the line is held (what it writes later could be
+        // any file).
         ("cd \"$HOME/.ssh\" && echo x > rc", Privilege),
         ("cd \"${HOME}\" && echo x >> .ssh/rc", Privilege),
-        ("cd \"$d\" && echo x > notes.txt", Privilege),
-        ("cd - ; cp x rc", Privilege),
+        ("cd \"$d\" && echo x > notes.txt", Exec),
+        ("cd - ; cp x rc", Exec),
+        ("cd repo; cd ..; make > build.log", Write),
+        ("cd ..; echo x > etc/sudoers", Privilege),
         ("cd repo; echo x > notes.txt", Write),
         ("cd /; cd etc; echo x > passwd", Privilege),
-        (
-            "cd /; for i in 1 2; do cd usr; done; echo x > notes",
-            Privilege,
-        ),
+        ("cd /; for i in 1 2; do cd usr; done; echo x > notes", Exec),
         (
             "cd /1;cd /2;cd /3;cd /4;cd /5;cd /6;cd /7;cd ~/.ssh;echo x > rc",
             Privilege,
@@ -531,6 +531,12 @@ fn writes_are_checked_where_the_shell_is_after_cd() {
     assert!(
         cwds.len() <= MAX_CWDS + 1 && cwds.contains(&None),
         "{cwds:?}"
+    );
+    // Later lines in a place not known are checked by the names they write.
+    assert_eq!(classify_in("make > build.log", &cwds).unwrap().class, Write);
+    assert_eq!(
+        classify_in("echo x >> .bashrc", &cwds).unwrap().class,
+        Privilege
     );
 }
 
@@ -604,6 +610,23 @@ fn options_that_write_run_or_change_the_host_are_found() {
         ("rg --pre ./x foo", Exec),
         ("sort --ou=.bashrc x", Privilege),
         ("ln -s /etc e", Privilege),
+        ("ln -s .ssh s", Privilege),
+        ("ln -s /usr/bin/python3 ~/bin/python", Write),
+        ("cd /srv/app && ln -sfn ../shared/log log", Write),
+        ("shopt -qs autocd", Exec),
+        ("xxd -r -p -capitalize pay.hex .bashrc", Privilege),
+        ("xxd -cols 8 in out", Write),
+        ("curl -T rc file:///home/u/.ssh/", Privilege),
+        ("curl -T x FILE:///home/u/.bashrc", Privilege),
+        ("curl -T x --url=file:///home/u/.bashrc", Privilege),
+        ("curl -T x 'file:///home/u/{a,b}'", Privilege),
+        (
+            "POSIXLY_CORRECT=1 sed '1w .ssh/rc' -e p notes.txt",
+            Privilege,
+        ),
+        ("sed \"$s\" -e p f", Exec),
+        (": ${PROMPT_COMMAND:=id}", Exec),
+        (": ${CDPATH:=/etc}", Exec),
         ("ln -s ~/.ssh keys", Privilege),
         ("ln -sf ~/.bashrc notes", Privilege),
         ("ln -s /srv/app/current app", Write),
