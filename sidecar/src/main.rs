@@ -11,7 +11,7 @@ use agentgate_sidecar::audit::sinks::postgres::PostgresSink;
 use agentgate_sidecar::audit::sinks::sessions::SessionSink;
 use agentgate_sidecar::audit::{self, Auditor, sinks::Sink};
 use agentgate_sidecar::gateway::kube as kube_gw;
-use agentgate_sidecar::gateway::postgres::session::{Gateway, serve};
+use agentgate_sidecar::gateway::postgres::session::{Gateway, Relays, serve};
 use agentgate_sidecar::gateway::ssh as ssh_gw;
 use agentgate_sidecar::identity::{Verifier, pod};
 use agentgate_sidecar::policy::approval::Approvals;
@@ -99,10 +99,17 @@ struct Args {
     /// unset.
     #[arg(long, env = "AGENTGATE_HEALTH_ADDR")]
     health_addr: Option<SocketAddr>,
-    /// Threads relaying connections: 0 (the default) for as many as the cores the sidecar may
-    /// use (its CPU limit), 1 to run everything on one thread.
+    /// Threads for the Kubernetes and SSH gateways, the policy watches and the audit sinks:
+    /// 0 (the default) for as many as the cores the sidecar may use (its CPU limit), 1 to run
+    /// them all on one thread.
     #[arg(long, env = "AGENTGATE_WORKER_THREADS", default_value_t = 0)]
     worker_threads: usize,
+    /// Threads relaying PostgreSQL connections, each with its own event loop (connections are
+    /// spread over them): one relays about as many statements per second as a core allows,
+    /// with no hand-off between threads per statement. 0 relays them on the threads of
+    /// `--worker-threads`.
+    #[arg(long, env = "AGENTGATE_PG_THREADS", default_value_t = 1)]
+    pg_threads: usize,
     /// The audit directory (a sidecar-only volume): the spill journal (`spill/`), the signing
     /// key when `--audit-key-file` is not set, and the default JSON-lines file.
     #[arg(
@@ -308,7 +315,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.pg_addr)
         .await
         .with_context(|| format!("bind the PostgreSQL gateway on {}", args.pg_addr))?;
-    tracing::info!(addr = %args.pg_addr, auth = ?args.pg_auth, "PostgreSQL gateway listening");
+    let relays = match args.pg_threads {
+        0 => None,
+        n => Some(Arc::new(
+            Relays::start(n).context("start the PostgreSQL relay threads")?,
+        )),
+    };
+    tracing::info!(addr = %args.pg_addr, auth = ?args.pg_auth, threads = args.pg_threads, "PostgreSQL gateway listening");
     if let Some(addr) = args.health_addr {
         let health = agentgate_sidecar::health::Health {
             policy: store.clone(),
@@ -367,7 +380,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("handle SIGTERM")?;
     tokio::select! {
-        _ = serve(listener, gw) => {}
+        _ = serve(listener, gw, relays) => {}
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: stopping"),
         _ = term.recv() => tracing::info!("terminated: stopping"),
     }

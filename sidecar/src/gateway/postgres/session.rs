@@ -110,8 +110,45 @@ impl Gateway {
     }
 }
 
-/// Accepts connections forever.
-pub async fn serve(listener: TcpListener, gw: Arc<Gateway>) {
+/// Threads that relay PostgreSQL connections, each with its own event loop: a connection's
+/// reads, checks and writes then never wait for another thread to wake up (on a busy machine
+/// that hand-off costs more CPU than the relaying itself). Connections are spread over them
+/// in turn.
+#[derive(Debug)]
+pub struct Relays {
+    handles: Vec<tokio::runtime::Handle>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl Relays {
+    /// Starts `n` relay threads (at least one).
+    pub fn start(n: usize) -> std::io::Result<Self> {
+        let mut handles = Vec::with_capacity(n.max(1));
+        for i in 0..n.max(1) {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            handles.push(runtime.handle().clone());
+            std::thread::Builder::new()
+                .name(format!("agentgate-pg-{i}"))
+                // Runs for the life of the process.
+                .spawn(move || runtime.block_on(std::future::pending::<()>()))?;
+        }
+        Ok(Self {
+            handles,
+            next: Default::default(),
+        })
+    }
+
+    fn pick(&self) -> &tokio::runtime::Handle {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len();
+        &self.handles[i]
+    }
+}
+
+/// Accepts connections forever; each is relayed on one of `relays` (on the caller's runtime
+/// when `None`).
+pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, relays: Option<Arc<Relays>>) {
     loop {
         let (sock, peer) = match listener.accept().await {
             Ok(s) => s,
@@ -123,7 +160,30 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>) {
             }
         };
         let gw = gw.clone();
-        tokio::spawn(async move {
+        let Some(relays) = &relays else {
+            tokio::spawn(async move {
+                if let Err(e) = handle(sock, gw).await {
+                    tracing::debug!(%peer, error = %e, "connection ended");
+                }
+            });
+            continue;
+        };
+        // Moved to the relay's event loop (registered there anew).
+        let sock = match sock.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "could not hand the connection to a relay thread");
+                continue;
+            }
+        };
+        relays.pick().spawn(async move {
+            let sock = match TcpStream::from_std(sock) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "could not register the connection on its relay thread");
+                    return;
+                }
+            };
             if let Err(e) = handle(sock, gw).await {
                 tracing::debug!(%peer, error = %e, "connection ended");
             }
