@@ -11,7 +11,8 @@ use agentgate_sidecar::audit::sinks::postgres::PostgresSink;
 use agentgate_sidecar::audit::sinks::sessions::SessionSink;
 use agentgate_sidecar::audit::{self, Auditor, sinks::Sink};
 use agentgate_sidecar::gateway::kube as kube_gw;
-use agentgate_sidecar::gateway::postgres::session::{Gateway, Relays, serve};
+use agentgate_sidecar::gateway::postgres::listener::{self, Relays, serve};
+use agentgate_sidecar::gateway::postgres::session::Gateway;
 use agentgate_sidecar::gateway::ssh as ssh_gw;
 use agentgate_sidecar::identity::{Verifier, pod};
 use agentgate_sidecar::policy::approval::Approvals;
@@ -95,6 +96,11 @@ struct Args {
     /// Loopback address of the PostgreSQL gateway.
     #[arg(long, env = "AGENTGATE_PG_ADDR", default_value = "127.0.0.1:15432")]
     pg_addr: SocketAddr,
+    /// A directory (shared with the agent's containers) where the PostgreSQL gateway also
+    /// listens on a Unix socket, `<dir>/.s.PGSQL.<port of --pg-addr>`: clients connect with
+    /// `PGHOST=<dir>`. Cheaper per statement than loopback TCP. None when unset.
+    #[arg(long, env = "AGENTGATE_PG_SOCKET_DIR")]
+    pg_socket_dir: Option<PathBuf>,
     /// Where the health endpoints (`/livez`, `/healthz`, `/readyz`) are served; none when
     /// unset.
     #[arg(long, env = "AGENTGATE_HEALTH_ADDR")]
@@ -322,6 +328,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
         )),
     };
     tracing::info!(addr = %args.pg_addr, auth = ?args.pg_auth, threads = args.pg_threads, "PostgreSQL gateway listening");
+    let unix = match &args.pg_socket_dir {
+        Some(dir) => {
+            let unix = listener::bind_unix(dir, args.pg_addr.port()).with_context(|| {
+                format!(
+                    "bind the PostgreSQL gateway's Unix socket in {}",
+                    dir.display()
+                )
+            })?;
+            tracing::info!(socket = %listener::socket_path(dir, args.pg_addr.port()).display(), "PostgreSQL gateway listening on a Unix socket");
+            Some(unix)
+        }
+        None => None,
+    };
     if let Some(addr) = args.health_addr {
         let health = agentgate_sidecar::health::Health {
             policy: store.clone(),
@@ -337,6 +356,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     gw.approvals = approvals;
     gw.pod_user = pod_user;
     let gw = Arc::new(gw);
+    if let Some(unix) = unix {
+        tokio::spawn(listener::serve_unix(unix, gw.clone(), relays.clone()));
+    }
     if args.kube_addr != "off" {
         let addr: SocketAddr = args
             .kube_addr

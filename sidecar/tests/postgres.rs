@@ -91,6 +91,10 @@ async fn start_with(sidecar_env: &[(&str, String)]) -> anyhow::Result<Gateway> {
         "--identity=claude".into(),
         format!("--targets-dir={}", targets.path().display()),
         format!("--pg-addr=127.0.0.1:{port}"),
+        format!(
+            "--pg-socket-dir={}",
+            env.dir().join(format!("sock-{port}")).display()
+        ),
         "--kube-addr=127.0.0.1:0".into(),
         "--ssh-addr=127.0.0.1:0".into(),
         format!(
@@ -460,6 +464,39 @@ async fn psql_through_the_gateway() -> anyhow::Result<()> {
     assert_eq!(
         gw.ok("SELECT current_user, ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"),
         "agentgate|t"
+    );
+
+    // The same gateway on its Unix socket (PGHOST=<dir>): masked and refused alike.
+    let dir = gw.env.dir().join(format!("sock-{}", gw.port));
+    let socket = dir.join(format!(".s.PGSQL.{}", gw.port));
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&socket)?.permissions()) & 0o777,
+        0o666,
+        "the socket is open to the agent's user; its directory's mount confines it"
+    );
+    let over_socket = |sql: &str| {
+        Command::new(gw.env.bins.pg_bin.join("psql"))
+            .arg(format!(
+                "host={} port={} dbname=orders-db user=claude",
+                dir.display(),
+                gw.port
+            ))
+            .args(["-X", "-At", "-v", "ON_ERROR_STOP=1", "-c", sql])
+            .output()
+            .expect("run psql")
+    };
+    let out = over_socket("SELECT id, email, name FROM customers WHERE id = 1");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "1|****|[name]",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = over_socket("DROP TABLE orders");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("refused by guardrail no-drop-table"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
 
     // Refused, with the rule and its message.

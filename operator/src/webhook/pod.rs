@@ -273,6 +273,9 @@ pub fn sidecar_container(
                 env("AGENTGATE_CLIENT_DIR", CLIENT_DIR),
                 env("AGENTGATE_TARGETS_DIR", "/var/run/agentgate/targets"),
                 env("AGENTGATE_PG_ADDR", &format!("127.0.0.1:{PG_PORT}")),
+                // Also a Unix socket beside the client files: agents may set PGHOST to the
+                // directory instead of 127.0.0.1 (cheaper per statement).
+                env("AGENTGATE_PG_SOCKET_DIR", CLIENT_DIR),
                 env("AGENTGATE_KUBE_ADDR", &format!("127.0.0.1:{KUBE_PORT}")),
                 env("AGENTGATE_SSH_ADDR", &format!("127.0.0.1:{SSH_PORT}")),
                 env("AGENTGATE_HEALTH_ADDR", &format!("0.0.0.0:{HEALTH_PORT}")),

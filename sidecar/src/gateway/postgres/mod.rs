@@ -8,5 +8,6 @@ pub mod catalog;
 pub mod data_row;
 pub mod frame;
 pub mod frontend;
+pub mod listener;
 pub mod session;
 pub mod upstream;

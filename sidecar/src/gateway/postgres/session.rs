@@ -14,7 +14,6 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use agentgate_crds::Protocol;
 use bytes::Bytes;
 use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
-use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Mutex, mpsc};
 
 use super::audit::{self as records, Tally};
@@ -25,6 +24,7 @@ use super::frame::{
     Frame, FrameError, MAX_MESSAGE, Startup, read_frame, read_startup, write_frames,
 };
 use super::frontend::{self, Frontend};
+use super::listener::AgentStream;
 use super::upstream::{self, Credentials, Upstream};
 use crate::audit::{Auditor, SessionRecorder};
 use crate::mask::{MaskSet, Masked};
@@ -110,88 +110,7 @@ impl Gateway {
     }
 }
 
-/// Threads that relay PostgreSQL connections, each with its own event loop: a connection's
-/// reads, checks and writes then never wait for another thread to wake up (on a busy machine
-/// that hand-off costs more CPU than the relaying itself). Connections are spread over them
-/// in turn.
-#[derive(Debug)]
-pub struct Relays {
-    handles: Vec<tokio::runtime::Handle>,
-    next: std::sync::atomic::AtomicUsize,
-}
-
-impl Relays {
-    /// Starts `n` relay threads (at least one).
-    pub fn start(n: usize) -> std::io::Result<Self> {
-        let mut handles = Vec::with_capacity(n.max(1));
-        for i in 0..n.max(1) {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            handles.push(runtime.handle().clone());
-            std::thread::Builder::new()
-                .name(format!("agentgate-pg-{i}"))
-                // Runs for the life of the process.
-                .spawn(move || runtime.block_on(std::future::pending::<()>()))?;
-        }
-        Ok(Self {
-            handles,
-            next: Default::default(),
-        })
-    }
-
-    fn pick(&self) -> &tokio::runtime::Handle {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len();
-        &self.handles[i]
-    }
-}
-
-/// Accepts connections forever; each is relayed on one of `relays` (on the caller's runtime
-/// when `None`).
-pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, relays: Option<Arc<Relays>>) {
-    loop {
-        let (sock, peer) = match listener.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                // Out of file descriptors: wait instead of spinning.
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let gw = gw.clone();
-        let Some(relays) = &relays else {
-            tokio::spawn(async move {
-                if let Err(e) = handle(sock, gw).await {
-                    tracing::debug!(%peer, error = %e, "connection ended");
-                }
-            });
-            continue;
-        };
-        // Moved to the relay's event loop (registered there anew).
-        let sock = match sock.into_std() {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(%peer, error = %e, "could not hand the connection to a relay thread");
-                continue;
-            }
-        };
-        relays.pick().spawn(async move {
-            let sock = match TcpStream::from_std(sock) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(%peer, error = %e, "could not register the connection on its relay thread");
-                    return;
-                }
-            };
-            if let Err(e) = handle(sock, gw).await {
-                tracing::debug!(%peer, error = %e, "connection ended");
-            }
-        });
-    }
-}
-
-type AgentWriter = BufWriter<tokio::io::WriteHalf<TcpStream>>;
+type AgentWriter = BufWriter<tokio::io::WriteHalf<AgentStream>>;
 
 async fn fatal(
     w: &mut AgentWriter,
@@ -232,8 +151,7 @@ fn pod_identity(gw: &Gateway, snapshot: &policy::Snapshot, identity: &str) -> Re
 }
 
 /// Serves one connection to the end.
-pub async fn handle(sock: TcpStream, gw: Arc<Gateway>) -> Result<(), FrameError> {
-    let _ = sock.set_nodelay(true);
+pub async fn handle(sock: AgentStream, gw: Arc<Gateway>) -> Result<(), FrameError> {
     let (r, w) = tokio::io::split(sock);
     let mut r = BufReader::new(r);
     let mut w = BufWriter::new(w);
@@ -1478,7 +1396,7 @@ async fn reader(
     gw: &Gateway,
     identity: &str,
     target: &str,
-    mut agent: BufReader<tokio::io::ReadHalf<TcpStream>>,
+    mut agent: BufReader<tokio::io::ReadHalf<AgentStream>>,
     mut up: BufWriter<tokio::io::WriteHalf<Box<dyn upstream::Stream>>>,
     tx: mpsc::Sender<Event>,
     masks: Arc<MaskSet>,

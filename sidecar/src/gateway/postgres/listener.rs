@@ -1,0 +1,233 @@
+//! Where agents connect: the loopback TCP port and, optionally, a Unix socket in a directory
+//! shared with the agent's containers (`PGHOST=<dir>`, as libpq names it:
+//! `<dir>/.s.PGSQL.<port>`). Accepted connections are relayed on [`Relays`].
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+
+use super::session::{Gateway, handle};
+
+/// An agent's connection: TCP on loopback or the Unix socket.
+#[derive(Debug)]
+pub enum AgentStream {
+    /// Through the loopback port.
+    Tcp(TcpStream),
+    /// Through the Unix socket.
+    Unix(UnixStream),
+}
+
+impl AsyncRead for AgentStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Self::Unix(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for AgentStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Self::Unix(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Self::Unix(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Self::Unix(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Threads that relay PostgreSQL connections, each with its own event loop: a connection's
+/// reads, checks and writes then never wait for another thread to wake up (on a busy machine
+/// that hand-off costs more CPU than the relaying itself). Connections are spread over them
+/// in turn.
+#[derive(Debug)]
+pub struct Relays {
+    handles: Vec<tokio::runtime::Handle>,
+    next: AtomicUsize,
+}
+
+impl Relays {
+    /// Starts `n` relay threads (at least one).
+    pub fn start(n: usize) -> io::Result<Self> {
+        let mut handles = Vec::with_capacity(n.max(1));
+        for i in 0..n.max(1) {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            handles.push(runtime.handle().clone());
+            std::thread::Builder::new()
+                .name(format!("agentgate-pg-{i}"))
+                // Runs for the life of the process.
+                .spawn(move || runtime.block_on(std::future::pending::<()>()))?;
+        }
+        Ok(Self {
+            handles,
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    fn pick(&self) -> &tokio::runtime::Handle {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len();
+        &self.handles[i]
+    }
+}
+
+/// A connection detached from the runtime that accepted it, to be registered on its relay's.
+enum Detached {
+    Tcp(std::net::TcpStream),
+    Unix(std::os::unix::net::UnixStream),
+}
+
+impl Detached {
+    fn attach(self) -> io::Result<AgentStream> {
+        Ok(match self {
+            Self::Tcp(s) => AgentStream::Tcp(TcpStream::from_std(s)?),
+            Self::Unix(s) => AgentStream::Unix(UnixStream::from_std(s)?),
+        })
+    }
+}
+
+fn relay(gw: &Arc<Gateway>, relays: Option<&Relays>, conn: AgentStream) {
+    let gw = gw.clone();
+    let Some(relays) = relays else {
+        tokio::spawn(async move {
+            if let Err(e) = handle(conn, gw).await {
+                tracing::debug!(error = %e, "connection ended");
+            }
+        });
+        return;
+    };
+    // Moved to the relay's event loop (registered there anew).
+    let detached = match conn {
+        AgentStream::Tcp(s) => s.into_std().map(Detached::Tcp),
+        AgentStream::Unix(s) => s.into_std().map(Detached::Unix),
+    };
+    let detached = match detached {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not hand a connection to a relay thread");
+            return;
+        }
+    };
+    relays.pick().spawn(async move {
+        let conn = match detached.attach() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not register a connection on its relay thread");
+                return;
+            }
+        };
+        if let Err(e) = handle(conn, gw).await {
+            tracing::debug!(error = %e, "connection ended");
+        }
+    });
+}
+
+/// Accepts connections on the loopback port forever; each is relayed on one of `relays` (on
+/// the caller's runtime when `None`).
+pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, relays: Option<Arc<Relays>>) {
+    loop {
+        match listener.accept().await {
+            Ok((sock, _)) => {
+                // Each answer is one write: never held back waiting for an ACK.
+                let _ = sock.set_nodelay(true);
+                relay(&gw, relays.as_deref(), AgentStream::Tcp(sock));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                // Out of file descriptors: wait instead of spinning.
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Accepts connections on the Unix socket forever, as [`serve`].
+pub async fn serve_unix(listener: UnixListener, gw: Arc<Gateway>, relays: Option<Arc<Relays>>) {
+    loop {
+        match listener.accept().await {
+            Ok((sock, _)) => relay(&gw, relays.as_deref(), AgentStream::Unix(sock)),
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed on the Unix socket");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// The socket's path in `dir` for `port`, as libpq derives it from `PGHOST` and `PGPORT`.
+pub fn socket_path(dir: &Path, port: u16) -> PathBuf {
+    dir.join(format!(".s.PGSQL.{port}"))
+}
+
+/// Binds the Unix socket in `dir` (created when missing), replacing a socket a previous run
+/// left behind (never another kind of file). The socket is open to every user that can reach
+/// the directory (the agent's containers may run as another user): the directory's mount is
+/// what confines it.
+pub fn bind_unix(dir: &Path, port: u16) -> io::Result<UnixListener> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    std::fs::create_dir_all(dir)?;
+    let path = socket_path(dir, port);
+    match std::fs::symlink_metadata(&path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(&path)?,
+        Ok(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket", path.display()),
+            ));
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let listener = UnixListener::bind(&path)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666))?;
+    Ok(listener)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_stale_socket_is_replaced_and_any_other_file_is_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = bind_unix(dir.path(), 5432).unwrap();
+        drop(first);
+        // Left behind by a run that was killed: bound again.
+        let again = bind_unix(dir.path(), 5432).unwrap();
+        drop(again);
+        let path = socket_path(dir.path(), 5432);
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, b"not a socket").unwrap();
+        let e = bind_unix(dir.path(), 5432).unwrap_err();
+        assert!(e.to_string().contains("is not a socket"), "{e}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"not a socket");
+    }
+}
