@@ -11,8 +11,9 @@ use agentgate_sidecar::audit::sinks::postgres::PostgresSink;
 use agentgate_sidecar::audit::sinks::sessions::SessionSink;
 use agentgate_sidecar::audit::{self, Auditor, sinks::Sink};
 use agentgate_sidecar::gateway::kube as kube_gw;
-use agentgate_sidecar::gateway::postgres::listener::{self, Relays, serve};
+use agentgate_sidecar::gateway::postgres::listener::{self, serve};
 use agentgate_sidecar::gateway::postgres::session::Gateway;
+use agentgate_sidecar::gateway::relay::Relays;
 use agentgate_sidecar::gateway::ssh as ssh_gw;
 use agentgate_sidecar::identity::{Verifier, pod};
 use agentgate_sidecar::policy::approval::Approvals;
@@ -105,7 +106,7 @@ struct Args {
     /// unset.
     #[arg(long, env = "AGENTGATE_HEALTH_ADDR")]
     health_addr: Option<SocketAddr>,
-    /// Threads for the Kubernetes and SSH gateways, the policy watches and the audit sinks:
+    /// Threads for the SSH gateway, the policy watches and the audit sinks:
     /// 0 (the default) for as many as the cores the sidecar may use (its CPU limit), 1 to run
     /// them all on one thread.
     #[arg(long, env = "AGENTGATE_WORKER_THREADS", default_value_t = 0)]
@@ -116,6 +117,10 @@ struct Args {
     /// `--worker-threads`.
     #[arg(long, env = "AGENTGATE_PG_THREADS", default_value_t = 1)]
     pg_threads: usize,
+    /// Threads serving the Kubernetes gateway's connections, each with its own event loop.
+    /// 0 serves them on the threads of `--worker-threads`.
+    #[arg(long, env = "AGENTGATE_KUBE_THREADS", default_value_t = 1)]
+    kube_threads: usize,
     /// The audit directory (a sidecar-only volume): the spill journal (`spill/`), the signing
     /// key when `--audit-key-file` is not set, and the default JSON-lines file.
     #[arg(
@@ -324,7 +329,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let relays = match args.pg_threads {
         0 => None,
         n => Some(Arc::new(
-            Relays::start(n).context("start the PostgreSQL relay threads")?,
+            Relays::start("pg", n).context("start the PostgreSQL relay threads")?,
         )),
     };
     tracing::info!(addr = %args.pg_addr, auth = ?args.pg_auth, threads = args.pg_threads, "PostgreSQL gateway listening");
@@ -378,7 +383,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
             namespace_for_users.clone(),
         ));
         let kube = Arc::new(kube_gw::KubeGateway::new(gw.clone(), namespace_for_users));
-        tokio::spawn(kube_gw::serve(listener, cert.config, kube));
+        match args.kube_threads {
+            0 => drop(tokio::spawn(kube_gw::serve(listener, cert.config, kube))),
+            n => {
+                let relays =
+                    Relays::start("kube", n).context("start the Kubernetes gateway's threads")?;
+                // Each thread accepts from the same socket, on its own event loop.
+                let shared = listener.into_std()?;
+                for _ in 0..n {
+                    let listener = shared.try_clone()?;
+                    let (tls, kube) = (cert.config.clone(), kube.clone());
+                    relays.next().spawn(async move {
+                        match tokio::net::TcpListener::from_std(listener) {
+                            Ok(l) => kube_gw::serve(l, tls, kube).await,
+                            Err(e) => tracing::error!(error = %e, "the Kubernetes gateway cannot accept connections"),
+                        }
+                    });
+                }
+            }
+        }
     }
     if args.ssh_addr != "off" {
         let addr: SocketAddr = args

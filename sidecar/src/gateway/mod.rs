@@ -3,4 +3,5 @@
 
 pub mod kube;
 pub mod postgres;
+pub mod relay;
 pub mod ssh;

@@ -1,18 +1,18 @@
 //! Where agents connect: the loopback TCP port and, optionally, a Unix socket in a directory
 //! shared with the agent's containers (`PGHOST=<dir>`, as libpq names it:
-//! `<dir>/.s.PGSQL.<port>`). Accepted connections are relayed on [`Relays`].
+//! `<dir>/.s.PGSQL.<port>`). Accepted connections are relayed on [`Relays`] threads.
 
 use std::io;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
 use super::session::{Gateway, handle};
+use crate::gateway::relay::Relays;
 
 /// An agent's connection: TCP on loopback or the Unix socket.
 #[derive(Debug)]
@@ -63,42 +63,6 @@ impl AsyncWrite for AgentStream {
     }
 }
 
-/// Threads that relay PostgreSQL connections, each with its own event loop: a connection's
-/// reads, checks and writes then never wait for another thread to wake up (on a busy machine
-/// that hand-off costs more CPU than the relaying itself). Connections are spread over them
-/// in turn.
-#[derive(Debug)]
-pub struct Relays {
-    handles: Vec<tokio::runtime::Handle>,
-    next: AtomicUsize,
-}
-
-impl Relays {
-    /// Starts `n` relay threads (at least one).
-    pub fn start(n: usize) -> io::Result<Self> {
-        let mut handles = Vec::with_capacity(n.max(1));
-        for i in 0..n.max(1) {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            handles.push(runtime.handle().clone());
-            std::thread::Builder::new()
-                .name(format!("agentgate-pg-{i}"))
-                // Runs for the life of the process.
-                .spawn(move || runtime.block_on(std::future::pending::<()>()))?;
-        }
-        Ok(Self {
-            handles,
-            next: AtomicUsize::new(0),
-        })
-    }
-
-    fn pick(&self) -> &tokio::runtime::Handle {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len();
-        &self.handles[i]
-    }
-}
-
 /// A connection detached from the runtime that accepted it, to be registered on its relay's.
 enum Detached {
     Tcp(std::net::TcpStream),
@@ -136,7 +100,7 @@ fn relay(gw: &Arc<Gateway>, relays: Option<&Relays>, conn: AgentStream) {
             return;
         }
     };
-    relays.pick().spawn(async move {
+    relays.next().spawn(async move {
         let conn = match detached.attach() {
             Ok(c) => c,
             Err(e) => {
