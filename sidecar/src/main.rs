@@ -211,10 +211,9 @@ fn main() -> anyhow::Result<()> {
     // kube (ring by default), pgwire and russh (aws-lc-rs) must agree on one provider.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let args = Args::parse();
-    // 1: everything on one thread (no cross-thread wake-ups; the audit writer has its own).
-    // More (the default: the cores the sidecar may use): busy connections spread over them,
-    // which a pipelining client at 8 connections needs (pgbench's extended protocol ran at
-    // half the rate on one thread).
+    // The shared runtime: the SSH gateway, policy watches, audit sinks (and the PostgreSQL
+    // and Kubernetes gateways when their own threads are off). 1: one thread; more (the
+    // default: the cores the sidecar may use): work spread over them.
     let runtime = match args.worker_threads {
         1 => tokio::runtime::Builder::new_current_thread()
             .enable_all()
