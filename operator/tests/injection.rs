@@ -392,9 +392,38 @@ async fn debug_containers_cannot_reach_into_the_sidecar() -> anyhow::Result<()> 
         e.contains("mounts agentgate's volume agentgate-token"),
         "{e}"
     );
+    // The client files and the PostgreSQL socket: read-only, never writable.
+    let e = attempt(add(
+        "plant",
+        json!({ "volumeMounts": [ { "name": "agentgate-client", "mountPath": "/c" } ] }),
+    ))
+    .await;
+    assert!(
+        e.contains("mounts agentgate's volume agentgate-client: only read-only"),
+        "{e}"
+    );
+    let e = attempt(add(
+        "read",
+        json!({ "volumeMounts": [ { "name": "agentgate-client", "mountPath": "/c", "readOnly": true } ] }),
+    ))
+    .await;
+    assert_eq!(e, "ACCEPTED");
     // An ordinary debug container next to the agent is fine.
     let e = attempt(add("look", json!({ "targetContainerName": "agent" }))).await;
     assert_eq!(e, "ACCEPTED");
+    // An init container of the agent's may not write there either.
+    let writer = pod(
+        "init-writes",
+        json!({ "initContainers": [ { "name": "prepare", "image": "busybox",
+            "volumeMounts": [ { "name": "agentgate-client", "mountPath": "/c" } ] } ] }),
+    );
+    match create(&admin, NS, &writer).await {
+        Err(e)
+            if e.contains(
+                "container prepare mounts agentgate's volume agentgate-client writable",
+            ) => {}
+        other => panic!("an init container writing the client volume: {other:?}"),
+    }
     Ok(())
 }
 

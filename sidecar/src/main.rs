@@ -325,6 +325,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.pg_addr)
         .await
         .with_context(|| format!("bind the PostgreSQL gateway on {}", args.pg_addr))?;
+    // The port bound (`--pg-addr …:0` picks one): libpq names the socket after it.
+    let pg_port = listener.local_addr()?.port();
     let relays = match args.pg_threads {
         0 => None,
         n => Some(Arc::new(
@@ -334,13 +336,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     tracing::info!(addr = %args.pg_addr, auth = ?args.pg_auth, threads = args.pg_threads, "PostgreSQL gateway listening");
     let unix = match &args.pg_socket_dir {
         Some(dir) => {
-            let unix = listener::bind_unix(dir, args.pg_addr.port()).with_context(|| {
+            let unix = listener::bind_unix(dir, pg_port).with_context(|| {
                 format!(
                     "bind the PostgreSQL gateway's Unix socket in {}",
                     dir.display()
                 )
             })?;
-            tracing::info!(socket = %listener::socket_path(dir, args.pg_addr.port()).display(), "PostgreSQL gateway listening on a Unix socket");
+            tracing::info!(socket = %listener::socket_path(dir, pg_port).display(), "PostgreSQL gateway listening on a Unix socket");
             Some(unix)
         }
         None => None,

@@ -449,6 +449,13 @@ pub fn inject(pod: &Pod, input: &InjectionInput<'_>) -> Result<Pod, Refusal> {
                     c.name, m.name
                 ));
             }
+            // The sidecar's socket and client files live there: agents only read them.
+            if m.name == V_CLIENT && m.read_only != Some(true) {
+                return refuse(format!(
+                    "container {} mounts agentgate's volume {V_CLIENT} writable: mount it readOnly",
+                    c.name
+                ));
+            }
         }
         for s in secrets_referenced(&pod_view, c) {
             if let Some(target) = credentials.get(&s) {
@@ -714,17 +721,21 @@ pub async fn mutate(
             if let Some(why) = privilege_problem(c.security_context.as_ref()) {
                 return deny(req, format!("ephemeral container {} {why}", c.name));
             }
-            if let Some(m) = c
-                .volume_mounts
-                .iter()
-                .flatten()
-                .find(|m| m.name.starts_with("agentgate-") && m.name != V_CLIENT)
-            {
+            if let Some(m) = c.volume_mounts.iter().flatten().find(|m| {
+                m.name.starts_with("agentgate-")
+                    && (m.name != V_CLIENT || m.read_only != Some(true))
+            }) {
                 return deny(
                     req,
                     format!(
-                        "ephemeral container {} mounts agentgate's volume {}: only the sidecar may",
-                        c.name, m.name
+                        "ephemeral container {} mounts agentgate's volume {}: {}",
+                        c.name,
+                        m.name,
+                        if m.name == V_CLIENT {
+                            "only read-only (readOnly: true)"
+                        } else {
+                            "only the sidecar may"
+                        }
                     ),
                 );
             }

@@ -18,14 +18,32 @@ impl Relays {
     pub fn start(name: &str, n: usize) -> io::Result<Self> {
         let mut handles = Vec::with_capacity(n.max(1));
         for i in 0..n.max(1) {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            handles.push(runtime.handle().clone());
+            // Built on its own thread: a runtime must never be dropped inside another one
+            // (as it would be here if the thread could not start).
+            let (tx, rx) = std::sync::mpsc::channel();
             std::thread::Builder::new()
                 .name(format!("agentgate-{name}-{i}"))
-                // Runs for the life of the process.
-                .spawn(move || runtime.block_on(std::future::pending::<()>()))?;
+                .spawn(move || {
+                    match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(runtime) => {
+                            let _ = tx.send(Ok(runtime.handle().clone()));
+                            // Runs for the life of the process.
+                            runtime.block_on(std::future::pending::<()>());
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(e));
+                        }
+                    }
+                })?;
+            let handle = rx.recv().map_err(|_| {
+                io::Error::other(format!(
+                    "relay thread agentgate-{name}-{i} stopped at start"
+                ))
+            })??;
+            handles.push(handle);
         }
         Ok(Self {
             handles,

@@ -156,7 +156,7 @@ pub fn socket_path(dir: &Path, port: u16) -> PathBuf {
 /// the directory (the agent's containers may run as another user): the directory's mount is
 /// what confines it.
 pub fn bind_unix(dir: &Path, port: u16) -> io::Result<UnixListener> {
-    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    use std::os::unix::fs::FileTypeExt;
     std::fs::create_dir_all(dir)?;
     let path = socket_path(dir, port);
     match std::fs::symlink_metadata(&path) {
@@ -171,8 +171,31 @@ pub fn bind_unix(dir: &Path, port: u16) -> io::Result<UnixListener> {
         Err(e) => return Err(e),
     }
     let listener = UnixListener::bind(&path)?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666))?;
+    open_to_all(&path)?;
     Ok(listener)
+}
+
+/// Makes the socket at `path` connectable by every user, without following a symlink: what
+/// is at `path` is opened as a path (`O_PATH | O_NOFOLLOW`), checked to be a socket, and
+/// changed through that descriptor, so a socket swapped for a link to another file between
+/// the bind and the change leaves that file alone.
+fn open_to_all(path: &Path) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
+    let at = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW)
+        .open(path)?;
+    if !at.metadata()?.file_type().is_socket() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("{} was replaced by another kind of file", path.display()),
+        ));
+    }
+    std::fs::set_permissions(
+        format!("/proc/self/fd/{}", at.as_raw_fd()),
+        std::fs::Permissions::from_mode(0o666),
+    )
 }
 
 #[cfg(test)]
@@ -193,5 +216,20 @@ mod tests {
         let e = bind_unix(dir.path(), 5432).unwrap_err();
         assert!(e.to_string().contains("is not a socket"), "{e}");
         assert_eq!(std::fs::read(&path).unwrap(), b"not a socket");
+    }
+
+    #[test]
+    fn a_socket_swapped_for_a_link_does_not_open_the_file_it_points_to() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("signing-key");
+        std::fs::write(&key, b"secret").unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let path = socket_path(dir.path(), 5432);
+        std::os::unix::fs::symlink(&key, &path).unwrap();
+        let e = open_to_all(&path).unwrap_err();
+        assert!(e.to_string().contains("another kind of file"), "{e}");
+        let mode = std::fs::metadata(&key).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
     }
 }
