@@ -370,6 +370,26 @@ spec: {{ rules: [ {{ name: emails, detectors: [Email, CardNumber], action: Redac
         }
     }
 
+    // Memory under load: the sidecar's peak RSS after every run above (up to 32 clients at
+    // once). Records wait for the audit writer in a bounded queue, so a writer short of CPU
+    // holds the gateway back instead of letting records pile up.
+    let (rss, hwm) = memory(full.pid);
+    println!("sidecar (everything on) after the runs above: RSS {rss} kB, peak {hwm} kB");
+    testenv::bench::Figure::new(
+        "postgres",
+        &format!(
+            "sidecar peak RSS after the pgbench runs (up to {} clients)",
+            clients.iter().max().copied().unwrap_or(0)
+        ),
+        "kB",
+        hwm as f64,
+    )
+    .target(
+        "< 64 MiB (half the injected sidecar's limit)",
+        hwm < 64 * 1024,
+    )
+    .report();
+
     // Connection set-up: a new connection per transaction (pgbench -C), select-only, simple,
     // 8 clients. The gateway's cost per connection: its TLS to PostgreSQL and SCRAM, the
     // identity check (with a token: its signature, issuer, audience and times), a session

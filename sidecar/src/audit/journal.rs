@@ -130,6 +130,12 @@ impl Journal {
         None
     }
 
+    /// Holds the writer at its next flush while the guard lives (tests of a stalled writer).
+    #[cfg(test)]
+    pub(super) fn stall_writer(&self) -> std::sync::MutexGuard<'_, Position> {
+        self.end.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Bytes in the journal (delivered segments are deleted).
     pub fn bytes(&self) -> u64 {
         self.bytes.load(Ordering::Relaxed)

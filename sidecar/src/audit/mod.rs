@@ -3,8 +3,8 @@
 //! appends them to the spill [`journal`]; each sink reads the journal from its own cursor and
 //! delivers with retries and backoff.
 //!
-//! Fail closed: a command is forwarded only after its record was accepted. When the queue is
-//! full, the writer cannot write, or the journal holds more undelivered records than its bound
+//! Fail closed: a command is forwarded only after its record was accepted. When the queue
+//! stays full (the gateway waits up to a second for the writer), the writer cannot write, or the journal holds more undelivered records than its bound
 //! (a sink is down), [`Auditor::admit`] refuses and says why; gateways refuse new commands
 //! until the sinks catch up.
 
@@ -40,6 +40,9 @@ pub enum AuditError {
     Key(#[from] agentgate_crds::audit::ChainError),
 }
 
+/// How long a gateway waits for room in a full queue before it refuses the command.
+const QUEUE_WAIT: Duration = Duration::from_secs(1);
+
 /// How the pipeline is set up.
 #[derive(Debug)]
 pub struct Config {
@@ -50,7 +53,8 @@ pub struct Config {
     pub key_file: PathBuf,
     /// The most undelivered bytes the journal may hold before commands are refused.
     pub max_spill_bytes: u64,
-    /// The most records waiting for the writer.
+    /// The most records waiting for the writer (about 1 KiB of memory each). When it is
+    /// full, gateways wait for the writer (up to a second) before they refuse.
     pub queue: usize,
     /// Sign a checkpoint after this many unsigned records…
     pub checkpoint_records: u64,
@@ -72,7 +76,7 @@ impl Config {
             spill_dir,
             key_file,
             max_spill_bytes: 256 << 20,
-            queue: 65_536,
+            queue: 8_192,
             checkpoint_records: 1000,
             checkpoint_every: Duration::from_secs(1),
             stream_prefix: hostname(),
@@ -264,6 +268,7 @@ impl Auditor {
             checkpoint_records: config.checkpoint_records,
             checkpoint_every: config.checkpoint_every,
             line: Vec::with_capacity(4096),
+            dirty: false,
         };
         std::thread::Builder::new()
             .name("agentgate-audit".into())
@@ -366,17 +371,36 @@ impl Auditor {
         if self.health.stopped.load(Ordering::Relaxed) {
             return Err("agentgate refuses new commands: it is shutting down".into());
         }
-        match self.tx.try_send(msg) {
-            Ok(()) => {
-                self.health.accepted.fetch_add(1, Ordering::Relaxed);
-                Ok(())
+        let mut msg = msg;
+        let mut waited = Duration::ZERO;
+        let mut pause = Duration::from_micros(50);
+        loop {
+            match self.tx.try_send(msg) {
+                Ok(()) => {
+                    self.health.accepted.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                }
+                // Backpressure: the writer is behind (starved of CPU, most often). The
+                // gateway's thread waits for it, which also gives it the CPU, rather than
+                // let records pile up in memory; refused only if it does not catch up.
+                Err(TrySendError::Full(back)) if waited < QUEUE_WAIT => {
+                    msg = back;
+                    std::thread::sleep(pause);
+                    waited += pause;
+                    pause = (pause * 2).min(Duration::from_millis(1));
+                }
+                Err(TrySendError::Full(_)) => {
+                    return Err(format!(
+                        "agentgate refuses new commands: its audit queue stayed full for {} ms (records arrive faster than they can be written); retry, and if it persists give the sidecar more CPU",
+                        QUEUE_WAIT.as_millis()
+                    ));
+                }
+                Err(TrySendError::Disconnected(_)) => {
+                    return Err(
+                        "agentgate refuses new commands: its audit writer has stopped".into(),
+                    );
+                }
             }
-            Err(TrySendError::Full(_)) => Err(
-                "agentgate refuses new commands: its audit queue is full (records arrive faster than they can be written)".into(),
-            ),
-            Err(TrySendError::Disconnected(_)) => Err(
-                "agentgate refuses new commands: its audit writer has stopped".into(),
-            ),
         }
     }
 
@@ -545,19 +569,30 @@ struct Writer {
     checkpoint_every: Duration,
     /// The line being written (one buffer, reused).
     line: Vec<u8>,
+    /// Lines were appended since the last flush.
+    dirty: bool,
 }
 
 /// How long the writer lets records gather after a burst before it looks again.
 const GATHER: Duration = Duration::from_micros(500);
 
+/// How long the writer keeps looking every [`GATHER`] after the last record before it blocks
+/// on the queue. While it looks on its own, a gateway handing over a record never has to wake
+/// it (a system call on the path of every request); when records stop, it sleeps until the
+/// next one.
+const POLL_FOR: Duration = Duration::from_millis(20);
+
 impl Writer {
     fn run(mut self, rx: Receiver<Msg>, start: Record) {
         let mut unsigned_since: Option<Instant> = None;
         let mut pending = vec![Msg::Record(Box::new(start))];
-        let mut wrote_burst = false;
+        // Until when the writer looks for records on its own (see [`POLL_FOR`]).
+        let mut polling_until: Option<Instant> = None;
         loop {
             let mut stop = None;
-            wrote_burst |= !pending.is_empty();
+            if !pending.is_empty() {
+                polling_until = Some(Instant::now() + POLL_FOR);
+            }
             for msg in pending.drain(..) {
                 match msg {
                     Msg::Record(mut r) => {
@@ -609,8 +644,11 @@ impl Writer {
                     self.fail(e);
                 }
             }
-            if let Err(e) = self.appender.flush() {
-                self.fail(format!("write the spill journal: {e}"));
+            if self.dirty {
+                self.dirty = false;
+                if let Err(e) = self.appender.flush() {
+                    self.fail(format!("write the spill journal: {e}"));
+                }
             }
             if let Some(done) = stop {
                 self.end_stream(&mut unsigned_since);
@@ -633,15 +671,18 @@ impl Writer {
             if let Some(due) = self.appender.sync_due() {
                 wait = wait.min(due.saturating_duration_since(Instant::now()));
             }
-            // After a burst, let the next one gather for a moment instead of waking for each
-            // record (two per statement): the records are already accepted and ordered.
-            if wrote_burst {
-                std::thread::sleep(GATHER);
-                wrote_burst = false;
-                if let Ok(msg) = rx.try_recv() {
-                    pending.push(msg);
+            // While records keep coming, let the next ones gather for a moment and look again,
+            // instead of being woken for each (two per statement): the records are already
+            // accepted and ordered.
+            if let Some(until) = polling_until {
+                if Instant::now() < until {
+                    std::thread::sleep(GATHER.min(wait));
+                    if let Ok(msg) = rx.try_recv() {
+                        pending.push(msg);
+                    }
                     continue;
                 }
+                polling_until = None;
             }
             match rx.recv_timeout(wait) {
                 Ok(msg) => pending.push(msg),
@@ -666,6 +707,7 @@ impl Writer {
         self.chain
             .seal_into(r, sign.then_some(&self.signer), &mut self.line)
             .map_err(|e| e.to_string())?;
+        self.dirty = true;
         self.appender
             .append(&self.line)
             .map_err(|e| format!("write the spill journal: {e}"))?;
@@ -700,5 +742,94 @@ impl Writer {
             *b = Some(why);
         }
         self.health.is_broken.store(true, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kind and note of every record in the journal.
+    fn records(dir: &Path) -> Vec<(String, Option<String>)> {
+        let mut files: Vec<_> = std::fs::read_dir(dir.join("segments"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        files.sort();
+        files
+            .iter()
+            .filter_map(|p| std::fs::read_to_string(p).ok())
+            .flat_map(|t| {
+                t.lines()
+                    .map(|l| {
+                        let r: Record = serde_json::from_str(l).expect("a record");
+                        (r.kind.as_str().to_owned(), r.note)
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_full_queue_holds_the_gateway_back_then_refuses_and_loses_nothing() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let mut config = Config::new(dir.path().join("spill"), dir.path().join("key"));
+        config.queue = 4;
+        config.sync = false;
+        let auditor = Auditor::start(config, Vec::new()).expect("the pipeline starts");
+        let rec = auditor
+            .session("agent", "db", Protocol::Postgres, None)
+            .expect("a session");
+        // The writer stalls: the queue fills, then a record waits for room and, when none
+        // comes within QUEUE_WAIT, is refused with why.
+        let stalled = auditor.journal.stall_writer();
+        let mut accepted = 0;
+        let started = Instant::now();
+        let refused = loop {
+            match rec.emit(rec.base(RecordKind::Request)) {
+                Ok(()) => accepted += 1,
+                Err(why) => break why,
+            }
+            assert!(accepted < 100, "a stalled writer's queue never filled");
+        };
+        assert!(started.elapsed() >= QUEUE_WAIT, "refused without waiting");
+        assert!(
+            refused.contains("audit queue stayed full") && refused.contains("more CPU"),
+            "{refused}"
+        );
+        // A record that waits is taken as soon as the writer moves again.
+        let waiting = std::thread::spawn({
+            let auditor = auditor.clone();
+            move || {
+                let mut r = Record::new(RecordKind::Checkpoint, crate::clock::now());
+                r.note = Some("waited".into());
+                auditor.record(r)
+            }
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        drop(stalled);
+        assert_eq!(waiting.join().expect("the sender"), Ok(()));
+        drop(rec);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        rt.block_on(auditor.shutdown(Duration::from_secs(5)));
+        // Every accepted request and the record that waited: nothing accepted is lost,
+        // nothing refused is written.
+        let written = records(&dir.path().join("spill"));
+        let requests = written.iter().filter(|(k, _)| k == "Request").count();
+        assert_eq!(requests, accepted, "{written:?}");
+        assert_eq!(
+            written
+                .iter()
+                .filter(|(_, n)| n.as_deref() == Some("waited"))
+                .count(),
+            1,
+            "{written:?}"
+        );
+        assert_eq!(written.last().map(|(k, _)| k.as_str()), Some("StreamEnd"));
     }
 }
