@@ -386,7 +386,7 @@ spec: {{ rules: [ {{ name: emails, detectors: [Email, CardNumber], action: Redac
     )
     .target(
         "< 64 MiB (half the injected sidecar's limit)",
-        hwm < 64 * 1024,
+        hwm > 0 && hwm < 64 * 1024,
     )
     .report();
 

@@ -4,9 +4,10 @@
 //! delivers with retries and backoff.
 //!
 //! Fail closed: a command is forwarded only after its record was accepted. When the queue
-//! stays full (the gateway waits up to a second for the writer), the writer cannot write, or the journal holds more undelivered records than its bound
-//! (a sink is down), [`Auditor::admit`] refuses and says why; gateways refuse new commands
-//! until the sinks catch up.
+//! stays full (the gateway waits up to a second for the writer), the writer cannot write, or
+//! the journal holds more undelivered records than its bound (a sink is down),
+//! [`Auditor::admit`] refuses and says why; gateways refuse new commands until the sinks
+//! catch up.
 
 pub mod journal;
 pub mod sinks;
@@ -372,7 +373,7 @@ impl Auditor {
             return Err("agentgate refuses new commands: it is shutting down".into());
         }
         let mut msg = msg;
-        let mut waited = Duration::ZERO;
+        let deadline = Instant::now() + QUEUE_WAIT;
         let mut pause = Duration::from_micros(50);
         loop {
             match self.tx.try_send(msg) {
@@ -383,10 +384,9 @@ impl Auditor {
                 // Backpressure: the writer is behind (starved of CPU, most often). The
                 // gateway's thread waits for it, which also gives it the CPU, rather than
                 // let records pile up in memory; refused only if it does not catch up.
-                Err(TrySendError::Full(back)) if waited < QUEUE_WAIT => {
+                Err(TrySendError::Full(back)) if Instant::now() < deadline => {
                     msg = back;
                     std::thread::sleep(pause);
-                    waited += pause;
                     pause = (pause * 2).min(Duration::from_millis(1));
                 }
                 Err(TrySendError::Full(_)) => {
@@ -576,6 +576,10 @@ struct Writer {
 /// How long the writer lets records gather after a burst before it looks again.
 const GATHER: Duration = Duration::from_micros(500);
 
+/// While records keep coming, the writer flushes (and syncs, and checkpoints) at least this
+/// often.
+const FLUSH_EVERY: Duration = Duration::from_millis(1);
+
 /// How long the writer keeps looking every [`GATHER`] after the last record before it blocks
 /// on the queue. While it looks on its own, a gateway handing over a record never has to wake
 /// it (a system call on the path of every request); when records stop, it sleeps until the
@@ -588,6 +592,7 @@ impl Writer {
         let mut pending = vec![Msg::Record(Box::new(start))];
         // Until when the writer looks for records on its own (see [`POLL_FOR`]).
         let mut polling_until: Option<Instant> = None;
+        let mut last_flush = Instant::now();
         loop {
             let mut stop = None;
             if !pending.is_empty() {
@@ -628,7 +633,11 @@ impl Writer {
             {
                 pending.push(msg);
             }
-            if !pending.is_empty() {
+            // More is queued: go on writing, but flush (and sync, and checkpoint) at least
+            // every FLUSH_EVERY, so that a queue that never empties (gateways waiting for
+            // room) still reaches the sinks and the disk on time.
+            let more = !pending.is_empty();
+            if more && last_flush.elapsed() < FLUSH_EVERY {
                 continue;
             }
             if let Some(since) = unsigned_since
@@ -642,10 +651,13 @@ impl Writer {
                 ));
                 if let Err(e) = self.write(&mut cp, &mut unsigned_since) {
                     self.fail(e);
+                    // Try again a checkpoint interval later, not at once.
+                    unsigned_since = Some(Instant::now());
                 }
             }
             if self.dirty {
                 self.dirty = false;
+                last_flush = Instant::now();
                 if let Err(e) = self.appender.flush() {
                     self.fail(format!("write the spill journal: {e}"));
                 }
@@ -664,6 +676,9 @@ impl Writer {
                 && let Err(e) = self.appender.sync()
             {
                 self.fail(format!("sync the spill journal: {e}"));
+            }
+            if more {
+                continue;
             }
             let mut wait = unsigned_since.map_or(Duration::from_secs(3600), |s| {
                 self.checkpoint_every.saturating_sub(s.elapsed())
@@ -785,7 +800,11 @@ mod tests {
         // The writer stalls: the queue fills, then a record waits for room and, when none
         // comes within QUEUE_WAIT, is refused with why.
         let stalled = auditor.journal.stall_writer();
-        let mut accepted = 0;
+        // A first record, then time for the writer to take it and stop at its flush, so
+        // the queue's bound is what holds the next ones.
+        rec.emit(rec.base(RecordKind::Request)).expect("accepted");
+        std::thread::sleep(Duration::from_millis(100));
+        let mut accepted = 1;
         let started = Instant::now();
         let refused = loop {
             match rec.emit(rec.base(RecordKind::Request)) {
@@ -794,6 +813,11 @@ mod tests {
             }
             assert!(accepted < 100, "a stalled writer's queue never filled");
         };
+        assert_eq!(
+            accepted,
+            1 + 4,
+            "the queue holds 4, beyond the record being written"
+        );
         assert!(started.elapsed() >= QUEUE_WAIT, "refused without waiting");
         assert!(
             refused.contains("audit queue stayed full") && refused.contains("more CPU"),
