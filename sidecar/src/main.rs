@@ -12,6 +12,7 @@ use agentgate_sidecar::audit::sinks::sessions::SessionSink;
 use agentgate_sidecar::audit::{self, Auditor, sinks::Sink};
 use agentgate_sidecar::gateway::kube as kube_gw;
 use agentgate_sidecar::gateway::postgres::listener::{self, serve};
+use agentgate_sidecar::gateway::postgres::pool::{Pool, PoolConfig};
 use agentgate_sidecar::gateway::postgres::session::Gateway;
 use agentgate_sidecar::gateway::relay::Relays;
 use agentgate_sidecar::gateway::ssh as ssh_gw;
@@ -117,6 +118,18 @@ struct Args {
     /// `--worker-threads`.
     #[arg(long, env = "AGENTGATE_PG_THREADS", default_value_t = 1)]
     pg_threads: usize,
+    /// Idle connections to each PostgreSQL Target kept for the next session of the same
+    /// identity (reset with `DISCARD ALL` first), so a client that connects per command skips
+    /// the server's TLS and login. 0 opens a new server connection for every session.
+    #[arg(long, env = "AGENTGATE_PG_POOL_MAX_IDLE", default_value_t = 16)]
+    pg_pool_max_idle: usize,
+    /// How long an idle server connection is kept unused before it is closed.
+    #[arg(long, env = "AGENTGATE_PG_POOL_IDLE_TIMEOUT", default_value = "60s", value_parser = duration)]
+    pg_pool_idle_timeout: Duration,
+    /// How long a server connection serves sessions at most (it is closed at the end of the
+    /// first session past this age).
+    #[arg(long, env = "AGENTGATE_PG_POOL_LIFETIME", default_value = "1h", value_parser = duration)]
+    pg_pool_lifetime: Duration,
     /// Threads serving the Kubernetes gateway's connections, each with its own event loop.
     /// 0 serves them on the threads of `--worker-threads`.
     #[arg(long, env = "AGENTGATE_KUBE_THREADS", default_value_t = 1)]
@@ -361,9 +374,47 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut gw = Gateway::new(store, identity, verifier, args.targets_dir, auditor.clone());
     gw.approvals = approvals;
     gw.pod_user = pod_user;
+    gw.pool = Arc::new(Pool::new(PoolConfig {
+        max_idle: args.pg_pool_max_idle,
+        idle_timeout: args.pg_pool_idle_timeout,
+        lifetime: args.pg_pool_lifetime,
+    }));
+    tokio::spawn(gw.pool.clone().reap_every(
+        (args.pg_pool_idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(15)),
+    ));
     let gw = Arc::new(gw);
-    if let Some(unix) = unix {
-        tokio::spawn(listener::serve_unix(unix, gw.clone(), relays.clone()));
+    match &relays {
+        None => {
+            tokio::spawn(serve(listener, gw.clone()));
+            if let Some(unix) = unix {
+                tokio::spawn(listener::serve_unix(unix, gw.clone()));
+            }
+        }
+        Some(relays) => {
+            // Each relay thread accepts from the same sockets, on its own event loop: a new
+            // connection is served where it was accepted.
+            let tcp = listener.into_std()?;
+            let unix = unix.map(|u| u.into_std()).transpose()?;
+            for _ in 0..args.pg_threads {
+                let thread = relays.next();
+                let (tcp, on) = (tcp.try_clone()?, gw.clone());
+                thread.spawn(async move {
+                    match tokio::net::TcpListener::from_std(tcp) {
+                        Ok(l) => serve(l, on).await,
+                        Err(e) => tracing::error!(error = %e, "the PostgreSQL gateway cannot accept connections"),
+                    }
+                });
+                if let Some(unix) = &unix {
+                    let (unix, on) = (unix.try_clone()?, gw.clone());
+                    thread.spawn(async move {
+                        match tokio::net::UnixListener::from_std(unix) {
+                            Ok(l) => listener::serve_unix(l, on).await,
+                            Err(e) => tracing::error!(error = %e, "the PostgreSQL gateway cannot accept connections on its Unix socket"),
+                        }
+                    });
+                }
+            }
+        }
     }
     if args.kube_addr != "off" {
         let addr: SocketAddr = args
@@ -426,7 +477,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("handle SIGTERM")?;
     tokio::select! {
-        _ = serve(listener, gw, relays) => {}
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: stopping"),
         _ = term.recv() => tracing::info!("terminated: stopping"),
     }

@@ -1488,3 +1488,178 @@ async fn the_clock_stepping_forward_then_back_never_revives_a_grant() -> anyhow:
     );
     Ok(())
 }
+
+/// What the server's superuser sees: `sql`'s first column, one line per row.
+fn admin(gw: &Gateway, sql: &str) -> String {
+    let out = Command::new(gw.env.bins.pg_bin.join("psql"))
+        .args([
+            &gw.env.postgres().expect("postgres").admin_url(),
+            "-XAtc",
+            sql,
+        ])
+        .output()
+        .expect("run psql");
+    assert!(
+        out.status.success(),
+        "{sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// The gateway's idle server connections for the test's tokio-postgres sessions (which set
+/// no application name; psql's and the catalog's are kept apart).
+fn pooled(gw: &Gateway) -> usize {
+    admin(gw, &format!("SELECT count(*) FROM ({IDLE}) idle"))
+        .parse()
+        .expect("a count")
+}
+
+const IDLE: &str = "SELECT pid FROM pg_stat_activity WHERE usename = 'agentgate' \
+                    AND application_name = '' AND state = 'idle'";
+
+/// A client that connects once per command reuses the server connection of the session
+/// before, reset: nothing that session left (settings, prepared statements, cursors) is seen
+/// by the next. A session that ends inside a transaction, or a connection the server closed
+/// while idle, is never handed out; at most `--pg-pool-max-idle` are kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_connection_serves_the_next_session_only_after_a_reset() -> anyhow::Result<()> {
+    let gw = start_with(&[("AGENTGATE_PG_POOL_MAX_IDLE", "4".into())]).await?;
+    wait_for("policy loaded", || {
+        gw.psql("orders-db", "SELECT 1").status.success()
+    });
+    async fn pid(c: &tokio_postgres::Client) -> anyhow::Result<i32> {
+        Ok(c.query_one("SELECT pg_backend_pid()", &[]).await?.get(0))
+    }
+    async fn end(
+        c: tokio_postgres::Client,
+        conn: tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+    ) -> anyhow::Result<()> {
+        drop(c);
+        tokio::time::timeout(Duration::from_secs(5), conn).await???;
+        Ok(())
+    }
+    // A session leaves state behind: a setting, a prepared statement, a held cursor.
+    let (client, conn) = gw.client().await?;
+    let first = pid(&client).await?;
+    client
+        .batch_execute("SET statement_timeout = '123s'")
+        .await?;
+    let kept = client
+        .prepare("SELECT state FROM orders WHERE id = $1")
+        .await?;
+    client
+        .batch_execute("DECLARE left_open CURSOR WITH HOLD FOR SELECT id FROM orders")
+        .await?;
+    let cursors: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_cursors WHERE name = 'left_open'",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(cursors, 1);
+    std::mem::forget(kept);
+    end(client, conn).await?;
+    wait_for("the connection is back in the pool", || pooled(&gw) == 1);
+
+    // The next session is served by the same server process, with nothing of the last one.
+    let (client, conn) = gw.client().await?;
+    assert_eq!(pid(&client).await?, first);
+    let row = client
+        .query_one(
+            "SELECT current_setting('statement_timeout'), \
+             (SELECT count(*) FROM pg_prepared_statements), \
+             (SELECT count(*) FROM pg_cursors WHERE name = 'left_open')",
+            &[],
+        )
+        .await?;
+    assert_eq!(row.get::<_, String>(0), "0");
+    // Only this query's own statement.
+    assert_eq!(row.get::<_, i64>(1), 1);
+    assert_eq!(row.get::<_, i64>(2), 0);
+    let row = client
+        .query_one("SELECT state FROM orders WHERE id = 4711", &[])
+        .await?;
+    assert_eq!(row.get::<_, String>(0), "paid");
+
+    // A session that ends inside a transaction is not reused: the server rolls it back.
+    client.batch_execute("BEGIN").await?;
+    end(client, conn).await?;
+    wait_for("the server process of the open transaction ends", || {
+        admin(
+            &gw,
+            &format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {first}"),
+        ) == "0"
+    });
+    let (client, conn) = gw.client().await?;
+    let second = pid(&client).await?;
+    assert_ne!(second, first);
+    end(client, conn).await?;
+
+    // The server ends the idle connection (a restart, an administrator, a timeout): the next
+    // session notices before it uses it, and gets a new one.
+    wait_for("one connection in the pool", || pooled(&gw) == 1);
+    assert_eq!(
+        admin(&gw, &format!("SELECT pg_terminate_backend({second})")),
+        "t"
+    );
+    wait_for("the server process ends", || {
+        admin(
+            &gw,
+            &format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {second}"),
+        ) == "0"
+    });
+    let (client, conn) = gw.client().await?;
+    assert_ne!(pid(&client).await?, second);
+    end(client, conn).await?;
+
+    // Six sessions at once, ended: four connections are kept (`--pg-pool-max-idle`), two
+    // closed.
+    let mut clients = Vec::new();
+    for _ in 0..6 {
+        let (c, conn) = gw.client().await?;
+        pid(&c).await?;
+        clients.push((c, conn));
+    }
+    for (c, conn) in clients {
+        end(c, conn).await?;
+    }
+    wait_for("four idle connections kept", || pooled(&gw) == 4);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(pooled(&gw), 4);
+    Ok(())
+}
+
+/// `--pg-pool-idle-timeout` closes unused server connections; `--pg-pool-max-idle 0` keeps
+/// none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_server_connections_are_closed_after_their_timeout_or_not_kept() -> anyhow::Result<()>
+{
+    let psql_idle = |gw: &Gateway| {
+        admin(
+            gw,
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = 'agentgate' \
+             AND application_name = 'psql' AND state = 'idle'",
+        )
+    };
+    let gw = start_with(&[("AGENTGATE_PG_POOL_IDLE_TIMEOUT", "1s".into())]).await?;
+    wait_for("policy loaded", || {
+        gw.psql("orders-db", "SELECT 1").status.success()
+    });
+    let first = gw.ok("SELECT pg_backend_pid()");
+    assert_eq!(gw.ok("SELECT pg_backend_pid()"), first);
+    wait_for("the idle connection is closed", || psql_idle(&gw) == "0");
+    assert_ne!(gw.ok("SELECT pg_backend_pid()"), first);
+    drop(gw);
+
+    let gw = start_with(&[("AGENTGATE_PG_POOL_MAX_IDLE", "0".into())]).await?;
+    wait_for("policy loaded", || {
+        gw.psql("orders-db", "SELECT 1").status.success()
+    });
+    let first = gw.ok("SELECT pg_backend_pid()");
+    assert_ne!(gw.ok("SELECT pg_backend_pid()"), first);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(psql_idle(&gw), "0");
+    Ok(())
+}

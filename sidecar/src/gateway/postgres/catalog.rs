@@ -10,7 +10,8 @@ use std::sync::Arc;
 use super::backend;
 use super::frame::{MAX_MESSAGE, read_frame, write_frames};
 use super::frontend::{self, Frontend};
-use super::upstream::{self, Credentials};
+use super::pool::{Key, Pool};
+use super::upstream::{Credentials, Upstream};
 use crate::mask::{MaskSet, Rule};
 use crate::sql::{Statement, classify};
 
@@ -109,6 +110,14 @@ static VOLATILITY: std::sync::LazyLock<std::sync::Mutex<Volatility>> =
 /// How long a function's volatility is taken from another session's lookup.
 const VOLATILITY_TTL: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// The catalog connection's startup settings. Names are quoted into literals: the session
+/// must read strings as standard-conforming, whatever the database's defaults say.
+const CATALOG_PARAMS: [(&str, &str); 3] = [
+    ("application_name", "agentgate-catalog"),
+    ("client_encoding", "UTF8"),
+    ("standard_conforming_strings", "on"),
+];
+
 /// A relation's columns, each with the rule that masks it.
 type Columns = Arc<Vec<(String, Option<Rule>)>>;
 
@@ -118,7 +127,13 @@ type Columns = Arc<Vec<(String, Option<Rule>)>>;
 pub struct Catalog {
     pg: agentgate_crds::target::PostgresTarget,
     creds: Credentials,
-    conn: Option<Box<dyn upstream::Stream>>,
+    /// Where the connection comes from and goes back to, and its key there.
+    pool: Arc<Pool>,
+    key: Key,
+    conn: Option<Upstream>,
+    /// A query was sent and its answer not read to the end (its future was dropped): the
+    /// connection is closed, never pooled.
+    busy: bool,
     cache: HashMap<(u32, i16), Option<crate::mask::Rule>>,
     /// Relations as statements name them → their columns and rules.
     relations: HashMap<String, Columns>,
@@ -129,36 +144,63 @@ pub struct Catalog {
 
 impl Catalog {
     /// A catalog for one session; it connects when first asked.
-    pub fn new(pg: agentgate_crds::target::PostgresTarget, creds: Credentials) -> Self {
+    pub fn new(
+        pg: agentgate_crds::target::PostgresTarget,
+        creds: Credentials,
+        identity: &str,
+        pool: Arc<Pool>,
+    ) -> Self {
+        let key = Key::new(
+            identity,
+            &pg,
+            &creds,
+            &CATALOG_PARAMS.map(|(k, v)| (k.to_owned(), v.to_owned())),
+        );
         Self {
             pg,
             creds,
+            pool,
+            key,
             conn: None,
+            busy: false,
             cache: HashMap::new(),
             relations: HashMap::new(),
             volatile: HashMap::new(),
         }
     }
 
+    /// Hands the connection back to the pool (at the session's end), unless a query on it
+    /// was left unfinished.
+    pub fn release(&mut self) {
+        if let Some(up) = self.conn.take() {
+            if self.busy {
+                super::pool::close(up);
+            } else {
+                self.pool.release(self.key.clone(), up);
+            }
+        }
+    }
+
     /// Runs a catalog query and returns its rows as text.
     async fn query(&mut self, sql: String) -> Result<Vec<Vec<Option<String>>>, String> {
-        if self.conn.is_none() {
-            let up = upstream::connect(
-                &self.pg,
-                &self.creds,
-                // Names are quoted into literals: the session must read strings as
-                // standard-conforming, whatever the database's defaults say.
-                &[
-                    ("application_name".into(), "agentgate-catalog".into()),
-                    ("client_encoding".into(), "UTF8".into()),
-                    ("standard_conforming_strings".into(), "on".into()),
-                ],
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-            self.conn = Some(up.stream);
+        if self.busy {
+            // The last query's answer was not read to its end.
+            if let Some(up) = self.conn.take() {
+                super::pool::close(up);
+            }
+            self.busy = false;
         }
-        let conn = self.conn.as_mut().ok_or("no catalog connection")?;
+        if self.conn.is_none() {
+            let params = CATALOG_PARAMS.map(|(k, v)| (k.to_owned(), v.to_owned()));
+            let (up, _) = self
+                .pool
+                .connect(&self.key, &self.pg, &self.creds, &params)
+                .await
+                .map_err(|e| e.to_string())?;
+            self.conn = Some(up);
+        }
+        let conn = &mut self.conn.as_mut().ok_or("no catalog connection")?.stream;
+        self.busy = true;
         write_frames(conn, &[frontend::encode(&Frontend::Query(sql))])
             .await
             .map_err(|e| e.to_string())?;
@@ -183,6 +225,7 @@ impl Catalog {
                 _ => {}
             }
         }
+        self.busy = false;
         if failed {
             return Err("a catalog query failed".into());
         }

@@ -1,6 +1,6 @@
 //! Where agents connect: the loopback TCP port and, optionally, a Unix socket in a directory
 //! shared with the agent's containers (`PGHOST=<dir>`, as libpq names it:
-//! `<dir>/.s.PGSQL.<port>`). Accepted connections are relayed on [`Relays`] threads.
+//! `<dir>/.s.PGSQL.<port>`). Each relay thread accepts and relays its own connections.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -12,7 +12,6 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
 use super::session::{Gateway, handle};
-use crate::gateway::relay::Relays;
 
 /// An agent's connection: TCP on loopback or the Unix socket.
 #[derive(Debug)]
@@ -63,66 +62,27 @@ impl AsyncWrite for AgentStream {
     }
 }
 
-/// A connection detached from the runtime that accepted it, to be registered on its relay's.
-enum Detached {
-    Tcp(std::net::TcpStream),
-    Unix(std::os::unix::net::UnixStream),
-}
-
-impl Detached {
-    fn attach(self) -> io::Result<AgentStream> {
-        Ok(match self {
-            Self::Tcp(s) => AgentStream::Tcp(TcpStream::from_std(s)?),
-            Self::Unix(s) => AgentStream::Unix(UnixStream::from_std(s)?),
-        })
-    }
-}
-
-fn relay(gw: &Arc<Gateway>, relays: Option<&Relays>, conn: AgentStream) {
+/// Serves one accepted connection on a task of the runtime that accepted it: each accept loop
+/// runs on the event loop its connections are relayed on, so a new connection is never
+/// handed from one thread to another.
+fn relay(gw: &Arc<Gateway>, conn: AgentStream) {
     let gw = gw.clone();
-    let Some(relays) = relays else {
-        tokio::spawn(async move {
-            if let Err(e) = handle(conn, gw).await {
-                tracing::debug!(error = %e, "connection ended");
-            }
-        });
-        return;
-    };
-    // Moved to the relay's event loop (registered there anew).
-    let detached = match conn {
-        AgentStream::Tcp(s) => s.into_std().map(Detached::Tcp),
-        AgentStream::Unix(s) => s.into_std().map(Detached::Unix),
-    };
-    let detached = match detached {
-        Ok(d) => d,
-        Err(e) => {
-            tracing::warn!(error = %e, "could not hand a connection to a relay thread");
-            return;
-        }
-    };
-    relays.next().spawn(async move {
-        let conn = match detached.attach() {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "could not register a connection on its relay thread");
-                return;
-            }
-        };
+    tokio::spawn(async move {
         if let Err(e) = handle(conn, gw).await {
             tracing::debug!(error = %e, "connection ended");
         }
     });
 }
 
-/// Accepts connections on the loopback port forever; each is relayed on one of `relays` (on
-/// the caller's runtime when `None`).
-pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, relays: Option<Arc<Relays>>) {
+/// Accepts connections on the loopback port forever and relays each on the caller's runtime.
+/// Several loops (one per relay thread) may accept from clones of one listener.
+pub async fn serve(listener: TcpListener, gw: Arc<Gateway>) {
     loop {
         match listener.accept().await {
             Ok((sock, _)) => {
                 // Each answer is one write: never held back waiting for an ACK.
                 let _ = sock.set_nodelay(true);
-                relay(&gw, relays.as_deref(), AgentStream::Tcp(sock));
+                relay(&gw, AgentStream::Tcp(sock));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");
@@ -134,10 +94,10 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, relays: Option<Arc<R
 }
 
 /// Accepts connections on the Unix socket forever, as [`serve`].
-pub async fn serve_unix(listener: UnixListener, gw: Arc<Gateway>, relays: Option<Arc<Relays>>) {
+pub async fn serve_unix(listener: UnixListener, gw: Arc<Gateway>) {
     loop {
         match listener.accept().await {
-            Ok((sock, _)) => relay(&gw, relays.as_deref(), AgentStream::Unix(sock)),
+            Ok((sock, _)) => relay(&gw, AgentStream::Unix(sock)),
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed on the Unix socket");
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;

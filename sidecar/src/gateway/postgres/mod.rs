@@ -9,5 +9,6 @@ pub mod data_row;
 pub mod frame;
 pub mod frontend;
 pub mod listener;
+pub mod pool;
 pub mod session;
 pub mod upstream;

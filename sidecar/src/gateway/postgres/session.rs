@@ -25,7 +25,8 @@ use super::frame::{
 };
 use super::frontend::{self, Frontend};
 use super::listener::AgentStream;
-use super::upstream::{self, Credentials, Upstream};
+use super::pool::{Key, Pool, PoolConfig};
+use super::upstream::{self, CredentialCache, Upstream};
 use crate::audit::{Auditor, SessionRecorder};
 use crate::mask::{MaskSet, Masked};
 use crate::policy::approval::{Approvals, Filed, Request};
@@ -83,6 +84,10 @@ pub struct Gateway {
     pub pod_user: Option<Arc<std::sync::RwLock<Result<String, String>>>>,
     /// Where every connection's and statement's record goes (before the statement runs).
     pub audit: Auditor,
+    /// Idle upstream connections, reused by the next session of the same identity and Target.
+    pub pool: Arc<Pool>,
+    /// The Targets' credentials, read at most once a second.
+    pub credentials: CredentialCache,
     cancels: Mutex<HashMap<CancelKey, Session>>,
     next_pid: AtomicI32,
 }
@@ -104,6 +109,8 @@ impl Gateway {
             audit,
             approvals: Approvals::Disabled,
             pod_user: None,
+            pool: Arc::new(Pool::new(PoolConfig::default())),
+            credentials: CredentialCache::new(std::time::Duration::from_secs(1)),
             cancels: Mutex::new(HashMap::new()),
             next_pid: AtomicI32::new(1),
         }
@@ -328,7 +335,7 @@ pub async fn handle(sock: AgentStream, gw: Arc<Gateway>) -> Result<(), FrameErro
         .await?;
         return Ok(());
     };
-    let creds = match Credentials::from_dir(
+    let creds = match gw.credentials.get(
         &gw.targets_dir.join(&database),
         pg.tls.ca.as_ref().map(|c| c.key.as_str()),
     ) {
@@ -387,8 +394,14 @@ pub async fn handle(sock: AgentStream, gw: Arc<Gateway>) -> Result<(), FrameErro
             return Ok(());
         }
     };
-    let up = match upstream::connect(&pg, &creds, &passthrough).await {
-        Ok(u) => u,
+    let pool_key = Key::new(&identity, &pg, &creds, &passthrough);
+    let up = match gw.pool.connect(&pool_key, &pg, &creds, &passthrough).await {
+        Ok((u, reused)) => {
+            if reused {
+                tracing::debug!(target = %database, "an idle upstream connection reused");
+            }
+            u
+        }
         Err(e) => {
             tracing::warn!(target = %database, error = %e, "upstream connection failed");
             rec.end(&format!("the database could not be reached: {e}"));
@@ -406,6 +419,8 @@ pub async fn handle(sock: AgentStream, gw: Arc<Gateway>) -> Result<(), FrameErro
         stream,
         params,
         key,
+        created,
+        probe,
     } = up;
     let pid = gw.next_pid.fetch_add(1, Ordering::Relaxed);
     // The secret an agent must present to cancel this session: random, so one agent cannot
@@ -430,12 +445,12 @@ pub async fn handle(sock: AgentStream, gw: Arc<Gateway>) -> Result<(), FrameErro
         (pid, our_key.clone()),
         Session {
             target: database.clone(),
-            upstream: key,
+            upstream: key.clone(),
             hold: hold_cancel.clone(),
         },
     );
     let mut hello = vec![backend::authentication_ok()];
-    hello.extend(params);
+    hello.extend(params.iter().cloned());
     hello.push(backend::backend_key_data(pid, &our_key));
     hello.push(backend::ready_for_query(b'I'));
     write_frames(&mut w, &hello).await?;
@@ -461,7 +476,12 @@ pub async fn handle(sock: AgentStream, gw: Arc<Gateway>) -> Result<(), FrameErro
 
     let (ur, uw) = tokio::io::split(stream);
     let (tx, rx) = mpsc::channel::<Event>(256);
-    let catalog = Arc::new(Mutex::new(Catalog::new(pg.clone(), creds.clone())));
+    let catalog = Arc::new(Mutex::new(Catalog::new(
+        pg.clone(),
+        creds.clone(),
+        &identity,
+        gw.pool.clone(),
+    )));
     // The reader and the writer are two futures of this one task, not two tasks: a request
     // and its answer then cost one task wake-up each, never a hand-off to another thread.
     let writer = writer(
@@ -477,28 +497,50 @@ pub async fn handle(sock: AgentStream, gw: Arc<Gateway>) -> Result<(), FrameErro
         &identity,
         &database,
         r,
-        BufWriter::new(uw),
+        uw,
         tx,
         mask_set,
-        catalog,
+        catalog.clone(),
         hold_cancel,
         &rec,
     );
     tokio::pin!(writer, reader);
     // When the writer ends first, the session is over (the database went away, or the
     // gateway ended it): nothing more the agent sends is forwarded.
-    let result = tokio::select! {
-        r = &mut reader => {
-            (&mut writer).await;
-            r
+    let (result, write_half, read_half) = tokio::select! {
+        (r, write_half) = &mut reader => {
+            let read_half = (&mut writer).await;
+            (r, write_half, read_half)
         }
-        () = &mut writer => Ok(()),
+        read_half = &mut writer => (Ok(()), None, read_half),
     };
     rec.end(match &result {
         Ok(()) => "the agent closed the connection",
         Err(_) => "the connection broke (protocol error or network)",
     });
     gw.cancels.lock().await.remove(&(pid, our_key));
+    catalog.lock().await.release();
+    match (read_half, write_half) {
+        // Both sides say the server owes nothing and no transaction is open: the next
+        // session may reuse the connection, once it is reset.
+        (Some(r), Some(w)) => gw.pool.release(
+            pool_key,
+            Upstream {
+                stream: r.unsplit(w),
+                params,
+                key,
+                created,
+                probe,
+            },
+        ),
+        // The agent said goodbye but the server was not done (a transaction was open, or an
+        // answer was still owed): the server rolls back when told the session is over.
+        (None, Some(mut w)) => {
+            let _ = write_frames(&mut w, &[frontend::encode(&Frontend::Terminate)]).await;
+            let _ = w.shutdown().await;
+        }
+        _ => {}
+    }
     tracing::info!(identity = %identity, target = %database, "session ended");
     result
 }
@@ -611,12 +653,12 @@ fn answering<'a>(queue: &'a mut VecDeque<Pending>, open: &'a mut Batch) -> &'a m
 
 async fn writer(
     mut rx: mpsc::Receiver<Event>,
-    mut up: BufReader<tokio::io::ReadHalf<Box<dyn upstream::Stream>>>,
+    mut up: BufReader<UpstreamRead>,
     mut agent: AgentWriter,
     masks: Arc<MaskSet>,
     catalog: Arc<Mutex<Catalog>>,
     rec: Arc<SessionRecorder>,
-) {
+) -> Option<UpstreamRead> {
     let mut queue: VecDeque<Pending> = VecDeque::new();
     let mut status = b'I';
     let mut formats: Vec<i16> = Vec::new();
@@ -636,7 +678,7 @@ async fn writer(
                     if let Some(Pending::Own(frames)) = queue.pop_front()
                         && write_frames(&mut agent, &frames).await.is_err()
                     {
-                        return;
+                        return None;
                     }
                 }
                 Some(Pending::OwnReady) => {
@@ -645,7 +687,7 @@ async fn writer(
                         .await
                         .is_err()
                     {
-                        return;
+                        return None;
                     }
                 }
                 _ => break,
@@ -653,7 +695,16 @@ async fn writer(
         }
         if done && queue.is_empty() {
             let _ = agent.shutdown().await;
-            return;
+            // Reusable when the server owes nothing, has nothing more buffered, and no
+            // transaction, COPY or extended-protocol batch is open.
+            let idle = status == b'I'
+                && !copy_out
+                && up.buffer().is_empty()
+                && open.executes.is_empty()
+                && open.describes.is_empty()
+                && open.tallies.is_empty()
+                && open.query_tally.is_none();
+            return idle.then(|| up.into_inner());
         }
         // Biased: the reader's events for a request are queued before the request is sent
         // upstream, so they must be seen before any answer to it.
@@ -694,7 +745,7 @@ async fn writer(
                         }
                         rec.end(why);
                         let _ = agent.shutdown().await;
-                        return;
+                        return None;
                     }
                 };
                 let out = match frame.tag {
@@ -704,7 +755,7 @@ async fn writer(
                             Err(_) => {
                                 let e = ErrorFields::fatal(sqlstate::PROTOCOL_VIOLATION, "agentgate: the database sent a malformed row description");
                                 let _ = write_frames(&mut agent, &[e.to_error()]).await;
-                                return;
+                                return None;
                             }
                         };
                         let batch = answering(&mut queue, &mut open);
@@ -731,7 +782,7 @@ async fn writer(
                                     Err(e) => {
                                         let e = ErrorFields::fatal(sqlstate::CANNOT_CONNECT_NOW, format!("agentgate cannot tell which columns to mask ({e}); nothing is sent in clear"));
                                         let _ = write_frames(&mut agent, &[e.to_error()]).await;
-                                        return;
+                                        return None;
                                     }
                                 }
                             } else {
@@ -767,7 +818,7 @@ async fn writer(
                             let _ = write_frames(&mut agent, &[e.to_error()]).await;
                             rec.end(&why);
                             let _ = agent.shutdown().await;
-                            return;
+                            return None;
                         }
                         None => frame,
                     },
@@ -834,7 +885,7 @@ async fn writer(
                     {
                         let e = ErrorFields::fatal(sqlstate::PROTOCOL_VIOLATION, "agentgate: rows arrived before their description; nothing is sent in clear");
                         let _ = write_frames(&mut agent, &[e.to_error()]).await;
-                        return;
+                        return None;
                     }
                     b'D' if !masks.is_empty() => match data_row::mask(&masks, &frame, data_row::Formats::Described(&formats), &types, &field_rules, &mut masked_now) {
                         Some(f) => {
@@ -850,7 +901,7 @@ async fn writer(
                         None => {
                             let e = ErrorFields::fatal(sqlstate::PROTOCOL_VIOLATION, "agentgate: the database sent a malformed row");
                             let _ = write_frames(&mut agent, &[e.to_error()]).await;
-                            return;
+                            return None;
                         }
                     },
                     b'Z' => {
@@ -883,7 +934,7 @@ async fn writer(
                 if super::frame::write_frames_unflushed(&mut agent, &[out]).await.is_err()
                     || (flush && agent.flush().await.is_err())
                 {
-                    return;
+                    return None;
                 }
             }
         }
@@ -1390,20 +1441,54 @@ async fn forward(
     Ok(())
 }
 
-/// Reads the agent's messages, decides, forwards.
+/// The server's side of a session, split between the writer (reads) and the reader
+/// (writes).
+type UpstreamRead = tokio::io::ReadHalf<Box<dyn upstream::Stream>>;
+type UpstreamWrite = tokio::io::WriteHalf<Box<dyn upstream::Stream>>;
+
+/// Reads the agent's messages, decides, forwards. Returns the upstream's write side when
+/// the agent ended the session cleanly (Terminate outside any COPY or extended-protocol
+/// batch), so the connection may be reused; otherwise it is shut.
 #[allow(clippy::too_many_arguments)]
 async fn reader(
     gw: &Gateway,
     identity: &str,
     target: &str,
-    mut agent: BufReader<tokio::io::ReadHalf<AgentStream>>,
-    mut up: BufWriter<tokio::io::WriteHalf<Box<dyn upstream::Stream>>>,
+    agent: BufReader<tokio::io::ReadHalf<AgentStream>>,
+    up: UpstreamWrite,
     tx: mpsc::Sender<Event>,
     masks: Arc<MaskSet>,
     catalog: Arc<Mutex<Catalog>>,
     cancel: Arc<HoldCancel>,
     rec: &SessionRecorder,
-) -> Result<(), FrameError> {
+) -> (Result<(), FrameError>, Option<UpstreamWrite>) {
+    let mut up = BufWriter::new(up);
+    let r = read_agent(
+        gw, identity, target, agent, &mut up, &tx, masks, catalog, cancel, rec,
+    )
+    .await;
+    let keep = matches!(r, Ok(true)) && up.flush().await.is_ok();
+    if !keep {
+        let _ = up.shutdown().await;
+    }
+    let _ = tx.send(Event::Done).await;
+    (r.map(|_| ()), keep.then(|| up.into_inner()))
+}
+
+/// The reader's loop: `Ok(true)` when the agent sent Terminate with nothing left open.
+#[allow(clippy::too_many_arguments)]
+async fn read_agent(
+    gw: &Gateway,
+    identity: &str,
+    target: &str,
+    mut agent: BufReader<tokio::io::ReadHalf<AgentStream>>,
+    mut up: &mut BufWriter<UpstreamWrite>,
+    tx: &mpsc::Sender<Event>,
+    masks: Arc<MaskSet>,
+    catalog: Arc<Mutex<Catalog>>,
+    cancel: Arc<HoldCancel>,
+    rec: &SessionRecorder,
+) -> Result<bool, FrameError> {
     // Prepared statements' classifications, for Execute-time checks.
     let mut statements: HashMap<String, Classified> = HashMap::new();
     let mut portals: HashMap<String, String> = HashMap::new();
@@ -1496,10 +1581,11 @@ async fn reader(
             }
         }
     };
-    let result = loop {
+
+    loop {
         let frame = match read_frame(&mut agent, MAX_MESSAGE).await {
             Ok(Some(f)) => f,
-            Ok(None) => break Ok(()),
+            Ok(None) => break Ok(false),
             Err(e) => {
                 let err =
                     ErrorFields::fatal(sqlstate::PROTOCOL_VIOLATION, format!("agentgate: {e}"));
@@ -1519,12 +1605,12 @@ async fn reader(
         if copy_in {
             match &msg {
                 Frontend::CopyData(_) => {
-                    forward(&mut up, agent.buffer().is_empty(), frame).await?;
+                    forward(up, agent.buffer().is_empty(), frame).await?;
                     continue;
                 }
                 Frontend::CopyDone | Frontend::CopyFail(_) => {
                     copy_in = false;
-                    forward(&mut up, agent.buffer().is_empty(), frame).await?;
+                    forward(up, agent.buffer().is_empty(), frame).await?;
                     continue;
                 }
                 _ => {}
@@ -1806,10 +1892,10 @@ async fn reader(
                             sql,
                             param_types,
                         });
-                        forward(&mut up, agent.buffer().is_empty(), parse).await?;
+                        forward(up, agent.buffer().is_empty(), parse).await?;
                     }
                     Some(err) => {
-                        refuse_in_batch(&mut up, &tx, in_batch, err).await?;
+                        refuse_in_batch(up, tx, in_batch, err).await?;
                         skip_until_sync = true;
                         in_batch = false;
                     }
@@ -1827,14 +1913,14 @@ async fn reader(
                             "agentgate: portal \"{portal}\" was already used in this session; bind under a new name"
                         ),
                     );
-                    refuse_in_batch(&mut up, &tx, in_batch, err).await?;
+                    refuse_in_batch(up, tx, in_batch, err).await?;
                     skip_until_sync = true;
                     in_batch = false;
                     continue;
                 }
                 portals.insert(portal.clone(), statement.clone());
                 in_batch = true;
-                forward(&mut up, agent.buffer().is_empty(), frame).await?;
+                forward(up, agent.buffer().is_empty(), frame).await?;
             }
             Frontend::Execute { ref portal, .. } => {
                 // Re-check at execution: a grant may have expired since Parse.
@@ -1896,7 +1982,7 @@ async fn reader(
                             )
                             .await?;
                         }
-                        forward(&mut up, agent.buffer().is_empty(), frame).await?;
+                        forward(up, agent.buffer().is_empty(), frame).await?;
                     }
                     other => {
                         let err = match &other {
@@ -1918,7 +2004,7 @@ async fn reader(
                                 ErrorFields::error(sqlstate::INSUFFICIENT_PRIVILEGE, message)
                             }
                         };
-                        refuse_in_batch(&mut up, &tx, in_batch, err).await?;
+                        refuse_in_batch(up, tx, in_batch, err).await?;
                         skip_until_sync = true;
                         in_batch = false;
                     }
@@ -1929,7 +2015,7 @@ async fn reader(
                 // of the portal at Execute.
                 tx.send(Event::Describe { injected: false }).await.ok();
                 in_batch = true;
-                forward(&mut up, agent.buffer().is_empty(), frame).await?;
+                forward(up, agent.buffer().is_empty(), frame).await?;
             }
             Frontend::Close { kind, ref name } => {
                 if kind == b'S' {
@@ -1938,11 +2024,11 @@ async fn reader(
                     portals.remove(name);
                 }
                 in_batch = true;
-                forward(&mut up, agent.buffer().is_empty(), frame).await?;
+                forward(up, agent.buffer().is_empty(), frame).await?;
             }
             Frontend::Flush => {
                 in_batch = true;
-                forward(&mut up, agent.buffer().is_empty(), frame).await?;
+                forward(up, agent.buffer().is_empty(), frame).await?;
             }
             Frontend::Sync => {
                 // The unnamed portal lives in its batch only; the unnamed statement too when
@@ -1956,13 +2042,17 @@ async fn reader(
                     tx.send(Event::OwnReady).await.ok();
                 } else {
                     tx.send(Event::ExpectUpstream).await.ok();
-                    forward(&mut up, agent.buffer().is_empty(), frame).await?;
+                    forward(up, agent.buffer().is_empty(), frame).await?;
                 }
                 in_batch = false;
             }
             Frontend::Terminate => {
-                let _ = write_frames(&mut up, &[frame]).await;
-                break Ok(());
+                if in_batch || copy_in || skip_until_sync {
+                    let _ = write_frames(&mut *up, &[frame]).await;
+                    break Ok(false);
+                }
+                // Not forwarded: the connection may serve the next session.
+                break Ok(true);
             }
             Frontend::FunctionCall => {
                 let err = ErrorFields::error(
@@ -1983,11 +2073,8 @@ async fn reader(
                 );
                 up.flush().await?;
                 tx.send(Event::Own(vec![err.to_error()])).await.ok();
-                break Ok(());
+                break Ok(false);
             }
         }
-    };
-    let _ = up.shutdown().await;
-    let _ = tx.send(Event::Done).await;
-    result
+    }
 }

@@ -94,6 +94,52 @@ impl Credentials {
     }
 }
 
+/// A Target's folder and the name of its CA file.
+type CacheKey = (std::path::PathBuf, Option<String>);
+
+/// The Targets' credentials as last read, re-read when older than `ttl`: a client that
+/// connects once per command does not read three files per connection, and a rotated Secret
+/// (which the kubelet itself updates in the pod within a minute or so) is seen within `ttl`.
+/// A folder that cannot be read is never cached: every connection tries again.
+#[derive(Debug)]
+pub struct CredentialCache {
+    ttl: std::time::Duration,
+    read: std::sync::Mutex<std::collections::HashMap<CacheKey, (std::time::Instant, Credentials)>>,
+}
+
+impl CredentialCache {
+    /// A cache whose entries are re-read after `ttl`.
+    pub fn new(ttl: std::time::Duration) -> Self {
+        Self {
+            ttl,
+            read: Default::default(),
+        }
+    }
+
+    /// [`Credentials::from_dir`], from the cache when read less than `ttl` ago.
+    pub fn get(&self, dir: &Path, ca_key: Option<&str>) -> Result<Credentials, UpstreamError> {
+        let key = (dir.to_path_buf(), ca_key.map(str::to_owned));
+        let now = std::time::Instant::now();
+        let lock = || self.read.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((at, c)) = lock().get(&key)
+            && now.duration_since(*at) < self.ttl
+        {
+            return Ok(c.clone());
+        }
+        let fresh = Credentials::from_dir(dir, ca_key);
+        let mut read = lock();
+        match &fresh {
+            Ok(c) => {
+                read.insert(key, (now, c.clone()));
+            }
+            Err(_) => {
+                read.remove(&key);
+            }
+        }
+        fresh
+    }
+}
+
 /// Accepts a certificate that chains to the roots whatever name it carries (`VerifyCA`).
 #[derive(Debug)]
 struct IgnoreName(Arc<rustls::client::WebPkiServerVerifier>);
@@ -179,6 +225,11 @@ pub struct Upstream {
     pub params: Vec<Frame>,
     /// The server's BackendKeyData (for cancel requests).
     pub key: Option<(i32, Vec<u8>)>,
+    /// When the connection was opened.
+    pub created: std::time::Instant,
+    /// A second handle on the TCP socket under `stream`, to see whether the server closed an
+    /// idle connection (it is only ever peeked at).
+    pub probe: std::net::TcpStream,
 }
 
 /// Connects to the Target's server and logs in; returns after the first ReadyForQuery.
@@ -195,6 +246,13 @@ pub async fn connect(
             why: e.to_string(),
         })?;
     let _ = tcp.set_nodelay(true);
+    let probe = std::os::fd::AsFd::as_fd(&tcp)
+        .try_clone_to_owned()
+        .map(std::net::TcpStream::from)
+        .map_err(|e| UpstreamError::Connect {
+            addr: addr.clone(),
+            why: e.to_string(),
+        })?;
     let mut stream: Box<dyn Stream> = if target.tls.mode == TlsMode::Disable {
         Box::new(tcp)
     } else {
@@ -260,6 +318,8 @@ pub async fn connect(
         stream,
         params: Vec::new(),
         key: None,
+        created: std::time::Instant::now(),
+        probe,
     };
     loop {
         let frame = read_frame(&mut out.stream, MAX_MESSAGE)
