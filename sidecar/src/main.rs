@@ -383,11 +383,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         (args.pg_pool_idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(15)),
     ));
     let gw = Arc::new(gw);
+    // Turned true when the sidecar stops: no new PostgreSQL connection is accepted after.
+    let (stop, stopping) = tokio::sync::watch::channel(false);
     match &relays {
         None => {
-            tokio::spawn(serve(listener, gw.clone()));
+            tokio::spawn(serve(listener, gw.clone(), stopping.clone()));
             if let Some(unix) = unix {
-                tokio::spawn(listener::serve_unix(unix, gw.clone()));
+                tokio::spawn(listener::serve_unix(unix, gw.clone(), stopping.clone()));
             }
         }
         Some(relays) => {
@@ -397,18 +399,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let unix = unix.map(|u| u.into_std()).transpose()?;
             for _ in 0..args.pg_threads {
                 let thread = relays.next();
-                let (tcp, on) = (tcp.try_clone()?, gw.clone());
+                let (tcp, on, stop) = (tcp.try_clone()?, gw.clone(), stopping.clone());
                 thread.spawn(async move {
                     match tokio::net::TcpListener::from_std(tcp) {
-                        Ok(l) => serve(l, on).await,
+                        Ok(l) => serve(l, on, stop).await,
                         Err(e) => tracing::error!(error = %e, "the PostgreSQL gateway cannot accept connections"),
                     }
                 });
                 if let Some(unix) = &unix {
-                    let (unix, on) = (unix.try_clone()?, gw.clone());
+                    let (unix, on, stop) = (unix.try_clone()?, gw.clone(), stopping.clone());
                     thread.spawn(async move {
                         match tokio::net::UnixListener::from_std(unix) {
-                            Ok(l) => listener::serve_unix(l, on).await,
+                            Ok(l) => listener::serve_unix(l, on, stop).await,
                             Err(e) => tracing::error!(error = %e, "the PostgreSQL gateway cannot accept connections on its Unix socket"),
                         }
                     });
@@ -480,6 +482,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: stopping"),
         _ = term.recv() => tracing::info!("terminated: stopping"),
     }
+    let _ = stop.send(true);
     // A signed StreamEnd closes the chain; undelivered records stay spilled for the next run.
     auditor.shutdown(Duration::from_secs(5)).await;
     Ok(())

@@ -1518,6 +1518,22 @@ fn pooled(gw: &Gateway) -> usize {
 const IDLE: &str = "SELECT pid FROM pg_stat_activity WHERE usename = 'agentgate' \
                     AND application_name = '' AND state = 'idle'";
 
+/// The first column of the first DataRow in `answer` (the server's messages after startup).
+fn first_value(answer: &[u8]) -> Option<String> {
+    let mut at = 0;
+    while at + 5 <= answer.len() {
+        let tag = answer[at];
+        let len = i32::from_be_bytes(answer[at + 1..at + 5].try_into().ok()?) as usize;
+        let body = answer.get(at + 5..at + 1 + len)?;
+        if tag == b'D' {
+            let n = i32::from_be_bytes(body.get(2..6)?.try_into().ok()?) as usize;
+            return Some(String::from_utf8_lossy(body.get(6..6 + n)?).into_owned());
+        }
+        at += 1 + len;
+    }
+    None
+}
+
 /// A client that connects once per command reuses the server connection of the session
 /// before, reset: nothing that session left (settings, prepared statements, cursors) is seen
 /// by the next. A session that ends inside a transaction, or a connection the server closed
@@ -1613,6 +1629,59 @@ async fn a_server_connection_serves_the_next_session_only_after_a_reset() -> any
     let (client, conn) = gw.client().await?;
     assert_ne!(pid(&client).await?, second);
     end(client, conn).await?;
+
+    // A client that says goodbye without waiting for its answer: the server finishes the
+    // statement, the agent still gets the answer, and the connection is not kept.
+    let mut send = startup("claude", "orders-db");
+    send.extend(message(b'Q', b"SELECT pg_backend_pid(), pg_sleep(1)\0"));
+    send.extend(message(b'X', b""));
+    let started = Instant::now();
+    let answer = raw(gw.port, &send);
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    let unanswered = first_value(&answer).expect("the statement's row reached the agent");
+    wait_for("the server process of the unanswered session ends", || {
+        admin(
+            &gw,
+            &format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {unanswered}"),
+        ) == "0"
+    });
+
+    // A session whose statement was canceled is not kept either: the cancel could still be
+    // on its way to the server.
+    let (client, conn) = gw.client().await?;
+    let canceled = pid(&client).await?;
+    let token = client.cancel_token();
+    let sleeping = tokio::spawn(async move {
+        let r = client.query_one("SELECT pg_sleep(10)", &[]).await;
+        (r, client)
+    });
+    wait_for("the statement is running", || {
+        admin(
+            &gw,
+            &format!(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = {canceled} AND query = 'SELECT pg_sleep(10)'"
+            ),
+        ) == "1"
+    });
+    token.cancel_query(tokio_postgres::NoTls).await?;
+    let (r, client) = sleeping.await?;
+    let e = r.expect_err("canceled");
+    assert_eq!(
+        e.code(),
+        Some(&tokio_postgres::error::SqlState::QUERY_CANCELED),
+        "{e}"
+    );
+    end(client, conn).await?;
+    wait_for("the canceled session's server process ends", || {
+        admin(
+            &gw,
+            &format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {canceled}"),
+        ) == "0"
+    });
 
     // Six sessions at once, ended: four connections are kept (`--pg-pool-max-idle`), two
     // closed.

@@ -143,15 +143,15 @@ pub struct Catalog {
 }
 
 impl Catalog {
-    /// A catalog for one session; it connects when first asked.
+    /// A catalog for one session of `principal`; it connects when first asked.
     pub fn new(
         pg: agentgate_crds::target::PostgresTarget,
         creds: Credentials,
-        identity: &str,
+        principal: &str,
         pool: Arc<Pool>,
     ) -> Self {
-        let key = Key::new(
-            identity,
+        let key = Key::catalog(
+            principal,
             &pg,
             &creds,
             &CATALOG_PARAMS.map(|(k, v)| (k.to_owned(), v.to_owned())),

@@ -10,6 +10,7 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::sync::watch;
 
 use super::session::{Gateway, handle};
 
@@ -74,11 +75,16 @@ fn relay(gw: &Arc<Gateway>, conn: AgentStream) {
     });
 }
 
-/// Accepts connections on the loopback port forever and relays each on the caller's runtime.
-/// Several loops (one per relay thread) may accept from clones of one listener.
-pub async fn serve(listener: TcpListener, gw: Arc<Gateway>) {
+/// Accepts connections on the loopback port until `stop` turns true (the sidecar is
+/// stopping) and relays each on the caller's runtime. Several loops (one per relay thread)
+/// may accept from clones of one listener.
+pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
     loop {
-        match listener.accept().await {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        match accepted {
             Ok((sock, _)) => {
                 // Each answer is one write: never held back waiting for an ACK.
                 let _ = sock.set_nodelay(true);
@@ -93,10 +99,14 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>) {
     }
 }
 
-/// Accepts connections on the Unix socket forever, as [`serve`].
-pub async fn serve_unix(listener: UnixListener, gw: Arc<Gateway>) {
+/// Accepts connections on the Unix socket until `stop` turns true, as [`serve`].
+pub async fn serve_unix(listener: UnixListener, gw: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
     loop {
-        match listener.accept().await {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        match accepted {
             Ok((sock, _)) => relay(&gw, AgentStream::Unix(sock)),
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed on the Unix socket");

@@ -3,13 +3,16 @@
 //! set-up of a new server connection.
 //!
 //! A connection is kept only when its session ended cleanly: the agent sent Terminate, the
-//! server had answered everything, no transaction, COPY or extended-protocol batch was open.
-//! It is then reset with `DISCARD ALL` (temporary tables, prepared statements, cursors,
-//! settings, `SET ROLE`, advisory locks, `LISTEN`s) before another session may take it.
-//! Connections are reused only for the same agent identity, Target, credentials and startup
-//! settings (the pool's [`Key`]), so a changed Secret or Target spec never reuses an old
-//! login. Idle connections are closed after `idle_timeout`, and any connection after
-//! `lifetime`; one the server closed while idle is noticed before it is handed out.
+//! server had answered everything, no transaction, COPY or extended-protocol batch was open,
+//! and no cancel request was sent for the session. It is then reset with `DISCARD ALL`
+//! (temporary tables, prepared statements, cursors, settings, `SET ROLE`, advisory locks,
+//! `LISTEN`s) before another session may take it. Connections are reused only for the same
+//! principal (AgentIdentity, and with tokens the issuer and subject), Target spec,
+//! credentials and startup settings (the pool's [`Key`]); the masking catalog's connections
+//! are never a session's. Idle connections are closed after `idle_timeout`, any connection
+//! after `lifetime`, the least recently used when `max_idle` are kept (all keys together). A
+//! connection the server closed while idle is noticed before it is handed out, and one idle
+//! for longer than [`CHECK_AFTER`] is asked a round trip first.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -19,7 +22,8 @@ use std::time::{Duration, Instant};
 
 use agentgate_crds::target::PostgresTarget;
 use bytes::Bytes;
-use tokio::io::AsyncWrite;
+use sha2::{Digest, Sha256};
+use tokio::io::ReadBuf;
 
 use super::frame::{Frame, MAX_MESSAGE, cstring, read_frame, write_frames};
 use super::frontend::{self, Frontend};
@@ -28,10 +32,19 @@ use super::upstream::{self, Credentials, Upstream, UpstreamError};
 /// How long resetting a released connection may take before it is closed instead.
 const RESET_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// A connection idle for longer than this is asked a round trip (an empty query) before it
+/// is handed out, as PgBouncer's `server_check_delay`: a server host that vanished without
+/// closing the connection is noticed there, not in the agent's first statement.
+pub const CHECK_AFTER: Duration = Duration::from_secs(30);
+
+/// How long that round trip may take.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// How idle upstream connections are kept.
 #[derive(Debug, Clone, Copy)]
 pub struct PoolConfig {
-    /// The most idle connections kept per [`Key`]; 0 keeps none (every session logs in anew).
+    /// The most idle connections kept, all keys together (the least recently used goes
+    /// first); 0 keeps none (every session logs in anew).
     pub max_idle: usize,
     /// An idle connection is closed after this long unused.
     pub idle_timeout: Duration,
@@ -49,33 +62,63 @@ impl Default for PoolConfig {
     }
 }
 
-/// What a connection may be reused for: the same agent identity, Target spec, credentials
-/// and startup settings.
+/// What a connection may be reused for: the same principal, purpose, Target spec,
+/// credentials and startup settings.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Key {
-    identity: String,
+    principal: String,
+    /// The masking catalog's, never an agent's session's.
+    catalog: bool,
     target: String,
     username: String,
-    password: String,
-    ca: Option<Vec<u8>>,
+    /// SHA-256 of the password and CA: a changed Secret is a different key, and the pool
+    /// holds no second copy of the password.
+    secret: [u8; 32],
     params: Vec<(String, String)>,
 }
 
 impl Key {
-    /// The key of a login as `identity` to `target` with `creds` and startup `params`.
-    pub fn new(
-        identity: &str,
+    /// The key of an agent's session as `principal` to `target` with `creds` and startup
+    /// `params`.
+    pub fn session(
+        principal: &str,
         target: &PostgresTarget,
         creds: &Credentials,
         params: &[(String, String)],
     ) -> Self {
+        Self::new(principal, false, target, creds, params)
+    }
+
+    /// The key of the masking catalog's connection for `principal`'s sessions.
+    pub fn catalog(
+        principal: &str,
+        target: &PostgresTarget,
+        creds: &Credentials,
+        params: &[(String, String)],
+    ) -> Self {
+        Self::new(principal, true, target, creds, params)
+    }
+
+    fn new(
+        principal: &str,
+        catalog: bool,
+        target: &PostgresTarget,
+        creds: &Credentials,
+        params: &[(String, String)],
+    ) -> Self {
+        let mut secret = Sha256::new();
+        secret.update(creds.password.as_bytes());
+        secret.update([0]);
+        if let Some(ca) = &creds.ca_pem {
+            secret.update(ca);
+        }
         Self {
-            identity: identity.to_owned(),
+            principal: principal.to_owned(),
+            catalog,
             // Every field of the spec (host, port, database, TLS settings) counts.
             target: serde_json::to_string(target).unwrap_or_else(|_| format!("{target:?}")),
             username: creds.username.clone(),
-            password: creds.password.clone(),
-            ca: creds.ca_pem.clone(),
+            secret: secret.finalize().into(),
             params: params.to_vec(),
         }
     }
@@ -84,7 +127,8 @@ impl Key {
 impl std::fmt::Debug for Key {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Key")
-            .field("identity", &self.identity)
+            .field("principal", &self.principal)
+            .field("catalog", &self.catalog)
             .field("username", &self.username)
             .finish_non_exhaustive()
     }
@@ -93,7 +137,6 @@ impl std::fmt::Debug for Key {
 struct Idle {
     up: Upstream,
     since: Instant,
-    thread: std::thread::ThreadId,
 }
 
 /// The idle upstream connections of one gateway.
@@ -132,7 +175,7 @@ impl Pool {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Vec<Idle>>> {
         // A panic while holding the lock cannot leave the map inconsistent (every change
-        // is one push or pop): keep using it.
+        // is one push or remove): keep using it.
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -145,12 +188,19 @@ impl Pool {
         creds: &Credentials,
         params: &[(String, String)],
     ) -> Result<(Upstream, bool), UpstreamError> {
-        while let Some(idle) = self.take(key) {
-            if self.expired(&idle, Instant::now()) {
+        while let Some(mut idle) = self.take(key) {
+            let now = Instant::now();
+            if self.expired(&idle, now) {
                 close(idle.up);
-            } else if !alive(&idle.up.probe) {
+            } else if !alive(&mut idle.up) {
                 tracing::debug!("a pooled upstream connection was closed by the server");
-                drop(idle.up);
+            } else if now.duration_since(idle.since) >= CHECK_AFTER
+                && !matches!(
+                    tokio::time::timeout(CHECK_TIMEOUT, round_trip(&mut idle.up)).await,
+                    Ok(Ok(()))
+                )
+            {
+                tracing::debug!("a pooled upstream connection did not answer");
             } else {
                 return Ok((idle.up, true));
             }
@@ -158,15 +208,15 @@ impl Pool {
         Ok((upstream::connect(target, creds, params).await?, false))
     }
 
-    /// The most recently released idle connection for `key`, preferring one created on
-    /// this thread (its event loop is the one that watches it).
+    /// The most recently released idle connection for `key`, preferring one watched by this
+    /// thread's event loop.
     fn take(&self, key: &Key) -> Option<Idle> {
         let mut idle = self.lock();
         let list = idle.get_mut(key)?;
         let here = std::thread::current().id();
         let at = list
             .iter()
-            .rposition(|i| i.thread == here)
+            .rposition(|i| i.up.home == here)
             .or_else(|| list.len().checked_sub(1))?;
         let taken = list.remove(at);
         if list.is_empty() {
@@ -181,8 +231,8 @@ impl Pool {
     }
 
     /// Takes back a connection whose session ended cleanly (idle, nothing owed): it is reset
-    /// with `DISCARD ALL` on a task of its own and kept for `key`, or closed when the pool
-    /// is full, the connection is past its lifetime, or the reset fails.
+    /// with `DISCARD ALL` on a task of its own and kept for `key`, or closed when the
+    /// connection is past its lifetime or the reset fails.
     pub fn release(self: &Arc<Self>, key: Key, up: Upstream) {
         if self.config.max_idle == 0 || up.created.elapsed() >= self.config.lifetime {
             close(up);
@@ -205,19 +255,37 @@ impl Pool {
         });
     }
 
+    /// Keeps `up`; when `max_idle` are kept already, the least recently used goes.
     fn keep(&self, key: Key, up: Upstream) {
-        let mut idle = self.lock();
-        let list = idle.entry(key).or_default();
-        if list.len() >= self.config.max_idle {
-            drop(idle);
-            close(up);
-            return;
+        let evicted = {
+            let mut idle = self.lock();
+            let total: usize = idle.values().map(Vec::len).sum();
+            let evicted = if total >= self.config.max_idle {
+                let oldest = idle
+                    .iter()
+                    .flat_map(|(k, l)| l.iter().enumerate().map(move |(i, x)| (x.since, k, i)))
+                    .min_by_key(|(since, _, _)| *since)
+                    .map(|(_, k, i)| (k.clone(), i));
+                oldest.and_then(|(k, i)| {
+                    let list = idle.get_mut(&k)?;
+                    let gone = list.remove(i);
+                    if list.is_empty() {
+                        idle.remove(&k);
+                    }
+                    Some(gone)
+                })
+            } else {
+                None
+            };
+            idle.entry(key).or_default().push(Idle {
+                up,
+                since: Instant::now(),
+            });
+            evicted
+        };
+        if let Some(e) = evicted {
+            close(e.up);
         }
-        list.push(Idle {
-            up,
-            since: Instant::now(),
-            thread: std::thread::current().id(),
-        });
     }
 
     /// Closes idle connections past their idle timeout or lifetime.
@@ -254,16 +322,32 @@ impl Pool {
     }
 }
 
-/// Whether the server left an idle connection alone: nothing to read. A server that closes
-/// the connection sends an error and an end of stream, which are read as "not alive". The
-/// socket is non-blocking (the event loop set it so), so the peek never waits.
-fn alive(probe: &std::net::TcpStream) -> bool {
+/// Whether the server left an idle connection alone: nothing to read on the socket, and
+/// nothing already decrypted and waiting in the TLS layer. A server that closes the
+/// connection sends an error and an end of stream, which are read as "not alive". The
+/// socket is non-blocking (the event loop set it so), so neither look waits.
+fn alive(up: &mut Upstream) -> bool {
     let mut byte = [0u8; 1];
-    matches!(probe.peek(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    let socket_quiet =
+        matches!(up.probe.peek(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+    socket_quiet && quiet(&mut up.stream)
+}
+
+/// Whether a read would wait: nothing buffered, nothing arrived. Anything read (data, an
+/// end of stream, an error) means the connection is not quiet (and it is closed anyway).
+fn quiet(stream: &mut Box<dyn upstream::Stream>) -> bool {
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut byte = [0u8; 1];
+    let mut buf = ReadBuf::new(&mut byte);
+    matches!(
+        Pin::new(&mut **stream).poll_read(&mut cx, &mut buf),
+        Poll::Pending
+    )
 }
 
 /// `DISCARD ALL`, read to its ReadyForQuery: every session setting back to its default, the
-/// settings the server reports afterwards replacing the connection's.
+/// settings the server reports afterwards replacing the connection's. Nothing may follow
+/// the ReadyForQuery.
 async fn reset(up: &mut Upstream) -> Result<(), String> {
     write_frames(
         &mut up.stream,
@@ -278,12 +362,42 @@ async fn reset(up: &mut Upstream) -> Result<(), String> {
             .map_err(|e| e.to_string())?
             .ok_or("the server closed the connection")?;
         match f.tag {
-            b'C' => ok = f.body.starts_with(b"DISCARD ALL"),
+            b'C' if !ok && f.body.starts_with(b"DISCARD ALL") => ok = true,
             b'S' => replace_param(&mut up.params, f),
             b'N' | b'A' => {}
             b'E' => return Err("DISCARD ALL failed".into()),
-            b'Z' if ok && f.body.first() == Some(&b'I') => return Ok(()),
+            b'Z' if ok && f.body.first() == Some(&b'I') => {
+                return if quiet(&mut up.stream) {
+                    Ok(())
+                } else {
+                    Err("the server sent more after DISCARD ALL".into())
+                };
+            }
             b'Z' => return Err("DISCARD ALL did not leave the session idle".into()),
+            other => return Err(format!("unexpected message {:?}", other as char)),
+        }
+    }
+}
+
+/// An empty query, read to its ReadyForQuery: the server is there and the session idle.
+async fn round_trip(up: &mut Upstream) -> Result<(), String> {
+    write_frames(
+        &mut up.stream,
+        &[frontend::encode(&Frontend::Query(String::new()))],
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let mut empty = false;
+    loop {
+        let f = read_frame(&mut up.stream, MAX_MESSAGE)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("the server closed the connection")?;
+        match f.tag {
+            b'I' if !empty => empty = true,
+            b'S' => replace_param(&mut up.params, f),
+            b'N' => {}
+            b'Z' if empty && f.body.first() == Some(&b'I') => return Ok(()),
             other => return Err(format!("unexpected message {:?}", other as char)),
         }
     }
@@ -295,8 +409,9 @@ fn param_name(frame: &Frame) -> Option<String> {
     cstring(&mut b, "ParameterStatus").ok()
 }
 
-/// Replaces (or adds) the ParameterStatus of the same name.
-fn replace_param(params: &mut Vec<Frame>, frame: Frame) {
+/// Replaces (or adds) the ParameterStatus of the same name in `params`, the settings a
+/// session on this connection is told at its start.
+pub fn replace_param(params: &mut Vec<Frame>, frame: Frame) {
     let Some(name) = param_name(&frame) else {
         return;
     };
@@ -314,8 +429,7 @@ fn replace_param(params: &mut Vec<Frame>, frame: Frame) {
 pub fn close(mut up: Upstream) {
     const TERMINATE: [u8; 5] = [b'X', 0, 0, 0, 4];
     let mut cx = Context::from_waker(Waker::noop());
-    let stream = Pin::new(&mut up.stream);
-    let stream = stream.get_mut();
+    let stream = &mut *up.stream;
     if let Poll::Ready(Ok(5)) = Pin::new(&mut *stream).poll_write(&mut cx, &TERMINATE) {
         let _ = Pin::new(&mut *stream).poll_flush(&mut cx);
         let _ = Pin::new(&mut *stream).poll_shutdown(&mut cx);
@@ -344,16 +458,17 @@ mod tests {
     #[test]
     fn a_connection_is_reused_only_for_the_same_identity_target_login_and_settings() {
         let params = vec![("application_name".to_owned(), "psql".to_owned())];
-        let key = Key::new("claude", &target(5432), &creds("pw"), &params);
+        let key = Key::session("claude", &target(5432), &creds("pw"), &params);
         assert_eq!(
             key,
-            Key::new("claude", &target(5432), &creds("pw"), &params)
+            Key::session("claude", &target(5432), &creds("pw"), &params)
         );
         for other in [
-            Key::new("other-agent", &target(5432), &creds("pw"), &params),
-            Key::new("claude", &target(5433), &creds("pw"), &params),
-            Key::new("claude", &target(5432), &creds("rotated"), &params),
-            Key::new("claude", &target(5432), &creds("pw"), &[]),
+            Key::session("other-agent", &target(5432), &creds("pw"), &params),
+            Key::session("claude", &target(5433), &creds("pw"), &params),
+            Key::session("claude", &target(5432), &creds("rotated"), &params),
+            Key::session("claude", &target(5432), &creds("pw"), &[]),
+            Key::catalog("claude", &target(5432), &creds("pw"), &params),
         ] {
             assert_ne!(key, other);
         }

@@ -25,7 +25,7 @@ use super::frame::{
 };
 use super::frontend::{self, Frontend};
 use super::listener::AgentStream;
-use super::pool::{Key, Pool, PoolConfig};
+use super::pool::{self, Key, Pool, PoolConfig};
 use super::upstream::{self, CredentialCache, Upstream};
 use crate::audit::{Auditor, SessionRecorder};
 use crate::mask::{MaskSet, Masked};
@@ -170,11 +170,19 @@ pub async fn handle(sock: AgentStream, gw: Arc<Gateway>) -> Result<(), FrameErro
                 w.flush().await?;
             }
             Ok(Startup::Cancel { pid, key }) => {
-                let found = gw.cancels.lock().await.get(&(pid, key)).cloned();
+                let found = {
+                    let cancels = gw.cancels.lock().await;
+                    let found = cancels.get(&(pid, key)).cloned();
+                    // Marked under the lock: a session that ends after this never hands its
+                    // server connection to another (the cancel could reach it there).
+                    if let Some(session) = &found {
+                        session.hold.cancel();
+                    }
+                    found
+                };
                 if let Some(session) = found {
                     // A held command is the gateway's own to cancel; a running one is the
                     // server's.
-                    session.hold.cancel();
                     if let Some(ukey) = &session.upstream
                         && let Some(s) = gw.policy.get()
                         && let Some(pg) = s
@@ -220,6 +228,9 @@ pub async fn handle(sock: AgentStream, gw: Arc<Gateway>) -> Result<(), FrameErro
         .await?;
         return Ok(());
     };
+    // Who the connection's sessions are: with tokens the issuer and subject as well as the
+    // AgentIdentity they map to. A server connection is only ever reused for the same.
+    let mut principal = None;
     let identity = match (&gw.verifier, &gw.identity) {
         (Some(verifier), _) => {
             // The agent's password is its token.
@@ -243,6 +254,7 @@ pub async fn handle(sock: AgentStream, gw: Arc<Gateway>) -> Result<(), FrameErro
             match verifier.verify(&token, &snapshot).await {
                 Ok(v) => {
                     tracing::info!(identity = %v.identity, issuer = %v.issuer, subject = %v.subject, "token verified");
+                    principal = Some(format!("{}\n{}\n{}", v.identity, v.issuer, v.subject));
                     v.identity
                 }
                 Err(e) => {
@@ -394,7 +406,8 @@ pub async fn handle(sock: AgentStream, gw: Arc<Gateway>) -> Result<(), FrameErro
             return Ok(());
         }
     };
-    let pool_key = Key::new(&identity, &pg, &creds, &passthrough);
+    let principal = principal.unwrap_or_else(|| identity.clone());
+    let pool_key = Key::session(&principal, &pg, &creds, &passthrough);
     let up = match gw.pool.connect(&pool_key, &pg, &creds, &passthrough).await {
         Ok((u, reused)) => {
             if reused {
@@ -421,6 +434,7 @@ pub async fn handle(sock: AgentStream, gw: Arc<Gateway>) -> Result<(), FrameErro
         key,
         created,
         probe,
+        home,
     } = up;
     let pid = gw.next_pid.fetch_add(1, Ordering::Relaxed);
     // The secret an agent must present to cancel this session: random, so one agent cannot
@@ -479,7 +493,7 @@ pub async fn handle(sock: AgentStream, gw: Arc<Gateway>) -> Result<(), FrameErro
     let catalog = Arc::new(Mutex::new(Catalog::new(
         pg.clone(),
         creds.clone(),
-        &identity,
+        &principal,
         gw.pool.clone(),
     )));
     // The reader and the writer are two futures of this one task, not two tasks: a request
@@ -491,6 +505,7 @@ pub async fn handle(sock: AgentStream, gw: Arc<Gateway>) -> Result<(), FrameErro
         mask_set.clone(),
         catalog.clone(),
         rec.clone(),
+        params.clone(),
     );
     let reader = reader(
         &gw,
@@ -501,45 +516,47 @@ pub async fn handle(sock: AgentStream, gw: Arc<Gateway>) -> Result<(), FrameErro
         tx,
         mask_set,
         catalog.clone(),
-        hold_cancel,
+        hold_cancel.clone(),
         &rec,
     );
+    let session_cancels = hold_cancel;
     tokio::pin!(writer, reader);
     // When the writer ends first, the session is over (the database went away, or the
     // gateway ended it): nothing more the agent sends is forwarded.
-    let (result, write_half, read_half) = tokio::select! {
-        (r, write_half) = &mut reader => {
-            let read_half = (&mut writer).await;
-            (r, write_half, read_half)
-        }
-        read_half = &mut writer => (Ok(()), None, read_half),
+    let (result, reusable) = tokio::select! {
+        r = &mut reader => (r, (&mut writer).await),
+        reusable = &mut writer => (Ok(()), reusable),
     };
     rec.end(match &result {
         Ok(()) => "the agent closed the connection",
         Err(_) => "the connection broke (protocol error or network)",
     });
-    gw.cancels.lock().await.remove(&(pid, our_key));
+    // A cancel request for this session is marked under the same lock: once the session is
+    // gone from the map, none can be on its way to the server.
+    let canceled = {
+        let mut cancels = gw.cancels.lock().await;
+        cancels.remove(&(pid, our_key));
+        session_cancels.count() > 0
+    };
     catalog.lock().await.release();
-    match (read_half, write_half) {
-        // Both sides say the server owes nothing and no transaction is open: the next
-        // session may reuse the connection, once it is reset.
-        (Some(r), Some(w)) => gw.pool.release(
-            pool_key,
-            Upstream {
-                stream: r.unsplit(w),
-                params,
-                key,
-                created,
-                probe,
-            },
-        ),
-        // The agent said goodbye but the server was not done (a transaction was open, or an
-        // answer was still owed): the server rolls back when told the session is over.
-        (None, Some(mut w)) => {
-            let _ = write_frames(&mut w, &[frontend::encode(&Frontend::Terminate)]).await;
-            let _ = w.shutdown().await;
+    if let Some((stream, params)) = reusable {
+        let up = Upstream {
+            stream,
+            params,
+            key,
+            created,
+            probe,
+            home,
+        };
+        if canceled {
+            // A cancel sent for this session could still reach the server and hit the next
+            // session's statement.
+            pool::close(up);
+        } else {
+            // The server owes nothing and no transaction is open: the next session may
+            // reuse the connection, once it is reset.
+            gw.pool.release(pool_key, up);
         }
-        _ => {}
     }
     tracing::info!(identity = %identity, target = %database, "session ended");
     result
@@ -570,8 +587,9 @@ enum Event {
     /// The text of a statement forwarded in the open batch (only while columns are masked):
     /// what its errors may quote back.
     Text(Arc<str>),
-    /// The agent left.
-    Done,
+    /// The agent left; with the upstream's write side when it said goodbye with nothing
+    /// open (the connection may then be reused).
+    Done(Option<UpstreamWrite>),
 }
 
 enum Pending {
@@ -658,7 +676,8 @@ async fn writer(
     masks: Arc<MaskSet>,
     catalog: Arc<Mutex<Catalog>>,
     rec: Arc<SessionRecorder>,
-) -> Option<UpstreamRead> {
+    mut params: Vec<Frame>,
+) -> Option<(Box<dyn upstream::Stream>, Vec<Frame>)> {
     let mut queue: VecDeque<Pending> = VecDeque::new();
     let mut status = b'I';
     let mut formats: Vec<i16> = Vec::new();
@@ -695,16 +714,7 @@ async fn writer(
         }
         if done && queue.is_empty() {
             let _ = agent.shutdown().await;
-            // Reusable when the server owes nothing, has nothing more buffered, and no
-            // transaction, COPY or extended-protocol batch is open.
-            let idle = status == b'I'
-                && !copy_out
-                && up.buffer().is_empty()
-                && open.executes.is_empty()
-                && open.describes.is_empty()
-                && open.tallies.is_empty()
-                && open.query_tally.is_none();
-            return idle.then(|| up.into_inner());
+            return None;
         }
         // Biased: the reader's events for a request are queued before the request is sent
         // upstream, so they must be seen before any answer to it.
@@ -727,7 +737,31 @@ async fn writer(
                 Some(Event::Text(t)) => open.texts.push(t),
                 Some(Event::Own(f)) => queue.push_back(Pending::Own(f)),
                 Some(Event::OwnReady) => queue.push_back(Pending::OwnReady),
-                Some(Event::Done) | None => done = true,
+                Some(Event::Done(half)) => {
+                    done = true;
+                    if let Some(mut half) = half {
+                        // Reusable when the server owes nothing, has nothing more buffered,
+                        // and no transaction, COPY or extended-protocol batch is open.
+                        let idle = queue.is_empty()
+                            && status == b'I'
+                            && !copy_out
+                            && up.buffer().is_empty()
+                            && open.executes.is_empty()
+                            && open.describes.is_empty()
+                            && open.tallies.is_empty()
+                            && open.query_tally.is_none();
+                        if idle {
+                            let _ = agent.shutdown().await;
+                            return Some((up.into_inner().unsplit(half), params));
+                        }
+                        // Answers are still owed (a client that did not wait for them, or a
+                        // transaction is open): the server is told the session is over, so it
+                        // ends once it has answered, rolling back what was not committed.
+                        let _ = write_frames(&mut half, &[frontend::encode(&Frontend::Terminate)]).await;
+                        let _ = half.shutdown().await;
+                    }
+                }
+                None => done = true,
             },
             frame = read_frame(&mut up, MAX_MESSAGE) => {
                 let frame = match frame {
@@ -820,7 +854,11 @@ async fn writer(
                             let _ = agent.shutdown().await;
                             return None;
                         }
-                        None => frame,
+                        None => {
+                            // What the next session on this connection is told at its start.
+                            pool::replace_param(&mut params, frame.clone());
+                            frame
+                        }
                     },
                     b'H' => {
                         copy_out = true;
@@ -1444,11 +1482,13 @@ async fn forward(
 /// The server's side of a session, split between the writer (reads) and the reader
 /// (writes).
 type UpstreamRead = tokio::io::ReadHalf<Box<dyn upstream::Stream>>;
+/// The server's side the reader writes to.
 type UpstreamWrite = tokio::io::WriteHalf<Box<dyn upstream::Stream>>;
 
-/// Reads the agent's messages, decides, forwards. Returns the upstream's write side when
-/// the agent ended the session cleanly (Terminate outside any COPY or extended-protocol
-/// batch), so the connection may be reused; otherwise it is shut.
+/// Reads the agent's messages, decides, forwards. When the agent ended the session cleanly
+/// (Terminate outside any COPY or extended-protocol batch) the upstream's write side goes to
+/// the writer with the end, which keeps the connection for reuse when the server owes
+/// nothing; otherwise it is shut.
 #[allow(clippy::too_many_arguments)]
 async fn reader(
     gw: &Gateway,
@@ -1461,18 +1501,20 @@ async fn reader(
     catalog: Arc<Mutex<Catalog>>,
     cancel: Arc<HoldCancel>,
     rec: &SessionRecorder,
-) -> (Result<(), FrameError>, Option<UpstreamWrite>) {
+) -> Result<(), FrameError> {
     let mut up = BufWriter::new(up);
     let r = read_agent(
         gw, identity, target, agent, &mut up, &tx, masks, catalog, cancel, rec,
     )
     .await;
-    let keep = matches!(r, Ok(true)) && up.flush().await.is_ok();
-    if !keep {
+    let half = if matches!(r, Ok(true)) && up.flush().await.is_ok() {
+        Some(up.into_inner())
+    } else {
         let _ = up.shutdown().await;
-    }
-    let _ = tx.send(Event::Done).await;
-    (r.map(|_| ()), keep.then(|| up.into_inner()))
+        None
+    };
+    let _ = tx.send(Event::Done(half)).await;
+    r.map(|_| ())
 }
 
 /// The reader's loop: `Ok(true)` when the agent sent Terminate with nothing left open.

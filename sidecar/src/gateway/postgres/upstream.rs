@@ -230,6 +230,8 @@ pub struct Upstream {
     /// A second handle on the TCP socket under `stream`, to see whether the server closed an
     /// idle connection (it is only ever peeked at).
     pub probe: std::net::TcpStream,
+    /// The thread whose event loop watches the socket.
+    pub home: std::thread::ThreadId,
 }
 
 /// Connects to the Target's server and logs in; returns after the first ReadyForQuery.
@@ -320,6 +322,7 @@ pub async fn connect(
         key: None,
         created: std::time::Instant::now(),
         probe,
+        home: std::thread::current().id(),
     };
     loop {
         let frame = read_frame(&mut out.stream, MAX_MESSAGE)
