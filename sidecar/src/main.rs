@@ -130,6 +130,10 @@ struct Args {
     /// first session past this age).
     #[arg(long, env = "AGENTGATE_PG_POOL_LIFETIME", default_value = "1h", value_parser = duration)]
     pg_pool_lifetime: Duration,
+    /// An idle server connection unused for longer than this is asked a round trip before a
+    /// session gets it (a server host that vanished is noticed there).
+    #[arg(long, env = "AGENTGATE_PG_POOL_CHECK_AFTER", default_value = "30s", value_parser = duration)]
+    pg_pool_check_after: Duration,
     /// Threads serving the Kubernetes gateway's connections, each with its own event loop.
     /// 0 serves them on the threads of `--worker-threads`.
     #[arg(long, env = "AGENTGATE_KUBE_THREADS", default_value_t = 1)]
@@ -378,6 +382,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         max_idle: args.pg_pool_max_idle,
         idle_timeout: args.pg_pool_idle_timeout,
         lifetime: args.pg_pool_lifetime,
+        check_after: args.pg_pool_check_after,
     }));
     tokio::spawn(gw.pool.clone().reap_every(
         (args.pg_pool_idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(15)),

@@ -1700,8 +1700,9 @@ async fn a_server_connection_serves_the_next_session_only_after_a_reset() -> any
     Ok(())
 }
 
-/// `--pg-pool-idle-timeout` closes unused server connections; `--pg-pool-max-idle 0` keeps
-/// none.
+/// `--pg-pool-idle-timeout` closes unused server connections; a connection checked with a
+/// round trip before it is handed out (`--pg-pool-check-after`) still serves;
+/// `--pg-pool-max-idle 0` keeps none.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_server_connections_are_closed_after_their_timeout_or_not_kept() -> anyhow::Result<()>
 {
@@ -1712,12 +1713,17 @@ async fn idle_server_connections_are_closed_after_their_timeout_or_not_kept() ->
              AND application_name = 'psql' AND state = 'idle'",
         )
     };
-    let gw = start_with(&[("AGENTGATE_PG_POOL_IDLE_TIMEOUT", "1s".into())]).await?;
+    let gw = start_with(&[
+        ("AGENTGATE_PG_POOL_IDLE_TIMEOUT", "1s".into()),
+        ("AGENTGATE_PG_POOL_CHECK_AFTER", "0s".into()),
+    ])
+    .await?;
     wait_for("policy loaded", || {
         gw.psql("orders-db", "SELECT 1").status.success()
     });
     let first = gw.ok("SELECT pg_backend_pid()");
     assert_eq!(gw.ok("SELECT pg_backend_pid()"), first);
+    assert_eq!(gw.ok("SHOW TimeZone"), admin(&gw, "SHOW TimeZone"));
     wait_for("the idle connection is closed", || psql_idle(&gw) == "0");
     assert_ne!(gw.ok("SELECT pg_backend_pid()"), first);
     drop(gw);

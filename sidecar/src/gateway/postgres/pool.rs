@@ -12,7 +12,7 @@
 //! are never a session's. Idle connections are closed after `idle_timeout`, any connection
 //! after `lifetime`, the least recently used when `max_idle` are kept (all keys together). A
 //! connection the server closed while idle is noticed before it is handed out, and one idle
-//! for longer than [`CHECK_AFTER`] is asked a round trip first.
+//! for longer than `check_after` is asked a round trip first.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -32,11 +32,6 @@ use super::upstream::{self, Credentials, Upstream, UpstreamError};
 /// How long resetting a released connection may take before it is closed instead.
 const RESET_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A connection idle for longer than this is asked a round trip (an empty query) before it
-/// is handed out, as PgBouncer's `server_check_delay`: a server host that vanished without
-/// closing the connection is noticed there, not in the agent's first statement.
-pub const CHECK_AFTER: Duration = Duration::from_secs(30);
-
 /// How long that round trip may take.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -50,6 +45,10 @@ pub struct PoolConfig {
     pub idle_timeout: Duration,
     /// A connection is closed at its first release after this long, however busy.
     pub lifetime: Duration,
+    /// A connection idle for longer than this is asked a round trip (an empty query) before
+    /// it is handed out, as PgBouncer's `server_check_delay`: a server host that vanished
+    /// without closing the connection is noticed there, not in the agent's first statement.
+    pub check_after: Duration,
 }
 
 impl Default for PoolConfig {
@@ -58,6 +57,7 @@ impl Default for PoolConfig {
             max_idle: 16,
             idle_timeout: Duration::from_secs(60),
             lifetime: Duration::from_secs(3600),
+            check_after: Duration::from_secs(30),
         }
     }
 }
@@ -194,7 +194,7 @@ impl Pool {
                 close(idle.up);
             } else if !alive(&mut idle.up) {
                 tracing::debug!("a pooled upstream connection was closed by the server");
-            } else if now.duration_since(idle.since) >= CHECK_AFTER
+            } else if now.duration_since(idle.since) >= self.config.check_after
                 && !matches!(
                     tokio::time::timeout(CHECK_TIMEOUT, round_trip(&mut idle.up)).await,
                     Ok(Ok(()))
@@ -349,56 +349,50 @@ fn quiet(stream: &mut Box<dyn upstream::Stream>) -> bool {
 /// settings the server reports afterwards replacing the connection's. Nothing may follow
 /// the ReadyForQuery.
 async fn reset(up: &mut Upstream) -> Result<(), String> {
-    write_frames(
-        &mut up.stream,
-        &[frontend::encode(&Frontend::Query("DISCARD ALL".into()))],
-    )
-    .await
-    .map_err(|e| e.to_string())?;
-    let mut ok = false;
-    loop {
-        let f = read_frame(&mut up.stream, MAX_MESSAGE)
-            .await
-            .map_err(|e| e.to_string())?
-            .ok_or("the server closed the connection")?;
-        match f.tag {
-            b'C' if !ok && f.body.starts_with(b"DISCARD ALL") => ok = true,
-            b'S' => replace_param(&mut up.params, f),
-            b'N' | b'A' => {}
-            b'E' => return Err("DISCARD ALL failed".into()),
-            b'Z' if ok && f.body.first() == Some(&b'I') => {
-                return if quiet(&mut up.stream) {
-                    Ok(())
-                } else {
-                    Err("the server sent more after DISCARD ALL".into())
-                };
-            }
-            b'Z' => return Err("DISCARD ALL did not leave the session idle".into()),
-            other => return Err(format!("unexpected message {:?}", other as char)),
-        }
+    match simple_query(up, "DISCARD ALL").await?.as_slice() {
+        [c] if c.tag == b'C' && c.body.starts_with(b"DISCARD ALL") => {}
+        _ => return Err("DISCARD ALL did not complete".into()),
+    }
+    if quiet(&mut up.stream) {
+        Ok(())
+    } else {
+        Err("the server sent more after DISCARD ALL".into())
     }
 }
 
 /// An empty query, read to its ReadyForQuery: the server is there and the session idle.
 async fn round_trip(up: &mut Upstream) -> Result<(), String> {
+    match simple_query(up, "").await?.as_slice() {
+        [i] if i.tag == b'I' => Ok(()),
+        _ => Err("the empty query was not answered as one".into()),
+    }
+}
+
+/// Sends `sql` as a simple query and reads its answer to a ReadyForQuery that finds the
+/// session idle: the messages, without the settings the server reports (they replace the
+/// connection's), notices and notifications. An error, or more messages than a reset or a
+/// check can answer, fails.
+async fn simple_query(up: &mut Upstream, sql: &str) -> Result<Vec<Frame>, String> {
     write_frames(
         &mut up.stream,
-        &[frontend::encode(&Frontend::Query(String::new()))],
+        &[frontend::encode(&Frontend::Query(sql.into()))],
     )
     .await
     .map_err(|e| e.to_string())?;
-    let mut empty = false;
+    let mut answer = Vec::new();
     loop {
         let f = read_frame(&mut up.stream, MAX_MESSAGE)
             .await
             .map_err(|e| e.to_string())?
             .ok_or("the server closed the connection")?;
         match f.tag {
-            b'I' if !empty => empty = true,
             b'S' => replace_param(&mut up.params, f),
-            b'N' => {}
-            b'Z' if empty && f.body.first() == Some(&b'I') => return Ok(()),
-            other => return Err(format!("unexpected message {:?}", other as char)),
+            b'N' | b'A' => {}
+            b'E' => return Err(format!("{sql:?} failed")),
+            b'Z' if f.body.first() == Some(&b'I') => return Ok(answer),
+            b'Z' => return Err(format!("{sql:?} did not leave the session idle")),
+            _ if answer.len() >= 4 => return Err(format!("{sql:?}: an unexpected answer")),
+            _ => answer.push(f),
         }
     }
 }
