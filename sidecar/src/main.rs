@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agentgate_sidecar::audit::sinks::file::FileSink;
-use agentgate_sidecar::audit::sinks::http::{HttpSink, Kind};
+use agentgate_sidecar::audit::sinks::http::{Encoding, HttpSink, Kind};
 use agentgate_sidecar::audit::sinks::postgres::PostgresSink;
 use agentgate_sidecar::audit::sinks::sessions::SessionSink;
 use agentgate_sidecar::audit::{self, Auditor, sinks::Sink};
@@ -182,6 +182,14 @@ struct Args {
         hide_env_values = true
     )]
     audit_otlp_header: Vec<String>,
+    /// How the OTLP sink encodes its requests: `protobuf` (binary, `application/x-protobuf`,
+    /// what OTLP exporters send by default) or `json`.
+    #[arg(
+        long,
+        env = "AGENTGATE_AUDIT_OTLP_ENCODING",
+        default_value = "protobuf"
+    )]
+    audit_otlp_encoding: OtlpEncoding,
     /// The webhook sink: batches of records are POSTed to this URL.
     #[arg(long, env = "AGENTGATE_AUDIT_WEBHOOK")]
     audit_webhook: Option<String>,
@@ -210,6 +218,15 @@ struct Args {
 
 fn duration(s: &str) -> Result<Duration, String> {
     agentgate_crds::common::parse_duration(s).map_err(|e| e.to_string())
+}
+
+/// `--audit-otlp-encoding`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum OtlpEncoding {
+    /// Binary protobuf.
+    Protobuf,
+    /// OTLP's JSON encoding.
+    Json,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -526,7 +543,11 @@ fn audit_sinks(args: &Args) -> anyhow::Result<Vec<Sink>> {
         sinks.push(Sink::Http(Box::new(
             HttpSink::new(Kind::Otlp, url, headers, args.audit_ca_file.as_deref())
                 .map_err(anyhow::Error::msg)
-                .context("the OTLP sink")?,
+                .context("the OTLP sink")?
+                .with_encoding(match args.audit_otlp_encoding {
+                    OtlpEncoding::Protobuf => Encoding::Protobuf,
+                    OtlpEncoding::Json => Encoding::Json,
+                }),
         )));
     }
     if let Some(url) = &args.audit_webhook {

@@ -1,8 +1,9 @@
 //! HTTP sinks: OTLP/HTTP logs to an OpenTelemetry collector, and a webhook.
 //!
-//! OTLP: each record is a log record (JSON encoding of `ExportLogsServiceRequest`, POST
-//! `…/v1/logs`) whose body is the record's exact line and whose attributes are the fields to
-//! search by (`agentgate.kind`, `agentgate.identity`, `agentgate.session`, …).
+//! OTLP: each record is a log record (an `ExportLogsServiceRequest`, POST `…/v1/logs`, binary
+//! protobuf or JSON: see [`super::otlp`]) whose body is the record's exact line and whose
+//! attributes are the fields to search by (`agentgate.kind`, `agentgate.identity`,
+//! `agentgate.session`, …).
 //!
 //! Webhook: a POST of `{"records":[<line>,…]}` (the lines verbatim, so the receiver can verify
 //! the chain) with an optional bearer token. Any 2xx accepts the batch.
@@ -10,8 +11,9 @@
 use std::path::Path;
 use std::time::Duration;
 
-use agentgate_crds::audit::Record;
 use bytes::Bytes;
+
+pub use super::otlp::Encoding;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -20,7 +22,7 @@ use hyper_util::rt::TokioExecutor;
 /// Which protocol an HTTP sink speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
-    /// OTLP/HTTP logs (JSON).
+    /// OTLP/HTTP logs.
     Otlp,
     /// A webhook receiving record batches.
     Webhook,
@@ -29,6 +31,7 @@ pub enum Kind {
 /// An HTTP sink.
 pub struct HttpSink {
     kind: Kind,
+    encoding: Encoding,
     url: hyper::Uri,
     headers: Vec<(String, String)>,
     client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
@@ -61,10 +64,17 @@ impl HttpSink {
             .build();
         Ok(Self {
             kind,
+            encoding: Encoding::default(),
             url,
             headers,
             client: Client::builder(TokioExecutor::new()).build(https),
         })
+    }
+
+    /// The OTLP sink's encoding (binary protobuf unless told otherwise).
+    pub fn with_encoding(mut self, encoding: Encoding) -> Self {
+        self.encoding = encoding;
+        self
     }
 
     /// The sink's name.
@@ -77,12 +87,15 @@ impl HttpSink {
 
     /// Posts `lines`.
     pub async fn deliver(&mut self, lines: &[Bytes]) -> Result<(), String> {
-        let body = match self.kind {
-            Kind::Otlp => otlp_body(lines)?,
-            Kind::Webhook => webhook_body(lines),
+        let (body, content_type) = match self.kind {
+            Kind::Otlp => (
+                super::otlp::body(lines, self.encoding)?,
+                self.encoding.content_type(),
+            ),
+            Kind::Webhook => (webhook_body(lines), "application/json"),
         };
         let mut req = hyper::Request::post(self.url.clone())
-            .header(hyper::header::CONTENT_TYPE, "application/json");
+            .header(hyper::header::CONTENT_TYPE, content_type);
         for (k, v) in &self.headers {
             req = req.header(k.as_str(), v.as_str());
         }
@@ -130,64 +143,4 @@ fn webhook_body(lines: &[Bytes]) -> Vec<u8> {
     }
     out.extend_from_slice(b"]}");
     out
-}
-
-fn attr(key: &str, value: &str) -> serde_json::Value {
-    serde_json::json!({"key": key, "value": {"stringValue": value}})
-}
-
-fn otlp_body(lines: &[Bytes]) -> Result<Vec<u8>, String> {
-    let mut records = Vec::with_capacity(lines.len());
-    let mut stream = String::new();
-    for line in lines {
-        let r: Record = serde_json::from_slice(line)
-            .map_err(|e| format!("a spilled record does not parse: {e}"))?;
-        let nanos = r.time.as_nanosecond().to_string();
-        let refused = matches!(
-            r.decision.as_ref().map(|d| d.verdict),
-            Some(agentgate_crds::audit::Verdict::Refused | agentgate_crds::audit::Verdict::Denied)
-        ) || r.kind == agentgate_crds::audit::RecordKind::Refusal;
-        let mut attributes = vec![
-            attr("agentgate.kind", r.kind.as_str()),
-            attr("agentgate.stream", &r.stream),
-            attr("agentgate.n", &r.n.to_string()),
-            attr("agentgate.hash", &r.hash),
-        ];
-        for (k, v) in [
-            ("agentgate.session", &r.session),
-            ("agentgate.identity", &r.identity),
-            ("agentgate.target", &r.target),
-            ("agentgate.pod", &r.pod),
-        ] {
-            if let Some(v) = v {
-                attributes.push(attr(k, v));
-            }
-        }
-        if let Some(d) = &r.decision {
-            attributes.push(attr("agentgate.verdict", d.verdict.as_str()));
-        }
-        stream.clone_from(&r.stream);
-        records.push(serde_json::json!({
-            "timeUnixNano": nanos,
-            "observedTimeUnixNano": nanos,
-            "severityNumber": if refused { 13 } else { 9 },
-            "severityText": if refused { "WARN" } else { "INFO" },
-            "body": {"stringValue": String::from_utf8_lossy(line)},
-            "attributes": attributes,
-        }));
-    }
-    let body = serde_json::json!({
-        "resourceLogs": [{
-            "resource": {"attributes": [
-                attr("service.name", "agentgate-sidecar"),
-                attr("service.version", env!("CARGO_PKG_VERSION")),
-                attr("agentgate.stream", &stream),
-            ]},
-            "scopeLogs": [{
-                "scope": {"name": "agentgate.audit", "version": "1"},
-                "logRecords": records,
-            }]
-        }]
-    });
-    serde_json::to_vec(&body).map_err(|e| e.to_string())
 }

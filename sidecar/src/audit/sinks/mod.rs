@@ -6,6 +6,7 @@
 
 pub mod file;
 pub mod http;
+pub mod otlp;
 pub mod postgres;
 pub mod sessions;
 
