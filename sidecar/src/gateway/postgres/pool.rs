@@ -15,6 +15,7 @@
 //! for longer than `check_after` is asked a round trip first.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
@@ -338,11 +339,14 @@ fn alive(up: &mut Upstream) -> bool {
 fn quiet(stream: &mut Box<dyn upstream::Stream>) -> bool {
     let mut cx = Context::from_waker(Waker::noop());
     let mut byte = [0u8; 1];
-    let mut buf = ReadBuf::new(&mut byte);
-    matches!(
-        Pin::new(&mut **stream).poll_read(&mut cx, &mut buf),
-        Poll::Pending
-    )
+    // Outside the task's cooperative budget: a spent budget would answer "wait" whatever is
+    // there.
+    let read = std::future::poll_fn(|cx| {
+        let mut buf = ReadBuf::new(&mut byte);
+        Poll::Ready(Pin::new(&mut **stream).poll_read(cx, &mut buf).is_pending())
+    });
+    let mut read = std::pin::pin!(tokio::task::unconstrained(read));
+    matches!(read.as_mut().poll(&mut cx), Poll::Ready(true))
 }
 
 /// `DISCARD ALL`, read to its ReadyForQuery: every session setting back to its default, the

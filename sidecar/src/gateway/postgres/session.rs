@@ -498,8 +498,9 @@ pub async fn handle(sock: AgentStream, gw: Arc<Gateway>) -> Result<(), FrameErro
     )));
     // The reader and the writer are two futures of this one task, not two tasks: a request
     // and its answer then cost one task wake-up each, never a hand-off to another thread.
+    let mut rx = rx;
     let writer = writer(
-        rx,
+        &mut rx,
         BufReader::new(ur),
         w,
         mask_set.clone(),
@@ -520,13 +521,22 @@ pub async fn handle(sock: AgentStream, gw: Arc<Gateway>) -> Result<(), FrameErro
         &rec,
     );
     let session_cancels = hold_cancel;
-    tokio::pin!(writer, reader);
-    // When the writer ends first, the session is over (the database went away, or the
-    // gateway ended it): nothing more the agent sends is forwarded.
-    let (result, reusable) = tokio::select! {
-        r = &mut reader => (r, (&mut writer).await),
-        reusable = &mut writer => (Ok(()), reusable),
+    let (result, reusable) = {
+        tokio::pin!(writer, reader);
+        // When the writer ends first, the session is over (the database went away, or the
+        // gateway ended it): nothing more the agent sends is forwarded.
+        tokio::select! {
+            r = &mut reader => (r, (&mut writer).await),
+            reusable = &mut writer => (Ok(()), reusable),
+        }
     };
+    // The writer ended before it took the reader's goodbye (the agent went away while an
+    // answer was being relayed): the server is told the session is over.
+    while let Ok(event) = rx.try_recv() {
+        if let Event::Done(Some(half)) = event {
+            terminate(half);
+        }
+    }
     rec.end(match &result {
         Ok(()) => "the agent closed the connection",
         Err(_) => "the connection broke (protocol error or network)",
@@ -670,7 +680,7 @@ fn answering<'a>(queue: &'a mut VecDeque<Pending>, open: &'a mut Batch) -> &'a m
 }
 
 async fn writer(
-    mut rx: mpsc::Receiver<Event>,
+    rx: &mut mpsc::Receiver<Event>,
     mut up: BufReader<UpstreamRead>,
     mut agent: AgentWriter,
     masks: Arc<MaskSet>,
@@ -739,7 +749,7 @@ async fn writer(
                 Some(Event::OwnReady) => queue.push_back(Pending::OwnReady),
                 Some(Event::Done(half)) => {
                     done = true;
-                    if let Some(mut half) = half {
+                    if let Some(half) = half {
                         // Reusable when the server owes nothing, has nothing more buffered,
                         // and no transaction, COPY or extended-protocol batch is open.
                         let idle = queue.is_empty()
@@ -757,8 +767,7 @@ async fn writer(
                         // Answers are still owed (a client that did not wait for them, or a
                         // transaction is open): the server is told the session is over, so it
                         // ends once it has answered, rolling back what was not committed.
-                        let _ = write_frames(&mut half, &[frontend::encode(&Frontend::Terminate)]).await;
-                        let _ = half.shutdown().await;
+                        terminate(half);
                     }
                 }
                 None => done = true,
@@ -977,6 +986,19 @@ async fn writer(
             }
         }
     }
+}
+
+/// Tells the server the session is over (Terminate, then the end of the stream) on a task
+/// of its own, so relaying what the server still sends never waits for it; given up after
+/// 30 s (the connection then closes without it).
+fn terminate(mut half: UpstreamWrite) {
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+            let _ = write_frames(&mut half, &[frontend::encode(&Frontend::Terminate)]).await;
+            let _ = half.shutdown().await;
+        })
+        .await;
+    });
 }
 
 /// Why a ParameterStatus from the server means the session no longer reads statements the
