@@ -67,6 +67,11 @@ struct Args {
     /// Extra CA certificates (PEM) trusted when fetching issuers' keys.
     #[arg(long, env = "AGENTGATE_OIDC_CA_FILE")]
     oidc_ca_file: Option<PathBuf>,
+    /// Read each token issuer's keys (JWKS) again once they are this old: how long a signing
+    /// key the issuer withdrew is still trusted. A key id the keys read last do not hold makes
+    /// the sidecar read them again sooner (at most every ten seconds).
+    #[arg(long, env = "AGENTGATE_OIDC_KEYS_MAX_AGE", default_value = "5m", value_parser = duration)]
+    oidc_keys_max_age: Duration,
     /// Where the Targets' credentials are: `<dir>/<target>/username`, `password`, CA files.
     #[arg(
         long,
@@ -279,7 +284,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let verifier = match args.pg_auth {
         PgAuth::Token => Some(Arc::new(
             Verifier::new(args.sa_issuer.clone(), args.oidc_ca_file.as_deref())
-                .map_err(anyhow::Error::msg)?,
+                .map_err(anyhow::Error::msg)?
+                .with_keys_max_age(args.oidc_keys_max_age),
         )),
         PgAuth::Pod => None,
     };

@@ -130,6 +130,9 @@ fn start_sidecar(
             format!("--policy-dir={}", policy_dir.display()),
             "--pg-auth=token".into(),
             format!("--oidc-ca-file={}", ca.display()),
+            // Keys are read again once this old (at most every ten seconds): a withdrawn key
+            // stops being trusted within seconds here.
+            "--oidc-keys-max-age=2s".into(),
             format!("--targets-dir={}", targets.display()),
             format!("--pg-addr=127.0.0.1:{port}"),
             "--kube-addr=127.0.0.1:0".into(),
@@ -325,6 +328,43 @@ async fn tokens_from_keycloak() -> anyhow::Result<()> {
         out = psql(&env, port, rotated, "SELECT 2");
     }
     assert_eq!(text(&out), "2");
+
+    // A withdrawn key: the realm's original signing key is deleted in Keycloak. A token it
+    // signed (still within its lifetime, verified and remembered before) is refused once the
+    // sidecar reads the issuer's keys again; the new key's tokens go on working.
+    assert_eq!(text(&psql(&env, port, access, "SELECT 3")), "3");
+    let providers: serde_json::Value = serde_json::from_str(&kc.admin(
+        "GET",
+        "/realms/agents/components?type=org.keycloak.keys.KeyProvider",
+        None,
+    )?)?;
+    let original: Vec<String> = providers
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["providerId"] == "rsa-generated" && c["name"] != "rotated")
+        .filter_map(|c| c["id"].as_str().map(str::to_owned))
+        .collect();
+    assert!(!original.is_empty(), "{providers}");
+    for id in &original {
+        kc.admin("DELETE", &format!("/realms/agents/components/{id}"), None)?;
+    }
+    let mut out = psql(&env, port, access, "SELECT 4");
+    for _ in 0..30 {
+        if !out.status.success() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        out = psql(&env, port, access, "SELECT 4");
+    }
+    assert!(
+        text(&out).contains(&format!(
+            "the token was signed with a key issuer {issuer} does not publish"
+        )),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(text(&psql(&env, port, rotated, "SELECT 5")), "5");
     drop(kc);
     Ok(())
 }
