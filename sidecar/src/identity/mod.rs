@@ -107,62 +107,100 @@ pub struct Verified {
 
 struct Keys {
     keys: HashMap<String, (DecodingKey, Option<Algorithm>)>,
-    /// When these keys were read from the issuer.
-    fetched: Instant,
-    /// When they were last asked for (read, or tried and failed).
+    /// When these keys were read from the issuer; `None`: never (the first read failed), or
+    /// they were dropped, too old to trust.
+    fetched: Option<Instant>,
+    /// When the issuer was last asked (read, or tried and failed).
     attempted: Instant,
-    /// Changes whenever the keys are read again: a token verified with an earlier set is
-    /// verified again.
+    /// Why the last read failed, while it does.
+    error: Option<IdentityError>,
+    /// Changes when a read returns a different key set: a token verified with an earlier set
+    /// is verified again.
     generation: u64,
-    /// Pinned ahead ([`Verifier::pin_key`]): never read from the issuer again.
+    /// SHA-256 of the key set as read (key ids, algorithms, key material).
+    digest: [u8; 32],
+    /// Pinned ahead ([`Verifier::pin_key`]): never read from the issuer.
     pinned: bool,
 }
 
+impl Keys {
+    fn find(&self, kid: &str) -> Option<&(DecodingKey, Option<Algorithm>)> {
+        self.keys.get(kid).or_else(|| {
+            if kid.is_empty() && self.keys.len() == 1 {
+                self.keys.values().next()
+            } else {
+                None
+            }
+        })
+    }
+}
+
 /// How many verified tokens are remembered at most.
-const VERIFIED_MAX: usize = 4096;
+const VERIFIED_MAX: usize = 1024;
 
 /// Tokens longer than this are verified every time, never remembered.
-const REMEMBER_UP_TO: usize = 8192;
+const REMEMBER_UP_TO: usize = 4096;
 
-/// A token whose signature verified, remembered by its SHA-256.
+/// A token that verified and mapped to an identity, remembered by its SHA-256.
 struct Remembered {
     issuer: String,
     /// The generation of the issuer's keys it verified with.
     generation: u64,
-    claims: Arc<serde_json::Value>,
+    /// Its payload (the claims' JSON), read again at each use.
+    payload: Arc<[u8]>,
     /// Its `exp`: dropped once past it.
     exp: f64,
+}
+
+/// What the key cache needs before it can answer for an issuer.
+#[derive(Debug, PartialEq, Eq)]
+enum Need {
+    /// Answer from the keys held (or with the last read's error).
+    Ready,
+    /// The keys are older than their maximum age but still usable: one caller reads them
+    /// again, the others go on with them.
+    Refresh,
+    /// No usable keys, or not the one asked for: wait for a read.
+    Wait,
 }
 
 /// Verifies tokens; caches each issuer's keys, and which tokens verified.
 ///
 /// Keys are read from the issuer's JWKS at the first token, again when a token names a key id
-/// the cache does not hold (a rotation, at most every ten seconds), and again once they are
-/// older than the keys' maximum age (a key the issuer stopped publishing is no longer
-/// trusted). When the issuer cannot be reached at that point, the keys read last are used for
-/// up to an hour more, with a warning, then tokens are refused.
+/// the cache does not hold (a rotation), and again once they are older than the keys' maximum
+/// age (a key the issuer stopped publishing is no longer trusted); an issuer is asked at most
+/// every ten seconds, one read at a time, and never while another issuer's answer is awaited.
+/// When the issuer cannot be reached after the maximum age, the keys read last are used (with
+/// a warning) until an hour past their maximum age, then its tokens are refused.
 ///
-/// A token whose signature verified is remembered (by its hash, until its expiry, while the
-/// issuer's keys are the ones it verified with), as Envoy's `jwt_authn` does: a client
-/// connecting again with the same token skips the signature check. The issuer's trust, the
-/// token's times, its audience and the identity it maps to are checked at every use.
+/// A token that verified and mapped to an identity is remembered (by its hash, until its
+/// expiry, while the issuer's key set is the one it verified with), as Envoy's `jwt_authn`
+/// does: a client connecting again with the same token skips the signature check. The
+/// issuer's trust, the token's times, its audience and the identity it maps to are checked at
+/// every use.
 pub struct Verifier {
     client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<Bytes>>,
     /// The cluster's service-account issuer, when the sidecar runs in a pod.
     sa_issuer: Option<String>,
-    cache: Mutex<HashMap<String, Keys>>,
+    /// Each issuer's keys. Never held across an await.
+    cache: std::sync::Mutex<HashMap<String, Keys>>,
+    /// One read of an issuer's keys at a time.
+    reading: std::sync::Mutex<HashMap<String, Arc<Mutex<()>>>>,
     verified: std::sync::Mutex<HashMap<[u8; 32], Remembered>>,
     generations: AtomicU64,
     keys_max_age: Duration,
 }
 
-/// How long keys read last are still used when the issuer cannot be reached after their
-/// maximum age.
+/// How long past their maximum age the keys read last are still used when the issuer cannot
+/// be reached.
 const STALE_GRACE: Duration = Duration::from_secs(3600);
 
-/// How often an issuer's keys are read again at most, for an unknown key id or after a
-/// failed read.
+/// How often an issuer's keys are read at most.
 const REFETCH_EVERY: Duration = Duration::from_secs(10);
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 impl Verifier {
     /// A verifier trusting the system roots plus `extra_ca` for issuer connections.
@@ -176,7 +214,8 @@ impl Verifier {
         Ok(Self {
             client: Client::builder(TokioExecutor::new()).build(https),
             sa_issuer,
-            cache: Mutex::new(HashMap::new()),
+            cache: std::sync::Mutex::new(HashMap::new()),
+            reading: std::sync::Mutex::new(HashMap::new()),
             verified: std::sync::Mutex::new(HashMap::new()),
             generations: AtomicU64::new(1),
             keys_max_age: Duration::from_secs(300),
@@ -191,21 +230,28 @@ impl Verifier {
         self
     }
 
-    /// Pins `key` (id `kid`, for `alg` when given) as a key of `issuer`, as if its JWKS had just
-    /// been read, and never reads that issuer's JWKS: for an issuer whose keys are known ahead.
+    /// Pins `key` (id `kid`, for `alg` when given) as a key of `issuer`, and never reads that
+    /// issuer's JWKS: for an issuer whose keys are known ahead. Keys read from the issuer
+    /// before are dropped; the issuer's keys are the pinned ones only.
     pub async fn pin_key(&self, issuer: &str, kid: &str, key: DecodingKey, alg: Option<Algorithm>) {
         let generation = self.generations.fetch_add(1, Ordering::Relaxed);
-        let mut cache = self.cache.lock().await;
+        let mut cache = lock(&self.cache);
         let keys = cache.entry(issuer.to_owned()).or_insert_with(|| Keys {
             keys: HashMap::new(),
-            fetched: Instant::now(),
+            fetched: Some(Instant::now()),
             attempted: Instant::now(),
+            error: None,
             generation,
+            digest: [0; 32],
             pinned: true,
         });
+        if !keys.pinned {
+            keys.keys.clear();
+            keys.pinned = true;
+            keys.error = None;
+        }
         keys.keys.insert(kid.to_owned(), (key, alg));
         keys.generation = generation;
-        keys.pinned = true;
     }
 
     async fn get_json(&self, url: &str) -> Result<serde_json::Value, String> {
@@ -232,7 +278,12 @@ impl Verifier {
             .map_err(|_| format!("GET {url}: no answer within 5s"))?
     }
 
-    async fn fetch_keys(&self, issuer: &str) -> Result<Keys, IdentityError> {
+    /// Reads the issuer's key set: the keys by id, and the set's digest.
+    #[allow(clippy::type_complexity)]
+    async fn fetch_keys(
+        &self,
+        issuer: &str,
+    ) -> Result<(HashMap<String, (DecodingKey, Option<Algorithm>)>, [u8; 32]), IdentityError> {
         let err = |why: String| IdentityError::Keys {
             issuer: issuer.to_owned(),
             why,
@@ -256,6 +307,7 @@ impl Verifier {
         let set: JwkSet = serde_json::from_value(self.get_json(jwks_uri).await.map_err(err)?)
             .map_err(|e| err(format!("not a JWK set: {e}")))?;
         let mut keys = HashMap::new();
+        let mut read = Vec::new();
         for jwk in &set.keys {
             let kid = jwk.common.key_id.clone().unwrap_or_default();
             if let Ok(k) = DecodingKey::from_jwk(jwk) {
@@ -263,16 +315,179 @@ impl Verifier {
                     .common
                     .key_algorithm
                     .and_then(|a| a.to_string().parse::<Algorithm>().ok());
+                read.push(serde_json::to_string(jwk).unwrap_or_default());
                 keys.insert(kid, (k, alg));
             }
         }
-        Ok(Keys {
-            keys,
-            fetched: Instant::now(),
-            attempted: Instant::now(),
-            generation: self.generations.fetch_add(1, Ordering::Relaxed),
-            pinned: false,
-        })
+        read.sort();
+        let mut digest = Sha256::new();
+        for k in &read {
+            digest.update(k.as_bytes());
+            digest.update([0]);
+        }
+        Ok((keys, digest.finalize().into()))
+    }
+
+    /// What the cache needs before it answers for `issuer` (and key `kid`, when given).
+    fn need(&self, issuer: &str, kid: Option<&str>) -> Need {
+        let cache = lock(&self.cache);
+        let Some(k) = cache.get(issuer) else {
+            return Need::Wait;
+        };
+        if k.pinned || k.attempted.elapsed() < REFETCH_EVERY {
+            return Need::Ready;
+        }
+        let usable = k
+            .fetched
+            .is_some_and(|f| f.elapsed() <= self.keys_max_age + STALE_GRACE);
+        if !usable || kid.is_some_and(|kid| k.find(kid).is_none()) {
+            Need::Wait
+        } else if k.fetched.is_none_or(|f| f.elapsed() > self.keys_max_age) {
+            Need::Refresh
+        } else {
+            Need::Ready
+        }
+    }
+
+    fn read_lock(&self, issuer: &str) -> Arc<Mutex<()>> {
+        lock(&self.reading)
+            .entry(issuer.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    /// Reads the issuer's keys when [`Self::need`] says so: one read per issuer at a time;
+    /// callers that can go on with the keys held do not wait for it.
+    async fn ensure(&self, issuer: &str, kid: Option<&str>) {
+        match self.need(issuer, kid) {
+            Need::Ready => {}
+            Need::Refresh => {
+                let reading = self.read_lock(issuer);
+                if let Ok(_one) = reading.try_lock() {
+                    self.refresh(issuer).await;
+                }
+            }
+            Need::Wait => {
+                let reading = self.read_lock(issuer);
+                let _one = reading.lock().await;
+                // Another caller may have read them meanwhile.
+                if self.need(issuer, kid) != Need::Ready {
+                    self.refresh(issuer).await;
+                }
+            }
+        }
+    }
+
+    async fn refresh(&self, issuer: &str) {
+        let read = self.fetch_keys(issuer).await;
+        let mut cache = lock(&self.cache);
+        let now = Instant::now();
+        match read {
+            Ok((keys, digest)) => {
+                let generation = match cache.get(issuer) {
+                    Some(old) if old.digest == digest && old.fetched.is_some() => old.generation,
+                    _ => self.generations.fetch_add(1, Ordering::Relaxed),
+                };
+                if cache.get(issuer).is_some_and(|k| k.error.is_some()) {
+                    tracing::info!(%issuer, "the issuer's keys are read again");
+                }
+                cache.insert(
+                    issuer.to_owned(),
+                    Keys {
+                        keys,
+                        fetched: Some(now),
+                        attempted: now,
+                        error: None,
+                        generation,
+                        digest,
+                        pinned: false,
+                    },
+                );
+            }
+            Err(e) => {
+                let k = cache.entry(issuer.to_owned()).or_insert_with(|| Keys {
+                    keys: HashMap::new(),
+                    fetched: None,
+                    attempted: now,
+                    error: None,
+                    generation: 0,
+                    digest: [0; 32],
+                    pinned: false,
+                });
+                k.attempted = now;
+                match k.fetched {
+                    Some(f) if f.elapsed() > self.keys_max_age + STALE_GRACE => {
+                        tracing::error!(%issuer, error = %e, "the issuer's keys could not be read again for an hour past their maximum age: its tokens are refused until it answers");
+                        k.keys.clear();
+                        k.fetched = None;
+                    }
+                    Some(f) => {
+                        tracing::warn!(%issuer, error = %e, age_s = f.elapsed().as_secs(), "the issuer's keys could not be read again; the keys read last are used until an hour past their maximum age");
+                    }
+                    None => {
+                        tracing::warn!(%issuer, error = %e, "the issuer's keys could not be read");
+                    }
+                }
+                k.error = Some(e);
+            }
+        }
+    }
+
+    /// The issuer's key `kid` for a token signed with `alg`, and its key set's generation.
+    fn key(
+        &self,
+        issuer: &str,
+        kid: &str,
+        alg: Algorithm,
+    ) -> Result<(DecodingKey, u64), IdentityError> {
+        let cache = lock(&self.cache);
+        let keys = self.usable(&cache, issuer)?;
+        let Some(found) = keys.find(kid) else {
+            // Not published, or the issuer could not be asked: say which.
+            return Err(keys
+                .error
+                .clone()
+                .unwrap_or_else(|| IdentityError::UnknownKey(issuer.to_owned())));
+        };
+        if let Some(key_alg) = found.1
+            && key_alg != alg
+        {
+            return Err(IdentityError::Algorithm(format!(
+                "{alg:?} (the key is for {key_alg:?})"
+            )));
+        }
+        Ok((found.0.clone(), keys.generation))
+    }
+
+    /// The issuer's keys, when they may be used.
+    fn usable<'c>(
+        &self,
+        cache: &'c HashMap<String, Keys>,
+        issuer: &str,
+    ) -> Result<&'c Keys, IdentityError> {
+        let keys = cache.get(issuer).ok_or_else(|| IdentityError::Keys {
+            issuer: issuer.to_owned(),
+            why: "they have not been read".into(),
+        })?;
+        let usable = keys.pinned
+            || keys
+                .fetched
+                .is_some_and(|f| f.elapsed() <= self.keys_max_age + STALE_GRACE);
+        if usable {
+            Ok(keys)
+        } else {
+            Err(keys.error.clone().unwrap_or_else(|| IdentityError::Keys {
+                issuer: issuer.to_owned(),
+                why: "they are too old to trust and could not be read again".into(),
+            }))
+        }
+    }
+
+    /// The generation of the issuer's current keys, read again as [`Self::need`] says.
+    async fn keys_generation(&self, issuer: &str) -> Result<u64, IdentityError> {
+        self.ensure(issuer, None).await;
+        let cache = lock(&self.cache);
+        self.usable(&cache, issuer).map(|k| k.generation)
     }
 
     /// Verifies `token` and maps it to exactly one AgentIdentity of `snapshot`.
@@ -284,34 +499,45 @@ impl Verifier {
         let token = token.trim();
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let remembered = self.remembered(&digest);
-        let (issuer, claims) = match remembered {
-            Some((issuer, generation, claims)) => {
-                self.check_trusted(&issuer, snapshot)?;
+        let (claims, fresh) = match remembered {
+            Some(r) => {
+                self.check_trusted(&r.issuer, snapshot)?;
                 // The issuer's keys are read again as usual (their maximum age, a withdrawn
-                // key); a token verified with keys since replaced is verified again.
-                let current = self.keys_generation(&issuer).await?;
-                if current == generation {
-                    (issuer, claims)
-                } else {
-                    self.verify_signature(token, digest, snapshot).await?
+                // key); a token verified with another key set is verified again.
+                let current = self.keys_generation(&r.issuer).await?;
+                let claims = (current == r.generation)
+                    .then(|| serde_json::from_slice::<serde_json::Value>(&r.payload).ok())
+                    .flatten();
+                match claims {
+                    Some(claims) => (claims, None),
+                    None => self.verify_signature(token, snapshot).await?,
                 }
             }
-            None => self.verify_signature(token, digest, snapshot).await?,
+            None => self.verify_signature(token, snapshot).await?,
         };
-        check_claims(&claims, issuer, self.sa_issuer.as_deref(), snapshot)
+        let issuer = claims["iss"].as_str().unwrap_or_default().to_owned();
+        let verified = check_claims(&claims, issuer, self.sa_issuer.as_deref(), snapshot)?;
+        if let Some(fresh) = fresh
+            && token.len() <= REMEMBER_UP_TO
+            && fresh.exp >= crate::clock::now().as_millisecond() as f64 / 1000.0
+        {
+            self.remember(digest, fresh);
+        }
+        Ok(verified)
     }
 
-    /// The remembered verification of the token with this digest: its issuer, the generation
-    /// of the keys it verified with, its claims.
-    fn remembered(&self, digest: &[u8; 32]) -> Option<(String, u64, Arc<serde_json::Value>)> {
-        let verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
-        verified
-            .get(digest)
-            .map(|r| (r.issuer.clone(), r.generation, r.claims.clone()))
+    /// The remembered verification of the token with this digest.
+    fn remembered(&self, digest: &[u8; 32]) -> Option<Remembered> {
+        lock(&self.verified).get(digest).map(|r| Remembered {
+            issuer: r.issuer.clone(),
+            generation: r.generation,
+            payload: r.payload.clone(),
+            exp: r.exp,
+        })
     }
 
     fn remember(&self, digest: [u8; 32], remembered: Remembered) {
-        let mut verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        let mut verified = lock(&self.verified);
         if verified.len() >= VERIFIED_MAX {
             let now = crate::clock::now().as_millisecond() as f64 / 1000.0;
             verified.retain(|_, r| r.exp + LEEWAY_SECONDS >= now);
@@ -338,74 +564,13 @@ impl Verifier {
         }
     }
 
-    /// Reads the issuer's keys again when they are missing, older than their maximum age, or
-    /// lack `kid` (`None`: no particular key is needed), at most every ten seconds; returns
-    /// the lock on the cache, with the issuer's keys in it.
-    async fn fresh_keys(
-        &self,
-        issuer: &str,
-        kid: Option<&str>,
-    ) -> Result<tokio::sync::MutexGuard<'_, HashMap<String, Keys>>, IdentityError> {
-        let mut cache = self.cache.lock().await;
-        let (refetch, old) = match cache.get(issuer) {
-            None => (true, false),
-            Some(k) if k.pinned => (false, false),
-            Some(k) => {
-                let may = k.attempted.elapsed() > REFETCH_EVERY;
-                let unknown = kid.is_some_and(|kid| !k.keys.contains_key(kid));
-                let old = k.fetched.elapsed() > self.keys_max_age;
-                (may && (unknown || old), old)
-            }
-        };
-        if refetch {
-            match self.fetch_keys(issuer).await {
-                Ok(fresh) => {
-                    cache.insert(issuer.to_owned(), fresh);
-                }
-                Err(e) => {
-                    let Some(k) = cache.get_mut(issuer) else {
-                        return Err(e);
-                    };
-                    k.attempted = Instant::now();
-                    if old {
-                        tracing::warn!(%issuer, error = %e, age_s = k.fetched.elapsed().as_secs(), "the issuer's keys could not be read again; the keys read last are used for up to an hour past their maximum age");
-                    }
-                }
-            }
-        }
-        if let Some(k) = cache.get(issuer)
-            && !k.pinned
-            && k.fetched.elapsed() > self.keys_max_age + STALE_GRACE
-        {
-            cache.remove(issuer);
-            return Err(IdentityError::Keys {
-                issuer: issuer.to_owned(),
-                why: format!(
-                    "its keys could not be read for more than {}s past their maximum age of {}s; tokens are refused until the issuer answers",
-                    STALE_GRACE.as_secs(),
-                    self.keys_max_age.as_secs()
-                ),
-            });
-        }
-        Ok(cache)
-    }
-
-    /// The generation of the issuer's current keys, read again as [`Self::fresh_keys`] says.
-    async fn keys_generation(&self, issuer: &str) -> Result<u64, IdentityError> {
-        let cache = self.fresh_keys(issuer, None).await?;
-        cache
-            .get(issuer)
-            .map(|k| k.generation)
-            .ok_or_else(|| IdentityError::UnknownKey(issuer.to_owned()))
-    }
-
-    /// Checks the token's header, issuer and signature; remembers it when it verifies.
+    /// Checks the token's header, issuer and signature: its claims, and what to remember of
+    /// it once it maps to an identity.
     async fn verify_signature(
         &self,
         token: &str,
-        digest: [u8; 32],
         snapshot: &Snapshot,
-    ) -> Result<(String, Arc<serde_json::Value>), IdentityError> {
+    ) -> Result<(serde_json::Value, Option<Remembered>), IdentityError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| {
             // Say which algorithm was refused (`none`, or one the library does not know)
             // when the header is readable at all.
@@ -427,40 +592,16 @@ impl Verifier {
         // Which issuer? Read it unverified only to choose the keys; everything is then
         // verified with them.
         let payload = token.split('.').nth(1).ok_or(IdentityError::NotAToken)?;
-        let claims: serde_json::Value = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .decode(payload)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .ok_or(IdentityError::NotAToken)?;
+            .map_err(|_| IdentityError::NotAToken)?;
+        let claims: serde_json::Value =
+            serde_json::from_slice(&payload).map_err(|_| IdentityError::NotAToken)?;
         let issuer = claims["iss"].as_str().unwrap_or_default().to_owned();
         self.check_trusted(&issuer, snapshot)?;
         let kid = header.kid.clone().unwrap_or_default();
-        let (key, generation) = {
-            let cache = self.fresh_keys(&issuer, Some(&kid)).await?;
-            let keys = cache
-                .get(&issuer)
-                .ok_or_else(|| IdentityError::UnknownKey(issuer.clone()))?;
-            let found = keys
-                .keys
-                .get(&kid)
-                .or_else(|| {
-                    if kid.is_empty() && keys.keys.len() == 1 {
-                        keys.keys.values().next()
-                    } else {
-                        None
-                    }
-                })
-                .ok_or_else(|| IdentityError::UnknownKey(issuer.clone()))?;
-            if let Some(alg) = found.1
-                && alg != header.alg
-            {
-                return Err(IdentityError::Algorithm(format!(
-                    "{:?} (the key is for {alg:?})",
-                    header.alg
-                )));
-            }
-            (found.0.clone(), keys.generation)
-        };
+        self.ensure(&issuer, Some(&kid)).await;
+        let (key, generation) = self.key(&issuer, &kid, header.alg)?;
         let mut v = Validation::new(header.alg);
         v.set_issuer(&[&issuer]);
         v.validate_aud = false; // checked per identity
@@ -471,21 +612,13 @@ impl Verifier {
         v.set_required_spec_claims(&["exp", "iss", "sub", "aud"]);
         let data = jsonwebtoken::decode::<serde_json::Value>(token, &key, &v)
             .map_err(|e| IdentityError::Invalid(e.to_string()))?;
-        let claims = Arc::new(data.claims);
-        if let Some(exp) = claims["exp"].as_f64()
-            && token.len() <= REMEMBER_UP_TO
-        {
-            self.remember(
-                digest,
-                Remembered {
-                    issuer: issuer.clone(),
-                    generation,
-                    claims: claims.clone(),
-                    exp,
-                },
-            );
-        }
-        Ok((issuer, claims))
+        let remember = data.claims["exp"].as_f64().map(|exp| Remembered {
+            issuer,
+            generation,
+            payload: payload.into(),
+            exp,
+        });
+        Ok((data.claims, remember))
     }
 }
 
@@ -629,6 +762,10 @@ mod tests {
             "robot"
         );
         assert_eq!(verifier.verified.lock().unwrap().len(), 1, "remembered");
+        // A token that maps to no identity is not remembered.
+        let stranger = token(&k1, "k1", "stranger");
+        assert!(verifier.verify(&stranger, &snap).await.is_err());
+        assert_eq!(verifier.verified.lock().unwrap().len(), 1);
         // Again, from memory: the same answer.
         assert_eq!(
             verifier.verify(&good, &snap).await.unwrap().identity,
@@ -659,9 +796,11 @@ mod tests {
             Remembered {
                 issuer: ISSUER.into(),
                 generation,
-                claims: Arc::new(serde_json::json!({
+                payload: serde_json::to_vec(&serde_json::json!({
                     "iss": ISSUER, "aud": "agents", "sub": "robot-sub", "exp": past
-                })),
+                }))
+                .unwrap()
+                .into(),
                 exp: past as f64,
             },
         );
@@ -720,5 +859,82 @@ mod tests {
             );
         }
         assert!(verifier.verified.lock().unwrap().len() <= VERIFIED_MAX);
+    }
+
+    fn two_issuers(other: &str) -> Snapshot {
+        folder::load_str(&format!(
+            "apiVersion: agentgate.dev/v1alpha1\nkind: AgentIdentity\nmetadata: {{ name: robot }}\nspec:\n  owner: t\n  authentication:\n    oidc: {{ issuer: \"{ISSUER}\", audience: agents, subject: robot-sub }}\n---\napiVersion: agentgate.dev/v1alpha1\nkind: AgentIdentity\nmetadata: {{ name: other }}\nspec:\n  owner: t\n  authentication:\n    oidc: {{ issuer: \"{other}\", audience: agents, subject: other-sub }}\n"
+        ))
+        .expect("the identities load")
+    }
+
+    fn token_from(key: &EcdsaKeyPair, iss: &str, kid: &str, sub: &str) -> String {
+        let now = crate::clock::now().as_second();
+        let message = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(format!(r#"{{"alg":"ES256","kid":"{kid}","typ":"JWT"}}"#)),
+            URL_SAFE_NO_PAD.encode(format!(
+                r#"{{"iss":"{iss}","aud":"agents","sub":"{sub}","exp":{},"iat":{now}}}"#,
+                now + 600
+            ))
+        );
+        let sig = key
+            .sign(&aws_lc_rs::rand::SystemRandom::new(), message.as_bytes())
+            .expect("signed");
+        format!("{message}.{}", URL_SAFE_NO_PAD.encode(sig.as_ref()))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unreachable_issuer_is_asked_at_most_every_ten_seconds_and_blocks_no_other() {
+        use std::sync::atomic::AtomicUsize;
+        // An "issuer" that accepts connections and never answers.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let other = format!(
+            "https://127.0.0.1:{}",
+            listener.local_addr().unwrap().port()
+        );
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for conn in listener.incoming() {
+                count.fetch_add(1, Ordering::SeqCst);
+                held.push(conn);
+            }
+        });
+        let verifier = Arc::new(Verifier::new(None, None).expect("a verifier"));
+        let (k1, d1) = key();
+        verifier
+            .pin_key(ISSUER, "k1", d1, Some(Algorithm::ES256))
+            .await;
+        let snap = Arc::new(two_issuers(&other));
+        let (k2, _) = key();
+        let stuck = token_from(&k2, &other, "x", "other-sub");
+        let waiting = {
+            let (verifier, snap, stuck) = (verifier.clone(), snap.clone(), stuck.clone());
+            tokio::spawn(async move { verifier.verify(&stuck, &snap).await })
+        };
+        while accepted.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // While that issuer's keys are awaited, another issuer's tokens verify.
+        let good = token(&k1, "k1", "robot-sub");
+        assert_eq!(
+            verifier.verify(&good, &snap).await.unwrap().identity,
+            "robot"
+        );
+        assert!(!waiting.is_finished());
+        // The read gives up (5 s): refused, saying why.
+        let first = waiting.await.unwrap();
+        assert!(
+            matches!(&first, Err(IdentityError::Keys { why, .. }) if why.contains("no answer within 5s")),
+            "{first:?}"
+        );
+        // Asked again within ten seconds: the same answer, without asking the issuer.
+        let asked = accepted.load(Ordering::SeqCst);
+        for _ in 0..5 {
+            assert_eq!(verifier.verify(&stuck, &snap).await, first);
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), asked);
     }
 }
