@@ -726,19 +726,7 @@ mod tests {
     }
 
     fn token(key: &EcdsaKeyPair, kid: &str, sub: &str) -> String {
-        let now = crate::clock::now().as_second();
-        let message = format!(
-            "{}.{}",
-            URL_SAFE_NO_PAD.encode(format!(r#"{{"alg":"ES256","kid":"{kid}","typ":"JWT"}}"#)),
-            URL_SAFE_NO_PAD.encode(format!(
-                r#"{{"iss":"{ISSUER}","aud":"agents","sub":"{sub}","exp":{},"iat":{now}}}"#,
-                now + 600
-            ))
-        );
-        let sig = key
-            .sign(&aws_lc_rs::rand::SystemRandom::new(), message.as_bytes())
-            .expect("signed");
-        format!("{message}.{}", URL_SAFE_NO_PAD.encode(sig.as_ref()))
+        token_from(key, ISSUER, kid, sub)
     }
 
     fn snapshot(subject: &str) -> Snapshot {
