@@ -750,3 +750,93 @@ async fn exec_is_held_then_approved_then_recorded_as_a_terminal_session() -> any
     drop(kwok);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_ends_when_the_grant_that_allowed_it_is_revoked() -> anyhow::Result<()> {
+    let s = setup().await?;
+    // Reading Secrets needs a grant (a default guardrail): read-secrets allows the watch.
+    let mut watch = Command::new(&s.env.bins.kubectl)
+        .arg("--kubeconfig")
+        .arg(&s.kubeconfig)
+        .args(["get", "secrets", "-n", "default", "--watch", "-o", "json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !s.records().iter().any(|r| {
+        r["kind"] == "Request"
+            && r["decision"]["grant"] == "read-secrets"
+            && r["request"]["text"]
+                .as_str()
+                .is_some_and(|t| t.contains("watch secrets"))
+    }) {
+        assert!(Instant::now() < deadline, "the watch never started");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        watch.try_wait()?.is_none(),
+        "the watch runs while the grant is in force"
+    );
+    // An approver revokes the grant (standalone: the policy folder changes).
+    let file = s.dir.path().join("policy/policy.yaml");
+    let text = std::fs::read_to_string(&file)?;
+    let revoked = text.replace(
+        "  reason: debugging the db connection\n",
+        &format!(
+            "  reason: debugging the db connection\n  revocation: {{ reason: done, revokedAt: \"{}\", revokedBy: {{ username: alice }} }}\n",
+            jiff::Timestamp::now()
+        ),
+    );
+    assert_ne!(text, revoked);
+    std::fs::write(file.with_extension("tmp"), revoked)?;
+    std::fs::rename(file.with_extension("tmp"), &file)?;
+    // The open watch ends at once, saying why (a watch ERROR event with a 403 Status).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while watch.try_wait()?.is_none() {
+        if Instant::now() > deadline {
+            let _ = watch.kill();
+            let out = watch.wait_with_output()?;
+            panic!(
+                "the watch went on after the revocation: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = watch.wait_with_output()?;
+    let events = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        events.contains(r#""kind": "Status""#)
+            && events.contains("agentgate: access ended while the request ran")
+            && events.contains(r#""code": 403"#),
+        "{events}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A new watch is not allowed any more.
+    let again = s.agent_err(&["get", "secrets", "-n", "default", "--watch", "-o", "name"]);
+    assert!(
+        again.contains("held for approval") || again.contains("refused"),
+        "{again}"
+    );
+    // The watch's outcome says why it ended.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !s.records().iter().any(|r| {
+        r["kind"] == "Outcome"
+            && r["outcome"]["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("agentgate: access ended while the request ran"))
+    }) {
+        assert!(
+            Instant::now() < deadline,
+            "no outcome says the watch ended: {:?}",
+            s.records()
+                .iter()
+                .filter(|r| r["kind"] == "Outcome")
+                .map(|r| r["outcome"]["error"].clone())
+                .collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
+}

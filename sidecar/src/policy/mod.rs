@@ -6,6 +6,7 @@ pub mod approval;
 pub mod cluster;
 pub mod folder;
 pub mod glob;
+pub mod live;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, RwLock};
@@ -37,10 +38,23 @@ pub struct Snapshot {
 }
 
 /// Holds the current snapshot; sources replace it, gateways read it.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct PolicyStore {
     current: RwLock<Option<Arc<Snapshot>>>,
     error: RwLock<Option<String>>,
+    /// Counts the snapshot's replacements: requests that outlive one (a watch, an exec, a
+    /// running statement) are decided again when it changes.
+    changes: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for PolicyStore {
+    fn default() -> Self {
+        Self {
+            current: RwLock::default(),
+            error: RwLock::default(),
+            changes: tokio::sync::watch::Sender::new(0),
+        }
+    }
 }
 
 impl PolicyStore {
@@ -57,6 +71,7 @@ impl PolicyStore {
         if let Ok(mut e) = self.error.write() {
             *e = None;
         }
+        self.changes.send_modify(|n| *n += 1);
     }
 
     /// Drops the snapshot: every request is refused until a new one is loaded.
@@ -65,6 +80,12 @@ impl PolicyStore {
             *c = None;
         }
         self.set_error(why);
+        self.changes.send_modify(|n| *n += 1);
+    }
+
+    /// Told each time the snapshot is replaced or dropped.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// Records why the last load failed (the last good snapshot stays in force).

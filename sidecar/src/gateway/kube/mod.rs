@@ -66,6 +66,9 @@ pub const AGENTS_GROUP: &str = "agentgate:agents";
 /// A response body.
 pub type Body = BoxBody<Bytes, std::io::Error>;
 
+/// Resolves when a long-lived request's access ends ([`policy::live::ended`]).
+type Ended = std::pin::Pin<Box<dyn std::future::Future<Output = Decision> + Send>>;
+
 fn full(b: impl Into<Bytes>) -> Body {
     Full::new(b.into()).map_err(|never| match never {}).boxed()
 }
@@ -729,6 +732,17 @@ impl Connection {
         };
         headers.insert("impersonate-user", user_v);
         headers.insert("impersonate-group", group_v);
+        // What outlives this moment (an exec, a watch, a followed log) ends when the access
+        // that allowed it ends: a grant expired or revoked, the identity disabled.
+        let long_lived = upgrade || info.verb == "watch" || request::query_flag(&query, "follow");
+        let ended: Option<Ended> = long_lived.then(|| {
+            Box::pin(policy::live::ended(
+                core.policy.clone(),
+                identity.clone(),
+                target.clone(),
+                cmd.clone(),
+            )) as Ended
+        });
         if upgrade {
             return stream::upgrade(
                 up,
@@ -737,8 +751,8 @@ impl Connection {
                 (&path, &query, &info.subresource),
                 masks.clone(),
                 rec,
-                id,
-                started,
+                (id, started),
+                ended,
             )
             .await;
         }
@@ -771,8 +785,17 @@ impl Connection {
             hint: mask::kind_of(&info.group, &info.resource),
             counts: BTreeMap::new(),
         };
-        self.answer(resp, &info, &query, masker, masks.clone(), rec, id, started)
-            .await
+        self.answer(
+            resp,
+            &info,
+            &query,
+            masker,
+            masks.clone(),
+            rec,
+            (id, started),
+            ended,
+        )
+        .await
     }
 
     /// Verifies who is asking: the pod's identity, or a bearer token mapped to one.
@@ -868,8 +891,8 @@ impl Connection {
         mut masker: mask::Masker<'_>,
         masks: Arc<MaskSet>,
         rec: Arc<SessionRecorder>,
-        id: u64,
-        started: Instant,
+        (id, started): (u64, Instant),
+        ended: Option<Ended>,
     ) -> Response<Body> {
         let (mut parts, body) = resp.into_parts();
         let code = parts.status.as_u16();
@@ -892,10 +915,29 @@ impl Connection {
         // always masked); discovery documents pass as they are.
         let needs_mask = info.resource_request
             && (info.resource == "secrets" || masks.has_value_rules() || masks.has_kube_paths());
+        // A watch or a followed log ends when its access does.
+        let why = stream::EndedBy::default();
+        let live = |body: Incoming| match ended {
+            Some(end) => stream::revocable(
+                stream::incoming(body),
+                end,
+                info.verb == "watch" && json,
+                why.clone(),
+            ),
+            None => stream::incoming(body),
+        };
         if !needs_mask {
             let rec2 = rec.clone();
-            let counted = stream::counted(body, move |bytes| {
-                outcome(&rec2, id, started, code, bytes, 0, BTreeMap::new());
+            let why = why.clone();
+            let counted = stream::counted(live(body), move |bytes| {
+                outcome_why(
+                    &rec2,
+                    (id, started, code),
+                    bytes,
+                    0,
+                    BTreeMap::new(),
+                    why.get().cloned(),
+                );
             });
             return Response::from_parts(parts, counted);
         }
@@ -918,7 +960,16 @@ impl Connection {
                 reveal_secrets: masker.reveal_secrets,
                 hint: masker.hint.clone(),
             };
-            let body = stream::masked_lines(body, mode, owned, rec, id, started, code);
+            let body = stream::masked_lines(
+                live(body),
+                mode,
+                owned,
+                rec,
+                id,
+                started,
+                code,
+                Some(why.clone()),
+            );
             return Response::from_parts(parts, body);
         }
         if json && info.verb == "list" {
@@ -1018,6 +1069,18 @@ fn outcome(
     rows: u64,
     masked: BTreeMap<String, u64>,
 ) {
+    outcome_why(rec, (id, started, code), bytes, rows, masked, None);
+}
+
+/// Records a request's outcome; `why` says why agentgate cut it short, when it did.
+fn outcome_why(
+    rec: &SessionRecorder,
+    (id, started, code): (u64, Instant, u16),
+    bytes: u64,
+    rows: u64,
+    masked: BTreeMap<String, u64>,
+    why: Option<String>,
+) {
     let mut r = rec.base(RecordKind::Outcome);
     r.outcome = Some(Outcome {
         id,
@@ -1026,14 +1089,16 @@ fn outcome(
         bytes_out: bytes,
         masked,
         latency_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
-        error: (code >= 400).then(|| {
-            format!(
-                "HTTP {code} {}",
-                StatusCode::from_u16(code)
-                    .ok()
-                    .and_then(|s| s.canonical_reason())
-                    .unwrap_or("")
-            )
+        error: why.or_else(|| {
+            (code >= 400).then(|| {
+                format!(
+                    "HTTP {code} {}",
+                    StatusCode::from_u16(code)
+                        .ok()
+                        .and_then(|s| s.canonical_reason())
+                        .unwrap_or("")
+                )
+            })
         }),
         status: Some(code),
     });

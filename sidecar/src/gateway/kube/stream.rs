@@ -17,9 +17,10 @@ use hyper_util::rt::TokioIo;
 
 use super::mask::Masker;
 use super::upstream::Upstream;
-use super::{Body, outcome, status};
+use super::{Body, outcome, outcome_why, status};
 use crate::audit::SessionRecorder;
 use crate::mask::MaskSet;
+use crate::policy::{Decision, live};
 
 /// The longest line of a watch stream or log (one event, one object).
 const MAX_LINE: usize = 64 << 20;
@@ -34,6 +35,8 @@ struct OutcomeGuard {
     rows: u64,
     counts: BTreeMap<String, u64>,
     error: bool,
+    /// Why the answer was cut short by agentgate, when it was.
+    ended: Option<EndedBy>,
 }
 
 impl OutcomeGuard {
@@ -47,6 +50,7 @@ impl OutcomeGuard {
             rows: 0,
             counts: BTreeMap::new(),
             error: false,
+            ended: None,
         }
     }
 }
@@ -54,21 +58,112 @@ impl OutcomeGuard {
 impl Drop for OutcomeGuard {
     fn drop(&mut self) {
         let code = if self.error { 502 } else { self.code };
-        outcome(
+        outcome_why(
             &self.rec,
-            self.id,
-            self.started,
-            code,
+            (self.id, self.started, code),
             self.bytes,
             self.rows,
             std::mem::take(&mut self.counts),
+            self.ended.as_ref().and_then(|e| e.get().cloned()),
         );
+    }
+}
+
+/// Why a long-lived answer (a watch, a followed log) was ended by agentgate, once it was.
+pub type EndedBy = Arc<std::sync::OnceLock<String>>;
+
+/// The API server's answer as a [`Body`].
+pub fn incoming(body: Incoming) -> Body {
+    body.map_err(std::io::Error::other).boxed()
+}
+
+/// A long-lived answer that ends when the access that allowed it ends ([`live::ended`]):
+/// a watch gets a last `ERROR` event with a `Status` saying why (as the API server ends a
+/// watch it cannot go on with), other streams break off; `why` keeps the reason for the
+/// record.
+pub fn revocable(
+    inner: Body,
+    ended: impl std::future::Future<Output = Decision> + Send + 'static,
+    watch_events: bool,
+    why: EndedBy,
+) -> Body {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(async move {
+        let _ = tx.send(ended.await);
+    });
+    Revocable {
+        inner,
+        ended: Some(rx),
+        task,
+        watch_events,
+        why,
+        done: false,
+    }
+    .boxed()
+}
+
+struct Revocable {
+    inner: Body,
+    ended: Option<tokio::sync::oneshot::Receiver<Decision>>,
+    task: tokio::task::JoinHandle<()>,
+    watch_events: bool,
+    why: EndedBy,
+    done: bool,
+}
+
+impl Drop for Revocable {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl HttpBody for Revocable {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        if this.done {
+            return Poll::Ready(None);
+        }
+        if let Some(rx) = this.ended.as_mut()
+            && let Poll::Ready(d) = Pin::new(rx).poll(cx)
+        {
+            this.ended = None;
+            if let Ok(d) = d {
+                this.done = true;
+                let message = live::message(&d);
+                let _ = this.why.set(message.clone());
+                tracing::info!(rule = %d.rule, reason = %d.message, "a long-lived Kubernetes request ended: its access ended");
+                if this.watch_events {
+                    let event = serde_json::json!({
+                        "type": "ERROR",
+                        "object": {
+                            "kind": "Status", "apiVersion": "v1", "metadata": {},
+                            "status": "Failure", "message": message, "reason": "Forbidden", "code": 403
+                        }
+                    });
+                    let mut line = event.to_string().into_bytes();
+                    line.push(b'\n');
+                    return Poll::Ready(Some(Ok(Frame::data(Bytes::from(line)))));
+                }
+                return Poll::Ready(Some(Err(std::io::Error::other(message))));
+            }
+        }
+        Pin::new(&mut this.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done || self.inner.is_end_stream()
     }
 }
 
 /// A relayed body that counts its bytes and records the outcome at its end.
 struct Counted<F: FnOnce(u64) + Send> {
-    inner: Incoming,
+    inner: Body,
     bytes: u64,
     on_end: Option<F>,
 }
@@ -89,7 +184,7 @@ impl<F: FnOnce(u64) + Send + Unpin> HttpBody for Counted<F> {
                 }
                 Poll::Ready(Some(Ok(f)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(std::io::Error::other(e)))),
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
             Poll::Ready(None) => {
                 if let Some(f) = this.on_end.take() {
                     f(this.bytes);
@@ -118,7 +213,7 @@ impl<F: FnOnce(u64) + Send> Drop for Counted<F> {
 }
 
 /// Relays `body` as it is, calling `on_end` with its length when it ends (or is dropped).
-pub fn counted(body: Incoming, on_end: impl FnOnce(u64) + Send + Sync + Unpin + 'static) -> Body {
+pub fn counted(body: Body, on_end: impl FnOnce(u64) + Send + Sync + Unpin + 'static) -> Body {
     Counted {
         inner: body,
         bytes: 0,
@@ -147,7 +242,7 @@ pub struct OwnedMasker {
 }
 
 struct LineState {
-    body: Incoming,
+    body: Body,
     buf: BytesMut,
     /// How much of `buf` was searched for a newline already.
     scanned: usize,
@@ -200,22 +295,26 @@ impl LineState {
 
 /// Relays a stream line by line, each line masked before it is sent; a partial line waits
 /// for its end. A line that cannot be masked ends the stream (nothing is sent in clear).
+#[allow(clippy::too_many_arguments)]
 pub fn masked_lines(
-    body: Incoming,
+    body: Body,
     mode: Mode,
     masker: OwnedMasker,
     rec: Arc<SessionRecorder>,
     id: u64,
     started: Instant,
     code: u16,
+    ended: Option<EndedBy>,
 ) -> Body {
+    let mut guard = OutcomeGuard::new(rec, id, started, code);
+    guard.ended = ended;
     let state = LineState {
         body,
         buf: BytesMut::new(),
         scanned: 0,
         mode,
         masker,
-        guard: OutcomeGuard::new(rec, id, started, code),
+        guard,
         done: false,
     };
     let stream = futures::stream::unfold(state, |mut st| async move {
@@ -271,7 +370,7 @@ pub fn masked_lines(
                 Some(Err(e)) => {
                     st.done = true;
                     st.guard.error = true;
-                    return Some((Err(std::io::Error::other(e)), st));
+                    return Some((Err(e), st));
                 }
                 None => {
                     st.done = true;
@@ -305,8 +404,8 @@ pub async fn upgrade(
     (path, query, subresource): (&str, &str, &str),
     masks: Arc<MaskSet>,
     rec: Arc<SessionRecorder>,
-    id: u64,
-    started: Instant,
+    (id, started): (u64, Instant),
+    ended: Option<super::Ended>,
 ) -> Response<Body> {
     let fail = |why: String| {
         outcome(&rec, id, started, 502, 0, 0, BTreeMap::new());
@@ -410,7 +509,7 @@ pub async fn upgrade(
         // A refusal or an error from the API server: relayed as it is.
         let (parts, body) = resp.into_parts();
         let rec2 = rec.clone();
-        let body = counted(body, move |bytes| {
+        let body = counted(incoming(body), move |bytes| {
             outcome(&rec2, id, started, code.as_u16(), bytes, 0, BTreeMap::new());
         });
         return Response::from_parts(parts, body);
@@ -450,13 +549,23 @@ pub async fn upgrade(
                 } else {
                     None
                 };
-                relay(
+                let relayed = relay(
                     TokioIo::new(agent),
                     TokioIo::new(server),
                     framing,
                     recorder.as_ref(),
-                )
-                .await
+                );
+                match ended {
+                    // The session ends (both connections closed) when its access does.
+                    Some(end) => tokio::select! {
+                        r = relayed => r,
+                        d = end => {
+                            tracing::info!(rule = %d.rule, reason = %d.message, "an exec, attach or port-forward session ended: its access ended");
+                            (0, 0, Some(live::message(&d)))
+                        }
+                    },
+                    None => relayed.await,
+                }
             }
             Err(e) => (0, 0, Some(format!("the upgrade failed: {e}"))),
         };
