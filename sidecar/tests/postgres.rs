@@ -1738,3 +1738,98 @@ async fn idle_server_connections_are_closed_after_their_timeout_or_not_kept() ->
     assert_eq!(psql_idle(&gw), "0");
     Ok(())
 }
+
+/// A statement a grant allowed is canceled at the server when the grant is revoked while it
+/// runs; the agent is told why, and the outcome record says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_statement_is_canceled_when_its_grant_is_revoked() -> anyhow::Result<()> {
+    let gw = start().await?;
+    wait_for("policy loaded", || {
+        gw.psql("orders-db", "SELECT 1").status.success()
+    });
+    let now = jiff::Timestamp::now();
+    let grant = |revoked: bool| {
+        format!(
+            "apiVersion: agentgate.dev/v1alpha1\nkind: AccessGrant\nmetadata: {{ name: slow-write, creationTimestamp: \"{now}\" }}\nspec:\n  identity: claude\n  target: orders-db\n  scope: {{ operations: [Write], tables: [orders] }}\n  duration: 1h\n  reason: a slow fix\n  decision: {{ verdict: Approve, decidedAt: \"{now}\", decidedBy: {{ username: alice }} }}\n{}",
+            if revoked {
+                format!(
+                    "  revocation: {{ reason: wrong table, revokedAt: \"{}\", revokedBy: {{ username: alice }} }}\n",
+                    jiff::Timestamp::now()
+                )
+            } else {
+                String::new()
+            }
+        )
+    };
+    let file = gw.policy.path().join("slow-grant.yaml");
+    std::fs::write(&file, grant(false))?;
+    let (client, _conn) = gw.client().await?;
+    let quick = "UPDATE orders SET state = 'paid' WHERE id = 4711";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while client.execute(quick, &[]).await.is_err() {
+        assert!(Instant::now() < deadline, "the grant never took effect");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // A write that takes a minute, allowed by the grant.
+    let slow = tokio::spawn(async move {
+        client
+            .execute(
+                "UPDATE orders SET state = 'slow' WHERE id = 4711 AND pg_sleep(60) IS NOT NULL",
+                &[],
+            )
+            .await
+    });
+    wait_for("the slow write runs at the server", || {
+        admin(
+            &gw,
+            "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE '%pg_sleep(60)%' AND query NOT LIKE '%pg_stat_activity%'",
+        ) == "1"
+    });
+    // Revoked while it runs.
+    let started = Instant::now();
+    std::fs::write(file.with_extension("tmp"), grant(true))?;
+    std::fs::rename(file.with_extension("tmp"), &file)?;
+    let err = tokio::time::timeout(Duration::from_secs(30), slow)
+        .await
+        .expect("the slow write ended")?
+        .expect_err("the slow write was canceled");
+    assert!(started.elapsed() < Duration::from_secs(30));
+    let db = err.as_db_error().expect("an error from the gateway");
+    assert_eq!(db.code().code(), "57014");
+    assert!(
+        db.message()
+            .contains("agentgate: access ended while the request ran")
+            && db
+                .message()
+                .contains("no baseline or active grant allows Write"),
+        "{}",
+        db.message()
+    );
+    // Nothing was written, and the write is not allowed any more.
+    assert_eq!(
+        admin(&gw, "SELECT state FROM orders WHERE id = 4711"),
+        "paid"
+    );
+    let (client, _conn) = gw.client().await?;
+    let err = client.execute(quick, &[]).await.expect_err("no grant now");
+    assert!(
+        err.as_db_error()
+            .is_some_and(|e| e.message().contains("held for approval")),
+        "{err}"
+    );
+    // The outcome record says why it ended.
+    let audit = gw
+        .env
+        .dir()
+        .join(format!("audit-{}", gw.port))
+        .join("audit.jsonl");
+    wait_for("the outcome is recorded", || {
+        std::fs::read_to_string(&audit).is_ok_and(|t| {
+            t.lines().any(|l| {
+                l.contains(r#""kind":"Outcome""#)
+                    && l.contains("agentgate: access ended while the request ran")
+            })
+        })
+    });
+    Ok(())
+}

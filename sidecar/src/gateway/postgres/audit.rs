@@ -26,6 +26,10 @@ pub struct Tally {
     pub masked: BTreeMap<String, u64>,
     /// The error the server answered.
     pub error: Option<String>,
+    /// The command, when a grant allowed it: decided again while it runs.
+    pub command: Option<std::sync::Arc<crate::policy::Command>>,
+    /// Why agentgate canceled it while it ran (its grant ended), when it did.
+    pub ended: Option<String>,
 }
 
 impl Tally {
@@ -39,6 +43,8 @@ impl Tally {
             bytes_out: 0,
             masked: BTreeMap::new(),
             error: None,
+            command: None,
+            ended: None,
         }
     }
 
@@ -52,7 +58,7 @@ impl Tally {
             bytes_out: self.bytes_out,
             masked: self.masked,
             latency_us: u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX),
-            error: self.error,
+            error: self.ended.or(self.error),
             status: None,
         });
         if let Err(e) = rec.emit(r) {

@@ -507,6 +507,14 @@ pub async fn handle(sock: AgentStream, gw: Arc<Gateway>) -> Result<(), FrameErro
         catalog.clone(),
         rec.clone(),
         params.clone(),
+        Live {
+            policy: gw.policy.clone(),
+            identity: identity.clone(),
+            target: database.clone(),
+            pg: pg.clone(),
+            key: key.clone(),
+            hold: hold_cancel.clone(),
+        },
     );
     let reader = reader(
         &gw,
@@ -679,6 +687,76 @@ fn answering<'a>(queue: &'a mut VecDeque<Pending>, open: &'a mut Batch) -> &'a m
     }
 }
 
+/// What the writer needs to end a running statement whose grant ended.
+struct Live {
+    policy: Arc<PolicyStore>,
+    identity: String,
+    target: String,
+    pg: agentgate_crds::target::PostgresTarget,
+    /// The server's cancel key for this connection.
+    key: Option<CancelKey>,
+    /// Marks the session canceled (its server connection is then never reused).
+    hold: Arc<HoldCancel>,
+}
+
+impl Live {
+    /// Decides again the statements a grant allowed that the server has not finished; asks
+    /// the server to cancel when one is no longer allowed.
+    fn check(&self, queue: &mut VecDeque<Pending>, open: &mut Batch) {
+        let snapshot = self.policy.get();
+        let now = crate::clock::now();
+        let mut cancel = false;
+        let batches = queue
+            .iter_mut()
+            .filter_map(|p| match p {
+                Pending::Upstream { batch, .. } => Some(&mut **batch),
+                _ => None,
+            })
+            .chain(std::iter::once(open));
+        for batch in batches {
+            for t in batch.query_tally.iter_mut().chain(batch.tallies.iter_mut()) {
+                let Some(cmd) = t.command.as_deref() else {
+                    continue;
+                };
+                if t.ended.is_some() {
+                    continue;
+                }
+                let d = policy::decide(snapshot.as_deref(), &self.identity, &self.target, cmd, now);
+                if d.verdict != Verdict::Allow {
+                    tracing::info!(identity = %self.identity, target = %self.target, request = t.id, rule = %d.rule, reason = %d.message, "a running statement is canceled: its access ended");
+                    t.ended = Some(policy::live::message(&d));
+                    cancel = true;
+                }
+            }
+        }
+        if cancel {
+            self.hold.cancel();
+            if let Some(key) = self.key.clone() {
+                let pg = self.pg.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = upstream::cancel(&pg, &key).await {
+                        tracing::warn!(error = %e, "the cancel of a statement whose access ended did not reach the server");
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// Whether a statement a grant allowed is still running.
+fn granted_running(queue: &VecDeque<Pending>, open: &Batch) -> bool {
+    let granted = |b: &Batch| {
+        b.query_tally.as_ref().is_some_and(|t| t.command.is_some())
+            || b.tallies.iter().any(|t| t.command.is_some())
+    };
+    granted(open)
+        || queue.iter().any(|p| match p {
+            Pending::Upstream { batch, .. } => granted(batch),
+            _ => false,
+        })
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn writer(
     rx: &mut mpsc::Receiver<Event>,
     mut up: BufReader<UpstreamRead>,
@@ -687,8 +765,13 @@ async fn writer(
     catalog: Arc<Mutex<Catalog>>,
     rec: Arc<SessionRecorder>,
     mut params: Vec<Frame>,
+    live: Live,
 ) -> Option<(Box<dyn upstream::Stream>, Vec<Frame>)> {
     let mut queue: VecDeque<Pending> = VecDeque::new();
+    // While a statement a grant allowed runs, it is decided again every second: when the
+    // grant ended (expired, revoked), the server is asked to cancel it.
+    let mut live_tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    live_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut status = b'I';
     let mut formats: Vec<i16> = Vec::new();
     let mut types: Vec<u32> = Vec::new();
@@ -772,6 +855,10 @@ async fn writer(
                 }
                 None => done = true,
             },
+            _ = live_tick.tick(), if granted_running(&queue, &open) => {
+                live.check(&mut queue, &mut open);
+                continue;
+            }
             frame = read_frame(&mut up, MAX_MESSAGE) => {
                 let frame = match frame {
                     Ok(Some(f)) => f,
@@ -904,6 +991,16 @@ async fn writer(
                     // After an error the server skips to the Sync: nothing more is answered.
                     b'E' => {
                         let batch = answering(&mut queue, &mut open);
+                        // The statement agentgate canceled: the agent is told why.
+                        let ended = batch.tally().and_then(|t| t.ended.clone());
+                        let frame = match ended {
+                            Some(why) if ErrorFields::decode(&frame).is_ok_and(|e| e.code == "57014") => {
+                                ErrorFields::error("57014", why)
+                                    .hint("the statement was canceled; ask for a new grant to run it again")
+                                    .to_error()
+                            }
+                            _ => frame,
+                        };
                         let error = error_summary(&frame);
                         if let Some(t) = batch.tally() {
                             t.error = Some(error);
@@ -1810,12 +1907,13 @@ async fn read_agent(
                     if masks.has_column_rules() {
                         tx.send(Event::Text(Arc::from(sql.as_str()))).await.ok();
                     }
-                    tx.send(Event::ExpectQuery(
-                        computed,
-                        Box::new(Tally::new(id, bytes_in)),
-                    ))
-                    .await
-                    .ok();
+                    let mut tally = Tally::new(id, bytes_in);
+                    if d.grant.is_some() {
+                        tally.command = Some(Arc::new(Command::from(&classified)));
+                    }
+                    tx.send(Event::ExpectQuery(computed, Box::new(tally)))
+                        .await
+                        .ok();
                     write_frames(&mut up, &[frontend::encode(&Frontend::Query(sql))]).await?;
                 } else {
                     let err = held_refusal(&d, &classified, held_as.as_ref());
@@ -2025,12 +2123,13 @@ async fn read_agent(
                                 .await
                                 .ok();
                         }
-                        tx.send(Event::Execute(
-                            computed.ok().flatten(),
-                            Box::new(Tally::new(id, frame.body.len() + 5)),
-                        ))
-                        .await
-                        .ok();
+                        let mut tally = Tally::new(id, frame.body.len() + 5);
+                        if d.grant.is_some() {
+                            tally.command = Some(Arc::new(Command::from(&c)));
+                        }
+                        tx.send(Event::Execute(computed.ok().flatten(), Box::new(tally)))
+                            .await
+                            .ok();
                         if !masks.is_empty() {
                             // The rows' columns, types and formats, from the server, right
                             // before them: whatever the agent described (or did not), the
