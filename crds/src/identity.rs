@@ -83,8 +83,9 @@ pub struct AgentIdentitySpec {
     )]
     #[x_kube(validation = Rule::new("duration(self) >= duration('1m') && duration(self) <= duration('168h')").message("maxGrantDuration must be between 1m and 168h"))]
     pub max_grant_duration: String,
-    /// When true the identity can do nothing: new sessions are refused, open sessions are
-    /// closed and its grants are revoked.
+    /// When true the identity can do nothing: new sessions are refused, every request in an
+    /// open session is refused, what is running ends (a statement is canceled; a watch, exec
+    /// or SSH channel is closed) and its grants are revoked.
     #[serde(default)]
     pub disabled: bool,
 }

@@ -899,3 +899,94 @@ fn an_x11_channel_reaches_the_agent_display_only_where_granted() -> anyhow::Resu
     );
     Ok(())
 }
+
+#[test]
+fn a_running_command_ends_when_the_identity_is_disabled() -> anyhow::Result<()> {
+    let s = setup()?;
+    let mut child = Command::new("ssh")
+        .arg("-F")
+        .arg(&s.config)
+        .args(["-o", "BatchMode=yes", "-o", "ConnectTimeout=20"])
+        .args(["web", "echo started; sleep 61; echo finished"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&s.audit)
+        .is_ok_and(|t| t.contains("echo started; sleep 61; echo finished"))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the command never started"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(child.try_wait()?.is_none(), "it runs while allowed");
+    // The identity is disabled (standalone: the policy folder changes).
+    let file = s.dir.path().join("policy/policy.yaml");
+    let text = std::fs::read_to_string(&file)?;
+    let disabled = text.replace(
+        "  owner: platform-team\n",
+        "  owner: platform-team\n  disabled: true\n",
+    );
+    assert_ne!(text, disabled);
+    std::fs::write(file.with_extension("tmp"), disabled)?;
+    std::fs::rename(file.with_extension("tmp"), &file)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while child.try_wait()?.is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the command went on after the identity was disabled");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = child.wait_with_output()?;
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        stdout.contains("started") && !stdout.contains("finished"),
+        "{stdout}"
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("agentgate: access ended while the request ran")
+            && stderr.contains("AgentIdentity agent is disabled"),
+        "{stderr}"
+    );
+    // The host is asked to stop the command (a `signal TERM` request: without a terminal,
+    // closing the channel alone would leave it running). This test's sshd runs without
+    // privilege separation (not as root), so it answers that it cannot deliver signals;
+    // an sshd started as root delivers it.
+    let logs = s.env.dir().join("logs");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !Command::new("grep")
+        .args(["-rq", "session_signal_req"])
+        .arg(&logs)
+        .status()?
+        .success()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the host was not asked to stop the command"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for pattern in ["sleep 61; echo finished", "^sleep 61$"] {
+        let _ = Command::new("pkill").args(["-f", pattern]).status();
+    }
+    // The outcome record says why.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&s.audit).is_ok_and(|t| {
+        t.lines().any(|l| {
+            l.contains(r#""kind":"Outcome""#) && l.contains("access ended while the request ran")
+        })
+    }) {
+        assert!(std::time::Instant::now() < deadline, "no outcome says why");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
+}

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{Command, Decision, PolicyStore, Verdict, decide};
+use super::{Command, Decision, PolicyStore, Snapshot, Verdict, decide};
 
 /// Resolves when `cmd`, for `identity` on `target`, is no longer allowed, with the decision
 /// that says why. It is decided again each time the policy changes and when the grant that
@@ -18,12 +18,30 @@ pub async fn ended(
     target: String,
     cmd: Command,
 ) -> Decision {
+    ended_when(store, &identity.clone(), move |snapshot, now| {
+        decide(snapshot, &identity, &target, &cmd, now)
+    })
+    .await
+}
+
+/// How often a request allowed by something other than a grant with a known expiry is
+/// decided again, besides at each policy change.
+const RECHECK: Duration = Duration::from_secs(10);
+
+/// Resolves when `check` (a gateway's own decision for a request of `identity`) no longer
+/// allows it. Decided again at each policy change, when the grant it names expires, and at
+/// least every ten seconds.
+pub async fn ended_when(
+    store: Arc<PolicyStore>,
+    identity: &str,
+    check: impl Fn(Option<&Snapshot>, jiff::Timestamp) -> Decision,
+) -> Decision {
     let mut changes = store.changes();
     loop {
         changes.borrow_and_update();
         let snapshot = store.get();
         let now = crate::clock::now();
-        let d = decide(snapshot.as_deref(), &identity, &target, &cmd, now);
+        let d = check(snapshot.as_deref(), now);
         if d.verdict != Verdict::Allow {
             return d;
         }
@@ -31,13 +49,14 @@ pub async fn ended(
         let expires = snapshot.as_deref().and_then(|s| {
             let grant = s.grants.get(d.grant.as_deref()?)?;
             let status =
-                agentgate_crds::lifecycle::evaluate(grant, s.identities.get(&identity), now).status;
+                agentgate_crds::lifecycle::evaluate(grant, s.identities.get(identity), now).status;
             status.expires_at.map(|e| e.0)
         });
-        let wait = expires.map(|e| {
+        let wait = expires.map_or(RECHECK, |e| {
             Duration::try_from(e.duration_since(now))
                 .unwrap_or_default()
                 .saturating_add(Duration::from_millis(1))
+                .min(RECHECK)
         });
         tokio::select! {
             changed = changes.changed() => {
@@ -46,12 +65,7 @@ pub async fn ended(
                     std::future::pending::<()>().await;
                 }
             }
-            () = async {
-                match wait {
-                    Some(w) => tokio::time::sleep(w).await,
-                    None => std::future::pending().await,
-                }
-            } => {}
+            () = tokio::time::sleep(wait) => {}
         }
     }
 }

@@ -654,7 +654,7 @@ pub async fn run(
     }
     let (from_host, to_host) = up_channel.split();
     let (inject_tx, inject_rx) = mpsc::channel::<Vec<u8>>(16);
-    let output = tokio::spawn(host_to_agent(
+    let mut output = tokio::spawn(host_to_agent(
         ctx.clone(),
         mode.clone(),
         pty.is_some(),
@@ -662,18 +662,48 @@ pub async fn run(
         to_agent.clone(),
         inject_rx,
     ));
-    let bytes_in = agent_to_host(
-        &ctx,
-        &mode,
-        pty.is_some(),
-        &mut from_agent,
-        &to_host,
-        &to_agent,
-        inject_tx,
-    )
-    .await;
-    let (bytes_out, exit) = output.await.unwrap_or((0, None));
-    let error = exit.filter(|s| *s != 0).map(|s| format!("exit status {s}"));
+    // The channel ends when the access that allowed it does (a grant expired or revoked,
+    // the identity disabled).
+    let live = {
+        let ctx = ctx.clone();
+        let store = ctx.gw.core.policy.clone();
+        async move {
+            let identity = ctx.agent.identity.clone();
+            policy::live::ended_when(store, &identity, |_, _| ctx.decide(&cmd)).await
+        }
+    };
+    let relayed = async {
+        let bytes_in = agent_to_host(
+            &ctx,
+            &mode,
+            pty.is_some(),
+            &mut from_agent,
+            &to_host,
+            &to_agent,
+            inject_tx,
+        )
+        .await;
+        let (bytes_out, exit) = (&mut output).await.unwrap_or((0, None));
+        (bytes_in, bytes_out, exit)
+    };
+    let (bytes_in, bytes_out, error, ended) = tokio::select! {
+        (bytes_in, bytes_out, exit) = relayed => {
+            (bytes_in, bytes_out, exit.filter(|s| *s != 0).map(|s| format!("exit status {s}")), None)
+        }
+        d = live => {
+            tracing::info!(identity = %ctx.agent.identity, target = %ctx.target, rule = %d.rule, reason = %d.message, "an SSH channel ended: its access ended");
+            let msg = policy::live::message(&d);
+            (0, 0, Some(msg.clone()), Some(msg))
+        }
+    };
+    if let Some(msg) = ended {
+        output.abort();
+        // The command is stopped on the host too (without a terminal, closing the channel
+        // alone would leave it running).
+        let _ = to_host.signal(russh::Sig::TERM).await;
+        let _ = to_host.close().await;
+        fail(&to_agent, &msg, REFUSED_EXIT).await;
+    }
     ctx.outcome(id, started, (bytes_in, bytes_out), error);
     let _ = up
         .disconnect(russh::Disconnect::ByApplication, "", "en")
@@ -1310,7 +1340,7 @@ pub async fn open_forward(
     gw: &Arc<SshGateway>,
     agent: &Agent,
     forward: &Forward,
-) -> Result<(russh::Channel<client::Msg>, Arc<Ctx>, Connection), String> {
+) -> Result<Forwarded, String> {
     let ctx = Arc::new(Ctx::resolve(gw, agent)?);
     let text = format!("forward {}:{}", forward.host, forward.port);
     let mut keys = std::collections::BTreeSet::new();
@@ -1323,14 +1353,49 @@ pub async fn open_forward(
         keys,
         Some(ctx.access(vec![text.clone()], Some(SshForwarding::Port))),
     );
-    let decided = ctx.decide(&cmd);
-    let decision = if decided.verdict == Verdict::Allow {
+    let decision = forward_decision(&ctx, &cmd, &ctx.snapshot);
+    let id = ctx.record("forward", &text, &cmd, &decision)?;
+    if decision.verdict != Verdict::Allow {
+        let msg = ctx.refusal(&cmd, &text, &decision).await;
+        ctx.outcome(id, Instant::now(), (0, 0), Some(msg.clone()));
+        ctx.rec.end("the forwarding was refused");
+        return Err(msg);
+    }
+    let up = upstream::connect(
+        &ctx.spec,
+        &gw.core.targets_dir.join(&ctx.target),
+        &ctx.login,
+        upstream::Back::default(),
+    )
+    .await
+    .map_err(|e| format!("agentgate cannot reach the host: {e}"))?;
+    let ch = up
+        .channel_open_direct_tcpip(forward.host.clone(), forward.port, "127.0.0.1", 0)
+        .await
+        .map_err(|e| format!("the host refused the forwarding: {e}"))?;
+    Ok((ch, ctx, up, cmd))
+}
+
+/// An opened port forward: the host's channel, the context, the host connection, and the
+/// request that allowed it.
+pub type Forwarded = (
+    russh::Channel<client::Msg>,
+    Arc<Ctx>,
+    Connection,
+    policy::Command,
+);
+
+/// The decision on a port forward: as any request, and allowed also (it is Exec-class, held
+/// by default) when a baseline entry or grant in `snapshot` sets ssh.portForwarding.
+fn forward_decision(ctx: &Ctx, cmd: &policy::Command, snapshot: &Snapshot) -> Decision {
+    let decided = ctx.decide(cmd);
+    if decided.verdict == Verdict::Allow {
         decided
     } else if decided.verdict == Verdict::Hold
         && cmd
             .ssh
             .as_ref()
-            .is_some_and(|a| forwarding_granted(&ctx.snapshot, &ctx.agent.identity, &ctx.target, a))
+            .is_some_and(|a| forwarding_granted(snapshot, &ctx.agent.identity, &ctx.target, a))
     {
         // Forwarding is an Exec-class request (held by default); a baseline entry or grant
         // that sets ssh.portForwarding allows it without a per-forward approval.
@@ -1352,27 +1417,7 @@ pub async fn open_forward(
         }
     } else {
         decided
-    };
-    let id = ctx.record("forward", &text, &cmd, &decision)?;
-    if decision.verdict != Verdict::Allow {
-        let msg = ctx.refusal(&cmd, &text, &decision).await;
-        ctx.outcome(id, Instant::now(), (0, 0), Some(msg.clone()));
-        ctx.rec.end("the forwarding was refused");
-        return Err(msg);
     }
-    let up = upstream::connect(
-        &ctx.spec,
-        &gw.core.targets_dir.join(&ctx.target),
-        &ctx.login,
-        upstream::Back::default(),
-    )
-    .await
-    .map_err(|e| format!("agentgate cannot reach the host: {e}"))?;
-    let ch = up
-        .channel_open_direct_tcpip(forward.host.clone(), forward.port, "127.0.0.1", 0)
-        .await
-        .map_err(|e| format!("the host refused the forwarding: {e}"))?;
-    Ok((ch, ctx, up))
 }
 
 /// Whether a baseline entry or an AccessGrant in force explicitly allows `access` (its
@@ -1513,17 +1558,32 @@ pub async fn remote_forward(
 }
 
 /// Relays a granted forwarding's bytes both ways.
-pub async fn relay_forward(
-    agent: russh::Channel<server::Msg>,
-    (up, ctx, conn): (russh::Channel<client::Msg>, Arc<Ctx>, Connection),
-) {
+pub async fn relay_forward(agent: russh::Channel<server::Msg>, (up, ctx, conn, cmd): Forwarded) {
     let started = Instant::now();
     let mut a = agent.into_stream();
     let mut u = up.into_stream();
-    let result = tokio::io::copy_bidirectional(&mut a, &mut u).await;
-    let (bytes, error) = match result {
-        Ok((x, y)) => ((x, y), None),
-        Err(e) => ((0, 0), Some(e.to_string())),
+    // The forward closes when the access that allowed it ends.
+    let live = {
+        let ctx = ctx.clone();
+        let store = ctx.gw.core.policy.clone();
+        async move {
+            let identity = ctx.agent.identity.clone();
+            policy::live::ended_when(store, &identity, |s, _| match s {
+                Some(s) => forward_decision(&ctx, &cmd, s),
+                None => ctx.decide(&cmd),
+            })
+            .await
+        }
+    };
+    let (bytes, error) = tokio::select! {
+        result = tokio::io::copy_bidirectional(&mut a, &mut u) => match result {
+            Ok((x, y)) => ((x, y), None),
+            Err(e) => ((0, 0), Some(e.to_string())),
+        },
+        d = live => {
+            tracing::info!(identity = %ctx.agent.identity, target = %ctx.target, rule = %d.rule, reason = %d.message, "a port forward ended: its access ended");
+            ((0, 0), Some(policy::live::message(&d)))
+        }
     };
     ctx.outcome(0, started, bytes, error);
     let _ = conn
