@@ -62,8 +62,10 @@ pub struct TargetSpec {
     #[serde(default)]
     #[schemars(length(max = 128))]
     pub guardrails: Vec<Guardrail>,
-    /// How long a held command waits for an approver before the agent gets an error
-    /// (Go duration; `0s` answers at once with the grant to wait for).
+    /// How long a held PostgreSQL statement waits for an approver before the agent gets an
+    /// error (Go duration; `0s` answers at once with the grant to wait for). Kubernetes and
+    /// SSH requests are answered at once with the AccessGrant to wait for; the agent runs
+    /// the request again once it is approved.
     #[serde(default = "default_hold_timeout")]
     #[schemars(
         length(max = 32),
