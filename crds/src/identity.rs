@@ -129,7 +129,7 @@ pub struct ServiceAccountRef {
 /// Which OpenID Connect tokens belong to this identity.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, KubeSchema)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("has(self.subject) || size(self.claims) > 0").message("oidc needs a subject or at least one claim: otherwise every token of the issuer would match"))]
+#[x_kube(validation = Rule::new("has(self.subject) || (has(self.claims) && size(self.claims) > 0)").message("oidc needs a subject or at least one claim: otherwise every token of the issuer would match"))]
 pub struct OidcSubject {
     /// The issuer URL, exactly as in the token's `iss` claim; its discovery document and keys
     /// are fetched from `<issuer>/.well-known/openid-configuration`.

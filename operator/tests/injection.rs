@@ -333,6 +333,20 @@ async fn injection_into_real_pods() -> anyhow::Result<()> {
         Err(e) if e.contains("AgentIdentity default/nobody does not exist") => {}
         other => failures.push(format!("unknown: {other:?}")),
     }
+    // An identity known by OIDC tokens only: its injected sidecar could never tell who the
+    // pod is, so no pod runs as it.
+    common::apply(&admin, json!({
+        "apiVersion": "agentgate.dev/v1alpha1", "kind": "AgentIdentity", "metadata": { "name": "oidc-only" },
+        "spec": { "owner": "team-orders", "authentication": { "oidc": { "issuer": "https://idp.example", "audience": "agentgate", "subject": "robot" } } }
+    }))
+    .await?;
+    let mut oidc = pod("oidc-only", json!({}));
+    oidc.metadata.annotations =
+        Some([("agentgate.dev/identity".to_owned(), "oidc-only".to_owned())].into());
+    match create(&admin, NS, &oidc).await {
+        Err(e) if e.contains("names no service account") => {}
+        other => failures.push(format!("oidc-only: {other:?}")),
+    }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     Ok(())
 }

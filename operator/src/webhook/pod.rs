@@ -343,13 +343,38 @@ pub fn inject(pod: &Pod, input: &InjectionInput<'_>) -> Result<Pod, Refusal> {
         .service_account_name
         .clone()
         .unwrap_or_else(|| "default".into());
-    if let Some(sa) = &input.identity.spec.authentication.service_account
-        && sa.name != pod_sa
-    {
-        return refuse(format!(
-            "the pod runs as service account {pod_sa}, but AgentIdentity {identity} authenticates service account {}: set spec.serviceAccountName: {}",
-            sa.name, sa.name
-        ));
+    // The identity is read from the pod's namespace.
+    let pod_ns = pod
+        .metadata
+        .namespace
+        .clone()
+        .or_else(|| input.identity.metadata.namespace.clone());
+    match &input.identity.spec.authentication.service_account {
+        None => {
+            return refuse(format!(
+                "AgentIdentity {identity} names no service account (spec.authentication.serviceAccount), and an injected sidecar knows its agent by the pod's service-account token: add serviceAccount: {{ name: {pod_sa} }} to it (an identity with OIDC only is for agents that present their own tokens to a sidecar run with --pg-auth token)"
+            ));
+        }
+        Some(sa) if sa.name != pod_sa => {
+            return refuse(format!(
+                "the pod runs as service account {pod_sa}, but AgentIdentity {identity} authenticates service account {}: set spec.serviceAccountName: {}",
+                sa.name, sa.name
+            ));
+        }
+        Some(sa)
+            if sa
+                .namespace
+                .as_ref()
+                .is_some_and(|ns| pod_ns.as_ref().is_some_and(|p| p != ns)) =>
+        {
+            return refuse(format!(
+                "AgentIdentity {identity} authenticates service account {} in namespace {}, but the pod is in namespace {}: run the pod there, or name this namespace",
+                sa.name,
+                sa.namespace.as_deref().unwrap_or_default(),
+                pod_ns.as_deref().unwrap_or_default()
+            ));
+        }
+        Some(_) => {}
     }
     if spec.share_process_namespace == Some(true) {
         return refuse(
