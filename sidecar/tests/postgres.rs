@@ -1831,5 +1831,41 @@ async fn a_running_statement_is_canceled_when_its_grant_is_revoked() -> anyhow::
             })
         })
     });
+
+    // A read the baseline allows ends too when the identity is disabled.
+    let (client, _conn) = gw.client().await?;
+    let reading = tokio::spawn(async move { client.query("SELECT pg_sleep(60)", &[]).await });
+    wait_for("the slow read runs at the server", || {
+        admin(
+            &gw,
+            "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query = 'SELECT pg_sleep(60)'",
+        ) == "1"
+    });
+    let main = gw.policy.path().join("policy.yaml");
+    let text = std::fs::read_to_string(&main)?;
+    let disabled = text.replace(
+        "  owner: team-orders\n",
+        "  owner: team-orders\n  disabled: true\n",
+    );
+    assert_ne!(text, disabled);
+    std::fs::write(main.with_extension("tmp"), disabled)?;
+    std::fs::rename(main.with_extension("tmp"), &main)?;
+    let err = tokio::time::timeout(Duration::from_secs(30), reading)
+        .await
+        .expect("the slow read ended")?
+        .expect_err("the slow read was canceled");
+    let db = err.as_db_error().expect("an error from the gateway");
+    assert_eq!(db.code().code(), "57014");
+    assert!(
+        db.message().contains("AgentIdentity claude is disabled"),
+        "{}",
+        db.message()
+    );
+    wait_for("the server stopped the read", || {
+        admin(
+            &gw,
+            "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)' AND state = 'active'",
+        ) == "0"
+    });
     Ok(())
 }

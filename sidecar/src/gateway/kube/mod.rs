@@ -734,14 +734,34 @@ impl Connection {
         headers.insert("impersonate-group", group_v);
         // What outlives this moment (an exec, a watch, a followed log) ends when the access
         // that allowed it ends: a grant expired or revoked, the identity disabled.
-        let long_lived = upgrade || info.verb == "watch" || request::query_flag(&query, "follow");
+        let long_lived = upgrade
+            || info.verb == "watch"
+            || request::query_flag(&query, "follow")
+            || info.subresource == "proxy";
         let ended: Option<Ended> = long_lived.then(|| {
-            Box::pin(policy::live::ended(
-                core.policy.clone(),
-                identity.clone(),
-                target.clone(),
-                cmd.clone(),
-            )) as Ended
+            let core = self.gw.core.clone();
+            let (identity, target, cmd) = (identity.clone(), target.clone(), cmd.clone());
+            Box::pin(async move {
+                policy::live::ended_when(core.policy.clone(), &identity, |snapshot, now| {
+                    let d = policy::decide(snapshot, &identity, &target, &cmd, now);
+                    // The pod must still be the identity it serves.
+                    match (&core.pod_user, snapshot) {
+                        (Some(pod_user), Some(s)) if d.verdict == Verdict::Allow => {
+                            match crate::identity::pod::check(pod_user, s, &identity) {
+                                Ok(()) => d,
+                                Err(why) => Decision {
+                                    verdict: Verdict::Refuse,
+                                    rule: "pod-identity".into(),
+                                    grant: None,
+                                    message: why,
+                                },
+                            }
+                        }
+                        _ => d,
+                    }
+                })
+                .await
+            }) as Ended
         });
         if upgrade {
             return stream::upgrade(

@@ -98,6 +98,7 @@ pub fn revocable(
         watch_events,
         why,
         done: false,
+        line_open: false,
     }
     .boxed()
 }
@@ -109,6 +110,8 @@ struct Revocable {
     watch_events: bool,
     why: EndedBy,
     done: bool,
+    /// The last bytes relayed did not end with a newline (a watch event is partly sent).
+    line_open: bool,
 }
 
 impl Drop for Revocable {
@@ -133,7 +136,14 @@ impl HttpBody for Revocable {
             && let Poll::Ready(d) = Pin::new(rx).poll(cx)
         {
             this.ended = None;
-            if let Ok(d) = d {
+            // A check that can no longer run ends the request too (fail closed).
+            let d = d.unwrap_or_else(|_| Decision {
+                verdict: crate::policy::Verdict::Refuse,
+                rule: "live-check".into(),
+                grant: None,
+                message: "agentgate could not keep checking this request's access".into(),
+            });
+            {
                 this.done = true;
                 let message = live::message(&d);
                 let _ = this.why.set(message.clone());
@@ -146,14 +156,27 @@ impl HttpBody for Revocable {
                             "status": "Failure", "message": message, "reason": "Forbidden", "code": 403
                         }
                     });
-                    let mut line = event.to_string().into_bytes();
+                    // After a whole line: an event cut in half would be unreadable.
+                    let mut line = if this.line_open {
+                        vec![b'\n']
+                    } else {
+                        Vec::new()
+                    };
+                    line.extend_from_slice(event.to_string().as_bytes());
                     line.push(b'\n');
                     return Poll::Ready(Some(Ok(Frame::data(Bytes::from(line)))));
                 }
                 return Poll::Ready(Some(Err(std::io::Error::other(message))));
             }
         }
-        Pin::new(&mut this.inner).poll_frame(cx)
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(f))) = &polled
+            && let Some(d) = f.data_ref()
+            && let Some(last) = d.last()
+        {
+            this.line_open = *last != b'\n';
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

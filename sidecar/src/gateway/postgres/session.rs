@@ -513,7 +513,6 @@ pub async fn handle(sock: AgentStream, gw: Arc<Gateway>) -> Result<(), FrameErro
             target: database.clone(),
             pg: pg.clone(),
             key: key.clone(),
-            hold: hold_cancel.clone(),
         },
     );
     let reader = reader(
@@ -687,7 +686,7 @@ fn answering<'a>(queue: &'a mut VecDeque<Pending>, open: &'a mut Batch) -> &'a m
     }
 }
 
-/// What the writer needs to end a running statement whose grant ended.
+/// What the writer needs to end a running statement whose access ended.
 struct Live {
     policy: Arc<PolicyStore>,
     identity: String,
@@ -695,65 +694,91 @@ struct Live {
     pg: agentgate_crds::target::PostgresTarget,
     /// The server's cancel key for this connection.
     key: Option<CancelKey>,
-    /// Marks the session canceled (its server connection is then never reused).
-    hold: Arc<HoldCancel>,
 }
 
+/// How long the writer waits, after asking the server to cancel a statement whose access
+/// ended, for the statement's answer before it closes the session anyway.
+const CANCEL_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl Live {
-    /// Decides again the statements a grant allowed that the server has not finished; asks
-    /// the server to cancel when one is no longer allowed.
-    fn check(&self, queue: &mut VecDeque<Pending>, open: &mut Batch) {
+    /// Decides again the statement the server is running: the command a grant allowed it
+    /// with (or, for a cursor's FETCH, its DECLARE's), else whether the session may go on at
+    /// all (the identity disabled or gone, the policy lost). When it may not, asks the server
+    /// to cancel it and returns why.
+    fn check(&self, head: &Tally) -> Option<String> {
         let snapshot = self.policy.get();
         let now = crate::clock::now();
-        let mut cancel = false;
-        let batches = queue
-            .iter_mut()
-            .filter_map(|p| match p {
-                Pending::Upstream { batch, .. } => Some(&mut **batch),
-                _ => None,
-            })
-            .chain(std::iter::once(open));
-        for batch in batches {
-            for t in batch.query_tally.iter_mut().chain(batch.tallies.iter_mut()) {
-                let Some(cmd) = t.command.as_deref() else {
-                    continue;
-                };
-                if t.ended.is_some() {
-                    continue;
-                }
-                let d = policy::decide(snapshot.as_deref(), &self.identity, &self.target, cmd, now);
-                if d.verdict != Verdict::Allow {
-                    tracing::info!(identity = %self.identity, target = %self.target, request = t.id, rule = %d.rule, reason = %d.message, "a running statement is canceled: its access ended");
-                    t.ended = Some(policy::live::message(&d));
-                    cancel = true;
-                }
+        let d = match head.command.as_deref() {
+            Some(cmd) => {
+                policy::decide(snapshot.as_deref(), &self.identity, &self.target, cmd, now)
             }
-        }
-        if cancel {
-            self.hold.cancel();
-            if let Some(key) = self.key.clone() {
-                let pg = self.pg.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = upstream::cancel(&pg, &key).await {
-                        tracing::warn!(error = %e, "the cancel of a statement whose access ended did not reach the server");
-                    }
-                });
+            None => {
+                let probe = classify("SELECT 1").ok().map(|c| Command::from(&c))?;
+                let d = policy::decide(
+                    snapshot.as_deref(),
+                    &self.identity,
+                    &self.target,
+                    &probe,
+                    now,
+                );
+                if !matches!(
+                    d.rule.as_str(),
+                    "identity-disabled"
+                        | "unknown-identity"
+                        | "unknown-target"
+                        | "policy-not-loaded"
+                ) {
+                    return None;
+                }
+                d
             }
+        };
+        if d.verdict == Verdict::Allow {
+            return None;
         }
+        tracing::info!(identity = %self.identity, target = %self.target, request = head.id, rule = %d.rule, reason = %d.message, "a running statement is canceled and its session closed: its access ended");
+        if let Some(key) = self.key.clone() {
+            let pg = self.pg.clone();
+            tokio::spawn(async move {
+                let sent = tokio::time::timeout(CANCEL_WAIT, upstream::cancel(&pg, &key)).await;
+                if !matches!(sent, Ok(Ok(()))) {
+                    tracing::warn!(
+                        "the cancel of a statement whose access ended did not reach the server; its connection is closed"
+                    );
+                }
+            });
+        }
+        Some(policy::live::message(&d))
     }
 }
 
-/// Whether a statement a grant allowed is still running.
-fn granted_running(queue: &VecDeque<Pending>, open: &Batch) -> bool {
-    let granted = |b: &Batch| {
-        b.query_tally.as_ref().is_some_and(|t| t.command.is_some())
-            || b.tallies.iter().any(|t| t.command.is_some())
-    };
-    granted(open)
-        || queue.iter().any(|p| match p {
-            Pending::Upstream { batch, .. } => granted(batch),
-            _ => false,
+/// The declared query of a cursor `c` reads from (FETCH, MOVE), when a grant allowed it.
+fn granted_cursor<'a>(
+    c: &Classified,
+    cursors: &'a HashMap<String, Classified>,
+    decide: &impl Fn(&Classified) -> Decision,
+) -> Option<&'a Classified> {
+    c.statements
+        .iter()
+        .flat_map(|st| st.flags.iter())
+        .find_map(|f| match f {
+            crate::sql::Flag::UseCursor(name) => cursors.get(name),
+            _ => None,
         })
+        .filter(|declared| decide(declared).grant.is_some())
+}
+
+/// The statement the server is answering now, if one is running.
+fn running<'a>(queue: &'a VecDeque<Pending>, open: &'a Batch) -> Option<&'a Tally> {
+    let batch = match queue.front() {
+        Some(Pending::Upstream { batch, .. }) => batch,
+        _ => open,
+    };
+    batch
+        .tallies
+        .front()
+        .or(batch.query_tally.as_ref())
+        .map(|t| &**t)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -768,10 +793,12 @@ async fn writer(
     live: Live,
 ) -> Option<(Box<dyn upstream::Stream>, Vec<Frame>)> {
     let mut queue: VecDeque<Pending> = VecDeque::new();
-    // While a statement a grant allowed runs, it is decided again every second: when the
-    // grant ended (expired, revoked), the server is asked to cancel it.
+    // While a statement runs it is decided again every second: when its access ended (the
+    // grant it used expired or was revoked, the identity was disabled, the policy lost), the
+    // server is asked to cancel it, and the session closes once it answered (or after 5 s).
     let mut live_tick = tokio::time::interval(std::time::Duration::from_secs(1));
     live_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut closing: Option<(String, std::time::Instant)> = None;
     let mut status = b'I';
     let mut formats: Vec<i16> = Vec::new();
     let mut types: Vec<u32> = Vec::new();
@@ -855,8 +882,21 @@ async fn writer(
                 }
                 None => done = true,
             },
-            _ = live_tick.tick(), if granted_running(&queue, &open) => {
-                live.check(&mut queue, &mut open);
+            _ = live_tick.tick(), if closing.is_some() || running(&queue, &open).is_some() => {
+                match &closing {
+                    Some((why, since)) => {
+                        if since.elapsed() >= CANCEL_WAIT {
+                            let why = why.clone();
+                            end_session(&mut agent, &mut queue, &mut open, &why, &rec).await;
+                            return None;
+                        }
+                    }
+                    None => {
+                        if let Some(why) = running(&queue, &open).and_then(|t| live.check(t)) {
+                            closing = Some((why, std::time::Instant::now()));
+                        }
+                    }
+                }
                 continue;
             }
             frame = read_frame(&mut up, MAX_MESSAGE) => {
@@ -991,12 +1031,15 @@ async fn writer(
                     // After an error the server skips to the Sync: nothing more is answered.
                     b'E' => {
                         let batch = answering(&mut queue, &mut open);
-                        // The statement agentgate canceled: the agent is told why.
-                        let ended = batch.tally().and_then(|t| t.ended.clone());
-                        let frame = match ended {
-                            Some(why) if ErrorFields::decode(&frame).is_ok_and(|e| e.code == "57014") => {
-                                ErrorFields::error("57014", why)
-                                    .hint("the statement was canceled; ask for a new grant to run it again")
+                        // The statement agentgate canceled: the agent is told why, and so is
+                        // the record.
+                        let frame = match &closing {
+                            Some((why, _)) if ErrorFields::decode(&frame).is_ok_and(|e| e.code == "57014") => {
+                                if let Some(t) = batch.tally() {
+                                    t.ended = Some(why.clone());
+                                }
+                                ErrorFields::error("57014", why.clone())
+                                    .hint("the statement was canceled and the session closes; ask for a new grant, then connect again")
                                     .to_error()
                             }
                             _ => frame,
@@ -1075,14 +1118,44 @@ async fn writer(
                 if let Some(t) = answering(&mut queue, &mut open).tally() {
                     t.bytes_out += out.body.len() as u64 + 5;
                 }
+                let ready = out.tag == b'Z';
                 if super::frame::write_frames_unflushed(&mut agent, &[out]).await.is_err()
                     || (flush && agent.flush().await.is_err())
                 {
                     return None;
                 }
+                // The statement whose access ended has answered: the session closes.
+                if ready && let Some((why, _)) = &closing {
+                    let why = why.clone();
+                    end_session(&mut agent, &mut queue, &mut open, &why, &rec).await;
+                    return None;
+                }
             }
         }
     }
+}
+
+/// Closes a session whose access ended: what the server still owed is recorded as ended,
+/// the agent gets a FATAL error saying why, and the server connection is dropped (never
+/// reused).
+async fn end_session(
+    agent: &mut AgentWriter,
+    queue: &mut VecDeque<Pending>,
+    open: &mut Batch,
+    why: &str,
+    rec: &SessionRecorder,
+) {
+    fail_unanswered(
+        queue,
+        open,
+        why.strip_prefix("agentgate: ").unwrap_or(why),
+        rec,
+    );
+    let e = ErrorFields::fatal("57P01", why.to_owned())
+        .hint("ask for a new grant (or have the identity enabled), then connect again");
+    let _ = write_frames(agent, &[e.to_error()]).await;
+    rec.end(why);
+    let _ = agent.shutdown().await;
 }
 
 /// Tells the server the session is over (Terminate, then the end of the stream) on a task
@@ -1910,6 +1983,9 @@ async fn read_agent(
                     let mut tally = Tally::new(id, bytes_in);
                     if d.grant.is_some() {
                         tally.command = Some(Arc::new(Command::from(&classified)));
+                    } else if let Some(declared) = granted_cursor(&classified, &cursors, &decide) {
+                        // A FETCH runs its cursor's query: decided again as the DECLARE.
+                        tally.command = Some(Arc::new(Command::from(declared)));
                     }
                     tx.send(Event::ExpectQuery(computed, Box::new(tally)))
                         .await

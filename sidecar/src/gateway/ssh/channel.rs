@@ -87,6 +87,9 @@ pub struct Ctx {
     /// Where this channel's shell may be (`cd` on an earlier line): relative paths written
     /// are checked there.
     cwds: std::sync::Mutex<command::Cwds>,
+    /// What a grant allowed on this channel (shell lines, sftp operations, scp uploads): the
+    /// channel ends when any of it is no longer allowed (a program it started may still run).
+    granted: std::sync::Mutex<Vec<policy::Command>>,
 }
 
 /// The fingerprint of an SSH command (what a grant bound to it carries).
@@ -143,6 +146,7 @@ impl Ctx {
             masks,
             rec,
             cwds: std::sync::Mutex::new(command::home()),
+            granted: std::sync::Mutex::new(Vec::new()),
             sftp_handles: std::sync::Mutex::default(),
             scp_answers: scp::Answers::default(),
         })
@@ -159,6 +163,58 @@ impl Ctx {
 
     /// Decides a command with the policy in force now (a grant revoked mid-session stops
     /// the next command).
+    /// Remembers a request a grant allowed on this channel, to end the channel with it.
+    fn remember_granted(&self, cmd: &policy::Command, decision: &Decision) {
+        if decision.verdict == Verdict::Allow
+            && decision.grant.is_some()
+            && let Ok(mut g) = self.granted.lock()
+            && g.len() < 1024
+        {
+            g.push(cmd.clone());
+        }
+    }
+
+    /// Whether this channel may go on: its own request, what a grant allowed on it, and the
+    /// forwarding it asked for, decided again.
+    fn still_allowed(
+        &self,
+        cmd: &policy::Command,
+        forwarding: &[SshForwarding],
+        snapshot: Option<&Snapshot>,
+    ) -> Decision {
+        let d = self.decide(cmd);
+        if d.verdict != Verdict::Allow {
+            return d;
+        }
+        let granted: Vec<policy::Command> =
+            self.granted.lock().map(|g| g.clone()).unwrap_or_default();
+        for c in &granted {
+            let d = self.decide(c);
+            if d.verdict != Verdict::Allow {
+                return d;
+            }
+        }
+        for kind in forwarding {
+            let access = SshAccess {
+                login: self.login.clone(),
+                default_login: self.default_login.clone(),
+                commands: Vec::new(),
+                forwarding: Some(*kind),
+            };
+            if !snapshot
+                .is_some_and(|s| forwarding_granted(s, &self.agent.identity, &self.target, &access))
+            {
+                return Decision {
+                    verdict: Verdict::Refuse,
+                    rule: "ssh-forwarding".into(),
+                    grant: None,
+                    message: format!("{kind:?} forwarding is no longer granted"),
+                };
+            }
+        }
+        d
+    }
+
     fn decide(&self, cmd: &policy::Command) -> Decision {
         let snapshot = self.gw.core.policy.get();
         let mut d = policy::decide(
@@ -663,13 +719,23 @@ pub async fn run(
         inject_rx,
     ));
     // The channel ends when the access that allowed it does (a grant expired or revoked,
-    // the identity disabled).
+    // the identity disabled), with the forwarding it asked for.
+    let forwarding: Vec<SshForwarding> = [
+        (agent_forwarding, SshForwarding::Agent),
+        (x11.is_some(), SshForwarding::X11),
+    ]
+    .into_iter()
+    .filter_map(|(on, kind)| on.then_some(kind))
+    .collect();
     let live = {
         let ctx = ctx.clone();
         let store = ctx.gw.core.policy.clone();
         async move {
             let identity = ctx.agent.identity.clone();
-            policy::live::ended_when(store, &identity, |_, _| ctx.decide(&cmd)).await
+            policy::live::ended_when(store, &identity, |snapshot, _| {
+                ctx.still_allowed(&cmd, &forwarding, snapshot)
+            })
+            .await
         }
     };
     let relayed = async {
@@ -1030,6 +1096,7 @@ async fn shell_line(ctx: &Arc<Ctx>, text: &str, escapes: bool) -> Result<(), Str
     }
     ctx.record("line", text, &cmd, &decision)
         .map_err(|why| format!("agentgate: {why}"))?;
+    ctx.remember_granted(&cmd, &decision);
     if decision.verdict == Verdict::Allow {
         Ok(())
     } else {
@@ -1109,6 +1176,7 @@ async fn sftp_request(ctx: &Arc<Ctx>, packet: &[u8]) -> Result<(), Vec<u8>> {
             message: "files read from the host would reach the agent unmasked, and a MaskPolicy applies to this Target".into(),
         };
     }
+    ctx.remember_granted(&cmd, &decision);
     if let Err(why) = ctx.record("sftp", &text, &cmd, &decision) {
         return Err(sftp::status(
             op.id,
@@ -1144,6 +1212,7 @@ async fn scp_entry(ctx: &Arc<Ctx>, paths: &[String], setid: bool) -> Result<(), 
     let decision = approvable(ctx.decide(&cmd), &text);
     ctx.record("scp", &text, &cmd, &decision)
         .map_err(|why| format!("agentgate: {why}"))?;
+    ctx.remember_granted(&cmd, &decision);
     if decision.verdict == Verdict::Allow {
         return Ok(());
     }
@@ -1528,7 +1597,7 @@ pub async fn remote_forward(
     address: &str,
     port: u32,
     handle: server::Handle,
-) -> Result<(u32, Connection), String> {
+) -> Result<(u32, Arc<Connection>), String> {
     let ctx = Ctx::resolve(gw, agent)?;
     let text = format!("remote forward {address}:{port}");
     let granted = ctx.forwarding(SshForwarding::Port, &text);
@@ -1554,6 +1623,40 @@ pub async fn remote_forward(
         .tcpip_forward(address, port)
         .await
         .map_err(|e| format!("the host refused the forwarding: {e}"))?;
+    let up = Arc::new(up);
+    // The forward ends when port forwarding is no longer granted: the host connection that
+    // listens for it is closed. The watch ends with the agent's connection.
+    let weak = Arc::downgrade(&up);
+    let (gw2, agent2) = (gw.clone(), agent.clone());
+    tokio::spawn(async move {
+        let watched = weak.clone();
+        let d = policy::live::ended_when(gw2.core.policy.clone(), &agent2.identity, |_, _| {
+            let (verdict, rule, message) = if watched.strong_count() == 0 {
+                (Verdict::Refuse, "gone", "the agent's connection closed")
+            } else if may_forward(&gw2, &agent2, SshForwarding::Port) {
+                (Verdict::Allow, "ssh-port-forwarding", "")
+            } else {
+                (
+                    Verdict::Refuse,
+                    "ssh-forwarding",
+                    "port forwarding is no longer granted",
+                )
+            };
+            Decision {
+                verdict,
+                rule: rule.into(),
+                grant: None,
+                message: message.into(),
+            }
+        })
+        .await;
+        if let Some(up) = weak.upgrade() {
+            tracing::info!(identity = %agent2.identity, rule = %d.rule, reason = %d.message, "a remote forward ended: its access ended");
+            let _ = up
+                .disconnect(russh::Disconnect::ByApplication, "", "en")
+                .await;
+        }
+    });
     Ok((if port == 0 { bound } else { port }, up))
 }
 

@@ -317,7 +317,7 @@ struct Conn {
     peer: SocketAddr,
     agent: Option<Agent>,
     /// Connections to the host that carry the agent's granted remote forwardings.
-    remote: Vec<upstream::Connection>,
+    remote: Vec<Arc<upstream::Connection>>,
 }
 
 impl Conn {
