@@ -1430,6 +1430,11 @@ pub async fn open_forward(
         ctx.rec.end("the forwarding was refused");
         return Err(msg);
     }
+    let failed = |why: String| {
+        ctx.outcome(id, Instant::now(), (0, 0), Some(why.clone()));
+        ctx.rec.end("the forwarding failed");
+        why
+    };
     let up = upstream::connect(
         &ctx.spec,
         &gw.core.targets_dir.join(&ctx.target),
@@ -1437,21 +1442,22 @@ pub async fn open_forward(
         upstream::Back::default(),
     )
     .await
-    .map_err(|e| format!("agentgate cannot reach the host: {e}"))?;
+    .map_err(|e| failed(format!("agentgate cannot reach the host: {e}")))?;
     let ch = up
         .channel_open_direct_tcpip(forward.host.clone(), forward.port, "127.0.0.1", 0)
         .await
-        .map_err(|e| format!("the host refused the forwarding: {e}"))?;
-    Ok((ch, ctx, up, cmd))
+        .map_err(|e| failed(format!("the host refused the forwarding: {e}")))?;
+    Ok((ch, ctx.clone(), up, cmd, id))
 }
 
-/// An opened port forward: the host's channel, the context, the host connection, and the
-/// request that allowed it.
+/// An opened port forward: the host's channel, the context, the host connection, the
+/// request that allowed it and its number in the record.
 pub type Forwarded = (
     russh::Channel<client::Msg>,
     Arc<Ctx>,
     Connection,
     policy::Command,
+    u64,
 );
 
 /// The decision on a port forward: as any request, and allowed also (it is Exec-class, held
@@ -1582,8 +1588,16 @@ impl Ctx {
                 ),
             }
         };
-        // Recorded either way; granted only when the record was taken.
-        let recorded = self.record("forward", text, &cmd, &decision).is_ok();
+        // Recorded either way (the request and its outcome); granted only when the record
+        // was taken.
+        let recorded = match self.record("forward", text, &cmd, &decision) {
+            Ok(id) => {
+                let error = (!granted).then(|| decision.message.clone());
+                self.outcome(id, Instant::now(), (0, 0), error);
+                true
+            }
+            Err(_) => false,
+        };
         granted && recorded
     }
 }
@@ -1661,7 +1675,10 @@ pub async fn remote_forward(
 }
 
 /// Relays a granted forwarding's bytes both ways.
-pub async fn relay_forward(agent: russh::Channel<server::Msg>, (up, ctx, conn, cmd): Forwarded) {
+pub async fn relay_forward(
+    agent: russh::Channel<server::Msg>,
+    (up, ctx, conn, cmd, id): Forwarded,
+) {
     let started = Instant::now();
     let mut a = agent.into_stream();
     let mut u = up.into_stream();
@@ -1688,7 +1705,7 @@ pub async fn relay_forward(agent: russh::Channel<server::Msg>, (up, ctx, conn, c
             ((0, 0), Some(policy::live::message(&d)))
         }
     };
-    ctx.outcome(0, started, bytes, error);
+    ctx.outcome(id, started, bytes, error);
     let _ = conn
         .disconnect(russh::Disconnect::ByApplication, "", "en")
         .await;
