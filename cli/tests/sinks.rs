@@ -277,3 +277,56 @@ fn the_webhook_gets_every_record_verbatim_after_failures() {
     assert!(out.status.success(), "{}", common::stdout(&out));
     sidecar.stop(Duration::from_secs(5));
 }
+
+/// The PostgreSQL sink over TLS (`sslmode=require`): the server's certificate is verified,
+/// so a server whose CA the sidecar does not trust gets nothing, and the sidecar says why;
+/// with the CA given (`--audit-ca-file`) the records arrive, over TLS.
+#[test]
+fn the_postgres_sink_verifies_the_server_over_tls() {
+    let s = setup();
+    let pg = s.env.postgres().unwrap();
+    let rows = || -> u64 {
+        pg.psql_run("app", "SELECT count(*) FROM agentgate_audit")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let tls = s.sink.replace("sslmode=disable", "sslmode=require");
+    assert_ne!(tls, s.sink);
+    let (mut untrusted, port) = s.start_with_sink("sidecar-pg-sink-untrusted", &tls, &[]);
+    assert!(s.psql(port, "SELECT 1").status.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !untrusted.log_contains("invalid peer certificate") {
+        assert!(
+            Instant::now() < deadline,
+            "no certificate error: {}",
+            untrusted.log_tail(60)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(rows(), 0, "nothing reaches a server that is not trusted");
+    untrusted.stop(Duration::from_secs(5));
+
+    let (mut trusted, port) = s.start_with_sink(
+        "sidecar-pg-sink-tls",
+        &tls,
+        &[format!("--audit-ca-file={}", pg.ca_path().display())],
+    );
+    assert!(s.psql(port, "SELECT 2").status.success());
+    wait_until(
+        &mut trusted,
+        Duration::from_secs(30),
+        "records reach the table over TLS",
+        || rows() > 0,
+    )
+    .unwrap();
+    let over_tls = pg
+        .psql_run(
+            "app",
+            "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.usename = 'agentgate_audit_writer' AND s.ssl",
+        )
+        .unwrap();
+    assert_ne!(over_tls.trim(), "0", "the sink's connection is TLS");
+    trusted.stop(Duration::from_secs(5));
+}

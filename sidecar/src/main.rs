@@ -201,7 +201,8 @@ struct Args {
     /// A bearer token for the webhook, read from this file.
     #[arg(long, env = "AGENTGATE_AUDIT_WEBHOOK_TOKEN_FILE")]
     audit_webhook_token_file: Option<PathBuf>,
-    /// Extra CA certificates (PEM) trusted by the HTTP sinks.
+    /// Extra CA certificates (PEM) trusted by the HTTP sinks and the PostgreSQL sink (with
+    /// `sslmode=require` in its connection string).
     #[arg(long, env = "AGENTGATE_AUDIT_CA_FILE")]
     audit_ca_file: Option<PathBuf>,
     /// In-cluster: how often an active AgentSession's status is updated at most.
@@ -529,10 +530,10 @@ fn audit_sinks(args: &Args) -> anyhow::Result<Vec<Sink>> {
         ))),
     }
     if let Some(conninfo) = &args.audit_postgres {
-        sinks.push(Sink::Postgres(Box::new(PostgresSink::new(
-            conninfo.clone(),
-            args.audit_postgres_table.clone(),
-        ))));
+        sinks.push(Sink::Postgres(Box::new(
+            PostgresSink::new(conninfo.clone(), args.audit_postgres_table.clone())
+                .with_ca_file(args.audit_ca_file.clone()),
+        )));
     }
     if let Some(url) = &args.audit_otlp {
         let headers = args

@@ -102,6 +102,11 @@ spec: {{ rules: [ {{ name: emails, detectors: [Email], action: Redact }} ] }}
 
 impl Setup {
     pub fn start(&self, name: &str, extra: &[String]) -> (Proc, u16) {
+        self.start_with_sink(name, &self.sink, extra)
+    }
+
+    /// Starts a sidecar whose PostgreSQL sink connects with `sink`.
+    pub fn start_with_sink(&self, name: &str, sink: &str, extra: &[String]) -> (Proc, u16) {
         let port = free_port().unwrap();
         let mut args = vec![
             format!("--policy-dir={}", self.policy.path().display()),
@@ -111,7 +116,7 @@ impl Setup {
             "--kube-addr=127.0.0.1:0".into(),
             "--ssh-addr=127.0.0.1:0".into(),
             format!("--audit-dir={}", self.audit_dir.display()),
-            format!("--audit-postgres={}", self.sink),
+            format!("--audit-postgres={sink}"),
         ];
         args.extend_from_slice(extra);
         let spec = Spec::new(name, sidecar_bin()).args(args);

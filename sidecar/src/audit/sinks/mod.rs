@@ -7,6 +7,7 @@
 pub mod file;
 pub mod http;
 pub mod otlp;
+pub mod pgtls;
 pub mod postgres;
 pub mod sessions;
 

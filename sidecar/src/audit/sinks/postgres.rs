@@ -5,9 +5,16 @@
 //! able to INSERT and nothing more: before writing, the sink checks that it cannot UPDATE,
 //! DELETE or TRUNCATE the table and does not own it, and refuses to deliver (records stay
 //! spilled, commands are refused when the buffer fills) until that holds.
+//!
+//! With `sslmode=require` (or `prefer`) in the connection string the connection is TLS, and
+//! the server's certificate must be valid for the host named (system roots plus
+//! `--audit-ca-file`): `require` here means what libpq's `verify-full` does.
+
+use std::path::PathBuf;
 
 use agentgate_crds::audit::Record;
 use bytes::Bytes;
+use tokio_postgres::config::SslMode;
 use tokio_postgres::{Client, NoTls};
 
 /// The PostgreSQL sink.
@@ -15,6 +22,8 @@ pub struct PostgresSink {
     conninfo: String,
     table: String,
     client: Option<Client>,
+    /// Extra CA certificates trusted for the server's certificate.
+    ca_file: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for PostgresSink {
@@ -40,7 +49,15 @@ impl PostgresSink {
             conninfo,
             table,
             client: None,
+            ca_file: None,
         }
+    }
+
+    /// Also trusts the CA certificates (PEM) in `ca_file` for the server's certificate.
+    #[must_use]
+    pub fn with_ca_file(mut self, ca_file: Option<PathBuf>) -> Self {
+        self.ca_file = ca_file;
+        self
     }
 
     async fn connect(&mut self) -> Result<&Client, String> {
@@ -51,19 +68,43 @@ impl PostgresSink {
                 .ok_or_else(|| "not connected".to_owned());
         }
         self.client = None;
-        let (client, conn) = tokio_postgres::connect(&self.conninfo, NoTls)
-            .await
-            .map_err(|e| {
-                let why = e
-                    .as_db_error()
-                    .map_or(e.to_string(), |d| d.message().to_owned());
-                format!("connect: {why}")
-            })?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
+        let config: tokio_postgres::Config = self
+            .conninfo
+            .parse()
+            .map_err(|e| format!("the connection string: {e}"))?;
+        let failed = |e: tokio_postgres::Error| {
+            let why = match e.as_db_error() {
+                Some(d) => d.message().to_owned(),
+                None => {
+                    // With its causes: "error performing TLS handshake: invalid peer
+                    // certificate: UnknownIssuer".
+                    let mut why = e.to_string();
+                    let mut cause = std::error::Error::source(&e);
+                    while let Some(c) = cause {
+                        why.push_str(&format!(": {c}"));
+                        cause = c.source();
+                    }
+                    why
+                }
+            };
+            format!("connect: {why}")
+        };
+        let ended = |r: Result<(), tokio_postgres::Error>| {
+            if let Err(e) = r {
                 tracing::debug!(error = %e, "audit sink connection ended");
             }
-        });
+        };
+        let client = if config.get_ssl_mode() == SslMode::Disable {
+            let (client, conn) = config.connect(NoTls).await.map_err(failed)?;
+            tokio::spawn(async move { ended(conn.await) });
+            client
+        } else {
+            let tls =
+                super::pgtls::MakeRustls::new(crate::tls::client_config(self.ca_file.as_deref())?);
+            let (client, conn) = config.connect(tls).await.map_err(failed)?;
+            tokio::spawn(async move { ended(conn.await) });
+            client
+        };
         let row = client
             .query_one(
                 "SELECT has_table_privilege($1::text, 'UPDATE') \
