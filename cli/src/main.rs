@@ -32,7 +32,8 @@ struct Cli {
     /// The namespace (default: the kubeconfig context's).
     #[arg(short, long, global = true)]
     namespace: Option<String>,
-    /// Output: a table for people, or json / yaml for scripts.
+    /// Output: a table for people, or json / yaml for scripts; `export` also writes csv and
+    /// oscal.
     #[arg(short, long, global = true, default_value = "table")]
     output: Output,
     #[command(subcommand)]
@@ -279,7 +280,10 @@ async fn client(ns: &Option<String>) -> anyhow::Result<(kube::Client, String)> {
 fn print<T: serde::Serialize>(output: Output, value: &T) -> anyhow::Result<()> {
     match output {
         Output::Yaml => print!("{}", serde_norway::to_string(value)?),
-        _ => println!("{}", serde_json::to_string_pretty(value)?),
+        Output::Csv | Output::Oscal => anyhow::bail!(
+            "-o csv and -o oscal are formats of `kubectl agentgate export`; this command prints table, json or yaml"
+        ),
+        Output::Table | Output::Json => println!("{}", serde_json::to_string_pretty(value)?),
     }
     Ok(())
 }

@@ -118,6 +118,14 @@ fn a_session_is_recorded_verified_shown_and_exported() {
         "sessions", "--from", &dir, "--target", "other", "-o", "yaml",
     ]);
     assert_eq!(stdout(&out).trim(), "[]", "{}", stdout(&out));
+    // csv and oscal are export formats: elsewhere refused, not printed as something else.
+    let out = cli(&["sessions", "--from", &dir, "-o", "csv"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("formats of `kubectl agentgate export`"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = cli(&[
         "sessions",
         "--from",
