@@ -43,6 +43,7 @@ use crate::common::{Condition, OperationClass, SecretKeyRef, SecretRef};
 #[x_kube(validation = Rule::new("(self.protocol == 'Kubernetes') == has(self.kubernetes)").message("spec.kubernetes is required exactly when protocol is Kubernetes"))]
 #[x_kube(validation = Rule::new("(self.protocol == 'SSH') == has(self.ssh)").message("spec.ssh is required exactly when protocol is SSH"))]
 #[x_kube(validation = Rule::new("self.guardrails.all(g, self.guardrails.exists_one(h, h.name == g.name))").message("guardrail names must be unique"))]
+#[x_kube(validation = Rule::new("!has(self.kubernetes) || !has(self.kubernetes.tls) || !has(self.kubernetes.tls.mode) || self.kubernetes.tls.mode == 'VerifyFull'").message("spec.kubernetes.tls.mode must be VerifyFull: agentgate sends the agent's requests (and its own credential) to an API server only over TLS that names it"))]
 pub struct TargetSpec {
     /// The protocol agents speak to this target: `Postgres`, `Kubernetes` or `SSH`.
     #[x_kube(validation = Rule::new("self == oldSelf").message("spec.protocol is immutable"))]
@@ -154,7 +155,8 @@ pub struct KubernetesTarget {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 9, max = 2048), pattern(r"^https://[^\s]+$"))]
     pub server: Option<String>,
-    /// Upstream TLS.
+    /// Upstream TLS: always verified (`VerifyFull`); `serverName` when the certificate names
+    /// the API server differently from the URL's host.
     #[serde(default)]
     pub tls: UpstreamTls,
     /// The Secret with the credential agentgate uses upstream (`token`, or `tls.crt` and

@@ -840,3 +840,53 @@ async fn a_watch_ends_when_the_grant_that_allowed_it_is_revoked() -> anyhow::Res
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_server_certificate_is_checked_against_tls_server_name() -> anyhow::Result<()> {
+    let s = setup().await?;
+    let file = s.dir.path().join("policy/policy.yaml");
+    let text = std::fs::read_to_string(&file)?;
+    let with = |name: &str| {
+        text.replace(
+            "ca: { name: c, key: ca.crt } }",
+            &format!("ca: {{ name: c, key: ca.crt }}, serverName: {name} }}"),
+        )
+    };
+    assert_ne!(with("x"), text);
+    let write = |yaml: String| {
+        std::fs::write(file.with_extension("tmp"), yaml).unwrap();
+        std::fs::rename(file.with_extension("tmp"), &file).unwrap();
+    };
+    let get = [
+        "get",
+        "configmap",
+        "settings",
+        "-n",
+        "default",
+        "-o",
+        "name",
+    ];
+    // The URL is https://127.0.0.1:…; the certificate also names `kubernetes`.
+    write(with("kubernetes"));
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(s.agent_ok(&get).trim(), "configmap/settings");
+    // A name the certificate does not carry: nothing is sent, and the agent is told why.
+    write(with("api.wrong.example"));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let err = loop {
+        let out = s.agent(&get);
+        if !out.status.success() {
+            break String::from_utf8_lossy(&out.stderr).into_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still served with a wrong serverName"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert!(
+        err.contains("cannot reach the API server") && err.contains("certificate"),
+        "{err}"
+    );
+    Ok(())
+}

@@ -397,6 +397,12 @@ async fn invalid_objects_are_refused_naming_the_field() -> anyhow::Result<()> {
         ),
         (
             "Target",
+            json!({ "protocol": "Kubernetes", "kubernetes": { "server": "https://api.example:6443",
+            "tls": { "mode": "VerifyCA" } } }),
+            &["spec.kubernetes.tls.mode must be VerifyFull"],
+        ),
+        (
+            "Target",
             json!({ "protocol": "Telnet" }),
             &["spec.protocol", "Unsupported value"],
         ),

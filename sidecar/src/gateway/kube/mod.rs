@@ -795,7 +795,10 @@ impl Connection {
                 return status(
                     StatusCode::BAD_GATEWAY,
                     "ServiceUnavailable",
-                    &format!("agentgate cannot reach the API server of {target}: {e}"),
+                    &format!(
+                        "agentgate cannot reach the API server of {target}: {}",
+                        with_causes(&e)
+                    ),
                 );
             }
         };
@@ -1077,6 +1080,17 @@ impl Connection {
         );
         Response::from_parts(parts, full(out))
     }
+}
+
+/// An error with its causes ("client error (Connect): invalid peer certificate: …").
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    text
 }
 
 /// Records a request's outcome.

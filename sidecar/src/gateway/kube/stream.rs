@@ -482,8 +482,12 @@ pub async fn upgrade(
     };
     let mut tls = (*up.tls).clone();
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let Ok(name) = rustls::pki_types::ServerName::try_from(host.clone()) else {
-        return fail("agentgate: the Target's server name is invalid".into());
+    let name = match &up.server_name {
+        Some(n) => n.clone(),
+        None => match rustls::pki_types::ServerName::try_from(host.clone()) {
+            Ok(n) => n,
+            Err(_) => return fail("agentgate: the Target's server name is invalid".into()),
+        },
     };
     let tls = match tokio_rustls::TlsConnector::from(Arc::new(tls))
         .connect(name, tcp)
