@@ -200,13 +200,12 @@ fn file_records(s: &common::Setup) -> HashSet<String> {
 fn a_slow_webhook_neither_slows_the_agent_nor_loses_records() {
     let s = setup();
     let (hook, got) = webhook(0, Duration::from_secs(3));
-    let token = s.env.dir().join("webhook-token");
-    std::fs::write(&token, "s3cret-token\n").unwrap();
+    // The token given itself (as an injected sidecar gets it from a Secret), not in a file.
     let (mut sidecar, port) = s.start(
         "sidecar-slow-sink",
         &[
             format!("--audit-webhook=http://127.0.0.1:{hook}/records"),
-            format!("--audit-webhook-token-file={}", token.display()),
+            "--audit-webhook-token=s3cret-token".into(),
         ],
     );
     for i in 0..20 {

@@ -132,6 +132,13 @@ pub struct Config {
     #[arg(long, env = "AGENTGATE_SIDECAR_AUDIT_SECRET")]
     pub sidecar_audit_secret: Option<String>,
 
+    /// A Secret (in each agent's namespace) with the credentials of the OTLP and webhook
+    /// sinks, given to the sidecar only: key `webhook-token` (a bearer token for
+    /// `--sidecar-audit-webhook`) and key `otlp-headers` (comma-separated `name=value` headers
+    /// for `--sidecar-audit-otlp`, e.g. `authorization=Bearer …`). An absent key sets nothing.
+    #[arg(long, env = "AGENTGATE_SIDECAR_AUDIT_CREDENTIALS")]
+    pub sidecar_audit_credentials: Option<String>,
+
     /// Extra CA certificates (PEM) trusted when checking OIDC issuers.
     #[arg(long, env = "AGENTGATE_OIDC_CA_FILE")]
     pub oidc_ca_file: Option<PathBuf>,

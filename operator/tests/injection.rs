@@ -42,6 +42,7 @@ async fn injection_into_real_pods() -> anyhow::Result<()> {
     let cluster = Cluster::start(&[
         "--sidecar-audit-otlp=http://collector.observability:4318/v1/logs",
         "--sidecar-audit-secret=agentgate-audit",
+        "--sidecar-audit-credentials=agentgate-audit-credentials",
     ])
     .await?;
     let admin = cluster.client.clone();
@@ -78,6 +79,20 @@ async fn injection_into_real_pods() -> anyhow::Result<()> {
         (pg.name.as_str(), pg.key.as_str()),
         ("agentgate-audit", "postgres")
     );
+    // The OTLP and webhook sinks' credentials, from a Secret, each key optional.
+    for (name, key) in [
+        ("AGENTGATE_AUDIT_WEBHOOK_TOKEN", "webhook-token"),
+        ("AGENTGATE_AUDIT_OTLP_HEADERS", "otlp-headers"),
+    ] {
+        let r = value(name)
+            .and_then(|e| e.value_from)
+            .and_then(|v| v.secret_key_ref)
+            .expect("a sink credential from a Secret");
+        assert_eq!(
+            (r.name.as_str(), r.key.as_str(), r.optional),
+            ("agentgate-audit-credentials", key, Some(true))
+        );
+    }
     assert!(
         stored.spec.as_ref().expect("spec").containers[0]
             .env

@@ -201,6 +201,11 @@ struct Args {
     /// A bearer token for the webhook, read from this file.
     #[arg(long, env = "AGENTGATE_AUDIT_WEBHOOK_TOKEN_FILE")]
     audit_webhook_token_file: Option<PathBuf>,
+    /// A bearer token for the webhook, given in the environment (an injected sidecar gets it
+    /// from the Secret the operator's `--sidecar-audit-credentials` names); the file wins
+    /// when both are set.
+    #[arg(long, env = "AGENTGATE_AUDIT_WEBHOOK_TOKEN", hide_env_values = true)]
+    audit_webhook_token: Option<String>,
     /// Extra CA certificates (PEM) trusted by the HTTP sinks and the PostgreSQL sink (with
     /// `sslmode=require` in its connection string).
     #[arg(long, env = "AGENTGATE_AUDIT_CA_FILE")]
@@ -559,9 +564,15 @@ fn audit_sinks(args: &Args) -> anyhow::Result<Vec<Sink>> {
     }
     if let Some(url) = &args.audit_webhook {
         let mut headers = Vec::new();
-        if let Some(f) = &args.audit_webhook_token_file {
-            let token = std::fs::read_to_string(f)
-                .with_context(|| format!("read the webhook token {}", f.display()))?;
+        let token = match (&args.audit_webhook_token_file, &args.audit_webhook_token) {
+            (Some(f), _) => Some(
+                std::fs::read_to_string(f)
+                    .with_context(|| format!("read the webhook token {}", f.display()))?,
+            ),
+            (None, Some(t)) => Some(t.clone()),
+            (None, None) => None,
+        };
+        if let Some(token) = token.filter(|t| !t.trim().is_empty()) {
             headers.push((
                 "authorization".to_owned(),
                 format!("Bearer {}", token.trim()),

@@ -190,20 +190,45 @@ fn audit_env(config: &Config, mut env_vars: Vec<EnvVar>) -> Vec<EnvVar> {
         env_vars.push(env("AGENTGATE_AUDIT_WEBHOOK", url));
     }
     if let Some(secret) = &config.sidecar_audit_secret {
-        env_vars.push(EnvVar {
-            name: "AGENTGATE_AUDIT_POSTGRES".into(),
-            value_from: Some(EnvVarSource {
-                secret_key_ref: Some(k8s_openapi::api::core::v1::SecretKeySelector {
-                    name: secret.clone(),
-                    key: "postgres".into(),
-                    optional: Some(false),
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        });
+        env_vars.push(secret_env(
+            "AGENTGATE_AUDIT_POSTGRES",
+            secret,
+            "postgres",
+            false,
+        ));
+    }
+    if let Some(secret) = &config.sidecar_audit_credentials {
+        env_vars.push(secret_env(
+            "AGENTGATE_AUDIT_WEBHOOK_TOKEN",
+            secret,
+            "webhook-token",
+            true,
+        ));
+        env_vars.push(secret_env(
+            "AGENTGATE_AUDIT_OTLP_HEADERS",
+            secret,
+            "otlp-headers",
+            true,
+        ));
     }
     env_vars
+}
+
+/// An environment variable from key `key` of Secret `secret` (the pod does not start while
+/// a key that is not `optional` is missing).
+fn secret_env(name: &str, secret: &str, key: &str, optional: bool) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(k8s_openapi::api::core::v1::SecretKeySelector {
+                name: secret.to_owned(),
+                key: key.into(),
+                optional: Some(optional),
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
 }
 
 fn field_env(name: &str, path: &str) -> EnvVar {
