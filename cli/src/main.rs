@@ -280,10 +280,10 @@ async fn client(ns: &Option<String>) -> anyhow::Result<(kube::Client, String)> {
 fn print<T: serde::Serialize>(output: Output, value: &T) -> anyhow::Result<()> {
     match output {
         Output::Yaml => print!("{}", serde_norway::to_string(value)?),
-        Output::Csv | Output::Oscal => anyhow::bail!(
-            "-o csv and -o oscal are formats of `kubectl agentgate export`; this command prints table, json or yaml"
-        ),
-        Output::Table | Output::Json => println!("{}", serde_json::to_string_pretty(value)?),
+        // (csv and oscal are refused before a command runs, see `run`.)
+        Output::Table | Output::Json | Output::Csv | Output::Oscal => {
+            println!("{}", serde_json::to_string_pretty(value)?)
+        }
     }
     Ok(())
 }
@@ -326,6 +326,14 @@ fn table(rows: Vec<Vec<String>>) {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<i32> {
+    // Refused before any work: `verify -o csv` must not read a whole trail, then fail.
+    if matches!(cli.output, Output::Csv | Output::Oscal)
+        && !matches!(cli.command, Command::Export(_))
+    {
+        anyhow::bail!(
+            "-o csv and -o oscal are formats of `kubectl agentgate export`; this command prints table, json or yaml"
+        );
+    }
     match cli.command {
         Command::Grants(cmd) => grants(cmd, &cli.namespace, cli.output).await,
         Command::Sessions(args) => sessions(args, &cli.namespace, cli.output).await,

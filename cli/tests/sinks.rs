@@ -293,7 +293,9 @@ fn the_postgres_sink_verifies_the_server_over_tls() {
     };
     let tls = s.sink.replace("sslmode=disable", "sslmode=require");
     assert_ne!(tls, s.sink);
-    let (mut untrusted, port) = s.start_with_sink("sidecar-pg-sink-untrusted", &tls, &[]);
+    // No sslmode at all (libpq's default, `prefer`): TLS and verified just the same.
+    let default = s.sink.replace(" sslmode=disable", "");
+    let (mut untrusted, port) = s.start_with_sink("sidecar-pg-sink-untrusted", &default, &[]);
     assert!(s.psql(port, "SELECT 1").status.success());
     let deadline = Instant::now() + Duration::from_secs(30);
     while !untrusted.log_contains("invalid peer certificate") {
@@ -307,9 +309,10 @@ fn the_postgres_sink_verifies_the_server_over_tls() {
     assert_eq!(rows(), 0, "nothing reaches a server that is not trusted");
     untrusted.stop(Duration::from_secs(5));
 
+    // libpq's verify-full reads as require (the name is always verified).
     let (mut trusted, port) = s.start_with_sink(
         "sidecar-pg-sink-tls",
-        &tls,
+        &tls.replace("sslmode=require", "sslmode=verify-full"),
         &[format!("--audit-ca-file={}", pg.ca_path().display())],
     );
     assert!(s.psql(port, "SELECT 2").status.success());

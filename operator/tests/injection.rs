@@ -287,6 +287,12 @@ async fn injection_into_real_pods() -> anyhow::Result<()> {
             "labelled agentgate.dev/sensitive",
         ),
         (
+            "audit-credentials",
+            json!({ "containers": [ { "name": "agent", "image": "a",
+            "env": [ { "name": "T", "valueFrom": { "secretKeyRef": { "name": "agentgate-audit-credentials", "key": "webhook-token" } } } ] } ] }),
+            "the audit sinks' connection or credentials",
+        ),
+        (
             "shared-pid",
             json!({ "shareProcessNamespace": true }),
             "shareProcessNamespace",

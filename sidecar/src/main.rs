@@ -548,7 +548,10 @@ fn audit_sinks(args: &Args) -> anyhow::Result<Vec<Sink>> {
                 h.split_once('=')
                     .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
                     .ok_or_else(|| {
-                        anyhow::anyhow!("--audit-otlp-header {h:?}: expected name=value")
+                        // The value may be a credential: never printed.
+                        anyhow::anyhow!(
+                            "an --audit-otlp-header (AGENTGATE_AUDIT_OTLP_HEADERS) entry is not name=value"
+                        )
                     })
             })
             .collect::<anyhow::Result<Vec<_>>>()?;

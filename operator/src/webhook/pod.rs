@@ -520,6 +520,18 @@ pub fn inject(pod: &Pod, input: &InjectionInput<'_>) -> Result<Pod, Refusal> {
                     c.name
                 ));
             }
+            if [
+                &input.config.sidecar_audit_secret,
+                &input.config.sidecar_audit_credentials,
+            ]
+            .iter()
+            .any(|a| a.as_deref() == Some(s.as_str()))
+            {
+                return refuse(format!(
+                    "container {} uses Secret {s}, the audit sinks' connection or credentials: only the sidecar may read it",
+                    c.name
+                ));
+            }
             if input.sensitive_secrets.contains(&s) {
                 return refuse(format!(
                     "container {} uses Secret {s}, which is labelled {SENSITIVE_LABEL}: only the sidecar may read it",

@@ -20,7 +20,9 @@ pub struct MakeRustls {
 
 impl MakeRustls {
     /// TLS with `config` (its roots decide which servers are trusted).
-    pub fn new(config: rustls::ClientConfig) -> Self {
+    pub fn new(mut config: rustls::ClientConfig) -> Self {
+        // What PostgreSQL 17 asks for with direct TLS negotiation.
+        config.alpn_protocols = vec![b"postgresql".to_vec()];
         Self {
             config: Arc::new(config),
         }
@@ -36,11 +38,11 @@ where
     type Error = io::Error;
 
     fn make_tls_connect(&mut self, domain: &str) -> io::Result<Connect> {
-        let name = ServerName::try_from(domain.to_owned())
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        // Called for every connection, also a Unix socket's (no name): the name is checked
+        // only when a handshake happens.
         Ok(Connect {
             config: self.config.clone(),
-            name,
+            domain: domain.to_owned(),
         })
     }
 }
@@ -48,7 +50,7 @@ where
 /// One connection's TLS handshake.
 pub struct Connect {
     config: Arc<rustls::ClientConfig>,
-    name: ServerName<'static>,
+    domain: String,
 }
 
 impl<S> TlsConnect<S> for Connect
@@ -61,8 +63,14 @@ where
 
     fn connect(self, stream: S) -> Self::Future {
         Box::pin(async move {
+            let name = ServerName::try_from(self.domain).map_err(|e| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("no host name to verify the server's certificate for: {e}"),
+                )
+            })?;
             let tls = tokio_rustls::TlsConnector::from(self.config)
-                .connect(self.name, stream)
+                .connect(name, stream)
                 .await?;
             Ok(Stream(Box::new(tls)))
         })

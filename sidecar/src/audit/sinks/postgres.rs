@@ -6,9 +6,11 @@
 //! DELETE or TRUNCATE the table and does not own it, and refuses to deliver (records stay
 //! spilled, commands are refused when the buffer fills) until that holds.
 //!
-//! With `sslmode=require` (or `prefer`) in the connection string the connection is TLS, and
-//! the server's certificate must be valid for the host named (system roots plus
-//! `--audit-ca-file`): `require` here means what libpq's `verify-full` does.
+//! Unless the connection string says `sslmode=disable`, the connection is TLS, and the
+//! server's certificate must be valid for the host named (system roots plus
+//! `--audit-ca-file`): `require`, `prefer` (the default), `verify-ca` and `verify-full` all
+//! mean what libpq's `verify-full` does; a server that does not offer TLS gets nothing. A
+//! Unix socket (local) is used as it is.
 
 use std::path::PathBuf;
 
@@ -33,6 +35,15 @@ impl std::fmt::Debug for PostgresSink {
             .field("table", &self.table)
             .finish_non_exhaustive()
     }
+}
+
+/// The connection string with libpq's `sslmode=verify-ca` and `verify-full` (which
+/// tokio-postgres does not parse) as `require`: the sink verifies the certificate and its
+/// name whatever the mode. `sslrootcert` is not read: the CA is `--audit-ca-file`.
+fn tls_modes(conninfo: &str) -> String {
+    conninfo
+        .replace("sslmode=verify-full", "sslmode=require")
+        .replace("sslmode=verify-ca", "sslmode=require")
 }
 
 fn quote_ident(name: &str) -> String {
@@ -68,10 +79,28 @@ impl PostgresSink {
                 .ok_or_else(|| "not connected".to_owned());
         }
         self.client = None;
-        let config: tokio_postgres::Config = self
-            .conninfo
-            .parse()
-            .map_err(|e| format!("the connection string: {e}"))?;
+        let mut config: tokio_postgres::Config =
+            tls_modes(&self.conninfo)
+                .parse()
+                .map_err(|e: tokio_postgres::Error| {
+                    format!(
+                        "the connection string: {e}{}",
+                        std::error::Error::source(&e)
+                            .map(|c| format!(": {c}"))
+                            .unwrap_or_default()
+                    )
+                })?;
+        // Over the network, plaintext only when asked for: `prefer` would go on in plaintext
+        // with a server (or someone in between) that answers it has no TLS. A Unix socket is
+        // local (and PostgreSQL offers no TLS on it).
+        let networked = config
+            .get_hosts()
+            .iter()
+            .any(|h| matches!(h, tokio_postgres::config::Host::Tcp(_)))
+            || !config.get_hostaddrs().is_empty();
+        if config.get_ssl_mode() == SslMode::Prefer && networked {
+            config.ssl_mode(SslMode::Require);
+        }
         let failed = |e: tokio_postgres::Error| {
             let why = match e.as_db_error() {
                 Some(d) => d.message().to_owned(),
