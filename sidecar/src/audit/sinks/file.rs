@@ -49,23 +49,51 @@ impl FileSink {
             .ok_or_else(|| "the audit file is not open".to_owned())
     }
 
-    /// Appends the chunk's lines (as stored in the journal: one write), rotating first when
-    /// the file is full.
+    /// Appends the chunk's lines (as stored in the journal: as few writes as the rotation
+    /// allows), rotating whenever the next line would take the file past its size (a line
+    /// longer than that gets a file of its own).
     pub fn deliver(&mut self, chunk: &Chunk) -> Result<(), String> {
-        let size = chunk.data.len() as u64;
-        if self.open()?.1 > 0 && self.open()?.1 + size > self.max_bytes {
-            self.rotate()?;
+        let mut rest: &[u8] = &chunk.data;
+        while !rest.is_empty() {
+            let len = self.open()?.1;
+            let room = self.max_bytes.saturating_sub(len);
+            // The whole lines that fit.
+            let mut end = 0;
+            while let Some(nl) = memchr::memchr(b'\n', &rest[end..]) {
+                let next = end + nl + 1;
+                if next as u64 > room {
+                    break;
+                }
+                end = next;
+            }
+            if memchr::memchr(b'\n', rest).is_none() && (rest.len() as u64) <= room {
+                end = rest.len();
+            }
+            if end == 0 {
+                if len > 0 {
+                    self.rotate()?;
+                    continue;
+                }
+                // One line longer than a whole file: on its own.
+                end = memchr::memchr(b'\n', rest).map_or(rest.len(), |nl| nl + 1);
+            }
+            self.write(&rest[..end])?;
+            rest = &rest[end..];
         }
+        Ok(())
+    }
+
+    fn write(&mut self, data: &[u8]) -> Result<(), String> {
         let path = self.path.display().to_string();
         let (f, len) = self.open()?;
-        if let Err(e) = f.write_all(&chunk.data) {
+        if let Err(e) = f.write_all(data) {
             // A partial write would leave a torn line: cut the file back to where it was,
             // and reopen it for the retry.
             let _ = f.set_len(*len);
             self.file = None;
             return Err(format!("{path}: {e}"));
         }
-        *len += size;
+        *len += data.len() as u64;
         Ok(())
     }
 
@@ -78,8 +106,17 @@ impl FileSink {
             .unwrap_or("audit")
             .to_owned();
         let dir = self.path.parent().unwrap_or(Path::new(".")).to_owned();
-        let now = crate::clock::now().strftime("%Y%m%dT%H%M%S%.6fZ");
-        let rotated = dir.join(format!("{stem}.{now}.jsonl"));
+        // Named by the time (in order), never over an earlier file rotated the same
+        // microsecond.
+        let mut rotated;
+        loop {
+            let now = crate::clock::now().strftime("%Y%m%dT%H%M%S%.6fZ");
+            rotated = dir.join(format!("{stem}.{now}.jsonl"));
+            if !rotated.exists() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(2));
+        }
         std::fs::rename(&self.path, &rotated)
             .map_err(|e| format!("rotate {}: {e}", self.path.display()))?;
         if self.keep > 0 {
@@ -115,4 +152,63 @@ pub fn rotated_files(path: &Path) -> Vec<PathBuf> {
         .unwrap_or_default();
     files.sort();
     files
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use bytes::Bytes;
+
+    fn chunk(lines: &[String]) -> Chunk {
+        let mut data = Vec::new();
+        for l in lines {
+            data.extend_from_slice(l.as_bytes());
+            data.push(b'\n');
+        }
+        let data = Bytes::from(data);
+        let mut out = Vec::new();
+        let mut at = 0;
+        for l in lines {
+            out.push(data.slice(at..at + l.len()));
+            at += l.len() + 1;
+        }
+        Chunk { data, lines: out }
+    }
+
+    #[test]
+    fn no_file_grows_past_its_size_whatever_the_chunk() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let mut sink = FileSink::new(path.clone(), 1000, 0);
+        let lines: Vec<String> = (0..10).map(|i| format!("{i:0>299}")).collect();
+        sink.deliver(&chunk(&lines)).unwrap();
+        // A line longer than a whole file gets one of its own.
+        let long = "x".repeat(2500);
+        sink.deliver(&chunk(std::slice::from_ref(&long))).unwrap();
+        sink.deliver(&chunk(&lines[..1])).unwrap();
+        let mut files = rotated_files(&path);
+        files.push(path.clone());
+        let mut all = String::new();
+        for f in &files {
+            let text = std::fs::read_to_string(f).unwrap();
+            assert!(
+                text.len() <= 1000 || text == format!("{long}\n"),
+                "{f:?}: {} bytes",
+                text.len()
+            );
+            all.push_str(&text);
+        }
+        let expected: Vec<&str> = lines
+            .iter()
+            .map(String::as_str)
+            .chain([long.as_str(), lines[0].as_str()])
+            .collect();
+        assert_eq!(
+            all.lines().collect::<Vec<_>>(),
+            expected,
+            "every line, in order"
+        );
+    }
 }
