@@ -56,7 +56,9 @@ fn otlp_a_60s_collector_outage_under_load_loses_nothing() {
     std::fs::write(&script, "SELECT id FROM customers WHERE id = 1;\n").unwrap();
     let started = Instant::now();
     let bench = Command::new(s.env.bins.pg_bin.join("pgbench"))
-        .args(["-n", "-c", "2", "-T", "60", "-R", "40", "-f"])
+        // 61 s: with -R, pgbench ends a client whose next scheduled transaction falls past
+        // the end, up to a moment before -T; the load must outlast the 60 s outage.
+        .args(["-n", "-c", "2", "-T", "61", "-R", "40", "-f"])
         .arg(&script)
         .args([
             "-h",
