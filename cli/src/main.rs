@@ -84,9 +84,15 @@ struct From {
     /// Records from these JSON-lines files or directories (the file sink's).
     #[arg(long = "from")]
     files: Vec<PathBuf>,
-    /// Records from the PostgreSQL sink: a connection string.
+    /// Records from the PostgreSQL sink: a connection string. Over the network the
+    /// connection is TLS, and the server's certificate is verified for the host named, unless
+    /// the string says `sslmode=disable` (as the sink connects).
     #[arg(long, env = "AGENTGATE_AUDIT_POSTGRES", hide_env_values = true)]
     postgres: Option<String>,
+    /// With --postgres: extra CA certificates (PEM) trusted for the server's certificate,
+    /// besides the system's.
+    #[arg(long, env = "AGENTGATE_AUDIT_CA_FILE", requires = "postgres")]
+    ca_file: Option<PathBuf>,
     /// The PostgreSQL sink's table.
     #[arg(long, default_value = "agentgate_audit")]
     table: String,
@@ -98,6 +104,7 @@ impl From {
             (Some(c), true) => Some(Source::Postgres {
                 conninfo: c.clone(),
                 table: self.table.clone(),
+                ca_file: self.ca_file.clone(),
             }),
             (None, false) => Some(Source::Files(self.files.clone())),
             (None, true) => None,
@@ -110,6 +117,132 @@ impl From {
             "say where the records are: --from <file or directory> (the file sink) or --postgres <connection string>",
         )
     }
+}
+
+/// The scope flags of `grants request`.
+#[derive(Args, Debug, Default)]
+struct ScopeArgs {
+    /// PostgreSQL: only these tables (`table`, `schema.table`, globs such as `public.*`).
+    #[arg(long = "table", value_delimiter = ',')]
+    tables: Vec<String>,
+    /// Kubernetes: the verbs allowed on --resource (`get,list,watch`, `*`).
+    #[arg(long = "verb", value_delimiter = ',', requires = "resources")]
+    verbs: Vec<String>,
+    /// Kubernetes: resources as `kubectl create role` takes them: `pods`, `pods/log`,
+    /// `deployments.apps`, `deployments.apps/scale`, `*`.
+    #[arg(long = "resource", value_delimiter = ',', requires = "verbs")]
+    resources: Vec<String>,
+    /// Kubernetes: only these objects (by name).
+    #[arg(long = "resource-name", value_delimiter = ',', requires = "resources")]
+    resource_names: Vec<String>,
+    /// Kubernetes: only in these namespaces (globs). Not the grant's own namespace (`-n`).
+    #[arg(long = "in-namespace", value_delimiter = ',', requires = "resources")]
+    in_namespaces: Vec<String>,
+    /// Kubernetes: Secrets read under the grant are sent with their values in clear.
+    #[arg(long, requires = "resources")]
+    reveal_secret_data: bool,
+    /// SSH: remote logins allowed (default: the Target's default login).
+    #[arg(long = "ssh-login", value_delimiter = ',')]
+    ssh_logins: Vec<String>,
+    /// SSH: a command allowed, as a glob over the command line (`systemctl status *`);
+    /// repeat for more.
+    #[arg(long = "ssh-command")]
+    ssh_commands: Vec<String>,
+    /// SSH: allow port forwarding (`ssh -L`, `-R`, `-W`).
+    #[arg(long)]
+    ssh_port_forwarding: bool,
+    /// SSH: allow agent forwarding (`ssh -A`).
+    #[arg(long)]
+    ssh_agent_forwarding: bool,
+    /// SSH: allow X11 forwarding (`ssh -X`).
+    #[arg(long)]
+    ssh_x11_forwarding: bool,
+}
+
+impl ScopeArgs {
+    /// The scope these flags describe (without its operations).
+    fn to_json(&self) -> anyhow::Result<serde_json::Value> {
+        let mut scope = serde_json::json!({});
+        if !self.tables.is_empty() {
+            scope["tables"] = serde_json::json!(self.tables);
+        }
+        if !self.resources.is_empty() {
+            // One rule per API group, as `kubectl create role` makes them.
+            let mut groups: Vec<(String, Vec<String>)> = Vec::new();
+            for r in &self.resources {
+                let (group, resource) = kube_resource(r)?;
+                match groups.iter_mut().find(|(g, _)| *g == group) {
+                    Some((_, list)) => list.push(resource),
+                    None => groups.push((group, vec![resource])),
+                }
+            }
+            let rules: Vec<serde_json::Value> = groups
+                .into_iter()
+                .map(|(group, resources)| {
+                    let mut rule = serde_json::json!({
+                        "verbs": self.verbs, "apiGroups": [group], "resources": resources,
+                    });
+                    if !self.in_namespaces.is_empty() {
+                        rule["namespaces"] = serde_json::json!(self.in_namespaces);
+                    }
+                    if !self.resource_names.is_empty() {
+                        rule["resourceNames"] = serde_json::json!(self.resource_names);
+                    }
+                    if self.reveal_secret_data {
+                        rule["revealSecretData"] = serde_json::json!(true);
+                    }
+                    rule
+                })
+                .collect();
+            scope["kubernetes"] = serde_json::json!(rules);
+        }
+        let ssh = !self.ssh_logins.is_empty()
+            || !self.ssh_commands.is_empty()
+            || self.ssh_port_forwarding
+            || self.ssh_agent_forwarding
+            || self.ssh_x11_forwarding;
+        if ssh {
+            let mut s = serde_json::json!({});
+            if !self.ssh_logins.is_empty() {
+                s["logins"] = serde_json::json!(self.ssh_logins);
+            }
+            if !self.ssh_commands.is_empty() {
+                s["commands"] = serde_json::json!(self.ssh_commands);
+            }
+            for (on, key) in [
+                (self.ssh_port_forwarding, "portForwarding"),
+                (self.ssh_agent_forwarding, "agentForwarding"),
+                (self.ssh_x11_forwarding, "x11Forwarding"),
+            ] {
+                if on {
+                    s[key] = serde_json::json!(true);
+                }
+            }
+            scope["ssh"] = s;
+        }
+        Ok(scope)
+    }
+}
+
+/// `resource[.group][/subresource]` (kubectl's form) → (API group, `resource[/subresource]`).
+fn kube_resource(r: &str) -> anyhow::Result<(String, String)> {
+    let (main, sub) = match r.split_once('/') {
+        Some((m, s)) => (m, Some(s)),
+        None => (r, None),
+    };
+    let (resource, group) = main.split_once('.').unwrap_or((main, ""));
+    if resource.is_empty() || sub.is_some_and(str::is_empty) {
+        bail!(
+            "--resource {r:?} is not a resource: write it as kubectl does (`pods`, `pods/log`, `deployments.apps`)"
+        );
+    }
+    Ok((
+        group.to_owned(),
+        match sub {
+            Some(s) => format!("{resource}/{s}"),
+            None => resource.to_owned(),
+        },
+    ))
 }
 
 #[derive(Args, Debug)]
@@ -221,6 +354,9 @@ enum GrantCmd {
         /// Operations (Read, Write, DDL, Privilege, Admin, Exec).
         #[arg(long, value_delimiter = ',', required = true)]
         operations: Vec<String>,
+        /// What the grant is limited to, per protocol (without any: all the operations allow).
+        #[command(flatten)]
+        scope: Box<ScopeArgs>,
         /// How long the access lasts once approved.
         #[arg(long, default_value = "1h")]
         duration: String,
@@ -411,16 +547,19 @@ async fn grants(cmd: GrantCmd, ns: &Option<String>, output: Output) -> anyhow::R
             identity,
             target,
             operations,
+            scope,
             duration,
             reason,
         } => {
+            let mut scope = scope.to_json()?;
+            scope["operations"] = serde_json::json!(operations);
             let g: AccessGrant = serde_json::from_value(serde_json::json!({
                 "apiVersion": "agentgate.dev/v1alpha1",
                 "kind": "AccessGrant",
                 "metadata": { "name": name, "namespace": ns },
                 "spec": {
                     "identity": identity, "target": target, "duration": duration,
-                    "reason": reason, "scope": { "operations": operations },
+                    "reason": reason, "scope": scope,
                 }
             }))?;
             let g = api.create(&PostParams::default(), &g).await?;
@@ -888,4 +1027,90 @@ async fn export_cmd(args: ExportArgs, output: Output) -> anyhow::Result<i32> {
         }
     }
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scope(args: &[&str]) -> anyhow::Result<agentgate_crds::AccessScope> {
+        let base = [
+            "kubectl-agentgate",
+            "grants",
+            "request",
+            "g",
+            "--identity",
+            "claude",
+            "--target",
+            "t",
+            "--operations",
+            "Read,Write",
+            "--reason",
+            "r",
+        ];
+        let cli = Cli::try_parse_from(base.iter().chain(args))?;
+        let Command::Grants(GrantCmd::Request {
+            scope, operations, ..
+        }) = cli.command
+        else {
+            bail!("not a request")
+        };
+        let mut json = scope.to_json()?;
+        json["operations"] = serde_json::json!(operations);
+        Ok(serde_json::from_value(json)?)
+    }
+
+    #[test]
+    fn request_flags_make_the_scope_they_describe() -> anyhow::Result<()> {
+        // Kubernetes: one rule per API group, as `kubectl create role` makes them.
+        let s = scope(&[
+            "--verb",
+            "get,patch",
+            "--resource",
+            "pods,pods/log,deployments.apps,deployments.apps/scale",
+            "--in-namespace",
+            "shop",
+            "--resource-name",
+            "web",
+        ])?;
+        assert_eq!(s.kubernetes.len(), 2);
+        assert_eq!(s.kubernetes[0].api_groups, [""]);
+        assert_eq!(s.kubernetes[0].resources, ["pods", "pods/log"]);
+        assert_eq!(s.kubernetes[1].api_groups, ["apps"]);
+        assert_eq!(
+            s.kubernetes[1].resources,
+            ["deployments", "deployments/scale"]
+        );
+        for r in &s.kubernetes {
+            assert_eq!(r.verbs, ["get", "patch"]);
+            assert_eq!(r.namespaces, ["shop"]);
+            assert_eq!(r.resource_names, ["web"]);
+            assert!(!r.reveal_secret_data);
+        }
+        assert!(s.tables.is_empty() && s.ssh.is_none());
+        // SSH: commands keep their commas; forwarding only when asked for.
+        let s = scope(&[
+            "--ssh-login",
+            "deploy,root",
+            "--ssh-command",
+            "systemctl status *",
+            "--ssh-command",
+            "echo a,b",
+            "--ssh-port-forwarding",
+        ])?;
+        let ssh = s.ssh.expect("an ssh scope");
+        assert_eq!(ssh.logins, ["deploy", "root"]);
+        assert_eq!(ssh.commands, ["systemctl status *", "echo a,b"]);
+        assert!(ssh.port_forwarding && !ssh.agent_forwarding && !ssh.x11_forwarding);
+        // PostgreSQL tables; nothing else set.
+        let s = scope(&["--table", "public.orders,billing.*"])?;
+        assert_eq!(s.tables, ["public.orders", "billing.*"]);
+        assert!(s.kubernetes.is_empty() && s.ssh.is_none());
+        // Half a Kubernetes rule, or a malformed resource, is refused.
+        assert!(scope(&["--verb", "get"]).is_err());
+        assert!(scope(&["--resource", "pods"]).is_err());
+        assert!(scope(&["--verb", "get", "--resource", "pods/"]).is_err());
+        assert!(scope(&["--verb", "get", "--resource", ".apps"]).is_err());
+        Ok(())
+    }
 }

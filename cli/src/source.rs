@@ -17,6 +17,8 @@ pub enum Source {
         conninfo: String,
         /// Table.
         table: String,
+        /// Extra CA certificates (PEM) trusted for the server's certificate.
+        ca_file: Option<PathBuf>,
     },
 }
 
@@ -73,11 +75,17 @@ impl Source {
                 }
                 Ok(out)
             }
-            Source::Postgres { conninfo, table } => {
-                let (client, conn) = tokio_postgres::connect(conninfo, tokio_postgres::NoTls)
-                    .await
-                    .context("connect to the audit database")?;
-                tokio::spawn(conn);
+            Source::Postgres {
+                conninfo,
+                table,
+                ca_file,
+            } => {
+                // As the sink connects: verified TLS over the network unless the string says
+                // sslmode=disable.
+                let client =
+                    agentgate_sidecar::audit::sinks::pgtls::connect(conninfo, ca_file.as_deref())
+                        .await
+                        .map_err(|why| anyhow::anyhow!("the audit database: {why}"))?;
                 let quoted = table
                     .split('.')
                     .map(|p| format!("\"{}\"", p.replace('"', "\"\"")))

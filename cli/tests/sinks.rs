@@ -12,7 +12,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::setup;
+use common::{cli, setup, stderr, stdout};
 use testenv::OtelCollector;
 use testenv::process::wait_until;
 
@@ -333,4 +333,21 @@ fn the_postgres_sink_verifies_the_server_over_tls() {
         .unwrap();
     assert_ne!(over_tls.trim(), "0", "the sink's connection is TLS");
     trusted.stop(Duration::from_secs(5));
+
+    // The CLI reads the table as the sink writes it: verified TLS unless told otherwise.
+    let reader = s.reader().replace(" sslmode=disable", "");
+    let out = cli(&["sessions", "--postgres", &reader]);
+    assert!(!out.status.success(), "an untrusted server was read");
+    assert!(
+        stderr(&out).contains("invalid peer certificate"),
+        "{}",
+        stderr(&out)
+    );
+    let ca = pg.ca_path().display().to_string();
+    let out = cli(&["verify", "--open", "--postgres", &reader, "--ca-file", &ca]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(stdout(&out).contains("OK: "), "{}", stdout(&out));
+    let out = cli(&["sessions", "--postgres", &reader, "--ca-file", &ca]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("claude"), "{}", stdout(&out));
 }

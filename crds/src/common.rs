@@ -145,6 +145,41 @@ pub struct AccessScope {
     pub ssh: Option<SshScope>,
 }
 
+impl AccessScope {
+    /// Why this scope does not fit a Target of `protocol`, if it does not: it limits access
+    /// with settings another protocol reads (`tables` for PostgreSQL, `kubernetes` for the
+    /// Kubernetes API, `ssh` for SSH), which the Target's gateway would ignore, so the scope
+    /// would allow more than it says.
+    pub fn mismatch(&self, protocol: crate::target::Protocol) -> Option<String> {
+        use crate::target::Protocol;
+        let foreign = [
+            ("tables", !self.tables.is_empty(), Protocol::Postgres),
+            (
+                "kubernetes",
+                !self.kubernetes.is_empty(),
+                Protocol::Kubernetes,
+            ),
+            ("ssh", self.ssh.is_some(), Protocol::Ssh),
+        ]
+        .into_iter()
+        .filter(|(_, set, p)| *set && *p != protocol)
+        .map(|(f, _, _)| f)
+        .collect::<Vec<_>>();
+        if foreign.is_empty() {
+            return None;
+        }
+        let own = match protocol {
+            Protocol::Postgres => "tables",
+            Protocol::Kubernetes => "kubernetes",
+            Protocol::Ssh => "ssh",
+        };
+        Some(format!(
+            "scope.{} does not apply to a {protocol:?} Target and would be ignored, leaving the scope wider than it reads: limit it with scope.{own}",
+            foreign.join(" and scope.")
+        ))
+    }
+}
+
 /// One rule of Kubernetes API access, shaped like an RBAC PolicyRule plus namespaces.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]

@@ -101,6 +101,12 @@ pub struct Config {
     #[arg(long, env = "AGENTGATE_SESSION_RETENTION", default_value = "720h", value_parser = duration)]
     pub session_retention: Duration,
 
+    /// How often an Active AgentSession's pod is looked at: a session whose pod is gone, has
+    /// stopped, or whose sidecar has restarted since the session began is marked Ended (its
+    /// sidecar died without closing it).
+    #[arg(long, env = "AGENTGATE_SESSION_CHECK_INTERVAL", default_value = "1m", value_parser = duration)]
+    pub session_check_interval: Duration,
+
     /// The sidecar image injected into agent pods.
     #[arg(
         long,
@@ -138,6 +144,13 @@ pub struct Config {
     /// for `--sidecar-audit-otlp`, e.g. `authorization=Bearer …`). An absent key sets nothing.
     #[arg(long, env = "AGENTGATE_SIDECAR_AUDIT_CREDENTIALS")]
     pub sidecar_audit_credentials: Option<String>,
+
+    /// A ConfigMap (in each agent's namespace) whose key `ca.crt` holds the CA certificates
+    /// (PEM) injected sidecars trust for their OTLP, webhook and PostgreSQL audit sinks, in
+    /// addition to the system's. The pod does not start while it is missing: a sink whose
+    /// certificate cannot be checked would take no records.
+    #[arg(long, env = "AGENTGATE_SIDECAR_AUDIT_CA")]
+    pub sidecar_audit_ca: Option<String>,
 
     /// Extra CA certificates (PEM) trusted when checking OIDC issuers.
     #[arg(long, env = "AGENTGATE_OIDC_CA_FILE")]

@@ -201,6 +201,7 @@ async fn the_chart_installs_upgrades_and_its_rbac_is_all_the_operator_needs() ->
             "--webhook-hosts=127.0.0.1".into(),
             format!("--metrics-addr=127.0.0.1:{metrics}"),
             "--pod-name=operator-chart".into(),
+            "--session-check-interval=1s".into(),
         ])
         .env("KUBECONFIG", operator_kubeconfig.display().to_string())
         .env("RUST_LOG", "info,kube_runtime=warn");
@@ -345,6 +346,11 @@ async fn the_chart_installs_upgrades_and_its_rbac_is_all_the_operator_needs() ->
         .create(&PostParams::default(), &pod)
         .await
         .map_err(|e| anyhow::anyhow!("the walkthrough's agent pod was refused: {e}"))?;
+    let created = admitted
+        .metadata
+        .creation_timestamp
+        .clone()
+        .expect("a creation time");
     let spec = admitted.spec.expect("a pod spec");
     let names: Vec<String> = spec
         .init_containers
@@ -364,6 +370,116 @@ async fn the_chart_installs_upgrades_and_its_rbac_is_all_the_operator_needs() ->
             .flatten()
             .any(|v| v.name == "agentgate-maskkey-mask-hash-key"),
         "the hash key is not mounted"
+    );
+
+    // A session whose sidecar died without closing it is marked Ended, saying why: its pod
+    // is gone, or its sidecar restarted since the session began. One whose sidecar still
+    // runs stays Active. (No kubelet here: the pod's status is written as a kubelet would.)
+    // (a second after the pod was created, in whole seconds as Kubernetes writes times)
+    let started = created.0 + jiff::SignedDuration::from_secs(1);
+    for (name, pod) in [("alive", "coding-agent-0"), ("gone", "coding-agent-9")] {
+        let session: agentgate_crds::AgentSession = serde_json::from_value(json!({
+            "apiVersion": "agentgate.dev/v1alpha1", "kind": "AgentSession",
+            "metadata": { "name": name, "namespace": "agents" },
+            "spec": { "identity": "coding-agent", "target": "orders-db", "protocol": "Postgres",
+                "pod": pod, "sessionId": name, "startedAt": started.to_string() } }))?;
+        Api::<agentgate_crds::AgentSession>::namespaced(client.clone(), "agents")
+            .create(&PostParams::default(), &session)
+            .await?;
+        kube.kubectl_run(&[
+            "patch",
+            "agentsession",
+            name,
+            "-n",
+            "agents",
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &json!({ "status": { "phase": "Active",
+                "lastActivity": (started + jiff::SignedDuration::from_secs(5)).to_string() } })
+            .to_string(),
+        ])?;
+    }
+    // The kubelet reports the sidecar (a native sidecar: an init container) started at `at`.
+    let sidecar_started = |at: jiff::Timestamp| {
+        let status = json!({ "status": { "initContainerStatuses": [{
+            "name": "agentgate-sidecar", "image": "agentgate", "imageID": "", "ready": true,
+            "restartCount": 0,
+            "state": { "running": { "startedAt": at.round(jiff::Unit::Second).unwrap_or(at).to_string() } } }] } })
+        .to_string();
+        kube.kubectl_run(&[
+            "patch",
+            "pod",
+            "coding-agent-0",
+            "-n",
+            "agents",
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &status,
+        ])
+    };
+    sidecar_started(created.0)?;
+    let session = |name: &str| {
+        kube.kubectl_run(&[
+            "get",
+            "agentsession",
+            name,
+            "-n",
+            "agents",
+            "-o",
+            "jsonpath={.status.phase}|{.status.endReason}|{.status.endedAt}",
+        ])
+        .unwrap_or_default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !session("gone").starts_with("Ended|") {
+        assert!(
+            Instant::now() < deadline,
+            "the session of a pod that is gone stays {}\n{}",
+            session("gone"),
+            operator.log_tail(30)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let gone = session("gone");
+    assert!(
+        gone.contains(
+            "pod coding-agent-9 no longer exists: its sidecar ended without closing the session"
+        ),
+        "{gone}"
+    );
+    // It ended at its last sign of life.
+    assert!(
+        gone.ends_with(&(started + jiff::SignedDuration::from_secs(5)).to_string()),
+        "{gone}"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        session("alive").starts_with("Active|"),
+        "{}",
+        session("alive")
+    );
+    sidecar_started(jiff::Timestamp::now())?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !session("alive").starts_with("Ended|") {
+        assert!(
+            Instant::now() < deadline,
+            "the session of a restarted sidecar stays {}\n{}",
+            session("alive"),
+            operator.log_tail(30)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        session("alive").contains("the sidecar in pod coding-agent-0 restarted at"),
+        "{}",
+        session("alive")
+    );
+    let log = std::fs::read_to_string(operator.log_path())?;
+    assert!(
+        !log.to_lowercase().contains("forbidden"),
+        "the chart's RBAC fell short:\n{log}"
     );
     let built = kube
         .kubectl()

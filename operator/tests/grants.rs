@@ -350,6 +350,33 @@ async fn approvals_are_authenticated_and_authorized() -> anyhow::Result<()> {
     // An identity that does not exist.
     let e = refused(request(&bob, "ghost", "nobody", "10m", json!({})).await);
     assert!(e.contains("rule identity-exists"), "{e}");
+    // A scope limited with another protocol's settings, which orders-db (PostgreSQL) would
+    // ignore: it would allow every Write while it reads as a few pods.
+    let e = refused(
+        request(
+            &bob,
+            "wrong-scope",
+            "claude",
+            "10m",
+            json!({ "scope": { "operations": ["Write"],
+                "kubernetes": [{ "verbs": ["delete"], "resources": ["pods"] }] } }),
+        )
+        .await,
+    );
+    assert!(
+        e.contains("rule scope-fits-target")
+            && e.contains("Target orders-db is Postgres: scope.kubernetes does not apply")
+            && e.contains("limit it with scope.tables"),
+        "{e}"
+    );
+    request(
+        &bob,
+        "right-scope",
+        "claude",
+        "10m",
+        json!({ "scope": { "operations": ["Write"], "tables": ["public.orders"] } }),
+    )
+    .await?;
 
     // The agent approves its own request: refused, naming the rule.
     let e = refused(

@@ -43,6 +43,7 @@ async fn injection_into_real_pods() -> anyhow::Result<()> {
         "--sidecar-audit-otlp=http://collector.observability:4318/v1/logs",
         "--sidecar-audit-secret=agentgate-audit",
         "--sidecar-audit-credentials=agentgate-audit-credentials",
+        "--sidecar-audit-ca=agentgate-audit-ca",
     ])
     .await?;
     let admin = cluster.client.clone();
@@ -93,6 +94,37 @@ async fn injection_into_real_pods() -> anyhow::Result<()> {
             ("agentgate-audit-credentials", key, Some(true))
         );
     }
+    // The sinks' CA, from a ConfigMap that must exist, mounted into the sidecar only.
+    assert_eq!(
+        value("AGENTGATE_AUDIT_CA_FILE").and_then(|e| e.value),
+        Some("/var/run/agentgate/audit-ca/ca.crt".to_owned())
+    );
+    let ca = spec
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == "agentgate-audit-ca")
+        .and_then(|v| v.config_map.clone())
+        .expect("the audit CA volume");
+    assert_eq!(
+        (ca.name.as_str(), ca.optional),
+        ("agentgate-audit-ca", Some(false))
+    );
+    assert!(
+        inits[0]
+            .volume_mounts
+            .iter()
+            .flatten()
+            .any(|m| m.name == "agentgate-audit-ca"
+                && m.mount_path == "/var/run/agentgate/audit-ca"
+                && m.read_only == Some(true))
+    );
+    assert!(
+        spec.containers
+            .iter()
+            .flat_map(|c| c.volume_mounts.iter().flatten())
+            .all(|m| m.name != "agentgate-audit-ca")
+    );
     assert!(
         stored.spec.as_ref().expect("spec").containers[0]
             .env

@@ -774,6 +774,85 @@ async fn in_cluster_policy_holds_and_revocation() -> anyhow::Result<()> {
             .map(|u| u.username),
         Some("alice".to_owned())
     );
+    // A scope from the flags: tables for this PostgreSQL Target; Kubernetes rules for it
+    // are refused by the webhook (they would be ignored, and the grant would allow more).
+    let asked = plugin(
+        "bob",
+        &[
+            "grants",
+            "request",
+            "claude-orders",
+            "-n",
+            NS,
+            "--identity",
+            "claude",
+            "--target",
+            "db",
+            "--operations",
+            "Read,Write",
+            "--table",
+            "public.orders,billing.*",
+            "--reason",
+            "fix order 4711",
+        ],
+    );
+    assert!(asked.status.success(), "{}", stderr(&asked));
+    let g = grants.get("claude-orders").await?;
+    assert_eq!(g.spec.scope.tables, ["public.orders", "billing.*"]);
+    assert_eq!(g.spec.scope.operations.len(), 2);
+    let wrong = plugin(
+        "bob",
+        &[
+            "grants",
+            "request",
+            "claude-pods",
+            "-n",
+            NS,
+            "--identity",
+            "claude",
+            "--target",
+            "db",
+            "--operations",
+            "Write",
+            "--verb",
+            "delete",
+            "--resource",
+            "pods,deployments.apps/scale",
+            "--in-namespace",
+            "shop",
+            "--reason",
+            "restart",
+        ],
+    );
+    assert!(!wrong.status.success(), "{}", stdout(&wrong));
+    assert!(
+        stderr(&wrong).contains("scope-fits-target")
+            && stderr(&wrong).contains("scope.kubernetes does not apply to a Postgres Target"),
+        "{}",
+        stderr(&wrong)
+    );
+    let half = plugin(
+        "bob",
+        &[
+            "grants",
+            "request",
+            "claude-half",
+            "-n",
+            NS,
+            "--identity",
+            "claude",
+            "--target",
+            "db",
+            "--operations",
+            "Read",
+            "--verb",
+            "get",
+            "--reason",
+            "x",
+        ],
+    );
+    assert_eq!(half.status.code(), Some(2), "{}", stderr(&half));
+    assert!(stderr(&half).contains("--resource"), "{}", stderr(&half));
     // A denial, with its reason, as YAML for scripts.
     let asked = plugin(
         "bob",

@@ -20,6 +20,11 @@ pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+#[allow(dead_code)] // not every test file reads stderr
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
 /// The sidecar binary, built by the same `cargo test --workspace` (next to this crate's).
 pub fn sidecar_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("test exe");

@@ -1,5 +1,10 @@
-//! The AgentSession controller: retention. Sessions older than the configured period after
-//! they end are deleted; their records stay in the external sinks.
+//! The AgentSession controller: liveness and retention.
+//!
+//! - An Active session whose sidecar died without closing it (its pod is gone or stopped, or
+//!   its sidecar container restarted since the session began) is marked Ended, saying why.
+//!   The pod is read by name, at most every `--session-check-interval`; pods are never listed.
+//! - Sessions older than the configured period after they end are deleted; their records
+//!   stay in the external sinks.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,8 +12,9 @@ use std::time::Duration;
 use agentgate_crds::{AgentSession, SessionPhase};
 use futures::StreamExt;
 use jiff::{SignedDuration, Timestamp};
+use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
-use kube::api::{Api, DeleteParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
 
@@ -37,18 +43,75 @@ async fn reconcile(session: Arc<AgentSession>, ctx: Arc<Context>) -> Result<Acti
 
 async fn reconcile_inner(session: Arc<AgentSession>, ctx: Arc<Context>) -> Result<Action> {
     let _timer = ctx.metrics.reconcile_started("AgentSession");
+    let ns = session.namespace().unwrap_or_default();
+    let active = session
+        .status
+        .as_ref()
+        .is_none_or(|s| s.phase != Some(SessionPhase::Ended));
+    if active && let Some(why) = sidecar_gone(&session, &ctx).await? {
+        let status = session.status.clone().unwrap_or_default();
+        // It ended at its last sign of life, not when the operator noticed.
+        let ended = status
+            .last_activity
+            .unwrap_or_else(|| session.spec.started_at.clone());
+        tracing::info!(session = %session.name_any(), namespace = %ns, reason = %why, "marking an abandoned AgentSession Ended");
+        let api: Api<AgentSession> = Api::namespaced(ctx.client.clone(), &ns);
+        api.patch_status(
+            &session.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({ "status": {
+                "phase": "Ended",
+                "endedAt": ended,
+                "endReason": why,
+            } })),
+        )
+        .await?;
+        ctx.event(&*session, true, "SidecarGone", "Close", why)
+            .await;
+        return Ok(Action::await_change());
+    }
     let due = delete_at(&session, ctx.config.session_retention);
     let now = Timestamp::now();
     if now >= due {
-        let api: Api<AgentSession> =
-            Api::namespaced(ctx.client.clone(), &session.namespace().unwrap_or_default());
+        let api: Api<AgentSession> = Api::namespaced(ctx.client.clone(), &ns);
         tracing::info!(session = %session.name_any(), "retention period over: deleting the AgentSession");
         api.delete(&session.name_any(), &DeleteParams::default())
             .await?;
         return Ok(Action::await_change());
     }
-    let wait = Duration::try_from(due.duration_since(now)).unwrap_or_default();
-    Ok(Action::requeue(wait.min(Duration::from_secs(3600))))
+    let mut wait = Duration::try_from(due.duration_since(now))
+        .unwrap_or_default()
+        .min(Duration::from_secs(3600));
+    if active && session.spec.pod.is_some() {
+        wait = wait.min(ctx.config.session_check_interval);
+    }
+    Ok(Action::requeue(wait))
+}
+
+/// Why the sidecar that wrote an Active session can no longer close it, if so: its pod is
+/// gone (or is another pod of the same name), has stopped, or its sidecar container is not
+/// the one that began the session. `None` while it may still be running, and for a session
+/// with no pod (a sidecar outside the cluster).
+async fn sidecar_gone(session: &AgentSession, ctx: &Context) -> Result<Option<String>> {
+    let Some(name) = session.spec.pod.as_deref() else {
+        return Ok(None);
+    };
+    let pods: Api<Pod> =
+        Api::namespaced(ctx.client.clone(), &session.namespace().unwrap_or_default());
+    let pod = match pods.get_opt(name).await {
+        Ok(p) => p,
+        Err(kube::Error::Api(e)) if e.code == 403 => {
+            tracing::warn!(pod = %name, error = %e.message, "cannot read the session's pod: the operator needs `get` on pods to close sessions of sidecars that died");
+            return Ok(None);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    Ok(match pod {
+        None => Some(format!(
+            "pod {name} no longer exists: its sidecar ended without closing the session"
+        )),
+        Some(p) => why_gone(session, &p),
+    })
 }
 
 /// Runs the AgentSession controller until `shutdown` resolves.
@@ -66,4 +129,173 @@ pub async fn run(
         )
         .for_each(|_| futures::future::ready(()))
         .await;
+}
+
+/// [`sidecar_gone`]'s reading of the pod it found.
+pub fn why_gone(session: &AgentSession, pod: &Pod) -> Option<String> {
+    let name = session.spec.pod.as_deref().unwrap_or_default();
+    let started = session.spec.started_at.0;
+    if let Some(created) = &pod.metadata.creation_timestamp
+        && created.0 > started
+    {
+        return Some(format!(
+            "pod {name} was deleted and created again after the session began: its sidecar ended without closing the session"
+        ));
+    }
+    let status = pod.status.as_ref()?;
+    if let Some(phase @ ("Succeeded" | "Failed")) = status.phase.as_deref() {
+        return Some(format!(
+            "pod {name} has stopped ({phase}): its sidecar ended without closing the session"
+        ));
+    }
+    // A native sidecar is an init container; an older injection put it among the containers.
+    let sidecar = status
+        .init_container_statuses
+        .iter()
+        .flatten()
+        .chain(status.container_statuses.iter().flatten())
+        .find(|c| c.name == crate::webhook::pod::SIDECAR)?;
+    let state = sidecar.state.as_ref()?;
+    if let Some(running) = &state.running {
+        // Kubernetes keeps container times in whole seconds: a restart in the session's own
+        // second is caught at the next one.
+        return running
+            .started_at
+            .as_ref()
+            .filter(|t| t.0 > started)
+            .map(|t| {
+                format!(
+                    "the sidecar in pod {name} restarted at {}: the one that ran the session ended without closing it",
+                    t.0
+                )
+            });
+    }
+    state.terminated.as_ref().map(|t| {
+        let how = t
+            .reason
+            .clone()
+            .unwrap_or_else(|| format!("exit code {}", t.exit_code));
+        format!(
+            "the sidecar in pod {name} has stopped ({how}): it ended without closing the session"
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agentgate_crds::AgentSessionSpec;
+    use agentgate_crds::common::Time;
+    use k8s_openapi::api::core::v1::{
+        ContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStatus, PodStatus,
+    };
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time as KTime;
+
+    fn session(started: &str) -> AgentSession {
+        AgentSession::new(
+            "s",
+            AgentSessionSpec {
+                identity: "claude".into(),
+                target: "db".into(),
+                protocol: agentgate_crds::Protocol::Postgres,
+                pod: Some("agent-0".into()),
+                client: None,
+                session_id: "s".into(),
+                started_at: Time(started.parse().unwrap()),
+            },
+        )
+    }
+
+    fn pod(created: &str, sidecar: Option<ContainerState>, phase: &str) -> Pod {
+        let mut p = Pod::default();
+        p.metadata.creation_timestamp = Some(KTime(created.parse().unwrap()));
+        p.status = Some(PodStatus {
+            phase: Some(phase.into()),
+            init_container_statuses: sidecar.map(|state| {
+                vec![ContainerStatus {
+                    name: crate::webhook::pod::SIDECAR.into(),
+                    state: Some(state),
+                    ..Default::default()
+                }]
+            }),
+            ..Default::default()
+        });
+        p
+    }
+
+    fn running(at: &str) -> ContainerState {
+        ContainerState {
+            running: Some(ContainerStateRunning {
+                started_at: Some(KTime(at.parse().unwrap())),
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_session_is_abandoned_only_when_its_sidecar_is_gone() {
+        let s = session("2026-11-24T10:00:00.5Z");
+        // The sidecar that began the session still runs.
+        let same = pod(
+            "2026-11-24T09:00:00Z",
+            Some(running("2026-11-24T09:00:02Z")),
+            "Running",
+        );
+        assert_eq!(why_gone(&s, &same), None);
+        // Started in the session's own second (Kubernetes truncates): still the same one.
+        let close = pod(
+            "2026-11-24T09:00:00Z",
+            Some(running("2026-11-24T10:00:00Z")),
+            "Running",
+        );
+        assert_eq!(why_gone(&s, &close), None);
+        // No status yet, or no sidecar status: nothing to go on.
+        assert_eq!(
+            why_gone(&s, &pod("2026-11-24T09:00:00Z", None, "Pending")),
+            None
+        );
+        // The sidecar restarted after the session began.
+        let restarted = pod(
+            "2026-11-24T09:00:00Z",
+            Some(running("2026-11-24T10:05:00Z")),
+            "Running",
+        );
+        assert!(
+            why_gone(&s, &restarted)
+                .unwrap()
+                .contains("restarted at 2026-11-24T10:05:00Z")
+        );
+        // The sidecar has stopped.
+        let stopped = pod(
+            "2026-11-24T09:00:00Z",
+            Some(ContainerState {
+                terminated: Some(ContainerStateTerminated {
+                    reason: Some("OOMKilled".into()),
+                    exit_code: 137,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            "Running",
+        );
+        assert!(why_gone(&s, &stopped).unwrap().contains("(OOMKilled)"));
+        // The pod has stopped, or is another pod of the same name.
+        assert!(
+            why_gone(&s, &pod("2026-11-24T09:00:00Z", None, "Failed"))
+                .unwrap()
+                .contains("has stopped (Failed)")
+        );
+        assert!(
+            why_gone(
+                &s,
+                &pod(
+                    "2026-11-24T10:30:00Z",
+                    Some(running("2026-11-24T10:30:01Z")),
+                    "Running"
+                )
+            )
+            .unwrap()
+            .contains("created again")
+        );
+    }
 }

@@ -9,6 +9,8 @@
 //!   that identity;
 //! - `identity-exists` / `identity-enabled`: the identity exists and is not disabled;
 //! - `max-duration`: the duration is within the identity's `maxGrantDuration`;
+//! - `scope-fits-target`: the scope limits access only with settings its Target's protocol
+//!   reads (`tables`, `kubernetes` or `ssh`), never with another's it would ignore;
 //! - `no-self-approval`: the identity, its service account, any agent, and the requester
 //!   cannot decide;
 //! - `approver-authorization`: the decider has the RBAC verb `approve` on the grant
@@ -18,7 +20,7 @@
 
 use agentgate_crds::common::parse_duration;
 use agentgate_crds::common::{Time, UserRef};
-use agentgate_crds::{AccessGrant, AgentIdentity};
+use agentgate_crds::{AccessGrant, AgentIdentity, Target};
 use jiff::Timestamp;
 use k8s_openapi::api::authorization::v1::{
     ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
@@ -308,6 +310,34 @@ pub async fn validate(
             }
             if let Err(e) = max_ok(id) {
                 return deny(req, "max-duration", e);
+            }
+            // The scope is read as the Target's gateway reads it. (A Target not created yet
+            // is no reason to refuse: GitOps may apply the grant first.)
+            let targets: Api<Target> = Api::namespaced(ctx.client.clone(), &ns);
+            match targets.get_opt(&grant.spec.target).await {
+                Ok(Some(t)) => {
+                    if let Some(why) = grant.spec.scope.mismatch(t.spec.protocol) {
+                        return deny(
+                            req,
+                            "scope-fits-target",
+                            format!(
+                                "Target {} is {:?}: {why}",
+                                grant.spec.target, t.spec.protocol
+                            ),
+                        );
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    return deny(
+                        req,
+                        "scope-fits-target",
+                        format!(
+                            "cannot read Target {} (failing closed): {e}",
+                            grant.spec.target
+                        ),
+                    );
+                }
             }
             AdmissionResponse::from(req)
         }

@@ -49,6 +49,9 @@ const V_TOKEN: &str = "agentgate-token";
 const V_API: &str = "agentgate-api-token";
 const V_SPILL: &str = "agentgate-spill";
 const V_CLIENT: &str = "agentgate-client";
+const V_AUDIT_CA: &str = "agentgate-audit-ca";
+/// Where the sidecar reads the audit sinks' CA (`--sidecar-audit-ca`).
+const AUDIT_CA_DIR: &str = "/var/run/agentgate/audit-ca";
 const ANN_INJECTED: &str = "agentgate.dev/injected";
 const DANGEROUS_CAPS: &[&str] = &["SYS_ADMIN", "SYS_PTRACE", "NET_ADMIN", "NET_RAW", "ALL"];
 
@@ -197,6 +200,12 @@ fn audit_env(config: &Config, mut env_vars: Vec<EnvVar>) -> Vec<EnvVar> {
             false,
         ));
     }
+    if config.sidecar_audit_ca.is_some() {
+        env_vars.push(env(
+            "AGENTGATE_AUDIT_CA_FILE",
+            &format!("{AUDIT_CA_DIR}/ca.crt"),
+        ));
+    }
     if let Some(secret) = &config.sidecar_audit_credentials {
         env_vars.push(secret_env(
             "AGENTGATE_AUDIT_WEBHOOK_TOKEN",
@@ -274,6 +283,9 @@ pub fn sidecar_container(
         mount(V_SPILL, "/var/lib/agentgate/audit", false),
         mount(V_CLIENT, CLIENT_DIR, false),
     ];
+    if config.sidecar_audit_ca.is_some() {
+        mounts.push(mount(V_AUDIT_CA, AUDIT_CA_DIR, true));
+    }
     for (dir, volume) in targets {
         mounts.push(mount(
             volume,
@@ -574,7 +586,7 @@ pub fn inject(pod: &Pod, input: &InjectionInput<'_>) -> Result<Pod, Refusal> {
         }),
         ..Default::default()
     };
-    let sidecar_volumes = vec![
+    let mut sidecar_volumes = vec![
         Volume {
             name: V_TOKEN.into(),
             projected: Some(ProjectedVolumeSource {
@@ -632,6 +644,22 @@ pub fn inject(pod: &Pod, input: &InjectionInput<'_>) -> Result<Pod, Refusal> {
             ..Default::default()
         },
     ];
+    if let Some(cm) = &input.config.sidecar_audit_ca {
+        sidecar_volumes.push(Volume {
+            name: V_AUDIT_CA.into(),
+            config_map: Some(k8s_openapi::api::core::v1::ConfigMapVolumeSource {
+                name: cm.clone(),
+                items: Some(vec![KeyToPath {
+                    key: "ca.crt".into(),
+                    path: "ca.crt".into(),
+                    mode: None,
+                }]),
+                optional: Some(false),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    }
     for v in sidecar_volumes {
         let name = v.name.clone();
         upsert(vols, v, |x| x.name == name);

@@ -6,6 +6,7 @@ pub mod approval;
 pub mod cluster;
 pub mod folder;
 pub mod glob;
+pub mod hint;
 pub mod live;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -390,8 +391,23 @@ fn guardrail_matches(g: &Guardrail, cmd: &Command) -> bool {
 }
 
 /// Whether `scope` covers `cmd` (class, and tables when the scope names some).
+///
+/// A scope limited with another protocol's settings (`kubernetes` rules on a PostgreSQL
+/// request, say) covers nothing: read as this protocol reads it, it would allow every
+/// operation of its classes, more than its author wrote. The grant webhook refuses such
+/// grants; this also holds for baselines and for policy folders, which no webhook checks.
 pub fn covers(scope: &AccessScope, cmd: &Command) -> bool {
     if !scope.operations.contains(&cmd.class) {
+        return false;
+    }
+    let foreign = if cmd.kube.is_some() {
+        !scope.tables.is_empty() || scope.ssh.is_some()
+    } else if cmd.ssh.is_some() {
+        !scope.tables.is_empty() || !scope.kubernetes.is_empty()
+    } else {
+        !scope.kubernetes.is_empty() || scope.ssh.is_some()
+    };
+    if foreign {
         return false;
     }
     if let Some(k) = &cmd.kube {

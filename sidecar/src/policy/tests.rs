@@ -453,3 +453,46 @@ async fn the_folder_reloads_on_change_and_keeps_the_last_good_policy() {
     .unwrap();
     task.abort();
 }
+
+#[test]
+fn a_scope_limited_with_another_protocols_settings_covers_nothing() {
+    let scope = |extra: serde_json::Value| -> AccessScope {
+        let mut v = serde_json::json!({ "operations": ["Read", "Write"] });
+        for (k, x) in extra.as_object().into_iter().flatten() {
+            v[k] = x.clone();
+        }
+        serde_json::from_value(v).unwrap()
+    };
+    let sql = Command::from(&classify::classify("UPDATE orders SET a = 1 WHERE id = 1").unwrap());
+    let pods = serde_json::json!({ "kubernetes": [{ "verbs": ["get"], "resources": ["pods"] }] });
+    let ssh = serde_json::json!({ "ssh": { "commands": ["uptime"] } });
+    let tables = serde_json::json!({ "tables": ["orders"] });
+    // PostgreSQL: Kubernetes rules or SSH settings would be ignored, leaving every table.
+    assert!(covers(&scope(serde_json::json!({})), &sql));
+    assert!(covers(&scope(tables.clone()), &sql));
+    assert!(!covers(&scope(pods.clone()), &sql));
+    assert!(!covers(&scope(ssh.clone()), &sql));
+    // Kubernetes: tables or SSH settings.
+    let mut get = sql.clone();
+    get.class = OperationClass::Read;
+    get.kube = Some(KubeAccess {
+        verb: "get".into(),
+        resource: "pods".into(),
+        namespace: "shop".into(),
+        ..Default::default()
+    });
+    assert!(covers(&scope(pods), &get));
+    assert!(!covers(&scope(tables.clone()), &get));
+    assert!(!covers(&scope(ssh.clone()), &get));
+    // SSH: tables or Kubernetes rules.
+    let mut cmd = sql.clone();
+    cmd.class = OperationClass::Read;
+    cmd.ssh = Some(SshAccess {
+        login: "deploy".into(),
+        default_login: "deploy".into(),
+        commands: vec!["uptime".into()],
+        forwarding: None,
+    });
+    assert!(covers(&scope(ssh), &cmd));
+    assert!(!covers(&scope(tables), &cmd));
+}

@@ -1,16 +1,93 @@
-//! TLS for the PostgreSQL sink's connection: tokio-postgres's TLS hooks over rustls, with the
-//! server's certificate verified for the host it connects to (system roots plus
-//! `--audit-ca-file`).
+//! Connections to the audit database, for the PostgreSQL sink and for the CLI that reads it:
+//! tokio-postgres's TLS hooks over rustls, with the server's certificate verified for the host
+//! it connects to (system roots plus `--audit-ca-file`).
+//!
+//! Unless the connection string says `sslmode=disable`, a connection over the network is TLS:
+//! `require`, `prefer` (the default), `verify-ca` and `verify-full` all mean what libpq's
+//! `verify-full` does, and a server that does not offer TLS gets nothing. A Unix socket
+//! (local) is used as it is.
 
 use std::future::Future;
 use std::io;
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_postgres::config::SslMode;
 use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect, TlsStream};
+use tokio_postgres::{Client, NoTls};
+
+/// The connection string with libpq's `sslmode=verify-ca` and `verify-full` (which
+/// tokio-postgres does not parse) as `require`: the certificate and its name are verified
+/// whatever the mode. `sslrootcert` is not read: the CA is `ca_file`.
+fn tls_modes(conninfo: &str) -> String {
+    conninfo
+        .replace("sslmode=verify-full", "sslmode=require")
+        .replace("sslmode=verify-ca", "sslmode=require")
+}
+
+/// Connects to `conninfo` (libpq key=value or URL form), over verified TLS unless it says
+/// `sslmode=disable` or names a Unix socket; `ca_file` adds CA certificates (PEM) to the
+/// system's. The connection runs on a task of its own. The error says why, with its causes
+/// (`connect: error performing TLS handshake: invalid peer certificate: UnknownIssuer`), and
+/// never the connection string (it may carry a password).
+pub async fn connect(conninfo: &str, ca_file: Option<&Path>) -> Result<Client, String> {
+    let mut config: tokio_postgres::Config =
+        tls_modes(conninfo)
+            .parse()
+            .map_err(|e: tokio_postgres::Error| {
+                format!(
+                    "the connection string: {e}{}",
+                    std::error::Error::source(&e)
+                        .map(|c| format!(": {c}"))
+                        .unwrap_or_default()
+                )
+            })?;
+    // Over the network, plaintext only when asked for: `prefer` would go on in plaintext with
+    // a server (or someone in between) that answers it has no TLS. A Unix socket is local
+    // (and PostgreSQL offers no TLS on it).
+    let networked = config
+        .get_hosts()
+        .iter()
+        .any(|h| matches!(h, tokio_postgres::config::Host::Tcp(_)))
+        || !config.get_hostaddrs().is_empty();
+    if config.get_ssl_mode() == SslMode::Prefer && networked {
+        config.ssl_mode(SslMode::Require);
+    }
+    let failed = |e: tokio_postgres::Error| {
+        let why = match e.as_db_error() {
+            Some(d) => d.message().to_owned(),
+            None => {
+                let mut why = e.to_string();
+                let mut cause = std::error::Error::source(&e);
+                while let Some(c) = cause {
+                    why.push_str(&format!(": {c}"));
+                    cause = c.source();
+                }
+                why
+            }
+        };
+        format!("connect: {why}")
+    };
+    let ended = |r: Result<(), tokio_postgres::Error>| {
+        if let Err(e) = r {
+            tracing::debug!(error = %e, "audit database connection ended");
+        }
+    };
+    Ok(if config.get_ssl_mode() == SslMode::Disable {
+        let (client, conn) = config.connect(NoTls).await.map_err(failed)?;
+        tokio::spawn(async move { ended(conn.await) });
+        client
+    } else {
+        let tls = MakeRustls::new(crate::tls::client_config(ca_file)?);
+        let (client, conn) = config.connect(tls).await.map_err(failed)?;
+        tokio::spawn(async move { ended(conn.await) });
+        client
+    })
+}
 
 /// Makes verified TLS connections for tokio-postgres.
 #[derive(Clone)]

@@ -16,8 +16,7 @@ use std::path::PathBuf;
 
 use agentgate_crds::audit::Record;
 use bytes::Bytes;
-use tokio_postgres::config::SslMode;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 /// The PostgreSQL sink.
 pub struct PostgresSink {
@@ -35,15 +34,6 @@ impl std::fmt::Debug for PostgresSink {
             .field("table", &self.table)
             .finish_non_exhaustive()
     }
-}
-
-/// The connection string with libpq's `sslmode=verify-ca` and `verify-full` (which
-/// tokio-postgres does not parse) as `require`: the sink verifies the certificate and its
-/// name whatever the mode. `sslrootcert` is not read: the CA is `--audit-ca-file`.
-fn tls_modes(conninfo: &str) -> String {
-    conninfo
-        .replace("sslmode=verify-full", "sslmode=require")
-        .replace("sslmode=verify-ca", "sslmode=require")
 }
 
 fn quote_ident(name: &str) -> String {
@@ -79,61 +69,7 @@ impl PostgresSink {
                 .ok_or_else(|| "not connected".to_owned());
         }
         self.client = None;
-        let mut config: tokio_postgres::Config =
-            tls_modes(&self.conninfo)
-                .parse()
-                .map_err(|e: tokio_postgres::Error| {
-                    format!(
-                        "the connection string: {e}{}",
-                        std::error::Error::source(&e)
-                            .map(|c| format!(": {c}"))
-                            .unwrap_or_default()
-                    )
-                })?;
-        // Over the network, plaintext only when asked for: `prefer` would go on in plaintext
-        // with a server (or someone in between) that answers it has no TLS. A Unix socket is
-        // local (and PostgreSQL offers no TLS on it).
-        let networked = config
-            .get_hosts()
-            .iter()
-            .any(|h| matches!(h, tokio_postgres::config::Host::Tcp(_)))
-            || !config.get_hostaddrs().is_empty();
-        if config.get_ssl_mode() == SslMode::Prefer && networked {
-            config.ssl_mode(SslMode::Require);
-        }
-        let failed = |e: tokio_postgres::Error| {
-            let why = match e.as_db_error() {
-                Some(d) => d.message().to_owned(),
-                None => {
-                    // With its causes: "error performing TLS handshake: invalid peer
-                    // certificate: UnknownIssuer".
-                    let mut why = e.to_string();
-                    let mut cause = std::error::Error::source(&e);
-                    while let Some(c) = cause {
-                        why.push_str(&format!(": {c}"));
-                        cause = c.source();
-                    }
-                    why
-                }
-            };
-            format!("connect: {why}")
-        };
-        let ended = |r: Result<(), tokio_postgres::Error>| {
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "audit sink connection ended");
-            }
-        };
-        let client = if config.get_ssl_mode() == SslMode::Disable {
-            let (client, conn) = config.connect(NoTls).await.map_err(failed)?;
-            tokio::spawn(async move { ended(conn.await) });
-            client
-        } else {
-            let tls =
-                super::pgtls::MakeRustls::new(crate::tls::client_config(self.ca_file.as_deref())?);
-            let (client, conn) = config.connect(tls).await.map_err(failed)?;
-            tokio::spawn(async move { ended(conn.await) });
-            client
-        };
+        let client = super::pgtls::connect(&self.conninfo, self.ca_file.as_deref()).await?;
         let row = client
             .query_one(
                 "SELECT has_table_privilege($1::text, 'UPDATE') \

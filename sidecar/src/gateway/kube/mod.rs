@@ -642,8 +642,8 @@ impl Connection {
             Verdict::Refuse => {
                 let how = if decision.rule == "not-in-scope" {
                     format!(
-                        "; to ask for it: kubectl agentgate grants request <name> --identity {identity} --target {target} --operations {} --reason <why>",
-                        cmd.class
+                        "; to ask for it: {}",
+                        crate::policy::hint::request_hint(&identity, &target, &cmd, str::to_owned)
                     )
                 } else {
                     String::new()

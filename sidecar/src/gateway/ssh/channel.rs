@@ -381,8 +381,13 @@ impl Ctx {
             _ => {
                 let how = if decision.rule == "not-in-scope" {
                     format!(
-                        "; to ask for it: kubectl agentgate grants request <name> --identity {} --target {} --operations {} --reason <why>",
-                        self.agent.identity, self.target, cmd.class
+                        "; to ask for it: {}",
+                        crate::policy::hint::request_hint(
+                            &self.agent.identity,
+                            &self.target,
+                            cmd,
+                            |c| self.masked_text(c)
+                        )
                     )
                 } else {
                     String::new()

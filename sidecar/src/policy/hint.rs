@@ -1,0 +1,150 @@
+//! What to run to ask for access to a refused request: the `kubectl agentgate grants request`
+//! command whose scope covers exactly that request, with the flags of its protocol.
+
+use std::fmt::Write;
+
+use super::{Command, SshForwarding};
+
+/// The longest SSH command put into a hint whole; a longer one gets a placeholder.
+const MAX_COMMAND: usize = 200;
+
+/// `kubectl agentgate grants request …` for `cmd`, scoped as narrowly as the request itself:
+/// its verb, resource, namespace and name for Kubernetes; its login, commands and forwarding
+/// for SSH; its tables for PostgreSQL. `mask` is applied to SSH command lines (they may carry
+/// secrets the agent typed).
+pub fn request_hint(
+    identity: &str,
+    target: &str,
+    cmd: &Command,
+    mask: impl Fn(&str) -> String,
+) -> String {
+    let mut s = format!(
+        "kubectl agentgate grants request <name> --identity {identity} --target {target} --operations {}",
+        cmd.class
+    );
+    if let Some(k) = &cmd.kube {
+        let resource = match k.resource.split_once('/') {
+            Some((res, sub)) if !k.group.is_empty() => format!("{res}.{}/{sub}", k.group),
+            _ if !k.group.is_empty() => format!("{}.{}", k.resource, k.group),
+            _ => k.resource.clone(),
+        };
+        let _ = write!(s, " --verb {} --resource {resource}", k.verb);
+        if !k.namespace.is_empty() {
+            let _ = write!(s, " --in-namespace {}", k.namespace);
+        }
+        if !k.name.is_empty() {
+            let _ = write!(s, " --resource-name {}", k.name);
+        }
+    } else if let Some(a) = &cmd.ssh {
+        if a.login != a.default_login {
+            let _ = write!(s, " --ssh-login {}", quote(&a.login));
+        }
+        for c in &a.commands {
+            let c = mask(c);
+            if c.chars().count() > MAX_COMMAND {
+                s.push_str(" --ssh-command '<a glob for the command>'");
+            } else {
+                let _ = write!(s, " --ssh-command {}", quote(&c));
+            }
+        }
+        match a.forwarding {
+            Some(SshForwarding::Port) => s.push_str(" --ssh-port-forwarding"),
+            Some(SshForwarding::Agent) => s.push_str(" --ssh-agent-forwarding"),
+            Some(SshForwarding::X11) => s.push_str(" --ssh-x11-forwarding"),
+            None => {}
+        }
+    } else {
+        for t in &cmd.tables {
+            let _ = write!(s, " --table {}", quote(t));
+        }
+    }
+    s.push_str(" --reason <why>");
+    s
+}
+
+/// A POSIX shell word: as it is when it is plain, else in single quotes.
+fn quote(w: &str) -> String {
+    let plain = !w.is_empty()
+        && w.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=:@,+".contains(c));
+    if plain {
+        w.to_owned()
+    } else {
+        format!("'{}'", w.replace('\'', r"'\''"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{KubeAccess, SshAccess};
+    use agentgate_crds::OperationClass;
+
+    fn cmd(class: OperationClass) -> Command {
+        Command {
+            class,
+            fingerprint: crate::sql::Fingerprint::known(String::new()),
+            keys: Default::default(),
+            tables: Default::default(),
+            kube: None,
+            ssh: None,
+        }
+    }
+
+    #[test]
+    fn a_hint_scopes_the_grant_to_the_request() {
+        let mut k = cmd(OperationClass::Write);
+        k.kube = Some(KubeAccess {
+            verb: "patch".into(),
+            group: "apps".into(),
+            resource: "deployments/scale".into(),
+            namespace: "shop".into(),
+            name: "web".into(),
+        });
+        assert_eq!(
+            request_hint("claude", "cluster", &k, str::to_owned),
+            "kubectl agentgate grants request <name> --identity claude --target cluster --operations Write --verb patch --resource deployments.apps/scale --in-namespace shop --resource-name web --reason <why>"
+        );
+        let mut k = cmd(OperationClass::Read);
+        k.kube = Some(KubeAccess {
+            verb: "list".into(),
+            resource: "pods".into(),
+            ..Default::default()
+        });
+        assert!(
+            request_hint("claude", "cluster", &k, str::to_owned)
+                .ends_with("--operations Read --verb list --resource pods --reason <why>")
+        );
+
+        let mut a = cmd(OperationClass::Exec);
+        a.ssh = Some(SshAccess {
+            login: "root".into(),
+            default_login: "deploy".into(),
+            commands: vec!["systemctl restart nginx".into(), "echo it's".into()],
+            forwarding: None,
+        });
+        assert!(
+            request_hint("claude", "web-1", &a, |c| c.replace("nginx", "n****")).ends_with(
+                r"--operations Exec --ssh-login root --ssh-command 'systemctl restart n****' --ssh-command 'echo it'\''s' --reason <why>"
+            )
+        );
+        let mut f = cmd(OperationClass::Exec);
+        f.ssh = Some(SshAccess {
+            login: "deploy".into(),
+            default_login: "deploy".into(),
+            commands: vec!["x".repeat(300)],
+            forwarding: Some(SshForwarding::Port),
+        });
+        assert!(
+            request_hint("claude", "web-1", &f, str::to_owned).ends_with(
+                "--ssh-command '<a glob for the command>' --ssh-port-forwarding --reason <why>"
+            )
+        );
+
+        let mut p = cmd(OperationClass::Write);
+        p.tables = ["public.orders".to_owned(), "audit log".to_owned()].into();
+        assert!(request_hint("claude", "db", &p, str::to_owned).ends_with(
+            "--operations Write --table 'audit log' --table public.orders --reason <why>"
+        ));
+    }
+}
