@@ -63,10 +63,12 @@ pub struct TargetSpec {
     #[serde(default)]
     #[schemars(length(max = 128))]
     pub guardrails: Vec<Guardrail>,
-    /// How long a held PostgreSQL statement waits for an approver before the agent gets an
-    /// error (Go duration; `0s` answers at once with the grant to wait for). Kubernetes and
-    /// SSH requests are answered at once with the AccessGrant to wait for; the agent runs
-    /// the request again once it is approved.
+    /// How long a held request waits for an approver, then runs once approved, or gets an
+    /// error naming the AccessGrant still pending (Go duration; `0s` answers at once with the
+    /// grant to wait for, and the agent runs the request again once it is approved). Applies
+    /// to a PostgreSQL statement, a Kubernetes API request, and an SSH command or session
+    /// (`ssh host CMD`, a shell, scp, sftp); a line typed into an open SSH shell and one sftp
+    /// operation are answered at once.
     #[serde(default = "default_hold_timeout")]
     #[schemars(
         length(max = 32),

@@ -890,3 +890,125 @@ async fn the_api_server_certificate_is_checked_against_tls_server_name() -> anyh
     );
     Ok(())
 }
+
+/// Rewrites the policy folder's main file with `edit` (atomically, as GitOps tools do).
+fn edit_policy(s: &Setup, edit: impl Fn(&str) -> String) {
+    let file = s.dir.path().join("policy/policy.yaml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    let changed = edit(&text);
+    assert_ne!(text, changed, "the edit changed nothing");
+    std::fs::write(file.with_extension("tmp"), changed).unwrap();
+    std::fs::rename(file.with_extension("tmp"), &file).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_request_waits_for_its_approver_within_hold_timeout() -> anyhow::Result<()> {
+    let s = setup().await?;
+    // The Target holds requests up to 30 s for an approver.
+    edit_policy(&s, |t| {
+        t.replace(
+            "  protocol: Kubernetes\n",
+            "  protocol: Kubernetes\n  holdTimeout: 30s\n",
+        )
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    // Creating a ConfigMap outside `default` is not in the baseline: held. kubectl waits;
+    // alice approves; the create runs and kubectl succeeds.
+    // kubectl waits in a thread of its own while the approver decides.
+    let spawn = |args: &[&str]| {
+        let mut cmd = Command::new(&s.env.bins.kubectl);
+        cmd.arg("--kubeconfig").arg(&s.kubeconfig).args(args);
+        std::thread::spawn(move || cmd.output().expect("kubectl"))
+    };
+    let policy = s.dir.path().join("policy");
+    let before = testenv::approvals::filed(&policy);
+    let waiting = spawn(&[
+        "create",
+        "configmap",
+        "held-then-approved",
+        "-n",
+        "kube-public",
+        "--from-literal=a=b",
+    ]);
+    let name = testenv::approvals::wait_new(&policy, &before).map_err(anyhow::Error::msg)?;
+    std::thread::sleep(Duration::from_secs(1));
+    testenv::approvals::decide(&policy, &name, "Approve", "alice", "ok")
+        .map_err(anyhow::Error::msg)?;
+    let out = waiting.join().expect("kubectl thread");
+    assert!(
+        out.status.success(),
+        "the approved request failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        s.admin(&[
+            "get",
+            "configmap",
+            "held-then-approved",
+            "-n",
+            "kube-public",
+            "-o",
+            "jsonpath={.data.a}",
+        ]),
+        "b"
+    );
+    // The approval is recorded, with the approver.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !testenv::approvals::approval_recorded(&s.records(), &name, "alice") {
+        assert!(Instant::now() < deadline, "no Approval record");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // Denied: kubectl gets the denial and its reason at once; nothing is created.
+    let before = testenv::approvals::filed(&policy);
+    let waiting = spawn(&[
+        "create",
+        "configmap",
+        "held-then-denied",
+        "-n",
+        "kube-public",
+        "--from-literal=a=b",
+    ]);
+    let name = testenv::approvals::wait_new(&policy, &before).map_err(anyhow::Error::msg)?;
+    testenv::approvals::decide(&policy, &name, "Deny", "alice", "not in kube-public")
+        .map_err(anyhow::Error::msg)?;
+    let out = waiting.join().expect("kubectl thread");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains(&format!(
+                "AccessGrant {name} was denied by alice: not in kube-public"
+            )),
+        "{err}"
+    );
+    assert_eq!(
+        s.admin(&[
+            "get",
+            "configmap",
+            "held-then-denied",
+            "-n",
+            "kube-public",
+            "--ignore-not-found",
+        ]),
+        ""
+    );
+
+    // Nobody decides within the holdTimeout: refused, naming the grant still pending.
+    edit_policy(&s, |t| t.replace("holdTimeout: 30s", "holdTimeout: 2s"));
+    std::thread::sleep(Duration::from_secs(2));
+    let err = s.agent_err(&[
+        "create",
+        "configmap",
+        "held-no-answer",
+        "-n",
+        "kube-public",
+        "--from-literal=a=b",
+    ]);
+    assert!(
+        err.contains("held for approval")
+            && err.contains("no approver decided within the Target's holdTimeout (2s)")
+            && err.contains("stays pending"),
+        "{err}"
+    );
+    Ok(())
+}

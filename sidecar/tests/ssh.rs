@@ -988,5 +988,97 @@ fn a_running_command_ends_when_the_identity_is_disabled() -> anyhow::Result<()> 
         assert!(std::time::Instant::now() < deadline, "no outcome says why");
         std::thread::sleep(Duration::from_millis(200));
     }
+    // ... and counts what passed before the end ("started\n" reached the agent).
+    let ended = s
+        .records()
+        .into_iter()
+        .find(|r| {
+            r["kind"] == "Outcome"
+                && r["outcome"]["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("access ended while the request ran"))
+        })
+        .expect("the outcome");
+    assert!(
+        ended["outcome"]["bytesOut"]
+            .as_u64()
+            .is_some_and(|b| b >= 8),
+        "{ended}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_held_command_waits_for_its_approver_within_hold_timeout() -> anyhow::Result<()> {
+    let s = setup()?;
+    let policy = s.dir.path().join("policy");
+    // The web Target holds commands up to 30 s for an approver.
+    let file = policy.join("policy.yaml");
+    let text = std::fs::read_to_string(&file)?;
+    let waiting = text.replace(
+        "metadata: { name: web }\nspec:\n  protocol: SSH\n",
+        "metadata: { name: web }\nspec:\n  protocol: SSH\n  holdTimeout: 30s\n",
+    );
+    assert_ne!(text, waiting);
+    std::fs::write(file.with_extension("tmp"), waiting)?;
+    std::fs::rename(file.with_extension("tmp"), &file)?;
+    std::thread::sleep(Duration::from_secs(2));
+    let run = |cmd: &'static str| {
+        let config = s.config.clone();
+        std::thread::spawn(move || {
+            Command::new("ssh")
+                .arg("-F")
+                .arg(config)
+                .args(["-o", "BatchMode=yes", "-o", "ConnectTimeout=20", "web", cmd])
+                .stdin(Stdio::null())
+                .output()
+                .expect("ssh")
+        })
+    };
+    // Held: ssh waits, told so on stderr; alice approves; the command runs.
+    let before = testenv::approvals::filed(&policy);
+    let waiting = run("bash -c 'echo waited-then-ran'");
+    let name = testenv::approvals::wait_new(&policy, &before).map_err(anyhow::Error::msg)?;
+    std::thread::sleep(Duration::from_secs(1));
+    testenv::approvals::decide(&policy, &name, "Approve", "alice", "ok")
+        .map_err(anyhow::Error::msg)?;
+    let out = waiting.join().expect("ssh thread");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert_eq!(stdout.trim(), "waited-then-ran");
+    assert!(
+        stderr.contains("held for approval")
+            && stderr.contains(&format!("AccessGrant {name}"))
+            && stderr.contains("waiting up to 30s for an approver"),
+        "{stderr}"
+    );
+    // The approval is recorded, with its approver, for that request.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !testenv::approvals::approval_recorded(&s.records(), &name, "alice") {
+        assert!(Instant::now() < deadline, "no Approval record");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Denied: ssh ends with the denial and its reason; nothing runs.
+    let marker = s.dir.path().join("denied-ran");
+    let before = testenv::approvals::filed(&policy);
+    let cmd: &'static str =
+        Box::leak(format!("bash -c 'touch {}'", marker.display()).into_boxed_str());
+    let waiting = run(cmd);
+    let name = testenv::approvals::wait_new(&policy, &before).map_err(anyhow::Error::msg)?;
+    testenv::approvals::decide(&policy, &name, "Deny", "alice", "not on web")
+        .map_err(anyhow::Error::msg)?;
+    let out = waiting.join().expect("ssh thread");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && stderr.contains(&format!(
+                "AccessGrant {name} was denied by alice: not on web"
+            )),
+        "{stderr}"
+    );
+    assert!(!marker.exists(), "a denied command ran");
     Ok(())
 }

@@ -12,6 +12,7 @@
 //! The binaries come from `tests/env/install.sh`, which builds them into a cache keyed by
 //! version. A missing binary is an error that says how to get it: tests never skip.
 
+pub mod approvals;
 pub mod bench;
 pub mod certs;
 pub mod cluster;

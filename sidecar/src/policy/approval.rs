@@ -183,3 +183,75 @@ impl Approvals {
         }
     }
 }
+
+/// How long a held request of `target` waits for an approver (its `holdTimeout`; 0 when the
+/// Target is unknown or the value unreadable: answer at once).
+pub fn hold_timeout(snapshot: Option<&Snapshot>, target: &str) -> Duration {
+    snapshot
+        .and_then(|s| s.targets.get(target))
+        .and_then(|t| parse_duration(&t.spec.hold_timeout).ok())
+        .unwrap_or_default()
+}
+
+/// Why grant `name` of `identity` was denied, if it was.
+pub fn denial(s: &Snapshot, identity: &str, name: &str) -> Option<String> {
+    let g = s.grants.get(name)?;
+    let status = evaluate(g, s.identities.get(identity), crate::clock::now()).status;
+    if status.phase != Some(GrantPhase::Denied) {
+        return None;
+    }
+    let decision = g.spec.decision.as_ref()?;
+    let by = decision
+        .decided_by
+        .as_ref()
+        .map_or("an approver".to_owned(), |u| u.username.clone());
+    let reason = decision
+        .reason
+        .as_deref()
+        .map(|r| format!(": {r}"))
+        .unwrap_or_default();
+    Some(format!("AccessGrant {name} was denied by {by}{reason}"))
+}
+
+/// Waits up to `wait` for an approver to decide on a held request whose AccessGrant request
+/// is `grant`: `decide` is asked again at each policy change (and every second, for the
+/// clock). Returns its answer once it is no longer a hold, a refusal (rule `denied`) once the
+/// grant is denied, or the hold when the time is up.
+pub async fn await_decision(
+    policy: &super::PolicyStore,
+    identity: &str,
+    grant: &str,
+    wait: Duration,
+    decide: impl Fn() -> super::Decision,
+) -> super::Decision {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut changes = policy.changes();
+    loop {
+        let d = decide();
+        if d.verdict != super::Verdict::Hold {
+            return d;
+        }
+        if let Some(denied) = policy.get().and_then(|s| denial(&s, identity, grant)) {
+            return super::Decision {
+                verdict: super::Verdict::Refuse,
+                rule: "denied".into(),
+                grant: Some(grant.to_owned()),
+                message: denied,
+            };
+        }
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            return d;
+        }
+        let tick = (now + Duration::from_secs(1)).min(deadline);
+        tokio::select! {
+            r = changes.changed() => {
+                if r.is_err() {
+                    // No more changes will come: the clock alone can change the answer.
+                    tokio::time::sleep_until(tick).await;
+                }
+            }
+            () = tokio::time::sleep_until(tick) => {}
+        }
+    }
+}

@@ -442,7 +442,7 @@ impl Connection {
     async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
         let gw = &self.gw;
         let core = &gw.core;
-        let Some(snapshot) = core.policy.get() else {
+        let Some(mut snapshot) = core.policy.get() else {
             let why = core
                 .policy
                 .error()
@@ -657,11 +657,74 @@ impl Connection {
                 return status(StatusCode::FORBIDDEN, "Forbidden", &msg);
             }
             Verdict::Hold => {
-                let msg = self
+                let (msg, filed) = self
                     .hold(&snapshot, &identity, &target, &cmd, &text, &decision)
                     .await;
-                self.outcome(&rec, id, started, 403, 0, BTreeMap::new());
-                return status(StatusCode::FORBIDDEN, "Forbidden", &msg);
+                // The Target's holdTimeout: wait for an approver, then run it.
+                let wait = crate::policy::approval::hold_timeout(Some(&snapshot), &target);
+                let Some(name) = filed.filter(|_| !wait.is_zero()) else {
+                    self.outcome(&rec, id, started, 403, 0, BTreeMap::new());
+                    return status(StatusCode::FORBIDDEN, "Forbidden", &msg);
+                };
+                let after = crate::policy::approval::await_decision(
+                    &core.policy,
+                    &identity,
+                    &name,
+                    wait,
+                    || {
+                        decide_as_pod(
+                            core,
+                            core.policy.get().as_deref(),
+                            &identity,
+                            &target,
+                            &cmd,
+                            crate::clock::now(),
+                        )
+                    },
+                )
+                .await;
+                let by =
+                    crate::gateway::postgres::audit::approver(core.policy.get().as_deref(), &name);
+                if after.verdict != Verdict::Hold
+                    && let Err(why) =
+                        crate::gateway::postgres::audit::approval(&rec, id, &after, Some(&name), by)
+                {
+                    self.outcome(&rec, id, started, 503, 0, BTreeMap::new());
+                    return status(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", &why);
+                }
+                match after.verdict {
+                    Verdict::Allow => {
+                        tracing::info!(%identity, %target, grant = %name, "held request approved: running it");
+                        match core.policy.get() {
+                            Some(s) => snapshot = s,
+                            None => {
+                                self.outcome(&rec, id, started, 503, 0, BTreeMap::new());
+                                return status(
+                                    StatusCode::SERVICE_UNAVAILABLE,
+                                    "ServiceUnavailable",
+                                    "agentgate has no policy loaded yet, so it refuses everything; retry shortly",
+                                );
+                            }
+                        }
+                    }
+                    Verdict::Refuse => {
+                        self.outcome(&rec, id, started, 403, 0, BTreeMap::new());
+                        let msg = format!(
+                            "agentgate: {} is refused: {}",
+                            info.describe(),
+                            after.message
+                        );
+                        return status(StatusCode::FORBIDDEN, "Forbidden", &msg);
+                    }
+                    Verdict::Hold => {
+                        self.outcome(&rec, id, started, 403, 0, BTreeMap::new());
+                        let msg = format!(
+                            "{msg}; no approver decided within the Target's holdTimeout ({}), so it was not run: AccessGrant {name} stays pending; run the request again once it is approved",
+                            agentgate_crds::common::format_duration(wait)
+                        );
+                        return status(StatusCode::FORBIDDEN, "Forbidden", &msg);
+                    }
+                }
             }
         }
         // Forward, as the agent.
@@ -743,22 +806,7 @@ impl Connection {
             let (identity, target, cmd) = (identity.clone(), target.clone(), cmd.clone());
             Box::pin(async move {
                 policy::live::ended_when(core.policy.clone(), &identity, |snapshot, now| {
-                    let d = policy::decide(snapshot, &identity, &target, &cmd, now);
-                    // The pod must still be the identity it serves.
-                    match (&core.pod_user, snapshot) {
-                        (Some(pod_user), Some(s)) if d.verdict == Verdict::Allow => {
-                            match crate::identity::pod::check(pod_user, s, &identity) {
-                                Ok(()) => d,
-                                Err(why) => Decision {
-                                    verdict: Verdict::Refuse,
-                                    rule: "pod-identity".into(),
-                                    grant: None,
-                                    message: why,
-                                },
-                            }
-                        }
-                        _ => d,
-                    }
+                    decide_as_pod(&core, snapshot, &identity, &target, &cmd, now)
                 })
                 .await
             }) as Ended
@@ -869,7 +917,7 @@ impl Connection {
         cmd: &policy::Command,
         text: &str,
         decision: &Decision,
-    ) -> String {
+    ) -> (String, Option<String>) {
         let req = ApprovalRequest {
             identity,
             target,
@@ -880,14 +928,20 @@ impl Connection {
             message: &decision.message,
         };
         match self.gw.core.approvals.file(Some(snapshot), &req).await {
-            Ok(filed) => format!(
-                "agentgate: held for approval ({}): AccessGrant {}; {}",
-                decision.message, filed.name, filed.how_to_approve
+            Ok(filed) => (
+                format!(
+                    "agentgate: held for approval ({}): AccessGrant {}; {}",
+                    decision.message, filed.name, filed.how_to_approve
+                ),
+                Some(filed.name),
             ),
-            Err(e) => format!(
-                "agentgate: {} and the request for approval could not be filed ({e}); ask an approver for an AccessGrant bound to fingerprint {}",
-                decision.message,
-                cmd.fingerprint.get()
+            Err(e) => (
+                format!(
+                    "agentgate: {} and the request for approval could not be filed ({e}); ask an approver for an AccessGrant bound to fingerprint {}",
+                    decision.message,
+                    cmd.fingerprint.get()
+                ),
+                None,
             ),
         }
     }
@@ -1138,6 +1192,33 @@ fn outcome_why(
     });
     if let Err(e) = rec.emit(r) {
         tracing::error!(session = rec.id(), error = %e, "a request's outcome could not be recorded");
+    }
+}
+
+/// [`policy::decide`], and for an allowed request that the pod is still the identity it
+/// serves.
+fn decide_as_pod(
+    core: &Gateway,
+    snapshot: Option<&Snapshot>,
+    identity: &str,
+    target: &str,
+    cmd: &policy::Command,
+    now: jiff::Timestamp,
+) -> Decision {
+    let d = policy::decide(snapshot, identity, target, cmd, now);
+    match (&core.pod_user, snapshot) {
+        (Some(pod_user), Some(s)) if d.verdict == Verdict::Allow => {
+            match crate::identity::pod::check(pod_user, s, identity) {
+                Ok(()) => d,
+                Err(why) => Decision {
+                    verdict: Verdict::Refuse,
+                    rule: "pod-identity".into(),
+                    grant: None,
+                    message: why,
+                },
+            }
+        }
+        _ => d,
     }
 }
 

@@ -1509,10 +1509,7 @@ async fn hold(
         tracing::warn!(identity, target, error = %e, "could not file an approval request");
         return (d, filed);
     }
-    let wait = snapshot
-        .and_then(|s| s.targets.get(target).map(|t| t.spec.hold_timeout.clone()))
-        .and_then(|t| agentgate_crds::common::parse_duration(&t).ok())
-        .unwrap_or_default();
+    let wait = crate::policy::approval::hold_timeout(snapshot.as_deref(), target);
     let deadline = std::time::Instant::now() + wait;
     let name = filed.as_ref().map(|f| f.name.clone()).unwrap_or_default();
     while std::time::Instant::now() < deadline && d.verdict == Verdict::Hold {
@@ -1536,7 +1533,10 @@ async fn hold(
         }
         d = decide(c);
         if d.verdict == Verdict::Hold
-            && let Some(denied) = gw.policy.get().and_then(|s| denial(&s, identity, &name))
+            && let Some(denied) = gw
+                .policy
+                .get()
+                .and_then(|s| crate::policy::approval::denial(&s, identity, &name))
         {
             d = Decision {
                 verdict: Verdict::Refuse,
@@ -1550,28 +1550,6 @@ async fn hold(
         tracing::info!(identity, target, grant = ?d.grant, "held command approved: running it");
     }
     (d, filed)
-}
-
-/// Why grant `name` was denied, if it was.
-fn denial(s: &policy::Snapshot, identity: &str, name: &str) -> Option<String> {
-    let g = s.grants.get(name)?;
-    let status =
-        agentgate_crds::lifecycle::evaluate(g, s.identities.get(identity), crate::clock::now())
-            .status;
-    if status.phase != Some(agentgate_crds::GrantPhase::Denied) {
-        return None;
-    }
-    let decision = g.spec.decision.as_ref()?;
-    let by = decision
-        .decided_by
-        .as_ref()
-        .map_or("an approver".to_owned(), |u| u.username.clone());
-    let reason = decision
-        .reason
-        .as_deref()
-        .map(|r| format!(": {r}"))
-        .unwrap_or_default();
-    Some(format!("AccessGrant {name} was denied by {by}{reason}"))
 }
 
 /// The error for a refused or still-held command, naming the request filed for it.

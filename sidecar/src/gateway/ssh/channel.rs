@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use agentgate_crds::audit::{self as records, IoChunk, Outcome, RecordKind};
@@ -348,7 +349,68 @@ impl Ctx {
 
     /// The message for a refused or held command (holds file an AccessGrant request).
     async fn refusal(&self, cmd: &policy::Command, text: &str, decision: &Decision) -> String {
-        match decision.verdict {
+        self.refusal_filed(cmd, text, decision).await.0
+    }
+
+    /// For a command that is not allowed: a hold files its AccessGrant request and, when the
+    /// Target's `holdTimeout` allows, waits for an approver (telling the agent on `to_agent`).
+    /// `Ok` with the approval (recorded) to run it; `Err` with what to tell the agent.
+    async fn settle(
+        &self,
+        id: u64,
+        cmd: &policy::Command,
+        text: &str,
+        decision: &Decision,
+        to_agent: &ChannelWriteHalf<server::Msg>,
+    ) -> Result<Decision, String> {
+        let (msg, filed) = self.refusal_filed(cmd, text, decision).await;
+        let wait = crate::policy::approval::hold_timeout(Some(&self.snapshot), &self.target);
+        let Some(name) = filed.filter(|_| !wait.is_zero()) else {
+            return Err(msg);
+        };
+        let waiting = agentgate_crds::common::format_duration(wait);
+        let _ = to_agent
+            .extended_data_bytes(
+                1,
+                Bytes::from(format!(
+                    "{msg}\r\nagentgate: waiting up to {waiting} for an approver…\r\n"
+                )),
+            )
+            .await;
+        let after = crate::policy::approval::await_decision(
+            &self.gw.core.policy,
+            &self.agent.identity,
+            &name,
+            wait,
+            || self.decide(cmd),
+        )
+        .await;
+        if after.verdict == Verdict::Hold {
+            return Err(format!(
+                "agentgate: no approver decided within the Target's holdTimeout ({waiting}), so it was not run: AccessGrant {name} stays pending; run it again once it is approved"
+            ));
+        }
+        let by =
+            crate::gateway::postgres::audit::approver(self.gw.core.policy.get().as_deref(), &name);
+        crate::gateway::postgres::audit::approval(&self.rec, id, &after, Some(&name), by)
+            .map_err(|why| format!("agentgate: {why}"))?;
+        if after.verdict == Verdict::Allow {
+            tracing::info!(identity = %self.agent.identity, target = %self.target, grant = %name, "held command approved: running it");
+            self.remember_granted(cmd, &after);
+            Ok(after)
+        } else {
+            Err(format!("agentgate: refused: {}", after.message))
+        }
+    }
+
+    /// [`Ctx::refusal`], and the AccessGrant request filed for a hold.
+    async fn refusal_filed(
+        &self,
+        cmd: &policy::Command,
+        text: &str,
+        decision: &Decision,
+    ) -> (String, Option<String>) {
+        let msg = match decision.verdict {
             Verdict::Hold => {
                 let masked = self.masked_text(text);
                 let req = ApprovalRequest {
@@ -367,10 +429,13 @@ impl Ctx {
                     .file(Some(&self.snapshot), &req)
                     .await
                 {
-                    Ok(filed) => format!(
-                        "agentgate: held for approval ({}): AccessGrant {}; {}",
-                        decision.message, filed.name, filed.how_to_approve
-                    ),
+                    Ok(f) => {
+                        let msg = format!(
+                            "agentgate: held for approval ({}): AccessGrant {}; {}",
+                            decision.message, f.name, f.how_to_approve
+                        );
+                        return (msg, Some(f.name));
+                    }
                     Err(e) => format!(
                         "agentgate: {} and the request for approval could not be filed ({e}); ask an approver for an AccessGrant bound to fingerprint {}",
                         decision.message,
@@ -394,7 +459,8 @@ impl Ctx {
                 };
                 format!("agentgate: refused: {}{how}", decision.message)
             }
-        }
+        };
+        (msg, None)
     }
 }
 
@@ -667,10 +733,15 @@ pub async fn run(
         }
     };
     if decision.verdict != Verdict::Allow {
-        let msg = ctx.refusal(&cmd, &text, &decision).await;
-        ctx.outcome(id, started, (0, 0), Some(msg.clone()));
-        fail(&to_agent, &msg, REFUSED_EXIT).await;
-        return;
+        match ctx.settle(id, &cmd, &text, &decision, &to_agent).await {
+            // Approved while it waited (recorded): it runs as approved.
+            Ok(_) => {}
+            Err(msg) => {
+                ctx.outcome(id, started, (0, 0), Some(msg.clone()));
+                fail(&to_agent, &msg, REFUSED_EXIT).await;
+                return;
+            }
+        }
     }
     // The host.
     let back = upstream::Back {
@@ -715,6 +786,8 @@ pub async fn run(
     }
     let (from_host, to_host) = up_channel.split();
     let (inject_tx, inject_rx) = mpsc::channel::<Vec<u8>>(16);
+    // What passed each way, counted as it passes (a channel cut short records it too).
+    let (sent_in, sent_out) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let mut output = tokio::spawn(host_to_agent(
         ctx.clone(),
         mode.clone(),
@@ -722,6 +795,7 @@ pub async fn run(
         from_host,
         to_agent.clone(),
         inject_rx,
+        sent_out.clone(),
     ));
     // The channel ends when the access that allowed it does (a grant expired or revoked,
     // the identity disabled), with the forwarding it asked for.
@@ -752,6 +826,7 @@ pub async fn run(
             &to_host,
             &to_agent,
             inject_tx,
+            &sent_in,
         )
         .await;
         let (bytes_out, exit) = (&mut output).await.unwrap_or((0, None));
@@ -764,7 +839,7 @@ pub async fn run(
         d = live => {
             tracing::info!(identity = %ctx.agent.identity, target = %ctx.target, rule = %d.rule, reason = %d.message, "an SSH channel ended: its access ended");
             let msg = policy::live::message(&d);
-            (0, 0, Some(msg.clone()), Some(msg))
+            (sent_in.load(Relaxed), sent_out.load(Relaxed), Some(msg.clone()), Some(msg))
         }
     };
     if let Some(msg) = ended {
@@ -852,6 +927,7 @@ const SCP_ANSWER_WITHIN: Duration = Duration::from_secs(60);
 const MAX_EXEC_INPUT_RECORDED: u64 = 1 << 20;
 
 /// The agent's input, to the host: returns the bytes sent.
+#[allow(clippy::too_many_arguments)]
 async fn agent_to_host(
     ctx: &Arc<Ctx>,
     mode: &Mode,
@@ -860,8 +936,8 @@ async fn agent_to_host(
     to_host: &ChannelWriteHalf<client::Msg>,
     to_agent: &ChannelWriteHalf<server::Msg>,
     inject: mpsc::Sender<Vec<u8>>,
+    sent: &AtomicU64,
 ) -> u64 {
-    let mut sent = 0u64;
     let lines_checked = *mode == Mode::Shell || (matches!(mode, Mode::Exec(_)) && pty);
     let mut lines = LineDiscipline::default();
     lines.no_terminal = !pty;
@@ -884,9 +960,9 @@ async fn agent_to_host(
                     for item in items {
                         let refused = match item {
                             scp::Item::Pass(bytes) => {
-                                sent += bytes.len() as u64;
+                                sent.fetch_add(bytes.len() as u64, Relaxed);
                                 if to_host.data_bytes(Bytes::from(bytes)).await.is_err() {
-                                    return sent;
+                                    return sent.load(Relaxed);
                                 }
                                 continue;
                             }
@@ -945,18 +1021,18 @@ async fn agent_to_host(
                                         .await
                                         .is_err()
                                 {
-                                    return sent;
+                                    return sent.load(Relaxed);
                                 }
-                                sent += bytes.len() as u64;
+                                sent.fetch_add(bytes.len() as u64, Relaxed);
                             }
                             Input::Line { text, raw } => {
                                 let verdict = shell_line(ctx, &text, *mode != Mode::Shell).await;
                                 match verdict {
                                     Ok(()) => {
                                         ctx.io("i", &raw);
-                                        sent += raw.len() as u64;
+                                        sent.fetch_add(raw.len() as u64, Relaxed);
                                         if to_host.data_bytes(Bytes::from(raw)).await.is_err() {
-                                            return sent;
+                                            return sent.load(Relaxed);
                                         }
                                     }
                                     Err(msg) => {
@@ -980,14 +1056,14 @@ async fn agent_to_host(
                                     if let Ok(mut h) = ctx.sftp_handles.lock() {
                                         h.request(&packet);
                                     }
-                                    sent += packet.len() as u64;
+                                    sent.fetch_add(packet.len() as u64, Relaxed);
                                     if to_host.data_bytes(packet).await.is_err() {
-                                        return sent;
+                                        return sent.load(Relaxed);
                                     }
                                 }
                                 Err(status) => {
                                     if inject.send(status).await.is_err() {
-                                        return sent;
+                                        return sent.load(Relaxed);
                                     }
                                 }
                             },
@@ -1007,7 +1083,7 @@ async fn agent_to_host(
                     // A command's input (a script piped to it) is part of its record, up to
                     // a bound; a transfer's bytes are files, counted only.
                     if matches!(mode, Mode::Exec(_)) {
-                        let room = MAX_EXEC_INPUT_RECORDED.saturating_sub(sent);
+                        let room = MAX_EXEC_INPUT_RECORDED.saturating_sub(sent.load(Relaxed));
                         let n = usize::try_from(room).unwrap_or(usize::MAX).min(data.len());
                         ctx.io("i", &data[..n]);
                         if n < data.len() && room > 0 {
@@ -1017,9 +1093,9 @@ async fn agent_to_host(
                             );
                         }
                     }
-                    sent += data.len() as u64;
+                    sent.fetch_add(data.len() as u64, Relaxed);
                     if to_host.data_bytes(data).await.is_err() {
-                        return sent;
+                        return sent.load(Relaxed);
                     }
                 }
             },
@@ -1045,7 +1121,7 @@ async fn agent_to_host(
         }
     }
     let _ = to_host.close().await;
-    sent
+    sent.load(Relaxed)
 }
 
 /// Decides one interactive line; `Err` is what to tell the agent. With `escapes` (the input
@@ -1249,6 +1325,7 @@ async fn host_to_agent(
     mut from_host: russh::ChannelReadHalf,
     to_agent: Arc<ChannelWriteHalf<server::Msg>>,
     mut inject: mpsc::Receiver<Vec<u8>>,
+    sent: Arc<AtomicU64>,
 ) -> (u64, Option<u32>) {
     let terminal = matches!(mode, Mode::Shell | Mode::Exec(_));
     // A legacy scp upload: the host's answers release what the agent sends next.
@@ -1262,7 +1339,6 @@ async fn host_to_agent(
     let mut out = OutputMasker::default();
     let mut err = OutputMasker::default();
     let mut packets = sftp::Framer::default();
-    let mut sent = 0u64;
     let mut exit = None;
     let mut inject_open = true;
     loop {
@@ -1271,7 +1347,7 @@ async fn host_to_agent(
             m = from_host.wait() => m,
             Some(status) = inject.recv(), if inject_open => {
                 // A refused sftp request's answer, between two whole packets.
-                sent += status.len() as u64;
+                sent.fetch_add(status.len() as u64, Relaxed);
                 if to_agent.data_bytes(Bytes::from(status)).await.is_err() {
                     break;
                 }
@@ -1280,7 +1356,7 @@ async fn host_to_agent(
             () = tokio::time::sleep(FLUSH_AFTER), if pending => {
                 let o = out.flush(&ctx.masks);
                 let e = err.flush(&ctx.masks);
-                sent += send_output(&ctx, &to_agent, o, e).await;
+                sent.fetch_add(send_output(&ctx, &to_agent, o, e).await, Relaxed);
                 continue;
             }
         };
@@ -1291,7 +1367,7 @@ async fn host_to_agent(
             Some(ChannelMsg::Data { data }) => {
                 if terminal {
                     let o = out.feed(&ctx.masks, &data);
-                    sent += send_output(&ctx, &to_agent, o, Vec::new()).await;
+                    sent.fetch_add(send_output(&ctx, &to_agent, o, Vec::new()).await, Relaxed);
                 } else if mode == Mode::Sftp {
                     packets.feed(&data);
                     loop {
@@ -1300,20 +1376,20 @@ async fn host_to_agent(
                                 if let Ok(mut h) = ctx.sftp_handles.lock() {
                                     h.answer(&p);
                                 }
-                                sent += p.len() as u64;
+                                sent.fetch_add(p.len() as u64, Relaxed);
                                 if to_agent.data_bytes(p).await.is_err() {
-                                    return (sent, exit);
+                                    return (sent.load(Relaxed), exit);
                                 }
                             }
                             Ok(None) => break,
-                            Err(_) => return (sent, exit),
+                            Err(_) => return (sent.load(Relaxed), exit),
                         }
                     }
                 } else {
                     if scp_upload {
                         ctx.scp_answers.feed(&data);
                     }
-                    sent += data.len() as u64;
+                    sent.fetch_add(data.len() as u64, Relaxed);
                     if to_agent.data_bytes(data).await.is_err() {
                         break;
                     }
@@ -1322,7 +1398,7 @@ async fn host_to_agent(
             Some(ChannelMsg::ExtendedData { data, ext }) => {
                 if terminal {
                     let e = err.feed(&ctx.masks, &data);
-                    sent += send_output(&ctx, &to_agent, Vec::new(), e).await;
+                    sent.fetch_add(send_output(&ctx, &to_agent, Vec::new(), e).await, Relaxed);
                 } else {
                     let e = err.feed(&ctx.masks, &data);
                     if !e.is_empty() {
@@ -1333,7 +1409,7 @@ async fn host_to_agent(
             Some(ChannelMsg::ExitStatus { exit_status }) => {
                 let o = out.flush(&ctx.masks);
                 let e = err.flush(&ctx.masks);
-                sent += send_output(&ctx, &to_agent, o, e).await;
+                sent.fetch_add(send_output(&ctx, &to_agent, o, e).await, Relaxed);
                 exit = Some(exit_status);
                 let _ = to_agent.exit_status(exit_status).await;
             }
@@ -1345,7 +1421,7 @@ async fn host_to_agent(
             Some(ChannelMsg::Eof) => {
                 let o = out.flush(&ctx.masks);
                 let e = err.flush(&ctx.masks);
-                sent += send_output(&ctx, &to_agent, o, e).await;
+                sent.fetch_add(send_output(&ctx, &to_agent, o, e).await, Relaxed);
                 let _ = to_agent.eof().await;
             }
             Some(ChannelMsg::Close) | None => break,
@@ -1355,11 +1431,11 @@ async fn host_to_agent(
     ctx.scp_answers.close();
     let o = out.flush(&ctx.masks);
     let e = err.flush(&ctx.masks);
-    sent += send_output(&ctx, &to_agent, o, e).await;
+    sent.fetch_add(send_output(&ctx, &to_agent, o, e).await, Relaxed);
     let _ = to_agent.eof().await;
     let _ = to_agent.close().await;
     let _ = &mode;
-    (sent, exit)
+    (sent.load(Relaxed), exit)
 }
 
 fn signal_number(s: &Sig) -> u32 {
@@ -1685,8 +1761,10 @@ pub async fn relay_forward(
     (up, ctx, conn, cmd, id): Forwarded,
 ) {
     let started = Instant::now();
-    let mut a = agent.into_stream();
-    let mut u = up.into_stream();
+    // Counted as they pass, so that a forward cut short still records what it carried.
+    let (sent, received) = (Arc::default(), Arc::default());
+    let mut a = ReadCounter::new(agent.into_stream(), Arc::clone(&sent));
+    let mut u = ReadCounter::new(up.into_stream(), Arc::clone(&received));
     // The forward closes when the access that allowed it ends.
     let live = {
         let ctx = ctx.clone();
@@ -1700,21 +1778,69 @@ pub async fn relay_forward(
             .await
         }
     };
-    let (bytes, error) = tokio::select! {
-        result = tokio::io::copy_bidirectional(&mut a, &mut u) => match result {
-            Ok((x, y)) => ((x, y), None),
-            Err(e) => ((0, 0), Some(e.to_string())),
-        },
+    let error = tokio::select! {
+        result = tokio::io::copy_bidirectional(&mut a, &mut u) => result.err().map(|e| e.to_string()),
         d = live => {
             tracing::info!(identity = %ctx.agent.identity, target = %ctx.target, rule = %d.rule, reason = %d.message, "a port forward ended: its access ended");
-            ((0, 0), Some(policy::live::message(&d)))
+            Some(policy::live::message(&d))
         }
     };
+    let bytes = (sent.load(Relaxed), received.load(Relaxed));
     ctx.outcome(id, started, bytes, error);
     let _ = conn
         .disconnect(russh::Disconnect::ByApplication, "", "en")
         .await;
     ctx.rec.end("the forwarding closed");
+}
+
+/// A stream that counts the bytes read from it.
+struct ReadCounter<S> {
+    inner: S,
+    read: Arc<AtomicU64>,
+}
+
+impl<S> ReadCounter<S> {
+    fn new(inner: S, read: Arc<AtomicU64>) -> Self {
+        Self { inner, read }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for ReadCounter<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len().saturating_sub(before) as u64;
+        self.read.fetch_add(n, Relaxed);
+        polled
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for ReadCounter<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 #[cfg(test)]
