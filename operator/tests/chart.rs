@@ -481,6 +481,60 @@ async fn the_chart_installs_upgrades_and_its_rbac_is_all_the_operator_needs() ->
         !log.to_lowercase().contains("forbidden"),
         "the chart's RBAC fell short:\n{log}"
     );
+
+    // A sidecar writes only its own pod's AgentSessions (the chart's ValidatingAdmissionPolicy):
+    // with its service-account token bound to coding-agent-0, as the kubelet gives it.
+    let uid = admitted.metadata.uid.clone().expect("a pod uid");
+    let bound: k8s_openapi::api::authentication::v1::TokenRequest = serde_json::from_value(
+        json!({ "spec": { "audiences": [], "expirationSeconds": 3600,
+            "boundObjectRef": { "kind": "Pod", "apiVersion": "v1", "name": "coding-agent-0", "uid": uid } } }),
+    )?;
+    let token = Api::<ServiceAccount>::namespaced(client.clone(), "agents")
+        .create_token_request("claude-orders", &PostParams::default(), &bound)
+        .await?
+        .status
+        .and_then(|s| s.token)
+        .unwrap_or_default();
+    let sidecar = kube
+        .client_from(&kube.kubeconfig_with_token("coding-agent-0", &token)?)
+        .await?;
+    let sessions = Api::<agentgate_crds::AgentSession>::namespaced(sidecar, "agents");
+    let session = |name: &str, pod: &str| -> anyhow::Result<agentgate_crds::AgentSession> {
+        Ok(serde_json::from_value(json!({
+            "apiVersion": "agentgate.dev/v1alpha1", "kind": "AgentSession",
+            "metadata": { "name": name, "namespace": "agents" },
+            "spec": { "identity": "claude-orders", "target": "orders-db", "protocol": "Postgres",
+                "pod": pod, "sessionId": name, "startedAt": jiff::Timestamp::now().to_string() } }))?)
+    };
+    sessions
+        .create(&PostParams::default(), &session("own", "coding-agent-0")?)
+        .await
+        .map_err(|e| anyhow::anyhow!("a sidecar could not write its own session: {e}"))?;
+    let e = sessions
+        .create(
+            &PostParams::default(),
+            &session("another", "coding-agent-1")?,
+        )
+        .await
+        .expect_err("a session of another pod");
+    assert!(
+        e.to_string()
+            .contains("pod coding-agent-0 may write only its own AgentSessions"),
+        "{e}"
+    );
+    let e = sessions
+        .patch_status(
+            "gone",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({ "status": { "phase": "Active" } })),
+        )
+        .await
+        .expect_err("rewriting another pod's session");
+    assert!(
+        e.to_string()
+            .contains("may write only its own AgentSessions"),
+        "{e}"
+    );
     let built = kube
         .kubectl()
         .args(["kustomize"])
