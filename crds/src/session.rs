@@ -73,10 +73,14 @@ pub struct AgentSessionSpec {
     pub target: String,
     /// The protocol of the session.
     pub protocol: Protocol,
-    /// The agent's pod, when the sidecar runs in one.
+    /// The agent's pod (`namespace/name`), when the sidecar runs in one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 253))]
+    #[schemars(length(max = 317))]
     pub pod: Option<String>,
+    /// The UID of that pod: a pod created again under the same name is another pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub pod_uid: Option<String>,
     /// The client as the agent described itself (PostgreSQL `application_name`, SSH client
     /// version, HTTP user agent).
     #[serde(default, skip_serializing_if = "Option::is_none")]

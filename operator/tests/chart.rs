@@ -376,13 +376,19 @@ async fn the_chart_installs_upgrades_and_its_rbac_is_all_the_operator_needs() ->
     // is gone, or its sidecar restarted since the session began. One whose sidecar still
     // runs stays Active. (No kubelet here: the pod's status is written as a kubelet would.)
     // (a second after the pod was created, in whole seconds as Kubernetes writes times)
+    // Sessions name their pod `namespace/name` and its UID, as the sidecar writes them.
     let started = created.0 + jiff::SignedDuration::from_secs(1);
-    for (name, pod) in [("alive", "coding-agent-0"), ("gone", "coding-agent-9")] {
+    let uid = admitted.metadata.uid.clone().expect("a pod uid");
+    for (name, pod, pod_uid) in [
+        ("alive", "agents/coding-agent-0", uid.as_str()),
+        ("gone", "agents/coding-agent-9", "9"),
+        ("earlier-pod", "agents/coding-agent-0", "an-earlier-uid"),
+    ] {
         let session: agentgate_crds::AgentSession = serde_json::from_value(json!({
             "apiVersion": "agentgate.dev/v1alpha1", "kind": "AgentSession",
             "metadata": { "name": name, "namespace": "agents" },
             "spec": { "identity": "coding-agent", "target": "orders-db", "protocol": "Postgres",
-                "pod": pod, "sessionId": name, "startedAt": started.to_string() } }))?;
+                "pod": pod, "podUid": pod_uid, "sessionId": name, "startedAt": started.to_string() } }))?;
         Api::<agentgate_crds::AgentSession>::namespaced(client.clone(), "agents")
             .create(&PostParams::default(), &session)
             .await?;
@@ -454,6 +460,17 @@ async fn the_chart_installs_upgrades_and_its_rbac_is_all_the_operator_needs() ->
         gone.ends_with(&(started + jiff::SignedDuration::from_secs(5)).to_string()),
         "{gone}"
     );
+    // A session of an earlier pod of the same name (another UID) ended too.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !session("earlier-pod").starts_with("Ended|") {
+        assert!(Instant::now() < deadline, "{}", session("earlier-pod"));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        session("earlier-pod").contains("pod coding-agent-0 was deleted and created again"),
+        "{}",
+        session("earlier-pod")
+    );
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(
         session("alive").starts_with("Active|"),
@@ -484,7 +501,6 @@ async fn the_chart_installs_upgrades_and_its_rbac_is_all_the_operator_needs() ->
 
     // A sidecar writes only its own pod's AgentSessions (the chart's ValidatingAdmissionPolicy):
     // with its service-account token bound to coding-agent-0, as the kubelet gives it.
-    let uid = admitted.metadata.uid.clone().expect("a pod uid");
     let bound: k8s_openapi::api::authentication::v1::TokenRequest = serde_json::from_value(
         json!({ "spec": { "audiences": [], "expirationSeconds": 3600,
             "boundObjectRef": { "kind": "Pod", "apiVersion": "v1", "name": "coding-agent-0", "uid": uid } } }),
@@ -504,22 +520,25 @@ async fn the_chart_installs_upgrades_and_its_rbac_is_all_the_operator_needs() ->
             "apiVersion": "agentgate.dev/v1alpha1", "kind": "AgentSession",
             "metadata": { "name": name, "namespace": "agents" },
             "spec": { "identity": "claude-orders", "target": "orders-db", "protocol": "Postgres",
-                "pod": pod, "sessionId": name, "startedAt": jiff::Timestamp::now().to_string() } }))?)
+                "pod": pod, "podUid": uid, "sessionId": name, "startedAt": jiff::Timestamp::now().to_string() } }))?)
     };
     sessions
-        .create(&PostParams::default(), &session("own", "coding-agent-0")?)
+        .create(
+            &PostParams::default(),
+            &session("own", "agents/coding-agent-0")?,
+        )
         .await
         .map_err(|e| anyhow::anyhow!("a sidecar could not write its own session: {e}"))?;
     let e = sessions
         .create(
             &PostParams::default(),
-            &session("another", "coding-agent-1")?,
+            &session("another", "agents/coding-agent-1")?,
         )
         .await
         .expect_err("a session of another pod");
     assert!(
         e.to_string()
-            .contains("pod coding-agent-0 may write only its own AgentSessions"),
+            .contains("pod agents/coding-agent-0 may write only its own AgentSessions"),
         "{e}"
     );
     let e = sessions

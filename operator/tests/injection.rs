@@ -94,6 +94,18 @@ async fn injection_into_real_pods() -> anyhow::Result<()> {
             ("agentgate-audit-credentials", key, Some(true))
         );
     }
+    // The pod's name, namespace and UID (its AgentSessions name that pod).
+    for (name, path) in [
+        ("POD_NAME", "metadata.name"),
+        ("POD_NAMESPACE", "metadata.namespace"),
+        ("POD_UID", "metadata.uid"),
+    ] {
+        let field = value(name)
+            .and_then(|e| e.value_from)
+            .and_then(|v| v.field_ref)
+            .map(|f| f.field_path);
+        assert_eq!(field.as_deref(), Some(path), "{name}");
+    }
     // The sinks' CA, from a ConfigMap that must exist, mounted into the sidecar only.
     assert_eq!(
         value("AGENTGATE_AUDIT_CA_FILE").and_then(|e| e.value),

@@ -332,11 +332,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         tracing::info!(%namespace, "policy from the API server");
         namespace_for_users = Some(namespace.clone());
-        sinks.push(Sink::Sessions(Box::new(SessionSink::new(
-            client.clone(),
-            &namespace,
-            args.audit_session_interval,
-        ))));
+        sinks.push(Sink::Sessions(Box::new(
+            SessionSink::new(client.clone(), &namespace, args.audit_session_interval)
+                .with_pod_uid(std::env::var("POD_UID").ok().filter(|u| !u.is_empty())),
+        )));
         approvals = Approvals::Cluster { client, namespace };
     } else if let Some(dir) = &args.policy_dir {
         tokio::spawn(folder::watch(

@@ -59,11 +59,16 @@ async fn reconcile_inner(session: Arc<AgentSession>, ctx: Arc<Context>) -> Resul
         api.patch_status(
             &session.name_any(),
             &PatchParams::default(),
-            &Patch::Merge(serde_json::json!({ "status": {
-                "phase": "Ended",
-                "endedAt": ended,
-                "endReason": why,
-            } })),
+            // Only over the version read: a sidecar that closed the session cleanly in the
+            // meantime keeps its own end (the conflict requeues).
+            &Patch::Merge(serde_json::json!({
+                "metadata": { "resourceVersion": session.resource_version() },
+                "status": {
+                    "phase": "Ended",
+                    "endedAt": ended,
+                    "endReason": why,
+                },
+            })),
         )
         .await?;
         ctx.event(&*session, true, "SidecarGone", "Close", why)
@@ -83,9 +88,24 @@ async fn reconcile_inner(session: Arc<AgentSession>, ctx: Arc<Context>) -> Resul
         .unwrap_or_default()
         .min(Duration::from_secs(3600));
     if active && session.spec.pod.is_some() {
-        wait = wait.min(ctx.config.session_check_interval);
+        wait = wait.min(
+            ctx.config
+                .session_check_interval
+                .max(Duration::from_secs(1)),
+        );
     }
     Ok(Action::requeue(wait))
+}
+
+/// The session's pod as (namespace, name): `spec.pod` is `namespace/name` (a bare name is in
+/// the session's namespace). `None` without a pod, or for a pod of another namespace (a
+/// sidecar writes its sessions in its own namespace: nothing to go on).
+pub fn pod_of(session: &AgentSession) -> Option<(String, String)> {
+    let ns = session.namespace().unwrap_or_default();
+    let pod = session.spec.pod.as_deref()?;
+    let (pod_ns, name) = pod.split_once('/').unwrap_or((ns.as_str(), pod));
+    (pod_ns == ns && !name.is_empty() && !name.contains('/'))
+        .then(|| (pod_ns.to_owned(), name.to_owned()))
 }
 
 /// Why the sidecar that wrote an Active session can no longer close it, if so: its pod is
@@ -93,15 +113,14 @@ async fn reconcile_inner(session: Arc<AgentSession>, ctx: Arc<Context>) -> Resul
 /// the one that began the session. `None` while it may still be running, and for a session
 /// with no pod (a sidecar outside the cluster).
 async fn sidecar_gone(session: &AgentSession, ctx: &Context) -> Result<Option<String>> {
-    let Some(name) = session.spec.pod.as_deref() else {
+    let Some((ns, name)) = pod_of(session) else {
         return Ok(None);
     };
-    let pods: Api<Pod> =
-        Api::namespaced(ctx.client.clone(), &session.namespace().unwrap_or_default());
-    let pod = match pods.get_opt(name).await {
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let pod = match pods.get_opt(&name).await {
         Ok(p) => p,
         Err(kube::Error::Api(e)) if e.code == 403 => {
-            tracing::warn!(pod = %name, error = %e.message, "cannot read the session's pod: the operator needs `get` on pods to close sessions of sidecars that died");
+            tracing::warn!(pod = %name, namespace = %ns, error = %e.message, "cannot read the session's pod: the operator needs `get` on pods to close sessions of sidecars that died");
             return Ok(None);
         }
         Err(e) => return Err(e.into()),
@@ -110,33 +129,16 @@ async fn sidecar_gone(session: &AgentSession, ctx: &Context) -> Result<Option<St
         None => Some(format!(
             "pod {name} no longer exists: its sidecar ended without closing the session"
         )),
-        Some(p) => why_gone(session, &p),
+        Some(p) => why_gone(session, &name, &p),
     })
 }
 
-/// Runs the AgentSession controller until `shutdown` resolves.
-pub async fn run(
-    ctx: Arc<Context>,
-    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
-) {
-    let api: Api<AgentSession> = Api::all(ctx.client.clone());
-    Controller::new(api, watcher::Config::default())
-        .graceful_shutdown_on(shutdown)
-        .run(
-            reconcile,
-            |o, e, ctx| error_policy("AgentSession", &*o, e, &ctx),
-            ctx.clone(),
-        )
-        .for_each(|_| futures::future::ready(()))
-        .await;
-}
-
-/// [`sidecar_gone`]'s reading of the pod it found.
-pub fn why_gone(session: &AgentSession, pod: &Pod) -> Option<String> {
-    let name = session.spec.pod.as_deref().unwrap_or_default();
+/// [`sidecar_gone`]'s reading of the pod it found. Times compared are the node's own (the
+/// sidecar's clock and the kubelet's); the API server's clock is never compared with them.
+pub fn why_gone(session: &AgentSession, name: &str, pod: &Pod) -> Option<String> {
     let started = session.spec.started_at.0;
-    if let Some(created) = &pod.metadata.creation_timestamp
-        && created.0 > started
+    if let (Some(want), Some(uid)) = (&session.spec.pod_uid, &pod.metadata.uid)
+        && want != uid
     {
         return Some(format!(
             "pod {name} was deleted and created again after the session began: its sidecar ended without closing the session"
@@ -157,8 +159,9 @@ pub fn why_gone(session: &AgentSession, pod: &Pod) -> Option<String> {
         .find(|c| c.name == crate::webhook::pod::SIDECAR)?;
     let state = sidecar.state.as_ref()?;
     if let Some(running) = &state.running {
-        // Kubernetes keeps container times in whole seconds: a restart in the session's own
-        // second is caught at the next one.
+        // The kubelet writes whole seconds: a container started after the session's second
+        // is another run of the sidecar. (A restart takes the kubelet longer than the rest of
+        // the second the session began in.)
         return running
             .started_at
             .as_ref()
@@ -181,6 +184,23 @@ pub fn why_gone(session: &AgentSession, pod: &Pod) -> Option<String> {
     })
 }
 
+/// Runs the AgentSession controller until `shutdown` resolves.
+pub async fn run(
+    ctx: Arc<Context>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let api: Api<AgentSession> = Api::all(ctx.client.clone());
+    Controller::new(api, watcher::Config::default())
+        .graceful_shutdown_on(shutdown)
+        .run(
+            reconcile,
+            |o, e, ctx| error_policy("AgentSession", &*o, e, &ctx),
+            ctx.clone(),
+        )
+        .for_each(|_| futures::future::ready(()))
+        .await;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,7 +218,8 @@ mod tests {
                 identity: "claude".into(),
                 target: "db".into(),
                 protocol: agentgate_crds::Protocol::Postgres,
-                pod: Some("agent-0".into()),
+                pod: Some("agents/agent-0".into()),
+                pod_uid: Some("uid-1".into()),
                 client: None,
                 session_id: "s".into(),
                 started_at: Time(started.parse().unwrap()),
@@ -206,9 +227,9 @@ mod tests {
         )
     }
 
-    fn pod(created: &str, sidecar: Option<ContainerState>, phase: &str) -> Pod {
+    fn pod(uid: &str, sidecar: Option<ContainerState>, phase: &str) -> Pod {
         let mut p = Pod::default();
-        p.metadata.creation_timestamp = Some(KTime(created.parse().unwrap()));
+        p.metadata.uid = Some(uid.into());
         p.status = Some(PodStatus {
             phase: Some(phase.into()),
             init_container_statuses: sidecar.map(|state| {
@@ -235,39 +256,25 @@ mod tests {
     #[test]
     fn a_session_is_abandoned_only_when_its_sidecar_is_gone() {
         let s = session("2026-11-24T10:00:00.5Z");
+        let gone = |p: &Pod| why_gone(&s, "agent-0", p);
         // The sidecar that began the session still runs.
-        let same = pod(
-            "2026-11-24T09:00:00Z",
-            Some(running("2026-11-24T09:00:02Z")),
-            "Running",
-        );
-        assert_eq!(why_gone(&s, &same), None);
-        // Started in the session's own second (Kubernetes truncates): still the same one.
-        let close = pod(
-            "2026-11-24T09:00:00Z",
-            Some(running("2026-11-24T10:00:00Z")),
-            "Running",
-        );
-        assert_eq!(why_gone(&s, &close), None);
+        let same = pod("uid-1", Some(running("2026-11-24T09:00:02Z")), "Running");
+        assert_eq!(gone(&same), None);
+        // Started in the session's own second (the kubelet writes whole seconds): the same.
+        let close = pod("uid-1", Some(running("2026-11-24T10:00:00Z")), "Running");
+        assert_eq!(gone(&close), None);
         // No status yet, or no sidecar status: nothing to go on.
-        assert_eq!(
-            why_gone(&s, &pod("2026-11-24T09:00:00Z", None, "Pending")),
-            None
-        );
+        assert_eq!(gone(&pod("uid-1", None, "Pending")), None);
         // The sidecar restarted after the session began.
-        let restarted = pod(
-            "2026-11-24T09:00:00Z",
-            Some(running("2026-11-24T10:05:00Z")),
-            "Running",
-        );
+        let restarted = pod("uid-1", Some(running("2026-11-24T10:05:00Z")), "Running");
         assert!(
-            why_gone(&s, &restarted)
+            gone(&restarted)
                 .unwrap()
                 .contains("restarted at 2026-11-24T10:05:00Z")
         );
         // The sidecar has stopped.
         let stopped = pod(
-            "2026-11-24T09:00:00Z",
+            "uid-1",
             Some(ContainerState {
                 terminated: Some(ContainerStateTerminated {
                     reason: Some("OOMKilled".into()),
@@ -278,24 +285,24 @@ mod tests {
             }),
             "Running",
         );
-        assert!(why_gone(&s, &stopped).unwrap().contains("(OOMKilled)"));
-        // The pod has stopped, or is another pod of the same name.
+        assert!(gone(&stopped).unwrap().contains("(OOMKilled)"));
+        // The pod has stopped, or is another pod of the same name (its UID, no clock).
         assert!(
-            why_gone(&s, &pod("2026-11-24T09:00:00Z", None, "Failed"))
+            gone(&pod("uid-1", None, "Failed"))
                 .unwrap()
                 .contains("has stopped (Failed)")
         );
-        assert!(
-            why_gone(
-                &s,
-                &pod(
-                    "2026-11-24T10:30:00Z",
-                    Some(running("2026-11-24T10:30:01Z")),
-                    "Running"
-                )
-            )
-            .unwrap()
-            .contains("created again")
-        );
+        let again = pod("uid-2", Some(running("2026-11-24T09:00:02Z")), "Running");
+        assert!(gone(&again).unwrap().contains("created again"));
+        // Which pod: `namespace/name` in the session's namespace, or a bare name.
+        let mut s2 = s.clone();
+        s2.metadata.namespace = Some("agents".into());
+        assert_eq!(pod_of(&s2), Some(("agents".into(), "agent-0".into())));
+        s2.spec.pod = Some("agent-0".into());
+        assert_eq!(pod_of(&s2), Some(("agents".into(), "agent-0".into())));
+        s2.spec.pod = Some("other/agent-0".into());
+        assert_eq!(pod_of(&s2), None);
+        s2.spec.pod = Some("agents/a/b".into());
+        assert_eq!(pod_of(&s2), None);
     }
 }

@@ -318,6 +318,7 @@ pub fn sidecar_container(
                 env("AGENTGATE_HEALTH_ADDR", &format!("0.0.0.0:{HEALTH_PORT}")),
                 field_env("POD_NAME", "metadata.name"),
                 field_env("POD_NAMESPACE", "metadata.namespace"),
+                field_env("POD_UID", "metadata.uid"),
             ],
         )),
         ports: Some(vec![ContainerPort {

@@ -30,6 +30,8 @@ pub struct SessionSink {
     open: HashMap<String, Open>,
     /// The signing key of the stream being read (from its StreamStart).
     key: Option<String>,
+    /// The UID of the sidecar's pod, written into each session it creates.
+    pod_uid: Option<String>,
 }
 
 impl SessionSink {
@@ -40,7 +42,16 @@ impl SessionSink {
             interval,
             open: HashMap::new(),
             key: None,
+            pod_uid: None,
         }
+    }
+
+    /// Writes `uid` (the sidecar's pod's UID) into the sessions it creates, so that the
+    /// operator tells this pod from another created under the same name.
+    #[must_use]
+    pub fn with_pod_uid(mut self, uid: Option<String>) -> Self {
+        self.pod_uid = uid;
+        self
     }
 
     /// Folds `lines` into the sessions' summaries and writes those that are due.
@@ -94,6 +105,7 @@ impl SessionSink {
                     target: r.target.clone().unwrap_or_default(),
                     protocol: r.protocol.unwrap_or(agentgate_crds::Protocol::Postgres),
                     pod: r.pod.clone(),
+                    pod_uid: r.pod.as_ref().and(self.pod_uid.clone()),
                     client: r.client.clone(),
                     session_id: session.to_owned(),
                     started_at: Time(r.time),
