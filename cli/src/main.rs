@@ -91,7 +91,7 @@ struct From {
     postgres: Option<String>,
     /// With --postgres: extra CA certificates (PEM) trusted for the server's certificate,
     /// besides the system's.
-    #[arg(long, env = "AGENTGATE_AUDIT_CA_FILE", requires = "postgres")]
+    #[arg(long, env = "AGENTGATE_AUDIT_CA_FILE")]
     ca_file: Option<PathBuf>,
     /// The PostgreSQL sink's table.
     #[arg(long, default_value = "agentgate_audit")]
@@ -224,13 +224,46 @@ impl ScopeArgs {
     }
 }
 
+/// The core group's resources: a bare `--resource` name must be one of them (others need
+/// their group, which `kubectl create role` finds by discovery).
+const CORE_RESOURCES: &[&str] = &[
+    "bindings",
+    "componentstatuses",
+    "configmaps",
+    "endpoints",
+    "events",
+    "limitranges",
+    "namespaces",
+    "nodes",
+    "persistentvolumeclaims",
+    "persistentvolumes",
+    "pods",
+    "podtemplates",
+    "replicationcontrollers",
+    "resourcequotas",
+    "secrets",
+    "serviceaccounts",
+    "services",
+];
+
 /// `resource[.group][/subresource]` (kubectl's form) → (API group, `resource[/subresource]`).
 fn kube_resource(r: &str) -> anyhow::Result<(String, String)> {
     let (main, sub) = match r.split_once('/') {
         Some((m, s)) => (m, Some(s)),
         None => (r, None),
     };
-    let (resource, group) = main.split_once('.').unwrap_or((main, ""));
+    let (resource, group) = match main.split_once('.') {
+        Some((res, group)) if !group.is_empty() => (res, group),
+        Some(_) => bail!(
+            "--resource {r:?} is not a resource: write it as kubectl does (`pods`, `pods/log`, `deployments.apps`)"
+        ),
+        // `*` alone: every resource of every group.
+        None if main == "*" => ("*", "*"),
+        None if CORE_RESOURCES.contains(&main) => (main, ""),
+        None => bail!(
+            "--resource {r:?}: name its API group as `kubectl create role` resolves it ({main}.apps, {main}.batch, …), or write {main}.* for any group; a bare name is the core group's, and {main} is not one of its resources"
+        ),
+    };
     if resource.is_empty() || sub.is_some_and(str::is_empty) {
         bail!(
             "--resource {r:?} is not a resource: write it as kubectl does (`pods`, `pods/log`, `deployments.apps`)"
@@ -1111,6 +1144,14 @@ mod tests {
         assert!(scope(&["--resource", "pods"]).is_err());
         assert!(scope(&["--verb", "get", "--resource", "pods/"]).is_err());
         assert!(scope(&["--verb", "get", "--resource", ".apps"]).is_err());
+        // A bare name is the core group's: others need their group, or `.*`; `*` is all.
+        let e = scope(&["--verb", "get", "--resource", "deployments"]).unwrap_err();
+        assert!(e.to_string().contains("deployments.apps"), "{e}");
+        assert!(scope(&["--verb", "get", "--resource", "po"]).is_err());
+        let s = scope(&["--verb", "get", "--resource", "*,deployments.*"])?;
+        assert_eq!(s.kubernetes.len(), 1);
+        assert_eq!(s.kubernetes[0].api_groups, ["*"]);
+        assert_eq!(s.kubernetes[0].resources, ["*", "deployments"]);
         Ok(())
     }
 }

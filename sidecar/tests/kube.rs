@@ -1010,5 +1010,10 @@ async fn a_held_request_waits_for_its_approver_within_hold_timeout() -> anyhow::
             && err.contains("stays pending"),
         "{err}"
     );
+    // Not in any scope: the answer also says how to ask for access covering such requests.
+    assert!(
+        err.contains("or, for access beyond this one request: kubectl agentgate grants request <name> --identity bench --target cluster --operations Write --verb create --resource configmaps --in-namespace kube-public --reason <why>"),
+        "{err}"
+    );
     Ok(())
 }

@@ -1080,5 +1080,38 @@ fn a_held_command_waits_for_its_approver_within_hold_timeout() -> anyhow::Result
         "{stderr}"
     );
     assert!(!marker.exists(), "a denied command ran");
+    // The agent gives up (ssh killed) while it waits; the approval that comes later runs
+    // nothing.
+    let marker = s.dir.path().join("abandoned-ran");
+    let before = testenv::approvals::filed(&policy);
+    let mut gave_up = Command::new("ssh")
+        .arg("-F")
+        .arg(&s.config)
+        .args(["-o", "BatchMode=yes", "-o", "ConnectTimeout=20", "web"])
+        .arg(format!("bash -c 'touch {}'", marker.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let name = testenv::approvals::wait_new(&policy, &before).map_err(anyhow::Error::msg)?;
+    gave_up.kill()?;
+    gave_up.wait()?;
+    std::thread::sleep(Duration::from_secs(1));
+    testenv::approvals::decide(&policy, &name, "Approve", "alice", "ok")
+        .map_err(anyhow::Error::msg)?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !s.records().iter().any(|r| {
+        r["kind"] == "Outcome"
+            && r["outcome"]["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("the agent disconnected while it waited"))
+    }) {
+        assert!(
+            Instant::now() < deadline,
+            "no outcome says the agent had gone"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(!marker.exists(), "a command ran for an agent that had gone");
     Ok(())
 }

@@ -3,7 +3,7 @@
 
 use std::fmt::Write;
 
-use super::{Command, SshForwarding};
+use super::{Command, Decision, SshForwarding};
 
 /// The longest SSH command put into a hint whole; a longer one gets a placeholder.
 const MAX_COMMAND: usize = 200;
@@ -28,12 +28,17 @@ pub fn request_hint(
             _ if !k.group.is_empty() => format!("{}.{}", k.resource, k.group),
             _ => k.resource.clone(),
         };
-        let _ = write!(s, " --verb {} --resource {resource}", k.verb);
+        let _ = write!(
+            s,
+            " --verb {} --resource {}",
+            quote(&k.verb),
+            quote(&resource)
+        );
         if !k.namespace.is_empty() {
-            let _ = write!(s, " --in-namespace {}", k.namespace);
+            let _ = write!(s, " --in-namespace {}", quote(&k.namespace));
         }
         if !k.name.is_empty() {
-            let _ = write!(s, " --resource-name {}", k.name);
+            let _ = write!(s, " --resource-name {}", quote(&k.name));
         }
     } else if let Some(a) = &cmd.ssh {
         if a.login != a.default_login {
@@ -60,6 +65,26 @@ pub fn request_hint(
     }
     s.push_str(" --reason <why>");
     s
+}
+
+/// For a held request no baseline or grant covers (`not-in-scope`): how to ask for access
+/// that covers requests like it, not only this one; empty otherwise. Follows the message
+/// naming the grant bound to the request.
+pub fn scoped(
+    identity: &str,
+    target: &str,
+    cmd: &Command,
+    decision: &Decision,
+    mask: impl Fn(&str) -> String,
+) -> String {
+    if decision.rule == "not-in-scope" {
+        format!(
+            "; or, for access beyond this one request: {}",
+            request_hint(identity, target, cmd, mask)
+        )
+    } else {
+        String::new()
+    }
 }
 
 /// A POSIX shell word: as it is when it is plain, else in single quotes.

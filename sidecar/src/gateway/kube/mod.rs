@@ -685,7 +685,9 @@ impl Connection {
                 .await;
                 let by =
                     crate::gateway::postgres::audit::approver(core.policy.get().as_deref(), &name);
-                if after.verdict != Verdict::Hold
+                // An Approval record for what an approver decided; any other end of the wait
+                // (the identity disabled, say) is the outcome's error alone.
+                if (after.verdict == Verdict::Allow || after.rule == "denied")
                     && let Err(why) =
                         crate::gateway::postgres::audit::approval(&rec, id, &after, Some(&name), by)
                 {
@@ -746,7 +748,8 @@ impl Connection {
                 );
             }
         };
-        let reveal = policy::reveals_secret_data(&snapshot, &identity, &target, &cmd, now);
+        let reveal =
+            policy::reveals_secret_data(&snapshot, &identity, &target, &cmd, crate::clock::now());
         let user = impersonated_user(self.gw.namespace.as_deref(), &identity);
         let mut headers = HeaderMap::new();
         for (k, v) in &parts.headers {
@@ -930,8 +933,11 @@ impl Connection {
         match self.gw.core.approvals.file(Some(snapshot), &req).await {
             Ok(filed) => (
                 format!(
-                    "agentgate: held for approval ({}): AccessGrant {}; {}",
-                    decision.message, filed.name, filed.how_to_approve
+                    "agentgate: held for approval ({}): AccessGrant {}; {}{}",
+                    decision.message,
+                    filed.name,
+                    filed.how_to_approve,
+                    policy::hint::scoped(identity, target, cmd, decision, str::to_owned)
                 ),
                 Some(filed.name),
             ),

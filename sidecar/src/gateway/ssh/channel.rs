@@ -390,17 +390,38 @@ impl Ctx {
                 "agentgate: no approver decided within the Target's holdTimeout ({waiting}), so it was not run: AccessGrant {name} stays pending; run it again once it is approved"
             ));
         }
-        let by =
-            crate::gateway::postgres::audit::approver(self.gw.core.policy.get().as_deref(), &name);
-        crate::gateway::postgres::audit::approval(&self.rec, id, &after, Some(&name), by)
-            .map_err(|why| format!("agentgate: {why}"))?;
-        if after.verdict == Verdict::Allow {
-            tracing::info!(identity = %self.agent.identity, target = %self.target, grant = %name, "held command approved: running it");
-            self.remember_granted(cmd, &after);
-            Ok(after)
-        } else {
-            Err(format!("agentgate: refused: {}", after.message))
+        // An Approval record for what an approver decided (approved, or denied); any other
+        // end of the wait (the identity disabled, say) is the outcome's error alone.
+        if after.verdict == Verdict::Allow || after.rule == "denied" {
+            let by = crate::gateway::postgres::audit::approver(
+                self.gw.core.policy.get().as_deref(),
+                &name,
+            );
+            crate::gateway::postgres::audit::approval(&self.rec, id, &after, Some(&name), by)
+                .map_err(|why| format!("agentgate: {why}"))?;
         }
+        if after.verdict != Verdict::Allow {
+            return Err(format!("agentgate: refused: {}", after.message));
+        }
+        // Nothing runs for an agent that has gone while it waited (a delete approved an hour
+        // later would run with nobody there).
+        if to_agent
+            .extended_data_bytes(
+                1,
+                Bytes::from(format!(
+                    "agentgate: AccessGrant {name} approved: running it\r\n"
+                )),
+            )
+            .await
+            .is_err()
+        {
+            return Err(format!(
+                "the agent disconnected while it waited; AccessGrant {name} was approved and is unused"
+            ));
+        }
+        tracing::info!(identity = %self.agent.identity, target = %self.target, grant = %name, "held command approved: running it");
+        self.remember_granted(cmd, &after);
+        Ok(after)
     }
 
     /// [`Ctx::refusal`], and the AccessGrant request filed for a hold.
@@ -431,8 +452,17 @@ impl Ctx {
                 {
                     Ok(f) => {
                         let msg = format!(
-                            "agentgate: held for approval ({}): AccessGrant {}; {}",
-                            decision.message, f.name, f.how_to_approve
+                            "agentgate: held for approval ({}): AccessGrant {}; {}{}",
+                            decision.message,
+                            f.name,
+                            f.how_to_approve,
+                            policy::hint::scoped(
+                                &self.agent.identity,
+                                &self.target,
+                                cmd,
+                                decision,
+                                |c| self.masked_text(c)
+                            )
                         );
                         return (msg, Some(f.name));
                     }
@@ -717,7 +747,8 @@ pub async fn run(
     };
     let mut decision = approvable(ctx.decide(&cmd), &text);
     let downloads = matches!(mode, Mode::Transfer { download: true, .. });
-    if decision.verdict == Verdict::Allow && downloads && ctx.masks.has_value_rules() {
+    // Refused whatever an approver would say (a hold would only be approved into this).
+    if decision.verdict != Verdict::Refuse && downloads && ctx.masks.has_value_rules() {
         decision = Decision {
             verdict: Verdict::Refuse,
             rule: "mask-downloads".into(),
@@ -1249,7 +1280,7 @@ async fn sftp_request(ctx: &Arc<Ctx>, packet: &[u8]) -> Result<(), Vec<u8>> {
         Some(ctx.access(vec![text.clone()], None)),
     );
     let mut decision = approvable(ctx.decide(&cmd), &text);
-    if decision.verdict == Verdict::Allow && op.reads && ctx.masks.has_value_rules() {
+    if decision.verdict != Verdict::Refuse && op.reads && ctx.masks.has_value_rules() {
         decision = Decision {
             verdict: Verdict::Refuse,
             rule: "mask-downloads".into(),
