@@ -198,6 +198,9 @@ async fn certificates_validation_retention_and_metrics() -> anyhow::Result<()> {
         "spec": { "owner": "t", "authentication": { "oidc": { "issuer": cluster.kube().issuer(), "audience": "agentgate", "subject": "x" } } } })).await?;
     apply(&admin, json!({ "apiVersion": "agentgate.dev/v1alpha1", "kind": "AgentIdentity", "metadata": { "name": "oidc-down" },
         "spec": { "owner": "t", "authentication": { "oidc": { "issuer": "https://127.0.0.1:1", "audience": "agentgate", "subject": "x" } } } })).await?;
+    apply(&admin, json!({ "apiVersion": "agentgate.dev/v1alpha1", "kind": "AgentIdentity", "metadata": { "name": "wrong-baseline" },
+        "spec": { "owner": "t", "authentication": { "oidc": { "issuer": cluster.kube().issuer(), "audience": "agentgate", "subject": "y" } },
+            "baseline": [ { "target": "orders-db", "scope": { "operations": ["Read"], "ssh": { "commands": ["uptime"] } } } ] } })).await?;
     apply(&admin, json!({ "apiVersion": "agentgate.dev/v1alpha1", "kind": "Target", "metadata": { "name": "no-creds" },
         "spec": { "protocol": "SSH", "ssh": { "host": "h", "user": "u", "knownHosts": "h ssh-ed25519 AAAA", "credentials": { "name": "host-key" } } } })).await?;
     apply(&admin, json!({ "apiVersion": "agentgate.dev/v1alpha1", "kind": "MaskPolicy", "metadata": { "name": "bad-regex" },
@@ -233,6 +236,13 @@ async fn certificates_validation_retention_and_metrics() -> anyhow::Result<()> {
             "cannot read the OIDC discovery document",
         ),
         ("agentidentity", "claude", "True", "ReferencesResolved", ""),
+        (
+            "agentidentity",
+            "wrong-baseline",
+            "False",
+            "BaselineScopeMismatch",
+            "spec.baseline[0] (Target orders-db, Postgres): scope.ssh does not apply to a Postgres Target",
+        ),
         ("target", "orders-db", "True", "SecretsFound", ""),
         (
             "target",

@@ -37,6 +37,23 @@ async fn check_references(
             )));
         }
     }
+    // A baseline entry is read as its Target's gateway reads it: limited with another
+    // protocol's settings it covers nothing (the sidecar fails closed), which a person
+    // should hear about here rather than from refused requests.
+    let targets: Api<agentgate_crds::Target> = Api::namespaced(ctx.client.clone(), &ns);
+    for (i, b) in id.spec.baseline.iter().enumerate() {
+        if let Some(t) = targets.get_opt(&b.target).await?
+            && let Some(why) = b.scope.mismatch(t.spec.protocol)
+        {
+            return Ok(Err((
+                "BaselineScopeMismatch".into(),
+                format!(
+                    "spec.baseline[{i}] (Target {}, {:?}): {why}; until then it covers nothing",
+                    b.target, t.spec.protocol
+                ),
+            )));
+        }
+    }
     if let Some(oidc) = &id.spec.authentication.oidc {
         let url = format!(
             "{}/.well-known/openid-configuration",
