@@ -46,7 +46,9 @@ pub fn request_hint(
         }
         for c in &a.commands {
             let c = mask(c);
-            if c.chars().count() > MAX_COMMAND {
+            // A `*` typed in the command would be a wildcard in the scope (`rm *` would allow
+            // `rm -rf /`): the approver writes the glob.
+            if c.chars().count() > MAX_COMMAND || c.contains('*') {
                 s.push_str(" --ssh-command '<a glob for the command>'");
             } else {
                 let _ = write!(s, " --ssh-command {}", quote(&c));
@@ -60,7 +62,12 @@ pub fn request_hint(
         }
     } else {
         for t in &cmd.tables {
-            let _ = write!(s, " --table {}", quote(t));
+            // Also a wildcard in the scope; and the CLI splits the flag at commas.
+            if t.contains(['*', ',']) {
+                s.push_str(" --table '<the table>'");
+            } else {
+                let _ = write!(s, " --table {}", quote(t));
+            }
         }
     }
     s.push_str(" --reason <why>");
@@ -149,20 +156,20 @@ mod tests {
             forwarding: None,
         });
         assert!(
-            request_hint("claude", "web-1", &a, |c| c.replace("nginx", "n****")).ends_with(
-                r"--operations Exec --ssh-login root --ssh-command 'systemctl restart n****' --ssh-command 'echo it'\''s' --reason <why>"
+            request_hint("claude", "web-1", &a, |c| c.replace("nginx", "[masked]")).ends_with(
+                r"--operations Exec --ssh-login root --ssh-command 'systemctl restart [masked]' --ssh-command 'echo it'\''s' --reason <why>"
             )
         );
         let mut f = cmd(OperationClass::Exec);
         f.ssh = Some(SshAccess {
             login: "deploy".into(),
             default_login: "deploy".into(),
-            commands: vec!["x".repeat(300)],
+            commands: vec!["x".repeat(300), "rm *".into()],
             forwarding: Some(SshForwarding::Port),
         });
         assert!(
             request_hint("claude", "web-1", &f, str::to_owned).ends_with(
-                "--ssh-command '<a glob for the command>' --ssh-port-forwarding --reason <why>"
+                "--ssh-command '<a glob for the command>' --ssh-command '<a glob for the command>' --ssh-port-forwarding --reason <why>"
             )
         );
 
