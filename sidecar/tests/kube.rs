@@ -993,6 +993,56 @@ async fn a_held_request_waits_for_its_approver_within_hold_timeout() -> anyhow::
         ""
     );
 
+    // kubectl gives up (killed) while it waits; the approval that comes later runs nothing,
+    // and the request's outcome says the client went away.
+    let before = testenv::approvals::filed(&policy);
+    let mut gave_up = Command::new(&s.env.bins.kubectl)
+        .arg("--kubeconfig")
+        .arg(&s.kubeconfig)
+        .args([
+            "create",
+            "configmap",
+            "held-then-abandoned",
+            "-n",
+            "kube-public",
+            "--from-literal=a=b",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let name = testenv::approvals::wait_new(&policy, &before).map_err(anyhow::Error::msg)?;
+    gave_up.kill()?;
+    gave_up.wait()?;
+    std::thread::sleep(Duration::from_secs(1));
+    testenv::approvals::decide(&policy, &name, "Approve", "alice", "ok")
+        .map_err(anyhow::Error::msg)?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !s.records().iter().any(|r| {
+        r["kind"] == "Outcome"
+            && r["outcome"]["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("the client disconnected while it waited"))
+    }) {
+        assert!(
+            Instant::now() < deadline,
+            "no outcome says the client had gone"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        s.admin(&[
+            "get",
+            "configmap",
+            "held-then-abandoned",
+            "-n",
+            "kube-public",
+            "--ignore-not-found",
+        ]),
+        "",
+        "a request ran for a client that had gone"
+    );
+
     // Nobody decides within the holdTimeout: refused, naming the grant still pending.
     edit_policy(&s, |t| t.replace("holdTimeout: 30s", "holdTimeout: 2s"));
     std::thread::sleep(Duration::from_secs(2));

@@ -1084,6 +1084,46 @@ async fn holds_file_a_request_and_the_command_runs_once_approved() -> anyhow::Re
         .trim(),
         "0"
     );
+
+    // A client that goes away while its command is held (psql killed): the approval that
+    // comes later runs nothing.
+    let mut gave_up = Command::new(gw.env.bins.pg_bin.join("psql"))
+        .arg(format!(
+            "host=127.0.0.1 port={port} dbname=orders-db user=claude sslmode=disable"
+        ))
+        .args([
+            "-X",
+            "-At",
+            "-c",
+            "UPDATE orders SET state = 'abandoned' WHERE id = 4712",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let mut filed = None;
+    wait_for("the abandoned command files a request", || {
+        filed = std::fs::read_dir(&requests)
+            .ok()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| std::fs::read_to_string(p).is_ok_and(|t| t.contains("'abandoned'")));
+        filed.is_some()
+    });
+    gave_up.kill()?;
+    gave_up.wait()?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    approve(&filed.expect("filed"))?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        pg.psql_run(
+            "app",
+            "SELECT count(*) FROM orders WHERE state = 'abandoned'"
+        )?
+        .trim(),
+        "0",
+        "a statement ran for a client that had gone"
+    );
     Ok(())
 }
 

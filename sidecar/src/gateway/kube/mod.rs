@@ -666,6 +666,15 @@ impl Connection {
                     self.outcome(&rec, id, started, 403, 0, BTreeMap::new());
                     return status(StatusCode::FORBIDDEN, "Forbidden", &msg);
                 };
+                // A client that goes away while it waits (the connection closes, and its
+                // request is dropped here) gets its outcome all the same; nothing runs.
+                let gone = Abandoned {
+                    rec: &rec,
+                    id,
+                    started,
+                    grant: &name,
+                    armed: true,
+                };
                 let after = crate::policy::approval::await_decision(
                     &core.policy,
                     &identity,
@@ -685,6 +694,7 @@ impl Connection {
                 .await;
                 let by =
                     crate::gateway::postgres::audit::approver(core.policy.get().as_deref(), &name);
+                gone.disarm();
                 // An Approval record for what an approver decided; any other end of the wait
                 // (the identity disabled, say) is the outcome's error alone.
                 if (after.verdict == Verdict::Allow || after.rule == "denied")
@@ -1198,6 +1208,41 @@ fn outcome_why(
     });
     if let Err(e) = rec.emit(r) {
         tracing::error!(session = rec.id(), error = %e, "a request's outcome could not be recorded");
+    }
+}
+
+/// Records the outcome of a held request whose client went away while it waited (its
+/// future is dropped with this guard still armed).
+struct Abandoned<'a> {
+    rec: &'a SessionRecorder,
+    id: u64,
+    started: Instant,
+    grant: &'a str,
+    armed: bool,
+}
+
+impl Abandoned<'_> {
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            tracing::info!(grant = %self.grant, "a held request's client went away while it waited");
+            outcome_why(
+                self.rec,
+                (self.id, self.started, 499),
+                0,
+                0,
+                BTreeMap::new(),
+                Some(format!(
+                    "the client disconnected while it waited for approval; nothing ran; AccessGrant {} stays as it is",
+                    self.grant
+                )),
+            );
+        }
     }
 }
 

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicI32, Ordering};
 
 use agentgate_crds::Protocol;
 use bytes::Bytes;
-use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{Mutex, mpsc};
 
 use super::audit::{self as records, Tally};
@@ -1481,6 +1481,7 @@ async fn hold(
     mut d: Decision,
     decide: &impl Fn(&Classified) -> Decision,
     cancel: &HoldCancel,
+    client: &mut BufReader<tokio::io::ReadHalf<AgentStream>>,
 ) -> (Decision, Result<Filed, String>) {
     // A cancel from now on (also while the request is being filed) ends the hold.
     let cancels_before = cancel.count();
@@ -1512,11 +1513,36 @@ async fn hold(
     let wait = crate::policy::approval::hold_timeout(snapshot.as_deref(), target);
     let deadline = std::time::Instant::now() + wait;
     let name = filed.as_ref().map(|f| f.name.clone()).unwrap_or_default();
+    // The client is watched while it waits: one that goes away must not have its statement
+    // run by a later approval. (Its next message, if it sends one, stays buffered.)
+    let mut watching = true;
     while std::time::Instant::now() < deadline && d.verdict == Verdict::Hold {
+        let mut gone = false;
         let woken = tokio::select! {
             _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => false,
             _ = cancel.wake.notified() => true,
+            r = client.fill_buf(), if watching => {
+                match r {
+                    Ok(b) if !b.is_empty() => watching = false,
+                    _ => gone = true,
+                }
+                false
+            }
         };
+        if gone {
+            tracing::info!(identity, target, grant = %name, "held command's client went away while it waited");
+            return (
+                Decision {
+                    verdict: Verdict::Refuse,
+                    rule: "client-gone".into(),
+                    grant: Some(name.clone()),
+                    message: format!(
+                        "the client disconnected while it waited for approval; the statement was not run; AccessGrant {name} stays as it is"
+                    ),
+                },
+                filed,
+            );
+        }
         if woken || cancel.count() != cancels_before {
             tracing::info!(identity, target, grant = %name, "held command canceled by the client");
             return (
@@ -1923,6 +1949,7 @@ async fn read_agent(
                         d,
                         &decide,
                         &cancel,
+                        &mut agent,
                     )
                     .await;
                     d = admitted(after);
@@ -2057,6 +2084,7 @@ async fn read_agent(
                                 up.flush().await?;
                                 let (after, filed) = hold(
                                     gw, identity, target, &c, &sql, &masks, d, &decide, &cancel,
+                                    &mut agent,
                                 )
                                 .await;
                                 d = admitted(after);
