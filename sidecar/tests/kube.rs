@@ -996,7 +996,7 @@ async fn a_held_request_waits_for_its_approver_within_hold_timeout() -> anyhow::
     // kubectl gives up (killed) while it waits; the approval that comes later runs nothing,
     // and the request's outcome says the client went away.
     let before = testenv::approvals::filed(&policy);
-    let mut gave_up = Command::new(&s.env.bins.kubectl)
+    let gave_up = Command::new(&s.env.bins.kubectl)
         .arg("--kubeconfig")
         .arg(&s.kubeconfig)
         .args([
@@ -1011,24 +1011,10 @@ async fn a_held_request_waits_for_its_approver_within_hold_timeout() -> anyhow::
         .stderr(std::process::Stdio::null())
         .spawn()?;
     let name = testenv::approvals::wait_new(&policy, &before).map_err(anyhow::Error::msg)?;
-    gave_up.kill()?;
-    gave_up.wait()?;
-    std::thread::sleep(Duration::from_secs(1));
-    testenv::approvals::decide(&policy, &name, "Approve", "alice", "ok")
+    testenv::approvals::give_up_then_approve(&policy, gave_up, &name, "alice")
         .map_err(anyhow::Error::msg)?;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !s.records().iter().any(|r| {
-        r["kind"] == "Outcome"
-            && r["outcome"]["error"]
-                .as_str()
-                .is_some_and(|e| e.contains("the client disconnected while it waited"))
-    }) {
-        assert!(
-            Instant::now() < deadline,
-            "no outcome says the client had gone"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    testenv::approvals::wait_outcome(|| s.records(), "the client disconnected while it waited")
+        .map_err(anyhow::Error::msg)?;
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(
         s.admin(&[

@@ -1084,7 +1084,7 @@ fn a_held_command_waits_for_its_approver_within_hold_timeout() -> anyhow::Result
     // nothing.
     let marker = s.dir.path().join("abandoned-ran");
     let before = testenv::approvals::filed(&policy);
-    let mut gave_up = Command::new("ssh")
+    let gave_up = Command::new("ssh")
         .arg("-F")
         .arg(&s.config)
         .args(["-o", "BatchMode=yes", "-o", "ConnectTimeout=20", "web"])
@@ -1094,24 +1094,10 @@ fn a_held_command_waits_for_its_approver_within_hold_timeout() -> anyhow::Result
         .stderr(Stdio::null())
         .spawn()?;
     let name = testenv::approvals::wait_new(&policy, &before).map_err(anyhow::Error::msg)?;
-    gave_up.kill()?;
-    gave_up.wait()?;
-    std::thread::sleep(Duration::from_secs(1));
-    testenv::approvals::decide(&policy, &name, "Approve", "alice", "ok")
+    testenv::approvals::give_up_then_approve(&policy, gave_up, &name, "alice")
         .map_err(anyhow::Error::msg)?;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !s.records().iter().any(|r| {
-        r["kind"] == "Outcome"
-            && r["outcome"]["error"]
-                .as_str()
-                .is_some_and(|e| e.contains("the agent disconnected while it waited"))
-    }) {
-        assert!(
-            Instant::now() < deadline,
-            "no outcome says the agent had gone"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    testenv::approvals::wait_outcome(|| s.records(), "the agent disconnected while it waited")
+        .map_err(anyhow::Error::msg)?;
     assert!(!marker.exists(), "a command ran for an agent that had gone");
     Ok(())
 }

@@ -64,3 +64,41 @@ pub fn approval_recorded(records: &[serde_json::Value], name: &str, approver: &s
             && r["decision"]["approver"] == approver
     })
 }
+
+/// Kills `child` (an agent's client waiting on a held request filed as `name`), then has
+/// `who` approve the request: what a client that gives up meets.
+pub fn give_up_then_approve(
+    policy: &Path,
+    mut child: std::process::Child,
+    name: &str,
+    who: &str,
+) -> Result<(), String> {
+    child.kill().map_err(|e| format!("kill the client: {e}"))?;
+    child
+        .wait()
+        .map_err(|e| format!("wait for the client: {e}"))?;
+    std::thread::sleep(Duration::from_secs(1));
+    decide(policy, name, "Approve", who, "ok")
+}
+
+/// Waits (up to 15 s) for an Outcome record whose error contains `needle` among `records()`.
+pub fn wait_outcome(
+    records: impl Fn() -> Vec<serde_json::Value>,
+    needle: &str,
+) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if records().iter().any(|r| {
+            r["kind"] == "Outcome"
+                && r["outcome"]["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains(needle))
+        }) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("no Outcome record says {needle:?} within 15 s"));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
