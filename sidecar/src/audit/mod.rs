@@ -423,6 +423,7 @@ impl Auditor {
             protocol,
             next_request: AtomicU64::new(1),
             ended: AtomicBool::new(false),
+            pending: std::sync::Mutex::new(None),
         };
         let mut start = rec.base(RecordKind::SessionStart);
         start.client = client;
@@ -495,9 +496,21 @@ pub struct SessionRecorder {
     protocol: Protocol,
     next_request: AtomicU64,
     ended: AtomicBool,
+    /// With [`Self::track_outcomes`]: requests recorded without an outcome yet.
+    pending: std::sync::Mutex<Option<std::collections::BTreeSet<u64>>>,
 }
 
 impl SessionRecorder {
+    /// From now on every Request must get an Outcome: one the session ends without (its
+    /// client went away while it was served, and the code that would have recorded it was
+    /// dropped) is recorded at the end, saying so. For gateways that record an outcome for
+    /// every request, refused ones included (the Kubernetes gateway).
+    pub fn track_outcomes(&self) {
+        if let Ok(mut p) = self.pending.lock() {
+            p.get_or_insert_with(Default::default);
+        }
+    }
+
     /// The session id.
     pub fn id(&self) -> &str {
         &self.id
@@ -526,7 +539,23 @@ impl SessionRecorder {
 
     /// Records `record`; `Err` (why) when it cannot be taken.
     pub fn emit(&self, record: Record) -> Result<(), String> {
-        self.auditor.record(record)
+        let tracked = match (record.kind, &record.request, &record.outcome) {
+            (RecordKind::Request, Some(r), _) => Some((r.id, true)),
+            (RecordKind::Outcome, _, Some(o)) => Some((o.id, false)),
+            _ => None,
+        };
+        self.auditor.record(record)?;
+        if let Some((id, open)) = tracked
+            && let Ok(mut guard) = self.pending.lock()
+            && let Some(pending) = guard.as_mut()
+        {
+            if open {
+                pending.insert(id);
+            } else {
+                pending.remove(&id);
+            }
+        }
+        Ok(())
     }
 
     /// Records the request record of SQL statement `sql` (normalized and fingerprinted by
@@ -544,6 +573,25 @@ impl SessionRecorder {
     pub fn end(&self, reason: &str) {
         if self.ended.swap(true, Ordering::Relaxed) {
             return;
+        }
+        let unanswered = self
+            .pending
+            .lock()
+            .ok()
+            .and_then(|mut p| p.as_mut().map(std::mem::take))
+            .unwrap_or_default();
+        for id in unanswered {
+            let mut r = self.base(RecordKind::Outcome);
+            r.outcome = Some(agentgate_crds::audit::Outcome {
+                id,
+                error: Some(format!(
+                    "the session ended ({reason}) before the request was answered"
+                )),
+                ..Default::default()
+            });
+            if let Err(e) = self.auditor.record(r) {
+                tracing::error!(session = %self.id, error = %e, "an unanswered request's outcome could not be recorded");
+            }
         }
         let mut end = self.base(RecordKind::SessionEnd);
         end.note = Some(reason.to_owned());
@@ -785,6 +833,66 @@ mod tests {
                     .collect::<Vec<_>>()
             })
             .collect()
+    }
+
+    #[test]
+    fn a_tracked_session_ends_with_an_outcome_for_every_request() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let mut config = Config::new(dir.path().join("spill"), dir.path().join("key"));
+        config.sync = false;
+        let auditor = Auditor::start(config, Vec::new()).expect("the pipeline starts");
+        let rec = auditor
+            .session("agent", "cluster", Protocol::Kubernetes, None)
+            .expect("a session");
+        rec.track_outcomes();
+        for id in [1, 2] {
+            let mut r = rec.base(RecordKind::Request);
+            r.request = Some(agentgate_crds::audit::Request {
+                id,
+                ..Default::default()
+            });
+            rec.emit(r).expect("accepted");
+        }
+        let mut o = rec.base(RecordKind::Outcome);
+        o.outcome = Some(agentgate_crds::audit::Outcome {
+            id: 1,
+            ..Default::default()
+        });
+        rec.emit(o).expect("accepted");
+        // The client goes away while request 2 is served: the session's end records its
+        // outcome, once.
+        rec.end("the connection closed");
+        rec.end("again");
+        drop(rec);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        rt.block_on(auditor.shutdown(Duration::from_secs(5)));
+        let mut files: Vec<_> = std::fs::read_dir(dir.path().join("spill/segments"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        files.sort();
+        let outcomes: Vec<Record> = files
+            .iter()
+            .filter_map(|p| std::fs::read_to_string(p).ok())
+            .flat_map(|t| {
+                t.lines()
+                    .map(|l| serde_json::from_str::<Record>(l).expect("a record"))
+                    .collect::<Vec<_>>()
+            })
+            .filter(|r| r.kind == RecordKind::Outcome)
+            .collect();
+        assert_eq!(outcomes.len(), 2, "{outcomes:?}");
+        let last = outcomes[1].outcome.clone().expect("an outcome");
+        assert_eq!(last.id, 2);
+        assert_eq!(
+            last.error.as_deref(),
+            Some("the session ended (the connection closed) before the request was answered")
+        );
     }
 
     #[test]

@@ -414,6 +414,8 @@ impl Connection {
             Protocol::Kubernetes,
             Some(self.peer.to_string()),
         )?);
+        // Every request here gets an outcome, also one whose client went away mid-way.
+        rec.track_outcomes();
         if let Ok(mut s) = self.sessions.lock() {
             s.insert(key, rec.clone());
         }
