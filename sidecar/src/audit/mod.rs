@@ -812,8 +812,8 @@ impl Writer {
 mod tests {
     use super::*;
 
-    /// The kind and note of every record in the journal.
-    fn records(dir: &Path) -> Vec<(String, Option<String>)> {
+    /// Every record in the journal, in order.
+    fn journal(dir: &Path) -> Vec<Record> {
         let mut files: Vec<_> = std::fs::read_dir(dir.join("segments"))
             .into_iter()
             .flatten()
@@ -826,12 +826,17 @@ mod tests {
             .filter_map(|p| std::fs::read_to_string(p).ok())
             .flat_map(|t| {
                 t.lines()
-                    .map(|l| {
-                        let r: Record = serde_json::from_str(l).expect("a record");
-                        (r.kind.as_str().to_owned(), r.note)
-                    })
+                    .map(|l| serde_json::from_str::<Record>(l).expect("a record"))
                     .collect::<Vec<_>>()
             })
+            .collect()
+    }
+
+    /// The kind and note of every record in the journal.
+    fn records(dir: &Path) -> Vec<(String, Option<String>)> {
+        journal(dir)
+            .into_iter()
+            .map(|r| (r.kind.as_str().to_owned(), r.note))
             .collect()
     }
 
@@ -869,21 +874,8 @@ mod tests {
             .build()
             .expect("a runtime");
         rt.block_on(auditor.shutdown(Duration::from_secs(5)));
-        let mut files: Vec<_> = std::fs::read_dir(dir.path().join("spill/segments"))
+        let outcomes: Vec<Record> = journal(&dir.path().join("spill"))
             .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.path())
-            .collect();
-        files.sort();
-        let outcomes: Vec<Record> = files
-            .iter()
-            .filter_map(|p| std::fs::read_to_string(p).ok())
-            .flat_map(|t| {
-                t.lines()
-                    .map(|l| serde_json::from_str::<Record>(l).expect("a record"))
-                    .collect::<Vec<_>>()
-            })
             .filter(|r| r.kind == RecordKind::Outcome)
             .collect();
         assert_eq!(outcomes.len(), 2, "{outcomes:?}");
