@@ -1124,6 +1124,46 @@ async fn holds_file_a_request_and_the_command_runs_once_approved() -> anyhow::Re
         "0",
         "a statement ran for a client that had gone"
     );
+    // Likewise for a driver on the extended protocol, whose Bind, Execute and Sync follow
+    // the held Parse in the same write (they wait unread while the socket is watched).
+    let (client, conn) = tokio_postgres::connect(
+        &format!("host=127.0.0.1 port={port} dbname=orders-db user=claude sslmode=disable"),
+        tokio_postgres::NoTls,
+    )
+    .await?;
+    let conn = tokio::spawn(conn);
+    let held = tokio::spawn(async move {
+        client
+            .execute(
+                "UPDATE orders SET state = 'pipelined' WHERE id = $1",
+                &[&4712i32],
+            )
+            .await
+    });
+    let mut filed = None;
+    wait_for("the pipelined command files a request", || {
+        filed = std::fs::read_dir(&requests)
+            .ok()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| std::fs::read_to_string(p).is_ok_and(|t| t.contains("'pipelined'")));
+        filed.is_some()
+    });
+    held.abort();
+    conn.abort();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    approve(&filed.expect("filed"))?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        pg.psql_run(
+            "app",
+            "SELECT count(*) FROM orders WHERE state = 'pipelined'"
+        )?
+        .trim(),
+        "0",
+        "a pipelined statement ran for a client that had gone"
+    );
     Ok(())
 }
 

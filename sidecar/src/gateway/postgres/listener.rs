@@ -23,6 +23,35 @@ pub enum AgentStream {
     Unix(UnixStream),
 }
 
+impl AgentStream {
+    /// A duplicate of the socket's descriptor, to see whether the agent has closed its end
+    /// while nothing reads from it (a held statement: see [`peer_closed`]).
+    pub fn watcher(&self) -> Option<std::os::fd::OwnedFd> {
+        use std::os::fd::AsFd;
+        match self {
+            Self::Tcp(s) => s.as_fd().try_clone_to_owned().ok(),
+            Self::Unix(s) => s.as_fd().try_clone_to_owned().ok(),
+        }
+    }
+}
+
+/// Whether the peer of socket `fd` has closed its end (or the socket failed), without reading
+/// from it: `POLLRDHUP` is reported even while unread data waits before the end.
+pub fn peer_closed(fd: &std::os::fd::OwnedFd) -> bool {
+    use rustix::event::{PollFd, PollFlags, poll};
+    let mut fds = [PollFd::new(fd, PollFlags::RDHUP)];
+    let zero = rustix::event::Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    match poll(&mut fds, Some(&zero)) {
+        Ok(n) if n > 0 => fds[0]
+            .revents()
+            .intersects(PollFlags::RDHUP | PollFlags::HUP | PollFlags::ERR),
+        _ => false,
+    }
+}
+
 impl AsyncRead for AgentStream {
     fn poll_read(
         self: Pin<&mut Self>,

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicI32, Ordering};
 
 use agentgate_crds::Protocol;
 use bytes::Bytes;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{Mutex, mpsc};
 
 use super::audit::{self as records, Tally};
@@ -53,6 +53,8 @@ struct Session {
 struct HoldCancel {
     requests: std::sync::atomic::AtomicU64,
     wake: tokio::sync::Notify,
+    /// The agent's socket (a duplicate descriptor), to see it close while a command is held.
+    client: std::sync::Mutex<Option<std::os::fd::OwnedFd>>,
 }
 
 impl HoldCancel {
@@ -63,6 +65,15 @@ impl HoldCancel {
 
     fn count(&self) -> u64 {
         self.requests.load(Ordering::SeqCst)
+    }
+
+    /// Whether the agent has closed its end of the connection.
+    fn client_gone(&self) -> bool {
+        self.client
+            .lock()
+            .ok()
+            .and_then(|c| c.as_ref().map(super::listener::peer_closed))
+            .unwrap_or(false)
     }
 }
 
@@ -159,6 +170,7 @@ fn pod_identity(gw: &Gateway, snapshot: &policy::Snapshot, identity: &str) -> Re
 
 /// Serves one connection to the end.
 pub async fn handle(sock: AgentStream, gw: Arc<Gateway>) -> Result<(), FrameError> {
+    let watcher = sock.watcher();
     let (r, w) = tokio::io::split(sock);
     let mut r = BufReader::new(r);
     let mut w = BufWriter::new(w);
@@ -454,7 +466,10 @@ pub async fn handle(sock: AgentStream, gw: Arc<Gateway>) -> Result<(), FrameErro
         .await?;
         return Ok(());
     }
-    let hold_cancel = Arc::new(HoldCancel::default());
+    let hold_cancel = Arc::new(HoldCancel {
+        client: std::sync::Mutex::new(watcher),
+        ..Default::default()
+    });
     gw.cancels.lock().await.insert(
         (pid, our_key.clone()),
         Session {
@@ -555,6 +570,10 @@ pub async fn handle(sock: AgentStream, gw: Arc<Gateway>) -> Result<(), FrameErro
         cancels.remove(&(pid, our_key));
         session_cancels.count() > 0
     };
+    // The duplicate descriptor goes with the session.
+    if let Ok(mut c) = session_cancels.client.lock() {
+        c.take();
+    }
     catalog.lock().await.release();
     if let Some((stream, params)) = reusable {
         let up = Upstream {
@@ -1481,7 +1500,6 @@ async fn hold(
     mut d: Decision,
     decide: &impl Fn(&Classified) -> Decision,
     cancel: &HoldCancel,
-    client: &mut BufReader<tokio::io::ReadHalf<AgentStream>>,
 ) -> (Decision, Result<Filed, String>) {
     // A cancel from now on (also while the request is being filed) ends the hold.
     let cancels_before = cancel.count();
@@ -1514,22 +1532,14 @@ async fn hold(
     let deadline = std::time::Instant::now() + wait;
     let name = filed.as_ref().map(|f| f.name.clone()).unwrap_or_default();
     // The client is watched while it waits: one that goes away must not have its statement
-    // run by a later approval. (Its next message, if it sends one, stays buffered.)
-    let mut watching = true;
+    // run by a later approval. Its socket is asked whether its end closed (`POLLRDHUP`),
+    // nothing is read from it: pipelined messages after this one stay where they are.
     while std::time::Instant::now() < deadline && d.verdict == Verdict::Hold {
-        let mut gone = false;
         let woken = tokio::select! {
             _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => false,
             _ = cancel.wake.notified() => true,
-            r = client.fill_buf(), if watching => {
-                match r {
-                    Ok(b) if !b.is_empty() => watching = false,
-                    _ => gone = true,
-                }
-                false
-            }
         };
-        if gone {
+        if cancel.client_gone() {
             tracing::info!(identity, target, grant = %name, "held command's client went away while it waited");
             return (
                 Decision {
@@ -1949,7 +1959,6 @@ async fn read_agent(
                         d,
                         &decide,
                         &cancel,
-                        &mut agent,
                     )
                     .await;
                     d = admitted(after);
@@ -2084,7 +2093,6 @@ async fn read_agent(
                                 up.flush().await?;
                                 let (after, filed) = hold(
                                     gw, identity, target, &c, &sql, &masks, d, &decide, &cancel,
-                                    &mut agent,
                                 )
                                 .await;
                                 d = admitted(after);
