@@ -1023,17 +1023,8 @@ async fn holds_file_a_request_and_the_command_runs_once_approved() -> anyhow::Re
             .output()
             .expect("psql")
     });
-    let mut filed = None;
-    wait_for("the waiting command files a request", || {
-        filed = std::fs::read_dir(&requests)
-            .ok()
-            .into_iter()
-            .flatten()
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .find(|p| std::fs::read_to_string(p).is_ok_and(|t| t.contains("'waited'")));
-        filed.is_some()
-    });
-    approve(&filed.expect("filed"))?;
+    let filed = filed_with(&requests, "the waiting command files a request", "'waited'");
+    approve(&filed)?;
     let out = agent.join().expect("agent thread");
     assert!(
         out.status.success(),
@@ -1100,20 +1091,15 @@ async fn holds_file_a_request_and_the_command_runs_once_approved() -> anyhow::Re
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()?;
-    let mut filed = None;
-    wait_for("the abandoned command files a request", || {
-        filed = std::fs::read_dir(&requests)
-            .ok()
-            .into_iter()
-            .flatten()
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .find(|p| std::fs::read_to_string(p).is_ok_and(|t| t.contains("'abandoned'")));
-        filed.is_some()
-    });
+    let filed = filed_with(
+        &requests,
+        "the abandoned command files a request",
+        "'abandoned'",
+    );
     gave_up.kill()?;
     gave_up.wait()?;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    approve(&filed.expect("filed"))?;
+    approve(&filed)?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
         pg.psql_run(
@@ -1140,20 +1126,15 @@ async fn holds_file_a_request_and_the_command_runs_once_approved() -> anyhow::Re
             )
             .await
     });
-    let mut filed = None;
-    wait_for("the pipelined command files a request", || {
-        filed = std::fs::read_dir(&requests)
-            .ok()
-            .into_iter()
-            .flatten()
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .find(|p| std::fs::read_to_string(p).is_ok_and(|t| t.contains("'pipelined'")));
-        filed.is_some()
-    });
+    let filed = filed_with(
+        &requests,
+        "the pipelined command files a request",
+        "'pipelined'",
+    );
     held.abort();
     conn.abort();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    approve(&filed.expect("filed"))?;
+    approve(&filed)?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
         pg.psql_run(
@@ -1165,6 +1146,21 @@ async fn holds_file_a_request_and_the_command_runs_once_approved() -> anyhow::Re
         "a pipelined statement ran for a client that had gone"
     );
     Ok(())
+}
+
+/// The request filed in `requests` whose text contains `needle` (waited for).
+fn filed_with(requests: &std::path::Path, what: &str, needle: &str) -> std::path::PathBuf {
+    let mut filed = None;
+    wait_for(what, || {
+        filed = std::fs::read_dir(requests)
+            .ok()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| std::fs::read_to_string(p).is_ok_and(|t| t.contains(needle)));
+        filed.is_some()
+    });
+    filed.expect("filed")
 }
 
 /// psycopg 3 (Debian's python3-psycopg): server-side parameters (extended protocol), prepared
