@@ -1096,7 +1096,7 @@ fn a_held_command_waits_for_its_approver_within_hold_timeout() -> anyhow::Result
     let name = testenv::approvals::wait_new(&policy, &before).map_err(anyhow::Error::msg)?;
     testenv::approvals::give_up_then_approve(&policy, gave_up, &name, "alice")
         .map_err(anyhow::Error::msg)?;
-    testenv::approvals::wait_outcome(|| s.records(), "the agent disconnected while it waited")
+    testenv::approvals::wait_outcome(|| s.records(), &["the agent disconnected while it waited"])
         .map_err(anyhow::Error::msg)?;
     assert!(!marker.exists(), "a command ran for an agent that had gone");
     Ok(())

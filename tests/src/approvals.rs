@@ -81,10 +81,11 @@ pub fn give_up_then_approve(
     decide(policy, name, "Approve", who, "ok")
 }
 
-/// Waits (up to 15 s) for an Outcome record whose error contains `needle` among `records()`.
+/// Waits (up to 15 s) for an Outcome record whose error contains one of `needles` among
+/// `records()`.
 pub fn wait_outcome(
     records: impl Fn() -> Vec<serde_json::Value>,
-    needle: &str,
+    needles: &[&str],
 ) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
@@ -92,12 +93,14 @@ pub fn wait_outcome(
             r["kind"] == "Outcome"
                 && r["outcome"]["error"]
                     .as_str()
-                    .is_some_and(|e| e.contains(needle))
+                    .is_some_and(|e| needles.iter().any(|n| e.contains(n)))
         }) {
             return Ok(());
         }
         if Instant::now() > deadline {
-            return Err(format!("no Outcome record says {needle:?} within 15 s"));
+            return Err(format!(
+                "no Outcome record says one of {needles:?} within 15 s"
+            ));
         }
         std::thread::sleep(Duration::from_millis(200));
     }

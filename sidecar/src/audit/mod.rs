@@ -496,8 +496,19 @@ pub struct SessionRecorder {
     protocol: Protocol,
     next_request: AtomicU64,
     ended: AtomicBool,
-    /// With [`Self::track_outcomes`]: requests recorded without an outcome yet.
-    pending: std::sync::Mutex<Option<std::collections::BTreeSet<u64>>>,
+    /// With [`Self::track_outcomes`]: which requests still owe an outcome.
+    pending: std::sync::Mutex<Option<Tracked>>,
+}
+
+/// Outcome tracking of a session (see [`SessionRecorder::track_outcomes`]).
+#[derive(Debug, Default)]
+struct Tracked {
+    /// Requests recorded without an outcome yet.
+    open: std::collections::BTreeSet<u64>,
+    /// Requests answered elsewhere (an upgraded connection writes its own, maybe later).
+    elsewhere: std::collections::BTreeSet<u64>,
+    /// Requests the session's end answered: an outcome arriving later is dropped.
+    closed: std::collections::BTreeSet<u64>,
 }
 
 impl SessionRecorder {
@@ -508,6 +519,17 @@ impl SessionRecorder {
     pub fn track_outcomes(&self) {
         if let Ok(mut p) = self.pending.lock() {
             p.get_or_insert_with(Default::default);
+        }
+    }
+
+    /// Request `id`'s outcome is written by code that outlives the session's connection
+    /// (an upgraded exec, attach or port-forward): the session's end does not answer it.
+    pub fn answered_elsewhere(&self, id: u64) {
+        if let Ok(mut guard) = self.pending.lock()
+            && let Some(t) = guard.as_mut()
+            && t.open.remove(&id)
+        {
+            t.elsewhere.insert(id);
         }
     }
 
@@ -544,18 +566,35 @@ impl SessionRecorder {
             (RecordKind::Outcome, _, Some(o)) => Some((o.id, false)),
             _ => None,
         };
-        self.auditor.record(record)?;
-        if let Some((id, open)) = tracked
-            && let Ok(mut guard) = self.pending.lock()
-            && let Some(pending) = guard.as_mut()
+        let Some((id, request)) = tracked else {
+            return self.auditor.record(record);
+        };
+        // An outcome is taken off the open requests before it is written (so the session's
+        // end cannot answer it too); one the end already answered is not written again.
+        let mut taken = false;
+        if let Ok(mut guard) = self.pending.lock()
+            && let Some(t) = guard.as_mut()
         {
-            if open {
-                pending.insert(id);
+            if request {
+                t.open.insert(id);
+            } else if t.closed.contains(&id) {
+                return Ok(());
             } else {
-                pending.remove(&id);
+                taken = t.open.remove(&id) | t.elsewhere.remove(&id);
             }
         }
-        Ok(())
+        let written = self.auditor.record(record);
+        if written.is_err()
+            && let Ok(mut guard) = self.pending.lock()
+            && let Some(t) = guard.as_mut()
+        {
+            if request {
+                t.open.remove(&id);
+            } else if taken {
+                t.open.insert(id);
+            }
+        }
+        written
     }
 
     /// Records the request record of SQL statement `sql` (normalized and fingerprinted by
@@ -578,7 +617,13 @@ impl SessionRecorder {
             .pending
             .lock()
             .ok()
-            .and_then(|mut p| p.as_mut().map(std::mem::take))
+            .and_then(|mut p| {
+                p.as_mut().map(|t| {
+                    let open = std::mem::take(&mut t.open);
+                    t.closed.extend(open.iter().copied());
+                    open
+                })
+            })
             .unwrap_or_default();
         for id in unanswered {
             let mut r = self.base(RecordKind::Outcome);
@@ -864,10 +909,27 @@ mod tests {
             ..Default::default()
         });
         rec.emit(o).expect("accepted");
+        // Request 3 is an upgrade whose relay writes its outcome after the connection ends.
+        let mut r = rec.base(RecordKind::Request);
+        r.request = Some(agentgate_crds::audit::Request {
+            id: 3,
+            ..Default::default()
+        });
+        rec.emit(r).expect("accepted");
+        rec.answered_elsewhere(3);
         // The client goes away while request 2 is served: the session's end records its
-        // outcome, once.
+        // outcome, once; the handler's own outcome, written late, is not written again.
         rec.end("the connection closed");
         rec.end("again");
+        for id in [2, 3] {
+            let mut late = rec.base(RecordKind::Outcome);
+            late.outcome = Some(agentgate_crds::audit::Outcome {
+                id,
+                error: Some("late".into()),
+                ..Default::default()
+            });
+            rec.emit(late).expect("accepted");
+        }
         drop(rec);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -878,13 +940,15 @@ mod tests {
             .into_iter()
             .filter(|r| r.kind == RecordKind::Outcome)
             .collect();
-        assert_eq!(outcomes.len(), 2, "{outcomes:?}");
-        let last = outcomes[1].outcome.clone().expect("an outcome");
-        assert_eq!(last.id, 2);
+        assert_eq!(outcomes.len(), 3, "{outcomes:?}");
+        let ended = outcomes[1].outcome.clone().expect("an outcome");
+        assert_eq!(ended.id, 2);
         assert_eq!(
-            last.error.as_deref(),
+            ended.error.as_deref(),
             Some("the session ended (the connection closed) before the request was answered")
         );
+        let relayed = outcomes[2].outcome.clone().expect("an outcome");
+        assert_eq!((relayed.id, relayed.error.as_deref()), (3, Some("late")));
     }
 
     #[test]

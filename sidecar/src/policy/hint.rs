@@ -31,18 +31,18 @@ pub fn request_hint(
         let _ = write!(
             s,
             " --verb {} --resource {}",
-            quote(&k.verb),
-            quote(&resource)
+            literal(&k.verb, "verb"),
+            literal(&resource, "resource")
         );
         if !k.namespace.is_empty() {
-            let _ = write!(s, " --in-namespace {}", quote(&k.namespace));
+            let _ = write!(s, " --in-namespace {}", literal(&k.namespace, "namespace"));
         }
         if !k.name.is_empty() {
-            let _ = write!(s, " --resource-name {}", quote(&k.name));
+            let _ = write!(s, " --resource-name {}", literal(&k.name, "name"));
         }
     } else if let Some(a) = &cmd.ssh {
         if a.login != a.default_login {
-            let _ = write!(s, " --ssh-login {}", quote(&a.login));
+            let _ = write!(s, " --ssh-login {}", literal(&a.login, "login"));
         }
         for c in &a.commands {
             let c = mask(c);
@@ -94,6 +94,16 @@ pub fn scoped(
     }
 }
 
+/// `w` as one value of a flag, shell-quoted; a placeholder naming `what` when `w` would not
+/// be read as itself (a `*` is a wildcard in a scope, a `,` splits the CLI's lists).
+fn literal(w: &str, what: &str) -> String {
+    if w.contains(['*', ',']) {
+        format!("'<the {what}>'")
+    } else {
+        quote(w)
+    }
+}
+
 /// A POSIX shell word: as it is when it is plain, else in single quotes.
 fn quote(w: &str) -> String {
     let plain = !w.is_empty()
@@ -136,6 +146,19 @@ mod tests {
         assert_eq!(
             request_hint("claude", "cluster", &k, str::to_owned),
             "kubectl agentgate grants request <name> --identity claude --target cluster --operations Write --verb patch --resource deployments.apps/scale --in-namespace shop --resource-name web --reason <why>"
+        );
+        // What the agent's path said is never a wildcard or a list in the hint.
+        let mut w = cmd(OperationClass::Read);
+        w.kube = Some(KubeAccess {
+            verb: "list".into(),
+            resource: "pods".into(),
+            namespace: "*".into(),
+            name: "a,b".into(),
+            ..Default::default()
+        });
+        assert!(
+            request_hint("claude", "cluster", &w, str::to_owned)
+                .contains("--in-namespace '<the namespace>' --resource-name '<the name>'")
         );
         let mut k = cmd(OperationClass::Read);
         k.kube = Some(KubeAccess {

@@ -802,6 +802,7 @@ impl Connection {
             HeaderValue::from_str(&user),
             HeaderValue::from_str(AGENTS_GROUP),
         ) else {
+            self.outcome(&rec, id, started, 400, 0, BTreeMap::new());
             return status(
                 StatusCode::BAD_REQUEST,
                 "BadRequest",
@@ -849,7 +850,10 @@ impl Connection {
         *out.headers_mut() = headers;
         *out.uri_mut() = match uri.parse() {
             Ok(u) => u,
-            Err(_) => return status(StatusCode::BAD_REQUEST, "BadRequest", "a malformed path"),
+            Err(_) => {
+                self.outcome(&rec, id, started, 400, 0, BTreeMap::new());
+                return status(StatusCode::BAD_REQUEST, "BadRequest", "a malformed path");
+            }
         };
         let resp = match up.client.request(out).await {
             Ok(r) => r,

@@ -557,6 +557,9 @@ pub async fn upgrade(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_owned();
+    // The relay writes this request's outcome itself, after the HTTP connection (and with
+    // it the session's end) is over.
+    rec.answered_elsewhere(id);
     tokio::spawn(async move {
         let joined = async {
             let agent = agent_upgrade.await?;

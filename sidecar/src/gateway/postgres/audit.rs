@@ -107,10 +107,12 @@ pub fn request(
     rec.emit_statement(r, sql_fp, c.and_then(|c| c.redacted.clone()))
 }
 
-/// Records the end of a hold that an approver decided: approved or denied (and by whom).
-/// Any other end (no decision in time, a cancel, the client gone, the identity disabled)
-/// is no approver's act and is left to the request's outcome. `Err` (why) when the record
-/// cannot be taken: an approved command must then be refused.
+/// Records the end of a hold: approved (and by whom) or not (`Denied`, its rule and message
+/// saying why: denied by an approver, no decision in time, a cancel, the client gone). The
+/// PostgreSQL gateway records every end so (a statement that did not run has no outcome);
+/// the Kubernetes and SSH gateways, whose every request has an outcome, only an approver's
+/// decision. `Err` (why) when the record cannot be taken: an approved command must then be
+/// refused.
 pub fn approval(
     rec: &SessionRecorder,
     id: u64,
@@ -118,9 +120,6 @@ pub fn approval(
     grant: Option<&str>,
     approver: Option<String>,
 ) -> Result<(), String> {
-    if d.verdict != Verdict::Allow && d.rule != "denied" {
-        return Ok(());
-    }
     let mut r = rec.base(RecordKind::Approval);
     let mut dec = decision(d);
     dec.verdict = if d.verdict == Verdict::Allow {

@@ -57,6 +57,17 @@ struct HoldCancel {
     client: std::sync::Mutex<Option<std::os::fd::OwnedFd>>,
 }
 
+/// Drops the session's duplicate of the agent's socket descriptor.
+struct Watching(Arc<HoldCancel>);
+
+impl Drop for Watching {
+    fn drop(&mut self) {
+        if let Ok(mut c) = self.0.client.lock() {
+            c.take();
+        }
+    }
+}
+
 impl HoldCancel {
     fn cancel(&self) {
         self.requests.fetch_add(1, Ordering::SeqCst);
@@ -470,6 +481,9 @@ pub async fn handle(sock: AgentStream, gw: Arc<Gateway>) -> Result<(), FrameErro
         client: std::sync::Mutex::new(watcher),
         ..Default::default()
     });
+    // However the session ends (an early return, a panic), the duplicate descriptor goes
+    // with it: the agent's socket must close when the session does.
+    let _watching = Watching(hold_cancel.clone());
     gw.cancels.lock().await.insert(
         (pid, our_key.clone()),
         Session {
@@ -482,7 +496,10 @@ pub async fn handle(sock: AgentStream, gw: Arc<Gateway>) -> Result<(), FrameErro
     hello.extend(params.iter().cloned());
     hello.push(backend::backend_key_data(pid, &our_key));
     hello.push(backend::ready_for_query(b'I'));
-    write_frames(&mut w, &hello).await?;
+    if let Err(e) = write_frames(&mut w, &hello).await {
+        gw.cancels.lock().await.remove(&(pid, our_key.clone()));
+        return Err(e);
+    }
 
     let masks = policy::masks_for(&snapshot, &identity, &database);
     let mask_set = match MaskSet::compile(&masks, &|k| {
@@ -1541,17 +1558,7 @@ async fn hold(
         };
         if cancel.client_gone() {
             tracing::info!(identity, target, grant = %name, "held command's client went away while it waited");
-            return (
-                Decision {
-                    verdict: Verdict::Refuse,
-                    rule: "client-gone".into(),
-                    grant: Some(name.clone()),
-                    message: format!(
-                        "the client disconnected while it waited for approval; the statement was not run; AccessGrant {name} stays as it is"
-                    ),
-                },
-                filed,
-            );
+            return (client_gone(&name, "stays as it is"), filed);
         }
         if woken || cancel.count() != cancels_before {
             tracing::info!(identity, target, grant = %name, "held command canceled by the client");
@@ -1582,10 +1589,26 @@ async fn hold(
             };
         }
     }
+    // Gone between the last look and the approval: not run either.
+    if d.verdict == Verdict::Allow && cancel.client_gone() {
+        return (client_gone(&name, "was approved and is unused"), filed);
+    }
     if d.verdict == Verdict::Allow {
         tracing::info!(identity, target, grant = ?d.grant, "held command approved: running it");
     }
     (d, filed)
+}
+
+/// The refusal of a held statement whose client went away while it waited.
+fn client_gone(grant: &str, state: &str) -> Decision {
+    Decision {
+        verdict: Verdict::Refuse,
+        rule: "client-gone".into(),
+        grant: Some(grant.to_owned()),
+        message: format!(
+            "the client disconnected while it waited for approval; the statement was not run; AccessGrant {grant} {state}"
+        ),
+    }
 }
 
 /// The error for a refused or still-held command, naming the request filed for it.

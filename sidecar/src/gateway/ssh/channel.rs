@@ -361,8 +361,8 @@ impl Ctx {
         cmd: &policy::Command,
         text: &str,
         decision: &Decision,
-        to_agent: &ChannelWriteHalf<server::Msg>,
-    ) -> Result<Decision, String> {
+        (to_agent, from_agent): (&ChannelWriteHalf<server::Msg>, &mut russh::ChannelReadHalf),
+    ) -> Result<(Decision, Vec<ChannelMsg>), String> {
         let (msg, filed) = self.refusal_filed(cmd, text, decision).await;
         let wait = crate::policy::approval::hold_timeout(Some(&self.snapshot), &self.target);
         let Some(name) = filed.filter(|_| !wait.is_zero()) else {
@@ -377,14 +377,36 @@ impl Ctx {
                 )),
             )
             .await;
-        let after = crate::policy::approval::await_decision(
+        let decided = crate::policy::approval::await_decision(
             &self.gw.core.policy,
             &self.agent.identity,
             &name,
             wait,
             || self.decide(cmd),
-        )
-        .await;
+        );
+        tokio::pin!(decided);
+        // The agent's channel is watched while it waits: closed, nothing may run for it. What
+        // it sends meanwhile (input, an EOF) is kept, up to a bound, and passed on if it runs.
+        let (mut early, mut kept, mut watching) = (Vec::new(), 0usize, true);
+        let after = loop {
+            tokio::select! {
+                d = &mut decided => break d,
+                m = from_agent.wait(), if watching => match m {
+                    None | Some(ChannelMsg::Close) => {
+                        return Err(format!(
+                            "the agent disconnected while it waited; AccessGrant {name} stays as it is"
+                        ));
+                    }
+                    Some(msg) => {
+                        if let ChannelMsg::Data { data } | ChannelMsg::ExtendedData { data, .. } = &msg {
+                            kept += data.len();
+                        }
+                        early.push(msg);
+                        watching = early.len() < 1024 && kept < 1 << 20;
+                    }
+                },
+            }
+        };
         if after.verdict == Verdict::Hold {
             return Err(format!(
                 "agentgate: no approver decided within the Target's holdTimeout ({waiting}), so it was not run: AccessGrant {name} stays pending; run it again once it is approved"
@@ -421,7 +443,7 @@ impl Ctx {
         }
         tracing::info!(identity = %self.agent.identity, target = %self.target, grant = %name, "held command approved: running it");
         self.remember_granted(cmd, &after);
-        Ok(after)
+        Ok((after, early))
     }
 
     /// [`Ctx::refusal`], and the AccessGrant request filed for a hold.
@@ -763,10 +785,16 @@ pub async fn run(
             return;
         }
     };
+    // What the agent sent while its command was held, passed on (checked as always) once it
+    // runs.
+    let mut early = Vec::new();
     if decision.verdict != Verdict::Allow {
-        match ctx.settle(id, &cmd, &text, &decision, &to_agent).await {
+        match ctx
+            .settle(id, &cmd, &text, &decision, (&to_agent, &mut from_agent))
+            .await
+        {
             // Approved while it waited (recorded): it runs as approved.
-            Ok(_) => {}
+            Ok((_, sent)) => early = sent,
             Err(msg) => {
                 ctx.outcome(id, started, (0, 0), Some(msg.clone()));
                 fail(&to_agent, &msg, REFUSED_EXIT).await;
@@ -853,7 +881,7 @@ pub async fn run(
             &ctx,
             &mode,
             pty.is_some(),
-            &mut from_agent,
+            (early, &mut from_agent),
             &to_host,
             &to_agent,
             inject_tx,
@@ -963,7 +991,7 @@ async fn agent_to_host(
     ctx: &Arc<Ctx>,
     mode: &Mode,
     pty: bool,
-    from_agent: &mut russh::ChannelReadHalf,
+    (early, from_agent): (Vec<ChannelMsg>, &mut russh::ChannelReadHalf),
     to_host: &ChannelWriteHalf<client::Msg>,
     to_agent: &ChannelWriteHalf<server::Msg>,
     inject: mpsc::Sender<Vec<u8>>,
@@ -983,7 +1011,15 @@ async fn agent_to_host(
     };
     // After a refused upload: the host's input is closed, the agent's is dropped.
     let mut dropping = false;
-    while let Some(msg) = from_agent.wait().await {
+    let mut early = early.into_iter();
+    loop {
+        let msg = match early.next() {
+            Some(m) => m,
+            None => match from_agent.wait().await {
+                Some(m) => m,
+                None => break,
+            },
+        };
         match msg {
             ChannelMsg::Data { data } => match mode {
                 Mode::Transfer { .. } if upload.is_some() => {
