@@ -130,8 +130,11 @@ pub struct AccessScope {
     #[schemars(length(min = 1, max = 6))]
     #[x_kube(validation = Rule::new("self.all(x, self.exists_one(y, x == y))").message("operations must not repeat a class"))]
     pub operations: Vec<OperationClass>,
-    /// PostgreSQL: tables the access is limited to, as `table`, `schema.table` or globs such as
-    /// `public.*` or `billing.invoice_*`. Empty: every table the upstream role can reach.
+    /// PostgreSQL: tables the access is limited to, as `table` (in `public`), `schema.table`
+    /// or globs such as `public.*`, `billing.invoice_*` or `*.orders` (any schema). A table a
+    /// statement names without its schema is judged as the one the session's search path
+    /// reaches, as the server finds it (`pg_catalog` first, then the login's own schema and
+    /// `public` on the default path). Empty: every table the upstream role can reach.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64), inner(length(min = 1, max = 253)))]
     pub tables: Vec<String>,

@@ -524,7 +524,7 @@ async fn psql_through_the_gateway() -> anyhow::Result<()> {
     let e = gw.err("UPDATE orders SET state = 'shipped' WHERE id = 4711");
     assert!(
         e.contains("held for approval: AccessGrant claude-")
-            && e.contains("no baseline or active grant allows Write on orders-db (orders)"),
+            && e.contains("no baseline or active grant allows Write on orders-db (public.orders)"),
         "{e}"
     );
     assert!(e.contains("HINT:  an approver adds to"), "{e}");
@@ -623,6 +623,162 @@ async fn psql_through_the_gateway() -> anyhow::Result<()> {
         e.contains("no PostgreSQL Target named \"prod-db\"") && e.contains("md5-db, orders-db"),
         "{e}"
     );
+    Ok(())
+}
+
+/// A scope that names tables judges the table the server will use: unqualified names are
+/// resolved on the session's search path (a `SET search_path` in the same string or earlier
+/// in the session, the login's own schema, `pg_catalog`, a statement prepared before the
+/// path changed), and a path the gateway cannot follow leaves only schema-qualified names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn table_scopes_judge_the_table_the_search_path_reaches() -> anyhow::Result<()> {
+    let gw = start().await?;
+    let pg = gw.env.postgres()?;
+    pg.psql_run(
+        "app",
+        "CREATE SCHEMA secret;
+         CREATE TABLE secret.orders (id int, state text);
+         INSERT INTO secret.orders VALUES (1, 'top-secret');
+         GRANT USAGE ON SCHEMA secret TO agentgate;
+         GRANT SELECT ON secret.orders TO agentgate;
+         CREATE SCHEMA crm;
+         CREATE TABLE crm.contacts (id int, phone text);
+         INSERT INTO crm.contacts VALUES (1, '555-0100');
+         CREATE TABLE public.contacts (id int, phone text);
+         INSERT INTO public.contacts VALUES (1, '555-0199');
+         GRANT USAGE ON SCHEMA crm TO agentgate;
+         GRANT SELECT ON crm.contacts, public.contacts TO agentgate;",
+    )?;
+    // The identity reads a few tables only, and may set its search path.
+    let base = policy(pg.port());
+    let scoped = base
+        .replace(
+            "- { target: orders-db, scope: { operations: [Read] } }",
+            "- { target: orders-db, scope: { operations: [Read, Privilege], tables: [public.orders, public.customers, public.contacts, crm.contacts] } }",
+        )
+        .replace(
+            "action: Block, message: dropping tables is never allowed for agents }",
+            "action: Block, message: dropping tables is never allowed for agents }\n    - { name: paths, operations: [Privilege], matches: [SET, set_config], action: Allow }",
+        );
+    assert!(scoped.contains("tables: [public.orders") && scoped.contains("name: paths"));
+    std::fs::write(gw.policy.path().join("policy.yaml"), scoped)?;
+    wait_for("the scoped baseline is loaded", || {
+        !gw.psql("orders-db", "SELECT state FROM secret.orders")
+            .status
+            .success()
+    });
+    let session = |commands: &[&str]| {
+        let mut cmd = Command::new(gw.env.bins.pg_bin.join("psql"));
+        cmd.arg(format!(
+            "host=127.0.0.1 port={} dbname=orders-db user=claude sslmode=disable",
+            gw.port
+        ))
+        .args(["-X", "-At"]);
+        for c in commands {
+            cmd.args(["-c", c]);
+        }
+        let out = cmd.output().expect("psql runs");
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+
+    // The default path: `orders` is public.orders.
+    let (out, err) = session(&["SELECT state FROM orders ORDER BY id"]);
+    assert_eq!(out, "paid\npaid\n", "{err}");
+    let e = gw.err("SELECT state FROM secret.orders");
+    assert!(
+        e.contains("held for approval") && e.contains("(secret.orders)"),
+        "{e}"
+    );
+    // A path set in the same string, before the read.
+    let (out, err) = session(&["SET search_path = secret; SELECT state FROM orders"]);
+    assert!(!out.contains("top-secret"), "{out}");
+    assert!(
+        err.contains("held for approval") && err.contains("secret.orders"),
+        "{err}"
+    );
+    // A path set earlier in the session: every path the session may be on counts.
+    // (psql stops at the first error: what is allowed comes first.)
+    let (out, err) = session(&[
+        "SET search_path = secret, public",
+        "SELECT count(*) FROM customers",
+        "SELECT state FROM orders",
+    ]);
+    assert!(!out.contains("top-secret"), "{out}");
+    assert!(
+        err.contains("secret.orders") && err.contains("held for approval"),
+        "{err}"
+    );
+    // `customers` is public.customers on that path too: allowed.
+    assert_eq!(out, "SET\n2\n", "{err}");
+    // Masking follows the path too: crm.contacts.phone is masked (Partial on the column;
+    // what is computed from it is redacted, here by the first column rule, as `contacts`
+    // may be either table once the path was set); public.contacts.phone is not.
+    let (out, err) = session(&[
+        "SELECT lower(phone) FROM contacts",
+        "SET search_path = crm",
+        "SELECT phone FROM contacts",
+        "SELECT lower(phone) FROM contacts",
+        "SELECT lower(c.phone) FROM contacts c",
+        "SELECT lower(contacts.phone) FROM contacts",
+    ]);
+    assert_eq!(
+        out, "555-0199\nSET\n***-**00\n[name]\n[name]\n[name]\n",
+        "{err}"
+    );
+    // A path the gateway cannot follow: unqualified names are refused with a way out;
+    // schema-qualified ones still work.
+    let (out, err) = session(&[
+        "SELECT set_config('search_path', 'secret', false)",
+        "SELECT state FROM public.orders ORDER BY id",
+        "SELECT state FROM orders",
+    ]);
+    assert!(!out.contains("top-secret"), "{out}");
+    assert!(
+        err.contains("cannot tell which schema an unqualified name is in")
+            && err.contains("set_config may have changed it")
+            && err.contains("name tables with their schema"),
+        "{err}"
+    );
+    assert_eq!(out, "secret\npaid\npaid\n", "{err}");
+    // The extended protocol: a Parse after the change, and a statement prepared before it
+    // (the server plans it again on the new path).
+    let (client, _conn) = gw.client().await?;
+    let prepared = client.prepare("SELECT state FROM orders").await?;
+    assert_eq!(client.query(&prepared, &[]).await?.len(), 2);
+    client.batch_execute("SET search_path = secret").await?;
+    let message = |e: tokio_postgres::Error| {
+        e.as_db_error()
+            .map(|d| d.message().to_owned())
+            .unwrap_or_else(|| e.to_string())
+    };
+    let e = message(
+        client
+            .query("SELECT state FROM orders", &[])
+            .await
+            .expect_err("refused"),
+    );
+    assert!(e.contains("secret.orders"), "{e}");
+    let e = message(client.query(&prepared, &[]).await.expect_err("refused"));
+    assert!(e.contains("secret.orders"), "{e}");
+    drop(client);
+    // Catalog tables are pg_catalog's, whatever the path says.
+    let e = gw.err("SELECT count(*) FROM pg_class");
+    assert!(e.contains("(pg_catalog.pg_class)"), "{e}");
+    // A schema named like the login comes first on the default path.
+    pg.psql_run(
+        "app",
+        "CREATE SCHEMA agentgate AUTHORIZATION agentgate;
+         CREATE TABLE agentgate.orders (id int, state text);
+         INSERT INTO agentgate.orders VALUES (1, 'shadow');
+         GRANT SELECT ON agentgate.orders TO agentgate;",
+    )?;
+    let e = gw.err("SELECT state FROM orders");
+    assert!(e.contains("(agentgate.orders)"), "{e}");
+    let (out, err) = session(&["SELECT state FROM public.orders ORDER BY id"]);
+    assert_eq!(out, "paid\npaid\n", "{err}");
     Ok(())
 }
 

@@ -65,6 +65,9 @@ pub fn request_hint(
             // Also a wildcard in the scope; and the CLI splits the flag at commas.
             if t.contains(['*', ',']) {
                 s.push_str(" --table '<the table>'");
+            } else if cmd.unresolved.is_some() && crate::sql::classify::unqualified(t).is_some() {
+                // Its schema cannot be told: the agent names it in the statement.
+                let _ = write!(s, " --table {}", quote(&format!("<schema>.{t}")));
             } else {
                 let _ = write!(s, " --table {}", quote(t));
             }
@@ -128,6 +131,7 @@ mod tests {
             fingerprint: crate::sql::Fingerprint::known(String::new()),
             keys: Default::default(),
             tables: Default::default(),
+            unresolved: None,
             kube: None,
             ssh: None,
         }

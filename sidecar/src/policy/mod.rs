@@ -113,8 +113,14 @@ pub struct Command {
     /// What guardrail `matches` patterns are compared with: statement tags (`DROP TABLE`),
     /// function names, `UPDATE without WHERE`, Kubernetes `verb resource`, shell commands.
     pub keys: BTreeSet<String>,
-    /// Tables (or other objects) the command touches, for scopes limited to some.
+    /// Tables (or other objects) the command touches, for scopes limited to some: as
+    /// `schema.table` when the gateway resolved them on the session's search path, else as
+    /// written (an unqualified name is then read as `public.name`).
     pub tables: BTreeSet<String>,
+    /// Why the schema of the unqualified names in `tables` cannot be told (the session's
+    /// search path was changed in a way the gateway cannot follow): a scope then covers such
+    /// a name only with a pattern for any schema (`*.orders`).
+    pub unresolved: Option<String>,
     /// A Kubernetes API request: what scopes' `kubernetes` rules are matched with.
     pub kube: Option<KubeAccess>,
     /// An SSH request: what scopes' `ssh` settings are matched with.
@@ -223,6 +229,7 @@ impl From<&Classified> for Command {
     fn from(c: &Classified) -> Self {
         let mut keys = BTreeSet::new();
         let mut tables = BTreeSet::new();
+        let mut unresolved = None;
         for s in &c.statements {
             keys.insert(s.tag.clone());
             keys.extend(s.functions.iter().cloned());
@@ -242,16 +249,31 @@ impl From<&Classified> for Command {
                     | Flag::UseCursor(_)
                     | Flag::Function(_)
                     | Flag::Unknown(_)
-                    | Flag::CopyBinary => {}
+                    | Flag::CopyBinary
+                    | Flag::SearchPath(_) => {}
                 }
             }
-            tables.extend(s.relations.iter().cloned());
+            for r in &s.relations {
+                match c.resolved.as_ref().and_then(|m| m.get(r)) {
+                    Some(Ok(schemas)) if !schemas.is_empty() => {
+                        tables.extend(schemas.iter().cloned())
+                    }
+                    Some(Err(why)) => {
+                        unresolved.get_or_insert_with(|| why.to_string());
+                        tables.insert(r.clone());
+                    }
+                    _ => {
+                        tables.insert(r.clone());
+                    }
+                }
+            }
         }
         Self {
             class: c.class,
             fingerprint: c.fingerprint.clone(),
             keys,
             tables,
+            unresolved,
             kube: None,
             ssh: None,
         }
@@ -283,7 +305,8 @@ pub struct Decision {
 }
 
 impl Decision {
-    fn refuse(rule: &str, message: impl Into<String>) -> Self {
+    /// A refusal by `rule`, telling the agent `message`.
+    pub fn refuse(rule: &str, message: impl Into<String>) -> Self {
         Self {
             verdict: Verdict::Refuse,
             rule: rule.to_owned(),
@@ -419,21 +442,44 @@ pub fn covers(scope: &AccessScope, cmd: &Command) -> bool {
     if scope.tables.is_empty() {
         return true;
     }
+    let qualify = |name: &str| match crate::sql::classify::unqualified(name) {
+        Some(_) => format!("public.{name}"),
+        None => name.to_owned(),
+    };
     cmd.tables.iter().all(|t| {
-        let qualified = if t.contains('.') {
-            t.clone()
-        } else {
-            format!("public.{t}")
-        };
-        scope.tables.iter().any(|p| {
-            let p_qualified = if p.contains('.') {
-                p.clone()
-            } else {
-                format!("public.{p}")
-            };
-            glob::matches(&p_qualified, &qualified)
-        })
+        if cmd.unresolved.is_some()
+            && let Some(table) = crate::sql::classify::unqualified(t)
+        {
+            // In a schema that cannot be told: only a pattern for any schema covers it.
+            return scope.tables.iter().any(|p| {
+                p.split_once('.')
+                    .is_some_and(|(schema, pt)| schema == "*" && glob::matches(pt, &table))
+            });
+        }
+        let qualified = qualify(t);
+        scope
+            .tables
+            .iter()
+            .any(|p| glob::matches(&qualify(p), &qualified))
     })
+}
+
+/// Whether some scope that `identity` may use on `target` names tables (its baseline, or a
+/// grant in any state): its PostgreSQL statements' unqualified names must then be resolved
+/// on the session's search path before they are decided.
+pub fn table_scoped(s: &Snapshot, identity: &str, target: &str) -> bool {
+    let baseline = s.identities.get(identity).is_some_and(|id| {
+        id.spec
+            .baseline
+            .iter()
+            .any(|b| b.target == target && !b.scope.tables.is_empty())
+    });
+    baseline
+        || s.grants.values().any(|g| {
+            g.spec.identity == identity
+                && g.spec.target == target
+                && !g.spec.scope.tables.is_empty()
+        })
 }
 
 /// Whether a Kubernetes request may see Secrets' data in clear: a baseline entry or an
@@ -596,6 +642,19 @@ fn allow_by_scope(
             " ({})",
             cmd.tables.iter().cloned().collect::<Vec<_>>().join(", ")
         )
+    };
+    let tables = match &cmd.unresolved {
+        Some(why)
+            if cmd
+                .tables
+                .iter()
+                .any(|t| crate::sql::classify::unqualified(t).is_some()) =>
+        {
+            format!(
+                "{tables}; agentgate cannot tell which schema an unqualified name is in ({why}): name tables with their schema (schema.table)"
+            )
+        }
+        _ => tables,
     };
     Decision::hold(
         "not-in-scope",

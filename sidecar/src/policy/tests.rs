@@ -496,3 +496,67 @@ fn a_scope_limited_with_another_protocols_settings_covers_nothing() {
     assert!(covers(&scope(ssh), &cmd));
     assert!(!covers(&scope(tables), &cmd));
 }
+
+#[test]
+fn tables_resolved_on_the_search_path_are_judged_as_resolved() {
+    let scope = |tables: &[&str]| AccessScope {
+        operations: vec![OperationClass::Read],
+        tables: tables.iter().map(|t| (*t).to_owned()).collect(),
+        ..Default::default()
+    };
+    let resolved = |sql: &str, to: Result<Vec<&str>, &str>| {
+        let mut c = classify(sql).expect("classified");
+        let name = c.statements[0]
+            .relations
+            .iter()
+            .next()
+            .cloned()
+            .expect("a relation");
+        let mut map = crate::sql::Resolved::new();
+        map.insert(
+            name,
+            to.map(|v| v.iter().map(|s| (*s).to_owned()).collect())
+                .map_err(std::sync::Arc::from),
+        );
+        c.resolved = Some(std::sync::Arc::new(map));
+        Command::from(&c)
+    };
+    // As written: an unqualified name is read as public's.
+    let plain = Command::from(&classify("SELECT * FROM orders").expect("classified"));
+    assert!(covers(&scope(&["public.orders"]), &plain));
+    // Resolved to another schema: judged there.
+    let other = resolved("SELECT * FROM orders", Ok(vec!["secret.orders"]));
+    assert_eq!(other.tables, ["secret.orders".to_owned()].into());
+    assert!(!covers(&scope(&["public.orders", "orders"]), &other));
+    assert!(covers(&scope(&["secret.*"]), &other));
+    // More than one table it may be: every one must be covered.
+    let both = resolved(
+        "SELECT * FROM orders",
+        Ok(vec!["public.orders", "secret.orders"]),
+    );
+    assert!(!covers(&scope(&["public.orders"]), &both));
+    assert!(covers(&scope(&["public.orders", "secret.orders"]), &both));
+    // A schema that cannot be told: only a pattern for any schema covers it, and the
+    // message says how to go on.
+    let unknown = resolved("SELECT * FROM orders", Err("the path is not known"));
+    assert!(!covers(&scope(&["public.orders", "orders", "*"]), &unknown));
+    assert!(covers(&scope(&["*.orders"]), &unknown));
+    assert!(covers(&scope(&["*.*"]), &unknown));
+    let d = allow_by_scope(None, false, None, &unknown, "db");
+    assert!(
+        d.message.contains("the path is not known")
+            && d.message.contains("name tables with their schema"),
+        "{}",
+        d.message
+    );
+    // A name holding a dot is one quoted name, never a schema and a table.
+    let dotted = Command::from(&classify("SELECT * FROM \"public.orders\"").expect("classified"));
+    assert_eq!(dotted.tables, ["\"public.orders\"".to_owned()].into());
+    assert!(!covers(&scope(&["public.orders"]), &dotted));
+    assert_eq!(
+        crate::sql::classify::unqualified("\"public.orders\"").as_deref(),
+        Some("public.orders")
+    );
+    assert_eq!(crate::sql::classify::unqualified("public.orders"), None);
+    assert_eq!(crate::sql::classify::unqualified("\"a\".\"b\""), None);
+}

@@ -52,6 +52,24 @@ pub enum Flag {
     DeclareCursor(String),
     /// `FETCH`/`MOVE … name`: reads a cursor's rows (its query runs now).
     UseCursor(String),
+    /// `SET search_path`, `RESET search_path`, `SET ROLE`, `RESET ALL` or `DISCARD ALL`:
+    /// what unqualified relation names resolve to may change.
+    SearchPath(PathChange),
+}
+
+/// How a statement changes the session's search path (what unqualified names resolve to).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum PathChange {
+    /// `SET [LOCAL] search_path TO a, b`: exactly these schema names, in order (`$user` as
+    /// written).
+    To(Vec<String>),
+    /// `RESET search_path`, `SET search_path TO DEFAULT`, `RESET ALL`, `DISCARD ALL`: back to
+    /// the session's initial path.
+    Initial,
+    /// `SET ROLE`, `SET SESSION AUTHORIZATION`, `RESET ROLE`: `$user` may name another role.
+    Role,
+    /// A form whose resulting path cannot be read from the statement (`FROM CURRENT`).
+    Unknown,
 }
 
 /// One statement of a query string.
@@ -91,7 +109,15 @@ pub struct Classified {
     /// shared by every statement of the same shape (drivers send a few shapes over and over),
     /// so it is computed once per shape, not per statement.
     pub redacted: Option<Arc<str>>,
+    /// Where its unqualified relation names point on the session's search path, when the
+    /// gateway resolved them (see [`Resolved`]); `None`: read as the default path reads them.
+    pub resolved: Option<Arc<Resolved>>,
 }
+
+/// Unqualified relation names → every `schema.name` each may be on the session's search
+/// path (more than one when the session may be on more than one path), or why that cannot
+/// be told (the path was changed in a way the gateway cannot follow).
+pub type Resolved = std::collections::BTreeMap<String, Result<Vec<String>, Arc<str>>>;
 
 /// The exact-command fingerprint of a query string, computed once, when first needed.
 #[derive(Debug, Clone)]
@@ -646,11 +672,7 @@ fn walk(v: &Value, w: &mut Walk) {
                                     .get("schemaname")
                                     .and_then(Value::as_str)
                                     .unwrap_or_default();
-                                let qualified = if schema.is_empty() {
-                                    name.to_owned()
-                                } else {
-                                    format!("{schema}.{name}")
-                                };
+                                let qualified = relation_name(schema, name);
                                 let cols =
                                     string_parts(body.get("attlist").unwrap_or(&Value::Null));
                                 if cols.is_empty() {
@@ -677,6 +699,15 @@ fn walk(v: &Value, w: &mut Walk) {
                         "ExecuteStmt" => {
                             let name = body.get("name").and_then(Value::as_str).unwrap_or_default();
                             w.flags.push(Flag::ExecutePrepared(name.to_owned()));
+                        }
+                        "VariableSetStmt" => {
+                            if let Some(change) = path_change(body) {
+                                w.flags.push(Flag::SearchPath(change));
+                            }
+                        }
+                        "DiscardStmt" if tag == "DISCARD ALL" => {
+                            // Also back to the login role: `$user` is the login again.
+                            w.flags.push(Flag::SearchPath(PathChange::Initial));
                         }
                         _ if tag.starts_with("unknown statement") => {
                             w.flags.push(Flag::Unknown(k.clone()))
@@ -776,11 +807,7 @@ fn walk(v: &Value, w: &mut Walk) {
                 m.get("schemaname").and_then(Value::as_str),
             ) && !rel.is_empty()
             {
-                let name = if schema.is_empty() {
-                    rel.to_owned()
-                } else {
-                    format!("{schema}.{rel}")
-                };
+                let name = relation_name(schema, rel);
                 if let Some(alias) = m
                     .get("alias")
                     .and_then(|a| a.get("aliasname"))
@@ -831,6 +858,74 @@ fn options_set_read_write(body: &Value) -> bool {
 
 /// Whether `SET default_transaction_read_only` / `transaction_read_only` (or `RESET`, or
 /// `TO DEFAULT`) may turn read-only off: anything but a plain `on`, `true`, `yes` or `1`.
+/// A relation as statements' `relations` name it: `schema.name`, or `name` when unqualified;
+/// a part holding a dot or a double quote is double-quoted (quotes doubled), so the dot
+/// between schema and name is the only one outside quotes.
+pub fn relation_name(schema: &str, rel: &str) -> String {
+    let part = |p: &str| {
+        if p.contains(['.', '"']) {
+            format!("\"{}\"", p.replace('"', "\"\""))
+        } else {
+            p.to_owned()
+        }
+    };
+    if schema.is_empty() {
+        part(rel)
+    } else {
+        format!("{}.{}", part(schema), part(rel))
+    }
+}
+
+/// The table name of an unqualified relation as [`relation_name`] renders it (unquoted), or
+/// `None` when it names its schema.
+pub fn unqualified(name: &str) -> Option<String> {
+    match name.strip_prefix('"').and_then(|n| n.strip_suffix('"')) {
+        Some(inner) if !inner.replace("\"\"", "").contains('"') => {
+            Some(inner.replace("\"\"", "\""))
+        }
+        Some(_) => None,
+        None if name.contains(['.', '"']) => None,
+        None => Some(name.to_owned()),
+    }
+}
+
+/// How a `SET`/`RESET` changes the search path, if it does.
+fn path_change(body: &Value) -> Option<PathChange> {
+    use pg_query::protobuf::VariableSetKind as K;
+    let name = body
+        .get("name")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    let kind = body.get("kind").and_then(Value::as_i64).unwrap_or_default();
+    let is = |k: K| kind == k as i64;
+    match name.as_str() {
+        "search_path" if is(K::VarSetValue) => {
+            // Each argument is one schema name, exactly (the server quotes it into the list).
+            let names: Option<Vec<String>> = body
+                .get("args")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .map(|a| {
+                    a.pointer("/node/AConst/val/Sval/sval")
+                        .and_then(Value::as_str)
+                        .map(str::to_owned)
+                })
+                .collect();
+            Some(match names {
+                Some(n) if !n.is_empty() => PathChange::To(n),
+                _ => PathChange::Unknown,
+            })
+        }
+        "search_path" if is(K::VarSetDefault) || is(K::VarReset) => Some(PathChange::Initial),
+        "search_path" => Some(PathChange::Unknown),
+        "role" | "session_authorization" => Some(PathChange::Role),
+        "" if is(K::VarResetAll) => Some(PathChange::Initial),
+        _ => None,
+    }
+}
+
 fn setting_lifts_read_only(body: &Value) -> bool {
     let args: Vec<&Value> = body
         .get("args")
@@ -1043,6 +1138,7 @@ fn classify_uncached(sql: &str) -> Result<Classified, ClassifyError> {
         class,
         fingerprint: Fingerprint::of(sql),
         redacted: None,
+        resolved: None,
     })
 }
 

@@ -3,5 +3,7 @@
 pub mod classify;
 pub mod redact;
 
-pub use classify::{Classified, ClassifyError, Fingerprint, Flag, Statement, classify};
+pub use classify::{
+    Classified, ClassifyError, Fingerprint, Flag, PathChange, Resolved, Statement, classify,
+};
 pub use redact::redact;

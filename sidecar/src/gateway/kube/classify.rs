@@ -270,6 +270,7 @@ pub fn classify(info: &RequestInfo, query: &str, body: Option<&[u8]>) -> Command
         fingerprint: Fingerprint::known(fingerprint(info, query, body)),
         keys,
         tables: BTreeSet::new(),
+        unresolved: None,
         kube: info.resource_request.then(|| KubeAccess {
             verb: info.verb.clone(),
             group: info.group.clone(),

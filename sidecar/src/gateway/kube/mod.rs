@@ -581,6 +581,7 @@ impl Connection {
                 fingerprint: cmd.fingerprint.clone(),
                 keys: Default::default(),
                 tables: Default::default(),
+                unresolved: None,
                 kube: None,
                 ssh: None,
             };

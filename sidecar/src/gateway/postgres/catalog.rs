@@ -169,6 +169,11 @@ impl Catalog {
         }
     }
 
+    /// The Target's login the catalog (and the session) connects as.
+    pub fn login(&self) -> &str {
+        &self.creds.username
+    }
+
     /// Hands the connection back to the pool (at the session's end), unless a query on it
     /// was left unfinished.
     pub fn release(&mut self) {
@@ -484,6 +489,65 @@ impl Catalog {
 }
 
 impl Catalog {
+    /// Where each of `names` (unqualified relation names) points on a search path, as the
+    /// server looks them up: the schema of the first relation of that name, `pg_catalog`
+    /// first unless the path lists it, schemas that do not exist or the login may not use
+    /// skipped; else the schema a new relation of that name would be created in (the first
+    /// usable schema of the path); else `None`. `path` lists the schema names (`$user`
+    /// already replaced); `None` is the login's own default path. The agent's temporary
+    /// tables are not seen (they are its own). `Err` when the catalog cannot be asked.
+    pub async fn resolve(
+        &mut self,
+        path: Option<&[String]>,
+        names: &[String],
+    ) -> Result<Vec<Option<String>>, String> {
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
+        let lit = |s: &str| -> Result<String, String> {
+            if s.contains('\0') {
+                return Err("a name holds a NUL byte".into());
+            }
+            Ok(format!("'{}'", s.replace('\'', "''")))
+        };
+        let array = |items: &[String]| -> Result<String, String> {
+            let items: Vec<String> = items.iter().map(|s| lit(s)).collect::<Result<_, _>>()?;
+            Ok(format!("ARRAY[{}]::text[]", items.join(", ")))
+        };
+        let path = match path {
+            Some([]) => "ARRAY[]::text[]".to_owned(),
+            Some(p) => array(p)?,
+            None => "pg_catalog.current_schemas(false)::text[]".to_owned(),
+        };
+        let rows = self
+            .query(format!(
+                "WITH p(s, i) AS (SELECT s, i FROM unnest({path}) WITH ORDINALITY AS u(s, i)), \
+                 e(s, i) AS (SELECT 'pg_catalog'::text, 0::int8 \
+                   WHERE NOT EXISTS (SELECT 1 FROM p WHERE p.s = 'pg_catalog') \
+                   UNION ALL SELECT s, i FROM p) \
+                 SELECT (SELECT n.nspname::text FROM e \
+                   JOIN pg_catalog.pg_namespace n ON n.nspname = e.s \
+                   JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = r.name \
+                   WHERE pg_catalog.has_schema_privilege(n.oid, 'USAGE') ORDER BY e.i LIMIT 1), \
+                 (SELECT n.nspname::text FROM p \
+                   JOIN pg_catalog.pg_namespace n ON n.nspname = p.s \
+                   WHERE pg_catalog.has_schema_privilege(n.oid, 'USAGE') ORDER BY p.i LIMIT 1) \
+                 FROM unnest({}) WITH ORDINALITY AS r(name, i) ORDER BY r.i",
+                array(names)?
+            ))
+            .await?;
+        if rows.len() != names.len() {
+            return Err("the catalog answered with the wrong number of names".into());
+        }
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                let get = |i: usize| r.get(i).cloned().flatten();
+                get(0).or_else(|| get(1))
+            })
+            .collect())
+    }
+
     /// Classes the functions of `c` that the classifier does not know by what the catalog
     /// says: a volatile one (of any schema, any overload, any letter case) may change
     /// anything, so its statement is at least Exec; stable and immutable functions cannot

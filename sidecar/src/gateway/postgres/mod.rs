@@ -10,5 +10,6 @@ pub mod frame;
 pub mod frontend;
 pub mod listener;
 pub mod pool;
+pub mod search_path;
 pub mod session;
 pub mod upstream;

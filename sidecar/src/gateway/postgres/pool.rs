@@ -289,6 +289,15 @@ impl Pool {
         }
     }
 
+    /// Closes every idle connection: after a role's or database's default settings changed,
+    /// sessions and catalog lookups then start on connections with the new defaults alike.
+    pub fn clear(&self) {
+        let gone: Vec<Idle> = self.lock().drain().flat_map(|(_, l)| l).collect();
+        for g in gone {
+            close(g.up);
+        }
+    }
+
     /// Closes idle connections past their idle timeout or lifetime.
     pub fn reap(&self) {
         let now = Instant::now();

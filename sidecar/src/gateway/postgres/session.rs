@@ -26,6 +26,7 @@ use super::frame::{
 use super::frontend::{self, Frontend};
 use super::listener::AgentStream;
 use super::pool::{self, Key, Pool, PoolConfig};
+use super::search_path::SearchPath;
 use super::upstream::{self, CredentialCache, Upstream};
 use crate::audit::{Auditor, SessionRecorder};
 use crate::mask::{MaskSet, Masked};
@@ -1680,18 +1681,121 @@ async fn computed_for(
     catalog: &Mutex<Catalog>,
     masks: &MaskSet,
     c: &Classified,
+    path: &mut SearchPath,
 ) -> Result<Option<crate::mask::Rule>, String> {
     if !masks.has_column_rules() {
         return Ok(None);
     }
+    let why = |e: String| {
+        format!("agentgate cannot tell which columns to mask ({e}); nothing is sent in clear")
+    };
+    // Names are read on the login's default path: once the session may be on another,
+    // they are resolved on its paths first. A name that may be more than one relation, or
+    // whose schema cannot be told, masks every computed value.
+    let mut statements = std::borrow::Cow::Borrowed(&c.statements);
+    if c.statements.iter().any(|s| {
+        s.relations
+            .iter()
+            .any(|r| crate::sql::classify::unqualified(r).is_some())
+    }) && path.changed_for(c)
+    {
+        let mut resolved = c.clone();
+        path.resolve(catalog, &mut resolved).await.map_err(why)?;
+        match qualified_statements(&resolved) {
+            Some(s) => statements = std::borrow::Cow::Owned(s),
+            None => {
+                return Ok(masks
+                    .first_column_rule()
+                    .map(crate::mask::Rule::for_computed));
+            }
+        }
+    }
     catalog
         .lock()
         .await
-        .computed_rule(masks, &c.statements)
+        .computed_rule(masks, &statements)
         .await
-        .map_err(|e| {
-            format!("agentgate cannot tell which columns to mask ({e}); nothing is sent in clear")
-        })
+        .map_err(why)
+}
+
+/// `c`'s statements with their unqualified relation names replaced by what they resolved to
+/// (relations, aliases, and a table's own name used as a qualifier), or `None` when a name
+/// may be more than one relation or its schema cannot be told.
+fn qualified_statements(c: &Classified) -> Option<Vec<crate::sql::Statement>> {
+    use crate::sql::classify::unqualified;
+    let Some(map) = &c.resolved else {
+        return Some(c.statements.clone());
+    };
+    let one = |r: &str| match map.get(r) {
+        Some(Ok(list)) if list.len() == 1 => Some(list[0].clone()),
+        _ => None,
+    };
+    let mut out = c.statements.clone();
+    for st in &mut out {
+        let mut relations = std::collections::BTreeSet::new();
+        for r in &st.relations {
+            match unqualified(r) {
+                None => {
+                    relations.insert(r.clone());
+                }
+                Some(table) => {
+                    let q = one(r)?;
+                    st.aliases.entry(table).or_insert_with(|| q.clone());
+                    relations.insert(q);
+                }
+            }
+        }
+        for target in st.aliases.values_mut() {
+            if unqualified(target).is_some() {
+                *target = one(target)?;
+            }
+        }
+        st.relations = relations;
+    }
+    Some(out)
+}
+
+/// Decides `c`, with its unqualified relation names resolved on the session's search path
+/// when the decision depends on them: some scope of the identity names tables (`scoped`),
+/// or the statement would be held (the grant a hold asks for then names the tables the
+/// server would use). The second value says why the names could not be resolved (the
+/// statement is then refused).
+async fn decide_names(
+    path: &mut SearchPath,
+    catalog: &Mutex<Catalog>,
+    scoped: bool,
+    c: &mut Classified,
+    decide: &impl Fn(&Classified) -> Decision,
+) -> (Decision, Option<String>) {
+    if scoped && let Err(e) = path.resolve(catalog, c).await {
+        return (decide(c), Some(names_refusal(e)));
+    }
+    let d = decide(c);
+    if d.verdict != Verdict::Hold || c.resolved.is_some() {
+        return (d, None);
+    }
+    match path.resolve(catalog, c).await {
+        Ok(()) if c.resolved.is_some() => (decide(c), None),
+        Ok(()) => (d, None),
+        Err(e) => (d, Some(names_refusal(e))),
+    }
+}
+
+/// Why a statement whose names could not be resolved is refused.
+fn names_refusal(e: String) -> String {
+    format!("agentgate cannot tell which tables this statement names ({e}); it is not run")
+}
+
+/// Follows a statement let through on the session's search path; a change of a role's or a
+/// database's default settings also empties the pool (its connections have the old ones).
+fn follow_path(gw: &Gateway, path: &mut SearchPath, c: &Classified) {
+    path.observe(c);
+    if c.statements
+        .iter()
+        .any(|s| matches!(s.tag.as_str(), "ALTER ROLE SET" | "ALTER DATABASE SET"))
+    {
+        gw.pool.clear();
+    }
 }
 
 /// Sends a message upstream, flushing only when the agent has nothing more waiting (a
@@ -1774,6 +1878,13 @@ async fn read_agent(
     let mut unnamed_uncertain = false;
     let mut in_batch = false;
     let mut copy_in = false;
+    // Where unqualified names point, for scopes that name tables.
+    let mut path = SearchPath::new(catalog.lock().await.login());
+    let table_scoped = || {
+        gw.policy
+            .get()
+            .is_some_and(|s| policy::table_scoped(&s, identity, target))
+    };
     // A command runs only when its record can be taken (fail closed).
     let admitted = |d: Decision| -> Decision {
         if d.verdict == Verdict::Refuse {
@@ -1936,16 +2047,27 @@ async fn read_agent(
                 }
                 let mut classified = classified;
                 let functions_unknown = check_functions(&catalog, &mut classified).await;
-                let (computed, unknown) = match computed_for(&catalog, &masks, &classified).await {
-                    Ok(r) => (r, None),
-                    Err(e) => (None, Some(e)),
-                };
+                let (computed, unknown) =
+                    match computed_for(&catalog, &masks, &classified, &mut path).await {
+                        Ok(r) => (r, None),
+                        Err(e) => (None, Some(e)),
+                    };
                 let unknown = functions_unknown.or(unknown);
-                let mut d = decide(&classified);
+                let (mut d, names_unknown) = decide_names(
+                    &mut path,
+                    &catalog,
+                    table_scoped(),
+                    &mut classified,
+                    &decide,
+                )
+                .await;
                 if d.verdict == Verdict::Allow
                     && let Some(r) = cursor_refusal(&classified, &cursors)
                 {
                     d = r;
+                }
+                if let Some(why) = names_unknown {
+                    d = Decision::refuse("catalog", why);
                 }
                 if d.verdict != Verdict::Refuse
                     && let Some(why) = unknown
@@ -2014,6 +2136,7 @@ async fn read_agent(
                 if d.verdict == Verdict::Allow {
                     copy_in = classified.statements.iter().any(|s| s.tag == "COPY FROM");
                     remember_cursors(&classified, &mut cursors);
+                    follow_path(gw, &mut path, &classified);
                     if masks.has_column_rules() {
                         tx.send(Event::Text(Arc::from(sql.as_str()))).await.ok();
                     }
@@ -2077,13 +2200,15 @@ async fn read_agent(
                         ),
                         Ok(mut c) => {
                             let functions_unknown = check_functions(&catalog, &mut c).await;
-                            let mut d = decide(&c);
+                            let (mut d, names_unknown) =
+                                decide_names(&mut path, &catalog, table_scoped(), &mut c, &decide)
+                                    .await;
                             if d.verdict == Verdict::Allow
                                 && let Some(r) = cursor_refusal(&c, &cursors)
                             {
                                 d = r;
                             }
-                            if let Some(why) = functions_unknown {
+                            if let Some(why) = functions_unknown.or(names_unknown) {
                                 d = Decision {
                                     verdict: Verdict::Refuse,
                                     rule: "catalog".into(),
@@ -2143,6 +2268,7 @@ async fn read_agent(
                                     used_statements.insert(name.clone());
                                 }
                                 remember_cursors(&c, &mut cursors);
+                                follow_path(gw, &mut path, &c);
                                 statements.insert(name.clone(), c);
                                 None
                             } else if matches!(d.rule.as_str(), "prepare" | "copy") {
@@ -2203,13 +2329,24 @@ async fn read_agent(
                 // refused below, never taken for the unnamed statement.
                 let statement = portals.get(portal).cloned();
                 let id = rec.next_request();
-                let found = statement.and_then(|st| statements.get(&st)).cloned();
+                let mut found = statement.and_then(|st| statements.get(&st)).cloned();
                 let computed = match &found {
-                    Some(c) => computed_for(&catalog, &masks, c).await,
+                    Some(c) => computed_for(&catalog, &masks, c, &mut path).await,
                     None => Ok(None),
                 };
+                // Its names as the session's path reads them now (it may have changed since
+                // the Parse: the server plans the statement again).
+                let mut names_unknown = None;
+                if let Some(c) = found.as_mut()
+                    && table_scoped()
+                {
+                    names_unknown = path.resolve(&catalog, c).await.err().map(names_refusal);
+                }
                 let verdict = found.map(|c| {
                     let mut d = admitted(decide(&c));
+                    if let Some(why) = names_unknown {
+                        d = Decision::refuse("catalog", why);
+                    }
                     if d.verdict == Verdict::Allow
                         && let Some(r) = cursor_refusal(&c, &cursors)
                     {

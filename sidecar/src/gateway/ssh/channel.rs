@@ -319,6 +319,7 @@ impl Ctx {
             fingerprint: fingerprint(kind, &self.target, &self.login, text),
             keys,
             tables: Default::default(),
+            unresolved: None,
             kube: None,
             ssh,
         }
