@@ -61,11 +61,19 @@ pub enum Flag {
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum PathChange {
     /// `SET [LOCAL] search_path TO a, b`: exactly these schema names, in order (`$user` as
-    /// written).
-    To(Vec<String>),
-    /// `RESET search_path`, `SET search_path TO DEFAULT`, `RESET ALL`, `DISCARD ALL`: back to
-    /// the session's initial path.
-    Initial,
+    /// written); `local` for `SET LOCAL` (until the transaction ends).
+    To {
+        /// The schema names.
+        path: Vec<String>,
+        /// `SET LOCAL`.
+        local: bool,
+    },
+    /// `RESET search_path`, `SET [LOCAL] search_path TO DEFAULT`, `RESET ALL`, `DISCARD
+    /// ALL`: back to the session's initial path.
+    Initial {
+        /// `SET LOCAL`.
+        local: bool,
+    },
     /// `SET ROLE`, `SET SESSION AUTHORIZATION`, `RESET ROLE`: `$user` may name another role.
     Role,
     /// A form whose resulting path cannot be read from the statement (`FROM CURRENT`).
@@ -707,7 +715,8 @@ fn walk(v: &Value, w: &mut Walk) {
                         }
                         "DiscardStmt" if tag == "DISCARD ALL" => {
                             // Also back to the login role: `$user` is the login again.
-                            w.flags.push(Flag::SearchPath(PathChange::Initial));
+                            w.flags
+                                .push(Flag::SearchPath(PathChange::Initial { local: false }));
                         }
                         _ if tag.starts_with("unknown statement") => {
                             w.flags.push(Flag::Unknown(k.clone()))
@@ -899,6 +908,10 @@ fn path_change(body: &Value) -> Option<PathChange> {
         .to_ascii_lowercase();
     let kind = body.get("kind").and_then(Value::as_i64).unwrap_or_default();
     let is = |k: K| kind == k as i64;
+    let local = body
+        .get("is_local")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
     match name.as_str() {
         "search_path" if is(K::VarSetValue) => {
             // Each argument is one schema name, exactly (the server quotes it into the list).
@@ -914,14 +927,16 @@ fn path_change(body: &Value) -> Option<PathChange> {
                 })
                 .collect();
             Some(match names {
-                Some(n) if !n.is_empty() => PathChange::To(n),
+                Some(path) if !path.is_empty() => PathChange::To { path, local },
                 _ => PathChange::Unknown,
             })
         }
-        "search_path" if is(K::VarSetDefault) || is(K::VarReset) => Some(PathChange::Initial),
+        "search_path" if is(K::VarSetDefault) || is(K::VarReset) => {
+            Some(PathChange::Initial { local })
+        }
         "search_path" => Some(PathChange::Unknown),
         "role" | "session_authorization" => Some(PathChange::Role),
-        "" if is(K::VarResetAll) => Some(PathChange::Initial),
+        "" if is(K::VarResetAll) => Some(PathChange::Initial { local: false }),
         _ => None,
     }
 }

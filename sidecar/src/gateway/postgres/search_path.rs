@@ -5,7 +5,9 @@
 //! The path a session starts on is the login's default (read from the catalog). `SET
 //! search_path`, `RESET`, `RESET ALL` and `DISCARD ALL` let through are followed; since a
 //! `SET` may be undone by a rollback or end with its transaction (`SET LOCAL`), every path
-//! the session may be on is kept, and a name must be covered wherever it may point. What
+//! the session may be on is kept, and a name must be covered wherever it may point, until
+//! the server answered the change without an error and outside a transaction block (the
+//! writer confirms it; the paths before it are then gone). What
 //! cannot be followed (`set_config`, `SET ROLE`, a DO block, a procedure or a volatile
 //! function, which may change the path out of sight) leaves unqualified names of unknown
 //! schema for the rest of the session: scopes that name tables then need schema-qualified
@@ -13,6 +15,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use agentgate_crds::common::OperationClass;
@@ -35,23 +38,24 @@ type Path = Option<Vec<String>>;
 /// The paths a session may be on.
 #[derive(Debug, Clone, PartialEq)]
 struct State {
-    /// Every path the session may be on now; the first is its initial one.
-    possible: Vec<Path>,
+    /// Every path the session may be on now, each with the change that set it (0: the
+    /// initial path); the first is the oldest.
+    possible: Vec<(u64, Path)>,
     /// Why the path can no longer be followed.
     unknown: Option<Arc<str>>,
 }
 
 impl State {
-    /// Follows one statement; `true` when the paths changed.
-    fn apply(&mut self, st: &Statement) -> bool {
+    /// Follows one statement (change `seq`); `true` when the paths changed.
+    fn apply(&mut self, st: &Statement, seq: u64) -> bool {
         let before = self.clone();
         for f in &st.flags {
             let Flag::SearchPath(change) = f else {
                 continue;
             };
             match change {
-                PathChange::To(path) => self.add(Some(path.clone())),
-                PathChange::Initial => self.add(None),
+                PathChange::To { path, .. } => self.add(seq, Some(path.clone())),
+                PathChange::Initial { .. } => self.add(seq, None),
                 PathChange::Role => self.give_up(
                     "a SET ROLE or SET SESSION AUTHORIZATION changed whose schemas it reads",
                 ),
@@ -70,15 +74,15 @@ impl State {
         *self != before
     }
 
-    fn add(&mut self, path: Path) {
-        if self.unknown.is_some() || self.possible.contains(&path) {
+    fn add(&mut self, seq: u64, path: Path) {
+        if self.unknown.is_some() || self.possible.iter().any(|(_, p)| *p == path) {
             return;
         }
         if self.possible.len() >= MAX_PATHS {
             self.give_up("it was changed too many times in this session");
             return;
         }
-        self.possible.push(path);
+        self.possible.push((seq, path));
     }
 
     fn give_up(&mut self, why: &str) {
@@ -88,6 +92,10 @@ impl State {
             )));
         }
     }
+
+    fn paths(&self) -> impl Iterator<Item = &Path> {
+        self.possible.iter().map(|(_, p)| p)
+    }
 }
 
 /// One session's search path.
@@ -96,6 +104,12 @@ pub struct SearchPath {
     /// The login: what `$user` names.
     login: String,
     state: State,
+    /// The last change number given out.
+    seq: u64,
+    /// The latest change the server may confirm, and the path it leaves.
+    pending: Option<(u64, Path)>,
+    /// The latest change the server confirmed (see [`SearchPath::confirmation`]).
+    confirmed: Arc<AtomicU64>,
     /// (path, name) → the schema it resolved to, and when.
     cache: HashMap<(Path, String), (Option<String>, Instant)>,
 }
@@ -106,36 +120,89 @@ impl SearchPath {
         Self {
             login: login.to_owned(),
             state: State {
-                possible: vec![None],
+                possible: vec![(0, None)],
                 unknown: None,
             },
+            seq: 0,
+            pending: None,
+            confirmed: Arc::default(),
             cache: HashMap::new(),
         }
     }
 
+    /// Where the writer confirms a change ([`SearchPath::observe`] numbers them): the
+    /// simple query that made it was answered without an error and left no transaction open,
+    /// so the path it set holds for good.
+    pub fn confirmation(&self) -> Arc<AtomicU64> {
+        self.confirmed.clone()
+    }
+
+    /// Takes in the server's latest confirmation: the paths the session was on before the
+    /// confirmed change are gone.
+    fn sync(&mut self) {
+        let confirmed = self.confirmed.load(Ordering::Acquire);
+        if let Some((seq, path)) = self.pending.take_if(|(seq, _)| *seq <= confirmed) {
+            self.state.possible.retain(|(s, _)| *s > seq);
+            self.state.possible.insert(0, (seq, path));
+        }
+    }
+
     /// Whether the session may be on a path other than its initial one.
-    pub fn changed(&self) -> bool {
-        self.state.unknown.is_some() || self.state.possible.iter().any(Option::is_some)
+    pub fn changed(&mut self) -> bool {
+        self.sync();
+        self.state.unknown.is_some() || self.state.paths().any(Option::is_some)
     }
 
     /// Whether a statement of `c` may run on a path other than the session's initial one
     /// (the session's path changed, or an earlier statement of `c` changes it).
-    pub fn changed_for(&self, c: &Classified) -> bool {
+    pub fn changed_for(&mut self, c: &Classified) -> bool {
         if self.changed() {
             return true;
         }
         let mut state = self.state.clone();
-        c.statements.iter().any(|st| state.apply(st))
+        c.statements.iter().any(|st| state.apply(st, u64::MAX))
     }
 
-    /// Takes note of a statement the gateway let through.
-    pub fn observe(&mut self, c: &Classified) {
+    /// Takes note of a statement the gateway let through. When the server can confirm its
+    /// change (`by_server`: a simple query; every change a `SET` or `RESET` outside any
+    /// transaction block it opens, none `LOCAL`), returns the change's number for the
+    /// writer to confirm.
+    pub fn observe(&mut self, c: &Classified, by_server: bool) -> Option<u64> {
+        self.sync();
+        self.seq += 1;
+        let seq = self.seq;
+        let mut confirmable = by_server;
+        let mut last = None;
         for st in &c.statements {
             if matches!(st.class, OperationClass::Ddl | OperationClass::Privilege) {
                 // A schema or relation created, dropped or renamed, a privilege changed.
                 self.cache.clear();
             }
-            self.state.apply(st);
+            if st.tag.contains("TRANSACTION") || st.tag.contains("COMMIT") {
+                confirmable = false;
+            }
+            for f in &st.flags {
+                match f {
+                    Flag::SearchPath(PathChange::To { path, local }) => {
+                        confirmable &= !local;
+                        last = Some(Some(path.clone()));
+                    }
+                    Flag::SearchPath(PathChange::Initial { local }) => {
+                        confirmable &= !local;
+                        last = Some(None);
+                    }
+                    Flag::SearchPath(_) => confirmable = false,
+                    _ => {}
+                }
+            }
+            self.state.apply(st, seq);
+        }
+        match last {
+            Some(path) if confirmable && self.state.unknown.is_none() => {
+                self.pending = Some((seq, path));
+                Some(seq)
+            }
+            _ => None,
         }
     }
 
@@ -148,6 +215,7 @@ impl SearchPath {
         catalog: &Mutex<Catalog>,
         c: &mut Classified,
     ) -> Result<(), String> {
+        self.sync();
         let mut out = Resolved::new();
         let mut state = self.state.clone();
         for st in &c.statements {
@@ -157,7 +225,7 @@ impl SearchPath {
                 .filter_map(|r| unqualified(r).map(|t| (r.clone(), t)))
                 .collect();
             self.resolve_on(catalog, &state, &names, &mut out).await?;
-            state.apply(st);
+            state.apply(st, u64::MAX);
         }
         c.resolved = (!out.is_empty()).then(|| Arc::new(out));
         Ok(())
@@ -180,7 +248,7 @@ impl SearchPath {
             }
             return Ok(());
         }
-        for path in &state.possible {
+        for path in state.paths() {
             let now = Instant::now();
             let missing: Vec<String> = names
                 .iter()
@@ -243,31 +311,54 @@ mod tests {
     use super::*;
     use crate::sql::classify;
 
-    fn observe(p: &mut SearchPath, sql: &str) {
-        p.observe(&classify(sql).expect("classified"));
+    fn observe(p: &mut SearchPath, sql: &str) -> Option<u64> {
+        p.observe(&classify(sql).expect("classified"), true)
+    }
+
+    fn paths(p: &SearchPath) -> Vec<Path> {
+        p.state.paths().cloned().collect()
+    }
+
+    fn path(names: &[&str]) -> Path {
+        Some(names.iter().map(|n| (*n).to_owned()).collect())
     }
 
     #[test]
-    fn paths_set_are_followed_and_kept_as_possible() {
+    fn paths_set_are_followed_and_kept_as_possible_until_confirmed() {
         let mut p = SearchPath::new("agent");
         assert!(!p.changed());
-        observe(&mut p, "SELECT 1");
+        assert_eq!(observe(&mut p, "SELECT 1"), None);
         assert!(!p.changed());
-        observe(&mut p, "SET search_path TO secret, \"$user\"");
+        let first = observe(&mut p, "SET search_path TO secret, \"$user\"");
+        assert!(first.is_some());
+        assert_eq!(paths(&p), vec![None, path(&["secret", "$user"])]);
+        // Quoted and string forms are one schema name each, exactly; SET LOCAL ends with its
+        // transaction, so the server never confirms it.
         assert_eq!(
-            p.state.possible,
-            vec![None, Some(vec!["secret".to_owned(), "$user".to_owned()])]
+            observe(&mut p, "SET LOCAL search_path = 'Mixed', \"a b\""),
+            None
         );
-        // Quoted and string forms are one schema name each, exactly.
-        observe(&mut p, "SET LOCAL search_path = 'Mixed', \"a b\"");
-        assert_eq!(
-            p.state.possible[2],
-            Some(vec!["Mixed".to_owned(), "a b".to_owned()])
-        );
+        assert_eq!(paths(&p)[2], path(&["Mixed", "a b"]));
+        assert_eq!(observe(&mut p, "BEGIN; SET search_path = x; COMMIT"), None);
+        assert_eq!(paths(&p).len(), 4);
+        // RESET and DISCARD ALL are back to the initial path, which is kept already.
         observe(&mut p, "RESET search_path");
-        observe(&mut p, "SET search_path TO DEFAULT");
         observe(&mut p, "DISCARD ALL");
-        assert_eq!(p.state.possible.len(), 3);
+        assert_eq!(paths(&p).len(), 4);
+        // The server confirms a SET that committed: the paths before it are gone, later
+        // ones stay until confirmed too.
+        let set = observe(&mut p, "SET search_path = crm").expect("confirmable");
+        observe(&mut p, "SET LOCAL search_path = y");
+        p.confirmation().fetch_max(set, Ordering::AcqRel);
+        assert!(p.changed());
+        assert_eq!(paths(&p), vec![path(&["crm"]), path(&["y"])]);
+        // An older confirmation changes nothing more.
+        p.confirmation()
+            .fetch_max(first.unwrap_or_default(), Ordering::AcqRel);
+        assert_eq!(paths(&p), vec![path(&["crm"]), path(&["y"])]);
+        let reset = observe(&mut p, "RESET search_path").expect("confirmable");
+        p.confirmation().fetch_max(reset, Ordering::AcqRel);
+        assert!(!p.changed());
         assert!(p.state.unknown.is_none());
     }
 
@@ -281,10 +372,15 @@ mod tests {
             "CALL p()",
             "ALTER ROLE agent SET search_path = secret",
             "ALTER DATABASE app SET search_path = secret",
+            "SET search_path = a; SELECT set_config('search_path', 'b', false)",
         ] {
             let mut p = SearchPath::new("agent");
-            observe(&mut p, sql);
+            assert_eq!(observe(&mut p, sql), None, "{sql}");
             assert!(p.state.unknown.is_some(), "{sql}");
+            assert!(p.changed(), "{sql}");
+            // No confirmation brings it back.
+            let later = observe(&mut p, "SET search_path = public");
+            assert_eq!(later, None, "{sql}");
             assert!(p.changed(), "{sql}");
         }
         let mut p = SearchPath::new("agent");

@@ -523,6 +523,10 @@ pub async fn handle(sock: AgentStream, gw: Arc<Gateway>) -> Result<(), FrameErro
 
     let (ur, uw) = tokio::io::split(stream);
     let (tx, rx) = mpsc::channel::<Event>(256);
+    // Where unqualified names point, for scopes that name tables; the writer confirms the
+    // paths the server took.
+    let path = SearchPath::new(&creds.username);
+    let path_confirmed = path.confirmation();
     let catalog = Arc::new(Mutex::new(Catalog::new(
         pg.clone(),
         creds.clone(),
@@ -546,6 +550,7 @@ pub async fn handle(sock: AgentStream, gw: Arc<Gateway>) -> Result<(), FrameErro
             target: database.clone(),
             pg: pg.clone(),
             key: key.clone(),
+            path_confirmed,
         },
     );
     let reader = reader(
@@ -559,6 +564,7 @@ pub async fn handle(sock: AgentStream, gw: Arc<Gateway>) -> Result<(), FrameErro
         catalog.clone(),
         hold_cancel.clone(),
         &rec,
+        path,
     );
     let session_cancels = hold_cancel;
     let (result, reusable) = {
@@ -629,7 +635,7 @@ enum Event {
     OwnReady,
     /// A forwarded simple Query: the server answers up to a ReadyForQuery; the rule masks
     /// its computed output columns.
-    ExpectQuery(Option<crate::mask::Rule>, Box<Tally>),
+    ExpectQuery(Option<crate::mask::Rule>, Box<Tally>, Option<u64>),
     /// An Execute was forwarded; the rule masks its computed output columns.
     Execute(Option<crate::mask::Rule>, Box<Tally>),
     /// A Describe was forwarded: the agent's (its answer is relayed) or the gateway's own
@@ -673,6 +679,11 @@ struct Batch {
     query_tally: Option<Box<Tally>>,
     /// The statements' texts (while columns are masked).
     texts: Vec<Arc<str>>,
+    /// A simple query's search path change, confirmed when it is answered without an error
+    /// and leaves no transaction open.
+    path_change: Option<u64>,
+    /// The server answered an error.
+    failed: bool,
 }
 
 impl Batch {
@@ -731,6 +742,8 @@ struct Live {
     pg: agentgate_crds::target::PostgresTarget,
     /// The server's cancel key for this connection.
     key: Option<CancelKey>,
+    /// Where the search path changes the server took are confirmed.
+    path_confirmed: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// How long the writer waits, after asking the server to cancel a statement whose access
@@ -880,10 +893,11 @@ async fn writer(
             ev = rx.recv(), if !done => match ev {
                 Some(Event::ExpectUpstream) => queue.push_back(Pending::Upstream { swallow_ready: false, batch: Box::new(std::mem::take(&mut open)) }),
                 Some(Event::ExpectUpstreamSwallowReady) => queue.push_back(Pending::Upstream { swallow_ready: true, batch: Box::new(std::mem::take(&mut open)) }),
-                Some(Event::ExpectQuery(rule, tally)) => {
+                Some(Event::ExpectQuery(rule, tally, path_change)) => {
                     let mut batch = Box::new(std::mem::take(&mut open));
                     batch.query = rule;
                     batch.query_tally = Some(tally);
+                    batch.path_change = path_change;
                     queue.push_back(Pending::Upstream { swallow_ready: false, batch });
                 }
                 Some(Event::Execute(rule, tally)) => {
@@ -1068,6 +1082,7 @@ async fn writer(
                     // After an error the server skips to the Sync: nothing more is answered.
                     b'E' => {
                         let batch = answering(&mut queue, &mut open);
+                        batch.failed = true;
                         // The statement agentgate canceled: the agent is told why, and so is
                         // the record.
                         let frame = match &closing {
@@ -1132,6 +1147,12 @@ async fn writer(
                         status = frame.body.first().copied().unwrap_or(b'I');
                         match queue.pop_front() {
                             Some(Pending::Upstream { swallow_ready, mut batch }) => {
+                                if let Some(change) = batch.path_change
+                                    && !batch.failed
+                                    && status == b'I'
+                                {
+                                    live.path_confirmed.fetch_max(change, std::sync::atomic::Ordering::AcqRel);
+                                }
                                 if let Some(t) = batch.query_tally.take() {
                                     t.finish(&rec);
                                 }
@@ -1788,14 +1809,20 @@ fn names_refusal(e: String) -> String {
 
 /// Follows a statement let through on the session's search path; a change of a role's or a
 /// database's default settings also empties the pool (its connections have the old ones).
-fn follow_path(gw: &Gateway, path: &mut SearchPath, c: &Classified) {
-    path.observe(c);
+/// Returns the change for the writer to confirm (see [`SearchPath::observe`]).
+fn follow_path(
+    gw: &Gateway,
+    path: &mut SearchPath,
+    c: &Classified,
+    by_server: bool,
+) -> Option<u64> {
     if c.statements
         .iter()
         .any(|s| matches!(s.tag.as_str(), "ALTER ROLE SET" | "ALTER DATABASE SET"))
     {
         gw.pool.clear();
     }
+    path.observe(c, by_server)
 }
 
 /// Sends a message upstream, flushing only when the agent has nothing more waiting (a
@@ -1834,10 +1861,11 @@ async fn reader(
     catalog: Arc<Mutex<Catalog>>,
     cancel: Arc<HoldCancel>,
     rec: &SessionRecorder,
+    path: SearchPath,
 ) -> Result<(), FrameError> {
     let mut up = BufWriter::new(up);
     let r = read_agent(
-        gw, identity, target, agent, &mut up, &tx, masks, catalog, cancel, rec,
+        gw, identity, target, agent, &mut up, &tx, masks, catalog, cancel, rec, path,
     )
     .await;
     let half = if matches!(r, Ok(true)) && up.flush().await.is_ok() {
@@ -1863,6 +1891,7 @@ async fn read_agent(
     catalog: Arc<Mutex<Catalog>>,
     cancel: Arc<HoldCancel>,
     rec: &SessionRecorder,
+    mut path: SearchPath,
 ) -> Result<bool, FrameError> {
     // Prepared statements' classifications, for Execute-time checks.
     let mut statements: HashMap<String, Classified> = HashMap::new();
@@ -1878,8 +1907,6 @@ async fn read_agent(
     let mut unnamed_uncertain = false;
     let mut in_batch = false;
     let mut copy_in = false;
-    // Where unqualified names point, for scopes that name tables.
-    let mut path = SearchPath::new(catalog.lock().await.login());
     let table_scoped = || {
         gw.policy
             .get()
@@ -2136,7 +2163,7 @@ async fn read_agent(
                 if d.verdict == Verdict::Allow {
                     copy_in = classified.statements.iter().any(|s| s.tag == "COPY FROM");
                     remember_cursors(&classified, &mut cursors);
-                    follow_path(gw, &mut path, &classified);
+                    let path_change = follow_path(gw, &mut path, &classified, true);
                     if masks.has_column_rules() {
                         tx.send(Event::Text(Arc::from(sql.as_str()))).await.ok();
                     }
@@ -2147,7 +2174,7 @@ async fn read_agent(
                         // A FETCH runs its cursor's query: decided again as the DECLARE.
                         tally.command = Some(Arc::new(Command::from(declared)));
                     }
-                    tx.send(Event::ExpectQuery(computed, Box::new(tally)))
+                    tx.send(Event::ExpectQuery(computed, Box::new(tally), path_change))
                         .await
                         .ok();
                     write_frames(&mut up, &[frontend::encode(&Frontend::Query(sql))]).await?;
@@ -2268,7 +2295,7 @@ async fn read_agent(
                                     used_statements.insert(name.clone());
                                 }
                                 remember_cursors(&c, &mut cursors);
-                                follow_path(gw, &mut path, &c);
+                                follow_path(gw, &mut path, &c, false);
                                 statements.insert(name.clone(), c);
                                 None
                             } else if matches!(d.rule.as_str(), "prepare" | "copy") {
