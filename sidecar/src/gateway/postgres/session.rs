@@ -1804,7 +1804,7 @@ async fn decide_names(
 
 /// Why a statement whose names could not be resolved is refused.
 fn names_refusal(e: String) -> String {
-    format!("agentgate cannot tell which tables this statement names ({e}); it is not run")
+    format!("cannot tell which tables this statement names ({e}); it is not run")
 }
 
 /// Follows a statement let through on the session's search path; a change of a role's or a
