@@ -898,6 +898,20 @@ pub fn unqualified(name: &str) -> Option<String> {
     }
 }
 
+/// An identifier as the server keeps it: at most 63 bytes (`NAMEDATALEN - 1`), cut at a
+/// character boundary.
+pub fn truncate_identifier(name: &str) -> String {
+    const MAX: usize = 63;
+    if name.len() <= MAX {
+        return name.to_owned();
+    }
+    let mut end = MAX;
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    name[..end].to_owned()
+}
+
 /// How a `SET`/`RESET` changes the search path, if it does.
 fn path_change(body: &Value) -> Option<PathChange> {
     use pg_query::protobuf::VariableSetKind as K;
@@ -914,7 +928,9 @@ fn path_change(body: &Value) -> Option<PathChange> {
         .unwrap_or(false);
     match name.as_str() {
         "search_path" if is(K::VarSetValue) => {
-            // Each argument is one schema name, exactly (the server quotes it into the list).
+            // Each argument is one schema name, exactly (the server quotes it into the list),
+            // cut to the server's identifier length as the server cuts it when it reads the
+            // list.
             let names: Option<Vec<String>> = body
                 .get("args")
                 .and_then(Value::as_array)
@@ -923,7 +939,7 @@ fn path_change(body: &Value) -> Option<PathChange> {
                 .map(|a| {
                     a.pointer("/node/AConst/val/Sval/sval")
                         .and_then(Value::as_str)
-                        .map(str::to_owned)
+                        .map(truncate_identifier)
                 })
                 .collect();
             Some(match names {

@@ -363,6 +363,23 @@ mod tests {
     }
 
     #[test]
+    fn names_are_cut_to_the_servers_identifier_length() {
+        // The server keeps 63 bytes of an identifier: in the search path it reads, and in
+        // the statements it parses.
+        let long = format!("s{}", "é".repeat(40));
+        let mut p = SearchPath::new("agent");
+        observe(&mut p, &format!("SET search_path = '{long}'"));
+        let cut = crate::sql::classify::truncate_identifier(&long);
+        assert_eq!(cut.len(), 63);
+        assert_eq!(paths(&p)[1], path(&[cut.as_str()]));
+        let c = classify(&format!("SELECT * FROM \"{long}\".\"{long}\"")).expect("classified");
+        assert_eq!(
+            c.statements[0].relations.iter().next().map(String::as_str),
+            Some(format!("{cut}.{cut}").as_str())
+        );
+    }
+
+    #[test]
     fn what_cannot_be_followed_makes_the_path_unknown() {
         for sql in [
             "SELECT set_config('search_path', 'secret', false)",
