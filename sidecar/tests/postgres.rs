@@ -701,7 +701,8 @@ async fn table_scopes_judge_the_table_the_search_path_reaches() -> anyhow::Resul
     );
     // A path set earlier in the session (psql stops at the first error: what is allowed
     // comes first). The server answered the SET without an error and outside a
-    // transaction: the old path is gone, `orders` is secret.orders only.
+    // transaction: the old path is gone. `orders` is secret.orders there, and every table
+    // of that name further down the path counts too.
     let (out, err) = session(&[
         "SET search_path = secret, public",
         "SELECT count(*) FROM customers",
@@ -709,11 +710,14 @@ async fn table_scopes_judge_the_table_the_search_path_reaches() -> anyhow::Resul
     ]);
     assert!(!out.contains("top-secret"), "{out}");
     assert!(
-        err.contains("(secret.orders)") && err.contains("held for approval"),
+        err.contains("(public.orders, secret.orders)") && err.contains("held for approval"),
         "{err}"
     );
     // `customers` is public.customers on that path: allowed.
     assert_eq!(out, "SET\n2\n", "{err}");
+    let (out, err) = session(&["SET search_path = secret", "SELECT state FROM orders"]);
+    assert!(!out.contains("top-secret"), "{out}");
+    assert!(err.contains("(secret.orders)"), "{err}");
     // Masking follows the path too: crm.contacts.phone is masked (Partial on the column,
     // Redact on what is computed from it); public.contacts.phone is not.
     let (out, err) = session(&[
@@ -769,6 +773,39 @@ async fn table_scopes_judge_the_table_the_search_path_reaches() -> anyhow::Resul
     let e = message(client.query(&prepared, &[]).await.expect_err("refused"));
     assert!(e.contains("secret.orders"), "{e}");
     drop(client);
+    // A SET prepared by name runs, and changes the path, when it is executed.
+    let (client, _conn) = gw.client().await?;
+    let set_secret = client.prepare("SET search_path = secret").await?;
+    client.batch_execute("SET search_path = public").await?;
+    assert_eq!(
+        client.query("SELECT state FROM orders", &[]).await?.len(),
+        2
+    );
+    client.execute(&set_secret, &[]).await?;
+    let e = message(
+        client
+            .query("SELECT state FROM orders", &[])
+            .await
+            .expect_err("refused"),
+    );
+    assert!(e.contains("(secret.orders)"), "{e}");
+    drop(client);
+    // A function named like a built-in, in a schema the path puts before pg_catalog, is
+    // judged as what it may be: any function, held.
+    pg.psql_run(
+        "app",
+        "CREATE FUNCTION crm.random() RETURNS float8 LANGUAGE sql VOLATILE
+           AS $$ SELECT length(set_config('search_path', 'secret', false))::float8 $$;
+         GRANT EXECUTE ON FUNCTION crm.random() TO agentgate;",
+    )?;
+    let (out, err) = session(&["SELECT random() < 1"]);
+    assert_eq!(out, "t\n", "{err}");
+    let (out, err) = session(&[
+        "SET search_path = crm, pg_catalog, public",
+        "SELECT random() < 1",
+    ]);
+    assert_eq!(out, "SET\n", "{err}");
+    assert!(err.contains("held"), "{err}");
     // Catalog tables are pg_catalog's, whatever the path says.
     let e = gw.err("SELECT count(*) FROM pg_class");
     assert!(e.contains("(pg_catalog.pg_class)"), "{e}");
@@ -781,7 +818,7 @@ async fn table_scopes_judge_the_table_the_search_path_reaches() -> anyhow::Resul
          GRANT SELECT ON agentgate.orders TO agentgate;",
     )?;
     let e = gw.err("SELECT state FROM orders");
-    assert!(e.contains("(agentgate.orders)"), "{e}");
+    assert!(e.contains("(agentgate.orders, public.orders)"), "{e}");
     let (out, err) = session(&["SELECT state FROM public.orders ORDER BY id"]);
     assert_eq!(out, "paid\npaid\n", "{err}");
     Ok(())

@@ -78,6 +78,9 @@ pub enum PathChange {
     Role,
     /// A form whose resulting path cannot be read from the statement (`FROM CURRENT`).
     Unknown,
+    /// A relation or schema renamed or moved, or a schema created: what a name on the path
+    /// finds may change before the catalog shows it.
+    Names,
 }
 
 /// One statement of a query string.
@@ -712,6 +715,9 @@ fn walk(v: &Value, w: &mut Walk) {
                             if let Some(change) = path_change(body) {
                                 w.flags.push(Flag::SearchPath(change));
                             }
+                        }
+                        "RenameStmt" | "AlterObjectSchemaStmt" | "CreateSchemaStmt" => {
+                            w.flags.push(Flag::SearchPath(PathChange::Names));
                         }
                         "DiscardStmt" if tag == "DISCARD ALL" => {
                             // Also back to the login role: `$user` is the login again.

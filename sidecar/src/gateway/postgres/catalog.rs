@@ -118,6 +118,44 @@ const CATALOG_PARAMS: [(&str, &str); 3] = [
     ("standard_conforming_strings", "on"),
 ];
 
+/// Splits a comma-separated list of identifiers as `quote_ident` writes them: quoted ones
+/// kept as written inside their quotes (doubled quotes undone), the others as they are.
+fn split_identifiers(list: &str) -> Result<Vec<String>, String> {
+    let mut out = Vec::new();
+    let mut chars = list.chars().peekable();
+    loop {
+        let mut name = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            loop {
+                match chars.next() {
+                    Some('"') if chars.peek() == Some(&'"') => {
+                        chars.next();
+                        name.push('"');
+                    }
+                    Some('"') => break,
+                    Some(c) => name.push(c),
+                    None => return Err("the catalog answered with a malformed name".into()),
+                }
+            }
+        } else {
+            while let Some(&c) = chars.peek() {
+                if c == ',' {
+                    break;
+                }
+                name.push(c);
+                chars.next();
+            }
+        }
+        out.push(name);
+        match chars.next() {
+            Some(',') => {}
+            None => return Ok(out),
+            Some(_) => return Err("the catalog answered with a malformed name".into()),
+        }
+    }
+}
+
 /// A relation's columns, each with the rule that masks it.
 type Columns = Arc<Vec<(String, Option<Rule>)>>;
 
@@ -489,18 +527,20 @@ impl Catalog {
 }
 
 impl Catalog {
-    /// Where each of `names` (unqualified relation names) points on a search path, as the
-    /// server looks them up: the schema of the first relation of that name, `pg_catalog`
+    /// Where each of `names` (unqualified relation names) may point on a search path: the
+    /// schemas holding a relation of that name, in the order the server looks (`pg_catalog`
     /// first unless the path lists it, schemas that do not exist or the login may not use
-    /// skipped; else the schema a new relation of that name would be created in (the first
-    /// usable schema of the path); else `None`. `path` lists the schema names (`$user`
-    /// already replaced); `None` is the login's own default path. The agent's temporary
-    /// tables are not seen (they are its own). `Err` when the catalog cannot be asked.
+    /// skipped; the server takes the first, and every one counts, as what this connection
+    /// sees may differ from what the session's uncommitted changes made); else the schema a
+    /// new relation of that name would be created in (the first usable schema of the path);
+    /// else none. `path` lists the schema names (`$user` already replaced); `None` is the
+    /// login's own default path. The agent's temporary tables are not seen (they are its
+    /// own). `Err` when the catalog cannot be asked.
     pub async fn resolve(
         &mut self,
         path: Option<&[String]>,
         names: &[String],
-    ) -> Result<Vec<Option<String>>, String> {
+    ) -> Result<Vec<Vec<String>>, String> {
         if names.is_empty() {
             return Ok(Vec::new());
         }
@@ -525,11 +565,11 @@ impl Catalog {
                  e(s, i) AS (SELECT 'pg_catalog'::text, 0::int8 \
                    WHERE NOT EXISTS (SELECT 1 FROM p WHERE p.s = 'pg_catalog') \
                    UNION ALL SELECT s, i FROM p) \
-                 SELECT (SELECT n.nspname::text FROM e \
-                   JOIN pg_catalog.pg_namespace n ON n.nspname = e.s \
+                 SELECT (SELECT pg_catalog.string_agg(pg_catalog.quote_ident(n.nspname), ',' ORDER BY e.i) \
+                   FROM e JOIN pg_catalog.pg_namespace n ON n.nspname = e.s \
                    JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = r.name \
-                   WHERE pg_catalog.has_schema_privilege(n.oid, 'USAGE') ORDER BY e.i LIMIT 1), \
-                 (SELECT n.nspname::text FROM p \
+                   WHERE pg_catalog.has_schema_privilege(n.oid, 'USAGE')), \
+                 (SELECT pg_catalog.quote_ident(n.nspname) FROM p \
                    JOIN pg_catalog.pg_namespace n ON n.nspname = p.s \
                    WHERE pg_catalog.has_schema_privilege(n.oid, 'USAGE') ORDER BY p.i LIMIT 1) \
                  FROM unnest({}) WITH ORDINALITY AS r(name, i) ORDER BY r.i",
@@ -539,25 +579,44 @@ impl Catalog {
         if rows.len() != names.len() {
             return Err("the catalog answered with the wrong number of names".into());
         }
-        Ok(rows
-            .into_iter()
+        // Schemas come quoted as identifiers (a name may hold a comma), joined by commas.
+        rows.into_iter()
             .map(|r| {
                 let get = |i: usize| r.get(i).cloned().flatten();
-                get(0).or_else(|| get(1))
+                match get(0).or_else(|| get(1)) {
+                    Some(list) => split_identifiers(&list),
+                    None => Ok(Vec::new()),
+                }
             })
-            .collect())
+            .collect()
+    }
+
+    /// Forgets what is known of functions' volatility, in this session and for every session
+    /// of this database: after DDL let through, a function may have been created, replaced
+    /// or overloaded.
+    pub fn forget_functions(&mut self) {
+        self.volatile.clear();
+        let db = format!("{}:{}/{}", self.pg.host, self.pg.port, self.pg.database);
+        if let Ok(mut m) = VOLATILITY.lock() {
+            m.retain(|(d, _), _| *d != db);
+        }
     }
 
     /// Classes the functions of `c` that the classifier does not know by what the catalog
     /// says: a volatile one (of any schema, any overload, any letter case) may change
     /// anything, so its statement is at least Exec; stable and immutable functions cannot
     /// change data. `Err` when the catalog cannot be asked (the caller fails closed).
-    pub async fn check_functions(&mut self, c: &mut crate::sql::Classified) -> Result<(), String> {
-        let wanted = |f: &&String| {
-            !crate::sql::classify::known_function(f)
-                && !HARMLESS_VOLATILE.contains(&f.as_str())
-                && !f.starts_with("pg_stat_get_")
+    pub async fn check_functions(
+        &mut self,
+        c: &mut crate::sql::Classified,
+        all: bool,
+    ) -> Result<(), String> {
+        let known = |f: &str| {
+            crate::sql::classify::known_function(f)
+                || HARMLESS_VOLATILE.contains(&f)
+                || f.starts_with("pg_stat_get_")
         };
+        let wanted = |f: &&String| all || !known(f);
         // (name, whether only one-argument functions count: attribute notation)
         let mut names: Vec<(String, bool)> = c
             .statements
@@ -578,10 +637,14 @@ impl Catalog {
             .collect();
         names.extend(calls.into_iter().map(|f| (f, true)));
         for (name, one_arg) in names {
-            let key = if one_arg {
-                format!("{name}/1")
-            } else {
-                name.clone()
+            // A built-in's name, on a path that puts another schema before pg_catalog: any
+            // function of that name elsewhere may be the one called.
+            let shadow = known(&name);
+            let key = match (one_arg, shadow) {
+                (true, false) => format!("{name}/1"),
+                (false, false) => name.clone(),
+                (true, true) => format!("{name}/1#shadow"),
+                (false, true) => format!("{name}#shadow"),
             };
             // Shared by the sessions of one database for a minute, so most sessions never
             // open a catalog connection for this (function volatility rarely changes).
@@ -599,8 +662,13 @@ impl Catalog {
                 None => {
                     let rows = self
                         .query(format!(
-                            "SELECT coalesce(bool_or(provolatile = 'v'), false) \
+                            "SELECT coalesce(bool_or({}), false) \
                              FROM pg_catalog.pg_proc WHERE lower(proname) = '{}'{}",
+                            if shadow {
+                                "pronamespace <> 'pg_catalog'::pg_catalog.regnamespace"
+                            } else {
+                                "provolatile = 'v'"
+                            },
                             name.replace('\'', "''"),
                             if one_arg { " AND pronargs = 1" } else { "" }
                         ))

@@ -45,9 +45,26 @@ struct State {
     unknown: Option<Arc<str>>,
 }
 
+/// Whether a statement may change the search path or what names on it find.
+fn may_change(st: &Statement) -> bool {
+    st.flags.iter().any(|f| matches!(f, Flag::SearchPath(_)))
+        || st.functions.contains("set_config")
+        || matches!(st.class, OperationClass::Exec | OperationClass::Admin)
+        || st.tag == "ALTER ROLE SET"
+        || st.tag == "ALTER DATABASE SET"
+        || (st.class != OperationClass::Read
+            && st
+                .relations
+                .iter()
+                .any(|r| r == "pg_settings" || r == "pg_catalog.pg_settings"))
+}
+
 impl State {
     /// Follows one statement (change `seq`); `true` when the paths changed.
     fn apply(&mut self, st: &Statement, seq: u64) -> bool {
+        if !may_change(st) {
+            return false;
+        }
         let before = self.clone();
         for f in &st.flags {
             let Flag::SearchPath(change) = f else {
@@ -60,7 +77,18 @@ impl State {
                     "a SET ROLE or SET SESSION AUTHORIZATION changed whose schemas it reads",
                 ),
                 PathChange::Unknown => self.give_up("it was set in a form agentgate cannot follow"),
+                PathChange::Names => self.give_up(
+                    "a relation or schema was renamed or moved, or a schema created, in this session",
+                ),
             }
+        }
+        if st.class != OperationClass::Read
+            && st
+                .relations
+                .iter()
+                .any(|r| r == "pg_settings" || r == "pg_catalog.pg_settings")
+        {
+            self.give_up("pg_settings was written");
         }
         if st.functions.contains("set_config") {
             self.give_up("set_config may have changed it");
@@ -110,8 +138,8 @@ pub struct SearchPath {
     pending: Option<(u64, Path)>,
     /// The latest change the server confirmed (see [`SearchPath::confirmation`]).
     confirmed: Arc<AtomicU64>,
-    /// (path, name) → the schema it resolved to, and when.
-    cache: HashMap<(Path, String), (Option<String>, Instant)>,
+    /// (path, name) → the schemas it resolved to, and when.
+    cache: HashMap<(Path, String), (Vec<String>, Instant)>,
 }
 
 impl SearchPath {
@@ -159,8 +187,36 @@ impl SearchPath {
         if self.changed() {
             return true;
         }
+        if !c.statements.iter().any(may_change) {
+            return false;
+        }
         let mut state = self.state.clone();
         c.statements.iter().any(|st| state.apply(st, u64::MAX))
+    }
+
+    /// Whether a statement of `c` may run on a path that puts a schema before `pg_catalog`
+    /// (or one that cannot be told): a function of a built-in's name may then be another.
+    pub fn catalog_later_for(&mut self, c: &Classified) -> bool {
+        self.sync();
+        let later = |s: &State| {
+            s.unknown.is_some()
+                || s.paths().any(|p| {
+                    p.as_ref()
+                        .and_then(|p| p.iter().position(|x| x == "pg_catalog"))
+                        .is_some_and(|i| i > 0)
+                })
+        };
+        if later(&self.state) {
+            return true;
+        }
+        if !c.statements.iter().any(may_change) {
+            return false;
+        }
+        let mut state = self.state.clone();
+        c.statements.iter().any(|st| {
+            state.apply(st, u64::MAX);
+            later(&state)
+        })
     }
 
     /// Takes note of a statement the gateway let through. When the server can confirm its
@@ -281,24 +337,27 @@ impl SearchPath {
                 }
             }
             for (name, t) in names {
-                let schema = self
+                let schemas = self
                     .cache
                     .get(&(path.clone(), t.clone()))
-                    .and_then(|(s, _)| s.clone());
+                    .map(|(s, _)| s.clone())
+                    .unwrap_or_default();
                 let entry = out.entry(name.clone()).or_insert_with(|| Ok(Vec::new()));
-                match (schema, entry) {
-                    (Some(s), Ok(list)) => {
-                        let q = relation_name(&s, t);
-                        if !list.contains(&q) {
-                            list.push(q);
-                        }
-                    }
-                    (None, e) => {
-                        *e = Err(Arc::from(
+                match entry {
+                    Ok(_) if schemas.is_empty() => {
+                        *entry = Err(Arc::from(
                             "no schema on the session's search path holds it or may hold it",
                         ));
                     }
-                    (Some(_), Err(_)) => {}
+                    Ok(list) => {
+                        for s in schemas {
+                            let q = relation_name(&s, t);
+                            if !list.contains(&q) {
+                                list.push(q);
+                            }
+                        }
+                    }
+                    Err(_) => {}
                 }
             }
         }
@@ -390,6 +449,11 @@ mod tests {
             "ALTER ROLE agent SET search_path = secret",
             "ALTER DATABASE app SET search_path = secret",
             "SET search_path = a; SELECT set_config('search_path', 'b', false)",
+            "ALTER TABLE crm.payroll RENAME TO payroll_x",
+            "ALTER SCHEMA crm RENAME TO crm_old",
+            "ALTER TABLE crm.payroll SET SCHEMA archive",
+            "CREATE SCHEMA newer",
+            "UPDATE pg_settings SET setting = 'secret' WHERE name = 'search_path'",
         ] {
             let mut p = SearchPath::new("agent");
             assert_eq!(observe(&mut p, sql), None, "{sql}");

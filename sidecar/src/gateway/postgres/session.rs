@@ -637,7 +637,9 @@ enum Event {
     /// its computed output columns.
     ExpectQuery(Option<crate::mask::Rule>, Box<Tally>, Option<u64>),
     /// An Execute was forwarded; the rule masks its computed output columns.
-    Execute(Option<crate::mask::Rule>, Box<Tally>),
+    /// With the search path change the server may confirm at the batch's end, and whether
+    /// it runs a transaction statement (its batch then confirms nothing).
+    Execute(Option<crate::mask::Rule>, Box<Tally>, Option<u64>, bool),
     /// A Describe was forwarded: the agent's (its answer is relayed) or the gateway's own
     /// before an Execute (its answer sets the masking of the rows and is swallowed).
     Describe {
@@ -684,6 +686,9 @@ struct Batch {
     path_change: Option<u64>,
     /// The server answered an error.
     failed: bool,
+    /// An Execute of the batch runs a transaction statement: what its ReadyForQuery says is
+    /// not where its search path changes stand.
+    transaction: bool,
 }
 
 impl Batch {
@@ -900,9 +905,11 @@ async fn writer(
                     batch.path_change = path_change;
                     queue.push_back(Pending::Upstream { swallow_ready: false, batch });
                 }
-                Some(Event::Execute(rule, tally)) => {
+                Some(Event::Execute(rule, tally, path_change, transaction)) => {
                     open.executes.push_back((rule, false));
                     open.tallies.push_back(tally);
+                    open.path_change = open.path_change.max(path_change);
+                    open.transaction |= transaction;
                 }
                 Some(Event::Describe { injected }) => open.describes.push_back(injected),
                 Some(Event::Text(t)) => open.texts.push(t),
@@ -1149,6 +1156,7 @@ async fn writer(
                             Some(Pending::Upstream { swallow_ready, mut batch }) => {
                                 if let Some(change) = batch.path_change
                                     && !batch.failed
+                                    && !batch.transaction
                                     && status == b'I'
                                 {
                                     live.path_confirmed.fetch_max(change, std::sync::atomic::Ordering::AcqRel);
@@ -1684,14 +1692,40 @@ async fn refuse_in_batch(
 /// Classes the functions `c` calls that the classifier does not know by the catalog (see
 /// [`Catalog::check_functions`]); `Some` says why that cannot be done, and the statement is
 /// refused.
-async fn check_functions(catalog: &Mutex<Catalog>, c: &mut Classified) -> Option<String> {
+async fn check_functions(
+    catalog: &Mutex<Catalog>,
+    c: &mut Classified,
+    path: &mut SearchPath,
+) -> Option<String> {
     if c.statements
         .iter()
         .all(|s| s.functions.is_empty() && s.attribute_calls.is_empty())
     {
         return None;
     }
-    catalog.lock().await.check_functions(c).await.err().map(|e| {
+    // Functions defined in the same string are not in the catalog yet: whatever it calls
+    // may be anything.
+    if c.statements.iter().any(|s| {
+        matches!(
+            s.tag.as_str(),
+            "CREATE FUNCTION" | "ALTER FUNCTION" | "CREATE" | "CREATE CAST"
+        )
+    }) {
+        let called: Vec<String> = c
+            .statements
+            .iter()
+            .flat_map(|s| s.functions.iter().chain(s.attribute_calls.iter()))
+            .filter(|f| !crate::sql::classify::known_function(f))
+            .cloned()
+            .collect();
+        for f in called {
+            crate::sql::classify::raise_function(c, &f, agentgate_crds::OperationClass::Exec);
+        }
+        return None;
+    }
+    // A path with a schema before pg_catalog: a built-in's name may call another function.
+    let all = path.catalog_later_for(c);
+    catalog.lock().await.check_functions(c, all).await.err().map(|e| {
         format!("agentgate cannot tell what the functions this statement calls do ({e}); it is not run")
     })
 }
@@ -1809,10 +1843,12 @@ fn names_refusal(e: String) -> String {
 
 /// Follows a statement let through on the session's search path; a change of a role's or a
 /// database's default settings also empties the pool (its connections have the old ones).
-/// Returns the change for the writer to confirm (see [`SearchPath::observe`]).
-fn follow_path(
+/// After DDL, what is known of functions is forgotten (one may have been created or
+/// replaced). Returns the change for the writer to confirm (see [`SearchPath::observe`]).
+async fn follow_path(
     gw: &Gateway,
     path: &mut SearchPath,
+    catalog: &Mutex<Catalog>,
     c: &Classified,
     by_server: bool,
 ) -> Option<u64> {
@@ -1821,6 +1857,12 @@ fn follow_path(
         .any(|s| matches!(s.tag.as_str(), "ALTER ROLE SET" | "ALTER DATABASE SET"))
     {
         gw.pool.clear();
+    }
+    if c.statements
+        .iter()
+        .any(|s| s.class == agentgate_crds::OperationClass::Ddl)
+    {
+        catalog.lock().await.forget_functions();
     }
     path.observe(c, by_server)
 }
@@ -2073,7 +2115,7 @@ async fn read_agent(
                     continue;
                 }
                 let mut classified = classified;
-                let functions_unknown = check_functions(&catalog, &mut classified).await;
+                let functions_unknown = check_functions(&catalog, &mut classified, &mut path).await;
                 let (computed, unknown) =
                     match computed_for(&catalog, &masks, &classified, &mut path).await {
                         Ok(r) => (r, None),
@@ -2163,7 +2205,7 @@ async fn read_agent(
                 if d.verdict == Verdict::Allow {
                     copy_in = classified.statements.iter().any(|s| s.tag == "COPY FROM");
                     remember_cursors(&classified, &mut cursors);
-                    let path_change = follow_path(gw, &mut path, &classified, true);
+                    let path_change = follow_path(gw, &mut path, &catalog, &classified, true).await;
                     if masks.has_column_rules() {
                         tx.send(Event::Text(Arc::from(sql.as_str()))).await.ok();
                     }
@@ -2226,7 +2268,8 @@ async fn read_agent(
                             ),
                         ),
                         Ok(mut c) => {
-                            let functions_unknown = check_functions(&catalog, &mut c).await;
+                            let functions_unknown =
+                                check_functions(&catalog, &mut c, &mut path).await;
                             let (mut d, names_unknown) =
                                 decide_names(&mut path, &catalog, table_scoped(), &mut c, &decide)
                                     .await;
@@ -2295,7 +2338,7 @@ async fn read_agent(
                                     used_statements.insert(name.clone());
                                 }
                                 remember_cursors(&c, &mut cursors);
-                                follow_path(gw, &mut path, &c, false);
+                                follow_path(gw, &mut path, &catalog, &c, false).await;
                                 statements.insert(name.clone(), c);
                                 None
                             } else if matches!(d.rule.as_str(), "prepare" | "copy") {
@@ -2404,9 +2447,21 @@ async fn read_agent(
                         if d.grant.is_some() {
                             tally.command = Some(Arc::new(Command::from(&c)));
                         }
-                        tx.send(Event::Execute(computed.ok().flatten(), Box::new(tally)))
-                            .await
-                            .ok();
+                        // A prepared SET runs (and changes the path) when executed, however
+                        // long after its Parse.
+                        let path_change = follow_path(gw, &mut path, &catalog, &c, true).await;
+                        let transaction = c
+                            .statements
+                            .iter()
+                            .any(|s| s.tag.contains("TRANSACTION") || s.tag.contains("COMMIT"));
+                        tx.send(Event::Execute(
+                            computed.ok().flatten(),
+                            Box::new(tally),
+                            path_change,
+                            transaction,
+                        ))
+                        .await
+                        .ok();
                         if !masks.is_empty() {
                             // The rows' columns, types and formats, from the server, right
                             // before them: whatever the agent described (or did not), the
