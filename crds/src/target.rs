@@ -221,8 +221,11 @@ pub struct Guardrail {
     #[schemars(length(max = 6))]
     pub operations: Vec<OperationClass>,
     /// Protocol-specific patterns, any of which must match (empty: any request of the classes):
-    /// SQL statement tags or function names (`DROP TABLE`, `pg_terminate_backend`), Kubernetes
-    /// `verb resource` pairs (`delete namespaces`), shell command globs (`rm -rf *`).
+    /// SQL statement tags or function names (`DROP TABLE`, `pg_terminate_backend`,
+    /// `SET search_path`), Kubernetes `verb resource` pairs (`delete namespaces`), shell
+    /// command globs (`rm -rf *`). A SQL string of several statements matches a guardrail
+    /// that blocks or holds when any statement does, and one that allows only when every
+    /// statement does.
     #[serde(default)]
     #[schemars(length(max = 64), inner(length(min = 1, max = 1024)))]
     pub matches: Vec<String>,

@@ -658,7 +658,7 @@ async fn table_scopes_judge_the_table_the_search_path_reaches() -> anyhow::Resul
         )
         .replace(
             "action: Block, message: dropping tables is never allowed for agents }",
-            "action: Block, message: dropping tables is never allowed for agents }\n    - { name: paths, operations: [Privilege], matches: [SET, set_config], action: Allow }",
+            "action: Block, message: dropping tables is never allowed for agents }\n    - { name: paths, operations: [Privilege], matches: [SET search_path, set_config], action: Allow }",
         );
     assert!(scoped.contains("tables: [public.orders") && scoped.contains("name: paths"));
     std::fs::write(gw.policy.path().join("policy.yaml"), scoped)?;

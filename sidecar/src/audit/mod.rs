@@ -270,6 +270,7 @@ impl Auditor {
             checkpoint_every: config.checkpoint_every,
             line: Vec::with_capacity(4096),
             dirty: false,
+            last_time: None,
         };
         std::thread::Builder::new()
             .name("agentgate-audit".into())
@@ -664,6 +665,10 @@ struct Writer {
     line: Vec<u8>,
     /// Lines were appended since the last flush.
     dirty: bool,
+    /// The latest time written: the trail's times never go back. Records are stamped where
+    /// they happen, on many threads; one stamped a moment before another may reach the
+    /// queue after it, and then takes the other's time.
+    last_time: Option<jiff::Timestamp>,
 }
 
 /// How long the writer lets records gather after a burst before it looks again.
@@ -812,6 +817,10 @@ impl Writer {
                 | RecordKind::SessionEnd
                 | RecordKind::Checkpoint
         ) || self.chain.unsigned() + 1 >= self.checkpoint_records;
+        match self.last_time {
+            Some(last) if r.time < last => r.time = last,
+            _ => self.last_time = Some(r.time),
+        }
         self.chain
             .seal_into(r, sign.then_some(&self.signer), &mut self.line)
             .map_err(|e| e.to_string())?;
@@ -949,6 +958,41 @@ mod tests {
         );
         let relayed = outcomes[2].outcome.clone().expect("an outcome");
         assert_eq!((relayed.id, relayed.error.as_deref()), (3, Some("late")));
+    }
+
+    #[test]
+    fn the_trails_times_never_go_back() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let mut config = Config::new(dir.path().join("spill"), dir.path().join("key"));
+        config.sync = false;
+        let auditor = Auditor::start(config, Vec::new()).expect("the pipeline starts");
+        let rec = auditor
+            .session("agent", "db", Protocol::Postgres, None)
+            .expect("a session");
+        // Stamped on two threads, queued in the other order.
+        let early = rec.base(RecordKind::Request);
+        std::thread::sleep(Duration::from_millis(5));
+        let late = rec.base(RecordKind::Request);
+        let (t_early, t_late) = (early.time, late.time);
+        assert!(t_early < t_late);
+        rec.emit(late).expect("accepted");
+        rec.emit(early).expect("accepted");
+        drop(rec);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        rt.block_on(auditor.shutdown(Duration::from_secs(5)));
+        let times: Vec<jiff::Timestamp> = journal(&dir.path().join("spill"))
+            .into_iter()
+            .map(|r| r.time)
+            .collect();
+        assert!(times.windows(2).all(|w| w[0] <= w[1]), "{times:?}");
+        assert_eq!(
+            times.iter().filter(|t| **t == t_late).count(),
+            2,
+            "{times:?}"
+        );
     }
 
     #[test]

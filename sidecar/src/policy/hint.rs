@@ -132,6 +132,7 @@ mod tests {
             keys: Default::default(),
             tables: Default::default(),
             unresolved: None,
+            parts: Vec::new(),
             kube: None,
             ssh: None,
         }

@@ -117,6 +117,9 @@ pub struct Command {
     /// `schema.table` when the gateway resolved them on the session's search path, else as
     /// written (an unqualified name is then read as `public.name`).
     pub tables: BTreeSet<String>,
+    /// Each statement's class and keys, when the command has more than one: each meets its
+    /// own guardrail, and the most restrictive decides.
+    pub parts: Vec<(OperationClass, BTreeSet<String>)>,
     /// Why the schema of the unqualified names in `tables` cannot be told (the session's
     /// search path was changed in a way the gateway cannot follow): a scope then covers such
     /// a name only with a pattern for any schema (`*.orders`).
@@ -230,19 +233,28 @@ impl From<&Classified> for Command {
         let mut keys = BTreeSet::new();
         let mut tables = BTreeSet::new();
         let mut unresolved = None;
+        let mut parts = Vec::new();
         for s in &c.statements {
-            keys.insert(s.tag.clone());
-            keys.extend(s.functions.iter().cloned());
+            let mut own = BTreeSet::new();
+            own.insert(s.tag.clone());
+            own.extend(s.functions.iter().cloned());
             for f in &s.flags {
                 match f {
                     Flag::NoWhere(verb) => {
-                        keys.insert(format!("{verb} without WHERE"));
+                        own.insert(format!("{verb} without WHERE"));
                     }
                     Flag::Truncate => {
-                        keys.insert("TRUNCATE".into());
+                        own.insert("TRUNCATE".into());
                     }
                     Flag::CopyServerSide => {
-                        keys.insert("COPY PROGRAM".into());
+                        own.insert("COPY PROGRAM".into());
+                    }
+                    // What a guardrail allowing search path changes (and nothing else
+                    // of `SET`'s Privilege class) names.
+                    Flag::SearchPath(
+                        crate::sql::PathChange::To { .. } | crate::sql::PathChange::Initial { .. },
+                    ) if s.tag == "SET" => {
+                        own.insert("SET search_path".into());
                     }
                     Flag::ExecutePrepared(_)
                     | Flag::DeclareCursor(_)
@@ -252,6 +264,14 @@ impl From<&Classified> for Command {
                     | Flag::CopyBinary
                     | Flag::SearchPath(_) => {}
                 }
+            }
+            if c.statements.len() > 1 {
+                parts.push((s.class, own.clone()));
+            }
+            if keys.is_empty() {
+                keys = own;
+            } else {
+                keys.extend(own);
             }
             for r in &s.relations {
                 match c.resolved.as_ref().and_then(|m| m.get(r)) {
@@ -273,6 +293,7 @@ impl From<&Classified> for Command {
             fingerprint: c.fingerprint.clone(),
             keys,
             tables,
+            parts,
             unresolved,
             kube: None,
             ssh: None,
@@ -404,12 +425,12 @@ pub fn default_guardrails() -> Vec<Guardrail> {
     ]
 }
 
-fn guardrail_matches(g: &Guardrail, cmd: &Command) -> bool {
-    let class_ok = g.operations.is_empty() || g.operations.contains(&cmd.class);
+fn guardrail_matches(g: &Guardrail, class: OperationClass, keys: &BTreeSet<String>) -> bool {
+    let class_ok = g.operations.is_empty() || g.operations.contains(&class);
     let match_ok = g.matches.is_empty()
         || g.matches
             .iter()
-            .any(|m| cmd.keys.iter().any(|k| glob::matches_ci(m, k)));
+            .any(|m| keys.iter().any(|k| glob::matches_ci(m, k)));
     class_ok && match_ok
 }
 
@@ -589,10 +610,36 @@ pub fn decide(
 
     static DEFAULTS: std::sync::LazyLock<Vec<Guardrail>> =
         std::sync::LazyLock::new(default_guardrails);
-    for g in t.spec.guardrails.iter().chain(DEFAULTS.iter()) {
-        if !guardrail_matches(g, cmd) {
-            continue;
+    // Each statement meets the first guardrail that matches it; the string gets the most
+    // restrictive of those (a guardrail that allows one statement never lets another pass).
+    let rank = |a: GuardrailAction| match a {
+        GuardrailAction::Allow => 0,
+        GuardrailAction::RequireGrant => 1,
+        GuardrailAction::RequireApproval => 2,
+        GuardrailAction::Block => 3,
+    };
+    let mut strictest: Option<&Guardrail> = None;
+    let mut meet = |class: OperationClass, keys: &BTreeSet<String>| {
+        let first = t
+            .spec
+            .guardrails
+            .iter()
+            .chain(DEFAULTS.iter())
+            .find(|g| guardrail_matches(g, class, keys));
+        if let Some(g) = first
+            && strictest.is_none_or(|s| rank(g.action) > rank(s.action))
+        {
+            strictest = Some(g);
         }
+    };
+    if cmd.parts.is_empty() {
+        meet(cmd.class, &cmd.keys);
+    } else {
+        for (class, keys) in &cmd.parts {
+            meet(*class, keys);
+        }
+    }
+    if let Some(g) = strictest {
         let note = g
             .message
             .clone()

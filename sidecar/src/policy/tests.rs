@@ -560,3 +560,32 @@ fn tables_resolved_on_the_search_path_are_judged_as_resolved() {
     assert_eq!(crate::sql::classify::unqualified("public.orders"), None);
     assert_eq!(crate::sql::classify::unqualified("\"a\".\"b\""), None);
 }
+
+#[test]
+fn a_guardrail_that_allows_must_allow_every_statement_of_a_string() {
+    // `inserts-go-by-scope` allows INSERTs by scope; an UPDATE of every row riding along
+    // in the same string is still held by the default guardrail.
+    check(
+        "INSERT INTO orders VALUES (1); UPDATE orders SET state = 'x'",
+        "orders-db",
+        Verdict::Hold,
+        "agentgate-hold-unbounded",
+    );
+    check(
+        "INSERT INTO orders VALUES (1); INSERT INTO orders VALUES (2)",
+        "orders-db",
+        Verdict::Allow,
+        "grant",
+    );
+    check(
+        "INSERT INTO orders VALUES (1)",
+        "orders-db",
+        Verdict::Allow,
+        "grant",
+    );
+    // A search path change has a key of its own, for a guardrail that allows just that.
+    let set = Command::from(&classify("SET search_path = app").unwrap());
+    assert!(set.keys.contains("SET search_path"), "{:?}", set.keys);
+    let role = Command::from(&classify("SET ROLE admin").unwrap());
+    assert!(!role.keys.contains("SET search_path"), "{:?}", role.keys);
+}

@@ -271,6 +271,7 @@ pub fn classify(info: &RequestInfo, query: &str, body: Option<&[u8]>) -> Command
         keys,
         tables: BTreeSet::new(),
         unresolved: None,
+        parts: Vec::new(),
         kube: info.resource_request.then(|| KubeAccess {
             verb: info.verb.clone(),
             group: info.group.clone(),

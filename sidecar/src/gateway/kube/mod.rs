@@ -582,6 +582,7 @@ impl Connection {
                 keys: Default::default(),
                 tables: Default::default(),
                 unresolved: None,
+                parts: Vec::new(),
                 kube: None,
                 ssh: None,
             };

@@ -320,6 +320,7 @@ impl Ctx {
             keys,
             tables: Default::default(),
             unresolved: None,
+            parts: Vec::new(),
             kube: None,
             ssh,
         }
