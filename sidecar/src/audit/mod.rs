@@ -894,15 +894,29 @@ mod tests {
             .collect()
     }
 
+    /// A pipeline writing to `dir/spill` (no fsync, a queue of `queue` records when set) and
+    /// one session on it.
+    fn pipeline(
+        dir: &Path,
+        protocol: Protocol,
+        queue: Option<usize>,
+    ) -> (Auditor, SessionRecorder) {
+        let mut config = Config::new(dir.join("spill"), dir.join("key"));
+        config.sync = false;
+        if let Some(q) = queue {
+            config.queue = q;
+        }
+        let auditor = Auditor::start(config, Vec::new()).expect("the pipeline starts");
+        let rec = auditor
+            .session("agent", "db", protocol, None)
+            .expect("a session");
+        (auditor, rec)
+    }
+
     #[test]
     fn a_tracked_session_ends_with_an_outcome_for_every_request() {
         let dir = tempfile::tempdir().expect("a temp dir");
-        let mut config = Config::new(dir.path().join("spill"), dir.path().join("key"));
-        config.sync = false;
-        let auditor = Auditor::start(config, Vec::new()).expect("the pipeline starts");
-        let rec = auditor
-            .session("agent", "cluster", Protocol::Kubernetes, None)
-            .expect("a session");
+        let (auditor, rec) = pipeline(dir.path(), Protocol::Kubernetes, None);
         rec.track_outcomes();
         for id in [1, 2] {
             let mut r = rec.base(RecordKind::Request);
@@ -963,12 +977,7 @@ mod tests {
     #[test]
     fn the_trails_times_never_go_back() {
         let dir = tempfile::tempdir().expect("a temp dir");
-        let mut config = Config::new(dir.path().join("spill"), dir.path().join("key"));
-        config.sync = false;
-        let auditor = Auditor::start(config, Vec::new()).expect("the pipeline starts");
-        let rec = auditor
-            .session("agent", "db", Protocol::Postgres, None)
-            .expect("a session");
+        let (auditor, rec) = pipeline(dir.path(), Protocol::Postgres, None);
         // Stamped on two threads, queued in the other order.
         let early = rec.base(RecordKind::Request);
         std::thread::sleep(Duration::from_millis(5));
@@ -998,13 +1007,7 @@ mod tests {
     #[test]
     fn a_full_queue_holds_the_gateway_back_then_refuses_and_loses_nothing() {
         let dir = tempfile::tempdir().expect("a temp dir");
-        let mut config = Config::new(dir.path().join("spill"), dir.path().join("key"));
-        config.queue = 4;
-        config.sync = false;
-        let auditor = Auditor::start(config, Vec::new()).expect("the pipeline starts");
-        let rec = auditor
-            .session("agent", "db", Protocol::Postgres, None)
-            .expect("a session");
+        let (auditor, rec) = pipeline(dir.path(), Protocol::Postgres, Some(4));
         // The writer stalls: the queue fills, then a record waits for room and, when none
         // comes within QUEUE_WAIT, is refused with why.
         let stalled = auditor.journal.stall_writer();
