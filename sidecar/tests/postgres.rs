@@ -729,6 +729,14 @@ async fn table_scopes_judge_the_table_the_search_path_reaches() -> anyhow::Resul
         "SELECT lower(contacts.phone) FROM contacts",
     ]);
     assert_eq!(out, "555-0199\nSET\n***-**00\n****\n****\n****\n", "{err}");
+    // A table created where it does not exist yet: as the schema it would be created in
+    // (the first on the path), and as the tables of that name further down.
+    let (out, err) = session(&[
+        "SET search_path = crm, public",
+        "CREATE TABLE orders (id int)",
+    ]);
+    assert_eq!(out, "SET\n", "{err}");
+    assert!(err.contains("(crm.orders, public.orders)"), "{err}");
     // Until a transaction ends, the path before it may come back: a name is judged on both.
     let (out, err) = session(&[
         "BEGIN",

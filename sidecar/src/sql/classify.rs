@@ -103,6 +103,9 @@ pub struct Statement {
     /// Names that PostgreSQL may read as a one-argument function call in attribute notation
     /// (`x.f`, `(expr).f`), lower-case: looked up in the catalog like calls.
     pub attribute_calls: BTreeSet<String>,
+    /// Relations it creates (`CREATE TABLE`, `… AS`, `SELECT … INTO`, views, sequences), as
+    /// in `relations`; a temporary one as `pg_temp.name`.
+    pub created: BTreeSet<String>,
 }
 
 /// A classified query string.
@@ -585,6 +588,7 @@ struct Walk {
     columns: Vec<Vec<String>>,
     aliases: std::collections::BTreeMap<String, String>,
     attribute_calls: BTreeSet<String>,
+    created: BTreeSet<String>,
 }
 
 impl Walk {
@@ -675,14 +679,7 @@ fn walk(v: &Value, w: &mut Walk) {
                             }
                             // `COPY table TO …` reads whole rows (or the listed columns).
                             if let Some(rel) = body.get("relation").filter(|r| !r.is_null()) {
-                                let name = rel
-                                    .get("relname")
-                                    .and_then(Value::as_str)
-                                    .unwrap_or_default();
-                                let schema = rel
-                                    .get("schemaname")
-                                    .and_then(Value::as_str)
-                                    .unwrap_or_default();
+                                let (schema, name) = range_var(rel);
                                 let qualified = relation_name(schema, name);
                                 let cols =
                                     string_parts(body.get("attlist").unwrap_or(&Value::Null));
@@ -714,6 +711,36 @@ fn walk(v: &Value, w: &mut Walk) {
                         "VariableSetStmt" => {
                             if let Some(change) = path_change(body) {
                                 w.flags.push(Flag::SearchPath(change));
+                            }
+                        }
+                        "CreateStmt"
+                        | "CreateSeqStmt"
+                        | "ViewStmt"
+                        | "CreateTableAsStmt"
+                        | "CreateForeignTableStmt"
+                        | "SelectStmt" => {
+                            let rel = match k.as_str() {
+                                "CreateStmt" => body.get("relation"),
+                                "CreateSeqStmt" => body.get("sequence"),
+                                "ViewStmt" => body.get("view"),
+                                "CreateTableAsStmt" => body.get("into").and_then(|i| i.get("rel")),
+                                "CreateForeignTableStmt" => body
+                                    .get("base_stmt")
+                                    .or_else(|| body.get("base"))
+                                    .and_then(|b| b.get("relation")),
+                                _ => body.get("into_clause").and_then(|i| i.get("rel")),
+                            };
+                            if let Some(rel) = rel.filter(|r| !r.is_null()) {
+                                let (schema, name) = range_var(rel);
+                                let temp =
+                                    rel.get("relpersistence").and_then(Value::as_str) == Some("t");
+                                if !name.is_empty() {
+                                    w.created.insert(if temp && schema.is_empty() {
+                                        relation_name("pg_temp", name)
+                                    } else {
+                                        relation_name(schema, name)
+                                    });
+                                }
                             }
                         }
                         "RenameStmt" | "AlterObjectSchemaStmt" | "CreateSchemaStmt" => {
@@ -873,6 +900,12 @@ fn options_set_read_write(body: &Value) -> bool {
 
 /// Whether `SET default_transaction_read_only` / `transaction_read_only` (or `RESET`, or
 /// `TO DEFAULT`) may turn read-only off: anything but a plain `on`, `true`, `yes` or `1`.
+/// A RangeVar's schema (empty when unqualified) and relation name.
+fn range_var(rel: &Value) -> (&str, &str) {
+    let get = |k: &str| rel.get(k).and_then(Value::as_str).unwrap_or_default();
+    (get("schemaname"), get("relname"))
+}
+
 /// A relation as statements' `relations` name it: `schema.name`, or `name` when unqualified;
 /// a part holding a dot or a double quote is double-quoted (quotes doubled), so the dot
 /// between schema and name is the only one outside quotes.
@@ -1165,6 +1198,7 @@ fn classify_uncached(sql: &str) -> Result<Classified, ClassifyError> {
             columns: w.columns,
             aliases: w.aliases,
             attribute_calls: w.attribute_calls,
+            created: w.created,
         });
     }
     if statements.is_empty() {

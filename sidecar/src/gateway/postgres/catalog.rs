@@ -531,16 +531,15 @@ impl Catalog {
     /// schemas holding a relation of that name, in the order the server looks (`pg_catalog`
     /// first unless the path lists it, schemas that do not exist or the login may not use
     /// skipped; the server takes the first, and every one counts, as what this connection
-    /// sees may differ from what the session's uncommitted changes made); else the schema a
-    /// new relation of that name would be created in (the first usable schema of the path);
-    /// else none. `path` lists the schema names (`$user` already replaced); `None` is the
+    /// sees may differ from what the session's uncommitted changes made), and the schema a
+    /// new relation of that name would be created in (the first usable schema of the path). `path` lists the schema names (`$user` already replaced); `None` is the
     /// login's own default path. The agent's temporary tables are not seen (they are its
     /// own). `Err` when the catalog cannot be asked.
     pub async fn resolve(
         &mut self,
         path: Option<&[String]>,
         names: &[String],
-    ) -> Result<Vec<Vec<String>>, String> {
+    ) -> Result<Vec<(Vec<String>, Option<String>)>, String> {
         if names.is_empty() {
             return Ok(Vec::new());
         }
@@ -583,10 +582,15 @@ impl Catalog {
         rows.into_iter()
             .map(|r| {
                 let get = |i: usize| r.get(i).cloned().flatten();
-                match get(0).or_else(|| get(1)) {
-                    Some(list) => split_identifiers(&list),
-                    None => Ok(Vec::new()),
-                }
+                let holders = match get(0) {
+                    Some(list) => split_identifiers(&list)?,
+                    None => Vec::new(),
+                };
+                let creation = match get(1) {
+                    Some(one) => split_identifiers(&one)?.pop(),
+                    None => None,
+                };
+                Ok((holders, creation))
             })
             .collect()
     }

@@ -35,6 +35,10 @@ const CACHE_TTL: Duration = Duration::from_secs(2);
 /// default path.
 type Path = Option<Vec<String>>;
 
+/// Where a name may point on one path: the schemas holding a relation of that name, and the
+/// one a new relation of that name would be created in.
+type Schemas = (Vec<String>, Option<String>);
+
 /// The paths a session may be on.
 #[derive(Debug, Clone, PartialEq)]
 struct State {
@@ -138,8 +142,8 @@ pub struct SearchPath {
     pending: Option<(u64, Path)>,
     /// The latest change the server confirmed (see [`SearchPath::confirmation`]).
     confirmed: Arc<AtomicU64>,
-    /// (path, name) → the schemas it resolved to, and when.
-    cache: HashMap<(Path, String), (Vec<String>, Instant)>,
+    /// (path, name) → the schemas holding it and the one it would be created in, and when.
+    cache: HashMap<(Path, String), (Schemas, Instant)>,
 }
 
 impl SearchPath {
@@ -280,19 +284,23 @@ impl SearchPath {
                 .iter()
                 .filter_map(|r| unqualified(r).map(|t| (r.clone(), t)))
                 .collect();
-            self.resolve_on(catalog, &state, &names, &mut out).await?;
+            self.resolve_on(catalog, &state, &names, &st.created, &mut out)
+                .await?;
             state.apply(st, u64::MAX);
         }
         c.resolved = (!out.is_empty()).then(|| Arc::new(out));
         Ok(())
     }
 
-    /// Resolves `names` (as written, and unquoted) on every path of `state` into `out`.
+    /// Resolves `names` (as written, and unquoted) on every path of `state` into `out`: the
+    /// tables of that name on the path, or, when there are none or the statement `creates`
+    /// it, the schema it would be created in too.
     async fn resolve_on(
         &mut self,
         catalog: &Mutex<Catalog>,
         state: &State,
         names: &BTreeSet<(String, String)>,
+        creates: &BTreeSet<String>,
         out: &mut Resolved,
     ) -> Result<(), String> {
         if names.is_empty() {
@@ -337,11 +345,17 @@ impl SearchPath {
                 }
             }
             for (name, t) in names {
-                let schemas = self
+                let (mut schemas, creation) = self
                     .cache
                     .get(&(path.clone(), t.clone()))
                     .map(|(s, _)| s.clone())
                     .unwrap_or_default();
+                if (schemas.is_empty() || creates.contains(name))
+                    && let Some(c) = creation
+                    && !schemas.contains(&c)
+                {
+                    schemas.push(c);
+                }
                 let entry = out.entry(name.clone()).or_insert_with(|| Ok(Vec::new()));
                 match entry {
                     Ok(_) if schemas.is_empty() => {
@@ -436,6 +450,28 @@ mod tests {
             c.statements[0].relations.iter().next().map(String::as_str),
             Some(format!("{cut}.{cut}").as_str())
         );
+    }
+
+    #[test]
+    fn relations_a_statement_creates_are_known() {
+        for (sql, created) in [
+            ("CREATE TABLE orders (id int)", "orders"),
+            ("CREATE TABLE crm.orders (id int)", "crm.orders"),
+            ("CREATE TEMP TABLE t AS SELECT 1", "pg_temp.t"),
+            ("CREATE UNLOGGED TABLE u (id int)", "u"),
+            ("SELECT * INTO x FROM y", "x"),
+            ("CREATE VIEW v AS SELECT 1", "v"),
+            ("CREATE MATERIALIZED VIEW m AS SELECT 1", "m"),
+            ("CREATE SEQUENCE s", "s"),
+            ("CREATE FOREIGN TABLE f (a int) SERVER srv", "f"),
+        ] {
+            let c = classify(sql).expect("classified");
+            assert_eq!(
+                c.statements[0].created.iter().collect::<Vec<_>>(),
+                [created],
+                "{sql}"
+            );
+        }
     }
 
     #[test]
