@@ -829,6 +829,26 @@ async fn table_scopes_judge_the_table_the_search_path_reaches() -> anyhow::Resul
     assert!(e.contains("(agentgate.orders, public.orders)"), "{e}");
     let (out, err) = session(&["SELECT state FROM public.orders ORDER BY id"]);
     assert_eq!(out, "paid\npaid\n", "{err}");
+    // The role's default path changed outside agentgate: a session on a new server
+    // connection (another application_name: not one of the pooled ones) starts on it, and
+    // is judged on it, whatever the gateway's catalog connection started on.
+    pg.psql_run(
+        "app",
+        "ALTER ROLE agentgate SET search_path = secret, public",
+    )?;
+    let out = Command::new(gw.env.bins.pg_bin.join("psql"))
+        .arg(format!(
+            "host=127.0.0.1 port={} dbname=orders-db user=claude sslmode=disable application_name=fresh",
+            gw.port
+        ))
+        .args(["-X", "-At", "-c", "SELECT state FROM orders"])
+        .output()?;
+    let (out, err) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(!out.contains("top-secret"), "{out}");
+    assert!(err.contains("(public.orders, secret.orders)"), "{err}");
     Ok(())
 }
 

@@ -11,6 +11,7 @@ use super::backend;
 use super::frame::{MAX_MESSAGE, read_frame, write_frames};
 use super::frontend::{self, Frontend};
 use super::pool::{Key, Pool};
+use super::search_path::split_setting;
 use super::upstream::{Credentials, Upstream};
 use crate::mask::{MaskSet, Rule};
 use crate::sql::{Statement, classify};
@@ -117,44 +118,6 @@ const CATALOG_PARAMS: [(&str, &str); 3] = [
     ("client_encoding", "UTF8"),
     ("standard_conforming_strings", "on"),
 ];
-
-/// Splits a comma-separated list of identifiers as `quote_ident` writes them: quoted ones
-/// kept as written inside their quotes (doubled quotes undone), the others as they are.
-fn split_identifiers(list: &str) -> Result<Vec<String>, String> {
-    let mut out = Vec::new();
-    let mut chars = list.chars().peekable();
-    loop {
-        let mut name = String::new();
-        if chars.peek() == Some(&'"') {
-            chars.next();
-            loop {
-                match chars.next() {
-                    Some('"') if chars.peek() == Some(&'"') => {
-                        chars.next();
-                        name.push('"');
-                    }
-                    Some('"') => break,
-                    Some(c) => name.push(c),
-                    None => return Err("the catalog answered with a malformed name".into()),
-                }
-            }
-        } else {
-            while let Some(&c) = chars.peek() {
-                if c == ',' {
-                    break;
-                }
-                name.push(c);
-                chars.next();
-            }
-        }
-        out.push(name);
-        match chars.next() {
-            Some(',') => {}
-            None => return Ok(out),
-            Some(_) => return Err("the catalog answered with a malformed name".into()),
-        }
-    }
-}
 
 /// A relation's columns, each with the rule that masks it.
 type Columns = Arc<Vec<(String, Option<Rule>)>>;
@@ -582,14 +545,8 @@ impl Catalog {
         rows.into_iter()
             .map(|r| {
                 let get = |i: usize| r.get(i).cloned().flatten();
-                let holders = match get(0) {
-                    Some(list) => split_identifiers(&list)?,
-                    None => Vec::new(),
-                };
-                let creation = match get(1) {
-                    Some(one) => split_identifiers(&one)?.pop(),
-                    None => None,
-                };
+                let holders = get(0).map(|l| split_setting(&l)).unwrap_or_default();
+                let creation = get(1).and_then(|one| split_setting(&one).pop());
                 Ok((holders, creation))
             })
             .collect()

@@ -206,7 +206,9 @@ impl Pool {
                 return Ok((idle.up, true));
             }
         }
-        Ok((upstream::connect(target, creds, params).await?, false))
+        let mut up = upstream::connect(target, creds, params).await?;
+        up.names = read_names(&mut up).await;
+        Ok((up, false))
     }
 
     /// The most recently released idle connection for `key`, preferring one watched by this
@@ -366,11 +368,39 @@ async fn reset(up: &mut Upstream) -> Result<(), String> {
         [c] if c.tag == b'C' && c.body.starts_with(b"DISCARD ALL") => {}
         _ => return Err("DISCARD ALL did not complete".into()),
     }
+    // The defaults it went back to (a role's or database's may have changed since).
+    up.names = read_names(up).await;
     if quiet(&mut up.stream) {
         Ok(())
     } else {
         Err("the server sent more after DISCARD ALL".into())
     }
+}
+
+/// The session's `search_path` setting and `current_user` (where unqualified names point),
+/// read once the session is idle; `None` when the answer is not as expected (the gateway
+/// then reads the login's default path on its catalog connection).
+async fn read_names(up: &mut Upstream) -> Option<(String, String)> {
+    let answer = tokio::time::timeout(
+        CHECK_TIMEOUT,
+        simple_query(
+            up,
+            "SELECT pg_catalog.current_setting('search_path'), current_user",
+        ),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    let row = answer.iter().find(|f| f.tag == b'D')?;
+    let values = super::backend::decode_data_row(row).ok()?;
+    let text = |i: usize| {
+        values
+            .get(i)
+            .cloned()
+            .flatten()
+            .and_then(|v| String::from_utf8(v.to_vec()).ok())
+    };
+    Some((text(0)?, text(1)?))
 }
 
 /// An empty query, read to its ReadyForQuery: the server is there and the session idle.

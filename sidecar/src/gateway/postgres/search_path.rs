@@ -2,7 +2,8 @@
 //! unqualified name in the agent's statements is, so that a scope naming tables judges the
 //! table the server will use, not one of the same name in `public`.
 //!
-//! The path a session starts on is the login's default (read from the catalog). `SET
+//! The path a session starts on is read on its own server connection when that is opened
+//! or reset (`current_setting('search_path')`, `current_user`). `SET
 //! search_path`, `RESET`, `RESET ALL` and `DISCARD ALL` let through are followed; since a
 //! `SET` may be undone by a rollback or end with its transaction (`SET LOCAL`), every path
 //! the session may be on is kept, and a name must be covered wherever it may point, until
@@ -39,9 +40,57 @@ type Path = Option<Vec<String>>;
 /// one a new relation of that name would be created in.
 type Schemas = (Vec<String>, Option<String>);
 
+/// The schema names of a `search_path` setting (or of names `quote_ident` joined by commas)
+/// as the server reads them: comma-separated, a double-quoted name as written (doubled
+/// quotes undone), any other lower-cased (ASCII) and trimmed; each cut to the server's
+/// identifier length.
+pub(super) fn split_setting(setting: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut chars = setting.chars().peekable();
+    loop {
+        while chars.peek().is_some_and(|c| c.is_whitespace()) {
+            chars.next();
+        }
+        let mut name = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            while let Some(c) = chars.next() {
+                match c {
+                    '"' if chars.peek() == Some(&'"') => {
+                        chars.next();
+                        name.push('"');
+                    }
+                    '"' => break,
+                    c => name.push(c),
+                }
+            }
+            while chars.peek().is_some_and(|c| *c != ',') {
+                chars.next();
+            }
+        } else {
+            while let Some(&c) = chars.peek() {
+                if c == ',' {
+                    break;
+                }
+                name.push(c.to_ascii_lowercase());
+                chars.next();
+            }
+            name = name.trim_end().to_owned();
+        }
+        if !name.is_empty() {
+            out.push(crate::sql::classify::truncate_identifier(&name));
+        }
+        if chars.next().is_none() {
+            return out;
+        }
+    }
+}
+
 /// The paths a session may be on.
 #[derive(Debug, Clone, PartialEq)]
 struct State {
+    /// The path the session started on (`RESET` goes back to it).
+    initial: Path,
     /// Every path the session may be on now, each with the change that set it (0: the
     /// initial path); the first is the oldest.
     possible: Vec<(u64, Path)>,
@@ -76,7 +125,7 @@ impl State {
             };
             match change {
                 PathChange::To { path, .. } => self.add(seq, Some(path.clone())),
-                PathChange::Initial { .. } => self.add(seq, None),
+                PathChange::Initial { .. } => self.add(seq, self.initial.clone()),
                 PathChange::Role => self.give_up(
                     "a SET ROLE or SET SESSION AUTHORIZATION changed whose schemas it reads",
                 ),
@@ -147,12 +196,19 @@ pub struct SearchPath {
 }
 
 impl SearchPath {
-    /// A session of `login`, on the login's default path.
-    pub fn new(login: &str) -> Self {
+    /// A session of `login` that started on the path and as the user `names` says (its
+    /// `search_path` setting and `current_user`, as its connection reported them), or, when
+    /// not known, on the login's default path as the catalog connection reads it.
+    pub fn new(login: &str, names: Option<&(String, String)>) -> Self {
+        let (initial, login) = match names {
+            Some((setting, user)) => (Some(split_setting(setting)), user.clone()),
+            None => (None, login.to_owned()),
+        };
         Self {
-            login: login.to_owned(),
+            login,
             state: State {
-                possible: vec![(0, None)],
+                initial: initial.clone(),
+                possible: vec![(0, initial)],
                 unknown: None,
             },
             seq: 0,
@@ -182,7 +238,7 @@ impl SearchPath {
     /// Whether the session may be on a path other than its initial one.
     pub fn changed(&mut self) -> bool {
         self.sync();
-        self.state.unknown.is_some() || self.state.paths().any(Option::is_some)
+        self.state.unknown.is_some() || self.state.paths().any(|p| *p != self.state.initial)
     }
 
     /// Whether a statement of `c` may run on a path other than the session's initial one
@@ -249,7 +305,7 @@ impl SearchPath {
                     }
                     Flag::SearchPath(PathChange::Initial { local }) => {
                         confirmable &= !local;
-                        last = Some(None);
+                        last = Some(self.state.initial.clone());
                     }
                     Flag::SearchPath(_) => confirmable = false,
                     _ => {}
@@ -398,7 +454,7 @@ mod tests {
 
     #[test]
     fn paths_set_are_followed_and_kept_as_possible_until_confirmed() {
-        let mut p = SearchPath::new("agent");
+        let mut p = SearchPath::new("agent", None);
         assert!(!p.changed());
         assert_eq!(observe(&mut p, "SELECT 1"), None);
         assert!(!p.changed());
@@ -440,7 +496,7 @@ mod tests {
         // The server keeps 63 bytes of an identifier: in the search path it reads, and in
         // the statements it parses.
         let long = format!("s{}", "é".repeat(40));
-        let mut p = SearchPath::new("agent");
+        let mut p = SearchPath::new("agent", None);
         observe(&mut p, &format!("SET search_path = '{long}'"));
         let cut = crate::sql::classify::truncate_identifier(&long);
         assert_eq!(cut.len(), 63);
@@ -450,6 +506,32 @@ mod tests {
             c.statements[0].relations.iter().next().map(String::as_str),
             Some(format!("{cut}.{cut}").as_str())
         );
+    }
+
+    #[test]
+    fn the_initial_path_is_the_sessions_own() {
+        assert_eq!(
+            split_setting("\"$user\", public"),
+            ["$user".to_owned(), "public".to_owned()]
+        );
+        assert_eq!(
+            split_setting(" Crm ,\"Mixed Case\", \"a\"\"b\",x"),
+            ["crm", "Mixed Case", "a\"b", "x"].map(str::to_owned)
+        );
+        assert!(split_setting("").is_empty());
+        assert!(split_setting("\"\"").is_empty());
+        let names = ("secret, public".to_owned(), "agent".to_owned());
+        let mut p = SearchPath::new("login", Some(&names));
+        assert_eq!(paths(&p), vec![path(&["secret", "public"])]);
+        assert!(!p.changed());
+        assert_eq!(p.login, "agent");
+        observe(&mut p, "SET search_path = public");
+        assert!(p.changed());
+        // RESET goes back to where the session started.
+        let reset = observe(&mut p, "RESET search_path").expect("confirmable");
+        p.confirmation().fetch_max(reset, Ordering::AcqRel);
+        assert!(!p.changed());
+        assert_eq!(paths(&p), vec![path(&["secret", "public"])]);
     }
 
     #[test]
@@ -491,7 +573,7 @@ mod tests {
             "CREATE SCHEMA newer",
             "UPDATE pg_settings SET setting = 'secret' WHERE name = 'search_path'",
         ] {
-            let mut p = SearchPath::new("agent");
+            let mut p = SearchPath::new("agent", None);
             assert_eq!(observe(&mut p, sql), None, "{sql}");
             assert!(p.state.unknown.is_some(), "{sql}");
             assert!(p.changed(), "{sql}");
@@ -500,7 +582,7 @@ mod tests {
             assert_eq!(later, None, "{sql}");
             assert!(p.changed(), "{sql}");
         }
-        let mut p = SearchPath::new("agent");
+        let mut p = SearchPath::new("agent", None);
         for i in 0..MAX_PATHS {
             observe(&mut p, &format!("SET search_path = s{i}"));
         }

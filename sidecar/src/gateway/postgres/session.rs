@@ -459,6 +459,7 @@ pub async fn handle(sock: AgentStream, gw: Arc<Gateway>) -> Result<(), FrameErro
         created,
         probe,
         home,
+        names,
     } = up;
     let pid = gw.next_pid.fetch_add(1, Ordering::Relaxed);
     // The secret an agent must present to cancel this session: random, so one agent cannot
@@ -525,7 +526,7 @@ pub async fn handle(sock: AgentStream, gw: Arc<Gateway>) -> Result<(), FrameErro
     let (tx, rx) = mpsc::channel::<Event>(256);
     // Where unqualified names point, for scopes that name tables; the writer confirms the
     // paths the server took.
-    let path = SearchPath::new(&creds.username);
+    let path = SearchPath::new(&creds.username, names.as_ref());
     let path_confirmed = path.confirmation();
     let catalog = Arc::new(Mutex::new(Catalog::new(
         pg.clone(),
@@ -607,6 +608,7 @@ pub async fn handle(sock: AgentStream, gw: Arc<Gateway>) -> Result<(), FrameErro
             created,
             probe,
             home,
+            names: None,
         };
         if canceled {
             // A cancel sent for this session could still reach the server and hit the next

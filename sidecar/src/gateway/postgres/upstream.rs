@@ -232,6 +232,9 @@ pub struct Upstream {
     pub probe: std::net::TcpStream,
     /// The thread whose event loop watches the socket.
     pub home: std::thread::ThreadId,
+    /// The session's `search_path` setting and `current_user` when it was opened or last
+    /// reset (`None` when they could not be read).
+    pub names: Option<(String, String)>,
 }
 
 /// Connects to the Target's server and logs in; returns after the first ReadyForQuery.
@@ -323,6 +326,7 @@ pub async fn connect(
         created: std::time::Instant::now(),
         probe,
         home: std::thread::current().id(),
+        names: None,
     };
     loop {
         let frame = read_frame(&mut out.stream, MAX_MESSAGE)
