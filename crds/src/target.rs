@@ -223,9 +223,8 @@ pub struct Guardrail {
     /// Protocol-specific patterns, any of which must match (empty: any request of the classes):
     /// SQL statement tags or function names (`DROP TABLE`, `pg_terminate_backend`,
     /// `SET search_path`), Kubernetes `verb resource` pairs (`delete namespaces`), shell
-    /// command globs (`rm -rf *`). A SQL string of several statements matches a guardrail
-    /// that blocks or holds when any statement does, and one that allows only when every
-    /// statement does.
+    /// command globs (`rm -rf *`). Each statement of a SQL string meets the guardrails on
+    /// its own (its class and its keys); the string gets the strictest outcome.
     #[serde(default)]
     #[schemars(length(max = 64), inner(length(min = 1, max = 1024)))]
     pub matches: Vec<String>,

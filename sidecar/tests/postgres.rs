@@ -654,7 +654,7 @@ async fn table_scopes_judge_the_table_the_search_path_reaches() -> anyhow::Resul
     let scoped = base
         .replace(
             "- { target: orders-db, scope: { operations: [Read] } }",
-            "- { target: orders-db, scope: { operations: [Read, Privilege], tables: [public.orders, public.customers, public.contacts, crm.contacts] } }",
+            "- { target: orders-db, scope: { operations: [Read, Privilege, DDL], tables: [public.orders, public.customers, public.contacts, crm.contacts] } }",
         )
         .replace(
             "action: Block, message: dropping tables is never allowed for agents }",
@@ -849,6 +849,22 @@ async fn table_scopes_judge_the_table_the_search_path_reaches() -> anyhow::Resul
     );
     assert!(!out.contains("top-secret"), "{out}");
     assert!(err.contains("(public.orders, secret.orders)"), "{err}");
+    // A function the session creates in a transaction still open is not in the catalog
+    // the gateway asks: calling it is Exec (held), not a read.
+    let (out, err) = session(&[
+        "BEGIN",
+        "CREATE FUNCTION agentgate.sneaky() RETURNS int LANGUAGE sql VOLATILE AS $$ SELECT 1 $$",
+        "SELECT agentgate.sneaky()",
+    ]);
+    assert_eq!(out, "BEGIN\nCREATE FUNCTION\n", "{err}");
+    assert!(err.contains("held"), "{err}");
+    // Called before it exists (nothing to cache), then created and called: still Exec.
+    let (out, err) = session(&[
+        "CREATE FUNCTION agentgate.later() RETURNS int LANGUAGE sql VOLATILE AS $$ SELECT 1 $$",
+        "SELECT agentgate.later()",
+    ]);
+    assert_eq!(out, "CREATE FUNCTION\n", "{err}");
+    assert!(err.contains("held"), "{err}");
     Ok(())
 }
 

@@ -898,8 +898,6 @@ fn options_set_read_write(body: &Value) -> bool {
     })
 }
 
-/// Whether `SET default_transaction_read_only` / `transaction_read_only` (or `RESET`, or
-/// `TO DEFAULT`) may turn read-only off: anything but a plain `on`, `true`, `yes` or `1`.
 /// A RangeVar's schema (empty when unqualified) and relation name.
 fn range_var(rel: &Value) -> (&str, &str) {
     let get = |k: &str| rel.get(k).and_then(Value::as_str).unwrap_or_default();
@@ -996,6 +994,8 @@ fn path_change(body: &Value) -> Option<PathChange> {
     }
 }
 
+/// Whether `SET default_transaction_read_only` / `transaction_read_only` (or `RESET`, or
+/// `TO DEFAULT`) may turn read-only off: anything but a plain `on`, `true`, `yes` or `1`.
 fn setting_lifts_read_only(body: &Value) -> bool {
     let args: Vec<&Value> = body
         .get("args")

@@ -623,7 +623,7 @@ impl Catalog {
                 None => {
                     let rows = self
                         .query(format!(
-                            "SELECT coalesce(bool_or({}), false) \
+                            "SELECT coalesce(bool_or({}), false), count(*) > 0 \
                              FROM pg_catalog.pg_proc WHERE lower(proname) = '{}'{}",
                             if shadow {
                                 "pronamespace <> 'pg_catalog'::pg_catalog.regnamespace"
@@ -634,10 +634,24 @@ impl Catalog {
                             if one_arg { " AND pronargs = 1" } else { "" }
                         ))
                         .await?;
-                    let v = rows
-                        .first()
-                        .and_then(|r| r.first().cloned().flatten())
-                        .is_some_and(|v| v == "t");
+                    let get = |i: usize| {
+                        rows.first()
+                            .and_then(|r| r.get(i).cloned().flatten())
+                            .is_some_and(|v| v == "t")
+                    };
+                    let (v, exists) = (get(0), get(1));
+                    if !exists && !one_arg {
+                        // No function of that name that this connection sees: one the
+                        // session created in a transaction still open, say. It may do
+                        // anything; asked again next time (the server fails the call if
+                        // there is none).
+                        crate::sql::classify::raise_function(
+                            c,
+                            &name,
+                            agentgate_crds::OperationClass::Exec,
+                        );
+                        continue;
+                    }
                     self.volatile.insert(key, v);
                     if let Ok(mut m) = VOLATILITY.lock() {
                         if m.len() >= 16_384 {

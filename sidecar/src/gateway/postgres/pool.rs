@@ -207,7 +207,20 @@ impl Pool {
             }
         }
         let mut up = upstream::connect(target, creds, params).await?;
-        up.names = read_names(&mut up).await;
+        // A session's connection reports where its names point; the catalog's is never
+        // asked (its own default path is not used).
+        if !key.catalog {
+            match read_names(&mut up).await {
+                Ok(names) => up.names = Some(names),
+                Err(why) => {
+                    // Its answer may be half read: the connection is not used.
+                    close(up);
+                    return Err(UpstreamError::Protocol(format!(
+                        "reading the new session's search path: {why}"
+                    )));
+                }
+            }
+        }
         Ok((up, false))
     }
 
@@ -244,7 +257,7 @@ impl Pool {
         let pool = self.clone();
         tokio::spawn(async move {
             let mut up = up;
-            match tokio::time::timeout(RESET_TIMEOUT, reset(&mut up)).await {
+            match tokio::time::timeout(RESET_TIMEOUT, reset(&mut up, key.catalog)).await {
                 Ok(Ok(())) => pool.keep(key, up),
                 Ok(Err(why)) => {
                     tracing::debug!(%why, "a released upstream connection was not kept");
@@ -363,13 +376,16 @@ fn quiet(stream: &mut Box<dyn upstream::Stream>) -> bool {
 /// `DISCARD ALL`, read to its ReadyForQuery: every session setting back to its default, the
 /// settings the server reports afterwards replacing the connection's. Nothing may follow
 /// the ReadyForQuery.
-async fn reset(up: &mut Upstream) -> Result<(), String> {
+async fn reset(up: &mut Upstream, catalog: bool) -> Result<(), String> {
     match simple_query(up, "DISCARD ALL").await?.as_slice() {
         [c] if c.tag == b'C' && c.body.starts_with(b"DISCARD ALL") => {}
         _ => return Err("DISCARD ALL did not complete".into()),
     }
-    // The defaults it went back to (a role's or database's may have changed since).
-    up.names = read_names(up).await;
+    // The defaults it went back to (a role's or database's may have changed since); a
+    // catalog connection is never asked.
+    if !catalog {
+        up.names = Some(read_names(up).await?);
+    }
     if quiet(&mut up.stream) {
         Ok(())
     } else {
@@ -378,9 +394,9 @@ async fn reset(up: &mut Upstream) -> Result<(), String> {
 }
 
 /// The session's `search_path` setting and `current_user` (where unqualified names point),
-/// read once the session is idle; `None` when the answer is not as expected (the gateway
-/// then reads the login's default path on its catalog connection).
-async fn read_names(up: &mut Upstream) -> Option<(String, String)> {
+/// read once the session is idle. `Err` when the answer is not as expected: it may be half
+/// read, and the caller closes the connection.
+async fn read_names(up: &mut Upstream) -> Result<(String, String), String> {
     let answer = tokio::time::timeout(
         CHECK_TIMEOUT,
         simple_query(
@@ -389,18 +405,21 @@ async fn read_names(up: &mut Upstream) -> Option<(String, String)> {
         ),
     )
     .await
-    .ok()?
-    .ok()?;
-    let row = answer.iter().find(|f| f.tag == b'D')?;
-    let values = super::backend::decode_data_row(row).ok()?;
+    .map_err(|_| "no answer in time".to_owned())??;
+    let row = answer
+        .iter()
+        .find(|f| f.tag == b'D')
+        .ok_or("no row in the answer")?;
+    let values = super::backend::decode_data_row(row).map_err(|e| e.to_string())?;
     let text = |i: usize| {
         values
             .get(i)
             .cloned()
             .flatten()
             .and_then(|v| String::from_utf8(v.to_vec()).ok())
+            .ok_or("a malformed row")
     };
-    Some((text(0)?, text(1)?))
+    Ok((text(0)?, text(1)?))
 }
 
 /// An empty query, read to its ReadyForQuery: the server is there and the session idle.

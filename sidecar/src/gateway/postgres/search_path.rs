@@ -48,7 +48,9 @@ pub(super) fn split_setting(setting: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut chars = setting.chars().peekable();
     loop {
-        while chars.peek().is_some_and(|c| c.is_whitespace()) {
+        // The server's whitespace: ASCII only.
+        let space = |c: &char| matches!(c, ' ' | '\t' | '\n' | '\r' | '\x0b' | '\x0c');
+        while chars.peek().is_some_and(space) {
             chars.next();
         }
         let mut name = String::new();
@@ -75,7 +77,7 @@ pub(super) fn split_setting(setting: &str) -> Vec<String> {
                 name.push(c.to_ascii_lowercase());
                 chars.next();
             }
-            name = name.trim_end().to_owned();
+            name = name.trim_end_matches(|c| space(&c)).to_owned();
         }
         if !name.is_empty() {
             out.push(crate::sql::classify::truncate_identifier(&name));
@@ -233,6 +235,12 @@ impl SearchPath {
             self.state.possible.retain(|(s, _)| *s > seq);
             self.state.possible.insert(0, (seq, path));
         }
+    }
+
+    /// Whether the session's own connection reported the path it started on (the catalog
+    /// connection's default may differ from it).
+    pub fn initial_known(&self) -> bool {
+        self.state.initial.is_some()
     }
 
     /// Whether the session may be on a path other than its initial one.

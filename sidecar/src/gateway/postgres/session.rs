@@ -528,6 +528,8 @@ pub async fn handle(sock: AgentStream, gw: Arc<Gateway>) -> Result<(), FrameErro
     // paths the server took.
     let path = SearchPath::new(&creds.username, names.as_ref());
     let path_confirmed = path.confirmation();
+    let ddl = Ddl::default();
+    let ddl_settled = ddl.settled.clone();
     let catalog = Arc::new(Mutex::new(Catalog::new(
         pg.clone(),
         creds.clone(),
@@ -552,6 +554,7 @@ pub async fn handle(sock: AgentStream, gw: Arc<Gateway>) -> Result<(), FrameErro
             pg: pg.clone(),
             key: key.clone(),
             path_confirmed,
+            ddl_settled,
         },
     );
     let reader = reader(
@@ -565,7 +568,7 @@ pub async fn handle(sock: AgentStream, gw: Arc<Gateway>) -> Result<(), FrameErro
         catalog.clone(),
         hold_cancel.clone(),
         &rec,
-        path,
+        (path, ddl),
     );
     let session_cancels = hold_cancel;
     let (result, reusable) = {
@@ -637,11 +640,22 @@ enum Event {
     OwnReady,
     /// A forwarded simple Query: the server answers up to a ReadyForQuery; the rule masks
     /// its computed output columns.
-    ExpectQuery(Option<crate::mask::Rule>, Box<Tally>, Option<u64>),
+    ExpectQuery(
+        Option<crate::mask::Rule>,
+        Box<Tally>,
+        Option<u64>,
+        Option<u64>,
+    ),
     /// An Execute was forwarded; the rule masks its computed output columns.
     /// With the search path change the server may confirm at the batch's end, and whether
     /// it runs a transaction statement (its batch then confirms nothing).
-    Execute(Option<crate::mask::Rule>, Box<Tally>, Option<u64>, bool),
+    Execute(
+        Option<crate::mask::Rule>,
+        Box<Tally>,
+        Option<u64>,
+        bool,
+        Option<u64>,
+    ),
     /// A Describe was forwarded: the agent's (its answer is relayed) or the gateway's own
     /// before an Execute (its answer sets the masking of the rows and is swallowed).
     Describe {
@@ -686,6 +700,9 @@ struct Batch {
     /// A simple query's search path change, confirmed when it is answered without an error
     /// and leaves no transaction open.
     path_change: Option<u64>,
+    /// The latest DDL of the batch (its number): settled once a ReadyForQuery finds the
+    /// session idle.
+    ddl: Option<u64>,
     /// The server answered an error.
     failed: bool,
     /// An Execute of the batch runs a transaction statement: what its ReadyForQuery says is
@@ -751,6 +768,39 @@ struct Live {
     key: Option<CancelKey>,
     /// Where the search path changes the server took are confirmed.
     path_confirmed: Arc<std::sync::atomic::AtomicU64>,
+    /// The latest DDL whose transaction ended (see [`Ddl`]).
+    ddl_settled: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// DDL the session let through whose transaction may still be open: the catalog connection
+/// cannot see what it created or replaced, so until a ReadyForQuery finds the session idle
+/// after it, every function called is taken as one that may do anything (Exec).
+#[derive(Default)]
+struct Ddl {
+    /// The number of the latest DDL let through.
+    latest: u64,
+    /// The latest whose transaction ended (the writer's).
+    settled: Arc<std::sync::atomic::AtomicU64>,
+    /// The latest after whose end the catalog's answers were forgotten.
+    forgotten: u64,
+}
+
+impl Ddl {
+    /// Numbers DDL in `c`, when it has some: the batch carrying it reports it.
+    fn note(&mut self, c: &Classified) -> Option<u64> {
+        c.statements
+            .iter()
+            .any(|s| s.class == agentgate_crds::OperationClass::Ddl)
+            .then(|| {
+                self.latest += 1;
+                self.latest
+            })
+    }
+
+    /// Whether DDL let through may still be uncommitted.
+    fn open(&self) -> bool {
+        self.settled.load(Ordering::Acquire) < self.latest
+    }
 }
 
 /// How long the writer waits, after asking the server to cancel a statement whose access
@@ -866,6 +916,8 @@ async fn writer(
     // Values masked in the row being relayed, by rule.
     let mut masked_now: std::collections::BTreeMap<String, u64> = Default::default();
     let mut done = false;
+    // The latest DDL answered so far.
+    let mut ddl_seen = 0u64;
     loop {
         // Emit the gateway's own answers that are now at the head.
         loop {
@@ -900,14 +952,16 @@ async fn writer(
             ev = rx.recv(), if !done => match ev {
                 Some(Event::ExpectUpstream) => queue.push_back(Pending::Upstream { swallow_ready: false, batch: Box::new(std::mem::take(&mut open)) }),
                 Some(Event::ExpectUpstreamSwallowReady) => queue.push_back(Pending::Upstream { swallow_ready: true, batch: Box::new(std::mem::take(&mut open)) }),
-                Some(Event::ExpectQuery(rule, tally, path_change)) => {
+                Some(Event::ExpectQuery(rule, tally, path_change, ddl)) => {
                     let mut batch = Box::new(std::mem::take(&mut open));
                     batch.query = rule;
                     batch.query_tally = Some(tally);
                     batch.path_change = path_change;
+                    batch.ddl = batch.ddl.max(ddl);
                     queue.push_back(Pending::Upstream { swallow_ready: false, batch });
                 }
-                Some(Event::Execute(rule, tally, path_change, transaction)) => {
+                Some(Event::Execute(rule, tally, path_change, transaction, ddl)) => {
+                    open.ddl = open.ddl.max(ddl);
                     open.executes.push_back((rule, false));
                     open.tallies.push_back(tally);
                     open.path_change = open.path_change.max(path_change);
@@ -1156,6 +1210,10 @@ async fn writer(
                         status = frame.body.first().copied().unwrap_or(b'I');
                         match queue.pop_front() {
                             Some(Pending::Upstream { swallow_ready, mut batch }) => {
+                                ddl_seen = ddl_seen.max(batch.ddl.unwrap_or(0));
+                                if status == b'I' && ddl_seen > 0 {
+                                    live.ddl_settled.fetch_max(ddl_seen, std::sync::atomic::Ordering::AcqRel);
+                                }
                                 if let Some(change) = batch.path_change
                                     && !batch.failed
                                     && !batch.transaction
@@ -1698,32 +1756,35 @@ async fn check_functions(
     catalog: &Mutex<Catalog>,
     c: &mut Classified,
     path: &mut SearchPath,
+    ddl: &mut Ddl,
 ) -> Option<String> {
-    if c.statements
-        .iter()
-        .all(|s| s.functions.is_empty() && s.attribute_calls.is_empty())
+    if c.statements.iter().all(|s| s.functions.is_empty()) {
+        if c.statements.iter().all(|s| s.attribute_calls.is_empty()) {
+            return None;
+        }
+    } else if ddl.open()
+        || c.statements
+            .iter()
+            .any(|s| s.class == agentgate_crds::OperationClass::Ddl)
     {
-        return None;
-    }
-    // Functions defined in the same string are not in the catalog yet: whatever it calls
-    // may be anything.
-    if c.statements.iter().any(|s| {
-        matches!(
-            s.tag.as_str(),
-            "CREATE FUNCTION" | "ALTER FUNCTION" | "CREATE" | "CREATE CAST"
-        )
-    }) {
+        // DDL in this string, or let through in a transaction that may still be open: the
+        // catalog connection does not see what it created, renamed or replaced, so whatever
+        // is called may be anything (built-in names included).
         let called: Vec<String> = c
             .statements
             .iter()
-            .flat_map(|s| s.functions.iter().chain(s.attribute_calls.iter()))
-            .filter(|f| !crate::sql::classify::known_function(f))
+            .filter(|s| s.class != agentgate_crds::OperationClass::Ddl || runs_query(s))
+            .flat_map(|s| s.functions.iter())
             .cloned()
             .collect();
         for f in called {
             crate::sql::classify::raise_function(c, &f, agentgate_crds::OperationClass::Exec);
         }
-        return None;
+    }
+    if !ddl.open() && ddl.latest > ddl.forgotten {
+        // Its transaction ended: what the catalog said before it is forgotten.
+        catalog.lock().await.forget_functions();
+        ddl.forgotten = ddl.latest;
     }
     // A path with a schema before pg_catalog: a built-in's name may call another function.
     let all = path.catalog_later_for(c);
@@ -1746,15 +1807,16 @@ async fn computed_for(
     let why = |e: String| {
         format!("agentgate cannot tell which columns to mask ({e}); nothing is sent in clear")
     };
-    // Names are read on the login's default path: once the session may be on another,
-    // they are resolved on its paths first. A name that may be more than one relation, or
-    // whose schema cannot be told, masks every computed value.
+    // The catalog reads names on its own connection's default path: they are resolved on
+    // the session's paths first (its own connection's, and any it set since). A name that
+    // may be more than one relation, or whose schema cannot be told, masks every computed
+    // value.
     let mut statements = std::borrow::Cow::Borrowed(&c.statements);
     if c.statements.iter().any(|s| {
         s.relations
             .iter()
             .any(|r| crate::sql::classify::unqualified(r).is_some())
-    }) && path.changed_for(c)
+    }) && (path.initial_known() || path.changed_for(c))
     {
         let mut resolved = c.clone();
         path.resolve(catalog, &mut resolved).await.map_err(why)?;
@@ -1810,6 +1872,18 @@ fn qualified_statements(c: &Classified) -> Option<Vec<crate::sql::Statement>> {
         st.relations = relations;
     }
     Some(out)
+}
+
+/// Whether a DDL statement runs a query as it is made (`CREATE TABLE … AS`, `SELECT …
+/// INTO`, a materialized view), calling what the query calls.
+fn runs_query(s: &crate::sql::Statement) -> bool {
+    matches!(
+        s.tag.as_str(),
+        "SELECT INTO"
+            | "CREATE TABLE AS"
+            | "CREATE MATERIALIZED VIEW"
+            | "REFRESH MATERIALIZED VIEW"
+    )
 }
 
 /// Decides `c`, with its unqualified relation names resolved on the session's search path
@@ -1905,11 +1979,11 @@ async fn reader(
     catalog: Arc<Mutex<Catalog>>,
     cancel: Arc<HoldCancel>,
     rec: &SessionRecorder,
-    path: SearchPath,
+    names: (SearchPath, Ddl),
 ) -> Result<(), FrameError> {
     let mut up = BufWriter::new(up);
     let r = read_agent(
-        gw, identity, target, agent, &mut up, &tx, masks, catalog, cancel, rec, path,
+        gw, identity, target, agent, &mut up, &tx, masks, catalog, cancel, rec, names,
     )
     .await;
     let half = if matches!(r, Ok(true)) && up.flush().await.is_ok() {
@@ -1935,7 +2009,7 @@ async fn read_agent(
     catalog: Arc<Mutex<Catalog>>,
     cancel: Arc<HoldCancel>,
     rec: &SessionRecorder,
-    mut path: SearchPath,
+    (mut path, mut ddl): (SearchPath, Ddl),
 ) -> Result<bool, FrameError> {
     // Prepared statements' classifications, for Execute-time checks.
     let mut statements: HashMap<String, Classified> = HashMap::new();
@@ -2117,7 +2191,8 @@ async fn read_agent(
                     continue;
                 }
                 let mut classified = classified;
-                let functions_unknown = check_functions(&catalog, &mut classified, &mut path).await;
+                let functions_unknown =
+                    check_functions(&catalog, &mut classified, &mut path, &mut ddl).await;
                 let (computed, unknown) =
                     match computed_for(&catalog, &masks, &classified, &mut path).await {
                         Ok(r) => (r, None),
@@ -2218,9 +2293,15 @@ async fn read_agent(
                         // A FETCH runs its cursor's query: decided again as the DECLARE.
                         tally.command = Some(Arc::new(Command::from(declared)));
                     }
-                    tx.send(Event::ExpectQuery(computed, Box::new(tally), path_change))
-                        .await
-                        .ok();
+                    let ddl_no = ddl.note(&classified);
+                    tx.send(Event::ExpectQuery(
+                        computed,
+                        Box::new(tally),
+                        path_change,
+                        ddl_no,
+                    ))
+                    .await
+                    .ok();
                     write_frames(&mut up, &[frontend::encode(&Frontend::Query(sql))]).await?;
                 } else {
                     let err = held_refusal(&d, &classified, held_as.as_ref());
@@ -2271,7 +2352,7 @@ async fn read_agent(
                         ),
                         Ok(mut c) => {
                             let functions_unknown =
-                                check_functions(&catalog, &mut c, &mut path).await;
+                                check_functions(&catalog, &mut c, &mut path, &mut ddl).await;
                             let (mut d, names_unknown) =
                                 decide_names(&mut path, &catalog, table_scoped(), &mut c, &decide)
                                     .await;
@@ -2461,6 +2542,7 @@ async fn read_agent(
                             Box::new(tally),
                             path_change,
                             transaction,
+                            ddl.note(&c),
                         ))
                         .await
                         .ok();
