@@ -223,8 +223,9 @@ pub struct Guardrail {
     /// Protocol-specific patterns, any of which must match (empty: any request of the classes):
     /// SQL statement tags or function names (`DROP TABLE`, `pg_terminate_backend`,
     /// `SET search_path`), Kubernetes `verb resource` pairs (`delete namespaces`), shell
-    /// command globs (`rm -rf *`). Each statement of a SQL string meets the guardrails on
-    /// its own (its class and its keys); the string gets the strictest outcome.
+    /// command globs (`rm -rf *`). Each statement of a SQL string, and each simple command
+    /// of a shell line, meets the guardrails on its own (its class and its keys); the whole
+    /// gets the strictest outcome.
     #[serde(default)]
     #[schemars(length(max = 64), inner(length(min = 1, max = 1024)))]
     pub matches: Vec<String>,

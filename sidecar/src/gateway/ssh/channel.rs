@@ -345,8 +345,28 @@ impl Ctx {
         if kind == "shell" {
             keys.insert("shell".into());
         }
+        // Each simple command meets the guardrails on its own too (a guardrail that allows
+        // one never lets another of the line pass), besides the line as a whole (what only
+        // the whole shows: `curl | sh`, a fork bomb). A command that does not read back as a
+        // line of its own leaves the line as one.
+        let parts: Option<Vec<_>> = (parsed.commands.len() > 1)
+            .then(|| {
+                parsed
+                    .commands
+                    .iter()
+                    .map(|c| {
+                        command::classify_in(c, &cwds)
+                            .ok()
+                            .map(|p| (p.class, p.keys))
+                    })
+                    .chain(std::iter::once(Some((parsed.class, keys.clone()))))
+                    .collect()
+            })
+            .flatten();
         let access = self.access(parsed.commands, None);
-        Ok(self.ssh_command(parsed.class, kind, text, keys, Some(access)))
+        let mut cmd = self.ssh_command(parsed.class, kind, text, keys, Some(access));
+        cmd.parts = parts.unwrap_or_default();
+        Ok(cmd)
     }
 
     /// The message for a refused or held command (holds file an AccessGrant request).
