@@ -589,3 +589,50 @@ fn a_guardrail_that_allows_must_allow_every_statement_of_a_string() {
     let role = Command::from(&classify("SET ROLE admin").unwrap());
     assert!(!role.keys.contains("SET search_path"), "{:?}", role.keys);
 }
+
+#[test]
+fn each_simple_command_of_a_shell_line_meets_the_guardrails() {
+    use crate::gateway::ssh::command;
+    let target: agentgate_crds::target::Target = serde_json::from_value(serde_json::json!({
+        "apiVersion": "agentgate.dev/v1alpha1",
+        "kind": "Target",
+        "metadata": { "name": "web" },
+        "spec": {
+            "protocol": "SSH",
+            "ssh": { "host": "127.0.0.1", "port": 22, "user": "web", "knownHosts": "k", "credentials": { "name": "c" } },
+            "guardrails": [ { "name": "status-is-fine", "matches": ["systemctl status *"], "action": "Allow" } ]
+        }
+    }))
+    .unwrap();
+    let mut s = snapshot();
+    s.targets.insert("web".into(), target);
+    let id = s.identities.get_mut("claude").unwrap();
+    id.spec.baseline.push(
+        serde_json::from_value(serde_json::json!({
+            "target": "web", "scope": { "operations": ["Read", "Write", "Exec", "Admin"] }
+        }))
+        .unwrap(),
+    );
+    let decide_line = |line: &str| {
+        let home = [Some("~".to_owned())];
+        let parsed = command::classify_in(line, &home).unwrap();
+        let cmd = Command {
+            class: parsed.class,
+            fingerprint: crate::sql::Fingerprint::known("f".into()),
+            keys: parsed.keys.clone(),
+            tables: Default::default(),
+            unresolved: None,
+            parts: command::parts(&parsed, &parsed.keys, &home),
+            kube: None,
+            ssh: None,
+        };
+        decide(Some(&s), "claude", "web", &cmd, now())
+    };
+    assert_eq!(
+        decide_line("systemctl status nginx").verdict,
+        Verdict::Allow
+    );
+    // The allowed command does not carry another past the default guardrails.
+    let d = decide_line("systemctl status nginx; rm -rf /");
+    assert_eq!(d.verdict, Verdict::Refuse, "{d:?}");
+}

@@ -349,23 +349,10 @@ impl Ctx {
         // one never lets another of the line pass), besides the line as a whole (what only
         // the whole shows: `curl | sh`, a fork bomb). A command that does not read back as a
         // line of its own leaves the line as one.
-        let parts: Option<Vec<_>> = (parsed.commands.len() > 1)
-            .then(|| {
-                parsed
-                    .commands
-                    .iter()
-                    .map(|c| {
-                        command::classify_in(c, &cwds)
-                            .ok()
-                            .map(|p| (p.class, p.keys))
-                    })
-                    .chain(std::iter::once(Some((parsed.class, keys.clone()))))
-                    .collect()
-            })
-            .flatten();
+        let parts = command::parts(&parsed, &keys, &cwds);
         let access = self.access(parsed.commands, None);
         let mut cmd = self.ssh_command(parsed.class, kind, text, keys, Some(access));
-        cmd.parts = parts.unwrap_or_default();
+        cmd.parts = parts;
         Ok(cmd)
     }
 

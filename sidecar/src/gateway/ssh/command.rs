@@ -219,6 +219,27 @@ pub fn classify(line: &str) -> Result<Parsed, Unparsable> {
     classify_in(line, &home())
 }
 
+/// What each simple command of a parsed line meets the guardrails with (its class and
+/// keys), then the line as a whole (`keys`: what only the whole shows, such as `curl | sh`);
+/// empty for a single command, or when a command does not read back as a line of its own
+/// (the line then meets them as one).
+pub fn parts(
+    parsed: &Parsed,
+    keys: &BTreeSet<String>,
+    cwds: &[Option<String>],
+) -> Vec<(OperationClass, BTreeSet<String>)> {
+    if parsed.commands.len() < 2 {
+        return Vec::new();
+    }
+    parsed
+        .commands
+        .iter()
+        .map(|c| classify_in(c, cwds).ok().map(|p| (p.class, p.keys)))
+        .chain(std::iter::once(Some((parsed.class, keys.clone()))))
+        .collect::<Option<Vec<_>>>()
+        .unwrap_or_default()
+}
+
 /// Parses and classifies one command line run where the shell may be (`cwds`, what the
 /// session's earlier lines left: [`Parsed::cwds`]).
 pub fn classify_in(line: &str, cwds: &[Option<String>]) -> Result<Parsed, Unparsable> {
