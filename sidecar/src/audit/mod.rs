@@ -253,14 +253,16 @@ impl Auditor {
         start.note = Some(format!("agentgate-sidecar {}", env!("CARGO_PKG_VERSION")));
         // Continue the stream of the run before (killed or stopped): this start's signature
         // then covers its end.
-        start.previous = journal
+        let last = journal
             .last_line()
-            .and_then(|l| serde_json::from_slice::<Record>(&l).ok())
-            .map(|r| agentgate_crds::audit::StreamLink {
-                stream: r.stream,
-                n: r.n,
-                hash: r.hash,
-            });
+            .and_then(|l| serde_json::from_slice::<Record>(&l).ok());
+        // Times go on from the run before, even on a clock that stepped back since.
+        let last_time = last.as_ref().map(|r| r.time);
+        start.previous = last.map(|r| agentgate_crds::audit::StreamLink {
+            stream: r.stream,
+            n: r.n,
+            hash: r.hash,
+        });
         let writer = Writer {
             chain: Chain::new(stream.to_string()),
             signer,
@@ -270,7 +272,7 @@ impl Auditor {
             checkpoint_every: config.checkpoint_every,
             line: Vec::with_capacity(4096),
             dirty: false,
-            last_time: None,
+            last_time,
         };
         std::thread::Builder::new()
             .name("agentgate-audit".into())
