@@ -2025,10 +2025,20 @@ async fn read_agent(
     let mut unnamed_uncertain = false;
     let mut in_batch = false;
     let mut copy_in = false;
-    let table_scoped = || {
-        gw.policy
-            .get()
-            .is_some_and(|s| policy::table_scoped(&s, identity, target))
+    // Asked for every statement: answered once per policy snapshot.
+    let mut scoped_in: Option<(Arc<policy::Snapshot>, bool)> = None;
+    let mut table_scoped = || {
+        let Some(s) = gw.policy.get() else {
+            return false;
+        };
+        match &scoped_in {
+            Some((seen, v)) if Arc::ptr_eq(seen, &s) => *v,
+            _ => {
+                let v = policy::table_scoped(&s, identity, target);
+                scoped_in = Some((s, v));
+                v
+            }
+        }
     };
     // A command runs only when its record can be taken (fail closed).
     let admitted = |d: Decision| -> Decision {
