@@ -888,14 +888,6 @@ mod tests {
             .collect()
     }
 
-    /// The kind and note of every record in the journal.
-    fn records(dir: &Path) -> Vec<(String, Option<String>)> {
-        journal(dir)
-            .into_iter()
-            .map(|r| (r.kind.as_str().to_owned(), r.note))
-            .collect()
-    }
-
     /// A pipeline writing to `dir/spill` (no fsync, a queue of `queue` records when set) and
     /// one session on it.
     fn pipeline(
@@ -913,6 +905,17 @@ mod tests {
             .session("agent", "db", protocol, None)
             .expect("a session");
         (auditor, rec)
+    }
+
+    /// Ends the session and the pipeline; the records it wrote to `dir/spill`.
+    fn finish(auditor: Auditor, rec: SessionRecorder, dir: &Path) -> Vec<Record> {
+        drop(rec);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        rt.block_on(auditor.shutdown(Duration::from_secs(5)));
+        journal(&dir.join("spill"))
     }
 
     #[test]
@@ -955,13 +958,7 @@ mod tests {
             });
             rec.emit(late).expect("accepted");
         }
-        drop(rec);
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("a runtime");
-        rt.block_on(auditor.shutdown(Duration::from_secs(5)));
-        let outcomes: Vec<Record> = journal(&dir.path().join("spill"))
+        let outcomes: Vec<Record> = finish(auditor, rec, dir.path())
             .into_iter()
             .filter(|r| r.kind == RecordKind::Outcome)
             .collect();
@@ -988,13 +985,7 @@ mod tests {
         assert!(t_early < t_late);
         rec.emit(late).expect("accepted");
         rec.emit(early).expect("accepted");
-        drop(rec);
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("a runtime");
-        rt.block_on(auditor.shutdown(Duration::from_secs(5)));
-        let times: Vec<jiff::Timestamp> = journal(&dir.path().join("spill"))
+        let times: Vec<jiff::Timestamp> = finish(auditor, rec, dir.path())
             .into_iter()
             .map(|r| r.time)
             .collect();
@@ -1048,15 +1039,12 @@ mod tests {
         std::thread::sleep(Duration::from_millis(100));
         drop(stalled);
         assert_eq!(waiting.join().expect("the sender"), Ok(()));
-        drop(rec);
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("a runtime");
-        rt.block_on(auditor.shutdown(Duration::from_secs(5)));
         // Every accepted request and the record that waited: nothing accepted is lost,
         // nothing refused is written.
-        let written = records(&dir.path().join("spill"));
+        let written: Vec<(String, Option<String>)> = finish(auditor, rec, dir.path())
+            .into_iter()
+            .map(|r| (r.kind.as_str().to_owned(), r.note))
+            .collect();
         let requests = written.iter().filter(|(k, _)| k == "Request").count();
         assert_eq!(requests, accepted, "{written:?}");
         assert_eq!(
