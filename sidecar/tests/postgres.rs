@@ -206,7 +206,10 @@ async fn masking_holds_against_renamed_columns_views_cursors_partitions_and_erro
          GRANT USAGE ON SCHEMA crm TO agentgate;
          GRANT SELECT ON ALL TABLES IN SCHEMA public, crm TO agentgate;
          CREATE VIEW renamed AS SELECT id AS k, name AS n FROM customers;
-         GRANT SELECT ON renamed TO agentgate;
+         CREATE VIEW sub_view AS SELECT q.s, q.id FROM (SELECT name AS s, id FROM customers) q;
+         CREATE VIEW cte_view AS
+           WITH x AS (SELECT id, name AS s FROM customers) SELECT id, s FROM x;
+         GRANT SELECT ON renamed, sub_view, cte_view TO agentgate;
          CREATE FUNCTION scs_off() RETURNS text LANGUAGE sql STABLE
            AS $$ SELECT set_config('standard_conforming_strings', 'off', false) $$;
          CREATE FUNCTION touch_orders() RETURNS int LANGUAGE sql
@@ -233,12 +236,23 @@ async fn masking_holds_against_renamed_columns_views_cursors_partitions_and_erro
         "SELECT n || '!' FROM renamed WHERE k = 1",
         "SELECT row_to_json(r)::text FROM renamed r WHERE k = 1",
         "SELECT x FROM (SELECT name AS x FROM customers WHERE id = 1) s",
+        // Views whose columns come out of a sub-select or a WITH query.
+        "SELECT s FROM sub_view WHERE id = 1",
+        "SELECT s FROM cte_view WHERE id = 1",
+        "WITH x AS (SELECT name AS s FROM customers WHERE id = 1) SELECT s FROM x",
+        "WITH customers AS (SELECT name AS s FROM customers WHERE id = 1) SELECT s || '' FROM customers",
     ] {
         let out = gw.ok(sql);
         assert_eq!(out, "[name]", "{sql}");
     }
     // Columns that read nothing masked stay clear.
     assert_eq!(gw.ok("SELECT k + 1 FROM renamed WHERE k = 1"), "2");
+    assert_eq!(gw.ok("SELECT id FROM sub_view WHERE id = 1"), "1");
+    assert_eq!(gw.ok("SELECT id FROM cte_view WHERE id = 1"), "1");
+    assert_eq!(
+        gw.ok("WITH customers AS (SELECT 'clear' AS name) SELECT name || '' FROM customers"),
+        "clear"
+    );
     assert_eq!(gw.ok("SELECT count(*) FROM customers"), "2");
     // COPY of a view over the masked column.
     let e = gw.err("COPY (SELECT * FROM customer_names) TO STDOUT");
@@ -692,6 +706,37 @@ async fn table_scopes_judge_the_table_the_search_path_reaches() -> anyhow::Resul
         e.contains("held for approval") && e.contains("(secret.orders)"),
         "{e}"
     );
+    // A WITH query's name is no table: it reads what its body reads. Its body does not see
+    // its own name (without RECURSIVE), so a WITH query named after an allowed table cannot
+    // hide the table it reads.
+    assert_eq!(
+        gw.ok(
+            "WITH paid AS (SELECT id FROM orders WHERE state = 'paid') SELECT count(*) FROM paid"
+        ),
+        "2"
+    );
+    assert_eq!(
+        gw.ok(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 3), \
+             o AS (SELECT * FROM orders) SELECT count(*) FROM n, o"
+        ),
+        "6"
+    );
+    for sql in [
+        "WITH paid AS (SELECT * FROM secret.orders) SELECT state FROM paid",
+        "WITH customers AS (SELECT * FROM secret.orders) SELECT state FROM customers",
+        "WITH orders AS (SELECT 1) SELECT state FROM secret.orders",
+        "SELECT state FROM (WITH x AS (SELECT 1) SELECT * FROM x) s, secret.orders",
+    ] {
+        let e = gw.err(sql);
+        assert!(
+            e.contains("held for approval") && e.contains("(secret.orders)"),
+            "{sql}: {e}"
+        );
+    }
+    // A WITH query of one part of a statement is a table in another.
+    let e = gw.err("SELECT * FROM (WITH paid AS (SELECT 1) SELECT * FROM paid) s, paid");
+    assert!(e.contains("held for approval") && e.contains("paid"), "{e}");
     // A path set in the same string, before the read.
     let (out, err) = session(&["SET search_path = secret; SELECT state FROM orders"]);
     assert!(!out.contains("top-secret"), "{out}");

@@ -589,6 +589,9 @@ struct Walk {
     aliases: std::collections::BTreeMap<String, String>,
     attribute_calls: BTreeSet<String>,
     created: BTreeSet<String>,
+    /// The names of the `WITH` queries visible where the walk is: an unqualified name in a
+    /// `FROM` list that is one of them reads that query, not a table.
+    ctes: Vec<String>,
 }
 
 impl Walk {
@@ -840,7 +843,14 @@ fn walk(v: &Value, w: &mut Walk) {
                         w.raise(OperationClass::Privilege);
                     }
                 }
-                walk(body, w);
+                if matches!(
+                    k.as_str(),
+                    "SelectStmt" | "InsertStmt" | "UpdateStmt" | "DeleteStmt" | "MergeStmt"
+                ) {
+                    walk_query(body, w);
+                } else {
+                    walk(body, w);
+                }
             }
             // Some fields hold a RangeVar or a FuncCall directly rather than inside a Node, so
             // they are recognised by their fields, not by a key.
@@ -848,6 +858,8 @@ fn walk(v: &Value, w: &mut Walk) {
                 m.get("relname").and_then(Value::as_str),
                 m.get("schemaname").and_then(Value::as_str),
             ) && !rel.is_empty()
+                // A `WITH` query's name, where it is visible, reads that query.
+                && !(schema.is_empty() && w.ctes.iter().any(|c| c == rel))
             {
                 let name = relation_name(schema, rel);
                 if let Some(alias) = m
@@ -877,6 +889,64 @@ fn walk(v: &Value, w: &mut Walk) {
         Value::Array(a) => a.iter().for_each(|x| walk(x, w)),
         _ => {}
     }
+}
+
+/// A query that may have a `WITH` clause, with the scoping PostgreSQL gives the names of its
+/// `WITH` queries: each one's body sees the queries listed before it (all of them, itself
+/// included, under `WITH RECURSIVE`), the rest of the statement sees them all, and nested
+/// queries see what their parents see. The relation a statement writes (`INSERT INTO`,
+/// `UPDATE`, `DELETE FROM`, `MERGE INTO`, `SELECT … INTO`) is always a table: a `WITH` query
+/// does not hide a table there.
+fn walk_query(body: &Value, w: &mut Walk) {
+    let Value::Object(fields) = body else {
+        walk(body, w);
+        return;
+    };
+    let with = body.get("with_clause").filter(|c| !c.is_null());
+    let recursive = with
+        .and_then(|c| c.get("recursive"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let ctes: Vec<&Value> = with
+        .and_then(|c| c.get("ctes"))
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .collect();
+    let names: Vec<String> = ctes
+        .iter()
+        .map(|c| {
+            c.get("node")
+                .unwrap_or(c)
+                .get("CommonTableExpr")
+                .and_then(|e| e.get("ctename"))
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect();
+    let outer = w.ctes.len();
+    for (i, cte) in ctes.iter().enumerate() {
+        let visible = if recursive { &names[..] } else { &names[..i] };
+        w.ctes.extend(visible.iter().cloned());
+        walk(cte, w);
+        w.ctes.truncate(outer);
+    }
+    w.ctes.extend(names);
+    for (field, v) in fields {
+        match field.as_str() {
+            "with_clause" => {}
+            // The sides of a set operation are queries held directly, not inside a node.
+            "larg" | "rarg" => walk_query(v, w),
+            "relation" | "into_clause" => {
+                let visible = std::mem::take(&mut w.ctes);
+                walk(v, w);
+                w.ctes = visible;
+            }
+            _ => walk(v, w),
+        }
+    }
+    w.ctes.truncate(outer);
 }
 
 /// Whether a transaction statement or `SET TRANSACTION` turns `transaction_read_only` off
@@ -1698,5 +1768,99 @@ mod tests {
             "{:?}",
             c.statements[0]
         );
+    }
+
+    fn relations(sql: &str) -> Vec<Vec<String>> {
+        classify(sql)
+            .unwrap()
+            .statements
+            .iter()
+            .map(|s| s.relations.iter().cloned().collect())
+            .collect()
+    }
+
+    #[test]
+    fn with_queries_are_not_tables_where_their_names_are_visible() {
+        let r = |sql: &str| relations(sql).concat();
+        // The main query reads the WITH query; its body reads the table.
+        assert_eq!(r("WITH x AS (SELECT * FROM t) SELECT * FROM x"), ["t"]);
+        // A body does not see its own name, nor later ones, without RECURSIVE.
+        assert_eq!(
+            r("WITH secret AS (SELECT * FROM secret) SELECT * FROM secret"),
+            ["secret"]
+        );
+        assert_eq!(
+            r("WITH a AS (SELECT * FROM b), b AS (SELECT 1) SELECT * FROM a, b"),
+            ["b"]
+        );
+        assert_eq!(
+            r("WITH a AS (SELECT 1), b AS (SELECT * FROM a) SELECT * FROM b"),
+            Vec::<String>::new()
+        );
+        // Under RECURSIVE every body sees every name.
+        assert_eq!(
+            r(
+                "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 3) \
+               SELECT * FROM n"
+            ),
+            Vec::<String>::new()
+        );
+        // A schema-qualified name is always a table.
+        assert_eq!(
+            r("WITH x AS (SELECT 1) SELECT * FROM public.x, x"),
+            ["public.x"]
+        );
+        // Nested queries see their parents' WITH queries, in joins, sub-selects and EXISTS.
+        assert_eq!(
+            r("WITH x AS (SELECT 1 AS i) SELECT * FROM t JOIN x ON true \
+               WHERE EXISTS (SELECT 1 FROM x) AND t.i IN (SELECT i FROM (SELECT * FROM x) s)"),
+            ["t"]
+        );
+        // A WITH of a nested query is visible only inside it.
+        assert_eq!(
+            r("SELECT * FROM (WITH x AS (SELECT 1) SELECT * FROM x) s, x"),
+            ["x"]
+        );
+        assert_eq!(
+            r("(WITH x AS (SELECT 1) SELECT * FROM x) UNION ALL SELECT * FROM x"),
+            ["x"]
+        );
+        // ... while one on a set operation covers both of its sides.
+        assert_eq!(
+            r("WITH x AS (SELECT 1) SELECT * FROM x UNION SELECT * FROM x"),
+            Vec::<String>::new()
+        );
+        // A table written to is a table, whatever WITH queries are visible.
+        assert_eq!(
+            r("WITH x AS (SELECT 1 AS i) INSERT INTO x SELECT i FROM x"),
+            ["x"]
+        );
+        assert_eq!(
+            r("WITH x AS (SELECT 1 AS i) UPDATE x SET i = 2 FROM x y WHERE x.i = y.i"),
+            ["x"]
+        );
+        assert_eq!(
+            r("WITH x AS (SELECT 1 AS i) DELETE FROM x USING x y WHERE x.i = y.i"),
+            ["x"]
+        );
+        assert_eq!(
+            r(
+                "WITH x AS (SELECT 1 AS i) MERGE INTO x USING x s ON x.i = s.i \
+               WHEN MATCHED THEN DELETE"
+            ),
+            ["x"]
+        );
+        assert_eq!(r("WITH x AS (SELECT 1) SELECT * INTO x FROM x"), ["x"]);
+        // Data-modifying WITH queries write their own targets.
+        assert_eq!(
+            r(
+                "WITH x AS (SELECT 1 AS i), d AS (INSERT INTO x SELECT * FROM x RETURNING *) \
+               SELECT * FROM d"
+            ),
+            ["x"]
+        );
+        // A WITH query's alias is no alias of a table.
+        let c = classify("WITH x AS (SELECT 1 AS i) SELECT y.i FROM x y").unwrap();
+        assert!(c.statements[0].aliases.is_empty(), "{:?}", c.statements[0]);
     }
 }

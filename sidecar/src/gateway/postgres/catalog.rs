@@ -318,57 +318,71 @@ impl Catalog {
                 .unwrap_or_else(|| st.columns.clone());
         let mut named = st.clone();
         named.columns = refs.clone();
-        if let Some(rule) = masks.computed_rule(&[named]) {
+        if let Some(rule) = masks.computed_rule(std::slice::from_ref(&named)) {
             return Ok(Some(rule.clone()));
         }
         // Follow each referenced column to its relation (a table, or another view).
         let quote = |s: &str| s.replace('\'', "''");
-        let mut pairs: Vec<(String, String)> = Vec::new();
+        let mut unresolved = false;
         for fields in &refs {
-            match fields.as_slice() {
+            let pairs: Vec<(String, String)> = match fields.as_slice() {
                 [rel @ .., col] if !rel.is_empty() => {
                     let q = rel.join(".");
                     let rel = st.aliases.get(&q).cloned().unwrap_or(q);
-                    pairs.push((rel, col.clone()));
+                    vec![(rel, col.clone())]
                 }
-                [col] => pairs.extend(st.relations.iter().map(|r| (r.clone(), col.clone()))),
-                _ => {}
-            }
-        }
-        for (rel, col) in pairs {
-            let rows = if col == "*" {
-                self.query(format!(
-                    "SELECT attrelid::int8, attnum FROM pg_catalog.pg_attribute \
-                     WHERE attrelid = pg_catalog.to_regclass('{}') AND attnum > 0 AND NOT attisdropped",
-                    quote(&rel)
-                ))
-                .await?
-            } else {
-                self.query(format!(
-                    "SELECT attrelid::int8, attnum FROM pg_catalog.pg_attribute \
-                     WHERE attrelid = pg_catalog.to_regclass('{}') AND attname = '{}'",
-                    quote(&rel),
-                    quote(&col)
-                ))
-                .await?
+                [col] => st
+                    .relations
+                    .iter()
+                    .map(|r| (r.clone(), col.clone()))
+                    .collect(),
+                _ => continue,
             };
-            for r in rows {
-                let oid = r
-                    .first()
-                    .cloned()
-                    .flatten()
-                    .and_then(|v| v.parse::<u32>().ok());
-                let num = r
-                    .get(1)
-                    .cloned()
-                    .flatten()
-                    .and_then(|v| v.parse::<i16>().ok());
-                if let (Some(oid), Some(num)) = (oid, num)
-                    && let Some(rule) = Box::pin(self.rule(oid, num, masks)).await?
-                {
-                    return Ok(Some(rule));
+            let mut found = false;
+            for (rel, col) in pairs {
+                let rows = if col == "*" {
+                    self.query(format!(
+                        "SELECT attrelid::int8, attnum FROM pg_catalog.pg_attribute \
+                         WHERE attrelid = pg_catalog.to_regclass('{}') \
+                         AND attnum > 0 AND NOT attisdropped",
+                        quote(&rel)
+                    ))
+                    .await?
+                } else {
+                    self.query(format!(
+                        "SELECT attrelid::int8, attnum FROM pg_catalog.pg_attribute \
+                         WHERE attrelid = pg_catalog.to_regclass('{}') AND attname = '{}'",
+                        quote(&rel),
+                        quote(&col)
+                    ))
+                    .await?
+                };
+                found |= !rows.is_empty();
+                for r in rows {
+                    let oid = r
+                        .first()
+                        .cloned()
+                        .flatten()
+                        .and_then(|v| v.parse::<u32>().ok());
+                    let num = r
+                        .get(1)
+                        .cloned()
+                        .flatten()
+                        .and_then(|v| v.parse::<i16>().ok());
+                    if let (Some(oid), Some(num)) = (oid, num)
+                        && let Some(rule) = Box::pin(self.rule(oid, num, masks)).await?
+                    {
+                        return Ok(Some(rule));
+                    }
                 }
             }
+            unresolved |= !found;
+        }
+        if unresolved {
+            // A name that is no column of a relation the view names: a sub-select's or a
+            // WITH query's output. Judged as a computed value of the whole definition: masked
+            // when anything it reads has a masked column.
+            return Box::pin(self.computed_rule(masks, &[named])).await;
         }
         Ok(None)
     }
