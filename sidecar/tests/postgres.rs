@@ -209,7 +209,8 @@ async fn masking_holds_against_renamed_columns_views_cursors_partitions_and_erro
          CREATE VIEW sub_view AS SELECT q.s, q.id FROM (SELECT name AS s, id FROM customers) q;
          CREATE VIEW cte_view AS
            WITH x AS (SELECT id, name AS s FROM customers) SELECT id, s FROM x;
-         GRANT SELECT ON renamed, sub_view, cte_view TO agentgate;
+         CREATE VIEW alias_view AS SELECT t.id FROM customers t(a, b, c, id);
+         GRANT SELECT ON renamed, sub_view, cte_view, alias_view TO agentgate;
          CREATE FUNCTION scs_off() RETURNS text LANGUAGE sql STABLE
            AS $$ SELECT set_config('standard_conforming_strings', 'off', false) $$;
          CREATE FUNCTION touch_orders() RETURNS int LANGUAGE sql
@@ -241,6 +242,10 @@ async fn masking_holds_against_renamed_columns_views_cursors_partitions_and_erro
         "SELECT s FROM cte_view WHERE id = 1",
         "WITH x AS (SELECT name AS s FROM customers WHERE id = 1) SELECT s FROM x",
         "WITH customers AS (SELECT name AS s FROM customers WHERE id = 1) SELECT s || '' FROM customers",
+        // An alias list that gives the masked column the name of one that is not.
+        "SELECT t.id || '' FROM customers AS t(a, b, c, id) WHERE t.a = 1",
+        "SELECT j.id || '' FROM (customers CROSS JOIN (SELECT 1) z) AS j(a, b, c, id) WHERE j.a = 1",
+        "SELECT id FROM alias_view WHERE id = 'Ada'",
     ] {
         let out = gw.ok(sql);
         assert_eq!(out, "[name]", "{sql}");
@@ -254,12 +259,74 @@ async fn masking_holds_against_renamed_columns_views_cursors_partitions_and_erro
         "clear"
     );
     assert_eq!(gw.ok("SELECT count(*) FROM customers"), "2");
-    // COPY of a view over the masked column.
-    let e = gw.err("COPY (SELECT * FROM customer_names) TO STDOUT");
-    assert!(
-        e.contains("agentgate refuses COPY of columns masked"),
-        "{e}"
-    );
+    // COPY of a view over the masked column, or of a column renamed by an alias list.
+    for sql in [
+        "COPY (SELECT * FROM customer_names) TO STDOUT",
+        "COPY (SELECT t.id FROM customers AS t(a, b, c, id)) TO STDOUT",
+    ] {
+        let e = gw.err(sql);
+        assert!(
+            e.contains("agentgate refuses COPY of columns masked"),
+            "{sql}: {e}"
+        );
+    }
+    // Errors raised while the statement runs keep only their kind, whatever the SQLSTATE
+    // and however they spell the value.
+    for (sql, kind, value) in [
+        (
+            "SELECT to_tsquery('simple', ':' || name) FROM customers WHERE id = 1",
+            "syntax error in tsquery",
+            "Ada",
+        ),
+        (
+            "SELECT translate(name, ' .', '__')::regoper FROM customers WHERE id = 1",
+            "operator does not exist",
+            "Ada",
+        ),
+        (
+            "SELECT convert_to(chr(1024 + ascii(substr(name, 1, 1))), 'LATIN1') FROM customers WHERE id = 1",
+            "character with byte sequence",
+            "0xd1",
+        ),
+    ] {
+        let e = gw.err(sql);
+        assert!(e.contains(kind) && !e.contains(value), "{sql}: {e}");
+    }
+    // A syntax error in the agent's own statement still shows where it is.
+    let e = gw.err("SELECT name FROM customers WHERE id = = 1");
+    assert!(e.contains("syntax error at or near \"=\""), "{e}");
+    // Other sessions' query texts, however they are read.
+    let background = {
+        let conn = format!(
+            "host=127.0.0.1 port={} dbname=orders-db user=claude sslmode=disable",
+            gw.port
+        );
+        let psql = gw.env.bins.pg_bin.join("psql");
+        std::thread::spawn(move || {
+            Command::new(psql)
+                .arg(conn)
+                .args(["-X", "-At", "-c", "SELECT pg_sleep(4), 'Ada-in-a-query'"])
+                .output()
+        })
+    };
+    wait_for("the background statement runs", || {
+        gw.ok("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'") == "1"
+    });
+    for sql in [
+        "SELECT query FROM pg_stat_get_activity(NULL) WHERE wait_event = 'PgSleep'",
+        "SELECT (pg_stat_get_activity(NULL)).query LIMIT 1",
+        "SELECT a.q FROM pg_stat_get_activity(NULL) AS a(d, p, u, an, st, q) WHERE a.q LIKE '%pg_sleep%'",
+        "SELECT pg_stat_get_backend_activity(s) FROM pg_stat_get_backend_idset() s \
+         WHERE pg_stat_get_backend_activity(s) LIKE '%pg_sleep%'",
+    ] {
+        let out = gw.ok(sql);
+        assert!(!out.contains("Ada-in-a-query"), "{sql}: {out}");
+    }
+    background.join().expect("background psql")?;
+    // SELECT … INTO in the first branch of a set operation creates a table: not a read.
+    let e = gw.err("SELECT 1 AS a INTO agent_made UNION SELECT 2");
+    assert!(!e.contains("SELECT 2"), "{e}");
+    assert_eq!(gw.ok("SELECT to_regclass('agent_made') IS NULL"), "t");
     // A cursor's rows: its query was another message.
     let out = psql_each(
         &gw,
@@ -731,6 +798,21 @@ async fn table_scopes_judge_the_table_the_search_path_reaches() -> anyhow::Resul
         let e = gw.err(sql);
         assert!(
             e.contains("held for approval") && e.contains("(secret.orders)"),
+            "{sql}: {e}"
+        );
+    }
+    // What a function returns from a relation the statement does not name is read from
+    // that relation: large objects, other sessions' query texts.
+    for (sql, relation) in [
+        ("SELECT lo_get(16400)", "pg_catalog.pg_largeobject"),
+        (
+            "SELECT query FROM pg_stat_get_activity(NULL)",
+            "pg_catalog.pg_stat_activity",
+        ),
+    ] {
+        let e = gw.err(sql);
+        assert!(
+            e.contains("held for approval") && e.contains(relation),
             "{sql}: {e}"
         );
     }

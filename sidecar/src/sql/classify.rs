@@ -106,6 +106,10 @@ pub struct Statement {
     /// Relations it creates (`CREATE TABLE`, `… AS`, `SELECT … INTO`, views, sequences), as
     /// in `relations`; a temporary one as `pg_temp.name`.
     pub created: BTreeSet<String>,
+    /// An alias list renames the columns of a table or a join (`customers AS c(a, b)`): a
+    /// column name may then stand for another column, so names alone cannot say what a
+    /// computed value reads.
+    pub renamed: bool,
 }
 
 /// A classified query string.
@@ -361,7 +365,7 @@ fn statement_class(kind: &str, body: &Value) -> Option<(OperationClass, String)>
     let s = |c: OperationClass, t: &str| Some((c, t.to_owned()));
     match kind {
         "SelectStmt" => {
-            if present(body, "into_clause") {
+            if select_into(body).is_some() {
                 s(Ddl, "SELECT INTO")
             } else {
                 s(Read, "SELECT")
@@ -589,6 +593,7 @@ struct Walk {
     aliases: std::collections::BTreeMap<String, String>,
     attribute_calls: BTreeSet<String>,
     created: BTreeSet<String>,
+    renamed: bool,
     /// The names of the `WITH` queries visible where the walk is: an unqualified name in a
     /// `FROM` list that is one of them reads that query, not a table.
     ctes: Vec<String>,
@@ -603,9 +608,24 @@ impl Walk {
     }
 }
 
-/// Whether an optional field is set (prost serializes an absent message as `null`).
-fn present(body: &Value, key: &str) -> bool {
-    body.get(key).is_some_and(|v| !v.is_null())
+/// Whether a RangeVar's or a join's alias lists new column names.
+fn alias_renames(body: &Value) -> bool {
+    body.get("alias")
+        .and_then(|a| a.get("colnames"))
+        .and_then(Value::as_array)
+        .is_some_and(|c| !c.is_empty())
+}
+
+/// The `INTO` clause of a `SELECT`: PostgreSQL takes it from the leftmost branch of a set
+/// operation (`SELECT … INTO t UNION SELECT …` creates `t`), where the parser leaves it.
+fn select_into(body: &Value) -> Option<&Value> {
+    let mut node = body;
+    loop {
+        if let Some(into) = node.get("into_clause").filter(|c| !c.is_null()) {
+            return Some(into);
+        }
+        node = node.get("larg").filter(|l| !l.is_null())?;
+    }
 }
 
 fn has_column_ref(v: &Value) -> bool {
@@ -731,7 +751,7 @@ fn walk(v: &Value, w: &mut Walk) {
                                     .get("base_stmt")
                                     .or_else(|| body.get("base"))
                                     .and_then(|b| b.get("relation")),
-                                _ => body.get("into_clause").and_then(|i| i.get("rel")),
+                                _ => select_into(body).and_then(|i| i.get("rel")),
                             };
                             if let Some(rel) = rel.filter(|r| !r.is_null()) {
                                 let (schema, name) = range_var(rel);
@@ -817,6 +837,9 @@ fn walk(v: &Value, w: &mut Walk) {
                     // database itself refuses them in a read-only transaction.
                     w.raise(OperationClass::Write);
                 }
+                if k == "JoinExpr" && alias_renames(body) {
+                    w.renamed = true;
+                }
                 if k == "AlterTableCmd" {
                     use pg_query::protobuf::AlterTableType as T;
                     let sub = body
@@ -854,6 +877,13 @@ fn walk(v: &Value, w: &mut Walk) {
             }
             // Some fields hold a RangeVar or a FuncCall directly rather than inside a Node, so
             // they are recognised by their fields, not by a key.
+            if m.get("relname")
+                .and_then(Value::as_str)
+                .is_some_and(|r| !r.is_empty())
+                && alias_renames(v)
+            {
+                w.renamed = true;
+            }
             if let (Some(rel), Some(schema)) = (
                 m.get("relname").and_then(Value::as_str),
                 m.get("schemaname").and_then(Value::as_str),
@@ -881,6 +911,9 @@ fn walk(v: &Value, w: &mut Walk) {
                     if let Some(c) = function_class(&name) {
                         w.raise(c);
                         w.flags.push(Flag::Function(name.clone()));
+                    }
+                    if let Some(rel) = function_reads(&name) {
+                        w.relations.insert(rel.to_owned());
                     }
                     w.functions.insert(name);
                 }
@@ -1123,10 +1156,28 @@ fn attribute_function(w: &mut Walk, name: &str) {
     if name != "*" {
         w.attribute_calls.insert(name.clone());
     }
+    if let Some(rel) = function_reads(&name) {
+        w.relations.insert(rel.to_owned());
+    }
     if let Some(c) = function_class(&name) {
         w.raise(c);
         w.flags.push(Flag::Function(name.clone()));
         w.functions.insert(name);
+    }
+}
+
+/// The relation whose rows a built-in function returns without the statement naming it:
+/// other sessions' query texts (what `pg_stat_activity` shows) and large objects (the
+/// contents of `pg_largeobject`). A statement calling one reads that relation: table scopes
+/// must cover it, and its masking applies.
+pub fn function_reads(name: &str) -> Option<&'static str> {
+    match name {
+        "pg_stat_get_activity" | "pg_stat_get_backend_activity" => {
+            Some("pg_catalog.pg_stat_activity")
+        }
+        "pg_stat_statements" => Some("pg_stat_statements"),
+        "lo_get" | "loread" | "lo_open" | "lo_export" => Some("pg_catalog.pg_largeobject"),
+        _ => None,
     }
 }
 
@@ -1269,6 +1320,7 @@ fn classify_uncached(sql: &str) -> Result<Classified, ClassifyError> {
             aliases: w.aliases,
             attribute_calls: w.attribute_calls,
             created: w.created,
+            renamed: w.renamed,
         });
     }
     if statements.is_empty() {
@@ -1862,5 +1914,55 @@ mod tests {
         // A WITH query's alias is no alias of a table.
         let c = classify("WITH x AS (SELECT 1 AS i) SELECT y.i FROM x y").unwrap();
         assert!(c.statements[0].aliases.is_empty(), "{:?}", c.statements[0]);
+    }
+
+    #[test]
+    fn select_into_in_a_set_operation_creates_its_table() {
+        for sql in [
+            "SELECT 1 AS a INTO made UNION SELECT 2",
+            "SELECT 1 AS a INTO made UNION SELECT 2 UNION SELECT 3",
+            "EXPLAIN ANALYZE SELECT 1 AS a INTO made UNION SELECT 2",
+            "WITH x AS (SELECT 1) SELECT * INTO made FROM x UNION SELECT 2",
+        ] {
+            let c = classify(sql).unwrap();
+            assert_eq!(c.class, OperationClass::Ddl, "{sql}");
+            assert!(c.statements[0].created.contains("made"), "{sql}");
+        }
+    }
+
+    #[test]
+    fn alias_lists_that_rename_table_columns_are_reported() {
+        let renamed = |sql: &str| classify(sql).unwrap().statements[0].renamed;
+        assert!(renamed("SELECT t.id FROM customers AS t(a, id)"));
+        assert!(renamed("SELECT j.x FROM (a JOIN b ON true) AS j(x)"));
+        assert!(renamed(
+            "SELECT * FROM t WHERE EXISTS (SELECT 1 FROM u AS v(a))"
+        ));
+        assert!(!renamed("SELECT c.id FROM customers AS c"));
+        assert!(!renamed("SELECT g.i FROM generate_series(1, 3) AS g(i)"));
+    }
+
+    #[test]
+    fn functions_returning_a_relations_rows_read_it() {
+        let c = classify("SELECT convert_from(lo_get(16400), 'UTF8')").unwrap();
+        assert!(
+            c.statements[0]
+                .relations
+                .contains("pg_catalog.pg_largeobject")
+        );
+        let c = classify("SELECT query FROM pg_stat_get_activity(NULL)").unwrap();
+        assert!(
+            c.statements[0]
+                .relations
+                .contains("pg_catalog.pg_stat_activity")
+        );
+        let c =
+            classify("SELECT pg_stat_get_backend_activity(s) FROM pg_stat_get_backend_idset() s")
+                .unwrap();
+        assert!(
+            c.statements[0]
+                .relations
+                .contains("pg_catalog.pg_stat_activity")
+        );
     }
 }

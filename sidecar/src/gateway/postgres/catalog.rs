@@ -284,6 +284,16 @@ impl Catalog {
                     _ if sensitive => masks.first_column_rule().cloned(),
                     (Some(rule), _) => Some(rule.clone()),
                     _ if inherited.is_some() => inherited,
+                    // The system's own views show the catalogs and the statistics: which
+                    // of their columns hold values is the list above.
+                    (None, Some(_))
+                        if matches!(
+                            column.schema.as_str(),
+                            "pg_catalog" | "information_schema"
+                        ) =>
+                    {
+                        None
+                    }
                     // A view: mask what its definition's column reads, through any depth of
                     // views.
                     (None, Some(def)) => Box::pin(self.view_rule(&def, attnum, masks)).await?,
@@ -378,7 +388,7 @@ impl Catalog {
             }
             unresolved |= !found;
         }
-        if unresolved {
+        if unresolved || st.renamed {
             // A name that is no column of a relation the view names: a sub-select's or a
             // WITH query's output. Judged as a computed value of the whole definition: masked
             // when anything it reads has a masked column.
@@ -473,7 +483,14 @@ impl Catalog {
             return Ok(Some(r.for_computed()));
         }
         for st in statements {
-            if st.tag == "FETCH" {
+            // A cursor's or a prepared statement's rows (their query was another message),
+            // and other sessions' query texts (they quote what those sessions wrote).
+            if matches!(st.tag.as_str(), "FETCH" | "EXECUTE")
+                || st.functions.iter().any(|f| {
+                    crate::sql::classify::function_reads(f)
+                        .is_some_and(|r| r != "pg_catalog.pg_largeobject")
+                })
+            {
                 return Ok(masks.first_column_rule().map(Rule::for_computed));
             }
             let mut masked: Vec<(String, Rule)> = Vec::new();
@@ -489,6 +506,10 @@ impl Catalog {
             let Some((_, first)) = masked.first() else {
                 continue;
             };
+            // Columns renamed by an alias list: a name may stand for a masked column.
+            if st.renamed {
+                return Ok(Some(first.for_computed()));
+            }
             for refs in &st.columns {
                 let Some(last) = refs.last() else { continue };
                 if let Some((_, rule)) = masked.iter().find(|(n, _)| n == last) {

@@ -1148,16 +1148,18 @@ async fn writer(
                         batch.failed = true;
                         // The statement agentgate canceled: the agent is told why, and so is
                         // the record.
-                        let frame = match &closing {
+                        // (The gateway's own words are not masked: they quote no value.)
+                        let (frame, own) = match &closing {
                             Some((why, _)) if ErrorFields::decode(&frame).is_ok_and(|e| e.code == "57014") => {
                                 if let Some(t) = batch.tally() {
                                     t.ended = Some(why.clone());
                                 }
-                                ErrorFields::error("57014", why.clone())
+                                let ours = ErrorFields::error("57014", why.clone())
                                     .hint("the statement was canceled and the session closes; ask for a new grant, then connect again")
-                                    .to_error()
+                                    .to_error();
+                                (ours, true)
                             }
-                            _ => frame,
+                            _ => (frame, false),
                         };
                         let error = error_summary(&frame);
                         if let Some(t) = batch.tally() {
@@ -1172,7 +1174,7 @@ async fn writer(
                         }
                         batch.executes.clear();
                         batch.describes.clear();
-                        if masks.is_empty() { frame } else { mask_error(&masks, &frame, &batch.texts) }
+                        if masks.is_empty() || own { frame } else { mask_error(&masks, &frame, &batch.texts) }
                     }
                     // Errors, notices and notifications can quote values too.
                     b'N' if !masks.is_empty() => mask_error(&masks, &frame, &answering(&mut queue, &mut open).texts),
@@ -1372,9 +1374,10 @@ fn error_summary(frame: &Frame) -> String {
 }
 
 /// An ErrorResponse or NoticeResponse with values masked: detectors on its texts; and when
-/// columns are masked, the text of data and constraint errors (classes 22 and 23, which
-/// quote the offending value: `invalid input syntax for type integer: "ada@…"`, `Key
-/// (email)=(…) already exists`) is replaced, keeping what kind of error it was.
+/// columns are masked, the text of errors raised while the statement ran and of data and
+/// constraint errors (classes 22 and 23, which quote the offending value: `invalid input
+/// syntax for type integer: "ada@…"`, `Key (email)=(…) already exists`) is replaced,
+/// keeping what kind of error it was.
 fn mask_error(masks: &MaskSet, frame: &Frame, texts: &[Arc<str>]) -> Frame {
     let Ok(mut e) = ErrorFields::decode(frame) else {
         return ErrorFields::error(
@@ -1394,8 +1397,10 @@ fn mask_error(masks: &MaskSet, frame: &Frame, texts: &[Arc<str>]) -> Frame {
     // the statement, and where the error points into the agent's statement (a table or
     // column it named that does not exist) and the statement has the quoted text there.
     // Errors about values read while running carry no such position.
-    let hide = masks.has_column_rules() && e.code != sqlstate::SYNTAX_ERROR;
-    let at = error_position(frame).and_then(|p| {
+    let position = error_position(frame);
+    let hide =
+        masks.has_column_rules() && !(e.code == sqlstate::SYNTAX_ERROR && position.is_some());
+    let at = position.and_then(|p| {
         texts
             .iter()
             .map(|t| {
@@ -1417,9 +1422,19 @@ fn mask_error(masks: &MaskSet, frame: &Frame, texts: &[Arc<str>]) -> Frame {
         };
         text(&t)
     };
-    if masks.has_column_rules() && (e.code.starts_with("22") || e.code.starts_with("23")) {
-        let kind = text(e.message.split(':').next().unwrap_or_default());
-        e.message = format!("{kind}: (the value is not shown: agentgate masks columns here)");
+    // An error raised while the statement ran (it points at no place in the statement), or
+    // about a value (classes 22 and 23), may quote a value in any form (`operator does not
+    // exist: Ada_Lovelace` from `…::regoper`, `syntax error in tsquery: …`, the bytes of a
+    // character that does not convert): only what kind of error it was is kept.
+    let runtime = position.is_none() || e.code.starts_with("22") || e.code.starts_with("23");
+    if masks.has_column_rules() && runtime {
+        e.message = match e.message.split_once(':') {
+            Some((kind, _)) => format!(
+                "{}: (the value is not shown: agentgate masks columns here)",
+                hide_bytes(&text(kind))
+            ),
+            None => hide_bytes(&text(&e.message)),
+        };
         e.detail = e
             .detail
             .map(|_| "(not shown: it may quote a masked value)".to_owned());
@@ -1445,6 +1460,20 @@ fn error_position(frame: &Frame) -> Option<usize> {
             .then(|| std::str::from_utf8(value).ok()?.parse().ok())
             .flatten()
     })
+}
+
+/// `text` with byte sequences (`0xd1 0x81`) hidden: an encoding error spells the bytes of
+/// the character it could not convert.
+fn hide_bytes(text: &str) -> String {
+    text.split(' ')
+        .map(|w| {
+            let hex = w
+                .strip_prefix("0x")
+                .is_some_and(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_hexdigit()));
+            if hex { "0x(hidden)" } else { w }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// `text` with what it quotes (`"…"`) hidden, unless `known` (the agent's statement where
