@@ -1200,9 +1200,10 @@ async fn agent_to_host(
     sent.load(Relaxed)
 }
 
-/// Decides one interactive line; `Err` is what to tell the agent. With `escapes` (the input
-/// of a program that is not a shell), what follows a `!` or `|` is also checked as a command,
-/// as a pager or console would run it (`!sudo id` in `less`).
+/// Decides one interactive line; `Err` is what to tell the agent. What follows a `!`, `|` or
+/// `#` is also checked as a command, as a pager or console would run it (`!sudo id` in
+/// `less`): with `escapes` (the input of a program that is not a shell) and for a line bash
+/// reads as nothing to run, strictly; otherwise a rest that does not parse is bash's.
 async fn shell_line(ctx: &Arc<Ctx>, text: &str, escapes: bool) -> Result<(), String> {
     if text.trim().is_empty() {
         return Ok(());
@@ -1218,18 +1219,31 @@ async fn shell_line(ctx: &Arc<Ctx>, text: &str, escapes: bool) -> Result<(), Str
         Err(why) => return Err(refuse_line(ctx, text, "unparsable", why)),
     };
     let mut decision = approvable(ctx.decide(&cmd), text);
-    if escapes && decision.verdict == Verdict::Allow {
+    // At a shell prompt the line may still reach another program: a pager that a command
+    // started (`journalctl`, `systemctl status`, `git log` open `less`) reads it as keys,
+    // and runs what follows `!`, `|` or `#` through a shell. A line that bash reads as
+    // nothing to run (a comment: `#! rm -rf ~`) has no other reader: it is checked as
+    // strictly as a console's input. Otherwise a rest of the line that parses as a
+    // command it may not run is refused; one that does not parse is bash's to read.
+    let silent = cmd.ssh.as_ref().is_some_and(|a| a.commands.is_empty());
+    let strict = escapes || silent;
+    if decision.verdict == Verdict::Allow {
         // Each place a console could take the rest of the line as a command: after the
-        // `!` or `|`, and after the mark that follows it (`!!`, `|!`).
+        // `!`, `|` or `#`, and after the mark that follows it (`!!`, `|!`).
         let tails = text
             .char_indices()
-            .filter(|(_, c)| matches!(c, '!' | '|'))
+            .filter(|(_, c)| matches!(c, '!' | '|') || (strict && *c == '#'))
             .flat_map(|(i, c)| {
                 let after = &text[i + c.len_utf8()..];
                 let skip_mark = after.chars().next().map_or(0, char::len_utf8);
                 [(c, after), (c, &after[skip_mark..])]
             });
         for (mark, tail) in tails {
+            // An option after a `!` (`find . ! -name x`, `[ ! -f x ]`) is no command anything
+            // could run.
+            if tail.trim_start().starts_with('-') {
+                continue;
+            }
             match ctx.command("line", tail) {
                 Ok(c) => {
                     let d = approvable(ctx.decide(&c), text);
@@ -1240,6 +1254,7 @@ async fn shell_line(ctx: &Arc<Ctx>, text: &str, escapes: bool) -> Result<(), Str
                         break;
                     }
                 }
+                Err(_) if !strict => {}
                 // What cannot be checked is not passed to a program that may run it.
                 Err(_) => {
                     let why = format!(

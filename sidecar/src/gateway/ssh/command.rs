@@ -492,6 +492,66 @@ pub fn is_incomplete(text: &str) -> bool {
     }
 }
 
+/// journalctl's options that change the journal or write files, by their long names.
+const JOURNAL_WRITES: [&str; 11] = [
+    "vacuum-size",
+    "vacuum-files",
+    "vacuum-time",
+    "rotate",
+    "flush",
+    "sync",
+    "relinquish-var",
+    "smart-relinquish-var",
+    "setup-keys",
+    "update-catalog",
+    "cursor-file",
+];
+
+/// Whether `arg` is one of [`JOURNAL_WRITES`] as journalctl reads it: getopt_long takes any
+/// unambiguous beginning of a long option (`--rot` is `--rotate`); an ambiguous one counts
+/// too.
+fn journal_write_option(arg: &str) -> bool {
+    arg.strip_prefix("--")
+        .map(|o| o.split('=').next().unwrap_or(o))
+        .is_some_and(|o| !o.is_empty() && JOURNAL_WRITES.iter().any(|w| w.starts_with(o)))
+}
+
+/// A here-document delimiter after bash's quote removal: a backslash outside quotes escapes
+/// the next character, nothing is special inside single quotes, and inside double quotes a
+/// backslash escapes only `$`, `` ` ``, `"`, `\` and a newline. `None` for what no plain
+/// reading settles (`$'…'`, `$"…"`, an unclosed quote).
+fn bash_unquoted(tag: &str) -> Option<String> {
+    let mut out = String::new();
+    let mut chars = tag.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => out.push(chars.next()?),
+            '\'' => loop {
+                match chars.next()? {
+                    '\'' => break,
+                    c => out.push(c),
+                }
+            },
+            '"' => loop {
+                match chars.next()? {
+                    '"' => break,
+                    '\\' => match chars.next()? {
+                        c @ ('$' | '`' | '"' | '\\' | '\n') => out.push(c),
+                        c => {
+                            out.push('\\');
+                            out.push(c);
+                        }
+                    },
+                    c => out.push(c),
+                }
+            },
+            '$' if matches!(chars.peek(), Some('\'' | '"')) => return None,
+            c => out.push(c),
+        }
+    }
+    Some(out)
+}
+
 /// A word as the shell would see it after quote removal, and whether it can be known.
 #[derive(Debug, Clone, Default)]
 struct WordText {
@@ -1122,7 +1182,17 @@ impl Walker {
                 }
                 ast::IoFileRedirectTarget::Fd(_) => Ok(None),
                 ast::IoFileRedirectTarget::Duplicate(w) => {
-                    self.word(&w.value, depth)?;
+                    let t = self.word(&w.value, depth)?;
+                    // `>&word` where word is no descriptor (digits, or `-` to close) sends
+                    // standard output and error to the file `word`, as `&>word` does.
+                    let digits = t.text.strip_suffix('-').unwrap_or(&t.text);
+                    let descriptor = !t.dynamic
+                        && (t.text == "-"
+                            || (!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())));
+                    if matches!(kind, ast::IoFileRedirectKind::DuplicateOutput) && !descriptor {
+                        self.written(&t);
+                        return Ok(Some(format!(">& {}", t.text)));
+                    }
                     Ok(None)
                 }
                 ast::IoFileRedirectTarget::ProcessSubstitution(_, sub) => {
@@ -1131,6 +1201,16 @@ impl Walker {
                 }
             },
             ast::IoRedirect::HereDocument(_, doc) => {
+                // Where the document ends is the delimiter after bash's quote removal; a
+                // delimiter the parser unquotes otherwise (`'E\OF'`: bash keeps the
+                // backslash) would end it elsewhere, and what follows would run unseen.
+                if bash_unquoted(&doc.here_end.value).as_deref()
+                    != Some(brush_parser::unquote_str(&doc.here_end.value).as_str())
+                {
+                    return Err(Unparsable::Syntax(
+                        "a here-document delimiter agentgate cannot read as bash does".into(),
+                    ));
+                }
                 if doc.requires_expansion {
                     let body = doc.doc.value.clone();
                     let pieces = std::panic::catch_unwind(move || {
@@ -2040,13 +2120,7 @@ impl Walker {
             {
                 Exec
             }
-            "journalctl"
-                if args.iter().any(|a| {
-                    a.starts_with("--vacuum") || *a == "--rotate" || a.starts_with("--flush")
-                }) =>
-            {
-                Write
-            }
+            "journalctl" if args.iter().any(|a| journal_write_option(a)) => Write,
             "docker" | "podman" | "nerdctl" | "crictl" | "ctr" => match sub {
                 "ps" | "images" | "logs" | "inspect" | "version" | "info" | "stats" | "top"
                 | "history" | "events" => Read,

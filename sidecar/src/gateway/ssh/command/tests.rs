@@ -711,3 +711,61 @@ fn zsh_forms_that_run_code_are_found() {
         assert_eq!(class(line), want, "{line}");
     }
 }
+
+#[test]
+fn here_document_delimiters_end_where_bash_ends_them() {
+    // bash keeps a backslash inside quotes: the document ends at `E\OF`, and the next line
+    // is a command. A delimiter read otherwise than bash reads it is refused.
+    for line in [
+        "cat - <<'E\\OF'\nE\\OF\nrm -rf ~\nEOF",
+        "cat - <<\"E\\OF\"\nE\\OF\nrm -rf ~\nEOF",
+        "cat - <<\"it's\"\nit's\nrm -rf ~\nits",
+        "cat - <<$'EOF'\nEOF\nrm -rf ~\nEOF",
+        // (A quote of the other kind inside quotes: the parser cannot follow it either.)
+        "cat <<'E\"OF'\nhello\nE\"OF",
+    ] {
+        assert!(classify(line).is_err(), "{line:?}");
+    }
+    for line in [
+        "cat <<'EOF'\n$(rm -rf ~)\nEOF",
+        "cat <<\"EOF\"\nhello\nEOF",
+        "cat <<E\\OF\nhello\nEOF",
+    ] {
+        assert_eq!(class(line), Read, "{line:?}");
+    }
+}
+
+#[test]
+fn duplicating_output_to_a_name_writes_that_file() {
+    for (line, want) in [
+        ("ls . >&'echo PAYLOAD'", Write),
+        ("ls -d echo* >&.bashrc", Privilege),
+        ("cat x 1>&out.txt", Write),
+        ("ls >&$f", Write),
+        ("ls >&2", Read),
+        ("ls 2>&1", Read),
+        ("ls >&-", Read),
+        ("ls 3>&1-", Read),
+        ("ls <&0", Read),
+    ] {
+        assert_eq!(class(line), want, "{line:?}");
+    }
+}
+
+#[test]
+fn journalctl_options_are_read_as_getopt_reads_them() {
+    for (line, want) in [
+        ("journalctl --rot", Write),
+        ("journalctl --flu", Write),
+        ("journalctl --vacuum-time=1s", Write),
+        ("journalctl --cursor-file=/tmp/c -u nginx", Write),
+        ("journalctl --relinquish-var", Write),
+        ("journalctl --setup-keys", Write),
+        ("journalctl --update-catalog", Write),
+        ("journalctl -u nginx --since today --no-pager", Read),
+        ("journalctl --unit=nginx -o json", Read),
+        ("journalctl -b -n 100", Read),
+    ] {
+        assert_eq!(class(line), want, "{line:?}");
+    }
+}
