@@ -412,6 +412,20 @@ async fn injection_into_real_pods() -> anyhow::Result<()> {
         Err(e) if e.contains("names no service account") => {}
         other => failures.push(format!("oidc-only: {other:?}")),
     }
+    // An identity of the namespace's default service account: every pod that names no
+    // service account would hold its sidecar's credential.
+    common::apply(&admin, json!({
+        "apiVersion": "agentgate.dev/v1alpha1", "kind": "AgentIdentity", "metadata": { "name": "defaulted" },
+        "spec": { "owner": "team-orders", "authentication": { "serviceAccount": { "name": "default" } } }
+    }))
+    .await?;
+    let mut defaulted = pod("defaulted", json!({ "serviceAccountName": "default" }));
+    defaulted.metadata.annotations =
+        Some([("agentgate.dev/identity".to_owned(), "defaulted".to_owned())].into());
+    match create(&admin, NS, &defaulted).await {
+        Err(e) if e.contains("the namespace's default service account") => {}
+        other => failures.push(format!("defaulted: {other:?}")),
+    }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     Ok(())
 }

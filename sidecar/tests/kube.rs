@@ -530,6 +530,30 @@ async fn kubectl_and_kube_rs_through_the_gateway() -> anyhow::Result<()> {
         upgraded.contains(MASKED_B64) && !upgraded.contains(PASSWORD_B64),
         "{upgraded}"
     );
+    // A YAML body is judged and forwarded as the JSON the gateway read; YAML tags, which
+    // the API server decodes (`!!binary` keys), are refused rather than read two ways.
+    let post_yaml = |body: &str| {
+        let out = Command::new("curl")
+            .args(["-sS", "--http1.1", "--cacert"])
+            .arg(s.kubeconfig.with_file_name("kube-ca.crt"))
+            .args(["-X", "POST", "-H", "Content-Type: application/yaml"])
+            .args(["--data-binary", body])
+            .arg(format!("{server}/api/v1/namespaces/default/configmaps"))
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let tagged = post_yaml(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: tagged\n  !!binary b3duZXJSZWZlcmVuY2Vz: []\ndata: {a: b}\n",
+    );
+    assert!(tagged.contains("cannot read this YAML body"), "{tagged}");
+    let plain = post_yaml(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: from-yaml\ndata:\n  greeting: hello # a comment\n",
+    );
+    assert!(
+        plain.contains("\"name\":\"from-yaml\"") && plain.contains("\"greeting\":\"hello\""),
+        "{plain}"
+    );
 
     // Records: every request, with its decision, status, bytes and what was masked; no
     // Secret value anywhere.

@@ -393,6 +393,13 @@ pub fn inject(pod: &Pod, input: &InjectionInput<'_>) -> Result<Pod, Refusal> {
                 "AgentIdentity {identity} names no service account (spec.authentication.serviceAccount), and an injected sidecar knows its agent by the pod's service-account token: add serviceAccount: {{ name: {pod_sa} }} to it (an identity with OIDC only is for agents that present their own tokens to a sidecar run with --pg-auth token)"
             ));
         }
+        // Every pod of the namespace that names no service account runs as `default`: a
+        // pod the agent creates would hold the same credential as its sidecar.
+        Some(sa) if sa.name == "default" => {
+            return refuse(format!(
+                "AgentIdentity {identity} authenticates the namespace's default service account, which every pod that names none runs as (a pod the agent creates would get its sidecar's credential): give the agent a service account of its own and name it in spec.authentication.serviceAccount and the pod's spec.serviceAccountName"
+            ));
+        }
         Some(sa) if sa.name != pod_sa => {
             return refuse(format!(
                 "the pod runs as service account {pod_sa}, but AgentIdentity {identity} authenticates service account {}: set spec.serviceAccountName: {}",

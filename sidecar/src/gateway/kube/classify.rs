@@ -157,6 +157,25 @@ fn pod_spec_risk(
     None
 }
 
+/// Why a write of a PersistentVolume reaches the node, if it does: a volume on the node's own
+/// filesystem (`hostPath`, `local`) gives any pod that claims it the node's files, other
+/// pods' Secrets among them. A body that cannot be read counts.
+fn volume_risk(info: &RequestInfo, body: Option<&[u8]>) -> Option<&'static str> {
+    if info.resource != "persistentvolumes"
+        || !matches!(info.verb.as_str(), "create" | "update" | "patch")
+    {
+        return None;
+    }
+    let body = body.filter(|b| !b.is_empty())?;
+    let Some(v) = body_value(body) else {
+        return Some("a volume body agentgate cannot read");
+    };
+    ["hostPath", "local"]
+        .iter()
+        .any(|k| has_key(&v, k))
+        .then_some("a volume on the node's filesystem")
+}
+
 /// A request body as the API server reads it: JSON, or YAML (server-side apply).
 fn body_value(body: &[u8]) -> Option<Value> {
     serde_json::from_slice(body)
@@ -211,11 +230,12 @@ pub fn classify(info: &RequestInfo, query: &str, body: Option<&[u8]>) -> Command
         info.resource.as_str(),
         "namespaces" | "nodes" | "customresourcedefinitions"
     ) && matches!(info.verb.as_str(), "update" | "patch" | "create")
-        && info.subresource.is_empty()
+        // (`/status` and `/finalize` keep what a body sets in metadata too.)
         && body.is_some_and(|b| body_value(b).is_none_or(|v| has_key(&v, "ownerReferences")))
     {
         let mut as_delete = info.clone();
         as_delete.verb = "delete".into();
+        as_delete.subresource.clear();
         keys.extend(super::classify::keys(&as_delete));
     }
     let class = if !info.resource_request {
@@ -242,6 +262,9 @@ pub fn classify(info: &RequestInfo, query: &str, body: Option<&[u8]>) -> Command
             // Deleting RBAC objects is a change of privileges too.
             None => OperationClass::Privilege,
         }
+    } else if let Some(what) = volume_risk(info, body) {
+        keys.insert(format!("persistent volume: {what}"));
+        OperationClass::Admin
     } else if let Some((class, what)) = pod_spec_risk(info, body) {
         keys.insert(format!("pod spec: {what}"));
         class
@@ -256,6 +279,9 @@ pub fn classify(info: &RequestInfo, query: &str, body: Option<&[u8]>) -> Command
     } else if (info.resource == "serviceaccounts" && info.subresource == "token")
         || (info.resource == "certificatesigningrequests" && info.subresource == "approval")
         || info.group == "admissionregistration.k8s.io"
+        // An APIService sends a whole API group's requests, and their callers' identities,
+        // to the Service it names.
+        || info.group == "apiregistration.k8s.io"
     {
         // Minting tokens (also as a Secret of type service-account-token), approving
         // certificates and changing admission webhooks reach around every other control.
@@ -591,6 +617,51 @@ mod tests {
             r#"{"metadata":{"labels":{"a":"b"}}}"#,
         );
         assert!(!keys.contains("delete namespaces"), "{keys:?}");
+        // ... also through the subresources that keep metadata.
+        for (method, path) in [
+            ("PATCH", "/api/v1/namespaces/prod/status"),
+            ("PUT", "/api/v1/namespaces/prod/finalize"),
+            ("PATCH", "/api/v1/nodes/n1/status"),
+        ] {
+            let (_, keys) = class(
+                method,
+                path,
+                r#"{"metadata":{"ownerReferences":[{"apiVersion":"v1","kind":"Node","name":"ghost","uid":"3f1c1f9e-0000-4000-8000-000000000000"}]}}"#,
+            );
+            assert!(
+                keys.contains("delete namespaces") || keys.contains("delete nodes"),
+                "{path}: {keys:?}"
+            );
+        }
+        // Volumes on the node's filesystem; API services.
+        for (method, path, body, want) in [
+            (
+                "POST",
+                "/api/v1/persistentvolumes",
+                r#"{"spec":{"hostPath":{"path":"/"},"capacity":{"storage":"1Gi"}}}"#,
+                OperationClass::Admin,
+            ),
+            (
+                "PATCH",
+                "/api/v1/persistentvolumes/pv1",
+                r#"{"spec":{"local":{"path":"/var/lib/kubelet"}}}"#,
+                OperationClass::Admin,
+            ),
+            (
+                "POST",
+                "/api/v1/persistentvolumes",
+                r#"{"spec":{"nfs":{"server":"n","path":"/x"}}}"#,
+                OperationClass::Write,
+            ),
+            (
+                "POST",
+                "/apis/apiregistration.k8s.io/v1/apiservices",
+                r#"{"spec":{"service":{"name":"evil","namespace":"a"},"insecureSkipTLSVerify":true}}"#,
+                OperationClass::Admin,
+            ),
+        ] {
+            assert_eq!(class(method, path, body).0, want, "{path} {body}");
+        }
         // Ordinary Secret writes stay writes.
         for (method, body) in [
             ("PATCH", r#"{"stringData":{"password":"new"}}"#),

@@ -344,6 +344,82 @@ fn dropped_header(name: &HeaderName) -> bool {
     )
 }
 
+/// Whether a request's body is YAML (`application/yaml`, `application/apply-patch+yaml`).
+fn is_yaml(h: &HeaderMap) -> bool {
+    h.get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.to_ascii_lowercase().contains("yaml"))
+}
+
+/// Whether a request is a server-side apply (its content type stays: JSON is YAML).
+fn apply_patch(h: &HeaderMap) -> bool {
+    h.get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| {
+            t.to_ascii_lowercase()
+                .starts_with("application/apply-patch")
+        })
+}
+
+/// A YAML body as JSON, or `None` when it is not one plain YAML document: tags (`!!binary`,
+/// which the API server decodes and the gateway's reader would not) are refused rather than
+/// read two ways.
+fn yaml_as_json(body: &[u8]) -> Option<Bytes> {
+    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) {
+        return serde_json::to_vec(&v).ok().map(Bytes::from);
+    }
+    let text = std::str::from_utf8(body).ok()?;
+    if yaml_has_tags(text) {
+        return None;
+    }
+    let v: serde_json::Value = serde_norway::from_str(text).ok()?;
+    serde_json::to_vec(&v).ok().map(Bytes::from)
+}
+
+/// Whether YAML text holds a tag (`!name`, `!!type`, `!<uri>`) outside quoted scalars.
+/// Conservative: a `!` that starts a plain token anywhere counts.
+fn yaml_has_tags(text: &str) -> bool {
+    for line in text.lines() {
+        // (A quoted scalar that goes on to the next line is read there as plain: only
+        // more is taken for a tag.)
+        let mut quote: Option<char> = None;
+        let mut prev = ' ';
+        let mut chars = line.chars().peekable();
+        while let Some(c) = chars.next() {
+            match quote {
+                Some('\'') if c == '\'' => {
+                    if chars.peek() == Some(&'\'') {
+                        chars.next();
+                    } else {
+                        quote = None;
+                    }
+                }
+                Some('"') if c == '\\' => {
+                    chars.next();
+                }
+                Some('"') if c == '"' => quote = None,
+                Some(_) => {}
+                None => match c {
+                    '#' if prev.is_whitespace() => break,
+                    '\'' | '"'
+                        if prev.is_whitespace() || matches!(prev, '[' | '{' | ',' | ':' | '-') =>
+                    {
+                        quote = Some(c)
+                    }
+                    '!' if prev.is_whitespace()
+                        || matches!(prev, '[' | '{' | ',' | ':' | '-' | '?') =>
+                    {
+                        return true;
+                    }
+                    _ => {}
+                },
+            }
+            prev = c;
+        }
+    }
+    false
+}
+
 /// Whether a non-resource path is a discovery document: `/api`, `/apis`, a group or group
 /// version under them, `/version`, or the OpenAPI documents.
 fn is_discovery(path: &str) -> bool {
@@ -538,7 +614,7 @@ impl Connection {
                 "exec" | "attach" | "portforward" | "proxy"
             );
         // The body of a write, read whole (for the decision, the fingerprint and the record).
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
         let writes_body = matches!(info.verb.as_str(), "create" | "update" | "patch")
             && !upgrade
             && info.subresource != "exec"
@@ -557,6 +633,30 @@ impl Connection {
             }
         } else {
             None
+        };
+        // A YAML body is judged and forwarded as the JSON the gateway read from it: the API
+        // server's YAML reader would see what the gateway's does not (`!!binary` keys and
+        // values, YAML 1.1 forms), so it never gets the YAML.
+        let body = match body {
+            Some(b) if is_yaml(&parts.headers) && !b.is_empty() => match yaml_as_json(&b) {
+                Some(json) => {
+                    if !apply_patch(&parts.headers) {
+                        parts.headers.insert(
+                            header::CONTENT_TYPE,
+                            HeaderValue::from_static("application/json"),
+                        );
+                    }
+                    Some(json)
+                }
+                None => {
+                    return status(
+                        StatusCode::BAD_REQUEST,
+                        "BadRequest",
+                        "agentgate cannot read this YAML body (one document of plain YAML, no tags): send it as JSON",
+                    );
+                }
+            },
+            other => other,
         };
         let cmd = classify::classify(&info, &query, body.as_deref());
         let now = crate::clock::now();
@@ -1283,7 +1383,33 @@ fn decide_as_pod(
 
 #[cfg(test)]
 mod tests {
-    use super::kubeconfig;
+    use super::{kubeconfig, yaml_as_json};
+
+    #[test]
+    fn yaml_bodies_become_json_and_tags_are_refused() {
+        let json =
+            |y: &str| yaml_as_json(y.as_bytes()).map(|b| String::from_utf8_lossy(&b).into_owned());
+        assert_eq!(
+            json("kind: ConfigMap\ndata:\n  a: 'it''s # not a comment'\n  b: \"x !y\" # c\n")
+                .as_deref(),
+            Some(r#"{"data":{"a":"it's # not a comment","b":"x !y"},"kind":"ConfigMap"}"#)
+        );
+        assert_eq!(
+            json(r#"{"kind":"ConfigMap"}"#).as_deref(),
+            Some(r#"{"kind":"ConfigMap"}"#)
+        );
+        for tagged in [
+            "metadata:\n  !!binary b3duZXJSZWZlcmVuY2Vz: []\n",
+            "spec:\n  containers:\n  - env:\n    - valueFrom:\n        !!binary c2VjcmV0S2V5UmVm: {name: db}\n",
+            "type: !!binary a3ViZXJuZXRlcy5pby9zZXJ2aWNlLWFjY291bnQtdG9rZW4=\n",
+            "a: [!!str x]\n",
+            "a: {b: !custom x}\n",
+            "- !<tag:yaml.org,2002:binary> eA==\n",
+            "a: 1\n---\nb: 2\n",
+        ] {
+            assert_eq!(json(tagged), None, "{tagged}");
+        }
+    }
 
     #[test]
     fn the_pods_own_cluster_defaults_to_the_pods_namespace() {
