@@ -210,7 +210,13 @@ async fn masking_holds_against_renamed_columns_views_cursors_partitions_and_erro
          CREATE VIEW cte_view AS
            WITH x AS (SELECT id, name AS s FROM customers) SELECT id, s FROM x;
          CREATE VIEW alias_view AS SELECT t.id FROM customers t(a, b, c, id);
-         GRANT SELECT ON renamed, sub_view, cte_view, alias_view TO agentgate;
+         CREATE FUNCTION all_customers() RETURNS SETOF customers LANGUAGE sql STABLE
+           AS $$ SELECT * FROM customers $$;
+         CREATE FUNCTION first_name() RETURNS text LANGUAGE sql STABLE
+           AS $$ SELECT name FROM customers ORDER BY id LIMIT 1 $$;
+         CREATE FUNCTION twice(i int) RETURNS int LANGUAGE sql IMMUTABLE AS $$ SELECT i * 2 $$;
+         CREATE VIEW fn_view AS SELECT first_name() AS n;
+         GRANT SELECT ON renamed, sub_view, cte_view, alias_view, fn_view TO agentgate;
          CREATE FUNCTION scs_off() RETURNS text LANGUAGE sql STABLE
            AS $$ SELECT set_config('standard_conforming_strings', 'off', false) $$;
          CREATE FUNCTION touch_orders() RETURNS int LANGUAGE sql
@@ -246,6 +252,10 @@ async fn masking_holds_against_renamed_columns_views_cursors_partitions_and_erro
         "SELECT t.id || '' FROM customers AS t(a, b, c, id) WHERE t.a = 1",
         "SELECT j.id || '' FROM (customers CROSS JOIN (SELECT 1) z) AS j(a, b, c, id) WHERE j.a = 1",
         "SELECT id FROM alias_view WHERE id = 'Ada'",
+        // Functions of the database's own that read the table.
+        "SELECT name FROM all_customers() WHERE id = 1",
+        "SELECT first_name()",
+        "SELECT n FROM fn_view",
     ] {
         let out = gw.ok(sql);
         assert_eq!(out, "[name]", "{sql}");
@@ -253,6 +263,7 @@ async fn masking_holds_against_renamed_columns_views_cursors_partitions_and_erro
     // Columns that read nothing masked stay clear.
     assert_eq!(gw.ok("SELECT k + 1 FROM renamed WHERE k = 1"), "2");
     assert_eq!(gw.ok("SELECT id FROM sub_view WHERE id = 1"), "1");
+    assert_eq!(gw.ok("SELECT twice(21)"), "42");
     assert_eq!(gw.ok("SELECT id FROM cte_view WHERE id = 1"), "1");
     assert_eq!(
         gw.ok("WITH customers AS (SELECT 'clear' AS name) SELECT name || '' FROM customers"),

@@ -388,9 +388,14 @@ impl Catalog {
             }
             unresolved |= !found;
         }
-        if unresolved || st.renamed {
-            // A name that is no column of a relation the view names: a sub-select's or a
-            // WITH query's output. Judged as a computed value of the whole definition: masked
+        let calls_own = st
+            .functions
+            .iter()
+            .any(|f| !crate::sql::classify::known_function(f));
+        if unresolved || st.renamed || calls_own {
+            // A name that is no column of a relation the view names (a sub-select's or a
+            // WITH query's output), columns renamed by an alias list, or a function of the
+            // database's own: judged as a computed value of the whole definition, masked
             // when anything it reads has a masked column.
             return Box::pin(self.computed_rule(masks, &[named])).await;
         }
@@ -503,6 +508,16 @@ impl Catalog {
                     }
                 }
             }
+            // A function of the database's own (not a built-in) that is not immutable may
+            // read any table, masked columns included, and return what it read: its result
+            // has no table of origin.
+            if let Some(rule) = masks.first_column_rule() {
+                for f in &st.functions {
+                    if !crate::sql::classify::known_function(f) && self.reads_tables(f).await? {
+                        return Ok(Some(rule.for_computed()));
+                    }
+                }
+            }
             let Some((_, first)) = masked.first() else {
                 continue;
             };
@@ -585,6 +600,47 @@ impl Catalog {
                 Ok((holders, creation))
             })
             .collect()
+    }
+
+    /// Whether some function named `name` (any letter case, outside the system's schemas)
+    /// is not immutable, so may read tables. A built-in's name is the built-in's (a path
+    /// that puts another schema first makes the call Exec: [`Self::check_functions`]).
+    /// Shared like volatility.
+    async fn reads_tables(&mut self, name: &str) -> Result<bool, String> {
+        let key = format!("{name}#reads");
+        let shared_key = (
+            format!("{}:{}/{}", self.pg.host, self.pg.port, self.pg.database),
+            key.clone(),
+        );
+        let known = self.volatile.get(&key).copied().or_else(|| {
+            VOLATILITY.lock().ok().and_then(|m| {
+                m.get(&shared_key)
+                    .filter(|(_, at)| at.elapsed() < VOLATILITY_TTL)
+                    .map(|(v, _)| *v)
+            })
+        });
+        if let Some(v) = known {
+            return Ok(v);
+        }
+        let rows = self
+            .query(format!(
+                "SELECT coalesce(bool_or(provolatile <> 'i') \
+                   FILTER (WHERE pronamespace NOT IN ('pg_catalog'::pg_catalog.regnamespace, \
+                     'information_schema'::pg_catalog.regnamespace)), false) \
+                   AND NOT bool_or(pronamespace = 'pg_catalog'::pg_catalog.regnamespace) \
+                 FROM pg_catalog.pg_proc WHERE lower(proname) = '{}'",
+                name.replace('\'', "''")
+            ))
+            .await?;
+        let reads = rows
+            .first()
+            .and_then(|r| r.first().cloned().flatten())
+            .is_some_and(|v| v == "t");
+        self.volatile.insert(key, reads);
+        if let Ok(mut m) = VOLATILITY.lock() {
+            m.insert(shared_key, (reads, std::time::Instant::now()));
+        }
+        Ok(reads)
     }
 
     /// Forgets what is known of functions' volatility, in this session and for every session
