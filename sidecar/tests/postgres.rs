@@ -216,7 +216,10 @@ async fn masking_holds_against_renamed_columns_views_cursors_partitions_and_erro
            AS $$ SELECT name FROM customers ORDER BY id LIMIT 1 $$;
          CREATE FUNCTION twice(i int) RETURNS int LANGUAGE sql IMMUTABLE AS $$ SELECT i * 2 $$;
          CREATE VIEW fn_view AS SELECT first_name() AS n;
-         GRANT SELECT ON renamed, sub_view, cte_view, alias_view, fn_view TO agentgate;
+         CREATE VIEW relabel AS SELECT id FROM (SELECT name AS id FROM customers) s;
+         CREATE VIEW order_states AS SELECT s.state FROM (SELECT state FROM orders) s;
+         GRANT SELECT ON renamed, sub_view, cte_view, alias_view, fn_view, relabel, order_states
+           TO agentgate;
          CREATE FUNCTION scs_off() RETURNS text LANGUAGE sql STABLE
            AS $$ SELECT set_config('standard_conforming_strings', 'off', false) $$;
          CREATE FUNCTION touch_orders() RETURNS int LANGUAGE sql
@@ -256,15 +259,18 @@ async fn masking_holds_against_renamed_columns_views_cursors_partitions_and_erro
         "SELECT name FROM all_customers() WHERE id = 1",
         "SELECT first_name()",
         "SELECT n FROM fn_view",
+        // A sub-select's output named like a column of the table it reads.
+        "SELECT id FROM relabel LIMIT 1",
     ] {
         let out = gw.ok(sql);
         assert_eq!(out, "[name]", "{sql}");
     }
     // Columns that read nothing masked stay clear.
     assert_eq!(gw.ok("SELECT k + 1 FROM renamed WHERE k = 1"), "2");
-    assert_eq!(gw.ok("SELECT id FROM sub_view WHERE id = 1"), "1");
     assert_eq!(gw.ok("SELECT twice(21)"), "42");
-    assert_eq!(gw.ok("SELECT id FROM cte_view WHERE id = 1"), "1");
+    // (A view over a sub-select that reads a masked column masks all its columns: which
+    // inner column an outer name carries is not followed.)
+    assert_eq!(gw.ok("SELECT state FROM order_states LIMIT 1"), "paid");
     assert_eq!(
         gw.ok("WITH customers AS (SELECT 'clear' AS name) SELECT name || '' FROM customers"),
         "clear"
@@ -298,6 +304,17 @@ async fn masking_holds_against_renamed_columns_views_cursors_partitions_and_erro
             "SELECT convert_to(chr(1024 + ascii(substr(name, 1, 1))), 'LATIN1') FROM customers WHERE id = 1",
             "character with byte sequence",
             "0xd1",
+        ),
+        (
+            "SELECT get_byte('\\x00'::bytea, length(name) * 1000) FROM customers WHERE id = 1",
+            "out of valid range",
+            "3000",
+        ),
+        // A type's input function parses the value and points into it.
+        (
+            "SELECT ('int ' || quote_literal(translate(name, 'A', 'b')))::regtype FROM customers WHERE id = 1",
+            "syntax error",
+            "bda",
         ),
     ] {
         let e = gw.err(sql);

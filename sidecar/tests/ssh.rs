@@ -298,7 +298,7 @@ fn an_interactive_shell_is_checked_line_by_line() -> anyhow::Result<()> {
     let s = setup()?;
     let marker = s.dir.path().join("shell-ran");
     let script = format!(
-        "echo one-$((40+2))\nsudo touch {m}\necho {EMAIL}\necho \"two\nlines\"\necho three\necho again!!\n#! sudo touch {m}\nfind /etc/hostname ! -name x -printf found-%f\\\\n\nls / ! sudo touch {m}\nexit\n",
+        "echo one-$((40+2))\nsudo touch {m}\necho {EMAIL}\necho \"two\nlines\"\necho three\necho again!!\n#! sudo touch {m}\nfind /etc/hostname ! -name x -printf found-%f\\\\n\nls / ! sudo touch {m}\nls / #sudo touch {m}\nls 'x!sudo touch {m}\n'\nexit\n",
         m = marker.display()
     );
     let out = s.ssh(&["-tt", "web"], Some(script.as_bytes()));
@@ -318,7 +318,7 @@ fn an_interactive_shell_is_checked_line_by_line() -> anyhow::Result<()> {
     // A pager that a command opened would read a line as keys and run what follows `!`
     // or `#`: a comment that hides a command, and a command's `!` tail it may not run,
     // are refused; an option after `!` is no command.
-    assert_eq!(text.matches("agentgate: refused").count(), 4, "{text}");
+    assert_eq!(text.matches("agentgate: refused").count(), 6, "{text}");
     assert!(text.contains("found-hostname"), "{text}");
     // A program run with a terminal gets its input checked the same way (a pager's `!cmd`
     // would otherwise reach a shell unseen).

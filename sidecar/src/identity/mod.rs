@@ -674,13 +674,17 @@ fn check_claims(
                     .authentication
                     .service_account
                     .as_ref()
+                    // (Never the namespace's default service account: every pod that names
+                    // none holds its tokens.)
                     .is_some_and(|sa| {
-                        let ns = sa
-                            .namespace
-                            .clone()
-                            .or_else(|| id.metadata.namespace.clone())
-                            .unwrap_or_else(|| "default".into());
-                        subject == format!("system:serviceaccount:{ns}:{}", sa.name)
+                        sa.name != "default" && {
+                            let ns = sa
+                                .namespace
+                                .clone()
+                                .or_else(|| id.metadata.namespace.clone())
+                                .unwrap_or_else(|| "default".into());
+                            subject == format!("system:serviceaccount:{ns}:{}", sa.name)
+                        }
                     });
             by_oidc || by_sa
         })

@@ -101,6 +101,10 @@ pub fn check(
         format!("system:serviceaccount:{ns}:{}", sa.name)
     });
     match expected {
+        // Every pod of the namespace that names no service account runs as `default`.
+        Some(e) if e.ends_with(":default") => Err(format!(
+            "AgentIdentity {identity} is bound to {e}, the namespace's default service account, which every pod that names none runs as: give the agent a service account of its own"
+        )),
         Some(e) if e == verified => Ok(()),
         Some(e) => Err(format!(
             "this pod runs as {verified}, but AgentIdentity {identity} is bound to {e}: refusing to act as it"

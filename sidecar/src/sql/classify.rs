@@ -110,6 +110,9 @@ pub struct Statement {
     /// column name may then stand for another column, so names alone cannot say what a
     /// computed value reads.
     pub renamed: bool,
+    /// It reads rows that are no relation's: a sub-select, a `WITH` query or a function in
+    /// `FROM`, whose output columns may carry any column under any name.
+    pub derived: bool,
 }
 
 /// A classified query string.
@@ -594,6 +597,7 @@ struct Walk {
     attribute_calls: BTreeSet<String>,
     created: BTreeSet<String>,
     renamed: bool,
+    derived: bool,
     /// The names of the `WITH` queries visible where the walk is: an unqualified name in a
     /// `FROM` list that is one of them reads that query, not a table.
     ctes: Vec<String>,
@@ -840,6 +844,12 @@ fn walk(v: &Value, w: &mut Walk) {
                 if k == "JoinExpr" && alias_renames(body) {
                     w.renamed = true;
                 }
+                if matches!(
+                    k.as_str(),
+                    "RangeSubselect" | "RangeFunction" | "RangeTableFunc" | "RangeTableSample"
+                ) {
+                    w.derived = true;
+                }
                 if k == "AlterTableCmd" {
                     use pg_query::protobuf::AlterTableType as T;
                     let sub = body
@@ -883,6 +893,13 @@ fn walk(v: &Value, w: &mut Walk) {
                 && alias_renames(v)
             {
                 w.renamed = true;
+            }
+            if let (Some(rel), Some("")) = (
+                m.get("relname").and_then(Value::as_str),
+                m.get("schemaname").and_then(Value::as_str),
+            ) && w.ctes.iter().any(|c| c == rel)
+            {
+                w.derived = true;
             }
             if let (Some(rel), Some(schema)) = (
                 m.get("relname").and_then(Value::as_str),
@@ -1321,6 +1338,7 @@ fn classify_uncached(sql: &str) -> Result<Classified, ClassifyError> {
             attribute_calls: w.attribute_calls,
             created: w.created,
             renamed: w.renamed,
+            derived: w.derived,
         });
     }
     if statements.is_empty() {

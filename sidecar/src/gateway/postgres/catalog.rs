@@ -392,6 +392,11 @@ impl Catalog {
             .functions
             .iter()
             .any(|f| !crate::sql::classify::known_function(f));
+        if st.derived {
+            // Rows of a sub-select, a WITH query or a function: an output name may be any
+            // column the definition reads, so every reference in it counts.
+            return Box::pin(self.computed_rule(masks, std::slice::from_ref(&st))).await;
+        }
         if unresolved || st.renamed || calls_own {
             // A name that is no column of a relation the view names (a sub-select's or a
             // WITH query's output), columns renamed by an alias list, or a function of the

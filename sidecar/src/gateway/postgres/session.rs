@@ -1393,13 +1393,13 @@ fn mask_error(masks: &MaskSet, frame: &Frame, texts: &[Arc<str>]) -> Frame {
     };
     // While columns are masked, what an error quotes may be a value read from one
     // (`time zone "ada@example.com" not recognized`, `relation "Ada" does not exist` from
-    // `name::regclass`): quoted text is hidden, except in syntax errors, which quote only
-    // the statement, and where the error points into the agent's statement (a table or
-    // column it named that does not exist) and the statement has the quoted text there.
-    // Errors about values read while running carry no such position.
+    // `name::regclass`): quoted text is hidden, except where the error points into the
+    // agent's statement (a syntax error, a table or column it named that does not exist)
+    // and the statement has the quoted text there. Errors about values read while running
+    // carry no such position; a type's input function that parses the value itself
+    // (`::regtype`) points into the value, where the statement does not have its text.
     let position = error_position(frame);
-    let hide =
-        masks.has_column_rules() && !(e.code == sqlstate::SYNTAX_ERROR && position.is_some());
+    let hide = masks.has_column_rules();
     let at = position.and_then(|p| {
         texts
             .iter()
@@ -1433,7 +1433,7 @@ fn mask_error(masks: &MaskSet, frame: &Frame, texts: &[Arc<str>]) -> Frame {
                 "{}: (the value is not shown: agentgate masks columns here)",
                 hide_bytes(&text(kind))
             ),
-            None => hide_bytes(&text(&e.message)),
+            None => hide_numbers(&hide_bytes(&text(&e.message))),
         };
         e.detail = e
             .detail
@@ -1474,6 +1474,25 @@ fn hide_bytes(text: &str) -> String {
         })
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// `text` with its numbers hidden: an error about a value may count with it (`index 85000
+/// out of valid range`, from a value turned into a number).
+fn hide_numbers(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut in_number = false;
+    for c in text.chars() {
+        if c.is_ascii_digit() {
+            if !in_number {
+                out.push('#');
+            }
+            in_number = true;
+        } else {
+            in_number = false;
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// `text` with what it quotes (`"…"`) hidden, unless `known` (the agent's statement where

@@ -1221,20 +1221,23 @@ async fn shell_line(ctx: &Arc<Ctx>, text: &str, escapes: bool) -> Result<(), Str
     let mut decision = approvable(ctx.decide(&cmd), text);
     // At a shell prompt the line may still reach another program: a pager that a command
     // started (`journalctl`, `systemctl status`, `git log` open `less`) reads it as keys,
-    // and runs what follows `!`, `|` or `#` through a shell. A line that bash reads as
-    // nothing to run (a comment: `#! rm -rf ~`) has no other reader: it is checked as
-    // strictly as a console's input. Otherwise a rest of the line that parses as a
-    // command it may not run is refused; one that does not parse is bash's to read.
+    // and runs what follows `!`, `|` or `#` (up to the Enter) through a shell. A line that
+    // bash reads as nothing to run (a comment: `#! rm -rf ~`) is checked as strictly as a
+    // console's input. Otherwise a rest of the line that parses as a command it may not
+    // run is refused (a comment too: `w #sudo reboot`); one that does not parse is
+    // bash's to read.
     let silent = cmd.ssh.as_ref().is_some_and(|a| a.commands.is_empty());
     let strict = escapes || silent;
     if decision.verdict == Verdict::Allow {
         // Each place a console could take the rest of the line as a command: after the
         // `!`, `|` or `#`, and after the mark that follows it (`!!`, `|!`).
+        // A pager's command ends at the first Enter: what follows a mark is read up to there.
         let tails = text
             .char_indices()
-            .filter(|(_, c)| matches!(c, '!' | '|') || (strict && *c == '#'))
+            .filter(|(_, c)| matches!(c, '!' | '|' | '#'))
             .flat_map(|(i, c)| {
                 let after = &text[i + c.len_utf8()..];
+                let after = after.split(['\n', '\r']).next().unwrap_or(after);
                 let skip_mark = after.chars().next().map_or(0, char::len_utf8);
                 [(c, after), (c, &after[skip_mark..])]
             });

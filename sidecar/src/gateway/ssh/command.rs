@@ -513,7 +513,10 @@ const JOURNAL_WRITES: [&str; 11] = [
 fn journal_write_option(arg: &str) -> bool {
     arg.strip_prefix("--")
         .map(|o| o.split('=').next().unwrap_or(o))
-        .is_some_and(|o| !o.is_empty() && JOURNAL_WRITES.iter().any(|w| w.starts_with(o)))
+        // (An option's whole name is that option: `--cursor` reads.)
+        .is_some_and(|o| {
+            !o.is_empty() && o != "cursor" && JOURNAL_WRITES.iter().any(|w| w.starts_with(o))
+        })
 }
 
 /// A here-document delimiter after bash's quote removal: a backslash outside quotes escapes
@@ -1209,6 +1212,14 @@ impl Walker {
                 {
                     return Err(Unparsable::Syntax(
                         "a here-document delimiter agentgate cannot read as bash does".into(),
+                    ));
+                }
+                // With an unquoted delimiter bash joins a line ending in a backslash with
+                // the next before it compares it with the delimiter (`EO\` + `F` ends the
+                // document); the parser does not.
+                if doc.requires_expansion && doc.doc.value.contains("\\\n") {
+                    return Err(Unparsable::Syntax(
+                        "a here-document with a line continued by a backslash (bash may end it elsewhere)".into(),
                     ));
                 }
                 if doc.requires_expansion {

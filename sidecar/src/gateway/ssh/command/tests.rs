@@ -723,6 +723,8 @@ fn here_document_delimiters_end_where_bash_ends_them() {
         "cat - <<$'EOF'\nEOF\nrm -rf ~\nEOF",
         // (A quote of the other kind inside quotes: the parser cannot follow it either.)
         "cat <<'E\"OF'\nhello\nE\"OF",
+        // Unquoted: bash joins `EO\` and `F` into the delimiter.
+        "cat <<EOF\nEO\\\nF\nrm -rf ~/data\nEOF",
     ] {
         assert!(classify(line).is_err(), "{line:?}");
     }
@@ -765,6 +767,7 @@ fn journalctl_options_are_read_as_getopt_reads_them() {
         ("journalctl -u nginx --since today --no-pager", Read),
         ("journalctl --unit=nginx -o json", Read),
         ("journalctl -b -n 100", Read),
+        ("journalctl --cursor=s=abc -n 5", Read),
     ] {
         assert_eq!(class(line), want, "{line:?}");
     }
