@@ -609,25 +609,26 @@ mod tests {
             assert_eq!(class("PATCH", path, body).0, want, "{path} {body}");
         }
         // Owners on any object: the garbage collector would delete it.
-        let (_, keys) = class(
-            "PATCH",
-            "/apis/apps/v1/namespaces/prod/deployments/db",
-            r#"{"metadata":{"ownerReferences":[{"apiVersion":"v1","kind":"ConfigMap","name":"x","uid":"3f1c1f9e-0000-4000-8000-000000000000"}]}}"#,
-        );
-        assert!(keys.contains("delete deployments.apps"), "{keys:?}");
+        for (path, key) in [
+            (
+                "/apis/apps/v1/namespaces/prod/deployments/db",
+                "delete deployments.apps",
+            ),
+            ("/api/v1/namespaces/prod", "delete namespaces"),
+        ] {
+            let (_, keys) = class(
+                "PATCH",
+                path,
+                r#"{"metadata":{"ownerReferences":[{"apiVersion":"v1","kind":"Node","name":"ghost","uid":"3f1c1f9e-0000-4000-8000-000000000000"}]}}"#,
+            );
+            assert!(keys.contains(key), "{path}: {keys:?}");
+        }
         let (c, _) = class(
             "PATCH",
             "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/x.example.com",
             r#"{"spec":{"conversion":{"strategy":"Webhook","webhook":{"clientConfig":{"url":"https://evil.example"}}}}}"#,
         );
         assert_eq!(c, OperationClass::Admin);
-        // Owners on a namespace: the garbage collector would delete it.
-        let (_, keys) = class(
-            "PATCH",
-            "/api/v1/namespaces/prod",
-            r#"{"metadata":{"ownerReferences":[{"apiVersion":"v1","kind":"Node","name":"ghost","uid":"3f1c1f9e-0000-4000-8000-000000000000"}]}}"#,
-        );
-        assert!(keys.contains("delete namespaces"), "{keys:?}");
         let (_, keys) = class(
             "PATCH",
             "/api/v1/namespaces/prod",
