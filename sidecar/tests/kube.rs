@@ -954,7 +954,13 @@ async fn a_held_request_waits_for_its_approver_within_hold_timeout() -> anyhow::
         "kube-public",
         "--from-literal=a=b",
     ]);
-    let name = testenv::approvals::wait_new(&policy, &before).map_err(anyhow::Error::msg)?;
+    let name = match testenv::approvals::wait_new(&policy, &before) {
+        Ok(n) => n,
+        Err(e) => {
+            let out = waiting.join().expect("kubectl");
+            anyhow::bail!("{e}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    };
     std::thread::sleep(Duration::from_secs(1));
     testenv::approvals::decide(&policy, &name, "Approve", "alice", "ok")
         .map_err(anyhow::Error::msg)?;

@@ -176,6 +176,59 @@ fn volume_risk(info: &RequestInfo, body: Option<&[u8]>) -> Option<&'static str> 
         .then_some("a volume on the node's filesystem")
 }
 
+/// Whether a write's body sets owner references: in JSON or YAML anywhere (also a JSON
+/// patch's path), in protobuf (what kubectl sends for built-in kinds) in the object's
+/// metadata. A body that cannot be read counts.
+fn sets_owners(body: &[u8]) -> bool {
+    if body.is_empty() {
+        return false;
+    }
+    if let Some(v) = body_value(body) {
+        return has_key(&v, "ownerReferences");
+    }
+    protobuf_owner_references(body).unwrap_or(true)
+}
+
+/// Whether a Kubernetes protobuf body (`k8s\0` and a `runtime.Unknown` whose `raw` is the
+/// object) sets `metadata.ownerReferences` (field 1 of the object, field 13 of ObjectMeta).
+/// `None` when it is not such a body.
+fn protobuf_owner_references(body: &[u8]) -> Option<bool> {
+    let unknown = body.strip_prefix(b"k8s\0")?;
+    let raw = proto_field(unknown, 2)?.unwrap_or_default();
+    let Some(meta) = proto_field(raw, 1)? else {
+        return Some(false);
+    };
+    Some(proto_field(meta, 13)?.is_some())
+}
+
+/// The last length-delimited field `number` of a protobuf message (`Some(None)`: absent),
+/// or `None` when the message does not parse.
+fn proto_field(mut msg: &[u8], number: u64) -> Option<Option<&[u8]>> {
+    use prost::encoding::decode_varint;
+    let mut found = None;
+    while !msg.is_empty() {
+        let key = decode_varint(&mut msg).ok()?;
+        let (field, wire) = (key >> 3, key & 7);
+        match wire {
+            0 => {
+                decode_varint(&mut msg).ok()?;
+            }
+            1 => msg = msg.get(8..)?,
+            5 => msg = msg.get(4..)?,
+            2 => {
+                let len = usize::try_from(decode_varint(&mut msg).ok()?).ok()?;
+                let value = msg.get(..len)?;
+                if field == number {
+                    found = Some(value);
+                }
+                msg = msg.get(len..)?;
+            }
+            _ => return None,
+        }
+    }
+    Some(found)
+}
+
 /// A request body as the API server reads it: JSON, or YAML (server-side apply).
 fn body_value(body: &[u8]) -> Option<Value> {
     serde_json::from_slice(body)
@@ -229,7 +282,7 @@ pub fn classify(info: &RequestInfo, query: &str, body: Option<&[u8]>) -> Command
     if info.resource_request
         && matches!(info.verb.as_str(), "update" | "patch" | "create")
         // (`/status` and `/finalize` keep what a body sets in metadata too.)
-        && body.is_some_and(|b| body_value(b).is_none_or(|v| has_key(&v, "ownerReferences")))
+        && body.is_some_and(sets_owners)
     {
         let mut as_delete = info.clone();
         as_delete.verb = "delete".into();
@@ -635,6 +688,34 @@ mod tests {
             r#"{"metadata":{"labels":{"a":"b"}}}"#,
         );
         assert!(!keys.contains("delete namespaces"), "{keys:?}");
+        // In protobuf, as kubectl sends built-in kinds: only metadata.ownerReferences counts.
+        let proto = |meta: &[u8]| {
+            let mut object = vec![0x0a, u8::try_from(meta.len()).unwrap()];
+            object.extend_from_slice(meta);
+            let mut unknown = vec![0x12, u8::try_from(object.len()).unwrap()];
+            unknown.extend_from_slice(&object);
+            let mut body = b"k8s\0".to_vec();
+            body.extend_from_slice(&unknown);
+            body
+        };
+        let with_owner = proto(&[0x0a, 0x01, b'x', 0x6a, 0x02, 0x0a, 0x00]);
+        let without = proto(&[0x0a, 0x01, b'x']);
+        let info = parse("POST", "/api/v1/namespaces/a/configmaps", "").unwrap();
+        assert!(
+            classify(&info, "", Some(&with_owner))
+                .keys
+                .contains("delete configmaps")
+        );
+        assert!(
+            !classify(&info, "", Some(&without))
+                .keys
+                .contains("delete configmaps")
+        );
+        assert!(
+            classify(&info, "", Some(b"k8s\0\x12\xff"))
+                .keys
+                .contains("delete configmaps")
+        );
         // ... also through the subresources that keep metadata.
         for (method, path) in [
             ("PATCH", "/api/v1/namespaces/prod/status"),
