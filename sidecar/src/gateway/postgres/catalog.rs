@@ -613,17 +613,7 @@ impl Catalog {
     /// Shared like volatility.
     async fn reads_tables(&mut self, name: &str) -> Result<bool, String> {
         let key = format!("{name}#reads");
-        let shared_key = (
-            format!("{}:{}/{}", self.pg.host, self.pg.port, self.pg.database),
-            key.clone(),
-        );
-        let known = self.volatile.get(&key).copied().or_else(|| {
-            VOLATILITY.lock().ok().and_then(|m| {
-                m.get(&shared_key)
-                    .filter(|(_, at)| at.elapsed() < VOLATILITY_TTL)
-                    .map(|(v, _)| *v)
-            })
-        });
+        let known = self.known_answer(&key);
         if let Some(v) = known {
             return Ok(v);
         }
@@ -641,11 +631,38 @@ impl Catalog {
             .first()
             .and_then(|r| r.first().cloned().flatten())
             .is_some_and(|v| v == "t");
-        self.volatile.insert(key, reads);
-        if let Ok(mut m) = VOLATILITY.lock() {
-            m.insert(shared_key, (reads, std::time::Instant::now()));
-        }
+        self.remember(key, reads);
         Ok(reads)
+    }
+
+    /// What this session, or another session of the same database within
+    /// [`VOLATILITY_TTL`], learnt of functions under `key`.
+    fn known_answer(&self, key: &str) -> Option<bool> {
+        self.volatile.get(key).copied().or_else(|| {
+            VOLATILITY.lock().ok().and_then(|m| {
+                m.get(&(self.database(), key.to_owned()))
+                    .filter(|(_, at)| at.elapsed() < VOLATILITY_TTL)
+                    .map(|(v, _)| *v)
+            })
+        })
+    }
+
+    /// Keeps an answer about functions for this session and shares it (the shared map is
+    /// bounded: cleared when full).
+    fn remember(&mut self, key: String, v: bool) {
+        let shared_key = (self.database(), key.clone());
+        self.volatile.insert(key, v);
+        if let Ok(mut m) = VOLATILITY.lock() {
+            if m.len() >= 16_384 {
+                m.clear();
+            }
+            m.insert(shared_key, (v, std::time::Instant::now()));
+        }
+    }
+
+    /// The database this catalog reads, as the shared function caches key it.
+    fn database(&self) -> String {
+        format!("{}:{}/{}", self.pg.host, self.pg.port, self.pg.database)
     }
 
     /// Forgets what is known of functions' volatility, in this session and for every session
@@ -653,7 +670,7 @@ impl Catalog {
     /// or overloaded.
     pub fn forget_functions(&mut self) {
         self.volatile.clear();
-        let db = format!("{}:{}/{}", self.pg.host, self.pg.port, self.pg.database);
+        let db = self.database();
         if let Ok(mut m) = VOLATILITY.lock() {
             m.retain(|(d, _), _| *d != db);
         }
@@ -705,16 +722,7 @@ impl Catalog {
             };
             // Shared by the sessions of one database for a minute, so most sessions never
             // open a catalog connection for this (function volatility rarely changes).
-            let shared_key = (
-                format!("{}:{}/{}", self.pg.host, self.pg.port, self.pg.database),
-                key.clone(),
-            );
-            let shared = VOLATILITY.lock().ok().and_then(|m| {
-                m.get(&shared_key)
-                    .filter(|(_, at)| at.elapsed() < VOLATILITY_TTL)
-                    .map(|(v, _)| *v)
-            });
-            let risky = match self.volatile.get(&key).copied().or(shared) {
+            let risky = match self.known_answer(&key) {
                 Some(v) => v,
                 None => {
                     let rows = self
@@ -748,13 +756,7 @@ impl Catalog {
                         );
                         continue;
                     }
-                    self.volatile.insert(key, v);
-                    if let Ok(mut m) = VOLATILITY.lock() {
-                        if m.len() >= 16_384 {
-                            m.clear();
-                        }
-                        m.insert(shared_key, (v, std::time::Instant::now()));
-                    }
+                    self.remember(key, v);
                     v
                 }
             };
