@@ -715,6 +715,65 @@ async fn psql_through_the_gateway() -> anyhow::Result<()> {
     // ... and never for every row.
     let e = gw.err("UPDATE orders SET state = 'lost'");
     assert!(e.contains("agentgate-hold-unbounded"), "{e}");
+    // During COPY FROM STDIN the server ignores Sync and Flush, and ends the COPY at any
+    // other message, which it drops: the gateway reads them the same way, so every answer
+    // after it stays matched with its request (and its masking). Sent all at once, before
+    // the server said the COPY started.
+    let text = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
+    let select = message(b'Q', b"SELECT upper(email) FROM customers WHERE id = 1\0");
+    let out = text(raw(
+        gw.port,
+        &[
+            startup("claude", "orders-db"),
+            message(b'Q', b"COPY orders FROM STDIN\0"),
+            message(b'S', b""),
+            message(b'H', b""),
+            message(b'd', b"4715\tnew\t1\n"),
+            message(b'c', b""),
+            select.clone(),
+            message(b'X', b""),
+        ]
+        .concat(),
+    ));
+    assert!(!out.contains("ADA@"), "{out:?}");
+    assert!(out.contains("COPY 1") && out.contains("****"), "{out:?}");
+    let out = text(raw(
+        gw.port,
+        &[
+            startup("claude", "orders-db"),
+            message(b'Q', b"COPY orders FROM STDIN\0"),
+            message(b'd', b"4716\tnew\t1\n"),
+            select.clone(),
+            select,
+            message(b'X', b""),
+        ]
+        .concat(),
+    ));
+    assert!(
+        out.contains("the agent sent a Query message during COPY FROM STDIN"),
+        "{out:?}"
+    );
+    assert!(!out.contains("ADA@") && out.contains("****"), "{out:?}");
+    assert_eq!(
+        pg.psql_run(
+            "app",
+            "SELECT count(*) FROM orders WHERE id IN (4715, 4716)"
+        )?
+        .trim(),
+        "1"
+    );
+    // A statement the parser stops at tells the agent where; the record keeps no token of
+    // it (it may be a literal: a password).
+    let e = gw.err("ALTER ROLE app PASSWORD 'old' 'N3wSecret'");
+    assert!(e.contains("agentgate refuses what it cannot parse"), "{e}");
+    let file = gw.env.dir().join(format!("audit-{}/audit.jsonl", gw.port));
+    wait_for("the refusal recorded", || {
+        std::fs::read_to_string(&file)
+            .unwrap_or_default()
+            .contains("at or near a token not recorded")
+    });
+    let trail = std::fs::read_to_string(&file)?;
+    assert!(!trail.contains("N3wSecret"), "the trail holds a literal");
 
     // md5 upstream authentication works too.
     let out = gw.psql("md5-db", "SELECT current_user");

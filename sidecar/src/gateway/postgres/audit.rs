@@ -79,7 +79,20 @@ pub fn decision(d: &Decision) -> audit::Decision {
         rule: Some(d.rule.clone()),
         grant: d.grant.clone(),
         approver: None,
-        reason: (d.verdict != Verdict::Allow).then(|| d.message.clone()),
+        reason: (d.verdict != Verdict::Allow).then(|| reason(d)),
+    }
+}
+
+/// A decision's reason as recorded: the parser's error quotes the token it stopped at, which
+/// may be a literal (`ALTER ROLE app PASSWORD 'old' 'N3wSecret'`), so what follows
+/// "at or near" stays out of the record (the agent was told it).
+fn reason(d: &Decision) -> String {
+    match d.message.find(" at or near ") {
+        Some(i) if d.rule == "unparsable" => format!(
+            "{} at or near a token not recorded (it may hold a value)",
+            &d.message[..i]
+        ),
+        _ => d.message.clone(),
     }
 }
 

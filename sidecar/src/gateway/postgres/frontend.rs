@@ -69,6 +69,28 @@ pub enum Frontend {
     FunctionCall,
 }
 
+impl Frontend {
+    /// What the message is, for messages to the agent (`a Query message`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Query(_) => "a Query message",
+            Self::Parse { .. } => "a Parse message",
+            Self::Bind { .. } => "a Bind message",
+            Self::Describe { .. } => "a Describe message",
+            Self::Execute { .. } => "an Execute message",
+            Self::Close { .. } => "a Close message",
+            Self::Sync => "a Sync message",
+            Self::Flush => "a Flush message",
+            Self::Terminate => "a Terminate message",
+            Self::Password(_) => "a password message",
+            Self::CopyData(_) => "a CopyData message",
+            Self::CopyDone => "a CopyDone message",
+            Self::CopyFail(_) => "a CopyFail message",
+            Self::FunctionCall => "a FunctionCall message",
+        }
+    }
+}
+
 fn done(buf: &Bytes, what: &'static str) -> Result<(), FrameError> {
     if buf.is_empty() {
         Ok(())

@@ -530,6 +530,7 @@ pub async fn handle(sock: AgentStream, gw: Arc<Gateway>) -> Result<(), FrameErro
     let path_confirmed = path.confirmation();
     let ddl = Ddl::default();
     let ddl_settled = ddl.settled.clone();
+    let copy = Arc::new(tokio::sync::watch::Sender::new(CopyPhase::Idle));
     let catalog = Arc::new(Mutex::new(Catalog::new(
         pg.clone(),
         creds.clone(),
@@ -555,6 +556,7 @@ pub async fn handle(sock: AgentStream, gw: Arc<Gateway>) -> Result<(), FrameErro
             key: key.clone(),
             path_confirmed,
             ddl_settled,
+            copy: copy.clone(),
         },
     );
     let reader = reader(
@@ -568,7 +570,7 @@ pub async fn handle(sock: AgentStream, gw: Arc<Gateway>) -> Result<(), FrameErro
         catalog.clone(),
         hold_cancel.clone(),
         &rec,
-        (path, ddl),
+        (path, ddl, copy),
     );
     let session_cancels = hold_cancel;
     let (result, reusable) = {
@@ -640,11 +642,13 @@ enum Event {
     OwnReady,
     /// A forwarded simple Query: the server answers up to a ReadyForQuery; the rule masks
     /// its computed output columns.
+    /// The last field: the query holds a COPY FROM (its ReadyForQuery ends any COPY).
     ExpectQuery(
         Option<crate::mask::Rule>,
         Box<Tally>,
         Option<u64>,
         Option<u64>,
+        bool,
     ),
     /// An Execute was forwarded; the rule masks its computed output columns.
     /// With the search path change the server may confirm at the batch's end, and whether
@@ -665,6 +669,8 @@ enum Event {
     /// The text of a statement forwarded in the open batch (only while columns are masked):
     /// what its errors may quote back.
     Text(Arc<str>),
+    /// The gateway ended the COPY under way with a CopyFail of its own, for this reason.
+    CopyFailed(String),
     /// The agent left; with the upstream's write side when it said goodbye with nothing
     /// open (the connection may then be reused).
     Done(Option<UpstreamWrite>),
@@ -708,6 +714,10 @@ struct Batch {
     /// An Execute of the batch runs a transaction statement: what its ReadyForQuery says is
     /// not where its search path changes stand.
     transaction: bool,
+    /// A simple query holding a COPY FROM: no COPY is under way after its ReadyForQuery.
+    copy_from: bool,
+    /// Why the gateway ended the batch's COPY (its CopyFail): the server's error says it.
+    copy_failed: Option<String>,
 }
 
 impl Batch {
@@ -770,6 +780,27 @@ struct Live {
     path_confirmed: Arc<std::sync::atomic::AtomicU64>,
     /// The latest DDL whose transaction ended (see [`Ddl`]).
     ddl_settled: Arc<std::sync::atomic::AtomicU64>,
+    /// Where a COPY FROM STDIN stands (the writer reports the server's answers).
+    copy: Arc<tokio::sync::watch::Sender<CopyPhase>>,
+}
+
+/// Where the server stands with a COPY FROM STDIN, as the reader and the writer see it.
+///
+/// PostgreSQL reads every message after a `COPY … FROM STDIN` that started as COPY data: it
+/// ignores Flush and Sync there, and ends the COPY with an error at any other message, which
+/// it drops. The gateway must read them the same way, or an answer it then expects would
+/// never come and every later answer would be matched with the wrong request (and masked by
+/// the wrong rule). Whether the COPY started is the server's to say (its CopyInResponse);
+/// until it said, the reader waits before it reads the next message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CopyPhase {
+    /// No COPY FROM STDIN can be under way.
+    Idle,
+    /// A query holding COPY FROM was forwarded (or one of its COPYs ended) and the server
+    /// has not answered yet: a COPY may start.
+    Starting,
+    /// The server sent CopyInResponse: it reads COPY data.
+    Active,
 }
 
 /// DDL the session let through whose transaction may still be open: the catalog connection
@@ -952,8 +983,9 @@ async fn writer(
             ev = rx.recv(), if !done => match ev {
                 Some(Event::ExpectUpstream) => queue.push_back(Pending::Upstream { swallow_ready: false, batch: Box::new(std::mem::take(&mut open)) }),
                 Some(Event::ExpectUpstreamSwallowReady) => queue.push_back(Pending::Upstream { swallow_ready: true, batch: Box::new(std::mem::take(&mut open)) }),
-                Some(Event::ExpectQuery(rule, tally, path_change, ddl)) => {
+                Some(Event::ExpectQuery(rule, tally, path_change, ddl, copy_from)) => {
                     let mut batch = Box::new(std::mem::take(&mut open));
+                    batch.copy_from = copy_from;
                     batch.query = rule;
                     batch.query_tally = Some(tally);
                     batch.path_change = path_change;
@@ -969,6 +1001,7 @@ async fn writer(
                 }
                 Some(Event::Describe { injected }) => open.describes.push_back(injected),
                 Some(Event::Text(t)) => open.texts.push(t),
+                Some(Event::CopyFailed(why)) => answering(&mut queue, &mut open).copy_failed = Some(why),
                 Some(Event::Own(f)) => queue.push_back(Pending::Own(f)),
                 Some(Event::OwnReady) => queue.push_back(Pending::OwnReady),
                 Some(Event::Done(half)) => {
@@ -1114,6 +1147,11 @@ async fn writer(
                         copy_out = true;
                         frame
                     }
+                    // Before the agent hears of it: from now on its messages are COPY data.
+                    b'G' => {
+                        live.copy.send_replace(CopyPhase::Active);
+                        frame
+                    }
                     b'c' => {
                         copy_out = false;
                         frame
@@ -1159,7 +1197,12 @@ async fn writer(
                                     .to_error();
                                 (ours, true)
                             }
-                            _ => (frame, false),
+                            _ => match batch.copy_failed.take() {
+                                Some(why) if ErrorFields::decode(&frame).is_ok_and(|e| e.code == "57014") => {
+                                    (ErrorFields::error("57014", why).to_error(), true)
+                                }
+                                _ => (frame, false),
+                            },
                         };
                         let error = error_summary(&frame);
                         if let Some(t) = batch.tally() {
@@ -1212,6 +1255,9 @@ async fn writer(
                         status = frame.body.first().copied().unwrap_or(b'I');
                         match queue.pop_front() {
                             Some(Pending::Upstream { swallow_ready, mut batch }) => {
+                                if batch.copy_from {
+                                    live.copy.send_replace(CopyPhase::Idle);
+                                }
                                 ddl_seen = ddl_seen.max(batch.ddl.unwrap_or(0));
                                 if status == b'I' && ddl_seen > 0 {
                                     live.ddl_settled.fetch_max(ddl_seen, std::sync::atomic::Ordering::AcqRel);
@@ -2027,7 +2073,7 @@ async fn reader(
     catalog: Arc<Mutex<Catalog>>,
     cancel: Arc<HoldCancel>,
     rec: &SessionRecorder,
-    names: (SearchPath, Ddl),
+    names: (SearchPath, Ddl, Arc<tokio::sync::watch::Sender<CopyPhase>>),
 ) -> Result<(), FrameError> {
     let mut up = BufWriter::new(up);
     let r = read_agent(
@@ -2057,7 +2103,7 @@ async fn read_agent(
     catalog: Arc<Mutex<Catalog>>,
     cancel: Arc<HoldCancel>,
     rec: &SessionRecorder,
-    (mut path, mut ddl): (SearchPath, Ddl),
+    (mut path, mut ddl, copy): (SearchPath, Ddl, Arc<tokio::sync::watch::Sender<CopyPhase>>),
 ) -> Result<bool, FrameError> {
     // Prepared statements' classifications, for Execute-time checks.
     let mut statements: HashMap<String, Classified> = HashMap::new();
@@ -2072,7 +2118,7 @@ async fn read_agent(
     // have skipped that Parse and kept the previous one.
     let mut unnamed_uncertain = false;
     let mut in_batch = false;
-    let mut copy_in = false;
+    let mut copy_phase = copy.subscribe();
     // Asked for every statement: answered once per policy snapshot.
     let mut scoped_in: Option<(Arc<policy::Snapshot>, bool)> = None;
     let mut table_scoped = || {
@@ -2187,18 +2233,46 @@ async fn read_agent(
                 break Err(e);
             }
         };
-        if copy_in {
-            match &msg {
-                Frontend::CopyData(_) => {
-                    forward(up, agent.buffer().is_empty(), frame).await?;
-                    continue;
+        if *copy_phase.borrow_and_update() != CopyPhase::Idle {
+            // Whether the COPY started is the server's answer: wait for it (the writer runs
+            // meanwhile), then read the message as the server will.
+            if *copy_phase.borrow() == CopyPhase::Starting {
+                // What was forwarded unflushed is what the server's answer waits on.
+                up.flush().await?;
+            }
+            let phase = match copy_phase.wait_for(|p| *p != CopyPhase::Starting).await {
+                Ok(p) => *p,
+                Err(_) => CopyPhase::Idle,
+            };
+            if phase == CopyPhase::Active {
+                match &msg {
+                    Frontend::CopyData(_) => {
+                        forward(up, agent.buffer().is_empty(), frame).await?;
+                    }
+                    Frontend::CopyDone | Frontend::CopyFail(_) => {
+                        // Another COPY of the same query may start next; the server says.
+                        copy.send_replace(CopyPhase::Starting);
+                        forward(up, agent.buffer().is_empty(), frame).await?;
+                    }
+                    // Ignored by the server during COPY FROM STDIN: not forwarded, no answer.
+                    Frontend::Flush | Frontend::Sync => {}
+                    Frontend::Terminate => {
+                        let _ = write_frames(&mut *up, &[frame]).await;
+                        break Ok(false);
+                    }
+                    other => {
+                        // The server would end the COPY with an error and drop the message:
+                        // the gateway ends it with the same meaning and drops it too.
+                        let why = format!(
+                            "agentgate: the agent sent {} during COPY FROM STDIN; the COPY was ended and that message dropped (send CopyData, then CopyDone or CopyFail)",
+                            other.kind()
+                        );
+                        copy.send_replace(CopyPhase::Starting);
+                        tx.send(Event::CopyFailed(why.clone())).await.ok();
+                        forward(up, true, frontend::encode(&Frontend::CopyFail(why))).await?;
+                    }
                 }
-                Frontend::CopyDone | Frontend::CopyFail(_) => {
-                    copy_in = false;
-                    forward(up, agent.buffer().is_empty(), frame).await?;
-                    continue;
-                }
-                _ => {}
+                continue;
             }
         }
         if skip_until_sync && !matches!(msg, Frontend::Sync | Frontend::Terminate) {
@@ -2338,7 +2412,11 @@ async fn read_agent(
                     held_as = Some(filed);
                 }
                 if d.verdict == Verdict::Allow {
-                    copy_in = classified.statements.iter().any(|s| s.tag == "COPY FROM");
+                    let copy_from = classified.statements.iter().any(|s| s.tag == "COPY FROM");
+                    if copy_from {
+                        // Before the query goes: the server's answer may come at once.
+                        copy.send_replace(CopyPhase::Starting);
+                    }
                     remember_cursors(&classified, &mut cursors);
                     let path_change = follow_path(gw, &mut path, &catalog, &classified, true).await;
                     if masks.has_column_rules() {
@@ -2357,6 +2435,7 @@ async fn read_agent(
                         Box::new(tally),
                         path_change,
                         ddl_no,
+                        copy_from,
                     ))
                     .await
                     .ok();
@@ -2684,7 +2763,7 @@ async fn read_agent(
                 in_batch = false;
             }
             Frontend::Terminate => {
-                if in_batch || copy_in || skip_until_sync {
+                if in_batch || *copy.borrow() != CopyPhase::Idle || skip_until_sync {
                     let _ = write_frames(&mut *up, &[frame]).await;
                     break Ok(false);
                 }
@@ -2695,6 +2774,19 @@ async fn read_agent(
                 let err = ErrorFields::error(
                     sqlstate::FEATURE_NOT_SUPPORTED,
                     "agentgate refuses the fast-path function call protocol: call functions with SELECT",
+                );
+                // Recorded like any refused request (its arguments are not: they are values).
+                recorded(
+                    rec.next_request(),
+                    "",
+                    None,
+                    "function-call",
+                    Decision {
+                        verdict: Verdict::Refuse,
+                        rule: "protocol".into(),
+                        grant: None,
+                        message: err.message.clone(),
+                    },
                 );
                 up.flush().await?;
                 tx.send(Event::Own(vec![err.to_error()])).await.ok();
