@@ -17,6 +17,7 @@ pub mod lifecycle;
 pub mod mask;
 pub mod session;
 pub mod target;
+pub mod validate;
 
 pub use common::{AccessScope, KubernetesRule, OperationClass, SshScope, UserRef};
 pub use grant::{

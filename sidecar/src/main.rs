@@ -314,6 +314,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .namespace
             .clone()
             .unwrap_or_else(|| client.default_namespace().to_owned());
+        if let Some(v) = &verifier {
+            v.review_with(client.clone());
+        }
         tokio::spawn(cluster::watch(
             client.clone(),
             namespace.clone(),

@@ -56,6 +56,17 @@ async fn sidecar(
     sa: &str,
     targets: &Path,
 ) -> anyhow::Result<Sidecar> {
+    sidecar_with(env, admin, sa, targets, &[]).await
+}
+
+/// [`sidecar`] with more arguments.
+async fn sidecar_with(
+    env: &TestEnv,
+    admin: &kube::Client,
+    sa: &str,
+    targets: &Path,
+    extra: &[String],
+) -> anyhow::Result<Sidecar> {
     let kube = env.kube()?;
     let api_token = token(admin, sa, None).await?;
     let kubeconfig = kube.kubeconfig_with_token(&format!("{sa}-sidecar"), &api_token)?;
@@ -83,6 +94,7 @@ async fn sidecar(
         "--policy-stale-after=3s".into(),
         format!("--health-addr=127.0.0.1:{health}"),
     ])
+    .args(extra.iter().cloned())
     .env("KUBECONFIG", kubeconfig.display().to_string())
     .env("POD_NAMESPACE", NS)
     .env("RUST_LOG", "info,agentgate_sidecar=debug");
@@ -933,6 +945,72 @@ async fn in_cluster_policy_holds_and_revocation() -> anyhow::Result<()> {
         body.starts_with("policy not loaded: the watch on"),
         "{body}"
     );
+
+    // 7b. Agents presenting service-account tokens (--pg-auth token): a token whose service
+    //     account was deleted is refused once the API server says so, though its
+    //     signature still holds.
+    Api::<ServiceAccount>::namespaced(admin.clone(), NS)
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({ "metadata": { "name": "tok-agent" } }))?,
+        )
+        .await?;
+    apply(&admin, json!({
+        "apiVersion": "agentgate.dev/v1alpha1", "kind": "AgentIdentity", "metadata": { "name": "tok" },
+        "spec": { "owner": "team-orders", "authentication": { "serviceAccount": { "name": "tok-agent" } },
+            "baseline": [ { "target": "db", "scope": { "operations": ["Read"] } } ] }
+    }))
+    .await?;
+    let tokened = sidecar_with(
+        &env,
+        &admin,
+        "claude",
+        targets.path(),
+        &[
+            "--pg-auth=token".into(),
+            format!("--sa-issuer={}", kube.issuer()),
+            format!("--oidc-ca-file={}", kube.ca_path().display()),
+        ],
+    )
+    .await?;
+    let agent_token = token(&admin, "tok-agent", Some("agentgate")).await?;
+    let as_tok = |pass: &str| {
+        Command::new(env.bins.pg_bin.join("psql"))
+            .arg(format!(
+                "host=127.0.0.1 port={} dbname=db user=tok sslmode=disable",
+                tokened.port
+            ))
+            .args(["-X", "-At", "-c", "SELECT 42"])
+            .env("PGPASSWORD", pass)
+            .output()
+            .expect("psql")
+    };
+    let works = eventually("the token accepted", 30, async || {
+        let o = as_tok(&agent_token);
+        o.status.success().then(|| stdout(&o))
+    })
+    .await?;
+    assert_eq!(works, "42");
+    let sas = Api::<ServiceAccount>::namespaced(admin.clone(), NS);
+    sas.delete("tok-agent", &Default::default()).await?;
+    sas.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({ "metadata": { "name": "tok-agent" } }))?,
+    )
+    .await?;
+    let refused = eventually("the deleted account's token refused", 40, async || {
+        let o = as_tok(&agent_token);
+        (!o.status.success()).then(|| stderr(&o))
+    })
+    .await?;
+    assert!(
+        refused.contains("the API server does not accept this service-account token now"),
+        "{refused}"
+    );
+    // A new token of the new account works.
+    let fresh = token(&admin, "tok-agent", Some("agentgate")).await?;
+    assert!(as_tok(&fresh).status.success());
+    drop(tokened);
 
     // 8. The API server goes away: after --policy-stale-after the policy is dropped (a
     //    revocation could be missed) and everything is refused, with the reason.

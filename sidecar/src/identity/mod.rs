@@ -82,6 +82,12 @@ pub enum IdentityError {
         /// The issuer.
         issuer: String,
     },
+    /// The API server no longer accepts a service-account token whose signature holds: its
+    /// pod or service account was deleted, or the review could not be made.
+    #[error(
+        "the API server does not accept this service-account token now: {0} (a token stays signed after its pod or service account is deleted; ask for a new one)"
+    )]
+    Revoked(String),
     /// More than one AgentIdentity matches.
     #[error(
         "subject {subject} matches several AgentIdentities ({names}): make their authentication unambiguous"
@@ -189,7 +195,15 @@ pub struct Verifier {
     verified: std::sync::Mutex<HashMap<[u8; 32], Remembered>>,
     generations: AtomicU64,
     keys_max_age: Duration,
+    /// In a cluster: the API server, asked whether a service-account token is still good.
+    reviewer: std::sync::OnceLock<kube::Client>,
+    /// Tokens the API server accepted lately, by hash: when, and as whom.
+    reviewed: std::sync::Mutex<HashMap<[u8; 32], (Instant, String)>>,
 }
+
+/// How long the API server's acceptance of a service-account token is trusted before it is
+/// asked again (the longest a deleted pod's token still works).
+const REVIEW_EVERY: Duration = Duration::from_secs(10);
 
 /// How long past their maximum age the keys read last are still used when the issuer cannot
 /// be reached.
@@ -219,7 +233,49 @@ impl Verifier {
             verified: std::sync::Mutex::new(HashMap::new()),
             generations: AtomicU64::new(1),
             keys_max_age: Duration::from_secs(300),
+            reviewer: std::sync::OnceLock::new(),
+            reviewed: std::sync::Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Asks the API server (TokenReview) whether each service-account token is still good
+    /// before it maps to an identity, again at most every 10 s: a bound token's signature
+    /// outlives the pod or service account it was issued for, and only the API server knows
+    /// they are gone. A review that cannot be made refuses the token.
+    pub fn review_with(&self, client: kube::Client) {
+        let _ = self.reviewer.set(client);
+    }
+
+    /// The API server's word on a service-account token of `subject` (see [`Self::review_with`]).
+    async fn reviewed(
+        &self,
+        token: &str,
+        digest: &[u8; 32],
+        subject: &str,
+    ) -> Result<(), IdentityError> {
+        let Some(client) = self.reviewer.get() else {
+            return Ok(());
+        };
+        if lock(&self.reviewed)
+            .get(digest)
+            .is_some_and(|(at, user)| at.elapsed() < REVIEW_EVERY && user == subject)
+        {
+            return Ok(());
+        }
+        let user = pod::review(client, token)
+            .await
+            .map_err(IdentityError::Revoked)?;
+        if user != subject {
+            return Err(IdentityError::Revoked(format!(
+                "the API server says it belongs to {user}"
+            )));
+        }
+        let mut reviewed = lock(&self.reviewed);
+        if reviewed.len() >= VERIFIED_MAX {
+            reviewed.retain(|_, (at, _)| at.elapsed() < REVIEW_EVERY);
+        }
+        reviewed.insert(*digest, (Instant::now(), user));
+        Ok(())
     }
 
     /// Read each issuer's keys again once they are older than `max_age` (default five
@@ -517,6 +573,15 @@ impl Verifier {
         };
         let issuer = claims["iss"].as_str().unwrap_or_default().to_owned();
         let verified = check_claims(&claims, issuer, self.sa_issuer.as_deref(), snapshot)?;
+        // A token of the cluster for agentgate: the API server must still accept it.
+        let for_agentgate = match &claims["aud"] {
+            serde_json::Value::String(a) => a == AUDIENCE,
+            serde_json::Value::Array(a) => a.iter().any(|x| x.as_str() == Some(AUDIENCE)),
+            _ => false,
+        };
+        if for_agentgate && self.sa_issuer.as_deref() == Some(verified.issuer.as_str()) {
+            self.reviewed(token, &digest, &verified.subject).await?;
+        }
         if let Some(fresh) = fresh
             && token.len() <= REMEMBER_UP_TO
             && fresh.exp >= crate::clock::now().as_millisecond() as f64 / 1000.0
@@ -660,7 +725,10 @@ fn check_claims(
         .values()
         .filter(|id| {
             let by_oidc = id.spec.authentication.oidc.as_ref().is_some_and(|o| {
-                o.issuer == issuer
+                // One that names neither a subject nor a claim would match every token of
+                // its issuer (its CRD forbids it; a folder may hold one anyway).
+                (o.subject.is_some() || !o.claims.is_empty())
+                    && o.issuer == issuer
                     && audiences.contains(&o.audience)
                     && o.subject.as_ref().is_none_or(|s| *s == subject)
                     && o.claims

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use agentgate_crds::validate::Validate;
 use agentgate_crds::{AccessGrant, AgentIdentity, MaskPolicy, Target, Verdict};
 use serde::Deserialize;
 
@@ -167,21 +168,33 @@ fn load_text(
             return Err(invalid(format!("{kind} without metadata.name")));
         }
         let bad = |e: serde_json::Error| invalid(format!("{kind} {name}: {e}"));
+        // The CRD's rules, which the API server would have enforced.
+        let broken = |problems: Vec<String>| {
+            if problems.is_empty() {
+                Ok(())
+            } else {
+                Err(invalid(format!("{kind} {name}: {}", problems.join("; "))))
+            }
+        };
         match kind.as_str() {
             "AgentIdentity" => {
                 let o: AgentIdentity = serde_json::from_value(value).map_err(bad)?;
+                broken(o.spec.problems())?;
                 insert(&mut s.identities, seen, &kind, name, o, path)?;
             }
             "Target" => {
                 let o: Target = serde_json::from_value(value).map_err(bad)?;
+                broken(o.spec.problems())?;
                 insert(&mut s.targets, seen, &kind, name, o, path)?;
             }
             "MaskPolicy" => {
                 let o: MaskPolicy = serde_json::from_value(value).map_err(bad)?;
+                broken(o.spec.problems())?;
                 insert(&mut s.masks, seen, &kind, name, o, path)?;
             }
             "AccessGrant" => {
                 let o: AccessGrant = serde_json::from_value(value).map_err(bad)?;
+                broken(o.spec.problems())?;
                 // Without an API server nobody stamps the approval time: a standalone
                 // approval must carry it, or its clock could never run out.
                 let undated = o

@@ -110,7 +110,7 @@ spec:
   identity: claude
   target: db
   scope: {{ operations: [Write] }}
-  duration: 2s
+  duration: 10s
   reason: fix
   decision: {{ verdict: Approve, decidedAt: "{grant_decided}", decidedBy: {{ username: alice }} }}
 "#
@@ -126,7 +126,9 @@ spec:
     async fn a_request_ends_when_its_grant_expires_or_the_identity_is_disabled() {
         let store = Arc::new(PolicyStore::default());
         let now = crate::clock::now();
-        store.set(policy(false, now));
+        // Decided 8 s ago for 10 s: it runs out 2 s from now.
+        let decided = now - jiff::SignedDuration::from_secs(8);
+        store.set(policy(false, decided));
         let write = command("UPDATE orders SET state = 'x' WHERE id = 1");
         let read = command("SELECT * FROM orders");
         let snapshot = store.get().unwrap();

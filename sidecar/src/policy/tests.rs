@@ -47,7 +47,7 @@ spec:
 const GRANTS: &str = r#"
 apiVersion: agentgate.dev/v1alpha1
 kind: AccessGrant
-metadata: { name: write-orders, creationTimestamp: "2026-11-22T09:00:00Z" }
+metadata: { name: write-orders, creationTimestamp: "2026-11-22T09:30:00Z" }
 spec:
   identity: claude
   target: orders-db
@@ -59,7 +59,7 @@ status: { phase: Active, expiresAt: "2026-11-22T11:00:00Z" }
 ---
 apiVersion: agentgate.dev/v1alpha1
 kind: AccessGrant
-metadata: { name: old-write, creationTimestamp: "2026-11-21T09:00:00Z" }
+metadata: { name: old-write, creationTimestamp: "2026-11-21T09:30:00Z" }
 spec:
   identity: claude
   target: orders-db
@@ -71,7 +71,7 @@ status: { phase: Active }
 ---
 apiVersion: agentgate.dev/v1alpha1
 kind: AccessGrant
-metadata: { name: wipe-sessions, creationTimestamp: "2026-11-22T09:00:00Z" }
+metadata: { name: wipe-sessions, creationTimestamp: "2026-11-22T09:30:00Z" }
 spec:
   identity: claude
   target: orders-db
@@ -83,7 +83,7 @@ spec:
 ---
 apiVersion: agentgate.dev/v1alpha1
 kind: AccessGrant
-metadata: { name: revoked, creationTimestamp: "2026-11-22T09:00:00Z" }
+metadata: { name: revoked, creationTimestamp: "2026-11-22T09:30:00Z" }
 spec:
   identity: claude
   target: orders-db
@@ -95,7 +95,7 @@ spec:
 ---
 apiVersion: agentgate.dev/v1alpha1
 kind: AccessGrant
-metadata: { name: undated, creationTimestamp: "2026-11-22T09:00:00Z" }
+metadata: { name: undated, creationTimestamp: "2026-11-22T09:30:00Z" }
 spec:
   identity: claude
   target: orders-db
@@ -385,6 +385,19 @@ fn folder_errors_name_the_file() {
     let e = folder::load(dir.path()).unwrap_err().to_string();
     assert!(e.contains("defined twice"), "{e}");
     assert!(folder::load(Path::new("/nonexistent/agentgate")).is_err());
+    // The CRDs' own rules hold without an API server: an oidc identity naming neither a
+    // subject nor a claim (every token of its issuer would be it) is refused.
+    std::fs::remove_file(dir.path().join("b.yaml")).unwrap();
+    write(
+        "a.yaml",
+        "apiVersion: agentgate.dev/v1alpha1\nkind: AgentIdentity\nmetadata: {name: anyone}\nspec: {owner: o, authentication: {oidc: {issuer: 'https://accounts.example.com', audience: app}}}\n",
+    );
+    let e = folder::load(dir.path()).unwrap_err().to_string();
+    assert!(
+        e.contains("AgentIdentity anyone")
+            && e.contains("oidc needs a subject or at least one claim"),
+        "{e}"
+    );
 }
 
 #[test]
