@@ -3,7 +3,7 @@
 
 use std::collections::BTreeSet;
 
-use agentgate_crds::audit::{Record, RecordKind, Report, Verdict};
+use agentgate_crds::audit::{Problem, Record, RecordKind, Report, Verdict};
 use aws_lc_rs::digest;
 use serde::Serialize;
 
@@ -14,7 +14,8 @@ pub struct Finding {
     pub control: &'static str,
     /// Its title.
     pub title: &'static str,
-    /// `satisfied` or `not-satisfied`.
+    /// `satisfied` or `not-satisfied` (OSCAL's objective states; a control only partly
+    /// met is `not-satisfied`, and its summary says "partially satisfied" and why).
     pub state: &'static str,
     /// What the evidence shows, in a sentence.
     pub summary: String,
@@ -62,9 +63,116 @@ fn evidence(r: &Record) -> Evidence {
 /// At most this many records are cited per finding (the counts cover all).
 const CITED: usize = 50;
 
+/// At most this many problems are quoted in a finding's summary.
+const QUOTED: usize = 10;
+
+/// The chain verification behind AU-9 and AU-10.
+#[derive(Debug)]
+pub struct ChainCheck {
+    /// With partial streams and open tails accepted: its problems are tampering.
+    pub lenient: Report,
+    /// As `kubectl agentgate verify` checks without `--allow-partial` and `--open`: its
+    /// problems also name what is missing, open or unsigned.
+    pub strict: Report,
+    /// Whether the signatures were checked against trusted keys (`--key`), not only against
+    /// each stream's own.
+    pub pinned: bool,
+}
+
+/// Why a control is not (fully) satisfied: `problems`' messages, the first [`QUOTED`] of them.
+fn reasons(problems: &[Problem]) -> String {
+    let mut quoted: Vec<String> = problems
+        .iter()
+        .take(QUOTED)
+        .map(|p| p.message.clone())
+        .collect();
+    if problems.len() > QUOTED {
+        quoted.push(format!("and {} more", problems.len() - QUOTED));
+    }
+    quoted.join("; ")
+}
+
+/// AU-9 and AU-10 from the chain check: satisfied only by a trail that verifies strictly
+/// against trusted keys; "partially satisfied" (state `not-satisfied`, with the reason) by
+/// one that shows no tampering but is incomplete, open, not fully signed or not pinned.
+fn chain_findings(chain: &ChainCheck) -> ((&'static str, String), (&'static str, String)) {
+    let records = chain.strict.records;
+    let keys = chain
+        .strict
+        .streams
+        .iter()
+        .filter_map(|s| s.key_id.clone())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect::<Vec<_>>()
+        .join(", ");
+    const UNPINNED: &str = "the signatures were checked only against each stream's own key, so whoever could write the trail could have signed it: export with the sidecar's public key (--key)";
+    if !chain.lenient.ok() {
+        let why = reasons(&chain.lenient.problems);
+        return (
+            (
+                "not-satisfied",
+                format!("not satisfied: the hash chain does NOT verify: {why}"),
+            ),
+            (
+                "not-satisfied",
+                format!(
+                    "not satisfied: the records' signatures prove nothing over a chain that does not verify (keys {keys}): {why}"
+                ),
+            ),
+        );
+    }
+    if !chain.strict.ok() {
+        let why = reasons(&chain.strict.problems);
+        return (
+            (
+                "not-satisfied",
+                format!(
+                    "partially satisfied: nothing in the hash chain of {records} records was edited or reordered, but the trail is not whole, closed and signed: {why} (export again once the sidecars have stopped, with every rotated file)"
+                ),
+            ),
+            (
+                "not-satisfied",
+                format!(
+                    "partially satisfied: records are signed (Ed25519, keys {keys}), but not all of them are covered by a signature: {why}"
+                ),
+            ),
+        );
+    }
+    if !chain.pinned {
+        return (
+            (
+                "not-satisfied",
+                format!(
+                    "partially satisfied: the hash chain of {records} records verifies, but {UNPINNED}"
+                ),
+            ),
+            (
+                "not-satisfied",
+                format!("partially satisfied: records are signed (keys {keys}), but {UNPINNED}"),
+            ),
+        );
+    }
+    (
+        (
+            "satisfied",
+            format!(
+                "the hash chain of {records} records verifies against the trusted keys: nothing edited, deleted, reordered or added, every stream closed and signed"
+            ),
+        ),
+        (
+            "satisfied",
+            format!(
+                "records are signed (Ed25519) by the sidecar's key, which the agent container cannot read: keys {keys}"
+            ),
+        ),
+    )
+}
+
 /// The findings for `records` (already filtered to the period and identity) and the chain's
-/// verification `report`.
-pub fn findings(records: &[Record], report: &Report) -> Vec<Finding> {
+/// verification.
+pub fn findings(records: &[Record], chain: &ChainCheck) -> Vec<Finding> {
+    let ((au9_state, au9_summary), (au10_state, au10_summary)) = chain_findings(chain);
     let of = |f: &dyn Fn(&Record) -> bool| -> Vec<Evidence> {
         records.iter().filter(|r| f(r)).map(evidence).collect()
     };
@@ -185,40 +293,15 @@ pub fn findings(records: &[Record], report: &Report) -> Vec<Finding> {
         Finding {
             control: "au-9",
             title: "Protection of Audit Information",
-            state: ok(report.ok()),
-            summary: if report.ok() {
-                format!(
-                    "the hash chain of {} records verifies: nothing edited, deleted or reordered",
-                    report.records
-                )
-            } else {
-                format!(
-                    "the hash chain does NOT verify: {}",
-                    report
-                        .problems
-                        .iter()
-                        .map(|p| p.message.clone())
-                        .collect::<Vec<_>>()
-                        .join("; ")
-                )
-            },
+            state: au9_state,
+            summary: au9_summary,
             evidence: cite(signed.clone()),
         },
         Finding {
             control: "au-10",
             title: "Non-repudiation",
-            state: ok(report.ok() && report.streams.iter().all(|s| s.signed_through.is_some())),
-            summary: format!(
-                "records are signed (Ed25519) by the sidecar's key, which the agent container cannot read: keys {}",
-                report
-                    .streams
-                    .iter()
-                    .filter_map(|s| s.key_id.clone())
-                    .collect::<BTreeSet<_>>()
-                    .into_iter()
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
+            state: au10_state,
+            summary: au10_summary,
             evidence: cite(signed.clone()),
         },
         Finding {

@@ -346,11 +346,13 @@ struct VerifyArgs {
     /// retention).
     #[arg(long)]
     allow_partial: bool,
-    /// Also compare with the AgentSessions' chain heads in the cluster (finds a cut tail).
+    /// Also compare with the AgentSessions' chain heads in the cluster (finds a cut tail,
+    /// and sessions whose records are missing from the trail).
     #[arg(long)]
     sessions: bool,
-    /// The trail of a sidecar still running: accept its last records not yet covered by a
-    /// signature (it signs at least every second) with a warning.
+    /// The trail of a sidecar still running: accept, with a warning, a stream without a
+    /// StreamEnd and its last records not yet covered by a signature (it signs at least every
+    /// second). Without it, a trail that ends without a StreamEnd fails: it may have been cut.
     #[arg(long)]
     open: bool,
     #[command(flatten)]
@@ -363,7 +365,8 @@ struct VerifyArgs {
 struct ExportArgs {
     #[command(flatten)]
     filter: Filter,
-    /// Trusted public keys for the chain verification behind AU-9/AU-10.
+    /// Trusted public keys for the chain verification behind AU-9/AU-10 (without one, they
+    /// are not satisfied: the signatures are only checked against each stream's own key).
     #[arg(long)]
     key: Vec<String>,
     #[command(flatten)]
@@ -397,13 +400,19 @@ enum GrantCmd {
         #[arg(long)]
         reason: String,
     },
-    /// Approve a pending grant (you are recorded as the approver).
+    /// Approve a pending grant (you are recorded as the approver), after showing it.
+    #[command(
+        after_help = "The grant is read and shown first (identity, target, scope and, for a held command, its full text and fingerprint). The approval applies to that version only: if the grant was changed or replaced meanwhile, nothing is approved."
+    )]
     Approve {
         /// The grant.
         name: String,
         /// Why.
         #[arg(long)]
         reason: Option<String>,
+        /// Show the grant, then approve only after `y` is answered on standard input.
+        #[arg(long)]
+        confirm: bool,
     },
     /// Deny a pending grant.
     Deny {
@@ -458,17 +467,33 @@ fn print<T: serde::Serialize>(output: Output, value: &T) -> anyhow::Result<()> {
 }
 
 /// Text safe to print in a terminal: control characters (escape sequences an agent could
-/// plant in a statement, a client name or a database name) shown as `\u{…}`.
+/// plant in a statement, a client name or a database name, or a forger in a stream name)
+/// and other characters that do not print as themselves (bidirectional overrides,
+/// zero-width and unassigned code points) shown as `\u{…}`.
 fn printable(s: &str) -> String {
-    s.chars()
-        .map(|c| {
-            if c.is_control() {
-                format!("\\u{{{:x}}}", u32::from(c))
-            } else {
-                c.to_string()
-            }
-        })
-        .collect()
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_control() || !prints_as_itself(c) {
+            let _ = write!(out, "\\u{{{:x}}}", u32::from(c));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Whether `c`, after another character, is left as it is by `str::escape_debug`: it is
+/// printable (quotes and the backslash are, though `escape_debug` escapes them; combining
+/// marks are, after a character).
+fn prints_as_itself(c: char) -> bool {
+    if matches!(c, '\\' | '\'' | '"') {
+        return true;
+    }
+    let mut buf = [0u8; 5];
+    buf[0] = b'a';
+    let len = 1 + c.encode_utf8(&mut buf[1..]).len();
+    std::str::from_utf8(&buf[..len]).is_ok_and(|s| s.escape_debug().count() == 2)
 }
 
 fn table(rows: Vec<Vec<String>>) {
@@ -521,7 +546,7 @@ async fn grants(cmd: GrantCmd, ns: &Option<String>, output: Output) -> anyhow::R
         if let Some(r) = reason {
             d["reason"] = r.clone().into();
         }
-        Patch::Merge(serde_json::json!({ "spec": { "decision": d } }))
+        serde_json::json!({ "spec": { "decision": d } })
     };
     let patched = match cmd {
         GrantCmd::List => {
@@ -547,16 +572,15 @@ async fn grants(cmd: GrantCmd, ns: &Option<String>, output: Output) -> anyhow::R
                 .to_vec(),
             ];
             for g in list {
+                let operations = operations(&g);
+                // A held command with its class: the class is what an approval lets run.
                 let scope = match &g.spec.command {
-                    Some(c) => format!("command {}", c.text),
-                    None => g
-                        .spec
-                        .scope
-                        .operations
-                        .iter()
-                        .map(|o| o.as_str())
-                        .collect::<Vec<_>>()
-                        .join(","),
+                    Some(c) => format!(
+                        "command ({}): {}",
+                        c.operation.map_or(operations, |o| o.as_str().to_owned()),
+                        c.text
+                    ),
+                    None => operations,
                 };
                 rows.push(vec![
                     g.metadata.name.clone().unwrap_or_default(),
@@ -567,9 +591,9 @@ async fn grants(cmd: GrantCmd, ns: &Option<String>, output: Output) -> anyhow::R
                         .unwrap_or_else(|| "Pending".into()),
                     g.spec.identity.clone(),
                     g.spec.target.clone(),
-                    scope.chars().take(60).collect(),
+                    cut(&scope, 60),
                     g.spec.duration.clone(),
-                    g.spec.reason.chars().take(60).collect(),
+                    cut(&g.spec.reason, 60),
                 ]);
             }
             table(rows);
@@ -603,16 +627,49 @@ async fn grants(cmd: GrantCmd, ns: &Option<String>, output: Output) -> anyhow::R
             );
             return Ok(0);
         }
-        GrantCmd::Approve { name, reason } => (
-            name.clone(),
-            api.patch(&name, &PatchParams::default(), &decide("Approve", &reason))
-                .await,
-            "approved",
-        ),
+        GrantCmd::Approve {
+            name,
+            reason,
+            confirm,
+        } => {
+            // The approver sees what they approve, and approves exactly that version.
+            let g = match api.get(&name).await {
+                Ok(g) => g,
+                Err(kube::Error::Api(e)) => {
+                    eprintln!("error: accessgrant/{name} was not approved: {}", e.message);
+                    return Ok(1);
+                }
+                Err(e) => return Err(e.into()),
+            };
+            print!("{}", describe_grant(&g, &ns));
+            let (Some(uid), Some(version)) = (&g.metadata.uid, &g.metadata.resource_version) else {
+                bail!(
+                    "the API server sent accessgrant/{name} without a uid or resourceVersion: not approving what cannot be pinned"
+                );
+            };
+            if confirm && !confirmed().await? {
+                eprintln!("error: accessgrant/{name} was not approved: not confirmed");
+                return Ok(1);
+            }
+            let mut body = decide("Approve", &reason);
+            // Preconditions the API server checks: the same object (uid), unchanged since
+            // it was shown (resourceVersion).
+            body["metadata"] = serde_json::json!({ "uid": uid, "resourceVersion": version });
+            (
+                name.clone(),
+                api.patch(&name, &PatchParams::default(), &Patch::Merge(body))
+                    .await,
+                "approved",
+            )
+        }
         GrantCmd::Deny { name, reason } => (
             name.clone(),
-            api.patch(&name, &PatchParams::default(), &decide("Deny", &reason))
-                .await,
+            api.patch(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(decide("Deny", &reason)),
+            )
+            .await,
             "denied",
         ),
         GrantCmd::Revoke { name, reason } => (
@@ -634,12 +691,98 @@ async fn grants(cmd: GrantCmd, ns: &Option<String>, output: Output) -> anyhow::R
             println!("accessgrant/{name} {what}");
             Ok(0)
         }
+        Err(kube::Error::Api(e)) if e.code == 409 => {
+            eprintln!(
+                "error: accessgrant/{name} was not {what}: it was changed or replaced after it was shown ({}); run the command again and check what it shows",
+                e.message
+            );
+            Ok(1)
+        }
         Err(kube::Error::Api(e)) => {
             eprintln!("error: accessgrant/{name} was not {what}: {}", e.message);
             Ok(1)
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// `s` cut to at most `max` characters, a cut marked with "…".
+fn cut(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        return s.to_owned();
+    }
+    let mut out: String = s.chars().take(max.saturating_sub(1)).collect();
+    out.push('…');
+    out
+}
+
+/// A grant's operation classes, comma-separated.
+fn operations(g: &AccessGrant) -> String {
+    g.spec
+        .scope
+        .operations
+        .iter()
+        .map(|o| o.as_str())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// What an approver reads before approving: the whole grant as it will be decided, the
+/// command's full text included, every line made safe for the terminal.
+fn describe_grant(g: &AccessGrant, ns: &str) -> String {
+    use std::fmt::Write as _;
+    let spec = &g.spec;
+    let mut out = String::new();
+    let mut field = |label: &str, value: &str| {
+        let _ = writeln!(out, "  {label:<13} {}", printable(value));
+    };
+    let name = g.metadata.name.clone().unwrap_or_default();
+    field("grant:", &format!("accessgrant/{name} -n {ns}"));
+    field(
+        "phase:",
+        &g.status
+            .as_ref()
+            .and_then(|s| s.phase)
+            .map_or_else(|| "Pending".to_owned(), |p| format!("{p:?}")),
+    );
+    field("identity:", &spec.identity);
+    field("target:", &spec.target);
+    field("operations:", &operations(g));
+    let scope = serde_json::to_string(&spec.scope).unwrap_or_default();
+    field("scope:", &scope);
+    field("duration:", &spec.duration);
+    field("reason:", &spec.reason);
+    if let Some(by) = &spec.requested_by {
+        field("requested by:", &by.username);
+    }
+    if let Some(c) = &spec.command {
+        field("class:", c.operation.map_or("(not given)", |o| o.as_str()));
+        if let Some(rule) = &c.rule {
+            field("held by:", rule);
+        }
+        field("fingerprint:", &c.fingerprint);
+        let _ = writeln!(out, "  command (the whole text, sensitive values masked):");
+        for line in c.text.split('\n') {
+            let _ = writeln!(out, "    {}", printable(line));
+        }
+    }
+    out
+}
+
+/// Asks on standard error, reads standard input: true for `y` or `yes`.
+async fn confirmed() -> anyhow::Result<bool> {
+    eprint!("Approve it? [y/N] ");
+    let answer = tokio::task::spawn_blocking(|| {
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line).map(|_| line)
+    })
+    .await
+    .context("read the answer")?
+    .context("read the answer from standard input")?;
+    Ok(matches!(
+        answer.trim().to_ascii_lowercase().as_str(),
+        "y" | "yes"
+    ))
 }
 
 /// A session summarised from its records.
@@ -945,31 +1088,33 @@ async fn verify_cmd(args: VerifyArgs, ns: &Option<String>, output: Output) -> an
     if output != Output::Table {
         print(output, &report)?;
     } else {
+        // Everything printed from the trail (stream names, key ids, file names, messages
+        // quoting them) is escaped: a forged name must not hide the lines after it.
         for s in &report.streams {
             println!(
                 "stream {}: records n={}..={} ({}), {} sessions, signed through {}, key {}{}",
-                s.stream,
+                printable(&s.stream),
                 s.first,
                 s.last,
                 s.records,
                 s.sessions,
                 s.signed_through
                     .map_or("nothing".to_owned(), |n| format!("n={n}")),
-                s.key_id.clone().unwrap_or_else(|| "unknown".into()),
+                printable(s.key_id.as_deref().unwrap_or("unknown")),
                 if s.ended { ", ended" } else { ", open" }
             );
         }
         for w in &report.warnings {
-            println!("warning: {w}");
+            println!("warning: {}", printable(w));
         }
         for p in &report.problems {
             println!(
                 "TAMPERED {:?} at {}: {}",
                 p.kind,
                 if p.location.is_empty() {
-                    "-"
+                    "-".to_owned()
                 } else {
-                    &p.location
+                    printable(&p.location)
                 },
                 printable(&p.message)
             );
@@ -989,17 +1134,28 @@ async fn verify_cmd(args: VerifyArgs, ns: &Option<String>, output: Output) -> an
 async fn export_cmd(args: ExportArgs, output: Output) -> anyhow::Result<i32> {
     let src = args.from.required()?;
     let lines = src.lines().await?;
-    let report = verify(
-        lines
-            .iter()
-            .map(|l| (l.location.clone(), l.bytes.as_slice())),
-        &Expectations {
-            keys: keys(&args.key)?,
-            allow_partial: true,
-            allow_open: true,
-            ..Default::default()
-        },
-    );
+    // Verified twice: leniently (a trail trimmed by retention, a sidecar still running) to
+    // tell tampering from an incomplete trail, and strictly, as AU-9 and AU-10 are only
+    // satisfied by a trail that is whole, closed and signed throughout.
+    let keys = keys(&args.key)?;
+    let check = |allow: bool| {
+        verify(
+            lines
+                .iter()
+                .map(|l| (l.location.clone(), l.bytes.as_slice())),
+            &Expectations {
+                keys: keys.clone(),
+                allow_partial: allow,
+                allow_open: allow,
+                ..Default::default()
+            },
+        )
+    };
+    let chain = export::ChainCheck {
+        lenient: check(true),
+        strict: check(false),
+        pinned: !keys.is_empty(),
+    };
     let range = args.filter.range()?;
     let records: Vec<Record> = src
         .records()
@@ -1007,7 +1163,7 @@ async fn export_cmd(args: ExportArgs, output: Output) -> anyhow::Result<i32> {
         .into_iter()
         .filter(|r| args.filter.keeps(r, range))
         .collect();
-    let findings = export::findings(&records, &report);
+    let findings = export::findings(&records, &chain);
     let start = range
         .0
         .or(records.first().map(|r| r.time))
@@ -1039,7 +1195,7 @@ async fn export_cmd(args: ExportArgs, output: Output) -> anyhow::Result<i32> {
             output,
             &serde_json::json!({
                 "scope": scope, "start": start, "end": end,
-                "records": records.len(), "chain": report, "findings": findings,
+                "records": records.len(), "chain": chain.strict, "findings": findings,
             }),
         )?,
         Output::Table => {
@@ -1153,5 +1309,27 @@ mod tests {
         assert_eq!(s.kubernetes[0].api_groups, ["*"]);
         assert_eq!(s.kubernetes[0].resources, ["*", "deployments"]);
         Ok(())
+    }
+
+    #[test]
+    fn printable_escapes_what_a_terminal_would_act_on() {
+        // Escape sequences (7-bit and the 8-bit CSI), bell, DEL, newlines, bidirectional
+        // overrides and isolates, zero-width characters, unassigned code points.
+        assert_eq!(
+            printable("a\u{1b}[8mb\u{7}\u{7f}\u{9b}2J\nc"),
+            "a\\u{1b}[8mb\\u{7}\\u{7f}\\u{9b}2J\\u{a}c"
+        );
+        assert_eq!(
+            printable("x\u{202e}y\u{2066}\u{200b}\u{feff}\u{e0001}\u{10ffff}"),
+            "x\\u{202e}y\\u{2066}\\u{200b}\\u{feff}\\u{e0001}\\u{10ffff}"
+        );
+        // What prints as itself stays: quotes, backslashes, accents (also combining), CJK,
+        // emoji.
+        for s in [
+            "SELECT 'a', \"b\" FROM t WHERE x ~ '\\d'",
+            "Zoë e\u{301} 東京 🔑",
+        ] {
+            assert_eq!(printable(s), s);
+        }
     }
 }

@@ -214,6 +214,8 @@ fn a_session_is_recorded_verified_shown_and_exported() {
         "export",
         "--from",
         &dir,
+        "--key",
+        &s.key(),
         "--identity",
         "claude",
         "-o",
@@ -222,7 +224,9 @@ fn a_session_is_recorded_verified_shown_and_exported() {
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let findings = doc["findings"].as_array().unwrap();
     let au9 = findings.iter().find(|f| f["control"] == "au-9").unwrap();
-    assert_eq!(au9["state"], "satisfied");
+    assert_eq!(au9["state"], "satisfied", "{au9}");
+    let au10 = findings.iter().find(|f| f["control"] == "au-10").unwrap();
+    assert_eq!(au10["state"], "satisfied", "{au10}");
     let ac3 = findings.iter().find(|f| f["control"] == "ac-3").unwrap();
     assert!(!ac3["evidence"].as_array().unwrap().is_empty());
     let out = cli(&["export", "--from", &dir, "-o", "csv"]);
@@ -574,4 +578,287 @@ fn an_ssh_session_through_the_gateway_replays_as_it_ran() {
     let key = audit.join("signing-key.pk8.pub").display().to_string();
     let out = cli(&["verify", "--key", &key, &file.display().to_string()]);
     assert!(out.status.success(), "{}", stdout(&out));
+}
+
+/// Trails built in the test: streams sealed and signed as a sidecar seals them.
+mod forged {
+    use agentgate_crds::audit::{Chain, Record, RecordKind, Request, Signer, StreamLink};
+
+    pub fn record(kind: RecordKind, session: Option<&str>) -> Record {
+        let mut r = Record::new(kind, "2026-11-23T04:00:00Z".parse().unwrap());
+        r.session = session.map(str::to_owned);
+        r.identity = Some("claude".to_owned());
+        if kind == RecordKind::Request {
+            r.request = Some(Request {
+                id: 1,
+                text: "SELECT 1".to_owned(),
+                ..Default::default()
+            });
+        }
+        r
+    }
+
+    /// A stream: a signed start (linking `previous`), session `s` with two requests and a
+    /// signed checkpoint, and when `end`, the signed session and stream ends.
+    pub fn stream(
+        chain: &mut Chain,
+        signer: &Signer,
+        previous: Option<StreamLink>,
+        end: bool,
+    ) -> Vec<String> {
+        let mut lines = Vec::new();
+        let mut push = |mut r: Record, sign: bool| {
+            let line = chain.seal(&mut r, sign.then_some(signer)).unwrap();
+            lines.push(String::from_utf8(line).unwrap());
+        };
+        let mut start = record(RecordKind::StreamStart, None);
+        start.key = Some(signer.public().clone());
+        start.previous = previous;
+        push(start, true);
+        push(record(RecordKind::SessionStart, Some("s")), false);
+        push(record(RecordKind::Request, Some("s")), false);
+        push(record(RecordKind::Request, Some("s")), false);
+        push(record(RecordKind::Checkpoint, None), true);
+        if end {
+            push(record(RecordKind::SessionEnd, Some("s")), true);
+            push(record(RecordKind::StreamEnd, None), true);
+        }
+        lines
+    }
+
+    pub fn link(lines: &[String]) -> StreamLink {
+        let last: Record = serde_json::from_str(lines.last().unwrap()).unwrap();
+        StreamLink {
+            stream: last.stream,
+            n: last.n,
+            hash: last.hash,
+        }
+    }
+}
+
+/// Writes `lines` to a file in `dir` and returns its path.
+fn trail_file(dir: &std::path::Path, name: &str, lines: &[String]) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    path.display().to_string()
+}
+
+/// The state and summary of `control` in `export -o json`.
+fn export_state(args: &[&str], control: &str) -> (String, String) {
+    let out = cli(&[&["export", "-o", "json"][..], args].concat());
+    assert!(out.status.success(), "{out:?}");
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let f = doc["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["control"] == control)
+        .unwrap()
+        .clone();
+    (
+        f["state"].as_str().unwrap().to_owned(),
+        f["summary"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// A trail cut at its end, or missing its newest stream, fails `verify` unless the auditor
+/// says a sidecar still runs (`--open`); export does not call AU-9 satisfied over it.
+#[test]
+fn a_trail_cut_at_its_end_or_missing_its_newest_stream_fails() {
+    use agentgate_crds::audit::{Chain, Signer};
+    let dir = tempfile::tempdir().unwrap();
+    let (signer, _) = Signer::generate().unwrap();
+    let key = signer.public().public_key.clone();
+    // A killed run, continued by a second run that stopped cleanly.
+    let first = forged::stream(&mut Chain::new("run-1"), &signer, None, false);
+    let second = forged::stream(
+        &mut Chain::new("run-2"),
+        &signer,
+        Some(forged::link(&first)),
+        true,
+    );
+    let whole = trail_file(
+        dir.path(),
+        "whole.jsonl",
+        &[first.clone(), second.clone()].concat(),
+    );
+    let out = cli(&["verify", "--key", &key, &whole]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    assert!(!stdout(&out).contains("warning"), "{}", stdout(&out));
+    assert_eq!(
+        export_state(&["--from", &whole, "--key", &key], "au-9").0,
+        "satisfied"
+    );
+    // Cut after the second run's checkpoint: every record left is signed, the end is gone.
+    let cut = trail_file(
+        dir.path(),
+        "cut.jsonl",
+        &[first.clone(), second[..5].to_vec()].concat(),
+    );
+    // The newest stream deleted whole: the first is continued by nothing.
+    let deleted = trail_file(dir.path(), "deleted.jsonl", &first);
+    for (file, stream) in [(&cut, "run-2"), (&deleted, "run-1")] {
+        let out = cli(&["verify", "--key", &key, file]);
+        assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+        let text = stdout(&out);
+        assert!(
+            text.contains(&format!(
+                "TAMPERED Truncated at -: stream {stream}: the trail ends at n=4 without a StreamEnd"
+            )) && text.contains("--open"),
+            "{text}"
+        );
+        // A sidecar still running: accepted, with a warning.
+        let out = cli(&["verify", "--key", &key, "--open", file]);
+        assert!(out.status.success(), "{}", stdout(&out));
+        assert!(stdout(&out).contains("no StreamEnd"), "{}", stdout(&out));
+        let (state, summary) = export_state(&["--from", file, "--key", &key], "au-9");
+        assert_eq!(state, "not-satisfied");
+        assert!(
+            summary.starts_with("partially satisfied") && summary.contains("without a StreamEnd"),
+            "{summary}"
+        );
+    }
+}
+
+/// Unsigned records chained on after a signed StreamEnd, or a whole unsigned stream that
+/// "begins" past n=0, fail `verify` (also with --open and --allow-partial), and export's AU-9
+/// and AU-10 are not satisfied over them; nor over a trail checked against no trusted key.
+#[test]
+fn forged_unsigned_records_are_not_accepted_by_verify_or_export() {
+    use agentgate_crds::audit::{Chain, RecordKind, SCHEMA_VERSION, Signer, hash_of};
+    let dir = tempfile::tempdir().unwrap();
+    let (signer, _) = Signer::generate().unwrap();
+    let key = signer.public().public_key.clone();
+    let mut chain = Chain::new("run-1");
+    let mut appended = forged::stream(&mut chain, &signer, None, true);
+    for kind in [RecordKind::SessionStart, RecordKind::Request] {
+        let mut r = forged::record(kind, Some("x"));
+        appended.push(String::from_utf8(chain.seal(&mut r, None).unwrap()).unwrap());
+    }
+    let after_end = trail_file(dir.path(), "after-end.jsonl", &appended);
+    for flags in [&[][..], &["--open", "--allow-partial"][..]] {
+        let out = cli(&[
+            &["verify", "--key", key.as_str()][..],
+            flags,
+            &[after_end.as_str()],
+        ]
+        .concat());
+        assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+        assert!(
+            stdout(&out).contains("records n=7..=8 come after its StreamEnd (n=6)"),
+            "{}",
+            stdout(&out)
+        );
+    }
+    for control in ["au-9", "au-10"] {
+        let (state, summary) = export_state(&["--from", &after_end, "--key", &key], control);
+        assert_eq!(state, "not-satisfied", "{control}: {summary}");
+        assert!(summary.contains("after its StreamEnd"), "{summary}");
+    }
+
+    // A whole stream invented, its beginning "deleted by retention": nothing signed.
+    let mut prev = "00".repeat(32);
+    let mut invented = forged::stream(&mut Chain::new("run-0"), &signer, None, true);
+    for (i, kind) in [RecordKind::SessionStart, RecordKind::Request]
+        .into_iter()
+        .enumerate()
+    {
+        let mut r = forged::record(kind, Some("y"));
+        r.v = SCHEMA_VERSION;
+        r.stream = "run-9".to_owned();
+        r.n = 40 + i as u64;
+        r.prev.clone_from(&prev);
+        r.seq = Some(i as u64);
+        r.session_prev = Some(prev.clone());
+        r.hash = hash_of(&r).unwrap();
+        prev.clone_from(&r.hash);
+        invented.push(serde_json::to_string(&r).unwrap());
+    }
+    let invented = trail_file(dir.path(), "invented.jsonl", &invented);
+    let out = cli(&[
+        "verify",
+        "--key",
+        &key,
+        "--open",
+        "--allow-partial",
+        &invented,
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("stream run-9: none of its records n=40..=41 is covered"),
+        "{}",
+        stdout(&out)
+    );
+    for control in ["au-9", "au-10"] {
+        let (state, summary) = export_state(&["--from", &invented, "--key", &key], control);
+        assert_eq!(state, "not-satisfied", "{control}: {summary}");
+        assert!(summary.contains("none of its records"), "{summary}");
+    }
+
+    // An intact trail, but no trusted key: each stream's own key proves nothing about who
+    // wrote it.
+    let intact = forged::stream(&mut Chain::new("run-1"), &signer, None, true);
+    let intact = trail_file(dir.path(), "intact.jsonl", &intact);
+    for control in ["au-9", "au-10"] {
+        let (state, summary) = export_state(&["--from", &intact], control);
+        assert_eq!(state, "not-satisfied", "{control}: {summary}");
+        assert!(
+            summary.starts_with("partially satisfied") && summary.contains("--key"),
+            "{summary}"
+        );
+        let (state, _) = export_state(&["--from", &intact, "--key", &key], control);
+        assert_eq!(state, "satisfied", "{control}");
+    }
+}
+
+/// A stream name or key id carrying terminal escapes is printed escaped: it cannot hide the
+/// TAMPERED and FAILED lines after it.
+#[test]
+fn terminal_escapes_in_the_trail_are_printed_escaped() {
+    use agentgate_crds::audit::{Chain, Signer};
+    let dir = tempfile::tempdir().unwrap();
+    let (signer, _) = Signer::generate().unwrap();
+    let (forger, _) = Signer::generate().unwrap();
+    let key = signer.public().public_key.clone();
+    let mut lines = forged::stream(&mut Chain::new("run-1"), &signer, None, true);
+    // Signed with another key, named to hide what follows ("conceal"), its key id to set
+    // the window title and erase the line.
+    let mut chain = Chain::new("\u{1b}[8m\u{202e}");
+    let mut other = forged::stream(&mut chain, &forger, None, false);
+    let mut start: agentgate_crds::audit::Record = serde_json::from_str(&other[0]).unwrap();
+    start.key.as_mut().unwrap().key_id = "\u{1b}]0;ok\u{7}\u{1b}[2K\u{9b}".to_owned();
+    other[0] = String::from_utf8(
+        Chain::new("\u{1b}[8m\u{202e}")
+            .seal(&mut start, Some(&forger))
+            .unwrap(),
+    )
+    .unwrap();
+    lines.extend(other);
+    let file = trail_file(dir.path(), "escapes.jsonl", &lines);
+    for flags in [&[][..], &["--open"][..]] {
+        let out = cli(&[
+            &["verify", "--key", key.as_str()][..],
+            flags,
+            &[file.as_str()],
+        ]
+        .concat());
+        assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+        let text = stdout(&out);
+        for bad in ['\u{1b}', '\u{7}', '\u{9b}', '\u{202e}'] {
+            assert!(!text.contains(bad), "{bad:?} printed raw: {text:?}");
+        }
+        assert!(
+            text.contains("stream \\u{1b}[8m\\u{202e}: records"),
+            "{text}"
+        );
+        assert!(
+            text.contains("key \\u{1b}]0;ok\\u{7}\\u{1b}[2K\\u{9b}"),
+            "{text}"
+        );
+        assert!(text.contains("TAMPERED BadSignature"), "{text}");
+        assert!(
+            text.lines().last().unwrap().starts_with("FAILED: "),
+            "{text}"
+        );
+    }
 }

@@ -109,13 +109,15 @@ pub struct AccessGrantSpec {
     #[x_kube(validation = Rule::new("self == oldSelf").message("spec.command is immutable"))]
     pub command: Option<BoundCommand>,
     /// How long the request waits for a decision before it expires, as a Go duration
-    /// (default "1h", at most 168h).
+    /// (default "1h", at most 168h), counted from its creation. A decision made later is
+    /// refused. Immutable.
     #[serde(default = "default_pending_ttl")]
     #[schemars(
         length(max = 32),
         pattern(r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$")
     )]
     #[x_kube(validation = Rule::new("duration(self) >= duration('10s') && duration(self) <= duration('168h')").message("spec.pendingTTL must be between 10s and 168h"))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.pendingTTL is immutable: a request that expired is asked again with a new AccessGrant"))]
     #[serde(rename = "pendingTTL")]
     pub pending_ttl: String,
     /// Who asked for the grant. Written by agentgate's webhook from the authenticated request

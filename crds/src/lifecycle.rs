@@ -65,6 +65,24 @@ fn who(u: &Option<UserRef>) -> String {
         .unwrap_or_else(|| "an unknown user".into())
 }
 
+/// When a request stops waiting for a decision: its creation plus `spec.pendingTTL` (an
+/// unreadable TTL counts as the default hour; a grant not stored yet counts from `now`). A
+/// decision made at or after it is too late: [`evaluate`] calls the grant expired, and the
+/// operator's webhook refuses the decision.
+pub fn pending_deadline(grant: &AccessGrant, now: Timestamp) -> Timestamp {
+    let created = grant
+        .meta()
+        .creation_timestamp
+        .as_ref()
+        .map(|t| t.0)
+        .unwrap_or(now);
+    let ttl = parse_duration(&grant.spec.pending_ttl).unwrap_or(Duration::from_secs(3600));
+    SignedDuration::try_from(ttl)
+        .ok()
+        .and_then(|ttl| created.checked_add(ttl).ok())
+        .unwrap_or(Timestamp::MAX)
+}
+
 /// The grant's lifecycle at `now`. `identity` is `None` when the AgentIdentity does not exist.
 pub fn evaluate(
     grant: &AccessGrant,
@@ -147,16 +165,28 @@ pub fn evaluate(
         Some(_) => {}
     }
 
-    let created = grant
-        .meta()
-        .creation_timestamp
-        .as_ref()
-        .map(|t| t.0)
-        .unwrap_or(now);
+    let deadline = pending_deadline(grant, now);
+    // A decision made after the request expired decides nothing: the request is expired.
+    if let Some(d) = &spec.decision {
+        let decided = ts(&d.decided_at).or(ts(&old.approved_at)).unwrap_or(now);
+        if decided >= deadline {
+            let msg = format!(
+                "expired: the decision by {} came at {decided}, after the pending TTL of {} ended at {deadline}",
+                who(&d.decided_by),
+                spec.pending_ttl
+            );
+            return finish(
+                st,
+                GrantPhase::Expired,
+                "PendingTimeout",
+                msg,
+                deadline,
+                None,
+            );
+        }
+    }
     match &spec.decision {
         None => {
-            let ttl = parse_duration(&spec.pending_ttl).unwrap_or(Duration::from_secs(3600));
-            let deadline = created + SignedDuration::try_from(ttl).unwrap_or(SignedDuration::ZERO);
             if now >= deadline {
                 let msg = format!(
                     "expired: nobody decided within the pending TTL of {}",
@@ -355,6 +385,62 @@ mod tests {
         done.status = Some(e.status.clone());
         let again = evaluate(&done, Some(&id), t("2026-11-22T12:00:00Z"));
         assert_eq!(again.status.phase, Some(GrantPhase::Expired));
+    }
+
+    #[test]
+    fn a_decision_after_the_pending_ttl_is_too_late() {
+        let id = identity(false);
+        let decided = |verdict, at: &str| {
+            let mut g = grant();
+            g.spec.decision = Some(GrantDecision {
+                verdict,
+                reason: None,
+                decided_by: alice(),
+                decided_at: Some(Time(t(at))),
+            });
+            g
+        };
+        // Created 10:00 with a pending TTL of 1h: approved at 10:59:59, it runs its 30m.
+        let g = decided(Verdict::Approve, "2026-11-22T10:59:59Z");
+        let e = evaluate(&g, Some(&id), t("2026-11-22T11:05:00Z"));
+        assert_eq!(e.status.phase, Some(GrantPhase::Active));
+        assert_eq!(
+            pending_deadline(&g, t("2026-11-22T12:00:00Z")),
+            t("2026-11-22T11:00:00Z")
+        );
+        // Approved at 11:00 or later, it never starts: the request had expired.
+        for at in ["2026-11-22T11:00:00Z", "2026-11-22T13:00:00Z"] {
+            let g = decided(Verdict::Approve, at);
+            let e = evaluate(&g, Some(&id), t("2026-11-22T13:00:01Z"));
+            assert_eq!(e.status.phase, Some(GrantPhase::Expired), "{at}");
+            assert_eq!(e.status.conditions[0].reason, "PendingTimeout");
+            assert_eq!(e.status.ended_at, Some(Time(t("2026-11-22T11:00:00Z"))));
+            assert_eq!(e.status.approved_at, None);
+            assert!(
+                e.status
+                    .message
+                    .as_deref()
+                    .is_some_and(|m| m.contains("after the pending TTL of 1h ended")),
+                "{:?}",
+                e.status.message
+            );
+            assert!(!in_force(&g, Some(&id), t("2026-11-22T13:00:01Z")));
+        }
+        // A decision with no time (a manifest edited by hand) is dated when it is first seen.
+        let mut g = decided(Verdict::Approve, "2026-11-22T10:30:00Z");
+        if let Some(d) = g.spec.decision.as_mut() {
+            d.decided_at = None;
+        }
+        let e = evaluate(&g, Some(&id), t("2026-11-22T11:30:00Z"));
+        assert_eq!(e.status.phase, Some(GrantPhase::Expired));
+        // A late denial is an expiry too: either way nothing runs.
+        let g = decided(Verdict::Deny, "2026-11-22T11:10:00Z");
+        let e = evaluate(&g, Some(&id), t("2026-11-22T11:10:00Z"));
+        assert_eq!(e.status.phase, Some(GrantPhase::Expired));
+        // A TTL too large to add to a time does not panic.
+        let mut g = grant();
+        g.spec.pending_ttl = "9999999999999h".into();
+        let _ = evaluate(&g, Some(&id), t("2026-11-22T11:10:00Z"));
     }
 
     #[test]

@@ -189,8 +189,14 @@ fn a_truncated_trail_is_found_against_the_session_head() {
     assert!(report.problems[0].message.contains("session a ends at seq"));
     // Without the head, the cut still shows: no StreamEnd and records no signature covers.
     let report = run(cut, &pinned(&signer));
-    assert!(report.warnings.iter().any(|w| w.contains("no StreamEnd")));
-    assert_eq!(kinds(&report), vec![(ProblemKind::Unsigned, Some(1))]);
+    assert_eq!(
+        kinds(&report),
+        vec![
+            (ProblemKind::Truncated, Some(lines.len() as u64 - 5)),
+            (ProblemKind::Unsigned, Some(1))
+        ]
+    );
+    assert!(report.problems[0].message.contains("without a StreamEnd"));
 }
 
 #[test]
@@ -351,7 +357,13 @@ fn a_tail_replaced_after_the_last_signature_fails() {
         forged.push(String::from_utf8(chain.seal(&mut r, None).unwrap()).unwrap());
     }
     let report = run(&forged, &pinned(&signer));
-    assert_eq!(kinds(&report), vec![(ProblemKind::Unsigned, Some(1))]);
+    assert_eq!(
+        kinds(&report),
+        vec![
+            (ProblemKind::Truncated, Some(4)),
+            (ProblemKind::Unsigned, Some(1))
+        ]
+    );
     // A running sidecar's trail: accepted with --open, with a warning.
     let report = run(
         &forged,

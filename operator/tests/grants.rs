@@ -88,7 +88,7 @@ async fn grant_lifecycle_in_real_time() -> anyhow::Result<()> {
         Some(expires)
     );
 
-    // Nobody decides: it expires after its pending TTL.
+    // Nobody decides: it expires after its pending TTL, which nobody can extend meanwhile.
     request(
         &bob,
         "ignored",
@@ -97,6 +97,14 @@ async fn grant_lifecycle_in_real_time() -> anyhow::Result<()> {
         json!({ "pendingTTL": "10s" }),
     )
     .await?;
+    for client in [&bob, &admin] {
+        let e = patch_spec(client, "ignored", json!({ "pendingTTL": "168h" }))
+            .await
+            .err()
+            .map(err_text)
+            .unwrap_or_else(|| "ACCEPTED".into());
+        assert!(e.contains("spec.pendingTTL is immutable"), "{e}");
+    }
     let (g, _) = wait_phase(
         &admin,
         "ignored",
@@ -106,6 +114,25 @@ async fn grant_lifecycle_in_real_time() -> anyhow::Result<()> {
     .await?;
     let c = &g.status.expect("status").conditions[0];
     assert_eq!(c.reason, "PendingTimeout");
+    // A decision after that is refused: the request stays expired.
+    let e = patch_spec(
+        &alice,
+        "ignored",
+        json!({ "decision": { "verdict": "Approve" } }),
+    )
+    .await
+    .err()
+    .map(err_text)
+    .unwrap_or_else(|| "ACCEPTED".into());
+    assert!(
+        e.contains("rule decided-in-time")
+            && e.contains("the request expired at")
+            && e.contains("ask the agent to request again"),
+        "{e}"
+    );
+    let g = get(&admin, "ignored").await?;
+    assert!(g.spec.decision.is_none());
+    assert_eq!(phase(&g), Some(GrantPhase::Expired));
 
     // Denied, with who and why.
     request(&bob, "denied", "claude", "10m", json!({})).await?;
@@ -328,6 +355,33 @@ async fn approvals_are_authenticated_and_authorized() -> anyhow::Result<()> {
     assert!(
         e.contains("rule own-identity") && e.contains("not for gpt"),
         "{e}"
+    );
+    // A grant bound to one command is filed by the gateway (the identity's service account)
+    // only: from anyone else its text need not be the command its fingerprint lets through.
+    let command = json!({ "scope": { "operations": ["Write"] }, "command": {
+        "text": "SELECT 1", "fingerprint": "5f1e8c0a9b2d4e6f", "operation": "Write" } });
+    for (client, who) in [(&bob, "bob"), (&admin, "admin")] {
+        let e = refused(
+            request(
+                client,
+                &format!("{who}-command"),
+                "claude",
+                "10m",
+                command.clone(),
+            )
+            .await,
+        );
+        assert!(
+            e.contains("rule command-filed-by-gateway")
+                && e.contains("command grants are filed by the gateway")
+                && e.contains("as system:serviceaccount:default:claude"),
+            "{who}: {e}"
+        );
+    }
+    let g = request(&agent, "agent-command", "claude", "10m", command.clone()).await?;
+    assert_eq!(
+        g.spec.command.map(|c| c.fingerprint),
+        Some("5f1e8c0a9b2d4e6f".to_owned())
     );
     // A request cannot carry its own decision.
     let e = refused(

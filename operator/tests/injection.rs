@@ -434,9 +434,34 @@ async fn injection_into_real_pods() -> anyhow::Result<()> {
 async fn debug_containers_cannot_reach_into_the_sidecar() -> anyhow::Result<()> {
     let cluster = Cluster::start(&[]).await?;
     let admin = cluster.client.clone();
-    create(&admin, NS, &pod("debugged", json!({})))
-        .await
-        .map_err(anyhow::Error::msg)?;
+    // Volumes no agent container mounts (allowed at creation: nothing reads them) are still
+    // out of a debug container's reach.
+    create(
+        &admin,
+        NS,
+        &pod(
+            "debugged",
+            json!({ "volumes": [
+                { "name": "creds", "secret": { "secretName": "orders-db-credentials" } },
+                { "name": "tok", "projected": { "sources": [ { "serviceAccountToken": { "path": "t" } } ] } } ] }),
+        ),
+    )
+    .await
+    .map_err(anyhow::Error::msg)?;
+    Api::<Secret>::namespaced(admin.clone(), NS)
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+            "metadata": { "name": "signing-key", "labels": { "agentgate.dev/sensitive": "true" } },
+            "stringData": { "key": "k" } }))?,
+        )
+        .await?;
+    common::apply(&admin, json!({
+        "apiVersion": "agentgate.dev/v1alpha1", "kind": "MaskPolicy", "metadata": { "name": "ids" },
+        "spec": { "rules": [ { "name": "customer-ids", "columns": ["public.customers.id"], "action": "Hash" } ],
+            "hashKey": { "name": "mask-hash-key", "key": "key" } }
+    }))
+    .await?;
     let pods: Api<Pod> = Api::namespaced(admin.clone(), NS);
     let add = |name: &str, extra: Value| {
         let mut c = json!({ "name": name, "image": "busybox" });
@@ -492,18 +517,123 @@ async fn debug_containers_cannot_reach_into_the_sidecar() -> anyhow::Result<()> 
     ))
     .await;
     assert!(
-        e.contains("mounts agentgate's volume agentgate-client: only read-only"),
+        e.contains("ephemeral container plant mounts agentgate's volume agentgate-client writable"),
         "{e}"
     );
+    // What an agent container may not use, a debug container may not either: a Target's
+    // credentials by env, envFrom or a pod volume, a token volume, the sidecar's volumes,
+    // a hash key, a Secret labelled sensitive.
+    let secret_env = |secret: &str| json!({ "env": [ { "name": "S", "valueFrom": { "secretKeyRef": { "name": secret, "key": "k" } } } ] });
+    let cases: Vec<(&str, Value, &str)> = vec![
+        (
+            "creds-env",
+            secret_env("orders-db-credentials"),
+            "ephemeral container creds-env uses Secret orders-db-credentials, the credentials of Target orders-db",
+        ),
+        (
+            "creds-envfrom",
+            json!({ "envFrom": [ { "secretRef": { "name": "orders-db-credentials" } } ] }),
+            "the credentials of Target orders-db",
+        ),
+        (
+            "creds-volume",
+            json!({ "volumeMounts": [ { "name": "creds", "mountPath": "/c", "readOnly": true } ] }),
+            "the credentials of Target orders-db",
+        ),
+        (
+            "creds-sidecar-volume",
+            json!({ "volumeMounts": [ { "name": "agentgate-target-orders-db", "mountPath": "/c", "readOnly": true } ] }),
+            "mounts agentgate's volume agentgate-target-orders-db: only the sidecar may",
+        ),
+        (
+            "token-volume",
+            json!({ "volumeMounts": [ { "name": "tok", "mountPath": "/t", "readOnly": true } ] }),
+            "mounts a service-account token (volume tok)",
+        ),
+        (
+            "api-token",
+            json!({ "volumeMounts": [ { "name": "agentgate-api-token", "mountPath": "/t", "readOnly": true } ] }),
+            "mounts agentgate's volume agentgate-api-token",
+        ),
+        (
+            "hash-key",
+            secret_env("mask-hash-key"),
+            "a MaskPolicy's hash key",
+        ),
+        (
+            "sensitive",
+            secret_env("signing-key"),
+            "labelled agentgate.dev/sensitive",
+        ),
+        (
+            "capable",
+            json!({ "securityContext": { "capabilities": { "add": ["SYS_PTRACE"] } } }),
+            "adds capability SYS_PTRACE: debug containers may not",
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (name, extra, wanted) in cases {
+        let e = attempt(add(name, extra)).await;
+        if !(e.contains("agentgate injection refused") && e.contains(wanted)) {
+            failures.push(format!("{name}: wanted {wanted:?}, got {e}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // Nothing of that was added.
+    let names: Vec<String> = pods
+        .get("debugged")
+        .await?
+        .spec
+        .and_then(|s| s.ephemeral_containers)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| c.name)
+        .collect();
+    assert!(names.is_empty(), "{names:?}");
     let e = attempt(add(
         "read",
         json!({ "volumeMounts": [ { "name": "agentgate-client", "mountPath": "/c", "readOnly": true } ] }),
     ))
     .await;
     assert_eq!(e, "ACCEPTED");
-    // An ordinary debug container next to the agent is fine.
-    let e = attempt(add("look", json!({ "targetContainerName": "agent" }))).await;
+    // An ordinary debug container next to the agent is fine, also with a Secret of its own.
+    let e = attempt(add(
+        "look",
+        json!({ "targetContainerName": "agent", "env": [ { "name": "T",
+            "valueFrom": { "secretKeyRef": { "name": "debug-tools", "key": "token" } } } ] }),
+    ))
+    .await;
     assert_eq!(e, "ACCEPTED");
+    // Those admitted before are not checked again: a Target created since that names their
+    // Secret does not make the pod impossible to debug.
+    common::apply(&admin, json!({
+        "apiVersion": "agentgate.dev/v1alpha1", "kind": "Target", "metadata": { "name": "tools" },
+        "spec": { "protocol": "Postgres", "postgres": { "host": "tools", "database": "tools",
+            "credentials": { "name": "debug-tools" } } }
+    }))
+    .await?;
+    let e = attempt(add("look-again", json!({}))).await;
+    assert_eq!(e, "ACCEPTED");
+    // The label that has agentgate see the pod stays: without it, a debug container added
+    // later would not be checked.
+    for removal in [json!(null), json!("false")] {
+        let e = pods
+            .patch(
+                "debugged",
+                &pp,
+                &Patch::Merge(
+                    &json!({ "metadata": { "labels": { "agentgate.dev/inject": removal } } }),
+                ),
+            )
+            .await
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_else(|| "ACCEPTED".into());
+        assert!(
+            e.contains("the pod is injected: it keeps the label agentgate.dev/inject=true"),
+            "{e}"
+        );
+    }
     // An init container of the agent's may not write there either.
     let writer = pod(
         "init-writes",
@@ -516,6 +646,21 @@ async fn debug_containers_cannot_reach_into_the_sidecar() -> anyhow::Result<()> 
                 "container prepare mounts agentgate's volume agentgate-client writable",
             ) => {}
         other => panic!("an init container writing the client volume: {other:?}"),
+    }
+    // Nor may an agent container mount a volume the pod names like the sidecar's, which
+    // injection would fill with a Target's credentials.
+    let squatter = pod(
+        "pre-named",
+        json!({ "volumes": [ { "name": "agentgate-target-orders-db", "emptyDir": {} } ],
+            "containers": [ { "name": "agent", "image": "a",
+                "volumeMounts": [ { "name": "agentgate-target-orders-db", "mountPath": "/c" } ] } ] }),
+    );
+    match create(&admin, NS, &squatter).await {
+        Err(e)
+            if e.contains(
+                "container agent mounts agentgate's volume agentgate-target-orders-db: only the sidecar may",
+            ) => {}
+        other => panic!("an agent container mounting a pre-named sidecar volume: {other:?}"),
     }
     Ok(())
 }

@@ -798,7 +798,10 @@ spec:
         9,
         "Evidence for an assessor: an OSCAL export mapped to NIST SP 800-53",
     );
-    let out = cli("alice", &["export", "--from", &records, "-o", "oscal"])?;
+    let out = cli(
+        "alice",
+        &["export", "--from", &records, "--key", &key, "-o", "oscal"],
+    )?;
     ensure_ok("export", &out)?;
     let oscal_file = dir.join("assessment-results.json");
     std::fs::write(&oscal_file, &out.stdout)?;
@@ -808,7 +811,7 @@ spec:
         .map(Vec::len)
         .unwrap_or(0);
     println!(
-        "\x1b[2m$ kubectl agentgate export --from audit/ -o oscal > assessment-results.json\x1b[0m"
+        "\x1b[2m$ kubectl agentgate export --from audit/ --key audit/signing-key.pk8.pub -o oscal > assessment-results.json\x1b[0m"
     );
     say(&format!(
         "OSCAL assessment results: {findings} findings, {} bytes; one per control:",

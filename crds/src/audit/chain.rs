@@ -348,10 +348,15 @@ pub struct Expectations {
     pub keys: Vec<String>,
     /// Accept streams whose beginning is not in the input (rotated files deleted by retention).
     pub allow_partial: bool,
-    /// Accept records not yet covered by a signature at the end of a stream (the trail of a
-    /// sidecar still running: it signs at least every second).
+    /// Accept streams that have no `StreamEnd` and that no later stream continues, and
+    /// records not yet covered by a signature at their end (the trail of a sidecar still
+    /// running: it signs at least every second). Without it both are problems: the trail may
+    /// have been cut. Records after a `StreamEnd`, and a stream no valid signature covers at
+    /// all, are problems either way.
     pub allow_open: bool,
     /// Session heads known from elsewhere (an AgentSession's status): session → (seq, hash).
+    /// A session named here with no record in the trail is a problem (its records were
+    /// deleted, or are in a sink not read).
     pub session_heads: BTreeMap<String, (u64, String)>,
 }
 
@@ -369,6 +374,13 @@ struct StreamState {
     previous: Option<super::record::StreamLink>,
     /// A later stream continues this one.
     continued: bool,
+    /// A later stream's signed start names this one (whether or not the link matches: a
+    /// mismatch is reported on its own).
+    linked: bool,
+    /// The `n` of the stream's `StreamEnd`.
+    ended_at: Option<u64>,
+    /// The first record read after the `StreamEnd` (its `n` and where it was read).
+    after_end: Option<(u64, String)>,
 }
 
 /// How many recent hashes per stream the verifier keeps to recognise re-delivered records.
@@ -428,6 +440,9 @@ where
         .filter_map(|(name, s)| s.previous.clone().map(|l| (name.clone(), l)))
         .collect();
     for (from, link) in links {
+        if let Some(prev) = streams.get_mut(&link.stream) {
+            prev.linked = true;
+        }
         match streams.get_mut(&link.stream) {
             None if !expect.allow_partial => report.problems.push(Problem {
                 kind: ProblemKind::Missing,
@@ -482,36 +497,95 @@ where
             }
         }
     }
+    // Every session an AgentSession knows must have records here: a session whose records
+    // are all gone (a deleted stream, a cut tail) would otherwise not show at all.
+    for (session, (seq, _)) in &expect.session_heads {
+        if !streams.values().any(|s| s.sessions.contains_key(session)) {
+            report.problems.push(Problem {
+                kind: ProblemKind::Missing,
+                stream: String::new(),
+                n: None,
+                location: String::new(),
+                message: format!(
+                    "session {session}: its AgentSession records its chain up to seq {seq}, but its records are missing from the trail: they were deleted (a cut end or a deleted stream), or they are in a sink not read here"
+                ),
+            });
+        }
+    }
     for (name, mut state) in streams {
         state.summary.stream = name.clone();
         state.summary.sessions = state.sessions.len() as u64;
-        if !state.summary.ended && !state.continued {
-            report.warnings.push(format!(
-                "stream {name} has no StreamEnd after n={}: the sidecar is still running, was killed, or the end of the trail was cut",
-                state.summary.last
-            ));
-        }
-        let unsigned_from = match state.summary.signed_through {
-            Some(s) if s < state.summary.last => Some(s + 1),
-            None => Some(state.summary.first),
-            _ => None,
-        };
-        if let Some(from) = unsigned_from {
-            let message = format!(
-                "stream {name}: records n={from}..={} are not covered by a signature, so anyone could have written them (a running sidecar signs at least every second: verify again, or pass --open)",
-                state.summary.last
-            );
-            if expect.allow_open {
-                report.warnings.push(message);
-            } else {
+        // Nothing follows a stream's end: a sidecar writes its StreamEnd last. Records after
+        // it were added later, whoever signed them, with or without --open.
+        let end = match (&state.after_end, state.ended_at) {
+            (Some((first, location)), Some(end)) => {
                 report.problems.push(Problem {
                     kind: ProblemKind::Unsigned,
                     stream: name.clone(),
-                    n: Some(from),
+                    n: Some(*first),
+                    location: location.clone(),
+                    message: format!(
+                        "stream {name}: records n={first}..={} come after its StreamEnd (n={end}): a stream ends once, so they were added later",
+                        state.summary.last
+                    ),
+                });
+                end
+            }
+            _ => state.summary.last,
+        };
+        // A stream without an end that no later stream continues: either its sidecar still
+        // runs, or the trail was cut after it (its last records, or whole newer streams).
+        if !state.summary.ended && !state.linked {
+            if expect.allow_open {
+                report.warnings.push(format!(
+                    "stream {name} has no StreamEnd after n={}: the sidecar is still running, was killed, or the end of the trail was cut",
+                    state.summary.last
+                ));
+            } else {
+                report.problems.push(Problem {
+                    kind: ProblemKind::Truncated,
+                    stream: name.clone(),
+                    n: Some(state.summary.last + 1),
                     location: String::new(),
-                    message,
+                    message: format!(
+                        "stream {name}: the trail ends at n={} without a StreamEnd, and no later stream continues it: its end was cut (records or newer streams deleted), or its sidecar is still running or was killed (verify a running sidecar's trail with --open)",
+                        state.summary.last
+                    ),
                 });
             }
+        }
+        match state.summary.signed_through {
+            // Not one record of the stream carries a valid signature: nothing shows that the
+            // sidecar wrote any of it (a running sidecar signs its start and then at least
+            // every second), so this is not accepted as an open tail either.
+            None => report.problems.push(Problem {
+                kind: ProblemKind::Unsigned,
+                stream: name.clone(),
+                n: Some(state.summary.first),
+                location: String::new(),
+                message: format!(
+                    "stream {name}: none of its records n={}..={end} is covered by a valid signature, so anyone could have written them",
+                    state.summary.first
+                ),
+            }),
+            Some(s) if s < end => {
+                let message = format!(
+                    "stream {name}: records n={}..={end} are not covered by a signature, so anyone could have written them (a running sidecar signs at least every second: verify again, or pass --open)",
+                    s + 1
+                );
+                if expect.allow_open {
+                    report.warnings.push(message);
+                } else {
+                    report.problems.push(Problem {
+                        kind: ProblemKind::Unsigned,
+                        stream: name.clone(),
+                        n: Some(s + 1),
+                        location: String::new(),
+                        message,
+                    });
+                }
+            }
+            Some(_) => {}
         }
         if state.summary.ended {
             for (session, (_, _, ended)) in &state.sessions {
@@ -603,6 +677,9 @@ fn check(
             ),
         ));
         return;
+    }
+    if state.summary.ended && state.after_end.is_none() {
+        state.after_end = Some((n, location.to_owned()));
     }
     if actual != stored_hash {
         report.problems.push(problem(
@@ -753,8 +830,9 @@ fn check(
             .sessions
             .insert(session.clone(), (seq, stored_hash.clone(), ended));
     }
-    if record.kind == RecordKind::StreamEnd {
+    if record.kind == RecordKind::StreamEnd && !state.summary.ended {
         state.summary.ended = true;
+        state.ended_at = Some(n);
     }
     state.summary.records += 1;
     state.summary.last = n;
@@ -764,4 +842,326 @@ fn check(
     }
     state.recent.push_back((n, stored_hash.clone()));
     state.last_hash = stored_hash;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::record::{Decision, Request, StreamLink, Verdict};
+
+    fn record(kind: RecordKind, session: Option<&str>) -> Record {
+        let mut r = Record::new(kind, "2026-11-23T04:00:00Z".parse().unwrap());
+        r.session = session.map(str::to_owned);
+        if kind == RecordKind::Request {
+            r.request = Some(Request {
+                id: 1,
+                text: "SELECT 1".to_owned(),
+                ..Default::default()
+            });
+            r.decision = Some(Decision {
+                verdict: Verdict::Allowed,
+                rule: Some("baseline".to_owned()),
+                grant: None,
+                approver: None,
+                reason: None,
+            });
+        }
+        r
+    }
+
+    /// Seals `records` (kind, session, signed) as the stream `chain`, after a signed start
+    /// carrying `previous`.
+    fn sealed(
+        chain: &mut Chain,
+        signer: &Signer,
+        previous: Option<StreamLink>,
+        records: &[(RecordKind, Option<&str>, bool)],
+    ) -> Vec<String> {
+        let mut lines = Vec::new();
+        if chain.head().0 == 0 {
+            let mut start = record(RecordKind::StreamStart, None);
+            start.key = Some(signer.public().clone());
+            start.previous = previous;
+            lines.push(String::from_utf8(chain.seal(&mut start, Some(signer)).unwrap()).unwrap());
+        }
+        for (kind, session, signed) in records {
+            let mut r = record(*kind, *session);
+            let line = chain.seal(&mut r, signed.then_some(signer)).unwrap();
+            lines.push(String::from_utf8(line).unwrap());
+        }
+        lines
+    }
+
+    /// Session `s`: a start, two requests, a signed checkpoint (the stream's end not yet
+    /// written).
+    const RUN: &[(RecordKind, Option<&str>, bool)] = &[
+        (RecordKind::SessionStart, Some("s"), false),
+        (RecordKind::Request, Some("s"), false),
+        (RecordKind::Request, Some("s"), false),
+        (RecordKind::Checkpoint, None, true),
+    ];
+    const END: &[(RecordKind, Option<&str>, bool)] = &[
+        (RecordKind::SessionEnd, Some("s"), true),
+        (RecordKind::StreamEnd, None, true),
+    ];
+
+    fn run(lines: &[String], expect: &Expectations) -> Report {
+        verify(
+            lines
+                .iter()
+                .enumerate()
+                .map(|(i, l)| (format!("audit.jsonl:{}", i + 1), l.as_bytes())),
+            expect,
+        )
+    }
+
+    fn pinned(signer: &Signer) -> Expectations {
+        Expectations {
+            keys: vec![signer.public().public_key.clone()],
+            ..Default::default()
+        }
+    }
+
+    fn link(lines: &[String]) -> StreamLink {
+        let last: Record = serde_json::from_str(lines.last().unwrap()).unwrap();
+        StreamLink {
+            stream: last.stream,
+            n: last.n,
+            hash: last.hash,
+        }
+    }
+
+    fn kinds(report: &Report) -> Vec<(ProblemKind, Option<u64>)> {
+        report.problems.iter().map(|p| (p.kind, p.n)).collect()
+    }
+
+    #[test]
+    fn a_tail_cut_after_a_signed_checkpoint_is_a_problem_unless_open() {
+        let (signer, _) = Signer::generate().unwrap();
+        let mut chain = Chain::new("run-1");
+        let mut lines = sealed(&mut chain, &signer, None, RUN);
+        lines.extend(sealed(&mut chain, &signer, None, END));
+        assert!(run(&lines, &pinned(&signer)).ok());
+        // Cut right after the checkpoint: every record left is signed, only the end is gone.
+        let cut = &lines[..5];
+        let report = run(cut, &pinned(&signer));
+        assert_eq!(kinds(&report), vec![(ProblemKind::Truncated, Some(5))]);
+        let message = &report.problems[0].message;
+        assert!(message.contains("without a StreamEnd"), "{message}");
+        assert!(message.contains("--open"), "{message}");
+        // A sidecar still running: accepted when asked, with a warning.
+        let open = Expectations {
+            allow_open: true,
+            ..pinned(&signer)
+        };
+        let report = run(cut, &open);
+        assert!(report.ok(), "{:#?}", report.problems);
+        assert!(report.warnings.iter().any(|w| w.contains("no StreamEnd")));
+    }
+
+    #[test]
+    fn a_deleted_newest_stream_is_a_problem() {
+        let (signer, _) = Signer::generate().unwrap();
+        // The first run is killed (no end); the second continues it and ends.
+        let first = sealed(&mut Chain::new("run-1"), &signer, None, RUN);
+        let mut chain = Chain::new("run-2");
+        let mut second = sealed(&mut chain, &signer, Some(link(&first)), RUN);
+        second.extend(sealed(&mut chain, &signer, None, END));
+        let both = [first.clone(), second.clone()].concat();
+        let report = run(&both, &pinned(&signer));
+        assert!(report.ok(), "{:#?}", report.problems);
+        assert!(report.warnings.is_empty(), "{:?}", report.warnings);
+        // The newest stream deleted: the killed one is no longer continued.
+        let report = run(&first, &pinned(&signer));
+        assert_eq!(kinds(&report), vec![(ProblemKind::Truncated, Some(5))]);
+        assert!(report.problems[0].message.contains("stream run-1"));
+    }
+
+    #[test]
+    fn a_cut_link_is_reported_once() {
+        let (signer, _) = Signer::generate().unwrap();
+        let first = sealed(&mut Chain::new("run-1"), &signer, None, RUN);
+        let mut chain = Chain::new("run-2");
+        let mut second = sealed(&mut chain, &signer, Some(link(&first)), RUN);
+        second.extend(sealed(&mut chain, &signer, None, END));
+        let report = run(&[first[..3].to_vec(), second].concat(), &pinned(&signer));
+        // The cut shows against the link (and its unsigned records), not as a second,
+        // vaguer "no StreamEnd".
+        assert!(
+            report
+                .problems
+                .iter()
+                .any(|p| p.kind == ProblemKind::Truncated
+                    && p.n == Some(3)
+                    && p.message.contains("continues it from n=4")),
+            "{:#?}",
+            report.problems
+        );
+        assert!(
+            !report
+                .problems
+                .iter()
+                .any(|p| p.message.contains("without a StreamEnd")),
+            "{:#?}",
+            report.problems
+        );
+    }
+
+    #[test]
+    fn an_agent_session_whose_records_are_gone_is_a_problem() {
+        let (signer, _) = Signer::generate().unwrap();
+        // The first run ended cleanly; a second one (session t) was deleted whole.
+        let mut chain = Chain::new("run-1");
+        let mut first = sealed(&mut chain, &signer, None, RUN);
+        first.extend(sealed(&mut chain, &signer, None, END));
+        let last_s: Record = serde_json::from_str(&first[5]).unwrap();
+        let mut expect = pinned(&signer);
+        expect.session_heads = BTreeMap::from([
+            ("s".to_owned(), (last_s.seq.unwrap(), last_s.hash.clone())),
+            ("t".to_owned(), (7, "ab".repeat(32))),
+        ]);
+        let report = run(&first, &expect);
+        assert_eq!(kinds(&report), vec![(ProblemKind::Missing, None)]);
+        let message = &report.problems[0].message;
+        assert!(
+            message.contains("session t") && message.contains("records are missing"),
+            "{message}"
+        );
+        // Not even --open and --allow-partial accept it.
+        expect.allow_open = true;
+        expect.allow_partial = true;
+        assert!(!run(&first, &expect).ok());
+        expect.session_heads.remove("t");
+        assert!(run(&first, &expect).ok());
+    }
+
+    #[test]
+    fn records_after_a_stream_end_are_a_problem_even_when_open() {
+        let (signer, _) = Signer::generate().unwrap();
+        let mut chain = Chain::new("run-1");
+        let mut lines = sealed(&mut chain, &signer, None, RUN);
+        lines.extend(sealed(&mut chain, &signer, None, END));
+        // Forged: unsigned records chained on after the signed end.
+        lines.extend(sealed(
+            &mut chain,
+            &signer,
+            None,
+            &[
+                (RecordKind::SessionStart, Some("x"), false),
+                (RecordKind::Request, Some("x"), false),
+            ],
+        ));
+        for expect in [
+            pinned(&signer),
+            Expectations {
+                allow_open: true,
+                allow_partial: true,
+                ..pinned(&signer)
+            },
+        ] {
+            let report = run(&lines, &expect);
+            assert!(
+                kinds(&report).contains(&(ProblemKind::Unsigned, Some(7))),
+                "{:#?}",
+                report.problems
+            );
+            let after = report
+                .problems
+                .iter()
+                .find(|p| p.message.contains("after its StreamEnd"))
+                .unwrap();
+            assert_eq!(after.location, "audit.jsonl:8");
+            assert!(
+                after
+                    .message
+                    .contains("records n=7..=8 come after its StreamEnd (n=6)"),
+                "{}",
+                after.message
+            );
+        }
+        // Even when signed (a second end, as a replayed key would sign it).
+        let mut chain = Chain::new("run-1");
+        let mut lines = sealed(&mut chain, &signer, None, RUN);
+        lines.extend(sealed(&mut chain, &signer, None, END));
+        lines.extend(sealed(&mut chain, &signer, None, END));
+        let report = run(&lines, &pinned(&signer));
+        assert!(
+            kinds(&report).contains(&(ProblemKind::Unsigned, Some(7))),
+            "{:#?}",
+            report.problems
+        );
+    }
+
+    #[test]
+    fn an_invented_unsigned_stream_is_a_problem_even_partial_and_open() {
+        let (signer, _) = Signer::generate().unwrap();
+        // A stream "begun" at n=40, its beginning claimed rotated away: nothing is signed.
+        let mut lines = Vec::new();
+        let mut prev = "00".repeat(32);
+        for (i, kind) in [RecordKind::SessionStart, RecordKind::Request]
+            .into_iter()
+            .enumerate()
+        {
+            let mut r = record(kind, Some("s"));
+            r.v = SCHEMA_VERSION;
+            r.stream = "invented".to_owned();
+            r.n = 40 + i as u64;
+            r.prev.clone_from(&prev);
+            r.seq = Some(i as u64);
+            r.session_prev = Some(prev.clone());
+            r.hash = hash_of(&r).unwrap();
+            prev.clone_from(&r.hash);
+            lines.push(serde_json::to_string(&r).unwrap());
+        }
+        let expect = Expectations {
+            allow_open: true,
+            allow_partial: true,
+            ..pinned(&signer)
+        };
+        let report = run(&lines, &expect);
+        assert_eq!(
+            kinds(&report),
+            vec![(ProblemKind::Unsigned, Some(40))],
+            "{:#?}",
+            report.problems
+        );
+        assert!(
+            report.problems[0]
+                .message
+                .contains("none of its records n=40..=41"),
+            "{}",
+            report.problems[0].message
+        );
+    }
+
+    #[test]
+    fn an_open_running_stream_still_verifies_with_open() {
+        let (signer, _) = Signer::generate().unwrap();
+        let mut chain = Chain::new("run-1");
+        let mut lines = sealed(&mut chain, &signer, None, RUN);
+        // The last second, not yet signed.
+        lines.extend(sealed(
+            &mut chain,
+            &signer,
+            None,
+            &[(RecordKind::Request, Some("s"), false)],
+        ));
+        let report = run(
+            &lines,
+            &Expectations {
+                allow_open: true,
+                ..pinned(&signer)
+            },
+        );
+        assert!(report.ok(), "{:#?}", report.problems);
+        assert_eq!(report.warnings.len(), 2, "{:?}", report.warnings);
+        let report = run(&lines, &pinned(&signer));
+        assert_eq!(
+            kinds(&report),
+            vec![
+                (ProblemKind::Truncated, Some(6)),
+                (ProblemKind::Unsigned, Some(5))
+            ]
+        );
+    }
 }

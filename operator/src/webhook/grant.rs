@@ -9,17 +9,21 @@
 //!   that identity;
 //! - `identity-exists` / `identity-enabled`: the identity exists and is not disabled;
 //! - `max-duration`: the duration is within the identity's `maxGrantDuration`;
+//! - `command-filed-by-gateway`: a grant bound to one command (`spec.command`) is created only
+//!   by the identity's own service account, i.e. its sidecar, which holds the command;
 //! - `scope-fits-target`: the scope limits access only with settings its Target's protocol
 //!   reads (`tables`, `kubernetes` or `ssh`), never with another's it would ignore;
 //! - `no-self-approval`: the identity, its service account, any agent, and the requester
 //!   cannot decide;
 //! - `approver-authorization`: the decider has the RBAC verb `approve` on the grant
 //!   (SubjectAccessReview) or is listed in the identity's `spec.approvers`;
+//! - `decided-in-time`: a decision comes before the request's `pendingTTL` has passed;
 //! - `immutable-decision`: a decision, once made, never changes;
 //! - `stamped-by-agentgate`: the recorded decider is the authenticated user.
 
 use agentgate_crds::common::parse_duration;
 use agentgate_crds::common::{Time, UserRef};
+use agentgate_crds::lifecycle::pending_deadline;
 use agentgate_crds::{AccessGrant, AgentIdentity, Target};
 use jiff::Timestamp;
 use k8s_openapi::api::authorization::v1::{
@@ -311,6 +315,25 @@ pub async fn validate(
             if let Err(e) = max_ok(id) {
                 return deny(req, "max-duration", e);
             }
+            // A grant bound to one command is the gateway's request for the command it held:
+            // the sidecar files it as the identity's service account. From anyone else the
+            // text an approver reads need not be the command the fingerprint lets through.
+            let own_sa = sa_name(&ns, id);
+            if grant.spec.command.is_some() && own_sa.as_deref() != Some(user.username.as_str()) {
+                return deny(
+                    req,
+                    "command-filed-by-gateway",
+                    format!(
+                        "command grants are filed by the gateway: spec.command is set only by the sidecar of AgentIdentity {}{} when a guardrail holds a command, and {} is not it; request access without spec.command (operations in spec.scope)",
+                        grant.spec.identity,
+                        own_sa
+                            .as_deref()
+                            .map(|sa| format!(" (as {sa})"))
+                            .unwrap_or_default(),
+                        user.username
+                    ),
+                );
+            }
             // The scope is read as the Target's gateway reads it. (A Target not created yet
             // is no reason to refuse: GitOps may apply the grant first.)
             let targets: Api<Target> = Api::namespaced(ctx.client.clone(), &ns);
@@ -393,6 +416,22 @@ pub async fn validate(
                         req,
                         "stamped-by-agentgate",
                         "spec.decision.decidedBy must be the authenticated user (is agentgate's mutating webhook installed?)",
+                    );
+                }
+                // Decided in time, or not at all: an expired request stays expired.
+                let now = Timestamp::now();
+                let deadline = pending_deadline(&old, now);
+                let at = d
+                    .and_then(|d| d.decided_at.as_ref())
+                    .map_or(now, |t| t.0.max(now));
+                if at >= deadline {
+                    return deny(
+                        req,
+                        "decided-in-time",
+                        format!(
+                            "the request expired at {deadline} (spec.pendingTTL {} after its creation); ask the agent to request again",
+                            old.spec.pending_ttl
+                        ),
                     );
                 }
                 // Self-approval, in every form.

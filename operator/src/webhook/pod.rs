@@ -4,7 +4,9 @@
 //! gets the sidecar as a native sidecar (an init container that keeps running), and its agent
 //! containers are pointed at it. Injection is refused, with the reason, when the pod could
 //! reach around the gateway: a shared process namespace, host namespaces or paths, privileged
-//! agent containers, an API token or a Target's credentials in an agent container.
+//! agent containers, an API token or a Target's credentials in an agent container. Debug
+//! (ephemeral) containers added later are held to the same rules, and an injected pod keeps
+//! the label that has this webhook see them.
 //!
 //! Injection is idempotent: a second admission of an injected pod changes nothing, and a pod
 //! that brings its own `agentgate-sidecar` with another image is refused.
@@ -14,10 +16,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use agentgate_crds::{AgentIdentity, MaskPolicy, Protocol, Target};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapProjection, Container, ContainerPort, DownwardAPIProjection,
-    DownwardAPIVolumeFile, EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath,
-    ObjectFieldSelector, Pod, Probe, ProjectedVolumeSource, ResourceRequirements, SecretProjection,
-    SecretVolumeSource, SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount,
-    VolumeProjection,
+    DownwardAPIVolumeFile, EmptyDirVolumeSource, EnvVar, EnvVarSource, EphemeralContainer,
+    HTTPGetAction, KeyToPath, ObjectFieldSelector, Pod, Probe, ProjectedVolumeSource,
+    ResourceRequirements, SecretProjection, SecretVolumeSource, SecurityContext,
+    ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -173,6 +175,160 @@ fn is_token_volume(v: &Volume) -> bool {
             .flatten()
             .any(|s| s.service_account_token.is_some())
     })
+}
+
+/// What no container but the sidecar may reach in a pod of the namespace.
+pub struct Boundary<'a> {
+    /// Operator configuration (the audit sinks' Secrets).
+    pub config: &'a Config,
+    /// Every Target of the namespace (their credentials Secrets).
+    pub targets: &'a [Target],
+    /// Names of Secrets labelled sensitive among those the checked containers reference.
+    pub sensitive_secrets: &'a BTreeSet<String>,
+    /// The Secrets the namespace's MaskPolicies name as `hashKey`.
+    pub mask_key_secrets: &'a BTreeSet<String>,
+}
+
+/// Which kind of container besides the sidecar is checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// A container or init container of the pod as created (before injection).
+    Agent,
+    /// An ephemeral (debug) container added to a running, injected pod.
+    Debug,
+}
+
+impl Kind {
+    fn container(self) -> &'static str {
+        match self {
+            Self::Agent => "container",
+            Self::Debug => "ephemeral container",
+        }
+    }
+
+    fn plural(self) -> &'static str {
+        match self {
+            Self::Agent => "agent containers",
+            Self::Debug => "debug containers",
+        }
+    }
+}
+
+/// An ephemeral container as a [`Container`], with what the boundary checks read (its name,
+/// security context, mounts and environment).
+pub fn as_container(e: &EphemeralContainer) -> Container {
+    Container {
+        name: e.name.clone(),
+        image: e.image.clone(),
+        env: e.env.clone(),
+        env_from: e.env_from.clone(),
+        volume_mounts: e.volume_mounts.clone(),
+        volume_devices: e.volume_devices.clone(),
+        security_context: e.security_context.clone(),
+        ..Default::default()
+    }
+}
+
+/// Refuses container `c` of `pod` (any container but the sidecar) when it could reach around
+/// the gateway: privileged or with a dangerous capability, mounting a service-account token,
+/// mounting any of agentgate's volumes (all but the client volume, which only read-only),
+/// or using a Secret only the sidecar may read (a Target's credentials, a MaskPolicy's hash
+/// key, the audit sinks' Secrets, a Secret labelled [`SENSITIVE_LABEL`]) through a volume,
+/// `env` or `envFrom`.
+///
+/// For [`Kind::Agent`] the pod is the one submitted, before injection: its automatic
+/// `kube-api-access-*` token volume is allowed because injection removes it. For
+/// [`Kind::Debug`] the pod is already injected, and every token volume counts.
+pub fn check_container(
+    kind: Kind,
+    pod: &Pod,
+    c: &Container,
+    boundary: &Boundary<'_>,
+) -> Result<(), Refusal> {
+    let (what, who) = (kind.container(), kind.plural());
+    if let Some(why) = privilege_problem(c.security_context.as_ref()) {
+        return refuse(format!("{what} {} {why}: {who} may not", c.name));
+    }
+    let volumes: BTreeMap<&str, &Volume> = pod
+        .spec
+        .iter()
+        .flat_map(|s| s.volumes.iter().flatten())
+        .map(|v| (v.name.as_str(), v))
+        .collect();
+    for m in c.volume_mounts.iter().flatten() {
+        // The sidecar's socket and client files live there: others only read them.
+        if m.name == V_CLIENT {
+            if m.read_only != Some(true) {
+                return refuse(format!(
+                    "{what} {} mounts agentgate's volume {V_CLIENT} writable: mount it readOnly",
+                    c.name
+                ));
+            }
+            continue;
+        }
+        // Every other agentgate volume (tokens, spill, a Target's credentials, hash keys)
+        // is the sidecar's, also one the pod names itself before injection fills it.
+        if m.name.starts_with("agentgate-") {
+            return refuse(format!(
+                "{what} {} mounts agentgate's volume {}: only the sidecar may",
+                c.name, m.name
+            ));
+        }
+        let automatic = kind == Kind::Agent && m.name.starts_with("kube-api-access-");
+        if volumes
+            .get(m.name.as_str())
+            .is_some_and(|v| is_token_volume(v))
+            && !automatic
+        {
+            return refuse(format!(
+                "{what} {} mounts a service-account token (volume {}): {who} get no API token; the sidecar is the way to the API",
+                c.name, m.name
+            ));
+        }
+    }
+    let credentials: BTreeMap<String, String> = boundary
+        .targets
+        .iter()
+        .filter_map(|t| {
+            Some((
+                credentials_secret(t)?,
+                t.metadata.name.clone().unwrap_or_default(),
+            ))
+        })
+        .collect();
+    for s in secrets_referenced(pod, c) {
+        if let Some(target) = credentials.get(&s) {
+            return refuse(format!(
+                "{what} {} uses Secret {s}, the credentials of Target {target}: upstream credentials live only in the sidecar",
+                c.name
+            ));
+        }
+        if boundary.mask_key_secrets.contains(&s) {
+            return refuse(format!(
+                "{what} {} uses Secret {s}, a MaskPolicy's hash key: with it, masked values could be matched back; only the sidecar may read it",
+                c.name
+            ));
+        }
+        if [
+            &boundary.config.sidecar_audit_secret,
+            &boundary.config.sidecar_audit_credentials,
+        ]
+        .iter()
+        .any(|a| a.as_deref() == Some(s.as_str()))
+        {
+            return refuse(format!(
+                "{what} {} uses Secret {s}, the audit sinks' connection or credentials: only the sidecar may read it",
+                c.name
+            ));
+        }
+        if boundary.sensitive_secrets.contains(&s) {
+            return refuse(format!(
+                "{what} {} uses Secret {s}, which is labelled {SENSITIVE_LABEL}: only the sidecar may read it",
+                c.name
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn env(name: &str, value: &str) -> EnvVar {
@@ -471,27 +627,16 @@ pub fn inject(pod: &Pod, input: &InjectionInput<'_>) -> Result<Pod, Refusal> {
         ));
     }
     // Agent containers: no privilege, no API token, no credentials.
-    let token_volumes: BTreeSet<String> = spec
-        .volumes
-        .iter()
-        .flatten()
-        .filter(|v| is_token_volume(v) && v.name != V_TOKEN && v.name != V_API)
-        .map(|v| v.name.clone())
-        .collect();
-    let credentials: BTreeMap<String, String> = input
-        .targets
-        .iter()
-        .filter_map(|t| {
-            Some((
-                credentials_secret(t)?,
-                t.metadata.name.clone().unwrap_or_default(),
-            ))
-        })
-        .collect();
     let pod_view = Pod {
         metadata: Default::default(),
         spec: Some(spec.clone()),
         status: None,
+    };
+    let boundary = Boundary {
+        config: input.config,
+        targets: input.targets,
+        sensitive_secrets: input.sensitive_secrets,
+        mask_key_secrets: input.mask_key_secrets,
     };
     let agents = spec.containers.iter().chain(
         spec.init_containers
@@ -500,65 +645,7 @@ pub fn inject(pod: &Pod, input: &InjectionInput<'_>) -> Result<Pod, Refusal> {
             .filter(|c| c.name != SIDECAR),
     );
     for c in agents {
-        if let Some(why) = privilege_problem(c.security_context.as_ref()) {
-            return refuse(format!(
-                "container {} {why}: agent containers may not",
-                c.name
-            ));
-        }
-        for m in c.volume_mounts.iter().flatten() {
-            if token_volumes.contains(&m.name) && !m.name.starts_with("kube-api-access-") {
-                return refuse(format!(
-                    "container {} mounts a service-account token (volume {}): agent containers get no API token; the sidecar is their way to the API",
-                    c.name, m.name
-                ));
-            }
-            if m.name == V_TOKEN || m.name == V_API || m.name == V_SPILL {
-                return refuse(format!(
-                    "container {} mounts agentgate's volume {}: only the sidecar may",
-                    c.name, m.name
-                ));
-            }
-            // The sidecar's socket and client files live there: agents only read them.
-            if m.name == V_CLIENT && m.read_only != Some(true) {
-                return refuse(format!(
-                    "container {} mounts agentgate's volume {V_CLIENT} writable: mount it readOnly",
-                    c.name
-                ));
-            }
-        }
-        for s in secrets_referenced(&pod_view, c) {
-            if let Some(target) = credentials.get(&s) {
-                return refuse(format!(
-                    "container {} uses Secret {s}, the credentials of Target {target}: upstream credentials live only in the sidecar",
-                    c.name
-                ));
-            }
-            if input.mask_key_secrets.contains(&s) {
-                return refuse(format!(
-                    "container {} uses Secret {s}, a MaskPolicy's hash key: with it, masked values could be matched back; only the sidecar may read it",
-                    c.name
-                ));
-            }
-            if [
-                &input.config.sidecar_audit_secret,
-                &input.config.sidecar_audit_credentials,
-            ]
-            .iter()
-            .any(|a| a.as_deref() == Some(s.as_str()))
-            {
-                return refuse(format!(
-                    "container {} uses Secret {s}, the audit sinks' connection or credentials: only the sidecar may read it",
-                    c.name
-                ));
-            }
-            if input.sensitive_secrets.contains(&s) {
-                return refuse(format!(
-                    "container {} uses Secret {s}, which is labelled {SENSITIVE_LABEL}: only the sidecar may read it",
-                    c.name
-                ));
-            }
-        }
+        check_container(Kind::Agent, &pod_view, c, &boundary)?;
     }
 
     // The API token the API server's ServiceAccount admission added goes: agents get none.
@@ -774,6 +861,129 @@ pub fn inject(pod: &Pod, input: &InjectionInput<'_>) -> Result<Pod, Refusal> {
     Ok(pod)
 }
 
+/// What the boundary checks read in a namespace.
+struct NamespaceInputs {
+    /// Its Targets.
+    targets: Vec<Target>,
+    /// The Secrets labelled [`SENSITIVE_LABEL`] among those the checked containers reference.
+    sensitive: BTreeSet<String>,
+    /// The Secrets its MaskPolicies name as `hashKey`.
+    mask_keys: BTreeSet<String>,
+}
+
+/// Reads what [`check_container`] needs in namespace `ns`, failing closed: the Targets and
+/// MaskPolicies (from the API server's watch cache) and the labels of the Secrets in
+/// `referenced` (consistent reads). The reads are independent: made at once, the admission
+/// waits for the slowest, not for their sum.
+async fn namespace_inputs(
+    client: &kube::Client,
+    ns: &str,
+    referenced: &BTreeSet<String>,
+) -> Result<NamespaceInputs, String> {
+    let targets: Api<Target> = Api::namespaced(client.clone(), ns);
+    let policies: Api<MaskPolicy> = Api::namespaced(client.clone(), ns);
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), ns);
+    let cached = from_cache();
+    let (targets, policies, labelled) = futures::join!(
+        targets.list(&cached),
+        policies.list(&cached),
+        futures::future::join_all(referenced.iter().map(|name| {
+            let secrets = &secrets;
+            async move { (name, secrets.get_metadata_opt(name).await) }
+        })),
+    );
+    let targets = targets
+        .map_err(|e| format!("cannot list Targets (failing closed): {e}"))?
+        .items;
+    let mut sensitive = BTreeSet::new();
+    for (name, meta) in labelled {
+        let meta = meta.map_err(|e| format!("cannot read Secret {name} (failing closed): {e}"))?;
+        if meta.is_some_and(|m| {
+            m.metadata
+                .labels
+                .unwrap_or_default()
+                .get(SENSITIVE_LABEL)
+                .map(String::as_str)
+                == Some("true")
+        }) {
+            sensitive.insert(name.clone());
+        }
+    }
+    let mask_keys = policies
+        .map_err(|e| format!("cannot list MaskPolicies (failing closed): {e}"))?
+        .items
+        .iter()
+        .filter_map(|p| p.spec.hash_key.as_ref().map(|k| k.name.clone()))
+        .collect();
+    Ok(NamespaceInputs {
+        targets,
+        sensitive,
+        mask_keys,
+    })
+}
+
+/// `pods/ephemeralcontainers`: each debug container added to an injected pod is held to what
+/// agent containers are held to ([`check_container`]), and may not target the sidecar (it
+/// would share its process namespace).
+async fn debug_containers(
+    ctx: &WebhookContext,
+    req: &AdmissionRequest<DynamicObject>,
+    ns: &str,
+    pod: &Pod,
+    old: Option<&Pod>,
+) -> AdmissionResponse {
+    let ephemeral = |p: &Pod| -> Vec<EphemeralContainer> {
+        p.spec
+            .iter()
+            .flat_map(|s| s.ephemeral_containers.iter().flatten())
+            .cloned()
+            .collect()
+    };
+    // Those already admitted (the API server refuses changes to them) are not checked again:
+    // a Target created since must not make the pod impossible to debug.
+    let before = old.map(ephemeral).unwrap_or_default();
+    let added: Vec<EphemeralContainer> = ephemeral(pod)
+        .into_iter()
+        .filter(|c| !before.contains(c))
+        .collect();
+    if added.is_empty() {
+        return AdmissionResponse::from(req);
+    }
+    if let Some(c) = added
+        .iter()
+        .find(|c| c.target_container_name.as_deref() == Some(SIDECAR))
+    {
+        return deny(
+            req,
+            format!(
+                "ephemeral container {} targets {SIDECAR}: nobody may share the sidecar's process namespace",
+                c.name
+            ),
+        );
+    }
+    let containers: Vec<Container> = added.iter().map(as_container).collect();
+    let referenced: BTreeSet<String> = containers
+        .iter()
+        .flat_map(|c| secrets_referenced(pod, c))
+        .collect();
+    let inputs = match namespace_inputs(&ctx.client, ns, &referenced).await {
+        Ok(i) => i,
+        Err(why) => return deny(req, why),
+    };
+    let boundary = Boundary {
+        config: &ctx.config,
+        targets: &inputs.targets,
+        sensitive_secrets: &inputs.sensitive,
+        mask_key_secrets: &inputs.mask_keys,
+    };
+    for c in &containers {
+        if let Err(Refusal(why)) = check_container(Kind::Debug, pod, c, &boundary) {
+            return deny(req, why);
+        }
+    }
+    AdmissionResponse::from(req)
+}
+
 fn deny(req: &AdmissionRequest<DynamicObject>, msg: impl std::fmt::Display) -> AdmissionResponse {
     AdmissionResponse::from(req).deny(format!("agentgate injection refused: {msg}"))
 }
@@ -800,53 +1010,16 @@ pub async fn mutate(
     };
     let labels = pod.metadata.labels.clone().unwrap_or_default();
     let opted_in = labels.get(INJECT_LABEL).map(String::as_str) == Some("true");
+    let old: Option<Pod> = req
+        .old_object
+        .as_ref()
+        .and_then(|o| serde_json::to_value(o).ok())
+        .and_then(|v| serde_json::from_value(v).ok());
     if req.sub_resource.as_deref() == Some("ephemeralcontainers") {
-        // A debug container may not reach into the sidecar or around the pod boundary.
-        for c in pod
-            .spec
-            .iter()
-            .flat_map(|s| s.ephemeral_containers.iter().flatten())
-        {
-            if c.target_container_name.as_deref() == Some(SIDECAR) {
-                return deny(
-                    req,
-                    format!(
-                        "ephemeral container {} targets {SIDECAR}: nobody may share the sidecar's process namespace",
-                        c.name
-                    ),
-                );
-            }
-            if let Some(why) = privilege_problem(c.security_context.as_ref()) {
-                return deny(req, format!("ephemeral container {} {why}", c.name));
-            }
-            if let Some(m) = c.volume_mounts.iter().flatten().find(|m| {
-                m.name.starts_with("agentgate-")
-                    && (m.name != V_CLIENT || m.read_only != Some(true))
-            }) {
-                return deny(
-                    req,
-                    format!(
-                        "ephemeral container {} mounts agentgate's volume {}: {}",
-                        c.name,
-                        m.name,
-                        if m.name == V_CLIENT {
-                            "only read-only (readOnly: true)"
-                        } else {
-                            "only the sidecar may"
-                        }
-                    ),
-                );
-            }
-        }
-        return AdmissionResponse::from(req);
+        return debug_containers(ctx, req, &ns, &pod, old.as_ref()).await;
     }
     if req.operation == Operation::Update {
         // An injected pod keeps its sidecar exactly as injected.
-        let old: Option<Pod> = req
-            .old_object
-            .as_ref()
-            .and_then(|o| serde_json::to_value(o).ok())
-            .and_then(|v| serde_json::from_value(v).ok());
         let find = |p: &Pod| {
             p.spec.as_ref().and_then(|s| {
                 s.init_containers
@@ -857,16 +1030,27 @@ pub async fn mutate(
                     .cloned()
             })
         };
-        if let Some(old) = old
-            && let Some(before) = find(&old)
-            && find(&pod).map(|c| c.image) != Some(before.image.clone())
+        if let Some(old) = &old
+            && let Some(before) = find(old)
         {
-            return deny(
-                req,
-                format!(
-                    "container {SIDECAR} is managed by agentgate: its image cannot be changed or removed"
-                ),
-            );
+            if find(&pod).map(|c| c.image) != Some(before.image.clone()) {
+                return deny(
+                    req,
+                    format!(
+                        "container {SIDECAR} is managed by agentgate: its image cannot be changed or removed"
+                    ),
+                );
+            }
+            // Without the label this webhook no longer sees the pod, and a debug container
+            // added later would not be checked.
+            if !opted_in {
+                return deny(
+                    req,
+                    format!(
+                        "the pod is injected: it keeps the label {INJECT_LABEL}=true, which has agentgate check the debug containers added to it"
+                    ),
+                );
+            }
         }
         return AdmissionResponse::from(req);
     }
@@ -885,9 +1069,7 @@ pub async fn mutate(
             ),
         );
     };
-    // The reads are independent: made at once, the admission waits for the slowest, not
-    // for their sum. Each is the same read as on its own (the identity consistent, the lists
-    // from the API server's watch cache, the Secrets' labels consistent).
+    // The identity and the namespace's inputs are read at once (the identity consistently).
     let referenced: BTreeSet<String> = pod
         .spec
         .iter()
@@ -900,18 +1082,9 @@ pub async fn mutate(
         .flat_map(|c| secrets_referenced(&pod, c))
         .collect();
     let ids: Api<AgentIdentity> = Api::namespaced(ctx.client.clone(), &ns);
-    let targets: Api<Target> = Api::namespaced(ctx.client.clone(), &ns);
-    let policies: Api<MaskPolicy> = Api::namespaced(ctx.client.clone(), &ns);
-    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(ctx.client.clone(), &ns);
-    let cached = from_cache();
-    let (id, targets, policies, labelled) = futures::join!(
+    let (id, inputs) = futures::join!(
         ids.get_opt(identity),
-        targets.list(&cached),
-        policies.list(&cached),
-        futures::future::join_all(referenced.iter().map(|name| {
-            let secrets = &secrets;
-            async move { (name, secrets.get_metadata_opt(name).await) }
-        })),
+        namespace_inputs(&ctx.client, &ns, &referenced),
     );
     let id = match id {
         Ok(Some(id)) => id,
@@ -928,46 +1101,13 @@ pub async fn mutate(
             );
         }
     };
-    let targets = match targets {
-        Ok(l) => l.items,
-        Err(e) => return deny(req, format!("cannot list Targets (failing closed): {e}")),
-    };
-    // Secrets labelled sensitive among those the agent containers reference.
-    let mut sensitive = BTreeSet::new();
-    for (name, meta) in labelled {
-        match meta {
-            Ok(Some(m)) => {
-                if m.metadata
-                    .labels
-                    .unwrap_or_default()
-                    .get(SENSITIVE_LABEL)
-                    .map(String::as_str)
-                    == Some("true")
-                {
-                    sensitive.insert(name.clone());
-                }
-            }
-            Ok(None) => {}
-            Err(e) => {
-                return deny(
-                    req,
-                    format!("cannot read Secret {name} (failing closed): {e}"),
-                );
-            }
-        }
-    }
-    let mask_keys: BTreeSet<String> = match policies {
-        Ok(l) => l
-            .items
-            .iter()
-            .filter_map(|p| p.spec.hash_key.as_ref().map(|k| k.name.clone()))
-            .collect(),
-        Err(e) => {
-            return deny(
-                req,
-                format!("cannot list MaskPolicies (failing closed): {e}"),
-            );
-        }
+    let NamespaceInputs {
+        targets,
+        sensitive,
+        mask_keys,
+    } = match inputs {
+        Ok(i) => i,
+        Err(why) => return deny(req, why),
     };
     let input = InjectionInput {
         config: &ctx.config,

@@ -110,21 +110,36 @@ impl Journal {
     }
 
     /// The last whole line an earlier run wrote (the end of its stream), if its segments are
-    /// still here.
+    /// still here. A segment with no whole line (empty, or only a torn one: the run was
+    /// killed right after starting it) is passed over for the one before.
     pub fn last_line(&self) -> Option<Vec<u8>> {
         let active = self.active.load(Ordering::Acquire);
         for id in segments(&self.dir).ok()?.into_iter().rev() {
             if id >= active {
                 continue;
             }
-            let data = fs::read(self.dir.join("segments").join(segment_name(id))).ok()?;
-            let whole = data.iter().rposition(|b| *b == b'\n')?;
-            let start = data[..whole]
-                .iter()
-                .rposition(|b| *b == b'\n')
-                .map_or(0, |i| i + 1);
-            if whole > start {
-                return Some(data[start..whole].to_vec());
+            let data = match fs::read(self.dir.join("segments").join(segment_name(id))) {
+                Ok(data) => data,
+                Err(e) => {
+                    tracing::warn!(
+                        segment = id,
+                        error = %e,
+                        "cannot read an audit journal segment of the run before"
+                    );
+                    continue;
+                }
+            };
+            let mut end = data.len();
+            // The last non-empty line that ends in a newline.
+            while let Some(whole) = data[..end].iter().rposition(|b| *b == b'\n') {
+                let start = data[..whole]
+                    .iter()
+                    .rposition(|b| *b == b'\n')
+                    .map_or(0, |i| i + 1);
+                if whole > start {
+                    return Some(data[start..whole].to_vec());
+                }
+                end = whole;
             }
         }
         None
@@ -468,5 +483,35 @@ mod tests {
         journal.ack("fast", end);
         journal.save("fast").unwrap();
         assert_eq!(all_lines(&journal, slow), ["r0", "r1", "r2", "r3"]);
+    }
+
+    /// Killed right after rolling to a new segment: the run before's newest segment is empty
+    /// or holds only a torn line, and its last record is found in the segment before.
+    #[test]
+    fn the_run_before_ends_past_an_empty_or_torn_newest_segment() {
+        for newest in [&b""[..], b"{\"torn", b"\n", b"\n{\"torn"] {
+            let dir = tempfile::tempdir().unwrap();
+            {
+                let (_journal, mut w) = Journal::open(dir.path(), false).unwrap();
+                w.append(b"r0").unwrap();
+                w.append(b"r1").unwrap();
+                w.flush().unwrap();
+                w.roll().unwrap();
+                w.file.write_all(newest).unwrap();
+                w.file.flush().unwrap();
+            }
+            let (journal, _w) = Journal::open(dir.path(), false).unwrap();
+            assert_eq!(
+                journal.last_line().as_deref(),
+                Some(&b"r1"[..]),
+                "newest segment {:?}",
+                String::from_utf8_lossy(newest)
+            );
+        }
+        // Nothing before: nothing to continue.
+        let dir = tempfile::tempdir().unwrap();
+        drop(Journal::open(dir.path(), false).unwrap());
+        let (journal, _w) = Journal::open(dir.path(), false).unwrap();
+        assert_eq!(journal.last_line(), None);
     }
 }

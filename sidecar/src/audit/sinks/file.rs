@@ -36,12 +36,14 @@ impl FileSink {
             if let Some(dir) = self.path.parent() {
                 std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
             }
-            let f = OpenOptions::new()
+            let mut f = OpenOptions::new()
                 .create(true)
+                .read(true)
                 .append(true)
                 .open(&self.path)
                 .map_err(|e| format!("{}: {e}", self.path.display()))?;
-            let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+            let len =
+                trim_torn_line(&mut f).map_err(|e| format!("{}: {e}", self.path.display()))?;
             self.file = Some((f, len));
         }
         self.file
@@ -130,6 +132,39 @@ impl FileSink {
     }
 }
 
+/// Cuts a torn last line (the sidecar killed mid-write) off `file`, so that the record,
+/// delivered again from the journal, starts a line of its own instead of being glued onto
+/// the torn one. Returns the file's length after.
+fn trim_torn_line(file: &mut File) -> std::io::Result<u64> {
+    use std::io::{Read, Seek, SeekFrom};
+    const BLOCK: u64 = 64 << 10;
+    let len = file.metadata()?.len();
+    // Back from the end, a block at a time, to the last newline.
+    let mut end = len;
+    let mut buf = Vec::new();
+    let keep = loop {
+        if end == 0 {
+            break 0;
+        }
+        let start = end.saturating_sub(BLOCK);
+        buf.resize(usize::try_from(end - start).unwrap_or(0), 0);
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(&mut buf)?;
+        if let Some(nl) = memchr::memrchr(b'\n', &buf) {
+            break start + nl as u64 + 1;
+        }
+        end = start;
+    };
+    if keep < len {
+        tracing::warn!(
+            bytes = len - keep,
+            "cutting a torn record off the end of the audit file (written when the sidecar was killed); it is delivered again whole"
+        );
+        file.set_len(keep)?;
+    }
+    Ok(keep)
+}
+
 /// The rotated files of `path`, oldest first.
 pub fn rotated_files(path: &Path) -> Vec<PathBuf> {
     let stem = path
@@ -175,6 +210,34 @@ mod tests {
             at += l.len() + 1;
         }
         Chunk { data, lines: out }
+    }
+
+    /// Killed mid-write: the torn last line is cut on reopening, and the record delivered
+    /// again starts a line of its own.
+    #[test]
+    fn a_torn_last_line_is_cut_when_the_file_is_opened_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let lines: Vec<String> = (0..3).map(|i| format!("{{\"n\":{i}}}")).collect();
+        for torn in ["", "{\"n\":3,\"to", "{\"n\":3,\"to".repeat(20_000).as_str()] {
+            std::fs::write(&path, format!("{}\n{}\n{torn}", lines[0], lines[1])).unwrap();
+            let mut sink = FileSink::new(path.clone(), 10 << 20, 0);
+            sink.deliver(&chunk(&lines[2..])).unwrap();
+            assert_eq!(
+                std::fs::read_to_string(&path).unwrap(),
+                format!("{}\n", lines.join("\n")),
+                "torn: {} bytes",
+                torn.len()
+            );
+        }
+        // Only a torn line: the file is emptied.
+        std::fs::write(&path, "{\"n\":0,").unwrap();
+        let mut sink = FileSink::new(path.clone(), 10 << 20, 0);
+        sink.deliver(&chunk(&lines[..1])).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            format!("{}\n", lines[0])
+        );
     }
 
     #[test]
