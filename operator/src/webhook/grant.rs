@@ -10,7 +10,9 @@
 //! - `identity-exists` / `identity-enabled`: the identity exists and is not disabled;
 //! - `max-duration`: the duration is within the identity's `maxGrantDuration`;
 //! - `command-filed-by-gateway`: a grant bound to one command (`spec.command`) is created only
-//!   by the identity's own service account, i.e. its sidecar, which holds the command;
+//!   by the identity's own service account, i.e. its sidecar, which holds the command, or by a
+//!   gateway that RBAC allows the custom verb `hold` on accessgrants (a sidecar serving
+//!   identities by token runs as a service account of its own);
 //! - `scope-fits-target`: the scope limits access only with settings its Target's protocol
 //!   reads (`tables`, `kubernetes` or `ssh`), never with another's it would ignore;
 //! - `no-self-approval`: the identity, its service account, any agent, and the requester
@@ -174,6 +176,17 @@ async fn may_approve(
     if listed {
         return Ok(true);
     }
+    rbac_allows(ctx, user, "approve", ns, grant).await
+}
+
+/// Whether RBAC lets `user` use `verb` on AccessGrant `grant` in `ns` (a SubjectAccessReview).
+async fn rbac_allows(
+    ctx: &WebhookContext,
+    user: &UserRef,
+    verb: &str,
+    ns: &str,
+    grant: &str,
+) -> Result<bool, String> {
     let sar = SubjectAccessReview {
         spec: SubjectAccessReviewSpec {
             user: Some(user.username.clone()),
@@ -182,7 +195,7 @@ async fn may_approve(
             resource_attributes: Some(ResourceAttributes {
                 group: Some("agentgate.dev".into()),
                 resource: Some("accessgrants".into()),
-                verb: Some("approve".into()),
+                verb: Some(verb.into()),
                 namespace: Some(ns.to_owned()),
                 name: Some(grant.to_owned()),
                 ..Default::default()
@@ -319,12 +332,24 @@ pub async fn validate(
             // the sidecar files it as the identity's service account. From anyone else the
             // text an approver reads need not be the command the fingerprint lets through.
             let own_sa = sa_name(&ns, id);
-            if grant.spec.command.is_some() && own_sa.as_deref() != Some(user.username.as_str()) {
+            let gateway = match &grant.spec.command {
+                None => true,
+                Some(_) if own_sa.as_deref() == Some(user.username.as_str()) => true,
+                // A sidecar serving identities by token runs as a service account of its
+                // own: RBAC's custom verb `hold` on accessgrants says it is a gateway.
+                Some(_) => match rbac_allows(ctx, &user, "hold", &ns, &req.name).await {
+                    Ok(allowed) => allowed,
+                    Err(e) => {
+                        return deny(req, "command-filed-by-gateway", e);
+                    }
+                },
+            };
+            if !gateway {
                 return deny(
                     req,
                     "command-filed-by-gateway",
                     format!(
-                        "command grants are filed by the gateway: spec.command is set only by the sidecar of AgentIdentity {}{} when a guardrail holds a command, and {} is not it; request access without spec.command (operations in spec.scope)",
+                        "command grants are filed by the gateway: spec.command is set only by the sidecar of AgentIdentity {}{}, or a gateway RBAC allows the verb `hold` on accessgrants, when a guardrail holds a command; {} is neither: request access without spec.command (operations in spec.scope)",
                         grant.spec.identity,
                         own_sa
                             .as_deref()

@@ -1127,7 +1127,7 @@ impl Connection {
             ),
             Err(e) => (
                 format!(
-                    "agentgate: {} and the request for approval could not be filed ({e}); ask an approver for an AccessGrant bound to fingerprint {}",
+                    "agentgate: {} and the request for approval could not be filed ({e}); send the request again once it can be (requests bound to one command, fingerprint {}, are filed by the gateway)",
                     decision.message,
                     cmd.fingerprint.get()
                 ),

@@ -1815,7 +1815,7 @@ fn held_refusal(
         }
         Some(Err(e)) => {
             err.hint = Some(format!(
-                "agentgate could not file the approval request ({e}); ask an approver to create an AccessGrant bound to this command"
+                "agentgate could not file the approval request ({e}); run the statement again once it can be (requests bound to one command are filed by the gateway)"
             ));
         }
         None => {}

@@ -498,7 +498,7 @@ impl Ctx {
                         return (msg, Some(f.name));
                     }
                     Err(e) => format!(
-                        "agentgate: {} and the request for approval could not be filed ({e}); ask an approver for an AccessGrant bound to fingerprint {}",
+                        "agentgate: {} and the request for approval could not be filed ({e}); run the command again once it can be (requests bound to one command, fingerprint {}, are filed by the gateway)",
                         decision.message,
                         cmd.fingerprint.get()
                     ),
