@@ -282,5 +282,43 @@ spec:
             "{name}: the token leaked into the message"
         );
     }
+
+    // A session begun with a token ends its access when the identity no longer names the
+    // token's subject: the next statement on the open connection is refused, with why.
+    let (db, conn) = tokio_postgres::connect(
+        &format!("host=127.0.0.1 port={port} dbname=db user=robot password={ext} sslmode=disable"),
+        tokio_postgres::NoTls,
+    )
+    .await?;
+    tokio::spawn(conn);
+    assert_eq!(db.query_one("SELECT 7", &[]).await?.get::<_, i32>(0), 7);
+    let file = policy.path().join("p.yaml");
+    let text = std::fs::read_to_string(&file)?;
+    std::fs::write(
+        &file,
+        text.replace(
+            r#"subject: "system:serviceaccount:default:robot""#,
+            r#"subject: "system:serviceaccount:default:other""#,
+        ),
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let refused = loop {
+        match db.query_one("SELECT 7", &[]).await {
+            Err(e) => {
+                break e
+                    .as_db_error()
+                    .map(|d| d.message().to_owned())
+                    .unwrap_or_default();
+            }
+            Ok(_) => {
+                anyhow::ensure!(Instant::now() < deadline, "the session went on");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    assert!(
+        refused.contains("this session's token no longer maps to AgentIdentity external-robot"),
+        "{refused}"
+    );
     Ok(())
 }

@@ -109,6 +109,8 @@ pub struct Verified {
     pub issuer: String,
     /// Its subject.
     pub subject: String,
+    /// The verified claims, to map them again when the policy changes.
+    pub claims: Arc<serde_json::Value>,
 }
 
 struct Keys {
@@ -244,6 +246,27 @@ impl Verifier {
     /// they are gone. A review that cannot be made refuses the token.
     pub fn review_with(&self, client: kube::Client) {
         let _ = self.reviewer.set(client);
+    }
+
+    /// Whether what `verified` was mapped from still maps to the same AgentIdentity under
+    /// `snapshot`: a session that began with a token ends its access when the identity's
+    /// `authentication` no longer names the token's subject (or names it twice). The token's
+    /// times are not checked again: a session outlives its token, as a database session
+    /// outlives its password.
+    pub fn still_maps(&self, verified: &Verified, snapshot: &Snapshot) -> Result<(), String> {
+        match map_claims(
+            &verified.claims,
+            verified.issuer.clone(),
+            self.sa_issuer.as_deref(),
+            snapshot,
+        ) {
+            Ok(v) if v.identity == verified.identity => Ok(()),
+            Ok(v) => Err(format!(
+                "subject {} of issuer {} now maps to AgentIdentity {}, not {}",
+                verified.subject, verified.issuer, v.identity, verified.identity
+            )),
+            Err(e) => Err(e.to_string()),
+        }
     }
 
     /// The API server's word on a service-account token of `subject` (see [`Self::review_with`]).
@@ -711,6 +734,16 @@ fn check_claims(
     if time("nbf")?.is_some_and(|nbf| nbf - LEEWAY_SECONDS > now) {
         return Err(IdentityError::Invalid("the token is not valid yet".into()));
     }
+    map_claims(claims, issuer, sa_issuer, snapshot)
+}
+
+/// Maps verified claims to exactly one AgentIdentity of `snapshot` (their times aside).
+fn map_claims(
+    claims: &serde_json::Value,
+    issuer: String,
+    sa_issuer: Option<&str>,
+    snapshot: &Snapshot,
+) -> Result<Verified, IdentityError> {
     let subject = claims["sub"].as_str().unwrap_or_default().to_owned();
     let audiences: Vec<String> = match &claims["aud"] {
         serde_json::Value::String(s) => vec![s.clone()],
@@ -762,6 +795,7 @@ fn check_claims(
             identity: one.metadata.name.clone().unwrap_or_default(),
             issuer,
             subject,
+            claims: Arc::new(claims.clone()),
         }),
         [] => Err(IdentityError::NoIdentity { subject, issuer }),
         many => Err(IdentityError::Ambiguous {

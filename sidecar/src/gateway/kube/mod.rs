@@ -344,6 +344,28 @@ fn dropped_header(name: &HeaderName) -> bool {
     )
 }
 
+/// A `Sec-WebSocket-Protocol` value without the subprotocols that carry a credential
+/// (`base64url.bearer.authorization.k8s.io.<token>`); `None` when nothing else is left or
+/// the value is not text.
+fn without_bearer_protocols(v: &HeaderValue) -> Option<HeaderValue> {
+    let kept: Vec<&str> = v
+        .to_str()
+        .ok()?
+        .split(',')
+        .map(str::trim)
+        .filter(|p| {
+            !p.is_empty()
+                && !p
+                    .to_ascii_lowercase()
+                    .starts_with("base64url.bearer.authorization.k8s.io")
+        })
+        .collect();
+    if kept.is_empty() {
+        return None;
+    }
+    HeaderValue::from_str(&kept.join(", ")).ok()
+}
+
 /// Whether a request's body is YAML (`application/yaml`, `application/apply-patch+yaml`).
 fn is_yaml(h: &HeaderMap) -> bool {
     h.get(header::CONTENT_TYPE)
@@ -776,8 +798,8 @@ impl Connection {
         } else {
             policy::decide(Some(&snapshot), &identity, &target, &cmd, now)
         };
-        // The pod must be the identity it serves.
-        if decision.verdict == Verdict::Allow
+        // The pod must be the identity it serves, before anything runs or is filed for it.
+        if decision.verdict != Verdict::Refuse
             && let Some(pod_user) = &core.pod_user
             && let Err(why) = crate::identity::pod::check(pod_user, &snapshot, &identity)
         {
@@ -934,6 +956,14 @@ impl Connection {
         let mut headers = HeaderMap::new();
         for (k, v) in &parts.headers {
             if !dropped_header(k) && k != header::ACCEPT && (upgrade || k != header::UPGRADE) {
+                if *k == header::SEC_WEBSOCKET_PROTOCOL {
+                    // A WebSocket client may carry a bearer token as a subprotocol: the
+                    // agent's credentials never pass.
+                    if let Some(v) = without_bearer_protocols(v) {
+                        headers.append(k.clone(), v);
+                    }
+                    continue;
+                }
                 headers.append(k.clone(), v.clone());
             }
         }
@@ -1449,7 +1479,22 @@ fn decide_as_pod(
 
 #[cfg(test)]
 mod tests {
-    use super::{kubeconfig, yaml_as_json};
+    use super::{kubeconfig, without_bearer_protocols, yaml_as_json};
+
+    #[test]
+    fn a_bearer_token_carried_as_a_websocket_subprotocol_never_passes() {
+        let v = |s: &str| {
+            without_bearer_protocols(&hyper::header::HeaderValue::from_str(s).unwrap())
+                .map(|h| h.to_str().unwrap().to_owned())
+        };
+        assert_eq!(
+            v("v5.channel.k8s.io, base64url.bearer.authorization.k8s.io.ZXlK, v4.channel.k8s.io")
+                .as_deref(),
+            Some("v5.channel.k8s.io, v4.channel.k8s.io")
+        );
+        assert_eq!(v("Base64URL.Bearer.Authorization.K8s.io.ZXlK"), None);
+        assert_eq!(v("channel.k8s.io").as_deref(), Some("channel.k8s.io"));
+    }
 
     #[test]
     fn yaml_bodies_become_json_and_tags_are_refused() {

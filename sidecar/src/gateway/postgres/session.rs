@@ -255,6 +255,8 @@ pub async fn handle(sock: AgentStream, gw: Arc<Gateway>) -> Result<(), FrameErro
     // Who the connection's sessions are: with tokens the issuer and subject as well as the
     // AgentIdentity they map to. A server connection is only ever reused for the same.
     let mut principal = None;
+    // The token the session began with, mapped again when the policy changes.
+    let mut token_mapped: Option<crate::identity::Verified> = None;
     let identity = match (&gw.verifier, &gw.identity) {
         (Some(verifier), _) => {
             // The agent's password is its token.
@@ -279,7 +281,9 @@ pub async fn handle(sock: AgentStream, gw: Arc<Gateway>) -> Result<(), FrameErro
                 Ok(v) => {
                     tracing::info!(identity = %v.identity, issuer = %v.issuer, subject = %v.subject, "token verified");
                     principal = Some(format!("{}\n{}\n{}", v.identity, v.issuer, v.subject));
-                    v.identity
+                    let identity = v.identity.clone();
+                    token_mapped = Some(v);
+                    identity
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "token refused");
@@ -561,7 +565,7 @@ pub async fn handle(sock: AgentStream, gw: Arc<Gateway>) -> Result<(), FrameErro
     );
     let reader = reader(
         &gw,
-        &identity,
+        (&identity, token_mapped.as_ref()),
         &database,
         r,
         uw,
@@ -2064,7 +2068,7 @@ type UpstreamWrite = tokio::io::WriteHalf<Box<dyn upstream::Stream>>;
 #[allow(clippy::too_many_arguments)]
 async fn reader(
     gw: &Gateway,
-    identity: &str,
+    identity: (&str, Option<&crate::identity::Verified>),
     target: &str,
     agent: BufReader<tokio::io::ReadHalf<AgentStream>>,
     up: UpstreamWrite,
@@ -2094,7 +2098,7 @@ async fn reader(
 #[allow(clippy::too_many_arguments)]
 async fn read_agent(
     gw: &Gateway,
-    identity: &str,
+    (identity, token): (&str, Option<&crate::identity::Verified>),
     target: &str,
     mut agent: BufReader<tokio::io::ReadHalf<AgentStream>>,
     mut up: &mut BufWriter<UpstreamWrite>,
@@ -2162,8 +2166,38 @@ async fn read_agent(
             Err(_) => d,
         }
     };
+    // A session begun with a token: does it still map to the identity? Asked once per
+    // policy snapshot.
+    let mapped: std::sync::Mutex<Option<(Arc<policy::Snapshot>, Result<(), String>)>> =
+        Default::default();
+    let still_mapped = |snapshot: &Arc<policy::Snapshot>| -> Result<(), String> {
+        let (Some(v), Some(verifier)) = (token, gw.verifier.as_ref()) else {
+            return Ok(());
+        };
+        let mut memo = mapped.lock().unwrap_or_else(|p| p.into_inner());
+        match &*memo {
+            Some((seen, r)) if Arc::ptr_eq(seen, snapshot) => r.clone(),
+            _ => {
+                let r = verifier.still_maps(v, snapshot);
+                *memo = Some((snapshot.clone(), r.clone()));
+                r
+            }
+        }
+    };
     let decide = |c: &Classified| {
         let snapshot = gw.policy.get();
+        if let Some(s) = &snapshot
+            && let Err(why) = still_mapped(s)
+        {
+            return Decision {
+                verdict: Verdict::Refuse,
+                rule: "identity-changed".into(),
+                grant: None,
+                message: format!(
+                    "agentgate: this session's token no longer maps to AgentIdentity {identity} ({why}); connect again"
+                ),
+            };
+        }
         let mut d = policy::decide(
             snapshot.as_deref(),
             identity,

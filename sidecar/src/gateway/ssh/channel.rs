@@ -225,7 +225,25 @@ impl Ctx {
             cmd,
             crate::clock::now(),
         );
-        if d.verdict == Verdict::Allow
+        // A session begun with a token: it must still map to the identity.
+        if let (Some(v), Some(verifier), Some(s)) = (
+            &self.agent.token,
+            self.gw.core.verifier.as_ref(),
+            snapshot.as_deref(),
+        ) && let Err(why) = verifier.still_maps(v, s)
+        {
+            return Decision {
+                verdict: Verdict::Refuse,
+                rule: "identity-changed".into(),
+                grant: None,
+                message: format!(
+                    "agentgate: this session's token no longer maps to AgentIdentity {} ({why}); connect again",
+                    self.agent.identity
+                ),
+            };
+        }
+        // The pod must be the identity it serves, before anything runs or is filed for it.
+        if d.verdict != Verdict::Refuse
             && let Some(pod_user) = &self.gw.core.pod_user
             && let Some(s) = &snapshot
             && let Err(why) = crate::identity::pod::check(pod_user, s, &self.agent.identity)

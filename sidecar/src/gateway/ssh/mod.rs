@@ -309,6 +309,9 @@ pub struct Agent {
     pub user: String,
     /// The agent's address and client version.
     pub client: String,
+    /// The token it authenticated with, mapped again when the policy changes (none for the
+    /// pod's key).
+    pub token: Option<crate::identity::Verified>,
 }
 
 /// One agent connection.
@@ -325,11 +328,17 @@ impl Conn {
         refusal_record(&self.gw.core, identity, "", &self.peer.to_string(), why);
     }
 
-    fn authenticated(&mut self, identity: String, user: &str) -> Auth {
+    fn authenticated(
+        &mut self,
+        identity: String,
+        token: Option<crate::identity::Verified>,
+        user: &str,
+    ) -> Auth {
         self.agent = Some(Agent {
             identity,
             user: user.to_owned(),
             client: self.peer.to_string(),
+            token,
         });
         Auth::Accept
     }
@@ -395,7 +404,7 @@ impl server::Handler for Conn {
                 if key.public_key.key_data() == self.gw.agent_key.public_key().key_data() =>
             {
                 let identity = identity.clone();
-                Ok(self.authenticated(identity, user))
+                Ok(self.authenticated(identity, None, user))
             }
             _ => {
                 self.refusal(None, "an SSH key that is not the pod's agent key");
@@ -416,7 +425,7 @@ impl server::Handler for Conn {
             return Ok(Self::reject());
         };
         match verifier.verify(password, &snapshot).await {
-            Ok(v) => Ok(self.authenticated(v.identity, user)),
+            Ok(v) => Ok(self.authenticated(v.identity.clone(), Some(v), user)),
             Err(e) => {
                 self.refusal(None, &format!("agentgate refuses the token: {e}"));
                 Ok(Self::reject())
