@@ -2094,6 +2094,9 @@ async fn reader(
     r.map(|_| ())
 }
 
+/// Whether a token-begun session still mapped to its identity, under one policy snapshot.
+type MappedIn = (Arc<policy::Snapshot>, Result<(), String>);
+
 /// The reader's loop: `Ok(true)` when the agent sent Terminate with nothing left open.
 #[allow(clippy::too_many_arguments)]
 async fn read_agent(
@@ -2168,8 +2171,7 @@ async fn read_agent(
     };
     // A session begun with a token: does it still map to the identity? Asked once per
     // policy snapshot.
-    let mapped: std::sync::Mutex<Option<(Arc<policy::Snapshot>, Result<(), String>)>> =
-        Default::default();
+    let mapped: std::sync::Mutex<Option<MappedIn>> = Default::default();
     let still_mapped = |snapshot: &Arc<policy::Snapshot>| -> Result<(), String> {
         let (Some(v), Some(verifier)) = (token, gw.verifier.as_ref()) else {
             return Ok(());
