@@ -554,6 +554,40 @@ async fn the_chart_installs_upgrades_and_its_rbac_is_all_the_operator_needs() ->
             .contains("may write only its own AgentSessions"),
         "{e}"
     );
+    // A pod that runs as an AgentIdentity's service account without the sidecar (no
+    // opt-in label, so no webhook sees it) is refused by the chart's other policy; a pod of
+    // another service account is not its concern.
+    let pods = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), "agents");
+    let plain = |name: &str, sa: &str| -> anyhow::Result<k8s_openapi::api::core::v1::Pod> {
+        Ok(serde_json::from_value(json!({
+            "metadata": { "name": name },
+            "spec": { "serviceAccountName": sa,
+                "securityContext": { "runAsNonRoot": true, "seccompProfile": { "type": "RuntimeDefault" } },
+                "containers": [ { "name": "c", "image": "registry.example/tool:1",
+                    "securityContext": { "allowPrivilegeEscalation": false, "capabilities": { "drop": ["ALL"] } } } ] } }))?)
+    };
+    let e = pods
+        .create(
+            &PostParams::default(),
+            &plain("no-sidecar", "claude-orders")?,
+        )
+        .await
+        .expect_err("a pod as the identity's service account without the sidecar");
+    assert!(
+        e.to_string().contains(
+            "this pod runs as service account claude-orders, the credential of AgentIdentity claude-orders's sidecar, without the sidecar"
+        ),
+        "{e}"
+    );
+    Api::<ServiceAccount>::namespaced(client.clone(), "agents")
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({ "metadata": { "name": "tool" } }))?,
+        )
+        .await?;
+    pods.create(&PostParams::default(), &plain("other-tool", "tool")?)
+        .await
+        .map_err(|e| anyhow::anyhow!("a pod of another service account was refused: {e}"))?;
     let built = kube
         .kubectl()
         .args(["kustomize"])
