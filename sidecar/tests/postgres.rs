@@ -762,6 +762,32 @@ async fn psql_through_the_gateway() -> anyhow::Result<()> {
         .trim(),
         "1"
     );
+    // A message refused in the middle of an extended-protocol batch fails the batch where
+    // it stands, as the server fails it at a statement it cannot run: what was forwarded
+    // before it (an allowed INSERT) is rolled back with the implicit transaction.
+    let out = text(raw(
+        gw.port,
+        &[
+            startup("claude", "orders-db"),
+            message(b'P', b"\0INSERT INTO orders VALUES (4720, 'new', 1)\0\0\0"),
+            message(b'B', b"\0\0\0\0\0\0\0\0"),
+            message(b'E', b"\0\0\0\0\0"),
+            message(b'P', b"\0SELEC broken\0\0\0"),
+            message(b'S', b""),
+            message(b'X', b""),
+        ]
+        .concat(),
+    ));
+    assert!(
+        out.contains("agentgate refuses what it cannot parse"),
+        "{out:?}"
+    );
+    assert!(!out.contains("agentgate-refused"), "{out:?}");
+    assert_eq!(
+        pg.psql_run("app", "SELECT count(*) FROM orders WHERE id = 4720")?
+            .trim(),
+        "0"
+    );
     // A statement the parser stops at tells the agent where; the record keeps no token of
     // it (it may be a literal: a password).
     let e = gw.err("ALTER ROLE app PASSWORD 'old' 'N3wSecret'");

@@ -722,7 +722,15 @@ struct Batch {
     copy_from: bool,
     /// Why the gateway ended the batch's COPY (its CopyFail): the server's error says it.
     copy_failed: Option<String>,
+    /// The gateway refused a message of this batch and ended it with an Execute of
+    /// [`REFUSED_PORTAL`]: the server's error for that Execute is the gateway's to drop.
+    refused: bool,
 }
+
+/// A portal name no client can have bound (it begins with a control byte): an Execute of it
+/// makes the server fail the batch where the gateway refused a message, so what was
+/// forwarded before it is rolled back as PostgreSQL would roll it back.
+const REFUSED_PORTAL: &str = "\u{1}agentgate-refused";
 
 impl Batch {
     /// The outcome being counted: the current Execute's, else the simple query's.
@@ -986,7 +994,11 @@ async fn writer(
             biased;
             ev = rx.recv(), if !done => match ev {
                 Some(Event::ExpectUpstream) => queue.push_back(Pending::Upstream { swallow_ready: false, batch: Box::new(std::mem::take(&mut open)) }),
-                Some(Event::ExpectUpstreamSwallowReady) => queue.push_back(Pending::Upstream { swallow_ready: true, batch: Box::new(std::mem::take(&mut open)) }),
+                Some(Event::ExpectUpstreamSwallowReady) => {
+                    let mut batch = Box::new(std::mem::take(&mut open));
+                    batch.refused = true;
+                    queue.push_back(Pending::Upstream { swallow_ready: true, batch });
+                }
                 Some(Event::ExpectQuery(rule, tally, path_change, ddl, copy_from)) => {
                     let mut batch = Box::new(std::mem::take(&mut open));
                     batch.copy_from = copy_from;
@@ -1188,6 +1200,15 @@ async fn writer(
                     b'E' => {
                         let batch = answering(&mut queue, &mut open);
                         batch.failed = true;
+                        // The failure the gateway asked for, where it refused a message: the
+                        // agent hears the gateway's own reason instead.
+                        if batch.refused
+                            && ErrorFields::decode(&frame).is_ok_and(|e| {
+                                e.code == "34000" && e.message.contains(REFUSED_PORTAL)
+                            })
+                        {
+                            continue;
+                        }
                         // The statement agentgate canceled: the agent is told why, and so is
                         // the record.
                         // (The gateway's own words are not masked: they quote no value.)
@@ -1837,8 +1858,21 @@ async fn refuse_in_batch(
     err: ErrorFields,
 ) -> Result<(), FrameError> {
     if in_batch {
+        // What was forwarded of the batch must not take effect without the rest: the server
+        // is made to fail the batch here (as it would have failed at a statement it could
+        // not run), so an implicit transaction rolls back and an explicit one is aborted.
         tx.send(Event::ExpectUpstreamSwallowReady).await.ok();
-        write_frames(up, &[frontend::encode(&Frontend::Sync)]).await?;
+        write_frames(
+            up,
+            &[
+                frontend::encode(&Frontend::Execute {
+                    portal: REFUSED_PORTAL.to_owned(),
+                    max_rows: 0,
+                }),
+                frontend::encode(&Frontend::Sync),
+            ],
+        )
+        .await?;
     }
     // What was forwarded but not yet flushed must reach the server, or its answers (which
     // this refusal is queued behind) never come.
