@@ -783,6 +783,25 @@ async fn psql_through_the_gateway() -> anyhow::Result<()> {
         "{out:?}"
     );
     assert!(!out.contains("agentgate-refused"), "{out:?}");
+    // The portal name the gateway fails batches with is never the agent's to bind (or an
+    // Execute of it would run the agent's portal unchecked).
+    let out2 = text(raw(
+        gw.port,
+        &[
+            startup("claude", "orders-db"),
+            message(b'P', b"s9\0SELECT email FROM customers\0\0\0"),
+            message(b'B', b"\x01agentgate-refused\0s9\0\0\0\0\0\0\0"),
+            message(b'E', b"nope\0\0\0\0\0"),
+            message(b'S', b""),
+            message(b'X', b""),
+        ]
+        .concat(),
+    ));
+    assert!(
+        out2.contains("agentgate reserves portal names that begin with the byte 0x01"),
+        "{out2:?}"
+    );
+    assert!(!out2.contains("ada@example.com"), "{out2:?}");
     assert_eq!(
         pg.psql_run("app", "SELECT count(*) FROM orders WHERE id = 4720")?
             .trim(),

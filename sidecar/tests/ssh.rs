@@ -290,6 +290,35 @@ fn exec_through_the_gateway_checked_masked_and_recorded() -> anyhow::Result<()> 
     }
     let all = std::fs::read_to_string(&s.audit)?;
     assert!(!all.contains(EMAIL), "an unmasked value was recorded");
+    // Output is recorded as it passed, whole: line ends and tabs kept (a replay needs
+    // them), long output in several records rather than cut.
+    let cmd = "printf 'a\\tb\\nc\\n'; head -c 40000 /dev/zero | tr '\\0' x";
+    let out = s.ssh(&["web", cmd], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let session = s.request(cmd)["session"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let recorded = loop {
+        let text: String = s
+            .records()
+            .into_iter()
+            .filter(|r| r["session"] == session.as_str() && r["io"]["stream"] == "o")
+            .filter_map(|r| r["io"]["data"].as_str().map(str::to_owned))
+            .collect();
+        if text.matches('x').count() >= 40000 || Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        recorded.starts_with("a\tb\nc\n"),
+        "{:?}",
+        &recorded[..recorded.len().min(40)]
+    );
+    assert_eq!(recorded.matches('x').count(), 40000);
     Ok(())
 }
 

@@ -727,7 +727,8 @@ struct Batch {
     refused: bool,
 }
 
-/// A portal name no client can have bound (it begins with a control byte): an Execute of it
+/// A portal name no client can bind (the gateway refuses a Bind of any name that begins
+/// with the byte 0x01): an Execute of it
 /// makes the server fail the batch where the gateway refused a message, so what was
 /// forwarded before it is rolled back as PostgreSQL would roll it back.
 const REFUSED_PORTAL: &str = "\u{1}agentgate-refused";
@@ -2667,12 +2668,18 @@ async fn read_agent(
                 ref statement,
                 ..
             } => {
-                if !portal.is_empty() && !used_portals.insert(portal.clone()) {
+                // (A name beginning with \x01 is the gateway's: see [`REFUSED_PORTAL`].)
+                let reserved = portal.starts_with('\u{1}');
+                if reserved || (!portal.is_empty() && !used_portals.insert(portal.clone())) {
                     let err = ErrorFields::error(
                         "42P03",
-                        format!(
-                            "agentgate: portal \"{portal}\" was already used in this session; bind under a new name"
-                        ),
+                        if reserved {
+                            "agentgate reserves portal names that begin with the byte 0x01; bind under another name".to_owned()
+                        } else {
+                            format!(
+                                "agentgate: portal \"{portal}\" was already used in this session; bind under a new name"
+                            )
+                        },
                     );
                     refuse_in_batch(up, tx, in_batch, err).await?;
                     skip_until_sync = true;

@@ -282,8 +282,14 @@ impl Ctx {
         Ok(id)
     }
 
+    /// A command as records and approvers see it: masked, control characters replaced,
+    /// whole (the parser refuses commands longer than [`super::command::MAX_LEN`]).
     fn masked_text(&self, text: &str) -> String {
-        let text = agent_text(text, 4096);
+        let text = agent_text(text, super::command::MAX_LEN);
+        self.masked(text)
+    }
+
+    fn masked(&self, text: String) -> String {
         match self.masks.mask(None, &text).0 {
             crate::mask::Masked::Clear => text,
             crate::mask::Masked::Text(t) => t,
@@ -308,17 +314,23 @@ impl Ctx {
         }
     }
 
+    /// Records terminal input or output as it passed: masked, control characters kept (a
+    /// replay needs the terminal's own sequences; records are JSON, and `show` escapes
+    /// them), in records of at most [`IO_RECORD_MAX`] bytes, so nothing is cut.
     fn io(&self, stream: &str, data: &[u8]) {
         if data.is_empty() {
             return;
         }
-        let mut r = self.rec.base(RecordKind::Io);
-        r.io = Some(IoChunk {
-            stream: stream.to_owned(),
-            data: self.masked_text(&String::from_utf8_lossy(data)),
-        });
-        if let Err(e) = self.rec.emit(r) {
-            tracing::error!(session = self.rec.id(), error = %e, "terminal I/O could not be recorded");
+        let text = self.masked(String::from_utf8_lossy(data).into_owned());
+        for piece in pieces(&text, IO_RECORD_MAX) {
+            let mut r = self.rec.base(RecordKind::Io);
+            r.io = Some(IoChunk {
+                stream: stream.to_owned(),
+                data: piece.to_owned(),
+            });
+            if let Err(e) = self.rec.emit(r) {
+                tracing::error!(session = self.rec.id(), error = %e, "terminal I/O could not be recorded");
+            }
         }
     }
 
@@ -545,6 +557,26 @@ impl Ctx {
 
 /// The longest command an approver is shown whole (records keep 4096 characters).
 const MAX_APPROVABLE: usize = 4000;
+
+/// The most text one I/O record holds; longer input or output takes several.
+const IO_RECORD_MAX: usize = 16 << 10;
+
+/// `text` in consecutive pieces of at most `max` bytes, cut at character boundaries.
+fn pieces(text: &str, max: usize) -> impl Iterator<Item = &str> {
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut cut = rest.len().min(max.max(4));
+        while !rest.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let (head, tail) = rest.split_at(cut);
+        rest = tail;
+        Some(head)
+    })
+}
 
 /// A hold of a command too long to be shown whole to an approver becomes a refusal: a grant
 /// bound to its fingerprint would approve what nobody read.
