@@ -139,6 +139,13 @@ fn chain_findings(chain: &ChainCheck) -> ((&'static str, String), (&'static str,
             ),
         );
     }
+    if records == 0 {
+        let why = "the trail read holds no records: nothing shows that records were kept (check --from, --postgres and the filters)";
+        return (
+            ("not-satisfied", format!("not satisfied: {why}")),
+            ("not-satisfied", format!("not satisfied: {why}")),
+        );
+    }
     if !chain.pinned {
         return (
             (

@@ -241,6 +241,15 @@ fn a_session_is_recorded_verified_shown_and_exported() {
     );
     // Valid against NIST's published OSCAL JSON schema.
     testenv::oscal_validate(&oscal).unwrap();
+    // A trail with no records proves nothing was kept.
+    let empty = s.env.dir().join("empty-trail");
+    std::fs::create_dir_all(&empty).unwrap();
+    let (state, summary) = export_state(
+        &["--from", empty.to_str().unwrap(), "--key", &s.key()],
+        "au-9",
+    );
+    assert_eq!(state, "not-satisfied", "{summary}");
+    assert!(summary.contains("holds no records"), "{summary}");
     sidecar.stop(Duration::from_secs(5));
 }
 

@@ -166,8 +166,11 @@ pub fn evaluate(
     }
 
     let deadline = pending_deadline(grant, now);
-    // A decision made after the request expired decides nothing: the request is expired.
-    if let Some(d) = &spec.decision {
+    // An approval made after the request expired approves nothing: the request is expired.
+    // (A late denial ends it all the same; it is left Denied.)
+    if let Some(d) = &spec.decision
+        && d.verdict == Verdict::Approve
+    {
         let decided = ts(&d.decided_at).or(ts(&old.approved_at)).unwrap_or(now);
         if decided >= deadline {
             let msg = format!(
@@ -433,10 +436,10 @@ mod tests {
         }
         let e = evaluate(&g, Some(&id), t("2026-11-22T11:30:00Z"));
         assert_eq!(e.status.phase, Some(GrantPhase::Expired));
-        // A late denial is an expiry too: either way nothing runs.
+        // A late denial stays a denial: either way nothing runs.
         let g = decided(Verdict::Deny, "2026-11-22T11:10:00Z");
         let e = evaluate(&g, Some(&id), t("2026-11-22T11:10:00Z"));
-        assert_eq!(e.status.phase, Some(GrantPhase::Expired));
+        assert_eq!(e.status.phase, Some(GrantPhase::Denied));
         // A TTL too large to add to a time does not panic.
         let mut g = grant();
         g.spec.pending_ttl = "9999999999999h".into();

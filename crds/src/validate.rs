@@ -67,6 +67,13 @@ impl Validate for AgentIdentitySpec {
                 o.subject.is_none() && o.claims.is_empty(),
                 "oidc needs a subject or at least one claim: otherwise every token of the issuer would match",
             );
+            // The schema's own bounds (minLength 1), which a folder is not checked against.
+            rule(
+                &mut out,
+                o.subject.as_deref() == Some("")
+                    || o.claims.iter().any(|(k, v)| k.is_empty() || v.is_empty()),
+                "oidc.subject and oidc.claims must not be empty",
+            );
         }
         rule(
             &mut out,
@@ -388,6 +395,15 @@ mod tests {
             );
             covered.insert((*message).to_owned());
         }
+        let empty = problems(&format!(
+            "{ID}authentication: {{oidc: {{issuer: 'https://idp', audience: x, subject: ''}}}}}}"
+        ));
+        assert!(
+            empty
+                .iter()
+                .any(|m| m == "oidc.subject and oidc.claims must not be empty"),
+            "{empty:?}"
+        );
         let missing: Vec<_> = crd_messages().difference(&covered).cloned().collect();
         assert!(
             missing.is_empty(),

@@ -275,6 +275,7 @@ impl Verifier {
         token: &str,
         digest: &[u8; 32],
         subject: &str,
+        audiences: &[String],
     ) -> Result<(), IdentityError> {
         let Some(client) = self.reviewer.get() else {
             return Ok(());
@@ -285,7 +286,7 @@ impl Verifier {
         {
             return Ok(());
         }
-        let user = pod::review(client, token)
+        let user = pod::review_for(client, token, audiences)
             .await
             .map_err(IdentityError::Revoked)?;
         if user != subject {
@@ -596,14 +597,18 @@ impl Verifier {
         };
         let issuer = claims["iss"].as_str().unwrap_or_default().to_owned();
         let verified = check_claims(&claims, issuer, self.sa_issuer.as_deref(), snapshot)?;
-        // A token of the cluster for agentgate: the API server must still accept it.
-        let for_agentgate = match &claims["aud"] {
-            serde_json::Value::String(a) => a == AUDIENCE,
-            serde_json::Value::Array(a) => a.iter().any(|x| x.as_str() == Some(AUDIENCE)),
-            _ => false,
-        };
-        if for_agentgate && self.sa_issuer.as_deref() == Some(verified.issuer.as_str()) {
-            self.reviewed(token, &digest, &verified.subject).await?;
+        // A token of the cluster: the API server must still accept it (for its audiences).
+        if self.sa_issuer.as_deref() == Some(verified.issuer.as_str()) {
+            let audiences: Vec<String> = match &claims["aud"] {
+                serde_json::Value::String(a) => vec![a.clone()],
+                serde_json::Value::Array(a) => a
+                    .iter()
+                    .filter_map(|x| x.as_str().map(str::to_owned))
+                    .collect(),
+                _ => Vec::new(),
+            };
+            self.reviewed(token, &digest, &verified.subject, &audiences)
+                .await?;
         }
         if let Some(fresh) = fresh
             && token.len() <= REMEMBER_UP_TO
@@ -760,7 +765,15 @@ fn map_claims(
             let by_oidc = id.spec.authentication.oidc.as_ref().is_some_and(|o| {
                 // One that names neither a subject nor a claim would match every token of
                 // its issuer (its CRD forbids it; a folder may hold one anyway).
-                (o.subject.is_some() || !o.claims.is_empty())
+                // (An empty subject or claim value names nothing: a token without `sub`
+                // would match it.)
+                let subject_named = o.subject.as_deref().is_some_and(|s| !s.is_empty());
+                let claims_named = !o.claims.is_empty()
+                    && o.claims.iter().all(|(k, v)| !k.is_empty() && !v.is_empty());
+                (subject_named || claims_named)
+                    && (o.subject.is_none() || subject_named)
+                    && (o.claims.is_empty() || claims_named)
+                    && !subject.is_empty()
                     && o.issuer == issuer
                     && audiences.contains(&o.audience)
                     && o.subject.as_ref().is_none_or(|s| *s == subject)

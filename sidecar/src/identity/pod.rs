@@ -12,11 +12,20 @@ use super::AUDIENCE;
 
 /// Asks the API server who `token` belongs to (for audience `agentgate`).
 pub async fn review(client: &kube::Client, token: &str) -> Result<String, String> {
+    review_for(client, token, &[AUDIENCE.to_owned()]).await
+}
+
+/// Asks the API server who `token` belongs to, for one of `audiences`.
+pub async fn review_for(
+    client: &kube::Client,
+    token: &str,
+    audiences: &[String],
+) -> Result<String, String> {
     let api: Api<TokenReview> = Api::all(client.clone());
     let tr = TokenReview {
         spec: TokenReviewSpec {
             token: token.trim().to_owned(),
-            audiences: Some(vec![AUDIENCE.to_owned()]),
+            audiences: Some(audiences.to_vec()),
         },
         ..Default::default()
     };
@@ -36,9 +45,12 @@ pub async fn review(client: &kube::Client, token: &str) -> Result<String, String
     if !status
         .audiences
         .as_ref()
-        .is_some_and(|a| a.iter().any(|x| x == AUDIENCE))
+        .is_some_and(|a| a.iter().any(|x| audiences.contains(x)))
     {
-        return Err(format!("the pod's token is not for audience {AUDIENCE}"));
+        return Err(format!(
+            "the token is not for audience {}",
+            audiences.join(" or ")
+        ));
     }
     status
         .user
