@@ -767,12 +767,11 @@ fn map_claims(
                 // its issuer (its CRD forbids it; a folder may hold one anyway).
                 // (An empty subject or claim value names nothing: a token without `sub`
                 // would match it.)
-                let subject_named = o.subject.as_deref().is_some_and(|s| !s.is_empty());
-                let claims_named = !o.claims.is_empty()
-                    && o.claims.iter().all(|(k, v)| !k.is_empty() && !v.is_empty());
-                (subject_named || claims_named)
-                    && (o.subject.is_none() || subject_named)
-                    && (o.claims.is_empty() || claims_named)
+                let names_someone = match (o.subject.as_deref(), o.claims.is_empty()) {
+                    (Some(""), _) | (None, true) => false,
+                    _ => o.claims.iter().all(|(k, v)| !k.is_empty() && !v.is_empty()),
+                };
+                names_someone
                     && !subject.is_empty()
                     && o.issuer == issuer
                     && audiences.contains(&o.audience)
