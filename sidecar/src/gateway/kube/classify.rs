@@ -485,6 +485,11 @@ pub fn text(info: &RequestInfo, query: &str) -> String {
         if let Some((_, p)) = params.iter().find(|(k, _)| k == "ports") {
             s.push_str(&format!(" (ports {p})"));
         }
+        // A proxy passes its query to the pod or service: it is part of what runs.
+        if info.subresource == "proxy" && !query.is_empty() {
+            s.push_str(" ?");
+            s.push_str(&percent_decode(query));
+        }
     }
     s
 }

@@ -344,6 +344,76 @@ fn dropped_header(name: &HeaderName) -> bool {
     )
 }
 
+/// The longest request text (line, parameters, masked body) a hold may have: an approver is
+/// shown all of it.
+const MAX_APPROVABLE: usize = 16 << 10;
+
+/// What a record and an approver see of a request: its line and the parameters that choose
+/// what it reaches (for an exec its command, for a proxy its query), and for a write its body
+/// as JSON, masked as a response would be (Secret values always; field rules and value
+/// detectors); then the whole masked by the value detectors, control characters replaced.
+/// Without `masks` (a MaskPolicy that cannot be loaded) only the request line.
+fn request_text(
+    info: &request::RequestInfo,
+    query: &str,
+    body: Option<&[u8]>,
+    masks: Option<&MaskSet>,
+) -> String {
+    let Some(masks) = masks else {
+        return format!(
+            "{} (parameters and body not recorded: the MaskPolicy could not be loaded)",
+            agent_text(&info.describe(), 4096)
+        );
+    };
+    let mut text = classify::text(info, query);
+    if let Some(b) = body.filter(|b| !b.is_empty()) {
+        let shown = match serde_json::from_slice::<serde_json::Value>(b) {
+            Ok(mut v) => {
+                if info.resource == "secrets" {
+                    hide_strings(&mut v);
+                }
+                let mut m = mask::Masker {
+                    masks,
+                    reveal_secrets: false,
+                    hint: mask::kind_of(&info.group, &info.resource),
+                    counts: BTreeMap::new(),
+                };
+                m.document(&mut v);
+                v.to_string()
+            }
+            Err(_) => format!("({} bytes, not JSON: not shown)", b.len()),
+        };
+        text.push_str(" body: ");
+        text.push_str(&shown);
+    }
+    let text = agent_text(&text, usize::MAX);
+    match masks.mask(None, &text).0 {
+        crate::mask::Masked::Clear => text,
+        crate::mask::Masked::Text(t) => t,
+        crate::mask::Masked::Null => String::new(),
+    }
+}
+
+/// Replaces every string of a Secret's body but its names and kinds (`metadata`, `kind`,
+/// `apiVersion`, `type`, a patch's `op`, `path` and `from`) with `****`.
+fn hide_strings(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::String(s) => *s = mask::SECRET_REPLACEMENT.to_owned(),
+        serde_json::Value::Array(a) => a.iter_mut().for_each(hide_strings),
+        serde_json::Value::Object(o) => {
+            for (k, x) in o.iter_mut() {
+                if !matches!(
+                    k.as_str(),
+                    "metadata" | "kind" | "apiVersion" | "type" | "op" | "path" | "from"
+                ) {
+                    hide_strings(x);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
 /// A `Sec-WebSocket-Protocol` value without the subprotocols that carry a credential
 /// (`base64url.bearer.authorization.k8s.io.<token>`); `None` when nothing else is left or
 /// the value is not text.
@@ -810,7 +880,28 @@ impl Connection {
                 message: why,
             };
         }
-        let text = agent_text(&classify::text(&info, &query), 4096);
+        // What the record and an approver see: masked as responses are (a MaskPolicy that
+        // cannot be loaded leaves the request line only).
+        let text = request_text(
+            &info,
+            &query,
+            body.as_deref(),
+            gw.mask_set(&snapshot, &identity, &target).ok().as_deref(),
+        );
+        // A hold an approver cannot be shown whole cannot be approved.
+        if decision.verdict == Verdict::Hold && text.len() > MAX_APPROVABLE {
+            decision = Decision {
+                verdict: Verdict::Refuse,
+                rule: decision.rule,
+                grant: None,
+                message: format!(
+                    "{}; and the request, {} bytes as an approver would read it, is longer than the {MAX_APPROVABLE} an approver is shown, so it cannot be approved: split it (several smaller objects or patches)",
+                    decision.message,
+                    text.len()
+                ),
+            };
+        }
+        let text = crate::audit::truncated(text);
         // The record comes first: nothing is forwarded unrecorded.
         let mut r = rec.base(RecordKind::Request);
         r.request = Some(records::Request {
@@ -1479,7 +1570,69 @@ fn decide_as_pod(
 
 #[cfg(test)]
 mod tests {
-    use super::{kubeconfig, without_bearer_protocols, yaml_as_json};
+    use super::{kubeconfig, request_text, without_bearer_protocols, yaml_as_json};
+
+    #[test]
+    fn what_an_approver_reads_shows_the_body_masked() {
+        let p: agentgate_crds::MaskPolicy = serde_json::from_value(serde_json::json!({
+            "apiVersion": "agentgate.dev/v1alpha1", "kind": "MaskPolicy",
+            "metadata": { "name": "pii" },
+            "spec": { "rules": [ { "name": "emails", "detectors": ["Email", "Jwt"], "action": "Redact" } ] }
+        }))
+        .unwrap();
+        let masks = crate::mask::MaskSet::compile(&[&p], &|_| None).unwrap();
+        let text = |method: &str, path: &str, query: &str, body: &str| {
+            let info = super::request::parse(method, path, query).unwrap();
+            request_text(
+                &info,
+                query,
+                (!body.is_empty()).then_some(body.as_bytes()),
+                Some(&masks),
+            )
+        };
+        // A write's body is shown, with what a response would mask masked.
+        let t = text(
+            "POST",
+            "/api/v1/namespaces/default/configmaps",
+            "",
+            r#"{"kind":"ConfigMap","metadata":{"name":"team"},"data":{"owner":"dana@example.com","replicas":"3"}}"#,
+        );
+        assert!(
+            t.starts_with("create configmaps -n default body: ")
+                && t.contains(r#""name":"team""#)
+                && t.contains(r#""replicas":"3""#)
+                && !t.contains("dana@example.com"),
+            "{t}"
+        );
+        // A Secret's values never, in any form of write (a JSON patch too).
+        for body in [
+            r#"{"kind":"Secret","metadata":{"name":"db"},"data":{"password":"czNjcjN0"},"stringData":{"token":"s3cr3t"}}"#,
+            r#"[{"op":"add","path":"/data/password","value":"czNjcjN0"}]"#,
+        ] {
+            let t = text("PATCH", "/api/v1/namespaces/default/secrets/db", "", body);
+            assert!(!t.contains("czNjcjN0") && !t.contains("s3cr3t"), "{t}");
+            assert!(t.contains("****"), "{t}");
+        }
+        // An exec's command is masked too; a proxy's query is shown.
+        let t = text(
+            "POST",
+            "/api/v1/namespaces/default/pods/web/exec",
+            "command=curl&command=-H&command=Authorization:+Bearer+eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl&container=app",
+            "",
+        );
+        assert!(!t.contains("eyJhbGciOiJSUzI1NiJ9"), "{t}");
+        let t = text(
+            "GET",
+            "/api/v1/namespaces/default/services/web:80/proxy/admin",
+            "drop=all",
+            "",
+        );
+        assert!(t.ends_with("?drop=all"), "{t}");
+        // Without the mask set, the request line only.
+        let info =
+            super::request::parse("POST", "/api/v1/namespaces/default/configmaps", "").unwrap();
+        assert!(request_text(&info, "", Some(b"{}"), None).contains("not recorded"));
+    }
 
     #[test]
     fn a_bearer_token_carried_as_a_websocket_subprotocol_never_passes() {
