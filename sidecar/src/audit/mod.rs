@@ -141,6 +141,27 @@ pub fn truncated(mut text: String) -> String {
     text
 }
 
+/// The most text one I/O record holds; longer terminal input or output takes several.
+pub const IO_RECORD_MAX: usize = 16 << 10;
+
+/// `text` in consecutive pieces of at most `max` bytes (at least 4), cut at character
+/// boundaries.
+pub fn pieces(text: &str, max: usize) -> impl Iterator<Item = &str> {
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut cut = rest.len().min(max.max(4));
+        while !rest.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let (head, tail) = rest.split_at(cut);
+        rest = tail;
+        Some(head)
+    })
+}
+
 /// Text the agent chose (a client name, a database name, an error it provoked), as records
 /// keep it: control characters (terminal escapes) replaced, at most `max` characters.
 pub fn agent_text(text: &str, max: usize) -> String {
@@ -867,6 +888,24 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_io_is_split_at_character_boundaries_with_nothing_lost() {
+        let text = format!("{}é{}", "a".repeat(16383), "b".repeat(20000));
+        let parts: Vec<&str> = pieces(&text, IO_RECORD_MAX).collect();
+        assert_eq!(parts.concat(), text);
+        assert!(
+            parts
+                .iter()
+                .all(|p| p.len() <= IO_RECORD_MAX && !p.is_empty())
+        );
+        assert_eq!(
+            parts[0].len(),
+            16383,
+            "the cut moves back to the character boundary"
+        );
+        assert_eq!(pieces("", 10).count(), 0);
+    }
 
     /// Every record in the journal, in order.
     fn journal(dir: &Path) -> Vec<Record> {

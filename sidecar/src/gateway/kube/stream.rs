@@ -273,6 +273,9 @@ struct LineState {
     masker: OwnedMasker,
     guard: OutcomeGuard,
     done: bool,
+    /// For text (logs): the SSH gateway's line masker, which follows a private key's body
+    /// from line to line and reads values through terminal colours.
+    text: crate::gateway::ssh::terminal::OutputMasker,
 }
 
 impl LineState {
@@ -303,10 +306,16 @@ impl LineState {
                 }
             }
             Mode::Text => {
-                let text = String::from_utf8_lossy(line);
-                match m.text_line(&text) {
-                    Some(t) => out.extend_from_slice(t.as_bytes()),
-                    None => out.extend_from_slice(line),
+                if self.masker.masks.has_value_rules() {
+                    let mut whole = line.to_vec();
+                    whole.push(b'\n');
+                    let masked = self.text.feed(&self.masker.masks, &whole);
+                    for (rule, n) in std::mem::take(&mut self.text.masked) {
+                        *m.counts.entry(rule).or_default() += n;
+                    }
+                    out.extend_from_slice(masked.strip_suffix(b"\n").unwrap_or(&masked));
+                } else {
+                    out.extend_from_slice(line);
                 }
                 Ok(())
             }
@@ -339,6 +348,7 @@ pub fn masked_lines(
         masker,
         guard,
         done: false,
+        text: Default::default(),
     };
     let stream = futures::stream::unfold(state, |mut st| async move {
         loop {
@@ -631,13 +641,16 @@ impl Terminal {
             crate::mask::Masked::Text(t) => t,
             crate::mask::Masked::Null => String::new(),
         };
-        let mut r = self.rec.base(agentgate_crds::audit::RecordKind::Io);
-        r.io = Some(agentgate_crds::audit::IoChunk {
-            stream: stream.to_owned(),
-            data,
-        });
-        if let Err(e) = self.rec.emit(r) {
-            tracing::error!(session = self.rec.id(), error = %e, "terminal I/O could not be recorded");
+        // In records of a bounded size, nothing cut.
+        for piece in crate::audit::pieces(&data, crate::audit::IO_RECORD_MAX) {
+            let mut r = self.rec.base(agentgate_crds::audit::RecordKind::Io);
+            r.io = Some(agentgate_crds::audit::IoChunk {
+                stream: stream.to_owned(),
+                data: piece.to_owned(),
+            });
+            if let Err(e) = self.rec.emit(r) {
+                tracing::error!(session = self.rec.id(), error = %e, "terminal I/O could not be recorded");
+            }
         }
     }
 
@@ -819,12 +832,7 @@ where
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     /// How long output may pause before a partial line (a prompt) is sent.
     const PAUSE: std::time::Duration = std::time::Duration::from_millis(30);
-    let mask = |t: &str| match terminal.masks.mask(None, t).0 {
-        crate::mask::Masked::Clear => t.to_owned(),
-        crate::mask::Masked::Text(m) => m,
-        crate::mask::Masked::Null => String::new(),
-    };
-    let mut reframer = super::ws::Reframer::new(protocol, &mask);
+    let mut reframer = super::ws::Reframer::new(protocol, &terminal.masks);
     let mut buf = vec![0u8; 16 << 10];
     let mut total = 0u64;
     loop {

@@ -7,6 +7,8 @@
 //! `base64.channel.k8s.io` variants: text messages whose first character is the channel digit
 //! and whose rest is base64.
 
+use crate::gateway::ssh::terminal::OutputMasker;
+use crate::mask::MaskSet;
 use base64::Engine;
 
 /// A message longer than this is recorded in parts as it arrives.
@@ -222,22 +224,30 @@ fn encode_frame(opcode: u8, payload: &[u8], out: &mut Vec<u8>) {
 /// [`Reframer::flush`] when the stream pauses), and everything else is relayed as it came.
 pub struct Reframer<'a> {
     parser: Parser,
-    mask: &'a (dyn Fn(&str) -> String + Sync),
-    /// Per channel (1 stdout, 2 stderr): output not yet sent, up to its last newline.
-    pending: [Vec<u8>; 2],
+    masks: &'a MaskSet,
+    /// Per channel (1 stdout, 2 stderr): the SSH gateway's line masker (a partial line
+    /// waits; a private key's body is masked line by line; terminal sequences inside a value
+    /// do not hide it).
+    maskers: [OutputMasker; 2],
 }
 
-/// Bytes a partial line may hold before it is masked and sent anyway.
-const MAX_PENDING: usize = 64 << 10;
-
 impl<'a> Reframer<'a> {
-    /// A reframer for a connection that agreed on `protocol`; `mask` masks a text.
-    pub fn new(protocol: &str, mask: &'a (dyn Fn(&str) -> String + Sync)) -> Self {
+    /// A reframer for a connection that agreed on `protocol`, masking with `masks`.
+    pub fn new(protocol: &str, masks: &'a MaskSet) -> Self {
         Self {
             parser: Parser::new(protocol),
-            mask,
-            pending: [Vec::new(), Vec::new()],
+            masks,
+            maskers: [OutputMasker::default(), OutputMasker::default()],
         }
+    }
+
+    /// Values masked so far, by rule.
+    pub fn masked(&self) -> std::collections::BTreeMap<String, u64> {
+        let mut all = self.maskers[0].masked.clone();
+        for (k, v) in &self.maskers[1].masked {
+            *all.entry(k.clone()).or_default() += v;
+        }
+        all
     }
 
     /// Whether the server's frames could not be read (the session cannot go on masked).
@@ -247,11 +257,15 @@ impl<'a> Reframer<'a> {
 
     /// Whether output waits for the end of its line.
     pub fn has_pending(&self) -> bool {
-        self.pending.iter().any(|p| !p.is_empty())
+        self.maskers.iter().any(OutputMasker::has_pending)
     }
 
-    fn emit(&self, channel: u8, data: &[u8], out: &mut Vec<u8>, sent: &mut Vec<Message>) {
-        let masked = (self.mask)(&String::from_utf8_lossy(data));
+    /// Sends `masked` (output already masked) on `channel`.
+    fn emit(&self, channel: u8, masked: Vec<u8>, out: &mut Vec<u8>, sent: &mut Vec<Message>) {
+        if masked.is_empty() {
+            return;
+        }
+        let masked = String::from_utf8_lossy(&masked).into_owned();
         let mut payload = Vec::with_capacity(masked.len() + 4);
         if self.parser.base64 {
             payload.push(b'0' + channel);
@@ -301,17 +315,8 @@ impl<'a> Reframer<'a> {
                     match message {
                         Some(m) if m.channel == 1 || m.channel == 2 => {
                             let i = usize::from(m.channel - 1);
-                            self.pending[i].extend_from_slice(&m.data);
-                            let cut = self.pending[i]
-                                .iter()
-                                .rposition(|b| *b == b'\n')
-                                .map(|p| p + 1)
-                                .or((self.pending[i].len() > MAX_PENDING)
-                                    .then_some(self.pending[i].len()));
-                            if let Some(cut) = cut {
-                                let lines: Vec<u8> = self.pending[i].drain(..cut).collect();
-                                self.emit(m.channel, &lines, &mut out, &mut sent);
-                            }
+                            let masked = self.maskers[i].feed(self.masks, &m.data);
+                            self.emit(m.channel, masked, &mut out, &mut sent);
                         }
                         // Other channels (error, resize, port data), control frames, and
                         // fragments of a message not yet whole: the error channel's status
@@ -333,10 +338,8 @@ impl<'a> Reframer<'a> {
 
     fn flush_into(&mut self, out: &mut Vec<u8>, sent: &mut Vec<Message>) {
         for i in 0..2 {
-            if !self.pending[i].is_empty() {
-                let data = std::mem::take(&mut self.pending[i]);
-                self.emit(i as u8 + 1, &data, out, sent);
-            }
+            let masked = self.maskers[i].flush(self.masks);
+            self.emit(i as u8 + 1, masked, out, sent);
         }
     }
 
@@ -376,10 +379,20 @@ mod tests {
         f
     }
 
+    fn emails() -> MaskSet {
+        let p: agentgate_crds::MaskPolicy = serde_json::from_value(serde_json::json!({
+            "apiVersion": "agentgate.dev/v1alpha1", "kind": "MaskPolicy",
+            "metadata": { "name": "pii" },
+            "spec": { "rules": [ { "name": "emails", "detectors": ["Email", "PrivateKey"], "action": "Redact" } ] }
+        }))
+        .unwrap_or_else(|e| panic!("{e}"));
+        MaskSet::compile(&[&p], &|_| None).unwrap_or_else(|e| panic!("{e}"))
+    }
+
     #[test]
     fn output_is_masked_a_line_at_a_time_even_when_a_value_is_split() {
-        let mask = |t: &str| t.replace("alice@example.com", "****");
-        let mut r = Reframer::new("v5.channel.k8s.io", &mask);
+        let masks = emails();
+        let mut r = Reframer::new("v5.channel.k8s.io", &masks);
         let mut bytes = frame(2, true, b"\x01owner: alice@exa", None);
         bytes.extend(frame(9, true, b"", None));
         bytes.extend(frame(2, true, b"\x01mple.com\nnext", None));
@@ -406,6 +419,26 @@ mod tests {
                     data: b"{\"status\":\"Success\"}".to_vec()
                 },
             ]
+        );
+        // A private key's body is masked line by line; colours inside a value do not hide it.
+        let mut out = Vec::new();
+        for chunk in [
+            &b"\x01-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjE\nQyNTUxOQAAACD\n"[..],
+            &b"\x01-----END OPENSSH PRIVATE KEY-----\nowner: bob@exa\x1b[0mmple.com\n"[..],
+        ] {
+            out.extend(r.feed(&frame(2, true, chunk, None)).0);
+        }
+        let text: Vec<u8> = Parser::new("v5.channel.k8s.io")
+            .feed(&out)
+            .into_iter()
+            .flat_map(|m| m.data)
+            .collect();
+        let text = String::from_utf8_lossy(&text);
+        assert!(
+            !text.contains("b3BlbnNzaC1r")
+                && !text.contains("QyNTUxOQ")
+                && !text.contains("bob@exa"),
+            "{text}"
         );
         // A pause sends a partial line (a prompt).
         let (o, sent) = r.feed(&frame(2, true, b"\x01$ ", None));

@@ -316,13 +316,13 @@ impl Ctx {
 
     /// Records terminal input or output as it passed: masked, control characters kept (a
     /// replay needs the terminal's own sequences; records are JSON, and `show` escapes
-    /// them), in records of at most [`IO_RECORD_MAX`] bytes, so nothing is cut.
+    /// them), in records of at most [`crate::audit::IO_RECORD_MAX`] bytes, so nothing is cut.
     fn io(&self, stream: &str, data: &[u8]) {
         if data.is_empty() {
             return;
         }
         let text = self.masked(String::from_utf8_lossy(data).into_owned());
-        for piece in pieces(&text, IO_RECORD_MAX) {
+        for piece in crate::audit::pieces(&text, crate::audit::IO_RECORD_MAX) {
             let mut r = self.rec.base(RecordKind::Io);
             r.io = Some(IoChunk {
                 stream: stream.to_owned(),
@@ -557,26 +557,6 @@ impl Ctx {
 
 /// The longest command an approver is shown whole (records keep 4096 characters).
 const MAX_APPROVABLE: usize = 4000;
-
-/// The most text one I/O record holds; longer input or output takes several.
-const IO_RECORD_MAX: usize = 16 << 10;
-
-/// `text` in consecutive pieces of at most `max` bytes, cut at character boundaries.
-fn pieces(text: &str, max: usize) -> impl Iterator<Item = &str> {
-    let mut rest = text;
-    std::iter::from_fn(move || {
-        if rest.is_empty() {
-            return None;
-        }
-        let mut cut = rest.len().min(max.max(4));
-        while !rest.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        let (head, tail) = rest.split_at(cut);
-        rest = tail;
-        Some(head)
-    })
-}
 
 /// A hold of a command too long to be shown whole to an approver becomes a refusal: a grant
 /// bound to its fingerprint would approve what nobody read.
