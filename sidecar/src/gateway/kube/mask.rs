@@ -353,22 +353,6 @@ impl Masker<'_> {
             }
         }
     }
-
-    /// Masks one line of plain text (logs).
-    pub fn text_line(&mut self, line: &str) -> Option<String> {
-        if !self.masks.has_value_rules() {
-            return None;
-        }
-        let (masked, rules) = self.masks.mask(None, line);
-        for r in rules {
-            *self.counts.entry(r).or_default() += 1;
-        }
-        match masked {
-            Masked::Clear => None,
-            Masked::Text(t) => Some(t),
-            Masked::Null => Some(String::new()),
-        }
-    }
 }
 
 fn annotations(obj: &mut Value) -> Option<&mut Map<String, Value>> {

@@ -1409,20 +1409,18 @@ impl Connection {
                 }
             }
         } else if content_type.starts_with("text/") {
-            let text = String::from_utf8_lossy(&bytes);
-            let mut out = String::with_capacity(text.len());
-            for line in text.split_inclusive('\n') {
-                let (body, nl) = match line.strip_suffix('\n') {
-                    Some(b) => (b, "\n"),
-                    None => (line, ""),
-                };
-                match masker.text_line(body) {
-                    Some(m) => out.push_str(&m),
-                    None => out.push_str(body),
+            // Logs: a line at a time, a private key's body followed from line to line.
+            if masker.masks.has_value_rules() {
+                let mut lines = crate::gateway::ssh::terminal::OutputMasker::default();
+                let mut out = lines.feed(masker.masks, &bytes);
+                out.extend(lines.flush(masker.masks));
+                for (rule, n) in lines.masked {
+                    *masker.counts.entry(rule).or_default() += n;
                 }
-                out.push_str(nl);
+                Bytes::from(out)
+            } else {
+                bytes
             }
-            Bytes::from(out)
         } else {
             self.outcome(&rec, id, started, 502, 0, BTreeMap::new());
             return status(
