@@ -882,12 +882,8 @@ impl Connection {
         }
         // What the record and an approver see: masked as responses are (a MaskPolicy that
         // cannot be loaded leaves the request line only).
-        let text = request_text(
-            &info,
-            &query,
-            body.as_deref(),
-            gw.mask_set(&snapshot, &identity, &target).ok().as_deref(),
-        );
+        let early_masks = gw.mask_set(&snapshot, &identity, &target).ok();
+        let text = request_text(&info, &query, body.as_deref(), early_masks.as_deref());
         // A hold an approver cannot be shown whole cannot be approved.
         if decision.verdict == Verdict::Hold && text.len() > MAX_APPROVABLE {
             decision = Decision {
@@ -916,7 +912,17 @@ impl Connection {
                 parts.method.as_str().to_owned()
             }),
         });
-        r.decision = Some(crate::gateway::postgres::audit::decision(&decision));
+        let mut d = crate::gateway::postgres::audit::decision(&decision);
+        // A reason may quote the request (a path, a name): masked as its text is.
+        d.reason = d.reason.map(|why| match early_masks.as_deref() {
+            Some(m) => match m.mask(None, &why).0 {
+                crate::mask::Masked::Clear => why,
+                crate::mask::Masked::Text(t) => t,
+                crate::mask::Masked::Null => String::new(),
+            },
+            None => why,
+        });
+        r.decision = Some(d);
         if let Err(why) = core.audit.admit().and_then(|()| rec.emit(r)) {
             return status(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", &why);
         }

@@ -277,7 +277,10 @@ impl Ctx {
                 .then(|| cmd.fingerprint.get().to_owned()),
             via: Some(via.to_owned()),
         });
-        r.decision = Some(crate::gateway::postgres::audit::decision(decision));
+        let mut d = crate::gateway::postgres::audit::decision(decision);
+        // A reason may quote the command (a word the parser stopped at): masked as it is.
+        d.reason = d.reason.map(|why| self.masked_text(&why));
+        r.decision = Some(d);
         self.gw.core.audit.admit().and_then(|()| self.rec.emit(r))?;
         Ok(id)
     }
