@@ -964,6 +964,14 @@ async fn a_held_request_waits_for_its_approver_within_hold_timeout() -> anyhow::
             anyhow::bail!("{e}: {}", String::from_utf8_lossy(&out.stderr));
         }
     };
+    // The approver reads the body kubectl sent (protobuf, shown field by field).
+    let filed = std::fs::read_to_string(policy.join("requests").join(format!("{name}.yaml")))?;
+    assert!(
+        filed.contains("body: (protobuf)")
+            && filed.contains(r#"{1: "a", 2: "b"}"#)
+            && filed.contains(r#""held-then-approved""#),
+        "{filed}"
+    );
     std::thread::sleep(Duration::from_secs(1));
     testenv::approvals::decide(&policy, &name, "Approve", "alice", "ok")
         .map_err(anyhow::Error::msg)?;

@@ -229,6 +229,64 @@ fn proto_field(mut msg: &[u8], number: u64) -> Option<Option<&[u8]>> {
     Some(found)
 }
 
+/// A Kubernetes protobuf body (`k8s\0` and a `runtime.Unknown`) as text an approver can
+/// read: every field by its number, nested messages in braces, text quoted, other bytes
+/// counted (field names are not in the wire format). `None` when it is not such a body.
+pub fn protobuf_text(body: &[u8]) -> Option<String> {
+    let unknown = body.strip_prefix(b"k8s\0")?;
+    let mut out = String::new();
+    proto_render(unknown, 0, &mut out)?;
+    Some(out)
+}
+
+fn proto_render(mut msg: &[u8], depth: usize, out: &mut String) -> Option<()> {
+    use prost::encoding::decode_varint;
+    out.push('{');
+    let mut first = true;
+    while !msg.is_empty() {
+        let key = decode_varint(&mut msg).ok()?;
+        let (field, wire) = (key >> 3, key & 7);
+        if !std::mem::take(&mut first) {
+            out.push_str(", ");
+        }
+        out.push_str(&format!("{field}: "));
+        match wire {
+            0 => out.push_str(&decode_varint(&mut msg).ok()?.to_string()),
+            1 => {
+                let b: [u8; 8] = msg.get(..8)?.try_into().ok()?;
+                out.push_str(&u64::from_le_bytes(b).to_string());
+                msg = msg.get(8..)?;
+            }
+            5 => {
+                let b: [u8; 4] = msg.get(..4)?.try_into().ok()?;
+                out.push_str(&u32::from_le_bytes(b).to_string());
+                msg = msg.get(4..)?;
+            }
+            2 => {
+                let len = usize::try_from(decode_varint(&mut msg).ok()?).ok()?;
+                let value = msg.get(..len)?;
+                msg = msg.get(len..)?;
+                // A nested message when it reads as one; else text; else bytes.
+                let mut nested = String::new();
+                if depth < 16
+                    && !value.is_empty()
+                    && proto_render(value, depth + 1, &mut nested).is_some()
+                    && !value.iter().all(|b| b.is_ascii_graphic() || *b == b' ')
+                {
+                    out.push_str(&nested);
+                } else if let Ok(t) = std::str::from_utf8(value) {
+                    out.push_str(&serde_json::Value::String(t.to_owned()).to_string());
+                } else {
+                    out.push_str(&format!("({len} bytes)"));
+                }
+            }
+            _ => return None,
+        }
+    }
+    out.push('}');
+    Some(())
+}
+
 /// A request body as the API server reads it: JSON, or YAML (server-side apply).
 fn body_value(body: &[u8]) -> Option<Value> {
     serde_json::from_slice(body)

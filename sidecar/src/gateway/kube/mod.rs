@@ -352,26 +352,31 @@ const MAX_APPROVABLE: usize = 16 << 10;
 /// what it reaches (for an exec its command, for a proxy its query), and for a write its body
 /// as JSON, masked as a response would be (Secret values always; field rules and value
 /// detectors); then the whole masked by the value detectors, control characters replaced.
-/// Without `masks` (a MaskPolicy that cannot be loaded) only the request line.
+/// The flag says whether it shows the request whole (an approver may decide on it): not
+/// when a MaskPolicy cannot be loaded (the request line only), a body is not JSON, or the
+/// text is too long or masked away.
 fn request_text(
     info: &request::RequestInfo,
     query: &str,
     body: Option<&[u8]>,
     masks: Option<&MaskSet>,
-) -> String {
+) -> (String, bool) {
     let Some(masks) = masks else {
-        return format!(
+        let line = format!(
             "{} (parameters and body not recorded: the MaskPolicy could not be loaded)",
             agent_text(&info.describe(), 4096)
         );
+        return (line, false);
     };
+    let mut whole = true;
     let mut text = classify::text(info, query);
     if let Some(b) = body.filter(|b| !b.is_empty()) {
         let shown = match serde_json::from_slice::<serde_json::Value>(b) {
             Ok(mut v) => {
                 if info.resource == "secrets" {
-                    hide_strings(&mut v);
+                    hide_secret_strings(&mut v);
                 }
+                elide_last_applied(&mut v);
                 let mut m = mask::Masker {
                     masks,
                     reveal_secrets: false,
@@ -381,37 +386,188 @@ fn request_text(
                 m.document(&mut v);
                 v.to_string()
             }
-            Err(_) => format!("({} bytes, not JSON: not shown)", b.len()),
+            // kubectl sends built-in kinds in protobuf: shown field by field; a Secret's
+            // values are not.
+            Err(_) => match classify::protobuf_text(b) {
+                Some(_) if info.resource == "secrets" => {
+                    format!(
+                        "(a Secret in protobuf, {} bytes: values not shown)",
+                        b.len()
+                    )
+                }
+                Some(t) => format!("(protobuf) {t}"),
+                None => {
+                    whole = false;
+                    format!("({} bytes, not JSON: not shown)", b.len())
+                }
+            },
         };
         text.push_str(" body: ");
         text.push_str(&shown);
     }
+    // Longer than a record keeps and an approver is shown: the detectors read what is kept.
+    if text.len() > MAX_APPROVABLE {
+        whole = false;
+        let mut cut = MAX_APPROVABLE + 1024;
+        if cut < text.len() {
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            text.truncate(cut);
+        }
+    }
     let text = agent_text(&text, usize::MAX);
-    match masks.mask(None, &text).0 {
+    let text = match masks.mask(None, &text).0 {
         crate::mask::Masked::Clear => text,
         crate::mask::Masked::Text(t) => t,
-        crate::mask::Masked::Null => String::new(),
-    }
+        crate::mask::Masked::Null => {
+            whole = false;
+            "(masked whole by a SetNull rule)".to_owned()
+        }
+    };
+    (text, whole)
 }
 
-/// Replaces every string of a Secret's body but its names and kinds (`metadata`, `kind`,
-/// `apiVersion`, `type`, a patch's `op`, `path` and `from`) with `****`.
-fn hide_strings(v: &mut serde_json::Value) {
-    match v {
-        serde_json::Value::String(s) => *s = mask::SECRET_REPLACEMENT.to_owned(),
-        serde_json::Value::Array(a) => a.iter_mut().for_each(hide_strings),
-        serde_json::Value::Object(o) => {
-            for (k, x) in o.iter_mut() {
-                if !matches!(
-                    k.as_str(),
-                    "metadata" | "kind" | "apiVersion" | "type" | "op" | "path" | "from"
-                ) {
-                    hide_strings(x);
+/// Replaces every string of a Secret's body with `****` but what names it: at the top level
+/// of an object its `apiVersion`, `kind`, `type` and `metadata`, and in a JSON patch each
+/// operation's `op`, `path` and `from`.
+fn hide_secret_strings(v: &mut serde_json::Value) {
+    fn all(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::String(s) => *s = mask::SECRET_REPLACEMENT.to_owned(),
+            serde_json::Value::Array(a) => a.iter_mut().for_each(all),
+            serde_json::Value::Object(o) => o.values_mut().for_each(all),
+            _ => {}
+        }
+    }
+    let keep = |o: &mut serde_json::Map<String, serde_json::Value>, names: &[&str]| {
+        for (k, x) in o.iter_mut() {
+            if !names.contains(&k.as_str()) {
+                all(x);
+            }
+        }
+    };
+    match &mut *v {
+        // A JSON patch: its operations.
+        serde_json::Value::Array(ops) => {
+            for op in ops {
+                match op {
+                    serde_json::Value::Object(o) => keep(o, &["op", "path", "from"]),
+                    other => all(other),
                 }
             }
         }
-        _ => {}
+        serde_json::Value::Object(o) => keep(o, &["apiVersion", "kind", "type", "metadata"]),
+        other => all(other),
     }
+    // What names it, not what it holds: the annotations' values can hold anything.
+    if let Some(a) = v
+        .pointer_mut("/metadata/annotations")
+        .filter(|a| a.is_object())
+    {
+        all(a);
+    }
+}
+
+/// `kubectl apply` keeps a copy of the applied object in an annotation, doubling what an
+/// approver reads; when the copy is the body itself, it is shown as such.
+fn elide_last_applied(v: &mut serde_json::Value) {
+    const KEY: &str = "kubectl.kubernetes.io/last-applied-configuration";
+    let Some(copy) = v
+        .pointer(&format!("/metadata/annotations/{}", KEY.replace('/', "~1")))
+        .and_then(serde_json::Value::as_str)
+        .and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok())
+    else {
+        return;
+    };
+    let mut without = v.clone();
+    if let Some(a) = without
+        .pointer_mut("/metadata/annotations")
+        .and_then(serde_json::Value::as_object_mut)
+    {
+        a.remove(KEY);
+        if a.is_empty()
+            && let Some(m) = without
+                .pointer_mut("/metadata")
+                .and_then(serde_json::Value::as_object_mut)
+        {
+            m.remove("annotations");
+        }
+    }
+    let mut copy_plain = copy;
+    if let Some(m) = copy_plain
+        .pointer_mut("/metadata")
+        .and_then(serde_json::Value::as_object_mut)
+        && m.get("annotations")
+            .and_then(serde_json::Value::as_object)
+            .is_some_and(serde_json::Map::is_empty)
+    {
+        m.remove("annotations");
+    }
+    if copy_plain == without
+        && let Some(a) = v
+            .pointer_mut("/metadata/annotations")
+            .and_then(serde_json::Value::as_object_mut)
+    {
+        a.insert(
+            KEY.to_owned(),
+            serde_json::Value::String("(kubectl's copy of this same object)".to_owned()),
+        );
+    }
+}
+
+/// Whether a JSON document gives a key twice in one object. The API server's decoder merges
+/// such objects where serde keeps the last: the gateway would judge another object than the
+/// one created.
+fn has_duplicate_keys(bytes: &[u8]) -> bool {
+    use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+    struct Any;
+    impl<'de> Deserialize<'de> for Any {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            d.deserialize_any(Check).map(|()| Any)
+        }
+    }
+    struct Check;
+    impl<'de> Visitor<'de> for Check {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("JSON")
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_str<E>(self, _: &str) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_unit<E>(self) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut s: A) -> Result<(), A::Error> {
+            while s.next_element::<Any>()?.is_some() {}
+            Ok(())
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<(), A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            while let Some(k) = m.next_key::<String>()? {
+                if !seen.insert(k) {
+                    return Err(serde::de::Error::custom("a key given twice"));
+                }
+                m.next_value::<Any>()?;
+            }
+            Ok(())
+        }
+    }
+    let mut d = serde_json::Deserializer::from_slice(bytes);
+    matches!(Any::deserialize(&mut d), Err(e) if e.to_string().starts_with("a key given twice"))
 }
 
 /// A `Sec-WebSocket-Protocol` value without the subprotocols that carry a credential
@@ -816,6 +972,18 @@ impl Connection {
             },
             other => other,
         };
+        // A key given twice: the API server merges what the gateway reads as the last.
+        if let Some(b) = &body
+            && b.first()
+                .is_some_and(|c| matches!(c, b'{' | b'[' | b' ' | b'\n' | b'\t' | b'\r'))
+            && has_duplicate_keys(b)
+        {
+            return status(
+                StatusCode::BAD_REQUEST,
+                "BadRequest",
+                "agentgate refuses a JSON body that gives a key twice in one object (the API server would merge what agentgate reads as one): send each key once",
+            );
+        }
         let cmd = classify::classify(&info, &query, body.as_deref());
         let now = crate::clock::now();
         let mut decision = if info.group == classify::OWN_GROUP
@@ -883,17 +1051,16 @@ impl Connection {
         // What the record and an approver see: masked as responses are (a MaskPolicy that
         // cannot be loaded leaves the request line only).
         let early_masks = gw.mask_set(&snapshot, &identity, &target).ok();
-        let text = request_text(&info, &query, body.as_deref(), early_masks.as_deref());
+        let (text, whole) = request_text(&info, &query, body.as_deref(), early_masks.as_deref());
         // A hold an approver cannot be shown whole cannot be approved.
-        if decision.verdict == Verdict::Hold && text.len() > MAX_APPROVABLE {
+        if decision.verdict == Verdict::Hold && !whole {
             decision = Decision {
                 verdict: Verdict::Refuse,
                 rule: decision.rule,
                 grant: None,
                 message: format!(
-                    "{}; and the request, {} bytes as an approver would read it, is longer than the {MAX_APPROVABLE} an approver is shown, so it cannot be approved: split it (several smaller objects or patches)",
+                    "{}; and the request cannot be shown whole to an approver (a body that is not JSON, longer than {MAX_APPROVABLE} bytes as an approver reads it, or a MaskPolicy that cannot be loaded), so it cannot be approved: send it as JSON, or split it",
                     decision.message,
-                    text.len()
                 ),
             };
         }
@@ -1577,6 +1744,15 @@ mod tests {
     use super::{kubeconfig, request_text, without_bearer_protocols, yaml_as_json};
 
     #[test]
+    fn a_key_given_twice_is_found_at_any_depth() {
+        use super::has_duplicate_keys as dup;
+        assert!(dup(br#"{"spec":{"hostPID":true},"spec":{}}"#));
+        assert!(dup(br#"[{"a":{"b":1,"b":2}}]"#));
+        assert!(!dup(br#"{"a":{"b":1},"c":[{"b":2},{"b":3}]}"#));
+        assert!(!dup(b"not json"));
+    }
+
+    #[test]
     fn what_an_approver_reads_shows_the_body_masked() {
         let p: agentgate_crds::MaskPolicy = serde_json::from_value(serde_json::json!({
             "apiVersion": "agentgate.dev/v1alpha1", "kind": "MaskPolicy",
@@ -1593,6 +1769,7 @@ mod tests {
                 (!body.is_empty()).then_some(body.as_bytes()),
                 Some(&masks),
             )
+            .0
         };
         // A write's body is shown, with what a response would mask masked.
         let t = text(
@@ -1635,7 +1812,25 @@ mod tests {
         // Without the mask set, the request line only.
         let info =
             super::request::parse("POST", "/api/v1/namespaces/default/configmaps", "").unwrap();
-        assert!(request_text(&info, "", Some(b"{}"), None).contains("not recorded"));
+        let (t, whole) = request_text(&info, "", Some(b"{}"), None);
+        assert!(t.contains("not recorded") && !whole);
+        // A Secret's nested `type` is a value too; kubectl's copy of the body is not repeated.
+        let t = text(
+            "PATCH",
+            "/api/v1/namespaces/default/secrets/db",
+            "",
+            r#"[{"op":"add","path":"/data","value":{"type":"czNjcjN0"}}]"#,
+        );
+        assert!(!t.contains("czNjcjN0"), "{t}");
+        let applied =
+            r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"big"},"data":{"k":"v"}}"#;
+        let body = serde_json::json!({"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"big","annotations":{"kubectl.kubernetes.io/last-applied-configuration": applied}},"data":{"k":"v"}}).to_string();
+        let t = text("POST", "/api/v1/namespaces/default/configmaps", "", &body);
+        assert!(t.contains("kubectl's copy of this same object"), "{t}");
+        // Not JSON: not whole, so a hold of it is refused.
+        let info =
+            super::request::parse("POST", "/api/v1/namespaces/default/configmaps", "").unwrap();
+        assert!(!request_text(&info, "", Some(b"\xff{"), Some(&masks)).1);
     }
 
     #[test]

@@ -576,11 +576,13 @@ pub async fn upgrade(
             let server = upstream_upgrade.await?;
             Ok::<_, hyper::Error>((agent, server))
         };
+        let mut masked = BTreeMap::new();
         let (bytes_in, bytes_out, error) = match joined.await {
             Ok((agent, server)) => {
                 let recorder = terminal.then(|| Terminal {
                     rec: rec.clone(),
                     masks,
+                    masked: Default::default(),
                 });
                 let framing = if websocket {
                     Some(Framing::WebSocket(protocol))
@@ -595,7 +597,7 @@ pub async fn upgrade(
                     framing,
                     recorder.as_ref(),
                 );
-                match ended {
+                let result = match ended {
                     // The session ends (both connections closed) when its access does.
                     Some(end) => tokio::select! {
                         r = relayed => r,
@@ -605,7 +607,11 @@ pub async fn upgrade(
                         }
                     },
                     None => relayed.await,
+                };
+                if let Some(m) = recorder.as_ref().and_then(|t| t.masked.lock().ok()) {
+                    masked = m.clone();
                 }
+                result
             }
             Err(e) => (0, 0, Some(format!("the upgrade failed: {e}"))),
         };
@@ -615,7 +621,7 @@ pub async fn upgrade(
             rows: 0,
             bytes_in,
             bytes_out,
-            masked: BTreeMap::new(),
+            masked,
             latency_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
             error,
             status: Some(101),
@@ -631,6 +637,8 @@ pub async fn upgrade(
 struct Terminal {
     rec: Arc<SessionRecorder>,
     masks: Arc<MaskSet>,
+    /// Values masked in the output, by rule (for the session's outcome).
+    masked: std::sync::Mutex<BTreeMap<String, u64>>,
 }
 
 impl Terminal {
@@ -820,9 +828,29 @@ impl Reader {
 /// Relays a terminal session's output with MaskPolicy detectors applied (WebSocket), and
 /// records what the agent got. A partial line is sent once the output pauses.
 async fn masked_output<R, W>(
+    from: R,
+    to: W,
+    protocol: &str,
+    terminal: &Terminal,
+) -> (u64, Option<String>)
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    let mut reframer = super::ws::Reframer::new(protocol, &terminal.masks);
+    let result = masked_output_with(from, to, &mut reframer, terminal).await;
+    if let Ok(mut m) = terminal.masked.lock() {
+        for (rule, n) in reframer.masked() {
+            *m.entry(rule).or_default() += n;
+        }
+    }
+    result
+}
+
+async fn masked_output_with<R, W>(
     mut from: R,
     mut to: W,
-    protocol: &str,
+    reframer: &mut super::ws::Reframer<'_>,
     terminal: &Terminal,
 ) -> (u64, Option<String>)
 where
@@ -832,7 +860,6 @@ where
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     /// How long output may pause before a partial line (a prompt) is sent.
     const PAUSE: std::time::Duration = std::time::Duration::from_millis(30);
-    let mut reframer = super::ws::Reframer::new(protocol, &terminal.masks);
     let mut buf = vec![0u8; 16 << 10];
     let mut total = 0u64;
     loop {

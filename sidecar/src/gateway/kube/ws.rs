@@ -328,6 +328,11 @@ impl<'a> Reframer<'a> {
                         None if matches!(opcode, 0x0..=0x2) => {
                             // A fragment: its message is relayed (masked) when whole.
                         }
+                        // A Close ends the session: what waits for its line end goes first.
+                        None if opcode == 0x8 => {
+                            self.flush_into(&mut out, &mut sent);
+                            out.extend_from_slice(raw);
+                        }
                         None => out.extend_from_slice(raw),
                     }
                 }

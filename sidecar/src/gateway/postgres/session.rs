@@ -2271,6 +2271,16 @@ async fn read_agent(
                         ),
                     })
                 }
+                // Cursors and portals share the server's names: a cursor may not take the
+                // name the gateway fails batches with (see [`REFUSED_PORTAL`]).
+                crate::sql::Flag::DeclareCursor(name) if name.starts_with('\u{1}') => {
+                    Some(Decision {
+                        verdict: Verdict::Refuse,
+                        rule: "protocol".into(),
+                        grant: None,
+                        message: "agentgate reserves cursor and portal names that begin with the byte 0x01; declare the cursor under another name".into(),
+                    })
+                }
                 _ => None,
             })
     };

@@ -241,9 +241,9 @@ impl OutputMasker {
             // with something masked is sent without them.
             let plain = strip_terminal_sequences(&text);
             let (masked, applied) = masks.mask(None, &plain);
-            if let Some(begin) = text.find("-----BEGIN ")
-                && text[begin..].contains("PRIVATE KEY")
-                && !text[begin..].contains("-----END ")
+            if let Some(begin) = plain.find("-----BEGIN ")
+                && plain[begin..].contains("PRIVATE KEY")
+                && !plain[begin..].contains("-----END ")
                 && let Some(rule) = applied.first()
             {
                 self.in_key = Some(rule.clone());
