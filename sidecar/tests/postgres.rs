@@ -802,6 +802,11 @@ async fn psql_through_the_gateway() -> anyhow::Result<()> {
         "{out2:?}"
     );
     assert!(!out2.contains("ada@example.com"), "{out2:?}");
+    // Nor a SQL cursor's (cursors and portals share the server's names).
+    let e = gw.err(
+        r#"DECLARE U&"\0001agentgate-refused" CURSOR WITH HOLD FOR SELECT email FROM customers"#,
+    );
+    assert!(e.contains("reserves cursor and portal names"), "{e}");
     assert_eq!(
         pg.psql_run("app", "SELECT count(*) FROM orders WHERE id = 4720")?
             .trim(),
