@@ -194,11 +194,42 @@ fn sets_owners(body: &[u8]) -> bool {
 /// `None` when it is not such a body.
 fn protobuf_owner_references(body: &[u8]) -> Option<bool> {
     let unknown = body.strip_prefix(b"k8s\0")?;
+    // `raw` is bytes (the last one counts); ObjectMeta is a message, which the decoder
+    // merges from every occurrence: owner references in any of them count.
     let raw = proto_field(unknown, 2)?.unwrap_or_default();
-    let Some(meta) = proto_field(raw, 1)? else {
-        return Some(false);
-    };
-    Some(proto_field(meta, 13)?.is_some())
+    let mut any = false;
+    for meta in proto_fields(raw, 1)? {
+        any |= proto_field(meta, 13)?.is_some();
+    }
+    Some(any)
+}
+
+/// Every length-delimited field `number` of a protobuf message, in order, or `None` when
+/// the message does not parse.
+fn proto_fields(mut msg: &[u8], number: u64) -> Option<Vec<&[u8]>> {
+    use prost::encoding::decode_varint;
+    let mut found = Vec::new();
+    while !msg.is_empty() {
+        let key = decode_varint(&mut msg).ok()?;
+        let (field, wire) = (key >> 3, key & 7);
+        match wire {
+            0 => {
+                decode_varint(&mut msg).ok()?;
+            }
+            1 => msg = msg.get(8..)?,
+            5 => msg = msg.get(4..)?,
+            2 => {
+                let len = usize::try_from(decode_varint(&mut msg).ok()?).ok()?;
+                let value = msg.get(..len)?;
+                if field == number {
+                    found.push(value);
+                }
+                msg = msg.get(len..)?;
+            }
+            _ => return None,
+        }
+    }
+    Some(found)
 }
 
 /// The last length-delimited field `number` of a protobuf message (`Some(None)`: absent),
@@ -231,15 +262,17 @@ fn proto_field(mut msg: &[u8], number: u64) -> Option<Option<&[u8]>> {
 
 /// A Kubernetes protobuf body (`k8s\0` and a `runtime.Unknown`) as text an approver can
 /// read: every field by its number, nested messages in braces, text quoted, other bytes
-/// counted (field names are not in the wire format). `None` when it is not such a body.
-pub fn protobuf_text(body: &[u8]) -> Option<String> {
+/// counted (field names are not in the wire format). The flag says whether everything was
+/// shown (no bytes only counted). `None` when it is not such a body.
+pub fn protobuf_text(body: &[u8]) -> Option<(String, bool)> {
     let unknown = body.strip_prefix(b"k8s\0")?;
     let mut out = String::new();
-    proto_render(unknown, 0, &mut out)?;
-    Some(out)
+    let mut whole = true;
+    proto_render(unknown, 0, &mut out, &mut whole)?;
+    Some((out, whole))
 }
 
-fn proto_render(mut msg: &[u8], depth: usize, out: &mut String) -> Option<()> {
+fn proto_render(mut msg: &[u8], depth: usize, out: &mut String, whole: &mut bool) -> Option<()> {
     use prost::encoding::decode_varint;
     out.push('{');
     let mut first = true;
@@ -268,16 +301,19 @@ fn proto_render(mut msg: &[u8], depth: usize, out: &mut String) -> Option<()> {
                 msg = msg.get(len..)?;
                 // A nested message when it reads as one; else text; else bytes.
                 let mut nested = String::new();
+                let mut nested_whole = true;
                 if depth < 16
                     && !value.is_empty()
-                    && proto_render(value, depth + 1, &mut nested).is_some()
+                    && proto_render(value, depth + 1, &mut nested, &mut nested_whole).is_some()
                     && !value.iter().all(|b| b.is_ascii_graphic() || *b == b' ')
                 {
                     out.push_str(&nested);
+                    *whole &= nested_whole;
                 } else if let Ok(t) = std::str::from_utf8(value) {
                     out.push_str(&serde_json::Value::String(t.to_owned()).to_string());
                 } else {
                     out.push_str(&format!("({len} bytes)"));
+                    *whole = false;
                 }
             }
             _ => return None,
@@ -287,11 +323,10 @@ fn proto_render(mut msg: &[u8], depth: usize, out: &mut String) -> Option<()> {
     Some(())
 }
 
-/// A request body as the API server reads it: JSON, or YAML (server-side apply).
+/// A request body as the API server reads it: JSON (a YAML body was made JSON before, and
+/// one that is neither JSON nor protobuf is refused before).
 fn body_value(body: &[u8]) -> Option<Value> {
-    serde_json::from_slice(body)
-        .ok()
-        .or_else(|| serde_norway::from_slice(body).ok())
+    serde_json::from_slice(body).ok()
 }
 
 /// Why a write to a Secret reaches around the gateway, if it does:
@@ -558,9 +593,33 @@ mod tests {
     use super::super::request::parse;
     use super::*;
 
+    #[test]
+    fn owner_references_in_any_repeated_protobuf_metadata_count() {
+        let owner = [0x0a, 0x01, b'x'];
+        let meta_with_owner = [&[0x6a, 0x03][..], &owner[..]].concat();
+        let meta_plain = [0x0a, 0x01, b'n'];
+        let raw = [
+            &[0x0a, 0x05][..],
+            &meta_with_owner[..],
+            &[0x0a, 0x03][..],
+            &meta_plain[..],
+        ]
+        .concat();
+        let body = [&b"k8s\0"[..], &[0x12, raw.len() as u8][..], &raw[..]].concat();
+        assert_eq!(protobuf_owner_references(&body), Some(true));
+        let shown = protobuf_text(&body).unwrap();
+        assert!(shown.1 && shown.0.contains(r#"13: {1: "x"}"#), "{shown:?}");
+    }
+
     fn class(method: &str, path: &str, body: &str) -> (OperationClass, BTreeSet<String>) {
         let info = parse(method, path, "").unwrap();
-        let c = classify(&info, "", (!body.is_empty()).then_some(body.as_bytes()));
+        // A YAML body reaches the classifier as the JSON the gateway read from it.
+        let json = (!body.is_empty() && serde_json::from_str::<Value>(body).is_err())
+            .then(|| super::super::yaml_as_json(body.as_bytes()))
+            .flatten()
+            .filter(|j| j.first().is_some_and(|c| *c == b'{' || *c == b'['));
+        let body = json.as_deref().unwrap_or(body.as_bytes());
+        let c = classify(&info, "", (!body.is_empty()).then_some(body));
         (c.class, c.keys)
     }
 

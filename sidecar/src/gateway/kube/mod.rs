@@ -395,7 +395,17 @@ fn request_text(
                         b.len()
                     )
                 }
-                Some(t) => format!("(protobuf) {t}"),
+                Some((t, shown)) => {
+                    // Bytes only counted, or fields a MaskPolicy's path rules would mask
+                    // (they are read in JSON only): not whole.
+                    let kind = mask::kind_of(&info.group, &info.resource);
+                    let paths = masks.has_kube_paths()
+                        && kind
+                            .as_ref()
+                            .is_none_or(|(g, k)| !masks.kube_paths(g, k).is_empty());
+                    whole &= shown && !paths;
+                    format!("(protobuf) {t}")
+                }
                 None => {
                     whole = false;
                     format!("({} bytes, not JSON: not shown)", b.len())
@@ -516,10 +526,35 @@ fn elide_last_applied(v: &mut serde_json::Value) {
     }
 }
 
+/// What keeps a body the API server reads as JSON from being read the same way here: a key
+/// given twice in one object (the API server's decoder merges, serde keeps the last), or
+/// anything serde cannot read (the API server may skip it). `None` when it reads alike.
+fn json_problem(bytes: &[u8]) -> Option<String> {
+    match read_once(bytes) {
+        Ok(()) => None,
+        Err(e) if e.starts_with(TWICE) => Some(
+            "it gives a key twice in one object (the API server would merge what agentgate reads as one): send each key once".into(),
+        ),
+        Err(e) => Some(format!(
+            "it is not JSON agentgate can read ({e}): send JSON (numbers within range), YAML or protobuf"
+        )),
+    }
+}
+
+/// What [`read_once`] says of a key given twice.
+const TWICE: &str = "a key given twice";
+
 /// Whether a JSON document gives a key twice in one object. The API server's decoder merges
 /// such objects where serde keeps the last: the gateway would judge another object than the
 /// one created.
+#[cfg(test)]
 fn has_duplicate_keys(bytes: &[u8]) -> bool {
+    read_once(bytes).is_err_and(|e| e.starts_with(TWICE))
+}
+
+/// Reads a JSON document whole, every value as serde_json reads it (numbers included), each
+/// object's keys once.
+fn read_once(bytes: &[u8]) -> Result<(), String> {
     use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
     struct Any;
     impl<'de> Deserialize<'de> for Any {
@@ -559,7 +594,7 @@ fn has_duplicate_keys(bytes: &[u8]) -> bool {
             let mut seen = std::collections::HashSet::new();
             while let Some(k) = m.next_key::<String>()? {
                 if !seen.insert(k) {
-                    return Err(serde::de::Error::custom("a key given twice"));
+                    return Err(serde::de::Error::custom(TWICE));
                 }
                 m.next_value::<Any>()?;
             }
@@ -567,7 +602,9 @@ fn has_duplicate_keys(bytes: &[u8]) -> bool {
         }
     }
     let mut d = serde_json::Deserializer::from_slice(bytes);
-    matches!(Any::deserialize(&mut d), Err(e) if e.to_string().starts_with("a key given twice"))
+    Any::deserialize(&mut d)
+        .and_then(|_| d.end())
+        .map_err(|e| e.to_string())
 }
 
 /// A `Sec-WebSocket-Protocol` value without the subprotocols that carry a credential
@@ -972,16 +1009,22 @@ impl Connection {
             },
             other => other,
         };
-        // A key given twice: the API server merges what the gateway reads as the last.
-        if let Some(b) = &body
-            && b.first()
-                .is_some_and(|c| matches!(c, b'{' | b'[' | b' ' | b'\n' | b'\t' | b'\r'))
-            && has_duplicate_keys(b)
+        // A body the API server reads as JSON (anything but protobuf) must read as JSON
+        // here too, each key once: the API server merges a key given twice where serde keeps
+        // the last, and skips what it does not know (an out-of-range number) where serde
+        // stops.
+        let protobuf = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|t| t.to_ascii_lowercase().contains("protobuf"));
+        if let Some(b) = body.as_ref().filter(|b| !b.is_empty() && !protobuf)
+            && let Some(why) = json_problem(b)
         {
             return status(
                 StatusCode::BAD_REQUEST,
                 "BadRequest",
-                "agentgate refuses a JSON body that gives a key twice in one object (the API server would merge what agentgate reads as one): send each key once",
+                &format!("agentgate refuses this body: {why}"),
             );
         }
         let cmd = classify::classify(&info, &query, body.as_deref());
@@ -1750,6 +1793,13 @@ mod tests {
         assert!(dup(br#"[{"a":{"b":1,"b":2}}]"#));
         assert!(!dup(br#"{"a":{"b":1},"c":[{"b":2},{"b":3}]}"#));
         assert!(!dup(b"not json"));
+        // What serde cannot read is refused too (the API server would skip it).
+        assert!(
+            super::json_problem(br#"{"x":1e400,"spec":{"hostPID":true},"spec":{}}"#)
+                .is_some_and(|w| w.contains("not JSON agentgate can read"))
+        );
+        assert!(super::json_problem(br#"{"a":[1,2.5,"x",null,true,{"b":{}}]}"#).is_none());
+        assert!(super::json_problem(b"{} trailing").is_some());
     }
 
     #[test]

@@ -2271,17 +2271,21 @@ async fn read_agent(
                         ),
                     })
                 }
-                // Cursors and portals share the server's names: a cursor may not take the
-                // name the gateway fails batches with (see [`REFUSED_PORTAL`]).
-                crate::sql::Flag::DeclareCursor(name) if name.starts_with('\u{1}') => {
-                    Some(Decision {
-                        verdict: Verdict::Refuse,
-                        rule: "protocol".into(),
-                        grant: None,
-                        message: "agentgate reserves cursor and portal names that begin with the byte 0x01; declare the cursor under another name".into(),
-                    })
-                }
                 _ => None,
+            })
+    };
+    // Cursors and portals share the server's names: a cursor may never take the name the
+    // gateway fails batches with (see [`REFUSED_PORTAL`]), whatever else is decided.
+    let reserved_cursor = |c: &Classified| {
+        c.statements
+            .iter()
+            .flat_map(|st| st.flags.iter())
+            .any(|f| matches!(f, crate::sql::Flag::DeclareCursor(name) if name.starts_with('\u{1}')))
+            .then(|| Decision {
+                verdict: Verdict::Refuse,
+                rule: "protocol".into(),
+                grant: None,
+                message: "agentgate reserves cursor and portal names that begin with the byte 0x01; declare the cursor under another name".into(),
             })
     };
     let remember_cursors = |c: &Classified, cursors: &mut HashMap<String, Classified>| {
@@ -2420,7 +2424,9 @@ async fn read_agent(
                     &decide,
                 )
                 .await;
-                if d.verdict == Verdict::Allow
+                if let Some(r) = reserved_cursor(&classified) {
+                    d = r;
+                } else if d.verdict == Verdict::Allow
                     && let Some(r) = cursor_refusal(&classified, &cursors)
                 {
                     d = r;
@@ -2574,7 +2580,9 @@ async fn read_agent(
                             let (mut d, names_unknown) =
                                 decide_names(&mut path, &catalog, table_scoped(), &mut c, &decide)
                                     .await;
-                            if d.verdict == Verdict::Allow
+                            if let Some(r) = reserved_cursor(&c) {
+                                d = r;
+                            } else if d.verdict == Verdict::Allow
                                 && let Some(r) = cursor_refusal(&c, &cursors)
                             {
                                 d = r;
@@ -2724,7 +2732,9 @@ async fn read_agent(
                     if let Some(why) = names_unknown {
                         d = Decision::refuse("catalog", why);
                     }
-                    if d.verdict == Verdict::Allow
+                    if let Some(r) = reserved_cursor(&c) {
+                        d = r;
+                    } else if d.verdict == Verdict::Allow
                         && let Some(r) = cursor_refusal(&c, &cursors)
                     {
                         d = r;

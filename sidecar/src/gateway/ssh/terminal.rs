@@ -227,7 +227,7 @@ impl OutputMasker {
             // A private key's body: line by line, each alone looks like nothing.
             if let Some(rule) = &self.in_key {
                 *self.masked.entry(rule.clone()).or_default() += 1;
-                if text.contains("-----END ") {
+                if strip_terminal_sequences(&text).contains("-----END ") {
                     self.in_key = None;
                 }
                 out.extend_from_slice(b"****");
