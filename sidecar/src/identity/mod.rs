@@ -599,15 +599,7 @@ impl Verifier {
         let verified = check_claims(&claims, issuer, self.sa_issuer.as_deref(), snapshot)?;
         // A token of the cluster: the API server must still accept it (for its audiences).
         if self.sa_issuer.as_deref() == Some(verified.issuer.as_str()) {
-            let audiences: Vec<String> = match &claims["aud"] {
-                serde_json::Value::String(a) => vec![a.clone()],
-                serde_json::Value::Array(a) => a
-                    .iter()
-                    .filter_map(|x| x.as_str().map(str::to_owned))
-                    .collect(),
-                _ => Vec::new(),
-            };
-            self.reviewed(token, &digest, &verified.subject, &audiences)
+            self.reviewed(token, &digest, &verified.subject, &audiences(&claims))
                 .await?;
         }
         if let Some(fresh) = fresh
@@ -742,6 +734,18 @@ fn check_claims(
     map_claims(claims, issuer, sa_issuer, snapshot)
 }
 
+/// The token's audiences (`aud`: one string or an array of them).
+fn audiences(claims: &serde_json::Value) -> Vec<String> {
+    match &claims["aud"] {
+        serde_json::Value::String(s) => vec![s.clone()],
+        serde_json::Value::Array(a) => a
+            .iter()
+            .filter_map(|x| x.as_str().map(str::to_owned))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
 /// Maps verified claims to exactly one AgentIdentity of `snapshot` (their times aside).
 fn map_claims(
     claims: &serde_json::Value,
@@ -750,14 +754,7 @@ fn map_claims(
     snapshot: &Snapshot,
 ) -> Result<Verified, IdentityError> {
     let subject = claims["sub"].as_str().unwrap_or_default().to_owned();
-    let audiences: Vec<String> = match &claims["aud"] {
-        serde_json::Value::String(s) => vec![s.clone()],
-        serde_json::Value::Array(a) => a
-            .iter()
-            .filter_map(|x| x.as_str().map(str::to_owned))
-            .collect(),
-        _ => Vec::new(),
-    };
+    let audiences = audiences(claims);
     let matches: Vec<&AgentIdentity> = snapshot
         .identities
         .values()

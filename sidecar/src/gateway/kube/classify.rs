@@ -234,30 +234,8 @@ fn proto_fields(mut msg: &[u8], number: u64) -> Option<Vec<&[u8]>> {
 
 /// The last length-delimited field `number` of a protobuf message (`Some(None)`: absent),
 /// or `None` when the message does not parse.
-fn proto_field(mut msg: &[u8], number: u64) -> Option<Option<&[u8]>> {
-    use prost::encoding::decode_varint;
-    let mut found = None;
-    while !msg.is_empty() {
-        let key = decode_varint(&mut msg).ok()?;
-        let (field, wire) = (key >> 3, key & 7);
-        match wire {
-            0 => {
-                decode_varint(&mut msg).ok()?;
-            }
-            1 => msg = msg.get(8..)?,
-            5 => msg = msg.get(4..)?,
-            2 => {
-                let len = usize::try_from(decode_varint(&mut msg).ok()?).ok()?;
-                let value = msg.get(..len)?;
-                if field == number {
-                    found = Some(value);
-                }
-                msg = msg.get(len..)?;
-            }
-            _ => return None,
-        }
-    }
-    Some(found)
+fn proto_field(msg: &[u8], number: u64) -> Option<Option<&[u8]>> {
+    Some(proto_fields(msg, number)?.last().copied())
 }
 
 /// A Kubernetes protobuf body (`k8s\0` and a `runtime.Unknown`) as text an approver can
