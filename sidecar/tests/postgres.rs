@@ -255,9 +255,7 @@ async fn masking_holds_against_renamed_columns_views_cursors_partitions_and_erro
         "SELECT t.id || '' FROM customers AS t(a, b, c, id) WHERE t.a = 1",
         "SELECT j.id || '' FROM (customers CROSS JOIN (SELECT 1) z) AS j(a, b, c, id) WHERE j.a = 1",
         "SELECT id FROM alias_view WHERE id = 'Ada'",
-        // Functions of the database's own that read the table.
-        "SELECT name FROM all_customers() WHERE id = 1",
-        "SELECT first_name()",
+        // A view over a function of the database's own that reads the table.
         "SELECT n FROM fn_view",
         // A sub-select's output named like a column of the table it reads.
         "SELECT id FROM relabel LIMIT 1",
@@ -267,7 +265,16 @@ async fn masking_holds_against_renamed_columns_views_cursors_partitions_and_erro
     }
     // Columns that read nothing masked stay clear.
     assert_eq!(gw.ok("SELECT k + 1 FROM renamed WHERE k = 1"), "2");
-    assert_eq!(gw.ok("SELECT twice(21)"), "42");
+    // Functions that are not the system's may run any code, whatever volatility they
+    // declare: an approver decides (the agent's baseline does not cover Exec).
+    for sql in [
+        "SELECT name FROM all_customers() WHERE id = 1",
+        "SELECT first_name()",
+        "SELECT twice(21)",
+    ] {
+        let e = gw.err(sql);
+        assert!(e.contains("held for approval"), "{sql}: {e}");
+    }
     // (A view over a sub-select that reads a masked column masks all its columns: which
     // inner column an outer name carries is not followed.)
     assert_eq!(gw.ok("SELECT state FROM order_states LIMIT 1"), "paid");
@@ -445,19 +452,11 @@ async fn masking_holds_against_renamed_columns_views_cursors_partitions_and_erro
         gw.ok("SELECT random() < 2, pg_table_size('orders') >= 0, length(md5('x'))"),
         "t|t|32"
     );
-    // A session whose string rules changed anyway (here through a function the gateway
-    // cannot see into) ends before the next statement is read the other way.
-    let out = psql_each(&gw, &["SELECT scs_off()", "SELECT 'x\\' AS y"]);
-    let e = String::from_utf8_lossy(&out.stderr);
+    // A function that could change the session's string rules (any function that is not
+    // the system's, whatever volatility it declares) runs only once an approver decides.
+    let e = gw.err("SELECT scs_off()");
     assert!(
-        !out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    assert!(
-        e.contains(
-            "agentgate ends this session: the database reports standard_conforming_strings = off"
-        ),
+        e.contains("held for approval") && e.contains("agentgate-hold-exec"),
         "{e}"
     );
     Ok(())
@@ -1070,8 +1069,10 @@ async fn table_scopes_judge_the_table_the_search_path_reaches() -> anyhow::Resul
            AS $$ SELECT length(set_config('search_path', 'secret', false))::float8 $$;
          GRANT EXECUTE ON FUNCTION crm.random() TO agentgate;",
     )?;
+    // Any function of that name outside pg_catalog makes the name one that may be it.
     let (out, err) = session(&["SELECT random() < 1"]);
-    assert_eq!(out, "t\n", "{err}");
+    assert_eq!(out, "", "{err}");
+    assert!(err.contains("held"), "{err}");
     let (out, err) = session(&[
         "SET search_path = crm, pg_catalog, public",
         "SELECT random() < 1",
@@ -2449,5 +2450,165 @@ async fn a_running_statement_is_canceled_when_its_grant_is_revoked() -> anyhow::
             "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)' AND state = 'active'",
         ) == "0"
     });
+    Ok(())
+}
+
+/// A whole row of a masked table, a value a type's input function quotes back in a syntax
+/// error, a portal whose statement was parsed again before it ran, and a statement sent
+/// right behind one that changed how the server reads strings: none gets a masked value out
+/// or a statement past the checks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_rows_value_errors_rebound_portals_and_pipelined_settings_hold_the_rules()
+-> anyhow::Result<()> {
+    let gw = start().await?;
+    wait_for("policy loaded", || {
+        gw.psql("orders-db", "SELECT 1").status.success()
+    });
+    // A whole row holds every column's value: masked as a computed value.
+    assert_eq!(gw.ok("SELECT c FROM customers c WHERE id = 1"), "[name]");
+    assert_eq!(
+        gw.ok("SELECT customers FROM customers WHERE id = 1"),
+        "[name]"
+    );
+    assert_eq!(
+        gw.ok("SELECT c.id, c FROM customers c WHERE id = 2"),
+        "2|[name]"
+    );
+    // A view's whole row too.
+    assert_eq!(
+        gw.ok("SELECT v FROM customer_names v WHERE id = 1"),
+        "[name]"
+    );
+
+    // `::regtype` parses its input and quotes it in a syntax error; a comment where the
+    // error points lists every letter the value may have. Nothing of it comes back.
+    let err = gw.err(
+        "/*xx'A''B''a''b''d'*/SELECT ('int ' || quote_literal(substr(name, 1, 1)))::regtype FROM customers WHERE id = 1",
+    );
+    assert!(!err.contains("'A'"), "{err}");
+    assert!(
+        err.contains("syntax error at or near \"(hidden: agentgate masks columns here)\""),
+        "{err}"
+    );
+    // Errors about names the agent wrote still name them.
+    let err = gw.err("SELECT nosuchcolumn FROM customers");
+    assert!(err.contains("nosuchcolumn"), "{err}");
+    let err = gw.err("SELECT * FROM \"NoSuchTable\"");
+    assert!(err.contains("\"NoSuchTable\""), "{err}");
+
+    // The unnamed statement parsed again between a Bind and its Execute: the portal runs
+    // what was bound, and is masked as that.
+    let text = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
+    let parse = |sql: &str| message(b'P', &[b"\0", sql.as_bytes(), b"\0\0\0"].concat());
+    let bind = message(b'B', b"\0\0\0\0\0\0\0\0");
+    let execute = message(b'E', b"\0\0\0\0\0");
+    let answer = text(raw(
+        gw.port,
+        &[
+            startup("claude", "orders-db"),
+            parse("SELECT upper(name) AS n FROM customers WHERE id = 1"),
+            bind.clone(),
+            parse("SELECT 1"),
+            execute.clone(),
+            message(b'S', b""),
+            message(b'X', b""),
+        ]
+        .concat(),
+    ));
+    assert!(!answer.contains("ADA"), "{answer}");
+    assert!(answer.contains("[name]"), "{answer}");
+
+    // A statement pipelined right behind one that turns standard_conforming_strings off is
+    // read by the server with backslash escapes: the gateway checks it only after the
+    // server reported the change, which ends the session; the hidden statement never runs.
+    let pg = gw.env.postgres()?;
+    let widened = policy(pg.port())
+        .replace(
+            "- { target: orders-db, scope: { operations: [Read] } }",
+            "- { target: orders-db, scope: { operations: [Read, Write, DDL, Privilege] } }",
+        )
+        .replace(
+            "action: Block, message: dropping tables is never allowed for agents }",
+            "action: Block, message: dropping tables is never allowed for agents }\n    - { name: settings, operations: [Privilege], matches: [set_config], action: Allow }",
+        );
+    assert!(widened.contains("name: settings"));
+    std::fs::write(gw.policy.path().join("policy.yaml"), widened)?;
+    wait_for("set_config allowed", || {
+        gw.psql(
+            "orders-db",
+            "SELECT set_config('application_name', 'x', false)",
+        )
+        .status
+        .success()
+    });
+    // A statement that writes while it reads a masked column could store the value where
+    // no rule masks it (or return it under another column's name): refused.
+    for copying in [
+        "UPDATE orders SET state = c.name FROM customers c WHERE c.id = orders.customer_id RETURNING orders.state",
+        "INSERT INTO orders SELECT 9, name, 1 FROM customers WHERE id = 1 RETURNING state",
+        "WITH x AS (INSERT INTO orders SELECT 9, name, 1 FROM customers WHERE id = 1 RETURNING 1) SELECT count(*) FROM x",
+        "SELECT set_config('application_name', name, false) FROM customers WHERE id = 1",
+    ] {
+        let err = gw.err(copying);
+        assert!(
+            err.contains("reads columns masked by pii/names"),
+            "{copying}: {err}"
+        );
+    }
+    assert_eq!(gw.ok("SELECT count(*) FROM orders WHERE id = 9"), "0");
+    // Rules name columns: a schema change to a table with masked columns could move their
+    // values out of them (a renamed column, a view the catalog cannot see yet).
+    for change in [
+        "ALTER TABLE customers RENAME COLUMN name TO label",
+        "ALTER TABLE public.customers ALTER COLUMN name TYPE varchar(100)",
+        "BEGIN; CREATE VIEW leak AS SELECT name AS e FROM customers; SELECT e FROM leak; COMMIT",
+        "CREATE VIEW leak AS SELECT * FROM customers",
+    ] {
+        let err = gw.err(change);
+        assert!(err.contains("masked by pii/names"), "{change}: {err}");
+    }
+    // DDL elsewhere runs.
+    gw.ok("CREATE TABLE scratch (id int)");
+    // Writes of the agent's own values, and rows named by columns that are not masked, run.
+    assert_eq!(
+        gw.ok("UPDATE orders SET state = 'shipped' WHERE customer_id IN (SELECT id FROM customers WHERE id = 1) RETURNING state"),
+        "shipped\nUPDATE 1"
+    );
+    let query = |sql: &str| message(b'Q', &[sql.as_bytes(), b"\0"].concat());
+    for hidden in [
+        r"SELECT 'a\', ' ; SELECT 'leaked' || current_user --'",
+        // One Parse in a batch that executed something before it: refused.
+        "",
+    ] {
+        let send = if hidden.is_empty() {
+            [
+                startup("claude", "orders-db"),
+                parse("SELECT set_config('standard_conforming_strings', 'off', false)"),
+                bind.clone(),
+                execute.clone(),
+                parse(r"SELECT 'a\', ' || 'leaked' || current_user --'"),
+                bind.clone(),
+                execute.clone(),
+                message(b'S', b""),
+                message(b'X', b""),
+            ]
+            .concat()
+        } else {
+            [
+                startup("claude", "orders-db"),
+                query("SELECT set_config('standard_conforming_strings', 'off', false)"),
+                query(hidden),
+                message(b'X', b""),
+            ]
+            .concat()
+        };
+        let answer = text(raw(gw.port, &send));
+        assert!(!answer.contains("leaked"), "{answer}");
+        if hidden.is_empty() {
+            assert!(answer.contains("send a Sync before this Parse"), "{answer}");
+        } else {
+            assert!(answer.contains("agentgate ends this session"), "{answer}");
+        }
+    }
     Ok(())
 }

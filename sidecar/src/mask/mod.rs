@@ -206,28 +206,51 @@ impl MaskSet {
 
     /// The first rule that masks a value computed from what `statements` reference: a column
     /// under a column rule, or a whole row of a table that has one. Conservative: a reference
-    /// that could be such a column counts.
+    /// that could be such a column counts. An alias may name several relations (it may be
+    /// reused in another scope of the statement): a reference through it counts for each,
+    /// and a one-part name that is an alias, or a relation's own name, is a whole row of
+    /// each relation it may name (even when another relation has a column of that name).
     pub fn computed_rule(&self, statements: &[crate::sql::Statement]) -> Option<&Rule> {
+        // `schema.table` → its parts; an unqualified name is read as `public`'s.
         let split = |rel: &str| -> (String, String) {
-            match rel.split_once('.') {
-                Some((s, t)) => (s.to_owned(), t.to_owned()),
-                None => ("public".to_owned(), rel.to_owned()),
+            match crate::sql::classify::relation_parts(rel) {
+                (s, t) if s.is_empty() => ("public".to_owned(), t),
+                parts => parts,
+            }
+        };
+        // The rule for column `c` (`*`: any column) of `schema.table`.
+        let qualified = |s: &str, t: &str, c: &str| {
+            if c == "*" {
+                self.table_rule(s, t)
+            } else {
+                self.column_rule(&Column {
+                    schema: s.to_owned(),
+                    table: t.to_owned(),
+                    column: c.to_owned(),
+                })
             }
         };
         for st in statements {
-            let resolve = |q: &str| st.aliases.get(q).cloned().unwrap_or_else(|| q.to_owned());
             let rels: Vec<(String, String)> = st.relations.iter().map(|r| split(r)).collect();
+            // What a qualifier or a one-part name may name: every relation it is an alias
+            // of, every relation of that table name; else the name itself as a relation.
+            let named = |q: &str| -> Vec<(String, String)> {
+                let mut out: Vec<(String, String)> = st
+                    .aliases
+                    .get(q)
+                    .into_iter()
+                    .flatten()
+                    .map(|r| split(r))
+                    .collect();
+                out.extend(rels.iter().filter(|(_, t)| t == q).cloned());
+                out
+            };
             for fields in &st.columns {
                 let found = match fields.as_slice() {
                     [one] if one == "*" => rels.iter().find_map(|(s, t)| self.table_rule(s, t)),
                     [one] => {
-                        // A column of any relation, or a relation used as a whole row.
-                        let as_row = st
-                            .aliases
-                            .get(one)
-                            .map(|r| split(r))
-                            .or_else(|| rels.iter().find(|(_, t)| t == one).cloned())
-                            .and_then(|(s, t)| self.table_rule(&s, &t));
+                        // A relation used as a whole row, or a column of any relation.
+                        let as_row = named(one).iter().find_map(|(s, t)| self.table_rule(s, t));
                         as_row.or_else(|| {
                             rels.iter().find_map(|(s, t)| {
                                 self.column_rule(&Column {
@@ -239,28 +262,14 @@ impl MaskSet {
                         })
                     }
                     [q, c] => {
-                        let (s, t) = split(&resolve(q));
-                        if c == "*" {
-                            self.table_rule(&s, &t)
-                        } else {
-                            self.column_rule(&Column {
-                                schema: s,
-                                table: t,
-                                column: c.clone(),
-                            })
+                        let mut targets = named(q);
+                        if targets.is_empty() {
+                            targets.push(split(q));
                         }
+                        targets.iter().find_map(|(s, t)| qualified(s, t, c))
                     }
-                    [s, t, c, ..] => {
-                        if c == "*" {
-                            self.table_rule(s, t)
-                        } else {
-                            self.column_rule(&Column {
-                                schema: s.clone(),
-                                table: t.clone(),
-                                column: c.clone(),
-                            })
-                        }
-                    }
+                    // `schema.table.column`, or with the database first: the last three.
+                    [.., s, t, c] => qualified(s, t, c),
                     [] => None,
                 };
                 if found.is_some() {
@@ -467,3 +476,72 @@ impl MaskCache {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod alias_tests {
+    use super::*;
+
+    /// Masks `public.customers.email` and `billing.orders.card` only.
+    fn set() -> MaskSet {
+        let p: MaskPolicy = serde_json::from_value(serde_json::json!({
+            "apiVersion": "agentgate.dev/v1alpha1",
+            "kind": "MaskPolicy",
+            "metadata": { "name": "pii" },
+            "spec": { "rules": [
+                { "name": "emails", "columns": ["public.customers.email"], "action": "Redact" },
+                { "name": "cards", "columns": ["billing.orders.card"], "action": "Redact" }
+            ] }
+        }))
+        .unwrap_or_else(|e| panic!("a policy: {e}"));
+        MaskSet::compile(&[&p], &|_| None).unwrap_or_else(|e| panic!("compiles: {e}"))
+    }
+
+    fn computed(sql: &str) -> Option<String> {
+        let c = crate::sql::classify(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+        set().computed_rule(&c.statements).map(|r| r.name.clone())
+    }
+
+    #[test]
+    fn an_alias_reused_for_another_relation_does_not_hide_a_whole_row() {
+        for sql in [
+            "SELECT (SELECT json_agg(state) FROM customers AS state) AS leak, \
+             (SELECT 1 FROM orders AS state LIMIT 1) AS decoy",
+            "SELECT (SELECT 1 FROM orders AS state LIMIT 1) AS decoy, \
+             (SELECT json_agg(state) FROM customers AS state) AS leak",
+            "SELECT (SELECT state.email FROM customers state LIMIT 1), \
+             (SELECT 1 FROM orders state LIMIT 1)",
+            "SELECT (SELECT row_to_json(x) FROM orders x), (SELECT 1 FROM public.customers x)",
+            "SELECT (SELECT x.* FROM orders x LIMIT 1), (SELECT 1 FROM customers x)",
+            // A relation's own name as a whole row.
+            "SELECT row_to_json(customers) FROM customers",
+        ] {
+            assert_eq!(computed(sql).as_deref(), Some("pii/emails"), "{sql}");
+        }
+        for sql in [
+            "SELECT (SELECT json_agg(state) FROM orders AS state)",
+            "SELECT count(*) FROM customers",
+            "SELECT lower(name) FROM customers c",
+        ] {
+            assert_eq!(computed(sql), None, "{sql}");
+        }
+    }
+
+    #[test]
+    fn a_qualifier_that_is_a_relations_name_means_that_relation() {
+        // `orders.card` over `billing.orders`: not `public.orders`.
+        assert_eq!(
+            computed("SELECT lower(orders.card) FROM billing.orders").as_deref(),
+            Some("pii/cards")
+        );
+        assert_eq!(
+            computed("SELECT lower(o.card) FROM billing.orders o").as_deref(),
+            Some("pii/cards")
+        );
+        // A four-part reference: database, schema, table, column.
+        assert_eq!(
+            computed("SELECT lower(app.billing.orders.card) FROM billing.orders").as_deref(),
+            Some("pii/cards")
+        );
+        assert_eq!(computed("SELECT lower(o.note) FROM billing.orders o"), None);
+    }
+}

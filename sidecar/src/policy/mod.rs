@@ -234,7 +234,7 @@ impl From<&Classified> for Command {
         let mut tables = BTreeSet::new();
         let mut unresolved = None;
         let mut parts = Vec::new();
-        for s in &c.statements {
+        for s in c.statements.iter() {
             let mut own = BTreeSet::new();
             own.insert(s.tag.clone());
             own.extend(s.functions.iter().cloned());

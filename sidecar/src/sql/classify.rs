@@ -38,7 +38,9 @@ pub enum Flag {
     NoWhere(&'static str),
     /// `TRUNCATE`.
     Truncate,
-    /// A function with side effects outside the data (by name).
+    /// A function with side effects outside the data (by name), or a function or operator
+    /// the catalog shows may be anyone's code (`app.f`, `OPERATOR(=)`); also
+    /// `set_config` for a write to `pg_settings`.
     Function(String),
     /// `COPY … PROGRAM` or `COPY` to or from a server file.
     CopyServerSide,
@@ -94,12 +96,23 @@ pub struct Statement {
     pub flags: Vec<Flag>,
     /// Relations it names (`schema.table` or `table`).
     pub relations: BTreeSet<String>,
-    /// Functions it calls (lower-case names, without schema).
+    /// Functions it calls (lower-case names, without schema), however they are called.
     pub functions: BTreeSet<String>,
+    /// Every function call as `(schema, name)`: the schema as the server reads it (empty
+    /// when the call names none), the name in lower case. `app.random()` is `("app",
+    /// "random")`: not the built-in `random`.
+    pub calls: BTreeSet<(String, String)>,
+    /// Every operator it uses as `(schema, operator)` (schema empty when not named with
+    /// `OPERATOR(schema.op)`), including those PostgreSQL looks up by name for it: `=` of
+    /// `IN`, `CASE x WHEN`, `JOIN … USING`, `>=` and `<=` of `BETWEEN`, `ORDER BY … USING`.
+    /// An operator runs its function, which may be anyone's code.
+    pub operators: BTreeSet<(String, String)>,
     /// Column references as written (`["c", "email"]`, `["email"]`, `["c", "*"]`).
     pub columns: Vec<Vec<String>>,
-    /// Aliases of relations: alias → relation as named (`c` → `public.customers`).
-    pub aliases: std::collections::BTreeMap<String, String>,
+    /// Aliases of relations: alias → every relation it names as written (`c` →
+    /// `public.customers`); one alias may name several relations in different scopes of
+    /// the statement.
+    pub aliases: Aliases,
     /// Names that PostgreSQL may read as a one-argument function call in attribute notation
     /// (`x.f`, `(expr).f`), lower-case: looked up in the catalog like calls.
     pub attribute_calls: BTreeSet<String>,
@@ -115,11 +128,74 @@ pub struct Statement {
     pub derived: bool,
 }
 
+/// The aliases of a statement's relations: each alias with every relation it names (as the
+/// statement names them), in the order first seen. An alias may be reused in another scope
+/// of the same statement (`(SELECT … FROM customers AS x), (SELECT … FROM orders AS x)`),
+/// so what a reference through it reads is any of them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Aliases(std::collections::BTreeMap<String, Vec<String>>);
+
+impl Aliases {
+    /// Every relation `alias` names, or `None` when it is no alias.
+    pub fn get(&self, alias: &str) -> Option<&[String]> {
+        self.0.get(alias).map(Vec::as_slice)
+    }
+
+    /// Adds `relation` to what `alias` names.
+    pub fn add(&mut self, alias: String, relation: String) {
+        let targets = self.0.entry(alias).or_default();
+        if !targets.contains(&relation) {
+            targets.push(relation);
+        }
+    }
+
+    /// Whether there are no aliases.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Each alias with every relation it names.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &[String])> {
+        self.0.iter().map(|(a, r)| (a, r.as_slice()))
+    }
+
+    /// The relations `alias` names, to be filled when it names none yet (as
+    /// `BTreeMap::entry`); [`Aliases::add`] adds to an alias that names some already.
+    pub fn entry(&mut self, alias: String) -> AliasEntry<'_> {
+        AliasEntry {
+            map: &mut self.0,
+            alias,
+        }
+    }
+
+    /// Every relation named through an alias, to rewrite in place (a name resolved to its
+    /// schema).
+    pub fn values_mut(&mut self) -> impl Iterator<Item = &mut String> {
+        self.0.values_mut().flatten()
+    }
+}
+
+/// What [`Aliases::entry`] returns.
+pub struct AliasEntry<'a> {
+    map: &'a mut std::collections::BTreeMap<String, Vec<String>>,
+    alias: String,
+}
+
+impl<'a> AliasEntry<'a> {
+    /// The relations of the alias; when it names none yet, it is made to name `relation()`.
+    pub fn or_insert_with(self, relation: impl FnOnce() -> String) -> &'a mut Vec<String> {
+        self.map
+            .entry(self.alias)
+            .or_insert_with(|| vec![relation()])
+    }
+}
+
 /// A classified query string.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Classified {
-    /// The statements, in order.
-    pub statements: Vec<Statement>,
+    /// The statements, in order (shared by the texts of one shape: cloned only when
+    /// changed).
+    pub statements: Arc<Vec<Statement>>,
     /// The most severe class among them.
     pub class: OperationClass,
     /// A fingerprint of the exact command: the SHA-256 of PostgreSQL's canonical rendering of
@@ -139,6 +215,23 @@ pub struct Classified {
 /// path (more than one when the session may be on more than one path), or why that cannot
 /// be told (the path was changed in a way the gateway cannot follow).
 pub type Resolved = std::collections::BTreeMap<String, Result<Vec<String>, Arc<str>>>;
+
+impl Classified {
+    /// Whether what its statements run depends on what the catalog holds: it calls a
+    /// function, names something that may be one in attribute notation, or uses an
+    /// operator. Such a string must go through [`check_functions`] of the gateway's catalog
+    /// before it is decided.
+    ///
+    /// [`check_functions`]: crate::gateway::postgres::catalog::Catalog::check_functions
+    pub fn needs_catalog_check(&self) -> bool {
+        self.statements.iter().any(|s| {
+            !s.functions.is_empty()
+                || !s.calls.is_empty()
+                || !s.attribute_calls.is_empty()
+                || !s.operators.is_empty()
+        })
+    }
+}
 
 /// The exact-command fingerprint of a query string, computed once, when first needed.
 #[derive(Debug, Clone)]
@@ -242,8 +335,9 @@ pub enum ClassifyError {
     Empty,
 }
 
-/// Functions with effects beyond reading data, and the class they make a statement.
-fn function_class(name: &str) -> Option<OperationClass> {
+/// Functions with effects beyond reading data (lower-case names, any schema), and the class
+/// they make a statement. `Exec` ones run SQL text they are given, reading any table.
+pub fn function_class(name: &str) -> Option<OperationClass> {
     use OperationClass::*;
     Some(match name {
         // Server files, programs and administration.
@@ -299,6 +393,10 @@ fn function_class(name: &str) -> Option<OperationClass> {
         | "pg_show_all_file_settings"
         | "pg_hba_file_rules"
         | "pg_ident_file_mappings"
+        | "pg_config"
+        | "pg_get_shmem_allocations"
+        | "pg_get_shmem_allocations_numa"
+        | "pg_get_backend_memory_contexts"
         | "pg_current_logfile"
         | "pg_stat_reset_slru"
         | "pg_stat_reset_replication_slot"
@@ -433,7 +531,12 @@ fn statement_class(kind: &str, body: &Value) -> Option<(OperationClass, String)>
                 .unwrap_or_default();
             if target == pg_query::protobuf::DiscardMode::DiscardAll as i64 {
                 s(Privilege, "DISCARD ALL")
+            } else if target == pg_query::protobuf::DiscardMode::DiscardTemp as i64 {
+                // Drops every temporary table of the session (which may have hidden tables
+                // of the same names on the search path).
+                s(Ddl, "DISCARD TEMP")
             } else {
+                // DISCARD PLANS, DISCARD SEQUENCES: caches only.
                 s(Read, "DISCARD")
             }
         }
@@ -445,43 +548,42 @@ fn statement_class(kind: &str, body: &Value) -> Option<(OperationClass, String)>
         "DoStmt" => s(Exec, "DO"),
         "CallStmt" => s(Exec, "CALL"),
         "VariableSetStmt" => {
+            use pg_query::protobuf::VariableSetKind as K;
             // Setting names are case-insensitive (`SET "ROLE"` is `SET role`).
             let name = body
                 .get("name")
                 .and_then(Value::as_str)
                 .unwrap_or_default()
                 .to_ascii_lowercase();
+            let kind = body.get("kind").and_then(Value::as_i64).unwrap_or_default();
             match name.as_str() {
                 "role" | "session_authorization" => s(Privilege, "SET ROLE"),
-                // Changing what names resolve to, or how the session is checked.
-                "search_path" | "session_replication_role" | "row_security" => s(Privilege, "SET"),
-                // Changing how the server reads strings would make it read statements
-                // differently from the grammar agentgate checks them with.
-                "standard_conforming_strings" | "backslash_quote" | "client_encoding" => {
-                    s(Privilege, "SET")
-                }
-                // The database's own read-only safety net, and its own audit logging.
-                // Lifting it is what a write needs: classed as a write.
+                // What names resolve to: followed by the gateway, and held to its own
+                // guardrails (see `PathChange`).
+                "search_path" => s(Privilege, "SET"),
+                // The database's own read-only safety net: lifting it is what a write needs,
+                // so it is classed as a write.
                 "default_transaction_read_only" | "transaction_read_only"
                     if setting_lifts_read_only(body) =>
                 {
                     s(Write, "SET READ WRITE")
                 }
-                n if n.starts_with("log_") || n.starts_with("pgaudit.") => s(Privilege, "SET"),
                 // SET TRANSACTION / SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE.
                 "transaction" | "session characteristics" if options_set_read_write(body) => {
                     s(Write, "SET READ WRITE")
                 }
-                "" => {
-                    // RESET ALL also resets the role.
-                    let kind = body.get("kind").and_then(Value::as_i64).unwrap_or_default();
-                    if kind == pg_query::protobuf::VariableSetKind::VarResetAll as i64 {
-                        s(Privilege, "RESET ALL")
-                    } else {
-                        s(Read, "SET")
-                    }
-                }
-                _ => s(Read, "SET"),
+                // RESET ALL also resets the role, and every setting row-level security or
+                // the application may read.
+                "" if kind == K::VarResetAll as i64 => s(Privilege, "RESET ALL"),
+                n if harmless_setting(n, body) => s(Read, "SET"),
+                // Anything else may change what the session may see or do, or how the
+                // server reads the statements agentgate checks: row-level security reads
+                // custom settings (`request.jwt.claims`, `app.tenant_id`), others lift
+                // limits (`work_mem`, a timeout of 0), change how strings are read
+                // (`standard_conforming_strings`, `client_encoding`) or what is logged
+                // (`log_*`, `pgaudit.*`). Settings are changed as `set_config` changes
+                // them: a privilege.
+                _ => s(Privilege, "SET"),
             }
         }
         "GrantStmt" => s(Privilege, "GRANT"),
@@ -539,16 +641,45 @@ fn statement_class(kind: &str, body: &Value) -> Option<(OperationClass, String)>
         | "CreateTransformStmt"
         | "CreateAmStmt" => s(Admin, "CREATE"),
         "DropStmt" => {
-            let what = body
+            use pg_query::protobuf::ObjectType as O;
+            let object = body
                 .get("remove_type")
                 .and_then(Value::as_i64)
                 .and_then(|n| i32::try_from(n).ok())
-                .and_then(|n| pg_query::protobuf::ObjectType::try_from(n).ok())
+                .and_then(|n| O::try_from(n).ok());
+            let what = object
                 .map(|t| t.as_str_name())
                 .unwrap_or("OBJECT_TABLE")
                 .trim_start_matches("OBJECT_")
                 .replace('_', " ");
-            Some((Ddl, format!("DROP {what}")))
+            let class = match object {
+                // Row-level security policies, triggers and rules decide who sees what and
+                // what is recorded: dropping one (a restrictive policy, an audit trigger)
+                // is a privilege change, as creating a policy or disabling a trigger is.
+                Some(O::ObjectPolicy | O::ObjectTrigger | O::ObjectRule) => Privilege,
+                // Dropping what only its `Admin` creation makes: event triggers (which
+                // also audit or forbid DDL), extensions, publications, foreign-data
+                // wrappers and servers, languages, casts, operator classes and families,
+                // transforms, access methods, conversions.
+                Some(
+                    O::ObjectEventTrigger
+                    | O::ObjectExtension
+                    | O::ObjectPublication
+                    | O::ObjectFdw
+                    | O::ObjectForeignServer
+                    | O::ObjectLanguage
+                    | O::ObjectCast
+                    | O::ObjectOpclass
+                    | O::ObjectOpfamily
+                    | O::ObjectTransform
+                    | O::ObjectAccessMethod
+                    | O::ObjectConversion,
+                ) => Admin,
+                // An object type this version does not know: fail closed.
+                None => Admin,
+                Some(_) => Ddl,
+            };
+            Some((class, format!("DROP {what}")))
         }
         "CreateStmt" => s(Ddl, "CREATE TABLE"),
         "CreateTableAsStmt" => s(Ddl, "CREATE TABLE AS"),
@@ -592,8 +723,10 @@ struct Walk {
     flags: Vec<Flag>,
     relations: BTreeSet<String>,
     functions: BTreeSet<String>,
+    calls: BTreeSet<(String, String)>,
+    operators: BTreeSet<(String, String)>,
     columns: Vec<Vec<String>>,
-    aliases: std::collections::BTreeMap<String, String>,
+    aliases: Aliases,
     attribute_calls: BTreeSet<String>,
     created: BTreeSet<String>,
     renamed: bool,
@@ -846,6 +979,17 @@ fn walk(v: &Value, w: &mut Walk) {
                 }
                 if matches!(
                     k.as_str(),
+                    "InsertStmt" | "UpdateStmt" | "DeleteStmt" | "MergeStmt" | "CopyStmt"
+                ) && writes_settings(k, body)
+                {
+                    // `pg_settings` is a view whose rules run `set_config`: writing it
+                    // changes settings.
+                    w.raise(OperationClass::Privilege);
+                    w.flags.push(Flag::Function("set_config".into()));
+                }
+                operators(k, body, w);
+                if matches!(
+                    k.as_str(),
                     "RangeSubselect" | "RangeFunction" | "RangeTableFunc" | "RangeTableSample"
                 ) {
                     w.derived = true;
@@ -857,8 +1001,11 @@ fn walk(v: &Value, w: &mut Walk) {
                         .and_then(Value::as_i64)
                         .and_then(|n| i32::try_from(n).ok())
                         .and_then(|n| T::try_from(n).ok());
-                    // Ownership, row-level security and triggers decide who sees and
-                    // records what: changing them is a privilege change.
+                    // Ownership, row-level security, triggers and rules decide who sees and
+                    // records what: changing them is a privilege change. That includes
+                    // when a trigger or rule fires (`ENABLE REPLICA TRIGGER` stops it for
+                    // ordinary sessions, `ENABLE ALWAYS` makes it fire under
+                    // `session_replication_role`).
                     if matches!(
                         sub,
                         Some(
@@ -867,9 +1014,17 @@ fn walk(v: &Value, w: &mut Walk) {
                                 | T::AtDisableRowSecurity
                                 | T::AtForceRowSecurity
                                 | T::AtNoForceRowSecurity
+                                | T::AtEnableTrig
+                                | T::AtEnableAlwaysTrig
+                                | T::AtEnableReplicaTrig
+                                | T::AtEnableTrigAll
+                                | T::AtEnableTrigUser
                                 | T::AtDisableTrig
                                 | T::AtDisableTrigAll
                                 | T::AtDisableTrigUser
+                                | T::AtEnableRule
+                                | T::AtEnableAlwaysRule
+                                | T::AtEnableReplicaRule
                                 | T::AtDisableRule
                         )
                     ) {
@@ -915,7 +1070,12 @@ fn walk(v: &Value, w: &mut Walk) {
                     .and_then(Value::as_str)
                     .filter(|a| !a.is_empty())
                 {
-                    w.aliases.insert(alias.to_owned(), name.clone());
+                    w.aliases.add(alias.to_owned(), name.clone());
+                }
+                if matches!(schema, "" | "pg_catalog")
+                    && let Some(c) = system_relation_class(rel)
+                {
+                    w.raise(c);
                 }
                 w.relations.insert(name);
             }
@@ -925,6 +1085,15 @@ fn walk(v: &Value, w: &mut Walk) {
                 let parts = string_parts(funcname);
                 if let Some(name) = parts.last() {
                     let name = name.to_lowercase();
+                    // `schema.f` (or `catalog.schema.f`): the schema is the part before
+                    // the name.
+                    let schema = parts
+                        .len()
+                        .checked_sub(2)
+                        .and_then(|i| parts.get(i))
+                        .cloned()
+                        .unwrap_or_default();
+                    w.calls.insert((schema, name.clone()));
                     if let Some(c) = function_class(&name) {
                         w.raise(c);
                         w.flags.push(Flag::Function(name.clone()));
@@ -937,6 +1106,99 @@ fn walk(v: &Value, w: &mut Walk) {
             }
         }
         Value::Array(a) => a.iter().for_each(|x| walk(x, w)),
+        _ => {}
+    }
+}
+
+/// Whether a write's target (`INSERT INTO`, `UPDATE`, `DELETE FROM`, `MERGE INTO`, `COPY …
+/// FROM`) is `pg_catalog.pg_settings`, written unqualified or not: its rules run
+/// `set_config`. (The target is always a table, never a `WITH` query.)
+fn writes_settings(kind: &str, body: &Value) -> bool {
+    if kind == "CopyStmt"
+        && !body
+            .get("is_from")
+            .and_then(Value::as_bool)
+            .unwrap_or(false)
+    {
+        return false;
+    }
+    body.get("relation")
+        .filter(|r| !r.is_null())
+        .map(range_var)
+        .is_some_and(|(schema, rel)| matches!(schema, "" | "pg_catalog") && rel == "pg_settings")
+}
+
+/// Records the operators node `kind` uses, named or implied (see [`Statement::operators`]).
+fn operators(kind: &str, body: &Value, w: &mut Walk) {
+    use pg_query::protobuf::{AExprKind as A, SubLinkType};
+    let mut add = |list: &Value| {
+        let parts = string_parts(list);
+        if let Some(op) = parts.last() {
+            let schema = parts
+                .len()
+                .checked_sub(2)
+                .and_then(|i| parts.get(i))
+                .cloned()
+                .unwrap_or_default();
+            w.operators.insert((schema, op.clone()));
+        }
+    };
+    let implied = |w: &mut Walk, op: &str| {
+        w.operators.insert((String::new(), op.to_owned()));
+    };
+    match kind {
+        "AExpr" | "A_Expr" => {
+            let k = body.get("kind").and_then(Value::as_i64).unwrap_or_default();
+            let between = [
+                A::AexprBetween,
+                A::AexprNotBetween,
+                A::AexprBetweenSym,
+                A::AexprNotBetweenSym,
+            ]
+            .iter()
+            .any(|b| *b as i64 == k);
+            if between {
+                // `a BETWEEN x AND y` is `a >= x AND a <= y`; NOT BETWEEN `a < x OR a > y`.
+                for op in [">=", "<=", "<", ">"] {
+                    implied(w, op);
+                }
+            } else if let Some(name) = body.get("name") {
+                add(name);
+            }
+        }
+        "SortBy" => add(body.get("use_op").unwrap_or(&Value::Null)),
+        "SubLink" => {
+            let named = body
+                .get("oper_name")
+                .and_then(Value::as_array)
+                .is_some_and(|a| !a.is_empty());
+            if named {
+                if let Some(op) = body.get("oper_name") {
+                    add(op);
+                }
+            } else if body.get("sub_link_type").and_then(Value::as_i64)
+                == Some(SubLinkType::AnySublink as i64)
+            {
+                // `x IN (SELECT …)`.
+                implied(w, "=");
+            }
+        }
+        "JoinExpr" => {
+            let using = body
+                .get("using_clause")
+                .and_then(Value::as_array)
+                .is_some_and(|a| !a.is_empty());
+            if using
+                || body
+                    .get("is_natural")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false)
+            {
+                implied(w, "=");
+            }
+        }
+        // `CASE x WHEN v …` compares with `=`.
+        "CaseExpr" if body.get("arg").is_some_and(|a| !a.is_null()) => implied(w, "="),
         _ => {}
     }
 }
@@ -1039,6 +1301,60 @@ pub fn relation_name(schema: &str, rel: &str) -> String {
         part(rel)
     } else {
         format!("{}.{}", part(schema), part(rel))
+    }
+}
+
+/// The rest of a double-quoted identifier whose opening quote was read: up to its closing
+/// quote (read too), a doubled quote read as one.
+pub fn quoted_identifier(chars: &mut std::iter::Peekable<std::str::Chars<'_>>) -> String {
+    let mut name = String::new();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' if chars.peek() == Some(&'"') => {
+                chars.next();
+                name.push('"');
+            }
+            '"' => break,
+            c => name.push(c),
+        }
+    }
+    name
+}
+
+/// A relation as [`relation_name`] renders it, split into its schema (empty when
+/// unqualified) and table name, both unquoted.
+pub fn relation_parts(name: &str) -> (String, String) {
+    let mut parts = Vec::new();
+    let mut chars = name.chars().peekable();
+    loop {
+        let mut part = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            part = quoted_identifier(&mut chars);
+            // Up to the separating dot.
+            while chars.peek().is_some_and(|c| *c != '.') {
+                chars.next();
+            }
+        } else {
+            while let Some(&c) = chars.peek() {
+                if c == '.' {
+                    break;
+                }
+                part.push(c);
+                chars.next();
+            }
+        }
+        parts.push(part);
+        if chars.next().is_none() {
+            break;
+        }
+    }
+    match parts.len() {
+        0 | 1 => (String::new(), parts.pop().unwrap_or_default()),
+        _ => {
+            let table = parts.pop().unwrap_or_default();
+            (parts.pop().unwrap_or_default(), table)
+        }
     }
 }
 
@@ -1148,6 +1464,156 @@ fn setting_lifts_read_only(body: &Value) -> bool {
     !on
 }
 
+/// Settings whose change only shapes how the session's own results look or how its own
+/// queries are planned, never what it may see or do: `SET`, `SET LOCAL`, `RESET` and `SET …
+/// TO DEFAULT` of them are reads. Every other setting (custom, dotted names included) is
+/// classed like `set_config`: a privilege.
+const READ_SETTINGS: &[&str] = &[
+    // How values are shown and messages reported.
+    "application_name",
+    "datestyle",
+    "intervalstyle",
+    "timezone",
+    "extra_float_digits",
+    "bytea_output",
+    "xmlbinary",
+    "xmloption",
+    "client_min_messages",
+    "lc_messages",
+    "lc_monetary",
+    "lc_numeric",
+    "lc_time",
+    "default_text_search_config",
+    // Transaction characteristics (turning read-only off is a write: see above).
+    "transaction",
+    "session characteristics",
+    "transaction snapshot",
+    "transaction_isolation",
+    "transaction_deferrable",
+    "transaction_read_only",
+    "default_transaction_isolation",
+    "default_transaction_deferrable",
+    "default_transaction_read_only",
+    // The planner's costs and strategies (`enable_*` too).
+    "seq_page_cost",
+    "random_page_cost",
+    "cpu_tuple_cost",
+    "cpu_index_tuple_cost",
+    "cpu_operator_cost",
+    "parallel_setup_cost",
+    "parallel_tuple_cost",
+    "min_parallel_table_scan_size",
+    "min_parallel_index_scan_size",
+    "effective_cache_size",
+    "default_statistics_target",
+    "constraint_exclusion",
+    "cursor_tuple_fraction",
+    "from_collapse_limit",
+    "join_collapse_limit",
+    "plan_cache_mode",
+    "recursive_worktable_factor",
+    "geqo",
+    "geqo_threshold",
+    "geqo_effort",
+    "geqo_pool_size",
+    "geqo_generations",
+    "geqo_selection_bias",
+    "geqo_seed",
+    "jit",
+    "jit_above_cost",
+    "jit_inline_above_cost",
+    "jit_optimize_above_cost",
+];
+
+/// Timeouts that bound the session itself: setting one is a read when it keeps a limit (a
+/// positive value of at most [`MAX_READ_TIMEOUT_MS`]) or goes back to the configured one
+/// (`RESET`, `DEFAULT`); `0` (no limit) or a longer one lifts what the operator may have
+/// set on the role, which is a privilege.
+const TIMEOUT_SETTINGS: &[&str] = &[
+    "statement_timeout",
+    "lock_timeout",
+    "idle_in_transaction_session_timeout",
+    "idle_session_timeout",
+    "transaction_timeout",
+];
+
+/// The longest timeout a `SET` may give as a read: one hour, in milliseconds.
+const MAX_READ_TIMEOUT_MS: f64 = 3_600_000.0;
+
+/// Whether `SET`/`RESET` of setting `name` (lower case) with this statement's arguments
+/// changes only what [`READ_SETTINGS`] and [`TIMEOUT_SETTINGS`] allow.
+fn harmless_setting(name: &str, body: &Value) -> bool {
+    use pg_query::protobuf::VariableSetKind as K;
+    // Core settings have no dot; every dotted name is an extension's or a custom one.
+    if name.contains('.') {
+        return false;
+    }
+    if READ_SETTINGS.contains(&name)
+        || (name.starts_with("enable_")
+            && name[7..]
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c == '_'))
+    {
+        return true;
+    }
+    if !TIMEOUT_SETTINGS.contains(&name) {
+        return false;
+    }
+    let kind = body.get("kind").and_then(Value::as_i64).unwrap_or_default();
+    if kind == K::VarSetDefault as i64
+        || kind == K::VarReset as i64
+        || kind == K::VarSetCurrent as i64
+    {
+        return true;
+    }
+    kind == K::VarSetValue as i64
+        && timeout_ms(body).is_some_and(|ms| (1.0..=MAX_READ_TIMEOUT_MS).contains(&ms))
+}
+
+/// The value of a `SET` of a timeout, in milliseconds (its base unit), as the server reads
+/// it; `None` when it is not one plain number with an optional unit (the server's units are
+/// case-sensitive).
+fn timeout_ms(body: &Value) -> Option<f64> {
+    let args = body.get("args").and_then(Value::as_array)?;
+    let [arg] = args.as_slice() else {
+        return None;
+    };
+    let val = arg.pointer("/node/AConst/val")?;
+    if let Some(i) = val.pointer("/Ival/ival") {
+        return i.as_f64();
+    }
+    if val.get("Ival").is_some() {
+        // protobuf's zero is left out.
+        return Some(0.0);
+    }
+    let text = val
+        .pointer("/Fval/fval")
+        .or_else(|| val.pointer("/Sval/sval"))
+        .and_then(Value::as_str)?
+        .trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    // A leading zero may be read as octal or hex by the server: only plain decimals count.
+    if number.is_empty()
+        || (number.len() > 1 && number.starts_with('0') && !number.starts_with("0."))
+    {
+        return None;
+    }
+    let number: f64 = number.parse().ok()?;
+    let scale = match unit.trim_start() {
+        "" | "ms" => 1.0,
+        "us" => 0.001,
+        "s" => 1_000.0,
+        "min" => 60_000.0,
+        "h" => 3_600_000.0,
+        "d" => 86_400_000.0,
+        _ => return None,
+    };
+    Some(number * scale)
+}
+
 /// Whether the classifier gives `function` (lower-case, without schema) a class of its own.
 pub fn known_function(function: &str) -> bool {
     function_class(function).is_some()
@@ -1157,10 +1623,48 @@ pub fn known_function(function: &str) -> bool {
 /// flagging the call: for what the catalog says about a function the classifier does not
 /// know (a volatile one may change anything).
 pub fn raise_function(c: &mut Classified, function: &str, class: OperationClass) {
-    for st in &mut c.statements {
+    for st in Arc::make_mut(&mut c.statements) {
         if st.functions.contains(function) || st.attribute_calls.contains(function) {
             st.class = max(st.class, class);
             st.flags.push(Flag::Function(function.to_owned()));
+        }
+    }
+    c.class = c.statements.iter().fold(c.class, |a, s| max(a, s.class));
+}
+
+/// Raises the statements that call `name` (lower case) with `schema` (empty: unqualified)
+/// to at least `class`, flagging the call as written (`app.random`): for what the catalog
+/// says of that call.
+pub fn raise_call(c: &mut Classified, schema: &str, name: &str, class: OperationClass) {
+    let key = (schema.to_owned(), name.to_owned());
+    let shown = if schema.is_empty() {
+        name.to_owned()
+    } else {
+        relation_name(schema, name)
+    };
+    for st in Arc::make_mut(&mut c.statements) {
+        if st.calls.contains(&key) {
+            st.class = max(st.class, class);
+            st.flags.push(Flag::Function(shown.clone()));
+        }
+    }
+    c.class = c.statements.iter().fold(c.class, |a, s| max(a, s.class));
+}
+
+/// Raises the statements that use operator `op` with `schema` (empty: looked up on the
+/// search path) to at least `class`, flagging it as `OPERATOR(schema.op)`: an operator
+/// runs its function.
+pub fn raise_operator(c: &mut Classified, schema: &str, op: &str, class: OperationClass) {
+    let key = (schema.to_owned(), op.to_owned());
+    let shown = if schema.is_empty() {
+        format!("OPERATOR({op})")
+    } else {
+        format!("OPERATOR({}.{op})", relation_name("", schema))
+    };
+    for st in Arc::make_mut(&mut c.statements) {
+        if st.operators.contains(&key) {
+            st.class = max(st.class, class);
+            st.flags.push(Flag::Function(shown.clone()));
         }
     }
     c.class = c.statements.iter().fold(c.class, |a, s| max(a, s.class));
@@ -1181,6 +1685,31 @@ fn attribute_function(w: &mut Walk, name: &str) {
         w.flags.push(Flag::Function(name.clone()));
         w.functions.insert(name);
     }
+}
+
+/// The class of reading a system view (or catalog) of `pg_catalog`, named unqualified or
+/// with that schema, when it is more than a read: views over the server's configuration
+/// files and build (what `pg_hba_file_rules()`, `pg_show_all_file_settings()`,
+/// `pg_ident_file_mappings()` and `pg_config()` return), over its shared memory and
+/// backend internals, and catalogs that hold credentials (password hashes, the passwords
+/// of user mappings). An unqualified name that is a table of the agent's own is classed
+/// the same (the name resolves to `pg_catalog` first on the default path).
+pub fn system_relation_class(name: &str) -> Option<OperationClass> {
+    use OperationClass::*;
+    Some(match name {
+        "pg_hba_file_rules"
+        | "pg_ident_file_mappings"
+        | "pg_file_settings"
+        | "pg_config"
+        | "pg_shmem_allocations"
+        | "pg_shmem_allocations_numa"
+        | "pg_backend_memory_contexts"
+        | "pg_authid"
+        | "pg_shadow"
+        | "pg_user_mapping"
+        | "pg_user_mappings" => Admin,
+        _ => return None,
+    })
 }
 
 /// The relation whose rows a built-in function returns without the statement naming it:
@@ -1264,31 +1793,57 @@ fn shape(sql: &str) -> Option<String> {
 pub fn classify(sql: &str) -> Result<Classified, ClassifyError> {
     // The same shape classifies the same way: drivers and ORMs send a few statement shapes
     // over and over, with other constants each time; the last few thousand are kept. The
-    // fingerprint is always of this exact text.
+    // fingerprint is always of this exact text. A text seen before (a prepared statement's
+    // text, parsed again for each execution) is found by the text itself, without the scan
+    // that makes its shape.
     type Cached = Arc<Result<Classified, ClassifyError>>;
-    static CACHE: std::sync::LazyLock<std::sync::Mutex<HashMap<String, Cached>>> =
+    #[derive(Default)]
+    struct Cache {
+        shapes: HashMap<String, Cached>,
+        texts: HashMap<Box<str>, Cached>,
+    }
+    static CACHE: std::sync::LazyLock<std::sync::Mutex<Cache>> =
         std::sync::LazyLock::new(Default::default);
     const CACHE_ENTRIES: usize = 4096;
     const CACHE_TEXT: usize = 16 << 10;
+    // Texts are kept whole as keys: only short ones (what drivers repeat).
+    const EXACT_TEXT: usize = 1 << 10;
     if sql.contains('\0') {
         return Err(ClassifyError::Nul);
+    }
+    let from = |hit: &Cached| match &**hit {
+        Ok(c) => Ok(Classified {
+            fingerprint: Fingerprint::of(sql),
+            ..c.clone()
+        }),
+        Err(e) => Err(e.clone()),
+    };
+    if sql.len() <= EXACT_TEXT
+        && let Some(hit) = CACHE.lock().ok().and_then(|c| c.texts.get(sql).cloned())
+    {
+        return from(&hit);
     }
     let key = if sql.len() <= CACHE_TEXT {
         shape(sql)
     } else {
         None
     };
-    let hit = key
-        .as_ref()
-        .and_then(|k| CACHE.lock().ok().and_then(|c| c.get(k).cloned()));
+    let remember = |cache: &mut Cache, hit: &Cached| {
+        if sql.len() <= EXACT_TEXT {
+            if cache.texts.len() >= CACHE_ENTRIES {
+                cache.texts.clear();
+            }
+            cache.texts.insert(Box::from(sql), hit.clone());
+        }
+    };
+    let hit = key.as_ref().and_then(|k| {
+        let mut cache = CACHE.lock().ok()?;
+        let hit = cache.shapes.get(k).cloned()?;
+        remember(&mut cache, &hit);
+        Some(hit)
+    });
     if let Some(hit) = hit {
-        return match &*hit {
-            Ok(c) => Ok(Classified {
-                fingerprint: Fingerprint::of(sql),
-                ..c.clone()
-            }),
-            Err(e) => Err(e.clone()),
-        };
+        return from(&hit);
     }
     let mut result = classify_uncached(sql);
     // Only successes are shared: a failure may come from a constant's value.
@@ -1297,10 +1852,12 @@ pub fn classify(sql: &str) -> Result<Classified, ClassifyError> {
         && let Ok(mut cache) = CACHE.lock()
     {
         c.redacted = super::redact(sql).map(Arc::from);
-        if cache.len() >= CACHE_ENTRIES {
-            cache.clear();
+        if cache.shapes.len() >= CACHE_ENTRIES {
+            cache.shapes.clear();
         }
-        cache.insert(key, Arc::new(result.clone()));
+        let shared = Arc::new(result.clone());
+        remember(&mut cache, &shared);
+        cache.shapes.insert(key, shared);
     }
     result
 }
@@ -1333,6 +1890,8 @@ fn classify_uncached(sql: &str) -> Result<Classified, ClassifyError> {
             flags: w.flags,
             relations: w.relations,
             functions: w.functions,
+            calls: w.calls,
+            operators: w.operators,
             columns: w.columns,
             aliases: w.aliases,
             attribute_calls: w.attribute_calls,
@@ -1345,7 +1904,7 @@ fn classify_uncached(sql: &str) -> Result<Classified, ClassifyError> {
         return Err(ClassifyError::Empty);
     }
     Ok(Classified {
-        statements,
+        statements: Arc::new(statements),
         class,
         fingerprint: Fingerprint::of(sql),
         redacted: None,
@@ -1388,8 +1947,8 @@ mod tests {
         classify(sql)
             .unwrap()
             .statements
-            .into_iter()
-            .flat_map(|s| s.flags)
+            .iter()
+            .flat_map(|s| s.flags.clone())
             .collect()
     }
 
@@ -1819,8 +2378,8 @@ mod tests {
         assert!(s.relations.contains("public.customers") && s.relations.contains("orders"));
         assert!(s.functions.contains("lower"));
         assert_eq!(
-            s.aliases.get("c").map(String::as_str),
-            Some("public.customers")
+            s.aliases.get("c"),
+            Some(&["public.customers".to_owned()][..])
         );
         assert!(
             s.columns
@@ -1982,5 +2541,380 @@ mod tests {
                 .relations
                 .contains("pg_catalog.pg_stat_activity")
         );
+    }
+
+    #[test]
+    fn settings_other_than_harmless_ones_are_privileged() {
+        // Custom settings row-level security reads, limits lifted, the server's behaviour.
+        for sql in [
+            "SET request.jwt.claims = '{\"sub\": \"1\", \"role\": \"admin\"}'",
+            "SET app.tenant_id = '7'",
+            "SET LOCAL app.tenant_id = '7'",
+            "SET SESSION app.tenant_id TO '7'",
+            "SET \"App.Tenant_Id\" = '7'",
+            "RESET app.tenant_id",
+            "SET app.tenant_id TO DEFAULT",
+            "RESET request.jwt.claims",
+            "SET statement_timeout = 0",
+            "SET statement_timeout = '0'",
+            "SET LOCAL statement_timeout = '0ms'",
+            "SET idle_in_transaction_session_timeout = 0",
+            "SET idle_session_timeout = '0'",
+            "SET lock_timeout = '2h'",
+            "SET statement_timeout = '7d'",
+            "SET statement_timeout = '0x10'",
+            "SET statement_timeout = '010'",
+            "SET statement_timeout = '100us'",
+            "SET statement_timeout = '5 fortnights'",
+            "SET work_mem = '4GB'",
+            "SET maintenance_work_mem = '2GB'",
+            "SET max_parallel_workers_per_gather = 64",
+            "SET temp_buffers = '1GB'",
+            "SET session_replication_role = replica",
+            "SET row_security = off",
+            "SET check_function_bodies = off",
+            "SET synchronous_commit = off",
+            "SET default_tablespace = 'fast'",
+            "SET search_path = evil, public",
+            "SET enable_seqscan.x = off",
+            "RESET ALL",
+            "DISCARD ALL",
+        ] {
+            assert_eq!(class(sql), Privilege, "{sql}");
+        }
+        assert_eq!(
+            classify("SET app.tenant_id = '7'").unwrap().statements[0].tag,
+            "SET"
+        );
+        assert_eq!(
+            classify("RESET ALL").unwrap().statements[0].tag,
+            "RESET ALL"
+        );
+    }
+
+    #[test]
+    fn harmless_settings_stay_reads() {
+        for sql in [
+            "SET DateStyle = ISO, MDY",
+            "SET datestyle TO 'German'",
+            "SET TIME ZONE 'UTC'",
+            "SET TIME ZONE LOCAL",
+            "SET timezone TO 'Europe/Berlin'",
+            "SET application_name = 'report'",
+            "SET extra_float_digits = 3",
+            "SET client_min_messages = warning",
+            "SET IntervalStyle = postgres",
+            "SET bytea_output = hex",
+            "SET lc_messages = 'C'",
+            "SET lc_monetary = 'C'",
+            "SET LOCAL lc_numeric = 'C'",
+            "RESET lc_time",
+            "SET XML OPTION DOCUMENT",
+            "SET default_text_search_config = 'pg_catalog.english'",
+            "SET statement_timeout = '5s'",
+            "SET statement_timeout = 30000",
+            "SET statement_timeout = 1.5",
+            "SET statement_timeout = '1h'",
+            "SET statement_timeout = '60 min'",
+            "SET LOCAL lock_timeout = '1min'",
+            "SET idle_in_transaction_session_timeout = '10s'",
+            "RESET statement_timeout",
+            "SET statement_timeout TO DEFAULT",
+            "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+            "SET TRANSACTION SNAPSHOT '00000003-0000001B-1'",
+            "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL READ COMMITTED",
+            "SET default_transaction_isolation = 'repeatable read'",
+            "SET default_transaction_read_only = on",
+            "SET enable_seqscan = off",
+            "SET LOCAL enable_nestloop TO false",
+            "SET random_page_cost = 1.1",
+            "SET jit = off",
+            "DISCARD PLANS",
+            "DISCARD SEQUENCES",
+        ] {
+            assert_eq!(class(sql), Read, "{sql}");
+        }
+        // The read-only safety net lifted is still a write.
+        assert_eq!(class("SET default_transaction_read_only = off"), Write);
+        assert_eq!(class("SET LOCAL transaction_read_only TO DEFAULT"), Write);
+        // DISCARD TEMP drops the session's temporary tables.
+        assert_eq!(class("DISCARD TEMP"), Ddl);
+        assert_eq!(class("DISCARD TEMPORARY"), Ddl);
+    }
+
+    #[test]
+    fn system_views_over_server_files_and_credentials_are_admin() {
+        for sql in [
+            "SELECT * FROM pg_hba_file_rules",
+            "SELECT * FROM pg_catalog.pg_hba_file_rules",
+            "SELECT count(*) FROM pg_file_settings",
+            "SELECT * FROM pg_ident_file_mappings",
+            "SELECT * FROM pg_config",
+            "SELECT * FROM pg_config()",
+            "SELECT * FROM pg_shmem_allocations",
+            "SELECT * FROM pg_backend_memory_contexts",
+            "SELECT * FROM pg_get_backend_memory_contexts()",
+            "SELECT rolname, rolpassword FROM pg_authid",
+            "SELECT passwd FROM pg_catalog.pg_shadow",
+            "SELECT umoptions FROM pg_user_mappings",
+            "SELECT 1 WHERE EXISTS (SELECT 1 FROM pg_file_settings)",
+            "WITH x AS (SELECT * FROM pg_hba_file_rules) SELECT * FROM x",
+            "SELECT * FROM orders o JOIN pg_hba_file_rules r ON true",
+            "CREATE VIEW rules AS SELECT * FROM pg_hba_file_rules",
+        ] {
+            assert_eq!(class(sql), Admin, "{sql}");
+        }
+        for sql in [
+            "SELECT name, setting FROM pg_settings",
+            "SELECT * FROM app.pg_hba_file_rules",
+            "WITH pg_config AS (SELECT 1) SELECT * FROM pg_config",
+            "SELECT * FROM pg_stat_activity",
+            "SELECT rolname FROM pg_roles",
+        ] {
+            assert_eq!(class(sql), Read, "{sql}");
+        }
+    }
+
+    #[test]
+    fn dropping_policies_triggers_and_rules_is_a_privilege_change() {
+        for sql in [
+            "DROP POLICY p ON t",
+            "DROP POLICY IF EXISTS tenant_isolation ON public.orders",
+            "DROP TRIGGER audit ON orders",
+            "DROP TRIGGER IF EXISTS audit ON orders CASCADE",
+            "DROP RULE r ON t",
+            "ALTER TABLE orders ENABLE REPLICA TRIGGER audit",
+            "ALTER TABLE orders ENABLE ALWAYS TRIGGER audit",
+            "ALTER TABLE orders ENABLE TRIGGER audit",
+            "ALTER TABLE orders ENABLE TRIGGER ALL",
+            "ALTER TABLE orders ENABLE TRIGGER USER",
+            "ALTER TABLE orders ENABLE REPLICA RULE r",
+            "ALTER TABLE orders ENABLE ALWAYS RULE r",
+            "ALTER TABLE orders ENABLE RULE r",
+            "ALTER TABLE orders DISABLE RULE r",
+            "ALTER TABLE orders DISABLE ROW LEVEL SECURITY",
+            "ALTER TABLE orders NO FORCE ROW LEVEL SECURITY",
+            "ALTER TABLE orders ADD COLUMN x int, DISABLE TRIGGER audit",
+        ] {
+            assert_eq!(class(sql), Privilege, "{sql}");
+        }
+        for sql in [
+            "DROP EVENT TRIGGER audit_ddl",
+            "DROP EXTENSION pgaudit",
+            "DROP SERVER remote CASCADE",
+            "DROP FOREIGN DATA WRAPPER w",
+            "DROP PUBLICATION p",
+            "DROP LANGUAGE plpython3u",
+            "DROP CAST (text AS int)",
+            "DROP ACCESS METHOD am",
+        ] {
+            assert_eq!(class(sql), Admin, "{sql}");
+        }
+        for sql in [
+            "DROP TABLE orders",
+            "DROP VIEW v",
+            "DROP FUNCTION f()",
+            "DROP INDEX i",
+            "DROP SEQUENCE s",
+        ] {
+            assert_eq!(class(sql), Ddl, "{sql}");
+        }
+        let tag = |sql: &str| classify(sql).unwrap().statements[0].tag.clone();
+        assert_eq!(tag("DROP POLICY p ON t"), "DROP POLICY");
+        assert_eq!(tag("DROP TRIGGER a ON t"), "DROP TRIGGER");
+        assert_eq!(tag("DROP EVENT TRIGGER e"), "DROP EVENT TRIGGER");
+    }
+
+    #[test]
+    fn writing_pg_settings_is_a_privilege_change() {
+        for sql in [
+            "UPDATE pg_settings SET setting = 'off' WHERE name = 'standard_conforming_strings'",
+            "UPDATE pg_catalog.pg_settings SET setting = '7' WHERE name = 'app.tenant_id'",
+            "WITH u AS (UPDATE pg_settings SET setting = 'off' WHERE name = 'row_security' \
+             RETURNING *) SELECT * FROM u",
+            "WITH pg_settings AS (SELECT 1) UPDATE pg_settings SET setting = 'x' WHERE name = 'y'",
+            "INSERT INTO pg_settings (name, setting) VALUES ('a', 'b')",
+            "DELETE FROM pg_settings WHERE name = 'x'",
+            "MERGE INTO pg_settings s USING (SELECT 'x' AS n) v ON s.name = v.n \
+             WHEN MATCHED THEN UPDATE SET setting = 'y'",
+            "COPY pg_settings FROM STDIN",
+            "SELECT 1; UPDATE pg_settings SET setting = 'x' WHERE name = 'y'",
+        ] {
+            assert_eq!(class(sql), Privilege, "{sql}");
+        }
+        assert!(
+            flags("UPDATE pg_settings SET setting = 'x' WHERE name = 'y'")
+                .contains(&Flag::Function("set_config".into()))
+        );
+        // Another schema's table of that name, or reading pg_settings, are not.
+        assert_eq!(
+            class("UPDATE app.pg_settings SET setting = 'x' WHERE name = 'y'"),
+            Write
+        );
+        assert_eq!(
+            class("UPDATE t SET v = s.setting FROM pg_settings s WHERE s.name = t.name"),
+            Write
+        );
+        assert_eq!(class("SELECT * FROM pg_settings"), Read);
+        assert_eq!(class("COPY pg_settings TO STDOUT"), Read);
+    }
+
+    #[test]
+    fn calls_keep_the_schema_they_name() {
+        let calls = |sql: &str| -> Vec<(String, String)> {
+            classify(sql).unwrap().statements[0]
+                .calls
+                .iter()
+                .cloned()
+                .collect()
+        };
+        let pair = |s: &str, n: &str| (s.to_owned(), n.to_owned());
+        assert_eq!(calls("SELECT app.random()"), [pair("app", "random")]);
+        assert_eq!(calls("SELECT random(1)"), [pair("", "random")]);
+        assert_eq!(
+            calls("SELECT pg_catalog.random(), Random()"),
+            [pair("", "random"), pair("pg_catalog", "random")]
+        );
+        assert_eq!(calls("SELECT db.app.F()"), [pair("app", "f")]);
+        assert_eq!(calls("SELECT \"App\".f()"), [pair("App", "f")]);
+        // The name alone is still reported, and name-based classes still apply.
+        let c = classify("SELECT app.random()").unwrap();
+        assert!(c.statements[0].functions.contains("random"));
+        assert_eq!(
+            class("SELECT public.dblink_exec('x', 'DROP TABLE t')"),
+            Exec
+        );
+        assert_eq!(class("SELECT app.pg_read_file('x')"), Admin);
+        // Raising one call leaves the other of the same name alone.
+        let mut c = classify("SELECT app.random(); SELECT random()").unwrap();
+        raise_call(&mut c, "app", "random", Exec);
+        assert_eq!(c.class, Exec);
+        assert_eq!(c.statements[0].class, Exec);
+        assert_eq!(c.statements[1].class, Read);
+        assert!(
+            c.statements[0]
+                .flags
+                .contains(&Flag::Function("app.random".into()))
+        );
+    }
+
+    #[test]
+    fn operators_named_or_implied_are_reported() {
+        let ops = |sql: &str| -> Vec<(String, String)> {
+            classify(sql)
+                .unwrap()
+                .statements
+                .iter()
+                .flat_map(|s| s.operators.iter().cloned())
+                .collect()
+        };
+        let op = |s: &str, o: &str| (s.to_owned(), o.to_owned());
+        assert_eq!(ops("SELECT * FROM t WHERE a = 1"), [op("", "=")]);
+        assert_eq!(
+            ops("SELECT a OPERATOR(public.===) b FROM t"),
+            [op("public", "===")]
+        );
+        assert_eq!(
+            ops("SELECT a OPERATOR(pg_catalog.+) 1"),
+            [op("pg_catalog", "+")]
+        );
+        assert_eq!(ops("SELECT * FROM t ORDER BY a USING ~<~"), [op("", "~<~")]);
+        assert_eq!(
+            ops("SELECT array_agg(a ORDER BY a USING >) FROM t"),
+            [op("", ">")]
+        );
+        assert_eq!(
+            ops("SELECT 1 FROM t WHERE a BETWEEN 1 AND 2"),
+            [op("", "<"), op("", "<="), op("", ">"), op("", ">=")]
+        );
+        for sql in [
+            "SELECT 1 FROM t WHERE a IN (SELECT b FROM u)",
+            "SELECT 1 FROM t WHERE a IN (1, 2)",
+            "SELECT 1 FROM t JOIN u USING (id)",
+            "SELECT 1 FROM t NATURAL JOIN u",
+            "SELECT CASE a WHEN 1 THEN 2 END FROM t",
+            "SELECT 1 FROM t WHERE a = ANY (SELECT b FROM u)",
+            "SELECT 1 FROM t WHERE a IS DISTINCT FROM b",
+            "SELECT NULLIF(a, b) FROM t",
+        ] {
+            assert_eq!(ops(sql), [op("", "=")], "{sql}");
+        }
+        assert_eq!(ops("SELECT 1 FROM t WHERE a LIKE 'x%'"), [op("", "~~")]);
+        assert_eq!(ops("SELECT 1 FROM t WHERE a @@ b"), [op("", "@@")]);
+        assert!(ops("SELECT a FROM t ORDER BY a").is_empty());
+        // What needs the catalog: functions, attribute notation, operators.
+        let needs = |sql: &str| classify(sql).unwrap().needs_catalog_check();
+        assert!(needs("SELECT 1 WHERE 1 = 1"));
+        assert!(needs("SELECT lower('a')"));
+        assert!(needs("SELECT t.a FROM t"));
+        assert!(needs("SELECT * FROM t ORDER BY a USING <"));
+        assert!(!needs("SELECT a FROM t"));
+        assert!(!needs("BEGIN"));
+        // Raising an operator.
+        let mut c = classify("SELECT 1 FROM t WHERE a @@ b").unwrap();
+        raise_operator(&mut c, "", "@@", Exec);
+        assert_eq!(c.class, Exec);
+        assert!(
+            c.statements[0]
+                .flags
+                .contains(&Flag::Function("OPERATOR(@@)".into()))
+        );
+        let mut c = classify("SELECT a OPERATOR(app.@@) b FROM t").unwrap();
+        raise_operator(&mut c, "app", "@@", Exec);
+        assert!(
+            c.statements[0]
+                .flags
+                .contains(&Flag::Function("OPERATOR(app.@@)".into()))
+        );
+    }
+
+    #[test]
+    fn an_alias_reused_in_another_scope_names_every_relation() {
+        let c = classify(
+            "SELECT (SELECT json_agg(state) FROM customers AS state) AS leak, \
+             (SELECT 1 FROM orders AS state LIMIT 1) AS decoy",
+        )
+        .unwrap();
+        let st = &c.statements[0];
+        assert_eq!(
+            st.aliases.get("state"),
+            Some(&["customers".to_owned(), "orders".to_owned()][..])
+        );
+        // The same relation twice under one alias is named once.
+        let c = classify("SELECT 1 FROM t AS x WHERE EXISTS (SELECT 1 FROM t AS x)").unwrap();
+        assert_eq!(
+            c.statements[0].aliases.get("x"),
+            Some(&["t".to_owned()][..])
+        );
+        // Rewriting the names in place (as the gateway does when it resolves them).
+        let mut aliases = st.aliases.clone();
+        for r in aliases.values_mut() {
+            *r = format!("public.{r}");
+        }
+        assert_eq!(
+            aliases.get("state"),
+            Some(&["public.customers".to_owned(), "public.orders".to_owned()][..])
+        );
+        aliases.entry("state".into()).or_insert_with(|| "x".into());
+        aliases
+            .entry("orders".into())
+            .or_insert_with(|| "public.orders".into());
+        assert_eq!(aliases.get("state").map(<[String]>::len), Some(2));
+        assert_eq!(
+            aliases.get("orders"),
+            Some(&["public.orders".to_owned()][..])
+        );
+    }
+
+    #[test]
+    fn relation_names_split_into_schema_and_table() {
+        for (schema, table) in [("", "t"), ("public", "t"), ("a.b", "c\"d"), ("", "x.y")] {
+            let name = relation_name(schema, table);
+            assert_eq!(
+                relation_parts(&name),
+                (schema.to_owned(), table.to_owned()),
+                "{name}"
+            );
+        }
     }
 }

@@ -79,7 +79,8 @@ fn has_key(v: &Value, key: &str) -> bool {
     }
 }
 
-/// Resources whose objects are or make pods.
+/// Resources whose objects are or make pods (built-in kinds, which kubectl may send in
+/// protobuf: a body of theirs that cannot be read counts as the worst).
 const POD_MAKERS: [&str; 9] = [
     "pods",
     "deployments",
@@ -92,30 +93,168 @@ const POD_MAKERS: [&str; 9] = [
     "podtemplates",
 ];
 
-/// Why a write of a pod, or of what makes pods, reaches around the gateway, if it does, and
-/// its class. A pod runs as whatever identity and with whatever it mounts, and its logs are
-/// only a read away:
-/// - Admin: the node itself (privileged, host namespaces, hostPath, added capabilities);
+/// The name of the container agentgate injects into an agent's pod (the operator's
+/// `webhook::pod::SIDECAR`): the gateway itself, which holds the Targets' credentials and
+/// the records' signing key, and whose listeners on the pod's loopback act as the pod's
+/// agent.
+pub const SIDECAR_CONTAINER: &str = "agentgate-sidecar";
+
+/// The pod-spec field that turns the service-account token off (or on).
+const AUTOMOUNT: &str = "automountServiceAccountToken";
+
+/// Keys whose array value is a list of containers: an object with one is a pod spec, in
+/// whatever resource it is (Kubernetes' own kinds, Knative's and Argo's `containerSet`
+/// templates, any custom resource that embeds one).
+const CONTAINER_LISTS: [&str; 3] = ["containers", "initContainers", "ephemeralContainers"];
+
+/// Whether an object says what runs in a pod: a container list ([`CONTAINER_LISTS`]), an
+/// Argo Workflows template's `container` or `script` (an object with an `image`), or a
+/// Tekton Task's `steps` or `sidecars` (a list of objects with an `image`).
+fn is_pod_spec(o: &serde_json::Map<String, Value>) -> bool {
+    let image = |v: &Value| v.get("image").is_some();
+    o.iter().any(|(k, v)| match k.as_str() {
+        "containers" | "initContainers" | "ephemeralContainers" => v.is_array(),
+        "container" | "script" => image(v),
+        "steps" | "sidecars" => v.as_array().is_some_and(|a| a.iter().any(image)),
+        _ => false,
+    })
+}
+
+/// Whether an object is a KubeVirt virtual machine's spec (`domain` with `devices`): not a
+/// pod, but its volumes reach the same Secrets, service accounts and node disks.
+fn is_vm_spec(o: &serde_json::Map<String, Value>) -> bool {
+    o.get("domain").is_some_and(|d| d.get("devices").is_some())
+}
+
+/// Path segments of a JSON patch that reach into what runs in a pod.
+const POD_PATH_SEGMENTS: [&str; 7] = [
+    "containers",
+    "initContainers",
+    "ephemeralContainers",
+    "container",
+    "script",
+    "steps",
+    "sidecars",
+];
+
+/// A JSON patch's operations, when a body is one (an array of objects with an `op`).
+fn json_patch_ops(v: &Value) -> Option<&[Value]> {
+    match v {
+        Value::Array(ops) if !ops.is_empty() && ops.iter().all(|op| op.get("op").is_some()) => {
+            Some(ops)
+        }
+        _ => None,
+    }
+}
+
+/// Whether a body holds, at any depth, what pods (or virtual machines) run from; or, a JSON
+/// patch, changes it (an operation's `path` or `from` goes through [`POD_PATH_SEGMENTS`]).
+fn has_pod_shape(v: &Value) -> bool {
+    fn holds(v: &Value) -> bool {
+        match v {
+            Value::Object(o) => is_pod_spec(o) || is_vm_spec(o) || o.values().any(holds),
+            Value::Array(a) => a.iter().any(holds),
+            _ => false,
+        }
+    }
+    let patched = json_patch_ops(v).is_some_and(|ops| {
+        ops.iter().any(|op| {
+            ["path", "from"].iter().any(|k| {
+                op.get(*k)
+                    .and_then(Value::as_str)
+                    .is_some_and(|p| p.split('/').any(|s| POD_PATH_SEGMENTS.contains(&s)))
+            })
+        })
+    });
+    patched || holds(v)
+}
+
+/// Whether a body gives a pod its service account's token: it sets
+/// `automountServiceAccountToken` to anything but `false` at any depth, or holds a pod spec
+/// where neither it nor an object around it sets `automountServiceAccountToken: false` (the
+/// default mounts the token of the pod's service account, the namespace's `default` when it
+/// names none, and the ServiceAccount's own setting cannot be seen from here). A JSON patch
+/// does when it touches a pod's containers without setting the field to `false`, or removes,
+/// moves or copies the field.
+fn mounts_token(v: &Value) -> bool {
+    fn walk(v: &Value, off: bool) -> bool {
+        match v {
+            Value::Object(o) => {
+                let off = match o.get(AUTOMOUNT) {
+                    Some(Value::Bool(false)) => true,
+                    Some(_) => return true,
+                    None => off,
+                };
+                (is_pod_spec(o) && !off) || o.values().any(|x| walk(x, off))
+            }
+            Value::Array(a) => a.iter().any(|x| walk(x, off)),
+            _ => false,
+        }
+    }
+    let Some(ops) = json_patch_ops(v) else {
+        return walk(v, false);
+    };
+    let (mut off, mut on, mut touches) = (false, false, false);
+    for op in ops {
+        let kind = op.get("op").and_then(Value::as_str).unwrap_or("");
+        let path = op.get("path").and_then(Value::as_str).unwrap_or("");
+        let from = op.get("from").and_then(Value::as_str).unwrap_or("");
+        let names = |p: &str, keys: &[&str]| p.split('/').any(|s| keys.contains(&s));
+        if matches!(kind, "add" | "replace")
+            && path.rsplit('/').next() == Some(AUTOMOUNT)
+            && op.get("value") == Some(&Value::Bool(false))
+        {
+            off = true;
+            continue;
+        }
+        if kind == "test" {
+            continue;
+        }
+        on |= names(path, &[AUTOMOUNT]) || names(from, &[AUTOMOUNT]);
+        // (A value that is a pod spec counts as touching one: another operation may turn
+        // the token off.)
+        touches |= names(path, &POD_PATH_SEGMENTS)
+            || names(from, &POD_PATH_SEGMENTS)
+            || op.get("value").is_some_and(|x| walk(x, false));
+    }
+    on || (touches && !off)
+}
+
+/// Why a write of a pod, or of anything pods run from, reaches around the gateway, if it
+/// does, and its class. A pod runs as whatever identity and with whatever it mounts, and its
+/// logs are only a read away:
+/// - Admin: the node itself (privileged, host namespaces, hostPath or gitRepo volumes
+///   (which run git on the node), added capabilities);
 /// - Exec (held for approval): a service account (its token is the pod's credential, and an
-///   agent's own is the sidecar's) or Secrets (as env or volumes), which would reach the
-///   agent unmasked.
+///   agent's own is the sidecar's), which every pod mounts unless its spec sets
+///   `automountServiceAccountToken: false`, or Secrets (as env, volumes or a CSI driver's
+///   secret), which would reach the agent unmasked.
 ///
-/// Keys are looked for at any depth, and in JSON patch paths; a body that cannot be read is
-/// Admin.
+/// Which writes: the pod-making kinds ([`POD_MAKERS`]) by name, and any other resource in
+/// any group (custom resources: Argo Workflows, Knative, Tekton, KubeVirt, …) whose body
+/// holds a pod spec's shape at any depth ([`has_pod_shape`]). Keys are looked for at any
+/// depth, and in JSON patch paths; a pod-making kind's body that cannot be read is Admin.
 fn pod_spec_risk(
     info: &RequestInfo,
     body: Option<&[u8]>,
 ) -> Option<(OperationClass, &'static str)> {
-    if !POD_MAKERS.contains(&info.resource.as_str())
-        || !info.subresource.is_empty()
-        || !matches!(info.verb.as_str(), "create" | "update" | "patch")
+    if !info.subresource.is_empty() || !matches!(info.verb.as_str(), "create" | "update" | "patch")
     {
         return None;
     }
+    let pod_maker = POD_MAKERS.contains(&info.resource.as_str());
     let body = body.filter(|b| !b.is_empty())?;
-    let Some(v) = body_value(body) else {
-        return Some((OperationClass::Admin, "a pod body agentgate cannot read"));
+    let v = match body_value(body) {
+        Some(v) => v,
+        None if pod_maker => {
+            return Some((OperationClass::Admin, "a pod body agentgate cannot read"));
+        }
+        // (Only built-in kinds come in protobuf, and the others hold no pod.)
+        None => return None,
     };
+    if !pod_maker && !has_pod_shape(&v) {
+        return None;
+    }
     let node = [
         "privileged",
         "hostPID",
@@ -126,13 +265,16 @@ fn pod_spec_risk(
         "hostPort",
         "capabilities",
         "procMount",
+        "gitRepo",
+        "hostDisk",
     ];
     if let Some(k) = node.iter().find(|k| has_key(&v, k)) {
         return Some((
             OperationClass::Admin,
             match *k {
                 "privileged" => "a privileged container",
-                "hostPath" => "a hostPath volume",
+                "hostPath" | "hostDisk" => "a hostPath volume",
+                "gitRepo" => "a gitRepo volume (git runs on the node)",
                 "capabilities" => "container capabilities",
                 _ => "the node's namespaces or ports",
             },
@@ -141,12 +283,16 @@ fn pod_spec_risk(
     let credentials = [
         "serviceAccountName",
         "serviceAccount",
-        "automountServiceAccountToken",
         "serviceAccountToken",
         "secretKeyRef",
         "secretRef",
         "secret",
         "secretName",
+        // A CSI driver mounts what it is told to (a cloud secret store's values), with
+        // a Secret of its own; flexVolume drivers likewise.
+        "csi",
+        "nodePublishSecretRef",
+        "flexVolume",
     ];
     if credentials.iter().any(|k| has_key(&v, k)) {
         return Some((
@@ -154,7 +300,89 @@ fn pod_spec_risk(
             "a service account or Secrets mounted into a pod",
         ));
     }
+    if mounts_token(&v) {
+        return Some((
+            OperationClass::Exec,
+            "a pod that mounts a service-account token (its spec does not set automountServiceAccountToken: false)",
+        ));
+    }
     None
+}
+
+/// Why a request reaches into agentgate's own container ([`SIDECAR_CONTAINER`]), if it
+/// does: an exec or attach naming it as its `container` (any value given), or a debug
+/// container that targets it or is named after it. Refused whatever a policy or an approver
+/// says. (Without a `container`, the API server picks the pod's only app container, never
+/// an init container, which is where the sidecar is injected. Any exec, attach or
+/// port-forward into a pod that carries the sidecar is refused too, once the gateway has
+/// read the pod: [`pod_carries_sidecar`].)
+pub fn reaches_sidecar(info: &RequestInfo, query: &str, body: Option<&[u8]>) -> Option<String> {
+    if !info.resource_request || info.resource != "pods" {
+        return None;
+    }
+    match info.subresource.as_str() {
+        "exec" | "attach"
+            if connect_params(query)
+                .iter()
+                .any(|(k, v)| k == "container" && v == SIDECAR_CONTAINER) =>
+        {
+            Some(format!(
+                "{SIDECAR_CONTAINER} is agentgate's own container (it holds the Targets' credentials and the records' signing key): nobody may exec, attach or port-forward into it through agentgate, whatever a grant or an approver says; name the agent's own container (kubectl exec -c <container>)"
+            ))
+        }
+        "ephemeralcontainers" if info.verb != "get" => {
+            let body = body.filter(|b| !b.is_empty())?;
+            let names_it = match body_value(body) {
+                Some(v) => {
+                    fn walk(v: &Value) -> bool {
+                        match v {
+                            Value::String(s) => s == SIDECAR_CONTAINER,
+                            Value::Array(a) => a.iter().any(walk),
+                            Value::Object(o) => o.values().any(walk),
+                            _ => false,
+                        }
+                    }
+                    walk(&v)
+                }
+                // Protobuf: strings are plain bytes there.
+                None => body
+                    .windows(SIDECAR_CONTAINER.len())
+                    .any(|w| w == SIDECAR_CONTAINER.as_bytes()),
+            };
+            names_it.then(|| {
+                format!(
+                    "a debug container may not target or be named {SIDECAR_CONTAINER}, agentgate's own container (it holds the Targets' credentials and the records' signing key), whatever a grant or an approver says; target the agent's own container (kubectl debug --target=<container>)"
+                )
+            })
+        }
+        _ => None,
+    }
+}
+
+/// The refusal of an exec, attach or port-forward into a pod that carries
+/// [`SIDECAR_CONTAINER`].
+pub fn sidecar_pod_refusal(pod: &str) -> String {
+    format!(
+        "pod {pod} carries {SIDECAR_CONTAINER}, agentgate's own container: an exec, attach or port-forward into it reaches the pod's loopback, where agentgate's gateways act as that pod's agent, so it is refused whatever a grant or an approver says; use a pod without the sidecar (or, to forward, a Service)"
+    )
+}
+
+/// Whether a pod (the API server's JSON of it) carries [`SIDECAR_CONTAINER`] among any of
+/// its containers, or says it was injected. `None` when it is not a pod's JSON.
+pub fn pod_carries_sidecar(pod: &[u8]) -> Option<bool> {
+    let v: Value = serde_json::from_slice(pod).ok()?;
+    let spec = v.get("spec")?;
+    let named = CONTAINER_LISTS.iter().any(|list| {
+        spec.get(*list).and_then(Value::as_array).is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c.get("name").and_then(Value::as_str) == Some(SIDECAR_CONTAINER))
+        })
+    });
+    let injected = v
+        .pointer("/metadata/annotations")
+        .and_then(Value::as_object)
+        .is_some_and(|a| a.contains_key("agentgate.dev/injected"));
+    Some(named || injected)
 }
 
 /// Why a write of a PersistentVolume reaches the node, if it does: a volume on the node's own
@@ -344,9 +572,14 @@ fn secret_write_risk(info: &RequestInfo, body: Option<&[u8]>) -> Option<&'static
     None
 }
 
-/// Classifies a request. `body` is the request body of a create, update or patch (JSON).
+/// Classifies a request. `body` is the request body as it is forwarded: a create's, an
+/// update's or a patch's (JSON, or protobuf), or a delete's `DeleteOptions` (which only the
+/// fingerprint reads).
 pub fn classify(info: &RequestInfo, query: &str, body: Option<&[u8]>) -> Command {
     let mut keys = keys(info);
+    let full_body = body;
+    // What a write's body makes of objects; a delete's says only how to delete.
+    let body = body.filter(|_| matches!(info.verb.as_str(), "create" | "update" | "patch"));
     // Setting owners on an object hands it to the garbage collector, which deletes it when
     // the owner is gone (or never existed): it counts as the delete, so the guardrails on
     // deleting it hold it too.
@@ -409,6 +642,7 @@ pub fn classify(info: &RequestInfo, query: &str, body: Option<&[u8]>) -> Command
         // certificates and changing admission webhooks reach around every other control.
         OperationClass::Admin
     } else if info.group == "apiextensions.k8s.io"
+        && matches!(info.verb.as_str(), "create" | "update" | "patch")
         && body.is_some_and(|b| body_value(b).is_none_or(|v| has_key(&v, "webhook")))
     {
         // A conversion webhook receives every object of the resource, and rewrites them.
@@ -421,7 +655,7 @@ pub fn classify(info: &RequestInfo, query: &str, body: Option<&[u8]>) -> Command
     };
     Command {
         class,
-        fingerprint: Fingerprint::known(fingerprint(info, query, body)),
+        fingerprint: Fingerprint::known(fingerprint(info, query, full_body)),
         keys,
         tables: BTreeSet::new(),
         unresolved: None,
@@ -437,8 +671,9 @@ pub fn classify(info: &RequestInfo, query: &str, body: Option<&[u8]>) -> Command
     }
 }
 
-/// The exact request a grant can be bound to: the request, the parameters that choose what
-/// runs (an exec's command and container), and the body.
+/// The exact request a grant can be bound to: the request (with, for one with a body, its
+/// API version and the body's media type), every value of every query parameter but those
+/// that only page or time it ([`all_params`]), and the body as forwarded.
 fn fingerprint(info: &RequestInfo, query: &str, body: Option<&[u8]>) -> String {
     let mut h = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
     h.update(info.describe().as_bytes());
@@ -455,15 +690,23 @@ fn fingerprint(info: &RequestInfo, query: &str, body: Option<&[u8]>) -> String {
     agentgate_crds::audit::chain::hex(h.finish().as_ref())
 }
 
-/// Every query parameter, decoded, sorted by name (values of one name in order), except
-/// those that only page or time a request.
+/// A query key or value decoded as the API server decodes it. The query was checked before
+/// ([`super::request::check_query`] refuses what does not decode); should it not decode, it
+/// is shown as it came, marked.
+fn decoded(v: &str) -> String {
+    super::request::decode_query_value(v).unwrap_or_else(|| format!("{v} (not decodable)"))
+}
+
+/// Every query parameter, decoded, sorted by name (every value of a name, in order), except
+/// those that only page or time a request (so that a held read's retry, or a watch's, is the
+/// same request).
 pub fn all_params(query: &str) -> Vec<(String, String)> {
     let mut params: Vec<(String, String)> = query
         .split('&')
         .filter(|kv| !kv.is_empty())
         .map(|kv| {
             let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-            (k.to_owned(), percent_decode(v))
+            (k.to_owned(), decoded(v))
         })
         .filter(|(k, _)| {
             !matches!(
@@ -489,43 +732,32 @@ pub fn connect_params(query: &str) -> Vec<(String, String)> {
     query
         .split('&')
         .filter_map(|kv| {
-            let (k, v) = kv.split_once('=')?;
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
             matches!(k, "command" | "container" | "stdin" | "tty" | "ports")
-                .then(|| (k.to_owned(), percent_decode(v)))
+                .then(|| (k.to_owned(), decoded(v)))
         })
         .collect()
 }
 
-/// Decodes `%XX` and `+` in a query value (invalid escapes stay as they are).
-pub fn percent_decode(v: &str) -> String {
-    let bytes = v.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' => {
-                let hex = bytes
-                    .get(i + 1..i + 3)
-                    .and_then(|h| std::str::from_utf8(h).ok())
-                    .and_then(|h| u8::from_str_radix(h, 16).ok());
-                match hex {
-                    Some(b) => {
-                        out.push(b);
-                        i += 2;
-                    }
-                    None => out.push(b'%'),
-                }
-            }
-            b => out.push(b),
-        }
-        i += 1;
+/// An exec's argument as an approver reads it: as it is when it is one plain word, else
+/// quoted as a POSIX shell would need it (`sh -c 'echo a; rm b'` is three arguments, and
+/// `sh -c echo a; rm b` six), so that no two commands read alike.
+fn shell_word(arg: &str) -> String {
+    let plain = !arg.is_empty()
+        && arg
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./:=@%+,".contains(&b));
+    if plain {
+        arg.to_owned()
+    } else {
+        format!("'{}'", arg.replace('\'', r"'\''"))
     }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
-/// The text a record and an approver see: the request, for an exec the command, and for
-/// other requests the parameters that choose what they reach (selectors, dry runs, …).
+/// The text a record and an approver see: the request, for a connect request (exec,
+/// attach, port-forward) the command, the container and whether stdin and a terminal are
+/// attached (every value given), and for other requests the parameters that choose what
+/// they reach (selectors, dry runs, …), every value of each.
 pub fn text(info: &RequestInfo, query: &str) -> String {
     let mut s = info.describe();
     if !CONNECT.contains(&info.subresource.as_str()) {
@@ -538,29 +770,44 @@ pub fn text(info: &RequestInfo, query: &str) -> String {
             s.push_str(" ?");
             s.push_str(&params.join("&"));
         }
+        return s;
     }
-    if CONNECT.contains(&info.subresource.as_str()) {
-        let params = connect_params(query);
-        let command: Vec<&str> = params
+    let params = connect_params(query);
+    let values = |name: &str| -> Vec<&str> {
+        params
             .iter()
-            .filter(|(k, _)| k == "command")
+            .filter(|(k, _)| k == name)
             .map(|(_, v)| v.as_str())
-            .collect();
-        if !command.is_empty() {
-            s.push_str(": ");
-            s.push_str(&command.join(" "));
+            .collect()
+    };
+    let command = values("command");
+    if !command.is_empty() {
+        let words: Vec<String> = command.iter().map(|a| shell_word(a)).collect();
+        s.push_str(": ");
+        s.push_str(&words.join(" "));
+    }
+    let mut notes = Vec::new();
+    let containers = values("container");
+    if !containers.is_empty() {
+        notes.push(format!("container {}", containers.join(", ")));
+    }
+    // As the API server reads them (the first value; anything but `0` or `false`).
+    for flag in ["stdin", "tty"] {
+        if !values(flag).is_empty() && super::request::query_flag(query, flag) {
+            notes.push(flag.to_owned());
         }
-        if let Some((_, c)) = params.iter().find(|(k, _)| k == "container") {
-            s.push_str(&format!(" (container {c})"));
-        }
-        if let Some((_, p)) = params.iter().find(|(k, _)| k == "ports") {
-            s.push_str(&format!(" (ports {p})"));
-        }
-        // A proxy passes its query to the pod or service: it is part of what runs.
-        if info.subresource == "proxy" && !query.is_empty() {
-            s.push_str(" ?");
-            s.push_str(&percent_decode(query));
-        }
+    }
+    let ports = values("ports");
+    if !ports.is_empty() {
+        notes.push(format!("ports {}", ports.join(", ")));
+    }
+    if !notes.is_empty() {
+        s.push_str(&format!(" ({})", notes.join(", ")));
+    }
+    // A proxy passes its query to the pod or service: it is part of what runs.
+    if info.subresource == "proxy" && !query.is_empty() {
+        s.push_str(" ?");
+        s.push_str(&decoded(query));
     }
     s
 }
@@ -753,10 +1000,17 @@ mod tests {
                 r#"{"spec":{"replicas":3}}"#,
                 OperationClass::Write,
             ),
+            // A pod spec that turns the service-account token off is a plain write.
+            (
+                "/apis/apps/v1/namespaces/a/deployments/orders",
+                r#"{"spec":{"template":{"spec":{"automountServiceAccountToken":false,"containers":[{"name":"c","image":"orders:2","env":[{"name":"LOG","value":"secret"}]}]}}}}"#,
+                OperationClass::Write,
+            ),
+            // One that does not gets its service account's token.
             (
                 "/apis/apps/v1/namespaces/a/deployments/orders",
                 r#"{"spec":{"template":{"spec":{"containers":[{"name":"c","image":"orders:2","env":[{"name":"LOG","value":"secret"}]}]}}}}"#,
-                OperationClass::Write,
+                OperationClass::Exec,
             ),
         ] {
             assert_eq!(class("PATCH", path, body).0, want, "{path} {body}");
@@ -892,11 +1146,413 @@ mod tests {
         let q2 = "command=ls&container=app&stdin=true";
         assert_eq!(
             text(&info, q1),
-            "create pods/exec web -n a: rm -rf /data (container app)"
+            "create pods/exec web -n a: rm -rf /data (container app, stdin)"
         );
         let f1 = classify(&info, q1, None).fingerprint;
         let f2 = classify(&info, q2, None).fingerprint;
         assert_ne!(f1.get(), f2.get());
         assert_eq!(f1.get(), classify(&info, q1, None).fingerprint.get());
+    }
+
+    fn class_of(method: &str, path: &str, body: &str) -> OperationClass {
+        class(method, path, body).0
+    }
+
+    #[test]
+    fn a_pod_spec_that_does_not_turn_the_token_off_mounts_it() {
+        let pod = "/api/v1/namespaces/a/pods";
+        let deploy = "/apis/apps/v1/namespaces/a/deployments/orders";
+        for (method, path, body, want) in [
+            // A plain pod: the namespace's default account's token is mounted.
+            (
+                "POST",
+                pod,
+                r#"{"kind":"Pod","metadata":{"name":"p"},"spec":{"containers":[{"name":"c","image":"busybox"}]}}"#,
+                OperationClass::Exec,
+            ),
+            (
+                "POST",
+                pod,
+                r#"{"kind":"Pod","metadata":{"name":"p"},"spec":{"automountServiceAccountToken":false,"containers":[{"name":"c","image":"busybox"}]}}"#,
+                OperationClass::Write,
+            ),
+            // Set to anything but false (true, null in a merge patch) turns it on.
+            (
+                "PATCH",
+                deploy,
+                r#"{"spec":{"template":{"spec":{"automountServiceAccountToken":null}}}}"#,
+                OperationClass::Exec,
+            ),
+            (
+                "PATCH",
+                deploy,
+                r#"{"spec":{"template":{"spec":{"automountServiceAccountToken":true,"containers":[]}}}}"#,
+                OperationClass::Exec,
+            ),
+            // A CronJob's template, in YAML.
+            (
+                "POST",
+                "/apis/batch/v1/namespaces/a/cronjobs",
+                "kind: CronJob\nspec:\n  jobTemplate:\n    spec:\n      template:\n        spec:\n          containers: [{name: c, image: x}]\n",
+                OperationClass::Exec,
+            ),
+            (
+                "POST",
+                "/apis/batch/v1/namespaces/a/cronjobs",
+                "kind: CronJob\nspec:\n  jobTemplate:\n    spec:\n      template:\n        spec:\n          automountServiceAccountToken: false\n          containers: [{name: c, image: x}]\n",
+                OperationClass::Write,
+            ),
+            // `kubectl set image`: a strategic merge patch of the containers.
+            (
+                "PATCH",
+                deploy,
+                r#"{"spec":{"template":{"spec":{"$setElementOrder/containers":[{"name":"c"}],"containers":[{"image":"evil:1","name":"c"}]}}}}"#,
+                OperationClass::Exec,
+            ),
+            // A JSON patch of a container, with and without turning the token off.
+            (
+                "PATCH",
+                deploy,
+                r#"[{"op":"replace","path":"/spec/template/spec/containers/0/image","value":"evil:1"}]"#,
+                OperationClass::Exec,
+            ),
+            (
+                "PATCH",
+                deploy,
+                r#"[{"op":"replace","path":"/spec/template/spec/containers/0/image","value":"evil:1"},{"op":"add","path":"/spec/template/spec/automountServiceAccountToken","value":false}]"#,
+                OperationClass::Write,
+            ),
+            (
+                "PATCH",
+                deploy,
+                r#"[{"op":"remove","path":"/spec/template/spec/automountServiceAccountToken"}]"#,
+                OperationClass::Exec,
+            ),
+            (
+                "PATCH",
+                deploy,
+                r#"[{"op":"add","path":"/spec/template/spec","value":{"containers":[{"name":"c","image":"x"}]}}]"#,
+                OperationClass::Exec,
+            ),
+            // What does not touch the pod spec stays a write.
+            (
+                "PATCH",
+                deploy,
+                r#"{"spec":{"replicas":3}}"#,
+                OperationClass::Write,
+            ),
+            (
+                "PATCH",
+                deploy,
+                r#"{"spec":{"template":{"metadata":{"annotations":{"restartedAt":"now"}}}}}"#,
+                OperationClass::Write,
+            ),
+            (
+                "PATCH",
+                deploy,
+                r#"[{"op":"replace","path":"/spec/replicas","value":3}]"#,
+                OperationClass::Write,
+            ),
+        ] {
+            assert_eq!(class_of(method, path, body), want, "{method} {path} {body}");
+        }
+        let (_, keys) = class(
+            "POST",
+            pod,
+            r#"{"spec":{"containers":[{"name":"c","image":"busybox"}]}}"#,
+        );
+        assert!(
+            keys.iter().any(|k| k.starts_with("pod spec: ")
+                && k.contains("automountServiceAccountToken: false")),
+            "{keys:?}"
+        );
+    }
+
+    #[test]
+    fn pod_specs_are_checked_in_any_resource_of_any_group() {
+        for (path, body, want) in [
+            // Argo Workflows: a template's container; the token off for the whole workflow.
+            (
+                "/apis/argoproj.io/v1alpha1/namespaces/a/workflows",
+                r#"{"kind":"Workflow","spec":{"entrypoint":"main","templates":[{"name":"main","container":{"image":"alpine","command":["sh"]}}]}}"#,
+                OperationClass::Exec,
+            ),
+            (
+                "/apis/argoproj.io/v1alpha1/namespaces/a/workflows",
+                r#"{"kind":"Workflow","spec":{"automountServiceAccountToken":false,"templates":[{"name":"main","script":{"image":"alpine","source":"id"}}]}}"#,
+                OperationClass::Write,
+            ),
+            (
+                "/apis/argoproj.io/v1alpha1/namespaces/a/workflows",
+                r#"{"kind":"Workflow","spec":{"automountServiceAccountToken":false,"templates":[{"name":"main","container":{"image":"alpine","securityContext":{"privileged":true}}}]}}"#,
+                OperationClass::Admin,
+            ),
+            (
+                "/apis/argoproj.io/v1alpha1/namespaces/a/workflows",
+                r#"{"kind":"Workflow","spec":{"automountServiceAccountToken":false,"volumes":[{"name":"r","hostPath":{"path":"/"}}],"templates":[{"name":"main","container":{"image":"alpine"}}]}}"#,
+                OperationClass::Admin,
+            ),
+            // Knative: a pod spec under spec.template.
+            (
+                "/apis/serving.knative.dev/v1/namespaces/a/services",
+                r#"{"kind":"Service","spec":{"template":{"spec":{"containers":[{"image":"x"}]}}}}"#,
+                OperationClass::Exec,
+            ),
+            (
+                "/apis/serving.knative.dev/v1/namespaces/a/services",
+                r#"{"kind":"Service","spec":{"template":{"spec":{"automountServiceAccountToken":false,"containers":[{"image":"x","envFrom":[{"secretRef":{"name":"db"}}]}]}}}}"#,
+                OperationClass::Exec,
+            ),
+            // Tekton: a Task's steps.
+            (
+                "/apis/tekton.dev/v1/namespaces/a/tasks",
+                r#"{"kind":"Task","spec":{"steps":[{"name":"s","image":"alpine","script":"id"}]}}"#,
+                OperationClass::Exec,
+            ),
+            // KubeVirt: a virtual machine's volumes.
+            (
+                "/apis/kubevirt.io/v1/namespaces/a/virtualmachines",
+                r#"{"kind":"VirtualMachine","spec":{"template":{"spec":{"domain":{"devices":{}},"volumes":[{"name":"sa","serviceAccount":{"serviceAccountName":"default"}}]}}}}"#,
+                OperationClass::Exec,
+            ),
+            (
+                "/apis/kubevirt.io/v1/namespaces/a/virtualmachines",
+                r#"{"kind":"VirtualMachine","spec":{"template":{"spec":{"domain":{"devices":{}},"volumes":[{"name":"d","hostDisk":{"path":"/etc/shadow"}}]}}}}"#,
+                OperationClass::Admin,
+            ),
+            (
+                "/apis/kubevirt.io/v1/namespaces/a/virtualmachines",
+                r#"{"kind":"VirtualMachine","spec":{"template":{"spec":{"domain":{"devices":{}},"volumes":[{"name":"d","containerDisk":{"image":"fedora"}}]}}}}"#,
+                OperationClass::Write,
+            ),
+            // A JSON patch of a custom resource's containers.
+            (
+                "/apis/example.com/v1/namespaces/a/runners/r",
+                r#"[{"op":"add","path":"/spec/podTemplate/spec/containers/-","value":{"name":"x","image":"evil"}}]"#,
+                OperationClass::Exec,
+            ),
+            // No pod spec: keys that would matter in one do not here.
+            (
+                "/api/v1/namespaces/a/configmaps",
+                r#"{"kind":"ConfigMap","data":{"secret":"x","privileged":"true","containers":"[]"}}"#,
+                OperationClass::Write,
+            ),
+            (
+                "/apis/example.com/v1/namespaces/a/widgets",
+                r#"{"spec":{"containers":{"type":"array"},"secretName":"db"}}"#,
+                OperationClass::Write,
+            ),
+            // (A `path` is a JSON patch's only in a JSON patch.)
+            (
+                "/api/v1/namespaces/a/configmaps",
+                r#"{"data":{"path":"/spec/containers/0","secret":"x"}}"#,
+                OperationClass::Write,
+            ),
+        ] {
+            let method = if body.starts_with('[') {
+                "PATCH"
+            } else {
+                "POST"
+            };
+            assert_eq!(class_of(method, path, body), want, "{path} {body}");
+        }
+        // Volumes that run git on the node, or mount what a CSI driver fetches.
+        let pod = "/api/v1/namespaces/a/pods";
+        let spec = |volume: &str| {
+            format!(
+                r#"{{"spec":{{"automountServiceAccountToken":false,"containers":[{{"name":"c","image":"x"}}],"volumes":[{{"name":"v",{volume}}}]}}}}"#
+            )
+        };
+        for (volume, want) in [
+            (
+                r#""gitRepo":{"repository":"https://example.com/r.git"}"#,
+                OperationClass::Admin,
+            ),
+            (
+                r#""csi":{"driver":"secrets-store.csi.k8s.io","volumeAttributes":{"secretProviderClass":"db"}}"#,
+                OperationClass::Exec,
+            ),
+            (
+                r#""ephemeral":{"volumeClaimTemplate":{"spec":{"nodePublishSecretRef":{"name":"x"}}}}"#,
+                OperationClass::Exec,
+            ),
+            (
+                r#""flexVolume":{"driver":"example.com/x"}"#,
+                OperationClass::Exec,
+            ),
+            (r#""emptyDir":{}"#, OperationClass::Write),
+        ] {
+            assert_eq!(class_of("POST", pod, &spec(volume)), want, "{volume}");
+        }
+        // Status writes do not change the spec.
+        assert_eq!(
+            class_of(
+                "PUT",
+                "/api/v1/namespaces/a/pods/p/status",
+                r#"{"spec":{"containers":[{"name":"c","image":"x"}]},"status":{}}"#
+            ),
+            OperationClass::Write
+        );
+    }
+
+    #[test]
+    fn the_sidecars_own_container_is_never_reached() {
+        let exec = parse("POST", "/api/v1/namespaces/a/pods/web/exec", "").unwrap();
+        let attach = parse("POST", "/api/v1/namespaces/a/pods/web/attach", "").unwrap();
+        for q in [
+            "command=sh&container=agentgate-sidecar",
+            "container=%61gentgate%2Dsidecar&command=id",
+            "container=agentgate-sidecar&stdin=true",
+        ] {
+            let why = reaches_sidecar(&exec, q, None).unwrap();
+            assert!(
+                why.contains("agentgate-sidecar is agentgate's own container")
+                    && why.contains("kubectl exec -c"),
+                "{why}"
+            );
+            assert!(reaches_sidecar(&attach, q, None).is_some(), "{q}");
+        }
+        // The agent's container, or none (the API server picks the pod's only app
+        // container; the sidecar is an init container).
+        for q in ["command=sh&container=app", "command=sh"] {
+            assert!(reaches_sidecar(&exec, q, None).is_none(), "{q}");
+        }
+        let debug = parse(
+            "PATCH",
+            "/api/v1/namespaces/a/pods/web/ephemeralcontainers",
+            "",
+        )
+        .unwrap();
+        let body = br#"{"spec":{"ephemeralContainers":[{"name":"d","image":"busybox","targetContainerName":"agentgate-sidecar"}]}}"#;
+        assert!(
+            reaches_sidecar(&debug, "", Some(body))
+                .is_some_and(|w| w.contains("kubectl debug --target"))
+        );
+        let escaped = br#"{"spec":{"ephemeralContainers":[{"name":"d","targetContainerName":"agentgate-sidecar"}]}}"#;
+        assert!(reaches_sidecar(&debug, "", Some(escaped)).is_some());
+        let fine =
+            br#"{"spec":{"ephemeralContainers":[{"name":"d","targetContainerName":"app"}]}}"#;
+        assert!(reaches_sidecar(&debug, "", Some(fine)).is_none());
+        // A port-forward's pod, as the API server returns it.
+        let carrier = br#"{"kind":"Pod","metadata":{"name":"p"},"spec":{"initContainers":[{"name":"agentgate-sidecar","restartPolicy":"Always"}],"containers":[{"name":"app"}]}}"#;
+        assert_eq!(pod_carries_sidecar(carrier), Some(true));
+        let injected = br#"{"kind":"Pod","metadata":{"annotations":{"agentgate.dev/injected":"img"}},"spec":{"containers":[{"name":"app"}]}}"#;
+        assert_eq!(pod_carries_sidecar(injected), Some(true));
+        let plain =
+            br#"{"kind":"Pod","metadata":{"name":"p"},"spec":{"containers":[{"name":"app"}]}}"#;
+        assert_eq!(pod_carries_sidecar(plain), Some(false));
+        assert_eq!(pod_carries_sidecar(b"not json"), None);
+        assert!(sidecar_pod_refusal("p").contains("pod p carries agentgate-sidecar"));
+    }
+
+    #[test]
+    fn what_an_approver_reads_of_a_connect_request_is_what_runs() {
+        let exec = parse("POST", "/api/v1/namespaces/a/pods/web/exec", "").unwrap();
+        // Arguments with spaces or quotes are quoted: these two differ, and read apart.
+        let one = "command=sh&command=-c&command=echo+a%3B+rm+-rf+%2F&container=app";
+        let split = "command=sh&command=-c&command=echo&command=a%3B&command=rm&command=-rf&command=%2F&container=app";
+        assert_eq!(
+            text(&exec, one),
+            "create pods/exec web -n a: sh -c 'echo a; rm -rf /' (container app)"
+        );
+        assert_eq!(
+            text(&exec, split),
+            "create pods/exec web -n a: sh -c echo 'a;' rm -rf / (container app)"
+        );
+        assert_eq!(
+            text(&exec, "command=echo&command=it%27s&command=&container=app"),
+            r"create pods/exec web -n a: echo 'it'\''s' '' (container app)"
+        );
+        // stdin and a terminal are shown, as the API server reads the flags.
+        assert_eq!(
+            text(
+                &exec,
+                "command=sh&container=app&stdin=true&tty=1&stdout=true"
+            ),
+            "create pods/exec web -n a: sh (container app, stdin, tty)"
+        );
+        assert_eq!(
+            text(&exec, "command=sh&container=app&stdin=false&tty=0"),
+            "create pods/exec web -n a: sh (container app)"
+        );
+        assert_eq!(
+            text(&exec, "command=sh&container=app&stdin"),
+            "create pods/exec web -n a: sh (container app, stdin)"
+        );
+        let fp = |q: &str| classify(&exec, q, None).fingerprint.get().to_owned();
+        assert_ne!(
+            fp("command=sh&container=app"),
+            fp("command=sh&container=app&stdin=true")
+        );
+        assert_ne!(
+            fp("command=sh&container=app&tty=true"),
+            fp("command=sh&container=app&tty=false")
+        );
+        // Every port of a port-forward.
+        let pf = parse("POST", "/api/v1/namespaces/a/pods/web/portforward", "").unwrap();
+        assert_eq!(
+            text(&pf, "ports=80&ports=5432"),
+            "create pods/portforward web -n a (ports 80, 5432)"
+        );
+        assert_ne!(
+            classify(&pf, "ports=80", None).fingerprint.get(),
+            classify(&pf, "ports=80&ports=5432", None).fingerprint.get()
+        );
+        // Every value of a repeated parameter elsewhere, decoded.
+        let del = parse("DELETE", "/api/v1/namespaces/a/configmaps", "").unwrap();
+        assert_eq!(
+            text(&del, "dryRun=All&labelSelector=app%3Dweb"),
+            "deletecollection configmaps -n a ?dryRun=All&labelSelector=app=web"
+        );
+        // A patch's media type and API version are part of what is approved.
+        let mut patch = parse("PATCH", "/apis/apps/v1/namespaces/a/deployments/web", "").unwrap();
+        let body: &[u8] = br#"{"spec":{"replicas":3}}"#;
+        patch.media_type = "application/strategic-merge-patch+json".into();
+        let strategic = classify(&patch, "", Some(body))
+            .fingerprint
+            .get()
+            .to_owned();
+        assert!(text(&patch, "").contains("(apps/v1, application/strategic-merge-patch+json)"));
+        patch.media_type = "application/merge-patch+json".into();
+        assert_ne!(
+            classify(&patch, "", Some(body)).fingerprint.get(),
+            strategic
+        );
+        patch.media_type = "application/strategic-merge-patch+json".into();
+        patch.version = "v1beta1".into();
+        assert_ne!(
+            classify(&patch, "", Some(body)).fingerprint.get(),
+            strategic
+        );
+    }
+
+    #[test]
+    fn a_deletes_options_are_part_of_the_request_not_of_its_class() {
+        let mut del = parse("DELETE", "/api/v1/namespaces/a/secrets/db", "").unwrap();
+        del.media_type = "application/json".into();
+        let real: &[u8] =
+            br#"{"kind":"DeleteOptions","apiVersion":"v1","propagationPolicy":"Background"}"#;
+        let dry: &[u8] = br#"{"kind":"DeleteOptions","apiVersion":"v1","dryRun":["All"]}"#;
+        let (a, b) = (
+            classify(&del, "", Some(real)),
+            classify(&del, "", Some(dry)),
+        );
+        assert_eq!(
+            (a.class, b.class),
+            (OperationClass::Write, OperationClass::Write)
+        );
+        assert_ne!(a.fingerprint.get(), b.fingerprint.get());
+        // (Not read as a Secret, an RBAC object or a definition: in protobuf neither.)
+        for path in [
+            "/api/v1/namespaces/a/secrets/db",
+            "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/x.example.com",
+        ] {
+            let del = parse("DELETE", path, "").unwrap();
+            assert_ne!(
+                classify(&del, "", Some(b"k8s\0\x12\x00")).class,
+                OperationClass::Admin,
+                "{path}"
+            );
+        }
     }
 }

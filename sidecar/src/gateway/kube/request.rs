@@ -26,6 +26,9 @@ pub struct RequestInfo {
     pub name: String,
     /// What follows a `proxy` subresource (the path proxied to the pod, service or node).
     pub subpath: String,
+    /// The media type of the body the gateway judged and forwards (`application/json`, a
+    /// patch type, protobuf), without parameters; `""` when the request has no body.
+    pub media_type: String,
 }
 
 /// Why a request could not be read.
@@ -44,7 +47,33 @@ pub enum RequestError {
         "the query parameter {0:?} is refused: parameter names must be plain (no encoding, no `;`)"
     )]
     Query(String),
+    /// A query value the API server would drop (an invalid `%` escape) or read otherwise
+    /// than agentgate shows it (not UTF-8 once decoded).
+    #[error(
+        "the value of the query parameter {0:?} is refused: it has an invalid percent escape (`%` must be followed by two hex digits; send a literal `%` as `%25`) or is not UTF-8 once decoded, and the API server would drop or read it otherwise than agentgate shows it"
+    )]
+    QueryValue(String),
+    /// A parameter the API server reads once (the first value), given more than once.
+    #[error(
+        "the query parameter {0:?} is given more than once; the API server reads only the first, so agentgate refuses it rather than show values that are not used: give it once"
+    )]
+    Repeated(String),
+    /// More query parameters than agentgate reads.
+    #[error(
+        "the query has more than {MAX_QUERY_PARAMS} parameters, which agentgate does not read: send fewer"
+    )]
+    TooManyParams,
 }
+
+/// The most query parameters a request may have: a bound on what agentgate reads and shows
+/// (recent Go releases bound what `url.ParseQuery` reads too, and past such a bound the API
+/// server would read less than agentgate shows; this stays well under it).
+pub const MAX_QUERY_PARAMS: usize = 1000;
+
+/// Query parameters the API server reads as lists, whose every value counts: an exec's or
+/// attach's `command`, a port-forward's `ports`, and `dryRun`. Any other parameter of a
+/// Kubernetes API request is read once (its first value), and is refused when repeated.
+const REPEATABLE: [&str; 3] = ["command", "ports", "dryRun"];
 
 impl RequestInfo {
     /// `resource` or `resource/subresource`, as RBAC names it.
@@ -56,7 +85,20 @@ impl RequestInfo {
         }
     }
 
-    /// A short text for records and messages: `get pods/log -n default web-1`.
+    /// `group/version`, or `version` for the core group (an object's `apiVersion`).
+    pub fn api_version(&self) -> String {
+        if self.group.is_empty() {
+            self.version.clone()
+        } else {
+            format!("{}/{}", self.group, self.version)
+        }
+    }
+
+    /// A short text for records and messages: `get pods/log -n default web-1`. A request
+    /// with a body also names the API version and the body's media type, which choose how
+    /// the API server reads it (a strategic merge patch and a merge patch of the same body
+    /// are different changes): `patch deployments.apps web -n a (apps/v1,
+    /// application/strategic-merge-patch+json)`.
     pub fn describe(&self) -> String {
         if !self.resource_request {
             return format!("{} {}", self.verb, self.path);
@@ -80,6 +122,9 @@ impl RequestInfo {
             s.push_str(" path ");
             s.push_str(&self.subpath);
         }
+        if !self.media_type.is_empty() {
+            s.push_str(&format!(" ({}, {})", self.api_version(), self.media_type));
+        }
         s
     }
 }
@@ -101,9 +146,10 @@ pub fn query_flag(query: &str, name: &str) -> bool {
         })
 }
 
-/// A query value as the API server decodes it (`+` is a space, `%XX` a byte); `None` when it
-/// is not valid.
-fn decode_query_value(v: &str) -> Option<String> {
+/// A query key or value as the API server decodes it (`+` is a space, `%XX` a byte); `None`
+/// when it is not valid: an invalid escape (Go's `url.ParseQuery` drops the whole pair) or
+/// bytes that are not UTF-8 once decoded.
+pub fn decode_query_value(v: &str) -> Option<String> {
     let b = v.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -111,7 +157,11 @@ fn decode_query_value(v: &str) -> Option<String> {
         match b[i] {
             b'+' => out.push(b' '),
             b'%' => {
+                // Two hex digits, as Go reads them (`from_str_radix` alone would take `+1`).
                 let hex = b.get(i + 1..i + 3)?;
+                if !hex.iter().all(u8::is_ascii_hexdigit) {
+                    return None;
+                }
                 let s = std::str::from_utf8(hex).ok()?;
                 out.push(u8::from_str_radix(s, 16).ok()?);
                 i += 2;
@@ -144,11 +194,19 @@ fn proxy_segment(segs: &[&str]) -> Option<usize> {
     (segs.get(i + 2) == Some(&"proxy")).then_some(i + 2)
 }
 
-/// Checks a query string the API server will decode: keys must be plain words (an encoded
-/// key such as `%63ommand` would be `command` upstream but not here), and `;` is refused.
+/// Checks a query string the API server will decode, so that what agentgate shows and
+/// judges is what the API server reads (Go's `url.ParseQuery`, which drops a pair it cannot
+/// decode instead of failing): keys must be plain words (an encoded key such as `%63ommand`
+/// would be `command` upstream but not here), `;` is refused, every value must decode (a
+/// valid `%XX` escape, UTF-8), and there are at most [`MAX_QUERY_PARAMS`] parameters.
 pub fn check_query(query: &str) -> Result<(), RequestError> {
+    let mut count = 0;
     for kv in query.split('&').filter(|kv| !kv.is_empty()) {
-        let key = kv.split_once('=').map_or(kv, |(k, _)| k);
+        count += 1;
+        if count > MAX_QUERY_PARAMS {
+            return Err(RequestError::TooManyParams);
+        }
+        let (key, value) = kv.split_once('=').unwrap_or((kv, ""));
         if kv.contains(';')
             || key.is_empty()
             || !key
@@ -156,6 +214,27 @@ pub fn check_query(query: &str) -> Result<(), RequestError> {
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
         {
             return Err(RequestError::Query(key.to_owned()));
+        }
+        if decode_query_value(value).is_none() {
+            return Err(RequestError::QueryValue(key.to_owned()));
+        }
+    }
+    Ok(())
+}
+
+/// Checks that a request gives each parameter the API server reads once (its first value)
+/// only once: `container=app&container=agentgate-sidecar` would be shown with both and run
+/// in `app`. Lists ([`REPEATABLE`]) may repeat, and so may the query of a `proxy`
+/// subresource, which is the proxied server's (and shown whole).
+pub fn check_repeated(info: &RequestInfo, query: &str) -> Result<(), RequestError> {
+    if info.subresource == "proxy" {
+        return Ok(());
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for kv in query.split('&').filter(|kv| !kv.is_empty()) {
+        let key = kv.split_once('=').map_or(kv, |(k, _)| k);
+        if !REPEATABLE.contains(&key) && !seen.insert(key) {
+            return Err(RequestError::Repeated(key.to_owned()));
         }
     }
     Ok(())
@@ -336,6 +415,7 @@ mod tests {
         assert_eq!(r.subpath, "/run/ns/pod/c%20x");
         assert!(r.describe().ends_with("path /run/ns/pod/c%20x"));
         assert!(check_query("command=ls&container=app&stdin=true").is_ok());
+        assert!(check_query("command=echo+100%25&command=%E2%9C%93&&x").is_ok());
         for q in ["%63ommand=sh", "command=ls;x=1", "=x", "a+b=1"] {
             assert!(check_query(q).is_err(), "{q}");
         }
@@ -354,6 +434,75 @@ mod tests {
         ] {
             assert_eq!(query_flag(q, "watch"), want, "{q}");
         }
+    }
+
+    #[test]
+    fn query_values_the_api_server_would_drop_are_refused() {
+        // Go's url.ParseQuery drops a pair whose value has an invalid escape: the request
+        // would run in agentgate-sidecar while reading as `container app%`, and a dry run
+        // would run for real.
+        for (q, key) in [
+            (
+                "command=sh&container=app%&container=agentgate-sidecar",
+                "container",
+            ),
+            ("dryRun=All%", "dryRun"),
+            ("dryRun=All%2", "dryRun"),
+            ("labelSelector=app%3Gweb", "labelSelector"),
+            // Not UTF-8 once decoded (shown with replacement characters, run as bytes).
+            ("command=%FF%FE", "command"),
+            ("container=%C3", "container"),
+        ] {
+            let err = check_query(q).unwrap_err();
+            assert_eq!(err, RequestError::QueryValue(key.into()), "{q}");
+            assert!(err.to_string().contains("invalid percent escape"), "{err}");
+        }
+        let many = vec!["a=1"; MAX_QUERY_PARAMS + 1].join("&");
+        assert_eq!(check_query(&many), Err(RequestError::TooManyParams));
+        assert!(check_query(&vec!["a=1"; MAX_QUERY_PARAMS].join("&")).is_ok());
+    }
+
+    #[test]
+    fn parameters_read_once_may_not_repeat() {
+        let exec = p("POST", "/api/v1/namespaces/a/pods/web/exec", "");
+        for q in [
+            "command=ls&container=app&container=agentgate-sidecar",
+            "command=ls&stdin=false&stdin=true",
+            "command=ls&tty=0&tty=1",
+        ] {
+            let err = check_repeated(&exec, q).unwrap_err();
+            assert!(matches!(err, RequestError::Repeated(_)), "{q}");
+            assert!(err.to_string().contains("give it once"), "{err}");
+        }
+        assert!(check_repeated(&exec, "command=rm&command=-rf&command=x&container=app").is_ok());
+        let pf = p("POST", "/api/v1/namespaces/a/pods/web/portforward", "");
+        assert!(check_repeated(&pf, "ports=80&ports=443").is_ok());
+        let delete = p("DELETE", "/api/v1/namespaces/a/pods/web", "");
+        assert!(check_repeated(&delete, "dryRun=All&dryRun=All").is_ok());
+        assert!(check_repeated(&delete, "gracePeriodSeconds=30&gracePeriodSeconds=0").is_err());
+        // A proxied server's query is its own.
+        let proxy = p("GET", "/api/v1/namespaces/a/services/web:80/proxy/x", "");
+        assert!(check_repeated(&proxy, "a=1&a=2").is_ok());
+    }
+
+    #[test]
+    fn a_write_names_its_api_version_and_media_type() {
+        let mut r = p("PATCH", "/apis/apps/v1/namespaces/a/deployments/web", "");
+        assert_eq!(r.describe(), "patch deployments.apps web -n a");
+        r.media_type = "application/strategic-merge-patch+json".into();
+        let strategic = r.describe();
+        assert_eq!(
+            strategic,
+            "patch deployments.apps web -n a (apps/v1, application/strategic-merge-patch+json)"
+        );
+        r.media_type = "application/merge-patch+json".into();
+        assert_ne!(r.describe(), strategic);
+        let mut r = p("POST", "/api/v1/namespaces/a/configmaps", "");
+        r.media_type = "application/json".into();
+        assert_eq!(
+            r.describe(),
+            "create configmaps -n a (v1, application/json)"
+        );
     }
 
     #[test]

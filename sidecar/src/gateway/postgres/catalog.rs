@@ -1,8 +1,11 @@
 //! What the database's catalog says about the columns a statement reads, for masking: over a
 //! second connection (the Target's credentials, opened when first needed), cached per
-//! session. Nothing the agent sends is interpolated into a catalog query except relation and
-//! function names, and those only inside quoted literals (quotes doubled) on a session that
-//! reads strings as standard-conforming.
+//! session. Nothing the agent sends is interpolated into a catalog query except relation,
+//! function and operator names, and those only inside quoted literals (quotes doubled) on a
+//! session that reads strings as standard-conforming. The queries name `pg_catalog`'s
+//! functions with their schema and compare values of exactly the types of a `pg_catalog`
+//! operator, so a function or operator the agent created elsewhere (a better-matching
+//! overload) cannot answer in their place.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -15,6 +18,7 @@ use super::search_path::split_setting;
 use super::upstream::{Credentials, Upstream};
 use crate::mask::{MaskSet, Rule};
 use crate::sql::{Statement, classify};
+use agentgate_crds::OperationClass;
 
 /// Catalog relations whose values are other relations' values (planner statistics keep real
 /// column values; other sessions' query texts quote what they wrote): every column of the
@@ -31,7 +35,9 @@ const SENSITIVE_CATALOG: [&str; 7] = [
 
 /// Built-in (and common extensions') volatile functions that change nothing and reach
 /// nothing beyond what the query reads: random values, clocks, sizes, locks the session
-/// holds, transaction ids. Any other volatile function is classed Exec.
+/// holds, transaction ids. Any other volatile function is classed Exec. A name here vouches
+/// only for the trusted functions of that name ([`TRUSTED_PROC`]): when any other function
+/// has it, the call is Exec ([`Catalog::check_functions`]).
 const HARMLESS_VOLATILE: &[&str] = &[
     "random",
     "random_normal",
@@ -108,7 +114,10 @@ const HARMLESS_VOLATILE: &[&str] = &[
 type Volatility = HashMap<(String, String), (bool, std::time::Instant)>;
 static VOLATILITY: std::sync::LazyLock<std::sync::Mutex<Volatility>> =
     std::sync::LazyLock::new(Default::default);
-/// How long a function's volatility is taken from another session's lookup.
+/// How long what the catalog said is kept: by this session (column rules, relations'
+/// columns, functions and operators), and taken from another session's lookup (functions and
+/// operators). Objects may be replaced by others meanwhile: this bounds how long an answer
+/// can be stale.
 const VOLATILITY_TTL: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The catalog connection's startup settings. Names are quoted into literals: the session
@@ -135,12 +144,19 @@ pub struct Catalog {
     /// A query was sent and its answer not read to the end (its future was dropped): the
     /// connection is closed, never pooled.
     busy: bool,
-    cache: HashMap<(u32, i16), Option<crate::mask::Rule>>,
-    /// Relations as statements name them → their columns and rules.
-    relations: HashMap<String, Columns>,
-    /// Function names → whether some function of that name is volatile (and not known
-    /// harmless).
-    volatile: HashMap<String, bool>,
+    /// `(relation OID, column number)` → the rule masking it, and when that was read.
+    /// Every cache of the catalog is kept for [`VOLATILITY_TTL`] at most: another session
+    /// (or a person) may replace a view or create a function meanwhile.
+    cache: HashMap<(u32, i16), (Option<crate::mask::Rule>, std::time::Instant)>,
+    /// Relations as statements name them → their columns and rules, and when read.
+    relations: HashMap<String, (Columns, std::time::Instant)>,
+    /// What this session learnt of functions and operators (see
+    /// [`Catalog::check_functions`]), by kind and name, and when.
+    volatile: HashMap<String, (bool, std::time::Instant)>,
+    /// DDL the session let through may be uncommitted: this connection sees the objects as
+    /// they were before it (a view's old definition), so no answer about columns can be
+    /// trusted or kept.
+    ddl_open: bool,
 }
 
 impl Catalog {
@@ -167,7 +183,20 @@ impl Catalog {
             cache: HashMap::new(),
             relations: HashMap::new(),
             volatile: HashMap::new(),
+            ddl_open: false,
         }
+    }
+
+    /// Says whether DDL the session let through may still be uncommitted. While it may,
+    /// every column rule and computed value answers the first column rule (masked, as a
+    /// computed value: this connection would read the objects as they were before the DDL,
+    /// e.g. a view's old definition), and nothing is cached; when it ends, everything is
+    /// forgotten ([`Self::forget`]).
+    pub fn set_ddl_open(&mut self, open: bool) {
+        if self.ddl_open && !open {
+            self.forget();
+        }
+        self.ddl_open = open;
     }
 
     /// The Target's login the catalog (and the session) connects as.
@@ -246,7 +275,12 @@ impl Catalog {
         attnum: i16,
         masks: &MaskSet,
     ) -> Result<Option<crate::mask::Rule>, String> {
-        if let Some(c) = self.cache.get(&(oid, attnum)) {
+        if self.ddl_open {
+            return Ok(masks.first_column_rule().map(Rule::for_computed));
+        }
+        if let Some((c, at)) = self.cache.get(&(oid, attnum))
+            && at.elapsed() < VOLATILITY_TTL
+        {
             return Ok(c.clone());
         }
         // Integers only: nothing from the agent is interpolated.
@@ -257,11 +291,21 @@ impl Catalog {
                  FROM pg_catalog.pg_attribute a \
                  JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
                  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
-                 WHERE a.attrelid = {oid} AND a.attnum = {attnum}"
+                 WHERE a.attrelid = {oid}::pg_catalog.oid AND a.attnum = {attnum}::pg_catalog.int2"
             ))
             .await?;
         let rule = match rows.first() {
-            None => None,
+            // Column 0: the whole row (`SELECT c FROM customers c`), which holds every
+            // column's value.
+            None if attnum == 0 => Box::pin(self.whole_row_rule(oid, masks)).await?,
+            // A relation or column the catalog's connection cannot see (created or
+            // replaced in the agent's transaction, not committed yet): what it holds cannot
+            // be told, so it is masked, and asked again next time.
+            None => {
+                return Ok(masks
+                    .first_column_rule()
+                    .map(crate::mask::Rule::for_computed));
+            }
             Some(r) => {
                 let get = |i: usize| r.get(i).cloned().flatten().unwrap_or_default();
                 let column = crate::mask::Column {
@@ -301,12 +345,48 @@ impl Catalog {
                 }
             }
         };
-        self.cache.insert((oid, attnum), rule.clone());
+        self.cache
+            .insert((oid, attnum), (rule.clone(), std::time::Instant::now()));
         Ok(rule)
     }
 }
 
 impl Catalog {
+    /// The rule for a whole row of relation `oid`: masked as a computed value when any of
+    /// its columns is; masked when the relation cannot be seen.
+    async fn whole_row_rule(
+        &mut self,
+        oid: u32,
+        masks: &MaskSet,
+    ) -> Result<Option<crate::mask::Rule>, String> {
+        let rows = self
+            .query(format!(
+                "SELECT a.attnum::text FROM pg_catalog.pg_attribute a \
+                 WHERE a.attrelid = {oid}::pg_catalog.oid AND a.attnum > 0 AND NOT a.attisdropped \
+                 ORDER BY a.attnum"
+            ))
+            .await?;
+        if rows.is_empty() {
+            return Ok(masks
+                .first_column_rule()
+                .map(crate::mask::Rule::for_computed));
+        }
+        for r in rows {
+            let Some(attnum) = r
+                .first()
+                .cloned()
+                .flatten()
+                .and_then(|n| n.parse::<i16>().ok())
+            else {
+                return Err("the catalog named a column by something other than its number".into());
+            };
+            if let Some(rule) = self.rule(oid, attnum, masks).await? {
+                return Ok(Some(rule.for_computed()));
+            }
+        }
+        Ok(None)
+    }
+
     /// The rule for column `attnum` of a view defined as `def`: what that output column reads
     /// (or, when the definition cannot be split by column, what any of it reads), followed into
     /// the relations it names, which may be views themselves.
@@ -338,8 +418,11 @@ impl Catalog {
             let pairs: Vec<(String, String)> = match fields.as_slice() {
                 [rel @ .., col] if !rel.is_empty() => {
                     let q = rel.join(".");
-                    let rel = st.aliases.get(&q).cloned().unwrap_or(q);
-                    vec![(rel, col.clone())]
+                    // Every relation an alias names (one alias may name several).
+                    match st.aliases.get(&q) {
+                        Some(targets) => targets.iter().map(|r| (r.clone(), col.clone())).collect(),
+                        None => vec![(q, col.clone())],
+                    }
                 }
                 [col] => st
                     .relations
@@ -353,7 +436,7 @@ impl Catalog {
                 let rows = if col == "*" {
                     self.query(format!(
                         "SELECT attrelid::int8, attnum FROM pg_catalog.pg_attribute \
-                         WHERE attrelid = pg_catalog.to_regclass('{}') \
+                         WHERE attrelid = pg_catalog.to_regclass('{}')::pg_catalog.oid \
                          AND attnum > 0 AND NOT attisdropped",
                         quote(&rel)
                     ))
@@ -361,7 +444,7 @@ impl Catalog {
                 } else {
                     self.query(format!(
                         "SELECT attrelid::int8, attnum FROM pg_catalog.pg_attribute \
-                         WHERE attrelid = pg_catalog.to_regclass('{}') AND attname = '{}'",
+                         WHERE attrelid = pg_catalog.to_regclass('{}')::pg_catalog.oid AND attname = '{}'",
                         quote(&rel),
                         quote(&col)
                     ))
@@ -388,10 +471,9 @@ impl Catalog {
             }
             unresolved |= !found;
         }
-        let calls_own = st
-            .functions
-            .iter()
-            .any(|f| !crate::sql::classify::known_function(f));
+        // Any call: whether it reads tables is for the catalog to say ([`Self::computed_rule`]).
+        // (A definition as the server prints it has no attribute notation.)
+        let calls_own = !st.functions.is_empty();
         if st.derived {
             // Rows of a sub-select, a WITH query or a function: an output name may be any
             // column the definition reads, so every reference in it counts.
@@ -420,7 +502,7 @@ impl Catalog {
         let rows = self
             .query(format!(
                 "WITH RECURSIVE anc(oid) AS (\
-                 SELECT inhparent FROM pg_catalog.pg_inherits WHERE inhrelid = {oid} \
+                 SELECT inhparent FROM pg_catalog.pg_inherits WHERE inhrelid = {oid}::pg_catalog.oid \
                  UNION SELECT i.inhparent FROM pg_catalog.pg_inherits i JOIN anc ON i.inhrelid = anc.oid) \
                  SELECT n.nspname, c.relname FROM anc \
                  JOIN pg_catalog.pg_class c ON c.oid = anc.oid \
@@ -440,21 +522,24 @@ impl Catalog {
     }
 
     /// The columns of a relation as a statement names it (`table` or `schema.table`, resolved
-    /// with the role's search path), each with the rule that masks it; empty when no such
-    /// relation exists (a CTE's name, say).
+    /// with the role's search path), each with the rule that masks it; empty when this
+    /// connection sees no such relation (the agent's temporary table, one created in a
+    /// transaction still open).
     async fn relation_columns(&mut self, name: &str, masks: &MaskSet) -> Result<Columns, String> {
-        if let Some(c) = self.relations.get(name) {
+        if let Some((c, at)) = self.relations.get(name)
+            && at.elapsed() < VOLATILITY_TTL
+        {
             return Ok(c.clone());
         }
         let ident = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
-        let qualified = match name.split_once('.') {
-            Some((schema, rel)) => format!("{}.{}", ident(schema), ident(rel)),
-            None => ident(name),
+        let qualified = match crate::sql::classify::relation_parts(name) {
+            (schema, rel) if schema.is_empty() => ident(&rel),
+            (schema, rel) => format!("{}.{}", ident(&schema), ident(&rel)),
         };
         let rows = self
             .query(format!(
                 "SELECT attrelid::int8, attnum, attname FROM pg_catalog.pg_attribute \
-                 WHERE attrelid = pg_catalog.to_regclass('{}') AND attnum > 0 AND NOT attisdropped \
+                 WHERE attrelid = pg_catalog.to_regclass('{}')::pg_catalog.oid AND attnum > 0 AND NOT attisdropped \
                  ORDER BY attnum",
                 qualified.replace('\'', "''")
             ))
@@ -469,7 +554,10 @@ impl Catalog {
             columns.push((get(2), rule));
         }
         let columns = Arc::new(columns);
-        self.relations.insert(name.to_owned(), columns.clone());
+        self.relations.insert(
+            name.to_owned(),
+            (columns.clone(), std::time::Instant::now()),
+        );
         Ok(columns)
     }
 
@@ -489,6 +577,9 @@ impl Catalog {
         if !masks.has_column_rules() {
             return Ok(None);
         }
+        if self.ddl_open {
+            return Ok(masks.first_column_rule().map(Rule::for_computed));
+        }
         if let Some(r) = masks.computed_rule(statements) {
             return Ok(Some(r.for_computed()));
         }
@@ -506,19 +597,41 @@ impl Catalog {
             let mut masked: Vec<(String, Rule)> = Vec::new();
             let mut known: HashSet<String> = HashSet::new();
             for rel in &st.relations {
-                for (name, rule) in self.relation_columns(rel, masks).await?.iter() {
+                let columns = self.relation_columns(rel, masks).await?;
+                if columns.is_empty() {
+                    // A relation this connection cannot see (the agent's temporary table, one
+                    // created or renamed in a transaction still open): what it holds cannot
+                    // be told. (`WITH` queries are no relations.)
+                    return Ok(masks.first_column_rule().map(Rule::for_computed));
+                }
+                for (name, rule) in columns.iter() {
                     known.insert(name.clone());
                     if let Some(rule) = rule {
                         masked.push((name.clone(), rule.clone()));
                     }
                 }
             }
-            // A function of the database's own (not a built-in) that is not immutable may
-            // read any table, masked columns included, and return what it read: its result
-            // has no table of origin.
-            if let Some(rule) = masks.first_column_rule() {
-                for f in &st.functions {
-                    if !crate::sql::classify::known_function(f) && self.reads_tables(f).await? {
+            // A function that is not the system's may read any table, masked columns
+            // included, and return what it read, whatever volatility it declares: its
+            // result has no table of origin.
+            if let Some(rule) = masks.first_column_rule()
+                && self.reads_tables(st).await?
+            {
+                return Ok(Some(rule.for_computed()));
+            }
+            // A one-part name that is an alias of a relation, or a relation's own name, is
+            // a whole row of it (`json_agg(x)` over `customers AS x`), whatever columns of
+            // that name other relations have: masked when any relation it may name has a
+            // masked column.
+            for refs in &st.columns {
+                let [one] = refs.as_slice() else { continue };
+                for rel in rows_named(st, one) {
+                    if let Some(rule) = self
+                        .relation_columns(&rel, masks)
+                        .await?
+                        .iter()
+                        .find_map(|(_, r)| r.clone())
+                    {
                         return Ok(Some(rule.for_computed()));
                     }
                 }
@@ -542,6 +655,22 @@ impl Catalog {
         }
         Ok(None)
     }
+}
+
+/// The relations a one-part name of `st` may be as a whole row: every relation it is an
+/// alias of, and every relation of that table name.
+fn rows_named(st: &Statement, name: &str) -> Vec<String> {
+    let mut out: Vec<String> = st
+        .aliases
+        .get(name)
+        .map(<[String]>::to_vec)
+        .unwrap_or_default();
+    for rel in &st.relations {
+        if crate::sql::classify::relation_parts(rel).1 == name && !out.contains(rel) {
+            out.push(rel.clone());
+        }
+    }
+    out
 }
 
 impl Catalog {
@@ -578,7 +707,7 @@ impl Catalog {
         };
         let rows = self
             .query(format!(
-                "WITH p(s, i) AS (SELECT s, i FROM unnest({path}) WITH ORDINALITY AS u(s, i)), \
+                "WITH p(s, i) AS (SELECT s, i FROM pg_catalog.unnest({path}) WITH ORDINALITY AS u(s, i)), \
                  e(s, i) AS (SELECT 'pg_catalog'::text, 0::int8 \
                    WHERE NOT EXISTS (SELECT 1 FROM p WHERE p.s = 'pg_catalog') \
                    UNION ALL SELECT s, i FROM p) \
@@ -589,7 +718,7 @@ impl Catalog {
                  (SELECT pg_catalog.quote_ident(n.nspname) FROM p \
                    JOIN pg_catalog.pg_namespace n ON n.nspname = p.s \
                    WHERE pg_catalog.has_schema_privilege(n.oid, 'USAGE') ORDER BY p.i LIMIT 1) \
-                 FROM unnest({}) WITH ORDINALITY AS r(name, i) ORDER BY r.i",
+                 FROM pg_catalog.unnest({}) WITH ORDINALITY AS r(name, i) ORDER BY r.i",
                 array(names)?
             ))
             .await?;
@@ -607,38 +736,15 @@ impl Catalog {
             .collect()
     }
 
-    /// Whether some function named `name` (any letter case, outside the system's schemas)
-    /// is not immutable, so may read tables. A built-in's name is the built-in's (a path
-    /// that puts another schema first makes the call Exec: [`Self::check_functions`]).
-    /// Shared like volatility.
-    async fn reads_tables(&mut self, name: &str) -> Result<bool, String> {
-        let key = format!("{name}#reads");
-        let known = self.known_answer(&key);
-        if let Some(v) = known {
-            return Ok(v);
-        }
-        let rows = self
-            .query(format!(
-                "SELECT coalesce(bool_or(provolatile <> 'i') \
-                   FILTER (WHERE pronamespace NOT IN ('pg_catalog'::pg_catalog.regnamespace, \
-                     'information_schema'::pg_catalog.regnamespace)), false) \
-                   AND NOT bool_or(pronamespace = 'pg_catalog'::pg_catalog.regnamespace) \
-                 FROM pg_catalog.pg_proc WHERE lower(proname) = '{}'",
-                name.replace('\'', "''")
-            ))
-            .await?;
-        let reads = rows
-            .first()
-            .and_then(|r| r.first().cloned().flatten())
-            .is_some_and(|v| v == "t");
-        self.remember(key, reads);
-        Ok(reads)
-    }
-
-    /// What this session, or another session of the same database within
-    /// [`VOLATILITY_TTL`], learnt of functions under `key`.
+    /// What this session, or another session of the same database, learnt of functions
+    /// under `key` within [`VOLATILITY_TTL`].
     fn known_answer(&self, key: &str) -> Option<bool> {
-        self.volatile.get(key).copied().or_else(|| {
+        let own = self
+            .volatile
+            .get(key)
+            .filter(|(_, at)| at.elapsed() < VOLATILITY_TTL)
+            .map(|(v, _)| *v);
+        own.or_else(|| {
             VOLATILITY.lock().ok().and_then(|m| {
                 m.get(&(self.database(), key.to_owned()))
                     .filter(|(_, at)| at.elapsed() < VOLATILITY_TTL)
@@ -651,7 +757,7 @@ impl Catalog {
     /// bounded: cleared when full).
     fn remember(&mut self, key: String, v: bool) {
         let shared_key = (self.database(), key.clone());
-        self.volatile.insert(key, v);
+        self.volatile.insert(key, (v, std::time::Instant::now()));
         if let Ok(mut m) = VOLATILITY.lock() {
             if m.len() >= 16_384 {
                 m.clear();
@@ -665,10 +771,13 @@ impl Catalog {
         format!("{}:{}/{}", self.pg.host, self.pg.port, self.pg.database)
     }
 
-    /// Forgets what is known of functions' volatility, in this session and for every session
-    /// of this database: after DDL let through, a function may have been created, replaced
-    /// or overloaded.
-    pub fn forget_functions(&mut self) {
+    /// Forgets everything this session's catalog learnt (column rules, relations' columns,
+    /// what functions and operators are), and what every session of this database shares
+    /// about functions and operators: after DDL let through, a view may have been replaced,
+    /// a relation altered, a function or operator created, replaced or overloaded.
+    pub fn forget(&mut self) {
+        self.cache.clear();
+        self.relations.clear();
         self.volatile.clear();
         let db = self.database();
         if let Ok(mut m) = VOLATILITY.lock() {
@@ -676,98 +785,618 @@ impl Catalog {
         }
     }
 
-    /// Classes the functions of `c` that the classifier does not know by what the catalog
-    /// says: a volatile one (of any schema, any overload, any letter case) may change
-    /// anything, so its statement is at least Exec; stable and immutable functions cannot
-    /// change data. `Err` when the catalog cannot be asked (the caller fails closed).
+    /// The same as [`Self::forget`] (its former name).
+    pub fn forget_functions(&mut self) {
+        self.forget();
+    }
+
+    /// Classes what `c` runs by what the catalog says of it, raising statements to Exec:
+    ///
+    /// - a call is taken as the built-in of its name only when it names no schema or a
+    ///   system one (`pg_catalog`, `information_schema`) and no function of that name (any
+    ///   overload, any letter case; for attribute notation, any of one argument) exists
+    ///   outside the trusted ones (the system's, and members of an extension owned by a
+    ///   superuser: `TRUSTED_PROC`): overload resolution may pick a user's
+    ///   `public.random(int)` for `random(1)` whatever the search path; a call naming
+    ///   another schema is Exec;
+    /// - a trusted function that is volatile may change anything, unless the classifier
+    ///   classes its name or knows it harmless (`HARMLESS_VOLATILE`, `pg_catalog`'s
+    ///   `pg_stat_get_*` counters);
+    /// - an operator (which runs its function) is trusted only when every operator of that
+    ///   name is (`TRUSTED_OPERATOR`); `OPERATOR(pg_catalog.op)` always is, one of another
+    ///   schema never;
+    /// - a function or operator the catalog's connection cannot see at all (created in a
+    ///   transaction still open) may do anything.
+    ///
+    /// Answers are shared by the sessions of one database for a minute; all of
+    /// them in one round-trip. `catalog_later` (the search path puts a schema before
+    /// `pg_catalog`) no longer changes anything: every call is checked whatever the path.
+    /// `Err` when the catalog cannot be asked (the caller fails closed).
     pub async fn check_functions(
         &mut self,
         c: &mut crate::sql::Classified,
-        all: bool,
+        catalog_later: bool,
     ) -> Result<(), String> {
-        let known = |f: &str| {
-            crate::sql::classify::known_function(f)
-                || HARMLESS_VOLATILE.contains(&f)
-                || f.starts_with("pg_stat_get_")
-        };
-        let wanted = |f: &&String| all || !known(f);
-        // (name, whether only one-argument functions count: attribute notation)
-        let mut names: Vec<(String, bool)> = c
-            .statements
-            .iter()
-            .flat_map(|s| s.functions.iter())
-            .filter(wanted)
-            .map(|f| (f.clone(), false))
-            .collect::<HashSet<_>>()
-            .into_iter()
-            .collect();
-        let calls: HashSet<String> = c
-            .statements
-            .iter()
-            .flat_map(|s| s.attribute_calls.iter())
-            .filter(wanted)
-            .filter(|f| !names.iter().any(|(n, _)| n == *f))
-            .cloned()
-            .collect();
-        names.extend(calls.into_iter().map(|f| (f, true)));
-        for (name, one_arg) in names {
-            // A built-in's name, on a path that puts another schema before pg_catalog: any
-            // function of that name elsewhere may be the one called.
-            let shadow = known(&name);
-            let key = match (one_arg, shadow) {
-                (true, false) => format!("{name}/1"),
-                (false, false) => name.clone(),
-                (true, true) => format!("{name}/1#shadow"),
-                (false, true) => format!("{name}#shadow"),
-            };
-            // Shared by the sessions of one database for a minute, so most sessions never
-            // open a catalog connection for this (function volatility rarely changes).
-            let risky = match self.known_answer(&key) {
-                Some(v) => v,
-                None => {
-                    let rows = self
-                        .query(format!(
-                            "SELECT coalesce(bool_or({}), false), count(*) > 0 \
-                             FROM pg_catalog.pg_proc WHERE lower(proname) = '{}'{}",
-                            if shadow {
-                                "pronamespace <> 'pg_catalog'::pg_catalog.regnamespace"
-                            } else {
-                                "provolatile = 'v'"
-                            },
-                            name.replace('\'', "''"),
-                            if one_arg { " AND pronargs = 1" } else { "" }
-                        ))
-                        .await?;
-                    let get = |i: usize| {
-                        rows.first()
-                            .and_then(|r| r.get(i).cloned().flatten())
-                            .is_some_and(|v| v == "t")
-                    };
-                    let (v, exists) = (get(0), get(1));
-                    if !exists && !one_arg {
-                        // No function of that name that this connection sees: one the
-                        // session created in a transaction still open, say. It may do
-                        // anything; asked again next time (the server fails the call if
-                        // there is none).
-                        crate::sql::classify::raise_function(
-                            c,
-                            &name,
-                            agentgate_crds::OperationClass::Exec,
-                        );
-                        continue;
-                    }
-                    self.remember(key, v);
-                    v
-                }
-            };
-            if risky {
-                crate::sql::classify::raise_function(
-                    c,
-                    &name,
-                    agentgate_crds::OperationClass::Exec,
-                );
+        let _ = catalog_later;
+        let plan = catalog_asks(c);
+        // A function or operator of a schema of the database's own: anyone's code.
+        for (schema, name) in &plan.other_calls {
+            crate::sql::classify::raise_call(c, schema, name, OperationClass::Exec);
+        }
+        for (schema, op) in &plan.other_operators {
+            crate::sql::classify::raise_operator(c, schema, op, OperationClass::Exec);
+        }
+        let mut risky: Vec<(&'static str, String)> = Vec::new();
+        let mut unknown: Vec<(&'static str, String)> = Vec::new();
+        for (kind, name) in plan.asks {
+            match self.known_answer(&format!("{kind}:{name}")) {
+                Some(true) => risky.push((kind, name)),
+                Some(false) => {}
+                None => unknown.push((kind, name)),
             }
         }
+        if !unknown.is_empty() {
+            let answers = self.ask_routines(&unknown).await?;
+            for ((kind, name), a) in unknown.into_iter().zip(answers) {
+                let (v, keep) = verdict(kind, &name, &a);
+                if keep {
+                    self.remember(format!("{kind}:{name}"), v);
+                    // The same row says whether such a call may read tables (for masking:
+                    // [`Self::reads_tables`]).
+                    match kind {
+                        "f" => self.remember(format!("r:{name}"), a.reads),
+                        "a" => self.remember(format!("ra:{name}"), a.reads),
+                        _ => {}
+                    }
+                }
+                if v {
+                    risky.push((kind, name));
+                }
+            }
+        }
+        for (kind, name) in risky {
+            raise_risky(c, kind, &name);
+        }
         Ok(())
+    }
+
+    /// Whether what the functions `st` calls return may be read from tables (masked
+    /// columns included) without the statement naming them: a call naming a schema other
+    /// than the system's, a function that runs SQL text (`query_to_xml`, `dblink`, …), and
+    /// any name (any overload, any letter case) that some function outside the system's
+    /// schemas has, unless that function is a trusted extension's ([`TRUSTED_PROC`]) and
+    /// immutable; a name no function has that this connection sees (created in a
+    /// transaction still open). Only `pg_catalog` and `information_schema` are trusted by
+    /// name. Answers are shared like [`Self::check_functions`]'s.
+    async fn reads_tables(&mut self, st: &Statement) -> Result<bool, String> {
+        let Some(asks) = reads_asks(st) else {
+            return Ok(true);
+        };
+        let mut unknown = Vec::new();
+        for (kind, name) in asks {
+            match self.known_answer(&format!("{kind}:{name}")) {
+                Some(true) => return Ok(true),
+                Some(false) => {}
+                None => unknown.push((kind, name)),
+            }
+        }
+        if unknown.is_empty() {
+            return Ok(false);
+        }
+        let answers = self.ask_routines(&unknown).await?;
+        let mut reads = false;
+        for ((kind, name), a) in unknown.into_iter().zip(answers) {
+            if !a.exists && kind == "r" {
+                // Not remembered: it may be created in a transaction still open.
+                reads = true;
+                continue;
+            }
+            self.remember(format!("{kind}:{name}"), a.reads);
+            reads |= a.reads;
+        }
+        Ok(reads)
+    }
+
+    /// Asks the catalog, in one round-trip, about each `(kind, name)`: kinds `f` (a
+    /// function of any schema), `s` (one of the system's schemas), `a` and `ra` (one of one
+    /// argument: attribute notation), `r` (any), `o` (an operator). Names are compared
+    /// in lower case for functions (the classifier folds them), exactly for operators.
+    async fn ask_routines(
+        &mut self,
+        asks: &[(&'static str, String)],
+    ) -> Result<Vec<Routine>, String> {
+        let rows = self.query(routines_query(asks)?).await?;
+        if rows.len() != asks.len() {
+            return Err("the catalog answered with the wrong number of names".into());
+        }
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let get = |i: usize| r.get(i).cloned().flatten().is_some_and(|v| v == "t");
+                let exists = get(1);
+                Routine {
+                    exists,
+                    untrusted: get(2),
+                    volatile: get(3),
+                    // A function reads tables when some function of that name outside the
+                    // system may; a name that none has counts only through `exists`.
+                    reads: get(4),
+                }
+            })
+            .collect())
+    }
+}
+
+/// What the catalog says of one name [`Catalog::ask_routines`] asked about.
+struct Routine {
+    /// Some function (or operator) of that name exists.
+    exists: bool,
+    /// Some of them is not trusted ([`TRUSTED_PROC`], [`TRUSTED_OPERATOR`]).
+    untrusted: bool,
+    /// Some trusted one is volatile (`pg_catalog`'s `pg_stat_get_*` counters aside).
+    volatile: bool,
+    /// Some function outside the system's schemas may read tables.
+    reads: bool,
+}
+
+/// The catalog query of [`Catalog::ask_routines`]: one row per ask, in order, with whether
+/// some function (or operator) of that name exists, whether some is not trusted, whether
+/// some trusted one is volatile, whether some outside the system's schemas may read tables.
+fn routines_query(asks: &[(&'static str, String)]) -> Result<String, String> {
+    let lit = |s: &str| -> Result<String, String> {
+        if s.contains('\0') {
+            return Err("a name holds a NUL byte".into());
+        }
+        Ok(format!("'{}'", s.replace('\'', "''")))
+    };
+    let array = |items: Vec<&str>| -> Result<String, String> {
+        let items: Vec<String> = items.into_iter().map(lit).collect::<Result<_, _>>()?;
+        Ok(format!("ARRAY[{}]::pg_catalog.text[]", items.join(", ")))
+    };
+    let kinds = array(asks.iter().map(|(k, _)| *k).collect())?;
+    let names = array(asks.iter().map(|(_, n)| n.as_str()).collect())?;
+    let eq = "OPERATOR(pg_catalog.=)";
+    let ne = "OPERATOR(pg_catalog.<>)";
+    // The functions a kind asks about (`p`: pg_proc).
+    let matching = format!(
+        "pg_catalog.lower(p.proname::pg_catalog.text) {eq} q.n \
+             AND (q.k {ne} ALL (ARRAY['a', 'ra']::pg_catalog.text[]) OR p.pronargs {eq} 1::pg_catalog.int2) \
+             AND (q.k {ne} 's' OR p.pronamespace {eq} ANY ({SYSTEM_SCHEMAS}))"
+    );
+    Ok(format!(
+        "SELECT q.i::pg_catalog.text, \
+                 CASE WHEN q.k {eq} 'o' \
+                   THEN EXISTS (SELECT FROM pg_catalog.pg_operator o WHERE o.oprname {eq} q.n::pg_catalog.name) \
+                   ELSE EXISTS (SELECT FROM pg_catalog.pg_proc p WHERE {matching}) END, \
+                 CASE WHEN q.k {eq} 'o' \
+                   THEN EXISTS (SELECT FROM pg_catalog.pg_operator o \
+                     WHERE o.oprname {eq} q.n::pg_catalog.name AND NOT ({TRUSTED_OPERATOR})) \
+                   ELSE EXISTS (SELECT FROM pg_catalog.pg_proc p WHERE {matching} AND NOT ({TRUSTED_PROC})) END, \
+                 CASE WHEN q.k {eq} 'o' THEN false \
+                   ELSE EXISTS (SELECT FROM pg_catalog.pg_proc p WHERE {matching} AND ({TRUSTED_PROC}) \
+                     AND p.provolatile {eq} 'v' \
+                     AND NOT (p.pronamespace {eq} 'pg_catalog'::pg_catalog.regnamespace::pg_catalog.oid \
+                       AND p.proname::pg_catalog.text OPERATOR(pg_catalog.~~) 'pg\\_stat\\_get\\_%')) END, \
+                 CASE WHEN q.k {eq} 'o' THEN false \
+                   ELSE EXISTS (SELECT FROM pg_catalog.pg_proc p WHERE {matching} \
+                     AND NOT (p.pronamespace {eq} ANY ({SYSTEM_SCHEMAS})) \
+                     AND (NOT ({TRUSTED_PROC}) OR p.provolatile {ne} 'i')) END \
+                 FROM ROWS FROM (pg_catalog.unnest({kinds}), pg_catalog.unnest({names})) \
+                   WITH ORDINALITY AS q(k, n, i) \
+                 ORDER BY q.i"
+    ))
+}
+
+/// What [`Catalog::check_functions`] asks the catalog about a query string, and what it
+/// classes Exec without asking.
+#[derive(Debug, Default, PartialEq)]
+struct Asks {
+    /// `(kind, name)`: `f` a call naming no schema, `s` a call naming a system schema, `a` a
+    /// name in attribute notation (a call of one argument), `o` an operator named without
+    /// schema.
+    asks: std::collections::BTreeSet<(&'static str, String)>,
+    /// Calls naming another schema: `(schema, name)`.
+    other_calls: Vec<(String, String)>,
+    /// Operators naming a schema other than `pg_catalog`: `(schema, operator)`.
+    other_operators: Vec<(String, String)>,
+}
+
+/// Sorts what `c` calls and uses into what to ask and what is Exec by its schema.
+fn catalog_asks(c: &crate::sql::Classified) -> Asks {
+    let mut out = Asks::default();
+    for st in c.statements.iter() {
+        for (schema, name) in &st.calls {
+            match schema.as_str() {
+                "" => {
+                    out.asks.insert(("f", name.clone()));
+                }
+                "pg_catalog" | "information_schema" => {
+                    out.asks.insert(("s", name.clone()));
+                }
+                _ => out.other_calls.push((schema.clone(), name.clone())),
+            }
+        }
+        for name in &st.attribute_calls {
+            out.asks.insert(("a", name.clone()));
+        }
+        for (schema, op) in &st.operators {
+            match schema.as_str() {
+                "" => {
+                    out.asks.insert(("o", op.clone()));
+                }
+                // Looked up in pg_catalog only: the built-in (or the server's error).
+                "pg_catalog" => {}
+                _ => out.other_operators.push((schema.clone(), op.clone())),
+            }
+        }
+    }
+    out
+}
+
+/// What [`Catalog::reads_tables`] asks the catalog about `st` (`r`: a call naming no
+/// schema, `ra`: a name in attribute notation), or `None` when a call reads tables
+/// whatever the catalog says: it runs SQL text (`query_to_xml`, `dblink`, …) or names a
+/// schema other than the system's.
+fn reads_asks(st: &Statement) -> Option<std::collections::BTreeSet<(&'static str, String)>> {
+    let mut asks = std::collections::BTreeSet::new();
+    for (schema, name) in &st.calls {
+        if crate::sql::classify::function_class(name) == Some(OperationClass::Exec) {
+            return None;
+        }
+        match schema.as_str() {
+            "" => {
+                asks.insert(("r", name.clone()));
+            }
+            "pg_catalog" | "information_schema" => {}
+            _ => return None,
+        }
+    }
+    for name in &st.attribute_calls {
+        asks.insert(("ra", name.clone()));
+    }
+    Some(asks)
+}
+
+/// Whether what the catalog answered for `(kind, name)` makes its use Exec, and whether
+/// the answer may be kept (one about something not there is asked again: it may be created
+/// in a transaction still open, and may do anything meanwhile).
+fn verdict(kind: &str, name: &str, a: &Routine) -> (bool, bool) {
+    if !a.exists && kind != "a" {
+        return (true, false);
+    }
+    let exempt = crate::sql::classify::known_function(name) || HARMLESS_VOLATILE.contains(&name);
+    (a.untrusted || (kind != "o" && a.volatile && !exempt), true)
+}
+
+/// Raises what uses `(kind, name)` (see [`Asks`]) to Exec.
+fn raise_risky(c: &mut crate::sql::Classified, kind: &str, name: &str) {
+    use crate::sql::classify::{raise_call, raise_function, raise_operator};
+    match kind {
+        "o" => raise_operator(c, "", name, OperationClass::Exec),
+        "a" => raise_function(c, name, OperationClass::Exec),
+        "s" => {
+            for schema in ["pg_catalog", "information_schema"] {
+                raise_call(c, schema, name, OperationClass::Exec);
+            }
+        }
+        _ => raise_call(c, "", name, OperationClass::Exec),
+    }
+}
+
+/// The OIDs of the system's schemas, as an SQL array. (Every function and operator in the
+/// catalog's own queries is named with its schema, and compared values have the exact types
+/// of a `pg_catalog` operator: an overload in another schema that matched better would run
+/// instead.)
+macro_rules! system_schemas {
+    () => {
+        "ARRAY['pg_catalog'::pg_catalog.regnamespace::pg_catalog.oid, \
+         'information_schema'::pg_catalog.regnamespace::pg_catalog.oid]"
+    };
+}
+
+/// See [`TRUSTED_PROC`].
+macro_rules! trusted_proc {
+    () => {
+        concat!(
+            "(p.pronamespace OPERATOR(pg_catalog.=) ANY (",
+            system_schemas!(),
+            ") \
+             OR (EXISTS (SELECT FROM pg_catalog.pg_depend d \
+               WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_proc'::pg_catalog.regclass::pg_catalog.oid \
+               AND d.objid OPERATOR(pg_catalog.=) p.oid \
+               AND d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_extension'::pg_catalog.regclass::pg_catalog.oid \
+               AND d.deptype OPERATOR(pg_catalog.=) 'e') \
+             AND EXISTS (SELECT FROM pg_catalog.pg_roles r \
+               WHERE r.oid OPERATOR(pg_catalog.=) p.proowner AND r.rolsuper)))"
+        )
+    };
+}
+
+/// The OIDs of the system's schemas (`pg_catalog`, `information_schema`), as an SQL array.
+const SYSTEM_SCHEMAS: &str = system_schemas!();
+
+/// Which functions (`p`, a row of `pg_proc`) are taken for what their name and declared
+/// volatility say: the system's (`pg_catalog`, `information_schema`), and members of an
+/// extension owned by a superuser (installed by `CREATE EXTENSION`, an `Admin` statement,
+/// or by a trusted extension's script, which runs as the bootstrap superuser). Anything
+/// else an agent may have written: however it is declared (`STABLE`, `IMMUTABLE`), it may
+/// call `set_config`, `dblink_exec` or `pg_terminate_backend`, or read any table.
+const TRUSTED_PROC: &str = trusted_proc!();
+
+/// Which operators (`o`, a row of `pg_operator`) are trusted: `pg_catalog`'s, and members of
+/// an extension owned by a superuser whose function is trusted too ([`TRUSTED_PROC`]).
+const TRUSTED_OPERATOR: &str = concat!(
+    "(o.oprnamespace OPERATOR(pg_catalog.=) 'pg_catalog'::pg_catalog.regnamespace::pg_catalog.oid \
+     OR (EXISTS (SELECT FROM pg_catalog.pg_depend d \
+           WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_operator'::pg_catalog.regclass::pg_catalog.oid \
+           AND d.objid OPERATOR(pg_catalog.=) o.oid \
+           AND d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_extension'::pg_catalog.regclass::pg_catalog.oid \
+           AND d.deptype OPERATOR(pg_catalog.=) 'e') \
+         AND EXISTS (SELECT FROM pg_catalog.pg_roles r \
+           WHERE r.oid OPERATOR(pg_catalog.=) o.oprowner AND r.rolsuper) \
+         AND EXISTS (SELECT FROM pg_catalog.pg_proc p \
+           WHERE p.oid OPERATOR(pg_catalog.=) o.oprcode::pg_catalog.oid AND ",
+    trusted_proc!(),
+    ")))"
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sql::classify as parse;
+
+    fn classified(sql: &str) -> crate::sql::Classified {
+        parse(sql).unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    fn catalog(database: &str) -> Catalog {
+        let pg: agentgate_crds::target::PostgresTarget = serde_json::from_value(
+            serde_json::json!({ "host": "db", "database": database, "credentials": { "name": "db" } }),
+        )
+        .unwrap_or_else(|e| panic!("a target: {e}"));
+        let creds = Credentials {
+            username: "app".into(),
+            password: "pw".into(),
+            ca_pem: None,
+        };
+        let pool = Arc::new(Pool::new(super::super::pool::PoolConfig::default()));
+        Catalog::new(pg, creds, "agent", pool)
+    }
+
+    fn masks() -> MaskSet {
+        let p: agentgate_crds::MaskPolicy = serde_json::from_value(serde_json::json!({
+            "apiVersion": "agentgate.dev/v1alpha1",
+            "kind": "MaskPolicy",
+            "metadata": { "name": "pii" },
+            "spec": { "rules": [
+                { "name": "emails", "columns": ["public.customers.email"], "action": "Partial" }
+            ] }
+        }))
+        .unwrap_or_else(|e| panic!("a policy: {e}"));
+        MaskSet::compile(&[&p], &|_| None).unwrap_or_else(|e| panic!("compiles: {e}"))
+    }
+
+    fn set<const N: usize>(
+        items: [(&'static str, &str); N],
+    ) -> std::collections::BTreeSet<(&'static str, String)> {
+        items.into_iter().map(|(k, n)| (k, n.to_owned())).collect()
+    }
+
+    #[test]
+    fn calls_are_asked_about_by_schema_and_other_schemas_are_exec() {
+        let plan = catalog_asks(&classified(
+            "SELECT app.random(), pg_catalog.now(), information_schema._pg_truetypid(a, t), \
+             lower(x), t.c FROM t \
+             WHERE a OPERATOR(public.+) 1 = 2 AND b OPERATOR(pg_catalog.+) 1 > 0",
+        ));
+        assert_eq!(
+            plan.asks,
+            set([
+                ("a", "c"),
+                ("f", "lower"),
+                ("o", "="),
+                ("o", ">"),
+                ("s", "_pg_truetypid"),
+                ("s", "now"),
+            ])
+        );
+        assert_eq!(plan.other_calls, [("app".to_owned(), "random".to_owned())]);
+        assert_eq!(
+            plan.other_operators,
+            [("public".to_owned(), "+".to_owned())]
+        );
+        // Names known to the classifier or known harmless are asked about too: another
+        // overload of them may be anyone's.
+        let plan = catalog_asks(&classified(
+            "SELECT random(1), pg_stat_get_numscans(1), set_config('a', 'b', false)",
+        ));
+        assert_eq!(
+            plan.asks,
+            set([
+                ("f", "pg_stat_get_numscans"),
+                ("f", "random"),
+                ("f", "set_config")
+            ])
+        );
+    }
+
+    #[test]
+    fn what_the_catalog_says_decides_exec() {
+        let r = |exists, untrusted, volatile| Routine {
+            exists,
+            untrusted,
+            volatile,
+            reads: false,
+        };
+        // A function of that name outside the trusted ones: `random(1)` may be
+        // `public.random(int)`, `pg_stat_get_x()` a user's, whatever they declare.
+        assert_eq!(verdict("f", "random", &r(true, true, true)), (true, true));
+        assert_eq!(
+            verdict("f", "pg_stat_get_x", &r(true, true, false)),
+            (true, true)
+        );
+        assert_eq!(verdict("f", "lower", &r(true, true, false)), (true, true));
+        assert_eq!(verdict("a", "email", &r(true, true, false)), (true, true));
+        assert_eq!(verdict("o", "=", &r(true, true, false)), (true, true));
+        // Trusted only: volatile ones are Exec unless known by name.
+        assert_eq!(verdict("f", "random", &r(true, false, true)), (false, true));
+        assert_eq!(
+            verdict("s", "nextval", &r(true, false, true)),
+            (false, true)
+        );
+        assert_eq!(
+            verdict("f", "some_volatile", &r(true, false, true)),
+            (true, true)
+        );
+        assert_eq!(verdict("f", "lower", &r(true, false, false)), (false, true));
+        assert_eq!(verdict("o", "=", &r(true, false, false)), (false, true));
+        // Nothing of that name seen: maybe made in a transaction still open; not kept.
+        assert_eq!(
+            verdict("f", "made_now", &r(false, false, false)),
+            (true, false)
+        );
+        assert_eq!(
+            verdict("s", "made_now", &r(false, false, false)),
+            (true, false)
+        );
+        assert_eq!(verdict("o", "@@@", &r(false, false, false)), (true, false));
+        // A name in attribute notation that no function has is a column.
+        assert_eq!(
+            verdict("a", "email", &r(false, false, false)),
+            (false, true)
+        );
+    }
+
+    #[test]
+    fn risky_uses_are_raised_where_they_are() {
+        let mut c =
+            classified("SELECT random(1); SELECT pg_catalog.random(); SELECT 1 WHERE 1 = 1");
+        raise_risky(&mut c, "f", "random");
+        assert_eq!(
+            c.statements.iter().map(|s| s.class).collect::<Vec<_>>(),
+            [
+                OperationClass::Exec,
+                OperationClass::Read,
+                OperationClass::Read
+            ]
+        );
+        raise_risky(&mut c, "s", "random");
+        raise_risky(&mut c, "o", "=");
+        assert!(c.statements.iter().all(|s| s.class == OperationClass::Exec));
+        assert_eq!(c.class, OperationClass::Exec);
+    }
+
+    #[test]
+    fn functions_outside_the_system_are_taken_as_reading_tables() {
+        let st = |sql: &str| classified(sql).statements[0].clone();
+        // Runs SQL text, or names another schema: no need to ask.
+        assert_eq!(
+            reads_asks(&st(
+                "SELECT query_to_xml('select * from customers', true, false, '')"
+            )),
+            None
+        );
+        assert_eq!(
+            reads_asks(&st("SELECT public.dblink('x', 'select 1')")),
+            None
+        );
+        assert_eq!(reads_asks(&st("SELECT app.leak(id) FROM orders")), None);
+        // Otherwise every name is asked about, the system's schemas aside.
+        assert_eq!(
+            reads_asks(&st(
+                "SELECT lower(email), pg_catalog.upper(x), o.y FROM orders o"
+            )),
+            Some(set([("r", "lower"), ("ra", "y")]))
+        );
+    }
+
+    #[test]
+    fn the_catalog_query_parses_and_quotes_names() {
+        let asks: Vec<(&'static str, String)> = vec![
+            ("f", "random".into()),
+            ("s", "now".into()),
+            ("a", "it's".into()),
+            ("o", "=".into()),
+            ("r", "leak".into()),
+            ("ra", "x".into()),
+        ];
+        let sql = routines_query(&asks).unwrap_or_else(|e| panic!("{e}"));
+        pg_query::parse(&sql, pg_query::ParserOptions::DEFAULT)
+            .unwrap_or_else(|e| panic!("{e}: {sql}"));
+        assert!(sql.contains("'it''s'"), "{sql}");
+        // Every function the query calls names its schema.
+        let parsed = classified(&sql);
+        for (schema, name) in &parsed.statements[0].calls {
+            assert_eq!(schema, "pg_catalog", "{name}");
+        }
+        for (schema, op) in &parsed.statements[0].operators {
+            assert_eq!(schema, "pg_catalog", "{op}");
+        }
+        assert!(routines_query(&[("f", "a\0b".into())]).is_err());
+    }
+
+    #[test]
+    fn alias_and_table_names_are_whole_rows_of_every_relation_they_may_name() {
+        let st = classified(
+            "SELECT (SELECT json_agg(state) FROM customers AS state) AS leak, \
+             (SELECT 1 FROM orders AS state LIMIT 1) AS decoy",
+        )
+        .statements[0]
+            .clone();
+        assert_eq!(rows_named(&st, "state"), ["customers", "orders"]);
+        let st =
+            classified("SELECT row_to_json(customers) FROM public.customers").statements[0].clone();
+        assert_eq!(rows_named(&st, "customers"), ["public.customers"]);
+        assert!(rows_named(&st, "email").is_empty());
+    }
+
+    #[test]
+    fn forget_clears_every_cache_of_the_session_and_the_databases_shared_answers() {
+        let mut cat = catalog("app");
+        let other = catalog("other");
+        let now = std::time::Instant::now();
+        cat.cache.insert((16384, 2), (None, now));
+        cat.relations
+            .insert("v".into(), (Arc::new(Vec::new()), now));
+        cat.remember("f:leak".into(), false);
+        if let Ok(mut m) = VOLATILITY.lock() {
+            m.insert(
+                (other.database(), "f:kept".into()),
+                (false, std::time::Instant::now()),
+            );
+        }
+        assert_eq!(cat.known_answer("f:leak"), Some(false));
+        cat.forget();
+        assert!(cat.cache.is_empty() && cat.relations.is_empty() && cat.volatile.is_empty());
+        assert_eq!(cat.known_answer("f:leak"), None);
+        assert_eq!(other.known_answer("f:kept"), Some(false));
+        // The former name does the same.
+        cat.cache.insert((1, 1), (None, std::time::Instant::now()));
+        cat.forget_functions();
+        assert!(cat.cache.is_empty());
+    }
+
+    #[tokio::test]
+    async fn while_ddl_may_be_uncommitted_every_column_is_masked_and_nothing_kept() {
+        let mut cat = catalog("app");
+        let masks = masks();
+        cat.set_ddl_open(true);
+        // Answered without the catalog (no connection is opened), masked as computed.
+        let rule = cat
+            .rule(16384, 2, &masks)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(rule.map(|r| r.name), Some("pii/emails".to_owned()));
+        let st = classified("SELECT lower(name) FROM orders").statements[0].clone();
+        let rule = cat
+            .computed_rule(&masks, std::slice::from_ref(&st))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(rule.is_some());
+        assert!(cat.cache.is_empty() && cat.relations.is_empty());
+        // Its end forgets what was learnt before.
+        cat.cache.insert((1, 1), (None, std::time::Instant::now()));
+        cat.set_ddl_open(false);
+        assert!(cat.cache.is_empty());
     }
 }

@@ -56,16 +56,7 @@ pub(super) fn split_setting(setting: &str) -> Vec<String> {
         let mut name = String::new();
         if chars.peek() == Some(&'"') {
             chars.next();
-            while let Some(c) = chars.next() {
-                match c {
-                    '"' if chars.peek() == Some(&'"') => {
-                        chars.next();
-                        name.push('"');
-                    }
-                    '"' => break,
-                    c => name.push(c),
-                }
-            }
+            name = crate::sql::classify::quoted_identifier(&mut chars);
             while chars.peek().is_some_and(|c| *c != ',') {
                 chars.next();
             }
@@ -297,7 +288,7 @@ impl SearchPath {
         let seq = self.seq;
         let mut confirmable = by_server;
         let mut last = None;
-        for st in &c.statements {
+        for st in c.statements.iter() {
             if matches!(st.class, OperationClass::Ddl | OperationClass::Privilege) {
                 // A schema or relation created, dropped or renamed, a privilege changed.
                 self.cache.clear();
@@ -342,7 +333,7 @@ impl SearchPath {
         self.sync();
         let mut out = Resolved::new();
         let mut state = self.state.clone();
-        for st in &c.statements {
+        for st in c.statements.iter() {
             let names: BTreeSet<(String, String)> = st
                 .relations
                 .iter()

@@ -678,6 +678,9 @@ enum Event {
     /// The agent left; with the upstream's write side when it said goodbye with nothing
     /// open (the connection may then be reused).
     Done(Option<UpstreamWrite>),
+    /// Tell the reader once everything forwarded before is answered (and the settings the
+    /// server reported with those answers were checked).
+    Barrier(tokio::sync::oneshot::Sender<()>),
 }
 
 enum Pending {
@@ -688,6 +691,7 @@ enum Pending {
     },
     Own(Vec<Frame>),
     OwnReady,
+    Barrier(tokio::sync::oneshot::Sender<()>),
 }
 
 /// What the server owes for the messages forwarded up to one Sync (or one simple Query), so
@@ -755,7 +759,7 @@ fn fail_unanswered(
         .drain(..)
         .filter_map(|p| match p {
             Pending::Upstream { batch, .. } => Some(*batch),
-            Pending::Own(_) | Pending::OwnReady => None,
+            Pending::Own(_) | Pending::OwnReady | Pending::Barrier(_) => None,
         })
         .collect();
     batches.push(std::mem::take(open));
@@ -973,6 +977,11 @@ async fn writer(
                         return None;
                     }
                 }
+                Some(Pending::Barrier(_)) => {
+                    if let Some(Pending::Barrier(reached)) = queue.pop_front() {
+                        let _ = reached.send(());
+                    }
+                }
                 Some(Pending::OwnReady) => {
                     queue.pop_front();
                     if write_frames(&mut agent, &[backend::ready_for_query(status)])
@@ -1021,6 +1030,7 @@ async fn writer(
                 Some(Event::CopyFailed(why)) => answering(&mut queue, &mut open).copy_failed = Some(why),
                 Some(Event::Own(f)) => queue.push_back(Pending::Own(f)),
                 Some(Event::OwnReady) => queue.push_back(Pending::OwnReady),
+                Some(Event::Barrier(reached)) => queue.push_back(Pending::Barrier(reached)),
                 Some(Event::Done(half)) => {
                     done = true;
                     if let Some(half) = half {
@@ -1472,34 +1482,42 @@ fn mask_error(masks: &MaskSet, frame: &Frame, texts: &[Arc<str>]) -> Frame {
     // (`::regtype`) points into the value, where the statement does not have its text.
     let position = error_position(frame);
     let hide = masks.has_column_rules();
-    let at = position.and_then(|p| {
-        texts
+    // An error raised while the statement ran (it points at no place in the statement), or
+    // about a value (classes 22 and 23), may quote a value in any form (`operator does not
+    // exist: Ada_Lovelace` from `…::regoper`, `syntax error in tsquery: …`, the bytes of a
+    // character that does not convert): only what kind of error it was is kept. A syntax
+    // error is one too: the gateway forwards only statements that parse, so what the server
+    // could not parse was a value (`::regtype` parses its input, and points into it).
+    let runtime = position.is_none()
+        || e.code.starts_with("22")
+        || e.code.starts_with("23")
+        || e.code == "42601";
+    // The name written where the error points, in each of the batch's statements: up to the
+    // next space, comma, semicolon or parenthesis, its double quotes dropped, lower-case.
+    let at: Vec<String> = match position {
+        Some(p) if !runtime => texts
             .iter()
             .map(|t| {
-                // The name the error points at: up to the next space, comma or parenthesis.
                 t.chars()
                     .skip(p.saturating_sub(1))
                     .take_while(|c| !c.is_whitespace() && !matches!(c, ',' | ';' | '(' | ')'))
                     .take(256)
+                    .filter(|c| *c != '"')
                     .collect::<String>()
                     .to_lowercase()
             })
-            .reduce(|a, b| a + "\n" + &b)
-    });
+            .collect(),
+        _ => Vec::new(),
+    };
     let text = |t: &str| {
         let t = if hide {
-            hide_quoted(t, at.as_deref())
+            hide_quoted(t, &at)
         } else {
             t.to_owned()
         };
         text(&t)
     };
-    // An error raised while the statement ran (it points at no place in the statement), or
-    // about a value (classes 22 and 23), may quote a value in any form (`operator does not
-    // exist: Ada_Lovelace` from `…::regoper`, `syntax error in tsquery: …`, the bytes of a
-    // character that does not convert): only what kind of error it was is kept.
-    let runtime = position.is_none() || e.code.starts_with("22") || e.code.starts_with("23");
-    if masks.has_column_rules() && runtime {
+    if hide && runtime {
         e.message = match e.message.split_once(':') {
             Some((kind, _)) => format!(
                 "{}: (the value is not shown: agentgate masks columns here)",
@@ -1567,9 +1585,11 @@ fn hide_numbers(text: &str) -> String {
     out
 }
 
-/// `text` with what it quotes (`"…"`) hidden, unless `known` (the agent's statement where
-/// the error points, lower-case) has it (in any letter case: names are folded).
-fn hide_quoted(text: &str, known: Option<&str>) -> String {
+/// `text` with what it quotes (`"…"`) hidden, unless it is the name the agent's statement
+/// has where the error points (`names`, lower-case, without double quotes): the whole name
+/// or one of its dotted parts, in any letter case (names are folded). Never a part of some
+/// other text there: a comment at that place could list every character a value may have.
+fn hide_quoted(text: &str, names: &[String]) -> String {
     let mut out = String::with_capacity(text.len());
     let mut quoted = String::new();
     let mut inside = false;
@@ -1577,7 +1597,10 @@ fn hide_quoted(text: &str, known: Option<&str>) -> String {
         if c == '"' {
             if inside {
                 let lower = quoted.to_lowercase();
-                let own = !quoted.is_empty() && known.is_some_and(|k| k.contains(&lower));
+                let own = !quoted.is_empty()
+                    && names
+                        .iter()
+                        .any(|n| *n == lower || n.split('.').any(|part| part == lower));
                 if own {
                     out.push_str(&quoted);
                 } else {
@@ -1670,6 +1693,52 @@ fn copy_out_refusal(
         );
     }
     None
+}
+
+/// Why `c` is refused when one of its statements changes something (it writes, or is DDL or
+/// a privilege change) and reads a masked column: the
+/// value it reads could be stored where no rule masks it (`INSERT … SELECT email`, `UPDATE …
+/// SET note = c.card`, `CREATE TABLE … AS`, a write in a `WITH` query,
+/// `set_config(…, email, …)`) and read back in clear, or returned by `RETURNING` under
+/// another column's name. `computed` is the rule for what the whole text reads. `Err`: the
+/// catalog could not say (refused too). (Exec and Admin run code whatever it reads: an
+/// approver decides those.)
+async fn stores_masked(
+    catalog: &Mutex<Catalog>,
+    masks: &MaskSet,
+    c: &Classified,
+    computed: Option<&crate::mask::Rule>,
+    path: &mut SearchPath,
+) -> Result<Option<String>, String> {
+    use agentgate_crds::OperationClass;
+    let changes = |class: OperationClass| {
+        matches!(
+            class,
+            OperationClass::Write | OperationClass::Ddl | OperationClass::Privilege
+        )
+    };
+    if !c.statements.iter().any(|s| changes(s.class)) || !masks.has_column_rules() {
+        return Ok(None);
+    }
+    let refuse = |class: OperationClass, rule: &crate::mask::Rule| {
+        format!(
+            "agentgate refuses this statement (class {class}): it reads columns masked by {} and may store what it reads where it is not masked; name rows by columns that are not masked, and write values of your own",
+            rule.name
+        )
+    };
+    if c.statements.len() == 1 {
+        return Ok(computed.map(|rule| refuse(c.class, rule)));
+    }
+    for st in c.statements.iter().filter(|s| changes(s.class)) {
+        let one = Classified {
+            statements: Arc::new(vec![st.clone()]),
+            ..c.clone()
+        };
+        if let Some(rule) = computed_for(catalog, masks, &one, path).await? {
+            return Ok(Some(refuse(st.class, &rule)));
+        }
+    }
+    Ok(None)
 }
 
 fn refusal(d: &Decision, c: Option<&Classified>) -> ErrorFields {
@@ -1891,33 +1960,51 @@ async fn check_functions(
     path: &mut SearchPath,
     ddl: &mut Ddl,
 ) -> Option<String> {
-    if c.statements.iter().all(|s| s.functions.is_empty()) {
-        if c.statements.iter().all(|s| s.attribute_calls.is_empty()) {
-            return None;
-        }
-    } else if ddl.open()
+    if !ddl.open() && ddl.latest > ddl.forgotten {
+        // Its transaction ended: what the catalog said before it is forgotten.
+        catalog.lock().await.forget();
+        ddl.forgotten = ddl.latest;
+    }
+    catalog.lock().await.set_ddl_open(ddl.open());
+    if !c.needs_catalog_check() {
+        return None;
+    }
+    if ddl.open()
         || c.statements
             .iter()
             .any(|s| s.class == agentgate_crds::OperationClass::Ddl)
     {
         // DDL in this string, or let through in a transaction that may still be open: the
         // catalog connection does not see what it created, renamed or replaced, so whatever
-        // is called may be anything (built-in names included).
+        // is called may be anything (built-in names and operators included).
+        let keep = |s: &&crate::sql::Statement| {
+            s.class != agentgate_crds::OperationClass::Ddl || runs_query(s)
+        };
         let called: Vec<String> = c
             .statements
             .iter()
-            .filter(|s| s.class != agentgate_crds::OperationClass::Ddl || runs_query(s))
+            .filter(keep)
             .flat_map(|s| s.functions.iter())
+            .cloned()
+            .collect();
+        let operators: Vec<(String, String)> = c
+            .statements
+            .iter()
+            .filter(keep)
+            .flat_map(|s| s.operators.iter())
             .cloned()
             .collect();
         for f in called {
             crate::sql::classify::raise_function(c, &f, agentgate_crds::OperationClass::Exec);
         }
-    }
-    if !ddl.open() && ddl.latest > ddl.forgotten {
-        // Its transaction ended: what the catalog said before it is forgotten.
-        catalog.lock().await.forget_functions();
-        ddl.forgotten = ddl.latest;
+        for (schema, op) in operators {
+            crate::sql::classify::raise_operator(
+                c,
+                &schema,
+                &op,
+                agentgate_crds::OperationClass::Exec,
+            );
+        }
     }
     // A path with a schema before pg_catalog: a built-in's name may call another function.
     let all = path.catalog_later_for(c);
@@ -1940,11 +2027,26 @@ async fn computed_for(
     let why = |e: String| {
         format!("agentgate cannot tell which columns to mask ({e}); nothing is sent in clear")
     };
+    // What a statement creates (`CREATE TABLE t …`, `… AS`, `SELECT … INTO t`) is not read
+    // by it, and does not exist yet for the catalog.
+    let stripped;
+    let c = if c.statements.iter().any(|s| !s.created.is_empty()) {
+        let mut own = c.clone();
+        for st in Arc::make_mut(&mut own.statements) {
+            let created = std::mem::take(&mut st.created);
+            st.relations.retain(|r| !created.contains(r));
+            st.created = created;
+        }
+        stripped = own;
+        &stripped
+    } else {
+        c
+    };
     // The catalog reads names on its own connection's default path: they are resolved on
     // the session's paths first (its own connection's, and any it set since). A name that
     // may be more than one relation, or whose schema cannot be told, masks every computed
     // value.
-    let mut statements = std::borrow::Cow::Borrowed(&c.statements);
+    let mut statements = std::borrow::Cow::Borrowed(&**c.statements);
     if c.statements.iter().any(|s| {
         s.relations
             .iter()
@@ -1956,11 +2058,17 @@ async fn computed_for(
         match qualified_statements(&resolved) {
             Some(s) => statements = std::borrow::Cow::Owned(s),
             None => {
+                if let Some(why) = schema_change_on_masked(masks, &c.statements) {
+                    return Err(why);
+                }
                 return Ok(masks
                     .first_column_rule()
                     .map(crate::mask::Rule::for_computed));
             }
         }
+    }
+    if let Some(why) = schema_change_on_masked(masks, &statements) {
+        return Err(why);
     }
     catalog
         .lock()
@@ -1970,19 +2078,51 @@ async fn computed_for(
         .map_err(why)
 }
 
+/// Why a statement that changes the schema or privileges (class DDL or above) of a relation
+/// with masked columns is refused: rules name columns, so a renamed column, a changed type,
+/// a dropped and recreated table, a rule or policy, or a grant could move the values out of
+/// them. A name the session's path did not resolve is taken as `public`'s (the default
+/// path's).
+fn schema_change_on_masked(
+    masks: &MaskSet,
+    statements: &[crate::sql::Statement],
+) -> Option<String> {
+    statements
+        .iter()
+        // (A query whose class comes from a function it calls is not a schema change: what
+        // it reads is judged by [`stores_masked`].)
+        .filter(|s| {
+            s.class >= agentgate_crds::OperationClass::Ddl
+                && !matches!(
+                    s.tag.as_str(),
+                    "SELECT" | "INSERT" | "UPDATE" | "DELETE" | "MERGE" | "VALUES"
+                )
+        })
+        .find_map(|s| {
+            s.relations.iter().find_map(|r| {
+                let (schema, table) = r.split_once('.').unwrap_or(("public", r.as_str()));
+                let rule = masks.table_rule(schema, table)?;
+                Some(format!(
+                    "agentgate refuses {} on {r}: its columns are masked by {}, and a change to it could move their values out of the rules; an administrator changes masked tables",
+                    s.tag, rule.name
+                ))
+            })
+        })
+}
+
 /// `c`'s statements with their unqualified relation names replaced by what they resolved to
 /// (relations, aliases, and a table's own name used as a qualifier), or `None` when a name
 /// may be more than one relation or its schema cannot be told.
 fn qualified_statements(c: &Classified) -> Option<Vec<crate::sql::Statement>> {
     use crate::sql::classify::unqualified;
     let Some(map) = &c.resolved else {
-        return Some(c.statements.clone());
+        return Some(c.statements.to_vec());
     };
     let one = |r: &str| match map.get(r) {
         Some(Ok(list)) if list.len() == 1 => Some(list[0].clone()),
         _ => None,
     };
-    let mut out = c.statements.clone();
+    let mut out = c.statements.to_vec();
     for st in &mut out {
         let mut relations = std::collections::BTreeSet::new();
         for r in &st.relations {
@@ -1992,7 +2132,7 @@ fn qualified_statements(c: &Classified) -> Option<Vec<crate::sql::Statement>> {
                 }
                 Some(table) => {
                     let q = one(r)?;
-                    st.aliases.entry(table).or_insert_with(|| q.clone());
+                    st.aliases.add(table, q.clone());
                     relations.insert(q);
                 }
             }
@@ -2067,13 +2207,48 @@ async fn follow_path(
     {
         gw.pool.clear();
     }
-    if c.statements
-        .iter()
-        .any(|s| s.class == agentgate_crds::OperationClass::Ddl)
-    {
-        catalog.lock().await.forget_functions();
+    // DDL, and what may run DDL of its own (a DO block, CALL, CREATE EXTENSION): functions
+    // and views may have been created or replaced.
+    if c.statements.iter().any(|s| {
+        matches!(
+            s.class,
+            agentgate_crds::OperationClass::Ddl
+                | agentgate_crds::OperationClass::Admin
+                | agentgate_crds::OperationClass::Exec
+        )
+    }) {
+        catalog.lock().await.forget();
     }
     path.observe(c, by_server)
+}
+
+/// Whether how the server reads `sql` depends on session settings the agent could change
+/// with what ran before it: a backslash (read as an escape in a string once
+/// `standard_conforming_strings` is off) or a non-ASCII byte (read by `client_encoding`).
+/// Text without either reads the same under every setting the server accepts.
+fn reads_by_settings(sql: &str) -> bool {
+    sql.bytes().any(|b| b == b'\\' || !b.is_ascii())
+}
+
+/// Waits until the server answered everything forwarded before (the settings it reported
+/// with those answers checked by the writer, which ends the session when they changed how
+/// strings are read), so the next statement is checked as the server will read it.
+async fn settled(
+    up: &mut BufWriter<UpstreamWrite>,
+    tx: &mpsc::Sender<Event>,
+) -> Result<(), FrameError> {
+    let (reached, wait) = tokio::sync::oneshot::channel();
+    if tx.send(Event::Barrier(reached)).await.is_err() {
+        return Err(session_over());
+    }
+    up.flush().await?;
+    wait.await.map_err(|_| session_over())
+}
+
+fn session_over() -> FrameError {
+    FrameError::Io(std::io::Error::other(
+        "the session ended while a statement waited for the answers before it",
+    ))
 }
 
 /// Sends a message upstream, flushing only when the agent has nothing more waiting (a
@@ -2149,7 +2324,10 @@ async fn read_agent(
 ) -> Result<bool, FrameError> {
     // Prepared statements' classifications, for Execute-time checks.
     let mut statements: HashMap<String, Classified> = HashMap::new();
-    let mut portals: HashMap<String, String> = HashMap::new();
+    // Portals → what their statement was when they were bound: a statement parsed again
+    // under the same name (the unnamed one) after the Bind does not change what the portal
+    // runs.
+    let mut portals: HashMap<String, Option<Classified>> = HashMap::new();
     let mut skip_until_sync = false;
     // Names are never reused: the gateway's maps must name what the server has, and a Parse
     // or Bind the server rejects (a duplicate name) or skips (after an error earlier in the
@@ -2160,6 +2338,9 @@ async fn read_agent(
     // have skipped that Parse and kept the previous one.
     let mut unnamed_uncertain = false;
     let mut in_batch = false;
+    // An Execute was forwarded since the last Sync: what it ran may have changed settings the
+    // server reports only at the Sync's ReadyForQuery.
+    let mut executed_in_batch = false;
     let mut copy_phase = copy.subscribe();
     // Asked for every statement: answered once per policy snapshot.
     let mut scoped_in: Option<(Arc<policy::Snapshot>, bool)> = None;
@@ -2289,7 +2470,7 @@ async fn read_agent(
             })
     };
     let remember_cursors = |c: &Classified, cursors: &mut HashMap<String, Classified>| {
-        for st in &c.statements {
+        for st in c.statements.iter() {
             for f in &st.flags {
                 if let crate::sql::Flag::DeclareCursor(name) = f {
                     cursors.insert(name.clone(), c.clone());
@@ -2367,6 +2548,9 @@ async fn read_agent(
             Frontend::Query(sql) => {
                 let id = rec.next_request();
                 let bytes_in = frame.body.len() + 5;
+                if reads_by_settings(&sql) {
+                    settled(up, tx).await?;
+                }
                 let classified = match classify(&sql) {
                     Ok(c) => c,
                     Err(e) => {
@@ -2415,7 +2599,14 @@ async fn read_agent(
                         Ok(r) => (r, None),
                         Err(e) => (None, Some(e)),
                     };
-                let unknown = functions_unknown.or(unknown);
+                let unknown = functions_unknown.or(unknown).or(
+                    match stores_masked(&catalog, &masks, &classified, computed.as_ref(), &mut path)
+                        .await
+                    {
+                        Ok(why) => why,
+                        Err(e) => Some(e),
+                    },
+                );
                 let (mut d, names_unknown) = decide_names(
                     &mut path,
                     &catalog,
@@ -2444,7 +2635,7 @@ async fn read_agent(
                         message: why,
                     };
                 }
-                if d.verdict == Verdict::Allow
+                if d.verdict != Verdict::Refuse
                     && let Some(why) = copy_out_refusal(&masks, &classified, computed.as_ref())
                 {
                     d = Decision {
@@ -2555,6 +2746,10 @@ async fn read_agent(
                     );
                     Some(err)
                 };
+                let by_settings = reads_by_settings(&sql);
+                if by_settings && !executed_in_batch {
+                    settled(up, tx).await?;
+                }
                 let refused = if !name.is_empty() && used_statements.contains(&name) {
                     refuse(
                         "protocol",
@@ -2563,6 +2758,14 @@ async fn read_agent(
                             format!(
                                 "agentgate: prepared statement \"{name}\" was already used in this session; prepare under a new name"
                             ),
+                        ),
+                    )
+                } else if by_settings && executed_in_batch {
+                    refuse(
+                        "protocol",
+                        ErrorFields::error(
+                            sqlstate::FEATURE_NOT_SUPPORTED,
+                            "agentgate checks a statement with a backslash or a non-ASCII character only once what ran before it was answered (it may have changed how the server reads strings): send a Sync before this Parse",
                         ),
                     )
                 } else {
@@ -2704,7 +2907,7 @@ async fn read_agent(
                     in_batch = false;
                     continue;
                 }
-                portals.insert(portal.clone(), statement.clone());
+                portals.insert(portal.clone(), statements.get(statement).cloned());
                 in_batch = true;
                 forward(up, agent.buffer().is_empty(), frame).await?;
             }
@@ -2712,12 +2915,21 @@ async fn read_agent(
                 // Re-check at execution: a grant may have expired since Parse.
                 // A portal the gateway did not see bound (a SQL cursor's name) is unknown:
                 // refused below, never taken for the unnamed statement.
-                let statement = portals.get(portal).cloned();
                 let id = rec.next_request();
-                let mut found = statement.and_then(|st| statements.get(&st)).cloned();
+                let mut found = portals.get(portal).cloned().flatten();
+                catalog.lock().await.set_ddl_open(ddl.open());
                 let computed = match &found {
                     Some(c) => computed_for(&catalog, &masks, c, &mut path).await,
                     None => Ok(None),
+                };
+                let stores = match (&found, &computed) {
+                    (Some(c), Ok(rule)) => {
+                        match stores_masked(&catalog, &masks, c, rule.as_ref(), &mut path).await {
+                            Ok(why) => why,
+                            Err(e) => Some(e),
+                        }
+                    }
+                    _ => None,
                 };
                 // Its names as the session's path reads them now (it may have changed since
                 // the Parse: the server plans the statement again).
@@ -2749,12 +2961,18 @@ async fn read_agent(
                             message: why.clone(),
                         };
                     }
+                    if d.verdict != Verdict::Refuse
+                        && let Some(why) = stores
+                    {
+                        d = Decision::refuse("mask", why);
+                    }
                     let d = recorded(id, c.fingerprint.text(), Some(&c), "execute", d);
                     (d, c)
                 });
                 match verdict {
                     Some((d, c)) if d.verdict == Verdict::Allow => {
                         in_batch = true;
+                        executed_in_batch = true;
                         if masks.has_column_rules() {
                             tx.send(Event::Text(Arc::from(c.fingerprint.text())))
                                 .await
@@ -2844,6 +3062,7 @@ async fn read_agent(
                 forward(up, agent.buffer().is_empty(), frame).await?;
             }
             Frontend::Sync => {
+                executed_in_batch = false;
                 // The unnamed portal lives in its batch only; the unnamed statement too when
                 // the server may have skipped its Parse.
                 portals.remove("");
