@@ -14,16 +14,43 @@ fn re(pattern: &str) -> Regex {
     Regex::new(pattern).unwrap_or_else(|e| panic!("built-in detector pattern {pattern}: {e}"))
 }
 
-// Any letters (internationalized addresses), `_` in the local part, IP-literal domains; no
-// word boundaries, which `_` next to an address would defeat (`id_ada@example.com_x`).
+// Any letters (internationalized addresses), `_` in the local part, IP-literal domains, the
+// full-width and small at signs and dots; no word boundaries, which `_` next to an address
+// would defeat (`id_ada@example.com_x`).
 static EMAIL: LazyLock<Regex> = LazyLock::new(|| {
     re(
-        r"(?i)[\p{L}\p{N}._%+\-]+@(?:(?:[\p{L}\p{N}](?:[\p{L}\p{N}\-]*[\p{L}\p{N}])?\.)+\p{L}{2,}|\[[0-9a-f.:]+\])",
+        r"(?i)[\p{L}\p{N}._%+\-]+[@\x{FF20}\x{FE6B}](?:(?:[\p{L}\p{N}](?:[\p{L}\p{N}\-]*[\p{L}\p{N}])?[.\x{FF0E}\x{3002}])+\p{L}{2,}|\[[0-9a-f.:]+\])",
     )
 });
-// A run of digits with single or double spaces or dashes between them; when it holds a card
+// A run of digits (of any script: full-width, Arabic-Indic…) with up to three separators
+// between them (spaces of any kind, dashes, dots, slashes, underscores); when it holds a card
 // number (see `card_in_run`), the whole run is masked.
-static CARD: LazyLock<Regex> = LazyLock::new(|| re(r"\d(?:[ \-]{0,2}\d){12,}"));
+static CARD: LazyLock<Regex> = LazyLock::new(|| {
+    re(r"\d(?:[\p{Zs}\-./_\x{2010}-\x{2015}\x{2212}\x{FF0D}\x{FF0E}\x{FF0F}]{0,3}\d){12,}")
+});
+static DECIMAL_DIGIT: LazyLock<Regex> = LazyLock::new(|| re(r"^\p{Nd}$"));
+
+/// The value of a decimal digit of any script. Unicode keeps each script's digits as ten
+/// consecutive code points, zero first, so a digit's value is how far it is into its run.
+fn digit_value(c: char) -> Option<u32> {
+    if let Some(d) = c.to_digit(10) {
+        return Some(d);
+    }
+    let is_digit = |c: char| DECIMAL_DIGIT.is_match(c.encode_utf8(&mut [0; 4]));
+    if !is_digit(c) {
+        return None;
+    }
+    let mut back = 0u32;
+    let mut at = u32::from(c);
+    while let Some(prev) = at.checked_sub(1).and_then(char::from_u32) {
+        if !is_digit(prev) {
+            break;
+        }
+        back += 1;
+        at -= 1;
+    }
+    Some(back % 10)
+}
 static US_SSN: LazyLock<Regex> = LazyLock::new(|| re(r"\b(\d{3})-(\d{2})-(\d{4})\b"));
 static UK_NINO: LazyLock<Regex> = LazyLock::new(|| {
     re(r"(?i)\b[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z] ?\d{2} ?\d{2} ?\d{2} ?[A-D]\b")
@@ -50,7 +77,7 @@ static PRIVATE_KEY: LazyLock<Regex> = LazyLock::new(|| {
 
 /// Whether the digits of `s` pass the Luhn check.
 pub fn luhn(s: &str) -> bool {
-    let digits: Vec<u32> = s.chars().filter_map(|c| c.to_digit(10)).collect();
+    let digits: Vec<u32> = s.chars().filter_map(digit_value).collect();
     if !(13..=19).contains(&digits.len()) {
         return false;
     }
@@ -97,9 +124,15 @@ pub fn iban_valid(s: &str) -> bool {
 /// separators split them) from the first one, or up to the last one, hold 13 to 19 digits
 /// that pass the Luhn check (a card followed by its CVV or expiry, or after a prefix).
 fn card_in_run(run: &str) -> bool {
-    let groups: Vec<&str> = run
-        .split(|c: char| !c.is_ascii_digit())
+    let groups: Vec<String> = run
+        .split(|c: char| digit_value(c).is_none())
         .filter(|g| !g.is_empty())
+        .map(|g| {
+            g.chars()
+                .filter_map(digit_value)
+                .filter_map(|d| char::from_digit(d, 10))
+                .collect()
+        })
         .collect();
     let n = groups.len();
     (1..=n).any(|k| {
@@ -216,7 +249,7 @@ mod tests {
         );
         assert_eq!(
             found(Detector::CardNumber, "4111-1111-1111-1111-12/25"),
-            ["4111-1111-1111-1111-12"]
+            ["4111-1111-1111-1111-12/25"]
         );
         assert_eq!(
             found(Detector::CardNumber, "card_4111111111111111"),
@@ -227,6 +260,22 @@ mod tests {
             ["4111  1111  1111  1111"]
         );
         assert!(found(Detector::CardNumber, &"1234567890".repeat(4)).is_empty());
+        // Other separators, other scripts' digits.
+        for card in [
+            "4111.1111.1111.1111",
+            "4111/1111/1111/1111",
+            "4111   1111   1111   1111",
+            "4111_1111_1111_1111",
+            "\u{FF14}\u{FF11}\u{FF11}\u{FF11}\u{FF11}\u{FF11}\u{FF11}\u{FF11}\u{FF11}\u{FF11}\u{FF11}\u{FF11}\u{FF11}\u{FF11}\u{FF11}\u{FF11}",
+            "\u{0664}\u{0661}\u{0661}\u{0661} \u{0661}\u{0661}\u{0661}\u{0661} \u{0661}\u{0661}\u{0661}\u{0661} \u{0661}\u{0661}\u{0661}\u{0661}",
+        ] {
+            assert_eq!(found(Detector::CardNumber, card), vec![card], "{card}");
+        }
+        assert!(found(Detector::CardNumber, "4111.1111.1111.1112").is_empty());
+        // Full-width at signs and dots.
+        for email in ["ada\u{FF20}example.com", "ada\u{FE6B}example\u{FF0E}com"] {
+            assert_eq!(found(Detector::Email, email), vec![email], "{email}");
+        }
         for (text, want) in [
             ("first_last@example.com", "first_last@example.com"),
             ("ada@bücher.de", "ada@bücher.de"),
