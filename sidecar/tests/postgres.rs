@@ -1114,21 +1114,17 @@ async fn table_scopes_judge_the_table_the_search_path_reaches() -> anyhow::Resul
     );
     assert!(!out.contains("top-secret"), "{out}");
     assert!(err.contains("(public.orders, secret.orders)"), "{err}");
-    // A function the session creates in a transaction still open is not in the catalog
-    // the gateway asks: calling it is Exec (held), not a read.
+    // Creating a function is running code (Exec): held, in a transaction or not; a call to
+    // one in another schema is Exec too.
     let (out, err) = session(&[
         "BEGIN",
         "CREATE FUNCTION agentgate.sneaky() RETURNS int LANGUAGE sql VOLATILE AS $$ SELECT 1 $$",
         "SELECT agentgate.sneaky()",
     ]);
-    assert_eq!(out, "BEGIN\nCREATE FUNCTION\n", "{err}");
+    assert_eq!(out, "BEGIN\n", "{err}");
     assert!(err.contains("held"), "{err}");
-    // Called before it exists (nothing to cache), then created and called: still Exec.
-    let (out, err) = session(&[
-        "CREATE FUNCTION agentgate.later() RETURNS int LANGUAGE sql VOLATILE AS $$ SELECT 1 $$",
-        "SELECT agentgate.later()",
-    ]);
-    assert_eq!(out, "CREATE FUNCTION\n", "{err}");
+    let (out, err) = session(&["SELECT agentgate.later()"]);
+    assert_eq!(out, "", "{err}");
     assert!(err.contains("held"), "{err}");
     Ok(())
 }
@@ -2556,6 +2552,11 @@ async fn whole_rows_value_errors_rebound_portals_and_pipelined_settings_hold_the
         );
     }
     assert_eq!(gw.ok("SELECT count(*) FROM orders WHERE id = 9"), "0");
+    // A row lock stores nothing: its rows are masked as a query's.
+    assert_eq!(
+        gw.ok("SELECT name FROM customers WHERE id = 1 FOR UPDATE"),
+        "[name]"
+    );
     // Rules name columns: a schema change to a table with masked columns could move their
     // values out of them (a renamed column, a view the catalog cannot see yet).
     for change in [
@@ -2567,14 +2568,59 @@ async fn whole_rows_value_errors_rebound_portals_and_pipelined_settings_hold_the
         let err = gw.err(change);
         assert!(err.contains("masked by pii/names"), "{change}: {err}");
     }
-    // DDL elsewhere runs.
+    // Schemas too: rules name them.
+    let err = gw.err("ALTER SCHEMA public RENAME TO elsewhere");
+    assert!(err.contains("rules name schemas"), "{err}");
+    // DDL elsewhere runs; in its transaction, writes and reads of what is not masked too.
     gw.ok("CREATE TABLE scratch (id int)");
+    let out = psql_each(
+        &gw,
+        &[
+            "BEGIN",
+            "CREATE TABLE migration (v int)",
+            "INSERT INTO migration VALUES (1)",
+            "UPDATE orders SET state = 'paid' WHERE id = 4712",
+            "SELECT id FROM orders WHERE id = 4712",
+            "ROLLBACK",
+        ],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "BEGIN\nCREATE TABLE\nINSERT 0 1\nUPDATE 1\n4712\nROLLBACK",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Code the server runs later on statements that do not name it (a trigger, a rule, a
+    // function behind them) is Exec: an approver decides.
+    for code in [
+        "CREATE FUNCTION copy_email() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN NEW.state := (SELECT name FROM customers LIMIT 1); RETURN NEW; END$$",
+        "CREATE TRIGGER copy BEFORE INSERT ON orders FOR EACH ROW EXECUTE FUNCTION twice()",
+    ] {
+        let err = gw.err(code);
+        assert!(err.contains("held for approval"), "{code}: {err}");
+    }
     // Writes of the agent's own values, and rows named by columns that are not masked, run.
     assert_eq!(
         gw.ok("UPDATE orders SET state = 'shipped' WHERE customer_id IN (SELECT id FROM customers WHERE id = 1) RETURNING state"),
         "shipped\nUPDATE 1"
     );
     let query = |sql: &str| message(b'Q', &[sql.as_bytes(), b"\0"].concat());
+    // A simple query inside an extended batch that ran something: refused until its Sync.
+    let answer = text(raw(
+        gw.port,
+        &[
+            startup("claude", "orders-db"),
+            parse("SELECT set_config('standard_conforming_strings', 'off', false)"),
+            bind.clone(),
+            execute.clone(),
+            query(r"SELECT 'a\', ' || 'leaked' || current_user --'"),
+            message(b'S', b""),
+            message(b'X', b""),
+        ]
+        .concat(),
+    ));
+    assert!(!answer.contains("leaked"), "{answer}");
+    assert!(answer.contains("send a Sync before this query"), "{answer}");
     for hidden in [
         r"SELECT 'a\', ' ; SELECT 'leaked' || current_user --'",
         // One Parse in a batch that executed something before it: refused.

@@ -262,6 +262,7 @@ impl From<&Classified> for Command {
                     | Flag::Function(_)
                     | Flag::Unknown(_)
                     | Flag::CopyBinary
+                    | Flag::StoresValues
                     | Flag::SearchPath(_) => {}
                 }
             }

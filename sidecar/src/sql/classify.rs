@@ -54,6 +54,9 @@ pub enum Flag {
     DeclareCursor(String),
     /// `FETCH`/`MOVE … name`: reads a cursor's rows (its query runs now).
     UseCursor(String),
+    /// An `INSERT`, `UPDATE` or `MERGE` anywhere in the statement (a `WITH` query too): it
+    /// stores values, which may be ones it read (unlike a row lock or a `DELETE`).
+    StoresValues,
     /// `SET search_path`, `RESET search_path`, `SET ROLE`, `RESET ALL` or `DISCARD ALL`:
     /// what unqualified relation names resolve to may change.
     SearchPath(PathChange),
@@ -687,17 +690,20 @@ fn statement_class(kind: &str, body: &Value) -> Option<(OperationClass, String)>
         "ViewStmt" => s(Ddl, "CREATE VIEW"),
         "AlterTableStmt" => s(Ddl, "ALTER TABLE"),
         "RenameStmt" => s(Ddl, "ALTER RENAME"),
-        "RuleStmt" => s(Ddl, "CREATE RULE"),
-        "CreateFunctionStmt" => s(Ddl, "CREATE FUNCTION"),
+        // Objects that carry code the server runs later, on statements that do not name it
+        // (a rule, a trigger, a function behind an operator or an aggregate): creating one
+        // is running code, whatever statement later sets it off.
+        "RuleStmt" => s(Exec, "CREATE RULE"),
+        "CreateFunctionStmt" => s(Exec, "CREATE FUNCTION"),
         "AlterFunctionStmt" => s(Ddl, "ALTER FUNCTION"),
-        "CreateTrigStmt" => s(Ddl, "CREATE TRIGGER"),
+        "CreateTrigStmt" => s(Exec, "CREATE TRIGGER"),
         "CreateSeqStmt" => s(Ddl, "CREATE SEQUENCE"),
         "AlterSeqStmt" => s(Ddl, "ALTER SEQUENCE"),
         "CreateSchemaStmt" => s(Ddl, "CREATE SCHEMA"),
         "CreateDomainStmt" | "AlterDomainStmt" => s(Ddl, "DOMAIN"),
         "CompositeTypeStmt" | "CreateEnumStmt" | "AlterEnumStmt" | "CreateRangeStmt"
         | "AlterTypeStmt" => s(Ddl, "TYPE"),
-        "DefineStmt" => s(Ddl, "CREATE"),
+        "DefineStmt" => s(Exec, "CREATE"),
         "CommentStmt" => s(Ddl, "COMMENT"),
         "AlterObjectSchemaStmt" => s(Ddl, "ALTER SET SCHEMA"),
         "AlterObjectDependsStmt" => s(Ddl, "ALTER DEPENDS"),
@@ -973,6 +979,9 @@ fn walk(v: &Value, w: &mut Walk) {
                     // FOR UPDATE / FOR SHARE lock rows and write lock marks into them: the
                     // database itself refuses them in a read-only transaction.
                     w.raise(OperationClass::Write);
+                }
+                if matches!(k.as_str(), "InsertStmt" | "UpdateStmt" | "MergeStmt") {
+                    w.flags.push(Flag::StoresValues);
                 }
                 if k == "JoinExpr" && alias_renames(body) {
                     w.renamed = true;
@@ -1494,6 +1503,14 @@ const READ_SETTINGS: &[&str] = &[
     "default_transaction_isolation",
     "default_transaction_deferrable",
     "default_transaction_read_only",
+    // The session's own resources and durability, and how it checks function bodies
+    // (pg_dump's scripts set these).
+    "work_mem",
+    "maintenance_work_mem",
+    "temp_buffers",
+    "max_parallel_workers_per_gather",
+    "synchronous_commit",
+    "check_function_bodies",
     // The planner's costs and strategies (`enable_*` too).
     "seq_page_cost",
     "random_page_cost",
@@ -2103,9 +2120,19 @@ mod tests {
             "CREATE TABLE b AS SELECT * FROM orders",
             "TRUNCATE orders",
             "CREATE VIEW v AS SELECT * FROM orders",
-            "CREATE FUNCTION f() RETURNS int LANGUAGE sql AS 'SELECT 1'",
         ] {
             assert_eq!(class(sql), Ddl, "{sql}");
+        }
+        // Code the server runs later, set off by statements that do not name it.
+        for sql in [
+            "CREATE FUNCTION f() RETURNS int LANGUAGE sql AS 'SELECT 1'",
+            "CREATE OR REPLACE PROCEDURE p() LANGUAGE sql AS 'SELECT 1'",
+            "CREATE TRIGGER t BEFORE INSERT ON notes FOR EACH ROW EXECUTE FUNCTION f()",
+            "CREATE RULE r AS ON INSERT TO notes DO ALSO NOTIFY x",
+            "CREATE OPERATOR ### (FUNCTION = f, LEFTARG = int, RIGHTARG = int)",
+            "CREATE AGGREGATE a(int) (SFUNC = f, STYPE = int)",
+        ] {
+            assert_eq!(class(sql), Exec, "{sql}");
         }
         assert_eq!(
             classify("DROP TABLE orders").unwrap().statements[0].tag,
@@ -2566,14 +2593,8 @@ mod tests {
             "SET statement_timeout = '010'",
             "SET statement_timeout = '100us'",
             "SET statement_timeout = '5 fortnights'",
-            "SET work_mem = '4GB'",
-            "SET maintenance_work_mem = '2GB'",
-            "SET max_parallel_workers_per_gather = 64",
-            "SET temp_buffers = '1GB'",
             "SET session_replication_role = replica",
             "SET row_security = off",
-            "SET check_function_bodies = off",
-            "SET synchronous_commit = off",
             "SET default_tablespace = 'fast'",
             "SET search_path = evil, public",
             "SET enable_seqscan.x = off",
@@ -2595,6 +2616,13 @@ mod tests {
     #[test]
     fn harmless_settings_stay_reads() {
         for sql in [
+            // The session's own resources (pg_dump's scripts set some of these).
+            "SET work_mem = '4GB'",
+            "SET maintenance_work_mem = '2GB'",
+            "SET max_parallel_workers_per_gather = 4",
+            "SET temp_buffers = '64MB'",
+            "SET check_function_bodies = false",
+            "SET synchronous_commit = off",
             "SET DateStyle = ISO, MDY",
             "SET datestyle TO 'German'",
             "SET TIME ZONE 'UTC'",

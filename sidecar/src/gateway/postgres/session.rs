@@ -1711,13 +1711,14 @@ async fn stores_masked(
     path: &mut SearchPath,
 ) -> Result<Option<String>, String> {
     use agentgate_crds::OperationClass;
-    let changes = |class: OperationClass| {
-        matches!(
-            class,
-            OperationClass::Write | OperationClass::Ddl | OperationClass::Privilege
-        )
+    // A write that stores values (not a row lock, not a DELETE: what they return is masked
+    // as a query's rows are), DDL, a privilege change.
+    let changes = |s: &crate::sql::Statement| match s.class {
+        OperationClass::Write => s.flags.contains(&crate::sql::Flag::StoresValues),
+        OperationClass::Ddl | OperationClass::Privilege => true,
+        _ => false,
     };
-    if !c.statements.iter().any(|s| changes(s.class)) || !masks.has_column_rules() {
+    if !c.statements.iter().any(changes) || !masks.has_column_rules() {
         return Ok(None);
     }
     let refuse = |class: OperationClass, rule: &crate::mask::Rule| {
@@ -1726,16 +1727,30 @@ async fn stores_masked(
             rule.name
         )
     };
-    if c.statements.len() == 1 {
+    // A relation the catalog connection cannot see was created in this session's open
+    // transaction (or is its temporary table): what it holds came through statements
+    // checked here, so it is no masked column's.
+    let mut unseen = Vec::new();
+    for st in c.statements.iter().filter(|s| changes(s)) {
+        for r in &st.relations {
+            if !catalog.lock().await.sees(r, masks).await? {
+                unseen.push(r.clone());
+            }
+        }
+    }
+    if c.statements.len() == 1 && unseen.is_empty() {
         return Ok(computed.map(|rule| refuse(c.class, rule)));
     }
-    for st in c.statements.iter().filter(|s| changes(s.class)) {
+    for st in c.statements.iter().filter(|s| changes(s)) {
+        let class = st.class;
+        let mut st = st.clone();
+        st.relations.retain(|r| !unseen.contains(r));
         let one = Classified {
-            statements: Arc::new(vec![st.clone()]),
+            statements: Arc::new(vec![st]),
             ..c.clone()
         };
         if let Some(rule) = computed_for(catalog, masks, &one, path).await? {
-            return Ok(Some(refuse(st.class, &rule)));
+            return Ok(Some(refuse(class, &rule)));
         }
     }
     Ok(None)
@@ -1976,7 +1991,7 @@ async fn check_functions(
     {
         // DDL in this string, or let through in a transaction that may still be open: the
         // catalog connection does not see what it created, renamed or replaced, so whatever
-        // is called may be anything (built-in names and operators included).
+        // is called may be anything (built-in names included).
         let keep = |s: &&crate::sql::Statement| {
             s.class != agentgate_crds::OperationClass::Ddl || runs_query(s)
         };
@@ -1987,24 +2002,11 @@ async fn check_functions(
             .flat_map(|s| s.functions.iter())
             .cloned()
             .collect();
-        let operators: Vec<(String, String)> = c
-            .statements
-            .iter()
-            .filter(keep)
-            .flat_map(|s| s.operators.iter())
-            .cloned()
-            .collect();
         for f in called {
             crate::sql::classify::raise_function(c, &f, agentgate_crds::OperationClass::Exec);
         }
-        for (schema, op) in operators {
-            crate::sql::classify::raise_operator(
-                c,
-                &schema,
-                &op,
-                agentgate_crds::OperationClass::Exec,
-            );
-        }
+        // (Operators are not: an operator is made only by `CREATE OPERATOR`, which is Exec
+        // itself, and the catalog sees every operator committed before.)
     }
     // A path with a schema before pg_catalog: a built-in's name may call another function.
     let all = path.catalog_later_for(c);
@@ -2030,9 +2032,18 @@ async fn computed_for(
     // What a statement creates (`CREATE TABLE t …`, `… AS`, `SELECT … INTO t`) is not read
     // by it, and does not exist yet for the catalog.
     let stripped;
-    let c = if c.statements.iter().any(|s| !s.created.is_empty()) {
+    // (Only where it runs no query: `CREATE TABLE customers AS SELECT … FROM customers`
+    // may read a relation of the name it creates, in another schema.)
+    let c = if c
+        .statements
+        .iter()
+        .any(|s| !s.created.is_empty() && !runs_query(s))
+    {
         let mut own = c.clone();
         for st in Arc::make_mut(&mut own.statements) {
+            if runs_query(st) {
+                continue;
+            }
             let created = std::mem::take(&mut st.created);
             st.relations.retain(|r| !created.contains(r));
             st.created = created;
@@ -2087,6 +2098,21 @@ fn schema_change_on_masked(
     masks: &MaskSet,
     statements: &[crate::sql::Statement],
 ) -> Option<String> {
+    // Rules name schemas too: renaming, dropping or moving a schema (or moving a table to
+    // another) could move every table in it out of them.
+    if let Some(s) = statements.iter().find(|s| {
+        s.class >= agentgate_crds::OperationClass::Ddl
+            && (s.tag == "ALTER SET SCHEMA"
+                || s.tag == "DROP SCHEMA"
+                || (s.tag == "ALTER RENAME" && s.relations.is_empty())
+                || s.tag == "ALTER OWNER")
+    }) && let Some(rule) = masks.first_column_rule()
+    {
+        return Some(format!(
+            "agentgate refuses {} while columns are masked (by {} and others): rules name schemas, tables and columns, and this change could move their values out of them; an administrator makes it",
+            s.tag, rule.name
+        ));
+    }
     statements
         .iter()
         // (A query whose class comes from a function it calls is not a schema change: what
@@ -2100,8 +2126,11 @@ fn schema_change_on_masked(
         })
         .find_map(|s| {
             s.relations.iter().find_map(|r| {
-                let (schema, table) = r.split_once('.').unwrap_or(("public", r.as_str()));
-                let rule = masks.table_rule(schema, table)?;
+                let (schema, table) = match crate::sql::classify::relation_parts(r) {
+                    (s, t) if s.is_empty() => ("public".to_owned(), t),
+                    parts => parts,
+                };
+                let rule = masks.table_rule(&schema, &table)?;
                 Some(format!(
                     "agentgate refuses {} on {r}: its columns are masked by {}, and a change to it could move their values out of the rules; an administrator changes masked tables",
                     s.tag, rule.name
@@ -2338,8 +2367,8 @@ async fn read_agent(
     // have skipped that Parse and kept the previous one.
     let mut unnamed_uncertain = false;
     let mut in_batch = false;
-    // An Execute was forwarded since the last Sync: what it ran may have changed settings the
-    // server reports only at the Sync's ReadyForQuery.
+    // A Bind or an Execute was forwarded since the last Sync: what it ran may have changed
+    // settings the server reports only at the Sync's ReadyForQuery.
     let mut executed_in_batch = false;
     let mut copy_phase = copy.subscribe();
     // Asked for every statement: answered once per policy snapshot.
@@ -2549,6 +2578,23 @@ async fn read_agent(
                 let id = rec.next_request();
                 let bytes_in = frame.body.len() + 5;
                 if reads_by_settings(&sql) {
+                    if in_batch {
+                        // An extended-protocol batch is open: what it ran is answered only
+                        // at its Sync, which comes after this.
+                        let message = "agentgate checks a statement with a backslash or a non-ASCII character only once what ran before it was answered (it may have changed how the server reads strings): send a Sync before this query";
+                        recorded(
+                            id,
+                            &sql,
+                            None,
+                            "simple",
+                            Decision::refuse("protocol", message.to_owned()),
+                        );
+                        up.flush().await?;
+                        let err = ErrorFields::error(sqlstate::FEATURE_NOT_SUPPORTED, message);
+                        tx.send(Event::Own(vec![err.to_error()])).await.ok();
+                        tx.send(Event::OwnReady).await.ok();
+                        continue;
+                    }
                     settled(up, tx).await?;
                 }
                 let classified = match classify(&sql) {
@@ -2909,6 +2955,8 @@ async fn read_agent(
                 }
                 portals.insert(portal.clone(), statements.get(statement).cloned());
                 in_batch = true;
+                // Planning the portal may evaluate functions (an IMMUTABLE one at once).
+                executed_in_batch = true;
                 forward(up, agent.buffer().is_empty(), frame).await?;
             }
             Frontend::Execute { ref portal, .. } => {
