@@ -1426,5 +1426,216 @@ async fn what_is_judged_is_what_the_api_server_reads() -> anyhow::Result<()> {
         ) && text.contains(r#""dryRun":["All"]"#),
         "{text}"
     );
+    second_review(&s);
     Ok(())
+}
+
+/// The second review's requests: each is judged as the API server reads it.
+fn second_review(s: &Setup) {
+    // A value that holds a newline and `=` is one value: an exec may give no parameter the
+    // API server does not read (it would be hashed and shown, and run nothing) ...
+    let out = raw(
+        s,
+        "POST",
+        "/api/v1/namespaces/default/pods/web/exec?a=1%0Acommand%3Dsh%0Acommand%3D-c%0Acommand%3Did&command=ls&container=app",
+        &[],
+        None,
+    );
+    assert!(
+        out.contains(
+            r#"the query parameter \"a\" is refused: the API server does not read it for pods/exec"#
+        ) && out.contains("\"code\":400"),
+        "{out}"
+    );
+    // ... and elsewhere every parameter is shown, a value that is not one plain word quoted,
+    // and hashed apart: `a` holding a dry run is not the dry run.
+    let held = |query: &str| {
+        let out = raw(
+            s,
+            "DELETE",
+            &format!("/api/v1/namespaces/kube-public?{query}"),
+            &[],
+            None,
+        );
+        assert!(out.contains("agentgate-hold-kube-delete"), "{query}: {out}");
+        let (name, filed) = s.filed(&out);
+        (name, Setup::command_text(&filed))
+    };
+    let (inside, inside_text) = held("a=x%0AdryRun%3DAll");
+    let (dry, dry_text) = held("a=x&dryRun=All");
+    assert_ne!(inside, dry);
+    assert_eq!(
+        inside_text,
+        r#"delete namespaces kube-public -n kube-public ?a="x\ndryRun=All""#
+    );
+    assert_eq!(
+        dry_text,
+        "delete namespaces kube-public -n kube-public ?a=x&dryRun=All"
+    );
+    let (_, amp_text) = held("a=x%26dryRun%3DAll");
+    assert_eq!(
+        amp_text,
+        "delete namespaces kube-public -n kube-public ?a='x&dryRun=All'"
+    );
+
+    // A delete with a body reads its options from the body only: a dry run in its query
+    // would be shown and not run.
+    let out = raw(
+        s,
+        "DELETE",
+        "/api/v1/namespaces/kube-public?dryRun=All",
+        &["Content-Type: application/json"],
+        Some(r#"{"kind":"DeleteOptions","apiVersion":"v1"}"#),
+    );
+    assert!(
+        out.contains(r#"the query parameter \"dryRun\" is refused: this delete has a body"#)
+            && out.contains("\"code\":400"),
+        "{out}"
+    );
+    s.admin(&["get", "namespace", "kube-public"]);
+
+    // automountServiceAccountToken: false counts on the pod spec only, not as a decoy
+    // elsewhere (held as exec: the pod mounts its token).
+    for (method, path, content_type, body) in [
+        (
+            "POST",
+            "/api/v1/namespaces/default/pods",
+            "application/json",
+            r#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"decoy"},"automountServiceAccountToken":false,"spec":{"containers":[{"name":"c","image":"registry.example.com/app:1"}]}}"#,
+        ),
+        (
+            "PATCH",
+            "/apis/apps/v1/namespaces/default/deployments/orders",
+            "application/strategic-merge-patch+json",
+            r#"{"spec":{"automountServiceAccountToken":false,"template":{"spec":{"containers":[{"name":"c","image":"evil:1"}]}}}}"#,
+        ),
+        (
+            "PATCH",
+            "/apis/apps/v1/namespaces/default/deployments/orders",
+            "application/json-patch+json",
+            r#"[{"op":"add","path":"/spec/automountServiceAccountToken","value":false},{"op":"replace","path":"/spec/template/spec/containers/0/image","value":"evil:1"}]"#,
+        ),
+        (
+            "PATCH",
+            "/apis/apps/v1/namespaces/default/deployments/orders",
+            "application/strategic-merge-patch+json",
+            r#"{"spec":{"template":{"spec":{"$retainKeys":["nodeSelector"],"nodeSelector":{"a":"b"}}}}}"#,
+        ),
+    ] {
+        let out = raw(
+            s,
+            method,
+            path,
+            &[&format!("Content-Type: {content_type}")],
+            Some(body),
+        );
+        assert!(out.contains("agentgate-hold-exec"), "{body}: {out}");
+    }
+
+    // A debug container, or any change, in a pod that carries agentgate-sidecar.
+    for (path, content_type, body) in [
+        (
+            "/api/v1/namespaces/default/pods/carrier/ephemeralcontainers",
+            "application/strategic-merge-patch+json",
+            r#"{"spec":{"ephemeralContainers":[{"name":"dbg","image":"busybox","targetContainerName":"app"}]}}"#,
+        ),
+        (
+            "/api/v1/namespaces/default/pods/carrier",
+            "application/strategic-merge-patch+json",
+            r#"{"spec":{"containers":[{"name":"app","image":"evil:1"}]}}"#,
+        ),
+        (
+            "/api/v1/namespaces/default/pods/carrier",
+            "application/merge-patch+json",
+            r#"{"metadata":{"labels":{"a":"b"}}}"#,
+        ),
+    ] {
+        let out = raw(
+            s,
+            "PATCH",
+            path,
+            &[&format!("Content-Type: {content_type}")],
+            Some(body),
+        );
+        assert!(
+            out.contains("pod carrier carries agentgate-sidecar") && out.contains("\"code\":403"),
+            "{path} {body}: {out}"
+        );
+    }
+    // ... not in one without it (held, as a debug container is an exec).
+    let out = raw(
+        s,
+        "PATCH",
+        "/api/v1/namespaces/default/pods/web/ephemeralcontainers",
+        &["Content-Type: application/strategic-merge-patch+json"],
+        Some(
+            r#"{"spec":{"ephemeralContainers":[{"name":"dbg","image":"busybox","targetContainerName":"app"}]}}"#,
+        ),
+    );
+    assert!(out.contains("agentgate-hold-exec"), "{out}");
+    // The kubelet's exec endpoint, through nodes/proxy, naming the sidecar.
+    let out = raw(
+        s,
+        "POST",
+        "/api/v1/nodes/kwok-node-0/proxy/exec/default/carrier/agentgate%2Dsidecar?command=id",
+        &[],
+        None,
+    );
+    assert!(
+        out.contains("no kubelet path through nodes/proxy may name it")
+            && out.contains("\"code\":403"),
+        "{out}"
+    );
+
+    // Pod specs under a custom resource's own keys.
+    for (path, body, want) in [
+        (
+            "/apis/sparkoperator.k8s.io/v1beta2/namespaces/default/sparkapplications",
+            r#"{"apiVersion":"sparkoperator.k8s.io/v1beta2","kind":"SparkApplication","metadata":{"name":"s"},"spec":{"driver":{"securityContext":{"privileged":true}}}}"#,
+            "agentgate-block-admin",
+        ),
+        (
+            "/apis/sparkoperator.k8s.io/v1beta2/namespaces/default/sparkapplications",
+            r#"{"apiVersion":"sparkoperator.k8s.io/v1beta2","kind":"SparkApplication","metadata":{"name":"s"},"spec":{"volumes":[{"name":"r","hostPath":{"path":"/"}}]}}"#,
+            "agentgate-block-admin",
+        ),
+        (
+            "/apis/sparkoperator.k8s.io/v1beta2/namespaces/default/sparkapplications",
+            r#"{"apiVersion":"sparkoperator.k8s.io/v1beta2","kind":"SparkApplication","metadata":{"name":"s"},"spec":{"image":"spark:3","mainApplicationFile":"local:///x.py"}}"#,
+            "agentgate-hold-exec",
+        ),
+        (
+            "/apis/argoproj.io/v1alpha1/namespaces/default/workflows",
+            r#"{"apiVersion":"argoproj.io/v1alpha1","kind":"Workflow","metadata":{"name":"p"},"spec":{"templates":[{"name":"main","automountServiceAccountToken":false,"container":{"image":"alpine"},"podSpecPatch":"{\"containers\":[{\"name\":\"main\",\"securityContext\":{\"privileged\":true}}]}"}]}}"#,
+            "agentgate-block-admin",
+        ),
+    ] {
+        let out = raw(
+            s,
+            "POST",
+            path,
+            &["Content-Type: application/json"],
+            Some(body),
+        );
+        assert!(out.contains(want), "{body}: {out}");
+    }
+
+    // A proxied request's body is the proxied server's: not read as a Kubernetes object
+    // (no 415 for a form), forwarded as it came, shown as its text with its Content-Type.
+    let out = raw(
+        s,
+        "POST",
+        "/api/v1/namespaces/default/services/web:80/proxy/login",
+        &["Content-Type: application/x-www-form-urlencoded"],
+        Some("user=dana&next=%2Fadmin"),
+    );
+    assert!(
+        out.contains("held for approval") && !out.contains("\"code\":415"),
+        "{out}"
+    );
+    let (_, filed) = s.filed(&out);
+    assert_eq!(
+        Setup::command_text(&filed),
+        r#"create services/proxy web:80 -n default path /login (v1, application/x-www-form-urlencoded) body: "user=dana&next=%2Fadmin""#
+    );
 }

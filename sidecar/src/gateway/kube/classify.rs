@@ -65,16 +65,36 @@ fn rbac_escalation(body: Option<&[u8]>) -> Option<&'static str> {
 
 /// Whether `key` is a key of any object in `v` (a patch may set it at any depth).
 fn has_key(v: &Value, key: &str) -> bool {
+    key_counts(v, key, &|_| true)
+}
+
+/// Whether `key` is a key of any object in `v` whose value `counts`, or a JSON patch reaches
+/// it: an operation whose `path` or `from` goes through it counts, except an `add` or
+/// `replace` of the key itself, which is judged by its value as the key would be.
+fn key_counts(v: &Value, key: &str, counts: &dyn Fn(&Value) -> bool) -> bool {
     match v {
-        Value::Object(o) => o.iter().any(|(k, v)| {
-            k == key
-                // A JSON patch names it in an operation's path.
-                || (matches!(k.as_str(), "path" | "from")
-                    && v.as_str()
-                        .is_some_and(|p| p.split('/').any(|seg| seg == key)))
-                || has_key(v, key)
-        }),
-        Value::Array(a) => a.iter().any(|v| has_key(v, key)),
+        Value::Object(o) => {
+            let sets_it = o
+                .get("op")
+                .and_then(Value::as_str)
+                .is_some_and(|op| matches!(op, "add" | "replace"))
+                && o.get("path")
+                    .and_then(Value::as_str)
+                    .is_some_and(|p| p.rsplit('/').next() == Some(key));
+            if sets_it && o.get("value").is_some_and(counts) {
+                return true;
+            }
+            o.iter().any(|(k, x)| {
+                (k == key && counts(x))
+                    // A JSON patch names it in an operation's path.
+                    || (matches!(k.as_str(), "path" | "from")
+                        && !(sets_it && k == "path")
+                        && x.as_str()
+                            .is_some_and(|p| p.split('/').any(|seg| seg == key)))
+                    || key_counts(x, key, counts)
+            })
+        }
+        Value::Array(a) => a.iter().any(|x| key_counts(x, key, counts)),
         _ => false,
     }
 }
@@ -169,71 +189,421 @@ fn has_pod_shape(v: &Value) -> bool {
     patched || holds(v)
 }
 
-/// Whether a body gives a pod its service account's token: it sets
-/// `automountServiceAccountToken` to anything but `false` at any depth, or holds a pod spec
-/// where neither it nor an object around it sets `automountServiceAccountToken: false` (the
-/// default mounts the token of the pod's service account, the namespace's `default` when it
-/// names none, and the ServiceAccount's own setting cannot be seen from here). A JSON patch
-/// does when it touches a pod's containers without setting the field to `false`, or removes,
-/// moves or copies the field.
-fn mounts_token(v: &Value) -> bool {
-    fn walk(v: &Value, off: bool) -> bool {
-        match v {
-            Value::Object(o) => {
-                let off = match o.get(AUTOMOUNT) {
-                    Some(Value::Bool(false)) => true,
-                    Some(_) => return true,
-                    None => off,
-                };
-                (is_pod_spec(o) && !off) || o.values().any(|x| walk(x, off))
-            }
-            Value::Array(a) => a.iter().any(|x| walk(x, off)),
-            _ => false,
-        }
+/// Where a built-in pod-making kind holds its pod spec, as a JSON pointer into its object.
+fn pod_spec_pointer(resource: &str) -> Option<&'static str> {
+    match resource {
+        "pods" => Some("/spec"),
+        "podtemplates" => Some("/template/spec"),
+        "cronjobs" => Some("/spec/jobTemplate/spec/template/spec"),
+        "deployments"
+        | "replicasets"
+        | "statefulsets"
+        | "daemonsets"
+        | "jobs"
+        | "replicationcontrollers" => Some("/spec/template/spec"),
+        _ => None,
     }
-    let Some(ops) = json_patch_ops(v) else {
-        return walk(v, false);
+}
+
+/// Whether a strategic merge patch's directives in an object may delete fields the object
+/// stands for: `$patch: replace` or `$patch: delete`, or a `$retainKeys` list that does not
+/// keep `automountServiceAccountToken`.
+fn clears_fields(o: &serde_json::Map<String, Value>) -> bool {
+    let patch = o
+        .get("$patch")
+        .and_then(Value::as_str)
+        .is_some_and(|p| matches!(p, "replace" | "delete"));
+    let retain = o.get("$retainKeys").is_some_and(|r| {
+        !r.as_array()
+            .is_some_and(|keys| keys.iter().any(|k| k.as_str() == Some(AUTOMOUNT)))
+    });
+    patch || retain
+}
+
+/// The pod specs in `v` (JSON pointers, `at` being `v`'s own) that mount a service-account
+/// token, into `specs`: a pod spec (the object that holds what runs, [`is_pod_spec`]) that
+/// does not itself set `automountServiceAccountToken: false` (the field counts on that
+/// object only: on any other, a Pod's top level or a Deployment's `spec`, the API server
+/// drops it), and, at `known` (where the kind holds its pod spec), an object whose
+/// strategic-merge-patch directives may delete the field ([`clears_fields`]) without setting
+/// it `false`. Returns whether `v` sets the field anywhere to anything but `false` (`true`,
+/// or `null`, which a merge patch reads as "remove").
+fn token_specs(v: &Value, at: &str, known: Option<&str>, specs: &mut Vec<String>) -> bool {
+    match v {
+        Value::Object(o) => {
+            let off = match o.get(AUTOMOUNT) {
+                Some(Value::Bool(false)) => true,
+                Some(_) => return true,
+                None => false,
+            };
+            if !off && (is_pod_spec(o) || (known == Some(at) && clears_fields(o))) {
+                specs.push(at.to_owned());
+            }
+            o.iter().any(|(k, x)| {
+                let key = k.replace('~', "~0").replace('/', "~1");
+                token_specs(x, &format!("{at}/{key}"), known, specs)
+            })
+        }
+        Value::Array(a) => a
+            .iter()
+            .enumerate()
+            .any(|(i, x)| token_specs(x, &format!("{at}/{i}"), known, specs)),
+        _ => false,
+    }
+}
+
+/// The pod spec a JSON patch path reaches into: the pointer before its first segment in
+/// [`POD_PATH_SEGMENTS`] (`/spec/template/spec` of `/spec/template/spec/containers/0/image`).
+fn pod_spec_prefix(path: &str) -> Option<String> {
+    let segs: Vec<&str> = path.split('/').collect();
+    let i = segs.iter().position(|s| POD_PATH_SEGMENTS.contains(s))?;
+    Some(segs[..i].join("/"))
+}
+
+/// Whether `inner` is `outer` or inside it (JSON pointers).
+fn within(outer: &str, inner: &str) -> bool {
+    inner == outer
+        || inner
+            .strip_prefix(outer)
+            .is_some_and(|rest| rest.starts_with('/'))
+}
+
+/// Whether a JSON patch operation of kind `kind` at `target` inserts into or removes from an
+/// array on the way to `p`, so that `p` names another object after it than before (`add` at
+/// `/spec/templates/0` moves what `/spec/templates/0` named to `/spec/templates/1`).
+/// Appending (`-`) shifts nothing; a key that is not an index is taken for one.
+fn shifts(kind: &str, target: &str, p: &str) -> bool {
+    if !matches!(kind, "add" | "copy" | "move" | "remove") {
+        return false;
+    }
+    let Some((array, last)) = target.rsplit_once('/') else {
+        return false;
     };
-    let (mut off, mut on, mut touches) = (false, false, false);
+    let Ok(index) = last.parse::<u64>() else {
+        return false;
+    };
+    let Some(rest) = p.strip_prefix(array).and_then(|r| r.strip_prefix('/')) else {
+        return false;
+    };
+    let seg = rest.split('/').next().unwrap_or("");
+    match seg.parse::<u64>() {
+        Ok(j) => j >= index,
+        Err(_) => seg != "-",
+    }
+}
+
+/// Whether a JSON patch gives a pod its service account's token: it sets
+/// `automountServiceAccountToken` to anything but `false`, or removes, moves or copies it;
+/// or it reaches into a pod spec's containers (a path through [`POD_PATH_SEGMENTS`]), or adds
+/// a pod spec that mounts one ([`token_specs`]), and does not set the field `false` on that
+/// same pod spec (`/spec/template/spec/automountServiceAccountToken` beside
+/// `/spec/template/spec/containers/…`; on `/spec`, which holds no containers, it is dropped).
+/// A `false` set before an operation that overwrites, removes or shifts it (an insert into
+/// an array on its way) no longer counts, and a pod spec an array shift moved cannot be
+/// matched any more.
+fn patch_mounts_token(ops: &[Value]) -> bool {
+    // The pod specs the patch reaches (and whether a shift has moved one since), and those
+    // it sets the field `false` in.
+    let mut touched: Vec<(String, bool)> = Vec::new();
+    let mut off: BTreeSet<String> = BTreeSet::new();
+    let names = |p: &str| p.split('/').any(|s| s == AUTOMOUNT);
     for op in ops {
         let kind = op.get("op").and_then(Value::as_str).unwrap_or("");
-        let path = op.get("path").and_then(Value::as_str).unwrap_or("");
-        let from = op.get("from").and_then(Value::as_str).unwrap_or("");
-        let names = |p: &str, keys: &[&str]| p.split('/').any(|s| keys.contains(&s));
-        if matches!(kind, "add" | "replace")
-            && path.rsplit('/').next() == Some(AUTOMOUNT)
-            && op.get("value") == Some(&Value::Bool(false))
-        {
-            off = true;
-            continue;
-        }
         if kind == "test" {
             continue;
         }
-        on |= names(path, &[AUTOMOUNT]) || names(from, &[AUTOMOUNT]);
-        // (A value that is a pod spec counts as touching one: another operation may turn
-        // the token off.)
-        touches |= names(path, &POD_PATH_SEGMENTS)
-            || names(from, &POD_PATH_SEGMENTS)
-            || op.get("value").is_some_and(|x| walk(x, false));
+        let path = op.get("path").and_then(Value::as_str).unwrap_or("");
+        let from = op.get("from").and_then(Value::as_str);
+        // What the operation overwrites or removes: its path, and a move's `from`.
+        let mut changed = vec![path];
+        if kind == "move"
+            && let Some(f) = from
+        {
+            changed.push(f);
+        }
+        for t in &changed {
+            off.retain(|p| !within(t, &format!("{p}/{AUTOMOUNT}")) && !shifts(kind, t, p));
+            for (p, moved) in &mut touched {
+                *moved |= shifts(kind, t, p);
+            }
+        }
+        if matches!(kind, "add" | "replace")
+            && op.get("value") == Some(&Value::Bool(false))
+            && let Some((spec, AUTOMOUNT)) = path.rsplit_once('/')
+        {
+            off.insert(spec.to_owned());
+            continue;
+        }
+        if names(path) || from.is_some_and(names) {
+            return true;
+        }
+        for p in std::iter::once(path).chain(from) {
+            if let Some(spec) = pod_spec_prefix(p) {
+                touched.push((spec, false));
+            }
+        }
+        if let Some(value) = op.get("value") {
+            let mut specs = Vec::new();
+            if token_specs(value, "", None, &mut specs) {
+                return true;
+            }
+            touched.extend(specs.into_iter().map(|r| (format!("{path}{r}"), false)));
+        }
     }
-    on || (touches && !off)
+    touched.iter().any(|(p, moved)| *moved || !off.contains(p))
 }
+
+/// Whether a body gives a pod its service account's token (the default mounts the token of
+/// the pod's service account, the namespace's `default` when it names none, and the
+/// ServiceAccount's own setting cannot be seen from here): it sets
+/// `automountServiceAccountToken` to anything but `false` at any depth, or holds a pod spec
+/// that does not set it `false` itself ([`token_specs`]); a JSON patch, see
+/// [`patch_mounts_token`].
+fn mounts_token(info: &RequestInfo, v: &Value) -> bool {
+    match json_patch_ops(v) {
+        Some(ops) => patch_mounts_token(ops),
+        None => {
+            let mut specs = Vec::new();
+            token_specs(v, "", pod_spec_pointer(&info.resource), &mut specs) || !specs.is_empty()
+        }
+    }
+}
+
+/// API groups the API server serves itself (`""` is the core group): any other is a custom
+/// resource's (or an aggregated API's), whose schema agentgate does not know.
+const BUILT_IN_GROUPS: [&str; 24] = [
+    "",
+    "apps",
+    "batch",
+    "autoscaling",
+    "policy",
+    "extensions",
+    "networking.k8s.io",
+    "rbac.authorization.k8s.io",
+    "storage.k8s.io",
+    "apiextensions.k8s.io",
+    "admissionregistration.k8s.io",
+    "apiregistration.k8s.io",
+    "certificates.k8s.io",
+    "coordination.k8s.io",
+    "discovery.k8s.io",
+    "events.k8s.io",
+    "flowcontrol.apiserver.k8s.io",
+    "node.k8s.io",
+    "scheduling.k8s.io",
+    "authentication.k8s.io",
+    "authorization.k8s.io",
+    "resource.k8s.io",
+    "internal.apiserver.k8s.io",
+    "storagemigration.k8s.io",
+];
+
+/// Whether a group is a custom resource's ([`BUILT_IN_GROUPS`]).
+fn is_custom_group(group: &str) -> bool {
+    !BUILT_IN_GROUPS.contains(&group)
+}
+
+/// String fields that hold, as JSON or YAML text, a pod spec, a patch of one or a whole
+/// manifest that a controller applies: Argo Workflows' `podSpecPatch` and resource
+/// templates' `manifest`, a `template` given as text, Flux's and Kustomize's `patch`,
+/// Kyverno's `patchesJson6902`, Helm values (`values`, `valuesContent`).
+const EMBEDDED: [&str; 8] = [
+    "podSpecPatch",
+    "manifest",
+    "manifests",
+    "template",
+    "patch",
+    "patchesJson6902",
+    "values",
+    "valuesContent",
+];
+
+/// How deep text embedded in text is read.
+const MAX_EMBEDDED_DEPTH: usize = 4;
+
+/// Replaces every string field named in [`EMBEDDED`] (also the value of a JSON patch
+/// operation whose path ends in one) with what it reads as, JSON or one YAML document (a
+/// scalar stays one), so that the keys inside are checked as any others. `Err` when one
+/// does not read (a template with `{{ }}` placeholders, several documents, YAML tags), or
+/// text is embedded more than [`MAX_EMBEDDED_DEPTH`] deep.
+fn expand_embedded(v: &mut Value, depth: usize) -> Result<(), ()> {
+    match v {
+        Value::Object(o) => {
+            let op_sets_one = o.get("op").is_some()
+                && o.get("path")
+                    .and_then(Value::as_str)
+                    .and_then(|p| p.rsplit('/').next())
+                    .is_some_and(|last| EMBEDDED.contains(&last));
+            for (k, x) in o.iter_mut() {
+                let named = EMBEDDED.contains(&k.as_str()) || (op_sets_one && k == "value");
+                let parsed = match &*x {
+                    Value::String(text) if named => {
+                        if depth >= MAX_EMBEDDED_DEPTH {
+                            return Err(());
+                        }
+                        let json = super::yaml_as_json(text.as_bytes()).ok_or(())?;
+                        let mut parsed: Value = serde_json::from_slice(&json).map_err(|_| ())?;
+                        expand_embedded(&mut parsed, depth + 1)?;
+                        parsed
+                    }
+                    _ => {
+                        expand_embedded(x, depth)?;
+                        continue;
+                    }
+                };
+                *x = parsed;
+            }
+            Ok(())
+        }
+        Value::Array(a) => a.iter_mut().try_for_each(|x| expand_embedded(x, depth)),
+        _ => Ok(()),
+    }
+}
+
+/// Whether a custom resource names an image outside every pod spec agentgate reads
+/// ([`is_pod_spec`], [`is_vm_spec`]), in an object or a JSON patch's path or value:
+/// something runs it (an operator's pods, a Spark driver, a Flink job manager, a Helm
+/// chart's values) from a pod spec agentgate cannot see, so whether its pods mount a
+/// service-account token cannot be seen either.
+fn stray_image(v: &Value) -> bool {
+    let in_spec = |p: &str| p.split('/').any(|s| POD_PATH_SEGMENTS.contains(&s));
+    let image = |p: &str| p.split('/').any(|s| s == "image");
+    match v {
+        Value::Object(o) if is_pod_spec(o) || is_vm_spec(o) => false,
+        Value::Object(o) => {
+            if o.get("op").is_some()
+                && let Some(path) = o.get("path").and_then(Value::as_str)
+            {
+                // A JSON patch operation: into a pod spec, its value is one's.
+                if in_spec(path) {
+                    return false;
+                }
+                return image(path)
+                    || o.get("from")
+                        .and_then(Value::as_str)
+                        .is_some_and(|f| !in_spec(f) && image(f))
+                    || o.get("value").is_some_and(stray_image);
+            }
+            o.iter().any(|(k, x)| k == "image" || stray_image(x))
+        }
+        Value::Array(a) => a.iter().any(stray_image),
+        _ => false,
+    }
+}
+
+/// Whether a body adds Linux capabilities to a container: a `capabilities` object with a
+/// non-empty `add`, or one that is not an object; in a JSON patch, an operation on
+/// `capabilities` or on anything in it but its `drop` list. (Dropping capabilities, as
+/// restricted pods do, is not a risk.)
+fn adds_capabilities(v: &Value) -> bool {
+    let adds = |c: &Value| match c {
+        Value::Object(c) => c
+            .get("add")
+            .is_some_and(|a| !a.is_null() && a.as_array().is_none_or(|a| !a.is_empty())),
+        Value::Null => false,
+        _ => true,
+    };
+    match v {
+        Value::Object(o) => {
+            let in_path = o.get("op").is_some()
+                && ["path", "from"].iter().any(|k| {
+                    o.get(*k).and_then(Value::as_str).is_some_and(|p| {
+                        let segs: Vec<&str> = p.split('/').collect();
+                        segs.iter()
+                            .position(|s| *s == "capabilities")
+                            .is_some_and(|i| match segs.get(i + 1) {
+                                Some(&"drop") => false,
+                                Some(_) => true,
+                                None => *k == "from" || o.get("value").is_none_or(adds),
+                            })
+                    })
+                });
+            in_path
+                || o.iter()
+                    .any(|(k, x)| (k == "capabilities" && adds(x)) || adds_capabilities(x))
+        }
+        Value::Array(a) => a.iter().any(adds_capabilities),
+        _ => false,
+    }
+}
+
+/// Why a body reaches the node, if it does: privileged containers, the node's namespaces
+/// (`hostPID`, `hostNetwork`, `hostIPC`, `hostUsers` set to anything but `false`), node
+/// ports, `hostPath` (also KubeVirt's `hostDisk`) or `gitRepo` volumes (git runs on the
+/// node), an unmasked `procMount`, added capabilities.
+fn node_risk(v: &Value) -> Option<&'static str> {
+    let on = |x: &Value| !matches!(x, Value::Bool(false) | Value::Null);
+    if key_counts(v, "privileged", &on) {
+        return Some("a privileged container");
+    }
+    if ["hostPID", "hostNetwork", "hostIPC", "hostUsers"]
+        .iter()
+        .any(|k| key_counts(v, k, &on))
+        || has_key(v, "hostPort")
+    {
+        return Some("the node's namespaces or ports");
+    }
+    if has_key(v, "hostPath") || has_key(v, "hostDisk") {
+        return Some("a hostPath volume");
+    }
+    if adds_capabilities(v) {
+        return Some("container capabilities");
+    }
+    if has_key(v, "procMount") {
+        return Some("the node's namespaces or ports");
+    }
+    if has_key(v, "gitRepo") {
+        return Some("a gitRepo volume (git runs on the node)");
+    }
+    None
+}
+
+/// Keys that give a pod a credential: a service account (its token), Secrets (as env, as
+/// volumes, through a CSI or flexVolume driver, which mount what they are told to (a cloud
+/// secret store's values) with a Secret of their own).
+const CREDENTIAL_KEYS: [&str; 10] = [
+    "serviceAccountName",
+    "serviceAccount",
+    "serviceAccountToken",
+    "secretKeyRef",
+    "secretRef",
+    "secret",
+    "secretName",
+    "csi",
+    "nodePublishSecretRef",
+    "flexVolume",
+];
+
+/// Of [`CREDENTIAL_KEYS`], those that count anywhere in a custom resource, whatever its
+/// shape (`secretName` and `secretRef` name where many a custom resource writes or reads a
+/// Secret of its own, not a mount; a `secret` counts when it is an object, as a volume's).
+const CREDENTIAL_KEYS_ANYWHERE: [&str; 6] = [
+    "serviceAccountName",
+    "serviceAccount",
+    "serviceAccountToken",
+    "csi",
+    "nodePublishSecretRef",
+    "flexVolume",
+];
 
 /// Why a write of a pod, or of anything pods run from, reaches around the gateway, if it
 /// does, and its class. A pod runs as whatever identity and with whatever it mounts, and its
 /// logs are only a read away:
-/// - Admin: the node itself (privileged, host namespaces, hostPath or gitRepo volumes
-///   (which run git on the node), added capabilities);
+/// - Admin: the node itself ([`node_risk`]);
 /// - Exec (held for approval): a service account (its token is the pod's credential, and an
 ///   agent's own is the sidecar's), which every pod mounts unless its spec sets
-///   `automountServiceAccountToken: false`, or Secrets (as env, volumes or a CSI driver's
-///   secret), which would reach the agent unmasked.
+///   `automountServiceAccountToken: false` ([`mounts_token`]), or Secrets (as env, volumes
+///   or a CSI driver's secret), which would reach the agent unmasked.
 ///
-/// Which writes: the pod-making kinds ([`POD_MAKERS`]) by name, and any other resource in
-/// any group (custom resources: Argo Workflows, Knative, Tekton, KubeVirt, …) whose body
-/// holds a pod spec's shape at any depth ([`has_pod_shape`]). Keys are looked for at any
-/// depth, and in JSON patch paths; a pod-making kind's body that cannot be read is Admin.
+/// Which writes: the pod-making kinds ([`POD_MAKERS`]) by name; any resource whose body
+/// holds a pod spec's shape at any depth ([`has_pod_shape`]); and any custom resource
+/// (a group not in [`BUILT_IN_GROUPS`]: Argo Workflows, Spark, Flink, Knative, Tekton,
+/// KubeVirt, …), whose pod specs may hide under keys of its own: its text fields that embed
+/// a pod spec or manifest are read first ([`expand_embedded`]; one that does not read is
+/// Admin), the node keys and the service-account, volume and CSI keys
+/// ([`CREDENTIAL_KEYS_ANYWHERE`]) count anywhere in it, and an image outside every pod spec
+/// agentgate reads ([`stray_image`]) is Exec. Keys are looked for at any depth, and in JSON
+/// patch paths; a pod-making kind's body that cannot be read is Admin.
 fn pod_spec_risk(
     info: &RequestInfo,
     body: Option<&[u8]>,
@@ -243,8 +613,9 @@ fn pod_spec_risk(
         return None;
     }
     let pod_maker = POD_MAKERS.contains(&info.resource.as_str());
+    let custom = is_custom_group(&info.group);
     let body = body.filter(|b| !b.is_empty())?;
-    let v = match body_value(body) {
+    let mut v = match body_value(body) {
         Some(v) => v,
         None if pod_maker => {
             return Some((OperationClass::Admin, "a pod body agentgate cannot read"));
@@ -252,72 +623,114 @@ fn pod_spec_risk(
         // (Only built-in kinds come in protobuf, and the others hold no pod.)
         None => return None,
     };
-    if !pod_maker && !has_pod_shape(&v) {
-        return None;
-    }
-    let node = [
-        "privileged",
-        "hostPID",
-        "hostNetwork",
-        "hostIPC",
-        "hostUsers",
-        "hostPath",
-        "hostPort",
-        "capabilities",
-        "procMount",
-        "gitRepo",
-        "hostDisk",
-    ];
-    if let Some(k) = node.iter().find(|k| has_key(&v, k)) {
+    if custom && expand_embedded(&mut v, 0).is_err() {
         return Some((
             OperationClass::Admin,
-            match *k {
-                "privileged" => "a privileged container",
-                "hostPath" | "hostDisk" => "a hostPath volume",
-                "gitRepo" => "a gitRepo volume (git runs on the node)",
-                "capabilities" => "container capabilities",
-                _ => "the node's namespaces or ports",
-            },
+            "a pod spec, patch or manifest given as text (podSpecPatch, manifest, template, patch, values) that agentgate cannot read as JSON or one plain YAML document",
         ));
     }
-    let credentials = [
-        "serviceAccountName",
-        "serviceAccount",
-        "serviceAccountToken",
-        "secretKeyRef",
-        "secretRef",
-        "secret",
-        "secretName",
-        // A CSI driver mounts what it is told to (a cloud secret store's values), with
-        // a Secret of its own; flexVolume drivers likewise.
-        "csi",
-        "nodePublishSecretRef",
-        "flexVolume",
-    ];
-    if credentials.iter().any(|k| has_key(&v, k)) {
+    let shaped = pod_maker || has_pod_shape(&v);
+    let stray = custom && stray_image(&v);
+    if !shaped && !stray && !custom {
+        return None;
+    }
+    if let Some(what) = node_risk(&v) {
+        return Some((OperationClass::Admin, what));
+    }
+    let credentials: &[&str] = if shaped || stray {
+        &CREDENTIAL_KEYS
+    } else {
+        &CREDENTIAL_KEYS_ANYWHERE
+    };
+    if credentials.iter().any(|k| has_key(&v, k))
+        || (custom && key_counts(&v, "secret", &Value::is_object))
+    {
         return Some((
             OperationClass::Exec,
             "a service account or Secrets mounted into a pod",
         ));
     }
-    if mounts_token(&v) {
+    if mounts_token(info, &v) {
         return Some((
             OperationClass::Exec,
             "a pod that mounts a service-account token (its spec does not set automountServiceAccountToken: false)",
         ));
     }
+    if stray {
+        return Some((
+            OperationClass::Exec,
+            "a custom resource that runs an image outside any pod spec agentgate reads (so whether its pods mount a service-account token cannot be seen)",
+        ));
+    }
     None
 }
 
+/// The segments of a kubelet path proxied through `nodes/<node>/proxy`, as the kubelet
+/// reads them: percent-decoded (an encoded `/` too, as Go decodes a request's path), empty
+/// and `.` segments dropped, `..` taking the one before away.
+fn kubelet_segments(subpath: &str) -> Vec<String> {
+    let b = subpath.as_bytes();
+    let mut decoded = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = b
+            .get(i + 1..i + 3)
+            .filter(|h| b[i] == b'%' && h.iter().all(u8::is_ascii_hexdigit))
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match hex {
+            Some(byte) => {
+                decoded.push(byte);
+                i += 3;
+            }
+            None => {
+                decoded.push(b[i]);
+                i += 1;
+            }
+        }
+    }
+    let mut segs: Vec<String> = Vec::new();
+    for seg in String::from_utf8_lossy(&decoded).split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                segs.pop();
+            }
+            s => segs.push(s.to_owned()),
+        }
+    }
+    segs
+}
+
+/// The kubelet's endpoints, under `nodes/<node>/proxy`, that run a command in a container,
+/// attach to one or forward a pod's ports: `/<endpoint>/<namespace>/<pod>/…`.
+const KUBELET_INTO_PODS: [&str; 4] = ["exec", "attach", "run", "portforward"];
+
 /// Why a request reaches into agentgate's own container ([`SIDECAR_CONTAINER`]), if it
-/// does: an exec or attach naming it as its `container` (any value given), or a debug
-/// container that targets it or is named after it. Refused whatever a policy or an approver
-/// says. (Without a `container`, the API server picks the pod's only app container, never
-/// an init container, which is where the sidecar is injected. Any exec, attach or
-/// port-forward into a pod that carries the sidecar is refused too, once the gateway has
-/// read the pod: [`pod_carries_sidecar`].)
+/// does: an exec or attach naming it as its `container` (any value given), a debug
+/// container that targets it or is named after it, or a kubelet path (`nodes/<node>/proxy`)
+/// with a segment naming it (`/exec/<namespace>/<pod>/agentgate-sidecar`, `/run/…`,
+/// `/attach/…`, `/checkpoint/…`, `/containerLogs/…`). Refused whatever a policy or an
+/// approver says. (Without a `container`, the API server picks the pod's only app
+/// container, never an init container, which is where the sidecar is injected. Any exec,
+/// attach or port-forward into a pod that carries the sidecar, and any debug container added
+/// to one or change of one, is refused too, once the gateway has read the pod:
+/// [`pod_to_check`], [`pod_carries_sidecar`].)
 pub fn reaches_sidecar(info: &RequestInfo, query: &str, body: Option<&[u8]>) -> Option<String> {
-    if !info.resource_request || info.resource != "pods" {
+    if !info.resource_request {
+        return None;
+    }
+    if info.resource == "nodes" && info.subresource == "proxy" {
+        return kubelet_segments(&info.subpath)
+            .iter()
+            .any(|s| s.eq_ignore_ascii_case(SIDECAR_CONTAINER))
+            .then(|| {
+                format!(
+                    "{SIDECAR_CONTAINER} is agentgate's own container (it holds the Targets' credentials and the records' signing key): no kubelet path through nodes/proxy may name it, whatever a grant or an approver says"
+                )
+            });
+    }
+    if info.resource != "pods" {
         return None;
     }
     match info.subresource.as_str() {
@@ -359,11 +772,59 @@ pub fn reaches_sidecar(info: &RequestInfo, query: &str, body: Option<&[u8]>) -> 
     }
 }
 
-/// The refusal of an exec, attach or port-forward into a pod that carries
-/// [`SIDECAR_CONTAINER`].
-pub fn sidecar_pod_refusal(pod: &str) -> String {
+/// The pod (namespace, name) a request reaches into or changes, which the gateway reads
+/// first to refuse the request when the pod carries [`SIDECAR_CONTAINER`]
+/// ([`pod_carries_sidecar`]): an exec, attach or port-forward (also through the kubelet's
+/// endpoints under `nodes/<node>/proxy`, [`KUBELET_INTO_PODS`]), a debug container added
+/// (`pods/ephemeralcontainers`, any write), and an update or patch of the pod itself (its
+/// containers' images and commands, its labels, which say whose agent it is). A command in
+/// any of a pod's containers shares its loopback, where the sidecar's gateways act as that
+/// pod's agent, another identity than the caller's with its grants. Deleting a pod, and
+/// writing its status, reach nothing of it.
+pub fn pod_to_check(info: &RequestInfo) -> Option<(String, String)> {
+    if !info.resource_request {
+        return None;
+    }
+    let this = || Some((info.namespace.clone(), info.name.clone()));
+    match (info.resource.as_str(), info.subresource.as_str()) {
+        ("pods", "exec" | "attach" | "portforward") => this(),
+        ("pods", "ephemeralcontainers")
+            if !matches!(info.verb.as_str(), "get" | "list" | "watch") =>
+        {
+            this()
+        }
+        ("pods", "") if matches!(info.verb.as_str(), "update" | "patch") => this(),
+        ("nodes", "proxy") => match kubelet_segments(&info.subpath).as_slice() {
+            [endpoint, namespace, pod, ..]
+                if KUBELET_INTO_PODS.contains(&endpoint.to_ascii_lowercase().as_str()) =>
+            {
+                Some((namespace.clone(), pod.clone()))
+            }
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// The refusal of a request into, or a change of, a pod that carries [`SIDECAR_CONTAINER`]
+/// ([`pod_to_check`]), saying what the request would have done.
+pub fn sidecar_pod_refusal(info: &RequestInfo, pod: &str) -> String {
+    let (what, instead) = match info.subresource.as_str() {
+        "ephemeralcontainers" => (
+            "a debug container added to it runs beside agentgate's own container and shares the pod's loopback",
+            "debug a pod without the sidecar",
+        ),
+        "" => (
+            "a change of it (its containers' images or commands, its labels) runs other code beside agentgate's own container, on the pod's loopback, or changes whose agent the pod is",
+            "change the Deployment or other owner that makes the pod, or ask a person",
+        ),
+        _ => (
+            "an exec, attach or port-forward into it reaches the pod's loopback",
+            "use a pod without the sidecar (or, to forward, a Service)",
+        ),
+    };
     format!(
-        "pod {pod} carries {SIDECAR_CONTAINER}, agentgate's own container: an exec, attach or port-forward into it reaches the pod's loopback, where agentgate's gateways act as that pod's agent, so it is refused whatever a grant or an approver says; use a pod without the sidecar (or, to forward, a Service)"
+        "pod {pod} carries {SIDECAR_CONTAINER}, agentgate's own container: {what}, where agentgate's gateways act as that pod's agent, so it is refused whatever a grant or an approver says; {instead}"
     )
 }
 
@@ -578,8 +1039,11 @@ fn secret_write_risk(info: &RequestInfo, body: Option<&[u8]>) -> Option<&'static
 pub fn classify(info: &RequestInfo, query: &str, body: Option<&[u8]>) -> Command {
     let mut keys = keys(info);
     let full_body = body;
-    // What a write's body makes of objects; a delete's says only how to delete.
-    let body = body.filter(|_| matches!(info.verb.as_str(), "create" | "update" | "patch"));
+    // What a write's body makes of objects; a delete's says only how to delete, and a
+    // proxied request's is the proxied server's.
+    let body = body.filter(|_| {
+        matches!(info.verb.as_str(), "create" | "update" | "patch") && info.subresource != "proxy"
+    });
     // Setting owners on an object hands it to the garbage collector, which deletes it when
     // the owner is gone (or never existed): it counts as the delete, so the guardrails on
     // deleting it hold it too.
@@ -671,23 +1135,60 @@ pub fn classify(info: &RequestInfo, query: &str, body: Option<&[u8]>) -> Command
     }
 }
 
-/// The exact request a grant can be bound to: the request (with, for one with a body, its
-/// API version and the body's media type), every value of every query parameter but those
-/// that only page or time it ([`all_params`]), and the body as forwarded.
+/// The exact request a grant can be bound to, hashed as a sequence of length-prefixed
+/// fields, so that no value (a newline, `=` or `&` inside a decoded parameter) can make two
+/// requests hash alike: every field of the request (verb, group, version, resource,
+/// subresource, namespace, name, proxied path, the body's media type; a non-resource
+/// request's path), its query (for a proxy the raw query the proxied server reads; else every
+/// value of every parameter, decoded, but those that only page or time it ([`all_params`])),
+/// and the body as forwarded.
 fn fingerprint(info: &RequestInfo, query: &str, body: Option<&[u8]>) -> String {
-    let mut h = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
-    h.update(info.describe().as_bytes());
-    h.update(b"\n");
-    for (k, v) in all_params(query) {
-        h.update(k.as_bytes());
-        h.update(b"=");
-        h.update(v.as_bytes());
-        h.update(b"\n");
+    struct Fields(aws_lc_rs::digest::Context);
+    impl Fields {
+        fn put(&mut self, b: &[u8]) {
+            let len = u64::try_from(b.len()).unwrap_or(u64::MAX);
+            self.0.update(&len.to_be_bytes());
+            self.0.update(b);
+        }
+        fn count(&mut self, n: usize) {
+            self.put(&u64::try_from(n).unwrap_or(u64::MAX).to_be_bytes());
+        }
     }
-    if let Some(b) = body {
-        h.update(b);
+    let mut h = Fields(aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256));
+    h.put(b"agentgate kubernetes request, v2");
+    h.put(&[u8::from(info.resource_request)]);
+    for f in [
+        &info.path,
+        &info.verb,
+        &info.group,
+        &info.version,
+        &info.resource,
+        &info.subresource,
+        &info.namespace,
+        &info.name,
+        &info.subpath,
+        &info.media_type,
+    ] {
+        h.put(f.as_bytes());
     }
-    agentgate_crds::audit::chain::hex(h.finish().as_ref())
+    if info.subresource == "proxy" {
+        h.put(query.as_bytes());
+    } else {
+        let params = all_params(query);
+        h.count(params.len());
+        for (k, v) in &params {
+            h.put(k.as_bytes());
+            h.put(v.as_bytes());
+        }
+    }
+    match body {
+        Some(b) => {
+            h.count(1);
+            h.put(b);
+        }
+        None => h.count(0),
+    }
+    agentgate_crds::audit::chain::hex(h.0.finish().as_ref())
 }
 
 /// A query key or value decoded as the API server decodes it. The query was checked before
@@ -739,32 +1240,87 @@ pub fn connect_params(query: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-/// An exec's argument as an approver reads it: as it is when it is one plain word, else
-/// quoted as a POSIX shell would need it (`sh -c 'echo a; rm b'` is three arguments, and
-/// `sh -c echo a; rm b` six), so that no two commands read alike.
-fn shell_word(arg: &str) -> String {
-    let plain = !arg.is_empty()
-        && arg
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_./:=@%+,".contains(&b));
-    if plain {
-        arg.to_owned()
-    } else {
-        format!("'{}'", arg.replace('\'', r"'\''"))
-    }
+/// Characters an approver reads as themselves inside a word: no quote, space, `&`, `;`, `$`
+/// or other character a shell or a query would read otherwise.
+const PLAIN: &[u8] = b"-_./:=@%+,";
+
+/// Characters that do not show as themselves (format characters such as a right-to-left
+/// override or a zero-width space, separators): a word with one is written escaped.
+fn invisible(c: char) -> bool {
+    c.is_control()
+        || (c.is_whitespace() && c != ' ')
+        || matches!(c,
+            '\u{ad}' | '\u{34f}' | '\u{61c}' | '\u{115f}' | '\u{1160}' | '\u{17b4}' | '\u{17b5}'
+            | '\u{180b}'..='\u{180f}' | '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}'
+            | '\u{2060}'..='\u{206f}' | '\u{3164}' | '\u{fe00}'..='\u{fe0f}' | '\u{feff}'
+            | '\u{ffa0}' | '\u{fff0}'..='\u{fffb}' | '\u{e0000}'..='\u{e0fff}')
 }
 
-/// The text a record and an approver see: the request, for a connect request (exec,
-/// attach, port-forward) the command, the container and whether stdin and a terminal are
-/// attached (every value given), and for other requests the parameters that choose what
-/// they reach (selectors, dry runs, …), every value of each.
+/// A word (an exec's argument, a container's name, a query value) as an approver reads it,
+/// so that no two words, nor two lists of words, read alike: as it is when it is one plain
+/// word (ASCII letters and digits and `plain`); in double quotes with escapes (`\n`,
+/// `\u{202e}`, `\"`, `\\`) when it holds a character that would not show as itself; else
+/// in single quotes as a POSIX shell would need it (`sh -c 'echo a; rm b'` is three
+/// arguments, and `sh -c echo 'a;' rm b` six). The first character says which.
+fn word(arg: &str, plain: &[u8]) -> String {
+    if !arg.is_empty()
+        && arg
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || plain.contains(&b))
+    {
+        return arg.to_owned();
+    }
+    if arg.chars().any(invisible) {
+        let mut out = String::from("\"");
+        for c in arg.chars() {
+            match c {
+                '"' => out.push_str("\\\""),
+                '\\' => out.push_str("\\\\"),
+                '\n' => out.push_str("\\n"),
+                '\t' => out.push_str("\\t"),
+                '\r' => out.push_str("\\r"),
+                c if invisible(c) => out.push_str(&format!("\\u{{{:x}}}", u32::from(c))),
+                c => out.push(c),
+            }
+        }
+        out.push('"');
+        return out;
+    }
+    format!("'{}'", arg.replace('\'', r"'\''"))
+}
+
+/// An exec's argument as an approver reads it ([`word`]).
+fn shell_word(arg: &str) -> String {
+    word(arg, PLAIN)
+}
+
+/// A query value as an approver reads it ([`word`]): decoded, so `&`, `%` and `+` in it are
+/// quoted (`a='x&dryRun=All'` is one parameter, `a=x&dryRun=All` two).
+fn query_word(v: &str) -> String {
+    word(v, b"-_./:=@,")
+}
+
+/// The text a record and an approver see: the request, and
+/// - for an exec, attach or port-forward the command, the container and whether stdin and a
+///   terminal are attached (every value given; the API server reads no other parameter
+///   there, and agentgate refuses any other: [`super::request::check_known`]);
+/// - for a proxy the query as the proxied server gets it (raw, as it is hashed);
+/// - for any other request every parameter that is hashed into its fingerprint, decoded,
+///   every value of each, a value that is not one plain word quoted ([`query_word`]).
 pub fn text(info: &RequestInfo, query: &str) -> String {
     let mut s = info.describe();
+    if info.subresource == "proxy" {
+        // A proxy passes its query to the pod, service or node: part of what runs.
+        if !query.is_empty() {
+            s.push_str(" ?");
+            s.push_str(query);
+        }
+        return s;
+    }
     if !CONNECT.contains(&info.subresource.as_str()) {
         let params: Vec<String> = all_params(query)
             .into_iter()
-            .filter(|(k, _)| k != "watch" && k != "follow" && k != "fieldManager")
-            .map(|(k, v)| format!("{k}={v}"))
+            .map(|(k, v)| format!("{k}={}", query_word(&v)))
             .collect();
         if !params.is_empty() {
             s.push_str(" ?");
@@ -773,18 +1329,17 @@ pub fn text(info: &RequestInfo, query: &str) -> String {
         return s;
     }
     let params = connect_params(query);
-    let values = |name: &str| -> Vec<&str> {
+    let values = |name: &str| -> Vec<String> {
         params
             .iter()
             .filter(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+            .map(|(_, v)| shell_word(v))
             .collect()
     };
     let command = values("command");
     if !command.is_empty() {
-        let words: Vec<String> = command.iter().map(|a| shell_word(a)).collect();
         s.push_str(": ");
-        s.push_str(&words.join(" "));
+        s.push_str(&command.join(" "));
     }
     let mut notes = Vec::new();
     let containers = values("container");
@@ -803,11 +1358,6 @@ pub fn text(info: &RequestInfo, query: &str) -> String {
     }
     if !notes.is_empty() {
         s.push_str(&format!(" ({})", notes.join(", ")));
-    }
-    // A proxy passes its query to the pod or service: it is part of what runs.
-    if info.subresource == "proxy" && !query.is_empty() {
-        s.push_str(" ?");
-        s.push_str(&decoded(query));
     }
     s
 }
@@ -1271,7 +1821,9 @@ mod tests {
     #[test]
     fn pod_specs_are_checked_in_any_resource_of_any_group() {
         for (path, body, want) in [
-            // Argo Workflows: a template's container; the token off for the whole workflow.
+            // Argo Workflows: a template's container; the token off on the template (the
+            // object that says what runs), not only for the whole workflow (the field counts
+            // on the pod spec itself: elsewhere it may be a decoy the API server drops).
             (
                 "/apis/argoproj.io/v1alpha1/namespaces/a/workflows",
                 r#"{"kind":"Workflow","spec":{"entrypoint":"main","templates":[{"name":"main","container":{"image":"alpine","command":["sh"]}}]}}"#,
@@ -1280,6 +1832,11 @@ mod tests {
             (
                 "/apis/argoproj.io/v1alpha1/namespaces/a/workflows",
                 r#"{"kind":"Workflow","spec":{"automountServiceAccountToken":false,"templates":[{"name":"main","script":{"image":"alpine","source":"id"}}]}}"#,
+                OperationClass::Exec,
+            ),
+            (
+                "/apis/argoproj.io/v1alpha1/namespaces/a/workflows",
+                r#"{"kind":"Workflow","spec":{"templates":[{"name":"main","automountServiceAccountToken":false,"script":{"image":"alpine","source":"id"}}]}}"#,
                 OperationClass::Write,
             ),
             (
@@ -1442,7 +1999,7 @@ mod tests {
             br#"{"kind":"Pod","metadata":{"name":"p"},"spec":{"containers":[{"name":"app"}]}}"#;
         assert_eq!(pod_carries_sidecar(plain), Some(false));
         assert_eq!(pod_carries_sidecar(b"not json"), None);
-        assert!(sidecar_pod_refusal("p").contains("pod p carries agentgate-sidecar"));
+        assert!(sidecar_pod_refusal(&exec, "p").contains("pod p carries agentgate-sidecar"));
     }
 
     #[test]
@@ -1554,5 +2111,423 @@ mod tests {
                 "{path}"
             );
         }
+    }
+
+    fn fp(info: &RequestInfo, query: &str, body: Option<&[u8]>) -> String {
+        classify(info, query, body).fingerprint.get().to_owned()
+    }
+
+    #[test]
+    fn no_value_makes_two_requests_hash_or_read_alike() {
+        // The reviewer's exec: an approver reads `ls`; the other runs `sh -c …` and `ls`.
+        let exec = parse("POST", "/api/v1/namespaces/a/pods/web/exec", "").unwrap();
+        let shown = "a=1%0Acommand%3Dsh%0Acommand%3D-c%0Acommand%3Did&command=ls&container=app";
+        let runs = "a=1&command=sh&command=-c&command=id&command=ls&container=app";
+        assert_ne!(fp(&exec, shown, None), fp(&exec, runs, None));
+        // (agentgate refuses `a` for an exec anyway: request::check_known.)
+        // The same with a dry run: `a` holds it, or the query does.
+        let del = parse("DELETE", "/api/v1/namespaces/a/configmaps/c", "").unwrap();
+        let (one, two) = ("a=x%0AdryRun%3DAll", "a=x&dryRun=All");
+        assert_ne!(fp(&del, one, None), fp(&del, two, None));
+        assert_eq!(text(&del, two), "delete configmaps c -n a ?a=x&dryRun=All");
+        assert_eq!(
+            text(&del, one),
+            r#"delete configmaps c -n a ?a="x\ndryRun=All""#
+        );
+        assert_eq!(
+            text(&del, "a=x%26dryRun%3DAll"),
+            "delete configmaps c -n a ?a='x&dryRun=All'"
+        );
+        assert_ne!(fp(&del, "a=x%26dryRun%3DAll", None), fp(&del, two, None));
+        // Field boundaries: a key's end, a value's, the body's start.
+        assert_ne!(fp(&del, "ab=c", None), fp(&del, "a=bc", None));
+        assert_ne!(fp(&del, "a=b", Some(b"x")), fp(&del, "a=bx", None));
+        assert_ne!(fp(&del, "", Some(b"")), fp(&del, "", None));
+        // Every hashed parameter is shown (also watch, follow, fieldManager), each value
+        // quoted unless it is one plain word.
+        let log = parse("GET", "/api/v1/namespaces/a/pods/web/log", "").unwrap();
+        assert_eq!(
+            text(&log, "follow=true&container=app"),
+            "get pods/log web -n a ?container=app&follow=true"
+        );
+        let patch = parse("PATCH", "/api/v1/namespaces/a/configmaps/c", "").unwrap();
+        assert_eq!(
+            text(&patch, "fieldManager=kubectl+edit&dryRun=All"),
+            "patch configmaps c -n a ?dryRun=All&fieldManager='kubectl edit'"
+        );
+        // Characters that do not show as themselves are escaped, in commands too.
+        assert_eq!(
+            text(&exec, "command=echo&command=a%E2%80%AEb&container=app"),
+            r#"create pods/exec web -n a: echo "a\u{202e}b" (container app)"#
+        );
+        assert_eq!(
+            text(&exec, "command=ls&container=app%2C+stdin"),
+            "create pods/exec web -n a: ls (container 'app, stdin')"
+        );
+        // A proxy's query is the proxied server's: shown and hashed raw, every parameter
+        // (those that only page or time other requests too).
+        let proxy = parse("GET", "/api/v1/namespaces/a/services/web:80/proxy/x", "").unwrap();
+        assert_ne!(fp(&proxy, "timeout=1", None), fp(&proxy, "timeout=2", None));
+        assert_ne!(fp(&proxy, "a=%26", None), fp(&proxy, "a=&", None));
+        assert_ne!(fp(&proxy, "q=a+b", None), fp(&proxy, "q=a%20b", None));
+        assert_eq!(
+            text(&proxy, "a=x%26b=y&command=rm"),
+            "get services/proxy web:80 -n a path /x ?a=x%26b=y&command=rm"
+        );
+    }
+
+    #[test]
+    fn a_decoy_automount_field_does_not_turn_the_token_off() {
+        let pod = "/api/v1/namespaces/a/pods";
+        let deploy = "/apis/apps/v1/namespaces/a/deployments/orders";
+        let app = r#"{"name":"c","image":"x"}"#;
+        for (method, path, body, want) in [
+            // Top-level on a Pod (an unknown field, dropped by the API server).
+            (
+                "POST",
+                pod.to_owned(),
+                format!(r#"{{"kind":"Pod","automountServiceAccountToken":false,"spec":{{"containers":[{app}]}}}}"#),
+                OperationClass::Exec,
+            ),
+            // On a Deployment's spec (DeploymentSpec has no such field).
+            (
+                "PATCH",
+                deploy.to_owned(),
+                format!(r#"{{"spec":{{"automountServiceAccountToken":false,"template":{{"spec":{{"containers":[{app}]}}}}}}}}"#),
+                OperationClass::Exec,
+            ),
+            // A second pod spec turns nothing off for the first.
+            (
+                "PATCH",
+                deploy.to_owned(),
+                format!(r#"{{"spec":{{"automountServiceAccountToken":false,"containers":[{app}],"template":{{"spec":{{"containers":[{app}]}}}}}}}}"#),
+                OperationClass::Exec,
+            ),
+            // A JSON patch that sets it on /spec, beside a change of the template's containers.
+            (
+                "PATCH",
+                deploy.to_owned(),
+                r#"[{"op":"add","path":"/spec/automountServiceAccountToken","value":false},{"op":"replace","path":"/spec/template/spec/containers/0/image","value":"evil"}]"#.to_owned(),
+                OperationClass::Exec,
+            ),
+            // ... or on the pod spec, then replaces that pod spec.
+            (
+                "PATCH",
+                deploy.to_owned(),
+                format!(r#"[{{"op":"add","path":"/spec/template/spec/automountServiceAccountToken","value":false}},{{"op":"replace","path":"/spec/template/spec","value":{{"containers":[{app}]}}}}]"#),
+                OperationClass::Exec,
+            ),
+            // ... or sets it on one Argo template, then inserts another before it.
+            (
+                "PATCH",
+                "/apis/argoproj.io/v1alpha1/namespaces/a/workflows/w".to_owned(),
+                r#"[{"op":"replace","path":"/spec/templates/0/container/image","value":"evil"},{"op":"add","path":"/spec/templates/0","value":{"name":"n"}},{"op":"add","path":"/spec/templates/0/automountServiceAccountToken","value":false}]"#.to_owned(),
+                OperationClass::Exec,
+            ),
+            // The same pod spec as the containers: off.
+            (
+                "PATCH",
+                deploy.to_owned(),
+                r#"[{"op":"add","path":"/spec/template/spec/automountServiceAccountToken","value":false},{"op":"replace","path":"/spec/template/spec/containers/0/image","value":"new"}]"#.to_owned(),
+                OperationClass::Write,
+            ),
+            (
+                "PATCH",
+                "/apis/argoproj.io/v1alpha1/namespaces/a/workflows/w".to_owned(),
+                r#"[{"op":"replace","path":"/spec/templates/1/container/image","value":"new"},{"op":"add","path":"/spec/templates/-","value":{"name":"n","automountServiceAccountToken":false,"container":{"image":"x"}}},{"op":"add","path":"/spec/templates/1/automountServiceAccountToken","value":false}]"#.to_owned(),
+                OperationClass::Write,
+            ),
+            // A strategic merge patch's directives may delete it from the pod spec.
+            (
+                "PATCH",
+                deploy.to_owned(),
+                r#"{"spec":{"template":{"spec":{"$retainKeys":["containers","volumes"],"nodeSelector":{"a":"b"}}}}}"#.to_owned(),
+                OperationClass::Exec,
+            ),
+            (
+                "PATCH",
+                deploy.to_owned(),
+                r#"{"spec":{"template":{"spec":{"$patch":"replace","nodeSelector":{"a":"b"}}}}}"#.to_owned(),
+                OperationClass::Exec,
+            ),
+            (
+                "PATCH",
+                "/apis/batch/v1/namespaces/a/cronjobs/c".to_owned(),
+                r#"{"spec":{"jobTemplate":{"spec":{"template":{"spec":{"$patch":"delete"}}}}}}"#.to_owned(),
+                OperationClass::Exec,
+            ),
+            (
+                "PATCH",
+                pod.to_owned() + "/p",
+                format!(r#"{{"spec":{{"$patch":"replace","containers":[{app}],"automountServiceAccountToken":false}}}}"#),
+                OperationClass::Write,
+            ),
+            (
+                "PATCH",
+                deploy.to_owned(),
+                r#"{"spec":{"template":{"spec":{"$retainKeys":["automountServiceAccountToken","nodeSelector"],"nodeSelector":{"a":"b"}}}}}"#.to_owned(),
+                OperationClass::Write,
+            ),
+            // (Directives elsewhere, as kubectl apply sends for volumes and strategies, do not.)
+            (
+                "PATCH",
+                deploy.to_owned(),
+                r#"{"spec":{"strategy":{"$retainKeys":["type"],"type":"Recreate"},"template":{"spec":{"volumes":[{"$retainKeys":["emptyDir","name"],"name":"v","emptyDir":{}}]}}}}"#.to_owned(),
+                OperationClass::Write,
+            ),
+        ] {
+            let b: &str = &body;
+            assert_eq!(class_of(method, &path, b), want, "{path} {body}");
+        }
+    }
+
+    #[test]
+    fn pod_specs_under_a_custom_resources_own_keys() {
+        let spark = "/apis/sparkoperator.k8s.io/v1beta2/namespaces/a/sparkapplications";
+        let flink = "/apis/flink.apache.org/v1beta1/namespaces/a/flinkdeployments";
+        let wf = "/apis/argoproj.io/v1alpha1/namespaces/a/workflows";
+        let safe_template =
+            r#""name":"main","automountServiceAccountToken":false,"container":{"image":"alpine"}"#;
+        for (path, body, want) in [
+            // A Spark application: its image and driver are not a pod spec agentgate reads.
+            (
+                spark,
+                r#"{"kind":"SparkApplication","spec":{"type":"Python","image":"spark:3","mainApplicationFile":"local:///x.py"}}"#.to_owned(),
+                OperationClass::Exec,
+            ),
+            (
+                spark,
+                r#"{"kind":"SparkApplication","spec":{"driver":{"securityContext":{"privileged":true}}}}"#.to_owned(),
+                OperationClass::Admin,
+            ),
+            (
+                spark,
+                r#"{"kind":"SparkApplication","spec":{"volumes":[{"name":"r","hostPath":{"path":"/"}}]}}"#.to_owned(),
+                OperationClass::Admin,
+            ),
+            (
+                spark,
+                r#"{"kind":"SparkApplication","spec":{"driver":{"serviceAccount":"spark-admin"}}}"#.to_owned(),
+                OperationClass::Exec,
+            ),
+            (
+                spark,
+                r#"[{"op":"replace","path":"/spec/image","value":"evil"}]"#.to_owned(),
+                OperationClass::Exec,
+            ),
+            // Flink: its image outside the pod template.
+            (
+                flink,
+                r#"{"kind":"FlinkDeployment","spec":{"image":"flink:1.17","podTemplate":{"spec":{"automountServiceAccountToken":false,"containers":[{"name":"flink-main-container"}]}}}}"#.to_owned(),
+                OperationClass::Exec,
+            ),
+            (
+                flink,
+                r#"{"kind":"FlinkDeployment","spec":{"podTemplate":{"spec":{"hostNetwork":true}}}}"#.to_owned(),
+                OperationClass::Admin,
+            ),
+            // Argo's podSpecPatch is text: JSON or YAML, read and checked as any other keys.
+            (
+                wf,
+                format!(r#"{{"kind":"Workflow","spec":{{"templates":[{{{safe_template},"podSpecPatch":"{{\"containers\":[{{\"name\":\"main\",\"securityContext\":{{\"privileged\":true}}}}]}}"}}]}}}}"#),
+                OperationClass::Admin,
+            ),
+            (
+                wf,
+                format!(r#"{{"kind":"Workflow","spec":{{"templates":[{{{safe_template},"podSpecPatch":"hostPID: true\n"}}]}}}}"#),
+                OperationClass::Admin,
+            ),
+            (
+                wf,
+                format!(r#"{{"kind":"Workflow","spec":{{"templates":[{{{safe_template},"podSpecPatch":"volumes:\n- name: s\n  secret: {{secretName: db}}\n"}}]}}}}"#),
+                OperationClass::Exec,
+            ),
+            (
+                wf,
+                format!(r#"{{"kind":"Workflow","spec":{{"podSpecPatch":"automountServiceAccountToken: true","templates":[{{{safe_template}}}]}}}}"#),
+                OperationClass::Exec,
+            ),
+            // ... and text that does not read is the worst.
+            (
+                wf,
+                format!(r#"{{"kind":"Workflow","spec":{{"templates":[{{{safe_template},"podSpecPatch":"{{{{inputs.parameters.patch}}}}"}}]}}}}"#),
+                OperationClass::Admin,
+            ),
+            (
+                wf,
+                r#"[{"op":"add","path":"/spec/templates/0/podSpecPatch","value":"{\"hostIPC\":true}"}]"#.to_owned(),
+                OperationClass::Admin,
+            ),
+            // A resource template's manifest: a pod of its own.
+            (
+                wf,
+                format!(r#"{{"kind":"Workflow","spec":{{"templates":[{{{safe_template}}},{{"name":"r","resource":{{"action":"create","manifest":"apiVersion: v1\nkind: Pod\nspec:\n  containers:\n  - name: x\n    image: evil\n"}}}}]}}}}"#),
+                OperationClass::Exec,
+            ),
+            (
+                wf,
+                format!(r#"{{"kind":"Workflow","spec":{{"templates":[{{{safe_template}}}]}}}}"#),
+                OperationClass::Write,
+            ),
+            // Node and credential keys count anywhere in a custom resource.
+            (
+                "/apis/example.com/v1/namespaces/a/runners",
+                r#"{"spec":{"runner":{"hostNetwork":true}}}"#.to_owned(),
+                OperationClass::Admin,
+            ),
+            (
+                "/apis/example.com/v1/namespaces/a/runners",
+                r#"{"spec":{"runAs":{"serviceAccountName":"admin"}}}"#.to_owned(),
+                OperationClass::Exec,
+            ),
+            (
+                "/apis/example.com/v1/namespaces/a/runners",
+                r#"{"spec":{"mounts":[{"secret":{"secretName":"db"}}]}}"#.to_owned(),
+                OperationClass::Exec,
+            ),
+            // ... but what names a Secret a custom resource writes is not a mount, switches
+            // turned off are off, and dropping capabilities adds none.
+            (
+                "/apis/cert-manager.io/v1/namespaces/a/certificates",
+                r#"{"spec":{"secretName":"web-tls","issuerRef":{"name":"le"},"dnsNames":["a.example.com"]}}"#.to_owned(),
+                OperationClass::Write,
+            ),
+            (
+                "/apis/example.com/v1/namespaces/a/runners",
+                r#"{"spec":{"privileged":false,"hostNetwork":false,"capabilities":{"drop":["ALL"]},"selector":{"matchExpressions":[{"key":"a","operator":"In","values":["x: y","{{z}}"]}]}}}"#.to_owned(),
+                OperationClass::Write,
+            ),
+            // Built-in kinds keep their shapes: a ConfigMap's or a Secret's text is theirs.
+            (
+                "/api/v1/namespaces/a/configmaps",
+                r#"{"kind":"ConfigMap","data":{"podSpecPatch":"{{x}}","manifest":"hostPID: true","image":"x"}}"#.to_owned(),
+                OperationClass::Write,
+            ),
+            (
+                "/api/v1/namespaces/a/secrets",
+                r#"{"kind":"Secret","stringData":{"values":"privileged: true","serviceAccountName":"x"}}"#.to_owned(),
+                OperationClass::Write,
+            ),
+        ] {
+            let method = if body.starts_with('[') {
+                "PATCH"
+            } else {
+                "POST"
+            };
+            let path = if method == "PATCH" {
+                format!("{path}/x")
+            } else {
+                path.to_owned()
+            };
+            assert_eq!(class_of(method, &path, &body), want, "{path} {body}");
+        }
+        // Capabilities in a pod: added is Admin, only dropped is not.
+        let pod = "/api/v1/namespaces/a/pods";
+        let with = |caps: &str| {
+            format!(
+                r#"{{"spec":{{"automountServiceAccountToken":false,"containers":[{{"name":"c","securityContext":{{"capabilities":{caps}}}}}]}}}}"#
+            )
+        };
+        assert_eq!(
+            class_of("POST", pod, &with(r#"{"add":["NET_ADMIN"]}"#)),
+            OperationClass::Admin
+        );
+        assert_eq!(
+            class_of("POST", pod, &with(r#"{"drop":["ALL"],"add":[]}"#)),
+            OperationClass::Write
+        );
+        assert_eq!(
+            class_of(
+                "PATCH",
+                "/api/v1/namespaces/a/pods/p",
+                r#"[{"op":"add","path":"/spec/containers/0/securityContext/capabilities/add/-","value":"SYS_ADMIN"}]"#
+            ),
+            OperationClass::Admin
+        );
+    }
+
+    #[test]
+    fn requests_into_or_changing_a_pod_read_it_first() {
+        let pod = |method: &str, path: &str| parse(method, path, "").unwrap();
+        let web = Some(("a".to_owned(), "web".to_owned()));
+        for (method, path) in [
+            ("POST", "/api/v1/namespaces/a/pods/web/exec"),
+            ("GET", "/api/v1/namespaces/a/pods/web/attach"),
+            ("POST", "/api/v1/namespaces/a/pods/web/portforward"),
+            ("PATCH", "/api/v1/namespaces/a/pods/web/ephemeralcontainers"),
+            ("PUT", "/api/v1/namespaces/a/pods/web/ephemeralcontainers"),
+            ("PATCH", "/api/v1/namespaces/a/pods/web"),
+            ("PUT", "/api/v1/namespaces/a/pods/web"),
+        ] {
+            assert_eq!(pod_to_check(&pod(method, path)), web, "{method} {path}");
+        }
+        for (method, path) in [
+            ("DELETE", "/api/v1/namespaces/a/pods/web"),
+            ("GET", "/api/v1/namespaces/a/pods/web"),
+            ("PATCH", "/api/v1/namespaces/a/pods/web/status"),
+            ("GET", "/api/v1/namespaces/a/pods/web/ephemeralcontainers"),
+            ("POST", "/api/v1/namespaces/a/pods/web/eviction"),
+            ("PATCH", "/apis/apps/v1/namespaces/a/deployments/web"),
+        ] {
+            assert_eq!(pod_to_check(&pod(method, path)), None, "{method} {path}");
+        }
+        // The kubelet's own endpoints, through nodes/proxy, as the kubelet decodes them.
+        for sub in [
+            "exec/a/web/app",
+            "run/a/web/app",
+            "attach/a/web/uid/app",
+            "portForward/a/web",
+            "exec%2Fa%2Fweb%2Fapp",
+            "x%2F..%2Fexec/a/%2E/web/app",
+        ] {
+            let node = pod("POST", &format!("/api/v1/nodes/n1/proxy/{sub}"));
+            assert_eq!(pod_to_check(&node), web, "{sub}");
+        }
+        assert_eq!(
+            pod_to_check(&pod("GET", "/api/v1/nodes/n1/proxy/metrics")),
+            None
+        );
+        for sub in [
+            "exec/a/web/agentgate-sidecar",
+            "run/a/web/uid/agentgate-sidecar",
+            "checkpoint/a/web/agentgate-sidecar",
+            "containerLogs/a/web/agentgate-sidecar",
+            "exec/a/web/agentgate%2Dsidecar",
+            "exec/a/web/Agentgate-Sidecar",
+        ] {
+            let node = pod("POST", &format!("/api/v1/nodes/n1/proxy/{sub}"));
+            assert!(
+                reaches_sidecar(&node, "", None)
+                    .is_some_and(|w| w.contains("no kubelet path through nodes/proxy may name it")),
+                "{sub}"
+            );
+        }
+        assert!(
+            reaches_sidecar(
+                &pod("POST", "/api/v1/nodes/n1/proxy/exec/a/web/app"),
+                "",
+                None
+            )
+            .is_none()
+        );
+        // What the refusal says follows what was asked.
+        let debug = pod("PATCH", "/api/v1/namespaces/a/pods/web/ephemeralcontainers");
+        assert!(sidecar_pod_refusal(&debug, "web").contains("a debug container added to it"));
+        let edit = pod("PATCH", "/api/v1/namespaces/a/pods/web");
+        assert!(sidecar_pod_refusal(&edit, "web").contains("change the Deployment"));
+    }
+
+    #[test]
+    fn a_proxied_body_is_not_read_as_an_object() {
+        let info = parse("POST", "/api/v1/namespaces/a/pods/web/proxy/login", "").unwrap();
+        // Unreadable as JSON, it sets no owners (no delete of the pod is added).
+        let c = classify(&info, "", Some(b"user=a&ownerReferences=x"));
+        assert_eq!(c.class, OperationClass::Exec);
+        assert!(
+            !c.keys.iter().any(|k| k.starts_with("delete")),
+            "{:?}",
+            c.keys
+        );
+        assert_ne!(fp(&info, "", Some(b"a=1")), fp(&info, "", Some(b"a=2")));
     }
 }

@@ -348,10 +348,11 @@ fn dropped_header(name: &HeaderName) -> bool {
 /// shown all of it.
 const MAX_APPROVABLE: usize = 16 << 10;
 
-/// What a record and an approver see of a request: its line and the parameters that choose
-/// what it reaches (for an exec its command, for a proxy its query), and for a write its body
-/// as JSON, masked as a response would be (Secret values always; field rules and value
-/// detectors); then the whole masked by the value detectors, control characters replaced.
+/// What a record and an approver see of a request: its line and its parameters
+/// ([`classify::text`]: for an exec its command, for a proxy its query), and for a write its
+/// body as JSON, masked as a response would be (Secret values always; field rules and value
+/// detectors), for a proxied request its body as the text it is; then the whole masked by
+/// the value detectors, control characters replaced.
 /// The flag says whether it shows the request whole (an approver may decide on it): not
 /// when a MaskPolicy cannot be loaded (the request line only), a body is not JSON, or the
 /// text is too long or masked away.
@@ -371,49 +372,62 @@ fn request_text(
     let mut whole = true;
     let mut text = classify::text(info, query);
     if let Some(b) = body.filter(|b| !b.is_empty()) {
-        let shown = match serde_json::from_slice::<serde_json::Value>(b) {
-            Ok(mut v) => {
-                // (A delete's body is its DeleteOptions, which hold no Secret values.)
-                if info.resource == "secrets"
-                    && !matches!(info.verb.as_str(), "delete" | "deletecollection")
-                {
-                    hide_secret_strings(&mut v);
-                }
-                elide_last_applied(&mut v);
-                let mut m = mask::Masker {
-                    masks,
-                    reveal_secrets: false,
-                    hint: mask::kind_of(&info.group, &info.resource),
-                    counts: BTreeMap::new(),
-                };
-                m.document(&mut v);
-                v.to_string()
-            }
-            // kubectl sends built-in kinds in protobuf: shown field by field; a Secret's
-            // values are not.
-            Err(_) => match classify::protobuf_text(b) {
-                Some(_) if info.resource == "secrets" => {
-                    format!(
-                        "(a Secret in protobuf, {} bytes: values not shown)",
-                        b.len()
-                    )
-                }
-                Some((t, shown)) => {
-                    // Bytes only counted, or fields a MaskPolicy's path rules would mask
-                    // (they are read in JSON only): not whole.
-                    let kind = mask::kind_of(&info.group, &info.resource);
-                    let paths = masks.has_kube_paths()
-                        && kind
-                            .as_ref()
-                            .is_none_or(|(g, k)| !masks.kube_paths(g, k).is_empty());
-                    whole &= shown && !paths;
-                    format!("(protobuf) {t}")
-                }
-                None => {
+        let shown = if info.subresource == "proxy" {
+            // The proxied server's, as it came (read by its Content-Type, shown with the
+            // request): text as a quoted string, every character escaped that would not
+            // show as itself; anything else is not shown.
+            match std::str::from_utf8(b) {
+                Ok(t) => serde_json::Value::String(t.to_owned()).to_string(),
+                Err(_) => {
                     whole = false;
-                    format!("({} bytes, not JSON: not shown)", b.len())
+                    format!("({} bytes, not text: not shown)", b.len())
                 }
-            },
+            }
+        } else {
+            match serde_json::from_slice::<serde_json::Value>(b) {
+                Ok(mut v) => {
+                    // (A delete's body is its DeleteOptions, which hold no Secret values.)
+                    if info.resource == "secrets"
+                        && !matches!(info.verb.as_str(), "delete" | "deletecollection")
+                    {
+                        hide_secret_strings(&mut v);
+                    }
+                    elide_last_applied(&mut v);
+                    let mut m = mask::Masker {
+                        masks,
+                        reveal_secrets: false,
+                        hint: mask::kind_of(&info.group, &info.resource),
+                        counts: BTreeMap::new(),
+                    };
+                    m.document(&mut v);
+                    v.to_string()
+                }
+                // kubectl sends built-in kinds in protobuf: shown field by field; a Secret's
+                // values are not.
+                Err(_) => match classify::protobuf_text(b) {
+                    Some(_) if info.resource == "secrets" => {
+                        format!(
+                            "(a Secret in protobuf, {} bytes: values not shown)",
+                            b.len()
+                        )
+                    }
+                    Some((t, shown)) => {
+                        // Bytes only counted, or fields a MaskPolicy's path rules would mask
+                        // (they are read in JSON only): not whole.
+                        let kind = mask::kind_of(&info.group, &info.resource);
+                        let paths = masks.has_kube_paths()
+                            && kind
+                                .as_ref()
+                                .is_none_or(|(g, k)| !masks.kube_paths(g, k).is_empty());
+                        whole &= shown && !paths;
+                        format!("(protobuf) {t}")
+                    }
+                    None => {
+                        whole = false;
+                        format!("({} bytes, not JSON: not shown)", b.len())
+                    }
+                },
+            }
         };
         text.push_str(" body: ");
         text.push_str(&shown);
@@ -679,15 +693,9 @@ fn accepted_media_types(patch: bool) -> String {
         .join(", ")
 }
 
-/// The media type of a request body and how it is read: the `Content-Type` header's type
-/// without parameters, in any case, exactly one of [`MEDIA_TYPES`] (`application/json;
-/// x=protobuf` is JSON). A patch must name a patch's type and other writes must not; a
-/// write without a `Content-Type` is JSON, as the API server reads it.
-fn body_media_type(
-    headers: &HeaderMap,
-    verb: &str,
-) -> Result<(&'static str, BodyFormat), BodyRefusal> {
-    let patch = verb == "patch";
+/// The request's `Content-Type` header, if it has one; more than one is refused (which one
+/// the receiver reads cannot be told).
+fn one_content_type(headers: &HeaderMap) -> Result<Option<&HeaderValue>, BodyRefusal> {
     let mut given = headers.get_all(header::CONTENT_TYPE).iter();
     let first = given.next();
     if given.next().is_some() {
@@ -697,6 +705,19 @@ fn body_media_type(
             "agentgate refuses this body: the request has more than one Content-Type header; send one".into(),
         ));
     }
+    Ok(first)
+}
+
+/// The media type of a request body and how it is read: the `Content-Type` header's type
+/// without parameters, in any case, exactly one of [`MEDIA_TYPES`] (`application/json;
+/// x=protobuf` is JSON). A patch must name a patch's type and other writes must not; a
+/// write without a `Content-Type` is JSON, as the API server reads it.
+fn body_media_type(
+    headers: &HeaderMap,
+    verb: &str,
+) -> Result<(&'static str, BodyFormat), BodyRefusal> {
+    let patch = verb == "patch";
+    let first = one_content_type(headers)?;
     let media = match first {
         None if !patch => return Ok(("application/json", BodyFormat::Json)),
         None => String::new(),
@@ -726,6 +747,22 @@ fn body_media_type(
                 ),
             )
         })
+}
+
+/// The `Content-Type` of a proxied request's body, as it is forwarded (the proxied server
+/// reads the body by it, so it is shown and hashed with the body): the header's value, whole;
+/// `""` when there is none. More than one, or one that is not text, is refused.
+fn proxied_media_type(headers: &HeaderMap) -> Result<String, BodyRefusal> {
+    let first = one_content_type(headers)?;
+    match first.map(HeaderValue::to_str) {
+        None => Ok(String::new()),
+        Some(Ok(t)) => Ok(t.trim().to_owned()),
+        Some(Err(_)) => Err((
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "agentgate refuses this body: its Content-Type header is not plain text; send it in ASCII".into(),
+        )),
+    }
 }
 
 /// A write's body as the gateway judges and forwards it, and the media type it is forwarded
@@ -1077,6 +1114,7 @@ impl Connection {
         let mut info = match request::check_query(&query)
             .and_then(|()| request::parse(req.method().as_str(), &path, &query))
             .and_then(|i| request::check_repeated(&i, &query).map(|()| i))
+            .and_then(|i| request::check_known(&i, &query).map(|()| i))
         {
             Ok(i) => i,
             Err(e) => {
@@ -1113,7 +1151,9 @@ impl Connection {
         // The body of a write, read whole (for the decision, the fingerprint and the record).
         let (mut parts, body) = req.into_parts();
         // (A delete's body is its DeleteOptions: a dry run, the propagation policy, a grace
-        // period; it is judged, shown and forwarded like a write's.)
+        // period; it is judged, shown and forwarded like a write's. A proxied request's body
+        // is the proxied server's: read whole for the fingerprint and the record, and
+        // forwarded as it came.)
         let writes_body = matches!(
             info.verb.as_str(),
             "create" | "update" | "patch" | "delete" | "deletecollection"
@@ -1121,6 +1161,7 @@ impl Connection {
             && info.subresource != "exec"
             && info.subresource != "attach"
             && info.subresource != "portforward";
+        let proxied = info.subresource == "proxy";
         let body: Option<Bytes> = if writes_body {
             match Limited::new(body, MAX_REQUEST_BODY).collect().await {
                 Ok(b) => Some(b.to_bytes()),
@@ -1142,6 +1183,16 @@ impl Connection {
         // what it does not know where serde stops), and goes upstream as the JSON the
         // gateway serialized from what it read; protobuf goes as it is.
         let body = match body {
+            Some(b) if !b.is_empty() && proxied => match proxied_media_type(&parts.headers) {
+                Ok(media) => {
+                    info.media_type = media;
+                    Some(b)
+                }
+                Err((code, reason, why)) => {
+                    self.refusal_record(Some(&identity), &target, &why);
+                    return status(code, reason, &why);
+                }
+            },
             Some(b) if !b.is_empty() => match judged_body(&parts.headers, &info.verb, &b) {
                 Ok((media, judged)) => {
                     parts
@@ -1157,6 +1208,17 @@ impl Connection {
             },
             other => other,
         };
+        // A delete with a body reads its options from the body only: options in its query
+        // would be shown and not used.
+        if let Err(e) = request::check_delete_options(
+            &info,
+            &query,
+            body.as_ref().is_some_and(|b| !b.is_empty()),
+        ) {
+            let why = format!("agentgate refuses the request: {e}");
+            self.refusal_record(Some(&identity), &target, &why);
+            return status(StatusCode::BAD_REQUEST, "BadRequest", &why);
+        }
         let cmd = classify::classify(&info, &query, body.as_deref());
         let now = crate::clock::now();
         let mut decision = if let Some(why) =
@@ -1232,9 +1294,10 @@ impl Connection {
                 message: why,
             };
         }
-        // An exec, attach or port-forward shares the pod's loopback: in a pod that carries
-        // the sidecar, its gateways (which act as that pod's agent). Checked before anyone
-        // is asked to approve it, and again before it runs.
+        // An exec, attach or port-forward, a debug container, or a changed container shares
+        // the pod's loopback: in a pod that carries the sidecar, its gateways (which act as
+        // that pod's agent). Checked before anyone is asked to approve it, and again before
+        // it runs.
         if decision.verdict != Verdict::Refuse
             && let Err(why) = self
                 .sidecar_pod_check(&target, &snapshot, &identity, &info)
@@ -1597,12 +1660,14 @@ impl Connection {
         }
     }
 
-    /// For an exec, attach or port-forward, checks that the pod does not carry agentgate's
-    /// own container ([`classify::SIDECAR_CONTAINER`]): a port-forward names no container and
-    /// reaches every port on the pod's loopback, and a command in any of the pod's containers
-    /// shares that loopback, where the sidecar's gateways act as that pod's agent (another
-    /// identity than the caller's, with its grants). The pod is read as the agent (kubectl
-    /// reads it first too); a pod that cannot be read is refused. Other requests pass.
+    /// For a request into or changing a pod ([`classify::pod_to_check`]: an exec, attach or
+    /// port-forward, also through the kubelet's endpoints; a debug container added; an update
+    /// or patch of the pod), checks that the pod does not carry agentgate's own container
+    /// ([`classify::SIDECAR_CONTAINER`]): a port-forward names no container and reaches every
+    /// port on the pod's loopback, and code in any of the pod's containers shares that
+    /// loopback, where the sidecar's gateways act as that pod's agent (another identity than
+    /// the caller's, with its grants). The pod is read as the agent (kubectl reads it first
+    /// too); a pod that cannot be read is refused. Other requests pass.
     async fn sidecar_pod_check(
         &self,
         target: &str,
@@ -1610,24 +1675,29 @@ impl Connection {
         identity: &str,
         info: &RequestInfo,
     ) -> Result<(), String> {
-        if !matches!(info.subresource.as_str(), "exec" | "attach" | "portforward")
-            || info.resource != "pods"
-        {
+        let Some((namespace, pod)) = classify::pod_to_check(info) else {
             return Ok(());
-        }
+        };
         let cannot = |why: String| {
             format!(
-                "agentgate reads the pod of an exec, attach or port-forward (as the agent) to check that it does not carry {}, agentgate's own container, and could not: {why}; the agent needs get on pods in namespace {} (kubectl exec and port-forward read the pod too)",
+                "agentgate reads the pod a request reaches into or changes (as the agent) to check that it does not carry {}, agentgate's own container, and could not read pod {pod}: {why}; the agent needs get on pods in namespace {namespace} (kubectl exec, port-forward, debug and edit read the pod too)",
                 classify::SIDECAR_CONTAINER,
-                info.namespace
             )
         };
         let up = self.gw.upstream(target, snapshot).map_err(&cannot)?;
         let user = impersonated_user(self.gw.namespace.as_deref(), identity);
-        let uri = format!(
-            "{}/api/v1/namespaces/{}/pods/{}",
-            up.base, info.namespace, info.name
-        );
+        // (Names with a character a path would read otherwise are no pod's.)
+        let plain = |s: &str| {
+            !s.is_empty()
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+        };
+        if !plain(&namespace) || !plain(&pod) {
+            return Err(cannot(
+                "its namespace or name is not a Kubernetes name".into(),
+            ));
+        }
+        let uri = format!("{}/api/v1/namespaces/{namespace}/pods/{pod}", up.base);
         let mut req = Request::new(Full::new(Bytes::new()));
         *req.uri_mut() = uri
             .parse()
@@ -1664,7 +1734,7 @@ impl Connection {
         }
         match classify::pod_carries_sidecar(&bytes) {
             Some(false) => Ok(()),
-            Some(true) => Err(classify::sidecar_pod_refusal(&info.name)),
+            Some(true) => Err(classify::sidecar_pod_refusal(info, &pod)),
             None => Err(cannot("the answer is not a pod".into())),
         }
     }
@@ -2107,6 +2177,42 @@ mod tests {
             "",
         );
         assert!(t.ends_with("?drop=all"), "{t}");
+        // A proxied body is the proxied server's: shown as the text it is (JSON or not,
+        // with its Content-Type), whole.
+        let mut info = super::request::parse(
+            "POST",
+            "/api/v1/namespaces/default/services/web:80/proxy/login",
+            "",
+        )
+        .unwrap();
+        info.media_type = "application/x-www-form-urlencoded".into();
+        let (t, whole) = request_text(
+            &info,
+            "",
+            Some(b"user=dana&note=a\nb&mail=dana@example.com"),
+            Some(&masks),
+        );
+        assert_eq!(
+            t,
+            r#"create services/proxy web:80 -n default path /login (v1, application/x-www-form-urlencoded) body: "user=dana&note=a\nb&mail=****""#
+        );
+        assert!(whole);
+        let (t, whole) = request_text(&info, "", Some(br#"{"a":1,"a":2}"#), Some(&masks));
+        assert!(t.ends_with(r#"body: "{\"a\":1,\"a\":2}""#) && whole, "{t}");
+        let (t, whole) = request_text(&info, "", Some(b"\xff\xfe"), Some(&masks));
+        assert!(
+            t.ends_with("(2 bytes, not text: not shown)") && !whole,
+            "{t}"
+        );
+        assert_eq!(
+            super::proxied_media_type(&typed(&["text/plain; charset=utf-8"])).unwrap(),
+            "text/plain; charset=utf-8"
+        );
+        assert_eq!(
+            super::proxied_media_type(&hyper::HeaderMap::new()).unwrap(),
+            ""
+        );
+        assert!(super::proxied_media_type(&typed(&["text/plain", "application/json"])).is_err());
         // Without the mask set, the request line only.
         let info =
             super::request::parse("POST", "/api/v1/namespaces/default/configmaps", "").unwrap();

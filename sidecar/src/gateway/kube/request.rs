@@ -63,6 +63,25 @@ pub enum RequestError {
         "the query has more than {MAX_QUERY_PARAMS} parameters, which agentgate does not read: send fewer"
     )]
     TooManyParams,
+    /// A parameter the API server does not read for an exec, attach or port-forward: it
+    /// would change nothing that runs, only what is hashed and shown.
+    #[error(
+        "the query parameter {param:?} is refused: the API server does not read it for pods/{subresource} (it reads {known}), so it would change nothing but what an approver is shown; drop it"
+    )]
+    Unknown {
+        /// The parameter's name.
+        param: String,
+        /// `exec`, `attach` or `portforward`.
+        subresource: String,
+        /// The parameters the API server reads there, for the message.
+        known: String,
+    },
+    /// A delete's option given in the query of a delete that has a body: the API server
+    /// reads a delete's options from its body when it has one, and ignores the query's.
+    #[error(
+        "the query parameter {0:?} is refused: this delete has a body (DeleteOptions), and the API server then reads the delete's options from the body only and ignores them in the query (a dry run there would not be one); put {0} in the body's DeleteOptions, or send the delete without a body"
+    )]
+    DeleteOptionInQuery(String),
 }
 
 /// The most query parameters a request may have: a bound on what agentgate reads and shows
@@ -235,6 +254,90 @@ pub fn check_repeated(info: &RequestInfo, query: &str) -> Result<(), RequestErro
         let key = kv.split_once('=').map_or(kv, |(k, _)| k);
         if !REPEATABLE.contains(&key) && !seen.insert(key) {
             return Err(RequestError::Repeated(key.to_owned()));
+        }
+    }
+    Ok(())
+}
+
+/// The query parameters the API server reads for a pod's connect subresource (its
+/// `PodExecOptions`, `PodAttachOptions`, `PodPortForwardOptions`), and `timeout` (read for
+/// every request); `None` for any other request.
+pub fn connect_params_read(info: &RequestInfo) -> Option<&'static [&'static str]> {
+    if !info.resource_request || info.resource != "pods" {
+        return None;
+    }
+    match info.subresource.as_str() {
+        "exec" => Some(&[
+            "command",
+            "container",
+            "stdin",
+            "stdout",
+            "stderr",
+            "tty",
+            "timeout",
+        ]),
+        "attach" => Some(&["container", "stdin", "stdout", "stderr", "tty", "timeout"]),
+        "portforward" => Some(&["ports", "timeout"]),
+        _ => None,
+    }
+}
+
+/// Checks that an exec, attach or port-forward gives only the parameters the API server
+/// reads for it ([`connect_params_read`]): any other is ignored upstream, and would only be
+/// hashed into the request's fingerprint and shown to an approver beside the command, a
+/// channel for confusion and nothing else. Other requests pass (every parameter they give is
+/// shown).
+pub fn check_known(info: &RequestInfo, query: &str) -> Result<(), RequestError> {
+    let Some(known) = connect_params_read(info) else {
+        return Ok(());
+    };
+    for kv in query.split('&').filter(|kv| !kv.is_empty()) {
+        let key = kv.split_once('=').map_or(kv, |(k, _)| k);
+        if !known.contains(&key) {
+            return Err(RequestError::Unknown {
+                param: key.to_owned(),
+                subresource: info.subresource.clone(),
+                known: known.join(", "),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The query parameters the API server decodes into a delete's `DeleteOptions` when the
+/// delete has no body.
+const DELETE_OPTIONS: [&str; 6] = [
+    "dryRun",
+    "gracePeriodSeconds",
+    "propagationPolicy",
+    "orphanDependents",
+    "preconditions",
+    "ignoreStoreReadErrorWithClusterBreakingPotential",
+];
+
+/// Checks that a delete (or deletecollection) with a body gives none of its options in the
+/// query: the API server decodes `DeleteOptions` from the body when there is one and from the
+/// query only when there is none, so `?dryRun=All` beside a body would be shown as a dry run
+/// and delete for real. (A proxied request's query is the proxied server's.)
+pub fn check_delete_options(
+    info: &RequestInfo,
+    query: &str,
+    has_body: bool,
+) -> Result<(), RequestError> {
+    if !has_body
+        || !info.resource_request
+        || info.subresource == "proxy"
+        || !matches!(info.verb.as_str(), "delete" | "deletecollection")
+    {
+        return Ok(());
+    }
+    for kv in query.split('&').filter(|kv| !kv.is_empty()) {
+        let key = kv.split_once('=').map_or(kv, |(k, _)| k);
+        if DELETE_OPTIONS
+            .iter()
+            .any(|o| key == *o || key.strip_prefix(o).is_some_and(|r| r.starts_with('.')))
+        {
+            return Err(RequestError::DeleteOptionInQuery(key.to_owned()));
         }
     }
     Ok(())
@@ -483,6 +586,69 @@ mod tests {
         // A proxied server's query is its own.
         let proxy = p("GET", "/api/v1/namespaces/a/services/web:80/proxy/x", "");
         assert!(check_repeated(&proxy, "a=1&a=2").is_ok());
+    }
+
+    #[test]
+    fn a_connect_request_gives_only_what_the_api_server_reads() {
+        let exec = p("POST", "/api/v1/namespaces/a/pods/web/exec", "");
+        // The reviewer's query: `a` would hold a second command, hashed and shown, not run.
+        let q = "a=1%0Acommand%3Dsh&command=ls&container=app";
+        let err = check_known(&exec, q).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "the query parameter \"a\" is refused: the API server does not read it for pods/exec (it reads command, container, stdin, stdout, stderr, tty, timeout), so it would change nothing but what an approver is shown; drop it"
+        );
+        assert!(
+            check_known(
+                &exec,
+                "command=ls&container=app&stdin=true&stdout=true&stderr=true&tty=false"
+            )
+            .is_ok()
+        );
+        let attach = p("GET", "/api/v1/namespaces/a/pods/web/attach", "");
+        assert!(check_known(&attach, "container=app&stdin=1").is_ok());
+        assert!(check_known(&attach, "container=app&command=sh").is_err());
+        let pf = p("POST", "/api/v1/namespaces/a/pods/web/portforward", "");
+        assert!(check_known(&pf, "ports=80&ports=443").is_ok());
+        assert!(check_known(&pf, "ports=80&container=app").is_err());
+        // Elsewhere every parameter is shown instead.
+        for (method, path) in [
+            ("GET", "/api/v1/namespaces/a/pods/web/log"),
+            ("DELETE", "/api/v1/namespaces/a/configmaps/c"),
+            ("GET", "/api/v1/namespaces/a/pods/web/proxy/x"),
+        ] {
+            assert!(check_known(&p(method, path, ""), "a=1").is_ok(), "{path}");
+        }
+    }
+
+    #[test]
+    fn a_delete_with_a_body_takes_no_options_from_its_query() {
+        let del = p("DELETE", "/api/v1/namespaces/a/configmaps/c", "");
+        let all = p("DELETE", "/api/v1/namespaces/a/configmaps", "");
+        for q in [
+            "dryRun=All",
+            "gracePeriodSeconds=0",
+            "propagationPolicy=Orphan",
+            "orphanDependents=true",
+            "preconditions.uid=x",
+            "labelSelector=a%3Db&dryRun=All",
+        ] {
+            let err = check_delete_options(&del, q, true).unwrap_err();
+            assert!(matches!(err, RequestError::DeleteOptionInQuery(_)), "{q}");
+            assert!(
+                err.to_string().contains("in the body's DeleteOptions"),
+                "{err}"
+            );
+            assert!(check_delete_options(&all, q, true).is_err(), "{q}");
+            // Without a body, the API server reads them from the query.
+            assert!(check_delete_options(&del, q, false).is_ok(), "{q}");
+        }
+        assert!(check_delete_options(&all, "labelSelector=a%3Db", true).is_ok());
+        // A proxied server's query is its own; other verbs take no DeleteOptions.
+        let proxy = p("DELETE", "/api/v1/namespaces/a/services/web/proxy/x", "");
+        assert!(check_delete_options(&proxy, "dryRun=All", true).is_ok());
+        let patch = p("PATCH", "/api/v1/namespaces/a/configmaps/c", "");
+        assert!(check_delete_options(&patch, "dryRun=All", true).is_ok());
     }
 
     #[test]
