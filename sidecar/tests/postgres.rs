@@ -2544,6 +2544,7 @@ async fn whole_rows_value_errors_rebound_portals_and_pipelined_settings_hold_the
         "INSERT INTO orders SELECT 9, name, 1 FROM customers WHERE id = 1 RETURNING state",
         "WITH x AS (INSERT INTO orders SELECT 9, name, 1 FROM customers WHERE id = 1 RETURNING 1) SELECT count(*) FROM x",
         "SELECT set_config('application_name', name, false) FROM customers WHERE id = 1",
+        "SELECT lo_from_bytea(0, convert_to(name, 'UTF8')) FROM customers WHERE id = 1",
     ] {
         let err = gw.err(copying);
         assert!(
@@ -2579,14 +2580,21 @@ async fn whole_rows_value_errors_rebound_portals_and_pipelined_settings_hold_the
             "BEGIN",
             "CREATE TABLE migration (v int)",
             "INSERT INTO migration VALUES (1)",
+            "SELECT 1",
+            // A name may stand for another relation until the DDL commits: what reads one
+            // is masked, and a write that reads one waits for the commit.
+            "SELECT state FROM orders WHERE id = 4712",
             "UPDATE orders SET state = 'paid' WHERE id = 4712",
-            "SELECT id FROM orders WHERE id = 4712",
-            "ROLLBACK",
         ],
     );
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
-        "BEGIN\nCREATE TABLE\nINSERT 0 1\nUPDATE 1\n4712\nROLLBACK",
+        "BEGIN\nCREATE TABLE\nINSERT 0 1\n1\n[name]",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("reads columns masked by pii/names"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );

@@ -831,18 +831,35 @@ struct Ddl {
     settled: Arc<std::sync::atomic::AtomicU64>,
     /// The latest after whose end the catalog's answers were forgotten.
     forgotten: u64,
+    /// Relations the DDL let through since the last settled transaction created, as its
+    /// statements name them: they hold only what statements checked here put in them.
+    created: std::collections::HashSet<String>,
+    /// That DDL made code the catalog cannot see yet (a function, an operator).
+    code: bool,
 }
 
 impl Ddl {
     /// Numbers DDL in `c`, when it has some: the batch carrying it reports it.
+    /// Code it creates (`CREATE FUNCTION`, `CREATE OPERATOR`, …: Exec) counts as DDL.
     fn note(&mut self, c: &Classified) -> Option<u64> {
-        c.statements
-            .iter()
-            .any(|s| s.class == agentgate_crds::OperationClass::Ddl)
-            .then(|| {
-                self.latest += 1;
-                self.latest
-            })
+        if !self.open() {
+            self.created.clear();
+            self.code = false;
+        }
+        let mut any = false;
+        for s in c.statements.iter() {
+            let code =
+                s.class == agentgate_crds::OperationClass::Exec && s.tag.starts_with("CREATE");
+            if s.class == agentgate_crds::OperationClass::Ddl || code {
+                any = true;
+                self.code |= code;
+                self.created.extend(s.created.iter().cloned());
+            }
+        }
+        any.then(|| {
+            self.latest += 1;
+            self.latest
+        })
     }
 
     /// Whether DDL let through may still be uncommitted.
@@ -1709,12 +1726,21 @@ async fn stores_masked(
     c: &Classified,
     computed: Option<&crate::mask::Rule>,
     path: &mut SearchPath,
+    created: &std::collections::HashSet<String>,
 ) -> Result<Option<String>, String> {
     use agentgate_crds::OperationClass;
     // A write that stores values (not a row lock, not a DELETE: what they return is masked
     // as a query's rows are), DDL, a privilege change.
     let changes = |s: &crate::sql::Statement| match s.class {
-        OperationClass::Write => s.flags.contains(&crate::sql::Flag::StoresValues),
+        // Only a row lock (`SELECT … FOR UPDATE`) or a DELETE stores nothing; a function
+        // that writes (`lo_from_bytea`, `setval`) does.
+        OperationClass::Write => {
+            s.flags.contains(&crate::sql::Flag::StoresValues)
+                || s.flags
+                    .iter()
+                    .any(|f| matches!(f, crate::sql::Flag::Function(_)))
+                || !matches!(s.tag.as_str(), "SELECT" | "DELETE")
+        }
         OperationClass::Ddl | OperationClass::Privilege => true,
         _ => false,
     };
@@ -1727,13 +1753,13 @@ async fn stores_masked(
             rule.name
         )
     };
-    // A relation the catalog connection cannot see was created in this session's open
-    // transaction (or is its temporary table): what it holds came through statements
-    // checked here, so it is no masked column's.
+    // A relation the catalog connection cannot see that this session created in its open
+    // transaction holds only what statements checked here put in it: no masked column's.
+    // (Any other it cannot see, renamed or replaced there, is judged masked.)
     let mut unseen = Vec::new();
     for st in c.statements.iter().filter(|s| changes(s)) {
         for r in &st.relations {
-            if !catalog.lock().await.sees(r, masks).await? {
+            if created.contains(r) && !catalog.lock().await.sees(r, masks).await? {
                 unseen.push(r.clone());
             }
         }
@@ -2005,8 +2031,25 @@ async fn check_functions(
         for f in called {
             crate::sql::classify::raise_function(c, &f, agentgate_crds::OperationClass::Exec);
         }
-        // (Operators are not: an operator is made only by `CREATE OPERATOR`, which is Exec
-        // itself, and the catalog sees every operator committed before.)
+        // Operators too once the open transaction made code (`CREATE OPERATOR`, a function
+        // behind one) the catalog cannot see; otherwise it sees every operator there is.
+        if ddl.open() && ddl.code {
+            let operators: Vec<(String, String)> = c
+                .statements
+                .iter()
+                .filter(keep)
+                .flat_map(|s| s.operators.iter())
+                .cloned()
+                .collect();
+            for (schema, op) in operators {
+                crate::sql::classify::raise_operator(
+                    c,
+                    &schema,
+                    &op,
+                    agentgate_crds::OperationClass::Exec,
+                );
+            }
+        }
     }
     // A path with a schema before pg_catalog: a built-in's name may call another function.
     let all = path.catalog_later_for(c);
@@ -2646,8 +2689,15 @@ async fn read_agent(
                         Err(e) => (None, Some(e)),
                     };
                 let unknown = functions_unknown.or(unknown).or(
-                    match stores_masked(&catalog, &masks, &classified, computed.as_ref(), &mut path)
-                        .await
+                    match stores_masked(
+                        &catalog,
+                        &masks,
+                        &classified,
+                        computed.as_ref(),
+                        &mut path,
+                        &ddl.created,
+                    )
+                    .await
                     {
                         Ok(why) => why,
                         Err(e) => Some(e),
@@ -2972,7 +3022,16 @@ async fn read_agent(
                 };
                 let stores = match (&found, &computed) {
                     (Some(c), Ok(rule)) => {
-                        match stores_masked(&catalog, &masks, c, rule.as_ref(), &mut path).await {
+                        match stores_masked(
+                            &catalog,
+                            &masks,
+                            c,
+                            rule.as_ref(),
+                            &mut path,
+                            &ddl.created,
+                        )
+                        .await
+                        {
                             Ok(why) => why,
                             Err(e) => Some(e),
                         }
