@@ -2074,21 +2074,22 @@ async fn computed_for(
     };
     // What a statement creates (`CREATE TABLE t …`, `… AS`, `SELECT … INTO t`) is not read
     // by it, and does not exist yet for the catalog.
+    // (Where it runs a query, only a name the catalog does not see yet: `CREATE TABLE
+    // customers AS SELECT … FROM customers` may read a relation of the name it creates, in
+    // another schema.)
     let stripped;
-    // (Only where it runs no query: `CREATE TABLE customers AS SELECT … FROM customers`
-    // may read a relation of the name it creates, in another schema.)
-    let c = if c
-        .statements
-        .iter()
-        .any(|s| !s.created.is_empty() && !runs_query(s))
-    {
+    let c = if c.statements.iter().any(|s| !s.created.is_empty()) {
         let mut own = c.clone();
         for st in Arc::make_mut(&mut own.statements) {
-            if runs_query(st) {
-                continue;
-            }
             let created = std::mem::take(&mut st.created);
-            st.relations.retain(|r| !created.contains(r));
+            let mut keep = Vec::new();
+            for r in &created {
+                if runs_query(st) && catalog.lock().await.sees(r, masks).await? {
+                    keep.push(r.clone());
+                }
+            }
+            st.relations
+                .retain(|r| !created.contains(r) || keep.contains(r));
             st.created = created;
         }
         stripped = own;
