@@ -9,6 +9,7 @@
 //! The path `/targets/<name>/…` chooses the Target; without it, the only Kubernetes Target.
 
 pub mod classify;
+mod fallback;
 pub mod list;
 pub mod mask;
 pub mod request;
@@ -85,6 +86,8 @@ pub struct KubeGateway {
     masks: crate::mask::MaskCache,
     /// Permits to read a response whole.
     buffering: tokio::sync::Semaphore,
+    /// What recent exec and attach attempts over WebSocket got (kubectl retries over SPDY).
+    fallbacks: fallback::Fallbacks,
 }
 
 impl KubeGateway {
@@ -96,6 +99,7 @@ impl KubeGateway {
             upstreams: Mutex::new(HashMap::new()),
             masks: crate::mask::MaskCache::default(),
             buffering: tokio::sync::Semaphore::new(MASKING_AT_ONCE),
+            fallbacks: fallback::Fallbacks::default(),
         }
     }
 
@@ -1051,6 +1055,16 @@ impl Connection {
 
     /// Serves one request; every answer is a response (refusals are `Status` objects).
     async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        match self.gw.fallbacks.attempt(&req, self.peer.ip()) {
+            Some(attempt) => {
+                let resp = self.answer_request(req).await;
+                self.gw.fallbacks.answer(attempt, resp).await
+            }
+            None => self.answer_request(req).await,
+        }
+    }
+
+    async fn answer_request(&self, req: Request<Incoming>) -> Response<Body> {
         let gw = &self.gw;
         let core = &gw.core;
         let Some(mut snapshot) = core.policy.get() else {

@@ -459,11 +459,15 @@ pub async fn upgrade(
         // SPDY's flow control counts the server's bytes: output cannot be rewritten (masked)
         // in it, and a session whose output cannot be masked is not run.
         outcome(&rec, id, started, 403, 0, 0, BTreeMap::new());
-        return status(
+        let mut refused = status(
             StatusCode::FORBIDDEN,
             "Forbidden",
             "agentgate masks exec and attach output, which it can do over WebSocket only: use kubectl 1.30 or later (WebSocket is its default) instead of SPDY",
         );
+        refused
+            .extensions_mut()
+            .insert(super::fallback::SpdyRefused);
+        return refused;
     }
     if terminal && !websocket && !spdy {
         // A session agentgate cannot read as it passes cannot be recorded, so it is not run.
