@@ -562,6 +562,11 @@ impl Gateway {
                 ),
             ])
             .env("RUST_LOG", "warn");
+        // A service-account issuer is trusted with TokenReview against its API server.
+        let spec = match env.kube() {
+            Ok(kube) => spec.env("KUBECONFIG", kube.kubeconfig().display().to_string()),
+            Err(_) => spec,
+        };
         let proc = Proc::start(spec, &env.dir().join("logs"))?;
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {

@@ -61,7 +61,8 @@ struct Args {
     /// `token` (the password is an OIDC token, verified and mapped to an AgentIdentity).
     #[arg(long, env = "AGENTGATE_PG_AUTH", default_value = "pod")]
     pg_auth: PgAuth,
-    /// The cluster's service-account token issuer, trusted for projected tokens.
+    /// The cluster's service-account token issuer, trusted for projected tokens. Each token
+    /// is also checked with that API server (TokenReview): standalone, KUBECONFIG names it.
     #[arg(long, env = "AGENTGATE_SA_ISSUER")]
     sa_issuer: Option<String>,
     /// Extra CA certificates (PEM) trusted when fetching issuers' keys.
@@ -291,7 +292,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         PgAuth::Token => Some(Arc::new(
             Verifier::new(args.sa_issuer.clone(), args.oidc_ca_file.as_deref())
                 .map_err(anyhow::Error::msg)?
-                .with_keys_max_age(args.oidc_keys_max_age),
+                .with_keys_max_age(args.oidc_keys_max_age)
+                .with_pod_uid(std::env::var("POD_UID").ok()),
         )),
         PgAuth::Pod => None,
     };
@@ -341,6 +343,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
         )));
         approvals = Approvals::Cluster { client, namespace };
     } else if let Some(dir) = &args.policy_dir {
+        // A service-account token's signature outlives its pod and service account: only
+        // the API server knows they are gone, so trusting its issuer takes a client for
+        // TokenReview here too (KUBECONFIG), or the sidecar does not start.
+        if let (Some(v), Some(issuer)) = (&verifier, &args.sa_issuer) {
+            let client = kube::Client::try_default().await.with_context(|| {
+                format!(
+                    "--sa-issuer {issuer}: service-account tokens are checked with the API server (TokenReview), which this sidecar cannot reach; set KUBECONFIG to a kubeconfig allowed to create tokenreviews, or drop --sa-issuer"
+                )
+            })?;
+            v.review_with(client);
+        }
         tokio::spawn(folder::watch(
             dir.clone(),
             store.clone(),

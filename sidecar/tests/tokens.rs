@@ -17,6 +17,9 @@ async fn token(client: &kube::Client, sa: &str, audience: &str) -> anyhow::Resul
     Ok(testenv::kube_env::sa_token(client, "default", sa, Some(audience)).await?)
 }
 
+/// The UID the sidecar is told its pod has.
+const SIDECAR_POD_UID: &str = "5b1f0c4e-0000-4000-8000-00000000a9e7";
+
 fn b64(v: &serde_json::Value) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
 }
@@ -90,21 +93,26 @@ spec:
     env.ssh()?.write_credentials(targets.path(), "host")?;
     let client_dir = env.dir().join("client");
     let port = free_port()?;
-    let spec = Spec::new("sidecar", env!("CARGO_BIN_EXE_agentgate-sidecar")).args([
-        format!("--policy-dir={}", policy.path().display()),
-        "--pg-auth=token".into(),
-        format!("--sa-issuer={issuer}"),
-        format!("--oidc-ca-file={}", kube.ca_path().display()),
-        format!("--targets-dir={}", targets.path().display()),
-        format!("--pg-addr=127.0.0.1:{port}"),
-        "--kube-addr=127.0.0.1:0".into(),
-        "--ssh-addr=127.0.0.1:0".into(),
-        format!("--client-dir={}", client_dir.display()),
-        format!(
-            "--audit-dir={}",
-            env.dir().join(format!("audit-{port}")).display()
-        ),
-    ]);
+    let spec = Spec::new("sidecar", env!("CARGO_BIN_EXE_agentgate-sidecar"))
+        .args([
+            format!("--policy-dir={}", policy.path().display()),
+            "--pg-auth=token".into(),
+            format!("--sa-issuer={issuer}"),
+            format!("--oidc-ca-file={}", kube.ca_path().display()),
+            format!("--targets-dir={}", targets.path().display()),
+            format!("--pg-addr=127.0.0.1:{port}"),
+            "--kube-addr=127.0.0.1:0".into(),
+            "--ssh-addr=127.0.0.1:0".into(),
+            format!("--client-dir={}", client_dir.display()),
+            format!(
+                "--audit-dir={}",
+                env.dir().join(format!("audit-{port}")).display()
+            ),
+        ])
+        // Service-account tokens are also checked with the API server (TokenReview).
+        .env("KUBECONFIG", kube.kubeconfig().display().to_string())
+        // The pod the sidecar would run in: a token bound to another pod is refused.
+        .env("POD_UID", SIDECAR_POD_UID);
     let mut proc = Proc::start(spec, &env.dir().join("logs"))?;
     let deadline = Instant::now() + Duration::from_secs(20);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -319,6 +327,81 @@ spec:
     assert!(
         refused.contains("this session's token no longer maps to AgentIdentity external-robot"),
         "{refused}"
+    );
+
+    // A token bound to another pod (taken from it) is refused, though its signature holds.
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), "default");
+    let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": "elsewhere" },
+        "spec": { "serviceAccountName": "claude", "containers": [ { "name": "c", "image": "busybox" } ] }
+    }))?;
+    let pod = pods.create(&PostParams::default(), &pod).await?;
+    let request: k8s_openapi::api::authentication::v1::TokenRequest =
+        serde_json::from_value(serde_json::json!({
+            "spec": {
+                "audiences": ["agentgate"],
+                "boundObjectRef": { "kind": "Pod", "apiVersion": "v1", "name": "elsewhere",
+                    "uid": pod.metadata.uid.clone().unwrap_or_default() }
+            }
+        }))?;
+    let bound = sas
+        .create_token_request("claude", &PostParams::default(), &request)
+        .await?
+        .status
+        .map(|s| s.token)
+        .unwrap_or_default()
+        .unwrap_or_default();
+    let (ok, _, err) = psql(&bound, "SELECT 1");
+    assert!(
+        !ok && err.contains(
+            "the service-account token is bound to pod elsewhere, not to this agent's pod"
+        ),
+        "{err}"
+    );
+
+    // A service account deleted: its tokens stop working, on new connections and in open
+    // sessions (the API server is asked again while they last), though they stay signed.
+    let (db, conn) = tokio_postgres::connect(
+        &format!(
+            "host=127.0.0.1 port={port} dbname=db user=claude password={good} sslmode=disable"
+        ),
+        tokio_postgres::NoTls,
+    )
+    .await?;
+    tokio::spawn(conn);
+    assert_eq!(db.query_one("SELECT 8", &[]).await?.get::<_, i32>(0), 8);
+    sas.delete("claude", &Default::default()).await?;
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let ended = loop {
+        match db.query_one("SELECT 8", &[]).await {
+            Err(e) => {
+                break e
+                    .as_db_error()
+                    .map(|d| d.message().to_owned())
+                    .unwrap_or_default();
+            }
+            Ok(_) => {
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "the session outlived its service account"
+                );
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    };
+    assert!(
+        ended.contains("the API server does not accept this service-account token now"),
+        "{ended}"
+    );
+    let (ok, _, err) = psql(&good, "SELECT 1");
+    assert!(
+        !ok && err.contains("the API server does not accept this service-account token now"),
+        "{err}"
+    );
+    let (ok, err) = kubectl(Some(&good));
+    assert!(
+        !ok && err.contains("does not accept this service-account token"),
+        "{err}"
     );
     Ok(())
 }

@@ -111,7 +111,45 @@ pub struct Verified {
     pub subject: String,
     /// The verified claims, to map them again when the policy changes.
     pub claims: Arc<serde_json::Value>,
+    /// For a service-account token: its standing with the API server, asked again while a
+    /// session that began with it lasts ([`Verifier::still_valid`]).
+    pub review: Option<Arc<Review>>,
 }
+
+/// A service-account token's standing with the API server, kept while sessions use it: the
+/// token (never shown), the audience it was reviewed for, and the last answer.
+pub struct Review {
+    token: String,
+    audience: String,
+    subject: String,
+    state: std::sync::Mutex<ReviewState>,
+}
+
+struct ReviewState {
+    /// When the API server last answered.
+    at: Instant,
+    /// Why it no longer accepts the token, once it said so (or could not be asked).
+    refused: Option<String>,
+    /// A review is under way.
+    asking: bool,
+}
+
+impl std::fmt::Debug for Review {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Review")
+            .field("subject", &self.subject)
+            .field("audience", &self.audience)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PartialEq for Review {
+    fn eq(&self, other: &Self) -> bool {
+        std::ptr::eq(self, other)
+    }
+}
+
+impl Eq for Review {}
 
 struct Keys {
     keys: HashMap<String, (DecodingKey, Option<Algorithm>)>,
@@ -201,6 +239,9 @@ pub struct Verifier {
     reviewer: std::sync::OnceLock<kube::Client>,
     /// Tokens the API server accepted lately, by hash: when, and as whom.
     reviewed: std::sync::Mutex<HashMap<[u8; 32], (Instant, String)>>,
+    /// The pod the sidecar runs in (its UID): a service-account token bound to another pod
+    /// is refused.
+    pod_uid: Option<String>,
 }
 
 /// How long the API server's acceptance of a service-account token is trusted before it is
@@ -237,6 +278,7 @@ impl Verifier {
             keys_max_age: Duration::from_secs(300),
             reviewer: std::sync::OnceLock::new(),
             reviewed: std::sync::Mutex::new(HashMap::new()),
+            pod_uid: None,
         })
     }
 
@@ -251,8 +293,7 @@ impl Verifier {
     /// Whether what `verified` was mapped from still maps to the same AgentIdentity under
     /// `snapshot`: a session that began with a token ends its access when the identity's
     /// `authentication` no longer names the token's subject (or names it twice). The token's
-    /// times are not checked again: a session outlives its token, as a database session
-    /// outlives its password.
+    /// times and standing are [`Self::still_valid`]'s.
     pub fn still_maps(&self, verified: &Verified, snapshot: &Snapshot) -> Result<(), String> {
         match map_claims(
             &verified.claims,
@@ -278,7 +319,11 @@ impl Verifier {
         audiences: &[String],
     ) -> Result<(), IdentityError> {
         let Some(client) = self.reviewer.get() else {
-            return Ok(());
+            // Fail closed: the sidecar starts no verifier trusting service-account tokens
+            // without a reviewer, so this is a bug, not a choice.
+            return Err(IdentityError::Revoked(
+                "agentgate cannot ask the API server about service-account tokens (no TokenReview client)".into(),
+            ));
         };
         if lock(&self.reviewed)
             .get(digest)
@@ -308,6 +353,70 @@ impl Verifier {
     pub fn with_keys_max_age(mut self, max_age: Duration) -> Self {
         self.keys_max_age = max_age;
         self
+    }
+
+    /// The UID of the pod the sidecar runs in: a service-account token bound to another pod
+    /// (its `kubernetes.io.pod.uid` claim) is refused, as it was taken from that pod.
+    pub fn with_pod_uid(mut self, uid: Option<String>) -> Self {
+        self.pod_uid = uid.filter(|u| !u.is_empty());
+        self
+    }
+
+    /// Whether the token a session began with still stands: it has not expired (a session
+    /// ends with its token, as a Teleport session ends with its certificate; the agent
+    /// connects again with a new one), and for a service-account token, the API server
+    /// still accepts it (asked again every ten seconds while the session is used: a deleted
+    /// pod or service account ends it).
+    pub fn still_valid(&self, verified: &Verified) -> Result<(), String> {
+        let now = crate::clock::now().as_millisecond() as f64 / 1000.0;
+        match verified.claims["exp"].as_f64() {
+            Some(exp) if exp + LEEWAY_SECONDS >= now => {}
+            exp => {
+                let when = exp
+                    .and_then(|e| jiff::Timestamp::from_second(e as i64).ok())
+                    .map_or_else(|| "already".to_owned(), |t| format!("at {t}"));
+                return Err(format!(
+                    "the token this session began with expired {when}: connect again with a new token"
+                ));
+            }
+        }
+        let Some(review) = &verified.review else {
+            return Ok(());
+        };
+        let mut state = lock(&review.state);
+        if let Some(why) = &state.refused {
+            return Err(IdentityError::Revoked(why.clone()).to_string());
+        }
+        if state.at.elapsed() >= REVIEW_EVERY && !state.asking {
+            let (Some(client), Ok(runtime)) = (
+                self.reviewer.get().cloned(),
+                tokio::runtime::Handle::try_current(),
+            ) else {
+                state.refused = Some("no TokenReview client to ask".into());
+                return Err(
+                    IdentityError::Revoked("no TokenReview client to ask".into()).to_string(),
+                );
+            };
+            state.asking = true;
+            let review = review.clone();
+            runtime.spawn(async move {
+                let answer = pod::review_for(
+                    &client,
+                    &review.token,
+                    std::slice::from_ref(&review.audience),
+                )
+                .await;
+                let mut state = lock(&review.state);
+                state.asking = false;
+                state.at = Instant::now();
+                state.refused = match answer {
+                    Ok(user) if user == review.subject => None,
+                    Ok(user) => Some(format!("the API server says it belongs to {user}")),
+                    Err(why) => Some(why),
+                };
+            });
+        }
+        Ok(())
     }
 
     /// Pins `key` (id `kid`, for `alg` when given) as a key of `issuer`, and never reads that
@@ -360,10 +469,7 @@ impl Verifier {
 
     /// Reads the issuer's key set: the keys by id, and the set's digest.
     #[allow(clippy::type_complexity)]
-    async fn fetch_keys(
-        &self,
-        issuer: &str,
-    ) -> Result<(HashMap<String, (DecodingKey, Option<Algorithm>)>, [u8; 32]), IdentityError> {
+    async fn fetch_keys(&self, issuer: &str) -> Result<KeysRead, IdentityError> {
         let err = |why: String| IdentityError::Keys {
             issuer: issuer.to_owned(),
             why,
@@ -386,26 +492,7 @@ impl Verifier {
             .ok_or_else(|| err("no jwks_uri".into()))?;
         let set: JwkSet = serde_json::from_value(self.get_json(jwks_uri).await.map_err(err)?)
             .map_err(|e| err(format!("not a JWK set: {e}")))?;
-        let mut keys = HashMap::new();
-        let mut read = Vec::new();
-        for jwk in &set.keys {
-            let kid = jwk.common.key_id.clone().unwrap_or_default();
-            if let Ok(k) = DecodingKey::from_jwk(jwk) {
-                let alg = jwk
-                    .common
-                    .key_algorithm
-                    .and_then(|a| a.to_string().parse::<Algorithm>().ok());
-                read.push(serde_json::to_string(jwk).unwrap_or_default());
-                keys.insert(kid, (k, alg));
-            }
-        }
-        read.sort();
-        let mut digest = Sha256::new();
-        for k in &read {
-            digest.update(k.as_bytes());
-            digest.update([0]);
-        }
-        Ok((keys, digest.finalize().into()))
+        Ok(signing_keys(&set))
     }
 
     /// What the cache needs before it answers for `issuer` (and key `kid`, when given).
@@ -596,11 +683,56 @@ impl Verifier {
             None => self.verify_signature(token, snapshot).await?,
         };
         let issuer = claims["iss"].as_str().unwrap_or_default().to_owned();
-        let verified = check_claims(&claims, issuer, self.sa_issuer.as_deref(), snapshot)?;
+        let mut verified = check_claims(&claims, issuer, self.sa_issuer.as_deref(), snapshot)?;
         // A token of the cluster: the API server must still accept it (for its audiences).
         if self.sa_issuer.as_deref() == Some(verified.issuer.as_str()) {
-            self.reviewed(token, &digest, &verified.subject, &audiences(&claims))
-                .await?;
+            // Reviewed for the audience the identity was matched by, not for whatever the
+            // token names: the API server then says it is good for that audience.
+            let tokens = audiences(&claims);
+            let auth = snapshot
+                .identities
+                .get(&verified.identity)
+                .map(|i| &i.spec.authentication);
+            let audience = match auth {
+                Some(a) if a.service_account.is_some() && tokens.iter().any(|t| t == AUDIENCE) => {
+                    AUDIENCE.to_owned()
+                }
+                Some(a) => a
+                    .oidc
+                    .as_ref()
+                    .map_or_else(|| AUDIENCE.to_owned(), |o| o.audience.clone()),
+                None => AUDIENCE.to_owned(),
+            };
+            // A token bound to a pod is that pod's: not this one's, when the sidecar knows
+            // its own.
+            let bound = claims["kubernetes.io"]["pod"]["uid"].as_str();
+            if let (Some(bound), Some(mine)) = (bound, self.pod_uid.as_deref())
+                && bound != mine
+            {
+                let pod = claims["kubernetes.io"]["pod"]["name"]
+                    .as_str()
+                    .unwrap_or("another pod");
+                return Err(IdentityError::Invalid(format!(
+                    "the service-account token is bound to pod {pod}, not to this agent's pod: present the token of the pod the agent runs in"
+                )));
+            }
+            self.reviewed(
+                token,
+                &digest,
+                &verified.subject,
+                std::slice::from_ref(&audience),
+            )
+            .await?;
+            verified.review = Some(Arc::new(Review {
+                token: token.trim().to_owned(),
+                audience,
+                subject: verified.subject.clone(),
+                state: std::sync::Mutex::new(ReviewState {
+                    at: Instant::now(),
+                    refused: None,
+                    asking: false,
+                }),
+            }));
         }
         if let Some(fresh) = fresh
             && token.len() <= REMEMBER_UP_TO
@@ -645,7 +777,8 @@ impl Verifier {
         if trusted {
             Ok(())
         } else {
-            Err(IdentityError::UnknownIssuer(issuer.to_owned()))
+            // Read before any signature was checked: shown escaped.
+            Err(IdentityError::UnknownIssuer(shown(issuer)))
         }
     }
 
@@ -668,11 +801,19 @@ impl Verifier {
                         .ok()
                 })
                 .and_then(|h| serde_json::from_slice::<serde_json::Value>(&h).ok())
-                .and_then(|h| h["alg"].as_str().map(str::to_owned))
+                .and_then(|h| h["alg"].as_str().map(shown))
                 .map_or(IdentityError::NotAToken, IdentityError::Algorithm)
         })?;
         if !ALLOWED.contains(&header.alg) {
             return Err(IdentityError::Algorithm(format!("{:?}", header.alg)));
+        }
+        // Extensions the issuer marked critical must be understood (RFC 7515 §4.1.11):
+        // agentgate understands none.
+        if let Some(crit) = header.crit.as_ref().filter(|c| !c.is_empty()) {
+            return Err(IdentityError::Invalid(format!(
+                "the token's header marks extensions agentgate does not understand as critical ({})",
+                shown(&crit.join(", "))
+            )));
         }
         // Which issuer? Read it unverified only to choose the keys; everything is then
         // verified with them.
@@ -705,6 +846,68 @@ impl Verifier {
         });
         Ok((data.claims, remember))
     }
+}
+
+/// Keys by id, each with the algorithm it is for (when it names one), and the digest of the
+/// set they were read from.
+type KeysRead = (HashMap<String, (DecodingKey, Option<Algorithm>)>, [u8; 32]);
+
+/// The keys of a JWK set that verify signatures, by id (with the algorithm each is for, when
+/// it names one), and the digest of what was read.
+fn signing_keys(set: &JwkSet) -> KeysRead {
+    let mut keys = HashMap::new();
+    let mut read = Vec::new();
+    for jwk in &set.keys {
+        let kid = jwk.common.key_id.clone().unwrap_or_default();
+        // Only keys for verifying signatures: not those published for encryption (`use`,
+        // `key_ops`), nor one whose `alg` is no signature algorithm (a key for RSA-OAEP
+        // must not verify RS256 as if it named no algorithm).
+        let for_signatures = !matches!(
+            &jwk.common.public_key_use,
+            Some(u) if *u != jsonwebtoken::jwk::PublicKeyUse::Signature
+        ) && jwk
+            .common
+            .key_operations
+            .as_ref()
+            .is_none_or(|ops| ops.contains(&jsonwebtoken::jwk::KeyOperations::Verify));
+        let alg = match jwk.common.key_algorithm {
+            None => Some(None),
+            Some(a) => a.to_string().parse::<Algorithm>().ok().map(Some),
+        };
+        if let (true, Some(alg), Ok(k)) = (for_signatures, alg, DecodingKey::from_jwk(jwk)) {
+            read.push(serde_json::to_string(jwk).unwrap_or_default());
+            keys.insert(kid, (k, alg));
+        }
+    }
+    read.sort();
+    let mut digest = Sha256::new();
+    for k in &read {
+        digest.update(k.as_bytes());
+        digest.update([0]);
+    }
+    (keys, digest.finalize().into())
+}
+
+/// A value read from a token before its signature was checked, as messages and logs show
+/// it: control characters escaped (a line break would forge a log line), at most 200
+/// characters.
+fn shown(unverified: &str) -> String {
+    let mut out: String = unverified
+        .chars()
+        .take(200)
+        .flat_map(|c| {
+            let escaped: Vec<char> = if c.is_control() {
+                c.escape_default().collect()
+            } else {
+                vec![c]
+            };
+            escaped
+        })
+        .collect();
+    if unverified.chars().nth(200).is_some() {
+        out.push('…');
+    }
+    out
 }
 
 /// Checks the verified claims' times and audience against this moment and maps them to
@@ -805,6 +1008,7 @@ fn map_claims(
             issuer,
             subject,
             claims: Arc::new(claims.clone()),
+            review: None,
         }),
         [] => Err(IdentityError::NoIdentity { subject, issuer }),
         many => Err(IdentityError::Ambiguous {
@@ -849,6 +1053,120 @@ mod tests {
             "apiVersion: agentgate.dev/v1alpha1\nkind: AgentIdentity\nmetadata: {{ name: robot }}\nspec:\n  owner: t\n  authentication:\n    oidc: {{ issuer: \"{ISSUER}\", audience: agents, subject: {subject} }}\n"
         ))
         .expect("the identity loads")
+    }
+
+    fn signed(key: &EcdsaKeyPair, header: &str, payload: &str) -> String {
+        let message = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(header),
+            URL_SAFE_NO_PAD.encode(payload)
+        );
+        let sig = key
+            .sign(&aws_lc_rs::rand::SystemRandom::new(), message.as_bytes())
+            .expect("signed");
+        format!("{message}.{}", URL_SAFE_NO_PAD.encode(sig.as_ref()))
+    }
+
+    #[tokio::test]
+    async fn critical_extensions_and_forged_log_lines_are_refused() {
+        let verifier = Verifier::new(None, None).expect("a verifier");
+        let (k1, d1) = key();
+        verifier
+            .pin_key(ISSUER, "k1", d1, Some(Algorithm::ES256))
+            .await;
+        let snap = snapshot("robot-sub");
+        let now = crate::clock::now().as_second();
+        let payload = format!(
+            r#"{{"iss":"{ISSUER}","aud":"agents","sub":"robot-sub","exp":{}}}"#,
+            now + 600
+        );
+        let crit = signed(
+            &k1,
+            r#"{"alg":"ES256","kid":"k1","crit":["x-bind"],"x-bind":"z"}"#,
+            &payload,
+        );
+        let e = verifier.verify(&crit, &snap).await.unwrap_err().to_string();
+        assert!(e.contains("critical (x-bind)"), "{e}");
+        // An unverified issuer or algorithm is shown escaped: no line of its own in a log.
+        let forged = signed(
+            &k1,
+            r#"{"alg":"ES256","kid":"k1"}"#,
+            r#"{"iss":"x\n2026-01-01 INFO token verified identity=admin","sub":"s","aud":"a","exp":1}"#,
+        );
+        let e = verifier
+            .verify(&forged, &snap)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains('\n') && e.contains("x\\n2026"), "{e}");
+        let alg = format!(
+            "{}.{}.",
+            URL_SAFE_NO_PAD.encode("{\"alg\":\"none\\nINFO forged\"}"),
+            URL_SAFE_NO_PAD.encode(&payload)
+        );
+        let e = verifier.verify(&alg, &snap).await.unwrap_err().to_string();
+        assert!(!e.contains('\n') && e.contains("none\\nINFO"), "{e}");
+    }
+
+    #[test]
+    fn keys_published_for_encryption_verify_nothing() {
+        let (k, _) = key();
+        let point = k.public_key().as_ref().to_vec();
+        let (x, y) = point[1..].split_at(32);
+        let (x, y) = (URL_SAFE_NO_PAD.encode(x), URL_SAFE_NO_PAD.encode(y));
+        let jwk = |kid: &str, extra: &str| {
+            format!(r#"{{"kty":"EC","crv":"P-256","x":"{x}","y":"{y}","kid":"{kid}"{extra}}}"#)
+        };
+        let set: JwkSet = serde_json::from_str(&format!(
+            r#"{{"keys":[{},{},{},{},{}]}}"#,
+            jwk("sig", r#","use":"sig","alg":"ES256""#),
+            jwk("plain", ""),
+            jwk("enc", r#","use":"enc""#),
+            jwk("ops", r#","key_ops":["encrypt"]"#),
+            jwk("oaep", r#","alg":"RSA-OAEP""#),
+        ))
+        .expect("a JWK set");
+        let (keys, _) = signing_keys(&set);
+        let mut ids: Vec<&str> = keys.keys().map(String::as_str).collect();
+        ids.sort_unstable();
+        assert_eq!(ids, ["plain", "sig"]);
+    }
+
+    #[test]
+    fn a_session_ends_with_its_token() {
+        let verifier = Verifier::new(None, None).expect("a verifier");
+        let now = crate::clock::now().as_second();
+        let with_exp = |exp: i64| Verified {
+            identity: "robot".into(),
+            issuer: ISSUER.into(),
+            subject: "s".into(),
+            claims: Arc::new(serde_json::json!({ "exp": exp })),
+            review: None,
+        };
+        assert_eq!(verifier.still_valid(&with_exp(now + 60)), Ok(()));
+        // Within the leeway still.
+        assert_eq!(verifier.still_valid(&with_exp(now - 10)), Ok(()));
+        let e = verifier.still_valid(&with_exp(now - 120)).unwrap_err();
+        assert!(
+            e.contains("the token this session began with expired at")
+                && e.contains("connect again with a new token"),
+            "{e}"
+        );
+        // A service-account token that cannot be asked about again is refused.
+        let mut v = with_exp(now + 60);
+        v.review = Some(Arc::new(Review {
+            token: "t".into(),
+            audience: AUDIENCE.into(),
+            subject: "s".into(),
+            state: std::sync::Mutex::new(ReviewState {
+                at: Instant::now() - REVIEW_EVERY,
+                refused: None,
+                asking: false,
+            }),
+        }));
+        let e = verifier.still_valid(&v).unwrap_err();
+        assert!(e.contains("no TokenReview client"), "{e}");
+        assert!(!format!("{v:?}").contains("token: \"t\""));
     }
 
     #[tokio::test]

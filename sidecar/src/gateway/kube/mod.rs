@@ -1109,7 +1109,7 @@ impl Connection {
         };
         let query = req.uri().query().unwrap_or("").to_owned();
         // Who.
-        let identity = match self.authenticate(&req, &snapshot).await {
+        let (identity, token) = match self.authenticate(&req, &snapshot).await {
             Ok(i) => i,
             Err((code, why)) => {
                 self.refusal_record(None, &target, &why);
@@ -1567,8 +1567,25 @@ impl Connection {
         let ended: Option<Ended> = long_lived.then(|| {
             let core = self.gw.core.clone();
             let (identity, target, cmd) = (identity.clone(), target.clone(), cmd.clone());
+            let token = token.clone();
             Box::pin(async move {
                 policy::live::ended_when(core.policy.clone(), &identity, |snapshot, now| {
+                    // A stream begun with a token ends with it: expired, no longer accepted
+                    // by the API server, or mapping to another identity.
+                    if let (Some(v), Some(verifier)) = (&token, core.verifier.as_ref()) {
+                        let ended = verifier.still_valid(v).and_then(|()| match snapshot {
+                            Some(s) => verifier.still_maps(v, s),
+                            None => Ok(()),
+                        });
+                        if let Err(why) = ended {
+                            return Decision {
+                                verdict: Verdict::Refuse,
+                                rule: "token-ended".into(),
+                                grant: None,
+                                message: format!("agentgate: {why}"),
+                            };
+                        }
+                    }
                     decide_as_pod(&core, snapshot, &identity, &target, &cmd, now)
                 })
                 .await
@@ -1640,7 +1657,7 @@ impl Connection {
         &self,
         req: &Request<Incoming>,
         snapshot: &Snapshot,
-    ) -> Result<String, (StatusCode, String)> {
+    ) -> Result<(String, Option<crate::identity::Verified>), (StatusCode, String)> {
         let core = &self.gw.core;
         match (&core.verifier, &core.identity) {
             (Some(verifier), _) => {
@@ -1658,7 +1675,7 @@ impl Connection {
                 verifier
                     .verify(token, snapshot)
                     .await
-                    .map(|v| v.identity)
+                    .map(|v| (v.identity.clone(), Some(v)))
                     .map_err(|e| {
                         (
                             StatusCode::UNAUTHORIZED,
@@ -1666,7 +1683,7 @@ impl Connection {
                         )
                     })
             }
-            (None, Some(identity)) => Ok(identity.clone()),
+            (None, Some(identity)) => Ok((identity.clone(), None)),
             (None, None) => Err((
                 StatusCode::UNAUTHORIZED,
                 "agentgate has no identity configured for this listener".to_owned(),

@@ -2476,6 +2476,18 @@ async fn read_agent(
         }
     };
     let decide = |c: &Classified| {
+        // The token must still stand: unexpired, and accepted by the API server when it is a
+        // service account's.
+        if let (Some(v), Some(verifier)) = (token, gw.verifier.as_ref())
+            && let Err(why) = verifier.still_valid(v)
+        {
+            return Decision {
+                verdict: Verdict::Refuse,
+                rule: "token-ended".into(),
+                grant: None,
+                message: format!("agentgate: {why}"),
+            };
+        }
         let snapshot = gw.policy.get();
         if let Some(s) = &snapshot
             && let Err(why) = still_mapped(s)
