@@ -259,7 +259,18 @@ pub fn evaluate(
                     return finish(st, GrantPhase::Revoked, "InvalidDuration", msg, now, None);
                 }
             };
-            let expires = approved + SignedDuration::try_from(dur).unwrap_or(SignedDuration::ZERO);
+            // Checked: a decision dated near the end of time (a manifest edited by hand) must
+            // not panic, and a grant whose end cannot be told is not in force.
+            let Some(expires) = SignedDuration::try_from(dur)
+                .ok()
+                .and_then(|d| approved.checked_add(d).ok())
+            else {
+                let msg = format!(
+                    "revoked: spec.duration {} from the approval at {approved} ends past the last time agentgate can represent; request the grant again",
+                    spec.duration
+                );
+                return finish(st, GrantPhase::Revoked, "InvalidDuration", msg, now, None);
+            };
             st.approved_by = d.decided_by.clone();
             st.approved_at = Some(Time(approved));
             st.expires_at = Some(Time(expires));
@@ -444,6 +455,36 @@ mod tests {
         let mut g = grant();
         g.spec.pending_ttl = "9999999999999h".into();
         let _ = evaluate(&g, Some(&id), t("2026-11-22T11:10:00Z"));
+    }
+
+    #[test]
+    fn an_end_past_the_last_representable_time_is_not_in_force_and_does_not_panic() {
+        let id = identity(false);
+        let mut g = grant();
+        g.metadata.creation_timestamp = Some(Time(t("9999-12-29T00:00:00Z")));
+        g.spec.duration = "168h".into();
+        g.spec.decision = Some(GrantDecision {
+            verdict: Verdict::Approve,
+            reason: None,
+            decided_by: alice(),
+            decided_at: Some(Time(t("9999-12-29T00:30:00Z"))),
+        });
+        let now = t("9999-12-29T00:40:00Z");
+        let e = evaluate(&g, Some(&id), now);
+        assert_eq!(e.status.phase, Some(GrantPhase::Revoked));
+        assert_eq!(e.status.conditions[0].reason, "InvalidDuration");
+        assert!(
+            e.status
+                .message
+                .as_deref()
+                .is_some_and(|m| m.contains("ends past the last time")),
+            "{:?}",
+            e.status.message
+        );
+        assert!(!in_force(&g, Some(&id), now));
+        // A duration larger than any time span: the same, no panic.
+        g.spec.duration = "9999999999999h".into();
+        assert!(!in_force(&g, Some(&id), now));
     }
 
     #[test]

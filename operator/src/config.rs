@@ -58,7 +58,8 @@ pub struct Config {
     pub webhook_cert_secret: String,
 
     /// Lifetime of a self-managed serving certificate; it is renewed when a third remains.
-    #[arg(long, env = "AGENTGATE_WEBHOOK_CERT_VALIDITY", default_value = "720h", value_parser = duration)]
+    /// Between 10s and 87600h (ten years).
+    #[arg(long, env = "AGENTGATE_WEBHOOK_CERT_VALIDITY", default_value = "720h", value_parser = cert_validity)]
     pub webhook_cert_validity: Duration,
 
     /// The MutatingWebhookConfiguration whose caBundle the operator keeps current.
@@ -89,8 +90,8 @@ pub struct Config {
     )]
     pub lease_name: String,
 
-    /// How long a leader's Lease lasts without renewal.
-    #[arg(long, env = "AGENTGATE_LEASE_DURATION", default_value = "15s", value_parser = duration)]
+    /// How long a leader's Lease lasts without renewal. Between 1s and 1h.
+    #[arg(long, env = "AGENTGATE_LEASE_DURATION", default_value = "15s", value_parser = lease_duration)]
     pub lease_duration: Duration,
 
     /// This replica's identity in the Lease (defaults to the host name).
@@ -98,13 +99,14 @@ pub struct Config {
     pub pod_name: Option<String>,
 
     /// AgentSessions are deleted this long after they end (records stay in external sinks).
-    #[arg(long, env = "AGENTGATE_SESSION_RETENTION", default_value = "720h", value_parser = duration)]
+    /// Between 1s and 87600h (ten years).
+    #[arg(long, env = "AGENTGATE_SESSION_RETENTION", default_value = "720h", value_parser = session_retention)]
     pub session_retention: Duration,
 
     /// How often an Active AgentSession's pod is looked at: a session whose pod is gone, has
     /// stopped, or whose sidecar has restarted since the session began is marked Ended (its
-    /// sidecar died without closing it).
-    #[arg(long, env = "AGENTGATE_SESSION_CHECK_INTERVAL", default_value = "1m", value_parser = duration)]
+    /// sidecar died without closing it). Between 1s and 24h.
+    #[arg(long, env = "AGENTGATE_SESSION_CHECK_INTERVAL", default_value = "1m", value_parser = session_check_interval)]
     pub session_check_interval: Duration,
 
     /// The sidecar image injected into agent pods.
@@ -152,6 +154,14 @@ pub struct Config {
     #[arg(long, env = "AGENTGATE_SIDECAR_AUDIT_CA")]
     pub sidecar_audit_ca: Option<String>,
 
+    /// Service accounts that may decide AccessGrants although they are not people (e.g. a
+    /// release pipeline's), comma-separated full user names
+    /// (`system:serviceaccount:<namespace>:<name>`). Each still needs the RBAC verb `approve`
+    /// on accessgrants or a place in an identity's `spec.approvers.users`, and never decides
+    /// for an identity it acts for. Empty by default: only people decide; agents never can.
+    #[arg(long, env = "AGENTGATE_AUTOMATION_APPROVERS", value_delimiter = ',', value_parser = automation_approver)]
+    pub automation_approvers: Vec<String>,
+
     /// Extra CA certificates (PEM) trusted when checking OIDC issuers.
     #[arg(long, env = "AGENTGATE_OIDC_CA_FILE")]
     pub oidc_ca_file: Option<PathBuf>,
@@ -180,8 +190,46 @@ pub enum LogFormat {
     Json,
 }
 
-fn duration(s: &str) -> Result<Duration, String> {
-    parse_duration(s).map_err(|e| e.to_string())
+/// Ten years: the longest period a duration flag takes, far from the end of time (the
+/// self-managed CA lives four certificate lifetimes).
+pub const MAX_PERIOD: Duration = Duration::from_secs(87_600 * 3600);
+
+/// A Go duration ("90s", "15m", "720h") within `[min, max]`. Days are no unit of it: the
+/// error says how to write them in hours.
+pub fn duration_within(s: &str, min: Duration, max: Duration) -> Result<Duration, String> {
+    let show = agentgate_crds::common::format_duration;
+    let range = format!("between {} and {}", show(min), show(max));
+    let d = parse_duration(s).map_err(|e| {
+        if s.contains('d') {
+            format!("{e}: days are not a unit here; write hours (30d is 720h), {range}")
+        } else {
+            format!("{e}; it must be {range}")
+        }
+    })?;
+    if d < min || d > max {
+        return Err(format!("{s} is out of range: it must be {range}"));
+    }
+    Ok(d)
+}
+
+fn cert_validity(s: &str) -> Result<Duration, String> {
+    duration_within(s, Duration::from_secs(10), MAX_PERIOD)
+}
+
+fn lease_duration(s: &str) -> Result<Duration, String> {
+    duration_within(s, Duration::from_secs(1), Duration::from_secs(3600))
+}
+
+fn session_retention(s: &str) -> Result<Duration, String> {
+    duration_within(s, Duration::from_secs(1), MAX_PERIOD)
+}
+
+fn session_check_interval(s: &str) -> Result<Duration, String> {
+    duration_within(s, Duration::from_secs(1), Duration::from_secs(24 * 3600))
+}
+
+fn automation_approver(s: &str) -> Result<String, String> {
+    crate::approvers::parse_automation_approver(s)
 }
 
 impl Config {
@@ -192,5 +240,73 @@ impl Config {
                 .map(|h| h.trim().to_owned())
                 .unwrap_or_else(|_| format!("agentgate-operator-{}", std::process::id()))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, String> {
+        Config::try_parse_from(std::iter::once("agentgate-operator").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn durations_out_of_range_or_in_days_are_refused_at_startup() {
+        let ok = parse(&["--session-retention=720h", "--webhook-cert-validity=30s"]);
+        assert!(ok.is_ok(), "{ok:?}");
+        let e = parse(&["--session-retention=30d"])
+            .err()
+            .unwrap_or_default();
+        assert!(
+            e.contains("--session-retention") && e.contains("write hours (30d is 720h)"),
+            "{e}"
+        );
+        let e = parse(&["--session-retention=99999999h"])
+            .err()
+            .unwrap_or_default();
+        assert!(e.contains("it must be between 1s and 87600h"), "{e}");
+        let e = parse(&["--session-retention=87601h"])
+            .err()
+            .unwrap_or_default();
+        assert!(
+            e.contains("87601h is out of range: it must be between 1s and 87600h"),
+            "{e}"
+        );
+        for bad in [
+            "--lease-duration=0s",
+            "--lease-duration=2h",
+            "--session-check-interval=0s",
+            "--webhook-cert-validity=1s",
+            "--webhook-cert-validity=9999999999999h",
+        ] {
+            let e = parse(&[bad]).err().unwrap_or_default();
+            assert!(e.contains("it must be between"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn automation_approvers_are_checked_at_startup() {
+        let c = parse(&[
+            "--automation-approvers=system:serviceaccount:ci:bot,system:serviceaccount:ci:bot2",
+        ]);
+        assert_eq!(
+            c.map(|c| c.automation_approvers).unwrap_or_default(),
+            [
+                "system:serviceaccount:ci:bot",
+                "system:serviceaccount:ci:bot2"
+            ]
+        );
+        let e = parse(&["--automation-approvers=agentgate:agent:claude"])
+            .err()
+            .unwrap_or_default();
+        assert!(e.contains("agents can never be listed"), "{e}");
+        assert_eq!(
+            parse(&[])
+                .map(|c| c.automation_approvers)
+                .unwrap_or_default(),
+            Vec::<String>::new()
+        );
     }
 }

@@ -84,7 +84,7 @@ async fn try_acquire_or_renew(
     }
     if holder != identity {
         spec.acquire_time = Some(MicroTime(now));
-        spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
+        spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0).saturating_add(1));
     }
     spec.holder_identity = Some(identity.to_owned());
     spec.lease_duration_seconds = Some(secs);

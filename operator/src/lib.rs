@@ -1,5 +1,7 @@
 //! agentgate's operator: the control plane of the `agentgate.dev` API.
 //!
+//! - [`approvers`]: who may decide grants (people, and automation accounts an installation
+//!   names);
 //! - [`controller`]: one controller per kind (grant lifecycle and expiry, identity checks,
 //!   policy and target validation, session retention);
 //! - [`webhook`]: the approval webhooks (who decided, and whether they may) and sidecar
@@ -7,6 +9,7 @@
 //! - [`leader`]: a Lease so that only one replica runs the controllers;
 //! - [`metrics`]: Prometheus metrics and health endpoints.
 
+pub mod approvers;
 pub mod conditions;
 pub mod config;
 pub mod controller;

@@ -14,6 +14,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use agentgate_crds::GrantPhase;
+use agentgate_operator::webhook::pod::hash_key_volume;
 use agentgate_operator::webhook::{Endpoint, configurations};
 use common::{NS, OPERATOR_NS, operator_config, patch_spec, repo_path, request, wait_phase};
 use k8s_openapi::api::apps::v1::Deployment;
@@ -94,6 +95,20 @@ async fn the_chart_installs_upgrades_and_its_rbac_is_all_the_operator_needs() ->
         String::from_utf8_lossy(&bad.stdout).into_owned() + &String::from_utf8_lossy(&bad.stderr);
     assert!(text.contains("/operator/replicas"), "{text}");
     let bad = helm(&["lint", chart, "--set", "webhook.certMode=magic"]);
+    assert!(!bad.status.success());
+    // Durations are Go durations, as the operator reads them: no days.
+    let bad = helm(&["lint", chart, "--set", "retention.sessions=30d"]);
+    assert!(!bad.status.success());
+    let text =
+        String::from_utf8_lossy(&bad.stdout).into_owned() + &String::from_utf8_lossy(&bad.stderr);
+    assert!(text.contains("/retention/sessions"), "{text}");
+    // Only service accounts can be automation approvers.
+    let bad = helm(&[
+        "lint",
+        chart,
+        "--set",
+        "approvals.automationApprovers={agentgate:agent:claude}",
+    ]);
     assert!(!bad.status.success());
 
     // What it renders: the webhooks are exactly those the operator's code describes.
@@ -364,11 +379,9 @@ async fn the_chart_installs_upgrades_and_its_rbac_is_all_the_operator_needs() ->
         "not injected: {names:?}"
     );
     // The MaskPolicy's hash key reaches the sidecar (its Hash rule works in the pod).
+    let key_volume = hash_key_volume("mask-hash-key")?;
     assert!(
-        spec.volumes
-            .iter()
-            .flatten()
-            .any(|v| v.name == "agentgate-maskkey-mask-hash-key"),
+        spec.volumes.iter().flatten().any(|v| v.name == key_volume),
         "the hash key is not mounted"
     );
 
@@ -588,6 +601,132 @@ async fn the_chart_installs_upgrades_and_its_rbac_is_all_the_operator_needs() ->
     pods.create(&PostParams::default(), &plain("other-tool", "tool")?)
         .await
         .map_err(|e| anyhow::anyhow!("a pod of another service account was refused: {e}"))?;
+    // The label is not enough: a pod the webhook never injected (here its configuration is
+    // changed to select nothing) is refused, and so is an injected pod losing its label.
+    let selector = kube.kubectl_run(&[
+        "get",
+        "mutatingwebhookconfiguration",
+        "agentgate",
+        "-o",
+        "jsonpath={.webhooks[1].name}",
+    ])?;
+    assert_eq!(selector.trim(), "pods.inject.agentgate.dev");
+    let select = |selector: Value| {
+        kube.kubectl_run(&[
+            "patch",
+            "mutatingwebhookconfiguration",
+            "agentgate",
+            "--type=json",
+            "-p",
+            &json!([{ "op": "replace", "path": "/webhooks/1/objectSelector", "value": selector }])
+                .to_string(),
+        ])
+    };
+    select(json!({ "matchLabels": { "agentgate.test/never": "x" } }))?;
+    let mut uninjected = plain("uninjected", "claude-orders")?;
+    uninjected.metadata.labels =
+        Some([("agentgate.dev/inject".to_owned(), "true".to_owned())].into());
+    uninjected.metadata.annotations = Some(
+        [(
+            "agentgate.dev/identity".to_owned(),
+            "claude-orders".to_owned(),
+        )]
+        .into(),
+    );
+    // (Dry runs until the API server has the changed configuration.)
+    let dry = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let e = loop {
+        match pods.create(&dry, &uninjected).await {
+            Err(e) => break e.to_string(),
+            Ok(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Ok(_) => panic!("the webhook configuration never changed"),
+        }
+    };
+    assert!(
+        e.contains("without the sidecar: agentgate did not inject it"),
+        "{e}"
+    );
+    let e = pods
+        .patch(
+            "coding-agent-0",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(
+                json!({ "metadata": { "labels": { "agentgate.dev/inject": null } } }),
+            ),
+        )
+        .await
+        .expect_err("an injected pod losing its label, unseen by the webhook");
+    assert!(
+        e.to_string()
+            .contains("add the label agentgate.dev/inject=true"),
+        "{e}"
+    );
+    select(json!({ "matchExpressions": [
+        { "key": "agentgate.dev/inject", "operator": "In", "values": ["true"] } ] }))?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while let Err(e) = pods.create(&dry, &uninjected).await {
+        assert!(
+            Instant::now() < deadline,
+            "the webhook configuration was never restored: {e}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Other updates of an injected pod go through.
+    pods.patch(
+        "coding-agent-0",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(json!({ "metadata": { "labels": { "team": "orders" } } })),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("an ordinary update of an injected pod was refused: {e}"))?;
+    // A namespace the webhook excludes never injects: a pod there asking for it is refused.
+    let mut excluded = plain("excluded", "agentgate-operator")?;
+    excluded.metadata.namespace = Some(OPERATOR_NS.into());
+    excluded.metadata.labels =
+        Some([("agentgate.dev/inject".to_owned(), "true".to_owned())].into());
+    let e = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), OPERATOR_NS)
+        .create(&PostParams::default(), &excluded)
+        .await
+        .expect_err("a pod asking for injection where there is none");
+    assert!(
+        e.to_string().contains(&format!(
+            "pods in namespace {OPERATOR_NS} are never injected"
+        )) && e.to_string().contains("would run without the sidecar"),
+        "{e}"
+    );
+    // An identity's approvers are people: groups of everyone or of machines, and service
+    // accounts or agents as users, are refused when written.
+    for (approvers, wanted) in [
+        (
+            json!({ "groups": ["orders-oncall", "system:authenticated"] }),
+            "spec.approvers.groups lists system:authenticated, which takes in every user",
+        ),
+        (
+            json!({ "groups": ["system:serviceaccounts:agents", "agentgate:agents"] }),
+            "spec.approvers.groups lists system:serviceaccounts:agents, agentgate:agents, a group of service accounts, agents or nodes, not people",
+        ),
+        (
+            json!({ "users": ["alice", "system:serviceaccount:agents:bot"] }),
+            "spec.approvers.users lists system:serviceaccount:agents:bot, not a person",
+        ),
+    ] {
+        let e = common::apply(&client, json!({
+            "apiVersion": "agentgate.dev/v1alpha1", "kind": "AgentIdentity", "metadata": { "name": "machine-approved" },
+            "spec": { "owner": "team-orders", "authentication": { "serviceAccount": { "name": "tool" } },
+                "approvers": approvers }
+        }))
+        .await
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_else(|| "ACCEPTED".into());
+        assert!(e.contains(wanted), "{approvers}: {e}");
+    }
     let built = kube
         .kubectl()
         .args(["kustomize"])

@@ -333,7 +333,12 @@ async fn grant_lifecycle_in_real_time() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn approvals_are_authenticated_and_authorized() -> anyhow::Result<()> {
-    let cluster = Cluster::start(&[]).await?;
+    // One automation account the installation lets decide (the chart's
+    // approvals.automationApprovers).
+    let cluster = Cluster::start(&[&format!(
+        "--automation-approvers=system:serviceaccount:{NS}:release-bot"
+    )])
+    .await?;
     let admin = cluster.client.clone();
     let alice = cluster.client_as("alice").await?;
     let bob = cluster.client_as("bob").await?;
@@ -568,6 +573,186 @@ async fn approvals_are_authenticated_and_authorized() -> anyhow::Result<()> {
         Some("alice".into())
     );
 
+    // Machines never decide, whatever RBAC says. Two service accounts with the `approve`
+    // verb (and patch): one is refused, saying why and what to do; the one the installation
+    // names in --automation-approvers may.
+    let mut bots = Vec::new();
+    for bot in ["ci-bot", "release-bot"] {
+        sas.create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({ "metadata": { "name": bot } }))?,
+        )
+        .await?;
+        let user = format!("system:serviceaccount:{NS}:{bot}");
+        grant_approve_verb(&admin, &user).await?;
+        bind(
+            &admin,
+            "agentgate-requester",
+            &format!("{bot}-requests"),
+            json!({ "kind": "ServiceAccount", "name": bot, "namespace": NS }),
+        )
+        .await?;
+        let token = sas
+            .create_token_request(
+                bot,
+                &PostParams::default(),
+                &serde_json::from_value(json!({ "spec": { "expirationSeconds": 3600 } }))?,
+            )
+            .await?
+            .status
+            .and_then(|s| s.token)
+            .unwrap_or_default();
+        bots.push(
+            kube.client_from(&kube.kubeconfig_with_token(bot, &token)?)
+                .await?,
+        );
+    }
+    request(&alice, "bot-ask", "claude", "10m", json!({})).await?;
+    let approve = json!({ "decision": { "verdict": "Approve" } });
+    let e = refused(patch_spec(&bots[0], "bot-ask", approve.clone()).await);
+    assert!(
+        e.contains("rule human-decider")
+            && e.contains(
+                "system:serviceaccount:default:ci-bot is a service account, not a person"
+            )
+            && e.contains("grants are decided by people")
+            && e.contains("--automation-approvers"),
+        "{e}"
+    );
+    // The agents the gateway acts as (its impersonated user and group), even given RBAC's
+    // approve verb by mistake; and an OIDC agent behind the API server's user-name prefix.
+    bind(&admin, "agentgate-requester", "agents-request", json!({ "kind": "Group", "name": "agentgate:agents", "apiGroup": "rbac.authorization.k8s.io" })).await?;
+    bind(&admin, "agentgate-approver", "agents-approve", json!({ "kind": "Group", "name": "agentgate:agents", "apiGroup": "rbac.authorization.k8s.io" })).await?;
+    apply(
+        &admin,
+        json!({ "apiVersion": "agentgate.dev/v1alpha1", "kind": "AgentIdentity",
+        "metadata": { "name": "robot" },
+        "spec": { "owner": "team-orders", "authentication": { "oidc": {
+            "issuer": "https://idp.example", "audience": "agentgate", "subject": "robot-7" } } } }),
+    )
+    .await?;
+    let robot = "https://idp.example#robot-7";
+    bind(
+        &admin,
+        "agentgate-requester",
+        "robot-requests",
+        json!({ "kind": "User", "name": robot, "apiGroup": "rbac.authorization.k8s.io" }),
+    )
+    .await?;
+    bind(
+        &admin,
+        "agentgate-approver",
+        "robot-approves",
+        json!({ "kind": "User", "name": robot, "apiGroup": "rbac.authorization.k8s.io" }),
+    )
+    .await?;
+    for (who, groups, wanted) in [
+        (
+            "agentgate:agent:default:claude",
+            vec!["agentgate:agents"],
+            "rule human-decider: agentgate:agent:default:claude is an agent",
+        ),
+        (
+            "alice-the-agent",
+            vec!["agentgate:agents"],
+            "is in group agentgate:agents",
+        ),
+        (
+            robot,
+            vec![],
+            "rule no-self-approval: https://idp.example#robot-7 acts for an AgentIdentity",
+        ),
+    ] {
+        let mut cmd = kube.kubectl();
+        cmd.arg(format!("--as={who}"));
+        for g in &groups {
+            cmd.arg(format!("--as-group={g}"));
+        }
+        let out = cmd
+            .args([
+                "patch",
+                "accessgrant",
+                "bot-ask",
+                "-n",
+                NS,
+                "--type=merge",
+                "-p",
+            ])
+            .arg(json!({ "spec": approve }).to_string())
+            .output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(wanted),
+            "{who}: {stderr}"
+        );
+    }
+    // Nothing was decided by any of that; the named automation account decides.
+    assert!(get(&admin, "bot-ask").await?.spec.decision.is_none());
+    let g = patch_spec(&bots[1], "bot-ask", approve.clone()).await?;
+    assert_eq!(
+        g.spec
+            .decision
+            .and_then(|d| d.decided_by)
+            .map(|u| u.username),
+        Some(format!("system:serviceaccount:{NS}:release-bot"))
+    );
+    wait_phase(
+        &admin,
+        "bot-ask",
+        GrantPhase::Active,
+        Duration::from_secs(5),
+    )
+    .await?;
+
+    // A group that takes in everyone makes no one an approver, and the identity says so.
+    apply(&admin, json!({ "apiVersion": "agentgate.dev/v1alpha1", "kind": "AgentIdentity",
+        "metadata": { "name": "open" },
+        "spec": { "owner": "team-orders", "authentication": { "serviceAccount": { "name": "open" } },
+            "approvers": { "groups": ["system:authenticated", "system:serviceaccounts"] }, "maxGrantDuration": "1h" } }))
+    .await?;
+    request(&alice, "open-ask", "open", "10m", json!({})).await?;
+    let e = refused(patch_spec(&bob, "open-ask", approve.clone()).await);
+    assert!(
+        e.contains("rule approver-authorization") && e.contains("bob may not decide"),
+        "{e}"
+    );
+    let ids: Api<agentgate_crds::AgentIdentity> = Api::namespaced(admin.clone(), NS);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let st = ids.get("open").await?.status.unwrap_or_default();
+        if let Some(c) = st
+            .conditions
+            .iter()
+            .find(|c| c.reason == "ApproversNotPeople")
+        {
+            assert_eq!(c.status, "False");
+            assert!(
+                c.message
+                    .contains("spec.approvers.groups lists system:authenticated")
+                    && c.message.contains("system:serviceaccounts")
+                    && c.message
+                        .contains("until then those entries approve nothing"),
+                "{}",
+                c.message
+            );
+            break;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "identity open never reported its approvers: {st:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A listed human still approves.
+    patch_spec(&alice, "right-scope", approve.clone()).await?;
+    wait_phase(
+        &admin,
+        "right-scope",
+        GrantPhase::Active,
+        Duration::from_secs(5),
+    )
+    .await?;
+
     // RBAC's `approve` verb makes bob an approver (checked with a SubjectAccessReview) ...
     grant_approve_verb(&admin, "bob").await?;
     request(&alice, "alice-ask", "claude", "10m", json!({})).await?;
@@ -621,5 +806,24 @@ async fn approvals_are_authenticated_and_authorized() -> anyhow::Result<()> {
     request(&alice, "to-revoke", "claude", "10m", json!({})).await?;
     let e = refused(patch_spec(&mallory, "to-revoke", json!({ "revocation": {} })).await);
     assert!(e.contains("forbidden") || e.contains("Forbidden"), "{e}");
+    Ok(())
+}
+
+/// Binds ClusterRole `role` to one subject (as JSON) cluster-wide.
+async fn bind(
+    admin: &kube::Client,
+    role: &str,
+    name: &str,
+    subject: serde_json::Value,
+) -> anyhow::Result<()> {
+    use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
+    let binding: ClusterRoleBinding = serde_json::from_value(json!({
+        "metadata": { "name": name },
+        "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role },
+        "subjects": [ subject ]
+    }))?;
+    Api::<ClusterRoleBinding>::all(admin.clone())
+        .create(&PostParams::default(), &binding)
+        .await?;
     Ok(())
 }

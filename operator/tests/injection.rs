@@ -5,6 +5,7 @@
 
 mod common;
 
+use agentgate_operator::webhook::pod::{hash_key_volume, target_volume};
 use common::*;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::{Api, Patch, PatchParams, PostParams};
@@ -155,12 +156,13 @@ async fn injection_into_real_pods() -> anyhow::Result<()> {
         .flatten()
         .map(|m| m.name.clone())
         .collect();
+    let orders_volume = target_volume("orders-db")?;
     for v in [
         "agentgate-token",
         "agentgate-api-token",
         "agentgate-spill",
         "agentgate-client",
-        "agentgate-target-orders-db",
+        orders_volume.as_str(),
     ] {
         assert!(
             sidecar_mounts.contains(&v.to_owned()),
@@ -187,7 +189,7 @@ async fn injection_into_real_pods() -> anyhow::Result<()> {
     );
     let creds = volumes
         .iter()
-        .find(|v| v.name == "agentgate-target-orders-db")
+        .find(|v| v.name == orders_volume)
         .expect("creds volume");
     assert_eq!(
         creds.secret.as_ref().and_then(|s| s.secret_name.as_deref()),
@@ -229,6 +231,14 @@ async fn injection_into_real_pods() -> anyhow::Result<()> {
         .flatten()
         .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
         .collect();
+    // No raw sockets next to the sidecar's upstream traffic.
+    let dropped = agent
+        .security_context
+        .as_ref()
+        .and_then(|sc| sc.capabilities.as_ref())
+        .and_then(|c| c.drop.clone())
+        .unwrap_or_default();
+    assert!(dropped.contains(&"NET_RAW".to_owned()), "{dropped:?}");
     assert_eq!(env["PGHOST"], "127.0.0.1");
     assert_eq!(env["PGPORT"], "15432");
     assert_eq!(env["KUBECONFIG"], "/var/run/agentgate/client/kubeconfig");
@@ -304,6 +314,28 @@ async fn injection_into_real_pods() -> anyhow::Result<()> {
             "metadata": { "name": "audit-signing-key", "labels": { "agentgate.dev/sensitive": "true" } },
             "stringData": { "key": "k" } }))?)
         .await?;
+    // A long-lived token of the agent's own service account (the sidecar's credential) in
+    // a Secret: no controller manager runs here to fill it, and none is needed to refuse it.
+    secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+            "metadata": { "name": "claude-token",
+                "annotations": { "kubernetes.io/service-account.name": "claude" } },
+            "type": "kubernetes.io/service-account-token" }))?,
+        )
+        .await?;
+    secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+            "metadata": { "name": "agent-llm-key" }, "stringData": { "key": "k" } }))?,
+        )
+        .await?;
+    let token_mount = |volume: Value| {
+        json!({ "volumes": [ volume ],
+        "containers": [ { "name": "agent", "image": "a", "volumeMounts": [ { "name": "t", "mountPath": "/t" } ] } ] })
+    };
     let creds_volume = json!({ "volumes": [ { "name": "creds", "secret": { "secretName": "orders-db-credentials" } } ],
         "containers": [ { "name": "agent", "image": "a", "volumeMounts": [ { "name": "creds", "mountPath": "/creds" } ] } ] });
     let cases: Vec<(&str, Value, &str)> = vec![
@@ -335,6 +367,54 @@ async fn injection_into_real_pods() -> anyhow::Result<()> {
             json!({ "containers": [ { "name": "agent", "image": "a",
             "env": [ { "name": "T", "valueFrom": { "secretKeyRef": { "name": "agentgate-audit-credentials", "key": "webhook-token" } } } ] } ] }),
             "the audit sinks' connection or credentials",
+        ),
+        (
+            "sa-token-env",
+            json!({ "containers": [ { "name": "agent", "image": "a",
+            "env": [ { "name": "T", "valueFrom": { "secretKeyRef": { "name": "claude-token", "key": "token" } } } ] } ] }),
+            "uses Secret claude-token, a token of service account claude (kubernetes.io/service-account-token)",
+        ),
+        (
+            "sa-token-envfrom",
+            json!({ "containers": [ { "name": "agent", "image": "a",
+            "envFrom": [ { "secretRef": { "name": "claude-token" } } ] } ] }),
+            "uses Secret claude-token, a token of service account claude",
+        ),
+        (
+            "sa-token-volume",
+            token_mount(json!({ "name": "t", "secret": { "secretName": "claude-token" } })),
+            "uses Secret claude-token, a token of service account claude",
+        ),
+        (
+            "sa-token-projected",
+            token_mount(
+                json!({ "name": "t", "projected": { "sources": [ { "secret": { "name": "claude-token" } } ] } }),
+            ),
+            "uses Secret claude-token, a token of service account claude",
+        ),
+        (
+            "sa-token-init",
+            json!({ "initContainers": [ { "name": "prepare", "image": "a",
+            "envFrom": [ { "secretRef": { "name": "claude-token" } } ] } ] }),
+            "container prepare uses Secret claude-token, a token of service account claude",
+        ),
+        (
+            "missing-secret",
+            json!({ "containers": [ { "name": "agent", "image": "a",
+            "envFrom": [ { "secretRef": { "name": "created-later", "optional": true } } ] } ] }),
+            "uses Secret created-later, which does not exist",
+        ),
+        (
+            "dac-read-search",
+            json!({ "containers": [ { "name": "agent", "image": "a",
+            "securityContext": { "capabilities": { "add": ["DAC_READ_SEARCH"] } } } ] }),
+            "adds capability DAC_READ_SEARCH: agent containers may not; the capabilities the Pod Security Standards baseline allows",
+        ),
+        (
+            "net-raw",
+            json!({ "containers": [ { "name": "agent", "image": "a",
+            "securityContext": { "capabilities": { "add": ["NET_RAW"] } } } ] }),
+            "adds capability NET_RAW",
         ),
         (
             "shared-pid",
@@ -427,6 +507,99 @@ async fn injection_into_real_pods() -> anyhow::Result<()> {
         other => failures.push(format!("defaulted: {other:?}")),
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+
+    // What stays allowed: a Secret of the agent's own, and capabilities of the baseline.
+    let fine = pod(
+        "own-secret",
+        json!({ "containers": [ { "name": "agent", "image": "a",
+            "securityContext": { "capabilities": { "add": ["NET_BIND_SERVICE", "CAP_CHOWN"], "drop": ["SYS_ADMIN"] } },
+            "env": [ { "name": "K", "valueFrom": { "secretKeyRef": { "name": "agent-llm-key", "key": "key" } } } ] } ] }),
+    );
+    let stored = create(&admin, NS, &fine)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let dropped = stored.spec.expect("spec").containers[0]
+        .security_context
+        .clone()
+        .and_then(|sc| sc.capabilities)
+        .and_then(|c| c.drop)
+        .unwrap_or_default();
+    assert_eq!(dropped, ["SYS_ADMIN", "NET_RAW"]);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn targets_and_keys_with_dots_in_their_names_get_valid_volumes() -> anyhow::Result<()> {
+    let cluster = Cluster::start(&[]).await?;
+    let admin = cluster.client.clone();
+    // Dots are allowed in Target and Secret names (DNS subdomains), not in volume names
+    // (RFC 1123 labels); long names must not be cut into one another either.
+    let long = format!("reports.{}", "x".repeat(70));
+    for name in ["reports.v2", long.as_str()] {
+        common::apply(&admin, json!({
+            "apiVersion": "agentgate.dev/v1alpha1", "kind": "Target", "metadata": { "name": name },
+            "spec": { "protocol": "Postgres", "postgres": { "host": "reports", "database": "reports",
+                "credentials": { "name": format!("{name}.credentials") } } }
+        }))
+        .await?;
+    }
+    common::apply(&admin, json!({
+        "apiVersion": "agentgate.dev/v1alpha1", "kind": "MaskPolicy", "metadata": { "name": "ids" },
+        "spec": { "rules": [ { "name": "customer-ids", "columns": ["public.customers.id"], "action": "Hash" } ],
+            "hashKey": { "name": "mask.hash.key", "key": "key" } }
+    }))
+    .await?;
+    let stored = create(&admin, NS, &pod("dotted", json!({})))
+        .await
+        .map_err(|e| anyhow::anyhow!("a pod with Targets named with dots was refused: {e}"))?;
+    let spec = stored.spec.expect("spec");
+    let sidecar = &spec.init_containers.as_ref().expect("the sidecar")[0];
+    let mounts: Vec<(String, String)> = sidecar
+        .volume_mounts
+        .iter()
+        .flatten()
+        .map(|m| (m.name.clone(), m.mount_path.clone()))
+        .collect();
+    // The folders keep the real names; the volumes are named by digest.
+    for (volume, path) in [
+        (
+            target_volume("reports.v2")?,
+            "/var/run/agentgate/targets/reports.v2".to_owned(),
+        ),
+        (
+            target_volume(&long)?,
+            format!("/var/run/agentgate/targets/{long}"),
+        ),
+        (
+            target_volume("orders-db")?,
+            "/var/run/agentgate/targets/orders-db".to_owned(),
+        ),
+        (
+            hash_key_volume("mask.hash.key")?,
+            "/var/run/agentgate/targets/mask-keys/mask.hash.key".to_owned(),
+        ),
+    ] {
+        assert!(
+            mounts.contains(&(volume.clone(), path.clone())),
+            "{volume} at {path}: {mounts:?}"
+        );
+    }
+    let secret_of = |volume: &str| {
+        spec.volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == volume)
+            .and_then(|v| v.secret.as_ref())
+            .and_then(|s| s.secret_name.clone())
+    };
+    assert_eq!(
+        secret_of(&target_volume("reports.v2")?).as_deref(),
+        Some("reports.v2.credentials")
+    );
+    assert_eq!(
+        secret_of(&target_volume(&long)?),
+        Some(format!("{long}.credentials"))
+    );
     Ok(())
 }
 
@@ -523,7 +696,19 @@ async fn debug_containers_cannot_reach_into_the_sidecar() -> anyhow::Result<()> 
     // What an agent container may not use, a debug container may not either: a Target's
     // credentials by env, envFrom or a pod volume, a token volume, the sidecar's volumes,
     // a hash key, a Secret labelled sensitive.
+    Api::<Secret>::namespaced(admin.clone(), NS)
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+            "metadata": { "name": "claude-token",
+                "annotations": { "kubernetes.io/service-account.name": "claude" } },
+            "type": "kubernetes.io/service-account-token" }))?,
+        )
+        .await?;
     let secret_env = |secret: &str| json!({ "env": [ { "name": "S", "valueFrom": { "secretKeyRef": { "name": secret, "key": "k" } } } ] });
+    let orders_volume = target_volume("orders-db")?;
+    let creds_sidecar_volume =
+        format!("mounts agentgate's volume {orders_volume}: only the sidecar may");
     let cases: Vec<(&str, Value, &str)> = vec![
         (
             "creds-env",
@@ -542,8 +727,23 @@ async fn debug_containers_cannot_reach_into_the_sidecar() -> anyhow::Result<()> 
         ),
         (
             "creds-sidecar-volume",
-            json!({ "volumeMounts": [ { "name": "agentgate-target-orders-db", "mountPath": "/c", "readOnly": true } ] }),
-            "mounts agentgate's volume agentgate-target-orders-db: only the sidecar may",
+            json!({ "volumeMounts": [ { "name": orders_volume, "mountPath": "/c", "readOnly": true } ] }),
+            creds_sidecar_volume.as_str(),
+        ),
+        (
+            "sa-token",
+            secret_env("claude-token"),
+            "ephemeral container sa-token uses Secret claude-token, a token of service account claude",
+        ),
+        (
+            "missing",
+            secret_env("nowhere"),
+            "uses Secret nowhere, which does not exist",
+        ),
+        (
+            "dac",
+            json!({ "securityContext": { "capabilities": { "add": ["DAC_READ_SEARCH"] } } }),
+            "adds capability DAC_READ_SEARCH: debug containers may not",
         ),
         (
             "token-volume",
@@ -596,7 +796,15 @@ async fn debug_containers_cannot_reach_into_the_sidecar() -> anyhow::Result<()> 
     ))
     .await;
     assert_eq!(e, "ACCEPTED");
-    // An ordinary debug container next to the agent is fine, also with a Secret of its own.
+    // An ordinary debug container next to the agent is fine, also with a Secret of its own
+    // (which exists).
+    Api::<Secret>::namespaced(admin.clone(), NS)
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+            "metadata": { "name": "debug-tools" }, "stringData": { "token": "t" } }))?,
+        )
+        .await?;
     let e = attempt(add(
         "look",
         json!({ "targetContainerName": "agent", "env": [ { "name": "T",
@@ -614,6 +822,22 @@ async fn debug_containers_cannot_reach_into_the_sidecar() -> anyhow::Result<()> 
     .await?;
     let e = attempt(add("look-again", json!({}))).await;
     assert_eq!(e, "ACCEPTED");
+    // Debug containers lose NET_RAW as agent containers do.
+    let debugged = pods.get("debugged").await?;
+    let ephemeral = debugged
+        .spec
+        .and_then(|s| s.ephemeral_containers)
+        .unwrap_or_default();
+    assert_eq!(ephemeral.len(), 3, "{ephemeral:?}");
+    for c in &ephemeral {
+        let dropped = c
+            .security_context
+            .as_ref()
+            .and_then(|sc| sc.capabilities.as_ref())
+            .and_then(|caps| caps.drop.clone())
+            .unwrap_or_default();
+        assert_eq!(dropped, ["NET_RAW"], "{}", c.name);
+    }
     // The label that has agentgate see the pod stays: without it, a debug container added
     // later would not be checked.
     for removal in [json!(null), json!("false")] {
@@ -651,15 +875,12 @@ async fn debug_containers_cannot_reach_into_the_sidecar() -> anyhow::Result<()> 
     // injection would fill with a Target's credentials.
     let squatter = pod(
         "pre-named",
-        json!({ "volumes": [ { "name": "agentgate-target-orders-db", "emptyDir": {} } ],
+        json!({ "volumes": [ { "name": orders_volume, "emptyDir": {} } ],
             "containers": [ { "name": "agent", "image": "a",
-                "volumeMounts": [ { "name": "agentgate-target-orders-db", "mountPath": "/c" } ] } ] }),
+                "volumeMounts": [ { "name": orders_volume, "mountPath": "/c" } ] } ] }),
     );
     match create(&admin, NS, &squatter).await {
-        Err(e)
-            if e.contains(
-                "container agent mounts agentgate's volume agentgate-target-orders-db: only the sidecar may",
-            ) => {}
+        Err(e) if e.contains(&format!("container agent {creds_sidecar_volume}")) => {}
         other => panic!("an agent container mounting a pre-named sidecar volume: {other:?}"),
     }
     Ok(())
@@ -688,18 +909,20 @@ async fn hash_keys_and_a_separate_ca_reach_the_sidecar_only() -> anyhow::Result<
     let spec = stored.spec.expect("spec");
     let volumes = spec.volumes.unwrap_or_default();
     // The hash key: its own volume, under the sidecar's targets folder.
+    let key_volume = hash_key_volume("mask-hash-key")?;
     let key = volumes
         .iter()
-        .find(|v| v.name == "agentgate-maskkey-mask-hash-key")
+        .find(|v| v.name == key_volume)
         .expect("the hash key's volume");
     assert_eq!(
         key.secret.as_ref().and_then(|s| s.secret_name.as_deref()),
         Some("mask-hash-key")
     );
     // The CA from another Secret, projected into the Target's folder with its credentials.
+    let reports_volume = target_volume("reports-db")?;
     let reports = volumes
         .iter()
-        .find(|v| v.name == "agentgate-target-reports-db")
+        .find(|v| v.name == reports_volume)
         .expect("the Target's volume");
     let sources = reports
         .projected
@@ -720,7 +943,7 @@ async fn hash_keys_and_a_separate_ca_reach_the_sidecar_only() -> anyhow::Result<
         .collect();
     assert!(
         mounts.contains(&(
-            "agentgate-maskkey-mask-hash-key".into(),
+            key_volume.clone(),
             "/var/run/agentgate/targets/mask-keys/mask-hash-key".into()
         )),
         "{mounts:?}"
@@ -731,8 +954,7 @@ async fn hash_keys_and_a_separate_ca_reach_the_sidecar_only() -> anyhow::Result<
             .volume_mounts
             .iter()
             .flatten()
-            .all(|m| !m.name.starts_with("agentgate-maskkey-")
-                && !m.name.starts_with("agentgate-target-"))
+            .all(|m| m.name != key_volume && m.name != reports_volume)
     );
     let err = create(
         &admin,

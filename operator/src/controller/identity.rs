@@ -1,4 +1,5 @@
-//! The AgentIdentity controller: checks its references, reports its active grants.
+//! The AgentIdentity controller: checks its references and that its approvers are people,
+//! reports its active grants.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,6 +25,19 @@ async fn check_references(
     ctx: &Context,
 ) -> Result<Result<(), (String, String)>> {
     let ns = id.namespace().unwrap_or_default();
+    // Approvers are people: a listed group of machines or of everyone counts for nothing at
+    // decision time (the approval webhook), which the identity's owner should hear here.
+    let problems =
+        crate::approvers::approvers_problems(&id.spec.approvers, &ctx.config.automation_approvers);
+    if !problems.is_empty() {
+        return Ok(Err((
+            "ApproversNotPeople".into(),
+            format!(
+                "{}; until then those entries approve nothing",
+                problems.join("; ")
+            ),
+        )));
+    }
     if let Some(sa) = &id.spec.authentication.service_account {
         let sa_ns = sa.namespace.clone().unwrap_or_else(|| ns.clone());
         let api: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), &sa_ns);

@@ -22,7 +22,9 @@ use super::{Context, error_policy};
 use crate::error::Result;
 
 /// When a session may be deleted: `retention` after it ended (or after it started, for a
-/// session that never reported an end: a sidecar that died).
+/// session that never reported an end: a sidecar that died). A time past the last one jiff
+/// can represent (a session dated near year 9999, or a retention past it) is never: the
+/// session is kept rather than the reconcile panicking.
 pub fn delete_at(session: &AgentSession, retention: Duration) -> Timestamp {
     let status = session.status.clone().unwrap_or_default();
     let base = match (status.phase, status.ended_at, status.last_activity) {
@@ -30,7 +32,10 @@ pub fn delete_at(session: &AgentSession, retention: Duration) -> Timestamp {
         (_, _, Some(last)) => last.0,
         _ => session.spec.started_at.0,
     };
-    base + SignedDuration::try_from(retention).unwrap_or(SignedDuration::MAX)
+    SignedDuration::try_from(retention)
+        .ok()
+        .and_then(|r| base.checked_add(r).ok())
+        .unwrap_or(Timestamp::MAX)
 }
 
 async fn reconcile(session: Arc<AgentSession>, ctx: Arc<Context>) -> Result<Action> {
@@ -304,5 +309,23 @@ mod tests {
         assert_eq!(pod_of(&s2), None);
         s2.spec.pod = Some("agents/a/b".into());
         assert_eq!(pod_of(&s2), None);
+    }
+
+    #[test]
+    fn retention_past_the_end_of_time_keeps_the_session_instead_of_panicking() {
+        let s = session("2026-11-24T10:00:00Z");
+        assert_eq!(
+            delete_at(&s, Duration::from_secs(3600)),
+            "2026-11-24T11:00:00Z".parse::<Timestamp>().unwrap()
+        );
+        // 99999999h (what a values file once allowed) and more: no panic, never deleted.
+        for retention in [Duration::from_secs(99_999_999 * 3600), Duration::MAX] {
+            assert_eq!(delete_at(&s, retention), Timestamp::MAX);
+        }
+        let late = session("9999-12-30T00:00:00Z");
+        assert_eq!(
+            delete_at(&late, Duration::from_secs(3 * 86_400)),
+            Timestamp::MAX
+        );
     }
 }

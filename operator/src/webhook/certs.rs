@@ -126,7 +126,15 @@ fn generate(
             dn.push(DnType::CommonName, "agentgate webhook CA");
             params.distinguished_name = dn;
             params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-            let ca_not_after = now + validity * 4;
+            // (Checked: the validity comes from configuration.)
+            let ca_not_after = validity
+                .checked_mul(4)
+                .and_then(|v| now.checked_add(v).ok())
+                .ok_or_else(|| {
+                    Error::Cert(format!(
+                        "a CA valid four times {validity} from now ends past the year 9999: lower --webhook-cert-validity"
+                    ))
+                })?;
             params.not_before = odt(now - SignedDuration::from_mins(5))?;
             params.not_after = odt(ca_not_after)?;
             let cert = params.self_signed(&key).map_err(rc)?.pem();
@@ -154,7 +162,10 @@ fn generate(
         KeyUsagePurpose::KeyEncipherment,
     ];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    let not_after = (now + validity).min(ca_not_after);
+    let not_after = now
+        .checked_add(validity)
+        .map_err(|e| Error::Cert(format!("certificate validity {validity}: {e}")))?
+        .min(ca_not_after);
     params.not_before = odt(now - SignedDuration::from_mins(5))?;
     params.not_after = odt(not_after)?;
     let cert = params.signed_by(&key, &issuer).map_err(rc)?;
@@ -186,7 +197,8 @@ async fn ensure_secret(client: &Client, config: &Config) -> Result<(String, Stri
         let ann = s.metadata.annotations.clone().unwrap_or_default();
         let data = s.data.clone().unwrap_or_default();
         let not_after: Option<Timestamp> = ann.get(NOT_AFTER).and_then(|t| t.parse().ok());
-        let fresh = not_after.is_some_and(|na| na - validity / 3 > now);
+        // (Checked: the annotation is read from the Secret.)
+        let fresh = not_after.is_some_and(|na| na.checked_sub(validity / 3).is_ok_and(|t| t > now));
         if fresh
             && ann.get(HOSTS) == Some(&hosts_joined)
             && let (Some(ca), Some(cert), Some(key)) = (

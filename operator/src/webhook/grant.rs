@@ -15,10 +15,15 @@
 //!   identities by token runs as a service account of its own);
 //! - `scope-fits-target`: the scope limits access only with settings its Target's protocol
 //!   reads (`tables`, `kubernetes` or `ssh`), never with another's it would ignore;
-//! - `no-self-approval`: the identity, its service account, any agent, and the requester
-//!   cannot decide;
+//! - `no-self-approval`: the identity, its service account or OIDC principal (also behind an
+//!   API server's user-name prefix), any agent, and the requester cannot decide;
+//! - `human-decider`: a decision is a person's: service accounts, the agents the gateway
+//!   acts as (`agentgate:agent:*`, group `agentgate:agents`), nodes and anonymous requests
+//!   cannot decide, unless the installation names the service account in
+//!   `--automation-approvers`;
 //! - `approver-authorization`: the decider has the RBAC verb `approve` on the grant
-//!   (SubjectAccessReview) or is listed in the identity's `spec.approvers`;
+//!   (SubjectAccessReview) or is listed in the identity's `spec.approvers` (a listed group
+//!   of service accounts, agents or everyone makes no one an approver);
 //! - `decided-in-time`: a decision comes before the request's `pendingTTL` has passed;
 //! - `immutable-decision`: a decision, once made, never changes;
 //! - `stamped-by-agentgate`: the recorded decider is the authenticated user.
@@ -36,6 +41,7 @@ use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, Operation};
 
 use super::{WebhookContext, from_cache};
+use crate::approvers;
 
 fn user_of(req: &AdmissionRequest<DynamicObject>) -> UserRef {
     UserRef {
@@ -148,11 +154,21 @@ fn sa_name(ns: &str, id: &AgentIdentity) -> Option<String> {
     })
 }
 
-/// The identities (in `ns`) whose service account is `username`.
+/// Whether `username` is identity `id`'s agent: its service account, or its OIDC principal
+/// (bare or behind the API server's user-name prefix).
+fn acts_for(ns: &str, id: &AgentIdentity, username: &str) -> bool {
+    sa_name(ns, id).as_deref() == Some(username)
+        || id
+            .spec
+            .authentication
+            .oidc
+            .as_ref()
+            .is_some_and(|o| approvers::is_oidc_principal(username, o))
+}
+
+/// The identities (in `ns`) whose agent `username` is.
 fn identities_of<'a>(ns: &str, ids: &'a [AgentIdentity], username: &str) -> Vec<&'a AgentIdentity> {
-    ids.iter()
-        .filter(|id| sa_name(ns, id).as_deref() == Some(username))
-        .collect()
+    ids.iter().filter(|id| acts_for(ns, id, username)).collect()
 }
 
 fn name_of(id: &AgentIdentity) -> String {
@@ -166,12 +182,15 @@ async fn may_approve(
     ns: &str,
     grant: &str,
 ) -> Result<bool, String> {
+    // A group of machines or of everyone makes no one an approver (the chart's admission
+    // policy refuses such a list; an identity stored before it still has one).
     let listed = id.spec.approvers.users.iter().any(|u| u == &user.username)
         || id
             .spec
             .approvers
             .groups
             .iter()
+            .filter(|g| approvers::approver_group_counts(g))
             .any(|g| user.groups.contains(g));
     if listed {
         return Ok(true);
@@ -461,21 +480,21 @@ pub async fn validate(
                 }
                 // Self-approval, in every form.
                 let own_sa = sa_name(&ns, id);
-                let oidc_sub = id
+                let own_oidc = id
                     .spec
                     .authentication
                     .oidc
                     .as_ref()
-                    .and_then(|o| o.subject.clone());
+                    .is_some_and(|o| approvers::is_oidc_principal(&user.username, o));
                 let requester = grant.spec.requested_by.as_ref().map(|u| u.username.clone());
                 let why_self = if own_sa.as_deref() == Some(user.username.as_str()) {
                     Some(format!(
                         "{} is the service account of AgentIdentity {}",
                         user.username, grant.spec.identity
                     ))
-                } else if oidc_sub.as_deref() == Some(user.username.as_str()) {
+                } else if own_oidc {
                     Some(format!(
-                        "{} is the OIDC subject of AgentIdentity {}",
+                        "{} is the OIDC principal of AgentIdentity {}",
                         user.username, grant.spec.identity
                     ))
                 } else if !callers_identities.is_empty() {
@@ -493,6 +512,11 @@ pub async fn validate(
                 };
                 if let Some(why) = why_self {
                     return deny(req, "no-self-approval", why);
+                }
+                if let Some(why) =
+                    approvers::refuse_decider(&user, &ctx.config.automation_approvers)
+                {
+                    return deny(req, "human-decider", why);
                 }
                 if let Some(refused) = require_approver(ctx, req, &user, id, &ns, || {
                     format!(

@@ -4,9 +4,10 @@
 //! gets the sidecar as a native sidecar (an init container that keeps running), and its agent
 //! containers are pointed at it. Injection is refused, with the reason, when the pod could
 //! reach around the gateway: a shared process namespace, host namespaces or paths, privileged
-//! agent containers, an API token or a Target's credentials in an agent container. Debug
-//! (ephemeral) containers added later are held to the same rules, and an injected pod keeps
-//! the label that has this webhook see them.
+//! agent containers or capabilities beyond the Pod Security Standards baseline, an API token
+//! (projected, a pod certificate, or a Secret of a service account) or a Target's
+//! credentials in an agent container. Debug (ephemeral) containers added later are held to
+//! the same rules, and an injected pod keeps the label that has this webhook see them.
 //!
 //! Injection is idempotent: a second admission of an injected pod changes nothing, and a pod
 //! that brings its own `agentgate-sidecar` with another image is refused.
@@ -55,10 +56,39 @@ const V_AUDIT_CA: &str = "agentgate-audit-ca";
 /// Where the sidecar reads the audit sinks' CA (`--sidecar-audit-ca`).
 const AUDIT_CA_DIR: &str = "/var/run/agentgate/audit-ca";
 const ANN_INJECTED: &str = "agentgate.dev/injected";
-const DANGEROUS_CAPS: &[&str] = &["SYS_ADMIN", "SYS_PTRACE", "NET_ADMIN", "NET_RAW", "ALL"];
+/// The annotation that names the service account a token Secret belongs to. The API server
+/// requires it on every Secret of type `kubernetes.io/service-account-token` (and keeps it
+/// there), so a Secret's metadata is enough to tell a token: its data is never read.
+pub const SA_NAME_ANNOTATION: &str = "kubernetes.io/service-account.name";
+/// The Secret type of a (long-lived) service-account token.
+pub const SA_TOKEN_TYPE: &str = "kubernetes.io/service-account-token";
+/// The only capabilities a container other than the sidecar may add: those the Pod Security
+/// Standards "baseline" profile allows. Every other one (`DAC_READ_SEARCH`, `SYS_PTRACE`,
+/// `SYS_MODULE`, `BPF`, `NET_ADMIN`, `NET_RAW`, `ALL`, ...) could reach into the sidecar or
+/// around it.
+pub const BASELINE_CAPABILITIES: &[&str] = &[
+    "AUDIT_WRITE",
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "MKNOD",
+    "NET_BIND_SERVICE",
+    "SETFCAP",
+    "SETGID",
+    "SETPCAP",
+    "SETUID",
+    "SYS_CHROOT",
+];
+/// Capabilities injection drops from every container other than the sidecar, even where the
+/// runtime grants them by default: with `NET_RAW` an agent running as root could read the
+/// sidecar's upstream traffic off the pod's shared network namespace.
+pub const DROPPED_FROM_AGENTS: &[&str] = &["NET_RAW"];
 
 /// Why a pod cannot be injected.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
 pub struct Refusal(pub String);
 
 fn refuse<T>(msg: impl Into<String>) -> Result<T, Refusal> {
@@ -73,11 +103,50 @@ pub struct InjectionInput<'a> {
     pub identity: &'a AgentIdentity,
     /// Every Target of the pod's namespace.
     pub targets: &'a [Target],
-    /// Names of Secrets labelled sensitive that agent containers reference.
-    pub sensitive_secrets: &'a BTreeSet<String>,
+    /// What the API server says about the Secrets agent containers reference.
+    pub secrets: &'a SecretFacts,
     /// The Secrets the namespace's MaskPolicies name as `hashKey`: mounted into the sidecar
     /// only (at `<targets>/mask-keys/<Secret>`), never into an agent container.
     pub mask_key_secrets: &'a BTreeSet<String>,
+}
+
+/// What the API server says about the Secrets the checked containers reference, read from
+/// their metadata only (the operator never reads a Secret's data for this).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SecretFacts {
+    /// Those labelled [`SENSITIVE_LABEL`]`=true`.
+    pub sensitive: BTreeSet<String>,
+    /// Those that hold a service-account token (annotated [`SA_NAME_ANNOTATION`], as the API
+    /// server requires of type [`SA_TOKEN_TYPE`]), with the service account they name.
+    pub tokens: BTreeMap<String, String>,
+    /// Those that do not exist: nothing can be said of them, and one created later could be
+    /// any of the above.
+    pub missing: BTreeSet<String>,
+}
+
+impl SecretFacts {
+    /// Files what Secret `name`'s metadata says (`None`: it does not exist).
+    pub fn add(&mut self, name: &str, meta: Option<&kube::core::ObjectMeta>) {
+        let Some(meta) = meta else {
+            self.missing.insert(name.to_owned());
+            return;
+        };
+        let label = meta
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SENSITIVE_LABEL))
+            .map(String::as_str);
+        if label == Some("true") {
+            self.sensitive.insert(name.to_owned());
+        }
+        if let Some(sa) = meta
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(SA_NAME_ANNOTATION))
+        {
+            self.tokens.insert(name.to_owned(), sa.clone());
+        }
+    }
 }
 
 /// The Secrets a container references (volumes it mounts, env and envFrom).
@@ -119,12 +188,28 @@ pub fn secrets_referenced(pod: &Pod, c: &Container) -> BTreeSet<String> {
     out
 }
 
-/// Why a container's security context would let it reach into the sidecar, if it would:
-/// privileged, or a capability that reads other processes or rewires the pod's network.
-fn privilege_problem(sc: Option<&SecurityContext>) -> Option<String> {
+/// A capability's name as the Pod Security Standards list it: upper case, no `CAP_`.
+fn capability_name(cap: &str) -> String {
+    let upper = cap.trim().to_uppercase();
+    upper.strip_prefix("CAP_").unwrap_or(&upper).to_owned()
+}
+
+/// Why a container's security context would let it reach into the sidecar or around it, if
+/// it would: privileged, a Windows host process, or a capability beyond the Pod Security
+/// Standards baseline ([`BASELINE_CAPABILITIES`]). Returns what it does and what it may do
+/// instead (possibly empty).
+fn privilege_problem(sc: Option<&SecurityContext>) -> Option<(String, String)> {
     let sc = sc.cloned().unwrap_or_default();
     if sc.privileged == Some(true) {
-        return Some("is privileged".into());
+        return Some(("is privileged".into(), String::new()));
+    }
+    if sc
+        .windows_options
+        .as_ref()
+        .and_then(|w| w.host_process)
+        .unwrap_or(false)
+    {
+        return Some(("runs as a Windows host process".into(), String::new()));
     }
     let added = sc
         .capabilities
@@ -132,18 +217,68 @@ fn privilege_problem(sc: Option<&SecurityContext>) -> Option<String> {
         .unwrap_or_default();
     added
         .iter()
-        .find(|a| DANGEROUS_CAPS.contains(&a.to_uppercase().trim_start_matches("CAP_")))
-        .map(|cap| format!("adds capability {cap}"))
+        .find(|a| !BASELINE_CAPABILITIES.contains(&capability_name(a).as_str()))
+        .map(|cap| {
+            (
+                format!("adds capability {cap}"),
+                format!(
+                    "; the capabilities the Pod Security Standards baseline allows ({}) may be added",
+                    BASELINE_CAPABILITIES.join(", ")
+                ),
+            )
+        })
 }
 
-/// A volume name: `prefix` + `name`, cut to 63 characters.
-fn volume_name(prefix: &str, name: &str) -> String {
-    let v = format!("{prefix}{name}");
-    if v.len() > 63 {
-        v[..63].trim_end_matches(['-', '.']).to_owned()
-    } else {
-        v
+/// Adds [`DROPPED_FROM_AGENTS`] to a container's `capabilities.drop` (unless it drops `ALL`).
+fn drop_agent_capabilities(sc: &mut Option<SecurityContext>) {
+    let drop = sc
+        .get_or_insert_with(Default::default)
+        .capabilities
+        .get_or_insert_with(Default::default)
+        .drop
+        .get_or_insert_with(Vec::new);
+    for cap in DROPPED_FROM_AGENTS {
+        if !drop.iter().any(|d| {
+            let d = capability_name(d);
+            d == *cap || d == "ALL"
+        }) {
+            drop.push((*cap).to_owned());
+        }
     }
+}
+
+/// The name of the sidecar's volume for a Target (`kind` `t`) or a MaskPolicy's hash key
+/// (`kind` `k`) named `name`: `agentgate-<kind>-` and 16 hex digits of the SHA-256 of the
+/// name. Target and Secret names may hold dots and run to 253 characters, a volume name
+/// neither (an RFC 1123 label): the digest is always a valid name, and two names never
+/// share one by being cut short. The sidecar finds the files by their mount path, which
+/// keeps the real name.
+fn volume_name(kind: &str, name: &str) -> Result<String, Refusal> {
+    use rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256;
+    // SHA-256 from the TLS provider the operator already carries.
+    let rustls::SupportedCipherSuite::Tls13(suite) = TLS13_AES_128_GCM_SHA256 else {
+        return refuse("cannot name the sidecar's volumes: no SHA-256 available (failing closed)");
+    };
+    let digest = suite.common.hash_provider.hash(name.as_bytes());
+    let hex: String = digest
+        .as_ref()
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Ok(format!("agentgate-{kind}-{hex}"))
+}
+
+/// The name of the sidecar's volume for Target `target` (its credentials, and its CA when
+/// that is in another Secret), mounted at `/var/run/agentgate/targets/<target>`.
+pub fn target_volume(target: &str) -> Result<String, Refusal> {
+    volume_name("t", target)
+}
+
+/// The name of the sidecar's volume for the MaskPolicy hash key in Secret `secret`, mounted
+/// at `/var/run/agentgate/targets/mask-keys/<secret>`.
+pub fn hash_key_volume(secret: &str) -> Result<String, Refusal> {
+    volume_name("k", secret)
 }
 
 /// The Secret and key of a Target's upstream CA, when it names one.
@@ -168,12 +303,15 @@ fn credentials_secret(t: &Target) -> Option<String> {
     }
 }
 
+/// Whether volume `v` hands its containers a credential for the API server: a projected
+/// service-account token, or a projected pod certificate (a client certificate the API
+/// server may accept as the pod's service account).
 fn is_token_volume(v: &Volume) -> bool {
     v.projected.as_ref().is_some_and(|p| {
         p.sources
             .iter()
             .flatten()
-            .any(|s| s.service_account_token.is_some())
+            .any(|s| s.service_account_token.is_some() || s.pod_certificate.is_some())
     })
 }
 
@@ -183,8 +321,8 @@ pub struct Boundary<'a> {
     pub config: &'a Config,
     /// Every Target of the namespace (their credentials Secrets).
     pub targets: &'a [Target],
-    /// Names of Secrets labelled sensitive among those the checked containers reference.
-    pub sensitive_secrets: &'a BTreeSet<String>,
+    /// What the API server says about the Secrets the checked containers reference.
+    pub secrets: &'a SecretFacts,
     /// The Secrets the namespace's MaskPolicies name as `hashKey`.
     pub mask_key_secrets: &'a BTreeSet<String>,
 }
@@ -230,11 +368,13 @@ pub fn as_container(e: &EphemeralContainer) -> Container {
 }
 
 /// Refuses container `c` of `pod` (any container but the sidecar) when it could reach around
-/// the gateway: privileged or with a dangerous capability, mounting a service-account token,
-/// mounting any of agentgate's volumes (all but the client volume, which only read-only),
-/// or using a Secret only the sidecar may read (a Target's credentials, a MaskPolicy's hash
-/// key, the audit sinks' Secrets, a Secret labelled [`SENSITIVE_LABEL`]) through a volume,
-/// `env` or `envFrom`.
+/// the gateway: privileged, a Windows host process, or adding a capability beyond the Pod
+/// Security Standards baseline; mounting a service-account token or a pod certificate;
+/// mounting any of agentgate's volumes (all but the client volume, which only read-only);
+/// or using, through a volume, `env` or `envFrom`, a Secret only the sidecar may read (a
+/// Target's credentials, a MaskPolicy's hash key, the audit sinks' Secrets, a Secret
+/// labelled [`SENSITIVE_LABEL`]), a Secret that holds a service-account token, or a Secret
+/// that does not exist (nothing can be said of it; one created later could be a token).
 ///
 /// For [`Kind::Agent`] the pod is the one submitted, before injection: its automatic
 /// `kube-api-access-*` token volume is allowed because injection removes it. For
@@ -246,8 +386,8 @@ pub fn check_container(
     boundary: &Boundary<'_>,
 ) -> Result<(), Refusal> {
     let (what, who) = (kind.container(), kind.plural());
-    if let Some(why) = privilege_problem(c.security_context.as_ref()) {
-        return refuse(format!("{what} {} {why}: {who} may not", c.name));
+    if let Some((why, instead)) = privilege_problem(c.security_context.as_ref()) {
+        return refuse(format!("{what} {} {why}: {who} may not{instead}", c.name));
     }
     let volumes: BTreeMap<&str, &Volume> = pod
         .spec
@@ -321,9 +461,21 @@ pub fn check_container(
                 c.name
             ));
         }
-        if boundary.sensitive_secrets.contains(&s) {
+        if boundary.secrets.sensitive.contains(&s) {
             return refuse(format!(
                 "{what} {} uses Secret {s}, which is labelled {SENSITIVE_LABEL}: only the sidecar may read it",
+                c.name
+            ));
+        }
+        if let Some(sa) = boundary.secrets.tokens.get(&s) {
+            return refuse(format!(
+                "{what} {} uses Secret {s}, a token of service account {sa} ({SA_TOKEN_TYPE}): with it the agent would reach the API server around the gateway; {who} get no API token, so remove it from the container (the sidecar is the way to the API)",
+                c.name
+            ));
+        }
+        if boundary.secrets.missing.contains(&s) {
+            return refuse(format!(
+                "{what} {} uses Secret {s}, which does not exist: agentgate checks every Secret {who} read before admitting them (one created later could hold a service-account token); create the Secret first, then the pod",
                 c.name
             ));
         }
@@ -593,6 +745,17 @@ pub fn inject(pod: &Pod, input: &InjectionInput<'_>) -> Result<Pod, Refusal> {
             ));
         }
     }
+    if spec
+        .security_context
+        .as_ref()
+        .and_then(|sc| sc.windows_options.as_ref())
+        .and_then(|w| w.host_process)
+        .unwrap_or(false)
+    {
+        return refuse(
+            "securityContext.windowsOptions.hostProcess runs every container on the host, around the gateway: remove it",
+        );
+    }
     if let Some(v) = spec
         .volumes
         .iter()
@@ -635,7 +798,7 @@ pub fn inject(pod: &Pod, input: &InjectionInput<'_>) -> Result<Pod, Refusal> {
     let boundary = Boundary {
         config: input.config,
         targets: input.targets,
-        sensitive_secrets: input.sensitive_secrets,
+        secrets: input.secrets,
         mask_key_secrets: input.mask_key_secrets,
     };
     let agents = spec.containers.iter().chain(
@@ -664,15 +827,21 @@ pub fn inject(pod: &Pod, input: &InjectionInput<'_>) -> Result<Pod, Refusal> {
         .containers
         .iter_mut()
         .chain(spec.init_containers.iter_mut().flatten())
+        .filter(|c| c.name != SIDECAR)
     {
         if let Some(ms) = c.volume_mounts.as_mut() {
             ms.retain(|m| !auto.contains(&m.name));
         }
+        // No raw sockets next to the sidecar's upstream connections.
+        drop_agent_capabilities(&mut c.security_context);
     }
 
-    // Volumes of the sidecar.
+    // Volumes of the sidecar. Every `agentgate-` volume is the sidecar's (no other container
+    // may mount one, checked above): those of an earlier injection, or named so by the pod,
+    // go, and exactly the current ones are added.
     let mut target_mounts = Vec::new();
     let vols = spec.volumes.get_or_insert_with(Vec::new);
+    vols.retain(|v| !v.name.starts_with("agentgate-"));
     let token_source = |audience: Option<&str>, expiry: i64| VolumeProjection {
         service_account_token: Some(ServiceAccountTokenProjection {
             audience: audience.map(str::to_owned),
@@ -765,7 +934,7 @@ pub fn inject(pod: &Pod, input: &InjectionInput<'_>) -> Result<Pod, Refusal> {
         let (Some(tname), Some(secret)) = (t.metadata.name.clone(), credentials_secret(t)) else {
             continue;
         };
-        let vname = volume_name("agentgate-target-", &tname);
+        let vname = target_volume(&tname)?;
         let v = match ca_secret(t).filter(|ca| ca.name != secret) {
             // The CA in another Secret: both projected into the Target's one folder, where
             // the sidecar reads the credentials and the CA file the Target names.
@@ -815,7 +984,7 @@ pub fn inject(pod: &Pod, input: &InjectionInput<'_>) -> Result<Pod, Refusal> {
     // MaskPolicies' hash keys, for the Hash action (the sidecar refuses a Target whose
     // policy's key it cannot read).
     for s in input.mask_key_secrets {
-        let vname = volume_name("agentgate-maskkey-", s);
+        let vname = hash_key_volume(s)?;
         let v = Volume {
             name: vname.clone(),
             secret: Some(SecretVolumeSource {
@@ -865,16 +1034,17 @@ pub fn inject(pod: &Pod, input: &InjectionInput<'_>) -> Result<Pod, Refusal> {
 struct NamespaceInputs {
     /// Its Targets.
     targets: Vec<Target>,
-    /// The Secrets labelled [`SENSITIVE_LABEL`] among those the checked containers reference.
-    sensitive: BTreeSet<String>,
+    /// What the API server says about the Secrets the checked containers reference.
+    secrets: SecretFacts,
     /// The Secrets its MaskPolicies name as `hashKey`.
     mask_keys: BTreeSet<String>,
 }
 
 /// Reads what [`check_container`] needs in namespace `ns`, failing closed: the Targets and
-/// MaskPolicies (from the API server's watch cache) and the labels of the Secrets in
-/// `referenced` (consistent reads). The reads are independent: made at once, the admission
-/// waits for the slowest, not for their sum.
+/// MaskPolicies (from the API server's watch cache) and the metadata of the Secrets in
+/// `referenced` (consistent reads: labels, the service account a token names, whether they
+/// exist; never their data). The reads are independent: made at once, the admission waits
+/// for the slowest, not for their sum.
 async fn namespace_inputs(
     client: &kube::Client,
     ns: &str,
@@ -884,7 +1054,7 @@ async fn namespace_inputs(
     let policies: Api<MaskPolicy> = Api::namespaced(client.clone(), ns);
     let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), ns);
     let cached = from_cache();
-    let (targets, policies, labelled) = futures::join!(
+    let (targets, policies, metadata) = futures::join!(
         targets.list(&cached),
         policies.list(&cached),
         futures::future::join_all(referenced.iter().map(|name| {
@@ -895,19 +1065,10 @@ async fn namespace_inputs(
     let targets = targets
         .map_err(|e| format!("cannot list Targets (failing closed): {e}"))?
         .items;
-    let mut sensitive = BTreeSet::new();
-    for (name, meta) in labelled {
+    let mut facts = SecretFacts::default();
+    for (name, meta) in metadata {
         let meta = meta.map_err(|e| format!("cannot read Secret {name} (failing closed): {e}"))?;
-        if meta.is_some_and(|m| {
-            m.metadata
-                .labels
-                .unwrap_or_default()
-                .get(SENSITIVE_LABEL)
-                .map(String::as_str)
-                == Some("true")
-        }) {
-            sensitive.insert(name.clone());
-        }
+        facts.add(name, meta.as_ref().map(|m| &m.metadata));
     }
     let mask_keys = policies
         .map_err(|e| format!("cannot list MaskPolicies (failing closed): {e}"))?
@@ -917,14 +1078,14 @@ async fn namespace_inputs(
         .collect();
     Ok(NamespaceInputs {
         targets,
-        sensitive,
+        secrets: facts,
         mask_keys,
     })
 }
 
 /// `pods/ephemeralcontainers`: each debug container added to an injected pod is held to what
-/// agent containers are held to ([`check_container`]), and may not target the sidecar (it
-/// would share its process namespace).
+/// agent containers are held to ([`check_container`]), may not target the sidecar (it would
+/// share its process namespace), and loses [`DROPPED_FROM_AGENTS`] as agent containers do.
 async fn debug_containers(
     ctx: &WebhookContext,
     req: &AdmissionRequest<DynamicObject>,
@@ -973,7 +1134,7 @@ async fn debug_containers(
     let boundary = Boundary {
         config: &ctx.config,
         targets: &inputs.targets,
-        sensitive_secrets: &inputs.sensitive,
+        secrets: &inputs.secrets,
         mask_key_secrets: &inputs.mask_keys,
     };
     for c in &containers {
@@ -981,11 +1142,42 @@ async fn debug_containers(
             return deny(req, why);
         }
     }
-    AdmissionResponse::from(req)
+    let added_names: BTreeSet<&str> = added.iter().map(|c| c.name.as_str()).collect();
+    let mut patched = pod.clone();
+    for e in patched
+        .spec
+        .iter_mut()
+        .flat_map(|s| s.ephemeral_containers.iter_mut().flatten())
+        .filter(|e| added_names.contains(e.name.as_str()))
+    {
+        drop_agent_capabilities(&mut e.security_context);
+    }
+    patch_response(req, pod, &patched)
 }
 
 fn deny(req: &AdmissionRequest<DynamicObject>, msg: impl std::fmt::Display) -> AdmissionResponse {
     AdmissionResponse::from(req).deny(format!("agentgate injection refused: {msg}"))
+}
+
+/// Admits the request with the patch that turns `original` into `changed` (both typed, so
+/// that like is compared with like).
+fn patch_response(
+    req: &AdmissionRequest<DynamicObject>,
+    original: &Pod,
+    changed: &Pod,
+) -> AdmissionResponse {
+    let (original, changed) = match (
+        serde_json::to_value(original),
+        serde_json::to_value(changed),
+    ) {
+        (Ok(o), Ok(c)) => (o, c),
+        (Err(e), _) | (_, Err(e)) => return deny(req, format!("cannot encode the pod: {e}")),
+    };
+    let patch = json_patch::diff(&original, &changed);
+    match AdmissionResponse::from(req).with_patch(patch) {
+        Ok(r) => r,
+        Err(e) => deny(req, format!("cannot encode the patch: {e}")),
+    }
 }
 
 /// The mutating webhook for pods.
@@ -994,17 +1186,33 @@ pub async fn mutate(
     req: &AdmissionRequest<DynamicObject>,
 ) -> AdmissionResponse {
     let ns = req.namespace.clone().unwrap_or_default();
-    if ns == ctx.config.namespace {
-        return AdmissionResponse::from(req);
-    }
     let Some(obj) = &req.object else {
         return AdmissionResponse::from(req);
     };
+    // The operator's own namespace is never injected (its pods must start without the
+    // operator): a pod there that asks to be would run with no sidecar, so it is refused.
+    if ns == ctx.config.namespace {
+        let asks = obj
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(INJECT_LABEL))
+            .is_some_and(|v| v == "true");
+        if req.operation == Operation::Create && asks {
+            return deny(
+                req,
+                format!(
+                    "namespace {ns} is agentgate's own and is never injected, so this pod would run without the sidecar: run the agent in another namespace, or remove the label {INJECT_LABEL}"
+                ),
+            );
+        }
+        return AdmissionResponse::from(req);
+    }
     let value = match serde_json::to_value(obj) {
         Ok(v) => v,
         Err(e) => return deny(req, format!("cannot read the pod: {e}")),
     };
-    let pod: Pod = match serde_json::from_value(value.clone()) {
+    let pod: Pod = match serde_json::from_value(value) {
         Ok(p) => p,
         Err(e) => return deny(req, format!("not a valid Pod: {e}")),
     };
@@ -1103,7 +1311,7 @@ pub async fn mutate(
     };
     let NamespaceInputs {
         targets,
-        sensitive,
+        secrets,
         mask_keys,
     } = match inputs {
         Ok(i) => i,
@@ -1113,26 +1321,346 @@ pub async fn mutate(
         config: &ctx.config,
         identity: &id,
         targets: &targets,
-        sensitive_secrets: &sensitive,
+        secrets: &secrets,
         mask_key_secrets: &mask_keys,
     };
     let injected = match inject(&pod, &input) {
         Ok(p) => p,
         Err(Refusal(why)) => return deny(req, why),
     };
-    let new_value = match serde_json::to_value(&injected) {
-        Ok(v) => v,
-        Err(e) => return deny(req, format!("cannot encode the pod: {e}")),
-    };
-    // Compare like with like: the typed round trip of the original.
-    let original = match serde_json::to_value(&pod) {
-        Ok(v) => v,
-        Err(e) => return deny(req, format!("cannot encode the pod: {e}")),
-    };
-    let _ = value;
-    let patch = json_patch::diff(&original, &new_value);
-    match AdmissionResponse::from(req).with_patch(patch) {
-        Ok(r) => r,
-        Err(e) => deny(req, format!("cannot encode the patch: {e}")),
+    patch_response(req, &pod, &injected)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use serde_json::json;
+
+    fn config() -> Config {
+        Config::parse_from([
+            "agentgate-operator",
+            "--sidecar-image=registry.example/sidecar:1",
+        ])
+    }
+
+    fn identity() -> AgentIdentity {
+        serde_json::from_value(json!({
+            "apiVersion": "agentgate.dev/v1alpha1", "kind": "AgentIdentity",
+            "metadata": { "name": "claude", "namespace": "agents" },
+            "spec": { "owner": "team", "authentication": { "serviceAccount": { "name": "claude" } } }
+        }))
+        .expect("an identity")
+    }
+
+    fn target(name: &str, secret: &str) -> Target {
+        serde_json::from_value(json!({
+            "apiVersion": "agentgate.dev/v1alpha1", "kind": "Target",
+            "metadata": { "name": name, "namespace": "agents" },
+            "spec": { "protocol": "Postgres", "postgres": { "host": "db", "database": "d",
+                "credentials": { "name": secret } } }
+        }))
+        .expect("a target")
+    }
+
+    fn pod(spec: serde_json::Value) -> Pod {
+        let mut base = json!({
+            "serviceAccountName": "claude",
+            "containers": [ { "name": "agent", "image": "a" } ]
+        });
+        if let (Some(b), Some(e)) = (base.as_object_mut(), spec.as_object()) {
+            for (k, v) in e {
+                b.insert(k.clone(), v.clone());
+            }
+        }
+        serde_json::from_value(
+            json!({ "metadata": { "name": "p", "namespace": "agents" }, "spec": base }),
+        )
+        .expect("a pod")
+    }
+
+    fn injected(p: &Pod, targets: &[Target], secrets: &SecretFacts) -> Result<Pod, Refusal> {
+        let config = config();
+        let id = identity();
+        inject(
+            p,
+            &InjectionInput {
+                config: &config,
+                identity: &id,
+                targets,
+                secrets,
+                mask_key_secrets: &BTreeSet::from(["keys.v1".to_owned()]),
+            },
+        )
+    }
+
+    fn rfc1123_label(s: &str) -> bool {
+        !s.is_empty()
+            && s.len() <= 63
+            && s.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            && !s.starts_with('-')
+            && !s.ends_with('-')
+    }
+
+    #[test]
+    fn volume_names_are_labels_whatever_the_name() {
+        let long = "a".repeat(240) + ".example";
+        let names: Vec<String> = ["orders.db", "orders-db", &long, &(long.clone() + "x")]
+            .iter()
+            .map(|n| volume_name("t", n).expect("a name"))
+            .collect();
+        for n in &names {
+            assert!(rfc1123_label(n), "{n}");
+            assert!(n.starts_with("agentgate-t-") && n.len() == 28, "{n}");
+        }
+        let distinct: BTreeSet<&String> = names.iter().collect();
+        assert_eq!(distinct.len(), names.len(), "{names:?}");
+        // Stable: the same name, the same volume.
+        assert_eq!(volume_name("t", "orders.db"), volume_name("t", "orders.db"));
+        assert_ne!(volume_name("t", "x"), volume_name("k", "x"));
+    }
+
+    #[test]
+    fn capabilities_beyond_the_baseline_are_refused() {
+        let sc = |caps: &[&str]| SecurityContext {
+            capabilities: Some(Capabilities {
+                add: Some(caps.iter().map(|c| (*c).to_owned()).collect()),
+                drop: None,
+            }),
+            ..Default::default()
+        };
+        for bad in [
+            "DAC_READ_SEARCH",
+            "SYS_MODULE",
+            "BPF",
+            "PERFMON",
+            "SYS_RAWIO",
+            "cap_sys_ptrace",
+            "NET_RAW",
+            "NET_ADMIN",
+            "ALL",
+        ] {
+            let why = privilege_problem(Some(&sc(&["CHOWN", bad])));
+            assert!(
+                why.as_ref()
+                    .is_some_and(|(w, hint)| w == &format!("adds capability {bad}")
+                        && hint.contains("NET_BIND_SERVICE")),
+                "{bad}: {why:?}"
+            );
+        }
+        assert_eq!(
+            privilege_problem(Some(&sc(&["CAP_CHOWN", "net_bind_service", "SYS_CHROOT"]))),
+            None
+        );
+        let host = SecurityContext {
+            windows_options: Some(k8s_openapi::api::core::v1::WindowsSecurityContextOptions {
+                host_process: Some(true),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert!(privilege_problem(Some(&host)).is_some());
+    }
+
+    #[test]
+    fn agent_containers_lose_net_raw() {
+        let mut sc = None;
+        drop_agent_capabilities(&mut sc);
+        drop_agent_capabilities(&mut sc);
+        let drop = |sc: &Option<SecurityContext>| {
+            sc.as_ref()
+                .and_then(|s| s.capabilities.as_ref())
+                .and_then(|c| c.drop.clone())
+                .unwrap_or_default()
+        };
+        assert_eq!(drop(&sc), ["NET_RAW"]);
+        let mut all = Some(SecurityContext {
+            capabilities: Some(Capabilities {
+                add: None,
+                drop: Some(vec!["ALL".into()]),
+            }),
+            ..Default::default()
+        });
+        drop_agent_capabilities(&mut all);
+        assert_eq!(drop(&all), ["ALL"]);
+    }
+
+    #[test]
+    fn service_account_token_secrets_never_reach_an_agent() {
+        let mut facts = SecretFacts::default();
+        let token_meta = kube::core::ObjectMeta {
+            annotations: Some([(SA_NAME_ANNOTATION.to_owned(), "claude".to_owned())].into()),
+            ..Default::default()
+        };
+        facts.add("claude-token", Some(&token_meta));
+        facts.add("app-config", Some(&Default::default()));
+        facts.add("later", None);
+        assert_eq!(
+            facts.tokens.get("claude-token").map(String::as_str),
+            Some("claude")
+        );
+        let ways = [
+            json!({ "containers": [ { "name": "agent", "image": "a", "env": [ { "name": "T",
+                "valueFrom": { "secretKeyRef": { "name": "claude-token", "key": "token" } } } ] } ] }),
+            json!({ "containers": [ { "name": "agent", "image": "a",
+                "envFrom": [ { "secretRef": { "name": "claude-token" } } ] } ] }),
+            json!({ "volumes": [ { "name": "t", "secret": { "secretName": "claude-token" } } ],
+                "containers": [ { "name": "agent", "image": "a", "volumeMounts": [ { "name": "t", "mountPath": "/t" } ] } ] }),
+            json!({ "volumes": [ { "name": "t", "projected": { "sources": [ { "secret": { "name": "claude-token" } } ] } } ],
+                "containers": [ { "name": "agent", "image": "a", "volumeMounts": [ { "name": "t", "mountPath": "/t" } ] } ] }),
+            json!({ "initContainers": [ { "name": "prep", "image": "a",
+                "envFrom": [ { "secretRef": { "name": "claude-token" } } ] } ] }),
+        ];
+        for spec in ways {
+            let e = injected(&pod(spec.clone()), &[], &facts).err();
+            assert!(
+                e.as_ref().is_some_and(|Refusal(m)| m
+                    .contains("uses Secret claude-token, a token of service account claude")),
+                "{spec}: {e:?}"
+            );
+        }
+        // A Secret that does not exist cannot be vouched for.
+        let e = injected(
+            &pod(json!({ "containers": [ { "name": "agent", "image": "a",
+                "envFrom": [ { "secretRef": { "name": "later" } } ] } ] })),
+            &[],
+            &facts,
+        )
+        .err();
+        assert!(
+            e.as_ref().is_some_and(|Refusal(m)| m
+                .contains("uses Secret later, which does not exist")
+                && m.contains("create the Secret first")),
+            "{e:?}"
+        );
+        // Any other Secret of the agent's own is fine.
+        injected(
+            &pod(json!({ "containers": [ { "name": "agent", "image": "a",
+                "envFrom": [ { "secretRef": { "name": "app-config" } } ] } ] })),
+            &[],
+            &facts,
+        )
+        .expect("an ordinary Secret");
+        // A debug container is held to the same.
+        let config = config();
+        let boundary = Boundary {
+            config: &config,
+            targets: &[],
+            secrets: &facts,
+            mask_key_secrets: &BTreeSet::new(),
+        };
+        let debug = Container {
+            name: "dbg".into(),
+            env_from: Some(vec![k8s_openapi::api::core::v1::EnvFromSource {
+                secret_ref: Some(k8s_openapi::api::core::v1::SecretEnvSource {
+                    name: "claude-token".into(),
+                    optional: Some(true),
+                }),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        };
+        let e = check_container(Kind::Debug, &pod(json!({})), &debug, &boundary).err();
+        assert!(
+            e.as_ref().is_some_and(|Refusal(m)| m
+                .starts_with("ephemeral container dbg uses Secret claude-token, a token")),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn pod_certificates_are_api_credentials() {
+        let p = pod(json!({
+            "volumes": [ { "name": "cert", "projected": { "sources": [ { "podCertificate": {
+                "signerName": "kubernetes.io/kube-apiserver-client-pod", "keyType": "ED25519",
+                "credentialBundlePath": "bundle.pem" } } ] } } ],
+            "containers": [ { "name": "agent", "image": "a", "volumeMounts": [ { "name": "cert", "mountPath": "/c" } ] } ] }));
+        let e = injected(&p, &[], &SecretFacts::default()).err();
+        assert!(
+            e.as_ref().is_some_and(
+                |Refusal(m)| m.contains("mounts a service-account token (volume cert)")
+            ),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn injection_names_volumes_by_digest_and_drops_net_raw_idempotently() {
+        let targets = [target("orders.db", "orders-credentials")];
+        let facts = SecretFacts::default();
+        let once = injected(&pod(json!({})), &targets, &facts).expect("injected");
+        let spec = once.spec.clone().expect("a spec");
+        let volumes: Vec<String> = spec
+            .volumes
+            .iter()
+            .flatten()
+            .map(|v| v.name.clone())
+            .collect();
+        assert!(volumes.iter().all(|v| rfc1123_label(v)), "{volumes:?}");
+        let t = volume_name("t", "orders.db").expect("a name");
+        let k = volume_name("k", "keys.v1").expect("a name");
+        assert!(volumes.contains(&t) && volumes.contains(&k), "{volumes:?}");
+        let sidecar = &spec.init_containers.as_ref().expect("inits")[0];
+        let mounts: Vec<(String, String)> = sidecar
+            .volume_mounts
+            .iter()
+            .flatten()
+            .map(|m| (m.name.clone(), m.mount_path.clone()))
+            .collect();
+        assert!(
+            mounts.contains(&(t, "/var/run/agentgate/targets/orders.db".into())),
+            "{mounts:?}"
+        );
+        assert!(
+            mounts.contains(&(k, "/var/run/agentgate/targets/mask-keys/keys.v1".into())),
+            "{mounts:?}"
+        );
+        let agent_drop = spec.containers[0]
+            .security_context
+            .as_ref()
+            .and_then(|s| s.capabilities.as_ref())
+            .and_then(|c| c.drop.clone());
+        assert_eq!(agent_drop, Some(vec!["NET_RAW".to_owned()]));
+        // The sidecar keeps its own (drop ALL).
+        assert_eq!(
+            sidecar
+                .security_context
+                .as_ref()
+                .and_then(|s| s.capabilities.as_ref())
+                .and_then(|c| c.drop.clone()),
+            Some(vec!["ALL".to_owned()])
+        );
+        // Injected again (a second admission): nothing changes.
+        let twice = injected(&once, &targets, &facts).expect("injected again");
+        assert_eq!(
+            serde_json::to_value(&once.spec).ok(),
+            serde_json::to_value(&twice.spec).ok()
+        );
+        // The volumes of an older injection (other names) go with it.
+        let mut old = once.clone();
+        if let Some(v) = old.spec.as_mut().and_then(|s| s.volumes.as_mut()) {
+            v.push(Volume {
+                name: "agentgate-target-orders-db".into(),
+                empty_dir: Some(Default::default()),
+                ..Default::default()
+            });
+        }
+        let again = injected(&old, &targets, &facts).expect("injected again");
+        assert_eq!(
+            serde_json::to_value(&once.spec).ok(),
+            serde_json::to_value(&again.spec).ok()
+        );
+    }
+
+    #[test]
+    fn a_windows_host_process_pod_is_refused() {
+        let p = pod(json!({ "securityContext": { "windowsOptions": { "hostProcess": true } } }));
+        let e = injected(&p, &[], &SecretFacts::default()).err();
+        assert!(
+            e.as_ref()
+                .is_some_and(|Refusal(m)| m.contains("hostProcess")),
+            "{e:?}"
+        );
     }
 }
