@@ -162,7 +162,7 @@ spec: {{ nodeName: kwok-node-0, automountServiceAccountToken: false, containers:
 ---
 apiVersion: v1
 kind: ConfigMap
-metadata: {{ name: settings, namespace: default }}
+metadata: {{ name: settings, namespace: default, annotations: {{ contact: "dana@example.com" }} }}
 data: {{ owner: "ops lead: carol@example.com", level: "3" }}
 "#
         ),
@@ -262,6 +262,21 @@ async fn kubectl_and_kube_rs_through_the_gateway() -> anyhow::Result<()> {
         serde_json::from_str(&s.agent_ok(&["get", "configmap", "settings", "-o", "json"]))?;
     assert_eq!(cm["data"]["owner"], "ops lead: ****");
     assert_eq!(cm["data"]["level"], "3");
+    // Every value is read by the detectors, not only data: an annotation too (and the
+    // last-applied copy that repeats it), in any output, in a list as in a single object.
+    assert_eq!(cm["metadata"]["annotations"]["contact"], "****");
+    for args in [
+        &["get", "configmap", "settings", "-o", "yaml"][..],
+        &["get", "configmaps", "-o", "json"][..],
+    ] {
+        let out = s.agent_ok(args);
+        assert!(
+            !out.contains("dana@")
+                && !out.contains("carol@")
+                && (out.contains("contact: '****'") || out.contains(r#""contact": "****""#)),
+            "{args:?}: {out}"
+        );
+    }
     let yaml = s.agent_ok(&["get", "secret", "db", "-o", "yaml"]);
     assert!(yaml.contains(&format!("password: {MASKED_B64}")), "{yaml}");
     assert!(
@@ -752,16 +767,16 @@ async fn exec_is_held_then_approved_then_recorded_as_a_terminal_session() -> any
         std::thread::sleep(Duration::from_millis(200));
     }
 
-    // Port-forward opens a channel into the pod: held for approval like exec, naming the
-    // ports. (Its data path is not exercised here: kwok's port-forward does not answer even
-    // without the gateway in this environment.)
+    // Port-forward carries bytes agentgate cannot read to mask: with a MaskPolicy that masks
+    // values it is refused before anything is filed (without the upgrade, it is held for
+    // approval like exec: see `second_review`).
     let local = free_port()?;
     let err = s.agent_err(&["port-forward", "pod/web", &format!("{local}:80")]);
-    assert!(err.contains("held for approval"), "{err}");
-    let (_, filed) = s.filed(&err);
     assert!(
-        filed.contains("create pods/portforward web -n default"),
-        "{filed}"
+        err.contains("create pods/portforward web -n default")
+            && err.contains("would carry bytes agentgate cannot read to mask")
+            && !err.contains("held for approval"),
+        "{err}"
     );
 
     // Logs, whole and followed: each line masked as it passes.

@@ -319,6 +319,13 @@ impl MaskSet {
             .any(|r| !r.detectors.is_empty() || !r.patterns.is_empty())
     }
 
+    /// Whether every value rule is a built-in detector (no MaskPolicy `patterns`, which may
+    /// be anchored to a whole value): a text in which the detectors find nothing then holds
+    /// no value any rule would mask, wherever it is cut.
+    pub fn detectors_only(&self) -> bool {
+        self.rules.iter().all(|r| r.patterns.is_empty())
+    }
+
     /// Masks one text value from `column` (when known). Returns what to send and the rules
     /// that applied.
     pub fn mask(&self, column: Option<&Column>, value: &str) -> (Masked, Vec<String>) {

@@ -5,10 +5,14 @@
 //!   replacement in `data`, so clients still decode it), and the
 //!   `kubectl.kubernetes.io/last-applied-configuration` annotation, which repeats them, is
 //!   replaced whole; unless a grant reveals Secret data.
-//! - ConfigMaps' `data`/`binaryData`, every container `env[].value` (Pods, and templates in
-//!   Deployments, Jobs, …) and every last-applied annotation: MaskPolicy detectors and
-//!   patterns.
-//! - MaskPolicy `kubernetes` rules: the listed paths of the listed kinds, whole.
+//! - Every string of every object (ConfigMap data, `env[].value`, Event messages, a
+//!   container's termination message, annotations, custom resources, a proxied service's
+//!   JSON), but the object's identity (`kind`, `apiVersion`, names, UIDs, versions, times),
+//!   and the values server-side apply records as keys of `managedFields`: MaskPolicy
+//!   detectors and patterns. ConfigMap `binaryData` is decoded first. A Secret's other
+//!   annotations are replaced (they can hold anything, as its data can).
+//! - MaskPolicy `kubernetes` rules: the listed paths of the listed kinds, whole, also in the
+//!   copy the last-applied annotation keeps.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -134,6 +138,18 @@ impl Masker<'_> {
         group: &str,
         kind: &str,
     ) -> Result<Option<LazyObject<'r>>, serde_json::Error> {
+        // Detectors read every string of an item: the item is parsed whole unless they find
+        // nothing in its text (which then holds no escape that could hide a value, and the
+        // rules have no pattern that could be anchored to a whole value).
+        if self.masks.has_value_rules() {
+            let clean = self.masks.detectors_only()
+                && !raw.contains(&b'\\')
+                && std::str::from_utf8(raw)
+                    .is_ok_and(|t| matches!(self.masks.mask(None, t).0, Masked::Clear));
+            if !clean {
+                return Ok(None);
+            }
+        }
         let Ok(fields) = serde_json::from_slice::<RawFields<'r>>(raw) else {
             return Ok(None);
         };
@@ -225,34 +241,60 @@ impl Masker<'_> {
                     masked_fields.push(field);
                 }
             }
-            if let Some(a) = annotations(obj)
-                && let Some(v) = a.get_mut(LAST_APPLIED)
-            {
-                *v = Value::String(SECRET_REPLACEMENT.into());
-                *self.counts.entry(SECRET_RULE.into()).or_default() += 1;
-                masked_fields.push("last-applied-configuration");
+            if let Some(a) = annotations(obj) {
+                // The last-applied copy repeats the data; other annotations can hold
+                // anything (a token, a connection string), as the request side reads them.
+                for (key, v) in a.iter_mut() {
+                    if key == LAST_APPLIED {
+                        *v = Value::String(SECRET_REPLACEMENT.into());
+                        *self.counts.entry(SECRET_RULE.into()).or_default() += 1;
+                        masked_fields.push("last-applied-configuration");
+                    } else if !key.starts_with("kubernetes.io/") && key != MASKED_ANNOTATION {
+                        *v = Value::String(SECRET_REPLACEMENT.into());
+                        *self.counts.entry(SECRET_RULE.into()).or_default() += 1;
+                        masked_fields.push("annotations");
+                    }
+                }
             }
+            // Everything else (labels, a type of its own) as any object's.
+            self.leaves(obj, Leaf::Skip(&["data", "stringData", "binaryData"]));
         } else {
-            if group.is_empty() && kind == "ConfigMap" {
-                if let Some(map) = obj.get_mut("data").and_then(Value::as_object_mut) {
-                    for v in map.values_mut() {
-                        self.detect(v);
-                    }
-                }
-                if let Some(map) = obj.get_mut("binaryData").and_then(Value::as_object_mut) {
-                    for v in map.values_mut() {
-                        self.detect_base64(v);
-                    }
-                }
-            }
-            if let Some(a) = annotations(obj)
-                && let Some(v) = a.get_mut(LAST_APPLIED)
+            if group.is_empty()
+                && kind == "ConfigMap"
+                && let Some(map) = obj.get_mut("binaryData").and_then(Value::as_object_mut)
             {
-                self.detect(v);
+                for v in map.values_mut() {
+                    self.detect_base64(v);
+                }
             }
-            self.env_values(obj);
+            // The last-applied copy is masked by the path rules as the object is.
+            self.last_applied_paths(obj, &group, &kind);
+            let skip: &[&str] = if group.is_empty() && kind == "Secret" {
+                // Data a grant reveals.
+                &["data", "stringData", "binaryData"]
+            } else {
+                &["binaryData"]
+            };
+            self.leaves(obj, Leaf::Skip(skip));
         }
-        for (rule, path) in self.masks.kube_paths(&group, &kind) {
+        if self.mask_paths(obj, &group, &kind) {
+            masked_fields.push("policy");
+        }
+        if !masked_fields.is_empty()
+            && let Some(a) = annotations_or_new(obj)
+        {
+            masked_fields.dedup();
+            a.insert(
+                MASKED_ANNOTATION.into(),
+                Value::String(masked_fields.join(",")),
+            );
+        }
+    }
+
+    /// Applies the policy paths of `group`/`kind` to `obj`; whether any value was masked.
+    fn mask_paths(&mut self, obj: &mut Value, group: &str, kind: &str) -> bool {
+        let mut any = false;
+        for (rule, path) in self.masks.kube_paths(group, kind) {
             let parts: Vec<&str> = path.split('.').collect();
             let secret_data =
                 group.is_empty() && kind == "Secret" && parts.first().is_some_and(|p| *p == "data");
@@ -277,40 +319,113 @@ impl Masker<'_> {
             });
             if n > 0 {
                 *self.counts.entry(rule.name.clone()).or_default() += n;
-                masked_fields.push("policy");
+                any = true;
             }
         }
-        if !masked_fields.is_empty()
-            && let Some(a) = annotations_or_new(obj)
-        {
-            masked_fields.dedup();
-            a.insert(
-                MASKED_ANNOTATION.into(),
-                Value::String(masked_fields.join(",")),
+        any
+    }
+
+    /// The last-applied annotation is a copy of the applied object: where policy paths
+    /// apply to the kind, they apply to the copy too (read, masked, written back); a copy
+    /// that does not read as an object is replaced whole.
+    fn last_applied_paths(&mut self, obj: &mut Value, group: &str, kind: &str) {
+        if self.masks.kube_paths(group, kind).is_empty() {
+            return;
+        }
+        let Some(v) = annotations(obj).and_then(|a| a.get_mut(LAST_APPLIED)) else {
+            return;
+        };
+        let copy = v
+            .as_str()
+            .and_then(|t| serde_json::from_str::<Value>(t).ok())
+            .filter(Value::is_object);
+        let Some(mut copy) = copy else {
+            *v = Value::String(SECRET_REPLACEMENT.into());
+            return;
+        };
+        if self.mask_paths(&mut copy, group, kind) {
+            // (Replaced as a whole if it cannot be written: never left in clear.)
+            *annotations(obj)
+                .and_then(|a| a.get_mut(LAST_APPLIED))
+                .unwrap_or(&mut Value::Null) = Value::String(
+                serde_json::to_string(&copy).unwrap_or_else(|_| SECRET_REPLACEMENT.into()),
             );
         }
     }
 
-    /// Applies value detectors to every `env[].value` in the object (containers of Pods and
-    /// of workload templates).
-    fn env_values(&mut self, v: &mut Value) {
+    /// Detectors and patterns on every string of `v` but an object's identity: `kind`,
+    /// `apiVersion`, and in `metadata` the names, UIDs, versions and times; `managedFields`
+    /// are read for the values server-side apply keeps in their keys.
+    fn leaves(&mut self, v: &mut Value, how: Leaf<'_>) {
+        if !self.masks.has_value_rules() {
+            return;
+        }
         match v {
+            Value::String(_) => self.detect(v),
+            // A number can be a value too (a card number in a custom resource).
+            Value::Number(n) => {
+                let mut text = Value::String(n.to_string());
+                self.detect(&mut text);
+                if text.as_str() != Some(n.to_string().as_str()) {
+                    *v = text;
+                }
+            }
+            Value::Array(items) => {
+                for item in items {
+                    self.leaves(item, Leaf::All);
+                }
+            }
             Value::Object(map) => {
                 for (k, child) in map.iter_mut() {
-                    if k == "env"
-                        && let Value::Array(vars) = child
-                    {
-                        for var in vars {
-                            if let Some(value) = var.get_mut("value") {
-                                self.detect(value);
-                            }
+                    let k = k.as_str();
+                    match (&how, k) {
+                        (Leaf::Skip(skip), _) if skip.contains(&k) => {}
+                        (Leaf::Metadata, "managedFields") => self.field_keys(child),
+                        (Leaf::Metadata, _) if IDENTITY_METADATA.contains(&k) => {}
+                        (_, "kind" | "apiVersion") if child.is_string() => {}
+                        (_, "metadata") if child.is_object() => {
+                            self.leaves(child, Leaf::Metadata);
                         }
-                    } else if k != "metadata" {
-                        self.env_values(child);
+                        _ => self.leaves(child, Leaf::All),
                     }
                 }
             }
-            Value::Array(a) => a.iter_mut().for_each(|x| self.env_values(x)),
+            _ => {}
+        }
+    }
+
+    /// The keys of `managedFields` entries' `fieldsV1`, which name list values (`v:"…"`) and
+    /// map-list keys (`k:{…}`): masked as values are.
+    fn field_keys(&mut self, v: &mut Value) {
+        match v {
+            Value::Array(items) => items.iter_mut().for_each(|x| self.field_keys(x)),
+            Value::Object(map) => {
+                let masked: Vec<(String, Option<String>)> = map
+                    .keys()
+                    .map(|k| {
+                        let (m, rules) = self.masks.mask(None, k);
+                        for r in rules {
+                            *self.counts.entry(r).or_default() += 1;
+                        }
+                        let m = match m {
+                            Masked::Clear => None,
+                            Masked::Text(t) => Some(t),
+                            Masked::Null => Some(SECRET_REPLACEMENT.to_owned()),
+                        };
+                        (k.clone(), m)
+                    })
+                    .collect();
+                for (k, m) in masked {
+                    if let Some(new) = m
+                        && let Some(child) = map.remove(&k)
+                    {
+                        map.insert(new, child);
+                    }
+                }
+                for child in map.values_mut() {
+                    self.field_keys(child);
+                }
+            }
             _ => {}
         }
     }
@@ -354,6 +469,32 @@ impl Masker<'_> {
         }
     }
 }
+
+/// How [`Masker::leaves`] reads an object.
+enum Leaf<'s> {
+    /// Every field.
+    All,
+    /// Every field but these (the object's top level).
+    Skip(&'s [&'s str]),
+    /// An object's `metadata`: its identity fields are not values.
+    Metadata,
+}
+
+/// The fields of `metadata` that name the object rather than hold values.
+const IDENTITY_METADATA: &[&str] = &[
+    "name",
+    "namespace",
+    "uid",
+    "resourceVersion",
+    "generation",
+    "generateName",
+    "selfLink",
+    "creationTimestamp",
+    "deletionTimestamp",
+    "deletionGracePeriodSeconds",
+    "ownerReferences",
+    "finalizers",
+];
 
 fn annotations(obj: &mut Value) -> Option<&mut Map<String, Value>> {
     obj.get_mut("metadata")?
@@ -627,6 +768,73 @@ mod tests {
     }
 
     #[test]
+    fn every_value_of_every_object_but_its_identity() {
+        let m = emails();
+        // An Event's message, a termination message, annotations, a custom resource's spec
+        // (a number too), a proxied service's JSON (no kind at all).
+        let mut event = json!({"apiVersion": "v1", "kind": "Event", "metadata": {"name": "alice@example.com.17a", "annotations": {"by": "bob@example.com"}}, "message": "probe failed for carol@example.com", "count": 2});
+        run(&m, &mut event, false);
+        assert_eq!(event["message"], "probe failed for ****");
+        assert_eq!(event["metadata"]["annotations"]["by"], "****");
+        assert_eq!(
+            event["metadata"]["name"], "alice@example.com.17a",
+            "names are identity"
+        );
+        assert_eq!(event["count"], 2);
+        let mut pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": {"containers": [{"name": "c", "args": ["--admin=dana@example.com"]}]}, "status": {"containerStatuses": [{"state": {"terminated": {"message": "owner erin@example.com"}}}]}});
+        run(&m, &mut pod, false);
+        assert_eq!(pod["spec"]["containers"][0]["args"][0], "--admin=****");
+        assert_eq!(
+            pod["status"]["containerStatuses"][0]["state"]["terminated"]["message"],
+            "owner ****"
+        );
+        let cards = masks(
+            "apiVersion: agentgate.dev/v1alpha1\nkind: MaskPolicy\nmetadata: {name: pci}\nspec:\n  rules:\n  - {name: cards, detectors: [CardNumber], action: Redact}\n",
+        );
+        let mut custom = json!({"apiVersion": "shop.io/v1", "kind": "Order", "metadata": {"name": "o"}, "spec": {"card": 4111111111111111u64, "qty": 3}});
+        run(&cards, &mut custom, false);
+        assert_eq!(custom["spec"]["card"], "****");
+        assert_eq!(custom["spec"]["qty"], 3);
+        let mut proxied = json!([{"user": "frank@example.com", "id": 7}]);
+        Masker {
+            masks: &m,
+            reveal_secrets: false,
+            hint: None,
+            counts: BTreeMap::new(),
+        }
+        .document(&mut proxied);
+        assert_eq!(proxied[0]["user"], "****");
+        // Server-side apply keeps list values in managedFields' keys.
+        let mut cm = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c", "managedFields": [{"manager": "kubectl", "fieldsV1": {"f:spec": {"f:owners": {"v:\"gina@example.com\"": {}}}}}]}});
+        run(&m, &mut cm, false);
+        let keys = cm["metadata"]["managedFields"][0]["fieldsV1"]["f:spec"]["f:owners"].to_string();
+        assert!(!keys.contains("gina@") && keys.contains("****"), "{keys}");
+        // A Secret's annotations can hold anything: replaced, but Kubernetes' own.
+        let mut secret = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s", "annotations": {"db-url": "postgres://u:pw@h/db", "kubernetes.io/service-account.name": "robot"}}, "data": {}});
+        run(&m, &mut secret, false);
+        assert_eq!(secret["metadata"]["annotations"]["db-url"], "****");
+        assert_eq!(
+            secret["metadata"]["annotations"]["kubernetes.io/service-account.name"],
+            "robot"
+        );
+        // Path rules apply to the last-applied copy as to the object.
+        let applied =
+            r#"{"apiVersion":"example.com/v1","kind":"Widget","spec":{"token":"abcdef"}}"#;
+        let mut widget = json!({"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w", "annotations": {LAST_APPLIED: applied}}, "spec": {"token": "abcdef"}});
+        run(&m, &mut widget, false);
+        let copy = widget["metadata"]["annotations"][LAST_APPLIED]
+            .as_str()
+            .unwrap();
+        assert!(
+            !copy.contains("abcdef") && copy.contains("****ef"),
+            "{copy}"
+        );
+        let mut broken = json!({"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w", "annotations": {LAST_APPLIED: "{not json abcdef"}}, "spec": {}});
+        run(&m, &mut broken, false);
+        assert_eq!(broken["metadata"]["annotations"][LAST_APPLIED], "****");
+    }
+
+    #[test]
     fn list_items_parsed_lazily_mask_exactly_as_parsed_whole() {
         let policy = masks(
             "apiVersion: agentgate.dev/v1alpha1\nkind: MaskPolicy\nmetadata: {name: pii}\nspec:\n  rules:\n  - {name: emails, detectors: [Email], action: Redact}\n  - name: tokens\n    kubernetes: [{kind: Widget, apiGroup: example.com, paths: [spec.token, metadata.labels.owner]}, {kind: Gadget, apiGroup: '*', paths: ['*.key']}]\n    action: Partial\n    keepLast: 2\n",
@@ -655,6 +863,9 @@ mod tests {
             r#"{"kind":"ConfigMap","apiVersion":"v1","metadata":null,"data":{"o":"x@example.com"}}"#.to_owned(),
             r#"{"kind":"Secret","apiVersion":"v1","data":{"a":"YQ=="},"data":{"b":"Yg=="}}"#.to_owned(),
             r#"{"metadata":{"name":"partial","annotations":{"note":"mail bob@example.com"}}}"#.to_owned(),
+            // Values anywhere: a termination message, a value behind an escape.
+            r#"{"kind":"Pod","apiVersion":"v1","metadata":{"name":"t"},"status":{"containerStatuses":[{"state":{"terminated":{"message":"dana@example.com"}}}]}}"#.to_owned(),
+            r#"{"kind":"Event","apiVersion":"v1","metadata":{"name":"e"},"message":"probe: erin\u0040example.com"}"#.to_owned(),
         ];
         for reveal in [false, true] {
             for raw in &items {

@@ -1162,6 +1162,22 @@ impl Connection {
                 info.subresource.as_str(),
                 "exec" | "attach" | "portforward" | "proxy"
             );
+        // Port-forward and upgraded proxy connections carry bytes agentgate cannot read to
+        // mask: where values are masked for this identity, they are refused before anything
+        // is decided or filed (as downloads are over SSH).
+        if upgrade
+            && !matches!(info.subresource.as_str(), "exec" | "attach")
+            && gw
+                .mask_set(&snapshot, &identity, &target)
+                .is_ok_and(|m| m.has_value_rules())
+        {
+            let why = format!(
+                "agentgate: {} is refused: a MaskPolicy masks values for AgentIdentity {identity} on Target {target}, and this connection would carry bytes agentgate cannot read to mask; read the data through requests agentgate masks (the API, logs, exec), or ask a platform owner about the MaskPolicy",
+                info.describe()
+            );
+            self.refusal_record(Some(&identity), &target, &why);
+            return status(StatusCode::FORBIDDEN, "Forbidden", &why);
+        }
         // The body of a write, read whole (for the decision, the fingerprint and the record).
         let (mut parts, body) = req.into_parts();
         // (A delete's body is its DeleteOptions: a dry run, the propagation policy, a grace

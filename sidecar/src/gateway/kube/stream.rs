@@ -571,6 +571,22 @@ pub async fn upgrade(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_owned();
+    // Output is masked only in a protocol agentgate reads: the server agreeing on another
+    // (or on none) would pass it in clear.
+    if terminal
+        && websocket
+        && masks.has_value_rules()
+        && !super::ws::TERMINAL_PROTOCOLS.contains(&protocol.as_str())
+    {
+        outcome(&rec, id, started, 403, 0, 0, BTreeMap::new());
+        return status(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            &format!(
+                "agentgate masks exec and attach output in the channel.k8s.io protocols (v1 to v5, binary or base64); the server agreed on {protocol:?}, which it cannot read, so the session was not started: use kubectl 1.30 or later"
+            ),
+        );
+    }
     // The relay writes this request's outcome itself, after the HTTP connection (and with
     // it the session's end) is over.
     rec.answered_elsewhere(id);

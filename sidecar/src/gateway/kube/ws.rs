@@ -35,11 +35,25 @@ pub struct Parser {
     broken: bool,
 }
 
+/// The exec and attach subprotocols agentgate reads (the API server's and the kubelet's):
+/// binary channels, and the base64 ones (`v4.base64.channel.k8s.io` is base64 too).
+pub const TERMINAL_PROTOCOLS: &[&str] = &[
+    "v5.channel.k8s.io",
+    "v4.channel.k8s.io",
+    "v3.channel.k8s.io",
+    "v2.channel.k8s.io",
+    "channel.k8s.io",
+    "v4.base64.channel.k8s.io",
+    "v3.base64.channel.k8s.io",
+    "v2.base64.channel.k8s.io",
+    "base64.channel.k8s.io",
+];
+
 impl Parser {
     /// A parser for a connection that agreed on `protocol` (`Sec-WebSocket-Protocol`).
     pub fn new(protocol: &str) -> Self {
         Self {
-            base64: protocol.starts_with("base64."),
+            base64: protocol.ends_with("base64.channel.k8s.io"),
             ..Default::default()
         }
     }
@@ -318,12 +332,20 @@ impl<'a> Reframer<'a> {
                             let masked = self.maskers[i].feed(self.masks, &m.data);
                             self.emit(m.channel, masked, &mut out, &mut sent);
                         }
-                        // Other channels (error, resize, port data), control frames, and
-                        // fragments of a message not yet whole: the error channel's status
-                        // follows the output it ends, so what waits is sent first.
-                        Some(_) => {
+                        // The error channel, and fragments of a message not yet whole: the
+                        // error channel's status follows the output it ends, so what waits
+                        // is sent first.
+                        Some(m) if m.channel == 3 => {
                             self.flush_into(&mut out, &mut sent);
                             out.extend_from_slice(raw);
+                        }
+                        // A server sends output on no other channel: what it would carry
+                        // could not be masked, so it is dropped.
+                        Some(m) => {
+                            tracing::debug!(
+                                channel = m.channel,
+                                "an exec message on an unknown channel was dropped"
+                            );
                         }
                         None if matches!(opcode, 0x0..=0x2) => {
                             // A fragment: its message is relayed (masked) when whole.
@@ -392,6 +414,41 @@ mod tests {
         }))
         .unwrap_or_else(|e| panic!("{e}"));
         MaskSet::compile(&[&p], &|_| None).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn versioned_base64_output_is_masked_and_unknown_channels_are_dropped() {
+        use base64::Engine;
+        let masks = emails();
+        let mut r = Reframer::new("v4.base64.channel.k8s.io", &masks);
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        let mut bytes = frame(
+            1,
+            true,
+            format!("1{}", b64("owner: alice@example.com\n")).as_bytes(),
+            None,
+        );
+        bytes.extend(frame(
+            1,
+            true,
+            format!("7{}", b64("bob@example.com\n")).as_bytes(),
+            None,
+        ));
+        bytes.extend(frame(1, true, format!("3{}", b64("{}")).as_bytes(), None));
+        let out = r.feed(&bytes).0;
+        let got = Parser::new("v4.base64.channel.k8s.io").feed(&out);
+        let text: Vec<(u8, String)> = got
+            .iter()
+            .map(|m| (m.channel, String::from_utf8_lossy(&m.data).into_owned()))
+            .collect();
+        assert_eq!(
+            text,
+            [(1, "owner: ****\n".to_owned()), (3, "{}".to_owned())]
+        );
+        // And a binary stream's unknown channel too.
+        let mut r = Reframer::new("v5.channel.k8s.io", &masks);
+        let out = r.feed(&frame(2, true, b"\x05carol@example.com\n", None)).0;
+        assert!(Parser::new("v5.channel.k8s.io").feed(&out).is_empty());
     }
 
     #[test]
@@ -510,16 +567,19 @@ mod tests {
                 data: b"id\n".to_vec()
             }]
         );
-        // base64 protocols.
-        let mut b64 = Parser::new("base64.channel.k8s.io");
-        let got = b64.feed(&frame(1, true, b"1aGk=", None));
-        assert_eq!(
-            got,
-            vec![Message {
-                channel: 1,
-                data: b"hi".to_vec()
-            }]
-        );
+        // base64 protocols, versioned or not.
+        for protocol in ["base64.channel.k8s.io", "v4.base64.channel.k8s.io"] {
+            let mut b64 = Parser::new(protocol);
+            let got = b64.feed(&frame(1, true, b"1aGk=", None));
+            assert_eq!(
+                got,
+                vec![Message {
+                    channel: 1,
+                    data: b"hi".to_vec()
+                }],
+                "{protocol}"
+            );
+        }
         // Garbage breaks the parser without a panic.
         let mut bad = Parser::new("v4.channel.k8s.io");
         assert!(bad.feed(&[0x83, 0x00]).is_empty());
