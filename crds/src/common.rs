@@ -219,8 +219,11 @@ pub struct SshScope {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16), inner(length(min = 1, max = 32)))]
     pub logins: Vec<String>,
-    /// Commands allowed, as globs over the parsed command line (e.g. `systemctl status *`).
-    /// Empty: whatever the operation classes and guardrails allow.
+    /// Commands allowed, as globs over the parsed command line (e.g. `systemctl status *`):
+    /// a `*` that is a whole word matches any arguments; a `*` inside a word (`cat
+    /// /srv/reports/*`) matches text within that one argument only (no blanks, no `..`
+    /// segment, no `$` or backtick expansion). Empty: whatever the operation classes and
+    /// guardrails allow.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64), inner(length(min = 1, max = 1024)))]
     pub commands: Vec<String>,

@@ -123,9 +123,12 @@ fn setup() -> anyhow::Result<Setup> {
     let real_key = real_pub.split_whitespace().nth(2).unwrap_or_default();
     let other_key = other_pub.split_whitespace().nth(1).unwrap_or_default();
     let spoofed = sshd.target_yaml("spoofed")?.replace(real_key, other_key);
-    for t in ["web", "files", "spoofed"] {
+    for t in ["web", "files", "spoofed", "reports"] {
         sshd.write_credentials(&targets, t)?;
     }
+    // What the `reports` Target's scope allows: reading under this folder only.
+    let reports = dir.path().join("reports");
+    std::fs::create_dir_all(&reports)?;
     std::fs::write(
         policy.join("policy.yaml"),
         format!(
@@ -142,10 +145,13 @@ spec:
       scope: {{ operations: [Read, Write], ssh: {{ portForwarding: true, agentForwarding: true, x11Forwarding: true }} }}
     - target: spoofed
       scope: {{ operations: [Read] }}
+    - target: reports
+      scope: {{ operations: [Read], ssh: {{ commands: ["sftp", "sftp opendir *", "sftp get {reports}/*", "cat {reports}/*"] }} }}
 ---
 {web}---
 {files}---
 {spoofed}---
+{reports_target}---
 apiVersion: agentgate.dev/v1alpha1
 kind: MaskPolicy
 metadata: {{ name: pii }}
@@ -155,6 +161,8 @@ spec:
 "#,
             web = sshd.target_yaml("web")?,
             files = sshd.target_yaml("files")?,
+            reports_target = sshd.target_yaml("reports")?,
+            reports = reports.display(),
         ),
     )?;
     let client_dir = dir.path().join("client");
@@ -791,6 +799,20 @@ fn remote_forwarding_only_where_granted() -> anyhow::Result<()> {
     let mut got = String::new();
     std::io::Read::read_to_string(&mut c, &mut got).ok();
     assert_eq!(got, "hello-remote\n");
+    drop(c);
+    // Each connection the forward carried is decided and recorded, with what it carried.
+    let carried = wait_record(&s, "the forwarded connection", |r| {
+        r["kind"] == "Request"
+            && r["request"]["text"].as_str().is_some_and(|t| {
+                t.starts_with("forwarded connection to ") && t.contains(&format!(":{port} from "))
+            })
+    });
+    assert_eq!(carried["decision"]["verdict"], "Allowed", "{carried}");
+    let (session, id) = (carried["session"].clone(), carried["request"]["id"].clone());
+    let done = wait_record(&s, "the forwarded connection's outcome", |r| {
+        r["kind"] == "Outcome" && r["session"] == session && r["outcome"]["id"] == id
+    });
+    assert_eq!(done["outcome"]["bytesIn"], 13, "{done}");
     let _ = child.kill();
     let _ = child.wait();
     let forwards: Vec<String> = s
@@ -801,6 +823,32 @@ fn remote_forwarding_only_where_granted() -> anyhow::Result<()> {
         .filter(|t| t.starts_with("remote forward "))
         .collect();
     assert_eq!(forwards.len(), 2, "both asks recorded: {forwards:?}");
+    // The granted ask's outcome is the host's answer: a port the host cannot listen on (its
+    // sshd's own) is a failure, recorded as one.
+    let busy = s.env.ssh()?.port();
+    let out = s.ssh(
+        &[
+            "-o",
+            "ExitOnForwardFailure=yes",
+            "-R",
+            &format!("127.0.0.1:{busy}:127.0.0.1:{local}"),
+            "files",
+            "true",
+        ],
+        None,
+    );
+    assert!(!out.status.success());
+    let asked = s.request(&format!("remote forward 127.0.0.1:{busy}"));
+    let (session, id) = (asked["session"].clone(), asked["request"]["id"].clone());
+    let outcome = wait_record(&s, "the refused forward's outcome", |r| {
+        r["kind"] == "Outcome" && r["session"] == session && r["outcome"]["id"] == id
+    });
+    assert!(
+        outcome["outcome"]["error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("the host refused the forwarding")),
+        "{outcome}"
+    );
     Ok(())
 }
 
@@ -1133,5 +1181,447 @@ fn a_held_command_waits_for_its_approver_within_hold_timeout() -> anyhow::Result
     testenv::approvals::wait_outcome(|| s.records(), &["the agent disconnected while it waited"])
         .map_err(anyhow::Error::msg)?;
     assert!(!marker.exists(), "a command ran for an agent that had gone");
+    Ok(())
+}
+
+/// Waits until a record satisfies `pred` and returns it.
+fn wait_record(
+    s: &Setup,
+    what: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(r) = s.records().into_iter().find(|r| pred(r)) {
+            return r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no record of {what}\nsidecar: {}",
+            s.sidecar.log_tail(30)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn terminal_bytes_written_paths_and_wrappers_are_checked_as_the_host_runs_them()
+-> anyhow::Result<()> {
+    let s = setup()?;
+    // With a terminal, a byte beyond ASCII can be an editing key to the host's readline (in
+    // the C locale, U+2008's 0x88 is Meta-Ctrl-H, backward-kill-word): the line bash would
+    // run (`sudo id`) is not the one checked (`echo …`). It is refused, with what to do.
+    let marker = s.dir.path().join("non-ascii-ran");
+    let script = format!(
+        "echo sudo touch {m}\u{2000}\u{2008}\necho after-the-refusal\nexit\n",
+        m = marker.display()
+    );
+    let out = s.ssh(&["-tt", "web"], Some(script.as_bytes()));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("agentgate: refused: the line holds a character beyond ASCII"),
+        "{text}"
+    );
+    assert!(
+        text.contains("without a terminal (ssh HOST 'COMMAND'"),
+        "{text}"
+    );
+    assert!(text.contains("after-the-refusal"), "{text}");
+    assert!(!marker.exists(), "the line reached the host");
+    wait_record(&s, "the refused line", |r| {
+        r["kind"] == "Request"
+            && r["decision"]["rule"] == "non-ascii-with-terminal"
+            && r["decision"]["verdict"] == "Refused"
+    });
+    // Without a terminal the shell reads the bytes as they are: they pass.
+    let out = s.ok(&["web", "echo caf\u{e9}-exec"]);
+    assert_eq!(out.trim(), "caf\u{e9}-exec");
+    let out = s.ssh(
+        &["-T", "web"],
+        Some("echo caf\u{e9}-shell\nexit\n".as_bytes()),
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("caf\u{e9}-shell"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Every path a program writes meets the check `tee` meets: a startup or account file is
+    // Privilege, refused by the default guardrails. (`false &&`: nothing would run anyway.)
+    for (cmd, tee) in [
+        (
+            "false && dd if=/dev/null of=.ssh/authorized_keys",
+            "false && tee .ssh/authorized_keys",
+        ),
+        ("false && sponge -a .bashrc", "false && tee -a .bashrc"),
+        (
+            "false && openssl enc -d -in x -out .profile",
+            "false && tee .profile",
+        ),
+        ("false && cp rc ~/.ssh/", "false && tee ~/.ssh/rc"),
+    ] {
+        for line in [cmd, tee] {
+            let err = s.refused(&["web", line]);
+            assert!(err.contains("agentgate-block-privilege"), "{line}: {err}");
+            let r = s.request(line);
+            assert_eq!(r["request"]["operation"], "Privilege", "{line}: {r}");
+        }
+    }
+    // A program that runs the command it is given: the command is checked.
+    for cmd in [
+        "ssh-agent bash -c 'sudo id'",
+        "xvfb-run -a sudo id",
+        "some-launcher --verbose sudo id",
+        "strace -f sudo id",
+    ] {
+        let err = s.refused(&["web", cmd]);
+        assert!(err.contains("agentgate-block-privilege"), "{cmd}: {err}");
+    }
+    let held = s.refused(&["web", "systemd-cat sh"]);
+    assert!(held.contains("held for approval"), "{held}");
+    Ok(())
+}
+
+#[test]
+fn sftp_links_are_judged_by_where_they_lead_and_scopes_by_normalized_paths() -> anyhow::Result<()> {
+    let s = setup()?;
+    let remote = s.dir.path().join("remote");
+    std::fs::create_dir_all(&remote)?;
+    std::fs::write(remote.join("plain.txt"), b"plain")?;
+    let sftp = |target: &str, batch: &str| -> Output {
+        let file = s.dir.path().join("sftp-batch");
+        std::fs::write(&file, batch).expect("batch");
+        Command::new("sftp")
+            .arg("-F")
+            .arg(&s.config)
+            .args(["-o", "BatchMode=yes", "-b"])
+            .arg(&file)
+            .arg(target)
+            .output()
+            .expect("sftp")
+    };
+    // A link to a place where account or startup files live lets a later plain upload land
+    // there (`ln -s /etc e`, then `put x e/sudoers.d/agent`): Privilege, as the shell's `ln`.
+    let link = remote.join("e");
+    let out = sftp("files", &format!("ln -s /etc {}\n", link.display()));
+    assert!(!out.status.success(), "the link to /etc was made");
+    assert!(std::fs::symlink_metadata(&link).is_err(), "the link exists");
+    let r = s.request(&format!("sftp symlink /etc {}", link.display()));
+    assert_eq!(r["decision"]["verdict"], "Refused", "{r}");
+    assert_eq!(r["request"]["operation"], "Privilege", "{r}");
+    // A relative target is read from the link's directory: `../../..` from there is `/`.
+    let depth = remote.components().count() - 1;
+    let up = "../".repeat(depth);
+    let out = sftp(
+        "files",
+        &format!("ln -s {up}etc/cron.d {}/c\n", remote.display()),
+    );
+    assert!(!out.status.success(), "the link to /etc/cron.d was made");
+    // A link among ordinary files is an ordinary write.
+    let out = sftp(
+        "files",
+        &format!(
+            "ln -s {r}/plain.txt {r}/alias.txt\nrename {r}/alias.txt {r}/alias2.txt\n",
+            r = remote.display()
+        ),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(std::fs::symlink_metadata(remote.join("alias2.txt")).is_ok());
+    // Scopes see normalized paths: `sftp get <reports>/*` allows a file there, not one that
+    // `..` climbs out to; relative paths are in the home directory.
+    let reports = s.dir.path().join("reports");
+    std::fs::write(reports.join("q1.txt"), b"q1")?;
+    std::fs::write(s.dir.path().join("secret.txt"), b"secret")?;
+    let local = s.dir.path().join("got");
+    std::fs::create_dir_all(&local)?;
+    let out = sftp(
+        "reports",
+        &format!(
+            "get {}/./q1.txt {}/q1.txt\n",
+            reports.display(),
+            local.display()
+        ),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(local.join("q1.txt"))?, b"q1");
+    let out = sftp(
+        "reports",
+        &format!(
+            "get {}/../secret.txt {}/secret.txt\n",
+            reports.display(),
+            local.display()
+        ),
+    );
+    assert!(
+        !out.status.success(),
+        "a path climbing out of the scope was read"
+    );
+    assert!(!local.join("secret.txt").exists());
+    // Recorded as the path was sent, `..` and all: not allowed.
+    let climbing = wait_record(&s, "the climbing read", |r| {
+        r["kind"] == "Request"
+            && r["request"]["text"]
+                == format!("sftp get {}/../secret.txt", reports.display()).as_str()
+    });
+    assert_ne!(climbing["decision"]["verdict"], "Allowed", "{climbing}");
+    // In a shell: a `*` of the scope stays within one argument, and never covers `..`.
+    let out = s.ok(&["reports", &format!("cat {}/q1.txt", reports.display())]);
+    assert_eq!(out, "q1");
+    for cmd in [
+        format!("cat {r}/../secret.txt", r = reports.display()),
+        format!(
+            "cat {r}/q1.txt {}",
+            s.dir.path().join("secret.txt").display(),
+            r = reports.display()
+        ),
+    ] {
+        let err = s.refused(&["reports", &cmd]);
+        assert!(err.contains("held for approval"), "{cmd}: {err}");
+    }
+    Ok(())
+}
+
+#[test]
+fn requests_are_bounded_per_connection_and_every_refusal_recorded() -> anyhow::Result<()> {
+    let s = setup()?;
+    // Environment requests: at most 64 per channel, none over 4 KiB; the command runs, the
+    // excess is refused and recorded.
+    let many: Vec<String> = (0..70).map(|i| format!("LC_AGENTGATE_{i}=x")).collect();
+    let out = s.ssh(
+        &[
+            "-o",
+            &format!("SetEnv={}", many.join(" ")),
+            "web",
+            "echo env-ok",
+        ],
+        None,
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("env-ok"));
+    wait_record(&s, "the refused environment", |r| {
+        r["kind"] == "Refusal"
+            && r["note"]
+                .as_str()
+                .is_some_and(|n| n.contains("environment variables past the first 64"))
+    });
+    let out = s.ssh(
+        &[
+            "-o",
+            &format!("SetEnv=LC_BIG={}", "x".repeat(4200)),
+            "web",
+            "echo big-env-ok",
+        ],
+        None,
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("big-env-ok"));
+    wait_record(&s, "the refused long variable", |r| {
+        r["kind"] == "Refusal"
+            && r["note"]
+                .as_str()
+                .is_some_and(|n| n.contains("an environment variable of 4206 bytes"))
+    });
+    // Channels: at most 32 open at once on one connection (each holds a connection to the
+    // host); the next is refused with the reason.
+    let control = s.dir.path().join("cm");
+    let mut master = Command::new("ssh")
+        .arg("-F")
+        .arg(&s.config)
+        .args(["-o", "BatchMode=yes", "-o", "ControlMaster=yes", "-o"])
+        .arg(format!("ControlPath={}", control.display()))
+        .args(["-N", "web"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !control.exists() {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the control master did not start"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let muxed = |cmd: String| {
+        let mut c = Command::new("ssh");
+        c.arg("-F")
+            .arg(&s.config)
+            .args(["-o", "BatchMode=yes", "-o", "ControlMaster=no", "-o"])
+            .arg(format!("ControlPath={}", control.display()))
+            .args(["web", &cmd])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        c
+    };
+    let mut sleepers = Vec::new();
+    for i in 0..32 {
+        sleepers.push(muxed(format!("sleep 30; echo sleeper-{i}")).spawn()?);
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let running = s
+            .records()
+            .iter()
+            .filter(|r| {
+                r["kind"] == "Request"
+                    && r["request"]["text"]
+                        .as_str()
+                        .is_some_and(|t| t.starts_with("sleep 30; echo sleeper-"))
+            })
+            .count();
+        if running == 32 {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "only {running} of 32 channels started"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = muxed("echo one-too-many".into()).output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(126), "{err}");
+    assert!(
+        err.contains("already has 32 sessions and forwardings open"),
+        "{err}"
+    );
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("one-too-many"));
+    for mut c in sleepers {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    let _ = master.kill();
+    let _ = master.wait();
+    // Unix socket forwarding is refused, and recorded: to a socket on the host (-L), and
+    // from one (-R).
+    let listen = free_port()?;
+    let mut fwd = Command::new("ssh")
+        .arg("-F")
+        .arg(&s.config)
+        .args(["-o", "BatchMode=yes", "-N", "-L"])
+        .arg(format!("127.0.0.1:{listen}:/run/agentgate-test.sock"))
+        .arg("files")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", listen)) {
+            c.set_read_timeout(Some(Duration::from_secs(5)))?;
+            let mut buf = [0u8; 16];
+            let _ = std::io::Read::read(&mut c, &mut buf);
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "ssh -L did not listen");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    wait_record(&s, "the refused socket forwarding", |r| {
+        r["kind"] == "Refusal"
+            && r["note"].as_str().is_some_and(|n| {
+                n.starts_with("forwarding to the Unix socket /run/agentgate-test.sock")
+            })
+    });
+    let _ = fwd.kill();
+    let _ = fwd.wait();
+    let out = s.ssh(
+        &[
+            "-o",
+            "ExitOnForwardFailure=yes",
+            "-R",
+            "/tmp/agentgate-test-remote.sock:127.0.0.1:22",
+            "files",
+            "true",
+        ],
+        None,
+    );
+    assert!(!out.status.success());
+    wait_record(&s, "the refused remote socket forwarding", |r| {
+        r["kind"] == "Refusal"
+            && r["note"]
+                .as_str()
+                .is_some_and(|n| n.starts_with("a remote forwarding of the Unix socket"))
+    });
+    // A transfer's messages on stderr are recorded (masked) as they pass.
+    let out = s.ssh(
+        &["files", "rsync --server --agentgate-bogus . /tmp/x"],
+        None,
+    );
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(said.contains("agentgate-bogus"), "{said}");
+    let session = s.request("rsync --server --agentgate-bogus . /tmp/x")["session"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    wait_record(&s, "the transfer's stderr", |r| {
+        r["session"] == session.as_str()
+            && r["kind"] == "Io"
+            && r["io"]["data"]
+                .as_str()
+                .is_some_and(|d| d.contains("agentgate-bogus"))
+    });
+    Ok(())
+}
+
+#[test]
+fn a_channel_whose_access_ends_is_recorded_though_the_agent_stops_reading() -> anyhow::Result<()> {
+    let s = setup()?;
+    // The agent's ssh does not read its output: the pipe fills, then its window, and the
+    // gateway cannot write to it any more.
+    let mut child = Command::new("ssh")
+        .arg("-F")
+        .arg(&s.config)
+        .args([
+            "-o",
+            "BatchMode=yes",
+            "web",
+            "yes agentgate-fill-the-window",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    s.request("yes agentgate-fill-the-window");
+    std::thread::sleep(Duration::from_secs(3));
+    // The identity is disabled: the channel ends, its outcome is recorded and the host
+    // left, whether or not the agent reads why.
+    let file = s.dir.path().join("policy/policy.yaml");
+    let text = std::fs::read_to_string(&file)?;
+    let disabled = text.replace(
+        "  owner: platform-team\n",
+        "  owner: platform-team\n  disabled: true\n",
+    );
+    std::fs::write(file.with_extension("tmp"), disabled)?;
+    std::fs::rename(file.with_extension("tmp"), &file)?;
+    let r = wait_record(&s, "the ended channel's outcome", |r| {
+        r["kind"] == "Outcome"
+            && r["outcome"]["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("access ended while the request ran"))
+    });
+    assert!(
+        r["outcome"]["bytesOut"].as_u64().is_some_and(|b| b > 0),
+        "{r}"
+    );
+    // The host's side is closed (`yes` ends on its broken pipe); once the agent reads
+    // again, its ssh sees the channel end.
+    if let Some(mut out) = child.stdout.take() {
+        std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait()?.is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the agent's channel was never closed");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
     Ok(())
 }

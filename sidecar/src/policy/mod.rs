@@ -170,7 +170,7 @@ impl SshAccess {
             || self
                 .commands
                 .iter()
-                .all(|c| scope.commands.iter().any(|p| glob::matches(p, c)));
+                .all(|c| scope.commands.iter().any(|p| glob::matches_command(p, c)));
         let forwarding_ok = match self.forwarding {
             None => true,
             Some(SshForwarding::Port) => scope.port_forwarding,

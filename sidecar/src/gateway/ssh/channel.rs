@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use agentgate_crds::audit::{self as records, IoChunk, Outcome, RecordKind};
@@ -33,6 +33,61 @@ const FLUSH_AFTER: Duration = Duration::from_millis(25);
 /// like would run code no guardrail saw).
 fn passed_env(name: &str) -> bool {
     name == "LANG" || name == "TZ" || name == "COLORTERM" || name.starts_with("LC_")
+}
+
+/// The most environment requests one channel may make (each is kept until the command
+/// starts).
+pub const MAX_ENV: usize = 64;
+/// The longest environment variable, name and value together, a channel may send.
+pub const MAX_ENV_BYTES: usize = 4096;
+
+/// Why an environment request is refused, if it is: `seen` is how many the channel made
+/// before it. The connection's handler answers it with this rule, and the channel's task
+/// keeps what it allows by the same rule.
+pub fn env_refused(seen: usize, name: &str, value: &str) -> Option<String> {
+    if seen >= MAX_ENV {
+        Some(format!(
+            "agentgate refuses environment variables past the first {MAX_ENV} of a channel; send fewer (only LANG, LC_*, TZ and COLORTERM reach the host)"
+        ))
+    } else if name.len() + value.len() > MAX_ENV_BYTES {
+        Some(format!(
+            "agentgate refuses an environment variable of {} bytes (at most {MAX_ENV_BYTES}, name and value together); send a shorter one",
+            name.len() + value.len()
+        ))
+    } else {
+        None
+    }
+}
+
+/// The most session channels and forwardings one agent connection may have open at once:
+/// each holds a connection of its own to the host.
+pub const MAX_OPEN: usize = 32;
+
+/// What the agent is told when its connection has [`MAX_OPEN`] channels and forwardings
+/// open already.
+pub fn too_many_open() -> String {
+    format!(
+        "agentgate: refused: this SSH connection already has {MAX_OPEN} sessions and forwardings open, the most agentgate allows on one connection (each holds its own connection to the host): close some (idle ControlMaster sessions, forwards), or open another SSH connection"
+    )
+}
+
+/// One of a connection's [`MAX_OPEN`] places, given back when dropped.
+#[derive(Debug)]
+pub struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    /// Takes a place of `open` (the connection's count), if one is free.
+    pub fn take(open: &Arc<AtomicUsize>) -> Option<Self> {
+        open.fetch_update(Relaxed, Relaxed, |n| (n < MAX_OPEN).then_some(n + 1))
+            .ok()
+            .map(|_| Self(open.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
 }
 
 /// Whether a locale value keeps the host's shell reading bytes as the gateway does: UTF-8,
@@ -225,7 +280,18 @@ impl Ctx {
             cmd,
             crate::clock::now(),
         );
-        // A session begun with a token: it must still map to the identity.
+        // A session begun with a token: the token must still stand (unexpired, and the API
+        // server's word for a service-account token) and still map to the identity.
+        if let (Some(v), Some(verifier)) = (&self.agent.token, self.gw.core.verifier.as_ref())
+            && let Err(why) = verifier.still_valid(v)
+        {
+            return Decision {
+                verdict: Verdict::Refuse,
+                rule: "token-ended".into(),
+                grant: None,
+                message: format!("agentgate: {why}"),
+            };
+        }
         if let (Some(v), Some(verifier), Some(s)) = (
             &self.agent.token,
             self.gw.core.verifier.as_ref(),
@@ -411,14 +477,11 @@ impl Ctx {
             return Err(msg);
         };
         let waiting = agentgate_crds::common::format_duration(wait);
-        let _ = to_agent
-            .extended_data_bytes(
-                1,
-                Bytes::from(format!(
-                    "{msg}\r\nagentgate: waiting up to {waiting} for an approver…\r\n"
-                )),
-            )
-            .await;
+        tell_stderr(
+            to_agent,
+            format!("{msg}\r\nagentgate: waiting up to {waiting} for an approver…\r\n"),
+        )
+        .await;
         let decided = crate::policy::approval::await_decision(
             &self.gw.core.policy,
             &self.agent.identity,
@@ -469,15 +532,11 @@ impl Ctx {
         }
         // Nothing runs for an agent that has gone while it waited (a delete approved an hour
         // later would run with nobody there).
-        if to_agent
-            .extended_data_bytes(
-                1,
-                Bytes::from(format!(
-                    "agentgate: AccessGrant {name} approved: running it\r\n"
-                )),
-            )
-            .await
-            .is_err()
+        if !tell_stderr(
+            to_agent,
+            format!("agentgate: AccessGrant {name} approved: running it\r\n"),
+        )
+        .await
         {
             return Err(format!(
                 "the agent disconnected while it waited; AccessGrant {name} was approved and is unused"
@@ -579,14 +638,42 @@ fn approvable(d: Decision, text: &str) -> Decision {
     }
 }
 
-/// Ends a channel the agent opened with a message on stderr and an exit status.
+/// How long a message to the agent may wait for it to read (its window full): a channel
+/// that ends, or a refusal, goes on without it then.
+const TELL_WITHIN: Duration = Duration::from_secs(5);
+
+/// Writes `message` on the agent's stderr, waiting at most [`TELL_WITHIN`] for its window;
+/// `false` when the channel is gone (an agent that only does not read in time is still
+/// there: the message is dropped, and logged).
+async fn tell_stderr(out: &ChannelWriteHalf<server::Msg>, message: String) -> bool {
+    match tokio::time::timeout(
+        TELL_WITHIN,
+        out.extended_data_bytes(1, Bytes::from(message)),
+    )
+    .await
+    {
+        Ok(sent) => sent.is_ok(),
+        Err(_) => {
+            tracing::info!(
+                "the agent did not read a message from agentgate within {} s; its channel goes on without it",
+                TELL_WITHIN.as_secs()
+            );
+            true
+        }
+    }
+}
+
+/// Ends a channel the agent opened with a message on stderr and an exit status. Bounded: an
+/// agent that does not read its channel gets it closed without the message (callers record
+/// the outcome and leave the host first).
 async fn fail(out: &ChannelWriteHalf<server::Msg>, message: &str, status: u32) {
-    let _ = out
-        .extended_data_bytes(1, Bytes::from(format!("{message}\r\n")))
-        .await;
-    let _ = out.exit_status(status).await;
-    let _ = out.eof().await;
-    let _ = out.close().await;
+    tell_stderr(out, format!("{message}\r\n")).await;
+    let _ = tokio::time::timeout(TELL_WITHIN, async {
+        let _ = out.exit_status(status).await;
+        let _ = out.eof().await;
+        let _ = out.close().await;
+    })
+    .await;
 }
 
 /// Whether `command` is a bare shell reading its commands from stdin (`bash`, `sh -s`).
@@ -637,13 +724,16 @@ fn transfer(command: &str) -> Option<bool> {
     }
 }
 
-/// Serves one session channel to its end.
+/// Serves one session channel to its end, holding `slot` (one of the connection's places)
+/// while it is open.
 pub async fn run(
     gw: Arc<SshGateway>,
     agent: Agent,
     channel: russh::Channel<server::Msg>,
     handle: server::Handle,
+    slot: Slot,
 ) {
+    let _slot = slot;
     let (mut from_agent, to_agent) = channel.split();
     let to_agent = Arc::new(to_agent);
     let ctx = match Ctx::resolve(&gw, &agent) {
@@ -656,7 +746,8 @@ pub async fn run(
     };
     // The requests before the session starts.
     let mut pty = None;
-    let mut env = Vec::new();
+    let mut env: Vec<(String, String)> = Vec::new();
+    let mut env_seen = 0usize;
     let mut agent_forwarding = false;
     let mut x11 = None;
     let mode = loop {
@@ -684,8 +775,17 @@ pub async fn run(
                 variable_value,
                 ..
             }) => {
-                if passed_env(&variable_name) && safe_locale(&variable_name, &variable_value) {
-                    env.push((variable_name, variable_value));
+                // The connection's handler refused those past the bounds (by the same rule).
+                let refused = env_refused(env_seen, &variable_name, &variable_value).is_some();
+                env_seen += 1;
+                if !refused
+                    && passed_env(&variable_name)
+                    && safe_locale(&variable_name, &variable_value)
+                {
+                    match env.iter_mut().find(|(k, _)| *k == variable_name) {
+                        Some(e) => e.1 = variable_value,
+                        None => env.push((variable_name, variable_value)),
+                    }
                 }
             }
             Some(ChannelMsg::WindowChange {
@@ -850,6 +950,7 @@ pub async fn run(
         agent_forwarding,
         x11: x11.is_some(),
         remote: false,
+        log: Some(ctx.clone()),
     };
     let up = match upstream::connect(
         &ctx.spec,
@@ -943,18 +1044,26 @@ pub async fn run(
             (sent_in.load(Relaxed), sent_out.load(Relaxed), Some(msg.clone()), Some(msg))
         }
     };
-    if let Some(msg) = ended {
+    if ended.is_some() {
         output.abort();
         // The command is stopped on the host too (without a terminal, closing the channel
         // alone would leave it running).
-        let _ = to_host.signal(russh::Sig::TERM).await;
-        let _ = to_host.close().await;
+        let _ = tokio::time::timeout(TELL_WITHIN, async {
+            let _ = to_host.signal(russh::Sig::TERM).await;
+            let _ = to_host.close().await;
+        })
+        .await;
+    }
+    // The record and the host first: telling the agent may wait on it (bounded).
+    ctx.outcome(id, started, (bytes_in, bytes_out), error);
+    let _ = tokio::time::timeout(
+        TELL_WITHIN,
+        up.disconnect(russh::Disconnect::ByApplication, "", "en"),
+    )
+    .await;
+    if let Some(msg) = ended {
         fail(&to_agent, &msg, REFUSED_EXIT).await;
     }
-    ctx.outcome(id, started, (bytes_in, bytes_out), error);
-    let _ = up
-        .disconnect(russh::Disconnect::ByApplication, "", "en")
-        .await;
     ctx.rec.end("the channel closed");
 }
 
@@ -1150,7 +1259,12 @@ async fn agent_to_host(
                                 }
                             }
                             Input::Refused { text, why } => {
-                                let why = refuse_line(ctx, &text, "line-editing", why);
+                                let rule = if why == super::terminal::NON_ASCII_WITH_TERMINAL {
+                                    "non-ascii-with-terminal"
+                                } else {
+                                    "line-editing"
+                                };
+                                let why = refuse_line(ctx, &text, rule, why);
                                 tell(to_agent, pty, &format!("agentgate: refused: {why}")).await;
                             }
                         }
@@ -1361,7 +1475,20 @@ async fn sftp_request(ctx: &Arc<Ctx>, packet: &[u8]) -> Result<(), Vec<u8>> {
         // Uploading over an account, sudo or startup file is what the shell path calls it
         // (relative paths are in the login's home); a setuid or setgid bit is `chmod u+s`,
         // an owner `chown`.
-        command::landing_class(&op.paths, op.setid || op.chown)
+        let landing = command::landing_class(&op.paths, op.setid || op.chown);
+        // A link or a rename is judged as the shell's `ln` and `mv` are: by where a later
+        // plain write through it would land (`symlink .ssh s`, then `put x s/rc`).
+        let linked = match (op.name.as_str(), op.paths.as_slice()) {
+            // OpenSSH sends the target first, the link second; the draft standard the other
+            // way round: both readings are checked.
+            ("symlink", [a, b]) => {
+                command::more_severe(command::symlink_class(a, b), command::symlink_class(b, a))
+            }
+            ("link", [existing, link]) => command::hardlink_class(existing, link),
+            ("rename", [_, to]) => command::rename_class(to),
+            _ => OperationClass::Write,
+        };
+        command::more_severe(landing, linked)
     } else {
         OperationClass::Read
     };
@@ -1430,16 +1557,15 @@ async fn scp_entry(ctx: &Arc<Ctx>, paths: &[String], setid: bool) -> Result<(), 
 /// Writes a message to the agent's terminal (stdout with a pty, stderr without).
 async fn tell(to_agent: &ChannelWriteHalf<server::Msg>, pty: bool, msg: &str) {
     if pty {
-        let _ = to_agent
-            .data_bytes(Bytes::from(format!(
-                "\r\n{}\r\n",
-                msg.replace('\n', "\r\n")
-            )))
-            .await;
+        let text = format!("\r\n{}\r\n", msg.replace('\n', "\r\n"));
+        if tokio::time::timeout(TELL_WITHIN, to_agent.data_bytes(Bytes::from(text)))
+            .await
+            .is_err()
+        {
+            tracing::info!("the agent did not read a refusal's message in time");
+        }
     } else {
-        let _ = to_agent
-            .extended_data_bytes(1, Bytes::from(format!("{msg}\n")))
-            .await;
+        tell_stderr(to_agent, format!("{msg}\n")).await;
     }
 }
 
@@ -1527,8 +1653,11 @@ async fn host_to_agent(
                     let e = err.feed(&ctx.masks, &data);
                     sent.fetch_add(send_output(&ctx, &to_agent, Vec::new(), e).await, Relaxed);
                 } else {
+                    // A transfer's or sftp server's messages: recorded as they pass, masked.
                     let e = err.feed(&ctx.masks, &data);
                     if !e.is_empty() {
+                        ctx.io("o", &e);
+                        sent.fetch_add(e.len() as u64, Relaxed);
                         let _ = to_agent.extended_data_bytes(ext, Bytes::from(e)).await;
                     }
                 }
@@ -1768,9 +1897,29 @@ pub fn may_forward(gw: &SshGateway, agent: &Agent, kind: SshForwarding) -> bool 
 impl Ctx {
     /// Records a forwarding asked for on this channel and whether it is granted.
     fn forwarding(&self, kind: SshForwarding, text: &str) -> bool {
+        match self.forwarding_asked(kind, text, false) {
+            Ok(id) => {
+                self.outcome(id, Instant::now(), (0, 0), None);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Decides and records a forwarding of `kind` described by `text`: `Ok` with the
+    /// request's number when it is granted (its outcome is the caller's to record), `Err`
+    /// with why not (its outcome recorded). With `strict`, the request is also decided as
+    /// any other (a token that ended, a pod that is not the identity refuse it).
+    fn forwarding_asked(
+        &self,
+        kind: SshForwarding,
+        text: &str,
+        strict: bool,
+    ) -> Result<u64, String> {
         let access = self.access(Vec::new(), Some(kind));
-        let granted = self.gw.core.policy.get().is_some_and(|now| {
-            forwarding_granted(&now, &self.agent.identity, &self.target, &access)
+        let snapshot = self.gw.core.policy.get();
+        let granted = snapshot.as_deref().is_some_and(|now| {
+            forwarding_granted(now, &self.agent.identity, &self.target, &access)
         });
         let cmd = self.ssh_command(
             OperationClass::Exec,
@@ -1779,34 +1928,62 @@ impl Ctx {
             std::iter::once(text.to_owned()).collect(),
             Some(access),
         );
-        let decision = if granted {
-            Decision {
-                verdict: Verdict::Allow,
-                rule: "ssh-forwarding".into(),
-                grant: None,
-                message: String::new(),
-            }
-        } else {
-            Decision {
+        let flag = match kind {
+            SshForwarding::Port => "ssh.portForwarding",
+            SshForwarding::Agent => "ssh.agentForwarding",
+            SshForwarding::X11 => "ssh.x11Forwarding",
+        };
+        let mut decision = Decision {
+            verdict: Verdict::Allow,
+            rule: "ssh-forwarding".into(),
+            grant: None,
+            message: String::new(),
+        };
+        if !granted {
+            decision = Decision {
                 verdict: Verdict::Refuse,
                 rule: "ssh-forwarding".into(),
                 grant: None,
                 message: format!(
-                    "{text} is refused unless a baseline entry or an AccessGrant allows it (ssh.agentForwarding, ssh.x11Forwarding)"
+                    "{text} is refused unless a baseline entry or an AccessGrant sets {flag}"
                 ),
+            };
+        } else if strict {
+            // A grant's flag allows what the guardrails would hold; a refusal (a token
+            // that ended, a pod that is not the identity, a guardrail) stands.
+            let d = match snapshot.as_deref() {
+                Some(s) => forward_decision(self, &cmd, s),
+                None => self.decide(&cmd),
+            };
+            if d.verdict != Verdict::Allow {
+                decision = Decision {
+                    verdict: Verdict::Refuse,
+                    ..d
+                };
             }
-        };
-        // Recorded either way (the request and its outcome); granted only when the record
-        // was taken.
-        let recorded = match self.record("forward", text, &cmd, &decision) {
-            Ok(id) => {
-                let error = (!granted).then(|| decision.message.clone());
-                self.outcome(id, Instant::now(), (0, 0), error);
-                true
-            }
-            Err(_) => false,
-        };
-        granted && recorded
+        }
+        // Recorded either way; granted only when the record was taken.
+        let id = self
+            .record("forward", text, &cmd, &decision)
+            .map_err(|why| format!("agentgate: {why}"))?;
+        if decision.verdict != Verdict::Allow {
+            self.outcome(id, Instant::now(), (0, 0), Some(decision.message.clone()));
+            return Err(decision.message);
+        }
+        Ok(id)
+    }
+}
+
+/// A connection the host opens back (a remote forward's, an agent or X11 forwarding's) is
+/// decided again, as the forwarding that allowed it would be now, and recorded with what
+/// passed.
+impl upstream::BackLog for Ctx {
+    fn opened(&self, kind: SshForwarding, what: &str) -> Result<u64, String> {
+        self.forwarding_asked(kind, what, true)
+    }
+
+    fn closed(&self, id: u64, started: Instant, bytes: (u64, u64), error: Option<String>) {
+        self.outcome(id, started, bytes, error);
     }
 }
 
@@ -1820,18 +1997,27 @@ pub async fn remote_forward(
     port: u32,
     handle: server::Handle,
 ) -> Result<(u32, Arc<Connection>), String> {
-    let ctx = Ctx::resolve(gw, agent)?;
+    let ctx = Arc::new(Ctx::resolve(gw, agent)?);
     let text = format!("remote forward {address}:{port}");
-    let granted = ctx.forwarding(SshForwarding::Port, &text);
-    if !granted {
-        ctx.rec.end("the forwarding was refused");
-        return Err(format!(
-            "{text} is refused unless a baseline entry or an AccessGrant sets ssh.portForwarding"
-        ));
-    }
+    let id = match ctx.forwarding_asked(SshForwarding::Port, &text, false) {
+        Ok(id) => id,
+        Err(why) => {
+            ctx.rec.end("the forwarding was refused");
+            return Err(why);
+        }
+    };
+    // The outcome is the host's answer: a forward it refuses is a failure.
+    let started = Instant::now();
+    let failed = |why: String| {
+        ctx.outcome(id, started, (0, 0), Some(why.clone()));
+        ctx.rec.end("the forwarding failed");
+        why
+    };
+    // Each connection the host passes back is decided again and recorded in this session.
     let back = upstream::Back {
         agent: Some(handle),
         remote: true,
+        log: Some(ctx.clone()),
         ..Default::default()
     };
     let up = upstream::connect(
@@ -1840,11 +2026,24 @@ pub async fn remote_forward(
         &ctx.login,
         back,
     )
-    .await?;
-    let bound = up
-        .tcpip_forward(address, port)
-        .await
-        .map_err(|e| format!("the host refused the forwarding: {e}"))?;
+    .await
+    .map_err(|e| {
+        failed(format!(
+            "agentgate cannot reach the host of {}: {e}",
+            ctx.target
+        ))
+    })?;
+    let bound = match up.tcpip_forward(address, port).await {
+        Ok(bound) => bound,
+        Err(e) => {
+            let why = failed(format!("the host refused the forwarding: {e}"));
+            let _ = up
+                .disconnect(russh::Disconnect::ByApplication, "", "en")
+                .await;
+            return Err(why);
+        }
+    };
+    ctx.outcome(id, started, (0, 0), None);
     let up = Arc::new(up);
     // The forward ends when port forwarding is no longer granted: the host connection that
     // listens for it is closed. The watch ends with the agent's connection.
@@ -1882,11 +2081,14 @@ pub async fn remote_forward(
     Ok((if port == 0 { bound } else { port }, up))
 }
 
-/// Relays a granted forwarding's bytes both ways.
+/// Relays a granted forwarding's bytes both ways, holding `slot` (one of the connection's
+/// places) while it is open.
 pub async fn relay_forward(
     agent: russh::Channel<server::Msg>,
     (up, ctx, conn, cmd, id): Forwarded,
+    slot: Slot,
 ) {
+    let _slot = slot;
     let started = Instant::now();
     // Counted as they pass, so that a forward cut short still records what it carried.
     let (sent, received) = (Arc::default(), Arc::default());
@@ -1921,13 +2123,14 @@ pub async fn relay_forward(
 }
 
 /// A stream that counts the bytes read from it.
-struct ReadCounter<S> {
+pub(super) struct ReadCounter<S> {
     inner: S,
     read: Arc<AtomicU64>,
 }
 
 impl<S> ReadCounter<S> {
-    fn new(inner: S, read: Arc<AtomicU64>) -> Self {
+    /// `inner`, adding what is read from it to `read`.
+    pub(super) fn new(inner: S, read: Arc<AtomicU64>) -> Self {
         Self { inner, read }
     }
 }

@@ -5,7 +5,12 @@
 //! `xargs`, `timeout` or `find -exec` — its program name is resolved as the shell would
 //! (quotes and escapes removed, path stripped), and each gets an operation class. The line's
 //! class is the most severe. What cannot be parsed is refused; a program name that comes from
-//! an expansion cannot be known, so it is `Exec` (held by default).
+//! an expansion cannot be known, so it is `Exec` (held by default). A wrapper agentgate knows
+//! (`strace`, `ssh-agent`, `xvfb-run`…), or a program it does not know, that is given a
+//! shell, an interpreter, a wrapper or `sudo` as an operand is taken to run it: that command
+//! is classified too. Every file a program writes (a redirection, `tee`, `dd of=`, `cp`'s
+//! destination, `sort -o`, `openssl -out`…) meets one check: account, sudo, cron and
+//! login-startup files are `Privilege`, devices `Admin`.
 
 use std::collections::BTreeSet;
 
@@ -69,6 +74,11 @@ pub enum Unparsable {
     /// NUL or other control bytes.
     #[error("the command holds control bytes")]
     Binary,
+}
+
+/// The more severe of two classes.
+pub fn more_severe(a: OperationClass, b: OperationClass) -> OperationClass {
+    if severity(b) > severity(a) { b } else { a }
 }
 
 fn severity(c: OperationClass) -> u8 {
@@ -641,7 +651,7 @@ const RUNS_CODE_ENV: [&str; 18] = [
 ];
 
 /// Programs that run other programs, escalate, or change how later commands run.
-const RUNS_CODE: [&str; 65] = [
+const RUNS_CODE: &[&str] = &[
     // History and editing: run an earlier or edited command.
     "fc",
     "history",
@@ -713,7 +723,172 @@ const RUNS_CODE: [&str; 65] = [
     "setopt",
     "unsetopt",
     "functions",
+    // Wrappers that run the command they are given, with an environment, a tracer, a
+    // display, a proxy, a lock or a sandbox of their own.
+    "ssh-agent",
+    "systemd-cat",
+    "dbus-launch",
+    "xvfb-run",
+    "xinit",
+    "startx",
+    "valgrind",
+    "perf",
+    "proot",
+    "fakechroot",
+    "faketime",
+    "datefudge",
+    "torify",
+    "torsocks",
+    "proxychains",
+    "proxychains4",
+    "tsocks",
+    "eatmydata",
+    "nocache",
+    "catchsegv",
+    "cpulimit",
+    "trickle",
+    "logsave",
+    "runcon",
+    "chpst",
+    "setuidgid",
+    "envdir",
+    "envuidgid",
+    "softlimit",
+    "cgexec",
+    "entr",
+    "mpirun",
+    "mpiexec",
+    "srun",
+    "schroot",
+    "systemd-nspawn",
+    "machinectl",
+    "flatpak-spawn",
+    "hwloc-bind",
+    "lckdo",
+    "setlock",
+    "with-lock-ex",
+    "run-parts",
+    "run-one",
+    "daemonize",
+    "start-stop-daemon",
+    "dtach",
+    "abduco",
+    "reptyr",
+    "winpty",
+    "xterm",
+    "x-terminal-emulator",
+    "gnome-terminal",
+    "konsole",
+    "mispipe",
+    "vipe",
+    "nq",
+    "tsp",
 ];
+
+/// [`RUNS_CODE`] entries that are shell builtins or take code as text (their operands are
+/// no program to look for), or whose name is a common word.
+const RUNS_CODE_NOT_ARGV: &[&str] = &[
+    "fc",
+    "history",
+    "mapfile",
+    "readarray",
+    "compgen",
+    "alias",
+    "hash",
+    "enable",
+    "trap",
+    "bind",
+    "complete",
+    "stty",
+    "let",
+    "dc",
+    "declare",
+    "typeset",
+    "export",
+    "readonly",
+    "r",
+    "vared",
+    "zle",
+    "bindkey",
+    "zmodload",
+    "autoload",
+    "zpty",
+    "sched",
+    "emulate",
+    "zstyle",
+    "setopt",
+    "unsetopt",
+    "functions",
+    "at",
+    "batch",
+    "xdg-open",
+];
+
+/// [`RUNS_CODE`] wrappers whose names are also common words (a test's name, an
+/// architecture): as an operand of another program they are not taken for a command.
+const RUNS_CODE_COMMON_WORDS: &[&str] = &[
+    "perf", "parallel", "i386", "x86_64", "linux32", "linux64", "nq", "tsp",
+];
+
+/// Programs that run another as a user they switch to.
+const ESCALATES: &[&str] = &[
+    "sudo", "su", "doas", "pkexec", "run0", "sudoedit", "runuser", "gosu", "su-exec", "setpriv",
+    "capsh", "sg", "newgrp", "chroot", "nsenter", "unshare",
+];
+
+/// Wrappers unwrapped by [`Walker::argv`] itself (whose names are no common word).
+const WRAPPERS: &[&str] = &[
+    "env",
+    "nice",
+    "nohup",
+    "stdbuf",
+    "ionice",
+    "setsid",
+    "busybox",
+    "toybox",
+    "chrt",
+    "taskset",
+    "unbuffer",
+    "caffeinate",
+    "timeout",
+    "flock",
+    "xargs",
+    "eval",
+    "exec",
+];
+
+/// Whether a word names a program that runs code of its own choosing or escalates: a shell,
+/// an interpreter, a program that switches user, a wrapper that runs the command it is
+/// given, or an editor or pager with a shell escape. An operand of an unknown program (or a
+/// wrapper) that names one is taken as the command it runs.
+fn runs_programs(name: &str) -> bool {
+    // (`python3.11`, not `python-dateutil` or an image name `python:3`.)
+    let interpreter = match name.strip_prefix("python") {
+        Some(version) => version.chars().all(|c| c.is_ascii_digit() || c == '.'),
+        None => is_interpreter(name),
+    };
+    SHELLS.contains(&name)
+        || interpreter
+        || ESCALATES.contains(&name)
+        || WRAPPERS.contains(&name)
+        || (RUNS_CODE.contains(&name)
+            && !RUNS_CODE_NOT_ARGV.contains(&name)
+            && !RUNS_CODE_COMMON_WORDS.contains(&name))
+        || matches!(
+            name,
+            "vi" | "vim" | "nvim" | "emacs" | "nano" | "less" | "gdb" | "lldb" | "tmux"
+        )
+}
+
+/// Programs the table below knows, which may still fall through to its default (a plain
+/// `Write`): their operands are files, not commands.
+const KNOWN_WRITERS: &[&str] = &[
+    "tar", "gtar", "bsdtar", "scp", "sftp", "make", "gmake", "zip", "unzip", "cpio", "7z", "7za",
+    "7zr", "shred", "wipefs", "pax", "ar",
+];
+
+/// How many operands of one program are followed as commands it may run.
+const MAX_WRAPPED: usize = 8;
 
 const DOWNLOADERS: [&str; 4] = ["curl", "wget", "fetch", "aria2c"];
 const SHELLS: [&str; 8] = ["sh", "bash", "zsh", "dash", "ksh", "ash", "fish", "mksh"];
@@ -1266,6 +1441,61 @@ impl Walker {
         }
     }
 
+    /// The operands of a program that may run another (a wrapper, or a program agentgate
+    /// does not know): each that names a shell, an interpreter, a program that escalates or
+    /// a wrapper (see [`runs_programs`]) is classified from there with its arguments
+    /// (`ssh-agent bash -c '…'`, `xvfb-run sudo id`), and the line is `Exec` at least; an
+    /// option whose value names one (`--shell=/bin/bash`) makes it `Exec`. Whether one was
+    /// found.
+    fn wrapped(&mut self, operands: &[WordText], depth: usize) -> Result<bool, Unparsable> {
+        let mut found = 0;
+        for (i, w) in operands.iter().enumerate() {
+            if w.dynamic || w.pattern {
+                continue;
+            }
+            if let Some(opt) = w.text.strip_prefix('-') {
+                if let Some((_, value)) = opt.split_once('=')
+                    && runs_programs(basename(value))
+                {
+                    self.raise(OperationClass::Exec);
+                    self.key("runs code");
+                    self.key(format!("runs {}", basename(value)));
+                    found += 1;
+                }
+                continue;
+            }
+            let name = basename(&w.text);
+            if !runs_programs(name) {
+                continue;
+            }
+            self.raise(OperationClass::Exec);
+            self.key("runs code");
+            found += 1;
+            if found > MAX_WRAPPED {
+                break;
+            }
+            self.argv(&operands[i..], "", &[], depth + 1)?;
+        }
+        Ok(found > 0)
+    }
+
+    /// The files a program agentgate does not know names as its output (`-o FILE`,
+    /// `--output=FILE`, `--log-file FILE`): each is checked as a file written.
+    fn unknown_outputs(&mut self, args: &[&str]) {
+        let mut outs = effects::values(args, Some('o'), Some("output"), 6);
+        for long in ["out", "outfile", "output-file", "log-file", "logfile"] {
+            outs.extend(effects::values(args, None, Some(long), long.len()));
+        }
+        for o in outs {
+            if o != "-" && !o.starts_with('-') {
+                self.written(&WordText {
+                    text: o.to_owned(),
+                    ..Default::default()
+                });
+            }
+        }
+    }
+
     /// A file the command writes (a redirection, tee, dd of=).
     fn written(&mut self, t: &WordText) {
         let normalized = normalize_path(&t.text);
@@ -1770,6 +2000,9 @@ impl Walker {
             }
             self.raise(Exec);
             self.key("runs code");
+            if !RUNS_CODE_NOT_ARGV.contains(&name.as_str()) {
+                self.wrapped(&words[1..], depth)?;
+            }
             return Ok(vec![(name, false)]);
         }
         if matches!(name.as_str(), "sudoedit" | "runuser") {
@@ -1825,35 +2058,6 @@ impl Walker {
                 }
             }
             "shred" | "wipefs" if args_x.iter().any(|a| is_device(a)) => Admin,
-            "dd" => {
-                if args_x.iter().any(|a| {
-                    a.strip_prefix("of=")
-                        .is_some_and(|p| is_device(&normalize_path(p)))
-                }) {
-                    self.key("write to a device");
-                    Admin
-                } else if args_x.iter().any(|a| a.starts_with("of=")) {
-                    Write
-                } else {
-                    Read
-                }
-            }
-            "cp" | "mv" | "install" | "ln" | "truncate" | "rsync" | "touch" | "mkdir" | "patch"
-                if args_x
-                    .iter()
-                    .any(|a| !a.starts_with('-') && self.write_class_of(a) != Write) =>
-            {
-                let mut worst = Write;
-                for a in args_x.iter().filter(|a| !a.starts_with('-')) {
-                    let c = self.write_class_of(a);
-                    if severity(c) > severity(worst) {
-                        worst = c;
-                    }
-                }
-                self.key("write to an account or startup file");
-                worst
-            }
-            "install" if args.iter().any(|a| is_setid_mode(a)) => Privilege,
             // Options that run a program, however written: `-Izstd`, `-xI prog`, `--use-comp=`,
             // and in the old style without a dash (`tar xIf prog a.tar`).
             "tar"
@@ -1868,23 +2072,6 @@ impl Walker {
                         .is_some_and(|a| !a.starts_with('-') && a.contains(['I', 'F'])) =>
             {
                 self.key("runs a program");
-                Exec
-            }
-            "rsync"
-                if args.iter().any(|a| {
-                    a.starts_with("--rsh")
-                        || a.starts_with("--rsync-path")
-                        || a.starts_with("--daemon")
-                        || a.starts_with("--config")
-                        // `-e cmd`, `-e'cmd'`, or `e` in a cluster (`-ave cmd`); not the
-                        // receiving side's `--server -vlogDtpre.iLsfxCIvu`, whose `e.` is
-                        // protocol capabilities.
-                        || (!args.contains(&"--server")
-                            && a.starts_with('-')
-                            && !a.starts_with("--")
-                            && a[1..].contains('e'))
-                }) =>
-            {
                 Exec
             }
             // A remote shell command, a config file or a program of the agent's choosing.
@@ -2200,7 +2387,13 @@ impl Walker {
             | "continue" | "wait" | "jobs" | "fg" | "bg" | "ulimit" | "umask" | "shopt"
             | "local" | ":" | "getconf" | "tput" | "sum" | "cksum" | "look" | "tsort"
             | "numfmt" | "factor" | "pr" | "iconv" => Read,
-            _ => Write,
+            n if KNOWN_WRITERS.contains(&n) => Write,
+            // A program agentgate does not know: it changes files, and it may run another.
+            _ => {
+                self.wrapped(&words[1..], depth)?;
+                self.unknown_outputs(&args);
+                Write
+            }
         };
         self.raise(class);
         Ok(vec![(name, false)])
@@ -2527,3 +2720,6 @@ mod tests;
 
 mod effects;
 mod sed;
+mod writers;
+
+pub use writers::{hardlink_class, rename_class, symlink_class};

@@ -285,6 +285,8 @@ pub async fn serve(listener: TcpListener, gw: Arc<SshGateway>) {
             peer,
             agent: None,
             remote: Vec::new(),
+            open: Arc::default(),
+            env_seen: std::collections::HashMap::new(),
         };
         let config = config.clone();
         tokio::spawn(async move {
@@ -314,18 +316,56 @@ pub struct Agent {
     pub token: Option<crate::identity::Verified>,
 }
 
+/// A granted remote forwarding (`ssh -R`): the connection to the host that listens for it.
+struct RemoteForward {
+    address: String,
+    /// The port asked for, and the one the host bound (they differ for port 0).
+    ports: (u32, u32),
+    conn: Arc<upstream::Connection>,
+    _slot: channel::Slot,
+}
+
 /// One agent connection.
 struct Conn {
     gw: Arc<SshGateway>,
     peer: SocketAddr,
     agent: Option<Agent>,
-    /// Connections to the host that carry the agent's granted remote forwardings.
-    remote: Vec<Arc<upstream::Connection>>,
+    /// The agent's granted remote forwardings.
+    remote: Vec<RemoteForward>,
+    /// How many session channels and forwardings are open (each holds a connection to the
+    /// host): at most [`channel::MAX_OPEN`].
+    open: Arc<std::sync::atomic::AtomicUsize>,
+    /// Environment requests made so far, per open channel.
+    env_seen: std::collections::HashMap<ChannelId, usize>,
 }
 
 impl Conn {
     fn refusal(&self, identity: Option<&str>, why: &str) {
         refusal_record(&self.gw.core, identity, "", &self.peer.to_string(), why);
+    }
+
+    /// Records a request refused on this connection once its agent is known (a forwarding,
+    /// a channel past the bound), and logs it.
+    fn refused(&self, why: &str) {
+        tracing::info!(peer = %self.peer, %why, "an SSH request was refused");
+        if let Some(a) = &self.agent {
+            refusal_record(&self.gw.core, Some(&a.identity), "", &a.client, why);
+        }
+    }
+
+    /// One of the connection's places for a channel or forwarding; `None` (refused and
+    /// recorded) when [`channel::MAX_OPEN`] are open.
+    fn slot(&mut self, what: &str) -> Option<channel::Slot> {
+        // A remote forward whose host connection has ended (its grant did) holds no place.
+        self.remote.retain(|f| !f.conn.is_closed());
+        let slot = channel::Slot::take(&self.open);
+        if slot.is_none() {
+            self.refused(&format!(
+                "{what} refused: the connection already has {} sessions and forwardings open",
+                channel::MAX_OPEN
+            ));
+        }
+        slot
     }
 
     fn authenticated(
@@ -446,11 +486,27 @@ impl server::Handler for Conn {
             return Ok(());
         };
         reply.accept().await;
+        let Some(slot) = self.slot("a session channel") else {
+            // Accepted only to say why, on stderr, with the exit status of a refusal.
+            tokio::spawn(async move {
+                let (_, out) = channel.split();
+                let msg = format!("{}\r\n", channel::too_many_open());
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+                    let _ = out.extended_data_bytes(1, bytes::Bytes::from(msg)).await;
+                    let _ = out.exit_status(channel::REFUSED_EXIT).await;
+                    let _ = out.eof().await;
+                    let _ = out.close().await;
+                })
+                .await;
+            });
+            return Ok(());
+        };
         tokio::spawn(channel::run(
             self.gw.clone(),
             agent,
             channel,
             session.handle(),
+            slot,
         ));
         Ok(())
     }
@@ -476,10 +532,17 @@ impl server::Handler for Conn {
             port: port_to_connect,
             from: format!("{originator_address}:{originator_port}"),
         };
+        let Some(slot) = self.slot(&format!("forward {host_to_connect}:{port_to_connect}")) else {
+            // ssh shows the reason: "open failed: resource shortage".
+            reply
+                .reject(russh::ChannelOpenFailure::ResourceShortage)
+                .await;
+            return Ok(());
+        };
         match channel::open_forward(&self.gw, &agent, &forward).await {
             Ok(upstream) => {
                 reply.accept().await;
-                tokio::spawn(channel::relay_forward(channel, upstream));
+                tokio::spawn(channel::relay_forward(channel, upstream, slot));
             }
             Err(why) => {
                 tracing::info!(identity = %agent.identity, %why, "port forwarding refused");
@@ -499,9 +562,74 @@ impl server::Handler for Conn {
         reply: server::ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
+        // Only a server opens X11 channels; the agent's client has no display to offer here.
+        self.refused("an X11 channel opened by the agent's client is refused (only the host opens X11 channels, with ssh -X where granted)");
         reply
             .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
             .await;
+        Ok(())
+    }
+
+    async fn channel_open_forwarded_tcpip(
+        &mut self,
+        _channel: Channel<Msg>,
+        host_to_connect: &str,
+        port_to_connect: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: server::ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.refused(&format!(
+            "a forwarded-tcpip channel to {host_to_connect}:{port_to_connect} opened by the agent's client is refused (only the host opens those, for ssh -R where granted)"
+        ));
+        reply
+            .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+            .await;
+        Ok(())
+    }
+
+    async fn channel_open_direct_streamlocal(
+        &mut self,
+        _channel: Channel<Msg>,
+        socket_path: &str,
+        reply: server::ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.refused(&format!(
+            "forwarding to the Unix socket {socket_path} on the host (ssh -L …:/path) is refused: agentgate forwards TCP ports only, where a baseline entry or an AccessGrant sets ssh.portForwarding"
+        ));
+        reply
+            .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+            .await;
+        Ok(())
+    }
+
+    async fn streamlocal_forward(
+        &mut self,
+        socket_path: &str,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        self.refused(&format!(
+            "a remote forwarding of the Unix socket {socket_path} on the host (ssh -R /path:…) is refused: agentgate forwards TCP ports only, where a baseline entry or an AccessGrant sets ssh.portForwarding"
+        ));
+        Ok(false)
+    }
+
+    async fn cancel_streamlocal_forward(
+        &mut self,
+        _socket_path: &str,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        Ok(false)
+    }
+
+    async fn channel_close(
+        &mut self,
+        channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.env_seen.remove(&channel);
         Ok(())
     }
 
@@ -522,12 +650,28 @@ impl server::Handler for Conn {
     async fn env_request(
         &mut self,
         channel: ChannelId,
-        _variable_name: &str,
-        _variable_value: &str,
+        variable_name: &str,
+        variable_value: &str,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        // Only locale variables are passed on (the channel task filters); others are dropped.
-        session.channel_success(channel)
+        // Bounded (the channel's task keeps what it allows by the same rule), the first
+        // refusal of a channel recorded. Within the bounds, only locale variables are passed
+        // on (the channel task filters); others are dropped.
+        let seen = self.env_seen.entry(channel).or_default();
+        let refused = channel::env_refused(*seen, variable_name, variable_value);
+        *seen += 1;
+        // Past the count, only the first is recorded; each one too long is (up to the count).
+        let record =
+            *seen == channel::MAX_ENV + 1 || (refused.is_some() && *seen <= channel::MAX_ENV);
+        match refused {
+            Some(why) => {
+                if record {
+                    self.refused(&why);
+                }
+                session.channel_failure(channel)
+            }
+            None => session.channel_success(channel),
+        }
     }
 
     async fn shell_request(
@@ -630,10 +774,19 @@ impl server::Handler for Conn {
         let Some(agent) = self.agent.clone() else {
             return Ok(false);
         };
+        let Some(slot) = self.slot(&format!("remote forward {address}:{port}")) else {
+            return Ok(false);
+        };
+        let asked = *port;
         match channel::remote_forward(&self.gw, &agent, address, *port, session.handle()).await {
             Ok((bound, conn)) => {
                 *port = bound;
-                self.remote.push(conn);
+                self.remote.push(RemoteForward {
+                    address: address.to_owned(),
+                    ports: (asked, bound),
+                    conn,
+                    _slot: slot,
+                });
                 Ok(true)
             }
             Err(why) => {
@@ -649,10 +802,26 @@ impl server::Handler for Conn {
         port: u32,
         _session: &mut Session,
     ) -> Result<bool, Self::Error> {
+        // The forward's own connection to the host is cancelled and closed; its place is
+        // free again.
         let mut done = false;
-        for c in &self.remote {
-            done |= c.cancel_tcpip_forward(address, port).await.is_ok();
+        let mut kept = Vec::with_capacity(self.remote.len());
+        for f in std::mem::take(&mut self.remote) {
+            if f.address == address && (f.ports.0 == port || f.ports.1 == port) {
+                done |= f
+                    .conn
+                    .cancel_tcpip_forward(address, f.ports.1)
+                    .await
+                    .is_ok();
+                let _ = f
+                    .conn
+                    .disconnect(russh::Disconnect::ByApplication, "", "en")
+                    .await;
+            } else {
+                kept.push(f);
+            }
         }
+        self.remote = kept;
         Ok(done)
     }
 

@@ -238,8 +238,8 @@ impl Op {
         }))
     }
 
-    /// The request as records and guardrails show it: `sftp put /tmp/x`, `sftp get /etc/hosts`,
-    /// `sftp remove /tmp/x`.
+    /// The request as records, guardrails and scopes show it: `sftp put /tmp/x`,
+    /// `sftp get /etc/hosts`, `sftp remove ~/x` (paths as [`shown_path`] writes them).
     pub fn describe(&self) -> String {
         let verb = match (self.name.as_str(), self.reads, self.writes) {
             ("open", true, true) => "open",
@@ -248,12 +248,39 @@ impl Op {
             (n, _, _) => n,
         };
         let mut s = format!("sftp {verb}");
-        for p in &self.paths {
+        for (i, p) in self.paths.iter().enumerate() {
             s.push(' ');
-            s.push_str(p);
+            // A symbolic link's relative target is read from the link's directory, not the
+            // home directory: it is shown as sent.
+            if self.name == "symlink" && i == 0 && !p.starts_with('/') {
+                s.push_str(p);
+            } else {
+                s.push_str(&shown_path(p));
+            }
         }
         s
     }
+}
+
+/// A path of an SFTP request as records and scopes see it: a relative path is in the
+/// login's home directory, where the server starts (`reports/a` is `~/reports/a`); empty
+/// and `.` segments and repeated slashes are dropped. A `..` segment is kept: where it
+/// leads is the host's to resolve (through links the gateway cannot see), and a scope's
+/// `*` never stands for one, so `sftp get /srv/reports/*` does not allow
+/// `sftp get /srv/reports/../../etc/shadow`.
+pub fn shown_path(p: &str) -> String {
+    let (root, rest) = match p.strip_prefix('/') {
+        Some(rest) => ("/", rest),
+        None => ("~/", p),
+    };
+    let segments: Vec<&str> = rest
+        .split('/')
+        .filter(|s| !s.is_empty() && *s != ".")
+        .collect();
+    if segments.is_empty() {
+        return if root == "/" { "/" } else { "~" }.to_owned();
+    }
+    format!("{root}{}", segments.join("/"))
 }
 
 /// The most handles remembered per channel (OpenSSH's sftp-server allows 512 open at once).
@@ -404,6 +431,42 @@ mod tests {
             Op::parse(&rename).map(|o| o.describe()),
             Some("sftp rename /a /b".into())
         );
+        // Relative paths are in the home directory; `..` stays for the host to resolve.
+        let open_rel = packet(
+            3,
+            8,
+            &[
+                &s("./reports//a.txt"),
+                &1u32.to_be_bytes(),
+                &0u32.to_be_bytes(),
+            ],
+        );
+        assert_eq!(
+            Op::parse(&open_rel).map(|o| o.describe()),
+            Some("sftp get ~/reports/a.txt".into())
+        );
+        let climbing = packet(
+            3,
+            9,
+            &[
+                &s("/srv/reports/./../../etc/shadow"),
+                &1u32.to_be_bytes(),
+                &0u32.to_be_bytes(),
+            ],
+        );
+        assert_eq!(
+            Op::parse(&climbing).map(|o| o.describe()),
+            Some("sftp get /srv/reports/../../etc/shadow".into())
+        );
+        for (path, shown) in [
+            ("", "~"),
+            (".", "~"),
+            ("/", "/"),
+            ("//etc/", "/etc"),
+            ("a/../b", "~/a/../b"),
+        ] {
+            assert_eq!(shown_path(path), shown, "{path:?}");
+        }
         let read = packet(
             5,
             4,

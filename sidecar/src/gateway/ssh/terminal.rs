@@ -7,6 +7,9 @@ use crate::mask::{MaskSet, Masked};
 /// The longest input line accepted.
 pub const MAX_LINE: usize = 64 << 10;
 
+/// Why a line typed at a terminal with a character beyond ASCII is not sent.
+pub const NON_ASCII_WITH_TERMINAL: &str = "the line holds a character beyond ASCII, and with a terminal the host's line editor may read such bytes as editing keys (in the C/POSIX locale readline takes byte 0x88 as Meta-Ctrl-H, which deletes a word), so the line it would run is not the line agentgate checked: type the line in ASCII only, or run the command without a terminal (ssh HOST 'COMMAND', or ssh -T), where the shell reads it as it is";
+
 /// What the agent's input turned into.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Input {
@@ -152,6 +155,12 @@ impl LineDiscipline {
         if std::str::from_utf8(&raw).is_err() {
             self.taint("bytes that are not UTF-8");
         }
+        // With a terminal the host's line editor reads the line, and in the C/POSIX locale
+        // readline takes a byte of 0x80 or more as Meta plus a key (`convert-meta`): 0x88 is
+        // Meta-Ctrl-H (backward-kill-word), 0xE2 Meta-b (backward-word). Such a byte edits
+        // the line after it was checked, so a line the terminal would carry with one is not
+        // sent, whatever the locale (the host's may be C without the agent saying so).
+        let non_ascii = !self.no_terminal && !raw.is_ascii();
         if let Some(why) = self.tainted.take() {
             self.reset();
             return Input::Refused {
@@ -159,6 +168,13 @@ impl LineDiscipline {
                 why: format!(
                     "{why}: agentgate checks each whole line before it reaches the host, so type it out in full"
                 ),
+            };
+        }
+        if non_ascii {
+            self.reset();
+            return Input::Refused {
+                text,
+                why: NON_ASCII_WITH_TERMINAL.to_owned(),
             };
         }
         raw.push(terminator);
@@ -423,7 +439,49 @@ mod tests {
             "{out:?}"
         );
         // The next line is checked as usual.
-        let out = d.feed("echo caf\u{e9}\r".as_bytes(), never);
+        let out = d.feed(b"echo cafe\r", never);
+        assert!(matches!(&out[..], [Input::Line { .. }]), "{out:?}");
+    }
+
+    #[test]
+    fn with_a_terminal_only_ascii_lines_are_sent() {
+        // U+2000 and U+2008 are E2 80 80 and E2 80 88: in the C locale readline reads 0xE2
+        // as Meta-b and 0x88 as Meta-Ctrl-H, moving back and deleting a word after the check.
+        let typed = "echo sudo id\u{2000}\u{2008}\r";
+        let mut d = LineDiscipline::default();
+        let out = d.feed(typed.as_bytes(), never);
+        assert!(
+            matches!(&out[..], [Input::Refused { why, .. }] if why == NON_ASCII_WITH_TERMINAL),
+            "{out:?}"
+        );
+        // Any byte of 0x80 or more, also in a continued line, and C1 controls.
+        for typed in [
+            "echo caf\u{e9}\r".as_bytes(),
+            b"echo \"a\r\xc2\x88\"\r",
+            b"ls \xc2\x9b\r",
+        ] {
+            let out = d.feed(typed, open_quote);
+            assert!(
+                matches!(&out[..], [.., Input::Refused { why, .. }] if why == NON_ASCII_WITH_TERMINAL),
+                "{typed:?}: {out:?}"
+            );
+            assert!(!d.is_holding());
+        }
+        // Typed and erased again: the line sent is ASCII.
+        let out = d.feed("echo x\u{e9}\x7f\r".as_bytes(), never);
+        assert_eq!(
+            out,
+            vec![Input::Line {
+                text: "echo x".into(),
+                raw: b"echo x\r".to_vec()
+            }]
+        );
+        // Without a terminal the shell reads the bytes as they are: UTF-8 passes.
+        let mut d = LineDiscipline {
+            no_terminal: true,
+            ..Default::default()
+        };
+        let out = d.feed("echo caf\u{e9}\n".as_bytes(), never);
         assert!(matches!(&out[..], [Input::Line { .. }]), "{out:?}");
     }
 

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use agentgate_crds::target::SshTarget;
 use russh::cipher;
@@ -192,9 +192,21 @@ fn host_glob(pattern: &str, name: &str) -> bool {
     p[pi..].iter().all(|c| *c == '*')
 }
 
+/// Decides and records each connection the host opens back towards the agent (one a
+/// remote forward carries, an agent or X11 forwarding's), as it opens and as it ends.
+pub trait BackLog: Send + Sync {
+    /// Decides and records one connection of forwarding `kind` (`what` says what it is):
+    /// `Ok` with its request's number when it may pass, `Err` with why not (then it is
+    /// refused, the refusal recorded).
+    fn opened(&self, kind: crate::policy::SshForwarding, what: &str) -> Result<u64, String>;
+    /// Records how the connection of request `id` ended: the bytes that passed each way
+    /// (agent to host, host to agent) and what went wrong, if anything.
+    fn closed(&self, id: u64, started: Instant, bytes: (u64, u64), error: Option<String>);
+}
+
 /// What the host may open back towards the agent, each only when granted (by default it may
 /// open nothing: a channel the host opens is refused).
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct Back {
     /// The agent's connection, to open the channels on.
     pub agent: Option<russh::server::Handle>,
@@ -204,6 +216,8 @@ pub struct Back {
     pub x11: bool,
     /// The host may pass connections to a remote forwarding (`ssh -R`).
     pub remote: bool,
+    /// Where each connection is decided again and recorded; none: they pass unrecorded.
+    pub log: Option<Arc<dyn BackLog>>,
 }
 
 /// The client side of the connection to the host.
@@ -213,17 +227,43 @@ pub struct HostCheck {
     back: Back,
 }
 
-/// Joins a channel the host opened with one opened towards the agent.
-async fn join(host: russh::Channel<client::Msg>, agent: russh::Channel<russh::server::Msg>) {
-    let mut h = host.into_stream();
-    let mut a = agent.into_stream();
-    let _ = tokio::io::copy_bidirectional(&mut h, &mut a).await;
+/// Refuses a channel the host opened that nothing was granted for.
+async fn refuse_back(reply: client::ChannelOpenHandle) {
+    reply
+        .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+        .await;
+}
+
+/// Joins a channel the host opened with one opened towards the agent, counting what
+/// passes; records the end of request `id` with `log`.
+async fn join(
+    host: russh::Channel<client::Msg>,
+    agent: russh::Channel<russh::server::Msg>,
+    logged: Option<(Arc<dyn BackLog>, u64)>,
+) {
+    let started = Instant::now();
+    let (from_agent, from_host) = (Arc::default(), Arc::default());
+    let mut h = super::channel::ReadCounter::new(host.into_stream(), Arc::clone(&from_host));
+    let mut a = super::channel::ReadCounter::new(agent.into_stream(), Arc::clone(&from_agent));
+    let error = tokio::io::copy_bidirectional(&mut h, &mut a)
+        .await
+        .err()
+        .map(|e| e.to_string());
+    if let Some((log, id)) = logged {
+        let bytes = (
+            from_agent.load(std::sync::atomic::Ordering::Relaxed),
+            from_host.load(std::sync::atomic::Ordering::Relaxed),
+        );
+        log.closed(id, started, bytes, error);
+    }
 }
 
 /// Answers a channel the host opened: joined with `towards_agent` when the forwarding is
-/// granted and the agent's side opened, refused otherwise.
+/// granted (and, with a log, decided again and recorded) and the agent's side opened,
+/// refused otherwise.
 async fn open_back(
-    granted: bool,
+    (granted, kind, what): (bool, crate::policy::SshForwarding, String),
+    log: Option<Arc<dyn BackLog>>,
     towards_agent: impl std::future::Future<
         Output = Result<russh::Channel<russh::server::Msg>, russh::Error>,
     >,
@@ -236,12 +276,35 @@ async fn open_back(
             .await;
         return;
     }
+    let logged = match &log {
+        Some(log) => match log.opened(kind, &what) {
+            Ok(id) => Some((log.clone(), id)),
+            Err(why) => {
+                tracing::info!(%what, %why, "a connection the host opened back was refused");
+                reply
+                    .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+                    .await;
+                return;
+            }
+        },
+        None => None,
+    };
     match towards_agent.await {
         Ok(to_agent) => {
             reply.accept().await;
-            tokio::spawn(join(channel, to_agent));
+            tokio::spawn(join(channel, to_agent, logged));
         }
-        Err(_) => reply.reject(russh::ChannelOpenFailure::ConnectFailed).await,
+        Err(e) => {
+            if let Some((log, id)) = logged {
+                log.closed(
+                    id,
+                    Instant::now(),
+                    (0, 0),
+                    Some(format!("the agent's side did not open: {e}")),
+                );
+            }
+            reply.reject(russh::ChannelOpenFailure::ConnectFailed).await;
+        }
     }
 }
 
@@ -254,17 +317,23 @@ impl client::Handler for HostCheck {
         reply: client::ChannelOpenHandle,
         _session: &mut client::Session,
     ) -> Result<(), Self::Error> {
+        let ask = (
+            self.back.agent_forwarding,
+            crate::policy::SshForwarding::Agent,
+            "agent forwarding connection".to_owned(),
+        );
         match &self.back.agent {
             Some(agent) => {
                 open_back(
-                    self.back.agent_forwarding,
+                    ask,
+                    self.back.log.clone(),
                     agent.channel_open_agent(),
                     channel,
                     reply,
                 )
                 .await
             }
-            None => open_back(false, std::future::pending(), channel, reply).await,
+            None => refuse_back(reply).await,
         }
         Ok(())
     }
@@ -277,17 +346,23 @@ impl client::Handler for HostCheck {
         reply: client::ChannelOpenHandle,
         _session: &mut client::Session,
     ) -> Result<(), Self::Error> {
+        let ask = (
+            self.back.x11,
+            crate::policy::SshForwarding::X11,
+            format!("X11 connection from {originator_address}:{originator_port}"),
+        );
         match &self.back.agent {
             Some(agent) => {
                 open_back(
-                    self.back.x11,
+                    ask,
+                    self.back.log.clone(),
                     agent.channel_open_x11(originator_address, originator_port),
                     channel,
                     reply,
                 )
                 .await
             }
-            None => open_back(false, std::future::pending(), channel, reply).await,
+            None => refuse_back(reply).await,
         }
         Ok(())
     }
@@ -302,10 +377,18 @@ impl client::Handler for HostCheck {
         reply: client::ChannelOpenHandle,
         _session: &mut client::Session,
     ) -> Result<(), Self::Error> {
+        let ask = (
+            self.back.remote,
+            crate::policy::SshForwarding::Port,
+            format!(
+                "forwarded connection to {connected_address}:{connected_port} from {originator_address}:{originator_port}"
+            ),
+        );
         match &self.back.agent {
             Some(agent) => {
                 open_back(
-                    self.back.remote,
+                    ask,
+                    self.back.log.clone(),
                     agent.channel_open_forwarded_tcpip(
                         connected_address,
                         connected_port,
@@ -317,7 +400,7 @@ impl client::Handler for HostCheck {
                 )
                 .await
             }
-            None => open_back(false, std::future::pending(), channel, reply).await,
+            None => refuse_back(reply).await,
         }
         Ok(())
     }

@@ -108,7 +108,7 @@ fn receives_startup_files(dest: &str) -> bool {
 
 /// [`receives_startup_files`]; `programs`: also the program directories (`/usr/bin`), where
 /// a file written is a program in everyone's `PATH` (a link to one is harmless).
-fn startup_place(dest: &str, programs: bool) -> bool {
+pub(super) fn startup_place(dest: &str, programs: bool) -> bool {
     let resolved = if dest.starts_with('/') {
         Some(super::normalize_path(dest))
     } else {
@@ -273,12 +273,35 @@ impl Walker {
             // write land there (`ln -s /etc e; echo … > e/sudoers.d/x`).
             "ln" => {
                 let ops = operands(args, "tS", &["target-directory", "suffix"]);
-                let targets = if ops.len() > 1 {
-                    &ops[..ops.len() - 1]
-                } else {
-                    &ops[..]
+                let target_dir = values(args, Some('t'), Some("target-directory"), 3)
+                    .last()
+                    .copied();
+                let no_target_dir = flag(args, Some('T'), Some("no-target-directory"), 4);
+                let symbolic = flag(args, Some('s'), Some("symbolic"), 2);
+                let (targets, dest): (&[&str], Option<&str>) = match (target_dir, ops.len()) {
+                    (Some(d), _) => (&ops[..], Some(d)),
+                    (None, 0) => return None,
+                    (None, 1) => (&ops[..], None),
+                    (None, n) => (&ops[..n - 1], Some(ops[n - 1])),
                 };
-                let links_to_startup = targets.iter().any(|t| {
+                // Where each link is made: the destination itself, or inside it under the
+                // target's name (in the shell's directory without a destination).
+                let mut links: Vec<(&str, String)> = Vec::new();
+                for t in targets {
+                    match dest {
+                        None => links.push((t, basename(t).to_owned())),
+                        Some(d) if no_target_dir => links.push((t, d.to_owned())),
+                        Some(d) => {
+                            if target_dir.is_none() {
+                                links.push((t, d.to_owned()));
+                            }
+                            links.push((t, format!("{}/{}", d.trim_end_matches('/'), basename(t))));
+                        }
+                    }
+                }
+                // A relative target is read from the shell's directory (a hard link) or from
+                // the link's own directory (a symbolic one); both are checked.
+                let links_to_startup = links.iter().any(|(t, link)| {
                     let places: Vec<String> = if t.starts_with(['/', '~']) {
                         vec![(*t).to_owned()]
                     } else {
@@ -288,20 +311,32 @@ impl Walker {
                             .filter_map(|c| super::join_dir(c, t))
                             .collect()
                     };
-                    places.iter().any(|p| {
+                    let in_startup = places.iter().any(|p| {
                         startup_place(p, false)
                             || (p.starts_with(['/', '~'])
                                 && super::write_class(&super::normalize_path(p)) != Write)
-                    })
+                    });
+                    in_startup
+                        || (symbolic
+                            && self.cwds.iter().flatten().any(|c| {
+                                let at = if link.starts_with(['/', '~']) {
+                                    Some(link.clone())
+                                } else {
+                                    super::join_dir(c, link)
+                                };
+                                at.is_none_or(|at| super::writers::link_reaches_startup(t, &at))
+                            }))
                 });
+                let mut class = Write;
+                for (_, link) in &links {
+                    let c = self.write_class_of(link);
+                    if super::severity(c) > super::severity(class) {
+                        class = c;
+                    }
+                }
                 if !links_to_startup {
                     // Only the link itself is written.
-                    let link = match ops.len() {
-                        0 => return None,
-                        1 => basename(ops[0]),
-                        n => ops[n - 1],
-                    };
-                    return Some(self.write_class_of(link));
+                    return Some(class);
                 }
                 self.key("a link to startup or account files");
                 Privilege
@@ -332,16 +367,10 @@ impl Walker {
                 self.key("runs code");
                 Exec
             }
-            // The receiving side of an rsync upload: the sender names the files, so a
-            // directory where startup or account files live takes any of them.
-            "rsync" if args.contains(&"--server") && !args.contains(&"--sender") => {
-                let dest = operands(args, "", &[]).last().copied().unwrap_or(".");
-                if !self.extracts_into_startup_dirs(Some(dest)) {
-                    return None;
-                }
-                self.key("files named by the sender");
-                Privilege
-            }
+            // What rsync writes here: the receiving side of an upload (the sender names the
+            // files, so a directory where startup or account files live takes any of them),
+            // or a copy's destination; and the options that run programs.
+            "rsync" => self.rsync(words),
             // Extracting an archive writes the names it holds: into the home directory (or
             // another place startup files live), any of them may be one.
             "tar" | "gtar" | "bsdtar"
@@ -351,9 +380,15 @@ impl Walker {
                         .first()
                         .is_some_and(|a| !a.starts_with('-') && a.contains('x')) =>
             {
+                // Every `-C` counts (each applies to the members after it); one in an old-style
+                // cluster (`tar xfC a.tar DIR`) is not followed.
                 let dirs = values(args, Some('C'), Some("directory"), 3);
+                let old_style_dir = args
+                    .first()
+                    .is_some_and(|a| !a.starts_with('-') && a.contains('C'));
                 if !flag(args, Some('P'), Some("absolute-names"), 3)
-                    && !self.extracts_into_startup_dirs(dirs.last().copied())
+                    && !old_style_dir
+                    && !self.extracts_into_any(&dirs)
                 {
                     return None;
                 }
@@ -366,7 +401,7 @@ impl Walker {
                 }) =>
             {
                 let dirs = values(args, Some('d'), None, 0);
-                if !self.extracts_into_startup_dirs(dirs.last().copied()) {
+                if !self.extracts_into_any(&dirs) {
                     return None;
                 }
                 self.key("files named by the archive");
@@ -519,14 +554,14 @@ impl Walker {
                 }
                 Write
             }
-            _ => return None,
+            _ => return self.writers(name, words),
         };
         Some(class)
     }
 
     /// Whether an archive extracted into `dir` (the shell's directory when `None`) may write
     /// startup or account files: `dir`, or any place the shell may be, is such a place.
-    fn extracts_into_startup_dirs(&self, dir: Option<&str>) -> bool {
+    pub(super) fn extracts_into_startup_dirs(&self, dir: Option<&str>) -> bool {
         match dir {
             Some(d) if d.starts_with(['/', '~']) => receives_startup_files(d),
             Some(d) => self.cwds.iter().any(|c| {
@@ -539,6 +574,17 @@ impl Walker {
                 .cwds
                 .iter()
                 .any(|c| c.as_ref().is_none_or(|c| receives_startup_files(c))),
+        }
+    }
+
+    /// [`Walker::extracts_into_startup_dirs`] for each of `dirs` (the shell's directory when
+    /// there is none).
+    fn extracts_into_any(&self, dirs: &[&str]) -> bool {
+        if dirs.is_empty() {
+            self.extracts_into_startup_dirs(None)
+        } else {
+            dirs.iter()
+                .any(|d| self.extracts_into_startup_dirs(Some(d)))
         }
     }
 

@@ -772,3 +772,208 @@ fn journalctl_options_are_read_as_getopt_reads_them() {
         assert_eq!(class(line), want, "{line:?}");
     }
 }
+
+#[test]
+fn every_path_a_program_writes_meets_the_same_check() {
+    // Each is classed as `tee` to the same file would be.
+    for (line, tee_to) in [
+        ("dd if=key of=.ssh/authorized_keys", ".ssh/authorized_keys"),
+        ("dd if=x of=~/.bashrc conv=notrunc", "~/.bashrc"),
+        ("dd if=x of=/etc/sudoers.d/agent", "/etc/sudoers.d/agent"),
+        ("sponge -a .bashrc", ".bashrc"),
+        ("sponge /etc/cron.d/job", "/etc/cron.d/job"),
+        ("openssl enc -d -in x -out .bashrc", ".bashrc"),
+        ("openssl req -new -keyout ~/.ssh/rc -out r.csr", "~/.ssh/rc"),
+        ("uudecode -o ~/.profile x.uu", "~/.profile"),
+        ("gpg -o .bashrc -d x.gpg", ".bashrc"),
+        ("gpg --output=/etc/passwd --decrypt x.gpg", "/etc/passwd"),
+        ("gpg --batch .bashrc.gpg", ".bashrc"),
+        ("sort -o .ssh/authorized_keys x", ".ssh/authorized_keys"),
+        ("cp key .ssh/authorized_keys", ".ssh/authorized_keys"),
+        (
+            "cp --target-directory=/etc/sudoers.d agent",
+            "/etc/sudoers.d/agent",
+        ),
+        ("cp -t ~/.ssh rc", "~/.ssh/rc"),
+        ("cp rc ~/.ssh", "~/.ssh/rc"),
+        ("cp rc ~/.ssh/", "~/.ssh/rc"),
+        ("mv x ~/.bashrc", "~/.bashrc"),
+        (
+            "install -m 644 k ~/.ssh/authorized_keys",
+            "~/.ssh/authorized_keys",
+        ),
+        ("rsync x ~/.bashrc", "~/.bashrc"),
+        ("scp h:/x .bashrc", ".bashrc"),
+        ("curl --output .bashrc https://h/x", ".bashrc"),
+        ("wget -O .bashrc https://h/x", ".bashrc"),
+        ("truncate -s 0 /etc/sudoers", "/etc/sudoers"),
+        ("touch ~/.ssh/rc", "~/.ssh/rc"),
+        ("patch .bashrc fix.diff", ".bashrc"),
+        ("patch -o ~/.profile a fix.diff", "~/.profile"),
+        ("gunzip .bashrc.gz", ".bashrc"),
+        ("xz -d /etc/cron.d/job.xz", "/etc/cron.d/job"),
+        ("zstd -d x.zst -o ~/.bashrc", "~/.bashrc"),
+        ("ln -s /tmp/evil ~/.ssh/rc", "~/.ssh/rc"),
+        ("ln -s /tmp/rc ~/.ssh", "~/.ssh/rc"),
+        ("some-tool --output=.bashrc", ".bashrc"),
+        ("some-tool -o /etc/sudoers.d/x", "/etc/sudoers.d/x"),
+    ] {
+        let want = class(&format!("tee {tee_to}"));
+        assert_eq!(want, Privilege, "{tee_to}");
+        assert_eq!(class(line), want, "{line}");
+    }
+    // A device is Admin, as before.
+    assert_eq!(class("dd if=x of=/dev/sda bs=1M"), Admin);
+    assert_eq!(class("sponge /dev/sda"), Admin);
+    // Ordinary files stay plain writes, and reads stay reads.
+    for (line, want) in [
+        ("dd if=/dev/zero of=/tmp/blob bs=1M count=1", Write),
+        ("dd if=/dev/sda bs=512 count=1 of=/dev/null", Read),
+        ("dd if=x", Read),
+        ("sponge out.txt", Write),
+        ("openssl req -new -key k.pem -out /srv/app/r.csr", Write),
+        ("openssl x509 -in c.pem -noout -text", Read),
+        ("gpg -o /tmp/x -d x.gpg", Write),
+        ("gpg -d x.gpg", Read),
+        ("gpg --list-keys", Read),
+        ("cp a.txt /srv/app/", Write),
+        ("cp -r project ~/", Write),
+        ("cp -r project /srv/backup", Write),
+        ("mv notes.txt notes2.txt", Write),
+        ("install -d /srv/app/bin", Write),
+        ("rsync -a src/ /srv/app/", Write),
+        ("rsync -avz a host:b", Write),
+        ("gunzip /srv/app/x.gz", Write),
+        ("gzip -dc x.gz", Read),
+        ("gzip big.log", Write),
+        ("truncate -s 0 /var/log/app.log", Write),
+        ("patch -p1 /srv/app/a.c fix.diff", Write),
+        ("uudecode -o /tmp/x x.uu", Write),
+    ] {
+        assert_eq!(class(line), want, "{line}");
+    }
+}
+
+#[test]
+fn names_the_check_cannot_see_landing_where_startup_files_live_are_privilege() {
+    for line in [
+        // Trees copied with the names they hold.
+        "cp -r dotfiles/. ~",
+        "cp -a keys ~/.ssh",
+        "cp -rT dotfiles ~",
+        "mv keys ~/.ssh",
+        "rsync -a dotfiles/ ~/",
+        "rsync -a --backup-dir=~/.ssh src/ /srv/app/",
+        "cp \"$f\" ~",
+        "cp * ~/.ssh/",
+        // Names from the input.
+        "uudecode x.uu",
+        "gpg --use-embedded-filename x.gpg",
+        "patch -p1 < fix.diff",
+        "cd /etc && patch -p1 -i fix.diff",
+        "gunzip -N x.gz",
+        "pax -r -f a.pax",
+        "ar x a.ar",
+        "cpio -pdm ~/.ssh < list",
+        // Every `-C` or `-d` counts, not the last only.
+        "tar -xf a.tar -C ~/.ssh -C /srv/app",
+        "unzip a.zip -d ~ -d /srv/app",
+        // Links: in the directory, under the target's name, and targets read from where the
+        // link is.
+        "ln -s ../.ssh sub/k",
+        "ln -st /tmp/links ~/.ssh",
+        "ln /etc/sudoers /tmp/s",
+        // Settings that are privilege changes.
+        "install -o root x /usr/local/bin/x",
+        "rsync -a --chown=root:root x /srv/app/",
+    ] {
+        assert_eq!(class(line), Privilege, "{line}");
+    }
+    for (line, want) in [
+        ("cd /srv/app && patch -p1 < fix.diff", Write),
+        ("pax -r -f a.pax -s ,^,/srv/app/, ", Privilege),
+        ("ln -s ../shared/log /srv/app/log", Write),
+        ("cp -r src /srv/app/build", Write),
+        // Options that run programs.
+        ("openssl req -engine /tmp/e.so -new", Exec),
+        ("openssl req -new -config /tmp/r.cnf -out r.csr", Exec),
+        ("gpg --photo-viewer 'sudo id' --list-keys", Exec),
+        ("patch -e x.c x.ed", Exec),
+        ("install --strip-program=sh -s x /srv/app/x", Exec),
+        ("scp -D /tmp/sftp-server h:/x .", Exec),
+        ("scp -o ProxyCommand=id x h:y", Exec),
+    ] {
+        assert_eq!(class(line), want, "{line}");
+    }
+}
+
+#[test]
+fn wrappers_and_unknown_programs_run_the_commands_they_are_given() {
+    for (line, want) in [
+        ("ssh-agent bash -c 'sudo id'", Privilege),
+        ("ssh-agent sudo id", Privilege),
+        ("systemd-cat sh", Exec),
+        ("systemd-cat -t x sudo reboot", Admin),
+        ("dbus-launch --exit-with-session sudo id", Privilege),
+        ("xvfb-run -a sudo id", Privilege),
+        ("valgrind --tool=memcheck sudo id", Privilege),
+        ("perf record -- sudo id", Privilege),
+        ("strace -f sudo id", Privilege),
+        ("ltrace sudo id", Privilege),
+        ("gdb -batch -ex 'shell sudo id'", Exec),
+        ("chronic sudo id", Privilege),
+        ("unbuffer sudo id", Privilege),
+        ("script -c 'sudo id'", Exec),
+        ("flock /tmp/l sudo id", Privilege),
+        ("setsid sudo id", Privilege),
+        ("stdbuf -oL sudo id", Privilege),
+        ("ionice -c3 sudo id", Privilege),
+        ("chrt 0 sudo id", Privilege),
+        ("taskset 1 sudo id", Privilege),
+        ("firejail sudo id", Privilege),
+        ("proot -0 sudo id", Privilege),
+        ("fakeroot sudo id", Privilege),
+        ("faketime '2020-01-01' sudo id", Privilege),
+        ("torify sudo id", Privilege),
+        ("proxychains4 -q sudo id", Privilege),
+        ("eatmydata sudo rm -rf /", Admin),
+        ("logsave /tmp/log sudo id", Privilege),
+        ("entr -r sudo id", Privilege),
+        // Programs agentgate does not know, given a shell, an interpreter, a wrapper or a
+        // program that escalates.
+        ("some-launcher bash -c 'sudo reboot'", Admin),
+        ("some-launcher --verbose python3 x.py", Exec),
+        ("some-launcher /usr/bin/sudo id", Privilege),
+        ("some-launcher nohup sh", Exec),
+        ("some-launcher env sudo id", Privilege),
+        ("some-launcher --shell=/bin/bash x", Exec),
+        ("some-launcher -- doas reboot", Admin),
+        ("some-launcher vim x", Exec),
+        ("some-launcher x eval 'sudo id'", Privilege),
+    ] {
+        assert_eq!(class(line), want, "{line}");
+    }
+    // The command a wrapper runs is one a scope's globs must allow too.
+    let p = classify("ssh-agent bash -c 'sudo id'").unwrap();
+    assert!(
+        p.commands.iter().any(|c| c == "sudo id"),
+        "{:?}",
+        p.commands
+    );
+    // Known wrappers alone are Exec; unknown programs with ordinary operands stay Write.
+    for (line, want) in [
+        ("ssh-agent -k", Exec),
+        ("xvfb-run ./tests", Exec),
+        ("some-tool --flag", Write),
+        ("some-tool build release", Write),
+        ("some-tool ls -l", Write),
+        ("make install", Write),
+        ("tar czf bash.tgz x", Write),
+        ("some-tool --image=python:3.12 build", Write),
+        ("some-tool add python-dateutil", Write),
+        ("some-tool --interpreter=/usr/bin/python3.12 x", Exec),
+        ("alias ll='ls -l'", Exec),
+    ] {
+        assert_eq!(class(line), want, "{line}");
+    }
+}
