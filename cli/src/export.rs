@@ -1,5 +1,12 @@
 //! Evidence export: findings per NIST SP 800-53 control, each with the records behind it, as
 //! JSON, CSV or OSCAL assessment results (OSCAL 1.1.2).
+//!
+//! A finding is `satisfied` only when the records show it, and only as far as the records can
+//! be relied on: every finding drawn from records is `not-satisfied` ("not satisfied", with
+//! the reason) when the trail's hash chain does not verify (tampering) or when none of the
+//! records its evidence needs is there, and `not-satisfied` ("partially satisfied", with the
+//! reason) when the chain shows no tampering but would not satisfy AU-9: the trail is not
+//! whole, closed and signed, or its signatures were not checked against a trusted key.
 
 use std::collections::BTreeSet;
 
@@ -176,10 +183,65 @@ fn chain_findings(chain: &ChainCheck) -> ((&'static str, String), (&'static str,
     )
 }
 
+/// How far the records can be relied on as evidence, from the chain check (as AU-9 decides).
+enum Trust {
+    /// The chain verifies strictly against trusted keys.
+    Whole,
+    /// Nothing was edited, but the trail is incomplete, open, not fully signed, or its
+    /// signatures were not checked against a trusted key: why.
+    Partial(String),
+    /// The chain does not verify (something was edited, deleted, reordered or forged): why.
+    Broken(String),
+}
+
+fn trust(chain: &ChainCheck) -> Trust {
+    if !chain.lenient.ok() {
+        return Trust::Broken(reasons(&chain.lenient.problems));
+    }
+    if !chain.strict.ok() {
+        return Trust::Partial(format!(
+            "the trail is not whole, closed and signed: {} (export again once the sidecars have stopped, with every rotated file)",
+            reasons(&chain.strict.problems)
+        ));
+    }
+    if !chain.pinned {
+        return Trust::Partial(
+            "the records' signatures were checked only against each stream's own key, so whoever could write the trail could have written them: export with the sidecar's public key (--key)".into(),
+        );
+    }
+    Trust::Whole
+}
+
+/// A finding's state and summary: `measured` is the summary when the records show the
+/// control, or why they do not; `trust` says whether they can be relied on.
+fn judge(trust: &Trust, measured: Result<String, String>) -> (&'static str, String) {
+    match (trust, measured) {
+        (Trust::Broken(why), Ok(summary) | Err(summary)) => (
+            "not-satisfied",
+            format!(
+                "not satisfied: the hash chain does NOT verify, so these records prove nothing ({summary}): {why}"
+            ),
+        ),
+        (_, Err(why)) => ("not-satisfied", format!("not satisfied: {why}")),
+        (Trust::Partial(why), Ok(summary)) => (
+            "not-satisfied",
+            format!("partially satisfied: {summary}; but {why}"),
+        ),
+        (Trust::Whole, Ok(summary)) => ("satisfied", summary),
+    }
+}
+
+/// `Ok(summary)` when `shown`, otherwise `Err(why)`.
+fn shows(shown: bool, summary: String, why: impl FnOnce() -> String) -> Result<String, String> {
+    if shown { Ok(summary) } else { Err(why()) }
+}
+
 /// The findings for `records` (already filtered to the period and identity) and the chain's
 /// verification.
 pub fn findings(records: &[Record], chain: &ChainCheck) -> Vec<Finding> {
     let ((au9_state, au9_summary), (au10_state, au10_summary)) = chain_findings(chain);
+    let trust = trust(chain);
+    let judge = |measured| judge(&trust, measured);
     let of = |f: &dyn Fn(&Record) -> bool| -> Vec<Evidence> {
         records.iter().filter(|r| f(r)).map(evidence).collect()
     };
@@ -187,10 +249,13 @@ pub fn findings(records: &[Record], chain: &ChainCheck) -> Vec<Finding> {
         e.truncate(CITED);
         e
     };
+    const WIDEN: &str = "check the period, the identity and the source (--since, --until, --identity, --target, --from, --postgres)";
     let sessions = of(&|r| r.kind == RecordKind::SessionStart);
     let refused_conn = of(&|r| r.kind == RecordKind::Refusal);
     let requests = of(&|r| r.kind == RecordKind::Request);
     let refused = of(&|r| r.kind == RecordKind::Request && r.verdict() == Some(Verdict::Refused));
+    let not_refused =
+        of(&|r| r.kind == RecordKind::Request && r.verdict() != Some(Verdict::Refused));
     let granted = of(&|r| r.decision.as_ref().is_some_and(|d| d.grant.is_some()));
     let held = of(&|r| {
         matches!(
@@ -204,139 +269,257 @@ pub fn findings(records: &[Record], chain: &ChainCheck) -> Vec<Finding> {
         .iter()
         .filter_map(|r| r.identity.as_deref())
         .collect();
-    let complete = records
-        .iter()
-        .filter(|r| r.kind == RecordKind::Request)
-        .all(|r| r.identity.is_some() && r.target.is_some() && r.decision.is_some());
+    let request_records = || records.iter().filter(|r| r.kind == RecordKind::Request);
+    let undecided = request_records().filter(|r| r.decision.is_none()).count();
+    let incomplete = request_records()
+        .filter(|r| r.identity.is_none() || r.target.is_none() || r.decision.is_none())
+        .count();
+    // Allowed without a rule or a grant naming why: nothing shows what privilege allowed it.
+    let unexplained = request_records()
+        .filter(|r| {
+            r.decision.as_ref().is_some_and(|d| {
+                matches!(d.verdict, Verdict::Allowed | Verdict::Approved)
+                    && d.rule.is_none()
+                    && d.grant.is_none()
+            })
+        })
+        .count();
+    let anonymous = sessions.iter().filter(|e| e.identity.is_empty()).count();
     let masked_total: u64 = records
         .iter()
         .filter_map(|r| r.outcome.as_ref())
         .map(|o| o.masked_total())
         .sum();
-    let ok = |b: bool| if b { "satisfied" } else { "not-satisfied" };
+    let finding = |control, title, (state, summary), evidence| Finding {
+        control,
+        title,
+        state,
+        summary,
+        evidence,
+    };
     vec![
-        Finding {
-            control: "ia-2",
-            title: "Identification and Authentication",
-            state: ok(sessions.iter().all(|e| !e.identity.is_empty())),
-            summary: format!(
-                "{} sessions, each opened by an authenticated AgentIdentity; {} connections refused before authentication completed",
-                sessions.len(),
-                refused_conn.len()
-            ),
-            evidence: cite([sessions.clone(), refused_conn.clone()].concat()),
-        },
-        Finding {
-            control: "ia-4",
-            title: "Identifier Management",
-            state: ok(!identities.is_empty() || records.is_empty()),
-            summary: format!(
-                "requests are attributed to {} distinct non-human identities: {}",
-                identities.len(),
-                identities.iter().copied().collect::<Vec<_>>().join(", ")
-            ),
-            evidence: cite(sessions.clone()),
-        },
-        Finding {
-            control: "ac-2",
-            title: "Account Management",
-            state: "satisfied",
-            summary: format!(
-                "agents act as managed AgentIdentities; {} connections of unknown, disabled or mismatched identities were refused",
-                refused_conn.len()
-            ),
-            evidence: cite(refused_conn.clone()),
-        },
-        Finding {
-            control: "ac-3",
-            title: "Access Enforcement",
-            state: "satisfied",
-            summary: format!(
-                "{} requests decided by policy before they ran; {} refused",
-                requests.len(),
-                refused.len()
-            ),
-            evidence: cite(refused.clone()),
-        },
-        Finding {
-            control: "ac-6",
-            title: "Least Privilege",
-            state: "satisfied",
-            summary: format!(
-                "access beyond each identity's baseline came only from time-bound AccessGrants ({} requests under a grant)",
-                granted.len()
-            ),
-            evidence: cite(granted),
-        },
-        Finding {
-            control: "au-2",
-            title: "Event Logging",
-            state: ok(!records.is_empty()),
-            summary: format!(
-                "{} records: session starts and ends, every request with its decision, outcomes, approvals",
-                records.len()
-            ),
-            evidence: cite(requests.clone()),
-        },
-        Finding {
-            control: "au-3",
-            title: "Content of Audit Records",
-            state: ok(complete),
-            summary: "every request record names the identity, pod, target, time, the masked request, the decision and the rule or grant behind it".into(),
-            evidence: cite(requests.clone()),
-        },
-        Finding {
-            control: "au-6",
-            title: "Audit Record Review, Analysis, and Reporting",
-            state: "satisfied",
-            summary: format!(
-                "this export reviews {} records; {} refused requests and {} held requests are listed for follow-up",
-                records.len(),
-                refused.len(),
-                held.len()
-            ),
-            evidence: cite([refused.clone(), held.clone()].concat()),
-        },
-        Finding {
-            control: "au-9",
-            title: "Protection of Audit Information",
-            state: au9_state,
-            summary: au9_summary,
-            evidence: cite(signed.clone()),
-        },
-        Finding {
-            control: "au-10",
-            title: "Non-repudiation",
-            state: au10_state,
-            summary: au10_summary,
-            evidence: cite(signed.clone()),
-        },
-        Finding {
-            control: "sc-13",
-            title: "Cryptographic Protection",
-            state: "satisfied",
-            summary: "records are chained with SHA-256 and signed with Ed25519 (AWS-LC)".into(),
-            evidence: cite(signed),
-        },
-        Finding {
-            control: "sc-28",
-            title: "Protection of Information at Rest",
-            state: "satisfied",
-            summary: format!(
-                "{masked_total} sensitive values were masked before reaching the agent; records keep statements with every constant replaced"
-            ),
-            evidence: cite(masked),
-        },
-        Finding {
-            control: "ir-4",
-            title: "Incident Handling",
-            state: "satisfied",
-            summary: format!(
-                "{} risky requests were held for a human decision before they ran",
-                held.len()
-            ),
-            evidence: cite(held),
-        },
+        finding(
+            "ia-2",
+            "Identification and Authentication",
+            judge(if sessions.is_empty() {
+                Err(format!(
+                    "no session starts in these records: nothing shows agents being authenticated ({WIDEN})"
+                ))
+            } else {
+                shows(
+                    anonymous == 0,
+                    format!(
+                        "{} sessions, each opened by an authenticated AgentIdentity; {} connections refused before authentication completed",
+                        sessions.len(),
+                        refused_conn.len()
+                    ),
+                    || {
+                        format!(
+                            "{anonymous} of {} sessions name no identity",
+                            sessions.len()
+                        )
+                    },
+                )
+            }),
+            cite([sessions.clone(), refused_conn.clone()].concat()),
+        ),
+        finding(
+            "ia-4",
+            "Identifier Management",
+            judge(shows(
+                !identities.is_empty(),
+                format!(
+                    "requests are attributed to {} distinct non-human identities: {}",
+                    identities.len(),
+                    identities.iter().copied().collect::<Vec<_>>().join(", ")
+                ),
+                || format!("no record in these names an identity ({WIDEN})"),
+            )),
+            cite(sessions.clone()),
+        ),
+        finding(
+            "ac-2",
+            "Account Management",
+            judge(shows(
+                !sessions.is_empty() || !refused_conn.is_empty(),
+                format!(
+                    "agents act as managed AgentIdentities ({} sessions); {} connections of unknown, disabled or mismatched identities were refused",
+                    sessions.len(),
+                    refused_conn.len()
+                ),
+                || {
+                    format!(
+                        "no session start or refused connection in these records: nothing shows how agents' accounts were used ({WIDEN})"
+                    )
+                },
+            )),
+            cite([refused_conn.clone(), sessions.clone()].concat()),
+        ),
+        finding(
+            "ac-3",
+            "Access Enforcement",
+            judge(if requests.is_empty() {
+                Err(format!(
+                    "no request records in these: nothing shows access being enforced ({WIDEN})"
+                ))
+            } else {
+                shows(
+                    undecided == 0,
+                    format!(
+                        "{} requests decided by policy before they ran; {} refused",
+                        requests.len(),
+                        refused.len()
+                    ),
+                    || {
+                        format!(
+                            "{undecided} of {} request records carry no decision",
+                            requests.len()
+                        )
+                    },
+                )
+            }),
+            cite([refused.clone(), not_refused].concat()),
+        ),
+        finding(
+            "ac-4",
+            "Information Flow Enforcement",
+            judge(shows(
+                masked_total > 0,
+                format!(
+                    "{masked_total} sensitive values (MaskPolicy rules, Secret data) were masked in responses before they reached the agent"
+                ),
+                || {
+                    format!(
+                        "no response in these records had a value masked: nothing shows sensitive values being kept from the agent (check that MaskPolicies cover the sensitive data; {WIDEN})"
+                    )
+                },
+            )),
+            cite(masked),
+        ),
+        finding(
+            "ac-6",
+            "Least Privilege",
+            judge(if requests.is_empty() {
+                Err(format!(
+                    "no request records in these: nothing shows what privilege requests ran with ({WIDEN})"
+                ))
+            } else {
+                shows(
+                    unexplained == 0 && undecided == 0,
+                    format!(
+                        "every request ran under the identity's baseline or a time-bound AccessGrant, named in its decision ({} of {} requests under a grant)",
+                        granted.len(),
+                        requests.len()
+                    ),
+                    || {
+                        format!(
+                            "{} of {} requests were allowed without a decision naming the rule or grant behind them",
+                            unexplained + undecided,
+                            requests.len()
+                        )
+                    },
+                )
+            }),
+            cite(granted),
+        ),
+        finding(
+            "au-2",
+            "Event Logging",
+            judge(shows(
+                !records.is_empty(),
+                format!(
+                    "{} records: session starts and ends, every request with its decision, outcomes, approvals",
+                    records.len()
+                ),
+                || format!("no records: nothing shows events being logged ({WIDEN})"),
+            )),
+            cite(requests.clone()),
+        ),
+        finding(
+            "au-3",
+            "Content of Audit Records",
+            judge(if requests.is_empty() {
+                Err(format!(
+                    "no request records in these: nothing shows their content ({WIDEN})"
+                ))
+            } else {
+                shows(
+                    incomplete == 0,
+                    format!(
+                        "every one of {} request records names the identity, pod, target, time, the request (statements with every constant replaced), the decision and the rule or grant behind it",
+                        requests.len()
+                    ),
+                    || {
+                        format!(
+                            "{incomplete} of {} request records lack an identity, a target or a decision",
+                            requests.len()
+                        )
+                    },
+                )
+            }),
+            cite(requests.clone()),
+        ),
+        finding(
+            "au-6",
+            "Audit Record Review, Analysis, and Reporting",
+            judge(shows(
+                !records.is_empty(),
+                format!(
+                    "this export reviews {} records; {} refused requests and {} held requests are listed for follow-up",
+                    records.len(),
+                    refused.len(),
+                    held.len()
+                ),
+                || format!("no records to review ({WIDEN})"),
+            )),
+            cite([refused.clone(), held.clone()].concat()),
+        ),
+        finding(
+            "au-9",
+            "Protection of Audit Information",
+            (au9_state, au9_summary),
+            cite(signed.clone()),
+        ),
+        finding(
+            "au-10",
+            "Non-repudiation",
+            (au10_state, au10_summary),
+            cite(signed.clone()),
+        ),
+        finding(
+            "sc-13",
+            "Cryptographic Protection",
+            judge(shows(
+                !signed.is_empty(),
+                format!(
+                    "{} records are chained with SHA-256 and signed with Ed25519 (AWS-LC)",
+                    signed.len()
+                ),
+                || {
+                    format!(
+                        "no signed records in these: nothing shows cryptographic protection ({WIDEN})"
+                    )
+                },
+            )),
+            cite(signed),
+        ),
+        finding(
+            "ir-4",
+            "Incident Handling",
+            judge(shows(
+                !held.is_empty(),
+                format!(
+                    "{} risky requests were held for a human decision before they ran",
+                    held.len()
+                ),
+                || {
+                    format!(
+                        "no request in these records was held for a decision: nothing shows risky requests being stopped for a person ({WIDEN})"
+                    )
+                },
+            )),
+            cite(held),
+        ),
     ]
 }
 
@@ -479,4 +662,200 @@ pub fn csv(findings: &[Finding]) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use agentgate_crds::audit::{Decision, Outcome, ProblemKind, Request};
+
+    use super::*;
+
+    /// Every control reported, with its state and summary.
+    fn states(records: &[Record], chain: &ChainCheck) -> BTreeMap<&'static str, (String, String)> {
+        findings(records, chain)
+            .into_iter()
+            .map(|f| (f.control, (f.state.to_owned(), f.summary)))
+            .collect()
+    }
+
+    fn report(records: u64, problems: &[&str]) -> Report {
+        Report {
+            records,
+            problems: problems
+                .iter()
+                .map(|m| Problem {
+                    kind: ProblemKind::Missing,
+                    stream: "run-1".into(),
+                    n: Some(3),
+                    location: "trail:4".into(),
+                    message: (*m).to_owned(),
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    /// A chain check: `lenient` and `strict` problems, keys pinned or not.
+    fn chain(records: u64, lenient: &[&str], strict: &[&str], pinned: bool) -> ChainCheck {
+        ChainCheck {
+            lenient: report(records, lenient),
+            strict: report(records, strict),
+            pinned,
+        }
+    }
+
+    fn record(kind: RecordKind, n: u64) -> Record {
+        let mut r = Record::new(kind, "2026-11-23T04:00:00Z".parse().unwrap());
+        r.stream = "run-1".into();
+        r.n = n;
+        r.hash = format!("{n:064x}");
+        r.sig = Some("c2ln".into());
+        r.session = Some("claude-1".into());
+        r.identity = Some("claude".into());
+        r.target = Some("orders-db".into());
+        r
+    }
+
+    fn request(n: u64, verdict: Verdict, grant: Option<&str>) -> Record {
+        let mut r = record(RecordKind::Request, n);
+        r.request = Some(Request {
+            id: n,
+            text: "SELECT $1".into(),
+            ..Default::default()
+        });
+        r.decision = Some(Decision {
+            verdict,
+            rule: Some("baseline".into()),
+            grant: grant.map(str::to_owned),
+            approver: None,
+            reason: None,
+        });
+        r
+    }
+
+    /// A trail that shows every control: a session, a refused connection, requests allowed,
+    /// refused, held and under a grant, and an outcome with masked values.
+    fn trail() -> Vec<Record> {
+        let mut masked = record(RecordKind::Outcome, 6);
+        masked.outcome = Some(Outcome {
+            id: 2,
+            masked: BTreeMap::from([("MaskPolicy/pii/emails".to_owned(), 3)]),
+            ..Default::default()
+        });
+        vec![
+            record(RecordKind::SessionStart, 1),
+            record(RecordKind::Refusal, 2),
+            request(3, Verdict::Refused, None),
+            request(4, Verdict::Held, None),
+            request(5, Verdict::Allowed, Some("agents/claude-orders")),
+            masked,
+        ]
+    }
+
+    #[test]
+    fn a_whole_pinned_trail_that_shows_every_control_satisfies_them() {
+        let found = states(&trail(), &chain(6, &[], &[], true));
+        assert_eq!(found.len(), 13);
+        for (control, (state, summary)) in &found {
+            assert_eq!(state, "satisfied", "{control}: {summary}");
+        }
+        // Masking is information flow enforcement, not protection at rest.
+        assert!(!found.contains_key("sc-28"));
+        assert!(
+            found["ac-4"].1.contains("3 sensitive values"),
+            "{:?}",
+            found["ac-4"]
+        );
+    }
+
+    #[test]
+    fn no_records_satisfy_no_control() {
+        for (control, (state, summary)) in states(&[], &chain(0, &[], &[], true)) {
+            assert_eq!(state, "not-satisfied", "{control}: {summary}");
+            assert!(
+                summary.starts_with("not satisfied: "),
+                "{control}: {summary}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_chain_that_does_not_verify_satisfies_no_control() {
+        let broken = chain(
+            6,
+            &["record n=3 is missing"],
+            &["record n=3 is missing"],
+            true,
+        );
+        for (control, (state, summary)) in states(&trail(), &broken) {
+            assert_eq!(state, "not-satisfied", "{control}: {summary}");
+            assert!(
+                summary.starts_with("not satisfied: ") && summary.contains("record n=3 is missing"),
+                "{control}: {summary}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_open_or_unpinned_trail_satisfies_controls_only_partially() {
+        let open = chain(6, &[], &["the trail ends at n=6 without a StreamEnd"], true);
+        let unpinned = chain(6, &[], &[], false);
+        for (check, why) in [(open, "without a StreamEnd"), (unpinned, "--key")] {
+            for (control, (state, summary)) in states(&trail(), &check) {
+                assert_eq!(state, "not-satisfied", "{control}: {summary}");
+                assert!(
+                    summary.starts_with("partially satisfied") && summary.contains(why),
+                    "{control}: {summary}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_control_without_its_evidence_is_not_satisfied_saying_why() {
+        let whole = chain(3, &[], &[], true);
+        // Only a session and an allowed request: nothing masked, held, refused or granted.
+        let mut undecided = request(3, Verdict::Allowed, None);
+        undecided.decision = None;
+        let plain = vec![
+            record(RecordKind::SessionStart, 1),
+            request(2, Verdict::Allowed, None),
+        ];
+        let found = states(&plain, &whole);
+        for (control, cause) in [
+            ("ac-4", "no response in these records had a value masked"),
+            ("ir-4", "was held for a decision"),
+        ] {
+            let (state, summary) = &found[control];
+            assert_eq!(state, "not-satisfied", "{control}: {summary}");
+            assert!(summary.contains(cause), "{control}: {summary}");
+        }
+        // Least privilege holds with no grant used: the baseline allowed the request.
+        for control in ["ac-2", "ac-3", "ac-6", "au-6", "sc-13"] {
+            assert_eq!(
+                found[control].0, "satisfied",
+                "{control}: {:?}",
+                found[control]
+            );
+        }
+        // A request that carries no decision: access enforcement is not shown.
+        let found = states(&[plain, vec![undecided]].concat(), &whole);
+        for control in ["ac-3", "ac-6", "au-3"] {
+            let (state, summary) = &found[control];
+            assert_eq!(state, "not-satisfied", "{control}: {summary}");
+            assert!(summary.contains("1 of 2"), "{control}: {summary}");
+        }
+        // Records but no requests: nothing shows enforcement.
+        let found = states(&[record(RecordKind::SessionStart, 1)], &whole);
+        for control in ["ac-3", "ac-6", "au-3"] {
+            let (state, summary) = &found[control];
+            assert_eq!(state, "not-satisfied", "{control}: {summary}");
+            assert!(
+                summary.contains("no request records"),
+                "{control}: {summary}"
+            );
+        }
+    }
 }

@@ -365,8 +365,9 @@ struct VerifyArgs {
 struct ExportArgs {
     #[command(flatten)]
     filter: Filter,
-    /// Trusted public keys for the chain verification behind AU-9/AU-10 (without one, they
-    /// are not satisfied: the signatures are only checked against each stream's own key).
+    /// Trusted public keys for the chain verification behind every finding (without one, AU-9
+    /// and AU-10 are not satisfied and the others at most partially: the signatures are only
+    /// checked against each stream's own key).
     #[arg(long)]
     key: Vec<String>,
     #[command(flatten)]
@@ -958,7 +959,17 @@ async fn show(session: &str, from: &From, output: Output, replay: bool) -> anyho
         for r in &records {
             if let Some(io) = &r.io {
                 let secs = r.time.duration_since(start).as_secs_f64();
-                println!("{}", serde_json::json!([secs, io.stream, io.data]));
+                // JSON escapes C0 controls; DEL and C1 (an 8-bit CSI) are escaped too, so
+                // the line printed to a terminal never drives it.
+                let line = serde_json::json!([secs, io.stream, io.data]).to_string();
+                let line: String = line
+                    .chars()
+                    .map(|c| match c {
+                        '\u{7f}' | '\u{80}'..='\u{9f}' => format!("\\u{:04x}", c as u32),
+                        c => c.to_string(),
+                    })
+                    .collect();
+                println!("{line}");
             }
         }
         return Ok(0);
@@ -1034,17 +1045,29 @@ fn describe(r: &Record) -> (String, String, String) {
     (request, decision, detail)
 }
 
+/// The trusted public keys given with `--key` (a file holding one, or the key itself): each
+/// must be an Ed25519 public key in base64. One that is not is an error, never skipped: a
+/// mistyped path would otherwise leave nothing pinned and each stream's own key trusted.
 fn keys(args: &[String]) -> anyhow::Result<Vec<String>> {
     args.iter()
         .map(|k| {
             let p = PathBuf::from(k);
-            if p.exists() {
-                Ok(std::fs::read_to_string(&p)
+            let key = if p.exists() {
+                std::fs::read_to_string(&p)
                     .with_context(|| format!("read {}", p.display()))?
                     .trim()
-                    .to_owned())
+                    .to_owned()
             } else {
-                Ok(k.clone())
+                k.trim().to_owned()
+            };
+            match agentgate_crds::audit::public_key_bytes(&key) {
+                Some(_) => Ok(key),
+                _ if p.exists() => anyhow::bail!(
+                    "--key {k}: the file does not hold an Ed25519 public key in base64 (the sidecar's signing-key.pk8.pub, or the key a stream's start record names)"
+                ),
+                _ => anyhow::bail!(
+                    "--key {k}: no such file, and not an Ed25519 public key in base64 (32 bytes): check the path"
+                ),
             }
         })
         .collect()

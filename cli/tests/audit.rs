@@ -102,6 +102,14 @@ fn a_session_is_recorded_verified_shown_and_exported() {
     assert!(!stdout(&out).contains("warning"), "{}", stdout(&out));
     let out = cli(&["verify", "--key", &s.key(), "--postgres", &s.reader()]);
     assert!(out.status.success(), "{}", stdout(&out));
+    // A mistyped key file is an error, never a verify against each stream's own key.
+    let typo = format!("{}.typo", s.audit_dir.join("signing-key.pk8.pub").display());
+    let out = cli(&["verify", "--key", &typo, &dir]);
+    let said = format!("{}{}", stdout(&out), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        !out.status.success() && said.contains("no such file, and not an Ed25519 public key"),
+        "{said}"
+    );
 
     // sessions and show.
     let out = cli(&["sessions", "--from", &dir, "--identity", "claude"]);

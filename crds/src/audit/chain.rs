@@ -386,6 +386,12 @@ struct StreamState {
 /// How many recent hashes per stream the verifier keeps to recognise re-delivered records.
 const RECENT: usize = 65_536;
 
+/// An Ed25519 public key as `--key` and stream starts give it (base64): its 32 bytes, or
+/// `None` when the text is not one.
+pub fn public_key_bytes(text: &str) -> Option<Vec<u8>> {
+    B64.decode(text.trim()).ok().filter(|raw| raw.len() == 32)
+}
+
 /// Verifies a trail: `lines` yields each stored line with where it was read. Streams are
 /// checked independently; within a stream, records must appear in order.
 pub fn verify<'a, I>(lines: I, expect: &Expectations) -> Report
@@ -416,6 +422,17 @@ where
                 continue;
             }
         };
+        // Sequence numbers count records: one no stream can reach is forged.
+        if record.n >= u64::MAX / 2 {
+            report.problems.push(Problem {
+                kind: ProblemKind::Malformed,
+                stream: record.stream.clone(),
+                n: Some(record.n),
+                location,
+                message: format!("n={} is beyond any stream's length", record.n),
+            });
+            continue;
+        }
         if record.v != SCHEMA_VERSION {
             report.problems.push(Problem {
                 kind: ProblemKind::Malformed,
@@ -664,6 +681,9 @@ fn check(
             .iter()
             .rev()
             .any(|(m, h)| *m == n && *h == stored_hash)
+            // A copy is a duplicate only when it is the same record: an edited copy that
+            // keeps the old hash is an edit.
+            && actual == stored_hash
         {
             report.duplicates += 1;
             report.records -= 1;
@@ -730,7 +750,11 @@ fn check(
         if let Some(key) = &record.key {
             state.summary.key_id = Some(key.key_id.clone());
             match B64.decode(&key.public_key) {
-                Ok(raw) if trusted.is_empty() || trusted.contains(&raw) => state.key = Some(raw),
+                // Unpinned only when no key was given at all: a key given that does not
+                // decode trusts nothing (never the stream's own).
+                Ok(raw) if expect.keys.is_empty() || trusted.contains(&raw) => {
+                    state.key = Some(raw)
+                }
                 Ok(_) => report.problems.push(problem(
                     ProblemKind::BadSignature,
                     format!(
@@ -1163,5 +1187,58 @@ mod tests {
                 (ProblemKind::Unsigned, Some(5))
             ]
         );
+    }
+
+    #[test]
+    fn edited_copies_unusable_keys_and_impossible_numbers_are_problems() {
+        let (signer, _) = Signer::generate().unwrap();
+        let mut chain = Chain::new("run-1");
+        let mut lines = sealed(&mut chain, &signer, None, RUN);
+        lines.extend(sealed(&mut chain, &signer, None, END));
+        // An exact copy of a record delivered twice is a duplicate; an edited copy that
+        // keeps the old hash is an edit.
+        let mut copied = lines.clone();
+        copied.push(lines[2].clone());
+        let report = run(&copied, &pinned(&signer));
+        assert!(
+            report.ok() && report.duplicates == 1,
+            "{:#?}",
+            report.problems
+        );
+        let mut edited: Record = serde_json::from_str(&lines[2]).unwrap();
+        edited.note = Some("forged".into());
+        let mut forged = lines.clone();
+        forged.push(serde_json::to_string(&edited).unwrap());
+        let report = run(&forged, &pinned(&signer));
+        assert!(
+            !report.ok() && report.duplicates == 0,
+            "{:#?}",
+            report.problems
+        );
+        // A key given that is not a key trusts nothing (never the stream's own).
+        let typo = Expectations {
+            keys: vec!["/etc/agentgate/signing-key.pk8.pub.typo".into()],
+            ..Default::default()
+        };
+        let report = run(&lines, &typo);
+        assert!(
+            report
+                .problems
+                .iter()
+                .any(|p| p.kind == ProblemKind::BadSignature),
+            "{:#?}",
+            report.problems
+        );
+        // A sequence number no stream reaches is malformed, not a panic.
+        let huge = format!(
+            r#"{{"v":{SCHEMA_VERSION},"stream":"x","n":18446744073709551615,"prev":"","time":"2026-01-01T00:00:00Z","kind":"Request"}}"#
+        );
+        let report = run(&[huge], &pinned(&signer));
+        assert_eq!(
+            kinds(&report),
+            vec![(ProblemKind::Malformed, Some(u64::MAX))]
+        );
+        assert_eq!(public_key_bytes("not a key"), None);
+        assert!(public_key_bytes(&signer.public().public_key).is_some());
     }
 }

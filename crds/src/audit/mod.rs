@@ -9,7 +9,7 @@ pub mod record;
 
 pub use chain::{
     Chain, ChainError, Expectations, Problem, ProblemKind, Report, Signer, StreamSummary,
-    canonical, hash_of, key_id, verify,
+    canonical, hash_of, key_id, public_key_bytes, verify,
 };
 pub use record::{
     Decision, IoChunk, Outcome, Record, RecordKind, Request, SCHEMA_VERSION, SigningKey,

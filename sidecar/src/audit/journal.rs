@@ -5,6 +5,10 @@
 //!
 //! Layout: `<dir>/segments/<id>.jsonl` (one record per line, ids increasing across restarts)
 //! and `<dir>/cursors/<sink>` (`<segment id> <byte offset>` of the first undelivered byte).
+//!
+//! A failed write (the disk full, an I/O error) loses nothing and tears nothing for good: the
+//! [`Appender`] takes a line whole or not at all, and keeps every byte the file did not take
+//! (a write can stop in the middle of a line) to write first on the next try.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -61,6 +65,11 @@ pub struct Journal {
     appended: tokio::sync::watch::Sender<u64>,
     /// Serializes cursor saves (they share a temporary file per sink).
     saving: Mutex<()>,
+    /// Tests of a full disk: how many more bytes the segments' volume takes (`None`: as many
+    /// as it has). Past that, writes fail as on a full disk (`ENOSPC`), and so do syncs and
+    /// new segments.
+    #[cfg(test)]
+    space: Mutex<Option<u64>>,
 }
 
 fn segment_name(id: u64) -> String {
@@ -96,10 +105,14 @@ impl Journal {
             }),
             appended,
             saving: Mutex::new(()),
+            #[cfg(test)]
+            space: Mutex::new(None),
         });
         let appender = Appender {
             journal: journal.clone(),
-            file: io::BufWriter::with_capacity(256 << 10, file),
+            file,
+            buf: Vec::with_capacity(BUFFER),
+            written: 0,
             segment: active,
             size: 0,
             sync,
@@ -149,6 +162,21 @@ impl Journal {
     #[cfg(test)]
     pub(super) fn stall_writer(&self) -> std::sync::MutexGuard<'_, Position> {
         self.end.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Tests of a full disk: the volume takes `bytes` more bytes (`None`: no limit).
+    #[cfg(test)]
+    pub(super) fn set_space(&self, bytes: Option<u64>) {
+        *self.space.lock().unwrap_or_else(|e| e.into_inner()) = bytes;
+    }
+
+    /// Tests of a full disk: `Err` (as the kernel gives it) when the volume is full.
+    #[cfg(test)]
+    fn full(&self) -> io::Result<()> {
+        match *self.space.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(0) => Err(io::Error::from_raw_os_error(libc::ENOSPC)),
+            _ => Ok(()),
+        }
     }
 
     /// Bytes in the journal (delivered segments are deleted).
@@ -347,12 +375,27 @@ fn segments(dir: &Path) -> io::Result<Vec<u64>> {
     Ok(ids)
 }
 
+/// How many bytes of lines the [`Appender`] gathers before it writes them to the file.
+const BUFFER: usize = 256 << 10;
+
 /// Appends records to the active segment (one writer).
+///
+/// Lines are gathered in memory and written to the file when 256 KiB are gathered, at
+/// [`Self::flush`] and before a new segment. A line is taken whole or not at all: when `append`
+/// fails (the gathered lines could not be written to make room, or a new segment could not be
+/// started) the journal is as it was, and the caller keeps the line to append again. Bytes the
+/// file did not take (a write can stop mid-line on a full disk) stay gathered and are written
+/// first on the next try, so a line cut short is completed, never lost or written twice.
 #[derive(Debug)]
 pub struct Appender {
     journal: Arc<Journal>,
-    file: io::BufWriter<File>,
+    file: File,
+    /// Lines appended and not yet written to the file, from `written` on.
+    buf: Vec<u8>,
+    /// How much of `buf` the file has taken.
+    written: usize,
     segment: u64,
+    /// The active segment's size, counting the lines not yet written to the file.
     size: u64,
     /// Sync to disk (group commit, within [`SYNC_EVERY`] of a write): records survive a
     /// node crash.
@@ -365,22 +408,79 @@ pub struct Appender {
 
 impl Appender {
     /// Appends one line (a newline is added). Not visible to readers until [`Self::flush`].
+    /// On `Err` nothing of `line` was taken: append it again later.
     pub fn append(&mut self, line: &[u8]) -> io::Result<()> {
         if self.size >= SEGMENT_BYTES {
             self.roll()?;
         }
-        self.file.write_all(line)?;
-        self.file.write_all(b"\n")?;
-        let n = line.len() as u64 + 1;
-        self.size += n;
-        self.journal.bytes.fetch_add(n, Ordering::Relaxed);
+        let n = line.len() + 1;
+        if self.unwritten() > 0 && self.unwritten() + n > BUFFER {
+            self.write_out()?;
+        }
+        self.buf.extend_from_slice(line);
+        self.buf.push(b'\n');
+        self.size += n as u64;
+        self.journal.bytes.fetch_add(n as u64, Ordering::Relaxed);
         Ok(())
     }
 
-    /// Writes buffered lines to the file and wakes the readers. Syncing to disk is separate
-    /// ([`Appender::sync`]) so that bursts close together share one sync.
+    /// Bytes appended and not yet written to the file.
+    fn unwritten(&self) -> usize {
+        self.buf.len() - self.written
+    }
+
+    /// Writes the gathered lines to the file. On `Err` what the file did not take stays
+    /// gathered, to be written first next time.
+    fn write_out(&mut self) -> io::Result<()> {
+        while self.written < self.buf.len() {
+            match self.write_some() {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        "the segment file took no bytes",
+                    ));
+                }
+                Ok(n) => self.written += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.buf.clear();
+        self.written = 0;
+        // A burst that grew the buffer (a long outage's lines) does not keep its memory.
+        if self.buf.capacity() > 4 * BUFFER {
+            self.buf.shrink_to(BUFFER);
+        }
+        Ok(())
+    }
+
+    /// One write of the gathered lines: how many bytes the file took.
+    fn write_some(&mut self) -> io::Result<usize> {
+        let data = &self.buf[self.written..];
+        #[cfg(test)]
+        if let Some(space) = self
+            .journal
+            .space
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            if *space == 0 {
+                return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+            }
+            let room = usize::try_from(*space).unwrap_or(usize::MAX);
+            let n = self.file.write(&data[..data.len().min(room)])?;
+            *space -= n as u64;
+            return Ok(n);
+        }
+        self.file.write(data)
+    }
+
+    /// Writes the appended lines to the file and wakes the readers. Syncing to disk is
+    /// separate ([`Appender::sync`]) so that bursts close together share one sync. On `Err`
+    /// nothing is lost: call it again.
     pub fn flush(&mut self) -> io::Result<()> {
-        self.file.flush()?;
+        self.write_out()?;
         if self.sync && self.size != self.synced {
             self.unsynced_since.get_or_insert_with(Instant::now);
         }
@@ -399,32 +499,62 @@ impl Appender {
         self.unsynced_since.map(|t| t + SYNC_EVERY)
     }
 
-    /// Syncs the written lines to disk.
+    /// Syncs the written lines to disk. On `Err` they still wait for a sync: call it again.
+    ///
+    /// A later success does not prove that the lines a failed sync covered reached the disk
+    /// (after an I/O error Linux may drop the pages' dirty state): they are still in the page
+    /// cache, which the sinks read, and are at risk only if the node crashes before the sinks
+    /// deliver them.
     pub fn sync(&mut self) -> io::Result<()> {
-        if self.unsynced_since.take().is_some() {
-            self.file.get_ref().sync_data()?;
-            self.synced = self.size;
+        if self.unsynced_since.is_some() {
+            self.sync_data()?;
+            self.unsynced_since = None;
+            self.synced = self.size - self.unwritten() as u64;
         }
         Ok(())
     }
 
+    fn sync_data(&self) -> io::Result<()> {
+        #[cfg(test)]
+        self.journal.full()?;
+        self.file.sync_data()
+    }
+
     fn roll(&mut self) -> io::Result<()> {
-        self.file.flush()?;
+        self.write_out()?;
         if self.sync {
-            self.file.get_ref().sync_data()?;
+            self.sync_data()?;
             self.unsynced_since = None;
         }
         let next = self.segment + 1;
+        #[cfg(test)]
+        self.journal.full()?;
         let file = OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.journal.dir.join("segments").join(segment_name(next)))?;
-        self.file = io::BufWriter::with_capacity(256 << 10, file);
+        self.file = file;
         self.segment = next;
         self.size = 0;
         self.synced = 0;
         self.journal.active.store(next, Ordering::Release);
         Ok(())
+    }
+}
+
+impl Drop for Appender {
+    /// Lines still gathered are written (the writer flushes before it stops; this is for a
+    /// writer that ends otherwise).
+    fn drop(&mut self) {
+        if self.unwritten() > 0
+            && let Err(e) = self.write_out()
+        {
+            tracing::error!(
+                error = %e,
+                bytes = self.unwritten(),
+                "the last audit records could not be written to the spill journal"
+            );
+        }
     }
 }
 
@@ -447,6 +577,68 @@ mod tests {
             );
             pos = next;
         }
+    }
+
+    /// The disk fills in the middle of a line, then while lines wait: nothing appended is lost,
+    /// written twice or left torn once there is room again, a line that does not fit is
+    /// refused whole (the caller keeps it), and a failed sync is tried again.
+    #[test]
+    fn a_full_disk_loses_and_tears_nothing_once_there_is_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let (journal, mut w) = Journal::open(dir.path(), true).unwrap();
+        let start = journal.cursor("sink").unwrap();
+        w.append(b"r0").unwrap();
+        w.flush().unwrap();
+        w.sync().unwrap();
+        // Room for 10 bytes: the next line is cut short.
+        journal.set_space(Some(10));
+        let long = format!("r1-{}", "x".repeat(40));
+        w.append(long.as_bytes()).unwrap();
+        let e = w.flush().unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+        assert_eq!(
+            all_lines(&journal, start),
+            ["r0"],
+            "a torn line is not read"
+        );
+        // More lines than the buffer holds: once it is full, a line is refused whole.
+        let big = "y".repeat(64 << 10);
+        let mut taken = 0;
+        let refused = loop {
+            match w.append(big.as_bytes()) {
+                Ok(()) => taken += 1,
+                Err(e) => break e,
+            }
+            assert!(taken < 100, "a full buffer took every line");
+        };
+        assert_eq!(refused.raw_os_error(), Some(libc::ENOSPC));
+        assert!(
+            taken >= 1 && taken * (64 << 10) <= BUFFER,
+            "{taken} lines taken"
+        );
+        // A sync on the full disk fails and is still due.
+        assert!(w.sync_due().is_none());
+        journal.set_space(Some(0));
+        w.unsynced_since = Some(Instant::now());
+        assert!(w.sync().is_err());
+        assert!(w.sync_due().is_some(), "a failed sync is tried again");
+        // Room again: the line cut short is finished, everything taken is written once.
+        journal.set_space(None);
+        w.append(b"r9").unwrap();
+        w.flush().unwrap();
+        w.sync().unwrap();
+        assert!(w.sync_due().is_none());
+        let mut expected = vec!["r0".to_owned(), long];
+        expected.extend(std::iter::repeat_n(big, taken));
+        expected.push("r9".to_owned());
+        assert_eq!(all_lines(&journal, start), expected);
+        let on_disk = fs::read(dir.path().join("segments").join(segment_name(1))).unwrap();
+        assert_eq!(
+            on_disk,
+            format!("{}\n", expected.join("\n")).into_bytes(),
+            "the file holds each line once, whole"
+        );
+        assert_eq!(journal.bytes(), on_disk.len() as u64);
     }
 
     /// After a restart each sink resumes from its own cursor; an old segment is deleted only

@@ -8,10 +8,17 @@
 //! the journal holds more undelivered records than its bound (a sink is down),
 //! [`Auditor::admit`] refuses and says why; gateways refuse new commands until the sinks
 //! catch up.
+//!
+//! Nothing accepted is lost when the journal cannot be written (its disk full, an I/O
+//! error): the record being written and every one after it wait, in order, while the writer
+//! tries again with backoff ([`RETRY_FIRST`] to [`RETRY_MAX`]); new commands are refused
+//! meanwhile, and accepted again as soon as what waited is written. A record sealed into the
+//! chain is always written before any record sealed after it, so the chain has no gap.
 
 pub mod journal;
 pub mod sinks;
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
@@ -102,8 +109,8 @@ fn hostname() -> String {
 /// Why the pipeline refuses, if it does.
 #[derive(Debug, Default)]
 struct Health {
-    /// The writer failed (disk full, I/O error) or stopped: the flag (read per command) and
-    /// why.
+    /// The writer cannot write (disk full, I/O error): the flag (read per command) and why.
+    /// Cleared when what waited is written.
     is_broken: AtomicBool,
     broken: Mutex<Option<String>>,
     /// Each sink's last failure, for the refusal message.
@@ -292,6 +299,9 @@ impl Auditor {
             checkpoint_records: config.checkpoint_records,
             checkpoint_every: config.checkpoint_every,
             line: Vec::with_capacity(4096),
+            unwritten: VecDeque::new(),
+            outage: None,
+            unrecordable: None,
             dirty: false,
             last_time,
         };
@@ -344,12 +354,9 @@ impl Auditor {
     /// `Ok` when new commands may run: their records can be taken. Otherwise why not, in a
     /// sentence for the agent.
     pub fn admit(&self) -> Result<(), String> {
-        if self.health.is_broken.load(Ordering::Acquire)
-            && let Ok(b) = self.health.broken.lock()
-            && let Some(why) = b.as_ref()
-        {
+        if let Some(why) = self.broken() {
             return Err(format!(
-                "agentgate refuses new commands: its audit trail cannot be written ({why})"
+                "agentgate refuses new commands: its audit trail cannot be written ({why}); the records already taken are kept and written as soon as it can, and commands resume then: retry later (the sidecar's log says what fails; free space on, or repair, the volume of its audit spill directory)"
             ));
         }
         let spilled = self.journal.undelivered();
@@ -361,6 +368,22 @@ impl Auditor {
             ));
         }
         Ok(())
+    }
+
+    /// Why the writer cannot write, while it cannot.
+    fn broken(&self) -> Option<String> {
+        if !self.health.is_broken.load(Ordering::Acquire) {
+            return None;
+        }
+        // Fail closed: the flag alone refuses, whatever the reason's lock says.
+        Some(
+            self.health
+                .broken
+                .lock()
+                .ok()
+                .and_then(|b| b.clone())
+                .unwrap_or_else(|| "the audit writer failed".to_owned()),
+        )
     }
 
     fn failing(&self) -> String {
@@ -414,6 +437,11 @@ impl Auditor {
                     pause = (pause * 2).min(Duration::from_millis(1));
                 }
                 Err(TrySendError::Full(_)) => {
+                    if let Some(why) = self.broken() {
+                        return Err(format!(
+                            "agentgate refuses new commands: its audit trail cannot be written ({why}) and its queue of records waiting to be written is full; retry later (the sidecar's log says what fails; free space on, or repair, the volume of its audit spill directory)"
+                        ));
+                    }
                     return Err(format!(
                         "agentgate refuses new commands: its audit queue stayed full for {} ms (records arrive faster than they can be written); retry, and if it persists give the sidecar more CPU",
                         QUEUE_WAIT.as_millis()
@@ -466,8 +494,34 @@ impl Auditor {
             self.health.stopped.store(true, Ordering::Relaxed);
         }
         let (done_tx, done_rx) = std::sync::mpsc::channel();
-        if self.tx.send(Msg::Stop(done_tx)).is_ok() {
-            let _ = tokio::task::spawn_blocking(move || done_rx.recv_timeout(wait)).await;
+        // The queue may be full (the writer waiting for its disk): wait for room, not past
+        // the deadline, without holding up the runtime.
+        let mut stop = Msg::Stop(done_tx);
+        let sent = loop {
+            match self.tx.try_send(stop) {
+                Ok(()) => break true,
+                Err(TrySendError::Full(back)) if Instant::now() < deadline => {
+                    stop = back;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(_) => break false,
+            }
+        };
+        let finished = if sent {
+            let left = deadline.saturating_duration_since(Instant::now());
+            matches!(
+                tokio::task::spawn_blocking(move || done_rx.recv_timeout(left)).await,
+                Ok(Ok(()))
+            )
+        } else {
+            false
+        };
+        if !finished {
+            tracing::error!(
+                wait_ms = wait.as_millis() as u64,
+                reason = self.broken().as_deref().unwrap_or("the writer is behind"),
+                "the audit writer did not finish in time: the records it has not written to the spill journal are lost, and the stream has no StreamEnd (the next start continues it)"
+            );
         }
         while !self.journal.all_delivered() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -686,6 +740,15 @@ struct Writer {
     checkpoint_every: Duration,
     /// The line being written (one buffer, reused).
     line: Vec<u8>,
+    /// Sealed lines the journal has not taken (its disk full or failing), oldest first. They
+    /// are in the chain already: nothing new is sealed while one waits, and they are
+    /// appended, in order, before anything else.
+    unwritten: VecDeque<Vec<u8>>,
+    /// The journal's failure being retried, if any.
+    outage: Option<Outage>,
+    /// A record could not be serialized (a bug, never seen): the trail misses it, so
+    /// commands stay refused until a restart.
+    unrecordable: Option<String>,
     /// Lines were appended since the last flush.
     dirty: bool,
     /// The latest time written: the trail's times never go back. Records are stamped where
@@ -693,6 +756,23 @@ struct Writer {
     /// queue after it, and then takes the other's time.
     last_time: Option<jiff::Timestamp>,
 }
+
+/// A failure of the journal being retried.
+struct Outage {
+    /// When it began.
+    since: Instant,
+    /// Why the last try failed.
+    why: String,
+    /// How many tries failed.
+    tries: u64,
+    /// The wait before the next try.
+    backoff: Duration,
+}
+
+/// The writer's first retry after the journal failed…
+pub const RETRY_FIRST: Duration = Duration::from_millis(50);
+/// …and the longest wait between two (each wait doubles the one before).
+pub const RETRY_MAX: Duration = Duration::from_secs(2);
 
 /// How long the writer lets records gather after a burst before it looks again.
 const GATHER: Duration = Duration::from_micros(500);
@@ -710,22 +790,29 @@ const POLL_FOR: Duration = Duration::from_millis(20);
 impl Writer {
     fn run(mut self, rx: Receiver<Msg>, start: Record) {
         let mut unsigned_since: Option<Instant> = None;
-        let mut pending = vec![Msg::Record(Box::new(start))];
+        // Records taken from the queue and not yet sealed, in order.
+        let mut pending: VecDeque<Msg> = VecDeque::from([Msg::Record(Box::new(start))]);
         // Until when the writer looks for records on its own (see [`POLL_FOR`]).
         let mut polling_until: Option<Instant> = None;
         let mut last_flush = Instant::now();
+        // A stop asked for, and whether the stream's end is sealed.
+        let mut stop = None;
+        let mut ended = false;
         loop {
-            let mut stop = None;
+            // The journal failed: nothing new is sealed (and nothing more taken from the
+            // queue, which holds the gateways back) until what waits is written.
+            if self.outage.is_some() {
+                self.retry();
+                continue;
+            }
             if !pending.is_empty() {
                 polling_until = Some(Instant::now() + POLL_FOR);
             }
-            for msg in pending.drain(..) {
+            while self.outage.is_none()
+                && let Some(msg) = pending.pop_front()
+            {
                 match msg {
-                    Msg::Record(mut r) => {
-                        if let Err(e) = self.write(&mut r, &mut unsigned_since) {
-                            self.fail(e);
-                        }
-                    }
+                    Msg::Record(mut r) => self.write(&mut r, &mut unsigned_since),
                     Msg::Statement(mut r, sql, redacted) => {
                         if let Some(req) = r.request.as_mut() {
                             req.text = match redacted {
@@ -740,19 +827,20 @@ impl Writer {
                         {
                             req.fingerprint = Some(sql.get().to_owned());
                         }
-                        if let Err(e) = self.write(&mut r, &mut unsigned_since) {
-                            self.fail(e);
-                        }
+                        self.write(&mut r, &mut unsigned_since);
                     }
                     Msg::Stop(done) => stop = Some(done),
                 }
+            }
+            if self.outage.is_some() {
+                continue;
             }
             // Drain what is queued before flushing: one write for a burst.
             while pending.len() < 4096
                 && stop.is_none()
                 && let Ok(msg) = rx.try_recv()
             {
-                pending.push(msg);
+                pending.push_back(msg);
             }
             // More is queued: go on writing, but flush (and sync, and checkpoint) at least
             // every FLUSH_EVERY, so that a queue that never empties (gateways waiting for
@@ -770,33 +858,37 @@ impl Writer {
                     "signs the stream through n={}",
                     self.chain.head().0
                 ));
-                if let Err(e) = self.write(&mut cp, &mut unsigned_since) {
-                    self.fail(e);
-                    // Try again a checkpoint interval later, not at once.
-                    unsigned_since = Some(Instant::now());
-                }
+                self.write(&mut cp, &mut unsigned_since);
             }
-            if self.dirty {
+            if stop.is_some() && !ended && self.outage.is_none() {
+                self.end_stream(&mut unsigned_since);
+                ended = true;
+            }
+            if self.dirty && self.outage.is_none() {
                 self.dirty = false;
                 last_flush = Instant::now();
                 if let Err(e) = self.appender.flush() {
-                    self.fail(format!("write the spill journal: {e}"));
+                    self.failed(format!("write the spill journal: {e}"));
                 }
             }
-            if let Some(done) = stop {
-                self.end_stream(&mut unsigned_since);
-                let _ = self.appender.flush();
-                let _ = self.appender.sync();
-                let _ = done.send(());
-                return;
-            }
-            if self
-                .appender
-                .sync_due()
-                .is_some_and(|due| due <= Instant::now())
+            if self.outage.is_none()
+                && self
+                    .appender
+                    .sync_due()
+                    .is_some_and(|due| ended || due <= Instant::now())
                 && let Err(e) = self.appender.sync()
             {
-                self.fail(format!("sync the spill journal: {e}"));
+                self.failed(format!("sync the spill journal: {e}"));
+            }
+            if self.outage.is_some() {
+                continue;
+            }
+            if ended {
+                // Everything up to the stream's end is written (and synced).
+                if let Some(done) = stop {
+                    let _ = done.send(());
+                }
+                return;
             }
             if more {
                 continue;
@@ -814,25 +906,32 @@ impl Writer {
                 if Instant::now() < until {
                     std::thread::sleep(GATHER.min(wait));
                     if let Ok(msg) = rx.try_recv() {
-                        pending.push(msg);
+                        pending.push_back(msg);
                     }
                     continue;
                 }
                 polling_until = None;
             }
             match rx.recv_timeout(wait) {
-                Ok(msg) => pending.push(msg),
+                Ok(msg) => pending.push_back(msg),
                 Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => return,
+                Err(RecvTimeoutError::Disconnected) => {
+                    // Every handle is gone without a stop: what is written is flushed (the
+                    // appender writes the rest when dropped).
+                    if let Err(e) = self.appender.flush() {
+                        tracing::error!(error = %e, "the last audit records could not be written to the spill journal");
+                    }
+                    return;
+                }
             }
         }
     }
 
-    fn write(
-        &mut self,
-        r: &mut Record,
-        unsigned_since: &mut Option<Instant>,
-    ) -> Result<(), String> {
+    /// Seals `r` as the stream's next record and appends it to the journal. When the journal
+    /// does not take it (or an earlier line still waits), the sealed line waits in
+    /// [`Self::unwritten`] and the writer retries ([`Self::retry`]): the chain never skips
+    /// it.
+    fn write(&mut self, r: &mut Record, unsigned_since: &mut Option<Instant>) {
         let sign = matches!(
             r.kind,
             RecordKind::StreamStart
@@ -844,19 +943,34 @@ impl Writer {
             Some(last) if r.time < last => r.time = last,
             _ => self.last_time = Some(r.time),
         }
-        self.chain
+        if let Err(e) = self
+            .chain
             .seal_into(r, sign.then_some(&self.signer), &mut self.line)
-            .map_err(|e| e.to_string())?;
-        self.dirty = true;
-        self.appender
-            .append(&self.line)
-            .map_err(|e| format!("write the spill journal: {e}"))?;
+        {
+            // Not sealed (the chain did not move) and never will be: the trail misses a
+            // record, so commands stay refused until a restart.
+            let why = format!(
+                "a {} record could not be serialized ({e}); restart the sidecar and report this",
+                r.kind.as_str()
+            );
+            tracing::error!(session = r.session.as_deref().unwrap_or("-"), error = %why, "an audit record is lost");
+            self.set_broken(&why);
+            self.unrecordable = Some(why);
+            return;
+        }
         if sign {
             *unsigned_since = None;
         } else if unsigned_since.is_none() {
             *unsigned_since = Some(Instant::now());
         }
-        Ok(())
+        self.dirty = true;
+        if self.unwritten.is_empty() {
+            match self.appender.append(&self.line) {
+                Ok(()) => return,
+                Err(e) => self.failed(format!("write the spill journal: {e}")),
+            }
+        }
+        self.unwritten.push_back(std::mem::take(&mut self.line));
     }
 
     /// The sessions still open end, then the stream.
@@ -865,23 +979,96 @@ impl Writer {
             let mut end = Record::new(RecordKind::SessionEnd, crate::clock::now());
             end.session = Some(session);
             end.note = Some("the sidecar stopped".into());
-            if let Err(e) = self.write(&mut end, unsigned_since) {
-                self.fail(e);
-            }
+            self.write(&mut end, unsigned_since);
         }
         let mut end = Record::new(RecordKind::StreamEnd, crate::clock::now());
         end.note = Some("the sidecar stopped".into());
-        if let Err(e) = self.write(&mut end, unsigned_since) {
-            self.fail(e);
+        self.write(&mut end, unsigned_since);
+    }
+
+    /// The journal failed (`why`): new commands are refused and the writer retries.
+    fn failed(&mut self, why: String) {
+        let waiting = self.unwritten.len();
+        match &mut self.outage {
+            Some(o) => {
+                o.tries += 1;
+                o.backoff = (o.backoff * 2).min(RETRY_MAX);
+                if o.why != why {
+                    tracing::error!(error = %why, waiting, "audit records still cannot be written: new commands stay refused, retrying");
+                    o.why.clone_from(&why);
+                    self.set_broken(&why);
+                }
+            }
+            None => {
+                tracing::error!(error = %why, "audit records cannot be written: refusing new commands and retrying (free space on, or repair, the audit spill directory's volume)");
+                self.set_broken(&why);
+                self.outage = Some(Outage {
+                    since: Instant::now(),
+                    why,
+                    tries: 1,
+                    backoff: RETRY_FIRST,
+                });
+            }
         }
     }
 
-    fn fail(&self, why: String) {
-        tracing::error!(error = %why, "audit records cannot be written: refusing new commands");
+    /// Waits out the outage's backoff, then tries to write what waits: the sealed lines the
+    /// journal did not take, the lines it took but did not write, and a sync that is due.
+    /// When all is written the outage ends and commands are admitted again.
+    fn retry(&mut self) {
+        let Some(backoff) = self.outage.as_ref().map(|o| o.backoff) else {
+            return;
+        };
+        std::thread::sleep(backoff);
+        let tried = self.write_waiting();
+        match tried {
+            Err(why) => self.failed(why),
+            Ok(()) => {
+                self.dirty = false;
+                if let Some(o) = self.outage.take() {
+                    tracing::info!(
+                        after_ms = o.since.elapsed().as_millis() as u64,
+                        tries = o.tries,
+                        "audit records are written again, none lost: new commands are admitted"
+                    );
+                }
+                match &self.unrecordable {
+                    Some(why) => self.set_broken(&why.clone()),
+                    None => self.clear_broken(),
+                }
+            }
+        }
+    }
+
+    /// Writes what waits: the sealed lines the journal did not take, in order, then what it
+    /// took and did not write, then a sync that is due.
+    fn write_waiting(&mut self) -> Result<(), String> {
+        while let Some(line) = self.unwritten.front() {
+            self.appender
+                .append(line)
+                .map_err(|e| format!("write the spill journal: {e}"))?;
+            self.unwritten.pop_front();
+        }
+        self.appender
+            .flush()
+            .map_err(|e| format!("write the spill journal: {e}"))?;
+        self.appender
+            .sync()
+            .map_err(|e| format!("sync the spill journal: {e}"))
+    }
+
+    fn set_broken(&self, why: &str) {
         if let Ok(mut b) = self.health.broken.lock() {
-            *b = Some(why);
+            *b = Some(why.to_owned());
         }
         self.health.is_broken.store(true, Ordering::Release);
+    }
+
+    fn clear_broken(&self) {
+        self.health.is_broken.store(false, Ordering::Release);
+        if let Ok(mut b) = self.health.broken.lock() {
+            *b = None;
+        }
     }
 }
 
@@ -925,6 +1112,42 @@ mod tests {
                     .collect::<Vec<_>>()
             })
             .collect()
+    }
+
+    /// Every line of the journal, with where it was read.
+    fn journal_lines(dir: &Path) -> Vec<(String, Vec<u8>)> {
+        let mut files: Vec<_> = std::fs::read_dir(dir.join("segments"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        files.sort();
+        files
+            .iter()
+            .flat_map(|p| {
+                let data = std::fs::read(p).expect("a segment");
+                data.split(|b| *b == b'\n')
+                    .enumerate()
+                    .filter(|(_, l)| !l.is_empty())
+                    .map(|(i, l)| (format!("{}:{}", p.display(), i + 1), l.to_vec()))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// What `f` gives, once it gives something within `timeout`.
+    fn wait_for<T>(mut f: impl FnMut() -> Option<T>, timeout: Duration) -> Option<T> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(v) = f() {
+                return Some(v);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// A pipeline writing to `dir/spill` (no fsync, a queue of `queue` records when set) and
@@ -1095,5 +1318,160 @@ mod tests {
             "{written:?}"
         );
         assert_eq!(written.last().map(|(k, _)| k.as_str()), Some("StreamEnd"));
+    }
+
+    /// The disk fills while a burst of records is written (a line cut short, then lines the
+    /// journal cannot take): new commands are refused, saying why and what to do, while the
+    /// records of commands already taken wait; once there is room they are all written, in
+    /// order, once, and the chain verifies whole against the sidecar's key.
+    #[test]
+    fn a_full_disk_refuses_commands_then_writes_every_record_with_the_chain_whole() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let (auditor, rec) = pipeline(dir.path(), Protocol::Postgres, None);
+        let request = |id: u64, text: String| {
+            let mut r = rec.base(RecordKind::Request);
+            r.request = Some(agentgate_crds::audit::Request {
+                id,
+                text,
+                ..Default::default()
+            });
+            r
+        };
+        rec.emit(request(1, "SELECT 1".into())).expect("accepted");
+        // The writer stops at a flush while a burst (more than the journal gathers in
+        // memory) is queued; then the disk fills, with room left for part of a line.
+        let stalled = auditor.journal.stall_writer();
+        rec.emit(request(2, "SELECT 2".into())).expect("accepted");
+        std::thread::sleep(Duration::from_millis(100));
+        for id in 3..=40 {
+            rec.emit(request(id, "x".repeat(16 << 10)))
+                .expect("accepted");
+        }
+        auditor.journal.set_space(Some(1000));
+        drop(stalled);
+        let refused = wait_for(|| auditor.admit().err(), Duration::from_secs(10))
+            .expect("new commands are refused while the disk is full");
+        assert!(
+            refused.contains("audit trail cannot be written")
+                && refused.contains("No space left on device")
+                && refused.contains("free space"),
+            "{refused}"
+        );
+        assert!(
+            auditor
+                .session("agent", "db", Protocol::Postgres, None)
+                .is_err(),
+            "a new session is refused"
+        );
+        // The records of commands already running are taken, and wait their turn.
+        for id in 41..=45 {
+            rec.emit(request(id, format!("SELECT {id}")))
+                .expect("accepted");
+        }
+        // Several retries fail meanwhile.
+        std::thread::sleep(RETRY_FIRST * 8);
+        assert!(auditor.admit().is_err(), "still refused");
+        // Room again: everything waiting is written, and commands are admitted again.
+        auditor.journal.set_space(None);
+        wait_for(|| auditor.admit().ok(), RETRY_MAX * 5)
+            .expect("admitted once the waiting records are written");
+        rec.emit(request(46, "SELECT 46".into())).expect("accepted");
+        let key = auditor.public_key().public_key.clone();
+        let records = finish(auditor, rec, dir.path());
+        let ids: Vec<u64> = records
+            .iter()
+            .filter_map(|r| r.request.as_ref().map(|q| q.id))
+            .collect();
+        assert_eq!(
+            ids,
+            (1..=46).collect::<Vec<u64>>(),
+            "every request, in order, once"
+        );
+        assert_eq!(records.last().map(|r| r.kind), Some(RecordKind::StreamEnd));
+        let lines = journal_lines(&dir.path().join("spill"));
+        let report = agentgate_crds::audit::verify(
+            lines.iter().map(|(at, l)| (at.clone(), l.as_slice())),
+            &agentgate_crds::audit::Expectations {
+                keys: vec![key],
+                ..Default::default()
+            },
+        );
+        assert!(report.ok(), "{:#?}", report.problems);
+        assert_eq!(report.records, records.len() as u64);
+        assert_eq!(report.duplicates, 0);
+    }
+
+    /// The journal refuses a line in the middle of a burst (its disk full): the sealed line
+    /// and every one sealed after it wait in order, nothing new is taken from the queue, and
+    /// once there is room they are written before anything else: the chain has no gap.
+    #[test]
+    fn sealed_records_the_journal_refuses_wait_in_order_and_are_written_first() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let (spill, appender) = Journal::open(dir.path(), true).expect("a journal");
+        let (signer, _) = Signer::generate().expect("a key");
+        let key = signer.public().public_key.clone();
+        let health = Arc::new(Health::default());
+        let mut writer = Writer {
+            chain: Chain::new("run-1"),
+            signer,
+            appender,
+            health: health.clone(),
+            checkpoint_records: 1000,
+            checkpoint_every: Duration::from_secs(1),
+            line: Vec::new(),
+            unwritten: VecDeque::new(),
+            outage: None,
+            unrecordable: None,
+            dirty: false,
+            last_time: None,
+        };
+        let mut unsigned = None;
+        let mut start = Record::new(RecordKind::StreamStart, crate::clock::now());
+        start.key = Some(writer.signer.public().clone());
+        writer.write(&mut start, &mut unsigned);
+        // Room for part of a line: the burst (more than the journal gathers) is refused
+        // part way.
+        spill.set_space(Some(1000));
+        for id in 1..=40 {
+            let mut r = Record::new(RecordKind::Request, crate::clock::now());
+            r.request = Some(agentgate_crds::audit::Request {
+                id,
+                text: "x".repeat(16 << 10),
+                ..Default::default()
+            });
+            writer.write(&mut r, &mut unsigned);
+        }
+        let waiting = writer.unwritten.len();
+        assert!(
+            (1..40).contains(&waiting),
+            "{waiting} lines wait: the journal took the first ones"
+        );
+        assert!(writer.outage.is_some());
+        assert!(health.is_broken.load(Ordering::Acquire));
+        // Still full: a retry fails, and what waits stays.
+        writer.retry();
+        assert_eq!(writer.unwritten.len(), waiting);
+        assert!(health.is_broken.load(Ordering::Acquire));
+        // Room again.
+        spill.set_space(None);
+        writer.retry();
+        assert!(writer.unwritten.is_empty() && writer.outage.is_none());
+        assert!(!health.is_broken.load(Ordering::Acquire), "admitted again");
+        writer.end_stream(&mut unsigned);
+        writer.appender.flush().expect("flushed");
+        let lines = journal_lines(dir.path());
+        let report = agentgate_crds::audit::verify(
+            lines.iter().map(|(at, l)| (at.clone(), l.as_slice())),
+            &agentgate_crds::audit::Expectations {
+                keys: vec![key],
+                ..Default::default()
+            },
+        );
+        assert!(report.ok(), "{:#?}", report.problems);
+        let ids: Vec<u64> = journal(dir.path())
+            .iter()
+            .filter_map(|r| r.request.as_ref().map(|q| q.id))
+            .collect();
+        assert_eq!(ids, (1..=40).collect::<Vec<u64>>());
     }
 }
