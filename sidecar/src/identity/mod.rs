@@ -126,13 +126,49 @@ pub struct Review {
 }
 
 struct ReviewState {
-    /// When the API server last answered.
+    /// When the API server was last asked (or answered).
     at: Instant,
-    /// Why it no longer accepts the token, once it said so (or could not be asked).
+    /// When it last confirmed the token.
+    confirmed: Instant,
+    /// Why it no longer accepts the token, once it said so: for good.
     refused: Option<String>,
+    /// Why it could not be asked last time (it is asked again).
+    unreachable: Option<String>,
     /// A review is under way.
     asking: bool,
 }
+
+impl ReviewState {
+    fn new() -> Self {
+        Self {
+            at: Instant::now(),
+            confirmed: Instant::now(),
+            refused: None,
+            unreachable: None,
+            asking: false,
+        }
+    }
+
+    /// Takes a review's answer.
+    fn answered(&mut self, answer: Result<String, pod::ReviewError>, subject: &str) {
+        self.asking = false;
+        self.at = Instant::now();
+        match answer {
+            Ok(user) if user == subject => {
+                self.confirmed = Instant::now();
+                self.unreachable = None;
+            }
+            Ok(user) => self.refused = Some(format!("the API server says it belongs to {user}")),
+            Err(pod::ReviewError::Refused(why)) => self.refused = Some(why),
+            Err(pod::ReviewError::Unreachable(why)) => self.unreachable = Some(why),
+        }
+    }
+}
+
+/// How long a session goes on without the API server confirming its service-account token
+/// (it is asked every [`REVIEW_EVERY`] while the session is used): past this, requests are
+/// refused until it answers.
+const CONFIRMED_FOR: Duration = Duration::from_secs(30);
 
 impl std::fmt::Debug for Review {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -333,7 +369,7 @@ impl Verifier {
         }
         let user = pod::review_for(client, token, audiences)
             .await
-            .map_err(IdentityError::Revoked)?;
+            .map_err(|e| IdentityError::Revoked(e.to_string()))?;
         if user != subject {
             return Err(IdentityError::Revoked(format!(
                 "the API server says it belongs to {user}"
@@ -406,17 +442,55 @@ impl Verifier {
                     std::slice::from_ref(&review.audience),
                 )
                 .await;
-                let mut state = lock(&review.state);
-                state.asking = false;
-                state.at = Instant::now();
-                state.refused = match answer {
-                    Ok(user) if user == review.subject => None,
-                    Ok(user) => Some(format!("the API server says it belongs to {user}")),
-                    Err(why) => Some(why),
-                };
+                lock(&review.state).answered(answer, &review.subject);
             });
         }
+        // Not confirmed lately because the API server is slow or unreachable (a session
+        // merely idle is asked again first: `still_valid_now`): refused until it answers,
+        // not for good.
+        let age = state.confirmed.elapsed();
+        if age > CONFIRMED_FOR
+            && (state.unreachable.is_some() || state.at.elapsed() > CONFIRMED_FOR)
+        {
+            let why = state
+                .unreachable
+                .clone()
+                .unwrap_or_else(|| "no answer yet".to_owned());
+            return Err(IdentityError::Revoked(format!(
+                "the API server has not confirmed it for {} s ({why}); retry in a moment",
+                age.as_secs()
+            ))
+            .to_string());
+        }
         Ok(())
+    }
+
+    /// Asks the API server about a session's service-account token now when its last
+    /// confirmation is older than [`REVIEW_EVERY`] (a session idle for a while), so the
+    /// request that follows is decided on a fresh answer; then [`Self::still_valid`].
+    pub async fn still_valid_now(&self, verified: &Verified) -> Result<(), String> {
+        if let (Some(review), Some(client)) = (&verified.review, self.reviewer.get()) {
+            let ask = {
+                let mut state = lock(&review.state);
+                let due = state.refused.is_none()
+                    && !state.asking
+                    && state.confirmed.elapsed() >= REVIEW_EVERY;
+                if due {
+                    state.asking = true;
+                }
+                due
+            };
+            if ask {
+                let answer = pod::review_for(
+                    client,
+                    &review.token,
+                    std::slice::from_ref(&review.audience),
+                )
+                .await;
+                lock(&review.state).answered(answer, &review.subject);
+            }
+        }
+        self.still_valid(verified)
     }
 
     /// Pins `key` (id `kid`, for `alg` when given) as a key of `issuer`, and never reads that
@@ -727,11 +801,7 @@ impl Verifier {
                 token: token.trim().to_owned(),
                 audience,
                 subject: verified.subject.clone(),
-                state: std::sync::Mutex::new(ReviewState {
-                    at: Instant::now(),
-                    refused: None,
-                    asking: false,
-                }),
+                state: std::sync::Mutex::new(ReviewState::new()),
             }));
         }
         if let Some(fresh) = fresh
@@ -1160,12 +1230,40 @@ mod tests {
             subject: "s".into(),
             state: std::sync::Mutex::new(ReviewState {
                 at: Instant::now() - REVIEW_EVERY,
-                refused: None,
-                asking: false,
+                ..ReviewState::new()
             }),
         }));
         let e = verifier.still_valid(&v).unwrap_err();
         assert!(e.contains("no TokenReview client"), "{e}");
+        // An API server that cannot be asked refuses for a while, not for good; one that
+        // says the token is gone refuses for good.
+        let mut state = ReviewState::new();
+        state.answered(Err(pod::ReviewError::Unreachable("timeout".into())), "s");
+        assert!(state.refused.is_none() && state.unreachable.is_some());
+        state.answered(Ok("s".into()), "s");
+        assert!(state.refused.is_none() && state.unreachable.is_none());
+        state.answered(Err(pod::ReviewError::Refused("gone".into())), "s");
+        assert_eq!(state.refused.as_deref(), Some("gone"));
+        // Not confirmed for too long: refused, saying why.
+        let stale = Verified {
+            review: Some(Arc::new(Review {
+                token: "t".into(),
+                audience: AUDIENCE.into(),
+                subject: "s".into(),
+                state: std::sync::Mutex::new(ReviewState {
+                    confirmed: Instant::now() - CONFIRMED_FOR - Duration::from_secs(1),
+                    unreachable: Some("TokenReview failed: connection refused".into()),
+                    asking: true,
+                    ..ReviewState::new()
+                }),
+            })),
+            ..with_exp(now + 60)
+        };
+        let e = verifier.still_valid(&stale).unwrap_err();
+        assert!(
+            e.contains("has not confirmed it for") && e.contains("connection refused"),
+            "{e}"
+        );
         assert!(!format!("{v:?}").contains("token: \"t\""));
     }
 

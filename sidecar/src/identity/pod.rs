@@ -10,9 +10,26 @@ use kube::api::{Api, PostParams};
 
 use super::AUDIENCE;
 
+/// Why a TokenReview did not confirm a token.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReviewError {
+    /// The API server could not be asked, or did not answer in time: nothing is known.
+    #[error("{0}")]
+    Unreachable(String),
+    /// The API server answered: the token is not good (its pod or account is gone, another
+    /// audience, not a service account's).
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// How long a TokenReview may take.
+const REVIEW_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Asks the API server who `token` belongs to (for audience `agentgate`).
 pub async fn review(client: &kube::Client, token: &str) -> Result<String, String> {
-    review_for(client, token, &[AUDIENCE.to_owned()]).await
+    review_for(client, token, &[AUDIENCE.to_owned()])
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// Asks the API server who `token` belongs to, for one of `audiences`.
@@ -20,7 +37,21 @@ pub async fn review_for(
     client: &kube::Client,
     token: &str,
     audiences: &[String],
-) -> Result<String, String> {
+) -> Result<String, ReviewError> {
+    match tokio::time::timeout(REVIEW_TIMEOUT, ask(client, token, audiences)).await {
+        Ok(r) => r,
+        Err(_) => Err(ReviewError::Unreachable(format!(
+            "TokenReview did not answer within {} s",
+            REVIEW_TIMEOUT.as_secs()
+        ))),
+    }
+}
+
+async fn ask(
+    client: &kube::Client,
+    token: &str,
+    audiences: &[String],
+) -> Result<String, ReviewError> {
     let api: Api<TokenReview> = Api::all(client.clone());
     let tr = TokenReview {
         spec: TokenReviewSpec {
@@ -32,31 +63,33 @@ pub async fn review_for(
     let out = api
         .create(&PostParams::default(), &tr)
         .await
-        .map_err(|e| format!("TokenReview failed: {e}"))?;
+        .map_err(|e| ReviewError::Unreachable(format!("TokenReview failed: {e}")))?;
     let status = out.status.unwrap_or_default();
     if status.authenticated != Some(true) {
-        return Err(format!(
+        return Err(ReviewError::Refused(format!(
             "the API server did not accept the pod's token: {}",
             status
                 .error
                 .unwrap_or_else(|| "not authenticated".to_owned())
-        ));
+        )));
     }
     if !status
         .audiences
         .as_ref()
         .is_some_and(|a| a.iter().any(|x| audiences.contains(x)))
     {
-        return Err(format!(
+        return Err(ReviewError::Refused(format!(
             "the token is not for audience {}",
             audiences.join(" or ")
-        ));
+        )));
     }
     status
         .user
         .and_then(|u| u.username)
         .filter(|u| u.starts_with("system:serviceaccount:"))
-        .ok_or_else(|| "the pod's token does not belong to a service account".to_owned())
+        .ok_or_else(|| {
+            ReviewError::Refused("the pod's token does not belong to a service account".to_owned())
+        })
 }
 
 /// Verifies the token in `file` now and then every `every`, keeping the result in `slot`.

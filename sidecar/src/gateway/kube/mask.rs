@@ -7,9 +7,11 @@
 //!   replaced whole; unless a grant reveals Secret data.
 //! - Every string of every object (ConfigMap data, `env[].value`, Event messages, a
 //!   container's termination message, annotations, custom resources, a proxied service's
-//!   JSON), but the object's identity (`kind`, `apiVersion`, names, UIDs, versions, times),
-//!   and the values server-side apply records as keys of `managedFields`: MaskPolicy
-//!   detectors and patterns. ConfigMap `binaryData` is decoded first. A Secret's other
+//!   JSON), but the object's identity (`kind`, `apiVersion`, names, UIDs, versions, times,
+//!   labels) and references to other objects (selectors, owner and role references, node
+//!   and service-account names), and the values server-side apply records as keys of
+//!   `managedFields`: MaskPolicy detectors and patterns. Numbers keep their type and are not
+//!   read (typed clients decode them). ConfigMap `binaryData` is decoded first. A Secret's other
 //!   annotations are replaced (they can hold anything, as its data can).
 //! - MaskPolicy `kubernetes` rules: the listed paths of the listed kinds, whole, also in the
 //!   copy the last-applied annotation keeps.
@@ -362,14 +364,6 @@ impl Masker<'_> {
         }
         match v {
             Value::String(_) => self.detect(v),
-            // A number can be a value too (a card number in a custom resource).
-            Value::Number(n) => {
-                let mut text = Value::String(n.to_string());
-                self.detect(&mut text);
-                if text.as_str() != Some(n.to_string().as_str()) {
-                    *v = text;
-                }
-            }
             Value::Array(items) => {
                 for item in items {
                     self.leaves(item, Leaf::All);
@@ -382,6 +376,10 @@ impl Masker<'_> {
                         (Leaf::Skip(skip), _) if skip.contains(&k) => {}
                         (Leaf::Metadata, "managedFields") => self.field_keys(child),
                         (Leaf::Metadata, _) if IDENTITY_METADATA.contains(&k) => {}
+                        // References and selectors name objects: masked, they would break
+                        // the clients that follow them (`kubectl logs deploy/x` reads the
+                        // selector); their values are restricted to names anyway.
+                        (_, _) if REFERENCES.contains(&k) => {}
                         (_, "kind" | "apiVersion") if child.is_string() => {}
                         (_, "metadata") if child.is_object() => {
                             self.leaves(child, Leaf::Metadata);
@@ -419,7 +417,14 @@ impl Masker<'_> {
                     if let Some(new) = m
                         && let Some(child) = map.remove(&k)
                     {
-                        map.insert(new, child);
+                        // Two values masked alike stay two entries.
+                        let mut key = new.clone();
+                        let mut i = 2;
+                        while map.contains_key(&key) {
+                            key = format!("{new}#{i}");
+                            i += 1;
+                        }
+                        map.insert(key, child);
                     }
                 }
                 for child in map.values_mut() {
@@ -443,7 +448,8 @@ impl Masker<'_> {
             match masked {
                 Masked::Clear => {}
                 Masked::Text(t) => *s = t,
-                Masked::Null => *v = Value::Null,
+                // A null where clients expect a string would break their decoding.
+                Masked::Null => *s = SECRET_REPLACEMENT.to_owned(),
             }
         }
     }
@@ -480,8 +486,31 @@ enum Leaf<'s> {
     Metadata,
 }
 
+/// Fields, anywhere in an object, that name or select other objects rather than hold
+/// values (label values and names cannot hold an `@`, and clients follow them).
+const REFERENCES: &[&str] = &[
+    "selector",
+    "nodeSelector",
+    "matchLabels",
+    "matchExpressions",
+    "involvedObject",
+    "regarding",
+    "related",
+    "roleRef",
+    "subjects",
+    "ownerReferences",
+    "nodeName",
+    "serviceAccountName",
+    "schedulerName",
+    "priorityClassName",
+    "runtimeClassName",
+    "uid",
+    "resourceVersion",
+];
+
 /// The fields of `metadata` that name the object rather than hold values.
 const IDENTITY_METADATA: &[&str] = &[
+    "labels",
     "name",
     "namespace",
     "uid",
@@ -791,10 +820,17 @@ mod tests {
         let cards = masks(
             "apiVersion: agentgate.dev/v1alpha1\nkind: MaskPolicy\nmetadata: {name: pci}\nspec:\n  rules:\n  - {name: cards, detectors: [CardNumber], action: Redact}\n",
         );
-        let mut custom = json!({"apiVersion": "shop.io/v1", "kind": "Order", "metadata": {"name": "o"}, "spec": {"card": 4111111111111111u64, "qty": 3}});
+        // Strings only: a number keeps its type (typed clients decode it; a 13-digit
+        // timestamp can pass a card check).
+        let mut custom = json!({"apiVersion": "shop.io/v1", "kind": "Order", "metadata": {"name": "o", "labels": {"tenant": "4111111111111111"}}, "spec": {"card": "4111111111111111", "createdAtMs": 4111111111111111u64, "selector": {"matchLabels": {"tenant": "4111111111111111"}}}});
         run(&cards, &mut custom, false);
         assert_eq!(custom["spec"]["card"], "****");
-        assert_eq!(custom["spec"]["qty"], 3);
+        assert_eq!(custom["spec"]["createdAtMs"], 4111111111111111u64);
+        assert_eq!(custom["metadata"]["labels"]["tenant"], "4111111111111111");
+        assert_eq!(
+            custom["spec"]["selector"]["matchLabels"]["tenant"],
+            "4111111111111111"
+        );
         let mut proxied = json!([{"user": "frank@example.com", "id": 7}]);
         Masker {
             masks: &m,
@@ -809,6 +845,10 @@ mod tests {
         run(&m, &mut cm, false);
         let keys = cm["metadata"]["managedFields"][0]["fieldsV1"]["f:spec"]["f:owners"].to_string();
         assert!(!keys.contains("gina@") && keys.contains("****"), "{keys}");
+        let mut two = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c", "managedFields": [{"fieldsV1": {"f:owners": {"v:\"a@x.com\"": {}, "v:\"b@x.com\"": {}}}}]}});
+        run(&m, &mut two, false);
+        let owners = &two["metadata"]["managedFields"][0]["fieldsV1"]["f:owners"];
+        assert_eq!(owners.as_object().unwrap().len(), 2, "{owners}");
         // A Secret's annotations can hold anything: replaced, but Kubernetes' own.
         let mut secret = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s", "annotations": {"db-url": "postgres://u:pw@h/db", "kubernetes.io/service-account.name": "robot"}}, "data": {}});
         run(&m, &mut secret, false);

@@ -650,6 +650,21 @@ fn without_bearer_protocols(v: &HeaderValue) -> Option<HeaderValue> {
     HeaderValue::from_str(&kept.join(", ")).ok()
 }
 
+/// The offered exec/attach subprotocols agentgate reads ([`ws::TERMINAL_PROTOCOLS`]).
+fn readable_protocols(v: &HeaderValue) -> Option<HeaderValue> {
+    let kept: Vec<&str> = v
+        .to_str()
+        .ok()?
+        .split(',')
+        .map(str::trim)
+        .filter(|p| ws::TERMINAL_PROTOCOLS.contains(p) && !p.is_empty())
+        .collect();
+    if kept.is_empty() {
+        return None;
+    }
+    HeaderValue::from_str(&kept.join(", ")).ok()
+}
+
 /// How the gateway reads a request body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum BodyFormat {
@@ -1523,8 +1538,17 @@ impl Connection {
             if !dropped_header(k) && k != header::ACCEPT && (upgrade || k != header::UPGRADE) {
                 if *k == header::SEC_WEBSOCKET_PROTOCOL {
                     // A WebSocket client may carry a bearer token as a subprotocol: the
-                    // agent's credentials never pass.
-                    if let Some(v) = without_bearer_protocols(v) {
+                    // agent's credentials never pass. For exec and attach only the
+                    // protocols agentgate reads are offered, so the server cannot agree on
+                    // one whose output it could not mask.
+                    let terminal = matches!(info.subresource.as_str(), "exec" | "attach");
+                    if let Some(v) = without_bearer_protocols(v).and_then(|v| {
+                        if terminal {
+                            readable_protocols(&v)
+                        } else {
+                            Some(v)
+                        }
+                    }) {
                         headers.append(k.clone(), v);
                     }
                     continue;

@@ -47,6 +47,8 @@ pub const TERMINAL_PROTOCOLS: &[&str] = &[
     "v3.base64.channel.k8s.io",
     "v2.base64.channel.k8s.io",
     "base64.channel.k8s.io",
+    // None agreed: the server speaks the binary channel protocol.
+    "",
 ];
 
 impl Parser {

@@ -2584,6 +2584,18 @@ async fn read_agent(
                 break Err(e);
             }
         };
+        // A session begun with a service-account token, idle for a while: the API server is
+        // asked again before what it sends now is decided.
+        if matches!(
+            msg,
+            Frontend::Query(_)
+                | Frontend::Parse { .. }
+                | Frontend::Bind { .. }
+                | Frontend::Execute { .. }
+        ) && let (Some(v), Some(verifier)) = (token, gw.verifier.as_ref())
+        {
+            let _ = verifier.still_valid_now(v).await;
+        }
         if *copy_phase.borrow_and_update() != CopyPhase::Idle {
             // Whether the COPY started is the server's answer: wait for it (the writer runs
             // meanwhile), then read the message as the server will.

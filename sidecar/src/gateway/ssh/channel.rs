@@ -271,6 +271,14 @@ impl Ctx {
         d
     }
 
+    /// Asks the API server about the session's service-account token again first when its
+    /// last answer is old (a session idle for a while): what follows is decided on it.
+    async fn fresh_token(&self) {
+        if let (Some(v), Some(verifier)) = (&self.agent.token, self.gw.core.verifier.as_ref()) {
+            let _ = verifier.still_valid_now(v).await;
+        }
+    }
+
     fn decide(&self, cmd: &policy::Command) -> Decision {
         let snapshot = self.gw.core.policy.get();
         let mut d = policy::decide(
@@ -909,6 +917,7 @@ pub async fn run(
             )
         }
     };
+    ctx.fresh_token().await;
     let mut decision = approvable(ctx.decide(&cmd), &text);
     let downloads = matches!(mode, Mode::Transfer { download: true, .. });
     // Refused whatever an approver would say (a hold would only be approved into this).
@@ -1365,6 +1374,7 @@ async fn shell_line(ctx: &Arc<Ctx>, text: &str, escapes: bool) -> Result<(), Str
         Ok(c) => c,
         Err(why) => return Err(refuse_line(ctx, text, "unparsable", why)),
     };
+    ctx.fresh_token().await;
     let mut decision = approvable(ctx.decide(&cmd), text);
     // At a shell prompt the line may still reach another program: a pager that a command
     // started (`journalctl`, `systemctl status`, `git log` open `less`) reads it as keys,
@@ -1502,6 +1512,7 @@ async fn sftp_request(ctx: &Arc<Ctx>, packet: &[u8]) -> Result<(), Vec<u8>> {
         keys,
         Some(ctx.access(vec![text.clone()], None)),
     );
+    ctx.fresh_token().await;
     let mut decision = approvable(ctx.decide(&cmd), &text);
     if decision.verdict != Verdict::Refuse && op.reads && ctx.masks.has_value_rules() {
         decision = Decision {
@@ -1544,6 +1555,7 @@ async fn scp_entry(ctx: &Arc<Ctx>, paths: &[String], setid: bool) -> Result<(), 
         keys,
         Some(ctx.access(vec![text.clone()], None)),
     );
+    ctx.fresh_token().await;
     let decision = approvable(ctx.decide(&cmd), &text);
     ctx.record("scp", &text, &cmd, &decision)
         .map_err(|why| format!("agentgate: {why}"))?;
