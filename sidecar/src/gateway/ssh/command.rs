@@ -627,7 +627,7 @@ const SHELL_ESCAPES: [&str; 28] = [
 ];
 
 /// Variables that make the shell or a program run code they name.
-const RUNS_CODE_ENV: [&str; 18] = [
+const RUNS_CODE_ENV: [&str; 23] = [
     "PROMPT_COMMAND",
     "PATH",
     "BASH_ENV",
@@ -648,6 +648,13 @@ const RUNS_CODE_ENV: [&str; 18] = [
     // check could not follow them.
     "CDPATH",
     "POSIXLY_CORRECT",
+    // Options programs read from the environment: `--to-command`, a remote shell, where
+    // backups land.
+    "TAR_OPTIONS",
+    "RSYNC_RSH",
+    "RSYNC_CONNECT_PROG",
+    "SIMPLE_BACKUP_SUFFIX",
+    "VERSION_CONTROL",
 ];
 
 /// Programs that run other programs, escalate, or change how later commands run.
@@ -1862,12 +1869,38 @@ impl Walker {
                         "--eof",
                     ],
                 );
-                let rest = inner(skip);
+                let mut rest = inner(skip);
                 self.raise(Write);
                 if rest.is_empty() {
                     return Ok(Vec::new());
                 }
-                // The arguments come from stdin: unknown; the program is what matters.
+                // The arguments come from stdin: names known only on the host, in the
+                // words holding the replace string (`-I{}`), else after the last word.
+                let replace = args.iter().enumerate().find_map(|(i, a)| {
+                    if *a == "-I" {
+                        args.get(i + 1).map(|v| (*v).to_owned())
+                    } else if let Some(v) = a.strip_prefix("--replace=") {
+                        Some(v.to_owned())
+                    } else if *a == "-i" || *a == "--replace" {
+                        Some("{}".to_owned())
+                    } else {
+                        a.strip_prefix("-I").or_else(|| a.strip_prefix("-i")).filter(|v| !v.is_empty()).map(str::to_owned)
+                    }
+                });
+                match replace {
+                    Some(r) if !r.is_empty() => {
+                        for w in rest.iter_mut().skip(1) {
+                            if w.text.contains(r.as_str()) {
+                                w.dynamic = true;
+                            }
+                        }
+                    }
+                    _ => rest.push(WordText {
+                        text: "{xargs input}".to_owned(),
+                        dynamic: true,
+                        pattern: false,
+                    }),
+                }
                 return self.argv(&rest, "", &[], depth + 1);
             }
             "watch" => {
@@ -1911,7 +1944,12 @@ impl Walker {
                                 .unwrap_or_default()
                                 .into_iter()
                                 .map(|mut w| {
-                                    w.text = w.text.replace("{}", &start_path);
+                                    // What is found under the start: its names are known
+                                    // only on the host.
+                                    if w.text.contains("{}") {
+                                        w.text = w.text.replace("{}", &start_path);
+                                        w.dynamic = true;
+                                    }
                                     w
                                 })
                                 .collect();

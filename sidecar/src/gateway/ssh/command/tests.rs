@@ -977,3 +977,36 @@ fn wrappers_and_unknown_programs_run_the_commands_they_are_given() {
         assert_eq!(class(line), want, "{line}");
     }
 }
+
+#[test]
+fn placeholders_links_backups_and_option_variables_are_judged_by_where_they_write() {
+    for (line, want) in [
+        // find/xargs placeholders and appended arguments are names known only on the host.
+        ("find /tmp/d -name .bashrc -exec cp {} ~/ \\;", Privilege),
+        ("find d -exec cp -t ~/.ssh {} +", Privilege),
+        ("find /tmp/d -name .bashrc | xargs cp -t ~", Privilege),
+        ("find /tmp/d | xargs -I{} cp {} ~/.ssh/", Privilege),
+        ("find /tmp/d | xargs -I % cp % ~/", Privilege),
+        // Links made by cp lead where their sources are.
+        ("cp -sT ~/.bashrc n", Privilege),
+        ("cp -lT ~/.bashrc n", Privilege),
+        ("cp -rs ~/.ssh s", Privilege),
+        ("cp --symbolic-link ~/.profile p", Privilege),
+        // Backups land at the destination plus a suffix.
+        ("cp -b -S rc x .bash", Privilege),
+        ("cp --backup --suffix=rc x .bash", Privilege),
+        ("install -b -S rc x .bash", Privilege),
+        ("mv -b --suffix=_profile x .bash", Privilege),
+        // Options that environment variables give.
+        ("TAR_OPTIONS=--to-command=sh tar xf a.tar -C /tmp/x", Exec),
+        ("RSYNC_RSH='sh -c id' rsync a h:b", Exec),
+        ("SIMPLE_BACKUP_SUFFIX=rc cp -b x .bash", Exec),
+        // Ordinary work stays as it was.
+        ("find . -name '*.o' -exec rm {} \\;", Write),
+        ("cp -b notes.txt backup/", Write),
+        ("cp -s /srv/data/a.csv link.csv", Write),
+        ("find src -name '*.rs' | xargs grep -n fn", Write),
+    ] {
+        assert_eq!(class(line), want, "{line}");
+    }
+}

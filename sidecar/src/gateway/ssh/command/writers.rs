@@ -161,9 +161,10 @@ impl Walker {
     /// Whether the word `text` comes from an expansion or a glob (the name it stands for
     /// is known only on the host).
     fn unknown_name(words: &[WordText], text: &str) -> bool {
+        // (`{}` is what `find -exec` and `xargs -I{}` put a found name in.)
         words
             .iter()
-            .any(|w| w.text == text && (w.dynamic || w.pattern))
+            .any(|w| w.text == text && (w.dynamic || w.pattern || w.text.contains("{}")))
     }
 
     /// Files named by something the check cannot read (an archive, a tree copied, a
@@ -473,6 +474,28 @@ impl Walker {
         files.dedup();
         for f in &files {
             self.written_path(f);
+        }
+        // A backup of what is replaced lands beside it, under its name and a suffix
+        // (`cp -b -S rc x .bash` writes `.bashrc`).
+        let suffixes = values(args, Some('S'), Some("suffix"), 2);
+        if flag(args, Some('b'), Some("backup"), 3) || !suffixes.is_empty() {
+            let suffix = suffixes.last().copied().unwrap_or("~");
+            for f in &files {
+                self.written_path(&format!("{f}{suffix}"));
+            }
+        }
+        // Links made instead of copies (`cp -s`, `cp -l`) lead where their sources are: a
+        // later write through one changes that file.
+        if how.target_option
+            && (flag(args, Some('s'), Some("symbolic-link"), 3)
+                || flag(args, Some('l'), Some("link"), 4))
+        {
+            for src in sources {
+                if Self::unknown_name(words, src) || link_reaches_startup(src, dest) {
+                    self.key("a link to startup or account files");
+                    self.raise(Privilege);
+                }
+            }
         }
         if unnamed || how.recursive {
             // A tree lands with the names it holds; one copied into a place that always
